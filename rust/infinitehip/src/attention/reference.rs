@@ -1,0 +1,73 @@
+//! Plain f64 attention: the ground truth every fast path is compared against.
+
+use super::AttnShape;
+use crate::kv::KvRead;
+use crate::policy::Selection;
+
+/// One query vector set (`[n_q_heads][d]`) against the tokens of `sel`
+/// (or all tokens below `limit`), in f64.
+pub fn attend_f64(
+    shape: &AttnShape,
+    q: &[f32],
+    kv: &dyn KvRead,
+    sel: Option<&Selection>,
+    limit: usize,
+) -> Vec<f64> {
+    let (g, d) = (shape.group(), shape.head_dim);
+    let mut out = vec![0f64; shape.q_elems()];
+    let mut k = vec![0f32; d];
+    let mut v = vec![0f32; d];
+    for hq in 0..shape.n_q_heads {
+        let h = hq / g;
+        let qh = &q[hq * d..(hq + 1) * d];
+        let toks: Vec<usize> = (0..limit.min(kv.len()))
+            .filter(|&t| sel.is_none_or(|s| s.contains(h, t)))
+            .collect();
+        let mut scores = Vec::with_capacity(toks.len());
+        for &t in &toks {
+            kv.read_key(h, t, &mut k);
+            let s: f64 = qh.iter().zip(&k).map(|(&a, &b)| a as f64 * b as f64).sum();
+            scores.push(s * shape.scale as f64);
+        }
+        let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let mut l = 0f64;
+        let o = &mut out[hq * d..(hq + 1) * d];
+        for (&t, &s) in toks.iter().zip(&scores) {
+            let w = (s - m).exp();
+            l += w;
+            kv.read_value(h, t, &mut v);
+            for i in 0..d {
+                o[i] += w * v[i] as f64;
+            }
+        }
+        if l > 0.0 {
+            o.iter_mut().for_each(|x| *x /= l);
+        }
+    }
+    out
+}
+
+/// Causal prefill reference: query i (cache position q_start+i) sees tokens
+/// `0..=q_start+i` intersected with its block's selection.
+pub fn prefill_f64(
+    shape: &AttnShape,
+    q: &[f32],
+    q_start: usize,
+    kv: &dyn KvRead,
+    sel: Option<(&[Selection], usize)>,
+) -> Vec<f64> {
+    let qe = shape.q_elems();
+    let n = q.len() / qe;
+    let mut out = Vec::with_capacity(q.len());
+    for i in 0..n {
+        let s = sel.map(|(s, qb)| &s[i / qb]);
+        out.extend(attend_f64(
+            shape,
+            &q[i * qe..(i + 1) * qe],
+            kv,
+            s,
+            q_start + i + 1,
+        ));
+    }
+    out
+}

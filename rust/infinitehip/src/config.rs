@@ -1,0 +1,636 @@
+//! `PolicyConfig`: the one JSON document that says, per layer, which method
+//! picks the attended tokens and with what budgets. Every field has a default
+//! (Llama-3.1-8B shape); `validate` names the first bad field by JSON path.
+
+use serde::{Deserialize, Serialize};
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    pub model: ModelShape,
+    pub kv: KvConfig,
+    /// Layers `0..dense_layers` use dense attention whatever `default` says
+    /// (InfiniteHiP keeps the first 3 layers dense).
+    pub dense_layers: usize,
+    /// Policy for every layer not covered by `dense_layers` or `overrides`.
+    pub default: LayerPolicy,
+    /// Later entries win over earlier ones.
+    pub overrides: Vec<LayerOverride>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelShape {
+    pub n_layers: usize,
+    pub n_q_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// RoPE base frequency (Llama-3.1: 500000).
+    pub rope_theta: f32,
+    /// Context length the model was trained for (RoPE modes use it).
+    pub max_position: usize,
+}
+
+impl Default for ModelShape {
+    fn default() -> Self {
+        ModelShape {
+            n_layers: 32,
+            n_q_heads: 32,
+            n_kv_heads: 8,
+            head_dim: 128,
+            rope_theta: 500_000.0,
+            max_position: 131_072,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KvConfig {
+    pub page_size: usize,
+    pub dtype: DType,
+}
+
+impl Default for KvConfig {
+    fn default() -> Self {
+        KvConfig {
+            page_size: 64,
+            dtype: DType::Bf16,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerOverride {
+    pub layers: Vec<usize>,
+    pub policy: LayerPolicy,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "lowercase")]
+pub enum LayerPolicy {
+    Dense,
+    Hip(HipConfig),
+    Locret(LocretConfig),
+    Lazy(LazyConfig),
+    Squeeze(SqueezeConfig),
+}
+
+impl Default for LayerPolicy {
+    fn default() -> Self {
+        LayerPolicy::Hip(HipConfig::default())
+    }
+}
+
+impl LayerPolicy {
+    pub fn method(&self) -> &'static str {
+        match self {
+            LayerPolicy::Dense => "dense",
+            LayerPolicy::Hip(_) => "hip",
+            LayerPolicy::Locret(_) => "locret",
+            LayerPolicy::Lazy(_) => "lazy",
+            LayerPolicy::Squeeze(_) => "squeeze",
+        }
+    }
+}
+
+/// How positions enter the scores (DESIGN 3.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RopeMode {
+    /// Keys keep the positions they were stored with.
+    Original,
+    /// Every key of a stage chunk takes its chunk's index as position; the
+    /// query sits just after the last chunk (mask estimation only).
+    ChunkIndexed,
+    /// Keys and query are re-rotated so the query sits at a fixed distance
+    /// (the trained length) from every key: only relative order is kept.
+    Relative,
+    /// Selected tokens are renumbered 0..n in order and the query follows
+    /// them, so attention never sees a position beyond the trained length.
+    Streaming,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RopeConfig {
+    /// Positions used while scoring chunks in the pruning stages.
+    pub scoring: RopeMode,
+    /// Positions used by the sparse attention itself.
+    pub attention: RopeMode,
+}
+
+impl Default for RopeConfig {
+    fn default() -> Self {
+        RopeConfig {
+            scoring: RopeMode::Original,
+            attention: RopeMode::Original,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HipStage {
+    /// Candidate tokens are split into chunks of this many tokens; each chunk
+    /// is scored by its representative key.
+    pub chunk_size: usize,
+    /// Tokens kept after this stage (top chunks * chunk_size). The last
+    /// stage's value is the attention budget.
+    pub keep_tokens: usize,
+    /// Decode steps between refreshes of this stage's mask.
+    pub refresh_interval: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HipConfig {
+    pub sink: usize,
+    pub window: usize,
+    pub stages: Vec<HipStage>,
+    /// Queries per prefill block sharing one mask.
+    pub block_size_q: usize,
+    /// Score a prefill block with every `q_stride`-th query (1 = all).
+    pub q_stride: usize,
+    /// Prefill is processed in chunks of this many queries.
+    pub prefill_chunk: usize,
+    pub rope: RopeConfig,
+}
+
+impl Default for HipConfig {
+    fn default() -> Self {
+        HipConfig {
+            sink: 128,
+            window: 1024,
+            stages: vec![
+                HipStage {
+                    chunk_size: 64,
+                    keep_tokens: 8192,
+                    refresh_interval: 16,
+                },
+                HipStage {
+                    chunk_size: 16,
+                    keep_tokens: 4096,
+                    refresh_interval: 8,
+                },
+                HipStage {
+                    chunk_size: 8,
+                    keep_tokens: 2048,
+                    refresh_interval: 4,
+                },
+            ],
+            block_size_q: 64,
+            q_stride: 4,
+            prefill_chunk: 8192,
+            rope: RopeConfig::default(),
+        }
+    }
+}
+
+impl HipConfig {
+    /// Tokens attended beyond sink and window.
+    pub fn budget(&self) -> usize {
+        self.stages.last().map_or(0, |s| s.keep_tokens)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocretConfig {
+    /// KV units kept per KV head after each prefill chunk.
+    pub budget: usize,
+    /// Prefill chunk length; eviction runs after each chunk.
+    pub chunk: usize,
+    /// Most recent tokens that are never evicted during prefill.
+    pub stabilizer: usize,
+    /// First tokens that are never evicted.
+    pub sink: usize,
+    /// Last prompt tokens kept whatever their score (upstream: 100).
+    pub keep_last: usize,
+    /// Retaining-head weights (safetensors). Required for this method.
+    pub weights: Option<String>,
+    /// Hidden width of the retaining-head MLP.
+    pub hidden: usize,
+    /// Renumber positions 0..n-1 after eviction and re-rotate the cache, as
+    /// upstream does; false keeps original positions.
+    pub renumber_positions: bool,
+}
+
+impl Default for LocretConfig {
+    fn default() -> Self {
+        LocretConfig {
+            budget: 16384,
+            chunk: 1024,
+            stabilizer: 2500,
+            sink: 0,
+            keep_last: 100,
+            weights: None,
+            hidden: 1024,
+            renumber_positions: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LazyPoint {
+    /// Pruning happens after this layer's attention.
+    pub layer: usize,
+    /// Fraction of the prompt tokens still active that stay active.
+    pub keep: f32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LazyConfig {
+    /// Pruning points, ascending layers, non-increasing keep fractions.
+    pub points: Vec<LazyPoint>,
+}
+
+impl Default for LazyConfig {
+    fn default() -> Self {
+        // Four points across a 32-layer model, keeping more early (paper fig 4).
+        LazyConfig {
+            points: [(8, 0.9), (16, 0.8), (24, 0.7), (28, 0.6)]
+                .iter()
+                .map(|&(layer, keep)| LazyPoint { layer, keep })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SqueezeConfig {
+    /// Clusters as a percentage of (prefix length - observation window).
+    pub percent_clusters: f32,
+    /// Coarse clusters (two-level lookup) as a percentage of the fine ones.
+    pub percent_clusters_l1: f32,
+    /// 1 or 2 lookup levels.
+    pub levels: usize,
+    /// Quantile of estimated key probabilities used as the keep threshold.
+    pub quantile: f32,
+    /// Quantile for the coarse level in two-level lookup.
+    pub quantile_l1: f32,
+    /// Last prefix tokens always kept (and used for calibration).
+    pub observation_window: usize,
+    pub kmeans_iters: usize,
+    pub seed: u64,
+}
+
+impl Default for SqueezeConfig {
+    fn default() -> Self {
+        SqueezeConfig {
+            percent_clusters: 5.0,
+            percent_clusters_l1: 10.0,
+            levels: 1,
+            quantile: 0.7,
+            quantile_l1: 0.7,
+            observation_window: 100,
+            kmeans_iters: 30,
+            seed: 0,
+        }
+    }
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            model: ModelShape::default(),
+            kv: KvConfig::default(),
+            dense_layers: 3,
+            default: LayerPolicy::default(),
+            overrides: Vec::new(),
+        }
+    }
+}
+
+fn bad(field: impl Into<String>, reason: impl Into<String>) -> Error {
+    Error::config(field, reason)
+}
+
+impl PolicyConfig {
+    pub fn from_json(s: &str) -> Result<Self> {
+        let c: PolicyConfig = serde_json::from_str(s)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn from_file(path: &str) -> Result<Self> {
+        let s = std::fs::read_to_string(path).map_err(|e| Error::Io {
+            path: path.to_string(),
+            source: e,
+        })?;
+        Self::from_json(&s).map_err(|e| match e {
+            Error::ConfigJson(j) => Error::config(path, j.to_string()),
+            other => other,
+        })
+    }
+
+    pub fn to_json_pretty(&self) -> String {
+        serde_json::to_string_pretty(self).expect("config serialises")
+    }
+
+    /// The policy that applies to `layer`.
+    pub fn layer_policy(&self, layer: usize) -> &LayerPolicy {
+        if let Some(o) = self
+            .overrides
+            .iter()
+            .rev()
+            .find(|o| o.layers.contains(&layer))
+        {
+            return &o.policy;
+        }
+        if layer < self.dense_layers {
+            return &LayerPolicy::Dense;
+        }
+        &self.default
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let m = &self.model;
+        for (name, v) in [
+            ("n_layers", m.n_layers),
+            ("n_q_heads", m.n_q_heads),
+            ("n_kv_heads", m.n_kv_heads),
+            ("head_dim", m.head_dim),
+            ("max_position", m.max_position),
+        ] {
+            if v == 0 {
+                return Err(bad(format!("model.{name}"), "must be > 0"));
+            }
+        }
+        if m.n_q_heads % m.n_kv_heads != 0 {
+            return Err(bad(
+                "model.n_q_heads",
+                format!(
+                    "{} is not a multiple of n_kv_heads {}",
+                    m.n_q_heads, m.n_kv_heads
+                ),
+            ));
+        }
+        if m.head_dim % 2 != 0 || m.head_dim > 512 {
+            return Err(bad(
+                "model.head_dim",
+                format!("{} must be even and <= 512", m.head_dim),
+            ));
+        }
+        if !(m.rope_theta.is_finite() && m.rope_theta > 1.0) {
+            return Err(bad(
+                "model.rope_theta",
+                format!("{} must be finite and > 1", m.rope_theta),
+            ));
+        }
+        if self.kv.page_size == 0 || !self.kv.page_size.is_power_of_two() {
+            return Err(bad(
+                "kv.page_size",
+                format!("{} must be a power of two", self.kv.page_size),
+            ));
+        }
+        if self.dense_layers > m.n_layers {
+            return Err(bad(
+                "dense_layers",
+                format!(
+                    "{} exceeds model.n_layers {}",
+                    self.dense_layers, m.n_layers
+                ),
+            ));
+        }
+        validate_policy(&self.default, "default", m)?;
+        for (i, o) in self.overrides.iter().enumerate() {
+            if let Some(&l) = o.layers.iter().find(|&&l| l >= m.n_layers) {
+                return Err(bad(
+                    format!("overrides[{i}].layers"),
+                    format!("layer {l} >= n_layers {}", m.n_layers),
+                ));
+            }
+            validate_policy(&o.policy, &format!("overrides[{i}].policy"), m)?;
+        }
+        Ok(())
+    }
+}
+
+fn validate_policy(p: &LayerPolicy, at: &str, m: &ModelShape) -> Result<()> {
+    match p {
+        LayerPolicy::Dense => Ok(()),
+        LayerPolicy::Hip(h) => validate_hip(h, at),
+        LayerPolicy::Locret(l) => {
+            if l.budget == 0 {
+                return Err(bad(format!("{at}.budget"), "must be > 0"));
+            }
+            if l.chunk == 0 {
+                return Err(bad(format!("{at}.chunk"), "must be > 0"));
+            }
+            if l.stabilizer + l.sink >= l.budget {
+                return Err(bad(
+                    format!("{at}.stabilizer"),
+                    format!(
+                        "stabilizer {} + sink {} must be below budget {}",
+                        l.stabilizer, l.sink, l.budget
+                    ),
+                ));
+            }
+            if l.hidden == 0 {
+                return Err(bad(format!("{at}.hidden"), "must be > 0"));
+            }
+            if l.weights.is_none() {
+                return Err(bad(
+                    format!("{at}.weights"),
+                    "locret needs a retaining-head safetensors file",
+                ));
+            }
+            Ok(())
+        }
+        LayerPolicy::Lazy(z) => {
+            let mut prev_layer = None;
+            let mut prev_keep = 1.0f32;
+            for (i, p) in z.points.iter().enumerate() {
+                let f = format!("{at}.points[{i}]");
+                if p.layer >= m.n_layers {
+                    return Err(bad(
+                        format!("{f}.layer"),
+                        format!("{} >= n_layers {}", p.layer, m.n_layers),
+                    ));
+                }
+                if prev_layer.is_some_and(|l| p.layer <= l) {
+                    return Err(bad(
+                        format!("{f}.layer"),
+                        "layers must be strictly ascending",
+                    ));
+                }
+                if !(p.keep > 0.0 && p.keep <= prev_keep) {
+                    return Err(bad(
+                        format!("{f}.keep"),
+                        format!("{} must be in (0, {prev_keep}] (non-increasing)", p.keep),
+                    ));
+                }
+                prev_layer = Some(p.layer);
+                prev_keep = p.keep;
+            }
+            Ok(())
+        }
+        LayerPolicy::Squeeze(s) => {
+            if !(s.percent_clusters > 0.0 && s.percent_clusters <= 100.0) {
+                return Err(bad(format!("{at}.percent_clusters"), "must be in (0, 100]"));
+            }
+            if !(s.percent_clusters_l1 > 0.0 && s.percent_clusters_l1 <= 100.0) {
+                return Err(bad(
+                    format!("{at}.percent_clusters_l1"),
+                    "must be in (0, 100]",
+                ));
+            }
+            if s.levels != 1 && s.levels != 2 {
+                return Err(bad(
+                    format!("{at}.levels"),
+                    format!("{} must be 1 or 2", s.levels),
+                ));
+            }
+            for (name, q) in [("quantile", s.quantile), ("quantile_l1", s.quantile_l1)] {
+                if !(0.0..1.0).contains(&q) {
+                    return Err(bad(
+                        format!("{at}.{name}"),
+                        format!("{q} must be in [0, 1)"),
+                    ));
+                }
+            }
+            if s.kmeans_iters == 0 {
+                return Err(bad(format!("{at}.kmeans_iters"), "must be > 0"));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn validate_hip(h: &HipConfig, at: &str) -> Result<()> {
+    if h.stages.is_empty() {
+        return Err(bad(format!("{at}.stages"), "needs at least one stage"));
+    }
+    let mut prev_chunk = usize::MAX;
+    let mut prev_keep = usize::MAX;
+    for (i, s) in h.stages.iter().enumerate() {
+        let f = format!("{at}.stages[{i}]");
+        if s.chunk_size == 0 || !s.chunk_size.is_power_of_two() {
+            return Err(bad(
+                format!("{f}.chunk_size"),
+                format!("{} must be a power of two", s.chunk_size),
+            ));
+        }
+        if s.chunk_size > prev_chunk {
+            return Err(bad(
+                format!("{f}.chunk_size"),
+                "chunk sizes must not grow from stage to stage",
+            ));
+        }
+        if s.keep_tokens == 0 || s.keep_tokens % s.chunk_size != 0 {
+            return Err(bad(
+                format!("{f}.keep_tokens"),
+                format!(
+                    "{} must be a positive multiple of chunk_size {}",
+                    s.keep_tokens, s.chunk_size
+                ),
+            ));
+        }
+        if s.keep_tokens > prev_keep {
+            return Err(bad(
+                format!("{f}.keep_tokens"),
+                "must not grow from stage to stage",
+            ));
+        }
+        if s.refresh_interval == 0 {
+            return Err(bad(format!("{f}.refresh_interval"), "must be >= 1"));
+        }
+        prev_chunk = s.chunk_size;
+        prev_keep = s.keep_tokens;
+    }
+    if h.block_size_q == 0 {
+        return Err(bad(format!("{at}.block_size_q"), "must be > 0"));
+    }
+    if h.q_stride == 0 || h.q_stride > h.block_size_q {
+        return Err(bad(format!("{at}.q_stride"), "must be in 1..=block_size_q"));
+    }
+    if h.prefill_chunk == 0 || h.prefill_chunk % h.block_size_q != 0 {
+        return Err(bad(
+            format!("{at}.prefill_chunk"),
+            "must be a positive multiple of block_size_q",
+        ));
+    }
+    if matches!(h.rope.scoring, RopeMode::Streaming) {
+        return Err(bad(
+            format!("{at}.rope.scoring"),
+            "streaming applies to attention only",
+        ));
+    }
+    if matches!(
+        h.rope.attention,
+        RopeMode::ChunkIndexed | RopeMode::Relative
+    ) {
+        return Err(bad(
+            format!("{at}.rope.attention"),
+            "use original or streaming",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_round_trips_and_validates() {
+        let c = PolicyConfig::default();
+        c.validate().unwrap();
+        let back = PolicyConfig::from_json(&c.to_json_pretty()).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(c.layer_policy(0).method(), "dense");
+        assert_eq!(c.layer_policy(3).method(), "hip");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (r#"{"model": {"n_kv_heads": 5}}"#, "model.n_q_heads"),
+            (
+                r#"{"default": {"method": "hip", "stages": [{"chunk_size": 48, "keep_tokens": 96, "refresh_interval": 1}]}}"#,
+                "default.stages[0].chunk_size",
+            ),
+            (
+                r#"{"default": {"method": "hip", "stages": [{"chunk_size": 16, "keep_tokens": 100, "refresh_interval": 1}]}}"#,
+                "default.stages[0].keep_tokens",
+            ),
+            (r#"{"default": {"method": "locret"}}"#, "default.weights"),
+            (
+                r#"{"default": {"method": "squeeze", "levels": 3}}"#,
+                "default.levels",
+            ),
+            (
+                r#"{"overrides": [{"layers": [40], "policy": {"method": "dense"}}]}"#,
+                "overrides[0].layers",
+            ),
+            (
+                r#"{"default": {"method": "lazy", "points": [{"layer": 4, "keep": 0.5}, {"layer": 8, "keep": 0.9}]}}"#,
+                "default.points[1].keep",
+            ),
+            (r#"{"kv": {"page_size": 48}}"#, "kv.page_size"),
+        ];
+        for (json, field) in cases {
+            let err = PolicyConfig::from_json(json).unwrap_err().to_string();
+            assert!(
+                err.contains(field),
+                "{json}: error `{err}` does not name `{field}`"
+            );
+        }
+        let err = PolicyConfig::from_json(r#"{"default": {"method": "hip", "sinkk": 3}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sinkk"), "{err}");
+        let err = PolicyConfig::from_json(r#"{"default": {"method": "flash"}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("flash"), "{err}");
+    }
+}

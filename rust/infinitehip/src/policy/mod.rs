@@ -1,0 +1,81 @@
+//! Block selection. Each method is one module behind the `Policy` trait: it
+//! turns (queries, a sequence's KV, its own per-sequence state) into the token
+//! set every query block attends to.
+
+mod dense;
+pub mod hip;
+mod selection;
+
+pub use dense::DensePolicy;
+pub use selection::{normalize, Selection};
+
+use crate::attention::AttnShape;
+use crate::error::Result;
+use crate::kv::KvRead;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Prefill,
+    Decode,
+}
+
+/// What a policy is asked to select for.
+pub struct SelectRequest<'a> {
+    pub seq: u64,
+    pub shape: AttnShape,
+    pub phase: Phase,
+    /// Post-RoPE queries `[n][n_q_heads][head_dim]` at cache positions
+    /// `q_start..q_start + n`. In decode, n is 1.
+    pub queries: &'a [f32],
+    pub q_start: usize,
+    /// The sequence's KV for this layer, new tokens included.
+    pub kv: &'a dyn KvRead,
+}
+
+impl SelectRequest<'_> {
+    pub fn n_queries(&self) -> usize {
+        self.queries.len() / self.shape.q_elems()
+    }
+}
+
+/// One selection per block of `q_block` consecutive queries.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SelectOutput {
+    pub q_block: usize,
+    pub blocks: Vec<Selection>,
+}
+
+/// Tokens just appended, with the projections some policies score at insertion.
+pub struct InsertInfo<'a> {
+    pub seq: u64,
+    pub shape: AttnShape,
+    pub phase: Phase,
+    /// Cache index of the first new token.
+    pub start: usize,
+    /// Pre-RoPE projections of the new tokens: q `[n][n_q_heads][d]`,
+    /// k and v `[n][n_kv_heads][d]`.
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    /// The sequence's KV with the new tokens.
+    pub kv: &'a dyn KvRead,
+    /// True when these are the last prompt tokens (prefill finished).
+    pub prompt_done: bool,
+}
+
+pub trait Policy: Send {
+    fn name(&self) -> &'static str;
+
+    /// Tokens each query block attends to.
+    fn select(&mut self, req: &SelectRequest<'_>) -> Result<SelectOutput>;
+
+    /// Called after tokens are appended. A policy that evicts returns, per KV
+    /// head, the ascending cache indices to keep (equal count for all heads);
+    /// the caller compacts the pool with `KvPool::retain_per_head`.
+    fn after_append(&mut self, _ins: &InsertInfo<'_>) -> Result<Option<Vec<Vec<u32>>>> {
+        Ok(None)
+    }
+
+    /// Forget a finished sequence's state.
+    fn end_sequence(&mut self, _seq: u64) {}
+}
