@@ -15,6 +15,7 @@ pub mod parallel;
 pub mod policy;
 pub mod rng;
 pub mod rope;
+pub mod workload;
 
 pub use config::PolicyConfig;
 pub use dtype::{DType, Element};

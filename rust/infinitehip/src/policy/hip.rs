@@ -1,1 +1,413 @@
+//! InfiniteHiP hierarchical pruning (arXiv 2502.08910).
+//!
+//! Per query block and KV head, the context splits into sink, middle and
+//! window. Sink and window are always attended. The middle goes through
+//! stages: stage i cuts its candidates into chunks of `chunk_size`, scores
+//! each chunk by a representative key and keeps the best `keep_tokens`.
+//!
+//! Representative search (as the authors' kernel does): inside [l, r) probe
+//! the centre key of each half, follow the half whose probe scores higher,
+//! until one key is left; its score is the chunk's score. A probe's score is
+//! the max over the block's (strided) queries and the q heads of the GQA
+//! group, so one mask serves the whole group. Ties go to the left half and,
+//! among chunks, to the earlier chunk, so results are deterministic.
+//!
+//! Decode caches each stage's output per sequence and refreshes stage i every
+//! `refresh_interval` steps (a refreshed stage also refreshes the later ones);
+//! between refreshes new tokens are covered by the sliding window.
 
+use std::collections::HashMap;
+use std::ops::Range;
+
+use super::{Phase, Policy, SelectOutput, SelectRequest, Selection};
+use crate::config::{HipConfig, HipStage, RopeMode};
+use crate::error::{Error, Result};
+use crate::kv::KvRead;
+use crate::parallel::par_map;
+use crate::rope::Rope;
+
+/// Scores keys against one query group (the queries of one KV head's group,
+/// possibly several positions), optionally re-rotated for chunk-indexed RoPE.
+struct Scorer<'a> {
+    kv: &'a dyn KvRead,
+    head: usize,
+    /// `[n][d]` query vectors (all group heads of all scoring queries).
+    qs: Vec<f32>,
+    d: usize,
+    rope: Option<(&'a Rope, usize)>,
+}
+
+impl Scorer<'_> {
+    #[inline]
+    fn score(&self, t: usize) -> f32 {
+        let mut k = [0f32; 512];
+        let k = &mut k[..self.d];
+        self.kv.read_key(self.head, t, k);
+        if let Some((rope, chunk)) = self.rope {
+            // Stored keys are rotated at t; move them to their chunk index.
+            rope.rotate(k, (t / chunk) as f64 - t as f64);
+        }
+        let mut best = f32::NEG_INFINITY;
+        for q in self.qs.chunks_exact(self.d) {
+            let s: f32 = q.iter().zip(k.iter()).map(|(a, b)| a * b).sum();
+            best = best.max(s);
+        }
+        best
+    }
+
+    /// Score of chunk [l, r) by hierarchical representative search.
+    fn chunk_score(&self, mut l: usize, mut r: usize) -> f32 {
+        debug_assert!(l < r);
+        if r - l == 1 {
+            return self.score(l);
+        }
+        let mut best = f32::NEG_INFINITY;
+        while r - l > 1 {
+            let m = (l + r) / 2;
+            let (sl, sr) = (self.score((l + m) / 2), self.score((m + r) / 2));
+            if sl >= sr {
+                r = m;
+                best = sl;
+            } else {
+                l = m;
+                best = sr;
+            }
+        }
+        best
+    }
+}
+
+/// Split sorted candidate ranges into chunks of `chunk` tokens (a range's last
+/// chunk may be shorter), score them, keep the top `keep_tokens / chunk`.
+fn run_stage(scorer: &Scorer<'_>, cands: &[Range<usize>], stage: &HipStage) -> Vec<Range<usize>> {
+    let c = stage.chunk_size;
+    let mut chunks: Vec<Range<usize>> = Vec::new();
+    for r in cands {
+        let mut s = r.start;
+        while s < r.end {
+            let e = r.end.min(s + c);
+            chunks.push(s..e);
+            s = e;
+        }
+    }
+    let n_keep = stage.keep_tokens / c;
+    if chunks.len() <= n_keep {
+        return cands.to_vec();
+    }
+    let mut scored: Vec<(f32, usize)> = chunks
+        .iter()
+        .enumerate()
+        .map(|(i, ch)| (scorer.chunk_score(ch.start, ch.end), i))
+        .collect();
+    // Higher score first; NaN scores sort last; ties by position.
+    let key = |a: &(f32, usize), b: &(f32, usize)| {
+        let (sa, sb) = (
+            if a.0.is_nan() { f32::NEG_INFINITY } else { a.0 },
+            if b.0.is_nan() { f32::NEG_INFINITY } else { b.0 },
+        );
+        sb.total_cmp(&sa).then(a.1.cmp(&b.1))
+    };
+    scored.select_nth_unstable_by(n_keep - 1, key);
+    let mut kept: Vec<usize> = scored[..n_keep].iter().map(|x| x.1).collect();
+    kept.sort_unstable();
+    let mut out: Vec<Range<usize>> = kept.into_iter().map(|i| chunks[i].clone()).collect();
+    super::normalize(&mut out);
+    out
+}
+
+/// Sink, middle and window of a query block whose first query sits at
+/// `p_first` (the window starts `window` tokens before it).
+fn regions(
+    cfg: &HipConfig,
+    p_first: usize,
+    p_last: usize,
+) -> (Range<usize>, Range<usize>, Range<usize>) {
+    let end = p_last + 1;
+    let sink_end = cfg.sink.min(end);
+    let win_start = (p_first + 1).saturating_sub(cfg.window).max(sink_end);
+    (0..sink_end, sink_end..win_start, win_start..end)
+}
+
+/// Per-sequence decode cache: each stage's kept ranges per KV head.
+#[derive(Default)]
+struct DecodeState {
+    step: usize,
+    /// `stages[i][head]`: output of stage i at its last refresh.
+    stages: Vec<Vec<Vec<Range<usize>>>>,
+    /// Sequence length at the last refresh, to detect a restarted sequence.
+    last_len: usize,
+}
+
+pub struct HipPolicy {
+    cfg: HipConfig,
+    rope: Option<Rope>,
+    states: HashMap<u64, DecodeState>,
+}
+
+impl HipPolicy {
+    /// `rope` is needed for `rope.scoring = chunk_indexed` (head_dim, theta).
+    pub fn new(cfg: HipConfig, head_dim: usize, rope_theta: f32) -> Result<Self> {
+        let rope = match cfg.rope.scoring {
+            RopeMode::Original => None,
+            RopeMode::ChunkIndexed => Some(Rope::new(head_dim, rope_theta)),
+            m => {
+                return Err(Error::config(
+                    "hip.rope.scoring",
+                    format!("{m:?} is not implemented yet (use original or chunk_indexed)"),
+                ))
+            }
+        };
+        if cfg.rope.attention != RopeMode::Original {
+            return Err(Error::config(
+                "hip.rope.attention",
+                format!(
+                    "{:?} is not implemented yet (use original)",
+                    cfg.rope.attention
+                ),
+            ));
+        }
+        Ok(HipPolicy {
+            cfg,
+            rope,
+            states: HashMap::new(),
+        })
+    }
+
+    pub fn config(&self) -> &HipConfig {
+        &self.cfg
+    }
+
+    /// Gather the scoring queries of KV head `h` from queries `q_lo..q_hi`
+    /// (`[n][n_q_heads][d]`), every `stride`-th one plus the last.
+    fn group_queries(
+        req: &SelectRequest<'_>,
+        h: usize,
+        q_lo: usize,
+        q_hi: usize,
+        stride: usize,
+    ) -> Vec<f32> {
+        let (g, d, qe) = (req.shape.group(), req.shape.head_dim, req.shape.q_elems());
+        let mut idx: Vec<usize> = (q_lo..q_hi).step_by(stride).collect();
+        if idx.last() != Some(&(q_hi - 1)) {
+            idx.push(q_hi - 1);
+        }
+        let mut out = Vec::with_capacity(idx.len() * g * d);
+        for i in idx {
+            out.extend_from_slice(&req.queries[i * qe + h * g * d..i * qe + (h + 1) * g * d]);
+        }
+        out
+    }
+
+    fn scorer<'a>(
+        &'a self,
+        kv: &'a dyn KvRead,
+        head: usize,
+        mut qs: Vec<f32>,
+        d: usize,
+        stage: &HipStage,
+        middle_end: usize,
+        q_pos: usize,
+    ) -> Scorer<'a> {
+        let rope = self.rope.as_ref().map(|r| {
+            // The query moves to just after the last chunk index.
+            let target = middle_end.div_ceil(stage.chunk_size) as f64;
+            for q in qs.chunks_exact_mut(d) {
+                r.rotate(q, target - q_pos as f64);
+            }
+            (r, stage.chunk_size)
+        });
+        Scorer {
+            kv,
+            head,
+            qs,
+            d,
+            rope,
+        }
+    }
+
+    /// Run stages `from..` on `cands` for one head.
+    fn stages_from(
+        &self,
+        req: &SelectRequest<'_>,
+        head: usize,
+        qs: &[f32],
+        q_pos: usize,
+        middle: &Range<usize>,
+        from: usize,
+        cands: Vec<Range<usize>>,
+        mut keep: impl FnMut(usize, &[Range<usize>]),
+    ) -> Vec<Range<usize>> {
+        let d = req.shape.head_dim;
+        let mut cur = cands;
+        for (i, st) in self.cfg.stages.iter().enumerate().skip(from) {
+            let sc = self.scorer(req.kv, head, qs.to_vec(), d, st, middle.end, q_pos);
+            cur = run_stage(&sc, &cur, st);
+            keep(i, &cur);
+        }
+        cur
+    }
+
+    fn assemble(
+        sink: &Range<usize>,
+        mid: Vec<Range<usize>>,
+        win: &Range<usize>,
+    ) -> Vec<Range<usize>> {
+        let mut rs = Vec::with_capacity(mid.len() + 2);
+        rs.push(sink.clone());
+        rs.extend(mid);
+        rs.push(win.clone());
+        super::normalize(&mut rs);
+        rs
+    }
+
+    fn select_prefill(&self, req: &SelectRequest<'_>) -> Result<SelectOutput> {
+        let n = req.n_queries();
+        let qb = self.cfg.block_size_q;
+        let hkv = req.shape.n_kv_heads;
+        let n_blocks = n.div_ceil(qb);
+        let per = par_map(n_blocks * hkv, |item| {
+            let (b, h) = (item / hkv, item % hkv);
+            let (lo, hi) = (b * qb, ((b + 1) * qb).min(n));
+            let (p_first, p_last) = (req.q_start + lo, req.q_start + hi - 1);
+            let (sink, mid, win) = regions(&self.cfg, p_first, p_last);
+            let qs = Self::group_queries(req, h, lo, hi, self.cfg.q_stride);
+            let kept = if mid.is_empty() {
+                vec![]
+            } else {
+                self.stages_from(req, h, &qs, p_last, &mid, 0, vec![mid.clone()], |_, _| {})
+            };
+            Self::assemble(&sink, kept, &win)
+        });
+        let blocks = per
+            .chunks(hkv)
+            .map(|heads| Selection {
+                heads: heads.to_vec(),
+            })
+            .collect();
+        Ok(SelectOutput {
+            q_block: qb,
+            blocks,
+        })
+    }
+
+    fn select_decode(&mut self, req: &SelectRequest<'_>) -> Result<SelectOutput> {
+        let hkv = req.shape.n_kv_heads;
+        let pos = req.q_start;
+        let len = req.kv.len();
+        let n_stages = self.cfg.stages.len();
+        let mut st = self.states.remove(&req.seq).unwrap_or_default();
+        if st.stages.len() != n_stages || len <= st.last_len {
+            // New or restarted sequence: recompute everything.
+            st = DecodeState::default();
+        }
+        // The first stage due for refresh; later stages refresh with it.
+        let from = if st.stages.is_empty() {
+            0
+        } else {
+            (0..n_stages)
+                .find(|&i| st.step % self.cfg.stages[i].refresh_interval == 0)
+                .unwrap_or(n_stages)
+        };
+        let (sink, mid, win) = regions(&self.cfg, pos, pos);
+        let results = par_map(hkv, |h| {
+            let mut fresh: Vec<Vec<Range<usize>>> = Vec::new();
+            let kept = if mid.is_empty() {
+                vec![]
+            } else if from == n_stages {
+                st.stages[n_stages - 1][h].clone()
+            } else {
+                let cands = if from == 0 {
+                    vec![mid.clone()]
+                } else {
+                    st.stages[from - 1][h].clone()
+                };
+                let qs = Self::group_queries(req, h, 0, 1, 1);
+                self.stages_from(req, h, &qs, pos, &mid, from, cands, |_, r| {
+                    fresh.push(r.to_vec())
+                })
+            };
+            (Self::assemble(&sink, kept, &win), fresh)
+        });
+        if from < n_stages {
+            if st.stages.is_empty() {
+                st.stages = vec![vec![Vec::new(); hkv]; n_stages];
+            }
+            for (h, (_, fresh)) in results.iter().enumerate() {
+                for (k, r) in fresh.iter().enumerate() {
+                    st.stages[from + k][h] = r.clone();
+                }
+            }
+        }
+        st.step += 1;
+        st.last_len = len;
+        self.states.insert(req.seq, st);
+        Ok(SelectOutput {
+            q_block: 1,
+            blocks: vec![Selection {
+                heads: results.into_iter().map(|(r, _)| r).collect(),
+            }],
+        })
+    }
+}
+
+impl Policy for HipPolicy {
+    fn name(&self) -> &'static str {
+        "hip"
+    }
+
+    fn select(&mut self, req: &SelectRequest<'_>) -> Result<SelectOutput> {
+        let n = req.n_queries();
+        if n == 0 || req.queries.len() != n * req.shape.q_elems() {
+            return Err(Error::shape(
+                "hip queries",
+                format!("n x {}", req.shape.q_elems()),
+                req.queries.len(),
+            ));
+        }
+        if req.q_start + n > req.kv.len() {
+            return Err(Error::OutOfRange(format!(
+                "queries at {}..{} beyond the {} cached tokens",
+                req.q_start,
+                req.q_start + n,
+                req.kv.len()
+            )));
+        }
+        if req.kv.n_kv_heads() != req.shape.n_kv_heads || req.kv.head_dim() != req.shape.head_dim {
+            return Err(Error::shape(
+                "hip KV",
+                format!("{} heads x {}", req.shape.n_kv_heads, req.shape.head_dim),
+                format!("{} heads x {}", req.kv.n_kv_heads(), req.kv.head_dim()),
+            ));
+        }
+        match req.phase {
+            Phase::Decode if n == 1 => self.select_decode(req),
+            Phase::Decode => Err(Error::Invalid(format!(
+                "hip decode takes one query per sequence, got {n}"
+            ))),
+            Phase::Prefill => self.select_prefill(req),
+        }
+    }
+
+    fn end_sequence(&mut self, seq: u64) {
+        self.states.remove(&seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_split_context() {
+        let cfg = HipConfig {
+            sink: 4,
+            window: 8,
+            ..HipConfig::default()
+        };
+        assert_eq!(regions(&cfg, 99, 99), (0..4, 4..92, 92..100));
+        assert_eq!(regions(&cfg, 5, 5), (0..4, 4..4, 4..6));
+        assert_eq!(regions(&cfg, 2, 2), (0..3, 3..3, 3..3));
+        // A prefill block: window counted from its first query.
+        assert_eq!(regions(&cfg, 40, 47), (0..4, 4..33, 33..48));
+    }
+}
