@@ -1,1 +1,53 @@
-fn main() {}
+//! The `infinitehip` command: benchmarks and config tools.
+
+mod args;
+mod bench_cpu;
+mod machine;
+
+use infinitehip::PolicyConfig;
+
+const USAGE: &str = "infinitehip <command> [options]
+commands:
+  bench-cpu        dense vs sparse policies on synthetic long-context attention (see bench-cpu --help)
+  config-default   print the default policy config (Llama-3.1-8B shape) as JSON
+  config-check F   validate a policy config file; errors name the bad field";
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("INFINITEHIP_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = argv.first() else {
+        eprintln!("{USAGE}");
+        std::process::exit(2);
+    };
+    let rest = &argv[1..];
+    if rest.iter().any(|a| a == "--help" || a == "-h") {
+        match cmd.as_str() {
+            "bench-cpu" => println!("{}", bench_cpu::HELP),
+            _ => println!("{USAGE}"),
+        }
+        return;
+    }
+    let result = match cmd.as_str() {
+        "bench-cpu" => bench_cpu::run(rest),
+        "config-default" => {
+            println!("{}", PolicyConfig::default().to_json_pretty());
+            Ok(())
+        }
+        "config-check" => match rest.first() {
+            Some(path) => PolicyConfig::from_file(path).map(|c| println!("{path}: ok ({} layers)", c.model.n_layers)).map_err(|e| e.to_string()),
+            None => Err("config-check needs a file".into()),
+        },
+        "--help" | "-h" | "help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => Err(format!("unknown command `{other}`\n{USAGE}")),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}

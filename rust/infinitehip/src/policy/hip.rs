@@ -21,6 +21,7 @@ use std::ops::Range;
 
 use super::{Phase, Policy, SelectOutput, SelectRequest, Selection};
 use crate::config::{HipConfig, HipStage, RopeMode};
+use crate::dtype::dot_f32;
 use crate::error::{Error, Result};
 use crate::kv::KvRead;
 use crate::parallel::par_map;
@@ -49,8 +50,7 @@ impl Scorer<'_> {
         }
         let mut best = f32::NEG_INFINITY;
         for q in self.qs.chunks_exact(self.d) {
-            let s: f32 = q.iter().zip(k.iter()).map(|(a, b)| a * b).sum();
-            best = best.max(s);
+            best = best.max(dot_f32(q, k));
         }
         best
     }

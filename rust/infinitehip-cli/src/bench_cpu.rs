@@ -1,0 +1,222 @@
+//! `infinitehip bench-cpu`: dense attention vs each policy on the synthetic
+//! needle workload, in one run. Decode is timed over a full mask-refresh
+//! cycle (the amortised cost) and the refresh step alone is reported too.
+
+use std::time::Instant;
+
+use half::bf16;
+use infinitehip::attention::{self, rel_error, AttnShape};
+use infinitehip::config::{HipConfig, HipStage};
+use infinitehip::policy::hip::HipPolicy;
+use infinitehip::policy::{Phase, Policy, SelectRequest, Selection};
+use infinitehip::rng::Rng;
+use infinitehip::workload::{needle_seq, NeedleSeq};
+use serde_json::json;
+
+use crate::args::Args;
+
+pub const HELP: &str = "infinitehip bench-cpu [options]
+  --tokens LIST        context lengths, e.g. 32K,256K,1M (default 262144)
+  --batch N            sequences per decode step (default 1)
+  --q-heads N --kv-heads N --head-dim N   (default 32, 8, 128: Llama-3.1-8B)
+  --budget N           hip tokens beyond sink+window (default 2048)
+  --policies LIST      hip (default hip)
+  --steps N            decode steps timed (default: longest refresh interval, 16)
+  --prefill N          also time a causal prefill of the last N queries (default 0)
+  --json FILE          write the results as JSON
+  --seed N             workload seed (default 0)";
+
+struct Row {
+    policy: String,
+    phase: &'static str,
+    tokens: usize,
+    batch: usize,
+    dense_ms: f64,
+    ours_ms: f64,
+    refresh_ms: Option<f64>,
+    rel_error: f64,
+    needle_recall: f64,
+}
+
+fn hip_config(budget: usize) -> HipConfig {
+    let mut c = HipConfig::default();
+    // Keep the default stage ratios (4x, 2x, 1x the budget).
+    c.stages = vec![
+        HipStage { chunk_size: 64, keep_tokens: budget * 4, refresh_interval: 16 },
+        HipStage { chunk_size: 16, keep_tokens: budget * 2, refresh_interval: 8 },
+        HipStage { chunk_size: 8, keep_tokens: budget, refresh_interval: 4 },
+    ];
+    c
+}
+
+fn make_policy(name: &str, budget: usize, shape: &AttnShape) -> Result<Box<dyn Policy>, String> {
+    match name {
+        "hip" => Ok(Box::new(HipPolicy::new(hip_config(budget), shape.head_dim, 500000.0).map_err(|e| e.to_string())?)),
+        other => Err(format!("bench-cpu: unknown or not yet benchmarkable policy `{other}` (available: hip)")),
+    }
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn bench_decode(name: &str, seqs: &mut [NeedleSeq<bf16>], shape: &AttnShape, budget: usize, steps: usize, seed: u64) -> Result<Row, String> {
+    let b = seqs.len();
+    let tokens = seqs[0].pool.seq_len(0).map_err(|e| e.to_string())?;
+    let mut pols: Vec<Box<dyn Policy>> = (0..b).map(|_| make_policy(name, budget, shape)).collect::<Result<_, _>>()?;
+    let mut rng = Rng::new(seed ^ 0xdec0de);
+    let (mut dense_t, mut ours_t) = (Vec::new(), Vec::new());
+    let (mut max_err, mut recall_sum) = (0f64, 0f64);
+    for _ in 0..steps {
+        let q: Vec<f32> = seqs.iter().flat_map(|s| s.query(&mut rng)).collect();
+        let views: Vec<_> = seqs.iter().map(|s| s.pool.view(0).unwrap()).collect();
+        let mut dense = vec![0f32; q.len()];
+        let t = Instant::now();
+        attention::decode(shape, &q, &views, None, &mut dense).map_err(|e| e.to_string())?;
+        dense_t.push(ms(t));
+        let mut ours = vec![f32::NAN; q.len()];
+        let t = Instant::now();
+        let mut sels: Vec<Selection> = Vec::with_capacity(b);
+        for (i, (p, v)) in pols.iter_mut().zip(&views).enumerate() {
+            let qe = shape.q_elems();
+            let req = SelectRequest { seq: 0, shape: *shape, phase: Phase::Decode, queries: &q[i * qe..(i + 1) * qe], q_start: v.len() - 1, kv: v };
+            sels.push(p.select(&req).map_err(|e| e.to_string())?.blocks.swap_remove(0));
+        }
+        attention::decode(shape, &q, &views, Some(&sels), &mut ours).map_err(|e| e.to_string())?;
+        ours_t.push(ms(t));
+        let dense64: Vec<f64> = dense.iter().map(|&x| x as f64).collect();
+        max_err = max_err.max(rel_error(&ours, &dense64));
+        recall_sum += seqs.iter().zip(&sels).map(|(s, sel)| s.recall(sel)).sum::<f64>() / b as f64;
+        drop(views);
+        for s in seqs.iter_mut() {
+            s.append_random(&mut rng).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(Row {
+        policy: name.into(),
+        phase: "decode",
+        tokens,
+        batch: b,
+        dense_ms: median(&mut dense_t.clone()),
+        ours_ms: ours_t.iter().sum::<f64>() / steps as f64,
+        refresh_ms: Some(ours_t[0]),
+        rel_error: max_err,
+        needle_recall: recall_sum / steps as f64,
+    })
+}
+
+fn bench_prefill(name: &str, s: &NeedleSeq<bf16>, shape: &AttnShape, budget: usize, n: usize, seed: u64) -> Result<Row, String> {
+    let view = s.pool.view(0).map_err(|e| e.to_string())?;
+    let len = view.len();
+    let n = n.min(len);
+    let mut rng = Rng::new(seed ^ 0x9e1f);
+    let q: Vec<f32> = (0..n).flat_map(|_| s.query(&mut rng)).collect();
+    let mut dense = vec![0f32; q.len()];
+    let t = Instant::now();
+    attention::prefill(shape, &q, len - n, &view, None, &mut dense).map_err(|e| e.to_string())?;
+    let dense_ms = ms(t);
+    let mut pol = make_policy(name, budget, shape)?;
+    let mut ours = vec![f32::NAN; q.len()];
+    let t = Instant::now();
+    let req = SelectRequest { seq: 0, shape: *shape, phase: Phase::Prefill, queries: &q, q_start: len - n, kv: &view };
+    let out = pol.select(&req).map_err(|e| e.to_string())?;
+    attention::prefill(shape, &q, len - n, &view, Some((&out.blocks, out.q_block)), &mut ours).map_err(|e| e.to_string())?;
+    let ours_ms = ms(t);
+    let dense64: Vec<f64> = dense.iter().map(|&x| x as f64).collect();
+    let recall = out.blocks.iter().map(|b| s.recall(b)).sum::<f64>() / out.blocks.len() as f64;
+    Ok(Row {
+        policy: name.into(),
+        phase: "prefill",
+        tokens: len,
+        batch: 1,
+        dense_ms,
+        ours_ms,
+        refresh_ms: None,
+        rel_error: rel_error(&ours, &dense64),
+        needle_recall: recall,
+    })
+}
+
+pub fn run(argv: &[String]) -> Result<(), String> {
+    let a = Args::parse(
+        argv,
+        &["tokens", "batch", "q-heads", "kv-heads", "head-dim", "budget", "policies", "steps", "prefill", "json", "seed"],
+        &[],
+    )?;
+    let tokens = a.list("tokens", &[262144])?;
+    let batch: usize = a.get("batch", 1)?;
+    let shape = AttnShape::new(a.get("q-heads", 32)?, a.get("kv-heads", 8)?, a.get("head-dim", 128)?).map_err(|e| e.to_string())?;
+    let budget: usize = a.get("budget", 2048)?;
+    if budget == 0 || budget % 8 != 0 {
+        return Err("--budget must be a positive multiple of 8".into());
+    }
+    let policies: Vec<String> = a.str("policies").unwrap_or("hip").split(',').map(|s| s.trim().to_string()).collect();
+    for p in &policies {
+        make_policy(p, budget, &shape)?;
+    }
+    let steps: usize = a.get("steps", 16)?;
+    let prefill: usize = a.get("prefill", 0)?;
+    let seed: u64 = a.get("seed", 0)?;
+    if batch == 0 || steps == 0 {
+        return Err("--batch and --steps must be >= 1".into());
+    }
+    let machine = crate::machine::describe();
+    eprintln!("bench-cpu on {machine}");
+    let mut rows = Vec::new();
+    for &t in &tokens {
+        let cfg = hip_config(budget);
+        if t <= cfg.sink + cfg.window + 64 {
+            return Err(format!("--tokens {t} is too short for sink {} + window {}", cfg.sink, cfg.window));
+        }
+        eprintln!("building {batch} x {t}-token needle sequence(s) ({} q heads, {} kv heads, head_dim {}, bf16)...", shape.n_q_heads, shape.n_kv_heads, shape.head_dim);
+        let mut seqs: Vec<NeedleSeq<bf16>> = (0..batch)
+            .map(|i| needle_seq(shape, t, 64, cfg.sink, cfg.window, 64, seed * 1000 + i as u64))
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
+        for p in &policies {
+            eprintln!("  {p}: decode, {steps} steps...");
+            rows.push(bench_decode(p, &mut seqs, &shape, budget, steps, seed)?);
+            if prefill > 0 {
+                eprintln!("  {p}: prefill of {prefill} queries...");
+                rows.push(bench_prefill(p, &seqs[0], &shape, budget, prefill, seed)?);
+            }
+        }
+    }
+    println!("{:<8} {:<8} {:>9} {:>5} {:>11} {:>11} {:>12} {:>8} {:>10} {:>7}", "policy", "phase", "tokens", "batch", "dense_ms", "ours_ms", "refresh_ms", "speedup", "rel_err", "recall");
+    for r in &rows {
+        println!(
+            "{:<8} {:<8} {:>9} {:>5} {:>11.2} {:>11.2} {:>12} {:>7.1}x {:>10.2e} {:>7.3}",
+            r.policy,
+            r.phase,
+            r.tokens,
+            r.batch,
+            r.dense_ms,
+            r.ours_ms,
+            r.refresh_ms.map_or("-".into(), |x| format!("{x:.2}")),
+            r.dense_ms / r.ours_ms,
+            r.rel_error,
+            r.needle_recall
+        );
+    }
+    if let Some(path) = a.str("json") {
+        let results: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "policy": r.policy, "phase": r.phase, "tokens": r.tokens, "batch": r.batch,
+                    "dense_ms": r.dense_ms, "ours_ms": r.ours_ms, "refresh_ms": r.refresh_ms,
+                    "speedup": r.dense_ms / r.ours_ms, "rel_error": r.rel_error, "needle_recall": r.needle_recall,
+                })
+            })
+            .collect();
+        let doc = json!({"machine": machine, "shape": {"q_heads": shape.n_q_heads, "kv_heads": shape.n_kv_heads, "head_dim": shape.head_dim, "dtype": "bf16"}, "budget": budget, "steps": steps, "results": results});
+        std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap()).map_err(|e| format!("writing {path}: {e}"))?;
+        eprintln!("wrote {path}");
+    }
+    Ok(())
+}
