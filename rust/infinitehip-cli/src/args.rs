@@ -14,7 +14,9 @@ impl Args {
         let mut i = 0;
         while i < argv.len() {
             let a = &argv[i];
-            let name = a.strip_prefix("--").ok_or_else(|| format!("unexpected argument `{a}`"))?;
+            let name = a
+                .strip_prefix("--")
+                .ok_or_else(|| format!("unexpected argument `{a}`"))?;
             let (name, inline) = match name.split_once('=') {
                 Some((n, v)) => (n, Some(v.to_string())),
                 None => (name, None),
@@ -26,12 +28,17 @@ impl Args {
                     Some(v) => v,
                     None => {
                         i += 1;
-                        argv.get(i).cloned().ok_or_else(|| format!("--{name} needs a value"))?
+                        argv.get(i)
+                            .cloned()
+                            .ok_or_else(|| format!("--{name} needs a value"))?
                     }
                 };
                 flags.insert(name.to_string(), v);
             } else {
-                return Err(format!("unknown option --{name} (known: {})", [known, switches].concat().join(", ")));
+                return Err(format!(
+                    "unknown option --{name} (known: {})",
+                    [known, switches].concat().join(", ")
+                ));
             }
             i += 1;
         }
@@ -41,16 +48,14 @@ impl Args {
     pub fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, String> {
         match self.flags.get(name) {
             None => Ok(default),
-            Some(v) => v.parse().map_err(|_| format!("--{name}: cannot parse `{v}`")),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("--{name}: cannot parse `{v}`")),
         }
     }
 
     pub fn str(&self, name: &str) -> Option<&str> {
         self.flags.get(name).map(|s| s.as_str())
-    }
-
-    pub fn switch(&self, name: &str) -> bool {
-        self.flags.contains_key(name)
     }
 
     /// Comma-separated list of numbers.
@@ -59,7 +64,9 @@ impl Args {
             None => Ok(default.to_vec()),
             Some(v) => v
                 .split(',')
-                .map(|x| parse_count(x.trim()).ok_or_else(|| format!("--{name}: cannot parse `{x}`")))
+                .map(|x| {
+                    parse_count(x.trim()).ok_or_else(|| format!("--{name}: cannot parse `{x}`"))
+                })
                 .collect(),
         }
     }

@@ -42,17 +42,34 @@ fn hip_config(budget: usize) -> HipConfig {
     let mut c = HipConfig::default();
     // Keep the default stage ratios (4x, 2x, 1x the budget).
     c.stages = vec![
-        HipStage { chunk_size: 64, keep_tokens: budget * 4, refresh_interval: 16 },
-        HipStage { chunk_size: 16, keep_tokens: budget * 2, refresh_interval: 8 },
-        HipStage { chunk_size: 8, keep_tokens: budget, refresh_interval: 4 },
+        HipStage {
+            chunk_size: 64,
+            keep_tokens: budget * 4,
+            refresh_interval: 16,
+        },
+        HipStage {
+            chunk_size: 16,
+            keep_tokens: budget * 2,
+            refresh_interval: 8,
+        },
+        HipStage {
+            chunk_size: 8,
+            keep_tokens: budget,
+            refresh_interval: 4,
+        },
     ];
     c
 }
 
 fn make_policy(name: &str, budget: usize, shape: &AttnShape) -> Result<Box<dyn Policy>, String> {
     match name {
-        "hip" => Ok(Box::new(HipPolicy::new(hip_config(budget), shape.head_dim, 500000.0).map_err(|e| e.to_string())?)),
-        other => Err(format!("bench-cpu: unknown or not yet benchmarkable policy `{other}` (available: hip)")),
+        "hip" => Ok(Box::new(
+            HipPolicy::new(hip_config(budget), shape.head_dim, 500000.0)
+                .map_err(|e| e.to_string())?,
+        )),
+        other => Err(format!(
+            "bench-cpu: unknown or not yet benchmarkable policy `{other}` (available: hip)"
+        )),
     }
 }
 
@@ -65,10 +82,19 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn bench_decode(name: &str, seqs: &mut [NeedleSeq<bf16>], shape: &AttnShape, budget: usize, steps: usize, seed: u64) -> Result<Row, String> {
+fn bench_decode(
+    name: &str,
+    seqs: &mut [NeedleSeq<bf16>],
+    shape: &AttnShape,
+    budget: usize,
+    steps: usize,
+    seed: u64,
+) -> Result<Row, String> {
     let b = seqs.len();
     let tokens = seqs[0].pool.seq_len(0).map_err(|e| e.to_string())?;
-    let mut pols: Vec<Box<dyn Policy>> = (0..b).map(|_| make_policy(name, budget, shape)).collect::<Result<_, _>>()?;
+    let mut pols: Vec<Box<dyn Policy>> = (0..b)
+        .map(|_| make_policy(name, budget, shape))
+        .collect::<Result<_, _>>()?;
     let mut rng = Rng::new(seed ^ 0xdec0de);
     let (mut dense_t, mut ours_t) = (Vec::new(), Vec::new());
     let (mut max_err, mut recall_sum) = (0f64, 0f64);
@@ -84,14 +110,31 @@ fn bench_decode(name: &str, seqs: &mut [NeedleSeq<bf16>], shape: &AttnShape, bud
         let mut sels: Vec<Selection> = Vec::with_capacity(b);
         for (i, (p, v)) in pols.iter_mut().zip(&views).enumerate() {
             let qe = shape.q_elems();
-            let req = SelectRequest { seq: 0, shape: *shape, phase: Phase::Decode, queries: &q[i * qe..(i + 1) * qe], q_start: v.len() - 1, kv: v };
-            sels.push(p.select(&req).map_err(|e| e.to_string())?.blocks.swap_remove(0));
+            let req = SelectRequest {
+                seq: 0,
+                shape: *shape,
+                phase: Phase::Decode,
+                queries: &q[i * qe..(i + 1) * qe],
+                q_start: v.len() - 1,
+                kv: v,
+            };
+            sels.push(
+                p.select(&req)
+                    .map_err(|e| e.to_string())?
+                    .blocks
+                    .swap_remove(0),
+            );
         }
         attention::decode(shape, &q, &views, Some(&sels), &mut ours).map_err(|e| e.to_string())?;
         ours_t.push(ms(t));
         let dense64: Vec<f64> = dense.iter().map(|&x| x as f64).collect();
         max_err = max_err.max(rel_error(&ours, &dense64));
-        recall_sum += seqs.iter().zip(&sels).map(|(s, sel)| s.recall(sel)).sum::<f64>() / b as f64;
+        recall_sum += seqs
+            .iter()
+            .zip(&sels)
+            .map(|(s, sel)| s.recall(sel))
+            .sum::<f64>()
+            / b as f64;
         drop(views);
         for s in seqs.iter_mut() {
             s.append_random(&mut rng).map_err(|e| e.to_string())?;
@@ -110,7 +153,14 @@ fn bench_decode(name: &str, seqs: &mut [NeedleSeq<bf16>], shape: &AttnShape, bud
     })
 }
 
-fn bench_prefill(name: &str, s: &NeedleSeq<bf16>, shape: &AttnShape, budget: usize, n: usize, seed: u64) -> Result<Row, String> {
+fn bench_prefill(
+    name: &str,
+    s: &NeedleSeq<bf16>,
+    shape: &AttnShape,
+    budget: usize,
+    n: usize,
+    seed: u64,
+) -> Result<Row, String> {
     let view = s.pool.view(0).map_err(|e| e.to_string())?;
     let len = view.len();
     let n = n.min(len);
@@ -123,9 +173,24 @@ fn bench_prefill(name: &str, s: &NeedleSeq<bf16>, shape: &AttnShape, budget: usi
     let mut pol = make_policy(name, budget, shape)?;
     let mut ours = vec![f32::NAN; q.len()];
     let t = Instant::now();
-    let req = SelectRequest { seq: 0, shape: *shape, phase: Phase::Prefill, queries: &q, q_start: len - n, kv: &view };
+    let req = SelectRequest {
+        seq: 0,
+        shape: *shape,
+        phase: Phase::Prefill,
+        queries: &q,
+        q_start: len - n,
+        kv: &view,
+    };
     let out = pol.select(&req).map_err(|e| e.to_string())?;
-    attention::prefill(shape, &q, len - n, &view, Some((&out.blocks, out.q_block)), &mut ours).map_err(|e| e.to_string())?;
+    attention::prefill(
+        shape,
+        &q,
+        len - n,
+        &view,
+        Some((&out.blocks, out.q_block)),
+        &mut ours,
+    )
+    .map_err(|e| e.to_string())?;
     let ours_ms = ms(t);
     let dense64: Vec<f64> = dense.iter().map(|&x| x as f64).collect();
     let recall = out.blocks.iter().map(|b| s.recall(b)).sum::<f64>() / out.blocks.len() as f64;
@@ -145,17 +210,30 @@ fn bench_prefill(name: &str, s: &NeedleSeq<bf16>, shape: &AttnShape, budget: usi
 pub fn run(argv: &[String]) -> Result<(), String> {
     let a = Args::parse(
         argv,
-        &["tokens", "batch", "q-heads", "kv-heads", "head-dim", "budget", "policies", "steps", "prefill", "json", "seed"],
+        &[
+            "tokens", "batch", "q-heads", "kv-heads", "head-dim", "budget", "policies", "steps",
+            "prefill", "json", "seed",
+        ],
         &[],
     )?;
     let tokens = a.list("tokens", &[262144])?;
     let batch: usize = a.get("batch", 1)?;
-    let shape = AttnShape::new(a.get("q-heads", 32)?, a.get("kv-heads", 8)?, a.get("head-dim", 128)?).map_err(|e| e.to_string())?;
+    let shape = AttnShape::new(
+        a.get("q-heads", 32)?,
+        a.get("kv-heads", 8)?,
+        a.get("head-dim", 128)?,
+    )
+    .map_err(|e| e.to_string())?;
     let budget: usize = a.get("budget", 2048)?;
     if budget == 0 || budget % 8 != 0 {
         return Err("--budget must be a positive multiple of 8".into());
     }
-    let policies: Vec<String> = a.str("policies").unwrap_or("hip").split(',').map(|s| s.trim().to_string()).collect();
+    let policies: Vec<String> = a
+        .str("policies")
+        .unwrap_or("hip")
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
     for p in &policies {
         make_policy(p, budget, &shape)?;
     }
@@ -171,11 +249,24 @@ pub fn run(argv: &[String]) -> Result<(), String> {
     for &t in &tokens {
         let cfg = hip_config(budget);
         if t <= cfg.sink + cfg.window + 64 {
-            return Err(format!("--tokens {t} is too short for sink {} + window {}", cfg.sink, cfg.window));
+            return Err(format!(
+                "--tokens {t} is too short for sink {} + window {}",
+                cfg.sink, cfg.window
+            ));
         }
         eprintln!("building {batch} x {t}-token needle sequence(s) ({} q heads, {} kv heads, head_dim {}, bf16)...", shape.n_q_heads, shape.n_kv_heads, shape.head_dim);
         let mut seqs: Vec<NeedleSeq<bf16>> = (0..batch)
-            .map(|i| needle_seq(shape, t, 64, cfg.sink, cfg.window, 64, seed * 1000 + i as u64))
+            .map(|i| {
+                needle_seq(
+                    shape,
+                    t,
+                    64,
+                    cfg.sink,
+                    cfg.window,
+                    64,
+                    seed * 1000 + i as u64,
+                )
+            })
             .collect::<Result<_, _>>()
             .map_err(|e| e.to_string())?;
         for p in &policies {
@@ -187,7 +278,19 @@ pub fn run(argv: &[String]) -> Result<(), String> {
             }
         }
     }
-    println!("{:<8} {:<8} {:>9} {:>5} {:>11} {:>11} {:>12} {:>8} {:>10} {:>7}", "policy", "phase", "tokens", "batch", "dense_ms", "ours_ms", "refresh_ms", "speedup", "rel_err", "recall");
+    println!(
+        "{:<8} {:<8} {:>9} {:>5} {:>11} {:>11} {:>12} {:>8} {:>10} {:>7}",
+        "policy",
+        "phase",
+        "tokens",
+        "batch",
+        "dense_ms",
+        "ours_ms",
+        "refresh_ms",
+        "speedup",
+        "rel_err",
+        "recall"
+    );
     for r in &rows {
         println!(
             "{:<8} {:<8} {:>9} {:>5} {:>11.2} {:>11.2} {:>12} {:>7.1}x {:>10.2e} {:>7.3}",
@@ -215,7 +318,8 @@ pub fn run(argv: &[String]) -> Result<(), String> {
             })
             .collect();
         let doc = json!({"machine": machine, "shape": {"q_heads": shape.n_q_heads, "kv_heads": shape.n_kv_heads, "head_dim": shape.head_dim, "dtype": "bf16"}, "budget": budget, "steps": steps, "results": results});
-        std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap()).map_err(|e| format!("writing {path}: {e}"))?;
+        std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap())
+            .map_err(|e| format!("writing {path}: {e}"))?;
         eprintln!("wrote {path}");
     }
     Ok(())

@@ -14,7 +14,10 @@ commands:
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("INFINITEHIP_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("INFINITEHIP_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -37,7 +40,9 @@ fn main() {
             Ok(())
         }
         "config-check" => match rest.first() {
-            Some(path) => PolicyConfig::from_file(path).map(|c| println!("{path}: ok ({} layers)", c.model.n_layers)).map_err(|e| e.to_string()),
+            Some(path) => PolicyConfig::from_file(path)
+                .map(|c| println!("{path}: ok ({} layers)", c.model.n_layers))
+                .map_err(|e| e.to_string()),
             None => Err("config-check needs a file".into()),
         },
         "--help" | "-h" | "help" => {

@@ -9,6 +9,7 @@
 pub mod attention;
 pub mod config;
 pub mod dtype;
+pub mod engine;
 pub mod error;
 pub mod kv;
 pub mod parallel;
@@ -19,4 +20,5 @@ pub mod workload;
 
 pub use config::PolicyConfig;
 pub use dtype::{DType, Element};
+pub use engine::Engine;
 pub use error::{Error, Result};

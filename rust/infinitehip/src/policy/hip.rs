@@ -14,7 +14,10 @@
 //!
 //! Decode caches each stage's output per sequence and refreshes stage i every
 //! `refresh_interval` steps (a refreshed stage also refreshes the later ones);
-//! between refreshes new tokens are covered by the sliding window.
+//! between refreshes new tokens are covered by the sliding window, and the
+//! tokens that slid out of the window since the first stage last ran stay
+//! selected (at most stage 1's refresh interval of them), so no token drops
+//! out of the attention set between refreshes.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -134,8 +137,10 @@ struct DecodeState {
     step: usize,
     /// `stages[i][head]`: output of stage i at its last refresh.
     stages: Vec<Vec<Vec<Range<usize>>>>,
-    /// Sequence length at the last refresh, to detect a restarted sequence.
+    /// Sequence length at the last step, to detect a restarted sequence.
     last_len: usize,
+    /// End of the middle region when stage 1 last ran.
+    mid_end: usize,
 }
 
 pub struct HipPolicy {
@@ -309,9 +314,14 @@ impl HipPolicy {
                 .unwrap_or(n_stages)
         };
         let (sink, mid, win) = regions(&self.cfg, pos, pos);
+        if from == 0 {
+            st.mid_end = mid.end;
+        }
+        // Tokens that left the window since stage 1 last ran.
+        let slid = st.mid_end.max(mid.start)..mid.end;
         let results = par_map(hkv, |h| {
             let mut fresh: Vec<Vec<Range<usize>>> = Vec::new();
-            let kept = if mid.is_empty() {
+            let mut kept = if mid.is_empty() {
                 vec![]
             } else if from == n_stages {
                 st.stages[n_stages - 1][h].clone()
@@ -326,6 +336,9 @@ impl HipPolicy {
                     fresh.push(r.to_vec())
                 })
             };
+            if !slid.is_empty() {
+                kept.push(slid.clone());
+            }
             (Self::assemble(&sink, kept, &win), fresh)
         });
         if from < n_stages {

@@ -1,0 +1,294 @@
+//! The plugin's one API surface: an engine built from a `PolicyConfig`
+//! holds, per layer, a paged KV pool and that layer's policy. Callers register
+//! sequences, append K/V as their model produces it, and ask for attention.
+//! The C++ bridge and the Python shim wrap exactly this.
+
+use half::{bf16, f16};
+
+use crate::attention::{self, AttnShape};
+use crate::config::{LayerPolicy, PolicyConfig};
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use crate::kv::{KvLayout, KvPool, PoolStats, SeqView};
+use crate::policy::hip::HipPolicy;
+use crate::policy::{DensePolicy, InsertInfo, Phase, Policy, SelectRequest, Selection};
+
+enum Pool {
+    F32(KvPool<f32>),
+    F16(KvPool<f16>),
+    Bf16(KvPool<bf16>),
+}
+
+/// Run `$body` with `$p` bound to the typed pool.
+macro_rules! with_pool {
+    ($pool:expr, $p:ident => $body:expr) => {
+        match $pool {
+            Pool::F32($p) => $body,
+            Pool::F16($p) => $body,
+            Pool::Bf16($p) => $body,
+        }
+    };
+}
+
+struct Layer {
+    pool: Pool,
+    policy: Box<dyn Policy>,
+    method: &'static str,
+}
+
+/// Pre-RoPE projections of appended tokens, for policies that score at
+/// insertion (Locret). q: `[n][n_q_heads][d]`, k and v: `[n][n_kv_heads][d]`.
+pub struct Projections<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerStats {
+    pub method: &'static str,
+    pub pool: PoolStats,
+}
+
+pub struct Engine {
+    cfg: PolicyConfig,
+    shape: AttnShape,
+    layers: Vec<Layer>,
+}
+
+fn build_policy(p: &LayerPolicy, cfg: &PolicyConfig, layer: usize) -> Result<Box<dyn Policy>> {
+    Ok(match p {
+        LayerPolicy::Dense => Box::new(DensePolicy),
+        LayerPolicy::Hip(h) => Box::new(HipPolicy::new(
+            h.clone(),
+            cfg.model.head_dim,
+            cfg.model.rope_theta,
+        )?),
+        other => {
+            return Err(Error::config(
+                format!("layer {layer} method"),
+                format!(
+                    "`{}` is not available through the engine yet",
+                    other.method()
+                ),
+            ))
+        }
+    })
+}
+
+impl Engine {
+    pub fn new(cfg: PolicyConfig) -> Result<Self> {
+        cfg.validate()?;
+        let m = cfg.model;
+        let shape = AttnShape::new(m.n_q_heads, m.n_kv_heads, m.head_dim)?;
+        let layout = KvLayout {
+            n_kv_heads: m.n_kv_heads,
+            head_dim: m.head_dim,
+            page_size: cfg.kv.page_size,
+        };
+        let mut layers = Vec::with_capacity(m.n_layers);
+        for l in 0..m.n_layers {
+            let p = cfg.layer_policy(l);
+            let pool = match cfg.kv.dtype {
+                DType::F32 => Pool::F32(KvPool::new(layout, None)?),
+                DType::F16 => Pool::F16(KvPool::new(layout, None)?),
+                DType::Bf16 => Pool::Bf16(KvPool::new(layout, None)?),
+            };
+            layers.push(Layer {
+                pool,
+                policy: build_policy(p, &cfg, l)?,
+                method: p.method(),
+            });
+        }
+        tracing::info!(layers = m.n_layers, dtype = %cfg.kv.dtype, "infinitehip engine created");
+        Ok(Engine { cfg, shape, layers })
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.cfg
+    }
+    pub fn shape(&self) -> AttnShape {
+        self.shape
+    }
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn layer(&mut self, layer: usize) -> Result<&mut Layer> {
+        let n = self.layers.len();
+        self.layers
+            .get_mut(layer)
+            .ok_or_else(|| Error::OutOfRange(format!("layer {layer} of {n}")))
+    }
+
+    /// Register a sequence in every layer.
+    pub fn add_sequence(&mut self, seq: u64) -> Result<()> {
+        if self
+            .layers
+            .iter()
+            .any(|l| with_pool!(&l.pool, p => p.has_sequence(seq)))
+        {
+            return Err(Error::DuplicateSequence(seq));
+        }
+        for l in &mut self.layers {
+            with_pool!(&mut l.pool, p => p.add_sequence(seq))?;
+        }
+        Ok(())
+    }
+
+    /// `child` shares `parent`'s KV pages (a common prefix) in every layer.
+    pub fn fork_sequence(&mut self, parent: u64, child: u64) -> Result<()> {
+        for l in &mut self.layers {
+            with_pool!(&mut l.pool, p => p.fork(parent, child))?;
+        }
+        Ok(())
+    }
+
+    pub fn free_sequence(&mut self, seq: u64) -> Result<()> {
+        for l in &mut self.layers {
+            with_pool!(&mut l.pool, p => p.free_sequence(seq))?;
+            l.policy.end_sequence(seq);
+        }
+        Ok(())
+    }
+
+    /// Tokens held for `seq` in `layer` (smaller than the sequence after eviction).
+    pub fn seq_len(&self, layer: usize, seq: u64) -> Result<usize> {
+        let l = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| Error::OutOfRange(format!("layer {layer}")))?;
+        with_pool!(&l.pool, p => p.seq_len(seq))
+    }
+
+    /// Append post-RoPE K/V of new tokens (`[n][n_kv_heads][head_dim]`, any
+    /// storage type, converted to the pool's) to one layer. `proj` carries the
+    /// pre-RoPE projections policies that score at insertion need.
+    pub fn append<T: Element>(
+        &mut self,
+        layer: usize,
+        seq: u64,
+        k: &[T],
+        v: &[T],
+        phase: Phase,
+        prompt_done: bool,
+        proj: Option<Projections<'_>>,
+    ) -> Result<()> {
+        let shape = self.shape;
+        let l = self.layer(layer)?;
+        let te = shape.n_kv_heads * shape.head_dim;
+        if k.len() != v.len() || k.len() % te != 0 {
+            return Err(Error::shape(
+                "append K/V",
+                format!("n x {te} elements each"),
+                format!("k {}, v {}", k.len(), v.len()),
+            ));
+        }
+        let n = k.len() / te;
+        if let Some(pr) = &proj {
+            if pr.q.len() != n * shape.q_elems() || pr.k.len() != n * te || pr.v.len() != n * te {
+                return Err(Error::shape(
+                    "append projections (q, k, v)",
+                    format!("{} , {te}, {te} per token for {n} tokens", shape.q_elems()),
+                    format!("{}, {}, {}", pr.q.len(), pr.k.len(), pr.v.len()),
+                ));
+            }
+        }
+        let Layer { pool, policy, .. } = l;
+        with_pool!(pool, p => {
+            let start = p.seq_len(seq)?;
+            p.append(seq, &convert(k), &convert(v))?;
+            if let Some(pr) = proj {
+                let keep = {
+                    let view = p.view(seq)?;
+                    let info = InsertInfo { seq, shape, phase, start, q: pr.q, k: pr.k, v: pr.v, kv: &view, prompt_done };
+                    policy.after_append(&info)?
+                };
+                if let Some(keep) = keep {
+                    p.retain_per_head(seq, &keep)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Causal attention for the last `n` tokens of `seq` (their K/V already
+    /// appended): `q` `[n][n_q_heads][d]` post-RoPE, `out` the same shape.
+    pub fn attend_prefill(
+        &mut self,
+        layer: usize,
+        seq: u64,
+        q: &[f32],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let shape = self.shape;
+        let l = self.layer(layer)?;
+        let qe = shape.q_elems();
+        if q.len() % qe != 0 || q.is_empty() || out.len() != q.len() {
+            return Err(Error::shape(
+                "prefill q/out",
+                format!("n x {qe}"),
+                format!("q {}, out {}", q.len(), out.len()),
+            ));
+        }
+        let n = q.len() / qe;
+        let Layer { pool, policy, .. } = l;
+        with_pool!(pool, p => {
+            let view = p.view(seq)?;
+            let len = view.len();
+            if n > len {
+                return Err(Error::OutOfRange(format!("{n} prefill queries but sequence {seq} holds {len} tokens")));
+            }
+            let req = SelectRequest { seq, shape, phase: Phase::Prefill, queries: q, q_start: len - n, kv: &view };
+            let sel = policy.select(&req)?;
+            attention::prefill(&shape, q, len - n, &view, Some((&sel.blocks, sel.q_block)), out)
+        })
+    }
+
+    /// Decode attention for a batch: one query `[n_q_heads][d]` per sequence.
+    pub fn attend_decode(
+        &mut self,
+        layer: usize,
+        seqs: &[u64],
+        q: &[f32],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let shape = self.shape;
+        let l = self.layer(layer)?;
+        let qe = shape.q_elems();
+        if q.len() != seqs.len() * qe || out.len() != q.len() {
+            return Err(Error::shape(
+                "decode q/out",
+                format!("{} x {qe}", seqs.len()),
+                format!("q {}, out {}", q.len(), out.len()),
+            ));
+        }
+        let Layer { pool, policy, .. } = l;
+        with_pool!(pool, p => {
+            let views: Vec<SeqView<'_, _>> = seqs.iter().map(|&s| p.view(s)).collect::<Result<_>>()?;
+            let mut sels: Vec<Selection> = Vec::with_capacity(seqs.len());
+            for (i, (&s, v)) in seqs.iter().zip(&views).enumerate() {
+                if v.is_empty() {
+                    return Err(Error::Invalid(format!("decode on sequence {s} with no tokens: append its K/V first")));
+                }
+                let req = SelectRequest { seq: s, shape, phase: Phase::Decode, queries: &q[i * qe..(i + 1) * qe], q_start: v.len() - 1, kv: v };
+                sels.push(policy.select(&req)?.blocks.swap_remove(0));
+            }
+            attention::decode(&shape, q, &views, Some(&sels), out)
+        })
+    }
+
+    pub fn stats(&self) -> Vec<LayerStats> {
+        self.layers
+            .iter()
+            .map(|l| LayerStats {
+                method: l.method,
+                pool: with_pool!(&l.pool, p => p.stats()),
+            })
+            .collect()
+    }
+}
+
+fn convert<S: Element, D: Element>(x: &[S]) -> Vec<D> {
+    x.iter().map(|v| D::from_f32(v.to_f32())).collect()
+}

@@ -1,0 +1,195 @@
+//! The engine end to end on the CPU: sequences, appends, prefill and decode
+//! across layers, against the f64 reference.
+
+use half::bf16;
+use infinitehip::attention::{reference, rel_error};
+use infinitehip::config::{HipConfig, HipStage, LayerPolicy, ModelShape};
+use infinitehip::kv::{KvLayout, KvPool};
+use infinitehip::policy::Phase;
+use infinitehip::rng::Rng;
+use infinitehip::{DType, Engine, PolicyConfig};
+
+fn cfg(keep: usize, dtype: DType) -> PolicyConfig {
+    PolicyConfig {
+        model: ModelShape {
+            n_layers: 2,
+            n_q_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 32,
+            ..ModelShape::default()
+        },
+        kv: infinitehip::config::KvConfig {
+            page_size: 16,
+            dtype,
+        },
+        dense_layers: 1,
+        default: LayerPolicy::Hip(HipConfig {
+            sink: 4,
+            window: 16,
+            stages: vec![
+                HipStage {
+                    chunk_size: 16,
+                    keep_tokens: keep * 2,
+                    refresh_interval: 4,
+                },
+                HipStage {
+                    chunk_size: 4,
+                    keep_tokens: keep,
+                    refresh_interval: 2,
+                },
+            ],
+            block_size_q: 8,
+            q_stride: 1,
+            prefill_chunk: 64,
+            ..HipConfig::default()
+        }),
+        overrides: vec![],
+    }
+}
+
+/// Reference: a plain pool holding the same K/V, dense f64 attention.
+#[test]
+fn full_budget_engine_equals_dense_reference() {
+    for dtype in [DType::F32, DType::Bf16] {
+        let mut eng = Engine::new(cfg(4096, dtype)).unwrap();
+        let shape = eng.shape();
+        let mut refpool = KvPool::<f32>::new(
+            KvLayout {
+                n_kv_heads: 2,
+                head_dim: 32,
+                page_size: 16,
+            },
+            None,
+        )
+        .unwrap();
+        refpool.add_sequence(7).unwrap();
+        eng.add_sequence(7).unwrap();
+        let mut rng = Rng::new(1);
+        let bound = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        let te = 64;
+        // Prefill 150 tokens then 10 decode steps, layer 1 (hip).
+        for (n, phase) in [(150usize, Phase::Prefill)]
+            .into_iter()
+            .chain((0..10).map(|_| (1, Phase::Decode)))
+        {
+            let k: Vec<f32> = rng.normal_vec(n * te, 1.0);
+            let v: Vec<f32> = rng.normal_vec(n * te, 1.0);
+            // Store what the engine stores (rounded to its dtype) in the reference.
+            let kr: Vec<f32> = k
+                .iter()
+                .map(|&x| {
+                    if dtype == DType::Bf16 {
+                        bf16::from_f32(x).to_f32()
+                    } else {
+                        x
+                    }
+                })
+                .collect();
+            let vr: Vec<f32> = v
+                .iter()
+                .map(|&x| {
+                    if dtype == DType::Bf16 {
+                        bf16::from_f32(x).to_f32()
+                    } else {
+                        x
+                    }
+                })
+                .collect();
+            refpool.append(7, &kr, &vr).unwrap();
+            for layer in 0..2 {
+                eng.append(layer, 7, &k, &v, phase, phase == Phase::Prefill, None)
+                    .unwrap();
+            }
+            let q = rng.normal_vec(n * shape.q_elems(), 1.0);
+            let view = refpool.view(7).unwrap();
+            let len = refpool.seq_len(7).unwrap();
+            let want = reference::prefill_f64(&shape, &q, len - n, &view, None);
+            for layer in 0..2 {
+                let mut out = vec![f32::NAN; q.len()];
+                if phase == Phase::Prefill {
+                    eng.attend_prefill(layer, 7, &q, &mut out).unwrap();
+                } else {
+                    eng.attend_decode(layer, &[7], &q, &mut out).unwrap();
+                }
+                let err = rel_error(&out, &want);
+                assert!(
+                    err <= bound,
+                    "{dtype} layer {layer} {phase:?} len {len}: rel err {err}"
+                );
+            }
+        }
+        assert_eq!(eng.seq_len(1, 7).unwrap(), 160);
+        let stats = eng.stats();
+        assert_eq!(stats[0].method, "dense");
+        assert_eq!(stats[1].method, "hip");
+        assert_eq!(stats[1].pool.pages_in_use, 10);
+        eng.free_sequence(7).unwrap();
+        assert_eq!(eng.stats()[1].pool.pages_in_use, 0);
+    }
+}
+
+#[test]
+fn small_budget_decodes_a_batch_of_mixed_lengths() {
+    let mut eng = Engine::new(cfg(16, DType::Bf16)).unwrap();
+    let shape = eng.shape();
+    let mut rng = Rng::new(3);
+    for (s, n) in [(1u64, 40usize), (2, 500), (3, 1)] {
+        eng.add_sequence(s).unwrap();
+        for layer in 0..2 {
+            let k = rng.normal_vec(n * 64, 1.0);
+            eng.append(layer, s, &k, &k, Phase::Prefill, true, None)
+                .unwrap();
+        }
+    }
+    eng.fork_sequence(2, 4).unwrap();
+    let seqs = [1u64, 2, 3, 4];
+    let q = rng.normal_vec(seqs.len() * shape.q_elems(), 1.0);
+    let mut out = vec![f32::NAN; q.len()];
+    eng.attend_decode(1, &seqs, &q, &mut out).unwrap();
+    assert!(out.iter().all(|x| x.is_finite()));
+    // Forked sequence 4 sees the same KV as 2: same output for the same query.
+    let mut q2 = q.clone();
+    q2[3 * shape.q_elems()..].copy_from_slice(&q[shape.q_elems()..2 * shape.q_elems()].to_vec());
+    let mut out2 = vec![f32::NAN; q.len()];
+    eng.attend_decode(1, &seqs, &q2, &mut out2).unwrap();
+    let qe = shape.q_elems();
+    assert_eq!(&out2[3 * qe..], &out2[qe..2 * qe]);
+}
+
+#[test]
+fn engine_errors_name_the_problem() {
+    let mut eng = Engine::new(cfg(16, DType::F16)).unwrap();
+    eng.add_sequence(1).unwrap();
+    assert!(eng
+        .add_sequence(1)
+        .unwrap_err()
+        .to_string()
+        .contains("already exists"));
+    let e = eng
+        .append(5, 1, &[0f32; 64], &[0f32; 64], Phase::Prefill, false, None)
+        .unwrap_err();
+    assert!(e.to_string().contains("layer 5"), "{e}");
+    let e = eng
+        .append(0, 1, &[0f32; 63], &[0f32; 63], Phase::Prefill, false, None)
+        .unwrap_err();
+    assert!(e.to_string().contains("append K/V"), "{e}");
+    let e = eng
+        .attend_decode(0, &[1], &[0f32; 128], &mut [0f32; 128])
+        .unwrap_err();
+    assert!(e.to_string().contains("append its K/V first"), "{e}");
+    let e = eng
+        .attend_decode(0, &[9], &[0f32; 128], &mut [0f32; 128])
+        .unwrap_err();
+    assert!(e.to_string().contains("unknown sequence id 9"), "{e}");
+    let e = eng
+        .attend_prefill(0, 1, &[0f32; 100], &mut [0f32; 100])
+        .unwrap_err();
+    assert!(e.to_string().contains("prefill q/out"), "{e}");
+    let mut bad = cfg(16, DType::F16);
+    bad.model.n_kv_heads = 3;
+    assert!(Engine::new(bad)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("model.n_q_heads"));
+}
