@@ -239,9 +239,16 @@ impl Engine {
             if n > len {
                 return Err(Error::OutOfRange(format!("{n} prefill queries but sequence {seq} holds {len} tokens")));
             }
-            let req = SelectRequest { seq, shape, phase: Phase::Prefill, queries: q, q_start: len - n, kv: &view };
-            let sel = policy.select(&req)?;
-            attention::prefill(&shape, q, len - n, &view, Some((&sel.blocks, sel.q_block)), out)
+            let chunk = policy.prefill_chunk().unwrap_or(n).max(1);
+            for c0 in (0..n).step_by(chunk) {
+                let c1 = (c0 + chunk).min(n);
+                let (qc, oc) = (&q[c0 * qe..c1 * qe], &mut out[c0 * qe..c1 * qe]);
+                let q_start = len - n + c0;
+                let req = SelectRequest { seq, shape, phase: Phase::Prefill, queries: qc, q_start, kv: &view };
+                let sel = policy.select(&req)?;
+                attention::prefill(&shape, qc, q_start, &view, Some((&sel.blocks, sel.q_block)), oc)?;
+            }
+            Ok(())
         })
     }
 

@@ -40,7 +40,7 @@ fn cfg(keep: usize, dtype: DType) -> PolicyConfig {
             ],
             block_size_q: 8,
             q_stride: 1,
-            prefill_chunk: 64,
+            prefill_chunk: 48,
             ..HipConfig::default()
         }),
         overrides: vec![],

@@ -404,6 +404,10 @@ impl Policy for HipPolicy {
     fn end_sequence(&mut self, seq: u64) {
         self.states.remove(&seq);
     }
+
+    fn prefill_chunk(&self) -> Option<usize> {
+        Some(self.cfg.prefill_chunk)
+    }
 }
 
 #[cfg(test)]

@@ -78,4 +78,10 @@ pub trait Policy: Send {
 
     /// Forget a finished sequence's state.
     fn end_sequence(&mut self, _seq: u64) {}
+
+    /// Prefill queries are selected and attended in chunks of this many so
+    /// selection memory stays bounded (None: all at once).
+    fn prefill_chunk(&self) -> Option<usize> {
+        None
+    }
 }
