@@ -12,6 +12,7 @@ pub mod dtype;
 pub mod engine;
 pub mod error;
 pub mod kv;
+pub mod offload;
 pub mod parallel;
 pub mod policy;
 pub mod rng;

@@ -1,9 +1,11 @@
 //! KV storage: the paged pool (one per layer) and read-only views over a
 //! sequence's keys and values that policies and kernels share.
 
+mod page_cache;
 mod pool;
 mod view;
 
+pub use page_cache::{pages_touched, CacheStats, PageCache};
 pub use pool::{KvPool, PoolStats};
 pub use view::{KvRead, SeqView};
 

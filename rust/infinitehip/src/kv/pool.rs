@@ -268,6 +268,16 @@ impl<T: Element> KvPool<T> {
         Ok(&self.entry(id)?.pages)
     }
 
+    /// K and V of one page, `[kv_head][token][dim]` each.
+    pub fn page_data(&self, page: u32) -> Result<(&[T], &[T])> {
+        let p = self
+            .pages
+            .get(page as usize)
+            .filter(|_| self.refcount[page as usize] > 0)
+            .ok_or_else(|| Error::OutOfRange(format!("page {page} is not allocated")))?;
+        Ok((&p.k, &p.v))
+    }
+
     pub fn page_refcount(&self, page: u32) -> u32 {
         self.refcount[page as usize]
     }

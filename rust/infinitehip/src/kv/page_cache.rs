@@ -1,0 +1,225 @@
+//! Device page cache over the host tier (InfiniteHiP offload, DESIGN 3.5).
+//!
+//! The host `KvPool` holds every page. A `PageCache` holds a fixed number of
+//! slots (on the CPU backend a second arena standing in for device memory)
+//! and maps host pages to slots with LRU replacement. Each decode step asks
+//! for the pages its selection touches in one `resolve` call: hits map to
+//! their slot, misses are copied host -> slot in one batch. Pinned pages (sink
+//! and window) are never evicted. The attention kernel then reads through the
+//! step's slot table (`view`), so what it reads is bit-for-bit what the host
+//! holds.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use super::{KvLayout, KvPool, SeqView};
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::policy::Selection;
+
+/// Cumulative counters (reset with `take_stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub bytes_copied: u64,
+    pub evictions: u64,
+}
+
+impl CacheStats {
+    pub fn hit_ratio(&self) -> f64 {
+        let n = self.hits + self.misses;
+        if n == 0 {
+            1.0
+        } else {
+            self.hits as f64 / n as f64
+        }
+    }
+}
+
+pub struct PageCache<T: Element> {
+    layout: KvLayout,
+    k: Vec<Box<[T]>>,
+    v: Vec<Box<[T]>>,
+    /// Host page held by each slot.
+    holder: Vec<Option<u32>>,
+    slot_of: HashMap<u32, u32>,
+    last_used: Vec<u64>,
+    pinned: Vec<bool>,
+    tick: u64,
+    stats: CacheStats,
+}
+
+impl<T: Element> PageCache<T> {
+    pub fn new(layout: KvLayout, n_slots: usize) -> Result<Self> {
+        if n_slots == 0 {
+            return Err(Error::Invalid("page cache needs at least one slot".into()));
+        }
+        let pe = layout.page_elems();
+        Ok(PageCache {
+            layout,
+            k: (0..n_slots)
+                .map(|_| vec![T::default(); pe].into_boxed_slice())
+                .collect(),
+            v: (0..n_slots)
+                .map(|_| vec![T::default(); pe].into_boxed_slice())
+                .collect(),
+            holder: vec![None; n_slots],
+            slot_of: HashMap::new(),
+            last_used: vec![0; n_slots],
+            pinned: vec![false; n_slots],
+            tick: 0,
+            stats: CacheStats::default(),
+        })
+    }
+
+    pub fn n_slots(&self) -> usize {
+        self.holder.len()
+    }
+
+    /// Bytes of slot memory (the device budget).
+    pub fn bytes(&self) -> usize {
+        self.n_slots() * 2 * self.layout.page_elems() * std::mem::size_of::<T>()
+    }
+
+    pub fn resident(&self) -> usize {
+        self.slot_of.len()
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        self.stats
+    }
+
+    pub fn take_stats(&mut self) -> CacheStats {
+        std::mem::take(&mut self.stats)
+    }
+
+    pub fn slot_of(&self, page: u32) -> Option<u32> {
+        self.slot_of.get(&page).copied()
+    }
+
+    /// Make `pages` resident and return their slots, in order. Pages of this
+    /// request are never evicted by this request. `pin`: keep them resident
+    /// until `unpin_all` (sink and window pages).
+    pub fn resolve(&mut self, host: &KvPool<T>, pages: &[u32], pin: bool) -> Result<Vec<u32>> {
+        self.tick += 1;
+        let tick = self.tick;
+        let mut out = Vec::with_capacity(pages.len());
+        let mut misses = Vec::new();
+        let mut seen = std::collections::HashSet::with_capacity(pages.len());
+        for &p in pages {
+            if !seen.insert(p) {
+                // Listed twice: counted once, filled in below.
+                misses.push(out.len());
+                out.push(u32::MAX);
+                continue;
+            }
+            match self.slot_of.get(&p) {
+                Some(&s) => {
+                    self.last_used[s as usize] = tick;
+                    self.pinned[s as usize] |= pin;
+                    self.stats.hits += 1;
+                    out.push(s);
+                }
+                None => {
+                    misses.push(out.len());
+                    out.push(u32::MAX);
+                }
+            }
+        }
+        for i in misses {
+            let p = pages[i];
+            if let Some(&s) = self.slot_of.get(&p) {
+                // Listed twice in this request: already resident now.
+                out[i] = s;
+                continue;
+            }
+            let s = self.victim(tick).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "page cache of {} slots cannot hold this step's pages (pinned or in use); raise the device cache size",
+                    self.n_slots()
+                ))
+            })?;
+            if let Some(old) = self.holder[s].take() {
+                self.slot_of.remove(&old);
+                self.stats.evictions += 1;
+            }
+            let (hk, hv) = host.page_data(p)?;
+            self.k[s].copy_from_slice(hk);
+            self.v[s].copy_from_slice(hv);
+            self.holder[s] = Some(p);
+            self.slot_of.insert(p, s as u32);
+            self.last_used[s] = tick;
+            self.pinned[s] = pin;
+            self.stats.misses += 1;
+            self.stats.bytes_copied += (2 * hk.len() * std::mem::size_of::<T>()) as u64;
+            out[i] = s as u32;
+        }
+        Ok(out)
+    }
+
+    /// Least recently used slot that is not pinned and not used this tick.
+    fn victim(&self, tick: u64) -> Option<usize> {
+        if let Some(free) = self.holder.iter().position(|h| h.is_none()) {
+            return Some(free);
+        }
+        (0..self.n_slots())
+            .filter(|&s| !self.pinned[s] && self.last_used[s] != tick)
+            .min_by_key(|&s| self.last_used[s])
+    }
+
+    pub fn unpin_all(&mut self) {
+        self.pinned.iter_mut().for_each(|p| *p = false);
+    }
+
+    /// Write-through after the host changed `page` (an append into a partly
+    /// filled page): refresh the cached copy so no stale data is ever read.
+    pub fn refresh(&mut self, host: &KvPool<T>, page: u32) -> Result<()> {
+        if let Some(&s) = self.slot_of.get(&page) {
+            let (hk, hv) = host.page_data(page)?;
+            self.k[s as usize].copy_from_slice(hk);
+            self.v[s as usize].copy_from_slice(hv);
+            self.stats.bytes_copied += (2 * hk.len() * std::mem::size_of::<T>()) as u64;
+        }
+        Ok(())
+    }
+
+    /// Drop a page (freed on the host).
+    pub fn invalidate(&mut self, page: u32) {
+        if let Some(s) = self.slot_of.remove(&page) {
+            self.holder[s as usize] = None;
+            self.pinned[s as usize] = false;
+        }
+    }
+
+    /// Slot contents, for round-trip checks.
+    pub fn slot_data(&self, slot: u32) -> (&[T], &[T]) {
+        (&self.k[slot as usize], &self.v[slot as usize])
+    }
+
+    /// A view of a `len`-token sequence whose logical page i lives in
+    /// `slots[i]` (None: not resident; reading it is a caller bug and panics).
+    pub fn view(&self, len: usize, slots: &[Option<u32>]) -> SeqView<'_, T> {
+        SeqView::new(
+            self.layout,
+            len,
+            slots.iter().map(|s| match s {
+                Some(s) => (&self.k[*s as usize][..], &self.v[*s as usize][..]),
+                None => (&[][..], &[][..]),
+            }),
+        )
+    }
+}
+
+/// Logical pages of a sequence that the tokens of `sel` touch, ascending.
+pub fn pages_touched(sel: &Selection, page_size: usize) -> Vec<usize> {
+    let mut pages: Vec<usize> = sel
+        .heads
+        .iter()
+        .flatten()
+        .flat_map(|r: &Range<usize>| r.start / page_size..r.end.div_ceil(page_size))
+        .collect();
+    pages.sort_unstable();
+    pages.dedup();
+    pages
+}

@@ -1,0 +1,141 @@
+//! Decode with the KV on the host tier and a bounded device page cache
+//! (DESIGN 3.5). Per step: the pages the selections touch are resolved in one
+//! batch per sequence (sink and window pages pinned), then the kernel reads
+//! through the slot table. Mask estimation reads keys in place on the host
+//! (`CountingKv` counts those bytes, which a GPU reads over the bus).
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::attention::{self, AttnShape};
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::kv::{pages_touched, CacheStats, KvPool, KvRead, PageCache, SeqView};
+use crate::policy::Selection;
+
+/// Counters for one decode step.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepStats {
+    pub cache: CacheStats,
+    /// Pages the step's selections touched.
+    pub pages_needed: usize,
+    /// Bytes of the host KV read in place by mask estimation.
+    pub estimation_bytes: u64,
+}
+
+/// Decode a batch with every sequence's KV on the host and only the touched
+/// pages in `cache`. `pinned[i]`: token ranges of sequence i kept resident
+/// (sink and window).
+pub fn decode_offloaded<T: Element>(
+    shape: &AttnShape,
+    q: &[f32],
+    host: &KvPool<T>,
+    seqs: &[u64],
+    sels: &[Selection],
+    pinned: &[Vec<Range<usize>>],
+    cache: &mut PageCache<T>,
+    out: &mut [f32],
+) -> Result<StepStats> {
+    if sels.len() != seqs.len() || pinned.len() != seqs.len() {
+        return Err(Error::shape(
+            "offloaded decode selections/pinned",
+            seqs.len(),
+            format!("{}/{}", sels.len(), pinned.len()),
+        ));
+    }
+    let ps = host.layout().page_size;
+    let before = cache.stats();
+    cache.unpin_all();
+    let mut slot_tables = Vec::with_capacity(seqs.len());
+    let mut lens = Vec::with_capacity(seqs.len());
+    let mut needed = 0;
+    for ((&s, sel), pin) in seqs.iter().zip(sels).zip(pinned) {
+        let table = host.page_table(s)?;
+        let len = host.seq_len(s)?;
+        let pin_sel = Selection {
+            heads: vec![pin.clone()],
+        };
+        let pin_pages: Vec<u32> = pages_touched(&pin_sel, ps)
+            .into_iter()
+            .filter(|&p| p < table.len())
+            .map(|p| table[p])
+            .collect();
+        cache.resolve(host, &pin_pages, true)?;
+        let logical = pages_touched(sel, ps);
+        if logical.last().is_some_and(|&p| p >= table.len()) {
+            return Err(Error::OutOfRange(format!(
+                "selection of sequence {s} reaches past its {len} tokens"
+            )));
+        }
+        let phys: Vec<u32> = logical.iter().map(|&p| table[p]).collect();
+        let slots = cache.resolve(host, &phys, false)?;
+        let mut st = vec![None; table.len()];
+        for (lp, sl) in logical.iter().zip(slots) {
+            st[*lp] = Some(sl);
+        }
+        needed += logical.len();
+        slot_tables.push(st);
+        lens.push(len);
+    }
+    let views: Vec<SeqView<'_, T>> = slot_tables
+        .iter()
+        .zip(&lens)
+        .map(|(st, &len)| cache.view(len, st))
+        .collect();
+    attention::decode(shape, q, &views, Some(sels), out)?;
+    let after = cache.stats();
+    Ok(StepStats {
+        cache: CacheStats {
+            hits: after.hits - before.hits,
+            misses: after.misses - before.misses,
+            bytes_copied: after.bytes_copied - before.bytes_copied,
+            evictions: after.evictions - before.evictions,
+        },
+        pages_needed: needed,
+        estimation_bytes: 0,
+    })
+}
+
+/// A `KvRead` that counts the key bytes read through it.
+pub struct CountingKv<'a> {
+    inner: &'a dyn KvRead,
+    bytes_per_row: u64,
+    reads: AtomicU64,
+}
+
+impl<'a> CountingKv<'a> {
+    pub fn new(inner: &'a dyn KvRead, elem_bytes: usize) -> Self {
+        CountingKv {
+            inner,
+            bytes_per_row: (inner.head_dim() * elem_bytes) as u64,
+            reads: AtomicU64::new(0),
+        }
+    }
+    pub fn bytes(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed) * self.bytes_per_row
+    }
+}
+
+impl KvRead for CountingKv<'_> {
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+    fn n_kv_heads(&self) -> usize {
+        self.inner.n_kv_heads()
+    }
+    fn head_dim(&self) -> usize {
+        self.inner.head_dim()
+    }
+    fn dot_key(&self, head: usize, tok: usize, q: &[f32]) -> f32 {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.inner.dot_key(head, tok, q)
+    }
+    fn read_key(&self, head: usize, tok: usize, out: &mut [f32]) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.inner.read_key(head, tok, out)
+    }
+    fn read_value(&self, head: usize, tok: usize, out: &mut [f32]) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.inner.read_value(head, tok, out)
+    }
+}
