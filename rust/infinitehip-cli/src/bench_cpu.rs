@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use half::bf16;
 use infinitehip::attention::{self, rel_error, AttnShape};
-use infinitehip::config::{HipConfig, HipStage};
+use infinitehip::config::{HipConfig, HipStage, ModelShape};
 use infinitehip::policy::hip::HipPolicy;
 use infinitehip::policy::{Phase, Policy, SelectRequest, Selection};
 use infinitehip::rng::Rng;
@@ -61,11 +61,21 @@ fn hip_config(budget: usize) -> HipConfig {
     c
 }
 
+/// The model shape the synthetic workload stands for.
+fn model(shape: &AttnShape) -> ModelShape {
+    ModelShape {
+        n_layers: 1,
+        n_q_heads: shape.n_q_heads,
+        n_kv_heads: shape.n_kv_heads,
+        head_dim: shape.head_dim,
+        ..ModelShape::default()
+    }
+}
+
 fn make_policy(name: &str, budget: usize, shape: &AttnShape) -> Result<Box<dyn Policy>, String> {
     match name {
         "hip" => Ok(Box::new(
-            HipPolicy::new(hip_config(budget), shape.head_dim, 500000.0)
-                .map_err(|e| e.to_string())?,
+            HipPolicy::new(hip_config(budget), &model(shape)).map_err(|e| e.to_string())?,
         )),
         other => Err(format!(
             "bench-cpu: unknown or not yet benchmarkable policy `{other}` (available: hip)"

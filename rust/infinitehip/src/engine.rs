@@ -6,12 +6,13 @@
 use half::{bf16, f16};
 
 use crate::attention::{self, AttnShape};
-use crate::config::{LayerPolicy, PolicyConfig};
+use crate::config::{LayerPolicy, PolicyConfig, RopeMode};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::kv::{KvLayout, KvPool, PoolStats, SeqView};
 use crate::policy::hip::HipPolicy;
 use crate::policy::{DensePolicy, InsertInfo, Phase, Policy, SelectRequest, Selection};
+use crate::rope::Rope;
 
 enum Pool {
     F32(KvPool<f32>),
@@ -34,6 +35,8 @@ struct Layer {
     pool: Pool,
     policy: Box<dyn Policy>,
     method: &'static str,
+    /// Set when this layer attends with streaming positions.
+    streaming: Option<Rope>,
 }
 
 /// Pre-RoPE projections of appended tokens, for policies that score at
@@ -59,11 +62,7 @@ pub struct Engine {
 fn build_policy(p: &LayerPolicy, cfg: &PolicyConfig, layer: usize) -> Result<Box<dyn Policy>> {
     Ok(match p {
         LayerPolicy::Dense => Box::new(DensePolicy),
-        LayerPolicy::Hip(h) => Box::new(HipPolicy::new(
-            h.clone(),
-            cfg.model.head_dim,
-            cfg.model.rope_theta,
-        )?),
+        LayerPolicy::Hip(h) => Box::new(HipPolicy::new(h.clone(), &cfg.model)?),
         other => {
             return Err(Error::config(
                 format!("layer {layer} method"),
@@ -94,10 +93,17 @@ impl Engine {
                 DType::F16 => Pool::F16(KvPool::new(layout, None)?),
                 DType::Bf16 => Pool::Bf16(KvPool::new(layout, None)?),
             };
+            let streaming = match p {
+                LayerPolicy::Hip(h) if h.rope.attention == RopeMode::Streaming => {
+                    Some(Rope::new(m.head_dim, m.rope_theta))
+                }
+                _ => None,
+            };
             layers.push(Layer {
                 pool,
                 policy: build_policy(p, &cfg, l)?,
                 method: p.method(),
+                streaming,
             });
         }
         tracing::info!(layers = m.n_layers, dtype = %cfg.kv.dtype, "infinitehip engine created");
@@ -232,7 +238,13 @@ impl Engine {
             ));
         }
         let n = q.len() / qe;
-        let Layer { pool, policy, .. } = l;
+        let Layer {
+            pool,
+            policy,
+            streaming,
+            ..
+        } = l;
+        let streaming = streaming.as_ref();
         with_pool!(pool, p => {
             let view = p.view(seq)?;
             let len = view.len();
@@ -246,7 +258,7 @@ impl Engine {
                 let q_start = len - n + c0;
                 let req = SelectRequest { seq, shape, phase: Phase::Prefill, queries: qc, q_start, kv: &view };
                 let sel = policy.select(&req)?;
-                attention::prefill(&shape, qc, q_start, &view, Some((&sel.blocks, sel.q_block)), oc)?;
+                attention::prefill_with(&shape, qc, q_start, &view, Some((&sel.blocks, sel.q_block)), streaming, oc)?;
             }
             Ok(())
         })
@@ -270,7 +282,13 @@ impl Engine {
                 format!("q {}, out {}", q.len(), out.len()),
             ));
         }
-        let Layer { pool, policy, .. } = l;
+        let Layer {
+            pool,
+            policy,
+            streaming,
+            ..
+        } = l;
+        let streaming = streaming.as_ref();
         with_pool!(pool, p => {
             let views: Vec<SeqView<'_, _>> = seqs.iter().map(|&s| p.view(s)).collect::<Result<_>>()?;
             let mut sels: Vec<Selection> = Vec::with_capacity(seqs.len());
@@ -281,7 +299,7 @@ impl Engine {
                 let req = SelectRequest { seq: s, shape, phase: Phase::Decode, queries: &q[i * qe..(i + 1) * qe], q_start: v.len() - 1, kv: v };
                 sels.push(policy.select(&req)?.blocks.swap_remove(0));
             }
-            attention::decode(&shape, q, &views, Some(&sels), out)
+            attention::decode_with(&shape, q, &views, Some(&sels), streaming, out)
         })
     }
 

@@ -41,6 +41,11 @@ fn cfg(keep: usize, dtype: DType) -> PolicyConfig {
             block_size_q: 8,
             q_stride: 1,
             prefill_chunk: 48,
+            // Full budget: ranks equal positions, so streaming equals dense.
+            rope: infinitehip::config::RopeConfig {
+                scoring: infinitehip::config::RopeMode::Original,
+                attention: infinitehip::config::RopeMode::Streaming,
+            },
             ..HipConfig::default()
         }),
         overrides: vec![],

@@ -8,6 +8,14 @@ use infinitehip::kv::KvRead;
 use infinitehip::policy::hip::HipPolicy;
 use infinitehip::policy::{Phase, Policy, SelectRequest};
 use infinitehip::rng::Rng;
+
+fn model(head_dim: usize, rope_theta: f32) -> infinitehip::config::ModelShape {
+    infinitehip::config::ModelShape {
+        head_dim,
+        rope_theta,
+        ..Default::default()
+    }
+}
 use infinitehip::workload::needle_seq;
 
 fn small_cfg(keep: usize) -> HipConfig {
@@ -61,7 +69,7 @@ fn budget_covering_context_equals_dense() {
     let len = 700;
     let ns = needle_seq::<bf16>(shape, len, 16, 8, 32, 64, 1).unwrap();
     let view = ns.pool.view(0).unwrap();
-    let mut pol = HipPolicy::new(small_cfg(1024), 64, 10000.0).unwrap();
+    let mut pol = HipPolicy::new(small_cfg(1024), &model(64, 10000.0)).unwrap();
     let mut rng = Rng::new(2);
     // Decode.
     let q = rng.normal_vec(shape.q_elems(), 1.0);
@@ -109,7 +117,7 @@ fn small_budget_respects_budget_and_keeps_sink_and_window() {
     let ns = needle_seq::<f32>(shape, len, 16, 8, 32, 64, 3).unwrap();
     let view = ns.pool.view(0).unwrap();
     let cfg = small_cfg(64);
-    let mut pol = HipPolicy::new(cfg.clone(), 32, 10000.0).unwrap();
+    let mut pol = HipPolicy::new(cfg.clone(), &model(32, 10000.0)).unwrap();
     let q = ns.query(&mut Rng::new(4));
     let out = pol
         .select(&req(shape, Phase::Decode, &q, len - 1, &view))
@@ -157,7 +165,7 @@ fn needle_recall_at_one_million_tokens() {
     for seed in 0..20u64 {
         let ns = needle_seq::<bf16>(shape, len, 64, cfg.sink, cfg.window, 64, 1000 + seed).unwrap();
         let view = ns.pool.view(0).unwrap();
-        let mut pol = HipPolicy::new(cfg.clone(), 64, 500000.0).unwrap();
+        let mut pol = HipPolicy::new(cfg.clone(), &model(64, 500000.0)).unwrap();
         let q = ns.query(&mut Rng::new(seed));
         let out = pol
             .select(&req(shape, Phase::Decode, &q, len - 1, &view))
@@ -178,7 +186,7 @@ fn decode_masks_refresh_on_schedule() {
     let len = 4000;
     let mut ns = needle_seq::<f32>(shape, len, 16, 8, 32, 64, 9).unwrap();
     let cfg = small_cfg(64);
-    let mut cached = HipPolicy::new(cfg.clone(), 32, 10000.0).unwrap();
+    let mut cached = HipPolicy::new(cfg.clone(), &model(32, 10000.0)).unwrap();
     let mut rng = Rng::new(10);
     let mut prev_mid: Option<Vec<Vec<std::ops::Range<usize>>>> = None;
     for step in 0..17 {
@@ -188,7 +196,7 @@ fn decode_masks_refresh_on_schedule() {
         let out = cached
             .select(&req(shape, Phase::Decode, &q, cur - 1, &view))
             .unwrap();
-        let mut fresh = HipPolicy::new(cfg.clone(), 32, 10000.0).unwrap();
+        let mut fresh = HipPolicy::new(cfg.clone(), &model(32, 10000.0)).unwrap();
         let want = fresh
             .select(&req(shape, Phase::Decode, &q, cur - 1, &view))
             .unwrap();
@@ -233,7 +241,7 @@ fn config_and_input_errors() {
     let shape = AttnShape::new(4, 2, 32).unwrap();
     let ns = needle_seq::<f32>(shape, 100, 4, 8, 32, 64, 1).unwrap();
     let view = ns.pool.view(0).unwrap();
-    let mut pol = HipPolicy::new(small_cfg(64), 32, 10000.0).unwrap();
+    let mut pol = HipPolicy::new(small_cfg(64), &model(32, 10000.0)).unwrap();
     let q = vec![0.0; 2 * shape.q_elems()];
     assert!(pol
         .select(&req(shape, Phase::Decode, &q, 98, &view))
@@ -251,7 +259,56 @@ fn config_and_input_errors() {
         .select(&req(shape, Phase::Prefill, &q[..77], 0, &view))
         .is_err());
     let mut cfg = small_cfg(64);
-    cfg.rope.attention = infinitehip::config::RopeMode::Streaming;
-    let e = HipPolicy::new(cfg, 32, 10000.0).err().unwrap().to_string();
+    cfg.rope.attention = infinitehip::config::RopeMode::ChunkIndexed;
+    let e = HipPolicy::new(cfg, &model(32, 10000.0))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("hip.rope.attention"), "{e}");
+    let mut cfg = small_cfg(64);
+    cfg.rope.scoring = infinitehip::config::RopeMode::Streaming;
+    assert!(HipPolicy::new(cfg, &model(32, 10000.0)).is_err());
+}
+
+/// Relative scoring only moves positions once the query is past the trained
+/// length; chunk-indexed scoring changes what is selected on rotated keys.
+#[test]
+fn scoring_rope_modes() {
+    use infinitehip::config::RopeMode;
+    let shape = AttnShape::new(4, 2, 32).unwrap();
+    let len = 6000;
+    let ns = needle_seq::<f32>(shape, len, 16, 8, 32, 64, 21).unwrap();
+    let view = ns.pool.view(0).unwrap();
+    let q = ns.query(&mut Rng::new(22));
+    let select = |mode: RopeMode, max_position: usize| {
+        let mut cfg = small_cfg(64);
+        cfg.rope.scoring = mode;
+        let m = infinitehip::config::ModelShape {
+            head_dim: 32,
+            rope_theta: 10000.0,
+            max_position,
+            ..Default::default()
+        };
+        let mut pol = HipPolicy::new(cfg, &m).unwrap();
+        pol.select(&req(shape, Phase::Decode, &q, len - 1, &view))
+            .unwrap()
+    };
+    let original = select(RopeMode::Original, 8192);
+    assert_eq!(
+        select(RopeMode::Relative, 8192),
+        original,
+        "relative must not act below the trained length"
+    );
+    let relative = select(RopeMode::Relative, 1024);
+    let chunked = select(RopeMode::ChunkIndexed, 8192);
+    assert_ne!(
+        relative, original,
+        "relative scoring had no effect beyond the trained length"
+    );
+    assert_ne!(chunked, original, "chunk-indexed scoring had no effect");
+    for out in [&relative, &chunked] {
+        for h in 0..2 {
+            assert!(out.blocks[0].token_count(h) <= 8 + 32 + 64);
+        }
+    }
 }

@@ -10,6 +10,14 @@ use infinitehip::offload::{decode_offloaded, CountingKv};
 use infinitehip::policy::hip::HipPolicy;
 use infinitehip::policy::{Phase, Policy, SelectRequest};
 use infinitehip::rng::Rng;
+
+fn model(head_dim: usize, rope_theta: f32) -> infinitehip::config::ModelShape {
+    infinitehip::config::ModelShape {
+        head_dim,
+        rope_theta,
+        ..Default::default()
+    }
+}
 use infinitehip::workload::needle_seq;
 use infinitehip::Element;
 
@@ -107,7 +115,7 @@ fn decode_through_a_five_percent_cache_equals_resident_decode() {
     let total_pages = len / 64;
     let slots = total_pages * 5 / 100;
     let mut cache = PageCache::<bf16>::new(ns.pool.layout(), slots).unwrap();
-    let mut pol = HipPolicy::new(cfg.clone(), 64, 500000.0).unwrap();
+    let mut pol = HipPolicy::new(cfg.clone(), &model(64, 500000.0)).unwrap();
     let mut rng = Rng::new(6);
     let mut hits = 0u64;
     let mut lookups = 0u64;

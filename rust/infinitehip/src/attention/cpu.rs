@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::kv::SeqView;
 use crate::parallel::{par_for, par_map};
 use crate::policy::Selection;
+use crate::rope::Rope;
 
 /// Tokens per split in decode: keeps every core busy at batch 1.
 const SPLIT_TOKENS: usize = 4096;
@@ -70,8 +71,10 @@ fn attend<T: Element>(
     kv: &SeqView<'_, T>,
     head: usize,
     ranges: &[Range<usize>],
+    rot: Option<(&Rope, &[f64])>,
     p: &mut Partial,
 ) {
+    let mut qbuf = Vec::new();
     let mut s = [0f32; TILE * 8];
     let mut scores = vec![0f32; g * TILE];
     let scores = if g <= 8 {
@@ -79,7 +82,18 @@ fn attend<T: Element>(
     } else {
         &mut scores[..]
     };
-    for r in ranges {
+    for (ri, r) in ranges.iter().enumerate() {
+        // Streaming positions: rotating every key of a range by the same shift
+        // equals rotating the queries the other way, once per range.
+        let qs: &[f32] = match rot {
+            Some((rope, shifts)) => {
+                qbuf.clear();
+                qbuf.extend_from_slice(qs);
+                rope.rotate_heads(&mut qbuf, shifts[ri]);
+                &qbuf
+            }
+            None => qs,
+        };
         kv.for_each_run(head, r.start, r.end, |_, ks, vs| {
             let n = ks.len() / d;
             let mut t0 = 0;
@@ -113,6 +127,23 @@ fn attend<T: Element>(
             }
         });
     }
+}
+
+/// Streaming positions: the selected tokens (in order) take positions
+/// 0..n and the query takes n - 1 (it is the last selected token). For a
+/// query stored rotated at `q_pos`, the rotation to apply to it against each
+/// range: (n - 1 - q_pos) - (rank(start) - start). `rank0`: selected tokens
+/// before `ranges[0]`; `n`: selected tokens visible to the query.
+fn streaming_shifts(ranges: &[Range<usize>], rank0: usize, n: usize, q_pos: usize) -> Vec<f64> {
+    let mut rank = rank0;
+    ranges
+        .iter()
+        .map(|r| {
+            let x = (n as f64 - 1.0 - q_pos as f64) - (rank as f64 - r.start as f64);
+            rank += r.len();
+            x
+        })
+        .collect()
 }
 
 /// Cut sorted ranges into pieces of at most `split` tokens.
@@ -166,6 +197,21 @@ pub fn decode<T: Element>(
     sel: Option<&[Selection]>,
     out: &mut [f32],
 ) -> Result<()> {
+    decode_with(shape, q, kvs, sel, None, out)
+}
+
+/// `decode` with an optional streaming-position RoPE (DESIGN 3.1): selected
+/// tokens are renumbered 0..n in order and the query sits at n - 1, so no
+/// distance exceeds the selection size. Keys and queries must be stored
+/// rotated with `rope` at their original positions.
+pub fn decode_with<T: Element>(
+    shape: &AttnShape,
+    q: &[f32],
+    kvs: &[SeqView<'_, T>],
+    sel: Option<&[Selection]>,
+    streaming: Option<&Rope>,
+    out: &mut [f32],
+) -> Result<()> {
     shape.validate()?;
     let (g, d, hkv) = (shape.group(), shape.head_dim, shape.n_kv_heads);
     let b = kvs.len();
@@ -213,20 +259,26 @@ pub fn decode<T: Element>(
     let mut items = Vec::new();
     for bi in 0..b {
         for h in 0..hkv {
+            let total = sel[bi].token_count(h);
+            let mut rank = 0;
             for piece in split_ranges(&sel[bi].heads[h], SPLIT_TOKENS) {
-                items.push((bi, h, piece));
+                let shifts =
+                    streaming.map(|_| streaming_shifts(&piece, rank, total, kvs[bi].len() - 1));
+                rank += piece.iter().map(|r| r.len()).sum::<usize>();
+                items.push((bi, h, piece, shifts));
             }
         }
     }
     let partials = par_map(items.len(), |i| {
-        let (bi, h, ref piece) = items[i];
+        let (bi, h, ref piece, ref shifts) = items[i];
         let mut p = Partial::new(g, d);
         let qo = bi * shape.q_elems() + h * g * d;
-        attend(&qs[qo..qo + g * d], g, d, &kvs[bi], h, piece, &mut p);
+        let rot = streaming.zip(shifts.as_deref());
+        attend(&qs[qo..qo + g * d], g, d, &kvs[bi], h, piece, rot, &mut p);
         p
     });
     let mut merged: Vec<Option<Partial>> = (0..b * hkv).map(|_| None).collect();
-    for ((bi, h, _), p) in items.iter().zip(partials) {
+    for ((bi, h, _, _), p) in items.iter().zip(partials) {
         let slot = &mut merged[bi * hkv + h];
         match slot {
             Some(m) => m.merge(&p, d),
@@ -251,6 +303,20 @@ pub fn prefill<T: Element>(
     q_start: usize,
     kv: &SeqView<'_, T>,
     sel: Option<(&[Selection], usize)>,
+    out: &mut [f32],
+) -> Result<()> {
+    prefill_with(shape, q, q_start, kv, sel, None, out)
+}
+
+/// `prefill` with optional streaming positions (see `decode_with`): each
+/// query renumbers the selected tokens it can see.
+pub fn prefill_with<T: Element>(
+    shape: &AttnShape,
+    q: &[f32],
+    q_start: usize,
+    kv: &SeqView<'_, T>,
+    sel: Option<(&[Selection], usize)>,
+    streaming: Option<&Rope>,
     out: &mut [f32],
 ) -> Result<()> {
     shape.validate()?;
@@ -312,7 +378,12 @@ pub fn prefill<T: Element>(
             );
             let mut p = Partial::new(g, d);
             let qo = i * qe + h * g * d;
-            attend(&qs[qo..qo + g * d], g, d, kv, h, &clipped, &mut p);
+            let shifts = streaming.map(|_| {
+                let n_vis = clipped.iter().map(|r| r.len()).sum();
+                streaming_shifts(&clipped, 0, n_vis, pos)
+            });
+            let rot = streaming.zip(shifts.as_deref());
+            attend(&qs[qo..qo + g * d], g, d, kv, h, &clipped, rot, &mut p);
             // SAFETY: each (query, kv head) writes its own disjoint g*d slice.
             let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(qo), g * d) };
             p.write(d, dst);

@@ -4,7 +4,7 @@
 mod cpu;
 pub mod reference;
 
-pub use cpu::{decode, prefill};
+pub use cpu::{decode, decode_with, prefill, prefill_with};
 
 use crate::error::{Error, Result};
 

@@ -71,3 +71,52 @@ pub fn prefill_f64(
     }
     out
 }
+
+/// Streaming-position reference: every selected key visible to the query
+/// (tokens below `limit`) is re-rotated individually from its position t to
+/// its rank among them; the query moves from `q_pos` to (count - 1).
+pub fn attend_streaming_f64(
+    shape: &AttnShape,
+    rope: &crate::rope::Rope,
+    q: &[f32],
+    kv: &dyn KvRead,
+    sel: &Selection,
+    limit: usize,
+    q_pos: usize,
+) -> Vec<f64> {
+    let (g, d) = (shape.group(), shape.head_dim);
+    let mut out = vec![0f64; shape.q_elems()];
+    let mut k = vec![0f32; d];
+    let mut v = vec![0f32; d];
+    for hq in 0..shape.n_q_heads {
+        let h = hq / g;
+        let toks: Vec<usize> = (0..limit.min(kv.len()))
+            .filter(|&t| sel.contains(h, t))
+            .collect();
+        let n = toks.len();
+        let mut qh = q[hq * d..(hq + 1) * d].to_vec();
+        rope.rotate(&mut qh, n as f64 - 1.0 - q_pos as f64);
+        let mut scores = Vec::with_capacity(n);
+        for (rank, &t) in toks.iter().enumerate() {
+            kv.read_key(h, t, &mut k);
+            rope.rotate(&mut k, rank as f64 - t as f64);
+            let s: f64 = qh.iter().zip(&k).map(|(&a, &b)| a as f64 * b as f64).sum();
+            scores.push(s * shape.scale as f64);
+        }
+        let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let mut l = 0f64;
+        let o = &mut out[hq * d..(hq + 1) * d];
+        for (&t, &s) in toks.iter().zip(&scores) {
+            let w = (s - m).exp();
+            l += w;
+            kv.read_value(h, t, &mut v);
+            for i in 0..d {
+                o[i] += w * v[i] as f64;
+            }
+        }
+        if l > 0.0 {
+            o.iter_mut().for_each(|x| *x /= l);
+        }
+    }
+    out
+}

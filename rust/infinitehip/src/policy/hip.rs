@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use super::{Phase, Policy, SelectOutput, SelectRequest, Selection};
-use crate::config::{HipConfig, HipStage, RopeMode};
+use crate::config::{HipConfig, HipStage, ModelShape, RopeMode};
 use crate::dtype::dot_f32;
 use crate::error::{Error, Result};
 use crate::kv::KvRead;
@@ -38,7 +38,17 @@ struct Scorer<'a> {
     /// `[n][d]` query vectors (all group heads of all scoring queries).
     qs: Vec<f32>,
     d: usize,
-    rope: Option<(&'a Rope, usize)>,
+    rope: ScoreRope<'a>,
+}
+
+/// How stored keys move before scoring (DESIGN 3.1).
+#[derive(Clone, Copy)]
+enum ScoreRope<'a> {
+    Original,
+    /// Key t scores at its chunk index t / chunk.
+    ChunkIndexed(&'a Rope, usize),
+    /// Key t scores at t * scale (positions compressed into the trained length).
+    Relative(&'a Rope, f64),
 }
 
 impl Scorer<'_> {
@@ -47,9 +57,11 @@ impl Scorer<'_> {
         let mut k = [0f32; 512];
         let k = &mut k[..self.d];
         self.kv.read_key(self.head, t, k);
-        if let Some((rope, chunk)) = self.rope {
-            // Stored keys are rotated at t; move them to their chunk index.
-            rope.rotate(k, (t / chunk) as f64 - t as f64);
+        // Stored keys are rotated at t; move them to their scoring position.
+        match self.rope {
+            ScoreRope::Original => {}
+            ScoreRope::ChunkIndexed(rope, chunk) => rope.rotate(k, (t / chunk) as f64 - t as f64),
+            ScoreRope::Relative(rope, scale) => rope.rotate(k, t as f64 * (scale - 1.0)),
         }
         let mut best = f32::NEG_INFINITY;
         for q in self.qs.chunks_exact(self.d) {
@@ -146,36 +158,46 @@ struct DecodeState {
 pub struct HipPolicy {
     cfg: HipConfig,
     rope: Option<Rope>,
+    max_position: usize,
     states: HashMap<u64, DecodeState>,
 }
 
 impl HipPolicy {
-    /// `rope` is needed for `rope.scoring = chunk_indexed` (head_dim, theta).
-    pub fn new(cfg: HipConfig, head_dim: usize, rope_theta: f32) -> Result<Self> {
-        let rope = match cfg.rope.scoring {
-            RopeMode::Original => None,
-            RopeMode::ChunkIndexed => Some(Rope::new(head_dim, rope_theta)),
-            m => {
-                return Err(Error::config(
-                    "hip.rope.scoring",
-                    format!("{m:?} is not implemented yet (use original or chunk_indexed)"),
-                ))
-            }
+    /// `model` gives head_dim, RoPE theta and the trained length that the
+    /// RoPE modes need.
+    pub fn new(cfg: HipConfig, model: &ModelShape) -> Result<Self> {
+        let rope = match (cfg.rope.scoring, cfg.rope.attention) {
+            (RopeMode::Original, RopeMode::Original) => None,
+            _ => Some(Rope::new(model.head_dim, model.rope_theta)),
         };
-        if cfg.rope.attention != RopeMode::Original {
+        if matches!(cfg.rope.scoring, RopeMode::Streaming) {
+            return Err(Error::config(
+                "hip.rope.scoring",
+                "streaming applies to attention only",
+            ));
+        }
+        if matches!(
+            cfg.rope.attention,
+            RopeMode::ChunkIndexed | RopeMode::Relative
+        ) {
             return Err(Error::config(
                 "hip.rope.attention",
-                format!(
-                    "{:?} is not implemented yet (use original)",
-                    cfg.rope.attention
-                ),
+                "use original or streaming",
             ));
         }
         Ok(HipPolicy {
             cfg,
             rope,
+            max_position: model.max_position,
             states: HashMap::new(),
         })
+    }
+
+    /// The RoPE table when attention uses streaming positions.
+    pub fn streaming_rope(&self) -> Option<&Rope> {
+        (self.cfg.rope.attention == RopeMode::Streaming)
+            .then(|| self.rope.as_ref())
+            .flatten()
     }
 
     pub fn config(&self) -> &HipConfig {
@@ -213,14 +235,25 @@ impl HipPolicy {
         middle_end: usize,
         q_pos: usize,
     ) -> Scorer<'a> {
-        let rope = self.rope.as_ref().map(|r| {
-            // The query moves to just after the last chunk index.
-            let target = middle_end.div_ceil(stage.chunk_size) as f64;
-            for q in qs.chunks_exact_mut(d) {
-                r.rotate(q, target - q_pos as f64);
+        let rope = match (&self.rope, self.cfg.rope.scoring) {
+            (Some(r), RopeMode::ChunkIndexed) => {
+                // The query moves to just after the last chunk index.
+                let target = middle_end.div_ceil(stage.chunk_size) as f64;
+                qs.chunks_exact_mut(d)
+                    .for_each(|q| r.rotate(q, target - q_pos as f64));
+                ScoreRope::ChunkIndexed(r, stage.chunk_size)
             }
-            (r, stage.chunk_size)
-        });
+            (Some(r), RopeMode::Relative) if q_pos >= self.max_position => {
+                // As the authors' scan kernel does beyond the trained length:
+                // the query sits at the last trained position and key
+                // positions shrink proportionally.
+                let target = self.max_position as f64 - 1.0;
+                qs.chunks_exact_mut(d)
+                    .for_each(|q| r.rotate(q, target - q_pos as f64));
+                ScoreRope::Relative(r, self.max_position as f64 / q_pos as f64)
+            }
+            _ => ScoreRope::Original,
+        };
         Scorer {
             kv,
             head,
