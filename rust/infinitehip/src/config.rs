@@ -52,6 +52,10 @@ impl Default for ModelShape {
 pub struct KvConfig {
     pub page_size: usize,
     pub dtype: DType,
+    /// Host offload: every page lives in the host tier and decode reads
+    /// through a device page cache of this many pages per layer (LRU; sink
+    /// and window pages pinned). None: all KV resident.
+    pub device_cache_pages: Option<usize>,
 }
 
 impl Default for KvConfig {
@@ -59,6 +63,7 @@ impl Default for KvConfig {
         KvConfig {
             page_size: 64,
             dtype: DType::Bf16,
+            device_cache_pages: None,
         }
     }
 }
@@ -389,6 +394,12 @@ impl PolicyConfig {
             return Err(bad(
                 "kv.page_size",
                 format!("{} must be a power of two", self.kv.page_size),
+            ));
+        }
+        if self.kv.device_cache_pages == Some(0) {
+            return Err(bad(
+                "kv.device_cache_pages",
+                "must be >= 1 (or absent for no offload)",
             ));
         }
         if self.dense_layers > m.n_layers {

@@ -9,18 +9,52 @@ use crate::attention::{self, AttnShape};
 use crate::config::{LayerPolicy, PolicyConfig, RopeMode};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
-use crate::kv::{KvLayout, KvPool, PoolStats, SeqView};
+use crate::kv::{CacheStats, KvLayout, KvPool, PageCache, PoolStats, SeqView};
+use crate::offload::{decode_offloaded, CountingKv, StepStats};
 use crate::policy::hip::HipPolicy;
 use crate::policy::{DensePolicy, InsertInfo, Phase, Policy, SelectRequest, Selection};
 use crate::rope::Rope;
 
-enum Pool {
-    F32(KvPool<f32>),
-    F16(KvPool<f16>),
-    Bf16(KvPool<bf16>),
+/// One layer's KV: the host tier (every page) and, when configured, a
+/// device page cache that decode reads through.
+struct Tier<T: Element> {
+    host: KvPool<T>,
+    cache: Option<PageCache<T>>,
+    step: StepStats,
 }
 
-/// Run `$body` with `$p` bound to the typed pool.
+impl<T: Element> Tier<T> {
+    fn new(layout: KvLayout, cache_pages: Option<usize>) -> Result<Self> {
+        Ok(Tier {
+            host: KvPool::new(layout, None)?,
+            cache: cache_pages.map(|n| PageCache::new(layout, n)).transpose()?,
+            step: StepStats::default(),
+        })
+    }
+
+    /// Forget cached copies of pages that `seq` holds (before the host
+    /// rewrites or frees them).
+    fn invalidate_seq(&mut self, seq: u64) -> Result<()> {
+        if let Some(c) = &mut self.cache {
+            for &p in self.host.page_table(seq)? {
+                c.invalidate(p);
+            }
+        }
+        Ok(())
+    }
+
+    fn has_sequence(&self, seq: u64) -> bool {
+        self.host.has_sequence(seq)
+    }
+}
+
+enum Pool {
+    F32(Tier<f32>),
+    F16(Tier<f16>),
+    Bf16(Tier<bf16>),
+}
+
+/// Run `$body` with `$p` bound to the typed tier.
 macro_rules! with_pool {
     ($pool:expr, $p:ident => $body:expr) => {
         match $pool {
@@ -37,6 +71,8 @@ struct Layer {
     method: &'static str,
     /// Set when this layer attends with streaming positions.
     streaming: Option<Rope>,
+    /// (sink, window) tokens kept resident in the device page cache.
+    pinned: (usize, usize),
 }
 
 /// Pre-RoPE projections of appended tokens, for policies that score at
@@ -50,7 +86,14 @@ pub struct Projections<'a> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct LayerStats {
     pub method: &'static str,
+    /// Host tier occupancy.
     pub pool: PoolStats,
+    /// Device page cache bytes (0 when the layer has no cache).
+    pub device_bytes: usize,
+    /// Cumulative cache counters since the engine was created.
+    pub cache: CacheStats,
+    /// Counters of the layer's last decode step.
+    pub last_step: StepStats,
 }
 
 pub struct Engine {
@@ -88,10 +131,11 @@ impl Engine {
         let mut layers = Vec::with_capacity(m.n_layers);
         for l in 0..m.n_layers {
             let p = cfg.layer_policy(l);
+            let cp = cfg.kv.device_cache_pages;
             let pool = match cfg.kv.dtype {
-                DType::F32 => Pool::F32(KvPool::new(layout, None)?),
-                DType::F16 => Pool::F16(KvPool::new(layout, None)?),
-                DType::Bf16 => Pool::Bf16(KvPool::new(layout, None)?),
+                DType::F32 => Pool::F32(Tier::new(layout, cp)?),
+                DType::F16 => Pool::F16(Tier::new(layout, cp)?),
+                DType::Bf16 => Pool::Bf16(Tier::new(layout, cp)?),
             };
             let streaming = match p {
                 LayerPolicy::Hip(h) if h.rope.attention == RopeMode::Streaming => {
@@ -99,11 +143,16 @@ impl Engine {
                 }
                 _ => None,
             };
+            let pinned = match p {
+                LayerPolicy::Hip(h) => (h.sink, h.window),
+                _ => (0, 0),
+            };
             layers.push(Layer {
                 pool,
                 policy: build_policy(p, &cfg, l)?,
                 method: p.method(),
                 streaming,
+                pinned,
             });
         }
         tracing::info!(layers = m.n_layers, dtype = %cfg.kv.dtype, "infinitehip engine created");
@@ -137,7 +186,7 @@ impl Engine {
             return Err(Error::DuplicateSequence(seq));
         }
         for l in &mut self.layers {
-            with_pool!(&mut l.pool, p => p.add_sequence(seq))?;
+            with_pool!(&mut l.pool, p => p.host.add_sequence(seq))?;
         }
         Ok(())
     }
@@ -145,14 +194,17 @@ impl Engine {
     /// `child` shares `parent`'s KV pages (a common prefix) in every layer.
     pub fn fork_sequence(&mut self, parent: u64, child: u64) -> Result<()> {
         for l in &mut self.layers {
-            with_pool!(&mut l.pool, p => p.fork(parent, child))?;
+            with_pool!(&mut l.pool, p => p.host.fork(parent, child))?;
         }
         Ok(())
     }
 
     pub fn free_sequence(&mut self, seq: u64) -> Result<()> {
         for l in &mut self.layers {
-            with_pool!(&mut l.pool, p => p.free_sequence(seq))?;
+            with_pool!(&mut l.pool, p => {
+                p.invalidate_seq(seq)?;
+                p.host.free_sequence(seq)
+            })?;
             l.policy.end_sequence(seq);
         }
         Ok(())
@@ -164,7 +216,7 @@ impl Engine {
             .layers
             .get(layer)
             .ok_or_else(|| Error::OutOfRange(format!("layer {layer}")))?;
-        with_pool!(&l.pool, p => p.seq_len(seq))
+        with_pool!(&l.pool, p => p.host.seq_len(seq))
     }
 
     /// Append post-RoPE K/V of new tokens (`[n][n_kv_heads][head_dim]`, any
@@ -202,16 +254,24 @@ impl Engine {
         }
         let Layer { pool, policy, .. } = l;
         with_pool!(pool, p => {
-            let start = p.seq_len(seq)?;
-            p.append(seq, &convert(k), &convert(v))?;
+            let start = p.host.seq_len(seq)?;
+            p.host.append(seq, &convert(k), &convert(v))?;
+            if let Some(c) = &mut p.cache {
+                // Write-through: cached copies of the pages just written.
+                let ps = p.host.layout().page_size;
+                for &pg in &p.host.page_table(seq)?[start / ps..] {
+                    c.refresh(&p.host, pg)?;
+                }
+            }
             if let Some(pr) = proj {
                 let keep = {
-                    let view = p.view(seq)?;
+                    let view = p.host.view(seq)?;
                     let info = InsertInfo { seq, shape, phase, start, q: pr.q, k: pr.k, v: pr.v, kv: &view, prompt_done };
                     policy.after_append(&info)?
                 };
                 if let Some(keep) = keep {
-                    p.retain_per_head(seq, &keep)?;
+                    p.invalidate_seq(seq)?;
+                    p.host.retain_per_head(seq, &keep)?;
                 }
             }
             Ok(())
@@ -246,7 +306,7 @@ impl Engine {
         } = l;
         let streaming = streaming.as_ref();
         with_pool!(pool, p => {
-            let view = p.view(seq)?;
+            let view = p.host.view(seq)?;
             let len = view.len();
             if n > len {
                 return Err(Error::OutOfRange(format!("{n} prefill queries but sequence {seq} holds {len} tokens")));
@@ -286,20 +346,35 @@ impl Engine {
             pool,
             policy,
             streaming,
+            pinned,
             ..
         } = l;
         let streaming = streaming.as_ref();
         with_pool!(pool, p => {
-            let views: Vec<SeqView<'_, _>> = seqs.iter().map(|&s| p.view(s)).collect::<Result<_>>()?;
+            let views: Vec<SeqView<'_, _>> = seqs.iter().map(|&s| p.host.view(s)).collect::<Result<_>>()?;
             let mut sels: Vec<Selection> = Vec::with_capacity(seqs.len());
+            let mut est_bytes = 0;
             for (i, (&s, v)) in seqs.iter().zip(&views).enumerate() {
                 if v.is_empty() {
                     return Err(Error::Invalid(format!("decode on sequence {s} with no tokens: append its K/V first")));
                 }
-                let req = SelectRequest { seq: s, shape, phase: Phase::Decode, queries: &q[i * qe..(i + 1) * qe], q_start: v.len() - 1, kv: v };
+                // Mask estimation reads keys in place on the host tier; count them.
+                let counting = CountingKv::new(v, std::mem::size_of_val(&v.key_row(0, 0)[0]));
+                let req = SelectRequest { seq: s, shape, phase: Phase::Decode, queries: &q[i * qe..(i + 1) * qe], q_start: v.len() - 1, kv: &counting };
                 sels.push(policy.select(&req)?.blocks.swap_remove(0));
+                est_bytes += counting.bytes();
             }
-            attention::decode_with(&shape, q, &views, Some(&sels), streaming, out)
+            let Some(cache) = &mut p.cache else {
+                return attention::decode_with(&shape, q, &views, Some(&sels), streaming, out);
+            };
+            let (sink, window) = *pinned;
+            let pins: Vec<Vec<std::ops::Range<usize>>> = views.iter().map(|v| vec![0..sink.min(v.len()), v.len().saturating_sub(window)..v.len()]).collect();
+            drop(views);
+            let mut st = decode_offloaded(&shape, q, &p.host, seqs, &sels, &pins, cache, streaming, out)?;
+            st.estimation_bytes = est_bytes;
+            p.step = st;
+            tracing::debug!(layer, hits = st.cache.hits, misses = st.cache.misses, bytes_copied = st.cache.bytes_copied, estimation_bytes = est_bytes, "decode step through device page cache");
+            Ok(())
         })
     }
 
@@ -308,7 +383,10 @@ impl Engine {
             .iter()
             .map(|l| LayerStats {
                 method: l.method,
-                pool: with_pool!(&l.pool, p => p.stats()),
+                pool: with_pool!(&l.pool, p => p.host.stats()),
+                device_bytes: with_pool!(&l.pool, p => p.cache.as_ref().map_or(0, |c| c.bytes())),
+                cache: with_pool!(&l.pool, p => p.cache.as_ref().map_or(CacheStats::default(), |c| c.stats())),
+                last_step: with_pool!(&l.pool, p => p.step),
             })
             .collect()
     }

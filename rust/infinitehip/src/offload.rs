@@ -12,6 +12,7 @@ use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::kv::{pages_touched, CacheStats, KvPool, KvRead, PageCache, SeqView};
 use crate::policy::Selection;
+use crate::rope::Rope;
 
 /// Counters for one decode step.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -34,6 +35,7 @@ pub fn decode_offloaded<T: Element>(
     sels: &[Selection],
     pinned: &[Vec<Range<usize>>],
     cache: &mut PageCache<T>,
+    streaming: Option<&Rope>,
     out: &mut [f32],
 ) -> Result<StepStats> {
     if sels.len() != seqs.len() || pinned.len() != seqs.len() {
@@ -82,7 +84,7 @@ pub fn decode_offloaded<T: Element>(
         .zip(&lens)
         .map(|(st, &len)| cache.view(len, st))
         .collect();
-    attention::decode(shape, q, &views, Some(sels), out)?;
+    attention::decode_with(shape, q, &views, Some(sels), streaming, out)?;
     let after = cache.stats();
     Ok(StepStats {
         cache: CacheStats {

@@ -10,6 +10,10 @@ use infinitehip::rng::Rng;
 use infinitehip::{DType, Engine, PolicyConfig};
 
 fn cfg(keep: usize, dtype: DType) -> PolicyConfig {
+    cfg_cached(keep, dtype, None)
+}
+
+fn cfg_cached(keep: usize, dtype: DType, device_cache_pages: Option<usize>) -> PolicyConfig {
     PolicyConfig {
         model: ModelShape {
             n_layers: 2,
@@ -21,6 +25,7 @@ fn cfg(keep: usize, dtype: DType) -> PolicyConfig {
         kv: infinitehip::config::KvConfig {
             page_size: 16,
             dtype,
+            device_cache_pages,
         },
         dense_layers: 1,
         default: LayerPolicy::Hip(HipConfig {
@@ -197,4 +202,69 @@ fn engine_errors_name_the_problem() {
         .unwrap()
         .to_string()
         .contains("model.n_q_heads"));
+}
+
+/// Host offload through the engine: a small device cache gives bit-identical
+/// outputs to all-resident KV, and the stats account for every page.
+#[test]
+fn device_page_cache_is_transparent() {
+    let mut plain = Engine::new(cfg(64, DType::Bf16)).unwrap();
+    // 200 pages of 16 tokens per sequence; the cache holds 40 per layer
+    // (each of the 2 KV heads selects its own 16 chunks, plus sink/window).
+    let mut cached = Engine::new(cfg_cached(64, DType::Bf16, Some(40))).unwrap();
+    let shape = plain.shape();
+    let mut rng = Rng::new(9);
+    for e in [&mut plain, &mut cached] {
+        e.add_sequence(1).unwrap();
+    }
+    let n = 3200;
+    let k = rng.normal_vec(n * 64, 1.0);
+    let v = rng.normal_vec(n * 64, 1.0);
+    for e in [&mut plain, &mut cached] {
+        for layer in 0..2 {
+            e.append(layer, 1, &k, &v, Phase::Prefill, true, None)
+                .unwrap();
+        }
+    }
+    let mut est_steps = 0;
+    for step in 0..12 {
+        let q = rng.normal_vec(shape.q_elems(), 1.0);
+        let (k1, v1) = (rng.normal_vec(64, 1.0), rng.normal_vec(64, 1.0));
+        let mut outs = Vec::new();
+        for e in [&mut plain, &mut cached] {
+            for layer in 0..2 {
+                e.append(layer, 1, &k1, &v1, Phase::Decode, false, None)
+                    .unwrap();
+            }
+            let mut o = vec![f32::NAN; q.len()];
+            e.attend_decode(1, &[1], &q, &mut o).unwrap();
+            outs.push(o);
+        }
+        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&outs[0]),
+            bits(&outs[1]),
+            "step {step}: cached decode differs"
+        );
+        let ls = cached.stats()[1].last_step;
+        est_steps += (ls.estimation_bytes > 0) as usize;
+        assert!(ls.pages_needed > 0 && ls.pages_needed <= 40);
+    }
+    // Stage refresh intervals 4 and 2: estimation reads keys on even steps only.
+    assert_eq!(est_steps, 6);
+    let st = &cached.stats()[1];
+    assert_eq!(st.device_bytes, 40 * 2 * 2 * 16 * 32 * 2);
+    assert!(
+        st.cache.misses > 0 && st.cache.hits > st.cache.misses,
+        "{:?}",
+        st.cache
+    );
+    assert_eq!(plain.stats()[1].device_bytes, 0);
+    cached.free_sequence(1).unwrap();
+    let bad = cfg_cached(64, DType::Bf16, Some(0));
+    assert!(Engine::new(bad)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("kv.device_cache_pages"));
 }

@@ -157,6 +157,7 @@ fn decode_through_a_five_percent_cache_equals_resident_decode() {
             &sel,
             &pinned,
             &mut cache,
+            None,
             &mut off,
         )
         .unwrap();
