@@ -140,4 +140,7 @@ impl KvRead for CountingKv<'_> {
         self.reads.fetch_add(1, Ordering::Relaxed);
         self.inner.read_value(head, tok, out)
     }
+    fn prefetch_key(&self, head: usize, tok: usize) {
+        self.inner.prefetch_key(head, tok)
+    }
 }

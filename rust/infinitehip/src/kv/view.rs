@@ -102,6 +102,8 @@ pub trait KvRead: Sync {
     fn dot_key(&self, head: usize, tok: usize, q: &[f32]) -> f32;
     fn read_key(&self, head: usize, tok: usize, out: &mut [f32]);
     fn read_value(&self, head: usize, tok: usize, out: &mut [f32]);
+    /// Hint that a key row will be read soon (no-op where unsupported).
+    fn prefetch_key(&self, _head: usize, _tok: usize) {}
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -130,5 +132,22 @@ impl<T: Element> KvRead for SeqView<'_, T> {
         for (o, x) in out.iter_mut().zip(self.value_row(head, tok)) {
             *o = x.to_f32();
         }
+    }
+    #[inline]
+    fn prefetch_key(&self, head: usize, tok: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let row = self.key_row(head, tok);
+            let bytes = std::mem::size_of_val(row);
+            let base = row.as_ptr() as *const i8;
+            for off in (0..bytes).step_by(64) {
+                // SAFETY: prefetch is a hint; the address lies inside `row`.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch(base.add(off), std::arch::x86_64::_MM_HINT_T0)
+                };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (head, tok);
     }
 }

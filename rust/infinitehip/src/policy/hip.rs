@@ -70,7 +70,9 @@ impl Scorer<'_> {
         best
     }
 
-    /// Score of chunk [l, r) by hierarchical representative search.
+    /// Score of chunk [l, r) by hierarchical representative search: the
+    /// one-chunk reference that `chunk_scores` must match.
+    #[cfg_attr(not(test), allow(dead_code))]
     fn chunk_score(&self, mut l: usize, mut r: usize) -> f32 {
         debug_assert!(l < r);
         if r - l == 1 {
@@ -92,6 +94,58 @@ impl Scorer<'_> {
     }
 }
 
+/// Chunks advanced together, level by level, so their probe loads overlap.
+const SEARCH_GROUP: usize = 16;
+
+impl Scorer<'_> {
+    /// `chunk_score` for many chunks at once: the same search, but each
+    /// level's probe rows of a whole group are prefetched before any is
+    /// scored (the loads are independent across chunks; within one chunk
+    /// each level depends on the last).
+    fn chunk_scores(&self, chunks: &[Range<usize>]) -> Vec<f32> {
+        let mut out = vec![f32::NEG_INFINITY; chunks.len()];
+        for (g0, group) in chunks.chunks(SEARCH_GROUP).enumerate() {
+            let mut lr: Vec<(usize, usize)> = group.iter().map(|c| (c.start, c.end)).collect();
+            let best = &mut out[g0 * SEARCH_GROUP..g0 * SEARCH_GROUP + group.len()];
+            for (i, &(l, r)) in lr.iter().enumerate() {
+                if r - l == 1 {
+                    best[i] = self.score(l);
+                }
+            }
+            loop {
+                let mut active = false;
+                for &(l, r) in &lr {
+                    if r - l > 1 {
+                        let m = (l + r) / 2;
+                        self.kv.prefetch_key(self.head, (l + m) / 2);
+                        self.kv.prefetch_key(self.head, (m + r) / 2);
+                        active = true;
+                    }
+                }
+                if !active {
+                    break;
+                }
+                for (i, lr) in lr.iter_mut().enumerate() {
+                    let (l, r) = *lr;
+                    if r - l <= 1 {
+                        continue;
+                    }
+                    let m = (l + r) / 2;
+                    let (sl, sr) = (self.score((l + m) / 2), self.score((m + r) / 2));
+                    if sl >= sr {
+                        *lr = (l, m);
+                        best[i] = sl;
+                    } else {
+                        *lr = (m, r);
+                        best[i] = sr;
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Split sorted candidate ranges into chunks of `chunk` tokens (a range's last
 /// chunk may be shorter), score them, keep the top `keep_tokens / chunk`.
 fn run_stage(scorer: &Scorer<'_>, cands: &[Range<usize>], stage: &HipStage) -> Vec<Range<usize>> {
@@ -109,11 +163,7 @@ fn run_stage(scorer: &Scorer<'_>, cands: &[Range<usize>], stage: &HipStage) -> V
     if chunks.len() <= n_keep {
         return cands.to_vec();
     }
-    let mut scored: Vec<(f32, usize)> = chunks
-        .iter()
-        .enumerate()
-        .map(|(i, ch)| (scorer.chunk_score(ch.start, ch.end), i))
-        .collect();
+    let mut scored: Vec<(f32, usize)> = scorer.chunk_scores(&chunks).into_iter().zip(0..).collect();
     // Higher score first; NaN scores sort last; ties by position.
     let key = |a: &(f32, usize), b: &(f32, usize)| {
         let (sa, sb) = (
@@ -446,6 +496,35 @@ impl Policy for HipPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grouped_search_equals_one_chunk_search() {
+        use crate::kv::SeqView;
+        use crate::rng::Rng;
+        let (len, d) = (5000, 32);
+        let mut rng = Rng::new(4);
+        let k = rng.normal_vec(len * d, 1.0);
+        let view = SeqView::from_contiguous(1, d, len, &k, &k);
+        let scorer = Scorer {
+            kv: &view,
+            head: 0,
+            qs: rng.normal_vec(3 * d, 1.0),
+            d,
+            rope: ScoreRope::Original,
+        };
+        // Uneven chunk sizes, including single tokens and a group remainder.
+        let mut chunks = Vec::new();
+        let mut s = 0;
+        while s < len {
+            let e = (s + 1 + rng.below(70)).min(len);
+            chunks.push(s..e);
+            s = e;
+        }
+        let grouped = scorer.chunk_scores(&chunks);
+        for (c, g) in chunks.iter().zip(&grouped) {
+            assert_eq!(*g, scorer.chunk_score(c.start, c.end), "chunk {c:?}");
+        }
+    }
 
     #[test]
     fn regions_split_context() {
