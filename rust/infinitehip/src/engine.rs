@@ -27,7 +27,10 @@ impl<T: Element> Tier<T> {
     fn new(layout: KvLayout, cache_pages: Option<usize>) -> Result<Self> {
         Ok(Tier {
             host: KvPool::new(layout, None)?,
-            cache: cache_pages.map(|n| PageCache::new(layout, n)).transpose()?,
+            // The config counts pages; the cache holds one slot per (page, KV head).
+            cache: cache_pages
+                .map(|n| PageCache::new(layout, n * layout.n_kv_heads))
+                .transpose()?,
             step: StepStats::default(),
         })
     }

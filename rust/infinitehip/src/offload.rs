@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::attention::{self, AttnShape};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
-use crate::kv::{pages_touched, CacheStats, KvPool, KvRead, PageCache, SeqView};
+use crate::kv::{head_blocks_touched, CacheStats, HeadBlock, KvPool, KvRead, PageCache, SeqView};
 use crate::policy::Selection;
 use crate::rope::Rope;
 
@@ -18,8 +18,8 @@ use crate::rope::Rope;
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StepStats {
     pub cache: CacheStats,
-    /// Pages the step's selections touched.
-    pub pages_needed: usize,
+    /// Head blocks (one KV head of one page) the step's selections touched.
+    pub blocks_needed: usize,
     /// Bytes of the host KV read in place by mask estimation.
     pub estimation_bytes: u64,
 }
@@ -46,6 +46,7 @@ pub fn decode_offloaded<T: Element>(
         ));
     }
     let ps = host.layout().page_size;
+    let n_heads = host.layout().n_kv_heads;
     let before = cache.stats();
     cache.unpin_all();
     let mut slot_tables = Vec::with_capacity(seqs.len());
@@ -54,26 +55,36 @@ pub fn decode_offloaded<T: Element>(
     for ((&s, sel), pin) in seqs.iter().zip(sels).zip(pinned) {
         let table = host.page_table(s)?;
         let len = host.seq_len(s)?;
-        let pin_sel = Selection {
-            heads: vec![pin.clone()],
+        let physical = |blocks: &[(usize, usize)]| -> Vec<HeadBlock> {
+            blocks
+                .iter()
+                .map(|&(p, h)| HeadBlock {
+                    page: table[p],
+                    head: h as u32,
+                })
+                .collect()
         };
-        let pin_pages: Vec<u32> = pages_touched(&pin_sel, ps)
+        let pin_sel = Selection {
+            heads: vec![pin.clone(); n_heads],
+        };
+        let pin_blocks: Vec<(usize, usize)> = head_blocks_touched(&pin_sel, ps)
             .into_iter()
-            .filter(|&p| p < table.len())
-            .map(|p| table[p])
+            .filter(|&(p, _)| p < table.len())
             .collect();
-        cache.resolve(host, &pin_pages, true)?;
-        let logical = pages_touched(sel, ps);
-        if logical.last().is_some_and(|&p| p >= table.len()) {
+        cache.resolve(host, &physical(&pin_blocks), true)?;
+        let logical = head_blocks_touched(sel, ps);
+        if logical
+            .iter()
+            .any(|&(p, h)| p >= table.len() || h >= n_heads)
+        {
             return Err(Error::OutOfRange(format!(
-                "selection of sequence {s} reaches past its {len} tokens"
+                "selection of sequence {s} reaches past its {len} tokens or {n_heads} KV heads"
             )));
         }
-        let phys: Vec<u32> = logical.iter().map(|&p| table[p]).collect();
-        let slots = cache.resolve(host, &phys, false)?;
-        let mut st = vec![None; table.len()];
-        for (lp, sl) in logical.iter().zip(slots) {
-            st[*lp] = Some(sl);
+        let slots = cache.resolve(host, &physical(&logical), false)?;
+        let mut st = vec![None; table.len() * n_heads];
+        for (&(p, h), sl) in logical.iter().zip(slots) {
+            st[p * n_heads + h] = Some(sl);
         }
         needed += logical.len();
         slot_tables.push(st);
@@ -93,7 +104,7 @@ pub fn decode_offloaded<T: Element>(
             bytes_copied: after.bytes_copied - before.bytes_copied,
             evictions: after.evictions - before.evictions,
         },
-        pages_needed: needed,
+        blocks_needed: needed,
         estimation_bytes: 0,
     })
 }

@@ -248,7 +248,8 @@ fn device_page_cache_is_transparent() {
         );
         let ls = cached.stats()[1].last_step;
         est_steps += (ls.estimation_bytes > 0) as usize;
-        assert!(ls.pages_needed > 0 && ls.pages_needed <= 40);
+        // 40 pages of cache = 80 head-block slots (2 KV heads).
+        assert!(ls.blocks_needed > 0 && ls.blocks_needed <= 80);
     }
     // Stage refresh intervals 4 and 2: estimation reads keys on even steps only.
     assert_eq!(est_steps, 6);

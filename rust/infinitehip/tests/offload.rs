@@ -5,7 +5,7 @@
 use half::bf16;
 use infinitehip::attention::{self, AttnShape};
 use infinitehip::config::{HipConfig, HipStage};
-use infinitehip::kv::{KvLayout, KvPool, PageCache};
+use infinitehip::kv::{HeadBlock, KvLayout, KvPool, PageCache};
 use infinitehip::offload::{decode_offloaded, CountingKv};
 use infinitehip::policy::hip::HipPolicy;
 use infinitehip::policy::{Phase, Policy, SelectRequest};
@@ -48,7 +48,12 @@ fn pages_round_trip_under_eviction_storms() {
     let mut requested = 0u64;
     for round in 0..3000 {
         let n = 1 + rng.below(6); // at most 4 pinned + 6 requested = 10 slots
-        let pages: Vec<u32> = (0..n).map(|_| table[rng.below(table.len())]).collect();
+        let pages: Vec<HeadBlock> = (0..n)
+            .map(|_| HeadBlock {
+                page: table[rng.below(table.len())],
+                head: rng.below(2) as u32,
+            })
+            .collect();
         let pin = round % 50 == 0 && n < 5;
         let slots = cache.resolve(&host, &pages, pin).unwrap();
         let mut uniq = pages.clone();
@@ -56,18 +61,12 @@ fn pages_round_trip_under_eviction_storms() {
         uniq.dedup();
         requested += uniq.len() as u64;
         for (&p, &s) in pages.iter().zip(&slots) {
-            let (hk, hv) = host.page_data(p).unwrap();
+            let (hk, hv) = host.page_data(p.page).unwrap();
+            let blk = p.head as usize * 8 * 16..(p.head as usize + 1) * 8 * 16;
+            let (hk, hv) = (&hk[blk.clone()], &hv[blk]);
             let (ck, cv) = cache.slot_data(s);
-            assert_eq!(
-                bits(hk),
-                bits(ck),
-                "round {round}: K of page {p} in slot {s}"
-            );
-            assert_eq!(
-                bits(hv),
-                bits(cv),
-                "round {round}: V of page {p} in slot {s}"
-            );
+            assert_eq!(bits(hk), bits(ck), "round {round}: K of {p:?} in slot {s}");
+            assert_eq!(bits(hv), bits(cv), "round {round}: V of {p:?} in slot {s}");
         }
         if round % 50 == 49 {
             cache.unpin_all();
@@ -81,7 +80,10 @@ fn pages_round_trip_under_eviction_storms() {
     );
     assert!(st.evictions > 1000, "no eviction storm: {st:?}");
     // More pages than slots in one request is a clear error.
-    let too_many: Vec<u32> = table[..11].to_vec();
+    let too_many: Vec<HeadBlock> = table[..11]
+        .iter()
+        .map(|&page| HeadBlock { page, head: 1 })
+        .collect();
     let e = cache
         .resolve(&host, &too_many, false)
         .unwrap_err()
@@ -113,7 +115,8 @@ fn decode_through_a_five_percent_cache_equals_resident_decode() {
     ];
     let mut ns = needle_seq::<bf16>(shape, len, 64, cfg.sink, cfg.window, 64, 5).unwrap();
     let total_pages = len / 64;
-    let slots = total_pages * 5 / 100;
+    // 5% of the KV, counted in head blocks (the cache's unit).
+    let slots = total_pages * shape.n_kv_heads * 5 / 100;
     let mut cache = PageCache::<bf16>::new(ns.pool.layout(), slots).unwrap();
     let mut pol = HipPolicy::new(cfg.clone(), &model(64, 500000.0)).unwrap();
     let mut rng = Rng::new(6);
@@ -166,7 +169,7 @@ fn decode_through_a_five_percent_cache_equals_resident_decode() {
             bits(&resident),
             "step {step}: offloaded output differs"
         );
-        assert!(st.pages_needed <= slots);
+        assert!(st.blocks_needed <= slots);
         if step > 0 {
             hits += st.cache.hits;
             lookups += st.cache.hits + st.cache.misses;

@@ -5,7 +5,7 @@ mod page_cache;
 mod pool;
 mod view;
 
-pub use page_cache::{pages_touched, CacheStats, PageCache};
+pub use page_cache::{head_blocks_touched, pages_touched, CacheStats, HeadBlock, PageCache};
 pub use pool::{KvPool, PoolStats};
 pub use view::{KvRead, SeqView};
 
