@@ -23,6 +23,7 @@ pub const HELP: &str = "infinitehip bench-offload [options]
   --tokens LIST        context lengths (default 262144)
   --cache LIST         device cache sizes as fractions of the KV pages (default 0.1,0.05)
   --q-heads N --kv-heads N --head-dim N   (default 32, 8, 128)
+  --est-cache F        estimation row cache as a fraction of all key rows (default 0: reads counted, not cached)
   --steps N            decode steps after a warm-up refresh cycle (default 32)
   --json FILE          write the results as JSON
   --seed N             workload seed (default 0)";
@@ -38,13 +39,19 @@ struct Row {
     blocks_needed: f64,
     copied_mib_per_step: f64,
     estimation_mib_per_step: f64,
+    est_hit_ratio: Option<f64>,
+    est_copied_mib_per_step: f64,
     device_mib: f64,
     host_mib: f64,
     max_abs_diff: f64,
     rel_error: f64,
 }
 
-fn engine(shape: &AttnShape, cache_pages: Option<usize>) -> Result<Engine, String> {
+fn engine(
+    shape: &AttnShape,
+    cache_pages: Option<usize>,
+    est_rows: Option<usize>,
+) -> Result<Engine, String> {
     let mut cfg = PolicyConfig::default();
     cfg.model.n_layers = 1;
     cfg.model.n_q_heads = shape.n_q_heads;
@@ -53,6 +60,7 @@ fn engine(shape: &AttnShape, cache_pages: Option<usize>) -> Result<Engine, Strin
     cfg.dense_layers = 0;
     cfg.kv.dtype = DType::Bf16;
     cfg.kv.device_cache_pages = cache_pages;
+    cfg.kv.estimation_cache_rows = est_rows;
     if !matches!(cfg.default, LayerPolicy::Hip(_)) {
         return Err("default policy is not hip".into());
     }
@@ -113,7 +121,15 @@ pub fn run(argv: &[String]) -> Result<(), String> {
     let a = Args::parse(
         argv,
         &[
-            "tokens", "cache", "q-heads", "kv-heads", "head-dim", "steps", "json", "seed",
+            "tokens",
+            "cache",
+            "est-cache",
+            "q-heads",
+            "kv-heads",
+            "head-dim",
+            "steps",
+            "json",
+            "seed",
         ],
         &[],
     )?;
@@ -136,6 +152,10 @@ pub fn run(argv: &[String]) -> Result<(), String> {
         a.get("head-dim", 128)?,
     )
     .map_err(|e| e.to_string())?;
+    let est_frac: f64 = a.get("est-cache", 0.0)?;
+    if !(0.0..=1.0).contains(&est_frac) {
+        return Err("--est-cache must be a fraction in [0, 1]".into());
+    }
     let steps: usize = a.get("steps", 32)?;
     let seed: u64 = a.get("seed", 0)?;
     if steps == 0 {
@@ -149,7 +169,7 @@ pub fn run(argv: &[String]) -> Result<(), String> {
         eprintln!("building a {t}-token needle sequence...");
         let w = needle_seq::<bf16>(shape, t, 64, 128, 1024, 64, seed).map_err(|e| e.to_string())?;
         eprintln!("  resident: {} decode steps...", warm + steps);
-        let mut res = engine(&shape, None)?;
+        let mut res = engine(&shape, None, None)?;
         fill(&mut res, &w)?;
         let (ref_out, res_t, _) = decode_steps(&mut res, &w, warm + steps, seed)?;
         let kv_pages = res.stats()[0].pool.pages_in_use;
@@ -158,7 +178,9 @@ pub fn run(argv: &[String]) -> Result<(), String> {
         for &f in &fractions {
             let pages = ((kv_pages as f64 * f).ceil() as usize).max(1);
             eprintln!("  offloaded, cache {pages} of {kv_pages} pages...");
-            let mut off = engine(&shape, Some(pages))?;
+            let est_rows = (est_frac > 0.0)
+                .then(|| ((t * shape.n_kv_heads) as f64 * est_frac).ceil() as usize);
+            let mut off = engine(&shape, Some(pages), est_rows)?;
             fill(&mut off, &w)?;
             let (out, off_t, st) = decode_steps(&mut off, &w, warm + steps, seed)?;
             let timed = &st[warm..];
@@ -179,6 +201,10 @@ pub fn run(argv: &[String]) -> Result<(), String> {
                 }
             }
             let n = timed.len() as f64;
+            let (eh, em, eb) = timed.iter().fold((0u64, 0u64, 0u64), |(h, m, b), s| {
+                let e = s.last_step.estimation_cache;
+                (h + e.hits, m + e.misses, b + e.bytes_copied)
+            });
             let mib = |b: u64| b as f64 / (1 << 20) as f64;
             rows.push(Row {
                 tokens: t,
@@ -203,6 +229,8 @@ pub fn run(argv: &[String]) -> Result<(), String> {
                     .map(|s| mib(s.last_step.estimation_bytes))
                     .sum::<f64>()
                     / n,
+                est_hit_ratio: est_rows.map(|_| eh as f64 / (eh + em).max(1) as f64),
+                est_copied_mib_per_step: mib(eb) / n,
                 device_mib: off.stats()[0].device_bytes as f64 / (1 << 20) as f64,
                 host_mib,
                 max_abs_diff: max_abs,
@@ -211,23 +239,13 @@ pub fn run(argv: &[String]) -> Result<(), String> {
         }
     }
     println!(
-        "{:>8} {:>6} {:>12} {:>11} {:>11} {:>6} {:>8} {:>12} {:>12} {:>10} {:>10} {:>9}",
-        "tokens",
-        "cache",
-        "slots/pages",
-        "resident_ms",
-        "offload_ms",
-        "hit%",
-        "pages/st",
-        "copied_MiB/st",
-        "estim_MiB/st",
-        "device_MiB",
-        "host_MiB",
-        "max|diff|"
+        "{:>8} {:>6} {:>12} {:>11} {:>11} {:>6} {:>9} {:>13} {:>12} {:>8} {:>12} {:>10} {:>10} {:>9}",
+        "tokens", "cache", "pages", "resident_ms", "offload_ms", "hit%", "blocks/st", "copied_MiB/st",
+        "estim_MiB/st", "est_hit%", "est_copy_MiB", "device_MiB", "host_MiB", "max|diff|"
     );
     for r in &rows {
         println!(
-            "{:>8} {:>5.0}% {:>12} {:>11.2} {:>11.2} {:>6.1} {:>8.0} {:>12.2} {:>12.2} {:>10.0} {:>10.0} {:>9.1e}",
+            "{:>8} {:>5.0}% {:>12} {:>11.2} {:>11.2} {:>6.1} {:>9.0} {:>13.2} {:>12.2} {:>8} {:>12.2} {:>10.0} {:>10.0} {:>9.1e}",
             r.tokens,
             r.cache_fraction * 100.0,
             format!("{}/{}", r.cache_pages, r.kv_pages),
@@ -237,6 +255,8 @@ pub fn run(argv: &[String]) -> Result<(), String> {
             r.blocks_needed,
             r.copied_mib_per_step,
             r.estimation_mib_per_step,
+            r.est_hit_ratio.map_or("-".into(), |x| format!("{:.1}", x * 100.0)),
+            r.est_copied_mib_per_step,
             r.device_mib,
             r.host_mib,
             r.max_abs_diff
@@ -251,7 +271,8 @@ pub fn run(argv: &[String]) -> Result<(), String> {
                     "cache_pages": r.cache_pages, "kv_pages": r.kv_pages,
                     "resident_ms": r.resident_ms, "offload_ms": r.offload_ms, "hit_ratio": r.hit_ratio,
                     "blocks_needed_per_step": r.blocks_needed, "copied_mib_per_step": r.copied_mib_per_step,
-                    "estimation_mib_per_step": r.estimation_mib_per_step, "device_mib": r.device_mib,
+                    "estimation_mib_per_step": r.estimation_mib_per_step,
+                    "estimation_hit_ratio": r.est_hit_ratio, "estimation_copied_mib_per_step": r.est_copied_mib_per_step, "device_mib": r.device_mib,
                     "host_mib": r.host_mib, "max_abs_diff": r.max_abs_diff, "rel_error": r.rel_error,
                 })
             })

@@ -56,6 +56,10 @@ pub struct KvConfig {
     /// through a device page cache of this many pages per layer (LRU; sink
     /// and window pages pinned). None: all KV resident.
     pub device_cache_pages: Option<usize>,
+    /// With host offload: key rows per layer in the device cache that mask
+    /// estimation reads through (CLOCK replacement). None: estimation reads
+    /// are counted but not cached.
+    pub estimation_cache_rows: Option<usize>,
 }
 
 impl Default for KvConfig {
@@ -64,6 +68,7 @@ impl Default for KvConfig {
             page_size: 64,
             dtype: DType::Bf16,
             device_cache_pages: None,
+            estimation_cache_rows: None,
         }
     }
 }
@@ -394,6 +399,12 @@ impl PolicyConfig {
             return Err(bad(
                 "kv.page_size",
                 format!("{} must be a power of two", self.kv.page_size),
+            ));
+        }
+        if self.kv.estimation_cache_rows.is_some() && self.kv.device_cache_pages.is_none() {
+            return Err(bad(
+                "kv.estimation_cache_rows",
+                "needs kv.device_cache_pages (it caches host-offloaded keys)",
             ));
         }
         if self.kv.device_cache_pages == Some(0) {

@@ -9,7 +9,7 @@ use crate::attention::{self, AttnShape};
 use crate::config::{LayerPolicy, PolicyConfig, RopeMode};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
-use crate::kv::{CacheStats, KvLayout, KvPool, PageCache, PoolStats, SeqView};
+use crate::kv::{CacheStats, KvLayout, KvPool, PageCache, PoolStats, RowCache, SeqView};
 use crate::offload::{decode_offloaded, CountingKv, StepStats};
 use crate::policy::hip::HipPolicy;
 use crate::policy::{DensePolicy, InsertInfo, Phase, Policy, SelectRequest, Selection};
@@ -20,12 +20,15 @@ use crate::rope::Rope;
 struct Tier<T: Element> {
     host: KvPool<T>,
     cache: Option<PageCache<T>>,
+    /// Key rows mask estimation reads, when offloaded.
+    rows: Option<RowCache>,
     step: StepStats,
 }
 
 impl<T: Element> Tier<T> {
-    fn new(layout: KvLayout, cache_pages: Option<usize>) -> Result<Self> {
+    fn new(layout: KvLayout, cache_pages: Option<usize>, rows: Option<usize>) -> Result<Self> {
         Ok(Tier {
+            rows: rows.map(|n| RowCache::new(n, layout.head_dim * std::mem::size_of::<T>())),
             host: KvPool::new(layout, None)?,
             // The config counts pages; the cache holds one slot per (page, KV head).
             cache: cache_pages
@@ -38,10 +41,14 @@ impl<T: Element> Tier<T> {
     /// Forget cached copies of pages that `seq` holds (before the host
     /// rewrites or frees them).
     fn invalidate_seq(&mut self, seq: u64) -> Result<()> {
+        let table = self.host.page_table(seq)?;
         if let Some(c) = &mut self.cache {
-            for &p in self.host.page_table(seq)? {
+            for &p in table {
                 c.invalidate(p);
             }
+        }
+        if let Some(r) = &mut self.rows {
+            r.invalidate_pages(table);
         }
         Ok(())
     }
@@ -134,11 +141,11 @@ impl Engine {
         let mut layers = Vec::with_capacity(m.n_layers);
         for l in 0..m.n_layers {
             let p = cfg.layer_policy(l);
-            let cp = cfg.kv.device_cache_pages;
+            let (cp, rows) = (cfg.kv.device_cache_pages, cfg.kv.estimation_cache_rows);
             let pool = match cfg.kv.dtype {
-                DType::F32 => Pool::F32(Tier::new(layout, cp)?),
-                DType::F16 => Pool::F16(Tier::new(layout, cp)?),
-                DType::Bf16 => Pool::Bf16(Tier::new(layout, cp)?),
+                DType::F32 => Pool::F32(Tier::new(layout, cp, rows)?),
+                DType::F16 => Pool::F16(Tier::new(layout, cp, rows)?),
+                DType::Bf16 => Pool::Bf16(Tier::new(layout, cp, rows)?),
             };
             let streaming = match p {
                 LayerPolicy::Hip(h) if h.rope.attention == RopeMode::Streaming => {
@@ -357,16 +364,38 @@ impl Engine {
             let views: Vec<SeqView<'_, _>> = seqs.iter().map(|&s| p.host.view(s)).collect::<Result<_>>()?;
             let mut sels: Vec<Selection> = Vec::with_capacity(seqs.len());
             let mut est_bytes = 0;
+            let mut est_rows = Vec::new();
+            let record = p.rows.is_some();
+            let ps = p.host.layout().page_size;
             for (i, (&s, v)) in seqs.iter().zip(&views).enumerate() {
                 if v.is_empty() {
                     return Err(Error::Invalid(format!("decode on sequence {s} with no tokens: append its K/V first")));
                 }
-                // Mask estimation reads keys in place on the host tier; count them.
-                let counting = CountingKv::new(v, std::mem::size_of_val(&v.key_row(0, 0)[0]));
+                // Mask estimation reads keys in place on the host tier; count them
+                // (and, with an estimation row cache, record which rows).
+                let mut counting = CountingKv::new(v, std::mem::size_of_val(&v.key_row(0, 0)[0]));
+                if record {
+                    counting = counting.recording(p.host.page_table(s)?, ps);
+                }
                 let req = SelectRequest { seq: s, shape, phase: Phase::Decode, queries: &q[i * qe..(i + 1) * qe], q_start: v.len() - 1, kv: &counting };
                 sels.push(policy.select(&req)?.blocks.swap_remove(0));
                 est_bytes += counting.bytes();
+                est_rows.extend(counting.take_rows());
             }
+            let est_cache = match &mut p.rows {
+                Some(r) => {
+                    let before = r.stats();
+                    r.access(&est_rows);
+                    let after = r.stats();
+                    CacheStats {
+                        hits: after.hits - before.hits,
+                        misses: after.misses - before.misses,
+                        bytes_copied: after.bytes_copied - before.bytes_copied,
+                        evictions: after.evictions - before.evictions,
+                    }
+                }
+                None => CacheStats::default(),
+            };
             let Some(cache) = &mut p.cache else {
                 return attention::decode_with(&shape, q, &views, Some(&sels), streaming, out);
             };
@@ -375,6 +404,7 @@ impl Engine {
             drop(views);
             let mut st = decode_offloaded(&shape, q, &p.host, seqs, &sels, &pins, cache, streaming, out)?;
             st.estimation_bytes = est_bytes;
+            st.estimation_cache = est_cache;
             p.step = st;
             tracing::debug!(layer, hits = st.cache.hits, misses = st.cache.misses, bytes_copied = st.cache.bytes_copied, estimation_bytes = est_bytes, "decode step through device page cache");
             Ok(())
@@ -387,7 +417,7 @@ impl Engine {
             .map(|l| LayerStats {
                 method: l.method,
                 pool: with_pool!(&l.pool, p => p.host.stats()),
-                device_bytes: with_pool!(&l.pool, p => p.cache.as_ref().map_or(0, |c| c.bytes())),
+                device_bytes: with_pool!(&l.pool, p => p.cache.as_ref().map_or(0, |c| c.bytes()) + p.rows.as_ref().map_or(0, |r| r.bytes())),
                 cache: with_pool!(&l.pool, p => p.cache.as_ref().map_or(CacheStats::default(), |c| c.stats())),
                 last_step: with_pool!(&l.pool, p => p.step),
             })

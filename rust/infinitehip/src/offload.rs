@@ -6,11 +6,14 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use crate::attention::{self, AttnShape};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
-use crate::kv::{head_blocks_touched, CacheStats, HeadBlock, KvPool, KvRead, PageCache, SeqView};
+use crate::kv::{
+    head_blocks_touched, row_key, CacheStats, HeadBlock, KvPool, KvRead, PageCache, SeqView,
+};
 use crate::policy::Selection;
 use crate::rope::Rope;
 
@@ -22,6 +25,8 @@ pub struct StepStats {
     pub blocks_needed: usize,
     /// Bytes of the host KV read in place by mask estimation.
     pub estimation_bytes: u64,
+    /// Estimation reads through the row cache (zero when it is off).
+    pub estimation_cache: CacheStats,
 }
 
 /// Decode a batch with every sequence's KV on the host and only the touched
@@ -106,14 +111,25 @@ pub fn decode_offloaded<T: Element>(
         },
         blocks_needed: needed,
         estimation_bytes: 0,
+        estimation_cache: CacheStats::default(),
     })
 }
 
-/// A `KvRead` that counts the key bytes read through it.
+/// A `KvRead` that counts the key bytes read through it and, given the
+/// sequence's page table, records which host rows were read (for the
+/// estimation row cache).
 pub struct CountingKv<'a> {
     inner: &'a dyn KvRead,
     bytes_per_row: u64,
     reads: AtomicU64,
+    rows: Option<RowLog<'a>>,
+}
+
+struct RowLog<'a> {
+    table: &'a [u32],
+    page_size: usize,
+    /// Sharded so parallel readers rarely contend.
+    shards: Vec<Mutex<Vec<u64>>>,
 }
 
 impl<'a> CountingKv<'a> {
@@ -122,10 +138,42 @@ impl<'a> CountingKv<'a> {
             inner,
             bytes_per_row: (inner.head_dim() * elem_bytes) as u64,
             reads: AtomicU64::new(0),
+            rows: None,
         }
     }
+
+    /// Also record the host location (`row_key`) of every row read.
+    pub fn recording(mut self, table: &'a [u32], page_size: usize) -> Self {
+        self.rows = Some(RowLog {
+            table,
+            page_size,
+            shards: (0..16).map(|_| Mutex::new(Vec::new())).collect(),
+        });
+        self
+    }
+
     pub fn bytes(&self) -> u64 {
         self.reads.load(Ordering::Relaxed) * self.bytes_per_row
+    }
+
+    /// The rows read so far (with repeats), when recording.
+    pub fn take_rows(&self) -> Vec<u64> {
+        self.rows.as_ref().map_or_else(Vec::new, |log| {
+            log.shards
+                .iter()
+                .flat_map(|s| std::mem::take(&mut *s.lock().unwrap_or_else(|e| e.into_inner())))
+                .collect()
+        })
+    }
+
+    #[inline]
+    fn count(&self, head: usize, tok: usize) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        if let Some(log) = &self.rows {
+            let key = row_key(log.table[tok / log.page_size], head, tok % log.page_size);
+            let shard = &log.shards[(tok / log.page_size) % log.shards.len()];
+            shard.lock().unwrap_or_else(|e| e.into_inner()).push(key);
+        }
     }
 }
 
@@ -140,14 +188,15 @@ impl KvRead for CountingKv<'_> {
         self.inner.head_dim()
     }
     fn dot_key(&self, head: usize, tok: usize, q: &[f32]) -> f32 {
-        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.count(head, tok);
         self.inner.dot_key(head, tok, q)
     }
     fn read_key(&self, head: usize, tok: usize, out: &mut [f32]) {
-        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.count(head, tok);
         self.inner.read_key(head, tok, out)
     }
     fn read_value(&self, head: usize, tok: usize, out: &mut [f32]) {
+        // Values are not estimation reads: counted as bytes, not cached.
         self.reads.fetch_add(1, Ordering::Relaxed);
         self.inner.read_value(head, tok, out)
     }
