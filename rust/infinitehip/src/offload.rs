@@ -54,6 +54,9 @@ pub fn decode_offloaded<T: Element>(
     let n_heads = host.layout().n_kv_heads;
     let before = cache.stats();
     cache.unpin_all();
+    // One step for the whole batch: a later sequence's misses must not evict
+    // blocks an earlier one is about to read.
+    cache.begin_step();
     let mut slot_tables = Vec::with_capacity(seqs.len());
     let mut lens = Vec::with_capacity(seqs.len());
     let mut needed = 0;

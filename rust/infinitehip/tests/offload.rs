@@ -55,6 +55,7 @@ fn pages_round_trip_under_eviction_storms() {
             })
             .collect();
         let pin = round % 50 == 0 && n < 5;
+        cache.begin_step();
         let slots = cache.resolve(&host, &pages, pin).unwrap();
         let mut uniq = pages.clone();
         uniq.sort_unstable();
@@ -84,6 +85,7 @@ fn pages_round_trip_under_eviction_storms() {
         .iter()
         .map(|&page| HeadBlock { page, head: 1 })
         .collect();
+    cache.begin_step();
     let e = cache
         .resolve(&host, &too_many, false)
         .unwrap_err()
@@ -191,4 +193,76 @@ fn decode_through_a_five_percent_cache_equals_resident_decode() {
         ratio > 0.8,
         "hit ratio {ratio} between refreshes should be high"
     );
+}
+
+/// A batch resolves all its sequences' blocks in one step: a later
+/// sequence's misses never evict blocks an earlier one still reads. With
+/// room for both it equals resident decode; without, it is a clear error.
+#[test]
+fn batch_blocks_are_not_evicted_by_later_sequences() {
+    let layout = KvLayout {
+        n_kv_heads: 1,
+        head_dim: 16,
+        page_size: 8,
+    };
+    let shape = AttnShape::new(2, 1, 16).unwrap();
+    let mut host = KvPool::<bf16>::new(layout, None).unwrap();
+    let mut rng = Rng::new(21);
+    for (s, n) in [(0u64, 52usize), (1, 49)] {
+        host.add_sequence(s).unwrap();
+        let k: Vec<bf16> = (0..n * 16).map(|_| bf16::from_f32(rng.normal())).collect();
+        let v: Vec<bf16> = (0..n * 16).map(|_| bf16::from_f32(rng.normal())).collect();
+        host.append(s, &k, &v).unwrap();
+    }
+    let sels: Vec<infinitehip::policy::Selection> = [52usize, 49]
+        .iter()
+        .map(|&n| infinitehip::policy::Selection {
+            heads: vec![vec![0..n]],
+        })
+        .collect();
+    let q = rng.normal_vec(2 * shape.q_elems(), 1.0);
+    let mut resident = vec![0f32; q.len()];
+    let views: Vec<_> = (0..2).map(|s| host.view(s).unwrap()).collect();
+    attention::decode(&shape, &q, &views, Some(&sels), &mut resident).unwrap();
+    drop(views);
+    let pinned = vec![vec![], vec![]];
+    // 7 + 7 blocks: fits 14 slots exactly, across several steps.
+    let mut cache = PageCache::<bf16>::new(layout, 14).unwrap();
+    for step in 0..3 {
+        let mut out = vec![f32::NAN; q.len()];
+        decode_offloaded(
+            &shape,
+            &q,
+            &host,
+            &[0, 1],
+            &sels,
+            &pinned,
+            &mut cache,
+            None,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(bits_f32(&out), bits_f32(&resident), "step {step}");
+    }
+    // 10 slots cannot hold both sequences' 14 blocks at once.
+    let mut small = PageCache::<bf16>::new(layout, 10).unwrap();
+    let mut out = vec![f32::NAN; q.len()];
+    let e = decode_offloaded(
+        &shape,
+        &q,
+        &host,
+        &[0, 1],
+        &sels,
+        &pinned,
+        &mut small,
+        None,
+        &mut out,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("raise the device cache size"), "{e}");
+}
+
+fn bits_f32(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|f| f.to_bits()).collect()
 }

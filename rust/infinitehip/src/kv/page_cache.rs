@@ -127,16 +127,22 @@ impl<T: Element> PageCache<T> {
         Ok((&hk[o..o + n], &hv[o..o + n]))
     }
 
-    /// Make `blocks` resident and return their slots, in order. Blocks of this
-    /// request are never evicted by this request. `pin`: keep them resident
-    /// until `unpin_all` (sink and window).
+    /// Start a step: blocks resolved from now until the next `begin_step`
+    /// are all in use together (a batch's sequences), so none of them is
+    /// evicted to make room for another.
+    pub fn begin_step(&mut self) {
+        self.tick += 1;
+    }
+
+    /// Make `blocks` resident and return their slots, in order. Blocks used
+    /// in the current step (since `begin_step`) are never evicted. `pin`:
+    /// keep them resident until `unpin_all` (sink and window).
     pub fn resolve(
         &mut self,
         host: &KvPool<T>,
         pages: &[HeadBlock],
         pin: bool,
     ) -> Result<Vec<u32>> {
-        self.tick += 1;
         let tick = self.tick;
         let mut out = Vec::with_capacity(pages.len());
         let mut misses = Vec::new();
@@ -192,7 +198,7 @@ impl<T: Element> PageCache<T> {
         Ok(out)
     }
 
-    /// Least recently used slot that is not pinned and not used this tick.
+    /// Least recently used slot that is not pinned and not used this step.
     fn victim(&self, tick: u64) -> Option<usize> {
         if let Some(free) = self.holder.iter().position(|h| h.is_none()) {
             return Some(free);
