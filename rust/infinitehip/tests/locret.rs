@@ -232,6 +232,9 @@ fn mlp_fast_path_matches_f64_reference() {
     for (nq, nkv, d, hidden, tokens) in [
         (4usize, 2usize, 16usize, 32usize, &[1usize, 3, 4, 9][..]),
         (6, 6, 8, 24, &[5][..]),
+        // Several token blocks with a partial last one; hidden rows split
+        // unevenly across work items.
+        (4, 2, 16, 200, &[3, 130][..]),
         // Widths that are not multiples of 8 (remainder paths).
         (1, 1, 6, 10, &[2, 7][..]),
         (32, 8, 128, 1024, &[6][..]),
@@ -942,4 +945,32 @@ fn engine_end_to_end_from_json_config() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("forked"), "{e}");
+}
+
+/// Throughput of the f32 retaining head at Llama-3.1-8B's shape
+/// (6144 -> 1024 -> 8). Run with `--ignored --nocapture`.
+#[test]
+#[ignore]
+fn mlp_throughput_llama_shape() {
+    let m = ModelShape::default();
+    let head = RetainingHead::random(&m, 1024, 1).unwrap();
+    let mut rng = Rng::new(2);
+    let n = 256;
+    let q = rng.normal_vec(n * 32 * 128, 1.0);
+    let k = rng.normal_vec(n * 8 * 128, 1.0);
+    let v = rng.normal_vec(n * 8 * 128, 1.0);
+    head.scores(&q[..4 * 4096], &k[..4 * 1024], &v[..4 * 1024])
+        .unwrap();
+    let t = std::time::Instant::now();
+    let s = head.scores(&q, &k, &v).unwrap();
+    let dt = t.elapsed().as_secs_f64();
+    let gflop = 2.0 * n as f64 * (6144.0 * 1024.0 + 1024.0 * 8.0) / 1e9;
+    println!(
+        "retaining head, {n} tokens: {:.1} ms, {:.0} tokens/s, {:.1} GFLOP/s ({} threads)",
+        dt * 1e3,
+        n as f64 / dt,
+        gflop / dt,
+        infinitehip::parallel::num_threads()
+    );
+    assert!(s.iter().all(|x| x.is_finite()));
 }

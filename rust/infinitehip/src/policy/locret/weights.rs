@@ -69,8 +69,12 @@ fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
-/// Tokens scored together: each fc1 row is loaded once per block.
+/// Tokens sharing each load of an fc1 row in the micro-kernel.
 const TOK_BLOCK: usize = 4;
+/// Tokens per work item: fc1 is read from memory once per this many tokens.
+const GEMM_TOKENS: usize = 64;
+/// Input-width slice: a block's inputs for one slice (64 x 512 f32) stay in L2.
+const GEMM_K: usize = 512;
 
 /// `[dot(row, x0), .., dot(row, x3)]` with 8 lanes per token so the compiler
 /// vectorises it and every row element is loaded once for four tokens.
@@ -190,7 +194,7 @@ impl RetainingHead {
             self.n_kv_heads * self.head_dim,
         );
         let n = q.len() / qd;
-        if q.len() % qd != 0 || k.len() != n * kd || v.len() != n * kd {
+        if n * qd != q.len() || k.len() != n * kd || v.len() != n * kd {
             return Err(Error::shape(
                 "retaining head input (q, k, v)",
                 format!("n x ({qd}, {kd}, {kd})"),
@@ -212,38 +216,70 @@ impl RetainingHead {
     }
 
     /// Scores `[n][n_kv_heads]` for n tokens of pre-RoPE projections q
-    /// `[n][n_q_heads][d]`, k and v `[n][n_kv_heads][d]`. f32, tokens in
-    /// blocks of 4 across all cores.
+    /// `[n][n_q_heads][d]`, k and v `[n][n_kv_heads][d]`. f32, blocked like a
+    /// small GEMM: tokens in blocks of `GEMM_TOKENS` (fc1 streams from memory
+    /// once per block), the input width in slices of `GEMM_K` (the block's
+    /// inputs stay in cache), four tokens per row load; work items (token
+    /// block, range of hidden rows) spread over all cores.
     pub fn scores(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
         let n = self.tokens(q, k, v)?;
-        let blocks = n.div_ceil(TOK_BLOCK);
+        if n == 0 {
+            return Ok(Vec::new());
+        }
         let (input, hidden, nkv) = (self.input_dim(), self.hidden, self.n_kv_heads);
-        let parts = par_map(blocks, |b| {
-            let t0 = b * TOK_BLOCK;
-            let tb = TOK_BLOCK.min(n - t0);
-            let mut x = vec![0f32; TOK_BLOCK * input];
+        let blocks = n.div_ceil(GEMM_TOKENS);
+        // Split hidden rows too when there are fewer token blocks than threads.
+        let groups = crate::parallel::num_threads()
+            .div_ceil(blocks)
+            .clamp(1, hidden.div_ceil(64));
+        let rows = |g: usize| g * hidden / groups..(g + 1) * hidden / groups;
+        let parts = par_map(blocks * groups, |it| {
+            let (b, g) = (it / groups, it % groups);
+            let t0 = b * GEMM_TOKENS;
+            let tb = GEMM_TOKENS.min(n - t0);
+            let tp = tb.div_ceil(TOK_BLOCK) * TOK_BLOCK;
+            let mut x = vec![0f32; tp * input];
             for (i, xt) in x.chunks_exact_mut(input).enumerate() {
-                // A short last block repeats its last token (results dropped).
+                // Padding tokens repeat the block's last token (dropped).
                 self.gather(q, k, v, t0 + i.min(tb - 1), xt);
             }
-            let xs: [&[f32]; TOK_BLOCK] = [0, 1, 2, 3].map(|i| &x[i * input..(i + 1) * input]);
-            let mut h = vec![0f32; TOK_BLOCK * hidden];
-            for (j, row) in self.w1.chunks_exact(input).enumerate() {
-                let d = dot4(row, xs);
-                for t in 0..TOK_BLOCK {
-                    h[t * hidden + j] = silu(d[t]);
+            let r = rows(g);
+            let nr = r.len();
+            // Pre-activation sums [token][row of this group].
+            let mut acc = vec![0f32; tp * nr];
+            for k0 in (0..input).step_by(GEMM_K) {
+                let k1 = (k0 + GEMM_K).min(input);
+                for (jr, j) in r.clone().enumerate() {
+                    let row = &self.w1[j * input + k0..j * input + k1];
+                    for t4 in (0..tp).step_by(TOK_BLOCK) {
+                        let xs: [&[f32]; TOK_BLOCK] =
+                            [0, 1, 2, 3].map(|i| &x[(t4 + i) * input + k0..(t4 + i) * input + k1]);
+                        let d = dot4(row, xs);
+                        for i in 0..TOK_BLOCK {
+                            acc[(t4 + i) * nr + jr] += d[i];
+                        }
+                    }
                 }
             }
-            let mut out = Vec::with_capacity(tb * nkv);
-            for t in 0..tb {
-                let ht = &h[t * hidden..(t + 1) * hidden];
-                for row in self.w2.chunks_exact(hidden) {
-                    out.push(crate::dtype::dot_f32(row, ht));
-                }
-            }
-            out
+            acc.truncate(tb * nr);
+            acc.iter_mut().for_each(|a| *a = silu(*a));
+            acc
         });
-        Ok(parts.concat())
+        // fc2 over each token's full hidden vector (cheap: hidden * n_kv).
+        let mut h = vec![0f32; hidden];
+        let mut out = Vec::with_capacity(n * nkv);
+        for t in 0..n {
+            let (b, tt) = (t / GEMM_TOKENS, t % GEMM_TOKENS);
+            for g in 0..groups {
+                let r = rows(g);
+                let nr = r.len();
+                h[r].copy_from_slice(&parts[b * groups + g][tt * nr..(tt + 1) * nr]);
+            }
+            for row in self.w2.chunks_exact(hidden) {
+                out.push(crate::dtype::dot_f32(row, &h));
+            }
+        }
+        Ok(out)
     }
 
     /// The same scores in f64, one token at a time: the reference twin of
