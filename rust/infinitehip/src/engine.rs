@@ -275,7 +275,17 @@ impl Engine {
                 let keep = {
                     let view = p.host.view(seq)?;
                     let info = InsertInfo { seq, shape, phase, start, q: pr.q, k: pr.k, v: pr.v, kv: &view, prompt_done };
-                    policy.after_append(&info)?
+                    policy.after_append(&info)
+                };
+                // A policy that rejects the tokens (e.g. NaN scores) leaves
+                // the sequence as it was before this append.
+                let keep = match keep {
+                    Ok(k) => k,
+                    Err(e) => {
+                        p.invalidate_seq(seq)?;
+                        p.host.truncate(seq, start)?;
+                        return Err(e);
+                    }
                 };
                 if let Some(keep) = keep {
                     p.invalidate_seq(seq)?;

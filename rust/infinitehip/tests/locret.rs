@@ -919,9 +919,53 @@ fn engine_end_to_end_from_json_config() {
         assert!(err <= 1e-5, "step {si} {phase:?}: rel err {err}");
     }
     assert!(evicted_any);
-    // 64 budget + 10 pinned tail + 8 decoded.
-    assert_eq!(eng.seq_len(1, 9).unwrap(), 64 + 10 + 8);
-    assert_eq!(eng.seq_len(0, 9).unwrap(), 12 * 24 + 10 + 8);
+    // NaN projections: an error naming the problem, and the sequence is
+    // left as it was (the next good append works).
+    let before = eng.seq_len(1, 9).unwrap();
+    let (k, mut pq) = (rng.normal_vec(32, 1.0), rng.normal_vec(64, 1.0));
+    pq[3] = f32::NAN;
+    for (phase, done) in [(Phase::Prefill, false), (Phase::Prefill, true)] {
+        let e = eng
+            .append(
+                1,
+                9,
+                &k,
+                &k,
+                phase,
+                done,
+                Some(Projections {
+                    q: &pq,
+                    k: &k,
+                    v: &k,
+                }),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("NaN"), "{e}");
+        assert_eq!(eng.seq_len(1, 9).unwrap(), before);
+    }
+    pq[3] = 0.5;
+    // (Layer 1 only: layer 0 did not see the failed appends either.)
+    eng.append(
+        1,
+        9,
+        &k,
+        &k,
+        Phase::Decode,
+        false,
+        Some(Projections {
+            q: &pq,
+            k: &k,
+            v: &k,
+        }),
+    )
+    .unwrap();
+    assert_eq!(eng.seq_len(1, 9).unwrap(), before + 1);
+    eng.append(0, 9, &k, &k, Phase::Decode, false, None)
+        .unwrap();
+    // 64 budget + 10 pinned tail + 8 decoded (+1 after the NaN check).
+    assert_eq!(eng.seq_len(1, 9).unwrap(), 64 + 10 + 8 + 1);
+    assert_eq!(eng.seq_len(0, 9).unwrap(), 12 * 24 + 10 + 8 + 1);
     // The heads keep different token sets.
     let held = shadow.held_positions(9).unwrap();
     assert_ne!(held[0], held[1]);
