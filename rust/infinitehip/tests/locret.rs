@@ -1018,3 +1018,63 @@ fn mlp_throughput_llama_shape() {
     );
     assert!(s.iter().all(|x| x.is_finite()));
 }
+
+/// Host offload with eviction: decode through a small device page cache
+/// equals decode on resident KV bit for bit while evictions compact the
+/// pool between decode steps (a second sequence keeps prefilling).
+#[test]
+fn device_page_cache_follows_compaction() {
+    let w = tmp("offload.safetensors");
+    write_random_weights(&w, &small_shape(), 32, DType::Bf16, 12).unwrap();
+    let loc = locret_cfg(40, 16, 20, 2, 6);
+    let plain_cfg = engine_cfg(&w, DType::Bf16, loc.clone());
+    let mut cached_cfg = plain_cfg.clone();
+    // Room for one decode step of both sequences (7 + 7 pages).
+    cached_cfg.kv.device_cache_pages = Some(16);
+    let mut engines = [
+        Engine::new(plain_cfg).unwrap(),
+        Engine::new(cached_cfg).unwrap(),
+    ];
+    let mut rng = Rng::new(4);
+    for e in &mut engines {
+        e.add_sequence(1).unwrap();
+        e.add_sequence(2).unwrap();
+    }
+    let mut push =
+        |engines: &mut [Engine; 2], rng: &mut Rng, seq: u64, n: usize, phase: Phase, done: bool| {
+            let k = rng.normal_vec(n * 32, 1.0);
+            let v = rng.normal_vec(n * 32, 1.0);
+            let q = rng.normal_vec(n * 64, 1.0);
+            for e in engines.iter_mut() {
+                for layer in 0..2 {
+                    let proj = Projections {
+                        q: &q,
+                        k: &k,
+                        v: &v,
+                    };
+                    e.append(layer, seq, &k, &v, phase, done, Some(proj))
+                        .unwrap();
+                }
+            }
+        };
+    for _ in 0..5 {
+        push(&mut engines, &mut rng, 1, 16, Phase::Prefill, false);
+    }
+    push(&mut engines, &mut rng, 1, 6, Phase::Prefill, true);
+    for step in 0..12 {
+        // Sequence 2 prefills (and evicts) between sequence 1's decode steps.
+        push(&mut engines, &mut rng, 2, 16, Phase::Prefill, false);
+        push(&mut engines, &mut rng, 1, 1, Phase::Decode, false);
+        let q = rng.normal_vec(2 * 64, 1.0);
+        let mut outs = Vec::new();
+        for e in engines.iter_mut() {
+            let mut o = vec![f32::NAN; q.len()];
+            e.attend_decode(1, &[1, 2], &q, &mut o).unwrap();
+            outs.push(o.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        }
+        assert_eq!(outs[0], outs[1], "step {step}");
+    }
+    assert_eq!(engines[1].seq_len(1, 2).unwrap(), 40 + 16);
+    let st = &engines[1].stats()[1];
+    assert!(st.cache.misses > 0 && st.device_bytes > 0, "{:?}", st.cache);
+}
