@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::kv::{CacheStats, KvLayout, KvPool, PageCache, PoolStats, RowCache, SeqView};
 use crate::offload::{decode_offloaded, CountingKv, StepStats};
 use crate::policy::hip::HipPolicy;
+use crate::policy::locret::LocretPolicy;
 use crate::policy::{DensePolicy, InsertInfo, Phase, Policy, SelectRequest, Selection};
 use crate::rope::Rope;
 
@@ -116,6 +117,7 @@ fn build_policy(p: &LayerPolicy, cfg: &PolicyConfig, layer: usize) -> Result<Box
     Ok(match p {
         LayerPolicy::Dense => Box::new(DensePolicy),
         LayerPolicy::Hip(h) => Box::new(HipPolicy::new(h.clone(), &cfg.model)?),
+        LayerPolicy::Locret(c) => Box::new(LocretPolicy::new(c.clone(), &cfg.model, layer)?),
         other => {
             return Err(Error::config(
                 format!("layer {layer} method"),
@@ -263,6 +265,12 @@ impl Engine {
             }
         }
         let Layer { pool, policy, .. } = l;
+        if proj.is_none() && policy.needs_projections() {
+            return Err(Error::Invalid(format!(
+                "layer {layer} ({}) scores tokens at insertion: append needs the pre-RoPE projections (proj)",
+                policy.name()
+            )));
+        }
         with_pool!(pool, p => {
             let start = p.host.seq_len(seq)?;
             p.host.append(seq, &convert(k), &convert(v))?;
@@ -277,12 +285,37 @@ impl Engine {
                 let keep = {
                     let view = p.host.view(seq)?;
                     let info = InsertInfo { seq, shape, phase, start, q: pr.q, k: pr.k, v: pr.v, kv: &view, prompt_done };
-                    policy.after_append(&info)?
+                    policy.after_append(&info)
+                };
+                // A policy that rejects the tokens (e.g. NaN scores) leaves
+                // the sequence as it was before this append.
+                let keep = match keep {
+                    Ok(k) => k,
+                    Err(e) => {
+                        p.invalidate_seq(seq)?;
+                        p.host.truncate(seq, start)?;
+                        return Err(e);
+                    }
                 };
                 if let Some(keep) = keep {
                     p.invalidate_seq(seq)?;
                     p.host.retain_per_head(seq, &keep)?;
                 }
+            }
+            Ok(())
+        })
+    }
+
+    /// Run the eviction `layer`'s policy owes for `seq` now (Locret: after a
+    /// prefill chunk's attention; otherwise it runs at the next append) and
+    /// compact the pool, freeing pages.
+    pub fn evict(&mut self, layer: usize, seq: u64) -> Result<()> {
+        let Layer { pool, policy, .. } = self.layer(layer)?;
+        with_pool!(pool, p => {
+            p.host.seq_len(seq)?;
+            if let Some(keep) = policy.evict(seq)? {
+                p.invalidate_seq(seq)?;
+                p.host.retain_per_head(seq, &keep)?;
             }
             Ok(())
         })
