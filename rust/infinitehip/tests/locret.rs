@@ -656,6 +656,7 @@ fn engine_cfg(weights: &Path, dtype: DType, loc: LocretConfig) -> PolicyConfig {
             page_size: 8,
             dtype,
             device_cache_pages: None,
+            estimation_cache_rows: None,
         },
         dense_layers: 1,
         default: LayerPolicy::Locret(LocretConfig {
