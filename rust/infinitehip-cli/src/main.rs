@@ -3,6 +3,7 @@
 mod args;
 mod bench_cpu;
 mod bench_offload;
+mod bench_policies;
 mod machine;
 
 use infinitehip::PolicyConfig;

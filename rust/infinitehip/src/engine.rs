@@ -306,6 +306,26 @@ impl Engine {
         })
     }
 
+    /// Copy cache entries `start..end` of `seq` in `layer` out as f32 in the
+    /// engine layout `[token][kv_head][dim]` (K, V). After per-head eviction
+    /// (Locret) entry i of each head is that head's i-th held unit.
+    pub fn read(
+        &self,
+        layer: usize,
+        seq: u64,
+        start: usize,
+        end: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let l = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| Error::OutOfRange(format!("layer {layer}")))?;
+        with_pool!(&l.pool, p => {
+            let (k, v) = p.host.read(seq, start, end)?;
+            Ok((convert(&k), convert(&v)))
+        })
+    }
+
     /// Run the eviction `layer`'s policy owes for `seq` now (Locret: after a
     /// prefill chunk's attention; otherwise it runs at the next append) and
     /// compact the pool, freeing pages.

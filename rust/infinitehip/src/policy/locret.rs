@@ -47,7 +47,7 @@
 
 mod weights;
 
-pub use weights::{fc1_name, fc2_name, write_random_weights, RetainingHead};
+pub use weights::{fc1_name, fc2_name, write_random_weights, write_weights, RetainingHead};
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -317,9 +317,17 @@ pub fn write_random_weights(
     dtype: DType,
     seed: u64,
 ) -> Result<()> {
+    let heads = (0..shape.n_layers)
+        .map(|l| RetainingHead::random(shape, hidden, seed.wrapping_add(l as u64 * 7919)))
+        .collect::<Result<Vec<_>>>()?;
+    write_weights(path, &heads, dtype)
+}
+
+/// Write one retaining head per layer (`heads[l]` for layer l) to a
+/// safetensors file in `dtype`, under the tensor names above.
+pub fn write_weights(path: &Path, heads: &[RetainingHead], dtype: DType) -> Result<()> {
     use safetensors::tensor::{Dtype, TensorView};
     let werr = |reason: String| Error::weights(path.display().to_string(), reason);
-    let input = (shape.n_q_heads + 2 * shape.n_kv_heads) * shape.head_dim;
     let encode = |x: &[f32]| -> Vec<u8> {
         match dtype {
             DType::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -339,12 +347,12 @@ pub fn write_random_weights(
         DType::Bf16 => Dtype::BF16,
     };
     let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for l in 0..shape.n_layers {
-        let head = RetainingHead::random(shape, hidden, seed.wrapping_add(l as u64 * 7919))?;
+    for (l, head) in heads.iter().enumerate() {
+        let (hidden, input) = (head.hidden(), head.input_dim());
         bufs.push((fc1_name(l), vec![hidden, input], encode(head.fc1())));
         bufs.push((
             fc2_name(l),
-            vec![shape.n_kv_heads, hidden],
+            vec![head.n_kv_heads(), hidden],
             encode(head.fc2()),
         ));
     }
