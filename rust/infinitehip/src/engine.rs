@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::kv::{CacheStats, KvLayout, KvPool, PageCache, PoolStats, SeqView};
 use crate::offload::{decode_offloaded, CountingKv, StepStats};
 use crate::policy::hip::HipPolicy;
+use crate::policy::squeeze::SqueezePolicy;
 use crate::policy::{DensePolicy, InsertInfo, Phase, Policy, SelectRequest, Selection};
 use crate::rope::Rope;
 
@@ -109,6 +110,7 @@ fn build_policy(p: &LayerPolicy, cfg: &PolicyConfig, layer: usize) -> Result<Box
     Ok(match p {
         LayerPolicy::Dense => Box::new(DensePolicy),
         LayerPolicy::Hip(h) => Box::new(HipPolicy::new(h.clone(), &cfg.model)?),
+        LayerPolicy::Squeeze(s) => Box::new(SqueezePolicy::new(s.clone(), &cfg.model)?),
         other => {
             return Err(Error::config(
                 format!("layer {layer} method"),
@@ -198,6 +200,7 @@ impl Engine {
     pub fn fork_sequence(&mut self, parent: u64, child: u64) -> Result<()> {
         for l in &mut self.layers {
             with_pool!(&mut l.pool, p => p.host.fork(parent, child))?;
+            l.policy.fork_sequence(parent, child);
         }
         Ok(())
     }
@@ -266,10 +269,13 @@ impl Engine {
                     c.refresh(&p.host, pg)?;
                 }
             }
-            if let Some(pr) = proj {
+            // Policies see every append with projections, and the end of a
+            // prompt (squeeze clusters its prefix then) with or without.
+            if proj.is_some() || prompt_done {
+                let (q, k, v) = proj.as_ref().map_or((&[][..], &[][..], &[][..]), |p| (p.q, p.k, p.v));
                 let keep = {
                     let view = p.host.view(seq)?;
-                    let info = InsertInfo { seq, shape, phase, start, q: pr.q, k: pr.k, v: pr.v, kv: &view, prompt_done };
+                    let info = InsertInfo { seq, shape, phase, start, q, k, v, kv: &view, prompt_done };
                     policy.after_append(&info)?
                 };
                 if let Some(keep) = keep {
