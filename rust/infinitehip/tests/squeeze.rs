@@ -316,7 +316,7 @@ fn calibration_hits_target_keep_fraction_and_lookup_matches_reference() {
         let thr = p
             .thresholds()
             .expect("calibrated once the window's queries arrived");
-        assert_eq!(p.calibration_queries().len(), w);
+        assert_eq!(p.calibration_queries(), w);
         let n_clustered = p.window_start;
         assert_eq!(n_clustered, prefix - w);
 
@@ -869,4 +869,85 @@ fn config_errors_name_the_field() {
     .unwrap()
     .to_string();
     assert!(e.contains("squeeze.quantile"), "{e}");
+}
+
+/// Timings for the report (not a pass/fail test): one KV head's k-means at
+/// 5% clusters, and decode select + sparse attention vs dense attention.
+/// `cargo test --release -p infinitehip --test squeeze throughput -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn throughput() {
+    let n: usize = std::env::var("SQ_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(32768);
+    let (d, hkv) = (128, 8);
+    let shape = AttnShape::new(32, hkv, d).unwrap();
+    let mut rng = Rng::new(1);
+    let pts = rng.normal_vec(n * d, 1.0);
+    let k = n / 20;
+    for iters in [1, 10] {
+        let t = std::time::Instant::now();
+        let r = kmeans(
+            &pts,
+            d,
+            &KMeansParams {
+                k,
+                max_iters: iters,
+                seed: 0,
+                normalize: true,
+            },
+        )
+        .unwrap();
+        eprintln!(
+            "kmeans n={n} d={d} k={k} iters={}: {:.2} s",
+            r.iters,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let kv = Kv::random(hkv, d, n + 1, &mut rng);
+    for levels in [1, 2] {
+        let cfg = SqueezeConfig {
+            percent_clusters: 5.0,
+            levels,
+            quantile: 0.9,
+            quantile_l1: 0.7,
+            kmeans_iters: 3,
+            ..SqueezeConfig::default()
+        };
+        let mut pol = SqueezePolicy::new(cfg, &ModelShape::default()).unwrap();
+        let calib = rng.normal_vec(100 * shape.q_elems(), 1.0);
+        let t = std::time::Instant::now();
+        seal_and_calibrate(&mut pol, 1, shape, &kv, n, &calib);
+        let build = t.elapsed().as_secs_f64();
+        let view = kv.view();
+        let q = rng.normal_vec(shape.q_elems(), 1.0);
+        let reps = 20;
+        let t = std::time::Instant::now();
+        let mut sel = None;
+        for _ in 0..reps {
+            sel = Some(
+                pol.select(&req(1, shape, Phase::Decode, &q, n, &view))
+                    .unwrap(),
+            );
+        }
+        let sel_ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+        let sel = sel.unwrap().blocks;
+        let mut o = vec![0f32; q.len()];
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            attention::decode(&shape, &q, std::slice::from_ref(&view), Some(&sel), &mut o).unwrap();
+        }
+        let sparse_ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            attention::decode(&shape, &q, std::slice::from_ref(&view), None, &mut o).unwrap();
+        }
+        let dense_ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+        eprintln!(
+            "levels {levels}: build+calibrate {build:.1} s (3 Lloyd iters/head), kept {:.1}% of tokens, \
+             select {sel_ms:.2} ms + sparse attention {sparse_ms:.2} ms vs dense {dense_ms:.2} ms",
+            100.0 * sel[0].max_tokens() as f64 / (n + 1) as f64
+        );
+    }
 }

@@ -32,9 +32,13 @@
 //! are per layer, so the threshold is per layer. `quantile: 0` means keep
 //! every key (threshold -inf). Two-level lookup calibrates the coarse level
 //! the same way with `quantile_l1` (coarse sizes counted in keys) and the
-//! fine level with the full one-level lookup, as upstream does.
+//! fine level with the full one-level lookup, as upstream does. If a lookup
+//! past the prefix comes before all W queries were seen, the thresholds are
+//! calibrated from those seen (with a warning) and stay fixed; with none
+//! seen, the lookup is an error that says which positions are missing.
 //!
-//! **Lookup.** A cluster is kept when its pooled p̂ ≥ threshold. Decode looks
+//! **Lookup.** A cluster is kept when its pooled p̂ ≥ threshold (upstream
+//! uses `>`; `≥` lets threshold -inf keep everything). Decode looks
 //! up per token; a prefill chunk after the prefix shares one key set per KV
 //! head across its queries (`prefill_pool`: `max` = union of the queries'
 //! sets, `mean` = upstream's averaged scores). GQA: upstream asserts
@@ -132,9 +136,12 @@ pub struct Thresholds {
 
 #[derive(Debug, Default)]
 struct Calib {
-    /// Query `[n_q_heads][d]` of each observation-window position.
+    /// Query `[n_q_heads][d]` of each observation-window position (freed
+    /// once calibrated).
     slots: Vec<Option<Vec<f32>>>,
     thresholds: Option<Thresholds>,
+    /// Queries the thresholds were calibrated with.
+    used: usize,
 }
 
 /// A sealed prefix: per KV head clusters, calibration state. Shared (`Arc`)
@@ -155,16 +162,30 @@ impl PrefixIndex {
         self.calib.lock().unwrap().thresholds
     }
 
-    /// Observation-window queries received so far, in position order.
-    pub fn calibration_queries(&self) -> Vec<Vec<f32>> {
-        self.calib
-            .lock()
-            .unwrap()
-            .slots
-            .iter()
-            .flatten()
-            .cloned()
-            .collect()
+    /// Observation-window queries the thresholds were calibrated with (0
+    /// while not calibrated).
+    pub fn calibration_queries(&self) -> usize {
+        self.calib.lock().unwrap().used
+    }
+
+    fn finish(
+        c: &mut Calib,
+        heads: &[HeadIndex],
+        shape: &AttnShape,
+        cfg: &SqueezeConfig,
+    ) -> Thresholds {
+        let qs: Vec<&[f32]> = c.slots.iter().flatten().map(|v| v.as_slice()).collect();
+        let t = calibrate(heads, &qs, shape, cfg);
+        tracing::debug!(
+            fine = t.fine,
+            coarse = t.coarse,
+            queries = qs.len(),
+            "squeeze: threshold calibrated"
+        );
+        c.used = qs.len();
+        c.thresholds = Some(t);
+        c.slots = Vec::new();
+        t
     }
 
     /// Record queries `[n][n_q_heads][d]` at positions `q_start..`; the
@@ -182,14 +203,7 @@ impl PrefixIndex {
             }
         }
         if c.slots.iter().all(Option::is_some) {
-            let qs: Vec<&[f32]> = c.slots.iter().flatten().map(|v| v.as_slice()).collect();
-            let t = calibrate(&self.heads, &qs, shape, cfg);
-            tracing::debug!(
-                fine = t.fine,
-                coarse = t.coarse,
-                "squeeze: threshold calibrated"
-            );
-            c.thresholds = Some(t);
+            Self::finish(&mut c, &self.heads, shape, cfg);
         }
     }
 
@@ -205,8 +219,8 @@ impl PrefixIndex {
         if let Some(t) = c.thresholds {
             return Ok(t);
         }
-        let qs: Vec<&[f32]> = c.slots.iter().flatten().map(|v| v.as_slice()).collect();
-        if qs.is_empty() {
+        let have = c.slots.iter().flatten().count();
+        if have == 0 {
             return Err(Error::Invalid(format!(
                 "squeeze: sequence {seq} has no calibration queries; run prefill attention \
                  over the prefix's last {} tokens (positions {}..{}) before attending past the prefix",
@@ -217,13 +231,11 @@ impl PrefixIndex {
         }
         tracing::warn!(
             seq,
-            have = qs.len(),
+            have,
             want = c.slots.len(),
             "squeeze: calibrating with part of the observation window's queries"
         );
-        let t = calibrate(&self.heads, &qs, shape, cfg);
-        c.thresholds = Some(t);
-        Ok(t)
+        Ok(Self::finish(&mut c, &self.heads, shape, cfg))
     }
 }
 
@@ -590,6 +602,7 @@ impl SqueezePolicy {
             calib: Mutex::new(Calib {
                 slots: vec![None; prefix_len - window_start],
                 thresholds: None,
+                used: 0,
             }),
         });
         let st = self.states.entry(seq).or_default();
