@@ -298,7 +298,9 @@ pub struct SqueezeConfig {
     pub percent_clusters_l1: f32,
     /// 1 or 2 lookup levels.
     pub levels: usize,
-    /// Quantile of estimated key probabilities used as the keep threshold.
+    /// Quantile of estimated key probabilities used as the keep threshold:
+    /// about `1 - quantile` of the clustered prefix keys are kept on the
+    /// calibration queries. 0 keeps every key (threshold -inf).
     pub quantile: f32,
     /// Quantile for the coarse level in two-level lookup.
     pub quantile_l1: f32,
@@ -306,6 +308,19 @@ pub struct SqueezeConfig {
     pub observation_window: usize,
     pub kmeans_iters: usize,
     pub seed: u64,
+    /// How a prefill chunk's queries share one key set per KV head.
+    pub prefill_pool: SqueezePool,
+}
+
+/// How the estimated key probabilities of several queries combine into one
+/// key set (Squeezed Attention prefill).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SqueezePool {
+    /// Max over queries: the union of the keys each query would keep.
+    Max,
+    /// Mean over queries, then the threshold (upstream's prefill kernel).
+    Mean,
 }
 
 impl Default for SqueezeConfig {
@@ -319,7 +334,48 @@ impl Default for SqueezeConfig {
             observation_window: 100,
             kmeans_iters: 30,
             seed: 0,
+            prefill_pool: SqueezePool::Max,
         }
+    }
+}
+
+impl SqueezeConfig {
+    /// Check every field; errors name `{at}.field`.
+    pub fn validate(&self, at: &str) -> Result<()> {
+        let s = self;
+        if !(s.percent_clusters > 0.0 && s.percent_clusters <= 100.0) {
+            return Err(bad(format!("{at}.percent_clusters"), "must be in (0, 100]"));
+        }
+        if !(s.percent_clusters_l1 > 0.0 && s.percent_clusters_l1 <= 100.0) {
+            return Err(bad(
+                format!("{at}.percent_clusters_l1"),
+                "must be in (0, 100]",
+            ));
+        }
+        if s.levels != 1 && s.levels != 2 {
+            return Err(bad(
+                format!("{at}.levels"),
+                format!("{} must be 1 or 2", s.levels),
+            ));
+        }
+        for (name, q) in [("quantile", s.quantile), ("quantile_l1", s.quantile_l1)] {
+            if !(0.0..1.0).contains(&q) {
+                return Err(bad(
+                    format!("{at}.{name}"),
+                    format!("{q} must be in [0, 1)"),
+                ));
+            }
+        }
+        if s.kmeans_iters == 0 {
+            return Err(bad(format!("{at}.kmeans_iters"), "must be > 0"));
+        }
+        if s.observation_window == 0 {
+            return Err(bad(
+                format!("{at}.observation_window"),
+                "must be >= 1 (its queries calibrate the threshold)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -528,35 +584,7 @@ fn validate_policy(p: &LayerPolicy, at: &str, m: &ModelShape) -> Result<()> {
             }
             Ok(())
         }
-        LayerPolicy::Squeeze(s) => {
-            if !(s.percent_clusters > 0.0 && s.percent_clusters <= 100.0) {
-                return Err(bad(format!("{at}.percent_clusters"), "must be in (0, 100]"));
-            }
-            if !(s.percent_clusters_l1 > 0.0 && s.percent_clusters_l1 <= 100.0) {
-                return Err(bad(
-                    format!("{at}.percent_clusters_l1"),
-                    "must be in (0, 100]",
-                ));
-            }
-            if s.levels != 1 && s.levels != 2 {
-                return Err(bad(
-                    format!("{at}.levels"),
-                    format!("{} must be 1 or 2", s.levels),
-                ));
-            }
-            for (name, q) in [("quantile", s.quantile), ("quantile_l1", s.quantile_l1)] {
-                if !(0.0..1.0).contains(&q) {
-                    return Err(bad(
-                        format!("{at}.{name}"),
-                        format!("{q} must be in [0, 1)"),
-                    ));
-                }
-            }
-            if s.kmeans_iters == 0 {
-                return Err(bad(format!("{at}.kmeans_iters"), "must be > 0"));
-            }
-            Ok(())
-        }
+        LayerPolicy::Squeeze(s) => s.validate(at),
     }
 }
 

@@ -13,6 +13,7 @@ use crate::kv::{CacheStats, KvLayout, KvPool, PageCache, PoolStats, RowCache, Se
 use crate::offload::{decode_offloaded, CountingKv, StepStats};
 use crate::policy::hip::HipPolicy;
 use crate::policy::locret::LocretPolicy;
+use crate::policy::squeeze::SqueezePolicy;
 use crate::policy::{DensePolicy, InsertInfo, Phase, Policy, SelectRequest, Selection};
 use crate::rope::Rope;
 
@@ -118,6 +119,7 @@ fn build_policy(p: &LayerPolicy, cfg: &PolicyConfig, layer: usize) -> Result<Box
         LayerPolicy::Dense => Box::new(DensePolicy),
         LayerPolicy::Hip(h) => Box::new(HipPolicy::new(h.clone(), &cfg.model)?),
         LayerPolicy::Locret(c) => Box::new(LocretPolicy::new(c.clone(), &cfg.model, layer)?),
+        LayerPolicy::Squeeze(s) => Box::new(SqueezePolicy::new(s.clone(), &cfg.model)?),
         other => {
             return Err(Error::config(
                 format!("layer {layer} method"),
@@ -207,6 +209,7 @@ impl Engine {
     pub fn fork_sequence(&mut self, parent: u64, child: u64) -> Result<()> {
         for l in &mut self.layers {
             with_pool!(&mut l.pool, p => p.host.fork(parent, child))?;
+            l.policy.fork_sequence(parent, child);
         }
         Ok(())
     }
@@ -281,10 +284,13 @@ impl Engine {
                     c.refresh(&p.host, pg)?;
                 }
             }
-            if let Some(pr) = proj {
+            // Policies see every append with projections, and the end of a
+            // prompt (squeeze clusters its prefix then) with or without.
+            if proj.is_some() || prompt_done {
+                let (q, k, v) = proj.as_ref().map_or((&[][..], &[][..], &[][..]), |p| (p.q, p.k, p.v));
                 let keep = {
                     let view = p.host.view(seq)?;
-                    let info = InsertInfo { seq, shape, phase, start, q: pr.q, k: pr.k, v: pr.v, kv: &view, prompt_done };
+                    let info = InsertInfo { seq, shape, phase, start, q, k, v, kv: &view, prompt_done };
                     policy.after_append(&info)
                 };
                 // A policy that rejects the tokens (e.g. NaN scores) leaves

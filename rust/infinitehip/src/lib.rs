@@ -11,6 +11,7 @@ pub mod config;
 pub mod dtype;
 pub mod engine;
 pub mod error;
+pub mod kmeans;
 pub mod kv;
 pub mod offload;
 pub mod parallel;

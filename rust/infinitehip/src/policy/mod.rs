@@ -6,6 +6,7 @@ mod dense;
 pub mod hip;
 pub mod locret;
 mod selection;
+pub mod squeeze;
 
 pub use dense::DensePolicy;
 pub use selection::{normalize, Selection};
@@ -54,7 +55,8 @@ pub struct InsertInfo<'a> {
     /// Cache index of the first new token.
     pub start: usize,
     /// Pre-RoPE projections of the new tokens: q `[n][n_q_heads][d]`,
-    /// k and v `[n][n_kv_heads][d]`.
+    /// k and v `[n][n_kv_heads][d]`. Empty when the caller passed none (the
+    /// engine then calls `after_append` only for `prompt_done`).
     pub q: &'a [f32],
     pub k: &'a [f32],
     pub v: &'a [f32],
@@ -91,6 +93,10 @@ pub trait Policy: Send {
 
     /// Forget a finished sequence's state.
     fn end_sequence(&mut self, _seq: u64) {}
+
+    /// `child` was forked from `parent` and shares its KV pages: a policy
+    /// with per-prefix state (squeeze's clusters) may share it.
+    fn fork_sequence(&mut self, _parent: u64, _child: u64) {}
 
     /// Prefill queries are selected and attended in chunks of this many so
     /// selection memory stays bounded (None: all at once).
