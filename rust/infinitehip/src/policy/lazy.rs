@@ -80,7 +80,11 @@ pub fn importance(
     shape.validate()?;
     let (g, d, hkv) = (shape.group(), shape.head_dim, shape.n_kv_heads);
     if q.len() != shape.q_elems() {
-        return Err(Error::shape("lazy importance query", shape.q_elems(), q.len()));
+        return Err(Error::shape(
+            "lazy importance query",
+            shape.q_elems(),
+            q.len(),
+        ));
     }
     if kv.n_kv_heads() != hkv || kv.head_dim() != d {
         return Err(Error::shape(
@@ -258,7 +262,9 @@ impl Policy for LazyPolicy {
         let mut g = self.shared.lock();
         let n_layers = g.n_layers;
         if layer >= n_layers {
-            return Err(Error::OutOfRange(format!("lazy layer {layer} of {n_layers}")));
+            return Err(Error::OutOfRange(format!(
+                "lazy layer {layer} of {n_layers}"
+            )));
         }
         if !g.seqs.contains_key(&req.seq) {
             let plan = LazyPlan::new(n_layers, &g.cfg.points)?;

@@ -179,7 +179,9 @@ impl LazyPlan {
             if !ok_layer || !ok_keep {
                 return Err(Error::config(
                     format!("lazy.points[{i}]"),
-                    format!("{p:?}: layers must ascend below {n_layers}, keep in (0, 1] non-increasing"),
+                    format!(
+                        "{p:?}: layers must ascend below {n_layers}, keep in (0, 1] non-increasing"
+                    ),
                 ));
             }
             prev = Some(p);
@@ -267,7 +269,10 @@ impl LazyPlan {
 
     fn push_tokens(&mut self, n: usize, prompt: bool, computed: u32) -> Result<()> {
         if self.computed.len() + n >= NONE as usize {
-            return Err(err(format!("{} tokens exceed u32", self.computed.len() + n)));
+            return Err(err(format!(
+                "{} tokens exceed u32",
+                self.computed.len() + n
+            )));
         }
         self.computed.extend(std::iter::repeat_n(computed, n));
         self.aux.extend(std::iter::repeat_n(NONE, n));
@@ -282,7 +287,9 @@ impl LazyPlan {
     /// generated ones in decode). Every token starts active.
     pub fn begin_step(&mut self, n_new: usize, phase: Phase) -> Result<()> {
         if self.step.is_some() {
-            return Err(err("begin_step while a step is in progress (call end_step)".into()));
+            return Err(err(
+                "begin_step while a step is in progress (call end_step)".into(),
+            ));
         }
         if n_new == 0 {
             return Err(err("a step needs at least one new token".into()));
@@ -322,10 +329,7 @@ impl LazyPlan {
                 st.next_layer, self.n_layers
             )));
         }
-        if let Some(p) = self.points[st.next_point..]
-            .iter()
-            .find(|p| p.layer < l)
-        {
+        if let Some(p) = self.points[st.next_point..].iter().find(|p| p.layer < l) {
             return Err(err(format!(
                 "layer {l} skips pruning point at layer {}",
                 p.layer
@@ -373,10 +377,7 @@ impl LazyPlan {
             }
             compute.push(t);
         }
-        let n_prompt_rows = compute
-            .iter()
-            .filter(|&&t| self.prompt[t as usize])
-            .count();
+        let n_prompt_rows = compute.iter().filter(|&&t| self.prompt[t as usize]).count();
         for &t in &compute {
             self.computed[t as usize] = lu + 1;
         }
@@ -415,7 +416,9 @@ impl LazyPlan {
             if !self.prompt[t as usize] {
                 new_active.push(t);
                 if ki < keep.len() && keep[ki] == t {
-                    return Err(err(format!("keep lists token {t}, which is not a prompt token")));
+                    return Err(err(format!(
+                        "keep lists token {t}, which is not a prompt token"
+                    )));
                 }
                 continue;
             }
@@ -454,7 +457,11 @@ impl LazyPlan {
         self.stats.aux_stores += to_aux.len() as u64;
         st.active = new_active;
         st.pending = None;
-        st.next_point = self.points.iter().position(|p| p.layer > l).unwrap_or(self.points.len());
+        st.next_point = self
+            .points
+            .iter()
+            .position(|p| p.layer > l)
+            .unwrap_or(self.points.len());
         Ok(PruneResult {
             layer: l,
             keep: keep.to_vec(),
@@ -525,7 +532,11 @@ impl LazyPlan {
             if self.is_point(l) {
                 let st = self.step.as_mut().expect("in step");
                 st.pending = None;
-                st.next_point = self.points.iter().position(|p| p.layer > l).unwrap_or(self.points.len());
+                st.next_point = self
+                    .points
+                    .iter()
+                    .position(|p| p.layer > l)
+                    .unwrap_or(self.points.len());
             }
         }
         self.step = None;
