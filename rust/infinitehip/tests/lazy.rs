@@ -7,14 +7,15 @@
 use std::collections::HashMap;
 
 use half::bf16;
-use infinitehip::attention::{reference, rel_error, AttnShape};
+use infinitehip::attention::{self, reference, rel_error, AttnShape};
 use infinitehip::config::{
     KvConfig, LayerOverride, LayerPolicy, LazyConfig, LazyPoint, ModelShape,
 };
 use infinitehip::kv::{KvLayout, KvPool, KvRead, SeqView};
-use infinitehip::policy::lazy::{importance, keep_count, top_k, LazyPlan};
-use infinitehip::policy::{Phase, Selection};
+use infinitehip::policy::lazy::{importance, keep_count, top_k, LazyPlan, LazySingleLayer};
+use infinitehip::policy::{Phase, Policy, SelectRequest, Selection};
 use infinitehip::rng::Rng;
+use infinitehip::workload::needle_seq;
 use infinitehip::{DType, Engine, PolicyConfig};
 
 const NQ: usize = 4;
@@ -106,7 +107,7 @@ fn ref_top_k<F: PartialOrd + Copy>(
     out
 }
 
-/// Gap between the k-th and (k+1)-th largest values (relative to the max):
+/// Gap between the k-th and (k+1)-th largest values, relative to the k-th:
 /// below ~1e-5 the f32 and f64 rankings may legitimately differ.
 fn boundary_gap(imp: &[f64], k: usize) -> f64 {
     if k == 0 || k >= imp.len() {
@@ -114,7 +115,7 @@ fn boundary_gap(imp: &[f64], k: usize) -> f64 {
     }
     let mut s = imp.to_vec();
     s.sort_by(|a, b| b.partial_cmp(a).unwrap());
-    (s[k - 1] - s[k]) / s[0].max(1e-300)
+    (s[k - 1] - s[k]) / s[k - 1].max(1e-300)
 }
 
 #[test]
@@ -898,4 +899,105 @@ fn config_errors_name_the_field() {
         .unwrap()
         .lazy()
         .is_none());
+}
+
+fn decode_req<'a>(shape: AttnShape, q: &'a [f32], kv: &'a dyn KvRead) -> SelectRequest<'a> {
+    SelectRequest {
+        seq: 0,
+        shape,
+        phase: Phase::Decode,
+        queries: q,
+        q_start: kv.len() - 1,
+        kv,
+    }
+}
+
+#[test]
+fn single_layer_policy_matches_bruteforce_and_keeps_the_needle() {
+    let shape = AttnShape::new(8, 2, 64).unwrap();
+    let mut w = needle_seq::<bf16>(shape, 4096, 16, 0, 0, 64, 3).unwrap();
+    let mut pol = LazySingleLayer::new(0.05).unwrap();
+    let mut rng = Rng::new(1);
+    // The first call's last token is the new one; the 4095 before it are the prompt.
+    let prompt = 4095u32;
+    for step in 0..4 {
+        let q = w.query(&mut rng);
+        let view = w.pool.view(0).unwrap();
+        let len = view.len() as u32;
+        let out = pol.select(&decode_req(shape, &q, &view)).unwrap();
+        assert_eq!(out.blocks.len(), 1);
+        let sel = &out.blocks[0];
+        assert_eq!(w.recall(sel), 1.0, "step {step}");
+        let all: Vec<u32> = (0..len).collect();
+        let imp = ref_importance(&shape, &q, &view, &all);
+        let k = keep_count(0.05, prompt as usize);
+        assert_eq!(k, 205);
+        assert!(boundary_gap(&imp[..prompt as usize], k) > 1e-5);
+        let keep = ref_top_k(&all[..prompt as usize], &imp[..prompt as usize], k, None);
+        let want: Vec<u32> = keep.into_iter().chain(prompt..len).collect();
+        assert_eq!(*sel, Selection::from_tokens(&vec![want; 2]), "step {step}");
+        drop(view);
+        w.append_random(&mut rng).unwrap();
+    }
+    let st = pol.shared().stats(0).unwrap();
+    assert_eq!(st.steps, 3);
+}
+
+/// Decode at Llama shape: dense vs importance + attention over the kept 10%.
+/// `cargo test -p infinitehip --test lazy -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn single_layer_decode_throughput() {
+    let shape = AttnShape::new(32, 8, 128).unwrap();
+    let t = 131072;
+    let mut w = needle_seq::<bf16>(shape, t, 64, 128, 1024, 64, 5).unwrap();
+    let mut pol = LazySingleLayer::new(0.1).unwrap();
+    let mut rng = Rng::new(2);
+    let (mut dense_ms, mut sel_ms, mut imp_ms, mut attn_ms) = (0f64, 0f64, 0f64, 0f64);
+    let (mut err, mut recall) = (0f64, 0f64);
+    let steps = 5;
+    for _ in 0..steps {
+        let q = w.query(&mut rng);
+        let view = w.pool.view(0).unwrap();
+        let mut dense = vec![0f32; q.len()];
+        let t0 = std::time::Instant::now();
+        attention::decode(&shape, &q, std::slice::from_ref(&view), None, &mut dense).unwrap();
+        dense_ms += t0.elapsed().as_secs_f64() * 1e3;
+        let t0 = std::time::Instant::now();
+        let sel = pol
+            .select(&decode_req(shape, &q, &view))
+            .unwrap()
+            .blocks
+            .swap_remove(0);
+        sel_ms += t0.elapsed().as_secs_f64() * 1e3;
+        let all: Vec<u32> = (0..view.len() as u32).collect();
+        let t0 = std::time::Instant::now();
+        importance(&shape, &q, &view, &all).unwrap();
+        imp_ms += t0.elapsed().as_secs_f64() * 1e3;
+        let mut ours = vec![0f32; q.len()];
+        let t0 = std::time::Instant::now();
+        attention::decode(
+            &shape,
+            &q,
+            std::slice::from_ref(&view),
+            Some(std::slice::from_ref(&sel)),
+            &mut ours,
+        )
+        .unwrap();
+        attn_ms += t0.elapsed().as_secs_f64() * 1e3;
+        let d64: Vec<f64> = dense.iter().map(|&x| x as f64).collect();
+        err = err.max(rel_error(&ours, &d64));
+        recall += w.recall(&sel);
+        drop(view);
+        w.append_random(&mut rng).unwrap();
+    }
+    let s = steps as f64;
+    println!(
+        "lazy single layer T={t} keep 0.1: dense {:.2} ms, select (importance + plan) {:.2} ms (importance alone {:.2} ms), attention over kept {:.2} ms, max rel err {err:.4}, needle recall {:.3}",
+        dense_ms / s,
+        sel_ms / s,
+        imp_ms / s,
+        attn_ms / s,
+        recall / s
+    );
 }

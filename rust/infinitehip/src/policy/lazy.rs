@@ -62,6 +62,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::{Policy, SelectOutput, SelectRequest, Selection};
 use crate::attention::AttnShape;
 use crate::config::{LazyConfig, ModelShape};
+use crate::dtype::dot_f32;
 use crate::error::{Error, Result};
 use crate::kv::KvRead;
 use crate::parallel::par_map;
@@ -69,8 +70,10 @@ use crate::parallel::par_map;
 /// Mean over the q heads of the attention probability that query `q`
 /// (`[n_q_heads][head_dim]`) gives each token of `tokens`, the softmax taken
 /// over exactly those tokens with logits `shape.scale * q . k` (q head h reads
-/// KV head h / group). f32 logits, f64 softmax sums. Errors on a shape
-/// mismatch, a token beyond the KV, or a NaN/infinite result.
+/// KV head h / group). f32 logits, f64 exponentials and sums, f32 result
+/// (a probability below f32's range in every head ties at 0; `top_k` then
+/// prefers the later token). Errors on a shape mismatch, a token beyond the
+/// KV, or a NaN/infinite result.
 pub fn importance(
     shape: &AttnShape,
     q: &[f32],
@@ -107,23 +110,32 @@ pub fn importance(
     // One partial sum per KV head (its group's q heads), summed after.
     let parts: Vec<Vec<f64>> = par_map(hkv, |h| {
         let mut acc = vec![0f64; n];
-        let mut logits = vec![0f32; n];
-        for j in 0..g {
-            let qh = &q[(h * g + j) * d..(h * g + j + 1) * d];
-            let mut m = f32::NEG_INFINITY;
-            for (l, &t) in logits.iter_mut().zip(tokens) {
-                *l = scale * kv.dot_key(h, t as usize, qh);
-                m = m.max(*l);
+        // Logits `[g][n]`: each key row is read (and converted) once for
+        // the whole group.
+        let mut logits = vec![0f32; g * n];
+        let mut krow = vec![0f32; d];
+        for (i, &t) in tokens.iter().enumerate() {
+            if i + 8 < n {
+                kv.prefetch_key(h, tokens[i + 8] as usize);
             }
+            kv.read_key(h, t as usize, &mut krow);
+            for j in 0..g {
+                let qh = &q[(h * g + j) * d..(h * g + j + 1) * d];
+                logits[j * n + i] = scale * dot_f32(qh, &krow);
+            }
+        }
+        let mut ex = vec![0f64; n];
+        for j in 0..g {
+            let logits = &logits[j * n..(j + 1) * n];
+            let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let mut z = 0f64;
-            for l in logits.iter_mut() {
-                let e = ((*l - m) as f64).exp();
-                *l = e as f32;
-                z += e;
+            for (e, &l) in ex.iter_mut().zip(logits) {
+                *e = ((l - m) as f64).exp();
+                z += *e;
             }
             let inv = 1.0 / z;
-            for (a, &e) in acc.iter_mut().zip(&logits) {
-                *a += e as f64 * inv;
+            for (a, &e) in acc.iter_mut().zip(&ex) {
+                *a += e * inv;
             }
         }
         acc
@@ -360,6 +372,56 @@ impl Policy for LazyPolicy {
 
     fn end_sequence(&mut self, seq: u64) {
         self.shared.forget(seq);
+    }
+}
+
+/// LazyLLM folded onto one layer's KV, for single-layer benchmarks (and
+/// callers that hold one layer): every `select` is one step of a two-layer
+/// model whose layer 0 is a pruning point with fraction `keep` and whose
+/// layer 1 attends to the kept set, both reading the request's KV. So each
+/// call computes the importance from the request's last query over every
+/// token (the pruning layer's cost) and returns the top `keep` fraction of
+/// the prompt plus every generated token (what the layers after the point
+/// attend to). Tokens present before the first call count as prompt tokens.
+/// In a real model the importance is paid once per pruning point (default 4
+/// of 32 layers) and the reduced set serves every layer until the next one.
+pub struct LazySingleLayer {
+    prune: LazyPolicy,
+    attend: LazyPolicy,
+}
+
+impl LazySingleLayer {
+    pub fn new(keep: f32) -> Result<Self> {
+        let model = ModelShape {
+            n_layers: 2,
+            ..ModelShape::default()
+        };
+        let shared = LazyShared::new(
+            LazyConfig {
+                points: vec![crate::config::LazyPoint { layer: 0, keep }],
+            },
+            &model,
+        )?;
+        Ok(LazySingleLayer {
+            prune: LazyPolicy::new(shared.clone(), 0),
+            attend: LazyPolicy::new(shared, 1),
+        })
+    }
+    pub fn shared(&self) -> &LazyShared {
+        self.attend.shared()
+    }
+}
+
+impl Policy for LazySingleLayer {
+    fn name(&self) -> &'static str {
+        "lazy"
+    }
+    fn select(&mut self, req: &SelectRequest<'_>) -> Result<SelectOutput> {
+        self.prune.select(req)?;
+        self.attend.select(req)
+    }
+    fn end_sequence(&mut self, seq: u64) {
+        self.prune.end_sequence(seq);
     }
 }
 
