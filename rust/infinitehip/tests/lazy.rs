@@ -885,7 +885,9 @@ fn config_errors_name_the_field() {
             "{json}: error `{err}` does not name `{field}`"
         );
     }
-    // Valid: a lazy layer set that includes its pruning layers, mixed with hip.
+    // The documented default points validate on the default (32-layer) model.
+    PolicyConfig::from_json(r#"{"default": {"method": "lazy"}}"#).unwrap();
+    // Valid: a lazy layer set that includes its pruning layers, mixed with dense.
     let ok = cfg(8, &[(2, 0.5), (5, 0.2)], DType::Bf16);
     Engine::new(ok.clone()).unwrap();
     let mut mixed = ok;
