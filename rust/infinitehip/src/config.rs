@@ -264,16 +264,22 @@ impl Default for LocretConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LazyPoint {
-    /// Pruning happens after this layer's attention.
+    /// Pruning happens after this layer's attention: the importance comes
+    /// from this layer's last-token attention, and the kept set applies from
+    /// the next layer on. Must be a layer that runs `lazy`, below the last.
     pub layer: usize,
-    /// Fraction of the prompt tokens still active that stay active.
+    /// Fraction of the full prompt (not of the tokens still active) that
+    /// stays active after this point: ceil(keep * prompt_len) tokens. In
+    /// (0, 1], non-increasing across points, so the kept sets are nested.
     pub keep: f32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LazyConfig {
-    /// Pruning points, ascending layers, non-increasing keep fractions.
+    /// Pruning points, ascending layers, non-increasing keep fractions. All
+    /// layers that run `lazy` in one config share one `LazyConfig` (the keep
+    /// sets cross layers). See `policy::lazy`.
     pub points: Vec<LazyPoint>,
 }
 
@@ -504,6 +510,60 @@ impl PolicyConfig {
             }
             validate_policy(&o.policy, &format!("overrides[{i}].policy"), m)?;
         }
+        self.validate_lazy_layers()
+    }
+
+    /// JSON path of the policy that applies to `layer`.
+    fn layer_policy_path(&self, layer: usize) -> String {
+        match self
+            .overrides
+            .iter()
+            .rposition(|o| o.layers.contains(&layer))
+        {
+            Some(i) => format!("overrides[{i}].policy"),
+            None if layer < self.dense_layers => "dense_layers".to_string(),
+            None => "default".to_string(),
+        }
+    }
+
+    /// LazyLLM's keep sets cross layers: every lazy layer must share one
+    /// config, and every pruning layer must run `lazy` (its attention gives
+    /// the importance).
+    fn validate_lazy_layers(&self) -> Result<()> {
+        let mut first: Option<(usize, &LazyConfig)> = None;
+        for l in 0..self.model.n_layers {
+            let LayerPolicy::Lazy(z) = self.layer_policy(l) else {
+                continue;
+            };
+            match first {
+                None => first = Some((l, z)),
+                Some((l0, z0)) if z0 != z => {
+                    return Err(bad(
+                        format!("{}.points", self.layer_policy_path(l)),
+                        format!(
+                            "layer {l} runs lazy with other points than layer {l0}; all lazy layers share one config"
+                        ),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        let Some((l0, z)) = first else {
+            return Ok(());
+        };
+        let at = self.layer_policy_path(l0);
+        for (i, p) in z.points.iter().enumerate() {
+            let method = self.layer_policy(p.layer).method();
+            if method != "lazy" {
+                return Err(bad(
+                    format!("{at}.points[{i}].layer"),
+                    format!(
+                        "layer {} runs `{method}`; a pruning layer must run lazy (its attention gives the importance)",
+                        p.layer
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -561,10 +621,14 @@ fn validate_policy(p: &LayerPolicy, at: &str, m: &ModelShape) -> Result<()> {
             let mut prev_keep = 1.0f32;
             for (i, p) in z.points.iter().enumerate() {
                 let f = format!("{at}.points[{i}]");
-                if p.layer >= m.n_layers {
+                if p.layer + 1 >= m.n_layers {
                     return Err(bad(
                         format!("{f}.layer"),
-                        format!("{} >= n_layers {}", p.layer, m.n_layers),
+                        format!(
+                            "{} must be below the last layer {} (pruning acts on the layers after it)",
+                            p.layer,
+                            m.n_layers - 1
+                        ),
                     ));
                 }
                 if prev_layer.is_some_and(|l| p.layer <= l) {

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::kv::{CacheStats, KvLayout, KvPool, PageCache, PoolStats, RowCache, SeqView};
 use crate::offload::{decode_offloaded, CountingKv, StepStats};
 use crate::policy::hip::HipPolicy;
+use crate::policy::lazy::{LazyPolicy, LazyShared};
 use crate::policy::locret::LocretPolicy;
 use crate::policy::squeeze::SqueezePolicy;
 use crate::policy::{DensePolicy, InsertInfo, Phase, Policy, SelectRequest, Selection};
@@ -112,23 +113,27 @@ pub struct Engine {
     cfg: PolicyConfig,
     shape: AttnShape,
     layers: Vec<Layer>,
+    /// State shared by the lazy layers (LazyLLM keep sets cross layers).
+    lazy: Option<LazyShared>,
 }
 
-fn build_policy(p: &LayerPolicy, cfg: &PolicyConfig, layer: usize) -> Result<Box<dyn Policy>> {
+fn build_policy(
+    p: &LayerPolicy,
+    cfg: &PolicyConfig,
+    layer: usize,
+    lazy: Option<&LazyShared>,
+) -> Result<Box<dyn Policy>> {
     Ok(match p {
         LayerPolicy::Dense => Box::new(DensePolicy),
         LayerPolicy::Hip(h) => Box::new(HipPolicy::new(h.clone(), &cfg.model)?),
         LayerPolicy::Locret(c) => Box::new(LocretPolicy::new(c.clone(), &cfg.model, layer)?),
         LayerPolicy::Squeeze(s) => Box::new(SqueezePolicy::new(s.clone(), &cfg.model)?),
-        other => {
-            return Err(Error::config(
-                format!("layer {layer} method"),
-                format!(
-                    "`{}` is not available through the engine yet",
-                    other.method()
-                ),
-            ))
-        }
+        LayerPolicy::Lazy(_) => Box::new(LazyPolicy::new(
+            lazy.cloned().ok_or_else(|| {
+                Error::config(format!("layer {layer} method"), "lazy state missing")
+            })?,
+            layer,
+        )),
     })
 }
 
@@ -142,6 +147,13 @@ impl Engine {
             head_dim: m.head_dim,
             page_size: cfg.kv.page_size,
         };
+        let lazy = (0..m.n_layers)
+            .find_map(|l| match cfg.layer_policy(l) {
+                LayerPolicy::Lazy(z) => Some(z.clone()),
+                _ => None,
+            })
+            .map(|z| LazyShared::new(z, &m))
+            .transpose()?;
         let mut layers = Vec::with_capacity(m.n_layers);
         for l in 0..m.n_layers {
             let p = cfg.layer_policy(l);
@@ -163,14 +175,25 @@ impl Engine {
             };
             layers.push(Layer {
                 pool,
-                policy: build_policy(p, &cfg, l)?,
+                policy: build_policy(p, &cfg, l, lazy.as_ref())?,
                 method: p.method(),
                 streaming,
                 pinned,
             });
         }
         tracing::info!(layers = m.n_layers, dtype = %cfg.kv.dtype, "infinitehip engine created");
-        Ok(Engine { cfg, shape, layers })
+        Ok(Engine {
+            cfg,
+            shape,
+            layers,
+            lazy,
+        })
+    }
+
+    /// The LazyLLM state (keep sets, plans, row counts) when some layer runs
+    /// `lazy`: what an engine hook that drops rows between layers reads.
+    pub fn lazy(&self) -> Option<&LazyShared> {
+        self.lazy.as_ref()
     }
 
     pub fn config(&self) -> &PolicyConfig {

@@ -1041,7 +1041,7 @@ fn device_page_cache_follows_compaction() {
         e.add_sequence(1).unwrap();
         e.add_sequence(2).unwrap();
     }
-    let mut push =
+    let push =
         |engines: &mut [Engine; 2], rng: &mut Rng, seq: u64, n: usize, phase: Phase, done: bool| {
             let k = rng.normal_vec(n * 32, 1.0);
             let v = rng.normal_vec(n * 32, 1.0);

@@ -4,6 +4,7 @@
 
 mod dense;
 pub mod hip;
+pub mod lazy;
 pub mod locret;
 mod selection;
 pub mod squeeze;
