@@ -15,6 +15,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--tokens", default="32768,131072,524288,1048576")
 ap.add_argument("--batch", default="1,16")
 ap.add_argument("--reps", type=int, default=20)
+ap.add_argument("--prefill-tokens", default="32768,131072")
 ap.add_argument("--json", required=True)
 a = ap.parse_args()
 res, skipped = {}, {}
@@ -45,4 +46,28 @@ for t in [int(x) for x in a.tokens.split(",")]:
             skipped[key] = f"{type(ex).__name__}: {str(ex)[:200]}"
             print(f"sdpa T={t} B={b}: skipped ({skipped[key]})", flush=True)
             torch.cuda.empty_cache()
+for t in [int(x) for x in a.prefill_tokens.split(",") if x]:
+    key = f"prefill_{t}"
+    try:
+        torch.cuda.empty_cache()
+        k = torch.randn(1, 8, t, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(1, 8, t, 128, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(1, 32, t, 128, device="cuda", dtype=torch.bfloat16)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            f = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            o = f(); torch.cuda.synchronize()
+            assert torch.isfinite(o).all()
+            ts = []
+            for _ in range(3 if t <= 262144 else 1):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record(); f(); e.record(); e.synchronize()
+                ts.append(s.elapsed_time(e))
+        ts.sort()
+        res[key] = ts[len(ts) // 2]
+        print(f"sdpa causal prefill T={t}: {res[key]:.1f} ms", flush=True)
+        del k, v, q, o
+    except Exception as ex:
+        skipped[key] = f"{type(ex).__name__}: {str(ex)[:200]}"
+        print(f"sdpa prefill T={t}: skipped ({skipped[key]})", flush=True)
+        torch.cuda.empty_cache()
 json.dump({"name": name, "results": res, "skipped": skipped}, open(a.json, "w"), indent=1)

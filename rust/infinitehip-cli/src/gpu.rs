@@ -6,10 +6,10 @@ use std::time::Instant;
 use half::{bf16, f16};
 use infinitehip::attention::{reference::attend_f64, rel_error, AttnShape};
 use infinitehip::backend::cuda::dispatch::{
-    self, DecodeWorkspace, DeviceKv, DeviceSelection, HipGpuDecoder,
+    self, DecodeWorkspace, DeviceKv, DeviceSelection, HipGpuDecoder, HipGpuPrefill,
 };
 use infinitehip::backend::cuda::{self as cu, kernels, DevBuf, GpuContext};
-use infinitehip::config::{HipConfig, ModelShape};
+use infinitehip::config::{HipConfig, HipStage, ModelShape};
 use infinitehip::kv::{KvLayout, KvPool, SeqView};
 use infinitehip::parallel::par_map;
 use infinitehip::policy::hip::HipPolicy;
@@ -60,6 +60,16 @@ fn ref_f64<T: Element>(
     view: &SeqView<'_, T>,
     sel: Option<&Selection>,
 ) -> Vec<f64> {
+    ref_f64_lim(shape, q, view, sel, usize::MAX)
+}
+
+fn ref_f64_lim<T: Element>(
+    shape: &AttnShape,
+    q: &[f32],
+    view: &SeqView<'_, T>,
+    sel: Option<&Selection>,
+    limit: usize,
+) -> Vec<f64> {
     let (g, d) = (shape.group(), shape.head_dim);
     let one = AttnShape {
         n_q_heads: g,
@@ -76,7 +86,7 @@ fn ref_f64<T: Element>(
             &q[h * g * d..(h + 1) * g * d],
             &hv,
             s1.as_ref(),
-            usize::MAX,
+            limit,
         )
     });
     per.concat()
@@ -344,6 +354,115 @@ fn hip_case(gpu: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<Che
     })
 }
 
+fn small_hip() -> HipConfig {
+    HipConfig {
+        sink: 32,
+        window: 256,
+        stages: vec![
+            HipStage {
+                chunk_size: 64,
+                keep_tokens: 1024,
+                refresh_interval: 16,
+            },
+            HipStage {
+                chunk_size: 16,
+                keep_tokens: 512,
+                refresh_interval: 8,
+            },
+            HipStage {
+                chunk_size: 8,
+                keep_tokens: 256,
+                refresh_interval: 4,
+            },
+        ],
+        block_size_q: 64,
+        q_stride: 4,
+        ..HipConfig::default()
+    }
+}
+
+/// GPU chunked prefill (mask of every query block + causal block-sparse
+/// attention) vs the CPU HipPolicy's prefill selection and the f64
+/// reference, on a chunk whose length is not a multiple of the block.
+fn prefill_case(gpu: &GpuContext, len: usize, q_start: usize, n: usize, seed: u64) -> R<Check> {
+    let shape = AttnShape::new(32, 8, 128).map_err(e)?;
+    let cfg = small_hip();
+    let model = ModelShape {
+        n_layers: 1,
+        n_q_heads: 32,
+        n_kv_heads: 8,
+        head_dim: 128,
+        ..ModelShape::default()
+    };
+    let ns = needle_seq::<bf16>(shape, len, 64, cfg.sink, cfg.window, 64, seed).map_err(e)?;
+    let mut rng = Rng::new(seed ^ 5);
+    let qe = shape.q_elems();
+    let mut q = Vec::with_capacity(n * qe);
+    for _ in 0..n {
+        q.extend(ns.query(&mut rng));
+    }
+    let view = ns.pool.view(0).map_err(e)?;
+    let mut pol = HipPolicy::new(cfg.clone(), &model).map_err(e)?;
+    let req = SelectRequest {
+        seq: 0,
+        shape,
+        phase: Phase::Prefill,
+        queries: &q,
+        q_start,
+        kv: &view,
+    };
+    let cpu = pol.select(&req).map_err(e)?;
+    let mut kv = DeviceKv::upload(&[(&ns.pool, 0)]).map_err(e)?;
+    kv.lens = vec![q_start + n];
+    let mut pf = HipGpuPrefill::new(cfg.clone(), &shape, n).map_err(e)?;
+    let qd = DevBuf::from_slice(&q).map_err(e)?;
+    let out = DevBuf::alloc(q.len() * 4).map_err(e)?;
+    out.fill_bytes(0xff).map_err(e)?;
+    pf.prepare(&kv, q_start, n).map_err(e)?;
+    pf.select(gpu, &kv, qd.ptr).map_err(e)?;
+    pf.attend(gpu, &shape, &kv, qd.ptr, out.ptr).map_err(e)?;
+    gpu.synchronize().map_err(e)?;
+    let gsel = pf.sel.to_host(8).map_err(e)?;
+    let mism = cpu.blocks.iter().zip(&gsel).filter(|(a, b)| a != b).count()
+        + cpu.blocks.len().abs_diff(gsel.len());
+    let got: Vec<f32> = out.read(q.len()).map_err(e)?;
+    let finite = got.iter().all(|x| x.is_finite());
+    let mut worst = 0f64;
+    let checked: Vec<usize> = (0..n).step_by(7).chain([n - 1]).collect();
+    for &i in &checked {
+        let r = ref_f64_lim(
+            &shape,
+            &q[i * qe..(i + 1) * qe],
+            &view,
+            Some(&gsel[i / cfg.block_size_q]),
+            q_start + i + 1,
+        );
+        let err = rel_error(&got[i * qe..(i + 1) * qe], &r);
+        worst = if err.is_nan() || worst.is_nan() {
+            f64::NAN
+        } else {
+            worst.max(err)
+        };
+    }
+    let after = ns
+        .needles
+        .iter()
+        .map(|nd| nd.start + nd.len)
+        .max()
+        .unwrap_or(0);
+    let recall = gsel
+        .iter()
+        .enumerate()
+        .filter(|(b, _)| q_start + b * cfg.block_size_q >= after)
+        .map(|(_, s)| ns.recall(s))
+        .fold(1f64, f64::min);
+    Ok(Check {
+        name: format!("hip prefill == CPU HipPolicy, len {len}, queries {q_start}..{}", q_start + n),
+        ok: mism == 0 && finite && worst <= 1e-2,
+        detail: format!("block selection mismatches {mism}/{}; causal attention rel_err {worst:.2e} over {} queries; all written+finite {finite}; needle recall (blocks after the needles) {recall:.3}", cpu.blocks.len(), checked.len()),
+    })
+}
+
 pub fn gpu_test(argv: &[String]) -> R<()> {
     let a = Args::parse(argv, &["seed", "hip-len"], &["quick"])?;
     let seed: u64 = a.get("seed", 0xC0DA)?;
@@ -375,6 +494,8 @@ pub fn gpu_test(argv: &[String]) -> R<()> {
         17,
         seed,
     )?);
+    checks.push(prefill_case(&gpu, 6000, 2500, 1500, seed + 9)?);
+    checks.push(prefill_case(&gpu, 3000, 0, 3000, seed + 10)?);
     let mut failed = 0;
     for c in &checks {
         println!(
@@ -426,7 +547,15 @@ fn time_ms(gpu: &GpuContext, reps: usize, mut f: impl FnMut() -> R<()>) -> R<f64
 pub fn bench_gpu(argv: &[String]) -> R<()> {
     let a = Args::parse(
         argv,
-        &["tokens", "batch", "json", "baseline", "seed", "reps"],
+        &[
+            "tokens",
+            "batch",
+            "json",
+            "baseline",
+            "seed",
+            "reps",
+            "prefill-tokens",
+        ],
         &[],
     )?;
     let tokens = a.list("tokens", &[32768, 131072, 524288, 1048576])?;
@@ -586,6 +715,78 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
             eprintln!("T={t} B={b}: {}", rows.last().unwrap());
         }
     }
+    let prefill_tokens = a.list("prefill-tokens", &[32768, 131072])?;
+    for &t in &prefill_tokens {
+        let ns = needle_seq::<bf16>(shape, t, 64, cfg.sink, cfg.window, 64, seed + 7 * t as u64)
+            .map_err(e)?;
+        let kv = DeviceKv::upload(&[(&ns.pool, 0)]).map_err(e)?;
+        let mut rng = Rng::new(seed ^ 0x9f);
+        let mut q = Vec::with_capacity(t * qe);
+        for _ in 0..t {
+            q.extend(ns.query(&mut rng));
+        }
+        let qd = DevBuf::from_slice(&q).map_err(e)?;
+        drop(q);
+        let chunk = cfg.prefill_chunk;
+        let out = DevBuf::alloc(chunk * qe * 4).map_err(e)?;
+        let mut pf = HipGpuPrefill::new(cfg.clone(), &shape, chunk).map_err(e)?;
+        let mut recall = 1f64;
+        let mut run = |record: bool, recall: &mut f64| -> R<(f64, f64)> {
+            let (mut sel_ms, mut att_ms) = (0f64, 0f64);
+            let mut q0 = 0;
+            while q0 < t {
+                let n = chunk.min(t - q0);
+                pf.prepare(&kv, q0, n).map_err(e)?;
+                let qp = qd.ptr + (q0 * qe * 4) as u64;
+                gpu.synchronize().map_err(e)?;
+                let t0 = Instant::now();
+                pf.select(&gpu, &kv, qp).map_err(e)?;
+                gpu.synchronize().map_err(e)?;
+                let t1 = Instant::now();
+                pf.attend(&gpu, &shape, &kv, qp, out.ptr).map_err(e)?;
+                gpu.synchronize().map_err(e)?;
+                sel_ms += (t1 - t0).as_secs_f64() * 1e3;
+                att_ms += t1.elapsed().as_secs_f64() * 1e3;
+                if record && q0 + n == t {
+                    // Blocks whose first query comes after every needle
+                    // (earlier blocks cannot see it causally).
+                    let after = ns
+                        .needles
+                        .iter()
+                        .map(|nd| nd.start + nd.len)
+                        .max()
+                        .unwrap_or(0);
+                    let sel = pf.sel.to_host(8).map_err(e)?;
+                    *recall = sel
+                        .iter()
+                        .enumerate()
+                        .filter(|(b, _)| q0 + b * cfg.block_size_q >= after)
+                        .map(|(_, s)| ns.recall(s))
+                        .fold(1f64, f64::min);
+                }
+                q0 += n;
+            }
+            Ok((sel_ms, att_ms))
+        };
+        run(false, &mut recall)?;
+        let (sel_ms, att_ms) = run(true, &mut recall)?;
+        let ours = sel_ms + att_ms;
+        let key = format!("prefill_{t}");
+        let base = baseline
+            .get("results")
+            .and_then(|r| r.get(&key))
+            .and_then(|x| x.as_f64());
+        rows.push(json!({
+            "policy": "hip", "phase": "prefill", "tokens": t, "batch": 1,
+            "dense_ms": None::<f64>, "ours_ms": ours, "refresh_ms": None::<f64>,
+            "prefill_select_ms": sel_ms, "prefill_attend_ms": att_ms,
+            "speedup": base.map(|x| x / ours), "rel_error": None::<f64>,
+            "needle_recall": recall,
+            "baseline": baseline.get("name").and_then(|x| x.as_str()).unwrap_or("none"),
+            "baseline_ms": base, "floor_ms": None::<f64>,
+        }));
+        eprintln!("prefill T={t}: {}", rows.last().unwrap());
+    }
     let doc = json!({
         "machine": format!("{} ({} SMs), {:.0} GB/s measured copy bandwidth", gpu.name, gpu.sm_count, bw / 1e9),
         "results": rows,
@@ -606,7 +807,7 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
             .and_then(|x| x.as_f64())
             .map_or("-".to_string(), |x| format!("{x:.2e}"))
     };
-    for r in &rows {
+    for r in rows.iter().filter(|r| r["phase"] == "decode") {
         println!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r["tokens"],
@@ -620,6 +821,20 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
             f(r, "dense_floor_ms", 3),
             fe(r, "rel_error"),
             fe(r, "dense_rel_error"),
+            f(r, "needle_recall", 3)
+        );
+    }
+    println!("\n| prefill tokens | SDPA flash causal ms | hip prefill ms (mask + attention) | mask ms | attention ms | speedup | needle recall, last chunk (blocks after the needles) |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in rows.iter().filter(|r| r["phase"] == "prefill") {
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r["tokens"],
+            f(r, "baseline_ms", 1),
+            f(r, "ours_ms", 1),
+            f(r, "prefill_select_ms", 1),
+            f(r, "prefill_attend_ms", 1),
+            f(r, "speedup", 2),
             f(r, "needle_recall", 3)
         );
     }

@@ -268,7 +268,8 @@ fn check_shape(shape: &AttnShape, kv: &DeviceKv) -> Result<()> {
 
 /// Block-sparse decode: `q` is `[batch][n_q_heads][head_dim]` f32 on the
 /// device, `out` the same shape (f32). `split_tokens` None picks a split
-/// size that gives about four CTAs per SM.
+/// size that gives about eight CTAs per SM.
+#[allow(clippy::too_many_arguments)]
 pub fn decode(
     gpu: &GpuContext,
     ws: &mut DecodeWorkspace,
@@ -280,34 +281,79 @@ pub fn decode(
     split_tokens: Option<usize>,
     out: u64,
 ) -> Result<()> {
-    check_shape(shape, kv)?;
-    let (b, hkv, d, g) = (kv.batch(), shape.n_kv_heads, shape.head_dim, shape.group());
-    if sel.rows != b * hkv {
+    let b = kv.batch();
+    if sel.rows != b * shape.n_kv_heads {
         return Err(Error::shape(
             "CUDA decode selection rows",
-            b * hkv,
+            b * shape.n_kv_heads,
+            sel.rows,
+        ));
+    }
+    attend(
+        gpu,
+        ws,
+        shape,
+        kv,
+        q,
+        b,
+        sel,
+        max_tokens,
+        split_tokens,
+        out,
+        1,
+        0,
+        0,
+    )
+}
+
+/// The shared attention launch. Query row i (of `n_rows`) reads selection
+/// row `(i / q_block, head)`, the page table of sequence `q_seq[i]` (0: row
+/// i) and, when `q_pos` is non-null, only tokens at or before `q_pos[i]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    gpu: &GpuContext,
+    ws: &mut DecodeWorkspace,
+    shape: &AttnShape,
+    kv: &DeviceKv,
+    q: u64,
+    n_rows: usize,
+    sel: &DeviceSelection,
+    max_tokens: usize,
+    split_tokens: Option<usize>,
+    out: u64,
+    q_block: usize,
+    q_seq: u64,
+    q_pos: u64,
+) -> Result<()> {
+    check_shape(shape, kv)?;
+    let (hkv, d, g) = (shape.n_kv_heads, shape.head_dim, shape.group());
+    if sel.rows != n_rows.div_ceil(q_block) * hkv {
+        return Err(Error::shape(
+            "CUDA attention selection rows",
+            n_rows.div_ceil(q_block) * hkv,
             sel.rows,
         ));
     }
     let split = split_tokens.unwrap_or_else(|| {
-        let want = (4 * gpu.sm_count).div_ceil(b * hkv).max(1);
+        let want = (4 * gpu.sm_count).div_ceil(n_rows * hkv).max(1);
         max_tokens.div_ceil(want).next_multiple_of(128).max(128)
     });
     let n_splits = max_tokens.div_ceil(split).max(1);
-    let rows = b * shape.n_q_heads * n_splits;
+    let rows = n_rows * shape.n_q_heads * n_splits;
     ws.ensure(rows, d)?;
     let tag = kernels::dtype_tag(kv.dtype).unwrap();
     let f = gpu.func("decode", &format!("decode_{tag}_d{d}_g{g}"))?;
     let scale_log2 = shape.scale * std::f32::consts::LOG2_E;
-    let (ts, ps, hk, cap, sp) = (
+    let (ts, ps, hk, cap, sp, qb) = (
         kv.table_stride as i32,
         kv.page_size as i32,
         hkv as i32,
         sel.cap as i32,
         split as i32,
+        q_block as i32,
     );
     let cfg = LaunchConfig {
-        grid_dim: (n_splits as u32, hkv as u32, b as u32),
+        grid_dim: (n_splits as u32, hkv as u32, n_rows as u32),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -328,8 +374,11 @@ pub fn decode(
         .arg(&sp)
         .arg(&ws.pm.ptr)
         .arg(&ws.pl.ptr)
-        .arg(&ws.pacc.ptr);
-    unsafe { l.launch(cfg) }.map_err(|e| gpu_err("launch decode", e))?;
+        .arg(&ws.pacc.ptr)
+        .arg(&qb)
+        .arg(&q_seq)
+        .arg(&q_pos);
+    unsafe { l.launch(cfg) }.map_err(|e| gpu_err("launch attention", e))?;
     let fc = gpu.func("decode", &format!("combine_d{d}"))?;
     let ns = n_splits as i32;
     let mut l = gpu.stream.launch_builder(&fc);
@@ -340,7 +389,7 @@ pub fn decode(
         .arg(&out);
     unsafe {
         l.launch(LaunchConfig {
-            grid_dim: ((b * shape.n_q_heads) as u32, 1, 1),
+            grid_dim: ((n_rows * shape.n_q_heads) as u32, 1, 1),
             block_dim: (d.min(128) as u32, 1, 1),
             shared_mem_bytes: 0,
         })
@@ -355,6 +404,156 @@ fn regions(cfg: &HipConfig, pos: usize) -> (Range<usize>, Range<usize>, Range<us
     let sink_end = cfg.sink.min(end);
     let win_start = (pos + 1).saturating_sub(cfg.window).max(sink_end);
     (0..sink_end, sink_end..win_start, win_start..end)
+}
+
+/// Per-call inputs of the stage kernels.
+struct StageInputs {
+    rows: usize,
+    row_seq: u64,
+    q: u64,
+    nq: u64,
+    nq_max: usize,
+    nq_tpl: usize,
+    stage0_in: u64,
+    stage0_cnt: u64,
+    e0: usize,
+    keys: u64,
+}
+
+/// Run hip stages `from..` (score + top-k each) for all rows.
+fn run_stages(
+    gpu: &GpuContext,
+    kv: &DeviceKv,
+    cfg: &HipConfig,
+    stages: &[StageBuf],
+    from: usize,
+    x: &StageInputs,
+) -> Result<()> {
+    let hkv = kv.n_kv_heads;
+    let d = kv.head_dim;
+    let tag = kernels::dtype_tag(kv.dtype).unwrap();
+    let rows = x.rows as i32;
+    let nq_tpl = x.nq_tpl;
+    let score = gpu.func("hip_mask", &format!("hip_score_{tag}_d{d}_q{nq_tpl}"))?;
+    let topk = gpu.func("hip_mask", "hip_topk")?;
+    for s in from..cfg.stages.len() {
+        let st = &cfg.stages[s];
+        let (in_ptr, in_cnt, cap_in, e) = if s == 0 {
+            (x.stage0_in, x.stage0_cnt, 1usize, x.e0)
+        } else {
+            let prev = &stages[s - 1];
+            (
+                prev.out.ptr,
+                prev.cnt.ptr,
+                prev.cap,
+                cfg.stages[s - 1].chunk_size.div_ceil(st.chunk_size),
+            )
+        };
+        let n_sub = cap_in * e;
+        let (ts, ps, hk, nqm, ci, ei, c) = (
+            kv.table_stride as i32,
+            kv.page_size as i32,
+            hkv as i32,
+            x.nq_max as i32,
+            cap_in as i32,
+            e as i32,
+            st.chunk_size as i32,
+        );
+        let smem = x.nq_max.next_multiple_of(nq_tpl) * d * 4;
+        if smem > 48 * 1024 {
+            score
+                .set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .map_err(|e| gpu_err("raise hip_score shared memory", e))?;
+        }
+        let mut l = gpu.stream.launch_builder(&score);
+        l.arg(&kv.k.ptr)
+            .arg(&kv.table.ptr)
+            .arg(&ts)
+            .arg(&ps)
+            .arg(&hk)
+            .arg(&x.row_seq)
+            .arg(&x.q)
+            .arg(&x.nq)
+            .arg(&nqm)
+            .arg(&in_ptr)
+            .arg(&in_cnt)
+            .arg(&ci)
+            .arg(&ei)
+            .arg(&c)
+            .arg(&x.keys);
+        unsafe {
+            l.launch(LaunchConfig {
+                grid_dim: (n_sub.div_ceil(128) as u32, rows as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem as u32,
+            })
+        }
+        .map_err(|e| gpu_err("launch hip_score", e))?;
+        let out = &stages[s];
+        let (nsub, k, oc) = (
+            n_sub as i32,
+            (st.keep_tokens / st.chunk_size) as i32,
+            out.cap as i32,
+        );
+        let mut l = gpu.stream.launch_builder(&topk);
+        l.arg(&x.keys)
+            .arg(&nsub)
+            .arg(&k)
+            .arg(&in_ptr)
+            .arg(&in_cnt)
+            .arg(&ci)
+            .arg(&ei)
+            .arg(&c)
+            .arg(&out.out.ptr)
+            .arg(&out.cnt.ptr)
+            .arg(&oc);
+        unsafe {
+            l.launch(LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(|e| gpu_err("launch hip_topk", e))?;
+    }
+    Ok(())
+}
+
+/// Build the attention selection (sink, last stage's chunks, slid, window).
+fn assemble(
+    gpu: &GpuContext,
+    last: &StageBuf,
+    extra: u64,
+    hkv: usize,
+    rows: usize,
+    sel: &DeviceSelection,
+) -> Result<()> {
+    let asm = gpu.func("hip_mask", "hip_assemble")?;
+    let (lc, hk, nr, cap) = (last.cap as i32, hkv as i32, rows as i32, sel.cap as i32);
+    let mut l = gpu.stream.launch_builder(&asm);
+    l.arg(&last.out.ptr)
+        .arg(&last.cnt.ptr)
+        .arg(&lc)
+        .arg(&extra)
+        .arg(&hk)
+        .arg(&nr)
+        .arg(&sel.ranges.ptr)
+        .arg(&sel.cum.ptr)
+        .arg(&sel.cnt.ptr)
+        .arg(&sel.tot.ptr)
+        .arg(&cap);
+    unsafe {
+        l.launch(LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(|e| gpu_err("launch hip_assemble", e))?;
+    Ok(())
 }
 
 struct StageBuf {
@@ -390,17 +589,18 @@ pub struct HipGpuDecoder {
 }
 
 impl HipGpuDecoder {
-    pub fn new(cfg: HipConfig, shape: &AttnShape, batch: usize) -> Result<Self> {
+    /// Configurations the GPU stages reproduce exactly.
+    pub fn validate(cfg: &HipConfig) -> Result<()> {
         if cfg.stages.is_empty() {
             return Err(Error::config(
                 "hip.stages",
-                "the GPU decoder needs at least one stage",
+                "the GPU path needs at least one stage",
             ));
         }
         for (i, w) in cfg.stages.windows(2).enumerate() {
             if w[0].chunk_size % w[1].chunk_size != 0 {
                 return Err(Error::config(
-                    &format!("hip.stages[{}].chunk_size", i + 1),
+                    format!("hip.stages[{}].chunk_size", i + 1),
                     "on the GPU each stage's chunk size must divide the previous stage's",
                 ));
             }
@@ -410,9 +610,14 @@ impl HipGpuDecoder {
         {
             return Err(Error::config(
                 "hip.rope",
-                "the GPU decoder supports original RoPE positions only",
+                "the GPU path supports original RoPE positions only",
             ));
         }
+        Ok(())
+    }
+
+    pub fn new(cfg: HipConfig, shape: &AttnShape, batch: usize) -> Result<Self> {
+        Self::validate(&cfg)?;
         let hkv = shape.n_kv_heads;
         let rows = batch * hkv;
         let mut stages = Vec::new();
@@ -449,6 +654,7 @@ impl HipGpuDecoder {
     }
 
     /// Which stage a step starts from (n_stages: none refreshed).
+    #[allow(clippy::manual_is_multiple_of)] // MSRV 1.80
     pub fn refresh_from(&self) -> usize {
         if self.step == 0 {
             return 0;
@@ -480,8 +686,6 @@ impl HipGpuDecoder {
         let from = self.refresh_from();
         let n = self.cfg.stages.len();
         let hkv = self.hkv;
-        let d = kv.head_dim;
-        let tag = kernels::dtype_tag(kv.dtype).unwrap();
         if upload {
             let mut mids = Vec::with_capacity(self.batch * hkv);
             let mut extra = Vec::with_capacity(self.batch * 3);
@@ -523,108 +727,28 @@ impl HipGpuDecoder {
             }
             self.e0 = e0;
         }
-        let rows = (self.batch * hkv) as i32;
-        let nq_tpl = self.group.min(8);
-        let score = gpu.func("hip_mask", &format!("hip_score_{tag}_d{d}_q{nq_tpl}"))?;
-        let topk = gpu.func("hip_mask", "hip_topk")?;
-        for s in from..n {
-            let st = &self.cfg.stages[s];
-            let (in_ptr, in_cnt, cap_in, e) = if s == 0 {
-                (self.stage0_in.ptr, self.stage0_cnt.ptr, 1usize, self.e0)
-            } else {
-                let prev = &self.stages[s - 1];
-                (
-                    prev.out.ptr,
-                    prev.cnt.ptr,
-                    prev.cap,
-                    self.cfg.stages[s - 1].chunk_size.div_ceil(st.chunk_size),
-                )
-            };
-            let n_sub = cap_in * e;
-            let (ts, ps, hk, nqm, ci, ei, c) = (
-                kv.table_stride as i32,
-                kv.page_size as i32,
-                hkv as i32,
-                self.group as i32,
-                cap_in as i32,
-                e as i32,
-                st.chunk_size as i32,
-            );
-            let mut l = gpu.stream.launch_builder(&score);
-            l.arg(&kv.k.ptr)
-                .arg(&kv.table.ptr)
-                .arg(&ts)
-                .arg(&ps)
-                .arg(&hk)
-                .arg(&self.row_seq.ptr)
-                .arg(&q)
-                .arg(&self.nq.ptr)
-                .arg(&nqm)
-                .arg(&in_ptr)
-                .arg(&in_cnt)
-                .arg(&ci)
-                .arg(&ei)
-                .arg(&c)
-                .arg(&self.keys.ptr);
-            unsafe {
-                l.launch(LaunchConfig {
-                    grid_dim: (n_sub.div_ceil(128) as u32, rows as u32, 1),
-                    block_dim: (128, 1, 1),
-                    shared_mem_bytes: (nqm as usize).next_multiple_of(nq_tpl) as u32
-                        * (d * 4) as u32,
-                })
-            }
-            .map_err(|e| gpu_err("launch hip_score", e))?;
-            let out = &self.stages[s];
-            let (nsub, k, oc) = (
-                n_sub as i32,
-                (st.keep_tokens / st.chunk_size) as i32,
-                out.cap as i32,
-            );
-            let mut l = gpu.stream.launch_builder(&topk);
-            l.arg(&self.keys.ptr)
-                .arg(&nsub)
-                .arg(&k)
-                .arg(&in_ptr)
-                .arg(&in_cnt)
-                .arg(&ci)
-                .arg(&ei)
-                .arg(&c)
-                .arg(&out.out.ptr)
-                .arg(&out.cnt.ptr)
-                .arg(&oc);
-            unsafe {
-                l.launch(LaunchConfig {
-                    grid_dim: (rows as u32, 1, 1),
-                    block_dim: (1024, 1, 1),
-                    shared_mem_bytes: 0,
-                })
-            }
-            .map_err(|e| gpu_err("launch hip_topk", e))?;
-        }
-        let last = self.stages.last().unwrap();
-        let asm = gpu.func("hip_mask", "hip_assemble")?;
-        let (lc, hk, nr, cap) = (last.cap as i32, hkv as i32, rows, self.sel.cap as i32);
-        let mut l = gpu.stream.launch_builder(&asm);
-        l.arg(&last.out.ptr)
-            .arg(&last.cnt.ptr)
-            .arg(&lc)
-            .arg(&self.extra.ptr)
-            .arg(&hk)
-            .arg(&nr)
-            .arg(&self.sel.ranges.ptr)
-            .arg(&self.sel.cum.ptr)
-            .arg(&self.sel.cnt.ptr)
-            .arg(&self.sel.tot.ptr)
-            .arg(&cap);
-        unsafe {
-            l.launch(LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            })
-        }
-        .map_err(|e| gpu_err("launch hip_assemble", e))?;
+        let rows = self.batch * hkv;
+        let ctx = StageInputs {
+            rows,
+            row_seq: self.row_seq.ptr,
+            q,
+            nq: self.nq.ptr,
+            nq_max: self.group,
+            nq_tpl: self.group.min(8),
+            stage0_in: self.stage0_in.ptr,
+            stage0_cnt: self.stage0_cnt.ptr,
+            e0: self.e0,
+            keys: self.keys.ptr,
+        };
+        run_stages(gpu, kv, &self.cfg, &self.stages, from, &ctx)?;
+        assemble(
+            gpu,
+            self.stages.last().unwrap(),
+            self.extra.ptr,
+            hkv,
+            rows,
+            &self.sel,
+        )?;
         self.step += 1;
         Ok(from)
     }
@@ -649,5 +773,235 @@ impl HipGpuDecoder {
 
     pub fn reset(&mut self) {
         self.step = 0;
+    }
+}
+
+/// InfiniteHiP chunked prefill on the GPU: the mask of every query block of
+/// a chunk (the CPU policy's `select_prefill`: sink, stages over the middle
+/// scored by the block's strided queries, window from the block's first
+/// query), then causal block-sparse attention of each query over its block's
+/// selection. One sequence (batch row 0 of the `DeviceKv`).
+pub struct HipGpuPrefill {
+    cfg: HipConfig,
+    hkv: usize,
+    group: usize,
+    max_blocks: usize,
+    nq_max: usize,
+    stages: Vec<StageBuf>,
+    keys: DevBuf,
+    keys_cap: usize,
+    qs: DevBuf,
+    nq: DevBuf,
+    row_seq: DevBuf,
+    stage0_in: DevBuf,
+    stage0_cnt: DevBuf,
+    extra: DevBuf,
+    q_pos: DevBuf,
+    /// Sequence (page-table row) of each query: all 0.
+    q_seq: DevBuf,
+    pub sel: DeviceSelection,
+    pub ws: DecodeWorkspace,
+    n_blocks: usize,
+    n: usize,
+    e0: usize,
+    max_tokens: usize,
+}
+
+impl HipGpuPrefill {
+    /// Buffers for chunks of up to `max_queries` queries.
+    pub fn new(cfg: HipConfig, shape: &AttnShape, max_queries: usize) -> Result<Self> {
+        // Reuse the decoder's validation of stages and RoPE.
+        HipGpuDecoder::validate(&cfg)?;
+        let hkv = shape.n_kv_heads;
+        let g = shape.group();
+        let qb = cfg.block_size_q;
+        let max_blocks = max_queries.div_ceil(qb).max(1);
+        let rows = max_blocks * hkv;
+        let per_block = qb.div_ceil(cfg.q_stride) + 1;
+        let nq_max = per_block * g;
+        let mut stages = Vec::new();
+        for st in &cfg.stages {
+            let cap = (st.keep_tokens / st.chunk_size).max(1);
+            stages.push(StageBuf {
+                out: DevBuf::alloc(rows * cap * 8)?,
+                cnt: DevBuf::from_slice(&vec![0i32; rows])?,
+                cap,
+            });
+        }
+        let last_cap = stages.last().unwrap().cap;
+        Ok(HipGpuPrefill {
+            hkv,
+            group: g,
+            max_blocks,
+            nq_max,
+            keys: DevBuf::alloc(16)?,
+            keys_cap: 0,
+            qs: DevBuf::alloc(rows * nq_max.next_multiple_of(8) * shape.head_dim * 4)?,
+            nq: DevBuf::alloc(max_blocks * 4)?,
+            row_seq: DevBuf::from_slice(&vec![0i32; max_blocks])?,
+            stage0_in: DevBuf::alloc(rows * 8)?,
+            stage0_cnt: DevBuf::from_slice(&vec![1i32; rows])?,
+            extra: DevBuf::alloc(max_blocks * 3 * 8)?,
+            q_pos: DevBuf::alloc(max_blocks * qb * 4)?,
+            q_seq: DevBuf::from_slice(&vec![0i32; max_blocks * qb])?,
+            sel: DeviceSelection::empty(rows, last_cap + 3)?,
+            ws: DecodeWorkspace::new(),
+            n_blocks: 0,
+            n: 0,
+            e0: 1,
+            max_tokens: 1,
+            stages,
+            cfg,
+        })
+    }
+
+    /// Host-side set-up of a chunk of `n` queries at cache positions
+    /// `q_start..q_start + n` (tiny uploads: regions and positions).
+    pub fn prepare(&mut self, kv: &DeviceKv, q_start: usize, n: usize) -> Result<()> {
+        let qb = self.cfg.block_size_q;
+        let nb = n.div_ceil(qb);
+        if n == 0 || nb > self.max_blocks {
+            return Err(Error::Invalid(format!(
+                "hip GPU prefill: chunk of {n} queries (buffers hold {})",
+                self.max_blocks * qb
+            )));
+        }
+        if q_start + n > kv.lens[0] {
+            return Err(Error::OutOfRange(format!(
+                "hip GPU prefill: queries {q_start}..{} beyond {} cached tokens",
+                q_start + n,
+                kv.lens[0]
+            )));
+        }
+        let mut mids = Vec::with_capacity(nb * self.hkv);
+        let mut extra = Vec::with_capacity(nb * 3);
+        let (mut max_mid, mut bound) = (0, 1);
+        let last_keep = self.stages.last().map_or(0, |s| s.cap)
+            * self.cfg.stages.last().map_or(0, |s| s.chunk_size);
+        for b in 0..nb {
+            let p_first = q_start + b * qb;
+            let p_last = q_start + ((b + 1) * qb).min(n) - 1;
+            let end = p_last + 1;
+            let sink_end = self.cfg.sink.min(end);
+            let win_start = (p_first + 1).saturating_sub(self.cfg.window).max(sink_end);
+            let mid = sink_end..win_start;
+            max_mid = max_mid.max(mid.len());
+            bound = bound.max(sink_end + (end - win_start) + last_keep.min(mid.len()));
+            for _ in 0..self.hkv {
+                mids.push([mid.start as i32, mid.end as i32]);
+            }
+            extra.push([0, sink_end as i32]);
+            extra.push([0, 0]);
+            extra.push([win_start as i32, end as i32]);
+        }
+        self.stage0_in.write(&mids)?;
+        self.extra.write(&extra)?;
+        let pos: Vec<i32> = (0..n).map(|i| (q_start + i) as i32).collect();
+        self.q_pos.write(&pos)?;
+        self.e0 = max_mid.div_ceil(self.cfg.stages[0].chunk_size).max(1);
+        let mut slots = self.e0;
+        for s in 1..self.cfg.stages.len() {
+            let e = self.cfg.stages[s - 1]
+                .chunk_size
+                .div_ceil(self.cfg.stages[s].chunk_size);
+            slots = slots.max(self.stages[s - 1].cap * e);
+        }
+        let need = nb * self.hkv * slots;
+        if need > self.keys_cap {
+            self.keys = DevBuf::alloc(need * 4)?;
+            self.keys_cap = need;
+        }
+        self.n_blocks = nb;
+        self.n = n;
+        self.max_tokens = bound;
+        Ok(())
+    }
+
+    /// Mask estimation for the prepared chunk; `q` is the chunk's queries
+    /// `[n][n_q_heads][d]` f32 on the device. Leaves the selection in `sel`
+    /// (rows `[block][kv_head]`).
+    pub fn select(&mut self, gpu: &GpuContext, kv: &DeviceKv, q: u64) -> Result<()> {
+        let rows = self.n_blocks * self.hkv;
+        let d = kv.head_dim;
+        let gather = gpu.func("hip_mask", "hip_gather_q")?;
+        let (n, qb, st, hk, g, di, nqm) = (
+            self.n as i32,
+            self.cfg.block_size_q as i32,
+            self.cfg.q_stride as i32,
+            self.hkv as i32,
+            self.group as i32,
+            d as i32,
+            self.nq_max as i32,
+        );
+        let mut l = gpu.stream.launch_builder(&gather);
+        l.arg(&q)
+            .arg(&n)
+            .arg(&qb)
+            .arg(&st)
+            .arg(&hk)
+            .arg(&g)
+            .arg(&di)
+            .arg(&nqm)
+            .arg(&self.qs.ptr)
+            .arg(&self.nq.ptr);
+        unsafe {
+            l.launch(LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(|e| gpu_err("launch hip_gather_q", e))?;
+        let x = StageInputs {
+            rows,
+            row_seq: self.row_seq.ptr,
+            q: self.qs.ptr,
+            nq: self.nq.ptr,
+            nq_max: self.nq_max,
+            nq_tpl: 8,
+            stage0_in: self.stage0_in.ptr,
+            stage0_cnt: self.stage0_cnt.ptr,
+            e0: self.e0,
+            keys: self.keys.ptr,
+        };
+        run_stages(gpu, kv, &self.cfg, &self.stages, 0, &x)?;
+        self.sel.rows = rows;
+        assemble(
+            gpu,
+            self.stages.last().unwrap(),
+            self.extra.ptr,
+            self.hkv,
+            rows,
+            &self.sel,
+        )
+    }
+
+    /// Causal block-sparse attention of the prepared chunk over `sel`.
+    pub fn attend(
+        &mut self,
+        gpu: &GpuContext,
+        shape: &AttnShape,
+        kv: &DeviceKv,
+        q: u64,
+        out: u64,
+    ) -> Result<()> {
+        let mut ws = std::mem::take(&mut self.ws);
+        let r = attend(
+            gpu,
+            &mut ws,
+            shape,
+            kv,
+            q,
+            self.n,
+            &self.sel,
+            self.max_tokens,
+            None,
+            out,
+            self.cfg.block_size_q,
+            self.q_seq.ptr,
+            self.q_pos.ptr,
+        );
+        self.ws = ws;
+        r
     }
 }

@@ -56,6 +56,7 @@ pub fn entry_points(module: &str) -> Vec<String> {
         "hip_mask" => {
             v.push("hip_topk".into());
             v.push("hip_assemble".into());
+            v.push("hip_gather_q".into());
         }
         _ => {}
     }

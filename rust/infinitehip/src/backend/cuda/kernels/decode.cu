@@ -18,18 +18,24 @@ __device__ void decode_partial(const u16* __restrict__ kp, const u16* __restrict
                                const int2* __restrict__ ranges, const int* __restrict__ cum,
                                const int* __restrict__ cnt, const int* __restrict__ tot, int cap,
                                int split_tokens, float* __restrict__ pm, float* __restrict__ pl,
-                               float* __restrict__ pacc) {
+                               float* __restrict__ pacc, int q_block, const int* __restrict__ q_seq,
+                               const int* __restrict__ q_pos) {
     constexpr int L = D / 8;          // lanes per token row (16-byte loads)
     constexpr int TPW = 32 / L;       // tokens per warp pass
     constexpr int NG = DEC_WARPS * TPW;  // lane groups per CTA
     const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int n_splits = gridDim.x;
-    const int bh = b * hkv + h;
+    // Query row b reads selection row (b / q_block, h) of sequence q_seq[b]
+    // and, in prefill, only tokens at or before its position q_pos[b].
+    const int bh = (b / q_block) * hkv + h;
     const int hq = hkv * G;
+    const int limit = q_pos ? q_pos[b] : 0x7fffffff;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int sub = lane % L, grp = warp * TPW + lane / L;
 
     __shared__ int s_pos[DEC_TILE];
+    __shared__ int s_long[DEC_TILE];
+    __shared__ int s_nlong;
     __shared__ float s_m[NG][G], s_l[NG][G];
     __shared__ float s_acc[NG][G][D];
 
@@ -52,7 +58,7 @@ __device__ void decode_partial(const u16* __restrict__ kp, const u16* __restrict
     const int total = tot[bh];
     const int t0 = split * split_tokens;
     const int t1 = min(total, t0 + split_tokens);
-    const int* trow = table + (long long)b * table_stride;
+    const int* trow = table + (long long)(q_seq ? q_seq[b] : b) * table_stride;
     const int nr = cnt[bh];
     const int2* rg = ranges + (long long)bh * cap;
     const int* cm = cum + (long long)bh * cap;
@@ -60,25 +66,45 @@ __device__ void decode_partial(const u16* __restrict__ kp, const u16* __restrict
     for (int base = t0; base < t1; base += DEC_TILE) {
         __syncthreads();
         // Token positions of this tile: each thread takes some ranges and
-        // writes the positions of their overlap with [base, base + TILE).
+        // writes their overlap with [base, base + TILE); long overlaps are
+        // written by the whole CTA afterwards.
+        if (threadIdx.x == 0) s_nlong = 0;
         for (int i = threadIdx.x; i < DEC_TILE; i += blockDim.x) s_pos[i] = -1;
         __syncthreads();
         const int tend = min(t1, base + DEC_TILE);
         for (int ri = threadIdx.x; ri < nr; ri += blockDim.x) {
             const int c0 = cm[ri];
             const int2 rr = rg[ri];
-            const int c1 = c0 + (rr.y - rr.x);
-            const int lo = max(c0, base), hi = min(c1, tend);
-            for (int idx = lo; idx < hi; idx++) s_pos[idx - base] = rr.x + (idx - c0);
+            const int lo = max(c0, base), hi = min(c0 + (rr.y - rr.x), tend);
+            if (hi - lo > 8) {
+                s_long[atomicAdd(&s_nlong, 1)] = ri;
+            } else {
+                for (int idx = lo; idx < hi; idx++) {
+                    int p = rr.x + (idx - c0);
+                    s_pos[idx - base] = p <= limit ? p : -1;
+                }
+            }
         }
         __syncthreads();
-        for (int it = grp; it < DEC_TILE; it += NG * DEC_U) {
+        for (int k = 0; k < s_nlong; k++) {
+            const int ri = s_long[k];
+            const int c0 = cm[ri];
+            const int2 rr = rg[ri];
+            const int lo = max(c0, base), hi = min(c0 + (rr.y - rr.x), tend);
+            for (int idx = lo + threadIdx.x; idx < hi; idx += blockDim.x) {
+                int p = rr.x + (idx - c0);
+                s_pos[idx - base] = p <= limit ? p : -1;
+            }
+        }
+        __syncthreads();
+        const int tn = tend - base;
+        for (int it0 = 0; it0 < tn; it0 += NG * DEC_U) {
             float kf[DEC_U][8], vf[DEC_U][8];
             int pos[DEC_U];
 #pragma unroll
             for (int u = 0; u < DEC_U; u++) {
-                int ti = it + u * NG;
-                pos[u] = ti < DEC_TILE ? s_pos[ti] : -1;
+                int ti = it0 + grp + u * NG;
+                pos[u] = ti < tn ? s_pos[ti] : -1;
                 if (pos[u] >= 0) {
                     long long off = kv_row(trow, pos[u], h, hkv, ps, D) + sub * 8;
                     load8<E>(kp + off, kf[u]);
@@ -149,27 +175,40 @@ __device__ void decode_partial(const u16* __restrict__ kp, const u16* __restrict
     }
 }
 
-// Merge the splits of each (sequence, q head): out [B][Hq][D] f32.
+__device__ __forceinline__ float block_reduce(float v, bool is_max, float* s_red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float y = __shfl_xor_sync(0xffffffff, v, o);
+        v = is_max ? fmaxf(v, y) : v + y;
+    }
+    __syncthreads();
+    if (lane == 0) s_red[warp] = v;
+    __syncthreads();
+    float r = s_red[0];
+    for (int w = 1; w < nw; w++) r = is_max ? fmaxf(r, s_red[w]) : r + s_red[w];
+    return r;
+}
+
+// Merge the splits of each (query row, q head): out [rows][Hq][D] f32.
 template <int D>
 __device__ void decode_combine(const float* __restrict__ pm, const float* __restrict__ pl,
                                const float* __restrict__ pacc, int n_splits, float* __restrict__ out) {
+    __shared__ float s_red[32];
     const long long row = blockIdx.x;
-    __shared__ float s_M;
-    if (threadIdx.x == 0) {
-        float M = NEG_INF;
-        for (int s = 0; s < n_splits; s++) M = fmaxf(M, pm[row * n_splits + s]);
-        s_M = M;
-    }
-    __syncthreads();
-    const float M = s_M;
+    const float* m = pm + row * n_splits;
+    float mx = NEG_INF;
+    for (int s = threadIdx.x; s < n_splits; s += blockDim.x) mx = fmaxf(mx, m[s]);
+    const float M = block_reduce(mx, true, s_red);
+    float ls = 0.f;
+    if (M != NEG_INF)
+        for (int s = threadIdx.x; s < n_splits; s += blockDim.x) ls += pl[row * n_splits + s] * exp2f(m[s] - M);
+    const float Ls = block_reduce(ls, false, s_red);
     for (int dd = threadIdx.x; dd < D; dd += blockDim.x) {
-        float Ls = 0.f, A = 0.f;
+        float A = 0.f;
         if (M != NEG_INF) {
-            for (int s = 0; s < n_splits; s++) {
-                float w = exp2f(pm[row * n_splits + s] - M);
-                Ls += pl[row * n_splits + s] * w;
-                A += pacc[(row * n_splits + s) * D + dd] * w;
-            }
+#pragma unroll 4
+            for (int s = 0; s < n_splits; s++) A += pacc[(row * n_splits + s) * D + dd] * exp2f(m[s] - M);
         }
         out[row * D + dd] = Ls > 0.f ? A / Ls : 0.f;
     }
@@ -180,9 +219,9 @@ __device__ void decode_combine(const float* __restrict__ pm, const float* __rest
         NAME(const u16* kp, const u16* vp, const int* table, int table_stride, int ps, int hkv,   \
              const float* q, float scale_log2, const int2* ranges, const int* cum,               \
              const int* cnt, const int* tot, int cap, int split_tokens, float* pm, float* pl,    \
-             float* pacc) {                                                                      \
+             float* pacc, int q_block, const int* q_seq, const int* q_pos) {                     \
         decode_partial<E, D, G>(kp, vp, table, table_stride, ps, hkv, q, scale_log2, ranges, cum, \
-                                cnt, tot, cap, split_tokens, pm, pl, pacc);                      \
+                                cnt, tot, cap, split_tokens, pm, pl, pacc, q_block, q_seq, q_pos); \
     }
 
 #define DECODE_G(E, TN, D)                        \

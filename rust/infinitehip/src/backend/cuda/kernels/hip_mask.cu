@@ -260,3 +260,25 @@ extern "C" __global__ void __launch_bounds__(256)
         tot[r] = acc;
     }
 }
+
+// Prefill scoring queries: for row (block b, kv head h) gather every
+// `stride`-th query of the block plus its last, all G heads of the group,
+// into qs[r][j][D] (as HipPolicy::group_queries), and nq[b] = count * G.
+extern "C" __global__ void hip_gather_q(const float* __restrict__ q, int n, int q_block, int stride,
+                                        int hkv, int G, int D, int nq_max, float* __restrict__ qs,
+                                        int* __restrict__ nq) {
+    const int r = blockIdx.x;
+    const int b = r / hkv, h = r % hkv;
+    const int lo = b * q_block, hi = min(lo + q_block, n);
+    const int m = (hi - lo + stride - 1) / stride;
+    const int extra = (lo + (m - 1) * stride != hi - 1) ? 1 : 0;
+    const int cnt = (m + extra) * G;
+    if (threadIdx.x == 0 && h == 0) nq[b] = cnt;
+    const int hq = hkv * G;
+    for (int e = threadIdx.x; e < cnt * D; e += blockDim.x) {
+        int j = e / D, dd = e % D;
+        int k = j / G, gi = j % G;
+        int qi = k < m ? lo + k * stride : hi - 1;
+        qs[((long long)r * nq_max + j) * D + dd] = q[((long long)qi * hq + h * G + gi) * D + dd];
+    }
+}
