@@ -16,8 +16,8 @@ date -u | tee -a "$OUT/device.txt"
 rc=0
 [ "${SKIP_TEST:-0}" = 1 ] || timeout ${TEST_TIMEOUT:-200} "$BIN" gpu-test ${GPU_TEST_ARGS:-} 2>&1 | tee "$OUT/gpu-test.log" || rc=1
 [ "${SKIP_BENCH:-0}" = 1 ] && exit $rc
-timeout ${SDPA_TIMEOUT:-120} python3 scripts/sdpa_bench.py --json "$OUT/sdpa.json" ${SDPA_ARGS:-} 2>&1 | tee "$OUT/sdpa.log"
-timeout ${BENCH_TIMEOUT:-240} "$BIN" bench-gpu --baseline "$OUT/sdpa.json" --json "$OUT/bench-gpu.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || rc=1
+timeout ${SDPA_TIMEOUT:-200} python3 scripts/sdpa_bench.py --json "$OUT/sdpa.json" ${SDPA_ARGS:-} 2>&1 | tee "$OUT/sdpa.log"
+timeout ${BENCH_TIMEOUT:-330} "$BIN" bench-gpu --baseline "$OUT/sdpa.json" --json "$OUT/bench-gpu.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || rc=1
 python3 scripts/plot_gpu.py "$OUT/bench-gpu.json" "$OUT/bench-gpu.png" 2>&1 | tail -2
 [ -f "$OUT/gpu-test.log" ] && grep -E '^(PASS|FAIL|gpu-test)' "$OUT/gpu-test.log" | tail -40
 sed -n '/^| tokens/,$p' "$OUT/bench.log"

@@ -15,7 +15,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--tokens", default="32768,131072,524288,1048576")
 ap.add_argument("--batch", default="1,16")
 ap.add_argument("--reps", type=int, default=20)
-ap.add_argument("--prefill-tokens", default="32768,131072")
+ap.add_argument("--prefill-tokens", default="32768,131072,1048576")
 ap.add_argument("--json", required=True)
 a = ap.parse_args()
 res, skipped = {}, {}
