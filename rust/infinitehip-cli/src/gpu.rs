@@ -192,7 +192,7 @@ fn decode_case<T: Element>(
             }
         })
         .collect();
-    let dsel = DeviceSelection::from_host(&sels).map_err(e)?;
+    let dsel = DeviceSelection::for_kv(&kv, &sels).map_err(e)?;
     let q = rng.normal_vec(lens.len() * shape.q_elems(), 1.0);
     let qd = DevBuf::from_slice(&q).map_err(e)?;
     let out = DevBuf::alloc(q.len() * 4).map_err(e)?;
@@ -624,7 +624,7 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
             let qd = DevBuf::from_slice(&q).map_err(e)?;
             let out = DevBuf::alloc(q.len() * 4).map_err(e)?;
             // Dense decode with our kernel.
-            let full = DeviceSelection::from_host(&vec![Selection::full(8, t); b]).map_err(e)?;
+            let full = DeviceSelection::for_kv(&kv, &vec![Selection::full(8, t); b]).map_err(e)?;
             let mut ws = DecodeWorkspace::new();
             let dense_ms = time_ms(&gpu, reps, || {
                 dispatch::decode(&gpu, &mut ws, &shape, &kv, qd.ptr, &full, t, None, out.ptr)

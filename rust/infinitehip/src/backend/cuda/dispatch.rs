@@ -27,7 +27,11 @@ pub struct DeviceKv {
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub dtype: DType,
+    /// Current length of each sequence (may be lowered, e.g. to replay a
+    /// growing sequence; never above `capacity`).
     pub lens: Vec<usize>,
+    /// Tokens uploaded per sequence.
+    pub capacity: Vec<usize>,
 }
 
 fn as_u16<T: Element>(x: &[T]) -> &[u16] {
@@ -112,12 +116,26 @@ impl DeviceKv {
             n_kv_heads: lay.n_kv_heads,
             head_dim: lay.head_dim,
             dtype,
+            capacity: lens.clone(),
             lens,
         })
     }
 
     pub fn batch(&self) -> usize {
         self.lens.len()
+    }
+
+    /// Every length within what was uploaded (kernels index the page table
+    /// with them).
+    pub fn check_lens(&self) -> Result<()> {
+        for (b, (&l, &c)) in self.lens.iter().zip(&self.capacity).enumerate() {
+            if l > c || self.lens.len() != self.capacity.len() {
+                return Err(Error::OutOfRange(format!(
+                    "DeviceKv sequence {b}: length {l} exceeds the {c} uploaded tokens"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -134,7 +152,36 @@ pub struct DeviceSelection {
 }
 
 impl DeviceSelection {
-    /// Rows `[batch][kv_head]` from one `Selection` per sequence.
+    /// `from_host`, checking every range against the sequences' lengths.
+    pub fn for_kv(kv: &DeviceKv, sels: &[Selection]) -> Result<Self> {
+        kv.check_lens()?;
+        if sels.len() != kv.batch() {
+            return Err(Error::shape(
+                "selections per sequence",
+                kv.batch(),
+                sels.len(),
+            ));
+        }
+        for (b, s) in sels.iter().enumerate() {
+            if s.n_kv_heads() != kv.n_kv_heads {
+                return Err(Error::shape(
+                    format!("selection {b} heads"),
+                    kv.n_kv_heads,
+                    s.n_kv_heads(),
+                ));
+            }
+            if let Some(r) = s.heads.iter().flatten().find(|r| r.end > kv.lens[b]) {
+                return Err(Error::OutOfRange(format!(
+                    "selection {b} range {r:?} beyond the sequence's {} tokens",
+                    kv.lens[b]
+                )));
+            }
+        }
+        Self::from_host(sels)
+    }
+
+    /// Rows `[batch][kv_head]` from one `Selection` per sequence (ranges are
+    /// trusted: use `for_kv` to check them against a `DeviceKv`).
     pub fn from_host(sels: &[Selection]) -> Result<Self> {
         let hkv = sels.first().map_or(0, |s| s.n_kv_heads());
         let rows = sels.len() * hkv;
@@ -326,6 +373,7 @@ pub fn attend(
     q_pos: u64,
 ) -> Result<()> {
     check_shape(shape, kv)?;
+    kv.check_lens()?;
     let (hkv, d, g) = (shape.n_kv_heads, shape.head_dim, shape.group());
     if sel.rows != n_rows.div_ceil(q_block) * hkv {
         return Err(Error::shape(
@@ -678,6 +726,7 @@ impl HipGpuDecoder {
         if lens.len() != self.batch {
             return Err(Error::shape("hip GPU batch", self.batch, lens.len()));
         }
+        kv.check_lens()?;
         if let Some(b) = lens.iter().position(|&l| l == 0) {
             return Err(Error::Invalid(format!(
                 "hip GPU decode: sequence {b} is empty"
@@ -866,6 +915,7 @@ impl HipGpuPrefill {
                 self.max_blocks * qb
             )));
         }
+        kv.check_lens()?;
         if q_start + n > kv.lens[0] {
             return Err(Error::OutOfRange(format!(
                 "hip GPU prefill: queries {q_start}..{} beyond {} cached tokens",
