@@ -4,6 +4,8 @@ mod args;
 mod bench_cpu;
 mod bench_offload;
 mod bench_policies;
+#[cfg(feature = "cuda")]
+mod gpu;
 mod machine;
 
 use infinitehip::PolicyConfig;
@@ -13,7 +15,10 @@ commands:
   bench-cpu        dense vs sparse policies on synthetic long-context attention (see bench-cpu --help)
   bench-offload    hip decode with all KV resident vs through a device page cache over the host tier
   config-default   print the default policy config (Llama-3.1-8B shape) as JSON
-  config-check F   validate a policy config file; errors name the bad field";
+  config-check F   validate a policy config file; errors name the bad field
+  nvrtc-check      compile every CUDA kernel with NVRTC (no GPU needed; feature cuda)
+  gpu-test         CUDA kernels vs the CPU reference on fresh random inputs (feature cuda)
+  bench-gpu        CUDA hip/dense decode at Llama-3.1-8B shape, JSON output (feature cuda)";
 
 fn main() {
     tracing_subscriber::fmt()
@@ -50,6 +55,16 @@ fn main() {
                 .map_err(|e| e.to_string()),
             None => Err("config-check needs a file".into()),
         },
+        #[cfg(feature = "cuda")]
+        "nvrtc-check" => gpu::nvrtc_check(rest),
+        #[cfg(feature = "cuda")]
+        "gpu-test" => gpu::gpu_test(rest),
+        #[cfg(feature = "cuda")]
+        "bench-gpu" => gpu::bench_gpu(rest),
+        #[cfg(not(feature = "cuda"))]
+        "nvrtc-check" | "gpu-test" | "bench-gpu" => Err(format!(
+            "`{cmd}` needs a build with the GPU backend: cargo build --release --features cuda"
+        )),
         "--help" | "-h" | "help" => {
             println!("{USAGE}");
             Ok(())

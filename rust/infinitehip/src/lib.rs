@@ -7,6 +7,7 @@
 //! between positions.
 
 pub mod attention;
+pub mod backend;
 pub mod config;
 pub mod dtype;
 pub mod engine;

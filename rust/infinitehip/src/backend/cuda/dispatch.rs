@@ -1,0 +1,1057 @@
+//! Launch code: a paged KV pool on the device, selections in the kernels'
+//! CSR form, block-sparse flash decode (split-K + combine) and InfiniteHiP
+//! mask estimation for decode. Buffers are raw device pointers, so an
+//! engine's own tensors (caller-owned pointers) can be passed in as well.
+
+use std::ops::Range;
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::{gpu_err, kernels, DevBuf, GpuContext};
+use crate::attention::AttnShape;
+use crate::config::HipConfig;
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use crate::kv::KvPool;
+use crate::policy::Selection;
+
+/// K/V of a batch of sequences in device memory, in the core pool's page
+/// layout `[page][kv_head][page_size][head_dim]`, with a page table per
+/// sequence (`[batch][table_stride]` i32 page ids).
+pub struct DeviceKv {
+    pub k: DevBuf,
+    pub v: DevBuf,
+    pub table: DevBuf,
+    pub table_stride: usize,
+    pub page_size: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub dtype: DType,
+    /// Current length of each sequence (may be lowered, e.g. to replay a
+    /// growing sequence; never above `capacity`).
+    pub lens: Vec<usize>,
+    /// Tokens uploaded per sequence.
+    pub capacity: Vec<usize>,
+}
+
+fn as_u16<T: Element>(x: &[T]) -> &[u16] {
+    assert_eq!(std::mem::size_of::<T>(), 2);
+    // SAFETY: bf16/f16 are 2-byte plain data (repr(transparent) over u16).
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u16, x.len()) }
+}
+
+impl DeviceKv {
+    /// Upload sequences `(pool, seq id)`; pages are copied once each.
+    pub fn upload<T: Element>(seqs: &[(&KvPool<T>, u64)]) -> Result<Self> {
+        let dtype = T::DTYPE;
+        if kernels::dtype_tag(dtype).is_none() {
+            return Err(Error::Invalid(format!(
+                "CUDA backend stores bf16 or f16 K/V, got {dtype}"
+            )));
+        }
+        let lay = seqs
+            .first()
+            .ok_or_else(|| Error::Invalid("DeviceKv::upload: no sequences".into()))?
+            .0
+            .layout();
+        let pe = lay.page_elems();
+        let mut n_pages = 0usize;
+        let mut stride = 1usize;
+        for (p, s) in seqs {
+            if p.layout() != lay {
+                return Err(Error::shape(
+                    "DeviceKv sequences' layouts",
+                    format!("{lay:?}"),
+                    format!("{:?}", p.layout()),
+                ));
+            }
+            let t = p.page_table(*s)?;
+            n_pages += t.len();
+            stride = stride.max(t.len());
+        }
+        let k = DevBuf::alloc(n_pages.max(1) * pe * 2)?;
+        let v = DevBuf::alloc(n_pages.max(1) * pe * 2)?;
+        let mut table = vec![0i32; seqs.len() * stride];
+        let mut lens = Vec::new();
+        let mut next = 0usize;
+        let group = 512usize;
+        let mut kst: Vec<u16> = Vec::with_capacity(group * pe);
+        let mut vst: Vec<u16> = Vec::with_capacity(group * pe);
+        let mut first = 0usize;
+        let flush = |kst: &mut Vec<u16>, vst: &mut Vec<u16>, first: usize| -> Result<()> {
+            if kst.is_empty() {
+                return Ok(());
+            }
+            unsafe {
+                cudarc::driver::result::memcpy_htod_sync(k.ptr + (first * pe * 2) as u64, &kst[..])
+                    .map_err(|e| gpu_err("upload K", e))?;
+                cudarc::driver::result::memcpy_htod_sync(v.ptr + (first * pe * 2) as u64, &vst[..])
+                    .map_err(|e| gpu_err("upload V", e))?;
+            }
+            kst.clear();
+            vst.clear();
+            Ok(())
+        };
+        for (b, (p, s)) in seqs.iter().enumerate() {
+            lens.push(p.seq_len(*s)?);
+            for (i, &page) in p.page_table(*s)?.iter().enumerate() {
+                let (pk, pv) = p.page_data(page)?;
+                kst.extend_from_slice(as_u16(pk));
+                vst.extend_from_slice(as_u16(pv));
+                table[b * stride + i] = next as i32;
+                next += 1;
+                if kst.len() >= group * pe {
+                    flush(&mut kst, &mut vst, first)?;
+                    first = next;
+                }
+            }
+        }
+        flush(&mut kst, &mut vst, first)?;
+        Ok(DeviceKv {
+            k,
+            v,
+            table: DevBuf::from_slice(&table)?,
+            table_stride: stride,
+            page_size: lay.page_size,
+            n_kv_heads: lay.n_kv_heads,
+            head_dim: lay.head_dim,
+            dtype,
+            capacity: lens.clone(),
+            lens,
+        })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.lens.len()
+    }
+
+    /// Every length within what was uploaded (kernels index the page table
+    /// with them).
+    pub fn check_lens(&self) -> Result<()> {
+        for (b, (&l, &c)) in self.lens.iter().zip(&self.capacity).enumerate() {
+            if l > c || self.lens.len() != self.capacity.len() {
+                return Err(Error::OutOfRange(format!(
+                    "DeviceKv sequence {b}: length {l} exceeds the {c} uploaded tokens"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Per-(sequence, kv head) token ranges in the kernels' form.
+pub struct DeviceSelection {
+    pub ranges: DevBuf,
+    pub cum: DevBuf,
+    pub cnt: DevBuf,
+    pub tot: DevBuf,
+    pub cap: usize,
+    pub rows: usize,
+    /// Largest per-row token count (sizes the split-K grid).
+    pub max_tokens: usize,
+}
+
+impl DeviceSelection {
+    /// `from_host`, checking every range against the sequences' lengths.
+    pub fn for_kv(kv: &DeviceKv, sels: &[Selection]) -> Result<Self> {
+        kv.check_lens()?;
+        if sels.len() != kv.batch() {
+            return Err(Error::shape(
+                "selections per sequence",
+                kv.batch(),
+                sels.len(),
+            ));
+        }
+        for (b, s) in sels.iter().enumerate() {
+            if s.n_kv_heads() != kv.n_kv_heads {
+                return Err(Error::shape(
+                    format!("selection {b} heads"),
+                    kv.n_kv_heads,
+                    s.n_kv_heads(),
+                ));
+            }
+            if let Some(r) = s.heads.iter().flatten().find(|r| r.end > kv.lens[b]) {
+                return Err(Error::OutOfRange(format!(
+                    "selection {b} range {r:?} beyond the sequence's {} tokens",
+                    kv.lens[b]
+                )));
+            }
+        }
+        Self::from_host(sels)
+    }
+
+    /// Rows `[batch][kv_head]` from one `Selection` per sequence (ranges are
+    /// trusted: use `for_kv` to check them against a `DeviceKv`).
+    pub fn from_host(sels: &[Selection]) -> Result<Self> {
+        let hkv = sels.first().map_or(0, |s| s.n_kv_heads());
+        let rows = sels.len() * hkv;
+        let cap = sels
+            .iter()
+            .flat_map(|s| s.heads.iter().map(|h| h.len()))
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mut ranges = vec![[0i32; 2]; rows * cap];
+        let mut cum = vec![0i32; rows * cap];
+        let mut cnt = vec![0i32; rows];
+        let mut tot = vec![0i32; rows];
+        let mut max_tokens = 0;
+        for (b, s) in sels.iter().enumerate() {
+            if s.n_kv_heads() != hkv {
+                return Err(Error::shape("selection heads", hkv, s.n_kv_heads()));
+            }
+            for (h, rs) in s.heads.iter().enumerate() {
+                let r = b * hkv + h;
+                let mut acc = 0usize;
+                for (i, x) in rs.iter().enumerate() {
+                    ranges[r * cap + i] = [x.start as i32, x.end as i32];
+                    cum[r * cap + i] = acc as i32;
+                    acc += x.len();
+                }
+                cnt[r] = rs.len() as i32;
+                tot[r] = acc as i32;
+                max_tokens = max_tokens.max(acc);
+            }
+        }
+        Ok(DeviceSelection {
+            ranges: DevBuf::from_slice(&ranges)?,
+            cum: DevBuf::from_slice(&cum)?,
+            cnt: DevBuf::from_slice(&cnt)?,
+            tot: DevBuf::from_slice(&tot)?,
+            cap,
+            rows,
+            max_tokens,
+        })
+    }
+
+    pub fn empty(rows: usize, cap: usize) -> Result<Self> {
+        Ok(DeviceSelection {
+            ranges: DevBuf::alloc(rows * cap * 8)?,
+            cum: DevBuf::alloc(rows * cap * 4)?,
+            cnt: DevBuf::alloc(rows * 4)?,
+            tot: DevBuf::alloc(rows * 4)?,
+            cap,
+            rows,
+            max_tokens: 0,
+        })
+    }
+
+    /// Read back as host selections (for tests).
+    pub fn to_host(&self, n_kv_heads: usize) -> Result<Vec<Selection>> {
+        let rg: Vec<[i32; 2]> = self.ranges.read(self.rows * self.cap)?;
+        let cnt: Vec<i32> = self.cnt.read(self.rows)?;
+        let mut out = Vec::new();
+        for b in 0..self.rows / n_kv_heads {
+            let heads = (0..n_kv_heads)
+                .map(|h| {
+                    let r = b * n_kv_heads + h;
+                    (0..cnt[r] as usize)
+                        .map(|i| {
+                            let x = rg[r * self.cap + i];
+                            x[0] as usize..x[1] as usize
+                        })
+                        .collect()
+                })
+                .collect();
+            out.push(Selection::from_ranges(heads));
+        }
+        Ok(out)
+    }
+}
+
+/// Scratch for split-K partials.
+pub struct DecodeWorkspace {
+    pm: DevBuf,
+    pl: DevBuf,
+    pacc: DevBuf,
+    cap_rows: usize,
+}
+
+impl DecodeWorkspace {
+    pub fn new() -> Self {
+        DecodeWorkspace {
+            pm: DevBuf { ptr: 0, bytes: 0 },
+            pl: DevBuf { ptr: 0, bytes: 0 },
+            pacc: DevBuf { ptr: 0, bytes: 0 },
+            cap_rows: 0,
+        }
+    }
+    fn ensure(&mut self, rows: usize, d: usize) -> Result<()> {
+        if rows > self.cap_rows {
+            let rows = rows.next_power_of_two();
+            self.pm = DevBuf::alloc(rows * 4)?;
+            self.pl = DevBuf::alloc(rows * 4)?;
+            self.pacc = DevBuf::alloc(rows * d * 4)?;
+            self.cap_rows = rows;
+        }
+        Ok(())
+    }
+}
+
+impl Default for DecodeWorkspace {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn check_shape(shape: &AttnShape, kv: &DeviceKv) -> Result<()> {
+    shape.validate()?;
+    if shape.n_kv_heads != kv.n_kv_heads || shape.head_dim != kv.head_dim {
+        return Err(Error::shape(
+            "CUDA decode KV",
+            format!("{} heads x {}", shape.n_kv_heads, shape.head_dim),
+            format!("{} heads x {}", kv.n_kv_heads, kv.head_dim),
+        ));
+    }
+    if !kernels::HEAD_DIMS.contains(&shape.head_dim) || !kernels::GROUPS.contains(&shape.group()) {
+        return Err(Error::Invalid(format!(
+            "CUDA kernels support head_dim 64/128/256 and GQA groups 1/2/4/8, got head_dim {} group {}",
+            shape.head_dim,
+            shape.group()
+        )));
+    }
+    Ok(())
+}
+
+/// Block-sparse decode: `q` is `[batch][n_q_heads][head_dim]` f32 on the
+/// device, `out` the same shape (f32). `split_tokens` None picks a split
+/// size that gives about eight CTAs per SM.
+#[allow(clippy::too_many_arguments)]
+pub fn decode(
+    gpu: &GpuContext,
+    ws: &mut DecodeWorkspace,
+    shape: &AttnShape,
+    kv: &DeviceKv,
+    q: u64,
+    sel: &DeviceSelection,
+    max_tokens: usize,
+    split_tokens: Option<usize>,
+    out: u64,
+) -> Result<()> {
+    let b = kv.batch();
+    if sel.rows != b * shape.n_kv_heads {
+        return Err(Error::shape(
+            "CUDA decode selection rows",
+            b * shape.n_kv_heads,
+            sel.rows,
+        ));
+    }
+    attend(
+        gpu,
+        ws,
+        shape,
+        kv,
+        q,
+        b,
+        sel,
+        max_tokens,
+        split_tokens,
+        out,
+        1,
+        0,
+        0,
+    )
+}
+
+/// The shared attention launch. Query row i (of `n_rows`) reads selection
+/// row `(i / q_block, head)`, the page table of sequence `q_seq[i]` (0: row
+/// i) and, when `q_pos` is non-null, only tokens at or before `q_pos[i]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    gpu: &GpuContext,
+    ws: &mut DecodeWorkspace,
+    shape: &AttnShape,
+    kv: &DeviceKv,
+    q: u64,
+    n_rows: usize,
+    sel: &DeviceSelection,
+    max_tokens: usize,
+    split_tokens: Option<usize>,
+    out: u64,
+    q_block: usize,
+    q_seq: u64,
+    q_pos: u64,
+) -> Result<()> {
+    check_shape(shape, kv)?;
+    kv.check_lens()?;
+    let (hkv, d, g) = (shape.n_kv_heads, shape.head_dim, shape.group());
+    if sel.rows != n_rows.div_ceil(q_block) * hkv {
+        return Err(Error::shape(
+            "CUDA attention selection rows",
+            n_rows.div_ceil(q_block) * hkv,
+            sel.rows,
+        ));
+    }
+    let split = split_tokens.unwrap_or_else(|| {
+        let want = (4 * gpu.sm_count).div_ceil(n_rows * hkv).max(1);
+        max_tokens.div_ceil(want).next_multiple_of(128).max(128)
+    });
+    let n_splits = max_tokens.div_ceil(split).max(1);
+    let rows = n_rows * shape.n_q_heads * n_splits;
+    ws.ensure(rows, d)?;
+    let tag = kernels::dtype_tag(kv.dtype).unwrap();
+    let f = gpu.func("decode", &format!("decode_{tag}_d{d}_g{g}"))?;
+    let scale_log2 = shape.scale * std::f32::consts::LOG2_E;
+    let (ts, ps, hk, cap, sp, qb) = (
+        kv.table_stride as i32,
+        kv.page_size as i32,
+        hkv as i32,
+        sel.cap as i32,
+        split as i32,
+        q_block as i32,
+    );
+    let cfg = LaunchConfig {
+        grid_dim: (n_splits as u32, hkv as u32, n_rows as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = gpu.stream.launch_builder(&f);
+    l.arg(&kv.k.ptr)
+        .arg(&kv.v.ptr)
+        .arg(&kv.table.ptr)
+        .arg(&ts)
+        .arg(&ps)
+        .arg(&hk)
+        .arg(&q)
+        .arg(&scale_log2)
+        .arg(&sel.ranges.ptr)
+        .arg(&sel.cum.ptr)
+        .arg(&sel.cnt.ptr)
+        .arg(&sel.tot.ptr)
+        .arg(&cap)
+        .arg(&sp)
+        .arg(&ws.pm.ptr)
+        .arg(&ws.pl.ptr)
+        .arg(&ws.pacc.ptr)
+        .arg(&qb)
+        .arg(&q_seq)
+        .arg(&q_pos);
+    unsafe { l.launch(cfg) }.map_err(|e| gpu_err("launch attention", e))?;
+    let fc = gpu.func("decode", &format!("combine_d{d}"))?;
+    let ns = n_splits as i32;
+    let mut l = gpu.stream.launch_builder(&fc);
+    l.arg(&ws.pm.ptr)
+        .arg(&ws.pl.ptr)
+        .arg(&ws.pacc.ptr)
+        .arg(&ns)
+        .arg(&out);
+    unsafe {
+        l.launch(LaunchConfig {
+            grid_dim: ((n_rows * shape.n_q_heads) as u32, 1, 1),
+            block_dim: (d.min(128) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(|e| gpu_err("launch combine", e))?;
+    Ok(())
+}
+
+/// Sink, middle and window of a decode query at `pos` (as policy::hip).
+fn regions(cfg: &HipConfig, pos: usize) -> (Range<usize>, Range<usize>, Range<usize>) {
+    let end = pos + 1;
+    let sink_end = cfg.sink.min(end);
+    let win_start = (pos + 1).saturating_sub(cfg.window).max(sink_end);
+    (0..sink_end, sink_end..win_start, win_start..end)
+}
+
+/// Per-call inputs of the stage kernels.
+struct StageInputs {
+    rows: usize,
+    row_seq: u64,
+    q: u64,
+    nq: u64,
+    nq_max: usize,
+    nq_tpl: usize,
+    stage0_in: u64,
+    stage0_cnt: u64,
+    e0: usize,
+    keys: u64,
+}
+
+/// Run hip stages `from..` (score + top-k each) for all rows.
+fn run_stages(
+    gpu: &GpuContext,
+    kv: &DeviceKv,
+    cfg: &HipConfig,
+    stages: &[StageBuf],
+    from: usize,
+    x: &StageInputs,
+) -> Result<()> {
+    let hkv = kv.n_kv_heads;
+    let d = kv.head_dim;
+    let tag = kernels::dtype_tag(kv.dtype).unwrap();
+    let rows = x.rows as i32;
+    let nq_tpl = x.nq_tpl;
+    let score = gpu.func("hip_mask", &format!("hip_score_{tag}_d{d}_q{nq_tpl}"))?;
+    let topk = gpu.func("hip_mask", "hip_topk")?;
+    for s in from..cfg.stages.len() {
+        let st = &cfg.stages[s];
+        let (in_ptr, in_cnt, cap_in, e) = if s == 0 {
+            (x.stage0_in, x.stage0_cnt, 1usize, x.e0)
+        } else {
+            let prev = &stages[s - 1];
+            (
+                prev.out.ptr,
+                prev.cnt.ptr,
+                prev.cap,
+                cfg.stages[s - 1].chunk_size.div_ceil(st.chunk_size),
+            )
+        };
+        let n_sub = cap_in * e;
+        let (ts, ps, hk, nqm, ci, ei, c) = (
+            kv.table_stride as i32,
+            kv.page_size as i32,
+            hkv as i32,
+            x.nq_max as i32,
+            cap_in as i32,
+            e as i32,
+            st.chunk_size as i32,
+        );
+        let smem = x.nq_max.next_multiple_of(nq_tpl) * d * 4;
+        if smem > 48 * 1024 {
+            score
+                .set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .map_err(|e| gpu_err("raise hip_score shared memory", e))?;
+        }
+        let mut l = gpu.stream.launch_builder(&score);
+        l.arg(&kv.k.ptr)
+            .arg(&kv.table.ptr)
+            .arg(&ts)
+            .arg(&ps)
+            .arg(&hk)
+            .arg(&x.row_seq)
+            .arg(&x.q)
+            .arg(&x.nq)
+            .arg(&nqm)
+            .arg(&in_ptr)
+            .arg(&in_cnt)
+            .arg(&ci)
+            .arg(&ei)
+            .arg(&c)
+            .arg(&x.keys);
+        unsafe {
+            l.launch(LaunchConfig {
+                grid_dim: (n_sub.div_ceil(128) as u32, rows as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem as u32,
+            })
+        }
+        .map_err(|e| gpu_err("launch hip_score", e))?;
+        let out = &stages[s];
+        let (nsub, k, oc) = (
+            n_sub as i32,
+            (st.keep_tokens / st.chunk_size) as i32,
+            out.cap as i32,
+        );
+        let mut l = gpu.stream.launch_builder(&topk);
+        l.arg(&x.keys)
+            .arg(&nsub)
+            .arg(&k)
+            .arg(&in_ptr)
+            .arg(&in_cnt)
+            .arg(&ci)
+            .arg(&ei)
+            .arg(&c)
+            .arg(&out.out.ptr)
+            .arg(&out.cnt.ptr)
+            .arg(&oc);
+        unsafe {
+            l.launch(LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(|e| gpu_err("launch hip_topk", e))?;
+    }
+    Ok(())
+}
+
+/// Build the attention selection (sink, last stage's chunks, slid, window).
+fn assemble(
+    gpu: &GpuContext,
+    last: &StageBuf,
+    extra: u64,
+    hkv: usize,
+    rows: usize,
+    sel: &DeviceSelection,
+) -> Result<()> {
+    let asm = gpu.func("hip_mask", "hip_assemble")?;
+    let (lc, hk, nr, cap) = (last.cap as i32, hkv as i32, rows as i32, sel.cap as i32);
+    let mut l = gpu.stream.launch_builder(&asm);
+    l.arg(&last.out.ptr)
+        .arg(&last.cnt.ptr)
+        .arg(&lc)
+        .arg(&extra)
+        .arg(&hk)
+        .arg(&nr)
+        .arg(&sel.ranges.ptr)
+        .arg(&sel.cum.ptr)
+        .arg(&sel.cnt.ptr)
+        .arg(&sel.tot.ptr)
+        .arg(&cap);
+    unsafe {
+        l.launch(LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(|e| gpu_err("launch hip_assemble", e))?;
+    Ok(())
+}
+
+struct StageBuf {
+    out: DevBuf,
+    cnt: DevBuf,
+    cap: usize,
+}
+
+/// InfiniteHiP decode on the GPU: the same stages, refresh schedule, sink,
+/// window and slid-token rule as `policy::hip::HipPolicy` in decode, for a
+/// batch of sequences stepping together. Stage chunk sizes must each divide
+/// the previous one (the default 64/16/8 does).
+pub struct HipGpuDecoder {
+    cfg: HipConfig,
+    hkv: usize,
+    batch: usize,
+    step: usize,
+    stages: Vec<StageBuf>,
+    mid_end: Vec<usize>,
+    keys: DevBuf,
+    keys_cap: usize,
+    e0: usize,
+    group: usize,
+    stage0_in: DevBuf,
+    stage0_cnt: DevBuf,
+    row_seq: DevBuf,
+    nq: DevBuf,
+    extra: DevBuf,
+    pub sel: DeviceSelection,
+    /// Largest selected-token count of the last assembly (host bound).
+    pub max_tokens: usize,
+    pub ws: DecodeWorkspace,
+}
+
+impl HipGpuDecoder {
+    /// Configurations the GPU stages reproduce exactly.
+    pub fn validate(cfg: &HipConfig) -> Result<()> {
+        if cfg.stages.is_empty() {
+            return Err(Error::config(
+                "hip.stages",
+                "the GPU path needs at least one stage",
+            ));
+        }
+        for (i, w) in cfg.stages.windows(2).enumerate() {
+            if w[0].chunk_size % w[1].chunk_size != 0 {
+                return Err(Error::config(
+                    format!("hip.stages[{}].chunk_size", i + 1),
+                    "on the GPU each stage's chunk size must divide the previous stage's",
+                ));
+            }
+        }
+        if cfg.rope.scoring != crate::config::RopeMode::Original
+            || cfg.rope.attention != crate::config::RopeMode::Original
+        {
+            return Err(Error::config(
+                "hip.rope",
+                "the GPU path supports original RoPE positions only",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn new(cfg: HipConfig, shape: &AttnShape, batch: usize) -> Result<Self> {
+        Self::validate(&cfg)?;
+        let hkv = shape.n_kv_heads;
+        let rows = batch * hkv;
+        let mut stages = Vec::new();
+        for st in &cfg.stages {
+            let cap = (st.keep_tokens / st.chunk_size).max(1);
+            stages.push(StageBuf {
+                out: DevBuf::alloc(rows * cap * 8)?,
+                cnt: DevBuf::from_slice(&vec![0i32; rows])?,
+                cap,
+            });
+        }
+        let last_cap = stages.last().unwrap().cap;
+        let g = shape.group() as i32;
+        Ok(HipGpuDecoder {
+            hkv,
+            batch,
+            step: 0,
+            mid_end: vec![0; batch],
+            keys: DevBuf::alloc(16)?,
+            keys_cap: 0,
+            e0: 1,
+            group: shape.group(),
+            stage0_in: DevBuf::alloc(rows * 8)?,
+            stage0_cnt: DevBuf::from_slice(&vec![1i32; rows])?,
+            row_seq: DevBuf::from_slice(&(0..batch as i32).collect::<Vec<_>>())?,
+            nq: DevBuf::from_slice(&vec![g; batch])?,
+            extra: DevBuf::alloc(batch * 3 * 8)?,
+            sel: DeviceSelection::empty(rows, last_cap + 3)?,
+            max_tokens: 0,
+            ws: DecodeWorkspace::new(),
+            stages,
+            cfg,
+        })
+    }
+
+    /// Which stage a step starts from (n_stages: none refreshed).
+    #[allow(clippy::manual_is_multiple_of)] // MSRV 1.80
+    pub fn refresh_from(&self) -> usize {
+        if self.step == 0 {
+            return 0;
+        }
+        (0..self.cfg.stages.len())
+            .find(|&i| self.step % self.cfg.stages[i].refresh_interval == 0)
+            .unwrap_or(self.cfg.stages.len())
+    }
+
+    /// One decode step's selection for sequences of lengths `lens` (the
+    /// query sits at len - 1); `q` is the decode query `[batch][n_q][d]` f32
+    /// on the device. Leaves the selection in `self.sel`.
+    pub fn select(
+        &mut self,
+        gpu: &GpuContext,
+        kv: &DeviceKv,
+        q: u64,
+        upload: bool,
+    ) -> Result<usize> {
+        let lens = &kv.lens;
+        if lens.len() != self.batch {
+            return Err(Error::shape("hip GPU batch", self.batch, lens.len()));
+        }
+        kv.check_lens()?;
+        if let Some(b) = lens.iter().position(|&l| l == 0) {
+            return Err(Error::Invalid(format!(
+                "hip GPU decode: sequence {b} is empty"
+            )));
+        }
+        let from = self.refresh_from();
+        let n = self.cfg.stages.len();
+        let hkv = self.hkv;
+        if upload {
+            let mut mids = Vec::with_capacity(self.batch * hkv);
+            let mut extra = Vec::with_capacity(self.batch * 3);
+            let mut max_mid = 0;
+            let mut bound = 1;
+            let last_keep = self.stages.last().map_or(0, |s| s.cap)
+                * self.cfg.stages.last().map_or(0, |s| s.chunk_size);
+            for (b, &len) in lens.iter().enumerate() {
+                let (sink, mid, win) = regions(&self.cfg, len - 1);
+                if from == 0 {
+                    self.mid_end[b] = mid.end;
+                }
+                let slid = self.mid_end[b].max(mid.start)..mid.end;
+                max_mid = max_mid.max(mid.len());
+                bound = bound.max(sink.len() + slid.len() + win.len() + last_keep.min(mid.len()));
+                for _ in 0..hkv {
+                    mids.push([mid.start as i32, mid.end as i32]);
+                }
+                for r in [sink, slid, win] {
+                    extra.push([r.start as i32, r.end as i32]);
+                }
+            }
+            self.stage0_in.write(&mids)?;
+            self.extra.write(&extra)?;
+            self.max_tokens = bound;
+            // Sub-chunk slots of stage 0 for the longest middle.
+            let e0 = max_mid.div_ceil(self.cfg.stages[0].chunk_size).max(1);
+            let mut slots = e0;
+            for s in 1..n {
+                let e = self.cfg.stages[s - 1]
+                    .chunk_size
+                    .div_ceil(self.cfg.stages[s].chunk_size);
+                slots = slots.max(self.stages[s - 1].cap * e);
+            }
+            let need = self.batch * hkv * slots;
+            if need > self.keys_cap {
+                self.keys = DevBuf::alloc(need * 4)?;
+                self.keys_cap = need;
+            }
+            self.e0 = e0;
+        }
+        let rows = self.batch * hkv;
+        let ctx = StageInputs {
+            rows,
+            row_seq: self.row_seq.ptr,
+            q,
+            nq: self.nq.ptr,
+            nq_max: self.group,
+            nq_tpl: self.group.min(8),
+            stage0_in: self.stage0_in.ptr,
+            stage0_cnt: self.stage0_cnt.ptr,
+            e0: self.e0,
+            keys: self.keys.ptr,
+        };
+        run_stages(gpu, kv, &self.cfg, &self.stages, from, &ctx)?;
+        assemble(
+            gpu,
+            self.stages.last().unwrap(),
+            self.extra.ptr,
+            hkv,
+            rows,
+            &self.sel,
+        )?;
+        self.step += 1;
+        Ok(from)
+    }
+
+    /// One full decode step: selection then attention into `out`.
+    pub fn step(
+        &mut self,
+        gpu: &GpuContext,
+        shape: &AttnShape,
+        kv: &DeviceKv,
+        q: u64,
+        out: u64,
+        upload: bool,
+    ) -> Result<usize> {
+        let from = self.select(gpu, kv, q, upload)?;
+        let mt = self.max_tokens;
+        let mut ws = std::mem::take(&mut self.ws);
+        let r = decode(gpu, &mut ws, shape, kv, q, &self.sel, mt, None, out);
+        self.ws = ws;
+        r.map(|_| from)
+    }
+
+    pub fn reset(&mut self) {
+        self.step = 0;
+    }
+}
+
+/// InfiniteHiP chunked prefill on the GPU: the mask of every query block of
+/// a chunk (the CPU policy's `select_prefill`: sink, stages over the middle
+/// scored by the block's strided queries, window from the block's first
+/// query), then causal block-sparse attention of each query over its block's
+/// selection. One sequence (batch row 0 of the `DeviceKv`).
+pub struct HipGpuPrefill {
+    cfg: HipConfig,
+    hkv: usize,
+    group: usize,
+    max_blocks: usize,
+    nq_max: usize,
+    stages: Vec<StageBuf>,
+    keys: DevBuf,
+    keys_cap: usize,
+    qs: DevBuf,
+    nq: DevBuf,
+    row_seq: DevBuf,
+    stage0_in: DevBuf,
+    stage0_cnt: DevBuf,
+    extra: DevBuf,
+    q_pos: DevBuf,
+    /// Sequence (page-table row) of each query: all 0.
+    q_seq: DevBuf,
+    pub sel: DeviceSelection,
+    pub ws: DecodeWorkspace,
+    n_blocks: usize,
+    n: usize,
+    e0: usize,
+    max_tokens: usize,
+}
+
+impl HipGpuPrefill {
+    /// Buffers for chunks of up to `max_queries` queries.
+    pub fn new(cfg: HipConfig, shape: &AttnShape, max_queries: usize) -> Result<Self> {
+        // Reuse the decoder's validation of stages and RoPE.
+        HipGpuDecoder::validate(&cfg)?;
+        let hkv = shape.n_kv_heads;
+        let g = shape.group();
+        let qb = cfg.block_size_q;
+        let max_blocks = max_queries.div_ceil(qb).max(1);
+        let rows = max_blocks * hkv;
+        let per_block = qb.div_ceil(cfg.q_stride) + 1;
+        let nq_max = per_block * g;
+        let mut stages = Vec::new();
+        for st in &cfg.stages {
+            let cap = (st.keep_tokens / st.chunk_size).max(1);
+            stages.push(StageBuf {
+                out: DevBuf::alloc(rows * cap * 8)?,
+                cnt: DevBuf::from_slice(&vec![0i32; rows])?,
+                cap,
+            });
+        }
+        let last_cap = stages.last().unwrap().cap;
+        Ok(HipGpuPrefill {
+            hkv,
+            group: g,
+            max_blocks,
+            nq_max,
+            keys: DevBuf::alloc(16)?,
+            keys_cap: 0,
+            qs: DevBuf::alloc(rows * nq_max.next_multiple_of(8) * shape.head_dim * 4)?,
+            nq: DevBuf::alloc(max_blocks * 4)?,
+            row_seq: DevBuf::from_slice(&vec![0i32; max_blocks])?,
+            stage0_in: DevBuf::alloc(rows * 8)?,
+            stage0_cnt: DevBuf::from_slice(&vec![1i32; rows])?,
+            extra: DevBuf::alloc(max_blocks * 3 * 8)?,
+            q_pos: DevBuf::alloc(max_blocks * qb * 4)?,
+            q_seq: DevBuf::from_slice(&vec![0i32; max_blocks * qb])?,
+            sel: DeviceSelection::empty(rows, last_cap + 3)?,
+            ws: DecodeWorkspace::new(),
+            n_blocks: 0,
+            n: 0,
+            e0: 1,
+            max_tokens: 1,
+            stages,
+            cfg,
+        })
+    }
+
+    /// Host-side set-up of a chunk of `n` queries at cache positions
+    /// `q_start..q_start + n` (tiny uploads: regions and positions).
+    pub fn prepare(&mut self, kv: &DeviceKv, q_start: usize, n: usize) -> Result<()> {
+        let qb = self.cfg.block_size_q;
+        let nb = n.div_ceil(qb);
+        if n == 0 || nb > self.max_blocks {
+            return Err(Error::Invalid(format!(
+                "hip GPU prefill: chunk of {n} queries (buffers hold {})",
+                self.max_blocks * qb
+            )));
+        }
+        kv.check_lens()?;
+        if q_start + n > kv.lens[0] {
+            return Err(Error::OutOfRange(format!(
+                "hip GPU prefill: queries {q_start}..{} beyond {} cached tokens",
+                q_start + n,
+                kv.lens[0]
+            )));
+        }
+        let mut mids = Vec::with_capacity(nb * self.hkv);
+        let mut extra = Vec::with_capacity(nb * 3);
+        let (mut max_mid, mut bound) = (0, 1);
+        let last_keep = self.stages.last().map_or(0, |s| s.cap)
+            * self.cfg.stages.last().map_or(0, |s| s.chunk_size);
+        for b in 0..nb {
+            let p_first = q_start + b * qb;
+            let p_last = q_start + ((b + 1) * qb).min(n) - 1;
+            let end = p_last + 1;
+            let sink_end = self.cfg.sink.min(end);
+            let win_start = (p_first + 1).saturating_sub(self.cfg.window).max(sink_end);
+            let mid = sink_end..win_start;
+            max_mid = max_mid.max(mid.len());
+            bound = bound.max(sink_end + (end - win_start) + last_keep.min(mid.len()));
+            for _ in 0..self.hkv {
+                mids.push([mid.start as i32, mid.end as i32]);
+            }
+            extra.push([0, sink_end as i32]);
+            extra.push([0, 0]);
+            extra.push([win_start as i32, end as i32]);
+        }
+        self.stage0_in.write(&mids)?;
+        self.extra.write(&extra)?;
+        let pos: Vec<i32> = (0..n).map(|i| (q_start + i) as i32).collect();
+        self.q_pos.write(&pos)?;
+        self.e0 = max_mid.div_ceil(self.cfg.stages[0].chunk_size).max(1);
+        let mut slots = self.e0;
+        for s in 1..self.cfg.stages.len() {
+            let e = self.cfg.stages[s - 1]
+                .chunk_size
+                .div_ceil(self.cfg.stages[s].chunk_size);
+            slots = slots.max(self.stages[s - 1].cap * e);
+        }
+        let need = nb * self.hkv * slots;
+        if need > self.keys_cap {
+            self.keys = DevBuf::alloc(need * 4)?;
+            self.keys_cap = need;
+        }
+        self.n_blocks = nb;
+        self.n = n;
+        self.max_tokens = bound;
+        Ok(())
+    }
+
+    /// Mask estimation for the prepared chunk; `q` is the chunk's queries
+    /// `[n][n_q_heads][d]` f32 on the device. Leaves the selection in `sel`
+    /// (rows `[block][kv_head]`).
+    pub fn select(&mut self, gpu: &GpuContext, kv: &DeviceKv, q: u64) -> Result<()> {
+        let rows = self.n_blocks * self.hkv;
+        let d = kv.head_dim;
+        let gather = gpu.func("hip_mask", "hip_gather_q")?;
+        let (n, qb, st, hk, g, di, nqm) = (
+            self.n as i32,
+            self.cfg.block_size_q as i32,
+            self.cfg.q_stride as i32,
+            self.hkv as i32,
+            self.group as i32,
+            d as i32,
+            self.nq_max as i32,
+        );
+        let mut l = gpu.stream.launch_builder(&gather);
+        l.arg(&q)
+            .arg(&n)
+            .arg(&qb)
+            .arg(&st)
+            .arg(&hk)
+            .arg(&g)
+            .arg(&di)
+            .arg(&nqm)
+            .arg(&self.qs.ptr)
+            .arg(&self.nq.ptr);
+        unsafe {
+            l.launch(LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(|e| gpu_err("launch hip_gather_q", e))?;
+        let x = StageInputs {
+            rows,
+            row_seq: self.row_seq.ptr,
+            q: self.qs.ptr,
+            nq: self.nq.ptr,
+            nq_max: self.nq_max,
+            nq_tpl: 8,
+            stage0_in: self.stage0_in.ptr,
+            stage0_cnt: self.stage0_cnt.ptr,
+            e0: self.e0,
+            keys: self.keys.ptr,
+        };
+        run_stages(gpu, kv, &self.cfg, &self.stages, 0, &x)?;
+        self.sel.rows = rows;
+        assemble(
+            gpu,
+            self.stages.last().unwrap(),
+            self.extra.ptr,
+            self.hkv,
+            rows,
+            &self.sel,
+        )
+    }
+
+    /// Causal block-sparse attention of the prepared chunk over `sel`.
+    pub fn attend(
+        &mut self,
+        gpu: &GpuContext,
+        shape: &AttnShape,
+        kv: &DeviceKv,
+        q: u64,
+        out: u64,
+    ) -> Result<()> {
+        let mut ws = std::mem::take(&mut self.ws);
+        let r = attend(
+            gpu,
+            &mut ws,
+            shape,
+            kv,
+            q,
+            self.n,
+            &self.sel,
+            self.max_tokens,
+            None,
+            out,
+            self.cfg.block_size_q,
+            self.q_seq.ptr,
+            self.q_pos.ptr,
+        );
+        self.ws = ws;
+        r
+    }
+}

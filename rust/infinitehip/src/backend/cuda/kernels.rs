@@ -1,0 +1,64 @@
+//! Kernel sources (embedded) and the names of their entry points. Each
+//! module is `common.cuh` followed by one `.cu` file; NVRTC compiles it with
+//! no CUDA headers.
+
+pub const COMMON: &str = include_str!("kernels/common.cuh");
+
+/// (module name, source).
+pub const MODULES: &[(&str, &str)] = &[
+    ("decode", include_str!("kernels/decode.cu")),
+    ("hip_mask", include_str!("kernels/hip_mask.cu")),
+];
+
+/// Full source of a module as NVRTC sees it.
+pub fn full_source(module: &str) -> Option<String> {
+    MODULES
+        .iter()
+        .find(|(n, _)| *n == module)
+        .map(|(_, s)| format!("{COMMON}\n#line 1 \"{module}.cu\"\n{s}"))
+}
+
+pub fn dtype_tag(dt: crate::DType) -> Option<&'static str> {
+    match dt {
+        crate::DType::Bf16 => Some("bf16"),
+        crate::DType::F16 => Some("f16"),
+        crate::DType::F32 => None,
+    }
+}
+
+pub const HEAD_DIMS: &[usize] = &[64, 128, 256];
+pub const GROUPS: &[usize] = &[1, 2, 4, 8];
+
+/// Every entry point each module must export (checked after compilation).
+pub fn entry_points(module: &str) -> Vec<String> {
+    let mut v = Vec::new();
+    for dt in ["bf16", "f16"] {
+        for d in HEAD_DIMS {
+            match module {
+                "decode" => {
+                    for g in GROUPS {
+                        v.push(format!("decode_{dt}_d{d}_g{g}"));
+                    }
+                }
+                "hip_mask" => {
+                    for g in GROUPS {
+                        v.push(format!("hip_score_{dt}_d{d}_q{g}"));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    match module {
+        "decode" => HEAD_DIMS
+            .iter()
+            .for_each(|d| v.push(format!("combine_d{d}"))),
+        "hip_mask" => {
+            v.push("hip_topk".into());
+            v.push("hip_assemble".into());
+            v.push("hip_gather_q".into());
+        }
+        _ => {}
+    }
+    v
+}

@@ -1,0 +1,284 @@
+// InfiniteHiP hierarchical mask estimation (policy/hip.rs on the GPU).
+//
+// Rows r = seq_row * hkv + kv_head. A stage takes per row a sorted list of
+// candidate ranges, cuts each into sub-chunks of `c` tokens (slot
+// i*E + e is sub-chunk e of range i; empty slots are invalid), scores each
+// sub-chunk by the centre-of-half binary search, and keeps the top `k`
+// (ties: earlier chunk). Scores are bit-identical to the CPU's dot_f32
+// (8 partial sums, no fused multiply-add, same order), so the selection
+// equals the CPU policy's exactly.
+
+// Order-preserving key of a score; NaN scores as -inf; 0 marks invalid slots.
+__device__ __forceinline__ u32 score_key(float f) {
+    if (f != f) f = NEG_INF;
+    u32 u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+template <typename E, int D, int NQ>
+__device__ __forceinline__ float probe(const u16* __restrict__ kp, const int* trow, int t, int h,
+                                       int hkv, int ps, const float* sq, int nq) {
+    const u16* kr = kp + kv_row(trow, t, h, hkv, ps, D);
+    float best = NEG_INF;
+    for (int j0 = 0; j0 < nq; j0 += NQ) {
+        float a[NQ][8];
+#pragma unroll
+        for (int j = 0; j < NQ; j++)
+#pragma unroll
+            for (int i = 0; i < 8; i++) a[j][i] = 0.f;
+#pragma unroll 2
+        for (int c = 0; c < D / 8; c++) {
+            float k8[8];
+            load8<E>(kr + c * 8, k8);
+#pragma unroll
+            for (int j = 0; j < NQ; j++) {
+                const float* qj = sq + (j0 + j) * D + c * 8;
+#pragma unroll
+                for (int i = 0; i < 8; i++) a[j][i] = __fadd_rn(a[j][i], __fmul_rn(qj[i], k8[i]));
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < NQ; j++) {
+            if (j0 + j < nq) {
+                float s = a[j][0];
+#pragma unroll
+                for (int i = 1; i < 8; i++) s = __fadd_rn(s, a[j][i]);
+                best = fmaxf(best, s);
+            }
+        }
+    }
+    return best;
+}
+
+template <typename E, int D, int NQ>
+__device__ void hip_score(const u16* __restrict__ kp, const int* __restrict__ table, int table_stride,
+                          int ps, int hkv, const int* __restrict__ row_seq,
+                          const float* __restrict__ qs, const int* __restrict__ nq_arr, int nq_max,
+                          const int2* __restrict__ in_ranges, const int* __restrict__ in_cnt,
+                          int cap_in, int E_, int c, u32* __restrict__ keys) {
+    extern __shared__ float sq[];
+    const int r = blockIdx.y;
+    const int rb = r / hkv, h = r % hkv;
+    const int nq = nq_arr[rb];
+    const float* qsrc = qs + ((long long)r * nq_max) * D;
+    // Queries padded with zeros to a multiple of NQ (padding is never scored).
+    const int nq_pad = (nq + NQ - 1) / NQ * NQ;
+    for (int i = threadIdx.x; i < nq_pad * D; i += blockDim.x) sq[i] = i < nq * D ? qsrc[i] : 0.f;
+    __syncthreads();
+    const int n_sub = cap_in * E_;
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= n_sub) return;
+    const int ri = j / E_, e = j % E_;
+    u32 key = 0;
+    if (ri < in_cnt[r]) {
+        int2 rg = in_ranges[(long long)r * cap_in + ri];
+        int l = rg.x + e * c;
+        if (l < rg.y) {
+            int rr = min(l + c, rg.y);
+            const int* trow = table + (long long)row_seq[rb] * table_stride;
+            float best;
+            if (rr - l == 1) {
+                best = probe<E, D, NQ>(kp, trow, l, h, hkv, ps, sq, nq);
+            } else {
+                best = NEG_INF;
+                while (rr - l > 1) {
+                    int m = (l + rr) / 2;
+                    float sl = probe<E, D, NQ>(kp, trow, (l + m) / 2, h, hkv, ps, sq, nq);
+                    float sr = probe<E, D, NQ>(kp, trow, (m + rr) / 2, h, hkv, ps, sq, nq);
+                    if (sl >= sr) { rr = m; best = sl; } else { l = m; best = sr; }
+                }
+            }
+            key = score_key(best);
+        }
+    }
+    keys[(long long)r * n_sub + j] = key;
+}
+
+#define SCORE_INST(E, TN, D, NQ)                                                                  \
+    extern "C" __global__ void __launch_bounds__(128)                                             \
+        hip_score_##TN##_d##D##_q##NQ(const u16* kp, const int* table, int table_stride, int ps,  \
+                                      int hkv, const int* row_seq, const float* qs, const int* nq, \
+                                      int nq_max, const int2* in_ranges, const int* in_cnt,       \
+                                      int cap_in, int E_, int c, u32* keys) {                     \
+        hip_score<E, D, NQ>(kp, table, table_stride, ps, hkv, row_seq, qs, nq, nq_max, in_ranges, \
+                            in_cnt, cap_in, E_, c, keys);                                         \
+    }
+#define SCORE_Q(E, TN, D) SCORE_INST(E, TN, D, 1) SCORE_INST(E, TN, D, 2) SCORE_INST(E, TN, D, 4) SCORE_INST(E, TN, D, 8)
+SCORE_Q(Bf16, bf16, 64)
+SCORE_Q(Bf16, bf16, 128)
+SCORE_Q(Bf16, bf16, 256)
+SCORE_Q(F16, f16, 64)
+SCORE_Q(F16, f16, 128)
+SCORE_Q(F16, f16, 256)
+
+#define TOPK_THREADS 1024
+
+// Exclusive scan of `v` over the block; returns the prefix and sets *total.
+__device__ __forceinline__ int block_scan(int v, int* total, int* s_warp) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        int y = __shfl_up_sync(0xffffffff, x, o);
+        if (lane >= o) x += y;
+    }
+    __syncthreads();
+    if (lane == 31) s_warp[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+        int w = lane < (int)(blockDim.x >> 5) ? s_warp[lane] : 0;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            int y = __shfl_up_sync(0xffffffff, w, o);
+            if (lane >= o) w += y;
+        }
+        s_warp[lane] = w;  // inclusive warp prefixes
+    }
+    __syncthreads();
+    int before = warp > 0 ? s_warp[warp - 1] : 0;
+    *total = s_warp[(blockDim.x >> 5) - 1];
+    return before + x - v;
+}
+
+// One CTA per row: exact top-k of the sub-chunk keys by a 4-pass radix
+// select, then the kept sub-chunks written in position order.
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+    hip_topk(const u32* __restrict__ keys, int n_sub, int k, const int2* __restrict__ in_ranges,
+             const int* __restrict__ in_cnt, int cap_in, int E_, int c, int2* __restrict__ out,
+             int* __restrict__ out_cnt, int out_cap) {
+    const int r = blockIdx.x;
+    const u32* kr = keys + (long long)r * n_sub;
+    __shared__ int hist[256];
+    __shared__ int s_warp[32];
+    __shared__ u32 s_prefix;
+    __shared__ int s_krem, s_neq;
+    int nv = 0;
+    for (int i = threadIdx.x; i < n_sub; i += blockDim.x) nv += kr[i] != 0;
+    int n_valid;
+    block_scan(nv, &n_valid, s_warp);
+    const bool all = n_valid <= k;
+    if (!all) {
+        u32 prefix = 0, mask = 0;
+        int krem = k;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            __syncthreads();
+            for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+            __syncthreads();
+            for (int i = threadIdx.x; i < n_sub; i += blockDim.x) {
+                u32 key = kr[i];
+                if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1);
+            }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                int cum = 0;
+                for (int bin = 255; bin >= 0; bin--) {
+                    if (cum + hist[bin] >= krem) {
+                        prefix |= ((u32)bin) << shift;
+                        krem -= cum;
+                        s_neq = hist[bin];
+                        break;
+                    }
+                    cum += hist[bin];
+                }
+                s_prefix = prefix;
+                s_krem = krem;
+            }
+            __syncthreads();
+            prefix = s_prefix;
+            krem = s_krem;
+            mask |= 255u << shift;
+        }
+    }
+    __syncthreads();
+    const u32 T = all ? 1u : s_prefix;
+    const int krem = all ? 0 : s_krem;
+    // Every key equal to the threshold is kept (the usual case): one scan.
+    const bool simple = all || krem == s_neq;
+    int base_out = 0, eq_seen = 0;
+    for (int t0 = 0; t0 < n_sub; t0 += blockDim.x) {
+        int i = t0 + threadIdx.x;
+        u32 key = i < n_sub ? kr[i] : 0;
+        int sel;
+        if (simple) {
+            sel = key >= T;
+        } else {
+            int is_eq = key == T ? 1 : 0;
+            int eq_tot;
+            int eq_rank = eq_seen + block_scan(is_eq, &eq_tot, s_warp);
+            sel = key > T || (is_eq && eq_rank < krem);
+            eq_seen += eq_tot;
+        }
+        int sel_tot;
+        int pos = base_out + block_scan(sel, &sel_tot, s_warp);
+        if (sel && pos < out_cap) {
+            int ri = i / E_, e = i % E_;
+            int2 rg = in_ranges[(long long)r * cap_in + ri];
+            int l = rg.x + e * c;
+            out[(long long)r * out_cap + pos] = make_int2(l, min(l + c, rg.y));
+        }
+        base_out += sel_tot;
+    }
+    if (threadIdx.x == 0) out_cnt[r] = min(base_out, out_cap);
+}
+
+// Attention selection per row: sink, the last stage's chunks, the tokens
+// that slid out of the window since stage 1 ran, and the window (disjoint
+// and ascending). extra[rb] = {sink, slid, window} as (start, end).
+// One CTA per row; item i < nc is chunk i, then sink/slid/window.
+extern "C" __global__ void __launch_bounds__(256)
+    hip_assemble(const int2* __restrict__ chunks, const int* __restrict__ ccnt, int ccap,
+                 const int2* __restrict__ extra, int hkv, int n_rows, int2* __restrict__ ranges,
+                 int* __restrict__ cum, int* __restrict__ cnt, int* __restrict__ tot, int cap) {
+    __shared__ int s_warp[32];
+    const int r = blockIdx.x;
+    const int rb = r / hkv;
+    const int nc = chunks ? ccnt[r] : 0;
+    int2* o = ranges + (long long)r * cap;
+    int* cm = cum + (long long)r * cap;
+    const int2 sink = extra[rb * 3], slid = extra[rb * 3 + 1], win = extra[rb * 3 + 2];
+    const int s_n = sink.y > sink.x ? 1 : 0;
+    const int s_len = sink.y - sink.x;
+    // Chunks: positions s_n + (index among non-empty chunks).
+    int base_n = s_n, base_t = s_n ? s_len : 0;
+    for (int t0 = 0; t0 < nc; t0 += blockDim.x) {
+        int i = t0 + threadIdx.x;
+        int2 c2 = i < nc ? chunks[(long long)r * ccap + i] : make_int2(0, 0);
+        int len = c2.y > c2.x ? c2.y - c2.x : 0;
+        int ne = len > 0, tn, tt;
+        int pn = block_scan(ne, &tn, s_warp);
+        int pt = block_scan(len, &tt, s_warp);
+        if (ne) { o[base_n + pn] = c2; cm[base_n + pn] = base_t + pt; }
+        base_n += tn;
+        base_t += tt;
+    }
+    if (threadIdx.x == 0) {
+        int n = base_n, acc = base_t;
+        if (s_n) { o[0] = sink; cm[0] = 0; }
+        if (slid.y > slid.x) { o[n] = slid; cm[n] = acc; acc += slid.y - slid.x; n++; }
+        if (win.y > win.x) { o[n] = win; cm[n] = acc; acc += win.y - win.x; n++; }
+        cnt[r] = n;
+        tot[r] = acc;
+    }
+}
+
+// Prefill scoring queries: for row (block b, kv head h) gather every
+// `stride`-th query of the block plus its last, all G heads of the group,
+// into qs[r][j][D] (as HipPolicy::group_queries), and nq[b] = count * G.
+extern "C" __global__ void hip_gather_q(const float* __restrict__ q, int n, int q_block, int stride,
+                                        int hkv, int G, int D, int nq_max, float* __restrict__ qs,
+                                        int* __restrict__ nq) {
+    const int r = blockIdx.x;
+    const int b = r / hkv, h = r % hkv;
+    const int lo = b * q_block, hi = min(lo + q_block, n);
+    const int m = (hi - lo + stride - 1) / stride;
+    const int extra = (lo + (m - 1) * stride != hi - 1) ? 1 : 0;
+    const int cnt = (m + extra) * G;
+    if (threadIdx.x == 0 && h == 0) nq[b] = cnt;
+    const int hq = hkv * G;
+    for (int e = threadIdx.x; e < cnt * D; e += blockDim.x) {
+        int j = e / D, dd = e % D;
+        int k = j / G, gi = j % G;
+        int qi = k < m ? lo + k * stride : hi - 1;
+        qs[((long long)r * nq_max + j) * D + dd] = q[((long long)qi * hq + h * G + gi) * D + dd];
+    }
+}

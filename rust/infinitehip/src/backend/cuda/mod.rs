@@ -1,0 +1,300 @@
+//! CUDA backend. Three layers: `kernels` (the `.cu` sources, embedded),
+//! this module (bindings: libcuda/libnvrtc loaded at run time through cudarc,
+//! NVRTC compilation with an on-disk PTX cache, device buffers) and
+//! `dispatch` (launch code: paged KV on the device, block-sparse decode,
+//! hip mask estimation).
+//!
+//! Nothing here links CUDA: on a machine without it `GpuContext::new`
+//! returns an error naming the missing library.
+
+pub mod dispatch;
+pub mod kernels;
+
+pub use cudarc;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cudarc::driver::{result as cu, sys, CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+use crate::error::{Error, Result};
+
+fn gpu_err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Invalid(format!("CUDA: {what}: {e:?}"))
+}
+
+/// True when libnvrtc can be loaded (LD_LIBRARY_PATH or the system paths).
+pub fn nvrtc_available() -> bool {
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// True when the CUDA driver library can be loaded.
+pub fn driver_available() -> bool {
+    unsafe { sys::is_culib_present() }
+}
+
+/// FNV-1a 64: a stable hash for the PTX cache key.
+fn fnv64(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for p in parts {
+        for &b in *p {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+/// Where compiled PTX is kept: $INFINITEHIP_CACHE, else
+/// $XDG_CACHE_HOME/infinitehip, else ~/.cache/infinitehip.
+pub fn cache_dir() -> Option<PathBuf> {
+    if let Ok(d) = std::env::var("INFINITEHIP_CACHE") {
+        return Some(PathBuf::from(d));
+    }
+    if let Ok(d) = std::env::var("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(d).join("infinitehip"));
+    }
+    std::env::var("HOME")
+        .ok()
+        .map(|h| PathBuf::from(h).join(".cache/infinitehip"))
+}
+
+/// Compile one kernel module to PTX for `arch` (e.g. "compute_90") with
+/// NVRTC, through the on-disk cache keyed by source hash and arch. Needs
+/// libnvrtc but no GPU. Returns (ptx, was_cached).
+pub fn compile_module(module: &str, arch: &'static str) -> Result<(String, bool)> {
+    if !nvrtc_available() {
+        return Err(Error::Invalid(
+            "CUDA: libnvrtc not found (install the nvidia-cuda-nvrtc package or CUDA, and put its lib directory on LD_LIBRARY_PATH)".into(),
+        ));
+    }
+    let src = kernels::full_source(module)
+        .ok_or_else(|| Error::Invalid(format!("CUDA: unknown kernel module `{module}`")))?;
+    let opts = ["-std=c++17", "--use_fast_math=false"];
+    let key = fnv64(&[src.as_bytes(), arch.as_bytes(), opts.join(" ").as_bytes()]);
+    let path = cache_dir().map(|d| d.join(format!("{module}-{arch}-{key:016x}.ptx")));
+    if let Some(p) = &path {
+        if let Ok(s) = std::fs::read_to_string(p) {
+            tracing::debug!(module, path = %p.display(), "PTX cache hit");
+            return Ok((s, true));
+        }
+    }
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(
+        &src,
+        CompileOptions {
+            arch: Some(arch),
+            options: vec!["-std=c++17".into()],
+            name: Some(format!("{module}.cu")),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| {
+        Error::Invalid(format!(
+            "NVRTC failed to compile kernels/{module}.cu for {arch}: {e}"
+        ))
+    })?;
+    let text = ptx.to_src();
+    for ep in kernels::entry_points(module) {
+        if !text.contains(&format!(".entry {ep}(")) {
+            return Err(Error::Invalid(format!(
+                "kernels/{module}.cu compiled but lacks entry point `{ep}`"
+            )));
+        }
+    }
+    if let Some(p) = &path {
+        let _ = std::fs::create_dir_all(p.parent().unwrap());
+        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &text).is_ok() {
+            let _ = std::fs::rename(&tmp, p);
+        }
+    }
+    Ok((text, false))
+}
+
+/// Raw device allocation owned by the plugin (freed on drop).
+pub struct DevBuf {
+    pub ptr: u64,
+    pub bytes: usize,
+}
+
+impl DevBuf {
+    pub fn alloc(bytes: usize) -> Result<Self> {
+        let ptr = unsafe { cu::malloc_sync(bytes.max(16)) }
+            .map_err(|e| gpu_err(&format!("cuMemAlloc of {bytes} bytes"), e))?;
+        Ok(DevBuf { ptr, bytes })
+    }
+    pub fn from_slice<T: Copy>(data: &[T]) -> Result<Self> {
+        let b = Self::alloc(std::mem::size_of_val(data))?;
+        if !data.is_empty() {
+            unsafe { cu::memcpy_htod_sync(b.ptr, data) }
+                .map_err(|e| gpu_err("copy to device", e))?;
+        }
+        Ok(b)
+    }
+    pub fn write<T: Copy>(&self, data: &[T]) -> Result<()> {
+        if std::mem::size_of_val(data) > self.bytes {
+            return Err(Error::Invalid(format!(
+                "CUDA: write of {} bytes into a {}-byte buffer",
+                std::mem::size_of_val(data),
+                self.bytes
+            )));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        unsafe { cu::memcpy_htod_sync(self.ptr, data) }.map_err(|e| gpu_err("copy to device", e))
+    }
+    pub fn read<T: Copy + Default>(&self, n: usize) -> Result<Vec<T>> {
+        if n * std::mem::size_of::<T>() > self.bytes {
+            return Err(Error::Invalid(format!(
+                "CUDA: read of {n} elements from a {}-byte buffer",
+                self.bytes
+            )));
+        }
+        let mut v = vec![T::default(); n];
+        if n > 0 {
+            unsafe { cu::memcpy_dtoh_sync(&mut v, self.ptr) }
+                .map_err(|e| gpu_err("copy to host", e))?;
+        }
+        Ok(v)
+    }
+    /// Fill with a byte pattern (tests poison outputs with 0xff = NaN).
+    pub fn fill_bytes(&self, byte: u8) -> Result<()> {
+        unsafe { cu::memset_d8_sync(self.ptr, byte, self.bytes) }.map_err(|e| gpu_err("memset", e))
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = cu::free_sync(self.ptr);
+        }
+    }
+}
+
+/// One device, its stream and the loaded kernel modules.
+pub struct GpuContext {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub arch: &'static str,
+    pub sm_count: usize,
+    pub name: String,
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+    funcs: std::sync::Mutex<HashMap<String, CudaFunction>>,
+}
+
+impl GpuContext {
+    /// Open device `ordinal`, compile (or load from cache) every kernel for
+    /// its architecture.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !driver_available() {
+            return Err(Error::Invalid(
+                "CUDA: libcuda not found: no NVIDIA driver on this machine".into(),
+            ));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| gpu_err("open device", e))?;
+        unsafe { ctx.disable_event_tracking() };
+        let (maj, min) = ctx
+            .compute_capability()
+            .map_err(|e| gpu_err("compute capability", e))?;
+        let arch: &'static str = Box::leak(format!("compute_{maj}{min}").into_boxed_str());
+        let sm_count = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| gpu_err("SM count", e))? as usize;
+        let name = ctx.name().unwrap_or_default();
+        let stream = ctx.default_stream();
+        let mut modules = HashMap::new();
+        for (m, _) in kernels::MODULES {
+            let (ptx, cached) = compile_module(m, arch)?;
+            tracing::info!(module = m, arch, cached, "kernel module ready");
+            let module = ctx
+                .load_module(Ptx::from_src(ptx))
+                .map_err(|e| gpu_err(&format!("load module {m}"), e))?;
+            modules.insert(*m, module);
+        }
+        Ok(GpuContext {
+            ctx,
+            stream,
+            arch,
+            sm_count,
+            name,
+            modules,
+            funcs: Default::default(),
+        })
+    }
+
+    pub fn func(&self, module: &str, name: &str) -> Result<CudaFunction> {
+        let mut f = self.funcs.lock().unwrap();
+        if let Some(x) = f.get(name) {
+            return Ok(x.clone());
+        }
+        let m = self
+            .modules
+            .get(module)
+            .ok_or_else(|| Error::Invalid(format!("CUDA: module {module} not loaded")))?;
+        let func = m
+            .load_function(name)
+            .map_err(|e| gpu_err(&format!("kernel {name} not found"), e))?;
+        f.insert(name.to_string(), func.clone());
+        Ok(func)
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| gpu_err("stream synchronize (an earlier launch failed)", e))
+    }
+
+    /// Device memory (free, total) in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        cu::mem_get_info().map_err(|e| gpu_err("mem info", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_key_is_stable_and_sensitive() {
+        let a = fnv64(&[b"src", b"compute_90"]);
+        assert_eq!(a, fnv64(&[b"src", b"compute_90"]));
+        assert_ne!(a, fnv64(&[b"src", b"compute_80"]));
+        assert_ne!(a, fnv64(&[b"srcc", b"ompute_90"]));
+    }
+
+    #[test]
+    fn sources_name_their_entry_points() {
+        for (m, _) in kernels::MODULES {
+            let src = kernels::full_source(m).unwrap();
+            assert!(src.contains("kv_row"), "{m} lacks common.cuh");
+        }
+        assert!(kernels::full_source("nope").is_none());
+        assert_eq!(kernels::entry_points("decode").len(), 2 * 3 * 4 + 3);
+    }
+
+    #[test]
+    fn no_driver_is_an_error_not_a_panic() {
+        if !driver_available() {
+            let e = GpuContext::new(0).err().expect("must fail without libcuda");
+            assert!(e.to_string().contains("libcuda"), "{e}");
+        }
+        if !nvrtc_available() {
+            let e = compile_module("decode", "compute_90").unwrap_err();
+            assert!(e.to_string().contains("libnvrtc"), "{e}");
+        }
+    }
+
+    #[test]
+    fn gpu_hip_rejects_unnested_chunk_sizes() {
+        let mut cfg = crate::config::HipConfig::default();
+        cfg.stages[1].chunk_size = 24; // 64 % 24 != 0
+        let shape = crate::attention::AttnShape::new(32, 8, 128).unwrap();
+        let e = dispatch::HipGpuDecoder::new(cfg, &shape, 1).err().unwrap();
+        assert!(e.to_string().contains("hip.stages[1].chunk_size"), "{e}");
+    }
+}
