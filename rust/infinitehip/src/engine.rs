@@ -102,7 +102,8 @@ pub struct Engine {
     layers: Vec<Layer>,
 }
 
-fn build_policy(p: &LayerPolicy, cfg: &PolicyConfig, layer: usize) -> Result<Box<dyn Policy>> {
+/// The policy object a layer runs (also used by the C++ bridge's llama.cpp path).
+pub fn build_policy(p: &LayerPolicy, cfg: &PolicyConfig, layer: usize) -> Result<Box<dyn Policy>> {
     Ok(match p {
         LayerPolicy::Dense => Box::new(DensePolicy),
         LayerPolicy::Hip(h) => Box::new(HipPolicy::new(h.clone(), &cfg.model)?),
