@@ -24,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
 
-def hip_config(sink, window, stages, dense_layers=0, block_size_q=32):
+def hip_config(sink, window, stages, dense_layers=0, block_size_q=32, q_stride=1):
     return {
         "dense_layers": dense_layers,
         "default": {
@@ -35,7 +35,7 @@ def hip_config(sink, window, stages, dense_layers=0, block_size_q=32):
                 {"chunk_size": c, "keep_tokens": k, "refresh_interval": r} for c, k, r in stages
             ],
             "block_size_q": block_size_q,
-            "q_stride": 1,
+            "q_stride": q_stride,
             "prefill_chunk": 4096,
         },
     }

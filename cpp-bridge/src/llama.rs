@@ -257,25 +257,72 @@ fn causal_chain(inp: &Inputs<'_>, s: usize) -> Option<(Vec<u32>, Vec<usize>)> {
         return None;
     }
     let first_len = len - last;
+    // Row t must show exactly cells[..want]. Below cells[want] it equals the
+    // (fully checked) last row bit for bit; from cells[want] on it is -inf.
+    let rows = (inp.mask.st[0] == 1)
+        .then(|| mask_rows(inp, s, n))
+        .flatten();
     for t in 0..last {
         let want = first_len + t;
-        let mut cnt = 0;
-        for c in 0..n_kv {
-            let m = inp.mask_at(c, t, s);
-            if m == 0.0 {
-                if cnt >= want || cells[cnt] != c as u32 {
-                    return None;
-                }
-                cnt += 1;
-            } else if m != f32::NEG_INFINITY {
-                return None;
+        let b = cells[want] as usize;
+        let ok = match &rows {
+            Some(RowBits::F32(r)) => {
+                r[t][..b] == r[last][..b]
+                    && r[t][b..].iter().all(|&x| x == f32::NEG_INFINITY.to_bits())
             }
-        }
-        if cnt != want {
+            Some(RowBits::F16(r)) => {
+                r[t][..b] == r[last][..b]
+                    && r[t][b..].iter().all(|&x| x == f16::NEG_INFINITY.to_bits())
+            }
+            None => {
+                let mut cnt = 0;
+                let mut ok = true;
+                for c in 0..n_kv {
+                    let m = inp.mask_at(c, t, s);
+                    if m == 0.0 {
+                        if cnt >= want || cells[cnt] != c as u32 {
+                            ok = false;
+                            break;
+                        }
+                        cnt += 1;
+                    } else if m != f32::NEG_INFINITY {
+                        ok = false;
+                        break;
+                    }
+                }
+                ok && cnt == want
+            }
+        };
+        if !ok {
             return None;
         }
     }
     Some((cells, (0..n).map(|t| first_len - 1 + t).collect()))
+}
+
+/// Mask rows `0..n` of stream `s` as raw bits (rows contiguous in cells).
+enum RowBits<'a> {
+    F32(Vec<&'a [u32]>),
+    F16(Vec<&'a [u16]>),
+}
+
+fn mask_rows<'a>(inp: &Inputs<'a>, s: usize, n: usize) -> Option<RowBits<'a>> {
+    let m = &inp.mask;
+    let s = if m.ne[3] == 1 { 0 } else { s };
+    let n_kv = m.ne[0];
+    let offs = (0..n).map(|t| m.idx(0, t, 0, s));
+    Some(match m.data {
+        Data::F32(d) => {
+            // SAFETY: f32 and u32 have the same size and alignment.
+            let bits = unsafe { std::slice::from_raw_parts(d.as_ptr() as *const u32, d.len()) };
+            RowBits::F32(offs.map(|o| &bits[o..o + n_kv]).collect())
+        }
+        Data::F16(d) => {
+            // SAFETY: f16 is repr(transparent) over u16.
+            let bits = unsafe { std::slice::from_raw_parts(d.as_ptr() as *const u16, d.len()) };
+            RowBits::F16(offs.map(|o| &bits[o..o + n_kv]).collect())
+        }
+    })
 }
 
 /// A stream's sequence (cell order) as the engine's `KvRead`.

@@ -524,3 +524,21 @@ fn bad_inputs_are_errors_naming_the_problem() {
         "layer 0: dense (llama.cpp attention), layer 1: hip"
     );
 }
+
+/// A middle row from another sequence breaks the chain even when the first
+/// and last rows fit it (f16 mask, the flash-attention layout).
+#[test]
+fn middle_row_of_another_sequence_is_detected() {
+    let mut rng = Rng::new(21);
+    let p = LlamaPlugin::new(&config(16, 8), &model()).unwrap();
+    let cache = Cache::new(64, true, false, &mut rng);
+    let a: Vec<usize> = (0..40).collect();
+    let mut call = chain_call(&a, 64, 3, &mut rng);
+    // Row 1 sees cells 0..10 and 50 only.
+    call.mask[1] = (0..64).map(|c| if c < 10 || c == 50 { 0.0 } else { f32::NEG_INFINITY }).collect();
+    let out = run(&p, 1, &cache, &call, true, 2).unwrap();
+    let e = rel(&out, &reference(&cache, &call, 0.25));
+    assert!(e < 1e-5, "rel err {e}");
+    let st: serde_json::Value = serde_json::from_str(&p.stats_json()).unwrap();
+    assert_eq!(st["masked_streams"].as_u64().unwrap(), 1, "{st}");
+}
