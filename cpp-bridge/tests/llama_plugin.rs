@@ -535,7 +535,15 @@ fn middle_row_of_another_sequence_is_detected() {
     let a: Vec<usize> = (0..40).collect();
     let mut call = chain_call(&a, 64, 3, &mut rng);
     // Row 1 sees cells 0..10 and 50 only.
-    call.mask[1] = (0..64).map(|c| if c < 10 || c == 50 { 0.0 } else { f32::NEG_INFINITY }).collect();
+    call.mask[1] = (0..64)
+        .map(|c| {
+            if c < 10 || c == 50 {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
     let out = run(&p, 1, &cache, &call, true, 2).unwrap();
     let e = rel(&out, &reference(&cache, &call, 0.25));
     assert!(e < 1e-5, "rel err {e}");
