@@ -20,23 +20,28 @@ pub const HELP: &str = "infinitehip bench-cpu [options]
   --batch N            sequences per decode step (default 1)
   --q-heads N --kv-heads N --head-dim N   (default 32, 8, 128: Llama-3.1-8B)
   --budget N           hip tokens beyond sink+window (default 2048)
-  --policies LIST      hip (default hip)
+  --policies LIST      hip, locret-oracle, locret-random (default hip)
+                       locret-oracle: retaining heads that score k.u (u: the direction the
+                       queries look for), a stand-in for trained heads; locret-random: random heads
   --steps N            decode steps timed (default: longest refresh interval, 16)
   --prefill N          also time a causal prefill of the last N queries (default 0)
   --json FILE          write the results as JSON
   --seed N             workload seed (default 0)";
 
-struct Row {
-    policy: String,
-    phase: &'static str,
-    tokens: usize,
-    batch: usize,
-    dense_ms: f64,
-    ours_ms: f64,
-    refresh_ms: Option<f64>,
-    rel_error: f64,
-    needle_recall: f64,
+pub struct Row {
+    pub policy: String,
+    pub phase: &'static str,
+    pub tokens: usize,
+    pub batch: usize,
+    pub dense_ms: f64,
+    pub ours_ms: f64,
+    pub refresh_ms: Option<f64>,
+    pub rel_error: f64,
+    pub needle_recall: f64,
 }
+
+/// Policies timed through the whole engine (batch 1, decode only).
+const ENGINE_POLICIES: &[&str] = &["locret-oracle", "locret-random"];
 
 fn hip_config(budget: usize) -> HipConfig {
     let mut c = HipConfig::default();
@@ -245,7 +250,9 @@ pub fn run(argv: &[String]) -> Result<(), String> {
         .map(|s| s.trim().to_string())
         .collect();
     for p in &policies {
-        make_policy(p, budget, &shape)?;
+        if !ENGINE_POLICIES.contains(&p.as_str()) {
+            make_policy(p, budget, &shape)?;
+        }
     }
     let steps: usize = a.get("steps", 16)?;
     let prefill: usize = a.get("prefill", 0)?;
@@ -280,6 +287,27 @@ pub fn run(argv: &[String]) -> Result<(), String> {
             .collect::<Result<_, _>>()
             .map_err(|e| e.to_string())?;
         for p in &policies {
+            if ENGINE_POLICIES.contains(&p.as_str()) {
+                eprintln!("  {p}: prompt through the engine, then decode, {steps} steps...");
+                let row = match p.as_str() {
+                    "locret-oracle" => crate::bench_policies::bench_locret(
+                        &mut seqs[0],
+                        budget,
+                        steps,
+                        seed,
+                        true,
+                    )?,
+                    _ => crate::bench_policies::bench_locret(
+                        &mut seqs[0],
+                        budget,
+                        steps,
+                        seed,
+                        false,
+                    )?,
+                };
+                rows.push(row);
+                continue;
+            }
             eprintln!("  {p}: decode, {steps} steps...");
             rows.push(bench_decode(p, &mut seqs, &shape, budget, steps, seed)?);
             if prefill > 0 {
@@ -289,7 +317,7 @@ pub fn run(argv: &[String]) -> Result<(), String> {
         }
     }
     println!(
-        "{:<8} {:<8} {:>9} {:>5} {:>11} {:>11} {:>12} {:>8} {:>10} {:>7}",
+        "{:<14} {:<8} {:>9} {:>5} {:>11} {:>11} {:>12} {:>8} {:>10} {:>7}",
         "policy",
         "phase",
         "tokens",
@@ -303,7 +331,7 @@ pub fn run(argv: &[String]) -> Result<(), String> {
     );
     for r in &rows {
         println!(
-            "{:<8} {:<8} {:>9} {:>5} {:>11.2} {:>11.2} {:>12} {:>7.1}x {:>10.2e} {:>7.3}",
+            "{:<14} {:<8} {:>9} {:>5} {:>11.2} {:>11.2} {:>12} {:>7.1}x {:>10.2e} {:>7.3}",
             r.policy,
             r.phase,
             r.tokens,

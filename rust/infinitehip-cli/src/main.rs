@@ -2,6 +2,8 @@
 
 mod args;
 mod bench_cpu;
+mod bench_offload;
+mod bench_policies;
 mod machine;
 
 use infinitehip::PolicyConfig;
@@ -9,6 +11,7 @@ use infinitehip::PolicyConfig;
 const USAGE: &str = "infinitehip <command> [options]
 commands:
   bench-cpu        dense vs sparse policies on synthetic long-context attention (see bench-cpu --help)
+  bench-offload    hip decode with all KV resident vs through a device page cache over the host tier
   config-default   print the default policy config (Llama-3.1-8B shape) as JSON
   config-check F   validate a policy config file; errors name the bad field";
 
@@ -29,12 +32,14 @@ fn main() {
     if rest.iter().any(|a| a == "--help" || a == "-h") {
         match cmd.as_str() {
             "bench-cpu" => println!("{}", bench_cpu::HELP),
+            "bench-offload" => println!("{}", bench_offload::HELP),
             _ => println!("{USAGE}"),
         }
         return;
     }
     let result = match cmd.as_str() {
         "bench-cpu" => bench_cpu::run(rest),
+        "bench-offload" => bench_offload::run(rest),
         "config-default" => {
             println!("{}", PolicyConfig::default().to_json_pretty());
             Ok(())

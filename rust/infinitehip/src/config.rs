@@ -56,6 +56,10 @@ pub struct KvConfig {
     /// through a device page cache of this many pages per layer (LRU; sink
     /// and window pages pinned). None: all KV resident.
     pub device_cache_pages: Option<usize>,
+    /// With host offload: key rows per layer in the device cache that mask
+    /// estimation reads through (CLOCK replacement). None: estimation reads
+    /// are counted but not cached.
+    pub estimation_cache_rows: Option<usize>,
 }
 
 impl Default for KvConfig {
@@ -64,6 +68,7 @@ impl Default for KvConfig {
             page_size: 64,
             dtype: DType::Bf16,
             device_cache_pages: None,
+            estimation_cache_rows: None,
         }
     }
 }
@@ -203,25 +208,40 @@ impl HipConfig {
     }
 }
 
+/// Locret (arXiv 2410.01805): retaining heads score each KV unit once at
+/// insertion; chunked prefill evicts the lowest-scored units per KV head down
+/// to `budget`. See `policy::locret` for the exact semantics.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LocretConfig {
-    /// KV units kept per KV head after each prefill chunk.
+    /// KV units kept per KV head after each prefill chunk's eviction, not
+    /// counting the pinned prompt tail (`keep_last`) and decoded tokens
+    /// (upstream's `budget_size` SN).
     pub budget: usize,
-    /// Prefill chunk length; eviction runs after each chunk.
+    /// Prefill chunk length (upstream SD). Eviction runs once per appended
+    /// chunk, so callers should append prompts in pieces of this size; the
+    /// engine also selects/attends prefill queries in chunks of this many.
     pub chunk: usize,
-    /// Most recent tokens that are never evicted during prefill.
+    /// Most recent held units that are never evicted during prefill
+    /// (upstream `stabilizers`).
     pub stabilizer: usize,
-    /// First tokens that are never evicted.
+    /// First tokens that are never evicted (upstream: 0).
     pub sink: usize,
-    /// Last prompt tokens kept whatever their score (upstream: 100).
+    /// Last prompt tokens kept whatever their score (upstream `local_len`:
+    /// 100). Must not exceed `stabilizer`.
     pub keep_last: usize,
+    /// Upstream drops the stabilizer protection in the eviction after the
+    /// last evictable chunk (the one before the tail). true: keep protecting
+    /// the stabilizer window there too (never evicts recent tokens); false:
+    /// upstream's behaviour.
+    pub stabilize_final_chunk: bool,
     /// Retaining-head weights (safetensors). Required for this method.
     pub weights: Option<String>,
     /// Hidden width of the retaining-head MLP.
     pub hidden: usize,
     /// Renumber positions 0..n-1 after eviction and re-rotate the cache, as
-    /// upstream does; false keeps original positions.
+    /// upstream does. Not supported yet (validation rejects true): the pool
+    /// stores post-RoPE keys; false keeps original positions.
     pub renumber_positions: bool,
 }
 
@@ -233,6 +253,7 @@ impl Default for LocretConfig {
             stabilizer: 2500,
             sink: 0,
             keep_last: 100,
+            stabilize_final_chunk: true,
             weights: None,
             hidden: 1024,
             renumber_positions: false,
@@ -396,6 +417,12 @@ impl PolicyConfig {
                 format!("{} must be a power of two", self.kv.page_size),
             ));
         }
+        if self.kv.estimation_cache_rows.is_some() && self.kv.device_cache_pages.is_none() {
+            return Err(bad(
+                "kv.estimation_cache_rows",
+                "needs kv.device_cache_pages (it caches host-offloaded keys)",
+            ));
+        }
         if self.kv.device_cache_pages == Some(0) {
             return Err(bad(
                 "kv.device_cache_pages",
@@ -447,6 +474,23 @@ fn validate_policy(p: &LayerPolicy, at: &str, m: &ModelShape) -> Result<()> {
             }
             if l.hidden == 0 {
                 return Err(bad(format!("{at}.hidden"), "must be > 0"));
+            }
+            if l.keep_last > l.stabilizer {
+                return Err(bad(
+                    format!("{at}.keep_last"),
+                    format!(
+                        "keep_last {} must not exceed stabilizer {} (the prompt tail must still be held when it is pinned)",
+                        l.keep_last, l.stabilizer
+                    ),
+                ));
+            }
+            if l.renumber_positions {
+                return Err(bad(
+                    format!("{at}.renumber_positions"),
+                    "not supported: the KV pool stores post-RoPE keys, so renumbering would re-rotate \
+                     them after every eviction (accumulating rounding in bf16/f16) and shift every \
+                     caller's query positions; use false (original positions)",
+                ));
             }
             if l.weights.is_none() {
                 return Err(bad(

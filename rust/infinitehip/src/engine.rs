@@ -9,9 +9,10 @@ use crate::attention::{self, AttnShape};
 use crate::config::{LayerPolicy, PolicyConfig, RopeMode};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
-use crate::kv::{CacheStats, KvLayout, KvPool, PageCache, PoolStats, SeqView};
+use crate::kv::{CacheStats, KvLayout, KvPool, PageCache, PoolStats, RowCache, SeqView};
 use crate::offload::{decode_offloaded, CountingKv, StepStats};
 use crate::policy::hip::HipPolicy;
+use crate::policy::locret::LocretPolicy;
 use crate::policy::{DensePolicy, InsertInfo, Phase, Policy, SelectRequest, Selection};
 use crate::rope::Rope;
 
@@ -20,14 +21,20 @@ use crate::rope::Rope;
 struct Tier<T: Element> {
     host: KvPool<T>,
     cache: Option<PageCache<T>>,
+    /// Key rows mask estimation reads, when offloaded.
+    rows: Option<RowCache>,
     step: StepStats,
 }
 
 impl<T: Element> Tier<T> {
-    fn new(layout: KvLayout, cache_pages: Option<usize>) -> Result<Self> {
+    fn new(layout: KvLayout, cache_pages: Option<usize>, rows: Option<usize>) -> Result<Self> {
         Ok(Tier {
+            rows: rows.map(|n| RowCache::new(n, layout.head_dim * std::mem::size_of::<T>())),
             host: KvPool::new(layout, None)?,
-            cache: cache_pages.map(|n| PageCache::new(layout, n)).transpose()?,
+            // The config counts pages; the cache holds one slot per (page, KV head).
+            cache: cache_pages
+                .map(|n| PageCache::new(layout, n * layout.n_kv_heads))
+                .transpose()?,
             step: StepStats::default(),
         })
     }
@@ -35,10 +42,14 @@ impl<T: Element> Tier<T> {
     /// Forget cached copies of pages that `seq` holds (before the host
     /// rewrites or frees them).
     fn invalidate_seq(&mut self, seq: u64) -> Result<()> {
+        let table = self.host.page_table(seq)?;
         if let Some(c) = &mut self.cache {
-            for &p in self.host.page_table(seq)? {
+            for &p in table {
                 c.invalidate(p);
             }
+        }
+        if let Some(r) = &mut self.rows {
+            r.invalidate_pages(table);
         }
         Ok(())
     }
@@ -107,6 +118,7 @@ pub fn build_policy(p: &LayerPolicy, cfg: &PolicyConfig, layer: usize) -> Result
     Ok(match p {
         LayerPolicy::Dense => Box::new(DensePolicy),
         LayerPolicy::Hip(h) => Box::new(HipPolicy::new(h.clone(), &cfg.model)?),
+        LayerPolicy::Locret(c) => Box::new(LocretPolicy::new(c.clone(), &cfg.model, layer)?),
         other => {
             return Err(Error::config(
                 format!("layer {layer} method"),
@@ -132,11 +144,11 @@ impl Engine {
         let mut layers = Vec::with_capacity(m.n_layers);
         for l in 0..m.n_layers {
             let p = cfg.layer_policy(l);
-            let cp = cfg.kv.device_cache_pages;
+            let (cp, rows) = (cfg.kv.device_cache_pages, cfg.kv.estimation_cache_rows);
             let pool = match cfg.kv.dtype {
-                DType::F32 => Pool::F32(Tier::new(layout, cp)?),
-                DType::F16 => Pool::F16(Tier::new(layout, cp)?),
-                DType::Bf16 => Pool::Bf16(Tier::new(layout, cp)?),
+                DType::F32 => Pool::F32(Tier::new(layout, cp, rows)?),
+                DType::F16 => Pool::F16(Tier::new(layout, cp, rows)?),
+                DType::Bf16 => Pool::Bf16(Tier::new(layout, cp, rows)?),
             };
             let streaming = match p {
                 LayerPolicy::Hip(h) if h.rope.attention == RopeMode::Streaming => {
@@ -254,6 +266,12 @@ impl Engine {
             }
         }
         let Layer { pool, policy, .. } = l;
+        if proj.is_none() && policy.needs_projections() {
+            return Err(Error::Invalid(format!(
+                "layer {layer} ({}) scores tokens at insertion: append needs the pre-RoPE projections (proj)",
+                policy.name()
+            )));
+        }
         with_pool!(pool, p => {
             let start = p.host.seq_len(seq)?;
             p.host.append(seq, &convert(k), &convert(v))?;
@@ -268,12 +286,57 @@ impl Engine {
                 let keep = {
                     let view = p.host.view(seq)?;
                     let info = InsertInfo { seq, shape, phase, start, q: pr.q, k: pr.k, v: pr.v, kv: &view, prompt_done };
-                    policy.after_append(&info)?
+                    policy.after_append(&info)
+                };
+                // A policy that rejects the tokens (e.g. NaN scores) leaves
+                // the sequence as it was before this append.
+                let keep = match keep {
+                    Ok(k) => k,
+                    Err(e) => {
+                        p.invalidate_seq(seq)?;
+                        p.host.truncate(seq, start)?;
+                        return Err(e);
+                    }
                 };
                 if let Some(keep) = keep {
                     p.invalidate_seq(seq)?;
                     p.host.retain_per_head(seq, &keep)?;
                 }
+            }
+            Ok(())
+        })
+    }
+
+    /// Copy cache entries `start..end` of `seq` in `layer` out as f32 in the
+    /// engine layout `[token][kv_head][dim]` (K, V). After per-head eviction
+    /// (Locret) entry i of each head is that head's i-th held unit.
+    pub fn read(
+        &self,
+        layer: usize,
+        seq: u64,
+        start: usize,
+        end: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let l = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| Error::OutOfRange(format!("layer {layer}")))?;
+        with_pool!(&l.pool, p => {
+            let (k, v) = p.host.read(seq, start, end)?;
+            Ok((convert(&k), convert(&v)))
+        })
+    }
+
+    /// Run the eviction `layer`'s policy owes for `seq` now (Locret: after a
+    /// prefill chunk's attention; otherwise it runs at the next append) and
+    /// compact the pool, freeing pages.
+    pub fn evict(&mut self, layer: usize, seq: u64) -> Result<()> {
+        let Layer { pool, policy, .. } = self.layer(layer)?;
+        with_pool!(pool, p => {
+            p.host.seq_len(seq)?;
+            if let Some(keep) = policy.evict(seq)? {
+                p.invalidate_seq(seq)?;
+                p.host.retain_per_head(seq, &keep)?;
             }
             Ok(())
         })
@@ -355,16 +418,38 @@ impl Engine {
             let views: Vec<SeqView<'_, _>> = seqs.iter().map(|&s| p.host.view(s)).collect::<Result<_>>()?;
             let mut sels: Vec<Selection> = Vec::with_capacity(seqs.len());
             let mut est_bytes = 0;
+            let mut est_rows = Vec::new();
+            let record = p.rows.is_some();
+            let ps = p.host.layout().page_size;
             for (i, (&s, v)) in seqs.iter().zip(&views).enumerate() {
                 if v.is_empty() {
                     return Err(Error::Invalid(format!("decode on sequence {s} with no tokens: append its K/V first")));
                 }
-                // Mask estimation reads keys in place on the host tier; count them.
-                let counting = CountingKv::new(v, std::mem::size_of_val(&v.key_row(0, 0)[0]));
+                // Mask estimation reads keys in place on the host tier; count them
+                // (and, with an estimation row cache, record which rows).
+                let mut counting = CountingKv::new(v, std::mem::size_of_val(&v.key_row(0, 0)[0]));
+                if record {
+                    counting = counting.recording(p.host.page_table(s)?, ps);
+                }
                 let req = SelectRequest { seq: s, shape, phase: Phase::Decode, queries: &q[i * qe..(i + 1) * qe], q_start: v.len() - 1, kv: &counting };
                 sels.push(policy.select(&req)?.blocks.swap_remove(0));
                 est_bytes += counting.bytes();
+                est_rows.extend(counting.take_rows());
             }
+            let est_cache = match &mut p.rows {
+                Some(r) => {
+                    let before = r.stats();
+                    r.access(&est_rows);
+                    let after = r.stats();
+                    CacheStats {
+                        hits: after.hits - before.hits,
+                        misses: after.misses - before.misses,
+                        bytes_copied: after.bytes_copied - before.bytes_copied,
+                        evictions: after.evictions - before.evictions,
+                    }
+                }
+                None => CacheStats::default(),
+            };
             let Some(cache) = &mut p.cache else {
                 return attention::decode_with(&shape, q, &views, Some(&sels), streaming, out);
             };
@@ -373,6 +458,7 @@ impl Engine {
             drop(views);
             let mut st = decode_offloaded(&shape, q, &p.host, seqs, &sels, &pins, cache, streaming, out)?;
             st.estimation_bytes = est_bytes;
+            st.estimation_cache = est_cache;
             p.step = st;
             tracing::debug!(layer, hits = st.cache.hits, misses = st.cache.misses, bytes_copied = st.cache.bytes_copied, estimation_bytes = est_bytes, "decode step through device page cache");
             Ok(())
@@ -385,7 +471,7 @@ impl Engine {
             .map(|l| LayerStats {
                 method: l.method,
                 pool: with_pool!(&l.pool, p => p.host.stats()),
-                device_bytes: with_pool!(&l.pool, p => p.cache.as_ref().map_or(0, |c| c.bytes())),
+                device_bytes: with_pool!(&l.pool, p => p.cache.as_ref().map_or(0, |c| c.bytes()) + p.rows.as_ref().map_or(0, |r| r.bytes())),
                 cache: with_pool!(&l.pool, p => p.cache.as_ref().map_or(CacheStats::default(), |c| c.stats())),
                 last_step: with_pool!(&l.pool, p => p.step),
             })

@@ -6,11 +6,14 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use crate::attention::{self, AttnShape};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
-use crate::kv::{pages_touched, CacheStats, KvPool, KvRead, PageCache, SeqView};
+use crate::kv::{
+    head_blocks_touched, row_key, CacheStats, HeadBlock, KvPool, KvRead, PageCache, SeqView,
+};
 use crate::policy::Selection;
 use crate::rope::Rope;
 
@@ -18,10 +21,12 @@ use crate::rope::Rope;
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StepStats {
     pub cache: CacheStats,
-    /// Pages the step's selections touched.
-    pub pages_needed: usize,
+    /// Head blocks (one KV head of one page) the step's selections touched.
+    pub blocks_needed: usize,
     /// Bytes of the host KV read in place by mask estimation.
     pub estimation_bytes: u64,
+    /// Estimation reads through the row cache (zero when it is off).
+    pub estimation_cache: CacheStats,
 }
 
 /// Decode a batch with every sequence's KV on the host and only the touched
@@ -46,34 +51,48 @@ pub fn decode_offloaded<T: Element>(
         ));
     }
     let ps = host.layout().page_size;
+    let n_heads = host.layout().n_kv_heads;
     let before = cache.stats();
     cache.unpin_all();
+    // One step for the whole batch: a later sequence's misses must not evict
+    // blocks an earlier one is about to read.
+    cache.begin_step();
     let mut slot_tables = Vec::with_capacity(seqs.len());
     let mut lens = Vec::with_capacity(seqs.len());
     let mut needed = 0;
     for ((&s, sel), pin) in seqs.iter().zip(sels).zip(pinned) {
         let table = host.page_table(s)?;
         let len = host.seq_len(s)?;
-        let pin_sel = Selection {
-            heads: vec![pin.clone()],
+        let physical = |blocks: &[(usize, usize)]| -> Vec<HeadBlock> {
+            blocks
+                .iter()
+                .map(|&(p, h)| HeadBlock {
+                    page: table[p],
+                    head: h as u32,
+                })
+                .collect()
         };
-        let pin_pages: Vec<u32> = pages_touched(&pin_sel, ps)
+        let pin_sel = Selection {
+            heads: vec![pin.clone(); n_heads],
+        };
+        let pin_blocks: Vec<(usize, usize)> = head_blocks_touched(&pin_sel, ps)
             .into_iter()
-            .filter(|&p| p < table.len())
-            .map(|p| table[p])
+            .filter(|&(p, _)| p < table.len())
             .collect();
-        cache.resolve(host, &pin_pages, true)?;
-        let logical = pages_touched(sel, ps);
-        if logical.last().is_some_and(|&p| p >= table.len()) {
+        cache.resolve(host, &physical(&pin_blocks), true)?;
+        let logical = head_blocks_touched(sel, ps);
+        if logical
+            .iter()
+            .any(|&(p, h)| p >= table.len() || h >= n_heads)
+        {
             return Err(Error::OutOfRange(format!(
-                "selection of sequence {s} reaches past its {len} tokens"
+                "selection of sequence {s} reaches past its {len} tokens or {n_heads} KV heads"
             )));
         }
-        let phys: Vec<u32> = logical.iter().map(|&p| table[p]).collect();
-        let slots = cache.resolve(host, &phys, false)?;
-        let mut st = vec![None; table.len()];
-        for (lp, sl) in logical.iter().zip(slots) {
-            st[*lp] = Some(sl);
+        let slots = cache.resolve(host, &physical(&logical), false)?;
+        let mut st = vec![None; table.len() * n_heads];
+        for (&(p, h), sl) in logical.iter().zip(slots) {
+            st[p * n_heads + h] = Some(sl);
         }
         needed += logical.len();
         slot_tables.push(st);
@@ -93,16 +112,27 @@ pub fn decode_offloaded<T: Element>(
             bytes_copied: after.bytes_copied - before.bytes_copied,
             evictions: after.evictions - before.evictions,
         },
-        pages_needed: needed,
+        blocks_needed: needed,
         estimation_bytes: 0,
+        estimation_cache: CacheStats::default(),
     })
 }
 
-/// A `KvRead` that counts the key bytes read through it.
+/// A `KvRead` that counts the key bytes read through it and, given the
+/// sequence's page table, records which host rows were read (for the
+/// estimation row cache).
 pub struct CountingKv<'a> {
     inner: &'a dyn KvRead,
     bytes_per_row: u64,
     reads: AtomicU64,
+    rows: Option<RowLog<'a>>,
+}
+
+struct RowLog<'a> {
+    table: &'a [u32],
+    page_size: usize,
+    /// Sharded so parallel readers rarely contend.
+    shards: Vec<Mutex<Vec<u64>>>,
 }
 
 impl<'a> CountingKv<'a> {
@@ -111,10 +141,42 @@ impl<'a> CountingKv<'a> {
             inner,
             bytes_per_row: (inner.head_dim() * elem_bytes) as u64,
             reads: AtomicU64::new(0),
+            rows: None,
         }
     }
+
+    /// Also record the host location (`row_key`) of every row read.
+    pub fn recording(mut self, table: &'a [u32], page_size: usize) -> Self {
+        self.rows = Some(RowLog {
+            table,
+            page_size,
+            shards: (0..16).map(|_| Mutex::new(Vec::new())).collect(),
+        });
+        self
+    }
+
     pub fn bytes(&self) -> u64 {
         self.reads.load(Ordering::Relaxed) * self.bytes_per_row
+    }
+
+    /// The rows read so far (with repeats), when recording.
+    pub fn take_rows(&self) -> Vec<u64> {
+        self.rows.as_ref().map_or_else(Vec::new, |log| {
+            log.shards
+                .iter()
+                .flat_map(|s| std::mem::take(&mut *s.lock().unwrap_or_else(|e| e.into_inner())))
+                .collect()
+        })
+    }
+
+    #[inline]
+    fn count(&self, head: usize, tok: usize) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        if let Some(log) = &self.rows {
+            let key = row_key(log.table[tok / log.page_size], head, tok % log.page_size);
+            let shard = &log.shards[(tok / log.page_size) % log.shards.len()];
+            shard.lock().unwrap_or_else(|e| e.into_inner()).push(key);
+        }
     }
 }
 
@@ -129,14 +191,15 @@ impl KvRead for CountingKv<'_> {
         self.inner.head_dim()
     }
     fn dot_key(&self, head: usize, tok: usize, q: &[f32]) -> f32 {
-        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.count(head, tok);
         self.inner.dot_key(head, tok, q)
     }
     fn read_key(&self, head: usize, tok: usize, out: &mut [f32]) {
-        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.count(head, tok);
         self.inner.read_key(head, tok, out)
     }
     fn read_value(&self, head: usize, tok: usize, out: &mut [f32]) {
+        // Values are not estimation reads: counted as bytes, not cached.
         self.reads.fetch_add(1, Ordering::Relaxed);
         self.inner.read_value(head, tok, out)
     }

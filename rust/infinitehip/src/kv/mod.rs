@@ -3,10 +3,12 @@
 
 mod page_cache;
 mod pool;
+mod row_cache;
 mod view;
 
-pub use page_cache::{pages_touched, CacheStats, PageCache};
+pub use page_cache::{head_blocks_touched, pages_touched, CacheStats, HeadBlock, PageCache};
 pub use pool::{KvPool, PoolStats};
+pub use row_cache::{row_key, RowCache};
 pub use view::{KvRead, SeqView};
 
 /// Geometry of one layer's KV pool.

@@ -2,12 +2,15 @@
 //!
 //! The host `KvPool` holds every page. A `PageCache` holds a fixed number of
 //! slots (on the CPU backend a second arena standing in for device memory)
-//! and maps host pages to slots with LRU replacement. Each decode step asks
-//! for the pages its selection touches in one `resolve` call: hits map to
-//! their slot, misses are copied host -> slot in one batch. Pinned pages (sink
-//! and window) are never evicted. The attention kernel then reads through the
-//! step's slot table (`view`), so what it reads is bit-for-bit what the host
-//! holds.
+//! and maps head blocks — one KV head's part of one host page, `[page_size]
+//! [dim]` for K and for V — to slots with LRU replacement. Caching per head,
+//! not per page, matters: each KV head selects its own scattered blocks, so a
+//! whole-page cache needs about n_kv_heads times the slots for the same step.
+//! Each decode step asks for the head blocks its selection touches in one
+//! `resolve` call: hits map to their slot, misses are copied host -> slot in
+//! one batch. Pinned blocks (sink and window) are never evicted. The
+//! attention kernel then reads through the step's slot table (`view`), so
+//! what it reads is bit-for-bit what the host holds.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -37,13 +40,20 @@ impl CacheStats {
     }
 }
 
+/// One KV head's part of one host page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HeadBlock {
+    pub page: u32,
+    pub head: u32,
+}
+
 pub struct PageCache<T: Element> {
     layout: KvLayout,
     k: Vec<Box<[T]>>,
     v: Vec<Box<[T]>>,
-    /// Host page held by each slot.
-    holder: Vec<Option<u32>>,
-    slot_of: HashMap<u32, u32>,
+    /// Head block held by each slot.
+    holder: Vec<Option<HeadBlock>>,
+    slot_of: HashMap<HeadBlock, u32>,
     last_used: Vec<u64>,
     pinned: Vec<bool>,
     tick: u64,
@@ -51,11 +61,12 @@ pub struct PageCache<T: Element> {
 }
 
 impl<T: Element> PageCache<T> {
+    /// A cache of `n_slots` head blocks (`n_kv_heads` slots = one page).
     pub fn new(layout: KvLayout, n_slots: usize) -> Result<Self> {
         if n_slots == 0 {
             return Err(Error::Invalid("page cache needs at least one slot".into()));
         }
-        let pe = layout.page_elems();
+        let pe = Self::block_elems(&layout);
         Ok(PageCache {
             layout,
             k: (0..n_slots)
@@ -73,13 +84,17 @@ impl<T: Element> PageCache<T> {
         })
     }
 
+    fn block_elems(layout: &KvLayout) -> usize {
+        layout.page_size * layout.head_dim
+    }
+
     pub fn n_slots(&self) -> usize {
         self.holder.len()
     }
 
     /// Bytes of slot memory (the device budget).
     pub fn bytes(&self) -> usize {
-        self.n_slots() * 2 * self.layout.page_elems() * std::mem::size_of::<T>()
+        self.n_slots() * 2 * Self::block_elems(&self.layout) * std::mem::size_of::<T>()
     }
 
     pub fn resident(&self) -> usize {
@@ -94,15 +109,40 @@ impl<T: Element> PageCache<T> {
         std::mem::take(&mut self.stats)
     }
 
-    pub fn slot_of(&self, page: u32) -> Option<u32> {
-        self.slot_of.get(&page).copied()
+    pub fn slot_of(&self, block: HeadBlock) -> Option<u32> {
+        self.slot_of.get(&block).copied()
     }
 
-    /// Make `pages` resident and return their slots, in order. Pages of this
-    /// request are never evicted by this request. `pin`: keep them resident
-    /// until `unpin_all` (sink and window pages).
-    pub fn resolve(&mut self, host: &KvPool<T>, pages: &[u32], pin: bool) -> Result<Vec<u32>> {
+    /// Host data of one head block.
+    fn host_block<'h>(&self, host: &'h KvPool<T>, b: HeadBlock) -> Result<(&'h [T], &'h [T])> {
+        let (hk, hv) = host.page_data(b.page)?;
+        let n = Self::block_elems(&self.layout);
+        let o = b.head as usize * n;
+        if o + n > hk.len() {
+            return Err(Error::OutOfRange(format!(
+                "KV head {} of page {}",
+                b.head, b.page
+            )));
+        }
+        Ok((&hk[o..o + n], &hv[o..o + n]))
+    }
+
+    /// Start a step: blocks resolved from now until the next `begin_step`
+    /// are all in use together (a batch's sequences), so none of them is
+    /// evicted to make room for another.
+    pub fn begin_step(&mut self) {
         self.tick += 1;
+    }
+
+    /// Make `blocks` resident and return their slots, in order. Blocks used
+    /// in the current step (since `begin_step`) are never evicted. `pin`:
+    /// keep them resident until `unpin_all` (sink and window).
+    pub fn resolve(
+        &mut self,
+        host: &KvPool<T>,
+        pages: &[HeadBlock],
+        pin: bool,
+    ) -> Result<Vec<u32>> {
         let tick = self.tick;
         let mut out = Vec::with_capacity(pages.len());
         let mut misses = Vec::new();
@@ -144,7 +184,7 @@ impl<T: Element> PageCache<T> {
                 self.slot_of.remove(&old);
                 self.stats.evictions += 1;
             }
-            let (hk, hv) = host.page_data(p)?;
+            let (hk, hv) = self.host_block(host, p)?;
             self.k[s].copy_from_slice(hk);
             self.v[s].copy_from_slice(hv);
             self.holder[s] = Some(p);
@@ -158,7 +198,7 @@ impl<T: Element> PageCache<T> {
         Ok(out)
     }
 
-    /// Least recently used slot that is not pinned and not used this tick.
+    /// Least recently used slot that is not pinned and not used this step.
     fn victim(&self, tick: u64) -> Option<usize> {
         if let Some(free) = self.holder.iter().position(|h| h.is_none()) {
             return Some(free);
@@ -173,22 +213,27 @@ impl<T: Element> PageCache<T> {
     }
 
     /// Write-through after the host changed `page` (an append into a partly
-    /// filled page): refresh the cached copy so no stale data is ever read.
+    /// filled page): refresh the cached copies so no stale data is ever read.
     pub fn refresh(&mut self, host: &KvPool<T>, page: u32) -> Result<()> {
-        if let Some(&s) = self.slot_of.get(&page) {
-            let (hk, hv) = host.page_data(page)?;
-            self.k[s as usize].copy_from_slice(hk);
-            self.v[s as usize].copy_from_slice(hv);
-            self.stats.bytes_copied += (2 * hk.len() * std::mem::size_of::<T>()) as u64;
+        for head in 0..self.layout.n_kv_heads as u32 {
+            let b = HeadBlock { page, head };
+            if let Some(&s) = self.slot_of.get(&b) {
+                let (hk, hv) = self.host_block(host, b)?;
+                self.k[s as usize].copy_from_slice(hk);
+                self.v[s as usize].copy_from_slice(hv);
+                self.stats.bytes_copied += (2 * hk.len() * std::mem::size_of::<T>()) as u64;
+            }
         }
         Ok(())
     }
 
-    /// Drop a page (freed on the host).
+    /// Drop a page's head blocks (the page was freed or rewritten on the host).
     pub fn invalidate(&mut self, page: u32) {
-        if let Some(s) = self.slot_of.remove(&page) {
-            self.holder[s as usize] = None;
-            self.pinned[s as usize] = false;
+        for head in 0..self.layout.n_kv_heads as u32 {
+            if let Some(s) = self.slot_of.remove(&HeadBlock { page, head }) {
+                self.holder[s as usize] = None;
+                self.pinned[s as usize] = false;
+            }
         }
     }
 
@@ -197,10 +242,11 @@ impl<T: Element> PageCache<T> {
         (&self.k[slot as usize], &self.v[slot as usize])
     }
 
-    /// A view of a `len`-token sequence whose logical page i lives in
-    /// `slots[i]` (None: not resident; reading it is a caller bug and panics).
+    /// A view of a `len`-token sequence whose logical page i, KV head h lives
+    /// in `slots[i * n_kv_heads + h]` (None: not resident; reading it is a
+    /// caller bug and panics).
     pub fn view(&self, len: usize, slots: &[Option<u32>]) -> SeqView<'_, T> {
-        SeqView::new(
+        SeqView::head_split(
             self.layout,
             len,
             slots.iter().map(|s| match s {
@@ -209,6 +255,19 @@ impl<T: Element> PageCache<T> {
             }),
         )
     }
+}
+
+/// (logical page, KV head) pairs the tokens of `sel` touch, ascending.
+pub fn head_blocks_touched(sel: &Selection, page_size: usize) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for (h, ranges) in sel.heads.iter().enumerate() {
+        for r in ranges {
+            out.extend((r.start / page_size..r.end.div_ceil(page_size)).map(|p| (p, h)));
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// Logical pages of a sequence that the tokens of `sel` touch, ascending.

@@ -7,7 +7,10 @@ use crate::dtype::{dot_f32, Element};
 pub struct SeqView<'a, T: Element> {
     layout: KvLayout,
     len: usize,
+    /// Whole pages `[kv_head][token][dim]`, or with `head_split` one slice
+    /// `[token][dim]` per (page, KV head) at `page * n_kv_heads + head`.
     pages: Vec<(&'a [T], &'a [T])>,
+    head_split: bool,
 }
 
 impl<'a, T: Element> SeqView<'a, T> {
@@ -18,7 +21,30 @@ impl<'a, T: Element> SeqView<'a, T> {
     ) -> Self {
         let pages: Vec<_> = pages.collect();
         debug_assert!(pages.len() * layout.page_size >= len);
-        SeqView { layout, len, pages }
+        SeqView {
+            layout,
+            len,
+            pages,
+            head_split: false,
+        }
+    }
+
+    /// A view whose pages are split per KV head: `blocks[p * n_kv_heads + h]`
+    /// holds tokens of page p for head h as `[page_size][dim]` (the device
+    /// page cache caches per head).
+    pub fn head_split(
+        layout: KvLayout,
+        len: usize,
+        blocks: impl Iterator<Item = (&'a [T], &'a [T])>,
+    ) -> Self {
+        let pages: Vec<_> = blocks.collect();
+        debug_assert!(pages.len() >= len.div_ceil(layout.page_size) * layout.n_kv_heads);
+        SeqView {
+            layout,
+            len,
+            pages,
+            head_split: true,
+        }
     }
 
     /// A view over contiguous head-major buffers `[kv_head][token][dim]`
@@ -41,6 +67,7 @@ impl<'a, T: Element> SeqView<'a, T> {
             },
             len,
             pages: vec![(k, v)],
+            head_split: false,
         }
     }
 
@@ -57,7 +84,14 @@ impl<'a, T: Element> SeqView<'a, T> {
     #[inline]
     fn offset(&self, head: usize, tok: usize) -> (usize, usize) {
         let ps = self.layout.page_size;
-        (tok / ps, (head * ps + tok % ps) * self.layout.head_dim)
+        if self.head_split {
+            (
+                tok / ps * self.layout.n_kv_heads + head,
+                tok % ps * self.layout.head_dim,
+            )
+        } else {
+            (tok / ps, (head * ps + tok % ps) * self.layout.head_dim)
+        }
     }
 
     #[inline]

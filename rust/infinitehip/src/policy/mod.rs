@@ -4,6 +4,7 @@
 
 mod dense;
 pub mod hip;
+pub mod locret;
 mod selection;
 
 pub use dense::DensePolicy;
@@ -73,6 +74,18 @@ pub trait Policy: Send {
     /// head, the ascending cache indices to keep (equal count for all heads);
     /// the caller compacts the pool with `KvPool::retain_per_head`.
     fn after_append(&mut self, _ins: &InsertInfo<'_>) -> Result<Option<Vec<Vec<u32>>>> {
+        Ok(None)
+    }
+
+    /// True when `after_append` needs the pre-RoPE projections (the engine
+    /// refuses appends without them instead of letting state drift).
+    fn needs_projections(&self) -> bool {
+        false
+    }
+
+    /// Run any eviction the policy still owes for `seq` now (e.g. after a
+    /// prefill chunk's attention); same return as `after_append`.
+    fn evict(&mut self, _seq: u64) -> Result<Option<Vec<Vec<u32>>>> {
         Ok(None)
     }
 
