@@ -117,6 +117,20 @@ pub mod ffi {
             q: &[f32],
             out: &mut [f32],
         ) -> Result<()>;
+        /// Run the eviction the layer's policy owes for `seq` now (Locret:
+        /// after a prefill chunk's attention), freeing pages.
+        fn evict(self: &mut EngineHandle, layer: usize, seq: u64) -> Result<()>;
+        /// Copy entries `start..end` of `seq` in `layer` out as f32
+        /// `[token][kv_head][dim]` into `k` and `v` (each exactly that size).
+        fn read(
+            self: &EngineHandle,
+            layer: usize,
+            seq: u64,
+            start: usize,
+            end: usize,
+            k: &mut [f32],
+            v: &mut [f32],
+        ) -> Result<()>;
         /// Per-layer stats as a JSON array.
         fn stats_json(self: &EngineHandle) -> String;
 
@@ -319,6 +333,32 @@ impl EngineHandle {
     ) -> Result<(), String> {
         guard(|| self.engine.attend_decode(layer, seqs, q, out))
     }
+    pub fn evict(&mut self, layer: usize, seq: u64) -> Result<(), String> {
+        guard(|| self.engine.evict(layer, seq))
+    }
+    pub fn read(
+        &self,
+        layer: usize,
+        seq: u64,
+        start: usize,
+        end: usize,
+        k: &mut [f32],
+        v: &mut [f32],
+    ) -> Result<(), String> {
+        guard(|| {
+            let (rk, rv) = self.engine.read(layer, seq, start, end)?;
+            if k.len() != rk.len() || v.len() != rv.len() {
+                return Err(infinitehip::Error::shape(
+                    "read k/v buffers",
+                    format!("{} elements each", rk.len()),
+                    format!("k {}, v {}", k.len(), v.len()),
+                ));
+            }
+            k.copy_from_slice(&rk);
+            v.copy_from_slice(&rv);
+            Ok(())
+        })
+    }
     pub fn stats_json(&self) -> String {
         let layers: Vec<serde_json::Value> = self
             .engine
@@ -338,8 +378,10 @@ impl EngineHandle {
                     "cache_misses": s.cache.misses,
                     "cache_bytes_copied": s.cache.bytes_copied,
                     "cache_evictions": s.cache.evictions,
-                    "last_step_pages_needed": s.last_step.pages_needed,
+                    "last_step_blocks_needed": s.last_step.blocks_needed,
                     "last_step_estimation_bytes": s.last_step.estimation_bytes,
+                    "last_step_estimation_cache_hits": s.last_step.estimation_cache.hits,
+                    "last_step_estimation_cache_misses": s.last_step.estimation_cache.misses,
                 })
             })
             .collect();

@@ -183,6 +183,20 @@ int main() {
                        rust::Slice<float>(out3.data(), qe));
     CHECK(rel_err(out3, wanth) < 1e-5, "f16 decode rel err %g", rel_err(out3, wanth));
 
+    // read: the sequence's K/V round-trips exactly (f32 storage).
+    {
+        std::vector<float> rk(len * te), rv(len * te);
+        eng->read(1, 1, 0, len, rust::Slice<float>(rk.data(), rk.size()), rust::Slice<float>(rv.data(), rv.size()));
+        CHECK(rk == k && rv == v, "read did not return the appended K/V");
+        eng->evict(1, 1);  // hip owes no eviction: a no-op that must not fail
+        CHECK(eng->seq_len(1, 1) == (size_t) len, "evict changed a hip sequence");
+        expect_error("read range", "", [&] {
+            eng->read(1, 1, 0, len + 5, rust::Slice<float>(rk.data(), rk.size()), rust::Slice<float>(rv.data(), rv.size()));
+        });
+        expect_error("read buffer size", "read k/v buffers", [&] {
+            eng->read(1, 1, 0, 2, rust::Slice<float>(rk.data(), rk.size()), rust::Slice<float>(rv.data(), rv.size()));
+        });
+    }
     std::string stats(eng->stats_json());
     CHECK(stats.find("\"method\":\"hip\"") != std::string::npos && stats.find("\"sequences\":3") != std::string::npos,
           "stats %s", stats.c_str());
