@@ -117,7 +117,9 @@ pub struct Engine {
     lazy: Option<LazyShared>,
 }
 
-fn build_policy(
+/// The policy object a layer runs (also used by the C++ bridge's llama.cpp
+/// path). `lazy`: the state lazy layers share (None where none is lazy).
+pub fn build_policy(
     p: &LayerPolicy,
     cfg: &PolicyConfig,
     layer: usize,

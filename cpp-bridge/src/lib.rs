@@ -1,0 +1,397 @@
+//! C++ bridge over the infinitehip engine (cxx).
+//!
+//! Two surfaces, both in namespace `infinitehip`:
+//! - `EngineHandle`: the core `Engine` API (engine from a config JSON string,
+//!   sequences, append K/V as f32 or f16 bits, prefill/decode attention,
+//!   stats as JSON). The plugin owns the KV.
+//! - `LlamaPlugin`: the llama.cpp attention hook. Stateless over KV: it reads
+//!   llama.cpp's own K/V buffers and attention mask (ggml views passed as byte
+//!   slices + `TensorDesc`), runs the layer's policy to select tokens and
+//!   attends over them (see `llama`).
+//!
+//! Errors cross as `rust::Error` (a C++ exception carrying the Rust message).
+//! Every entry point runs under `catch_unwind`, so a Rust panic becomes an
+//! error too and never unwinds into C++.
+
+pub mod llama;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use half::f16;
+use infinitehip::engine::Projections;
+use infinitehip::policy::Phase;
+use infinitehip::{Engine, PolicyConfig};
+
+pub use llama::LlamaPlugin;
+
+#[cxx::bridge(namespace = "infinitehip")]
+pub mod ffi {
+    /// A ggml tensor view: element type as `ggml_type` (0 = F32, 1 = F16),
+    /// sizes `ne` (innermost first) and byte strides `nb`.
+    #[derive(Clone, Copy, Debug)]
+    struct TensorDesc {
+        dtype: u32,
+        ne0: i64,
+        ne1: i64,
+        ne2: i64,
+        ne3: i64,
+        nb0: u64,
+        nb1: u64,
+        nb2: u64,
+        nb3: u64,
+    }
+
+    /// Model geometry the host engine knows. It fills `model` in a policy
+    /// config that omits it, and is checked against one that has it.
+    #[derive(Clone, Copy, Debug)]
+    struct ModelInfo {
+        n_layers: u32,
+        n_q_heads: u32,
+        n_kv_heads: u32,
+        head_dim: u32,
+        rope_theta: f32,
+        n_ctx_train: u32,
+    }
+
+    extern "Rust" {
+        type EngineHandle;
+
+        /// Engine from a `PolicyConfig` JSON document.
+        fn engine_new(config_json: &str) -> Result<Box<EngineHandle>>;
+        /// The documented default config (Llama-3.1-8B shape) as JSON.
+        fn default_config_json() -> String;
+        fn n_layers(self: &EngineHandle) -> usize;
+        fn config_json(self: &EngineHandle) -> String;
+        fn add_sequence(self: &mut EngineHandle, seq: u64) -> Result<()>;
+        fn fork_sequence(self: &mut EngineHandle, parent: u64, child: u64) -> Result<()>;
+        fn free_sequence(self: &mut EngineHandle, seq: u64) -> Result<()>;
+        fn seq_len(self: &EngineHandle, layer: usize, seq: u64) -> Result<usize>;
+        /// Append post-RoPE K/V `[n][n_kv_heads][head_dim]` to one layer.
+        fn append_f32(
+            self: &mut EngineHandle,
+            layer: usize,
+            seq: u64,
+            k: &[f32],
+            v: &[f32],
+            decode: bool,
+            prompt_done: bool,
+        ) -> Result<()>;
+        /// As `append_f32` with IEEE half bits (`ggml_fp16_t`, `uint16_t`).
+        fn append_f16(
+            self: &mut EngineHandle,
+            layer: usize,
+            seq: u64,
+            k: &[u16],
+            v: &[u16],
+            decode: bool,
+            prompt_done: bool,
+        ) -> Result<()>;
+        /// Append with the pre-RoPE projections that insertion-scoring
+        /// policies (Locret) read: q `[n][n_q_heads][d]`, k/v `[n][n_kv_heads][d]`.
+        #[allow(clippy::too_many_arguments)]
+        fn append_with_projections(
+            self: &mut EngineHandle,
+            layer: usize,
+            seq: u64,
+            k: &[f32],
+            v: &[f32],
+            q_proj: &[f32],
+            k_proj: &[f32],
+            v_proj: &[f32],
+            decode: bool,
+            prompt_done: bool,
+        ) -> Result<()>;
+        /// Causal attention of the last `n` tokens: q/out `[n][n_q_heads][d]`.
+        fn attend_prefill(
+            self: &mut EngineHandle,
+            layer: usize,
+            seq: u64,
+            q: &[f32],
+            out: &mut [f32],
+        ) -> Result<()>;
+        /// One query `[n_q_heads][d]` per sequence.
+        fn attend_decode(
+            self: &mut EngineHandle,
+            layer: usize,
+            seqs: &[u64],
+            q: &[f32],
+            out: &mut [f32],
+        ) -> Result<()>;
+        /// Run the eviction the layer's policy owes for `seq` now (Locret:
+        /// after a prefill chunk's attention), freeing pages.
+        fn evict(self: &mut EngineHandle, layer: usize, seq: u64) -> Result<()>;
+        /// Copy entries `start..end` of `seq` in `layer` out as f32
+        /// `[token][kv_head][dim]` into `k` and `v` (each exactly that size).
+        fn read(
+            self: &EngineHandle,
+            layer: usize,
+            seq: u64,
+            start: usize,
+            end: usize,
+            k: &mut [f32],
+            v: &mut [f32],
+        ) -> Result<()>;
+        /// Per-layer stats as a JSON array.
+        fn stats_json(self: &EngineHandle) -> String;
+
+        type LlamaPlugin;
+
+        /// Plugin for one llama.cpp context. `config_json` may omit `model`
+        /// (filled from `model`); when present it must agree with `model`.
+        fn llama_plugin_new(config_json: &str, model: &ModelInfo) -> Result<Box<LlamaPlugin>>;
+        /// Method of a layer ("dense" layers stay on llama.cpp's attention).
+        fn layer_method(self: &LlamaPlugin, layer: u32) -> Result<String>;
+        /// One line describing which layers run which method.
+        fn summary(self: &LlamaPlugin) -> String;
+        /// Select the tokens every query attends to (one thread). `q`
+        /// `[d, n_q_heads, n_tokens, n_stream]` f32; `k`
+        /// `[d, n_kv_heads, n_kv, n_stream]`; `v` as k, or
+        /// `[n_kv, n_kv_heads, d, n_stream]` when `v_trans`; `mask`
+        /// `[n_kv, >= n_tokens, *, n_stream or 1]` (0 or -inf entries).
+        #[allow(clippy::too_many_arguments)]
+        fn plan(
+            self: &LlamaPlugin,
+            layer: u32,
+            scale: f32,
+            q: &[u8],
+            qd: &TensorDesc,
+            k: &[u8],
+            kd: &TensorDesc,
+            v: &[u8],
+            vd: &TensorDesc,
+            v_trans: bool,
+            mask: &[u8],
+            md: &TensorDesc,
+        ) -> Result<()>;
+        /// Attention for work items `item0..item1` of the last plan (item =
+        /// (stream, token, kv head), in that order); `out` holds exactly
+        /// those items' outputs (`group * d` floats each), a contiguous part
+        /// of `[d, n_q_heads, n_tokens, n_stream]`. Safe to call from several
+        /// threads with disjoint item ranges.
+        #[allow(clippy::too_many_arguments)]
+        fn attend(
+            self: &LlamaPlugin,
+            layer: u32,
+            item0: usize,
+            item1: usize,
+            scale: f32,
+            q: &[u8],
+            qd: &TensorDesc,
+            k: &[u8],
+            kd: &TensorDesc,
+            v: &[u8],
+            vd: &TensorDesc,
+            v_trans: bool,
+            mask: &[u8],
+            md: &TensorDesc,
+            out: &mut [f32],
+        ) -> Result<()>;
+        /// Counters (planned calls, sparse vs masked streams, tokens attended) as JSON.
+        fn stats_json(self: &LlamaPlugin) -> String;
+    }
+}
+
+/// Run `f`, turning its error or a panic into the message C++ receives.
+pub(crate) fn guard<T>(f: impl FnOnce() -> infinitehip::Result<T>) -> Result<T, String> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(format!("internal error (panic in infinitehip): {msg}"))
+        }
+    }
+}
+
+/// The core `Engine` behind the bridge.
+pub struct EngineHandle {
+    engine: Engine,
+}
+
+pub fn engine_new(config_json: &str) -> Result<Box<EngineHandle>, String> {
+    guard(|| {
+        let cfg = PolicyConfig::from_json(config_json)?;
+        Ok(Box::new(EngineHandle {
+            engine: Engine::new(cfg)?,
+        }))
+    })
+}
+
+pub fn default_config_json() -> String {
+    PolicyConfig::default().to_json_pretty()
+}
+
+fn phase(decode: bool) -> Phase {
+    if decode {
+        Phase::Decode
+    } else {
+        Phase::Prefill
+    }
+}
+
+fn f16_bits(x: &[u16]) -> &[f16] {
+    // SAFETY: f16 is repr(transparent) over u16: same size and alignment.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f16, x.len()) }
+}
+
+impl EngineHandle {
+    pub fn n_layers(&self) -> usize {
+        self.engine.n_layers()
+    }
+    pub fn config_json(&self) -> String {
+        self.engine.config().to_json_pretty()
+    }
+    pub fn add_sequence(&mut self, seq: u64) -> Result<(), String> {
+        guard(|| self.engine.add_sequence(seq))
+    }
+    pub fn fork_sequence(&mut self, parent: u64, child: u64) -> Result<(), String> {
+        guard(|| self.engine.fork_sequence(parent, child))
+    }
+    pub fn free_sequence(&mut self, seq: u64) -> Result<(), String> {
+        guard(|| self.engine.free_sequence(seq))
+    }
+    pub fn seq_len(&self, layer: usize, seq: u64) -> Result<usize, String> {
+        guard(|| self.engine.seq_len(layer, seq))
+    }
+    pub fn append_f32(
+        &mut self,
+        layer: usize,
+        seq: u64,
+        k: &[f32],
+        v: &[f32],
+        decode: bool,
+        prompt_done: bool,
+    ) -> Result<(), String> {
+        guard(|| {
+            self.engine
+                .append(layer, seq, k, v, phase(decode), prompt_done, None)
+        })
+    }
+    pub fn append_f16(
+        &mut self,
+        layer: usize,
+        seq: u64,
+        k: &[u16],
+        v: &[u16],
+        decode: bool,
+        prompt_done: bool,
+    ) -> Result<(), String> {
+        guard(|| {
+            self.engine.append(
+                layer,
+                seq,
+                f16_bits(k),
+                f16_bits(v),
+                phase(decode),
+                prompt_done,
+                None,
+            )
+        })
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_with_projections(
+        &mut self,
+        layer: usize,
+        seq: u64,
+        k: &[f32],
+        v: &[f32],
+        q_proj: &[f32],
+        k_proj: &[f32],
+        v_proj: &[f32],
+        decode: bool,
+        prompt_done: bool,
+    ) -> Result<(), String> {
+        guard(|| {
+            let proj = Projections {
+                q: q_proj,
+                k: k_proj,
+                v: v_proj,
+            };
+            self.engine
+                .append(layer, seq, k, v, phase(decode), prompt_done, Some(proj))
+        })
+    }
+    pub fn attend_prefill(
+        &mut self,
+        layer: usize,
+        seq: u64,
+        q: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), String> {
+        guard(|| self.engine.attend_prefill(layer, seq, q, out))
+    }
+    pub fn attend_decode(
+        &mut self,
+        layer: usize,
+        seqs: &[u64],
+        q: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), String> {
+        guard(|| self.engine.attend_decode(layer, seqs, q, out))
+    }
+    pub fn evict(&mut self, layer: usize, seq: u64) -> Result<(), String> {
+        guard(|| self.engine.evict(layer, seq))
+    }
+    pub fn read(
+        &self,
+        layer: usize,
+        seq: u64,
+        start: usize,
+        end: usize,
+        k: &mut [f32],
+        v: &mut [f32],
+    ) -> Result<(), String> {
+        guard(|| {
+            let (rk, rv) = self.engine.read(layer, seq, start, end)?;
+            if k.len() != rk.len() || v.len() != rv.len() {
+                return Err(infinitehip::Error::shape(
+                    "read k/v buffers",
+                    format!("{} elements each", rk.len()),
+                    format!("k {}, v {}", k.len(), v.len()),
+                ));
+            }
+            k.copy_from_slice(&rk);
+            v.copy_from_slice(&rv);
+            Ok(())
+        })
+    }
+    pub fn stats_json(&self) -> String {
+        let layers: Vec<serde_json::Value> = self
+            .engine
+            .stats()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                serde_json::json!({
+                    "layer": i,
+                    "method": s.method,
+                    "pages_in_use": s.pool.pages_in_use,
+                    "pages_free": s.pool.pages_free,
+                    "bytes_in_use": s.pool.bytes_in_use,
+                    "sequences": s.pool.sequences,
+                    "device_bytes": s.device_bytes,
+                    "cache_hits": s.cache.hits,
+                    "cache_misses": s.cache.misses,
+                    "cache_bytes_copied": s.cache.bytes_copied,
+                    "cache_evictions": s.cache.evictions,
+                    "last_step_blocks_needed": s.last_step.blocks_needed,
+                    "last_step_estimation_bytes": s.last_step.estimation_bytes,
+                    "last_step_estimation_cache_hits": s.last_step.estimation_cache.hits,
+                    "last_step_estimation_cache_misses": s.last_step.estimation_cache.misses,
+                })
+            })
+            .collect();
+        serde_json::Value::Array(layers).to_string()
+    }
+}
+
+pub fn llama_plugin_new(
+    config_json: &str,
+    model: &ffi::ModelInfo,
+) -> Result<Box<LlamaPlugin>, String> {
+    guard(|| LlamaPlugin::new(config_json, model).map(Box::new))
+}

@@ -1,0 +1,915 @@
+//! llama.cpp attention through our policies, over llama.cpp's own KV buffers.
+//!
+//! llama.cpp keeps K/V per layer in slots ("cells") and passes positions to
+//! attention only through `kq_mask` (0 = visible, -inf = hidden). For each
+//! stream the plugin reads the mask rows of the ubatch's queries: when they
+//! form one causal chain — every query sees a prefix of one ordered cell
+//! list `L`, growing by one cell per query, with no bias — `L` is the
+//! sequence in cell order (= position order for append-only generation) and
+//! the layer's policy selects token ranges over it exactly as the engine
+//! would; attention then reads only the selected cells. Anything else
+//! (several sequences in one stream, a biased mask) is attended exactly over
+//! each query's visible cells ("masked" path: correct, not sparse).
+//!
+//! The split into `plan` (selection, one thread) and `attend` (any number of
+//! threads over disjoint work items) matches ggml's custom-op threading: two
+//! graph nodes, the second depending on the first.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use half::f16;
+use infinitehip::attention::AttnShape;
+use infinitehip::config::{LayerPolicy, PolicyConfig, RopeMode};
+use infinitehip::dtype::{axpy_f32, dot_f32, Element};
+use infinitehip::engine::build_policy;
+use infinitehip::kv::KvRead;
+use infinitehip::policy::{Phase, Policy, SelectRequest, Selection};
+use infinitehip::{Error, Result};
+
+use crate::ffi::{ModelInfo, TensorDesc};
+use crate::guard;
+
+/// `ggml_type` ids we read.
+pub const GGML_TYPE_F32: u32 = 0;
+pub const GGML_TYPE_F16: u32 = 1;
+
+/// Methods whose selection needs nothing but queries and keys, so they run
+/// over llama.cpp's cache unchanged. Methods that evict at insertion
+/// (Locret) need llama.cpp's KV cells changed and are refused here.
+const STATELESS_METHODS: &[&str] = &["dense", "hip"];
+
+#[derive(Clone, Copy)]
+enum Data<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+/// A strided ggml view with element strides, bounds checked once.
+#[derive(Clone, Copy)]
+pub struct View<'a> {
+    data: Data<'a>,
+    ne: [usize; 4],
+    st: [usize; 4],
+}
+
+impl<'a> View<'a> {
+    pub fn new(bytes: &'a [u8], d: &TensorDesc, what: &str) -> Result<Self> {
+        let es = match d.dtype {
+            GGML_TYPE_F32 => 4,
+            GGML_TYPE_F16 => 2,
+            t => {
+                return Err(Error::Dtype {
+                    what: what.into(),
+                    got: format!("ggml_type {t}"),
+                    supported: "F32 (0), F16 (1)".into(),
+                })
+            }
+        };
+        let ne = [d.ne0, d.ne1, d.ne2, d.ne3];
+        let nb = [d.nb0, d.nb1, d.nb2, d.nb3];
+        if ne.iter().any(|&n| n <= 0) {
+            return Err(Error::shape(what, "all ne > 0", format!("{ne:?}")));
+        }
+        if nb.iter().any(|&b| !b.is_multiple_of(es as u64))
+            || !(bytes.as_ptr() as usize).is_multiple_of(es)
+        {
+            return Err(Error::shape(
+                what,
+                format!("strides and address aligned to {es} bytes"),
+                format!("nb {nb:?}"),
+            ));
+        }
+        let ne = ne.map(|n| n as usize);
+        let st = nb.map(|b| b as usize / es);
+        let span = (0..4).map(|i| (ne[i] - 1) * st[i]).sum::<usize>() + 1;
+        let n = bytes.len() / es;
+        if span > n {
+            return Err(Error::shape(
+                format!("{what} buffer"),
+                format!(">= {} bytes for ne {ne:?} nb {nb:?}", span * es),
+                format!("{} bytes", bytes.len()),
+            ));
+        }
+        // SAFETY: alignment checked above; f16 is repr(transparent) over u16.
+        let data = unsafe {
+            match d.dtype {
+                GGML_TYPE_F32 => {
+                    Data::F32(std::slice::from_raw_parts(bytes.as_ptr() as *const f32, n))
+                }
+                _ => Data::F16(std::slice::from_raw_parts(bytes.as_ptr() as *const f16, n)),
+            }
+        };
+        Ok(View { data, ne, st })
+    }
+
+    #[inline]
+    fn idx(&self, i0: usize, i1: usize, i2: usize, i3: usize) -> usize {
+        i0 * self.st[0] + i1 * self.st[1] + i2 * self.st[2] + i3 * self.st[3]
+    }
+
+    #[inline]
+    fn get(&self, i: usize) -> f32 {
+        match self.data {
+            Data::F32(s) => s[i],
+            Data::F16(s) => s[i].to_f32(),
+        }
+    }
+}
+
+/// The geometry of one attention call, checked against the layer's config.
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    d: usize,
+    n_head: usize,
+    n_kv_heads: usize,
+    n_tokens: usize,
+    n_stream: usize,
+    n_kv: usize,
+}
+
+struct Inputs<'a> {
+    q: View<'a>,
+    k: View<'a>,
+    v: View<'a>,
+    v_trans: bool,
+    mask: View<'a>,
+    g: Geom,
+}
+
+impl<'a> Inputs<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        q: &'a [u8],
+        qd: &TensorDesc,
+        k: &'a [u8],
+        kd: &TensorDesc,
+        v: &'a [u8],
+        vd: &TensorDesc,
+        v_trans: bool,
+        mask: &'a [u8],
+        md: &TensorDesc,
+    ) -> Result<Self> {
+        let q = View::new(q, qd, "q")?;
+        let k = View::new(k, kd, "k")?;
+        let v = View::new(v, vd, "v")?;
+        let mask = View::new(mask, md, "kq_mask")?;
+        if !matches!(q.data, Data::F32(_)) {
+            return Err(Error::Dtype {
+                what: "q".into(),
+                got: "F16".into(),
+                supported: "F32".into(),
+            });
+        }
+        let [d, n_head, n_tokens, n_stream] = q.ne;
+        let [kd0, n_kv_heads, n_kv, ks] = k.ne;
+        let g = Geom {
+            d,
+            n_head,
+            n_kv_heads,
+            n_tokens,
+            n_stream,
+            n_kv,
+        };
+        if kd0 != d || ks != n_stream || q.st[0] != 1 || k.st[0] != 1 {
+            return Err(Error::shape(
+                "k",
+                format!("[{d}, n_kv_heads, n_kv, {n_stream}] with contiguous rows (q and k)"),
+                format!("{:?} (q {:?})", k.ne, q.ne),
+            ));
+        }
+        if n_head % n_kv_heads != 0 {
+            return Err(Error::shape(
+                "q heads",
+                format!("a multiple of n_kv_heads {n_kv_heads}"),
+                n_head,
+            ));
+        }
+        let want_v = if v_trans {
+            [n_kv, n_kv_heads, d, n_stream]
+        } else {
+            [d, n_kv_heads, n_kv, n_stream]
+        };
+        if v.ne != want_v {
+            return Err(Error::shape(
+                if v_trans { "v (transposed)" } else { "v" },
+                format!("{want_v:?}"),
+                format!("{:?}", v.ne),
+            ));
+        }
+        if mask.ne[0] != n_kv
+            || mask.ne[1] < n_tokens
+            || !(mask.ne[3] == n_stream || mask.ne[3] == 1)
+        {
+            return Err(Error::shape(
+                "kq_mask",
+                format!("[{n_kv}, >= {n_tokens}, *, {n_stream} or 1]"),
+                format!("{:?}", mask.ne),
+            ));
+        }
+        Ok(Inputs {
+            q,
+            k,
+            v,
+            v_trans,
+            mask,
+            g,
+        })
+    }
+
+    fn mask_at(&self, cell: usize, row: usize, s: usize) -> f32 {
+        let s = if self.mask.ne[3] == 1 { 0 } else { s };
+        self.mask.get(self.mask.idx(cell, row, 0, s))
+    }
+
+    /// Query heads `h0..h0+n` of token `t` in stream `s`, as `[n][d]` f32.
+    fn query(&self, t: usize, s: usize, h0: usize, n: usize, out: &mut Vec<f32>) {
+        out.clear();
+        let Data::F32(q) = self.q.data else {
+            unreachable!("checked in new")
+        };
+        for h in h0..h0 + n {
+            let o = self.q.idx(0, h, t, s);
+            out.extend_from_slice(&q[o..o + self.g.d]);
+        }
+    }
+}
+
+/// The cell list of one stream when the ubatch is one causal chain:
+/// `(cells, q_pos)` with `q_pos[t]` the logical position of query t.
+/// None when the rows do not form one chain or carry a bias.
+fn causal_chain(inp: &Inputs<'_>, s: usize) -> Option<(Vec<u32>, Vec<usize>)> {
+    let (n, n_kv) = (inp.g.n_tokens, inp.g.n_kv);
+    let last = n - 1;
+    let mut cells = Vec::new();
+    for c in 0..n_kv {
+        let m = inp.mask_at(c, last, s);
+        if m == 0.0 {
+            cells.push(c as u32);
+        } else if m != f32::NEG_INFINITY {
+            return None;
+        }
+    }
+    let len = cells.len();
+    if len < n {
+        return None;
+    }
+    let first_len = len - last;
+    // Row t must show exactly cells[..want]. Below cells[want] it equals the
+    // (fully checked) last row bit for bit; from cells[want] on it is -inf.
+    let rows = (inp.mask.st[0] == 1)
+        .then(|| mask_rows(inp, s, n))
+        .flatten();
+    for t in 0..last {
+        let want = first_len + t;
+        let b = cells[want] as usize;
+        let ok = match &rows {
+            Some(RowBits::F32(r)) => {
+                r[t][..b] == r[last][..b]
+                    && r[t][b..].iter().all(|&x| x == f32::NEG_INFINITY.to_bits())
+            }
+            Some(RowBits::F16(r)) => {
+                r[t][..b] == r[last][..b]
+                    && r[t][b..].iter().all(|&x| x == f16::NEG_INFINITY.to_bits())
+            }
+            None => {
+                let mut cnt = 0;
+                let mut ok = true;
+                for c in 0..n_kv {
+                    let m = inp.mask_at(c, t, s);
+                    if m == 0.0 {
+                        if cnt >= want || cells[cnt] != c as u32 {
+                            ok = false;
+                            break;
+                        }
+                        cnt += 1;
+                    } else if m != f32::NEG_INFINITY {
+                        ok = false;
+                        break;
+                    }
+                }
+                ok && cnt == want
+            }
+        };
+        if !ok {
+            return None;
+        }
+    }
+    Some((cells, (0..n).map(|t| first_len - 1 + t).collect()))
+}
+
+/// Mask rows `0..n` of stream `s` as raw bits (rows contiguous in cells).
+enum RowBits<'a> {
+    F32(Vec<&'a [u32]>),
+    F16(Vec<&'a [u16]>),
+}
+
+fn mask_rows<'a>(inp: &Inputs<'a>, s: usize, n: usize) -> Option<RowBits<'a>> {
+    let m = &inp.mask;
+    let s = if m.ne[3] == 1 { 0 } else { s };
+    let n_kv = m.ne[0];
+    let offs = (0..n).map(|t| m.idx(0, t, 0, s));
+    Some(match m.data {
+        Data::F32(d) => {
+            // SAFETY: f32 and u32 have the same size and alignment.
+            let bits = unsafe { std::slice::from_raw_parts(d.as_ptr() as *const u32, d.len()) };
+            RowBits::F32(offs.map(|o| &bits[o..o + n_kv]).collect())
+        }
+        Data::F16(d) => {
+            // SAFETY: f16 is repr(transparent) over u16.
+            let bits = unsafe { std::slice::from_raw_parts(d.as_ptr() as *const u16, d.len()) };
+            RowBits::F16(offs.map(|o| &bits[o..o + n_kv]).collect())
+        }
+    })
+}
+
+/// A stream's sequence (cell order) as the engine's `KvRead`.
+struct LlamaKv<'a> {
+    inp: &'a Inputs<'a>,
+    s: usize,
+    cells: &'a [u32],
+}
+
+impl KvRead for LlamaKv<'_> {
+    fn len(&self) -> usize {
+        self.cells.len()
+    }
+    fn n_kv_heads(&self) -> usize {
+        self.inp.g.n_kv_heads
+    }
+    fn head_dim(&self) -> usize {
+        self.inp.g.d
+    }
+    fn dot_key(&self, head: usize, tok: usize, q: &[f32]) -> f32 {
+        let o = self.inp.k.idx(0, head, self.cells[tok] as usize, self.s);
+        let d = self.inp.g.d;
+        match self.inp.k.data {
+            Data::F32(k) => dot_f32(q, &k[o..o + d]),
+            Data::F16(k) => dot_f32(q, &k[o..o + d]),
+        }
+    }
+    fn read_key(&self, head: usize, tok: usize, out: &mut [f32]) {
+        let o = self.inp.k.idx(0, head, self.cells[tok] as usize, self.s);
+        for (j, x) in out.iter_mut().enumerate() {
+            *x = self.inp.k.get(o + j);
+        }
+    }
+    fn read_value(&self, head: usize, tok: usize, out: &mut [f32]) {
+        let c = self.cells[tok] as usize;
+        for (j, x) in out.iter_mut().enumerate() {
+            let i = if self.inp.v_trans {
+                self.inp.v.idx(c, head, j, self.s)
+            } else {
+                self.inp.v.idx(j, head, c, self.s)
+            };
+            *x = self.inp.v.get(i);
+        }
+    }
+}
+
+/// What `plan` decided for one stream.
+enum StreamPlan {
+    /// One causal chain: query t attends `sels[sel_of[t]]` over `cells`,
+    /// clipped to logical positions `<= q_pos[t]`.
+    Sparse {
+        cells: Vec<u32>,
+        q_pos: Vec<usize>,
+        sel_of: Vec<u32>,
+        sels: Vec<Selection>,
+    },
+    /// Exact attention over each query's visible cells (mask as bias).
+    Masked,
+}
+
+struct Plan {
+    geom: (usize, usize, usize, usize, usize),
+    streams: Vec<StreamPlan>,
+}
+
+struct LayerState {
+    policy: Box<dyn Policy>,
+    /// Per stream: (first cell, chain length) at the last plan, to notice a
+    /// sequence that was cleared or rewritten and restart the policy state.
+    seen: HashMap<usize, (u32, usize)>,
+    plan: Option<Arc<Plan>>,
+    warned_masked: bool,
+}
+
+struct Layer {
+    method: &'static str,
+    state: Option<Mutex<LayerState>>,
+}
+
+#[derive(Default)]
+struct Counters {
+    plans: AtomicU64,
+    sparse_streams: AtomicU64,
+    masked_streams: AtomicU64,
+    attended_tokens: AtomicU64,
+    context_tokens: AtomicU64,
+}
+
+/// The plugin of one llama.cpp context: per layer, the method and (for
+/// non-dense layers) the policy with its per-stream state.
+pub struct LlamaPlugin {
+    cfg: PolicyConfig,
+    layers: Vec<Layer>,
+    counters: Counters,
+}
+
+/// Fill `model` from the host's geometry when absent; check it when present.
+fn resolve_config(config_json: &str, m: &ModelInfo) -> Result<PolicyConfig> {
+    let mut v: serde_json::Value = serde_json::from_str(config_json)?;
+    let obj = v
+        .as_object_mut()
+        .ok_or_else(|| Error::config("(root)", "must be a JSON object"))?;
+    let host = serde_json::json!({
+        "n_layers": m.n_layers,
+        "n_q_heads": m.n_q_heads,
+        "n_kv_heads": m.n_kv_heads,
+        "head_dim": m.head_dim,
+        "rope_theta": m.rope_theta,
+        "max_position": m.n_ctx_train.max(1),
+    });
+    match obj.get_mut("model") {
+        None => {
+            obj.insert("model".into(), host);
+        }
+        Some(given) => {
+            let g = given
+                .as_object_mut()
+                .ok_or_else(|| Error::config("model", "must be an object"))?;
+            for key in ["n_layers", "n_q_heads", "n_kv_heads", "head_dim"] {
+                match g.get(key) {
+                    None => {
+                        g.insert(key.into(), host[key].clone());
+                    }
+                    Some(x) if *x != host[key] => {
+                        return Err(Error::config(
+                            format!("model.{key}"),
+                            format!("{x} but the llama.cpp model has {}", host[key]),
+                        ))
+                    }
+                    Some(_) => {}
+                }
+            }
+            for key in ["rope_theta", "max_position"] {
+                if !g.contains_key(key) {
+                    g.insert(key.into(), host[key].clone());
+                }
+            }
+        }
+    }
+    PolicyConfig::from_json(&v.to_string())
+}
+
+impl LlamaPlugin {
+    pub fn new(config_json: &str, model: &ModelInfo) -> Result<Self> {
+        let cfg = resolve_config(config_json, model)?;
+        let mut layers = Vec::with_capacity(cfg.model.n_layers);
+        for l in 0..cfg.model.n_layers {
+            let p = cfg.layer_policy(l);
+            let method = p.method();
+            if !STATELESS_METHODS.contains(&method) {
+                return Err(Error::config(
+                    format!("layer {l} method"),
+                    format!(
+                        "`{method}` is not supported by the llama.cpp integration (supported: {})",
+                        STATELESS_METHODS.join(", ")
+                    ),
+                ));
+            }
+            if let LayerPolicy::Hip(h) = p {
+                if h.rope.scoring != RopeMode::Original || h.rope.attention != RopeMode::Original {
+                    return Err(Error::config(
+                        format!("layer {l} hip.rope"),
+                        "the llama.cpp integration attends at llama.cpp's positions: use \"original\" for scoring and attention",
+                    ));
+                }
+            }
+            let state = if method == "dense" {
+                None
+            } else {
+                Some(Mutex::new(LayerState {
+                    policy: build_policy(p, &cfg, l, None)?,
+                    seen: HashMap::new(),
+                    plan: None,
+                    warned_masked: false,
+                }))
+            };
+            layers.push(Layer { method, state });
+        }
+        Ok(LlamaPlugin {
+            cfg,
+            layers,
+            counters: Counters::default(),
+        })
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.cfg
+    }
+
+    fn layer(&self, layer: u32) -> Result<&Layer> {
+        self.layers
+            .get(layer as usize)
+            .ok_or_else(|| Error::OutOfRange(format!("layer {layer} of {}", self.layers.len())))
+    }
+
+    fn sparse_state(&self, layer: u32) -> Result<&Mutex<LayerState>> {
+        let l = self.layer(layer)?;
+        l.state.as_ref().ok_or_else(|| {
+            Error::Invalid(format!(
+                "layer {layer} is dense: llama.cpp's own attention runs it"
+            ))
+        })
+    }
+
+    fn check_geom(&self, g: &Geom) -> Result<AttnShape> {
+        let m = &self.cfg.model;
+        if (g.n_head, g.n_kv_heads, g.d) != (m.n_q_heads, m.n_kv_heads, m.head_dim) {
+            return Err(Error::shape(
+                "attention heads (q heads, kv heads, head_dim)",
+                format!("({}, {}, {})", m.n_q_heads, m.n_kv_heads, m.head_dim),
+                format!("({}, {}, {})", g.n_head, g.n_kv_heads, g.d),
+            ));
+        }
+        AttnShape::new(g.n_head, g.n_kv_heads, g.d)
+    }
+
+    pub fn layer_method(&self, layer: u32) -> std::result::Result<String, String> {
+        guard(|| Ok(self.layer(layer)?.method.to_string()))
+    }
+
+    pub fn summary(&self) -> String {
+        let mut parts: Vec<String> = Vec::new();
+        let mut start = 0;
+        for i in 1..=self.layers.len() {
+            if i == self.layers.len() || self.layers[i].method != self.layers[start].method {
+                let m = self.layers[start].method;
+                let who = if m == "dense" {
+                    "dense (llama.cpp attention)"
+                } else {
+                    m
+                };
+                if i - start == 1 {
+                    parts.push(format!("layer {start}: {who}"));
+                } else {
+                    parts.push(format!("layers {}-{}: {who}", start, i - 1));
+                }
+                start = i;
+            }
+        }
+        parts.join(", ")
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn plan(
+        &self,
+        layer: u32,
+        scale: f32,
+        q: &[u8],
+        qd: &TensorDesc,
+        k: &[u8],
+        kd: &TensorDesc,
+        v: &[u8],
+        vd: &TensorDesc,
+        v_trans: bool,
+        mask: &[u8],
+        md: &TensorDesc,
+    ) -> std::result::Result<(), String> {
+        guard(|| {
+            let inp = Inputs::new(q, qd, k, kd, v, vd, v_trans, mask, md)?;
+            let mut shape = self.check_geom(&inp.g)?;
+            shape.scale = checked_scale(scale)?;
+            let mut st = self
+                .sparse_state(layer)?
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            st.plan = None;
+            let g = inp.g;
+            let mut streams = Vec::with_capacity(g.n_stream);
+            let mut qbuf = Vec::new();
+            for s in 0..g.n_stream {
+                let Some((cells, q_pos)) = causal_chain(&inp, s) else {
+                    if !st.warned_masked {
+                        tracing::warn!(layer, "infinitehip: ubatch is not one causal chain per stream; exact masked attention for it");
+                        st.warned_masked = true;
+                    }
+                    st.seen.remove(&s);
+                    st.policy.end_sequence(s as u64);
+                    self.counters.masked_streams.fetch_add(1, Ordering::Relaxed);
+                    streams.push(StreamPlan::Masked);
+                    continue;
+                };
+                let n = g.n_tokens;
+                let len = cells.len();
+                if st.seen.get(&s) != Some(&(cells[0], len - n)) {
+                    st.policy.end_sequence(s as u64);
+                }
+                let kv = LlamaKv {
+                    inp: &inp,
+                    s,
+                    cells: &cells,
+                };
+                let qe = shape.q_elems();
+                let mut all_q = Vec::with_capacity(n * qe);
+                for t in 0..n {
+                    inp.query(t, s, 0, g.n_head, &mut qbuf);
+                    all_q.extend_from_slice(&qbuf);
+                }
+                let mut sels = Vec::new();
+                let mut sel_of = vec![0u32; n];
+                if n == 1 {
+                    let req = SelectRequest {
+                        seq: s as u64,
+                        shape,
+                        phase: Phase::Decode,
+                        queries: &all_q,
+                        q_start: q_pos[0],
+                        kv: &kv,
+                    };
+                    let mut out = st.policy.select(&req)?;
+                    if out.blocks.is_empty() {
+                        return Err(Error::Invalid(format!(
+                            "layer {layer}: policy returned no selection"
+                        )));
+                    }
+                    sels.push(out.blocks.swap_remove(0));
+                } else {
+                    let chunk = st.policy.prefill_chunk().unwrap_or(n).max(1);
+                    for c0 in (0..n).step_by(chunk) {
+                        let c1 = (c0 + chunk).min(n);
+                        let req = SelectRequest {
+                            seq: s as u64,
+                            shape,
+                            phase: Phase::Prefill,
+                            queries: &all_q[c0 * qe..c1 * qe],
+                            q_start: q_pos[c0],
+                            kv: &kv,
+                        };
+                        let out = st.policy.select(&req)?;
+                        let base = sels.len();
+                        let qb = out.q_block.max(1);
+                        let nb = out.blocks.len();
+                        for (i, so) in sel_of[c0..c1].iter_mut().enumerate() {
+                            let b = i / qb;
+                            if b >= nb {
+                                return Err(Error::Invalid(format!("layer {layer}: policy returned {nb} blocks of {qb} for {} queries", c1 - c0)));
+                            }
+                            *so = (base + b) as u32;
+                        }
+                        sels.extend(out.blocks);
+                    }
+                }
+                for sel in &sels {
+                    if sel.heads.len() != g.n_kv_heads {
+                        return Err(Error::shape(
+                            "policy selection heads",
+                            g.n_kv_heads,
+                            sel.heads.len(),
+                        ));
+                    }
+                }
+                st.seen.insert(s, (cells[0], len));
+                self.counters.sparse_streams.fetch_add(1, Ordering::Relaxed);
+                streams.push(StreamPlan::Sparse {
+                    cells,
+                    q_pos,
+                    sel_of,
+                    sels,
+                });
+            }
+            st.plan = Some(Arc::new(Plan {
+                geom: (g.d, g.n_head, g.n_kv_heads, g.n_tokens, g.n_stream),
+                streams,
+            }));
+            self.counters.plans.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(
+        &self,
+        layer: u32,
+        item0: usize,
+        item1: usize,
+        scale: f32,
+        q: &[u8],
+        qd: &TensorDesc,
+        k: &[u8],
+        kd: &TensorDesc,
+        v: &[u8],
+        vd: &TensorDesc,
+        v_trans: bool,
+        mask: &[u8],
+        md: &TensorDesc,
+        out: &mut [f32],
+    ) -> std::result::Result<(), String> {
+        guard(|| {
+            let inp = Inputs::new(q, qd, k, kd, v, vd, v_trans, mask, md)?;
+            let mut shape = self.check_geom(&inp.g)?;
+            shape.scale = checked_scale(scale)?;
+            let g = inp.g;
+            let plan = self
+                .sparse_state(layer)?
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .plan
+                .clone()
+                .ok_or_else(|| Error::Invalid(format!("layer {layer}: attend before plan")))?;
+            if plan.geom != (g.d, g.n_head, g.n_kv_heads, g.n_tokens, g.n_stream) {
+                return Err(Error::shape(
+                    "attend inputs vs the last plan (d, heads, kv heads, tokens, streams)",
+                    format!("{:?}", plan.geom),
+                    format!(
+                        "{:?}",
+                        (g.d, g.n_head, g.n_kv_heads, g.n_tokens, g.n_stream)
+                    ),
+                ));
+            }
+            let n_items = g.n_stream * g.n_tokens * g.n_kv_heads;
+            let grp = shape.group();
+            let per = grp * g.d;
+            if item0 > item1 || item1 > n_items || out.len() != (item1 - item0) * per {
+                return Err(Error::shape(
+                    "attend items/out",
+                    format!("items within 0..{n_items} and out = items x {per}"),
+                    format!("items {item0}..{item1}, out {}", out.len()),
+                ));
+            }
+            let mut qg = Vec::with_capacity(per);
+            let mut toks: Vec<(u32, f32)> = Vec::new();
+            let (mut attended, mut context) = (0u64, 0u64);
+            for (item, o) in (item0..item1).zip(out.chunks_exact_mut(per)) {
+                let h = item % g.n_kv_heads;
+                let t = (item / g.n_kv_heads) % g.n_tokens;
+                let s = item / (g.n_kv_heads * g.n_tokens);
+                inp.query(t, s, h * grp, grp, &mut qg);
+                toks.clear();
+                match &plan.streams[s] {
+                    StreamPlan::Sparse {
+                        cells,
+                        q_pos,
+                        sel_of,
+                        sels,
+                    } => {
+                        let end = q_pos[t] + 1;
+                        for r in &sels[sel_of[t] as usize].heads[h] {
+                            let r: Range<usize> = r.start.min(end)..r.end.min(end);
+                            toks.extend(cells[r].iter().map(|&c| (c, 0.0)));
+                        }
+                        context += end as u64;
+                    }
+                    StreamPlan::Masked => {
+                        for c in 0..g.n_kv {
+                            let m = inp.mask_at(c, t, s);
+                            if m != f32::NEG_INFINITY {
+                                toks.push((c as u32, m));
+                            }
+                        }
+                        context += toks.len() as u64;
+                    }
+                }
+                attended += toks.len() as u64;
+                attend_cells(&inp, s, h, &qg, &toks, shape.scale, o);
+            }
+            self.counters
+                .attended_tokens
+                .fetch_add(attended, Ordering::Relaxed);
+            self.counters
+                .context_tokens
+                .fetch_add(context, Ordering::Relaxed);
+            Ok(())
+        })
+    }
+
+    pub fn stats_json(&self) -> String {
+        let c = &self.counters;
+        let (a, t) = (
+            c.attended_tokens.load(Ordering::Relaxed),
+            c.context_tokens.load(Ordering::Relaxed),
+        );
+        serde_json::json!({
+            "plans": c.plans.load(Ordering::Relaxed),
+            "sparse_streams": c.sparse_streams.load(Ordering::Relaxed),
+            "masked_streams": c.masked_streams.load(Ordering::Relaxed),
+            "attended_tokens": a,
+            "context_tokens": t,
+            "attended_fraction": if t == 0 { 1.0 } else { a as f64 / t as f64 },
+            "layers": self.layers.iter().map(|l| l.method).collect::<Vec<_>>(),
+        })
+        .to_string()
+    }
+}
+
+fn checked_scale(scale: f32) -> Result<f32> {
+    if scale.is_finite() && scale > 0.0 {
+        Ok(scale)
+    } else {
+        Err(Error::Invalid(format!(
+            "kq_scale {scale} must be finite and > 0"
+        )))
+    }
+}
+
+/// Attention of the `grp` query heads of KV head `h` (`qg` `[grp][d]`) over
+/// `toks` (cell, additive bias), f32 accumulation; `out` `[grp][d]`.
+/// A query with nothing visible gets zeros.
+fn attend_cells(
+    inp: &Inputs<'_>,
+    s: usize,
+    h: usize,
+    qg: &[f32],
+    toks: &[(u32, f32)],
+    scale: f32,
+    out: &mut [f32],
+) {
+    match (inp.k.data, inp.v.data) {
+        (Data::F32(k), Data::F32(v)) => attend_typed(inp, k, v, s, h, qg, toks, scale, out),
+        (Data::F32(k), Data::F16(v)) => attend_typed(inp, k, v, s, h, qg, toks, scale, out),
+        (Data::F16(k), Data::F32(v)) => attend_typed(inp, k, v, s, h, qg, toks, scale, out),
+        (Data::F16(k), Data::F16(v)) => attend_typed(inp, k, v, s, h, qg, toks, scale, out),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend_typed<K: Element, V: Element>(
+    inp: &Inputs<'_>,
+    k: &[K],
+    v: &[V],
+    s: usize,
+    h: usize,
+    qg: &[f32],
+    toks: &[(u32, f32)],
+    scale: f32,
+    out: &mut [f32],
+) {
+    let d = inp.g.d;
+    let grp = qg.len() / d;
+    let n = toks.len();
+    out.fill(0.0);
+    if n == 0 {
+        return;
+    }
+    // scores[gi * n + i]
+    let mut p = vec![0f32; grp * n];
+    for (i, &(c, b)) in toks.iter().enumerate() {
+        let o = inp.k.idx(0, h, c as usize, s);
+        let krow = &k[o..o + d];
+        for gi in 0..grp {
+            p[gi * n + i] = dot_f32(&qg[gi * d..(gi + 1) * d], krow) * scale + b;
+        }
+    }
+    let mut inv = vec![0f32; grp];
+    for gi in 0..grp {
+        let row = &mut p[gi * n..(gi + 1) * n];
+        let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        if !m.is_finite() {
+            row.fill(0.0);
+            continue;
+        }
+        let mut l = 0f32;
+        for x in row.iter_mut() {
+            *x = (*x - m).exp();
+            l += *x;
+        }
+        inv[gi] = 1.0 / l;
+    }
+    let v_view = &inp.v;
+    if !inp.v_trans {
+        for (i, &(c, _)) in toks.iter().enumerate() {
+            let o = v_view.idx(0, h, c as usize, s);
+            let vrow = &v[o..o + d];
+            for gi in 0..grp {
+                axpy_f32(&mut out[gi * d..(gi + 1) * d], p[gi * n + i], vrow);
+            }
+        }
+    } else {
+        // V stored [cell][head][dim] transposed: cells are contiguous per dim.
+        let (vc, vd) = (v_view.st[0], v_view.st[2]);
+        let base = v_view.idx(0, h, 0, s);
+        let mut acc = vec![0f32; grp];
+        for j in 0..d {
+            acc.fill(0.0);
+            let bj = base + j * vd;
+            for (i, &(c, _)) in toks.iter().enumerate() {
+                let x = v[bj + c as usize * vc].to_f32();
+                for gi in 0..grp {
+                    acc[gi] += p[gi * n + i] * x;
+                }
+            }
+            for gi in 0..grp {
+                out[gi * d + j] = acc[gi];
+            }
+        }
+    }
+    for gi in 0..grp {
+        out[gi * d..(gi + 1) * d]
+            .iter_mut()
+            .for_each(|x| *x *= inv[gi]);
+    }
+}

@@ -1,0 +1,173 @@
+// ihip_run: a small libllama driver for the llama.cpp integration tests and
+// benchmark. The same source is compiled against stock and patched libllama;
+// with LLAMA_INFINITEHIP_CONFIG set, the patched one runs our attention.
+//
+//   ihip_run gen   MODEL --prompt-len P --gen N [--force TOKENS] --logits OUT --tokens OUT
+//       random prompt (seeded ids), then N greedy steps (or the tokens in
+//       TOKENS, teacher forcing); writes each step's full logits (f32) and
+//       the tokens generated.
+//   ihip_run fill  MODEL --depth D --state FILE
+//       prefill D random tokens and save the session state.
+//   ihip_run bench MODEL --depth D --gen N [--state FILE]
+//       load the state (or prefill D tokens), then time N decode steps;
+//       prints one JSON line.
+//
+// Common: --ctx N (default: enough for the run), --threads T (2), --batch B
+// (512), --fa on|off|auto (off), --seed S (1).
+#include "llama.h"
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+static void die(const std::string & msg) {
+    std::fprintf(stderr, "ihip_run: %s\n", msg.c_str());
+    std::exit(1);
+}
+
+struct Args {
+    std::string mode, model, force, logits_out, tokens_out, state, fa = "off";
+    int prompt_len = 64, gen = 16, depth = 0, ctx = 0, threads = 2, batch = 512, seed = 1;
+};
+
+static Args parse(int argc, char ** argv) {
+    if (argc < 3) die("usage: ihip_run gen|fill|bench MODEL [options] (see the source header)");
+    Args a;
+    a.mode = argv[1];
+    a.model = argv[2];
+    for (int i = 3; i < argc; i++) {
+        std::string k = argv[i];
+        if (i + 1 >= argc) die("missing value for " + k);
+        std::string v = argv[++i];
+        if (k == "--prompt-len") a.prompt_len = std::stoi(v);
+        else if (k == "--gen") a.gen = std::stoi(v);
+        else if (k == "--depth") a.depth = std::stoi(v);
+        else if (k == "--ctx") a.ctx = std::stoi(v);
+        else if (k == "--threads") a.threads = std::stoi(v);
+        else if (k == "--batch") a.batch = std::stoi(v);
+        else if (k == "--seed") a.seed = std::stoi(v);
+        else if (k == "--force") a.force = v;
+        else if (k == "--logits") a.logits_out = v;
+        else if (k == "--tokens") a.tokens_out = v;
+        else if (k == "--state") a.state = v;
+        else if (k == "--fa") a.fa = v;
+        else die("unknown option " + k);
+    }
+    return a;
+}
+
+static std::vector<llama_token> random_tokens(int n, int n_vocab, int seed) {
+    std::mt19937 gen(seed);
+    std::uniform_int_distribution<int> d(3, n_vocab - 1);  // skip unk/bos/eos
+    std::vector<llama_token> t(n);
+    for (auto & x : t) x = d(gen);
+    return t;
+}
+
+static void decode_all(llama_context * ctx, std::vector<llama_token> & toks, int batch) {
+    for (size_t i = 0; i < toks.size(); i += batch) {
+        int n = (int) std::min<size_t>(batch, toks.size() - i);
+        if (llama_decode(ctx, llama_batch_get_one(toks.data() + i, n)) != 0) die("llama_decode failed (prefill)");
+    }
+}
+
+static double now_s() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+int main(int argc, char ** argv) {
+    Args a = parse(argc, argv);
+    llama_backend_init();
+    if (!std::getenv("IHIP_RUN_VERBOSE")) {
+        llama_log_set([](ggml_log_level level, const char * text, void *) {
+            if (level >= GGML_LOG_LEVEL_WARN || std::strstr(text, "infinitehip")) std::fputs(text, stderr);
+        }, nullptr);
+    }
+    llama_model_params mp = llama_model_default_params();
+    llama_model * model = llama_model_load_from_file(a.model.c_str(), mp);
+    if (!model) die("cannot load model " + a.model);
+    const int n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
+
+    int need = a.mode == "gen" ? a.prompt_len + a.gen + 1 : a.depth + a.gen + 1;
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = a.ctx > 0 ? a.ctx : ((need + 255) / 256) * 256;
+    cp.n_batch = a.batch;
+    cp.n_ubatch = a.batch;
+    cp.n_threads = a.threads;
+    cp.n_threads_batch = a.threads;
+    cp.flash_attn_type = a.fa == "on" ? LLAMA_FLASH_ATTN_TYPE_ENABLED
+                       : a.fa == "auto" ? LLAMA_FLASH_ATTN_TYPE_AUTO : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    cp.no_perf = false;
+    llama_context * ctx = llama_init_from_model(model, cp);
+    if (!ctx) die("cannot create context (see the log above)");
+
+    if (a.mode == "gen") {
+        std::vector<llama_token> prompt = random_tokens(a.prompt_len, n_vocab, a.seed);
+        std::vector<llama_token> forced;
+        if (!a.force.empty()) {
+            std::ifstream f(a.force, std::ios::binary);
+            if (!f) die("cannot read " + a.force);
+            llama_token t;
+            while (f.read((char *) &t, sizeof t)) forced.push_back(t);
+            if ((int) forced.size() < a.gen) die("forced token file shorter than --gen");
+        }
+        decode_all(ctx, prompt, a.batch);
+        std::ofstream lo(a.logits_out, std::ios::binary), to(a.tokens_out, std::ios::binary);
+        if (!lo || !to) die("cannot write --logits/--tokens");
+        for (int step = 0; step < a.gen; step++) {
+            const float * logits = llama_get_logits_ith(ctx, -1);
+            lo.write((const char *) logits, sizeof(float) * n_vocab);
+            llama_token best = 0;
+            for (int i = 1; i < n_vocab; i++) if (logits[i] > logits[best]) best = i;
+            llama_token next = forced.empty() ? best : forced[step];
+            to.write((const char *) &next, sizeof next);
+            if (llama_decode(ctx, llama_batch_get_one(&next, 1)) != 0) die("llama_decode failed (generation)");
+        }
+        std::printf("{\"mode\":\"gen\",\"prompt_len\":%d,\"gen\":%d,\"n_vocab\":%d}\n", a.prompt_len, a.gen, n_vocab);
+    } else if (a.mode == "fill") {
+        std::vector<llama_token> toks = random_tokens(a.depth, n_vocab, a.seed);
+        double t0 = now_s();
+        decode_all(ctx, toks, a.batch);
+        double t1 = now_s();
+        if (!llama_state_save_file(ctx, a.state.c_str(), toks.data(), toks.size())) die("cannot save state " + a.state);
+        std::printf("{\"mode\":\"fill\",\"depth\":%d,\"prefill_s\":%.3f}\n", a.depth, t1 - t0);
+    } else if (a.mode == "bench") {
+        std::vector<llama_token> toks(a.depth + 16);
+        double t0 = now_s();
+        size_t n_loaded = 0;
+        if (!a.state.empty()) {
+            if (!llama_state_load_file(ctx, a.state.c_str(), toks.data(), toks.size(), &n_loaded)) die("cannot load state " + a.state);
+            if ((int) n_loaded != a.depth) die("state holds " + std::to_string(n_loaded) + " tokens, --depth says " + std::to_string(a.depth));
+        } else {
+            toks = random_tokens(a.depth, n_vocab, a.seed);
+            decode_all(ctx, toks, a.batch);
+        }
+        double t1 = now_s();
+        std::vector<llama_token> gen = random_tokens(a.gen, n_vocab, a.seed + 1);
+        // one untimed step (first graph build for a single token)
+        llama_token next = gen[0];
+        if (llama_decode(ctx, llama_batch_get_one(&next, 1)) != 0) die("llama_decode failed (decode)");
+        double t2 = now_s();
+        for (int i = 1; i < a.gen; i++) {
+            next = gen[i];
+            if (llama_decode(ctx, llama_batch_get_one(&next, 1)) != 0) die("llama_decode failed (decode)");
+            (void) llama_get_logits_ith(ctx, -1);
+        }
+        double t3 = now_s();
+        int timed = a.gen - 1;
+        std::printf("{\"mode\":\"bench\",\"depth\":%d,\"threads\":%d,\"load_or_prefill_s\":%.3f,\"decode_tokens\":%d,"
+                    "\"decode_s\":%.4f,\"decode_tok_s\":%.2f}\n",
+                    a.depth, a.threads, t1 - t0, timed, t3 - t2, timed / (t3 - t2));
+    } else {
+        die("unknown mode " + a.mode);
+    }
+    llama_free(ctx);
+    llama_model_free(model);
+    llama_backend_free();
+    return 0;
+}
