@@ -9,7 +9,7 @@
 # (default target/llama.cpp, outside the git tree), applies patches/llama.cpp/*.patch
 # with `patch -p1` to the patched copy, builds the cpp-bridge static library
 # with cargo and libllama with -DLLAMA_INFINITEHIP=ON, then compiles
-# llama-cpp/ihip_run.cpp against each libllama:
+# tests/llama-cpp/ihip_run.cpp against each libllama:
 #   $LLAMA_CPP_WORK/build-{stock,patched}/bin/{libllama.so,ihip_run}
 # Nothing fetched is written inside the repository's tracked tree.
 set -euo pipefail
@@ -43,7 +43,7 @@ CMAKE_COMMON=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_BUILD_COMMON=O
 
 # tool <src> <build>: ihip_run against that libllama
 tool() {
-  g++ -O2 -std=c++17 "$REPO/llama-cpp/ihip_run.cpp" -I "$1/include" -I "$1/ggml/include" \
+  g++ -O2 -std=c++17 "$REPO/tests/llama-cpp/ihip_run.cpp" -I "$1/include" -I "$1/ggml/include" \
     -L "$2/bin" -lllama -lggml -lggml-base -Wl,-rpath,"$2/bin" -o "$2/bin/ihip_run"
 }
 

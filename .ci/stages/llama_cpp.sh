@@ -2,7 +2,7 @@
 # CI stage: llama.cpp integration, end to end on the CPU.
 # Builds stock and patched (-DLLAMA_INFINITEHIP=ON) llama.cpp from the pinned
 # llama-cpp-python 0.3.36 sdist (only the libllama target, -j2), then runs
-# llama-cpp/e2e_test.py on a tiny random GGUF it writes itself.
+# tests/llama-cpp/e2e_test.py on a tiny random GGUF it writes itself.
 # Downloads are cached in ~/.cache/infinitehip; builds under target/llama.cpp.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -25,5 +25,5 @@ python3 -c "import gguf, numpy" 2>/dev/null || {
 
 JOBS=${JOBS:-2} scripts/llama-cpp-build.sh both
 echo "== llama.cpp e2e (stock vs patched)"
-python3 llama-cpp/e2e_test.py
+python3 tests/llama-cpp/e2e_test.py
 echo "== llama.cpp stage done in $(( $(date +%s) - t0 )) s"

@@ -5,7 +5,7 @@ GQA (4 query heads, 2 KV heads), 2 layers by default, a 256-token SPM-style
 vocabulary of placeholder pieces. Weights are seeded normals scaled so the
 residual stream stays O(1); enough to exercise attention end to end.
 
-    python3 llama-cpp/make_tiny_gguf.py OUT.gguf [--layers 2] [--embd 128]
+    python3 tests/llama-cpp/make_tiny_gguf.py OUT.gguf [--layers 2] [--embd 128]
         [--heads 4] [--kv-heads 2] [--ff 256] [--vocab 256] [--ctx 131072] [--seed 0]
 """
 import argparse

@@ -9,7 +9,7 @@ each load that same state and time GEN decode steps (the first step untimed).
 Decode cost does not depend on the cached values for stock attention, so the
 stock number is what stock decode costs at that depth.
 
-    python3 llama-cpp/bench.py [--depths 8192,32768,131072] [--gen 64] [--threads 2]
+    python3 tests/llama-cpp/bench.py [--depths 8192,32768,131072] [--gen 64] [--threads 2]
         [--json BENCH.json]
 """
 import argparse
@@ -22,7 +22,7 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 from e2e_test import hip_config  # noqa: E402
 

@@ -21,7 +21,7 @@ import tempfile
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(HERE))
 
 
 def hip_config(sink, window, stages, dense_layers=0, block_size_q=32, q_stride=1):
