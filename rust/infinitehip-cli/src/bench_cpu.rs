@@ -8,6 +8,7 @@ use half::bf16;
 use infinitehip::attention::{self, rel_error, AttnShape};
 use infinitehip::config::{HipConfig, HipStage, ModelShape};
 use infinitehip::policy::hip::HipPolicy;
+use infinitehip::policy::lazy::LazySingleLayer;
 use infinitehip::policy::{Phase, Policy, SelectRequest, Selection};
 use infinitehip::rng::Rng;
 use infinitehip::workload::{needle_seq, NeedleSeq};
@@ -20,7 +21,10 @@ pub const HELP: &str = "infinitehip bench-cpu [options]
   --batch N            sequences per decode step (default 1)
   --q-heads N --kv-heads N --head-dim N   (default 32, 8, 128: Llama-3.1-8B)
   --budget N           hip tokens beyond sink+window (default 2048)
-  --policies LIST      hip, locret-oracle, locret-random (default hip)
+  --policies LIST      hip, lazy, squeeze, locret-oracle, locret-random (default hip)
+                       lazy: one pruning layer keeping as many prompt tokens as hip attends,
+                       importance recomputed every step; squeeze: 256 clusters per KV head,
+                       32-query calibration window, quantile 0.9
                        locret-oracle: retaining heads that score k.u (u: the direction the
                        queries look for), a stand-in for trained heads; locret-random: random heads
   --steps N            decode steps timed (default: longest refresh interval, 16)
@@ -41,7 +45,7 @@ pub struct Row {
 }
 
 /// Policies timed through the whole engine (batch 1, decode only).
-const ENGINE_POLICIES: &[&str] = &["locret-oracle", "locret-random"];
+const ENGINE_POLICIES: &[&str] = &["locret-oracle", "locret-random", "squeeze"];
 
 fn hip_config(budget: usize) -> HipConfig {
     let mut c = HipConfig::default();
@@ -77,13 +81,25 @@ fn model(shape: &AttnShape) -> ModelShape {
     }
 }
 
-fn make_policy(name: &str, budget: usize, shape: &AttnShape) -> Result<Box<dyn Policy>, String> {
+/// `tokens`: the context length (lazy keeps the same token count as hip).
+fn make_policy(
+    name: &str,
+    budget: usize,
+    shape: &AttnShape,
+    tokens: usize,
+) -> Result<Box<dyn Policy>, String> {
     match name {
+        "lazy" => {
+            let keep = ((128 + 1024 + budget) as f32 / tokens.max(1) as f32).min(1.0);
+            Ok(Box::new(
+                LazySingleLayer::new(keep).map_err(|e| e.to_string())?,
+            ))
+        }
         "hip" => Ok(Box::new(
             HipPolicy::new(hip_config(budget), &model(shape)).map_err(|e| e.to_string())?,
         )),
         other => Err(format!(
-            "bench-cpu: unknown or not yet benchmarkable policy `{other}` (available: hip)"
+            "bench-cpu: unknown policy `{other}` (available: hip, lazy, squeeze, locret-oracle, locret-random)"
         )),
     }
 }
@@ -108,7 +124,7 @@ fn bench_decode(
     let b = seqs.len();
     let tokens = seqs[0].pool.seq_len(0).map_err(|e| e.to_string())?;
     let mut pols: Vec<Box<dyn Policy>> = (0..b)
-        .map(|_| make_policy(name, budget, shape))
+        .map(|_| make_policy(name, budget, shape, tokens))
         .collect::<Result<_, _>>()?;
     let mut rng = Rng::new(seed ^ 0xdec0de);
     let (mut dense_t, mut ours_t) = (Vec::new(), Vec::new());
@@ -185,7 +201,7 @@ fn bench_prefill(
     let t = Instant::now();
     attention::prefill(shape, &q, len - n, &view, None, &mut dense).map_err(|e| e.to_string())?;
     let dense_ms = ms(t);
-    let mut pol = make_policy(name, budget, shape)?;
+    let mut pol = make_policy(name, budget, shape, len)?;
     let mut ours = vec![f32::NAN; q.len()];
     let t = Instant::now();
     let req = SelectRequest {
@@ -251,7 +267,7 @@ pub fn run(argv: &[String]) -> Result<(), String> {
         .collect();
     for p in &policies {
         if !ENGINE_POLICIES.contains(&p.as_str()) {
-            make_policy(p, budget, &shape)?;
+            make_policy(p, budget, &shape, 1 << 20)?;
         }
     }
     let steps: usize = a.get("steps", 16)?;
@@ -288,8 +304,9 @@ pub fn run(argv: &[String]) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         for p in &policies {
             if ENGINE_POLICIES.contains(&p.as_str()) {
-                eprintln!("  {p}: prompt through the engine, then decode, {steps} steps...");
+                eprintln!("  {p}: prepare (prompt, scoring or clustering), then decode, {steps} steps...");
                 let row = match p.as_str() {
+                    "squeeze" => crate::bench_policies::bench_squeeze(&mut seqs[0], steps, seed)?,
                     "locret-oracle" => crate::bench_policies::bench_locret(
                         &mut seqs[0],
                         budget,
