@@ -190,3 +190,26 @@ def test_config_errors(tmp_path, monkeypatch, setup):
         InfiniteHipAttnBackend(SimpleNamespace(device="cpu", req_to_token_pool=rpool,
                                                token_to_kv_pool=kv, model_config=Model(),
                                                server_args=SimpleNamespace(tp_size=1)))
+
+
+def test_speculative_modes_are_refused_and_failures_force_a_rebuild(setup):
+    rpool, kv, backend, layer, state = setup
+    fb = SimpleNamespace(forward_mode=ForwardMode.TARGET_VERIFY, batch_size=1)
+    with pytest.raises(NotImplementedError, match="TARGET_VERIFY"):
+        backend.init_forward_metadata(fb)
+    (ra,) = rpool.alloc_rows(1)
+    a = new_slots(state, 6)
+    step(setup, [(ra, 6, a)], ForwardMode.EXTEND)
+    assert ra in backend.rows
+    # A forward that fails (here: q with the wrong head count) drops the
+    # batch's copies so the next forward rebuilds them from SGLang's pool.
+    a1 = new_slots(state, 1)
+    rpool.req_to_token[ra, 6] = a1[0]
+    fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=1,
+                         req_pool_indices=torch.tensor([ra]), seq_lens=torch.tensor([7]),
+                         seq_lens_cpu=None, out_cache_loc=torch.tensor(a1))
+    backend.init_forward_metadata(fb)
+    with pytest.raises(Exception):
+        backend.forward_decode(torch.zeros(1, H * D + 1), None, None, layer, fb, save_kv_cache=False)
+    assert ra not in backend.rows
+    step(setup, [(ra, 7, a1)], ForwardMode.DECODE)  # rebuilt: still equals the reference

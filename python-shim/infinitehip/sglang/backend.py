@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+import time
 
 import torch
 
@@ -147,6 +148,9 @@ class InfiniteHipAttnBackend(AttentionBackend):
         self.rows = {}  # req_to_token row -> _Seq
         self._next_sid = 1
         self.plan = None
+        # INFINITEHIP_PROFILE=N: log where the backend's time goes every N decode batches.
+        self._prof_every = int(os.environ.get("INFINITEHIP_PROFILE", "0") or 0)
+        self._prof = {"meta": 0.0, "sync": 0.0, "attend": 0.0, "steps": 0, "wall": 0.0, "last": None}
         methods = [l["method"] for l in self.engine.stats()["layers"]]
         logger.warning(
             "infinitehip attention backend: %d layers (%s), kv dtype %s, config from %s",
@@ -207,7 +211,20 @@ class InfiniteHipAttnBackend(AttentionBackend):
         return s, start
 
     def init_forward_metadata(self, forward_batch):
+        t0 = time.perf_counter()
+        try:
+            self._init_forward_metadata(forward_batch)
+        finally:
+            self._prof["meta"] += time.perf_counter() - t0
+
+    def _init_forward_metadata(self, forward_batch):
         mode = forward_batch.forward_mode
+        for name in ("is_target_verify", "is_draft_extend", "is_draft_extend_v2", "is_dllm_extend"):
+            if getattr(mode, name, lambda: False)():
+                raise NotImplementedError(
+                    f"infinitehip backend: forward mode {mode.name} (speculative/diffusion decoding) "
+                    "is not supported"
+                )
         if mode.is_idle() or forward_batch.batch_size == 0:
             self.plan = None
             return
@@ -304,7 +321,29 @@ class InfiniteHipAttnBackend(AttentionBackend):
             self.engine.append(li, sid, kb[idx].cpu(), vb[idx].cpu(), phase=phase, prompt_done=True)
         return li
 
+    def _invalidate_plan(self):
+        """After a failed forward the copies may lag SGLang's pool: rebuild
+        every row of the batch next time."""
+        if self.plan is not None:
+            for row in self.plan["rows"]:
+                self._drop(row)
+            self.plan = None
+
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        try:
+            return self._forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        except Exception:
+            self._invalidate_plan()
+            raise
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        try:
+            return self._forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        except Exception:
+            self._invalidate_plan()
+            raise
+
+    def _forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache):
         self._check_layer(layer)
         li = self._write_and_sync(k, v, layer, forward_batch, save_kv_cache)
         p = self.plan
@@ -316,14 +355,35 @@ class InfiniteHipAttnBackend(AttentionBackend):
             self.engine.attend_prefill(li, sid, qh[st : st + n], out=out[st : st + n])
         return out.reshape(q.shape[0], -1).to(device=q.device, dtype=q.dtype)
 
-    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+    def _forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache):
         self._check_layer(layer)
+        t0 = time.perf_counter()
         li = self._write_and_sync(k, v, layer, forward_batch, save_kv_cache)
+        t1 = time.perf_counter()
         p = self.plan
         qh = self._host_q(q, layer)
         out = torch.empty(qh.shape, dtype=torch.float32)
         self.engine.attend_decode(li, p["seqs"], qh, out=out)
-        return out.reshape(qh.shape[0], -1).to(device=q.device, dtype=q.dtype)
+        res = out.reshape(qh.shape[0], -1).to(device=q.device, dtype=q.dtype)
+        pr = self._prof
+        pr["sync"] += t1 - t0
+        pr["attend"] += time.perf_counter() - t1
+        if li == self.engine.n_layers - 1:
+            now = time.perf_counter()
+            if pr["last"] is not None:
+                pr["wall"] += now - pr["last"]
+            pr["last"] = now
+            pr["steps"] += 1
+            if self._prof_every and pr["steps"] % self._prof_every == 0:
+                n = pr["steps"]
+                logger.warning(
+                    "infinitehip profile over %d decode batches: metadata %.2f ms, K/V sync %.2f ms, "
+                    "attention %.2f ms per batch (all layers); %.2f ms between consecutive "
+                    "decode batches (incl. gaps between requests)",
+                    n, pr["meta"] / n * 1e3, pr["sync"] / n * 1e3, pr["attend"] / n * 1e3,
+                    pr["wall"] / max(n - 1, 1) * 1e3,
+                )
+        return res
 
     # --- CUDA graphs: not supported (register() turns them off) ---------------
     def init_cuda_graph_state(self, max_bs, max_num_tokens):
