@@ -1,0 +1,124 @@
+"""Loading libinfinitehip and declaring its C signatures (ctypes).
+
+The library is found, in order, at `$INFINITEHIP_LIB` or at the copy packaged
+in `infinitehip/_lib/`. It is loaded on first use, so `import infinitehip`
+needs neither the library, torch nor a GPU.
+"""
+
+import ctypes
+import os
+import sys
+import threading
+from pathlib import Path
+
+IHIP_OK = 0
+IHIP_ERR_ARG = -1
+IHIP_ERR_ENGINE = -2
+IHIP_ERR_PANIC = -3
+
+DTYPE_F32 = 0
+DTYPE_F16 = 1
+DTYPE_BF16 = 2
+
+PHASE_PREFILL = 0
+PHASE_DECODE = 1
+
+LIBNAME = "libinfinitehip.dylib" if sys.platform == "darwin" else "libinfinitehip.so"
+
+
+class InfinitehipError(RuntimeError):
+    """An error reported by the Rust library (the message is Rust's), or a
+    problem found before calling it (library not found, bad array)."""
+
+    def __init__(self, message, code=IHIP_ERR_ARG):
+        super().__init__(message)
+        self.code = code
+
+
+_lock = threading.Lock()
+_lib = None
+
+
+def library_candidates():
+    env = os.environ.get("INFINITEHIP_LIB")
+    if env:
+        return [Path(env)]
+    return [Path(__file__).resolve().parent / "_lib" / LIBNAME]
+
+
+def _declare(lib):
+    c = ctypes
+    sz, u64, i32 = c.c_size_t, c.c_uint64, c.c_int
+    vp, fp, cp = c.c_void_p, c.POINTER(c.c_float), c.c_char_p
+    sigs = {
+        "ihip_version": (cp, []),
+        "ihip_last_error": (cp, []),
+        "ihip_string_free": (None, [vp]),
+        "ihip_default_config_json": (vp, []),
+        "ihip_config_check": (i32, [cp]),
+        "ihip_engine_new": (vp, [cp]),
+        "ihip_engine_free": (None, [vp]),
+        "ihip_engine_shape": (i32, [vp, c.POINTER(sz), c.POINTER(sz), c.POINTER(sz), c.POINTER(sz)]),
+        "ihip_engine_config_json": (vp, [vp]),
+        "ihip_add_sequence": (i32, [vp, u64]),
+        "ihip_fork_sequence": (i32, [vp, u64, u64]),
+        "ihip_free_sequence": (i32, [vp, u64]),
+        "ihip_seq_len": (i32, [vp, sz, u64, c.POINTER(sz)]),
+        "ihip_append": (i32, [vp, sz, u64, vp, vp, i32, sz, sz, sz, i32, i32, vp, vp, vp]),
+        "ihip_attend_prefill": (i32, [vp, sz, u64, vp, sz, sz, sz, vp]),
+        "ihip_attend_decode": (i32, [vp, sz, vp, sz, vp, sz, sz, vp]),
+        "ihip_stats_json": (vp, [vp]),
+    }
+    for name, (res, args) in sigs.items():
+        f = getattr(lib, name)
+        f.restype = res
+        f.argtypes = args
+    del fp
+    return lib
+
+
+def lib():
+    """The loaded library (loads it on first call)."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    with _lock:
+        if _lib is None:
+            tried = []
+            for p in library_candidates():
+                if p.is_file():
+                    try:
+                        _lib = _declare(ctypes.CDLL(str(p)))
+                        break
+                    except OSError as e:
+                        tried.append(f"{p} ({e})")
+                else:
+                    tried.append(f"{p} (missing)")
+            if _lib is None:
+                raise InfinitehipError(
+                    "cannot load libinfinitehip; tried: "
+                    + "; ".join(tried)
+                    + ". Set INFINITEHIP_LIB to a built libinfinitehip.so "
+                    "(cargo build --release -p infinitehip-capi) or reinstall the package"
+                )
+    return _lib
+
+
+def last_error():
+    msg = lib().ihip_last_error()
+    return msg.decode("utf-8", "replace") if msg else ""
+
+
+def check(rc):
+    if rc != IHIP_OK:
+        raise InfinitehipError(last_error() or f"infinitehip error code {rc}", rc)
+
+
+def take_string(ptr, what):
+    """Copy and free a char* returned by the library; NULL raises."""
+    if not ptr:
+        raise InfinitehipError(last_error() or f"{what} failed")
+    try:
+        return ctypes.string_at(ptr).decode("utf-8")
+    finally:
+        lib().ihip_string_free(ptr)

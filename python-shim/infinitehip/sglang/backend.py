@@ -1,0 +1,406 @@
+"""`InfiniteHipAttnBackend`: SGLang attention backend over the infinitehip engine.
+
+Design (see also the project README):
+
+* SGLang's pools stay the truth. Every forward writes K/V into SGLang's
+  `token_to_kv_pool` (`set_kv_buffer`) exactly like the in-tree backends, so
+  the radix cache, HiCache, retraction and every other SGLang feature see the
+  usual state.
+* The engine keeps its own copy of each running request's K/V (its paged,
+  per-layer pool is what the policies — hip today — select from). The copy is
+  fed from SGLang's pool: after `set_kv_buffer`, the new tokens' K/V are read
+  back from the pool at `out_cache_loc` and appended. A request's copy is
+  tied to its `req_to_token` row; it is trusted only while (row generation,
+  length, slot ids) still match what it mirrored. Otherwise — a new request
+  in a reused row, a radix-cache prefix hit, a retracted and resumed request —
+  the stale copy is freed and the missing prefix is re-read from SGLang's pool
+  (`req_to_token[row, :prefix]`), layer by layer at forward time (so HiCache's
+  layer-wise loads are honoured). Rows that SGLang returned to its free list
+  are freed in the engine at the next forward.
+* Attention runs in the Rust engine on host f32 arrays through the C ABI. On
+  a CUDA device this means device->host copies per layer (correct but slow);
+  the CUDA kernels land through the CUDA issue.
+* CUDA graphs: not supported. `infinitehip.sglang.register()` installs a
+  server-args resolution hook that turns decode and prefill CUDA graphs off
+  whenever this backend is selected and logs a warning; the graph hooks below
+  raise a clear error if a graph is requested anyway.
+* Policy config: the JSON file named by `INFINITEHIP_CONFIG` (default: the
+  library's default config, hip with Llama-3.1-8B budgets). Absent `model`
+  fields are filled from SGLang's model config (layers, heads per TP rank,
+  head_dim, rope_theta, context length); absent `kv.dtype` follows SGLang's KV
+  cache dtype; absent `dense_layers` is capped at the layer count.
+* Not supported (a clear error, never a silent fallback): sliding-window
+  layers, logit soft-capping, cross/encoder-only attention, qk/v head dims
+  that differ. Pre-RoPE projections are not available to an SGLang backend,
+  so policies that score at insertion get none.
+"""
+
+import json
+import logging
+import math
+import os
+import time
+
+import torch
+
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+
+try:
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+except ImportError:  # pragma: no cover - older SGLang
+    KVWriteLoc = None
+
+import infinitehip
+from infinitehip import InfinitehipError
+
+logger = logging.getLogger("infinitehip.sglang")
+
+CONFIG_ENV = "INFINITEHIP_CONFIG"
+
+_KV_DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def _hf_attr(model_config, name, default=None):
+    for obj in (model_config, getattr(model_config, "hf_text_config", None), getattr(model_config, "hf_config", None)):
+        if obj is not None and getattr(obj, name, None) is not None:
+            return getattr(obj, name)
+    return default
+
+
+def build_policy_config(model_runner, pool, path=None):
+    """The engine's config: `INFINITEHIP_CONFIG`'s JSON (or the default) with
+    the model shape filled from SGLang's model config where absent."""
+    path = path if path is not None else os.environ.get(CONFIG_ENV)
+    if path:
+        try:
+            with open(path) as f:
+                cfg = json.load(f)
+        except OSError as e:
+            raise InfinitehipError(f"{CONFIG_ENV}={path}: cannot read: {e}") from e
+        except json.JSONDecodeError as e:
+            raise InfinitehipError(f"{CONFIG_ENV}={path}: not valid JSON: {e}") from e
+        if not isinstance(cfg, dict):
+            raise InfinitehipError(f"{CONFIG_ENV}={path}: the top level must be a JSON object")
+    else:
+        cfg = infinitehip.default_config()
+        cfg.pop("model", None)
+        cfg.get("kv", {}).pop("dtype", None)
+        cfg.pop("dense_layers", None)
+
+    mc = model_runner.model_config
+    tp = 1
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        tp = get_parallel().attn_tp_size or 1
+    except Exception:  # older SGLang or no parallel context
+        tp = getattr(getattr(model_runner, "server_args", None), "tp_size", 1) or 1
+    sgl = {
+        "n_layers": int(pool.layer_num),
+        "n_q_heads": int(mc.get_num_attention_heads(tp)),
+        "n_kv_heads": int(mc.get_num_kv_heads(tp)),
+        "head_dim": int(mc.head_dim),
+    }
+    rope_theta = _hf_attr(mc, "rope_theta")
+    if rope_theta is None:
+        rp = _hf_attr(mc, "rope_parameters") or {}
+        rope_theta = rp.get("rope_theta") if isinstance(rp, dict) else None
+    extra = {"rope_theta": float(rope_theta or 10000.0)}
+    ctx = getattr(mc, "context_len", None)
+    if ctx:
+        extra["max_position"] = int(ctx)
+
+    model = cfg.setdefault("model", {})
+    for k, v in sgl.items():
+        if k not in model:
+            model[k] = v
+        elif int(model[k]) != v:
+            raise InfinitehipError(
+                f"{CONFIG_ENV}: model.{k} = {model[k]} but SGLang's model has {v} "
+                "(per tensor-parallel rank); remove the field to take SGLang's value"
+            )
+    for k, v in extra.items():
+        model.setdefault(k, v)
+    kv = cfg.setdefault("kv", {})
+    kv.setdefault("dtype", _KV_DTYPES.get(getattr(pool, "dtype", None), "bf16"))
+    cfg.setdefault("dense_layers", min(3, sgl["n_layers"]))
+    return cfg
+
+
+class _Seq:
+    """The engine's copy of one request row."""
+
+    __slots__ = ("sid", "gen", "slots", "length")
+
+    def __init__(self, sid, gen):
+        self.sid, self.gen, self.slots, self.length = sid, gen, [], 0
+
+
+class InfiniteHipAttnBackend(AttentionBackend):
+    def __init__(self, model_runner):
+        super().__init__()
+        self.device = model_runner.device
+        self.req_to_token_pool = model_runner.req_to_token_pool
+        self.token_to_kv_pool = model_runner.token_to_kv_pool
+        self.start_layer = int(getattr(self.token_to_kv_pool, "start_layer", 0) or 0)
+        cfg = build_policy_config(model_runner, self.token_to_kv_pool)
+        self.engine = infinitehip.Engine(cfg)
+        self.rows = {}  # req_to_token row -> _Seq
+        self._next_sid = 1
+        self.plan = None
+        # INFINITEHIP_PROFILE=N: log where the backend's time goes every N decode batches.
+        self._prof_every = int(os.environ.get("INFINITEHIP_PROFILE", "0") or 0)
+        self._prof = {"meta": 0.0, "sync": 0.0, "attend": 0.0, "steps": 0, "wall": 0.0, "last": None}
+        methods = [l["method"] for l in self.engine.stats()["layers"]]
+        logger.warning(
+            "infinitehip attention backend: %d layers (%s), kv dtype %s, config from %s",
+            self.engine.n_layers,
+            ", ".join(f"{m} x{methods.count(m)}" for m in dict.fromkeys(methods)),
+            cfg["kv"]["dtype"],
+            os.environ.get(CONFIG_ENV) or "the library default",
+        )
+
+    # --- sequence bookkeeping ---------------------------------------------
+    def _generation(self, row):
+        g = getattr(self.req_to_token_pool, "req_generation", None)
+        return int(g[row]) if g is not None else 0
+
+    def _drop(self, row):
+        s = self.rows.pop(row, None)
+        if s is not None:
+            self.engine.free_sequence(s.sid)
+
+    def _fresh(self, row):
+        self._drop(row)
+        s = _Seq(self._next_sid, self._generation(row))
+        self._next_sid += 1
+        self.engine.add_sequence(s.sid)
+        self.rows[row] = s
+        return s
+
+    def _free_released_rows(self, active):
+        free = getattr(self.req_to_token_pool, "free_slots", None)
+        if free is None or not self.rows:
+            return
+        stale = [r for r in self.rows if r not in active]
+        if stale:
+            free = set(free)
+            for r in stale:
+                if r in free or self._generation(r) != self.rows[r].gen:
+                    self._drop(r)
+
+    def _prepare(self, row, prefix, full_check):
+        """Make the engine's copy of `row` hold exactly its first `prefix`
+        tokens, possibly after a catch-up; returns (seq, catch_up_start)."""
+        s = self.rows.get(row)
+        rt = self.req_to_token_pool.req_to_token
+        ok = s is not None and s.gen == self._generation(row) and s.length <= prefix
+        if ok and s.length:
+            if full_check:
+                cur = rt[row, : s.length].tolist()
+                ok = cur == s.slots
+            else:
+                ok = int(rt[row, s.length - 1]) == s.slots[-1] and int(rt[row, 0]) == s.slots[0]
+        if not ok:
+            if s is not None:
+                logger.debug("infinitehip: row %d changed request or prefix; rebuilding its copy", row)
+            s = self._fresh(row)
+        start = s.length
+        if start < prefix:
+            s.slots.extend(rt[row, start:prefix].tolist())
+        return s, start
+
+    def init_forward_metadata(self, forward_batch):
+        t0 = time.perf_counter()
+        try:
+            self._init_forward_metadata(forward_batch)
+        finally:
+            self._prof["meta"] += time.perf_counter() - t0
+
+    def _init_forward_metadata(self, forward_batch):
+        mode = forward_batch.forward_mode
+        for name in ("is_target_verify", "is_draft_extend", "is_draft_extend_v2", "is_dllm_extend"):
+            if getattr(mode, name, lambda: False)():
+                raise NotImplementedError(
+                    f"infinitehip backend: forward mode {mode.name} (speculative/diffusion decoding) "
+                    "is not supported"
+                )
+        if mode.is_idle() or forward_batch.batch_size == 0:
+            self.plan = None
+            return
+        rows = forward_batch.req_pool_indices.tolist()
+        seq_lens = (
+            forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None else forward_batch.seq_lens
+        ).tolist()
+        decode = mode.is_decode()
+        if decode:
+            ext = [1] * len(rows)
+        else:
+            e = forward_batch.extend_seq_lens_cpu
+            ext = list(e) if e is not None else forward_batch.extend_seq_lens.tolist()
+        self._free_released_rows(set(rows))
+        out_loc = forward_batch.out_cache_loc.tolist() if forward_batch.out_cache_loc is not None else None
+        seqs, catch, starts = [], [], []
+        pos = 0
+        for row, sl, n in zip(rows, seq_lens, ext):
+            prefix = int(sl) - int(n)
+            s, c0 = self._prepare(row, prefix, full_check=not decode)
+            seqs.append(s.sid)
+            catch.append((c0, prefix))
+            starts.append(pos)
+            new = out_loc[pos : pos + n] if out_loc is not None else []
+            s.slots.extend(new)
+            s.length = int(sl)
+            pos += n
+        self.plan = {
+            "decode": decode,
+            "rows": rows,
+            "seqs": seqs,
+            "catch": catch,
+            "ext": ext,
+            "starts": starts,
+        }
+
+    # --- forward ------------------------------------------------------------
+    def _check_layer(self, layer):
+        if getattr(layer, "is_cross_attention", False):
+            raise NotImplementedError("infinitehip backend: cross-attention is not supported")
+        sw = getattr(layer, "sliding_window_size", None)
+        if sw is not None and sw > -1:
+            raise NotImplementedError(
+                f"infinitehip backend: layer {layer.layer_id} uses sliding-window attention "
+                f"({sw}); not supported, use another --attention-backend"
+            )
+        cap = getattr(layer, "logit_cap", 0) or 0
+        if cap > 0:
+            raise NotImplementedError(
+                f"infinitehip backend: layer {layer.layer_id} uses logit soft-capping ({cap}); not supported"
+            )
+        at = getattr(layer, "attn_type", None)
+        if at is not None and getattr(at, "name", "") == "ENCODER_ONLY":
+            raise NotImplementedError("infinitehip backend: encoder-only (non-causal) attention is not supported")
+        if layer.qk_head_dim != layer.v_head_dim:
+            raise NotImplementedError(
+                f"infinitehip backend: qk head dim {layer.qk_head_dim} != v head dim {layer.v_head_dim}"
+            )
+
+    def _host_q(self, q, layer):
+        h, d = layer.tp_q_head_num, layer.qk_head_dim
+        q = q.reshape(-1, h, d)
+        # The engine uses 1/sqrt(head_dim); SGLang's layer may scale otherwise.
+        f = float(layer.scaling) * math.sqrt(d)
+        qf = q.to(device="cpu", dtype=torch.float32)
+        if abs(f - 1.0) > 1e-6:
+            qf = qf * f
+        return qf.contiguous()
+
+    def _write_and_sync(self, k, v, layer, forward_batch, save_kv_cache):
+        if save_kv_cache and k is not None and v is not None:
+            loc = (
+                KVWriteLoc.for_layer(forward_batch, layer)
+                if KVWriteLoc is not None
+                else forward_batch.out_cache_loc
+            )
+            self.token_to_kv_pool.set_kv_buffer(layer, loc, k, v)
+        p = self.plan
+        if p is None:
+            raise RuntimeError("infinitehip backend: forward without init_forward_metadata")
+        li = layer.layer_id - self.start_layer
+        kb = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        vb = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        rt = self.req_to_token_pool.req_to_token
+        out_loc = forward_batch.out_cache_loc
+        phase = "decode" if p["decode"] else "prefill"
+        for i, (row, sid, (c0, c1), n, st) in enumerate(
+            zip(p["rows"], p["seqs"], p["catch"], p["ext"], p["starts"])
+        ):
+            if c0 < c1:  # rebuild the missing prefix from SGLang's pool
+                idx = rt[row, c0:c1].long()
+                self.engine.append(li, sid, kb[idx].cpu(), vb[idx].cpu(), phase="prefill", prompt_done=False)
+            idx = out_loc[st : st + n].long()
+            self.engine.append(li, sid, kb[idx].cpu(), vb[idx].cpu(), phase=phase, prompt_done=True)
+        return li
+
+    def _invalidate_plan(self):
+        """After a failed forward the copies may lag SGLang's pool: rebuild
+        every row of the batch next time."""
+        if self.plan is not None:
+            for row in self.plan["rows"]:
+                self._drop(row)
+            self.plan = None
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        try:
+            return self._forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        except Exception:
+            self._invalidate_plan()
+            raise
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        try:
+            return self._forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        except Exception:
+            self._invalidate_plan()
+            raise
+
+    def _forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache):
+        self._check_layer(layer)
+        li = self._write_and_sync(k, v, layer, forward_batch, save_kv_cache)
+        p = self.plan
+        qh = self._host_q(q, layer)
+        out = torch.empty(qh.shape, dtype=torch.float32)
+        for sid, n, st in zip(p["seqs"], p["ext"], p["starts"]):
+            if n == 0:
+                continue
+            self.engine.attend_prefill(li, sid, qh[st : st + n], out=out[st : st + n])
+        return out.reshape(q.shape[0], -1).to(device=q.device, dtype=q.dtype)
+
+    def _forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache):
+        self._check_layer(layer)
+        t0 = time.perf_counter()
+        li = self._write_and_sync(k, v, layer, forward_batch, save_kv_cache)
+        t1 = time.perf_counter()
+        p = self.plan
+        qh = self._host_q(q, layer)
+        out = torch.empty(qh.shape, dtype=torch.float32)
+        self.engine.attend_decode(li, p["seqs"], qh, out=out)
+        res = out.reshape(qh.shape[0], -1).to(device=q.device, dtype=q.dtype)
+        pr = self._prof
+        pr["sync"] += t1 - t0
+        pr["attend"] += time.perf_counter() - t1
+        if li == self.engine.n_layers - 1:
+            now = time.perf_counter()
+            if pr["last"] is not None:
+                pr["wall"] += now - pr["last"]
+            pr["last"] = now
+            pr["steps"] += 1
+            if self._prof_every and pr["steps"] % self._prof_every == 0:
+                n = pr["steps"]
+                logger.warning(
+                    "infinitehip profile over %d decode batches: metadata %.2f ms, K/V sync %.2f ms, "
+                    "attention %.2f ms per batch (all layers); %.2f ms between consecutive "
+                    "decode batches (incl. gaps between requests)",
+                    n, pr["meta"] / n * 1e3, pr["sync"] / n * 1e3, pr["attend"] / n * 1e3,
+                    pr["wall"] / max(n - 1, 1) * 1e3,
+                )
+        return res
+
+    # --- CUDA graphs: not supported (register() turns them off) ---------------
+    def init_cuda_graph_state(self, max_bs, max_num_tokens):
+        raise NotImplementedError(
+            "infinitehip backend has no CUDA-graph support yet; run with CUDA graphs disabled "
+            "(the plugin does this automatically; else pass --disable-cuda-graph)"
+        )
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        return 1
+
+    def support_triton(self):
+        return False
+
+    # --- stats ---------------------------------------------------------------
+    def stats(self):
+        """Engine stats plus the backend's sequence map size."""
+        st = self.engine.stats()
+        st["rows"] = len(self.rows)
+        return st

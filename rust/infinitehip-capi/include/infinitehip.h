@@ -1,0 +1,115 @@
+/* infinitehip C ABI (libinfinitehip.so).
+ *
+ * Sparse long-context attention and KV management behind one policy config
+ * (JSON; see the project README). The engine keeps, per layer, a paged KV
+ * pool and that layer's policy (dense, hip, ...); callers register sequences,
+ * append K/V as their model produces it and ask for attention.
+ *
+ * Conventions:
+ *  - Functions returning int give IHIP_OK (0) or a negative IHIP_ERR_* code;
+ *    the message is then in ihip_last_error() (thread-local, valid until the
+ *    next failing call on the same thread).
+ *  - No Rust panic crosses this boundary. A call that hit an internal panic
+ *    returns IHIP_ERR_PANIC and poisons its engine: later calls on it fail,
+ *    and ihip_engine_free is the only thing left to do.
+ *  - Strings returned as char* are owned by the caller: free them with
+ *    ihip_string_free. const char* results are owned by the library.
+ *  - Arrays are contiguous, row-major, in host memory. Queries and outputs
+ *    are float32; K/V may be float32, float16 or bfloat16 (IHIP_DTYPE_*).
+ *  - One engine may be shared between threads; its calls are serialised.
+ */
+#ifndef INFINITEHIP_H
+#define INFINITEHIP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define IHIP_OK 0
+#define IHIP_ERR_ARG (-1)    /* NULL, shape, dtype, alignment, overflow */
+#define IHIP_ERR_ENGINE (-2) /* refused by the engine (unknown sequence, bad config, ...) */
+#define IHIP_ERR_PANIC (-3)  /* internal bug caught; the engine is poisoned */
+
+#define IHIP_DTYPE_F32 0
+#define IHIP_DTYPE_F16 1
+#define IHIP_DTYPE_BF16 2
+
+#define IHIP_PHASE_PREFILL 0
+#define IHIP_PHASE_DECODE 1
+
+typedef struct IhipEngine IhipEngine;
+
+/* Library version ("0.1.0"). */
+const char *ihip_version(void);
+
+/* Last error message of the calling thread ("" if none). */
+const char *ihip_last_error(void);
+
+/* Free a string returned by this library (NULL is a no-op). */
+void ihip_string_free(char *s);
+
+/* Default policy config (Llama-3.1-8B shape) as JSON. NULL on failure. */
+char *ihip_default_config_json(void);
+
+/* Validate a config; the error message names the bad field. */
+int ihip_config_check(const char *config_json);
+
+/* Build an engine from a config JSON document; NULL on error. */
+IhipEngine *ihip_engine_new(const char *config_json);
+
+/* Destroy an engine (NULL is a no-op). */
+void ihip_engine_free(IhipEngine *e);
+
+/* Model shape of the engine; any out pointer may be NULL. */
+int ihip_engine_shape(const IhipEngine *e, size_t *n_layers, size_t *n_q_heads,
+                      size_t *n_kv_heads, size_t *head_dim);
+
+/* Effective config (defaults filled in) as JSON; NULL on error. */
+char *ihip_engine_config_json(const IhipEngine *e);
+
+/* Sequences: ids are the caller's. fork: child shares parent's KV pages
+ * (copy-on-write). free: releases KV and policy state in every layer. */
+int ihip_add_sequence(const IhipEngine *e, uint64_t seq);
+int ihip_fork_sequence(const IhipEngine *e, uint64_t parent, uint64_t child);
+int ihip_free_sequence(const IhipEngine *e, uint64_t seq);
+
+/* Tokens held for seq in layer (fewer than appended after eviction). */
+int ihip_seq_len(const IhipEngine *e, size_t layer, uint64_t seq, size_t *out);
+
+/* Append K/V of n_tokens new tokens to one layer of seq.
+ * k, v: [n_tokens][n_kv_heads][head_dim] of dtype, post-RoPE (may be NULL
+ * when n_tokens is 0). proj_q/proj_k/proj_v: all NULL, or the tokens' pre-RoPE
+ * float32 projections ([n][n_q_heads][d], [n][n_kv_heads][d] twice) for
+ * policies that score at insertion. prompt_done: non-zero when these are the
+ * last prompt tokens. */
+int ihip_append(const IhipEngine *e, size_t layer, uint64_t seq, const void *k,
+                const void *v, int dtype, size_t n_tokens, size_t n_kv_heads,
+                size_t head_dim, int phase, int prompt_done, const float *proj_q,
+                const float *proj_k, const float *proj_v);
+
+/* Causal attention of the last n_tokens tokens of seq (K/V already
+ * appended). q, out: float32 [n_tokens][n_q_heads][head_dim], post-RoPE,
+ * non-overlapping. Softmax scale 1/sqrt(head_dim). */
+int ihip_attend_prefill(const IhipEngine *e, size_t layer, uint64_t seq,
+                        const float *q, size_t n_tokens, size_t n_q_heads,
+                        size_t head_dim, float *out);
+
+/* Decode attention for a batch: one query per sequence.
+ * seqs: n_seqs ids; q, out: float32 [n_seqs][n_q_heads][head_dim]. */
+int ihip_attend_decode(const IhipEngine *e, size_t layer, const uint64_t *seqs,
+                       size_t n_seqs, const float *q, size_t n_q_heads,
+                       size_t head_dim, float *out);
+
+/* Per-layer stats as JSON {"layers":[{"layer","method","pages_in_use",
+ * "pages_free","host_bytes","sequences","device_bytes","cache":{...},
+ * "last_step":{...}}]}; NULL on error. */
+char *ihip_stats_json(const IhipEngine *e);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* INFINITEHIP_H */
