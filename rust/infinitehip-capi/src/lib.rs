@@ -608,7 +608,9 @@ fn layer_json(i: usize, s: &LayerStats) -> serde_json::Value {
             "hits": s.last_step.cache.hits,
             "misses": s.last_step.cache.misses,
             "bytes_copied": s.last_step.cache.bytes_copied,
-            "pages_needed": s.last_step.pages_needed,
+            "blocks_needed": s.last_step.blocks_needed,
+            "estimation_cache_hits": s.last_step.estimation_cache.hits,
+            "estimation_cache_misses": s.last_step.estimation_cache.misses,
             "estimation_bytes": s.last_step.estimation_bytes,
         },
     })

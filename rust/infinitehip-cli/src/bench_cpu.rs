@@ -304,7 +304,9 @@ pub fn run(argv: &[String]) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         for p in &policies {
             if ENGINE_POLICIES.contains(&p.as_str()) {
-                eprintln!("  {p}: prepare (prompt, scoring or clustering), then decode, {steps} steps...");
+                eprintln!(
+                    "  {p}: prepare (prompt, scoring or clustering), then decode, {steps} steps..."
+                );
                 let row = match p.as_str() {
                     "squeeze" => crate::bench_policies::bench_squeeze(&mut seqs[0], steps, seed)?,
                     "locret-oracle" => crate::bench_policies::bench_locret(
