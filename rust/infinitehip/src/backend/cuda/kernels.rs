@@ -8,6 +8,9 @@ pub const COMMON: &str = include_str!("kernels/common.cuh");
 pub const MODULES: &[(&str, &str)] = &[
     ("decode", include_str!("kernels/decode.cu")),
     ("hip_mask", include_str!("kernels/hip_mask.cu")),
+    ("locret_score", include_str!("kernels/locret_score.cu")),
+    ("squeeze_lookup", include_str!("kernels/squeeze_lookup.cu")),
+    ("lazy_importance", include_str!("kernels/lazy_importance.cu")),
 ];
 
 /// Full source of a module as NVRTC sees it.
@@ -57,6 +60,18 @@ pub fn entry_points(module: &str) -> Vec<String> {
             v.push("hip_topk".into());
             v.push("hip_assemble".into());
             v.push("hip_gather_q".into());
+        }
+        "locret_score" => {
+            v.push("locret_fc1".into());
+            v.push("locret_fc2".into());
+        }
+        "squeeze_lookup" => v.push("squeeze_lookup".into()),
+        "lazy_importance" => {
+            for dt in ["bf16", "f16"] {
+                v.push(format!("lazy_logits_{dt}"));
+            }
+            v.push("lazy_softmax".into());
+            v.push("lazy_mean".into());
         }
         _ => {}
     }
