@@ -122,10 +122,10 @@ impl<T: Element> infinitehip::kv::KvRead for HeadView<'_, '_, T> {
     }
 }
 
-struct Check {
-    name: String,
-    ok: bool,
-    detail: String,
+pub(crate) struct Check {
+    pub(crate) name: String,
+    pub(crate) ok: bool,
+    pub(crate) detail: String,
 }
 
 fn random_pool<T: Element>(lay: KvLayout, lens: &[usize], rng: &mut Rng) -> R<KvPool<T>> {
@@ -464,14 +464,20 @@ fn prefill_case(gpu: &GpuContext, len: usize, q_start: usize, n: usize, seed: u6
 }
 
 pub fn gpu_test(argv: &[String]) -> R<()> {
-    let a = Args::parse(argv, &["seed", "hip-len"], &["quick"])?;
+    let a = Args::parse(argv, &["seed", "hip-len"], &["quick", "policies-only"])?;
     let seed: u64 = a.get("seed", 0xC0DA)?;
     let hip_len: usize = a.get("hip-len", 200_000)?;
     let gpu = GpuContext::new(0).map_err(e)?;
     println!("device {} ({} SMs, {})", gpu.name, gpu.sm_count, gpu.arch);
-    let mut checks = Vec::new();
+    // Policy kernels (locret, squeeze, lazy) first: they are quick.
+    let mut checks = crate::gpu_policies::checks(&gpu, seed)?;
     let mut s = seed;
-    for &(hq, hkv, d) in &[(32, 8, 128), (8, 8, 64), (16, 2, 256), (16, 8, 128)] {
+    let attention = a.str("policies-only").is_none();
+    for &(hq, hkv, d) in if attention {
+        &[(32, 8, 128), (8, 8, 64), (16, 2, 256), (16, 8, 128)][..]
+    } else {
+        &[]
+    } {
         let shape = AttnShape::new(hq, hkv, d).map_err(e)?;
         for &ps in &[64usize, 16] {
             s += 1;
@@ -488,14 +494,16 @@ pub fn gpu_test(argv: &[String]) -> R<()> {
             )?);
         }
     }
-    checks.push(hip_case(
-        &gpu,
-        &[hip_len, hip_len / 3 + 17, 5000],
-        17,
-        seed,
-    )?);
-    checks.push(prefill_case(&gpu, 6000, 2500, 1500, seed + 9)?);
-    checks.push(prefill_case(&gpu, 3000, 0, 3000, seed + 10)?);
+    if attention {
+        checks.push(hip_case(
+            &gpu,
+            &[hip_len, hip_len / 3 + 17, 5000],
+            17,
+            seed,
+        )?);
+        checks.push(prefill_case(&gpu, 6000, 2500, 1500, seed + 9)?);
+        checks.push(prefill_case(&gpu, 3000, 0, 3000, seed + 10)?);
+    }
     let mut failed = 0;
     for c in &checks {
         println!(

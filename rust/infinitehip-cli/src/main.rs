@@ -6,6 +6,8 @@ mod bench_offload;
 mod bench_policies;
 #[cfg(feature = "cuda")]
 mod gpu;
+#[cfg(feature = "cuda")]
+mod gpu_policies;
 mod machine;
 
 use infinitehip::PolicyConfig;

@@ -10,7 +10,10 @@ pub const MODULES: &[(&str, &str)] = &[
     ("hip_mask", include_str!("kernels/hip_mask.cu")),
     ("locret_score", include_str!("kernels/locret_score.cu")),
     ("squeeze_lookup", include_str!("kernels/squeeze_lookup.cu")),
-    ("lazy_importance", include_str!("kernels/lazy_importance.cu")),
+    (
+        "lazy_importance",
+        include_str!("kernels/lazy_importance.cu"),
+    ),
 ];
 
 /// Full source of a module as NVRTC sees it.

@@ -293,7 +293,16 @@ impl SqueezeGpu {
         let dq = DevBuf::from_slice(queries)?;
         let probs = DevBuf::alloc(n * 4)?;
         let keep = DevBuf::alloc(n)?;
-        self.launch(gpu, &gpu.stream, shape, dq.ptr, rows, thr, probs.ptr, keep.ptr)?;
+        self.launch(
+            gpu,
+            &gpu.stream,
+            shape,
+            dq.ptr,
+            rows,
+            thr,
+            probs.ptr,
+            keep.ptr,
+        )?;
         gpu.synchronize()?;
         Ok((probs.read(n)?, keep.read(n)?))
     }
