@@ -464,13 +464,20 @@ fn prefill_case(gpu: &GpuContext, len: usize, q_start: usize, n: usize, seed: u6
 }
 
 pub fn gpu_test(argv: &[String]) -> R<()> {
-    let a = Args::parse(argv, &["seed", "hip-len"], &["quick", "policies-only"])?;
+    let a = Args::parse(
+        argv,
+        &["seed", "hip-len"],
+        &["quick", "policies-only", "policy-timing"],
+    )?;
     let seed: u64 = a.get("seed", 0xC0DA)?;
     let hip_len: usize = a.get("hip-len", 200_000)?;
     let gpu = GpuContext::new(0).map_err(e)?;
     println!("device {} ({} SMs, {})", gpu.name, gpu.sm_count, gpu.arch);
     // Policy kernels (locret, squeeze, lazy) first: they are quick.
     let mut checks = crate::gpu_policies::checks(&gpu, seed)?;
+    if a.str("policy-timing").is_some() {
+        crate::gpu_policies::timing(&gpu, seed)?;
+    }
     let mut s = seed;
     let attention = a.str("policies-only").is_none();
     for &(hq, hkv, d) in if attention {
@@ -521,12 +528,12 @@ pub fn gpu_test(argv: &[String]) -> R<()> {
     Ok(())
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
-fn time_ms(gpu: &GpuContext, reps: usize, mut f: impl FnMut() -> R<()>) -> R<f64> {
+pub(crate) fn time_ms(gpu: &GpuContext, reps: usize, mut f: impl FnMut() -> R<()>) -> R<f64> {
     f()?;
     gpu.synchronize().map_err(e)?;
     let mut ts = Vec::new();

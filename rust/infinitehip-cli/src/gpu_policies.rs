@@ -361,3 +361,169 @@ pub fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
     )?);
     Ok(v)
 }
+
+fn cpu_ms(reps: usize, mut f: impl FnMut() -> R<()>) -> R<f64> {
+    f()?;
+    let mut ts = Vec::new();
+    for _ in 0..reps {
+        let t = std::time::Instant::now();
+        f()?;
+        ts.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(crate::gpu::median(&mut ts))
+}
+
+/// Median times of the policy kernels (device pointers, no transfers) and
+/// of the CPU code they replace (all cores), at Llama-3.1-8B's attention
+/// shape (32 q / 8 kv heads, d 128). Printed as a table.
+pub fn timing(gpu: &GpuContext, seed: u64) -> R<()> {
+    let (nq, nkv, d) = (32usize, 8usize, 128usize);
+    let shape = AttnShape::new(nq, nkv, d).map_err(e)?;
+    let ms = ModelShape {
+        n_layers: 1,
+        n_q_heads: nq,
+        n_kv_heads: nkv,
+        head_dim: d,
+        ..ModelShape::default()
+    };
+    let mut rng = Rng::new(seed ^ 0x7157);
+    println!(
+        "| op | size | GPU ms | CPU ms ({} threads) |",
+        infinitehip::parallel::num_threads()
+    );
+    println!("|---|---|---|---|");
+    // Locret: one prefill chunk of n tokens through a hidden-1024 head.
+    let hidden = 1024;
+    let head = RetainingHead::random(&ms, hidden, seed).map_err(e)?;
+    let lg = LocretGpu::new(&head, &shape).map_err(e)?;
+    for n in [1usize, 4096] {
+        let q = rng.normal_vec(n * nq * d, 1.0);
+        let k = rng.normal_vec(n * nkv * d, 1.0);
+        let v = rng.normal_vec(n * nkv * d, 1.0);
+        let (dq, dk, dv) = (
+            DevBuf::from_slice(&q).map_err(e)?,
+            DevBuf::from_slice(&k).map_err(e)?,
+            DevBuf::from_slice(&v).map_err(e)?,
+        );
+        let ws = DevBuf::alloc(lg.workspace_bytes(n)).map_err(e)?;
+        let out = DevBuf::alloc(n * nkv * 4).map_err(e)?;
+        let g = crate::gpu::time_ms(gpu, 20, || {
+            lg.launch(gpu, &gpu.stream, dq.ptr, dk.ptr, dv.ptr, n, &ws, out.ptr)
+                .map_err(e)
+        })?;
+        let c = cpu_ms(3, || head.scores(&q, &k, &v).map(|_| ()).map_err(e))?;
+        println!("| locret scores (hidden {hidden}) | {n} tokens | {g:.4} | {c:.3} |");
+    }
+    // Squeeze: one decode query (and a batch of 32) against k clusters/head.
+    for (k, rows) in [(4096usize, 1usize), (4096, 32)] {
+        let heads: Vec<HeadIndex> = (0..nkv)
+            .map(|_| {
+                let sizes = vec![16u32; k];
+                HeadIndex {
+                    fine: Level {
+                        dim: d,
+                        centroids: rng.normal_vec(k * d, 1.0),
+                        sizes,
+                        nonempty: (0..k as u32).collect(),
+                    },
+                    labels: Vec::new(),
+                    coarse: None,
+                }
+            })
+            .collect();
+        let sg = SqueezeGpu::upload(&heads).map_err(e)?;
+        let queries = rng.normal_vec(rows * nq * d, 1.0);
+        let dq = DevBuf::from_slice(&queries).map_err(e)?;
+        let n = rows * nkv * k;
+        let (probs, keep) = (
+            DevBuf::alloc(n * 4).map_err(e)?,
+            DevBuf::alloc(n).map_err(e)?,
+        );
+        let thr = 1.0 / (16.0 * k as f32);
+        let g = crate::gpu::time_ms(gpu, 20, || {
+            sg.launch(
+                gpu,
+                &gpu.stream,
+                &shape,
+                dq.ptr,
+                rows,
+                thr,
+                probs.ptr,
+                keep.ptr,
+            )
+            .map_err(e)
+        })?;
+        let th = Thresholds {
+            fine: thr,
+            coarse: f32::NEG_INFINITY,
+        };
+        let gq = shape.group();
+        let c = cpu_ms(3, || {
+            infinitehip::parallel::par_map(rows * nkv, |i| {
+                let (r, h) = (i / nkv, i % nkv);
+                let qs = &queries[(r * nq + h * gq) * d..(r * nq + (h + 1) * gq) * d];
+                heads[h].kept_clusters(qs, gq, shape.scale, SqueezePool::Max, th, false)
+            });
+            Ok(())
+        })?;
+        println!(
+            "| squeeze lookup (one level) | {k} clusters/head, {rows} queries | {g:.4} | {c:.3} |"
+        );
+    }
+    // Lazy: importance of every token of a long prompt (bf16 KV).
+    for len in [32_768usize, 131_072] {
+        let lay = KvLayout {
+            n_kv_heads: nkv,
+            head_dim: d,
+            page_size: 64,
+        };
+        let mut pool = KvPool::<bf16>::new(lay, None).map_err(e)?;
+        pool.add_sequence(0).map_err(e)?;
+        let ne = len * lay.token_elems();
+        let kk: Vec<bf16> = rng
+            .normal_vec(ne, 1.0)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        pool.append(0, &kk, &kk).map_err(e)?;
+        let view = pool.view(0).map_err(e)?;
+        let kv = DeviceKv::upload(&[(&pool, 0)]).map_err(e)?;
+        let q = rng.normal_vec(shape.q_elems(), 1.0);
+        let tokens: Vec<u32> = (0..len as u32).collect();
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let (dq, dt) = (
+            DevBuf::from_slice(&q).map_err(e)?,
+            DevBuf::from_slice(&ids).map_err(e)?,
+        );
+        let out = DevBuf::alloc(len * 4).map_err(e)?;
+        let mut ws = LazyWorkspace::default();
+        let g = crate::gpu::time_ms(gpu, 20, || {
+            gp::launch_lazy_importance(
+                gpu,
+                &gpu.stream,
+                &shape,
+                &kv,
+                0,
+                dq.ptr,
+                dt.ptr,
+                len,
+                &mut ws,
+                out.ptr,
+            )
+            .map_err(e)
+        })?;
+        let c = cpu_ms(3, || {
+            importance(&shape, &q, &view, &tokens)
+                .map(|_| ())
+                .map_err(e)
+        })?;
+        let kc = keep_count(0.5, len);
+        let imp: Vec<f32> = out.read(len).map_err(e)?;
+        let tk = cpu_ms(3, || {
+            top_k(&tokens, &imp, kc, Some(len as u32 - 1));
+            Ok(())
+        })?;
+        println!("| lazy importance (bf16 KV) | {len} tokens | {g:.4} | {c:.3} (host top-k of the GPU result: {tk:.3}) |");
+    }
+    Ok(())
+}
