@@ -485,3 +485,54 @@ pub fn lazy_keep(
     let imp = lazy_importance(gpu, shape, kv, seq, q, tokens)?;
     Ok(crate::policy::lazy::top_k(tokens, &imp, k, force))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelShape;
+    use crate::policy::squeeze::Level;
+
+    #[test]
+    fn new_kernels_are_registered() {
+        for m in ["locret_score", "squeeze_lookup", "lazy_importance"] {
+            let src = kernels::full_source(m).expect(m);
+            for ep in kernels::entry_points(m) {
+                // lazy_logits_<dt> come from the LAZY_LOGITS(<dt>, ..) macro.
+                let needle = match ep.strip_prefix("lazy_logits_") {
+                    Some(dt) => format!("LAZY_LOGITS({dt},"),
+                    None => ep.clone(),
+                };
+                assert!(src.contains(&needle), "{m} lacks {ep}");
+            }
+        }
+        assert_eq!(kernels::entry_points("lazy_importance").len(), 4);
+    }
+
+    #[test]
+    fn shape_errors_come_before_any_cuda_call() {
+        let ms = ModelShape {
+            n_layers: 1,
+            n_q_heads: 8,
+            n_kv_heads: 2,
+            head_dim: 64,
+            ..ModelShape::default()
+        };
+        let head = RetainingHead::random(&ms, 16, 1).unwrap();
+        let wrong = AttnShape::new(8, 4, 64).unwrap();
+        let e = LocretGpu::new(&head, &wrong).err().unwrap();
+        assert!(e.to_string().contains("LocretGpu"), "{e}");
+        let lvl = |k: usize| HeadIndex {
+            fine: Level {
+                dim: 4,
+                centroids: vec![0.0; k * 4],
+                sizes: vec![1; k],
+                nonempty: (0..k as u32).collect(),
+            },
+            labels: Vec::new(),
+            coarse: None,
+        };
+        let e = SqueezeGpu::upload(&[lvl(3), lvl(5)]).err().unwrap();
+        assert!(e.to_string().contains("SqueezeGpu head 1"), "{e}");
+        assert!(SqueezeGpu::upload(&[]).is_err());
+    }
+}
