@@ -84,6 +84,26 @@ impl<T: Element> PageCache<T> {
         })
     }
 
+    /// The replacement policy without a slot arena: `resolve_slots` only
+    /// (the slots live elsewhere, e.g. in device memory). `bytes` still
+    /// reports what the slots take there.
+    pub fn policy_only(layout: KvLayout, n_slots: usize) -> Result<Self> {
+        if n_slots == 0 {
+            return Err(Error::Invalid("page cache needs at least one slot".into()));
+        }
+        Ok(PageCache {
+            layout,
+            k: Vec::new(),
+            v: Vec::new(),
+            holder: vec![None; n_slots],
+            slot_of: HashMap::new(),
+            last_used: vec![0; n_slots],
+            pinned: vec![false; n_slots],
+            tick: 0,
+            stats: CacheStats::default(),
+        })
+    }
+
     fn block_elems(layout: &KvLayout) -> usize {
         layout.page_size * layout.head_dim
     }
@@ -143,9 +163,41 @@ impl<T: Element> PageCache<T> {
         pages: &[HeadBlock],
         pin: bool,
     ) -> Result<Vec<u32>> {
+        if self.k.is_empty() {
+            return Err(Error::Invalid(
+                "page cache: resolve on a policy-only cache (no slot arena); use resolve_slots"
+                    .into(),
+            ));
+        }
+        // Check every block against the host first, so a bad block leaves
+        // the cache unchanged.
+        for &p in pages {
+            self.host_block(host, p)?;
+        }
+        let (out, fills) = self.resolve_slots(pages, pin)?;
+        for (i, s) in fills {
+            let (hk, hv) = self.host_block(host, pages[i])?;
+            self.k[s as usize].copy_from_slice(hk);
+            self.v[s as usize].copy_from_slice(hv);
+        }
+        Ok(out)
+    }
+
+    /// The replacement policy alone: assign slots to `pages` exactly as
+    /// `resolve` does (hits, LRU victims, pinning, stats) without copying
+    /// any data. Returns the slots in order and the misses to fill, as
+    /// (index into `pages`, slot). A device backend copies those blocks
+    /// itself (see `backend::cuda::offload`).
+    pub fn resolve_slots(
+        &mut self,
+        pages: &[HeadBlock],
+        pin: bool,
+    ) -> Result<(Vec<u32>, Vec<(usize, u32)>)> {
         let tick = self.tick;
+        let block_bytes = (2 * Self::block_elems(&self.layout) * std::mem::size_of::<T>()) as u64;
         let mut out = Vec::with_capacity(pages.len());
         let mut misses = Vec::new();
+        let mut fills = Vec::new();
         let mut seen = std::collections::HashSet::with_capacity(pages.len());
         for &p in pages {
             if !seen.insert(p) {
@@ -184,18 +236,16 @@ impl<T: Element> PageCache<T> {
                 self.slot_of.remove(&old);
                 self.stats.evictions += 1;
             }
-            let (hk, hv) = self.host_block(host, p)?;
-            self.k[s].copy_from_slice(hk);
-            self.v[s].copy_from_slice(hv);
             self.holder[s] = Some(p);
             self.slot_of.insert(p, s as u32);
             self.last_used[s] = tick;
             self.pinned[s] = pin;
             self.stats.misses += 1;
-            self.stats.bytes_copied += (2 * hk.len() * std::mem::size_of::<T>()) as u64;
+            self.stats.bytes_copied += block_bytes;
             out[i] = s as u32;
+            fills.push((i, s as u32));
         }
-        Ok(out)
+        Ok((out, fills))
     }
 
     /// Least recently used slot that is not pinned and not used this step.
@@ -218,6 +268,11 @@ impl<T: Element> PageCache<T> {
         for head in 0..self.layout.n_kv_heads as u32 {
             let b = HeadBlock { page, head };
             if let Some(&s) = self.slot_of.get(&b) {
+                if self.k.is_empty() {
+                    return Err(Error::Invalid(
+                        "page cache: refresh on a policy-only cache (no slot arena)".into(),
+                    ));
+                }
                 let (hk, hv) = self.host_block(host, b)?;
                 self.k[s as usize].copy_from_slice(hk);
                 self.v[s as usize].copy_from_slice(hv);
