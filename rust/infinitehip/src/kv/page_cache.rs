@@ -337,3 +337,62 @@ pub fn pages_touched(sel: &Selection, page_size: usize) -> Vec<usize> {
     pages.dedup();
     pages
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// The policy-only cache (what the GPU backend drives) assigns exactly
+    /// the slots the arena cache does, reports its misses as fills, and the
+    /// arena cache's slots hold the host blocks bit for bit.
+    #[test]
+    fn resolve_slots_twins_resolve() {
+        let lay = KvLayout {
+            n_kv_heads: 2,
+            head_dim: 8,
+            page_size: 4,
+        };
+        let mut host = KvPool::<f32>::new(lay, None).unwrap();
+        host.add_sequence(0).unwrap();
+        let mut rng = Rng::new(7);
+        let n = 400 * 16;
+        let k: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+        let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+        host.append(0, &k, &v).unwrap();
+        let table = host.page_table(0).unwrap().to_vec();
+        let mut a = PageCache::<f32>::new(lay, 13).unwrap();
+        let mut b = PageCache::<f32>::policy_only(lay, 13).unwrap();
+        let mut fills_total = 0;
+        for step in 0..200 {
+            a.begin_step();
+            b.begin_step();
+            // As a decode step does: pins last one step.
+            a.unpin_all();
+            b.unpin_all();
+            let req: Vec<HeadBlock> = (0..1 + rng.below(10))
+                .map(|_| HeadBlock {
+                    page: table[rng.below(table.len())],
+                    head: rng.below(2) as u32,
+                })
+                .collect();
+            let pin = step % 11 == 0;
+            let sa = a.resolve(&host, &req, pin).unwrap();
+            let (sb, fills) = b.resolve_slots(&req, pin).unwrap();
+            assert_eq!(sa, sb, "step {step}");
+            fills_total += fills.len();
+            for (i, s) in &fills {
+                assert_eq!(sb[*i], *s);
+            }
+            for (blk, &s) in req.iter().zip(&sa) {
+                let (hk, hv) = a.host_block(&host, *blk).unwrap();
+                assert_eq!(a.slot_data(s), (hk, hv));
+            }
+            assert_eq!(a.stats(), b.stats());
+        }
+        assert_eq!(fills_total as u64, b.stats().misses);
+        assert!(b.stats().evictions > 100);
+        let e = b.resolve(&host, &[], false).unwrap_err();
+        assert!(e.to_string().contains("policy-only"), "{e}");
+    }
+}
