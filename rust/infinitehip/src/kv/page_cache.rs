@@ -47,6 +47,9 @@ pub struct HeadBlock {
     pub head: u32,
 }
 
+/// Misses a `resolve_slots` call assigned: (index into the request, slot).
+pub type Fills = Vec<(usize, u32)>;
+
 pub struct PageCache<T: Element> {
     layout: KvLayout,
     k: Vec<Box<[T]>>,
@@ -192,7 +195,7 @@ impl<T: Element> PageCache<T> {
         &mut self,
         pages: &[HeadBlock],
         pin: bool,
-    ) -> Result<(Vec<u32>, Vec<(usize, u32)>)> {
+    ) -> Result<(Vec<u32>, Fills)> {
         let tick = self.tick;
         let block_bytes = (2 * Self::block_elems(&self.layout) * std::mem::size_of::<T>()) as u64;
         let mut out = Vec::with_capacity(pages.len());
