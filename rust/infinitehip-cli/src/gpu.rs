@@ -354,7 +354,7 @@ fn hip_case(gpu: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<Che
     })
 }
 
-fn small_hip() -> HipConfig {
+pub(crate) fn small_hip() -> HipConfig {
     HipConfig {
         sink: 32,
         window: 256,

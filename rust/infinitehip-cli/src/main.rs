@@ -7,6 +7,8 @@ mod bench_policies;
 #[cfg(feature = "cuda")]
 mod gpu;
 #[cfg(feature = "cuda")]
+mod gpu_offload;
+#[cfg(feature = "cuda")]
 mod gpu_policies;
 mod machine;
 
@@ -20,7 +22,9 @@ commands:
   config-check F   validate a policy config file; errors name the bad field
   nvrtc-check      compile every CUDA kernel with NVRTC (no GPU needed; feature cuda)
   gpu-test         CUDA kernels vs the CPU reference on fresh random inputs (feature cuda)
-  bench-gpu        CUDA hip/dense decode at Llama-3.1-8B shape, JSON output (feature cuda)";
+  bench-gpu        CUDA hip/dense decode at Llama-3.1-8B shape, JSON output (feature cuda)
+  gpu-test-offload host tier + device page cache: round trips and decode vs all-resident (feature cuda)
+  bench-gpu-offload hip decode with KV in pinned host memory and a device page cache (feature cuda)";
 
 fn main() {
     tracing_subscriber::fmt()
@@ -63,10 +67,16 @@ fn main() {
         "gpu-test" => gpu::gpu_test(rest),
         #[cfg(feature = "cuda")]
         "bench-gpu" => gpu::bench_gpu(rest),
+        #[cfg(feature = "cuda")]
+        "gpu-test-offload" => gpu_offload::test(rest),
+        #[cfg(feature = "cuda")]
+        "bench-gpu-offload" => gpu_offload::bench(rest),
         #[cfg(not(feature = "cuda"))]
-        "nvrtc-check" | "gpu-test" | "bench-gpu" => Err(format!(
-            "`{cmd}` needs a build with the GPU backend: cargo build --release --features cuda"
-        )),
+        "nvrtc-check" | "gpu-test" | "bench-gpu" | "gpu-test-offload" | "bench-gpu-offload" => {
+            Err(format!(
+                "`{cmd}` needs a build with the GPU backend: cargo build --release --features cuda"
+            ))
+        }
         "--help" | "-h" | "help" => {
             println!("{USAGE}");
             Ok(())

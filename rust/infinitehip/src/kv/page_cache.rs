@@ -47,6 +47,9 @@ pub struct HeadBlock {
     pub head: u32,
 }
 
+/// Misses a `resolve_slots` call assigned: (index into the request, slot).
+pub type Fills = Vec<(usize, u32)>;
+
 pub struct PageCache<T: Element> {
     layout: KvLayout,
     k: Vec<Box<[T]>>,
@@ -75,6 +78,26 @@ impl<T: Element> PageCache<T> {
             v: (0..n_slots)
                 .map(|_| vec![T::default(); pe].into_boxed_slice())
                 .collect(),
+            holder: vec![None; n_slots],
+            slot_of: HashMap::new(),
+            last_used: vec![0; n_slots],
+            pinned: vec![false; n_slots],
+            tick: 0,
+            stats: CacheStats::default(),
+        })
+    }
+
+    /// The replacement policy without a slot arena: `resolve_slots` only
+    /// (the slots live elsewhere, e.g. in device memory). `bytes` still
+    /// reports what the slots take there.
+    pub fn policy_only(layout: KvLayout, n_slots: usize) -> Result<Self> {
+        if n_slots == 0 {
+            return Err(Error::Invalid("page cache needs at least one slot".into()));
+        }
+        Ok(PageCache {
+            layout,
+            k: Vec::new(),
+            v: Vec::new(),
             holder: vec![None; n_slots],
             slot_of: HashMap::new(),
             last_used: vec![0; n_slots],
@@ -143,9 +166,37 @@ impl<T: Element> PageCache<T> {
         pages: &[HeadBlock],
         pin: bool,
     ) -> Result<Vec<u32>> {
+        if self.k.is_empty() {
+            return Err(Error::Invalid(
+                "page cache: resolve on a policy-only cache (no slot arena); use resolve_slots"
+                    .into(),
+            ));
+        }
+        // Check every block against the host first, so a bad block leaves
+        // the cache unchanged.
+        for &p in pages {
+            self.host_block(host, p)?;
+        }
+        let (out, fills) = self.resolve_slots(pages, pin)?;
+        for (i, s) in fills {
+            let (hk, hv) = self.host_block(host, pages[i])?;
+            self.k[s as usize].copy_from_slice(hk);
+            self.v[s as usize].copy_from_slice(hv);
+        }
+        Ok(out)
+    }
+
+    /// The replacement policy alone: assign slots to `pages` exactly as
+    /// `resolve` does (hits, LRU victims, pinning, stats) without copying
+    /// any data. Returns the slots in order and the misses to fill, as
+    /// (index into `pages`, slot). A device backend copies those blocks
+    /// itself (see `backend::cuda::offload`).
+    pub fn resolve_slots(&mut self, pages: &[HeadBlock], pin: bool) -> Result<(Vec<u32>, Fills)> {
         let tick = self.tick;
+        let block_bytes = (2 * Self::block_elems(&self.layout) * std::mem::size_of::<T>()) as u64;
         let mut out = Vec::with_capacity(pages.len());
         let mut misses = Vec::new();
+        let mut fills = Vec::new();
         let mut seen = std::collections::HashSet::with_capacity(pages.len());
         for &p in pages {
             if !seen.insert(p) {
@@ -184,18 +235,16 @@ impl<T: Element> PageCache<T> {
                 self.slot_of.remove(&old);
                 self.stats.evictions += 1;
             }
-            let (hk, hv) = self.host_block(host, p)?;
-            self.k[s].copy_from_slice(hk);
-            self.v[s].copy_from_slice(hv);
             self.holder[s] = Some(p);
             self.slot_of.insert(p, s as u32);
             self.last_used[s] = tick;
             self.pinned[s] = pin;
             self.stats.misses += 1;
-            self.stats.bytes_copied += (2 * hk.len() * std::mem::size_of::<T>()) as u64;
+            self.stats.bytes_copied += block_bytes;
             out[i] = s as u32;
+            fills.push((i, s as u32));
         }
-        Ok(out)
+        Ok((out, fills))
     }
 
     /// Least recently used slot that is not pinned and not used this step.
@@ -218,6 +267,11 @@ impl<T: Element> PageCache<T> {
         for head in 0..self.layout.n_kv_heads as u32 {
             let b = HeadBlock { page, head };
             if let Some(&s) = self.slot_of.get(&b) {
+                if self.k.is_empty() {
+                    return Err(Error::Invalid(
+                        "page cache: refresh on a policy-only cache (no slot arena)".into(),
+                    ));
+                }
                 let (hk, hv) = self.host_block(host, b)?;
                 self.k[s as usize].copy_from_slice(hk);
                 self.v[s as usize].copy_from_slice(hv);
@@ -281,4 +335,63 @@ pub fn pages_touched(sel: &Selection, page_size: usize) -> Vec<usize> {
     pages.sort_unstable();
     pages.dedup();
     pages
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// The policy-only cache (what the GPU backend drives) assigns exactly
+    /// the slots the arena cache does, reports its misses as fills, and the
+    /// arena cache's slots hold the host blocks bit for bit.
+    #[test]
+    fn resolve_slots_twins_resolve() {
+        let lay = KvLayout {
+            n_kv_heads: 2,
+            head_dim: 8,
+            page_size: 4,
+        };
+        let mut host = KvPool::<f32>::new(lay, None).unwrap();
+        host.add_sequence(0).unwrap();
+        let mut rng = Rng::new(7);
+        let n = 400 * 16;
+        let k: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+        let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+        host.append(0, &k, &v).unwrap();
+        let table = host.page_table(0).unwrap().to_vec();
+        let mut a = PageCache::<f32>::new(lay, 13).unwrap();
+        let mut b = PageCache::<f32>::policy_only(lay, 13).unwrap();
+        let mut fills_total = 0;
+        for step in 0..200 {
+            a.begin_step();
+            b.begin_step();
+            // As a decode step does: pins last one step.
+            a.unpin_all();
+            b.unpin_all();
+            let req: Vec<HeadBlock> = (0..1 + rng.below(10))
+                .map(|_| HeadBlock {
+                    page: table[rng.below(table.len())],
+                    head: rng.below(2) as u32,
+                })
+                .collect();
+            let pin = step % 11 == 0;
+            let sa = a.resolve(&host, &req, pin).unwrap();
+            let (sb, fills) = b.resolve_slots(&req, pin).unwrap();
+            assert_eq!(sa, sb, "step {step}");
+            fills_total += fills.len();
+            for (i, s) in &fills {
+                assert_eq!(sb[*i], *s);
+            }
+            for (blk, &s) in req.iter().zip(&sa) {
+                let (hk, hv) = a.host_block(&host, *blk).unwrap();
+                assert_eq!(a.slot_data(s), (hk, hv));
+            }
+            assert_eq!(a.stats(), b.stats());
+        }
+        assert_eq!(fills_total as u64, b.stats().misses);
+        assert!(b.stats().evictions > 100);
+        let e = b.resolve(&host, &[], false).unwrap_err();
+        assert!(e.to_string().contains("policy-only"), "{e}");
+    }
 }

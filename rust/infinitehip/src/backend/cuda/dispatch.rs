@@ -294,7 +294,7 @@ impl Default for DecodeWorkspace {
     }
 }
 
-fn check_shape(shape: &AttnShape, kv: &DeviceKv) -> Result<()> {
+pub(crate) fn check_shape(shape: &AttnShape, kv: &DeviceKv) -> Result<()> {
     shape.validate()?;
     if shape.n_kv_heads != kv.n_kv_heads || shape.head_dim != kv.head_dim {
         return Err(Error::shape(
@@ -374,7 +374,7 @@ pub fn attend(
 ) -> Result<()> {
     check_shape(shape, kv)?;
     kv.check_lens()?;
-    let (hkv, d, g) = (shape.n_kv_heads, shape.head_dim, shape.group());
+    let hkv = shape.n_kv_heads;
     if sel.rows != n_rows.div_ceil(q_block) * hkv {
         return Err(Error::shape(
             "CUDA attention selection rows",
@@ -382,6 +382,69 @@ pub fn attend(
             sel.rows,
         ));
     }
+    launch_attention(
+        gpu,
+        ws,
+        shape,
+        "",
+        KvPtrs {
+            k: kv.k.ptr,
+            v: kv.v.ptr,
+            table: kv.table.ptr,
+            table_stride: kv.table_stride,
+            page_size: kv.page_size,
+            dtype: kv.dtype,
+        },
+        q,
+        n_rows,
+        sel,
+        max_tokens,
+        split_tokens,
+        out,
+        q_block,
+        q_seq,
+        q_pos,
+    )
+}
+
+/// K/V pointers and table for `launch_attention`.
+#[derive(Clone, Copy)]
+pub(crate) struct KvPtrs {
+    pub k: u64,
+    pub v: u64,
+    pub table: u64,
+    pub table_stride: usize,
+    pub page_size: usize,
+    pub dtype: DType,
+}
+
+/// The attention launch (split-K partials + combine). `variant` "" reads a
+/// paged pool through a page table (module `decode`); "slot_" reads a slot
+/// arena through a per-(page, kv head) slot table (module `decode_slot`).
+/// Shapes are checked by the callers.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_attention(
+    gpu: &GpuContext,
+    ws: &mut DecodeWorkspace,
+    shape: &AttnShape,
+    variant: &str,
+    kv: KvPtrs,
+    q: u64,
+    n_rows: usize,
+    sel: &DeviceSelection,
+    max_tokens: usize,
+    split_tokens: Option<usize>,
+    out: u64,
+    q_block: usize,
+    q_seq: u64,
+    q_pos: u64,
+) -> Result<()> {
+    let (hkv, d, g) = (shape.n_kv_heads, shape.head_dim, shape.group());
+    let module = if variant.is_empty() {
+        "decode"
+    } else {
+        "decode_slot"
+    };
     let split = split_tokens.unwrap_or_else(|| {
         let want = (4 * gpu.sm_count).div_ceil(n_rows * hkv).max(1);
         max_tokens.div_ceil(want).next_multiple_of(128).max(128)
@@ -390,7 +453,7 @@ pub fn attend(
     let rows = n_rows * shape.n_q_heads * n_splits;
     ws.ensure(rows, d)?;
     let tag = kernels::dtype_tag(kv.dtype).unwrap();
-    let f = gpu.func("decode", &format!("decode_{tag}_d{d}_g{g}"))?;
+    let f = gpu.func(module, &format!("{variant}decode_{tag}_d{d}_g{g}"))?;
     let scale_log2 = shape.scale * std::f32::consts::LOG2_E;
     let (ts, ps, hk, cap, sp, qb) = (
         kv.table_stride as i32,
@@ -406,9 +469,9 @@ pub fn attend(
         shared_mem_bytes: 0,
     };
     let mut l = gpu.stream.launch_builder(&f);
-    l.arg(&kv.k.ptr)
-        .arg(&kv.v.ptr)
-        .arg(&kv.table.ptr)
+    l.arg(&kv.k)
+        .arg(&kv.v)
+        .arg(&kv.table)
         .arg(&ts)
         .arg(&ps)
         .arg(&hk)
@@ -427,7 +490,7 @@ pub fn attend(
         .arg(&q_seq)
         .arg(&q_pos);
     unsafe { l.launch(cfg) }.map_err(|e| gpu_err("launch attention", e))?;
-    let fc = gpu.func("decode", &format!("combine_d{d}"))?;
+    let fc = gpu.func(module, &format!("{variant}combine_d{d}"))?;
     let ns = n_splits as i32;
     let mut l = gpu.stream.launch_builder(&fc);
     l.arg(&ws.pm.ptr)

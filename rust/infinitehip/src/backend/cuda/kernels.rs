@@ -14,6 +14,12 @@ pub const MODULES: &[(&str, &str)] = &[
         "lazy_importance",
         include_str!("kernels/lazy_importance.cu"),
     ),
+    // decode.cu reading K/V through a per-(page, kv head) slot table.
+    (
+        "decode_slot",
+        concat!("#define DEC_SLOT 1\n", include_str!("kernels/decode.cu")),
+    ),
+    ("offload", include_str!("kernels/offload.cu")),
 ];
 
 /// Full source of a module as NVRTC sees it.
@@ -37,6 +43,15 @@ pub const GROUPS: &[usize] = &[1, 2, 4, 8];
 
 /// Every entry point each module must export (checked after compilation).
 pub fn entry_points(module: &str) -> Vec<String> {
+    if module == "decode_slot" {
+        return entry_points("decode")
+            .into_iter()
+            .map(|n| format!("slot_{n}"))
+            .collect();
+    }
+    if module == "offload" {
+        return vec!["offload_gather".into()];
+    }
     let mut v = Vec::new();
     for dt in ["bf16", "f16"] {
         for d in HEAD_DIMS {

@@ -9,6 +9,7 @@
 
 pub mod dispatch;
 pub mod kernels;
+pub mod offload;
 pub mod policies;
 
 pub use cudarc;

@@ -7,6 +7,16 @@
 // the number of selected tokens before range i and tot[bh] the total.
 // Partials (log2 domain): pm/pl [B][Hq][n_splits], pacc [B][Hq][n_splits][D].
 
+// With DEC_SLOT defined (module "decode_slot", backend/cuda/offload.rs) the
+// K/V pointers are a slot arena of [slot][page_size][D] head blocks and the
+// table holds one slot per (logical page, kv head): table[page * hkv + h].
+// Entry points are then prefixed `slot_`.
+#ifdef DEC_SLOT
+#define DEC_NAME(x) slot_##x
+#else
+#define DEC_NAME(x) x
+#endif
+
 #define DEC_WARPS 4
 #define DEC_TILE 128
 #define DEC_U 4
@@ -106,7 +116,11 @@ __device__ void decode_partial(const u16* __restrict__ kp, const u16* __restrict
                 int ti = it0 + grp + u * NG;
                 pos[u] = ti < tn ? s_pos[ti] : -1;
                 if (pos[u] >= 0) {
+#ifdef DEC_SLOT
+                    long long off = ((long long)trow[(pos[u] / ps) * hkv + h] * ps + pos[u] % ps) * (long long)D + sub * 8;
+#else
                     long long off = kv_row(trow, pos[u], h, hkv, ps, D) + sub * 8;
+#endif
                     load8<E>(kp + off, kf[u]);
                     load8<E>(vp + off, vf[u]);
                 }
@@ -216,7 +230,7 @@ __device__ void decode_combine(const float* __restrict__ pm, const float* __rest
 
 #define DECODE_INST(NAME, E, D, G)                                                               \
     extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32)                                 \
-        NAME(const u16* kp, const u16* vp, const int* table, int table_stride, int ps, int hkv,   \
+        DEC_NAME(NAME)(const u16* kp, const u16* vp, const int* table, int table_stride, int ps, int hkv,   \
              const float* q, float scale_log2, const int2* ranges, const int* cum,               \
              const int* cnt, const int* tot, int cap, int split_tokens, float* pm, float* pl,    \
              float* pacc, int q_block, const int* q_seq, const int* q_pos) {                     \
@@ -238,7 +252,7 @@ DECODE_G(F16, f16, 128)
 DECODE_G(F16, f16, 256)
 
 #define COMBINE_INST(D)                                                                       \
-    extern "C" __global__ void combine_d##D(const float* pm, const float* pl, const float* pacc, \
+    extern "C" __global__ void DEC_NAME(combine_d##D)(const float* pm, const float* pl, const float* pacc, \
                                             int n_splits, float* out) {                       \
         decode_combine<D>(pm, pl, pacc, n_splits, out);                                       \
     }
