@@ -1,25 +1,38 @@
 //! Kernel sources (embedded) and the names of their entry points. Each
 //! module is `common.cuh` followed by one `.cu` file; NVRTC compiles it with
 //! no CUDA headers.
+//! The sources live in the repository's top-level `kernels/` folder.
 
-pub const COMMON: &str = include_str!("kernels/common.cuh");
+pub const COMMON: &str = include_str!("../../../../../kernels/common.cuh");
 
 /// (module name, source).
 pub const MODULES: &[(&str, &str)] = &[
-    ("decode", include_str!("kernels/decode.cu")),
-    ("hip_mask", include_str!("kernels/hip_mask.cu")),
-    ("locret_score", include_str!("kernels/locret_score.cu")),
-    ("squeeze_lookup", include_str!("kernels/squeeze_lookup.cu")),
+    ("decode", include_str!("../../../../../kernels/decode.cu")),
+    (
+        "hip_mask",
+        include_str!("../../../../../kernels/hip_mask.cu"),
+    ),
+    (
+        "locret_score",
+        include_str!("../../../../../kernels/locret_score.cu"),
+    ),
+    (
+        "squeeze_lookup",
+        include_str!("../../../../../kernels/squeeze_lookup.cu"),
+    ),
     (
         "lazy_importance",
-        include_str!("kernels/lazy_importance.cu"),
+        include_str!("../../../../../kernels/lazy_importance.cu"),
     ),
     // decode.cu reading K/V through a per-(page, kv head) slot table.
     (
         "decode_slot",
-        concat!("#define DEC_SLOT 1\n", include_str!("kernels/decode.cu")),
+        concat!(
+            "#define DEC_SLOT 1\n",
+            include_str!("../../../../../kernels/decode.cu")
+        ),
     ),
-    ("offload", include_str!("kernels/offload.cu")),
+    ("offload", include_str!("../../../../../kernels/offload.cu")),
 ];
 
 /// Full source of a module as NVRTC sees it.
