@@ -418,7 +418,7 @@ fn prefill_case(gpu: &GpuContext, len: usize, q_start: usize, n: usize, seed: u6
     let qd = DevBuf::from_slice(&q).map_err(e)?;
     let out = DevBuf::alloc(q.len() * 4).map_err(e)?;
     out.fill_bytes(0xff).map_err(e)?;
-    pf.prepare(&kv, q_start, n).map_err(e)?;
+    pf.prepare(gpu, &kv, q_start, n).map_err(e)?;
     pf.select(gpu, &kv, qd.ptr).map_err(e)?;
     pf.attend(gpu, &shape, &kv, qd.ptr, out.ptr).map_err(e)?;
     gpu.synchronize().map_err(e)?;
@@ -751,7 +751,7 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
             let mut q0 = 0;
             while q0 < t {
                 let n = chunk.min(t - q0);
-                pf.prepare(&kv, q0, n).map_err(e)?;
+                pf.prepare(&gpu, &kv, q0, n).map_err(e)?;
                 let qp = qd.ptr + (q0 * qe * 4) as u64;
                 gpu.synchronize().map_err(e)?;
                 let t0 = Instant::now();

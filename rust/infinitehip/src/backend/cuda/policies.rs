@@ -365,10 +365,13 @@ pub fn launch_lazy_importance(
     let table_row = kv.table.ptr + (seq * kv.table_stride * 4) as u64;
     let f = gpu.func("lazy_importance", &format!("lazy_logits_{tag}"))?;
     let mut l = stream.launch_builder(&f);
+    let (pst, hst) = (kv.page_stride as i64, kv.head_stride as i64);
     l.arg(&kv.k.ptr)
         .arg(&table_row)
         .arg(&ps)
         .arg(&hk)
+        .arg(&pst)
+        .arg(&hst)
         .arg(&d)
         .arg(&tokens)
         .arg(&ni)
