@@ -32,6 +32,7 @@
 //!   run the launches that read them.
 
 pub mod dispatch;
+pub mod engine_attn;
 pub mod kernels;
 pub mod offload;
 pub mod policies;
