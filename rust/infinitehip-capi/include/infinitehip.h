@@ -112,7 +112,7 @@ char *ihip_stats_json(const IhipEngine *e);
 /* ---- GPU: attention over the caller's own K/V device tensors ------------
  * Built with the cargo feature `cuda` (dynamic loading: no CUDA at build
  * time). Otherwise ihip_gpu_attn_new returns NULL with a message and the
- * other ihip_gpu_* calls return IHIP_ERR_NO_GPU; the same happens at run time
+ * other GPU calls return IHIP_ERR_NO_GPU; the same happens at run time
  * without an NVIDIA driver.
  * Every launch and copy goes to the caller's `stream` (a CUstream of the
  * device's primary context, e.g. torch.cuda.current_stream().cuda_stream;
