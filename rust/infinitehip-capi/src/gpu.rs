@@ -105,7 +105,10 @@ fn with_gpu(
 }
 
 #[cfg(not(feature = "cuda"))]
-fn with_gpu(a: *const IhipGpuAttn, _f: impl FnOnce(&mut ()) -> Result<(), Fail>) -> Result<(), Fail> {
+fn with_gpu(
+    a: *const IhipGpuAttn,
+    _f: impl FnOnce(&mut ()) -> Result<(), Fail>,
+) -> Result<(), Fail> {
     if a.is_null() {
         return Err(no_gpu(format!("GPU attention handle is NULL; {NO_CUDA}")));
     }
@@ -190,7 +193,11 @@ fn gpu_args(
         dtype: dtype_of(out_dtype, "out")?,
         row_stride: nonneg(out_row_stride, "out_row_stride")?,
     };
-    let sc = if sm_scale == 0.0 { None } else { Some(sm_scale) };
+    let sc = if sm_scale == 0.0 {
+        None
+    } else {
+        Some(sm_scale)
+    };
     Ok((kv, qa, o, sc))
 }
 
@@ -267,9 +274,27 @@ pub unsafe extern "C" fn ihip_gpu_decode(
         #[cfg(not(feature = "cuda"))]
         {
             let _ = (
-                stream, layer, batch, req_ids, table_rows, lens, q, q_dtype, q_row_stride, k,
-                v, kv_dtype, table, table_stride, page_size, page_stride, head_stride, out,
-                out_dtype, out_row_stride, sm_scale,
+                stream,
+                layer,
+                batch,
+                req_ids,
+                table_rows,
+                lens,
+                q,
+                q_dtype,
+                q_row_stride,
+                k,
+                v,
+                kv_dtype,
+                table,
+                table_stride,
+                page_size,
+                page_stride,
+                head_stride,
+                out,
+                out_dtype,
+                out_row_stride,
+                sm_scale,
             );
             with_gpu(a, |_| Ok(()))
         }
@@ -342,9 +367,28 @@ pub unsafe extern "C" fn ihip_gpu_prefill(
         #[cfg(not(feature = "cuda"))]
         {
             let _ = (
-                stream, layer, batch, req_ids, table_rows, lens, n_new, q, q_dtype,
-                q_row_stride, k, v, kv_dtype, table, table_stride, page_size, page_stride,
-                head_stride, out, out_dtype, out_row_stride, sm_scale,
+                stream,
+                layer,
+                batch,
+                req_ids,
+                table_rows,
+                lens,
+                n_new,
+                q,
+                q_dtype,
+                q_row_stride,
+                k,
+                v,
+                kv_dtype,
+                table,
+                table_stride,
+                page_size,
+                page_stride,
+                head_stride,
+                out,
+                out_dtype,
+                out_row_stride,
+                sm_scale,
             );
             with_gpu(a, |_| Ok(()))
         }

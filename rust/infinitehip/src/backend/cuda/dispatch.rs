@@ -139,7 +139,7 @@ impl DeviceKv {
     /// elements; rows must be 16-byte aligned (pointers and strides checked
     /// here). The table's entries are the caller's contract: they must name
     /// pages inside the K and V allocations for every token below `lens`.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments, clippy::manual_is_multiple_of)] // MSRV 1.80
     pub fn borrowed(
         k: u64,
         v: u64,
@@ -160,7 +160,9 @@ impl DeviceKv {
         }
         for (name, p) in [("k", k), ("v", v), ("table", table)] {
             if p == 0 {
-                return Err(Error::Invalid(format!("borrowed KV: {name} pointer is NULL")));
+                return Err(Error::Invalid(format!(
+                    "borrowed KV: {name} pointer is NULL"
+                )));
             }
         }
         if k % 16 != 0 || v % 16 != 0 {
@@ -675,11 +677,7 @@ pub(crate) fn launch_attention_ex(
     unsafe { l.launch(cfg) }.map_err(|e| gpu_err("launch attention", e))?;
     let fc = gpu.func(module, &format!("{variant}combine_d{d}"))?;
     let ns = n_splits as i32;
-    let (hq, ors, odt) = (
-        shape.n_q_heads as i32,
-        out.row_stride as i64,
-        out.code(),
-    );
+    let (hq, ors, odt) = (shape.n_q_heads as i32, out.row_stride as i64, out.code());
     let mut l = gpu.stream.launch_builder(&fc);
     l.arg(&ws.pm.ptr)
         .arg(&ws.pl.ptr)

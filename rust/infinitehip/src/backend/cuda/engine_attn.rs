@@ -140,6 +140,7 @@ pub struct GpuAttention {
     sel_ranges: DevBuf,
     sel_cum: DevBuf,
     sel_rows: usize,
+    sel_cap: usize,
     keys: DevBuf,
     keys_cap: usize,
     nq: DevBuf,
@@ -164,7 +165,8 @@ impl GpuAttention {
         cfg.validate()?;
         let m = &cfg.model;
         let shape = AttnShape::new(m.n_q_heads, m.n_kv_heads, m.head_dim)?;
-        if !kernels::HEAD_DIMS.contains(&shape.head_dim) || !kernels::GROUPS.contains(&shape.group())
+        if !kernels::HEAD_DIMS.contains(&shape.head_dim)
+            || !kernels::GROUPS.contains(&shape.group())
         {
             return Err(Error::Invalid(format!(
                 "GPU attention: kernels support head_dim 64/128/256 and GQA groups 1/2/4/8, got head_dim {} group {}",
@@ -220,6 +222,7 @@ impl GpuAttention {
             sel_ranges: DevBuf::null(),
             sel_cum: DevBuf::null(),
             sel_rows: 0,
+            sel_cap: 1,
             keys: DevBuf::null(),
             keys_cap: 0,
             nq: DevBuf::from_slice(&[g])?,
@@ -299,7 +302,9 @@ impl GpuAttention {
         let hqd = self.shape.n_q_heads * self.shape.head_dim;
         for (name, p, st) in [("q", q.ptr, q.row_stride), ("out", out.ptr, out.row_stride)] {
             if p == 0 {
-                return Err(Error::Invalid(format!("GPU attention: {name} pointer is NULL")));
+                return Err(Error::Invalid(format!(
+                    "GPU attention: {name} pointer is NULL"
+                )));
             }
             if st < hqd {
                 return Err(Error::shape(
@@ -386,6 +391,7 @@ impl GpuAttention {
         grow(&mut self.sel_ranges, rows * cap * 8)?;
         grow(&mut self.sel_cum, rows * cap * 4 + rows * 8)?;
         self.sel_rows = rows;
+        self.sel_cap = cap;
         let cum = self.sel_cum.ptr;
         Ok(DeviceSelection {
             ranges: DevBuf::borrowed(self.sel_ranges.ptr, rows * cap * 8),
@@ -396,6 +402,28 @@ impl GpuAttention {
             rows,
             max_tokens: 0,
         })
+    }
+
+    /// The selection of the last call (rows `[query row][kv head]`), read
+    /// back synchronously (tests, debugging).
+    pub fn last_selection(&self) -> Result<Vec<crate::policy::Selection>> {
+        // The last call ran on the caller's stream: wait for the device.
+        cudarc::driver::result::ctx::synchronize()
+            .map_err(|e| gpu_err("context synchronize", e))?;
+        let (rows, cap) = (self.sel_rows, self.sel_cap);
+        let sel = DeviceSelection {
+            ranges: DevBuf::borrowed(self.sel_ranges.ptr, rows * cap * 8),
+            cum: DevBuf::borrowed(self.sel_cum.ptr, rows * cap * 4),
+            cnt: DevBuf::borrowed(self.sel_cum.ptr + (rows * cap * 4) as u64, rows * 4),
+            tot: DevBuf::borrowed(
+                self.sel_cum.ptr + (rows * cap * 4 + rows * 4) as u64,
+                rows * 4,
+            ),
+            cap,
+            rows,
+            max_tokens: 0,
+        };
+        sel.to_host(self.shape.n_kv_heads)
     }
 
     /// Decode one query per request. `req_ids[b]` keys the hip state,
@@ -638,6 +666,7 @@ impl GpuAttention {
             h.step[s] += 1;
         }
         self.sel_rows = b * hkv;
+        self.sel_cap = last_cap + 3;
         Ok((sel, bound))
     }
 
