@@ -475,6 +475,11 @@ impl GpuAttention {
                 )));
             }
         }
+        // Engines call from their own threads: make the context current.
+        self.gpu
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| gpu_err("bind the CUDA context to this thread", e))?;
         let dkv = self.borrowed_kv(kv, lens.to_vec())?;
         let gpu = self.gpu.on_stream(stream);
         let (shape, mul) = self.scaled_shape(sm_scale)?;
@@ -722,6 +727,11 @@ impl GpuAttention {
                 }
             }
         }
+        // Engines call from their own threads: make the context current.
+        self.gpu
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| gpu_err("bind the CUDA context to this thread", e))?;
         let dkv = self.borrowed_kv(kv, lens.to_vec())?;
         let gpu = self.gpu.on_stream(stream);
         let (shape, mul) = self.scaled_shape(sm_scale)?;
