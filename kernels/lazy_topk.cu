@@ -2,9 +2,11 @@
 // `LazyPlan::prune_top`), for a batch of segments (one per sequence), one
 // block per segment.
 //
-// Segment s: params[4 s ..] = (off, n, k, force): tokens[off..off + n]
-// (strictly ascending, >= 0) with importance imp[off..off + n]; cand
-// (nullable: every token) marks the candidates (prompt tokens); force is
+// Segment s: params[5 s ..] = (off, n, k, force, mask_off): tokens
+// [off..off + n] (strictly ascending, >= 0) with importance imp[off..off +
+// n]; token t is a candidate (a prompt token) when mask_off < 0 or
+// prompt[mask_off + t] != 0 (a per-sequence flag array indexed by token id,
+// so a later pruning point can run on this one's output as is); force is
 // the token always kept if it is a candidate (-1: none). The k best
 // candidates are kept (all when k >= candidates), best = larger key
 //   (forced, importance by IEEE total order, token)
@@ -25,17 +27,17 @@ __device__ __forceinline__ unsigned long long lazy_key(float imp, int tok, bool 
 
 extern "C" __global__ void __launch_bounds__(256)
 lazy_topk(const int* __restrict__ tokens, const float* __restrict__ imp,
-          const unsigned char* __restrict__ cand, const int* __restrict__ params, int emit_always,
+          const unsigned char* __restrict__ prompt, const int* __restrict__ params, int emit_always,
           int* __restrict__ keep, int* __restrict__ counts, int* __restrict__ status) {
     __shared__ int hist[256];
     __shared__ int wsum[32];
     __shared__ int s_bad, s_ncand, s_base, s_bin, s_rank;
     const int s = blockIdx.x;
-    const int off = params[4 * s], n = params[4 * s + 1], kreq = params[4 * s + 2],
-              force = params[4 * s + 3];
+    const int* pr = params + 5 * s;
+    const int off = pr[0], n = pr[1], kreq = pr[2], force = pr[3], mask_off = pr[4];
     const int* tk = tokens + off;
     const float* im = imp + off;
-    const unsigned char* cd = cand ? cand + off : nullptr;
+    const unsigned char* cd = mask_off >= 0 ? prompt + mask_off : nullptr;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
     if (threadIdx.x == 0) {
         s_bad = 0;
@@ -46,8 +48,9 @@ lazy_topk(const int* __restrict__ tokens, const float* __restrict__ imp,
     // Pass 0: validate, count candidates.
     int nc = 0, bad = 0;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const bool c = cd == nullptr || cd[i] != 0;
-        if (tk[i] < 0 || (i > 0 && tk[i] <= tk[i - 1])) bad |= 2;
+        const int t = tk[i];
+        if (t < 0 || (i > 0 && t <= tk[i - 1])) bad |= 2;
+        const bool c = cd == nullptr || (t >= 0 && cd[t] != 0);
         if ((__float_as_uint(im[i]) & 0x7f800000u) == 0x7f800000u) bad |= 1;  // inf or NaN
         nc += c;
     }
@@ -71,7 +74,7 @@ lazy_topk(const int* __restrict__ tokens, const float* __restrict__ imp,
         for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
         __syncthreads();
         for (int i = threadIdx.x; i < n; i += blockDim.x) {
-            if (cd != nullptr && cd[i] == 0) continue;
+            if (cd != nullptr && cd[tk[i]] == 0) continue;
             const unsigned long long key = lazy_key(im[i], tk[i], tk[i] == force);
             if ((key & mask) == prefix) atomicAdd(&hist[(key >> sh) & 0xff], 1);
         }
@@ -99,7 +102,7 @@ lazy_topk(const int* __restrict__ tokens, const float* __restrict__ imp,
         const int i = i0 + threadIdx.x;
         bool e = false;
         if (i < n) {
-            const bool c = cd == nullptr || cd[i] != 0;
+            const bool c = cd == nullptr || cd[tk[i]] != 0;
             if (!c) e = emit_always != 0;
             else if (k >= ncand) e = true;
             else if (k > 0) e = lazy_key(im[i], tk[i], tk[i] == force) >= kth;

@@ -475,7 +475,12 @@ mod tests {
 
     #[test]
     fn new_kernels_are_registered() {
-        for m in ["locret_score", "squeeze_lookup", "lazy_importance", "lazy_topk"] {
+        for m in [
+            "locret_score",
+            "squeeze_lookup",
+            "lazy_importance",
+            "lazy_topk",
+        ] {
             let src = kernels::full_source(m).expect(m);
             for ep in kernels::entry_points(m) {
                 // lazy_logits_<dt> come from the LAZY_LOGITS(<dt>, ..) macro.

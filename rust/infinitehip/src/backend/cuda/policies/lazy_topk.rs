@@ -30,7 +30,10 @@ use crate::error::{Error, Result};
 /// One sequence's part of a batched keep computation: tokens
 /// `off..off + n` of the batch's token list (ascending ids into DeviceKv
 /// sequence `seq`), keep the best `k` candidates (clamped to the candidate
-/// count), `force` always kept when it is a candidate.
+/// count), `force` always kept when it is a candidate. Candidates: token t
+/// with `prompt[mask_off + t] != 0` in the batch's prompt-flag array (one
+/// flag per token id of the sequence), or every token when `mask_off` is
+/// None.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LazySegment {
     pub seq: usize,
@@ -38,10 +41,11 @@ pub struct LazySegment {
     pub n: usize,
     pub k: usize,
     pub force: Option<u32>,
+    pub mask_off: Option<usize>,
 }
 
-/// The `lazy_topk` parameter rows `[seg][off, n, k, force]` (i32, force -1
-/// for none). Segments must lie inside `total` tokens, in order, without
+/// The `lazy_topk` parameter rows `[seg][off, n, k, force, mask_off]` (i32,
+/// -1 for None). Segments must lie inside `total` tokens, in order, without
 /// overlap.
 pub fn topk_params(segs: &[LazySegment], total: usize) -> Result<Vec<i32>> {
     let mut end = 0;
@@ -55,15 +59,13 @@ pub fn topk_params(segs: &[LazySegment], total: usize) -> Result<Vec<i32>> {
             )));
         }
         end = s.off + s.n;
-        let force = match s.force {
-            Some(f) => i32_of("lazy forced token", f as usize)?,
-            None => -1,
-        };
+        let opt = |what: &str, x: Option<usize>| x.map_or(Ok(-1), |v| i32_of(what, v));
         out.extend_from_slice(&[
             i32_of("lazy segment offset", s.off)?,
             i32_of("lazy segment tokens", s.n)?,
             i32_of("lazy keep count", s.k.min(s.n))?,
-            force,
+            opt("lazy forced token", s.force.map(|f| f as usize))?,
+            opt("lazy prompt-mask offset", s.mask_off)?,
         ]);
     }
     Ok(out)
@@ -100,9 +102,9 @@ pub fn check_status(status: &[i32]) -> Result<()> {
     Ok(())
 }
 
-/// Top-k over device `tokens` (i32) / `imp` (f32) / `cand` (u8, None =
-/// every token a candidate) for `nseg` segments described by device
-/// `params` (`topk_params`), into `keep` (i32, same offsets as the tokens),
+/// Top-k over device `tokens` (i32) / `imp` (f32) / `prompt` (u8 flags by
+/// token id, see `LazySegment`; None when no segment has a mask) for `nseg`
+/// segments described by device `params` (`topk_params`), into `keep` (i32, same offsets as the tokens),
 /// `counts` and `status` (i32 `[nseg]`), on `stream`.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_lazy_topk(
@@ -110,7 +112,7 @@ pub fn launch_lazy_topk(
     stream: &CudaStream,
     tokens: u64,
     imp: u64,
-    cand: Option<u64>,
+    prompt: Option<u64>,
     params: u64,
     nseg: usize,
     emit_always: bool,
@@ -121,10 +123,10 @@ pub fn launch_lazy_topk(
     if nseg == 0 {
         return Ok(());
     }
-    let (cand, emit) = (cand.unwrap_or(0), emit_always as i32);
+    let (prompt, emit) = (prompt.unwrap_or(0), emit_always as i32);
     launch!(gpu, stream, "lazy_topk", "lazy_topk",
         grid: (nseg, 1, 1), smem: 0,
-        args: [tokens, imp, cand, params, emit, keep, counts, status])
+        args: [tokens, imp, prompt, params, emit, keep, counts, status])
 }
 
 /// Importance of each segment's tokens for its sequence's query (device
@@ -142,7 +144,7 @@ pub fn launch_lazy_keep(
     segs: &[LazySegment],
     queries: u64,
     tokens: u64,
-    cand: Option<u64>,
+    prompt: Option<u64>,
     params: u64,
     emit_always: bool,
     ws: &mut LazyWorkspace,
@@ -172,7 +174,7 @@ pub fn launch_lazy_keep(
         stream,
         tokens,
         imp,
-        cand,
+        prompt,
         params,
         segs.len(),
         emit_always,
@@ -190,7 +192,8 @@ pub struct LazyKeepRequest<'a> {
     pub q: &'a [f32],
     /// Active tokens, ascending.
     pub tokens: &'a [u32],
-    /// Candidate flags per token (prompt tokens); None = all candidates.
+    /// Prompt flag of every token id of the sequence (`LazyPlan::
+    /// is_prompt`): the candidates. None = every token a candidate.
     pub prompt: Option<&'a [bool]>,
     pub k: usize,
     pub force: Option<u32>,
@@ -207,11 +210,14 @@ pub fn lazy_keep_batch(
 ) -> Result<Vec<Vec<u32>>> {
     let qe = shape.q_elems();
     let (mut segs, mut toks, mut qs) = (Vec::new(), Vec::new(), Vec::new());
-    let mut cand: Option<Vec<u8>> = None;
-    let with_cand = reqs.iter().any(|r| r.prompt.is_some());
+    let mut mask: Vec<u8> = Vec::new();
     for (i, r) in reqs.iter().enumerate() {
         if r.q.len() != qe {
-            return Err(Error::shape(format!("lazy keep request {i} query"), qe, r.q.len()));
+            return Err(Error::shape(
+                format!("lazy keep request {i} query"),
+                qe,
+                r.q.len(),
+            ));
         }
         let len = *kv.lens.get(r.seq).ok_or_else(|| {
             Error::OutOfRange(format!(
@@ -225,28 +231,27 @@ pub fn lazy_keep_batch(
                 "lazy keep request {i}: token {t} of a KV holding {len}"
             )));
         }
-        if let Some(p) = r.prompt {
-            if p.len() != r.tokens.len() {
+        let mask_off = match r.prompt {
+            Some(p) if p.len() < len => {
                 return Err(Error::shape(
-                    format!("lazy keep request {i} prompt flags"),
-                    r.tokens.len(),
+                    format!("lazy keep request {i} prompt flags (one per token id)"),
+                    len,
                     p.len(),
-                ));
+                ))
             }
-        }
-        if with_cand {
-            let c = cand.get_or_insert_with(Vec::new);
-            match r.prompt {
-                Some(p) => c.extend(p.iter().map(|&b| b as u8)),
-                None => c.extend(std::iter::repeat_n(1u8, r.tokens.len())),
+            Some(p) => {
+                mask.extend(p[..len].iter().map(|&b| b as u8));
+                Some(mask.len() - len)
             }
-        }
+            None => None,
+        };
         segs.push(LazySegment {
             seq: r.seq,
             off: toks.len(),
             n: r.tokens.len(),
             k: r.k,
             force: r.force,
+            mask_off,
         });
         toks.extend(r.tokens.iter().map(|&t| t as i32));
         qs.extend_from_slice(r.q);
@@ -261,7 +266,11 @@ pub fn lazy_keep_batch(
         DevBuf::from_slice(&toks)?,
         DevBuf::from_slice(&params)?,
     );
-    let dc = cand.as_ref().map(|c| DevBuf::from_slice(c)).transpose()?;
+    let dm = if mask.is_empty() {
+        None
+    } else {
+        Some(DevBuf::from_slice(&mask)?)
+    };
     let (imp, keep) = (DevBuf::alloc(n * 4)?, DevBuf::alloc(n * 4)?);
     let (counts, status) = (
         DevBuf::alloc(segs.len() * 4)?,
@@ -277,7 +286,7 @@ pub fn lazy_keep_batch(
         &segs,
         dq.ptr,
         dt.ptr,
-        dc.as_ref().map(|c| c.ptr),
+        dm.as_ref().map(|c| c.ptr),
         dp.ptr,
         emit_always,
         &mut ws,
@@ -313,6 +322,7 @@ mod tests {
             n,
             k,
             force: None,
+            mask_off: None,
         }
     }
 
@@ -320,9 +330,10 @@ mod tests {
     fn params_rows_and_overlap_errors() {
         let mut a = seg(0, 5, 9);
         a.force = Some(4);
+        a.mask_off = Some(7);
         let p = topk_params(&[a, seg(5, 3, 1), seg(9, 0, 0)], 9).unwrap();
-        // k is clamped to the segment's tokens; force -1 for none.
-        assert_eq!(p, vec![0, 5, 5, 4, 5, 3, 1, -1, 9, 0, 0, -1]);
+        // k is clamped to the segment's tokens; -1 for None.
+        assert_eq!(p, vec![0, 5, 5, 4, 7, 5, 3, 1, -1, -1, 9, 0, 0, -1, -1]);
         let e = topk_params(&[seg(0, 5, 1), seg(4, 2, 1)], 9).unwrap_err();
         assert!(e.to_string().contains("segment 1"), "{e}");
         let e = topk_params(&[seg(0, 5, 1), seg(5, 5, 1)], 9).unwrap_err();

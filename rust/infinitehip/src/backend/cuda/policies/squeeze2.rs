@@ -313,7 +313,17 @@ impl SqueezeIndexGpu {
         let (dq, dl) = (DevBuf::from_slice(queries)?, DevBuf::from_slice(&lens_i)?);
         let ws = self.workspace(rows)?;
         let out = self.new_selection(rows, lens.iter().copied().max().unwrap_or(0))?;
-        self.launch_select(gpu, &gpu.stream, shape, dq.ptr, rows, dl.ptr, thr, &ws, &out)?;
+        self.launch_select(
+            gpu,
+            &gpu.stream,
+            shape,
+            dq.ptr,
+            rows,
+            dl.ptr,
+            thr,
+            &ws,
+            &out,
+        )?;
         gpu.synchronize()?;
         out.to_host(self.n_kv)
     }
@@ -380,7 +390,10 @@ mod tests {
         let two = crate::policy::squeeze::build_head(&kv, 0, 40, &cfg).unwrap();
         let k = two.fine.k();
         let k1 = two.coarse.as_ref().unwrap().level.k();
-        assert_eq!(check_heads(&[two.clone(), two.clone()], 40).unwrap(), (k, k1));
+        assert_eq!(
+            check_heads(&[two.clone(), two.clone()], 40).unwrap(),
+            (k, k1)
+        );
         let mut one = two.clone();
         one.coarse = None;
         let e = check_heads(&[two.clone(), one], 40).unwrap_err();
@@ -389,7 +402,8 @@ mod tests {
         bad.coarse.as_mut().unwrap().of_fine[0] = k1 as u32;
         let e = check_heads(&[bad], 40).unwrap_err();
         assert!(
-            e.to_string().contains(&format!("coarse cluster {k1} of {k1}")),
+            e.to_string()
+                .contains(&format!("coarse cluster {k1} of {k1}")),
             "{e}"
         );
         // Nothing clustered.
