@@ -568,17 +568,24 @@ pub fn timing(gpu: &GpuContext, seed: u64) -> R<()> {
         .map_err(e)?;
         let p = pol.prefix(1).ok_or("squeeze prefix")?;
         let thr = p.thresholds().ok_or("squeeze thresholds")?;
+        // One token past the prefix: a query at the prefix's own positions
+        // is attended densely by the policy (no lookup to time).
+        let one = rng.normal_vec(lay.token_elems(), 1.0);
+        drop(view);
+        pool.append(0, &one, &one).map_err(e)?;
+        let view = pool.view(0).map_err(e)?;
+        let len = prefix + 1;
         let idx = SqueezeIndexGpu::upload(&p).map_err(e)?;
         let (k, k1) = idx.clusters();
         for rows in [1usize, 32] {
             let queries = rng.normal_vec(rows * shape.q_elems(), 1.0);
-            let lens = vec![prefix as i32; rows];
+            let lens = vec![len as i32; rows];
             let (dq, dl) = (
                 DevBuf::from_slice(&queries).map_err(e)?,
                 DevBuf::from_slice(&lens).map_err(e)?,
             );
             let ws = idx.workspace(rows).map_err(e)?;
-            let out = idx.new_selection(rows, prefix).map_err(e)?;
+            let out = idx.new_selection(rows, len).map_err(e)?;
             let g = crate::gpu::time_ms(gpu, 20, || {
                 idx.launch_select(
                     gpu,
@@ -601,7 +608,7 @@ pub fn timing(gpu: &GpuContext, seed: u64) -> R<()> {
                         shape,
                         phase: Phase::Decode,
                         queries: &queries[r * qe..(r + 1) * qe],
-                        q_start: prefix - 1,
+                        q_start: prefix,
                         kv: &view,
                     })
                     .map_err(e)?;
@@ -864,6 +871,22 @@ fn squeeze2_case(
             detail: format!("range counts not written or out of bounds: {cnt:?}"),
         });
     }
+    // The raw DeviceSelection form the decode kernel reads: ranges
+    // ascending, non-empty, not touching; cum = tokens before each range;
+    // tot = all of them.
+    let rg: Vec<i32> = out.ranges.read(rows * nkv * out.cap * 2).map_err(e)?;
+    let cum: Vec<i32> = out.cum.read(rows * nkv * out.cap).map_err(e)?;
+    let mut form_ok = true;
+    for row in 0..rows * nkv {
+        let (mut acc, mut prev_end) = (0i32, -1i32);
+        for i in 0..cnt[row] as usize {
+            let (a, b) = (rg[(row * out.cap + i) * 2], rg[(row * out.cap + i) * 2 + 1]);
+            form_ok &= a < b && a > prev_end && cum[row * out.cap + i] == acc;
+            acc += b - a;
+            prev_end = b;
+        }
+        form_ok &= acc == tot[row];
+    }
     let gsel = out.to_host(nkv).map_err(e)?;
     let gp_: Vec<f32> = ws.probs.read(rows * nkv * k).map_err(e)?;
     let gcp: Vec<f32> = ws.cprobs.read(rows * nkv * k1.max(1)).map_err(e)?;
@@ -939,9 +962,9 @@ fn squeeze2_case(
             "squeeze {levels}-level GPU selection, {nq}q/{nkv}kv d{d}, prefix {prefix}, {k}{} clusters, {rows} queries of lengths {lens:?}, quantiles {quantiles:?}",
             if k1 > 0 { format!("/{k1}") } else { String::new() }
         ),
-        ok: mism == 0 && finite && perr <= 1e-5 && (!full || all_selected),
+        ok: mism == 0 && form_ok && finite && perr <= 1e-5 && (!full || all_selected),
         detail: format!(
-            "(query, head) selections differing from SqueezePolicy: {mism} (+{near_rows} with a probability within 1e-5 of a threshold) of {}; selected {:.1}% of tokens{}; probs rel_err {perr:.2e}; thresholds fine {:.3e} coarse {:.3e}",
+            "(query, head) selections differing from SqueezePolicy: {mism} (+{near_rows} with a probability within 1e-5 of a threshold) of {}; range form (sorted, merged, cum, tot) ok {form_ok}; selected {:.1}% of tokens{}; probs rel_err {perr:.2e}; thresholds fine {:.3e} coarse {:.3e}",
             rows * nkv,
             100.0 * sel_tokens as f64 / all_tokens as f64,
             if full { format!("; every token selected {all_selected}") } else { String::new() },
@@ -986,7 +1009,9 @@ fn lazy_topk_exact_case(gpu: &GpuContext, seed: u64) -> R<Check> {
     let mut rng = Rng::new(seed);
     let lens = [1usize, 77, 256, 1000, 4099, 70_000, 513, 33];
     let (mut toks, mut imps, mut mask, mut segs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut per: Vec<(Vec<u32>, Vec<f32>, Option<Vec<bool>>, usize, Option<u32>)> = Vec::new();
+    // (tokens, importance, prompt mask, k, force) per segment.
+    type Seg = (Vec<u32>, Vec<f32>, Option<Vec<bool>>, usize, Option<u32>);
+    let mut per: Vec<Seg> = Vec::new();
     let mut ties_at_cut = 0;
     for (i, &n) in lens.iter().enumerate() {
         let span = 2 * n as u32 + 1;
