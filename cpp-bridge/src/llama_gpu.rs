@@ -321,7 +321,7 @@ impl LlamaGpuRoute {
                     ))
                 }
             };
-            if row == 0 || data.len() % (row * es) != 0 {
+            if row == 0 || !data.len().is_multiple_of(row * es) {
                 return Err(Error::shape(
                     "fill_cells bytes",
                     format!("a multiple of {} ", row * es),
@@ -388,7 +388,7 @@ impl LlamaGpuRoute {
             let mut mir = self.mirror(layer)?;
             let row = mir.row;
             let d = qd.ne0 as usize;
-            if row == 0 || row % d != 0 {
+            if row == 0 || !row.is_multiple_of(d) {
                 return Err(Error::Invalid(format!(
                     "layer {layer}: key mirror is empty (no append before plan)"
                 )));
@@ -450,10 +450,11 @@ impl LlamaGpuRoute {
                     list.clear();
                     for head in &sels[sel_of[r] as usize].heads {
                         for rg in head {
-                            for i in rg.start.min(end)..rg.end.min(end) {
-                                if !mark[i] {
-                                    mark[i] = true;
-                                    list.push(i);
+                            let (a, b) = (rg.start.min(end), rg.end.min(end));
+                            for (i, m) in mark[a..b].iter_mut().enumerate() {
+                                if !*m {
+                                    *m = true;
+                                    list.push(a + i);
                                 }
                             }
                         }
