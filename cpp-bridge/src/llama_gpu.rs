@@ -69,6 +69,15 @@ struct Counters {
     rows: AtomicU64,
     attended: AtomicU64,
     visible: AtomicU64,
+    /// Host time (ns): key appends, mirror checks, policy, index writing.
+    append_ns: AtomicU64,
+    missing_ns: AtomicU64,
+    policy_ns: AtomicU64,
+    index_ns: AtomicU64,
+}
+
+fn since(t: std::time::Instant, c: &AtomicU64) {
+    c.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
 }
 
 /// Host side of the GPU route for one llama.cpp context.
@@ -139,6 +148,27 @@ impl<'a> Strided<'a> {
     }
 }
 
+/// Calls `f(cell)` for every finite entry of mask row `row`, stream `s`
+/// (a fast path over the raw bits when the row is contiguous).
+fn for_each_visible(m: &Strided<'_>, row: usize, s: usize, mut f: impl FnMut(usize)) {
+    let n_kv = m.ne[0];
+    let o = row * m.nb[1] + s * m.nb[3];
+    if m.dtype == GGML_TYPE_F16 && m.nb[0] == 2 {
+        for (c, b) in m.bytes[o..o + 2 * n_kv].chunks_exact(2).enumerate() {
+            // finite: exponent bits not all ones
+            if u16::from_le_bytes([b[0], b[1]]) & 0x7c00 != 0x7c00 {
+                f(c);
+            }
+        }
+    } else {
+        for c in 0..n_kv {
+            if m.get([c, row, 0, s]).is_finite() {
+                f(c);
+            }
+        }
+    }
+}
+
 impl LlamaGpuRoute {
     fn mirror(&self, layer: u32) -> Result<std::sync::MutexGuard<'_, Mirror>> {
         Ok(self
@@ -159,6 +189,12 @@ impl LlamaGpuRoute {
     ) -> std::result::Result<u32, String> {
         guard(|| {
             let cfg = plugin.config();
+            if layer as usize >= cfg.model.n_layers {
+                return Err(Error::OutOfRange(format!(
+                    "layer {layer} of {}",
+                    cfg.model.n_layers
+                )));
+            }
             let n_kv = usize::try_from(n_kv).map_err(|_| Error::shape("n_kv", ">= 0", n_kv))?;
             let per_head = match cfg.layer_policy(layer as usize) {
                 LayerPolicy::Hip(h) => {
@@ -195,7 +231,8 @@ impl LlamaGpuRoute {
         idxs: &[u8],
         cells_total: u64,
     ) -> std::result::Result<(), String> {
-        guard(|| {
+        let t0 = std::time::Instant::now();
+        let r = guard(|| {
             let k = Strided::new(k_cur, kd, "k_cur")?;
             let [d, h, n, _] = k.ne;
             if idxs.len() != n * 8 {
@@ -224,7 +261,9 @@ impl LlamaGpuRoute {
                 .appended
                 .fetch_add(n as u64, Ordering::Relaxed);
             Ok(())
-        })
+        });
+        since(t0, &self.counters.append_ns);
+        r
     }
 
     /// Global cell ranges `[start, end)` (flattened pairs) that the mask
@@ -243,7 +282,8 @@ impl LlamaGpuRoute {
         kv_size: u64,
         row: u64,
     ) -> std::result::Result<Vec<u64>, String> {
-        guard(|| {
+        let t0 = std::time::Instant::now();
+        let r = guard(|| {
             let m = Strided::new(mask, md, "kq_mask")?;
             let [n_kv, rows, _, ns] = m.ne;
             let n = n_tokens as usize;
@@ -257,46 +297,80 @@ impl LlamaGpuRoute {
             let total = (stream0 as usize + ns) * kv_size as usize;
             let mut mir = self.mirror(layer)?;
             mir.ensure(row as usize, total)?;
-            let fresh: std::collections::HashSet<usize> = mir.fresh.iter().copied().collect();
+            let mir = &mut *mir;
             let mut out = Vec::new();
             for s in 0..ns {
                 let base = (stream0 as usize + s) * kv_size as usize;
-                let vis: Vec<usize> = (0..n_kv)
-                    .filter(|&c| m.get([c, n - 1, 0, s]).is_finite())
-                    .collect();
-                let Some(&first) = vis.first() else { continue };
-                let new_here = vis.iter().filter(|&&c| fresh.contains(&(base + c))).count();
+                // one pass over the last row: first visible cell, count, cells not held
+                let (mut first, mut count) = (usize::MAX, 0usize);
+                let mut run: Option<usize> = None;
+                let mut gaps: Vec<(usize, usize)> = Vec::new();
+                let valid = &mir.valid[base..base + n_kv];
+                for_each_visible(&m, n - 1, s, |c| {
+                    if first == usize::MAX {
+                        first = c;
+                    }
+                    count += 1;
+                    if !valid[c] {
+                        if run.is_none() {
+                            run = Some(c);
+                        }
+                    } else if let Some(r) = run.take() {
+                        gaps.push((r, c));
+                    }
+                });
+                if first == usize::MAX {
+                    continue;
+                }
+                // fresh cells of this stream (this ubatch's appends) are all visible
+                let new_here = mir
+                    .fresh
+                    .iter()
+                    .filter(|&&c| c >= base && c < base + n_kv)
+                    .count();
                 let cont = match mir.seen.get(&s) {
                     None => true,
-                    Some(&(f, cnt)) => f == first && cnt + new_here == vis.len(),
+                    Some(&(f, cnt)) => f == first && cnt + new_here == count,
                 };
+                mir.seen.insert(s, (first, count));
                 if !cont {
-                    for &c in &vis {
+                    // a cleared or reloaded sequence: re-read every visible cell not appended now
+                    let fresh: std::collections::HashSet<usize> =
+                        mir.fresh.iter().copied().collect();
+                    let mut cells = Vec::with_capacity(count);
+                    for_each_visible(&m, n - 1, s, |c| cells.push(c));
+                    for c in cells {
                         if !fresh.contains(&(base + c)) {
                             mir.valid[base + c] = false;
                         }
                     }
+                    gaps.clear();
+                    run = None;
+                    let valid = &mir.valid[base..base + n_kv];
+                    for_each_visible(&m, n - 1, s, |c| {
+                        if !valid[c] && run.is_none() {
+                            run = Some(c);
+                        } else if valid[c] {
+                            if let Some(r) = run.take() {
+                                gaps.push((r, c));
+                            }
+                        }
+                    });
                 }
-                mir.seen.insert(s, (first, vis.len()));
-                let mut i = 0;
-                while i < vis.len() {
-                    if mir.valid[base + vis[i]] {
-                        i += 1;
-                        continue;
-                    }
-                    let start = vis[i];
-                    let mut end = start + 1;
-                    i += 1;
-                    while i < vis.len() && vis[i] == end && !mir.valid[base + end] {
-                        end += 1;
-                        i += 1;
-                    }
-                    out.push((base + start) as u64);
-                    out.push((base + end) as u64);
+                if let Some(r) = run.take() {
+                    gaps.push((r, n_kv));
+                }
+                // a gap ends at the next held cell; hidden cells inside it are read too
+                // (harmless: they are marked held, and any later write goes through append)
+                for (a, b) in gaps {
+                    out.push((base + a) as u64);
+                    out.push((base + b) as u64);
                 }
             }
             Ok(out)
-        })
+        });
+        since(t0, &self.counters.missing_ns);
+        r
     }
 
     /// Rows of the device K cache (F16 or F32, `row` keys each) starting at
@@ -419,11 +493,14 @@ impl LlamaGpuRoute {
                 nb2: 2 * row as u64,
                 nb3: 2 * row as u64 * kv_size,
             };
+            let t0 = std::time::Instant::now();
             plugin
                 .plan(layer, scale, q, qd, bytes, &kd, bytes, &kd, false, mask, md)
                 .map_err(Error::Invalid)?;
             mir.fresh.clear();
             drop(mir);
+            since(t0, &self.counters.policy_ns);
+            let t1 = std::time::Instant::now();
             let plan = plugin.last_plan(layer)?;
             let (mut attended, mut visible) = (0u64, 0u64);
             for (s, sp) in plan.streams.iter().enumerate() {
@@ -481,6 +558,7 @@ impl LlamaGpuRoute {
                 }
             }
             let c = &self.counters;
+            since(t1, &c.index_ns);
             c.plans.fetch_add(1, Ordering::Relaxed);
             c.rows
                 .fetch_add(n_tokens as u64 * ns as u64, Ordering::Relaxed);
@@ -505,6 +583,12 @@ impl LlamaGpuRoute {
             "attended_cells": a,
             "visible_cells": v,
             "attended_fraction": if v == 0 { 1.0 } else { a as f64 / v as f64 },
+            "host_ms": {
+                "append": c.append_ns.load(Ordering::Relaxed) as f64 * 1e-6,
+                "mirror_check": c.missing_ns.load(Ordering::Relaxed) as f64 * 1e-6,
+                "policy": c.policy_ns.load(Ordering::Relaxed) as f64 * 1e-6,
+                "indices": c.index_ns.load(Ordering::Relaxed) as f64 * 1e-6,
+            },
         })
         .to_string()
     }
