@@ -1,8 +1,8 @@
 // LazyLLM token importance (policy/lazy.rs `importance` on the GPU): for the
 // last token's query q `[n_q][d]` and a list of tokens of one sequence in the
 // paged KV pool, the softmax over those tokens of scale * q_h . k per q head,
-// averaged over the q heads. The top-k keep set is taken on the host from
-// the result (policy::lazy::top_k).
+// averaged over the q heads. The top-k keep set is taken from the result
+// on the device by lazy_topk.cu.
 //
 // lazy_logits_<dt>: one warp per (token, kv head): the key row is read once
 //   and dotted with every q head of the group; logits `[n_q][n]`.

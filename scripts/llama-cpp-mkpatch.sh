@@ -4,6 +4,10 @@
 # (both made by scripts/llama-cpp-build.sh). Only the files listed are diffed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# src-patched carries every patch; diffing it into 0001 would fold later patches in
+if [ "$(ls patches/llama.cpp/*.patch | wc -l)" -gt 1 ] && [ "${FORCE:-0}" != 1 ]; then
+  echo "patches after 0001 exist: diff only your hunks into their own patch (FORCE=1 to override)" >&2; exit 1
+fi
 WORK=${LLAMA_CPP_WORK:-target/llama.cpp}
 FILES=(CMakeLists.txt src/CMakeLists.txt src/llama-context.cpp src/llama-cparams.h src/llama-graph.cpp
        src/llama-infinitehip.cpp src/llama-infinitehip.h)

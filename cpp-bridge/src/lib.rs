@@ -14,6 +14,7 @@
 //! error too and never unwinds into C++.
 
 pub mod llama;
+pub mod llama_gpu;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -23,6 +24,7 @@ use infinitehip::policy::Phase;
 use infinitehip::{Engine, PolicyConfig};
 
 pub use llama::LlamaPlugin;
+pub use llama_gpu::{llama_gpu_route_new, LlamaGpuRoute};
 
 #[cxx::bridge(namespace = "infinitehip")]
 pub mod ffi {
@@ -188,6 +190,55 @@ pub mod ffi {
         ) -> Result<()>;
         /// Counters (planned calls, sparse vs masked streams, tokens attended) as JSON.
         fn stats_json(self: &LlamaPlugin) -> String;
+
+        /// GPU route of a llama.cpp context (see `llama_gpu`): host key
+        /// mirror, policy over it, I32 cell indices for a sparse mask.
+        type LlamaGpuRoute;
+        fn llama_gpu_route_new(plugin: &LlamaPlugin) -> Box<LlamaGpuRoute>;
+        fn top_k(self: &LlamaGpuRoute, plugin: &LlamaPlugin, layer: u32, n_kv: i64) -> Result<u32>;
+        fn append_keys(
+            self: &LlamaGpuRoute,
+            layer: u32,
+            k_cur: &[u8],
+            kd: &TensorDesc,
+            idxs: &[u8],
+            cells_total: u64,
+        ) -> Result<()>;
+        #[allow(clippy::too_many_arguments)]
+        fn missing_cells(
+            self: &LlamaGpuRoute,
+            layer: u32,
+            mask: &[u8],
+            md: &TensorDesc,
+            n_tokens: u64,
+            stream0: u64,
+            kv_size: u64,
+            row: u64,
+        ) -> Result<Vec<u64>>;
+        fn fill_cells(
+            self: &LlamaGpuRoute,
+            layer: u32,
+            start: u64,
+            data: &[u8],
+            dtype: u32,
+        ) -> Result<()>;
+        #[allow(clippy::too_many_arguments)]
+        fn plan_indices(
+            self: &LlamaGpuRoute,
+            plugin: &LlamaPlugin,
+            layer: u32,
+            scale: f32,
+            q: &[u8],
+            qd: &TensorDesc,
+            mask: &[u8],
+            md: &TensorDesc,
+            stream0: u64,
+            kv_size: u64,
+            top_k: u32,
+            out: &mut [i32],
+        ) -> Result<()>;
+        #[cxx_name = "stats_json"]
+        fn gpu_stats_json(self: &LlamaGpuRoute) -> String;
     }
 }
 

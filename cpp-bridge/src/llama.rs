@@ -370,7 +370,7 @@ impl KvRead for LlamaKv<'_> {
 }
 
 /// What `plan` decided for one stream.
-enum StreamPlan {
+pub(crate) enum StreamPlan {
     /// One causal chain: query t attends `sels[sel_of[t]]` over `cells`,
     /// clipped to logical positions `<= q_pos[t]`.
     Sparse {
@@ -383,9 +383,9 @@ enum StreamPlan {
     Masked,
 }
 
-struct Plan {
+pub(crate) struct Plan {
     geom: (usize, usize, usize, usize, usize),
-    streams: Vec<StreamPlan>,
+    pub(crate) streams: Vec<StreamPlan>,
 }
 
 struct LayerState {
@@ -785,6 +785,16 @@ impl LlamaPlugin {
                 .fetch_add(context, Ordering::Relaxed);
             Ok(())
         })
+    }
+
+    /// The last plan of a sparse layer (the GPU route turns it into cell indices).
+    pub(crate) fn last_plan(&self, layer: u32) -> Result<Arc<Plan>> {
+        self.sparse_state(layer)?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .plan
+            .clone()
+            .ok_or_else(|| Error::Invalid(format!("layer {layer}: no plan")))
     }
 
     pub fn stats_json(&self) -> String {

@@ -8,7 +8,13 @@ Needs the builds of scripts/llama-cpp-build.sh (both). Checks:
    over PROMPT + GEN generated tokens equal stock's within f16 rounding, with
    llama.cpp's V transposed (no flash attention) and not (flash attention);
 3. small budget on a longer prompt: runs, logits finite; agreement with
-   stock reported.
+   stock reported;
+4. the GPU route's host side, forced on the CPU (LLAMA_INFINITEHIP_ROUTE=gpu:
+   policy over the host key mirror, I32 cells, sparse mask through
+   llama.cpp's flash attention): covering budget bit-identical to stock;
+   with a small budget on a 1-layer, 1-KV-head model (where the route's union
+   over KV heads is the policy's own selection) equal to the CPU route within
+   f16 rounding.
 Writes a JSON summary (--json) and exits non-zero on a failed check.
 """
 import argparse
@@ -45,16 +51,18 @@ class Runner:
     def __init__(self, work, model, tmp, threads):
         self.work, self.model, self.tmp, self.threads = work, model, tmp, threads
 
-    def gen(self, build, tag, prompt_len, n_gen, config=None, force=None, fa="off"):
+    def gen(self, build, tag, prompt_len, n_gen, config=None, force=None, fa="off", env_extra=None, model=None):
         exe = os.path.join(self.work, f"build-{build}", "bin", "ihip_run")
         logits = os.path.join(self.tmp, f"{tag}.logits")
         tokens = os.path.join(self.tmp, f"{tag}.tokens")
-        cmd = [exe, "gen", self.model, "--prompt-len", str(prompt_len), "--gen", str(n_gen),
+        cmd = [exe, "gen", model or self.model, "--prompt-len", str(prompt_len), "--gen", str(n_gen),
                "--logits", logits, "--tokens", tokens, "--fa", fa, "--threads", str(self.threads)]
         if force:
             cmd += ["--force", force]
         env = dict(os.environ)
         env.pop("LLAMA_INFINITEHIP_CONFIG", None)
+        env.pop("LLAMA_INFINITEHIP_ROUTE", None)
+        env.update(env_extra or {})
         if config is not None:
             path = os.path.join(self.tmp, f"{tag}.json")
             with open(path, "w") as f:
@@ -150,6 +158,27 @@ def main():
     results["small_budget"] = c
     check("small budget runs, logits finite", c["finite"] and np.isfinite(lg).all(),
           {k: v for k, v in c.items() if not k.startswith("greedy_tokens_")})
+
+    # 4. GPU route, forced on the CPU
+    gpu_env = {"LLAMA_INFINITEHIP_ROUTE": "gpu"}
+    ls, ts, ts_path, _ = R.gen("stock", "stock_fa_r", a.prompt, a.gen, fa="on")
+    lr, _, _, log = R.gen("patched", "route_full", a.prompt, a.gen, config=full, force=ts_path, fa="on", env_extra=gpu_env)
+    c = compare(lr, ls)
+    c["log"] = log
+    results["gpu_route_full_budget"] = c
+    check("GPU route (forced on CPU), covering budget == stock (bit-identical)",
+          np.array_equal(lr, ls) and "GPU route on" in log, {k: v for k, v in c.items() if k != "log"})
+    m1 = os.path.join(tmp, "tiny_l1_kv1.gguf")
+    subprocess.run([sys.executable, os.path.join(HERE, "make_tiny_gguf.py"), m1, "--layers", "1", "--kv-heads", "1"],
+                   check=True, capture_output=True)
+    ls, ts, ts_path, _ = R.gen("stock", "stock_l1", a.small_prompt, a.small_gen, fa="on", model=m1)
+    lc, _, _, _ = R.gen("patched", "cpu_route_l1", a.small_prompt, a.small_gen, config=small, force=ts_path, fa="on", model=m1)
+    lr, _, _, log = R.gen("patched", "gpu_route_l1", a.small_prompt, a.small_gen, config=small, force=ts_path, fa="on",
+                          env_extra=gpu_env, model=m1)
+    c = compare(lr, lc)
+    results["gpu_route_vs_cpu_route_small_budget"] = c
+    check("GPU route (forced on CPU) == CPU route, small budget, 1 layer, 1 KV head",
+          c["finite"] and c["rel_rms_diff"] < tol_rel and c["max_abs_diff"] < tol_rel * 10 * c["logit_rms"], c)
 
     os.makedirs(os.path.dirname(a.json), exist_ok=True)
     with open(a.json, "w") as f:

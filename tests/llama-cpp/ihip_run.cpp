@@ -2,10 +2,11 @@
 // benchmark. The same source is compiled against stock and patched libllama;
 // with LLAMA_INFINITEHIP_CONFIG set, the patched one runs our attention.
 //
-//   ihip_run gen   MODEL --prompt-len P --gen N [--force TOKENS] --logits OUT --tokens OUT
-//       random prompt (seeded ids), then N greedy steps (or the tokens in
-//       TOKENS, teacher forcing); writes each step's full logits (f32) and
-//       the tokens generated.
+//   ihip_run gen   MODEL --prompt-len P --gen N [--force TOKENS] [--state FILE] --logits OUT --tokens OUT
+//       random prompt (seeded ids; with --state, its KV loaded from a `fill`
+//       session of --depth P, last token re-decoded), then N greedy steps (or
+//       the tokens in TOKENS, teacher forcing); writes each step's full
+//       logits (f32) and the tokens generated.
 //   ihip_run fill  MODEL --depth D --state FILE
 //       prefill D random tokens and save the session state.
 //   ihip_run bench MODEL --depth D --gen N [--state FILE]
@@ -116,7 +117,19 @@ int main(int argc, char ** argv) {
             while (f.read((char *) &t, sizeof t)) forced.push_back(t);
             if ((int) forced.size() < a.gen) die("forced token file shorter than --gen");
         }
-        decode_all(ctx, prompt, a.batch);
+        if (!a.state.empty()) {
+            // the prompt's KV from a session file (made by `fill` with the same --depth/--seed)
+            std::vector<llama_token> st(a.prompt_len + 16);
+            size_t n_loaded = 0;
+            if (!llama_state_load_file(ctx, a.state.c_str(), st.data(), st.size(), &n_loaded)) die("cannot load state " + a.state);
+            if ((int) n_loaded != a.prompt_len) die("state holds " + std::to_string(n_loaded) + " tokens, --prompt-len says " + std::to_string(a.prompt_len));
+            // logits of the last prompt token: re-decode it on top of the loaded KV
+            llama_memory_seq_rm(llama_get_memory(ctx), 0, a.prompt_len - 1, -1);
+            llama_token last = prompt.back();
+            if (llama_decode(ctx, llama_batch_get_one(&last, 1)) != 0) die("llama_decode failed (after state load)");
+        } else {
+            decode_all(ctx, prompt, a.batch);
+        }
         std::ofstream lo(a.logits_out, std::ios::binary), to(a.tokens_out, std::ios::binary);
         if (!lo || !to) die("cannot write --logits/--tokens");
         for (int step = 0; step < a.gen; step++) {

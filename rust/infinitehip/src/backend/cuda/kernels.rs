@@ -24,6 +24,10 @@ pub const MODULES: &[(&str, &str)] = &[
         "lazy_importance",
         include_str!("../../../../../kernels/lazy_importance.cu"),
     ),
+    (
+        "lazy_topk",
+        include_str!("../../../../../kernels/lazy_topk.cu"),
+    ),
     // decode.cu reading K/V through a per-(page, kv head) slot table.
     (
         "decode_slot",
@@ -100,7 +104,12 @@ pub fn entry_points(module: &str) -> Vec<String> {
             v.push("locret_fc1".into());
             v.push("locret_fc2".into());
         }
-        "squeeze_lookup" => v.push("squeeze_lookup".into()),
+        "squeeze_lookup" => {
+            for n in ["squeeze_lookup", "squeeze_lookup2", "squeeze_ranges"] {
+                v.push(n.into());
+            }
+        }
+        "lazy_topk" => v.push("lazy_topk".into()),
         "lazy_importance" => {
             for dt in ["bf16", "f16"] {
                 v.push(format!("lazy_logits_{dt}"));

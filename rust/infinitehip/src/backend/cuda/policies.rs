@@ -1,8 +1,8 @@
 //! Launch code for the policies' own GPU work (issue 3): the Locret
 //! retaining-head MLP (`kernels/locret_score.cu`), the Squeezed Attention
 //! one-level centroid lookup (`kernels/squeeze_lookup.cu`) and the LazyLLM
-//! token importance (`kernels/lazy_importance.cu`; the top-k keep set is
-//! taken on the host with `policy::lazy::top_k`).
+//! token importance (`kernels/lazy_importance.cu`; the keep set from it in
+//! `lazy_topk`, on the device).
 //!
 //! Each has a device-pointer entry (`launch_*`, stream chosen by the
 //! caller: `gpu.stream`, or an engine's stream wrapped with
@@ -11,17 +11,44 @@
 //! launches with any work on other streams (uploads through `DevBuf` are
 //! synchronous copies on the legacy default stream).
 //!
-//! Not here: Squeeze's two-level lookup (coarse level) and a GPU top-k for
-//! LazyLLM.
+//! Submodules: [`squeeze2`] (Squeeze lookup with one or two levels straight
+//! to the selected key ranges, in `DeviceSelection` form) and [`lazy_topk`]
+//! (the LazyLLM keep set: importance, top-k and sorted keep indices on the
+//! device, for a batch of sequences).
 
 use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
+
+/// Launch kernel `$name` of module `$module` on `$stream` with 256-thread
+/// blocks; `grid` is (x, y, z) in usize, `smem` bytes of dynamic shared
+/// memory. Arguments must be places (locals or fields), not temporaries.
+macro_rules! launch {
+    ($gpu:expr, $stream:expr, $module:expr, $name:expr, grid: $grid:expr, smem: $smem:expr,
+     args: [$($a:expr),* $(,)?]) => {{
+        let name: &str = &$name;
+        let f = $gpu.func($module, name)?;
+        let mut l = $stream.launch_builder(&f);
+        $( l.arg(&$a); )*
+        let (gx, gy, gz): (usize, usize, usize) = $grid;
+        let cfg = LaunchConfig {
+            grid_dim: (gx as u32, gy as u32, gz as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: $smem as u32,
+        };
+        unsafe { l.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| gpu_err(&format!("launch {name}"), e))
+    }};
+}
+
+pub mod lazy_topk;
+pub mod squeeze2;
 
 use super::dispatch::DeviceKv;
 use super::{gpu_err, kernels, DevBuf, GpuContext};
 use crate::attention::AttnShape;
 use crate::error::{Error, Result};
 use crate::policy::locret::RetainingHead;
-use crate::policy::squeeze::HeadIndex;
+use crate::policy::squeeze::{HeadIndex, Level};
 
 fn i32_of(what: &str, x: usize) -> Result<i32> {
     i32::try_from(x).map_err(|_| Error::OutOfRange(format!("{what} = {x} exceeds i32")))
@@ -96,41 +123,12 @@ impl LocretGpu {
             self.hidden as i32,
             self.n_kv as i32,
         );
-        let f1 = gpu.func("locret_score", "locret_fc1")?;
-        let mut l = stream.launch_builder(&f1);
-        l.arg(&q)
-            .arg(&k)
-            .arg(&v)
-            .arg(&ni)
-            .arg(&qd)
-            .arg(&kd)
-            .arg(&self.w1.ptr)
-            .arg(&hid)
-            .arg(&ws.ptr);
-        unsafe {
-            l.launch(LaunchConfig {
-                grid_dim: (n.div_ceil(64) as u32, self.hidden.div_ceil(64) as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            })
-        }
-        .map_err(|e| gpu_err("launch locret_fc1", e))?;
-        let f2 = gpu.func("locret_score", "locret_fc2")?;
-        let mut l = stream.launch_builder(&f2);
-        l.arg(&ws.ptr)
-            .arg(&ni)
-            .arg(&hid)
-            .arg(&self.w2.ptr)
-            .arg(&nkv)
-            .arg(&out);
-        unsafe {
-            l.launch(LaunchConfig {
-                grid_dim: ((n * self.n_kv).div_ceil(8) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            })
-        }
-        .map_err(|e| gpu_err("launch locret_fc2", e))?;
+        launch!(gpu, stream, "locret_score", "locret_fc1",
+            grid: (n.div_ceil(64), self.hidden.div_ceil(64), 1), smem: 0,
+            args: [q, k, v, ni, qd, kd, self.w1.ptr, hid, ws.ptr])?;
+        launch!(gpu, stream, "locret_score", "locret_fc2",
+            grid: ((n * self.n_kv).div_ceil(8), 1, 1), smem: 0,
+            args: [ws.ptr, ni, hid, self.w2.ptr, nkv, out])?;
         Ok(())
     }
 
@@ -160,6 +158,55 @@ impl LocretGpu {
     }
 }
 
+/// One clustering level of every KV head on the device: centroids
+/// `[n_kv][k][dim]` f32, sizes `[n_kv][k]` u32.
+pub(crate) struct LevelGpu {
+    pub cent: DevBuf,
+    pub sizes: DevBuf,
+    pub k: usize,
+    pub dim: usize,
+}
+
+impl LevelGpu {
+    /// Upload `levels[h]` for every KV head h; all must have the same
+    /// cluster count and dimension (errors name `what` and the head).
+    pub fn upload(what: &str, levels: &[&Level]) -> Result<Self> {
+        let (k, dim) = level_dims(what, levels)?;
+        let mut cent = Vec::with_capacity(levels.len() * k * dim);
+        let mut sizes = Vec::with_capacity(levels.len() * k);
+        for lv in levels {
+            cent.extend_from_slice(&lv.centroids);
+            sizes.extend_from_slice(&lv.sizes);
+        }
+        Ok(LevelGpu {
+            cent: DevBuf::from_slice(&cent)?,
+            sizes: DevBuf::from_slice(&sizes)?,
+            k,
+            dim,
+        })
+    }
+}
+
+/// (clusters, dim) shared by every level, or an error naming the head that
+/// differs (checked before any CUDA call).
+pub(crate) fn level_dims(what: &str, levels: &[&Level]) -> Result<(usize, usize)> {
+    let first = levels
+        .first()
+        .ok_or_else(|| Error::Invalid(format!("{what}::upload: no heads")))?;
+    let (k, dim) = (first.k(), first.dim);
+    for (h, lv) in levels.iter().enumerate() {
+        if lv.k() != k || lv.dim != dim || lv.centroids.len() != k * dim {
+            return Err(Error::shape(
+                format!("{what} head {h} centroids (clusters x dim)"),
+                format!("{k} x {dim}"),
+                format!("{} x {} ({} values)", lv.k(), lv.dim, lv.centroids.len()),
+            ));
+        }
+    }
+    i32_of(&format!("{what} clusters"), k)?;
+    Ok((k, dim))
+}
+
 /// One layer's one-level Squeeze index (fine centroids of every KV head) on
 /// the device.
 pub struct SqueezeGpu {
@@ -175,35 +222,14 @@ impl SqueezeGpu {
     /// Upload the fine level of each KV head's index (`heads[h]`). Every
     /// head must have the same cluster count and dimension.
     pub fn upload(heads: &[HeadIndex]) -> Result<Self> {
-        let first = heads
-            .first()
-            .ok_or_else(|| Error::Invalid("SqueezeGpu::upload: no heads".into()))?;
-        let (k, dim) = (first.fine.k(), first.fine.dim);
-        let mut cent = Vec::with_capacity(heads.len() * k * dim);
-        let mut sizes = Vec::with_capacity(heads.len() * k);
-        for (h, hi) in heads.iter().enumerate() {
-            if hi.fine.k() != k || hi.fine.dim != dim || hi.fine.centroids.len() != k * dim {
-                return Err(Error::shape(
-                    format!("SqueezeGpu head {h} centroids (clusters x dim)"),
-                    format!("{k} x {dim}"),
-                    format!(
-                        "{} x {} ({} values)",
-                        hi.fine.k(),
-                        hi.fine.dim,
-                        hi.fine.centroids.len()
-                    ),
-                ));
-            }
-            cent.extend_from_slice(&hi.fine.centroids);
-            sizes.extend_from_slice(&hi.fine.sizes);
-        }
-        i32_of("squeeze clusters", k)?;
+        let fine: Vec<&Level> = heads.iter().map(|h| &h.fine).collect();
+        let lv = LevelGpu::upload("SqueezeGpu", &fine)?;
         Ok(SqueezeGpu {
-            cent: DevBuf::from_slice(&cent)?,
-            sizes: DevBuf::from_slice(&sizes)?,
-            k,
-            dim,
+            k: lv.k,
+            dim: lv.dim,
             n_kv: heads.len(),
+            cent: lv.cent,
+            sizes: lv.sizes,
         })
     }
 
@@ -248,27 +274,10 @@ impl SqueezeGpu {
             shape.n_q_heads as i32,
             self.n_kv as i32,
         );
-        let f = gpu.func("squeeze_lookup", "squeeze_lookup")?;
-        let mut l = stream.launch_builder(&f);
-        l.arg(&self.cent.ptr)
-            .arg(&self.sizes.ptr)
-            .arg(&ki)
-            .arg(&di)
-            .arg(&queries)
-            .arg(&nq)
-            .arg(&hk)
-            .arg(&shape.scale)
-            .arg(&thr)
-            .arg(&probs)
-            .arg(&keep);
-        unsafe {
-            l.launch(LaunchConfig {
-                grid_dim: (self.n_kv as u32, rows as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: smem as u32,
-            })
-        }
-        .map_err(|e| gpu_err("launch squeeze_lookup", e))?;
+        launch!(gpu, stream, "squeeze_lookup", "squeeze_lookup",
+            grid: (self.n_kv, rows, 1), smem: smem,
+            args: [self.cent.ptr, self.sizes.ptr, ki, di, queries, nq, hk, shape.scale, thr,
+                   probs, keep])?;
         Ok(())
     }
 
@@ -363,52 +372,14 @@ pub fn launch_lazy_importance(
         shape.n_q_heads as i32,
     );
     let table_row = kv.table.ptr + (seq * kv.table_stride * 4) as u64;
-    let f = gpu.func("lazy_importance", &format!("lazy_logits_{tag}"))?;
-    let mut l = stream.launch_builder(&f);
     let (pst, hst) = (kv.page_stride as i64, kv.head_stride as i64);
-    l.arg(&kv.k.ptr)
-        .arg(&table_row)
-        .arg(&ps)
-        .arg(&hk)
-        .arg(&pst)
-        .arg(&hst)
-        .arg(&d)
-        .arg(&tokens)
-        .arg(&ni)
-        .arg(&q)
-        .arg(&nq)
-        .arg(&shape.scale)
-        .arg(&logits);
-    unsafe {
-        l.launch(LaunchConfig {
-            grid_dim: (n.div_ceil(8) as u32, kv.n_kv_heads as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        })
-    }
-    .map_err(|e| gpu_err("launch lazy_logits", e))?;
-    let f = gpu.func("lazy_importance", "lazy_softmax")?;
-    let mut l = stream.launch_builder(&f);
-    l.arg(&logits).arg(&ni);
-    unsafe {
-        l.launch(LaunchConfig {
-            grid_dim: (shape.n_q_heads as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        })
-    }
-    .map_err(|e| gpu_err("launch lazy_softmax", e))?;
-    let f = gpu.func("lazy_importance", "lazy_mean")?;
-    let mut l = stream.launch_builder(&f);
-    l.arg(&logits).arg(&ni).arg(&nq).arg(&out);
-    unsafe {
-        l.launch(LaunchConfig {
-            grid_dim: (n.div_ceil(256) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        })
-    }
-    .map_err(|e| gpu_err("launch lazy_mean", e))?;
+    launch!(gpu, stream, "lazy_importance", format!("lazy_logits_{tag}"),
+        grid: (n.div_ceil(8), kv.n_kv_heads, 1), smem: 0,
+        args: [kv.k.ptr, table_row, ps, hk, pst, hst, d, tokens, ni, q, nq, shape.scale, logits])?;
+    launch!(gpu, stream, "lazy_importance", "lazy_softmax",
+        grid: (shape.n_q_heads, 1, 1), smem: 0, args: [logits, ni])?;
+    launch!(gpu, stream, "lazy_importance", "lazy_mean",
+        grid: (n.div_ceil(256), 1, 1), smem: 0, args: [logits, ni, nq, out])?;
     Ok(())
 }
 
@@ -471,9 +442,10 @@ pub fn lazy_importance(
     Ok(imp)
 }
 
-/// The LazyLLM keep set on the GPU importance: the `k` most important of
-/// `tokens` (ascending; `force` always kept; ties keep the later token),
-/// selected on the host with `policy::lazy::top_k`.
+/// The LazyLLM keep set, importance and top-k both on the GPU
+/// (`lazy_topk::lazy_keep_batch` with one sequence): the `k` most important
+/// of `tokens` (ascending; `force` always kept; ties keep the later token),
+/// as `policy::lazy::top_k` on the same importance.
 #[allow(clippy::too_many_arguments)]
 pub fn lazy_keep(
     gpu: &GpuContext,
@@ -485,19 +457,31 @@ pub fn lazy_keep(
     k: usize,
     force: Option<u32>,
 ) -> Result<Vec<u32>> {
-    let imp = lazy_importance(gpu, shape, kv, seq, q, tokens)?;
-    Ok(crate::policy::lazy::top_k(tokens, &imp, k, force))
+    let req = lazy_topk::LazyKeepRequest {
+        seq,
+        q,
+        tokens,
+        prompt: None,
+        k,
+        force,
+    };
+    let mut v = lazy_topk::lazy_keep_batch(gpu, shape, kv, &[req], false)?;
+    Ok(v.pop().unwrap_or_default())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::ModelShape;
-    use crate::policy::squeeze::Level;
 
     #[test]
     fn new_kernels_are_registered() {
-        for m in ["locret_score", "squeeze_lookup", "lazy_importance"] {
+        for m in [
+            "locret_score",
+            "squeeze_lookup",
+            "lazy_importance",
+            "lazy_topk",
+        ] {
             let src = kernels::full_source(m).expect(m);
             for ep in kernels::entry_points(m) {
                 // lazy_logits_<dt> come from the LAZY_LOGITS(<dt>, ..) macro.
