@@ -372,9 +372,60 @@ fn engine_case(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
             }
         }
     }
-    // End of request: the state is dropped, the next decode refreshes.
+    // End of request: the state is dropped; a new request recycles the slot
+    // and must start fresh in every hip layer (here: layer 2 first, then
+    // layer 1), on other data (sequence 1's), so stale masks would show.
     ga.end_request(100);
     let left = ga.n_requests();
+    let mut recycled_same = true;
+    {
+        let b = 1usize;
+        let mut fresh = HipGpuDecoder::new(hip.clone(), &shape, 1).map_err(e)?;
+        for st in 0..3 {
+            let len = lens0[b] + st;
+            let q: Vec<f32> = rng.normal_vec(qe, 1.0);
+            let qb: Vec<bf16> = q.iter().map(|&x| bf16::from_f32(x)).collect();
+            let qf: Vec<f32> = qb.iter().map(|x| x.to_f32()).collect();
+            let qd = DevBuf::from_slice(&qb).map_err(e)?;
+            let o = DevBuf::alloc(qe * 4).map_err(e)?;
+            let mut esel = Vec::new();
+            for layer in [2usize, 1] {
+                unsafe {
+                    ga.decode(
+                        raw,
+                        layer,
+                        &ekv,
+                        &[300],
+                        &[b],
+                        &[len],
+                        &QArg {
+                            ptr: qd.ptr,
+                            dtype: DType::Bf16,
+                            row_stride: qe,
+                        },
+                        &AttnOut {
+                            ptr: o.ptr,
+                            dtype: DType::F32,
+                            row_stride: qe,
+                        },
+                        None,
+                    )
+                    .map_err(e)?;
+                }
+                if layer == 1 {
+                    esel = ga.last_selection().map_err(e)?;
+                }
+            }
+            owned[b].lens = vec![len];
+            let q1 = DevBuf::from_slice(&qf).map_err(e)?;
+            let o1 = DevBuf::alloc(qe * 4).map_err(e)?;
+            fresh
+                .step(gpu, &shape, &owned[b], q1.ptr, o1.ptr, true)
+                .map_err(e)?;
+            gpu.synchronize().map_err(e)?;
+            recycled_same &= fresh.sel.to_host(8).map_err(e)?[0] == esel[0];
+        }
+    }
     Ok(vec![
         Check {
             name: "engine GpuAttention dense layer (bf16 q, token-major pool) vs f64".into(),
@@ -388,8 +439,8 @@ fn engine_case(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
         },
         Check {
             name: "engine GpuAttention hip, requests joining at steps 0/3/5 == per-request HipGpuDecoder".into(),
-            ok: hip_same && hip_steps > 0 && hip_diff <= 1e-5 && left == 2,
-            detail: format!("same selections {hip_same} over {hip_steps} request-steps, output rel diff {hip_diff:.2e} (bound 1e-5); {left} requests left after end_request (want 2)"),
+            ok: hip_same && hip_steps > 0 && hip_diff <= 1e-5 && left == 2 && recycled_same,
+            detail: format!("same selections {hip_same} over {hip_steps} request-steps, output rel diff {hip_diff:.2e} (bound 1e-5); {left} requests left after end_request (want 2); a new request in the recycled slot (other data, layers called 2 then 1) == fresh decoder: {recycled_same}"),
         },
         Check {
             name: "engine GpuAttention hip covering budget == dense (f64)".into(),

@@ -254,6 +254,7 @@ impl GpuAttention {
     /// Forget request `id`'s hip state (its next decode refreshes fully).
     pub fn end_request(&mut self, id: u64) {
         if let Some(s) = self.slots.remove(&id) {
+            self.reset_slot(s);
             self.free.push(s);
         }
     }
@@ -279,7 +280,20 @@ impl GpuAttention {
             self.n_slots - 1
         });
         self.slots.insert(id, s);
+        // A recycled slot starts fresh in EVERY hip layer (not only the one
+        // that allocates it).
+        self.reset_slot(s);
         (s, true)
+    }
+
+    fn reset_slot(&mut self, s: usize) {
+        for l in &mut self.layers {
+            if let Layer::Hip(h) = l {
+                if s < h.step.len() {
+                    h.step[s] = 0;
+                }
+            }
+        }
     }
 
     fn check_common(
@@ -718,13 +732,7 @@ impl GpuAttention {
         }
         for id in req_ids {
             if let Some(&s) = self.slots.get(id) {
-                for l in &mut self.layers {
-                    if let Layer::Hip(h) = l {
-                        if s < h.step.len() {
-                            h.step[s] = 0;
-                        }
-                    }
-                }
+                self.reset_slot(s);
             }
         }
         // Engines call from their own threads: make the context current.
