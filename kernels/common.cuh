@@ -28,9 +28,30 @@ __device__ __forceinline__ void load8(const u16* p, float* out) {
     }
 }
 
-// Address of token `t`'s row of KV head `h` in a paged pool laid out
-// [page][kv_head][page_size][D] (the core crate's KvPool page layout).
-__device__ __forceinline__ long long kv_row(const int* table_row, int t, int h, int hkv, int ps, int D) {
+// Address (in elements) of token `t`'s row of KV head `h` in a paged K or V
+// buffer: page = table_row[t / ps], then
+//   page * page_stride + h * head_stride + (t % ps) * D.
+// The core crate's KvPool page layout [page][kv_head][page_size][D] is
+// page_stride = hkv * ps * D, head_stride = ps * D. An engine's token-major
+// pool (SGLang k_buffer[layer] = [slots][kv_heads][D], llama.cpp's
+// [D, n_head_kv, n_kv] view) is ps = 1, table = the request's slot row,
+// page_stride = the tensor's slot stride, head_stride = its head stride.
+// Strides are element counts (64-bit); rows must be 16-byte aligned.
+__device__ __forceinline__ long long kv_row(const int* table_row, int t, int h, int ps, int D,
+                                            long long page_stride, long long head_stride) {
     int page = table_row[t / ps];
-    return (((long long)page * hkv + h) * ps + (t % ps)) * (long long)D;
+    return (long long)page * page_stride + (long long)h * head_stride + (long long)(t % ps) * D;
+}
+
+// f32 to bf16 (round to nearest even; NaN stays NaN) and to f16.
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (u16)(u >> 16);
+}
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
 }

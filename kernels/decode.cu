@@ -24,6 +24,7 @@
 template <typename E, int D, int G>
 __device__ void decode_partial(const u16* __restrict__ kp, const u16* __restrict__ vp,
                                const int* __restrict__ table, int table_stride, int ps, int hkv,
+                               long long page_stride, long long head_stride,
                                const float* __restrict__ q, float scale_log2,
                                const int2* __restrict__ ranges, const int* __restrict__ cum,
                                const int* __restrict__ cnt, const int* __restrict__ tot, int cap,
@@ -119,7 +120,7 @@ __device__ void decode_partial(const u16* __restrict__ kp, const u16* __restrict
 #ifdef DEC_SLOT
                     long long off = ((long long)trow[(pos[u] / ps) * hkv + h] * ps + pos[u] % ps) * (long long)D + sub * 8;
 #else
-                    long long off = kv_row(trow, pos[u], h, hkv, ps, D) + sub * 8;
+                    long long off = kv_row(trow, pos[u], h, ps, D, page_stride, head_stride) + sub * 8;
 #endif
                     load8<E>(kp + off, kf[u]);
                     load8<E>(vp + off, vf[u]);
@@ -204,10 +205,13 @@ __device__ __forceinline__ float block_reduce(float v, bool is_max, float* s_red
     return r;
 }
 
-// Merge the splits of each (query row, q head): out [rows][Hq][D] f32.
+// Merge the splits of each (query row, q head). Row r = b * hq + head goes
+// to out + b * out_stride + head * D (elements) as f32 (out_dtype 0), f16
+// (1) or bf16 (2): the plugin's [rows][Hq][D] f32 is out_stride = hq * D.
 template <int D>
 __device__ void decode_combine(const float* __restrict__ pm, const float* __restrict__ pl,
-                               const float* __restrict__ pacc, int n_splits, float* __restrict__ out) {
+                               const float* __restrict__ pacc, int n_splits, void* __restrict__ out,
+                               int hq, long long out_stride, int out_dtype) {
     __shared__ float s_red[32];
     const long long row = blockIdx.x;
     const float* m = pm + row * n_splits;
@@ -224,17 +228,21 @@ __device__ void decode_combine(const float* __restrict__ pm, const float* __rest
 #pragma unroll 4
             for (int s = 0; s < n_splits; s++) A += pacc[(row * n_splits + s) * D + dd] * exp2f(m[s] - M);
         }
-        out[row * D + dd] = Ls > 0.f ? A / Ls : 0.f;
+        const float o = Ls > 0.f ? A / Ls : 0.f;
+        const long long at = (row / hq) * out_stride + (row % hq) * D + dd;
+        if (out_dtype == 0) ((float*)out)[at] = o;
+        else if (out_dtype == 1) ((u16*)out)[at] = f32_to_f16(o);
+        else ((u16*)out)[at] = f32_to_bf16(o);
     }
 }
 
 #define DECODE_INST(NAME, E, D, G)                                                               \
     extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32)                                 \
         DEC_NAME(NAME)(const u16* kp, const u16* vp, const int* table, int table_stride, int ps, int hkv,   \
-             const float* q, float scale_log2, const int2* ranges, const int* cum,               \
+             long long page_stride, long long head_stride, const float* q, float scale_log2, const int2* ranges, const int* cum,               \
              const int* cnt, const int* tot, int cap, int split_tokens, float* pm, float* pl,    \
              float* pacc, int q_block, const int* q_seq, const int* q_pos) {                     \
-        decode_partial<E, D, G>(kp, vp, table, table_stride, ps, hkv, q, scale_log2, ranges, cum, \
+        decode_partial<E, D, G>(kp, vp, table, table_stride, ps, hkv, page_stride, head_stride, q, scale_log2, ranges, cum, \
                                 cnt, tot, cap, split_tokens, pm, pl, pacc, q_block, q_seq, q_pos); \
     }
 
@@ -253,9 +261,30 @@ DECODE_G(F16, f16, 256)
 
 #define COMBINE_INST(D)                                                                       \
     extern "C" __global__ void DEC_NAME(combine_d##D)(const float* pm, const float* pl, const float* pacc, \
-                                            int n_splits, float* out) {                       \
-        decode_combine<D>(pm, pl, pacc, n_splits, out);                                       \
+                                            int n_splits, void* out, int hq, long long out_stride, \
+                                            int out_dtype) {                                  \
+        decode_combine<D>(pm, pl, pacc, n_splits, out, hq, out_stride, out_dtype);            \
     }
 COMBINE_INST(64)
 COMBINE_INST(128)
 COMBINE_INST(256)
+
+#ifndef DEC_SLOT
+// Engine queries to the kernels' f32 [rows][Hq * D]: row r of `n_rows`
+// reads `hqd` elements at src + r * src_stride (elements) of dtype
+// src_dtype (0 f32, 1 f16, 2 bf16), multiplied by `mul`.
+extern "C" __global__ void __launch_bounds__(256)
+    q_to_f32(const void* __restrict__ src, int src_dtype, long long src_stride, int n_rows, int hqd,
+             float mul, float* __restrict__ dst) {
+    const long long n = (long long)n_rows * hqd;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / hqd, c = i % hqd, at = r * src_stride + c;
+        float x;
+        if (src_dtype == 0) x = ((const float*)src)[at];
+        else if (src_dtype == 1) x = F16::to_f32(((const u16*)src)[at]);
+        else x = Bf16::to_f32(((const u16*)src)[at]);
+        dst[i] = x * mul;
+    }
+}
+#endif

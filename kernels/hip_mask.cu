@@ -17,8 +17,8 @@ __device__ __forceinline__ u32 score_key(float f) {
 
 template <typename E, int D, int NQ>
 __device__ __forceinline__ float probe(const u16* __restrict__ kp, const int* trow, int t, int h,
-                                       int hkv, int ps, const float* sq, int nq) {
-    const u16* kr = kp + kv_row(trow, t, h, hkv, ps, D);
+                                       int ps, long long pst, long long hst, const float* sq, int nq) {
+    const u16* kr = kp + kv_row(trow, t, h, ps, D, pst, hst);
     float best = NEG_INF;
     for (int j0 = 0; j0 < nq; j0 += NQ) {
         float a[NQ][8];
@@ -52,7 +52,7 @@ __device__ __forceinline__ float probe(const u16* __restrict__ kp, const int* tr
 
 template <typename E, int D, int NQ>
 __device__ void hip_score(const u16* __restrict__ kp, const int* __restrict__ table, int table_stride,
-                          int ps, int hkv, const int* __restrict__ row_seq,
+                          int ps, int hkv, long long pst, long long hst, const int* __restrict__ row_seq,
                           const float* __restrict__ qs, const int* __restrict__ nq_arr, int nq_max,
                           const int2* __restrict__ in_ranges, const int* __restrict__ in_cnt,
                           int cap_in, int E_, int c, u32* __restrict__ keys) {
@@ -78,13 +78,13 @@ __device__ void hip_score(const u16* __restrict__ kp, const int* __restrict__ ta
             const int* trow = table + (long long)row_seq[rb] * table_stride;
             float best;
             if (rr - l == 1) {
-                best = probe<E, D, NQ>(kp, trow, l, h, hkv, ps, sq, nq);
+                best = probe<E, D, NQ>(kp, trow, l, h, ps, pst, hst, sq, nq);
             } else {
                 best = NEG_INF;
                 while (rr - l > 1) {
                     int m = (l + rr) / 2;
-                    float sl = probe<E, D, NQ>(kp, trow, (l + m) / 2, h, hkv, ps, sq, nq);
-                    float sr = probe<E, D, NQ>(kp, trow, (m + rr) / 2, h, hkv, ps, sq, nq);
+                    float sl = probe<E, D, NQ>(kp, trow, (l + m) / 2, h, ps, pst, hst, sq, nq);
+                    float sr = probe<E, D, NQ>(kp, trow, (m + rr) / 2, h, ps, pst, hst, sq, nq);
                     if (sl >= sr) { rr = m; best = sl; } else { l = m; best = sr; }
                 }
             }
@@ -97,10 +97,10 @@ __device__ void hip_score(const u16* __restrict__ kp, const int* __restrict__ ta
 #define SCORE_INST(E, TN, D, NQ)                                                                  \
     extern "C" __global__ void __launch_bounds__(128)                                             \
         hip_score_##TN##_d##D##_q##NQ(const u16* kp, const int* table, int table_stride, int ps,  \
-                                      int hkv, const int* row_seq, const float* qs, const int* nq, \
+                                      int hkv, long long pst, long long hst, const int* row_seq, const float* qs, const int* nq, \
                                       int nq_max, const int2* in_ranges, const int* in_cnt,       \
                                       int cap_in, int E_, int c, u32* keys) {                     \
-        hip_score<E, D, NQ>(kp, table, table_stride, ps, hkv, row_seq, qs, nq, nq_max, in_ranges, \
+        hip_score<E, D, NQ>(kp, table, table_stride, ps, hkv, pst, hst, row_seq, qs, nq, nq_max, in_ranges, \
                             in_cnt, cap_in, E_, c, keys);                                         \
     }
 #define SCORE_Q(E, TN, D) SCORE_INST(E, TN, D, 1) SCORE_INST(E, TN, D, 2) SCORE_INST(E, TN, D, 4) SCORE_INST(E, TN, D, 8)

@@ -11,14 +11,14 @@
 
 template <typename E>
 __device__ void lazy_logits(const u16* __restrict__ kp, const int* __restrict__ table_row, int ps,
-                            int hkv, int d, const int* __restrict__ tokens, int n,
+                            int hkv, long long pst, long long hst, int d, const int* __restrict__ tokens, int n,
                             const float* __restrict__ q, int nq, float scale,
                             float* __restrict__ logits) {
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
     const int h = blockIdx.y;
     if (warp >= n) return;
     const int g = nq / hkv;
-    const u16* kr = kp + kv_row(table_row, tokens[warp], h, hkv, ps, d);
+    const u16* kr = kp + kv_row(table_row, tokens[warp], h, ps, d, pst, hst);
     for (int j = 0; j < g; j++) {
         const float* qh = q + (long long)(h * g + j) * d;
         float s = 0.f;
@@ -31,10 +31,11 @@ __device__ void lazy_logits(const u16* __restrict__ kp, const int* __restrict__ 
 
 #define LAZY_LOGITS(tag, E)                                                                      \
     extern "C" __global__ void __launch_bounds__(256)                                            \
-    lazy_logits_##tag(const u16* kp, const int* table_row, int ps, int hkv, int d,             \
+    lazy_logits_##tag(const u16* kp, const int* table_row, int ps, int hkv, long long pst,     \
+                      long long hst, int d,                                                      \
                       const int* tokens, int n, const float* q, int nq, float scale,             \
                       float* logits) {                                                           \
-        lazy_logits<E>(kp, table_row, ps, hkv, d, tokens, n, q, nq, scale, logits);              \
+        lazy_logits<E>(kp, table_row, ps, hkv, pst, hst, d, tokens, n, q, nq, scale, logits);              \
     }
 LAZY_LOGITS(bf16, Bf16)
 LAZY_LOGITS(f16, F16)

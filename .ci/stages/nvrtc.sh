@@ -16,4 +16,6 @@ LIB=$(dirname "$(find "$VENV" -name 'libnvrtc.so.13' | head -1)")
 # The GPU backend builds and its CPU-side unit tests pass with no CUDA at all.
 cargo build -q -p infinitehip-cli --features cuda
 cargo test -q -p infinitehip --features cuda --lib backend 2>&1 | tail -3
+# The C ABI's GPU entry points built with CUDA fail cleanly without a driver.
+cargo test -q -p infinitehip-capi --features cuda gpu 2>&1 | tail -3
 LD_LIBRARY_PATH="$LIB:${LD_LIBRARY_PATH:-}" ./target/debug/infinitehip nvrtc-check --arch compute_90

@@ -15,6 +15,7 @@ IHIP_OK = 0
 IHIP_ERR_ARG = -1
 IHIP_ERR_ENGINE = -2
 IHIP_ERR_PANIC = -3
+IHIP_ERR_NO_GPU = -4
 
 DTYPE_F32 = 0
 DTYPE_F16 = 1
@@ -73,6 +74,26 @@ def _declare(lib):
         f = getattr(lib, name)
         f.restype = res
         f.argtypes = args
+    i64, fl = c.c_int64, c.c_float
+    pi64, pu64 = c.POINTER(i64), c.POINTER(u64)
+    common = [u64, i32, i64, u64, u64, i32, u64, i64, i64, i64, i64, u64, i32, i64, fl]
+    gpu = {
+        "ihip_gpu_built": (i32, []),
+        "ihip_gpu_attn_new": (vp, [i32, cp]),
+        "ihip_gpu_attn_free": (None, [vp]),
+        "ihip_gpu_decode": (i32, [vp, u64, sz, sz, pu64, pi64, pi64] + common),
+        "ihip_gpu_prefill": (i32, [vp, u64, sz, sz, pu64, pi64, pi64, pi64] + common),
+        "ihip_gpu_end_request": (i32, [vp, u64]),
+        "ihip_gpu_reset": (i32, [vp]),
+        "ihip_gpu_info_json": (vp, [vp]),
+    }
+    # A library older than the GPU entry points still loads; the GPU shim
+    # then says so (infinitehip.gpu).
+    for name, (res, args) in gpu.items():
+        f = getattr(lib, name, None)
+        if f is not None:
+            f.restype = res
+            f.argtypes = args
     del fp
     return lib
 

@@ -17,10 +17,21 @@ Design (see also the project README):
   (`req_to_token[row, :prefix]`), layer by layer at forward time (so HiCache's
   layer-wise loads are honoured). Rows that SGLang returned to its free list
   are freed in the engine at the next forward.
-* Attention runs in the Rust engine on host f32 arrays through the C ABI. On
-  a CUDA device this means device->host copies per layer (correct but slow);
-  the CUDA kernels land through the CUDA issue.
-* CUDA graphs: not supported. `infinitehip.sglang.register()` installs a
+* On the CPU, attention runs in the Rust engine on host f32 arrays through
+  the C ABI (the engine keeps its copy of the K/V, described above).
+* On a CUDA device (when the library was built with `--features cuda`;
+  `INFINITEHIP_GPU=0` turns it off) the backend keeps NO copy: decode and
+  extend call `infinitehip.gpu.GpuAttention` directly over SGLang's own
+  `k_buffer[layer]` / `v_buffer[layer]` (`[slots, kv_heads, head_dim]`) and
+  `req_to_token` (the page table, one row per request, page size 1), with q
+  and out in the model's dtype, launched on torch's current stream. Decode
+  layers are dense or hip (per the config; the hip mask-refresh state is per
+  (layer, req_to_token row), reset by each extend of the row and dropped when
+  SGLang frees the row); extend is dense causal. If the GPU object cannot be
+  built (library without CUDA, other policies), the backend says why in one
+  log line and uses the host path.
+* CUDA graphs: not supported (the per-step host metadata is copied at call
+  time). `infinitehip.sglang.register()` installs a
   server-args resolution hook that turns decode and prefill CUDA graphs off
   whenever this backend is selected and logs a warning; the graph hooks below
   raise a clear error if a graph is requested anyway.
@@ -144,21 +155,46 @@ class InfiniteHipAttnBackend(AttentionBackend):
         self.token_to_kv_pool = model_runner.token_to_kv_pool
         self.start_layer = int(getattr(self.token_to_kv_pool, "start_layer", 0) or 0)
         cfg = build_policy_config(model_runner, self.token_to_kv_pool)
-        self.engine = infinitehip.Engine(cfg)
+        self.gpu = self._make_gpu(cfg)
+        self.engine = None if self.gpu is not None else infinitehip.Engine(cfg)
+        self.n_layers = int(cfg["model"]["n_layers"])
+        self._gpu_rows = set()  # req_to_token rows with GPU hip state
         self.rows = {}  # req_to_token row -> _Seq
         self._next_sid = 1
         self.plan = None
         # INFINITEHIP_PROFILE=N: log where the backend's time goes every N decode batches.
         self._prof_every = int(os.environ.get("INFINITEHIP_PROFILE", "0") or 0)
         self._prof = {"meta": 0.0, "sync": 0.0, "attend": 0.0, "steps": 0, "wall": 0.0, "last": None}
-        methods = [l["method"] for l in self.engine.stats()["layers"]]
+        if self.gpu is not None:
+            methods = self.gpu.info()["layers"]
+        else:
+            methods = [l["method"] for l in self.engine.stats()["layers"]]
         logger.warning(
-            "infinitehip attention backend: %d layers (%s), kv dtype %s, config from %s",
-            self.engine.n_layers,
+            "infinitehip attention backend: %d layers (%s), kv dtype %s, config from %s, %s",
+            self.n_layers,
             ", ".join(f"{m} x{methods.count(m)}" for m in dict.fromkeys(methods)),
             cfg["kv"]["dtype"],
             os.environ.get(CONFIG_ENV) or "the library default",
+            "GPU kernels over SGLang's own KV pool" if self.gpu is not None else "host engine",
         )
+
+    def _make_gpu(self, cfg):
+        """The GPU attention object on a CUDA device, else None (with one log
+        line saying why when a CUDA device was expected to use it)."""
+        dev = torch.device(self.device) if not isinstance(self.device, torch.device) else self.device
+        if dev.type != "cuda" or os.environ.get("INFINITEHIP_GPU", "1") == "0":
+            return None
+        try:
+            import infinitehip.gpu as ig
+
+            idx = dev.index if dev.index is not None else torch.cuda.current_device()
+            return ig.GpuAttention(cfg, device=idx)
+        except InfinitehipError as e:
+            logger.warning(
+                "infinitehip: GPU kernels unavailable (%s); attention runs on the host engine "
+                "with device<->host copies", e
+            )
+            return None
 
     # --- sequence bookkeeping ---------------------------------------------
     def _generation(self, row):
@@ -213,9 +249,79 @@ class InfiniteHipAttnBackend(AttentionBackend):
     def init_forward_metadata(self, forward_batch):
         t0 = time.perf_counter()
         try:
-            self._init_forward_metadata(forward_batch)
+            if self.gpu is not None:
+                self._init_gpu_metadata(forward_batch)
+            else:
+                self._init_forward_metadata(forward_batch)
         finally:
             self._prof["meta"] += time.perf_counter() - t0
+
+    # --- GPU path: no copy of the KV -----------------------------------------
+    def _init_gpu_metadata(self, forward_batch):
+        mode = forward_batch.forward_mode
+        for name in ("is_target_verify", "is_draft_extend", "is_draft_extend_v2", "is_dllm_extend"):
+            if getattr(mode, name, lambda: False)():
+                raise NotImplementedError(
+                    f"infinitehip backend: forward mode {mode.name} (speculative/diffusion decoding) "
+                    "is not supported"
+                )
+        if mode.is_idle() or forward_batch.batch_size == 0:
+            self.plan = None
+            return
+        rows = [int(r) for r in forward_batch.req_pool_indices.tolist()]
+        seq_lens = [
+            int(x)
+            for x in (
+                forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None else forward_batch.seq_lens
+            ).tolist()
+        ]
+        decode = mode.is_decode()
+        if decode:
+            ext = [1] * len(rows)
+        else:
+            e = forward_batch.extend_seq_lens_cpu
+            ext = [int(x) for x in (list(e) if e is not None else forward_batch.extend_seq_lens.tolist())]
+        # Rows SGLang released since we last saw them: drop their hip state.
+        gone = self._gpu_rows.difference(rows)
+        if gone:
+            free = getattr(self.req_to_token_pool, "free_slots", None)
+            free = set(free.tolist() if hasattr(free, "tolist") else free) if free is not None else None
+            for r in gone:
+                if free is None or r in free:
+                    self.gpu.end_request(r)
+                    self._gpu_rows.discard(r)
+        self._gpu_rows.update(rows)
+        self.plan = {"decode": decode, "rows": rows, "seq_lens": seq_lens, "ext": ext}
+
+    def _gpu_forward(self, q, k, v, layer, forward_batch, save_kv_cache, decode):
+        self._check_layer(layer)
+        if save_kv_cache and k is not None and v is not None:
+            loc = (
+                KVWriteLoc.for_layer(forward_batch, layer)
+                if KVWriteLoc is not None
+                else forward_batch.out_cache_loc
+            )
+            self.token_to_kv_pool.set_kv_buffer(layer, loc, k, v)
+        p = self.plan
+        if p is None:
+            raise RuntimeError("infinitehip backend: forward without init_forward_metadata")
+        li = layer.layer_id - self.start_layer
+        kb = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        vb = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        rt = self.req_to_token_pool.req_to_token
+        h, d = layer.tp_q_head_num, layer.qk_head_dim
+        q2 = q.reshape(-1, h * d)
+        if q2.stride(-1) != 1:
+            q2 = q2.contiguous()
+        out = torch.empty((q2.shape[0], h * d), dtype=q2.dtype, device=q2.device)
+        rows = p["rows"]
+        if decode:
+            self.gpu.decode(li, q2, kb, vb, rt, rows, p["seq_lens"], rows, out=out, sm_scale=float(layer.scaling))
+        else:
+            self.gpu.prefill(
+                li, q2, kb, vb, rt, rows, p["seq_lens"], p["ext"], rows, out=out, sm_scale=float(layer.scaling)
+            )
+        return out
 
     def _init_forward_metadata(self, forward_batch):
         mode = forward_batch.forward_mode
@@ -330,6 +436,8 @@ class InfiniteHipAttnBackend(AttentionBackend):
             self.plan = None
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        if self.gpu is not None:
+            return self._gpu_forward(q, k, v, layer, forward_batch, save_kv_cache, decode=False)
         try:
             return self._forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
         except Exception:
@@ -337,6 +445,8 @@ class InfiniteHipAttnBackend(AttentionBackend):
             raise
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        if self.gpu is not None:
+            return self._gpu_forward(q, k, v, layer, forward_batch, save_kv_cache, decode=True)
         try:
             return self._forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
         except Exception:
@@ -401,6 +511,10 @@ class InfiniteHipAttnBackend(AttentionBackend):
     # --- stats ---------------------------------------------------------------
     def stats(self):
         """Engine stats plus the backend's sequence map size."""
+        if self.gpu is not None:
+            st = self.gpu.info()
+            st["rows"] = len(self._gpu_rows)
+            return st
         st = self.engine.stats()
         st["rows"] = len(self.rows)
         return st

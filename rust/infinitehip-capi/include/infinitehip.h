@@ -32,6 +32,7 @@ extern "C" {
 #define IHIP_ERR_ARG (-1)    /* NULL, shape, dtype, alignment, overflow */
 #define IHIP_ERR_ENGINE (-2) /* refused by the engine (unknown sequence, bad config, ...) */
 #define IHIP_ERR_PANIC (-3)  /* internal bug caught; the engine is poisoned */
+#define IHIP_ERR_NO_GPU (-4) /* GPU call: built without CUDA, no driver, or device unusable */
 
 #define IHIP_DTYPE_F32 0
 #define IHIP_DTYPE_F16 1
@@ -107,6 +108,72 @@ int ihip_attend_decode(const IhipEngine *e, size_t layer, const uint64_t *seqs,
  * "pages_free","host_bytes","sequences","device_bytes","cache":{...},
  * "last_step":{...}}]}; NULL on error. */
 char *ihip_stats_json(const IhipEngine *e);
+
+/* ---- GPU: attention over the caller's own K/V device tensors ------------
+ * Built with the cargo feature `cuda` (dynamic loading: no CUDA at build
+ * time). Otherwise ihip_gpu_attn_new returns NULL with a message and the
+ * other GPU calls return IHIP_ERR_NO_GPU; the same happens at run time
+ * without an NVIDIA driver.
+ * Every launch and copy goes to the caller's `stream` (a CUstream of the
+ * device's primary context, e.g. torch.cuda.current_stream().cuda_stream;
+ * 0 = the legacy default stream) and nothing waits on the host: the caller's
+ * earlier writes on that stream are seen, the output is ready for its later
+ * work. One handle must not be used from two streams at once. Device
+ * pointers are passed as uint64_t; they must stay valid until the stream has
+ * run the work. CUDA-graph capture is not supported (the small per-step
+ * host arrays are copied at call time). */
+typedef struct IhipGpuAttn IhipGpuAttn;
+
+/* 1 when built with the `cuda` feature, else 0. */
+int ihip_gpu_built(void);
+
+/* Per-layer dense or hip attention for the model of config_json (locret,
+ * lazy, squeeze layers are refused) on CUDA device `device`. NULL on error. */
+IhipGpuAttn *ihip_gpu_attn_new(int device, const char *config_json);
+
+/* Free (NULL is a no-op); synchronise the stream first. */
+void ihip_gpu_attn_free(IhipGpuAttn *a);
+
+/* Decode, one query per request (batch of mixed lengths, one attention
+ * launch). Host arrays of `batch` elements: req_ids (key of the hip
+ * mask-refresh state), table_rows (the request's row of `table`), lens
+ * (cached tokens including the one decoded; the query sits at lens-1).
+ * Device: q [batch][n_q_heads*head_dim] with q_row_stride elements per row,
+ * dtype IHIP_DTYPE_*; out likewise (out_dtype, out_row_stride).
+ * K/V (bf16 or f16): token t of KV head h of request b is at element
+ *   table[table_rows[b]*table_stride + t/page_size] * page_stride
+ *   + h*head_stride + (t % page_size)*head_dim
+ * (16-byte aligned rows; table is int32). SGLang's k_buffer[layer]
+ * [slots][kv_heads][head_dim] with req_to_token: page_size 1, page_stride
+ * k.stride(0), head_stride k.stride(1). sm_scale 0: 1/sqrt(head_dim). */
+int ihip_gpu_decode(const IhipGpuAttn *a, uint64_t stream, size_t layer,
+                    size_t batch, const uint64_t *req_ids,
+                    const int64_t *table_rows, const int64_t *lens, uint64_t q,
+                    int q_dtype, int64_t q_row_stride, uint64_t k, uint64_t v,
+                    int kv_dtype, uint64_t table, int64_t table_stride,
+                    int64_t page_size, int64_t page_stride,
+                    int64_t head_stride, uint64_t out, int out_dtype,
+                    int64_t out_row_stride, float sm_scale);
+
+/* Dense causal attention of new tokens (prefill / extend): request b owns
+ * n_new[b] consecutive query rows (request order) at positions
+ * lens[b]-n_new[b] .. lens[b]-1, whose K/V are already in the cache. Resets
+ * the requests' hip state. Other arguments as ihip_gpu_decode. */
+int ihip_gpu_prefill(const IhipGpuAttn *a, uint64_t stream, size_t layer,
+                     size_t batch, const uint64_t *req_ids,
+                     const int64_t *table_rows, const int64_t *lens,
+                     const int64_t *n_new, uint64_t q, int q_dtype,
+                     int64_t q_row_stride, uint64_t k, uint64_t v, int kv_dtype,
+                     uint64_t table, int64_t table_stride, int64_t page_size,
+                     int64_t page_stride, int64_t head_stride, uint64_t out,
+                     int out_dtype, int64_t out_row_stride, float sm_scale);
+
+/* Forget one request's hip state (end of request) / every request's. */
+int ihip_gpu_end_request(const IhipGpuAttn *a, uint64_t req_id);
+int ihip_gpu_reset(const IhipGpuAttn *a);
+
+/* {"layers":["dense","hip",...],"requests":N}; free with ihip_string_free. */
+char *ihip_gpu_info_json(const IhipGpuAttn *a);
 
 #ifdef __cplusplus
 }

@@ -31,6 +31,9 @@ pub const IHIP_ERR_ARG: c_int = -1;
 pub const IHIP_ERR_ENGINE: c_int = -2;
 /// A Rust panic was caught (a bug): the engine is poisoned.
 pub const IHIP_ERR_PANIC: c_int = -3;
+/// GPU entry point unavailable: built without the `cuda` feature, no
+/// driver, or the device could not be opened.
+pub const IHIP_ERR_NO_GPU: c_int = -4;
 
 pub const IHIP_DTYPE_F32: c_int = 0;
 pub const IHIP_DTYPE_F16: c_int = 1;
@@ -638,6 +641,9 @@ pub unsafe extern "C" fn ihip_stats_json(e: *const IhipEngine) -> *mut c_char {
     });
     out
 }
+
+mod gpu;
+pub use gpu::*;
 
 #[cfg(test)]
 mod tests;

@@ -548,7 +548,7 @@ fn last_error_is_per_thread() {
 #[test]
 fn header_matches_exports() {
     let header = include_str!("../include/infinitehip.h");
-    let src = include_str!("lib.rs");
+    let src = concat!(include_str!("lib.rs"), include_str!("gpu.rs"));
     let names = |text: &str, pat: &str| -> std::collections::BTreeSet<String> {
         text.match_indices(pat)
             .map(|(i, _)| {
@@ -569,6 +569,7 @@ fn header_matches_exports() {
         ("IHIP_ERR_ARG", IHIP_ERR_ARG),
         ("IHIP_ERR_ENGINE", IHIP_ERR_ENGINE),
         ("IHIP_ERR_PANIC", IHIP_ERR_PANIC),
+        ("IHIP_ERR_NO_GPU", IHIP_ERR_NO_GPU),
         ("IHIP_DTYPE_F32", IHIP_DTYPE_F32),
         ("IHIP_DTYPE_F16", IHIP_DTYPE_F16),
         ("IHIP_DTYPE_BF16", IHIP_DTYPE_BF16),

@@ -21,8 +21,8 @@ use serde_json::json;
 
 use crate::args::Args;
 
-type R<T> = Result<T, String>;
-fn e<E: std::fmt::Display>(x: E) -> String {
+pub(crate) type R<T> = Result<T, String>;
+pub(crate) fn e<E: std::fmt::Display>(x: E) -> String {
     x.to_string()
 }
 
@@ -54,7 +54,7 @@ pub fn nvrtc_check(argv: &[String]) -> R<()> {
 
 /// f64 attention of one decode query `[n_q][d]` over `sel` (None: dense),
 /// parallel over q heads.
-fn ref_f64<T: Element>(
+pub(crate) fn ref_f64<T: Element>(
     shape: &AttnShape,
     q: &[f32],
     view: &SeqView<'_, T>,
@@ -128,7 +128,11 @@ pub(crate) struct Check {
     pub(crate) detail: String,
 }
 
-fn random_pool<T: Element>(lay: KvLayout, lens: &[usize], rng: &mut Rng) -> R<KvPool<T>> {
+pub(crate) fn random_pool<T: Element>(
+    lay: KvLayout,
+    lens: &[usize],
+    rng: &mut Rng,
+) -> R<KvPool<T>> {
     let mut p = KvPool::<T>::new(lay, None).map_err(e)?;
     for (i, &len) in lens.iter().enumerate() {
         p.add_sequence(i as u64).map_err(e)?;
@@ -418,7 +422,7 @@ fn prefill_case(gpu: &GpuContext, len: usize, q_start: usize, n: usize, seed: u6
     let qd = DevBuf::from_slice(&q).map_err(e)?;
     let out = DevBuf::alloc(q.len() * 4).map_err(e)?;
     out.fill_bytes(0xff).map_err(e)?;
-    pf.prepare(&kv, q_start, n).map_err(e)?;
+    pf.prepare(gpu, &kv, q_start, n).map_err(e)?;
     pf.select(gpu, &kv, qd.ptr).map_err(e)?;
     pf.attend(gpu, &shape, &kv, qd.ptr, out.ptr).map_err(e)?;
     gpu.synchronize().map_err(e)?;
@@ -466,8 +470,8 @@ fn prefill_case(gpu: &GpuContext, len: usize, q_start: usize, n: usize, seed: u6
 pub fn gpu_test(argv: &[String]) -> R<()> {
     let a = Args::parse(
         argv,
-        &["seed", "hip-len"],
-        &["quick", "policies-only", "policy-timing"],
+        &["seed", "hip-len", "engine-timing"],
+        &["quick", "policies-only", "policy-timing", "engine-only"],
     )?;
     let seed: u64 = a.get("seed", 0xC0DA)?;
     let hip_len: usize = a.get("hip-len", 200_000)?;
@@ -475,11 +479,23 @@ pub fn gpu_test(argv: &[String]) -> R<()> {
     println!("device {} ({} SMs, {})", gpu.name, gpu.sm_count, gpu.arch);
     // Policy kernels (locret, squeeze, lazy) first: they are quick.
     let mut checks = crate::gpu_policies::checks(&gpu, seed)?;
+    if a.str("engine-only").is_some() {
+        checks.clear();
+    }
+    // The engine-facing path: borrowed caller K/V, caller stream, bf16 q/out.
+    checks.extend(crate::gpu_engine::checks(&gpu, seed)?);
+    if let Some(l) = a.str("engine-timing") {
+        for len in l.split(',') {
+            let len = crate::args::parse_count(len)
+                .ok_or_else(|| format!("--engine-timing: bad length `{len}`"))?;
+            crate::gpu_engine::timing(&gpu, len)?;
+        }
+    }
     if a.str("policy-timing").is_some() {
         crate::gpu_policies::timing(&gpu, seed)?;
     }
     let mut s = seed;
-    let attention = a.str("policies-only").is_none();
+    let attention = a.str("policies-only").is_none() && a.str("engine-only").is_none();
     for &(hq, hkv, d) in if attention {
         &[(32, 8, 128), (8, 8, 64), (16, 2, 256), (16, 8, 128)][..]
     } else {
@@ -751,7 +767,7 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
             let mut q0 = 0;
             while q0 < t {
                 let n = chunk.min(t - q0);
-                pf.prepare(&kv, q0, n).map_err(e)?;
+                pf.prepare(&gpu, &kv, q0, n).map_err(e)?;
                 let qp = qd.ptr + (q0 * qe * 4) as u64;
                 gpu.synchronize().map_err(e)?;
                 let t0 = Instant::now();

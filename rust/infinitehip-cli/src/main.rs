@@ -7,6 +7,8 @@ mod bench_policies;
 #[cfg(feature = "cuda")]
 mod gpu;
 #[cfg(feature = "cuda")]
+mod gpu_engine;
+#[cfg(feature = "cuda")]
 mod gpu_offload;
 #[cfg(feature = "cuda")]
 mod gpu_policies;

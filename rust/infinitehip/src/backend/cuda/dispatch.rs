@@ -15,15 +15,25 @@ use crate::error::{Error, Result};
 use crate::kv::KvPool;
 use crate::policy::Selection;
 
-/// K/V of a batch of sequences in device memory, in the core pool's page
-/// layout `[page][kv_head][page_size][head_dim]`, with a page table per
-/// sequence (`[batch][table_stride]` i32 page ids).
+/// K/V of a batch of sequences in device memory with a page table per
+/// sequence (`[batch][table_stride]` i32 page ids). Token `t` of KV head `h`
+/// is the `head_dim` elements at
+/// `page * page_stride + h * head_stride + (t % page_size) * head_dim`,
+/// `page = table[b][t / page_size]` (kernels/common.cuh `kv_row`). `upload`
+/// makes the core pool's layout `[page][kv_head][page_size][head_dim]`;
+/// `borrowed` wraps an engine's own tensors (SGLang's token-major
+/// `[slots][kv_heads][head_dim]` is page_size 1, page_stride = the slot
+/// stride, head_stride = the head stride; the table is `req_to_token`).
 pub struct DeviceKv {
     pub k: DevBuf,
     pub v: DevBuf,
     pub table: DevBuf,
     pub table_stride: usize,
     pub page_size: usize,
+    /// Elements between consecutive pages (slots when page_size is 1).
+    pub page_stride: usize,
+    /// Elements between consecutive KV heads of one page.
+    pub head_stride: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub dtype: DType,
@@ -113,6 +123,8 @@ impl DeviceKv {
             table: DevBuf::from_slice(&table)?,
             table_stride: stride,
             page_size: lay.page_size,
+            page_stride: pe,
+            head_stride: lay.page_size * lay.head_dim,
             n_kv_heads: lay.n_kv_heads,
             head_dim: lay.head_dim,
             dtype,
@@ -121,8 +133,92 @@ impl DeviceKv {
         })
     }
 
+    /// K/V over caller-owned device memory (an engine's tensors), never
+    /// freed here. `table` is a device i32 `[batch][table_stride]` of page
+    /// (or slot) ids; `lens` the current length of each row. Strides are in
+    /// elements; rows must be 16-byte aligned (pointers and strides checked
+    /// here). The table's entries are the caller's contract: they must name
+    /// pages inside the K and V allocations for every token below `lens`.
+    #[allow(clippy::too_many_arguments, clippy::manual_is_multiple_of)] // MSRV 1.80
+    pub fn borrowed(
+        k: u64,
+        v: u64,
+        dtype: DType,
+        table: u64,
+        table_stride: usize,
+        page_size: usize,
+        page_stride: usize,
+        head_stride: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        lens: Vec<usize>,
+    ) -> Result<Self> {
+        if kernels::dtype_tag(dtype).is_none() {
+            return Err(Error::Invalid(format!(
+                "CUDA kernels read bf16 or f16 K/V, got {dtype}"
+            )));
+        }
+        for (name, p) in [("k", k), ("v", v), ("table", table)] {
+            if p == 0 {
+                return Err(Error::Invalid(format!(
+                    "borrowed KV: {name} pointer is NULL"
+                )));
+            }
+        }
+        if k % 16 != 0 || v % 16 != 0 {
+            return Err(Error::Invalid(format!(
+                "borrowed KV: k ({k:#x}) and v ({v:#x}) must be 16-byte aligned"
+            )));
+        }
+        if table % 4 != 0 {
+            return Err(Error::Invalid(format!(
+                "borrowed KV: table ({table:#x}) must be 4-byte aligned (int32)"
+            )));
+        }
+        if page_size == 0 || n_kv_heads == 0 || table_stride == 0 {
+            return Err(Error::Invalid(format!(
+                "borrowed KV: page_size {page_size}, n_kv_heads {n_kv_heads}, table_stride {table_stride} must be positive"
+            )));
+        }
+        for (name, st) in [("page_stride", page_stride), ("head_stride", head_stride)] {
+            if st % 8 != 0 {
+                return Err(Error::Invalid(format!(
+                    "borrowed KV: {name} {st} must be a multiple of 8 elements (16-byte rows)"
+                )));
+            }
+        }
+        if page_size > 1 && head_stride < page_size * head_dim {
+            return Err(Error::Invalid(format!(
+                "borrowed KV: head_stride {head_stride} smaller than page_size x head_dim = {}",
+                page_size * head_dim
+            )));
+        }
+        let cap = table_stride * page_size;
+        Ok(DeviceKv {
+            k: DevBuf::borrowed(k, 0),
+            v: DevBuf::borrowed(v, 0),
+            table: DevBuf::borrowed(table, 0),
+            table_stride,
+            page_size,
+            page_stride,
+            head_stride,
+            n_kv_heads,
+            head_dim,
+            dtype,
+            capacity: vec![cap; lens.len()],
+            lens,
+        })
+    }
+
     pub fn batch(&self) -> usize {
         self.lens.len()
+    }
+
+    pub(crate) fn strides(&self) -> KvStrides {
+        KvStrides {
+            page: self.page_stride as i64,
+            head: self.head_stride as i64,
+        }
     }
 
     /// Every length within what was uploaded (kernels index the page table
@@ -270,9 +366,9 @@ pub struct DecodeWorkspace {
 impl DecodeWorkspace {
     pub fn new() -> Self {
         DecodeWorkspace {
-            pm: DevBuf { ptr: 0, bytes: 0 },
-            pl: DevBuf { ptr: 0, bytes: 0 },
-            pacc: DevBuf { ptr: 0, bytes: 0 },
+            pm: DevBuf::null(),
+            pl: DevBuf::null(),
+            pacc: DevBuf::null(),
             cap_rows: 0,
         }
     }
@@ -382,7 +478,7 @@ pub fn attend(
             sel.rows,
         ));
     }
-    launch_attention(
+    launch_attention_ex(
         gpu,
         ws,
         shape,
@@ -395,16 +491,62 @@ pub fn attend(
             page_size: kv.page_size,
             dtype: kv.dtype,
         },
+        kv.strides(),
         q,
         n_rows,
         sel,
         max_tokens,
         split_tokens,
-        out,
+        AttnOut::f32_rows(out, shape),
         q_block,
         q_seq,
         q_pos,
     )
+}
+
+/// Element strides of a K/V buffer (see `DeviceKv`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KvStrides {
+    pub page: i64,
+    pub head: i64,
+}
+
+impl KvStrides {
+    /// The core pool's page layout.
+    pub fn pool(n_kv_heads: usize, page_size: usize, head_dim: usize) -> Self {
+        KvStrides {
+            page: (n_kv_heads * page_size * head_dim) as i64,
+            head: (page_size * head_dim) as i64,
+        }
+    }
+}
+
+/// Where the combine writes: query row b's head h at
+/// `ptr + (b * row_stride + h * head_dim) * size(dtype)`.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnOut {
+    pub ptr: u64,
+    pub dtype: DType,
+    /// Elements between consecutive query rows.
+    pub row_stride: usize,
+}
+
+impl AttnOut {
+    /// f32 `[rows][n_q_heads][head_dim]`, contiguous.
+    pub fn f32_rows(ptr: u64, shape: &AttnShape) -> Self {
+        AttnOut {
+            ptr,
+            dtype: DType::F32,
+            row_stride: shape.n_q_heads * shape.head_dim,
+        }
+    }
+    fn code(&self) -> i32 {
+        match self.dtype {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            DType::Bf16 => 2,
+        }
+    }
 }
 
 /// K/V pointers and table for `launch_attention`.
@@ -421,7 +563,8 @@ pub(crate) struct KvPtrs {
 /// The attention launch (split-K partials + combine). `variant` "" reads a
 /// paged pool through a page table (module `decode`); "slot_" reads a slot
 /// arena through a per-(page, kv head) slot table (module `decode_slot`).
-/// Shapes are checked by the callers.
+/// Shapes are checked by the callers. K/V in the core pool's page layout,
+/// f32 output `[n_rows][n_q_heads][head_dim]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn launch_attention(
     gpu: &GpuContext,
@@ -435,6 +578,46 @@ pub(crate) fn launch_attention(
     max_tokens: usize,
     split_tokens: Option<usize>,
     out: u64,
+    q_block: usize,
+    q_seq: u64,
+    q_pos: u64,
+) -> Result<()> {
+    let st = KvStrides::pool(shape.n_kv_heads, kv.page_size, shape.head_dim);
+    launch_attention_ex(
+        gpu,
+        ws,
+        shape,
+        variant,
+        kv,
+        st,
+        q,
+        n_rows,
+        sel,
+        max_tokens,
+        split_tokens,
+        AttnOut::f32_rows(out, shape),
+        q_block,
+        q_seq,
+        q_pos,
+    )
+}
+
+/// `launch_attention` with K/V strides and the output's dtype and row
+/// stride (the slot variant ignores the strides).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_attention_ex(
+    gpu: &GpuContext,
+    ws: &mut DecodeWorkspace,
+    shape: &AttnShape,
+    variant: &str,
+    kv: KvPtrs,
+    st: KvStrides,
+    q: u64,
+    n_rows: usize,
+    sel: &DeviceSelection,
+    max_tokens: usize,
+    split_tokens: Option<usize>,
+    out: AttnOut,
     q_block: usize,
     q_seq: u64,
     q_pos: u64,
@@ -475,6 +658,8 @@ pub(crate) fn launch_attention(
         .arg(&ts)
         .arg(&ps)
         .arg(&hk)
+        .arg(&st.page)
+        .arg(&st.head)
         .arg(&q)
         .arg(&scale_log2)
         .arg(&sel.ranges.ptr)
@@ -492,12 +677,16 @@ pub(crate) fn launch_attention(
     unsafe { l.launch(cfg) }.map_err(|e| gpu_err("launch attention", e))?;
     let fc = gpu.func(module, &format!("{variant}combine_d{d}"))?;
     let ns = n_splits as i32;
+    let (hq, ors, odt) = (shape.n_q_heads as i32, out.row_stride as i64, out.code());
     let mut l = gpu.stream.launch_builder(&fc);
     l.arg(&ws.pm.ptr)
         .arg(&ws.pl.ptr)
         .arg(&ws.pacc.ptr)
         .arg(&ns)
-        .arg(&out);
+        .arg(&out.ptr)
+        .arg(&hq)
+        .arg(&ors)
+        .arg(&odt);
     unsafe {
         l.launch(LaunchConfig {
             grid_dim: ((n_rows * shape.n_q_heads) as u32, 1, 1),
@@ -510,7 +699,7 @@ pub(crate) fn launch_attention(
 }
 
 /// Sink, middle and window of a decode query at `pos` (as policy::hip).
-fn regions(cfg: &HipConfig, pos: usize) -> (Range<usize>, Range<usize>, Range<usize>) {
+pub(crate) fn regions(cfg: &HipConfig, pos: usize) -> (Range<usize>, Range<usize>, Range<usize>) {
     let end = pos + 1;
     let sink_end = cfg.sink.min(end);
     let win_start = (pos + 1).saturating_sub(cfg.window).max(sink_end);
@@ -518,21 +707,21 @@ fn regions(cfg: &HipConfig, pos: usize) -> (Range<usize>, Range<usize>, Range<us
 }
 
 /// Per-call inputs of the stage kernels.
-struct StageInputs {
-    rows: usize,
-    row_seq: u64,
-    q: u64,
-    nq: u64,
-    nq_max: usize,
-    nq_tpl: usize,
-    stage0_in: u64,
-    stage0_cnt: u64,
-    e0: usize,
-    keys: u64,
+pub(crate) struct StageInputs {
+    pub rows: usize,
+    pub row_seq: u64,
+    pub q: u64,
+    pub nq: u64,
+    pub nq_max: usize,
+    pub nq_tpl: usize,
+    pub stage0_in: u64,
+    pub stage0_cnt: u64,
+    pub e0: usize,
+    pub keys: u64,
 }
 
 /// Run hip stages `from..` (score + top-k each) for all rows.
-fn run_stages(
+pub(crate) fn run_stages(
     gpu: &GpuContext,
     kv: &DeviceKv,
     cfg: &HipConfig,
@@ -579,12 +768,15 @@ fn run_stages(
                 )
                 .map_err(|e| gpu_err("raise hip_score shared memory", e))?;
         }
+        let kst = kv.strides();
         let mut l = gpu.stream.launch_builder(&score);
         l.arg(&kv.k.ptr)
             .arg(&kv.table.ptr)
             .arg(&ts)
             .arg(&ps)
             .arg(&hk)
+            .arg(&kst.page)
+            .arg(&kst.head)
             .arg(&x.row_seq)
             .arg(&x.q)
             .arg(&x.nq)
@@ -642,8 +834,28 @@ fn assemble(
     rows: usize,
     sel: &DeviceSelection,
 ) -> Result<()> {
+    assemble_rows(gpu, last, extra, hkv, rows, sel, 0)
+}
+
+/// `assemble` into selection rows `row0..row0 + rows` of `sel`.
+pub(crate) fn assemble_rows(
+    gpu: &GpuContext,
+    last: &StageBuf,
+    extra: u64,
+    hkv: usize,
+    rows: usize,
+    sel: &DeviceSelection,
+    row0: usize,
+) -> Result<()> {
     let asm = gpu.func("hip_mask", "hip_assemble")?;
     let (lc, hk, nr, cap) = (last.cap as i32, hkv as i32, rows as i32, sel.cap as i32);
+    let off = |base: u64, elem: usize| base + (row0 * elem) as u64;
+    let (rg, cm, cn, tt) = (
+        off(sel.ranges.ptr, sel.cap * 8),
+        off(sel.cum.ptr, sel.cap * 4),
+        off(sel.cnt.ptr, 4),
+        off(sel.tot.ptr, 4),
+    );
     let mut l = gpu.stream.launch_builder(&asm);
     l.arg(&last.out.ptr)
         .arg(&last.cnt.ptr)
@@ -651,10 +863,10 @@ fn assemble(
         .arg(&extra)
         .arg(&hk)
         .arg(&nr)
-        .arg(&sel.ranges.ptr)
-        .arg(&sel.cum.ptr)
-        .arg(&sel.cnt.ptr)
-        .arg(&sel.tot.ptr)
+        .arg(&rg)
+        .arg(&cm)
+        .arg(&cn)
+        .arg(&tt)
         .arg(&cap);
     unsafe {
         l.launch(LaunchConfig {
@@ -667,10 +879,10 @@ fn assemble(
     Ok(())
 }
 
-struct StageBuf {
-    out: DevBuf,
-    cnt: DevBuf,
-    cap: usize,
+pub(crate) struct StageBuf {
+    pub out: DevBuf,
+    pub cnt: DevBuf,
+    pub cap: usize,
 }
 
 /// InfiniteHiP decode on the GPU: the same stages, refresh schedule, sink,
@@ -820,8 +1032,8 @@ impl HipGpuDecoder {
                     extra.push([r.start as i32, r.end as i32]);
                 }
             }
-            self.stage0_in.write(&mids)?;
-            self.extra.write(&extra)?;
+            self.stage0_in.write_async(&gpu.stream, &mids)?;
+            self.extra.write_async(&gpu.stream, &extra)?;
             self.max_tokens = bound;
             // Sub-chunk slots of stage 0 for the longest middle.
             let e0 = max_mid.div_ceil(self.cfg.stages[0].chunk_size).max(1);
@@ -969,7 +1181,13 @@ impl HipGpuPrefill {
 
     /// Host-side set-up of a chunk of `n` queries at cache positions
     /// `q_start..q_start + n` (tiny uploads: regions and positions).
-    pub fn prepare(&mut self, kv: &DeviceKv, q_start: usize, n: usize) -> Result<()> {
+    pub fn prepare(
+        &mut self,
+        gpu: &GpuContext,
+        kv: &DeviceKv,
+        q_start: usize,
+        n: usize,
+    ) -> Result<()> {
         let qb = self.cfg.block_size_q;
         let nb = n.div_ceil(qb);
         if n == 0 || nb > self.max_blocks {
@@ -1007,10 +1225,10 @@ impl HipGpuPrefill {
             extra.push([0, 0]);
             extra.push([win_start as i32, end as i32]);
         }
-        self.stage0_in.write(&mids)?;
-        self.extra.write(&extra)?;
+        self.stage0_in.write_async(&gpu.stream, &mids)?;
+        self.extra.write_async(&gpu.stream, &extra)?;
         let pos: Vec<i32> = (0..n).map(|i| (q_start + i) as i32).collect();
-        self.q_pos.write(&pos)?;
+        self.q_pos.write_async(&gpu.stream, &pos)?;
         self.e0 = max_mid.div_ceil(self.cfg.stages[0].chunk_size).max(1);
         let mut slots = self.e0;
         for s in 1..self.cfg.stages.len() {

@@ -63,6 +63,7 @@ pub fn entry_points(module: &str) -> Vec<String> {
     if module == "decode_slot" {
         return entry_points("decode")
             .into_iter()
+            .filter(|n| n != "q_to_f32")
             .map(|n| format!("slot_{n}"))
             .collect();
     }
@@ -88,9 +89,12 @@ pub fn entry_points(module: &str) -> Vec<String> {
         }
     }
     match module {
-        "decode" => HEAD_DIMS
-            .iter()
-            .for_each(|d| v.push(format!("combine_d{d}"))),
+        "decode" => {
+            HEAD_DIMS
+                .iter()
+                .for_each(|d| v.push(format!("combine_d{d}")));
+            v.push("q_to_f32".into());
+        }
         "hip_mask" => {
             v.push("hip_topk".into());
             v.push("hip_assemble".into());

@@ -6,8 +6,33 @@
 //!
 //! Nothing here links CUDA: on a machine without it `GpuContext::new`
 //! returns an error naming the missing library.
+//!
+//! # Streams and ordering
+//! Every launch of this backend (decode, combine, hip stages / top-k /
+//! assemble, prefill, the policy kernels, the q conversion) goes to
+//! `GpuContext::stream`. `GpuContext::new` takes the device's default
+//! stream; `GpuContext::on_stream(raw)` gives a cheap copy (the loaded
+//! modules are shared) whose launches go to an engine's own `CUstream`
+//! (e.g. `torch.cuda.current_stream().cuda_stream`). The rules:
+//! - Work on one `GpuContext` is ordered by its stream: the caller's
+//!   earlier writes of q / K / V on that stream are seen, the output is
+//!   ready for the caller's later work on that stream. Nothing waits on the
+//!   host: the hot path (`engine_attn`) uploads its small per-step inputs
+//!   with `DevBuf::write_async` on the same stream (pageable sources: the
+//!   driver stages them before the call returns, so the host vector may be
+//!   reused at once) and never reads back.
+//! - Buffers the plugin owns (workspaces, hip mask state) belong to one
+//!   object used on one stream at a time. Using the same object from two
+//!   streams needs the caller's own ordering (events) between them.
+//! - `DevBuf::alloc`/`write`/`read` and `Drop` are synchronous (setup,
+//!   tests); growing a workspace frees the old buffer, which waits for the
+//!   device. Steady-state decode allocates nothing.
+//! - Borrowed pointers (`DevBuf::borrowed`, an engine's K/V and page
+//!   table) are never freed here and must stay valid until the stream has
+//!   run the launches that read them.
 
 pub mod dispatch;
+pub mod engine_attn;
 pub mod kernels;
 pub mod offload;
 pub mod policies;
@@ -117,17 +142,55 @@ pub fn compile_module(module: &str, arch: &'static str) -> Result<(String, bool)
     Ok((text, false))
 }
 
-/// Raw device allocation owned by the plugin (freed on drop).
+/// Raw device allocation: owned by the plugin (freed on drop), or borrowed
+/// from the caller (`DevBuf::borrowed`, never freed here).
 pub struct DevBuf {
     pub ptr: u64,
     pub bytes: usize,
+    owned: bool,
 }
 
 impl DevBuf {
     pub fn alloc(bytes: usize) -> Result<Self> {
         let ptr = unsafe { cu::malloc_sync(bytes.max(16)) }
             .map_err(|e| gpu_err(&format!("cuMemAlloc of {bytes} bytes"), e))?;
-        Ok(DevBuf { ptr, bytes })
+        Ok(DevBuf {
+            ptr,
+            bytes,
+            owned: true,
+        })
+    }
+    /// A view of `bytes` bytes of caller-owned device memory at `ptr` (an
+    /// engine's tensor). Dropping it frees nothing.
+    pub fn borrowed(ptr: u64, bytes: usize) -> Self {
+        DevBuf {
+            ptr,
+            bytes,
+            owned: false,
+        }
+    }
+    /// An empty, non-owning placeholder.
+    pub fn null() -> Self {
+        Self::borrowed(0, 0)
+    }
+    pub fn is_owned(&self) -> bool {
+        self.owned
+    }
+    /// Copy `data` into the buffer, ordered on `stream` (the host returns
+    /// once the source is staged; `data` may be reused at once).
+    pub fn write_async<T: Copy>(&self, stream: &CudaStream, data: &[T]) -> Result<()> {
+        if std::mem::size_of_val(data) > self.bytes {
+            return Err(Error::Invalid(format!(
+                "CUDA: write of {} bytes into a {}-byte buffer",
+                std::mem::size_of_val(data),
+                self.bytes
+            )));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        unsafe { cu::memcpy_htod_async(self.ptr, data, stream.cu_stream()) }
+            .map_err(|e| gpu_err("async copy to device", e))
     }
     pub fn from_slice<T: Copy>(data: &[T]) -> Result<Self> {
         let b = Self::alloc(std::mem::size_of_val(data))?;
@@ -172,21 +235,24 @@ impl DevBuf {
 
 impl Drop for DevBuf {
     fn drop(&mut self) {
-        unsafe {
-            let _ = cu::free_sync(self.ptr);
+        if self.owned && self.ptr != 0 {
+            unsafe {
+                let _ = cu::free_sync(self.ptr);
+            }
         }
     }
 }
 
-/// One device, its stream and the loaded kernel modules.
+/// One device, the stream every launch goes to, and the loaded kernel
+/// modules (shared by the copies `on_stream` makes).
 pub struct GpuContext {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     pub arch: &'static str,
     pub sm_count: usize,
     pub name: String,
-    modules: HashMap<&'static str, Arc<CudaModule>>,
-    funcs: std::sync::Mutex<HashMap<String, CudaFunction>>,
+    modules: Arc<HashMap<&'static str, Arc<CudaModule>>>,
+    funcs: Arc<std::sync::Mutex<HashMap<String, CudaFunction>>>,
 }
 
 impl GpuContext {
@@ -224,9 +290,40 @@ impl GpuContext {
             arch,
             sm_count,
             name,
-            modules,
+            modules: Arc::new(modules),
             funcs: Default::default(),
         })
+    }
+
+    /// The same device and modules, launching on the caller's stream `raw`
+    /// (a `CUstream` of this device's primary context, e.g. PyTorch's
+    /// `torch.cuda.current_stream().cuda_stream`; 0 is the legacy default
+    /// stream). Cheap: no compilation, no allocation. The stream is borrowed
+    /// (never destroyed here).
+    ///
+    /// # Safety
+    /// `raw` must be a valid stream of this context, alive while the
+    /// returned context (and its launches) are in use.
+    pub unsafe fn on_stream(&self, raw: u64) -> GpuContext {
+        let stream = if raw == 0 {
+            self.ctx.default_stream()
+        } else {
+            self.ctx.wrap_borrowed_stream(raw as sys::CUstream)
+        };
+        GpuContext {
+            ctx: self.ctx.clone(),
+            stream,
+            arch: self.arch,
+            sm_count: self.sm_count,
+            name: self.name.clone(),
+            modules: self.modules.clone(),
+            funcs: self.funcs.clone(),
+        }
+    }
+
+    /// The raw handle of the stream launches go to.
+    pub fn raw_stream(&self) -> u64 {
+        self.stream.cu_stream() as u64
     }
 
     pub fn func(&self, module: &str, name: &str) -> Result<CudaFunction> {
@@ -276,7 +373,7 @@ mod tests {
             assert!(src.contains("kv_row"), "{m} lacks common.cuh");
         }
         assert!(kernels::full_source("nope").is_none());
-        assert_eq!(kernels::entry_points("decode").len(), 2 * 3 * 4 + 3);
+        assert_eq!(kernels::entry_points("decode").len(), 2 * 3 * 4 + 3 + 1);
     }
 
     #[test]

@@ -185,6 +185,8 @@ impl HostKv {
             table: DevBuf::from_slice(&table)?,
             table_stride: stride,
             page_size: self.layout.page_size,
+            page_stride: self.layout.page_elems(),
+            head_stride: self.layout.page_size * self.layout.head_dim,
             n_kv_heads: self.layout.n_kv_heads,
             head_dim: self.layout.head_dim,
             dtype: self.dtype,

@@ -372,9 +372,10 @@ pub fn launch_lazy_importance(
         shape.n_q_heads as i32,
     );
     let table_row = kv.table.ptr + (seq * kv.table_stride * 4) as u64;
+    let (pst, hst) = (kv.page_stride as i64, kv.head_stride as i64);
     launch!(gpu, stream, "lazy_importance", format!("lazy_logits_{tag}"),
         grid: (n.div_ceil(8), kv.n_kv_heads, 1), smem: 0,
-        args: [kv.k.ptr, table_row, ps, hk, d, tokens, ni, q, nq, shape.scale, logits])?;
+        args: [kv.k.ptr, table_row, ps, hk, pst, hst, d, tokens, ni, q, nq, shape.scale, logits])?;
     launch!(gpu, stream, "lazy_importance", "lazy_softmax",
         grid: (shape.n_q_heads, 1, 1), smem: 0, args: [logits, ni])?;
     launch!(gpu, stream, "lazy_importance", "lazy_mean",

@@ -1,0 +1,235 @@
+"""GPU attention over a caller's own K/V device tensors (torch), launched on
+the caller's CUDA stream, through the C ABI's `ihip_gpu_*` functions.
+
+    import torch, infinitehip.gpu as ig
+    att = ig.GpuAttention(config)                 # dense/hip per layer
+    out = att.decode(layer, q, k_buffer, v_buffer, req_to_token,
+                     table_rows, lens, req_ids)   # q/out bf16/f16/f32
+
+K/V layouts (bf16 or f16, last dimension contiguous, same strides for K and V):
+- `[slots, kv_heads, head_dim]` (SGLang's `k_buffer[layer]`, token-major):
+  page_size 1; `table` is `req_to_token` (int32 `[rows, max_context]`), so
+  token t of request b lives in slot `table[table_rows[b], t]`;
+- `[pages, kv_heads, page_size, head_dim]` (paged): `table` holds page ids.
+
+Nothing is copied to the host and nothing waits for the device: the call
+enqueues its work on `torch.cuda.current_stream(device)` (or `stream`),
+after the caller's earlier work there. Host metadata (`table_rows`, `lens`,
+`req_ids`, `n_new`) are Python ints/lists or CPU tensors.
+
+Importing this module needs neither torch nor a GPU; torch is imported when
+a call receives tensors.
+"""
+
+import ctypes
+import json
+
+from . import _ffi
+from ._ffi import InfinitehipError
+
+__all__ = ["GpuAttention", "gpu_built", "available"]
+
+_DT = {"float32": _ffi.DTYPE_F32, "float16": _ffi.DTYPE_F16, "bfloat16": _ffi.DTYPE_BF16}
+
+
+def _fn(name):
+    f = getattr(_ffi.lib(), name, None)
+    if f is None:
+        raise InfinitehipError(
+            f"the loaded libinfinitehip has no {name}: rebuild it from this version "
+            "(cargo build --release -p infinitehip-capi --features cuda)",
+            _ffi.IHIP_ERR_NO_GPU,
+        )
+    return f
+
+
+def gpu_built():
+    """True when the loaded library was built with CUDA support."""
+    try:
+        return bool(_fn("ihip_gpu_built")())
+    except InfinitehipError:
+        return False
+
+
+def available(config=None, device=0):
+    """True when a GPU attention object can be created here (library built
+    with CUDA, driver present, device usable)."""
+    if not gpu_built():
+        return False
+    cfg = config or {"model": {"n_layers": 1, "n_q_heads": 8, "n_kv_heads": 8, "head_dim": 64},
+                     "dense_layers": 1}
+    try:
+        GpuAttention(cfg, device).close()
+        return True
+    except InfinitehipError:
+        return False
+
+
+def _config_text(config):
+    if isinstance(config, (bytes, bytearray)):
+        return bytes(config)
+    if isinstance(config, str):
+        return config.encode()
+    if isinstance(config, dict):
+        return json.dumps(config).encode()
+    raise InfinitehipError(f"config must be a dict or a JSON string, got {type(config).__name__}")
+
+
+def _dtype(t, name):
+    dt = str(t.dtype).replace("torch.", "")
+    if dt not in _DT:
+        raise InfinitehipError(f"{name} has dtype {t.dtype}; expected float32, float16 or bfloat16")
+    return _DT[dt]
+
+
+def _rows_arg(t, name, hqd):
+    """(row stride in elements) of a [n, heads*dim] or [n, heads, dim] tensor."""
+    if t.dim() == 2:
+        if t.shape[1] != hqd or t.stride(1) != 1:
+            raise InfinitehipError(f"{name}: shape {list(t.shape)} strides {list(t.stride())}; "
+                                   f"expected [n, {hqd}] with a contiguous last dimension")
+        return t.stride(0)
+    if t.dim() == 3:
+        if t.shape[1] * t.shape[2] != hqd or t.stride(2) != 1 or t.stride(1) != t.shape[2]:
+            raise InfinitehipError(f"{name}: shape {list(t.shape)} strides {list(t.stride())}; "
+                                   f"expected [n, heads, dim] with heads*dim = {hqd}, rows contiguous")
+        return t.stride(0)
+    raise InfinitehipError(f"{name}: expected 2 or 3 dimensions, got shape {list(t.shape)}")
+
+
+def _i64s(x, n, name):
+    if hasattr(x, "tolist"):
+        x = x.tolist()
+    x = [int(v) for v in x]
+    if len(x) != n:
+        raise InfinitehipError(f"{name} has {len(x)} entries, expected {n}")
+    return (ctypes.c_int64 * max(n, 1))(*x)
+
+
+def _u64s(x, n, name):
+    if hasattr(x, "tolist"):
+        x = x.tolist()
+    x = [int(v) for v in x]
+    if len(x) != n:
+        raise InfinitehipError(f"{name} has {len(x)} entries, expected {n}")
+    return (ctypes.c_uint64 * max(n, 1))(*x)
+
+
+class GpuAttention:
+    """Per-layer dense or hip attention (from the policy config) over
+    caller-owned K/V; hip mask-refresh state per (layer, request id)."""
+
+    def __init__(self, config, device=0):
+        text = _config_text(config)
+        cfg = json.loads(text)
+        m = cfg.get("model", {})
+        self.n_q_heads = int(m.get("n_q_heads", 32))
+        self.n_kv_heads = int(m.get("n_kv_heads", 8))
+        self.head_dim = int(m.get("head_dim", 128))
+        self.device = int(device)
+        self._ptr = None
+        ptr = _fn("ihip_gpu_attn_new")(self.device, text)
+        if not ptr:
+            raise InfinitehipError(_ffi.last_error() or "ihip_gpu_attn_new failed", _ffi.IHIP_ERR_NO_GPU)
+        self._ptr = ctypes.c_void_p(ptr)
+
+    def close(self):
+        p = getattr(self, "_ptr", None)
+        if p is not None and p.value:
+            _fn("ihip_gpu_attn_free")(p)
+        self._ptr = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _h(self):
+        if self._ptr is None:
+            raise InfinitehipError("GPU attention object is closed")
+        return self._ptr
+
+    def info(self):
+        return json.loads(_ffi.take_string(_fn("ihip_gpu_info_json")(self._h()), "gpu info"))
+
+    def end_request(self, req_id):
+        _ffi.check(_fn("ihip_gpu_end_request")(self._h(), int(req_id)))
+
+    def reset(self):
+        _ffi.check(_fn("ihip_gpu_reset")(self._h()))
+
+    # ------------------------------------------------------------------
+    def _common(self, q, k, v, table, out, out_dtype, stream):
+        import torch
+
+        for name, t in (("q", q), ("k", k), ("v", v), ("table", table)):
+            if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
+                raise InfinitehipError(f"{name} must be a CUDA tensor, got {getattr(t, 'device', type(t))}")
+            if t.device.index != self.device:
+                raise InfinitehipError(f"{name} is on {t.device}, the attention object on cuda:{self.device}")
+        hqd = self.n_q_heads * self.head_dim
+        q_stride = _rows_arg(q, "q", hqd)
+        if k.shape != v.shape or k.stride() != v.stride() or k.dtype != v.dtype:
+            raise InfinitehipError(
+                f"k and v must share shape, strides and dtype: k {list(k.shape)} {list(k.stride())} {k.dtype}, "
+                f"v {list(v.shape)} {list(v.stride())} {v.dtype}")
+        d = self.head_dim
+        if k.dim() == 3:
+            if k.shape[1] != self.n_kv_heads or k.shape[2] != d or k.stride(2) != 1:
+                raise InfinitehipError(f"k: shape {list(k.shape)} strides {list(k.stride())}; expected "
+                                       f"[slots, {self.n_kv_heads}, {d}] with a contiguous last dimension")
+            ps, pst, hst = 1, k.stride(0), k.stride(1)
+        elif k.dim() == 4:
+            if k.shape[1] != self.n_kv_heads or k.shape[3] != d or k.stride(3) != 1 or k.stride(2) != d:
+                raise InfinitehipError(f"k: shape {list(k.shape)} strides {list(k.stride())}; expected "
+                                       f"[pages, {self.n_kv_heads}, page_size, {d}] with contiguous rows")
+            ps, pst, hst = k.shape[2], k.stride(0), k.stride(1)
+        else:
+            raise InfinitehipError(f"k: expected 3 or 4 dimensions, got shape {list(k.shape)}")
+        if table.dtype != torch.int32 or table.dim() != 2 or table.stride(1) != 1:
+            raise InfinitehipError(f"table must be a 2-D int32 tensor with contiguous rows, got "
+                                   f"{table.dtype} {list(table.shape)} strides {list(table.stride())}")
+        if out is None:
+            odt = out_dtype or q.dtype
+            out = torch.empty((q.shape[0], hqd), dtype=odt, device=q.device)
+        o_stride = _rows_arg(out, "out", hqd)
+        if stream is None:
+            stream = torch.cuda.current_stream(q.device).cuda_stream
+        args = (
+            q.data_ptr(), _dtype(q, "q"), q_stride,
+            k.data_ptr(), v.data_ptr(), _dtype(k, "k"),
+            table.data_ptr(), table.stride(0), ps, pst, hst,
+            out.data_ptr(), _dtype(out, "out"), o_stride,
+        )
+        return out, int(stream), args
+
+    def decode(self, layer, q, k, v, table, table_rows, lens, req_ids, out=None, sm_scale=None,
+               out_dtype=None, stream=None):
+        """One query per request: q `[batch, q_heads*head_dim]` (or 3-D);
+        lens include the decoded token. Returns `out` (dtype of q unless
+        `out`/`out_dtype` say otherwise)."""
+        n = int(q.shape[0])
+        out, st, args = self._common(q, k, v, table, out, out_dtype, stream)
+        _ffi.check(_fn("ihip_gpu_decode")(
+            self._h(), st, int(layer), n,
+            _u64s(req_ids, n, "req_ids"), _i64s(table_rows, n, "table_rows"), _i64s(lens, n, "lens"),
+            *args, float(sm_scale or 0.0),
+        ))
+        return out
+
+    def prefill(self, layer, q, k, v, table, table_rows, lens, n_new, req_ids, out=None, sm_scale=None,
+                out_dtype=None, stream=None):
+        """Dense causal attention of new tokens: request b owns n_new[b]
+        consecutive rows of q at positions lens[b]-n_new[b] .. lens[b]-1."""
+        b = len(req_ids)
+        out, st, args = self._common(q, k, v, table, out, out_dtype, stream)
+        nn = _i64s(n_new, b, "n_new")
+        if sum(nn[:b]) != int(q.shape[0]):
+            raise InfinitehipError(f"n_new sums to {sum(nn[:b])} but q has {int(q.shape[0])} rows")
+        _ffi.check(_fn("ihip_gpu_prefill")(
+            self._h(), st, int(layer), b,
+            _u64s(req_ids, b, "req_ids"), _i64s(table_rows, b, "table_rows"), _i64s(lens, b, "lens"), nn,
+            *args, float(sm_scale or 0.0),
+        ))
+        return out

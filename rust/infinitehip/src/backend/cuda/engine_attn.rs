@@ -1,0 +1,823 @@
+//! GPU attention for engines: decode (and dense causal prefill) over the
+//! ENGINE'S OWN K/V device tensors, on the engine's CUDA stream, with q and
+//! out in the engine's dtype. One `GpuAttention` serves every layer of a
+//! model: each layer is dense or hip (from the `PolicyConfig`), and the hip
+//! mask-refresh state is kept per (layer, request id).
+//!
+//! - K/V: `EngineKv`, borrowed pointers + element strides + a device i32 page
+//!   (or slot) table (`DeviceKv::borrowed`); SGLang's `k_buffer[layer]`
+//!   `[slots][kv_heads][D]` with `req_to_token` is page_size 1.
+//! - q: `QArg`, `[rows][n_q_heads * D]` f32/f16/bf16 with a row stride; it
+//!   is converted to the kernels' f32 (one small launch, scaled so that the
+//!   softmax scale is the caller's). out: `AttnOut` (dtype + row stride),
+//!   written by the combine kernel directly.
+//! - Per step the host sends only small arrays (selection bounds, regions,
+//!   table rows) with one async copy on the stream; nothing waits for the
+//!   device (see the ordering rules in `backend::cuda`).
+//! - hip state: a request's first decode (or the first after `prefill` or
+//!   `end_request`) refreshes every stage; later steps follow its own
+//!   refresh schedule (as `HipGpuDecoder`, batch 1). Mask estimation is
+//!   launched per request (pointer offsets into the batch); the attention of
+//!   the whole batch (mixed lengths) is one launch.
+//! - Not here: locret/lazy/squeeze layers (refused at construction), hip
+//!   sparse prefill (prefill is dense causal), CUDA-graph capture (the
+//!   per-step host arrays change every step).
+
+use std::collections::HashMap;
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::dispatch::{
+    assemble_rows, launch_attention_ex, regions, run_stages, AttnOut, DecodeWorkspace, DeviceKv,
+    DeviceSelection, HipGpuDecoder, KvPtrs, StageBuf, StageInputs,
+};
+use super::{gpu_err, kernels, DevBuf, GpuContext};
+use crate::attention::AttnShape;
+use crate::config::{HipConfig, LayerPolicy, PolicyConfig};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+/// An engine's K/V for one layer (see `DeviceKv::borrowed`).
+#[derive(Clone, Copy, Debug)]
+pub struct EngineKv {
+    pub k: u64,
+    pub v: u64,
+    pub dtype: DType,
+    /// Device i32 `[rows][table_stride]` page (slot) ids.
+    pub table: u64,
+    pub table_stride: usize,
+    pub page_size: usize,
+    pub page_stride: usize,
+    pub head_stride: usize,
+}
+
+/// Queries `[rows][n_q_heads * head_dim]` on the device.
+#[derive(Clone, Copy, Debug)]
+pub struct QArg {
+    pub ptr: u64,
+    pub dtype: DType,
+    /// Elements between consecutive rows.
+    pub row_stride: usize,
+}
+
+fn dtype_code(d: DType) -> i32 {
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::Bf16 => 2,
+    }
+}
+
+/// Slots per allocation of hip state.
+const CHUNK: usize = 16;
+
+struct HipLayer {
+    cfg: HipConfig,
+    /// Per chunk of CHUNK slots, per stage: (out, cnt).
+    chunks: Vec<Vec<(DevBuf, DevBuf)>>,
+    caps: Vec<usize>,
+    /// Per slot: decode steps since the last reset, and the middle's end at
+    /// the last full refresh.
+    step: Vec<usize>,
+    mid_end: Vec<usize>,
+}
+
+impl HipLayer {
+    fn stage_view(&self, slot: usize, s: usize, hkv: usize) -> StageBuf {
+        let (out, cnt) = &self.chunks[slot / CHUNK][s];
+        let r = (slot % CHUNK) * hkv;
+        StageBuf {
+            out: DevBuf::borrowed(out.ptr + (r * self.caps[s] * 8) as u64, 0),
+            cnt: DevBuf::borrowed(cnt.ptr + (r * 4) as u64, 0),
+            cap: self.caps[s],
+        }
+    }
+    fn ensure_slots(&mut self, n: usize, hkv: usize) -> Result<()> {
+        while self.chunks.len() * CHUNK < n {
+            let mut st = Vec::new();
+            for &cap in &self.caps {
+                st.push((
+                    DevBuf::alloc(CHUNK * hkv * cap * 8)?,
+                    DevBuf::alloc(CHUNK * hkv * 4)?,
+                ));
+            }
+            self.chunks.push(st);
+        }
+        if self.step.len() < n {
+            self.step.resize(n, 0);
+            self.mid_end.resize(n, 0);
+        }
+        Ok(())
+    }
+    #[allow(clippy::manual_is_multiple_of)] // MSRV 1.80
+    fn refresh_from(&self, slot: usize) -> usize {
+        let step = self.step[slot];
+        if step == 0 {
+            return 0;
+        }
+        (0..self.cfg.stages.len())
+            .find(|&i| step % self.cfg.stages[i].refresh_interval == 0)
+            .unwrap_or(self.cfg.stages.len())
+    }
+}
+
+enum Layer {
+    Dense,
+    Hip(Box<HipLayer>),
+}
+
+/// Per-layer dense or hip attention over an engine's K/V (module doc).
+pub struct GpuAttention {
+    gpu: GpuContext,
+    shape: AttnShape,
+    layers: Vec<Layer>,
+    slots: HashMap<u64, usize>,
+    free: Vec<usize>,
+    n_slots: usize,
+    ws: DecodeWorkspace,
+    qf: DevBuf,
+    up: DevBuf,
+    sel_ranges: DevBuf,
+    sel_cum: DevBuf,
+    sel_rows: usize,
+    sel_cap: usize,
+    keys: DevBuf,
+    keys_cap: usize,
+    nq: DevBuf,
+    ones: DevBuf,
+}
+
+fn grow(buf: &mut DevBuf, bytes: usize) -> Result<()> {
+    if buf.bytes < bytes || !buf.is_owned() {
+        *buf = DevBuf::alloc(bytes.next_power_of_two())?;
+    }
+    Ok(())
+}
+
+fn i32_of(what: &str, x: usize) -> Result<i32> {
+    i32::try_from(x).map_err(|_| Error::OutOfRange(format!("{what} {x} exceeds i32")))
+}
+
+impl GpuAttention {
+    /// One attention object for the model in `cfg` on `gpu`. Layers whose
+    /// policy is not dense or hip are refused.
+    pub fn new(gpu: &GpuContext, cfg: &PolicyConfig) -> Result<Self> {
+        cfg.validate()?;
+        let m = &cfg.model;
+        let shape = AttnShape::new(m.n_q_heads, m.n_kv_heads, m.head_dim)?;
+        if !kernels::HEAD_DIMS.contains(&shape.head_dim)
+            || !kernels::GROUPS.contains(&shape.group())
+        {
+            return Err(Error::Invalid(format!(
+                "GPU attention: kernels support head_dim 64/128/256 and GQA groups 1/2/4/8, got head_dim {} group {}",
+                shape.head_dim,
+                shape.group()
+            )));
+        }
+        let mut layers = Vec::new();
+        for l in 0..m.n_layers {
+            let p = if l < cfg.dense_layers {
+                &LayerPolicy::Dense
+            } else {
+                cfg.layer_policy(l)
+            };
+            layers.push(match p {
+                LayerPolicy::Dense => Layer::Dense,
+                LayerPolicy::Hip(h) => {
+                    HipGpuDecoder::validate(h)?;
+                    Layer::Hip(Box::new(HipLayer {
+                        caps: h
+                            .stages
+                            .iter()
+                            .map(|s| (s.keep_tokens / s.chunk_size).max(1))
+                            .collect(),
+                        cfg: h.clone(),
+                        chunks: Vec::new(),
+                        step: Vec::new(),
+                        mid_end: Vec::new(),
+                    }))
+                }
+                other => {
+                    return Err(Error::config(
+                        format!("layer {l}"),
+                        format!(
+                            "the GPU engine path runs dense and hip layers; `{}` is not wired to it yet",
+                            other.method()
+                        ),
+                    ))
+                }
+            });
+        }
+        let g = shape.group() as i32;
+        Ok(GpuAttention {
+            gpu: unsafe { gpu.on_stream(gpu.raw_stream()) },
+            shape,
+            layers,
+            slots: HashMap::new(),
+            free: Vec::new(),
+            n_slots: 0,
+            ws: DecodeWorkspace::new(),
+            qf: DevBuf::null(),
+            up: DevBuf::null(),
+            sel_ranges: DevBuf::null(),
+            sel_cum: DevBuf::null(),
+            sel_rows: 0,
+            sel_cap: 1,
+            keys: DevBuf::null(),
+            keys_cap: 0,
+            nq: DevBuf::from_slice(&[g])?,
+            ones: DevBuf::from_slice(&vec![1i32; shape.n_kv_heads])?,
+        })
+    }
+
+    pub fn shape(&self) -> &AttnShape {
+        &self.shape
+    }
+
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// "dense" or "hip" for `layer`.
+    pub fn layer_method(&self, layer: usize) -> Option<&'static str> {
+        self.layers.get(layer).map(|l| match l {
+            Layer::Dense => "dense",
+            Layer::Hip(_) => "hip",
+        })
+    }
+
+    /// Requests with hip state.
+    pub fn n_requests(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Forget request `id`'s hip state (its next decode refreshes fully).
+    pub fn end_request(&mut self, id: u64) {
+        if let Some(s) = self.slots.remove(&id) {
+            self.reset_slot(s);
+            self.free.push(s);
+        }
+    }
+
+    /// Forget every request's state.
+    pub fn reset(&mut self) {
+        self.slots.clear();
+        self.free.clear();
+        self.n_slots = 0;
+        for l in &mut self.layers {
+            if let Layer::Hip(h) = l {
+                h.step.iter_mut().for_each(|x| *x = 0);
+            }
+        }
+    }
+
+    fn slot(&mut self, id: u64) -> (usize, bool) {
+        if let Some(&s) = self.slots.get(&id) {
+            return (s, false);
+        }
+        let s = self.free.pop().unwrap_or_else(|| {
+            self.n_slots += 1;
+            self.n_slots - 1
+        });
+        self.slots.insert(id, s);
+        // A recycled slot starts fresh in EVERY hip layer (not only the one
+        // that allocates it).
+        self.reset_slot(s);
+        (s, true)
+    }
+
+    fn reset_slot(&mut self, s: usize) {
+        for l in &mut self.layers {
+            if let Layer::Hip(h) = l {
+                if s < h.step.len() {
+                    h.step[s] = 0;
+                }
+            }
+        }
+    }
+
+    fn check_common(
+        &self,
+        layer: usize,
+        kv: &EngineKv,
+        q: &QArg,
+        out: &AttnOut,
+        rows: usize,
+    ) -> Result<()> {
+        if layer >= self.layers.len() {
+            return Err(Error::OutOfRange(format!(
+                "GPU attention: layer {layer} of a {}-layer model",
+                self.layers.len()
+            )));
+        }
+        if rows == 0 {
+            return Err(Error::Invalid("GPU attention: empty batch".into()));
+        }
+        let hqd = self.shape.n_q_heads * self.shape.head_dim;
+        for (name, p, st) in [("q", q.ptr, q.row_stride), ("out", out.ptr, out.row_stride)] {
+            if p == 0 {
+                return Err(Error::Invalid(format!(
+                    "GPU attention: {name} pointer is NULL"
+                )));
+            }
+            if st < hqd {
+                return Err(Error::shape(
+                    format!("GPU attention {name} row stride (>= n_q_heads x head_dim)"),
+                    hqd,
+                    st,
+                ));
+            }
+        }
+        if kernels::dtype_tag(kv.dtype).is_none() {
+            return Err(Error::Invalid(format!(
+                "GPU attention: K/V dtype must be bf16 or f16, got {}",
+                kv.dtype
+            )));
+        }
+        Ok(())
+    }
+
+    fn borrowed_kv(&self, kv: &EngineKv, lens: Vec<usize>) -> Result<DeviceKv> {
+        DeviceKv::borrowed(
+            kv.k,
+            kv.v,
+            kv.dtype,
+            kv.table,
+            kv.table_stride,
+            kv.page_size,
+            kv.page_stride,
+            kv.head_stride,
+            self.shape.n_kv_heads,
+            self.shape.head_dim,
+            lens,
+        )
+    }
+
+    /// q to f32 `[rows][n_q][d]` in `self.qf`, times `mul`.
+    fn convert_q(&mut self, gpu: &GpuContext, q: &QArg, rows: usize, mul: f32) -> Result<()> {
+        let hqd = self.shape.n_q_heads * self.shape.head_dim;
+        grow(&mut self.qf, rows * hqd * 4)?;
+        let f = gpu.func("decode", "q_to_f32")?;
+        let (dt, st, nr, h) = (
+            dtype_code(q.dtype),
+            q.row_stride as i64,
+            i32_of("query rows", rows)?,
+            hqd as i32,
+        );
+        let mut l = gpu.stream.launch_builder(&f);
+        l.arg(&q.ptr)
+            .arg(&dt)
+            .arg(&st)
+            .arg(&nr)
+            .arg(&h)
+            .arg(&mul)
+            .arg(&self.qf.ptr);
+        let blocks = (rows * hqd).div_ceil(256).min(4096) as u32;
+        unsafe {
+            l.launch(LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(|e| gpu_err("launch q_to_f32", e))?;
+        Ok(())
+    }
+
+    fn scaled_shape(&self, sm_scale: Option<f32>) -> Result<(AttnShape, f32)> {
+        let mut sh = self.shape;
+        match sm_scale {
+            None => Ok((sh, 1.0)),
+            Some(s) if s.is_finite() && s > 0.0 => {
+                // Scores are exact in the kernels' scale; q keeps the
+                // caller's scale for hip scoring (order-invariant).
+                sh.scale = s;
+                Ok((sh, 1.0))
+            }
+            Some(s) => Err(Error::Invalid(format!(
+                "GPU attention: softmax scale {s} must be finite and positive"
+            ))),
+        }
+    }
+
+    /// Selection buffers for `rows` rows of `cap` ranges plus cnt/tot.
+    fn sel_view(&mut self, rows: usize, cap: usize) -> Result<DeviceSelection> {
+        grow(&mut self.sel_ranges, rows * cap * 8)?;
+        grow(&mut self.sel_cum, rows * cap * 4 + rows * 8)?;
+        self.sel_rows = rows;
+        self.sel_cap = cap;
+        let cum = self.sel_cum.ptr;
+        Ok(DeviceSelection {
+            ranges: DevBuf::borrowed(self.sel_ranges.ptr, rows * cap * 8),
+            cum: DevBuf::borrowed(cum, rows * cap * 4),
+            cnt: DevBuf::borrowed(cum + (rows * cap * 4) as u64, rows * 4),
+            tot: DevBuf::borrowed(cum + (rows * cap * 4 + rows * 4) as u64, rows * 4),
+            cap,
+            rows,
+            max_tokens: 0,
+        })
+    }
+
+    /// The selection of the last call (rows `[query row][kv head]`), read
+    /// back synchronously (tests, debugging).
+    pub fn last_selection(&self) -> Result<Vec<crate::policy::Selection>> {
+        // The last call ran on the caller's stream: wait for the device.
+        cudarc::driver::result::ctx::synchronize()
+            .map_err(|e| gpu_err("context synchronize", e))?;
+        let (rows, cap) = (self.sel_rows, self.sel_cap);
+        let sel = DeviceSelection {
+            ranges: DevBuf::borrowed(self.sel_ranges.ptr, rows * cap * 8),
+            cum: DevBuf::borrowed(self.sel_cum.ptr, rows * cap * 4),
+            cnt: DevBuf::borrowed(self.sel_cum.ptr + (rows * cap * 4) as u64, rows * 4),
+            tot: DevBuf::borrowed(
+                self.sel_cum.ptr + (rows * cap * 4 + rows * 4) as u64,
+                rows * 4,
+            ),
+            cap,
+            rows,
+            max_tokens: 0,
+        };
+        sel.to_host(self.shape.n_kv_heads)
+    }
+
+    /// Decode one query per request. `req_ids[b]` keys the hip state,
+    /// `table_rows[b]` is request b's row of `kv.table`, `lens[b]` its
+    /// length including the token being decoded (the query sits at
+    /// `lens[b] - 1`). q `[batch][n_q * d]`, out the same. `stream`: the
+    /// caller's `CUstream` (0: the legacy default stream); every launch and
+    /// copy goes there, nothing waits on the host. `sm_scale` None:
+    /// 1/sqrt(head_dim).
+    ///
+    /// # Safety
+    /// All pointers are device pointers of this context, valid and sized
+    /// for the shapes given, until the stream has run the launches.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn decode(
+        &mut self,
+        stream: u64,
+        layer: usize,
+        kv: &EngineKv,
+        req_ids: &[u64],
+        table_rows: &[usize],
+        lens: &[usize],
+        q: &QArg,
+        out: &AttnOut,
+        sm_scale: Option<f32>,
+    ) -> Result<()> {
+        let b = req_ids.len();
+        self.check_common(layer, kv, q, out, b)?;
+        if table_rows.len() != b || lens.len() != b {
+            return Err(Error::shape(
+                "GPU decode table_rows / lens per request",
+                b,
+                format!("{} / {}", table_rows.len(), lens.len()),
+            ));
+        }
+        let cap_tokens = kv.table_stride * kv.page_size;
+        for (i, &l) in lens.iter().enumerate() {
+            if l == 0 || l > cap_tokens {
+                return Err(Error::OutOfRange(format!(
+                    "GPU decode request {i}: length {l} (must be 1..={cap_tokens}, the table row's capacity)"
+                )));
+            }
+        }
+        {
+            let mut seen = std::collections::HashSet::new();
+            if let Some(d) = req_ids.iter().find(|&&r| !seen.insert(r)) {
+                return Err(Error::Invalid(format!(
+                    "GPU decode: request id {d} appears twice in one batch"
+                )));
+            }
+        }
+        // Engines call from their own threads: make the context current.
+        self.gpu
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| gpu_err("bind the CUDA context to this thread", e))?;
+        let dkv = self.borrowed_kv(kv, lens.to_vec())?;
+        let gpu = self.gpu.on_stream(stream);
+        let (shape, mul) = self.scaled_shape(sm_scale)?;
+        self.convert_q(&gpu, q, b, mul)?;
+        let hkv = self.shape.n_kv_heads;
+        let rows: Vec<i32> = table_rows
+            .iter()
+            .map(|&r| i32_of("table row", r))
+            .collect::<Result<_>>()?;
+        let (sel, max_tokens) = if matches!(self.layers[layer], Layer::Dense) {
+            // Rows [b][h]: one range 0..len; then the table rows.
+            let sel = self.sel_view(b * hkv, 1)?;
+            let mut host: Vec<i32> = Vec::with_capacity(b * hkv * 5 + b);
+            for &l in lens {
+                for _ in 0..hkv {
+                    host.extend_from_slice(&[0, l as i32]);
+                }
+            }
+            // ranges live in sel_ranges; cum/cnt/tot in sel_cum.
+            sel.ranges.write_async(&gpu.stream, &host)?;
+            let mut rest: Vec<i32> = vec![0; b * hkv];
+            rest.extend(std::iter::repeat_n(1, b * hkv));
+            for &l in lens {
+                rest.extend(std::iter::repeat_n(l as i32, hkv));
+            }
+            DevBuf::borrowed(sel.cum.ptr, rest.len() * 4).write_async(&gpu.stream, &rest)?;
+            grow(&mut self.up, b * 4)?;
+            self.up.write_async(&gpu.stream, &rows)?;
+            (sel, *lens.iter().max().unwrap())
+        } else {
+            self.hip_select(&gpu, layer, &dkv, req_ids, &rows, lens)?
+        };
+        let q_seq = self.up.ptr;
+        let mut ws = std::mem::take(&mut self.ws);
+        let r = launch_attention_ex(
+            &gpu,
+            &mut ws,
+            &shape,
+            "",
+            KvPtrs {
+                k: kv.k,
+                v: kv.v,
+                table: kv.table,
+                table_stride: kv.table_stride,
+                page_size: kv.page_size,
+                dtype: kv.dtype,
+            },
+            dkv.strides(),
+            self.qf.ptr,
+            b,
+            &sel,
+            max_tokens,
+            None,
+            *out,
+            1,
+            q_seq,
+            0,
+        );
+        self.ws = ws;
+        r
+    }
+
+    /// hip mask estimation of every request of the batch into the
+    /// selection; returns it and the host bound on selected tokens. Leaves
+    /// the table rows at `self.up` (first `b` i32).
+    fn hip_select(
+        &mut self,
+        gpu: &GpuContext,
+        layer: usize,
+        dkv: &DeviceKv,
+        req_ids: &[u64],
+        rows: &[i32],
+        lens: &[usize],
+    ) -> Result<(DeviceSelection, usize)> {
+        let b = req_ids.len();
+        let hkv = self.shape.n_kv_heads;
+        let g = self.shape.group();
+        let d = self.shape.head_dim;
+        let slots: Vec<(usize, bool)> = req_ids.iter().map(|&id| self.slot(id)).collect();
+        let n_slots = self.n_slots;
+        let Layer::Hip(h) = &mut self.layers[layer] else {
+            unreachable!()
+        };
+        h.ensure_slots(n_slots, hkv)?;
+        for &(s, fresh) in &slots {
+            if fresh {
+                h.step[s] = 0;
+            }
+        }
+        let cfg = &h.cfg;
+        let n = cfg.stages.len();
+        let last_cap = *h.caps.last().unwrap();
+        let last_keep = last_cap * cfg.stages.last().unwrap().chunk_size;
+        // Host upload: [rows b] then per request [mids hkv x 2][extra 6],
+        // 4-int aligned.
+        let per = (hkv * 2 + 6).next_multiple_of(4);
+        let head = b.next_multiple_of(4);
+        let mut host = vec![0i32; head + b * per];
+        host[..b].copy_from_slice(rows);
+        let mut froms = Vec::with_capacity(b);
+        let mut e0s = Vec::with_capacity(b);
+        let mut bound = 1usize;
+        let mut slots_need = 0usize;
+        for (i, (&(s, _), &len)) in slots.iter().zip(lens).enumerate() {
+            let from = h.refresh_from(s);
+            let (sink, mid, win) = regions(cfg, len - 1);
+            if from == 0 {
+                h.mid_end[s] = mid.end;
+            }
+            let slid = h.mid_end[s].max(mid.start)..mid.end;
+            bound = bound.max(sink.len() + slid.len() + win.len() + last_keep.min(mid.len()));
+            let o = head + i * per;
+            for hh in 0..hkv {
+                host[o + 2 * hh] = mid.start as i32;
+                host[o + 2 * hh + 1] = mid.end as i32;
+            }
+            let x = o + 2 * hkv;
+            for (j, r) in [sink, slid, win].into_iter().enumerate() {
+                host[x + 2 * j] = r.start as i32;
+                host[x + 2 * j + 1] = r.end as i32;
+            }
+            let e0 = mid.len().div_ceil(cfg.stages[0].chunk_size).max(1);
+            let mut need = e0;
+            for st in 1..n {
+                let e = cfg.stages[st - 1]
+                    .chunk_size
+                    .div_ceil(cfg.stages[st].chunk_size);
+                need = need.max(h.caps[st - 1] * e);
+            }
+            slots_need = slots_need.max(hkv * need);
+            froms.push(from);
+            e0s.push(e0);
+        }
+        grow(&mut self.up, host.len() * 4)?;
+        self.up.write_async(&gpu.stream, &host)?;
+        if slots_need > self.keys_cap {
+            self.keys = DevBuf::alloc(slots_need * 4)?;
+            self.keys_cap = slots_need;
+        }
+        // sel_view borrows self mutably: compute it before the loop.
+        let sel = {
+            let rows_n = b * hkv;
+            let cap = last_cap + 3;
+            grow(&mut self.sel_ranges, rows_n * cap * 8)?;
+            grow(&mut self.sel_cum, rows_n * cap * 4 + rows_n * 8)?;
+            let cum = self.sel_cum.ptr;
+            DeviceSelection {
+                ranges: DevBuf::borrowed(self.sel_ranges.ptr, rows_n * cap * 8),
+                cum: DevBuf::borrowed(cum, rows_n * cap * 4),
+                cnt: DevBuf::borrowed(cum + (rows_n * cap * 4) as u64, rows_n * 4),
+                tot: DevBuf::borrowed(cum + (rows_n * cap * 4 + rows_n * 4) as u64, rows_n * 4),
+                cap,
+                rows: rows_n,
+                max_tokens: 0,
+            }
+        };
+        let Layer::Hip(h) = &mut self.layers[layer] else {
+            unreachable!()
+        };
+        let up = self.up.ptr;
+        let qf = self.qf.ptr;
+        for (i, &(s, _)) in slots.iter().enumerate() {
+            let stages: Vec<StageBuf> = (0..n).map(|st| h.stage_view(s, st, hkv)).collect();
+            let o = (head + i * per) as u64 * 4;
+            if froms[i] < n {
+                let x = StageInputs {
+                    rows: hkv,
+                    row_seq: up + (i * 4) as u64,
+                    q: qf + (i * hkv * g * d * 4) as u64,
+                    nq: self.nq.ptr,
+                    nq_max: g,
+                    nq_tpl: g.min(8),
+                    stage0_in: up + o,
+                    stage0_cnt: self.ones.ptr,
+                    e0: e0s[i],
+                    keys: self.keys.ptr,
+                };
+                run_stages(gpu, dkv, &h.cfg, &stages, froms[i], &x)?;
+            }
+            assemble_rows(
+                gpu,
+                stages.last().unwrap(),
+                up + o + (2 * hkv * 4) as u64,
+                hkv,
+                hkv,
+                &sel,
+                i * hkv,
+            )?;
+            h.step[s] += 1;
+        }
+        self.sel_rows = b * hkv;
+        self.sel_cap = last_cap + 3;
+        Ok((sel, bound))
+    }
+
+    /// Dense causal attention of new tokens (chunked prefill / extend):
+    /// request b has `n_new[b]` query rows (consecutive in q and out, in
+    /// request order) at positions `lens[b] - n_new[b] .. lens[b]`, its K/V
+    /// already written to the engine's cache. Resets the hip state of the
+    /// requests (their next decode refreshes every stage).
+    ///
+    /// # Safety
+    /// As `decode`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn prefill(
+        &mut self,
+        stream: u64,
+        layer: usize,
+        kv: &EngineKv,
+        req_ids: &[u64],
+        table_rows: &[usize],
+        lens: &[usize],
+        n_new: &[usize],
+        q: &QArg,
+        out: &AttnOut,
+        sm_scale: Option<f32>,
+    ) -> Result<()> {
+        let b = req_ids.len();
+        if table_rows.len() != b || lens.len() != b || n_new.len() != b {
+            return Err(Error::shape(
+                "GPU prefill table_rows / lens / n_new per request",
+                b,
+                format!("{} / {} / {}", table_rows.len(), lens.len(), n_new.len()),
+            ));
+        }
+        let total: usize = n_new.iter().sum();
+        self.check_common(layer, kv, q, out, total)?;
+        let cap_tokens = kv.table_stride * kv.page_size;
+        for i in 0..b {
+            if n_new[i] > lens[i] || lens[i] > cap_tokens {
+                return Err(Error::OutOfRange(format!(
+                    "GPU prefill request {i}: {} new of {} tokens (table row holds {cap_tokens})",
+                    n_new[i], lens[i]
+                )));
+            }
+        }
+        for id in req_ids {
+            if let Some(&s) = self.slots.get(id) {
+                self.reset_slot(s);
+            }
+        }
+        // Engines call from their own threads: make the context current.
+        self.gpu
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| gpu_err("bind the CUDA context to this thread", e))?;
+        let dkv = self.borrowed_kv(kv, lens.to_vec())?;
+        let gpu = self.gpu.on_stream(stream);
+        let (shape, mul) = self.scaled_shape(sm_scale)?;
+        self.convert_q(&gpu, q, total, mul)?;
+        let hkv = self.shape.n_kv_heads;
+        let nr = total * hkv;
+        let sel = self.sel_view(nr, 1)?;
+        let mut ranges = Vec::with_capacity(nr * 2);
+        let mut tail = vec![0i32; nr];
+        tail.extend(std::iter::repeat_n(1, nr));
+        let mut q_seq = Vec::with_capacity(total);
+        for i in 0..b {
+            let row = i32_of("table row", table_rows[i])?;
+            for j in 0..n_new[i] {
+                let end = (lens[i] - n_new[i] + j + 1) as i32;
+                q_seq.push(row);
+                for _ in 0..hkv {
+                    ranges.extend_from_slice(&[0, end]);
+                    tail.push(end);
+                }
+            }
+        }
+        sel.ranges.write_async(&gpu.stream, &ranges)?;
+        DevBuf::borrowed(sel.cum.ptr, tail.len() * 4).write_async(&gpu.stream, &tail)?;
+        grow(&mut self.up, total * 4)?;
+        self.up.write_async(&gpu.stream, &q_seq)?;
+        let max_tokens = *lens.iter().max().unwrap();
+        let mut ws = std::mem::take(&mut self.ws);
+        let r = launch_attention_ex(
+            &gpu,
+            &mut ws,
+            &shape,
+            "",
+            KvPtrs {
+                k: kv.k,
+                v: kv.v,
+                table: kv.table,
+                table_stride: kv.table_stride,
+                page_size: kv.page_size,
+                dtype: kv.dtype,
+            },
+            dkv.strides(),
+            self.qf.ptr,
+            total,
+            &sel,
+            max_tokens,
+            None,
+            *out,
+            1,
+            self.up.ptr,
+            0,
+        );
+        self.ws = ws;
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_schedule_per_slot() {
+        let cfg = HipConfig::default();
+        let mut h = HipLayer {
+            caps: vec![1; cfg.stages.len()],
+            cfg: cfg.clone(),
+            chunks: Vec::new(),
+            step: vec![0, 5],
+            mid_end: vec![0, 0],
+        };
+        assert_eq!(h.refresh_from(0), 0);
+        // Default intervals 16 / 8 / 4: step 5 refreshes nothing, 8 from
+        // stage 1, 16 everything.
+        assert_eq!(h.refresh_from(1), cfg.stages.len());
+        h.step[1] = 8;
+        assert_eq!(h.refresh_from(1), 1);
+        h.step[1] = 32;
+        assert_eq!(h.refresh_from(1), 0);
+    }
+}
