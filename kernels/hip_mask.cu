@@ -18,7 +18,11 @@ __device__ __forceinline__ u32 score_key(float f) {
 template <typename E, int D, int NQ>
 __device__ __forceinline__ float probe(const u16* __restrict__ kp, const int* trow, int t, int h,
                                        int hkv, int ps, const float* sq, int nq) {
+#ifdef HIP_EST_HOST
+    const u16* kr = est_key_row(kp, trow, t, h, hkv, ps, D);  // kp: EstCache (hip_est_host.cuh)
+#else
     const u16* kr = kp + kv_row(trow, t, h, hkv, ps, D);
+#endif
     float best = NEG_INF;
     for (int j0 = 0; j0 < nq; j0 += NQ) {
         float a[NQ][8];
