@@ -293,6 +293,9 @@ pub struct EstRowCache {
     holder: Vec<u32>,
     referenced: Vec<bool>,
     hand: usize,
+    batch_gen: Vec<u32>,
+    batch_pos: Vec<u32>,
+    gen: u32,
     pub stats: CacheStats,
 }
 
@@ -303,6 +306,9 @@ impl EstRowCache {
             holder: vec![EMPTY_ROW; rows],
             referenced: vec![false; rows],
             hand: 0,
+            batch_gen: vec![0; rows],
+            batch_pos: vec![0; rows],
+            gen: 0,
             stats: CacheStats::default(),
         }
     }
@@ -336,21 +342,30 @@ impl EstRowCache {
         if self.holder.is_empty() {
             return out;
         }
-        // Slot -> index in `out` for this batch: a slot taken twice (the
-        // hand came round) keeps only its last row, so no slot is copied
-        // twice in one gather.
-        let mut batch: HashMap<u32, usize> = HashMap::new();
+        // Slot -> index in `out` for this batch (generation-stamped): a slot
+        // taken twice (the hand came round) keeps only its last row, so no
+        // slot is copied twice in one gather.
+        self.gen = self.gen.wrapping_add(1);
+        if self.gen == 0 {
+            self.batch_gen.iter_mut().for_each(|g| *g = 0);
+            self.gen = 1;
+        }
+        let mut taken = 0;
         for &row in rows {
-            if batch.len() == self.holder.len() {
+            if taken == self.holder.len() {
                 break;
             }
             if row == EMPTY_ROW || self.map.get(row).is_some() {
                 continue;
             }
             let s = self.victim();
-            if let Some(i) = batch.insert(s as u32, out.len()) {
-                out[i].row = EMPTY_ROW;
+            if self.batch_gen[s] == self.gen {
+                out[self.batch_pos[s] as usize].row = EMPTY_ROW;
+            } else {
+                taken += 1;
             }
+            self.batch_gen[s] = self.gen;
+            self.batch_pos[s] = out.len() as u32;
             let old = self.holder[s];
             let evicted = (old != EMPTY_ROW).then(|| {
                 self.map.remove(old);
@@ -530,5 +545,26 @@ mod tests {
         assert_eq!(last_hits, 400, "the hot set (200 rows) fits in 256 slots");
         assert!(c.stats.evictions > 100, "{:?}", c.stats);
         assert_eq!(c.stats.hits + c.stats.misses, 60 * 400);
+    }
+
+    /// A batch larger than the cache: every slot appears at most once in
+    /// the admission list and each admitted row is resident where listed.
+    #[test]
+    fn oversized_admission_batch_lists_each_slot_once() {
+        let mut c = EstRowCache::new(64);
+        let first: Vec<u32> = (0..40).collect();
+        c.admit(&first, 8);
+        c.merge_referenced(&[1u8; 64]);
+        let rows: Vec<u32> = (1000..1300).chain(0..40).collect();
+        let adm = c.admit(&rows, 8);
+        assert!(!adm.is_empty() && adm.len() <= 64);
+        let mut slots: Vec<u32> = adm.iter().map(|a| a.slot).collect();
+        slots.sort_unstable();
+        slots.dedup();
+        assert_eq!(slots.len(), adm.len(), "a slot listed twice");
+        for a in &adm {
+            assert_eq!(c.slot(a.row), Some(a.slot));
+        }
+        assert_eq!(c.map.len(), 64);
     }
 }
