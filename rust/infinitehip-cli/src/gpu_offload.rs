@@ -470,7 +470,7 @@ pub fn bench(argv: &[String]) -> R<()> {
             .collect()
     };
     let fractions = frac_list("cache", "0.05")?;
-    let est_frac = frac_list("est-rows", "0.05")?[0];
+    let est_list = frac_list("est-rows", "0.05,0.25")?;
     let steps: usize = a.get("steps", 48)?;
     let warm: usize = a.get("warmup", 16)?;
     let seed: u64 = a.get("seed", 0)?;
@@ -479,7 +479,6 @@ pub fn bench(argv: &[String]) -> R<()> {
     println!("bench-gpu-offload on {machine}");
     let shape = AttnShape::new(32, 8, 128).map_err(e)?;
     let cfg = HipConfig::default();
-    let n_stages = cfg.stages.len();
     let lay = KvLayout {
         n_kv_heads: 8,
         head_dim: 128,
@@ -506,7 +505,10 @@ pub fn bench(argv: &[String]) -> R<()> {
             DevBuf::alloc(qe * 4).map_err(e)?,
             DevBuf::alloc(qe * 4).map_err(e)?,
         );
-        for &f in &fractions {
+        for (&f, &est_frac) in fractions
+            .iter()
+            .flat_map(|f| est_list.iter().map(move |x| (f, x)))
+        {
             let n_slots = ((total_blocks as f64 * f).ceil() as usize).max(1);
             let mut off = OffloadKv::new(&gpu, host, n_slots).map_err(e)?;
             let est_rows = (total_rows as f64 * est_frac).ceil() as usize;
@@ -517,7 +519,7 @@ pub fn bench(argv: &[String]) -> R<()> {
             let mut rng = Rng::new(seed ^ 0xbe);
             let (mut est_r, mut res, mut est_o, mut prep, mut dec_o, mut tot_o) =
                 (vec![], vec![], vec![], vec![], vec![], vec![]);
-            let mut est_o_refresh0 = vec![];
+            let (mut est_o_refresh0, mut est_kernel, mut est_admit) = (vec![], vec![], vec![]);
             let (mut hits, mut misses, mut bytes, mut needed, mut max_abs) =
                 (0u64, 0u64, 0u64, 0usize, 0f32);
             let (mut eh, mut em, mut e_host, mut e_adm, mut sel_diff) =
@@ -543,6 +545,8 @@ pub fn bench(argv: &[String]) -> R<()> {
                 let from = est
                     .select(&gpu, &mut dec2, &off.host, qd.ptr, true)
                     .map_err(e)?;
+                gpu.synchronize().map_err(e)?;
+                let t15 = Instant::now();
                 let es = est.finish(&gpu).map_err(e)?;
                 let t2 = Instant::now();
                 let sels = dec2.sel.to_host(8).map_err(e)?;
@@ -578,6 +582,8 @@ pub fn bench(argv: &[String]) -> R<()> {
                     if from == 0 {
                         est_o_refresh0.push((t2 - t1).as_secs_f64() * 1e3);
                     }
+                    est_kernel.push((t15 - t1).as_secs_f64() * 1e3);
+                    est_admit.push((t2 - t15).as_secs_f64() * 1e3);
                     prep.push((t3 - t2).as_secs_f64() * 1e3);
                     dec_o.push((t4 - t3).as_secs_f64() * 1e3);
                     tot_o.push((t4 - t1).as_secs_f64() * 1e3);
@@ -590,7 +596,6 @@ pub fn bench(argv: &[String]) -> R<()> {
                     e_host += es.host_bytes_read;
                     e_adm += es.cache.bytes_copied;
                 }
-                let _ = n_stages;
             }
             let mean = |v: &[f64]| {
                 if v.is_empty() {
@@ -605,7 +610,7 @@ pub fn bench(argv: &[String]) -> R<()> {
             let res_total = mean(&est_r) + mean(&res);
             let row = json!({
                 "tokens": t, "cache_fraction": f, "cache_blocks": n_slots, "kv_blocks": total_blocks,
-                "est_rows": est_rows, "est_rows_fraction": est_frac, "key_rows": total_rows,
+                "est_rows": est_rows, "est_rows_fraction": est_frac, "est_max_admit_per_step": est.max_admit_per_step, "key_rows": total_rows,
                 "host_kv_mib": kv_mib,
                 "device_page_cache_mib": off.device_bytes() as f64 / mib,
                 "device_est_cache_mib": est.device_bytes() as f64 / mib,
@@ -615,6 +620,8 @@ pub fn bench(argv: &[String]) -> R<()> {
                 "resident_step_ms": res_total,
                 "offload_estimation_ms": mean(&est_o),
                 "offload_estimation_stage0_refresh_ms": mean(&est_o_refresh0),
+                "offload_estimation_kernels_ms": mean(&est_kernel),
+                "offload_estimation_admission_host_ms": mean(&est_admit),
                 "offload_prepare_ms": mean(&prep), "offload_decode_ms": mean(&dec_o),
                 "offload_step_ms": mean(&tot_o),
                 "page_hit_ratio": hits as f64 / (hits + misses).max(1) as f64,
@@ -637,14 +644,15 @@ pub fn bench(argv: &[String]) -> R<()> {
         }
     }
     let g = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-    println!("\n| tokens | page cache | est rows | resident ms/step (est + attn) | offload ms/step | of it: est (stage-0 refresh steps) | prepare | attn | page hit % | row hit % | bus MiB/step (pages + est read + est admit) | device MiB offload / resident | sel mismatches | max abs diff |");
+    println!("\n| tokens | page cache | est rows | resident ms/step (est + attn) | offload ms/step | of it: est (kernels + admission; stage-0 refresh steps) | prepare | attn | page hit % | row hit % | bus MiB/step (pages + est read + est admit) | device MiB offload / resident | sel mismatches | max abs diff |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {:.1}% | {:.1}% | {:.3} ({:.3} + {:.3}) | {:.3} | {:.3} ({:.2}) | {:.3} | {:.3} | {:.1} | {:.1} | {:.2} ({:.2} + {:.2} + {:.2}) | {:.0} / {:.0} | {} | {:.1e} |",
+            "| {} | {:.1}% | {:.1}% | {:.3} ({:.3} + {:.3}) | {:.3} | {:.3} ({:.3} + {:.3}; {:.1}) | {:.3} | {:.3} | {:.1} | {:.1} | {:.2} ({:.2} + {:.2} + {:.2}) | {:.0} / {:.0} | {} | {:.1e} |",
             r["tokens"], 100.0 * g(r, "cache_fraction"), 100.0 * g(r, "est_rows_fraction"),
             g(r, "resident_step_ms"), g(r, "resident_estimation_ms"), g(r, "resident_decode_ms"),
-            g(r, "offload_step_ms"), g(r, "offload_estimation_ms"), g(r, "offload_estimation_stage0_refresh_ms"),
+            g(r, "offload_step_ms"), g(r, "offload_estimation_ms"), g(r, "offload_estimation_kernels_ms"),
+            g(r, "offload_estimation_admission_host_ms"), g(r, "offload_estimation_stage0_refresh_ms"),
             g(r, "offload_prepare_ms"), g(r, "offload_decode_ms"),
             100.0 * g(r, "page_hit_ratio"), 100.0 * g(r, "est_row_hit_ratio"),
             g(r, "bus_mib_per_step"), g(r, "page_copied_mib_per_step"), g(r, "est_host_read_mib_per_step"), g(r, "est_admitted_mib_per_step"),

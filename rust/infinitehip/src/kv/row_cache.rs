@@ -335,9 +335,11 @@ impl EstRowCache {
     }
 
     /// Admit missed rows (duplicates and resident rows skipped) by CLOCK;
-    /// at most `capacity` rows per call (later ones would evict earlier
-    /// ones of the same batch). `row_bytes` feeds `stats.bytes_copied`.
-    pub fn admit(&mut self, rows: &[u32], row_bytes: u64) -> Vec<Admitted> {
+    /// at most `limit` (and at most `capacity`) slots per call: a step whose
+    /// misses exceed the cache would otherwise flush it (the LRU scan
+    /// pathology) and pay host time for rows that are evicted again before
+    /// their next use. `row_bytes` feeds `stats.bytes_copied`.
+    pub fn admit(&mut self, rows: &[u32], row_bytes: u64, limit: usize) -> Vec<Admitted> {
         let mut out: Vec<Admitted> = Vec::new();
         if self.holder.is_empty() {
             return out;
@@ -352,7 +354,7 @@ impl EstRowCache {
         }
         let mut taken = 0;
         for &row in rows {
-            if taken == self.holder.len() {
+            if taken == self.holder.len().min(limit) {
                 break;
             }
             if row == EMPTY_ROW || self.map.get(row).is_some() {
@@ -530,7 +532,7 @@ mod tests {
             c.record(hits, misses.len() as u64);
             c.merge_referenced(&dev_ref);
             dev_ref.iter_mut().for_each(|b| *b = 0);
-            for a in c.admit(&misses, 16) {
+            for a in c.admit(&misses, 16, usize::MAX) {
                 let (s, r) = (a.slot as usize, a.row as usize);
                 arena[s * d..(s + 1) * d].copy_from_slice(&host[r * d..(r + 1) * d]);
             }
@@ -553,10 +555,11 @@ mod tests {
     fn oversized_admission_batch_lists_each_slot_once() {
         let mut c = EstRowCache::new(64);
         let first: Vec<u32> = (0..40).collect();
-        c.admit(&first, 8);
+        c.admit(&first, 8, usize::MAX);
         c.merge_referenced(&[1u8; 64]);
         let rows: Vec<u32> = (1000..1300).chain(0..40).collect();
-        let adm = c.admit(&rows, 8);
+        let adm = c.admit(&rows, 8, usize::MAX);
+        assert_eq!(EstRowCache::new(64).admit(&rows, 8, 10).len(), 10);
         assert!(!adm.is_empty() && adm.len() <= 64);
         let mut slots: Vec<u32> = adm.iter().map(|a| a.slot).collect();
         slots.sort_unstable();

@@ -69,6 +69,11 @@ pub struct HostEstimation {
     staging: PinnedBuf,
     side: Arc<CudaStream>,
     admitted: CudaEvent,
+    /// Most rows admitted per step (default capacity / 8, at least 1024):
+    /// bounds the host's admission time and the bus bytes of a step whose
+    /// misses exceed the cache, and keeps most of the cache across such
+    /// steps instead of flushing it.
+    pub max_admit_per_step: usize,
 }
 
 impl HostEstimation {
@@ -151,6 +156,7 @@ impl HostEstimation {
             staging: PinnedBuf::alloc(1 << 16)?,
             side,
             admitted,
+            max_admit_per_step: (rows / 8).max(1024).min(rows),
         })
     }
 
@@ -219,7 +225,9 @@ impl HostEstimation {
         self.refb.fill_bytes(0)?;
         self.cache.merge_referenced(&bits);
         let ev0 = self.cache.stats.evictions;
-        let adm = self.cache.admit(&rows, self.row_bytes as u64);
+        let adm = self
+            .cache
+            .admit(&rows, self.row_bytes as u64, self.max_admit_per_step);
         let upd = self.cache.map.take_updates();
         step.rows_admitted = adm.len() as u64;
         step.cache.bytes_copied = adm.len() as u64 * self.row_bytes as u64;
