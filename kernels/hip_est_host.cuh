@@ -7,7 +7,10 @@
 // by the host). A hit reads the row from the device arena and marks its
 // CLOCK reference bit; a miss reads it straight from the mapped pinned host
 // memory (bit-identical) and appends the row id to the miss list, which the
-// host admits after the step. Counters are warp-aggregated.
+// host admits after the step. Counters are warp-aggregated. With
+// `miss_rows` set, a missed row is first copied whole into its miss-list
+// position in device memory (all loads in flight at once) and scored from
+// there; admission then copies device -> device.
 struct EstCache {
     const u16* host_k;              // mapped pinned host K [page][hkv][ps][D]
     const u16* arena;               // [slot][D]
@@ -19,7 +22,24 @@ struct EstCache {
     u32 miss_cap;
     u32 pad_;
     unsigned char* ref;             // per slot: read since the host's last sweep
+    u16* miss_rows;                 // [miss_cap][D] staged copies of missed rows, or null
 };
+
+// Copy one row host -> device staging with all of its 16-byte loads in
+// flight together (chunks of 8 vectors), instead of the scoring loop's few
+// dependent round trips over the bus.
+__device__ __forceinline__ void est_stage_row(const uint4* __restrict__ src, uint4* __restrict__ dst,
+                                              int nvec) {
+    for (int c0 = 0; c0 < nvec; c0 += 8) {
+        uint4 b[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            if (c0 + i < nvec) b[i] = src[c0 + i];
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            if (c0 + i < nvec) dst[c0 + i] = b[i];
+    }
+}
 
 __device__ __forceinline__ const u16* est_key_row(const u16* kp, const int* trow, int t, int h,
                                                   int hkv, int ps, int D) {
@@ -56,6 +76,14 @@ __device__ __forceinline__ const u16* est_key_row(const u16* kp, const int* trow
         return ec->arena + (long long)slot * D;
     }
     const u32 i = base + (u32)__popc(mm & ((1u << lane) - 1u));
-    if (i < ec->miss_cap) ec->miss_list[i] = row;
-    return ec->host_k + (long long)row * D;
+    const u16* src = ec->host_k + (long long)row * D;
+    if (i < ec->miss_cap) {
+        ec->miss_list[i] = row;
+        if (ec->miss_rows) {
+            u16* dst = ec->miss_rows + (long long)i * D;
+            est_stage_row(reinterpret_cast<const uint4*>(src), reinterpret_cast<uint4*>(dst), D / 8);
+            return dst;
+        }
+    }
+    return src;
 }

@@ -50,6 +50,8 @@ extern "C" __global__ void est_admit(const uint4* __restrict__ hk, uint4* __rest
                                      const unsigned long long* __restrict__ upd, int n_upd) {
     const long long stride = (long long)gridDim.x * blockDim.x;
     const long long t0 = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    // `hk` is the host tier (pairs: host row, slot) or the device staging of
+    // the step's missed rows (pairs: miss-list position, slot).
     for (long long e = t0; e < (long long)n * row_vec; e += stride) {
         const int i = (int)(e / row_vec), c = (int)(e % row_vec);
         arena[(long long)pairs[2 * i + 1] * row_vec + c] = hk[(long long)pairs[2 * i] * row_vec + c];

@@ -142,6 +142,8 @@ struct EqRun<'a> {
     /// Append one token per sequence after every step.
     appends: bool,
     small: bool,
+    /// Stage missed rows in device memory (`HostEstimation::new`).
+    stage: bool,
     seed: u64,
 }
 
@@ -189,8 +191,13 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
     let mut off = OffloadKv::new(gpu, host, n_slots).map_err(e)?;
     let mut est = match r.est_frac {
         Some(f) => Some(
-            HostEstimation::new(gpu, &off.host, (total_rows as f64 * f).ceil() as usize)
-                .map_err(e)?,
+            HostEstimation::new(
+                gpu,
+                &off.host,
+                (total_rows as f64 * f).ceil() as usize,
+                r.stage,
+            )
+            .map_err(e)?,
         ),
         None => None,
     };
@@ -318,12 +325,13 @@ pub fn test(argv: &[String]) -> R<()> {
                     est_frac: None,
                     appends: false,
                     small: true,
+                    stage: false,
                     seed,
                 },
             ),
         ),
         (
-            "estimation over host keys (5% rows) + 5% cache == all on device".into(),
+            "estimation over host keys (5% rows, direct reads) + 5% cache == all on device".into(),
             decode_equal(
                 &gpu,
                 &EqRun {
@@ -333,6 +341,23 @@ pub fn test(argv: &[String]) -> R<()> {
                     est_frac: Some(0.05),
                     appends: false,
                     small: true,
+                    stage: false,
+                    seed: seed + 1,
+                },
+            ),
+        ),
+        (
+            "estimation over host keys (5% rows, staged misses) + 5% cache == all on device".into(),
+            decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[150_000, 61_000],
+                    frac: 0.05,
+                    steps: 48,
+                    est_frac: Some(0.05),
+                    appends: false,
+                    small: true,
+                    stage: true,
                     seed: seed + 1,
                 },
             ),
@@ -348,6 +373,7 @@ pub fn test(argv: &[String]) -> R<()> {
                     est_frac: Some(0.01),
                     appends: true,
                     small: true,
+                    stage: true,
                     seed: seed + 2,
                 },
             ),
@@ -363,6 +389,7 @@ pub fn test(argv: &[String]) -> R<()> {
                     est_frac: Some(0.003),
                     appends: true,
                     small: false,
+                    stage: true,
                     seed: seed + 3,
                 },
             ),
@@ -453,8 +480,11 @@ pub fn bench(argv: &[String]) -> R<()> {
         &[
             "tokens", "cache", "est-rows", "steps", "warmup", "json", "seed",
         ],
-        &[],
+        &["est-direct"],
     )?;
+    // Missed estimation rows scored straight from host memory instead of
+    // staged whole in device memory first.
+    let direct = a.str("est-direct").is_some();
     let tokens = a.list("tokens", &[1 << 20, 4 << 20])?;
     let frac_list = |name: &str, def: &str| -> R<Vec<f64>> {
         a.str(name)
@@ -512,7 +542,7 @@ pub fn bench(argv: &[String]) -> R<()> {
             let n_slots = ((total_blocks as f64 * f).ceil() as usize).max(1);
             let mut off = OffloadKv::new(&gpu, host, n_slots).map_err(e)?;
             let est_rows = (total_rows as f64 * est_frac).ceil() as usize;
-            let mut est = HostEstimation::new(&gpu, &off.host, est_rows).map_err(e)?;
+            let mut est = HostEstimation::new(&gpu, &off.host, est_rows, !direct).map_err(e)?;
             let mut dec = HipGpuDecoder::new(cfg.clone(), &shape, 1).map_err(e)?;
             let mut dec2 = HipGpuDecoder::new(cfg.clone(), &shape, 1).map_err(e)?;
             let (mut ws1, mut ws2) = (DecodeWorkspace::new(), DecodeWorkspace::new());
@@ -610,7 +640,7 @@ pub fn bench(argv: &[String]) -> R<()> {
             let res_total = mean(&est_r) + mean(&res);
             let row = json!({
                 "tokens": t, "cache_fraction": f, "cache_blocks": n_slots, "kv_blocks": total_blocks,
-                "est_rows": est_rows, "est_rows_fraction": est_frac, "est_max_admit_per_step": est.max_admit_per_step, "key_rows": total_rows,
+                "est_rows": est_rows, "est_rows_fraction": est_frac, "est_max_admit_per_step": est.max_admit_per_step, "est_staged_misses": !direct, "key_rows": total_rows,
                 "host_kv_mib": kv_mib,
                 "device_page_cache_mib": off.device_bytes() as f64 / mib,
                 "device_est_cache_mib": est.device_bytes() as f64 / mib,

@@ -279,6 +279,8 @@ pub fn probe_device_map(map: &[u64], shift: u32, row: u32) -> Option<u32> {
 pub struct Admitted {
     pub row: u32,
     pub slot: u32,
+    /// Index of the row in the `admit` call's list.
+    pub index: u32,
     /// Row that held the slot before.
     pub evicted: Option<u32>,
 }
@@ -353,7 +355,7 @@ impl EstRowCache {
             self.gen = 1;
         }
         let mut taken = 0;
-        for &row in rows {
+        for (index, &row) in rows.iter().enumerate() {
             if taken == self.holder.len().min(limit) {
                 break;
             }
@@ -383,6 +385,7 @@ impl EstRowCache {
             out.push(Admitted {
                 row,
                 slot: s as u32,
+                index: index as u32,
                 evicted,
             });
         }
@@ -567,6 +570,7 @@ mod tests {
         assert_eq!(slots.len(), adm.len(), "a slot listed twice");
         for a in &adm {
             assert_eq!(c.slot(a.row), Some(a.slot));
+            assert_eq!(rows[a.index as usize], a.row);
         }
         assert_eq!(c.map.len(), 64);
     }

@@ -39,6 +39,7 @@ struct EstCacheDev {
     miss_cap: u32,
     pad: u32,
     refb: u64,
+    miss_rows: u64,
 }
 
 /// Counters of one estimation step.
@@ -63,13 +64,15 @@ pub struct HostEstimation {
     counters: DevBuf,
     miss_list: DevBuf,
     miss_cap: usize,
+    /// `[miss_cap][head_dim]` staged copies of the step's missed rows.
+    miss_rows: Option<DevBuf>,
     pub cache: EstRowCache,
     host_k: u64,
     row_bytes: usize,
     staging: PinnedBuf,
     side: Arc<CudaStream>,
     admitted: CudaEvent,
-    /// Most rows admitted per step (default capacity / 8, at least 1024):
+    /// Most rows admitted per step (default capacity / 2, at least 1024):
     /// bounds the host's admission time and the bus bytes of a step whose
     /// misses exceed the cache, and keeps most of the cache across such
     /// steps instead of flushing it.
@@ -77,8 +80,12 @@ pub struct HostEstimation {
 }
 
 impl HostEstimation {
-    /// A row cache of `rows` key rows over `host`'s keys.
-    pub fn new(gpu: &GpuContext, host: &HostKv, rows: usize) -> Result<Self> {
+    /// A row cache of `rows` key rows over `host`'s keys. `stage_misses`:
+    /// missed rows are copied whole into a device staging area (as many
+    /// rows as the cache, so twice its device bytes) and scored from there;
+    /// admission then copies device -> device instead of re-reading the
+    /// host. Without it, the scoring loop reads missed rows over the bus.
+    pub fn new(gpu: &GpuContext, host: &HostKv, rows: usize, stage_misses: bool) -> Result<Self> {
         let lay = host.layout;
         let total_rows = host.n_pages as u64 * (lay.n_kv_heads * lay.page_size) as u64;
         if total_rows >= u32::MAX as u64 {
@@ -101,6 +108,11 @@ impl HostEstimation {
         let counters = DevBuf::from_slice(&[0u32; 4])?;
         let miss_cap = rows;
         let miss_list = DevBuf::alloc(miss_cap * 4)?;
+        let miss_rows = if stage_misses {
+            Some(DevBuf::alloc(miss_cap * row_bytes)?)
+        } else {
+            None
+        };
         let dev = EstCacheDev {
             host_k: host.k.dev,
             arena: arena.ptr,
@@ -112,6 +124,7 @@ impl HostEstimation {
             miss_cap: miss_cap as u32,
             pad: 0,
             refb: refb.ptr,
+            miss_rows: miss_rows.as_ref().map_or(0, |b| b.ptr),
         };
         let (table, stride) = host.device_table();
         let capacity: Vec<usize> = host
@@ -150,13 +163,14 @@ impl HostEstimation {
             counters,
             miss_list,
             miss_cap,
+            miss_rows,
             cache,
             host_k: host.k.dev,
             row_bytes,
             staging: PinnedBuf::alloc(1 << 16)?,
             side,
             admitted,
-            max_admit_per_step: (rows / 8).max(1024).min(rows),
+            max_admit_per_step: (rows / 2).max(1024).min(rows),
         })
     }
 
@@ -168,6 +182,7 @@ impl HostEstimation {
             + self.refb.bytes
             + self.counters.bytes
             + self.miss_list.bytes
+            + self.miss_rows.as_ref().map_or(0, |b| b.bytes)
             + self.kv.k.bytes
             + self.kv.table.bytes
     }
@@ -220,7 +235,10 @@ impl HostEstimation {
         if logged == 0 {
             return Ok(step);
         }
-        let rows: Vec<u32> = self.miss_list.read(logged)?;
+        // Later stages' misses come last in the list and are re-read at
+        // every refresh of their stage: admitted first (the list reversed).
+        let mut rows: Vec<u32> = self.miss_list.read(logged)?;
+        rows.reverse();
         let bits: Vec<u8> = self.refb.read(self.cache.capacity())?;
         self.refb.fill_bytes(0)?;
         self.cache.merge_referenced(&bits);
@@ -244,7 +262,16 @@ impl HostEstimation {
             self.staging = PinnedBuf::alloc(need.next_power_of_two())?;
         }
         let w64: Vec<u64> = upd.iter().flat_map(|&(b, e)| [b, e]).collect();
-        let w32: Vec<u32> = adm.iter().flat_map(|a| [a.row, a.slot]).collect();
+        // Source of each admitted row: its staged copy (its position in the
+        // miss list, which `rows` holds reversed) or the host tier.
+        let w32: Vec<u32> = if self.miss_rows.is_some() {
+            adm.iter()
+                .flat_map(|a| [(logged - 1 - a.index as usize) as u32, a.slot])
+                .collect()
+        } else {
+            adm.iter().flat_map(|a| [a.row, a.slot]).collect()
+        };
+        let src = self.miss_rows.as_ref().map_or(self.host_k, |b| b.ptr);
         self.staging.write_at(0, &w64);
         self.staging.write_at(w64.len() * 8, &w32);
         let f = gpu.func("offload", "est_admit")?;
@@ -258,7 +285,7 @@ impl HostEstimation {
         let work = (adm.len() * self.row_bytes / 16).max(upd.len());
         let arena = self._arena.ptr;
         let mut l = self.side.launch_builder(&f);
-        l.arg(&self.host_k)
+        l.arg(&src)
             .arg(&arena)
             .arg(&pairs_ptr)
             .arg(&n)
