@@ -660,7 +660,8 @@ pub fn bench(argv: &[String]) -> R<()> {
                 "page_copied_mib_per_step": bytes as f64 / n / mib,
                 "est_host_read_mib_per_step": e_host as f64 / n / mib,
                 "est_admitted_mib_per_step": e_adm as f64 / n / mib,
-                "bus_mib_per_step": (bytes + e_host + e_adm) as f64 / n / mib,
+                // Staged admission copies device -> device: not bus bytes.
+                "bus_mib_per_step": (bytes + e_host + if direct { e_adm } else { 0 }) as f64 / n / mib,
                 "selection_mismatch_steps": sel_diff,
                 "max_abs_diff": max_abs,
                 "x32_resident_ms": 32.0 * res_total, "x32_offload_ms": 32.0 * mean(&tot_o),
@@ -674,11 +675,11 @@ pub fn bench(argv: &[String]) -> R<()> {
         }
     }
     let g = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-    println!("\n| tokens | page cache | est rows | resident ms/step (est + attn) | offload ms/step | of it: est (kernels + admission; stage-0 refresh steps) | prepare | attn | page hit % | row hit % | bus MiB/step (pages + est read + est admit) | device MiB offload / resident | sel mismatches | max abs diff |");
+    println!("\n| tokens | page cache | est rows | resident ms/step (est + attn) | offload ms/step | of it: est (kernels + admission; stage-0 refresh steps) | prepare | attn | page hit % | row hit % | bus MiB/step (pages + est read [+ est admit if direct]) | device MiB offload / resident | sel mismatches | max abs diff |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {:.1}% | {:.1}% | {:.3} ({:.3} + {:.3}) | {:.3} | {:.3} ({:.3} + {:.3}; {:.1}) | {:.3} | {:.3} | {:.1} | {:.1} | {:.2} ({:.2} + {:.2} + {:.2}) | {:.0} / {:.0} | {} | {:.1e} |",
+            "| {} | {:.1}% | {:.1}% | {:.3} ({:.3} + {:.3}) | {:.3} | {:.3} ({:.3} + {:.3}; {:.1}) | {:.3} | {:.3} | {:.1} | {:.1} | {:.2} ({:.2} + {:.2} [+ {:.2}]) | {:.0} / {:.0} | {} | {:.1e} |",
             r["tokens"], 100.0 * g(r, "cache_fraction"), 100.0 * g(r, "est_rows_fraction"),
             g(r, "resident_step_ms"), g(r, "resident_estimation_ms"), g(r, "resident_decode_ms"),
             g(r, "offload_step_ms"), g(r, "offload_estimation_ms"), g(r, "offload_estimation_kernels_ms"),
