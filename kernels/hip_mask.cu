@@ -17,8 +17,12 @@ __device__ __forceinline__ u32 score_key(float f) {
 
 template <typename E, int D, int NQ>
 __device__ __forceinline__ float probe(const u16* __restrict__ kp, const int* trow, int t, int h,
-                                       int ps, long long pst, long long hst, const float* sq, int nq) {
+                                       int hkv, int ps, long long pst, long long hst, const float* sq, int nq) {
+#ifdef HIP_EST_HOST
+    const u16* kr = est_key_row(kp, trow, t, h, hkv, ps, D);  // kp: EstCache (hip_est_host.cuh)
+#else
     const u16* kr = kp + kv_row(trow, t, h, ps, D, pst, hst);
+#endif
     float best = NEG_INF;
     for (int j0 = 0; j0 < nq; j0 += NQ) {
         float a[NQ][8];
@@ -78,13 +82,13 @@ __device__ void hip_score(const u16* __restrict__ kp, const int* __restrict__ ta
             const int* trow = table + (long long)row_seq[rb] * table_stride;
             float best;
             if (rr - l == 1) {
-                best = probe<E, D, NQ>(kp, trow, l, h, ps, pst, hst, sq, nq);
+                best = probe<E, D, NQ>(kp, trow, l, h, hkv, ps, pst, hst, sq, nq);
             } else {
                 best = NEG_INF;
                 while (rr - l > 1) {
                     int m = (l + rr) / 2;
-                    float sl = probe<E, D, NQ>(kp, trow, (l + m) / 2, h, ps, pst, hst, sq, nq);
-                    float sr = probe<E, D, NQ>(kp, trow, (m + rr) / 2, h, ps, pst, hst, sq, nq);
+                    float sl = probe<E, D, NQ>(kp, trow, (l + m) / 2, h, hkv, ps, pst, hst, sq, nq);
+                    float sr = probe<E, D, NQ>(kp, trow, (m + rr) / 2, h, hkv, ps, pst, hst, sq, nq);
                     if (sl >= sr) { rr = m; best = sl; } else { l = m; best = sr; }
                 }
             }

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use infinitehip::attention::AttnShape;
 use infinitehip::backend::cuda::dispatch::{self, DecodeWorkspace, HipGpuDecoder};
+use infinitehip::backend::cuda::est_cache::HostEstimation;
 use infinitehip::backend::cuda::offload::{HostKv, OffloadKv};
 use infinitehip::backend::cuda::{DevBuf, GpuContext};
 use infinitehip::config::HipConfig;
@@ -128,47 +129,100 @@ fn roundtrip(gpu: &GpuContext, seed: u64) -> R<(bool, String)> {
     ))
 }
 
-/// Decode with a device cache of `frac` of the head blocks equals decode
-/// with all KV on the device, over many hip steps.
-fn decode_equal(
-    gpu: &GpuContext,
-    lens: &[usize],
+/// Options of one `decode_equal` run.
+struct EqRun<'a> {
+    lens: &'a [usize],
+    /// Page cache size as a fraction of all head blocks.
     frac: f64,
     steps: usize,
+    /// Estimation over the host tier with a row cache of this fraction of
+    /// all key rows (None: the offloaded decode uses the all-on-device
+    /// estimation's selection).
+    est_frac: Option<f64>,
+    /// Append one token per sequence after every step.
+    appends: bool,
+    small: bool,
+    /// Stage missed rows in device memory (`HostEstimation::new`).
+    stage: bool,
     seed: u64,
-) -> R<(bool, String)> {
+}
+
+/// Decode with a device cache of `frac` of the head blocks (and, with
+/// `est_frac`, mask estimation reading keys only from the host tier) equals
+/// decode with all KV on the device, over many hip steps: the same
+/// selections, outputs equal. With `appends`, the offloaded tier starts with
+/// its future tokens poisoned (NaN) and receives each token by `append`.
+fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
     let shape = AttnShape::new(32, 8, 128).map_err(e)?;
-    let cfg = crate::gpu::small_hip();
-    let ws_: Vec<_> = lens
+    let cfg = if r.small {
+        crate::gpu::small_hip()
+    } else {
+        HipConfig::default()
+    };
+    let extra = if r.appends { r.steps } else { 0 };
+    let ws_: Vec<_> = r
+        .lens
         .iter()
         .enumerate()
         .map(|(i, &l)| {
-            needle_seq::<half::bf16>(shape, l, 64, cfg.sink, cfg.window, 64, seed + i as u64)
+            needle_seq::<half::bf16>(
+                shape,
+                l + extra,
+                64,
+                cfg.sink,
+                cfg.window,
+                64,
+                r.seed + i as u64,
+            )
         })
         .collect::<Result<_, _>>()
         .map_err(e)?;
     let seqs: Vec<_> = ws_.iter().map(|w| (&w.pool, w.seq)).collect();
-    let host = HostKv::from_pools(&seqs).map_err(e)?;
-    let kv = host.to_device().map_err(e)?;
+    let full = HostKv::from_pools(&seqs).map_err(e)?;
+    let mut kv = full.to_device().map_err(e)?;
+    let mut host = HostKv::from_pools(&seqs).map_err(e)?;
+    for (b, &l) in r.lens.iter().enumerate() {
+        kv.lens[b] = l;
+        host.truncate_poisoned(b, l).map_err(e)?;
+    }
     let total_blocks = host.n_pages * 8;
-    let n_slots = ((total_blocks as f64 * frac).ceil() as usize).max(1);
+    let total_rows = total_blocks * host.layout.page_size;
+    let n_slots = ((total_blocks as f64 * r.frac).ceil() as usize).max(1);
     let mut off = OffloadKv::new(gpu, host, n_slots).map_err(e)?;
-    let mut dec = HipGpuDecoder::new(cfg.clone(), &shape, lens.len()).map_err(e)?;
-    let mut rng = Rng::new(seed ^ 0x5107);
+    let mut est = match r.est_frac {
+        Some(f) => Some(
+            HostEstimation::new(
+                gpu,
+                &off.host,
+                (total_rows as f64 * f).ceil() as usize,
+                r.stage,
+            )
+            .map_err(e)?,
+        ),
+        None => None,
+    };
+    let nb = r.lens.len();
+    let mut dec = HipGpuDecoder::new(cfg.clone(), &shape, nb).map_err(e)?;
+    let mut dec2 = HipGpuDecoder::new(cfg.clone(), &shape, nb).map_err(e)?;
+    let mut rng = Rng::new(r.seed ^ 0x5107);
     let qe = shape.q_elems();
-    let qd = DevBuf::alloc(qe * lens.len() * 4).map_err(e)?;
+    let qd = DevBuf::alloc(qe * nb * 4).map_err(e)?;
     let (o1, o2) = (
-        DevBuf::alloc(qe * lens.len() * 4).map_err(e)?,
-        DevBuf::alloc(qe * lens.len() * 4).map_err(e)?,
+        DevBuf::alloc(qe * nb * 4).map_err(e)?,
+        DevBuf::alloc(qe * nb * 4).map_err(e)?,
     );
     let (mut ws1, mut ws2) = (DecodeWorkspace::new(), DecodeWorkspace::new());
-    let pins: Vec<Vec<Range<usize>>> = lens
-        .iter()
-        .map(|&l| vec![0..cfg.sink.min(l), l.saturating_sub(cfg.window)..l])
-        .collect();
     let (mut max_abs, mut bitdiff, mut hits, mut misses, mut nan) =
         (0f32, 0usize, 0u64, 0u64, false);
-    for _ in 0..steps {
+    let (mut sel_diff, mut est_hits, mut est_misses, mut est_bytes, mut admitted) =
+        (0usize, 0u64, 0u64, 0u64, 0u64);
+    let d = shape.head_dim;
+    for _ in 0..r.steps {
+        let pins: Vec<Vec<Range<usize>>> = kv
+            .lens
+            .iter()
+            .map(|&l| vec![0..cfg.sink.min(l), l.saturating_sub(cfg.window)..l])
+            .collect();
         let q: Vec<f32> = ws_.iter().flat_map(|w| w.query(&mut rng)).collect();
         qd.write(&q).map_err(e)?;
         dec.select(gpu, &kv, qd.ptr, true).map_err(e)?;
@@ -179,26 +233,71 @@ fn decode_equal(
         .map_err(e)?;
         let sels = dec.sel.to_host(8).map_err(e)?;
         o2.fill_bytes(0xff).map_err(e)?;
-        let st = off.prepare(gpu, &sels, &pins).map_err(e)?;
+        let (dsel, mt2, psels) = match est.as_mut() {
+            Some(est) => {
+                est.select(gpu, &mut dec2, &off.host, qd.ptr, true)
+                    .map_err(e)?;
+                let st = est.finish(gpu).map_err(e)?;
+                est_hits += st.cache.hits;
+                est_misses += st.cache.misses;
+                est_bytes += st.host_bytes_read;
+                admitted += st.rows_admitted;
+                let s2 = dec2.sel.to_host(8).map_err(e)?;
+                sel_diff += s2.iter().zip(&sels).filter(|(a, b)| a != b).count();
+                sel_diff += (dec2.max_tokens != mt) as usize;
+                (&dec2.sel, dec2.max_tokens, s2)
+            }
+            None => (&dec.sel, mt, sels),
+        };
+        // The offloaded side resolves the pages of its own selection.
+        let st = off.prepare(gpu, &psels, &pins).map_err(e)?;
         hits += st.cache.hits;
         misses += st.cache.misses;
-        off.decode(gpu, &mut ws2, &shape, qd.ptr, &dec.sel, mt, None, o2.ptr)
+        off.decode(gpu, &mut ws2, &shape, qd.ptr, dsel, mt2, None, o2.ptr)
             .map_err(e)?;
         gpu.synchronize().map_err(e)?;
-        let a: Vec<f32> = o1.read(qe * lens.len()).map_err(e)?;
-        let b: Vec<f32> = o2.read(qe * lens.len()).map_err(e)?;
+        let a: Vec<f32> = o1.read(qe * nb).map_err(e)?;
+        let b: Vec<f32> = o2.read(qe * nb).map_err(e)?;
         for (x, y) in a.iter().zip(&b) {
             nan |= x.is_nan() || y.is_nan();
             bitdiff += (x.to_bits() != y.to_bits()) as usize;
             max_abs = max_abs.max((x - y).abs());
         }
+        if r.appends {
+            for b in 0..nb {
+                let t = kv.lens[b];
+                let (mut kr, mut vr) = (Vec::new(), Vec::new());
+                for h in 0..8 {
+                    let o = full.row(b, t, h) * d;
+                    kr.extend_from_slice(&full.k.as_u16()[o..o + d]);
+                    vr.extend_from_slice(&full.v.as_u16()[o..o + d]);
+                }
+                off.append(b, &kr, &vr).map_err(e)?;
+                kv.lens[b] = t + 1;
+            }
+        }
     }
-    let ok = !nan && max_abs <= 1e-6 && misses > 0;
+    let est_ok = r.est_frac.is_none() || (sel_diff == 0 && est_hits > 0 && admitted > 0);
+    let ok = !nan && max_abs <= 1e-6 && misses > 0 && est_ok;
+    let est_txt = match (&est, r.est_frac) {
+        (Some(x), Some(f)) => format!(
+            "; estimation over host keys, row cache {} rows ({:.2}% of {total_rows}): selections differing {sel_diff}, row hits {:.1}% ({est_misses} misses), {:.2} MiB read from host, {admitted} rows admitted, {:.1} MiB device",
+            x.cache.capacity(),
+            f * 100.0,
+            100.0 * est_hits as f64 / (est_hits + est_misses).max(1) as f64,
+            est_bytes as f64 / (1 << 20) as f64,
+            x.device_bytes() as f64 / (1 << 20) as f64
+        ),
+        _ => String::new(),
+    };
     Ok((
         ok,
         format!(
-            "{steps} hip steps, lens {lens:?}, cache {n_slots}/{total_blocks} head blocks ({:.0}%): hit {:.1}% ({misses} misses), outputs differing in bits {bitdiff}, max |diff| {max_abs:.1e}, NaN {nan}",
-            frac * 100.0,
+            "{} hip steps{}, lens {:?}, cache {n_slots}/{total_blocks} head blocks ({:.0}%): hit {:.1}% ({misses} misses), outputs differing in bits {bitdiff}, max |diff| {max_abs:.1e}, NaN {nan}{est_txt}",
+            r.steps,
+            if r.appends { " appending a token each" } else { "" },
+            r.lens,
+            r.frac * 100.0,
             100.0 * hits as f64 / (hits + misses).max(1) as f64
         ),
     ))
@@ -217,14 +316,83 @@ pub fn test(argv: &[String]) -> R<()> {
         ),
         (
             "decode 5% cache == all on device (batch 2, small hip)".into(),
-            decode_equal(&gpu, &[150_000, 61_000], 0.05, 48, seed),
+            decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[150_000, 61_000],
+                    frac: 0.05,
+                    steps: 48,
+                    est_frac: None,
+                    appends: false,
+                    small: true,
+                    stage: false,
+                    seed,
+                },
+            ),
         ),
         (
-            "decode 30% cache == all on device (batch 1, default hip)".into(),
-            {
-                let _ = HipConfig::default();
-                decode_equal(&gpu, &[40_000], 0.3, 24, seed + 3)
-            },
+            "estimation over host keys (5% rows, direct reads) + 5% cache == all on device".into(),
+            decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[150_000, 61_000],
+                    frac: 0.05,
+                    steps: 48,
+                    est_frac: Some(0.05),
+                    appends: false,
+                    small: true,
+                    stage: false,
+                    seed: seed + 1,
+                },
+            ),
+        ),
+        (
+            "estimation over host keys (5% rows, staged misses) + 5% cache == all on device".into(),
+            decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[150_000, 61_000],
+                    frac: 0.05,
+                    steps: 48,
+                    est_frac: Some(0.05),
+                    appends: false,
+                    small: true,
+                    stage: true,
+                    seed: seed + 1,
+                },
+            ),
+        ),
+        (
+            "appends + host estimation (1% rows) + 5% cache == all on device".into(),
+            decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[100_000, 33_000],
+                    frac: 0.05,
+                    steps: 70,
+                    est_frac: Some(0.01),
+                    appends: true,
+                    small: true,
+                    stage: true,
+                    seed: seed + 2,
+                },
+            ),
+        ),
+        (
+            "appends + host estimation (0.3% rows, storms), default hip, 30% cache".into(),
+            decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[40_000],
+                    frac: 0.3,
+                    steps: 40,
+                    est_frac: Some(0.003),
+                    appends: true,
+                    small: false,
+                    stage: true,
+                    seed: seed + 3,
+                },
+            ),
         ),
     ];
     for (name, r) in checks {
@@ -309,22 +477,30 @@ fn query(rng: &mut Rng, shape: &AttnShape, dirs: &[f32]) -> Vec<f32> {
 pub fn bench(argv: &[String]) -> R<()> {
     let a = Args::parse(
         argv,
-        &["tokens", "cache", "steps", "warmup", "json", "seed"],
-        &[],
+        &[
+            "tokens", "cache", "est-rows", "steps", "warmup", "json", "seed",
+        ],
+        &["est-direct"],
     )?;
+    // Missed estimation rows scored straight from host memory instead of
+    // staged whole in device memory first.
+    let direct = a.str("est-direct").is_some();
     let tokens = a.list("tokens", &[1 << 20, 4 << 20])?;
-    let fractions: Vec<f64> = a
-        .str("cache")
-        .unwrap_or("0.05,0.01")
-        .split(',')
-        .map(|s| {
-            s.trim()
-                .parse::<f64>()
-                .ok()
-                .filter(|f| *f > 0.0 && *f <= 1.0)
-                .ok_or_else(|| format!("--cache: `{s}` is not a fraction in (0, 1]"))
-        })
-        .collect::<Result<_, _>>()?;
+    let frac_list = |name: &str, def: &str| -> R<Vec<f64>> {
+        a.str(name)
+            .unwrap_or(def)
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|f| *f > 0.0 && *f <= 1.0)
+                    .ok_or_else(|| format!("--{name}: `{s}` is not a fraction in (0, 1]"))
+            })
+            .collect()
+    };
+    let fractions = frac_list("cache", "0.05")?;
+    let est_list = frac_list("est-rows", "0.05,0.25")?;
     let steps: usize = a.get("steps", 48)?;
     let warm: usize = a.get("warmup", 16)?;
     let seed: u64 = a.get("seed", 0)?;
@@ -345,7 +521,9 @@ pub fn bench(argv: &[String]) -> R<()> {
         let mut host = HostKv::alloc(lay, DType::Bf16, &[t]).map_err(e)?;
         let dirs = fill_synthetic(&mut host, seed + t as u64);
         let kv = host.to_device().map_err(e)?;
+        let resident_bytes = kv.k.bytes + kv.v.bytes + kv.table.bytes;
         let total_blocks = host.n_pages * 8;
+        let total_rows = total_blocks * lay.page_size;
         let kv_mib = host.bytes() as f64 / (1 << 20) as f64;
         eprintln!(
             "{t} tokens: {kv_mib:.0} MiB host tier built and uploaded in {:.1} s",
@@ -357,18 +535,29 @@ pub fn bench(argv: &[String]) -> R<()> {
             DevBuf::alloc(qe * 4).map_err(e)?,
             DevBuf::alloc(qe * 4).map_err(e)?,
         );
-        for &f in &fractions {
+        for (&f, &est_frac) in fractions
+            .iter()
+            .flat_map(|f| est_list.iter().map(move |x| (f, x)))
+        {
             let n_slots = ((total_blocks as f64 * f).ceil() as usize).max(1);
             let mut off = OffloadKv::new(&gpu, host, n_slots).map_err(e)?;
+            let est_rows = (total_rows as f64 * est_frac).ceil() as usize;
+            let mut est = HostEstimation::new(&gpu, &off.host, est_rows, !direct).map_err(e)?;
             let mut dec = HipGpuDecoder::new(cfg.clone(), &shape, 1).map_err(e)?;
+            let mut dec2 = HipGpuDecoder::new(cfg.clone(), &shape, 1).map_err(e)?;
             let (mut ws1, mut ws2) = (DecodeWorkspace::new(), DecodeWorkspace::new());
             let mut rng = Rng::new(seed ^ 0xbe);
-            let (mut est, mut res, mut offt, mut prep) = (vec![], vec![], vec![], vec![]);
+            let (mut est_r, mut res, mut est_o, mut prep, mut dec_o, mut tot_o) =
+                (vec![], vec![], vec![], vec![], vec![], vec![]);
+            let (mut est_o_refresh0, mut est_kernel, mut est_admit) = (vec![], vec![], vec![]);
             let (mut hits, mut misses, mut bytes, mut needed, mut max_abs) =
                 (0u64, 0u64, 0u64, 0usize, 0f32);
+            let (mut eh, mut em, mut e_host, mut e_adm, mut sel_diff) =
+                (0u64, 0u64, 0u64, 0u64, 0usize);
             for s in 0..warm + steps {
                 qd.write(&query(&mut rng, &shape, &dirs)).map_err(e)?;
                 gpu.synchronize().map_err(e)?;
+                // All on the device.
                 let ta = Instant::now();
                 dec.select(&gpu, &kv, qd.ptr, true).map_err(e)?;
                 gpu.synchronize().map_err(e)?;
@@ -380,13 +569,32 @@ pub fn bench(argv: &[String]) -> R<()> {
                 .map_err(e)?;
                 gpu.synchronize().map_err(e)?;
                 let tc = Instant::now();
-                let sels = dec.sel.to_host(8).map_err(e)?;
-                let st = off.prepare(&gpu, &sels, &pins).map_err(e)?;
-                let tp = Instant::now();
-                off.decode(&gpu, &mut ws2, &shape, qd.ptr, &dec.sel, mt, None, o2.ptr)
+                let sel1 = dec.sel.to_host(8).map_err(e)?;
+                // Offloaded: estimation over host keys, page cache, decode.
+                let t1 = Instant::now();
+                let from = est
+                    .select(&gpu, &mut dec2, &off.host, qd.ptr, true)
                     .map_err(e)?;
                 gpu.synchronize().map_err(e)?;
-                let td = Instant::now();
+                let t15 = Instant::now();
+                let es = est.finish(&gpu).map_err(e)?;
+                let t2 = Instant::now();
+                let sels = dec2.sel.to_host(8).map_err(e)?;
+                let st = off.prepare(&gpu, &sels, &pins).map_err(e)?;
+                let t3 = Instant::now();
+                off.decode(
+                    &gpu,
+                    &mut ws2,
+                    &shape,
+                    qd.ptr,
+                    &dec2.sel,
+                    dec2.max_tokens,
+                    None,
+                    o2.ptr,
+                )
+                .map_err(e)?;
+                gpu.synchronize().map_err(e)?;
+                let t4 = Instant::now();
                 let x: Vec<f32> = o1.read(qe).map_err(e)?;
                 let y: Vec<f32> = o2.read(qe).map_err(e)?;
                 for (p, q) in x.iter().zip(&y) {
@@ -397,30 +605,69 @@ pub fn bench(argv: &[String]) -> R<()> {
                     });
                 }
                 if s >= warm {
-                    est.push((tb - ta).as_secs_f64() * 1e3);
+                    sel_diff += (sels != sel1) as usize;
+                    est_r.push((tb - ta).as_secs_f64() * 1e3);
                     res.push((tc - tb).as_secs_f64() * 1e3);
-                    offt.push((td - tc).as_secs_f64() * 1e3);
-                    prep.push((tp - tc).as_secs_f64() * 1e3);
+                    est_o.push((t2 - t1).as_secs_f64() * 1e3);
+                    if from == 0 {
+                        est_o_refresh0.push((t2 - t1).as_secs_f64() * 1e3);
+                    }
+                    est_kernel.push((t15 - t1).as_secs_f64() * 1e3);
+                    est_admit.push((t2 - t15).as_secs_f64() * 1e3);
+                    prep.push((t3 - t2).as_secs_f64() * 1e3);
+                    dec_o.push((t4 - t3).as_secs_f64() * 1e3);
+                    tot_o.push((t4 - t1).as_secs_f64() * 1e3);
                     hits += st.cache.hits;
                     misses += st.cache.misses;
                     bytes += st.cache.bytes_copied;
                     needed += st.blocks_needed;
+                    eh += es.cache.hits;
+                    em += es.cache.misses;
+                    e_host += es.host_bytes_read;
+                    e_adm += es.cache.bytes_copied;
                 }
             }
-            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+            let mean = |v: &[f64]| {
+                if v.is_empty() {
+                    f64::NAN
+                } else {
+                    v.iter().sum::<f64>() / v.len() as f64
+                }
+            };
             let n = steps as f64;
+            let mib = (1u64 << 20) as f64;
+            let dev_off = off.device_bytes() + est.device_bytes();
+            let res_total = mean(&est_r) + mean(&res);
             let row = json!({
                 "tokens": t, "cache_fraction": f, "cache_blocks": n_slots, "kv_blocks": total_blocks,
-                "host_kv_mib": kv_mib, "device_cache_mib": off.device_bytes() as f64 / (1 << 20) as f64,
-                "estimation_ms": mean(&est), "resident_decode_ms": mean(&res),
-                "offload_decode_ms": mean(&offt), "offload_host_prepare_ms": mean(&prep),
-                "hit_ratio": hits as f64 / (hits + misses).max(1) as f64,
+                "est_rows": est_rows, "est_rows_fraction": est_frac, "est_max_admit_per_step": est.max_admit_per_step, "est_staged_misses": !direct, "key_rows": total_rows,
+                "host_kv_mib": kv_mib,
+                "device_page_cache_mib": off.device_bytes() as f64 / mib,
+                "device_est_cache_mib": est.device_bytes() as f64 / mib,
+                "device_offload_mib": dev_off as f64 / mib,
+                "device_resident_kv_mib": resident_bytes as f64 / mib,
+                "resident_estimation_ms": mean(&est_r), "resident_decode_ms": mean(&res),
+                "resident_step_ms": res_total,
+                "offload_estimation_ms": mean(&est_o),
+                "offload_estimation_stage0_refresh_ms": mean(&est_o_refresh0),
+                "offload_estimation_kernels_ms": mean(&est_kernel),
+                "offload_estimation_admission_host_ms": mean(&est_admit),
+                "offload_prepare_ms": mean(&prep), "offload_decode_ms": mean(&dec_o),
+                "offload_step_ms": mean(&tot_o),
+                "page_hit_ratio": hits as f64 / (hits + misses).max(1) as f64,
+                "est_row_hit_ratio": eh as f64 / (eh + em).max(1) as f64,
                 "blocks_needed_per_step": needed as f64 / n,
-                "copied_mib_per_step": bytes as f64 / n / (1 << 20) as f64,
+                "page_copied_mib_per_step": bytes as f64 / n / mib,
+                "est_host_read_mib_per_step": e_host as f64 / n / mib,
+                "est_admitted_mib_per_step": e_adm as f64 / n / mib,
+                // Staged admission copies device -> device: not bus bytes.
+                "bus_mib_per_step": (bytes + e_host + if direct { e_adm } else { 0 }) as f64 / n / mib,
+                "selection_mismatch_steps": sel_diff,
                 "max_abs_diff": max_abs,
-                "x32_resident_ms": 32.0 * mean(&res), "x32_offload_ms": 32.0 * mean(&offt),
-                "x32_host_gib": 32.0 * kv_mib / 1024.0, "x32_device_cache_gib": 32.0 * off.device_bytes() as f64 / (1u64 << 30) as f64,
-                "x32_resident_kv_gib": 32.0 * kv_mib / 1024.0,
+                "x32_resident_ms": 32.0 * res_total, "x32_offload_ms": 32.0 * mean(&tot_o),
+                "x32_host_gib": 32.0 * kv_mib / 1024.0,
+                "x32_device_offload_gib": 32.0 * dev_off as f64 / (1u64 << 30) as f64,
+                "x32_device_resident_gib": 32.0 * resident_bytes as f64 / (1u64 << 30) as f64,
             });
             eprintln!("{row}");
             rows.push(row);
@@ -428,16 +675,20 @@ pub fn bench(argv: &[String]) -> R<()> {
         }
     }
     let g = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-    println!("\n| tokens | cache | device cache MiB | host KV MiB | resident decode ms | offload decode ms (of it host prepare) | hit % | head blocks/step | copied MiB/step | estimation ms (device keys) | max abs diff | x32 resident ms | x32 offload ms | x32 host GiB | x32 cache GiB |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("\n| tokens | page cache | est rows | resident ms/step (est + attn) | offload ms/step | of it: est (kernels + admission; stage-0 refresh steps) | prepare | attn | page hit % | row hit % | bus MiB/step (pages + est read [+ est admit if direct]) | device MiB offload / resident | sel mismatches | max abs diff |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {:.1}% | {:.0} | {:.0} | {:.3} | {:.3} ({:.3}) | {:.1} | {:.0} | {:.2} | {:.3} | {:.1e} | {:.1} | {:.1} | {:.0} | {:.2} |",
-            r["tokens"], 100.0 * g(r, "cache_fraction"), g(r, "device_cache_mib"), g(r, "host_kv_mib"),
-            g(r, "resident_decode_ms"), g(r, "offload_decode_ms"), g(r, "offload_host_prepare_ms"),
-            100.0 * g(r, "hit_ratio"), g(r, "blocks_needed_per_step"), g(r, "copied_mib_per_step"),
-            g(r, "estimation_ms"), g(r, "max_abs_diff"), g(r, "x32_resident_ms"), g(r, "x32_offload_ms"),
-            g(r, "x32_host_gib"), g(r, "x32_device_cache_gib")
+            "| {} | {:.1}% | {:.1}% | {:.3} ({:.3} + {:.3}) | {:.3} | {:.3} ({:.3} + {:.3}; {:.1}) | {:.3} | {:.3} | {:.1} | {:.1} | {:.2} ({:.2} + {:.2} [+ {:.2}]) | {:.0} / {:.0} | {} | {:.1e} |",
+            r["tokens"], 100.0 * g(r, "cache_fraction"), 100.0 * g(r, "est_rows_fraction"),
+            g(r, "resident_step_ms"), g(r, "resident_estimation_ms"), g(r, "resident_decode_ms"),
+            g(r, "offload_step_ms"), g(r, "offload_estimation_ms"), g(r, "offload_estimation_kernels_ms"),
+            g(r, "offload_estimation_admission_host_ms"), g(r, "offload_estimation_stage0_refresh_ms"),
+            g(r, "offload_prepare_ms"), g(r, "offload_decode_ms"),
+            100.0 * g(r, "page_hit_ratio"), 100.0 * g(r, "est_row_hit_ratio"),
+            g(r, "bus_mib_per_step"), g(r, "page_copied_mib_per_step"), g(r, "est_host_read_mib_per_step"), g(r, "est_admitted_mib_per_step"),
+            g(r, "device_offload_mib"), g(r, "device_resident_kv_mib"),
+            r["selection_mismatch_steps"], g(r, "max_abs_diff"),
         );
     }
     if let Some(p) = a.str("json") {

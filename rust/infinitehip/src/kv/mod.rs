@@ -8,7 +8,9 @@ mod view;
 
 pub use page_cache::{head_blocks_touched, pages_touched, CacheStats, HeadBlock, PageCache};
 pub use pool::{KvPool, PoolStats};
-pub use row_cache::{row_key, RowCache};
+pub use row_cache::{
+    probe_device_map, row_hash, row_key, Admitted, EstRowCache, RowCache, RowSlotMap, EMPTY_ROW,
+};
 pub use view::{KvRead, SeqView};
 
 /// Geometry of one layer's KV pool.

@@ -116,6 +116,295 @@ impl RowCache {
     }
 }
 
+/// Empty bucket of a `RowSlotMap` (no row id takes this value).
+pub const EMPTY_ROW: u32 = u32::MAX;
+
+/// Bucket of `row` in a table of `2^(32 - shift)` buckets (Fibonacci
+/// hashing; kernels/hip_est_host.cuh computes the same).
+#[inline]
+pub fn row_hash(row: u32, shift: u32) -> u32 {
+    row.wrapping_mul(2_654_435_761) >> shift
+}
+
+/// Open-addressing map row id -> slot (linear probing, backward-shift
+/// deletion) whose bucket array is mirrored on a device: every changed
+/// bucket is logged, `take_updates` yields (bucket, entry) pairs to write
+/// there, entry = `(row << 32) | slot`, empty = all ones. At most half full.
+pub struct RowSlotMap {
+    keys: Vec<u32>,
+    vals: Vec<u32>,
+    shift: u32,
+    mask: u32,
+    len: usize,
+    dirty: Vec<u32>,
+}
+
+impl RowSlotMap {
+    /// Room for `rows` entries (table of the next power of two >= 2 rows).
+    pub fn new(rows: usize) -> Self {
+        let n = (2 * rows.max(1)).next_power_of_two().max(2);
+        assert!(n <= 1 << 31, "row map of {rows} rows is too large");
+        RowSlotMap {
+            keys: vec![EMPTY_ROW; n],
+            vals: vec![0; n],
+            shift: 32 - n.trailing_zeros(),
+            mask: (n - 1) as u32,
+            len: 0,
+            dirty: Vec::new(),
+        }
+    }
+
+    pub fn buckets(&self) -> usize {
+        self.keys.len()
+    }
+    pub fn shift(&self) -> u32 {
+        self.shift
+    }
+    pub fn mask(&self) -> u32 {
+        self.mask
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Device form of bucket `b`.
+    pub fn entry(&self, b: usize) -> u64 {
+        if self.keys[b] == EMPTY_ROW {
+            u64::MAX
+        } else {
+            ((self.keys[b] as u64) << 32) | self.vals[b] as u64
+        }
+    }
+
+    fn find(&self, row: u32) -> Option<usize> {
+        let mut b = row_hash(row, self.shift);
+        loop {
+            match self.keys[b as usize] {
+                k if k == row => return Some(b as usize),
+                EMPTY_ROW => return None,
+                _ => b = (b + 1) & self.mask,
+            }
+        }
+    }
+
+    pub fn get(&self, row: u32) -> Option<u32> {
+        self.find(row).map(|b| self.vals[b])
+    }
+
+    pub fn insert(&mut self, row: u32, slot: u32) {
+        assert_ne!(row, EMPTY_ROW, "row id {row:#x} is reserved");
+        let mut b = row_hash(row, self.shift);
+        loop {
+            let k = self.keys[b as usize];
+            if k == row || k == EMPTY_ROW {
+                if k == EMPTY_ROW {
+                    assert!(
+                        2 * (self.len + 1) <= self.keys.len(),
+                        "row map over half full"
+                    );
+                    self.len += 1;
+                }
+                self.keys[b as usize] = row;
+                self.vals[b as usize] = slot;
+                self.dirty.push(b);
+                return;
+            }
+            b = (b + 1) & self.mask;
+        }
+    }
+
+    pub fn remove(&mut self, row: u32) -> Option<u32> {
+        let mut i = self.find(row)?;
+        let val = self.vals[i];
+        self.len -= 1;
+        let mut j = i;
+        loop {
+            j = (j + 1) & self.mask as usize;
+            let k = self.keys[j];
+            if k == EMPTY_ROW {
+                break;
+            }
+            let home = row_hash(k, self.shift) as usize;
+            // k stays if its home lies cyclically in (i, j].
+            let stays = if i <= j {
+                i < home && home <= j
+            } else {
+                i < home || home <= j
+            };
+            if !stays {
+                self.keys[i] = k;
+                self.vals[i] = self.vals[j];
+                self.dirty.push(i as u32);
+                i = j;
+            }
+        }
+        self.keys[i] = EMPTY_ROW;
+        self.dirty.push(i as u32);
+        Some(val)
+    }
+
+    /// Changed buckets since the last call, as (bucket, device entry).
+    pub fn take_updates(&mut self) -> Vec<(u64, u64)> {
+        let mut d = std::mem::take(&mut self.dirty);
+        d.sort_unstable();
+        d.dedup();
+        d.iter()
+            .map(|&b| (b as u64, self.entry(b as usize)))
+            .collect()
+    }
+}
+
+/// Look `row` up in a device-form bucket array exactly as the scoring
+/// kernel does (test twin of kernels/hip_est_host.cuh).
+pub fn probe_device_map(map: &[u64], shift: u32, row: u32) -> Option<u32> {
+    let mask = map.len() as u32 - 1;
+    let mut b = row_hash(row, shift);
+    loop {
+        let e = map[b as usize];
+        if (e >> 32) as u32 == row {
+            return Some(e as u32);
+        }
+        if (e >> 32) as u32 == EMPTY_ROW {
+            return None;
+        }
+        b = (b + 1) & mask;
+    }
+}
+
+/// Row admitted by `EstRowCache::admit`: copy host row `row` into `slot`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Admitted {
+    pub row: u32,
+    pub slot: u32,
+    /// Index of the row in the `admit` call's list.
+    pub index: u32,
+    /// Row that held the slot before.
+    pub evicted: Option<u32>,
+}
+
+/// The estimation row cache a GPU runs: slots of one key row each, CLOCK
+/// replacement, and a `RowSlotMap` index mirrored on the device. Lookups
+/// happen on the device (hits set the slot's reference bit there, misses
+/// are logged); after a step the host merges the device's reference bits and
+/// admits the logged misses here in one batch.
+pub struct EstRowCache {
+    pub map: RowSlotMap,
+    holder: Vec<u32>,
+    referenced: Vec<bool>,
+    hand: usize,
+    batch_gen: Vec<u32>,
+    batch_pos: Vec<u32>,
+    gen: u32,
+    pub stats: CacheStats,
+}
+
+impl EstRowCache {
+    pub fn new(rows: usize) -> Self {
+        EstRowCache {
+            map: RowSlotMap::new(rows),
+            holder: vec![EMPTY_ROW; rows],
+            referenced: vec![false; rows],
+            hand: 0,
+            batch_gen: vec![0; rows],
+            batch_pos: vec![0; rows],
+            gen: 0,
+            stats: CacheStats::default(),
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.holder.len()
+    }
+
+    pub fn slot(&self, row: u32) -> Option<u32> {
+        self.map.get(row)
+    }
+
+    /// Count a step's device lookups.
+    pub fn record(&mut self, hits: u64, misses: u64) {
+        self.stats.hits += hits;
+        self.stats.misses += misses;
+    }
+
+    /// OR the device's reference bits (one byte per slot) into the host's.
+    pub fn merge_referenced(&mut self, bits: &[u8]) {
+        for (r, &b) in self.referenced.iter_mut().zip(bits) {
+            *r |= b != 0;
+        }
+    }
+
+    /// Admit missed rows (duplicates and resident rows skipped) by CLOCK;
+    /// at most `limit` (and at most `capacity`) slots per call: a step whose
+    /// misses exceed the cache would otherwise flush it (the LRU scan
+    /// pathology) and pay host time for rows that are evicted again before
+    /// their next use. `row_bytes` feeds `stats.bytes_copied`.
+    pub fn admit(&mut self, rows: &[u32], row_bytes: u64, limit: usize) -> Vec<Admitted> {
+        let mut out: Vec<Admitted> = Vec::new();
+        if self.holder.is_empty() {
+            return out;
+        }
+        // Slot -> index in `out` for this batch (generation-stamped): a slot
+        // taken twice (the hand came round) keeps only its last row, so no
+        // slot is copied twice in one gather.
+        self.gen = self.gen.wrapping_add(1);
+        if self.gen == 0 {
+            self.batch_gen.iter_mut().for_each(|g| *g = 0);
+            self.gen = 1;
+        }
+        let mut taken = 0;
+        for (index, &row) in rows.iter().enumerate() {
+            if taken == self.holder.len().min(limit) {
+                break;
+            }
+            if row == EMPTY_ROW || self.map.get(row).is_some() {
+                continue;
+            }
+            let s = self.victim();
+            if self.batch_gen[s] == self.gen {
+                out[self.batch_pos[s] as usize].row = EMPTY_ROW;
+            } else {
+                taken += 1;
+            }
+            self.batch_gen[s] = self.gen;
+            self.batch_pos[s] = out.len() as u32;
+            let old = self.holder[s];
+            let evicted = (old != EMPTY_ROW).then(|| {
+                self.map.remove(old);
+                self.stats.evictions += 1;
+                old
+            });
+            self.holder[s] = row;
+            // Admitted rows start unreferenced: rows read again before the
+            // hand comes round earn their second chance on the device.
+            self.referenced[s] = false;
+            self.map.insert(row, s as u32);
+            self.stats.bytes_copied += row_bytes;
+            out.push(Admitted {
+                row,
+                slot: s as u32,
+                index: index as u32,
+                evicted,
+            });
+        }
+        out.retain(|a| a.row != EMPTY_ROW);
+        out
+    }
+
+    fn victim(&mut self) -> usize {
+        loop {
+            let s = self.hand;
+            self.hand = (self.hand + 1) % self.holder.len();
+            if self.holder[s] == EMPTY_ROW || !self.referenced[s] {
+                return s;
+            }
+            self.referenced[s] = false;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +453,125 @@ mod tests {
         }
         c.access(&keys);
         assert_eq!(c.stats().misses, 16 + 8);
+    }
+
+    /// The host map and its device mirror (built only from `take_updates`)
+    /// agree under random inserts and removes, probed as the kernel probes.
+    #[test]
+    fn row_slot_map_mirror_matches_a_hash_map() {
+        let mut rng = Rng::new(11);
+        let mut m = RowSlotMap::new(300);
+        let mut dev = vec![u64::MAX; m.buckets()];
+        let mut refm: HashMap<u32, u32> = HashMap::new();
+        for step in 0..20_000 {
+            // A small key space so collisions and wrap-around chains occur.
+            let row = rng.below(2000) as u32;
+            if refm.len() < 300 && rng.below(2) == 0 {
+                let slot = rng.below(1 << 20) as u32;
+                m.insert(row, slot);
+                refm.insert(row, slot);
+            } else {
+                assert_eq!(m.remove(row), refm.remove(&row), "step {step}");
+            }
+            for (b, e) in m.take_updates() {
+                dev[b as usize] = e;
+            }
+            if step % 97 == 0 {
+                for r in 0..2000u32 {
+                    assert_eq!(probe_device_map(&dev, m.shift(), r), refm.get(&r).copied());
+                    assert_eq!(m.get(r), refm.get(&r).copied());
+                }
+            }
+            assert_eq!(m.len(), refm.len());
+        }
+    }
+
+    /// Device-side protocol simulated on the CPU: lookups through the
+    /// mirrored map read arena rows that equal the host rows bit for bit,
+    /// misses are admitted by CLOCK, capacity is never exceeded, a
+    /// repeated working set that fits ends up all hits.
+    #[test]
+    fn est_row_cache_round_trips_rows_through_the_mirror() {
+        let d = 4usize;
+        let n_rows = 5000u32;
+        let mut rng = Rng::new(2);
+        let host: Vec<u32> = (0..n_rows as usize * d)
+            .map(|_| rng.next_u64() as u32)
+            .collect();
+        let cap = 256usize;
+        let mut c = EstRowCache::new(cap);
+        let mut dev_map = vec![u64::MAX; c.map.buckets()];
+        let mut arena = vec![0u32; cap * d];
+        let mut dev_ref = vec![0u8; cap];
+        let hot: Vec<u32> = (0..200)
+            .map(|_| rng.below(n_rows as usize) as u32)
+            .collect();
+        let mut last_hits = 0;
+        for step in 0..60 {
+            let reads: Vec<u32> = (0..400)
+                .map(|i| {
+                    if step >= 40 || i % 2 == 0 {
+                        hot[rng.below(hot.len())]
+                    } else {
+                        rng.below(n_rows as usize) as u32
+                    }
+                })
+                .collect();
+            let (mut hits, mut misses) = (0, Vec::new());
+            for &r in &reads {
+                let row = match probe_device_map(&dev_map, c.map.shift(), r) {
+                    Some(s) => {
+                        hits += 1;
+                        dev_ref[s as usize] = 1;
+                        &arena[s as usize * d..(s as usize + 1) * d]
+                    }
+                    None => {
+                        misses.push(r);
+                        &host[r as usize * d..(r as usize + 1) * d]
+                    }
+                };
+                assert_eq!(row, &host[r as usize * d..(r as usize + 1) * d], "row {r}");
+            }
+            c.record(hits, misses.len() as u64);
+            c.merge_referenced(&dev_ref);
+            dev_ref.iter_mut().for_each(|b| *b = 0);
+            for a in c.admit(&misses, 16, usize::MAX) {
+                let (s, r) = (a.slot as usize, a.row as usize);
+                arena[s * d..(s + 1) * d].copy_from_slice(&host[r * d..(r + 1) * d]);
+            }
+            for (b, e) in c.map.take_updates() {
+                dev_map[b as usize] = e;
+            }
+            assert!(c.map.len() <= cap);
+            if step == 59 {
+                last_hits = hits;
+            }
+        }
+        assert_eq!(last_hits, 400, "the hot set (200 rows) fits in 256 slots");
+        assert!(c.stats.evictions > 100, "{:?}", c.stats);
+        assert_eq!(c.stats.hits + c.stats.misses, 60 * 400);
+    }
+
+    /// A batch larger than the cache: every slot appears at most once in
+    /// the admission list and each admitted row is resident where listed.
+    #[test]
+    fn oversized_admission_batch_lists_each_slot_once() {
+        let mut c = EstRowCache::new(64);
+        let first: Vec<u32> = (0..40).collect();
+        c.admit(&first, 8, usize::MAX);
+        c.merge_referenced(&[1u8; 64]);
+        let rows: Vec<u32> = (1000..1300).chain(0..40).collect();
+        let adm = c.admit(&rows, 8, usize::MAX);
+        assert_eq!(EstRowCache::new(64).admit(&rows, 8, 10).len(), 10);
+        assert!(!adm.is_empty() && adm.len() <= 64);
+        let mut slots: Vec<u32> = adm.iter().map(|a| a.slot).collect();
+        slots.sort_unstable();
+        slots.dedup();
+        assert_eq!(slots.len(), adm.len(), "a slot listed twice");
+        for a in &adm {
+            assert_eq!(c.slot(a.row), Some(a.slot));
+            assert_eq!(rows[a.index as usize], a.row);
+        }
+        assert_eq!(c.map.len(), 64);
     }
 }

@@ -718,6 +718,9 @@ pub(crate) struct StageInputs {
     pub stage0_cnt: u64,
     pub e0: usize,
     pub keys: u64,
+    /// Kernel module of the score/top-k kernels ("hip_mask", or
+    /// "hip_mask_host" for keys read through the estimation row cache).
+    pub module: &'static str,
 }
 
 /// Run hip stages `from..` (score + top-k each) for all rows.
@@ -734,8 +737,8 @@ pub(crate) fn run_stages(
     let tag = kernels::dtype_tag(kv.dtype).unwrap();
     let rows = x.rows as i32;
     let nq_tpl = x.nq_tpl;
-    let score = gpu.func("hip_mask", &format!("hip_score_{tag}_d{d}_q{nq_tpl}"))?;
-    let topk = gpu.func("hip_mask", "hip_topk")?;
+    let score = gpu.func(x.module, &format!("hip_score_{tag}_d{d}_q{nq_tpl}"))?;
+    let topk = gpu.func(x.module, "hip_topk")?;
     for s in from..cfg.stages.len() {
         let st = &cfg.stages[s];
         let (in_ptr, in_cnt, cap_in, e) = if s == 0 {
@@ -909,6 +912,10 @@ pub struct HipGpuDecoder {
     /// Largest selected-token count of the last assembly (host bound).
     pub max_tokens: usize,
     pub ws: DecodeWorkspace,
+    /// Module of the scoring kernels: "hip_mask" (keys in a `DeviceKv`) or
+    /// "hip_mask_host" (backend::cuda::est_cache: keys in the host tier,
+    /// read through a device row cache).
+    pub score_module: &'static str,
 }
 
 impl HipGpuDecoder {
@@ -971,6 +978,7 @@ impl HipGpuDecoder {
             sel: DeviceSelection::empty(rows, last_cap + 3)?,
             max_tokens: 0,
             ws: DecodeWorkspace::new(),
+            score_module: "hip_mask",
             stages,
             cfg,
         })
@@ -1063,6 +1071,7 @@ impl HipGpuDecoder {
             stage0_cnt: self.stage0_cnt.ptr,
             e0: self.e0,
             keys: self.keys.ptr,
+            module: self.score_module,
         };
         run_stages(gpu, kv, &self.cfg, &self.stages, from, &ctx)?;
         assemble(
@@ -1294,6 +1303,7 @@ impl HipGpuPrefill {
             stage0_cnt: self.stage0_cnt.ptr,
             e0: self.e0,
             keys: self.keys.ptr,
+            module: "hip_mask",
         };
         run_stages(gpu, kv, &self.cfg, &self.stages, 0, &x)?;
         self.sel.rows = rows;

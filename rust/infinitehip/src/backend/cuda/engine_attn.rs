@@ -670,6 +670,7 @@ impl GpuAttention {
                     stage0_cnt: self.ones.ptr,
                     e0: e0s[i],
                     keys: self.keys.ptr,
+                    module: "hip_mask",
                 };
                 run_stages(gpu, dkv, &h.cfg, &stages, froms[i], &x)?;
             }

@@ -37,6 +37,15 @@ pub const MODULES: &[(&str, &str)] = &[
         ),
     ),
     ("offload", include_str!("../../../../../kernels/offload.cu")),
+    // hip_mask.cu scoring keys in the host tier through a device row cache.
+    (
+        "hip_mask_host",
+        concat!(
+            "#define HIP_EST_HOST 1\n",
+            include_str!("../../../../../kernels/hip_est_host.cuh"),
+            include_str!("../../../../../kernels/hip_mask.cu")
+        ),
+    ),
 ];
 
 /// Full source of a module as NVRTC sees it.
@@ -68,7 +77,14 @@ pub fn entry_points(module: &str) -> Vec<String> {
             .collect();
     }
     if module == "offload" {
-        return vec!["offload_gather".into()];
+        return vec![
+            "offload_gather".into(),
+            "offload_rows".into(),
+            "est_admit".into(),
+        ];
+    }
+    if module == "hip_mask_host" {
+        return entry_points("hip_mask");
     }
     let mut v = Vec::new();
     for dt in ["bf16", "f16"] {

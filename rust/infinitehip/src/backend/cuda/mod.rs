@@ -33,6 +33,7 @@
 
 pub mod dispatch;
 pub mod engine_attn;
+pub mod est_cache;
 pub mod kernels;
 pub mod offload;
 pub mod policies;
@@ -328,7 +329,9 @@ impl GpuContext {
 
     pub fn func(&self, module: &str, name: &str) -> Result<CudaFunction> {
         let mut f = self.funcs.lock().unwrap();
-        if let Some(x) = f.get(name) {
+        // Keyed by module too: variants of one source export the same names.
+        let key = format!("{module}/{name}");
+        if let Some(x) = f.get(&key) {
             return Ok(x.clone());
         }
         let m = self
@@ -338,7 +341,7 @@ impl GpuContext {
         let func = m
             .load_function(name)
             .map_err(|e| gpu_err(&format!("kernel {name} not found"), e))?;
-        f.insert(name.to_string(), func.clone());
+        f.insert(key, func.clone());
         Ok(func)
     }
 

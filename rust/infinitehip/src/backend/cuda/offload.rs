@@ -65,6 +65,15 @@ impl PinnedBuf {
     fn as_i32_mut(&mut self) -> &mut [i32] {
         unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut i32, self.bytes / 4) }
     }
+    /// Copy plain values to byte offset `off` (panics past the end).
+    pub fn write_at<T: Copy>(&mut self, off: usize, data: &[T]) {
+        let n = std::mem::size_of_val(data);
+        assert!(off + n <= self.bytes, "pinned write past the end");
+        // SAFETY: in bounds (checked), plain data, no overlap with `data`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr() as *const u8, self.ptr.add(off), n);
+        }
+    }
 }
 
 impl Drop for PinnedBuf {
@@ -91,6 +100,17 @@ impl HostKv {
     /// Room for sequences of `lens` tokens, pages assigned consecutively
     /// (contents unset: fill `k`/`v` through `as_u16_mut`).
     pub fn alloc(layout: KvLayout, dtype: DType, lens: &[usize]) -> Result<Self> {
+        Self::alloc_with_room(layout, dtype, lens, 0)
+    }
+
+    /// As `alloc`, with pages for `room` more tokens per sequence (decode
+    /// appends, `append`).
+    pub fn alloc_with_room(
+        layout: KvLayout,
+        dtype: DType,
+        lens: &[usize],
+        room: usize,
+    ) -> Result<Self> {
         if kernels::dtype_tag(dtype).is_none() {
             return Err(Error::Invalid(format!(
                 "CUDA host tier stores bf16 or f16 K/V, got {dtype}"
@@ -99,7 +119,7 @@ impl HostKv {
         let mut tables = Vec::new();
         let mut n = 0u32;
         for &l in lens {
-            let p = l.div_ceil(layout.page_size) as u32;
+            let p = (l + room).div_ceil(layout.page_size) as u32;
             tables.push((n..n + p).collect());
             n += p;
         }
@@ -149,6 +169,89 @@ impl HostKv {
         Ok(h)
     }
 
+    /// Host row id of token `t`, KV head `h` of sequence `b`: rows of
+    /// `head_dim` elements counted over the whole tier.
+    pub fn row(&self, b: usize, t: usize, h: usize) -> usize {
+        let ps = self.layout.page_size;
+        (self.tables[b][t / ps] as usize * self.layout.n_kv_heads + h) * ps + t % ps
+    }
+
+    /// Tokens sequence `b` has pages for.
+    pub fn capacity(&self, b: usize) -> usize {
+        self.tables[b].len() * self.layout.page_size
+    }
+
+    /// Append one token of sequence `b` (`k`, `v`: `[n_kv_heads][head_dim]`
+    /// raw 16-bit words) into the pinned tier.
+    pub fn append(&mut self, b: usize, k: &[u16], v: &[u16]) -> Result<usize> {
+        let (hkv, d) = (self.layout.n_kv_heads, self.layout.head_dim);
+        if b >= self.lens.len() {
+            return Err(Error::OutOfRange(format!(
+                "host tier append: sequence {b} of {}",
+                self.lens.len()
+            )));
+        }
+        if k.len() != hkv * d || v.len() != hkv * d {
+            return Err(Error::shape(
+                "host tier append K/V",
+                hkv * d,
+                format!("{}/{}", k.len(), v.len()),
+            ));
+        }
+        let t = self.lens[b];
+        if t >= self.capacity(b) {
+            return Err(Error::Invalid(format!(
+                "host tier append: sequence {b} is full ({t} tokens); allocate room (HostKv::alloc_with_room)"
+            )));
+        }
+        for h in 0..hkv {
+            let r = self.row(b, t, h) * d;
+            self.k.as_u16_mut()[r..r + d].copy_from_slice(&k[h * d..(h + 1) * d]);
+            self.v.as_u16_mut()[r..r + d].copy_from_slice(&v[h * d..(h + 1) * d]);
+        }
+        self.lens[b] = t + 1;
+        Ok(t)
+    }
+
+    /// Shorten sequence `b` to `len` tokens and poison the rows past it
+    /// with all-ones words (NaN in bf16 and f16), so a read of a token that
+    /// was never appended shows.
+    pub fn truncate_poisoned(&mut self, b: usize, len: usize) -> Result<()> {
+        if b >= self.lens.len() || len > self.lens[b] {
+            return Err(Error::OutOfRange(format!(
+                "host tier truncate: sequence {b} to {len} tokens"
+            )));
+        }
+        let (hkv, d) = (self.layout.n_kv_heads, self.layout.head_dim);
+        for t in len..self.capacity(b) {
+            for h in 0..hkv {
+                let r = self.row(b, t, h) * d;
+                self.k.as_u16_mut()[r..r + d].fill(0xffff);
+                self.v.as_u16_mut()[r..r + d].fill(0xffff);
+            }
+        }
+        self.lens[b] = len;
+        Ok(())
+    }
+
+    /// Page table `[batch][stride]` (host page ids) and its stride.
+    pub fn device_table(&self) -> (Vec<i32>, usize) {
+        let stride = self
+            .tables
+            .iter()
+            .map(|t| t.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mut table = vec![0i32; self.tables.len() * stride];
+        for (b, t) in self.tables.iter().enumerate() {
+            for (i, &p) in t.iter().enumerate() {
+                table[b * stride + i] = p as i32;
+            }
+        }
+        (table, stride)
+    }
+
     /// Elements of one head block.
     pub fn block_elems(&self) -> usize {
         self.layout.page_size * self.layout.head_dim
@@ -166,19 +269,7 @@ impl HostKv {
             cu::memcpy_htod_sync(k.ptr, self.k.as_u16()).map_err(|e| gpu_err("upload K", e))?;
             cu::memcpy_htod_sync(v.ptr, self.v.as_u16()).map_err(|e| gpu_err("upload V", e))?;
         }
-        let stride = self
-            .tables
-            .iter()
-            .map(|t| t.len())
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        let mut table = vec![0i32; self.tables.len() * stride];
-        for (b, t) in self.tables.iter().enumerate() {
-            for (i, &p) in t.iter().enumerate() {
-                table[b * stride + i] = p as i32;
-            }
-        }
+        let (table, stride) = self.device_table();
         Ok(DeviceKv {
             k,
             v,
@@ -190,7 +281,7 @@ impl HostKv {
             n_kv_heads: self.layout.n_kv_heads,
             head_dim: self.layout.head_dim,
             dtype: self.dtype,
-            capacity: self.lens.clone(),
+            capacity: (0..self.lens.len()).map(|b| self.capacity(b)).collect(),
             lens: self.lens.clone(),
         })
     }
@@ -218,6 +309,8 @@ pub struct OffloadKv {
     copied: CudaEvent,
     attended: CudaEvent,
     staging: PinnedBuf,
+    /// Tokens appended since the last `prepare`: (sequence, position).
+    pending: Vec<(usize, usize)>,
 }
 
 impl OffloadKv {
@@ -264,7 +357,20 @@ impl OffloadKv {
             copied,
             attended,
             staging: PinnedBuf::alloc(1 << 16)?,
+            pending: Vec::new(),
         })
+    }
+
+    /// Append one decoded token of sequence `b` (`[n_kv_heads][head_dim]`
+    /// raw words) to the host tier; the next `prepare` writes it through to
+    /// the device slots of its page if they are resident (the window's are,
+    /// pinned), so device copies never go stale.
+    pub fn append(&mut self, b: usize, k: &[u16], v: &[u16]) -> Result<()> {
+        // The previous attention may read slots the write-through updates
+        // only after `prepare`, which orders itself after it.
+        let t = self.host.append(b, k, v)?;
+        self.pending.push((b, t));
+        Ok(())
     }
 
     /// Device bytes of the slot arena and slot table.
@@ -341,17 +447,34 @@ impl OffloadKv {
                 }
             }
         }
+        // Appended rows whose head block is resident (after this step's
+        // fills, which already copy whole blocks): written through.
+        let mut rows: Vec<i32> = Vec::new();
+        for (b, t) in std::mem::take(&mut self.pending) {
+            let page = self.host.tables[b][t / ps];
+            for h in 0..hkv {
+                if let Some(s) = self.cache.slot_of(HeadBlock {
+                    page,
+                    head: h as u32,
+                }) {
+                    rows.push(self.host.row(b, t, h) as i32);
+                    rows.push((s as usize * ps + t % ps) as i32);
+                }
+            }
+        }
         // The staging lists of the previous step may still be read.
         self.copied
             .synchronize()
             .map_err(|e| gpu_err("wait for the previous copy", e))?;
-        let need = (fills.len() + upd.len()) * 4;
+        let need = (fills.len() + upd.len() + rows.len()) * 4;
         if need > self.staging.bytes {
             self.staging = PinnedBuf::alloc(need.next_power_of_two())?;
         }
         let st = self.staging.as_i32_mut();
         st[..fills.len()].copy_from_slice(&fills);
         st[fills.len()..fills.len() + upd.len()].copy_from_slice(&upd);
+        let r0 = fills.len() + upd.len();
+        st[r0..r0 + rows.len()].copy_from_slice(&rows);
         // Slots being refilled may still be read by the previous attention.
         self.side
             .wait(&self.attended)
@@ -381,6 +504,28 @@ impl OffloadKv {
             })
         }
         .map_err(|e| gpu_err("launch offload_gather", e))?;
+        if !rows.is_empty() {
+            let f = gpu.func("offload", "offload_rows")?;
+            let n = (rows.len() / 2) as i32;
+            let rv = (self.host.layout.head_dim * 2 / 16) as i32;
+            let rows_ptr = self.staging.dev + (r0 * 4) as u64;
+            let mut l = self.side.launch_builder(&f);
+            l.arg(&self.host.k.dev)
+                .arg(&self.host.v.dev)
+                .arg(&self.slot_k.ptr)
+                .arg(&self.slot_v.ptr)
+                .arg(&rows_ptr)
+                .arg(&n)
+                .arg(&rv);
+            unsafe {
+                l.launch(LaunchConfig {
+                    grid_dim: ((n as u32 * rv as u32).div_ceil(256).max(1), 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+            }
+            .map_err(|e| gpu_err("launch offload_rows", e))?;
+        }
         self.copied
             .record(&self.side)
             .map_err(|e| gpu_err("record copy event", e))?;

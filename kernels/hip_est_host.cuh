@@ -1,0 +1,89 @@
+// Mask estimation over keys in the host tier (backend/cuda/est_cache.rs).
+// Prepended to hip_mask.cu with HIP_EST_HOST defined (module
+// "hip_mask_host"): the scoring kernels' key pointer `kp` then points at an
+// EstCache in device memory, and every probed key row is looked up in a
+// device row cache: an open-addressing table (row id -> arena slot, linear
+// probing, Fibonacci hash; a mirror of kv/row_cache.rs `RowSlotMap`, kept
+// by the host). A hit reads the row from the device arena and marks its
+// CLOCK reference bit; a miss reads it straight from the mapped pinned host
+// memory (bit-identical) and appends the row id to the miss list, which the
+// host admits after the step. Counters are warp-aggregated. With
+// `miss_rows` set, a missed row is first copied whole into its miss-list
+// position in device memory (all loads in flight at once) and scored from
+// there; admission then copies device -> device.
+struct EstCache {
+    const u16* host_k;              // mapped pinned host K [page][hkv][ps][D]
+    const u16* arena;               // [slot][D]
+    const unsigned long long* map;  // (row << 32) | slot; empty = all ones
+    u32 map_mask;
+    u32 map_shift;                  // 32 - log2(table size)
+    u32* counters;                  // [0] hits, [1] misses, [2] miss list length
+    u32* miss_list;
+    u32 miss_cap;
+    u32 pad_;
+    unsigned char* ref;             // per slot: read since the host's last sweep
+    u16* miss_rows;                 // [miss_cap][D] staged copies of missed rows, or null
+};
+
+// Copy one row host -> device staging with all of its 16-byte loads in
+// flight together (chunks of 8 vectors), instead of the scoring loop's few
+// dependent round trips over the bus.
+__device__ __forceinline__ void est_stage_row(const uint4* __restrict__ src, uint4* __restrict__ dst,
+                                              int nvec) {
+    for (int c0 = 0; c0 < nvec; c0 += 8) {
+        uint4 b[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            if (c0 + i < nvec) b[i] = src[c0 + i];
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            if (c0 + i < nvec) dst[c0 + i] = b[i];
+    }
+}
+
+__device__ __forceinline__ const u16* est_key_row(const u16* kp, const int* trow, int t, int h,
+                                                  int hkv, int ps, int D) {
+    const EstCache* ec = reinterpret_cast<const EstCache*>(kp);
+    const u32 row = ((u32)trow[t / ps] * (u32)hkv + (u32)h) * (u32)ps + (u32)(t % ps);
+    u32 b = (row * 2654435761u) >> ec->map_shift;
+    int slot = -1;
+    for (;;) {
+        const unsigned long long e = ec->map[b];
+        const u32 key = (u32)(e >> 32);
+        if (key == row) {
+            slot = (int)(u32)e;
+            break;
+        }
+        if (key == 0xffffffffu) break;
+        b = (b + 1) & ec->map_mask;
+    }
+    const unsigned mask = __activemask();
+    const int lane = threadIdx.x & 31;
+    const int leader = __ffs(mask) - 1;
+    const unsigned hm = __ballot_sync(mask, slot >= 0);
+    const unsigned mm = mask & ~hm;
+    u32 base = 0;
+    if (lane == leader) {
+        if (hm) atomicAdd(&ec->counters[0], (u32)__popc(hm));
+        if (mm) {
+            atomicAdd(&ec->counters[1], (u32)__popc(mm));
+            base = atomicAdd(&ec->counters[2], (u32)__popc(mm));
+        }
+    }
+    base = __shfl_sync(mask, base, leader);
+    if (slot >= 0) {
+        ec->ref[slot] = 1;
+        return ec->arena + (long long)slot * D;
+    }
+    const u32 i = base + (u32)__popc(mm & ((1u << lane) - 1u));
+    const u16* src = ec->host_k + (long long)row * D;
+    if (i < ec->miss_cap) {
+        ec->miss_list[i] = row;
+        if (ec->miss_rows) {
+            u16* dst = ec->miss_rows + (long long)i * D;
+            est_stage_row(reinterpret_cast<const uint4*>(src), reinterpret_cast<uint4*>(dst), D / 8);
+            return dst;
+        }
+    }
+    return src;
+}
