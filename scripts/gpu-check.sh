@@ -1,14 +1,27 @@
 #!/usr/bin/env bash
-# Builds the GPU build here (release, feature cuda) and stages it in gpu-bin/
-# (ignored by git, carried to the device). It calls nothing on the device.
-# The device call, made with the workplace's `run` tool from the repo root:
+# Builds the whole GPU check here (release, feature cuda: the CLI and the C
+# ABI library) and stages it in gpu-bin/ (ignored by git, carried to the
+# device), with the PTX precompiled when libnvrtc is found here. It calls
+# nothing on the device. The device call, made with the workplace's `run`
+# tool from the repo root:
 #   run(command="bash scripts/gpu-run.sh", carry=["gpu-bin"], timeout_s=600)
-# gpu-run.sh there runs `infinitehip gpu-test`, the PyTorch SDPA baseline,
-# `infinitehip bench-gpu` and the plot, writing logs/JSON/PNG under $OUT.
+# gpu-run.sh there runs every GPU test (kernels, engine path, offload, the
+# Python shim over torch tensors), the PyTorch SDPA baseline, `bench-gpu`
+# and the plot, writing logs/JSON/PNG under $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release -p infinitehip-cli --features cuda
-mkdir -p gpu-bin
-cp target/release/infinitehip gpu-bin/
+cargo build --release -p infinitehip-cli -p infinitehip-capi \
+  --features infinitehip-cli/cuda,infinitehip-capi/cuda
+mkdir -p gpu-bin/ptx
+cp target/release/infinitehip target/release/libinfinitehip.so gpu-bin/
+strip gpu-bin/infinitehip gpu-bin/libinfinitehip.so 2>/dev/null || true
+# Precompile the kernels (the device then loads PTX from the cache).
+for d in ${NVRTC_LIB:-} /usr/local/cuda/lib64 /tmp/nvrtc-venv/lib/python3*/site-packages/nvidia/cu13/lib \
+         ~/.cache/infinitehip-ci/venv-*/lib/python3*/site-packages/nvidia/cu13/lib; do
+  if [ -e "$d/libnvrtc.so.13" ]; then
+    LD_LIBRARY_PATH="$d" gpu-bin/infinitehip nvrtc-check --arch compute_90 --into gpu-bin/ptx
+    break
+  fi
+done
 grep -qx '/gpu-bin/' .git/info/exclude 2>/dev/null || { gitdir=$(git rev-parse --git-dir); mkdir -p "$gitdir/info"; echo '/gpu-bin/' >> "$gitdir/info/exclude"; }
-ls -la gpu-bin/
+ls -la gpu-bin/ gpu-bin/ptx | head -20

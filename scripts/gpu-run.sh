@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Runs ON the GPU machine (see scripts/gpu-check.sh for how it gets there):
-# GPU tests, then the benchmark, printing a table last. Results under $OUT.
+# every GPU test, then the benchmarks, printing a summary last. Results
+# under $OUT. SKIP_TEST=1 / SKIP_BENCH=1 / SKIP_OFFLOAD_BENCH=1 skip parts.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
 BIN=${BIN:-gpu-bin/infinitehip}
 export PYTHONUNBUFFERED=1 INFINITEHIP_CACHE=/tmp/ihip-cache
+mkdir -p "$INFINITEHIP_CACHE"; cp gpu-bin/ptx/*.ptx "$INFINITEHIP_CACHE/" 2>/dev/null
 # libnvrtc: the CUDA toolkit's, else the pip wheel's.
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
          $(python3 -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))' 2>/dev/null); do
@@ -14,11 +16,35 @@ done
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/device.txt"
 date -u | tee -a "$OUT/device.txt"
 rc=0
-[ "${SKIP_TEST:-0}" = 1 ] || timeout ${TEST_TIMEOUT:-200} "$BIN" gpu-test ${GPU_TEST_ARGS:-} 2>&1 | tee "$OUT/gpu-test.log" || rc=1
-[ "${SKIP_BENCH:-0}" = 1 ] && exit $rc
-timeout ${SDPA_TIMEOUT:-200} python3 scripts/sdpa_bench.py --json "$OUT/sdpa.json" ${SDPA_ARGS:-} 2>&1 | tee "$OUT/sdpa.log"
-timeout ${BENCH_TIMEOUT:-330} "$BIN" bench-gpu --baseline "$OUT/sdpa.json" --json "$OUT/bench-gpu.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || rc=1
-python3 scripts/plot_gpu.py "$OUT/bench-gpu.json" "$OUT/bench-gpu.png" 2>&1 | tail -2
-[ -f "$OUT/gpu-test.log" ] && grep -E '^(PASS|FAIL|gpu-test)' "$OUT/gpu-test.log" | tail -40
-sed -n '/^| tokens/,$p' "$OUT/bench.log"
+step() {  # step NAME TIMEOUT CMD...: run, log to $OUT/NAME.log, time it
+  local name=$1 t=$2; shift 2
+  local s=$(date +%s)
+  timeout "$t" "$@" > "$OUT/$name.log" 2>&1 || { rc=1; echo "FAILED: $name (see $name.log)" | tee -a "$OUT/device.txt"; }
+  echo "$name: $(( $(date +%s) - s )) s" | tee -a "$OUT/device.txt"
+}
+if [ "${SKIP_TEST:-0}" != 1 ]; then
+  step gpu-test 240 "$BIN" gpu-test --engine-timing 128K,1M
+  step gpu-test-offload 200 "$BIN" gpu-test-offload
+  step shim-gpu 200 env INFINITEHIP_LIB="$PWD/gpu-bin/libinfinitehip.so" python3 tests/gpu/test_shim_gpu.py
+fi
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  step sdpa 200 python3 scripts/sdpa_bench.py --json "$OUT/sdpa.json" ${SDPA_ARGS:-}
+  step bench-gpu 330 "$BIN" bench-gpu --baseline "$OUT/sdpa.json" --json "$OUT/bench-gpu.json" ${BENCH_ARGS:-}
+  python3 scripts/plot_gpu.py "$OUT/bench-gpu.json" "$OUT/bench-gpu.png" 2>&1 | tail -2
+fi
+if [ "${SKIP_OFFLOAD_BENCH:-0}" != 1 ]; then
+  step bench-gpu-offload 200 "$BIN" bench-gpu-offload --tokens ${OFFLOAD_TOKENS:-1048576,4194304} --cache 0.05 \
+    --est-rows 0.25 --steps 48 --warmup 16 --json "$OUT/bench-gpu-offload.json"
+fi
+echo "== summary"
+for f in gpu-test gpu-test-offload shim-gpu; do
+  [ -f "$OUT/$f.log" ] && echo "$f: $(grep -c '^PASS' "$OUT/$f.log") PASS, $(grep -c '^FAIL' "$OUT/$f.log") FAIL" && grep '^FAIL' "$OUT/$f.log"
+done
+[ -f "$OUT/gpu-test.log" ] && grep -iE 'engine-timing|^timing' "$OUT/gpu-test.log" | head -12
+[ -f "$OUT/shim-gpu.log" ] && tail -4 "$OUT/shim-gpu.log"
+[ -f "$OUT/bench-gpu.log" ] && sed -n '/^| tokens/,$p' "$OUT/bench-gpu.log"
+[ -f "$OUT/bench-gpu-offload.log" ] && grep -E '^\|' "$OUT/bench-gpu-offload.log" | head -12
+cat "$OUT/device.txt"
+# The device tool returns at most 8 files: the small logs go in one tarball.
+tar czf "$OUT/logs.tgz" -C "$OUT" $(cd "$OUT" && ls *.log *.json *.txt 2>/dev/null) && rm -f "$OUT"/*.log "$OUT"/sdpa.json
 exit $rc

@@ -27,18 +27,30 @@ pub(crate) fn e<E: std::fmt::Display>(x: E) -> String {
 }
 
 pub fn nvrtc_check(argv: &[String]) -> R<()> {
-    let a = Args::parse(argv, &["arch"], &[])?;
+    let a = Args::parse(argv, &["arch", "into"], &[])?;
     let arch: &'static str = Box::leak(
         a.str("arch")
             .unwrap_or("compute_90")
             .to_string()
             .into_boxed_str(),
     );
-    // Compile fresh: the check must not pass from a stale cache.
-    std::env::set_var(
-        "INFINITEHIP_CACHE",
-        std::env::temp_dir().join(format!("ihip-nvrtc-check-{}", std::process::id())),
-    );
+    // Compile fresh: the check must not pass from a stale cache. `--into
+    // DIR` keeps the PTX there (a cache to carry to a GPU machine).
+    let dir = match a.str("into") {
+        Some(d) => {
+            let d = std::path::PathBuf::from(d);
+            std::fs::create_dir_all(&d).map_err(e)?;
+            for f in std::fs::read_dir(&d).map_err(e)? {
+                let f = f.map_err(e)?.path();
+                if f.extension().is_some_and(|x| x == "ptx") {
+                    std::fs::remove_file(f).map_err(e)?;
+                }
+            }
+            d
+        }
+        None => std::env::temp_dir().join(format!("ihip-nvrtc-check-{}", std::process::id())),
+    };
+    std::env::set_var("INFINITEHIP_CACHE", dir);
     for (m, _) in kernels::MODULES {
         let t = Instant::now();
         let (ptx, _) = cu::compile_module(m, arch).map_err(e)?;
