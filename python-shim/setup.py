@@ -1,8 +1,11 @@
 """Build hook: put libinfinitehip into the package (infinitehip/_lib/).
 
 The library comes from INFINITEHIP_LIB (a path to a built libinfinitehip.so)
-when set, otherwise from `cargo build --release -p infinitehip-capi` in the
-repository this directory belongs to. The wheel is platform specific.
+when set, otherwise from `cargo build --release -p infinitehip-capi
+--features cuda` in the repository this directory belongs to. The `cuda`
+feature loads libcuda/libnvrtc at run time, so it builds (and the CPU path
+runs) on machines without CUDA; INFINITEHIP_CUDA=0 builds without it. The
+wheel is platform specific.
 """
 import os
 import shutil
@@ -30,9 +33,10 @@ def find_or_build_library() -> Path:
             f"no INFINITEHIP_LIB set and no Cargo workspace at {root}: build libinfinitehip "
             "with `cargo build --release -p infinitehip-capi` and set INFINITEHIP_LIB to it"
         )
-    subprocess.check_call(
-        ["cargo", "build", "--release", "-p", "infinitehip-capi"], cwd=root
-    )
+    cmd = ["cargo", "build", "--release", "-p", "infinitehip-capi"]
+    if os.environ.get("INFINITEHIP_CUDA", "1") != "0":
+        cmd += ["--features", "cuda"]
+    subprocess.check_call(cmd, cwd=root)
     target = Path(os.environ.get("CARGO_TARGET_DIR", root / "target"))
     return target / "release" / LIBNAME
 
