@@ -410,33 +410,9 @@ impl EngineHandle {
             Ok(())
         })
     }
+    /// Per-layer stats, `{"layers": [...]}` (`Engine::stats_json`).
     pub fn stats_json(&self) -> String {
-        let layers: Vec<serde_json::Value> = self
-            .engine
-            .stats()
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                serde_json::json!({
-                    "layer": i,
-                    "method": s.method,
-                    "pages_in_use": s.pool.pages_in_use,
-                    "pages_free": s.pool.pages_free,
-                    "bytes_in_use": s.pool.bytes_in_use,
-                    "sequences": s.pool.sequences,
-                    "device_bytes": s.device_bytes,
-                    "cache_hits": s.cache.hits,
-                    "cache_misses": s.cache.misses,
-                    "cache_bytes_copied": s.cache.bytes_copied,
-                    "cache_evictions": s.cache.evictions,
-                    "last_step_blocks_needed": s.last_step.blocks_needed,
-                    "last_step_estimation_bytes": s.last_step.estimation_bytes,
-                    "last_step_estimation_cache_hits": s.last_step.estimation_cache.hits,
-                    "last_step_estimation_cache_misses": s.last_step.estimation_cache.misses,
-                })
-            })
-            .collect();
-        serde_json::Value::Array(layers).to_string()
+        self.engine.stats_json()
     }
 }
 

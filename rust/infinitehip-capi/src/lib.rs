@@ -20,7 +20,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 
 use half::{bf16, f16};
-use ihip::engine::{LayerStats, Projections};
+use ihip::engine::Projections;
 use ihip::policy::Phase;
 use ihip::{Element, Engine, PolicyConfig};
 
@@ -591,34 +591,6 @@ fn check_no_overlap(q: &[f32], out: &[f32]) -> Result<(), Fail> {
     Ok(())
 }
 
-fn layer_json(i: usize, s: &LayerStats) -> serde_json::Value {
-    serde_json::json!({
-        "layer": i,
-        "method": s.method,
-        "pages_in_use": s.pool.pages_in_use,
-        "pages_free": s.pool.pages_free,
-        "host_bytes": s.pool.bytes_in_use,
-        "sequences": s.pool.sequences,
-        "device_bytes": s.device_bytes,
-        "cache": {
-            "hits": s.cache.hits,
-            "misses": s.cache.misses,
-            "bytes_copied": s.cache.bytes_copied,
-            "evictions": s.cache.evictions,
-            "hit_ratio": s.cache.hit_ratio(),
-        },
-        "last_step": {
-            "hits": s.last_step.cache.hits,
-            "misses": s.last_step.cache.misses,
-            "bytes_copied": s.last_step.cache.bytes_copied,
-            "blocks_needed": s.last_step.blocks_needed,
-            "estimation_cache_hits": s.last_step.estimation_cache.hits,
-            "estimation_cache_misses": s.last_step.estimation_cache.misses,
-            "estimation_bytes": s.last_step.estimation_bytes,
-        },
-    })
-}
-
 /// Per-layer stats as JSON `{"layers": [...]}` (free with `ihip_string_free`).
 /// NULL on error.
 ///
@@ -629,13 +601,7 @@ pub unsafe extern "C" fn ihip_stats_json(e: *const IhipEngine) -> *mut c_char {
     let mut out = std::ptr::null_mut();
     guard("ihip_stats_json", || {
         with_engine(e, |eng| {
-            let layers: Vec<_> = eng
-                .stats()
-                .iter()
-                .enumerate()
-                .map(|(i, s)| layer_json(i, s))
-                .collect();
-            out = into_c_string(serde_json::json!({ "layers": layers }).to_string());
+            out = into_c_string(eng.stats_json());
             Ok(())
         })
     });

@@ -507,6 +507,50 @@ impl Engine {
             })
             .collect()
     }
+
+    /// Every layer's stats as JSON `{"layers": [...]}`: the one schema the C
+    /// ABI, the C++ bridge and the Python shim report.
+    pub fn stats_json(&self) -> String {
+        let layers: Vec<_> = self
+            .stats()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.to_json(i))
+            .collect();
+        serde_json::json!({ "layers": layers }).to_string()
+    }
+}
+
+impl LayerStats {
+    /// This layer's stats as JSON (cumulative cache counters and the last
+    /// decode step's, see `stats_json`).
+    pub fn to_json(&self, layer: usize) -> serde_json::Value {
+        serde_json::json!({
+            "layer": layer,
+            "method": self.method,
+            "pages_in_use": self.pool.pages_in_use,
+            "pages_free": self.pool.pages_free,
+            "host_bytes": self.pool.bytes_in_use,
+            "sequences": self.pool.sequences,
+            "device_bytes": self.device_bytes,
+            "cache": {
+                "hits": self.cache.hits,
+                "misses": self.cache.misses,
+                "bytes_copied": self.cache.bytes_copied,
+                "evictions": self.cache.evictions,
+                "hit_ratio": self.cache.hit_ratio(),
+            },
+            "last_step": {
+                "hits": self.last_step.cache.hits,
+                "misses": self.last_step.cache.misses,
+                "bytes_copied": self.last_step.cache.bytes_copied,
+                "blocks_needed": self.last_step.blocks_needed,
+                "estimation_cache_hits": self.last_step.estimation_cache.hits,
+                "estimation_cache_misses": self.last_step.estimation_cache.misses,
+                "estimation_bytes": self.last_step.estimation_bytes,
+            },
+        })
+    }
 }
 
 fn convert<S: Element, D: Element>(x: &[S]) -> Vec<D> {
