@@ -62,6 +62,9 @@ impl PinnedBuf {
     pub fn as_u16_mut(&mut self) -> &mut [u16] {
         unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut u16, self.bytes / 2) }
     }
+    pub fn as_u64(&self) -> &[u64] {
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u64, self.bytes / 8) }
+    }
     fn as_i32_mut(&mut self) -> &mut [i32] {
         unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut i32, self.bytes / 4) }
     }
