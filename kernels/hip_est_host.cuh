@@ -77,8 +77,15 @@ __device__ __forceinline__ const u16* est_key_row(const u16* kp, const int* trow
     }
     const u32 i = base + (u32)__popc(mm & ((1u << lane) - 1u));
     const u16* src = ec->host_k + (long long)row * D;
-    if (i < ec->miss_cap) {
-        ec->miss_list[i] = row;
+    // Past the list's end, the part after the staged prefix is a ring: a
+    // step whose misses overflow the list keeps its LAST misses (the later
+    // stages', re-read at every refresh of their stage) and overwrites the
+    // middle ones. Only the first stage_cap misses are staged.
+    u32 p = i;
+    if (i >= ec->miss_cap && ec->miss_cap > ec->stage_cap)
+        p = ec->stage_cap + (i - ec->stage_cap) % (ec->miss_cap - ec->stage_cap);
+    if (p < ec->miss_cap) {
+        ec->miss_list[p] = row;
         if (ec->miss_rows && i < ec->stage_cap) {
             u16* dst = ec->miss_rows + (long long)i * D;
             est_stage_row(reinterpret_cast<const uint4*>(src), reinterpret_cast<uint4*>(dst), D / 8);

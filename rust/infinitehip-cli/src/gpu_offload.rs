@@ -145,6 +145,8 @@ struct EqRun<'a> {
     /// Stage missed rows in device memory (`HostEstimation::new`).
     stage: bool,
     admission: Admission,
+    /// Override `max_admit_per_step` (Some(0): nothing is ever admitted).
+    admit_limit: Option<usize>,
     seed: u64,
 }
 
@@ -191,6 +193,17 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
     let n_slots = ((total_blocks as f64 * r.frac).ceil() as usize).max(1);
     let mut off = OffloadKv::new(gpu, host, n_slots).map_err(e)?;
     let mut est = match r.est_frac {
+        // Staged device admission is what `KvConfig` describes: built from
+        // `kv.estimation_cache_rows` (the config path the engine would use).
+        Some(f) if r.stage && r.admission == Admission::Device => {
+            let mut kc = infinitehip::config::KvConfig {
+                device_cache_pages: Some(n_slots),
+                estimation_cache_rows: Some(((total_rows as f64 * f).ceil() as usize).max(16)),
+                ..Default::default()
+            };
+            kc.page_size = off.host.layout.page_size;
+            Some(HostEstimation::from_config(gpu, &off.host, &kc).map_err(e)?)
+        }
         Some(f) => Some(
             HostEstimation::with_admission(
                 gpu,
@@ -203,6 +216,9 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
         ),
         None => None,
     };
+    if let (Some(x), Some(l)) = (est.as_mut(), r.admit_limit) {
+        x.max_admit_per_step = l;
+    }
     let nb = r.lens.len();
     let mut dec = HipGpuDecoder::new(cfg.clone(), &shape, nb).map_err(e)?;
     let mut dec2 = HipGpuDecoder::new(cfg.clone(), &shape, nb).map_err(e)?;
@@ -293,7 +309,16 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
         }
     }
     let est_ok = r.est_frac.is_none()
-        || (sel_diff == 0 && est_hits > 0 && admitted > 0 && verify_err.is_none() && verified > 0);
+        || if r.admit_limit == Some(0) {
+            // Nothing admitted: every read a miss, still the same selections.
+            sel_diff == 0
+                && est_hits == 0
+                && admitted == 0
+                && est_misses > 0
+                && verify_err.is_none()
+        } else {
+            sel_diff == 0 && est_hits > 0 && admitted > 0 && verify_err.is_none() && verified > 0
+        };
     let ok = !nan && max_abs <= 1e-6 && misses > 0 && est_ok;
     let est_txt = match (&est, r.est_frac) {
         (Some(x), Some(f)) => format!(
@@ -345,6 +370,7 @@ pub fn test(argv: &[String]) -> R<()> {
                     small: true,
                     stage: false,
                     admission: Admission::Device,
+                    admit_limit: None,
                     seed,
                 },
             ),
@@ -362,6 +388,7 @@ pub fn test(argv: &[String]) -> R<()> {
                     small: true,
                     stage: false,
                     admission: Admission::Device,
+                    admit_limit: None,
                     seed: seed + 1,
                 },
             ),
@@ -379,6 +406,7 @@ pub fn test(argv: &[String]) -> R<()> {
                     small: true,
                     stage: true,
                     admission: Admission::Device,
+                    admit_limit: None,
                     seed: seed + 1,
                 },
             ),
@@ -396,6 +424,7 @@ pub fn test(argv: &[String]) -> R<()> {
                     small: true,
                     stage: true,
                     admission: Admission::Device,
+                    admit_limit: None,
                     seed: seed + 2,
                 },
             ),
@@ -413,6 +442,7 @@ pub fn test(argv: &[String]) -> R<()> {
                     small: false,
                     stage: true,
                     admission: Admission::Device,
+                    admit_limit: None,
                     seed: seed + 3,
                 },
             ),
@@ -430,7 +460,26 @@ pub fn test(argv: &[String]) -> R<()> {
                     small: true,
                     stage: true,
                     admission: Admission::Host,
+                    admit_limit: None,
                     seed: seed + 2,
+                },
+            ),
+        ),
+        (
+            "nothing admitted (limit 0): every estimation read a miss, == all on device".into(),
+            decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[40_000],
+                    frac: 0.3,
+                    steps: 24,
+                    est_frac: Some(0.01),
+                    appends: true,
+                    small: false,
+                    stage: true,
+                    admission: Admission::Device,
+                    admit_limit: Some(0),
+                    seed: seed + 4,
                 },
             ),
         ),
@@ -619,6 +668,7 @@ pub fn bench(argv: &[String]) -> R<()> {
             let (mut p_read, mut p_ref, mut p_clock, mut p_launch, mut sel_read) =
                 (vec![], vec![], vec![], vec![], vec![]);
             let (mut unlogged, mut rebuilds) = (0u64, 0u32);
+            let (mut pr_res, mut pr_wait, mut pr_launch) = (vec![], vec![], vec![]);
             let (mut hits, mut misses, mut bytes, mut needed, mut max_abs) =
                 (0u64, 0u64, 0u64, 0usize, 0f32);
             let (mut eh, mut em, mut e_host, mut e_adm, mut sel_diff) =
@@ -689,6 +739,9 @@ pub fn bench(argv: &[String]) -> R<()> {
                     p_clock.push(es.prof.clock);
                     p_launch.push(es.prof.launch);
                     sel_read.push((t25 - t2).as_secs_f64() * 1e3);
+                    pr_res.push(st.host_resolve_ms);
+                    pr_wait.push(st.host_wait_ms);
+                    pr_launch.push(st.host_launch_ms);
                     unlogged += es.misses_unlogged;
                     rebuilds += es.prof.rebuilds;
                     prep.push((t3 - t2).as_secs_f64() * 1e3);
@@ -755,6 +808,9 @@ pub fn bench(argv: &[String]) -> R<()> {
                 "offload_admission_launch_ms": mean(&p_launch),
                 "est_misses_unlogged": unlogged, "est_table_rebuilds": rebuilds,
                 "offload_selection_readback_ms": mean(&sel_read),
+                "offload_prepare_resolve_ms": mean(&pr_res),
+                "offload_prepare_wait_ms": mean(&pr_wait),
+                "offload_prepare_launch_ms": mean(&pr_launch),
             });
             if let (Some(o), Some(x)) = (row.as_object_mut(), extra.as_object()) {
                 o.extend(x.clone());
@@ -784,17 +840,18 @@ pub fn bench(argv: &[String]) -> R<()> {
     println!(
         "\nWhere the offloaded step's host time goes (ms/step, means over the timed steps):\n"
     );
-    println!("| tokens | est rows | admission | est kernels (+ sync) | admission total | of it: counters + miss list read | reference bits | dedup + CLOCK | launch | rebuilds | misses past the list | prepare (of it: selection read back) |");
+    println!("| tokens | est rows | admission | est kernels (+ sync) | admission total | of it: counters + miss list read | reference bits | dedup + CLOCK | launch | rebuilds | misses past the list | prepare (of it: selection read back; page policy + lists; wait for previous copy; staging + launch) |");
     println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {:.1}% | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {:.3} ({:.3}) |",
+            "| {} | {:.1}% | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {:.3} ({:.3}; {:.3}; {:.3}; {:.3}) |",
             r["tokens"], 100.0 * g(r, "est_rows_fraction"), r["admission"].as_str().unwrap_or("?"),
             g(r, "offload_estimation_kernels_ms"), g(r, "offload_estimation_admission_host_ms"),
             g(r, "offload_admission_readback_ms"), g(r, "offload_admission_refbits_ms"),
             g(r, "offload_admission_clock_ms"), g(r, "offload_admission_launch_ms"),
             r["est_table_rebuilds"], r["est_misses_unlogged"],
             g(r, "offload_prepare_ms"), g(r, "offload_selection_readback_ms"),
+            g(r, "offload_prepare_resolve_ms"), g(r, "offload_prepare_wait_ms"), g(r, "offload_prepare_launch_ms"),
         );
     }
     if let Some(p) = a.str("json") {

@@ -522,19 +522,24 @@ impl ClockBits {
                 self.hand = (w * 64 + b + span) % self.cap;
                 continue;
             }
-            let s = free.trailing_zeros() as usize;
-            // Referenced slots the hand passes lose their second chance.
-            self.bits[w] &= !(((1u64 << s) - 1) & range);
-            let slot = w * 64 + s;
-            if self.filled[w] >> s & 1 == 1 {
-                out.evicted += 1;
-            } else {
-                self.filled[w] |= 1 << s;
-                self.n_filled += 1;
+            // Take this word's free slots in order, as many as wanted.
+            let mut free = free;
+            let mut s = b;
+            while free != 0 && out.slots.len() < n {
+                s = free.trailing_zeros() as usize;
+                free &= free - 1;
+                if self.filled[w] >> s & 1 == 1 {
+                    out.evicted += 1;
+                } else {
+                    self.filled[w] |= 1 << s;
+                    self.n_filled += 1;
+                }
+                out.slots.push((w * 64 + s) as u32);
             }
-            out.slots.push(slot as u32);
+            // Referenced slots the hand passed lose their second chance.
+            self.bits[w] &= !((u64::MAX >> (63 - s)) & range);
             travelled += s - b + 1;
-            self.hand = (slot + 1) % self.cap;
+            self.hand = (w * 64 + s + 1) % self.cap;
         }
         self.last_sweep = travelled;
         Ok(out)

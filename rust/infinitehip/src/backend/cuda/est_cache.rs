@@ -18,6 +18,7 @@
 //! - `Host` (the earlier path, kept for comparison): the host holds the
 //!   table (`kv::EstRowCache`), reads and merges one reference byte per slot
 //!   every step, and uploads the changed buckets.
+//!
 //! Either way the scores never depend on admission: a row that is not
 //! admitted (overflow, limits) is read from the host tier again, the same
 //! bits. Device memory: arena + table + reference bytes + miss list (+
@@ -71,7 +72,9 @@ pub struct EstStep {
     /// Bytes the scoring kernels read from host memory (the misses).
     pub host_bytes_read: u64,
     pub rows_admitted: u64,
-    /// Misses past the miss list's capacity (read from host, not admitted).
+    /// Misses the miss list could not keep (past its end: dropped under
+    /// host admission, overwritten in the ring part under device
+    /// admission); read from the host tier as every miss, not admitted.
     pub misses_unlogged: u64,
     /// Host time of `finish`, split (ms).
     pub prof: EstProfile,
@@ -163,7 +166,7 @@ impl HostEstimation {
                 "estimation row cache: {total_rows} host key rows exceed the 32-bit row ids"
             )));
         }
-        if rows > (1 << 30) || rows < 16 {
+        if !(16..=(1 << 30)).contains(&rows) {
             return Err(Error::config(
                 "kv.estimation_cache_rows",
                 format!("{rows} rows: must be in 16..=2^30"),
@@ -184,8 +187,9 @@ impl HostEstimation {
         refb.fill_bytes(0)?;
         let counters = DevBuf::from_slice(&[0u32; 4])?;
         // Device admission logs more misses than it stages (4 bytes each),
-        // so a step whose misses overflow the staging still admits its
-        // later stages' rows (read from the host tier).
+        // and past the staged prefix the list is a ring (hip_est_host.cuh),
+        // so a step whose misses overflow it still admits its later stages'
+        // rows (read from the host tier).
         let stage_cap = rows;
         let miss_cap = if device { 2 * rows + 4096 } else { rows };
         let miss_list = DevBuf::alloc(miss_cap * 4)?;
@@ -416,19 +420,17 @@ impl HostEstimation {
         }
         // Triples (row, slot, staged index or EMPTY_ROW: from the host tier).
         let staged = self.miss_rows.is_some();
-        let tri: Vec<u32> = uniq[..k]
-            .iter()
-            .zip(&take.slots)
-            .flat_map(|(&(row, pos), &slot)| {
-                let i = logged - 1 - pos as usize;
-                let si = if staged && i < self.stage_cap {
-                    i as u32
-                } else {
-                    EMPTY_ROW
-                };
-                [row, slot, si]
-            })
-            .collect();
+        let mut tri: Vec<u32> = Vec::with_capacity(3 * k);
+        for (&(row, pos), &slot) in uniq[..k].iter().zip(&take.slots) {
+            // Position in the device list (`rows` is it reversed).
+            let p = logged - 1 - pos as usize;
+            let si = if staged && p < self.stage_cap {
+                p as u32
+            } else {
+                EMPTY_ROW
+            };
+            tri.extend_from_slice(&[row, slot, si]);
+        }
         step.prof.clock = ms(t0) - t_ref;
         let tl = Instant::now();
         // The previous admission may still read the staging list.
