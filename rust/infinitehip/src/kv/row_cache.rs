@@ -833,9 +833,9 @@ mod tests {
                 assert_eq!(c.filled(), r.filled.iter().filter(|&&f| f).count());
                 // Bits not merged yet stay on the device until the hand
                 // reaches their word: host OR device equals the reference.
-                for i in 0..cap {
+                for (i, (&d, &want)) in dev.iter().zip(&r.refd).enumerate() {
                     let host = c.bits[i / 64] >> (i % 64) & 1 == 1;
-                    assert_eq!(host || dev[i], r.refd[i], "cap {cap} step {step} slot {i}");
+                    assert_eq!(host || d, want, "cap {cap} step {step} slot {i}");
                 }
             }
             if cap >= 1000 {
