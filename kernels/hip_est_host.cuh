@@ -14,13 +14,13 @@
 struct EstCache {
     const u16* host_k;              // mapped pinned host K [page][hkv][ps][D]
     const u16* arena;               // [slot][D]
-    const unsigned long long* map;  // (row << 32) | slot; empty = all ones
+    const unsigned long long* map;  // (row << 32) | slot; empty = all ones; key 0xfffffffe = tombstone
     u32 map_mask;
     u32 map_shift;                  // 32 - log2(table size)
     u32* counters;                  // [0] hits, [1] misses, [2] miss list length
     u32* miss_list;
     u32 miss_cap;
-    u32 pad_;
+    u32 stage_cap;                  // staged rows: the first stage_cap misses
     unsigned char* ref;             // per slot: read since the host's last sweep
     u16* miss_rows;                 // [miss_cap][D] staged copies of missed rows, or null
 };
@@ -77,9 +77,16 @@ __device__ __forceinline__ const u16* est_key_row(const u16* kp, const int* trow
     }
     const u32 i = base + (u32)__popc(mm & ((1u << lane) - 1u));
     const u16* src = ec->host_k + (long long)row * D;
-    if (i < ec->miss_cap) {
-        ec->miss_list[i] = row;
-        if (ec->miss_rows) {
+    // Past the list's end, the part after the staged prefix is a ring: a
+    // step whose misses overflow the list keeps its LAST misses (the later
+    // stages', re-read at every refresh of their stage) and overwrites the
+    // middle ones. Only the first stage_cap misses are staged.
+    u32 p = i;
+    if (i >= ec->miss_cap && ec->miss_cap > ec->stage_cap)
+        p = ec->stage_cap + (i - ec->stage_cap) % (ec->miss_cap - ec->stage_cap);
+    if (p < ec->miss_cap) {
+        ec->miss_list[p] = row;
+        if (ec->miss_rows && i < ec->stage_cap) {
             u16* dst = ec->miss_rows + (long long)i * D;
             est_stage_row(reinterpret_cast<const uint4*>(src), reinterpret_cast<uint4*>(dst), D / 8);
             return dst;

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use infinitehip::attention::AttnShape;
 use infinitehip::backend::cuda::dispatch::{self, DecodeWorkspace, HipGpuDecoder};
-use infinitehip::backend::cuda::est_cache::HostEstimation;
+use infinitehip::backend::cuda::est_cache::{Admission, HostEstimation};
 use infinitehip::backend::cuda::offload::{HostKv, OffloadKv};
 use infinitehip::backend::cuda::{DevBuf, GpuContext};
 use infinitehip::config::HipConfig;
@@ -144,6 +144,9 @@ struct EqRun<'a> {
     small: bool,
     /// Stage missed rows in device memory (`HostEstimation::new`).
     stage: bool,
+    admission: Admission,
+    /// Override `max_admit_per_step` (Some(0): nothing is ever admitted).
+    admit_limit: Option<usize>,
     seed: u64,
 }
 
@@ -190,17 +193,32 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
     let n_slots = ((total_blocks as f64 * r.frac).ceil() as usize).max(1);
     let mut off = OffloadKv::new(gpu, host, n_slots).map_err(e)?;
     let mut est = match r.est_frac {
+        // Staged device admission is what `KvConfig` describes: built from
+        // `kv.estimation_cache_rows` (the config path the engine would use).
+        Some(f) if r.stage && r.admission == Admission::Device => {
+            let mut kc = infinitehip::config::KvConfig {
+                device_cache_pages: Some(n_slots),
+                estimation_cache_rows: Some(((total_rows as f64 * f).ceil() as usize).max(16)),
+                ..Default::default()
+            };
+            kc.page_size = off.host.layout.page_size;
+            Some(HostEstimation::from_config(gpu, &off.host, &kc).map_err(e)?)
+        }
         Some(f) => Some(
-            HostEstimation::new(
+            HostEstimation::with_admission(
                 gpu,
                 &off.host,
-                (total_rows as f64 * f).ceil() as usize,
+                ((total_rows as f64 * f).ceil() as usize).max(16),
                 r.stage,
+                r.admission,
             )
             .map_err(e)?,
         ),
         None => None,
     };
+    if let (Some(x), Some(l)) = (est.as_mut(), r.admit_limit) {
+        x.max_admit_per_step = l;
+    }
     let nb = r.lens.len();
     let mut dec = HipGpuDecoder::new(cfg.clone(), &shape, nb).map_err(e)?;
     let mut dec2 = HipGpuDecoder::new(cfg.clone(), &shape, nb).map_err(e)?;
@@ -216,8 +234,10 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
         (0f32, 0usize, 0u64, 0u64, false);
     let (mut sel_diff, mut est_hits, mut est_misses, mut est_bytes, mut admitted) =
         (0usize, 0u64, 0u64, 0u64, 0u64);
+    let (mut unlogged, mut rebuilds, mut verified, mut verify_err) =
+        (0u64, 0u32, 0usize, None::<String>);
     let d = shape.head_dim;
-    for _ in 0..r.steps {
+    for step in 0..r.steps {
         let pins: Vec<Vec<Range<usize>>> = kv
             .lens
             .iter()
@@ -242,6 +262,8 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
                 est_misses += st.cache.misses;
                 est_bytes += st.host_bytes_read;
                 admitted += st.rows_admitted;
+                unlogged += st.misses_unlogged;
+                rebuilds += st.prof.rebuilds;
                 let s2 = dec2.sel.to_host(8).map_err(e)?;
                 sel_diff += s2.iter().zip(&sels).filter(|(a, b)| a != b).count();
                 sel_diff += (dec2.max_tokens != mt) as usize;
@@ -263,6 +285,15 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
             bitdiff += (x.to_bits() != y.to_bits()) as usize;
             max_abs = max_abs.max((x - y).abs());
         }
+        // The device table and arena against the host tier, now and then.
+        if let Some(x) = est.as_ref() {
+            if verify_err.is_none() && (step % 8 == 7 || step + 1 == r.steps) {
+                match x.verify(&off.host) {
+                    Ok(n) => verified += n,
+                    Err(err) => verify_err = Some(err.to_string()),
+                }
+            }
+        }
         if r.appends {
             for b in 0..nb {
                 let t = kv.lens[b];
@@ -277,15 +308,27 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
             }
         }
     }
-    let est_ok = r.est_frac.is_none() || (sel_diff == 0 && est_hits > 0 && admitted > 0);
+    let est_ok = r.est_frac.is_none()
+        || if r.admit_limit == Some(0) {
+            // Nothing admitted: every read a miss, still the same selections.
+            sel_diff == 0
+                && est_hits == 0
+                && admitted == 0
+                && est_misses > 0
+                && verify_err.is_none()
+        } else {
+            sel_diff == 0 && est_hits > 0 && admitted > 0 && verify_err.is_none() && verified > 0
+        };
     let ok = !nan && max_abs <= 1e-6 && misses > 0 && est_ok;
     let est_txt = match (&est, r.est_frac) {
         (Some(x), Some(f)) => format!(
-            "; estimation over host keys, row cache {} rows ({:.2}% of {total_rows}): selections differing {sel_diff}, row hits {:.1}% ({est_misses} misses), {:.2} MiB read from host, {admitted} rows admitted, {:.1} MiB device",
-            x.cache.capacity(),
+            "; estimation over host keys ({:?} admission), row cache {} rows ({:.2}% of {total_rows}): selections differing {sel_diff}, row hits {:.1}% ({est_misses} misses, {unlogged} past the miss list), {:.2} MiB read from host, {admitted} rows admitted, {rebuilds} table rebuilds, table check: {} ({verified} mapped rows checked bit for bit), {:.1} MiB device",
+            x.admission,
+            x.capacity(),
             f * 100.0,
             100.0 * est_hits as f64 / (est_hits + est_misses).max(1) as f64,
             est_bytes as f64 / (1 << 20) as f64,
+            verify_err.as_deref().unwrap_or("ok"),
             x.device_bytes() as f64 / (1 << 20) as f64
         ),
         _ => String::new(),
@@ -326,6 +369,8 @@ pub fn test(argv: &[String]) -> R<()> {
                     appends: false,
                     small: true,
                     stage: false,
+                    admission: Admission::Device,
+                    admit_limit: None,
                     seed,
                 },
             ),
@@ -342,6 +387,8 @@ pub fn test(argv: &[String]) -> R<()> {
                     appends: false,
                     small: true,
                     stage: false,
+                    admission: Admission::Device,
+                    admit_limit: None,
                     seed: seed + 1,
                 },
             ),
@@ -358,6 +405,8 @@ pub fn test(argv: &[String]) -> R<()> {
                     appends: false,
                     small: true,
                     stage: true,
+                    admission: Admission::Device,
+                    admit_limit: None,
                     seed: seed + 1,
                 },
             ),
@@ -374,6 +423,8 @@ pub fn test(argv: &[String]) -> R<()> {
                     appends: true,
                     small: true,
                     stage: true,
+                    admission: Admission::Device,
+                    admit_limit: None,
                     seed: seed + 2,
                 },
             ),
@@ -390,7 +441,45 @@ pub fn test(argv: &[String]) -> R<()> {
                     appends: true,
                     small: false,
                     stage: true,
+                    admission: Admission::Device,
+                    admit_limit: None,
                     seed: seed + 3,
+                },
+            ),
+        ),
+        (
+            "host-side admission (earlier path) 1% rows + appends == all on device".into(),
+            decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[100_000, 33_000],
+                    frac: 0.05,
+                    steps: 40,
+                    est_frac: Some(0.01),
+                    appends: true,
+                    small: true,
+                    stage: true,
+                    admission: Admission::Host,
+                    admit_limit: None,
+                    seed: seed + 2,
+                },
+            ),
+        ),
+        (
+            "nothing admitted (limit 0): every estimation read a miss, == all on device".into(),
+            decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[40_000],
+                    frac: 0.3,
+                    steps: 24,
+                    est_frac: Some(0.01),
+                    appends: true,
+                    small: false,
+                    stage: true,
+                    admission: Admission::Device,
+                    admit_limit: Some(0),
+                    seed: seed + 4,
                 },
             ),
         ),
@@ -478,7 +567,14 @@ pub fn bench(argv: &[String]) -> R<()> {
     let a = Args::parse(
         argv,
         &[
-            "tokens", "cache", "est-rows", "steps", "warmup", "json", "seed",
+            "tokens",
+            "cache",
+            "est-rows",
+            "steps",
+            "warmup",
+            "json",
+            "seed",
+            "admission",
         ],
         &["est-direct"],
     )?;
@@ -499,6 +595,18 @@ pub fn bench(argv: &[String]) -> R<()> {
             })
             .collect()
     };
+    // `device` (default), `host` (the earlier host-side admission), or both
+    // (`device,host`: each configuration runs once per mode, same host tier).
+    let modes: Vec<Admission> = a
+        .str("admission")
+        .unwrap_or("device")
+        .split(',')
+        .map(|m| match m.trim() {
+            "device" => Ok(Admission::Device),
+            "host" => Ok(Admission::Host),
+            x => Err(format!("--admission: `{x}` is not device or host")),
+        })
+        .collect::<R<_>>()?;
     let fractions = frac_list("cache", "0.05")?;
     let est_list = frac_list("est-rows", "0.05,0.25")?;
     let steps: usize = a.get("steps", 48)?;
@@ -535,14 +643,21 @@ pub fn bench(argv: &[String]) -> R<()> {
             DevBuf::alloc(qe * 4).map_err(e)?,
             DevBuf::alloc(qe * 4).map_err(e)?,
         );
-        for (&f, &est_frac) in fractions
-            .iter()
-            .flat_map(|f| est_list.iter().map(move |x| (f, x)))
-        {
+        let mut combos: Vec<(f64, f64, Admission)> = Vec::new();
+        for &f in &fractions {
+            for &x in &est_list {
+                for &m in &modes {
+                    combos.push((f, x, m));
+                }
+            }
+        }
+        for (f, est_frac, mode) in combos {
             let n_slots = ((total_blocks as f64 * f).ceil() as usize).max(1);
             let mut off = OffloadKv::new(&gpu, host, n_slots).map_err(e)?;
             let est_rows = (total_rows as f64 * est_frac).ceil() as usize;
-            let mut est = HostEstimation::new(&gpu, &off.host, est_rows, !direct).map_err(e)?;
+            let mut est =
+                HostEstimation::with_admission(&gpu, &off.host, est_rows.max(16), !direct, mode)
+                    .map_err(e)?;
             let mut dec = HipGpuDecoder::new(cfg.clone(), &shape, 1).map_err(e)?;
             let mut dec2 = HipGpuDecoder::new(cfg.clone(), &shape, 1).map_err(e)?;
             let (mut ws1, mut ws2) = (DecodeWorkspace::new(), DecodeWorkspace::new());
@@ -550,6 +665,10 @@ pub fn bench(argv: &[String]) -> R<()> {
             let (mut est_r, mut res, mut est_o, mut prep, mut dec_o, mut tot_o) =
                 (vec![], vec![], vec![], vec![], vec![], vec![]);
             let (mut est_o_refresh0, mut est_kernel, mut est_admit) = (vec![], vec![], vec![]);
+            let (mut p_read, mut p_ref, mut p_clock, mut p_launch, mut sel_read) =
+                (vec![], vec![], vec![], vec![], vec![]);
+            let (mut unlogged, mut rebuilds) = (0u64, 0u32);
+            let (mut pr_res, mut pr_wait, mut pr_launch) = (vec![], vec![], vec![]);
             let (mut hits, mut misses, mut bytes, mut needed, mut max_abs) =
                 (0u64, 0u64, 0u64, 0usize, 0f32);
             let (mut eh, mut em, mut e_host, mut e_adm, mut sel_diff) =
@@ -580,6 +699,7 @@ pub fn bench(argv: &[String]) -> R<()> {
                 let es = est.finish(&gpu).map_err(e)?;
                 let t2 = Instant::now();
                 let sels = dec2.sel.to_host(8).map_err(e)?;
+                let t25 = Instant::now();
                 let st = off.prepare(&gpu, &sels, &pins).map_err(e)?;
                 let t3 = Instant::now();
                 off.decode(
@@ -614,6 +734,16 @@ pub fn bench(argv: &[String]) -> R<()> {
                     }
                     est_kernel.push((t15 - t1).as_secs_f64() * 1e3);
                     est_admit.push((t2 - t15).as_secs_f64() * 1e3);
+                    p_read.push(es.prof.readback);
+                    p_ref.push(es.prof.refbits);
+                    p_clock.push(es.prof.clock);
+                    p_launch.push(es.prof.launch);
+                    sel_read.push((t25 - t2).as_secs_f64() * 1e3);
+                    pr_res.push(st.host_resolve_ms);
+                    pr_wait.push(st.host_wait_ms);
+                    pr_launch.push(st.host_launch_ms);
+                    unlogged += es.misses_unlogged;
+                    rebuilds += es.prof.rebuilds;
                     prep.push((t3 - t2).as_secs_f64() * 1e3);
                     dec_o.push((t4 - t3).as_secs_f64() * 1e3);
                     tot_o.push((t4 - t1).as_secs_f64() * 1e3);
@@ -669,18 +799,34 @@ pub fn bench(argv: &[String]) -> R<()> {
                 "x32_device_offload_gib": 32.0 * dev_off as f64 / (1u64 << 30) as f64,
                 "x32_device_resident_gib": 32.0 * resident_bytes as f64 / (1u64 << 30) as f64,
             });
+            let mut row = row;
+            let extra = json!({
+                "admission": format!("{mode:?}").to_lowercase(),
+                "offload_admission_readback_ms": mean(&p_read),
+                "offload_admission_refbits_ms": mean(&p_ref),
+                "offload_admission_clock_ms": mean(&p_clock),
+                "offload_admission_launch_ms": mean(&p_launch),
+                "est_misses_unlogged": unlogged, "est_table_rebuilds": rebuilds,
+                "offload_selection_readback_ms": mean(&sel_read),
+                "offload_prepare_resolve_ms": mean(&pr_res),
+                "offload_prepare_wait_ms": mean(&pr_wait),
+                "offload_prepare_launch_ms": mean(&pr_launch),
+            });
+            if let (Some(o), Some(x)) = (row.as_object_mut(), extra.as_object()) {
+                o.extend(x.clone());
+            }
             eprintln!("{row}");
             rows.push(row);
             host = off.into_host();
         }
     }
     let g = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-    println!("\n| tokens | page cache | est rows | resident ms/step (est + attn) | offload ms/step | of it: est (kernels + admission; stage-0 refresh steps) | prepare | attn | page hit % | row hit % | bus MiB/step (pages + est read [+ est admit if direct]) | device MiB offload / resident | sel mismatches | max abs diff |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("\n| tokens | page cache | est rows | admission | resident ms/step (est + attn) | offload ms/step | of it: est (kernels + admission; stage-0 refresh steps) | prepare | attn | page hit % | row hit % | bus MiB/step (pages + est read [+ est admit if direct]) | device MiB offload / resident | sel mismatches | max abs diff |");
+    println!("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {:.1}% | {:.1}% | {:.3} ({:.3} + {:.3}) | {:.3} | {:.3} ({:.3} + {:.3}; {:.1}) | {:.3} | {:.3} | {:.1} | {:.1} | {:.2} ({:.2} + {:.2} [+ {:.2}]) | {:.0} / {:.0} | {} | {:.1e} |",
-            r["tokens"], 100.0 * g(r, "cache_fraction"), 100.0 * g(r, "est_rows_fraction"),
+            "| {} | {:.1}% | {:.1}% | {} | {:.3} ({:.3} + {:.3}) | {:.3} | {:.3} ({:.3} + {:.3}; {:.1}) | {:.3} | {:.3} | {:.1} | {:.1} | {:.2} ({:.2} + {:.2} [+ {:.2}]) | {:.0} / {:.0} | {} | {:.1e} |",
+            r["tokens"], 100.0 * g(r, "cache_fraction"), 100.0 * g(r, "est_rows_fraction"), r["admission"].as_str().unwrap_or("?"),
             g(r, "resident_step_ms"), g(r, "resident_estimation_ms"), g(r, "resident_decode_ms"),
             g(r, "offload_step_ms"), g(r, "offload_estimation_ms"), g(r, "offload_estimation_kernels_ms"),
             g(r, "offload_estimation_admission_host_ms"), g(r, "offload_estimation_stage0_refresh_ms"),
@@ -689,6 +835,23 @@ pub fn bench(argv: &[String]) -> R<()> {
             g(r, "bus_mib_per_step"), g(r, "page_copied_mib_per_step"), g(r, "est_host_read_mib_per_step"), g(r, "est_admitted_mib_per_step"),
             g(r, "device_offload_mib"), g(r, "device_resident_kv_mib"),
             r["selection_mismatch_steps"], g(r, "max_abs_diff"),
+        );
+    }
+    println!(
+        "\nWhere the offloaded step's host time goes (ms/step, means over the timed steps):\n"
+    );
+    println!("| tokens | est rows | admission | est kernels (+ sync) | admission total | of it: counters + miss list read | reference bits | dedup + CLOCK | launch | rebuilds | misses past the list | prepare (of it: selection read back; page policy + lists; wait for previous copy; staging + launch) |");
+    println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {:.1}% | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {:.3} ({:.3}; {:.3}; {:.3}; {:.3}) |",
+            r["tokens"], 100.0 * g(r, "est_rows_fraction"), r["admission"].as_str().unwrap_or("?"),
+            g(r, "offload_estimation_kernels_ms"), g(r, "offload_estimation_admission_host_ms"),
+            g(r, "offload_admission_readback_ms"), g(r, "offload_admission_refbits_ms"),
+            g(r, "offload_admission_clock_ms"), g(r, "offload_admission_launch_ms"),
+            r["est_table_rebuilds"], r["est_misses_unlogged"],
+            g(r, "offload_prepare_ms"), g(r, "offload_selection_readback_ms"),
+            g(r, "offload_prepare_resolve_ms"), g(r, "offload_prepare_wait_ms"), g(r, "offload_prepare_launch_ms"),
         );
     }
     if let Some(p) = a.str("json") {

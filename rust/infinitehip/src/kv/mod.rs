@@ -9,7 +9,8 @@ mod view;
 pub use page_cache::{head_blocks_touched, pages_touched, CacheStats, HeadBlock, PageCache};
 pub use pool::{KvPool, PoolStats};
 pub use row_cache::{
-    probe_device_map, row_hash, row_key, Admitted, EstRowCache, RowCache, RowSlotMap, EMPTY_ROW,
+    dedup_rows, probe_device_map, row_hash, row_key, Admitted, ClockBits, ClockTake, EstRowCache,
+    RowCache, RowSlotMap, EMPTY_ROW,
 };
 pub use view::{KvRead, SeqView};
 

@@ -20,7 +20,43 @@
 //! used in the current step (then the list is walked, which only happens
 //! when the cache cannot hold the step and the call fails anyway).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Multiplicative hasher for `HeadBlock` keys (two u32 writes): the step's
+/// ~1000 lookups cost a few ns each instead of SipHash's tens. Not
+/// collision-resistant; keys come from the plugin's own page tables.
+#[derive(Default)]
+pub struct BlockHasher(u64);
+
+impl Hasher for BlockHasher {
+    fn finish(&self) -> u64 {
+        // Fold the high bits down: hashbrown takes its bucket from the low
+        // bits and its tag from the top 7.
+        let x = self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x ^ (x >> 29)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u8(b);
+        }
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.write_u64(i as u64);
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(i as u64);
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(26) ^ i).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.write_u64(i as u64);
+    }
+}
+
+type BlockMap<V> = HashMap<HeadBlock, V, BuildHasherDefault<BlockHasher>>;
+type BlockSet = HashSet<HeadBlock, BuildHasherDefault<BlockHasher>>;
 use std::ops::Range;
 
 use super::{KvLayout, KvPool, SeqView};
@@ -64,7 +100,7 @@ pub struct PageCache<T: Element> {
     v: Vec<Box<[T]>>,
     /// Head block held by each slot.
     holder: Vec<Option<HeadBlock>>,
-    slot_of: HashMap<HeadBlock, u32>,
+    slot_of: BlockMap<u32>,
     lru: Lru,
     tick: u64,
     stats: CacheStats,
@@ -217,7 +253,7 @@ impl<T: Element> PageCache<T> {
                 .map(|_| vec![T::default(); pe].into_boxed_slice())
                 .collect(),
             holder: vec![None; n_slots],
-            slot_of: HashMap::new(),
+            slot_of: BlockMap::default(),
             lru: Lru::new(n_slots),
             tick: 0,
             stats: CacheStats::default(),
@@ -236,7 +272,7 @@ impl<T: Element> PageCache<T> {
             k: Vec::new(),
             v: Vec::new(),
             holder: vec![None; n_slots],
-            slot_of: HashMap::new(),
+            slot_of: BlockMap::default(),
             lru: Lru::new(n_slots),
             tick: 0,
             stats: CacheStats::default(),
@@ -333,7 +369,7 @@ impl<T: Element> PageCache<T> {
         let mut out = Vec::with_capacity(pages.len());
         let mut misses = Vec::new();
         let mut fills = Vec::new();
-        let mut seen = std::collections::HashSet::with_capacity(pages.len());
+        let mut seen = BlockSet::with_capacity_and_hasher(pages.len(), Default::default());
         for &p in pages {
             if !seen.insert(p) {
                 // Listed twice: counted once, filled in below.

@@ -405,6 +405,176 @@ impl EstRowCache {
     }
 }
 
+/// CLOCK hand over `capacity` slots whose reference bits are kept by the
+/// device (one byte per slot, set by hits) and merged here only for the
+/// words the hand is about to pass: the host never reads the whole table.
+/// `take` picks victims exactly as a sequential CLOCK over fully merged
+/// bits would (the hand only ever reads merged words), and never visits a
+/// slot twice in one call, so one batch lists each slot at most once.
+/// Slot occupancy is tracked here too (a bitset), so evictions are counted
+/// without the host knowing which row a slot holds.
+pub struct ClockBits {
+    cap: usize,
+    hand: usize,
+    /// Merged reference bits, 64 slots a word.
+    bits: Vec<u64>,
+    /// Slots that hold a row.
+    filled: Vec<u64>,
+    n_filled: usize,
+    /// Slots the hand passed in the last `take` (sizes the next window).
+    last_sweep: usize,
+}
+
+/// Result of one `ClockBits::take`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClockTake {
+    pub slots: Vec<u32>,
+    /// Of `slots`, how many held a row before (evictions).
+    pub evicted: usize,
+    /// Words of reference bits merged from the device.
+    pub words_loaded: usize,
+    /// Window loads (device round trips).
+    pub loads: usize,
+}
+
+impl ClockBits {
+    pub fn new(capacity: usize) -> Self {
+        let words = capacity.div_ceil(64);
+        ClockBits {
+            cap: capacity,
+            hand: 0,
+            bits: vec![0; words],
+            filled: vec![0; words],
+            n_filled: 0,
+            last_sweep: 0,
+        }
+    }
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+    pub fn words(&self) -> usize {
+        self.bits.len()
+    }
+    pub fn hand(&self) -> usize {
+        self.hand
+    }
+    /// Slots that hold a row.
+    pub fn filled(&self) -> usize {
+        self.n_filled
+    }
+
+    /// Up to `n` victim slots, in hand order. `load(w0, nw, out)` must
+    /// write the device's reference bits of words `w0, w0+1, ..` (`nw`
+    /// words, cyclic over `words()`) into `out` and clear them there; they
+    /// are ORed into the host's bits. Windows start at the hand's word and
+    /// grow geometrically when the hand runs past them.
+    pub fn take<E>(
+        &mut self,
+        n: usize,
+        mut load: impl FnMut(usize, usize, &mut [u64]) -> std::result::Result<(), E>,
+    ) -> std::result::Result<ClockTake, E> {
+        let mut out = ClockTake::default();
+        let nw_all = self.bits.len();
+        if n == 0 || self.cap == 0 {
+            return Ok(out);
+        }
+        let start_word = self.hand / 64;
+        // Words merged so far in this call, counted from `start_word`.
+        let mut merged = 0usize;
+        let mut want = (2 * self.last_sweep.max(4 * n))
+            .div_ceil(64)
+            .max(16)
+            .min(nw_all);
+        let mut buf: Vec<u64> = Vec::new();
+        let mut travelled = 0usize;
+        while out.slots.len() < n && travelled < self.cap {
+            let w = self.hand / 64;
+            // Words from start_word up to and including w must be merged.
+            let rel = (w + nw_all - start_word) % nw_all;
+            if rel >= merged {
+                let nw = want.min(nw_all - merged).max(1);
+                buf.clear();
+                buf.resize(nw, 0);
+                load((start_word + merged) % nw_all, nw, &mut buf)?;
+                for (i, &x) in buf.iter().enumerate() {
+                    self.bits[(start_word + merged + i) % nw_all] |= x;
+                }
+                merged += nw;
+                out.words_loaded += nw;
+                out.loads += 1;
+                want = (want * 2).min(nw_all);
+                continue;
+            }
+            let b = self.hand % 64;
+            let valid = (self.cap - w * 64).min(64);
+            let in_word = valid - b;
+            // Slots of this word at or after the hand, not past the travel limit.
+            let span = in_word.min(self.cap - travelled);
+            let range = if span == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << span) - 1) << b
+            };
+            let free = !self.bits[w] & range;
+            if free == 0 {
+                self.bits[w] &= !range;
+                travelled += span;
+                self.hand = (w * 64 + b + span) % self.cap;
+                continue;
+            }
+            // Take this word's free slots in order, as many as wanted.
+            let mut free = free;
+            let mut s = b;
+            while free != 0 && out.slots.len() < n {
+                s = free.trailing_zeros() as usize;
+                free &= free - 1;
+                if self.filled[w] >> s & 1 == 1 {
+                    out.evicted += 1;
+                } else {
+                    self.filled[w] |= 1 << s;
+                    self.n_filled += 1;
+                }
+                out.slots.push((w * 64 + s) as u32);
+            }
+            // Referenced slots the hand passed lose their second chance.
+            self.bits[w] &= !((u64::MAX >> (63 - s)) & range);
+            travelled += s - b + 1;
+            self.hand = (w * 64 + s + 1) % self.cap;
+        }
+        self.last_sweep = travelled;
+        Ok(out)
+    }
+}
+
+/// Distinct values of `rows` with the position of their first occurrence,
+/// in first-occurrence order (a generation-stamped open-addressing set).
+pub fn dedup_rows(rows: &[u32]) -> Vec<(u32, u32)> {
+    let n = (2 * rows.len()).next_power_of_two().max(16);
+    let shift = 32 - n.trailing_zeros();
+    let mask = (n - 1) as u32;
+    let mut keys = vec![EMPTY_ROW; n];
+    let mut out = Vec::with_capacity(rows.len());
+    for (i, &r) in rows.iter().enumerate() {
+        if r == EMPTY_ROW {
+            continue;
+        }
+        let mut b = row_hash(r, shift);
+        loop {
+            let k = keys[b as usize];
+            if k == r {
+                break;
+            }
+            if k == EMPTY_ROW {
+                keys[b as usize] = r;
+                out.push((r, i as u32));
+                break;
+            }
+            b = (b + 1) & mask;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -449,7 +619,7 @@ mod tests {
         c.access(&keys);
         c.invalidate_pages(&[1, 3]);
         for &k in &keys {
-            assert_eq!(c.contains(k), page_of(k) % 2 == 0, "row {k:x}");
+            assert_eq!(c.contains(k), page_of(k).is_multiple_of(2), "row {k:x}");
         }
         c.access(&keys);
         assert_eq!(c.stats().misses, 16 + 8);
@@ -573,5 +743,129 @@ mod tests {
             assert_eq!(rows[a.index as usize], a.row);
         }
         assert_eq!(c.map.len(), 64);
+    }
+
+    /// Sequential CLOCK over fully merged bits, one slot at a time: the
+    /// reference for `ClockBits::take` (which merges lazily, a word at a
+    /// time, and skips whole words).
+    struct ClockRef {
+        hand: usize,
+        refd: Vec<bool>,
+        filled: Vec<bool>,
+    }
+    impl ClockRef {
+        fn take(&mut self, n: usize, dev: &mut [bool]) -> (Vec<u32>, usize) {
+            let cap = self.refd.len();
+            for (r, d) in self.refd.iter_mut().zip(dev.iter_mut()) {
+                *r |= *d;
+                *d = false;
+            }
+            let (mut out, mut ev, mut trav) = (Vec::new(), 0, 0);
+            while out.len() < n && trav < cap {
+                let s = self.hand;
+                self.hand = (s + 1) % cap;
+                trav += 1;
+                if self.refd[s] {
+                    self.refd[s] = false;
+                    continue;
+                }
+                ev += self.filled[s] as usize;
+                self.filled[s] = true;
+                out.push(s as u32);
+            }
+            (out, ev)
+        }
+    }
+
+    /// Lazy word-wise merging picks exactly the victims of a sequential
+    /// CLOCK that merges every bit every step, over random hit patterns,
+    /// capacities that are not multiples of 64 and batches larger than the
+    /// cache; no slot twice in a batch.
+    #[test]
+    fn clock_bits_equal_sequential_clock() {
+        let mut rng = Rng::new(5);
+        for &cap in &[1usize, 63, 64, 65, 200, 1000, 4097] {
+            let mut c = ClockBits::new(cap);
+            let mut r = ClockRef {
+                hand: 0,
+                refd: vec![false; cap],
+                filled: vec![false; cap],
+            };
+            // Device bytes not merged by the lazy side yet.
+            let mut dev = vec![false; cap];
+            let mut loaded = 0;
+            for step in 0..300 {
+                let p = [0, 1, 5, 9, 10][step % 5];
+                let mut hits: Vec<bool> = (0..cap).map(|_| rng.below(10) < p).collect();
+                for (d, h) in dev.iter_mut().zip(&hits) {
+                    *d |= *h;
+                }
+                let n = match step % 7 {
+                    0 => cap + 3,
+                    1 => 0,
+                    _ => rng.below(cap / 4 + 2),
+                };
+                let (want, want_ev) = r.take(n, &mut hits);
+                let got = c
+                    .take(n, |w0, nw, out: &mut [u64]| -> Result<(), ()> {
+                        assert!(nw <= c_words(cap));
+                        for (i, o) in out.iter_mut().enumerate() {
+                            let w = (w0 + i) % c_words(cap);
+                            for bit in 0..64 {
+                                let s = w * 64 + bit;
+                                if s < cap && dev[s] {
+                                    *o |= 1 << bit;
+                                    dev[s] = false;
+                                }
+                            }
+                        }
+                        Ok(())
+                    })
+                    .unwrap();
+                assert_eq!(got.slots, want, "cap {cap} step {step} n {n}");
+                assert_eq!(got.evicted, want_ev);
+                loaded += got.words_loaded;
+                let mut s = got.slots.clone();
+                s.sort_unstable();
+                s.dedup();
+                assert_eq!(s.len(), got.slots.len(), "a slot twice in one batch");
+                assert_eq!(c.hand(), r.hand);
+                assert_eq!(c.filled(), r.filled.iter().filter(|&&f| f).count());
+                // Bits not merged yet stay on the device until the hand
+                // reaches their word: host OR device equals the reference.
+                for (i, (&d, &want)) in dev.iter().zip(&r.refd).enumerate() {
+                    let host = c.bits[i / 64] >> (i % 64) & 1 == 1;
+                    assert_eq!(host || d, want, "cap {cap} step {step} slot {i}");
+                }
+            }
+            if cap >= 1000 {
+                assert!(
+                    loaded < 300 * c_words(cap),
+                    "windows should not always be whole"
+                );
+            }
+        }
+    }
+
+    fn c_words(cap: usize) -> usize {
+        cap.div_ceil(64)
+    }
+
+    #[test]
+    fn dedup_rows_keeps_first_occurrences() {
+        let mut rng = Rng::new(9);
+        for len in [0usize, 1, 7, 100, 5000] {
+            let rows: Vec<u32> = (0..len).map(|_| rng.below(len / 3 + 2) as u32).collect();
+            let got = dedup_rows(&rows);
+            let mut seen = HashSet::new();
+            let want: Vec<(u32, u32)> = rows
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| seen.insert(**r))
+                .map(|(i, &r)| (r, i as u32))
+                .collect();
+            assert_eq!(got, want);
+        }
+        assert_eq!(dedup_rows(&[EMPTY_ROW, 3, 3]), vec![(3, 1)]);
     }
 }

@@ -6,24 +6,45 @@
 //! row -> slot table (a mirror of the host's `kv::RowSlotMap`), one CLOCK
 //! reference byte per slot and a miss list. Hits read the arena; misses read
 //! the row straight from the mapped pinned host tier (the same bits) and log
-//! the row id. After the step (`finish`) the host merges the reference bits,
-//! admits the logged misses by CLOCK (`kv::EstRowCache`) and launches ONE
-//! `est_admit` kernel on a side stream that copies the admitted rows and
-//! writes the changed table buckets; the next estimation waits for it,
-//! attention does not. Device memory: arena + table + reference bytes + miss
-//! list + the page table, whatever the context length. No managed memory.
+//! the row id. After the step (`finish`) the misses are admitted by CLOCK
+//! with ONE launch on a side stream; the next estimation waits for it,
+//! attention does not. Two ways to admit (`Admission`):
+//! - `Device` (default): the table lives on the device only. The host reads
+//!   back the miss list, drops duplicates, and picks victim slots with
+//!   `kv::ClockBits`, which reads the reference bits packed (one bit a slot)
+//!   and only for the words the hand is about to pass; `est_admit_dev`
+//!   removes the victims' old rows, inserts the new ones and copies them.
+//!   Host work per step is O(misses + slots swept / 64), not O(cache).
+//! - `Host` (the earlier path, kept for comparison): the host holds the
+//!   table (`kv::EstRowCache`), reads and merges one reference byte per slot
+//!   every step, and uploads the changed buckets.
+//!
+//! Either way the scores never depend on admission: a row that is not
+//! admitted (overflow, limits) is read from the host tier again, the same
+//! bits. Device memory: arena + table + reference bytes + miss list (+
+//! staging, + the slot holders) + the page table, whatever the context
+//! length. No managed memory.
 //! The selections equal the all-on-device estimation's because every score
 //! is computed from the same key bits in the same order.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use cudarc::driver::{CudaEvent, CudaStream, LaunchConfig, PushKernelArg};
 
 use super::dispatch::{DeviceKv, HipGpuDecoder};
 use super::offload::{HostKv, PinnedBuf};
 use super::{gpu_err, DevBuf, GpuContext};
+use crate::config::KvConfig;
 use crate::error::{Error, Result};
-use crate::kv::{CacheStats, EstRowCache};
+use crate::kv::{dedup_rows, CacheStats, ClockBits, EstRowCache, EMPTY_ROW};
+
+/// Who keeps the row -> slot table and runs the admission (module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    Device,
+    Host,
+}
 
 /// Device twin of `struct EstCache` (kernels/hip_est_host.cuh).
 #[repr(C)]
@@ -37,7 +58,7 @@ struct EstCacheDev {
     counters: u64,
     miss_list: u64,
     miss_cap: u32,
-    pad: u32,
+    stage_cap: u32,
     refb: u64,
     miss_rows: u64,
 }
@@ -51,6 +72,27 @@ pub struct EstStep {
     /// Bytes the scoring kernels read from host memory (the misses).
     pub host_bytes_read: u64,
     pub rows_admitted: u64,
+    /// Misses the miss list could not keep (past its end: dropped under
+    /// host admission, overwritten in the ring part under device
+    /// admission); read from the host tier as every miss, not admitted.
+    pub misses_unlogged: u64,
+    /// Host time of `finish`, split (ms).
+    pub prof: EstProfile,
+}
+
+/// Where `finish`'s host time goes (ms).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EstProfile {
+    /// Counters and miss list read back (includes waiting for the kernels).
+    pub readback: f64,
+    /// Reference bits: read + merge (Host) or window packs + loads (Device).
+    pub refbits: f64,
+    /// Dedup + CLOCK victim choice + table bookkeeping.
+    pub clock: f64,
+    /// Staging lists + launches.
+    pub launch: f64,
+    /// Device-side table rebuilds launched.
+    pub rebuilds: u32,
 }
 
 /// The bounded estimation row cache over a `HostKv`.
@@ -66,7 +108,19 @@ pub struct HostEstimation {
     miss_cap: usize,
     /// `[miss_cap][head_dim]` staged copies of the step's missed rows.
     miss_rows: Option<DevBuf>,
+    /// Host-admission state (`Admission::Host`).
     pub cache: EstRowCache,
+    pub admission: Admission,
+    /// Device-admission state: CLOCK hand + merged reference bits.
+    pub clock: ClockBits,
+    /// `[rows]` row id each slot holds (`Admission::Device`).
+    holder: Option<DevBuf>,
+    /// Packed reference bits of one window (mapped pinned).
+    refwin: PinnedBuf,
+    /// Tombstones in the device table since the last rebuild (upper bound).
+    tombs: usize,
+    /// Staged rows: the first `stage_cap` misses of a step.
+    stage_cap: usize,
     host_k: u64,
     row_bytes: usize,
     staging: PinnedBuf,
@@ -86,30 +140,61 @@ impl HostEstimation {
     /// admission then copies device -> device instead of re-reading the
     /// host. Without it, the scoring loop reads missed rows over the bus.
     pub fn new(gpu: &GpuContext, host: &HostKv, rows: usize, stage_misses: bool) -> Result<Self> {
+        Self::with_admission(gpu, host, rows, stage_misses, Admission::Device)
+    }
+
+    /// A row cache sized by `kv.estimation_cache_rows` (rows per layer;
+    /// None or 0: the smallest cache, 16 rows, i.e. practically every read
+    /// goes to the host tier), staged misses, device admission.
+    pub fn from_config(gpu: &GpuContext, host: &HostKv, kv: &KvConfig) -> Result<Self> {
+        let rows = kv.estimation_cache_rows.unwrap_or(0).max(16);
+        Self::with_admission(gpu, host, rows, true, Admission::Device)
+    }
+
+    pub fn with_admission(
+        gpu: &GpuContext,
+        host: &HostKv,
+        rows: usize,
+        stage_misses: bool,
+        admission: Admission,
+    ) -> Result<Self> {
         let lay = host.layout;
         let total_rows = host.n_pages as u64 * (lay.n_kv_heads * lay.page_size) as u64;
-        if total_rows >= u32::MAX as u64 {
+        // Row ids 0xffffffff (empty) and 0xfffffffe (tombstone) are reserved.
+        if total_rows >= (u32::MAX - 1) as u64 {
             return Err(Error::Invalid(format!(
                 "estimation row cache: {total_rows} host key rows exceed the 32-bit row ids"
             )));
         }
-        if rows > (1 << 30) {
+        if !(16..=(1 << 30)).contains(&rows) {
             return Err(Error::config(
                 "kv.estimation_cache_rows",
-                format!("{rows} rows is too many"),
+                format!("{rows} rows: must be in 16..=2^30"),
             ));
         }
-        let cache = EstRowCache::new(rows);
+        let device = admission == Admission::Device;
+        // The host table only for host admission (same bucket count).
+        let cache = EstRowCache::new(if device { 0 } else { rows });
+        let map_buckets = crate::kv::RowSlotMap::new(rows).buckets();
+        let (map_mask, map_shift) = ((map_buckets - 1) as u32, 32 - map_buckets.trailing_zeros());
+        let clock = ClockBits::new(if device { rows } else { 0 });
         let row_bytes = lay.head_dim * 2;
         let arena = DevBuf::alloc(rows * row_bytes)?;
-        let map = DevBuf::from_slice(&vec![u64::MAX; cache.map.buckets()])?;
-        let refb = DevBuf::alloc(rows)?;
+        let map = DevBuf::alloc(map_buckets * 8)?;
+        map.fill_bytes(0xff)?;
+        // Padded to whole 64-slot words (est_ref_pack reads 64 bytes a word).
+        let refb = DevBuf::alloc(rows.div_ceil(64) * 64)?;
         refb.fill_bytes(0)?;
         let counters = DevBuf::from_slice(&[0u32; 4])?;
-        let miss_cap = rows;
+        // Device admission logs more misses than it stages (4 bytes each),
+        // and past the staged prefix the list is a ring (hip_est_host.cuh),
+        // so a step whose misses overflow it still admits its later stages'
+        // rows (read from the host tier).
+        let stage_cap = rows;
+        let miss_cap = if device { 2 * rows + 4096 } else { rows };
         let miss_list = DevBuf::alloc(miss_cap * 4)?;
         let miss_rows = if stage_misses {
-            Some(DevBuf::alloc(miss_cap * row_bytes)?)
+            Some(DevBuf::alloc(stage_cap * row_bytes)?)
         } else {
             None
         };
@@ -117,12 +202,12 @@ impl HostEstimation {
             host_k: host.k.dev,
             arena: arena.ptr,
             map: map.ptr,
-            map_mask: cache.map.mask(),
-            map_shift: cache.map.shift(),
+            map_mask,
+            map_shift,
             counters: counters.ptr,
             miss_list: miss_list.ptr,
             miss_cap: miss_cap as u32,
-            pad: 0,
+            stage_cap: stage_cap as u32,
             refb: refb.ptr,
             miss_rows: miss_rows.as_ref().map_or(0, |b| b.ptr),
         };
@@ -169,12 +254,30 @@ impl HostEstimation {
             miss_cap,
             miss_rows,
             cache,
+            admission,
+            clock,
+            holder: if device {
+                let h = DevBuf::alloc(rows * 4)?;
+                h.fill_bytes(0xff)?;
+                Some(h)
+            } else {
+                None
+            },
+            refwin: PinnedBuf::alloc(if device { rows.div_ceil(64) * 8 } else { 16 })?,
+            tombs: 0,
+            stage_cap,
             host_k: host.k.dev,
             row_bytes,
             staging: PinnedBuf::alloc(1 << 16)?,
             side,
             admitted,
-            max_admit_per_step: (rows / 2).max(1024).min(rows),
+            // Device admission: at most half the cache per step, which also
+            // bounds the table's fill (live + tombstones) below 7/8.
+            max_admit_per_step: if device {
+                rows / 2
+            } else {
+                (rows / 2).max(1024).min(rows)
+            },
         })
     }
 
@@ -189,6 +292,12 @@ impl HostEstimation {
             + self.miss_rows.as_ref().map_or(0, |b| b.bytes)
             + self.kv.k.bytes
             + self.kv.table.bytes
+            + self.holder.as_ref().map_or(0, |b| b.bytes)
+    }
+
+    /// Rows the cache holds (its capacity).
+    pub fn capacity(&self) -> usize {
+        self._arena.bytes / self.row_bytes
     }
 
     /// Run `dec`'s estimation for the current lengths of `host` with keys
@@ -221,11 +330,12 @@ impl HostEstimation {
     /// launch on the side stream (overlapping whatever the main stream runs
     /// next, e.g. attention).
     pub fn finish(&mut self, gpu: &GpuContext) -> Result<EstStep> {
+        let t0 = Instant::now();
         gpu.synchronize()?;
         let c: Vec<u32> = self.counters.read(4)?;
-        let (hits, misses, logged) = (c[0] as u64, c[1] as u64, c[2] as usize);
+        let (hits, misses, listed) = (c[0] as u64, c[1] as u64, c[2] as usize);
         self.counters.write(&[0u32; 4])?;
-        self.cache.record(hits, misses);
+        let logged = listed.min(self.miss_cap);
         let mut step = EstStep {
             cache: CacheStats {
                 hits,
@@ -233,30 +343,207 @@ impl HostEstimation {
                 ..Default::default()
             },
             host_bytes_read: misses * self.row_bytes as u64,
-            rows_admitted: 0,
+            misses_unlogged: (listed - logged) as u64,
+            ..Default::default()
         };
-        let logged = logged.min(self.miss_cap);
+        if self.admission == Admission::Host {
+            self.cache.record(hits, misses);
+        } else {
+            self.cache.stats.hits += hits;
+            self.cache.stats.misses += misses;
+        }
         if logged == 0 {
+            step.prof.readback = ms(t0);
             return Ok(step);
         }
         // Later stages' misses come last in the list and are re-read at
         // every refresh of their stage: admitted first (the list reversed).
         let mut rows: Vec<u32> = self.miss_list.read(logged)?;
         rows.reverse();
+        step.prof.readback = ms(t0);
+        match self.admission {
+            Admission::Host => self.admit_host(gpu, &rows, logged, &mut step)?,
+            Admission::Device => self.admit_device(gpu, &rows, logged, &mut step)?,
+        }
+        Ok(step)
+    }
+
+    /// `Admission::Device`: victims by `ClockBits` (packed reference bits,
+    /// loaded a window at a time), table + copies by `est_admit_dev`.
+    fn admit_device(
+        &mut self,
+        gpu: &GpuContext,
+        rows: &[u32],
+        logged: usize,
+        step: &mut EstStep,
+    ) -> Result<()> {
+        let t0 = Instant::now();
+        let uniq = dedup_rows(rows);
+        let n = uniq.len().min(self.max_admit_per_step);
+        let mut t_ref = 0.0;
+        let (ref_ptr, n_words) = (self.refb.ptr, self.clock.words());
+        let win = &mut self.refwin;
+        let pack = gpu.func("offload", "est_ref_pack")?;
+        let stream = &gpu.stream;
+        let take = self
+            .clock
+            .take(n, |w0, nw, out: &mut [u64]| -> Result<()> {
+                let tl = Instant::now();
+                let (w0i, nwi, nall) = (w0 as i32, nw as i32, n_words as i32);
+                let mut l = stream.launch_builder(&pack);
+                l.arg(&ref_ptr).arg(&w0i).arg(&nwi).arg(&nall).arg(&win.dev);
+                unsafe {
+                    l.launch(LaunchConfig {
+                        grid_dim: (nw.div_ceil(256).clamp(1, 1024) as u32, 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    })
+                }
+                .map_err(|e| gpu_err("launch est_ref_pack", e))?;
+                stream
+                    .synchronize()
+                    .map_err(|e| gpu_err("wait for est_ref_pack", e))?;
+                out.copy_from_slice(&win.as_u64()[..nw]);
+                t_ref += ms(tl);
+                Ok(())
+            })?;
+        step.prof.refbits = t_ref;
+        let k = take.slots.len();
+        step.rows_admitted = k as u64;
+        step.cache.bytes_copied = (k * self.row_bytes) as u64;
+        step.cache.evictions = take.evicted as u64;
+        self.cache.stats.bytes_copied += step.cache.bytes_copied;
+        self.cache.stats.evictions += step.cache.evictions;
+        if k == 0 {
+            step.prof.clock = ms(t0) - t_ref;
+            return Ok(());
+        }
+        // Triples (row, slot, staged index or EMPTY_ROW: from the host tier).
+        let staged = self.miss_rows.is_some();
+        let mut tri: Vec<u32> = Vec::with_capacity(3 * k);
+        for (&(row, pos), &slot) in uniq[..k].iter().zip(&take.slots) {
+            // Position in the device list (`rows` is it reversed).
+            let p = logged - 1 - pos as usize;
+            let si = if staged && p < self.stage_cap {
+                p as u32
+            } else {
+                EMPTY_ROW
+            };
+            tri.extend_from_slice(&[row, slot, si]);
+        }
+        step.prof.clock = ms(t0) - t_ref;
+        let tl = Instant::now();
+        // The previous admission may still read the staging list.
+        self.admitted
+            .synchronize()
+            .map_err(|e| gpu_err("wait for the previous admission", e))?;
+        if tri.len() * 4 > self.staging.bytes {
+            self.staging = PinnedBuf::alloc((tri.len() * 4).next_power_of_two())?;
+        }
+        self.staging.write_at(0, &tri);
+        let holder = self.holder.as_ref().map_or(0, |h| h.ptr);
+        let src = self.miss_rows.as_ref().map_or(self.host_k, |b| b.ptr);
+        let (mask, shift) = (self.kv_map_mask(), self.kv_map_shift());
+        let f = gpu.func("offload", "est_admit_dev")?;
+        let (ni, rv) = (k as i32, (self.row_bytes / 16) as i32);
+        let arena = self._arena.ptr;
+        let mut l = self.side.launch_builder(&f);
+        l.arg(&src)
+            .arg(&self.host_k)
+            .arg(&arena)
+            .arg(&self.staging.dev)
+            .arg(&ni)
+            .arg(&rv)
+            .arg(&holder)
+            .arg(&self.map.ptr)
+            .arg(&mask)
+            .arg(&shift);
+        unsafe {
+            l.launch(LaunchConfig {
+                grid_dim: ((k * 32).div_ceil(256).clamp(1, 4096) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(|e| gpu_err("launch est_admit_dev", e))?;
+        // Tombstones are never reused: rebuild the table from the holders
+        // once they exceed 1/8 of the buckets (live rows fill at most 1/2).
+        self.tombs += take.evicted;
+        let buckets = self.map.bytes / 8;
+        if self.tombs > buckets / 8 {
+            self.tombs = 0;
+            step.prof.rebuilds += 1;
+            let clear = gpu.func("offload", "est_map_clear")?;
+            let nb = buckets as i64;
+            let mut l = self.side.launch_builder(&clear);
+            l.arg(&self.map.ptr).arg(&nb);
+            unsafe {
+                l.launch(LaunchConfig {
+                    grid_dim: (buckets.div_ceil(256).clamp(1, 4096) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+            }
+            .map_err(|e| gpu_err("launch est_map_clear", e))?;
+            let rebuild = gpu.func("offload", "est_map_rebuild")?;
+            let cap = self.clock.capacity() as i32;
+            let mut l = self.side.launch_builder(&rebuild);
+            l.arg(&holder)
+                .arg(&cap)
+                .arg(&self.map.ptr)
+                .arg(&mask)
+                .arg(&shift);
+            unsafe {
+                l.launch(LaunchConfig {
+                    grid_dim: ((cap as usize).div_ceil(256).clamp(1, 4096) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+            }
+            .map_err(|e| gpu_err("launch est_map_rebuild", e))?;
+        }
+        self.admitted
+            .record(&self.side)
+            .map_err(|e| gpu_err("record admission event", e))?;
+        step.prof.launch = ms(tl);
+        Ok(())
+    }
+
+    fn kv_map_mask(&self) -> u32 {
+        (self.map.bytes / 8 - 1) as u32
+    }
+    fn kv_map_shift(&self) -> u32 {
+        32 - (self.map.bytes / 8).trailing_zeros()
+    }
+
+    /// `Admission::Host`: the earlier path (host table, one reference byte
+    /// per slot read back and merged every step, changed buckets uploaded).
+    fn admit_host(
+        &mut self,
+        gpu: &GpuContext,
+        rows: &[u32],
+        logged: usize,
+        step: &mut EstStep,
+    ) -> Result<()> {
+        let t0 = Instant::now();
         let bits: Vec<u8> = self.refb.read(self.cache.capacity())?;
         self.refb.fill_bytes(0)?;
         self.cache.merge_referenced(&bits);
+        step.prof.refbits = ms(t0);
+        let t1 = Instant::now();
         let ev0 = self.cache.stats.evictions;
         let adm = self
             .cache
-            .admit(&rows, self.row_bytes as u64, self.max_admit_per_step);
+            .admit(rows, self.row_bytes as u64, self.max_admit_per_step);
         let upd = self.cache.map.take_updates();
         step.rows_admitted = adm.len() as u64;
         step.cache.bytes_copied = adm.len() as u64 * self.row_bytes as u64;
         step.cache.evictions = self.cache.stats.evictions - ev0;
+        step.prof.clock = ms(t1);
         if adm.is_empty() && upd.is_empty() {
-            return Ok(step);
+            return Ok(());
         }
+        let t2 = Instant::now();
         // The previous admission may still read the staging lists.
         self.admitted
             .synchronize()
@@ -308,6 +595,56 @@ impl HostEstimation {
         self.admitted
             .record(&self.side)
             .map_err(|e| gpu_err("record admission event", e))?;
-        Ok(step)
+        step.prof.launch = ms(t2);
+        Ok(())
     }
+
+    /// Check the device table against the arena and the host tier (tests):
+    /// every row the table maps reads, from its slot, the host tier's bits;
+    /// no row is mapped twice; no slot holds two rows. Returns the number
+    /// of rows mapped. Waits for the pending admission.
+    pub fn verify(&self, host: &HostKv) -> Result<usize> {
+        self.admitted
+            .synchronize()
+            .map_err(|e| gpu_err("wait for admission", e))?;
+        let map: Vec<u64> = self.map.read(self.map.bytes / 8)?;
+        let arena: Vec<u16> = self._arena.read(self._arena.bytes / 2)?;
+        let d = self.row_bytes / 2;
+        let hk = host.k.as_u16();
+        let mut rows_seen = std::collections::HashSet::new();
+        let mut slots_seen = std::collections::HashSet::new();
+        for &e in &map {
+            let key = (e >> 32) as u32;
+            if key >= EMPTY_ROW - 1 {
+                continue;
+            }
+            let slot = e as u32 as usize;
+            let r = key as usize;
+            if !rows_seen.insert(key) || !slots_seen.insert(slot) {
+                return Err(Error::Invalid(format!(
+                    "estimation table maps row {key} or slot {slot} twice"
+                )));
+            }
+            if slot * d >= arena.len() || arena[slot * d..(slot + 1) * d] != hk[r * d..(r + 1) * d]
+            {
+                return Err(Error::Invalid(format!(
+                    "estimation arena slot {slot} differs from host row {key}"
+                )));
+            }
+            if self.admission == Admission::Device {
+                // The lookup must find it from its home bucket.
+                if crate::kv::probe_device_map(&map, self.kv_map_shift(), key) != Some(slot as u32)
+                {
+                    return Err(Error::Invalid(format!(
+                        "estimation table: row {key} not reachable from its bucket"
+                    )));
+                }
+            }
+        }
+        Ok(rows_seen.len())
+    }
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }

@@ -81,6 +81,10 @@ pub fn entry_points(module: &str) -> Vec<String> {
             "offload_gather".into(),
             "offload_rows".into(),
             "est_admit".into(),
+            "est_admit_dev".into(),
+            "est_map_clear".into(),
+            "est_map_rebuild".into(),
+            "est_ref_pack".into(),
         ];
     }
     if module == "hip_mask_host" {

@@ -62,6 +62,9 @@ impl PinnedBuf {
     pub fn as_u16_mut(&mut self) -> &mut [u16] {
         unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut u16, self.bytes / 2) }
     }
+    pub fn as_u64(&self) -> &[u64] {
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u64, self.bytes / 8) }
+    }
     fn as_i32_mut(&mut self) -> &mut [i32] {
         unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut i32, self.bytes / 4) }
     }
@@ -292,6 +295,11 @@ impl HostKv {
 pub struct OffloadStep {
     pub cache: CacheStats,
     pub blocks_needed: usize,
+    /// Host time of `prepare` (ms): page-cache policy + lists, waiting for
+    /// the previous copy, staging + launches.
+    pub host_resolve_ms: f64,
+    pub host_wait_ms: f64,
+    pub host_launch_ms: f64,
 }
 
 /// A device page cache over a `HostKv`.
@@ -398,6 +406,7 @@ impl OffloadKv {
         }
         let hkv = self.host.layout.n_kv_heads;
         let ps = self.host.layout.page_size;
+        let t0 = std::time::Instant::now();
         let before = self.cache.stats();
         self.cache.unpin_all();
         self.cache.begin_step();
@@ -462,10 +471,12 @@ impl OffloadKv {
                 }
             }
         }
+        let t1 = std::time::Instant::now();
         // The staging lists of the previous step may still be read.
         self.copied
             .synchronize()
             .map_err(|e| gpu_err("wait for the previous copy", e))?;
+        let t2 = std::time::Instant::now();
         let need = (fills.len() + upd.len() + rows.len()) * 4;
         if need > self.staging.bytes {
             self.staging = PinnedBuf::alloc(need.next_power_of_two())?;
@@ -541,6 +552,9 @@ impl OffloadKv {
                 evictions: after.evictions - before.evictions,
             },
             blocks_needed: needed,
+            host_resolve_ms: (t1 - t0).as_secs_f64() * 1e3,
+            host_wait_ms: (t2 - t1).as_secs_f64() * 1e3,
+            host_launch_ms: t2.elapsed().as_secs_f64() * 1e3,
         })
     }
 
