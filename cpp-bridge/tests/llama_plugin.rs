@@ -574,7 +574,7 @@ fn plugin_vs_engine(cfg_json: &str, layers: &[u32], seed: u64) -> (f64, bool, Ll
     let mut rng = Rng::new(seed);
     let p = LlamaPlugin::new(cfg_json, &model()).unwrap();
     let n_kv = 512;
-    let cache = Cache::new(n_kv, true, seed % 2 == 0, &mut rng);
+    let cache = Cache::new(n_kv, true, seed.is_multiple_of(2), &mut rng);
     let mut cfg: PolicyConfig = p.config().clone();
     cfg.kv.dtype = infinitehip::DType::F32;
     cfg.kv.page_size = 64;
