@@ -26,7 +26,8 @@ use infinitehip::config::{LayerPolicy, PolicyConfig, RopeMode};
 use infinitehip::dtype::{axpy_f32, dot_f32, Element};
 use infinitehip::engine::build_policy;
 use infinitehip::kv::KvRead;
-use infinitehip::policy::{Phase, Policy, SelectRequest, Selection};
+use infinitehip::policy::lazy::LazyShared;
+use infinitehip::policy::{InsertInfo, Phase, Policy, SelectRequest, Selection};
 use infinitehip::{Error, Result};
 
 use crate::ffi::{ModelInfo, TensorDesc};
@@ -36,10 +37,12 @@ use crate::guard;
 pub const GGML_TYPE_F32: u32 = 0;
 pub const GGML_TYPE_F16: u32 = 1;
 
-/// Methods whose selection needs nothing but queries and keys, so they run
-/// over llama.cpp's cache unchanged. Methods that evict at insertion
+/// Methods that run over llama.cpp's cache unchanged: their selection needs
+/// queries and keys, plus the `after_append` hook at the end of the prompt
+/// (squeeze clusters its prefix then) and state shared across layers (lazy's
+/// keep sets), both driven from `plan`. Methods that evict at insertion
 /// (Locret) need llama.cpp's KV cells changed and are refused here.
-const STATELESS_METHODS: &[&str] = &["dense", "hip"];
+const SUPPORTED_METHODS: &[&str] = &["dense", "hip", "lazy", "squeeze"];
 
 #[derive(Clone, Copy)]
 enum Data<'a> {
@@ -395,6 +398,9 @@ struct LayerState {
     seen: HashMap<usize, (u32, usize)>,
     plan: Option<Arc<Plan>>,
     warned_masked: bool,
+    /// Per stream: the prompt length when the prompt was declared done
+    /// (`after_append` with `prompt_done`), see `plan`.
+    sealed: HashMap<usize, usize>,
 }
 
 struct Layer {
@@ -409,6 +415,9 @@ struct Counters {
     masked_streams: AtomicU64,
     attended_tokens: AtomicU64,
     context_tokens: AtomicU64,
+    /// Streams whose prompt end was detected (`after_append` with
+    /// `prompt_done`), summed over sparse layers.
+    prompts_done: AtomicU64,
 }
 
 /// The plugin of one llama.cpp context: per layer, the method and (for
@@ -417,6 +426,12 @@ pub struct LlamaPlugin {
     cfg: PolicyConfig,
     layers: Vec<Layer>,
     counters: Counters,
+    /// LazyLLM state shared by the lazy layers (None when none is lazy).
+    lazy: Option<LazyShared>,
+    /// Per stream: (first cell, chain length) of the lazy step in progress.
+    /// Every lazy layer sees the same step; only the first one to see a
+    /// chain that does not continue the last restarts the shared state.
+    lazy_steps: Mutex<HashMap<usize, (u32, usize)>>,
 }
 
 /// Fill `model` from the host's geometry when absent; check it when present.
@@ -468,16 +483,25 @@ fn resolve_config(config_json: &str, m: &ModelInfo) -> Result<PolicyConfig> {
 impl LlamaPlugin {
     pub fn new(config_json: &str, model: &ModelInfo) -> Result<Self> {
         let cfg = resolve_config(config_json, model)?;
+        // One LazyLLM state for every lazy layer (keep sets cross layers), as
+        // `Engine::new` builds it.
+        let lazy = (0..cfg.model.n_layers)
+            .find_map(|l| match cfg.layer_policy(l) {
+                LayerPolicy::Lazy(z) => Some(z.clone()),
+                _ => None,
+            })
+            .map(|z| LazyShared::new(z, &cfg.model))
+            .transpose()?;
         let mut layers = Vec::with_capacity(cfg.model.n_layers);
         for l in 0..cfg.model.n_layers {
             let p = cfg.layer_policy(l);
             let method = p.method();
-            if !STATELESS_METHODS.contains(&method) {
+            if !SUPPORTED_METHODS.contains(&method) {
                 return Err(Error::config(
                     format!("layer {l} method"),
                     format!(
-                        "`{method}` is not supported by the llama.cpp integration (supported: {})",
-                        STATELESS_METHODS.join(", ")
+                        "`{method}` is not supported by the llama.cpp integration (supported: {}; locret evicts tokens at insertion, which needs llama.cpp's KV cells changed)",
+                        SUPPORTED_METHODS.join(", ")
                     ),
                 ));
             }
@@ -493,8 +517,9 @@ impl LlamaPlugin {
                 None
             } else {
                 Some(Mutex::new(LayerState {
-                    policy: build_policy(p, &cfg, l, None)?,
+                    policy: build_policy(p, &cfg, l, lazy.as_ref())?,
                     seen: HashMap::new(),
+                    sealed: HashMap::new(),
                     plan: None,
                     warned_masked: false,
                 }))
@@ -505,11 +530,19 @@ impl LlamaPlugin {
             cfg,
             layers,
             counters: Counters::default(),
+            lazy,
+            lazy_steps: Mutex::new(HashMap::new()),
         })
     }
 
     pub fn config(&self) -> &PolicyConfig {
         &self.cfg
+    }
+
+    /// The LazyLLM state the lazy layers share (keep sets, rows a hook would
+    /// compute), when some layer runs `lazy`. Streams are its sequence ids.
+    pub fn lazy(&self) -> Option<&LazyShared> {
+        self.lazy.as_ref()
     }
 
     fn layer(&self, layer: u32) -> Result<&Layer> {
@@ -589,6 +622,7 @@ impl LlamaPlugin {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
             st.plan = None;
+            let is_lazy = st.policy.name() == "lazy";
             let g = inp.g;
             let mut streams = Vec::with_capacity(g.n_stream);
             let mut qbuf = Vec::new();
@@ -599,21 +633,81 @@ impl LlamaPlugin {
                         st.warned_masked = true;
                     }
                     st.seen.remove(&s);
+                    st.sealed.remove(&s);
                     st.policy.end_sequence(s as u64);
+                    if is_lazy {
+                        self.lazy_steps
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&s);
+                    }
                     self.counters.masked_streams.fetch_add(1, Ordering::Relaxed);
                     streams.push(StreamPlan::Masked);
                     continue;
                 };
                 let n = g.n_tokens;
                 let len = cells.len();
-                if st.seen.get(&s) != Some(&(cells[0], len - n)) {
+                if is_lazy {
+                    // The shared state restarts once per step, not per layer.
+                    let mut steps = self.lazy_steps.lock().unwrap_or_else(|e| e.into_inner());
+                    let now = (cells[0], len);
+                    match steps.get(&s) {
+                        Some(&p) if p == now => {}
+                        Some(&p) if p == (cells[0], len - n) => {}
+                        _ => st.policy.end_sequence(s as u64),
+                    }
+                    steps.insert(s, now);
+                    if st.seen.get(&s) != Some(&(cells[0], len - n)) {
+                        st.sealed.remove(&s);
+                    }
+                } else if st.seen.get(&s) != Some(&(cells[0], len - n)) {
                     st.policy.end_sequence(s as u64);
+                    st.sealed.remove(&s);
                 }
                 let kv = LlamaKv {
                     inp: &inp,
                     s,
                     cells: &cells,
                 };
+                // The end of the prompt. llama.cpp does not tell the graph
+                // which ubatch ends the prompt; the first single-token ubatch
+                // (decode) after a longer chain does: every cell before it is
+                // the prompt. The engine's caller would have appended those
+                // with `prompt_done`; the policy sees the same hook with the
+                // same KV (squeeze clusters and calibrates its prefix there).
+                // No projections: llama.cpp's graph has only post-RoPE K.
+                if n == 1 && len >= 2 && !st.sealed.contains_key(&s) {
+                    let prompt = LlamaKv {
+                        inp: &inp,
+                        s,
+                        cells: &cells[..len - 1],
+                    };
+                    let info = InsertInfo {
+                        seq: s as u64,
+                        shape,
+                        phase: Phase::Prefill,
+                        start: st.seen.get(&s).map_or(0, |&(_, l)| l.min(len - 1)),
+                        q: &[],
+                        k: &[],
+                        v: &[],
+                        kv: &prompt,
+                        prompt_done: true,
+                    };
+                    if st.policy.after_append(&info)?.is_some() {
+                        return Err(Error::Invalid(format!(
+                            "layer {layer}: policy {} evicts tokens, which the llama.cpp integration cannot do",
+                            st.policy.name()
+                        )));
+                    }
+                    st.sealed.insert(s, len - 1);
+                    self.counters.prompts_done.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(
+                        layer,
+                        stream = s,
+                        prompt_len = len - 1,
+                        "infinitehip: prompt done"
+                    );
+                }
                 let qe = shape.q_elems();
                 let mut all_q = Vec::with_capacity(n * qe);
                 for t in 0..n {
@@ -809,6 +903,7 @@ impl LlamaPlugin {
             "masked_streams": c.masked_streams.load(Ordering::Relaxed),
             "attended_tokens": a,
             "context_tokens": t,
+            "prompts_done": c.prompts_done.load(Ordering::Relaxed),
             "attended_fraction": if t == 0 { 1.0 } else { a as f64 / t as f64 },
             "layers": self.layers.iter().map(|l| l.method).collect::<Vec<_>>(),
         })

@@ -504,13 +504,13 @@ fn bad_inputs_are_errors_naming_the_problem() {
         .to_string();
     assert!(e.contains("model.n_q_heads"), "{e}");
     let e = LlamaPlugin::new(
-        r#"{"dense_layers": 0, "default": {"method": "squeeze"}}"#,
+        r#"{"dense_layers": 0, "default": {"method": "locret", "weights": "/nonexistent/locret.safetensors"}}"#,
         &m,
     )
     .err()
     .unwrap()
     .to_string();
-    assert!(e.contains("squeeze") && e.contains("llama.cpp"), "{e}");
+    assert!(e.contains("locret") && e.contains("llama.cpp"), "{e}");
     let e = LlamaPlugin::new(r#"{"dense_layers": 0, "default": {"method": "hip", "rope": {"scoring": "chunk_indexed", "attention": "original"}}}"#, &m)
         .err()
         .unwrap()
@@ -549,4 +549,131 @@ fn middle_row_of_another_sequence_is_detected() {
     assert!(e < 1e-5, "rel err {e}");
     let st: serde_json::Value = serde_json::from_str(&p.stats_json()).unwrap();
     assert_eq!(st["masked_streams"].as_u64().unwrap(), 1, "{st}");
+}
+
+/// Gather the K/V rows of `cells` in chain order (the engine's layout).
+fn gather(cache: &Cache, cells: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    let te = HKV * D;
+    let mut k = Vec::with_capacity(cells.len() * te);
+    let mut v = Vec::with_capacity(cells.len() * te);
+    for &c in cells {
+        k.extend_from_slice(&cache.k[c * te..(c + 1) * te]);
+        v.extend_from_slice(&cache.v[c * te..(c + 1) * te]);
+    }
+    (k, v)
+}
+
+/// Drive the plugin over a growing cell chain the way llama.cpp does (per
+/// ubatch, every sparse layer in order) and the engine over the same tokens
+/// (appends with `prompt_done` on the prompt's last ubatch, `attend_prefill`,
+/// then `append` + `attend_decode` per token). Two sequences one after the
+/// other in the same stream: the second starts on other cells, so the plugin
+/// must restart its per-stream state (once per step for lazy's shared state).
+/// Returns (worst plugin-vs-engine rel err, some output differed from dense).
+fn plugin_vs_engine(cfg_json: &str, layers: &[u32], seed: u64) -> (f64, bool, LlamaPlugin) {
+    let mut rng = Rng::new(seed);
+    let p = LlamaPlugin::new(cfg_json, &model()).unwrap();
+    let n_kv = 512;
+    let cache = Cache::new(n_kv, true, seed.is_multiple_of(2), &mut rng);
+    let mut cfg: PolicyConfig = p.config().clone();
+    cfg.kv.dtype = infinitehip::DType::F32;
+    cfg.kv.page_size = 64;
+    let mut eng = Engine::new(cfg).unwrap();
+    let (mut worst, mut sparse_seen) = (0f64, false);
+    // Sequence 0: every cell but 3 mod 7 (another sequence's), prompt in two
+    // ubatches; sequence 1: odd cells, prompt in one ubatch.
+    let seqs: [(Vec<usize>, Vec<usize>, usize); 2] = [
+        (
+            (0..n_kv).filter(|c| c % 7 != 3).collect(),
+            vec![180, 120],
+            24,
+        ),
+        ((1..n_kv).step_by(2).collect(), vec![200], 12),
+    ];
+    for (sid, (cells, ubatches, n_dec)) in seqs.iter().enumerate() {
+        let sid = sid as u64;
+        if sid > 0 {
+            eng.free_sequence(sid - 1).unwrap();
+        }
+        eng.add_sequence(sid).unwrap();
+        let prompt: usize = ubatches.iter().sum();
+        let mut len = 0;
+        let mut steps: Vec<(usize, usize)> = Vec::new();
+        for &n in ubatches {
+            steps.push((len + n, n));
+            len += n;
+        }
+        for t in prompt..prompt + n_dec {
+            steps.push((t + 1, 1));
+        }
+        for (end, n) in steps {
+            let (k, v) = gather(&cache, &cells[end - n..end]);
+            let phase = if n == 1 {
+                infinitehip::policy::Phase::Decode
+            } else {
+                infinitehip::policy::Phase::Prefill
+            };
+            for &l in layers {
+                eng.append(l as usize, sid, &k, &v, phase, end == prompt, None)
+                    .unwrap();
+            }
+            let call = chain_call(&cells[..end], n_kv, n, &mut rng);
+            for &l in layers {
+                let ours = run(&p, l, &cache, &call, false, 2).unwrap();
+                let mut want = vec![0f32; n * HQ * D];
+                if n == 1 {
+                    eng.attend_decode(l as usize, &[sid], &call.q, &mut want)
+                        .unwrap();
+                } else {
+                    eng.attend_prefill(l as usize, sid, &call.q, &mut want)
+                        .unwrap();
+                }
+                let want64: Vec<f64> = want.iter().map(|&x| x as f64).collect();
+                let e = rel(&ours, &want64);
+                assert!(
+                    e < 1e-5,
+                    "seq {sid} layer {l} len {end} (n {n}): plugin vs engine rel err {e}"
+                );
+                worst = worst.max(e);
+                sparse_seen |= rel(&ours, &reference(&cache, &call, 0.25)) > 1e-3;
+            }
+        }
+    }
+    (worst, sparse_seen, p)
+}
+
+/// LazyLLM over llama.cpp cells: both layers lazy, pruning after layer 0
+/// keeps 20% of the prompt for layer 1. The plugin's outputs (prefill
+/// ubatches and decode) equal the engine's, so its keep sets are the
+/// engine's; the shared state restarts once per step, not per layer.
+#[test]
+fn lazy_over_growing_chain_equals_engine() {
+    let cfg = r#"{"dense_layers": 0, "default": {"method": "lazy", "points": [{"layer": 0, "keep": 0.2}]}}"#;
+    let (worst, sparse_seen, p) = plugin_vs_engine(cfg, &[0, 1], 31);
+    assert!(sparse_seen, "a 20% keep set never differed from dense");
+    let lazy = p.lazy().expect("lazy state");
+    // The last step of stream 0 is a decode step: 20% of the 200-token prompt
+    // is kept after layer 0.
+    let keep = lazy.keep_set(0, 1).unwrap();
+    assert_eq!(keep.len(), 40, "keep set {keep:?}");
+    let st: serde_json::Value = serde_json::from_str(&p.stats_json()).unwrap();
+    assert_eq!(st["masked_streams"].as_u64().unwrap(), 0, "{st}");
+    eprintln!("lazy: worst rel err vs engine {worst:.2e}, stats {st}");
+}
+
+/// Squeezed Attention over llama.cpp cells: the first single-token ubatch
+/// ends the prompt; the plugin then clusters and calibrates the prefix
+/// (after_append with prompt_done) and its lookups equal the engine's,
+/// where the prompt's last append carried prompt_done.
+#[test]
+fn squeeze_over_growing_chain_equals_engine() {
+    let cfg = r#"{"dense_layers": 1, "default": {"method": "squeeze", "percent_clusters": 10.0,
+        "quantile": 0.8, "observation_window": 32, "kmeans_iters": 10}}"#;
+    let (worst, sparse_seen, p) = plugin_vs_engine(cfg, &[1], 8);
+    assert!(sparse_seen, "squeeze lookups never differed from dense");
+    let st: serde_json::Value = serde_json::from_str(&p.stats_json()).unwrap();
+    assert_eq!(st["prompts_done"].as_u64().unwrap(), 2, "{st}");
+    let frac = st["attended_fraction"].as_f64().unwrap();
+    assert!(frac < 1.0, "attended fraction {frac}");
+    eprintln!("squeeze: worst rel err vs engine {worst:.2e}, stats {st}");
 }

@@ -9,6 +9,14 @@ Needs the builds of scripts/llama-cpp-build.sh (both). Checks:
    llama.cpp's V transposed (no flash attention) and not (flash attention);
 3. small budget on a longer prompt: runs, logits finite; agreement with
    stock reported;
+3b. lazy and squeeze (every layer): with a covering budget (lazy keep 1.0,
+   squeeze quantile 0) teacher-forced logits equal stock's within f16
+   rounding (lazy with V transposed, squeeze with flash attention) and the
+   prompt end reached the policies (stats `prompts_done`), also on the
+   longer prompt decoded in several ubatches; with a small
+   budget (lazy keep 0.1, squeeze quantile 0.9) on the longer prompt they
+   run, logits finite, agreement with stock and the attended fraction
+   reported;
 4. the GPU route's host side, forced on the CPU (LLAMA_INFINITEHIP_ROUTE=gpu:
    policy over the host key mirror, I32 cells, sparse mask through
    llama.cpp's flash attention): covering budget bit-identical to stock;
@@ -79,6 +87,23 @@ class Runner:
         return lg, tk, tokens, log
 
 
+def lazy_config(keep):
+    return {"dense_layers": 0, "default": {"method": "lazy", "points": [{"layer": 0, "keep": keep}]}}
+
+
+def squeeze_config(quantile, window):
+    return {"dense_layers": 0, "default": {"method": "squeeze", "quantile": quantile,
+                                           "observation_window": window, "kmeans_iters": 10}}
+
+
+def plugin_stats(log):
+    """The plugin's stats JSON (printed when the context is freed), or {}."""
+    for line in log.splitlines():
+        if "infinitehip: stats " in line:
+            return json.loads(line.split("infinitehip: stats ", 1)[1])
+    return {}
+
+
 def compare(a, b):
     """a vs reference b: max abs diff, RMS-relative error, top-1 agreement."""
     diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
@@ -122,6 +147,7 @@ def main():
 
     # 1. plugin off: identical
     ls, ts, ts_path, _ = R.gen("stock", "stock", a.prompt, a.gen)
+    stock_off = (ls, ts_path)
     lo, _, _, _ = R.gen("patched", "off", a.prompt, a.gen, force=ts_path)
     results["plugin_off"] = compare(lo, ls)
     check("plugin off == stock (bit-identical)", np.array_equal(lo, ls), results["plugin_off"])
@@ -158,6 +184,41 @@ def main():
     results["small_budget"] = c
     check("small budget runs, logits finite", c["finite"] and np.isfinite(lg).all(),
           {k: v for k, v in c.items() if not k.startswith("greedy_tokens_")})
+    stock_long = (ls, ts_path)
+
+    # 3b. lazy and squeeze: covering budget == stock; small budget runs
+    ls_fa, _, ts_fa_path, _ = R.gen("stock", "stock_fa_m", a.prompt, a.gen, fa="on")
+    for name, cfg, fa, (ref, forced) in [
+        ("lazy", lazy_config(1.0), "off", stock_off),
+        ("squeeze", squeeze_config(0.0, 16), "on", (ls_fa, ts_fa_path)),
+    ]:
+        lf, _, _, log = R.gen("patched", f"{name}_full", a.prompt, a.gen, config=cfg, force=forced, fa=fa)
+        c = compare(lf, ref)
+        st = plugin_stats(log)
+        c["stats"] = st
+        results[f"{name}_full_budget_fa_{fa}"] = c
+        check(f"{name} covering budget == stock (flash_attn {fa}, {ctx_len} tokens, teacher-forced)",
+              c["finite"] and c["rel_rms_diff"] < tol_rel and c["max_abs_diff"] < tol_rel * 10 * c["logit_rms"]
+              and st.get("prompts_done", 0) >= 1 and st.get("masked_streams", 1) == 0,
+              {k: v for k, v in c.items() if k != "stats"} | {"prompts_done": st.get("prompts_done")})
+    # The long prompt is decoded in 4 ubatches of 512: lazy's steps and
+    # squeeze's calibration span several plan calls before the prompt end.
+    for name, cfg in [("lazy", lazy_config(1.0)), ("squeeze", squeeze_config(0.0, 64))]:
+        lf, _, _, log = R.gen("patched", f"{name}_full_long", a.small_prompt, a.small_gen, config=cfg, force=stock_long[1])
+        c = compare(lf, stock_long[0])
+        c["prompts_done"] = plugin_stats(log).get("prompts_done")
+        results[f"{name}_full_budget_long"] = c
+        check(f"{name} covering budget == stock ({a.small_prompt}-token prompt in ubatches of 512)",
+              c["finite"] and c["rel_rms_diff"] < tol_rel and c["max_abs_diff"] < tol_rel * 10 * c["logit_rms"]
+              and (c["prompts_done"] or 0) >= 1, c)
+    for name, cfg in [("lazy", lazy_config(0.1)), ("squeeze", squeeze_config(0.9, 64))]:
+        lf, _, _, log = R.gen("patched", f"{name}_small", a.small_prompt, a.small_gen, config=cfg, force=stock_long[1])
+        c = compare(lf, stock_long[0])
+        st = plugin_stats(log)
+        c.update({"context": a.small_prompt + a.small_gen, "attended_fraction": st.get("attended_fraction"),
+                  "prompts_done": st.get("prompts_done")})
+        results[f"{name}_small_budget"] = c
+        check(f"{name} small budget runs, logits finite", c["finite"] and st.get("prompts_done", 0) >= 1, c)
 
     # 4. GPU route, forced on the CPU
     gpu_env = {"LLAMA_INFINITEHIP_ROUTE": "gpu"}
