@@ -310,7 +310,7 @@ def test_shim_policies(gen):
     }
     prompt, n_new, steps, rows = [1400, 900], [150, 120], 4, [4, 1]
     for name, pol in methods.items():
-        n_layers = 3
+        n_layers = 4
         cfg = {"model": {"n_layers": n_layers, "n_q_heads": HQ, "n_kv_heads": HKV, "head_dim": D},
                "dense_layers": 1, "default": pol, "kv": {"dtype": "bf16"}}
         att = ig.GpuAttention(cfg)

@@ -115,7 +115,11 @@ fn scenario(
     };
     let worst = |w: &mut f64, x: f64| *w = if x.is_nan() { f64::NAN } else { w.max(x) };
     let bq = |rng: &mut Rng, n: usize| -> (Vec<bf16>, Vec<f32>) {
-        let qb: Vec<bf16> = rng.normal_vec(n * qe, 1.0).into_iter().map(bf16::from_f32).collect();
+        let qb: Vec<bf16> = rng
+            .normal_vec(n * qe, 1.0)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
         let qf = qb.iter().map(|x| x.to_f32()).collect();
         (qb, qf)
     };
@@ -215,9 +219,7 @@ fn scenario(
         let out = DevBuf::alloc(nb * qe * 4).map_err(e)?;
         for l in 0..nl {
             for (i, &b) in act.iter().enumerate() {
-                let (k, v) = pools[l]
-                    .read(b as u64, lens[i] - 1, lens[i])
-                    .map_err(e)?;
+                let (k, v) = pools[l].read(b as u64, lens[i] - 1, lens[i]).map_err(e)?;
                 eng.append(l, id(b), &k, &v, Phase::Decode, false, None)
                     .map_err(e)?;
             }

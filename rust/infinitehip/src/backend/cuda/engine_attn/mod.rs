@@ -721,9 +721,9 @@ impl GpuAttention {
             unreachable!()
         };
         let qe = self.shape.q_elems();
-        for i in 0..b {
+        for (i, &s) in slots.iter().enumerate() {
             let q = self.qf.ptr + (i * qe * 4) as u64;
-            z.launch_lookup(gpu, shape, slots[i], q, pl + (i * 4) as u64, &sel, i)?;
+            z.launch_lookup(gpu, shape, s, q, pl + (i * 4) as u64, &sel, i)?;
         }
         Ok((sel, *lens.iter().max().unwrap()))
     }
