@@ -32,7 +32,9 @@ Design (see also the project README):
   its prompt (one host sync per (row, layer): keys read back, k-means on the
   host) and later decodes look up centroids on the GPU. lazy: keep sets per
   row on the GPU, shared across layers; extend attends the step's set
-  causally. An extend of a row that has decoded starts a new request there.
+  causally. An extend of a row that has decoded starts a new request there
+  (so mixed chunked prefill, which hands decoding rows to extend, would
+  restart their squeeze/lazy state: not supported with those methods).
   State is dropped when SGLang frees the row. If the GPU object cannot be
   built (library without CUDA, or a locret layer: it is not wired to the GPU
   path), the backend says why in one log line and uses the host path.
