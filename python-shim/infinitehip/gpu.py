@@ -2,7 +2,7 @@
 the caller's CUDA stream, through the C ABI's `ihip_gpu_*` functions.
 
     import torch, infinitehip.gpu as ig
-    att = ig.GpuAttention(config)                 # dense/hip per layer
+    att = ig.GpuAttention(config)                 # dense/hip/squeeze/lazy per layer
     out = att.decode(layer, q, k_buffer, v_buffer, req_to_token,
                      table_rows, lens, req_ids)   # q/out bf16/f16/f32
 
@@ -14,7 +14,12 @@ K/V layouts (bf16 or f16, last dimension contiguous, same strides for K and V):
 
 Nothing is copied to the host and nothing waits for the device: the call
 enqueues its work on `torch.cuda.current_stream(device)` (or `stream`),
-after the caller's earlier work there. Host metadata (`table_rows`, `lens`,
+after the caller's earlier work there. One exception: a squeeze layer's
+first decode of a request seals its prompt (keys read back once, k-means on
+the host, index uploaded), waiting for the device once per (request, layer).
+A prefill of a request that has decoded starts a new request (squeeze and
+lazy state dropped), as SGLang reuses `req_to_token` rows. Locret layers are
+refused. Host metadata (`table_rows`, `lens`,
 `req_ids`, `n_new`) are Python ints/lists or CPU tensors.
 
 Importing this module needs neither torch nor a GPU; torch is imported when
@@ -116,8 +121,10 @@ def _u64s(x, n, name):
 
 
 class GpuAttention:
-    """Per-layer dense or hip attention (from the policy config) over
-    caller-owned K/V; hip mask-refresh state per (layer, request id)."""
+    """Per-layer dense, hip, squeeze or lazy attention (from the policy
+    config) over caller-owned K/V; policy state per (layer, request id)
+    (hip masks, squeeze indexes) or per request (lazy keep sets, shared by
+    the lazy layers)."""
 
     def __init__(self, config, device=0):
         text = _config_text(config)

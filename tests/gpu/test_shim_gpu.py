@@ -8,7 +8,8 @@ its modules are stubbed with the few names the backend imports).
    float32 SDPA reference: dense layer and hip with a covering budget
    (rel err <= 1e-2, DESIGN.md 4); the same call on a side stream gives the
    same bits; a small-budget hip layer runs and its error is reported.
-2. shim prefill (dense causal, two requests) vs SDPA with a causal mask.
+2. shim prefill (dense causal, two requests) vs SDPA with a causal mask;
+   squeeze and lazy layers (extend + decode) vs the host engine.
 3. InfiniteHipAttnBackend on "cuda": extend then decode steps through
    forward_extend / forward_decode over the fake pools, vs SDPA.
 4. timing, batch 1, Llama-3.1-8B shape: shim hip decode (bf16 q/out, over a
@@ -298,6 +299,64 @@ def time_cuda(fn, reps, inner):
     return ts[len(ts) // 2]
 
 
+def test_shim_policies(gen):
+    """squeeze and lazy through infinitehip.gpu over a fake SGLang pool vs the
+    host engine (infinitehip.Engine, same config, same bf16 K/V and q): an
+    extend of the prompt's last 150 tokens, then 4 decode steps, two requests
+    (rows out of order), every layer's outputs within 1e-2."""
+    methods = {
+        "squeeze": {"method": "squeeze"},
+        "lazy": {"method": "lazy", "points": [{"layer": 1, "keep": 0.5}, {"layer": 2, "keep": 0.25}]},
+    }
+    prompt, n_new, steps, rows = [1400, 900], [150, 120], 4, [4, 1]
+    for name, pol in methods.items():
+        n_layers = 4
+        cfg = {"model": {"n_layers": n_layers, "n_q_heads": HQ, "n_kv_heads": HKV, "head_dim": D},
+               "dense_layers": 1, "default": pol, "kv": {"dtype": "bf16"}}
+        att = ig.GpuAttention(cfg)
+        eng = infinitehip.Engine(cfg)
+        full = [p + steps for p in prompt]
+        pools = [make_pool(full, rows, max(full) + 8, gen) for _ in range(n_layers)]
+        worst_pre, worst_dec, finite = 0.0, 0.0, True
+        ids = [int(r) for r in rows]
+        # Extend (each request its own call, as two SGLang extend batches).
+        for i, row in enumerate(rows):
+            eng.add_sequence(ids[i])
+            q = torch.randn(n_new[i], HQ * D, generator=gen, device=DEV).to(torch.bfloat16)
+            for layer in range(n_layers):
+                k, v, r2t = pools[layer]
+                idx = r2t[row, :prompt[i]].long()
+                eng.append(layer, ids[i], k[idx].float().cpu(), v[idx].float().cpu(), phase="prefill", prompt_done=True)
+                want = eng.attend_prefill(layer, ids[i], q.float().cpu().reshape(n_new[i], HQ, D))
+                got = att.prefill(layer, q, k, v, r2t, [row], [prompt[i]], [n_new[i]], [ids[i]])
+                torch.cuda.synchronize()
+                finite &= bool(torch.isfinite(got).all())
+                worst_pre = max(worst_pre, rel_err(got.float().cpu(), torch.as_tensor(want).reshape(n_new[i], HQ * D)))
+        for st in range(steps):
+            lens = [p + st + 1 for p in prompt]
+            q = torch.randn(len(rows), HQ * D, generator=gen, device=DEV).to(torch.bfloat16)
+            for layer in range(n_layers):
+                k, v, r2t = pools[layer]
+                for i, row in enumerate(rows):
+                    t = int(r2t[row, lens[i] - 1])
+                    eng.append(layer, ids[i], k[t:t + 1].float().cpu(), v[t:t + 1].float().cpu(), phase="decode")
+                want = eng.attend_decode(layer, ids, q.float().cpu().reshape(len(rows), HQ, D))
+                got = att.decode(layer, q, k, v, r2t, rows, lens, ids)
+                torch.cuda.synchronize()
+                finite &= bool(torch.isfinite(got).all())
+                worst_dec = max(worst_dec, rel_err(got.float().cpu(), torch.as_tensor(want).reshape(len(rows), HQ * D)))
+        methods_seen = att.info()["layers"]
+        ok = finite and worst_pre <= 1e-2 and worst_dec <= 1e-2 and methods_seen[1] == name
+        check(f"shim {name} (GPU, SGLang-shaped pool) vs host engine: extend + 4 decode steps", ok,
+              f"rel_err prefill {worst_pre:.2e} decode {worst_dec:.2e} (bound 1e-2), layers {methods_seen}")
+        for i in ids:
+            att.end_request(i)
+        left = att.info()["requests"]
+        check(f"shim {name}: end_request drops every request's state", left == 0, f"{left} requests left")
+        att.close()
+        eng.close()
+
+
 def timing(tokens_list):
     cfg = {"model": {"n_layers": 2, "n_q_heads": HQ, "n_kv_heads": HKV, "head_dim": D},
            "dense_layers": 1, "default": {"method": "hip"}}
@@ -345,6 +404,7 @@ def main():
     test_shim_decode(att, gen)
     test_shim_prefill(att, gen)
     att.close()
+    test_shim_policies(gen)
     test_backend(gen)
     toks = [int(x) for x in os.environ.get("TIMING_TOKENS", "131072,1048576").split(",") if x]
     timing(toks)

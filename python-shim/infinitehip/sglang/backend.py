@@ -24,12 +24,20 @@ Design (see also the project README):
   extend call `infinitehip.gpu.GpuAttention` directly over SGLang's own
   `k_buffer[layer]` / `v_buffer[layer]` (`[slots, kv_heads, head_dim]`) and
   `req_to_token` (the page table, one row per request, page size 1), with q
-  and out in the model's dtype, launched on torch's current stream. Decode
-  layers are dense or hip (per the config; the hip mask-refresh state is per
-  (layer, req_to_token row), reset by each extend of the row and dropped when
-  SGLang frees the row); extend is dense causal. If the GPU object cannot be
-  built (library without CUDA, other policies), the backend says why in one
-  log line and uses the host path.
+  and out in the model's dtype, launched on torch's current stream. Layers
+  are dense, hip, squeeze or lazy (per the config). hip: mask-refresh state
+  per (layer, req_to_token row), reset by each extend of the row; extend is
+  dense causal. squeeze: extend is dense causal (the prompt's own queries)
+  and keeps the observation window's queries; the row's first decode seals
+  its prompt (one host sync per (row, layer): keys read back, k-means on the
+  host) and later decodes look up centroids on the GPU. lazy: keep sets per
+  row on the GPU, shared across layers; extend attends the step's set
+  causally. An extend of a row that has decoded starts a new request there
+  (so mixed chunked prefill, which hands decoding rows to extend, would
+  restart their squeeze/lazy state: not supported with those methods).
+  State is dropped when SGLang frees the row. If the GPU object cannot be
+  built (library without CUDA, or a locret layer: it is not wired to the GPU
+  path), the backend says why in one log line and uses the host path.
 * CUDA graphs: not supported (the per-step host metadata is copied at call
   time). `infinitehip.sglang.register()` installs a
   server-args resolution hook that turns decode and prefill CUDA graphs off
@@ -158,7 +166,7 @@ class InfiniteHipAttnBackend(AttentionBackend):
         self.gpu = self._make_gpu(cfg)
         self.engine = None if self.gpu is not None else infinitehip.Engine(cfg)
         self.n_layers = int(cfg["model"]["n_layers"])
-        self._gpu_rows = set()  # req_to_token rows with GPU hip state
+        self._gpu_rows = set()  # req_to_token rows with GPU policy state
         self.rows = {}  # req_to_token row -> _Seq
         self._next_sid = 1
         self.plan = None
@@ -281,7 +289,7 @@ class InfiniteHipAttnBackend(AttentionBackend):
         else:
             e = forward_batch.extend_seq_lens_cpu
             ext = [int(x) for x in (list(e) if e is not None else forward_batch.extend_seq_lens.tolist())]
-        # Rows SGLang released since we last saw them: drop their hip state.
+        # Rows SGLang released since we last saw them: drop their policy state.
         gone = self._gpu_rows.difference(rows)
         if gone:
             free = getattr(self.req_to_token_pool, "free_slots", None)

@@ -496,6 +496,7 @@ pub fn gpu_test(argv: &[String]) -> R<()> {
     }
     // The engine-facing path: borrowed caller K/V, caller stream, bf16 q/out.
     checks.extend(crate::gpu_engine::checks(&gpu, seed)?);
+    checks.extend(crate::gpu_engine_policies::checks(&gpu, seed)?);
     if let Some(l) = a.str("engine-timing") {
         for len in l.split(',') {
             let len = crate::args::parse_count(len)

@@ -175,7 +175,7 @@ fn borrowed_case(gpu: &GpuContext, shape: AttnShape, seed: u64) -> R<Check> {
     })
 }
 
-fn model_cfg(shape: &AttnShape, layers: Vec<LayerPolicy>) -> PolicyConfig {
+pub(crate) fn model_cfg(shape: &AttnShape, layers: Vec<LayerPolicy>) -> PolicyConfig {
     let mut c = PolicyConfig {
         model: ModelShape {
             n_layers: layers.len(),

@@ -209,7 +209,7 @@ impl PrefixIndex {
 
     /// Thresholds for a lookup: calibrated, or calibrated now from the
     /// window queries received so far.
-    fn thresholds_for(
+    pub fn thresholds_for(
         &self,
         cfg: &SqueezeConfig,
         shape: &AttnShape,

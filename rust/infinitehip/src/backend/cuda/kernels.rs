@@ -28,6 +28,10 @@ pub const MODULES: &[(&str, &str)] = &[
         "lazy_topk",
         include_str!("../../../../../kernels/lazy_topk.cu"),
     ),
+    (
+        "engine_policy",
+        include_str!("../../../../../kernels/engine_policy.cu"),
+    ),
     // decode.cu reading K/V through a per-(page, kv head) slot table.
     (
         "decode_slot",
@@ -130,6 +134,16 @@ pub fn entry_points(module: &str) -> Vec<String> {
             }
         }
         "lazy_topk" => v.push("lazy_topk".into()),
+        "engine_policy" => {
+            for n in [
+                "ep_gather_keys_bf16",
+                "ep_gather_keys_f16",
+                "ep_token_ranges",
+                "ep_lazy_fix",
+            ] {
+                v.push(n.into());
+            }
+        }
         "lazy_importance" => {
             for dt in ["bf16", "f16"] {
                 v.push(format!("lazy_logits_{dt}"));

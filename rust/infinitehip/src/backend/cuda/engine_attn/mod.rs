@@ -1,8 +1,12 @@
 //! GPU attention for engines: decode (and dense causal prefill) over the
 //! ENGINE'S OWN K/V device tensors, on the engine's CUDA stream, with q and
 //! out in the engine's dtype. One `GpuAttention` serves every layer of a
-//! model: each layer is dense or hip (from the `PolicyConfig`), and the hip
-//! mask-refresh state is kept per (layer, request id).
+//! model: each layer is dense, hip, squeeze or lazy (from the
+//! `PolicyConfig`); per-request policy state is kept per (layer, request
+//! id) (hip masks, squeeze indexes) or per request (lazy keep sets, shared
+//! by the lazy layers as on the CPU). One module per policy's state:
+//! `hip`, `squeeze`, `lazy` (each says what it does and where it differs
+//! from the CPU policy).
 //!
 //! - K/V: `EngineKv`, borrowed pointers + element strides + a device i32 page
 //!   (or slot) table (`DeviceKv::borrowed`); SGLang's `k_buffer[layer]`
@@ -19,9 +23,22 @@
 //!   refresh schedule (as `HipGpuDecoder`, batch 1). Mask estimation is
 //!   launched per request (pointer offsets into the batch); the attention of
 //!   the whole batch (mixed lengths) is one launch.
-//! - Not here: locret/lazy/squeeze layers (refused at construction), hip
-//!   sparse prefill (prefill is dense causal), CUDA-graph capture (the
-//!   per-step host arrays change every step).
+//! - squeeze: prefill dense (the prompt's own queries, as on the CPU) while
+//!   the observation window's queries are kept on the device; the first
+//!   decode seals the prefix (the one host sync: keys read back once,
+//!   k-means on the host, see `squeeze`); decode looks up on the GPU.
+//! - lazy: keep sets on the GPU per request, shared across layers; prefill
+//!   attention is launched per request (its queries share one set, clipped
+//!   causally).
+//! - Not here: locret layers (refused at construction: insertion scores
+//!   need the pre-RoPE projections, and eviction would need per-head
+//!   retained sets over a pool the engine owns), hip sparse prefill
+//!   (prefill is dense causal), CUDA-graph capture (the per-step host
+//!   arrays change every step).
+
+mod hip;
+mod lazy;
+mod squeeze;
 
 use std::collections::HashMap;
 
@@ -33,7 +50,7 @@ use super::dispatch::{
 };
 use super::{gpu_err, kernels, DevBuf, GpuContext};
 use crate::attention::AttnShape;
-use crate::config::{HipConfig, LayerPolicy, PolicyConfig};
+use crate::config::{LayerPolicy, PolicyConfig};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 
@@ -68,62 +85,15 @@ fn dtype_code(d: DType) -> i32 {
     }
 }
 
-/// Slots per allocation of hip state.
-const CHUNK: usize = 16;
-
-struct HipLayer {
-    cfg: HipConfig,
-    /// Per chunk of CHUNK slots, per stage: (out, cnt).
-    chunks: Vec<Vec<(DevBuf, DevBuf)>>,
-    caps: Vec<usize>,
-    /// Per slot: decode steps since the last reset, and the middle's end at
-    /// the last full refresh.
-    step: Vec<usize>,
-    mid_end: Vec<usize>,
-}
-
-impl HipLayer {
-    fn stage_view(&self, slot: usize, s: usize, hkv: usize) -> StageBuf {
-        let (out, cnt) = &self.chunks[slot / CHUNK][s];
-        let r = (slot % CHUNK) * hkv;
-        StageBuf {
-            out: DevBuf::borrowed(out.ptr + (r * self.caps[s] * 8) as u64, 0),
-            cnt: DevBuf::borrowed(cnt.ptr + (r * 4) as u64, 0),
-            cap: self.caps[s],
-        }
-    }
-    fn ensure_slots(&mut self, n: usize, hkv: usize) -> Result<()> {
-        while self.chunks.len() * CHUNK < n {
-            let mut st = Vec::new();
-            for &cap in &self.caps {
-                st.push((
-                    DevBuf::alloc(CHUNK * hkv * cap * 8)?,
-                    DevBuf::alloc(CHUNK * hkv * 4)?,
-                ));
-            }
-            self.chunks.push(st);
-        }
-        if self.step.len() < n {
-            self.step.resize(n, 0);
-            self.mid_end.resize(n, 0);
-        }
-        Ok(())
-    }
-    #[allow(clippy::manual_is_multiple_of)] // MSRV 1.80
-    fn refresh_from(&self, slot: usize) -> usize {
-        let step = self.step[slot];
-        if step == 0 {
-            return 0;
-        }
-        (0..self.cfg.stages.len())
-            .find(|&i| step % self.cfg.stages[i].refresh_interval == 0)
-            .unwrap_or(self.cfg.stages.len())
-    }
-}
+use hip::HipLayer;
+use lazy::{LazyGpu, LazyReq};
+use squeeze::SqueezeLayer;
 
 enum Layer {
     Dense,
     Hip(Box<HipLayer>),
+    Squeeze(Box<SqueezeLayer>),
+    Lazy,
 }
 
 /// Per-layer dense or hip attention over an engine's K/V (module doc).
@@ -145,6 +115,10 @@ pub struct GpuAttention {
     keys_cap: usize,
     nq: DevBuf,
     ones: DevBuf,
+    /// Small per-call uploads of the squeeze layers.
+    pol_up: DevBuf,
+    /// State of the lazy layers (None when no layer is lazy).
+    lazy: Option<LazyGpu>,
 }
 
 fn grow(buf: &mut DevBuf, bytes: usize) -> Result<()> {
@@ -158,9 +132,48 @@ fn i32_of(what: &str, x: usize) -> Result<i32> {
     i32::try_from(x).map_err(|_| Error::OutOfRange(format!("{what} {x} exceeds i32")))
 }
 
+/// Rows `row0..row0 + n` of a selection (a view: same buffers).
+fn sel_rows(sel: &DeviceSelection, row0: usize, n: usize) -> DeviceSelection {
+    let cap = sel.cap;
+    DeviceSelection {
+        ranges: DevBuf::borrowed(sel.ranges.ptr + (row0 * cap * 8) as u64, n * cap * 8),
+        cum: DevBuf::borrowed(sel.cum.ptr + (row0 * cap * 4) as u64, n * cap * 4),
+        cnt: DevBuf::borrowed(sel.cnt.ptr + (row0 * 4) as u64, n * 4),
+        tot: DevBuf::borrowed(sel.tot.ptr + (row0 * 4) as u64, n * 4),
+        cap,
+        rows: n,
+        max_tokens: sel.max_tokens,
+    }
+}
+
+/// The lazy layers' view of a call's requests (query rows in request
+/// order, `n_new[i]` each).
+fn lazy_reqs(
+    slots: &[usize],
+    table_rows: &[usize],
+    lens: &[usize],
+    n_new: &[usize],
+) -> Vec<LazyReq> {
+    let mut row = 0;
+    slots
+        .iter()
+        .enumerate()
+        .map(|(i, &slot)| {
+            row += n_new[i];
+            LazyReq {
+                slot,
+                row: table_rows[i],
+                len: lens[i],
+                n: n_new[i],
+                last_row: row - 1,
+            }
+        })
+        .collect()
+}
+
 impl GpuAttention {
-    /// One attention object for the model in `cfg` on `gpu`. Layers whose
-    /// policy is not dense or hip are refused.
+    /// One attention object for the model in `cfg` on `gpu`. Locret layers
+    /// are refused.
     pub fn new(gpu: &GpuContext, cfg: &PolicyConfig) -> Result<Self> {
         cfg.validate()?;
         let m = &cfg.model;
@@ -197,19 +210,27 @@ impl GpuAttention {
                         mid_end: Vec::new(),
                     }))
                 }
+                LayerPolicy::Squeeze(z) => Layer::Squeeze(Box::new(SqueezeLayer::new(z.clone(), m)?)),
+                LayerPolicy::Lazy(_) => Layer::Lazy,
                 other => {
                     return Err(Error::config(
                         format!("layer {l}"),
                         format!(
-                            "the GPU engine path runs dense and hip layers; `{}` is not wired to it yet",
+                            "the GPU engine path runs dense, hip, squeeze and lazy layers; `{}` is not wired to it yet",
                             other.method()
                         ),
                     ))
                 }
             });
         }
+        let lazy = (0..m.n_layers).find_map(|l| match cfg.layer_policy(l) {
+            LayerPolicy::Lazy(z) if l >= cfg.dense_layers => Some(LazyGpu::new(z.clone())),
+            _ => None,
+        });
         let g = shape.group() as i32;
         Ok(GpuAttention {
+            lazy,
+            pol_up: DevBuf::null(),
             gpu: unsafe { gpu.on_stream(gpu.raw_stream()) },
             shape,
             layers,
@@ -238,12 +259,41 @@ impl GpuAttention {
         self.layers.len()
     }
 
-    /// "dense" or "hip" for `layer`.
+    /// "dense", "hip", "squeeze" or "lazy" for `layer`.
     pub fn layer_method(&self, layer: usize) -> Option<&'static str> {
         self.layers.get(layer).map(|l| match l {
             Layer::Dense => "dense",
             Layer::Hip(_) => "hip",
+            Layer::Squeeze(_) => "squeeze",
+            Layer::Lazy => "lazy",
         })
+    }
+
+    /// Squeeze layer `layer`'s sealed prefix of request `id`: (prefix
+    /// length, clusters per head (0: nothing clustered), host time of the
+    /// seal in ms). None before the seal.
+    pub fn squeeze_sealed(&self, layer: usize, id: u64) -> Option<(usize, usize, f64)> {
+        let s = *self.slots.get(&id)?;
+        let Some(Layer::Squeeze(z)) = self.layers.get(layer) else {
+            return None;
+        };
+        z.sealed(s).map(|x| {
+            (
+                x.prefix_len,
+                x.index.as_ref().map_or(0, |(i, _, _)| i.clusters().0),
+                x.seal_ms,
+            )
+        })
+    }
+
+    /// Whether request `id`'s current lazy step met a non-finite importance
+    /// (its selections then cover everything, so the NaN reaches the
+    /// output). Waits for the device (tests, debugging).
+    pub fn lazy_bad(&self, id: u64) -> Result<bool> {
+        match (&self.lazy, self.slots.get(&id)) {
+            (Some(z), Some(&s)) => z.bad_flag(&self.gpu, s),
+            _ => Ok(false),
+        }
     }
 
     /// Requests with hip state.
@@ -265,9 +315,14 @@ impl GpuAttention {
         self.free.clear();
         self.n_slots = 0;
         for l in &mut self.layers {
-            if let Layer::Hip(h) = l {
-                h.step.iter_mut().for_each(|x| *x = 0);
+            match l {
+                Layer::Hip(h) => h.step.iter_mut().for_each(|x| *x = 0),
+                Layer::Squeeze(z) => z.slots.clear(),
+                _ => {}
             }
+        }
+        if let Some(z) = &mut self.lazy {
+            z.plan.slots.clear();
         }
     }
 
@@ -287,6 +342,29 @@ impl GpuAttention {
     }
 
     fn reset_slot(&mut self, s: usize) {
+        self.reset_hip_slot(s);
+        for l in &mut self.layers {
+            if let Layer::Squeeze(z) = l {
+                z.reset(s);
+            }
+        }
+        if let Some(z) = &mut self.lazy {
+            z.reset(s);
+        }
+    }
+
+    /// What a prefill resets: hip masks; lazy state once the request has
+    /// decoded (a new request in the row). Squeeze: `SqueezeLayer::record`.
+    fn prefill_reset_slot(&mut self, s: usize) {
+        self.reset_hip_slot(s);
+        if let Some(z) = &mut self.lazy {
+            if z.plan.slots.get(s).is_some_and(|x| x.decoded()) {
+                z.reset(s);
+            }
+        }
+    }
+
+    fn reset_hip_slot(&mut self, s: usize) {
         for l in &mut self.layers {
             if let Layer::Hip(h) = l {
                 if s < h.step.len() {
@@ -503,7 +581,27 @@ impl GpuAttention {
             .iter()
             .map(|&r| i32_of("table row", r))
             .collect::<Result<_>>()?;
-        let (sel, max_tokens) = if matches!(self.layers[layer], Layer::Dense) {
+        let (sel, max_tokens) = if matches!(self.layers[layer], Layer::Squeeze(_) | Layer::Lazy) {
+            grow(&mut self.up, b * 4)?;
+            self.up.write_async(&gpu.stream, &rows)?;
+            let slots: Vec<usize> = req_ids.iter().map(|&id| self.slot(id).0).collect();
+            if matches!(self.layers[layer], Layer::Lazy) {
+                let n_new = vec![1; b];
+                let reqs = lazy_reqs(&slots, table_rows, lens, &n_new);
+                let sel = self.lazy_select(
+                    &gpu,
+                    &shape,
+                    layer,
+                    kv,
+                    req_ids,
+                    &reqs,
+                    crate::policy::Phase::Decode,
+                )?;
+                (sel, *lens.iter().max().unwrap())
+            } else {
+                self.squeeze_select(&gpu, &shape, layer, kv, req_ids, &slots, &rows, lens)?
+            }
+        } else if matches!(self.layers[layer], Layer::Dense) {
             // Rows [b][h]: one range 0..len; then the table rows.
             let sel = self.sel_view(b * hkv, 1)?;
             let mut host: Vec<i32> = Vec::with_capacity(b * hkv * 5 + b);
@@ -554,6 +652,187 @@ impl GpuAttention {
         );
         self.ws = ws;
         r
+    }
+
+    /// Squeeze decode selection: seal the requests that have not sealed yet
+    /// (host sync, see `squeeze`), fill every row with the full range, then
+    /// the GPU lookup of each sealed request with an index overwrites its
+    /// rows.
+    #[allow(clippy::too_many_arguments)]
+    fn squeeze_select(
+        &mut self,
+        gpu: &GpuContext,
+        shape: &AttnShape,
+        layer: usize,
+        kv: &EngineKv,
+        req_ids: &[u64],
+        slots: &[usize],
+        rows: &[i32],
+        lens: &[usize],
+    ) -> Result<(DeviceSelection, usize)> {
+        let b = req_ids.len();
+        let hkv = self.shape.n_kv_heads;
+        let Layer::Squeeze(z) = &mut self.layers[layer] else {
+            unreachable!()
+        };
+        let mut cap = 1;
+        for i in 0..b {
+            let s = slots[i];
+            if z.sealed(s).is_none() {
+                let row = kv.table + (rows[i] as usize * kv.table_stride * 4) as u64;
+                z.seal(
+                    gpu,
+                    shape,
+                    s,
+                    req_ids[i],
+                    lens[i],
+                    row,
+                    (kv.k, kv.dtype, kv.page_size, kv.page_stride, kv.head_stride),
+                )?;
+            }
+            let p = z.sealed(s).expect("sealed").prefix_len;
+            if lens[i] <= p {
+                return Err(Error::OutOfRange(format!(
+                    "squeeze layer {layer} on the GPU: request {} decodes at length {}, not past its sealed prefix of {p}",
+                    req_ids[i], lens[i]
+                )));
+            }
+            cap = cap.max(z.cap(s));
+        }
+        let sel = self.sel_view(b * hkv, cap)?;
+        let mut host: Vec<i32> = vec![0; 2 * b];
+        host.extend(std::iter::repeat_n(-1, b));
+        for &l in lens {
+            host.push(i32_of("length", l)?);
+        }
+        for &s in slots {
+            host.push(s as i32);
+        }
+        grow(&mut self.pol_up, host.len() * 4)?;
+        self.pol_up.write_async(&gpu.stream, &host)?;
+        let base = self.pol_up.ptr;
+        let (pn, pl, ps) = (
+            base + (b * 8) as u64,
+            base + (b * 12) as u64,
+            base + (b * 16) as u64,
+        );
+        lazy::launch_token_ranges(gpu, hkv, b, base, pn, pl, ps, 0, &sel)?;
+        let Layer::Squeeze(z) = &self.layers[layer] else {
+            unreachable!()
+        };
+        let qe = self.shape.q_elems();
+        for (i, &s) in slots.iter().enumerate() {
+            let q = self.qf.ptr + (i * qe * 4) as u64;
+            z.launch_lookup(gpu, shape, s, q, pl + (i * 4) as u64, &sel, i)?;
+        }
+        Ok((sel, *lens.iter().max().unwrap()))
+    }
+
+    /// Lazy selection of a call (plan on the host, keep sets and rows on
+    /// the GPU, see `lazy`).
+    #[allow(clippy::too_many_arguments)]
+    fn lazy_select(
+        &mut self,
+        gpu: &GpuContext,
+        shape: &AttnShape,
+        layer: usize,
+        kv: &EngineKv,
+        req_ids: &[u64],
+        reqs: &[LazyReq],
+        phase: crate::policy::Phase,
+    ) -> Result<DeviceSelection> {
+        let z = self.lazy.as_mut().expect("a lazy layer has lazy state");
+        let planned: Vec<lazy::Planned> = reqs
+            .iter()
+            .zip(req_ids)
+            .map(|(r, &id)| z.plan.plan(r.slot, id, layer, r.len, r.n, phase))
+            .collect::<Result<_>>()?;
+        let cap = LazyGpu::cap_for(&planned);
+        let sel = self.sel_view(reqs.len() * self.shape.n_kv_heads, cap)?;
+        let qf = self.qf.ptr;
+        let z = self.lazy.as_mut().expect("a lazy layer has lazy state");
+        z.launch(gpu, shape, kv, reqs, &planned, qf, &sel)?;
+        Ok(sel)
+    }
+
+    /// Lazy prefill: the step's set per request, every query of the
+    /// request attending it clipped causally; one attention launch per
+    /// request (its rows share one selection row per KV head).
+    #[allow(clippy::too_many_arguments)]
+    fn lazy_prefill(
+        &mut self,
+        gpu: &GpuContext,
+        shape: &AttnShape,
+        layer: usize,
+        kv: &EngineKv,
+        dkv: &DeviceKv,
+        req_ids: &[u64],
+        reqs: &[LazyReq],
+        n_new: &[usize],
+        out: &AttnOut,
+    ) -> Result<()> {
+        let sel = self.lazy_select(
+            gpu,
+            shape,
+            layer,
+            kv,
+            req_ids,
+            reqs,
+            crate::policy::Phase::Prefill,
+        )?;
+        let total: usize = n_new.iter().sum();
+        let mut host: Vec<i32> = Vec::with_capacity(2 * total);
+        for r in reqs {
+            host.extend(std::iter::repeat_n(i32_of("table row", r.row)?, r.n));
+        }
+        for r in reqs {
+            for j in 0..r.n {
+                host.push(i32_of("position", r.len - r.n + j)?);
+            }
+        }
+        grow(&mut self.up, host.len() * 4)?;
+        self.up.write_async(&gpu.stream, &host)?;
+        let hkv = self.shape.n_kv_heads;
+        let qe = self.shape.q_elems();
+        let esz = if out.dtype == DType::F32 { 4 } else { 2 };
+        let mut ws = std::mem::take(&mut self.ws);
+        let mut r0 = 0;
+        let mut res = Ok(());
+        for (i, r) in reqs.iter().enumerate() {
+            res = launch_attention_ex(
+                gpu,
+                &mut ws,
+                shape,
+                "",
+                KvPtrs {
+                    k: kv.k,
+                    v: kv.v,
+                    table: kv.table,
+                    table_stride: kv.table_stride,
+                    page_size: kv.page_size,
+                    dtype: kv.dtype,
+                },
+                dkv.strides(),
+                self.qf.ptr + (r0 * qe * 4) as u64,
+                r.n,
+                &sel_rows(&sel, i * hkv, hkv),
+                r.len,
+                None,
+                AttnOut {
+                    ptr: out.ptr + (r0 * out.row_stride * esz) as u64,
+                    ..*out
+                },
+                r.n,
+                self.up.ptr + (r0 * 4) as u64,
+                self.up.ptr + ((total + r0) * 4) as u64,
+            );
+            if res.is_err() {
+                break;
+            }
+            r0 += r.n;
+        }
+        self.ws = ws;
+        res
     }
 
     /// hip mask estimation of every request of the batch into the
@@ -731,11 +1010,16 @@ impl GpuAttention {
                 )));
             }
         }
-        for id in req_ids {
-            if let Some(&s) = self.slots.get(id) {
-                self.reset_slot(s);
-            }
-        }
+        let slots: Vec<usize> = req_ids
+            .iter()
+            .map(|&id| {
+                let (s, fresh) = self.slot(id);
+                if !fresh {
+                    self.prefill_reset_slot(s);
+                }
+                s
+            })
+            .collect();
         // Engines call from their own threads: make the context current.
         self.gpu
             .ctx
@@ -745,6 +1029,19 @@ impl GpuAttention {
         let gpu = self.gpu.on_stream(stream);
         let (shape, mul) = self.scaled_shape(sm_scale)?;
         self.convert_q(&gpu, q, total, mul)?;
+        if matches!(self.layers[layer], Layer::Lazy) {
+            let reqs = lazy_reqs(&slots, table_rows, lens, n_new);
+            return self.lazy_prefill(&gpu, &shape, layer, kv, &dkv, req_ids, &reqs, n_new, out);
+        }
+        if let Layer::Squeeze(z) = &mut self.layers[layer] {
+            let qe = self.shape.q_elems();
+            let mut row = 0;
+            for (i, &s) in slots.iter().enumerate() {
+                let q0 = self.qf.ptr + (row * qe * 4) as u64;
+                z.record(&gpu.stream, s, qe, q0, lens[i], n_new[i])?;
+                row += n_new[i];
+            }
+        }
         let hkv = self.shape.n_kv_heads;
         let nr = total * hkv;
         let sel = self.sel_view(nr, 1)?;
@@ -795,30 +1092,5 @@ impl GpuAttention {
         );
         self.ws = ws;
         r
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn refresh_schedule_per_slot() {
-        let cfg = HipConfig::default();
-        let mut h = HipLayer {
-            caps: vec![1; cfg.stages.len()],
-            cfg: cfg.clone(),
-            chunks: Vec::new(),
-            step: vec![0, 5],
-            mid_end: vec![0, 0],
-        };
-        assert_eq!(h.refresh_from(0), 0);
-        // Default intervals 16 / 8 / 4: step 5 refreshes nothing, 8 from
-        // stage 1, 16 everything.
-        assert_eq!(h.refresh_from(1), cfg.stages.len());
-        h.step[1] = 8;
-        assert_eq!(h.refresh_from(1), 1);
-        h.step[1] = 32;
-        assert_eq!(h.refresh_from(1), 0);
     }
 }
