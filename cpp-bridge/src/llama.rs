@@ -930,7 +930,9 @@ impl LlamaPlugin {
 
     /// Whether layer `layer` runs locret (gets a scoring op).
     pub fn locret_layer(&self, layer: u32) -> bool {
-        self.locret.as_ref().is_some_and(|l| l.is_locret_layer(layer))
+        self.locret
+            .as_ref()
+            .is_some_and(|l| l.is_locret_layer(layer))
     }
 
     /// Tell the scoring that llama.cpp's q/k rows are in interleaved-RoPE

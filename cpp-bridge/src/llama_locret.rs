@@ -90,12 +90,8 @@ pub fn choose_evictions(
     if need == 0 {
         return (Vec::new(), short);
     }
-    let by_score = |a: &usize, b: &usize| {
-        units[*a]
-            .score
-            .total_cmp(&units[*b].score)
-            .then(a.cmp(b))
-    };
+    let by_score =
+        |a: &usize, b: &usize| units[*a].score.total_cmp(&units[*b].score).then(a.cmp(b));
     cands.select_nth_unstable_by(need - 1, by_score);
     let mut out = cands[..need].to_vec();
     out.sort_unstable();
@@ -228,8 +224,8 @@ impl LocretLlama {
                     "locret needs a retaining-head safetensors file",
                 ));
             };
-            let head = RetainingHead::load(std::path::Path::new(path), m, c.hidden, l)
-                .map_err(|e| {
+            let head =
+                RetainingHead::load(std::path::Path::new(path), m, c.hidden, l).map_err(|e| {
                     Error::config(format!("layer {l} locret.weights ({path})"), e.to_string())
                 })?;
             heads.push(Some(head));
@@ -310,7 +306,9 @@ impl LocretLlama {
             .ok_or_else(|| Error::Invalid(format!("layer {layer} has no retaining head")))?;
         let (d, nq, nkv) = (self.head_dim, self.n_q_heads, self.n_kv_heads);
         let n = q.ne[2];
-        let want = |x: &View<'_>, heads: usize| x.ne[0] == d && x.ne[1] == heads && x.ne[2] == n && x.ne[3] == 1;
+        let want = |x: &View<'_>, heads: usize| {
+            x.ne[0] == d && x.ne[1] == heads && x.ne[2] == n && x.ne[3] == 1
+        };
         if !want(q, nq) || !want(k, nkv) || !want(v, nkv) {
             return Err(Error::shape(
                 format!("locret layer {layer} pre-RoPE q/k/v"),
@@ -338,14 +336,18 @@ impl LocretLlama {
                 for h in 0..heads {
                     let dst = &mut o[(t * heads + h) * d..(t * heads + h + 1) * d];
                     for (e, y) in dst.iter_mut().enumerate() {
-                        let src = if unperm { 2 * (e % (d / 2)) + e / (d / 2) } else { e };
+                        let src = if unperm {
+                            2 * (e % (d / 2)) + e / (d / 2)
+                        } else {
+                            e
+                        };
                         *y = x.get(x.idx(src, h, t0 + t, 0));
                     }
                 }
             }
             o
         };
-        let unperm = inter && d % 2 == 0;
+        let unperm = inter && d.is_multiple_of(2);
         let qs = gather(q, nq, unperm);
         let ks = gather(k, nkv, unperm);
         let vs = gather(v, nkv, false);
@@ -381,7 +383,7 @@ impl LocretLlama {
         if ith == 0 {
             if let Some(m) = mask {
                 let n_stream = m.ne[3];
-                if n_stream > 0 && n % n_stream == 0 && m.ne[1] >= n / n_stream && n > 0 {
+                if n_stream > 0 && n.is_multiple_of(n_stream) && m.ne[1] >= n / n_stream && n > 0 {
                     let row = n / n_stream - 1;
                     let mut most = 0u64;
                     for s in 0..n_stream {
@@ -485,7 +487,9 @@ impl LocretLlama {
             if decode {
                 // Prompt done: pin its last keep_last positions.
                 let last = st.units.last().map_or(0, |u| u.pos);
-                let from = last.saturating_add(1).saturating_sub(self.cfg.keep_last as i32);
+                let from = last
+                    .saturating_add(1)
+                    .saturating_sub(self.cfg.keep_last as i32);
                 for u in st.units.iter_mut().rev() {
                     if u.pos < from {
                         break;
@@ -526,7 +530,13 @@ impl LocretLlama {
             self.c
                 .max_held
                 .fetch_max(st.units.len() as u64, Ordering::Relaxed);
-            tracing::debug!(seq = s, evicted = gone.len(), held = st.units.len(), final_chunk = decode, "locret eviction");
+            tracing::debug!(
+                seq = s,
+                evicted = gone.len(),
+                held = st.units.len(),
+                final_chunk = decode,
+                "locret eviction"
+            );
         }
         self.c
             .seq_rm_calls
@@ -623,6 +633,11 @@ impl LocretLlama {
     }
 }
 
+/// Check a `TensorDesc` + bytes as a view (error names `what`).
+pub(crate) fn view<'a>(bytes: &'a [u8], d: &TensorDesc, what: &str) -> Result<View<'a>> {
+    View::new(bytes, d, what)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -632,9 +647,4 @@ mod tests {
         assert_eq!(runs(&[1, 2, 3, 7, 9, 10]), vec![(1, 4), (7, 8), (9, 11)]);
         assert!(runs(&[]).is_empty());
     }
-}
-
-/// Check a `TensorDesc` + bytes as a view (error names `what`).
-pub(crate) fn view<'a>(bytes: &'a [u8], d: &TensorDesc, what: &str) -> Result<View<'a>> {
-    View::new(bytes, d, what)
 }

@@ -131,7 +131,13 @@ fn random_tokens(m: &ModelShape, n: usize, rng: &mut Rng) -> Tokens {
 /// Run every locret layer's scoring op over the ubatch, split over `nth`
 /// threads (called one after another: the ops share nothing but the
 /// ubatch's score slots). `layer_tokens[l]` are layer l's projections.
-fn score_all(p: &LlamaPlugin, m: &ModelShape, layer_tokens: &[Tokens], nth: u32, interleaved: bool) {
+fn score_all(
+    p: &LlamaPlugin,
+    m: &ModelShape,
+    layer_tokens: &[Tokens],
+    nth: u32,
+    interleaved: bool,
+) {
     let (d, nq, nkv) = (m.head_dim, m.n_q_heads, m.n_kv_heads);
     p.locret_set_qk_interleaved(interleaved);
     for (l, t) in layer_tokens.iter().enumerate() {
@@ -162,7 +168,9 @@ fn reference_scores(hs: &[RetainingHead], layer_tokens: &[Tokens], nkv: usize) -
         if best.is_empty() {
             best = per_tok;
         } else {
-            best.iter_mut().zip(per_tok).for_each(|(b, x)| *b = b.max(x));
+            best.iter_mut()
+                .zip(per_tok)
+                .for_each(|(b, x)| *b = b.max(x));
         }
     }
     best
@@ -267,20 +275,31 @@ fn twin(cfg: LocretConfig, chunks: &[usize], n_decode: usize, seed: u64) {
     let mut rng = Rng::new(seed);
     let mut pos = 0i32;
     let mut evicted_total = 0usize;
-    let steps: Vec<usize> = chunks.iter().copied().chain(std::iter::repeat_n(1, n_decode)).collect();
+    let steps: Vec<usize> = chunks
+        .iter()
+        .copied()
+        .chain(std::iter::repeat_n(1, n_decode))
+        .collect();
     for (i, &n) in steps.iter().enumerate() {
         let decode = i >= chunks.len();
         let toks = random_tokens(&m, n, &mut rng);
         // llama.cpp side: begin (eviction owed so far), then score.
         let rm = begin_seq0(&p, pos..pos + n as i32);
-        evicted_total += rm.chunks_exact(3).map(|r| (r[2] - r[1]) as usize).sum::<usize>();
+        evicted_total += rm
+            .chunks_exact(3)
+            .map(|r| (r[2] - r[1]) as usize)
+            .sum::<usize>();
         score_all(&p, &m, std::slice::from_ref(&toks), 2, false);
         // core side: append this chunk (the prompt's last chunk says prompt_done).
         let held = core.held_positions(0).map_or(0, |h| h[0].len());
         let ins = InsertInfo {
             seq: 0,
             shape: ashape,
-            phase: if decode { Phase::Decode } else { Phase::Prefill },
+            phase: if decode {
+                Phase::Decode
+            } else {
+                Phase::Prefill
+            },
             start: held,
             q: &toks.q,
             k: &toks.k,
@@ -300,7 +319,10 @@ fn twin(cfg: LocretConfig, chunks: &[usize], n_decode: usize, seed: u64) {
         pos += n as i32;
     }
     let total: usize = chunks.iter().sum();
-    assert!(evicted_total > 0 && evicted_total < total, "{evicted_total} of {total}");
+    assert!(
+        evicted_total > 0 && evicted_total < total,
+        "{evicted_total} of {total}"
+    );
     let st: serde_json::Value = serde_json::from_str(&p.stats_json()).unwrap();
     assert_eq!(st["locret"]["evicted_tokens"], evicted_total as u64);
 }
@@ -468,13 +490,22 @@ fn bad_configs_name_the_field() {
     let err = |json: &str| LlamaPlugin::new(json, &mi).err().unwrap().to_string();
     let e = err(r#"{"dense_layers": 0, "default": {"method": "locret", "hidden": 16}}"#);
     assert!(e.contains(".weights") && e.contains("safetensors"), "{e}");
-    let e = err(r#"{"dense_layers": 0, "default": {"method": "locret", "hidden": 16, "weights": "/nonexistent/w.safetensors"}}"#);
-    assert!(e.contains("locret.weights") && e.contains("/nonexistent/w.safetensors"), "{e}");
+    let e = err(
+        r#"{"dense_layers": 0, "default": {"method": "locret", "hidden": 16, "weights": "/nonexistent/w.safetensors"}}"#,
+    );
+    assert!(
+        e.contains("locret.weights") && e.contains("/nonexistent/w.safetensors"),
+        "{e}"
+    );
     // Heads written for another geometry (8 KV heads' worth of input).
     let (_, w8) = heads(&shape(2, 4, 8, 8), 16, 42, "other.safetensors");
-    let e = err(&format!(r#"{{"dense_layers": 0, "default": {{"method": "locret", "hidden": 16, "weights": "{w8}"}}}}"#));
+    let e = err(&format!(
+        r#"{{"dense_layers": 0, "default": {{"method": "locret", "hidden": 16, "weights": "{w8}"}}}}"#
+    ));
     assert!(e.contains("locret.weights") && e.contains("fc1"), "{e}");
-    let e = err(&format!(r#"{{"dense_layers": 0, "default": {{"method": "locret", "hidden": 32, "weights": "{w}"}}}}"#));
+    let e = err(&format!(
+        r#"{{"dense_layers": 0, "default": {{"method": "locret", "hidden": 32, "weights": "{w}"}}}}"#
+    ));
     assert!(e.contains("locret.weights") && e.contains("fc1"), "{e}");
     let e = err(&format!(
         r#"{{"dense_layers": 0, "default": {{"method": "locret", "hidden": 16, "weights": "{w}"}},

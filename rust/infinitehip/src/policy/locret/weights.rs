@@ -239,9 +239,7 @@ impl RetainingHead {
         let (input, hidden, nkv) = (self.input_dim(), self.hidden, self.n_kv_heads);
         let blocks = n.div_ceil(GEMM_TOKENS);
         // Split hidden rows too when there are fewer token blocks than threads.
-        let groups = threads
-            .div_ceil(blocks)
-            .clamp(1, hidden.div_ceil(64));
+        let groups = threads.div_ceil(blocks).clamp(1, hidden.div_ceil(64));
         let rows = |g: usize| g * hidden / groups..(g + 1) * hidden / groups;
         let item = |it: usize| {
             let (b, g) = (it / groups, it % groups);
