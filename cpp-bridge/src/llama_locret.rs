@@ -36,6 +36,9 @@
 //!   used. The peak held per sequence is budget + pinned + one ubatch, as the
 //!   core's budget + chunk.
 //! - **Positions** stay llama.cpp's (the core's `renumber_positions: false`).
+//!   A sequence's newest token is never evicted (llama.cpp continues
+//!   positions from its last cell), which only matters with `stabilizer: 0`
+//!   or `stabilize_final_chunk: false` and `keep_last: 0`.
 //! - A sequence rewound (new tokens at positions it already holds: a
 //!   failed ubatch, `llama_memory_seq_rm(.., p, -1)`, a cleared cache) drops
 //!   its units from there on. Forked sequences (`seq_cp`) and removals of
@@ -64,8 +67,11 @@ pub struct Unit {
 /// Indices (into `units`, held in position order) of the units the core's
 /// Locret rule evicts now. `final_chunk`: the eviction after the last
 /// prompt chunk (`stabilize_final_chunk: false` drops the stabilizer
-/// protection there). Also returns whether protected units alone exceeded the
-/// budget (then every evictable unit goes and the rest stays).
+/// protection there). One addition to the core's rule: the newest unit is
+/// always protected (llama.cpp takes a sequence's next position from its
+/// last cell and requires positions to continue from it). Also returns
+/// whether protected units alone exceeded the budget (then every evictable
+/// unit goes and the rest stays).
 pub fn choose_evictions(
     units: &[Unit],
     cfg: &LocretConfig,
@@ -77,7 +83,7 @@ pub fn choose_evictions(
     } else {
         cfg.stabilizer
     };
-    let protected_from = len.saturating_sub(stab);
+    let protected_from = len.saturating_sub(stab.max(1));
     let free = units.iter().filter(|u| !u.pinned).count();
     let mut need = free.saturating_sub(cfg.budget);
     let mut cands: Vec<usize> = (0..protected_from)
@@ -641,6 +647,30 @@ pub(crate) fn view<'a>(bytes: &'a [u8], d: &TensorDesc, what: &str) -> Result<Vi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn newest_unit_is_never_evicted() {
+        let cfg = LocretConfig {
+            budget: 2,
+            stabilizer: 0,
+            keep_last: 0,
+            stabilize_final_chunk: false,
+            ..LocretConfig::default()
+        };
+        // The newest unit has the lowest score.
+        let units: Vec<Unit> = (0..6)
+            .map(|p| Unit {
+                pos: p,
+                score: 10.0 - p as f32,
+                pinned: false,
+            })
+            .collect();
+        for final_chunk in [false, true] {
+            let (ev, short) = choose_evictions(&units, &cfg, final_chunk);
+            assert_eq!(ev, vec![1, 2, 3, 4]);
+            assert!(!short);
+        }
+    }
 
     #[test]
     fn runs_group_consecutive_positions() {
