@@ -25,7 +25,9 @@ Needs the builds of scripts/llama-cpp-build.sh (both). Checks:
    llama.cpp's own mask never shows more live cells than budget + one
    ubatch, the final count is budget + keep_last + generated, and the
    tokens evicted are the prompt minus those; bad configs (missing weights,
-   heads of another shape) fail context creation naming the field;
+   heads of another shape) fail context creation naming the field; a prompt
+   of twice the long prompt runs in a 768-cell context (evicted cells
+   reused) where stock fails to place it;
 4. the GPU route's host side, forced on the CPU (LLAMA_INFINITEHIP_ROUTE=gpu:
    policy over the host key mirror, I32 cells, sparse mask through
    llama.cpp's flash attention): covering budget bit-identical to stock;
@@ -70,7 +72,7 @@ class Runner:
         self.work, self.model, self.tmp, self.threads = work, model, tmp, threads
 
     def gen(self, build, tag, prompt_len, n_gen, config=None, force=None, fa="off", env_extra=None, model=None,
-            batch=None):
+            batch=None, ctx=None):
         exe = os.path.join(self.work, f"build-{build}", "bin", "ihip_run")
         logits = os.path.join(self.tmp, f"{tag}.logits")
         tokens = os.path.join(self.tmp, f"{tag}.tokens")
@@ -80,6 +82,8 @@ class Runner:
             cmd += ["--force", force]
         if batch:
             cmd += ["--batch", str(batch)]
+        if ctx:
+            cmd += ["--ctx", str(ctx)]
         env = dict(os.environ)
         env.pop("LLAMA_INFINITEHIP_CONFIG", None)
         env.pop("LLAMA_INFINITEHIP_ROUTE", None)
@@ -295,8 +299,22 @@ def main():
           {k: c[k] for k in ["finite", "rel_rms_diff", "top1_agree"]}
           | {k: lst.get(k) for k in ["max_visible_cells", "last_visible_cells", "evicted_tokens", "evictions",
                                      "seq_rm_calls"]})
-    # bad configs fail context creation naming the field
+    # a prompt longer than the context: evicted cells are reused (stock cannot place it)
     exe = os.path.join(a.work, "build-patched", "bin", "ihip_run")
+    long_prompt, n_ctx = 2 * a.small_prompt, 768
+    lf, _, _, log = R.gen("patched", "locret_over_ctx", long_prompt, a.small_gen, config=small_l, batch=ub, ctx=n_ctx)
+    lst = plugin_stats(log).get("locret") or {}
+    r = subprocess.run([os.path.join(a.work, "build-stock", "bin", "ihip_run"), "gen", model, "--prompt-len",
+                        str(long_prompt), "--gen", "1", "--batch", str(ub), "--ctx", str(n_ctx),
+                        "--logits", os.devnull, "--tokens", os.devnull], capture_output=True, text=True)
+    results["locret_prompt_over_context"] = {"prompt": long_prompt, "n_ctx": n_ctx, "stock_rc": r.returncode,
+                                             "locret": lst}
+    check(f"locret: a {long_prompt}-token prompt + {a.small_gen} generated in a {n_ctx}-cell context runs "
+          f"(stock fails: rc {r.returncode})",
+          np.isfinite(lf).all() and r.returncode != 0 and lst.get("max_visible_cells", 1 << 30) <= budget + ub
+          and lst.get("evicted_tokens") == long_prompt - budget - keep_last,
+          {k: lst.get(k) for k in ["max_visible_cells", "last_visible_cells", "evicted_tokens"]})
+    # bad configs fail context creation naming the field
     for tag, cfg, needle in [
         ("missing weights", locret_config(os.path.join(tmp, "nonexistent.safetensors"), 256), "locret.weights"),
         ("heads of another shape", locret_config(heads, 256, hidden=32), "fc1"),
