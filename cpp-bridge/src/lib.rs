@@ -15,6 +15,7 @@
 
 pub mod llama;
 pub mod llama_gpu;
+pub mod llama_locret;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -190,6 +191,42 @@ pub mod ffi {
         ) -> Result<()>;
         /// Counters (planned calls, sparse vs masked streams, tokens attended) as JSON.
         fn stats_json(self: &LlamaPlugin) -> String;
+
+        /// Locret (see `llama_locret`): whether `layer` runs locret (its
+        /// attention stays llama.cpp's; a scoring op scores its tokens).
+        fn locret_layer(self: &LlamaPlugin, layer: u32) -> bool;
+        /// Whether some layer runs locret.
+        fn locret_on(self: &LlamaPlugin) -> bool;
+        /// q/k rows in llama.cpp's interleaved-RoPE order (un-permuted to
+        /// HF order before scoring).
+        fn locret_set_qk_interleaved(self: &LlamaPlugin, on: bool);
+        /// Score tokens of the ubatch in flight (ggml thread `ith` of
+        /// `nth`): pre-RoPE q `[d, n_q_heads, n_tokens]`, k and v `[d,
+        /// n_kv_heads, n_tokens]`; `mask` (may be empty) counts live cells.
+        #[allow(clippy::too_many_arguments)]
+        fn locret_score(
+            self: &LlamaPlugin,
+            layer: u32,
+            q: &[u8],
+            qd: &TensorDesc,
+            k: &[u8],
+            kd: &TensorDesc,
+            v: &[u8],
+            vd: &TensorDesc,
+            mask: &[u8],
+            md: &TensorDesc,
+            ith: u32,
+            nth: u32,
+        ) -> Result<()>;
+        /// Before each ubatch: its tokens' positions, sequence counts and
+        /// flattened sequence ids. Returns the cells to evict as flat
+        /// `(seq, p0, p1)` triples for `llama_memory_seq_rm`.
+        fn locret_begin(
+            self: &LlamaPlugin,
+            pos: &[i32],
+            n_seq: &[u32],
+            seq_ids: &[i32],
+        ) -> Result<Vec<i32>>;
 
         /// GPU route of a llama.cpp context (see `llama_gpu`): host key
         /// mirror, policy over it, I32 cell indices for a sparse mask.

@@ -32,6 +32,7 @@ use infinitehip::{Error, Result};
 
 use crate::ffi::{ModelInfo, TensorDesc};
 use crate::guard;
+use crate::llama_locret::{view, LocretLlama};
 
 /// `ggml_type` ids we read.
 pub const GGML_TYPE_F32: u32 = 0;
@@ -40,9 +41,9 @@ pub const GGML_TYPE_F16: u32 = 1;
 /// Methods that run over llama.cpp's cache unchanged: their selection needs
 /// queries and keys, plus the `after_append` hook at the end of the prompt
 /// (squeeze clusters its prefix then) and state shared across layers (lazy's
-/// keep sets), both driven from `plan`. Methods that evict at insertion
-/// (Locret) need llama.cpp's KV cells changed and are refused here.
-const SUPPORTED_METHODS: &[&str] = &["dense", "hip", "lazy", "squeeze"];
+/// keep sets), both driven from `plan`. Locret evicts tokens from llama.cpp's
+/// KV cells instead (`llama_locret`): its layers keep llama.cpp's attention.
+const SUPPORTED_METHODS: &[&str] = &["dense", "hip", "lazy", "squeeze", "locret"];
 
 #[derive(Clone, Copy)]
 enum Data<'a> {
@@ -54,8 +55,8 @@ enum Data<'a> {
 #[derive(Clone, Copy)]
 pub struct View<'a> {
     data: Data<'a>,
-    ne: [usize; 4],
-    st: [usize; 4],
+    pub(crate) ne: [usize; 4],
+    pub(crate) st: [usize; 4],
 }
 
 impl<'a> View<'a> {
@@ -109,12 +110,12 @@ impl<'a> View<'a> {
     }
 
     #[inline]
-    fn idx(&self, i0: usize, i1: usize, i2: usize, i3: usize) -> usize {
+    pub(crate) fn idx(&self, i0: usize, i1: usize, i2: usize, i3: usize) -> usize {
         i0 * self.st[0] + i1 * self.st[1] + i2 * self.st[2] + i3 * self.st[3]
     }
 
     #[inline]
-    fn get(&self, i: usize) -> f32 {
+    pub(crate) fn get(&self, i: usize) -> f32 {
         match self.data {
             Data::F32(s) => s[i],
             Data::F16(s) => s[i].to_f32(),
@@ -432,6 +433,9 @@ pub struct LlamaPlugin {
     /// Every lazy layer sees the same step; only the first one to see a
     /// chain that does not continue the last restarts the shared state.
     lazy_steps: Mutex<HashMap<usize, (u32, usize)>>,
+    /// Locret's token eviction over llama.cpp's cells (None when no layer
+    /// runs locret).
+    locret: Option<LocretLlama>,
 }
 
 /// Fill `model` from the host's geometry when absent; check it when present.
@@ -500,7 +504,7 @@ impl LlamaPlugin {
                 return Err(Error::config(
                     format!("layer {l} method"),
                     format!(
-                        "`{method}` is not supported by the llama.cpp integration (supported: {}; locret evicts tokens at insertion, which needs llama.cpp's KV cells changed)",
+                        "`{method}` is not supported by the llama.cpp integration (supported: {})",
                         SUPPORTED_METHODS.join(", ")
                     ),
                 ));
@@ -513,7 +517,8 @@ impl LlamaPlugin {
                     ));
                 }
             }
-            let state = if method == "dense" {
+            // Locret layers attend with llama.cpp's own attention.
+            let state = if method == "dense" || method == "locret" {
                 None
             } else {
                 Some(Mutex::new(LayerState {
@@ -526,12 +531,14 @@ impl LlamaPlugin {
             };
             layers.push(Layer { method, state });
         }
+        let locret = LocretLlama::new(&cfg)?;
         Ok(LlamaPlugin {
             cfg,
             layers,
             counters: Counters::default(),
             lazy,
             lazy_steps: Mutex::new(HashMap::new()),
+            locret,
         })
     }
 
@@ -582,10 +589,10 @@ impl LlamaPlugin {
         for i in 1..=self.layers.len() {
             if i == self.layers.len() || self.layers[i].method != self.layers[start].method {
                 let m = self.layers[start].method;
-                let who = if m == "dense" {
-                    "dense (llama.cpp attention)"
-                } else {
-                    m
+                let who = match m {
+                    "dense" => "dense (llama.cpp attention)",
+                    "locret" => "locret (llama.cpp attention, token eviction)",
+                    m => m,
                 };
                 if i - start == 1 {
                     parts.push(format!("layer {start}: {who}"));
@@ -906,8 +913,84 @@ impl LlamaPlugin {
             "prompts_done": c.prompts_done.load(Ordering::Relaxed),
             "attended_fraction": if t == 0 { 1.0 } else { a as f64 / t as f64 },
             "layers": self.layers.iter().map(|l| l.method).collect::<Vec<_>>(),
+            "locret": self.locret.as_ref().map(|l| l.stats()),
         })
         .to_string()
+    }
+
+    /// Locret's state (None when no layer runs locret).
+    pub fn locret(&self) -> Option<&LocretLlama> {
+        self.locret.as_ref()
+    }
+
+    /// Whether some layer runs locret.
+    pub fn locret_on(&self) -> bool {
+        self.locret.is_some()
+    }
+
+    /// Whether layer `layer` runs locret (gets a scoring op).
+    pub fn locret_layer(&self, layer: u32) -> bool {
+        self.locret
+            .as_ref()
+            .is_some_and(|l| l.is_locret_layer(layer))
+    }
+
+    /// Tell the scoring that llama.cpp's q/k rows are in interleaved-RoPE
+    /// order (`LLAMA_ROPE_TYPE_NORM`: the GGUF converter permuted Llama's
+    /// q/k rows; retaining heads read HF's order).
+    pub fn locret_set_qk_interleaved(&self, on: bool) {
+        if let Some(l) = &self.locret {
+            l.set_qk_interleaved(on);
+        }
+    }
+
+    fn locret_state(&self) -> Result<&LocretLlama> {
+        self.locret
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("no layer runs locret".into()))
+    }
+
+    /// The scoring op of locret layer `layer`, ggml thread `ith` of `nth`:
+    /// pre-RoPE q `[d, n_q_heads, n_tokens]`, k and v `[d, n_kv_heads,
+    /// n_tokens]` (F32/F16 views), llama.cpp's mask (counts live cells).
+    #[allow(clippy::too_many_arguments)]
+    pub fn locret_score(
+        &self,
+        layer: u32,
+        q: &[u8],
+        qd: &TensorDesc,
+        k: &[u8],
+        kd: &TensorDesc,
+        v: &[u8],
+        vd: &TensorDesc,
+        mask: &[u8],
+        md: &TensorDesc,
+        ith: u32,
+        nth: u32,
+    ) -> std::result::Result<(), String> {
+        guard(|| {
+            let l = self.locret_state()?;
+            let q = view(q, qd, "locret q (pre-RoPE)")?;
+            let k = view(k, kd, "locret k (pre-RoPE)")?;
+            let v = view(v, vd, "locret v")?;
+            let m = if mask.is_empty() {
+                None
+            } else {
+                Some(view(mask, md, "kq_mask")?)
+            };
+            l.score_op(layer, &q, &k, &v, m.as_ref(), ith as usize, nth as usize)
+        })
+    }
+
+    /// Before each ubatch (llama.cpp's decode loop): returns the cells to
+    /// remove as flat `(seq, p0, p1)` triples (see `LocretLlama::begin`).
+    pub fn locret_begin(
+        &self,
+        pos: &[i32],
+        n_seq: &[u32],
+        seq_ids: &[i32],
+    ) -> std::result::Result<Vec<i32>, String> {
+        guard(|| self.locret_state()?.begin(pos, n_seq, seq_ids))
     }
 }
 

@@ -510,7 +510,11 @@ fn bad_inputs_are_errors_naming_the_problem() {
     .err()
     .unwrap()
     .to_string();
-    assert!(e.contains("locret") && e.contains("llama.cpp"), "{e}");
+    // locret runs on llama.cpp now: a missing weights file names the field and the file
+    assert!(
+        e.contains("layer 0 locret.weights") && e.contains("/nonexistent/locret.safetensors"),
+        "{e}"
+    );
     let e = LlamaPlugin::new(r#"{"dense_layers": 0, "default": {"method": "hip", "rope": {"scoring": "chunk_indexed", "attention": "original"}}}"#, &m)
         .err()
         .unwrap()

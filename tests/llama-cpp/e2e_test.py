@@ -17,6 +17,17 @@ Needs the builds of scripts/llama-cpp-build.sh (both). Checks:
    budget (lazy keep 0.1, squeeze quantile 0.9) on the longer prompt they
    run, logits finite, agreement with stock and the attended fraction
    reported;
+5. locret (every layer; random retaining heads written by the test): with a
+   covering budget logits equal stock's (llama.cpp's own attention runs
+   locret layers; the scoring ops and the eviction hook change nothing),
+   with V transposed and flash attention, also on the longer prompt in
+   ubatches; with a small budget on the longer prompt in ubatches of 256,
+   llama.cpp's own mask never shows more live cells than budget + one
+   ubatch, the final count is budget + keep_last + generated, and the
+   tokens evicted are the prompt minus those; bad configs (missing weights,
+   heads of another shape) fail context creation naming the field; a prompt
+   of twice the long prompt runs in a 768-cell context (evicted cells
+   reused) where stock fails to place it;
 4. the GPU route's host side, forced on the CPU (LLAMA_INFINITEHIP_ROUTE=gpu:
    policy over the host key mirror, I32 cells, sparse mask through
    llama.cpp's flash attention): covering budget bit-identical to stock;
@@ -28,6 +39,7 @@ Writes a JSON summary (--json) and exits non-zero on a failed check.
 import argparse
 import json
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -59,7 +71,8 @@ class Runner:
     def __init__(self, work, model, tmp, threads):
         self.work, self.model, self.tmp, self.threads = work, model, tmp, threads
 
-    def gen(self, build, tag, prompt_len, n_gen, config=None, force=None, fa="off", env_extra=None, model=None):
+    def gen(self, build, tag, prompt_len, n_gen, config=None, force=None, fa="off", env_extra=None, model=None,
+            batch=None, ctx=None):
         exe = os.path.join(self.work, f"build-{build}", "bin", "ihip_run")
         logits = os.path.join(self.tmp, f"{tag}.logits")
         tokens = os.path.join(self.tmp, f"{tag}.tokens")
@@ -67,6 +80,10 @@ class Runner:
                "--logits", logits, "--tokens", tokens, "--fa", fa, "--threads", str(self.threads)]
         if force:
             cmd += ["--force", force]
+        if batch:
+            cmd += ["--batch", str(batch)]
+        if ctx:
+            cmd += ["--ctx", str(ctx)]
         env = dict(os.environ)
         env.pop("LLAMA_INFINITEHIP_CONFIG", None)
         env.pop("LLAMA_INFINITEHIP_ROUTE", None)
@@ -94,6 +111,31 @@ def lazy_config(keep):
 def squeeze_config(quantile, window):
     return {"dense_layers": 0, "default": {"method": "squeeze", "quantile": quantile,
                                            "observation_window": window, "kmeans_iters": 10}}
+
+
+def write_locret_heads(path, layers, n_q, n_kv, d, hidden, seed=0):
+    """Random retaining heads (safetensors, F32) under the tensor names and
+    shapes the core's loader expects: fc1 [hidden, (n_q + 2 n_kv) d], fc2 [n_kv, hidden]."""
+    rng = np.random.default_rng(seed)
+    inp = (n_q + 2 * n_kv) * d
+    header, blobs, off = {}, [], 0
+    for l in range(layers):
+        for name, shape, fan_in in [("fc1", (hidden, inp), inp), ("fc2", (n_kv, hidden), hidden)]:
+            b = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype("<f4").tobytes()
+            header[f"model.layers.{l}.self_attn.{name}.weight"] = {
+                "dtype": "F32", "shape": list(shape), "data_offsets": [off, off + len(b)]}
+            blobs.append(b)
+            off += len(b)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def locret_config(weights, budget, stabilizer=64, keep_last=32, hidden=64):
+    return {"dense_layers": 0, "default": {"method": "locret", "budget": budget, "stabilizer": stabilizer,
+                                           "keep_last": keep_last, "sink": 0, "hidden": hidden,
+                                           "weights": weights}}
 
 
 def plugin_stats(log):
@@ -219,6 +261,74 @@ def main():
                   "prompts_done": st.get("prompts_done")})
         results[f"{name}_small_budget"] = c
         check(f"{name} small budget runs, logits finite", c["finite"] and st.get("prompts_done", 0) >= 1, c)
+
+    # 5. locret: covering budget == stock; small budget keeps llama.cpp's cells bounded
+    heads = os.path.join(tmp, "locret.safetensors")
+    write_locret_heads(heads, layers=2, n_q=4, n_kv=2, d=32, hidden=64)
+    cover = locret_config(heads, budget=8192)
+    for tag, prompt, gen, fa, (ref, forced) in [
+        ("fa_off", a.prompt, a.gen, "off", stock_off),
+        ("fa_on", a.prompt, a.gen, "on", (ls_fa, ts_fa_path)),
+        ("long", a.small_prompt, a.small_gen, "off", stock_long),
+    ]:
+        lf, _, _, log = R.gen("patched", f"locret_full_{tag}", prompt, gen, config=cover, force=forced, fa=fa)
+        c = compare(lf, ref)
+        lst = plugin_stats(log).get("locret") or {}
+        c.update({"bit_identical": bool(np.array_equal(lf, ref)), "locret": lst})
+        results[f"locret_full_budget_{tag}"] = c
+        check(f"locret covering budget == stock ({tag}: {prompt}+{gen} tokens, flash_attn {fa}, teacher-forced)",
+              c["finite"] and c["rel_rms_diff"] < tol_rel and c["max_abs_diff"] < tol_rel * 10 * c["logit_rms"]
+              and lst.get("scored_tokens") == prompt and lst.get("evicted_tokens") == 0
+              and lst.get("unscored_ubatches") == 0,
+              {k: v for k, v in c.items() if k != "locret"} | {"scored_tokens": lst.get("scored_tokens")})
+    budget, keep_last, ub = 256, 32, 256
+    small_l = locret_config(heads, budget=budget, keep_last=keep_last)
+    lf, _, _, log = R.gen("patched", "locret_small", a.small_prompt, a.small_gen, config=small_l,
+                          force=stock_long[1], fa="on", batch=ub)
+    c = compare(lf, stock_long[0])
+    lst = plugin_stats(log).get("locret") or {}
+    c["locret"] = lst
+    results["locret_small_budget"] = c
+    want_last = budget + keep_last + a.small_gen
+    check(f"locret small budget (budget {budget}, keep_last {keep_last}, {a.small_prompt}-token prompt in ubatches "
+          f"of {ub}): runs, live cells <= budget + ubatch, {want_last} at the end",
+          c["finite"] and lst.get("max_visible_cells", 1 << 30) <= budget + ub
+          and lst.get("last_visible_cells") == want_last
+          and lst.get("evicted_tokens") == a.small_prompt - budget - keep_last
+          and lst.get("budget_short") == 0 and lst.get("unscored_ubatches") == 0,
+          {k: c[k] for k in ["finite", "rel_rms_diff", "top1_agree"]}
+          | {k: lst.get(k) for k in ["max_visible_cells", "last_visible_cells", "evicted_tokens", "evictions",
+                                     "seq_rm_calls"]})
+    # a prompt longer than the context: evicted cells are reused (stock cannot place it)
+    exe = os.path.join(a.work, "build-patched", "bin", "ihip_run")
+    long_prompt, n_ctx = 2 * a.small_prompt, 768
+    lf, _, _, log = R.gen("patched", "locret_over_ctx", long_prompt, a.small_gen, config=small_l, batch=ub, ctx=n_ctx)
+    lst = plugin_stats(log).get("locret") or {}
+    r = subprocess.run([os.path.join(a.work, "build-stock", "bin", "ihip_run"), "gen", model, "--prompt-len",
+                        str(long_prompt), "--gen", "1", "--batch", str(ub), "--ctx", str(n_ctx),
+                        "--logits", os.devnull, "--tokens", os.devnull], capture_output=True, text=True)
+    results["locret_prompt_over_context"] = {"prompt": long_prompt, "n_ctx": n_ctx, "stock_rc": r.returncode,
+                                             "locret": lst}
+    check(f"locret: a {long_prompt}-token prompt + {a.small_gen} generated in a {n_ctx}-cell context runs "
+          f"(stock fails: rc {r.returncode})",
+          np.isfinite(lf).all() and r.returncode != 0 and lst.get("max_visible_cells", 1 << 30) <= budget + ub
+          and lst.get("evicted_tokens") == long_prompt - budget - keep_last,
+          {k: lst.get(k) for k in ["max_visible_cells", "last_visible_cells", "evicted_tokens"]})
+    # bad configs fail context creation naming the field
+    for tag, cfg, needle in [
+        ("missing weights", locret_config(os.path.join(tmp, "nonexistent.safetensors"), 256), "locret.weights"),
+        ("heads of another shape", locret_config(heads, 256, hidden=32), "fc1"),
+    ]:
+        path = os.path.join(tmp, "locret_bad.json")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        env = dict(os.environ, LLAMA_INFINITEHIP_CONFIG=path)
+        r = subprocess.run([exe, "gen", model, "--prompt-len", "8", "--gen", "1", "--logits", os.devnull,
+                            "--tokens", os.devnull], env=env, capture_output=True, text=True)
+        msg = next((l for l in r.stderr.splitlines() if needle in l), "")
+        results[f"locret_bad_config_{tag.replace(' ', '_')}"] = {"rc": r.returncode, "message": msg}
+        check(f"locret bad config ({tag}) fails context creation naming `{needle}`", r.returncode != 0 and msg,
+              msg or r.stderr[-500:])
 
     # 4. GPU route, forced on the CPU
     gpu_env = {"LLAMA_INFINITEHIP_ROUTE": "gpu"}

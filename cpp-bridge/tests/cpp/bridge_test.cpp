@@ -271,6 +271,19 @@ int main() {
     expect_error("plugin dense layer", "dense", [&] {
         p->plan(0, 0.25f, bytes(qd), qdsc, bytes(Kc), kdsc, bytes(Vt), vdsc, true, bytes(mask), mdsc);
     });
+    // Locret surface (llama.cpp cell eviction): off without locret layers,
+    // its calls are errors then; a missing weights file names the field.
+    CHECK(!p->locret_on() && !p->locret_layer(1), "locret off for a hip config");
+    expect_error("locret begin without locret", "no layer runs locret", [&] {
+        const int32_t pos[1] = {0};
+        const uint32_t n_seq[1] = {1};
+        p->locret_begin(rust::Slice<const int32_t>(pos, 1), rust::Slice<const uint32_t>(n_seq, 1),
+                        rust::Slice<const int32_t>(pos, 1));
+    });
+    expect_error("locret weights", "locret.weights", [&] {
+        llama_plugin_new(R"({"dense_layers": 0, "default": {"method": "locret", "weights": "/nonexistent/w.safetensors"}})",
+                         mi);
+    });
 
     if (failures) {
         std::fprintf(stderr, "%d check(s) failed\n", failures);

@@ -222,6 +222,16 @@ impl RetainingHead {
     /// inputs stay in cache), four tokens per row load; work items (token
     /// block, range of hidden rows) spread over all cores.
     pub fn scores(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
+        self.scores_on(q, k, v, crate::parallel::num_threads())
+    }
+
+    /// As `scores`, on the calling thread only: for callers that run inside
+    /// a thread pool of their own (llama.cpp's ggml custom ops).
+    pub fn scores_serial(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
+        self.scores_on(q, k, v, 1)
+    }
+
+    fn scores_on(&self, q: &[f32], k: &[f32], v: &[f32], threads: usize) -> Result<Vec<f32>> {
         let n = self.tokens(q, k, v)?;
         if n == 0 {
             return Ok(Vec::new());
@@ -229,11 +239,9 @@ impl RetainingHead {
         let (input, hidden, nkv) = (self.input_dim(), self.hidden, self.n_kv_heads);
         let blocks = n.div_ceil(GEMM_TOKENS);
         // Split hidden rows too when there are fewer token blocks than threads.
-        let groups = crate::parallel::num_threads()
-            .div_ceil(blocks)
-            .clamp(1, hidden.div_ceil(64));
+        let groups = threads.div_ceil(blocks).clamp(1, hidden.div_ceil(64));
         let rows = |g: usize| g * hidden / groups..(g + 1) * hidden / groups;
-        let parts = par_map(blocks * groups, |it| {
+        let item = |it: usize| {
             let (b, g) = (it / groups, it % groups);
             let t0 = b * GEMM_TOKENS;
             let tb = GEMM_TOKENS.min(n - t0);
@@ -264,7 +272,12 @@ impl RetainingHead {
             acc.truncate(tb * nr);
             acc.iter_mut().for_each(|a| *a = silu(*a));
             acc
-        });
+        };
+        let parts = if threads <= 1 {
+            (0..blocks * groups).map(item).collect::<Vec<_>>()
+        } else {
+            par_map(blocks * groups, item)
+        };
         // fc2 over each token's full hidden vector (cheap: hidden * n_kv).
         let mut h = vec![0f32; hidden];
         let mut out = Vec::with_capacity(n * nkv);

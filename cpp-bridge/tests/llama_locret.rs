@@ -1,0 +1,531 @@
+//! Locret on llama.cpp's cells (`llama_locret`), through the plugin's bridge
+//! API as llama.cpp drives it: `locret_begin` before each ubatch, then one
+//! `locret_score` per locret layer and ggml thread over ggml views of the
+//! pre-RoPE q/k/v.
+//!
+//! - the scoring op equals the core's f64 reference (`RetainingHead::
+//!   scores_f64_reference`), max over layers and KV heads, on strided views
+//!   split over several threads, and with llama.cpp's interleaved q/k rows
+//!   un-permuted to HF order;
+//! - with one layer and one KV head (token score = the head's own score) the
+//!   held positions equal the core's `LocretPolicy` after every ubatch, over
+//!   chunked prefill, the final eviction at the first decode step and decode;
+//! - with several layers and heads the evicted tokens are exactly the
+//!   lowest max-score ones among those the rule may evict;
+//! - bad configs name the field.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use infinitehip::attention::AttnShape;
+use infinitehip::config::{LocretConfig, ModelShape};
+use infinitehip::kv::KvRead;
+use infinitehip::policy::locret::{write_weights, LocretPolicy, RetainingHead};
+use infinitehip::policy::{InsertInfo, Phase, Policy};
+use infinitehip::rng::Rng;
+use infinitehip::DType;
+use infinitehip_bridge::ffi::{ModelInfo, TensorDesc};
+use infinitehip_bridge::LlamaPlugin;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ihip-llama-locret-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+fn shape(n_layers: usize, nq: usize, nkv: usize, d: usize) -> ModelShape {
+    ModelShape {
+        n_layers,
+        n_q_heads: nq,
+        n_kv_heads: nkv,
+        head_dim: d,
+        rope_theta: 10000.0,
+        max_position: 4096,
+    }
+}
+
+fn info(m: &ModelShape) -> ModelInfo {
+    ModelInfo {
+        n_layers: m.n_layers as u32,
+        n_q_heads: m.n_q_heads as u32,
+        n_kv_heads: m.n_kv_heads as u32,
+        head_dim: m.head_dim as u32,
+        rope_theta: m.rope_theta,
+        n_ctx_train: m.max_position as u32,
+    }
+}
+
+/// Random heads for every layer, written to a safetensors file.
+fn heads(m: &ModelShape, hidden: usize, seed: u64, name: &str) -> (Vec<RetainingHead>, String) {
+    let hs: Vec<RetainingHead> = (0..m.n_layers)
+        .map(|l| RetainingHead::random(m, hidden, seed + l as u64).unwrap())
+        .collect();
+    let p = tmp(name);
+    write_weights(&p, &hs, DType::F32).unwrap();
+    (hs, p.display().to_string())
+}
+
+fn locret_json(c: &LocretConfig, weights: &str) -> String {
+    format!(
+        r#"{{"dense_layers": 0, "default": {{"method": "locret", "budget": {}, "stabilizer": {}, "sink": {},
+            "keep_last": {}, "stabilize_final_chunk": {}, "hidden": {}, "weights": "{weights}"}}}}"#,
+        c.budget, c.stabilizer, c.sink, c.keep_last, c.stabilize_final_chunk, c.hidden
+    )
+}
+
+/// A ggml view `[d, heads, n, 1]` F32 of `x` (`[n][heads][d]`), each token's
+/// row `pad` floats wider than `heads * d` (as a view into a fused QKV).
+fn view_of(x: &[f32], d: usize, heads: usize, pad: usize) -> (Vec<u8>, TensorDesc) {
+    let n = x.len() / (heads * d);
+    let row = heads * d + pad;
+    let mut buf = vec![0f32; n * row];
+    for t in 0..n {
+        buf[t * row..t * row + heads * d].copy_from_slice(&x[t * heads * d..(t + 1) * heads * d]);
+        buf[t * row + heads * d..(t + 1) * row].fill(f32::NAN); // never read
+    }
+    let bytes: Vec<u8> = buf.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let desc = TensorDesc {
+        dtype: 0,
+        ne0: d as i64,
+        ne1: heads as i64,
+        ne2: n as i64,
+        ne3: 1,
+        nb0: 4,
+        nb1: 4 * d as u64,
+        nb2: 4 * row as u64,
+        nb3: 4 * (row * n) as u64,
+    };
+    (bytes, desc)
+}
+
+/// llama.cpp's GGUF converter's q/k row permutation within each head
+/// (`permute` in convert_hf_to_gguf.py): GGUF row 2i + j = HF row j*d/2 + i.
+fn hf_to_gguf(x: &[f32], d: usize) -> Vec<f32> {
+    let mut o = vec![0f32; x.len()];
+    for (h, (src, dst)) in x.chunks_exact(d).zip(o.chunks_exact_mut(d)).enumerate() {
+        let _ = h;
+        for i in 0..d / 2 {
+            for j in 0..2 {
+                dst[2 * i + j] = src[j * d / 2 + i];
+            }
+        }
+    }
+    o
+}
+
+struct Tokens {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+fn random_tokens(m: &ModelShape, n: usize, rng: &mut Rng) -> Tokens {
+    let (d, nq, nkv) = (m.head_dim, m.n_q_heads, m.n_kv_heads);
+    Tokens {
+        q: rng.normal_vec(n * nq * d, 1.0),
+        k: rng.normal_vec(n * nkv * d, 1.0),
+        v: rng.normal_vec(n * nkv * d, 1.0),
+    }
+}
+
+/// Run every locret layer's scoring op over the ubatch, split over `nth`
+/// threads (called one after another: the ops share nothing but the
+/// ubatch's score slots). `layer_tokens[l]` are layer l's projections.
+fn score_all(
+    p: &LlamaPlugin,
+    m: &ModelShape,
+    layer_tokens: &[Tokens],
+    nth: u32,
+    interleaved: bool,
+) {
+    let (d, nq, nkv) = (m.head_dim, m.n_q_heads, m.n_kv_heads);
+    p.locret_set_qk_interleaved(interleaved);
+    for (l, t) in layer_tokens.iter().enumerate() {
+        let (q, k) = if interleaved {
+            (hf_to_gguf(&t.q, d), hf_to_gguf(&t.k, d))
+        } else {
+            (t.q.clone(), t.k.clone())
+        };
+        let (qb, qd) = view_of(&q, d, nq, 3);
+        let (kb, kd) = view_of(&k, d, nkv, 2 * nkv * d);
+        let (vb, vd) = view_of(&t.v, d, nkv, 0);
+        for ith in 0..nth {
+            p.locret_score(l as u32, &qb, &qd, &kb, &kd, &vb, &vd, &[], &qd, ith, nth)
+                .unwrap();
+        }
+    }
+}
+
+/// Max over layers and KV heads of the core's f64 reference scores.
+fn reference_scores(hs: &[RetainingHead], layer_tokens: &[Tokens], nkv: usize) -> Vec<f64> {
+    let mut best: Vec<f64> = Vec::new();
+    for (h, t) in hs.iter().zip(layer_tokens) {
+        let s = h.scores_f64_reference(&t.q, &t.k, &t.v).unwrap();
+        let per_tok: Vec<f64> = s
+            .chunks_exact(nkv)
+            .map(|r| r.iter().cloned().fold(f64::NEG_INFINITY, f64::max))
+            .collect();
+        if best.is_empty() {
+            best = per_tok;
+        } else {
+            best.iter_mut()
+                .zip(per_tok)
+                .for_each(|(b, x)| *b = b.max(x));
+        }
+    }
+    best
+}
+
+fn begin_seq0(p: &LlamaPlugin, pos: std::ops::Range<i32>) -> Vec<i32> {
+    let pos: Vec<i32> = pos.collect();
+    let n_seq = vec![1u32; pos.len()];
+    let seqs = vec![0i32; pos.len()];
+    p.locret_begin(&pos, &n_seq, &seqs).unwrap()
+}
+
+/// The scoring op equals the core's reference (max over layers and KV
+/// heads), on strided views, over 1 and 3 threads, plain and with
+/// interleaved q/k rows; a wrong row order is caught.
+#[test]
+fn scoring_op_equals_core_reference() {
+    let m = shape(2, 4, 2, 8);
+    let (hs, w) = heads(&m, 16, 11, "score.safetensors");
+    let cfg = LocretConfig {
+        budget: 1000,
+        stabilizer: 4,
+        keep_last: 2,
+        hidden: 16,
+        ..LocretConfig::default()
+    };
+    let mut rng = Rng::new(5);
+    for (nth, interleaved) in [(1, false), (3, false), (3, true)] {
+        let p = LlamaPlugin::new(&locret_json(&cfg, &w), &info(&m)).unwrap();
+        let n = 37;
+        let toks: Vec<Tokens> = (0..2).map(|_| random_tokens(&m, n, &mut rng)).collect();
+        assert!(begin_seq0(&p, 0..n as i32).is_empty());
+        score_all(&p, &m, &toks, nth, interleaved);
+        assert!(begin_seq0(&p, n as i32..n as i32 + 1).is_empty()); // folds the prompt
+        let got = p.locret().unwrap().held_units(0);
+        let want = reference_scores(&hs, &toks, m.n_kv_heads);
+        assert_eq!(got.len(), n);
+        for (u, w) in got.iter().zip(&want) {
+            assert!(
+                (u.score as f64 - w).abs() <= 1e-5 * w.abs().max(1.0),
+                "nth {nth} interleaved {interleaved}: pos {} score {} vs reference {w}",
+                u.pos,
+                u.score
+            );
+        }
+        let st: serde_json::Value = serde_json::from_str(&p.stats_json()).unwrap();
+        assert_eq!(st["locret"]["scored_tokens"], n as u64);
+    }
+    // Interleaved rows read as HF order give other scores: the test can fail.
+    let p = LlamaPlugin::new(&locret_json(&cfg, &w), &info(&m)).unwrap();
+    let toks: Vec<Tokens> = (0..2).map(|_| random_tokens(&m, 9, &mut rng)).collect();
+    begin_seq0(&p, 0..9);
+    let perm: Vec<Tokens> = toks
+        .iter()
+        .map(|t| Tokens {
+            q: hf_to_gguf(&t.q, 8),
+            k: hf_to_gguf(&t.k, 8),
+            v: t.v.clone(),
+        })
+        .collect();
+    score_all(&p, &m, &perm, 1, false);
+    begin_seq0(&p, 9..10);
+    let got = p.locret().unwrap().held_units(0);
+    let want = reference_scores(&hs, &toks, 2);
+    assert!(got
+        .iter()
+        .zip(&want)
+        .any(|(u, w)| (u.score as f64 - w).abs() > 1e-3 * w.abs().max(1.0)));
+}
+
+/// The sequence's KV as `after_append` sees it (only its length is read).
+struct Len(usize, usize);
+impl KvRead for Len {
+    fn len(&self) -> usize {
+        self.0
+    }
+    fn n_kv_heads(&self) -> usize {
+        self.1
+    }
+    fn head_dim(&self) -> usize {
+        unreachable!()
+    }
+    fn dot_key(&self, _: usize, _: usize, _: &[f32]) -> f32 {
+        unreachable!()
+    }
+    fn read_key(&self, _: usize, _: usize, _: &mut [f32]) {
+        unreachable!()
+    }
+    fn read_value(&self, _: usize, _: usize, _: &mut [f32]) {
+        unreachable!()
+    }
+}
+
+/// One layer, one KV head: the token score is the head's score, so the
+/// llama.cpp eviction must keep exactly the core policy's positions.
+fn twin(cfg: LocretConfig, chunks: &[usize], n_decode: usize, seed: u64) {
+    let m = shape(1, 2, 1, 8);
+    let (hs, w) = heads(&m, cfg.hidden, seed, &format!("twin{seed}.safetensors"));
+    let p = LlamaPlugin::new(&locret_json(&cfg, &w), &info(&m)).unwrap();
+    let mut core = LocretPolicy::with_head(cfg.clone(), hs[0].clone(), 0).unwrap();
+    let ashape = AttnShape::new(2, 1, 8).unwrap();
+    let mut rng = Rng::new(seed);
+    let mut pos = 0i32;
+    let mut evicted_total = 0usize;
+    let steps: Vec<usize> = chunks
+        .iter()
+        .copied()
+        .chain(std::iter::repeat_n(1, n_decode))
+        .collect();
+    for (i, &n) in steps.iter().enumerate() {
+        let decode = i >= chunks.len();
+        let toks = random_tokens(&m, n, &mut rng);
+        // llama.cpp side: begin (eviction owed so far), then score.
+        let rm = begin_seq0(&p, pos..pos + n as i32);
+        evicted_total += rm
+            .chunks_exact(3)
+            .map(|r| (r[2] - r[1]) as usize)
+            .sum::<usize>();
+        score_all(&p, &m, std::slice::from_ref(&toks), 2, false);
+        // core side: append this chunk (the prompt's last chunk says prompt_done).
+        let held = core.held_positions(0).map_or(0, |h| h[0].len());
+        let ins = InsertInfo {
+            seq: 0,
+            shape: ashape,
+            phase: if decode {
+                Phase::Decode
+            } else {
+                Phase::Prefill
+            },
+            start: held,
+            q: &toks.q,
+            k: &toks.k,
+            v: &toks.v,
+            kv: &Len(held + n, 1),
+            prompt_done: !decode && i + 1 == chunks.len(),
+        };
+        core.after_append(&ins).unwrap();
+        // Compare what both hold before this step's tokens.
+        let want: Vec<i32> = core.held_positions(0).unwrap()[0]
+            .iter()
+            .map(|&x| x as i32)
+            .filter(|&x| x < pos)
+            .collect();
+        let got = p.locret().unwrap().held_positions(0);
+        assert_eq!(got, want, "step {i} ({n} tokens at {pos}), cfg {cfg:?}");
+        pos += n as i32;
+    }
+    let total: usize = chunks.iter().sum();
+    assert!(
+        evicted_total > 0 && evicted_total < total,
+        "{evicted_total} of {total}"
+    );
+    let st: serde_json::Value = serde_json::from_str(&p.stats_json()).unwrap();
+    assert_eq!(st["locret"]["evicted_tokens"], evicted_total as u64);
+}
+
+#[test]
+fn one_head_eviction_equals_core_policy() {
+    let base = LocretConfig {
+        budget: 24,
+        stabilizer: 8,
+        keep_last: 4,
+        sink: 0,
+        hidden: 16,
+        ..LocretConfig::default()
+    };
+    twin(base.clone(), &[16; 7], 5, 1);
+    twin(
+        LocretConfig {
+            sink: 3,
+            ..base.clone()
+        },
+        &[10, 16, 16, 5, 16, 16],
+        4,
+        2,
+    );
+    twin(
+        LocretConfig {
+            stabilize_final_chunk: false,
+            ..base.clone()
+        },
+        &[16; 6],
+        3,
+        3,
+    );
+    // Small budget, stabilizer + sink just below it, long keep_last.
+    twin(
+        LocretConfig {
+            budget: 10,
+            stabilizer: 8,
+            keep_last: 8,
+            sink: 1,
+            ..base
+        },
+        &[16; 5],
+        2,
+        4,
+    );
+}
+
+/// Several layers and KV heads: each eviction removes exactly the lowest
+/// max-score tokens among those the rule lets go (not pinned, not in the
+/// stabilizer window, not sinks), down to the budget.
+#[test]
+fn evicts_lowest_max_score_tokens() {
+    let m = shape(3, 4, 2, 8);
+    let (hs, w) = heads(&m, 16, 21, "multi.safetensors");
+    let cfg = LocretConfig {
+        budget: 20,
+        stabilizer: 6,
+        keep_last: 3,
+        sink: 2,
+        hidden: 16,
+        ..LocretConfig::default()
+    };
+    let p = LlamaPlugin::new(&locret_json(&cfg, &w), &info(&m)).unwrap();
+    let mut rng = Rng::new(9);
+    let mut score_of: Vec<f64> = Vec::new();
+    let mut held: Vec<i32> = Vec::new();
+    let mut pos = 0i32;
+    for (i, n) in [12usize, 12, 12, 12, 1, 1].into_iter().enumerate() {
+        let decode = n == 1;
+        let rm = begin_seq0(&p, pos..pos + n as i32);
+        // Expected: the rule over (pos, max score) pairs held so far.
+        let mut pinned: BTreeSet<i32> = BTreeSet::new();
+        if decode && i == 4 {
+            pinned.extend((pos - cfg.keep_last as i32)..pos);
+        }
+        let want_gone: Vec<i32> = if i == 0 || (decode && i > 4) {
+            Vec::new()
+        } else {
+            let free = held.iter().filter(|p| !pinned.contains(p)).count();
+            let need = free.saturating_sub(cfg.budget);
+            let from = held.len().saturating_sub(cfg.stabilizer);
+            let mut cands: Vec<i32> = held[..from]
+                .iter()
+                .copied()
+                .filter(|p| !pinned.contains(p) && *p >= cfg.sink as i32)
+                .collect();
+            cands.sort_by(|a, b| score_of[*a as usize].total_cmp(&score_of[*b as usize]));
+            let mut g: Vec<i32> = cands[..need.min(cands.len())].to_vec();
+            g.sort_unstable();
+            g
+        };
+        let mut gone = Vec::new();
+        for r in rm.chunks_exact(3) {
+            assert_eq!(r[0], 0);
+            gone.extend(r[1]..r[2]);
+        }
+        assert_eq!(gone, want_gone, "step {i}");
+        held.retain(|p| !gone.contains(p));
+        let toks: Vec<Tokens> = (0..3).map(|_| random_tokens(&m, n, &mut rng)).collect();
+        score_all(&p, &m, &toks, 2, false);
+        if decode {
+            score_of.push(f64::INFINITY);
+        } else {
+            score_of.extend(reference_scores(&hs, &toks, m.n_kv_heads));
+        }
+        held.extend(pos..pos + n as i32);
+        pos += n as i32;
+        if (2..5).contains(&i) {
+            assert!(!gone.is_empty(), "step {i} evicted nothing");
+        }
+    }
+    // After the final eviction: budget + keep_last pinned + decoded.
+    begin_seq0(&p, pos..pos + 1);
+    assert_eq!(
+        p.locret().unwrap().held_positions(0).len(),
+        cfg.budget + cfg.keep_last + 2
+    );
+}
+
+/// A rewound sequence (tokens at positions it holds) drops its units from
+/// there; several sequences in one ubatch are kept apart.
+#[test]
+fn rewind_and_sequences() {
+    let m = shape(1, 2, 1, 8);
+    let cfg = LocretConfig {
+        budget: 100,
+        stabilizer: 4,
+        keep_last: 2,
+        hidden: 8,
+        ..LocretConfig::default()
+    };
+    let (_, w) = heads(&m, 8, 31, "rewind.safetensors");
+    let p = LlamaPlugin::new(&locret_json(&cfg, &w), &info(&m)).unwrap();
+    let mut rng = Rng::new(3);
+    // seq 0: positions 0..6, seq 1: 0..4, in one ubatch; token 0 shared.
+    let pos = [0, 1, 2, 3, 4, 5, 1, 2, 3];
+    let n_seq = [2, 1, 1, 1, 1, 1, 1, 1, 1];
+    let seqs = [0, 1, 0, 0, 0, 0, 0, 1, 1, 1];
+    p.locret_begin(&pos, &n_seq, &seqs).unwrap();
+    score_all(&p, &m, &[random_tokens(&m, 9, &mut rng)], 1, false);
+    p.locret_begin(&[3], &[1], &[0]).unwrap(); // seq 0 rewinds to 3
+    let l = p.locret().unwrap();
+    assert_eq!(l.held_positions(0), vec![0, 1, 2]);
+    assert_eq!(l.held_positions(1), vec![0, 1, 2, 3]);
+    let st: serde_json::Value = serde_json::from_str(&p.stats_json()).unwrap();
+    assert_eq!(st["locret"]["rewinds"], 1);
+    // Scoring a ubatch of another size than the one begun is an error.
+    let t = random_tokens(&m, 4, &mut rng);
+    let (qb, qd) = view_of(&t.q, 8, 2, 0);
+    let (kb, kd) = view_of(&t.k, 8, 1, 0);
+    let e = p
+        .locret_score(0, &qb, &qd, &kb, &kd, &kb, &kd, &[], &qd, 0, 1)
+        .unwrap_err();
+    assert!(e.contains("ubatch"), "{e}");
+    let e = p.locret_begin(&[1, 2], &[1], &[0]).unwrap_err();
+    assert!(e.contains("locret ubatch"), "{e}");
+}
+
+#[test]
+fn bad_configs_name_the_field() {
+    let m = shape(2, 4, 2, 8);
+    let (_, w) = heads(&m, 16, 41, "cfg.safetensors");
+    let mi = info(&m);
+    let err = |json: &str| LlamaPlugin::new(json, &mi).err().unwrap().to_string();
+    let e = err(r#"{"dense_layers": 0, "default": {"method": "locret", "hidden": 16}}"#);
+    assert!(e.contains(".weights") && e.contains("safetensors"), "{e}");
+    let e = err(
+        r#"{"dense_layers": 0, "default": {"method": "locret", "hidden": 16, "weights": "/nonexistent/w.safetensors"}}"#,
+    );
+    assert!(
+        e.contains("locret.weights") && e.contains("/nonexistent/w.safetensors"),
+        "{e}"
+    );
+    // Heads written for another geometry (8 KV heads' worth of input).
+    let (_, w8) = heads(&shape(2, 4, 8, 8), 16, 42, "other.safetensors");
+    let e = err(&format!(
+        r#"{{"dense_layers": 0, "default": {{"method": "locret", "hidden": 16, "weights": "{w8}"}}}}"#
+    ));
+    assert!(e.contains("locret.weights") && e.contains("fc1"), "{e}");
+    let e = err(&format!(
+        r#"{{"dense_layers": 0, "default": {{"method": "locret", "hidden": 32, "weights": "{w}"}}}}"#
+    ));
+    assert!(e.contains("locret.weights") && e.contains("fc1"), "{e}");
+    let e = err(&format!(
+        r#"{{"dense_layers": 0, "default": {{"method": "locret", "hidden": 16, "weights": "{w}"}},
+            "overrides": [{{"layers": [1], "policy": {{"method": "locret", "hidden": 16, "budget": 7000, "weights": "{w}"}}}}]}}"#
+    ));
+    assert!(e.contains("layer 1 locret.budget"), "{e}");
+    let e = err(&format!(
+        r#"{{"dense_layers": 0, "default": {{"method": "locret", "hidden": 16, "weights": "{w}"}},
+            "overrides": [{{"layers": [1], "policy": {{"method": "hip"}}}}]}}"#
+    ));
+    assert!(e.contains("layer 1 method") && e.contains("hip"), "{e}");
+    // Dense layers next to locret are fine.
+    let p = LlamaPlugin::new(
+        &format!(r#"{{"dense_layers": 1, "default": {{"method": "locret", "hidden": 16, "weights": "{w}"}}}}"#),
+        &mi,
+    )
+    .unwrap();
+    assert!(!p.locret_layer(0) && p.locret_layer(1) && p.locret_on());
+    assert_eq!(
+        p.summary(),
+        "layer 0: dense (llama.cpp attention), layer 1: locret (llama.cpp attention, token eviction)"
+    );
+}
