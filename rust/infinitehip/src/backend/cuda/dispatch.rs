@@ -468,6 +468,44 @@ pub fn attend(
     q_seq: u64,
     q_pos: u64,
 ) -> Result<()> {
+    attend_with(
+        gpu,
+        ws,
+        shape,
+        kv,
+        q,
+        n_rows,
+        sel,
+        max_tokens,
+        split_tokens,
+        out,
+        q_block,
+        q_seq,
+        q_pos,
+        AttnKernel::Auto,
+    )
+}
+
+/// `attend` with the kernel chosen by the caller (tests and benchmarks run
+/// both twins on the same inputs). `AttnKernel::TensorCore` is an error
+/// where the tensor-core kernel does not apply (see `tc_applies`).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_with(
+    gpu: &GpuContext,
+    ws: &mut DecodeWorkspace,
+    shape: &AttnShape,
+    kv: &DeviceKv,
+    q: u64,
+    n_rows: usize,
+    sel: &DeviceSelection,
+    max_tokens: usize,
+    split_tokens: Option<usize>,
+    out: u64,
+    q_block: usize,
+    q_seq: u64,
+    q_pos: u64,
+    kernel: AttnKernel,
+) -> Result<()> {
     check_shape(shape, kv)?;
     kv.check_lens()?;
     let hkv = shape.n_kv_heads;
@@ -478,11 +516,10 @@ pub fn attend(
             sel.rows,
         ));
     }
-    launch_attention_ex(
+    launch_attention_kernel(
         gpu,
         ws,
         shape,
-        "",
         KvPtrs {
             k: kv.k.ptr,
             v: kv.v.ptr,
@@ -501,7 +538,250 @@ pub fn attend(
         q_block,
         q_seq,
         q_pos,
+        kernel,
+        false,
     )
+}
+
+/// Which attention kernel a launch runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// The tensor-core prefill kernel where it applies and pays (query
+    /// blocks of at least one tile: prefill), else the CUDA-core kernel.
+    Auto,
+    /// kernels/decode.cu (split-K + combine, one query row at a time): the
+    /// reference twin, any head_dim / group / layout.
+    CudaCore,
+    /// kernels/prefill_tc.cu (query tile x key tile on mma.sync).
+    TensorCore,
+}
+
+/// Query rows per tensor-core tile (64 M rows = rows x GQA group).
+pub fn tc_rows_per_tile(shape: &AttnShape) -> usize {
+    64 / shape.group().max(1)
+}
+
+/// Whether the tensor-core kernel can run this launch: head_dim 64 or 128,
+/// bf16/f16 K/V, GQA group 1/2/4/8, an f32/f16/bf16 output whose rows allow
+/// 8-byte (f32) or 4-byte (f16/bf16) pair stores.
+pub(crate) fn tc_applies(shape: &AttnShape, kv_dtype: DType, out: &AttnOut) -> bool {
+    let pair = if out.dtype == DType::F32 { 8 } else { 4 };
+    kernels::TC_HEAD_DIMS.contains(&shape.head_dim)
+        && kernels::GROUPS.contains(&shape.group())
+        && kernels::dtype_tag(kv_dtype).is_some()
+        && out.ptr % pair == 0
+        && out.row_stride % 2 == 0
+}
+
+/// Causal attention of query rows over per-row prefix selections: row i
+/// attends tokens `0..end_i` of table row `q_seq[i]`, where its selection
+/// row `(i, head)` holds the single range `0..end_i` (or none). This is the
+/// engine's dense (chunked) prefill; arguments as `launch_attention_ex`
+/// (`q_block` 1). Runs the tensor-core kernel where it applies (rows of one
+/// request share key tiles), else the CUDA-core kernel on the same input.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_prefill_rows(
+    gpu: &GpuContext,
+    ws: &mut DecodeWorkspace,
+    shape: &AttnShape,
+    variant: &str,
+    kv: KvPtrs,
+    st: KvStrides,
+    q: u64,
+    n_rows: usize,
+    sel: &DeviceSelection,
+    max_tokens: usize,
+    split_tokens: Option<usize>,
+    out: AttnOut,
+    q_block: usize,
+    q_seq: u64,
+    q_pos: u64,
+) -> Result<()> {
+    if variant.is_empty() && q_block == 1 && tc_applies(shape, kv.dtype, &out) {
+        return launch_attention_kernel(
+            gpu,
+            ws,
+            shape,
+            kv,
+            st,
+            q,
+            n_rows,
+            sel,
+            max_tokens,
+            split_tokens,
+            out,
+            q_block,
+            q_seq,
+            q_pos,
+            AttnKernel::TensorCore,
+            true,
+        );
+    }
+    launch_attention_ex(
+        gpu,
+        ws,
+        shape,
+        variant,
+        kv,
+        st,
+        q,
+        n_rows,
+        sel,
+        max_tokens,
+        split_tokens,
+        out,
+        q_block,
+        q_seq,
+        q_pos,
+    )
+}
+
+/// The kernel choice over a paged pool (module `decode` / `prefill_tc`).
+/// `prefix`: every row's selection is one range `0..end` (see
+/// `launch_prefill_rows`); the CUDA-core kernel reads such selections as
+/// they are.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_attention_kernel(
+    gpu: &GpuContext,
+    ws: &mut DecodeWorkspace,
+    shape: &AttnShape,
+    kv: KvPtrs,
+    st: KvStrides,
+    q: u64,
+    n_rows: usize,
+    sel: &DeviceSelection,
+    max_tokens: usize,
+    split_tokens: Option<usize>,
+    out: AttnOut,
+    q_block: usize,
+    q_seq: u64,
+    q_pos: u64,
+    kernel: AttnKernel,
+    prefix: bool,
+) -> Result<()> {
+    let fits = tc_applies(shape, kv.dtype, &out);
+    let tc = match kernel {
+        AttnKernel::CudaCore => false,
+        AttnKernel::Auto => fits && q_block >= tc_rows_per_tile(shape),
+        AttnKernel::TensorCore => {
+            if !fits {
+                return Err(Error::Invalid(format!(
+                    "tensor-core prefill: needs head_dim 64/128, GQA group 1/2/4/8, bf16/f16 K/V and an aligned output; got head_dim {} group {} K/V {} output {} (ptr {:#x}, row stride {})",
+                    shape.head_dim,
+                    shape.group(),
+                    kv.dtype,
+                    out.dtype,
+                    out.ptr,
+                    out.row_stride
+                )));
+            }
+            true
+        }
+    };
+    if !tc {
+        return launch_attention_ex(
+            gpu,
+            ws,
+            shape,
+            "",
+            kv,
+            st,
+            q,
+            n_rows,
+            sel,
+            max_tokens,
+            split_tokens,
+            out,
+            q_block,
+            q_seq,
+            q_pos,
+        );
+    }
+    launch_prefill_tc(
+        gpu, shape, kv, st, q, n_rows, sel, out, q_block, q_seq, q_pos, prefix,
+    )
+}
+
+/// One launch of kernels/prefill_tc.cu: grid (query tiles, kv heads), 128
+/// threads, K/V stages in dynamic shared memory.
+#[allow(clippy::too_many_arguments)]
+fn launch_prefill_tc(
+    gpu: &GpuContext,
+    shape: &AttnShape,
+    kv: KvPtrs,
+    st: KvStrides,
+    q: u64,
+    n_rows: usize,
+    sel: &DeviceSelection,
+    out: AttnOut,
+    q_block: usize,
+    q_seq: u64,
+    q_pos: u64,
+    prefix: bool,
+) -> Result<()> {
+    if n_rows == 0 {
+        return Ok(());
+    }
+    if q_block == 0 {
+        return Err(Error::Invalid("tensor-core prefill: q_block is 0".into()));
+    }
+    let (hkv, d, g) = (shape.n_kv_heads, shape.head_dim, shape.group());
+    let tag = kernels::dtype_tag(kv.dtype).unwrap();
+    let f = gpu.func("prefill_tc", &format!("prefill_tc_{tag}_d{d}_g{g}"))?;
+    // K and V, two stages each, of 64 keys x head_dim (Q borrows stage 1).
+    let smem = 4 * 64 * d * 2;
+    if smem > 48 * 1024 {
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(|e| gpu_err("raise prefill_tc shared memory", e))?;
+    }
+    let tiles = n_rows.div_ceil(tc_rows_per_tile(shape));
+    let scale_log2 = shape.scale * std::f32::consts::LOG2_E;
+    let (ts, ps, hk, cap, nr, qb, pf) = (
+        kv.table_stride as i32,
+        kv.page_size as i32,
+        hkv as i32,
+        sel.cap as i32,
+        n_rows as i32,
+        q_block as i32,
+        prefix as i32,
+    );
+    let (ors, odt) = (out.row_stride as i64, out.code());
+    let mut l = gpu.stream.launch_builder(&f);
+    l.arg(&kv.k)
+        .arg(&kv.v)
+        .arg(&kv.table)
+        .arg(&ts)
+        .arg(&ps)
+        .arg(&hk)
+        .arg(&st.page)
+        .arg(&st.head)
+        .arg(&q)
+        .arg(&scale_log2)
+        .arg(&sel.ranges.ptr)
+        .arg(&sel.cum.ptr)
+        .arg(&sel.cnt.ptr)
+        .arg(&sel.tot.ptr)
+        .arg(&cap)
+        .arg(&nr)
+        .arg(&qb)
+        .arg(&q_seq)
+        .arg(&q_pos)
+        .arg(&pf)
+        .arg(&out.ptr)
+        .arg(&ors)
+        .arg(&odt);
+    unsafe {
+        l.launch(LaunchConfig {
+            grid_dim: (tiles as u32, hkv as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem as u32,
+        })
+    }
+    .map_err(|e| gpu_err("launch prefill_tc", e))?;
+    Ok(())
 }
 
 /// Element strides of a K/V buffer (see `DeviceKv`).
@@ -1326,8 +1606,21 @@ impl HipGpuPrefill {
         q: u64,
         out: u64,
     ) -> Result<()> {
+        self.attend_with(gpu, shape, kv, q, out, AttnKernel::Auto)
+    }
+
+    /// `attend` with a chosen kernel (both twins over one selection).
+    pub fn attend_with(
+        &mut self,
+        gpu: &GpuContext,
+        shape: &AttnShape,
+        kv: &DeviceKv,
+        q: u64,
+        out: u64,
+        kernel: AttnKernel,
+    ) -> Result<()> {
         let mut ws = std::mem::take(&mut self.ws);
-        let r = attend(
+        let r = attend_with(
             gpu,
             &mut ws,
             shape,
@@ -1341,6 +1634,7 @@ impl HipGpuPrefill {
             self.cfg.block_size_q,
             self.q_seq.ptr,
             self.q_pos.ptr,
+            kernel,
         );
         self.ws = ws;
         r
