@@ -24,7 +24,9 @@
 //   of the longest and each stops at its own end - 1. A row whose selection
 //   is not of that form is written as NaN (a caller contract violation must
 //   not pass silently).
-// Keys of a segment are gathered TC_BN at a time (positions by binary
+// Ranges must be ascending and disjoint (the Selection invariant; hip_assemble
+// writes them so): keys past the segment's last limit are cut by a binary
+// search. Keys of a segment are gathered TC_BN at a time (positions by binary
 // search over the ranges' cumulative counts), copied to shared memory with
 // cp.async (two stages), and masked per row by position.
 //
@@ -238,7 +240,10 @@ __device__ void prefill_tc(const u16* __restrict__ kp, const u16* __restrict__ v
                     const int mid = (lo + hi) >> 1;
                     if (rg[mid].x <= maxlim) { at = mid; lo = mid + 1; } else hi = mid - 1;
                 }
-                if (at >= 0) neff = cm[at] + min(rg[at].y - rg[at].x, maxlim - rg[at].x + 1);
+                if (at >= 0) {
+                    const int len = rg[at].y - rg[at].x, span = maxlim - rg[at].x;  // span >= 0
+                    neff = cm[at] + (span >= len ? len : span + 1);
+                }
             }
             s_keyrow = keyrow;
             s_neff = neff;

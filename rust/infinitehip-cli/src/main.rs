@@ -12,6 +12,8 @@ mod gpu_engine;
 mod gpu_offload;
 #[cfg(feature = "cuda")]
 mod gpu_policies;
+#[cfg(feature = "cuda")]
+mod gpu_prefill_tc;
 mod machine;
 
 use infinitehip::PolicyConfig;

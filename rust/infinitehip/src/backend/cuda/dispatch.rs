@@ -543,6 +543,78 @@ pub fn attend_with(
     )
 }
 
+/// Per-row prefix attention over a `DeviceKv` (the input of
+/// `launch_prefill_rows`, the engine's dense prefill) with a chosen kernel:
+/// query row i attends tokens `0..end_i` of table row `q_seq[i]`, its
+/// selection row `(i, head)` holding the one range `0..end_i` (or none).
+/// `q` f32 `[n_rows][n_q_heads][head_dim]`, pre-scaled by nothing (the
+/// shape's scale applies). The tensor-core kernel writes NaN for a row whose
+/// selection is not such a prefix.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_rows(
+    gpu: &GpuContext,
+    ws: &mut DecodeWorkspace,
+    shape: &AttnShape,
+    kv: &DeviceKv,
+    q: u64,
+    n_rows: usize,
+    sel: &DeviceSelection,
+    q_seq: u64,
+    out: AttnOut,
+    kernel: AttnKernel,
+) -> Result<()> {
+    check_shape(shape, kv)?;
+    kv.check_lens()?;
+    if sel.rows != n_rows * shape.n_kv_heads {
+        return Err(Error::shape(
+            "prefix-row attention selection rows",
+            n_rows * shape.n_kv_heads,
+            sel.rows,
+        ));
+    }
+    if q_seq == 0 {
+        return Err(Error::Invalid(
+            "prefix-row attention: q_seq (table row per query) is NULL".into(),
+        ));
+    }
+    let ptrs = KvPtrs {
+        k: kv.k.ptr,
+        v: kv.v.ptr,
+        table: kv.table.ptr,
+        table_stride: kv.table_stride,
+        page_size: kv.page_size,
+        dtype: kv.dtype,
+    };
+    let tc = match kernel {
+        AttnKernel::CudaCore => false,
+        AttnKernel::TensorCore => true,
+        AttnKernel::Auto => tc_applies(shape, kv.dtype, &out),
+    };
+    let k = if tc {
+        AttnKernel::TensorCore
+    } else {
+        AttnKernel::CudaCore
+    };
+    launch_attention_kernel(
+        gpu,
+        ws,
+        shape,
+        ptrs,
+        kv.strides(),
+        q,
+        n_rows,
+        sel,
+        sel.max_tokens.max(1),
+        None,
+        out,
+        1,
+        q_seq,
+        0,
+        k,
+        true,
+    )
+}
+
 /// Which attention kernel a launch runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttnKernel {
@@ -564,6 +636,7 @@ pub fn tc_rows_per_tile(shape: &AttnShape) -> usize {
 /// Whether the tensor-core kernel can run this launch: head_dim 64 or 128,
 /// bf16/f16 K/V, GQA group 1/2/4/8, an f32/f16/bf16 output whose rows allow
 /// 8-byte (f32) or 4-byte (f16/bf16) pair stores.
+#[allow(clippy::manual_is_multiple_of)] // MSRV 1.80
 pub(crate) fn tc_applies(shape: &AttnShape, kv_dtype: DType, out: &AttnOut) -> bool {
     let pair = if out.dtype == DType::F32 { 8 } else { 4 };
     kernels::TC_HEAD_DIMS.contains(&shape.head_dim)
