@@ -35,6 +35,9 @@
 
 #define TC_BM 64
 #define TC_BN 64
+// Keys per tile: 64, or 32 for head_dim 128 with two m16 tiles per warp
+// (register budget: O alone is 128 f32 there).
+#define TC_BN_OF(D, MT) ((MT) == 2 && (D) > 64 ? 32 : TC_BN)
 #define TC_THREADS 128
 #define TC_RG 512
 
@@ -108,7 +111,7 @@ __device__ __forceinline__ int swz(int row, int c) {
     return row * D + ((c ^ (row & 7)) << 3);
 }
 
-template <typename E, int D, int G>
+template <typename E, int D, int G, int MT>
 __device__ void prefill_tc(const u16* __restrict__ kp, const u16* __restrict__ vp,
                            const int* __restrict__ table, int table_stride, int ps, int hkv,
                            long long page_stride, long long head_stride,
@@ -118,15 +121,19 @@ __device__ void prefill_tc(const u16* __restrict__ kp, const u16* __restrict__ v
                            int n_rows, int q_block, const int* __restrict__ q_seq,
                            const int* __restrict__ q_pos, int prefix, void* __restrict__ out,
                            long long out_stride, int out_dtype) {
-    constexpr int BQ = TC_BM / G;  // query rows per tile
+    constexpr int BM = TC_BM * MT;  // M rows per tile (16 * MT per warp)
+    constexpr int BN = TC_BN_OF(D, MT);  // keys per tile
+    constexpr int BQ = BM / G;      // query rows per tile
     constexpr int CH = D / 8;      // 16-byte chunks per row
-    constexpr int NT = TC_BN / 8;  // n-tiles of S per warp
+    constexpr int NT = BN / 8;  // n-tiles of S per warp
     constexpr int DT = D / 8;      // n-tiles of O per warp
     constexpr int KS = D / 16;     // k-steps of Q K^T
     extern __shared__ uint4 tc_smem[];
-    u16* sK = reinterpret_cast<u16*>(tc_smem);  // [2][TC_BN][D]
-    u16* sV = sK + 2 * TC_BN * D;               // [2][TC_BN][D]
-    u16* sQ = sK + TC_BN * D;                   // aliases K stage 1 (Q is read once)
+    u16* sK = reinterpret_cast<u16*>(tc_smem);  // [2][BN][D]
+    u16* sV = sK + 2 * BN * D;               // [2][BN][D]
+    // MT 1: Q is read once into registers and borrows K stage 1; MT 2: Q
+    // stays in shared memory (after V) and is re-read every k-step.
+    u16* sQ = MT == 1 ? sK + BN * D : sV + 2 * BN * D;
     __shared__ int s_pos[2][TC_BN];
     __shared__ long long s_off[2][TC_BN];
     __shared__ int s_seq[BQ], s_srow[BQ], s_lim[BQ], s_end[BQ], s_cur[BQ];
@@ -172,7 +179,7 @@ __device__ void prefill_tc(const u16* __restrict__ kp, const u16* __restrict__ v
 
     // Q tile (M row m = query row m / G, head h * G + m % G) to shared
     // memory as E, then to A fragments.
-    for (int i = tid; i < TC_BM * CH; i += TC_THREADS) {
+    for (int i = tid; i < BM * CH; i += TC_THREADS) {
         const int m = i / CH, c = i % CH;
         const int r = row0 + m / G;
         u32 w[4] = {0u, 0u, 0u, 0u};
@@ -188,19 +195,26 @@ __device__ void prefill_tc(const u16* __restrict__ kp, const u16* __restrict__ v
         *reinterpret_cast<uint4*>(sQ + swz<D>(m, c)) = make_uint4(w[0], w[1], w[2], w[3]);
     }
     __syncthreads();
-    const int m0 = warp * 16;
-    u32 qf[KS][4];
+    const int m0 = warp * 16 * MT;
+    constexpr int QK = MT == 1 ? KS : 1;  // Q fragments kept in registers
+    u32 qf[QK][4];
+    if (MT == 1) {
 #pragma unroll
-    for (int kk = 0; kk < KS; kk++)
-        ldsm_x4(smem_u32(sQ + swz<D>(m0 + (lane & 15), kk * 2 + (lane >> 4))), qf[kk][0], qf[kk][1],
-                qf[kk][2], qf[kk][3]);
+        for (int kk = 0; kk < QK; kk++)
+            ldsm_x4(smem_u32(sQ + swz<D>(m0 + (lane & 15), kk * 2 + (lane >> 4))), qf[kk][0],
+                    qf[kk][1], qf[kk][2], qf[kk][3]);
+    }
 
-    // This thread's two M rows: m0 + lane/4 and m0 + lane/4 + 8.
-    const int mr0 = m0 + (lane >> 2), mr1 = mr0 + 8;
-    float o[DT][4];
+    // This thread's M rows: m0 + 16 * mt + lane/4 (+ 8).
+    float o[MT][DT][4];
+    float mx[MT][2], ls[MT][2];
 #pragma unroll
-    for (int i = 0; i < DT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float mx[2] = {NEG_INF, NEG_INF}, ls[2] = {0.f, 0.f};
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (int i = 0; i < DT; i++) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
+        mx[mt][0] = mx[mt][1] = NEG_INF;
+        ls[mt][0] = ls[mt][1] = 0.f;
+    }
 
     for (;;) {
         __syncthreads();  // Q fragments loaded / previous segment done
@@ -251,9 +265,14 @@ __device__ void prefill_tc(const u16* __restrict__ kp, const u16* __restrict__ v
         }
         __syncthreads();
         const int keyrow = s_keyrow, neff = s_neff;
-        const int nkt = (neff + TC_BN - 1) / TC_BN;
+        const int nkt = (neff + BN - 1) / BN;
         const int* trow = table + (long long)s_tseq * table_stride;
-        const int lim0 = s_cur[mr0 / G], lim1 = s_cur[mr1 / G];
+        int lim[MT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            lim[mt][0] = s_cur[(m0 + 16 * mt + (lane >> 2)) / G];
+            lim[mt][1] = s_cur[(m0 + 16 * mt + (lane >> 2) + 8) / G];
+        }
         const int n_rg = cnt[keyrow];
         const int2* rg = ranges + (long long)keyrow * cap;
         const int* cm = cum + (long long)keyrow * cap;
@@ -271,8 +290,8 @@ __device__ void prefill_tc(const u16* __restrict__ kp, const u16* __restrict__ v
 
         // Positions and row offsets of key tile `it` into stage `bf`.
         auto fill_pos = [&](int it, int bf) {
-            if (tid < TC_BN) {
-                const int idx = it * TC_BN + tid;
+            if (tid < BN) {
+                const int idx = it * BN + tid;
                 int pos = -1;
                 long long off = 0;
                 if (idx < neff) {
@@ -289,10 +308,10 @@ __device__ void prefill_tc(const u16* __restrict__ kp, const u16* __restrict__ v
             }
         };
         auto issue = [&](int bf) {
-            u16* dk = sK + bf * TC_BN * D;
-            u16* dv = sV + bf * TC_BN * D;
+            u16* dk = sK + bf * BN * D;
+            u16* dv = sV + bf * BN * D;
 #pragma unroll 4
-            for (int i = tid; i < TC_BN * CH; i += TC_THREADS) {
+            for (int i = tid; i < BN * CH; i += TC_THREADS) {
                 const int row = i / CH, c = i % CH;
                 const bool ok = s_pos[bf][row] >= 0;
                 const long long off = ok ? s_off[bf][row] + c * 8 : 0;
@@ -318,81 +337,106 @@ __device__ void prefill_tc(const u16* __restrict__ kp, const u16* __restrict__ v
                 cp_async_wait<0>();
             }
             __syncthreads();
-            const u16* tk = sK + bf * TC_BN * D;
-            const u16* tv = sV + bf * TC_BN * D;
+            const u16* tk = sK + bf * BN * D;
+            const u16* tv = sV + bf * BN * D;
 
-            // S = Q K^T (16 x TC_BN per warp).
-            float s[NT][4];
+            // S = Q K^T (16 MT x BN per warp).
+            float sc[MT][NT][4];
 #pragma unroll
-            for (int i = 0; i < NT; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int i = 0; i < NT; i++) sc[mt][i][0] = sc[mt][i][1] = sc[mt][i][2] = sc[mt][i][3] = 0.f;
 #pragma unroll
             for (int kk = 0; kk < KS; kk++) {
+                u32 qa[MT][4];
+                if (MT == 1) {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) qa[0][i] = qf[MT == 1 ? kk : 0][i];
+                } else {
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++)
+                        ldsm_x4(smem_u32(sQ + swz<D>(m0 + 16 * mt + (lane & 15), kk * 2 + (lane >> 4))),
+                                qa[mt][0], qa[mt][1], qa[mt][2], qa[mt][3]);
+                }
 #pragma unroll
                 for (int np = 0; np < NT / 2; np++) {
                     u32 b0, b1, b2, b3;
                     ldsm_x4(smem_u32(tk + swz<D>(np * 16 + ((lane >> 4) << 3) + (lane & 7),
                                                  kk * 2 + ((lane >> 3) & 1))),
                             b0, b1, b2, b3);
-                    Tc<E>::mma(s[2 * np], qf[kk], b0, b1);
-                    Tc<E>::mma(s[2 * np + 1], qf[kk], b2, b3);
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        Tc<E>::mma(sc[mt][2 * np], qa[mt], b0, b1);
+                        Tc<E>::mma(sc[mt][2 * np + 1], qa[mt], b2, b3);
+                    }
                 }
             }
             // Mask, scale, online softmax.
-            float tmax[2] = {NEG_INF, NEG_INF};
+            u32 pa[MT][BN / 16][4];
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
+            for (int mt = 0; mt < MT; mt++) {
+                float (*s)[4] = sc[mt];
+                float tmax[2] = {NEG_INF, NEG_INF};
 #pragma unroll
-                for (int c = 0; c < 4; c++) {
-                    const int pos = s_pos[bf][nt * 8 + ((lane & 3) << 1) + (c & 1)];
-                    const int lim = c < 2 ? lim0 : lim1;
-                    const float v = (pos >= 0 && pos <= lim) ? s[nt][c] * scale_log2 : NEG_INF;
-                    s[nt][c] = v;
-                    tmax[c >> 1] = fmaxf(tmax[c >> 1], v);
+                for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+                    for (int c = 0; c < 4; c++) {
+                        const int pos = s_pos[bf][nt * 8 + ((lane & 3) << 1) + (c & 1)];
+                        const int lm = lim[mt][c >> 1];
+                        const float v = (pos >= 0 && pos <= lm) ? s[nt][c] * scale_log2 : NEG_INF;
+                        s[nt][c] = v;
+                        tmax[c >> 1] = fmaxf(tmax[c >> 1], v);
+                    }
                 }
-            }
-            float base[2], corr[2];
+                float base[2], corr[2];
 #pragma unroll
-            for (int j = 0; j < 2; j++) {
-                tmax[j] = fmaxf(tmax[j], __shfl_xor_sync(0xffffffff, tmax[j], 1));
-                tmax[j] = fmaxf(tmax[j], __shfl_xor_sync(0xffffffff, tmax[j], 2));
-                const float mn = fmaxf(mx[j], tmax[j]);
-                base[j] = mn == NEG_INF ? 0.f : mn;
-                corr[j] = tc_exp2(mx[j] - base[j]);
-                mx[j] = mn;
-                ls[j] *= corr[j];
-            }
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
-#pragma unroll
-                for (int c = 0; c < 4; c++) {
-                    const float p = tc_exp2(s[nt][c] - base[c >> 1]);
-                    s[nt][c] = p;
-                    ls[c >> 1] += p;
+                for (int j = 0; j < 2; j++) {
+                    tmax[j] = fmaxf(tmax[j], __shfl_xor_sync(0xffffffff, tmax[j], 1));
+                    tmax[j] = fmaxf(tmax[j], __shfl_xor_sync(0xffffffff, tmax[j], 2));
+                    const float mn = fmaxf(mx[mt][j], tmax[j]);
+                    base[j] = mn == NEG_INF ? 0.f : mn;
+                    corr[j] = tc_exp2(mx[mt][j] - base[j]);
+                    mx[mt][j] = mn;
+                    ls[mt][j] *= corr[j];
                 }
-            }
 #pragma unroll
-            for (int dt = 0; dt < DT; dt++) {
-                o[dt][0] *= corr[0];
-                o[dt][1] *= corr[0];
-                o[dt][2] *= corr[1];
-                o[dt][3] *= corr[1];
+                for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+                    for (int c = 0; c < 4; c++) {
+                        const float p = tc_exp2(s[nt][c] - base[c >> 1]);
+                        s[nt][c] = p;
+                        ls[mt][c >> 1] += p;
+                    }
+                }
+#pragma unroll
+                for (int dt = 0; dt < DT; dt++) {
+                    o[mt][dt][0] *= corr[0];
+                    o[mt][dt][1] *= corr[0];
+                    o[mt][dt][2] *= corr[1];
+                    o[mt][dt][3] *= corr[1];
+                }
+#pragma unroll
+                for (int k2 = 0; k2 < BN / 16; k2++) {
+                    pa[mt][k2][0] = Tc<E>::pack(s[2 * k2][0], s[2 * k2][1]);
+                    pa[mt][k2][1] = Tc<E>::pack(s[2 * k2][2], s[2 * k2][3]);
+                    pa[mt][k2][2] = Tc<E>::pack(s[2 * k2 + 1][0], s[2 * k2 + 1][1]);
+                    pa[mt][k2][3] = Tc<E>::pack(s[2 * k2 + 1][2], s[2 * k2 + 1][3]);
+                }
             }
             // O += P V.
 #pragma unroll
-            for (int k2 = 0; k2 < TC_BN / 16; k2++) {
-                u32 a[4];
-                a[0] = Tc<E>::pack(s[2 * k2][0], s[2 * k2][1]);
-                a[1] = Tc<E>::pack(s[2 * k2][2], s[2 * k2][3]);
-                a[2] = Tc<E>::pack(s[2 * k2 + 1][0], s[2 * k2 + 1][1]);
-                a[3] = Tc<E>::pack(s[2 * k2 + 1][2], s[2 * k2 + 1][3]);
+            for (int k2 = 0; k2 < BN / 16; k2++) {
 #pragma unroll
                 for (int dp = 0; dp < DT / 2; dp++) {
                     u32 b0, b1, b2, b3;
                     ldsm_x4_t(smem_u32(tv + swz<D>(k2 * 16 + (((lane >> 3) & 1) << 3) + (lane & 7),
                                                    dp * 2 + (lane >> 4))),
                               b0, b1, b2, b3);
-                    Tc<E>::mma(o[2 * dp], a, b0, b1);
-                    Tc<E>::mma(o[2 * dp + 1], a, b2, b3);
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        Tc<E>::mma(o[mt][2 * dp], pa[mt][k2], b0, b1);
+                        Tc<E>::mma(o[mt][2 * dp + 1], pa[mt][k2], b2, b3);
+                    }
                 }
             }
             __syncthreads();  // stage bf is refilled two iterations on
@@ -401,51 +445,62 @@ __device__ void prefill_tc(const u16* __restrict__ kp, const u16* __restrict__ v
 
     // Normalise and write.
 #pragma unroll
-    for (int j = 0; j < 2; j++) {
-        ls[j] += __shfl_xor_sync(0xffffffff, ls[j], 1);
-        ls[j] += __shfl_xor_sync(0xffffffff, ls[j], 2);
-    }
+    for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
-    for (int j = 0; j < 2; j++) {
-        const int mr = j ? mr1 : mr0;
-        const int r = row0 + mr / G;
-        if (r >= n_rows) continue;
-        const bool bad = s_bad[mr / G];
-        const float inv = ls[j] > 0.f ? 1.f / ls[j] : 0.f;
-        const long long at0 = (long long)r * out_stride + (long long)(h * G + mr % G) * D + ((lane & 3) << 1);
+        for (int j = 0; j < 2; j++) {
+            float l = ls[mt][j];
+            l += __shfl_xor_sync(0xffffffff, l, 1);
+            l += __shfl_xor_sync(0xffffffff, l, 2);
+            const int mr = m0 + 16 * mt + (lane >> 2) + 8 * j;
+            const int r = row0 + mr / G;
+            if (r >= n_rows) continue;
+            const bool bad = s_bad[mr / G];
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const long long at0 =
+                (long long)r * out_stride + (long long)(h * G + mr % G) * D + ((lane & 3) << 1);
 #pragma unroll
-        for (int dt = 0; dt < DT; dt++) {
-            float x = o[dt][2 * j] * inv, y = o[dt][2 * j + 1] * inv;
-            if (bad) x = y = __int_as_float(0x7fc00000);
-            const long long at = at0 + dt * 8;
-            if (out_dtype == 0) {
-                *reinterpret_cast<float2*>((float*)out + at) = make_float2(x, y);
-            } else if (out_dtype == 1) {
-                *reinterpret_cast<u32*>((u16*)out + at) = (u32)f32_to_f16(x) | ((u32)f32_to_f16(y) << 16);
-            } else {
-                *reinterpret_cast<u32*>((u16*)out + at) = (u32)f32_to_bf16(x) | ((u32)f32_to_bf16(y) << 16);
+            for (int dt = 0; dt < DT; dt++) {
+                float x = o[mt][dt][2 * j] * inv, y = o[mt][dt][2 * j + 1] * inv;
+                if (bad) x = y = __int_as_float(0x7fc00000);
+                const long long at = at0 + dt * 8;
+                if (out_dtype == 0) {
+                    *reinterpret_cast<float2*>((float*)out + at) = make_float2(x, y);
+                } else if (out_dtype == 1) {
+                    *reinterpret_cast<u32*>((u16*)out + at) =
+                        (u32)f32_to_f16(x) | ((u32)f32_to_f16(y) << 16);
+                } else {
+                    *reinterpret_cast<u32*>((u16*)out + at) =
+                        (u32)f32_to_bf16(x) | ((u32)f32_to_bf16(y) << 16);
+                }
             }
         }
     }
 }
 
-#define PREFILL_TC_INST(NAME, E, D, G)                                                            \
+#define PREFILL_TC_INST(NAME, E, D, G, MT)                                                         \
     extern "C" __global__ void __launch_bounds__(TC_THREADS)                                        \
         NAME(const u16* kp, const u16* vp, const int* table, int table_stride, int ps, int hkv,    \
              long long page_stride, long long head_stride, const float* q, float scale_log2,       \
              const int2* ranges, const int* cum, const int* cnt, const int* tot, int cap,          \
              int n_rows, int q_block, const int* q_seq, const int* q_pos, int prefix, void* out,   \
              long long out_stride, int out_dtype) {                                                \
-        prefill_tc<E, D, G>(kp, vp, table, table_stride, ps, hkv, page_stride, head_stride, q,     \
+        prefill_tc<E, D, G, MT>(kp, vp, table, table_stride, ps, hkv, page_stride, head_stride, q,     \
                             scale_log2, ranges, cum, cnt, tot, cap, n_rows, q_block, q_seq, q_pos, \
                             prefix, out, out_stride, out_dtype);                                   \
     }
 
-#define PREFILL_TC_G(E, TN, D)                            \
-    PREFILL_TC_INST(prefill_tc_##TN##_d##D##_g1, E, D, 1) \
-    PREFILL_TC_INST(prefill_tc_##TN##_d##D##_g2, E, D, 2) \
-    PREFILL_TC_INST(prefill_tc_##TN##_d##D##_g4, E, D, 4) \
-    PREFILL_TC_INST(prefill_tc_##TN##_d##D##_g8, E, D, 8)
+// Entry points prefill_tc{,2}_<dtype>_d<D>_g<G>: "prefill_tc" has one
+// m16 tile per warp (64 M rows per CTA), "prefill_tc2" two (128 M rows: each
+// K/V fragment feeds two MMAs; Q re-read from shared memory).
+#define PREFILL_TC_G(E, TN, D)                                   \
+    PREFILL_TC_INST(prefill_tc_##TN##_d##D##_g1, E, D, 1, 1)     \
+    PREFILL_TC_INST(prefill_tc_##TN##_d##D##_g2, E, D, 2, 1)     \
+    PREFILL_TC_INST(prefill_tc_##TN##_d##D##_g4, E, D, 4, 1)     \
+    PREFILL_TC_INST(prefill_tc_##TN##_d##D##_g8, E, D, 8, 1)     \
+    PREFILL_TC_INST(prefill_tc2_##TN##_d##D##_g1, E, D, 1, 2)    \
+    PREFILL_TC_INST(prefill_tc2_##TN##_d##D##_g2, E, D, 2, 2)    \
+    PREFILL_TC_INST(prefill_tc2_##TN##_d##D##_g4, E, D, 4, 2)    \
+    PREFILL_TC_INST(prefill_tc2_##TN##_d##D##_g8, E, D, 8, 2)
 
 PREFILL_TC_G(Bf16, bf16, 64)
 PREFILL_TC_G(Bf16, bf16, 128)

@@ -801,8 +801,9 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
         // Per pass: mask ms, attention ms (dispatch's choice), and over the
         // same selections the tensor-core and CUDA-core kernels alone
         // (device events), and their outputs' worst relative difference.
-        let mut run = |record: bool, recall: &mut f64| -> R<[f64; 5]> {
+        let mut run = |record: bool, recall: &mut f64| -> R<[f64; 7]> {
             let (mut sel_ms, mut att_ms, mut tc_ms, mut cc_ms) = (0f64, 0f64, 0f64, 0f64);
+            let mut tc_mt = [0f64; 2];
             let mut twin = 0f64;
             let mut q0 = 0;
             while q0 < t {
@@ -822,6 +823,14 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
                     pf.attend_with(&gpu, &shape, &kv, qp, out.ptr, AttnKernel::TensorCore)
                         .map_err(e)
                 })?;
+                for (mt, acc) in tc_mt.iter_mut().enumerate() {
+                    dispatch::force_tc_tiles_per_warp(Some(mt + 1));
+                    *acc += event_ms(&gpu, || {
+                        pf.attend_with(&gpu, &shape, &kv, qp, out.ptr, AttnKernel::TensorCore)
+                            .map_err(e)
+                    })?;
+                }
+                dispatch::force_tc_tiles_per_warp(None);
                 cc_ms += event_ms(&gpu, || {
                     pf.attend_with(&gpu, &shape, &kv, qp, out_cc.ptr, AttnKernel::CudaCore)
                         .map_err(e)
@@ -856,18 +865,19 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
                 }
                 q0 += n;
             }
-            Ok([sel_ms, att_ms, tc_ms, cc_ms, twin])
+            Ok([sel_ms, att_ms, tc_ms, cc_ms, twin, tc_mt[0], tc_mt[1]])
         };
         // Warm-up pass (kernels, allocations) except at very long contexts,
         // where one pass takes tens of seconds and the warm-up is negligible.
         if t <= 262_144 {
             run(false, &mut recall)?;
         }
-        let [sel_ms, att_ms, tc_ms, cc_ms, twin] = run(true, &mut recall)?;
+        let [sel_ms, att_ms, tc_ms, cc_ms, twin, tc1_ms, tc2_ms] = run(true, &mut recall)?;
         let ours = sel_ms + att_ms;
         // Dense causal prefill on the tensor-core kernel (a covering
         // selection per chunk), the like-for-like kernel comparison with
         // SDPA flash; only up to --prefill-dense-max tokens (quadratic).
+        let mut dense_mt = [None::<f64>; 2];
         let dense_ms = if t <= dense_max {
             let mut ws = DecodeWorkspace::new();
             let mut pass = || -> R<f64> {
@@ -905,7 +915,13 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
                 Ok(ms)
             };
             pass()?;
-            Some(pass()?)
+            let auto = pass()?;
+            for (mt, x) in dense_mt.iter_mut().enumerate() {
+                dispatch::force_tc_tiles_per_warp(Some(mt + 1));
+                *x = Some(pass()?);
+            }
+            dispatch::force_tc_tiles_per_warp(None);
+            Some(auto)
         } else {
             None
         };
@@ -919,6 +935,8 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
             "dense_ms": None::<f64>, "ours_ms": ours, "refresh_ms": None::<f64>,
             "prefill_select_ms": sel_ms, "prefill_attend_ms": att_ms,
             "prefill_attend_tc_ms": tc_ms, "prefill_attend_cc_ms": cc_ms,
+            "prefill_attend_tc_mt1_ms": tc1_ms, "prefill_attend_tc_mt2_ms": tc2_ms,
+            "dense_causal_tc_mt1_ms": dense_mt[0], "dense_causal_tc_mt2_ms": dense_mt[1],
             "prefill_tc_vs_cc_rel": if twin.is_nan() { None } else { Some(twin) },
             "prefill_tc_nan": twin.is_nan(),
             "dense_causal_tc_ms": dense_ms,
@@ -981,13 +999,13 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
             f(r, "needle_recall", 3)
         );
     }
-    println!("\n| prefill tokens | SDPA flash causal ms | hip attention, tensor core ms | hip attention, CUDA core ms | TC / CC speed-up | TC vs CC rel diff | dense causal, tensor core ms | dense TC vs SDPA |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("\n| prefill tokens | SDPA flash causal ms | hip attention, tensor core ms | hip attention, CUDA core ms | TC / CC speed-up | TC vs CC rel diff | dense causal, tensor core ms | dense TC vs SDPA | hip TC 1 / 2 m-tiles per warp ms | dense TC 1 / 2 ms |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in rows.iter().filter(|r| r["phase"] == "prefill") {
         let tc = r["prefill_attend_tc_ms"].as_f64().unwrap_or(f64::NAN);
         let cc = r["prefill_attend_cc_ms"].as_f64().unwrap_or(f64::NAN);
         println!(
-            "| {} | {} | {} | {} | {:.1} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.1} | {} | {} | {} | {} / {} | {} / {} |",
             r["tokens"],
             f(r, "baseline_ms", 1),
             f(r, "prefill_attend_tc_ms", 1),
@@ -999,7 +1017,11 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
                 fe(r, "prefill_tc_vs_cc_rel")
             },
             f(r, "dense_causal_tc_ms", 1),
-            f(r, "dense_causal_tc_speedup", 2)
+            f(r, "dense_causal_tc_speedup", 2),
+            f(r, "prefill_attend_tc_mt1_ms", 1),
+            f(r, "prefill_attend_tc_mt2_ms", 1),
+            f(r, "dense_causal_tc_mt1_ms", 1),
+            f(r, "dense_causal_tc_mt2_ms", 1)
         );
     }
     Ok(())

@@ -54,6 +54,14 @@ fn worse(a: f64, b: f64) -> f64 {
     }
 }
 
+/// The CUDA-core twin, then the tensor-core kernel forced to one and to two
+/// m16 tiles per warp.
+const KERNELS: [(AttnKernel, Option<usize>); 3] = [
+    (AttnKernel::CudaCore, None),
+    (AttnKernel::TensorCore, Some(1)),
+    (AttnKernel::TensorCore, Some(2)),
+];
+
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
     /// Random ranges per query block (some heads empty, single tokens).
@@ -106,7 +114,10 @@ fn block_case<T: Element>(
     let q_seq = DevBuf::from_slice(&vec![0i32; n]).map_err(e)?;
     let mut outs = Vec::new();
     let mut ws = DecodeWorkspace::new();
-    for k in [AttnKernel::TensorCore, AttnKernel::CudaCore] {
+    // The CUDA-core twin, then the tensor-core kernel with one and two m16
+    // tiles per warp.
+    for (k, mt) in KERNELS {
+        dispatch::force_tc_tiles_per_warp(mt);
         let out = DevBuf::alloc(n * qe * 4).map_err(e)?;
         out.fill_bytes(0xff).map_err(e)?; // NaN poison: every element must be written
         dispatch::attend_with(
@@ -129,10 +140,11 @@ fn block_case<T: Element>(
         gpu.synchronize().map_err(e)?;
         outs.push(out.read::<f32>(n * qe).map_err(e)?);
     }
-    let (tc, cc) = (&outs[0], &outs[1]);
-    let finite = tc.iter().all(|x| x.is_finite()) && cc.iter().all(|x| x.is_finite());
+    dispatch::force_tc_tiles_per_warp(None);
+    let cc = &outs[0];
+    let finite = outs.iter().flatten().all(|x| x.is_finite());
     let cc64: Vec<f64> = cc.iter().map(|&x| x as f64).collect();
-    let twin = rel_error(tc, &cc64);
+    let twin = worse(rel_error(&outs[1], &cc64), rel_error(&outs[2], &cc64));
     let view = pool.view(0).map_err(e)?;
     let (mut tc_ref, mut cc_ref) = (0f64, 0f64);
     let rows: Vec<usize> = (0..n).step_by(13).chain([n - 1]).collect();
@@ -142,7 +154,9 @@ fn block_case<T: Element>(
             Kind::Covering => None, // dense causal
         };
         let r = ref_f64_lim(&shape, &q[i * qe..(i + 1) * qe], &view, s, q_start + i + 1);
-        tc_ref = worse(tc_ref, rel_error(&tc[i * qe..(i + 1) * qe], &r));
+        for tc in &outs[1..] {
+            tc_ref = worse(tc_ref, rel_error(&tc[i * qe..(i + 1) * qe], &r));
+        }
         cc_ref = worse(cc_ref, rel_error(&cc[i * qe..(i + 1) * qe], &r));
     }
     let ok = finite && tc_ref <= 1e-2 && twin <= 1e-2;
@@ -162,7 +176,7 @@ fn block_case<T: Element>(
         ),
         ok,
         detail: format!(
-            "tc vs f64 {tc_ref:.2e} (bound 1e-2, {} rows), tc vs cuda-core {twin:.2e} (all rows), cuda-core vs f64 {cc_ref:.2e}; all written+finite {finite}",
+            "tc (1 and 2 m-tiles/warp) vs f64 {tc_ref:.2e} (bound 1e-2, {} rows), tc vs cuda-core {twin:.2e} (all rows), cuda-core vs f64 {cc_ref:.2e}; all written+finite {finite}",
             rows.len()
         ),
     })
@@ -208,7 +222,8 @@ fn rows_case<T: Element>(
     let esz = if out_dtype == DType::F32 { 4 } else { 2 };
     let mut outs: Vec<Vec<f32>> = Vec::new();
     let mut ws = DecodeWorkspace::new();
-    for k in [AttnKernel::TensorCore, AttnKernel::CudaCore] {
+    for (k, mt) in KERNELS {
+        dispatch::force_tc_tiles_per_warp(mt);
         let out = DevBuf::alloc(total * qe * esz).map_err(e)?;
         out.fill_bytes(0xff).map_err(e)?;
         let ao = AttnOut {
@@ -237,10 +252,11 @@ fn rows_case<T: Element>(
                 .collect(),
         });
     }
-    let (tc, cc) = (&outs[0], &outs[1]);
-    let finite = tc.iter().all(|x| x.is_finite()) && cc.iter().all(|x| x.is_finite());
+    dispatch::force_tc_tiles_per_warp(None);
+    let cc = &outs[0];
+    let finite = outs.iter().flatten().all(|x| x.is_finite());
     let cc64: Vec<f64> = cc.iter().map(|&x| x as f64).collect();
-    let twin = rel_error(tc, &cc64);
+    let twin = worse(rel_error(&outs[1], &cc64), rel_error(&outs[2], &cc64));
     let mut tc_ref = 0f64;
     let mut checked = 0;
     for i in 0..total {
@@ -249,7 +265,9 @@ fn rows_case<T: Element>(
         }
         let view = pool.view(seq_of[i] as u64).map_err(e)?;
         let r = ref_f64_lim(&shape, &q[i * qe..(i + 1) * qe], &view, None, pos_of[i] + 1);
-        tc_ref = worse(tc_ref, rel_error(&tc[i * qe..(i + 1) * qe], &r));
+        for tc in &outs[1..] {
+            tc_ref = worse(tc_ref, rel_error(&tc[i * qe..(i + 1) * qe], &r));
+        }
         checked += 1;
     }
     Ok(Check {
@@ -260,7 +278,7 @@ fn rows_case<T: Element>(
             shape.group()
         ),
         ok: finite && tc_ref <= 1e-2 && twin <= 1e-2,
-        detail: format!("tc vs f64 {tc_ref:.2e} ({checked} rows, bound 1e-2), tc vs cuda-core {twin:.2e}; all written+finite {finite}"),
+        detail: format!("tc (1 and 2 m-tiles/warp) vs f64 {tc_ref:.2e} ({checked} rows, bound 1e-2), tc vs cuda-core {twin:.2e}; all written+finite {finite}"),
     })
 }
 

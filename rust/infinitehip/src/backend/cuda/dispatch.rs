@@ -628,9 +628,20 @@ pub enum AttnKernel {
     TensorCore,
 }
 
-/// Query rows per tensor-core tile (64 M rows = rows x GQA group).
-pub fn tc_rows_per_tile(shape: &AttnShape) -> usize {
-    64 / shape.group().max(1)
+/// Query rows per tensor-core tile of `mt` m16 tiles per warp (64 * mt M
+/// rows = rows x GQA group).
+pub fn tc_rows_per_tile(shape: &AttnShape, mt: usize) -> usize {
+    64 * mt / shape.group().max(1)
+}
+
+/// Forced m16 tiles per warp of the tensor-core kernel (0: chosen per
+/// launch). For benchmarks comparing the two variants.
+static TC_MT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Force the tensor-core kernel's m16 tiles per warp (1 or 2; None: the
+/// default choice, see `launch_prefill_tc`).
+pub fn force_tc_tiles_per_warp(mt: Option<usize>) {
+    TC_MT.store(mt.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Whether the tensor-core kernel can run this launch: head_dim 64 or 128,
@@ -735,7 +746,7 @@ pub(crate) fn launch_attention_kernel(
     let fits = tc_applies(shape, kv.dtype, &out);
     let tc = match kernel {
         AttnKernel::CudaCore => false,
-        AttnKernel::Auto => fits && q_block >= tc_rows_per_tile(shape),
+        AttnKernel::Auto => fits && q_block >= tc_rows_per_tile(shape, 1),
         AttnKernel::TensorCore => {
             if !fits {
                 return Err(Error::Invalid(format!(
@@ -777,7 +788,7 @@ pub(crate) fn launch_attention_kernel(
 
 /// One launch of kernels/prefill_tc.cu: grid (query tiles, kv heads), 128
 /// threads, K/V stages in dynamic shared memory.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::manual_is_multiple_of)] // MSRV 1.80
 fn launch_prefill_tc(
     gpu: &GpuContext,
     shape: &AttnShape,
@@ -800,9 +811,20 @@ fn launch_prefill_tc(
     }
     let (hkv, d, g) = (shape.n_kv_heads, shape.head_dim, shape.group());
     let tag = kernels::dtype_tag(kv.dtype).unwrap();
-    let f = gpu.func("prefill_tc", &format!("prefill_tc_{tag}_d{d}_g{g}"))?;
-    // K and V, two stages each, of 64 keys x head_dim (Q borrows stage 1).
-    let smem = 4 * 64 * d * 2;
+    // Two m16 tiles per warp (128 M rows per CTA) where a tile stays within
+    // one query block (or rows are prefix rows, split by sequence anyway),
+    // else one.
+    let mt = match TC_MT.load(std::sync::atomic::Ordering::Relaxed) {
+        0 if prefix || q_block % tc_rows_per_tile(shape, 2) == 0 => 2,
+        0 => 1,
+        x => x.clamp(1, 2),
+    };
+    let name = if mt == 2 { "prefill_tc2" } else { "prefill_tc" };
+    let f = gpu.func("prefill_tc", &format!("{name}_{tag}_d{d}_g{g}"))?;
+    // K and V, two stages each, of `bn` keys x head_dim; Q (64 * mt rows)
+    // borrows K stage 1 when mt is 1 (kernels/prefill_tc.cu TC_BN_OF).
+    let bn = if mt == 2 && d > 64 { 32 } else { 64 };
+    let smem = (4 * bn * d + if mt == 2 { 128 * d } else { 0 }) * 2;
     if smem > 48 * 1024 {
         f.set_attribute(
             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -810,7 +832,7 @@ fn launch_prefill_tc(
         )
         .map_err(|e| gpu_err("raise prefill_tc shared memory", e))?;
     }
-    let tiles = n_rows.div_ceil(tc_rows_per_tile(shape));
+    let tiles = n_rows.div_ceil(tc_rows_per_tile(shape, mt));
     let scale_log2 = shape.scale * std::f32::consts::LOG2_E;
     let (ts, ps, hk, cap, nr, qb, pf) = (
         kv.table_stride as i32,

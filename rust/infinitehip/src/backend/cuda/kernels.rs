@@ -114,6 +114,7 @@ pub fn entry_points(module: &str) -> Vec<String> {
                 "prefill_tc" if TC_HEAD_DIMS.contains(d) => {
                     for g in GROUPS {
                         v.push(format!("prefill_tc_{dt}_d{d}_g{g}"));
+                        v.push(format!("prefill_tc2_{dt}_d{d}_g{g}"));
                     }
                 }
                 _ => {}
