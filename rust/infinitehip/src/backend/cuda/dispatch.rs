@@ -825,13 +825,14 @@ fn launch_prefill_tc(
     // borrows K stage 1 when mt is 1 (kernels/prefill_tc.cu TC_BN_OF).
     let bn = if mt == 2 && d > 64 { 32 } else { 64 };
     let smem = (4 * bn * d + if mt == 2 { 128 * d } else { 0 }) * 2;
-    if smem > 48 * 1024 {
-        f.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .map_err(|e| gpu_err("raise prefill_tc shared memory", e))?;
-    }
+    // Always raise the dynamic limit: static shared memory (about 8-10 KB)
+    // counts against the default 48 KB too (48 KB dynamic at head_dim 64
+    // with two m-tiles per warp would not launch).
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .map_err(|e| gpu_err("raise prefill_tc shared memory", e))?;
     let tiles = n_rows.div_ceil(tc_rows_per_tile(shape, mt));
     let scale_log2 = shape.scale * std::f32::consts::LOG2_E;
     let (ts, ps, hk, cap, nr, qb, pf) = (
