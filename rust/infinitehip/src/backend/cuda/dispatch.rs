@@ -1736,3 +1736,37 @@ impl HipGpuPrefill {
         r
     }
 }
+
+#[cfg(test)]
+mod tc_tests {
+    use super::*;
+
+    #[test]
+    fn tensor_core_applicability() {
+        let s = AttnShape::new(32, 8, 128).unwrap();
+        let out = |ptr: u64, dtype: DType, row_stride: usize| AttnOut {
+            ptr,
+            dtype,
+            row_stride,
+        };
+        assert!(tc_applies(&s, DType::Bf16, &out(4096, DType::F32, 4096)));
+        assert!(tc_applies(&s, DType::F16, &out(4100, DType::Bf16, 4096)));
+        // f32 pairs need 8-byte alignment, 16-bit pairs 4-byte, rows even.
+        assert!(!tc_applies(&s, DType::Bf16, &out(4100, DType::F32, 4096)));
+        assert!(!tc_applies(&s, DType::Bf16, &out(4098, DType::Bf16, 4096)));
+        assert!(!tc_applies(&s, DType::Bf16, &out(4096, DType::F32, 4095)));
+        assert!(!tc_applies(&s, DType::F32, &out(4096, DType::F32, 4096)));
+        let d256 = AttnShape::new(16, 2, 256).unwrap();
+        assert!(!tc_applies(
+            &d256,
+            DType::Bf16,
+            &out(4096, DType::F32, 4096)
+        ));
+        let d64 = AttnShape::new(8, 8, 64).unwrap();
+        assert!(tc_applies(&d64, DType::Bf16, &out(4096, DType::F32, 512)));
+        // Rows per tile: 64 M rows per m-tile per warp group of 4 warps.
+        assert_eq!(tc_rows_per_tile(&s, 1), 16);
+        assert_eq!(tc_rows_per_tile(&s, 2), 32);
+        assert_eq!(tc_rows_per_tile(&d64, 2), 128);
+    }
+}
