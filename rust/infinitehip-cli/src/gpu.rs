@@ -6,7 +6,7 @@ use std::time::Instant;
 use half::{bf16, f16};
 use infinitehip::attention::{reference::attend_f64, rel_error, AttnShape};
 use infinitehip::backend::cuda::dispatch::{
-    self, DecodeWorkspace, DeviceKv, DeviceSelection, HipGpuDecoder, HipGpuPrefill,
+    self, AttnKernel, DecodeWorkspace, DeviceKv, DeviceSelection, HipGpuDecoder, HipGpuPrefill,
 };
 use infinitehip::backend::cuda::{self as cu, kernels, DevBuf, GpuContext};
 use infinitehip::config::{HipConfig, HipStage, ModelShape};
@@ -75,7 +75,7 @@ pub(crate) fn ref_f64<T: Element>(
     ref_f64_lim(shape, q, view, sel, usize::MAX)
 }
 
-fn ref_f64_lim<T: Element>(
+pub(crate) fn ref_f64_lim<T: Element>(
     shape: &AttnShape,
     q: &[f32],
     view: &SeqView<'_, T>,
@@ -497,6 +497,10 @@ pub fn gpu_test(argv: &[String]) -> R<()> {
     // The engine-facing path: borrowed caller K/V, caller stream, bf16 q/out.
     checks.extend(crate::gpu_engine::checks(&gpu, seed)?);
     checks.extend(crate::gpu_engine_policies::checks(&gpu, seed)?);
+    if a.str("policies-only").is_none() {
+        // Tensor-core prefill vs its CUDA-core twin and f64.
+        checks.extend(crate::gpu_prefill_tc::checks(&gpu, seed)?);
+    }
     if let Some(l) = a.str("engine-timing") {
         for len in l.split(',') {
             let len = crate::args::parse_count(len)
@@ -588,6 +592,23 @@ pub(crate) fn time_ms(gpu: &GpuContext, reps: usize, mut f: impl FnMut() -> R<()
     Ok(median(&mut ts))
 }
 
+/// Device time of one call (events around it, then wait).
+fn event_ms(gpu: &GpuContext, f: impl FnOnce() -> R<()>) -> R<f64> {
+    let ev = || {
+        gpu.ctx
+            .new_event(Some(
+                cu::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT,
+            ))
+            .map_err(e)
+    };
+    let (a, b) = (ev()?, ev()?);
+    a.record(&gpu.stream).map_err(e)?;
+    f()?;
+    b.record(&gpu.stream).map_err(e)?;
+    b.synchronize().map_err(e)?;
+    Ok(a.elapsed_ms(&b).map_err(e)? as f64)
+}
+
 pub fn bench_gpu(argv: &[String]) -> R<()> {
     let a = Args::parse(
         argv,
@@ -599,6 +620,7 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
             "seed",
             "reps",
             "prefill-tokens",
+            "prefill-dense-max",
         ],
         &[],
     )?;
@@ -760,6 +782,7 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
         }
     }
     let prefill_tokens = a.list("prefill-tokens", &[32768, 131072, 1048576])?;
+    let dense_max: usize = a.get("prefill-dense-max", 131072)?;
     for &t in &prefill_tokens {
         let ns = needle_seq::<bf16>(shape, t, 64, cfg.sink, cfg.window, 64, seed + 7 * t as u64)
             .map_err(e)?;
@@ -774,9 +797,15 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
         let chunk = cfg.prefill_chunk;
         let out = DevBuf::alloc(chunk * qe * 4).map_err(e)?;
         let mut pf = HipGpuPrefill::new(cfg.clone(), &shape, chunk).map_err(e)?;
+        let out_cc = DevBuf::alloc(chunk * qe * 4).map_err(e)?;
         let mut recall = 1f64;
-        let mut run = |record: bool, recall: &mut f64| -> R<(f64, f64)> {
-            let (mut sel_ms, mut att_ms) = (0f64, 0f64);
+        // Per pass: mask ms, attention ms (dispatch's choice), and over the
+        // same selections the tensor-core and CUDA-core kernels alone
+        // (device events), and their outputs' worst relative difference.
+        let mut run = |record: bool, recall: &mut f64| -> R<[f64; 7]> {
+            let (mut sel_ms, mut att_ms, mut tc_ms, mut cc_ms) = (0f64, 0f64, 0f64, 0f64);
+            let mut tc_mt = [0f64; 2];
+            let mut twin = 0f64;
             let mut q0 = 0;
             while q0 < t {
                 let n = chunk.min(t - q0);
@@ -791,6 +820,33 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
                 gpu.synchronize().map_err(e)?;
                 sel_ms += (t1 - t0).as_secs_f64() * 1e3;
                 att_ms += t1.elapsed().as_secs_f64() * 1e3;
+                tc_ms += event_ms(&gpu, || {
+                    pf.attend_with(&gpu, &shape, &kv, qp, out.ptr, AttnKernel::TensorCore)
+                        .map_err(e)
+                })?;
+                for (mt, acc) in tc_mt.iter_mut().enumerate() {
+                    dispatch::force_tc_tiles_per_warp(Some(mt + 1));
+                    *acc += event_ms(&gpu, || {
+                        pf.attend_with(&gpu, &shape, &kv, qp, out.ptr, AttnKernel::TensorCore)
+                            .map_err(e)
+                    })?;
+                }
+                dispatch::force_tc_tiles_per_warp(None);
+                cc_ms += event_ms(&gpu, || {
+                    pf.attend_with(&gpu, &shape, &kv, qp, out_cc.ptr, AttnKernel::CudaCore)
+                        .map_err(e)
+                })?;
+                if record && (q0 == 0 || q0 + n == t) {
+                    let a: Vec<f32> = out.read(n * qe).map_err(e)?;
+                    let b: Vec<f64> = out_cc
+                        .read::<f32>(n * qe)
+                        .map_err(e)?
+                        .iter()
+                        .map(|&x| x as f64)
+                        .collect();
+                    let r = rel_error(&a, &b);
+                    twin = if r.is_nan() { f64::NAN } else { twin.max(r) };
+                }
                 if record && q0 + n == t {
                     // Blocks whose first query comes after every needle
                     // (earlier blocks cannot see it causally).
@@ -810,15 +866,66 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
                 }
                 q0 += n;
             }
-            Ok((sel_ms, att_ms))
+            Ok([sel_ms, att_ms, tc_ms, cc_ms, twin, tc_mt[0], tc_mt[1]])
         };
         // Warm-up pass (kernels, allocations) except at very long contexts,
         // where one pass takes tens of seconds and the warm-up is negligible.
         if t <= 262_144 {
             run(false, &mut recall)?;
         }
-        let (sel_ms, att_ms) = run(true, &mut recall)?;
+        let [sel_ms, att_ms, tc_ms, cc_ms, twin, tc1_ms, tc2_ms] = run(true, &mut recall)?;
         let ours = sel_ms + att_ms;
+        // Dense causal prefill on the tensor-core kernel (a covering
+        // selection per chunk), the like-for-like kernel comparison with
+        // SDPA flash; only up to --prefill-dense-max tokens (quadratic).
+        let mut dense_mt = [None::<f64>; 2];
+        let dense_ms = if t <= dense_max {
+            let mut ws = DecodeWorkspace::new();
+            let mut pass = || -> R<f64> {
+                let mut ms = 0f64;
+                let mut q0 = 0;
+                while q0 < t {
+                    let n = chunk.min(t - q0);
+                    let sel =
+                        DeviceSelection::from_host(&[Selection::full(8, q0 + n)]).map_err(e)?;
+                    let pos: Vec<i32> = (q0..q0 + n).map(|p| p as i32).collect();
+                    let q_pos = DevBuf::from_slice(&pos).map_err(e)?;
+                    let q_seq = DevBuf::from_slice(&vec![0i32; n]).map_err(e)?;
+                    let qp = qd.ptr + (q0 * qe * 4) as u64;
+                    ms += event_ms(&gpu, || {
+                        dispatch::attend_with(
+                            &gpu,
+                            &mut ws,
+                            &shape,
+                            &kv,
+                            qp,
+                            n,
+                            &sel,
+                            q0 + n,
+                            None,
+                            out.ptr,
+                            n,
+                            q_seq.ptr,
+                            q_pos.ptr,
+                            AttnKernel::TensorCore,
+                        )
+                        .map_err(e)
+                    })?;
+                    q0 += n;
+                }
+                Ok(ms)
+            };
+            pass()?;
+            let auto = pass()?;
+            for (mt, x) in dense_mt.iter_mut().enumerate() {
+                dispatch::force_tc_tiles_per_warp(Some(mt + 1));
+                *x = Some(pass()?);
+            }
+            dispatch::force_tc_tiles_per_warp(None);
+            Some(auto)
+        } else {
+            None
+        };
         let key = format!("prefill_{t}");
         let base = baseline
             .get("results")
@@ -828,6 +935,13 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
             "policy": "hip", "phase": "prefill", "tokens": t, "batch": 1,
             "dense_ms": None::<f64>, "ours_ms": ours, "refresh_ms": None::<f64>,
             "prefill_select_ms": sel_ms, "prefill_attend_ms": att_ms,
+            "prefill_attend_tc_ms": tc_ms, "prefill_attend_cc_ms": cc_ms,
+            "prefill_attend_tc_mt1_ms": tc1_ms, "prefill_attend_tc_mt2_ms": tc2_ms,
+            "dense_causal_tc_mt1_ms": dense_mt[0], "dense_causal_tc_mt2_ms": dense_mt[1],
+            "prefill_tc_vs_cc_rel": if twin.is_nan() { None } else { Some(twin) },
+            "prefill_tc_nan": twin.is_nan(),
+            "dense_causal_tc_ms": dense_ms,
+            "dense_causal_tc_speedup": base.zip(dense_ms).map(|(b, d)| b / d),
             "speedup": base.map(|x| x / ours), "rel_error": None::<f64>,
             "needle_recall": recall,
             "baseline": baseline.get("name").and_then(|x| x.as_str()).unwrap_or("none"),
@@ -884,6 +998,31 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
             f(r, "prefill_attend_ms", 1),
             f(r, "speedup", 2),
             f(r, "needle_recall", 3)
+        );
+    }
+    println!("\n| prefill tokens | SDPA flash causal ms | hip attention, tensor core ms | hip attention, CUDA core ms | TC / CC speed-up | TC vs CC rel diff | dense causal, tensor core ms | dense TC vs SDPA | hip TC 1 / 2 m-tiles per warp ms | dense TC 1 / 2 ms |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for r in rows.iter().filter(|r| r["phase"] == "prefill") {
+        let tc = r["prefill_attend_tc_ms"].as_f64().unwrap_or(f64::NAN);
+        let cc = r["prefill_attend_cc_ms"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "| {} | {} | {} | {} | {:.1} | {} | {} | {} | {} / {} | {} / {} |",
+            r["tokens"],
+            f(r, "baseline_ms", 1),
+            f(r, "prefill_attend_tc_ms", 1),
+            f(r, "prefill_attend_cc_ms", 1),
+            cc / tc,
+            if r["prefill_tc_nan"] == true {
+                "NaN".to_string()
+            } else {
+                fe(r, "prefill_tc_vs_cc_rel")
+            },
+            f(r, "dense_causal_tc_ms", 1),
+            f(r, "dense_causal_tc_speedup", 2),
+            f(r, "prefill_attend_tc_mt1_ms", 1),
+            f(r, "prefill_attend_tc_mt2_ms", 1),
+            f(r, "dense_causal_tc_mt1_ms", 1),
+            f(r, "dense_causal_tc_mt2_ms", 1)
         );
     }
     Ok(())

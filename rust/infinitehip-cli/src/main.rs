@@ -14,6 +14,8 @@ mod gpu_engine_policies;
 mod gpu_offload;
 #[cfg(feature = "cuda")]
 mod gpu_policies;
+#[cfg(feature = "cuda")]
+mod gpu_prefill_tc;
 mod machine;
 
 use infinitehip::PolicyConfig;

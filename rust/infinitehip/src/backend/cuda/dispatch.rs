@@ -468,6 +468,44 @@ pub fn attend(
     q_seq: u64,
     q_pos: u64,
 ) -> Result<()> {
+    attend_with(
+        gpu,
+        ws,
+        shape,
+        kv,
+        q,
+        n_rows,
+        sel,
+        max_tokens,
+        split_tokens,
+        out,
+        q_block,
+        q_seq,
+        q_pos,
+        AttnKernel::Auto,
+    )
+}
+
+/// `attend` with the kernel chosen by the caller (tests and benchmarks run
+/// both twins on the same inputs). `AttnKernel::TensorCore` is an error
+/// where the tensor-core kernel does not apply (see `tc_applies`).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_with(
+    gpu: &GpuContext,
+    ws: &mut DecodeWorkspace,
+    shape: &AttnShape,
+    kv: &DeviceKv,
+    q: u64,
+    n_rows: usize,
+    sel: &DeviceSelection,
+    max_tokens: usize,
+    split_tokens: Option<usize>,
+    out: u64,
+    q_block: usize,
+    q_seq: u64,
+    q_pos: u64,
+    kernel: AttnKernel,
+) -> Result<()> {
     check_shape(shape, kv)?;
     kv.check_lens()?;
     let hkv = shape.n_kv_heads;
@@ -478,11 +516,10 @@ pub fn attend(
             sel.rows,
         ));
     }
-    launch_attention_ex(
+    launch_attention_kernel(
         gpu,
         ws,
         shape,
-        "",
         KvPtrs {
             k: kv.k.ptr,
             v: kv.v.ptr,
@@ -501,7 +538,346 @@ pub fn attend(
         q_block,
         q_seq,
         q_pos,
+        kernel,
+        false,
     )
+}
+
+/// Per-row prefix attention over a `DeviceKv` (the input of
+/// `launch_prefill_rows`, the engine's dense prefill) with a chosen kernel:
+/// query row i attends tokens `0..end_i` of table row `q_seq[i]`, its
+/// selection row `(i, head)` holding the one range `0..end_i` (or none).
+/// `q` f32 `[n_rows][n_q_heads][head_dim]`, pre-scaled by nothing (the
+/// shape's scale applies). The tensor-core kernel writes NaN for a row whose
+/// selection is not such a prefix.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_rows(
+    gpu: &GpuContext,
+    ws: &mut DecodeWorkspace,
+    shape: &AttnShape,
+    kv: &DeviceKv,
+    q: u64,
+    n_rows: usize,
+    sel: &DeviceSelection,
+    q_seq: u64,
+    out: AttnOut,
+    kernel: AttnKernel,
+) -> Result<()> {
+    check_shape(shape, kv)?;
+    kv.check_lens()?;
+    if sel.rows != n_rows * shape.n_kv_heads {
+        return Err(Error::shape(
+            "prefix-row attention selection rows",
+            n_rows * shape.n_kv_heads,
+            sel.rows,
+        ));
+    }
+    if q_seq == 0 {
+        return Err(Error::Invalid(
+            "prefix-row attention: q_seq (table row per query) is NULL".into(),
+        ));
+    }
+    let ptrs = KvPtrs {
+        k: kv.k.ptr,
+        v: kv.v.ptr,
+        table: kv.table.ptr,
+        table_stride: kv.table_stride,
+        page_size: kv.page_size,
+        dtype: kv.dtype,
+    };
+    let tc = match kernel {
+        AttnKernel::CudaCore => false,
+        AttnKernel::TensorCore => true,
+        AttnKernel::Auto => tc_applies(shape, kv.dtype, &out),
+    };
+    let k = if tc {
+        AttnKernel::TensorCore
+    } else {
+        AttnKernel::CudaCore
+    };
+    launch_attention_kernel(
+        gpu,
+        ws,
+        shape,
+        ptrs,
+        kv.strides(),
+        q,
+        n_rows,
+        sel,
+        sel.max_tokens.max(1),
+        None,
+        out,
+        1,
+        q_seq,
+        0,
+        k,
+        true,
+    )
+}
+
+/// Which attention kernel a launch runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// The tensor-core prefill kernel where it applies and pays (query
+    /// blocks of at least one tile: prefill), else the CUDA-core kernel.
+    Auto,
+    /// kernels/decode.cu (split-K + combine, one query row at a time): the
+    /// reference twin, any head_dim / group / layout.
+    CudaCore,
+    /// kernels/prefill_tc.cu (query tile x key tile on mma.sync).
+    TensorCore,
+}
+
+/// Query rows per tensor-core tile of `mt` m16 tiles per warp (64 * mt M
+/// rows = rows x GQA group).
+pub fn tc_rows_per_tile(shape: &AttnShape, mt: usize) -> usize {
+    64 * mt / shape.group().max(1)
+}
+
+/// Forced m16 tiles per warp of the tensor-core kernel (0: chosen per
+/// launch). For benchmarks comparing the two variants.
+static TC_MT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Force the tensor-core kernel's m16 tiles per warp (1 or 2; None: the
+/// default choice, see `launch_prefill_tc`).
+pub fn force_tc_tiles_per_warp(mt: Option<usize>) {
+    TC_MT.store(mt.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the tensor-core kernel can run this launch: head_dim 64 or 128,
+/// bf16/f16 K/V, GQA group 1/2/4/8, an f32/f16/bf16 output whose rows allow
+/// 8-byte (f32) or 4-byte (f16/bf16) pair stores.
+#[allow(clippy::manual_is_multiple_of)] // MSRV 1.80
+pub(crate) fn tc_applies(shape: &AttnShape, kv_dtype: DType, out: &AttnOut) -> bool {
+    let pair = if out.dtype == DType::F32 { 8 } else { 4 };
+    kernels::TC_HEAD_DIMS.contains(&shape.head_dim)
+        && kernels::GROUPS.contains(&shape.group())
+        && kernels::dtype_tag(kv_dtype).is_some()
+        && out.ptr % pair == 0
+        && out.row_stride % 2 == 0
+}
+
+/// Causal attention of query rows over per-row prefix selections: row i
+/// attends tokens `0..end_i` of table row `q_seq[i]`, where its selection
+/// row `(i, head)` holds the single range `0..end_i` (or none). This is the
+/// engine's dense (chunked) prefill; arguments as `launch_attention_ex`
+/// (`q_block` 1). Runs the tensor-core kernel where it applies (rows of one
+/// request share key tiles), else the CUDA-core kernel on the same input.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_prefill_rows(
+    gpu: &GpuContext,
+    ws: &mut DecodeWorkspace,
+    shape: &AttnShape,
+    variant: &str,
+    kv: KvPtrs,
+    st: KvStrides,
+    q: u64,
+    n_rows: usize,
+    sel: &DeviceSelection,
+    max_tokens: usize,
+    split_tokens: Option<usize>,
+    out: AttnOut,
+    q_block: usize,
+    q_seq: u64,
+    q_pos: u64,
+) -> Result<()> {
+    if variant.is_empty() && q_block == 1 && tc_applies(shape, kv.dtype, &out) {
+        return launch_attention_kernel(
+            gpu,
+            ws,
+            shape,
+            kv,
+            st,
+            q,
+            n_rows,
+            sel,
+            max_tokens,
+            split_tokens,
+            out,
+            q_block,
+            q_seq,
+            q_pos,
+            AttnKernel::TensorCore,
+            true,
+        );
+    }
+    launch_attention_ex(
+        gpu,
+        ws,
+        shape,
+        variant,
+        kv,
+        st,
+        q,
+        n_rows,
+        sel,
+        max_tokens,
+        split_tokens,
+        out,
+        q_block,
+        q_seq,
+        q_pos,
+    )
+}
+
+/// The kernel choice over a paged pool (module `decode` / `prefill_tc`).
+/// `prefix`: every row's selection is one range `0..end` (see
+/// `launch_prefill_rows`); the CUDA-core kernel reads such selections as
+/// they are.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_attention_kernel(
+    gpu: &GpuContext,
+    ws: &mut DecodeWorkspace,
+    shape: &AttnShape,
+    kv: KvPtrs,
+    st: KvStrides,
+    q: u64,
+    n_rows: usize,
+    sel: &DeviceSelection,
+    max_tokens: usize,
+    split_tokens: Option<usize>,
+    out: AttnOut,
+    q_block: usize,
+    q_seq: u64,
+    q_pos: u64,
+    kernel: AttnKernel,
+    prefix: bool,
+) -> Result<()> {
+    let fits = tc_applies(shape, kv.dtype, &out);
+    let tc = match kernel {
+        AttnKernel::CudaCore => false,
+        AttnKernel::Auto => fits && q_block >= tc_rows_per_tile(shape, 1),
+        AttnKernel::TensorCore => {
+            if !fits {
+                return Err(Error::Invalid(format!(
+                    "tensor-core prefill: needs head_dim 64/128, GQA group 1/2/4/8, bf16/f16 K/V and an aligned output; got head_dim {} group {} K/V {} output {} (ptr {:#x}, row stride {})",
+                    shape.head_dim,
+                    shape.group(),
+                    kv.dtype,
+                    out.dtype,
+                    out.ptr,
+                    out.row_stride
+                )));
+            }
+            true
+        }
+    };
+    if !tc {
+        return launch_attention_ex(
+            gpu,
+            ws,
+            shape,
+            "",
+            kv,
+            st,
+            q,
+            n_rows,
+            sel,
+            max_tokens,
+            split_tokens,
+            out,
+            q_block,
+            q_seq,
+            q_pos,
+        );
+    }
+    launch_prefill_tc(
+        gpu, shape, kv, st, q, n_rows, sel, out, q_block, q_seq, q_pos, prefix,
+    )
+}
+
+/// One launch of kernels/prefill_tc.cu: grid (query tiles, kv heads), 128
+/// threads, K/V stages in dynamic shared memory.
+#[allow(clippy::too_many_arguments, clippy::manual_is_multiple_of)] // MSRV 1.80
+fn launch_prefill_tc(
+    gpu: &GpuContext,
+    shape: &AttnShape,
+    kv: KvPtrs,
+    st: KvStrides,
+    q: u64,
+    n_rows: usize,
+    sel: &DeviceSelection,
+    out: AttnOut,
+    q_block: usize,
+    q_seq: u64,
+    q_pos: u64,
+    prefix: bool,
+) -> Result<()> {
+    if n_rows == 0 {
+        return Ok(());
+    }
+    if q_block == 0 {
+        return Err(Error::Invalid("tensor-core prefill: q_block is 0".into()));
+    }
+    let (hkv, d, g) = (shape.n_kv_heads, shape.head_dim, shape.group());
+    let tag = kernels::dtype_tag(kv.dtype).unwrap();
+    // Two m16 tiles per warp (128 M rows per CTA) where a tile stays within
+    // one query block (or rows are prefix rows, split by sequence anyway),
+    // else one.
+    let mt = match TC_MT.load(std::sync::atomic::Ordering::Relaxed) {
+        0 if prefix || q_block % tc_rows_per_tile(shape, 2) == 0 => 2,
+        0 => 1,
+        x => x.clamp(1, 2),
+    };
+    let name = if mt == 2 { "prefill_tc2" } else { "prefill_tc" };
+    let f = gpu.func("prefill_tc", &format!("{name}_{tag}_d{d}_g{g}"))?;
+    // K and V, two stages each, of `bn` keys x head_dim; Q (64 * mt rows)
+    // borrows K stage 1 when mt is 1 (kernels/prefill_tc.cu TC_BN_OF).
+    let bn = if mt == 2 && d > 64 { 32 } else { 64 };
+    let smem = (4 * bn * d + if mt == 2 { 128 * d } else { 0 }) * 2;
+    // Always raise the dynamic limit: static shared memory (about 8-10 KB)
+    // counts against the default 48 KB too (48 KB dynamic at head_dim 64
+    // with two m-tiles per warp would not launch).
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .map_err(|e| gpu_err("raise prefill_tc shared memory", e))?;
+    let tiles = n_rows.div_ceil(tc_rows_per_tile(shape, mt));
+    let scale_log2 = shape.scale * std::f32::consts::LOG2_E;
+    let (ts, ps, hk, cap, nr, qb, pf) = (
+        kv.table_stride as i32,
+        kv.page_size as i32,
+        hkv as i32,
+        sel.cap as i32,
+        n_rows as i32,
+        q_block as i32,
+        prefix as i32,
+    );
+    let (ors, odt) = (out.row_stride as i64, out.code());
+    let mut l = gpu.stream.launch_builder(&f);
+    l.arg(&kv.k)
+        .arg(&kv.v)
+        .arg(&kv.table)
+        .arg(&ts)
+        .arg(&ps)
+        .arg(&hk)
+        .arg(&st.page)
+        .arg(&st.head)
+        .arg(&q)
+        .arg(&scale_log2)
+        .arg(&sel.ranges.ptr)
+        .arg(&sel.cum.ptr)
+        .arg(&sel.cnt.ptr)
+        .arg(&sel.tot.ptr)
+        .arg(&cap)
+        .arg(&nr)
+        .arg(&qb)
+        .arg(&q_seq)
+        .arg(&q_pos)
+        .arg(&pf)
+        .arg(&out.ptr)
+        .arg(&ors)
+        .arg(&odt);
+    unsafe {
+        l.launch(LaunchConfig {
+            grid_dim: (tiles as u32, hkv as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem as u32,
+        })
+    }
+    .map_err(|e| gpu_err("launch prefill_tc", e))?;
+    Ok(())
 }
 
 /// Element strides of a K/V buffer (see `DeviceKv`).
@@ -1326,8 +1702,21 @@ impl HipGpuPrefill {
         q: u64,
         out: u64,
     ) -> Result<()> {
+        self.attend_with(gpu, shape, kv, q, out, AttnKernel::Auto)
+    }
+
+    /// `attend` with a chosen kernel (both twins over one selection).
+    pub fn attend_with(
+        &mut self,
+        gpu: &GpuContext,
+        shape: &AttnShape,
+        kv: &DeviceKv,
+        q: u64,
+        out: u64,
+        kernel: AttnKernel,
+    ) -> Result<()> {
         let mut ws = std::mem::take(&mut self.ws);
-        let r = attend(
+        let r = attend_with(
             gpu,
             &mut ws,
             shape,
@@ -1341,8 +1730,43 @@ impl HipGpuPrefill {
             self.cfg.block_size_q,
             self.q_seq.ptr,
             self.q_pos.ptr,
+            kernel,
         );
         self.ws = ws;
         r
+    }
+}
+
+#[cfg(test)]
+mod tc_tests {
+    use super::*;
+
+    #[test]
+    fn tensor_core_applicability() {
+        let s = AttnShape::new(32, 8, 128).unwrap();
+        let out = |ptr: u64, dtype: DType, row_stride: usize| AttnOut {
+            ptr,
+            dtype,
+            row_stride,
+        };
+        assert!(tc_applies(&s, DType::Bf16, &out(4096, DType::F32, 4096)));
+        assert!(tc_applies(&s, DType::F16, &out(4100, DType::Bf16, 4096)));
+        // f32 pairs need 8-byte alignment, 16-bit pairs 4-byte, rows even.
+        assert!(!tc_applies(&s, DType::Bf16, &out(4100, DType::F32, 4096)));
+        assert!(!tc_applies(&s, DType::Bf16, &out(4098, DType::Bf16, 4096)));
+        assert!(!tc_applies(&s, DType::Bf16, &out(4096, DType::F32, 4095)));
+        assert!(!tc_applies(&s, DType::F32, &out(4096, DType::F32, 4096)));
+        let d256 = AttnShape::new(16, 2, 256).unwrap();
+        assert!(!tc_applies(
+            &d256,
+            DType::Bf16,
+            &out(4096, DType::F32, 4096)
+        ));
+        let d64 = AttnShape::new(8, 8, 64).unwrap();
+        assert!(tc_applies(&d64, DType::Bf16, &out(4096, DType::F32, 512)));
+        // Rows per tile: 64 M rows per m-tile per warp group of 4 warps.
+        assert_eq!(tc_rows_per_tile(&s, 1), 16);
+        assert_eq!(tc_rows_per_tile(&s, 2), 32);
+        assert_eq!(tc_rows_per_tile(&d64, 2), 128);
     }
 }

@@ -41,6 +41,11 @@ pub const MODULES: &[(&str, &str)] = &[
         ),
     ),
     ("offload", include_str!("../../../../../kernels/offload.cu")),
+    // Tensor-core block-sparse prefill (decode.cu is its CUDA-core twin).
+    (
+        "prefill_tc",
+        include_str!("../../../../../kernels/prefill_tc.cu"),
+    ),
     // hip_mask.cu scoring keys in the host tier through a device row cache.
     (
         "hip_mask_host",
@@ -70,6 +75,8 @@ pub fn dtype_tag(dt: crate::DType) -> Option<&'static str> {
 
 pub const HEAD_DIMS: &[usize] = &[64, 128, 256];
 pub const GROUPS: &[usize] = &[1, 2, 4, 8];
+/// Head dims of the tensor-core prefill kernel (kernels/prefill_tc.cu).
+pub const TC_HEAD_DIMS: &[usize] = &[64, 128];
 
 /// Every entry point each module must export (checked after compilation).
 pub fn entry_points(module: &str) -> Vec<String> {
@@ -106,6 +113,12 @@ pub fn entry_points(module: &str) -> Vec<String> {
                 "hip_mask" => {
                     for g in GROUPS {
                         v.push(format!("hip_score_{dt}_d{d}_q{g}"));
+                    }
+                }
+                "prefill_tc" if TC_HEAD_DIMS.contains(d) => {
+                    for g in GROUPS {
+                        v.push(format!("prefill_tc_{dt}_d{d}_g{g}"));
+                        v.push(format!("prefill_tc2_{dt}_d{d}_g{g}"));
                     }
                 }
                 _ => {}

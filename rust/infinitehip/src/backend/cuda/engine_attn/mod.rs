@@ -1066,7 +1066,7 @@ impl GpuAttention {
         self.up.write_async(&gpu.stream, &q_seq)?;
         let max_tokens = *lens.iter().max().unwrap();
         let mut ws = std::mem::take(&mut self.ws);
-        let r = launch_attention_ex(
+        let r = super::dispatch::launch_prefill_rows(
             &gpu,
             &mut ws,
             &shape,
