@@ -66,7 +66,9 @@ pub struct LlamaCudaAttn {
 /// The CUDA route of `plugin`'s config: an error when this build lacks the
 /// `cuda` feature, when no CUDA device/driver is found, or when a layer's
 /// method or the head shape is not one the CUDA kernels run.
-pub fn llama_cuda_attn_new(plugin: &LlamaPlugin) -> std::result::Result<Box<LlamaCudaAttn>, String> {
+pub fn llama_cuda_attn_new(
+    plugin: &LlamaPlugin,
+) -> std::result::Result<Box<LlamaCudaAttn>, String> {
     guard(|| new_impl(plugin).map(Box::new))
 }
 
@@ -93,7 +95,11 @@ fn new_impl(plugin: &LlamaPlugin) -> Result<LlamaCudaAttn> {
 impl LlamaCudaAttn {
     /// "hip" or "dense": what this route runs for `layer`.
     pub fn layer_method(&self, layer: u32) -> String {
-        self.method.get(layer as usize).copied().unwrap_or("none").to_string()
+        self.method
+            .get(layer as usize)
+            .copied()
+            .unwrap_or("none")
+            .to_string()
     }
 
     /// Attention of one query row per request: request `b` is stream `b`
@@ -236,11 +242,7 @@ mod imp {
             };
             let b = seqs.len();
             if lens.len() != b || b == 0 {
-                return Err(Error::shape(
-                    "CUDA route lens per request",
-                    b,
-                    lens.len(),
-                ));
+                return Err(Error::shape("CUDA route lens per request", b, lens.len()));
             }
             let d = self.attn.shape().head_dim;
             let kv = EngineKv {
@@ -290,7 +292,13 @@ mod imp {
 
         /// Reference twin of the last call (module doc): f64 attention over
         /// the same selection and K/V.
-        fn check(&self, a: &CudaAttnArgs, kv: &EngineKv, lens: &[usize], c: &Counters) -> Result<()> {
+        fn check(
+            &self,
+            a: &CudaAttnArgs,
+            kv: &EngineKv,
+            lens: &[usize],
+            c: &Counters,
+        ) -> Result<()> {
             let sh = *self.attn.shape();
             let (hq, hkv, d) = (sh.n_q_heads, sh.n_kv_heads, sh.head_dim);
             let gpu = unsafe { self._gpu.on_stream(a.stream) };
@@ -308,19 +316,18 @@ mod imp {
             };
             let es = 2usize;
             for (b, &len) in lens.iter().enumerate() {
-                let q: Vec<f32> = DevBuf::borrowed(a.q + (b as u64 * a.q_row_stride * 4), hq * d * 4)
-                    .read(hq * d)?;
+                let q: Vec<f32> =
+                    DevBuf::borrowed(a.q + (b as u64 * a.q_row_stride * 4), hq * d * 4)
+                        .read(hq * d)?;
                 let o: Vec<f32> =
                     DevBuf::borrowed(a.out + (b as u64 * a.out_row_stride * 4), hq * d * 4)
                         .read(hq * d)?;
-                let table: Vec<i32> = DevBuf::borrowed(
-                    a.table + (b as u64 * a.table_stride * 4),
-                    len * 4,
-                )
-                .read(len)?;
-                let (lo, hi) = table.iter().fold((i32::MAX, i32::MIN), |(l, h), &x| {
-                    (l.min(x), h.max(x))
-                });
+                let table: Vec<i32> =
+                    DevBuf::borrowed(a.table + (b as u64 * a.table_stride * 4), len * 4)
+                        .read(len)?;
+                let (lo, hi) = table
+                    .iter()
+                    .fold((i32::MAX, i32::MIN), |(l, h), &x| (l.min(x), h.max(x)));
                 if lo < 0 {
                     return Err(Error::Invalid(format!(
                         "CUDA route check: negative cell {lo} in the table"
@@ -364,7 +371,13 @@ mod imp {
                 c.checks.fetch_add(1, Ordering::Relaxed);
                 if !ok {
                     c.check_fail.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(layer = a.layer, row = b, len, err, "CUDA route check failed");
+                    tracing::warn!(
+                        layer = a.layer,
+                        row = b,
+                        len,
+                        err,
+                        "CUDA route check failed"
+                    );
                 }
                 let e = if err.is_nan() { f64::INFINITY } else { err };
                 let mut cur = c.check_worst.load(Ordering::Relaxed);
@@ -458,7 +471,9 @@ mod tests {
         if infinitehip::backend::cuda::driver_available() {
             return;
         }
-        let e = llama_cuda_attn_new(&plugin()).err().expect("must fail here");
+        let e = llama_cuda_attn_new(&plugin())
+            .err()
+            .expect("must fail here");
         assert!(e.contains("cuda") || e.contains("CUDA"), "{e}");
     }
 }
