@@ -30,6 +30,7 @@ Checks (model d256 unless said):
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -166,6 +167,12 @@ def stats(log, what="CUDA route stats "):
     return {}
 
 
+def orders(log):
+    """(appended cell orders checked against a rebuild, mismatches) from the CUDA route's stats line."""
+    m = re.search(r"checked against a rebuild: (\d+), mismatches: (\d+)", log)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, -1)
+
+
 OFF = {"LLAMA_INFINITEHIP_CUDA_OFF": "1"}
 
 
@@ -207,11 +214,12 @@ def tests_small(a, gen, run, check, results, close):
     lsp, _, _, log_sp = gen(a.patched, "small_cuda", SP, SG, config=SMALL, force=ts8_path, env=CHK)
     st = stats(log_sp)
     ck = st.get("check", {})
+    st["orders_checked"], st["orders_mismatched"] = orders(log_sp)
     results["small_cuda_check"] = st
     check("small budget, CUDA route: output == f64 reference over its selection and the device K/V, "
-          "sink + window selected (check mode, d256)",
+          "sink + window selected, appended cell orders == rebuilt ones (check mode, d256)",
           ck.get("rows", 0) >= 2 * SG and ck.get("failed", 1) == 0 and ck.get("worst_rel_err", 1) <= 1e-2
-          and np.isfinite(lsp).all(), st)
+          and st["orders_checked"] >= SG - 1 and st["orders_mismatched"] == 0 and np.isfinite(lsp).all(), st)
     lgr, tgr, _, _ = gen(a.patched, "small_greedy", SP, SG, config=SMALL)
     c2 = compare(lsp, ls8)
     first_diff = int(np.argmax(tgr != ts8)) if (tgr != ts8).any() else len(ts8)
@@ -269,10 +277,11 @@ def tests_d128(a, gen, run, check, results, close):
         l8, _, _, log = gen(a.patched, "small_cuda_d128", SP, SG, config=SMALL, force=t8_path, env=CHK, model=m)
         st = stats(log)
         ck = st.get("check", {})
+        st["orders_checked"], st["orders_mismatched"] = orders(log)
         results["small_cuda_check_d128"] = st
         check("small budget, CUDA route, check mode (d128 32q/8kv x4)",
               ck.get("rows", 0) >= 4 * SG and ck.get("failed", 1) == 0 and ck.get("worst_rel_err", 1) <= 1e-2
-              and np.isfinite(l8).all(), st)
+              and st["orders_checked"] >= SG - 1 and st["orders_mismatched"] == 0 and np.isfinite(l8).all(), st)
 
 
 def bench_depth(a, run, depth, mname, model):
@@ -292,6 +301,10 @@ def bench_depth(a, run, depth, mname, model):
         if name == "cuda":
             row["cuda_stats"] = stats(log)
             row["cuda_log"] = log
+            m = re.search(r"cell tables (\d+) \((\d+) by appending one cell\) ([0-9.]+) ms", log)
+            if m:
+                row["cell_tables"], row["cell_tables_appended"] = int(m.group(1)), int(m.group(2))
+                row["cell_tables_ms_per_step"] = float(m.group(3)) / max(1, int(m.group(1)))
     row["speedup"] = row["cuda_tok_s"] / row["stock_tok_s"]
     print(json.dumps({k: v for k, v in row.items() if k != "cuda_log"}), flush=True)
     os.remove(stf)
