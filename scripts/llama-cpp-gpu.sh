@@ -95,7 +95,7 @@ fi
 PYTHONPATH="$W/gguf-py" python3 "$DIR/make_tiny_gguf.py" "$W/tiny256.gguf" --heads 16 --kv-heads 2 --head-dim 256
 # Llama-3.1-8B's attention heads (head_dim 128, 32 q / 8 KV), 4 layers, small embd/ffn
 PYTHONPATH="$W/gguf-py" python3 "$DIR/make_tiny_gguf.py" "$W/tiny128.gguf" --layers 4 --embd 1024 --heads 32 \
-  --kv-heads 8 --head-dim 128
+  --kv-heads 8 --head-dim 128 --ctx 1048576
 [ "$CUDA" = ON ] && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 # the CUDA route's kernels: PTX precompiled by `stage` (else NVRTC compiles them here)
 export INFINITEHIP_CACHE=$W/ptx-cache

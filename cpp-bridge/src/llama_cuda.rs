@@ -460,7 +460,7 @@ mod tests {
             rope_theta: 10000.0,
             n_ctx_train: 4096,
         };
-        LlamaPlugin::new(r#"{"method": "hip"}"#, &mi).unwrap()
+        LlamaPlugin::new(r#"{"dense_layers": 0, "default": {"method": "hip"}}"#, &mi).unwrap()
     }
 
     #[test]

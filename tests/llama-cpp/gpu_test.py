@@ -55,6 +55,7 @@ def main():
     ap.add_argument("--old-gen", type=int, default=33, help="decode steps timed for the 0002 route")
     ap.add_argument("--tmp", required=True)
     ap.add_argument("--depths", default="32768,131072")
+    ap.add_argument("--depths128", default="32768,131072,262144", help="bench contexts of --model128")
     ap.add_argument("--gen", type=int, default=129)
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--json", required=True)
@@ -118,10 +119,10 @@ def main():
             ok = False
 
     bench = []
-    need = {32768: 60, 65536: 90, 131072: 180}
+    need = {32768: 60, 65536: 90, 131072: 120, 262144: 150}
 
-    def bench_model(mname, mpath):
-        for depth in [int(x) for x in a.depths.split(",")]:
+    def bench_model(mname, mpath, depths):
+        for depth in [int(x) for x in depths.split(",")]:
             if a.deadline and time.time() + need.get(depth, 180) > a.deadline:
                 print(f"SKIP bench {mname} at {depth}: not enough time left before the deadline", flush=True)
                 continue
@@ -133,7 +134,7 @@ def main():
         if a.model128:
             guarded("d128 tests", tests_d128, *T)
     if not a.skip_bench and a.model128:
-        bench_model("d128_32q_8kv_4l", a.model128)
+        bench_model("d128_32q_8kv_4l", a.model128, a.depths128)
     if not a.skip_tests:
         for name, f in [("small budget tests", tests_small), ("state test", tests_state), ("0002 route tests", tests_old)]:
             if a.deadline and time.time() + 40 > a.deadline:
@@ -141,16 +142,18 @@ def main():
                 continue
             guarded(name, f, *T)
     if not a.skip_bench:
-        bench_model("d256_16q_2kv_2l", a.model)
+        bench_model("d256_16q_2kv_2l", a.model, a.depths)
     results["bench"] = bench
     results["bench_config"] = BENCH
     with open(a.json, "w") as f:
         json.dump(results, f, indent=1)
-    print("\n| model | context | stock tok/s | CUDA route tok/s | speedup | 0002 route tok/s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\n| model | context | stock tok/s | stock, CUDA graphs off | CUDA route tok/s | speedup | 0002 route tok/s "
+          "| cell order ms/step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in bench:
-        print(f"| {r['model']} | {r['depth']} | {r['stock_tok_s']:.1f} | {r['cuda_tok_s']:.1f} | {r['speedup']:.2f}x | "
-              f"{r.get('old_route_tok_s', float('nan')):.1f} |")
+        print(f"| {r['model']} | {r['depth']} | {r['stock_tok_s']:.1f} | {r['stock_no_cuda_graphs_tok_s']:.1f} | "
+              f"{r['cuda_tok_s']:.1f} | {r['speedup']:.2f}x | {r.get('old_route_tok_s', float('nan')):.1f} | "
+              f"{r.get('cell_tables_ms_per_step', float('nan')):.3f} |")
     print("ALL PASS" if ok else "SOME FAILED")
     sys.exit(0 if ok else 1)
 
@@ -291,9 +294,11 @@ def bench_depth(a, run, depth, mname, model):
     fill, _, dt = run(a.stock, ["fill", model, "--depth", str(depth), "--state", stf, "--fa", "on",
                                 "--ctx", str(ctx), "--batch", "2048"])
     row = {"model": mname, "depth": depth, "stock_fill_s": fill["prefill_s"], "fill_wall_s": round(dt, 2)}
-    for name, exe, cfg, env, n in [("stock", a.stock, None, None, a.gen), ("cuda", a.patched, BENCH, None, a.gen),
+    for name, exe, cfg, env, n in [("stock", a.stock, None, None, a.gen),
+                                   ("stock_no_cuda_graphs", a.stock, None, {"GGML_CUDA_DISABLE_GRAPHS": "1"}, a.gen),
+                                   ("cuda", a.patched, BENCH, None, a.gen),
                                    ("old_route", a.patched, BENCH, OFF, a.old_gen)]:
-        if name == "old_route" and a.deadline and time.time() + 40 > a.deadline:
+        if name == "old_route" and (depth > 131072 or (a.deadline and time.time() + 40 > a.deadline)):
             continue
         r, log, _ = run(exe, ["bench", model, "--depth", str(depth), "--gen", str(n), "--state", stf,
                               "--fa", "on", "--ctx", str(ctx)], cfg, env)
