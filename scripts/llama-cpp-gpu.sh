@@ -4,11 +4,13 @@
 # CMake and ninja but no network and no cargo.
 #
 #   here:   scripts/llama-cpp-gpu.sh stage DIR     (DIR <= 64 MiB: source tar.xz,
-#           stripped libinfinitehip_bridge.a + cxx headers, test files)
+#           stripped libinfinitehip_bridge.a (feature cuda) + cxx headers,
+#           precompiled PTX, test files)
 #   there:  bash DIR/llama-cpp-gpu.sh run DIR OUT  [ARCH (default 90)]
 #
-# `stage` needs scripts/llama-cpp-build.sh's trees (target/llama.cpp/src-stock)
-# and `cargo build --release -p infinitehip-cpp-bridge --lib`. `run` builds
+# `stage` needs scripts/llama-cpp-build.sh's trees (target/llama.cpp/src-stock);
+# it builds the bridge with the `cuda` feature (the CUDA route of patch 0004)
+# and precompiles the kernels' PTX when libnvrtc is found here. `run` builds
 # ggml-cuda + the patched libllama once (-DGGML_CUDA=ON -DLLAMA_INFINITEHIP=ON),
 # installs it, builds the stock libllama against that same ggml
 # (-DLLAMA_USE_SYSTEM_GGML=ON: ggml is not patched), compiles ihip_run for
@@ -29,7 +31,16 @@ if [ "$MODE" = stage ]; then
       CMakeLists.txt cmake ggml src include licenses LICENSE vendor) | tar xf - -C "$T/patched"
   for p in "$REPO"/patches/llama.cpp/*.patch; do patch -p1 --batch --forward -d "$T/patched" <"$p" >/dev/null; done
   cp "$S/CMakeLists.txt" "$T/stock-overlay/" && cp -r "$S/src" "$T/stock-overlay/src" && cp -r "$S/gguf-py" "$T/gguf-py"
-  rm -rf "$DIR"/* && mkdir -p "$DIR/cxxbridge/rust" "$DIR/cxxbridge/infinitehip-cpp-bridge/src"
+  (cd "$REPO" && cargo build --release -p infinitehip-cpp-bridge --lib --features cuda --quiet \
+     && cargo build --release -p infinitehip-cli --features cuda --quiet)
+  rm -rf "$DIR"/* && mkdir -p "$DIR/cxxbridge/rust" "$DIR/cxxbridge/infinitehip-cpp-bridge/src" "$DIR/ptx"
+  for d in ${NVRTC_LIB:-} /usr/local/cuda/lib64 /tmp/nvrtc-venv/lib/python3*/site-packages/nvidia/cu13/lib \
+           "$REPO"/target/nvrtc-venv/lib/python3*/site-packages/nvidia/cu13/lib; do
+    if [ -e "$d/libnvrtc.so.13" ]; then
+      LD_LIBRARY_PATH="$d" "$REPO/target/release/infinitehip" nvrtc-check --arch compute_90 --into "$DIR/ptx" >/dev/null
+      break
+    fi
+  done
   tar cJf "$DIR/src.tar.xz" -C "$T" patched stock-overlay gguf-py
   rm -rf "$T"
   cp "$REPO/target/release/libinfinitehip_bridge.a" "$DIR/" && strip --strip-debug "$DIR/libinfinitehip_bridge.a"
@@ -82,7 +93,16 @@ else
   ldd "$W/ihip_run-stock" | grep -E "llama|ggml"
 fi
 PYTHONPATH="$W/gguf-py" python3 "$DIR/make_tiny_gguf.py" "$W/tiny256.gguf" --heads 16 --kv-heads 2 --head-dim 256
+# Llama-3.1-8B's attention heads (head_dim 128, 32 q / 8 KV), 4 layers, small embd/ffn
+PYTHONPATH="$W/gguf-py" python3 "$DIR/make_tiny_gguf.py" "$W/tiny128.gguf" --layers 4 --embd 1024 --heads 32 \
+  --kv-heads 8 --head-dim 128 --ctx 1048576
 [ "$CUDA" = ON ] && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+# the CUDA route's kernels: PTX precompiled by `stage` (else NVRTC compiles them here)
+export INFINITEHIP_CACHE=$W/ptx-cache
+mkdir -p "$INFINITEHIP_CACHE" && cp "$DIR"/ptx/*.ptx "$INFINITEHIP_CACHE/" 2>/dev/null || true
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  [ -e "$d/libnvrtc.so.13" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}" && break
+done
 PYTHONUNBUFFERED=1 python3 "$DIR/gpu_test.py" --stock "$W/ihip_run-stock" --patched "$W/ihip_run-patched" \
-  --model "$W/tiny256.gguf" --tmp "$W/tmp" --json "$OUT/gpu_test.json" \
+  --model "$W/tiny256.gguf" --model128 "$W/tiny128.gguf" --tmp "$W/tmp" --json "$OUT/gpu_test.json" \
   --deadline $((T_START + ${IHIP_BUDGET_S:-570})) ${GPU_TEST_ARGS:-}

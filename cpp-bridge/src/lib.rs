@@ -14,6 +14,7 @@
 //! error too and never unwinds into C++.
 
 pub mod llama;
+pub mod llama_cuda;
 pub mod llama_gpu;
 pub mod llama_locret;
 
@@ -25,6 +26,7 @@ use infinitehip::policy::Phase;
 use infinitehip::{Engine, PolicyConfig};
 
 pub use llama::LlamaPlugin;
+pub use llama_cuda::{llama_cuda_attn_new, LlamaCudaAttn};
 pub use llama_gpu::{llama_gpu_route_new, LlamaGpuRoute};
 
 #[cxx::bridge(namespace = "infinitehip")]
@@ -54,6 +56,31 @@ pub mod ffi {
         head_dim: u32,
         rope_theta: f32,
         n_ctx_train: u32,
+    }
+
+    /// One call of the CUDA route (`llama_cuda`): device pointers of
+    /// llama.cpp's tensors, element strides, ggml's `cudaStream_t`.
+    #[derive(Clone, Copy, Debug)]
+    struct CudaAttnArgs {
+        stream: u64,
+        layer: u32,
+        /// K and V views (first cell of the ubatch's first stream).
+        k: u64,
+        v: u64,
+        /// ggml_type of the K/V cache (F16 1, BF16 30).
+        kv_type: u32,
+        /// Elements between consecutive cells (n_embd_k_gqa), K and V alike.
+        row_stride: u64,
+        /// Device i32 `[n_rows][table_stride]`: cells (relative to `k`/`v`)
+        /// in sequence-position order.
+        table: u64,
+        table_stride: u64,
+        /// f32 q `[rows][n_q_heads * head_dim]` and output, row strides in elements.
+        q: u64,
+        q_row_stride: u64,
+        out: u64,
+        out_row_stride: u64,
+        scale: f32,
     }
 
     extern "Rust" {
@@ -276,6 +303,25 @@ pub mod ffi {
         ) -> Result<()>;
         #[cxx_name = "stats_json"]
         fn gpu_stats_json(self: &LlamaGpuRoute) -> String;
+
+        /// CUDA route of a llama.cpp context (see `llama_cuda`): our CUDA
+        /// attention over llama.cpp's device K/V on ggml's stream. Errors
+        /// when built without the `cuda` feature or without a GPU.
+        type LlamaCudaAttn;
+        fn llama_cuda_attn_new(plugin: &LlamaPlugin) -> Result<Box<LlamaCudaAttn>>;
+        fn layer_method(self: &LlamaCudaAttn, layer: u32) -> String;
+        /// One query row per request (stream b of the ubatch, sequence
+        /// `seqs[b]`, `lens[b]` tokens in table row b). Nothing waits.
+        fn attend(
+            self: &LlamaCudaAttn,
+            args: &CudaAttnArgs,
+            seqs: &[u64],
+            lens: &[u32],
+        ) -> Result<()>;
+        /// Forget a sequence's hip state (next decode refreshes fully).
+        fn end_request(self: &LlamaCudaAttn, seq: u64);
+        #[cxx_name = "stats_json"]
+        fn cuda_stats_json(self: &LlamaCudaAttn) -> String;
     }
 }
 

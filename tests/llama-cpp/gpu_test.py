@@ -1,27 +1,36 @@
 #!/usr/bin/env python3
-"""GPU route end to end (CUDA llama.cpp): stock vs patched on a tiny random
-Llama GGUF whose attention shape llama.cpp's CUDA sparse flash attention
-takes (head_dim 256, 16 query / 2 KV heads: GQA 8). Run by
-scripts/llama-cpp-gpu.sh on the GPU machine after the builds.
+"""GPU routes end to end (CUDA llama.cpp): stock vs patched on tiny random
+Llama GGUFs. Run by scripts/llama-cpp-gpu.sh on the GPU machine after the
+builds. Two attention shapes: head_dim 256, 16 query / 2 KV heads, 2 layers
+(--model; the shape llama.cpp's CUDA sparse flash attention takes) and
+head_dim 128, 32 query / 8 KV heads, 4 layers (--model128: Llama-3.1-8B's
+attention heads).
 
-Checks:
+The CUDA route (patch 0004) runs hip decode steps with our CUDA attention
+over llama.cpp's device K/V; LLAMA_INFINITEHIP_CUDA_OFF=1 gives the older
+host-policy route (patch 0002: host key mirror, sparse mask, n_kv_max).
+
+Checks (model d256 unless said):
 1. plugin off == stock, bit for bit (flash attention on);
-2. covering budget (GPU route: policy over the host key mirror, cells as a
-   sparse mask, n_kv_max): teacher-forced logits over 64 + 300 tokens equal
-   stock's within f16 rounding;
-3. flash attention off: the route declines with a log line, llama.cpp's
-   attention runs it (logits bit-identical to stock);
-4. small budget at 8K context: the sparse kernel (n_kv_max > 0) equals the
-   dense kernel over the same mask (LLAMA_INFINITEHIP_GPU_DENSE=1) within
-   f16 rounding; agreement with stock and a greedy run reported;
-5. state loaded from a session file (cells the mirror never saw, read once
-   from the device cache): covering budget still equals stock;
-6. decode tokens/s at 32K and 128K: stock, patched (sparse), patched with
-   the dense kernel over the sparse mask.
+2. covering budget through the CUDA route: teacher-forced logits over
+   64 + 300 tokens equal stock's within f16 rounding (also on d128);
+3. flash attention off (V transposed): the CUDA route declines, the 0002
+   route logs its fallback, logits bit-identical to stock;
+4. small budget at 8K context through the CUDA route, check mode
+   (LLAMA_INFINITEHIP_CUDA_CHECK): every checked output equals the f64
+   reference over the same selection and the same device K/V (rel err
+   <= 1e-2) and every selection holds the sink and the window (also on
+   d128); agreement with stock and a greedy run reported;
+5. state loaded from a session file: covering budget == stock;
+6. the 0002 route (CUDA route off): covering budget == stock, and with a
+   small budget its sparse kernel == the dense kernel over the same mask;
+7. decode tokens/s at 32K and 128K per model: stock, the CUDA route, the
+   0002 route.
 """
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -41,9 +50,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--stock", required=True, help="stock ihip_run")
     ap.add_argument("--patched", required=True, help="patched ihip_run")
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", required=True, help="head_dim 256 model")
+    ap.add_argument("--model128", default="", help="head_dim 128, 32/8 heads model (Llama-3.1-8B heads)")
+    ap.add_argument("--old-gen", type=int, default=33, help="decode steps timed for the 0002 route")
+    ap.add_argument("--quick", action="store_true",
+                    help="skip the fa-off and 0002-route checks and the bench's CUDA-graphs-off and 0002 rows")
     ap.add_argument("--tmp", required=True)
     ap.add_argument("--depths", default="32768,131072")
+    ap.add_argument("--depths128", default="32768,131072,262144", help="bench contexts of --model128")
     ap.add_argument("--gen", type=int, default=129)
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--json", required=True)
@@ -76,9 +90,9 @@ def main():
             raise SystemExit(f"failed ({r.returncode}): {exe} {' '.join(args)}")
         return json.loads(r.stdout.strip().splitlines()[-1]), log, time.time() - t0
 
-    def gen(exe, tag, prompt, n, config=None, force=None, fa="on", env=None, state=None, ctx=None):
+    def gen(exe, tag, prompt, n, config=None, force=None, fa="on", env=None, state=None, ctx=None, model=None):
         lp, tp = os.path.join(tmp, tag + ".logits"), os.path.join(tmp, tag + ".tokens")
-        args = ["gen", a.model, "--prompt-len", str(prompt), "--gen", str(n), "--logits", lp, "--tokens", tp, "--fa", fa]
+        args = ["gen", model or a.model, "--prompt-len", str(prompt), "--gen", str(n), "--logits", lp, "--tokens", tp, "--fa", fa]
         if force:
             args += ["--force", force]
         if state:
@@ -97,103 +111,216 @@ def main():
     tol = 1e-2
     close = lambda c: c["finite"] and c["rel_rms_diff"] < tol and c["max_abs_diff"] < tol * 10 * c["logit_rms"]
 
-    if not a.skip_tests:
-        tests(a, gen, run, check, results, close)
+    def guarded(name, f, *args):
+        # one failing part (a crash of a run) is a FAIL, the others still run
+        nonlocal ok
+        try:
+            f(*args)
+        except (SystemExit, Exception) as e:  # noqa: BLE001
+            print(f"FAIL {name}: {e}", flush=True)
+            ok = False
+
     bench = []
-    if not a.skip_bench:
-        need = {32768: 45, 65536: 70, 131072: 150}
-        for depth in [int(x) for x in a.depths.split(",")]:
-            if a.deadline and time.time() + need.get(depth, 150) > a.deadline:
-                print(f"SKIP bench at {depth}: not enough time left before the deadline", flush=True)
+    need = {32768: 60, 65536: 90, 131072: 120, 262144: 150}
+
+    def bench_model(mname, mpath, depths):
+        for depth in [int(x) for x in depths.split(",")]:
+            if a.deadline and time.time() + need.get(depth, 180) > a.deadline:
+                print(f"SKIP bench {mname} at {depth}: not enough time left before the deadline", flush=True)
                 continue
-            bench.append(bench_depth(a, run, depth))
+            guarded(f"bench {mname} {depth}", lambda: bench.append(bench_depth(a, run, depth, mname, mpath)))
+
+    T = (a, gen, run, check, results, close)
+    if not a.skip_tests:
+        guarded("core tests", tests_core, *T)
+        if a.model128:
+            guarded("d128 tests", tests_d128, *T)
+    if not a.skip_bench and a.model128:
+        bench_model("d128_32q_8kv_4l", a.model128, a.depths128)
+    if not a.skip_tests:
+        parts = [("small budget tests", tests_small), ("state test", tests_state)]
+        if not a.quick:
+            parts.append(("0002 route tests", tests_old))
+        for name, f in parts:
+            if a.deadline and time.time() + 40 > a.deadline:
+                print(f"SKIP {name}: not enough time left before the deadline", flush=True)
+                continue
+            guarded(name, f, *T)
+    if not a.skip_bench:
+        bench_model("d256_16q_2kv_2l", a.model, a.depths)
     results["bench"] = bench
     results["bench_config"] = BENCH
     with open(a.json, "w") as f:
         json.dump(results, f, indent=1)
-    print("\n| context | stock tok/s | patched tok/s | speedup | patched, dense kernel over the sparse mask tok/s |")
-    print("|---|---|---|---|---|")
+    print("\n| model | context | stock tok/s | stock, CUDA graphs off | CUDA route tok/s | speedup | 0002 route tok/s "
+          "| cell order ms/step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in bench:
-        print(f"| {r['depth']} | {r['stock_tok_s']:.1f} | {r['patched_tok_s']:.1f} | {r['speedup']:.2f}x | "
-              f"{r['patched_dense_kernel_tok_s']:.1f} |")
+        print(f"| {r['model']} | {r['depth']} | {r['stock_tok_s']:.1f} | {r.get('stock_no_cuda_graphs_tok_s', float('nan')):.1f} | "
+              f"{r['cuda_tok_s']:.1f} | {r['speedup']:.2f}x | {r.get('old_route_tok_s', float('nan')):.1f} | "
+              f"{r.get('cell_tables_ms_per_step', float('nan')):.3f} |")
     print("ALL PASS" if ok else "SOME FAILED")
     sys.exit(0 if ok else 1)
 
 
-def tests(a, gen, run, check, results, close):
-    tmp = a.tmp
-    P, G = 64, 300
+def stats(log, what="CUDA route stats "):
+    """The JSON object a route's stats log line carries (or {})."""
+    for line in log.splitlines():
+        i = line.find(what)
+        if i >= 0:
+            try:
+                return json.JSONDecoder().raw_decode(line[i + len(what):])[0]
+            except ValueError:
+                return {}
+    return {}
+
+
+def orders(log):
+    """(appended cell orders checked against a rebuild, mismatches) from the CUDA route's stats line."""
+    m = re.search(r"checked against a rebuild: (\d+), mismatches: (\d+)", log)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, -1)
+
+
+OFF = {"LLAMA_INFINITEHIP_CUDA_OFF": "1"}
+
+
+P, G = 64, 300
+SP, SG = 8192, 64
+CHK = {"LLAMA_INFINITEHIP_CUDA_CHECK": "100000"}
+
+
+def tests_core(a, gen, run, check, results, close):
     # 1. plugin off
     ls, ts, ts_path, _ = gen(a.stock, "stock", P, G)
     lo, _, _, _ = gen(a.patched, "off", P, G, force=ts_path)
     results["plugin_off"] = compare(lo, ls)
     check("plugin off == stock (bit-identical, CUDA, fa on)", np.array_equal(lo, ls), results["plugin_off"])
 
-    # 2. covering budget through the GPU route
+    # 2. covering budget through the CUDA route
     lf, _, _, log = gen(a.patched, "full", P, G, config=FULL, force=ts_path)
     c = compare(lf, ls)
-    c["log"] = log
+    st = stats(log)
+    c.update({"log": log, "cuda_stats": st})
     results["full_budget"] = c
-    check(f"covering budget == stock ({P}+{G} tokens, teacher-forced, GPU route)",
-          close(c) and "GPU route on" in log, {k: v for k, v in c.items() if k != "log"})
-    print(log, flush=True)
-
-    # 3. flash attention off: fallback with a log line
-    ls_off, _, ts_off, _ = gen(a.stock, "stock_faoff", P, G, fa="off")
-    lfo, _, _, log = gen(a.patched, "full_faoff", P, G, config=FULL, force=ts_off, fa="off")
-    results["fa_off_fallback"] = {"log": log, **compare(lfo, ls_off)}
-    check("fa off: route declines with a log line, logits bit-identical to stock",
-          "needs flash attention" in log and np.array_equal(lfo, ls_off), log)
-
-    # 4. small budget, 8K context
-    SP, SG = 8192, 64
-    ls8, ts8, ts8_path, _ = gen(a.stock, "stock8k", SP, SG)
-    lsp, _, _, log_sp = gen(a.patched, "small_sparse", SP, SG, config=SMALL, force=ts8_path)
-    lde, _, _, _ = gen(a.patched, "small_dense", SP, SG, config=SMALL, force=ts8_path,
-                       env={"LLAMA_INFINITEHIP_GPU_DENSE": "1"})
-    lgr, tgr, _, _ = gen(a.patched, "small_greedy", SP, SG, config=SMALL)
-    c = compare(lsp, lde)
-    results["small_sparse_vs_dense_kernel"] = c
-    check("small budget: sparse kernel (n_kv_max) == dense kernel over the same mask", close(c), c)
-    c2 = compare(lsp, ls8)
-    first_diff = int(np.argmax(tgr != ts8)) if (tgr != ts8).any() else len(ts8)
-    c2.update({"context": SP + SG, "greedy_tokens_equal_to_stock_prefix": first_diff, "log": log_sp})
-    results["small_budget_vs_stock"] = c2
-    check("small budget runs, logits finite (agreement with stock reported)",
-          c2["finite"] and np.isfinite(lgr).all(), {k: v for k, v in c2.items() if k != "log"})
-    print(log_sp, flush=True)
-
-    # 5. session state: the mirror reads the loaded cells from the device once
-    st = os.path.join(tmp, "st1k.bin")
-    run(a.stock, ["fill", a.model, "--depth", "1024", "--state", st, "--fa", "on", "--ctx", "2048"])
-    lsd, _, tsd_path, _ = gen(a.stock, "stock1k", 1024, 64, ctx=2048)
-    lst, _, _, log = gen(a.patched, "state_full", 1024, 64, config=FULL, force=tsd_path, state=st, ctx=2048)
-    c = compare(lst, lsd)
-    c["log"] = log
-    results["state_load_full_budget"] = c
-    check("session state loaded, covering budget == stock", close(c) and '"fetched_cells":2046' in log,
+    check(f"covering budget == stock ({P}+{G} tokens, teacher-forced, CUDA route, d256)",
+          close(c) and "CUDA route on" in log and st.get("calls", 0) >= 2 * G,
           {k: v for k, v in c.items() if k != "log"})
     print(log, flush=True)
 
+    if a.quick:
+        return
+    # 3. flash attention off: both GPU routes decline, llama.cpp's attention runs it
+    ls_off, _, ts_off, _ = gen(a.stock, "stock_faoff", P, G, fa="off")
+    lfo, _, _, log = gen(a.patched, "full_faoff", P, G, config=FULL, force=ts_off, fa="off")
+    results["fa_off_fallback"] = {"log": log, **compare(lfo, ls_off)}
+    check("fa off: CUDA route declines (V transposed), 0002 route logs its fallback, logits bit-identical to stock",
+          "needs flash attention" in log and np.array_equal(lfo, ls_off) and not stats(log).get("calls"), log)
 
 
-def bench_depth(a, run, depth):
+
+def tests_small(a, gen, run, check, results, close):
+    # 4. small budget, 8K context, check mode
+    ls8, ts8, ts8_path, _ = gen(a.stock, "stock8k", SP, SG)
+    lsp, _, _, log_sp = gen(a.patched, "small_cuda", SP, SG, config=SMALL, force=ts8_path, env=CHK)
+    st = stats(log_sp)
+    ck = st.get("check", {})
+    st["orders_checked"], st["orders_mismatched"] = orders(log_sp)
+    results["small_cuda_check"] = st
+    check("small budget, CUDA route: output == f64 reference over its selection and the device K/V, "
+          "sink + window selected, appended cell orders == rebuilt ones (check mode, d256)",
+          ck.get("rows", 0) >= 2 * SG and ck.get("failed", 1) == 0 and ck.get("worst_rel_err", 1) <= 1e-2
+          and st["orders_checked"] >= SG - 1 and st["orders_mismatched"] == 0 and np.isfinite(lsp).all(), st)
+    lgr, tgr, _, _ = gen(a.patched, "small_greedy", SP, SG, config=SMALL)
+    c2 = compare(lsp, ls8)
+    first_diff = int(np.argmax(tgr != ts8)) if (tgr != ts8).any() else len(ts8)
+    c2.update({"context": SP + SG, "greedy_tokens_equal_to_stock_prefix": first_diff,
+               "selected_fraction": ck.get("selected_fraction")})
+    results["small_budget_vs_stock"] = c2
+    check("small budget runs, logits finite (agreement with stock reported)",
+          c2["finite"] and np.isfinite(lgr).all(), c2)
+    print(log_sp, flush=True)
+
+
+def tests_state(a, gen, run, check, results, close):
+    # 5. session state loaded (cells filled from a file), covering budget
+    stf = os.path.join(a.tmp, "st1k.bin")
+    run(a.stock, ["fill", a.model, "--depth", "1024", "--state", stf, "--fa", "on", "--ctx", "2048"])
+    lsd, _, tsd_path, _ = gen(a.stock, "stock1k", 1024, 64, ctx=2048)
+    lst, _, _, log = gen(a.patched, "state_full", 1024, 64, config=FULL, force=tsd_path, state=stf, ctx=2048)
+    c = compare(lst, lsd)
+    c["log"] = log
+    results["state_load_full_budget"] = c
+    check("session state loaded, covering budget == stock (CUDA route)", close(c) and "CUDA route on" in log,
+          {k: v for k, v in c.items() if k != "log"})
+
+
+def tests_old(a, gen, run, check, results, close):
+    # 6. the 0002 route still works where the CUDA route is off
+    ls = np.fromfile(os.path.join(a.tmp, "stock.logits"), dtype=np.float32).reshape(G, -1)
+    ts_path = os.path.join(a.tmp, "stock.tokens")
+    ts8_path = os.path.join(a.tmp, "stock8k.tokens")
+    if not os.path.exists(ts8_path):
+        gen(a.stock, "stock8k", SP, SG)
+    lfo2, _, _, log = gen(a.patched, "full_old", P, G, config=FULL, force=ts_path, env=OFF)
+    c = compare(lfo2, ls)
+    results["old_route_full_budget"] = c
+    check("CUDA route off: 0002 route, covering budget == stock", close(c) and "GPU route on" in log, c)
+    lsp_o, _, _, _ = gen(a.patched, "small_old_sparse", SP, SG, config=SMALL, force=ts8_path, env=OFF)
+    lde_o, _, _, _ = gen(a.patched, "small_old_dense", SP, SG, config=SMALL, force=ts8_path,
+                         env={**OFF, "LLAMA_INFINITEHIP_GPU_DENSE": "1"})
+    c = compare(lsp_o, lde_o)
+    results["old_route_small_sparse_vs_dense_kernel"] = c
+    check("0002 route, small budget: sparse kernel (n_kv_max) == dense kernel over the same mask", close(c), c)
+
+
+def tests_d128(a, gen, run, check, results, close):
+    if True:
+        m = a.model128
+        ls, _, ts_path, _ = gen(a.stock, "stock_d128", P, G, model=m)
+        lf, _, _, log = gen(a.patched, "full_d128", P, G, config=FULL, force=ts_path, model=m)
+        c = compare(lf, ls)
+        c["cuda_stats"] = stats(log)
+        results["full_budget_d128"] = c
+        check(f"covering budget == stock ({P}+{G} tokens, CUDA route, d128 32q/8kv x4)",
+              close(c) and c["cuda_stats"].get("calls", 0) >= 4 * G, c)
+        _, _, t8_path, _ = gen(a.stock, "stock8k_d128", SP, SG, model=m)
+        l8, _, _, log = gen(a.patched, "small_cuda_d128", SP, SG, config=SMALL, force=t8_path, env=CHK, model=m)
+        st = stats(log)
+        ck = st.get("check", {})
+        st["orders_checked"], st["orders_mismatched"] = orders(log)
+        results["small_cuda_check_d128"] = st
+        check("small budget, CUDA route, check mode (d128 32q/8kv x4)",
+              ck.get("rows", 0) >= 4 * SG and ck.get("failed", 1) == 0 and ck.get("worst_rel_err", 1) <= 1e-2
+              and st["orders_checked"] >= SG - 1 and st["orders_mismatched"] == 0 and np.isfinite(l8).all(), st)
+
+
+def bench_depth(a, run, depth, mname, model):
     tmp = a.tmp
     ctx = depth + a.gen + 256
     stf = os.path.join(tmp, f"st{depth}.bin")
-    fill, _, dt = run(a.stock, ["fill", a.model, "--depth", str(depth), "--state", stf, "--fa", "on",
+    fill, _, dt = run(a.stock, ["fill", model, "--depth", str(depth), "--state", stf, "--fa", "on",
                                 "--ctx", str(ctx), "--batch", "2048"])
-    row = {"depth": depth, "stock_fill_s": fill["prefill_s"], "fill_wall_s": round(dt, 2)}
-    for name, exe, cfg, env in [("stock", a.stock, None, None), ("patched", a.patched, BENCH, None),
-                                ("patched_dense_kernel", a.patched, BENCH, {"LLAMA_INFINITEHIP_GPU_DENSE": "1"})]:
-        r, log, _ = run(exe, ["bench", a.model, "--depth", str(depth), "--gen", str(a.gen), "--state", stf,
+    row = {"model": mname, "depth": depth, "stock_fill_s": fill["prefill_s"], "fill_wall_s": round(dt, 2)}
+    for name, exe, cfg, env, n in [("stock", a.stock, None, None, a.gen),
+                                   ("stock_no_cuda_graphs", a.stock, None, {"GGML_CUDA_DISABLE_GRAPHS": "1"}, a.gen),
+                                   ("cuda", a.patched, BENCH, None, a.gen),
+                                   ("old_route", a.patched, BENCH, OFF, a.old_gen)]:
+        if name == "old_route" and (depth > 131072 or (a.deadline and time.time() + 40 > a.deadline)):
+            continue
+        if a.quick and name in ("old_route", "stock_no_cuda_graphs"):
+            continue
+        r, log, _ = run(exe, ["bench", model, "--depth", str(depth), "--gen", str(n), "--state", stf,
                               "--fa", "on", "--ctx", str(ctx)], cfg, env)
         row[name + "_tok_s"] = r["decode_tok_s"]
-        if name == "patched":
-            row["patched_log"] = log
-    row["speedup"] = row["patched_tok_s"] / row["stock_tok_s"]
-    print(json.dumps({k: v for k, v in row.items() if k != "patched_log"}), flush=True)
-    print(row["patched_log"], flush=True)
+        if name == "cuda":
+            row["cuda_stats"] = stats(log)
+            row["cuda_log"] = log
+            m = re.search(r"cell tables (\d+) \((\d+) by appending one cell\) ([0-9.]+) ms", log)
+            if m:
+                row["cell_tables"], row["cell_tables_appended"] = int(m.group(1)), int(m.group(2))
+                row["cell_tables_ms_per_step"] = float(m.group(3)) / max(1, int(m.group(1)))
+    row["speedup"] = row["cuda_tok_s"] / row["stock_tok_s"]
+    print(json.dumps({k: v for k, v in row.items() if k != "cuda_log"}), flush=True)
     os.remove(stf)
     return row
 

@@ -1,0 +1,479 @@
+//! llama.cpp CUDA route: our CUDA attention (`GpuAttention`) over
+//! llama.cpp's own device K/V, on ggml's CUDA stream.
+//!
+//! llama.cpp's K (and V with flash attention on) cache of a layer is
+//! `[head_dim, n_head_kv, kv_size]` per stream, one cell per token: a
+//! token-major pool, i.e. page size 1 with a cell-order table (as SGLang's
+//! `req_to_token`). The C++ side (patch 0004) builds, once per ubatch on the
+//! host from the KV cell metadata, a table `[n_stream][n_kv]` of cells in
+//! sequence-position order (a graph input, copied to the device by ggml's
+//! scheduler), and registers a `GGML_OP_CUSTOM` that ggml-cuda runs on its
+//! own stream. That op calls [`LlamaCudaAttn::attend`] with device
+//! pointers: q (f32, llama.cpp's layout), the K/V views, the table and the
+//! f32 output. Nothing is read back and nothing waits on the host: the hip
+//! mask refresh state lives on the device, per (layer, sequence), as in the
+//! SGLang backend.
+//!
+//! Check mode (`LLAMA_INFINITEHIP_CUDA_CHECK=N`, tests): for the first `N`
+//! calls, wait for the device, read q, the output, the table, the K/V rows
+//! and the selection back, and compare the output with the f64 reference
+//! over the same selection and the same K/V (`attend_f64`); also check that
+//! every head's selection holds the sink and the window. The worst relative
+//! error and the count of failed checks appear in `stats_json`.
+//!
+//! Without the crate feature `cuda`, [`llama_cuda_attn_new`] returns an
+//! error and the C++ side keeps the other routes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use infinitehip::Result;
+
+use crate::ffi::CudaAttnArgs;
+use crate::guard;
+use crate::llama::LlamaPlugin;
+
+/// ggml_type ids of the K/V caches the kernels read.
+pub const GGML_TYPE_F16: u32 = 1;
+pub const GGML_TYPE_BF16: u32 = 30;
+
+#[derive(Default)]
+struct Counters {
+    calls: AtomicU64,
+    rows: AtomicU64,
+    tokens: AtomicU64,
+    resets: AtomicU64,
+    /// Host time spent in `attend` (launch + small uploads), ns.
+    host_ns: AtomicU64,
+    checks: AtomicU64,
+    check_fail: AtomicU64,
+    /// f64 bits of the worst relative error seen in check mode.
+    check_worst: AtomicU64,
+    check_selected: AtomicU64,
+    check_visible: AtomicU64,
+}
+
+/// Our CUDA attention for one llama.cpp context (module doc).
+pub struct LlamaCudaAttn {
+    #[cfg(feature = "cuda")]
+    inner: Mutex<imp::Inner>,
+    #[cfg(not(feature = "cuda"))]
+    _inner: Mutex<()>,
+    counters: Counters,
+    method: Vec<&'static str>,
+}
+
+/// The CUDA route of `plugin`'s config: an error when this build lacks the
+/// `cuda` feature, when no CUDA device/driver is found, or when a layer's
+/// method or the head shape is not one the CUDA kernels run.
+pub fn llama_cuda_attn_new(
+    plugin: &LlamaPlugin,
+) -> std::result::Result<Box<LlamaCudaAttn>, String> {
+    guard(|| new_impl(plugin).map(Box::new))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn new_impl(_plugin: &LlamaPlugin) -> Result<LlamaCudaAttn> {
+    Err(infinitehip::Error::Invalid(
+        "CUDA route: infinitehip-cpp-bridge was built without the `cuda` feature".into(),
+    ))
+}
+
+#[cfg(feature = "cuda")]
+fn new_impl(plugin: &LlamaPlugin) -> Result<LlamaCudaAttn> {
+    let inner = imp::Inner::new(plugin)?;
+    let method = (0..inner.attn.n_layers())
+        .map(|l| inner.attn.layer_method(l).unwrap_or("dense"))
+        .collect();
+    Ok(LlamaCudaAttn {
+        inner: Mutex::new(inner),
+        counters: Counters::default(),
+        method,
+    })
+}
+
+impl LlamaCudaAttn {
+    /// "hip" or "dense": what this route runs for `layer`.
+    pub fn layer_method(&self, layer: u32) -> String {
+        self.method
+            .get(layer as usize)
+            .copied()
+            .unwrap_or("none")
+            .to_string()
+    }
+
+    /// Attention of one query row per request: request `b` is stream `b`
+    /// of the ubatch (table row `b`), sequence `seqs[b]`, `lens[b]` tokens
+    /// (the query is the last). Launches on `args.stream`; nothing waits.
+    pub fn attend(
+        &self,
+        args: &CudaAttnArgs,
+        seqs: &[u64],
+        lens: &[u32],
+    ) -> std::result::Result<(), String> {
+        let t0 = std::time::Instant::now();
+        let r = guard(|| self.attend_impl(args, seqs, lens));
+        let c = &self.counters;
+        c.host_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if r.is_ok() {
+            c.calls.fetch_add(1, Ordering::Relaxed);
+            c.rows.fetch_add(seqs.len() as u64, Ordering::Relaxed);
+            c.tokens.fetch_add(
+                lens.iter().map(|&l| l as u64).sum::<u64>(),
+                Ordering::Relaxed,
+            );
+        }
+        r
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn attend_impl(&self, _a: &CudaAttnArgs, _s: &[u64], _l: &[u32]) -> Result<()> {
+        Err(infinitehip::Error::Invalid(
+            "CUDA route: built without the `cuda` feature".into(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn attend_impl(&self, a: &CudaAttnArgs, seqs: &[u64], lens: &[u32]) -> Result<()> {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.attend(a, seqs, lens, &self.counters)
+    }
+
+    /// Forget sequence `seq`'s hip state (its next decode refreshes every
+    /// stage): after a prefill ubatch, a cleared or shortened sequence.
+    pub fn end_request(&self, seq: u64) {
+        self.counters.resets.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "cuda")]
+        {
+            let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            g.attn.end_request(seq);
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = seq;
+    }
+
+    pub fn cuda_stats_json(&self) -> String {
+        let c = &self.counters;
+        let l = |x: &AtomicU64| x.load(Ordering::Relaxed);
+        let checks = l(&c.checks);
+        let mut j = serde_json::json!({
+            "route": "cuda (our attention over llama.cpp's device K/V)",
+            "calls": l(&c.calls),
+            "rows": l(&c.rows),
+            "context_tokens": l(&c.tokens),
+            "hip_resets": l(&c.resets),
+            "host_ms": l(&c.host_ns) as f64 * 1e-6,
+        });
+        if checks > 0 {
+            let (s, v) = (l(&c.check_selected), l(&c.check_visible));
+            j["check"] = serde_json::json!({
+                "rows": checks,
+                "failed": l(&c.check_fail),
+                "worst_rel_err": f64::from_bits(l(&c.check_worst)),
+                "selected_fraction": if v == 0 { 1.0 } else { s as f64 / v as f64 },
+            });
+        }
+        j.to_string()
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use std::sync::atomic::Ordering;
+
+    use half::{bf16, f16};
+    use infinitehip::attention::reference::attend_f64;
+    use infinitehip::attention::{rel_error, AttnShape};
+    use infinitehip::backend::cuda::dispatch::AttnOut;
+    use infinitehip::backend::cuda::engine_attn::{EngineKv, GpuAttention, QArg};
+    use infinitehip::backend::cuda::{DevBuf, GpuContext};
+    use infinitehip::config::{LayerPolicy, PolicyConfig};
+    use infinitehip::dtype::DType;
+    use infinitehip::kv::KvRead;
+    use infinitehip::{Error, Result};
+
+    use super::{Counters, GGML_TYPE_BF16, GGML_TYPE_F16};
+    use crate::ffi::CudaAttnArgs;
+    use crate::llama::LlamaPlugin;
+
+    pub(super) struct Inner {
+        // kept alive for `attn` (modules, context)
+        _gpu: GpuContext,
+        pub(super) attn: GpuAttention,
+        cfg: PolicyConfig,
+        check_left: u64,
+    }
+
+    impl Inner {
+        pub(super) fn new(plugin: &LlamaPlugin) -> Result<Self> {
+            let cfg = plugin.config().clone();
+            let gpu = GpuContext::new(0)?;
+            let attn = GpuAttention::new(&gpu, &cfg)?;
+            let check_left = std::env::var("LLAMA_INFINITEHIP_CUDA_CHECK")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            Ok(Inner {
+                _gpu: gpu,
+                attn,
+                cfg,
+                check_left,
+            })
+        }
+
+        pub(super) fn attend(
+            &mut self,
+            a: &CudaAttnArgs,
+            seqs: &[u64],
+            lens: &[u32],
+            c: &Counters,
+        ) -> Result<()> {
+            let dtype = match a.kv_type {
+                GGML_TYPE_F16 => DType::F16,
+                GGML_TYPE_BF16 => DType::Bf16,
+                t => {
+                    return Err(Error::Dtype {
+                        what: "llama.cpp K/V cache".into(),
+                        got: format!("ggml_type {t}"),
+                        supported: "F16 (1), BF16 (30)".into(),
+                    })
+                }
+            };
+            let b = seqs.len();
+            if lens.len() != b || b == 0 {
+                return Err(Error::shape("CUDA route lens per request", b, lens.len()));
+            }
+            let d = self.attn.shape().head_dim;
+            let kv = EngineKv {
+                k: a.k,
+                v: a.v,
+                dtype,
+                table: a.table,
+                table_stride: a.table_stride as usize,
+                page_size: 1,
+                page_stride: a.row_stride as usize,
+                head_stride: d,
+            };
+            let q = QArg {
+                ptr: a.q,
+                dtype: DType::F32,
+                row_stride: a.q_row_stride as usize,
+            };
+            let out = AttnOut {
+                ptr: a.out,
+                dtype: DType::F32,
+                row_stride: a.out_row_stride as usize,
+            };
+            let rows: Vec<usize> = (0..b).collect();
+            let lens_us: Vec<usize> = lens.iter().map(|&l| l as usize).collect();
+            // SAFETY: the C++ side passes ggml device tensors of this
+            // context (sizes checked there against the shapes used here),
+            // alive until ggml's stream has run the launches.
+            unsafe {
+                self.attn.decode(
+                    a.stream,
+                    a.layer as usize,
+                    &kv,
+                    seqs,
+                    &rows,
+                    &lens_us,
+                    &q,
+                    &out,
+                    Some(a.scale),
+                )?;
+            }
+            if self.check_left > 0 {
+                self.check_left -= 1;
+                self.check(a, &kv, &lens_us, c)?;
+            }
+            Ok(())
+        }
+
+        /// Reference twin of the last call (module doc): f64 attention over
+        /// the same selection and K/V.
+        fn check(
+            &self,
+            a: &CudaAttnArgs,
+            kv: &EngineKv,
+            lens: &[usize],
+            c: &Counters,
+        ) -> Result<()> {
+            let sh = *self.attn.shape();
+            let (hq, hkv, d) = (sh.n_q_heads, sh.n_kv_heads, sh.head_dim);
+            let gpu = unsafe { self._gpu.on_stream(a.stream) };
+            gpu.synchronize()?;
+            let sels = self.attn.last_selection()?;
+            let (sink, window) = match self.cfg.layer_policy(a.layer as usize) {
+                LayerPolicy::Hip(h) if (a.layer as usize) >= self.cfg.dense_layers => {
+                    (h.sink, h.window)
+                }
+                _ => (usize::MAX, usize::MAX),
+            };
+            let shape = AttnShape {
+                scale: a.scale,
+                ..AttnShape::new(hq, hkv, d)?
+            };
+            let es = 2usize;
+            for (b, &len) in lens.iter().enumerate() {
+                let q: Vec<f32> =
+                    DevBuf::borrowed(a.q + (b as u64 * a.q_row_stride * 4), hq * d * 4)
+                        .read(hq * d)?;
+                let o: Vec<f32> =
+                    DevBuf::borrowed(a.out + (b as u64 * a.out_row_stride * 4), hq * d * 4)
+                        .read(hq * d)?;
+                let table: Vec<i32> =
+                    DevBuf::borrowed(a.table + (b as u64 * a.table_stride * 4), len * 4)
+                        .read(len)?;
+                let (lo, hi) = table
+                    .iter()
+                    .fold((i32::MAX, i32::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+                if lo < 0 {
+                    return Err(Error::Invalid(format!(
+                        "CUDA route check: negative cell {lo} in the table"
+                    )));
+                }
+                let (lo, hi) = (lo as usize, hi as usize);
+                let row = a.row_stride as usize;
+                let n = (hi - lo + 1) * row;
+                let off = (lo * row * es) as u64;
+                let kh: Vec<u16> = DevBuf::borrowed(kv.k + off, n * es).read(n)?;
+                let vh: Vec<u16> = DevBuf::borrowed(kv.v + off, n * es).read(n)?;
+                let view = TableKv {
+                    k: &kh,
+                    v: &vh,
+                    table: &table,
+                    lo,
+                    row,
+                    hkv,
+                    d,
+                    bf: kv.dtype == DType::Bf16,
+                };
+                let sel = sels.get(b).ok_or_else(|| {
+                    Error::Invalid(format!("CUDA route check: no selection for row {b}"))
+                })?;
+                let want = attend_f64(&shape, &q, &view, Some(sel), len);
+                let err = rel_error(&o, &want);
+                let mut ok = err.is_finite() && err <= 1e-2;
+                for h in 0..hkv {
+                    if sink != usize::MAX {
+                        let must = (0..sink.min(len)).chain(len.saturating_sub(window)..len);
+                        for t in must {
+                            ok &= sel.contains(h, t);
+                        }
+                    }
+                    c.check_selected.fetch_add(
+                        sel.heads[h].iter().map(|r| r.len() as u64).sum::<u64>(),
+                        Ordering::Relaxed,
+                    );
+                    c.check_visible.fetch_add(len as u64, Ordering::Relaxed);
+                }
+                c.checks.fetch_add(1, Ordering::Relaxed);
+                if !ok {
+                    c.check_fail.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        layer = a.layer,
+                        row = b,
+                        len,
+                        err,
+                        "CUDA route check failed"
+                    );
+                }
+                let e = if err.is_nan() { f64::INFINITY } else { err };
+                let mut cur = c.check_worst.load(Ordering::Relaxed);
+                while e > f64::from_bits(cur) {
+                    match c.check_worst.compare_exchange(
+                        cur,
+                        e.to_bits(),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    ) {
+                        Ok(_) => break,
+                        Err(x) => cur = x,
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// Host copy of a table's K/V rows (cells `lo..`), read in table order.
+    struct TableKv<'a> {
+        k: &'a [u16],
+        v: &'a [u16],
+        table: &'a [i32],
+        lo: usize,
+        row: usize,
+        hkv: usize,
+        d: usize,
+        bf: bool,
+    }
+
+    impl TableKv<'_> {
+        fn read(&self, src: &[u16], head: usize, tok: usize, out: &mut [f32]) {
+            let o = (self.table[tok] as usize - self.lo) * self.row + head * self.d;
+            for (x, &b) in out.iter_mut().zip(&src[o..o + self.d]) {
+                *x = if self.bf {
+                    bf16::from_bits(b).to_f32()
+                } else {
+                    f16::from_bits(b).to_f32()
+                };
+            }
+        }
+    }
+
+    impl KvRead for TableKv<'_> {
+        fn len(&self) -> usize {
+            self.table.len()
+        }
+        fn n_kv_heads(&self) -> usize {
+            self.hkv
+        }
+        fn head_dim(&self) -> usize {
+            self.d
+        }
+        fn dot_key(&self, head: usize, tok: usize, q: &[f32]) -> f32 {
+            let mut k = vec![0f32; self.d];
+            self.read(self.k, head, tok, &mut k);
+            k.iter().zip(q).map(|(a, b)| a * b).sum()
+        }
+        fn read_key(&self, head: usize, tok: usize, out: &mut [f32]) {
+            self.read(self.k, head, tok, out)
+        }
+        fn read_value(&self, head: usize, tok: usize, out: &mut [f32]) {
+            self.read(self.v, head, tok, out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ffi::ModelInfo;
+
+    fn plugin() -> LlamaPlugin {
+        let mi = ModelInfo {
+            n_layers: 2,
+            n_q_heads: 8,
+            n_kv_heads: 2,
+            head_dim: 64,
+            rope_theta: 10000.0,
+            n_ctx_train: 4096,
+        };
+        LlamaPlugin::new(r#"{"dense_layers": 0, "default": {"method": "hip"}}"#, &mi).unwrap()
+    }
+
+    #[test]
+    fn without_a_gpu_the_route_is_an_error_not_a_panic() {
+        // CPU builds (no feature) and machines without libcuda both refuse
+        // with a message the C++ side logs before keeping the other routes.
+        #[cfg(feature = "cuda")]
+        if infinitehip::backend::cuda::driver_available() {
+            return;
+        }
+        let e = llama_cuda_attn_new(&plugin())
+            .err()
+            .expect("must fail here");
+        assert!(e.contains("cuda") || e.contains("CUDA"), "{e}");
+    }
+}
