@@ -228,9 +228,13 @@ pub mod ffi {
         ) -> Result<Vec<f32>>;
         /// Layer `layer`'s fc2 `[n_kv_heads][hidden]` (ggml `[hidden, n_kv_heads]`).
         fn locret_graph_fc2(self: &LlamaPlugin, layer: u32) -> Result<Vec<f32>>;
+        /// Drop the plugin's f32 retaining heads (the ggml graph holds them).
+        fn locret_release_heads(self: &LlamaPlugin);
+        /// The ubatch in flight holds only decoded tokens: no scoring needed.
+        fn locret_ubatch_decoded(self: &LlamaPlugin) -> bool;
         /// Fold the scoring graph's scores `s` `[n_kv_heads, n_tokens]` of
         /// `layer` into the ubatch in flight (max over heads and layers);
-        /// `mask` (may be empty) counts live cells.
+        /// `mask` (may be empty) counts live cells; empty `s`: only that.
         fn locret_record(
             self: &LlamaPlugin,
             layer: u32,

@@ -997,8 +997,21 @@ impl LlamaPlugin {
         guard(|| self.locret_state()?.graph_fc2(layer))
     }
 
+    /// Drop the f32 retaining heads once the ggml graph holds them.
+    pub fn locret_release_heads(&self) {
+        if let Some(l) = &self.locret {
+            l.release_heads();
+        }
+    }
+
+    /// Whether the ubatch in flight holds only decoded tokens.
+    pub fn locret_ubatch_decoded(&self) -> bool {
+        self.locret.as_ref().is_some_and(|l| l.ubatch_decoded())
+    }
+
     /// The scoring graph's scores of layer `layer` (`[n_kv_heads,
-    /// n_tokens]` F32/F16) join the ubatch in flight; `mask` counts cells.
+    /// n_tokens]` F32/F16) join the ubatch in flight; `mask` counts cells
+    /// (empty `s`: only that).
     pub fn locret_record(
         &self,
         layer: u32,
@@ -1009,13 +1022,17 @@ impl LlamaPlugin {
     ) -> std::result::Result<(), String> {
         guard(|| {
             let l = self.locret_state()?;
-            let s = view(s, sd, "locret graph scores")?;
+            let s = if s.is_empty() {
+                None
+            } else {
+                Some(view(s, sd, "locret graph scores")?)
+            };
             let m = if mask.is_empty() {
                 None
             } else {
                 Some(view(mask, md, "kq_mask")?)
             };
-            l.record_op(layer, &s, m.as_ref())
+            l.record_op(layer, s.as_ref(), m.as_ref())
         })
     }
 

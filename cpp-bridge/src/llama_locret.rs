@@ -46,7 +46,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 
 use infinitehip::config::{LayerPolicy, LocretConfig, PolicyConfig};
 use infinitehip::policy::locret::RetainingHead;
@@ -169,7 +169,10 @@ struct Counters {
 pub struct LocretLlama {
     cfg: LocretConfig,
     /// Per layer: its retaining head (locret layers only).
-    heads: Vec<Option<RetainingHead>>,
+    /// `release_heads` empties it once the ggml graph holds the weights.
+    heads: RwLock<Vec<Option<Arc<RetainingHead>>>>,
+    /// Per layer: runs locret.
+    locret_layers: Vec<bool>,
     n_scoring: usize,
     n_q_heads: usize,
     n_kv_heads: usize,
@@ -242,7 +245,7 @@ impl LocretLlama {
                 RetainingHead::load(std::path::Path::new(path), m, c.hidden, l).map_err(|e| {
                     Error::config(format!("layer {l} locret.weights ({path})"), e.to_string())
                 })?;
-            heads.push(Some(head));
+            heads.push(Some(Arc::new(head)));
         }
         let Some((_, cfg0)) = common else {
             return Ok(None);
@@ -257,9 +260,11 @@ impl LocretLlama {
             }
         }
         let n_scoring = heads.iter().filter(|h| h.is_some()).count();
+        let locret_layers = heads.iter().map(|h| h.is_some()).collect();
         Ok(Some(LocretLlama {
             cfg: cfg0,
-            heads,
+            heads: RwLock::new(heads),
+            locret_layers,
             n_scoring,
             n_q_heads: m.n_q_heads,
             n_kv_heads: m.n_kv_heads,
@@ -277,7 +282,10 @@ impl LocretLlama {
     }
 
     pub fn is_locret_layer(&self, layer: u32) -> bool {
-        self.heads.get(layer as usize).is_some_and(|h| h.is_some())
+        self.locret_layers
+            .get(layer as usize)
+            .copied()
+            .unwrap_or(false)
     }
 
     pub fn set_qk_interleaved(&self, on: bool) {
@@ -388,11 +396,32 @@ impl LocretLlama {
         )
     }
 
-    fn head(&self, layer: u32) -> Result<&RetainingHead> {
-        self.heads
-            .get(layer as usize)
-            .and_then(|h| h.as_ref())
-            .ok_or_else(|| Error::Invalid(format!("layer {layer} has no retaining head")))
+    fn head(&self, layer: u32) -> Result<Arc<RetainingHead>> {
+        if !self.is_locret_layer(layer) {
+            return Err(Error::Invalid(format!(
+                "layer {layer} has no retaining head"
+            )));
+        }
+        let heads = self.heads.read().unwrap_or_else(|e| e.into_inner());
+        heads[layer as usize].clone().ok_or_else(|| {
+            Error::Invalid(format!(
+                "layer {layer}: retaining head released (the ggml graph holds it: LLAMA_INFINITEHIP_LOCRET_SCORING=ggml)"
+            ))
+        })
+    }
+
+    /// Drop the f32 retaining heads once the ggml graph holds copies (one
+    /// copy of fc1 per locret layer, 25 MB at the Llama-3.1-8B shape):
+    /// the Rust scoring op, check mode and `graph_fc1/fc2` then fail.
+    pub fn release_heads(&self) {
+        let mut heads = self.heads.write().unwrap_or_else(|e| e.into_inner());
+        heads.iter_mut().for_each(|h| *h = None);
+    }
+
+    /// The ubatch in flight holds only decoded tokens (nothing to score).
+    pub fn ubatch_decoded(&self) -> bool {
+        let ub = self.ub.lock().unwrap_or_else(|e| e.into_inner());
+        !ub.pos.is_empty() && ub.decoded.iter().all(|&d| d)
     }
 
     /// Layer `layer`'s fc1 for a ggml graph that feeds it llama.cpp's
@@ -444,9 +473,26 @@ impl LocretLlama {
     /// Fold one ubatch's retaining-head scores of layer `layer`, computed in
     /// the ggml graph (`s` `[n_kv_heads, n_tokens]`), into the ubatch's token
     /// scores: max over KV heads, as the Rust scoring op does; `mask` counts
-    /// live cells. One call per layer and ubatch (one thread).
-    pub fn record_op(&self, layer: u32, s: &View<'_>, mask: Option<&View<'_>>) -> Result<()> {
-        self.head(layer)?;
+    /// live cells. One call per layer and ubatch (one thread). Without `s`
+    /// (decode steps: nothing to score) only the cells are counted.
+    pub fn record_op(
+        &self,
+        layer: u32,
+        s: Option<&View<'_>>,
+        mask: Option<&View<'_>>,
+    ) -> Result<()> {
+        if !self.is_locret_layer(layer) {
+            return Err(Error::Invalid(format!(
+                "layer {layer} has no retaining head"
+            )));
+        }
+        let Some(s) = s else {
+            if let Some(m) = mask {
+                let n = self.ub.lock().unwrap_or_else(|e| e.into_inner()).pos.len();
+                self.count_visible(m, n);
+            }
+            return Ok(());
+        };
         let (nkv, n) = (self.n_kv_heads, s.ne[1]);
         if s.ne[0] != nkv || s.ne[2] != 1 || s.ne[3] != 1 {
             return Err(Error::shape(
@@ -712,7 +758,7 @@ impl LocretLlama {
             seqs: tok_seqs,
             decoded,
             scores: vec![f32::NEG_INFINITY; n],
-            scored: vec![false; self.heads.len()],
+            scored: vec![false; self.locret_layers.len()],
         };
         self.c.ubatches.fetch_add(1, Ordering::Relaxed);
         Ok(rm)

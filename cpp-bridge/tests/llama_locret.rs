@@ -665,4 +665,41 @@ fn graph_path_weights_record_and_check() {
     let bad = TensorDesc { ne0: 1, ..sd };
     let e = p.locret_record(0, &sb, &bad, &[], &sd).unwrap_err();
     assert!(e.contains("graph scores"), "{e}");
+    // Decode steps need no scoring; once the graph holds the heads, the
+    // plugin's copies go: recording works, the Rust op names the reason.
+    assert!(!p.locret_ubatch_decoded());
+    begin_seq0(&p, 7..8);
+    assert!(p.locret_ubatch_decoded());
+    begin_seq0(&p, 8..10);
+    assert!(!p.locret_ubatch_decoded());
+    p.locret_release_heads();
+    let t2 = random_tokens(&m, 2, &mut rng);
+    let (sb, sd) = graph_scores_of(&m, 2, 7.0);
+    p.locret_record(0, &sb, &sd, &[], &sd).unwrap();
+    let (qb, qd) = view_of(&t2.q, 8, 4, 0);
+    let (kb, kd) = view_of(&t2.k, 8, 2, 0);
+    let (vb, vd) = view_of(&t2.v, 8, 2, 0);
+    let e = p
+        .locret_score(1, &qb, &qd, &kb, &kd, &vb, &vd, &[], &qd, 0, 1)
+        .unwrap_err();
+    assert!(e.contains("released"), "{e}");
+    assert!(p.locret_graph_fc1(0, false).is_err());
+}
+
+/// A constant score tensor `[nkv, n]`.
+fn graph_scores_of(m: &ModelShape, n: usize, x: f32) -> (Vec<u8>, TensorDesc) {
+    let nkv = m.n_kv_heads;
+    let bytes: Vec<u8> = (0..n * nkv).flat_map(|_| x.to_le_bytes()).collect();
+    let desc = TensorDesc {
+        dtype: 0,
+        ne0: nkv as i64,
+        ne1: n as i64,
+        ne2: 1,
+        ne3: 1,
+        nb0: 4,
+        nb1: 4 * nkv as u64,
+        nb2: 4 * (nkv * n) as u64,
+        nb3: 4 * (nkv * n) as u64,
+    };
+    (bytes, desc)
 }
