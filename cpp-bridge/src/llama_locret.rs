@@ -3,11 +3,16 @@
 //! KV cells between ubatches.
 //!
 //! What runs where:
-//! - **Scoring** (`LocretLlama::score`, called by one ggml custom op per
-//!   locret layer, any number of ggml threads over disjoint token ranges):
-//!   the layer's `RetainingHead` on the token's pre-RoPE `[q | k | v]` (the
-//!   `src[0]` of the ROPE nodes feeding llama.cpp's `build_attn`) gives one
-//!   raw score per KV head. llama.cpp's cells are shared by every layer and
+//! - **Scoring**: the layer's `RetainingHead` on the token's pre-RoPE
+//!   `[q | k | v]` (the `src[0]` of the ROPE nodes feeding llama.cpp's
+//!   `build_attn`) gives one raw score per KV head. By default patch 0003
+//!   builds it as ggml ops (concat, `mul_mat` fc1, `silu`, `mul_mat` fc2) on
+//!   weights from `graph_fc1`/`graph_fc2` loaded once into the layer's
+//!   backend buffer (then `release_heads`), and a one-thread op hands the
+//!   scores `[n_kv_heads, n_tokens]` to `record_op`. The Rust scoring op
+//!   (`score_op`, any number of ggml threads over disjoint token ranges) is
+//!   the reference twin (`LLAMA_INFINITEHIP_LOCRET_SCORING=rust`); `check_op`
+//!   compares graph scores with the f64 reference (`=check`). llama.cpp's cells are shared by every layer and
 //!   head, so eviction is per token: the token's score is the **max over the
 //!   locret layers and their KV heads** (upstream Locret max-pools its
 //!   training labels over query groups; our core evicts per (layer, KV head)
