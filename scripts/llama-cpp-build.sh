@@ -9,7 +9,8 @@
 # (default target/llama.cpp, outside the git tree), applies patches/llama.cpp/*.patch
 # with `patch -p1` to the patched copy, builds the cpp-bridge static library
 # with cargo and libllama with -DLLAMA_INFINITEHIP=ON, then compiles
-# tests/llama-cpp/ihip_run.cpp against each libllama:
+# tests/llama-cpp/ihip_run.cpp against each libllama (and locret_bench.cpp
+# against the patched one):
 #   $LLAMA_CPP_WORK/build-{stock,patched}/bin/{libllama.so,ihip_run}
 # Nothing fetched is written inside the repository's tracked tree.
 set -euo pipefail
@@ -77,6 +78,10 @@ build_patched() {
     -DLLAMA_INFINITEHIP_INCLUDE_DIR="$REPO/target/cxxbridge" >"$WORK/cmake-patched.log"
   cmake --build "$bld" -j"$JOBS" --target llama >"$WORK/build-patched.log" 2>&1 || { tail -30 "$WORK/build-patched.log"; exit 1; }
   tool "$src" "$bld"
+  # locret scoring bench/check: ggml graph vs the Rust op (patch 0003)
+  g++ -O2 -std=c++17 "$REPO/tests/llama-cpp/locret_bench.cpp" -I "$src/include" -I "$src/ggml/include" \
+    -I "$REPO/target/cxxbridge" -L "$bld/bin" -lllama -lggml -lggml-base -lggml-cpu -Wl,-rpath,"$bld/bin" \
+    -o "$bld/bin/locret_bench"
   echo "patched: $bld/bin/ihip_run"
 }
 

@@ -245,6 +245,46 @@ pub mod ffi {
             ith: u32,
             nth: u32,
         ) -> Result<()>;
+        /// Layer `layer`'s retaining-head fc1 `[hidden][in]` (ggml `[in,
+        /// hidden]`) for the scoring graph, q/k columns in llama.cpp's row
+        /// order when `qk_interleaved`.
+        fn locret_graph_fc1(
+            self: &LlamaPlugin,
+            layer: u32,
+            qk_interleaved: bool,
+        ) -> Result<Vec<f32>>;
+        /// Layer `layer`'s fc2 `[n_kv_heads][hidden]` (ggml `[hidden, n_kv_heads]`).
+        fn locret_graph_fc2(self: &LlamaPlugin, layer: u32) -> Result<Vec<f32>>;
+        /// Drop the plugin's f32 retaining heads (the ggml graph holds them).
+        fn locret_release_heads(self: &LlamaPlugin);
+        /// The ubatch in flight holds only decoded tokens: no scoring needed.
+        fn locret_ubatch_decoded(self: &LlamaPlugin) -> bool;
+        /// Fold the scoring graph's scores `s` `[n_kv_heads, n_tokens]` of
+        /// `layer` into the ubatch in flight (max over heads and layers);
+        /// `mask` (may be empty) counts live cells; empty `s`: only that.
+        fn locret_record(
+            self: &LlamaPlugin,
+            layer: u32,
+            s: &[u8],
+            sd: &TensorDesc,
+            mask: &[u8],
+            md: &TensorDesc,
+        ) -> Result<()>;
+        /// Check mode: compare the graph's scores with the core's f64
+        /// reference on the same pre-RoPE q/k/v (stats: check_max_rel_err).
+        #[allow(clippy::too_many_arguments)]
+        fn locret_check(
+            self: &LlamaPlugin,
+            layer: u32,
+            s: &[u8],
+            sd: &TensorDesc,
+            q: &[u8],
+            qd: &TensorDesc,
+            k: &[u8],
+            kd: &TensorDesc,
+            v: &[u8],
+            vd: &TensorDesc,
+        ) -> Result<()>;
         /// Before each ubatch: its tokens' positions, sequence counts and
         /// flattened sequence ids. Returns the cells to evict as flat
         /// `(seq, p0, p1)` triples for `llama_memory_seq_rm`.

@@ -982,6 +982,84 @@ impl LlamaPlugin {
         })
     }
 
+    /// fc1 of locret layer `layer` for the scoring graph (see
+    /// `LocretLlama::graph_fc1`).
+    pub fn locret_graph_fc1(
+        &self,
+        layer: u32,
+        qk_interleaved: bool,
+    ) -> std::result::Result<Vec<f32>, String> {
+        guard(|| self.locret_state()?.graph_fc1(layer, qk_interleaved))
+    }
+
+    /// fc2 of locret layer `layer` for the scoring graph.
+    pub fn locret_graph_fc2(&self, layer: u32) -> std::result::Result<Vec<f32>, String> {
+        guard(|| self.locret_state()?.graph_fc2(layer))
+    }
+
+    /// Drop the f32 retaining heads once the ggml graph holds them.
+    pub fn locret_release_heads(&self) {
+        if let Some(l) = &self.locret {
+            l.release_heads();
+        }
+    }
+
+    /// Whether the ubatch in flight holds only decoded tokens.
+    pub fn locret_ubatch_decoded(&self) -> bool {
+        self.locret.as_ref().is_some_and(|l| l.ubatch_decoded())
+    }
+
+    /// The scoring graph's scores of layer `layer` (`[n_kv_heads,
+    /// n_tokens]` F32/F16) join the ubatch in flight; `mask` counts cells
+    /// (empty `s`: only that).
+    pub fn locret_record(
+        &self,
+        layer: u32,
+        s: &[u8],
+        sd: &TensorDesc,
+        mask: &[u8],
+        md: &TensorDesc,
+    ) -> std::result::Result<(), String> {
+        guard(|| {
+            let l = self.locret_state()?;
+            let s = if s.is_empty() {
+                None
+            } else {
+                Some(view(s, sd, "locret graph scores")?)
+            };
+            let m = if mask.is_empty() {
+                None
+            } else {
+                Some(view(mask, md, "kq_mask")?)
+            };
+            l.record_op(layer, s.as_ref(), m.as_ref())
+        })
+    }
+
+    /// Check mode: the graph's scores against the core's f64 reference.
+    #[allow(clippy::too_many_arguments)]
+    pub fn locret_check(
+        &self,
+        layer: u32,
+        s: &[u8],
+        sd: &TensorDesc,
+        q: &[u8],
+        qd: &TensorDesc,
+        k: &[u8],
+        kd: &TensorDesc,
+        v: &[u8],
+        vd: &TensorDesc,
+    ) -> std::result::Result<(), String> {
+        guard(|| {
+            let l = self.locret_state()?;
+            let s = view(s, sd, "locret graph scores")?;
+            let q = view(q, qd, "locret q (pre-RoPE)")?;
+            let k = view(k, kd, "locret k (pre-RoPE)")?;
+            let v = view(v, vd, "locret v")?;
+            l.check_op(layer, &s, &q, &k, &v)
+        })
+    }
+
     /// Before each ubatch (llama.cpp's decode loop): returns the cells to
     /// remove as flat `(seq, p0, p1)` triples (see `LocretLlama::begin`).
     pub fn locret_begin(

@@ -3,11 +3,16 @@
 //! KV cells between ubatches.
 //!
 //! What runs where:
-//! - **Scoring** (`LocretLlama::score`, called by one ggml custom op per
-//!   locret layer, any number of ggml threads over disjoint token ranges):
-//!   the layer's `RetainingHead` on the token's pre-RoPE `[q | k | v]` (the
-//!   `src[0]` of the ROPE nodes feeding llama.cpp's `build_attn`) gives one
-//!   raw score per KV head. llama.cpp's cells are shared by every layer and
+//! - **Scoring**: the layer's `RetainingHead` on the token's pre-RoPE
+//!   `[q | k | v]` (the `src[0]` of the ROPE nodes feeding llama.cpp's
+//!   `build_attn`) gives one raw score per KV head. By default patch 0003
+//!   builds it as ggml ops (concat, `mul_mat` fc1, `silu`, `mul_mat` fc2) on
+//!   weights from `graph_fc1`/`graph_fc2` loaded once into the layer's
+//!   backend buffer (then `release_heads`), and a one-thread op hands the
+//!   scores `[n_kv_heads, n_tokens]` to `record_op`. The Rust scoring op
+//!   (`score_op`, any number of ggml threads over disjoint token ranges) is
+//!   the reference twin (`LLAMA_INFINITEHIP_LOCRET_SCORING=rust`); `check_op`
+//!   compares graph scores with the f64 reference (`=check`). llama.cpp's cells are shared by every layer and
 //!   head, so eviction is per token: the token's score is the **max over the
 //!   locret layers and their KV heads** (upstream Locret max-pools its
 //!   training labels over query groups; our core evicts per (layer, KV head)
@@ -46,7 +51,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 
 use infinitehip::config::{LayerPolicy, LocretConfig, PolicyConfig};
 use infinitehip::policy::locret::RetainingHead;
@@ -155,13 +160,24 @@ struct Counters {
     /// sequence, this ubatch included).
     max_visible_cells: AtomicU64,
     last_visible_cells: AtomicU64,
+    /// Check mode: graph scores compared with the f64 reference, and the
+    /// largest relative error (f64 bits).
+    check_scores: AtomicU64,
+    check_max_rel_err: AtomicU64,
+    /// Layer scorings by the ggml graph (`record_op`) and by the Rust
+    /// scoring op (`score_op`, counted once per layer and ubatch).
+    graph_scorings: AtomicU64,
+    rust_op_scorings: AtomicU64,
 }
 
 /// Locret state of one llama.cpp context.
 pub struct LocretLlama {
     cfg: LocretConfig,
     /// Per layer: its retaining head (locret layers only).
-    heads: Vec<Option<RetainingHead>>,
+    /// `release_heads` empties it once the ggml graph holds the weights.
+    heads: RwLock<Vec<Option<Arc<RetainingHead>>>>,
+    /// Per layer: runs locret.
+    locret_layers: Vec<bool>,
     n_scoring: usize,
     n_q_heads: usize,
     n_kv_heads: usize,
@@ -234,7 +250,7 @@ impl LocretLlama {
                 RetainingHead::load(std::path::Path::new(path), m, c.hidden, l).map_err(|e| {
                     Error::config(format!("layer {l} locret.weights ({path})"), e.to_string())
                 })?;
-            heads.push(Some(head));
+            heads.push(Some(Arc::new(head)));
         }
         let Some((_, cfg0)) = common else {
             return Ok(None);
@@ -249,9 +265,11 @@ impl LocretLlama {
             }
         }
         let n_scoring = heads.iter().filter(|h| h.is_some()).count();
+        let locret_layers = heads.iter().map(|h| h.is_some()).collect();
         Ok(Some(LocretLlama {
             cfg: cfg0,
-            heads,
+            heads: RwLock::new(heads),
+            locret_layers,
             n_scoring,
             n_q_heads: m.n_q_heads,
             n_kv_heads: m.n_kv_heads,
@@ -269,7 +287,10 @@ impl LocretLlama {
     }
 
     pub fn is_locret_layer(&self, layer: u32) -> bool {
-        self.heads.get(layer as usize).is_some_and(|h| h.is_some())
+        self.locret_layers
+            .get(layer as usize)
+            .copied()
+            .unwrap_or(false)
     }
 
     pub fn set_qk_interleaved(&self, on: bool) {
@@ -305,11 +326,7 @@ impl LocretLlama {
         t1: usize,
         out: &mut [f32],
     ) -> Result<()> {
-        let head = self
-            .heads
-            .get(layer as usize)
-            .and_then(|h| h.as_ref())
-            .ok_or_else(|| Error::Invalid(format!("layer {layer} has no retaining head")))?;
+        let head = self.head(layer)?;
         let (d, nq, nkv) = (self.head_dim, self.n_q_heads, self.n_kv_heads);
         let n = q.ne[2];
         let want = |x: &View<'_>, heads: usize| {
@@ -333,9 +350,32 @@ impl LocretLlama {
         if nt == 0 {
             return Ok(());
         }
-        let inter = self.qk_interleaved.load(Ordering::Relaxed);
-        // [n][heads][d] in HF order: llama.cpp's interleaved-RoPE rows
-        // 2i + j hold HF's row j * d/2 + i (the GGUF converter's permute).
+        let (qs, ks, vs) = self.gather_hf(q, k, v, t0, t1);
+        let s = head.scores_serial(&qs, &ks, &vs)?;
+        for (o, row) in out.iter_mut().zip(s.chunks_exact(nkv)) {
+            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            if m.is_nan() || row.iter().any(|x| x.is_nan()) {
+                return Err(Error::Invalid(format!(
+                    "locret layer {layer}: retaining-head score is NaN (non-finite q/k/v?)"
+                )));
+            }
+            *o = m;
+        }
+        Ok(())
+    }
+
+    /// Tokens `t0..t1` of the pre-RoPE views as the core's `[n][heads][d]`
+    /// f32 in HF order: llama.cpp's interleaved-RoPE rows 2i + j hold HF's
+    /// row j * d/2 + i (the GGUF converter's permute).
+    fn gather_hf(
+        &self,
+        q: &View<'_>,
+        k: &View<'_>,
+        v: &View<'_>,
+        t0: usize,
+        t1: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (d, nt) = (self.head_dim, t1 - t0);
         let gather = |x: &View<'_>, heads: usize, unperm: bool| -> Vec<f32> {
             let mut o = vec![0f32; nt * heads * d];
             for t in 0..nt {
@@ -353,20 +393,198 @@ impl LocretLlama {
             }
             o
         };
-        let unperm = inter && d.is_multiple_of(2);
-        let qs = gather(q, nq, unperm);
-        let ks = gather(k, nkv, unperm);
-        let vs = gather(v, nkv, false);
-        let s = head.scores_serial(&qs, &ks, &vs)?;
-        for (o, row) in out.iter_mut().zip(s.chunks_exact(nkv)) {
-            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            if m.is_nan() || row.iter().any(|x| x.is_nan()) {
-                return Err(Error::Invalid(format!(
-                    "locret layer {layer}: retaining-head score is NaN (non-finite q/k/v?)"
-                )));
-            }
-            *o = m;
+        let unperm = self.qk_interleaved.load(Ordering::Relaxed) && d.is_multiple_of(2);
+        (
+            gather(q, self.n_q_heads, unperm),
+            gather(k, self.n_kv_heads, unperm),
+            gather(v, self.n_kv_heads, false),
+        )
+    }
+
+    fn head(&self, layer: u32) -> Result<Arc<RetainingHead>> {
+        if !self.is_locret_layer(layer) {
+            return Err(Error::Invalid(format!(
+                "layer {layer} has no retaining head"
+            )));
         }
+        let heads = self.heads.read().unwrap_or_else(|e| e.into_inner());
+        heads[layer as usize].clone().ok_or_else(|| {
+            Error::Invalid(format!(
+                "layer {layer}: retaining head released (the ggml graph holds it: LLAMA_INFINITEHIP_LOCRET_SCORING=ggml)"
+            ))
+        })
+    }
+
+    /// Drop the f32 retaining heads once the ggml graph holds copies (one
+    /// copy of fc1 per locret layer, 25 MB at the Llama-3.1-8B shape):
+    /// the Rust scoring op, check mode and `graph_fc1/fc2` then fail.
+    pub fn release_heads(&self) {
+        let mut heads = self.heads.write().unwrap_or_else(|e| e.into_inner());
+        heads.iter_mut().for_each(|h| *h = None);
+    }
+
+    /// The ubatch in flight holds only decoded tokens (nothing to score).
+    pub fn ubatch_decoded(&self) -> bool {
+        let ub = self.ub.lock().unwrap_or_else(|e| e.into_inner());
+        !ub.pos.is_empty() && ub.decoded.iter().all(|&d| d)
+    }
+
+    /// Layer `layer`'s fc1 for a ggml graph that feeds it llama.cpp's
+    /// pre-RoPE rows as they are: `[hidden][in]` (ggml `[in, hidden]`) with
+    /// the q and k columns of each head moved to llama.cpp's row order when
+    /// `qk_interleaved` (column `h*d + 2i + j` = the core's `h*d + j*d/2 + i`),
+    /// so `fc1_graph · x_llama = fc1 · x_hf` term by term.
+    pub fn graph_fc1(&self, layer: u32, qk_interleaved: bool) -> Result<Vec<f32>> {
+        let head = self.head(layer)?;
+        let (d, input) = (self.head_dim, head.input_dim());
+        let w = head.fc1();
+        if !qk_interleaved || !d.is_multiple_of(2) {
+            return Ok(w.to_vec());
+        }
+        let qk_cols = (self.n_q_heads + self.n_kv_heads) * d;
+        let mut o = w.to_vec();
+        for (src, dst) in w.chunks_exact(input).zip(o.chunks_exact_mut(input)) {
+            for hd in (0..qk_cols).step_by(d) {
+                for e in 0..d {
+                    dst[hd + 2 * (e % (d / 2)) + e / (d / 2)] = src[hd + e];
+                }
+            }
+        }
+        Ok(o)
+    }
+
+    /// Layer `layer`'s fc2 `[n_kv_heads][hidden]` (ggml `[hidden, n_kv_heads]`).
+    pub fn graph_fc2(&self, layer: u32) -> Result<Vec<f32>> {
+        Ok(self.head(layer)?.fc2().to_vec())
+    }
+
+    /// Cells llama.cpp's mask shows the last query of each stream.
+    fn count_visible(&self, m: &View<'_>, n: usize) {
+        let n_stream = m.ne[3];
+        if n_stream > 0 && n.is_multiple_of(n_stream) && m.ne[1] >= n / n_stream && n > 0 {
+            let row = n / n_stream - 1;
+            let mut most = 0u64;
+            for s in 0..n_stream {
+                let vis = (0..m.ne[0])
+                    .filter(|&c| m.get(m.idx(c, row, 0, s)) != f32::NEG_INFINITY)
+                    .count() as u64;
+                most = most.max(vis);
+            }
+            self.c.max_visible_cells.fetch_max(most, Ordering::Relaxed);
+            self.c.last_visible_cells.store(most, Ordering::Relaxed);
+        }
+    }
+
+    /// Fold one ubatch's retaining-head scores of layer `layer`, computed in
+    /// the ggml graph (`s` `[n_kv_heads, n_tokens]`), into the ubatch's token
+    /// scores: max over KV heads, as the Rust scoring op does; `mask` counts
+    /// live cells. One call per layer and ubatch (one thread). Without `s`
+    /// (decode steps: nothing to score) only the cells are counted.
+    pub fn record_op(
+        &self,
+        layer: u32,
+        s: Option<&View<'_>>,
+        mask: Option<&View<'_>>,
+    ) -> Result<()> {
+        if !self.is_locret_layer(layer) {
+            return Err(Error::Invalid(format!(
+                "layer {layer} has no retaining head"
+            )));
+        }
+        let Some(s) = s else {
+            if let Some(m) = mask {
+                let n = self.ub.lock().unwrap_or_else(|e| e.into_inner()).pos.len();
+                self.count_visible(m, n);
+            }
+            return Ok(());
+        };
+        let (nkv, n) = (self.n_kv_heads, s.ne[1]);
+        if s.ne[0] != nkv || s.ne[2] != 1 || s.ne[3] != 1 {
+            return Err(Error::shape(
+                format!("locret layer {layer} graph scores"),
+                format!("[{nkv}, n_tokens, 1, 1]"),
+                format!("{:?}", s.ne),
+            ));
+        }
+        if let Some(m) = mask {
+            self.count_visible(m, n);
+        }
+        let mut ub = self.ub.lock().unwrap_or_else(|e| e.into_inner());
+        if ub.pos.len() != n {
+            return Err(Error::Invalid(format!(
+                "locret layer {layer}: graph scores for {n} tokens, but the ubatch in flight has {} (llama_ihip_ubatch_begin not called for it?)",
+                ub.pos.len()
+            )));
+        }
+        for t in 0..n {
+            if ub.decoded[t] {
+                continue;
+            }
+            let mut m = f32::NEG_INFINITY;
+            for h in 0..nkv {
+                let x = s.get(s.idx(h, t, 0, 0));
+                if x.is_nan() {
+                    return Err(Error::Invalid(format!(
+                        "locret layer {layer}: retaining-head score is NaN (non-finite q/k/v?)"
+                    )));
+                }
+                m = m.max(x);
+            }
+            ub.scores[t] = ub.scores[t].max(m);
+        }
+        if let Some(x) = ub.scored.get_mut(layer as usize) {
+            *x = true;
+        }
+        self.c.graph_scorings.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Check mode: compare the graph's scores `s` `[n_kv_heads, n_tokens]`
+    /// with the core's f64 reference (`RetainingHead::scores_f64_reference`)
+    /// on the same pre-RoPE q/k/v; the largest relative error
+    /// `|s - ref| / max(|ref|, 1)` goes to the stats (`check_max_rel_err`,
+    /// infinite for a NaN).
+    pub fn check_op(
+        &self,
+        layer: u32,
+        s: &View<'_>,
+        q: &View<'_>,
+        k: &View<'_>,
+        v: &View<'_>,
+    ) -> Result<()> {
+        let head = self.head(layer)?;
+        let (nkv, n) = (self.n_kv_heads, s.ne[1]);
+        if s.ne[0] != nkv || q.ne[2] != n || k.ne[2] != n || v.ne[2] != n {
+            return Err(Error::shape(
+                format!("locret layer {layer} check"),
+                format!("scores [{nkv}, n], q/k/v over n tokens"),
+                format!(
+                    "scores {:?}, q {:?}, k {:?}, v {:?}",
+                    s.ne, q.ne, k.ne, v.ne
+                ),
+            ));
+        }
+        let (qs, ks, vs) = self.gather_hf(q, k, v, 0, n);
+        let r = head.scores_f64_reference(&qs, &ks, &vs)?;
+        let mut worst = 0f64;
+        for t in 0..n {
+            for h in 0..nkv {
+                let (x, y) = (s.get(s.idx(h, t, 0, 0)) as f64, r[t * nkv + h]);
+                let e = (x - y).abs() / y.abs().max(1.0);
+                worst = if e.is_nan() {
+                    f64::INFINITY
+                } else {
+                    worst.max(e)
+                };
+            }
+        }
+        // Non-negative f64 bit patterns order as the values.
+        self.c
+            .check_max_rel_err
+            .fetch_max(worst.to_bits(), Ordering::Relaxed);
+        self.c
+            .check_scores
+            .fetch_add((n * nkv) as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -388,20 +606,9 @@ impl LocretLlama {
         let n = q.ne[2];
         if ith == 0 {
             if let Some(m) = mask {
-                let n_stream = m.ne[3];
-                if n_stream > 0 && n.is_multiple_of(n_stream) && m.ne[1] >= n / n_stream && n > 0 {
-                    let row = n / n_stream - 1;
-                    let mut most = 0u64;
-                    for s in 0..n_stream {
-                        let vis = (0..m.ne[0])
-                            .filter(|&c| m.get(m.idx(c, row, 0, s)) != f32::NEG_INFINITY)
-                            .count() as u64;
-                        most = most.max(vis);
-                    }
-                    self.c.max_visible_cells.fetch_max(most, Ordering::Relaxed);
-                    self.c.last_visible_cells.store(most, Ordering::Relaxed);
-                }
+                self.count_visible(m, n);
             }
+            self.c.rust_op_scorings.fetch_add(1, Ordering::Relaxed);
         }
         let nth = nth.max(1);
         let (t0, t1) = (n * ith / nth, n * (ith + 1) / nth);
@@ -556,7 +763,7 @@ impl LocretLlama {
             seqs: tok_seqs,
             decoded,
             scores: vec![f32::NEG_INFINITY; n],
-            scored: vec![false; self.heads.len()],
+            scored: vec![false; self.locret_layers.len()],
         };
         self.c.ubatches.fetch_add(1, Ordering::Relaxed);
         Ok(rm)
@@ -635,6 +842,10 @@ impl LocretLlama {
             "max_held": l(&c.max_held),
             "max_visible_cells": l(&c.max_visible_cells),
             "last_visible_cells": l(&c.last_visible_cells),
+            "graph_scorings": l(&c.graph_scorings),
+            "rust_op_scorings": l(&c.rust_op_scorings),
+            "check_scores": l(&c.check_scores),
+            "check_max_rel_err": f64::from_bits(l(&c.check_max_rel_err)),
         })
     }
 }

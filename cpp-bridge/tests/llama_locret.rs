@@ -529,3 +529,177 @@ fn bad_configs_name_the_field() {
         "layer 0: dense (llama.cpp attention), layer 1: locret (llama.cpp attention, token eviction)"
     );
 }
+
+/// Scores computed the way the ggml graph does (patch 0003's
+/// `llama_ihip_locret_mlp`): x = llama.cpp's rows `[q | k | v]` as they come
+/// (`q` `[n][nq][d]`, `k`, `v` `[n][nkv][d]`), `fc2 · silu(fc1_graph · x)`
+/// in f32, as a ggml tensor `[nkv, n]`.
+fn graph_scores(
+    p: &LlamaPlugin,
+    m: &ModelShape,
+    l: u32,
+    t: &Tokens,
+    inter: bool,
+) -> (Vec<u8>, TensorDesc) {
+    let (d, nq, nkv) = (m.head_dim, m.n_q_heads, m.n_kv_heads);
+    let w1 = p.locret_graph_fc1(l, inter).unwrap();
+    let w2 = p.locret_graph_fc2(l).unwrap();
+    let input = (nq + 2 * nkv) * d;
+    let hidden = w2.len() / nkv;
+    assert_eq!(w1.len(), hidden * input);
+    let n = t.v.len() / (nkv * d);
+    let mut s = vec![0f32; n * nkv];
+    for tok in 0..n {
+        let x: Vec<f32> = t.q[tok * nq * d..(tok + 1) * nq * d]
+            .iter()
+            .chain(&t.k[tok * nkv * d..(tok + 1) * nkv * d])
+            .chain(&t.v[tok * nkv * d..(tok + 1) * nkv * d])
+            .copied()
+            .collect();
+        let h: Vec<f32> = w1
+            .chunks_exact(input)
+            .map(|row| {
+                let a: f32 = row.iter().zip(&x).map(|(w, x)| w * x).sum();
+                a / (1.0 + (-a).exp())
+            })
+            .collect();
+        for (hd, row) in w2.chunks_exact(hidden).enumerate() {
+            s[tok * nkv + hd] = row.iter().zip(&h).map(|(w, h)| w * h).sum();
+        }
+    }
+    let bytes: Vec<u8> = s.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let desc = TensorDesc {
+        dtype: 0,
+        ne0: nkv as i64,
+        ne1: n as i64,
+        ne2: 1,
+        ne3: 1,
+        nb0: 4,
+        nb1: 4 * nkv as u64,
+        nb2: 4 * (nkv * n) as u64,
+        nb3: 4 * (nkv * n) as u64,
+    };
+    (bytes, desc)
+}
+
+/// The ggml path's Rust side (`locret_graph_fc1/fc2`, `locret_record`,
+/// `locret_check`): fc1 with its q/k columns moved to llama.cpp's
+/// interleaved row order, applied to llama.cpp's rows as they are, gives the
+/// core's scores; scores computed that way and folded by `locret_record`
+/// equal the core's f64 reference (max over layers and KV heads), as the
+/// Rust scoring op's do; `locret_check` reports f32 rounding for them and a
+/// large error for a wrong column order; a wrong score shape is an error.
+#[test]
+fn graph_path_weights_record_and_check() {
+    let m = shape(2, 4, 2, 8);
+    let (hs, w) = heads(&m, 16, 21, "graph.safetensors");
+    let cfg = LocretConfig {
+        budget: 1000,
+        stabilizer: 4,
+        keep_last: 2,
+        hidden: 16,
+        ..LocretConfig::default()
+    };
+    let mut rng = Rng::new(9);
+    let n = 29;
+    for inter in [false, true] {
+        let p = LlamaPlugin::new(&locret_json(&cfg, &w), &info(&m)).unwrap();
+        p.locret_set_qk_interleaved(inter);
+        let toks: Vec<Tokens> = (0..2).map(|_| random_tokens(&m, n, &mut rng)).collect();
+        assert!(begin_seq0(&p, 0..n as i32).is_empty());
+        for (l, t) in toks.iter().enumerate() {
+            // llama.cpp's rows: GGUF order for q/k when interleaved
+            let rows = Tokens {
+                q: if inter {
+                    hf_to_gguf(&t.q, 8)
+                } else {
+                    t.q.clone()
+                },
+                k: if inter {
+                    hf_to_gguf(&t.k, 8)
+                } else {
+                    t.k.clone()
+                },
+                v: t.v.clone(),
+            };
+            let (sb, sd) = graph_scores(&p, &m, l as u32, &rows, inter);
+            let (qb, qd) = view_of(&rows.q, 8, 4, 0);
+            let (kb, kd) = view_of(&rows.k, 8, 2, 0);
+            let (vb, vd) = view_of(&rows.v, 8, 2, 0);
+            p.locret_check(l as u32, &sb, &sd, &qb, &qd, &kb, &kd, &vb, &vd)
+                .unwrap();
+            p.locret_record(l as u32, &sb, &sd, &[], &sd).unwrap();
+        }
+        assert!(begin_seq0(&p, n as i32..n as i32 + 1).is_empty());
+        let got = p.locret().unwrap().held_units(0);
+        let want = reference_scores(&hs, &toks, m.n_kv_heads);
+        assert_eq!(got.len(), n);
+        for (u, w) in got.iter().zip(&want) {
+            assert!(
+                (u.score as f64 - w).abs() <= 1e-5 * w.abs().max(1.0),
+                "interleaved {inter}: pos {} score {} vs reference {w}",
+                u.pos,
+                u.score
+            );
+        }
+        let st: serde_json::Value = serde_json::from_str(&p.stats_json()).unwrap();
+        let err = st["locret"]["check_max_rel_err"].as_f64().unwrap();
+        assert!(err <= 1e-5, "check_max_rel_err {err}");
+        assert_eq!(st["locret"]["check_scores"], (2 * n * 2) as u64);
+        assert_eq!(st["locret"]["scored_tokens"], n as u64);
+    }
+    // fc1 in interleaved column order on HF rows: the check sees it.
+    let p = LlamaPlugin::new(&locret_json(&cfg, &w), &info(&m)).unwrap();
+    let t = random_tokens(&m, 7, &mut rng);
+    begin_seq0(&p, 0..7);
+    let (sb, sd) = graph_scores(&p, &m, 0, &t, true);
+    let (qb, qd) = view_of(&t.q, 8, 4, 0);
+    let (kb, kd) = view_of(&t.k, 8, 2, 0);
+    let (vb, vd) = view_of(&t.v, 8, 2, 0);
+    p.locret_check(0, &sb, &sd, &qb, &qd, &kb, &kd, &vb, &vd)
+        .unwrap();
+    let st: serde_json::Value = serde_json::from_str(&p.stats_json()).unwrap();
+    let err = st["locret"]["check_max_rel_err"].as_f64().unwrap();
+    assert!(err > 1e-3, "wrong column order not seen: {err}");
+    // scores of the wrong shape
+    let bad = TensorDesc { ne0: 1, ..sd };
+    let e = p.locret_record(0, &sb, &bad, &[], &sd).unwrap_err();
+    assert!(e.contains("graph scores"), "{e}");
+    // Decode steps need no scoring; once the graph holds the heads, the
+    // plugin's copies go: recording works, the Rust op names the reason.
+    assert!(!p.locret_ubatch_decoded());
+    begin_seq0(&p, 7..8);
+    assert!(p.locret_ubatch_decoded());
+    begin_seq0(&p, 8..10);
+    assert!(!p.locret_ubatch_decoded());
+    p.locret_release_heads();
+    let t2 = random_tokens(&m, 2, &mut rng);
+    let (sb, sd) = graph_scores_of(&m, 2, 7.0);
+    p.locret_record(0, &sb, &sd, &[], &sd).unwrap();
+    let (qb, qd) = view_of(&t2.q, 8, 4, 0);
+    let (kb, kd) = view_of(&t2.k, 8, 2, 0);
+    let (vb, vd) = view_of(&t2.v, 8, 2, 0);
+    let e = p
+        .locret_score(1, &qb, &qd, &kb, &kd, &vb, &vd, &[], &qd, 0, 1)
+        .unwrap_err();
+    assert!(e.contains("released"), "{e}");
+    assert!(p.locret_graph_fc1(0, false).is_err());
+}
+
+/// A constant score tensor `[nkv, n]`.
+fn graph_scores_of(m: &ModelShape, n: usize, x: f32) -> (Vec<u8>, TensorDesc) {
+    let nkv = m.n_kv_heads;
+    let bytes: Vec<u8> = (0..n * nkv).flat_map(|_| x.to_le_bytes()).collect();
+    let desc = TensorDesc {
+        dtype: 0,
+        ne0: nkv as i64,
+        ne1: n as i64,
+        ne2: 1,
+        ne3: 1,
+        nb0: 4,
+        nb1: 4 * nkv as u64,
+        nb2: 4 * (nkv * n) as u64,
+        nb3: 4 * (nkv * n) as u64,
+    };
+    (bytes, desc)
+}

@@ -27,7 +27,12 @@ Needs the builds of scripts/llama-cpp-build.sh (both). Checks:
    tokens evicted are the prompt minus those; bad configs (missing weights,
    heads of another shape) fail context creation naming the field; a prompt
    of twice the long prompt runs in a 768-cell context (evicted cells
-   reused) where stock fails to place it;
+   reused) where stock fails to place it; the retaining-head MLP runs as
+   ggml graph ops: the Rust scoring op (its reference twin) and check mode
+   (graph scores vs the core's f64 reference in the run, <= 1e-5) give the
+   same live-cell and eviction counts, and locret_bench checks the graph
+   at the Llama-3.1-8B head shape on random inputs against the f64
+   reference (with a negative control);
 4. the GPU route's host side, forced on the CPU (LLAMA_INFINITEHIP_ROUTE=gpu:
    policy over the host key mirror, I32 cells, sparse mask through
    llama.cpp's flash attention): covering budget bit-identical to stock;
@@ -276,11 +281,13 @@ def main():
         lst = plugin_stats(log).get("locret") or {}
         c.update({"bit_identical": bool(np.array_equal(lf, ref)), "locret": lst})
         results[f"locret_full_budget_{tag}"] = c
-        check(f"locret covering budget == stock ({tag}: {prompt}+{gen} tokens, flash_attn {fa}, teacher-forced)",
+        check(f"locret covering budget == stock, bit-identical, graph scoring ({tag}: {prompt}+{gen} tokens, flash_attn {fa}, teacher-forced)",
               c["finite"] and c["rel_rms_diff"] < tol_rel and c["max_abs_diff"] < tol_rel * 10 * c["logit_rms"]
               and lst.get("scored_tokens") == prompt and lst.get("evicted_tokens") == 0
-              and lst.get("unscored_ubatches") == 0,
-              {k: v for k, v in c.items() if k != "locret"} | {"scored_tokens": lst.get("scored_tokens")})
+              and lst.get("unscored_ubatches") == 0 and c["bit_identical"]
+              and lst.get("graph_scorings", 0) > 0 and lst.get("rust_op_scorings") == 0,
+              {k: v for k, v in c.items() if k != "locret"}
+              | {k: lst.get(k) for k in ["scored_tokens", "graph_scorings", "rust_op_scorings"]})
     budget, keep_last, ub = 256, 32, 256
     small_l = locret_config(heads, budget=budget, keep_last=keep_last)
     lf, _, _, log = R.gen("patched", "locret_small", a.small_prompt, a.small_gen, config=small_l,
@@ -299,6 +306,38 @@ def main():
           {k: c[k] for k in ["finite", "rel_rms_diff", "top1_agree"]}
           | {k: lst.get(k) for k in ["max_visible_cells", "last_visible_cells", "evicted_tokens", "evictions",
                                      "seq_rm_calls"]})
+    # the retaining-head MLP runs as ggml graph ops (default); the Rust scoring
+    # op (LLAMA_INFINITEHIP_LOCRET_SCORING=rust, the reference twin) and check
+    # mode (graph scores vs the core's f64 reference inside the run) evict the
+    # same counts, and check mode's error is f32 rounding
+    counts = ["max_visible_cells", "last_visible_cells", "evicted_tokens", "evictions", "seq_rm_calls",
+              "scored_tokens", "max_held"]
+    for mode in ["rust", "check"]:
+        lm, _, _, log = R.gen("patched", f"locret_small_{mode}", a.small_prompt, a.small_gen, config=small_l,
+                              force=stock_long[1], fa="on", batch=ub,
+                              env_extra={"LLAMA_INFINITEHIP_LOCRET_SCORING": mode})
+        lm_st = plugin_stats(log).get("locret") or {}
+        cm = {"same_counts_as_ggml": all(lm_st.get(k) == lst.get(k) for k in counts),
+              "logits_bit_identical_to_ggml": bool(np.array_equal(lm, lf)),
+              "check_scores": lm_st.get("check_scores"), "check_max_rel_err": lm_st.get("check_max_rel_err")}
+        results[f"locret_small_budget_{mode}_scoring"] = cm | {"locret": lm_st}
+        ok = np.isfinite(lm).all() and cm["same_counts_as_ggml"] and (lst.get("graph_scorings") or 0) > 0 \
+            and lst.get("rust_op_scorings") == 0
+        if mode == "rust":  # the reference twin really ran
+            ok = ok and lm_st.get("graph_scorings") == 0 and (lm_st.get("rust_op_scorings") or 0) > 0
+        if mode == "check":
+            ok = ok and (lm_st.get("check_scores") or 0) > 0 and lm_st.get("check_max_rel_err") is not None \
+                and lm_st["check_max_rel_err"] <= 1e-5
+        check(f"locret small budget, {mode} scoring: same live-cell and eviction counts as the ggml graph path"
+              + (", graph scores == f64 reference within 1e-5" if mode == "check" else ""), ok, cm)
+    # the graph at Llama-3.1-8B's head shape on random inputs: scores == the
+    # core's f64 reference (and a wrong fc1 column order fails); timings
+    r = subprocess.run([os.path.join(a.work, "build-patched", "bin", "locret_bench"), "--reps", "1",
+                        "--threads", str(a.threads), "--dir", tmp], capture_output=True, text=True)
+    bench = json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else {"stderr": r.stderr[-500:]}
+    results["locret_graph_vs_reference_8b_shape"] = bench
+    check("locret graph scores at the Llama-3.1-8B head shape (random inputs) == f64 reference within 1e-5, "
+          "negative control fails", r.returncode == 0 and bench.get("ok") is True, bench)
     # a prompt longer than the context: evicted cells are reused (stock cannot place it)
     exe = os.path.join(a.work, "build-patched", "bin", "ihip_run")
     long_prompt, n_ctx = 2 * a.small_prompt, 768
