@@ -9,6 +9,7 @@ mod gpu;
 #[cfg(feature = "cuda")]
 mod gpu_engine;
 #[cfg(feature = "cuda")]
+mod gpu_engine_locret;
 mod gpu_engine_policies;
 #[cfg(feature = "cuda")]
 mod gpu_offload;

@@ -353,4 +353,123 @@ mod tests {
         h.clear();
         assert_eq!(h.policy.seen(9), None);
     }
+
+    /// The books the GPU path keeps (fed with the same scores the CPU
+    /// policy computes) pick exactly the K rows the CPU `Engine`'s compacted
+    /// pool holds, after every chunked-prefill call (batched requests, one
+    /// ending with a tail shorter than keep_last) and decode: the GPU test's
+    /// comparison with the GPU scores replaced by host ones.
+    #[test]
+    fn host_books_equal_cpu_engine_retained_rows() {
+        use crate::config::{LayerOverride, LayerPolicy, PolicyConfig};
+        use crate::engine::{Engine, Projections};
+        use crate::policy::locret::write_random_weights;
+        let m = ModelShape {
+            n_layers: 2,
+            n_q_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+            ..ModelShape::default()
+        };
+        let path = std::env::temp_dir().join(format!(
+            "ihip-locret-books-{}.safetensors",
+            std::process::id()
+        ));
+        write_random_weights(&path, &m, 16, crate::DType::F32, 11).unwrap();
+        let lc = LocretConfig {
+            budget: 20,
+            chunk: 16,
+            stabilizer: 6,
+            sink: 2,
+            keep_last: 4,
+            hidden: 16,
+            weights: Some(path.display().to_string()),
+            ..LocretConfig::default()
+        };
+        let mut cfg = PolicyConfig {
+            model: m,
+            dense_layers: 0,
+            ..PolicyConfig::default()
+        };
+        cfg.default = LayerPolicy::Dense;
+        cfg.overrides = vec![LayerOverride {
+            layers: vec![1],
+            policy: LayerPolicy::Locret(lc.clone()),
+        }];
+        let mut eng = Engine::new(cfg).unwrap();
+        let head = RetainingHead::load(&path, &m, 16, 1).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let mut books = LocretHost::new(lc, head.clone(), 1).unwrap();
+        let (hkv, d, qe) = (2, 8, 32);
+        let te = hkv * d;
+        let prompt = [70usize, 36];
+        let mut rng = crate::rng::Rng::new(3);
+        let full: Vec<Vec<f32>> = prompt
+            .iter()
+            .map(|&p| {
+                // Exact in the engine's bf16 pool.
+                rng.normal_vec((p + 5) * te, 1.0)
+                    .into_iter()
+                    .map(|x| half::bf16::from_f32(x).to_f32())
+                    .collect()
+            })
+            .collect();
+        let mut pos = [0usize; 2];
+        for b in 0..2 {
+            eng.add_sequence(b as u64).unwrap();
+        }
+        let mut compared = 0;
+        for _step in 0..12 {
+            for b in 0..2 {
+                let decode = pos[b] >= prompt[b];
+                if pos[b] >= prompt[b] + 5 {
+                    continue;
+                }
+                let n = if decode { 1 } else { 16.min(prompt[b] - pos[b]) };
+                let done = !decode && pos[b] + n == prompt[b];
+                let k = &full[b][pos[b] * te..(pos[b] + n) * te];
+                let (pq, pk, pv) = (
+                    rng.normal_vec(n * qe, 1.0),
+                    rng.normal_vec(n * te, 1.0),
+                    rng.normal_vec(n * te, 1.0),
+                );
+                let phase = if decode { Phase::Decode } else { Phase::Prefill };
+                let pr = Projections {
+                    q: &pq,
+                    k: &pk,
+                    v: &pv,
+                };
+                eng.append(1, b as u64, k, k, phase, done, Some(pr)).unwrap();
+                if !decode {
+                    books.begin_prefill(1, b as u64, pos[b]).unwrap();
+                }
+                let sc = if decode {
+                    Vec::new()
+                } else {
+                    head.scores(&pq, &pk, &pv).unwrap()
+                };
+                books
+                    .insert(1, b as u64, pos[b], n, phase, done, &sc)
+                    .unwrap();
+                pos[b] += n;
+                let nc = eng.seq_len(1, b as u64).unwrap();
+                let (kc, _) = eng.read(1, b as u64, 0, nc).unwrap();
+                let held = books.policy.held_positions(b as u64).unwrap();
+                for (h, ps) in held.iter().enumerate() {
+                    assert_eq!(ps.len(), nc, "req {b} head {h} at {}", pos[b]);
+                    for (i, &p) in ps.iter().enumerate() {
+                        let p = p as usize;
+                        assert_eq!(
+                            &full[b][(p * hkv + h) * d..(p * hkv + h + 1) * d],
+                            &kc[(i * hkv + h) * d..(i * hkv + h + 1) * d]
+                        );
+                    }
+                }
+                compared += 1;
+            }
+        }
+        assert!(compared > 10);
+        // Eviction happened: the long prompt holds fewer than its length.
+        assert!(eng.seq_len(1, 0).unwrap() < prompt[0]);
+    }
 }

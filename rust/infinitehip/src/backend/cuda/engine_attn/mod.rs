@@ -1262,6 +1262,11 @@ impl GpuAttention {
         }
         let total: usize = n_new.iter().sum();
         self.check_common(layer, kv, q, out, total)?;
+        if matches!(self.layers[layer], Layer::Locret(_)) && ins.and_then(|i| i.proj).is_none() {
+            return Err(Error::Invalid(format!(
+                "locret layer {layer} on the GPU: a prefill needs the new tokens' pre-RoPE projections (prefill_ex with Insert::proj)"
+            )));
+        }
         let cap_tokens = kv.table_stride * kv.page_size;
         for i in 0..b {
             if n_new[i] > lens[i] || lens[i] > cap_tokens {
