@@ -485,7 +485,19 @@ pub unsafe extern "C" fn ihip_gpu_prefill_proj(
                 prompt_done: &pd,
             };
             with_gpu(a, |g| {
-                g.prefill_ex(stream, layer, &kv, ids, &rows, &ls, &nn, &qa, &o, sc, Some(&ins))?;
+                g.prefill_ex(
+                    stream,
+                    layer,
+                    &kv,
+                    ids,
+                    &rows,
+                    &ls,
+                    &nn,
+                    &qa,
+                    &o,
+                    sc,
+                    Some(&ins),
+                )?;
                 Ok(())
             })
         }

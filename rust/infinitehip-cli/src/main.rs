@@ -10,6 +10,7 @@ mod gpu;
 mod gpu_engine;
 #[cfg(feature = "cuda")]
 mod gpu_engine_locret;
+#[cfg(feature = "cuda")]
 mod gpu_engine_policies;
 #[cfg(feature = "cuda")]
 mod gpu_offload;

@@ -115,6 +115,7 @@ impl LocretHost {
 
     /// Apply `n` new tokens of request `id` (`scores` `[n][n_kv]` for a
     /// prefill, ignored for decode). Returns whether units were evicted.
+    #[allow(clippy::too_many_arguments)]
     pub fn insert(
         &mut self,
         layer: usize,
@@ -206,7 +207,12 @@ pub(crate) struct LocretLayer {
 }
 
 impl LocretLayer {
-    pub fn new(cfg: LocretConfig, model: &ModelShape, layer: usize, shape: &AttnShape) -> Result<Self> {
+    pub fn new(
+        cfg: LocretConfig,
+        model: &ModelShape,
+        layer: usize,
+        shape: &AttnShape,
+    ) -> Result<Self> {
         let Some(path) = cfg.weights.clone() else {
             return Err(Error::config(
                 format!("layer {layer} locret.weights"),
@@ -335,14 +341,17 @@ mod tests {
             assert_eq!(r.last().unwrap().1, pos as i32);
         }
         // Skipped position: refused, state kept.
-        assert!(h.insert(1, 9, pos + 1, 1, Phase::Decode, false, &[]).is_err());
+        assert!(h
+            .insert(1, 9, pos + 1, 1, Phase::Decode, false, &[])
+            .is_err());
         assert!(h.begin_prefill(1, 9, pos + 3).is_err());
         // Prefix never scored here.
         assert!(h.begin_prefill(1, 77, 40).is_err());
         // A prefill after decode starts a new request.
         h.begin_prefill(1, 9, 0).unwrap();
         assert_eq!(h.policy.seen(9), None);
-        h.insert(1, 9, 0, 4, Phase::Prefill, false, &[0.0; 8]).unwrap();
+        h.insert(1, 9, 0, 4, Phase::Prefill, false, &[0.0; 8])
+            .unwrap();
         assert_eq!(h.runs(9), vec![vec![(0, 4)], vec![(0, 4)]]);
         // NaN score: refused, nothing changed.
         h.begin_prefill(1, 9, 4).unwrap();
@@ -425,7 +434,11 @@ mod tests {
                 if pos[b] >= prompt[b] + 5 {
                     continue;
                 }
-                let n = if decode { 1 } else { 16.min(prompt[b] - pos[b]) };
+                let n = if decode {
+                    1
+                } else {
+                    16.min(prompt[b] - pos[b])
+                };
                 let done = !decode && pos[b] + n == prompt[b];
                 let k = &full[b][pos[b] * te..(pos[b] + n) * te];
                 let (pq, pk, pv) = (
@@ -433,13 +446,18 @@ mod tests {
                     rng.normal_vec(n * te, 1.0),
                     rng.normal_vec(n * te, 1.0),
                 );
-                let phase = if decode { Phase::Decode } else { Phase::Prefill };
+                let phase = if decode {
+                    Phase::Decode
+                } else {
+                    Phase::Prefill
+                };
                 let pr = Projections {
                     q: &pq,
                     k: &pk,
                     v: &pv,
                 };
-                eng.append(1, b as u64, k, k, phase, done, Some(pr)).unwrap();
+                eng.append(1, b as u64, k, k, phase, done, Some(pr))
+                    .unwrap();
                 if !decode {
                     books.begin_prefill(1, b as u64, pos[b]).unwrap();
                 }

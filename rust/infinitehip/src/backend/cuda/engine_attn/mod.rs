@@ -280,7 +280,9 @@ impl GpuAttention {
                         mid_end: Vec::new(),
                     }))
                 }
-                LayerPolicy::Squeeze(z) => Layer::Squeeze(Box::new(SqueezeLayer::new(z.clone(), m)?)),
+                LayerPolicy::Squeeze(z) => {
+                    Layer::Squeeze(Box::new(SqueezeLayer::new(z.clone(), m)?))
+                }
                 LayerPolicy::Lazy(_) => Layer::Lazy,
                 LayerPolicy::Locret(c) => {
                     Layer::Locret(Box::new(LocretLayer::new(c.clone(), m, l, &shape)?))
@@ -533,7 +535,16 @@ impl GpuAttention {
     fn convert_q(&mut self, gpu: &GpuContext, q: &QArg, rows: usize, mul: f32) -> Result<()> {
         let hqd = self.shape.n_q_heads * self.shape.head_dim;
         grow(&mut self.qf, rows * hqd * 4)?;
-        to_f32(gpu, q.ptr, q.dtype, q.row_stride, rows, hqd, mul, self.qf.ptr)
+        to_f32(
+            gpu,
+            q.ptr,
+            q.dtype,
+            q.row_stride,
+            rows,
+            hqd,
+            mul,
+            self.qf.ptr,
+        )
     }
 
     fn scaled_shape(&self, sm_scale: Option<f32>) -> Result<(AttnShape, f32)> {
@@ -864,8 +875,15 @@ impl GpuAttention {
             }
         }
         for (&id, &len) in req_ids.iter().zip(lens) {
-            z.host
-                .insert(layer, id, len - 1, 1, crate::policy::Phase::Decode, false, &[])?;
+            z.host.insert(
+                layer,
+                id,
+                len - 1,
+                1,
+                crate::policy::Phase::Decode,
+                false,
+                &[],
+            )?;
         }
         self.locret_sel(gpu, layer, req_ids)
     }
@@ -895,7 +913,11 @@ impl GpuAttention {
         })?;
         let pd = ins.map_or(&[][..], |i| i.prompt_done);
         if !pd.is_empty() && pd.len() != b {
-            return Err(Error::shape("GPU prefill prompt_done per request", b, pd.len()));
+            return Err(Error::shape(
+                "GPU prefill prompt_done per request",
+                b,
+                pd.len(),
+            ));
         }
         {
             let mut seen = std::collections::HashSet::new();
@@ -1297,7 +1319,9 @@ impl GpuAttention {
         self.convert_q(&gpu, q, total, mul)?;
         if matches!(self.layers[layer], Layer::Locret(_)) {
             let reqs = lazy_reqs(&slots, table_rows, lens, n_new);
-            return self.locret_prefill(&gpu, &shape, layer, kv, &dkv, req_ids, &reqs, n_new, out, ins);
+            return self.locret_prefill(
+                &gpu, &shape, layer, kv, &dkv, req_ids, &reqs, n_new, out, ins,
+            );
         }
         if matches!(self.layers[layer], Layer::Lazy) {
             let reqs = lazy_reqs(&slots, table_rows, lens, n_new);
