@@ -83,6 +83,9 @@ def _declare(lib):
         "ihip_gpu_attn_free": (None, [vp]),
         "ihip_gpu_decode": (i32, [vp, u64, sz, sz, pu64, pi64, pi64] + common),
         "ihip_gpu_prefill": (i32, [vp, u64, sz, sz, pu64, pi64, pi64, pi64] + common),
+        "ihip_gpu_prefill_proj": (
+            i32, [vp, u64, sz, sz, pu64, pi64, pi64, pi64] + common + [u64, u64, u64, i32, i64, i64, c.POINTER(c.c_uint8)]
+        ),
         "ihip_gpu_end_request": (i32, [vp, u64]),
         "ihip_gpu_reset": (i32, [vp]),
         "ihip_gpu_info_json": (vp, [vp]),

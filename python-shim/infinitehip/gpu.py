@@ -2,7 +2,7 @@
 the caller's CUDA stream, through the C ABI's `ihip_gpu_*` functions.
 
     import torch, infinitehip.gpu as ig
-    att = ig.GpuAttention(config)                 # dense/hip/squeeze/lazy per layer
+    att = ig.GpuAttention(config)                 # dense/hip/squeeze/lazy/locret per layer
     out = att.decode(layer, q, k_buffer, v_buffer, req_to_token,
                      table_rows, lens, req_ids)   # q/out bf16/f16/f32
 
@@ -18,9 +18,13 @@ after the caller's earlier work there. One exception: a squeeze layer's
 first decode of a request seals its prompt (keys read back once, k-means on
 the host, index uploaded), waiting for the device once per (request, layer).
 A prefill of a request that has decoded starts a new request (squeeze and
-lazy state dropped), as SGLang reuses `req_to_token` rows. Locret layers are
-refused. Host metadata (`table_rows`, `lens`,
-`req_ids`, `n_new`) are Python ints/lists or CPU tensors.
+lazy/locret state dropped), as SGLang reuses `req_to_token` rows. Locret
+layers need the new tokens' pre-RoPE projections in `prefill(..., proj=(q, k,
+v))`; each locret prefill reads the retaining-head scores back once (one wait
+for the device per (call, layer)); eviction is a retained index set per
+(request, layer, KV head) that attention reads (the caller's pool memory is
+not freed). Host metadata (`table_rows`, `lens`, `req_ids`, `n_new`) are
+Python ints/lists or CPU tensors.
 
 Importing this module needs neither torch nor a GPU; torch is imported when
 a call receives tensors.
@@ -226,17 +230,47 @@ class GpuAttention:
         return out
 
     def prefill(self, layer, q, k, v, table, table_rows, lens, n_new, req_ids, out=None, sm_scale=None,
-                out_dtype=None, stream=None):
-        """Dense causal attention of new tokens: request b owns n_new[b]
-        consecutive rows of q at positions lens[b]-n_new[b] .. lens[b]-1."""
+                out_dtype=None, stream=None, proj=None, prompt_done=None):
+        """Causal attention of new tokens: request b owns n_new[b]
+        consecutive rows of q at positions lens[b]-n_new[b] .. lens[b]-1.
+        `proj`: (q, k, v) pre-RoPE projections of those rows (CUDA tensors,
+        one dtype, `[rows, heads*dim]` or `[rows, heads, dim]`), required by
+        locret layers; `prompt_done`: per request, whether this call ends its
+        prompt (default all False)."""
         b = len(req_ids)
         out, st, args = self._common(q, k, v, table, out, out_dtype, stream)
         nn = _i64s(n_new, b, "n_new")
         if sum(nn[:b]) != int(q.shape[0]):
             raise InfinitehipError(f"n_new sums to {sum(nn[:b])} but q has {int(q.shape[0])} rows")
-        _ffi.check(_fn("ihip_gpu_prefill")(
-            self._h(), st, int(layer), b,
-            _u64s(req_ids, b, "req_ids"), _i64s(table_rows, b, "table_rows"), _i64s(lens, b, "lens"), nn,
-            *args, float(sm_scale or 0.0),
-        ))
+        head = (self._h(), st, int(layer), b,
+                _u64s(req_ids, b, "req_ids"), _i64s(table_rows, b, "table_rows"), _i64s(lens, b, "lens"), nn)
+        if proj is None:
+            _ffi.check(_fn("ihip_gpu_prefill")(*head, *args, float(sm_scale or 0.0)))
+            return out
+        if len(proj) != 3:
+            raise InfinitehipError("proj must be a (q, k, v) triple of CUDA tensors")
+        pq, pk, pv = proj
+        rows = int(q.shape[0])
+        for name, t in (("proj q", pq), ("proj k", pk), ("proj v", pv)):
+            if getattr(t, "device", None) is None or t.device.type != "cuda" or t.device.index != self.device:
+                raise InfinitehipError(f"{name} must be a CUDA tensor on cuda:{self.device}")
+            if int(t.shape[0]) != rows:
+                raise InfinitehipError(f"{name} has {int(t.shape[0])} rows, q has {rows}")
+            if t.dtype != pq.dtype:
+                raise InfinitehipError(f"proj tensors must share one dtype: {name} is {t.dtype}, q {pq.dtype}")
+        kd = self.n_kv_heads * self.head_dim
+        qs = _rows_arg(pq, "proj q", self.n_q_heads * self.head_dim)
+        ks = _rows_arg(pk, "proj k", kd)
+        vs = _rows_arg(pv, "proj v", kd)
+        if ks != vs:
+            raise InfinitehipError(f"proj k and v must share a row stride ({ks} vs {vs})")
+        pd = None
+        if prompt_done is not None:
+            flags = [1 if x else 0 for x in prompt_done]
+            if len(flags) != b:
+                raise InfinitehipError(f"prompt_done has {len(flags)} entries, expected {b}")
+            pd = (ctypes.c_uint8 * b)(*flags)
+        fn = _fn("ihip_gpu_prefill_proj")
+        _ffi.check(fn(*head, *args, float(sm_scale or 0.0),
+                      pq.data_ptr(), pk.data_ptr(), pv.data_ptr(), _dtype(pq, "proj q"), qs, ks, pd))
         return out

@@ -9,15 +9,21 @@ its modules are stubbed with the few names the backend imports).
    (rel err <= 1e-2, DESIGN.md 4); the same call on a side stream gives the
    same bits; a small-budget hip layer runs and its error is reported.
 2. shim prefill (dense causal, two requests) vs SDPA with a causal mask;
-   squeeze and lazy layers (extend + decode) vs the host engine.
+   squeeze and lazy layers (extend + decode) vs the host engine; locret
+   (chunked extends with pre-RoPE projections, then decode) vs the host
+   engine, small and covering budgets.
 3. InfiniteHipAttnBackend on "cuda": extend then decode steps through
-   forward_extend / forward_decode over the fake pools, vs SDPA.
+   forward_extend / forward_decode over the fake pools, vs SDPA (dense +
+   covering hip; and locret with a covering budget, its pre-RoPE q/k
+   recovered by inverting a fake model's rotary embedding, which is checked
+   against a forward rotation first).
 4. timing, batch 1, Llama-3.1-8B shape: shim hip decode (bf16 q/out, over a
    token-major pool, ctypes call included) vs SDPA flash decode, at 128K and
    1M, same run.
 
 Prints PASS/FAIL lines and exits non-zero on a failure.
 """
+import ctypes
 import json
 import math
 import os
@@ -281,6 +287,152 @@ def test_backend(gen):
           f"rel_err {e_dec:.2e} (bound 1e-2)")
 
 
+class FakeRope(torch.nn.Module):
+    """SGLang RotaryEmbedding-like: cos_sin_cache [max_pos, rot] = cat(cos, sin), neox style."""
+
+    def __init__(self, rot, theta=500000.0, max_pos=8192):
+        super().__init__()
+        inv = 1.0 / (theta ** (torch.arange(0, rot, 2, dtype=torch.float32, device=DEV) / rot))
+        f = torch.arange(max_pos, dtype=torch.float32, device=DEV)[:, None] * inv[None, :]
+        self.register_buffer("cos_sin_cache", torch.cat([f.cos(), f.sin()], -1))
+        self.is_neox_style = True
+
+    def rotate(self, x, positions):
+        """x [n, heads, D] float32 -> post-RoPE (neox, first rot dims)."""
+        rot = self.cos_sin_cache.shape[-1]
+        cs = self.cos_sin_cache[positions.long()]
+        cos, sin = cs[:, None, : rot // 2], cs[:, None, rot // 2:]
+        x1, x2, rest = x[..., : rot // 2], x[..., rot // 2: rot], x[..., rot:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], -1)
+
+
+def test_backend_locret(gen):
+    """The SGLang backend's locret branch: `_unrope` inverts a forward
+    rotation (float32, partial rotary dim), then extend (in 2 chunks) and
+    decode steps with a covering locret budget through forward_extend /
+    forward_decode == SDPA, with the scores read back once per (extend,
+    locret layer); a small budget runs, evicts and stays finite."""
+    stub_sglang()
+    from infinitehip.sglang import backend as bk
+
+    rope = FakeRope(96)
+    x = torch.randn(50, HQ, D, generator=gen, device=DEV)
+    p = torch.randint(0, 8000, (50,), generator=gen, device=DEV)
+    back = bk._unrope(rope.rotate(x, p), p, rope)
+    e_inv = rel_err(back, x)
+    check("SGLang backend _unrope inverts the model's rotary embedding (neox, rot 96 of 128)", e_inv <= 1e-5,
+          f"rel_err {e_inv:.2e} (bound 1e-5, f32)")
+    n_layers, hidden = 2, 64
+    wpath = os.path.join(tempfile.mkdtemp(), "heads.safetensors")
+    write_heads(wpath, n_layers, hidden, gen)
+    for label, budget in (("covering", 1 << 20), ("budget 300", 300)):
+        cfg = {"dense_layers": 1, "default": {"method": "locret", "budget": budget, "chunk": 512,
+                                              "stabilizer": 128, "keep_last": 32, "hidden": hidden,
+                                              "weights": wpath}}
+        path = os.path.join(tempfile.mkdtemp(), "cfg.json")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        os.environ["INFINITEHIP_CONFIG"] = path
+        size = 4096
+        kbuf = [torch.zeros(size + 1, HKV, D, dtype=torch.bfloat16, device=DEV) for _ in range(n_layers)]
+        vbuf = [torch.zeros(size + 1, HKV, D, dtype=torch.bfloat16, device=DEV) for _ in range(n_layers)]
+
+        class Pool:
+            layer_num = n_layers
+            dtype = torch.bfloat16
+            start_layer = 0
+
+            def get_key_buffer(self, i):
+                return kbuf[i]
+
+            def get_value_buffer(self, i):
+                return vbuf[i]
+
+            def set_kv_buffer(self, layer, loc, k, v):
+                kbuf[layer.layer_id][loc.long()] = k.to(torch.bfloat16)
+                vbuf[layer.layer_id][loc.long()] = v.to(torch.bfloat16)
+
+        r2t = torch.zeros(8, 2048, dtype=torch.int32, device=DEV)
+
+        class ReqPool:
+            req_to_token = r2t
+            free_slots = [4, 5, 6, 7]
+
+        model = torch.nn.Module()
+        model.rope = rope
+        mc = types.SimpleNamespace(head_dim=D, context_len=8192,
+                                   hf_config=types.SimpleNamespace(rope_theta=500000.0),
+                                   get_num_attention_heads=lambda tp: HQ, get_num_kv_heads=lambda tp: HKV)
+        runner = types.SimpleNamespace(device="cuda:0", req_to_token_pool=ReqPool(), token_to_kv_pool=Pool(),
+                                       model_config=mc, server_args=types.SimpleNamespace(tp_size=1), model=model)
+        be = bk.InfiniteHipAttnBackend(runner)
+        if be.gpu is None:
+            check(f"SGLang backend locret {label}: GPU path", False, "no GPU object")
+            return
+        layers = [types.SimpleNamespace(layer_id=i, tp_q_head_num=HQ, tp_k_head_num=HKV, qk_head_dim=D,
+                                        v_head_dim=D, scaling=1.0 / math.sqrt(D), logit_cap=0,
+                                        sliding_window_size=-1, is_cross_attention=False, attn_type=None)
+                  for i in range(n_layers)]
+        rows = [2, 0]
+        slot_iter = iter((torch.randperm(size, generator=gen, device=DEV) + 1).tolist())
+        lens = [0, 0]
+
+        def run(decode, n_new):
+            locs, posl = [], []
+            for b, row in enumerate(rows):
+                s = [next(slot_iter) for _ in range(n_new[b])]
+                r2t[row, lens[b]:lens[b] + n_new[b]] = torch.tensor(s, dtype=torch.int32, device=DEV)
+                posl.extend(range(lens[b], lens[b] + n_new[b]))
+                lens[b] += n_new[b]
+                locs.extend(s)
+            tot = sum(n_new)
+            positions = torch.tensor(posl, device=DEV)
+            fb = types.SimpleNamespace(
+                forward_mode=Mode(decode), batch_size=len(rows),
+                req_pool_indices=torch.tensor(rows, device=DEV), seq_lens=torch.tensor(lens, device=DEV),
+                seq_lens_cpu=torch.tensor(lens), extend_seq_lens_cpu=list(n_new),
+                extend_seq_lens=torch.tensor(n_new), out_cache_loc=torch.tensor(locs, device=DEV),
+                positions=positions)
+            be.init_forward_metadata(fb)
+            worst, fin = 0.0, True
+            for layer in layers:
+                q = rope.rotate(torch.randn(tot, HQ, D, generator=gen, device=DEV), positions).to(torch.bfloat16)
+                k = rope.rotate(torch.randn(tot, HKV, D, generator=gen, device=DEV), positions).to(torch.bfloat16)
+                v = torch.randn(tot, HKV, D, generator=gen, device=DEV).to(torch.bfloat16)
+                f = be.forward_decode if decode else be.forward_extend
+                o = f(q.reshape(tot, HQ * D), k, v, layer, fb)
+                torch.cuda.synchronize()
+                fin &= bool(torch.isfinite(o).all())
+                at = 0
+                for b, row in enumerate(rows):
+                    n = n_new[b]
+                    ref = sdpa_ref(q.reshape(tot, HQ * D)[at:at + n], kbuf[layer.layer_id], vbuf[layer.layer_id],
+                                   r2t, row, lens[b], n_q=n)
+                    worst = max(worst, rel_err(o[at:at + n], ref))
+                    at += n
+            return worst, fin
+
+        e1, f1 = run(False, [600, 300])
+        e2, f2 = run(False, [500, 200])
+        ed = [run(True, [1, 1]) for _ in range(4)]
+        e_dec = max(x[0] for x in ed)
+        fin = f1 and f2 and all(x[1] for x in ed)
+        st = be.stats()
+        lc = st.get("locret", [])
+        syncs = sum(x["syncs"] for x in lc)
+        ev = sum(x["evictions"] for x in lc)
+        if budget > 10000:
+            ok = fin and max(e1, e2, e_dec) <= 1e-2 and syncs == 2 and ev == 0 and st["layers"][1] == "locret"
+            check("SGLang backend CUDA branch: locret covering (2 chunked extends + 4 decodes) == SDPA", ok,
+                  f"rel_err extend {max(e1, e2):.2e} decode {e_dec:.2e} (bound 1e-2); score read-backs {syncs} "
+                  f"(expect 2: one per extend per locret layer); layers {st['layers']}")
+        else:
+            ok = fin and syncs == 2 and ev > 0
+            check("SGLang backend CUDA branch: locret budget 300 runs and evicts (retained sets, pool not freed)",
+                  ok, f"finite {fin}, evicting calls {ev}, score read-backs {syncs}; rel_err vs dense SDPA "
+                      f"(not a bound: tokens are evicted) decode {e_dec:.2e}")
+
+
 # --- timing ------------------------------------------------------------------------
 def time_cuda(fn, reps, inner):
     fn()
@@ -357,6 +509,118 @@ def test_shim_policies(gen):
         eng.close()
 
 
+def write_heads(path, n_layers, hidden, gen):
+    """Random retaining heads (fc1 [hidden, (HQ + 2 HKV) D], fc2 [HKV, hidden],
+    f32) for every layer, as a safetensors file (written by hand: 8-byte
+    header length, JSON header, raw little-endian data)."""
+    tensors, header, off = [], {}, 0
+    for l in range(n_layers):
+        for name, shp in ((f"model.layers.{l}.self_attn.fc1.weight", [hidden, (HQ + 2 * HKV) * D]),
+                          (f"model.layers.{l}.self_attn.fc2.weight", [HKV, hidden])):
+            t = (torch.randn(*shp, generator=gen, device=DEV) / math.sqrt(shp[1])).float().cpu().contiguous()
+            b = ctypes.string_at(t.data_ptr(), t.numel() * 4)  # no numpy needed
+            header[name] = {"dtype": "F32", "shape": shp, "data_offsets": [off, off + len(b)]}
+            tensors.append(b)
+            off += len(b)
+    h = json.dumps(header).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little"))
+        f.write(h)
+        for b in tensors:
+            f.write(b)
+
+
+def test_shim_locret(gen):
+    """locret through infinitehip.gpu over a fake SGLang pool vs the host
+    engine (same config, same heads, same bf16 K/V, projections and q): two
+    requests (rows out of order) prefill in chunks of 128 (request 1 joins
+    after request 0's first chunks; both chunked batches carry projections,
+    the last chunk prompt_done), then 4 decode steps; small budget (evicts)
+    and covering budget. Outputs within 1e-2 of the host engine."""
+    n_layers, hidden = 3, 64
+    wpath = os.path.join(tempfile.mkdtemp(), "heads.safetensors")
+    write_heads(wpath, n_layers, hidden, gen)
+    for label, budget in (("budget 200", 200), ("covering", 1 << 20)):
+        pol = {"method": "locret", "budget": budget, "chunk": 128, "stabilizer": 64, "sink": 4,
+               "keep_last": 16, "hidden": hidden, "weights": wpath}
+        cfg = {"model": {"n_layers": n_layers, "n_q_heads": HQ, "n_kv_heads": HKV, "head_dim": D},
+               "dense_layers": 1, "default": pol, "kv": {"dtype": "bf16"}}
+        att = ig.GpuAttention(cfg)
+        eng = infinitehip.Engine(cfg)
+        prompt, rows, steps, ch = [700, 400], [4, 1], 4, 128
+        full = [p + steps for p in prompt]
+        pools = [make_pool(full, rows, max(full) + 8, gen) for _ in range(n_layers)]
+        ids = [11, 12]
+        pos = [0, 0]
+        worst_pre, worst_dec, finite = 0.0, 0.0, True
+        for i in ids:
+            eng.add_sequence(i)
+        join = [0, 2]
+        step = 0
+        while pos[0] < prompt[0] or pos[1] < prompt[1]:
+            act = [b for b in range(2) if join[b] <= step and pos[b] < prompt[b]]
+            step += 1
+            ns = [min(ch, prompt[b] - pos[b]) for b in act]
+            tot = sum(ns)
+            lens = [pos[b] + n for b, n in zip(act, ns)]
+            done = [l == prompt[b] for b, l in zip(act, lens)]
+            q = torch.randn(tot, HQ * D, generator=gen, device=DEV).to(torch.bfloat16)
+            for layer in range(n_layers):
+                k, v, r2t = pools[layer]
+                pq = torch.randn(tot, HQ * D, generator=gen, device=DEV).to(torch.bfloat16)
+                pk = torch.randn(tot, HKV * D, generator=gen, device=DEV).to(torch.bfloat16)
+                pv = torch.randn(tot, HKV * D, generator=gen, device=DEV).to(torch.bfloat16)
+                want, at = [], 0
+                for j, b in enumerate(act):
+                    n = ns[j]
+                    idx = r2t[rows[b], pos[b]:pos[b] + n].long()
+                    proj = tuple(t[at:at + n].float().cpu() for t in (pq, pk, pv))
+                    eng.append(layer, ids[b], k[idx].float().cpu(), v[idx].float().cpu(), phase="prefill",
+                               prompt_done=done[j], proj=proj)
+                    w = eng.attend_prefill(layer, ids[b], q[at:at + n].float().cpu().reshape(n, HQ, D))
+                    want.append(torch.as_tensor(w).reshape(n, HQ * D))
+                    at += n
+                got = att.prefill(layer, q, k, v, r2t, [rows[b] for b in act], lens, ns, [ids[b] for b in act],
+                                  proj=(pq, pk, pv), prompt_done=done)
+                torch.cuda.synchronize()
+                finite &= bool(torch.isfinite(got).all())
+                worst_pre = max(worst_pre, rel_err(got.float().cpu(), torch.cat(want)))
+            for j, b in enumerate(act):
+                pos[b] += ns[j]
+        for st in range(steps):
+            lens = [p + st + 1 for p in prompt]
+            q = torch.randn(2, HQ * D, generator=gen, device=DEV).to(torch.bfloat16)
+            for layer in range(n_layers):
+                k, v, r2t = pools[layer]
+                for i, row in enumerate(rows):
+                    t = int(r2t[row, lens[i] - 1])
+                    proj = (torch.randn(1, HQ * D), torch.randn(1, HKV * D), torch.randn(1, HKV * D))
+                    eng.append(layer, ids[i], k[t:t + 1].float().cpu(), v[t:t + 1].float().cpu(), phase="decode",
+                               proj=proj if layer >= 1 else None)
+                want = eng.attend_decode(layer, ids, q.float().cpu().reshape(2, HQ, D))
+                got = att.decode(layer, q, k, v, r2t, rows, lens, ids)
+                torch.cuda.synchronize()
+                finite &= bool(torch.isfinite(got).all())
+                worst_dec = max(worst_dec, rel_err(got.float().cpu(), torch.as_tensor(want).reshape(2, HQ * D)))
+        info = att.info()
+        lc = info.get("locret", [])
+        syncs = sum(x["syncs"] for x in lc)
+        ev = sum(x["evictions"] for x in lc)
+        ms = sum(x["sync_ms"] for x in lc) / max(syncs, 1)
+        ok = (finite and worst_pre <= 1e-2 and worst_dec <= 1e-2 and info["layers"][1] == "locret"
+              and syncs > 0 and ((ev > 0) if budget < 1000 else (ev == 0)))
+        check(f"shim locret {label} (GPU, SGLang-shaped pool) vs host engine: chunked extends + 4 decodes", ok,
+              f"rel_err prefill {worst_pre:.2e} decode {worst_dec:.2e} (bound 1e-2); score read-backs {syncs}, "
+              f"mean host wait {ms:.3f} ms, evicting calls {ev}; layers {info['layers']}")
+        for i in ids:
+            att.end_request(i)
+        check(f"shim locret {label}: end_request drops every request's state", att.info()["requests"] == 0,
+              f"{att.info()['requests']} requests left")
+        att.close()
+        eng.close()
+
+
 def timing(tokens_list):
     cfg = {"model": {"n_layers": 2, "n_q_heads": HQ, "n_kv_heads": HKV, "head_dim": D},
            "dense_layers": 1, "default": {"method": "hip"}}
@@ -405,7 +669,9 @@ def main():
     test_shim_prefill(att, gen)
     att.close()
     test_shim_policies(gen)
+    test_shim_locret(gen)
     test_backend(gen)
+    test_backend_locret(gen)
     toks = [int(x) for x in os.environ.get("TIMING_TOKENS", "131072,1048576").split(",") if x]
     timing(toks)
     n_fail = RESULTS.count(False)

@@ -25,19 +25,32 @@ Design (see also the project README):
   `k_buffer[layer]` / `v_buffer[layer]` (`[slots, kv_heads, head_dim]`) and
   `req_to_token` (the page table, one row per request, page size 1), with q
   and out in the model's dtype, launched on torch's current stream. Layers
-  are dense, hip, squeeze or lazy (per the config). hip: mask-refresh state
+  are dense, hip, squeeze, lazy or locret (per the config). hip: mask-refresh state
   per (layer, req_to_token row), reset by each extend of the row; extend is
   dense causal. squeeze: extend is dense causal (the prompt's own queries)
   and keeps the observation window's queries; the row's first decode seals
   its prompt (one host sync per (row, layer): keys read back, k-means on the
   host) and later decodes look up centroids on the GPU. lazy: keep sets per
   row on the GPU, shared across layers; extend attends the step's set
-  causally. An extend of a row that has decoded starts a new request there
-  (so mixed chunked prefill, which hands decoding rows to extend, would
-  restart their squeeze/lazy state: not supported with those methods).
-  State is dropped when SGLang frees the row. If the GPU object cannot be
-  built (library without CUDA, or a locret layer: it is not wired to the GPU
-  path), the backend says why in one log line and uses the host path.
+  causally. locret: each extend's tokens are scored by the retaining head
+  on the GPU from pre-RoPE q/k/v; SGLang hands the backend post-RoPE q/k,
+  so the backend inverts the model's own rotary embedding (its
+  `cos_sin_cache`, per position) in float32 (the bf16 rounding of the
+  post-RoPE values carries over into the scores). One host sync per (extend,
+  locret layer) reads the scores back; eviction is a retained index set per
+  (row, layer, KV head) that attention reads: SGLang's pool memory is NOT
+  freed. SGLang's chunked-prefill size is the eviction granularity (set
+  --chunked-prefill-size to locret.chunk to follow upstream); every extend
+  is passed with prompt_done false (the backend cannot tell a prompt's last
+  chunk), so the first decode runs the final eviction. A radix-cache prefix
+  hit gives tokens that were never scored for the row: an error (run with
+  --disable-radix-cache). An extend of a row that has decoded starts a new
+  request there (so mixed chunked prefill, which hands decoding rows to
+  extend, would restart their squeeze/lazy/locret state: not supported with
+  those methods). State is dropped when SGLang frees the row. If the GPU
+  object cannot be built (library without CUDA), the backend says why in
+  one log line and uses the host path (which refuses locret: the host
+  engine needs pre-RoPE projections the backend does not pass it).
 * CUDA graphs: not supported (the per-step host metadata is copied at call
   time). `infinitehip.sglang.register()` installs a
   server-args resolution hook that turns decode and prefill CUDA graphs off
@@ -50,8 +63,9 @@ Design (see also the project README):
   cache dtype; absent `dense_layers` is capped at the layer count.
 * Not supported (a clear error, never a silent fallback): sliding-window
   layers, logit soft-capping, cross/encoder-only attention, qk/v head dims
-  that differ. Pre-RoPE projections are not available to an SGLang backend,
-  so policies that score at insertion get none.
+  that differ. Pre-RoPE projections are not available to an SGLang backend
+  directly: locret's are recovered by inverting the model's rotary
+  embedding (GPU path, above).
 """
 
 import json
@@ -146,6 +160,52 @@ def build_policy_config(model_runner, pool, path=None):
     return cfg
 
 
+def _find_rope(model_runner, head_dim):
+    """The model's rotary embedding (an SGLang `RotaryEmbedding`-like module
+    with `cos_sin_cache` `[max_pos, rot_dim]` = cat(cos, sin) and
+    `is_neox_style`), for locret's pre-RoPE projections. One shared instance
+    (SGLang's get_rope caches them) or an error naming what was found."""
+    model = getattr(model_runner, "model", None)
+    found = {}
+    if model is not None and hasattr(model, "modules"):
+        for m in model.modules():
+            c = getattr(m, "cos_sin_cache", None)
+            if isinstance(c, torch.Tensor) and c.dim() == 2 and hasattr(m, "is_neox_style"):
+                found[id(m)] = m
+    if len(found) != 1:
+        raise InfinitehipError(
+            f"infinitehip backend: locret needs the model's rotary embedding to recover pre-RoPE q/k; found "
+            f"{len(found)} modules with cos_sin_cache/is_neox_style (need exactly one shared instance)"
+        )
+    rope = next(iter(found.values()))
+    rot = int(rope.cos_sin_cache.shape[-1])
+    if rot > head_dim or rot % 2:
+        raise InfinitehipError(f"infinitehip backend: rotary dim {rot} does not fit head_dim {head_dim}")
+    return rope
+
+
+def _unrope(x, positions, rope):
+    """Invert a rotary embedding: x `[n, heads, head_dim]` post-RoPE at
+    `positions` `[n]` -> float32 pre-RoPE `[n, heads, head_dim]` (the rotation
+    of each pair is inverted exactly, scaled caches included: divide by
+    cos^2 + sin^2)."""
+    cache = rope.cos_sin_cache
+    rot = int(cache.shape[-1])
+    cs = cache.index_select(0, positions.reshape(-1).long().to(cache.device)).float()
+    cos, sin = cs[:, None, : rot // 2], cs[:, None, rot // 2 :]
+    x = x.float()
+    xr, rest = x[..., :rot], x[..., rot:]
+    if rope.is_neox_style:
+        o1, o2 = xr[..., : rot // 2], xr[..., rot // 2 :]
+    else:
+        o1, o2 = xr[..., 0::2], xr[..., 1::2]
+    den = cos * cos + sin * sin
+    x1 = (o1 * cos + o2 * sin) / den
+    x2 = (o2 * cos - o1 * sin) / den
+    y = torch.cat([x1, x2], -1) if rope.is_neox_style else torch.stack([x1, x2], -1).flatten(-2)
+    return torch.cat([y, rest], -1).contiguous()
+
+
 class _Seq:
     """The engine's copy of one request row."""
 
@@ -164,7 +224,22 @@ class InfiniteHipAttnBackend(AttentionBackend):
         self.start_layer = int(getattr(self.token_to_kv_pool, "start_layer", 0) or 0)
         cfg = build_policy_config(model_runner, self.token_to_kv_pool)
         self.gpu = self._make_gpu(cfg)
+        self._locret_layers = set()
+        self._rope = None
+        if self.gpu is not None:
+            ms = self.gpu.info()["layers"]
+            self._locret_layers = {i for i, m in enumerate(ms) if m == "locret"}
+            if self._locret_layers:
+                self._rope = _find_rope(model_runner, int(cfg["model"]["head_dim"]))
         self.engine = None if self.gpu is not None else infinitehip.Engine(cfg)
+        if self.engine is not None and any(
+            l["method"] == "locret" for l in self.engine.stats()["layers"]
+        ):
+            raise InfinitehipError(
+                "infinitehip backend: locret runs only on the GPU path (SGLang hands the backend "
+                "post-RoPE q/k; the GPU path recovers the pre-RoPE projections, the host path does not); "
+                "build the library with --features cuda and run on a CUDA device"
+            )
         self.n_layers = int(cfg["model"]["n_layers"])
         self._gpu_rows = set()  # req_to_token rows with GPU policy state
         self.rows = {}  # req_to_token row -> _Seq
@@ -326,8 +401,18 @@ class InfiniteHipAttnBackend(AttentionBackend):
         if decode:
             self.gpu.decode(li, q2, kb, vb, rt, rows, p["seq_lens"], rows, out=out, sm_scale=float(layer.scaling))
         else:
+            proj = None
+            if li in self._locret_layers:
+                if k is None or v is None:
+                    raise NotImplementedError("infinitehip backend: locret extend needs this forward's k and v")
+                pos = forward_batch.positions
+                hk = layer.tp_k_head_num
+                qp = _unrope(q.reshape(-1, h, d), pos, self._rope).reshape(-1, h * d)
+                kp = _unrope(k.reshape(-1, hk, d), pos, self._rope).reshape(-1, hk * d)
+                proj = (qp, kp, v.reshape(-1, hk * d).float().contiguous())
             self.gpu.prefill(
-                li, q2, kb, vb, rt, rows, p["seq_lens"], p["ext"], rows, out=out, sm_scale=float(layer.scaling)
+                li, q2, kb, vb, rt, rows, p["seq_lens"], p["ext"], rows, out=out, sm_scale=float(layer.scaling),
+                proj=proj,
             )
         return out
 

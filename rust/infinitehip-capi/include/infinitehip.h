@@ -168,11 +168,33 @@ int ihip_gpu_prefill(const IhipGpuAttn *a, uint64_t stream, size_t layer,
                      int64_t page_stride, int64_t head_stride, uint64_t out,
                      int out_dtype, int64_t out_row_stride, float sm_scale);
 
+/* ihip_gpu_prefill plus the new tokens' pre-RoPE projections for locret
+ * layers (ignored by other layers): proj_q [rows][n_q*D], proj_k / proj_v
+ * [rows][n_kv*D] (rows as q), dtype proj_dtype, row strides in elements;
+ * prompt_done: NULL (all 0) or batch bytes 0/1 (the call ends the request's
+ * prompt, as the engine's append). A locret layer reads its scores back
+ * once per call (host sync on stream). Eviction is a retained index set
+ * per (request, layer, KV head) that attention reads: the caller's pool
+ * memory is not freed. */
+int ihip_gpu_prefill_proj(const IhipGpuAttn *a, uint64_t stream, size_t layer,
+                          size_t batch, const uint64_t *req_ids,
+                          const int64_t *table_rows, const int64_t *lens,
+                          const int64_t *n_new, uint64_t q, int q_dtype,
+                          int64_t q_row_stride, uint64_t k, uint64_t v,
+                          int kv_dtype, uint64_t table, int64_t table_stride,
+                          int64_t page_size, int64_t page_stride,
+                          int64_t head_stride, uint64_t out, int out_dtype,
+                          int64_t out_row_stride, float sm_scale,
+                          uint64_t proj_q, uint64_t proj_k, uint64_t proj_v,
+                          int proj_dtype, int64_t proj_q_stride,
+                          int64_t proj_kv_stride, const uint8_t *prompt_done);
+
 /* Forget one request's hip state (end of request) / every request's. */
 int ihip_gpu_end_request(const IhipGpuAttn *a, uint64_t req_id);
 int ihip_gpu_reset(const IhipGpuAttn *a);
 
-/* {"layers":["dense","hip",...],"requests":N}; free with ihip_string_free. */
+/* {"layers":["dense","hip",...],"requests":N,"locret":[{"layer","syncs","tokens",
+ * "sync_ms","evictions"} per locret layer]}; free with ihip_string_free. */
 char *ihip_gpu_info_json(const IhipGpuAttn *a);
 
 #ifdef __cplusplus

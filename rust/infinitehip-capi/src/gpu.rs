@@ -395,6 +395,150 @@ pub unsafe extern "C" fn ihip_gpu_prefill(
     })
 }
 
+/// `ihip_gpu_prefill` with the new tokens' pre-RoPE projections, for
+/// locret layers (other layers ignore them): device `proj_q`
+/// `[rows][n_q_heads*head_dim]`, `proj_k`, `proj_v` `[rows][n_kv_heads*head_dim]`
+/// (rows as q), all of `proj_dtype`, row strides in elements; `prompt_done`
+/// (host, `batch` bytes, 0/1, or NULL = all 0): whether the call ends each
+/// request's prompt (`Engine::append`). A locret layer reads the scores
+/// back once per call (a host sync on `stream`).
+///
+/// # Safety
+/// As `ihip_gpu_prefill`; `prompt_done` is NULL or holds `batch` bytes.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn ihip_gpu_prefill_proj(
+    a: *const IhipGpuAttn,
+    stream: u64,
+    layer: usize,
+    batch: usize,
+    req_ids: *const u64,
+    table_rows: *const i64,
+    lens: *const i64,
+    n_new: *const i64,
+    q: u64,
+    q_dtype: c_int,
+    q_row_stride: i64,
+    k: u64,
+    v: u64,
+    kv_dtype: c_int,
+    table: u64,
+    table_stride: i64,
+    page_size: i64,
+    page_stride: i64,
+    head_stride: i64,
+    out: u64,
+    out_dtype: c_int,
+    out_row_stride: i64,
+    sm_scale: f32,
+    proj_q: u64,
+    proj_k: u64,
+    proj_v: u64,
+    proj_dtype: c_int,
+    proj_q_stride: i64,
+    proj_kv_stride: i64,
+    prompt_done: *const u8,
+) -> c_int {
+    guard("ihip_gpu_prefill_proj", || {
+        #[cfg(feature = "cuda")]
+        {
+            use ihip::backend::cuda::engine_attn::{Insert, ProjArg};
+            let ids = slice(req_ids, batch, "req_ids")?;
+            let rows = usizes(table_rows, batch, "table_rows")?;
+            let ls = usizes(lens, batch, "lens")?;
+            let nn = usizes(n_new, batch, "n_new")?;
+            let pd: Vec<bool> = if prompt_done.is_null() {
+                Vec::new()
+            } else {
+                slice(prompt_done, batch, "prompt_done")?
+                    .iter()
+                    .map(|&x| x != 0)
+                    .collect()
+            };
+            let proj = ProjArg {
+                q: proj_q,
+                k: proj_k,
+                v: proj_v,
+                dtype: dtype_of(proj_dtype, "proj")?,
+                q_stride: nonneg(proj_q_stride, "proj_q_stride")?,
+                kv_stride: nonneg(proj_kv_stride, "proj_kv_stride")?,
+            };
+            let (kv, qa, o, sc) = gpu_args(
+                q,
+                q_dtype,
+                q_row_stride,
+                k,
+                v,
+                kv_dtype,
+                table,
+                table_stride,
+                page_size,
+                page_stride,
+                head_stride,
+                out,
+                out_dtype,
+                out_row_stride,
+                sm_scale,
+            )?;
+            let ins = Insert {
+                proj: Some(proj),
+                prompt_done: &pd,
+            };
+            with_gpu(a, |g| {
+                g.prefill_ex(
+                    stream,
+                    layer,
+                    &kv,
+                    ids,
+                    &rows,
+                    &ls,
+                    &nn,
+                    &qa,
+                    &o,
+                    sc,
+                    Some(&ins),
+                )?;
+                Ok(())
+            })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (
+                stream,
+                layer,
+                batch,
+                req_ids,
+                table_rows,
+                lens,
+                n_new,
+                q,
+                q_dtype,
+                q_row_stride,
+                k,
+                v,
+                kv_dtype,
+                table,
+                table_stride,
+                page_size,
+                page_stride,
+                head_stride,
+                out,
+                out_dtype,
+                out_row_stride,
+                sm_scale,
+                proj_q,
+                proj_k,
+                proj_v,
+                proj_dtype,
+                proj_q_stride,
+                proj_kv_stride,
+                prompt_done,
+            );
+            with_gpu(a, |_| Ok(()))
+        }
+    })
+}
+
 /// Forget request `req_id`'s hip state (call when the request ends).
 ///
 /// # Safety
@@ -445,8 +589,19 @@ pub unsafe extern "C" fn ihip_gpu_info_json(a: *const IhipGpuAttn) -> *mut c_cha
                 let layers: Vec<&str> = (0..g.n_layers())
                     .map(|l| g.layer_method(l).unwrap_or("?"))
                     .collect();
+                // Locret layers: score read-backs (one host sync per
+                // prefill call) and their host wait.
+                let locret: Vec<serde_json::Value> = (0..g.n_layers())
+                    .filter_map(|l| {
+                        g.locret_stats(l).map(|s| {
+                            serde_json::json!({"layer": l, "syncs": s.syncs, "tokens": s.tokens,
+                                "sync_ms": s.sync_ms, "evictions": s.evictions})
+                        })
+                    })
+                    .collect();
                 out = into_c_string(
-                    serde_json::json!({"layers": layers, "requests": g.n_requests()}).to_string(),
+                    serde_json::json!({"layers": layers, "requests": g.n_requests(), "locret": locret})
+                        .to_string(),
                 );
             }
             #[cfg(not(feature = "cuda"))]

@@ -497,6 +497,7 @@ pub fn gpu_test(argv: &[String]) -> R<()> {
     // The engine-facing path: borrowed caller K/V, caller stream, bf16 q/out.
     checks.extend(crate::gpu_engine::checks(&gpu, seed)?);
     checks.extend(crate::gpu_engine_policies::checks(&gpu, seed)?);
+    checks.extend(crate::gpu_engine_locret::checks(&gpu, seed)?);
     if a.str("policies-only").is_none() {
         // Tensor-core prefill vs its CUDA-core twin and f64.
         checks.extend(crate::gpu_prefill_tc::checks(&gpu, seed)?);

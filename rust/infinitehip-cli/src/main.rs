@@ -9,6 +9,8 @@ mod gpu;
 #[cfg(feature = "cuda")]
 mod gpu_engine;
 #[cfg(feature = "cuda")]
+mod gpu_engine_locret;
+#[cfg(feature = "cuda")]
 mod gpu_engine_policies;
 #[cfg(feature = "cuda")]
 mod gpu_offload;

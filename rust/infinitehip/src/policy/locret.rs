@@ -167,6 +167,112 @@ impl LocretPolicy {
         self.seqs.get(&seq).is_some_and(|s| s.pending)
     }
 
+    /// Tokens ever appended to `seq` (the next token's original position).
+    pub fn seen(&self, seq: u64) -> Option<usize> {
+        self.seqs.get(&seq).map(|s| s.seen)
+    }
+
+    /// Units held per KV head for `seq` (cache length).
+    pub fn held_len(&self, seq: u64) -> Option<usize> {
+        self.seqs.get(&seq).map(|s| s.len())
+    }
+
+    /// The bookkeeping of `after_append` over scores computed elsewhere
+    /// (the GPU engine path scores on the device): `n` tokens appended to
+    /// `seq` at cache index `start` (the units held), `scores` `[n][n_kv]`
+    /// raw retaining-head scores (ignored for `Phase::Decode`: decoded
+    /// tokens are never evicted). Runs the eviction owed for the previous
+    /// chunk first, as `after_append`; returns the kept cache indices per
+    /// head when it evicted (the new units included). A NaN score is an
+    /// error and leaves the state untouched.
+    pub fn apply_scores(
+        &mut self,
+        seq: u64,
+        start: usize,
+        n: usize,
+        phase: Phase,
+        prompt_done: bool,
+        scores: &[f32],
+    ) -> Result<Option<Vec<Vec<u32>>>> {
+        let nkv = self.head.n_kv_heads();
+        let prefill = phase == Phase::Prefill;
+        if prefill {
+            if scores.len() != n * nkv {
+                return Err(Error::shape(
+                    format!("locret layer {} scores [n][n_kv]", self.layer),
+                    n * nkv,
+                    scores.len(),
+                ));
+            }
+            if let Some(i) = scores.iter().position(|x| x.is_nan()) {
+                return Err(Error::Invalid(format!(
+                    "locret layer {}: retaining-head score is NaN for token {} of sequence {seq} (non-finite q/k/v?)",
+                    self.layer,
+                    start + i / nkv,
+                )));
+            }
+        }
+        let mut st = self.seqs.remove(&seq).unwrap_or_else(|| SeqState {
+            heads: vec![Vec::new(); nkv],
+            ..SeqState::default()
+        });
+        if st.len() != start {
+            let held = st.len();
+            self.seqs.insert(seq, st);
+            return Err(Error::Invalid(format!(
+                "locret layer {}: sequence {seq} holds {held} units in the policy but the new tokens start at cache index {start} (forked sequences and appends that bypass the policy are not supported)",
+                self.layer
+            )));
+        }
+        let keep_last = self.cfg.keep_last;
+        let tail_only = prefill && prompt_done && n <= keep_last;
+        if prefill && prompt_done {
+            // Pin the last keep_last prompt tokens already held.
+            let from = (st.seen + n).saturating_sub(keep_last);
+            for h in &mut st.heads {
+                for u in h.iter_mut().rev() {
+                    if (u.pos as usize) < from {
+                        break;
+                    }
+                    u.pinned = true;
+                }
+            }
+        }
+        // The pool holds the new tokens at cache indices pre_len..pre_len + n.
+        let pre_len = st.len();
+        let mut keep = None;
+        if st.pending {
+            let final_chunk = !prefill || tail_only;
+            keep = self.evict_units(seq, &mut st, final_chunk);
+            st.pending = false;
+        }
+        for (h, units) in st.heads.iter_mut().enumerate() {
+            for t in 0..n {
+                units.push(Unit {
+                    pos: (st.seen + t) as u32,
+                    score: if prefill {
+                        scores[t * nkv + h]
+                    } else {
+                        f32::INFINITY
+                    },
+                    pinned: !prefill || (prompt_done && t + keep_last >= n),
+                });
+            }
+        }
+        st.seen += n;
+        if prefill {
+            st.prompt_done = prompt_done;
+            st.pending = !tail_only;
+        }
+        self.seqs.insert(seq, st);
+        Ok(keep.map(|mut k| {
+            for list in &mut k {
+                list.extend(pre_len as u32..(pre_len + n) as u32);
+            }
+            k
+        }))
+    }
+
     /// Evict `st`'s held units down to the budget. `final_chunk`: this is the
     /// eviction after the last evictable chunk. Returns per head the kept
     /// cache indices, or None when nothing is evicted.
@@ -267,73 +373,9 @@ impl Policy for LocretPolicy {
         let scores = if ins.phase == Phase::Decode {
             vec![f32::INFINITY; n * nkv]
         } else {
-            let s = self.head.scores(ins.q, ins.k, ins.v)?;
-            if let Some(i) = s.iter().position(|x| x.is_nan()) {
-                return Err(Error::Invalid(format!(
-                    "locret layer {}: retaining-head score is NaN for token {} of sequence {} (non-finite q/k/v?)",
-                    self.layer,
-                    ins.start + i / nkv,
-                    ins.seq
-                )));
-            }
-            s
+            self.head.scores(ins.q, ins.k, ins.v)?
         };
-        let mut st = self.seqs.remove(&ins.seq).unwrap_or_else(|| SeqState {
-            heads: vec![Vec::new(); nkv],
-            ..SeqState::default()
-        });
-        if st.len() != ins.start {
-            let held = st.len();
-            self.seqs.insert(ins.seq, st);
-            return Err(Error::Invalid(format!(
-                "locret layer {}: sequence {} holds {held} units in the policy but the new tokens start at cache index {} (forked sequences and appends that bypass the policy are not supported)",
-                self.layer, ins.seq, ins.start
-            )));
-        }
-        let keep_last = self.cfg.keep_last;
-        let prefill = ins.phase == Phase::Prefill;
-        let tail_only = prefill && ins.prompt_done && n <= keep_last;
-        if prefill && ins.prompt_done {
-            // Pin the last keep_last prompt tokens already held.
-            let from = (st.seen + n).saturating_sub(keep_last);
-            for h in &mut st.heads {
-                for u in h.iter_mut().rev() {
-                    if (u.pos as usize) < from {
-                        break;
-                    }
-                    u.pinned = true;
-                }
-            }
-        }
-        // The pool holds the new tokens at cache indices pre_len..pre_len + n.
-        let pre_len = st.len();
-        let mut keep = None;
-        if st.pending {
-            let final_chunk = !prefill || tail_only;
-            keep = self.evict_units(ins.seq, &mut st, final_chunk);
-            st.pending = false;
-        }
-        for (h, units) in st.heads.iter_mut().enumerate() {
-            for t in 0..n {
-                units.push(Unit {
-                    pos: (st.seen + t) as u32,
-                    score: scores[t * nkv + h],
-                    pinned: !prefill || (ins.prompt_done && t + keep_last >= n),
-                });
-            }
-        }
-        st.seen += n;
-        if prefill {
-            st.prompt_done = ins.prompt_done;
-            st.pending = !tail_only;
-        }
-        self.seqs.insert(ins.seq, st);
-        Ok(keep.map(|mut k| {
-            for list in &mut k {
-                list.extend(pre_len as u32..(pre_len + n) as u32);
-            }
-            k
-        }))
+        self.apply_scores(ins.seq, ins.start, n, ins.phase, ins.prompt_done, &scores)
     }
 
     fn evict(&mut self, seq: u64) -> Result<Option<Vec<Vec<u32>>>> {

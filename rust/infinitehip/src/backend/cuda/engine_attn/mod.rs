@@ -1,12 +1,12 @@
 //! GPU attention for engines: decode (and dense causal prefill) over the
 //! ENGINE'S OWN K/V device tensors, on the engine's CUDA stream, with q and
 //! out in the engine's dtype. One `GpuAttention` serves every layer of a
-//! model: each layer is dense, hip, squeeze or lazy (from the
+//! model: each layer is dense, hip, squeeze, lazy or locret (from the
 //! `PolicyConfig`); per-request policy state is kept per (layer, request
-//! id) (hip masks, squeeze indexes) or per request (lazy keep sets, shared
-//! by the lazy layers as on the CPU). One module per policy's state:
-//! `hip`, `squeeze`, `lazy` (each says what it does and where it differs
-//! from the CPU policy).
+//! id) (hip masks, squeeze indexes, locret retained sets) or per request
+//! (lazy keep sets, shared by the lazy layers as on the CPU). One module
+//! per policy's state: `hip`, `squeeze`, `lazy`, `locret` (each says what
+//! it does and where it differs from the CPU policy).
 //!
 //! - K/V: `EngineKv`, borrowed pointers + element strides + a device i32 page
 //!   (or slot) table (`DeviceKv::borrowed`); SGLang's `k_buffer[layer]`
@@ -30,15 +30,21 @@
 //! - lazy: keep sets on the GPU per request, shared across layers; prefill
 //!   attention is launched per request (its queries share one set, clipped
 //!   causally).
-//! - Not here: locret layers (refused at construction: insertion scores
-//!   need the pre-RoPE projections, and eviction would need per-head
-//!   retained sets over a pool the engine owns), hip sparse prefill
-//!   (prefill is dense causal), CUDA-graph capture (the per-step host
-//!   arrays change every step).
+//! - locret: the retaining head scores each prefill's tokens on the GPU
+//!   from the pre-RoPE projections the caller passes (`prefill_ex`,
+//!   `ProjArg`); one host sync per (prefill call, layer) reads the scores
+//!   back for the CPU policy's bookkeeping. Eviction is a per-(request,
+//!   layer, KV head) retained index set that attention reads: the engine's
+//!   pool memory is not freed (see `locret`).
+//! - Not here: hip sparse prefill (prefill is dense causal), CUDA-graph
+//!   capture (the per-step host arrays change every step).
 
 mod hip;
 mod lazy;
+mod locret;
 mod squeeze;
+
+pub use locret::LocretStats;
 
 use std::collections::HashMap;
 
@@ -77,6 +83,28 @@ pub struct QArg {
     pub row_stride: usize,
 }
 
+/// Pre-RoPE projections of a prefill's new tokens (rows in request order,
+/// as q), for locret layers: q `[rows][n_q_heads * D]`, k and v
+/// `[rows][n_kv_heads * D]`, all of `dtype`, with row strides in elements.
+#[derive(Clone, Copy, Debug)]
+pub struct ProjArg {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub dtype: DType,
+    pub q_stride: usize,
+    pub kv_stride: usize,
+}
+
+/// What a prefill appends beyond K/V, for policies that score at
+/// insertion (locret): the projections and, per request, whether the call
+/// ends the prompt (`Engine::append`'s `prompt_done`; empty: false).
+#[derive(Clone, Copy, Debug)]
+pub struct Insert<'a> {
+    pub proj: Option<ProjArg>,
+    pub prompt_done: &'a [bool],
+}
+
 fn dtype_code(d: DType) -> i32 {
     match d {
         DType::F32 => 0,
@@ -87,6 +115,7 @@ fn dtype_code(d: DType) -> i32 {
 
 use hip::HipLayer;
 use lazy::{LazyGpu, LazyReq};
+use locret::LocretLayer;
 use squeeze::SqueezeLayer;
 
 enum Layer {
@@ -94,6 +123,7 @@ enum Layer {
     Hip(Box<HipLayer>),
     Squeeze(Box<SqueezeLayer>),
     Lazy,
+    Locret(Box<LocretLayer>),
 }
 
 /// Per-layer dense or hip attention over an engine's K/V (module doc).
@@ -130,6 +160,46 @@ fn grow(buf: &mut DevBuf, bytes: usize) -> Result<()> {
 
 fn i32_of(what: &str, x: usize) -> Result<i32> {
     i32::try_from(x).map_err(|_| Error::OutOfRange(format!("{what} {x} exceeds i32")))
+}
+
+/// `rows` rows of `width` elements of `dtype` at `src` (row stride in
+/// elements) to contiguous f32 at `dst`, times `mul`, on `gpu`'s stream.
+#[allow(clippy::too_many_arguments)]
+fn to_f32(
+    gpu: &GpuContext,
+    src: u64,
+    dtype: DType,
+    row_stride: usize,
+    rows: usize,
+    width: usize,
+    mul: f32,
+    dst: u64,
+) -> Result<()> {
+    let f = gpu.func("decode", "q_to_f32")?;
+    let (dt, st, nr, h) = (
+        dtype_code(dtype),
+        row_stride as i64,
+        i32_of("rows", rows)?,
+        i32_of("row width", width)?,
+    );
+    let mut l = gpu.stream.launch_builder(&f);
+    l.arg(&src)
+        .arg(&dt)
+        .arg(&st)
+        .arg(&nr)
+        .arg(&h)
+        .arg(&mul)
+        .arg(&dst);
+    let blocks = (rows * width).div_ceil(256).min(4096) as u32;
+    unsafe {
+        l.launch(LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(|e| gpu_err("launch q_to_f32", e))?;
+    Ok(())
 }
 
 /// Rows `row0..row0 + n` of a selection (a view: same buffers).
@@ -210,18 +280,24 @@ impl GpuAttention {
                         mid_end: Vec::new(),
                     }))
                 }
-                LayerPolicy::Squeeze(z) => Layer::Squeeze(Box::new(SqueezeLayer::new(z.clone(), m)?)),
+                LayerPolicy::Squeeze(z) => {
+                    Layer::Squeeze(Box::new(SqueezeLayer::new(z.clone(), m)?))
+                }
                 LayerPolicy::Lazy(_) => Layer::Lazy,
-                other => {
-                    return Err(Error::config(
-                        format!("layer {l}"),
-                        format!(
-                            "the GPU engine path runs dense, hip, squeeze and lazy layers; `{}` is not wired to it yet",
-                            other.method()
-                        ),
-                    ))
+                LayerPolicy::Locret(c) => {
+                    Layer::Locret(Box::new(LocretLayer::new(c.clone(), m, l, &shape)?))
                 }
             });
+        }
+        let n_locret = layers
+            .iter()
+            .filter(|l| matches!(l, Layer::Locret(_)))
+            .count();
+        if n_locret > 0 {
+            tracing::info!(
+                layers = n_locret,
+                "locret on the GPU engine path: eviction keeps a retained index set per (request, layer, KV head) that attention reads; the engine's KV pool memory is not freed"
+            );
         }
         let lazy = (0..m.n_layers).find_map(|l| match cfg.layer_policy(l) {
             LayerPolicy::Lazy(z) if l >= cfg.dense_layers => Some(LazyGpu::new(z.clone())),
@@ -266,7 +342,25 @@ impl GpuAttention {
             Layer::Hip(_) => "hip",
             Layer::Squeeze(_) => "squeeze",
             Layer::Lazy => "lazy",
+            Layer::Locret(_) => "locret",
         })
+    }
+
+    /// Locret layer `layer`'s retained positions of request `id` per KV
+    /// head (sorted), None when it has none.
+    pub fn locret_held(&self, layer: usize, id: u64) -> Option<Vec<Vec<u32>>> {
+        match self.layers.get(layer) {
+            Some(Layer::Locret(z)) => z.host.policy.held_positions(id),
+            _ => None,
+        }
+    }
+
+    /// Locret layer `layer`'s counters (score read-backs and their time).
+    pub fn locret_stats(&self, layer: usize) -> Option<LocretStats> {
+        match self.layers.get(layer) {
+            Some(Layer::Locret(z)) => Some(z.stats),
+            _ => None,
+        }
     }
 
     /// Squeeze layer `layer`'s sealed prefix of request `id`: (prefix
@@ -303,6 +397,11 @@ impl GpuAttention {
 
     /// Forget request `id`'s hip state (its next decode refreshes fully).
     pub fn end_request(&mut self, id: u64) {
+        for l in &mut self.layers {
+            if let Layer::Locret(z) = l {
+                z.host.end(id);
+            }
+        }
         if let Some(s) = self.slots.remove(&id) {
             self.reset_slot(s);
             self.free.push(s);
@@ -318,6 +417,7 @@ impl GpuAttention {
             match l {
                 Layer::Hip(h) => h.step.iter_mut().for_each(|x| *x = 0),
                 Layer::Squeeze(z) => z.slots.clear(),
+                Layer::Locret(z) => z.host.clear(),
                 _ => {}
             }
         }
@@ -435,31 +535,16 @@ impl GpuAttention {
     fn convert_q(&mut self, gpu: &GpuContext, q: &QArg, rows: usize, mul: f32) -> Result<()> {
         let hqd = self.shape.n_q_heads * self.shape.head_dim;
         grow(&mut self.qf, rows * hqd * 4)?;
-        let f = gpu.func("decode", "q_to_f32")?;
-        let (dt, st, nr, h) = (
-            dtype_code(q.dtype),
-            q.row_stride as i64,
-            i32_of("query rows", rows)?,
-            hqd as i32,
-        );
-        let mut l = gpu.stream.launch_builder(&f);
-        l.arg(&q.ptr)
-            .arg(&dt)
-            .arg(&st)
-            .arg(&nr)
-            .arg(&h)
-            .arg(&mul)
-            .arg(&self.qf.ptr);
-        let blocks = (rows * hqd).div_ceil(256).min(4096) as u32;
-        unsafe {
-            l.launch(LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            })
-        }
-        .map_err(|e| gpu_err("launch q_to_f32", e))?;
-        Ok(())
+        to_f32(
+            gpu,
+            q.ptr,
+            q.dtype,
+            q.row_stride,
+            rows,
+            hqd,
+            mul,
+            self.qf.ptr,
+        )
     }
 
     fn scaled_shape(&self, sm_scale: Option<f32>) -> Result<(AttnShape, f32)> {
@@ -581,7 +666,15 @@ impl GpuAttention {
             .iter()
             .map(|&r| i32_of("table row", r))
             .collect::<Result<_>>()?;
-        let (sel, max_tokens) = if matches!(self.layers[layer], Layer::Squeeze(_) | Layer::Lazy) {
+        let (sel, max_tokens) = if matches!(self.layers[layer], Layer::Locret(_)) {
+            grow(&mut self.up, b * 4)?;
+            self.up.write_async(&gpu.stream, &rows)?;
+            for &id in req_ids {
+                self.slot(id);
+            }
+            let sel = self.locret_decode(&gpu, layer, req_ids, lens)?;
+            (sel, *lens.iter().max().unwrap())
+        } else if matches!(self.layers[layer], Layer::Squeeze(_) | Layer::Lazy) {
             grow(&mut self.up, b * 4)?;
             self.up.write_async(&gpu.stream, &rows)?;
             let slots: Vec<usize> = req_ids.iter().map(|&id| self.slot(id).0).collect();
@@ -728,6 +821,151 @@ impl GpuAttention {
         Ok((sel, *lens.iter().max().unwrap()))
     }
 
+    /// A selection with rows `[request][kv head]` from the locret layer's
+    /// retained sets of `ids` (host-built, one async copy each of ranges and
+    /// cum/cnt/tot).
+    fn locret_sel(
+        &mut self,
+        gpu: &GpuContext,
+        layer: usize,
+        ids: &[u64],
+    ) -> Result<DeviceSelection> {
+        let Layer::Locret(z) = &self.layers[layer] else {
+            unreachable!()
+        };
+        let mut rows = Vec::with_capacity(ids.len() * self.shape.n_kv_heads);
+        for &id in ids {
+            let r = z.host.runs(id);
+            if r.len() != self.shape.n_kv_heads {
+                return Err(Error::Invalid(format!(
+                    "locret layer {layer} on the GPU: request {id} has no retained set"
+                )));
+            }
+            rows.extend(r);
+        }
+        let (ranges, rest, cap) = locret::sel_arrays(&rows);
+        let sel = self.sel_view(rows.len(), cap)?;
+        sel.ranges.write_async(&gpu.stream, &ranges)?;
+        DevBuf::borrowed(sel.cum.ptr, rest.len() * 4).write_async(&gpu.stream, &rest)?;
+        Ok(sel)
+    }
+
+    /// Locret decode: each request's token joins its retained sets (the
+    /// first decode runs the eviction owed for the last prefill), then the
+    /// selection of the sets. No host sync.
+    fn locret_decode(
+        &mut self,
+        gpu: &GpuContext,
+        layer: usize,
+        req_ids: &[u64],
+        lens: &[usize],
+    ) -> Result<DeviceSelection> {
+        let Layer::Locret(z) = &mut self.layers[layer] else {
+            unreachable!()
+        };
+        // Check every request first: an error changes nothing.
+        for (&id, &len) in req_ids.iter().zip(lens) {
+            let seen = z.host.policy.seen(id);
+            if seen != Some(len - 1) {
+                return Err(Error::Invalid(format!(
+                    "locret layer {layer} on the GPU: request {id} decodes position {} but its locret state covers {} tokens (every earlier position must pass through a prefill or decode call here first)",
+                    len - 1,
+                    seen.map_or("no".to_string(), |s| s.to_string())
+                )));
+            }
+        }
+        for (&id, &len) in req_ids.iter().zip(lens) {
+            z.host.insert(
+                layer,
+                id,
+                len - 1,
+                1,
+                crate::policy::Phase::Decode,
+                false,
+                &[],
+            )?;
+        }
+        self.locret_sel(gpu, layer, req_ids)
+    }
+
+    /// Locret prefill: score the new tokens on the GPU (one host sync),
+    /// update the retained sets with the CPU policy's rules, then attention
+    /// of each request's queries over its retained set, causally.
+    #[allow(clippy::too_many_arguments)]
+    fn locret_prefill(
+        &mut self,
+        gpu: &GpuContext,
+        shape: &AttnShape,
+        layer: usize,
+        kv: &EngineKv,
+        dkv: &DeviceKv,
+        req_ids: &[u64],
+        reqs: &[LazyReq],
+        n_new: &[usize],
+        out: &AttnOut,
+        ins: Option<&Insert<'_>>,
+    ) -> Result<()> {
+        let b = req_ids.len();
+        let proj = ins.and_then(|i| i.proj).ok_or_else(|| {
+            Error::Invalid(format!(
+                "locret layer {layer} on the GPU: a prefill needs the new tokens' pre-RoPE projections (prefill_ex with Insert::proj)"
+            ))
+        })?;
+        let pd = ins.map_or(&[][..], |i| i.prompt_done);
+        if !pd.is_empty() && pd.len() != b {
+            return Err(Error::shape(
+                "GPU prefill prompt_done per request",
+                b,
+                pd.len(),
+            ));
+        }
+        {
+            let mut seen = std::collections::HashSet::new();
+            if let Some(d) = req_ids.iter().find(|&&r| !seen.insert(r)) {
+                return Err(Error::Invalid(format!(
+                    "locret layer {layer} on the GPU: request id {d} appears twice in one prefill"
+                )));
+            }
+        }
+        let total: usize = n_new.iter().sum();
+        let nkv = self.shape.n_kv_heads;
+        let Layer::Locret(z) = &mut self.layers[layer] else {
+            unreachable!()
+        };
+        for r in reqs.iter().zip(req_ids) {
+            z.host.begin_prefill(layer, *r.1, r.0.len - r.0.n)?;
+        }
+        let scores = z.score(gpu, &proj, total)?;
+        if let Some(i) = scores.iter().position(|x| x.is_nan()) {
+            let (mut row, mut who) = (i / nkv, 0);
+            while row >= n_new[who] {
+                row -= n_new[who];
+                who += 1;
+            }
+            return Err(Error::Invalid(format!(
+                "locret layer {layer} on the GPU: retaining-head score is NaN for token {} of request {} (non-finite projections?)",
+                reqs[who].len - reqs[who].n + row,
+                req_ids[who]
+            )));
+        }
+        let mut r0 = 0;
+        for (i, r) in reqs.iter().enumerate() {
+            let evicted = z.host.insert(
+                layer,
+                req_ids[i],
+                r.len - r.n,
+                r.n,
+                crate::policy::Phase::Prefill,
+                pd.get(i).copied().unwrap_or(false),
+                &scores[r0 * nkv..(r0 + r.n) * nkv],
+            )?;
+            z.stats.evictions += evicted as usize;
+            r0 += r.n;
+        }
+        let sel = self.locret_sel(gpu, layer, req_ids)?;
+        self.prefill_per_request(gpu, shape, kv, dkv, reqs, n_new, &sel, out)
+    }
+
     /// Lazy selection of a call (plan on the host, keep sets and rows on
     /// the GPU, see `lazy`).
     #[allow(clippy::too_many_arguments)]
@@ -780,6 +1018,24 @@ impl GpuAttention {
             reqs,
             crate::policy::Phase::Prefill,
         )?;
+        self.prefill_per_request(gpu, shape, kv, dkv, reqs, n_new, &sel, out)
+    }
+
+    /// Prefill attention with one selection row per KV head per request
+    /// (`sel` rows `[request][kv head]`): every query of request i attends
+    /// its rows clipped causally; one attention launch per request.
+    #[allow(clippy::too_many_arguments)]
+    fn prefill_per_request(
+        &mut self,
+        gpu: &GpuContext,
+        shape: &AttnShape,
+        kv: &EngineKv,
+        dkv: &DeviceKv,
+        reqs: &[LazyReq],
+        n_new: &[usize],
+        sel: &DeviceSelection,
+        out: &AttnOut,
+    ) -> Result<()> {
         let total: usize = n_new.iter().sum();
         let mut host: Vec<i32> = Vec::with_capacity(2 * total);
         for r in reqs {
@@ -815,7 +1071,7 @@ impl GpuAttention {
                 dkv.strides(),
                 self.qf.ptr + (r0 * qe * 4) as u64,
                 r.n,
-                &sel_rows(&sel, i * hkv, hkv),
+                &sel_rows(sel, i * hkv, hkv),
                 r.len,
                 None,
                 AttnOut {
@@ -991,6 +1247,33 @@ impl GpuAttention {
         out: &AttnOut,
         sm_scale: Option<f32>,
     ) -> Result<()> {
+        self.prefill_ex(
+            stream, layer, kv, req_ids, table_rows, lens, n_new, q, out, sm_scale, None,
+        )
+    }
+
+    /// `prefill` with what policies that score at insertion need (`ins`):
+    /// a locret layer requires `ins.proj` (the new tokens' pre-RoPE
+    /// projections, rows as q) and reads `ins.prompt_done`; other layers
+    /// ignore `ins`.
+    ///
+    /// # Safety
+    /// As `decode`; the projection pointers as q.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn prefill_ex(
+        &mut self,
+        stream: u64,
+        layer: usize,
+        kv: &EngineKv,
+        req_ids: &[u64],
+        table_rows: &[usize],
+        lens: &[usize],
+        n_new: &[usize],
+        q: &QArg,
+        out: &AttnOut,
+        sm_scale: Option<f32>,
+        ins: Option<&Insert<'_>>,
+    ) -> Result<()> {
         let b = req_ids.len();
         if table_rows.len() != b || lens.len() != b || n_new.len() != b {
             return Err(Error::shape(
@@ -1001,6 +1284,11 @@ impl GpuAttention {
         }
         let total: usize = n_new.iter().sum();
         self.check_common(layer, kv, q, out, total)?;
+        if matches!(self.layers[layer], Layer::Locret(_)) && ins.and_then(|i| i.proj).is_none() {
+            return Err(Error::Invalid(format!(
+                "locret layer {layer} on the GPU: a prefill needs the new tokens' pre-RoPE projections (prefill_ex with Insert::proj)"
+            )));
+        }
         let cap_tokens = kv.table_stride * kv.page_size;
         for i in 0..b {
             if n_new[i] > lens[i] || lens[i] > cap_tokens {
@@ -1029,6 +1317,12 @@ impl GpuAttention {
         let gpu = self.gpu.on_stream(stream);
         let (shape, mul) = self.scaled_shape(sm_scale)?;
         self.convert_q(&gpu, q, total, mul)?;
+        if matches!(self.layers[layer], Layer::Locret(_)) {
+            let reqs = lazy_reqs(&slots, table_rows, lens, n_new);
+            return self.locret_prefill(
+                &gpu, &shape, layer, kv, &dkv, req_ids, &reqs, n_new, out, ins,
+            );
+        }
         if matches!(self.layers[layer], Layer::Lazy) {
             let reqs = lazy_reqs(&slots, table_rows, lens, n_new);
             return self.lazy_prefill(&gpu, &shape, layer, kv, &dkv, req_ids, &reqs, n_new, out);
