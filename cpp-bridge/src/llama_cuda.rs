@@ -69,7 +69,24 @@ pub struct LlamaCudaAttn {
 pub fn llama_cuda_attn_new(
     plugin: &LlamaPlugin,
 ) -> std::result::Result<Box<LlamaCudaAttn>, String> {
-    guard(|| new_impl(plugin).map(Box::new))
+    guard(|| {
+        only_dense_and_hip(plugin.config())?;
+        new_impl(plugin).map(Box::new)
+    })
+}
+
+/// GpuAttention also runs lazy/squeeze/locret, but those need its prefill
+/// (prompt queries, projections), which this route leaves to llama.cpp.
+fn only_dense_and_hip(cfg: &infinitehip::config::PolicyConfig) -> Result<()> {
+    for l in cfg.dense_layers..cfg.model.n_layers {
+        let m = cfg.layer_policy(l).method();
+        if !matches!(m, "dense" | "hip") {
+            return Err(infinitehip::Error::Invalid(format!(
+                "CUDA route: runs dense and hip layers only (prefill stays llama.cpp's); layer {l} is `{m}`"
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -475,5 +492,25 @@ mod tests {
             .err()
             .expect("must fail here");
         assert!(e.contains("cuda") || e.contains("CUDA"), "{e}");
+    }
+
+    #[test]
+    fn lazy_squeeze_layers_are_refused_before_any_gpu_work() {
+        let mi = ModelInfo {
+            n_layers: 32,
+            n_q_heads: 8,
+            n_kv_heads: 2,
+            head_dim: 64,
+            rope_theta: 10000.0,
+            n_ctx_train: 4096,
+        };
+        for m in ["lazy", "squeeze"] {
+            let cfg = format!(r#"{{"dense_layers": 1, "default": {{"method": "{m}"}}}}"#);
+            let p = LlamaPlugin::new(&cfg, &mi).unwrap();
+            let e = llama_cuda_attn_new(&p).err().expect("must refuse");
+            assert!(e.contains(&format!("layer 1 is `{m}`")), "{e}");
+        }
+        // dense + hip only passes the method check (then needs a GPU).
+        assert!(only_dense_and_hip(plugin().config()).is_ok());
     }
 }
