@@ -376,8 +376,9 @@ class InfiniteHipAttnBackend(AttentionBackend):
         self._gpu_rows.update(rows)
         self.plan = {"decode": decode, "rows": rows, "seq_lens": seq_lens, "ext": ext}
 
-    def _gpu_forward(self, q, k, v, layer, forward_batch, save_kv_cache, decode):
-        self._check_layer(layer)
+    def _save_kv(self, k, v, layer, forward_batch, save_kv_cache):
+        """Write the new K/V into SGLang's pool (as the in-tree backends do) and
+        return (plan, layer index, K buffer, V buffer, req_to_token)."""
         if save_kv_cache and k is not None and v is not None:
             loc = (
                 KVWriteLoc.for_layer(forward_batch, layer)
@@ -391,7 +392,11 @@ class InfiniteHipAttnBackend(AttentionBackend):
         li = layer.layer_id - self.start_layer
         kb = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         vb = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
-        rt = self.req_to_token_pool.req_to_token
+        return p, li, kb, vb, self.req_to_token_pool.req_to_token
+
+    def _gpu_forward(self, q, k, v, layer, forward_batch, save_kv_cache, decode):
+        self._check_layer(layer)
+        p, li, kb, vb, rt = self._save_kv(k, v, layer, forward_batch, save_kv_cache)
         h, d = layer.tp_q_head_num, layer.qk_head_dim
         q2 = q.reshape(-1, h * d)
         if q2.stride(-1) != 1:
@@ -494,20 +499,7 @@ class InfiniteHipAttnBackend(AttentionBackend):
         return qf.contiguous()
 
     def _write_and_sync(self, k, v, layer, forward_batch, save_kv_cache):
-        if save_kv_cache and k is not None and v is not None:
-            loc = (
-                KVWriteLoc.for_layer(forward_batch, layer)
-                if KVWriteLoc is not None
-                else forward_batch.out_cache_loc
-            )
-            self.token_to_kv_pool.set_kv_buffer(layer, loc, k, v)
-        p = self.plan
-        if p is None:
-            raise RuntimeError("infinitehip backend: forward without init_forward_metadata")
-        li = layer.layer_id - self.start_layer
-        kb = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
-        vb = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
-        rt = self.req_to_token_pool.req_to_token
+        p, li, kb, vb, rt = self._save_kv(k, v, layer, forward_batch, save_kv_cache)
         out_loc = forward_batch.out_cache_loc
         phase = "decode" if p["decode"] else "prefill"
         for i, (row, sid, (c0, c1), n, st) in enumerate(
