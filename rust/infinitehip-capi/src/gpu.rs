@@ -335,64 +335,34 @@ pub unsafe extern "C" fn ihip_gpu_prefill(
     out_row_stride: i64,
     sm_scale: f32,
 ) -> c_int {
-    guard("ihip_gpu_prefill", || {
-        #[cfg(feature = "cuda")]
-        {
-            let ids = slice(req_ids, batch, "req_ids")?;
-            let rows = usizes(table_rows, batch, "table_rows")?;
-            let ls = usizes(lens, batch, "lens")?;
-            let nn = usizes(n_new, batch, "n_new")?;
-            let (kv, qa, o, sc) = gpu_args(
-                q,
-                q_dtype,
-                q_row_stride,
-                k,
-                v,
-                kv_dtype,
-                table,
-                table_stride,
-                page_size,
-                page_stride,
-                head_stride,
-                out,
-                out_dtype,
-                out_row_stride,
-                sm_scale,
-            )?;
-            with_gpu(a, |g| {
-                g.prefill(stream, layer, &kv, ids, &rows, &ls, &nn, &qa, &o, sc)?;
-                Ok(())
-            })
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (
-                stream,
-                layer,
-                batch,
-                req_ids,
-                table_rows,
-                lens,
-                n_new,
-                q,
-                q_dtype,
-                q_row_stride,
-                k,
-                v,
-                kv_dtype,
-                table,
-                table_stride,
-                page_size,
-                page_stride,
-                head_stride,
-                out,
-                out_dtype,
-                out_row_stride,
-                sm_scale,
-            );
-            with_gpu(a, |_| Ok(()))
-        }
-    })
+    prefill_with(
+        "ihip_gpu_prefill",
+        a,
+        stream,
+        layer,
+        batch,
+        req_ids,
+        table_rows,
+        lens,
+        n_new,
+        q,
+        q_dtype,
+        q_row_stride,
+        k,
+        v,
+        kv_dtype,
+        table,
+        table_stride,
+        page_size,
+        page_stride,
+        head_stride,
+        out,
+        out_dtype,
+        out_row_stride,
+        sm_scale,
+        None,
+        std::ptr::null(),
+    )
 }
 
 /// `ihip_gpu_prefill` with the new tokens' pre-RoPE projections, for
@@ -439,7 +409,87 @@ pub unsafe extern "C" fn ihip_gpu_prefill_proj(
     proj_kv_stride: i64,
     prompt_done: *const u8,
 ) -> c_int {
-    guard("ihip_gpu_prefill_proj", || {
+    let proj = RawProj {
+        q: proj_q,
+        k: proj_k,
+        v: proj_v,
+        dtype: proj_dtype,
+        q_stride: proj_q_stride,
+        kv_stride: proj_kv_stride,
+    };
+    prefill_with(
+        "ihip_gpu_prefill_proj",
+        a,
+        stream,
+        layer,
+        batch,
+        req_ids,
+        table_rows,
+        lens,
+        n_new,
+        q,
+        q_dtype,
+        q_row_stride,
+        k,
+        v,
+        kv_dtype,
+        table,
+        table_stride,
+        page_size,
+        page_stride,
+        head_stride,
+        out,
+        out_dtype,
+        out_row_stride,
+        sm_scale,
+        Some(proj),
+        prompt_done,
+    )
+}
+
+/// The projection arguments of `ihip_gpu_prefill_proj`, unchecked.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct RawProj {
+    q: u64,
+    k: u64,
+    v: u64,
+    dtype: c_int,
+    q_stride: i64,
+    kv_stride: i64,
+}
+
+/// Both prefill entry points; `proj` None = plain `ihip_gpu_prefill`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn prefill_with(
+    what: &str,
+    a: *const IhipGpuAttn,
+    stream: u64,
+    layer: usize,
+    batch: usize,
+    req_ids: *const u64,
+    table_rows: *const i64,
+    lens: *const i64,
+    n_new: *const i64,
+    q: u64,
+    q_dtype: c_int,
+    q_row_stride: i64,
+    k: u64,
+    v: u64,
+    kv_dtype: c_int,
+    table: u64,
+    table_stride: i64,
+    page_size: i64,
+    page_stride: i64,
+    head_stride: i64,
+    out: u64,
+    out_dtype: c_int,
+    out_row_stride: i64,
+    sm_scale: f32,
+    proj: Option<RawProj>,
+    prompt_done: *const u8,
+) -> c_int {
+    guard(what, || {
         #[cfg(feature = "cuda")]
         {
             use ihip::backend::cuda::engine_attn::{Insert, ProjArg};
@@ -447,22 +497,6 @@ pub unsafe extern "C" fn ihip_gpu_prefill_proj(
             let rows = usizes(table_rows, batch, "table_rows")?;
             let ls = usizes(lens, batch, "lens")?;
             let nn = usizes(n_new, batch, "n_new")?;
-            let pd: Vec<bool> = if prompt_done.is_null() {
-                Vec::new()
-            } else {
-                slice(prompt_done, batch, "prompt_done")?
-                    .iter()
-                    .map(|&x| x != 0)
-                    .collect()
-            };
-            let proj = ProjArg {
-                q: proj_q,
-                k: proj_k,
-                v: proj_v,
-                dtype: dtype_of(proj_dtype, "proj")?,
-                q_stride: nonneg(proj_q_stride, "proj_q_stride")?,
-                kv_stride: nonneg(proj_kv_stride, "proj_kv_stride")?,
-            };
             let (kv, qa, o, sc) = gpu_args(
                 q,
                 q_dtype,
@@ -480,10 +514,29 @@ pub unsafe extern "C" fn ihip_gpu_prefill_proj(
                 out_row_stride,
                 sm_scale,
             )?;
-            let ins = Insert {
+            let proj = match proj {
+                None => None,
+                Some(p) => Some(ProjArg {
+                    q: p.q,
+                    k: p.k,
+                    v: p.v,
+                    dtype: dtype_of(p.dtype, "proj")?,
+                    q_stride: nonneg(p.q_stride, "proj_q_stride")?,
+                    kv_stride: nonneg(p.kv_stride, "proj_kv_stride")?,
+                }),
+            };
+            let pd: Vec<bool> = if prompt_done.is_null() {
+                Vec::new()
+            } else {
+                slice(prompt_done, batch, "prompt_done")?
+                    .iter()
+                    .map(|&x| x != 0)
+                    .collect()
+            };
+            let ins = proj.map(|proj| Insert {
                 proj: Some(proj),
                 prompt_done: &pd,
-            };
+            });
             with_gpu(a, |g| {
                 g.prefill_ex(
                     stream,
@@ -496,7 +549,7 @@ pub unsafe extern "C" fn ihip_gpu_prefill_proj(
                     &qa,
                     &o,
                     sc,
-                    Some(&ins),
+                    ins.as_ref(),
                 )?;
                 Ok(())
             })
@@ -526,12 +579,7 @@ pub unsafe extern "C" fn ihip_gpu_prefill_proj(
                 out_dtype,
                 out_row_stride,
                 sm_scale,
-                proj_q,
-                proj_k,
-                proj_v,
-                proj_dtype,
-                proj_q_stride,
-                proj_kv_stride,
+                proj,
                 prompt_done,
             );
             with_gpu(a, |_| Ok(()))

@@ -10,7 +10,7 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(head_dim: usize, theta: f32) -> Self {
-        assert!(head_dim % 2 == 0, "RoPE needs an even head_dim");
+        assert!(head_dim.is_multiple_of(2), "RoPE needs an even head_dim");
         let half = head_dim / 2;
         Rope {
             inv_freq: (0..half)
