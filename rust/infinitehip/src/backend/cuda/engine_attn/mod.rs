@@ -74,6 +74,20 @@ pub struct EngineKv {
     pub head_stride: usize,
 }
 
+impl EngineKv {
+    /// The kernels' view of these tensors (strides come from `DeviceKv`).
+    fn ptrs(&self) -> KvPtrs {
+        KvPtrs {
+            k: self.k,
+            v: self.v,
+            table: self.table,
+            table_stride: self.table_stride,
+            page_size: self.page_size,
+            dtype: self.dtype,
+        }
+    }
+}
+
 /// Queries `[rows][n_q_heads * head_dim]` on the device.
 #[derive(Clone, Copy, Debug)]
 pub struct QArg {
@@ -724,14 +738,7 @@ impl GpuAttention {
             &mut ws,
             &shape,
             "",
-            KvPtrs {
-                k: kv.k,
-                v: kv.v,
-                table: kv.table,
-                table_stride: kv.table_stride,
-                page_size: kv.page_size,
-                dtype: kv.dtype,
-            },
+            kv.ptrs(),
             dkv.strides(),
             self.qf.ptr,
             b,
@@ -1060,14 +1067,7 @@ impl GpuAttention {
                 &mut ws,
                 shape,
                 "",
-                KvPtrs {
-                    k: kv.k,
-                    v: kv.v,
-                    table: kv.table,
-                    table_stride: kv.table_stride,
-                    page_size: kv.page_size,
-                    dtype: kv.dtype,
-                },
+                kv.ptrs(),
                 dkv.strides(),
                 self.qf.ptr + (r0 * qe * 4) as u64,
                 r.n,
@@ -1365,14 +1365,7 @@ impl GpuAttention {
             &mut ws,
             &shape,
             "",
-            KvPtrs {
-                k: kv.k,
-                v: kv.v,
-                table: kv.table,
-                table_stride: kv.table_stride,
-                page_size: kv.page_size,
-                dtype: kv.dtype,
-            },
+            kv.ptrs(),
             dkv.strides(),
             self.qf.ptr,
             total,
