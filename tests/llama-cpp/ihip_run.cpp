@@ -12,12 +12,24 @@
 //   ihip_run bench MODEL --depth D --gen N [--state FILE]
 //       load the state (or prefill D tokens), then time N decode steps;
 //       prints one JSON line.
+//   ihip_run tokenize MODEL --text FILE --out IDS
+//       tokenize a UTF-8 text file (BOS added if the model adds one);
+//       writes int32 token ids.
+//   ihip_run score MODEL --input IDS --prefill P [--n N] --nll OUT
+//       teacher-forced scoring of the first N ids (default: all): the first
+//       P go through prefill ubatches (logits of every row), the rest one
+//       token per llama_decode (the single-token decode path). Writes N
+//       records {f32 nll, i32 argmax, i32 path} where record i scores
+//       target ids[i] (record 0 is empty: nll NaN, path -1) and path says
+//       which call produced the logits (0 = a prefill ubatch, 1 = a
+//       single-token decode step). Prints one JSON line with timings.
 //
 // Common: --ctx N (default: enough for the run), --threads T (2), --batch B
 // (512), --fa on|off|auto (off), --seed S (1).
 #include "llama.h"
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -32,12 +44,12 @@ static void die(const std::string & msg) {
 }
 
 struct Args {
-    std::string mode, model, force, logits_out, tokens_out, state, fa = "off";
-    int prompt_len = 64, gen = 16, depth = 0, ctx = 0, threads = 2, batch = 512, seed = 1;
+    std::string mode, model, force, logits_out, tokens_out, state, fa = "off", text, out, input, nll_out;
+    int prompt_len = 64, gen = 16, depth = 0, ctx = 0, threads = 2, batch = 512, seed = 1, prefill = -1, n = -1;
 };
 
 static Args parse(int argc, char ** argv) {
-    if (argc < 3) die("usage: ihip_run gen|fill|bench MODEL [options] (see the source header)");
+    if (argc < 3) die("usage: ihip_run gen|fill|bench|tokenize|score MODEL [options] (see the source header)");
     Args a;
     a.mode = argv[1];
     a.model = argv[2];
@@ -57,6 +69,12 @@ static Args parse(int argc, char ** argv) {
         else if (k == "--tokens") a.tokens_out = v;
         else if (k == "--state") a.state = v;
         else if (k == "--fa") a.fa = v;
+        else if (k == "--text") a.text = v;
+        else if (k == "--out") a.out = v;
+        else if (k == "--input") a.input = v;
+        else if (k == "--nll") a.nll_out = v;
+        else if (k == "--prefill") a.prefill = std::stoi(v);
+        else if (k == "--n") a.n = std::stoi(v);
         else die("unknown option " + k);
     }
     return a;
@@ -77,6 +95,24 @@ static void decode_all(llama_context * ctx, std::vector<llama_token> & toks, int
     }
 }
 
+static std::vector<llama_token> read_ids(const std::string & path) {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) die("cannot read " + path);
+    std::vector<llama_token> ids;
+    llama_token t;
+    while (f.read((char *) &t, sizeof t)) ids.push_back(t);
+    return ids;
+}
+
+// -log softmax(logits)[target] in double, and the argmax.
+static void nll_of(const float * logits, int n_vocab, llama_token target, float & nll, int32_t & best) {
+    best = 0;
+    for (int i = 1; i < n_vocab; i++) if (logits[i] > logits[best]) best = i;
+    double m = logits[best], sum = 0.0;
+    for (int i = 0; i < n_vocab; i++) sum += std::exp((double) logits[i] - m);
+    nll = (float) (m + std::log(sum) - (double) logits[target]);
+}
+
 static double now_s() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
@@ -94,7 +130,35 @@ int main(int argc, char ** argv) {
     if (!model) die("cannot load model " + a.model);
     const int n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
 
-    int need = a.mode == "gen" ? a.prompt_len + a.gen + 1 : a.depth + a.gen + 1;
+    const llama_vocab * vocab = llama_model_get_vocab(model);
+    if (a.mode == "tokenize") {
+        std::ifstream f(a.text, std::ios::binary);
+        if (!f) die("cannot read --text " + a.text);
+        std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+        std::vector<llama_token> ids(text.size() + 16);
+        int n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), ids.data(), (int32_t) ids.size(),
+                               llama_vocab_get_add_bos(vocab), false);
+        if (n < 0) die("tokenize failed");
+        ids.resize(n);
+        std::ofstream o(a.out, std::ios::binary);
+        if (!o) die("cannot write --out " + a.out);
+        o.write((const char *) ids.data(), sizeof(llama_token) * ids.size());
+        std::printf("{\"mode\":\"tokenize\",\"bytes\":%zu,\"tokens\":%d}\n", text.size(), n);
+        llama_model_free(model);
+        llama_backend_free();
+        return 0;
+    }
+    std::vector<llama_token> ids;
+    if (a.mode == "score") {
+        ids = read_ids(a.input);
+        if (a.n > 0) {
+            if (a.n > (int) ids.size()) die("--n " + std::to_string(a.n) + " exceeds the " + std::to_string(ids.size()) + " ids in --input");
+            ids.resize(a.n);
+        }
+        if (a.prefill < 1 || a.prefill > (int) ids.size()) die("--prefill must be in 1..n (n = " + std::to_string(ids.size()) + ")");
+        if (a.nll_out.empty()) die("score needs --nll OUT");
+    }
+    int need = a.mode == "gen" ? a.prompt_len + a.gen + 1 : a.mode == "score" ? (int) ids.size() + 1 : a.depth + a.gen + 1;
     llama_context_params cp = llama_context_default_params();
     cp.n_ctx = a.ctx > 0 ? a.ctx : ((need + 255) / 256) * 256;
     cp.n_batch = a.batch;
@@ -176,6 +240,46 @@ int main(int argc, char ** argv) {
         std::printf("{\"mode\":\"bench\",\"depth\":%d,\"threads\":%d,\"load_or_prefill_s\":%.3f,\"decode_tokens\":%d,"
                     "\"decode_s\":%.4f,\"decode_tok_s\":%.2f}\n",
                     a.depth, a.threads, t1 - t0, timed, t3 - t2, timed / (t3 - t2));
+    } else if (a.mode == "score") {
+        const int n = (int) ids.size(), p = a.prefill;
+        struct Rec { float nll; int32_t argmax; int32_t path; };
+        std::vector<Rec> rec(n, Rec{NAN, -1, -1});
+        llama_batch b = llama_batch_init(a.batch, 0, 1);
+        double t0 = now_s();
+        for (int i0 = 0; i0 < p; i0 += a.batch) {
+            int m = std::min(a.batch, p - i0);
+            b.n_tokens = m;
+            for (int j = 0; j < m; j++) {
+                b.token[j] = ids[i0 + j];
+                b.pos[j] = i0 + j;
+                b.n_seq_id[j] = 1;
+                b.seq_id[j][0] = 0;
+                b.logits[j] = true;
+            }
+            if (llama_decode(ctx, b) != 0) die("llama_decode failed (prefill)");
+            for (int j = 0; j < m; j++) {
+                int tgt = i0 + j + 1;
+                if (tgt >= n) break;
+                nll_of(llama_get_logits_ith(ctx, j), n_vocab, ids[tgt], rec[tgt].nll, rec[tgt].argmax);
+                rec[tgt].path = 0;
+            }
+        }
+        double t1 = now_s();
+        for (int i = p; i + 1 < n; i++) {
+            llama_token tok = ids[i];
+            if (llama_decode(ctx, llama_batch_get_one(&tok, 1)) != 0) die("llama_decode failed (decode)");
+            nll_of(llama_get_logits_ith(ctx, -1), n_vocab, ids[i + 1], rec[i + 1].nll, rec[i + 1].argmax);
+            rec[i + 1].path = 1;
+        }
+        double t2 = now_s();
+        llama_batch_free(b);
+        std::ofstream o(a.nll_out, std::ios::binary);
+        if (!o) die("cannot write --nll " + a.nll_out);
+        o.write((const char *) rec.data(), sizeof(Rec) * rec.size());
+        int dec = std::max(0, n - 1 - p);
+        std::printf("{\"mode\":\"score\",\"n\":%d,\"prefill\":%d,\"threads\":%d,\"prefill_s\":%.4f,"
+                    "\"prefill_tok_s\":%.2f,\"decode_tokens\":%d,\"decode_s\":%.4f,\"decode_tok_s\":%.2f}\n",
+                    n, p, a.threads, t1 - t0, p / (t1 - t0), dec, t2 - t1, dec > 0 ? dec / (t2 - t1) : 0.0);
     } else {
         die("unknown mode " + a.mode);
     }
