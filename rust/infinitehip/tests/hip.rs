@@ -87,7 +87,8 @@ fn budget_covering_context_equals_dense() {
     )
     .unwrap();
     let err = rel_error(&o, &reference::attend_f64(&shape, &q, &view, None, len));
-    assert!(err <= 1e-2, "decode rel err {err}");
+    // Same stored K/V in the reference: f32 accumulation only.
+    assert!(err <= 1e-5, "decode rel err {err}");
     // Prefill of the last 200 tokens.
     let q = rng.normal_vec(200 * shape.q_elems(), 1.0);
     let out = pol
@@ -107,7 +108,7 @@ fn budget_covering_context_equals_dense() {
         &o,
         &reference::prefill_f64(&shape, &q, len - 200, &view, None),
     );
-    assert!(err <= 1e-2, "prefill rel err {err}");
+    assert!(err <= 1e-5, "prefill rel err {err}");
 }
 
 #[test]
