@@ -13,6 +13,8 @@ mod gpu_engine_locret;
 #[cfg(feature = "cuda")]
 mod gpu_engine_policies;
 #[cfg(feature = "cuda")]
+mod gpu_hip_fast;
+#[cfg(feature = "cuda")]
 mod gpu_offload;
 #[cfg(feature = "cuda")]
 mod gpu_policies;

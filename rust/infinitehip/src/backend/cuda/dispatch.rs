@@ -7,6 +7,7 @@ use std::ops::Range;
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
+use super::hip_fast::{FastEstimator, FastInputs, MaskEstimator};
 use super::{gpu_err, kernels, DevBuf, GpuContext};
 use crate::attention::AttnShape;
 use crate::config::HipConfig;
@@ -1174,33 +1175,67 @@ pub(crate) fn run_stages(
             })
         }
         .map_err(|e| gpu_err("launch hip_score", e))?;
-        let out = &stages[s];
-        let (nsub, k, oc) = (
-            n_sub as i32,
-            (st.keep_tokens / st.chunk_size) as i32,
-            out.cap as i32,
-        );
-        let mut l = gpu.stream.launch_builder(&topk);
-        l.arg(&x.keys)
-            .arg(&nsub)
-            .arg(&k)
-            .arg(&in_ptr)
-            .arg(&in_cnt)
-            .arg(&ci)
-            .arg(&ei)
-            .arg(&c)
-            .arg(&out.out.ptr)
-            .arg(&out.cnt.ptr)
-            .arg(&oc);
-        unsafe {
-            l.launch(LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (1024, 1, 1),
-                shared_mem_bytes: 0,
-            })
-        }
-        .map_err(|e| gpu_err("launch hip_topk", e))?;
+        let k = st.keep_tokens / st.chunk_size;
+        let sub = SubChunks {
+            ranges: in_ptr,
+            cnt: in_cnt,
+            cap: cap_in,
+            e,
+            c: st.chunk_size,
+        };
+        launch_topk(gpu, &topk, x.keys, rows as usize, &sub, k, &stages[s])?;
     }
+    Ok(())
+}
+
+/// A stage's candidate slots: sub-chunk `e` (of `c` tokens) of input range
+/// `i` is slot `i * e_count + e` (`cap` ranges per row, `cnt` valid).
+pub(crate) struct SubChunks {
+    pub ranges: u64,
+    pub cnt: u64,
+    pub cap: usize,
+    pub e: usize,
+    pub c: usize,
+}
+
+/// hip_topk: keep the best `k` slots of each row's `keys` into `out`.
+pub(crate) fn launch_topk(
+    gpu: &GpuContext,
+    topk: &cudarc::driver::CudaFunction,
+    keys: u64,
+    rows: usize,
+    sub: &SubChunks,
+    k: usize,
+    out: &StageBuf,
+) -> Result<()> {
+    let (nsub, k, oc, ci, ei, c) = (
+        (sub.cap * sub.e) as i32,
+        k as i32,
+        out.cap as i32,
+        sub.cap as i32,
+        sub.e as i32,
+        sub.c as i32,
+    );
+    let mut l = gpu.stream.launch_builder(topk);
+    l.arg(&keys)
+        .arg(&nsub)
+        .arg(&k)
+        .arg(&sub.ranges)
+        .arg(&sub.cnt)
+        .arg(&ci)
+        .arg(&ei)
+        .arg(&c)
+        .arg(&out.out.ptr)
+        .arg(&out.cnt.ptr)
+        .arg(&oc);
+    unsafe {
+        l.launch(LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(|e| gpu_err("launch hip_topk", e))?;
     Ok(())
 }
 
@@ -1514,6 +1549,9 @@ pub struct HipGpuPrefill {
     n: usize,
     e0: usize,
     max_tokens: usize,
+    /// Mask estimator of `select` (Auto: the tensor-core one).
+    pub estimator: MaskEstimator,
+    fast: FastEstimator,
 }
 
 impl HipGpuPrefill {
@@ -1559,6 +1597,8 @@ impl HipGpuPrefill {
             n: 0,
             e0: 1,
             max_tokens: 1,
+            estimator: MaskEstimator::Auto,
+            fast: FastEstimator::new(),
             stages,
             cfg,
         })
@@ -1630,6 +1670,10 @@ impl HipGpuPrefill {
         self.n_blocks = nb;
         self.n = n;
         self.max_tokens = bound;
+        if q_start == 0 {
+            // A new sequence: the fast estimator's representatives restart.
+            self.fast.reset();
+        }
         Ok(())
     }
 
@@ -1639,6 +1683,33 @@ impl HipGpuPrefill {
     pub fn select(&mut self, gpu: &GpuContext, kv: &DeviceKv, q: u64) -> Result<()> {
         let rows = self.n_blocks * self.hkv;
         let d = kv.head_dim;
+        if self.estimator.fast_for(d) {
+            let x = FastInputs {
+                rows,
+                q,
+                n: self.n,
+                nq_max: self.nq_max,
+                group: self.group,
+                row_seq: self.row_seq.ptr,
+                seq_row: 0,
+                len: kv.lens[0],
+                stage0_in: self.stage0_in.ptr,
+                stage0_cnt: self.stage0_cnt.ptr,
+                e0: self.e0,
+                keys: self.keys.ptr,
+            };
+            self.fast
+                .run(gpu, kv, &self.cfg, self.cfg.block_size_q, &self.stages, &x)?;
+            self.sel.rows = rows;
+            return assemble(
+                gpu,
+                self.stages.last().unwrap(),
+                self.extra.ptr,
+                self.hkv,
+                rows,
+                &self.sel,
+            );
+        }
         let gather = gpu.func("hip_mask", "hip_gather_q")?;
         let (n, qb, st, hk, g, di, nqm) = (
             self.n as i32,
