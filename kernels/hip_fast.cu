@@ -91,7 +91,8 @@ struct TokSrc {
     const int* cnt;
     int table_stride, ps, hkv, cap0, c0, D;
     long long pst, hst;
-    __device__ __forceinline__ int count(int r) const { return min(cnt[r], cap0) * c0; }
+    int tok_cap;  // stage-0 ranges per row of the token-score buffer
+    __device__ __forceinline__ int count(int r) const { return min(min(cnt[r], cap0), tok_cap) * c0; }
     __device__ __forceinline__ const u16* key(int r, int u, int n) const {
         if (u >= n) return nullptr;
         const int2 g = rg[(long long)r * cap0 + u / c0];
@@ -183,9 +184,10 @@ __device__ void hf_score(const Src& src, const u16* __restrict__ qt, int mt, flo
     extern "C" __global__ void __launch_bounds__(HF_THREADS)                                               \
         hipf_score_tok_##TN##_d##D(const u16* kp, const int* table, int table_stride, int ps, int hkv,    \
                                    long long pst, long long hst, const int* row_seq, const int2* rg,       \
-                                   const int* cnt, int cap0, int c0, const u16* qt, int mt, float* out) {  \
-        TokSrc s{kp, table, row_seq, rg, cnt, table_stride, ps, hkv, cap0, c0, D, pst, hst};               \
-        hf_score<E, D, TokSrc>(s, qt, mt, out, (long long)cap0 * c0);                                      \
+                                   const int* cnt, int cap0, int c0, int tok_cap, const u16* qt, int mt,   \
+                                   float* out) {                                                           \
+        TokSrc s{kp, table, row_seq, rg, cnt, table_stride, ps, hkv, cap0, c0, D, pst, hst, tok_cap};      \
+        hf_score<E, D, TokSrc>(s, qt, mt, out, (long long)tok_cap * c0);                                   \
     }
 HF_INST(Bf16, bf16, 64)
 HF_INST(Bf16, bf16, 128)
@@ -215,7 +217,7 @@ extern "C" __global__ void hipf_stage0_keys(const float* __restrict__ sc, const 
 // range that holds them (binary search: stage-0 ranges are ascending and
 // every later range lies inside one of them).
 extern "C" __global__ void hipf_subkeys(const float* __restrict__ tok, const int2* __restrict__ rg0,
-                                        const int* __restrict__ cnt0, int cap0, int c0,
+                                        const int* __restrict__ cnt0, int cap0, int c0, int tok_cap,
                                         const int2* __restrict__ in_ranges, const int* __restrict__ in_cnt,
                                         int cap_in, int E_, int c, u32* __restrict__ keys) {
     const int r = blockIdx.y;
@@ -230,12 +232,12 @@ extern "C" __global__ void hipf_subkeys(const float* __restrict__ tok, const int
         if (l < g.y) {
             const int rr = min(l + c, g.y);
             const int2* z = rg0 + (long long)r * cap0;
-            int lo = 0, hi = min(cnt0[r], cap0) - 1;
+            int lo = 0, hi = min(min(cnt0[r], cap0), tok_cap) - 1;
             while (lo < hi) {  // last range starting at or before l
                 const int mid = (lo + hi + 1) / 2;
                 if (z[mid].x <= l) lo = mid; else hi = mid - 1;
             }
-            const float* ts = tok + (long long)r * cap0 * c0 + (long long)lo * c0 + (l - z[lo].x);
+            const float* ts = tok + (long long)r * tok_cap * c0 + (long long)lo * c0 + (l - z[lo].x);
             float best = NEG_INF;
             for (int t = 0; t < rr - l; t++) best = fmaxf(best, ts[t]);
             key = hf_key(best);

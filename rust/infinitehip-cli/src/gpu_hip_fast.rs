@@ -9,17 +9,19 @@
 
 use half::{bf16, f16};
 use infinitehip::attention::{rel_error, AttnShape};
-use infinitehip::backend::cuda::dispatch::{DeviceKv, HipGpuPrefill};
+use infinitehip::backend::cuda::dispatch::{AttnOut, DeviceKv, HipGpuPrefill};
+use infinitehip::backend::cuda::engine_attn::{GpuAttention, QArg};
 use infinitehip::backend::cuda::hip_fast::MaskEstimator;
 use infinitehip::backend::cuda::{DevBuf, GpuContext};
-use infinitehip::config::HipConfig;
+use infinitehip::config::{HipConfig, LayerPolicy};
 use infinitehip::kv::{KvLayout, KvPool, SeqView};
 use infinitehip::policy::Selection;
 use infinitehip::rng::Rng;
 use infinitehip::workload::needle_seq;
-use infinitehip::Element;
+use infinitehip::{DType, Element};
 
 use crate::gpu::{e, ref_f64_lim, Check, R};
+use crate::gpu_engine::{model_cfg, TokenPool};
 
 /// Allowed ratio of the fast selections' error to the reference's.
 const ERR_RATIO: f64 = 1.1;
@@ -40,6 +42,16 @@ pub(crate) fn passages<T: Element>(
     n_pass: usize,
     seed: u64,
 ) -> R<Passages<T>> {
+    passages_multi(shape, &[len], n_pass, seed)
+}
+
+/// `passages` with one sequence (ids 0, 1, ...) per length, same directions.
+pub(crate) fn passages_multi<T: Element>(
+    shape: AttnShape,
+    lens: &[usize],
+    n_pass: usize,
+    seed: u64,
+) -> R<Passages<T>> {
     let (hkv, d) = (shape.n_kv_heads, shape.head_dim);
     let mut rng = Rng::new(seed);
     let mut dirs = vec![0f32; hkv * d];
@@ -50,21 +62,6 @@ pub(crate) fn passages<T: Element>(
         v.iter_mut().for_each(|x| *x /= n);
     }
     let te = hkv * d;
-    let mut k = rng.normal_vec(len * te, 1.0);
-    let v = rng.normal_vec(len * te, 1.0);
-    for h in 0..hkv {
-        for _ in 0..n_pass {
-            let plen = 4 + rng.below(45);
-            let start = rng.below(len.saturating_sub(plen).max(1));
-            let amp = 0.5 + 2.5 * rng.uniform();
-            for t in start..(start + plen).min(len) {
-                let row = &mut k[t * te + h * d..t * te + (h + 1) * d];
-                for (x, u) in row.iter_mut().zip(&dirs[h * d..(h + 1) * d]) {
-                    *x += amp * u;
-                }
-            }
-        }
-    }
     let mut pool = KvPool::new(
         KvLayout {
             n_kv_heads: hkv,
@@ -74,10 +71,27 @@ pub(crate) fn passages<T: Element>(
         None,
     )
     .map_err(e)?;
-    pool.add_sequence(0).map_err(e)?;
-    let kt: Vec<T> = k.iter().map(|&x| T::from_f32(x)).collect();
-    let vt: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
-    pool.append(0, &kt, &vt).map_err(e)?;
+    for (id, &len) in lens.iter().enumerate() {
+        let mut k = rng.normal_vec(len * te, 1.0);
+        let v = rng.normal_vec(len * te, 1.0);
+        for h in 0..hkv {
+            for _ in 0..n_pass {
+                let plen = 4 + rng.below(45);
+                let start = rng.below(len.saturating_sub(plen).max(1));
+                let amp = 0.5 + 2.5 * rng.uniform();
+                for t in start..(start + plen).min(len) {
+                    let row = &mut k[t * te + h * d..t * te + (h + 1) * d];
+                    for (x, u) in row.iter_mut().zip(&dirs[h * d..(h + 1) * d]) {
+                        *x += amp * u;
+                    }
+                }
+            }
+        }
+        pool.add_sequence(id as u64).map_err(e)?;
+        let kt: Vec<T> = k.iter().map(|&x| T::from_f32(x)).collect();
+        let vt: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
+        pool.append(id as u64, &kt, &vt).map_err(e)?;
+    }
     Ok(Passages { pool, dirs, shape })
 }
 
@@ -300,6 +314,115 @@ fn covering_case<T: Element>(gpu: &GpuContext, shape: AttnShape, seed: u64) -> R
     })
 }
 
+/// The engine path (`GpuAttention::prefill`, token-major K/V, bf16 q/out,
+/// two requests, one longer than a prefill chunk): hip layers prefill
+/// sparsely. The reference estimator's output equals `HipGpuPrefill`'s
+/// (same selection) within bf16 rounding and differs from dense (the
+/// prefill is sparse); the fast estimator's error vs dense f64 is within
+/// ERR_RATIO of the reference's; `None` is dense within rounding.
+fn engine_case(gpu: &GpuContext, seed: u64) -> R<Check> {
+    let shape = AttnShape::new(32, 8, 128).map_err(e)?;
+    let hip = HipConfig::default();
+    let cfg = model_cfg(&shape, vec![LayerPolicy::Hip(hip.clone())]);
+    let lens = [24000usize, 40000];
+    let n_new = [3000usize, 9000];
+    let ps = passages_multi::<bf16>(shape, &lens, 48, seed)?;
+    let mut rng = Rng::new(seed ^ 0x77);
+    let tp = TokenPool::from_pool(&ps.pool, &lens, &mut rng)?;
+    let qe = shape.q_elems();
+    let total: usize = n_new.iter().sum();
+    let qf: Vec<f32> = (0..total).flat_map(|_| ps.query(&mut rng)).collect();
+    let qb: Vec<bf16> = qf.iter().map(|&x| bf16::from_f32(x)).collect();
+    let q_used: Vec<f32> = qb.iter().map(|x| x.to_f32()).collect();
+    let qd = DevBuf::from_slice(&qb).map_err(e)?;
+    let out = DevBuf::alloc(total * qe * 2).map_err(e)?;
+    let mut ga = GpuAttention::new(gpu, &cfg).map_err(e)?;
+    let mut run = |est: Option<MaskEstimator>| -> R<Vec<f32>> {
+        ga.prefill_estimator = est;
+        out.fill_bytes(0xff).map_err(e)?;
+        unsafe {
+            ga.prefill(
+                0,
+                0,
+                &tp.engine_kv(),
+                &[11, 12],
+                &[0, 1],
+                &lens,
+                &n_new,
+                &QArg {
+                    ptr: qd.ptr,
+                    dtype: DType::Bf16,
+                    row_stride: qe,
+                },
+                &AttnOut {
+                    ptr: out.ptr,
+                    dtype: DType::Bf16,
+                    row_stride: qe,
+                },
+                None,
+            )
+            .map_err(e)?;
+        }
+        gpu.synchronize().map_err(e)?;
+        let got: Vec<bf16> = out.read(total * qe).map_err(e)?;
+        Ok(got.iter().map(|x| x.to_f32()).collect())
+    };
+    let fast = run(Some(MaskEstimator::TensorCore))?;
+    let reference = run(Some(MaskEstimator::Reference))?;
+    let dense = run(None)?;
+    // Error vs dense f64 over sampled rows of both requests.
+    let (mut a_f, mut a_r, mut a_d, mut b) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut row = 0;
+    for (i, (&len, &ni)) in lens.iter().zip(&n_new).enumerate() {
+        let view = ps.pool.view(i as u64).map_err(e)?;
+        for j in (0..ni).step_by(311).chain([ni - 1]) {
+            let r = row + j;
+            let pos = len - ni + j;
+            let x = r * qe..(r + 1) * qe;
+            a_f.extend_from_slice(&fast[x.clone()]);
+            a_r.extend_from_slice(&reference[x.clone()]);
+            a_d.extend_from_slice(&dense[x.clone()]);
+            b.extend(ref_f64_lim(&shape, &q_used[x], &view, None, pos + 1));
+        }
+        row += ni;
+    }
+    let (ef, er, ed) = (
+        rel_error(&a_f, &b),
+        rel_error(&a_r, &b),
+        rel_error(&a_d, &b),
+    );
+    // Request 0 through HipGpuPrefill (reference estimator, its own upload).
+    let n0 = n_new[0];
+    let (twin, _) = gpu_prefill(
+        gpu,
+        &shape,
+        &ps.pool,
+        &hip,
+        &q_used[..n0 * qe],
+        lens[0] - n0,
+        n0,
+        MaskEstimator::Reference,
+    )?;
+    let et = rel_error(
+        &reference[..n0 * qe],
+        &twin.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+    );
+    let ok = within_ratio(ef, er)
+        && ed.is_finite()
+        && ed <= 1e-2
+        && et.is_finite()
+        && et <= 1e-2
+        && er > 1e-2;
+    Ok(Check {
+        name: "engine GpuAttention prefill, hip layer: fast vs reference estimator (bf16, 2 requests)".into(),
+        ok,
+        detail: format!(
+            "rel err vs dense f64: fast {ef:.3e}, reference {er:.3e} (ratio {:.2}, bound {ERR_RATIO}; reference > 1e-2: sparse), dense mode {ed:.2e} (bound 1e-2); reference vs HipGpuPrefill (request 0) {et:.2e} (bound 1e-2)",
+            ef / er
+        ),
+    })
+}
+
 pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
     let mut v = Vec::new();
     // The pass rule itself: NaN never passes, a worse error fails.
@@ -343,5 +466,6 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
     v.push(needle_case(gpu, 100_000, seed + 5)?);
     v.push(covering_case::<bf16>(gpu, s(32, 8, 128)?, seed + 6)?);
     v.push(covering_case::<f16>(gpu, s(16, 8, 128)?, seed + 7)?);
+    v.push(engine_case(gpu, seed + 8)?);
     Ok(v)
 }

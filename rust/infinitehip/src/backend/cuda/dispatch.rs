@@ -1552,6 +1552,10 @@ pub struct HipGpuPrefill {
     /// Mask estimator of `select` (Auto: the tensor-core one).
     pub estimator: MaskEstimator,
     fast: FastEstimator,
+    /// The sequence: its index in the `DeviceKv`'s lens and its page-table
+    /// row (`set_sequence`; default 0 and 0).
+    seq: usize,
+    table_row: usize,
 }
 
 impl HipGpuPrefill {
@@ -1599,9 +1603,38 @@ impl HipGpuPrefill {
             max_tokens: 1,
             estimator: MaskEstimator::Auto,
             fast: FastEstimator::new(),
+            seq: 0,
+            table_row: 0,
             stages,
             cfg,
         })
+    }
+
+    /// The configuration this object was built for.
+    pub fn config(&self) -> &HipConfig {
+        &self.cfg
+    }
+
+    /// Largest chunk of queries one `prepare` takes.
+    pub fn max_queries(&self) -> usize {
+        self.max_blocks * self.cfg.block_size_q
+    }
+
+    /// Work on sequence `seq` of the `DeviceKv` (its lens index) at page
+    /// table row `table_row` from now on; the fast estimator's
+    /// representatives restart.
+    pub fn set_sequence(&mut self, gpu: &GpuContext, seq: usize, table_row: usize) -> Result<()> {
+        let row = i32::try_from(table_row)
+            .map_err(|_| Error::OutOfRange(format!("table row {table_row} exceeds i32")))?;
+        let qb = self.cfg.block_size_q;
+        self.row_seq
+            .write_async(&gpu.stream, &vec![row; self.max_blocks])?;
+        self.q_seq
+            .write_async(&gpu.stream, &vec![row; self.max_blocks * qb])?;
+        self.seq = seq;
+        self.table_row = table_row;
+        self.fast.reset();
+        Ok(())
     }
 
     /// Host-side set-up of a chunk of `n` queries at cache positions
@@ -1622,11 +1655,11 @@ impl HipGpuPrefill {
             )));
         }
         kv.check_lens()?;
-        if q_start + n > kv.lens[0] {
+        let len = kv.lens.get(self.seq).copied().unwrap_or(0);
+        if q_start + n > len {
             return Err(Error::OutOfRange(format!(
-                "hip GPU prefill: queries {q_start}..{} beyond {} cached tokens",
+                "hip GPU prefill: queries {q_start}..{} beyond {len} cached tokens",
                 q_start + n,
-                kv.lens[0]
             )));
         }
         let mut mids = Vec::with_capacity(nb * self.hkv);
@@ -1691,8 +1724,8 @@ impl HipGpuPrefill {
                 nq_max: self.nq_max,
                 group: self.group,
                 row_seq: self.row_seq.ptr,
-                seq_row: 0,
-                len: kv.lens[0],
+                seq_row: self.table_row,
+                len: kv.lens[self.seq],
                 stage0_in: self.stage0_in.ptr,
                 stage0_cnt: self.stage0_cnt.ptr,
                 e0: self.e0,
@@ -1774,6 +1807,47 @@ impl HipGpuPrefill {
         out: u64,
     ) -> Result<()> {
         self.attend_with(gpu, shape, kv, q, out, AttnKernel::Auto)
+    }
+
+    /// `attend` into an output of any dtype and row stride (the engine's).
+    pub fn attend_out(
+        &mut self,
+        gpu: &GpuContext,
+        shape: &AttnShape,
+        kv: &DeviceKv,
+        q: u64,
+        out: AttnOut,
+    ) -> Result<()> {
+        check_shape(shape, kv)?;
+        let mut ws = std::mem::take(&mut self.ws);
+        let ptrs = KvPtrs {
+            k: kv.k.ptr,
+            v: kv.v.ptr,
+            table: kv.table.ptr,
+            table_stride: kv.table_stride,
+            page_size: kv.page_size,
+            dtype: kv.dtype,
+        };
+        let r = launch_attention_kernel(
+            gpu,
+            &mut ws,
+            shape,
+            ptrs,
+            kv.strides(),
+            q,
+            self.n,
+            &self.sel,
+            self.max_tokens,
+            None,
+            out,
+            self.cfg.block_size_q,
+            self.q_seq.ptr,
+            self.q_pos.ptr,
+            AttnKernel::Auto,
+            false,
+        );
+        self.ws = ws;
+        r
     }
 
     /// `attend` with a chosen kernel (both twins over one selection).

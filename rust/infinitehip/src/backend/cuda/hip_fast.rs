@@ -316,13 +316,21 @@ impl FastEstimator {
             return Ok(());
         }
         // Token scores of every token stage 0 kept.
+        // Stage 0 keeps at most e0 chunks: token scores of min(cap0, e0)
+        // ranges per row (a covering budget's cap0 can be huge).
         let cap0 = stages[0].cap;
-        let per_row = cap0 * st0.chunk_size;
+        let tok_cap = cap0.min(e0);
+        let per_row = tok_cap * st0.chunk_size;
         grow(&mut self.tok, rows * per_row * 4)?;
         let score_tok = gpu.func("hip_fast", &format!("hipf_score_tok_{tag}_d{d}"))?;
         smem_attr(&score_tok, smem)?;
         let kst = kv.strides();
-        let (ts, ps, cp0) = (kv.table_stride as i32, kv.page_size as i32, cap0 as i32);
+        let (ts, ps, cp0, tc) = (
+            kv.table_stride as i32,
+            kv.page_size as i32,
+            cap0 as i32,
+            tok_cap as i32,
+        );
         let gx = per_row.div_ceil(TILE).div_ceil(TILES_PER_CTA).max(1);
         let mut l = gpu.stream.launch_builder(&score_tok);
         l.arg(&kv.k.ptr)
@@ -337,6 +345,7 @@ impl FastEstimator {
             .arg(&stages[0].cnt.ptr)
             .arg(&cp0)
             .arg(&c0)
+            .arg(&tc)
             .arg(&self.qt.ptr)
             .arg(&mt)
             .arg(&self.tok.ptr);
@@ -368,6 +377,7 @@ impl FastEstimator {
                 .arg(&stages[0].cnt.ptr)
                 .arg(&cp0)
                 .arg(&c0)
+                .arg(&tc)
                 .arg(&sub.ranges)
                 .arg(&sub.cnt)
                 .arg(&ci)
