@@ -613,7 +613,8 @@ impl GpuAttention {
     }
 
     /// The selection of the last call (rows `[query row][kv head]`), read
-    /// back synchronously (tests, debugging).
+    /// back synchronously (tests, debugging). Not that of a hip layer's
+    /// sparse prefill (its selections live in the prefill's own buffers).
     pub fn last_selection(&self) -> Result<Vec<crate::policy::Selection>> {
         // The last call ran on the caller's stream: wait for the device.
         cudarc::driver::result::ctx::synchronize()
