@@ -368,6 +368,7 @@ def main(argv=None):
               metadata={"format": "pt", "locret_hidden": str(args.hidden)})
     info = {
         "what": "Locret retaining heads (infinitehip.locret_train)",
+        "argv": list(argv) if argv is not None else sys.argv[1:],
         "model": os.path.abspath(args.model),
         "model_config": shape.as_dict(),
         "hidden": args.hidden,

@@ -97,10 +97,10 @@ def test_inputs_and_targets_match_f64_reference(tiny):
     for got, want in ((x.numpy(), rx), (t.numpy(), rt)):
         err = np.abs(got - want).max() / np.abs(want).max()
         assert np.isfinite(got).all() and err < 1e-5, err
-    # A target is a max over the response queries: with one response query
-    # fewer, some targets must change.
+    # A target is a max over the response queries: without the last one,
+    # no target grows and some shrink.
     _, rt2 = reference(tiny / "model", ids[:71], 23)
-    assert np.abs(rt2 - rt[:, :, :47]).max() > 1e-3
+    assert (rt2 <= rt + 1e-12).all() and np.abs(rt2 - rt).max() > 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +128,7 @@ def test_training_writes_upstream_names_and_beats_random(trained):
     assert js["hidden"] == 8 and js["optimizer_steps"] == 8 * 3 * 8
     assert js["model_config"] == {"n_layers": NL, "n_q_heads": NQ, "n_kv_heads": NKV, "head_dim": D}
     tr, rnd = js["heldout"]["trained"], js["heldout"]["untrained_random"]
+    print(js["heldout"], js["seconds"])
     assert tr["smooth_l1"] < 0.5 * rnd["smooth_l1"], js["heldout"]
     assert tr["spearman"] > rnd["spearman"] + 0.2, js["heldout"]
 
