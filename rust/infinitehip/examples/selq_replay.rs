@@ -44,6 +44,8 @@ struct Stats {
     err: f64,
     kept: f64,
     sink_miss: usize,
+    /// Mass of the same number of keys chosen by true score (per q head).
+    oracle: f64,
 }
 
 fn main() {
@@ -69,7 +71,7 @@ fn main() {
     if args.iter().any(|a| a == "--diag") {
         return sink_diag(dir, &cfg, p, &layers);
     }
-    println!("layer  queries  recall   rel_err  kept_frac  sink_miss");
+    println!("layer  queries  recall   rel_err  kept_frac  sink_miss  oracle_recall");
     for &l in &layers {
         let q = read_f32(&format!("{dir}/L{l}.q.f32"));
         let kr = read_f32(&format!("{dir}/L{l}.k.f32"));
@@ -86,6 +88,7 @@ fn main() {
             err: 0.0,
             kept: 0.0,
             sink_miss: 0,
+            oracle: 0.0,
         };
         let mut sels: Vec<(usize, Selection)> = Vec::new();
         for u0 in (0..pre_end).step_by(ubatch) {
@@ -192,16 +195,20 @@ fn main() {
                 st.err += (num / den.max(1e-30)).sqrt();
                 st.kept += kept as f64 / (*t + 1) as f64;
                 st.sink_miss += usize::from(!sel.contains(kh, 0));
+                let mut ws = w.clone();
+                ws.sort_unstable_by(|a, b| b.total_cmp(a));
+                st.oracle += ws[..kept].iter().sum::<f64>() / zd;
             }
         }
         let n = st.n.max(1) as f64;
         println!(
-            "{l:5} {:8} {:8.4} {:9.4} {:9.3} {:9}",
+            "{l:5} {:8} {:8.4} {:9.4} {:9.3} {:9} {:9.4}",
             st.n / hq,
             st.recall / n,
             st.err / n,
             st.kept / n,
-            st.sink_miss
+            st.sink_miss,
+            st.oracle / n
         );
     }
 }
