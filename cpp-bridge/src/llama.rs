@@ -754,7 +754,7 @@ impl LlamaPlugin {
             let mut shape = self.check_geom(&inp.g)?;
             shape.scale = checked_scale(scale)?;
             let lay = self.layer(layer)?;
-            let halves = lay.score_halves.then(|| self.rope.as_ref()).flatten();
+            let halves = self.rope.as_ref().filter(|_| lay.score_halves);
             let mut st = self
                 .sparse_state(layer)?
                 .lock()
