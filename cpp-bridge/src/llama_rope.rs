@@ -67,7 +67,7 @@ impl LlamaRope {
                 ))
             }
         };
-        if n_rot == 0 || n_rot % 2 != 0 || n_rot > head_dim {
+        if n_rot == 0 || !n_rot.is_multiple_of(2) || n_rot > head_dim {
             return Err(Error::config(
                 "hip.rope",
                 format!("n_rot {n_rot} must be even and in 2..={head_dim} (head_dim)"),
