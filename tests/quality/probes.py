@@ -34,11 +34,11 @@ class Sequence:
         return len(self.ids)
 
 
-def copy_sequence(corpus, length, n_decode, depths, passage_len, cue, body_start, passage_start):
+def copy_sequence(corpus, length, n_decode, depths, passage_len, cue, body_start, passage_start, bos=None):
     """The scoring sequence of `length` tokens (see the module doc).
 
-    corpus: token ids of the novels, corpus[0] may be BOS (kept as the first
-    token). body_start / passage_start: corpus offsets of the body text and
+    corpus: token ids of the novels; bos: the BOS id to put first (None when
+    the tokenizer adds none, as SmolLM2's). body_start / passage_start: corpus offsets of the body text and
     of the passages (passages are consecutive, passage_len apart, and must
     not overlap the body window)."""
     k = len(depths)
@@ -52,7 +52,7 @@ def copy_sequence(corpus, length, n_decode, depths, passage_len, cue, body_start
     pas_end = passage_start + k * passage_len
     if not (pas_end <= body_start or passage_start >= body_end) or max(body_end, pas_end) > len(corpus):
         raise ValueError("passages overlap the body window or run past the corpus")
-    bos = [corpus[0]] if body_start > 0 else []
+    bos = [] if bos is None else [bos]
     text = list(corpus[body_start:body_start + text_len - len(bos)])
     passages = [list(corpus[passage_start + i * passage_len:passage_start + (i + 1) * passage_len]) for i in range(k)]
     ids, starts, prev = bos[:], [], 0

@@ -95,6 +95,8 @@ class Suite:
         self.model = sources.model_gguf()
         self.text = sources.austen_text()
         self.corpus = self._corpus()
+        probe = self.run["stock"].tokenize_str(self.model, "Hello", self.tmp)
+        self.bos = probe[0] if len(probe) > 1 and probe[0] == self.corpus[0] else None  # tokenizer adds BOS
         heads, hidden, trained = locret_heads.find(REPO, sources.CACHE)
         self.subst = {"locret_weights": heads, "locret_hidden": hidden}
         self.locret_trained = trained
@@ -127,7 +129,7 @@ class Suite:
     def sequence(self, ctx):
         m = self.mode
         return probes.copy_sequence(self.corpus, ctx, m["decode"], m["depths"], m["passage_len"], m["cue"],
-                                    CORPUS_BODY_START, CORPUS_PASSAGE_START)
+                                    CORPUS_BODY_START, CORPUS_PASSAGE_START, self.bos)
 
     def score(self, name, model, seq, tag, kv="f16"):
         """(records, timings, plugin stats) of one config on one sequence."""
@@ -163,14 +165,15 @@ class Suite:
         return out
 
     # 2. quality rows
-    def quality(self, ctx):
+    def quality(self, ctx, res):
+        """Appends the rows at `ctx` to res["rows"], saving after each."""
         seq = self.sequence(ctx)
         ref, ref_t, _ = self.score("stock", self.model, seq, f"q{ctx}-stock")
-        rows = [self.row("stock", ctx, seq, ref, ref, ref_t, None)]
+        res["rows"].append(self.row("stock", ctx, seq, ref, ref, ref_t, None))
         for name in self.mode["configs"]:
             rec, t, st = self.score(name, self.model, seq, f"q{ctx}-{name.replace('/', '_')}")
-            rows.append(self.row(name, ctx, seq, rec, ref, t, st))
-        return rows
+            res["rows"].append(self.row(name, ctx, seq, rec, ref, t, st))
+            self.save(res)
 
     def row(self, name, ctx, seq, rec, ref, t, st):
         stats.check_paths(rec, seq.prefill_scored, 0)
@@ -259,8 +262,7 @@ class Suite:
         if not a.no_exact:
             res["exactness"] = self.exactness()
         for ctx in self.mode["lengths"]:
-            res["rows"] += self.quality(ctx)
-            self.save(res)
+            self.quality(ctx, res)
         for ctx in self.mode["passkey_lengths"]:
             res["passkey"] += self.passkey(ctx)
         if a.quick:

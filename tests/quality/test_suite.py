@@ -149,14 +149,15 @@ class Probes(unittest.TestCase):
 
     def seq(self, **kw):
         a = dict(length=1024, n_decode=64, depths=[0.1, 0.5, 0.9], passage_len=32, cue=8, body_start=1000,
-                 passage_start=50000)
+                 passage_start=50000, bos=7)
         a.update(kw)
         return probes.copy_sequence(self.corpus, **a)
 
     def test_layout(self):
         s = self.seq()
         self.assertEqual(len(s), 1024)
-        self.assertEqual(s.ids[0], 0)  # BOS kept
+        self.assertEqual(s.ids[0], 7)  # BOS first
+        self.assertEqual(probes.copy_sequence(self.corpus, 1024, 64, [0.5], 32, 8, 1000, 50000).ids[0], 1000)
         body = s.ids[:s.prefill]
         for i, p in enumerate(s.probes):
             passage = list(range(50000 + 32 * i, 50000 + 32 * (i + 1)))
