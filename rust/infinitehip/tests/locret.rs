@@ -797,7 +797,9 @@ fn full_budget_engine_equals_dense() {
         refpool.add_sequence(3).unwrap();
         eng.add_sequence(3).unwrap();
         let mut rng = Rng::new(5);
-        let bound = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        // The reference reads the same stored (dtype-rounded) K/V: only f32
+        // accumulation differs (~1e-6), in every dtype.
+        let bound = 1e-5;
         let steps: Vec<(usize, Phase, bool)> = [37usize, 32, 32, 50, 8]
             .iter()
             .enumerate()
