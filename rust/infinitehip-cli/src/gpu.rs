@@ -23,6 +23,16 @@ use serde_json::json;
 use crate::args::Args;
 
 pub(crate) type R<T> = Result<T, String>;
+
+/// Bound on the relative error where the f64 reference reads the same
+/// stored (rounded) K/V and queries as the kernel and the kernel computes
+/// in f32 with an f32 output: only f32 accumulation differs (measured about
+/// 2e-7 on an H100). A single dropped token out of 5,000 is ~1e-2
+/// (`tests/attention.rs`), so the looser 1e-2 could not catch it.
+pub(crate) const STORED_KV_BOUND: f64 = 1e-5;
+/// Where the kernel itself rounds: bf16 P in the tensor-core PV product,
+/// or bf16/f16 outputs (relative rounding 2^-8).
+pub(crate) const ROUNDING_KERNEL_BOUND: f64 = 1e-2;
 pub(crate) fn e<E: std::fmt::Display>(x: E) -> String {
     x.to_string()
 }
@@ -244,7 +254,8 @@ fn decode_case<T: Element>(
         };
     }
     let nan_free = got.iter().all(|x| x.is_finite());
-    let ok = nan_free && worst <= 1e-2 && worst.is_finite();
+    // CUDA-core decode, f32 q and out over the stored K/V the reference reads.
+    let ok = nan_free && worst <= STORED_KV_BOUND && worst.is_finite();
     Ok(Check {
         name: format!(
             "decode {} {} d{} g{} ps{} lens {:?}",
@@ -256,7 +267,9 @@ fn decode_case<T: Element>(
             lens
         ),
         ok,
-        detail: format!("rel_err {worst:.2e} (bound 1e-2), all written+finite {nan_free}"),
+        detail: format!(
+            "rel_err {worst:.2e} (bound {STORED_KV_BOUND:.0e}), all written+finite {nan_free}"
+        ),
     })
 }
 
@@ -363,11 +376,11 @@ fn hip_case(gpu: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<Che
             recall_min = recall_min.min(full[b].recall(&gsel[b]));
         }
     }
-    let ok = mismatches == 0 && worst <= 1e-2 && recall_min >= 0.99;
+    let ok = mismatches == 0 && worst <= STORED_KV_BOUND && recall_min >= 0.99;
     Ok(Check {
         name: format!("hip decode == CPU HipPolicy, lens {lens0:?}, {steps} steps"),
         ok,
-        detail: format!("selection mismatches {mismatches} {first_diff}; attention rel_err {worst:.2e}; min needle recall {recall_min:.3}"),
+        detail: format!("selection mismatches {mismatches} {first_diff}; attention rel_err {worst:.2e} (bound {STORED_KV_BOUND:.0e}); min needle recall {recall_min:.3}"),
     })
 }
 
@@ -477,7 +490,8 @@ fn prefill_case(gpu: &GpuContext, len: usize, q_start: usize, n: usize, seed: u6
         .fold(1f64, f64::min);
     Ok(Check {
         name: format!("hip prefill (reference estimator) == CPU HipPolicy, len {len}, queries {q_start}..{}", q_start + n),
-        ok: mism == 0 && finite && worst <= 1e-2,
+        // Prefill attention may run on tensor cores (bf16 P in PV).
+        ok: mism == 0 && finite && worst <= ROUNDING_KERNEL_BOUND,
         detail: format!("block selection mismatches {mism}/{}; causal attention rel_err {worst:.2e} over {} queries; all written+finite {finite}; needle recall (blocks after the needles) {recall:.3}", cpu.blocks.len(), checked.len()),
     })
 }
@@ -520,6 +534,7 @@ pub fn gpu_test(argv: &[String]) -> R<()> {
     if a.str("policies-only").is_none() {
         // Tensor-core prefill vs its CUDA-core twin and f64.
         checks.extend(crate::gpu_prefill_tc::checks(&gpu, seed)?);
+        checks.push(crate::gpu_long_prefill::check(&gpu, seed + 77));
     }
     if let Some(l) = a.str("engine-timing") {
         for len in l.split(',') {

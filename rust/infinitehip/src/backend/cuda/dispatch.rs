@@ -10,6 +10,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use super::hip_fast::{FastEstimator, FastInputs, MaskEstimator};
 use super::{gpu_err, kernels, DevBuf, GpuContext};
 use crate::attention::AttnShape;
+use crate::backend::launch_grid::{grid, row_split_grid};
 use crate::config::HipConfig;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
@@ -1024,10 +1025,16 @@ pub(crate) fn launch_attention_ex(
         q_block as i32,
     );
     let cfg = LaunchConfig {
-        grid_dim: (n_splits as u32, hkv as u32, n_rows as u32),
+        grid_dim: row_split_grid(gpu.grid_limits, n_rows, n_splits, hkv)?,
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
+    let combine_grid = grid(
+        gpu.grid_limits,
+        "attention combine",
+        (n_rows * shape.n_q_heads, 1, 1),
+    )?;
+    let ns = n_splits as i32;
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(&kv.k)
         .arg(&kv.v)
@@ -1045,6 +1052,7 @@ pub(crate) fn launch_attention_ex(
         .arg(&sel.tot.ptr)
         .arg(&cap)
         .arg(&sp)
+        .arg(&ns)
         .arg(&ws.pm.ptr)
         .arg(&ws.pl.ptr)
         .arg(&ws.pacc.ptr)
@@ -1053,7 +1061,6 @@ pub(crate) fn launch_attention_ex(
         .arg(&q_pos);
     unsafe { l.launch(cfg) }.map_err(|e| gpu_err("launch attention", e))?;
     let fc = gpu.func(module, &format!("{variant}combine_d{d}"))?;
-    let ns = n_splits as i32;
     let (hq, ors, odt) = (shape.n_q_heads as i32, out.row_stride as i64, out.code());
     let mut l = gpu.stream.launch_builder(&fc);
     l.arg(&ws.pm.ptr)
@@ -1066,7 +1073,7 @@ pub(crate) fn launch_attention_ex(
         .arg(&odt);
     unsafe {
         l.launch(LaunchConfig {
-            grid_dim: ((n_rows * shape.n_q_heads) as u32, 1, 1),
+            grid_dim: combine_grid,
             block_dim: (d.min(128) as u32, 1, 1),
             shared_mem_bytes: 0,
         })

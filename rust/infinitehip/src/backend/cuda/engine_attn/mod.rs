@@ -288,12 +288,8 @@ impl GpuAttention {
         }
         let mut layers = Vec::new();
         for l in 0..m.n_layers {
-            let p = if l < cfg.dense_layers {
-                &LayerPolicy::Dense
-            } else {
-                cfg.layer_policy(l)
-            };
-            layers.push(match p {
+            // The one layer rule (`resolve_layer`), as on the CPU.
+            layers.push(match cfg.layer_policy(l) {
                 LayerPolicy::Dense => Layer::Dense,
                 LayerPolicy::Hip(h) => {
                     HipGpuDecoder::validate(h)?;
@@ -329,7 +325,7 @@ impl GpuAttention {
             );
         }
         let lazy = (0..m.n_layers).find_map(|l| match cfg.layer_policy(l) {
-            LayerPolicy::Lazy(z) if l >= cfg.dense_layers => Some(LazyGpu::new(z.clone())),
+            LayerPolicy::Lazy(z) => Some(LazyGpu::new(z.clone())),
             _ => None,
         });
         let g = shape.group() as i32;
