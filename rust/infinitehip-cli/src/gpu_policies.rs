@@ -750,7 +750,6 @@ fn squeeze2_case(
         quantile: quantiles.0,
         quantile_l1: quantiles.1,
         observation_window: 100,
-        sink: 0,
         kmeans_iters: 8,
         seed,
         prefill_pool: SqueezePool::Max,
