@@ -71,6 +71,7 @@ pub fn llama_cuda_attn_new(
 ) -> std::result::Result<Box<LlamaCudaAttn>, String> {
     guard(|| {
         only_dense_and_hip(plugin.config())?;
+        plugin.refuse_rope_modes("CUDA route")?;
         new_impl(plugin).map(Box::new)
     })
 }

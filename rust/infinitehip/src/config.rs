@@ -350,6 +350,13 @@ pub struct SqueezeConfig {
     pub quantile_l1: f32,
     /// Last prefix tokens always kept (and used for calibration).
     pub observation_window: usize,
+    /// First prefix tokens that get a cluster of their own at both levels
+    /// (exact lookup scores) instead of joining the k-means clusters.
+    /// Upstream: 0. Real models' attention sink (key 0 of SmolLM2-135M)
+    /// points away from every other key yet draws most of the attention;
+    /// averaged into a cluster its score is lost and the lookup drops it
+    /// (doubled perplexity, see `policy::squeeze`).
+    pub sink: usize,
     pub kmeans_iters: usize,
     pub seed: u64,
     /// How a prefill chunk's queries share one key set per KV head.
@@ -376,6 +383,7 @@ impl Default for SqueezeConfig {
             quantile: 0.7,
             quantile_l1: 0.7,
             observation_window: 100,
+            sink: 4,
             kmeans_iters: 30,
             seed: 0,
             prefill_pool: SqueezePool::Max,

@@ -312,6 +312,7 @@ fn small_cfg(quantile: f32, levels: usize) -> SqueezeConfig {
         quantile,
         quantile_l1: 0.5,
         observation_window: 50,
+        sink: 0,
         kmeans_iters: 20,
         seed: 3,
         prefill_pool: SqueezePool::Max,

@@ -34,6 +34,7 @@
 pub mod dispatch;
 pub mod engine_attn;
 pub mod est_cache;
+pub mod hip_fast;
 pub mod kernels;
 pub mod offload;
 pub mod policies;
