@@ -319,6 +319,8 @@ mod imp {
         ) -> Result<()> {
             let sh = *self.attn.shape();
             let (hq, hkv, d) = (sh.n_q_heads, sh.n_kv_heads, sh.head_dim);
+            // SAFETY: `a.stream` is ggml's CUDA stream of this device's primary context, alive for
+            // the duration of this call.
             let gpu = unsafe { self._gpu.on_stream(a.stream) };
             gpu.synchronize()?;
             let sels = self.attn.last_selection()?;

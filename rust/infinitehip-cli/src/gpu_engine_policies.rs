@@ -124,6 +124,7 @@ fn scenario_cfg(
         .collect();
     let side = gpu.ctx.new_stream().map_err(e)?;
     let raw = side.cu_stream() as u64;
+    // SAFETY: `side` is a stream of `gpu`'s context and outlives `g2`.
     let g2 = unsafe { gpu.on_stream(raw) };
     let mut o = Outcome {
         pre_err: 0.0,
@@ -170,6 +171,8 @@ fn scenario_cfg(
                 let mut want = vec![0f32; n * qe];
                 eng.attend_prefill(l, id(b), &qf, &mut want).map_err(e)?;
                 out.fill_bytes(0xff).map_err(e)?;
+                // SAFETY: the token pool, q and out are live allocations sized for these requests'
+                // lengths and rows; `raw` (side stream) is synchronised before any read.
                 unsafe {
                     ga.prefill(
                         raw,
@@ -248,6 +251,7 @@ fn scenario_cfg(
             let mut want = vec![0f32; nb * qe];
             eng.attend_decode(l, &ids, &qf, &mut want).map_err(e)?;
             out.fill_bytes(0xff).map_err(e)?;
+            // SAFETY: as for the prefill above, sized for the `nb` decode rows.
             unsafe {
                 ga.decode(
                     raw,

@@ -320,6 +320,8 @@ fn engine_case(gpu: &GpuContext, seed: u64) -> R<Check> {
     let qd = DevBuf::from_slice(&q).map_err(e)?;
     let out = DevBuf::alloc(total * qe * 2).map_err(e)?;
     out.fill_bytes(0xff).map_err(e)?;
+    // SAFETY: the token pool, q and out are live allocations sized for `lens` and `total` rows;
+    // stream 0 is synchronised before any read.
     unsafe {
         ga.prefill(
             0,

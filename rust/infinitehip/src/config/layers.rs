@@ -151,4 +151,27 @@ mod tests {
         // No locret layer: nothing to check.
         cfg(r#"{"dense_layers": 0}"#).check_files().unwrap();
     }
+
+    #[test]
+    fn check_files_loads_each_locret_layers_head() {
+        use crate::policy::locret::write_random_weights;
+        let dir = std::env::temp_dir().join(format!("ihip-checkfiles-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let w = dir.join("w.safetensors");
+        let model = r#""model": {"n_layers": 2, "n_q_heads": 4, "n_kv_heads": 2, "head_dim": 16}"#;
+        let c = cfg(&format!(
+            r#"{{{model}, "dense_layers": 1, "default": {{"method": "locret", "hidden": 8, "weights": "{}"}}}}"#,
+            w.display()
+        ));
+        write_random_weights(&w, &c.model, 8, crate::DType::F32, 1).unwrap();
+        c.check_files().unwrap();
+        // Heads of another hidden width: named as the layer's problem.
+        write_random_weights(&w, &c.model, 4, crate::DType::F32, 1).unwrap();
+        let e = c.check_files().unwrap_err().to_string();
+        assert!(
+            e.contains("default.weights") && e.contains("layer 1"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

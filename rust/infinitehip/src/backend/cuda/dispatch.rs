@@ -94,6 +94,8 @@ impl DeviceKv {
             if kst.is_empty() {
                 return Ok(());
             }
+            // SAFETY: `k`/`v` were allocated above for every token's page rows; `first * pe +
+            // kst.len()` elements stay inside them.
             unsafe {
                 cudarc::driver::result::memcpy_htod_sync(k.ptr + (first * pe * 2) as u64, &kst[..])
                     .map_err(|e| gpu_err("upload K", e))?;
@@ -871,6 +873,9 @@ fn launch_prefill_tc(
         .arg(&out.ptr)
         .arg(&ors)
         .arg(&odt);
+    // SAFETY: the arguments pushed above follow the kernel's parameter list in kernels/*.cu (same
+    // order and C types); every pointer is a device allocation of this context sized for this grid
+    // by the code above.
     unsafe {
         l.launch(LaunchConfig {
             grid_dim: (tiles as u32, hkv as u32, 1),
@@ -1059,6 +1064,9 @@ pub(crate) fn launch_attention_ex(
         .arg(&qb)
         .arg(&q_seq)
         .arg(&q_pos);
+    // SAFETY: the arguments pushed above follow the kernel's parameter list in kernels/*.cu (same
+    // order and C types); every pointer is a device allocation of this context sized for this grid
+    // by the code above.
     unsafe { l.launch(cfg) }.map_err(|e| gpu_err("launch attention", e))?;
     let fc = gpu.func(module, &format!("{variant}combine_d{d}"))?;
     let (hq, ors, odt) = (shape.n_q_heads as i32, out.row_stride as i64, out.code());
@@ -1071,6 +1079,9 @@ pub(crate) fn launch_attention_ex(
         .arg(&hq)
         .arg(&ors)
         .arg(&odt);
+    // SAFETY: the arguments pushed above follow the kernel's parameter list in kernels/*.cu (same
+    // order and C types); every pointer is a device allocation of this context sized for this grid
+    // by the code above.
     unsafe {
         l.launch(LaunchConfig {
             grid_dim: combine_grid,
@@ -1174,6 +1185,9 @@ pub(crate) fn run_stages(
             .arg(&ei)
             .arg(&c)
             .arg(&x.keys);
+        // SAFETY: the arguments pushed above follow the kernel's parameter list in kernels/*.cu
+        // (same order and C types); every pointer is a device allocation of this context sized for
+        // this grid by the code above.
         unsafe {
             l.launch(LaunchConfig {
                 grid_dim: (n_sub.div_ceil(128) as u32, rows as u32, 1),
@@ -1235,6 +1249,9 @@ pub(crate) fn launch_topk(
         .arg(&out.out.ptr)
         .arg(&out.cnt.ptr)
         .arg(&oc);
+    // SAFETY: the arguments pushed above follow the kernel's parameter list in kernels/*.cu
+    // (same order and C types); every pointer is a device allocation of this context sized for
+    // this grid by the code above.
     unsafe {
         l.launch(LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
@@ -1289,6 +1306,9 @@ pub(crate) fn assemble_rows(
         .arg(&cn)
         .arg(&tt)
         .arg(&cap);
+    // SAFETY: the arguments pushed above follow the kernel's parameter list in kernels/*.cu (same
+    // order and C types); every pointer is a device allocation of this context sized for this grid
+    // by the code above.
     unsafe {
         l.launch(LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
@@ -1771,6 +1791,9 @@ impl HipGpuPrefill {
             .arg(&nqm)
             .arg(&self.qs.ptr)
             .arg(&self.nq.ptr);
+        // SAFETY: the arguments pushed above follow the kernel's parameter list in kernels/*.cu
+        // (same order and C types); every pointer is a device allocation of this context sized for
+        // this grid by the code above.
         unsafe {
             l.launch(LaunchConfig {
                 grid_dim: (rows as u32, 1, 1),

@@ -57,11 +57,13 @@ fn gpu_err(what: &str, e: impl std::fmt::Debug) -> Error {
 
 /// True when libnvrtc can be loaded (LD_LIBRARY_PATH or the system paths).
 pub fn nvrtc_available() -> bool {
+    // SAFETY: only probes whether libnvrtc can be dlopen'ed; no NVRTC call is made.
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
 /// True when the CUDA driver library can be loaded.
 pub fn driver_available() -> bool {
+    // SAFETY: only probes whether libcuda can be dlopen'ed; no driver call is made.
     unsafe { sys::is_culib_present() }
 }
 
@@ -155,6 +157,8 @@ pub struct DevBuf {
 
 impl DevBuf {
     pub fn alloc(bytes: usize) -> Result<Self> {
+        // SAFETY: a plain cuMemAlloc in the current context; the pointer is owned by the returned
+        // DevBuf and freed once, in Drop.
         let ptr = unsafe { cu::malloc_sync(bytes.max(16)) }
             .map_err(|e| gpu_err(&format!("cuMemAlloc of {bytes} bytes"), e))?;
         Ok(DevBuf {
@@ -192,12 +196,16 @@ impl DevBuf {
         if data.is_empty() {
             return Ok(());
         }
+        // SAFETY: `data` fits in `self.bytes` (checked above); `self.ptr` is an allocation of at
+        // least `self.bytes` (owned: allocated so; borrowed: the caller of `DevBuf::borrowed`
+        // guarantees it); the copy is staged before returning.
         unsafe { cu::memcpy_htod_async(self.ptr, data, stream.cu_stream()) }
             .map_err(|e| gpu_err("async copy to device", e))
     }
     pub fn from_slice<T: Copy>(data: &[T]) -> Result<Self> {
         let b = Self::alloc(std::mem::size_of_val(data))?;
         if !data.is_empty() {
+            // SAFETY: `b` was just allocated with exactly `size_of_val(data)` bytes.
             unsafe { cu::memcpy_htod_sync(b.ptr, data) }
                 .map_err(|e| gpu_err("copy to device", e))?;
         }
@@ -214,6 +222,8 @@ impl DevBuf {
         if data.is_empty() {
             return Ok(());
         }
+        // SAFETY: `data` fits in `self.bytes` (checked above); `self.ptr` holds `self.bytes` bytes
+        // (see `write_async`).
         unsafe { cu::memcpy_htod_sync(self.ptr, data) }.map_err(|e| gpu_err("copy to device", e))
     }
     pub fn read<T: Copy + Default>(&self, n: usize) -> Result<Vec<T>> {
@@ -225,6 +235,8 @@ impl DevBuf {
         }
         let mut v = vec![T::default(); n];
         if n > 0 {
+            // SAFETY: `n` elements fit in `self.bytes` (checked above) and `v` has room for `n`; T
+            // is Copy plain data.
             unsafe { cu::memcpy_dtoh_sync(&mut v, self.ptr) }
                 .map_err(|e| gpu_err("copy to host", e))?;
         }
@@ -232,6 +244,7 @@ impl DevBuf {
     }
     /// Fill with a byte pattern (tests poison outputs with 0xff = NaN).
     pub fn fill_bytes(&self, byte: u8) -> Result<()> {
+        // SAFETY: sets exactly the `self.bytes` bytes the buffer holds.
         unsafe { cu::memset_d8_sync(self.ptr, byte, self.bytes) }.map_err(|e| gpu_err("memset", e))
     }
 }
@@ -239,6 +252,7 @@ impl DevBuf {
 impl Drop for DevBuf {
     fn drop(&mut self) {
         if self.owned && self.ptr != 0 {
+            // SAFETY: owned pointers come from `alloc` and are freed exactly once, here.
             unsafe {
                 let _ = cu::free_sync(self.ptr);
             }
@@ -270,6 +284,8 @@ impl GpuContext {
             ));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| gpu_err("open device", e))?;
+        // SAFETY: this context only synchronises through explicit stream syncs, never through
+        // cudarc's per-buffer events (we use raw DevBuf pointers).
         unsafe { ctx.disable_event_tracking() };
         let (maj, min) = ctx
             .compute_capability()

@@ -34,6 +34,9 @@ macro_rules! launch {
             block_dim: (256, 1, 1),
             shared_mem_bytes: $smem as u32,
         };
+        // SAFETY: the arguments pushed above follow the kernel's parameter list in kernels/*.cu
+        // (same order and C types); every pointer is a device allocation of this context sized for
+        // this grid by the code above.
         unsafe { l.launch(cfg) }
             .map(|_| ())
             .map_err(|e| gpu_err(&format!("launch {name}"), e))

@@ -220,6 +220,9 @@ fn to_f32(
         .arg(&mul)
         .arg(&dst);
     let blocks = (rows * width).div_ceil(256).min(4096) as u32;
+    // SAFETY: the arguments pushed above follow the kernel's parameter list in kernels/*.cu (same
+    // order and C types); every pointer is a device allocation of this context sized for this grid
+    // by the code above.
     unsafe {
         l.launch(LaunchConfig {
             grid_dim: (blocks, 1, 1),
@@ -332,6 +335,9 @@ impl GpuAttention {
         Ok(GpuAttention {
             lazy,
             pol_up: DevBuf::null(),
+            // SAFETY: `gpu`'s own stream: the context's default stream, or a
+            // caller stream the caller keeps alive as `on_stream` requires;
+            // the copy keeps the context itself alive.
             gpu: unsafe { gpu.on_stream(gpu.raw_stream()) },
             shape,
             layers,
