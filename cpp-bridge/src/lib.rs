@@ -13,19 +13,21 @@
 //! Every entry point runs under `catch_unwind`, so a Rust panic becomes an
 //! error too and never unwinds into C++.
 
+pub mod guarded;
 pub mod llama;
 pub mod llama_cuda;
 pub mod llama_gpu;
 pub mod llama_locret;
 pub mod llama_rope;
-
-use std::panic::{catch_unwind, AssertUnwindSafe};
+pub mod logging;
 
 use half::f16;
 use infinitehip::engine::Projections;
 use infinitehip::policy::Phase;
 use infinitehip::{Engine, PolicyConfig};
 
+pub use guarded::Poison;
+pub(crate) use guarded::{guard, guard_or, stats_unavailable};
 pub use llama::LlamaPlugin;
 pub use llama_cuda::{llama_cuda_attn_new, LlamaCudaAttn};
 pub use llama_gpu::{llama_gpu_route_new, LlamaGpuRoute};
@@ -387,25 +389,11 @@ pub mod ffi {
     }
 }
 
-/// Run `f`, turning its error or a panic into the message C++ receives.
-pub(crate) fn guard<T>(f: impl FnOnce() -> infinitehip::Result<T>) -> Result<T, String> {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(format!("internal error (panic in infinitehip): {msg}"))
-        }
-    }
-}
-
 /// The core `Engine` behind the bridge.
 pub struct EngineHandle {
     engine: Engine,
+    /// Set by a caught panic (`guarded`).
+    pub poison: Poison,
 }
 
 pub fn engine_new(config_json: &str) -> Result<Box<EngineHandle>, String> {
@@ -413,12 +401,15 @@ pub fn engine_new(config_json: &str) -> Result<Box<EngineHandle>, String> {
         let cfg = PolicyConfig::from_json(config_json)?;
         Ok(Box::new(EngineHandle {
             engine: Engine::new(cfg)?,
+            poison: Poison::default(),
         }))
     })
 }
 
 pub fn default_config_json() -> String {
-    PolicyConfig::default().to_json_pretty()
+    guard_or("default_config_json", String::new(), || {
+        PolicyConfig::default().to_json_pretty()
+    })
 }
 
 fn phase(decode: bool) -> Phase {
@@ -436,22 +427,26 @@ fn f16_bits(x: &[u16]) -> &[f16] {
 
 impl EngineHandle {
     pub fn n_layers(&self) -> usize {
-        self.engine.n_layers()
+        self.poison
+            .guard_or("n_layers", 0, || self.engine.n_layers())
     }
     pub fn config_json(&self) -> String {
-        self.engine.config().to_json_pretty()
+        self.poison.guard_or("config_json", String::new(), || {
+            self.engine.config().to_json_pretty()
+        })
     }
     pub fn add_sequence(&mut self, seq: u64) -> Result<(), String> {
-        guard(|| self.engine.add_sequence(seq))
+        self.poison.guard(|| self.engine.add_sequence(seq))
     }
     pub fn fork_sequence(&mut self, parent: u64, child: u64) -> Result<(), String> {
-        guard(|| self.engine.fork_sequence(parent, child))
+        self.poison
+            .guard(|| self.engine.fork_sequence(parent, child))
     }
     pub fn free_sequence(&mut self, seq: u64) -> Result<(), String> {
-        guard(|| self.engine.free_sequence(seq))
+        self.poison.guard(|| self.engine.free_sequence(seq))
     }
     pub fn seq_len(&self, layer: usize, seq: u64) -> Result<usize, String> {
-        guard(|| self.engine.seq_len(layer, seq))
+        self.poison.guard(|| self.engine.seq_len(layer, seq))
     }
     pub fn append_f32(
         &mut self,
@@ -462,7 +457,7 @@ impl EngineHandle {
         decode: bool,
         prompt_done: bool,
     ) -> Result<(), String> {
-        guard(|| {
+        self.poison.guard(|| {
             self.engine
                 .append(layer, seq, k, v, phase(decode), prompt_done, None)
         })
@@ -476,7 +471,7 @@ impl EngineHandle {
         decode: bool,
         prompt_done: bool,
     ) -> Result<(), String> {
-        guard(|| {
+        self.poison.guard(|| {
             self.engine.append(
                 layer,
                 seq,
@@ -501,7 +496,7 @@ impl EngineHandle {
         decode: bool,
         prompt_done: bool,
     ) -> Result<(), String> {
-        guard(|| {
+        self.poison.guard(|| {
             let proj = Projections {
                 q: q_proj,
                 k: k_proj,
@@ -518,7 +513,8 @@ impl EngineHandle {
         q: &[f32],
         out: &mut [f32],
     ) -> Result<(), String> {
-        guard(|| self.engine.attend_prefill(layer, seq, q, out))
+        self.poison
+            .guard(|| self.engine.attend_prefill(layer, seq, q, out))
     }
     pub fn attend_decode(
         &mut self,
@@ -527,10 +523,11 @@ impl EngineHandle {
         q: &[f32],
         out: &mut [f32],
     ) -> Result<(), String> {
-        guard(|| self.engine.attend_decode(layer, seqs, q, out))
+        self.poison
+            .guard(|| self.engine.attend_decode(layer, seqs, q, out))
     }
     pub fn evict(&mut self, layer: usize, seq: u64) -> Result<(), String> {
-        guard(|| self.engine.evict(layer, seq))
+        self.poison.guard(|| self.engine.evict(layer, seq))
     }
     pub fn read(
         &self,
@@ -541,7 +538,7 @@ impl EngineHandle {
         k: &mut [f32],
         v: &mut [f32],
     ) -> Result<(), String> {
-        guard(|| {
+        self.poison.guard(|| {
             let (rk, rv) = self.engine.read(layer, seq, start, end)?;
             if k.len() != rk.len() || v.len() != rv.len() {
                 return Err(infinitehip::Error::shape(
@@ -557,7 +554,10 @@ impl EngineHandle {
     }
     /// Per-layer stats, `{"layers": [...]}` (`Engine::stats_json`).
     pub fn stats_json(&self) -> String {
-        self.engine.stats_json()
+        self.poison
+            .guard_or("stats_json", stats_unavailable("engine stats"), || {
+                self.engine.stats_json()
+            })
     }
 }
 
@@ -565,6 +565,7 @@ pub fn llama_plugin_new(
     config_json: &str,
     model: &ffi::ModelInfo,
 ) -> Result<Box<LlamaPlugin>, String> {
+    logging::init_plugin_logging();
     guard(|| LlamaPlugin::new(config_json, model).map(Box::new))
 }
 
@@ -573,5 +574,6 @@ pub fn llama_plugin_new_rope(
     model: &ffi::ModelInfo,
     rope: &ffi::RopeInfo,
 ) -> Result<Box<LlamaPlugin>, String> {
+    logging::init_plugin_logging();
     guard(|| LlamaPlugin::new_with_rope(config_json, model, Some(rope)).map(Box::new))
 }

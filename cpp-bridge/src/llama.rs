@@ -31,9 +31,9 @@ use infinitehip::policy::{InsertInfo, Phase, Policy, SelectRequest, Selection};
 use infinitehip::{Error, Result};
 
 use crate::ffi::{ModelInfo, RopeInfo, TensorDesc};
-use crate::guard;
 use crate::llama_locret::{view, LocretLlama};
 use crate::llama_rope::{streaming_shift, Layout, LlamaRope};
+use crate::{stats_unavailable, Poison};
 
 /// `ggml_type` ids we read.
 pub const GGML_TYPE_F32: u32 = 0;
@@ -478,6 +478,8 @@ pub struct LlamaPlugin {
     locret: Option<LocretLlama>,
     /// llama.cpp's RoPE, when some hip layer uses a RoPE mode.
     rope: Option<LlamaRope>,
+    /// Set by a caught panic (`guarded`).
+    pub poison: Poison,
 }
 
 /// Fill `model` from the host's geometry when absent; check it when present.
@@ -649,6 +651,7 @@ impl LlamaPlugin {
             lazy_steps: Mutex::new(HashMap::new()),
             locret,
             rope: llama_rope,
+            poison: Poison::default(),
         })
     }
 
@@ -709,10 +712,16 @@ impl LlamaPlugin {
     }
 
     pub fn layer_method(&self, layer: u32) -> std::result::Result<String, String> {
-        guard(|| Ok(self.layer(layer)?.method.to_string()))
+        self.poison
+            .guard(|| Ok(self.layer(layer)?.method.to_string()))
     }
 
     pub fn summary(&self) -> String {
+        self.poison
+            .guard_or("summary", "(unavailable)".into(), || self.summary_impl())
+    }
+
+    fn summary_impl(&self) -> String {
         let mut parts: Vec<String> = Vec::new();
         let mut start = 0;
         for i in 1..=self.layers.len() {
@@ -749,7 +758,7 @@ impl LlamaPlugin {
         mask: &[u8],
         md: &TensorDesc,
     ) -> std::result::Result<(), String> {
-        guard(|| {
+        self.poison.guard(|| {
             let inp = Inputs::new(q, qd, k, kd, v, vd, v_trans, mask, md)?;
             let mut shape = self.check_geom(&inp.g)?;
             shape.scale = checked_scale(scale)?;
@@ -960,7 +969,7 @@ impl LlamaPlugin {
         md: &TensorDesc,
         out: &mut [f32],
     ) -> std::result::Result<(), String> {
-        guard(|| {
+        self.poison.guard(|| {
             let inp = Inputs::new(q, qd, k, kd, v, vd, v_trans, mask, md)?;
             let mut shape = self.check_geom(&inp.g)?;
             shape.scale = checked_scale(scale)?;
@@ -1081,6 +1090,13 @@ impl LlamaPlugin {
     }
 
     pub fn stats_json(&self) -> String {
+        self.poison
+            .guard_or("stats_json", stats_unavailable("plugin stats"), || {
+                self.stats_json_impl()
+            })
+    }
+
+    fn stats_json_impl(&self) -> String {
         let c = &self.counters;
         let (a, t) = (
             c.attended_tokens.load(Ordering::Relaxed),
@@ -1107,23 +1123,28 @@ impl LlamaPlugin {
 
     /// Whether some layer runs locret.
     pub fn locret_on(&self) -> bool {
-        self.locret.is_some()
+        self.poison
+            .guard_or("locret_on", false, || self.locret.is_some())
     }
 
     /// Whether layer `layer` runs locret (gets a scoring op).
     pub fn locret_layer(&self, layer: u32) -> bool {
-        self.locret
-            .as_ref()
-            .is_some_and(|l| l.is_locret_layer(layer))
+        self.poison.guard_or("locret_layer", false, || {
+            self.locret
+                .as_ref()
+                .is_some_and(|l| l.is_locret_layer(layer))
+        })
     }
 
     /// Tell the scoring that llama.cpp's q/k rows are in interleaved-RoPE
     /// order (`LLAMA_ROPE_TYPE_NORM`: the GGUF converter permuted Llama's
     /// q/k rows; retaining heads read HF's order).
     pub fn locret_set_qk_interleaved(&self, on: bool) {
-        if let Some(l) = &self.locret {
-            l.set_qk_interleaved(on);
-        }
+        self.poison.guard_or("locret_set_qk_interleaved", (), || {
+            if let Some(l) = &self.locret {
+                l.set_qk_interleaved(on);
+            }
+        })
     }
 
     fn locret_state(&self) -> Result<&LocretLlama> {
@@ -1150,7 +1171,7 @@ impl LlamaPlugin {
         ith: u32,
         nth: u32,
     ) -> std::result::Result<(), String> {
-        guard(|| {
+        self.poison.guard(|| {
             let l = self.locret_state()?;
             let q = view(q, qd, "locret q (pre-RoPE)")?;
             let k = view(k, kd, "locret k (pre-RoPE)")?;
@@ -1171,24 +1192,30 @@ impl LlamaPlugin {
         layer: u32,
         qk_interleaved: bool,
     ) -> std::result::Result<Vec<f32>, String> {
-        guard(|| self.locret_state()?.graph_fc1(layer, qk_interleaved))
+        self.poison
+            .guard(|| self.locret_state()?.graph_fc1(layer, qk_interleaved))
     }
 
     /// fc2 of locret layer `layer` for the scoring graph.
     pub fn locret_graph_fc2(&self, layer: u32) -> std::result::Result<Vec<f32>, String> {
-        guard(|| self.locret_state()?.graph_fc2(layer))
+        self.poison.guard(|| self.locret_state()?.graph_fc2(layer))
     }
 
     /// Drop the f32 retaining heads once the ggml graph holds them.
     pub fn locret_release_heads(&self) {
-        if let Some(l) = &self.locret {
-            l.release_heads();
-        }
+        self.poison.guard_or("locret_release_heads", (), || {
+            if let Some(l) = &self.locret {
+                l.release_heads();
+            }
+        })
     }
 
     /// Whether the ubatch in flight holds only decoded tokens.
     pub fn locret_ubatch_decoded(&self) -> bool {
-        self.locret.as_ref().is_some_and(|l| l.ubatch_decoded())
+        // Fallback false: the ubatch is scored (the safe side).
+        self.poison.guard_or("locret_ubatch_decoded", false, || {
+            self.locret.as_ref().is_some_and(|l| l.ubatch_decoded())
+        })
     }
 
     /// The scoring graph's scores of layer `layer` (`[n_kv_heads,
@@ -1202,7 +1229,7 @@ impl LlamaPlugin {
         mask: &[u8],
         md: &TensorDesc,
     ) -> std::result::Result<(), String> {
-        guard(|| {
+        self.poison.guard(|| {
             let l = self.locret_state()?;
             let s = if s.is_empty() {
                 None
@@ -1232,7 +1259,7 @@ impl LlamaPlugin {
         v: &[u8],
         vd: &TensorDesc,
     ) -> std::result::Result<(), String> {
-        guard(|| {
+        self.poison.guard(|| {
             let l = self.locret_state()?;
             let s = view(s, sd, "locret graph scores")?;
             let q = view(q, qd, "locret q (pre-RoPE)")?;
@@ -1250,7 +1277,8 @@ impl LlamaPlugin {
         n_seq: &[u32],
         seq_ids: &[i32],
     ) -> std::result::Result<Vec<i32>, String> {
-        guard(|| self.locret_state()?.begin(pos, n_seq, seq_ids))
+        self.poison
+            .guard(|| self.locret_state()?.begin(pos, n_seq, seq_ids))
     }
 }
 

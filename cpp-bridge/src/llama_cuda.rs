@@ -30,8 +30,8 @@ use std::sync::Mutex;
 use infinitehip::Result;
 
 use crate::ffi::CudaAttnArgs;
-use crate::guard;
 use crate::llama::LlamaPlugin;
+use crate::{guard, stats_unavailable, Poison};
 
 /// ggml_type ids of the K/V caches the kernels read.
 pub const GGML_TYPE_F16: u32 = 1;
@@ -61,6 +61,8 @@ pub struct LlamaCudaAttn {
     _inner: Mutex<()>,
     counters: Counters,
     method: Vec<&'static str>,
+    /// Set by a caught panic (`guarded`).
+    pub poison: Poison,
 }
 
 /// The CUDA route of `plugin`'s config: an error when this build lacks the
@@ -107,17 +109,21 @@ fn new_impl(plugin: &LlamaPlugin) -> Result<LlamaCudaAttn> {
         inner: Mutex::new(inner),
         counters: Counters::default(),
         method,
+        poison: Poison::default(),
     })
 }
 
 impl LlamaCudaAttn {
     /// "hip" or "dense": what this route runs for `layer`.
     pub fn layer_method(&self, layer: u32) -> String {
-        self.method
-            .get(layer as usize)
-            .copied()
-            .unwrap_or("none")
-            .to_string()
+        // Fallback "none": the layer stays on llama.cpp's attention.
+        self.poison.guard_or("layer_method", "none".into(), || {
+            self.method
+                .get(layer as usize)
+                .copied()
+                .unwrap_or("none")
+                .to_string()
+        })
     }
 
     /// Attention of one query row per request: request `b` is stream `b`
@@ -130,7 +136,7 @@ impl LlamaCudaAttn {
         lens: &[u32],
     ) -> std::result::Result<(), String> {
         let t0 = std::time::Instant::now();
-        let r = guard(|| self.attend_impl(args, seqs, lens));
+        let r = self.poison.guard(|| self.attend_impl(args, seqs, lens));
         let c = &self.counters;
         c.host_ns
             .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -161,17 +167,26 @@ impl LlamaCudaAttn {
     /// Forget sequence `seq`'s hip state (its next decode refreshes every
     /// stage): after a prefill ubatch, a cleared or shortened sequence.
     pub fn end_request(&self, seq: u64) {
-        self.counters.resets.fetch_add(1, Ordering::Relaxed);
-        #[cfg(feature = "cuda")]
-        {
-            let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            g.attn.end_request(seq);
-        }
-        #[cfg(not(feature = "cuda"))]
-        let _ = seq;
+        self.poison.guard_or("end_request", (), || {
+            self.counters.resets.fetch_add(1, Ordering::Relaxed);
+            #[cfg(feature = "cuda")]
+            {
+                let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+                g.attn.end_request(seq);
+            }
+            #[cfg(not(feature = "cuda"))]
+            let _ = seq;
+        })
     }
 
     pub fn cuda_stats_json(&self) -> String {
+        self.poison
+            .guard_or("stats_json", stats_unavailable("cuda route stats"), || {
+                self.stats_json_impl()
+            })
+    }
+
+    fn stats_json_impl(&self) -> String {
         let c = &self.counters;
         let l = |x: &AtomicU64| x.load(Ordering::Relaxed);
         let checks = l(&c.checks);

@@ -27,8 +27,8 @@ use infinitehip::config::LayerPolicy;
 use infinitehip::{Error, Result};
 
 use crate::ffi::TensorDesc;
-use crate::guard;
 use crate::llama::{LlamaPlugin, StreamPlan, GGML_TYPE_F16, GGML_TYPE_F32};
+use crate::{guard_or, stats_unavailable, Poison};
 
 #[derive(Default)]
 struct Mirror {
@@ -84,14 +84,19 @@ fn since(t: std::time::Instant, c: &AtomicU64) {
 pub struct LlamaGpuRoute {
     layers: Vec<Mutex<Mirror>>,
     counters: Counters,
+    /// Set by a caught panic (`guarded`).
+    pub poison: Poison,
 }
 
 pub fn llama_gpu_route_new(plugin: &LlamaPlugin) -> Box<LlamaGpuRoute> {
-    let n = plugin.config().model.n_layers;
-    Box::new(LlamaGpuRoute {
+    let route = |n: usize| LlamaGpuRoute {
         layers: (0..n).map(|_| Mutex::new(Mirror::default())).collect(),
         counters: Counters::default(),
-    })
+        poison: Poison::default(),
+    };
+    // Fallback: a route with no layers, whose every call is an error.
+    let n = guard_or("llama_gpu_route_new", 0, || plugin.config().model.n_layers);
+    Box::new(route(n))
 }
 
 /// Element reader over a strided F32/F16 ggml view.
@@ -187,7 +192,7 @@ impl LlamaGpuRoute {
         layer: u32,
         n_kv: i64,
     ) -> std::result::Result<u32, String> {
-        guard(|| {
+        self.poison.guard(|| {
             let cfg = plugin.config();
             if layer as usize >= cfg.model.n_layers {
                 return Err(Error::OutOfRange(format!(
@@ -232,7 +237,7 @@ impl LlamaGpuRoute {
         cells_total: u64,
     ) -> std::result::Result<(), String> {
         let t0 = std::time::Instant::now();
-        let r = guard(|| {
+        let r = self.poison.guard(|| {
             let k = Strided::new(k_cur, kd, "k_cur")?;
             let [d, h, n, _] = k.ne;
             if idxs.len() != n * 8 {
@@ -283,7 +288,7 @@ impl LlamaGpuRoute {
         row: u64,
     ) -> std::result::Result<Vec<u64>, String> {
         let t0 = std::time::Instant::now();
-        let r = guard(|| {
+        let r = self.poison.guard(|| {
             let m = Strided::new(mask, md, "kq_mask")?;
             let [n_kv, rows, _, ns] = m.ne;
             let n = n_tokens as usize;
@@ -382,7 +387,7 @@ impl LlamaGpuRoute {
         data: &[u8],
         dtype: u32,
     ) -> std::result::Result<(), String> {
-        guard(|| {
+        self.poison.guard(|| {
             let mut m = self.mirror(layer)?;
             let row = m.row;
             let es = match dtype {
@@ -448,7 +453,7 @@ impl LlamaGpuRoute {
         top_k: u32,
         out: &mut [i32],
     ) -> std::result::Result<(), String> {
-        guard(|| {
+        self.poison.guard(|| {
             plugin.refuse_rope_modes("CUDA route (host mirror)")?;
             let top_k = top_k as usize;
             let (n_kv, rows, ns) = (md.ne0 as usize, md.ne1 as usize, md.ne3 as usize);
@@ -570,6 +575,13 @@ impl LlamaGpuRoute {
     }
 
     pub fn gpu_stats_json(&self) -> String {
+        self.poison
+            .guard_or("stats_json", stats_unavailable("gpu route stats"), || {
+                self.stats_json_impl()
+            })
+    }
+
+    fn stats_json_impl(&self) -> String {
         let c = &self.counters;
         let (a, v) = (
             c.attended.load(Ordering::Relaxed),

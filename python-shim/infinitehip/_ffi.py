@@ -16,6 +16,13 @@ IHIP_ERR_ARG = -1
 IHIP_ERR_ENGINE = -2
 IHIP_ERR_PANIC = -3
 IHIP_ERR_NO_GPU = -4
+IHIP_ERR_UNSUPPORTED = -5
+IHIP_ERR_OOM = -6
+IHIP_ERR_DEVICE = -7
+
+# The C ABI version these declarations describe (IHIP_ABI_VERSION in
+# include/infinitehip.h); a library of another version is refused.
+ABI_VERSION = 2
 
 DTYPE_F32 = 0
 DTYPE_F16 = 1
@@ -47,12 +54,32 @@ def library_candidates():
     return [Path(__file__).resolve().parent / "_lib" / LIBNAME]
 
 
+def check_abi(lib, path):
+    """Refuse a library whose C ABI differs from these declarations (calling
+    it would pass arguments in the wrong places)."""
+    f = getattr(lib, "ihip_abi_version", None)
+    if f is None:
+        got = "1 (no ihip_abi_version)"
+    else:
+        f.restype = ctypes.c_uint32
+        f.argtypes = []
+        got = f()
+    if got != ABI_VERSION:
+        raise InfinitehipError(
+            f"{path}: C ABI version {got}, this infinitehip package needs {ABI_VERSION}; "
+            "rebuild the library from the same source (cargo build --release -p infinitehip-capi) "
+            "or reinstall the package",
+            IHIP_ERR_UNSUPPORTED,
+        )
+
+
 def _declare(lib):
     c = ctypes
     sz, u64, i32 = c.c_size_t, c.c_uint64, c.c_int
     vp, fp, cp = c.c_void_p, c.POINTER(c.c_float), c.c_char_p
     sigs = {
         "ihip_version": (cp, []),
+        "ihip_abi_version": (c.c_uint32, []),
         "ihip_last_error": (cp, []),
         "ihip_string_free": (None, [vp]),
         "ihip_default_config_json": (vp, []),
@@ -76,7 +103,10 @@ def _declare(lib):
         f.argtypes = args
     i64, fl = c.c_int64, c.c_float
     pi64, pu64 = c.POINTER(i64), c.POINTER(u64)
-    common = [u64, i32, i64, u64, u64, i32, u64, i64, i64, i64, i64, u64, i32, i64, fl]
+    # q, q_dtype, q_row_stride, k, v, kv_dtype, table, table_stride,
+    # table_n_rows, page_size, page_stride, head_stride, out, out_dtype,
+    # out_row_stride, sm_scale.
+    common = [u64, i32, i64, u64, u64, i32, u64, i64, i64, i64, i64, i64, u64, i32, i64, fl]
     gpu = {
         "ihip_gpu_built": (i32, []),
         "ihip_gpu_attn_new": (vp, [i32, cp]),
@@ -112,10 +142,13 @@ def lib():
             for p in library_candidates():
                 if p.is_file():
                     try:
-                        _lib = _declare(ctypes.CDLL(str(p)))
-                        break
+                        loaded = ctypes.CDLL(str(p))
                     except OSError as e:
                         tried.append(f"{p} ({e})")
+                        continue
+                    check_abi(loaded, p)
+                    _lib = _declare(loaded)
+                    break
                 else:
                     tried.append(f"{p} (missing)")
             if _lib is None:

@@ -210,7 +210,7 @@ class GpuAttention:
         args = (
             q.data_ptr(), _dtype(q, "q"), q_stride,
             k.data_ptr(), v.data_ptr(), _dtype(k, "k"),
-            table.data_ptr(), table.stride(0), ps, pst, hst,
+            table.data_ptr(), table.stride(0), int(table.shape[0]), ps, pst, hst,
             out.data_ptr(), _dtype(out, "out"), o_stride,
         )
         return out, int(stream), args

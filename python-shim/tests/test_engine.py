@@ -196,3 +196,51 @@ def test_import_needs_no_library_and_no_torch():
     env = dict(os.environ, INFINITEHIP_LIB="/nonexistent/libinfinitehip.so")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_a_library_of_another_abi_version_is_refused():
+    from infinitehip import _ffi
+
+    class Fn:
+        def __init__(self, v):
+            self.v = v
+
+        def __call__(self):
+            return self.v
+
+    class Lib:
+        pass
+
+    other = Lib()
+    other.ihip_abi_version = Fn(_ffi.ABI_VERSION + 1)
+    with pytest.raises(InfinitehipError, match=f"C ABI version {_ffi.ABI_VERSION + 1}") as ei:
+        _ffi.check_abi(other, "other.so")
+    assert ei.value.code == _ffi.IHIP_ERR_UNSUPPORTED
+    with pytest.raises(InfinitehipError, match="no ihip_abi_version"):
+        _ffi.check_abi(Lib(), "old.so")
+    # The library under test was accepted, and says the same version.
+    assert _ffi.lib().ihip_abi_version() == _ffi.ABI_VERSION
+
+
+def test_error_codes_match_the_header():
+    """The shim's constants are the header's (kept in sync by hand)."""
+    from pathlib import Path
+    import re
+    from infinitehip import _ffi
+
+    header = Path(__file__).resolve().parents[2] / "rust/infinitehip-capi/include/infinitehip.h"
+    defines = dict(re.findall(r"#define (IHIP_\w+) \(?(-?\d+)\)?", header.read_text()))
+    names = [n for n in dir(_ffi) if n.startswith("IHIP_")]
+    assert len(names) >= 8
+    for n in names:
+        assert int(defines[n]) == getattr(_ffi, n), n
+    assert int(defines["IHIP_ABI_VERSION"]) == _ffi.ABI_VERSION
+
+
+def test_an_index_out_of_range_is_an_argument_error():
+    eng = Engine(config({"method": "dense"}))
+    eng.add_sequence(1)
+    z = np.zeros((2, NKV, D), np.float32)
+    with pytest.raises(InfinitehipError, match="layer 7") as ei:
+        eng.append(7, 1, z, z)
+    assert ei.value.code == -1

@@ -10,8 +10,16 @@
  *    the message is then in ihip_last_error() (thread-local, valid until the
  *    next failing call on the same thread).
  *  - No Rust panic crosses this boundary. A call that hit an internal panic
- *    returns IHIP_ERR_PANIC and poisons its engine: later calls on it fail,
- *    and ihip_engine_free is the only thing left to do.
+ *    returns IHIP_ERR_PANIC and poisons its handle (engine or GPU attention):
+ *    later calls on it fail with IHIP_ERR_PANIC, and freeing it is the only
+ *    thing left to do. (The C++ bridge of the llama.cpp plugin follows the
+ *    same policy.)
+ *  - Check ihip_abi_version() == IHIP_ABI_VERSION before any other call: a
+ *    library of another ABI version has other signatures.
+ *  - Caller indices (layers, table rows, lengths, counts) are checked on the
+ *    host before any kernel sees them: a bad one is IHIP_ERR_ARG.
+ *  - This header is kept in sync with src/*.rs by hand (a test checks that
+ *    it declares exactly the exported functions and these constants).
  *  - Strings returned as char* are owned by the caller: free them with
  *    ihip_string_free. const char* results are owned by the library.
  *  - Arrays are contiguous, row-major, in host memory. Queries and outputs
@@ -28,11 +36,19 @@
 extern "C" {
 #endif
 
+/* ABI version this header describes (ihip_abi_version()). 2: table_n_rows
+ * in ihip_gpu_decode / ihip_gpu_prefill / ihip_gpu_prefill_proj; codes -5..-7. */
+#define IHIP_ABI_VERSION 2
+
+/* Error codes (stable values; new ones are only added). */
 #define IHIP_OK 0
-#define IHIP_ERR_ARG (-1)    /* NULL, shape, dtype, alignment, overflow */
-#define IHIP_ERR_ENGINE (-2) /* refused by the engine (unknown sequence, bad config, ...) */
-#define IHIP_ERR_PANIC (-3)  /* internal bug caught; the engine is poisoned */
+#define IHIP_ERR_ARG (-1)    /* invalid argument: NULL, shape, dtype, alignment, overflow, index out of range */
+#define IHIP_ERR_ENGINE (-2) /* refused by the engine (unknown/duplicate sequence, bad config field, weights) */
+#define IHIP_ERR_PANIC (-3)  /* internal bug caught; the handle is poisoned: free it */
 #define IHIP_ERR_NO_GPU (-4) /* GPU call: built without CUDA, no driver, or device unusable */
+#define IHIP_ERR_UNSUPPORTED (-5) /* valid request this build/route/kernels do not run (dtype, head_dim, method) */
+#define IHIP_ERR_OOM (-6)    /* out of memory: KV pool full or device allocation failed */
+#define IHIP_ERR_DEVICE (-7) /* device fault (CUDA error other than out-of-memory) */
 
 #define IHIP_DTYPE_F32 0
 #define IHIP_DTYPE_F16 1
@@ -45,6 +61,9 @@ typedef struct IhipEngine IhipEngine;
 
 /* Library version ("0.1.0"). */
 const char *ihip_version(void);
+
+/* C ABI version of the loaded library; compare with IHIP_ABI_VERSION. */
+uint32_t ihip_abi_version(void);
 
 /* Last error message of the calling thread ("" if none). */
 const char *ihip_last_error(void);
@@ -127,8 +146,9 @@ typedef struct IhipGpuAttn IhipGpuAttn;
 /* 1 when built with the `cuda` feature, else 0. */
 int ihip_gpu_built(void);
 
-/* Per-layer dense or hip attention for the model of config_json (locret,
- * lazy, squeeze layers are refused) on CUDA device `device`. NULL on error. */
+/* GPU attention for the model and per-layer policies of config_json on CUDA
+ * device `device`. NULL on error (reason in ihip_last_error), e.g. a
+ * head_dim, GQA group or method the GPU kernels do not run. */
 IhipGpuAttn *ihip_gpu_attn_new(int device, const char *config_json);
 
 /* Free (NULL is a no-op); synchronise the stream first. */
@@ -143,7 +163,10 @@ void ihip_gpu_attn_free(IhipGpuAttn *a);
  * K/V (bf16 or f16): token t of KV head h of request b is at element
  *   table[table_rows[b]*table_stride + t/page_size] * page_stride
  *   + h*head_stride + (t % page_size)*head_dim
- * (16-byte aligned rows; table is int32). SGLang's k_buffer[layer]
+ * (16-byte aligned rows; table is int32 [table_n_rows][table_stride]).
+ * Checked before any launch (IHIP_ERR_ARG): 0 <= table_rows[b] <
+ * table_n_rows, 1 <= lens[b] <= table_stride*page_size, every count and
+ * stride within int32. Page ids inside `table` are not checked. SGLang's k_buffer[layer]
  * [slots][kv_heads][head_dim] with req_to_token: page_size 1, page_stride
  * k.stride(0), head_stride k.stride(1). sm_scale 0: 1/sqrt(head_dim). */
 int ihip_gpu_decode(const IhipGpuAttn *a, uint64_t stream, size_t layer,
@@ -151,20 +174,20 @@ int ihip_gpu_decode(const IhipGpuAttn *a, uint64_t stream, size_t layer,
                     const int64_t *table_rows, const int64_t *lens, uint64_t q,
                     int q_dtype, int64_t q_row_stride, uint64_t k, uint64_t v,
                     int kv_dtype, uint64_t table, int64_t table_stride,
-                    int64_t page_size, int64_t page_stride,
+                    int64_t table_n_rows, int64_t page_size, int64_t page_stride,
                     int64_t head_stride, uint64_t out, int out_dtype,
                     int64_t out_row_stride, float sm_scale);
 
 /* Dense causal attention of new tokens (prefill / extend): request b owns
  * n_new[b] consecutive query rows (request order) at positions
- * lens[b]-n_new[b] .. lens[b]-1, whose K/V are already in the cache. Resets
+ * lens[b]-n_new[b] .. lens[b]-1 (0 <= n_new[b] <= lens[b]), whose K/V are already in the cache. Resets
  * the requests' hip state. Other arguments as ihip_gpu_decode. */
 int ihip_gpu_prefill(const IhipGpuAttn *a, uint64_t stream, size_t layer,
                      size_t batch, const uint64_t *req_ids,
                      const int64_t *table_rows, const int64_t *lens,
                      const int64_t *n_new, uint64_t q, int q_dtype,
                      int64_t q_row_stride, uint64_t k, uint64_t v, int kv_dtype,
-                     uint64_t table, int64_t table_stride, int64_t page_size,
+                     uint64_t table, int64_t table_stride, int64_t table_n_rows, int64_t page_size,
                      int64_t page_stride, int64_t head_stride, uint64_t out,
                      int out_dtype, int64_t out_row_stride, float sm_scale);
 
@@ -182,7 +205,7 @@ int ihip_gpu_prefill_proj(const IhipGpuAttn *a, uint64_t stream, size_t layer,
                           const int64_t *n_new, uint64_t q, int q_dtype,
                           int64_t q_row_stride, uint64_t k, uint64_t v,
                           int kv_dtype, uint64_t table, int64_t table_stride,
-                          int64_t page_size, int64_t page_stride,
+                          int64_t table_n_rows, int64_t page_size, int64_t page_stride,
                           int64_t head_stride, uint64_t out, int out_dtype,
                           int64_t out_row_stride, float sm_scale,
                           uint64_t proj_q, uint64_t proj_k, uint64_t proj_v,

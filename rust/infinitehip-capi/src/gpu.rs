@@ -11,6 +11,7 @@ use std::ffi::{c_char, c_int};
 use std::sync::Mutex;
 
 use super::*;
+use crate::gpu_requests::check_requests;
 
 /// Opaque GPU attention handle.
 pub struct IhipGpuAttn {
@@ -132,15 +133,6 @@ fn nonneg(x: i64, name: &str) -> Result<usize, Fail> {
     usize::try_from(x).map_err(|_| arg(format!("{name} = {x} must be >= 0")))
 }
 
-#[cfg(feature = "cuda")]
-fn usizes(p: *const i64, n: usize, name: &str) -> Result<Vec<usize>, Fail> {
-    slice(p, n, name)?
-        .iter()
-        .enumerate()
-        .map(|(i, &x)| nonneg(x, &format!("{name}[{i}]")))
-        .collect()
-}
-
 /// Arguments shared by decode and prefill.
 #[cfg(feature = "cuda")]
 #[allow(clippy::too_many_arguments)]
@@ -235,6 +227,7 @@ pub unsafe extern "C" fn ihip_gpu_decode(
     kv_dtype: c_int,
     table: u64,
     table_stride: i64,
+    table_n_rows: i64,
     page_size: i64,
     page_stride: i64,
     head_stride: i64,
@@ -244,11 +237,18 @@ pub unsafe extern "C" fn ihip_gpu_decode(
     sm_scale: f32,
 ) -> c_int {
     guard("ihip_gpu_decode", || {
+        let reqs = check_requests(
+            batch,
+            req_ids,
+            table_rows,
+            lens,
+            None,
+            table_n_rows,
+            table_stride,
+            page_size,
+        )?;
         #[cfg(feature = "cuda")]
         {
-            let ids = slice(req_ids, batch, "req_ids")?;
-            let rows = usizes(table_rows, batch, "table_rows")?;
-            let ls = usizes(lens, batch, "lens")?;
             let (kv, qa, o, sc) = gpu_args(
                 q,
                 q_dtype,
@@ -267,13 +267,17 @@ pub unsafe extern "C" fn ihip_gpu_decode(
                 sm_scale,
             )?;
             with_gpu(a, |g| {
-                g.decode(stream, layer, &kv, ids, &rows, &ls, &qa, &o, sc)?;
+                g.decode(
+                    stream, layer, &kv, reqs.ids, &reqs.rows, &reqs.lens, &qa, &o, sc,
+                )?;
                 Ok(())
             })
         }
         #[cfg(not(feature = "cuda"))]
         {
             let _ = (
+                reqs.ids,
+                table_n_rows,
                 stream,
                 layer,
                 batch,
@@ -329,6 +333,7 @@ pub unsafe extern "C" fn ihip_gpu_prefill(
     kv_dtype: c_int,
     table: u64,
     table_stride: i64,
+    table_n_rows: i64,
     page_size: i64,
     page_stride: i64,
     head_stride: i64,
@@ -355,6 +360,7 @@ pub unsafe extern "C" fn ihip_gpu_prefill(
         kv_dtype,
         table,
         table_stride,
+        table_n_rows,
         page_size,
         page_stride,
         head_stride,
@@ -396,6 +402,7 @@ pub unsafe extern "C" fn ihip_gpu_prefill_proj(
     kv_dtype: c_int,
     table: u64,
     table_stride: i64,
+    table_n_rows: i64,
     page_size: i64,
     page_stride: i64,
     head_stride: i64,
@@ -437,6 +444,7 @@ pub unsafe extern "C" fn ihip_gpu_prefill_proj(
         kv_dtype,
         table,
         table_stride,
+        table_n_rows,
         page_size,
         page_stride,
         head_stride,
@@ -481,6 +489,7 @@ unsafe fn prefill_with(
     kv_dtype: c_int,
     table: u64,
     table_stride: i64,
+    table_n_rows: i64,
     page_size: i64,
     page_stride: i64,
     head_stride: i64,
@@ -492,13 +501,19 @@ unsafe fn prefill_with(
     prompt_done: *const u8,
 ) -> c_int {
     guard(what, || {
+        let reqs = check_requests(
+            batch,
+            req_ids,
+            table_rows,
+            lens,
+            Some(n_new),
+            table_n_rows,
+            table_stride,
+            page_size,
+        )?;
         #[cfg(feature = "cuda")]
         {
             use ihip::backend::cuda::engine_attn::{Insert, ProjArg};
-            let ids = slice(req_ids, batch, "req_ids")?;
-            let rows = usizes(table_rows, batch, "table_rows")?;
-            let ls = usizes(lens, batch, "lens")?;
-            let nn = usizes(n_new, batch, "n_new")?;
             let (kv, qa, o, sc) = gpu_args(
                 q,
                 q_dtype,
@@ -544,10 +559,10 @@ unsafe fn prefill_with(
                     stream,
                     layer,
                     &kv,
-                    ids,
-                    &rows,
-                    &ls,
-                    &nn,
+                    reqs.ids,
+                    &reqs.rows,
+                    &reqs.lens,
+                    &reqs.n_new,
                     &qa,
                     &o,
                     sc,
@@ -559,6 +574,8 @@ unsafe fn prefill_with(
         #[cfg(not(feature = "cuda"))]
         {
             let _ = (
+                reqs.ids,
+                table_n_rows,
                 stream,
                 layer,
                 batch,
@@ -711,6 +728,7 @@ mod tests {
                     16,
                     IHIP_DTYPE_BF16,
                     16,
+                    8,
                     8,
                     1,
                     128,

@@ -24,16 +24,14 @@ use ihip::engine::Projections;
 use ihip::policy::Phase;
 use ihip::{Element, Engine, PolicyConfig};
 
-pub const IHIP_OK: c_int = 0;
-/// Bad argument: null pointer, shape, dtype, alignment, size overflow.
-pub const IHIP_ERR_ARG: c_int = -1;
-/// The engine refused the call (unknown sequence, bad config, ...).
-pub const IHIP_ERR_ENGINE: c_int = -2;
-/// A Rust panic was caught (a bug): the engine is poisoned.
-pub const IHIP_ERR_PANIC: c_int = -3;
-/// GPU entry point unavailable: built without the `cuda` feature, no
-/// driver, or the device could not be opened.
-pub const IHIP_ERR_NO_GPU: c_int = -4;
+mod errors;
+pub use errors::*;
+
+/// Version of the C ABI (signatures and struct layouts), bumped on every
+/// incompatible change so a caller built against another header can refuse
+/// to run. 1: up to 0.1.0; 2: `table_n_rows` in `ihip_gpu_decode`,
+/// `ihip_gpu_prefill` and `ihip_gpu_prefill_proj`, error codes -5..-7.
+pub const IHIP_ABI_VERSION: u32 = 2;
 
 pub const IHIP_DTYPE_F32: c_int = 0;
 pub const IHIP_DTYPE_F16: c_int = 1;
@@ -63,7 +61,7 @@ struct Fail(c_int, String);
 
 impl From<ihip::Error> for Fail {
     fn from(e: ihip::Error) -> Self {
-        Fail(IHIP_ERR_ENGINE, e.to_string())
+        Fail(code_of(&e), e.to_string())
     }
 }
 
@@ -135,11 +133,25 @@ fn mul(a: usize, b: usize, what: &str) -> Result<usize, Fail> {
         .ok_or_else(|| arg(format!("{what}: size overflows ({a} x {b})")))
 }
 
+/// `from_raw_parts` requires `len * size_of::<T>() <= isize::MAX`: a
+/// larger length is a caller error, never undefined behaviour.
+fn check_bytes<T>(len: usize, name: &str) -> Result<(), Fail> {
+    let max = isize::MAX as usize / std::mem::size_of::<T>().max(1);
+    if len > max {
+        return Err(arg(format!(
+            "{name}: {len} elements of {} bytes exceed isize::MAX bytes",
+            std::mem::size_of::<T>()
+        )));
+    }
+    Ok(())
+}
+
 /// `len` elements of T at `p` (an empty slice when `len` is 0, even if `p` is NULL).
-fn slice<'a, T>(p: *const T, len: usize, name: &str) -> Result<&'a [T], Fail> {
+pub(crate) fn slice<'a, T>(p: *const T, len: usize, name: &str) -> Result<&'a [T], Fail> {
     if len == 0 {
         return Ok(&[]);
     }
+    check_bytes::<T>(len, name)?;
     if p.is_null() {
         return Err(arg(format!("{name} is NULL ({len} elements expected)")));
     }
@@ -157,6 +169,7 @@ fn slice_mut<'a, T>(p: *mut T, len: usize, name: &str) -> Result<&'a mut [T], Fa
     if len == 0 {
         return Ok(&mut []);
     }
+    check_bytes::<T>(len, name)?;
     if p.is_null() {
         return Err(arg(format!("{name} is NULL ({len} elements expected)")));
     }
@@ -215,6 +228,13 @@ fn init_logging() {
 #[no_mangle]
 pub extern "C" fn ihip_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char
+}
+
+/// The C ABI version (`IHIP_ABI_VERSION`): a caller compiled against
+/// another version must refuse to run (the Python shim does).
+#[no_mangle]
+pub extern "C" fn ihip_abi_version() -> u32 {
+    IHIP_ABI_VERSION
 }
 
 /// The last error message of this thread ("" if none). Owned by the library.
@@ -609,7 +629,10 @@ pub unsafe extern "C" fn ihip_stats_json(e: *const IhipEngine) -> *mut c_char {
 }
 
 mod gpu;
+mod gpu_requests;
 pub use gpu::*;
 
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;

@@ -452,7 +452,8 @@ fn argument_errors_are_codes_with_messages_never_panics() {
             null,
             null,
         );
-        assert_eq!(rc, IHIP_ERR_ENGINE);
+        // An index out of range is the caller's argument error.
+        assert_eq!(rc, IHIP_ERR_ARG);
         assert!(last_error().contains("layer 5"), "{}", last_error());
 
         // Attention: wrong q heads, overlap, empty, decode on an empty sequence.
@@ -475,7 +476,11 @@ fn argument_errors_are_codes_with_messages_never_panics() {
         let seqs = [9u64];
         assert_eq!(
             ihip_attend_decode(e, 0, seqs.as_ptr(), 1, q.as_ptr(), NQ, D, out.as_mut_ptr()),
-            IHIP_ERR_ENGINE
+            // `Error::Invalid` ("decode on sequence 9 with no tokens"): the
+            // caller's argument.
+            IHIP_ERR_ARG,
+            "{}",
+            last_error()
         );
         assert!(last_error().contains("no tokens"), "{}", last_error());
         assert_eq!(
@@ -564,12 +569,27 @@ fn header_matches_exports() {
     let exported = names(src, "extern \"C\" fn ihip_");
     assert!(!exported.is_empty());
     assert_eq!(declared, exported);
+    assert_eq!(ihip_abi_version(), IHIP_ABI_VERSION);
+    // The GPU calls carry table_n_rows since ABI 2.
+    for f in [
+        "int ihip_gpu_decode(",
+        "int ihip_gpu_prefill(",
+        "int ihip_gpu_prefill_proj(",
+    ] {
+        let decl = &header[header.find(f).unwrap()..];
+        let decl = &decl[..decl.find(';').unwrap()];
+        assert!(decl.contains("int64_t table_n_rows"), "{f}");
+    }
     for (name, value) in [
         ("IHIP_OK", IHIP_OK),
         ("IHIP_ERR_ARG", IHIP_ERR_ARG),
         ("IHIP_ERR_ENGINE", IHIP_ERR_ENGINE),
         ("IHIP_ERR_PANIC", IHIP_ERR_PANIC),
         ("IHIP_ERR_NO_GPU", IHIP_ERR_NO_GPU),
+        ("IHIP_ERR_UNSUPPORTED", IHIP_ERR_UNSUPPORTED),
+        ("IHIP_ERR_OOM", IHIP_ERR_OOM),
+        ("IHIP_ERR_DEVICE", IHIP_ERR_DEVICE),
+        ("IHIP_ABI_VERSION", IHIP_ABI_VERSION as c_int),
         ("IHIP_DTYPE_F32", IHIP_DTYPE_F32),
         ("IHIP_DTYPE_F16", IHIP_DTYPE_F16),
         ("IHIP_DTYPE_BF16", IHIP_DTYPE_BF16),
