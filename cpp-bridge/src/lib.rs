@@ -14,9 +14,11 @@
 //! error too and never unwinds into C++.
 
 pub mod llama;
+pub(crate) mod llama_attend;
 pub mod llama_cuda;
 pub mod llama_gpu;
 pub mod llama_locret;
+pub(crate) mod llama_profile;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -173,6 +175,10 @@ pub mod ffi {
         fn layer_method(self: &LlamaPlugin, layer: u32) -> Result<String>;
         /// One line describing which layers run which method.
         fn summary(self: &LlamaPlugin) -> String;
+        /// Whether a ubatch of `n_tokens` tokens per stream over `n_kv`
+        /// cells stays on llama.cpp's attention in every layer (below the
+        /// config's `prefill_dense_below` / `decode_dense_below`).
+        fn dense_below(self: &LlamaPlugin, n_tokens: u32, n_kv: u64) -> bool;
         /// Select the tokens every query attends to (one thread). `q`
         /// `[d, n_q_heads, n_tokens, n_stream]` f32; `k`
         /// `[d, n_kv_heads, n_kv, n_stream]`; `v` as k, or
