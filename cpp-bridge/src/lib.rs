@@ -199,6 +199,26 @@ pub mod ffi {
             mask: &[u8],
             md: &TensorDesc,
         ) -> Result<()>;
+        /// `plan` run by all `nth` threads of a ggml op: thread 0 plans,
+        /// the others (`ith` > 0) work on its parallel parts and return when
+        /// it is done (their tensor arguments are not read).
+        #[allow(clippy::too_many_arguments)]
+        fn plan_team(
+            self: &LlamaPlugin,
+            layer: u32,
+            ith: i32,
+            nth: i32,
+            scale: f32,
+            q: &[u8],
+            qd: &TensorDesc,
+            k: &[u8],
+            kd: &TensorDesc,
+            v: &[u8],
+            vd: &TensorDesc,
+            v_trans: bool,
+            mask: &[u8],
+            md: &TensorDesc,
+        ) -> Result<()>;
         /// Attention for work items `item0..item1` of the last plan (item =
         /// (stream, token, kv head), in that order); `out` holds exactly
         /// those items' outputs (`group * d` floats each), a contiguous part

@@ -28,6 +28,7 @@ use infinitehip::engine::build_policy;
 use infinitehip::kv::KvRead;
 use infinitehip::policy::lazy::LazyShared;
 use infinitehip::policy::{InsertInfo, Phase, Policy, SelectRequest, Selection};
+use infinitehip::team::Team;
 use infinitehip::{Error, Result};
 
 use crate::ffi::{ModelInfo, TensorDesc};
@@ -440,6 +441,8 @@ pub struct LlamaPlugin {
     locret: Option<LocretLlama>,
     /// `LLAMA_INFINITEHIP_PROFILE=1` timings.
     profile: Profile,
+    /// ggml's threads during a plan op (`plan_team`).
+    team: Team,
 }
 
 /// Fill `model` from the host's geometry when absent; check it when present.
@@ -544,6 +547,7 @@ impl LlamaPlugin {
             lazy_steps: Mutex::new(HashMap::new()),
             locret,
             profile: Profile::from_env(),
+            team: Team::new(),
         })
     }
 
@@ -822,6 +826,34 @@ impl LlamaPlugin {
         });
         self.profile.stop(Slot::Plan, t_plan);
         r
+    }
+
+    /// `plan` on all `nth` threads of one ggml op (see the ffi doc).
+    #[allow(clippy::too_many_arguments)]
+    pub fn plan_team(
+        &self,
+        layer: u32,
+        ith: i32,
+        nth: i32,
+        scale: f32,
+        q: &[u8],
+        qd: &TensorDesc,
+        k: &[u8],
+        kd: &TensorDesc,
+        v: &[u8],
+        vd: &TensorDesc,
+        v_trans: bool,
+        mask: &[u8],
+        md: &TensorDesc,
+    ) -> std::result::Result<(), String> {
+        if ith > 0 {
+            self.team.serve(ith as usize - 1);
+            return Ok(());
+        }
+        let helpers = (nth.max(1) - 1) as usize;
+        self.team.lead(helpers, || {
+            self.plan(layer, scale, q, qd, k, kd, v, vd, v_trans, mask, md)
+        })
     }
 
     #[allow(clippy::too_many_arguments)]

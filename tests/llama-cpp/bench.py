@@ -11,6 +11,11 @@ stock number is what stock decode costs at that depth.
 
     python3 tests/llama-cpp/bench.py [--depths 8192,32768,131072] [--gen 64] [--threads 2]
         [--json BENCH.json]
+
+--real: the quality suite's real model (SmolLM2-135M-Instruct Q4_1, 30
+layers, 9 q / 3 KV heads, head_dim 64, trained for 8K: contexts beyond are
+for speed only) on real text (Emma, tokenized by the model), flash attention
+on, prefill AND decode, stock vs patched in one run (bench_real.py).
 """
 import argparse
 import json
@@ -57,6 +62,11 @@ def cpu_name():
 
 
 def main():
+    if "--real" in sys.argv:
+        sys.argv.remove("--real")
+        import bench_real  # noqa: E402
+
+        return bench_real.main()
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default=os.path.join(REPO, "target", "llama.cpp"))
     ap.add_argument("--depths", default="8192,32768,131072")
