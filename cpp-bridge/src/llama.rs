@@ -359,8 +359,13 @@ impl KvRead for LlamaKv<'_> {
     }
     fn read_key(&self, head: usize, tok: usize, out: &mut [f32]) {
         let o = self.inp.k.idx(0, head, self.cells[tok] as usize, self.s);
-        for (j, x) in out.iter_mut().enumerate() {
-            *x = self.inp.k.get(o + j);
+        // rows are contiguous (checked in `Inputs::new`): one slice conversion
+        match self.inp.k.data {
+            Data::F32(k) => out.copy_from_slice(&k[o..o + out.len()]),
+            Data::F16(k) => {
+                use half::slice::HalfFloatSliceExt;
+                k[o..o + out.len()].convert_to_f32_slice(out)
+            }
         }
     }
     fn read_value(&self, head: usize, tok: usize, out: &mut [f32]) {

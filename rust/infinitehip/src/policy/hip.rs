@@ -24,7 +24,7 @@ use std::ops::Range;
 
 use super::{Phase, Policy, SelectOutput, SelectRequest, Selection};
 use crate::config::{HipConfig, HipStage, ModelShape, RopeMode};
-use crate::dtype::dot_f32;
+use crate::dtype::max_dot_f32;
 use crate::error::{Error, Result};
 use crate::kv::KvRead;
 use crate::parallel::par_map;
@@ -63,11 +63,7 @@ impl Scorer<'_> {
             ScoreRope::ChunkIndexed(rope, chunk) => rope.rotate(k, (t / chunk) as f64 - t as f64),
             ScoreRope::Relative(rope, scale) => rope.rotate(k, t as f64 * (scale - 1.0)),
         }
-        let mut best = f32::NEG_INFINITY;
-        for q in self.qs.chunks_exact(self.d) {
-            best = best.max(dot_f32(q, k));
-        }
-        best
+        max_dot_f32(&self.qs, k)
     }
 
     /// Score of chunk [l, r) by hierarchical representative search: the
