@@ -31,8 +31,8 @@ pub struct PolicyConfig {
 
 /// Defaults of `prefill_dense_below` / `decode_dense_below`: crossovers
 /// measured with `tests/llama-cpp/bench.py --real` (BENCHMARKS.md).
-pub const PREFILL_DENSE_BELOW: usize = 32_768;
-pub const DECODE_DENSE_BELOW: usize = 20_480;
+pub const PREFILL_DENSE_BELOW: usize = 4_096;
+pub const DECODE_DENSE_BELOW: usize = 16_384;
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
