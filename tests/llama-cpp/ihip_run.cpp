@@ -23,9 +23,13 @@
 //       target ids[i] (record 0 is empty: nll NaN, path -1) and path says
 //       which call produced the logits (0 = a prefill ubatch, 1 = a
 //       single-token decode step). Prints one JSON line with timings.
+//   ihip_run dequant MODEL --out GGUF
+//       write MODEL with every tensor dequantized to f32 (llama.cpp's own
+//       quantizer, "pure" F32): the quality suite's exactness check needs
+//       weights without quantization noise.
 //
 // Common: --ctx N (default: enough for the run), --threads T (2), --batch B
-// (512), --fa on|off|auto (off), --seed S (1).
+// (512), --fa on|off|auto (off), --seed S (1), --kv f16|f32 (K/V cache type, f16).
 #include "llama.h"
 
 #include <chrono>
@@ -44,12 +48,12 @@ static void die(const std::string & msg) {
 }
 
 struct Args {
-    std::string mode, model, force, logits_out, tokens_out, state, fa = "off", text, out, input, nll_out, depths;
+    std::string mode, model, force, logits_out, tokens_out, state, fa = "off", text, out, input, nll_out, kv = "f16", depths;
     int prompt_len = 64, gen = 16, depth = 0, ctx = 0, threads = 2, batch = 512, seed = 1, prefill = -1, n = -1;
 };
 
 static Args parse(int argc, char ** argv) {
-    if (argc < 3) die("usage: ihip_run gen|fill|bench|tokenize|score MODEL [options] (see the source header)");
+    if (argc < 3) die("usage: ihip_run gen|fill|bench|tokenize|score|dequant MODEL [options] (see the source header)");
     Args a;
     a.mode = argv[1];
     a.model = argv[2];
@@ -75,9 +79,11 @@ static Args parse(int argc, char ** argv) {
         else if (k == "--nll") a.nll_out = v;
         else if (k == "--prefill") a.prefill = std::stoi(v);
         else if (k == "--n") a.n = std::stoi(v);
+        else if (k == "--kv") a.kv = v;
         else if (k == "--depths") a.depths = v;
         else die("unknown option " + k);
     }
+    if (a.kv != "f16" && a.kv != "f32") die("--kv must be f16 or f32");
     return a;
 }
 
@@ -152,6 +158,18 @@ int main(int argc, char ** argv) {
             if (level >= GGML_LOG_LEVEL_WARN || std::strstr(text, "infinitehip")) std::fputs(text, stderr);
         }, nullptr);
     }
+    if (a.mode == "dequant") {
+        if (a.out.empty()) die("dequant needs --out GGUF");
+        llama_model_quantize_params qp = llama_model_quantize_default_params();
+        qp.nthread = a.threads;
+        qp.ftype = LLAMA_FTYPE_ALL_F32;
+        qp.allow_requantize = true;  // Q4_1 -> f32 goes through llama.cpp's dequantizer
+        qp.pure = true;              // every tensor f32, output and embeddings included
+        if (llama_model_quantize(a.model.c_str(), a.out.c_str(), &qp) != 0) die("dequant failed");
+        std::printf("{\"mode\":\"dequant\",\"out\":\"%s\"}\n", a.out.c_str());
+        llama_backend_free();
+        return 0;
+    }
     llama_model_params mp = llama_model_default_params();
     llama_model * model = llama_model_load_from_file(a.model.c_str(), mp);
     if (!model) die("cannot load model " + a.model);
@@ -195,6 +213,7 @@ int main(int argc, char ** argv) {
     cp.flash_attn_type = a.fa == "on" ? LLAMA_FLASH_ATTN_TYPE_ENABLED
                        : a.fa == "auto" ? LLAMA_FLASH_ATTN_TYPE_AUTO : LLAMA_FLASH_ATTN_TYPE_DISABLED;
     cp.no_perf = false;
+    cp.type_k = cp.type_v = a.kv == "f32" ? GGML_TYPE_F32 : GGML_TYPE_F16;
     llama_context * ctx = llama_init_from_model(model, cp);
     if (!ctx) die("cannot create context (see the log above)");
 
