@@ -33,9 +33,12 @@ from e2e_test import hip_config  # noqa: E402
 
 # InfiniteHiP-like budget for a tiny model: sink 64, window 512, 3 stages down to 1024 tokens.
 CONFIG = hip_config(sink=64, window=512, stages=[(64, 4096, 16), (16, 2048, 8), (8, 1024, 4)], block_size_q=64)
+# the plugin's own attention at every depth (no dense-below route)
+CONFIG |= {"prefill_dense_below": 0, "decode_dense_below": 0}
 # Only fills the KV cache for the timed decode (values do not change stock's
 # decode cost): one coarse stage and strided scoring keep a 128K prefill short.
 FILL_CONFIG = hip_config(sink=16, window=256, stages=[(512, 512, 1)], block_size_q=64, q_stride=16)
+FILL_CONFIG |= {"prefill_dense_below": 0, "decode_dense_below": 0}
 
 
 def run(exe, args, config_path=None, threads=2):
