@@ -15,9 +15,11 @@
 
 pub mod guarded;
 pub mod llama;
+pub(crate) mod llama_attend;
 pub mod llama_cuda;
 pub mod llama_gpu;
 pub mod llama_locret;
+pub(crate) mod llama_profile;
 pub mod llama_rope;
 pub mod logging;
 
@@ -197,6 +199,10 @@ pub mod ffi {
         fn layer_method(self: &LlamaPlugin, layer: u32) -> Result<String>;
         /// One line describing which layers run which method.
         fn summary(self: &LlamaPlugin) -> String;
+        /// Whether a ubatch of `n_tokens` tokens per stream over `n_kv`
+        /// cells stays on llama.cpp's attention in every layer (below the
+        /// config's `prefill_dense_below` / `decode_dense_below`).
+        fn dense_below(self: &LlamaPlugin, n_tokens: u32, n_kv: u64) -> bool;
         /// Select the tokens every query attends to (one thread). `q`
         /// `[d, n_q_heads, n_tokens, n_stream]` f32; `k`
         /// `[d, n_kv_heads, n_kv, n_stream]`; `v` as k, or
@@ -206,6 +212,26 @@ pub mod ffi {
         fn plan(
             self: &LlamaPlugin,
             layer: u32,
+            scale: f32,
+            q: &[u8],
+            qd: &TensorDesc,
+            k: &[u8],
+            kd: &TensorDesc,
+            v: &[u8],
+            vd: &TensorDesc,
+            v_trans: bool,
+            mask: &[u8],
+            md: &TensorDesc,
+        ) -> Result<()>;
+        /// `plan` run by all `nth` threads of a ggml op: thread 0 plans,
+        /// the others (`ith` > 0) work on its parallel parts and return when
+        /// it is done (their tensor arguments are not read).
+        #[allow(clippy::too_many_arguments)]
+        fn plan_team(
+            self: &LlamaPlugin,
+            layer: u32,
+            ith: i32,
+            nth: i32,
             scale: f32,
             q: &[u8],
             qd: &TensorDesc,

@@ -28,10 +28,13 @@ use infinitehip::engine::build_policy;
 use infinitehip::kv::KvRead;
 use infinitehip::policy::lazy::LazyShared;
 use infinitehip::policy::{InsertInfo, Phase, Policy, SelectRequest, Selection};
+use infinitehip::team::Team;
 use infinitehip::{Error, Result};
 
 use crate::ffi::{ModelInfo, RopeInfo, TensorDesc};
+use crate::llama_attend::{attend_reference, attend_run, use_reference, HeadKv, Rows};
 use crate::llama_locret::{view, LocretLlama};
+use crate::llama_profile::{Count, Profile, Slot};
 use crate::llama_rope::{streaming_shift, Layout, LlamaRope};
 use crate::{stats_unavailable, Poison};
 
@@ -357,8 +360,13 @@ impl KvRead for LlamaKv<'_> {
     }
     fn read_key(&self, head: usize, tok: usize, out: &mut [f32]) {
         let o = self.inp.k.idx(0, head, self.cells[tok] as usize, self.s);
-        for (j, x) in out.iter_mut().enumerate() {
-            *x = self.inp.k.get(o + j);
+        // rows are contiguous (checked in `Inputs::new`): one slice conversion
+        match self.inp.k.data {
+            Data::F32(k) => out.copy_from_slice(&k[o..o + out.len()]),
+            Data::F16(k) => {
+                use half::slice::HalfFloatSliceExt;
+                k[o..o + out.len()].convert_to_f32_slice(out)
+            }
         }
     }
     fn read_value(&self, head: usize, tok: usize, out: &mut [f32]) {
@@ -480,6 +488,10 @@ pub struct LlamaPlugin {
     rope: Option<LlamaRope>,
     /// Set by a caught panic (`guarded`).
     pub poison: Poison,
+    /// `LLAMA_INFINITEHIP_PROFILE=1` timings.
+    profile: Profile,
+    /// ggml's threads during a plan op (`plan_team`).
+    team: Team,
 }
 
 /// Fill `model` from the host's geometry when absent; check it when present.
@@ -652,6 +664,8 @@ impl LlamaPlugin {
             locret,
             rope: llama_rope,
             poison: Poison::default(),
+            profile: Profile::from_env(),
+            team: Team::new(),
         })
     }
 
@@ -716,6 +730,13 @@ impl LlamaPlugin {
             .guard(|| Ok(self.layer(layer)?.method.to_string()))
     }
 
+    /// A ubatch of `n_tokens` tokens per stream over `n_kv` cells (llama.cpp's
+    /// visible span: the context, padded to 256 cells) attends densely
+    /// through llama.cpp below the config's thresholds.
+    pub fn dense_below(&self, n_tokens: u32, n_kv: u64) -> bool {
+        self.cfg.dense_below(n_tokens as usize, n_kv as usize)
+    }
+
     pub fn summary(&self) -> String {
         self.poison
             .guard_or("summary", "(unavailable)".into(), || self.summary_impl())
@@ -758,7 +779,8 @@ impl LlamaPlugin {
         mask: &[u8],
         md: &TensorDesc,
     ) -> std::result::Result<(), String> {
-        self.poison.guard(|| {
+        let t_plan = self.profile.start();
+        let r = self.poison.guard(|| {
             let inp = Inputs::new(q, qd, k, kd, v, vd, v_trans, mask, md)?;
             let mut shape = self.check_geom(&inp.g)?;
             shape.scale = checked_scale(scale)?;
@@ -774,7 +796,10 @@ impl LlamaPlugin {
             let mut streams = Vec::with_capacity(g.n_stream);
             let mut qbuf = Vec::new();
             for s in 0..g.n_stream {
-                let Some((cells, q_pos)) = causal_chain(&inp, s) else {
+                let t_chain = self.profile.start();
+                let chain = causal_chain(&inp, s);
+                self.profile.stop(Slot::Chain, t_chain);
+                let Some((cells, q_pos)) = chain else {
                     if !st.warned_masked {
                         tracing::warn!(layer, "infinitehip: ubatch is not one causal chain per stream; exact masked attention for it");
                         st.warned_masked = true;
@@ -840,7 +865,10 @@ impl LlamaPlugin {
                         kv: &prompt,
                         prompt_done: true,
                     };
-                    if st.policy.after_append(&info)?.is_some() {
+                    let t_done = self.profile.start();
+                    let evicts = st.policy.after_append(&info)?.is_some();
+                    self.profile.stop(Slot::PromptDone, t_done);
+                    if evicts {
                         return Err(Error::Invalid(format!(
                             "layer {layer}: policy {} evicts tokens, which the llama.cpp integration cannot do",
                             st.policy.name()
@@ -891,7 +919,15 @@ impl LlamaPlugin {
                         q_start: q_pos[0],
                         kv,
                     };
+                    let t_sel = self.profile.start();
                     let mut out = st.policy.select(&req)?;
+                    self.profile.count(Count::DecodePlans);
+                    if st.policy.last_decode_refreshed().unwrap_or(true) {
+                        self.profile.count(Count::RefreshSteps);
+                        self.profile.stop(Slot::SelectRefresh, t_sel);
+                    } else {
+                        self.profile.stop(Slot::SelectCached, t_sel);
+                    }
                     if out.blocks.is_empty() {
                         return Err(Error::Invalid(format!(
                             "layer {layer}: policy returned no selection"
@@ -910,7 +946,10 @@ impl LlamaPlugin {
                             q_start: q_pos[c0],
                             kv,
                         };
+                        let t_sel = self.profile.start();
                         let out = st.policy.select(&req)?;
+                        self.profile.stop(Slot::SelectPrefill, t_sel);
+                        self.profile.count(Count::PrefillPlans);
                         let base = sels.len();
                         let qb = out.q_block.max(1);
                         let nb = out.blocks.len();
@@ -948,6 +987,36 @@ impl LlamaPlugin {
             }));
             self.counters.plans.fetch_add(1, Ordering::Relaxed);
             Ok(())
+        });
+        self.profile.stop(Slot::Plan, t_plan);
+        r
+    }
+
+    /// `plan` on all `nth` threads of one ggml op (see the ffi doc).
+    #[allow(clippy::too_many_arguments)]
+    pub fn plan_team(
+        &self,
+        layer: u32,
+        ith: i32,
+        nth: i32,
+        scale: f32,
+        q: &[u8],
+        qd: &TensorDesc,
+        k: &[u8],
+        kd: &TensorDesc,
+        v: &[u8],
+        vd: &TensorDesc,
+        v_trans: bool,
+        mask: &[u8],
+        md: &TensorDesc,
+    ) -> std::result::Result<(), String> {
+        if ith > 0 {
+            self.team.serve(ith as usize - 1);
+            return Ok(());
+        }
+        let helpers = (nth.max(1) - 1) as usize;
+        self.team.lead(helpers, || {
+            self.plan(layer, scale, q, qd, k, kd, v, vd, v_trans, mask, md)
         })
     }
 
@@ -969,7 +1038,9 @@ impl LlamaPlugin {
         md: &TensorDesc,
         out: &mut [f32],
     ) -> std::result::Result<(), String> {
-        self.poison.guard(|| {
+        let t_att = self.profile.start();
+        self.profile.count(Count::AttendCalls);
+        let r = self.poison.guard(|| {
             let inp = Inputs::new(q, qd, k, kd, v, vd, v_trans, mask, md)?;
             let mut shape = self.check_geom(&inp.g)?;
             shape.scale = checked_scale(scale)?;
@@ -1011,7 +1082,107 @@ impl LlamaPlugin {
             let mut runs: Vec<usize> = Vec::new();
             let mut toks: Vec<(u32, f32)> = Vec::new();
             let (mut attended, mut context) = (0u64, 0u64);
+            let nkh = g.n_kv_heads;
+            // streaming positions rotate queries per run: the per-item path
+            let reference = use_reference() || streaming.is_some();
+            let mut run = RunBufs::default();
+            if !reference {
+                // Head-major over this thread's items, so the tokens of one hip
+                // query block run together through the tiled kernel.
+                for h in 0..nkh {
+                    // tokens u (= s * n_tokens + t) with item u * nkh + h in item0..item1
+                    let u_lo = item0.saturating_sub(h).div_ceil(nkh);
+                    let u_hi = item1.saturating_sub(h).div_ceil(nkh);
+                    let mut u = u_lo;
+                    while u < u_hi {
+                        let (s, t) = (u / g.n_tokens, u % g.n_tokens);
+                        let kv = head_kv(&inp, s, h);
+                        match &plan.streams[s] {
+                            StreamPlan::Sparse {
+                                cells,
+                                q_pos,
+                                sel_of,
+                                sels,
+                            } if !reference => {
+                                // the run: same stream and selection, at most MAX_RUN tokens
+                                let sel = sel_of[t];
+                                let mut t_end = t + 1;
+                                while t_end < g.n_tokens
+                                    && (s * g.n_tokens + t_end) < u_hi
+                                    && sel_of[t_end] == sel
+                                    && t_end - t < MAX_RUN
+                                {
+                                    t_end += 1;
+                                }
+                                run.gather(
+                                    &inp,
+                                    s,
+                                    h,
+                                    grp,
+                                    t..t_end,
+                                    q_pos,
+                                    cells,
+                                    &sels[sel as usize].heads[h],
+                                );
+                                attend_run(
+                                    &kv,
+                                    &run.q,
+                                    grp,
+                                    &run.cells,
+                                    &run.visible,
+                                    shape.scale,
+                                    &mut run.out,
+                                );
+                                for (i, tt) in (t..t_end).enumerate() {
+                                    let item = (s * g.n_tokens + tt) * nkh + h;
+                                    out[(item - item0) * per..(item - item0 + 1) * per]
+                                        .copy_from_slice(&run.out[i * per..(i + 1) * per]);
+                                    attended += run.visible[i] as u64;
+                                    context += q_pos[tt] as u64 + 1;
+                                }
+                                u += t_end - t;
+                            }
+                            sp => {
+                                toks.clear();
+                                match sp {
+                                    StreamPlan::Sparse {
+                                        cells,
+                                        q_pos,
+                                        sel_of,
+                                        sels,
+                                    } => {
+                                        let end = q_pos[t] + 1;
+                                        for r in &sels[sel_of[t] as usize].heads[h] {
+                                            let r: Range<usize> = r.start.min(end)..r.end.min(end);
+                                            toks.extend(cells[r].iter().map(|&c| (c, 0.0)));
+                                        }
+                                        context += end as u64;
+                                    }
+                                    StreamPlan::Masked => {
+                                        for c in 0..g.n_kv {
+                                            let m = inp.mask_at(c, t, s);
+                                            if m != f32::NEG_INFINITY {
+                                                toks.push((c as u32, m));
+                                            }
+                                        }
+                                        context += toks.len() as u64;
+                                    }
+                                }
+                                attended += toks.len() as u64;
+                                inp.query(t, s, h * grp, grp, &mut qg);
+                                let item = u * nkh + h;
+                                let o = &mut out[(item - item0) * per..(item - item0 + 1) * per];
+                                attend_reference(&kv, &qg, &toks, shape.scale, o);
+                                u += 1;
+                            }
+                        }
+                    }
+                }
+            }
             for (item, o) in (item0..item1).zip(out.chunks_exact_mut(per)) {
+                if !reference {
+                    break;
+                }
                 let h = item % g.n_kv_heads;
                 let t = (item / g.n_kv_heads) % g.n_tokens;
                 let s = item / (g.n_kv_heads * g.n_tokens);
@@ -1076,7 +1247,9 @@ impl LlamaPlugin {
                 .context_tokens
                 .fetch_add(context, Ordering::Relaxed);
             Ok(())
-        })
+        });
+        self.profile.stop(Slot::Attend, t_att);
+        r
     }
 
     /// The last plan of a sparse layer (the GPU route turns it into cell indices).
@@ -1112,6 +1285,9 @@ impl LlamaPlugin {
             "attended_fraction": if t == 0 { 1.0 } else { a as f64 / t as f64 },
             "layers": self.layers.iter().map(|l| l.method).collect::<Vec<_>>(),
             "locret": self.locret.as_ref().map(|l| l.stats()),
+            "prefill_dense_below": self.cfg.prefill_dense_below,
+            "decode_dense_below": self.cfg.decode_dense_below,
+            "profile": self.profile.json(),
         })
         .to_string()
     }
@@ -1289,6 +1465,78 @@ fn checked_scale(scale: f32) -> Result<f32> {
         Err(Error::Invalid(format!(
             "kq_scale {scale} must be finite and > 0"
         )))
+    }
+}
+
+/// Longest run of query tokens the tiled kernel takes at once (one hip
+/// query block is at most this in the usual configs; longer blocks split).
+const MAX_RUN: usize = 64;
+
+/// K/V of stream `s`, KV head `h` for the kernels.
+fn head_kv<'a>(inp: &Inputs<'a>, s: usize, h: usize) -> HeadKv<'a> {
+    let rows = |d: Data<'a>| match d {
+        Data::F32(x) => Rows::F32(x),
+        Data::F16(x) => Rows::F16(x),
+    };
+    let (v_cell, v_dim) = if inp.v_trans {
+        (inp.v.st[0], inp.v.st[2])
+    } else {
+        (inp.v.st[2], inp.v.st[0])
+    };
+    HeadKv {
+        k: rows(inp.k.data),
+        v: rows(inp.v.data),
+        d: inp.g.d,
+        k0: inp.k.idx(0, h, 0, s),
+        k_cell: inp.k.st[2],
+        v0: inp.v.idx(0, h, 0, s),
+        v_cell,
+        v_dim,
+    }
+}
+
+/// Buffers of one tiled run, reused across runs of an attend call.
+#[derive(Default)]
+struct RunBufs {
+    q: Vec<f32>,
+    cells: Vec<u32>,
+    visible: Vec<usize>,
+    out: Vec<f32>,
+    qbuf: Vec<f32>,
+}
+
+impl RunBufs {
+    /// Queries of tokens `ts` (stream `s`, KV head `h`'s group), the
+    /// selection's cells up to the last token's position, and how many of
+    /// them each token sees (its causal clip: a prefix, ranges being sorted).
+    #[allow(clippy::too_many_arguments)]
+    fn gather(
+        &mut self,
+        inp: &Inputs<'_>,
+        s: usize,
+        h: usize,
+        grp: usize,
+        ts: Range<usize>,
+        q_pos: &[usize],
+        cells: &[u32],
+        ranges: &[Range<usize>],
+    ) {
+        let end = q_pos[ts.end - 1] + 1;
+        self.q.clear();
+        self.cells.clear();
+        self.visible.clear();
+        for r in ranges {
+            let r = r.start.min(end)..r.end.min(end);
+            self.cells.extend_from_slice(&cells[r]);
+        }
+        for t in ts.clone() {
+            let e = q_pos[t] + 1;
+            self.visible
+                .push(ranges.iter().map(|r| r.end.min(e) - r.start.min(e)).sum());
+            inp.query(t, s, h * grp, grp, &mut self.qbuf);
+            self.q.extend_from_slice(&self.qbuf);
+        }
+        self.out.resize(self.q.len(), 0.0);
     }
 }
 

@@ -11,6 +11,11 @@ stock number is what stock decode costs at that depth.
 
     python3 tests/llama-cpp/bench.py [--depths 8192,32768,131072] [--gen 64] [--threads 2]
         [--json BENCH.json]
+
+--real: the quality suite's real model (SmolLM2-135M-Instruct Q4_1, 30
+layers, 9 q / 3 KV heads, head_dim 64, trained for 8K: contexts beyond are
+for speed only) on real text (Emma, tokenized by the model), flash attention
+on, prefill AND decode, stock vs patched in one run (bench_real.py).
 """
 import argparse
 import json
@@ -28,9 +33,12 @@ from e2e_test import hip_config  # noqa: E402
 
 # InfiniteHiP-like budget for a tiny model: sink 64, window 512, 3 stages down to 1024 tokens.
 CONFIG = hip_config(sink=64, window=512, stages=[(64, 4096, 16), (16, 2048, 8), (8, 1024, 4)], block_size_q=64)
+# the plugin's own attention at every depth (no dense-below route)
+CONFIG |= {"prefill_dense_below": 0, "decode_dense_below": 0}
 # Only fills the KV cache for the timed decode (values do not change stock's
 # decode cost): one coarse stage and strided scoring keep a 128K prefill short.
 FILL_CONFIG = hip_config(sink=16, window=256, stages=[(512, 512, 1)], block_size_q=64, q_stride=16)
+FILL_CONFIG |= {"prefill_dense_below": 0, "decode_dense_below": 0}
 
 
 def run(exe, args, config_path=None, threads=2):
@@ -57,6 +65,11 @@ def cpu_name():
 
 
 def main():
+    if "--real" in sys.argv:
+        sys.argv.remove("--real")
+        import bench_real  # noqa: E402
+
+        return bench_real.main()
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default=os.path.join(REPO, "target", "llama.cpp"))
     ap.add_argument("--depths", default="8192,32768,131072")

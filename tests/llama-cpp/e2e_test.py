@@ -103,6 +103,9 @@ class Runner:
         env.pop("LLAMA_INFINITEHIP_ROUTE", None)
         env.update(env_extra or {})
         if config is not None:
+            # these checks test the plugin's own attention at small contexts:
+            # no dense-below route unless a check asks for it
+            config = {"prefill_dense_below": 0, "decode_dense_below": 0} | config
             path = os.path.join(self.tmp, f"{tag}.json")
             with open(path, "w") as f:
                 json.dump(config, f)
@@ -227,6 +230,28 @@ def main():
               {k: v for k, v in c.items() if k != "log"})
         if "plugin on" not in log:
             check("plugin announced itself", False, log)
+
+    # 2b. dense below the thresholds: llama.cpp's own attention, bit for bit;
+    # prefill dense + decode sparse (the policy starts at the first sparse step)
+    small = hip_config(sink=16, window=128, stages=[(32, 512, 8), (8, 128, 4)])
+    for fa in ["off", "on"]:
+        ls, _, ts_path, _ = R.gen("stock", f"stock_db_fa{fa}", a.prompt, a.gen, fa=fa)
+        cfg = small | {"prefill_dense_below": 1 << 20, "decode_dense_below": 1 << 20}
+        ld, _, _, log = R.gen("patched", f"dense_below_fa{fa}", a.prompt, a.gen, config=cfg, force=ts_path, fa=fa)
+        st = plugin_stats(log)
+        results[f"dense_below_fa_{fa}"] = compare(ld, ls) | {"plans": st.get("plans")}
+        check(f"dense below thresholds == stock (bit-identical, flash_attn {fa})",
+              np.array_equal(ld, ls) and st.get("plans") == 0 and "plugin on" in log, results[f"dense_below_fa_{fa}"])
+    cfg = full | {"prefill_dense_below": 1 << 20, "decode_dense_below": 0}
+    lm, _, _, log = R.gen("patched", "dense_prefill_sparse_decode", a.prompt, a.gen, config=cfg, force=ts_path, fa="on")
+    c = compare(lm, ls)
+    st = plugin_stats(log)
+    c["plans"] = st.get("plans")
+    results["dense_prefill_sparse_decode"] = c
+    # one plan per hip layer and decode step (the prefill's ubatch is dense)
+    check("dense prefill + sparse decode, covering budget == stock (flash_attn on)",
+          c["finite"] and c["rel_rms_diff"] < tol_rel and c["max_abs_diff"] < tol_rel * 10 * c["logit_rms"]
+          and st.get("plans") == 2 * a.gen, c)
 
     # 3. small budget on a longer prompt
     small = hip_config(sink=16, window=128, stages=[(32, 512, 8), (8, 128, 4)])

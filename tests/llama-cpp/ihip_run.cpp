@@ -48,7 +48,7 @@ static void die(const std::string & msg) {
 }
 
 struct Args {
-    std::string mode, model, force, logits_out, tokens_out, state, fa = "off", text, out, input, nll_out, kv = "f16";
+    std::string mode, model, force, logits_out, tokens_out, state, fa = "off", text, out, input, nll_out, kv = "f16", depths;
     int prompt_len = 64, gen = 16, depth = 0, ctx = 0, threads = 2, batch = 512, seed = 1, prefill = -1, n = -1;
 };
 
@@ -80,6 +80,7 @@ static Args parse(int argc, char ** argv) {
         else if (k == "--prefill") a.prefill = std::stoi(v);
         else if (k == "--n") a.n = std::stoi(v);
         else if (k == "--kv") a.kv = v;
+        else if (k == "--depths") a.depths = v;
         else die("unknown option " + k);
     }
     if (a.kv != "f16" && a.kv != "f32") die("--kv must be f16 or f32");
@@ -94,11 +95,37 @@ static std::vector<llama_token> random_tokens(int n, int n_vocab, int seed) {
     return t;
 }
 
-static void decode_all(llama_context * ctx, std::vector<llama_token> & toks, int batch) {
+static double now_s();
+
+// Prefill in ubatches of `batch`; `times` (optional) gets each one's seconds.
+static void decode_all(llama_context * ctx, std::vector<llama_token> & toks, int batch,
+                       std::vector<double> * times = nullptr) {
     for (size_t i = 0; i < toks.size(); i += batch) {
         int n = (int) std::min<size_t>(batch, toks.size() - i);
+        double t0 = now_s();
         if (llama_decode(ctx, llama_batch_get_one(toks.data() + i, n)) != 0) die("llama_decode failed (prefill)");
+        if (times) times->push_back(now_s() - t0);
     }
+}
+
+static std::string json_list(const std::vector<double> & v) {
+    std::string s = "[";
+    char buf[32];
+    for (size_t i = 0; i < v.size(); i++) {
+        std::snprintf(buf, sizeof buf, "%s%.4f", i ? "," : "", v[i]);
+        s += buf;
+    }
+    return s + "]";
+}
+
+static std::vector<llama_token> read_ids(const std::string & path);
+
+// --input ids (real text) when given, else random tokens; `n` of them from `off`
+static std::vector<llama_token> bench_tokens(const Args & a, int n, int n_vocab, int off, int seed) {
+    if (a.input.empty()) return random_tokens(n, n_vocab, seed);
+    std::vector<llama_token> ids = read_ids(a.input);
+    if ((int) ids.size() < off + n) die("--input holds " + std::to_string(ids.size()) + " ids, need " + std::to_string(off + n));
+    return std::vector<llama_token>(ids.begin() + off, ids.begin() + off + n);
 }
 
 static std::vector<llama_token> read_ids(const std::string & path) {
@@ -226,12 +253,14 @@ int main(int argc, char ** argv) {
         }
         std::printf("{\"mode\":\"gen\",\"prompt_len\":%d,\"gen\":%d,\"n_vocab\":%d}\n", a.prompt_len, a.gen, n_vocab);
     } else if (a.mode == "fill") {
-        std::vector<llama_token> toks = random_tokens(a.depth, n_vocab, a.seed);
+        std::vector<llama_token> toks = bench_tokens(a, a.depth, n_vocab, 0, a.seed);
+        std::vector<double> ub;
         double t0 = now_s();
-        decode_all(ctx, toks, a.batch);
+        decode_all(ctx, toks, a.batch, &ub);
         double t1 = now_s();
-        if (!llama_state_save_file(ctx, a.state.c_str(), toks.data(), toks.size())) die("cannot save state " + a.state);
-        std::printf("{\"mode\":\"fill\",\"depth\":%d,\"prefill_s\":%.3f}\n", a.depth, t1 - t0);
+        if (!a.state.empty() && !llama_state_save_file(ctx, a.state.c_str(), toks.data(), toks.size())) die("cannot save state " + a.state);
+        std::printf("{\"mode\":\"fill\",\"depth\":%d,\"threads\":%d,\"batch\":%d,\"prefill_s\":%.3f,\"ubatch_s\":%s}\n",
+                    a.depth, a.threads, a.batch, t1 - t0, json_list(ub).c_str());
     } else if (a.mode == "bench") {
         std::vector<llama_token> toks(a.depth + 16);
         double t0 = now_s();
@@ -240,11 +269,44 @@ int main(int argc, char ** argv) {
             if (!llama_state_load_file(ctx, a.state.c_str(), toks.data(), toks.size(), &n_loaded)) die("cannot load state " + a.state);
             if ((int) n_loaded != a.depth) die("state holds " + std::to_string(n_loaded) + " tokens, --depth says " + std::to_string(a.depth));
         } else {
-            toks = random_tokens(a.depth, n_vocab, a.seed);
+            toks = bench_tokens(a, a.depth, n_vocab, 0, a.seed);
             decode_all(ctx, toks, a.batch);
         }
         double t1 = now_s();
-        std::vector<llama_token> gen = random_tokens(a.gen, n_vocab, a.seed + 1);
+        std::vector<llama_token> gen = bench_tokens(a, a.gen, n_vocab, a.depth, a.seed + 1);
+        if (!a.depths.empty()) {
+            // decode at several depths (descending) from one loaded context:
+            // cut the sequence to each depth, then time gen-1 steps after one
+            std::string rows;
+            size_t p0 = 0;
+            while (p0 < a.depths.size()) {
+                size_t p1 = a.depths.find(',', p0);
+                if (p1 == std::string::npos) p1 = a.depths.size();
+                int d = std::stoi(a.depths.substr(p0, p1 - p0));
+                p0 = p1 + 1;
+                if (d < 1 || d > a.depth) die("--depths entries must be in 1..--depth");
+                llama_memory_seq_rm(llama_get_memory(ctx), 0, d, -1);
+                llama_token nx = gen[0];
+                if (llama_decode(ctx, llama_batch_get_one(&nx, 1)) != 0) die("llama_decode failed (decode)");
+                double s0 = now_s();
+                for (int i = 1; i < a.gen; i++) {
+                    nx = gen[i];
+                    if (llama_decode(ctx, llama_batch_get_one(&nx, 1)) != 0) die("llama_decode failed (decode)");
+                    (void) llama_get_logits_ith(ctx, -1);
+                }
+                double s1 = now_s();
+                char buf[160];
+                std::snprintf(buf, sizeof buf, "%s{\"depth\":%d,\"decode_tokens\":%d,\"decode_s\":%.4f,\"decode_tok_s\":%.2f}",
+                              rows.empty() ? "" : ",", d, a.gen - 1, s1 - s0, (a.gen - 1) / (s1 - s0));
+                rows += buf;
+            }
+            std::printf("{\"mode\":\"bench\",\"depth\":%d,\"threads\":%d,\"load_or_prefill_s\":%.3f,\"decode\":[%s]}\n",
+                        a.depth, a.threads, t1 - t0, rows.c_str());
+            llama_free(ctx);
+            llama_model_free(model);
+            llama_backend_free();
+            return 0;
+        }
         // one untimed step (first graph build for a single token)
         llama_token next = gen[0];
         if (llama_decode(ctx, llama_batch_get_one(&next, 1)) != 0) die("llama_decode failed (decode)");

@@ -43,10 +43,9 @@ import stats  # noqa: E402
 import suite_config  # noqa: E402
 
 # Top-level policy fields merged into every sparse config so that short
-# contexts still take the sparse path. With the dense-below thresholds
-# (prefill_dense_below / decode_dense_below, branch cpuspeed) merged, set:
-#   SPARSE_PATH_FIELDS = {"prefill_dense_below": 0, "decode_dense_below": 0}
-SPARSE_PATH_FIELDS = {}
+# contexts still take the sparse path (the dense-below thresholds would
+# otherwise run them on llama.cpp's own attention).
+SPARSE_PATH_FIELDS = {"prefill_dense_below": 0, "decode_dense_below": 0}
 
 # Covering budget vs stock on f32 weights and f32 KV: max |delta NLL| per
 # token. Measured ~2e-5 nats (f32 summation order differs between our

@@ -26,7 +26,20 @@ pub struct PolicyConfig {
     /// Win over `dense_layers` and `default`; later entries win over
     /// earlier ones.
     pub overrides: Vec<LayerOverride>,
+    /// A prefill chunk whose context (cached tokens, chunk included) is
+    /// below this attends densely through the engine's own attention (in
+    /// llama.cpp: its flash attention), where selection costs more than the
+    /// tokens it saves. 0: never. Default: the crossover measured on the CPU
+    /// llama.cpp build (BENCHMARKS.md).
+    pub prefill_dense_below: usize,
+    /// The same for a decode step (one new token per sequence).
+    pub decode_dense_below: usize,
 }
+
+/// Defaults of `prefill_dense_below` / `decode_dense_below`: crossovers
+/// measured with `tests/llama-cpp/bench.py --real` (BENCHMARKS.md).
+pub const PREFILL_DENSE_BELOW: usize = 4_096;
+pub const DECODE_DENSE_BELOW: usize = 16_384;
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -439,6 +452,8 @@ impl Default for PolicyConfig {
             dense_layers: 3,
             default: LayerPolicy::default(),
             overrides: Vec::new(),
+            prefill_dense_below: PREFILL_DENSE_BELOW,
+            decode_dense_below: DECODE_DENSE_BELOW,
         }
     }
 }
@@ -474,6 +489,18 @@ impl PolicyConfig {
 
     pub fn to_json_pretty(&self) -> String {
         serde_json::to_string_pretty(self).expect("config serialises")
+    }
+
+    /// Whether a step of `n_queries` new tokens per sequence over a
+    /// context of `context` tokens should attend densely (below the
+    /// `*_dense_below` thresholds).
+    pub fn dense_below(&self, n_queries: usize, context: usize) -> bool {
+        let limit = if n_queries <= 1 {
+            self.decode_dense_below
+        } else {
+            self.prefill_dense_below
+        };
+        context < limit
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -759,6 +786,26 @@ mod tests {
         assert_eq!(back, c);
         assert_eq!(c.layer_policy(0).method(), "dense");
         assert_eq!(c.layer_policy(3).method(), "hip");
+    }
+
+    #[test]
+    fn dense_below_thresholds() {
+        let c =
+            PolicyConfig::from_json(r#"{"prefill_dense_below": 100, "decode_dense_below": 50}"#)
+                .unwrap();
+        assert!(c.dense_below(8, 99));
+        assert!(!c.dense_below(8, 100));
+        assert!(c.dense_below(1, 49));
+        assert!(!c.dense_below(1, 50));
+        assert!(!c.dense_below(1, 99));
+        let off = PolicyConfig::from_json(r#"{"prefill_dense_below": 0, "decode_dense_below": 0}"#)
+            .unwrap();
+        assert!(!off.dense_below(1, 0) && !off.dense_below(512, 0));
+        let d = PolicyConfig::default();
+        assert_eq!(
+            (d.prefill_dense_below, d.decode_dense_below),
+            (PREFILL_DENSE_BELOW, DECODE_DENSE_BELOW)
+        );
     }
 
     #[test]

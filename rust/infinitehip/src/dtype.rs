@@ -117,6 +117,36 @@ pub fn dot_f32<T: Element>(q: &[f32], k: &[T]) -> f32 {
     acc.iter().sum::<f32>() + s
 }
 
+/// Max over the rows of `qs` (`[n][k.len()]`) of `dot_f32(row, k)`, bit for
+/// bit; the loop is compiled for AVX2 as well and picked at run time (the
+/// crate is built for the baseline CPU).
+pub fn max_dot_f32(qs: &[f32], k: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *AVX2.get_or_init(|| std::is_x86_feature_detected!("avx2")) {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { max_dot_avx2(qs, k) };
+        }
+    }
+    max_dot_generic(qs, k)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn max_dot_avx2(qs: &[f32], k: &[f32]) -> f32 {
+    max_dot_generic(qs, k)
+}
+
+#[inline(always)]
+fn max_dot_generic(qs: &[f32], k: &[f32]) -> f32 {
+    let mut best = f32::NEG_INFINITY;
+    for q in qs.chunks_exact(k.len()) {
+        best = best.max(dot_f32(q, k));
+    }
+    best
+}
+
 /// `out += w * v` with v converted to f32.
 #[inline]
 pub fn axpy_f32<T: Element>(out: &mut [f32], w: f32, v: &[T]) {

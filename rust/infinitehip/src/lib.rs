@@ -19,6 +19,7 @@ pub mod parallel;
 pub mod policy;
 pub mod rng;
 pub mod rope;
+pub mod team;
 pub mod workload;
 
 pub use config::PolicyConfig;

@@ -52,9 +52,14 @@ pub fn set_num_threads(n: usize) {
     THREADS.store(n.max(1), Ordering::Relaxed);
 }
 
-/// Run `f(i)` for every i in 0..n, items handed out dynamically to threads.
-/// Runs inline when there is one item or one thread.
+/// Run `f(i)` for every i in 0..n, items handed out dynamically to threads
+/// (the installed team's, else scoped threads). Runs inline when there is
+/// one item or one thread.
 pub fn par_for(n: usize, f: impl Fn(usize) + Sync) {
+    // A host's threads lent for this call (`team::Team::lead`) take the items.
+    if n > 1 && crate::team::par_for_team(n, &f) {
+        return;
+    }
     let threads = num_threads().min(n);
     if threads <= 1 {
         (0..n).for_each(f);

@@ -55,6 +55,7 @@ fn cfg_cached(keep: usize, dtype: DType, device_cache_pages: Option<usize>) -> P
             ..HipConfig::default()
         }),
         overrides: vec![],
+        ..PolicyConfig::default()
     }
 }
 

@@ -48,6 +48,7 @@ fn cfg(n_layers: usize, pts: &[(usize, f32)], dtype: DType) -> PolicyConfig {
             points: points(pts),
         }),
         overrides: vec![],
+        ..PolicyConfig::default()
     }
 }
 

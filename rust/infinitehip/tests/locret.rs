@@ -763,6 +763,7 @@ fn engine_cfg(weights: &Path, dtype: DType, loc: LocretConfig) -> PolicyConfig {
             ..loc
         }),
         overrides: vec![],
+        ..PolicyConfig::default()
     }
 }
 

@@ -742,6 +742,7 @@ fn engine_cfg(dtype: DType, quantile: f32, levels: usize) -> PolicyConfig {
             ..small_cfg(quantile, levels)
         }),
         overrides: vec![],
+        ..PolicyConfig::default()
     }
 }
 

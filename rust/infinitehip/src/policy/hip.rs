@@ -24,7 +24,7 @@ use std::ops::Range;
 
 use super::{Phase, Policy, SelectOutput, SelectRequest, Selection};
 use crate::config::{HipConfig, HipStage, ModelShape, RopeMode};
-use crate::dtype::dot_f32;
+use crate::dtype::max_dot_f32;
 use crate::error::{Error, Result};
 use crate::kv::KvRead;
 use crate::parallel::par_map;
@@ -63,11 +63,7 @@ impl Scorer<'_> {
             ScoreRope::ChunkIndexed(rope, chunk) => rope.rotate(k, (t / chunk) as f64 - t as f64),
             ScoreRope::Relative(rope, scale) => rope.rotate(k, t as f64 * (scale - 1.0)),
         }
-        let mut best = f32::NEG_INFINITY;
-        for q in self.qs.chunks_exact(self.d) {
-            best = best.max(dot_f32(q, k));
-        }
-        best
+        max_dot_f32(&self.qs, k)
     }
 
     /// Score of chunk [l, r) by hierarchical representative search: the
@@ -210,6 +206,8 @@ pub struct HipPolicy {
     rope: Option<Rope>,
     max_position: usize,
     states: HashMap<u64, DecodeState>,
+    /// The last decode step ran a stage (profiling: `last_decode_refreshed`).
+    last_refreshed: bool,
 }
 
 impl HipPolicy {
@@ -240,6 +238,7 @@ impl HipPolicy {
             rope,
             max_position: model.max_position,
             states: HashMap::new(),
+            last_refreshed: false,
         })
     }
 
@@ -402,7 +401,7 @@ impl HipPolicy {
         }
         // Tokens that left the window since stage 1 last ran.
         let slid = st.mid_end.max(mid.start)..mid.end;
-        let results = par_map(hkv, |h| {
+        let per_head = |h: usize| {
             let mut fresh: Vec<Vec<Range<usize>>> = Vec::new();
             let mut kept = if mid.is_empty() {
                 vec![]
@@ -423,7 +422,14 @@ impl HipPolicy {
                 kept.push(slid.clone());
             }
             (Self::assemble(&sink, kept, &win), fresh)
-        });
+        };
+        // A step without refresh only copies cached ranges: spawning worker
+        // threads for it would cost more than the work.
+        let results: Vec<_> = if from == n_stages {
+            (0..hkv).map(per_head).collect()
+        } else {
+            par_map(hkv, per_head)
+        };
         if from < n_stages {
             if st.stages.is_empty() {
                 st.stages = vec![vec![Vec::new(); hkv]; n_stages];
@@ -434,6 +440,7 @@ impl HipPolicy {
                 }
             }
         }
+        self.last_refreshed = from < n_stages;
         st.step += 1;
         st.last_len = len;
         self.states.insert(req.seq, st);
@@ -490,6 +497,10 @@ impl Policy for HipPolicy {
 
     fn prefill_chunk(&self) -> Option<usize> {
         Some(self.cfg.prefill_chunk)
+    }
+
+    fn last_decode_refreshed(&self) -> Option<bool> {
+        Some(self.last_refreshed)
     }
 }
 

@@ -104,4 +104,11 @@ pub trait Policy: Send {
     fn prefill_chunk(&self) -> Option<usize> {
         None
     }
+
+    /// Whether the last decode `select` recomputed its selection (a
+    /// refresh) rather than reusing cached state; None when the policy has
+    /// no such distinction (profiling only).
+    fn last_decode_refreshed(&self) -> Option<bool> {
+        None
+    }
 }
