@@ -70,6 +70,8 @@ FULL = {"exact_ctx": 1024, "lengths": [2048, 4096], "decode": 128, "depths": [0.
 QUICK = {"exact_ctx": 512, "lengths": [1024], "decode": 64, "depths": [0.1, 0.3, 0.5, 0.7, 0.9],
          "passage_len": 32, "cue": 8, "passkey_lengths": [], "passkey_depths": [],
          "configs": [SPARSE_CHECK], "batch": 256}
+# The exactness sequence: short, few decode steps (every token is compared).
+EXACT_SEQ = {"decode": 32, "depths": [0.3, 0.7]}
 EXACT_CONFIGS = ["hip-cover", "lazy-cover", "squeeze-cover", "locret-cover"]
 EXACT_NEGATIVE = "hip-1/4"  # must exceed EXACT_BOUND, or the check could not fail
 
@@ -126,8 +128,8 @@ class Suite:
         p.update(SPARSE_PATH_FIELDS)
         return p
 
-    def sequence(self, ctx):
-        m = self.mode
+    def sequence(self, ctx, **over):
+        m = dict(self.mode, **over)
         return probes.copy_sequence(self.corpus, ctx, m["decode"], m["depths"], m["passage_len"], m["cue"],
                                     CORPUS_BODY_START, CORPUS_PASSAGE_START, self.bos)
 
@@ -141,7 +143,7 @@ class Suite:
     # 1. exactness
     def exactness(self):
         model = self.f32_model()
-        seq = self.sequence(self.mode["exact_ctx"])
+        seq = self.sequence(self.mode["exact_ctx"], **EXACT_SEQ)
         ref, _, _ = self.score("stock", model, seq, "exact-stock", kv="f32")
         scored = range(1, len(seq))
         out = []
@@ -287,7 +289,8 @@ class Suite:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CI slice: exactness at 512, hip-1/4 at 1K")
-    ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], help="context lengths, e.g. 2048,4096")
+    ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",") if x],
+                    help="context lengths, e.g. 2048,4096 ('' for none)")
     ap.add_argument("--passkey-lengths", type=lambda s: [int(x) for x in s.split(",") if x],
                     help="passkey context lengths ('' for none)")
     ap.add_argument("--configs", type=lambda s: s.split(","), help="config names (tests/quality/configs)")
