@@ -28,14 +28,17 @@ __device__ void decode_partial(const u16* __restrict__ kp, const u16* __restrict
                                const float* __restrict__ q, float scale_log2,
                                const int2* __restrict__ ranges, const int* __restrict__ cum,
                                const int* __restrict__ cnt, const int* __restrict__ tot, int cap,
-                               int split_tokens, float* __restrict__ pm, float* __restrict__ pl,
-                               float* __restrict__ pacc, int q_block, const int* __restrict__ q_seq,
-                               const int* __restrict__ q_pos) {
+                               int split_tokens, int n_splits, float* __restrict__ pm,
+                               float* __restrict__ pl, float* __restrict__ pacc, int q_block,
+                               const int* __restrict__ q_seq, const int* __restrict__ q_pos) {
     constexpr int L = D / 8;          // lanes per token row (16-byte loads)
     constexpr int TPW = 32 / L;       // tokens per warp pass
     constexpr int NG = DEC_WARPS * TPW;  // lane groups per CTA
-    const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int n_splits = gridDim.x;
+    // Grid (rows * n_splits, hkv): rows along x, which holds 2^31 - 1 CTAs
+    // (z, 65,535, held them before and failed on long prefills);
+    // backend/launch_grid.rs computes it and pins this arithmetic.
+    const long long bx = blockIdx.x;
+    const int split = (int)(bx % n_splits), b = (int)(bx / n_splits), h = blockIdx.y;
     // Query row b reads selection row (b / q_block, h) of sequence q_seq[b]
     // and, in prefill, only tokens at or before its position q_pos[b].
     const int bh = (b / q_block) * hkv + h;
@@ -240,10 +243,10 @@ __device__ void decode_combine(const float* __restrict__ pm, const float* __rest
     extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32)                                 \
         DEC_NAME(NAME)(const u16* kp, const u16* vp, const int* table, int table_stride, int ps, int hkv,   \
              long long page_stride, long long head_stride, const float* q, float scale_log2, const int2* ranges, const int* cum,               \
-             const int* cnt, const int* tot, int cap, int split_tokens, float* pm, float* pl,    \
+             const int* cnt, const int* tot, int cap, int split_tokens, int n_splits, float* pm, float* pl, \
              float* pacc, int q_block, const int* q_seq, const int* q_pos) {                     \
         decode_partial<E, D, G>(kp, vp, table, table_stride, ps, hkv, page_stride, head_stride, q, scale_log2, ranges, cum, \
-                                cnt, tot, cap, split_tokens, pm, pl, pacc, q_block, q_seq, q_pos); \
+                                cnt, tot, cap, split_tokens, n_splits, pm, pl, pacc, q_block, q_seq, q_pos); \
     }
 
 #define DECODE_G(E, TN, D)                        \

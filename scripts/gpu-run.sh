@@ -2,6 +2,10 @@
 # Runs ON the GPU machine (see scripts/gpu-check.sh for how it gets there):
 # every GPU test, then the benchmarks, printing a summary last. Results
 # under $OUT. SKIP_TEST=1 / SKIP_BENCH=1 / SKIP_OFFLOAD_BENCH=1 skip parts.
+# HIP_PREFILL_ONLY=1: only the hip prefill estimator checks
+# (gpu-test --hip-prefill-only) and the prefill benchmark (SDPA causal and
+# bench-gpu --prefill-only, both mask estimators; PREFILL_TOKENS, default
+# 32K,128K,1M; the reference estimator only up to 128K).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -16,6 +20,9 @@ done
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/device.txt"
 date -u | tee -a "$OUT/device.txt"
 rc=0
+if [ "${HIP_PREFILL_ONLY:-0}" = 1 ]; then
+  SKIP_TEST=1 SKIP_OFFLOAD_BENCH=1 SKIP_BENCH=1
+fi
 step() {  # step NAME TIMEOUT CMD...: run, log to $OUT/NAME.log, time it
   local name=$1 t=$2; shift 2
   local s=$(date +%s)
@@ -31,6 +38,15 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   step sdpa 200 python3 scripts/sdpa_bench.py --json "$OUT/sdpa.json" ${SDPA_ARGS:-}
   step bench-gpu 330 "$BIN" bench-gpu --baseline "$OUT/sdpa.json" --json "$OUT/bench-gpu.json" ${BENCH_ARGS:-}
   python3 scripts/plot_gpu.py "$OUT/bench-gpu.json" "$OUT/bench-gpu.png" 2>&1 | tail -2
+fi
+if [ "${HIP_PREFILL_ONLY:-0}" = 1 ]; then
+  PT=${PREFILL_TOKENS:-32768,131072,1048576}
+  step gpu-test-hip-prefill 240 "$BIN" gpu-test --hip-prefill-only
+  step sdpa 200 python3 scripts/sdpa_bench.py --tokens 32768 --batch 1 --reps 3 --prefill-tokens "$PT" --json "$OUT/sdpa.json"
+  step bench-gpu 330 "$BIN" bench-gpu --prefill-only --prefill-tokens "$PT" --estimators fast --baseline "$OUT/sdpa.json" --json "$OUT/bench-gpu.json"
+  step bench-gpu-ref 200 "$BIN" bench-gpu --prefill-only --prefill-tokens 32768,131072 --estimators ref --baseline "$OUT/sdpa.json" --json "$OUT/bench-gpu-ref.json"
+  grep -E '^(PASS|FAIL)' "$OUT/gpu-test-hip-prefill.log"
+  for f in bench-gpu bench-gpu-ref; do sed -n '/^| prefill tokens | mask/,/^$/p' "$OUT/$f.log"; done
 fi
 if [ "${SKIP_OFFLOAD_BENCH:-0}" != 1 ]; then
   step bench-gpu-offload 200 "$BIN" bench-gpu-offload --tokens ${OFFLOAD_TOKENS:-1048576,4194304} --cache 0.05 \

@@ -17,6 +17,7 @@ pub mod llama;
 pub mod llama_cuda;
 pub mod llama_gpu;
 pub mod llama_locret;
+pub mod llama_rope;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -56,6 +57,20 @@ pub mod ffi {
         head_dim: u32,
         rope_theta: f32,
         n_ctx_train: u32,
+    }
+
+    /// llama.cpp's RoPE (patch 0006), for hip's RoPE modes (`llama_rope`).
+    #[derive(Clone, Copy, Debug)]
+    struct RopeInfo {
+        /// `llama_rope_type`: 0 NORM (pairs 2i, 2i+1), 2 NEOX (i, i+n_rot/2).
+        rope_type: i32,
+        /// Rotated dims of each head (the rest pass through).
+        n_rot: u32,
+        freq_base: f32,
+        /// Linear position scale (1 = none).
+        freq_scale: f32,
+        /// YaRN scaling (refused by the RoPE modes).
+        yarn: bool,
     }
 
     /// One call of the CUDA route (`llama_cuda`): device pointers of
@@ -169,6 +184,13 @@ pub mod ffi {
         /// Plugin for one llama.cpp context. `config_json` may omit `model`
         /// (filled from `model`); when present it must agree with `model`.
         fn llama_plugin_new(config_json: &str, model: &ModelInfo) -> Result<Box<LlamaPlugin>>;
+        /// As `llama_plugin_new`, with llama.cpp's RoPE so hip's RoPE modes
+        /// (`chunk_indexed`/`relative` scoring, `streaming` attention) run.
+        fn llama_plugin_new_rope(
+            config_json: &str,
+            model: &ModelInfo,
+            rope: &RopeInfo,
+        ) -> Result<Box<LlamaPlugin>>;
         /// Method of a layer ("dense" layers stay on llama.cpp's attention).
         fn layer_method(self: &LlamaPlugin, layer: u32) -> Result<String>;
         /// One line describing which layers run which method.
@@ -544,4 +566,12 @@ pub fn llama_plugin_new(
     model: &ffi::ModelInfo,
 ) -> Result<Box<LlamaPlugin>, String> {
     guard(|| LlamaPlugin::new(config_json, model).map(Box::new))
+}
+
+pub fn llama_plugin_new_rope(
+    config_json: &str,
+    model: &ffi::ModelInfo,
+    rope: &ffi::RopeInfo,
+) -> Result<Box<LlamaPlugin>, String> {
+    guard(|| LlamaPlugin::new_with_rope(config_json, model, Some(rope)).map(Box::new))
 }

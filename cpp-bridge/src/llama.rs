@@ -30,9 +30,10 @@ use infinitehip::policy::lazy::LazyShared;
 use infinitehip::policy::{InsertInfo, Phase, Policy, SelectRequest, Selection};
 use infinitehip::{Error, Result};
 
-use crate::ffi::{ModelInfo, TensorDesc};
+use crate::ffi::{ModelInfo, RopeInfo, TensorDesc};
 use crate::guard;
 use crate::llama_locret::{view, LocretLlama};
+use crate::llama_rope::{streaming_shift, Layout, LlamaRope};
 
 /// `ggml_type` ids we read.
 pub const GGML_TYPE_F32: u32 = 0;
@@ -373,6 +374,40 @@ impl KvRead for LlamaKv<'_> {
     }
 }
 
+/// A stream's keys permuted to the halves RoPE layout, for the core's
+/// scoring modes (which rotate keys with `infinitehip::rope::Rope`).
+struct HalvesKv<'a> {
+    kv: &'a LlamaKv<'a>,
+    rope: &'a LlamaRope,
+}
+
+impl KvRead for HalvesKv<'_> {
+    fn len(&self) -> usize {
+        self.kv.len()
+    }
+    fn n_kv_heads(&self) -> usize {
+        self.kv.n_kv_heads()
+    }
+    fn head_dim(&self) -> usize {
+        self.kv.head_dim()
+    }
+    fn dot_key(&self, head: usize, tok: usize, q: &[f32]) -> f32 {
+        let mut k = [0f32; 512];
+        let k = &mut k[..self.head_dim()];
+        self.read_key(head, tok, k);
+        dot_f32(q, k)
+    }
+    fn read_key(&self, head: usize, tok: usize, out: &mut [f32]) {
+        let mut raw = [0f32; 512];
+        let raw = &mut raw[..out.len()];
+        self.kv.read_key(head, tok, raw);
+        self.rope.to_halves(raw, out);
+    }
+    fn read_value(&self, head: usize, tok: usize, out: &mut [f32]) {
+        self.kv.read_value(head, tok, out)
+    }
+}
+
 /// What `plan` decided for one stream.
 pub(crate) enum StreamPlan {
     /// One causal chain: query t attends `sels[sel_of[t]]` over `cells`,
@@ -407,6 +442,11 @@ struct LayerState {
 struct Layer {
     method: &'static str,
     state: Option<Mutex<LayerState>>,
+    /// hip.rope.scoring is not `original`: the policy sees halves-layout
+    /// keys and queries (llama.cpp's may be interleaved).
+    score_halves: bool,
+    /// hip.rope.attention is `streaming`.
+    streaming: bool,
 }
 
 #[derive(Default)]
@@ -436,6 +476,8 @@ pub struct LlamaPlugin {
     /// Locret's token eviction over llama.cpp's cells (None when no layer
     /// runs locret).
     locret: Option<LocretLlama>,
+    /// llama.cpp's RoPE, when some hip layer uses a RoPE mode.
+    rope: Option<LlamaRope>,
 }
 
 /// Fill `model` from the host's geometry when absent; check it when present.
@@ -484,9 +526,78 @@ fn resolve_config(config_json: &str, m: &ModelInfo) -> Result<PolicyConfig> {
     PolicyConfig::from_json(&v.to_string())
 }
 
+/// The layer's RoPE handling: (score_halves, streaming), checked against
+/// what llama.cpp told us about its RoPE (`rope`: None without patch 0006).
+fn layer_rope(
+    l: usize,
+    p: &LayerPolicy,
+    cfg: &PolicyConfig,
+    rope: Option<&RopeInfo>,
+    built: &mut Option<LlamaRope>,
+) -> Result<(bool, bool)> {
+    let LayerPolicy::Hip(h) = p else {
+        return Ok((false, false));
+    };
+    let (scoring, streaming) = (
+        h.rope.scoring != RopeMode::Original,
+        h.rope.attention == RopeMode::Streaming,
+    );
+    if !scoring && !streaming {
+        return Ok((false, false));
+    }
+    let at = format!("layer {l} hip.rope");
+    let r = rope.ok_or_else(|| {
+        Error::config(
+            &at,
+            "RoPE modes need llama.cpp's rope parameters: rebuild llama.cpp with \
+             patches/llama.cpp/0006-infinitehip-rope-modes.patch (or use \"original\")",
+        )
+    })?;
+    if r.yarn {
+        return Err(Error::config(
+            &at,
+            "the model uses YaRN RoPE scaling; the RoPE modes support plain and linear RoPE",
+        ));
+    }
+    if built.is_none() {
+        *built = Some(LlamaRope::new(
+            r.rope_type,
+            cfg.model.head_dim,
+            r.n_rot as usize,
+            r.freq_base,
+            r.freq_scale,
+        )?);
+    }
+    let lr = built.as_ref().expect("built above");
+    if scoring && !(lr.core_compatible(r.freq_scale) && cfg.model.rope_theta == r.freq_base) {
+        return Err(Error::config(
+            format!("{at}.scoring"),
+            format!(
+                "chunk_indexed/relative scoring rotates whole heads at model.rope_theta; llama.cpp \
+                 rotates {} of {} dims at base {} scale {} (model.rope_theta {}): use \"original\" scoring",
+                r.n_rot, cfg.model.head_dim, r.freq_base, r.freq_scale, cfg.model.rope_theta
+            ),
+        ));
+    }
+    Ok((scoring && lr.layout() == Layout::Interleaved, streaming))
+}
+
 impl LlamaPlugin {
+    /// Plugin without llama.cpp's RoPE parameters: hip's RoPE modes are
+    /// refused (see `new_with_rope`).
     pub fn new(config_json: &str, model: &ModelInfo) -> Result<Self> {
+        Self::new_with_rope(config_json, model, None)
+    }
+
+    /// `rope`: llama.cpp's RoPE (patch 0006), which hip's RoPE modes need
+    /// to move keys and queries (`llama_rope`).
+    pub fn new_with_rope(
+        config_json: &str,
+        model: &ModelInfo,
+        rope: Option<&RopeInfo>,
+    ) -> Result<Self> {
         let cfg = resolve_config(config_json, model)?;
+        let mut llama_rope = None;
         // One LazyLLM state for every lazy layer (keep sets cross layers), as
         // `Engine::new` builds it.
         let lazy = (0..cfg.model.n_layers)
@@ -509,14 +620,7 @@ impl LlamaPlugin {
                     ),
                 ));
             }
-            if let LayerPolicy::Hip(h) = p {
-                if h.rope.scoring != RopeMode::Original || h.rope.attention != RopeMode::Original {
-                    return Err(Error::config(
-                        format!("layer {l} hip.rope"),
-                        "the llama.cpp integration attends at llama.cpp's positions: use \"original\" for scoring and attention",
-                    ));
-                }
-            }
+            let (score_halves, streaming) = layer_rope(l, p, &cfg, rope, &mut llama_rope)?;
             // Locret layers attend with llama.cpp's own attention.
             let state = if method == "dense" || method == "locret" {
                 None
@@ -529,7 +633,12 @@ impl LlamaPlugin {
                     warned_masked: false,
                 }))
             };
-            layers.push(Layer { method, state });
+            layers.push(Layer {
+                method,
+                state,
+                score_halves,
+                streaming,
+            });
         }
         let locret = LocretLlama::new(&cfg)?;
         Ok(LlamaPlugin {
@@ -539,11 +648,31 @@ impl LlamaPlugin {
             lazy,
             lazy_steps: Mutex::new(HashMap::new()),
             locret,
+            rope: llama_rope,
         })
     }
 
     pub fn config(&self) -> &PolicyConfig {
         &self.cfg
+    }
+
+    /// Routes that hand attention to llama.cpp's kernels (the CUDA routes)
+    /// cannot move positions: they refuse hip's RoPE modes with this error.
+    pub(crate) fn refuse_rope_modes(&self, route: &str) -> Result<()> {
+        for l in 0..self.cfg.model.n_layers {
+            if let LayerPolicy::Hip(h) = self.cfg.layer_policy(l) {
+                if h.rope.scoring != RopeMode::Original || h.rope.attention != RopeMode::Original {
+                    return Err(Error::config(
+                        format!("layer {l} hip.rope"),
+                        format!(
+                            "{route}: RoPE modes (chunk_indexed/relative scoring, streaming attention) \
+                             run on the CPU route only; use \"original\" on a GPU KV cache"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The LazyLLM state the lazy layers share (keep sets, rows a hook would
@@ -624,6 +753,8 @@ impl LlamaPlugin {
             let inp = Inputs::new(q, qd, k, kd, v, vd, v_trans, mask, md)?;
             let mut shape = self.check_geom(&inp.g)?;
             shape.scale = checked_scale(scale)?;
+            let lay = self.layer(layer)?;
+            let halves = self.rope.as_ref().filter(|_| lay.score_halves);
             let mut st = self
                 .sparse_state(layer)?
                 .lock()
@@ -721,6 +852,25 @@ impl LlamaPlugin {
                     inp.query(t, s, 0, g.n_head, &mut qbuf);
                     all_q.extend_from_slice(&qbuf);
                 }
+                // Scoring RoPE modes: the policy sees halves-layout vectors.
+                let hkv;
+                let kv: &dyn KvRead = match halves {
+                    Some(rope) => {
+                        let mut hq = vec![0f32; g.d];
+                        for x in all_q.chunks_exact_mut(g.d) {
+                            rope.to_halves(x, &mut hq);
+                            x.copy_from_slice(&hq);
+                        }
+                        hkv = HalvesKv { kv: &kv, rope };
+                        &hkv
+                    }
+                    None => &kv,
+                };
+                if lay.streaming {
+                    if let Some(r) = &self.rope {
+                        r.reserve(len + 1);
+                    }
+                }
                 let mut sels = Vec::new();
                 let mut sel_of = vec![0u32; n];
                 if n == 1 {
@@ -730,7 +880,7 @@ impl LlamaPlugin {
                         phase: Phase::Decode,
                         queries: &all_q,
                         q_start: q_pos[0],
-                        kv: &kv,
+                        kv,
                     };
                     let mut out = st.policy.select(&req)?;
                     if out.blocks.is_empty() {
@@ -749,7 +899,7 @@ impl LlamaPlugin {
                             phase: Phase::Prefill,
                             queries: &all_q[c0 * qe..c1 * qe],
                             q_start: q_pos[c0],
-                            kv: &kv,
+                            kv,
                         };
                         let out = st.policy.select(&req)?;
                         let base = sels.len();
@@ -842,7 +992,14 @@ impl LlamaPlugin {
                     format!("items {item0}..{item1}, out {}", out.len()),
                 ));
             }
+            let streaming = self
+                .layer(layer)?
+                .streaming
+                .then(|| self.rope.as_ref().map(|r| (r, r.table())))
+                .flatten();
             let mut qg = Vec::with_capacity(per);
+            let mut qruns: Vec<f32> = Vec::new();
+            let mut runs: Vec<usize> = Vec::new();
             let mut toks: Vec<(u32, f32)> = Vec::new();
             let (mut attended, mut context) = (0u64, 0u64);
             for (item, o) in (item0..item1).zip(out.chunks_exact_mut(per)) {
@@ -851,6 +1008,8 @@ impl LlamaPlugin {
                 let s = item / (g.n_kv_heads * g.n_tokens);
                 inp.query(t, s, h * grp, grp, &mut qg);
                 toks.clear();
+                runs.clear();
+                qruns.clear();
                 match &plan.streams[s] {
                     StreamPlan::Sparse {
                         cells,
@@ -864,6 +1023,25 @@ impl LlamaPlugin {
                             toks.extend(cells[r].iter().map(|&c| (c, 0.0)));
                         }
                         context += end as u64;
+                        if let Some((rope, table)) = &streaming {
+                            // Streaming positions: the query's visible selected
+                            // tokens take ranks 0..n, the query n - 1; one
+                            // query rotation per run of consecutive tokens.
+                            let n_vis = toks.len();
+                            let mut rank = 0;
+                            for r in &sels[sel_of[t] as usize].heads[h] {
+                                let r: Range<usize> = r.start.min(end)..r.end.min(end);
+                                if r.is_empty() {
+                                    continue;
+                                }
+                                let at = qruns.len();
+                                qruns.extend_from_slice(&qg);
+                                let shift = streaming_shift(n_vis, q_pos[t], rank, r.start);
+                                rope.rotate_heads(table, &mut qruns[at..], shift);
+                                rank += r.len();
+                                runs.push(rank);
+                            }
+                        }
                     }
                     StreamPlan::Masked => {
                         for c in 0..g.n_kv {
@@ -876,7 +1054,11 @@ impl LlamaPlugin {
                     }
                 }
                 attended += toks.len() as u64;
-                attend_cells(&inp, s, h, &qg, &toks, shape.scale, o);
+                if qruns.is_empty() {
+                    attend_cells(&inp, s, h, &qg, &[toks.len()], &toks, shape.scale, o);
+                } else {
+                    attend_cells(&inp, s, h, &qruns, &runs, &toks, shape.scale, o);
+                }
             }
             self.counters
                 .attended_tokens
@@ -1082,48 +1264,64 @@ fn checked_scale(scale: f32) -> Result<f32> {
     }
 }
 
-/// Attention of the `grp` query heads of KV head `h` (`qg` `[grp][d]`) over
-/// `toks` (cell, additive bias), f32 accumulation; `out` `[grp][d]`.
+/// Attention of the `grp` query heads of KV head `h` over `toks` (cell,
+/// additive bias), f32 accumulation; `out` `[grp][d]`. The tokens come in
+/// runs (`run_ends`: exclusive ends in `toks`), run i scored with queries
+/// `qs[i]` (`[runs][grp][d]`: streaming positions rotate them per run).
 /// A query with nothing visible gets zeros.
+#[allow(clippy::too_many_arguments)]
 fn attend_cells(
     inp: &Inputs<'_>,
     s: usize,
     h: usize,
-    qg: &[f32],
+    qs: &[f32],
+    run_ends: &[usize],
     toks: &[(u32, f32)],
     scale: f32,
     out: &mut [f32],
 ) {
+    let a = (inp, s, h, qs, run_ends, toks, scale);
     match (inp.k.data, inp.v.data) {
-        (Data::F32(k), Data::F32(v)) => attend_typed(inp, k, v, s, h, qg, toks, scale, out),
-        (Data::F32(k), Data::F16(v)) => attend_typed(inp, k, v, s, h, qg, toks, scale, out),
-        (Data::F16(k), Data::F32(v)) => attend_typed(inp, k, v, s, h, qg, toks, scale, out),
-        (Data::F16(k), Data::F16(v)) => attend_typed(inp, k, v, s, h, qg, toks, scale, out),
+        (Data::F32(k), Data::F32(v)) => attend_typed(a, k, v, out),
+        (Data::F32(k), Data::F16(v)) => attend_typed(a, k, v, out),
+        (Data::F16(k), Data::F32(v)) => attend_typed(a, k, v, out),
+        (Data::F16(k), Data::F16(v)) => attend_typed(a, k, v, out),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+type AttendArgs<'a, 'b> = (
+    &'a Inputs<'b>,
+    usize,
+    usize,
+    &'a [f32],
+    &'a [usize],
+    &'a [(u32, f32)],
+    f32,
+);
+
 fn attend_typed<K: Element, V: Element>(
-    inp: &Inputs<'_>,
+    (inp, s, h, qs, run_ends, toks, scale): AttendArgs<'_, '_>,
     k: &[K],
     v: &[V],
-    s: usize,
-    h: usize,
-    qg: &[f32],
-    toks: &[(u32, f32)],
-    scale: f32,
     out: &mut [f32],
 ) {
     let d = inp.g.d;
-    let grp = qg.len() / d;
+    let grp = out.len() / d;
     let n = toks.len();
     out.fill(0.0);
     if n == 0 {
         return;
     }
+    debug_assert_eq!(qs.len(), run_ends.len() * grp * d);
+    debug_assert_eq!(run_ends.last(), Some(&n));
     // scores[gi * n + i]
     let mut p = vec![0f32; grp * n];
+    let mut run = 0;
     for (i, &(c, b)) in toks.iter().enumerate() {
+        while run_ends[run] <= i {
+            run += 1;
+        }
+        let qg = &qs[run * grp * d..(run + 1) * grp * d];
         let o = inp.k.idx(0, h, c as usize, s);
         let krow = &k[o..o + d];
         for gi in 0..grp {

@@ -71,6 +71,7 @@ pub fn llama_cuda_attn_new(
 ) -> std::result::Result<Box<LlamaCudaAttn>, String> {
     guard(|| {
         only_dense_and_hip(plugin.config())?;
+        plugin.refuse_rope_modes("CUDA route")?;
         new_impl(plugin).map(Box::new)
     })
 }
@@ -78,7 +79,7 @@ pub fn llama_cuda_attn_new(
 /// GpuAttention also runs lazy/squeeze/locret, but those need its prefill
 /// (prompt queries, projections), which this route leaves to llama.cpp.
 fn only_dense_and_hip(cfg: &infinitehip::config::PolicyConfig) -> Result<()> {
-    for l in cfg.dense_layers..cfg.model.n_layers {
+    for l in 0..cfg.model.n_layers {
         let m = cfg.layer_policy(l).method();
         if !matches!(m, "dense" | "hip") {
             return Err(infinitehip::Error::Invalid(format!(
@@ -322,9 +323,7 @@ mod imp {
             gpu.synchronize()?;
             let sels = self.attn.last_selection()?;
             let (sink, window) = match self.cfg.layer_policy(a.layer as usize) {
-                LayerPolicy::Hip(h) if (a.layer as usize) >= self.cfg.dense_layers => {
-                    (h.sink, h.window)
-                }
+                LayerPolicy::Hip(h) => (h.sink, h.window),
                 _ => (usize::MAX, usize::MAX),
             };
             let shape = AttnShape {
@@ -512,5 +511,26 @@ mod tests {
         }
         // dense + hip only passes the method check (then needs a GPU).
         assert!(only_dense_and_hip(plugin().config()).is_ok());
+    }
+
+    #[test]
+    fn an_overridden_layer_below_dense_layers_runs_its_override_here_too() {
+        // Layer 0 is below dense_layers but overridden to lazy: the CPU
+        // plugin runs lazy there, so this route must see lazy (and refuse),
+        // not dense.
+        let mi = ModelInfo {
+            n_layers: 4,
+            n_q_heads: 8,
+            n_kv_heads: 2,
+            head_dim: 64,
+            rope_theta: 10000.0,
+            n_ctx_train: 4096,
+        };
+        let cfg = r#"{"dense_layers": 2, "default": {"method": "hip"},
+            "overrides": [{"layers": [0, 1], "policy": {"method": "lazy", "points": [{"layer": 0, "keep": 0.5}]}}]}"#;
+        let p = LlamaPlugin::new(cfg, &mi).unwrap();
+        assert_eq!(p.config().layer_policy(0).method(), "lazy");
+        let e = only_dense_and_hip(p.config()).unwrap_err().to_string();
+        assert!(e.contains("layer 0 is `lazy`"), "{e}");
     }
 }

@@ -449,6 +449,7 @@ impl LlamaGpuRoute {
         out: &mut [i32],
     ) -> std::result::Result<(), String> {
         guard(|| {
+            plugin.refuse_rope_modes("CUDA route (host mirror)")?;
             let top_k = top_k as usize;
             let (n_kv, rows, ns) = (md.ne0 as usize, md.ne1 as usize, md.ne3 as usize);
             let n_tokens = qd.ne2 as usize;

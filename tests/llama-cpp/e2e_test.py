@@ -39,6 +39,12 @@ Needs the builds of scripts/llama-cpp-build.sh (both). Checks:
    with a small budget on a 1-layer, 1-KV-head model (where the route's union
    over KV heads is the policy's own selection) equal to the CPU route within
    f16 rounding.
+6. hip's RoPE modes (patch 0006; `--only-rope` runs just this): with a
+   covering budget, chunk_indexed scoring + streaming attention equal stock
+   within f16 rounding (ranks equal positions); at a small budget on the
+   longer prompt they run, logits finite, and differ from the same budget at
+   llama.cpp's positions (keys and queries were moved); the GPU route
+   (forced on the CPU) refuses them with an error naming the RoPE modes.
 Writes a JSON summary (--json) and exits non-zero on a failed check.
 """
 import argparse
@@ -55,8 +61,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 
 
-def hip_config(sink, window, stages, dense_layers=0, block_size_q=32, q_stride=1):
-    return {
+def hip_config(sink, window, stages, dense_layers=0, block_size_q=32, q_stride=1, rope=None):
+    cfg = {
         "dense_layers": dense_layers,
         "default": {
             "method": "hip",
@@ -70,6 +76,9 @@ def hip_config(sink, window, stages, dense_layers=0, block_size_q=32, q_stride=1
             "prefill_chunk": 4096,
         },
     }
+    if rope:
+        cfg["default"]["rope"] = {"scoring": rope[0], "attention": rope[1]}
+    return cfg
 
 
 class Runner:
@@ -173,6 +182,7 @@ def main():
     ap.add_argument("--small-gen", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=os.path.join(REPO, "target", "llama-cpp-e2e.json"))
+    ap.add_argument("--only-rope", action="store_true", help="run only section 6 (hip's RoPE modes)")
     a = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="ihip-e2e-")
@@ -191,6 +201,10 @@ def main():
     # matmuls (K/V are f16 in both); our kernel keeps them in f32. The logit
     # difference this leaves is ~1e-3 relative; 1e-2 is the bound.
     tol_rel = 1e-2
+
+    if a.only_rope:
+        ok &= rope_modes(R, a, tmp, results, check, tol_rel)
+        finish(a, results, ok)
 
     # 1. plugin off: identical
     ls, ts, ts_path, _ = R.gen("stock", "stock", a.prompt, a.gen)
@@ -390,11 +404,62 @@ def main():
     check("GPU route (forced on CPU) == CPU route, small budget, 1 layer, 1 KV head",
           c["finite"] and c["rel_rms_diff"] < tol_rel and c["max_abs_diff"] < tol_rel * 10 * c["logit_rms"], c)
 
+    ok &= rope_modes(R, a, tmp, results, check, tol_rel)
+    finish(a, results, ok)
+
+
+def finish(a, results, ok):
     os.makedirs(os.path.dirname(a.json), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump(results, f, indent=1)
     print(f"summary: {a.json}")
     sys.exit(0 if ok else 1)
+
+
+def rope_modes(R, a, tmp, results, check, tol_rel):
+    """Section 6: hip's RoPE modes (chunk_indexed scoring, streaming attention)."""
+    ok = True
+
+    def chk(name, cond, detail):
+        nonlocal ok
+        check(name, cond, detail)
+        ok &= bool(cond)
+
+    modes = ("chunk_indexed", "streaming")
+    full = hip_config(sink=16, window=64, stages=[(32, 2048, 4), (8, 1024, 2)], rope=modes)
+    ls, _, ts_path, _ = R.gen("stock", "rope_stock", a.prompt, a.gen)
+    lf, _, _, log = R.gen("patched", "rope_full", a.prompt, a.gen, config=full, force=ts_path)
+    c = compare(lf, ls)
+    results["rope_full_budget"] = c
+    chk("rope modes, covering budget == stock (teacher-forced)",
+        c["finite"] and c["rel_rms_diff"] < tol_rel and c["max_abs_diff"] < tol_rel * 10 * c["logit_rms"]
+        and "plugin on" in log, c)
+    stages = [(32, 512, 8), (8, 128, 4)]
+    ls, _, ts_path, _ = R.gen("stock", "rope_stock_long", a.small_prompt, a.small_gen)
+    lo, _, _, _ = R.gen("patched", "rope_small_orig", a.small_prompt, a.small_gen,
+                        config=hip_config(16, 128, stages), force=ts_path)
+    lr, _, _, log = R.gen("patched", "rope_small", a.small_prompt, a.small_gen,
+                          config=hip_config(16, 128, stages, rope=modes), force=ts_path)
+    c = compare(lr, lo)
+    c["vs_stock"] = compare(lr, ls)
+    c["stats"] = plugin_stats(log)
+    results["rope_small_budget"] = c
+    chk("rope modes, small budget: runs, finite, positions moved (differs from original positions)",
+        c["finite"] and c["rel_rms_diff"] > 1e-3 and c["stats"].get("masked_streams", 1) == 0,
+        {k: v for k, v in c.items() if k != "stats"})
+    # The GPU route hands attention to llama.cpp's kernels: it must refuse.
+    cfg_path = os.path.join(tmp, "rope_gpu.json")
+    with open(cfg_path, "w") as f:
+        json.dump(full, f)
+    exe = os.path.join(R.work, "build-patched", "bin", "ihip_run")
+    env = dict(os.environ, LLAMA_INFINITEHIP_CONFIG=cfg_path, LLAMA_INFINITEHIP_ROUTE="gpu")
+    r = subprocess.run([exe, "gen", R.model, "--prompt-len", "64", "--gen", "4", "--fa", "on",
+                        "--logits", os.path.join(tmp, "g.l"), "--tokens", os.path.join(tmp, "g.t")],
+                       env=env, capture_output=True, text=True)
+    msg = [l for l in r.stderr.splitlines() if "RoPE modes" in l]
+    results["rope_gpu_route_refused"] = {"rc": r.returncode, "message": msg[:1]}
+    chk("GPU route refuses the RoPE modes with an error naming them", r.returncode != 0 and msg, msg[:1])
+    return ok
 
 
 if __name__ == "__main__":

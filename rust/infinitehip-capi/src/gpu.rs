@@ -301,9 +301,11 @@ pub unsafe extern "C" fn ihip_gpu_decode(
     })
 }
 
-/// Dense causal attention of new tokens (prefill / extend): request b has
+/// Causal attention of new tokens (prefill / extend): request b has
 /// n_new[b] consecutive query rows (in request order) at positions
 /// lens[b] - n_new[b] .. lens[b]; their K/V are already in the cache.
+/// Dense layers attend densely, hip layers sparsely (a mask per query block
+/// by the tensor-core estimator, `GpuAttention::prefill_estimator`).
 /// Resets the requests' hip state. Other arguments as `ihip_gpu_decode`.
 ///
 /// # Safety

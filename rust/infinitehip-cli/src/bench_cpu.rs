@@ -238,7 +238,26 @@ fn bench_prefill(
     })
 }
 
-pub fn run(argv: &[String]) -> Result<(), String> {
+/// Every argument of one run, checked before any work starts.
+struct Plan {
+    tokens: Vec<usize>,
+    batch: usize,
+    shape: AttnShape,
+    budget: usize,
+    policies: Vec<String>,
+    steps: usize,
+    prefill: usize,
+    seed: u64,
+    json: Option<String>,
+}
+
+/// Shortest context the workload supports: sink + window + one 64-token
+/// needle chunk + 1 (the needles sit between sink and window).
+fn min_tokens(cfg: &HipConfig) -> usize {
+    cfg.sink + cfg.window + 65
+}
+
+fn plan(argv: &[String]) -> Result<Plan, String> {
     let a = Args::parse(
         argv,
         &[
@@ -276,17 +295,67 @@ pub fn run(argv: &[String]) -> Result<(), String> {
     if batch == 0 || steps == 0 {
         return Err("--batch and --steps must be >= 1".into());
     }
+    let cfg = hip_config(budget);
+    let min = min_tokens(&cfg);
+    if let Some(&t) = tokens.iter().find(|&&t| t < min) {
+        return Err(format!(
+            "--tokens {t} is too short: the minimum is {min} (sink {} + window {} + one 64-token needle chunk + 1)",
+            cfg.sink, cfg.window
+        ));
+    }
+    if let Some(&t) = tokens.iter().find(|&&t| prefill > t) {
+        return Err(format!(
+            "--prefill {prefill} exceeds --tokens {t} (prefill queries are the context's last ones)"
+        ));
+    }
+    let json = a.str("json").map(str::to_string);
+    if let Some(path) = &json {
+        check_writable(path)?;
+    }
+    Ok(Plan {
+        tokens,
+        batch,
+        shape,
+        budget,
+        policies,
+        steps,
+        prefill,
+        seed,
+        json,
+    })
+}
+
+/// Fails now, not after an hour of benchmarking, when `path` cannot be
+/// written. Opens without truncating, so an existing file is kept until the
+/// results replace it.
+fn check_writable(path: &str) -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map(drop)
+        .map_err(|e| format!("--json {path}: cannot write there: {e}"))
+}
+
+pub fn run(argv: &[String]) -> Result<(), String> {
+    let p = plan(argv)?;
     let machine = crate::machine::describe();
     eprintln!("bench-cpu on {machine}");
     let mut rows = Vec::new();
-    for &t in &tokens {
+    let outcome = bench_all(&p, &mut rows);
+    // Whatever finished is reported, also when a later size failed.
+    print_table(&rows);
+    if let Some(path) = &p.json {
+        write_json(path, &machine, &p, &rows, outcome.as_ref().err())?;
+        eprintln!("wrote {path}");
+    }
+    outcome
+}
+
+fn bench_all(p: &Plan, rows: &mut Vec<Row>) -> Result<(), String> {
+    let (shape, budget, steps, seed, batch) = (p.shape, p.budget, p.steps, p.seed, p.batch);
+    for &t in &p.tokens {
         let cfg = hip_config(budget);
-        if t <= cfg.sink + cfg.window + 64 {
-            return Err(format!(
-                "--tokens {t} is too short for sink {} + window {}",
-                cfg.sink, cfg.window
-            ));
-        }
         eprintln!("building {batch} x {t}-token needle sequence(s) ({} q heads, {} kv heads, head_dim {}, bf16)...", shape.n_q_heads, shape.n_kv_heads, shape.head_dim);
         let mut seqs: Vec<NeedleSeq<bf16>> = (0..batch)
             .map(|i| {
@@ -302,12 +371,12 @@ pub fn run(argv: &[String]) -> Result<(), String> {
             })
             .collect::<Result<_, _>>()
             .map_err(|e| e.to_string())?;
-        for p in &policies {
-            if ENGINE_POLICIES.contains(&p.as_str()) {
+        for name in &p.policies {
+            if ENGINE_POLICIES.contains(&name.as_str()) {
                 eprintln!(
-                    "  {p}: prepare (prompt, scoring or clustering), then decode, {steps} steps..."
+                    "  {name}: prepare (prompt, scoring or clustering), then decode, {steps} steps..."
                 );
-                let row = match p.as_str() {
+                let row = match name.as_str() {
                     "squeeze" => crate::bench_policies::bench_squeeze(&mut seqs[0], steps, seed)?,
                     "locret-oracle" => crate::bench_policies::bench_locret(
                         &mut seqs[0],
@@ -327,14 +396,20 @@ pub fn run(argv: &[String]) -> Result<(), String> {
                 rows.push(row);
                 continue;
             }
-            eprintln!("  {p}: decode, {steps} steps...");
-            rows.push(bench_decode(p, &mut seqs, &shape, budget, steps, seed)?);
-            if prefill > 0 {
-                eprintln!("  {p}: prefill of {prefill} queries...");
-                rows.push(bench_prefill(p, &seqs[0], &shape, budget, prefill, seed)?);
+            eprintln!("  {name}: decode, {steps} steps...");
+            rows.push(bench_decode(name, &mut seqs, &shape, budget, steps, seed)?);
+            if p.prefill > 0 {
+                eprintln!("  {name}: prefill of {} queries...", p.prefill);
+                rows.push(bench_prefill(
+                    name, &seqs[0], &shape, budget, p.prefill, seed,
+                )?);
             }
         }
     }
+    Ok(())
+}
+
+fn print_table(rows: &[Row]) {
     println!(
         "{:<14} {:<8} {:>9} {:>5} {:>11} {:>11} {:>12} {:>8} {:>10} {:>7}",
         "policy",
@@ -348,7 +423,7 @@ pub fn run(argv: &[String]) -> Result<(), String> {
         "rel_err",
         "recall"
     );
-    for r in &rows {
+    for r in rows {
         println!(
             "{:<14} {:<8} {:>9} {:>5} {:>11.2} {:>11.2} {:>12} {:>7.1}x {:>10.2e} {:>7.3}",
             r.policy,
@@ -363,21 +438,85 @@ pub fn run(argv: &[String]) -> Result<(), String> {
             r.needle_recall
         );
     }
-    if let Some(path) = a.str("json") {
-        let results: Vec<_> = rows
-            .iter()
-            .map(|r| {
-                json!({
-                    "policy": r.policy, "phase": r.phase, "tokens": r.tokens, "batch": r.batch,
-                    "dense_ms": r.dense_ms, "ours_ms": r.ours_ms, "refresh_ms": r.refresh_ms,
-                    "speedup": r.dense_ms / r.ours_ms, "rel_error": r.rel_error, "needle_recall": r.needle_recall,
-                })
+}
+
+/// The results as JSON; `error`: why the run stopped early (then
+/// `"complete": false` and `results` holds the rows that finished).
+fn write_json(
+    path: &str,
+    machine: &str,
+    p: &Plan,
+    rows: &[Row],
+    error: Option<&String>,
+) -> Result<(), String> {
+    let results: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "policy": r.policy, "phase": r.phase, "tokens": r.tokens, "batch": r.batch,
+                "dense_ms": r.dense_ms, "ours_ms": r.ours_ms, "refresh_ms": r.refresh_ms,
+                "speedup": r.dense_ms / r.ours_ms, "rel_error": r.rel_error, "needle_recall": r.needle_recall,
             })
-            .collect();
-        let doc = json!({"machine": machine, "shape": {"q_heads": shape.n_q_heads, "kv_heads": shape.n_kv_heads, "head_dim": shape.head_dim, "dtype": "bf16"}, "budget": budget, "steps": steps, "results": results});
-        std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap())
-            .map_err(|e| format!("writing {path}: {e}"))?;
-        eprintln!("wrote {path}");
+        })
+        .collect();
+    let shape = &p.shape;
+    let doc = json!({"machine": machine, "shape": {"q_heads": shape.n_q_heads, "kv_heads": shape.n_kv_heads, "head_dim": shape.head_dim, "dtype": "bf16"}, "budget": p.budget, "steps": p.steps,
+        "complete": error.is_none(), "error": error, "results": results});
+    std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap())
+        .map_err(|e| format!("writing {path}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_string).collect()
     }
-    Ok(())
+
+    #[test]
+    fn every_size_is_checked_before_any_work() {
+        // 4K is fine, 1K is below the minimum: refused up front, naming it.
+        let e = plan(&argv("--tokens 4K,1K")).err().unwrap();
+        assert!(
+            e.contains("--tokens 1024") && e.contains("minimum is 1217"),
+            "{e}"
+        );
+        assert!(plan(&argv("--tokens 1217")).is_ok());
+        let e = plan(&argv("--tokens 1216")).err().unwrap();
+        assert!(e.contains("1217"), "{e}");
+        let e = plan(&argv("--tokens 4K,2K --prefill 3000")).err().unwrap();
+        assert!(e.contains("--prefill 3000") && e.contains("2048"), "{e}");
+        let e = plan(&argv("--tokens 4K --json /nonexistent-dir/x.json"))
+            .err()
+            .unwrap();
+        assert!(e.contains("/nonexistent-dir/x.json"), "{e}");
+    }
+
+    #[test]
+    fn finished_rows_are_written_when_a_later_size_fails() {
+        let dir = std::env::temp_dir().join(format!("ihip-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("x.json");
+        let path = path.to_str().unwrap();
+        let p = plan(&argv(&format!("--tokens 4K,1300 --json {path}"))).unwrap();
+        let row = Row {
+            policy: "hip".into(),
+            phase: "decode",
+            tokens: 4096,
+            batch: 1,
+            dense_ms: 2.0,
+            ours_ms: 1.0,
+            refresh_ms: Some(1.5),
+            rel_error: 1e-3,
+            needle_recall: 1.0,
+        };
+        write_json(path, "test", &p, &[row], Some(&"1300: failed".to_string())).unwrap();
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(doc["complete"], false);
+        assert_eq!(doc["error"], "1300: failed");
+        assert_eq!(doc["results"][0]["tokens"], 4096);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -8,6 +8,7 @@ use infinitehip::attention::{reference::attend_f64, rel_error, AttnShape};
 use infinitehip::backend::cuda::dispatch::{
     self, AttnKernel, DecodeWorkspace, DeviceKv, DeviceSelection, HipGpuDecoder, HipGpuPrefill,
 };
+use infinitehip::backend::cuda::hip_fast::MaskEstimator;
 use infinitehip::backend::cuda::{self as cu, kernels, DevBuf, GpuContext};
 use infinitehip::config::{HipConfig, HipStage, ModelShape};
 use infinitehip::kv::{KvLayout, KvPool, SeqView};
@@ -22,6 +23,16 @@ use serde_json::json;
 use crate::args::Args;
 
 pub(crate) type R<T> = Result<T, String>;
+
+/// Bound on the relative error where the f64 reference reads the same
+/// stored (rounded) K/V and queries as the kernel and the kernel computes
+/// in f32 with an f32 output: only f32 accumulation differs (measured about
+/// 2e-7 on an H100). A single dropped token out of 5,000 is ~1e-2
+/// (`tests/attention.rs`), so the looser 1e-2 could not catch it.
+pub(crate) const STORED_KV_BOUND: f64 = 1e-5;
+/// Where the kernel itself rounds: bf16 P in the tensor-core PV product,
+/// or bf16/f16 outputs (relative rounding 2^-8).
+pub(crate) const ROUNDING_KERNEL_BOUND: f64 = 1e-2;
 pub(crate) fn e<E: std::fmt::Display>(x: E) -> String {
     x.to_string()
 }
@@ -243,7 +254,8 @@ fn decode_case<T: Element>(
         };
     }
     let nan_free = got.iter().all(|x| x.is_finite());
-    let ok = nan_free && worst <= 1e-2 && worst.is_finite();
+    // CUDA-core decode, f32 q and out over the stored K/V the reference reads.
+    let ok = nan_free && worst <= STORED_KV_BOUND && worst.is_finite();
     Ok(Check {
         name: format!(
             "decode {} {} d{} g{} ps{} lens {:?}",
@@ -255,7 +267,9 @@ fn decode_case<T: Element>(
             lens
         ),
         ok,
-        detail: format!("rel_err {worst:.2e} (bound 1e-2), all written+finite {nan_free}"),
+        detail: format!(
+            "rel_err {worst:.2e} (bound {STORED_KV_BOUND:.0e}), all written+finite {nan_free}"
+        ),
     })
 }
 
@@ -362,11 +376,11 @@ fn hip_case(gpu: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<Che
             recall_min = recall_min.min(full[b].recall(&gsel[b]));
         }
     }
-    let ok = mismatches == 0 && worst <= 1e-2 && recall_min >= 0.99;
+    let ok = mismatches == 0 && worst <= STORED_KV_BOUND && recall_min >= 0.99;
     Ok(Check {
         name: format!("hip decode == CPU HipPolicy, lens {lens0:?}, {steps} steps"),
         ok,
-        detail: format!("selection mismatches {mismatches} {first_diff}; attention rel_err {worst:.2e}; min needle recall {recall_min:.3}"),
+        detail: format!("selection mismatches {mismatches} {first_diff}; attention rel_err {worst:.2e} (bound {STORED_KV_BOUND:.0e}); min needle recall {recall_min:.3}"),
     })
 }
 
@@ -431,6 +445,8 @@ fn prefill_case(gpu: &GpuContext, len: usize, q_start: usize, n: usize, seed: u6
     let mut kv = DeviceKv::upload(&[(&ns.pool, 0)]).map_err(e)?;
     kv.lens = vec![q_start + n];
     let mut pf = HipGpuPrefill::new(cfg.clone(), &shape, n).map_err(e)?;
+    // The reference estimator is bit-equal to the CPU policy.
+    pf.estimator = MaskEstimator::Reference;
     let qd = DevBuf::from_slice(&q).map_err(e)?;
     let out = DevBuf::alloc(q.len() * 4).map_err(e)?;
     out.fill_bytes(0xff).map_err(e)?;
@@ -473,8 +489,9 @@ fn prefill_case(gpu: &GpuContext, len: usize, q_start: usize, n: usize, seed: u6
         .map(|(_, s)| ns.recall(s))
         .fold(1f64, f64::min);
     Ok(Check {
-        name: format!("hip prefill == CPU HipPolicy, len {len}, queries {q_start}..{}", q_start + n),
-        ok: mism == 0 && finite && worst <= 1e-2,
+        name: format!("hip prefill (reference estimator) == CPU HipPolicy, len {len}, queries {q_start}..{}", q_start + n),
+        // Prefill attention may run on tensor cores (bf16 P in PV).
+        ok: mism == 0 && finite && worst <= ROUNDING_KERNEL_BOUND,
         detail: format!("block selection mismatches {mism}/{}; causal attention rel_err {worst:.2e} over {} queries; all written+finite {finite}; needle recall (blocks after the needles) {recall:.3}", cpu.blocks.len(), checked.len()),
     })
 }
@@ -483,12 +500,28 @@ pub fn gpu_test(argv: &[String]) -> R<()> {
     let a = Args::parse(
         argv,
         &["seed", "hip-len", "engine-timing"],
-        &["quick", "policies-only", "policy-timing", "engine-only"],
+        &[
+            "quick",
+            "policies-only",
+            "policy-timing",
+            "engine-only",
+            "hip-prefill-only",
+        ],
     )?;
     let seed: u64 = a.get("seed", 0xC0DA)?;
     let hip_len: usize = a.get("hip-len", 200_000)?;
     let gpu = GpuContext::new(0).map_err(e)?;
     println!("device {} ({} SMs, {})", gpu.name, gpu.sm_count, gpu.arch);
+    if a.str("hip-prefill-only").is_some() {
+        // The hip prefill estimators only: reference == CPU policy, fast
+        // vs reference, and the engine path.
+        let mut checks = vec![
+            prefill_case(&gpu, 6000, 2500, 1500, seed + 9)?,
+            prefill_case(&gpu, 3000, 0, 3000, seed + 10)?,
+        ];
+        checks.extend(crate::gpu_hip_fast::checks(&gpu, seed)?);
+        return report(&checks);
+    }
     // Policy kernels (locret, squeeze, lazy) first: they are quick.
     let mut checks = crate::gpu_policies::checks(&gpu, seed)?;
     if a.str("engine-only").is_some() {
@@ -501,6 +534,7 @@ pub fn gpu_test(argv: &[String]) -> R<()> {
     if a.str("policies-only").is_none() {
         // Tensor-core prefill vs its CUDA-core twin and f64.
         checks.extend(crate::gpu_prefill_tc::checks(&gpu, seed)?);
+        checks.push(crate::gpu_long_prefill::check(&gpu, seed + 77));
     }
     if let Some(l) = a.str("engine-timing") {
         for len in l.split(',') {
@@ -544,9 +578,15 @@ pub fn gpu_test(argv: &[String]) -> R<()> {
         )?);
         checks.push(prefill_case(&gpu, 6000, 2500, 1500, seed + 9)?);
         checks.push(prefill_case(&gpu, 3000, 0, 3000, seed + 10)?);
+        // The fast (tensor-core) prefill mask estimator vs its reference.
+        checks.extend(crate::gpu_hip_fast::checks(&gpu, seed)?);
     }
+    report(&checks)
+}
+
+fn report(checks: &[Check]) -> R<()> {
     let mut failed = 0;
-    for c in &checks {
+    for c in checks {
         println!(
             "{} {:<70} {}",
             if c.ok { "PASS" } else { "FAIL" },
@@ -622,9 +662,22 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
             "reps",
             "prefill-tokens",
             "prefill-dense-max",
+            "estimators",
         ],
-        &[],
+        &["prefill-only"],
     )?;
+    // --prefill-only: no decode rows, and per prefill only mask + attention
+    // (no kernel-variant or dense timings), for each of --estimators.
+    let prefill_only = a.str("prefill-only").is_some();
+    let estimators: Vec<MaskEstimator> = a
+        .str("estimators")
+        .unwrap_or("auto")
+        .split(',')
+        .map(|x| {
+            MaskEstimator::parse(x)
+                .ok_or_else(|| format!("--estimators: unknown `{x}` (auto, ref, fast)"))
+        })
+        .collect::<R<_>>()?;
     let tokens = a.list("tokens", &[32768, 131072, 524288, 1048576])?;
     let batches = a.list("batch", &[1, 16])?;
     let seed: u64 = a.get("seed", 0)?;
@@ -663,7 +716,7 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
     let cfg = HipConfig::default();
     let qe = shape.q_elems();
     let mut rows = Vec::new();
-    for &t in &tokens {
+    for &t in if prefill_only { &[][..] } else { &tokens[..] } {
         let t_gen = Instant::now();
         let ns = needle_seq::<bf16>(shape, t, 64, cfg.sink, cfg.window, 64, seed + t as u64)
             .map_err(e)?;
@@ -797,158 +850,172 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
         drop(q);
         let chunk = cfg.prefill_chunk;
         let out = DevBuf::alloc(chunk * qe * 4).map_err(e)?;
-        let mut pf = HipGpuPrefill::new(cfg.clone(), &shape, chunk).map_err(e)?;
         let out_cc = DevBuf::alloc(chunk * qe * 4).map_err(e)?;
-        let mut recall = 1f64;
-        // Per pass: mask ms, attention ms (dispatch's choice), and over the
-        // same selections the tensor-core and CUDA-core kernels alone
-        // (device events), and their outputs' worst relative difference.
-        let mut run = |record: bool, recall: &mut f64| -> R<[f64; 7]> {
-            let (mut sel_ms, mut att_ms, mut tc_ms, mut cc_ms) = (0f64, 0f64, 0f64, 0f64);
-            let mut tc_mt = [0f64; 2];
-            let mut twin = 0f64;
-            let mut q0 = 0;
-            while q0 < t {
-                let n = chunk.min(t - q0);
-                pf.prepare(&gpu, &kv, q0, n).map_err(e)?;
-                let qp = qd.ptr + (q0 * qe * 4) as u64;
-                gpu.synchronize().map_err(e)?;
-                let t0 = Instant::now();
-                pf.select(&gpu, &kv, qp).map_err(e)?;
-                gpu.synchronize().map_err(e)?;
-                let t1 = Instant::now();
-                pf.attend(&gpu, &shape, &kv, qp, out.ptr).map_err(e)?;
-                gpu.synchronize().map_err(e)?;
-                sel_ms += (t1 - t0).as_secs_f64() * 1e3;
-                att_ms += t1.elapsed().as_secs_f64() * 1e3;
-                tc_ms += event_ms(&gpu, || {
-                    pf.attend_with(&gpu, &shape, &kv, qp, out.ptr, AttnKernel::TensorCore)
-                        .map_err(e)
-                })?;
-                for (mt, acc) in tc_mt.iter_mut().enumerate() {
-                    dispatch::force_tc_tiles_per_warp(Some(mt + 1));
-                    *acc += event_ms(&gpu, || {
-                        pf.attend_with(&gpu, &shape, &kv, qp, out.ptr, AttnKernel::TensorCore)
-                            .map_err(e)
-                    })?;
-                }
-                dispatch::force_tc_tiles_per_warp(None);
-                cc_ms += event_ms(&gpu, || {
-                    pf.attend_with(&gpu, &shape, &kv, qp, out_cc.ptr, AttnKernel::CudaCore)
-                        .map_err(e)
-                })?;
-                if record && (q0 == 0 || q0 + n == t) {
-                    let a: Vec<f32> = out.read(n * qe).map_err(e)?;
-                    let b: Vec<f64> = out_cc
-                        .read::<f32>(n * qe)
-                        .map_err(e)?
-                        .iter()
-                        .map(|&x| x as f64)
-                        .collect();
-                    let r = rel_error(&a, &b);
-                    twin = if r.is_nan() { f64::NAN } else { twin.max(r) };
-                }
-                if record && q0 + n == t {
-                    // Blocks whose first query comes after every needle
-                    // (earlier blocks cannot see it causally).
-                    let after = ns
-                        .needles
-                        .iter()
-                        .map(|nd| nd.start + nd.len)
-                        .max()
-                        .unwrap_or(0);
-                    let sel = pf.sel.to_host(8).map_err(e)?;
-                    *recall = sel
-                        .iter()
-                        .enumerate()
-                        .filter(|(b, _)| q0 + b * cfg.block_size_q >= after)
-                        .map(|(_, s)| ns.recall(s))
-                        .fold(1f64, f64::min);
-                }
-                q0 += n;
-            }
-            Ok([sel_ms, att_ms, tc_ms, cc_ms, twin, tc_mt[0], tc_mt[1]])
-        };
-        // Warm-up pass (kernels, allocations) except at very long contexts,
-        // where one pass takes tens of seconds and the warm-up is negligible.
-        if t <= 262_144 {
-            run(false, &mut recall)?;
-        }
-        let [sel_ms, att_ms, tc_ms, cc_ms, twin, tc1_ms, tc2_ms] = run(true, &mut recall)?;
-        let ours = sel_ms + att_ms;
-        // Dense causal prefill on the tensor-core kernel (a covering
-        // selection per chunk), the like-for-like kernel comparison with
-        // SDPA flash; only up to --prefill-dense-max tokens (quadratic).
-        let mut dense_mt = [None::<f64>; 2];
-        let dense_ms = if t <= dense_max {
-            let mut ws = DecodeWorkspace::new();
-            let mut pass = || -> R<f64> {
-                let mut ms = 0f64;
+        for &est in &estimators {
+            let mut pf = HipGpuPrefill::new(cfg.clone(), &shape, chunk).map_err(e)?;
+            pf.estimator = est;
+            let mut recall = 1f64;
+            // Blocks whose first query comes after every needle (earlier blocks
+            // cannot see it causally): worst recall of the chunk at q0.
+            let needle_recall = |pf: &HipGpuPrefill, q0: usize| -> R<f64> {
+                let after = ns
+                    .needles
+                    .iter()
+                    .map(|nd| nd.start + nd.len)
+                    .max()
+                    .unwrap_or(0);
+                let sel = pf.sel.to_host(8).map_err(e)?;
+                Ok(sel
+                    .iter()
+                    .enumerate()
+                    .filter(|(b, _)| q0 + b * cfg.block_size_q >= after)
+                    .map(|(_, s)| ns.recall(s))
+                    .fold(1f64, f64::min))
+            };
+            // Per pass: mask ms, attention ms (dispatch's choice), and over the
+            // same selections the tensor-core and CUDA-core kernels alone
+            // (device events), and their outputs' worst relative difference.
+            let mut run = |record: bool, recall: &mut f64| -> R<[f64; 7]> {
+                let (mut sel_ms, mut att_ms, mut tc_ms, mut cc_ms) = (0f64, 0f64, 0f64, 0f64);
+                let mut tc_mt = [0f64; 2];
+                let mut twin = 0f64;
                 let mut q0 = 0;
                 while q0 < t {
                     let n = chunk.min(t - q0);
-                    let sel =
-                        DeviceSelection::from_host(&[Selection::full(8, q0 + n)]).map_err(e)?;
-                    let pos: Vec<i32> = (q0..q0 + n).map(|p| p as i32).collect();
-                    let q_pos = DevBuf::from_slice(&pos).map_err(e)?;
-                    let q_seq = DevBuf::from_slice(&vec![0i32; n]).map_err(e)?;
+                    pf.prepare(&gpu, &kv, q0, n).map_err(e)?;
                     let qp = qd.ptr + (q0 * qe * 4) as u64;
-                    ms += event_ms(&gpu, || {
-                        dispatch::attend_with(
-                            &gpu,
-                            &mut ws,
-                            &shape,
-                            &kv,
-                            qp,
-                            n,
-                            &sel,
-                            q0 + n,
-                            None,
-                            out.ptr,
-                            n,
-                            q_seq.ptr,
-                            q_pos.ptr,
-                            AttnKernel::TensorCore,
-                        )
-                        .map_err(e)
+                    gpu.synchronize().map_err(e)?;
+                    let t0 = Instant::now();
+                    pf.select(&gpu, &kv, qp).map_err(e)?;
+                    gpu.synchronize().map_err(e)?;
+                    let t1 = Instant::now();
+                    pf.attend(&gpu, &shape, &kv, qp, out.ptr).map_err(e)?;
+                    gpu.synchronize().map_err(e)?;
+                    sel_ms += (t1 - t0).as_secs_f64() * 1e3;
+                    att_ms += t1.elapsed().as_secs_f64() * 1e3;
+                    if prefill_only {
+                        if record && q0 + n == t {
+                            *recall = needle_recall(&pf, q0)?;
+                        }
+                        q0 += n;
+                        continue;
+                    }
+                    tc_ms += event_ms(&gpu, || {
+                        pf.attend_with(&gpu, &shape, &kv, qp, out.ptr, AttnKernel::TensorCore)
+                            .map_err(e)
                     })?;
+                    for (mt, acc) in tc_mt.iter_mut().enumerate() {
+                        dispatch::force_tc_tiles_per_warp(Some(mt + 1));
+                        *acc += event_ms(&gpu, || {
+                            pf.attend_with(&gpu, &shape, &kv, qp, out.ptr, AttnKernel::TensorCore)
+                                .map_err(e)
+                        })?;
+                    }
+                    dispatch::force_tc_tiles_per_warp(None);
+                    cc_ms += event_ms(&gpu, || {
+                        pf.attend_with(&gpu, &shape, &kv, qp, out_cc.ptr, AttnKernel::CudaCore)
+                            .map_err(e)
+                    })?;
+                    if record && (q0 == 0 || q0 + n == t) {
+                        let a: Vec<f32> = out.read(n * qe).map_err(e)?;
+                        let b: Vec<f64> = out_cc
+                            .read::<f32>(n * qe)
+                            .map_err(e)?
+                            .iter()
+                            .map(|&x| x as f64)
+                            .collect();
+                        let r = rel_error(&a, &b);
+                        twin = if r.is_nan() { f64::NAN } else { twin.max(r) };
+                    }
+                    if record && q0 + n == t {
+                        *recall = needle_recall(&pf, q0)?;
+                    }
                     q0 += n;
                 }
-                Ok(ms)
+                Ok([sel_ms, att_ms, tc_ms, cc_ms, twin, tc_mt[0], tc_mt[1]])
             };
-            pass()?;
-            let auto = pass()?;
-            for (mt, x) in dense_mt.iter_mut().enumerate() {
-                dispatch::force_tc_tiles_per_warp(Some(mt + 1));
-                *x = Some(pass()?);
+            // Warm-up pass (kernels, allocations) except at very long contexts,
+            // where one pass takes tens of seconds and the warm-up is negligible.
+            if t <= 262_144 {
+                run(false, &mut recall)?;
             }
-            dispatch::force_tc_tiles_per_warp(None);
-            Some(auto)
-        } else {
-            None
-        };
-        let key = format!("prefill_{t}");
-        let base = baseline
-            .get("results")
-            .and_then(|r| r.get(&key))
-            .and_then(|x| x.as_f64());
-        rows.push(json!({
-            "policy": "hip", "phase": "prefill", "tokens": t, "batch": 1,
-            "dense_ms": None::<f64>, "ours_ms": ours, "refresh_ms": None::<f64>,
-            "prefill_select_ms": sel_ms, "prefill_attend_ms": att_ms,
-            "prefill_attend_tc_ms": tc_ms, "prefill_attend_cc_ms": cc_ms,
-            "prefill_attend_tc_mt1_ms": tc1_ms, "prefill_attend_tc_mt2_ms": tc2_ms,
-            "dense_causal_tc_mt1_ms": dense_mt[0], "dense_causal_tc_mt2_ms": dense_mt[1],
-            "prefill_tc_vs_cc_rel": if twin.is_nan() { None } else { Some(twin) },
-            "prefill_tc_nan": twin.is_nan(),
-            "dense_causal_tc_ms": dense_ms,
-            "dense_causal_tc_speedup": base.zip(dense_ms).map(|(b, d)| b / d),
-            "speedup": base.map(|x| x / ours), "rel_error": None::<f64>,
-            "needle_recall": recall,
-            "baseline": baseline.get("name").and_then(|x| x.as_str()).unwrap_or("none"),
-            "baseline_ms": base, "floor_ms": None::<f64>,
-        }));
-        eprintln!("prefill T={t}: {}", rows.last().unwrap());
+            let [sel_ms, att_ms, tc_ms, cc_ms, twin, tc1_ms, tc2_ms] = run(true, &mut recall)?;
+            let ours = sel_ms + att_ms;
+            // Dense causal prefill on the tensor-core kernel (a covering
+            // selection per chunk), the like-for-like kernel comparison with
+            // SDPA flash; only up to --prefill-dense-max tokens (quadratic).
+            let mut dense_mt = [None::<f64>; 2];
+            let dense_ms = if t <= dense_max && !prefill_only {
+                let mut ws = DecodeWorkspace::new();
+                let mut pass = || -> R<f64> {
+                    let mut ms = 0f64;
+                    let mut q0 = 0;
+                    while q0 < t {
+                        let n = chunk.min(t - q0);
+                        let sel =
+                            DeviceSelection::from_host(&[Selection::full(8, q0 + n)]).map_err(e)?;
+                        let pos: Vec<i32> = (q0..q0 + n).map(|p| p as i32).collect();
+                        let q_pos = DevBuf::from_slice(&pos).map_err(e)?;
+                        let q_seq = DevBuf::from_slice(&vec![0i32; n]).map_err(e)?;
+                        let qp = qd.ptr + (q0 * qe * 4) as u64;
+                        ms += event_ms(&gpu, || {
+                            dispatch::attend_with(
+                                &gpu,
+                                &mut ws,
+                                &shape,
+                                &kv,
+                                qp,
+                                n,
+                                &sel,
+                                q0 + n,
+                                None,
+                                out.ptr,
+                                n,
+                                q_seq.ptr,
+                                q_pos.ptr,
+                                AttnKernel::TensorCore,
+                            )
+                            .map_err(e)
+                        })?;
+                        q0 += n;
+                    }
+                    Ok(ms)
+                };
+                pass()?;
+                let auto = pass()?;
+                for (mt, x) in dense_mt.iter_mut().enumerate() {
+                    dispatch::force_tc_tiles_per_warp(Some(mt + 1));
+                    *x = Some(pass()?);
+                }
+                dispatch::force_tc_tiles_per_warp(None);
+                Some(auto)
+            } else {
+                None
+            };
+            let key = format!("prefill_{t}");
+            let base = baseline
+                .get("results")
+                .and_then(|r| r.get(&key))
+                .and_then(|x| x.as_f64());
+            rows.push(json!({
+                "policy": "hip", "phase": "prefill", "tokens": t, "batch": 1,
+                "estimator": est.name(),
+                "dense_ms": None::<f64>, "ours_ms": ours, "refresh_ms": None::<f64>,
+                "prefill_select_ms": sel_ms, "prefill_attend_ms": att_ms,
+                "prefill_attend_tc_ms": tc_ms, "prefill_attend_cc_ms": cc_ms,
+                "prefill_attend_tc_mt1_ms": tc1_ms, "prefill_attend_tc_mt2_ms": tc2_ms,
+                "dense_causal_tc_mt1_ms": dense_mt[0], "dense_causal_tc_mt2_ms": dense_mt[1],
+                "prefill_tc_vs_cc_rel": if twin.is_nan() { None } else { Some(twin) },
+                "prefill_tc_nan": twin.is_nan(),
+                "dense_causal_tc_ms": dense_ms,
+                "dense_causal_tc_speedup": base.zip(dense_ms).map(|(b, d)| b / d),
+                "speedup": base.map(|x| x / ours), "rel_error": None::<f64>,
+                "needle_recall": recall,
+                "baseline": baseline.get("name").and_then(|x| x.as_str()).unwrap_or("none"),
+                "baseline_ms": base, "floor_ms": None::<f64>,
+            }));
+            eprintln!("prefill T={t}: {}", rows.last().unwrap());
+        }
     }
     let doc = json!({
         "machine": format!("{} ({} SMs), {:.0} GB/s measured copy bandwidth", gpu.name, gpu.sm_count, bw / 1e9),
@@ -987,12 +1054,13 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
             f(r, "needle_recall", 3)
         );
     }
-    println!("\n| prefill tokens | SDPA flash causal ms | hip prefill ms (mask + attention) | mask ms | attention ms | speedup | needle recall, last chunk (blocks after the needles) |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("\n| prefill tokens | mask estimator | SDPA flash causal ms | hip prefill ms (mask + attention) | mask ms | attention ms | speedup | needle recall, last chunk (blocks after the needles) |");
+    println!("|---|---|---|---|---|---|---|---|");
     for r in rows.iter().filter(|r| r["phase"] == "prefill") {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             r["tokens"],
+            r["estimator"].as_str().unwrap_or("-"),
             f(r, "baseline_ms", 1),
             f(r, "ours_ms", 1),
             f(r, "prefill_select_ms", 1),

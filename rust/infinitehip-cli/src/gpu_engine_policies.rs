@@ -14,7 +14,9 @@ use infinitehip::attention::{rel_error, AttnShape};
 use infinitehip::backend::cuda::dispatch::AttnOut;
 use infinitehip::backend::cuda::engine_attn::{GpuAttention, QArg};
 use infinitehip::backend::cuda::{DevBuf, GpuContext};
-use infinitehip::config::{LayerPolicy, LazyConfig, LazyPoint, SqueezeConfig};
+use infinitehip::config::{
+    LayerOverride, LayerPolicy, LazyConfig, LazyPoint, PolicyConfig, SqueezeConfig,
+};
 use infinitehip::engine::Engine;
 use infinitehip::kv::{KvLayout, KvPool, SeqView};
 use infinitehip::policy::squeeze::SqueezePolicy;
@@ -73,8 +75,28 @@ fn scenario(
     cover: usize,
     seed: u64,
 ) -> R<Outcome> {
+    let cfg = model_cfg(&shape, layers.clone());
+    scenario_cfg(gpu, shape, layers, cfg, cover, seed)
+}
+
+/// `scenario` with the config given; `layers` is what it resolves to.
+fn scenario_cfg(
+    gpu: &GpuContext,
+    shape: AttnShape,
+    layers: Vec<LayerPolicy>,
+    mut cfg: PolicyConfig,
+    cover: usize,
+    seed: u64,
+) -> R<Outcome> {
     let nl = layers.len();
-    let mut cfg = model_cfg(&shape, layers.clone());
+    for (l, p) in layers.iter().enumerate() {
+        if cfg.layer_policy(l) != p {
+            return Err(format!(
+                "scenario: layer {l} resolves to {}",
+                cfg.layer_policy(l).method()
+            ));
+        }
+    }
     cfg.kv.dtype = DType::Bf16;
     let (hkv, d, qe) = (shape.n_kv_heads, shape.head_dim, shape.q_elems());
     let mut rng = Rng::new(seed);
@@ -405,6 +427,39 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
     )?;
     v.push(check_of(
         "engine GpuAttention lazy (points 1 @0.6, 3 @0.3; prefill + decode) vs CPU engine, requests joining mid-way",
+        &o,
+    ));
+    // The layer rule on both paths: layers 1-2 sit below dense_layers but
+    // are overridden to lazy; the CPU engine runs lazy there, so must the
+    // GPU (it ran them dense before `resolve_layer`).
+    let shape = AttnShape::new(16, 4, 128).map_err(e)?;
+    let lz = LazyConfig {
+        points: vec![LazyPoint {
+            layer: 1,
+            keep: 0.5,
+        }],
+    };
+    let mut cfg = model_cfg(&shape, vec![LayerPolicy::Dense; 4]);
+    cfg.dense_layers = 3;
+    cfg.overrides = vec![LayerOverride {
+        layers: vec![1, 2],
+        policy: LayerPolicy::Lazy(lz.clone()),
+    }];
+    let o = scenario_cfg(
+        gpu,
+        shape,
+        vec![
+            LayerPolicy::Dense,
+            LayerPolicy::Lazy(lz.clone()),
+            LayerPolicy::Lazy(lz),
+            LayerPolicy::Dense,
+        ],
+        cfg,
+        0,
+        seed + 903,
+    )?;
+    v.push(check_of(
+        "engine GpuAttention: layers below dense_layers overridden to lazy run lazy as on the CPU engine (one layer rule)",
         &o,
     ));
     // Lazy covering: keep 1.0 everywhere == dense.

@@ -4,6 +4,7 @@ mod args;
 mod bench_cpu;
 mod bench_offload;
 mod bench_policies;
+mod config_check;
 #[cfg(feature = "cuda")]
 mod gpu;
 #[cfg(feature = "cuda")]
@@ -12,6 +13,10 @@ mod gpu_engine;
 mod gpu_engine_locret;
 #[cfg(feature = "cuda")]
 mod gpu_engine_policies;
+#[cfg(feature = "cuda")]
+mod gpu_hip_fast;
+#[cfg(feature = "cuda")]
+mod gpu_long_prefill;
 #[cfg(feature = "cuda")]
 mod gpu_offload;
 #[cfg(feature = "cuda")]
@@ -48,10 +53,15 @@ fn main() {
         std::process::exit(2);
     };
     let rest = &argv[1..];
+    if let Err(e) = infinitehip::parallel::threads_from_env() {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
     if rest.iter().any(|a| a == "--help" || a == "-h") {
         match cmd.as_str() {
             "bench-cpu" => println!("{}", bench_cpu::HELP),
             "bench-offload" => println!("{}", bench_offload::HELP),
+            "config-check" => println!("{}", config_check::HELP),
             _ => println!("{USAGE}"),
         }
         return;
@@ -63,12 +73,7 @@ fn main() {
             println!("{}", PolicyConfig::default().to_json_pretty());
             Ok(())
         }
-        "config-check" => match rest.first() {
-            Some(path) => PolicyConfig::from_file(path)
-                .map(|c| println!("{path}: ok ({} layers)", c.model.n_layers))
-                .map_err(|e| e.to_string()),
-            None => Err("config-check needs a file".into()),
-        },
+        "config-check" => config_check::run(rest),
         #[cfg(feature = "cuda")]
         "nvrtc-check" => gpu::nvrtc_check(rest),
         #[cfg(feature = "cuda")]

@@ -7,17 +7,24 @@ use serde::{Deserialize, Serialize};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 
+mod layers;
+mod read;
+
+pub use layers::LayerSource;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
     pub model: ModelShape,
     pub kv: KvConfig,
-    /// Layers `0..dense_layers` use dense attention whatever `default` says
-    /// (InfiniteHiP keeps the first 3 layers dense).
+    /// Layers `0..dense_layers` use dense attention unless `overrides` names
+    /// them (InfiniteHiP keeps the first 3 layers dense). The whole rule is
+    /// `resolve_layer`.
     pub dense_layers: usize,
     /// Policy for every layer not covered by `dense_layers` or `overrides`.
     pub default: LayerPolicy,
-    /// Later entries win over earlier ones.
+    /// Win over `dense_layers` and `default`; later entries win over
+    /// earlier ones.
     pub overrides: Vec<LayerOverride>,
 }
 
@@ -81,13 +88,44 @@ pub struct LayerOverride {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "method", rename_all = "lowercase")]
+#[serde(tag = "method", rename_all = "lowercase", from = "LayerPolicyJson")]
 pub enum LayerPolicy {
     Dense,
     Hip(HipConfig),
     Locret(LocretConfig),
     Lazy(LazyConfig),
     Squeeze(SqueezeConfig),
+}
+
+/// What `LayerPolicy` is read from: the same JSON, except that `dense`
+/// carries an empty field set, so unknown fields under `"method": "dense"`
+/// are rejected as they are for every other method (a unit variant of an
+/// internally tagged enum silently accepts any).
+#[derive(Deserialize)]
+#[serde(tag = "method", rename_all = "lowercase")]
+enum LayerPolicyJson {
+    Dense(DenseFields),
+    Hip(HipConfig),
+    Locret(LocretConfig),
+    Lazy(LazyConfig),
+    Squeeze(SqueezeConfig),
+}
+
+/// `dense` has no settings.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DenseFields {}
+
+impl From<LayerPolicyJson> for LayerPolicy {
+    fn from(p: LayerPolicyJson) -> Self {
+        match p {
+            LayerPolicyJson::Dense(DenseFields {}) => LayerPolicy::Dense,
+            LayerPolicyJson::Hip(c) => LayerPolicy::Hip(c),
+            LayerPolicyJson::Locret(c) => LayerPolicy::Locret(c),
+            LayerPolicyJson::Lazy(c) => LayerPolicy::Lazy(c),
+            LayerPolicyJson::Squeeze(c) => LayerPolicy::Squeeze(c),
+        }
+    }
 }
 
 impl Default for LayerPolicy {
@@ -312,6 +350,13 @@ pub struct SqueezeConfig {
     pub quantile_l1: f32,
     /// Last prefix tokens always kept (and used for calibration).
     pub observation_window: usize,
+    /// First prefix tokens that get a cluster of their own at both levels
+    /// (exact lookup scores) instead of joining the k-means clusters.
+    /// Upstream: 0. Real models' attention sink (key 0 of SmolLM2-135M)
+    /// points away from every other key yet draws most of the attention;
+    /// averaged into a cluster its score is lost and the lookup drops it
+    /// (doubled perplexity, see `policy::squeeze`).
+    pub sink: usize,
     pub kmeans_iters: usize,
     pub seed: u64,
     /// How a prefill chunk's queries share one key set per KV head.
@@ -338,6 +383,7 @@ impl Default for SqueezeConfig {
             quantile: 0.7,
             quantile_l1: 0.7,
             observation_window: 100,
+            sink: 4,
             kmeans_iters: 30,
             seed: 0,
             prefill_pool: SqueezePool::Max,
@@ -402,41 +448,32 @@ fn bad(field: impl Into<String>, reason: impl Into<String>) -> Error {
 }
 
 impl PolicyConfig {
+    /// Parse and validate. Errors name the field by JSON path.
     pub fn from_json(s: &str) -> Result<Self> {
-        let c: PolicyConfig = serde_json::from_str(s)?;
+        let c = read::parse(s)?;
         c.validate()?;
         Ok(c)
     }
 
+    /// `from_json` on a file's contents; errors also name the file.
     pub fn from_file(path: &str) -> Result<Self> {
         let s = std::fs::read_to_string(path).map_err(|e| Error::Io {
             path: path.to_string(),
             source: e,
         })?;
         Self::from_json(&s).map_err(|e| match e {
-            Error::ConfigJson(j) => Error::config(path, j.to_string()),
+            Error::ConfigJson(j) => {
+                Error::Invalid(format!("config file {path} is not valid JSON: {j}"))
+            }
+            Error::Config { field, reason } => {
+                Error::config(field, format!("{reason} (in {path})"))
+            }
             other => other,
         })
     }
 
     pub fn to_json_pretty(&self) -> String {
         serde_json::to_string_pretty(self).expect("config serialises")
-    }
-
-    /// The policy that applies to `layer`.
-    pub fn layer_policy(&self, layer: usize) -> &LayerPolicy {
-        if let Some(o) = self
-            .overrides
-            .iter()
-            .rev()
-            .find(|o| o.layers.contains(&layer))
-        {
-            return &o.policy;
-        }
-        if layer < self.dense_layers {
-            return &LayerPolicy::Dense;
-        }
-        &self.default
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -513,19 +550,6 @@ impl PolicyConfig {
         self.validate_lazy_layers()
     }
 
-    /// JSON path of the policy that applies to `layer`.
-    fn layer_policy_path(&self, layer: usize) -> String {
-        match self
-            .overrides
-            .iter()
-            .rposition(|o| o.layers.contains(&layer))
-        {
-            Some(i) => format!("overrides[{i}].policy"),
-            None if layer < self.dense_layers => "dense_layers".to_string(),
-            None => "default".to_string(),
-        }
-    }
-
     /// LazyLLM's keep sets cross layers: every lazy layer must share one
     /// config, and every pruning layer must run `lazy` (its attention gives
     /// the importance).
@@ -539,7 +563,7 @@ impl PolicyConfig {
                 None => first = Some((l, z)),
                 Some((l0, z0)) if z0 != z => {
                     return Err(bad(
-                        format!("{}.points", self.layer_policy_path(l)),
+                        format!("{}.points", self.resolve_layer(l).1.path()),
                         format!(
                             "layer {l} runs lazy with other points than layer {l0}; all lazy layers share one config"
                         ),
@@ -551,7 +575,7 @@ impl PolicyConfig {
         let Some((l0, z)) = first else {
             return Ok(());
         };
-        let at = self.layer_policy_path(l0);
+        let at = self.resolve_layer(l0).1.path();
         for (i, p) in z.points.iter().enumerate() {
             let method = self.layer_policy(p.layer).method();
             if method != "lazy" {
@@ -779,5 +803,85 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("flash"), "{err}");
+    }
+
+    fn err(json: &str) -> String {
+        PolicyConfig::from_json(json).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn dense_rejects_unknown_fields() {
+        let e = err(r#"{"default": {"method": "dense", "sink": 4}}"#);
+        assert!(
+            e.contains("`default.sink`: unknown field `sink`: `dense` takes no settings"),
+            "{e}"
+        );
+        let e =
+            err(r#"{"overrides": [{"layers": [5], "policy": {"method": "dense", "windw": 4}}]}"#);
+        assert!(e.contains("`overrides[0].policy.windw`"), "{e}");
+        // Plain dense still parses, in both places.
+        PolicyConfig::from_json(
+            r#"{"default": {"method": "dense"}, "overrides": [{"layers": [5], "policy": {"method": "dense"}}]}"#,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn type_errors_give_the_field_path_and_expected_value_in_words() {
+        let cases = [
+            (
+                r#"{"default": {"method": "hip", "sink": -5}}"#,
+                "`default.sink`: expected a whole number >= 0, got -5",
+            ),
+            (
+                r#"{"model": {"n_layers": "32"}}"#,
+                "`model.n_layers`: expected a whole number >= 0, got \"32\"",
+            ),
+            (
+                r#"{"model": [32, 8]}"#,
+                "`model`: expected an object {...}, got a list [...]",
+            ),
+            (
+                r#"{"overrides": [{"layers": [4], "policy": {"method": "hip", "stages": [{"chunk_size": 1.5, "keep_tokens": 8, "refresh_interval": 1}]}}]}"#,
+                "`overrides[0].policy.stages[0].chunk_size`: expected a whole number >= 0, got 1.5",
+            ),
+            (
+                r#"{"default": {"method": "squeeze", "quantile": true}}"#,
+                "`default.quantile`: expected a number, got true",
+            ),
+            (
+                r#"{"default": {"sink": 4}}"#,
+                "`default`: missing field `method` (one of dense, hip, locret, lazy, squeeze)",
+            ),
+            (
+                r#"[{"default": {"method": "hip"}}]"#,
+                "`(top level)`: the config must be one JSON object",
+            ),
+        ];
+        for (json, want) in cases {
+            let e = err(json);
+            assert!(e.contains(want), "{json}:\n  got  `{e}`\n  want `{want}`");
+        }
+    }
+
+    #[test]
+    fn file_errors_name_the_field_not_the_file() {
+        let dir = std::env::temp_dir().join(format!("ihip-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("x.json");
+        std::fs::write(&f, r#"{"default": {"method": "hip", "sink": -5}}"#).unwrap();
+        let p = f.to_str().unwrap();
+        let e = PolicyConfig::from_file(p).unwrap_err().to_string();
+        assert!(
+            e.starts_with("invalid config field `default.sink`") && e.contains(p),
+            "{e}"
+        );
+        std::fs::write(&f, "{\"default\": ").unwrap();
+        let e = PolicyConfig::from_file(p).unwrap_err().to_string();
+        assert!(
+            e.contains(p) && e.contains("not valid JSON") && e.contains("line 1"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

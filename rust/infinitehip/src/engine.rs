@@ -142,6 +142,7 @@ pub fn build_policy(
 impl Engine {
     pub fn new(cfg: PolicyConfig) -> Result<Self> {
         cfg.validate()?;
+        crate::parallel::threads_from_env()?;
         let m = cfg.model;
         let shape = AttnShape::new(m.n_q_heads, m.n_kv_heads, m.head_dim)?;
         let layout = KvLayout {

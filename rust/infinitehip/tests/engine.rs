@@ -76,7 +76,9 @@ fn full_budget_engine_equals_dense_reference() {
         refpool.add_sequence(7).unwrap();
         eng.add_sequence(7).unwrap();
         let mut rng = Rng::new(1);
-        let bound = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        // The reference reads the same stored (dtype-rounded) K/V: only f32
+        // accumulation differs (~1e-6), in every dtype.
+        let bound = 1e-5;
         let te = 64;
         // Prefill 150 tokens then 10 decode steps, layer 1 (hip).
         for (n, phase) in [(150usize, Phase::Prefill)]

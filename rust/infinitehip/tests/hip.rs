@@ -87,7 +87,8 @@ fn budget_covering_context_equals_dense() {
     )
     .unwrap();
     let err = rel_error(&o, &reference::attend_f64(&shape, &q, &view, None, len));
-    assert!(err <= 1e-2, "decode rel err {err}");
+    // Same stored K/V in the reference: f32 accumulation only.
+    assert!(err <= 1e-5, "decode rel err {err}");
     // Prefill of the last 200 tokens.
     let q = rng.normal_vec(200 * shape.q_elems(), 1.0);
     let out = pol
@@ -107,7 +108,7 @@ fn budget_covering_context_equals_dense() {
         &o,
         &reference::prefill_f64(&shape, &q, len - 200, &view, None),
     );
-    assert!(err <= 1e-2, "prefill rel err {err}");
+    assert!(err <= 1e-5, "prefill rel err {err}");
 }
 
 #[test]
@@ -309,6 +310,61 @@ fn scoring_rope_modes() {
     for out in [&relative, &chunked] {
         for h in 0..2 {
             assert!(out.blocks[0].token_count(h) <= 8 + 32 + 64);
+        }
+    }
+}
+
+/// A token-level stage (chunk 1, refreshed every step) is exact top-k over
+/// the middle by the group-max score: the setting measured on SmolLM2
+/// (head_dim 64, BENCHMARKS.md) where coarser chunks lose attention mass.
+#[test]
+fn token_level_stage_is_exact_group_max_top_k() {
+    use infinitehip::kv::SeqView;
+    let (hq, hk, d, len, keep) = (6, 2, 16, 700, 40);
+    let shape = AttnShape::new(hq, hk, d).unwrap();
+    let mut rng = Rng::new(11);
+    let k = rng.normal_vec(hk * len * d, 1.0);
+    let cfg = HipConfig {
+        sink: 4,
+        window: 16,
+        stages: vec![HipStage {
+            chunk_size: 1,
+            keep_tokens: keep,
+            refresh_interval: 1,
+        }],
+        ..HipConfig::default()
+    };
+    let mut pol = HipPolicy::new(cfg, &model(d, 10000.0)).unwrap();
+    for step in 0..3 {
+        let pos = len - 3 + step;
+        let q = rng.normal_vec(hq * d, 1.0);
+        let view = SeqView::from_contiguous(hk, d, len, &k, &k);
+        let out = pol
+            .select(&req(shape, Phase::Decode, &q, pos, &view))
+            .unwrap();
+        let sel = &out.blocks[0];
+        let g = hq / hk;
+        for h in 0..hk {
+            let mid = 4..pos + 1 - 16;
+            let mut s: Vec<(f32, usize)> = mid
+                .clone()
+                .map(|t| {
+                    let kt = &k[(h * len + t) * d..(h * len + t + 1) * d];
+                    let best = (0..g)
+                        .map(|j| {
+                            let qj = &q[(h * g + j) * d..(h * g + j + 1) * d];
+                            qj.iter().zip(kt).map(|(a, b)| a * b).sum::<f32>()
+                        })
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    (best, t)
+                })
+                .collect();
+            s.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            let top: std::collections::BTreeSet<usize> = s[..keep].iter().map(|x| x.1).collect();
+            let got: std::collections::BTreeSet<usize> =
+                mid.filter(|&t| sel.contains(h, t)).collect();
+            assert_eq!(got, top, "step {step} head {h}");
+            assert!((0..4).chain(pos + 1 - 16..=pos).all(|t| sel.contains(h, t)));
         }
     }
 }

@@ -590,7 +590,9 @@ fn keep_fraction_one_equals_dense() {
         let mut refs = ref_pools(3, &seqs);
         let mut rseq = vec![RefSeq { len: 0, prompt: 0 }, RefSeq { len: 0, prompt: 0 }];
         let mut rng = Rng::new(7);
-        let bound = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        // The reference reads the same stored (dtype-rounded) K/V: only f32
+        // accumulation differs (~1e-6), in every dtype.
+        let bound = 1e-5;
         // Brute force with no points = dense attention over every token.
         step_and_compare(
             &mut eng,
@@ -642,7 +644,9 @@ fn engine_matches_bruteforce_lazyllm() {
         let mut refs = ref_pools(4, &seqs);
         let mut rseq = vec![RefSeq { len: 0, prompt: 0 }, RefSeq { len: 0, prompt: 0 }];
         let mut rng = Rng::new(99);
-        let bound = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        // The reference reads the same stored (dtype-rounded) K/V: only f32
+        // accumulation differs (~1e-6), in every dtype.
+        let bound = 1e-5;
         step_and_compare(
             &mut eng,
             &mut refs,

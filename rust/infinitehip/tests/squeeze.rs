@@ -312,6 +312,7 @@ fn small_cfg(quantile: f32, levels: usize) -> SqueezeConfig {
         quantile,
         quantile_l1: 0.5,
         observation_window: 50,
+        sink: 0,
         kmeans_iters: 20,
         seed: 3,
         prefill_pool: SqueezePool::Max,
@@ -768,7 +769,9 @@ fn quantile_zero_equals_dense_through_engine() {
             page_size: 16,
         };
         let mut refpool = KvPool::<f32>::new(layout, None).unwrap();
-        let bound = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        // The reference reads the same stored (dtype-rounded) K/V: only f32
+        // accumulation differs (~1e-6), in every dtype.
+        let bound = 1e-5;
         let mut rng = Rng::new(31);
         let te = 64;
         eng.add_sequence(1).unwrap();

@@ -3,3 +3,4 @@
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod launch_grid;

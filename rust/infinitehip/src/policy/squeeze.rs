@@ -432,97 +432,126 @@ pub fn calibrate(
     Thresholds { fine, coarse }
 }
 
-/// Clusters keys `0..n` of KV head `h`.
+/// Clusters keys `0..n` of KV head `h`: keys `0..cfg.sink` get a cluster of
+/// their own (at both levels), the rest go through k-means.
 pub fn build_head(kv: &dyn KvRead, h: usize, n: usize, cfg: &SqueezeConfig) -> Result<HeadIndex> {
     let d = kv.head_dim();
     let mut keys = vec![0f32; n * d];
     for (t, row) in keys.chunks_exact_mut(d).enumerate() {
         kv.read_key(h, t, row);
     }
-    let k = ((cfg.percent_clusters as f64 / 100.0 * n as f64) as usize).clamp(1, n);
-    let km = kmeans(
-        &keys,
-        d,
-        &KMeansParams {
-            k,
-            max_iters: cfg.kmeans_iters,
-            seed: cfg.seed,
-            normalize: true,
-        },
-    )
-    .map_err(|e| Error::Invalid(format!("squeeze: clustering KV head {h}: {e}")))?;
+    let s = cfg.sink.min(n);
+    let rest = n - s;
+    // Sink clusters 0..s (centroid = the key itself), then the k-means ones.
+    let mut centroids = keys[..s * d].to_vec();
+    let mut sizes = vec![1u32; s];
+    let mut labels: Vec<u32> = (0..s as u32).collect();
+    if rest > 0 {
+        let k = ((cfg.percent_clusters as f64 / 100.0 * rest as f64) as usize).clamp(1, rest);
+        let km = kmeans(
+            &keys[s * d..],
+            d,
+            &KMeansParams {
+                k,
+                max_iters: cfg.kmeans_iters,
+                seed: cfg.seed,
+                normalize: true,
+            },
+        )
+        .map_err(|e| Error::Invalid(format!("squeeze: clustering KV head {h}: {e}")))?;
+        centroids.extend_from_slice(&km.centroids);
+        sizes.extend_from_slice(&km.sizes);
+        labels.extend(km.labels.iter().map(|&l| l + s as u32));
+    }
     drop(keys);
-    let fine = Level::new(d, km.centroids, km.sizes);
+    let fine = Level::new(d, centroids, sizes);
     let coarse = if cfg.levels == 2 {
-        let ne = &fine.nonempty;
-        let pts: Vec<f32> = ne
+        Some(build_coarse(&fine, s, h, cfg)?)
+    } else {
+        None
+    };
+    Ok(HeadIndex {
+        fine,
+        labels,
+        coarse,
+    })
+}
+
+/// The coarse level over `fine`: fine clusters `0..sink` stay alone, the
+/// other non-empty ones are clustered again.
+fn build_coarse(fine: &Level, sink: usize, h: usize, cfg: &SqueezeConfig) -> Result<Coarse> {
+    let d = fine.dim;
+    let ne = &fine.nonempty;
+    let rest: Vec<u32> = ne.iter().copied().filter(|&c| c as usize >= sink).collect();
+    // Coarse cluster of each non-empty fine cluster, in `ne` order.
+    let mut assign: Vec<usize> = ne.iter().map(|&c| c as usize).collect();
+    let mut k1 = ne.len() - rest.len();
+    if !rest.is_empty() {
+        let pts: Vec<f32> = rest
             .iter()
             .flat_map(|&c| fine.centroid(c as usize).iter().copied())
             .collect();
-        let k1 = ((cfg.percent_clusters_l1 as f64 / 100.0 * ne.len() as f64) as usize)
-            .clamp(1, ne.len());
+        let kr = ((cfg.percent_clusters_l1 as f64 / 100.0 * rest.len() as f64) as usize)
+            .clamp(1, rest.len());
         let km1 = kmeans(
             &pts,
             d,
             &KMeansParams {
-                k: k1,
+                k: kr,
                 max_iters: cfg.kmeans_iters,
                 seed: cfg.seed,
                 normalize: true,
             },
         )
         .map_err(|e| Error::Invalid(format!("squeeze: coarse clustering KV head {h}: {e}")))?;
-        let mut of_fine = vec![u32::MAX; fine.k()];
-        let mut sums = vec![0f64; k1 * d];
-        let mut sizes = vec![0u32; k1];
-        let mut count = vec![0u32; k1];
-        for (i, &c) in ne.iter().enumerate() {
-            let cc = km1.labels[i] as usize;
-            of_fine[c as usize] = cc as u32;
-            let n_c = fine.sizes[c as usize];
-            sizes[cc] += n_c;
-            count[cc] += 1;
-            for (s, &x) in sums[cc * d..(cc + 1) * d]
-                .iter_mut()
-                .zip(fine.centroid(c as usize))
-            {
-                *s += n_c as f64 * x as f64;
+        let base = k1;
+        for (a, l) in assign[ne.len() - rest.len()..].iter_mut().zip(&km1.labels) {
+            *a = base + *l as usize;
+        }
+        k1 += kr;
+    }
+    let mut of_fine = vec![u32::MAX; fine.k()];
+    let mut sums = vec![0f64; k1 * d];
+    let mut sizes = vec![0u32; k1];
+    let mut count = vec![0u32; k1];
+    for (&c, &cc) in ne.iter().zip(&assign) {
+        of_fine[c as usize] = cc as u32;
+        let n_c = fine.sizes[c as usize];
+        sizes[cc] += n_c;
+        count[cc] += 1;
+        for (s, &x) in sums[cc * d..(cc + 1) * d]
+            .iter_mut()
+            .zip(fine.centroid(c as usize))
+        {
+            *s += n_c as f64 * x as f64;
+        }
+    }
+    let centroids: Vec<f32> = (0..k1 * d)
+        .map(|i| {
+            let sz = sizes[i / d];
+            if sz > 0 {
+                (sums[i] / sz as f64) as f32
+            } else {
+                0.0
             }
-        }
-        let centroids: Vec<f32> = (0..k1 * d)
-            .map(|i| {
-                let sz = sizes[i / d];
-                if sz > 0 {
-                    (sums[i] / sz as f64) as f32
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mut offs = vec![0u32; k1 + 1];
-        for c in 0..k1 {
-            offs[c + 1] = offs[c] + count[c];
-        }
-        let mut fill = offs.clone();
-        let mut members = vec![0u32; ne.len()];
-        for &c in ne {
-            let cc = of_fine[c as usize] as usize;
-            members[fill[cc] as usize] = c;
-            fill[cc] += 1;
-        }
-        Some(Coarse {
-            level: Level::new(d, centroids, sizes),
-            of_fine,
-            offs,
-            members,
         })
-    } else {
-        None
-    };
-    Ok(HeadIndex {
-        fine,
-        labels: km.labels,
-        coarse,
+        .collect();
+    let mut offs = vec![0u32; k1 + 1];
+    for c in 0..k1 {
+        offs[c + 1] = offs[c] + count[c];
+    }
+    let mut fill = offs.clone();
+    let mut members = vec![0u32; ne.len()];
+    for &c in ne {
+        let cc = of_fine[c as usize] as usize;
+        members[fill[cc] as usize] = c;
+        fill[cc] += 1;
+    }
+    Ok(Coarse {
+        level: Level::new(d, centroids, sizes),
+        of_fine,
+        offs,
+        members,
     })
 }
 

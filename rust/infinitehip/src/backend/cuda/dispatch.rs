@@ -7,8 +7,10 @@ use std::ops::Range;
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
+use super::hip_fast::{FastEstimator, FastInputs, MaskEstimator};
 use super::{gpu_err, kernels, DevBuf, GpuContext};
 use crate::attention::AttnShape;
+use crate::backend::launch_grid::{grid, row_split_grid};
 use crate::config::HipConfig;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
@@ -1023,10 +1025,16 @@ pub(crate) fn launch_attention_ex(
         q_block as i32,
     );
     let cfg = LaunchConfig {
-        grid_dim: (n_splits as u32, hkv as u32, n_rows as u32),
+        grid_dim: row_split_grid(gpu.grid_limits, n_rows, n_splits, hkv)?,
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
+    let combine_grid = grid(
+        gpu.grid_limits,
+        "attention combine",
+        (n_rows * shape.n_q_heads, 1, 1),
+    )?;
+    let ns = n_splits as i32;
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(&kv.k)
         .arg(&kv.v)
@@ -1044,6 +1052,7 @@ pub(crate) fn launch_attention_ex(
         .arg(&sel.tot.ptr)
         .arg(&cap)
         .arg(&sp)
+        .arg(&ns)
         .arg(&ws.pm.ptr)
         .arg(&ws.pl.ptr)
         .arg(&ws.pacc.ptr)
@@ -1052,7 +1061,6 @@ pub(crate) fn launch_attention_ex(
         .arg(&q_pos);
     unsafe { l.launch(cfg) }.map_err(|e| gpu_err("launch attention", e))?;
     let fc = gpu.func(module, &format!("{variant}combine_d{d}"))?;
-    let ns = n_splits as i32;
     let (hq, ors, odt) = (shape.n_q_heads as i32, out.row_stride as i64, out.code());
     let mut l = gpu.stream.launch_builder(&fc);
     l.arg(&ws.pm.ptr)
@@ -1065,7 +1073,7 @@ pub(crate) fn launch_attention_ex(
         .arg(&odt);
     unsafe {
         l.launch(LaunchConfig {
-            grid_dim: ((n_rows * shape.n_q_heads) as u32, 1, 1),
+            grid_dim: combine_grid,
             block_dim: (d.min(128) as u32, 1, 1),
             shared_mem_bytes: 0,
         })
@@ -1174,33 +1182,67 @@ pub(crate) fn run_stages(
             })
         }
         .map_err(|e| gpu_err("launch hip_score", e))?;
-        let out = &stages[s];
-        let (nsub, k, oc) = (
-            n_sub as i32,
-            (st.keep_tokens / st.chunk_size) as i32,
-            out.cap as i32,
-        );
-        let mut l = gpu.stream.launch_builder(&topk);
-        l.arg(&x.keys)
-            .arg(&nsub)
-            .arg(&k)
-            .arg(&in_ptr)
-            .arg(&in_cnt)
-            .arg(&ci)
-            .arg(&ei)
-            .arg(&c)
-            .arg(&out.out.ptr)
-            .arg(&out.cnt.ptr)
-            .arg(&oc);
-        unsafe {
-            l.launch(LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (1024, 1, 1),
-                shared_mem_bytes: 0,
-            })
-        }
-        .map_err(|e| gpu_err("launch hip_topk", e))?;
+        let k = st.keep_tokens / st.chunk_size;
+        let sub = SubChunks {
+            ranges: in_ptr,
+            cnt: in_cnt,
+            cap: cap_in,
+            e,
+            c: st.chunk_size,
+        };
+        launch_topk(gpu, &topk, x.keys, rows as usize, &sub, k, &stages[s])?;
     }
+    Ok(())
+}
+
+/// A stage's candidate slots: sub-chunk `e` (of `c` tokens) of input range
+/// `i` is slot `i * e_count + e` (`cap` ranges per row, `cnt` valid).
+pub(crate) struct SubChunks {
+    pub ranges: u64,
+    pub cnt: u64,
+    pub cap: usize,
+    pub e: usize,
+    pub c: usize,
+}
+
+/// hip_topk: keep the best `k` slots of each row's `keys` into `out`.
+pub(crate) fn launch_topk(
+    gpu: &GpuContext,
+    topk: &cudarc::driver::CudaFunction,
+    keys: u64,
+    rows: usize,
+    sub: &SubChunks,
+    k: usize,
+    out: &StageBuf,
+) -> Result<()> {
+    let (nsub, k, oc, ci, ei, c) = (
+        (sub.cap * sub.e) as i32,
+        k as i32,
+        out.cap as i32,
+        sub.cap as i32,
+        sub.e as i32,
+        sub.c as i32,
+    );
+    let mut l = gpu.stream.launch_builder(topk);
+    l.arg(&keys)
+        .arg(&nsub)
+        .arg(&k)
+        .arg(&sub.ranges)
+        .arg(&sub.cnt)
+        .arg(&ci)
+        .arg(&ei)
+        .arg(&c)
+        .arg(&out.out.ptr)
+        .arg(&out.cnt.ptr)
+        .arg(&oc);
+    unsafe {
+        l.launch(LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(|e| gpu_err("launch hip_topk", e))?;
     Ok(())
 }
 
@@ -1514,6 +1556,13 @@ pub struct HipGpuPrefill {
     n: usize,
     e0: usize,
     max_tokens: usize,
+    /// Mask estimator of `select` (Auto: the tensor-core one).
+    pub estimator: MaskEstimator,
+    fast: FastEstimator,
+    /// The sequence: its index in the `DeviceKv`'s lens and its page-table
+    /// row (`set_sequence`; default 0 and 0).
+    seq: usize,
+    table_row: usize,
 }
 
 impl HipGpuPrefill {
@@ -1559,9 +1608,40 @@ impl HipGpuPrefill {
             n: 0,
             e0: 1,
             max_tokens: 1,
+            estimator: MaskEstimator::Auto,
+            fast: FastEstimator::new(),
+            seq: 0,
+            table_row: 0,
             stages,
             cfg,
         })
+    }
+
+    /// The configuration this object was built for.
+    pub fn config(&self) -> &HipConfig {
+        &self.cfg
+    }
+
+    /// Largest chunk of queries one `prepare` takes.
+    pub fn max_queries(&self) -> usize {
+        self.max_blocks * self.cfg.block_size_q
+    }
+
+    /// Work on sequence `seq` of the `DeviceKv` (its lens index) at page
+    /// table row `table_row` from now on; the fast estimator's
+    /// representatives restart.
+    pub fn set_sequence(&mut self, gpu: &GpuContext, seq: usize, table_row: usize) -> Result<()> {
+        let row = i32::try_from(table_row)
+            .map_err(|_| Error::OutOfRange(format!("table row {table_row} exceeds i32")))?;
+        let qb = self.cfg.block_size_q;
+        self.row_seq
+            .write_async(&gpu.stream, &vec![row; self.max_blocks])?;
+        self.q_seq
+            .write_async(&gpu.stream, &vec![row; self.max_blocks * qb])?;
+        self.seq = seq;
+        self.table_row = table_row;
+        self.fast.reset();
+        Ok(())
     }
 
     /// Host-side set-up of a chunk of `n` queries at cache positions
@@ -1582,11 +1662,11 @@ impl HipGpuPrefill {
             )));
         }
         kv.check_lens()?;
-        if q_start + n > kv.lens[0] {
+        let len = kv.lens.get(self.seq).copied().unwrap_or(0);
+        if q_start + n > len {
             return Err(Error::OutOfRange(format!(
-                "hip GPU prefill: queries {q_start}..{} beyond {} cached tokens",
+                "hip GPU prefill: queries {q_start}..{} beyond {len} cached tokens",
                 q_start + n,
-                kv.lens[0]
             )));
         }
         let mut mids = Vec::with_capacity(nb * self.hkv);
@@ -1630,6 +1710,10 @@ impl HipGpuPrefill {
         self.n_blocks = nb;
         self.n = n;
         self.max_tokens = bound;
+        if q_start == 0 {
+            // A new sequence: the fast estimator's representatives restart.
+            self.fast.reset();
+        }
         Ok(())
     }
 
@@ -1639,6 +1723,33 @@ impl HipGpuPrefill {
     pub fn select(&mut self, gpu: &GpuContext, kv: &DeviceKv, q: u64) -> Result<()> {
         let rows = self.n_blocks * self.hkv;
         let d = kv.head_dim;
+        if self.estimator.fast_for(d) {
+            let x = FastInputs {
+                rows,
+                q,
+                n: self.n,
+                nq_max: self.nq_max,
+                group: self.group,
+                row_seq: self.row_seq.ptr,
+                seq_row: self.table_row,
+                len: kv.lens[self.seq],
+                stage0_in: self.stage0_in.ptr,
+                stage0_cnt: self.stage0_cnt.ptr,
+                e0: self.e0,
+                keys: self.keys.ptr,
+            };
+            self.fast
+                .run(gpu, kv, &self.cfg, self.cfg.block_size_q, &self.stages, &x)?;
+            self.sel.rows = rows;
+            return assemble(
+                gpu,
+                self.stages.last().unwrap(),
+                self.extra.ptr,
+                self.hkv,
+                rows,
+                &self.sel,
+            );
+        }
         let gather = gpu.func("hip_mask", "hip_gather_q")?;
         let (n, qb, st, hk, g, di, nqm) = (
             self.n as i32,
@@ -1703,6 +1814,47 @@ impl HipGpuPrefill {
         out: u64,
     ) -> Result<()> {
         self.attend_with(gpu, shape, kv, q, out, AttnKernel::Auto)
+    }
+
+    /// `attend` into an output of any dtype and row stride (the engine's).
+    pub fn attend_out(
+        &mut self,
+        gpu: &GpuContext,
+        shape: &AttnShape,
+        kv: &DeviceKv,
+        q: u64,
+        out: AttnOut,
+    ) -> Result<()> {
+        check_shape(shape, kv)?;
+        let mut ws = std::mem::take(&mut self.ws);
+        let ptrs = KvPtrs {
+            k: kv.k.ptr,
+            v: kv.v.ptr,
+            table: kv.table.ptr,
+            table_stride: kv.table_stride,
+            page_size: kv.page_size,
+            dtype: kv.dtype,
+        };
+        let r = launch_attention_kernel(
+            gpu,
+            &mut ws,
+            shape,
+            ptrs,
+            kv.strides(),
+            q,
+            self.n,
+            &self.sel,
+            self.max_tokens,
+            None,
+            out,
+            self.cfg.block_size_q,
+            self.q_seq.ptr,
+            self.q_pos.ptr,
+            AttnKernel::Auto,
+            false,
+        );
+        self.ws = ws;
+        r
     }
 
     /// `attend` with a chosen kernel (both twins over one selection).

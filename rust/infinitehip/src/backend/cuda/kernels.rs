@@ -46,6 +46,12 @@ pub const MODULES: &[(&str, &str)] = &[
         "prefill_tc",
         include_str!("../../../../../kernels/prefill_tc.cu"),
     ),
+    // Fast hip prefill mask estimation on tensor cores (hip_mask.cu's
+    // f32 scoring is its reference twin).
+    (
+        "hip_fast",
+        include_str!("../../../../../kernels/hip_fast.cu"),
+    ),
     // hip_mask.cu scoring keys in the host tier through a device row cache.
     (
         "hip_mask_host",
@@ -115,6 +121,11 @@ pub fn entry_points(module: &str) -> Vec<String> {
                         v.push(format!("hip_score_{dt}_d{d}_q{g}"));
                     }
                 }
+                "hip_fast" => {
+                    v.push(format!("hipf_score_rep_{dt}_d{d}"));
+                    v.push(format!("hipf_score_tok_{dt}_d{d}"));
+                    v.push(format!("hipf_reps_{dt}_d{d}"));
+                }
                 "prefill_tc" if TC_HEAD_DIMS.contains(d) => {
                     for g in GROUPS {
                         v.push(format!("prefill_tc_{dt}_d{d}_g{g}"));
@@ -136,6 +147,11 @@ pub fn entry_points(module: &str) -> Vec<String> {
             v.push("hip_topk".into());
             v.push("hip_assemble".into());
             v.push("hip_gather_q".into());
+        }
+        "hip_fast" => {
+            for n in ["hipf_stage0_keys", "hipf_subkeys", "hipf_gather_q"] {
+                v.push(n.into());
+            }
         }
         "locret_score" => {
             v.push("locret_fc1".into());

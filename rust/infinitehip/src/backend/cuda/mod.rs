@@ -34,6 +34,7 @@
 pub mod dispatch;
 pub mod engine_attn;
 pub mod est_cache;
+pub mod hip_fast;
 pub mod kernels;
 pub mod offload;
 pub mod policies;
@@ -47,6 +48,7 @@ use std::sync::Arc;
 use cudarc::driver::{result as cu, sys, CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
+use crate::backend::launch_grid::GridLimits;
 use crate::error::{Error, Result};
 
 fn gpu_err(what: &str, e: impl std::fmt::Debug) -> Error {
@@ -251,6 +253,8 @@ pub struct GpuContext {
     pub stream: Arc<CudaStream>,
     pub arch: &'static str,
     pub sm_count: usize,
+    /// Largest launch grid per dimension (device attributes).
+    pub grid_limits: GridLimits,
     pub name: String,
     modules: Arc<HashMap<&'static str, Arc<CudaModule>>>,
     funcs: Arc<std::sync::Mutex<HashMap<String, CudaFunction>>>,
@@ -274,6 +278,16 @@ impl GpuContext {
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| gpu_err("SM count", e))? as usize;
+        let max_grid = |a| -> Result<u64> {
+            ctx.attribute(a)
+                .map(|v| v as u64)
+                .map_err(|e| gpu_err("max grid size", e))
+        };
+        let grid_limits = GridLimits {
+            x: max_grid(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_X)?,
+            y: max_grid(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Y)?,
+            z: max_grid(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Z)?,
+        };
         let name = ctx.name().unwrap_or_default();
         let stream = ctx.default_stream();
         let mut modules = HashMap::new();
@@ -290,6 +304,7 @@ impl GpuContext {
             stream,
             arch,
             sm_count,
+            grid_limits,
             name,
             modules: Arc::new(modules),
             funcs: Default::default(),
@@ -316,6 +331,7 @@ impl GpuContext {
             stream,
             arch: self.arch,
             sm_count: self.sm_count,
+            grid_limits: self.grid_limits,
             name: self.name.clone(),
             modules: self.modules.clone(),
             funcs: self.funcs.clone(),

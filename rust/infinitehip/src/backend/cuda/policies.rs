@@ -28,9 +28,9 @@ macro_rules! launch {
         let f = $gpu.func($module, name)?;
         let mut l = $stream.launch_builder(&f);
         $( l.arg(&$a); )*
-        let (gx, gy, gz): (usize, usize, usize) = $grid;
+        let grid_dim = $crate::backend::launch_grid::grid($gpu.grid_limits, name, $grid)?;
         let cfg = LaunchConfig {
-            grid_dim: (gx as u32, gy as u32, gz as u32),
+            grid_dim,
             block_dim: (256, 1, 1),
             shared_mem_bytes: $smem as u32,
         };

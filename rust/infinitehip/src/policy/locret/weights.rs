@@ -26,7 +26,11 @@
 //! | `model.layers.{l}.self_attn.fc2.weight` | `[n_kv_heads, hidden]`                  |
 //!
 //! dtype F32, F16 or BF16 (converted to f32 at load). Only the layers that
-//! use `locret` need their two tensors; other tensors are ignored.
+//! use `locret` need their two tensors. Tensors that are not retaining-head
+//! tensors are ignored (a whole upstream checkpoint loads), but a head tensor
+//! the model cannot use is an error: a layer beyond the model's, or a bias
+//! (upstream's heads have none, and a scorer that silently dropped one would
+//! score differently from the one trained).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -157,6 +161,19 @@ impl RetainingHead {
     pub fn load(path: &Path, shape: &ModelShape, hidden: usize, layer: usize) -> Result<Self> {
         let input = (shape.n_q_heads + 2 * shape.n_kv_heads) * shape.head_dim;
         let mut f = StFile::open(path)?;
+        f.check_head_tensors(shape)?;
+        if let Some(m) = f.tensors.get(&fc1_name(layer)) {
+            if m.shape.len() == 2 && m.shape[1] == input && m.shape[0] != hidden {
+                return Err(f.err(format!(
+                    "tensor `{}` has shape {:?}, expected [{hidden}, {input}]: the file's heads \
+                     have hidden width {}, set locret.hidden to {}",
+                    fc1_name(layer),
+                    m.shape,
+                    m.shape[0],
+                    m.shape[0]
+                )));
+            }
+        }
         let w1 = f.read_f32(
             &fc1_name(layer),
             &[hidden, input],
@@ -471,6 +488,45 @@ impl StFile {
             data_start: 8 + n,
             tensors,
         })
+    }
+
+    /// Every retaining-head tensor (`model.layers.{l}.self_attn.fc{1,2}.*`)
+    /// must be a weight of a layer the model has.
+    fn check_head_tensors(&self, shape: &ModelShape) -> Result<()> {
+        let mut names: Vec<&String> = self.tensors.keys().collect();
+        names.sort();
+        for name in names {
+            let Some(rest) = name.strip_prefix("model.layers.") else {
+                continue;
+            };
+            let Some((layer, tail)) = rest.split_once('.') else {
+                continue;
+            };
+            let Some(part) = tail
+                .strip_prefix("self_attn.fc1.")
+                .or_else(|| tail.strip_prefix("self_attn.fc2."))
+            else {
+                continue;
+            };
+            if part != "weight" {
+                return Err(self.err(format!(
+                    "unexpected tensor `{name}`: retaining heads are fc1/fc2 weights without \
+                     bias (upstream's Linear(bias=False)); this scorer would ignore it"
+                )));
+            }
+            match layer.parse::<usize>() {
+                Ok(l) if l < shape.n_layers => {}
+                _ => {
+                    return Err(self.err(format!(
+                        "tensor `{name}` is for layer {layer}, but the model has {} layers \
+                         (0..{}): heads trained for another model?",
+                        shape.n_layers,
+                        shape.n_layers.saturating_sub(1)
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Read tensor `name` as f32, checking its shape and dtype.

@@ -36,8 +36,13 @@
 //!   back for the CPU policy's bookkeeping. Eviction is a per-(request,
 //!   layer, KV head) retained index set that attention reads: the engine's
 //!   pool memory is not freed (see `locret`).
-//! - Not here: hip sparse prefill (prefill is dense causal), CUDA-graph
-//!   capture (the per-step host arrays change every step).
+//! - hip prefill: sparse, as on the CPU (`prefill_estimator`, default the
+//!   tensor-core mask estimator of `hip_fast`; `Reference` is the f32 twin
+//!   bit-equal to the CPU policy; `None` attends densely): per request and
+//!   chunk of `prefill_chunk` queries, the mask of every query block, then
+//!   block-sparse causal attention.
+//! - Not here: CUDA-graph capture (the per-step host arrays change every
+//!   step).
 
 mod hip;
 mod lazy;
@@ -50,10 +55,12 @@ use std::collections::HashMap;
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
+use super::dispatch::HipGpuPrefill;
 use super::dispatch::{
     assemble_rows, launch_attention_ex, regions, run_stages, AttnOut, DecodeWorkspace, DeviceKv,
     DeviceSelection, HipGpuDecoder, KvPtrs, StageBuf, StageInputs,
 };
+use super::hip_fast::MaskEstimator;
 use super::{gpu_err, kernels, DevBuf, GpuContext};
 use crate::attention::AttnShape;
 use crate::config::{LayerPolicy, PolicyConfig};
@@ -163,6 +170,14 @@ pub struct GpuAttention {
     pol_up: DevBuf,
     /// State of the lazy layers (None when no layer is lazy).
     lazy: Option<LazyGpu>,
+    /// Prefill of hip layers: `Some(estimator)` runs hip's sparse prefill
+    /// (mask estimation per query block, then block-sparse attention) with
+    /// that estimator; `None` attends densely (causal). Default
+    /// `Some(MaskEstimator::Auto)` (the tensor-core estimator).
+    pub prefill_estimator: Option<MaskEstimator>,
+    /// Buffers of the hip sparse prefill, shared by the hip layers (rebuilt
+    /// when a layer's hip config differs from the last one's).
+    hip_pf: Option<Box<HipGpuPrefill>>,
 }
 
 fn grow(buf: &mut DevBuf, bytes: usize) -> Result<()> {
@@ -273,12 +288,8 @@ impl GpuAttention {
         }
         let mut layers = Vec::new();
         for l in 0..m.n_layers {
-            let p = if l < cfg.dense_layers {
-                &LayerPolicy::Dense
-            } else {
-                cfg.layer_policy(l)
-            };
-            layers.push(match p {
+            // The one layer rule (`resolve_layer`), as on the CPU.
+            layers.push(match cfg.layer_policy(l) {
                 LayerPolicy::Dense => Layer::Dense,
                 LayerPolicy::Hip(h) => {
                     HipGpuDecoder::validate(h)?;
@@ -314,7 +325,7 @@ impl GpuAttention {
             );
         }
         let lazy = (0..m.n_layers).find_map(|l| match cfg.layer_policy(l) {
-            LayerPolicy::Lazy(z) if l >= cfg.dense_layers => Some(LazyGpu::new(z.clone())),
+            LayerPolicy::Lazy(z) => Some(LazyGpu::new(z.clone())),
             _ => None,
         });
         let g = shape.group() as i32;
@@ -338,6 +349,8 @@ impl GpuAttention {
             keys_cap: 0,
             nq: DevBuf::from_slice(&[g])?,
             ones: DevBuf::from_slice(&vec![1i32; shape.n_kv_heads])?,
+            prefill_estimator: Some(MaskEstimator::Auto),
+            hip_pf: None,
         })
     }
 
@@ -596,7 +609,8 @@ impl GpuAttention {
     }
 
     /// The selection of the last call (rows `[query row][kv head]`), read
-    /// back synchronously (tests, debugging).
+    /// back synchronously (tests, debugging). Not that of a hip layer's
+    /// sparse prefill (its selections live in the prefill's own buffers).
     pub fn last_selection(&self) -> Result<Vec<crate::policy::Selection>> {
         // The last call ran on the caller's stream: wait for the device.
         cudarc::driver::result::ctx::synchronize()
@@ -1091,6 +1105,76 @@ impl GpuAttention {
         res
     }
 
+    /// hip sparse prefill of a hip layer: per request, per chunk of at most
+    /// `prefill_chunk` queries, the mask of every query block (`est`) and
+    /// block-sparse causal attention into the request's output rows.
+    /// Representatives of the fast estimator are recomputed per (request,
+    /// layer) call and reused by every query block of the call.
+    #[allow(clippy::too_many_arguments)]
+    fn hip_prefill(
+        &mut self,
+        gpu: &GpuContext,
+        shape: &AttnShape,
+        cfg: &crate::config::HipConfig,
+        est: MaskEstimator,
+        dkv: &DeviceKv,
+        table_rows: &[usize],
+        lens: &[usize],
+        n_new: &[usize],
+        out: &AttnOut,
+    ) -> Result<()> {
+        // Buffers for the largest chunk of this call (not a whole
+        // prefill_chunk for short prompts: a covering budget's stage
+        // buffers are large per row).
+        let want = n_new
+            .iter()
+            .max()
+            .copied()
+            .unwrap_or(1)
+            .min(cfg.prefill_chunk.max(cfg.block_size_q))
+            .next_multiple_of(cfg.block_size_q);
+        let rebuild = match &self.hip_pf {
+            Some(p) => p.config() != cfg || p.max_queries() < want,
+            None => true,
+        };
+        if rebuild {
+            self.hip_pf = None;
+            self.hip_pf = Some(Box::new(HipGpuPrefill::new(
+                cfg.clone(),
+                &self.shape,
+                want,
+            )?));
+        }
+        let pf = self.hip_pf.as_mut().unwrap();
+        pf.estimator = est;
+        let qe = self.shape.q_elems();
+        let esz = if out.dtype == DType::F32 { 4 } else { 2 };
+        let qf = self.qf.ptr;
+        let mut r0 = 0;
+        for i in 0..lens.len() {
+            let ni = n_new[i];
+            if ni > 0 {
+                pf.set_sequence(gpu, i, table_rows[i])?;
+            }
+            let mut j = 0;
+            while j < ni {
+                // Chunks of prefill_chunk queries, as the CPU policy.
+                let n = (ni - j).min(cfg.prefill_chunk.max(cfg.block_size_q));
+                pf.prepare(gpu, dkv, lens[i] - ni + j, n)?;
+                let qp = qf + ((r0 + j) * qe * 4) as u64;
+                pf.select(gpu, dkv, qp)?;
+                let o = AttnOut {
+                    ptr: out.ptr + ((r0 + j) * out.row_stride * esz) as u64,
+                    ..*out
+                };
+                pf.attend_out(gpu, shape, dkv, qp, o)?;
+                j += n;
+            }
+            r0 += ni;
+        }
+        Ok(())
+    }
+
     /// hip mask estimation of every request of the batch into the
     /// selection; returns it and the host bound on selected tokens. Leaves
     /// the table rows at `self.up` (first `b` i32).
@@ -1335,6 +1419,10 @@ impl GpuAttention {
                 z.record(&gpu.stream, s, qe, q0, lens[i], n_new[i])?;
                 row += n_new[i];
             }
+        }
+        if let (Layer::Hip(h), Some(est)) = (&self.layers[layer], self.prefill_estimator) {
+            let cfg = h.cfg.clone();
+            return self.hip_prefill(&gpu, &shape, &cfg, est, &dkv, table_rows, lens, n_new, out);
         }
         let hkv = self.shape.n_kv_heads;
         let nr = total * hkv;

@@ -1,0 +1,409 @@
+"""Train Locret retaining heads for a Hugging Face causal LM (PyTorch).
+
+    python -m infinitehip.locret_train --model DIR --text FILE [FILE ..] \
+        --out heads/my-model.h64
+
+Recipe (arXiv 2410.01805; upstream huangyuxiang03/Locret locret/train/):
+
+- The model is frozen; one head per layer, fc2(silu(fc1(x))) with no bias,
+  x = cat(q_proj(h), k_proj(h), v_proj(h)) of each token before RoPE.
+- Target ("causal importance score"): each training sequence is split into
+  a prefix and a response (its last `--response` tokens). A prefix key's
+  target is its largest pre-softmax logit q.k/sqrt(d) (post-RoPE, as the
+  model attends) over all response queries and over the query heads of its
+  GQA group: one value per (layer, KV head, prefix token).
+- Loss: SmoothL1 (beta 1) to the targets, averaged over tokens, KV heads and
+  layers, plus 0.0025 x sum over layers of the MSE between adjacent tokens'
+  predictions. AdamW (lr 5e-4, betas 0.9/0.95), linear warm-up then linear
+  decay, gradients clipped by value at 0.5.
+
+Differences from upstream, all for a small budget: the heads are trained
+apart from the model (the model runs once per sequence under no_grad and
+the heads take `--inner-steps` steps on its projections; identical
+gradients since the model is frozen); `--hidden` defaults to 64 (upstream
+1024); the warm-up is `--warmup` of the steps (upstream 2000 of 3000); the
+text is plain long text cut into `--seq-len` windows (upstream: LongAlpaca
+prompts up to 10240 tokens).
+
+Output: `OUT.safetensors` with upstream's tensor names
+(`model.layers.{l}.self_attn.fc1.weight` [hidden, (n_q + 2 n_kv) head_dim],
+`fc2.weight` [n_kv, hidden]), the layout libinfinitehip's loader checks, and
+`OUT.json` saying how they were trained, with held-out rank quality of the
+trained heads against untrained (random) heads of the same shape.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+SMOOTH_WEIGHT = 0.0025
+
+
+def fc1_name(layer):
+    return f"model.layers.{layer}.self_attn.fc1.weight"
+
+
+def fc2_name(layer):
+    return f"model.layers.{layer}.self_attn.fc2.weight"
+
+
+def read_text(path):
+    """A file's text: .jsonl lines joined by their "text" field, else raw."""
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            return "\n".join(json.loads(line)["text"] for line in f if line.strip())
+        return f.read()
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def windows(ids, seq_len, count, seed):
+    """`count` non-overlapping windows of `seq_len` tokens, in a seeded
+    random order (the whole text is cut first, so windows never repeat)."""
+    import torch
+
+    n = len(ids) // seq_len
+    if n < count:
+        raise SystemExit(f"text holds {n} windows of {seq_len} tokens, need {count}")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g)[:count].tolist()
+    t = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+    return [t[i] for i in order]
+
+
+class Shape:
+    """The attention shape the heads must match, read from the model config."""
+
+    def __init__(self, config):
+        self.n_layers = config.num_hidden_layers
+        self.n_q = config.num_attention_heads
+        self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_q
+        self.head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // self.n_q
+        )
+        self.input = (self.n_q + 2 * self.n_kv) * self.head_dim
+
+    def as_dict(self):
+        return {
+            "n_layers": self.n_layers,
+            "n_q_heads": self.n_q,
+            "n_kv_heads": self.n_kv,
+            "head_dim": self.head_dim,
+        }
+
+
+class Collector:
+    """Runs the frozen model on one sequence and returns, per layer, the
+    heads' inputs over the prefix and the targets."""
+
+    def __init__(self, model, shape):
+        import torch
+
+        self.model = model
+        self.shape = shape
+        self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.layers = self.base.layers
+        # The rotary helper of the model's own modeling file (Llama, Qwen2,
+        # Mistral, ... all define it next to their attention class).
+        attn_mod = sys.modules[type(self.layers[0].self_attn).__module__]
+        self.apply_rope = attn_mod.apply_rotary_pos_emb
+        self.proj = {}
+        self.hooks = []
+        for l, layer in enumerate(self.layers):
+            for name in ("q_proj", "k_proj", "v_proj"):
+                mod = getattr(layer.self_attn, name)
+                self.hooks.append(mod.register_forward_hook(self._hook(l, name)))
+        self.torch = torch
+
+    def _hook(self, layer, name):
+        def save(_mod, _inp, out):
+            self.proj[(layer, name)] = out.detach()
+
+        return save
+
+    def __call__(self, ids, response):
+        """ids [T] -> (x [L, P, input] f32, target [L, n_kv, P] f32) with
+        P = T - response."""
+        torch, s = self.torch, self.shape
+        dev = next(self.model.parameters()).device
+        ids = ids.to(dev)[None]
+        T = ids.shape[1]
+        P = T - response
+        self.proj.clear()
+        with torch.no_grad():
+            self.base(input_ids=ids, use_cache=False)
+            pos = torch.arange(T, device=dev)[None]
+            emb = self.base.embed_tokens(ids)
+            cos, sin = self.base.rotary_emb(emb, pos)
+            xs, ts = [], []
+            for l in range(s.n_layers):
+                q = self.proj[(l, "q_proj")][0]
+                k = self.proj[(l, "k_proj")][0]
+                v = self.proj[(l, "v_proj")][0]
+                xs.append(torch.cat([q[:P], k[:P], v[:P]], dim=-1).float())
+                # [1, heads, T, d] as the modeling file's rotary helper wants.
+                qh = q.view(T, s.n_q, s.head_dim).transpose(0, 1)[None]
+                kh = k.view(T, s.n_kv, s.head_dim).transpose(0, 1)[None]
+                qr, kr = self.apply_rope(qh, kh, cos, sin)
+                qr = qr[0, :, P:].float()  # response queries [n_q, R, d]
+                kr = kr[0, :, :P].float()  # prefix keys [n_kv, P, d]
+                g = s.n_q // s.n_kv
+                logits = torch.einsum(
+                    "kgrd,kpd->kgrp", qr.view(s.n_kv, g, response, s.head_dim), kr
+                ) / math.sqrt(s.head_dim)
+                ts.append(logits.amax(dim=(1, 2)))
+        x, t = torch.stack(xs), torch.stack(ts)
+        if not (torch.isfinite(x).all() and torch.isfinite(t).all()):
+            raise ValueError("non-finite head inputs or targets (a token without an embedding row?)")
+        return x, t
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
+
+
+class Heads:
+    """All layers' heads as two stacked parameters: w1 [L, hidden, input],
+    w2 [L, n_kv, hidden], initialised as torch.nn.Linear initialises."""
+
+    def __init__(self, shape, hidden, seed, device):
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        b1, b2 = 1 / math.sqrt(shape.input), 1 / math.sqrt(hidden)
+        w1 = (torch.rand(shape.n_layers, hidden, shape.input, generator=g) * 2 - 1) * b1
+        w2 = (torch.rand(shape.n_layers, shape.n_kv, hidden, generator=g) * 2 - 1) * b2
+        self.w1 = w1.to(device).requires_grad_()
+        self.w2 = w2.to(device).requires_grad_()
+        self.shape, self.hidden = shape, hidden
+
+    def params(self):
+        return [self.w1, self.w2]
+
+    def __call__(self, x):
+        """x [L, P, input] -> scores [L, n_kv, P]."""
+        import torch
+
+        h = torch.nn.functional.silu(torch.einsum("lpi,lhi->lph", x, self.w1))
+        return torch.einsum("lph,lkh->lkp", h, self.w2)
+
+    def state_dict(self, dtype):
+        out = {}
+        for l in range(self.shape.n_layers):
+            out[fc1_name(l)] = self.w1[l].detach().to("cpu", dtype).contiguous()
+            out[fc2_name(l)] = self.w2[l].detach().to("cpu", dtype).contiguous()
+        return out
+
+
+def loss_fn(pred, target):
+    """Upstream's loss: SmoothL1 averaged over (layer, head, token) plus
+    0.0025 x sum over layers of the adjacent-token MSE."""
+    import torch
+
+    fit = torch.nn.functional.smooth_l1_loss(pred, target, beta=1.0)
+    smooth = ((pred[..., 1:] - pred[..., :-1]) ** 2).mean(dim=(1, 2)).sum()
+    return fit + SMOOTH_WEIGHT * smooth, fit
+
+
+def rank_quality(pred, target, frac=8):
+    """Mean over (layer, KV head) of the Spearman correlation between
+    predicted and target scores, and of the overlap of their top 1/frac."""
+    import torch
+
+    def ranks(a):
+        return a.argsort(dim=-1).argsort(dim=-1).float()
+
+    rp, rt = ranks(pred), ranks(target)
+    rp = rp - rp.mean(-1, keepdim=True)
+    rt = rt - rt.mean(-1, keepdim=True)
+    rho = (rp * rt).sum(-1) / (rp.norm(dim=-1) * rt.norm(dim=-1))
+    k = max(1, pred.shape[-1] // frac)
+    tp = pred.topk(k, dim=-1).indices
+    tt = target.topk(k, dim=-1).indices
+    hit = torch.zeros_like(pred, dtype=torch.bool).scatter_(-1, tt, True)
+    overlap = hit.gather(-1, tp).float().mean(-1)
+    return rho.mean().item(), overlap.mean().item()
+
+
+def evaluate(heads, data):
+    import torch
+
+    rows = []
+    with torch.no_grad():
+        for x, t in data:
+            pred = heads(x)
+            rows.append((*rank_quality(pred, t), loss_fn(pred, t)[1].item()))
+    n = max(1, len(rows))
+    return {
+        "spearman": sum(r[0] for r in rows) / n,
+        "top_eighth_overlap": sum(r[1] for r in rows) / n,
+        "smooth_l1": sum(r[2] for r in rows) / n,
+    }
+
+
+def pack_info(model_dir):
+    """What `locret_pack` recorded when the checkpoint came from a pack."""
+    p = os.path.join(model_dir, "locret_pack.json")
+    return json.load(open(p)) if os.path.exists(p) else None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m infinitehip.locret_train", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", nargs="+",
+                     help="training text: .txt files, or .jsonl with a 'text' field per line")
+    src.add_argument("--tokens", help="training token ids, a .npy (as locret_pack unpack writes)")
+    p.add_argument("--out", required=True, help="output prefix (.safetensors and .json added)")
+    p.add_argument("--hidden", type=int, default=64, help="head hidden width (upstream 1024)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per training sequence")
+    p.add_argument("--response", type=int, default=256,
+                   help="last tokens of a sequence whose queries define the targets")
+    p.add_argument("--sequences", type=int, default=64, help="training sequences")
+    p.add_argument("--holdout", type=int, default=4, help="held-out sequences for evaluation")
+    p.add_argument("--inner-steps", type=int, default=4,
+                   help="optimizer steps on each sequence's projections")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the sequences")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--model-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--save-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--log-every", type=int, default=8)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    dev = args.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    mdt = args.model_dtype
+    if mdt == "auto":
+        mdt = "bfloat16" if dev.startswith("cuda") else "float32"
+    if args.response >= args.seq_len:
+        raise SystemExit("--response must be below --seq-len")
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, mdt))
+    model.to(dev).eval().requires_grad_(False)
+    shape = Shape(model.config)
+    if shape.n_q % shape.n_kv:
+        raise SystemExit(f"{shape.n_q} query heads do not group over {shape.n_kv} KV heads")
+
+    if args.tokens:
+        import numpy as np
+
+        ids = np.load(args.tokens).astype(np.int64).tolist()
+    else:
+        tok = AutoTokenizer.from_pretrained(args.model)
+        text = "\n\n".join(read_text(p) for p in args.text)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+    seqs = windows(ids, args.seq_len, args.sequences + args.holdout, args.seed)
+    train, held = seqs[: args.sequences], seqs[args.sequences:]
+    collect = Collector(model, shape)
+    t_setup = time.time() - t0
+
+    heads = Heads(shape, args.hidden, args.seed, dev)
+    held_data = [collect(s, args.response) for s in held]
+    untrained = evaluate(heads, held_data)
+
+    steps = args.sequences * args.epochs * args.inner_steps
+    opt = torch.optim.AdamW(heads.params(), lr=args.lr, betas=(0.9, 0.95))
+    warm = max(1, int(args.warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
+    )
+    step, t_model, log = 0, 0.0, []
+    t_train = time.time()
+    for epoch in range(args.epochs):
+        for i, seq in enumerate(train):
+            tm = time.time()
+            x, target = collect(seq, args.response)
+            t_model += time.time() - tm
+            for _ in range(args.inner_steps):
+                opt.zero_grad(set_to_none=True)
+                loss, fit = loss_fn(heads(x), target)
+                loss.backward()
+                torch.nn.utils.clip_grad_value_(heads.params(), 0.5)
+                opt.step()
+                sched.step()
+                step += 1
+            if (i + 1) % args.log_every == 0 or i + 1 == len(train):
+                row = {"epoch": epoch, "sequence": i + 1, "step": step,
+                       "loss": loss.item(), "smooth_l1": fit.item(),
+                       "seconds": round(time.time() - t0, 1)}
+                log.append(row)
+                print(json.dumps(row), flush=True)
+    t_train = time.time() - t_train
+    trained = evaluate(heads, held_data)
+    collect.close()
+
+    out_st, out_js = args.out + ".safetensors", args.out + ".json"
+    os.makedirs(os.path.dirname(os.path.abspath(out_st)), exist_ok=True)
+    save_file(heads.state_dict(getattr(torch, args.save_dtype)), out_st,
+              metadata={"format": "pt", "locret_hidden": str(args.hidden)})
+    info = {
+        "what": "Locret retaining heads (infinitehip.locret_train)",
+        "argv": list(argv) if argv is not None else sys.argv[1:],
+        "model": os.path.abspath(args.model),
+        "model_config": shape.as_dict(),
+        "hidden": args.hidden,
+        "activation": "silu",
+        "tensor_dtype": args.save_dtype,
+        "text": [{"path": os.path.abspath(p), "sha256": sha256(p)} for p in args.text or []],
+        "tokens": {"path": os.path.abspath(args.tokens), "sha256": sha256(args.tokens)}
+        if args.tokens else None,
+        "model_pack": pack_info(args.model),
+        "text_tokens": len(ids),
+        "seq_len": args.seq_len,
+        "response": args.response,
+        "train_sequences": args.sequences,
+        "holdout_sequences": args.holdout,
+        "epochs": args.epochs,
+        "inner_steps": args.inner_steps,
+        "optimizer_steps": step,
+        "lr": args.lr,
+        "warmup_steps": warm,
+        "seed": args.seed,
+        "device": dev if dev == "cpu" else torch.cuda.get_device_name(dev),
+        "model_dtype": mdt,
+        "threads": torch.get_num_threads(),
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "seconds": {"setup": round(t_setup, 1), "train": round(t_train, 1),
+                    "model_forward": round(t_model, 1), "total": round(time.time() - t0, 1)},
+        "heldout": {"trained": trained, "untrained_random": untrained},
+        "log": log,
+    }
+    with open(out_js, "w") as f:
+        json.dump(info, f, indent=1)
+    print(json.dumps({"out": out_st, "heldout": info["heldout"], "seconds": info["seconds"]}))
+    return info
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""infinitehip.locret_train on a tiny random Llama (CPU, seconds): the head
+inputs and targets against an f64 numpy forward written from the Llama
+equations, a short training run whose heads beat their random init, and the
+written file read by libinfinitehip, whose eviction keeps exactly the tokens
+the trained heads score highest."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from infinitehip import locret_train  # noqa: E402
+
+NL, NQ, NKV, D, HID, VOCAB = 2, 4, 2, 16, 48, 97
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HID, intermediate_size=80, num_hidden_layers=NL,
+        num_attention_heads=NQ, num_key_value_heads=NKV, head_dim=D,
+        max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    # Larger weights than the init so attention logits spread (targets vary).
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)
+    model.save_pretrained(d / "model")
+    ids = np.random.default_rng(1).integers(0, VOCAB, 4000)
+    np.save(d / "tokens.npy", ids)
+    return d
+
+
+def reference(model_dir, ids, response):
+    """f64 Llama forward from the safetensors: (x [L, P, in], target [L, NKV, P])."""
+    w = {k: v.double().numpy() for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+    cfg = json.load(open(model_dir / "config.json"))
+    eps = cfg["rms_norm_eps"]
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta"))
+    T, P = len(ids), len(ids) - response
+    inv = 1.0 / theta ** (np.arange(0, D, 2) / D)
+    ang = np.outer(np.arange(T), inv)
+    cos, sin = np.cos(np.concatenate([ang, ang], 1)), np.sin(np.concatenate([ang, ang], 1))
+
+    def rope(x):  # [heads, T, D], rotate_half convention
+        half = np.concatenate([-x[..., D // 2:], x[..., : D // 2]], -1)
+        return x * cos + half * sin
+
+    def norm(x, g):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
+
+    h = w["model.embed_tokens.weight"][ids]
+    xs, ts = [], []
+    for l in range(NL):
+        p = f"model.layers.{l}."
+        a = norm(h, w[p + "input_layernorm.weight"])
+        q, k, v = (a @ w[p + f"self_attn.{n}_proj.weight"].T for n in "qkv")
+        xs.append(np.concatenate([q, k, v], 1)[:P])
+        qr = rope(q.reshape(T, NQ, D).transpose(1, 0, 2))
+        kr = rope(k.reshape(T, NKV, D).transpose(1, 0, 2))
+        vh = v.reshape(T, NKV, D).transpose(1, 0, 2)
+        g = NQ // NKV
+        logits = np.einsum("htd,hsd->hts", qr, np.repeat(kr, g, 0)) / math.sqrt(D)
+        ts.append(logits[:, P:, :P].reshape(NKV, g * response, P).max(1))
+        logits = logits + np.triu(np.full((T, T), -np.inf), 1)
+        pr = np.exp(logits - logits.max(-1, keepdims=True))
+        pr /= pr.sum(-1, keepdims=True)
+        o = np.einsum("hts,hsd->thd", pr, np.repeat(vh, g, 0)).reshape(T, NQ * D)
+        h = h + o @ w[p + "self_attn.o_proj.weight"].T
+        m = norm(h, w[p + "post_attention_layernorm.weight"])
+        gate = m @ w[p + "mlp.gate_proj.weight"].T
+        up = m @ w[p + "mlp.up_proj.weight"].T
+        h = h + (gate / (1 + np.exp(-gate)) * up) @ w[p + "mlp.down_proj.weight"].T
+    return np.stack(xs), np.stack(ts)
+
+
+def test_inputs_and_targets_match_f64_reference(tiny):
+    model = transformers.LlamaForCausalLM.from_pretrained(tiny / "model", dtype=torch.float32).eval()
+    shape = locret_train.Shape(model.config)
+    col = locret_train.Collector(model, shape)
+    ids = np.load(tiny / "tokens.npy")[:72]
+    x, t = col(torch.tensor(ids), 24)
+    col.close()
+    rx, rt = reference(tiny / "model", ids, 24)
+    assert x.shape == (NL, 48, (NQ + 2 * NKV) * D) and t.shape == (NL, NKV, 48)
+    assert t.std() > 0.5, "targets must vary for the test to mean anything"
+    for got, want in ((x.numpy(), rx), (t.numpy(), rt)):
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert np.isfinite(got).all() and err < 1e-5, err
+    # A target is a max over the response queries: without the last one,
+    # no target grows and some shrink.
+    _, rt2 = reference(tiny / "model", ids[:71], 23)
+    assert (rt2 <= rt + 1e-12).all() and np.abs(rt2 - rt).max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("heads") / "tiny.h8"
+    info = locret_train.main([
+        "--model", str(tiny / "model"), "--tokens", str(tiny / "tokens.npy"),
+        "--out", str(out), "--hidden", "8", "--seq-len", "96", "--response", "32",
+        "--sequences", "8", "--holdout", "2", "--inner-steps", "8", "--epochs", "3",
+        "--lr", "1e-2", "--device", "cpu", "--threads", "1", "--save-dtype", "float32",
+    ])
+    return out, info
+
+
+def test_training_writes_upstream_names_and_beats_random(trained):
+    out, info = trained
+    st = load_file(str(out) + ".safetensors")
+    want = {}
+    for l in range(NL):
+        want[f"model.layers.{l}.self_attn.fc1.weight"] = (8, (NQ + 2 * NKV) * D)
+        want[f"model.layers.{l}.self_attn.fc2.weight"] = (NKV, 8)
+    assert {k: tuple(v.shape) for k, v in st.items()} == want
+    assert all(torch.isfinite(v).all() for v in st.values())
+    js = json.load(open(str(out) + ".json"))
+    assert js["hidden"] == 8 and js["optimizer_steps"] == 8 * 3 * 8
+    assert js["model_config"] == {"n_layers": NL, "n_q_heads": NQ, "n_kv_heads": NKV, "head_dim": D}
+    tr, rnd = js["heldout"]["trained"], js["heldout"]["untrained_random"]
+    print(js["heldout"], js["seconds"])
+    assert tr["smooth_l1"] < 0.5 * rnd["smooth_l1"], js["heldout"]
+    assert tr["spearman"] > rnd["spearman"] + 0.2, js["heldout"]
+
+
+def test_libinfinitehip_evicts_what_the_trained_heads_rank_lowest(trained):
+    from infinitehip import Engine, InfinitehipError
+
+    out, _ = trained
+    path = str(out) + ".safetensors"
+    n, budget = 40, 12
+    cfg = {
+        "model": {"n_layers": NL, "n_q_heads": NQ, "n_kv_heads": NKV, "head_dim": D},
+        "kv": {"page_size": 16, "dtype": "f32"},
+        "dense_layers": 1,
+        "default": {"method": "locret", "weights": path, "hidden": 8, "budget": budget,
+                    "chunk": n, "stabilizer": 0, "sink": 0, "keep_last": 0},
+    }
+    with pytest.raises(InfinitehipError, match="fc1"):
+        Engine({**cfg, "default": {**cfg["default"], "hidden": 16}})
+    rng = np.random.default_rng(7)
+    pq = rng.standard_normal((n + 1, NQ * D)).astype(np.float32)
+    pk, pv = (rng.standard_normal((n + 1, NKV * D)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((n + 1, NKV, D)).astype(np.float32) for _ in range(2))
+    eng = Engine(cfg)
+    eng.add_sequence(1)
+    eng.append(1, 1, k[:n], v[:n], proj=(pq[:n], pk[:n], pv[:n]))
+    # The eviction owed for the prefill chunk runs before the decode token joins.
+    eng.append(1, 1, k[n:], v[n:], phase="decode", proj=(pq[n:], pk[n:], pv[n:]))
+    assert eng.seq_len(1, 1) == budget + 1
+    st = load_file(path)
+    w1, w2 = st["model.layers.1.self_attn.fc1.weight"], st["model.layers.1.self_attn.fc2.weight"]
+    x = torch.from_numpy(np.concatenate([pq, pk, pv], 1)[:n])
+    score = (torch.nn.functional.silu(x @ w1.T) @ w2.T).numpy()  # [n, NKV]
+    q = rng.standard_normal((1, NQ, D)).astype(np.float32)
+    got = eng.attend_decode(1, [1], q)
+    for h in range(NQ):
+        kv = h // (NQ // NKV)
+        keep = np.sort(np.argsort(-score[:, kv])[:budget])
+        gap = np.sort(score[:, kv])[::-1]
+        assert gap[budget - 1] - gap[budget] > 1e-4, "near-tie at the budget: pick another seed"
+        rows = np.append(keep, n)
+        lg = k[rows, kv].astype(np.float64) @ q[0, h] / math.sqrt(D)
+        p = np.exp(lg - lg.max())
+        want = (p / p.sum()) @ v[rows, kv]
+        # Keeping the budget's worst token in place of its best must differ.
+        wrong = np.append(np.sort(np.argsort(-score[:, kv])[1 : budget + 1]), n)
+        lw = k[wrong, kv].astype(np.float64) @ q[0, h] / math.sqrt(D)
+        pw = np.exp(lw - lw.max())
+        assert np.abs((pw / pw.sum()) @ v[wrong, kv] - want).max() > 1e-3
+        assert np.abs(got[0, h] - want).max() < 1e-5, h

