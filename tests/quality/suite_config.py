@@ -2,6 +2,7 @@
 policy config (the plugin's PolicyConfig JSON) whose sizes may depend on the
 context length.
 
+- A plain PolicyConfig file (no "name") is a config named by its file stem.
 - A string value like "ctx/8 - 32" is an integer expression in `ctx` (the
   scoring sequence's length): + - * / (floor division) and parentheses.
 - "@locret_weights" / "@locret_hidden" name the retaining heads the run uses
@@ -57,6 +58,9 @@ def instantiate(policy, ctx, subst):
 def load(path):
     with open(path) as f:
         c = json.load(f)
+    if "default" in c and "policy" not in c:  # a plain policy file: named by its file
+        c = {"name": os.path.splitext(os.path.basename(path))[0], "method": c["default"].get("method", "hip"),
+             "policy": c}
     for k in ["name", "method"]:
         if k not in c:
             raise ValueError(f"{path}: missing {k!r}")
