@@ -23,7 +23,19 @@ def main(argv=None):
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
     os.makedirs(args.out, exist_ok=True)
-    model.save_pretrained(args.out)
+    # save_pretrained refuses a model loaded from GGUF ("quantized with gguf"),
+    # though its weights are plain dequantized tensors: write them directly.
+    from safetensors.torch import save_file
+
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(args.out, "model.safetensors"),
+              metadata={"format": "pt"})
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # the weights written are dequantized
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(args.out)
     tok.save_pretrained(args.out)
     print(args.out)
 

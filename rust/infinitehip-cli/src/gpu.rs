@@ -578,6 +578,8 @@ pub fn gpu_test(argv: &[String]) -> R<()> {
         )?);
         checks.push(prefill_case(&gpu, 6000, 2500, 1500, seed + 9)?);
         checks.push(prefill_case(&gpu, 3000, 0, 3000, seed + 10)?);
+        // The fast (tensor-core) prefill mask estimator vs its reference.
+        checks.extend(crate::gpu_hip_fast::checks(&gpu, seed)?);
     }
     report(&checks)
 }

@@ -753,6 +753,7 @@ fn squeeze2_case(
         kmeans_iters: 8,
         seed,
         prefill_pool: SqueezePool::Max,
+        sink: 4,
     };
     let mut rng = Rng::new(seed);
     // Keys around 48 centres per head (token-major [t][h][d]).
