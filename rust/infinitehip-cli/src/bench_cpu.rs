@@ -175,7 +175,9 @@ fn bench_decode(
     let mut rng = Rng::new(seed ^ 0xdec0de);
     let (mut dense_t, mut ours_t) = (Vec::new(), Vec::new());
     let (mut max_err, mut recall_sum) = (0f64, 0f64);
+    let bar = crate::progress::steps(steps, "decode steps");
     for _ in 0..steps {
+        bar.inc(1);
         let q: Vec<f32> = seqs.iter().flat_map(|s| s.query(&mut rng)).collect();
         let views: Vec<_> = seqs.iter().map(|s| s.pool.view(0).unwrap()).collect();
         let mut dense = vec![0f32; q.len()];
@@ -217,6 +219,7 @@ fn bench_decode(
             s.append_random(&mut rng).map_err(|e| e.to_string())?;
         }
     }
+    bar.finish_and_clear();
     Ok(Row {
         policy: name.into(),
         phase: "decode",

@@ -160,7 +160,9 @@ fn decode_steps(
     let mut rng = Rng::new(seed ^ 0x0ff1_0ad);
     let te = w.shape.n_kv_heads * w.shape.head_dim;
     let (mut outs, mut times, mut stats) = (Vec::new(), Vec::new(), Vec::new());
+    let bar = crate::progress::steps(steps, "decode steps");
     for _ in 0..steps {
+        bar.inc(1);
         let q = w.query(&mut rng);
         let mut out = vec![f32::NAN; q.len()];
         let t = Instant::now();
@@ -174,6 +176,7 @@ fn decode_steps(
         e.append(0, 0, &k, &v, Phase::Decode, false, None)
             .map_err(|e| e.to_string())?;
     }
+    bar.finish_and_clear();
     Ok((outs, times, stats))
 }
 

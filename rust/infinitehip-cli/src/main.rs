@@ -26,6 +26,7 @@ mod gpu_policies;
 #[cfg(feature = "cuda")]
 mod gpu_prefill_tc;
 mod machine;
+mod progress;
 
 use clap::{CommandFactory, Parser};
 use cli::{Cli, Command};

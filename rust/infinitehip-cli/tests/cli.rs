@@ -290,6 +290,8 @@ fn bench_cpu_small_run_writes_its_rows() {
         assert!(err.is_finite(), "{r}");
     }
     assert_eq!(stdout(&o).lines().count(), 9, "{}", stdout(&o));
+    // Progress bars only on a terminal: none in piped stderr.
+    assert!(!stderr(&o).contains("steps ["), "{}", stderr(&o));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
