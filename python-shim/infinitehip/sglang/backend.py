@@ -49,8 +49,14 @@ Design (see also the project README):
   extend, would restart their squeeze/lazy/locret state: not supported with
   those methods). State is dropped when SGLang frees the row. If the GPU
   object cannot be built (library without CUDA), the backend says why in
-  one log line and uses the host path (which refuses locret: the host
-  engine needs pre-RoPE projections the backend does not pass it).
+  one log line and uses the host path.
+* Locret on the host path: appends carry the pre-RoPE q/k/v (the rotary
+  embedding inverted as above); extends append with prompt_done false and
+  the first decode runs the final eviction (as on the GPU path). When a
+  request ends its prompt the scheduler hook in locret_free.py compacts it
+  in SGLang's pool and frees the evicted slots (see that module); the row
+  then attends densely over its slots with positions offset by the tokens
+  evicted. Conditions not met: the engine copy keeps the retained set.
 * CUDA graphs: not supported (the per-step host metadata is copied at call
   time). `infinitehip.sglang.register()` installs a
   server-args resolution hook that turns decode and prefill CUDA graphs off
