@@ -119,8 +119,8 @@ def forward(s, mode, seq_len, n_new, sgl_pos, inputs):
 
 
 def batch_of(s, seq_len):
-    req = SimpleNamespace(req_pool_idx=s.row, rid="r0", kv=SimpleNamespace(kv_committed_len=seq_len,
-                                                                            kv_allocated_len=seq_len))
+    req = SimpleNamespace(rid="r0", kv=SimpleNamespace(req_pool_idx=s.row, kv_committed_len=seq_len,
+                                                       kv_allocated_len=seq_len))
     lens = torch.tensor([seq_len], dtype=torch.int64)
     return SimpleNamespace(
         reqs=[req], req_to_token_pool=s.rpool, token_to_kv_pool_allocator=s.alloc,

@@ -120,17 +120,17 @@ def before_prepare_for_decode(batch, *args, **kwargs):
     changed = False
     for i, req in enumerate(batch.reqs):
         n = int(lens[i])
-        if req.kv.kv_committed_len != n or req.kv.kv_allocated_len != n:
+        if req.kv.kv_committed_len != n or req.kv.kv_allocated_len != n or req.kv.req_pool_idx is None:
             continue  # not a plain just-prefilled row
         before = alloc.available_size()
-        freed = backend.locret_compact(int(req.req_pool_idx), n, alloc)
+        freed = backend.locret_compact(int(req.kv.req_pool_idx), n, alloc)
         if not freed:
             continue
         lens[i] = n - freed
         req.kv.kv_committed_len -= freed
         req.kv.kv_allocated_len -= freed
         changed = True
-        _stats({"rid": str(req.rid), "row": int(req.req_pool_idx), "tokens": n, "kept": n - freed,
+        _stats({"rid": str(req.rid), "row": int(req.kv.req_pool_idx), "tokens": n, "kept": n - freed,
                 "freed": freed, "available_before": int(before), "available_after": int(alloc.available_size())})
     if changed:
         batch.seq_lens_cpu = lens
