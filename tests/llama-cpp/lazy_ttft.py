@@ -41,6 +41,9 @@ TEXT = os.path.join(CACHE, "text", "rope", "emma.txt")
 SCHEDULES = {
     # the project's default (config.rs, paper fig. 4): 4 points, 90% -> 60%
     "default": [(8, 0.9), (16, 0.8), (24, 0.7), (28, 0.6)],
+    # between default and half
+    "mid": [(6, 0.8), (12, 0.6), (18, 0.5), (24, 0.4)],
+    "early": [(3, 0.7), (8, 0.6), (14, 0.5), (20, 0.4)],
     # earlier and deeper cuts
     "half": [(6, 0.7), (12, 0.5), (18, 0.4), (24, 0.3)],
     "quarter": [(4, 0.5), (8, 0.3), (14, 0.2), (20, 0.1)],
