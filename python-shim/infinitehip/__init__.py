@@ -204,6 +204,28 @@ class Engine:
         _ffi.check(_ffi.lib().ihip_seq_len(self._h(), int(layer), int(seq), ctypes.byref(n)))
         return n.value
 
+    def read(self, layer, seq, start=0, end=None):
+        """Entries `start..end` of `seq` in `layer` as float32 numpy arrays
+        (K, V) `[end - start, kv_heads, head_dim]`. After Locret's per-head
+        eviction entry i of head h is head h's i-th held unit."""
+        if end is None:
+            end = self.seq_len(layer, seq)
+        if end < start:
+            raise InfinitehipError(f"read: end {end} < start {start}")
+        k = np.empty((end - start, self.n_kv_heads, self.head_dim), dtype=np.float32)
+        v = np.empty_like(k)
+        _ffi.check(
+            _ffi.lib().ihip_read(
+                self._h(), int(layer), int(seq), int(start), int(end), k.ctypes.data, v.ctypes.data
+            )
+        )
+        return k, v
+
+    def evict(self, layer, seq):
+        """Run the eviction `layer`'s policy owes for `seq` now (Locret: a
+        finished prompt's eviction, else run at the next append)."""
+        _ffi.check(_ffi.lib().ihip_evict(self._h(), int(layer), int(seq)))
+
     # K/V and attention -----------------------------------------------------
     def append(self, layer, seq, k, v, phase="prefill", prompt_done=False, proj=None):
         """Append post-RoPE K/V `[n, kv_heads, head_dim]` (or `[n, kv_heads*head_dim]`)

@@ -22,7 +22,7 @@ IHIP_ERR_DEVICE = -7
 
 # The C ABI version these declarations describe (IHIP_ABI_VERSION in
 # include/infinitehip.h); a library of another version is refused.
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 DTYPE_F32 = 0
 DTYPE_F16 = 1
@@ -92,6 +92,8 @@ def _declare(lib):
         "ihip_fork_sequence": (i32, [vp, u64, u64]),
         "ihip_free_sequence": (i32, [vp, u64]),
         "ihip_seq_len": (i32, [vp, sz, u64, c.POINTER(sz)]),
+        "ihip_read": (i32, [vp, sz, u64, sz, sz, vp, vp]),
+        "ihip_evict": (i32, [vp, sz, u64]),
         "ihip_append": (i32, [vp, sz, u64, vp, vp, i32, sz, sz, sz, i32, i32, vp, vp, vp]),
         "ihip_attend_prefill": (i32, [vp, sz, u64, vp, sz, sz, sz, vp]),
         "ihip_attend_decode": (i32, [vp, sz, vp, sz, vp, sz, sz, vp]),

@@ -8,6 +8,12 @@ skip_tokenizer_init with token ids).
    our backend prefix hits (the rebuild-from-pool path) and reused rows.
 2. A small budget on a context several times the budget runs; its tokens
    and agreement with torch_native are reported.
+3. Locret on every layer (random retaining heads, budget LOCRET_BUDGET),
+   radix cache off: with the evicted slots handed back to SGLang's
+   allocator (locret_free.py) the greedy tokens equal the retained-set path
+   (INFINITEHIP_LOCRET_FREE=0), and every prompt longer than the budget
+   returns exactly N - budget slots (the allocator's free count, logged by
+   the scheduler's hook to INFINITEHIP_LOCRET_STATS).
 
 Run: SGLANG_USE_CPU_ENGINE=1 python sglang_e2e.py [--json out.json]
 (spawned scheduler processes re-import this file: keep the __main__ guard).
@@ -47,6 +53,28 @@ SMALL_BUDGET = {
 }
 
 
+LOCRET_BUDGET = 64
+
+
+def locret_config(heads):
+    return {"dense_layers": 0, "kv": {"page_size": 16},
+            "default": {"method": "locret", "budget": LOCRET_BUDGET, "chunk": 4096, "stabilizer": 16,
+                        "keep_last": 8, "sink": 0, "hidden": 32, "weights": heads}}
+
+
+def write_locret_heads(path, hidden=32):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(7)
+    t = {}
+    for l in range(N_LAYERS):
+        t[f"model.layers.{l}.self_attn.fc1.weight"] = (
+            rng.standard_normal((hidden, (N_HEADS + 2 * N_KV) * HEAD_DIM)) / 8).astype("f4")
+        t[f"model.layers.{l}.self_attn.fc2.weight"] = (rng.standard_normal((N_KV, hidden)) / 6).astype("f4")
+    save_file(t, path)
+
+
 def make_model(path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -81,7 +109,7 @@ def prompts():
     ]
 
 
-def run(model_path, backend, config=None):
+def run(model_path, backend, config=None, **engine_args):
     import sglang as sgl
 
     if config is not None:
@@ -96,7 +124,7 @@ def run(model_path, backend, config=None):
         model_path=model_path, device="cpu", dtype="float32",
         attention_backend=backend, skip_tokenizer_init=True,
         disable_cuda_graph=True, max_total_tokens=8192, max_running_requests=4,
-        mem_fraction_static=0.5, log_level="warning",
+        mem_fraction_static=0.5, log_level="warning", **engine_args,
     )
     outs = []
     try:
@@ -124,6 +152,7 @@ def main():
         ref, t_ref = run(d, "torch_native")
         full, t_full = run(d, "infinitehip", FULL_BUDGET)
         small, t_small = run(d, "infinitehip", SMALL_BUDGET)
+        locret = run_locret(d)
 
     lens = [len(p) for p in prompts()] * 2
     print(f"torch_native {t_ref:.1f}s, infinitehip full budget {t_full:.1f}s, small budget {t_small:.1f}s")
@@ -144,6 +173,7 @@ def main():
         "small_budget_attended_tokens": 8 + 32 + 64,
         "small_budget_agreement": [sum(a == b for a, b in zip(r, s)) / len(r) for r, s in zip(ref, small)],
     }
+    result["locret"] = locret
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
@@ -152,7 +182,43 @@ def main():
         print("FAIL: infinitehip with a covering budget differs from torch_native")
     if not valid:
         print("FAIL: small-budget outputs are not NEW valid tokens each")
-    return 0 if ok and valid else 1
+    return 0 if ok and valid and locret["pass"] else 1
+
+
+def run_locret(d):
+    """Part 3: Locret with the evicted slots freed vs kept."""
+    heads = os.path.join(d, "locret-heads.safetensors")
+    write_locret_heads(heads)
+    cfg = locret_config(heads)
+    opts = {"disable_radix_cache": True, "disable_overlap_schedule": True}
+    outs, times, stats = {}, {}, {}
+    for mode in ["0", "1"]:
+        os.environ["INFINITEHIP_LOCRET_FREE"] = mode
+        path = os.path.join(d, f"locret-stats-{mode}.jsonl")
+        os.environ["INFINITEHIP_LOCRET_STATS"] = path
+        outs[mode], times[mode] = run(d, "infinitehip", cfg, **opts)
+        stats[mode] = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+    os.environ.pop("INFINITEHIP_LOCRET_FREE", None)
+    os.environ.pop("INFINITEHIP_LOCRET_STATS", None)
+    lens = [len(p) for p in prompts()] * 2
+    long = [n for n in lens if n > LOCRET_BUDGET]
+    freed = sorted((r["tokens"], r["freed"]) for r in stats["1"])
+    want = sorted((n, n - LOCRET_BUDGET) for n in long)
+    counts_ok = freed == want and all(r["available_after"] - r["available_before"] == r["freed"] for r in stats["1"])
+    same = outs["0"] == outs["1"]
+    print(f"locret: retained set {times['0']:.1f}s, slots freed {times['1']:.1f}s; greedy tokens "
+          f"{'EQUAL' if same else 'DIFFERENT'}; freed per request (tokens, freed) {freed}")
+    if stats["0"]:
+        print("FAIL: INFINITEHIP_LOCRET_FREE=0 still freed slots")
+    if not counts_ok:
+        print(f"FAIL: freed slots {freed}, expected {want}")
+    if not same:
+        for a, b in zip(outs["0"], outs["1"]):
+            print(f"  kept {a}\n  freed {b}")
+        print("FAIL: Locret with slots freed differs from the retained-set path")
+    return {"pass": bool(same and counts_ok and not stats["0"]), "budget": LOCRET_BUDGET, "prompt_lens": lens,
+            "retained_set": outs["0"], "slots_freed": outs["1"], "freed": stats["1"],
+            "seconds": {"retained_set": times["0"], "slots_freed": times["1"]}}
 
 
 if __name__ == "__main__":

@@ -244,3 +244,25 @@ def test_an_index_out_of_range_is_an_argument_error():
     with pytest.raises(InfinitehipError, match="layer 7") as ei:
         eng.append(7, 1, z, z)
     assert ei.value.code == -1
+
+
+def test_read_returns_what_was_appended_and_checks_its_range():
+    eng = Engine(config({"method": "dense"}))
+    rng = np.random.default_rng(5)
+    k = rng.standard_normal((9, NKV, D)).astype(np.float32)
+    v = rng.standard_normal((9, NKV, D)).astype(np.float32)
+    eng.add_sequence(1)
+    eng.append(1, 1, k, v)
+    rk, rv = eng.read(1, 1)
+    assert np.array_equal(rk, k) and np.array_equal(rv, v)
+    rk, rv = eng.read(1, 1, 3, 5)
+    assert np.array_equal(rk, k[3:5]) and np.array_equal(rv, v[3:5])
+    assert eng.read(1, 1, 4, 4)[0].shape == (0, NKV, D)
+    with pytest.raises(InfinitehipError):
+        eng.read(1, 1, 0, 10)  # past the held tokens
+    with pytest.raises(InfinitehipError, match="end 2 < start 3"):
+        eng.read(1, 1, 3, 2)
+    eng.evict(1, 1)  # dense: nothing owed, nothing dropped
+    assert eng.seq_len(1, 1) == 9
+    with pytest.raises(InfinitehipError):
+        eng.evict(1, 77)  # unknown sequence

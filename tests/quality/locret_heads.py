@@ -42,13 +42,19 @@ def write_random(path, hidden=256, seed=0, layers=LAYERS, n_q=N_Q, n_kv=N_KV, d=
     os.replace(path + ".tmp", path)
 
 
+def random_heads(cache):
+    """(weights path, hidden) of the seeded random heads (the control rows)."""
+    path = os.path.join(cache, "locret-random-heads-h256.safetensors")
+    if not os.path.exists(path):
+        write_random(path)
+    return path, hidden_of(path)
+
+
 def find(repo, cache):
     """(weights path, hidden, trained?)"""
     trained = sorted(glob.glob(os.path.join(repo, "python-shim", "infinitehip", "heads",
                                             "smollm2-135m-instruct.*.safetensors")))
     if trained:
         return trained[0], hidden_of(trained[0]), True
-    path = os.path.join(cache, "locret-random-heads-h256.safetensors")
-    if not os.path.exists(path):
-        write_random(path)
-    return path, hidden_of(path), False
+    path, hidden = random_heads(cache)
+    return path, hidden, False

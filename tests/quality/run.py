@@ -99,7 +99,9 @@ class Suite:
         probe = self.run["stock"].tokenize_str(self.model, "Hello", self.tmp)
         self.bos = probe[0] if len(probe) > 1 and probe[0] == self.corpus[0] else None  # tokenizer adds BOS
         heads, hidden, trained = locret_heads.find(REPO, sources.CACHE)
-        self.subst = {"locret_weights": heads, "locret_hidden": hidden}
+        rnd, rnd_hidden = locret_heads.random_heads(sources.CACHE)
+        self.subst = {"locret_weights": heads, "locret_hidden": hidden,
+                      "locret_random_weights": rnd, "locret_random_hidden": rnd_hidden}
         self.locret_trained = trained
         self.failures = []
 
@@ -195,7 +197,8 @@ class Suite:
              "policy": policy}
         if st and st.get("locret"):
             r["locret"] = {k: st["locret"].get(k) for k in ["evicted_tokens", "last_visible_cells", "max_visible_cells"]}
-            r["locret_heads"] = "trained" if self.locret_trained else "random"
+            w = (policy or {}).get("default", {}).get("weights")
+            r["locret_heads"] = "trained" if self.locret_trained and w == self.subst["locret_weights"] else "random"
             r["attended_fraction"] = st["locret"]["last_visible_cells"] / len(seq)
         return r
 

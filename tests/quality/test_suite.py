@@ -286,7 +286,8 @@ class Configs(unittest.TestCase):
     def test_shipped_configs(self):
         cs = suite_config.load_dir(os.path.join(HERE, "configs"))
         self.assertIn("stock", cs)
-        subst = {"locret_weights": "w.safetensors", "locret_hidden": 256}
+        subst = {"locret_weights": "w.safetensors", "locret_hidden": 256,
+                 "locret_random_weights": "r.safetensors", "locret_random_hidden": 256}
         for ctx in [512, 1024, 2048, 4096, 8192]:
             for name, c in cs.items():
                 if c["method"] == "stock":

@@ -3,7 +3,9 @@
 SGLang loads the `sglang.srt.plugins` entry point `infinitehip =
 "infinitehip.sglang:register"` (see pyproject.toml) in every SGLang process;
 `register()` adds the backend name to SGLang's choices and its factory to
-SGLang's attention registry. Nothing in SGLang is patched.
+SGLang's attention registry, and hooks `ScheduleBatch.prepare_for_decode`
+through SGLang's plugin HookRegistry (Locret's evicted slots go back to the
+allocator: locret_free.py). No SGLang file is patched.
 
 SGLANG_VERSION below is the one SGLang version this backend is tested
 against (CI installs exactly it); it is the only place the pin lives.
@@ -55,6 +57,9 @@ def register():
         return InfiniteHipAttnBackend(model_runner)
 
     _install_cuda_graph_fallback()
+    from .locret_free import install_hook
+
+    install_hook()  # Locret: evicted slots back to SGLang's allocator
     _registered = True
 
 

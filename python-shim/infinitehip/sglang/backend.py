@@ -49,8 +49,14 @@ Design (see also the project README):
   extend, would restart their squeeze/lazy/locret state: not supported with
   those methods). State is dropped when SGLang frees the row. If the GPU
   object cannot be built (library without CUDA), the backend says why in
-  one log line and uses the host path (which refuses locret: the host
-  engine needs pre-RoPE projections the backend does not pass it).
+  one log line and uses the host path.
+* Locret on the host path: appends carry the pre-RoPE q/k/v (the rotary
+  embedding inverted as above); extends append with prompt_done false and
+  the first decode runs the final eviction (as on the GPU path). When a
+  request ends its prompt the scheduler hook in locret_free.py compacts it
+  in SGLang's pool and frees the evicted slots (see that module); the row
+  then attends densely over its slots with positions offset by the tokens
+  evicted. Conditions not met: the engine copy keeps the retained set.
 * CUDA graphs: not supported (the per-step host metadata is copied at call
   time). `infinitehip.sglang.register()` installs a
   server-args resolution hook that turns decode and prefill CUDA graphs off
@@ -85,6 +91,8 @@ except ImportError:  # pragma: no cover - older SGLang
 
 import infinitehip
 from infinitehip import InfinitehipError
+
+from . import locret_free
 
 logger = logging.getLogger("infinitehip.sglang")
 
@@ -207,12 +215,16 @@ def _unrope(x, positions, rope):
 
 
 class _Seq:
-    """The engine's copy of one request row."""
+    """The engine's copy of one request row. `compact`: a Locret row whose
+    evicted slots went back to SGLang (locret_free): the engine copy is
+    gone, decode attends densely over the row's slots, and `offset` (tokens
+    evicted) is added to SGLang's positions."""
 
-    __slots__ = ("sid", "gen", "slots", "length")
+    __slots__ = ("sid", "gen", "slots", "length", "compact", "offset")
 
     def __init__(self, sid, gen):
         self.sid, self.gen, self.slots, self.length = sid, gen, [], 0
+        self.compact, self.offset = False, 0
 
 
 class InfiniteHipAttnBackend(AttentionBackend):
@@ -232,15 +244,17 @@ class InfiniteHipAttnBackend(AttentionBackend):
             if self._locret_layers:
                 self._rope = _find_rope(model_runner, int(cfg["model"]["head_dim"]))
         self.engine = None if self.gpu is not None else infinitehip.Engine(cfg)
-        if self.engine is not None and any(
-            l["method"] == "locret" for l in self.engine.stats()["layers"]
-        ):
-            raise InfinitehipError(
-                "infinitehip backend: locret runs only on the GPU path (SGLang hands the backend "
-                "post-RoPE q/k; the GPU path recovers the pre-RoPE projections, the host path does not); "
-                "build the library with --features cuda and run on a CUDA device"
-            )
         self.n_layers = int(cfg["model"]["n_layers"])
+        # Host path locret layers: appends carry the pre-RoPE projections
+        # (recovered from SGLang's post-RoPE q/k, as on the GPU path).
+        self._locret_host = set()
+        if self.engine is not None:
+            ms = [l["method"] for l in self.engine.stats()["layers"]]
+            self._locret_host = {i for i, m in enumerate(ms) if m == "locret"}
+            if self._locret_host:
+                self._rope = _find_rope(model_runner, int(cfg["model"]["head_dim"]))
+                locret_free.add_backend(self)
+        self._compact_pending = set()  # rows whose last forward was an extend
         self._gpu_rows = set()  # req_to_token rows with GPU policy state
         self.rows = {}  # req_to_token row -> _Seq
         self._next_sid = 1
@@ -286,7 +300,8 @@ class InfiniteHipAttnBackend(AttentionBackend):
 
     def _drop(self, row):
         s = self.rows.pop(row, None)
-        if s is not None:
+        self._compact_pending.discard(row)
+        if s is not None and not s.compact:
             self.engine.free_sequence(s.sid)
 
     def _fresh(self, row):
@@ -444,11 +459,31 @@ class InfiniteHipAttnBackend(AttentionBackend):
             ext = list(e) if e is not None else forward_batch.extend_seq_lens.tolist()
         self._free_released_rows(set(rows))
         out_loc = forward_batch.out_cache_loc.tolist() if forward_batch.out_cache_loc is not None else None
-        seqs, catch, starts = [], [], []
+        seqs, catch, starts, offsets = [], [], [], []
         pos = 0
         for row, sl, n in zip(rows, seq_lens, ext):
             prefix = int(sl) - int(n)
+            s = self.rows.get(row)
+            if s is not None and s.compact and s.gen == self._generation(row):
+                if not decode:
+                    raise NotImplementedError(
+                        "infinitehip backend: an extend of a Locret row whose slots were compacted "
+                        "(mixed chunked prefill or a prefix hit): not supported"
+                    )
+                # Served from SGLang's pool (locret_free): no engine copy.
+                seqs.append(None)
+                catch.append((0, 0))
+                starts.append(pos)
+                offsets.append(s.offset)
+                s.length = int(sl)
+                pos += n
+                continue
+            offsets.append(0)
             s, c0 = self._prepare(row, prefix, full_check=not decode)
+            if decode:
+                self._compact_pending.discard(row)
+            else:
+                self._compact_pending.add(row)
             seqs.append(s.sid)
             catch.append((c0, prefix))
             starts.append(pos)
@@ -456,6 +491,10 @@ class InfiniteHipAttnBackend(AttentionBackend):
             s.slots.extend(new)
             s.length = int(sl)
             pos += n
+        if any(offsets):
+            # True positions of compacted rows' tokens, before the model's RoPE.
+            off = torch.tensor(offsets, dtype=forward_batch.positions.dtype)
+            forward_batch.positions = forward_batch.positions + off.to(forward_batch.positions.device)
         self.plan = {
             "decode": decode,
             "rows": rows,
@@ -463,7 +502,60 @@ class InfiniteHipAttnBackend(AttentionBackend):
             "catch": catch,
             "ext": ext,
             "starts": starts,
+            "seq_lens": [int(x) for x in seq_lens],
         }
+
+    # --- Locret: evicted slots back to SGLang (locret_free) -------------------
+    def locret_rows_pending(self, clear=False):
+        """Rows whose last forward was an extend (compaction candidates)."""
+        if clear:
+            self._compact_pending.clear()
+        return bool(self._compact_pending)
+
+    def locret_free_blocker(self):
+        """Why this backend cannot compact Locret rows, or None."""
+        if self.engine is None:
+            return "the GPU path keeps retained index sets (compaction is host-path only)"
+        if len(self._locret_host) != self.n_layers:
+            return f"{self.n_layers - len(self._locret_host)} of {self.n_layers} layers are not locret"
+        return None
+
+    def locret_compact(self, row, seq_len, allocator):
+        """Compact `row` (a just-prefilled Locret request of `seq_len`
+        tokens): run each layer's owed eviction, write layer l's retained
+        units (per KV head, in cache order) into the row's first M slots,
+        free slots M..seq_len to `allocator`, drop the engine's copy.
+        Returns the number of slots freed (0: nothing done)."""
+        if row not in self._compact_pending:
+            return 0
+        self._compact_pending.discard(row)
+        s = self.rows.get(row)
+        if s is None or s.compact or s.gen != self._generation(row) or s.length != seq_len:
+            return 0
+        for li in range(self.n_layers):
+            self.engine.evict(li, s.sid)
+        held = {self.engine.seq_len(li, s.sid) for li in range(self.n_layers)}
+        if len(held) != 1:
+            logger.warning("infinitehip locret: row %d holds %s tokens per layer: not compacted", row, sorted(held))
+            return 0
+        m = held.pop()
+        if m >= seq_len:
+            return 0
+        rt = self.req_to_token_pool.req_to_token
+        slots = rt[row, :seq_len].long()
+        keep = slots[:m]
+        for li in range(self.n_layers):
+            k, v = self.engine.read(li, s.sid, 0, m)
+            lid = li + self.start_layer
+            kb = self.token_to_kv_pool.get_key_buffer(lid)
+            vb = self.token_to_kv_pool.get_value_buffer(lid)
+            kb[keep.to(kb.device)] = torch.from_numpy(k).to(device=kb.device, dtype=kb.dtype)
+            vb[keep.to(vb.device)] = torch.from_numpy(v).to(device=vb.device, dtype=vb.dtype)
+        allocator.free(rt[row, m:seq_len].to(torch.int64).clone())
+        self.engine.free_sequence(s.sid)
+        s.compact, s.offset = True, seq_len - m
+        s.slots, s.length = keep.tolist(), m
+        return seq_len - m
 
     # --- forward ------------------------------------------------------------
     def _check_layer(self, layer):
@@ -498,18 +590,46 @@ class InfiniteHipAttnBackend(AttentionBackend):
             qf = qf * f
         return qf.contiguous()
 
-    def _write_and_sync(self, k, v, layer, forward_batch, save_kv_cache):
+    def _host_proj(self, q, k, v, layer, forward_batch):
+        """Pre-RoPE float32 (q, k, v) `[tokens, heads * d]` of this forward's
+        tokens (locret scores them): SGLang's post-RoPE q/k un-rotated."""
+        h, hk, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+        if k is None or v is None:
+            raise NotImplementedError("infinitehip backend: locret needs this forward's k and v")
+        pos = forward_batch.positions
+        qp = _unrope(q.reshape(-1, h, d), pos, self._rope).reshape(-1, h * d).cpu()
+        kp = _unrope(k.reshape(-1, hk, d), pos, self._rope).reshape(-1, hk * d).cpu()
+        return qp, kp, v.reshape(-1, hk * d).float().cpu().contiguous()
+
+    def _write_and_sync(self, q, k, v, layer, forward_batch, save_kv_cache):
         p, li, kb, vb, rt = self._save_kv(k, v, layer, forward_batch, save_kv_cache)
         out_loc = forward_batch.out_cache_loc
         phase = "decode" if p["decode"] else "prefill"
+        locret = li in self._locret_host
+        proj = self._host_proj(q, k, v, layer, forward_batch) if locret else None
         for i, (row, sid, (c0, c1), n, st) in enumerate(
             zip(p["rows"], p["seqs"], p["catch"], p["ext"], p["starts"])
         ):
+            if sid is None:  # compacted Locret row: SGLang's pool only
+                continue
             if c0 < c1:  # rebuild the missing prefix from SGLang's pool
+                if locret:
+                    raise NotImplementedError(
+                        f"infinitehip backend: locret layer {li} got {c1 - c0} tokens of row {row} it never "
+                        "scored (a radix-cache prefix hit or a resumed request): run with --disable-radix-cache"
+                    )
                 idx = rt[row, c0:c1].long()
                 self.engine.append(li, sid, kb[idx].cpu(), vb[idx].cpu(), phase="prefill", prompt_done=False)
             idx = out_loc[st : st + n].long()
-            self.engine.append(li, sid, kb[idx].cpu(), vb[idx].cpu(), phase=phase, prompt_done=True)
+            if locret:
+                # As on the GPU path: a prompt's end is not known at extend
+                # time, so the first decode append runs the final eviction.
+                pr = tuple(a[st : st + n] for a in proj)
+                self.engine.append(
+                    li, sid, kb[idx].cpu(), vb[idx].cpu(), phase=phase, prompt_done=False, proj=pr
+                )
+            else:
+                self.engine.append(li, sid, kb[idx].cpu(), vb[idx].cpu(), phase=phase, prompt_done=True)
         return li
 
     def _invalidate_plan(self):
@@ -540,7 +660,7 @@ class InfiniteHipAttnBackend(AttentionBackend):
 
     def _forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache):
         self._check_layer(layer)
-        li = self._write_and_sync(k, v, layer, forward_batch, save_kv_cache)
+        li = self._write_and_sync(q, k, v, layer, forward_batch, save_kv_cache)
         p = self.plan
         qh = self._host_q(q, layer)
         out = torch.empty(qh.shape, dtype=torch.float32)
@@ -553,12 +673,25 @@ class InfiniteHipAttnBackend(AttentionBackend):
     def _forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache):
         self._check_layer(layer)
         t0 = time.perf_counter()
-        li = self._write_and_sync(k, v, layer, forward_batch, save_kv_cache)
+        li = self._write_and_sync(q, k, v, layer, forward_batch, save_kv_cache)
         t1 = time.perf_counter()
         p = self.plan
         qh = self._host_q(q, layer)
         out = torch.empty(qh.shape, dtype=torch.float32)
-        self.engine.attend_decode(li, p["seqs"], qh, out=out)
+        live = [i for i, sid in enumerate(p["seqs"]) if sid is not None]
+        if len(live) == len(p["seqs"]):
+            self.engine.attend_decode(li, p["seqs"], qh, out=out)
+        else:
+            if live:
+                out[live] = self.engine.attend_decode(li, [p["seqs"][i] for i in live], qh[live].contiguous())
+            kb = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+            vb = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+            rt = self.req_to_token_pool.req_to_token
+            scale = 1.0 / math.sqrt(layer.qk_head_dim)  # qh carries layer.scaling * sqrt(d)
+            for i, sid in enumerate(p["seqs"]):
+                if sid is None:
+                    slots = rt[p["rows"][i], : p["seq_lens"][i]].long()
+                    out[i] = locret_free.dense_decode(qh[i], slots.to(kb.device), kb, vb, scale).cpu()
         res = out.reshape(qh.shape[0], -1).to(device=q.device, dtype=q.dtype)
         pr = self._prof
         pr["sync"] += t1 - t0

@@ -37,8 +37,9 @@ extern "C" {
 #endif
 
 /* ABI version this header describes (ihip_abi_version()). 2: table_n_rows
- * in ihip_gpu_decode / ihip_gpu_prefill / ihip_gpu_prefill_proj; codes -5..-7. */
-#define IHIP_ABI_VERSION 2
+ * in ihip_gpu_decode / ihip_gpu_prefill / ihip_gpu_prefill_proj; codes -5..-7.
+ * 3: ihip_read, ihip_evict. */
+#define IHIP_ABI_VERSION 3
 
 /* Error codes (stable values; new ones are only added). */
 #define IHIP_OK 0
@@ -98,6 +99,17 @@ int ihip_free_sequence(const IhipEngine *e, uint64_t seq);
 
 /* Tokens held for seq in layer (fewer than appended after eviction). */
 int ihip_seq_len(const IhipEngine *e, size_t layer, uint64_t seq, size_t *out);
+
+/* Copy entries [start, end) of seq in layer out as float32
+ * [end - start][n_kv_heads][head_dim] into k_out and v_out (separate
+ * buffers). After Locret's per-head eviction entry i of head h is head h's
+ * i-th held unit, in original-position order. */
+int ihip_read(const IhipEngine *e, size_t layer, uint64_t seq, size_t start, size_t end,
+              float *k_out, float *v_out);
+
+/* Run the eviction layer's policy owes for seq now (Locret: a finished
+ * prompt's eviction, otherwise run at the next append). */
+int ihip_evict(const IhipEngine *e, size_t layer, uint64_t seq);
 
 /* Append K/V of n_tokens new tokens to one layer of seq.
  * k, v: [n_tokens][n_kv_heads][head_dim] of dtype, post-RoPE (may be NULL

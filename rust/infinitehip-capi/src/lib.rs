@@ -30,8 +30,10 @@ pub use errors::*;
 /// Version of the C ABI (signatures and struct layouts), bumped on every
 /// incompatible change so a caller built against another header can refuse
 /// to run. 1: up to 0.1.0; 2: `table_n_rows` in `ihip_gpu_decode`,
-/// `ihip_gpu_prefill` and `ihip_gpu_prefill_proj`, error codes -5..-7.
-pub const IHIP_ABI_VERSION: u32 = 2;
+/// `ihip_gpu_prefill` and `ihip_gpu_prefill_proj`, error codes -5..-7;
+/// 3: `ihip_read` and `ihip_evict` (the SGLang shim needs them to hand a
+/// Locret request's evicted slots back to SGLang).
+pub const IHIP_ABI_VERSION: u32 = 3;
 
 pub const IHIP_DTYPE_F32: c_int = 0;
 pub const IHIP_DTYPE_F16: c_int = 1;
@@ -413,6 +415,59 @@ pub unsafe extern "C" fn ihip_seq_len(
         }
         with_engine(e, |eng| {
             *out = eng.seq_len(layer, seq)?;
+            Ok(())
+        })
+    })
+}
+
+/// Copy entries `start..end` of `seq` in `layer` out as f32
+/// `[end - start][n_kv_heads][head_dim]` into `k_out` and `v_out`. After
+/// Locret's per-head eviction entry i of head h is head h's i-th held unit
+/// (in original-position order).
+///
+/// # Safety
+/// `k_out`, `v_out` are NULL (only when the range is empty) or writable for
+/// the stated number of elements.
+#[no_mangle]
+pub unsafe extern "C" fn ihip_read(
+    e: *const IhipEngine,
+    layer: usize,
+    seq: u64,
+    start: usize,
+    end: usize,
+    k_out: *mut f32,
+    v_out: *mut f32,
+) -> c_int {
+    guard("ihip_read", || {
+        with_engine(e, |eng| {
+            if end < start {
+                return Err(arg(format!("end {end} < start {start}")));
+            }
+            let s = eng.shape();
+            let n = mul(end - start, mul(s.n_kv_heads, s.head_dim, "row")?, "k_out")?;
+            let ko = slice_mut(k_out, n, "k_out")?;
+            let vo = slice_mut(v_out, n, "v_out")?;
+            if n > 0 && (ko.as_ptr() as usize) == (vo.as_ptr() as usize) {
+                return Err(arg("k_out and v_out are the same buffer"));
+            }
+            let (k, v) = eng.read(layer, seq, start, end)?;
+            ko.copy_from_slice(&k);
+            vo.copy_from_slice(&v);
+            Ok(())
+        })
+    })
+}
+
+/// Run the eviction `layer`'s policy owes for `seq` now (Locret: the
+/// eviction of a finished prompt, otherwise run at the next append).
+///
+/// # Safety
+/// `e` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn ihip_evict(e: *const IhipEngine, layer: usize, seq: u64) -> c_int {
+    guard("ihip_evict", || {
+        with_engine(e, |eng| {
+            eng.evict(layer, seq)?;
             Ok(())
         })
     })

@@ -14,23 +14,69 @@ use infinitehip::rng::Rng;
 use infinitehip::workload::{needle_seq, NeedleSeq};
 use serde_json::json;
 
-use crate::args::Args;
+use crate::args::{check_writable, parse_count, parse_positive};
 
-pub const HELP: &str = "infinitehip bench-cpu [options]
-  --tokens LIST        context lengths, e.g. 32K,256K,1M (default 262144)
-  --batch N            sequences per decode step (default 1)
-  --q-heads N --kv-heads N --head-dim N   (default 32, 8, 128: Llama-3.1-8B)
-  --budget N           hip tokens beyond sink+window (default 2048)
-  --policies LIST      hip, lazy, squeeze, locret-oracle, locret-random (default hip)
-                       lazy: one pruning layer keeping as many prompt tokens as hip attends,
-                       importance recomputed every step; squeeze: 256 clusters per KV head,
-                       32-query calibration window, quantile 0.9
-                       locret-oracle: retaining heads that score k.u (u: the direction the
-                       queries look for), a stand-in for trained heads; locret-random: random heads
-  --steps N            decode steps timed (default: longest refresh interval, 16)
-  --prefill N          also time a causal prefill of the last N queries (default 0)
-  --json FILE          write the results as JSON
-  --seed N             workload seed (default 0)";
+/// Dense attention vs sparse policies on a synthetic needle workload (CPU)
+///
+/// Each policy against dense attention on a synthetic long-context needle
+/// workload (bf16 K/V), in one run: a table on stdout, JSON on request.
+/// Decode is timed over a full mask-refresh cycle (the amortised cost); the
+/// refresh step alone is reported too. Every argument, size and output path
+/// is checked before any work; when a later size fails, the rows that
+/// finished are still printed and written (`"complete": false`).
+#[derive(clap::Args, Debug)]
+pub struct BenchCpuArgs {
+    /// Context lengths, comma-separated (K = 1024, M = 1024K); each at least
+    /// 1217 tokens (sink 128 + window 1024 + one 64-token needle chunk + 1).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_count,
+          default_value = "256K")]
+    pub tokens: Vec<usize>,
+    /// Sequences per decode step.
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value_t = 1)]
+    pub batch: usize,
+    /// Query heads (the defaults are Llama-3.1-8B's shape).
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value_t = 32)]
+    pub q_heads: usize,
+    /// KV heads; must divide --q-heads.
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value_t = 8)]
+    pub kv_heads: usize,
+    /// Head dimension.
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value_t = 128)]
+    pub head_dim: usize,
+    /// hip tokens attended beyond sink + window (a positive multiple of 8).
+    #[arg(long, value_name = "N", value_parser = parse_count, default_value_t = 2048)]
+    pub budget: usize,
+    /// Policies to time, comma-separated.
+    ///
+    /// hip: hierarchical top-k mask, refreshed every 4-16 steps.
+    ///
+    /// lazy: one pruning layer keeping as many prompt tokens as hip attends,
+    /// importance recomputed every step.
+    ///
+    /// squeeze: 256 clusters per KV head, 32-query calibration window,
+    /// quantile 0.9.
+    ///
+    /// locret-oracle: retaining heads that score k.u (u: the direction the
+    /// queries look for), a stand-in for trained heads.
+    ///
+    /// locret-random: random retaining heads.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "hip",
+          value_parser = ["hip", "lazy", "squeeze", "locret-oracle", "locret-random"])]
+    pub policies: Vec<String>,
+    /// Decode steps timed (16 = the longest refresh interval).
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value_t = 16)]
+    pub steps: usize,
+    /// Also time a causal prefill of the context's last N queries (0: none;
+    /// at most the shortest --tokens).
+    #[arg(long, value_name = "N", value_parser = parse_count, default_value_t = 0)]
+    pub prefill: usize,
+    /// Write the results as JSON to FILE (checked writable before any work).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<String>,
+    /// Workload seed.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub seed: u64,
+}
 
 pub struct Row {
     pub policy: String,
@@ -129,7 +175,9 @@ fn bench_decode(
     let mut rng = Rng::new(seed ^ 0xdec0de);
     let (mut dense_t, mut ours_t) = (Vec::new(), Vec::new());
     let (mut max_err, mut recall_sum) = (0f64, 0f64);
+    let bar = crate::progress::steps(steps, "decode steps");
     for _ in 0..steps {
+        bar.inc(1);
         let q: Vec<f32> = seqs.iter().flat_map(|s| s.query(&mut rng)).collect();
         let views: Vec<_> = seqs.iter().map(|s| s.pool.view(0).unwrap()).collect();
         let mut dense = vec![0f32; q.len()];
@@ -171,6 +219,7 @@ fn bench_decode(
             s.append_random(&mut rng).map_err(|e| e.to_string())?;
         }
     }
+    bar.finish_and_clear();
     Ok(Row {
         policy: name.into(),
         phase: "decode",
@@ -194,7 +243,9 @@ fn bench_prefill(
 ) -> Result<Row, String> {
     let view = s.pool.view(0).map_err(|e| e.to_string())?;
     let len = view.len();
-    let n = n.min(len);
+    if n > len {
+        return Err(format!("--prefill {n} exceeds the context ({len} tokens)"));
+    }
     let mut rng = Rng::new(seed ^ 0x9e1f);
     let q: Vec<f32> = (0..n).flat_map(|_| s.query(&mut rng)).collect();
     let mut dense = vec![0f32; q.len()];
@@ -257,88 +308,57 @@ fn min_tokens(cfg: &HipConfig) -> usize {
     cfg.sink + cfg.window + 65
 }
 
-fn plan(argv: &[String]) -> Result<Plan, String> {
-    let a = Args::parse(
-        argv,
-        &[
-            "tokens", "batch", "q-heads", "kv-heads", "head-dim", "budget", "policies", "steps",
-            "prefill", "json", "seed",
-        ],
-        &[],
-    )?;
-    let tokens = a.list("tokens", &[262144])?;
-    let batch: usize = a.get("batch", 1)?;
-    let shape = AttnShape::new(
-        a.get("q-heads", 32)?,
-        a.get("kv-heads", 8)?,
-        a.get("head-dim", 128)?,
-    )
-    .map_err(|e| e.to_string())?;
-    let budget: usize = a.get("budget", 2048)?;
+fn plan(a: &BenchCpuArgs) -> Result<Plan, String> {
+    let shape = AttnShape::new(a.q_heads, a.kv_heads, a.head_dim)
+        .map_err(|e| format!("--q-heads/--kv-heads/--head-dim: {e}"))?;
+    let budget = a.budget;
     if budget == 0 || budget % 8 != 0 {
-        return Err("--budget must be a positive multiple of 8".into());
+        return Err(format!(
+            "--budget {budget}: must be a positive multiple of 8"
+        ));
     }
-    let policies: Vec<String> = a
-        .str("policies")
-        .unwrap_or("hip")
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .collect();
-    for p in &policies {
+    for p in &a.policies {
         if !ENGINE_POLICIES.contains(&p.as_str()) {
-            make_policy(p, budget, &shape, 1 << 20)?;
+            make_policy(p, budget, &shape, 1 << 20).map_err(|e| format!("--policies {p}: {e}"))?;
         }
-    }
-    let steps: usize = a.get("steps", 16)?;
-    let prefill: usize = a.get("prefill", 0)?;
-    let seed: u64 = a.get("seed", 0)?;
-    if batch == 0 || steps == 0 {
-        return Err("--batch and --steps must be >= 1".into());
     }
     let cfg = hip_config(budget);
     let min = min_tokens(&cfg);
-    if let Some(&t) = tokens.iter().find(|&&t| t < min) {
+    if let Some(&t) = a.tokens.iter().find(|&&t| t < min) {
         return Err(format!(
             "--tokens {t} is too short: the minimum is {min} (sink {} + window {} + one 64-token needle chunk + 1)",
             cfg.sink, cfg.window
         ));
     }
-    if let Some(&t) = tokens.iter().find(|&&t| prefill > t) {
+    if let Some(&t) = a.tokens.iter().find(|&&t| a.prefill > t) {
         return Err(format!(
-            "--prefill {prefill} exceeds --tokens {t} (prefill queries are the context's last ones)"
+            "--prefill {} exceeds --tokens {t} (prefill queries are the context's last ones)",
+            a.prefill
         ));
     }
-    let json = a.str("json").map(str::to_string);
-    if let Some(path) = &json {
-        check_writable(path)?;
+    if let Some(path) = &a.json {
+        check_writable("--json", path)?;
     }
     Ok(Plan {
-        tokens,
-        batch,
+        tokens: a.tokens.clone(),
+        batch: a.batch,
         shape,
         budget,
-        policies,
-        steps,
-        prefill,
-        seed,
-        json,
+        policies: a.policies.clone(),
+        steps: a.steps,
+        prefill: a.prefill,
+        seed: a.seed,
+        json: a.json.clone(),
     })
 }
 
-/// Fails now, not after an hour of benchmarking, when `path` cannot be
-/// written. Opens without truncating, so an existing file is kept until the
-/// results replace it.
-fn check_writable(path: &str) -> Result<(), String> {
-    std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(path)
-        .map(drop)
-        .map_err(|e| format!("--json {path}: cannot write there: {e}"))
+/// Checks every argument (nothing runs when one is wrong).
+pub fn check(a: &BenchCpuArgs) -> Result<(), String> {
+    plan(a).map(drop)
 }
 
-pub fn run(argv: &[String]) -> Result<(), String> {
-    let p = plan(argv)?;
+pub fn run(a: &BenchCpuArgs) -> Result<(), String> {
+    let p = plan(a)?;
     let machine = crate::machine::describe();
     eprintln!("bench-cpu on {machine}");
     let mut rows = Vec::new();
@@ -470,24 +490,62 @@ fn write_json(
 mod tests {
     use super::*;
 
-    fn argv(s: &str) -> Vec<String> {
-        s.split_whitespace().map(str::to_string).collect()
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn args(s: &str) -> BenchCpuArgs {
+        let argv = ["infinitehip", "bench-cpu"]
+            .into_iter()
+            .chain(s.split_whitespace());
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::BenchCpu(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn plan_of(s: &str) -> Result<Plan, String> {
+        plan(&args(s))
+    }
+
+    #[test]
+    fn stated_minimum_matches_the_workload() {
+        let min = min_tokens(&hip_config(2048));
+        let help = <Cli as clap::CommandFactory>::command()
+            .find_subcommand("bench-cpu")
+            .unwrap()
+            .get_arguments()
+            .find(|a| a.get_id() == "tokens")
+            .unwrap()
+            .get_help()
+            .unwrap()
+            .to_string();
+        assert!(help.contains(&format!("at least {min} tokens")), "{help}");
+    }
+
+    #[test]
+    fn budget_and_shape_errors_name_the_flag() {
+        let e = plan_of("--tokens 4K --budget 100").err().unwrap();
+        assert!(e.starts_with("--budget 100"), "{e}");
+        let e = plan_of("--tokens 4K --q-heads 6 --kv-heads 4")
+            .err()
+            .unwrap();
+        assert!(e.contains("--kv-heads"), "{e}");
     }
 
     #[test]
     fn every_size_is_checked_before_any_work() {
         // 4K is fine, 1K is below the minimum: refused up front, naming it.
-        let e = plan(&argv("--tokens 4K,1K")).err().unwrap();
+        let e = plan_of("--tokens 4K,1K").err().unwrap();
         assert!(
             e.contains("--tokens 1024") && e.contains("minimum is 1217"),
             "{e}"
         );
-        assert!(plan(&argv("--tokens 1217")).is_ok());
-        let e = plan(&argv("--tokens 1216")).err().unwrap();
+        assert!(plan_of("--tokens 1217").is_ok());
+        let e = plan_of("--tokens 1216").err().unwrap();
         assert!(e.contains("1217"), "{e}");
-        let e = plan(&argv("--tokens 4K,2K --prefill 3000")).err().unwrap();
+        let e = plan_of("--tokens 4K,2K --prefill 3000").err().unwrap();
         assert!(e.contains("--prefill 3000") && e.contains("2048"), "{e}");
-        let e = plan(&argv("--tokens 4K --json /nonexistent-dir/x.json"))
+        let e = plan_of("--tokens 4K --json /nonexistent-dir/x.json")
             .err()
             .unwrap();
         assert!(e.contains("/nonexistent-dir/x.json"), "{e}");
@@ -499,7 +557,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("x.json");
         let path = path.to_str().unwrap();
-        let p = plan(&argv(&format!("--tokens 4K,1300 --json {path}"))).unwrap();
+        let p = plan_of(&format!("--tokens 4K,1300 --json {path}")).unwrap();
         let row = Row {
             policy: "hip".into(),
             phase: "decode",

@@ -17,16 +17,76 @@ use infinitehip::workload::{needle_seq, NeedleSeq};
 use infinitehip::DType;
 use serde_json::json;
 
-use crate::args::Args;
+use crate::args::{
+    check_writable, parse_count, parse_fraction, parse_fraction_or_zero, parse_positive,
+};
 
-pub const HELP: &str = "infinitehip bench-offload [options]
-  --tokens LIST        context lengths (default 262144)
-  --cache LIST         device cache sizes as fractions of the KV pages (default 0.1,0.05)
-  --q-heads N --kv-heads N --head-dim N   (default 32, 8, 128)
-  --est-cache F        estimation row cache as a fraction of all key rows (default 0: reads counted, not cached)
-  --steps N            decode steps after a warm-up refresh cycle (default 32)
-  --json FILE          write the results as JSON
-  --seed N             workload seed (default 0)";
+/// hip decode with all KV resident vs through a device page cache (CPU)
+///
+/// The KV on the host tier behind a device page cache of a fraction of it.
+/// On the CPU backend the "device" is a second arena, so latencies show the
+/// bookkeeping cost; hit ratios and bytes copied are what a GPU moves.
+///
+/// Every argument and the output path are checked before any work; when a
+/// later size fails, the rows that finished are still printed and written
+/// (`"complete": false`).
+#[derive(clap::Args, Debug)]
+pub struct BenchOffloadArgs {
+    /// Context lengths, comma-separated (K = 1024, M = 1024K); each at least
+    /// 1217 tokens (sink 128 + window 1024 + one 64-token needle chunk + 1).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_count,
+          default_value = "256K")]
+    pub tokens: Vec<usize>,
+    /// Device cache sizes as fractions of the KV pages, comma-separated.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_fraction,
+          default_value = "0.1,0.05")]
+    pub cache: Vec<f64>,
+    /// Estimation row cache as a fraction of all key rows (0: reads counted,
+    /// not cached).
+    #[arg(long, value_name = "F", value_parser = parse_fraction_or_zero, default_value_t = 0.0,
+          allow_negative_numbers = true)]
+    pub est_cache: f64,
+    /// Query heads (the defaults are Llama-3.1-8B's shape).
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value_t = 32)]
+    pub q_heads: usize,
+    /// KV heads; must divide --q-heads.
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value_t = 8)]
+    pub kv_heads: usize,
+    /// Head dimension.
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value_t = 128)]
+    pub head_dim: usize,
+    /// Decode steps timed, after a warm-up refresh cycle of 16.
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value_t = 32)]
+    pub steps: usize,
+    /// Write the results as JSON to FILE (checked writable before any work).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<String>,
+    /// Workload seed.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Sink and window of the default hip config (the workload puts its needles
+/// between them).
+const SINK: usize = 128;
+const WINDOW: usize = 1024;
+
+/// Checks every argument together (nothing runs when one is wrong);
+/// returns the attention shape.
+pub fn check(a: &BenchOffloadArgs) -> Result<AttnShape, String> {
+    let shape = AttnShape::new(a.q_heads, a.kv_heads, a.head_dim)
+        .map_err(|e| format!("--q-heads/--kv-heads/--head-dim: {e}"))?;
+    let min = SINK + WINDOW + 65;
+    if let Some(&t) = a.tokens.iter().find(|&&t| t < min) {
+        return Err(format!(
+            "--tokens {t} is too short: the minimum is {min} (sink {SINK} + window {WINDOW} + one 64-token needle chunk + 1)"
+        ));
+    }
+    if let Some(path) = &a.json {
+        check_writable("--json", path)?;
+    }
+    Ok(shape)
+}
 
 struct Row {
     tokens: usize,
@@ -100,7 +160,9 @@ fn decode_steps(
     let mut rng = Rng::new(seed ^ 0x0ff1_0ad);
     let te = w.shape.n_kv_heads * w.shape.head_dim;
     let (mut outs, mut times, mut stats) = (Vec::new(), Vec::new(), Vec::new());
+    let bar = crate::progress::steps(steps, "decode steps");
     for _ in 0..steps {
+        bar.inc(1);
         let q = w.query(&mut rng);
         let mut out = vec![f32::NAN; q.len()];
         let t = Instant::now();
@@ -114,60 +176,34 @@ fn decode_steps(
         e.append(0, 0, &k, &v, Phase::Decode, false, None)
             .map_err(|e| e.to_string())?;
     }
+    bar.finish_and_clear();
     Ok((outs, times, stats))
 }
 
-pub fn run(argv: &[String]) -> Result<(), String> {
-    let a = Args::parse(
-        argv,
-        &[
-            "tokens",
-            "cache",
-            "est-cache",
-            "q-heads",
-            "kv-heads",
-            "head-dim",
-            "steps",
-            "json",
-            "seed",
-        ],
-        &[],
-    )?;
-    let tokens = a.list("tokens", &[262144])?;
-    let fractions: Vec<f64> = a
-        .str("cache")
-        .unwrap_or("0.1,0.05")
-        .split(',')
-        .map(|s| {
-            s.trim()
-                .parse::<f64>()
-                .ok()
-                .filter(|f| *f > 0.0 && *f <= 1.0)
-                .ok_or_else(|| format!("--cache: `{s}` is not a fraction in (0, 1]"))
-        })
-        .collect::<Result<_, _>>()?;
-    let shape = AttnShape::new(
-        a.get("q-heads", 32)?,
-        a.get("kv-heads", 8)?,
-        a.get("head-dim", 128)?,
-    )
-    .map_err(|e| e.to_string())?;
-    let est_frac: f64 = a.get("est-cache", 0.0)?;
-    if !(0.0..=1.0).contains(&est_frac) {
-        return Err("--est-cache must be a fraction in [0, 1]".into());
-    }
-    let steps: usize = a.get("steps", 32)?;
-    let seed: u64 = a.get("seed", 0)?;
-    if steps == 0 {
-        return Err("--steps must be >= 1".into());
-    }
+pub fn run(a: &BenchOffloadArgs) -> Result<(), String> {
+    let shape = check(a)?;
     let machine = crate::machine::describe();
     eprintln!("bench-offload on {machine}");
-    let warm = 16; // one full stage-1 refresh cycle before timing
     let mut rows = Vec::new();
-    for &t in &tokens {
+    let outcome = bench_all(a, &shape, &mut rows);
+    // Whatever finished is reported, also when a later size failed.
+    print_table(&rows);
+    if let Some(path) = &a.json {
+        write_json(path, &machine, a, &shape, &rows, outcome.as_ref().err())?;
+        eprintln!("wrote {path}");
+    }
+    outcome
+}
+
+/// One full stage-1 refresh cycle before timing.
+const WARM: usize = 16;
+
+fn bench_all(a: &BenchOffloadArgs, shape: &AttnShape, rows: &mut Vec<Row>) -> Result<(), String> {
+    let (shape, warm, steps, seed, est_frac) = (*shape, WARM, a.steps, a.seed, a.est_cache);
+    for &t in &a.tokens {
         eprintln!("building a {t}-token needle sequence...");
-        let w = needle_seq::<bf16>(shape, t, 64, 128, 1024, 64, seed).map_err(|e| e.to_string())?;
+        let w =
+            needle_seq::<bf16>(shape, t, 64, SINK, WINDOW, 64, seed).map_err(|e| e.to_string())?;
         eprintln!("  resident: {} decode steps...", warm + steps);
         let mut res = engine(&shape, None, None)?;
         fill(&mut res, &w)?;
@@ -175,7 +211,7 @@ pub fn run(argv: &[String]) -> Result<(), String> {
         let kv_pages = res.stats()[0].pool.pages_in_use;
         let host_mib = res.stats()[0].pool.bytes_in_use as f64 / (1 << 20) as f64;
         drop(res);
-        for &f in &fractions {
+        for &f in &a.cache {
             let pages = ((kv_pages as f64 * f).ceil() as usize).max(1);
             eprintln!("  offloaded, cache {pages} of {kv_pages} pages...");
             let est_rows = (est_frac > 0.0)
@@ -238,12 +274,16 @@ pub fn run(argv: &[String]) -> Result<(), String> {
             });
         }
     }
+    Ok(())
+}
+
+fn print_table(rows: &[Row]) {
     println!(
         "{:>8} {:>6} {:>12} {:>11} {:>11} {:>6} {:>9} {:>13} {:>12} {:>8} {:>12} {:>10} {:>10} {:>9}",
         "tokens", "cache", "pages", "resident_ms", "offload_ms", "hit%", "blocks/st", "copied_MiB/st",
         "estim_MiB/st", "est_hit%", "est_copy_MiB", "device_MiB", "host_MiB", "max|diff|"
     );
-    for r in &rows {
+    for r in rows {
         println!(
             "{:>8} {:>5.0}% {:>12} {:>11.2} {:>11.2} {:>6.1} {:>9.0} {:>13.2} {:>12.2} {:>8} {:>12.2} {:>10.0} {:>10.0} {:>9.1e}",
             r.tokens,
@@ -262,7 +302,19 @@ pub fn run(argv: &[String]) -> Result<(), String> {
             r.max_abs_diff
         );
     }
-    if let Some(path) = a.str("json") {
+}
+
+/// The results as JSON; `error`: why the run stopped early (then
+/// `"complete": false` and `results` holds the rows that finished).
+fn write_json(
+    path: &str,
+    machine: &str,
+    a: &BenchOffloadArgs,
+    shape: &AttnShape,
+    rows: &[Row],
+    error: Option<&String>,
+) -> Result<(), String> {
+    {
         let results: Vec<_> = rows
             .iter()
             .map(|r| {
@@ -277,10 +329,79 @@ pub fn run(argv: &[String]) -> Result<(), String> {
                 })
             })
             .collect();
-        let doc = json!({"machine": machine, "backend": "cpu", "shape": {"q_heads": shape.n_q_heads, "kv_heads": shape.n_kv_heads, "head_dim": shape.head_dim, "dtype": "bf16"}, "steps": steps, "warmup_steps": warm, "results": results});
+        let doc = json!({"machine": machine, "backend": "cpu", "shape": {"q_heads": shape.n_q_heads, "kv_heads": shape.n_kv_heads, "head_dim": shape.head_dim, "dtype": "bf16"}, "steps": a.steps, "warmup_steps": WARM,
+            "complete": error.is_none(), "error": error, "results": results});
         std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap())
-            .map_err(|e| format!("writing {path}: {e}"))?;
-        eprintln!("wrote {path}");
+            .map_err(|e| format!("writing {path}: {e}"))
     }
-    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn args(s: &str) -> BenchOffloadArgs {
+        let argv = ["infinitehip", "bench-offload"]
+            .into_iter()
+            .chain(s.split_whitespace());
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::BenchOffload(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn sink_and_window_are_the_default_hip_configs() {
+        let c = infinitehip::config::HipConfig::default();
+        assert_eq!((SINK, WINDOW), (c.sink, c.window));
+    }
+
+    #[test]
+    fn every_size_and_the_path_are_checked_first() {
+        let e = check(&args("--tokens 4K,1K")).unwrap_err();
+        assert!(e.contains("--tokens 1024") && e.contains("1217"), "{e}");
+        assert!(check(&args("--tokens 1217")).is_ok());
+        let e = check(&args("--tokens 4K --json /nonexistent-dir/o.json")).unwrap_err();
+        assert!(e.contains("/nonexistent-dir/o.json"), "{e}");
+        let e = check(&args("--q-heads 6 --kv-heads 4")).unwrap_err();
+        assert!(e.contains("--kv-heads"), "{e}");
+    }
+
+    #[test]
+    fn finished_rows_are_written_when_a_later_size_fails() {
+        let dir = std::env::temp_dir().join(format!("ihip-offload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("o.json");
+        let path = path.to_str().unwrap();
+        let a = args(&format!("--tokens 4K,8K --json {path}"));
+        let shape = check(&a).unwrap();
+        let row = Row {
+            tokens: 4096,
+            cache_fraction: 0.1,
+            cache_pages: 7,
+            kv_pages: 64,
+            resident_ms: 1.0,
+            offload_ms: 2.0,
+            hit_ratio: 0.5,
+            blocks_needed: 9.0,
+            copied_mib_per_step: 0.1,
+            estimation_mib_per_step: 0.2,
+            est_hit_ratio: None,
+            est_copied_mib_per_step: 0.0,
+            device_mib: 1.0,
+            host_mib: 2.0,
+            max_abs_diff: 0.0,
+            rel_error: 0.0,
+        };
+        let err = "8192: out of memory".to_string();
+        write_json(path, "test", &a, &shape, &[row], Some(&err)).unwrap();
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(doc["complete"], false);
+        assert_eq!(doc["error"], "8192: out of memory");
+        assert_eq!(doc["results"][0]["tokens"], 4096);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

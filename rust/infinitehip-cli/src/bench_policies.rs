@@ -185,7 +185,9 @@ fn decode_through_engine(
     let mut rng = Rng::new(seed ^ 0xdec0de);
     let (mut dense_t, mut ours_t, mut max_err) = (Vec::new(), Vec::new(), 0f64);
     let qz = vec![0f32; shape.q_elems()];
+    let bar = crate::progress::steps(steps, "decode steps");
     for _ in 0..steps {
+        bar.inc(1);
         let q = w.query(&mut rng);
         let mut dense = vec![0f32; q.len()];
         {
@@ -216,6 +218,7 @@ fn decode_through_engine(
         e.append(0, 0, &k, &v, Phase::Decode, false, proj)
             .map_err(err)?;
     }
+    bar.finish_and_clear();
     dense_t.sort_by(|a, b| a.total_cmp(b));
     Ok(Row {
         policy: name.into(),
@@ -284,7 +287,9 @@ pub fn bench_squeeze(w: &mut NeedleSeq<bf16>, steps: usize, seed: u64) -> Result
     );
     let (mut dense_t, mut ours_t, mut max_err, mut recall) = (Vec::new(), Vec::new(), 0f64, 0f64);
     let mut kept = 0f64;
+    let bar = crate::progress::steps(steps, "decode steps");
     for _ in 0..steps {
+        bar.inc(1);
         let q = w.query(&mut rng);
         let view = w.pool.view(w.seq).map_err(err)?;
         let mut dense = vec![0f32; q.len()];
@@ -324,6 +329,7 @@ pub fn bench_squeeze(w: &mut NeedleSeq<bf16>, steps: usize, seed: u64) -> Result
         drop(view);
         w.append_random(&mut rng).map_err(err)?;
     }
+    bar.finish_and_clear();
     eprintln!(
         "    squeeze kept {:.1}% of the keys on average",
         kept * 100.0

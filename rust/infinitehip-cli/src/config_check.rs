@@ -4,16 +4,21 @@
 
 use infinitehip::PolicyConfig;
 
-pub const HELP: &str = "infinitehip config-check FILE
-  Validates a policy config: every field (errors give the field's JSON path
-  and the expected value), the files it names (locret weights: present and
-  in the model's shape), then prints which method each layer runs and which
-  part of the config decided it (overrides > dense_layers > default).";
+/// Validate a policy config file and say what each layer runs
+///
+/// Checks every field (errors give the field's JSON path and the expected
+/// value) and the files the config names (locret weights: present and in
+/// the model's shape); then prints which method each layer runs and which
+/// part of the config decided it (overrides > dense_layers > default).
+#[derive(clap::Args, Debug)]
+pub struct ConfigCheckArgs {
+    /// The policy config (JSON) to check.
+    #[arg(value_name = "FILE")]
+    pub file: String,
+}
 
-pub fn run(argv: &[String]) -> Result<(), String> {
-    let [path] = argv else {
-        return Err(format!("config-check takes one FILE\n{HELP}"));
-    };
+pub fn run(a: &ConfigCheckArgs) -> Result<(), String> {
+    let path = &a.file;
     let c = PolicyConfig::from_file(path).map_err(|e| e.to_string())?;
     c.check_files().map_err(|e| format!("{e} (in {path})"))?;
     println!("{path}: ok ({} layers)", c.model.n_layers);

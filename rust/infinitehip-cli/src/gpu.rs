@@ -20,7 +20,7 @@ use infinitehip::workload::needle_seq;
 use infinitehip::Element;
 use serde_json::json;
 
-use crate::args::Args;
+use crate::gpu_args::{BenchGpuArgs, GpuTestArgs, NvrtcCheckArgs};
 
 pub(crate) type R<T> = Result<T, String>;
 
@@ -37,17 +37,11 @@ pub(crate) fn e<E: std::fmt::Display>(x: E) -> String {
     x.to_string()
 }
 
-pub fn nvrtc_check(argv: &[String]) -> R<()> {
-    let a = Args::parse(argv, &["arch", "into"], &[])?;
-    let arch: &'static str = Box::leak(
-        a.str("arch")
-            .unwrap_or("compute_90")
-            .to_string()
-            .into_boxed_str(),
-    );
+pub fn nvrtc_check(a: &NvrtcCheckArgs) -> R<()> {
+    let arch: &'static str = Box::leak(a.arch.clone().into_boxed_str());
     // Compile fresh: the check must not pass from a stale cache. `--into
     // DIR` keeps the PTX there (a cache to carry to a GPU machine).
-    let dir = match a.str("into") {
+    let dir = match &a.into {
         Some(d) => {
             let d = std::path::PathBuf::from(d);
             std::fs::create_dir_all(&d).map_err(e)?;
@@ -496,23 +490,11 @@ fn prefill_case(gpu: &GpuContext, len: usize, q_start: usize, n: usize, seed: u6
     })
 }
 
-pub fn gpu_test(argv: &[String]) -> R<()> {
-    let a = Args::parse(
-        argv,
-        &["seed", "hip-len", "engine-timing"],
-        &[
-            "quick",
-            "policies-only",
-            "policy-timing",
-            "engine-only",
-            "hip-prefill-only",
-        ],
-    )?;
-    let seed: u64 = a.get("seed", 0xC0DA)?;
-    let hip_len: usize = a.get("hip-len", 200_000)?;
+pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
+    let (seed, hip_len) = (a.seed, a.hip_len);
     let gpu = GpuContext::new(0).map_err(e)?;
     println!("device {} ({} SMs, {})", gpu.name, gpu.sm_count, gpu.arch);
-    if a.str("hip-prefill-only").is_some() {
+    if a.hip_prefill_only {
         // The hip prefill estimators only: reference == CPU policy, fast
         // vs reference, and the engine path.
         let mut checks = vec![
@@ -524,30 +506,26 @@ pub fn gpu_test(argv: &[String]) -> R<()> {
     }
     // Policy kernels (locret, squeeze, lazy) first: they are quick.
     let mut checks = crate::gpu_policies::checks(&gpu, seed)?;
-    if a.str("engine-only").is_some() {
+    if a.engine_only {
         checks.clear();
     }
     // The engine-facing path: borrowed caller K/V, caller stream, bf16 q/out.
     checks.extend(crate::gpu_engine::checks(&gpu, seed)?);
     checks.extend(crate::gpu_engine_policies::checks(&gpu, seed)?);
     checks.extend(crate::gpu_engine_locret::checks(&gpu, seed)?);
-    if a.str("policies-only").is_none() {
+    if !a.policies_only {
         // Tensor-core prefill vs its CUDA-core twin and f64.
         checks.extend(crate::gpu_prefill_tc::checks(&gpu, seed)?);
         checks.push(crate::gpu_long_prefill::check(&gpu, seed + 77));
     }
-    if let Some(l) = a.str("engine-timing") {
-        for len in l.split(',') {
-            let len = crate::args::parse_count(len)
-                .ok_or_else(|| format!("--engine-timing: bad length `{len}`"))?;
-            crate::gpu_engine::timing(&gpu, len)?;
-        }
+    for &len in &a.engine_timing {
+        crate::gpu_engine::timing(&gpu, len)?;
     }
-    if a.str("policy-timing").is_some() {
+    if a.policy_timing {
         crate::gpu_policies::timing(&gpu, seed)?;
     }
     let mut s = seed;
-    let attention = a.str("policies-only").is_none() && a.str("engine-only").is_none();
+    let attention = !a.policies_only && !a.engine_only;
     for &(hq, hkv, d) in if attention {
         &[(32, 8, 128), (8, 8, 64), (16, 2, 256), (16, 8, 128)][..]
     } else {
@@ -650,45 +628,20 @@ fn event_ms(gpu: &GpuContext, f: impl FnOnce() -> R<()>) -> R<f64> {
     Ok(a.elapsed_ms(&b).map_err(e)? as f64)
 }
 
-pub fn bench_gpu(argv: &[String]) -> R<()> {
-    let a = Args::parse(
-        argv,
-        &[
-            "tokens",
-            "batch",
-            "json",
-            "baseline",
-            "seed",
-            "reps",
-            "prefill-tokens",
-            "prefill-dense-max",
-            "estimators",
-        ],
-        &["prefill-only"],
-    )?;
+pub fn bench_gpu(a: &BenchGpuArgs) -> R<()> {
     // --prefill-only: no decode rows, and per prefill only mask + attention
     // (no kernel-variant or dense timings), for each of --estimators.
-    let prefill_only = a.str("prefill-only").is_some();
+    let prefill_only = a.prefill_only;
     let estimators: Vec<MaskEstimator> = a
-        .str("estimators")
-        .unwrap_or("auto")
-        .split(',')
+        .estimators
+        .iter()
         .map(|x| {
             MaskEstimator::parse(x)
                 .ok_or_else(|| format!("--estimators: unknown `{x}` (auto, ref, fast)"))
         })
         .collect::<R<_>>()?;
-    let tokens = a.list("tokens", &[32768, 131072, 524288, 1048576])?;
-    let batches = a.list("batch", &[1, 16])?;
-    let seed: u64 = a.get("seed", 0)?;
-    let reps: usize = a.get("reps", 10)?;
-    let baseline: serde_json::Value = match a.str("baseline") {
-        Some(p) => {
-            serde_json::from_str(&std::fs::read_to_string(p).map_err(|x| format!("{p}: {x}"))?)
-                .map_err(|x| format!("{p}: {x}"))?
-        }
-        None => json!({}),
-    };
+    let (tokens, batches, seed, reps) = (a.tokens.clone(), a.batch.clone(), a.seed, a.reps);
+    let baseline = a.check()?;
     let gpu = GpuContext::new(0).map_err(e)?;
     // HBM bandwidth: a 4 GiB device-to-device copy, bytes read + written.
     let bw = {
@@ -836,8 +789,7 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
             eprintln!("T={t} B={b}: {}", rows.last().unwrap());
         }
     }
-    let prefill_tokens = a.list("prefill-tokens", &[32768, 131072, 1048576])?;
-    let dense_max: usize = a.get("prefill-dense-max", 131072)?;
+    let (prefill_tokens, dense_max) = (a.prefill_tokens.clone(), a.prefill_dense_max);
     for &t in &prefill_tokens {
         let ns = needle_seq::<bf16>(shape, t, 64, cfg.sink, cfg.window, 64, seed + 7 * t as u64)
             .map_err(e)?;
@@ -1022,7 +974,7 @@ pub fn bench_gpu(argv: &[String]) -> R<()> {
         "machine": format!("{} ({} SMs), {:.0} GB/s measured copy bandwidth", gpu.name, gpu.sm_count, bw / 1e9),
         "results": rows,
     });
-    if let Some(p) = a.str("json") {
+    if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_string_pretty(&doc).unwrap())
             .map_err(|x| format!("{p}: {x}"))?;
     }

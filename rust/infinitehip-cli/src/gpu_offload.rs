@@ -18,7 +18,7 @@ use infinitehip::workload::needle_seq;
 use infinitehip::DType;
 use serde_json::json;
 
-use crate::args::Args;
+use crate::gpu_args::{BenchGpuOffloadArgs, GpuTestOffloadArgs};
 
 type R<T> = Result<T, String>;
 fn e<E: std::fmt::Display>(x: E) -> String {
@@ -346,9 +346,8 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
     ))
 }
 
-pub fn test(argv: &[String]) -> R<()> {
-    let a = Args::parse(argv, &["seed"], &[])?;
-    let seed: u64 = a.get("seed", 0x0ff1)?;
+pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
+    let seed = a.seed;
     let gpu = GpuContext::new(0).map_err(e)?;
     println!("device {} ({} SMs, {})", gpu.name, gpu.sm_count, gpu.arch);
     let mut failed = 0;
@@ -563,55 +562,24 @@ fn query(rng: &mut Rng, shape: &AttnShape, dirs: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-pub fn bench(argv: &[String]) -> R<()> {
-    let a = Args::parse(
-        argv,
-        &[
-            "tokens",
-            "cache",
-            "est-rows",
-            "steps",
-            "warmup",
-            "json",
-            "seed",
-            "admission",
-        ],
-        &["est-direct"],
-    )?;
+pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
+    a.check()?;
     // Missed estimation rows scored straight from host memory instead of
     // staged whole in device memory first.
-    let direct = a.str("est-direct").is_some();
-    let tokens = a.list("tokens", &[1 << 20, 4 << 20])?;
-    let frac_list = |name: &str, def: &str| -> R<Vec<f64>> {
-        a.str(name)
-            .unwrap_or(def)
-            .split(',')
-            .map(|s| {
-                s.trim()
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|f| *f > 0.0 && *f <= 1.0)
-                    .ok_or_else(|| format!("--{name}: `{s}` is not a fraction in (0, 1]"))
-            })
-            .collect()
-    };
+    let direct = a.est_direct;
     // `device` (default), `host` (the earlier host-side admission), or both
     // (`device,host`: each configuration runs once per mode, same host tier).
     let modes: Vec<Admission> = a
-        .str("admission")
-        .unwrap_or("device")
-        .split(',')
-        .map(|m| match m.trim() {
+        .admission
+        .iter()
+        .map(|m| match m.as_str() {
             "device" => Ok(Admission::Device),
             "host" => Ok(Admission::Host),
             x => Err(format!("--admission: `{x}` is not device or host")),
         })
         .collect::<R<_>>()?;
-    let fractions = frac_list("cache", "0.05")?;
-    let est_list = frac_list("est-rows", "0.05,0.25")?;
-    let steps: usize = a.get("steps", 48)?;
-    let warm: usize = a.get("warmup", 16)?;
-    let seed: u64 = a.get("seed", 0)?;
+    let (tokens, fractions, est_list) = (a.tokens.clone(), a.cache.clone(), a.est_rows.clone());
+    let (steps, warm, seed) = (a.steps, a.warmup, a.seed);
     let gpu = GpuContext::new(0).map_err(e)?;
     let machine = format!("{} ({} SMs)", gpu.name, gpu.sm_count);
     println!("bench-gpu-offload on {machine}");
@@ -854,7 +822,7 @@ pub fn bench(argv: &[String]) -> R<()> {
             g(r, "offload_prepare_resolve_ms"), g(r, "offload_prepare_wait_ms"), g(r, "offload_prepare_launch_ms"),
         );
     }
-    if let Some(p) = a.str("json") {
+    if let Some(p) = &a.json {
         let doc = json!({"machine": machine, "shape": {"q_heads": 32, "kv_heads": 8, "head_dim": 128, "page_size": 64, "dtype": "bf16"}, "policy": "hip default", "steps": steps, "warmup_steps": warm, "results": rows});
         std::fs::write(p, serde_json::to_string_pretty(&doc).unwrap())
             .map_err(|x| format!("{p}: {x}"))?;

@@ -4,9 +4,11 @@ mod args;
 mod bench_cpu;
 mod bench_offload;
 mod bench_policies;
+mod cli;
 mod config_check;
 #[cfg(feature = "cuda")]
 mod gpu;
+mod gpu_args;
 #[cfg(feature = "cuda")]
 mod gpu_engine;
 #[cfg(feature = "cuda")]
@@ -24,20 +26,11 @@ mod gpu_policies;
 #[cfg(feature = "cuda")]
 mod gpu_prefill_tc;
 mod machine;
+mod progress;
 
+use clap::{CommandFactory, Parser};
+use cli::{Cli, Command};
 use infinitehip::PolicyConfig;
-
-const USAGE: &str = "infinitehip <command> [options]
-commands:
-  bench-cpu        dense vs sparse policies on synthetic long-context attention (see bench-cpu --help)
-  bench-offload    hip decode with all KV resident vs through a device page cache over the host tier
-  config-default   print the default policy config (Llama-3.1-8B shape) as JSON
-  config-check F   validate a policy config file; errors name the bad field
-  nvrtc-check      compile every CUDA kernel with NVRTC (no GPU needed; feature cuda)
-  gpu-test         CUDA kernels vs the CPU reference on fresh random inputs (feature cuda)
-  bench-gpu        CUDA hip/dense decode at Llama-3.1-8B shape, JSON output (feature cuda)
-  gpu-test-offload host tier + device page cache: round trips and decode vs all-resident (feature cuda)
-  bench-gpu-offload hip decode with KV in pinned host memory and a device page cache (feature cuda)";
 
 fn main() {
     tracing_subscriber::fmt()
@@ -47,57 +40,68 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let Some(cmd) = argv.first() else {
-        eprintln!("{USAGE}");
-        std::process::exit(2);
-    };
-    let rest = &argv[1..];
+    // --help, --version and flag errors exit here (usage errors: status 2).
+    let cli = Cli::parse();
     if let Err(e) = infinitehip::parallel::threads_from_env() {
         eprintln!("error: {e}");
         std::process::exit(2);
     }
-    if rest.iter().any(|a| a == "--help" || a == "-h") {
-        match cmd.as_str() {
-            "bench-cpu" => println!("{}", bench_cpu::HELP),
-            "bench-offload" => println!("{}", bench_offload::HELP),
-            "config-check" => println!("{}", config_check::HELP),
-            _ => println!("{USAGE}"),
-        }
-        return;
+    if let Err(e) = checks(&cli.command) {
+        // Bad arguments found before any work: reported like clap's own
+        // usage errors (the command's usage line, status 2).
+        let mut cmd = Cli::command();
+        cmd.build();
+        let sub = cmd
+            .find_subcommand_mut(cli.command.name())
+            .expect("known command");
+        sub.error(clap::error::ErrorKind::ValueValidation, e).exit();
     }
-    let result = match cmd.as_str() {
-        "bench-cpu" => bench_cpu::run(rest),
-        "bench-offload" => bench_offload::run(rest),
-        "config-default" => {
+    if let Err(e) = run(cli.command) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// What can be checked without doing any work: the arguments of `cmd`
+/// taken together (values alone are checked by clap).
+fn checks(cmd: &Command) -> Result<(), String> {
+    match cmd {
+        Command::BenchCpu(a) => bench_cpu::check(a),
+        Command::BenchOffload(a) => bench_offload::check(a).map(drop),
+        // Without the GPU backend `run` says what to build instead.
+        Command::BenchGpu(a) if cfg!(feature = "cuda") => a.check().map(drop),
+        Command::BenchGpuOffload(a) if cfg!(feature = "cuda") => a.check(),
+        _ => Ok(()),
+    }
+}
+
+fn run(cmd: Command) -> Result<(), String> {
+    match cmd {
+        Command::BenchCpu(a) => bench_cpu::run(&a),
+        Command::BenchOffload(a) => bench_offload::run(&a),
+        Command::ConfigDefault => {
             println!("{}", PolicyConfig::default().to_json_pretty());
             Ok(())
         }
-        "config-check" => config_check::run(rest),
+        Command::ConfigCheck(a) => config_check::run(&a),
         #[cfg(feature = "cuda")]
-        "nvrtc-check" => gpu::nvrtc_check(rest),
+        Command::NvrtcCheck(a) => gpu::nvrtc_check(&a),
         #[cfg(feature = "cuda")]
-        "gpu-test" => gpu::gpu_test(rest),
+        Command::GpuTest(a) => gpu::gpu_test(&a),
         #[cfg(feature = "cuda")]
-        "bench-gpu" => gpu::bench_gpu(rest),
+        Command::BenchGpu(a) => gpu::bench_gpu(&a),
         #[cfg(feature = "cuda")]
-        "gpu-test-offload" => gpu_offload::test(rest),
+        Command::GpuTestOffload(a) => gpu_offload::test(&a),
         #[cfg(feature = "cuda")]
-        "bench-gpu-offload" => gpu_offload::bench(rest),
+        Command::BenchGpuOffload(a) => gpu_offload::bench(&a),
         #[cfg(not(feature = "cuda"))]
-        "nvrtc-check" | "gpu-test" | "bench-gpu" | "gpu-test-offload" | "bench-gpu-offload" => {
-            Err(format!(
-                "`{cmd}` needs a build with the GPU backend: cargo build --release --features cuda"
-            ))
-        }
-        "--help" | "-h" | "help" => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        other => Err(format!("unknown command `{other}`\n{USAGE}")),
-    };
-    if let Err(e) = result {
-        eprintln!("error: {e}");
-        std::process::exit(1);
+        Command::NvrtcCheck(_)
+        | Command::GpuTest(_)
+        | Command::BenchGpu(_)
+        | Command::GpuTestOffload(_)
+        | Command::BenchGpuOffload(_) => Err(format!(
+            "`{}` needs a build with the GPU backend: cargo build --release -p infinitehip-cli --features cuda",
+            cmd.name()
+        )),
     }
 }

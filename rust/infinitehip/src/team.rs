@@ -26,6 +26,12 @@ struct Job {
 struct State {
     /// Leader sessions begun so far.
     session: u64,
+    /// The session is open: from `lead`'s start until all its helpers left.
+    /// A helper never joins a closed session (it would count as having
+    /// left the next one before that one starts).
+    open: bool,
+    /// Helper slots of the open session (`0..helpers`).
+    helpers: usize,
     /// The session's leader has finished (helpers leave).
     done: bool,
     /// The job in flight and its number (helpers join each job once).
@@ -68,6 +74,8 @@ impl Team {
         {
             let mut st = self.lock();
             st.session += 1;
+            st.open = true;
+            st.helpers = n_helpers;
             st.done = false;
             st.left = 0;
             st.job = None;
@@ -93,6 +101,7 @@ impl Team {
         while st.left < n_helpers {
             st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
         }
+        st.open = false;
         r
     }
 
@@ -100,10 +109,11 @@ impl Team {
     /// done with the session this helper has not served yet.
     pub fn serve(&self, slot: usize) {
         let mut st = self.lock();
-        // wait for a session this slot has not served (the leader may be late)
+        // wait for an open session this slot belongs to and has not served
+        // (the leader may be late; the thread count may change per session)
         loop {
             let served = st.served.get(slot).copied();
-            if served.is_some_and(|s| s < st.session) {
+            if st.open && slot < st.helpers && served.is_some_and(|s| s < st.session) {
                 break;
             }
             st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -192,6 +202,42 @@ pub(crate) fn par_for_team(n: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicU64;
+
+    /// A helper that sat out the previous session (fewer threads then) and
+    /// arrives before the next leader waits for that leader: it used to
+    /// join the finished session, leave it, and hang the next one.
+    #[test]
+    fn early_helper_after_a_smaller_session_joins_the_next_one() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let team = Team::new();
+            std::thread::scope(|s| {
+                s.spawn(|| team.serve(0));
+                s.spawn(|| team.serve(1));
+                team.lead(2, || crate::parallel::par_for(10, |_| {}));
+            });
+            std::thread::scope(|s| {
+                s.spawn(|| team.serve(0));
+                team.lead(1, || crate::parallel::par_for(10, |_| {}));
+            });
+            let hits = AtomicU64::new(0);
+            std::thread::scope(|s| {
+                s.spawn(|| team.serve(1)); // early: the leader is not there yet
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                s.spawn(|| team.serve(0));
+                team.lead(2, || {
+                    crate::parallel::par_for(100, |_| {
+                        hits.fetch_add(1, Ordering::Relaxed);
+                    })
+                });
+            });
+            tx.send(hits.load(Ordering::Relaxed)).ok();
+        });
+        let hits = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the second session hung");
+        assert_eq!(hits, 100);
+    }
 
     /// Every item runs exactly once, helpers arriving early or late, over
     /// several sessions; nested par_for runs inline.

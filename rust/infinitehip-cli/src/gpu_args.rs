@@ -1,0 +1,174 @@
+//! Flags of the GPU commands. Defined in every build (not only with the
+//! `cuda` feature) so `--help` and argument errors work everywhere and a
+//! build without CUDA can say what the command needs.
+
+use clap::Args;
+
+use crate::args::{parse_count, parse_fraction, parse_positive};
+
+/// Compile every CUDA kernel with NVRTC (needs libnvrtc, no GPU)
+#[derive(Args, Debug)]
+pub struct NvrtcCheckArgs {
+    /// Target virtual architecture passed to NVRTC.
+    #[arg(long, value_name = "ARCH", default_value = "compute_90")]
+    pub arch: String,
+    /// Keep the compiled PTX in DIR (a kernel cache to carry to a GPU
+    /// machine; its old .ptx files are removed first). Default: a fresh
+    /// temporary directory, so a stale cache cannot make the check pass.
+    #[arg(long, value_name = "DIR")]
+    pub into: Option<String>,
+}
+
+/// CUDA kernels vs the CPU reference on fresh random inputs (GPU)
+///
+/// Prints PASS or FAIL per check; exits non-zero when any check fails.
+#[derive(Args, Debug)]
+pub struct GpuTestArgs {
+    /// Seed of the random inputs.
+    #[arg(long, value_name = "N", default_value_t = 0xC0DA)]
+    pub seed: u64,
+    /// Longest sequence of the hip decode check (tokens).
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value_t = 200_000)]
+    pub hip_len: usize,
+    /// Also time the engine path (GpuAttention) at these context lengths,
+    /// comma-separated (e.g. 128K,1M).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_positive)]
+    pub engine_timing: Vec<usize>,
+    /// Only the policy (locret, squeeze, lazy) and engine-path checks: no
+    /// attention-kernel or tensor-core prefill checks.
+    #[arg(long)]
+    pub policies_only: bool,
+    /// Only the engine-path checks.
+    #[arg(long)]
+    pub engine_only: bool,
+    /// Only the hip prefill mask-estimator checks (reference == CPU policy,
+    /// fast vs reference, engine path).
+    #[arg(long)]
+    pub hip_prefill_only: bool,
+    /// Also time the policy kernels against the CPU code they replace.
+    #[arg(long)]
+    pub policy_timing: bool,
+    /// Accepted for older scripts; has no effect.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// CUDA hip and dense decode and prefill at Llama-3.1-8B shape (GPU)
+///
+/// Against a baseline (PyTorch SDPA, scripts/sdpa_bench.py); a table on
+/// stdout, rows as JSON.
+#[derive(Args, Debug)]
+pub struct BenchGpuArgs {
+    /// Decode context lengths, comma-separated (K = 1024, M = 1024K).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_positive,
+          default_value = "32K,128K,512K,1M")]
+    pub tokens: Vec<usize>,
+    /// Decode batch sizes, comma-separated.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_positive,
+          default_value = "1,16")]
+    pub batch: Vec<usize>,
+    /// Prefill context lengths, comma-separated.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_positive,
+          default_value = "32K,128K,1M")]
+    pub prefill_tokens: Vec<usize>,
+    /// Longest prefill also timed dense (our kernel).
+    #[arg(long, value_name = "N", value_parser = parse_count, default_value_t = 131072)]
+    pub prefill_dense_max: usize,
+    /// Prefill only, and per prefill only mask + attention (no decode rows,
+    /// kernel variants or dense timings).
+    #[arg(long)]
+    pub prefill_only: bool,
+    /// hip prefill mask estimators to time, comma-separated: auto, ref
+    /// (the f32 reference), fast (tensor cores).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "auto",
+          value_parser = ["auto", "ref", "reference", "fast", "tc", "tensor_core"])]
+    pub estimators: Vec<String>,
+    /// Baseline timings (scripts/sdpa_bench.py's JSON) to compare against;
+    /// read before any work.
+    #[arg(long, value_name = "FILE")]
+    pub baseline: Option<String>,
+    /// Write the results as JSON to FILE (checked writable before any work).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<String>,
+    /// Timed repetitions per measurement.
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value_t = 10)]
+    pub reps: usize,
+    /// Workload seed.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Host tier + device page cache: round trips, decode vs all resident (GPU)
+#[derive(Args, Debug)]
+pub struct GpuTestOffloadArgs {
+    /// Seed of the random inputs.
+    #[arg(long, value_name = "N", default_value_t = 0x0ff1)]
+    pub seed: u64,
+}
+
+/// hip decode with KV in pinned host memory and a device page cache (GPU)
+///
+/// Against the same decode with all KV on the device, at Llama-3.1-8B
+/// shape.
+#[derive(Args, Debug)]
+pub struct BenchGpuOffloadArgs {
+    /// Context lengths, comma-separated (K = 1024, M = 1024K).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_positive,
+          default_value = "1M,4M")]
+    pub tokens: Vec<usize>,
+    /// Device page-cache sizes as fractions of the KV pages, comma-separated.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_fraction,
+          default_value = "0.05")]
+    pub cache: Vec<f64>,
+    /// Estimation row-cache sizes as fractions of all key rows, comma-separated.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_fraction,
+          default_value = "0.05,0.25")]
+    pub est_rows: Vec<f64>,
+    /// Score missed estimation rows straight from host memory instead of
+    /// staging them in device memory first.
+    #[arg(long)]
+    pub est_direct: bool,
+    /// Where estimation-cache admission is decided: device, host, or both
+    /// (device,host: each configuration runs once per mode).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "device",
+          value_parser = ["device", "host"])]
+    pub admission: Vec<String>,
+    /// Decode steps timed (after the warm-up).
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value_t = 48)]
+    pub steps: usize,
+    /// Warm-up decode steps before timing.
+    #[arg(long, value_name = "N", value_parser = parse_count, default_value_t = 16)]
+    pub warmup: usize,
+    /// Write the results as JSON to FILE (checked writable before any work).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<String>,
+    /// Workload seed.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl BenchGpuArgs {
+    /// Output path writable, baseline readable JSON: before any GPU work.
+    pub fn check(&self) -> Result<serde_json::Value, String> {
+        if let Some(p) = &self.json {
+            crate::args::check_writable("--json", p)?;
+        }
+        match &self.baseline {
+            Some(p) => {
+                let s = std::fs::read_to_string(p).map_err(|x| format!("--baseline {p}: {x}"))?;
+                serde_json::from_str(&s).map_err(|x| format!("--baseline {p}: not JSON: {x}"))
+            }
+            None => Ok(serde_json::json!({})),
+        }
+    }
+}
+
+impl BenchGpuOffloadArgs {
+    /// Output path writable: before any GPU work.
+    pub fn check(&self) -> Result<(), String> {
+        match &self.json {
+            Some(p) => crate::args::check_writable("--json", p),
+            None => Ok(()),
+        }
+    }
+}
