@@ -18,6 +18,7 @@ pub mod llama;
 pub(crate) mod llama_attend;
 pub mod llama_cuda;
 pub mod llama_gpu;
+pub mod llama_lazy;
 pub mod llama_locret;
 pub(crate) mod llama_profile;
 pub mod llama_rope;
@@ -344,6 +345,58 @@ pub mod ffi {
             n_seq: &[u32],
             seq_ids: &[i32],
         ) -> Result<Vec<i32>>;
+
+        /// LazyLLM row dropping (see `llama_lazy`, patch 0007): whether some
+        /// layer runs lazy.
+        fn lazy_rows_on(self: &LlamaPlugin) -> bool;
+        /// `[layer, rows after it]` per pruning point (flat) for a ubatch of
+        /// `n_tokens` tokens, `n_outputs` of them with logits.
+        fn lazy_rows_plan(
+            self: &LlamaPlugin,
+            n_tokens: u32,
+            n_outputs: u32,
+            single_seq: bool,
+        ) -> Vec<u32>;
+        /// Graph build with row dropping in progress (lazy layers then keep
+        /// llama.cpp's attention).
+        fn lazy_rows_set_building(self: &LlamaPlugin, on: bool);
+        fn lazy_rows_building(self: &LlamaPlugin) -> bool;
+        /// The ubatch in flight writes `cells` (`k_idxs`).
+        fn lazy_rows_begin(self: &LlamaPlugin, cells: &[i64]) -> Result<()>;
+        /// Pruning op: kept rows (indices into the current rows) into `out`.
+        #[allow(clippy::too_many_arguments)]
+        fn lazy_rows_keep(
+            self: &LlamaPlugin,
+            layer: u32,
+            scale: f32,
+            q: &[u8],
+            qd: &TensorDesc,
+            k: &[u8],
+            kd: &TensorDesc,
+            mask: &[u8],
+            md: &TensorDesc,
+            cells: &[i64],
+            col0: i64,
+            forced: &[u8],
+            out: &mut [i32],
+        ) -> Result<()>;
+        /// Mask of the layers from `first` on: gathered rows (`rows`, empty:
+        /// all), cells without K/V there hidden.
+        #[allow(clippy::too_many_arguments)]
+        fn lazy_rows_mask(
+            self: &LlamaPlugin,
+            first: u32,
+            mask: &[u8],
+            md: &TensorDesc,
+            rows: &[i32],
+            col0: i64,
+            kv_size: i64,
+            ith: u32,
+            nth: u32,
+            out: &mut [u8],
+        ) -> Result<()>;
+        /// Layers `first..=last` computed `rows` attention rows each.
+        fn lazy_rows_count(self: &LlamaPlugin, first: u32, last: u32, rows: u64);
 
         /// GPU route of a llama.cpp context (see `llama_gpu`): host key
         /// mirror, policy over it, I32 cell indices for a sparse mask.

@@ -33,6 +33,7 @@ use infinitehip::{Error, Result};
 
 use crate::ffi::{ModelInfo, RopeInfo, TensorDesc};
 use crate::llama_attend::{attend_reference, attend_run, use_reference, HeadKv, Rows};
+use crate::llama_lazy::LazyRows;
 use crate::llama_locret::{view, LocretLlama};
 use crate::llama_profile::{Count, Profile, Slot};
 use crate::llama_rope::{streaming_shift, Layout, LlamaRope};
@@ -486,6 +487,8 @@ pub struct LlamaPlugin {
     locret: Option<LocretLlama>,
     /// llama.cpp's RoPE, when some hip layer uses a RoPE mode.
     rope: Option<LlamaRope>,
+    /// LazyLLM row dropping (patch 0007), when some layer runs `lazy`.
+    pub(crate) lazy_rows: Option<LazyRows>,
     /// Set by a caught panic (`guarded`).
     pub poison: Poison,
     /// `LLAMA_INFINITEHIP_PROFILE=1` timings.
@@ -655,6 +658,10 @@ impl LlamaPlugin {
             });
         }
         let locret = LocretLlama::new(&cfg)?;
+        let lazy_rows = match &lazy {
+            Some(z) => Some(LazyRows::new(cfg.model.n_layers, z.config().points)?),
+            None => None,
+        };
         Ok(LlamaPlugin {
             cfg,
             layers,
@@ -663,6 +670,7 @@ impl LlamaPlugin {
             lazy_steps: Mutex::new(HashMap::new()),
             locret,
             rope: llama_rope,
+            lazy_rows,
             poison: Poison::default(),
             profile: Profile::from_env(),
             team: Team::new(),
@@ -1285,6 +1293,7 @@ impl LlamaPlugin {
             "attended_fraction": if t == 0 { 1.0 } else { a as f64 / t as f64 },
             "layers": self.layers.iter().map(|l| l.method).collect::<Vec<_>>(),
             "locret": self.locret.as_ref().map(|l| l.stats()),
+            "lazy_rows": self.lazy_rows.as_ref().map(|l| l.stats()),
             "prefill_dense_below": self.cfg.prefill_dense_below,
             "decode_dense_below": self.cfg.decode_dense_below,
             "profile": self.profile.json(),

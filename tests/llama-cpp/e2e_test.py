@@ -9,7 +9,8 @@ Needs the builds of scripts/llama-cpp-build.sh (both). Checks:
    llama.cpp's V transposed (no flash attention) and not (flash attention);
 3. small budget on a longer prompt: runs, logits finite; agreement with
    stock reported;
-3b. lazy and squeeze (every layer): with a covering budget (lazy keep 1.0,
+3b. lazy (key-narrowing route, LLAMA_INFINITEHIP_LAZY_ROWS=off) and
+   squeeze (every layer): with a covering budget (lazy keep 1.0,
    squeeze quantile 0) teacher-forced logits equal stock's within f16
    rounding (lazy with V transposed, squeeze with flash attention) and the
    prompt end reached the policies (stats `prompts_done`), also on the
@@ -39,6 +40,17 @@ Needs the builds of scripts/llama-cpp-build.sh (both). Checks:
    with a small budget on a 1-layer, 1-KV-head model (where the route's union
    over KV heads is the policy's own selection) equal to the CPU route within
    f16 rounding.
+7. LazyLLM row dropping (patch 0007; `--only-lazy` runs just this): keep
+   1.0 gives stock's logits bit for bit (flash attention off and on, the
+   default graph and LLAMA_INFINITEHIP_LAZY_ROWS=gather, which runs every
+   gather with the identity rows; also the long prompt in ubatches) with
+   llama.cpp's attention in every lazy layer (no plan op); keep 0.25 after
+   layer 0 on the long prompt in one ubatch computes exactly 512 rows in
+   layer 1 (stats rows_per_layer), its prompt-step logits equal the
+   key-narrowing route's (LLAMA_INFINITEHIP_LAZY_ROWS=off: every row
+   computed, layer 1 attends to the same kept set) within f16 rounding and
+   differ from stock, and decode steps hide the pruned cells in layer 1;
+   in ubatches of 512, each ubatch keeps a quarter of its rows.
 6. hip's RoPE modes (patch 0006; `--only-rope` runs just this): with a
    covering budget, chunk_indexed scoring + streaming attention equal stock
    within f16 rounding (ranks equal positions); at a small budget on the
@@ -125,6 +137,10 @@ def lazy_config(keep):
     return {"dense_layers": 0, "default": {"method": "lazy", "points": [{"layer": 0, "keep": keep}]}}
 
 
+# lazy layers through the plugin's key-narrowing route (every row computed)
+NARROW = {"LLAMA_INFINITEHIP_LAZY_ROWS": "off"}
+
+
 def squeeze_config(quantile, window):
     return {"dense_layers": 0, "default": {"method": "squeeze", "quantile": quantile,
                                            "observation_window": window, "kmeans_iters": 10}}
@@ -186,6 +202,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=os.path.join(REPO, "target", "llama-cpp-e2e.json"))
     ap.add_argument("--only-rope", action="store_true", help="run only section 6 (hip's RoPE modes)")
+    ap.add_argument("--only-lazy", action="store_true", help="run only section 7 (LazyLLM row dropping)")
     a = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="ihip-e2e-")
@@ -207,6 +224,9 @@ def main():
 
     if a.only_rope:
         ok &= rope_modes(R, a, tmp, results, check, tol_rel)
+        finish(a, results, ok)
+    if a.only_lazy:
+        ok &= lazy_rows(R, a, results, check, tol_rel)
         finish(a, results, ok)
 
     # 1. plugin off: identical
@@ -278,7 +298,8 @@ def main():
         ("lazy", lazy_config(1.0), "off", stock_off),
         ("squeeze", squeeze_config(0.0, 16), "on", (ls_fa, ts_fa_path)),
     ]:
-        lf, _, _, log = R.gen("patched", f"{name}_full", a.prompt, a.gen, config=cfg, force=forced, fa=fa)
+        lf, _, _, log = R.gen("patched", f"{name}_full", a.prompt, a.gen, config=cfg, force=forced, fa=fa,
+                              env_extra=NARROW)
         c = compare(lf, ref)
         st = plugin_stats(log)
         c["stats"] = st
@@ -290,7 +311,8 @@ def main():
     # The long prompt is decoded in 4 ubatches of 512: lazy's steps and
     # squeeze's calibration span several plan calls before the prompt end.
     for name, cfg in [("lazy", lazy_config(1.0)), ("squeeze", squeeze_config(0.0, 64))]:
-        lf, _, _, log = R.gen("patched", f"{name}_full_long", a.small_prompt, a.small_gen, config=cfg, force=stock_long[1])
+        lf, _, _, log = R.gen("patched", f"{name}_full_long", a.small_prompt, a.small_gen, config=cfg, force=stock_long[1],
+                              env_extra=NARROW)
         c = compare(lf, stock_long[0])
         c["prompts_done"] = plugin_stats(log).get("prompts_done")
         results[f"{name}_full_budget_long"] = c
@@ -298,7 +320,8 @@ def main():
               c["finite"] and c["rel_rms_diff"] < tol_rel and c["max_abs_diff"] < tol_rel * 10 * c["logit_rms"]
               and (c["prompts_done"] or 0) >= 1, c)
     for name, cfg in [("lazy", lazy_config(0.1)), ("squeeze", squeeze_config(0.9, 64))]:
-        lf, _, _, log = R.gen("patched", f"{name}_small", a.small_prompt, a.small_gen, config=cfg, force=stock_long[1])
+        lf, _, _, log = R.gen("patched", f"{name}_small", a.small_prompt, a.small_gen, config=cfg, force=stock_long[1],
+                              env_extra=NARROW)
         c = compare(lf, stock_long[0])
         st = plugin_stats(log)
         c.update({"context": a.small_prompt + a.small_gen, "attended_fraction": st.get("attended_fraction"),
@@ -430,6 +453,7 @@ def main():
           c["finite"] and c["rel_rms_diff"] < tol_rel and c["max_abs_diff"] < tol_rel * 10 * c["logit_rms"], c)
 
     ok &= rope_modes(R, a, tmp, results, check, tol_rel)
+    ok &= lazy_rows(R, a, results, check, tol_rel)
     finish(a, results, ok)
 
 
@@ -484,6 +508,80 @@ def rope_modes(R, a, tmp, results, check, tol_rel):
     msg = [l for l in r.stderr.splitlines() if "RoPE modes" in l]
     results["rope_gpu_route_refused"] = {"rc": r.returncode, "message": msg[:1]}
     chk("GPU route refuses the RoPE modes with an error naming them", r.returncode != 0 and msg, msg[:1])
+    return ok
+
+
+
+def lazy_rows(R, a, results, check, tol_rel):
+    """Section 7: LazyLLM row dropping (patch 0007)."""
+    ok = True
+
+    def chk(name, cond, detail):
+        nonlocal ok
+        check(name, cond, detail)
+        ok &= bool(cond)
+
+    n_layers = 2  # make_tiny_gguf's default
+    # keep 1.0: the row-dropping graph (masks from the cell depths, and with
+    # =gather every gather on identity rows) gives stock's logits bit for bit
+    for fa in ["off", "on"]:
+        ls, _, ts_path, _ = R.gen("stock", f"lz_stock_fa{fa}", a.prompt, a.gen, fa=fa)
+        for mode in ["default", "gather"]:
+            env = {"LLAMA_INFINITEHIP_LAZY_ROWS": mode} if mode == "gather" else None
+            lf, _, _, log = R.gen("patched", f"lz_cover_fa{fa}_{mode}", a.prompt, a.gen, config=lazy_config(1.0),
+                                  force=ts_path, fa=fa, env_extra=env)
+            st = plugin_stats(log)
+            lr = st.get("lazy_rows") or {}
+            tokens = a.prompt + a.gen
+            c = compare(lf, ls) | {"bit_identical": bool(np.array_equal(lf, ls)), "lazy_rows": lr,
+                                   "plans": st.get("plans")}
+            results[f"lazy_rows_cover_fa_{fa}_{mode}"] = c
+            chk(f"lazy rows, keep 1.0 == stock bit for bit (flash_attn {fa}, {mode} graph, {tokens} tokens)",
+                c["bit_identical"] and st.get("plans") == 0 and lr.get("rows_per_layer") == [tokens] * n_layers
+                and lr.get("pruned_rows") == 0 and lr.get("tokens") == tokens, c)
+    ls, _, ts_long, _ = R.gen("stock", "lz_stock_long", a.small_prompt, a.small_gen)
+    lf, _, _, log = R.gen("patched", "lz_cover_long", a.small_prompt, a.small_gen, config=lazy_config(1.0),
+                          force=ts_long, env_extra={"LLAMA_INFINITEHIP_LAZY_ROWS": "gather"})
+    c = compare(lf, ls) | {"bit_identical": bool(np.array_equal(lf, ls))}
+    results["lazy_rows_cover_long"] = c
+    chk(f"lazy rows, keep 1.0 == stock bit for bit ({a.small_prompt}-token prompt in ubatches of 512, gather graph)",
+        c["bit_identical"], c)
+
+    # keep 0.25 after layer 0, the long prompt in one ubatch
+    keep, n = 0.25, a.small_prompt
+    kept = -(-n // 4)
+    g = a.small_gen
+    for fa in ["off", "on"]:
+        ls1, _, ts1, _ = R.gen("stock", f"lz_stock_one_fa{fa}", n, g, fa=fa, batch=n)
+        lp, _, _, log = R.gen("patched", f"lz_prune_fa{fa}", n, g, config=lazy_config(keep), force=ts1, fa=fa, batch=n)
+        lr = plugin_stats(log).get("lazy_rows") or {}
+        ln, _, _, _ = R.gen("patched", f"lz_narrow_fa{fa}", n, g, config=lazy_config(keep), force=ts1, fa=fa, batch=n,
+                            env_extra=NARROW)
+        first = compare(lp[:1], ln[:1])
+        vs_stock = compare(lp[:1], ls1[:1])
+        c = {"prompt_step_vs_narrowing_route": first, "prompt_step_vs_stock": vs_stock, "lazy_rows": lr,
+             "all_vs_stock": compare(lp, ls1)}
+        results[f"lazy_rows_prune_one_ubatch_fa_{fa}"] = c
+        chk(f"lazy rows, keep {keep} after layer 0, {n}-token prompt in one ubatch (flash_attn {fa}): layer 1 "
+            f"computes {kept} + {g} rows, prompt-step logits == key-narrowing route within f16 rounding, != stock, "
+            "decode hides pruned cells",
+            np.isfinite(lp).all() and lr.get("rows_per_layer") == [n + g, kept + g]
+            and lr.get("pruned_rows") == n - kept and (lr.get("masked_cells") or 0) >= (n - kept) * g
+            and first["rel_rms_diff"] < tol_rel and first["max_abs_diff"] < tol_rel * 10 * first["logit_rms"]
+            and vs_stock["max_abs_diff"] > 10 * first["max_abs_diff"],
+            {"vs_narrowing": first, "vs_stock_max_abs": vs_stock["max_abs_diff"],
+             "rows_per_layer": lr.get("rows_per_layer"), "masked_cells": lr.get("masked_cells")})
+
+    # in ubatches of 512: each keeps a quarter of its rows; later ubatches and
+    # decode hide the cells pruned before them
+    ub = 512
+    lp, _, _, log = R.gen("patched", "lz_prune_ubatches", n, g, config=lazy_config(keep), force=ts_long, batch=ub)
+    lr = plugin_stats(log).get("lazy_rows") or {}
+    n_ub = -(-n // ub)
+    want = [n + g, n_ub * (-(-ub // 4)) + g]
+    results["lazy_rows_prune_ubatches"] = {"lazy_rows": lr, "vs_stock": compare(lp, ls)}
+    chk(f"lazy rows, keep {keep}, {n}-token prompt in ubatches of {ub}: rows per layer {want}, finite",
+        np.isfinite(lp).all() and lr.get("rows_per_layer") == want and (lr.get("masked_cells") or 0) > 0, lr)
     return ok
 
 

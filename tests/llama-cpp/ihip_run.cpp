@@ -22,7 +22,12 @@
 //       records {f32 nll, i32 argmax, i32 path} where record i scores
 //       target ids[i] (record 0 is empty: nll NaN, path -1) and path says
 //       which call produced the logits (0 = a prefill ubatch, 1 = a
-//       single-token decode step). Prints one JSON line with timings.
+//       single-token decode step, 2 = a continuation ubatch). Prints one
+//       JSON line with timings. --prefill-logits last: the prefill asks for
+//       the last prompt token's logits only (what LazyLLM may prune around;
+//       prefill_s is then the time to first token); --cont batch: the rest
+//       goes in ubatches of --batch with every row's logits instead of one
+//       token per llama_decode.
 //   ihip_run dequant MODEL --out GGUF
 //       write MODEL with every tensor dequantized to f32 (llama.cpp's own
 //       quantizer, "pure" F32): the quality suite's exactness check needs
@@ -49,6 +54,7 @@ static void die(const std::string & msg) {
 
 struct Args {
     std::string mode, model, force, logits_out, tokens_out, state, fa = "off", text, out, input, nll_out, kv = "f16", depths;
+    std::string prefill_logits = "all", cont = "decode";
     int prompt_len = 64, gen = 16, depth = 0, ctx = 0, threads = 2, batch = 512, seed = 1, prefill = -1, n = -1;
 };
 
@@ -81,9 +87,13 @@ static Args parse(int argc, char ** argv) {
         else if (k == "--n") a.n = std::stoi(v);
         else if (k == "--kv") a.kv = v;
         else if (k == "--depths") a.depths = v;
+        else if (k == "--prefill-logits") a.prefill_logits = v;
+        else if (k == "--cont") a.cont = v;
         else die("unknown option " + k);
     }
     if (a.kv != "f16" && a.kv != "f32") die("--kv must be f16 or f32");
+    if (a.prefill_logits != "all" && a.prefill_logits != "last") die("--prefill-logits must be all or last");
+    if (a.cont != "decode" && a.cont != "batch") die("--cont must be decode or batch");
     return a;
 }
 
@@ -335,18 +345,36 @@ int main(int argc, char ** argv) {
                 b.pos[j] = i0 + j;
                 b.n_seq_id[j] = 1;
                 b.seq_id[j][0] = 0;
-                b.logits[j] = true;
+                b.logits[j] = a.prefill_logits == "all" || i0 + j == p - 1;
             }
             if (llama_decode(ctx, b) != 0) die("llama_decode failed (prefill)");
             for (int j = 0; j < m; j++) {
                 int tgt = i0 + j + 1;
                 if (tgt >= n) break;
+                if (!b.logits[j]) continue;
                 nll_of(llama_get_logits_ith(ctx, j), n_vocab, ids[tgt], rec[tgt].nll, rec[tgt].argmax);
                 rec[tgt].path = 0;
             }
         }
         double t1 = now_s();
-        for (int i = p; i + 1 < n; i++) {
+        for (int i0 = p; a.cont == "batch" && i0 + 1 < n; i0 += a.batch) {
+            int m = std::min(a.batch, n - 1 - i0);
+            b.n_tokens = m;
+            for (int j = 0; j < m; j++) {
+                b.token[j] = ids[i0 + j];
+                b.pos[j] = i0 + j;
+                b.n_seq_id[j] = 1;
+                b.seq_id[j][0] = 0;
+                b.logits[j] = true;
+            }
+            if (llama_decode(ctx, b) != 0) die("llama_decode failed (continuation)");
+            for (int j = 0; j < m; j++) {
+                int tgt = i0 + j + 1;
+                nll_of(llama_get_logits_ith(ctx, j), n_vocab, ids[tgt], rec[tgt].nll, rec[tgt].argmax);
+                rec[tgt].path = 2;
+            }
+        }
+        for (int i = p; a.cont == "decode" && i + 1 < n; i++) {
             llama_token tok = ids[i];
             if (llama_decode(ctx, llama_batch_get_one(&tok, 1)) != 0) die("llama_decode failed (decode)");
             nll_of(llama_get_logits_ith(ctx, -1), n_vocab, ids[i + 1], rec[i + 1].nll, rec[i + 1].argmax);
