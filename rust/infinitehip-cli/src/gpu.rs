@@ -506,6 +506,7 @@ pub fn gpu_test(argv: &[String]) -> R<()> {
             "policy-timing",
             "engine-only",
             "hip-prefill-only",
+            "dense-only",
         ],
     )?;
     let seed: u64 = a.get("seed", 0xC0DA)?;
@@ -522,6 +523,10 @@ pub fn gpu_test(argv: &[String]) -> R<()> {
         checks.extend(crate::gpu_hip_fast::checks(&gpu, seed)?);
         return report(&checks);
     }
+    if a.str("dense-only").is_some() {
+        // The dense decode kernel only (kernels/decode_dense.cu).
+        return report(&crate::gpu_dense::checks(&gpu, seed)?);
+    }
     // Policy kernels (locret, squeeze, lazy) first: they are quick.
     let mut checks = crate::gpu_policies::checks(&gpu, seed)?;
     if a.str("engine-only").is_some() {
@@ -532,6 +537,8 @@ pub fn gpu_test(argv: &[String]) -> R<()> {
     checks.extend(crate::gpu_engine_policies::checks(&gpu, seed)?);
     checks.extend(crate::gpu_engine_locret::checks(&gpu, seed)?);
     if a.str("policies-only").is_none() {
+        // Dense decode (tensor-core split-K) vs f64.
+        checks.extend(crate::gpu_dense::checks(&gpu, seed)?);
         // Tensor-core prefill vs its CUDA-core twin and f64.
         checks.extend(crate::gpu_prefill_tc::checks(&gpu, seed)?);
         checks.push(crate::gpu_long_prefill::check(&gpu, seed + 77));

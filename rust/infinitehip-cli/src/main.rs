@@ -8,6 +8,8 @@ mod config_check;
 #[cfg(feature = "cuda")]
 mod gpu;
 #[cfg(feature = "cuda")]
+mod gpu_dense;
+#[cfg(feature = "cuda")]
 mod gpu_engine;
 #[cfg(feature = "cuda")]
 mod gpu_engine_locret;
@@ -17,6 +19,8 @@ mod gpu_engine_policies;
 mod gpu_hip_fast;
 #[cfg(feature = "cuda")]
 mod gpu_long_prefill;
+#[cfg(feature = "cuda")]
+mod gpu_model;
 #[cfg(feature = "cuda")]
 mod gpu_offload;
 #[cfg(feature = "cuda")]
@@ -36,6 +40,8 @@ commands:
   nvrtc-check      compile every CUDA kernel with NVRTC (no GPU needed; feature cuda)
   gpu-test         CUDA kernels vs the CPU reference on fresh random inputs (feature cuda)
   bench-gpu        CUDA hip/dense decode at Llama-3.1-8B shape, JSON output (feature cuda)
+  bench-gpu-dense  dense decode kernel vs the bytes-read floor (GQA 1-8, bf16/f16; feature cuda)
+  bench-gpu-model  32-layer decode step (dense + hip layers) vs 32 dense layers (feature cuda)
   gpu-test-offload host tier + device page cache: round trips and decode vs all-resident (feature cuda)
   bench-gpu-offload hip decode with KV in pinned host memory and a device page cache (feature cuda)";
 
@@ -81,15 +87,18 @@ fn main() {
         #[cfg(feature = "cuda")]
         "bench-gpu" => gpu::bench_gpu(rest),
         #[cfg(feature = "cuda")]
+        "bench-gpu-dense" => gpu_dense::bench(rest),
+        #[cfg(feature = "cuda")]
+        "bench-gpu-model" => gpu_model::bench(rest),
+        #[cfg(feature = "cuda")]
         "gpu-test-offload" => gpu_offload::test(rest),
         #[cfg(feature = "cuda")]
         "bench-gpu-offload" => gpu_offload::bench(rest),
         #[cfg(not(feature = "cuda"))]
-        "nvrtc-check" | "gpu-test" | "bench-gpu" | "gpu-test-offload" | "bench-gpu-offload" => {
-            Err(format!(
-                "`{cmd}` needs a build with the GPU backend: cargo build --release --features cuda"
-            ))
-        }
+        "nvrtc-check" | "gpu-test" | "bench-gpu" | "bench-gpu-dense" | "bench-gpu-model"
+        | "gpu-test-offload" | "bench-gpu-offload" => Err(format!(
+            "`{cmd}` needs a build with the GPU backend: cargo build --release --features cuda"
+        )),
         "--help" | "-h" | "help" => {
             println!("{USAGE}");
             Ok(())
