@@ -17,10 +17,15 @@ ap.add_argument("--batch", default="1,16")
 ap.add_argument("--reps", type=int, default=20)
 ap.add_argument("--prefill-tokens", default="32768,131072,1048576")
 ap.add_argument("--json", required=True)
+# Whole-model decode step: --layers SDPA calls in a row, each layer with its
+# own K/V where they fit (else a ring of as many distinct buffers as fit).
+ap.add_argument("--model-tokens", default="")
+ap.add_argument("--model-batch", default="1,16")
+ap.add_argument("--layers", type=int, default=32)
 a = ap.parse_args()
-res, skipped = {}, {}
+res, skipped, distinct = {}, {}, {}
 name = f"torch {torch.__version__} scaled_dot_product_attention, FLASH_ATTENTION backend, enable_gqa"
-for t in [int(x) for x in a.tokens.split(",")]:
+for t in [int(x) for x in a.tokens.split(",") if x]:
     for b in [int(x) for x in a.batch.split(",")]:
         key = f"{t}x{b}"
         try:
@@ -70,4 +75,37 @@ for t in [int(x) for x in a.prefill_tokens.split(",") if x]:
         skipped[key] = f"{type(ex).__name__}: {str(ex)[:200]}"
         print(f"sdpa prefill T={t}: skipped ({skipped[key]})", flush=True)
         torch.cuda.empty_cache()
-json.dump({"name": name, "results": res, "skipped": skipped}, open(a.json, "w"), indent=1)
+for t in [int(x) for x in a.model_tokens.split(",") if x]:
+    for b in [int(x) for x in a.model_batch.split(",") if x]:
+        key = f"model_{t}x{b}"
+        try:
+            torch.cuda.empty_cache()
+            layer_bytes = 2 * b * 8 * t * 128 * 2
+            free, _ = torch.cuda.mem_get_info()
+            r = min(a.layers, int(free * 0.85 // layer_bytes))
+            if r == 0:
+                raise MemoryError("one layer's K/V does not fit")
+            kv = [(torch.randn(b, 8, t, 128, device="cuda", dtype=torch.bfloat16),
+                   torch.randn(b, 8, t, 128, device="cuda", dtype=torch.bfloat16)) for _ in range(r)]
+            qs = [torch.randn(b, 32, 1, 128, device="cuda", dtype=torch.bfloat16) for _ in range(a.layers)]
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                def step():
+                    for l in range(a.layers):
+                        k, v = kv[l % r]
+                        F.scaled_dot_product_attention(qs[l], k, v, enable_gqa=True)
+                step(); torch.cuda.synchronize()
+                ts = []
+                for _ in range(5):
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record(); step(); e.record(); e.synchronize()
+                    ts.append(s.elapsed_time(e))
+            ts.sort()
+            res[key] = ts[len(ts) // 2]
+            distinct[key] = r
+            print(f"sdpa {a.layers} layers T={t} B={b} ({r} distinct K/V): {res[key]:.3f} ms", flush=True)
+            del kv, qs
+        except Exception as ex:
+            skipped[key] = f"{type(ex).__name__}: {str(ex)[:200]}"
+            print(f"sdpa model T={t} B={b}: skipped ({skipped[key]})", flush=True)
+            torch.cuda.empty_cache()
+json.dump({"name": name, "results": res, "skipped": skipped, "model_distinct": distinct}, open(a.json, "w"), indent=1)

@@ -9,7 +9,8 @@ use crate::bench_cpu::BenchCpuArgs;
 use crate::bench_offload::BenchOffloadArgs;
 use crate::config_check::ConfigCheckArgs;
 use crate::gpu_args::{
-    BenchGpuArgs, BenchGpuOffloadArgs, GpuTestArgs, GpuTestOffloadArgs, NvrtcCheckArgs,
+    BenchGpuArgs, BenchGpuDenseArgs, BenchGpuModelArgs, BenchGpuOffloadArgs, GpuTestArgs,
+    GpuTestOffloadArgs, NvrtcCheckArgs,
 };
 
 /// Sparse attention and KV-cache policies for long contexts: benchmarks
@@ -37,6 +38,8 @@ pub enum Command {
     NvrtcCheck(NvrtcCheckArgs),
     GpuTest(GpuTestArgs),
     BenchGpu(BenchGpuArgs),
+    BenchGpuDense(BenchGpuDenseArgs),
+    BenchGpuModel(BenchGpuModelArgs),
     GpuTestOffload(GpuTestOffloadArgs),
     BenchGpuOffload(BenchGpuOffloadArgs),
 }
@@ -52,6 +55,8 @@ impl Command {
             Command::NvrtcCheck(_) => "nvrtc-check",
             Command::GpuTest(_) => "gpu-test",
             Command::BenchGpu(_) => "bench-gpu",
+            Command::BenchGpuDense(_) => "bench-gpu-dense",
+            Command::BenchGpuModel(_) => "bench-gpu-model",
             Command::GpuTestOffload(_) => "gpu-test-offload",
             Command::BenchGpuOffload(_) => "bench-gpu-offload",
         }
@@ -132,6 +137,9 @@ mod tests {
             "gpu-test --engine-timing 128K,1M",
             "gpu-test --hip-prefill-only",
             "gpu-test --engine-only",
+            "gpu-test --dense-only --seed 3",
+            "bench-gpu-dense --tokens 128K,1M --batch 1,16 --groups 1,8 --dtypes bf16 --reps 5 --json d.json",
+            "bench-gpu-model --tokens 128K,1M --batch 1,16 --layers 32 --dense-layers 3 --reps 3 --baseline s.json --json m.json",
             "gpu-test --policies-only --policy-timing --quick --seed 7 --hip-len 5000",
             "gpu-test-offload",
             "gpu-test-offload --seed 4",

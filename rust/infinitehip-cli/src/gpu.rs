@@ -504,6 +504,10 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
         checks.extend(crate::gpu_hip_fast::checks(&gpu, seed)?);
         return report(&checks);
     }
+    if a.dense_only {
+        // The dense decode kernel only (kernels/decode_dense.cu).
+        return report(&crate::gpu_dense::checks(&gpu, seed)?);
+    }
     // Policy kernels (locret, squeeze, lazy) first: they are quick.
     let mut checks = crate::gpu_policies::checks(&gpu, seed)?;
     if a.engine_only {
@@ -514,6 +518,8 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
     checks.extend(crate::gpu_engine_policies::checks(&gpu, seed)?);
     checks.extend(crate::gpu_engine_locret::checks(&gpu, seed)?);
     if !a.policies_only {
+        // Dense decode (tensor-core split-K) vs f64.
+        checks.extend(crate::gpu_dense::checks(&gpu, seed)?);
         // Tensor-core prefill vs its CUDA-core twin and f64.
         checks.extend(crate::gpu_prefill_tc::checks(&gpu, seed)?);
         checks.push(crate::gpu_long_prefill::check(&gpu, seed + 77));

@@ -45,6 +45,9 @@ pub struct GpuTestArgs {
     /// fast vs reference, engine path).
     #[arg(long)]
     pub hip_prefill_only: bool,
+    /// Only the dense decode kernel checks (kernels/decode_dense.cu).
+    #[arg(long)]
+    pub dense_only: bool,
     /// Also time the policy kernels against the CPU code they replace.
     #[arg(long)]
     pub policy_timing: bool,
@@ -171,4 +174,60 @@ impl BenchGpuOffloadArgs {
             None => Ok(()),
         }
     }
+}
+
+/// Dense decode of one layer (split-K tensor-core kernel) vs the bytes-read
+/// floor at the measured copy bandwidth (GPU)
+#[derive(Args, Debug)]
+pub struct BenchGpuDenseArgs {
+    /// Context lengths, comma-separated (K = 1024, M = 1024K).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_positive,
+          default_value = "128K,512K,1M")]
+    pub tokens: Vec<usize>,
+    /// Batch sizes, comma-separated.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_positive,
+          default_value = "1,16")]
+    pub batch: Vec<usize>,
+    /// GQA group sizes (q heads per KV head), comma-separated.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_positive,
+          default_value = "1,2,4,8")]
+    pub groups: Vec<usize>,
+    /// K/V dtypes, comma-separated: bf16, f16.
+    #[arg(long, value_name = "LIST", default_value = "bf16,f16")]
+    pub dtypes: String,
+    /// Timed repetitions per row.
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value_t = 10)]
+    pub reps: usize,
+    /// Write the rows as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<String>,
+}
+
+/// A whole-model decode step (dense + hip layers, each with its own K/V)
+/// vs all layers dense (PyTorch SDPA baseline) (GPU)
+#[derive(Args, Debug)]
+pub struct BenchGpuModelArgs {
+    /// Context lengths, comma-separated (K = 1024, M = 1024K).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_positive,
+          default_value = "128K,1M")]
+    pub tokens: Vec<usize>,
+    /// Batch sizes, comma-separated.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_positive,
+          default_value = "1,16")]
+    pub batch: Vec<usize>,
+    /// Layers in the step.
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value_t = 32)]
+    pub layers: usize,
+    /// Of them dense (the first ones).
+    #[arg(long, value_name = "N", value_parser = parse_count, default_value_t = 3)]
+    pub dense_layers: usize,
+    /// Timed repetitions per row.
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value_t = 5)]
+    pub reps: usize,
+    /// Baseline JSON (scripts/sdpa_bench.py output) for the SDPA rows.
+    #[arg(long, value_name = "FILE")]
+    pub baseline: Option<String>,
+    /// Write the rows as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<String>,
 }

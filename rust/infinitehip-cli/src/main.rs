@@ -10,6 +10,8 @@ mod config_check;
 mod gpu;
 mod gpu_args;
 #[cfg(feature = "cuda")]
+mod gpu_dense;
+#[cfg(feature = "cuda")]
 mod gpu_engine;
 #[cfg(feature = "cuda")]
 mod gpu_engine_locret;
@@ -19,6 +21,8 @@ mod gpu_engine_policies;
 mod gpu_hip_fast;
 #[cfg(feature = "cuda")]
 mod gpu_long_prefill;
+#[cfg(feature = "cuda")]
+mod gpu_model;
 #[cfg(feature = "cuda")]
 mod gpu_offload;
 #[cfg(feature = "cuda")]
@@ -91,6 +95,10 @@ fn run(cmd: Command) -> Result<(), String> {
         #[cfg(feature = "cuda")]
         Command::BenchGpu(a) => gpu::bench_gpu(&a),
         #[cfg(feature = "cuda")]
+        Command::BenchGpuDense(a) => gpu_dense::bench(&a),
+        #[cfg(feature = "cuda")]
+        Command::BenchGpuModel(a) => gpu_model::bench(&a),
+        #[cfg(feature = "cuda")]
         Command::GpuTestOffload(a) => gpu_offload::test(&a),
         #[cfg(feature = "cuda")]
         Command::BenchGpuOffload(a) => gpu_offload::bench(&a),
@@ -98,6 +106,8 @@ fn run(cmd: Command) -> Result<(), String> {
         Command::NvrtcCheck(_)
         | Command::GpuTest(_)
         | Command::BenchGpu(_)
+        | Command::BenchGpuDense(_)
+        | Command::BenchGpuModel(_)
         | Command::GpuTestOffload(_)
         | Command::BenchGpuOffload(_) => Err(format!(
             "`{}` needs a build with the GPU backend: cargo build --release -p infinitehip-cli --features cuda",

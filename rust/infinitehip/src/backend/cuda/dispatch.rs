@@ -923,7 +923,7 @@ impl AttnOut {
             row_stride: shape.n_q_heads * shape.head_dim,
         }
     }
-    fn code(&self) -> i32 {
+    pub(crate) fn code(&self) -> i32 {
         match self.dtype {
             DType::F32 => 0,
             DType::F16 => 1,

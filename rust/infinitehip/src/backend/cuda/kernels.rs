@@ -8,6 +8,11 @@ pub const COMMON: &str = include_str!("../../../../../kernels/common.cuh");
 /// (module name, source).
 pub const MODULES: &[(&str, &str)] = &[
     ("decode", include_str!("../../../../../kernels/decode.cu")),
+    // Dense split-K decode on tensor cores (decode.cu is its reference twin).
+    (
+        "decode_dense",
+        include_str!("../../../../../kernels/decode_dense.cu"),
+    ),
     (
         "hip_mask",
         include_str!("../../../../../kernels/hip_mask.cu"),
@@ -84,6 +89,16 @@ pub const GROUPS: &[usize] = &[1, 2, 4, 8];
 /// Head dims of the tensor-core prefill kernel (kernels/prefill_tc.cu).
 pub const TC_HEAD_DIMS: &[usize] = &[64, 128];
 
+/// 16-token chunks per warp iteration of kernels/decode_dense.cu built for
+/// head_dim `d` (the first is the default).
+pub fn dense_chunks(d: usize) -> &'static [usize] {
+    if d >= 256 {
+        &[1]
+    } else {
+        &[1, 2]
+    }
+}
+
 /// Every entry point each module must export (checked after compilation).
 pub fn entry_points(module: &str) -> Vec<String> {
     if module == "decode_slot" {
@@ -114,6 +129,13 @@ pub fn entry_points(module: &str) -> Vec<String> {
                 "decode" => {
                     for g in GROUPS {
                         v.push(format!("decode_{dt}_d{d}_g{g}"));
+                    }
+                }
+                "decode_dense" => {
+                    for u in dense_chunks(*d) {
+                        for g in GROUPS {
+                            v.push(format!("dense_{dt}_d{d}_g{g}_u{u}"));
+                        }
                     }
                 }
                 "hip_mask" => {
@@ -163,6 +185,7 @@ pub fn entry_points(module: &str) -> Vec<String> {
             }
         }
         "lazy_topk" => v.push("lazy_topk".into()),
+        "decode_dense" => v.push("dense_fill_random".into()),
         "engine_policy" => {
             for n in [
                 "ep_gather_keys_bf16",

@@ -31,6 +31,7 @@
 //!   table) are never freed here and must stay valid until the stream has
 //!   run the launches that read them.
 
+pub mod dense_decode;
 pub mod dispatch;
 pub mod engine_attn;
 pub mod est_cache;
@@ -409,6 +410,8 @@ mod tests {
         }
         assert!(kernels::full_source("nope").is_none());
         assert_eq!(kernels::entry_points("decode").len(), 2 * 3 * 4 + 3 + 1);
+        // bf16/f16 x (d64, d128: 1 or 2 chunks; d256: 1) x 4 groups.
+        assert_eq!(kernels::entry_points("decode_dense").len(), 2 * 5 * 4 + 1);
     }
 
     #[test]

@@ -55,6 +55,7 @@ use std::collections::HashMap;
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
+use super::dense_decode::{launch_dense, DenseDecodeWs};
 use super::dispatch::HipGpuPrefill;
 use super::dispatch::{
     assemble_rows, launch_attention_ex, regions, run_stages, AttnOut, DecodeWorkspace, DeviceKv,
@@ -156,6 +157,8 @@ pub struct GpuAttention {
     free: Vec<usize>,
     n_slots: usize,
     ws: DecodeWorkspace,
+    /// Split-K scratch of the dense decode kernel (dense layers).
+    dense_ws: DenseDecodeWs,
     qf: DevBuf,
     up: DevBuf,
     sel_ranges: DevBuf,
@@ -345,6 +348,7 @@ impl GpuAttention {
             free: Vec::new(),
             n_slots: 0,
             ws: DecodeWorkspace::new(),
+            dense_ws: DenseDecodeWs::new(),
             qf: DevBuf::null(),
             up: DevBuf::null(),
             sel_ranges: DevBuf::null(),
@@ -695,7 +699,6 @@ impl GpuAttention {
         let gpu = self.gpu.on_stream(stream);
         let (shape, mul) = self.scaled_shape(sm_scale)?;
         self.convert_q(&gpu, q, b, mul)?;
-        let hkv = self.shape.n_kv_heads;
         let rows: Vec<i32> = table_rows
             .iter()
             .map(|&r| i32_of("table row", r))
@@ -729,25 +732,31 @@ impl GpuAttention {
                 self.squeeze_select(&gpu, &shape, layer, kv, req_ids, &slots, &rows, lens)?
             }
         } else if matches!(self.layers[layer], Layer::Dense) {
-            // Rows [b][h]: one range 0..len; then the table rows.
-            let sel = self.sel_view(b * hkv, 1)?;
-            let mut host: Vec<i32> = Vec::with_capacity(b * hkv * 5 + b);
+            // kernels/decode_dense.cu: table rows then lengths, one upload.
+            let mut host = rows.clone();
             for &l in lens {
-                for _ in 0..hkv {
-                    host.extend_from_slice(&[0, l as i32]);
-                }
+                host.push(i32_of("length", l)?);
             }
-            // ranges live in sel_ranges; cum/cnt/tot in sel_cum.
-            sel.ranges.write_async(&gpu.stream, &host)?;
-            let mut rest: Vec<i32> = vec![0; b * hkv];
-            rest.extend(std::iter::repeat_n(1, b * hkv));
-            for &l in lens {
-                rest.extend(std::iter::repeat_n(l as i32, hkv));
-            }
-            DevBuf::borrowed(sel.cum.ptr, rest.len() * 4).write_async(&gpu.stream, &rest)?;
-            grow(&mut self.up, b * 4)?;
-            self.up.write_async(&gpu.stream, &rows)?;
-            (sel, *lens.iter().max().unwrap())
+            grow(&mut self.up, b * 8)?;
+            self.up.write_async(&gpu.stream, &host)?;
+            let mut ws = std::mem::take(&mut self.dense_ws);
+            let r = launch_dense(
+                &gpu,
+                &mut ws,
+                &shape,
+                kv.ptrs(),
+                dkv.strides(),
+                self.qf.ptr,
+                b,
+                self.up.ptr + (b * 4) as u64,
+                self.up.ptr,
+                *lens.iter().max().unwrap(),
+                None,
+                None,
+                *out,
+            );
+            self.dense_ws = ws;
+            return r;
         } else {
             self.hip_select(&gpu, layer, &dkv, req_ids, &rows, lens)?
         };

@@ -1,0 +1,219 @@
+//! `bench-gpu-model`: attention of one whole-model decode step at the
+//! Llama-3.1-8B shape (32 layers: the first `--dense-layers` dense through
+//! kernels/decode_dense.cu, the rest hip), each layer with its own K/V
+//! buffer and its own query, vs 32 dense layers (ours, and PyTorch SDPA
+//! flash from `scripts/sdpa_bench.py --model-tokens`, same device run), with
+//! the bytes-read floors beside them.
+//!
+//! Where 32 layers of K/V do not fit in device memory the layers cycle
+//! through as many distinct buffers as fit (`distinct_kv` in the output):
+//! each dense layer then reads GiBs and each hip layer's reads (distinct
+//! queries, so distinct selections) are far over the L2 at batch 16, so
+//! no layer finds another's data in cache except hip layers at batch 1
+//! that share a buffer; the reuse distance is reported.
+
+use infinitehip::attention::AttnShape;
+use infinitehip::backend::cuda::dense_decode::{dense_decode, random_device_kv, DenseDecodeWs};
+use infinitehip::backend::cuda::dispatch::{DeviceKv, HipGpuDecoder};
+use infinitehip::backend::cuda::{DevBuf, GpuContext};
+use infinitehip::config::HipConfig;
+use infinitehip::rng::Rng;
+use infinitehip::DType;
+use serde_json::json;
+
+use crate::gpu::{e, time_ms, R};
+use crate::gpu_dense::copy_bandwidth;
+
+pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
+    let (tokens, batches, n_layers, n_dense, reps) = (
+        a.tokens.clone(),
+        a.batch.clone(),
+        a.layers,
+        a.dense_layers,
+        a.reps,
+    );
+    let baseline: serde_json::Value = match a.baseline.as_deref() {
+        Some(p) => {
+            serde_json::from_str(&std::fs::read_to_string(p).map_err(|x| format!("{p}: {x}"))?)
+                .map_err(|x| format!("{p}: {x}"))?
+        }
+        None => json!({}),
+    };
+    let gpu = GpuContext::new(0).map_err(e)?;
+    let bw = copy_bandwidth(&gpu)?;
+    println!(
+        "device {} ({} SMs), measured copy bandwidth {:.0} GB/s",
+        gpu.name,
+        gpu.sm_count,
+        bw / 1e9
+    );
+    let shape = AttnShape::new(32, 8, 128).map_err(e)?;
+    let cfg = HipConfig::default();
+    let cycle = cfg
+        .stages
+        .iter()
+        .map(|s| s.refresh_interval)
+        .max()
+        .unwrap_or(1);
+    let mut rows = Vec::new();
+    for &t in &tokens {
+        for &b in &batches {
+            let layer_bytes = (t * 8 * 128 * 2 * 2 * b) as f64;
+            let (free, _) = gpu.mem_info().map_err(e)?;
+            let fit = ((free as f64 * 0.85) / layer_bytes).floor() as usize;
+            if fit == 0 {
+                println!("skip T={t} B={b}: one layer's K/V does not fit");
+                continue;
+            }
+            let distinct = fit.min(n_layers);
+            let kvs: Vec<DeviceKv> = (0..distinct)
+                .map(|i| {
+                    random_device_kv(&gpu, b, t, 8, 128, DType::Bf16, 64, (i * 7919 + t) as u32)
+                })
+                .collect::<infinitehip::Result<_>>()
+                .map_err(e)?;
+            let lens_dev = DevBuf::from_slice(&vec![t as i32; b]).map_err(e)?;
+            let mut rng = Rng::new(t as u64 * 31 + b as u64);
+            let qs: Vec<DevBuf> = (0..n_layers)
+                .map(|_| DevBuf::from_slice(&rng.normal_vec(b * shape.q_elems(), 1.0)))
+                .collect::<infinitehip::Result<_>>()
+                .map_err(e)?;
+            let out = DevBuf::alloc(b * shape.q_elems() * 4).map_err(e)?;
+            let mut dws = DenseDecodeWs::new();
+            let mut hips: Vec<HipGpuDecoder> = (n_dense..n_layers)
+                .map(|_| HipGpuDecoder::new(cfg.clone(), &shape, b))
+                .collect::<infinitehip::Result<_>>()
+                .map_err(e)?;
+            // First step of each hip layer uploads its regions.
+            for (i, h) in hips.iter_mut().enumerate() {
+                let l = n_dense + i;
+                h.step(&gpu, &shape, &kvs[l % distinct], qs[l].ptr, out.ptr, true)
+                    .map_err(e)?;
+            }
+            gpu.synchronize().map_err(e)?;
+            let sel_tokens: usize = {
+                let s = hips[0].sel.to_host(8).map_err(e)?;
+                (0..b)
+                    .map(|r| (0..8).map(|h| s[r].token_count(h)).sum::<usize>())
+                    .sum()
+            };
+            let dense_layer = |l: usize, dws: &mut DenseDecodeWs| -> R<()> {
+                dense_decode(
+                    &gpu,
+                    dws,
+                    &shape,
+                    &kvs[l % distinct],
+                    qs[l].ptr,
+                    &lens_dev,
+                    None,
+                    None,
+                    out.ptr,
+                )
+                .map_err(e)
+            };
+            let model_step = |hips: &mut [HipGpuDecoder], dws: &mut DenseDecodeWs| -> R<()> {
+                for l in 0..n_layers {
+                    if l < n_dense {
+                        dense_layer(l, dws)?;
+                    } else {
+                        hips[l - n_dense]
+                            .step(&gpu, &shape, &kvs[l % distinct], qs[l].ptr, out.ptr, false)
+                            .map_err(e)?;
+                    }
+                }
+                Ok(())
+            };
+            let refresh_ms = time_ms(&gpu, reps, || {
+                hips.iter_mut().for_each(|h| h.reset());
+                model_step(&mut hips, &mut dws)
+            })?;
+            let cycle_ms = time_ms(&gpu, reps, || {
+                hips.iter_mut().for_each(|h| h.reset());
+                for _ in 0..cycle {
+                    model_step(&mut hips, &mut dws)?;
+                }
+                Ok(())
+            })?;
+            let step_ms = cycle_ms / cycle as f64;
+            let dense_layer = |l: usize, dws: &mut DenseDecodeWs| -> R<()> {
+                dense_decode(
+                    &gpu,
+                    dws,
+                    &shape,
+                    &kvs[l % distinct],
+                    qs[l].ptr,
+                    &lens_dev,
+                    None,
+                    None,
+                    out.ptr,
+                )
+                .map_err(e)
+            };
+            let dense_part_ms = time_ms(&gpu, reps, || {
+                (0..n_dense).try_for_each(|l| dense_layer(l, &mut dws))
+            })?;
+            let all_dense_ms = time_ms(&gpu, reps, || {
+                (0..n_layers).try_for_each(|l| dense_layer(l, &mut dws))
+            })?;
+            let n_hip = n_layers - n_dense;
+            let hip_layer_ms = (step_ms - dense_part_ms) / n_hip.max(1) as f64;
+            let dense_floor = layer_bytes / bw * 1e3;
+            let hip_floor = (sel_tokens * 128 * 2 * 2) as f64 / bw * 1e3;
+            let floor_step = n_dense as f64 * dense_floor + n_hip as f64 * hip_floor;
+            let res = baseline.get("results");
+            let sdpa_model = res
+                .and_then(|r| r.get(format!("model_{t}x{b}")))
+                .and_then(|x| x.as_f64());
+            let sdpa_layer = res
+                .and_then(|r| r.get(format!("{t}x{b}")))
+                .and_then(|x| x.as_f64());
+            let sdpa_distinct = baseline
+                .get("model_distinct")
+                .and_then(|r| r.get(format!("model_{t}x{b}")))
+                .and_then(|x| x.as_u64());
+            let row = json!({
+                "tokens": t, "batch": b, "layers": n_layers, "dense_layers": n_dense,
+                "distinct_kv": distinct, "step_ms": step_ms, "refresh_step_ms": refresh_ms,
+                "dense_part_ms": dense_part_ms, "hip_layer_amortised_ms": hip_layer_ms,
+                "all_dense_ours_ms": all_dense_ms,
+                "sdpa_model_ms": sdpa_model, "sdpa_model_distinct_kv": sdpa_distinct,
+                "sdpa_layer_x_layers_ms": sdpa_layer.map(|x| x * n_layers as f64),
+                "speedup_vs_sdpa": sdpa_model.map(|x| x / step_ms),
+                "speedup_vs_all_dense_ours": all_dense_ms / step_ms,
+                "floor_step_ms": floor_step, "floor_all_dense_ms": dense_floor * n_layers as f64,
+                "dense_layer_floor_ms": dense_floor, "hip_layer_floor_ms": hip_floor,
+                "hip_selected_tokens_per_head": sel_tokens / (8 * b),
+                "refresh_cycle_steps": cycle,
+            });
+            eprintln!("{row}");
+            rows.push(row);
+        }
+    }
+    println!("\n| tokens | batch | distinct K/V | step ms (amortised) | refresh step ms | 32 x SDPA flash ms | speed-up vs SDPA | 32 x our dense ms | hip ms/layer (amortised) | step floor ms | all-dense floor ms |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let f = |r: &serde_json::Value, k: &str, p: usize| {
+        r[k].as_f64()
+            .map_or("-".to_string(), |x| format!("{x:.p$}"))
+    };
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r["tokens"],
+            r["batch"],
+            r["distinct_kv"],
+            f(r, "step_ms", 3),
+            f(r, "refresh_step_ms", 3),
+            f(r, "sdpa_model_ms", 3),
+            f(r, "speedup_vs_sdpa", 2),
+            f(r, "all_dense_ours_ms", 3),
+            f(r, "hip_layer_amortised_ms", 4),
+            f(r, "floor_step_ms", 3),
+            f(r, "floor_all_dense_ms", 3),
+        );
+    }
+    if let Some(p) = a.json.as_deref() {
+        let doc = json!({"device": gpu.name, "copy_bandwidth_gbs": bw / 1e9, "rows": rows});
+        std::fs::write(p, serde_json::to_string_pretty(&doc).unwrap()).map_err(e)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,315 @@
+//! Dense decode at the memory-bandwidth limit: one launch of
+//! kernels/decode_dense.cu (flash-decoding split-K on tensor cores; the last
+//! CTA of each (row, kv head) merges the splits). Query row i attends
+//! tokens `0..lens[i]` of table row `q_seq[i]`; `lens` and `q_seq` live on
+//! the device, so a step uploads nothing else and the launch shape depends
+//! only on the batch size and the longest length it is sized for.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::dispatch::{check_shape, AttnOut, DeviceKv, KvPtrs, KvStrides};
+use super::{gpu_err, kernels, DevBuf, GpuContext};
+use crate::attention::AttnShape;
+use crate::error::{Error, Result};
+
+/// Threads per CTA of the kernel (DD_WARPS warps).
+const THREADS: u32 = 128;
+
+/// Split-K scratch (partials) and the per-(row, kv head) arrival counters,
+/// zeroed once at allocation (each launch leaves them zero).
+pub struct DenseDecodeWs {
+    pm: DevBuf,
+    pl: DevBuf,
+    pacc: DevBuf,
+    counters: DevBuf,
+    cap_rows: usize,
+    cap_pairs: usize,
+}
+
+impl DenseDecodeWs {
+    pub fn new() -> Self {
+        DenseDecodeWs {
+            pm: DevBuf::null(),
+            pl: DevBuf::null(),
+            pacc: DevBuf::null(),
+            counters: DevBuf::null(),
+            cap_rows: 0,
+            cap_pairs: 0,
+        }
+    }
+    fn ensure(&mut self, rows: usize, pairs: usize, d: usize) -> Result<()> {
+        if rows > self.cap_rows {
+            let rows = rows.next_power_of_two();
+            self.pm = DevBuf::alloc(rows * 4)?;
+            self.pl = DevBuf::alloc(rows * 4)?;
+            self.pacc = DevBuf::alloc(rows * d * 4)?;
+            self.cap_rows = rows;
+        }
+        if pairs > self.cap_pairs {
+            let pairs = pairs.next_power_of_two();
+            self.counters = DevBuf::alloc(pairs * 4)?;
+            self.counters.fill_bytes(0)?;
+            self.cap_pairs = pairs;
+        }
+        Ok(())
+    }
+}
+
+impl Default for DenseDecodeWs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Tokens per split for `n_rows` rows of up to `max_len` tokens: about one
+/// wave of `slots` resident CTAs, in multiples of a CTA's iteration
+/// (`4 warps x 16 x chunks` tokens), at least 512 tokens.
+pub fn split_tokens(
+    slots: usize,
+    n_rows: usize,
+    hkv: usize,
+    max_len: usize,
+    chunks: usize,
+) -> usize {
+    let step = 64 * chunks;
+    let pairs = (n_rows * hkv).max(1);
+    let want = (slots as f64 / pairs as f64).round().max(1.0) as usize;
+    max_len.div_ceil(want).next_multiple_of(step).max(512)
+}
+
+/// The dense decode launch. `q` f32 `[n_rows][n_q_heads][head_dim]` (the
+/// shape's scale applies), `lens` device i32 `[n_rows]` (each in
+/// `1..=max_len`, within the table row's capacity: the caller's contract),
+/// `q_seq` device i32 `[n_rows]` table rows (0: row i uses table row i).
+/// `split` None: about one wave of CTAs; `chunks` None: the default of
+/// `kernels::dense_chunks`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_dense(
+    gpu: &GpuContext,
+    ws: &mut DenseDecodeWs,
+    shape: &AttnShape,
+    kv: KvPtrs,
+    st: KvStrides,
+    q: u64,
+    n_rows: usize,
+    lens: u64,
+    q_seq: u64,
+    max_len: usize,
+    split: Option<usize>,
+    chunks: Option<usize>,
+    out: AttnOut,
+) -> Result<()> {
+    if n_rows == 0 || max_len == 0 {
+        return Ok(());
+    }
+    let (hkv, d, g) = (shape.n_kv_heads, shape.head_dim, shape.group());
+    let tag = kernels::dtype_tag(kv.dtype).ok_or_else(|| {
+        Error::Invalid(format!("dense decode reads bf16/f16 K/V, got {}", kv.dtype))
+    })?;
+    let allowed = kernels::dense_chunks(d);
+    let u = chunks.unwrap_or(allowed[0]);
+    if !allowed.contains(&u) {
+        return Err(Error::Invalid(format!(
+            "dense decode: {u} chunks per iteration not built for head_dim {d} (have {allowed:?})"
+        )));
+    }
+    if n_rows > gpu.grid_limits.z as usize {
+        return Err(Error::Invalid(format!(
+            "dense decode: {n_rows} query rows exceed the grid's z limit {}",
+            gpu.grid_limits.z
+        )));
+    }
+    let f = gpu.func("decode_dense", &format!("dense_{tag}_d{d}_g{g}_u{u}"))?;
+    let split = match split {
+        Some(s) => s.next_multiple_of(64 * u),
+        None => {
+            let per_sm = f
+                .occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)
+                .map_err(|e| gpu_err("dense decode occupancy", e))?
+                .max(1) as usize;
+            split_tokens(gpu.sm_count * per_sm, n_rows, hkv, max_len, u)
+        }
+    };
+    let n_splits = max_len.div_ceil(split).max(1);
+    if n_splits > gpu.grid_limits.x as usize {
+        return Err(Error::Invalid(format!(
+            "dense decode: {n_splits} splits exceed the grid's x limit"
+        )));
+    }
+    ws.ensure(n_rows * shape.n_q_heads * n_splits, n_rows * hkv, d)?;
+    let scale_log2 = shape.scale * std::f32::consts::LOG2_E;
+    let (ts, ps, hk, sp, ns) = (
+        kv.table_stride as i32,
+        kv.page_size as i32,
+        hkv as i32,
+        split as i32,
+        n_splits as i32,
+    );
+    let (ors, odt) = (out.row_stride as i64, out.code());
+    let mut l = gpu.stream.launch_builder(&f);
+    l.arg(&kv.k)
+        .arg(&kv.v)
+        .arg(&kv.table)
+        .arg(&ts)
+        .arg(&ps)
+        .arg(&hk)
+        .arg(&st.page)
+        .arg(&st.head)
+        .arg(&q)
+        .arg(&scale_log2)
+        .arg(&lens)
+        .arg(&q_seq)
+        .arg(&sp)
+        .arg(&ns)
+        .arg(&ws.pm.ptr)
+        .arg(&ws.pl.ptr)
+        .arg(&ws.pacc.ptr)
+        .arg(&ws.counters.ptr)
+        .arg(&out.ptr)
+        .arg(&ors)
+        .arg(&odt);
+    // SAFETY: the arguments pushed above follow dense_decode's parameter list in
+    // kernels/decode_dense.cu (same order and C types); the workspace holds n_rows * Hq *
+    // n_splits partial rows and n_rows * hkv zeroed counters (ensured above); K/V, table, lens,
+    // q_seq, q and out are the caller's device buffers sized for these rows.
+    unsafe {
+        l.launch(LaunchConfig {
+            grid_dim: (n_splits as u32, hkv as u32, n_rows as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(|e| gpu_err("launch dense decode", e))?;
+    Ok(())
+}
+
+/// Dense decode over a `DeviceKv`: query row i (f32 `[rows][Hq][D]` at
+/// `q`) attends tokens `0..kv.lens[i]` of sequence i; out f32, same shape.
+/// `lens_dev` is a device copy of `kv.lens` as i32 (checked here against
+/// the uploaded capacity on the host side).
+#[allow(clippy::too_many_arguments)]
+pub fn dense_decode(
+    gpu: &GpuContext,
+    ws: &mut DenseDecodeWs,
+    shape: &AttnShape,
+    kv: &DeviceKv,
+    q: u64,
+    lens_dev: &DevBuf,
+    split: Option<usize>,
+    chunks: Option<usize>,
+    out: u64,
+) -> Result<()> {
+    check_shape(shape, kv)?;
+    kv.check_lens()?;
+    let b = kv.batch();
+    if lens_dev.bytes < b * 4 {
+        return Err(Error::shape("dense decode lens", b * 4, lens_dev.bytes));
+    }
+    if kv.lens.contains(&0) {
+        return Err(Error::Invalid(
+            "dense decode: a sequence of length 0".into(),
+        ));
+    }
+    let max_len = kv.lens.iter().copied().max().unwrap_or(0);
+    launch_dense(
+        gpu,
+        ws,
+        shape,
+        KvPtrs {
+            k: kv.k.ptr,
+            v: kv.v.ptr,
+            table: kv.table.ptr,
+            table_stride: kv.table_stride,
+            page_size: kv.page_size,
+            dtype: kv.dtype,
+        },
+        kv.strides(),
+        q,
+        b,
+        lens_dev.ptr,
+        0,
+        max_len,
+        split,
+        chunks,
+        AttnOut::f32_rows(out, shape),
+    )
+}
+
+/// Benchmark K/V on the device: `batch` sequences of `tokens` tokens in the
+/// core pool's page layout (pages in order, distinct memory per sequence),
+/// filled with hashed near-normal values by kernels/decode_dense.cu
+/// `dense_fill_random` (no host upload).
+#[allow(clippy::too_many_arguments)]
+pub fn random_device_kv(
+    gpu: &GpuContext,
+    batch: usize,
+    tokens: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    dtype: crate::dtype::DType,
+    page_size: usize,
+    seed: u32,
+) -> Result<DeviceKv> {
+    let code: i32 = match dtype {
+        crate::dtype::DType::F16 => 1,
+        crate::dtype::DType::Bf16 => 2,
+        crate::dtype::DType::F32 => {
+            return Err(Error::Invalid("random_device_kv: bf16 or f16".into()))
+        }
+    };
+    let per = tokens.div_ceil(page_size);
+    let pe = n_kv_heads * page_size * head_dim;
+    let n = batch * per * pe;
+    let (k, v) = (DevBuf::alloc(n * 2)?, DevBuf::alloc(n * 2)?);
+    let f = gpu.func("decode_dense", "dense_fill_random")?;
+    for (buf, s) in [(&k, seed), (&v, seed ^ 0x5bd1_e995)] {
+        let nn = n as i64;
+        let mut l = gpu.stream.launch_builder(&f);
+        l.arg(&buf.ptr).arg(&nn).arg(&s).arg(&code);
+        // SAFETY: `buf` holds n 2-byte elements; the kernel writes elements 0..n only.
+        unsafe {
+            l.launch(LaunchConfig {
+                grid_dim: (gpu.sm_count as u32 * 8, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(|e| gpu_err("launch dense_fill_random", e))?;
+    }
+    let table: Vec<i32> = (0..(batch * per) as i32).collect();
+    Ok(DeviceKv {
+        k,
+        v,
+        table: DevBuf::from_slice(&table)?,
+        table_stride: per,
+        page_size,
+        page_stride: pe,
+        head_stride: page_size * head_dim,
+        n_kv_heads,
+        head_dim,
+        dtype,
+        lens: vec![tokens; batch],
+        capacity: vec![per * page_size; batch],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_fill_about_one_wave() {
+        // H200: 132 SMs x 3 CTAs; 1M tokens, batch 1, 8 kv heads.
+        let s = split_tokens(396, 1, 8, 1 << 20, 1);
+        assert_eq!(s % 64, 0);
+        let n = (1usize << 20).div_ceil(s);
+        assert!((45..=55).contains(&n), "{n} splits");
+        // Batch 16: 128 pairs, 3 splits each.
+        assert_eq!(
+            (1usize << 20).div_ceil(split_tokens(396, 16, 8, 1 << 20, 2)),
+            3
+        );
+        // Short contexts are not split below 512 tokens.
+        assert_eq!(split_tokens(396, 1, 8, 700, 1), 512);
+    }
+}
