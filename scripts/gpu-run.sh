@@ -35,8 +35,11 @@ if [ "${SKIP_TEST:-0}" != 1 ]; then
   step shim-gpu 200 env INFINITEHIP_LIB="$PWD/gpu-bin/libinfinitehip.so" python3 tests/gpu/test_shim_gpu.py
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  step sdpa 200 python3 scripts/sdpa_bench.py --json "$OUT/sdpa.json" ${SDPA_ARGS:-}
+  step sdpa 200 python3 scripts/sdpa_bench.py --model-tokens 131072,1048576 --json "$OUT/sdpa.json" ${SDPA_ARGS:-}
   step bench-gpu 330 "$BIN" bench-gpu --baseline "$OUT/sdpa.json" --json "$OUT/bench-gpu.json" ${BENCH_ARGS:-}
+  # Dense decode kernel sweep and the 32-layer model step (issue 14).
+  step bench-gpu-dense 200 "$BIN" bench-gpu-dense --json "$OUT/bench-gpu-dense.json"
+  step bench-gpu-model 200 "$BIN" bench-gpu-model --baseline "$OUT/sdpa.json" --json "$OUT/bench-gpu-model.json"
   python3 scripts/plot_gpu.py "$OUT/bench-gpu.json" "$OUT/bench-gpu.png" 2>&1 | tail -2
 fi
 if [ "${HIP_PREFILL_ONLY:-0}" = 1 ]; then
@@ -59,6 +62,8 @@ done
 [ -f "$OUT/gpu-test.log" ] && grep -iE 'engine-timing|^timing' "$OUT/gpu-test.log" | head -12
 [ -f "$OUT/shim-gpu.log" ] && tail -4 "$OUT/shim-gpu.log"
 [ -f "$OUT/bench-gpu.log" ] && sed -n '/^| tokens/,$p' "$OUT/bench-gpu.log"
+[ -f "$OUT/bench-gpu-model.log" ] && grep -E '^\|' "$OUT/bench-gpu-model.log"
+[ -f "$OUT/bench-gpu-dense.log" ] && grep -E '^\| (131072|1048576) \| (1|16) \| bf16 \| 4 ' "$OUT/bench-gpu-dense.log"
 [ -f "$OUT/bench-gpu-offload.log" ] && grep -E '^\|' "$OUT/bench-gpu-offload.log" | head -12
 cat "$OUT/device.txt"
 # The device tool returns at most 8 files: the small logs go in one tarball.
