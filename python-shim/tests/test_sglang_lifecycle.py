@@ -37,7 +37,8 @@ class Model:
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
     cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({"dense_layers": 0, "kv": {"page_size": 4}, "default": {
+    cfg.write_text(json.dumps({"dense_layers": 0, "kv": {"page_size": 4},
+                               "prefill_dense_below": 0, "decode_dense_below": 0, "default": {
         "method": "hip", "sink": 2, "window": 4,
         "stages": [{"chunk_size": 4, "keep_tokens": 512, "refresh_interval": 2}],
         "block_size_q": 4, "q_stride": 1, "prefill_chunk": 8}}))
