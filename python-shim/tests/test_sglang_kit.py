@@ -25,6 +25,8 @@ from sglang.test.kits.attention_unittest.attention_methods import dense_attentio
 # hip path must then equal dense attention.
 HIP_FULL = {
     "dense_layers": 0,
+    "prefill_dense_below": 0,  # the plugin's hip path, not SGLang's kernel
+    "decode_dense_below": 0,
     "kv": {"page_size": 16},
     "default": {
         "method": "hip", "sink": 4, "window": 8,
@@ -34,15 +36,29 @@ HIP_FULL = {
     },
 }
 DENSE = {"default": {"method": "dense"}}
+# The same hip config with the default thresholds: the kit's short contexts
+# then go through SGLang's own backend (torch_native on the CPU).
+HIP_BELOW = {k: v for k, v in HIP_FULL.items() if not k.endswith("_dense_below")}
+CONFIGS = {
+    "dense_own": (DENSE, "infinitehip"),  # the plugin's own dense kernels
+    "dense_wrapped": (DENSE, None),  # SGLang's backend through ours
+    "hip_full_budget": (HIP_FULL, None),
+    "hip_below_threshold": (HIP_BELOW, None),
+}
 
 CASES = kit.make_dense_cases("infinitehip")
 
 
-@pytest.fixture(params=["dense", "hip_full_budget"])
+@pytest.fixture(params=list(CONFIGS))
 def policy_config(request, tmp_path, monkeypatch):
+    cfg, dense_backend = CONFIGS[request.param]
     p = tmp_path / "cfg.json"
-    p.write_text(json.dumps(DENSE if request.param == "dense" else HIP_FULL))
+    p.write_text(json.dumps(cfg))
     monkeypatch.setenv("INFINITEHIP_CONFIG", str(p))
+    if dense_backend:
+        monkeypatch.setenv("INFINITEHIP_DENSE_BACKEND", dense_backend)
+    else:
+        monkeypatch.delenv("INFINITEHIP_DENSE_BACKEND", raising=False)
     return request.param
 
 
@@ -59,6 +75,7 @@ def test_kit_tolerance_is_tight_enough_to_fail(tmp_path, monkeypatch):
     p = tmp_path / "cfg.json"
     p.write_text(json.dumps(DENSE))
     monkeypatch.setenv("INFINITEHIP_CONFIG", str(p))
+    monkeypatch.setenv("INFINITEHIP_DENSE_BACKEND", "infinitehip")
     from infinitehip.sglang.backend import InfiniteHipAttnBackend
 
     orig = InfiniteHipAttnBackend.forward_extend

@@ -57,6 +57,24 @@ Design (see also the project README):
   in SGLang's pool and frees the evicted slots (see that module); the row
   then attends densely over its slots with positions offset by the tokens
   evicted. Conditions not met: the engine copy keeps the retained set.
+* Dense attention through SGLang's own kernel: layers whose method is
+  `dense`, and hip layers of a batch whose longest context is below the
+  config's `prefill_dense_below` (extend) / `decode_dense_below` (decode)
+  thresholds, are computed by the attention backend SGLang would otherwise
+  run (its default for the device: fa3 on Hopper, flashinfer or triton on
+  other GPUs, torch_native on the CPU; `INFINITEHIP_DENSE_BACKEND=name`
+  picks another registered backend, `=infinitehip` keeps our own dense
+  kernels). It is built from SGLang's attention registry with the same
+  model runner and gets every `init_forward_metadata`. hip layers served
+  densely still feed the engine's copy (host path), so a later sparse step
+  sees every token. The thresholds apply to hip layers only (squeeze, lazy
+  and locret state must see every token through their own path); on the
+  GPU path they apply when every non-dense layer is hip (a dense extend
+  there resets the rows' mask state, as our own extend does).
+* `--prefill-attention-backend` / `--decode-attention-backend`: infinitehip
+  can be either one (SGLang's HybridAttnBackend). As the decode backend it
+  builds each request's copy from SGLang's pool at its first decode (the
+  rebuild path); locret needs it as the prefill backend too.
 * CUDA graphs: not supported (the per-step host metadata is copied at call
   time). `infinitehip.sglang.register()` installs a
   server-args resolution hook that turns decode and prefill CUDA graphs off
@@ -214,6 +232,51 @@ def _unrope(x, positions, rope):
     return torch.cat([y, rest], -1).contiguous()
 
 
+DENSE_BACKEND_ENV = "INFINITEHIP_DENSE_BACKEND"
+OWN_DENSE = "infinitehip"  # INFINITEHIP_DENSE_BACKEND value: our own dense kernels
+
+
+def dense_backend_name(model_runner):
+    """The SGLang attention backend that serves dense attention:
+    `INFINITEHIP_DENSE_BACKEND`, else SGLang's own default for the device
+    (the one `--attention-backend` would pick), torch_native on the CPU."""
+    name = os.environ.get(DENSE_BACKEND_ENV, "").strip()
+    if name:
+        return name
+    dev = torch.device(model_runner.device) if not isinstance(model_runner.device, torch.device) else model_runner.device
+    if dev.type != "cuda":
+        return "torch_native"
+    try:
+        from sglang.srt.arg_groups.model_override_base import get_default_attn_backend
+
+        name = get_default_attn_backend(model_runner.server_args, False, model_runner.model_config)
+    except Exception as e:  # older SGLang or a partial runner
+        logger.info("infinitehip: SGLang's default attention backend unknown (%s); dense layers use triton", e)
+        name = "triton"
+    return OWN_DENSE if name == OWN_DENSE else name
+
+
+def make_dense_backend(model_runner, name):
+    """SGLang's backend `name` built from its registry, or None for our own."""
+    if name == OWN_DENSE:
+        return None
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    factory = ATTENTION_BACKENDS.get(name)
+    if factory is None:
+        raise InfinitehipError(
+            f"{DENSE_BACKEND_ENV}={name}: not an SGLang attention backend here "
+            f"(registered: {', '.join(sorted(ATTENTION_BACKENDS))}; or {OWN_DENSE} for the plugin's own)"
+        )
+    try:
+        return factory(model_runner)
+    except Exception as e:
+        raise InfinitehipError(
+            f"infinitehip: SGLang attention backend {name!r} for the dense layers could not be built: {e} "
+            f"(set {DENSE_BACKEND_ENV} to another backend, or {OWN_DENSE})"
+        ) from e
+
+
 class _Seq:
     """The engine's copy of one request row. `compact`: a Locret row whose
     evicted slots went back to SGLang (locret_free): the engine copy is
@@ -266,14 +329,44 @@ class InfiniteHipAttnBackend(AttentionBackend):
             methods = self.gpu.info()["layers"]
         else:
             methods = [l["method"] for l in self.engine.stats()["layers"]]
+        self._setup_dense(model_runner, cfg, methods)
         logger.warning(
-            "infinitehip attention backend: %d layers (%s), kv dtype %s, config from %s, %s",
+            "infinitehip attention backend: %d layers (%s), kv dtype %s, config from %s, %s; "
+            "dense attention through %s (dense layers; hip below %d prefill / %d decode context)",
             self.n_layers,
             ", ".join(f"{m} x{methods.count(m)}" for m in dict.fromkeys(methods)),
             cfg["kv"]["dtype"],
             os.environ.get(CONFIG_ENV) or "the library default",
             "GPU kernels over SGLang's own KV pool" if self.gpu is not None else "host engine",
+            self.dense_name if self.dense is not None else "the plugin's own kernels",
+            self._prefill_below, self._decode_below,
         )
+
+    def _setup_dense(self, model_runner, cfg, methods):
+        """Which layers SGLang's own kernel serves, and that backend."""
+        self._wrapped = {i for i, m in enumerate(methods) if m == "dense"}
+        self._hip = {i for i, m in enumerate(methods) if m == "hip"}
+        dflt = infinitehip.default_config()
+        self._prefill_below = int(cfg.get("prefill_dense_below", dflt.get("prefill_dense_below", 0)))
+        self._decode_below = int(cfg.get("decode_dense_below", dflt.get("decode_dense_below", 0)))
+        if self.gpu is not None and not all(m in ("dense", "hip") for m in methods):
+            # A dense GPU extend resets every layer's state of the row.
+            self._prefill_below = self._decode_below = 0
+        if not self._hip:
+            self._prefill_below = self._decode_below = 0
+        self.dense_name = dense_backend_name(model_runner)
+        self.dense = None
+        if self._wrapped or self._prefill_below or self._decode_below:
+            self.dense = make_dense_backend(model_runner, self.dense_name)
+        if self.dense is None:
+            self.dense_name = OWN_DENSE
+        self._dense_calls = 0
+
+    def _dense_hip(self, decode, seq_lens):
+        """One decision per batch (as llama.cpp takes one per graph): is the
+        batch's longest context below the threshold?"""
+        limit = self._decode_below if decode else self._prefill_below
+        return self.dense is not None and bool(seq_lens) and max(seq_lens) < limit
 
     def _make_gpu(self, cfg):
         """The GPU attention object on a CUDA device, else None (with one log
@@ -347,10 +440,18 @@ class InfiniteHipAttnBackend(AttentionBackend):
     def init_forward_metadata(self, forward_batch):
         t0 = time.perf_counter()
         try:
+            if self.dense is not None:
+                self.dense.init_forward_metadata(forward_batch)
             if self.gpu is not None:
                 self._init_gpu_metadata(forward_batch)
             else:
                 self._init_forward_metadata(forward_batch)
+            p = self.plan
+            if p is not None:
+                p["dense_hip"] = self._dense_hip(p["decode"], p["seq_lens"])
+                if p["dense_hip"] and self.gpu is not None and not p["decode"]:
+                    for r in p["rows"]:  # what our own extend would do: fresh mask state
+                        self.gpu.end_request(r)
         finally:
             self._prof["meta"] += time.perf_counter() - t0
 
@@ -640,7 +741,35 @@ class InfiniteHipAttnBackend(AttentionBackend):
                 self._drop(row)
             self.plan = None
 
+    def _route_dense(self, layer):
+        """Does SGLang's own kernel serve this layer in this batch?"""
+        if self.dense is None:
+            return False
+        li = layer.layer_id - self.start_layer
+        if li in self._wrapped:
+            return True
+        p = self.plan
+        return p is not None and p.get("dense_hip", False) and li in self._hip
+
+    def _dense_forward(self, q, k, v, layer, forward_batch, save_kv_cache, decode, kwargs):
+        li = layer.layer_id - self.start_layer
+        self._check_layer(layer)
+        if self.gpu is None and li not in self._wrapped:
+            # A hip layer served densely: the engine's copy still gets the
+            # tokens (written to SGLang's pool here) for later sparse steps.
+            try:
+                self._write_and_sync(q, k, v, layer, forward_batch, save_kv_cache)
+            except Exception:
+                self._invalidate_plan()
+                raise
+            save_kv_cache = False
+        self._dense_calls += 1
+        fwd = self.dense.forward_decode if decode else self.dense.forward_extend
+        return fwd(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        if self._route_dense(layer):
+            return self._dense_forward(q, k, v, layer, forward_batch, save_kv_cache, False, kwargs)
         if self.gpu is not None:
             return self._gpu_forward(q, k, v, layer, forward_batch, save_kv_cache, decode=False)
         try:
@@ -650,6 +779,8 @@ class InfiniteHipAttnBackend(AttentionBackend):
             raise
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        if self._route_dense(layer):
+            return self._dense_forward(q, k, v, layer, forward_batch, save_kv_cache, True, kwargs)
         if self.gpu is not None:
             return self._gpu_forward(q, k, v, layer, forward_batch, save_kv_cache, decode=True)
         try:
@@ -732,7 +863,9 @@ class InfiniteHipAttnBackend(AttentionBackend):
         if self.gpu is not None:
             st = self.gpu.info()
             st["rows"] = len(self._gpu_rows)
-            return st
-        st = self.engine.stats()
-        st["rows"] = len(self.rows)
+        else:
+            st = self.engine.stats()
+            st["rows"] = len(self.rows)
+        st["dense_backend"] = self.dense_name
+        st["dense_backend_calls"] = self._dense_calls
         return st
