@@ -210,7 +210,12 @@ pub struct BenchGpuDenseArgs {
     pub json: Option<String>,
     /// Kernel variants to time, comma-separated: cur (kernels/decode_dense.cu),
     /// v2 (kernels/decode_dense_v2.cu).
-    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "cur")]
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "cur"
+    )]
     pub variants: Vec<String>,
     /// Default split sizes for this many waves of resident CTAs,
     /// comma-separated.

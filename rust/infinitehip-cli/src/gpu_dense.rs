@@ -238,8 +238,15 @@ pub fn bench(a: &crate::gpu_args::BenchGpuDenseArgs) -> R<()> {
                             for &u in kernels::dense_chunks(128) {
                                 let ms = time_ms(&gpu, reps, || {
                                     dense_decode::dense_decode(
-                                        &gpu, &mut ws, &shape, &kv, qd.ptr, &lens_dev, None,
-                                        Some(u), out.ptr,
+                                        &gpu,
+                                        &mut ws,
+                                        &shape,
+                                        &kv,
+                                        qd.ptr,
+                                        &lens_dev,
+                                        None,
+                                        Some(u),
+                                        out.ptr,
                                     )
                                     .map_err(e)
                                 })?;

@@ -22,8 +22,8 @@ use infinitehip::DType;
 use serde_json::json;
 
 use crate::gpu::{e, time_ms, R};
-use crate::gpu_step::cycle_times;
 use crate::gpu_dense::copy_bandwidth;
+use crate::gpu_step::cycle_times;
 
 pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
     let (tokens, batches, n_layers, n_dense, reps) = (
@@ -145,7 +145,14 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
                         dense_layer(l, dws)?;
                     } else {
                         hips[l - n_dense]
-                            .step_device(&gpu, &shape, &kvs[l % distinct], lens_dev.ptr, qs[l].ptr, out.ptr)
+                            .step_device(
+                                &gpu,
+                                &shape,
+                                &kvs[l % distinct],
+                                lens_dev.ptr,
+                                qs[l].ptr,
+                                out.ptr,
+                            )
                             .map_err(e)?;
                     }
                 }
@@ -154,7 +161,8 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
             dev_step(&mut hips, &mut dws)?;
             gpu.synchronize().map_err(e)?;
             let reset_all = |hips: &[HipGpuDecoder]| -> R<()> {
-                hips.iter().try_for_each(|h| h.reset_device(&gpu).map_err(e))
+                hips.iter()
+                    .try_for_each(|h| h.reset_device(&gpu).map_err(e))
             };
             let t_eager = cycle_times(&gpu, cycle, reps, &mut |i| match i {
                 None => reset_all(&hips),
@@ -171,7 +179,8 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
             drop(graph);
             let amort = |t: &[f64]| t.iter().sum::<f64>() / t.len() as f64;
             let (step_ms, refresh_ms) = (amort(&t_host), t_host[0]);
-            let (eager_ms, graph_ms, graph_refresh_ms) = (amort(&t_eager), amort(&t_graph), t_graph[0]);
+            let (eager_ms, graph_ms, graph_refresh_ms) =
+                (amort(&t_eager), amort(&t_graph), t_graph[0]);
             let profile = crate::gpu_step::profile_layer(
                 &gpu,
                 &shape,

@@ -54,7 +54,15 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
         .iter()
         .enumerate()
         .map(|(i, &l)| {
-            needle_seq::<bf16>(shape, l + steps + jump, 64, cfg.sink, cfg.window, 64, seed + i as u64)
+            needle_seq::<bf16>(
+                shape,
+                l + steps + jump,
+                64,
+                cfg.sink,
+                cfg.window,
+                64,
+                seed + i as u64,
+            )
         })
         .collect::<Result<_, _>>()
         .map_err(e)?;
@@ -143,7 +151,10 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
             let qb = &q[b * qe..(b + 1) * qe];
             let r = ref_f64(&shape, qb, &view, Some(s));
             worst = nan_max(worst, rel_error(&got[1][b * qe..(b + 1) * qe], &r));
-            let r32: Vec<f64> = got[0][b * qe..(b + 1) * qe].iter().map(|&x| x as f64).collect();
+            let r32: Vec<f64> = got[0][b * qe..(b + 1) * qe]
+                .iter()
+                .map(|&x| x as f64)
+                .collect();
             host_vs_dev = nan_max(host_vs_dev, rel_error(&got[1][b * qe..(b + 1) * qe], &r32));
             if last && b == 0 {
                 // One token dropped from head 0 must move past the bound.
@@ -194,12 +205,18 @@ pub(crate) fn profile_layer(
 ) -> R<serde_json::Value> {
     let cfg = HipConfig::default();
     let b = kv.batch();
-    let cycle = cfg.stages.iter().map(|s| s.refresh_interval).max().unwrap_or(1);
+    let cycle = cfg
+        .stages
+        .iter()
+        .map(|s| s.refresh_interval)
+        .max()
+        .unwrap_or(1);
     let mut host = HipGpuDecoder::new(cfg.clone(), shape, b).map_err(e)?;
     host.step(gpu, shape, kv, q, out, true).map_err(e)?;
     let mut dev = HipGpuDecoder::new(cfg.clone(), shape, b).map_err(e)?;
     dev.prepare_device_steps(kv).map_err(e)?;
-    dev.step_device(gpu, shape, kv, lens_dev.ptr, q, out).map_err(e)?;
+    dev.step_device(gpu, shape, kv, lens_dev.ptr, q, out)
+        .map_err(e)?;
     gpu.synchronize().map_err(e)?;
     let graph = hip_step::capture(gpu, || {
         dev.step_device(gpu, shape, kv, lens_dev.ptr, q, out)
@@ -212,11 +229,16 @@ pub(crate) fn profile_layer(
             host.reset();
             Ok(())
         }
-        Some(_) => host.step(gpu, shape, kvr, q, out, false).map(drop).map_err(e),
+        Some(_) => host
+            .step(gpu, shape, kvr, q, out, false)
+            .map(drop)
+            .map_err(e),
     })?;
     let t_eager = per_step(&mut |i| match i {
         None => dev.reset_device(gpu).map_err(e),
-        Some(_) => dev.step_device(gpu, shape, kvr, lens_dev.ptr, q, out).map_err(e),
+        Some(_) => dev
+            .step_device(gpu, shape, kvr, lens_dev.ptr, q, out)
+            .map_err(e),
     })?;
     let t_graph = per_step(&mut |i| match i {
         None => dev.reset_device(gpu).map_err(e),
@@ -234,7 +256,8 @@ pub(crate) fn profile_layer(
     let n = 200;
     let t0 = Instant::now();
     for _ in 0..n {
-        dref.step_device(gpu, shape, kvr, lens_dev.ptr, q, out).map_err(e)?;
+        dref.step_device(gpu, shape, kvr, lens_dev.ptr, q, out)
+            .map_err(e)?;
     }
     let enqueue_us = t0.elapsed().as_secs_f64() * 1e6 / n as f64;
     gpu.synchronize().map_err(e)?;

@@ -136,7 +136,11 @@ pub(crate) fn launch_dense(
         )));
     }
     let v2 = V2.load(std::sync::atomic::Ordering::Relaxed);
-    let module = if v2 { "decode_dense_v2" } else { "decode_dense" };
+    let module = if v2 {
+        "decode_dense_v2"
+    } else {
+        "decode_dense"
+    };
     let f = gpu.func(module, &format!("dense_{tag}_d{d}_g{g}_u{u}"))?;
     let split = match split {
         Some(s) => s.next_multiple_of(64 * u),
@@ -172,11 +176,7 @@ pub(crate) fn launch_dense(
     };
     let (ors, odt) = (out.row_stride as i64, out.code());
     let mut l = gpu.stream.launch_builder(&f);
-    l.arg(&kv.k)
-        .arg(&kv.v)
-        .arg(&kv.table)
-        .arg(&ts)
-        .arg(&ps);
+    l.arg(&kv.k).arg(&kv.v).arg(&kv.table).arg(&ts).arg(&ps);
     if v2 {
         l.arg(&ps_log2);
     }

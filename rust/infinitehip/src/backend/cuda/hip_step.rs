@@ -40,7 +40,11 @@ impl HipGpuDecoder {
     /// capturing, never inside a capture.
     pub fn prepare_device_steps(&mut self, kv: &DeviceKv) -> Result<()> {
         if kv.batch() != self.batch {
-            return Err(Error::shape("hip device step batch", self.batch, kv.batch()));
+            return Err(Error::shape(
+                "hip device step batch",
+                self.batch,
+                kv.batch(),
+            ));
         }
         if self.batch > MAX_DEVICE_BATCH {
             return Err(Error::Invalid(format!(
@@ -68,7 +72,10 @@ impl HipGpuDecoder {
         let last = self.stages.last().unwrap();
         let last_keep = last.cap * st.last().unwrap().chunk_size;
         let max_tokens = self.cfg.sink + self.cfg.window + last_keep + slid_cap;
-        let intervals: Vec<i32> = st.iter().map(|s| s.refresh_interval.max(1) as i32).collect();
+        let intervals: Vec<i32> = st
+            .iter()
+            .map(|s| s.refresh_interval.max(1) as i32)
+            .collect();
         self.dev = Some(DeviceStepState {
             state: DevBuf::from_slice(&[0i32, 0])?,
             mid_end: DevBuf::from_slice(&vec![0i32; self.batch])?,
@@ -109,7 +116,11 @@ impl HipGpuDecoder {
         out: u64,
     ) -> Result<()> {
         if kv.batch() != self.batch {
-            return Err(Error::shape("hip device step batch", self.batch, kv.batch()));
+            return Err(Error::shape(
+                "hip device step batch",
+                self.batch,
+                kv.batch(),
+            ));
         }
         let d = self.dev.as_ref().ok_or_else(not_prepared)?;
         let cfg = &self.cfg;
