@@ -19,22 +19,12 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E4
 
 import infinitehip  # noqa: E402
 from infinitehip.sglang.backend import InfiniteHipAttnBackend  # noqa: E402
+from sglang_fakes import FakeModelConfig  # noqa: E402
 
 H, HK, D, CTX = 4, 2, 16, 256
 SCALE = 0.2
 N_LAYERS = 2  # layer 0 dense, layer 1 hip
 
-
-class Model:
-    context_len = CTX
-    head_dim = D
-    hf_config = SimpleNamespace(rope_theta=10000.0)
-
-    def get_num_attention_heads(self, tp):
-        return H // tp
-
-    def get_num_kv_heads(self, tp, dcp_size=1):
-        return HK // tp
 
 
 def config(prefill_below, decode_below):
@@ -57,7 +47,7 @@ def make(tmp_path, monkeypatch, cfg, dense_env=None):
     kv = MHATokenToKVPool(size=1024, page_size=1, dtype=torch.float32, head_num=HK, head_dim=D,
                           layer_num=N_LAYERS, device="cpu", enable_memory_saver=False, enable_alt_stream=False)
     runner = SimpleNamespace(device="cpu", req_to_token_pool=rpool, token_to_kv_pool=kv,
-                             model_config=Model(), server_args=SimpleNamespace(tp_size=1))
+                             model_config=FakeModelConfig(H, HK, D, CTX), server_args=SimpleNamespace(tp_size=1))
     backend = InfiniteHipAttnBackend(runner)
     layers = [SimpleNamespace(layer_id=i, tp_q_head_num=H, tp_k_head_num=HK, qk_head_dim=D,
                               v_head_dim=D, scaling=SCALE, logit_cap=0.0, sliding_window_size=-1,

@@ -17,21 +17,11 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  #
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
 
 from infinitehip.sglang.backend import InfiniteHipAttnBackend  # noqa: E402
+from sglang_fakes import FakeModelConfig  # noqa: E402
 
 H, HK, D, CTX = 4, 2, 16, 128
 SCALE = 0.2  # not 1/sqrt(16) = 0.25: the backend must rescale q
 
-
-class Model:
-    context_len = CTX
-    head_dim = D
-    hf_config = SimpleNamespace(rope_theta=10000.0)
-
-    def get_num_attention_heads(self, tp):
-        return H // tp
-
-    def get_num_kv_heads(self, tp, dcp_size=1):
-        return HK // tp
 
 
 @pytest.fixture
@@ -47,7 +37,7 @@ def setup(tmp_path, monkeypatch):
     kv = MHATokenToKVPool(size=512, page_size=1, dtype=torch.float32, head_num=HK, head_dim=D,
                           layer_num=1, device="cpu", enable_memory_saver=False, enable_alt_stream=False)
     runner = SimpleNamespace(device="cpu", req_to_token_pool=rpool, token_to_kv_pool=kv,
-                             model_config=Model(), server_args=SimpleNamespace(tp_size=1))
+                             model_config=FakeModelConfig(H, HK, D, CTX), server_args=SimpleNamespace(tp_size=1))
     backend = InfiniteHipAttnBackend(runner)
     layer = SimpleNamespace(layer_id=0, tp_q_head_num=H, tp_k_head_num=HK, qk_head_dim=D,
                             v_head_dim=D, scaling=SCALE, logit_cap=0.0, sliding_window_size=-1,
@@ -172,7 +162,7 @@ def test_config_errors(tmp_path, monkeypatch, setup):
     from infinitehip.sglang.backend import build_policy_config
 
     rpool, kv, backend, layer, state = setup
-    runner = SimpleNamespace(model_config=Model(), server_args=SimpleNamespace(tp_size=1))
+    runner = SimpleNamespace(model_config=FakeModelConfig(H, HK, D, CTX), server_args=SimpleNamespace(tp_size=1))
     p = tmp_path / "bad.json"
     p.write_text(json.dumps({"model": {"n_q_heads": 8}}))
     with pytest.raises(InfinitehipError, match="model.n_q_heads = 8 but SGLang's model has 4"):
@@ -189,7 +179,7 @@ def test_config_errors(tmp_path, monkeypatch, setup):
     monkeypatch.setenv("INFINITEHIP_CONFIG", str(p))
     with pytest.raises(InfinitehipError, match="default.stages"):
         InfiniteHipAttnBackend(SimpleNamespace(device="cpu", req_to_token_pool=rpool,
-                                               token_to_kv_pool=kv, model_config=Model(),
+                                               token_to_kv_pool=kv, model_config=FakeModelConfig(H, HK, D, CTX),
                                                server_args=SimpleNamespace(tp_size=1)))
 
 

@@ -22,22 +22,12 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E4
 
 from infinitehip.sglang import locret_free  # noqa: E402
 from infinitehip.sglang.backend import InfiniteHipAttnBackend  # noqa: E402
+from sglang_fakes import FakeModelConfig  # noqa: E402
 
 L, H, HK, D, CTX, HID = 2, 4, 2, 16, 512, 32
 N, BUDGET, DECODE = 160, 48, 6
 SCALE = 0.2  # not 1/sqrt(D): the backend must rescale
 
-
-class Model:
-    context_len = CTX
-    head_dim = D
-    hf_config = SimpleNamespace(rope_theta=10000.0)
-
-    def get_num_attention_heads(self, tp):
-        return H // tp
-
-    def get_num_kv_heads(self, tp, dcp_size=1):
-        return HK // tp
 
 
 class Rope(torch.nn.Module):
@@ -85,7 +75,7 @@ def make(tmp_path, monkeypatch):
     alloc = TokenToKVPoolAllocator(1024, torch.float32, "cpu", kv, need_sort=False)
     rope = Rope()
     runner = SimpleNamespace(device="cpu", req_to_token_pool=rpool, token_to_kv_pool=kv,
-                             model_config=Model(), server_args=SimpleNamespace(tp_size=1),
+                             model_config=FakeModelConfig(H, HK, D, CTX), server_args=SimpleNamespace(tp_size=1),
                              model=torch.nn.ModuleList([rope]))
     backend = InfiniteHipAttnBackend(runner)
     layers = [SimpleNamespace(layer_id=l, tp_q_head_num=H, tp_k_head_num=HK, qk_head_dim=D, v_head_dim=D,
