@@ -504,7 +504,7 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
         checks.extend(crate::gpu_hip_fast::checks(&gpu, seed)?);
         return report(&checks);
     }
-    infinitehip::backend::cuda::dense_decode::force_v2(a.dense_v2);
+    infinitehip::backend::cuda::dense_decode::force_v2(!a.dense_v1);
     if a.dense_only {
         // The dense decode kernel only (kernels/decode_dense.cu).
         return report(&crate::gpu_dense::checks(&gpu, seed)?);

@@ -52,9 +52,10 @@ pub struct GpuTestArgs {
     /// == host metadata, CUDA graph replay == eager).
     #[arg(long)]
     pub step_only: bool,
-    /// Run the dense decode checks on kernels/decode_dense_v2.cu.
+    /// Run the dense decode checks on the previous kernel
+    /// (kernels/decode_dense.cu; default: decode_dense_v2.cu).
     #[arg(long)]
-    pub dense_v2: bool,
+    pub dense_v1: bool,
     /// Also time the policy kernels against the CPU code they replace.
     #[arg(long)]
     pub policy_timing: bool,

@@ -254,7 +254,7 @@ pub fn bench(a: &crate::gpu_args::BenchGpuDenseArgs) -> R<()> {
                             }
                         }
                     }
-                    dense_decode::force_v2(false);
+                    dense_decode::force_v2(true);
                     dense_decode::set_default_waves(1);
                     // The CUDA-core kernel (the old dense path) at GQA 4 only.
                     let cc_ms = if g == 4 {

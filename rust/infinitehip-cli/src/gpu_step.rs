@@ -311,7 +311,11 @@ pub(crate) fn cycle_times(
     for _ in 0..reps + 1 {
         f(None)?;
         let evs: Vec<_> = (0..=cycle)
-            .map(|_| gpu.ctx.new_event(None))
+            .map(|_| {
+                gpu.ctx.new_event(Some(
+                    infinitehip::backend::cuda::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT,
+                ))
+            })
             .collect::<Result<_, _>>()
             .map_err(e)?;
         evs[0].record(&gpu.stream).map_err(e)?;

@@ -15,12 +15,14 @@ use crate::error::{Error, Result};
 /// Threads per CTA of the kernel (DD_WARPS warps).
 const THREADS: u32 = 128;
 
-static V2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static V2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 static WAVES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
 
 /// Run kernels/decode_dense_v2.cu (packed hi/lo splits, shift page
-/// indexing: a candidate rewrite measured beside the current kernel)
-/// instead of kernels/decode_dense.cu. Benchmarks and tests only.
+/// indexing; the default: 99-107% of copy bandwidth at 1M on the H200 vs
+/// 74-90% for decode_dense.cu, same 25 reference checks passed,
+/// tests/gpu/logs/gpustep/) or, with false, the previous
+/// kernels/decode_dense.cu. Benchmarks and tests switch it.
 pub fn force_v2(on: bool) {
     V2.store(on, std::sync::atomic::Ordering::Relaxed);
 }
