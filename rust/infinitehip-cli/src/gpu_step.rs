@@ -157,12 +157,31 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
                 .collect();
             host_vs_dev = nan_max(host_vs_dev, rel_error(&got[1][b * qe..(b + 1) * qe], &r32));
             if last && b == 0 {
-                // One token dropped from head 0 must move past the bound.
-                let mut heads = s.heads.clone();
-                let rg = heads[0].pop().unwrap();
-                if rg.len() > 1 {
-                    heads[0].push(rg.start..rg.end - 1);
+                // Dropping head 0's highest-scoring selected token (q head 0)
+                // must move the output past the bound.
+                let mut top = (f32::NEG_INFINITY, 0usize);
+                for r in &s.heads[0] {
+                    for t in r.clone() {
+                        let (k, _) = full[b].pool.read(0, t, t + 1).map_err(e)?;
+                        let sc: f32 = (0..shape.head_dim).map(|i| qb[i] * k[i].to_f32()).sum();
+                        if sc > top.0 {
+                            top = (sc, t);
+                        }
+                    }
                 }
+                let t = top.1;
+                let mut heads = s.heads.clone();
+                heads[0] = s.heads[0]
+                    .iter()
+                    .flat_map(|r| {
+                        if r.contains(&t) {
+                            vec![r.start..t, t + 1..r.end]
+                        } else {
+                            vec![r.clone()]
+                        }
+                    })
+                    .filter(|r| !r.is_empty())
+                    .collect();
                 let sd = Selection::from_ranges(heads);
                 let rd = ref_f64(&shape, qb, &view, Some(&sd));
                 drop_err = rel_error(&got[1][..qe], &rd);
