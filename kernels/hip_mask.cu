@@ -59,8 +59,11 @@ __device__ void hip_score(const u16* __restrict__ kp, const int* __restrict__ ta
                           int ps, int hkv, long long pst, long long hst, const int* __restrict__ row_seq,
                           const float* __restrict__ qs, const int* __restrict__ nq_arr, int nq_max,
                           const int2* __restrict__ in_ranges, const int* __restrict__ in_cnt,
-                          int cap_in, int E_, int c, u32* __restrict__ keys) {
+                          int cap_in, int E_, int c, u32* __restrict__ keys, const int* __restrict__ gate,
+                          int stage) {
     extern __shared__ float sq[];
+    // Device refresh decision (hip_step_meta): skip a stage this step does not refresh.
+    if (gate && gate[1] > stage) return;
     const int r = blockIdx.y;
     const int rb = r / hkv, h = r % hkv;
     const int nq = nq_arr[rb];
@@ -103,9 +106,10 @@ __device__ void hip_score(const u16* __restrict__ kp, const int* __restrict__ ta
         hip_score_##TN##_d##D##_q##NQ(const u16* kp, const int* table, int table_stride, int ps,  \
                                       int hkv, long long pst, long long hst, const int* row_seq, const float* qs, const int* nq, \
                                       int nq_max, const int2* in_ranges, const int* in_cnt,       \
-                                      int cap_in, int E_, int c, u32* keys) {                     \
+                                      int cap_in, int E_, int c, u32* keys, const int* gate,      \
+                                      int stage) {                                                \
         hip_score<E, D, NQ>(kp, table, table_stride, ps, hkv, pst, hst, row_seq, qs, nq, nq_max, in_ranges, \
-                            in_cnt, cap_in, E_, c, keys);                                         \
+                            in_cnt, cap_in, E_, c, keys, gate, stage);                            \
     }
 #define SCORE_Q(E, TN, D) SCORE_INST(E, TN, D, 1) SCORE_INST(E, TN, D, 2) SCORE_INST(E, TN, D, 4) SCORE_INST(E, TN, D, 8)
 SCORE_Q(Bf16, bf16, 64)
@@ -149,7 +153,8 @@ __device__ __forceinline__ int block_scan(int v, int* total, int* s_warp) {
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
     hip_topk(const u32* __restrict__ keys, int n_sub, int k, const int2* __restrict__ in_ranges,
              const int* __restrict__ in_cnt, int cap_in, int E_, int c, int2* __restrict__ out,
-             int* __restrict__ out_cnt, int out_cap) {
+             int* __restrict__ out_cnt, int out_cap, const int* __restrict__ gate, int stage) {
+    if (gate && gate[1] > stage) return;  // as hip_score
     const int r = blockIdx.x;
     const u32* kr = keys + (long long)r * n_sub;
     __shared__ int hist[256];
@@ -262,6 +267,52 @@ extern "C" __global__ void __launch_bounds__(256)
         if (win.y > win.x) { o[n] = win; cm[n] = acc; acc += win.y - win.x; n++; }
         cnt[r] = n;
         tot[r] = acc;
+    }
+}
+
+// Per-step metadata of a graph-capturable hip decode step (HipGpuDecoder::
+// step_device), computed on the device from the device lengths so that no
+// step uploads or reads anything on the host. One CTA, one thread per
+// sequence (batch <= blockDim.x). state[0]: step counter; state[1]: the
+// stage this step refreshes from (n_stages: none), which hip_score /
+// hip_topk read as their gate. As dispatch.rs `regions` and
+// HipGpuDecoder::select: step 0 refreshes all stages, else the first stage
+// whose interval divides the step. A sequence whose slid range (tokens
+// that left the window since stage 0 ran) would exceed slid_cap forces a
+// full refresh, which keeps the selected total under the fixed bound the
+// attention launch is sized for (one token per step never reaches it).
+extern "C" __global__ void __launch_bounds__(1024)
+    hip_step_meta(const int* __restrict__ lens, int batch, int hkv, int sink, int window,
+                  const int* __restrict__ intervals, int n_stages, int slid_cap, int* __restrict__ state,
+                  int* __restrict__ mid_end, int2* __restrict__ stage0_in, int2* __restrict__ extra) {
+    const int b = threadIdx.x;
+    const int step = state[0];
+    int from = n_stages;
+    if (step == 0) {
+        from = 0;
+    } else {
+        for (int i = n_stages - 1; i >= 0; i--)
+            if (step % intervals[i] == 0) from = i;
+    }
+    int sink_end = 0, win_start = 0, end = 0;
+    bool force = false;
+    if (b < batch) {
+        end = lens[b];
+        sink_end = min(sink, end);
+        win_start = max(max(end - window, 0), sink_end);
+        force = from != 0 && win_start - max(mid_end[b], sink_end) > slid_cap;
+    }
+    if (__syncthreads_or(force)) from = 0;
+    if (b < batch) {
+        if (from == 0) mid_end[b] = win_start;
+        for (int h = 0; h < hkv; h++) stage0_in[b * hkv + h] = make_int2(sink_end, win_start);
+        extra[b * 3] = make_int2(0, sink_end);
+        extra[b * 3 + 1] = make_int2(max(mid_end[b], sink_end), win_start);
+        extra[b * 3 + 2] = make_int2(win_start, end);
+    }
+    if (b == 0) {
+        state[1] = from;
+        state[0] = step + 1;
     }
 }
 

@@ -504,9 +504,13 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
         checks.extend(crate::gpu_hip_fast::checks(&gpu, seed)?);
         return report(&checks);
     }
+    infinitehip::backend::cuda::dense_decode::force_v2(!a.dense_v1);
     if a.dense_only {
         // The dense decode kernel only (kernels/decode_dense.cu).
         return report(&crate::gpu_dense::checks(&gpu, seed)?);
+    }
+    if a.step_only {
+        return report(&crate::gpu_step::checks(&gpu, seed)?);
     }
     // Policy kernels (locret, squeeze, lazy) first: they are quick.
     let mut checks = crate::gpu_policies::checks(&gpu, seed)?;
@@ -554,6 +558,7 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
         }
     }
     if attention {
+        checks.extend(crate::gpu_step::checks(&gpu, seed)?);
         checks.push(hip_case(
             &gpu,
             &[hip_len, hip_len / 3 + 17, 5000],

@@ -48,6 +48,14 @@ pub struct GpuTestArgs {
     /// Only the dense decode kernel checks (kernels/decode_dense.cu).
     #[arg(long)]
     pub dense_only: bool,
+    /// Only the graph-capturable hip decode step checks (device metadata
+    /// == host metadata, CUDA graph replay == eager).
+    #[arg(long)]
+    pub step_only: bool,
+    /// Run the dense decode checks on the previous kernel
+    /// (kernels/decode_dense.cu; default: decode_dense_v2.cu).
+    #[arg(long)]
+    pub dense_v1: bool,
     /// Also time the policy kernels against the CPU code they replace.
     #[arg(long)]
     pub policy_timing: bool,
@@ -201,6 +209,20 @@ pub struct BenchGpuDenseArgs {
     /// Write the rows as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<String>,
+    /// Kernel variants to time, comma-separated: cur (kernels/decode_dense.cu),
+    /// v2 (kernels/decode_dense_v2.cu).
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "cur"
+    )]
+    pub variants: Vec<String>,
+    /// Default split sizes for this many waves of resident CTAs,
+    /// comma-separated.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_positive,
+          default_value = "1")]
+    pub waves: Vec<usize>,
 }
 
 /// A whole-model decode step (dense + hip layers, each with its own K/V)

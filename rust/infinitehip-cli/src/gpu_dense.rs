@@ -4,7 +4,9 @@
 
 use half::{bf16, f16};
 use infinitehip::attention::{rel_error, AttnShape};
-use infinitehip::backend::cuda::dense_decode::{dense_decode, random_device_kv, DenseDecodeWs};
+use infinitehip::backend::cuda::dense_decode::{
+    self, dense_decode, random_device_kv, DenseDecodeWs,
+};
 use infinitehip::backend::cuda::dispatch::{self, DecodeWorkspace, DeviceKv, DeviceSelection};
 use infinitehip::backend::cuda::{self as cu, kernels, DevBuf, GpuContext};
 use infinitehip::kv::{KvLayout, KvPool};
@@ -229,23 +231,31 @@ pub fn bench(a: &crate::gpu_args::BenchGpuDenseArgs) -> R<()> {
                     let out = DevBuf::alloc(q.len() * 4).map_err(e)?;
                     let mut ws = DenseDecodeWs::new();
                     let mut ms_u = Vec::new();
-                    for &u in kernels::dense_chunks(128) {
-                        let ms = time_ms(&gpu, reps, || {
-                            dense_decode(
-                                &gpu,
-                                &mut ws,
-                                &shape,
-                                &kv,
-                                qd.ptr,
-                                &lens_dev,
-                                None,
-                                Some(u),
-                                out.ptr,
-                            )
-                            .map_err(e)
-                        })?;
-                        ms_u.push((u, ms));
+                    for var in &a.variants {
+                        dense_decode::force_v2(var == "v2");
+                        for &w in &a.waves {
+                            dense_decode::set_default_waves(w);
+                            for &u in kernels::dense_chunks(128) {
+                                let ms = time_ms(&gpu, reps, || {
+                                    dense_decode::dense_decode(
+                                        &gpu,
+                                        &mut ws,
+                                        &shape,
+                                        &kv,
+                                        qd.ptr,
+                                        &lens_dev,
+                                        None,
+                                        Some(u),
+                                        out.ptr,
+                                    )
+                                    .map_err(e)
+                                })?;
+                                ms_u.push((format!("{var} w{w} u{u}"), ms));
+                            }
+                        }
                     }
+                    dense_decode::force_v2(true);
+                    dense_decode::set_default_waves(1);
                     // The CUDA-core kernel (the old dense path) at GQA 4 only.
                     let cc_ms = if g == 4 {
                         let full = DeviceSelection::for_kv(&kv, &vec![Selection::full(hkv, t); b])
@@ -264,7 +274,8 @@ pub fn bench(a: &crate::gpu_args::BenchGpuDenseArgs) -> R<()> {
                     let floor = kv_bytes / bw * 1e3;
                     let row = json!({
                         "tokens": t, "batch": b, "dtype": dt.to_string(), "group": g,
-                        "ms_by_chunks": ms_u.iter().map(|(u, ms)| json!({"chunks": u, "ms": ms})).collect::<Vec<_>>(),
+                        "ms_by_setting": ms_u.iter().map(|(u, ms)| json!({"setting": u, "ms": ms})).collect::<Vec<_>>(),
+                        "best_setting": ms_u.iter().min_by(|x, y| x.1.partial_cmp(&y.1).unwrap()).map(|x| x.0.clone()),
                         "best_ms": best, "floor_ms": floor,
                         "bandwidth_fraction": floor / best,
                         "cuda_core_ms": cc_ms,
@@ -275,22 +286,31 @@ pub fn bench(a: &crate::gpu_args::BenchGpuDenseArgs) -> R<()> {
             }
         }
     }
-    println!("\n| tokens | batch | K/V | GQA group | ours ms (1 / 2 chunks) | floor ms | of copy bandwidth | CUDA-core kernel ms |");
-    println!("|---:|---:|---|---:|---|---:|---:|---:|");
+    let names: Vec<String> = rows.first().map_or(Vec::new(), |r| {
+        r["ms_by_setting"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["setting"].as_str().unwrap().to_string())
+            .collect()
+    });
+    println!("\n| tokens | batch | K/V | GQA group | ours ms ({}) | best | floor ms | of copy bandwidth | CUDA-core kernel ms |", names.join(" / "));
+    println!("|---:|---:|---|---:|---|---|---:|---:|---:|");
     for r in &rows {
-        let ms: Vec<String> = r["ms_by_chunks"]
+        let ms: Vec<String> = r["ms_by_setting"]
             .as_array()
             .unwrap()
             .iter()
             .map(|x| format!("{:.3}", x["ms"].as_f64().unwrap()))
             .collect();
         println!(
-            "| {} | {} | {} | {} | {} | {:.3} | {:.1}% | {} |",
+            "| {} | {} | {} | {} | {} | {} | {:.3} | {:.1}% | {} |",
             r["tokens"],
             r["batch"],
             r["dtype"].as_str().unwrap(),
             r["group"],
             ms.join(" / "),
+            r["best_setting"].as_str().unwrap_or("-"),
             r["floor_ms"].as_f64().unwrap(),
             100.0 * r["bandwidth_fraction"].as_f64().unwrap(),
             r["cuda_core_ms"]

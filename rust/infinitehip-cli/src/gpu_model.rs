@@ -15,7 +15,7 @@
 use infinitehip::attention::AttnShape;
 use infinitehip::backend::cuda::dense_decode::{dense_decode, random_device_kv, DenseDecodeWs};
 use infinitehip::backend::cuda::dispatch::{DeviceKv, HipGpuDecoder};
-use infinitehip::backend::cuda::{DevBuf, GpuContext};
+use infinitehip::backend::cuda::{hip_step, DevBuf, GpuContext};
 use infinitehip::config::HipConfig;
 use infinitehip::rng::Rng;
 use infinitehip::DType;
@@ -23,6 +23,7 @@ use serde_json::json;
 
 use crate::gpu::{e, time_ms, R};
 use crate::gpu_dense::copy_bandwidth;
+use crate::gpu_step::cycle_times;
 
 pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
     let (tokens, batches, n_layers, n_dense, reps) = (
@@ -39,7 +40,9 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
         }
         None => json!({}),
     };
-    let gpu = GpuContext::new(0).map_err(e)?;
+    let gpu0 = GpuContext::new(0).map_err(e)?;
+    // An own stream: the legacy default stream cannot be graph-captured.
+    let gpu = gpu0.with_new_stream().map_err(e)?;
     let bw = copy_bandwidth(&gpu)?;
     println!(
         "device {} ({} SMs), measured copy bandwidth {:.0} GB/s",
@@ -123,18 +126,70 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
                 }
                 Ok(())
             };
-            let refresh_ms = time_ms(&gpu, reps, || {
-                hips.iter_mut().for_each(|h| h.reset());
-                model_step(&mut hips, &mut dws)
+            // Host-metadata path (the previous one): per step of a cycle.
+            let t_host = cycle_times(&gpu, cycle, reps, &mut |i| match i {
+                None => {
+                    hips.iter_mut().for_each(|h| h.reset());
+                    Ok(())
+                }
+                Some(_) => model_step(&mut hips, &mut dws),
             })?;
-            let cycle_ms = time_ms(&gpu, reps, || {
-                hips.iter_mut().for_each(|h| h.reset());
-                for _ in 0..cycle {
-                    model_step(&mut hips, &mut dws)?;
+            // Device-metadata path: the same layers, eager and as one graph
+            // of the whole 32-layer step.
+            for h in hips.iter_mut() {
+                h.prepare_device_steps(&kvs[0]).map_err(e)?;
+            }
+            let dev_step = |hips: &mut [HipGpuDecoder], dws: &mut DenseDecodeWs| -> R<()> {
+                for l in 0..n_layers {
+                    if l < n_dense {
+                        dense_layer(l, dws)?;
+                    } else {
+                        hips[l - n_dense]
+                            .step_device(
+                                &gpu,
+                                &shape,
+                                &kvs[l % distinct],
+                                lens_dev.ptr,
+                                qs[l].ptr,
+                                out.ptr,
+                            )
+                            .map_err(e)?;
+                    }
                 }
                 Ok(())
+            };
+            dev_step(&mut hips, &mut dws)?;
+            gpu.synchronize().map_err(e)?;
+            let reset_all = |hips: &[HipGpuDecoder]| -> R<()> {
+                hips.iter()
+                    .try_for_each(|h| h.reset_device(&gpu).map_err(e))
+            };
+            let t_eager = cycle_times(&gpu, cycle, reps, &mut |i| match i {
+                None => reset_all(&hips),
+                Some(_) => dev_step(&mut hips, &mut dws),
             })?;
-            let step_ms = cycle_ms / cycle as f64;
+            let graph = hip_step::capture(&gpu, || {
+                dev_step(&mut hips, &mut dws).map_err(infinitehip::Error::Invalid)
+            })
+            .map_err(e)?;
+            let t_graph = cycle_times(&gpu, cycle, reps, &mut |i| match i {
+                None => reset_all(&hips),
+                Some(_) => graph.launch().map_err(e),
+            })?;
+            drop(graph);
+            let amort = |t: &[f64]| t.iter().sum::<f64>() / t.len() as f64;
+            let (step_ms, refresh_ms) = (amort(&t_host), t_host[0]);
+            let (eager_ms, graph_ms, graph_refresh_ms) =
+                (amort(&t_eager), amort(&t_graph), t_graph[0]);
+            let profile = crate::gpu_step::profile_layer(
+                &gpu,
+                &shape,
+                &kvs[n_dense % distinct],
+                &lens_dev,
+                qs[n_dense].ptr,
+                out.ptr,
+                reps,
+            )?;
             let dense_layer = |l: usize, dws: &mut DenseDecodeWs| -> R<()> {
                 dense_decode(
                     &gpu,
@@ -157,6 +212,8 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
             })?;
             let n_hip = n_layers - n_dense;
             let hip_layer_ms = (step_ms - dense_part_ms) / n_hip.max(1) as f64;
+            let hip_layer_graph_ms = (graph_ms - dense_part_ms) / n_hip.max(1) as f64;
+            let hip_layer_eager_ms = (eager_ms - dense_part_ms) / n_hip.max(1) as f64;
             let dense_floor = layer_bytes / bw * 1e3;
             let hip_floor = (sel_tokens * 128 * 2 * 2) as f64 / bw * 1e3;
             let floor_step = n_dense as f64 * dense_floor + n_hip as f64 * hip_floor;
@@ -179,6 +236,12 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
                 "sdpa_model_ms": sdpa_model, "sdpa_model_distinct_kv": sdpa_distinct,
                 "sdpa_layer_x_layers_ms": sdpa_layer.map(|x| x * n_layers as f64),
                 "speedup_vs_sdpa": sdpa_model.map(|x| x / step_ms),
+                "device_eager_step_ms": eager_ms, "graph_step_ms": graph_ms,
+                "graph_refresh_step_ms": graph_refresh_ms,
+                "speedup_vs_sdpa_graph": sdpa_model.map(|x| x / graph_ms),
+                "hip_layer_eager_ms": hip_layer_eager_ms, "hip_layer_graph_ms": hip_layer_graph_ms,
+                "step_ms_by_cycle_host": t_host, "step_ms_by_cycle_eager": t_eager,
+                "step_ms_by_cycle_graph": t_graph, "hip_layer_profile": profile,
                 "speedup_vs_all_dense_ours": all_dense_ms / step_ms,
                 "floor_step_ms": floor_step, "floor_all_dense_ms": dense_floor * n_layers as f64,
                 "dense_layer_floor_ms": dense_floor, "hip_layer_floor_ms": hip_floor,
@@ -189,24 +252,31 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
             rows.push(row);
         }
     }
-    println!("\n| tokens | batch | distinct K/V | step ms (amortised) | refresh step ms | 32 x SDPA flash ms | speed-up vs SDPA | 32 x our dense ms | hip ms/layer (amortised) | step floor ms | all-dense floor ms |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("\nStep ms amortised over the refresh cycle; hip metadata on the host (`step`, previous) / on the device eager / device as one CUDA graph of the whole step; refresh step = step 0 of the cycle (all stages).\n");
+    println!("| tokens | batch | distinct K/V | step ms host / device / graph | refresh step ms host / graph | 32 x SDPA flash ms | speed-up vs SDPA host / graph | 32 x our dense ms | hip ms/layer amortised host / device / graph | step floor ms | all-dense floor ms |");
+    println!("|---:|---:|---:|---|---|---:|---|---:|---|---:|---:|");
     let f = |r: &serde_json::Value, k: &str, p: usize| {
         r[k].as_f64()
             .map_or("-".to_string(), |x| format!("{x:.p$}"))
     };
     for r in &rows {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} / {} / {} | {} / {} | {} | {} / {} | {} | {} / {} / {} | {} | {} |",
             r["tokens"],
             r["batch"],
             r["distinct_kv"],
             f(r, "step_ms", 3),
+            f(r, "device_eager_step_ms", 3),
+            f(r, "graph_step_ms", 3),
             f(r, "refresh_step_ms", 3),
+            f(r, "graph_refresh_step_ms", 3),
             f(r, "sdpa_model_ms", 3),
             f(r, "speedup_vs_sdpa", 2),
+            f(r, "speedup_vs_sdpa_graph", 2),
             f(r, "all_dense_ours_ms", 3),
             f(r, "hip_layer_amortised_ms", 4),
+            f(r, "hip_layer_eager_ms", 4),
+            f(r, "hip_layer_graph_ms", 4),
             f(r, "floor_step_ms", 3),
             f(r, "floor_all_dense_ms", 3),
         );

@@ -29,6 +29,8 @@ mod gpu_offload;
 mod gpu_policies;
 #[cfg(feature = "cuda")]
 mod gpu_prefill_tc;
+#[cfg(feature = "cuda")]
+mod gpu_step;
 mod machine;
 mod progress;
 

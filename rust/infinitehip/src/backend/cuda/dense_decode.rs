@@ -15,6 +15,24 @@ use crate::error::{Error, Result};
 /// Threads per CTA of the kernel (DD_WARPS warps).
 const THREADS: u32 = 128;
 
+static V2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+static WAVES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
+/// Run kernels/decode_dense_v2.cu (packed hi/lo splits, shift page
+/// indexing; the default: 99-107% of copy bandwidth at 1M on the H200 vs
+/// 74-90% for decode_dense.cu, same 25 reference checks passed,
+/// tests/gpu/logs/gpustep/) or, with false, the previous
+/// kernels/decode_dense.cu. Benchmarks and tests switch it.
+pub fn force_v2(on: bool) {
+    V2.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Default split size for about `waves` waves of resident CTAs (1 unless
+/// set; benchmarks sweep it).
+pub fn set_default_waves(waves: usize) {
+    WAVES.store(waves.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Split-K scratch (partials) and the per-(row, kv head) arrival counters,
 /// zeroed once at allocation (each launch leaves them zero).
 pub struct DenseDecodeWs {
@@ -119,7 +137,13 @@ pub(crate) fn launch_dense(
             gpu.grid_limits.z
         )));
     }
-    let f = gpu.func("decode_dense", &format!("dense_{tag}_d{d}_g{g}_u{u}"))?;
+    let v2 = V2.load(std::sync::atomic::Ordering::Relaxed);
+    let module = if v2 {
+        "decode_dense_v2"
+    } else {
+        "decode_dense"
+    };
+    let f = gpu.func(module, &format!("dense_{tag}_d{d}_g{g}_u{u}"))?;
     let split = match split {
         Some(s) => s.next_multiple_of(64 * u),
         None => {
@@ -127,7 +151,8 @@ pub(crate) fn launch_dense(
                 .occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)
                 .map_err(|e| gpu_err("dense decode occupancy", e))?
                 .max(1) as usize;
-            split_tokens(gpu.sm_count * per_sm, n_rows, hkv, max_len, u)
+            let waves = WAVES.load(std::sync::atomic::Ordering::Relaxed);
+            split_tokens(gpu.sm_count * per_sm * waves, n_rows, hkv, max_len, u)
         }
     };
     let n_splits = max_len.div_ceil(split).max(1);
@@ -145,14 +170,19 @@ pub(crate) fn launch_dense(
         split as i32,
         n_splits as i32,
     );
+    // v2 reads a power-of-two page size with a shift (-1: divide).
+    let ps_log2: i32 = if kv.page_size.is_power_of_two() {
+        kv.page_size.trailing_zeros() as i32
+    } else {
+        -1
+    };
     let (ors, odt) = (out.row_stride as i64, out.code());
     let mut l = gpu.stream.launch_builder(&f);
-    l.arg(&kv.k)
-        .arg(&kv.v)
-        .arg(&kv.table)
-        .arg(&ts)
-        .arg(&ps)
-        .arg(&hk)
+    l.arg(&kv.k).arg(&kv.v).arg(&kv.table).arg(&ts).arg(&ps);
+    if v2 {
+        l.arg(&ps_log2);
+    }
+    l.arg(&hk)
         .arg(&st.page)
         .arg(&st.head)
         .arg(&q)

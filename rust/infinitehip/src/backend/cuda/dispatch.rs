@@ -1116,6 +1116,9 @@ pub(crate) struct StageInputs {
     /// Kernel module of the score/top-k kernels ("hip_mask", or
     /// "hip_mask_host" for keys read through the estimation row cache).
     pub module: &'static str,
+    /// Device refresh gate (`hip_step_meta`'s state, 0: none): stage s
+    /// runs only when the step refreshes from s or earlier.
+    pub gate: u64,
 }
 
 /// Run hip stages `from..` (score + top-k each) for all rows.
@@ -1157,6 +1160,7 @@ pub(crate) fn run_stages(
             e as i32,
             st.chunk_size as i32,
         );
+        let stage_i = s as i32;
         let smem = x.nq_max.next_multiple_of(nq_tpl) * d * 4;
         if smem > 48 * 1024 {
             score
@@ -1184,7 +1188,9 @@ pub(crate) fn run_stages(
             .arg(&ci)
             .arg(&ei)
             .arg(&c)
-            .arg(&x.keys);
+            .arg(&x.keys)
+            .arg(&x.gate)
+            .arg(&stage_i);
         // SAFETY: the arguments pushed above follow the kernel's parameter list in kernels/*.cu
         // (same order and C types); every pointer is a device allocation of this context sized for
         // this grid by the code above.
@@ -1203,6 +1209,8 @@ pub(crate) fn run_stages(
             cap: cap_in,
             e,
             c: st.chunk_size,
+            gate: x.gate,
+            stage: s,
         };
         launch_topk(gpu, &topk, x.keys, rows as usize, &sub, k, &stages[s])?;
     }
@@ -1217,6 +1225,10 @@ pub(crate) struct SubChunks {
     pub cap: usize,
     pub e: usize,
     pub c: usize,
+    /// Refresh gate (see `StageInputs::gate`; 0: always run) and the
+    /// stage this top-k belongs to.
+    pub gate: u64,
+    pub stage: usize,
 }
 
 /// hip_topk: keep the best `k` slots of each row's `keys` into `out`.
@@ -1229,6 +1241,7 @@ pub(crate) fn launch_topk(
     k: usize,
     out: &StageBuf,
 ) -> Result<()> {
+    let stage = sub.stage as i32;
     let (nsub, k, oc, ci, ei, c) = (
         (sub.cap * sub.e) as i32,
         k as i32,
@@ -1248,7 +1261,9 @@ pub(crate) fn launch_topk(
         .arg(&c)
         .arg(&out.out.ptr)
         .arg(&out.cnt.ptr)
-        .arg(&oc);
+        .arg(&oc)
+        .arg(&sub.gate)
+        .arg(&stage);
     // SAFETY: the arguments pushed above follow the kernel's parameter list in kernels/*.cu
     // (same order and C types); every pointer is a device allocation of this context sized for
     // this grid by the code above.
@@ -1331,21 +1346,21 @@ pub(crate) struct StageBuf {
 /// batch of sequences stepping together. Stage chunk sizes must each divide
 /// the previous one (the default 64/16/8 does).
 pub struct HipGpuDecoder {
-    cfg: HipConfig,
-    hkv: usize,
-    batch: usize,
-    step: usize,
-    stages: Vec<StageBuf>,
-    mid_end: Vec<usize>,
-    keys: DevBuf,
-    keys_cap: usize,
-    e0: usize,
-    group: usize,
-    stage0_in: DevBuf,
-    stage0_cnt: DevBuf,
-    row_seq: DevBuf,
-    nq: DevBuf,
-    extra: DevBuf,
+    pub(crate) cfg: HipConfig,
+    pub(crate) hkv: usize,
+    pub(crate) batch: usize,
+    pub(crate) step: usize,
+    pub(crate) stages: Vec<StageBuf>,
+    pub(crate) mid_end: Vec<usize>,
+    pub(crate) keys: DevBuf,
+    pub(crate) keys_cap: usize,
+    pub(crate) e0: usize,
+    pub(crate) group: usize,
+    pub(crate) stage0_in: DevBuf,
+    pub(crate) stage0_cnt: DevBuf,
+    pub(crate) row_seq: DevBuf,
+    pub(crate) nq: DevBuf,
+    pub(crate) extra: DevBuf,
     pub sel: DeviceSelection,
     /// Largest selected-token count of the last assembly (host bound).
     pub max_tokens: usize,
@@ -1354,6 +1369,8 @@ pub struct HipGpuDecoder {
     /// "hip_mask_host" (backend::cuda::est_cache: keys in the host tier,
     /// read through a device row cache).
     pub score_module: &'static str,
+    /// Device-side stepping state (`hip_step`), once prepared.
+    pub(crate) dev: Option<super::hip_step::DeviceStepState>,
 }
 
 impl HipGpuDecoder {
@@ -1417,6 +1434,7 @@ impl HipGpuDecoder {
             max_tokens: 0,
             ws: DecodeWorkspace::new(),
             score_module: "hip_mask",
+            dev: None,
             stages,
             cfg,
         })
@@ -1510,6 +1528,7 @@ impl HipGpuDecoder {
             e0: self.e0,
             keys: self.keys.ptr,
             module: self.score_module,
+            gate: 0,
         };
         run_stages(gpu, kv, &self.cfg, &self.stages, from, &ctx)?;
         assemble(
@@ -1814,6 +1833,7 @@ impl HipGpuPrefill {
             e0: self.e0,
             keys: self.keys.ptr,
             module: "hip_mask",
+            gate: 0,
         };
         run_stages(gpu, kv, &self.cfg, &self.stages, 0, &x)?;
         self.sel.rows = rows;

@@ -302,6 +302,8 @@ impl FastEstimator {
             cap: 1,
             e: e0,
             c: st0.chunk_size,
+            gate: 0,
+            stage: 0,
         };
         launch_topk(
             gpu,
@@ -368,6 +370,8 @@ impl FastEstimator {
                 cap: prev.cap,
                 e: cfg.stages[s - 1].chunk_size.div_ceil(st.chunk_size),
                 c: st.chunk_size,
+                gate: 0,
+                stage: s,
             };
             let n_sub = sub.cap * sub.e;
             let (ci, ei, cc) = (sub.cap as i32, sub.e as i32, sub.c as i32);

@@ -13,6 +13,12 @@ pub const MODULES: &[(&str, &str)] = &[
         "decode_dense",
         include_str!("../../../../../kernels/decode_dense.cu"),
     ),
+    // A candidate rewrite of decode_dense.cu, timed beside it
+    // (dense_decode::force_v2).
+    (
+        "decode_dense_v2",
+        include_str!("../../../../../kernels/decode_dense_v2.cu"),
+    ),
     (
         "hip_mask",
         include_str!("../../../../../kernels/hip_mask.cu"),
@@ -122,6 +128,9 @@ pub fn entry_points(module: &str) -> Vec<String> {
     if module == "hip_mask_host" {
         return entry_points("hip_mask");
     }
+    if module == "decode_dense_v2" {
+        return entry_points("decode_dense");
+    }
     let mut v = Vec::new();
     for dt in ["bf16", "f16"] {
         for d in HEAD_DIMS {
@@ -169,6 +178,7 @@ pub fn entry_points(module: &str) -> Vec<String> {
             v.push("hip_topk".into());
             v.push("hip_assemble".into());
             v.push("hip_gather_q".into());
+            v.push("hip_step_meta".into());
         }
         "hip_fast" => {
             for n in ["hipf_stage0_keys", "hipf_subkeys", "hipf_gather_q"] {

@@ -36,6 +36,7 @@ pub mod dispatch;
 pub mod engine_attn;
 pub mod est_cache;
 pub mod hip_fast;
+pub mod hip_step;
 pub mod kernels;
 pub mod offload;
 pub mod policies;
@@ -353,6 +354,26 @@ impl GpuContext {
             modules: self.modules.clone(),
             funcs: self.funcs.clone(),
         }
+    }
+
+    /// The same device and modules on a new stream of its own (not the
+    /// legacy default stream, so its launches can be captured into a CUDA
+    /// graph: `hip_step::capture`).
+    pub fn with_new_stream(&self) -> Result<GpuContext> {
+        let stream = self
+            .ctx
+            .new_stream()
+            .map_err(|e| gpu_err("create stream", e))?;
+        Ok(GpuContext {
+            ctx: self.ctx.clone(),
+            stream,
+            arch: self.arch,
+            sm_count: self.sm_count,
+            grid_limits: self.grid_limits,
+            name: self.name.clone(),
+            modules: self.modules.clone(),
+            funcs: self.funcs.clone(),
+        })
     }
 
     /// The raw handle of the stream launches go to.

@@ -1305,6 +1305,7 @@ impl GpuAttention {
                     e0: e0s[i],
                     keys: self.keys.ptr,
                     module: "hip_mask",
+                    gate: 0,
                 };
                 run_stages(gpu, dkv, &h.cfg, &stages, froms[i], &x)?;
             }

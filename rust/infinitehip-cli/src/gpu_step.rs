@@ -1,0 +1,357 @@
+//! The graph-capturable hip decode step (`backend::cuda::hip_step`):
+//! gpu-test checks (device metadata == host metadata selections, graph
+//! replay == eager bit for bit, over growing lengths and refresh steps, a
+//! forced refresh after a jump) and the per-layer profile that
+//! `bench-gpu-model` prints.
+
+use std::time::Instant;
+
+use half::bf16;
+use infinitehip::attention::{rel_error, AttnShape};
+use infinitehip::backend::cuda::dispatch::{self, DeviceKv, HipGpuDecoder};
+use infinitehip::backend::cuda::{hip_step, DevBuf, GpuContext};
+use infinitehip::config::HipConfig;
+use infinitehip::kv::KvPool;
+use infinitehip::policy::Selection;
+use infinitehip::rng::Rng;
+use infinitehip::workload::needle_seq;
+
+use crate::gpu::{e, ref_f64, Check, R, STORED_KV_BOUND};
+
+/// The checks `gpu-test` runs.
+pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
+    Ok(vec![
+        step_case(gpu, &[40_000, 13_001, 5_000], 22, seed + 1)?,
+        step_case(gpu, &[3_000], 10, seed + 2)?,
+    ])
+}
+
+fn bits_equal(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+fn nan_max(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
+}
+
+/// `steps` decode steps, one token appended per step, except the last,
+/// which jumps 300 tokens (past the slid cap: the device forces a full
+/// refresh there, compared with a fresh decoder's first step). Three
+/// decoders on one stream: host metadata (`step`, the reference), device
+/// metadata eager (`step_device`) and the same captured once in a CUDA
+/// graph and replayed every step.
+fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<Check> {
+    let gpu = &gpu0.with_new_stream().map_err(e)?;
+    let shape = AttnShape::new(32, 8, 128).map_err(e)?;
+    let cfg = HipConfig::default();
+    let jump = 300;
+    let nb = lens0.len();
+    let full: Vec<_> = lens0
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| {
+            needle_seq::<bf16>(
+                shape,
+                l + steps + jump,
+                64,
+                cfg.sink,
+                cfg.window,
+                64,
+                seed + i as u64,
+            )
+        })
+        .collect::<Result<_, _>>()
+        .map_err(e)?;
+    let seqs: Vec<(&KvPool<bf16>, u64)> = full.iter().map(|s| (&s.pool, 0)).collect();
+    let mut kv = DeviceKv::upload(&seqs).map_err(e)?;
+    let qe = shape.q_elems();
+    let qd = DevBuf::alloc(nb * qe * 4).map_err(e)?;
+    let lens_dev = DevBuf::alloc(nb * 4).map_err(e)?;
+    let outs: Vec<DevBuf> = (0..3)
+        .map(|_| DevBuf::alloc(nb * qe * 4))
+        .collect::<Result<_, _>>()
+        .map_err(e)?;
+    let new_dec = || HipGpuDecoder::new(cfg.clone(), &shape, nb).map_err(e);
+    let (mut host, mut eager, mut graphed) = (new_dec()?, new_dec()?, new_dec()?);
+    let set_lens = |kv: &mut DeviceKv, lens: &[usize]| -> R<()> {
+        kv.lens = lens.to_vec();
+        let l32: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+        lens_dev.write(&l32).map_err(e)
+    };
+    set_lens(&mut kv, lens0)?;
+    eager.prepare_device_steps(&kv).map_err(e)?;
+    graphed.prepare_device_steps(&kv).map_err(e)?;
+    let bound = eager.device_max_tokens().unwrap();
+    // Warm step (grows the attention workspace), then a fresh cycle.
+    qd.write(&vec![0.5f32; nb * qe]).map_err(e)?;
+    graphed
+        .step_device(gpu, &shape, &kv, lens_dev.ptr, qd.ptr, outs[2].ptr)
+        .map_err(e)?;
+    graphed.reset_device(gpu).map_err(e)?;
+    gpu.synchronize().map_err(e)?;
+    let graph = hip_step::capture(gpu, || {
+        graphed.step_device(gpu, &shape, &kv, lens_dev.ptr, qd.ptr, outs[2].ptr)
+    })
+    .map_err(e)?;
+    let mut rng = Rng::new(seed ^ 0x57e9);
+    let (mut sel_mismatch, mut graph_mismatch, mut worst, mut host_vs_dev) = (0, 0, 0f64, 0f64);
+    let (mut over_bound, mut finite, mut drop_err) = (0, true, f64::INFINITY);
+    let mut first_diff = String::new();
+    for step in 0..steps {
+        let last = step + 1 == steps;
+        let lens: Vec<usize> = lens0
+            .iter()
+            .map(|&l| l + step + if last { jump } else { 0 })
+            .collect();
+        set_lens(&mut kv, &lens)?;
+        let q: Vec<f32> = full.iter().flat_map(|s| s.query(&mut rng)).collect();
+        qd.write(&q).map_err(e)?;
+        for o in &outs {
+            o.fill_bytes(0xff).map_err(e)?; // NaN poison
+        }
+        // The reference at the jump: a fresh decoder's first (full) step.
+        if last {
+            host = new_dec()?;
+        }
+        host.step(gpu, &shape, &kv, qd.ptr, outs[0].ptr, true)
+            .map_err(e)?;
+        eager
+            .step_device(gpu, &shape, &kv, lens_dev.ptr, qd.ptr, outs[1].ptr)
+            .map_err(e)?;
+        graph.launch().map_err(e)?;
+        gpu.synchronize().map_err(e)?;
+        let sels: Vec<Vec<Selection>> = [&host, &eager, &graphed]
+            .iter()
+            .map(|d| d.sel.to_host(8))
+            .collect::<Result<_, _>>()
+            .map_err(e)?;
+        let got: Vec<Vec<f32>> = outs
+            .iter()
+            .map(|o| o.read(nb * qe))
+            .collect::<Result<_, _>>()
+            .map_err(e)?;
+        finite &= got.iter().all(|o| o.iter().all(|x| x.is_finite()));
+        if sels[0] != sels[1] {
+            sel_mismatch += 1;
+            if first_diff.is_empty() {
+                first_diff = format!("first at step {step}");
+            }
+        }
+        if sels[1] != sels[2] || !bits_equal(&got[1], &got[2]) {
+            graph_mismatch += 1;
+        }
+        for b in 0..nb {
+            let s = &sels[1][b];
+            over_bound += (0..8).filter(|&h| s.token_count(h) > bound).count();
+            let view = full[b].pool.view(0).map_err(e)?;
+            let qb = &q[b * qe..(b + 1) * qe];
+            let r = ref_f64(&shape, qb, &view, Some(s));
+            worst = nan_max(worst, rel_error(&got[1][b * qe..(b + 1) * qe], &r));
+            let r32: Vec<f64> = got[0][b * qe..(b + 1) * qe]
+                .iter()
+                .map(|&x| x as f64)
+                .collect();
+            host_vs_dev = nan_max(host_vs_dev, rel_error(&got[1][b * qe..(b + 1) * qe], &r32));
+            if last && b == 0 {
+                // Dropping head 0's highest-scoring selected token (q head 0)
+                // must move the output past the bound.
+                let mut top = (f32::NEG_INFINITY, 0usize);
+                for r in &s.heads[0] {
+                    for t in r.clone() {
+                        let (k, _) = full[b].pool.read(0, t, t + 1).map_err(e)?;
+                        let sc: f32 = (0..shape.head_dim).map(|i| qb[i] * k[i].to_f32()).sum();
+                        if sc > top.0 {
+                            top = (sc, t);
+                        }
+                    }
+                }
+                let t = top.1;
+                let mut heads = s.heads.clone();
+                heads[0] = s.heads[0]
+                    .iter()
+                    .flat_map(|r| {
+                        if r.contains(&t) {
+                            vec![r.start..t, t + 1..r.end]
+                        } else {
+                            vec![r.clone()]
+                        }
+                    })
+                    .filter(|r| !r.is_empty())
+                    .collect();
+                let sd = Selection::from_ranges(heads);
+                let rd = ref_f64(&shape, qb, &view, Some(&sd));
+                drop_err = rel_error(&got[1][..qe], &rd);
+            }
+        }
+    }
+    let ok = sel_mismatch == 0
+        && graph_mismatch == 0
+        && over_bound == 0
+        && finite
+        && worst <= STORED_KV_BOUND
+        && host_vs_dev <= STORED_KV_BOUND
+        && drop_err > STORED_KV_BOUND;
+    Ok(Check {
+        name: format!(
+            "hip device step (graph-capturable): lens {lens0:?}, {steps} steps (refresh cycle, last +{jump} forces a refresh)"
+        ),
+        ok,
+        detail: format!(
+            "selections != host-metadata step: {sel_mismatch} {first_diff}; graph replay != eager (selection or output bits): {graph_mismatch}; \
+             rel_err vs f64 {worst:.2e}, vs host step {host_vs_dev:.2e} (bound {STORED_KV_BOUND:.0e}); one dropped token {drop_err:.2e} (must exceed); \
+             rows over the {bound}-token bound {over_bound}; all written+finite {finite}"
+        ),
+    })
+}
+
+/// Where one hip layer's decode step goes at `tokens` x `batch` (random
+/// K/V already on the device): per-step device time over a refresh cycle,
+/// host metadata (`step`) vs device metadata eager vs the device step
+/// replayed from a graph, the attention launch alone, and the host time to
+/// enqueue one step. Printed as a table; returned as JSON.
+pub(crate) fn profile_layer(
+    gpu: &GpuContext,
+    shape: &AttnShape,
+    kv: &DeviceKv,
+    lens_dev: &DevBuf,
+    q: u64,
+    out: u64,
+    reps: usize,
+) -> R<serde_json::Value> {
+    let cfg = HipConfig::default();
+    let b = kv.batch();
+    let cycle = cfg
+        .stages
+        .iter()
+        .map(|s| s.refresh_interval)
+        .max()
+        .unwrap_or(1);
+    let mut host = HipGpuDecoder::new(cfg.clone(), shape, b).map_err(e)?;
+    host.step(gpu, shape, kv, q, out, true).map_err(e)?;
+    let mut dev = HipGpuDecoder::new(cfg.clone(), shape, b).map_err(e)?;
+    dev.prepare_device_steps(kv).map_err(e)?;
+    dev.step_device(gpu, shape, kv, lens_dev.ptr, q, out)
+        .map_err(e)?;
+    gpu.synchronize().map_err(e)?;
+    let graph = hip_step::capture(gpu, || {
+        dev.step_device(gpu, shape, kv, lens_dev.ptr, q, out)
+    })
+    .map_err(e)?;
+    let per_step = |f: &mut dyn FnMut(Option<usize>) -> R<()>| cycle_times(gpu, cycle, reps, f);
+    let kvr: &DeviceKv = kv;
+    let t_host = per_step(&mut |i| match i {
+        None => {
+            host.reset();
+            Ok(())
+        }
+        Some(_) => host
+            .step(gpu, shape, kvr, q, out, false)
+            .map(drop)
+            .map_err(e),
+    })?;
+    let t_eager = per_step(&mut |i| match i {
+        None => dev.reset_device(gpu).map_err(e),
+        Some(_) => dev
+            .step_device(gpu, shape, kvr, lens_dev.ptr, q, out)
+            .map_err(e),
+    })?;
+    let t_graph = per_step(&mut |i| match i {
+        None => dev.reset_device(gpu).map_err(e),
+        Some(_) => graph.launch().map_err(e),
+    })?;
+    let dref = &mut dev;
+    // Attention launch alone over the last selection, at the device bound.
+    let mt = dref.device_max_tokens().unwrap();
+    let mut ws = dispatch::DecodeWorkspace::new();
+    let attn = crate::gpu::time_ms(gpu, reps * 4, || {
+        dispatch::decode(gpu, &mut ws, shape, kvr, q, &dref.sel, mt, None, out).map_err(e)
+    })?;
+    // Host time to enqueue one eager device step (no sync inside).
+    gpu.synchronize().map_err(e)?;
+    let n = 200;
+    let t0 = Instant::now();
+    for _ in 0..n {
+        dref.step_device(gpu, shape, kvr, lens_dev.ptr, q, out)
+            .map_err(e)?;
+    }
+    let enqueue_us = t0.elapsed().as_secs_f64() * 1e6 / n as f64;
+    gpu.synchronize().map_err(e)?;
+    let amort = |t: &[f64]| t.iter().sum::<f64>() / t.len() as f64;
+    let quiet = |t: &[f64]| {
+        let mut v: Vec<f64> = (1..t.len()).filter(|i| i % 4 != 0).map(|i| t[i]).collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    println!(
+        "\nhip layer profile, {} tokens x batch {b} (us; refresh cycle {cycle} steps: step 0 all stages, 8 from stage 1, 4/12 from stage 2)",
+        kvr.lens[0]
+    );
+    println!("| path | step 0 | step 8 | step 4 | no-refresh step (median) | amortised |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (name, t) in [
+        ("host metadata (`step`)", &t_host),
+        ("device metadata, eager", &t_eager),
+        ("device metadata, CUDA graph", &t_graph),
+    ] {
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            t[0] * 1e3,
+            t[8.min(cycle - 1)] * 1e3,
+            t[4.min(cycle - 1)] * 1e3,
+            quiet(t) * 1e3,
+            amort(t) * 1e3
+        );
+    }
+    println!(
+        "attention launch alone (split-K + combine, {mt}-token bound): {:.1} us; host enqueue of one eager device step: {enqueue_us:.1} us",
+        attn * 1e3
+    );
+    Ok(serde_json::json!({
+        "tokens": kvr.lens[0], "batch": b, "cycle": cycle,
+        "host_step_ms": t_host, "device_eager_step_ms": t_eager, "device_graph_step_ms": t_graph,
+        "attention_only_ms": attn, "enqueue_eager_us": enqueue_us, "max_tokens_bound": mt,
+    }))
+}
+
+/// Per step-of-cycle device times (ms, median over `reps` cycles after one
+/// warm-up cycle), timed with events between steps: `f(None)` resets the
+/// refresh cycle (outside the timed region), `f(Some(i))` enqueues step i.
+pub(crate) fn cycle_times(
+    gpu: &GpuContext,
+    cycle: usize,
+    reps: usize,
+    f: &mut dyn FnMut(Option<usize>) -> R<()>,
+) -> R<Vec<f64>> {
+    let mut t = vec![Vec::new(); cycle];
+    for _ in 0..reps + 1 {
+        f(None)?;
+        let evs: Vec<_> = (0..=cycle)
+            .map(|_| {
+                gpu.ctx.new_event(Some(
+                    infinitehip::backend::cuda::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT,
+                ))
+            })
+            .collect::<Result<_, _>>()
+            .map_err(e)?;
+        evs[0].record(&gpu.stream).map_err(e)?;
+        for (i, ev) in evs[1..].iter().enumerate() {
+            f(Some(i))?;
+            ev.record(&gpu.stream).map_err(e)?;
+        }
+        evs[cycle].synchronize().map_err(e)?;
+        for i in 0..cycle {
+            t[i].push(evs[i].elapsed_ms(&evs[i + 1]).map_err(e)? as f64);
+        }
+    }
+    Ok(t.into_iter()
+        .map(|mut v| {
+            v.remove(0); // warm-up cycle
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            v[v.len() / 2]
+        })
+        .collect())
+}
