@@ -157,19 +157,25 @@ def squeeze_config(quantile, window):
                                            "observation_window": window, "kmeans_iters": 10}}
 
 
-def write_locret_heads(path, layers, n_q, n_kv, d, hidden, seed=0):
-    """Random retaining heads (safetensors, F32) under the tensor names and
-    shapes the core's loader expects: fc1 [hidden, (n_q + 2 n_kv) d], fc2 [n_kv, hidden]."""
+def write_locret_heads(path, layers, n_q, n_kv, d, hidden, seed=0, dtype="F32"):
+    """Random retaining heads (safetensors, F32 or F16 as locret_train writes
+    them) under the tensor names and shapes the core's loader expects:
+    fc1 [hidden, (n_q + 2 n_kv) d], fc2 [n_kv, hidden]."""
+    np_dtype = {"F32": "<f4", "F16": "<f2"}[dtype]
+    # locret_train's files (torch safetensors) carry this metadata block
+    meta = {"format": "pt", "locret_hidden": str(hidden)} if dtype == "F16" else None
     rng = np.random.default_rng(seed)
     inp = (n_q + 2 * n_kv) * d
     header, blobs, off = {}, [], 0
     for l in range(layers):
         for name, shape, fan_in in [("fc1", (hidden, inp), inp), ("fc2", (n_kv, hidden), hidden)]:
-            b = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype("<f4").tobytes()
+            b = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np_dtype).tobytes()
             header[f"model.layers.{l}.self_attn.{name}.weight"] = {
-                "dtype": "F32", "shape": list(shape), "data_offsets": [off, off + len(b)]}
+                "dtype": dtype, "shape": list(shape), "data_offsets": [off, off + len(b)]}
             blobs.append(b)
             off += len(b)
+    if meta:
+        header = {"__metadata__": meta, **header}
     h = json.dumps(header).encode()
     h += b" " * (-len(h) % 8)
     with open(path, "wb") as f:
