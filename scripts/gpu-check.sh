@@ -14,7 +14,11 @@ cargo build --release -p infinitehip-cli -p infinitehip-capi \
   --features infinitehip-cli/cuda,infinitehip-capi/cuda
 mkdir -p gpu-bin/ptx
 cp target/release/infinitehip target/release/libinfinitehip.so gpu-bin/
-strip gpu-bin/infinitehip gpu-bin/libinfinitehip.so 2>/dev/null || true
+# The GPU checks as a test target (rust/infinitehip-cli/tests/gpu.rs).
+t=$(cargo test --release -p infinitehip-cli --features cuda --test gpu --no-run 2>&1 \
+  | grep -o 'target/release/deps/gpu-[0-9a-f]*' | head -1)
+cp "$t" gpu-bin/gpu-tests
+strip gpu-bin/infinitehip gpu-bin/libinfinitehip.so gpu-bin/gpu-tests 2>/dev/null || true
 # Precompile the kernels (the device then loads PTX from the cache).
 for d in ${NVRTC_LIB:-} /usr/local/cuda/lib64 /tmp/nvrtc-venv/lib/python3*/site-packages/nvidia/cu13/lib \
          ~/.cache/infinitehip-ci/venv-*/lib/python3*/site-packages/nvidia/cu13/lib; do

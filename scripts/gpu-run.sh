@@ -30,8 +30,10 @@ step() {  # step NAME TIMEOUT CMD...: run, log to $OUT/NAME.log, time it
   echo "$name: $(( $(date +%s) - s )) s" | tee -a "$OUT/device.txt"
 }
 if [ "${SKIP_TEST:-0}" != 1 ]; then
+  # The checks through the test target (each check a test; a skip or a
+  # missing GPU fails it), then the engine timing (a benchmark).
+  step gpu-tests 440 env INFINITEHIP_BIN="$BIN" gpu-bin/gpu-tests
   step gpu-test 240 "$BIN" gpu-test --engine-timing 128K,1M
-  step gpu-test-offload 200 "$BIN" gpu-test-offload
   step shim-gpu 200 env INFINITEHIP_LIB="$PWD/gpu-bin/libinfinitehip.so" python3 tests/gpu/test_shim_gpu.py
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
@@ -56,7 +58,8 @@ if [ "${SKIP_OFFLOAD_BENCH:-0}" != 1 ]; then
     --est-rows 0.25 --steps 48 --warmup 16 --json "$OUT/bench-gpu-offload.json"
 fi
 echo "== summary"
-for f in gpu-test gpu-test-offload shim-gpu; do
+[ -f "$OUT/gpu-tests.log" ] && grep -E '^test result|^  ' "$OUT/gpu-tests.log"
+for f in gpu-test shim-gpu; do
   [ -f "$OUT/$f.log" ] && echo "$f: $(grep -c '^PASS' "$OUT/$f.log") PASS, $(grep -c '^FAIL' "$OUT/$f.log") FAIL" && grep '^FAIL' "$OUT/$f.log"
 done
 [ -f "$OUT/gpu-test.log" ] && grep -iE 'engine-timing|^timing' "$OUT/gpu-test.log" | head -12

@@ -22,7 +22,7 @@ IHIP_ERR_DEVICE = -7
 
 # The C ABI version these declarations describe (IHIP_ABI_VERSION in
 # include/infinitehip.h); a library of another version is refused.
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 DTYPE_F32 = 0
 DTYPE_F16 = 1
@@ -73,6 +73,50 @@ def check_abi(lib, path):
         )
 
 
+class GpuRequests(ctypes.Structure):
+    """IhipGpuRequests: the per-request host arrays of one GPU call."""
+    _fields_ = [
+        ("batch", ctypes.c_size_t),
+        ("req_ids", ctypes.POINTER(ctypes.c_uint64)),
+        ("table_rows", ctypes.POINTER(ctypes.c_int64)),
+        ("lens", ctypes.POINTER(ctypes.c_int64)),
+        ("n_new", ctypes.POINTER(ctypes.c_int64)),
+    ]
+
+
+class DeviceRows(ctypes.Structure):
+    """IhipDeviceRows: a device matrix (queries, outputs, projections)."""
+    _fields_ = [("ptr", ctypes.c_uint64), ("dtype", ctypes.c_int), ("row_stride", ctypes.c_int64)]
+
+
+class KvCache(ctypes.Structure):
+    """IhipKvCache: the caller's paged K/V cache of one layer."""
+    _fields_ = [
+        ("k", ctypes.c_uint64),
+        ("v", ctypes.c_uint64),
+        ("dtype", ctypes.c_int),
+        ("table", ctypes.c_uint64),
+        ("table_stride", ctypes.c_int64),
+        ("table_n_rows", ctypes.c_int64),
+        ("page_size", ctypes.c_int64),
+        ("page_stride", ctypes.c_int64),
+        ("head_stride", ctypes.c_int64),
+    ]
+
+
+class Proj(ctypes.Structure):
+    """IhipProj: pre-RoPE projections of the new tokens (locret layers)."""
+    _fields_ = [
+        ("q", ctypes.c_uint64),
+        ("k", ctypes.c_uint64),
+        ("v", ctypes.c_uint64),
+        ("dtype", ctypes.c_int),
+        ("q_stride", ctypes.c_int64),
+        ("kv_stride", ctypes.c_int64),
+        ("prompt_done", ctypes.POINTER(ctypes.c_uint8)),
+    ]
+
+
 def _declare(lib):
     c = ctypes
     sz, u64, i32 = c.c_size_t, c.c_uint64, c.c_int
@@ -103,21 +147,16 @@ def _declare(lib):
         f = getattr(lib, name)
         f.restype = res
         f.argtypes = args
-    i64, fl = c.c_int64, c.c_float
-    pi64, pu64 = c.POINTER(i64), c.POINTER(u64)
-    # q, q_dtype, q_row_stride, k, v, kv_dtype, table, table_stride,
-    # table_n_rows, page_size, page_stride, head_stride, out, out_dtype,
-    # out_row_stride, sm_scale.
-    common = [u64, i32, i64, u64, u64, i32, u64, i64, i64, i64, i64, i64, u64, i32, i64, fl]
     gpu = {
         "ihip_gpu_built": (i32, []),
         "ihip_gpu_attn_new": (vp, [i32, cp]),
         "ihip_gpu_attn_free": (None, [vp]),
-        "ihip_gpu_decode": (i32, [vp, u64, sz, sz, pu64, pi64, pi64] + common),
-        "ihip_gpu_prefill": (i32, [vp, u64, sz, sz, pu64, pi64, pi64, pi64] + common),
-        "ihip_gpu_prefill_proj": (
-            i32, [vp, u64, sz, sz, pu64, pi64, pi64, pi64] + common + [u64, u64, u64, i32, i64, i64, c.POINTER(c.c_uint8)]
-        ),
+        "ihip_gpu_decode": (
+            i32, [vp, u64, sz, c.POINTER(GpuRequests), c.POINTER(KvCache), c.POINTER(DeviceRows),
+                  c.POINTER(DeviceRows), c.c_float]),
+        "ihip_gpu_prefill": (
+            i32, [vp, u64, sz, c.POINTER(GpuRequests), c.POINTER(KvCache), c.POINTER(DeviceRows),
+                  c.POINTER(DeviceRows), c.c_float, c.POINTER(Proj)]),
         "ihip_gpu_end_request": (i32, [vp, u64]),
         "ihip_gpu_reset": (i32, [vp]),
         "ihip_gpu_info_json": (vp, [vp]),

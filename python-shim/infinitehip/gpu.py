@@ -208,10 +208,10 @@ class GpuAttention:
         if stream is None:
             stream = torch.cuda.current_stream(q.device).cuda_stream
         args = (
-            q.data_ptr(), _dtype(q, "q"), q_stride,
-            k.data_ptr(), v.data_ptr(), _dtype(k, "k"),
-            table.data_ptr(), table.stride(0), int(table.shape[0]), ps, pst, hst,
-            out.data_ptr(), _dtype(out, "out"), o_stride,
+            ctypes.byref(_ffi.KvCache(k.data_ptr(), v.data_ptr(), _dtype(k, "k"), table.data_ptr(),
+                                      table.stride(0), int(table.shape[0]), ps, pst, hst)),
+            ctypes.byref(_ffi.DeviceRows(q.data_ptr(), _dtype(q, "q"), q_stride)),
+            ctypes.byref(_ffi.DeviceRows(out.data_ptr(), _dtype(out, "out"), o_stride)),
         )
         return out, int(stream), args
 
@@ -222,11 +222,10 @@ class GpuAttention:
         `out`/`out_dtype` say otherwise)."""
         n = int(q.shape[0])
         out, st, args = self._common(q, k, v, table, out, out_dtype, stream)
-        _ffi.check(_fn("ihip_gpu_decode")(
-            self._h(), st, int(layer), n,
-            _u64s(req_ids, n, "req_ids"), _i64s(table_rows, n, "table_rows"), _i64s(lens, n, "lens"),
-            *args, float(sm_scale or 0.0),
-        ))
+        reqs = _ffi.GpuRequests(n, _u64s(req_ids, n, "req_ids"), _i64s(table_rows, n, "table_rows"),
+                                _i64s(lens, n, "lens"), None)
+        _ffi.check(_fn("ihip_gpu_decode")(self._h(), st, int(layer), ctypes.byref(reqs), *args,
+                                          float(sm_scale or 0.0)))
         return out
 
     def prefill(self, layer, q, k, v, table, table_rows, lens, n_new, req_ids, out=None, sm_scale=None,
@@ -242,10 +241,11 @@ class GpuAttention:
         nn = _i64s(n_new, b, "n_new")
         if sum(nn[:b]) != int(q.shape[0]):
             raise InfinitehipError(f"n_new sums to {sum(nn[:b])} but q has {int(q.shape[0])} rows")
-        head = (self._h(), st, int(layer), b,
-                _u64s(req_ids, b, "req_ids"), _i64s(table_rows, b, "table_rows"), _i64s(lens, b, "lens"), nn)
+        reqs = _ffi.GpuRequests(b, _u64s(req_ids, b, "req_ids"), _i64s(table_rows, b, "table_rows"),
+                                _i64s(lens, b, "lens"), nn)
+        head = (self._h(), st, int(layer), ctypes.byref(reqs), *args, float(sm_scale or 0.0))
         if proj is None:
-            _ffi.check(_fn("ihip_gpu_prefill")(*head, *args, float(sm_scale or 0.0)))
+            _ffi.check(_fn("ihip_gpu_prefill")(*head, None))
             return out
         if len(proj) != 3:
             raise InfinitehipError("proj must be a (q, k, v) triple of CUDA tensors")
@@ -270,7 +270,7 @@ class GpuAttention:
             if len(flags) != b:
                 raise InfinitehipError(f"prompt_done has {len(flags)} entries, expected {b}")
             pd = (ctypes.c_uint8 * b)(*flags)
-        fn = _fn("ihip_gpu_prefill_proj")
-        _ffi.check(fn(*head, *args, float(sm_scale or 0.0),
-                      pq.data_ptr(), pk.data_ptr(), pv.data_ptr(), _dtype(pq, "proj q"), qs, ks, pd))
+        pr = _ffi.Proj(pq.data_ptr(), pk.data_ptr(), pv.data_ptr(), _dtype(pq, "proj q"), qs, ks,
+                       ctypes.cast(pd, ctypes.POINTER(ctypes.c_uint8)) if pd is not None else None)
+        _ffi.check(_fn("ihip_gpu_prefill")(*head, ctypes.byref(pr)))
         return out

@@ -237,6 +237,37 @@ def test_error_codes_match_the_header():
     assert int(defines["IHIP_ABI_VERSION"]) == _ffi.ABI_VERSION
 
 
+def test_gpu_descriptors_reach_the_library_field_by_field():
+    """The ctypes descriptor structs have the Rust layout (ABI 4): each bad
+    index is reported under its own field name, checked before the handle
+    (so this runs without a GPU)."""
+    import ctypes
+    from infinitehip import _ffi
+
+    lib = _ffi.lib()
+    i64s = lambda *x: (ctypes.c_int64 * len(x))(*x)  # noqa: E731
+    ids = (ctypes.c_uint64 * 2)(1, 2)
+    kv = _ffi.KvCache(16, 16, _ffi.DTYPE_BF16, 16, 4, 3, 2, 64, 16)
+    rows = _ffi.DeviceRows(16, _ffi.DTYPE_BF16, 64)
+    cases = [
+        ((i64s(0, 3), i64s(1, 1), i64s(1, 1)), "table_rows[1] = 3"),
+        ((i64s(0, 1), i64s(1, 9), i64s(1, 1)), "lens[1] = 9"),
+        ((i64s(0, 1), i64s(1, 2), i64s(1, 3)), "n_new[1] = 3"),
+    ]
+    for (tr, ls, nn), msg in cases:
+        reqs = _ffi.GpuRequests(2, ids, tr, ls, nn)
+        rc = lib.ihip_gpu_prefill(None, 0, 0, ctypes.byref(reqs), ctypes.byref(kv), ctypes.byref(rows),
+                                  ctypes.byref(rows), 0.0, None)
+        assert rc == _ffi.IHIP_ERR_ARG, (msg, rc)
+        assert msg in lib.ihip_last_error().decode()
+    reqs = _ffi.GpuRequests(2, ids, i64s(0, 1), i64s(1, 8), None)
+    rc = lib.ihip_gpu_decode(None, 0, 0, ctypes.byref(reqs), ctypes.byref(kv), ctypes.byref(rows),
+                             ctypes.byref(rows), 0.0)
+    # Valid indices get past the checks and stop at the NULL handle.
+    assert rc in (_ffi.IHIP_ERR_ARG, _ffi.IHIP_ERR_NO_GPU), rc
+    assert "handle" in lib.ihip_last_error().decode() or "CUDA" in lib.ihip_last_error().decode()
+
+
 def test_an_index_out_of_range_is_an_argument_error():
     eng = Engine(config({"method": "dense"}))
     eng.add_sequence(1)

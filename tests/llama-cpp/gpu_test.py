@@ -133,12 +133,15 @@ def main():
             ok = False
 
     bench = []
+    # Parts skipped at the deadline: the run is then incomplete, never ALL PASS.
+    skipped = []
     need = {32768: 60, 65536: 90, 131072: 120, 262144: 150}
 
     def bench_model(mname, mpath, depths):
         for depth in [int(x) for x in depths.split(",")]:
             if a.deadline and time.time() + need.get(depth, 180) > a.deadline:
                 print(f"SKIP bench {mname} at {depth}: not enough time left before the deadline", flush=True)
+                skipped.append(f"bench {mname} {depth}")
                 continue
             guarded(f"bench {mname} {depth}", lambda: bench.append(bench_depth(a, run, depth, mname, mpath)))
 
@@ -159,6 +162,7 @@ def main():
         for name, f in parts:
             if a.deadline and time.time() + 40 > a.deadline:
                 print(f"SKIP {name}: not enough time left before the deadline", flush=True)
+                skipped.append(name)
                 continue
             guarded(name, f, *T)
     if not a.skip_bench:
@@ -174,8 +178,14 @@ def main():
         print(f"| {r['model']} | {r['depth']} | {r['stock_tok_s']:.1f} | {r.get('stock_no_cuda_graphs_tok_s', float('nan')):.1f} | "
               f"{r['cuda_tok_s']:.1f} | {r['speedup']:.2f}x | {r.get('old_route_tok_s', float('nan')):.1f} | "
               f"{r.get('cell_tables_ms_per_step', float('nan')):.3f} |")
-    print("ALL PASS" if ok else "SOME FAILED")
-    sys.exit(0 if ok else 1)
+    if not ok:
+        print("SOME FAILED" + (f" (and skipped: {', '.join(skipped)})" if skipped else ""))
+        sys.exit(1)
+    if skipped:
+        print(f"INCOMPLETE: no failure, but skipped at the deadline: {', '.join(skipped)}")
+        sys.exit(2)
+    print("ALL PASS")
+    sys.exit(0)
 
 
 def stats(log, what="CUDA route stats "):

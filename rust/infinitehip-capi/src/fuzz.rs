@@ -95,60 +95,33 @@ unsafe fn call_gpu(c: &GpuCall, prefill: bool) -> c_int {
     // No handle: every valid call must get past the index checks and stop
     // at the handle (NULL / no CUDA), so no device memory is ever touched.
     let h = std::ptr::null();
-    let (q, k, v, table, out) = (16u64, 16, 16, 16, 16);
+    let reqs = IhipGpuRequests {
+        batch: b,
+        req_ids: ids.as_ptr(),
+        table_rows: c.rows.as_ptr(),
+        lens: c.lens.as_ptr(),
+        n_new: c.n_new.as_ptr(),
+    };
+    let kv = IhipKvCache {
+        k: 16,
+        v: 16,
+        dtype: IHIP_DTYPE_BF16,
+        table: 16,
+        table_stride: c.table_stride,
+        table_n_rows: c.table_n_rows,
+        page_size: c.page_size,
+        page_stride: (NKV * D) as i64,
+        head_stride: D as i64,
+    };
+    let rows = IhipDeviceRows {
+        ptr: 16,
+        dtype: IHIP_DTYPE_BF16,
+        row_stride: (NQ * D) as i64,
+    };
     if prefill {
-        ihip_gpu_prefill(
-            h,
-            0,
-            0,
-            b,
-            ids.as_ptr(),
-            c.rows.as_ptr(),
-            c.lens.as_ptr(),
-            c.n_new.as_ptr(),
-            q,
-            IHIP_DTYPE_BF16,
-            (NQ * D) as i64,
-            k,
-            v,
-            IHIP_DTYPE_BF16,
-            table,
-            c.table_stride,
-            c.table_n_rows,
-            c.page_size,
-            (NKV * D) as i64,
-            D as i64,
-            out,
-            IHIP_DTYPE_BF16,
-            (NQ * D) as i64,
-            0.0,
-        )
+        ihip_gpu_prefill(h, 0, 0, &reqs, &kv, &rows, &rows, 0.0, std::ptr::null())
     } else {
-        ihip_gpu_decode(
-            h,
-            0,
-            0,
-            b,
-            ids.as_ptr(),
-            c.rows.as_ptr(),
-            c.lens.as_ptr(),
-            q,
-            IHIP_DTYPE_BF16,
-            (NQ * D) as i64,
-            k,
-            v,
-            IHIP_DTYPE_BF16,
-            table,
-            c.table_stride,
-            c.table_n_rows,
-            c.page_size,
-            (NKV * D) as i64,
-            D as i64,
-            out,
-            IHIP_DTYPE_BF16,
-            (NQ * D) as i64,
-            0.0,
-        )
+        ihip_gpu_decode(h, 0, 0, &reqs, &kv, &rows, &rows, 0.0)
     }
 }
 
@@ -365,8 +338,11 @@ proptest! {
         let rc = unsafe { ihip_attend_decode(e, 0, p, n, q, NQ, D, q) };
         prop_assert_eq!(rc, IHIP_ERR_ARG, "{}", last_error());
         prop_assert!(last_error().contains("isize::MAX"), "{}", last_error());
-        let rc = unsafe { ihip_gpu_decode(std::ptr::null(), 0, 0, n, p, p.cast(), p.cast(), 16, 2, 64, 16, 16, 2,
-                                           16, 8, 8, 1, 32, 16, 16, 2, 64, 0.0) };
+        let reqs = IhipGpuRequests { batch: n, req_ids: p, table_rows: p.cast(), lens: p.cast(), n_new: p.cast() };
+        let kv = IhipKvCache { k: 16, v: 16, dtype: 2, table: 16, table_stride: 8, table_n_rows: 8, page_size: 1,
+                               page_stride: 32, head_stride: 16 };
+        let rows = IhipDeviceRows { ptr: 16, dtype: 2, row_stride: 64 };
+        let rc = unsafe { ihip_gpu_decode(std::ptr::null(), 0, 0, &reqs, &kv, &rows, &rows, 0.0) };
         prop_assert_eq!(rc, IHIP_ERR_ARG, "{}", last_error());
         unsafe { ihip_engine_free(e) };
     }

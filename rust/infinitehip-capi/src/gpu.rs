@@ -133,24 +133,100 @@ fn nonneg(x: i64, name: &str) -> Result<usize, Fail> {
     usize::try_from(x).map_err(|_| arg(format!("{name} = {x} must be >= 0")))
 }
 
-/// Arguments shared by decode and prefill.
+/// The per-request host arrays of one GPU call, `batch` elements each.
+/// `table_rows[b]`: request b's row of the page table; `lens[b]`: tokens
+/// cached for it, including those of this call; `n_new[b]` (prefill only,
+/// ignored by decode): its new query rows, at positions
+/// `lens[b] - n_new[b] .. lens[b]`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct IhipGpuRequests {
+    pub batch: usize,
+    /// Key of each request's hip mask-refresh state.
+    pub req_ids: *const u64,
+    pub table_rows: *const i64,
+    pub lens: *const i64,
+    pub n_new: *const i64,
+}
+
+/// A device matrix of rows of `n_heads * head_dim` elements of `dtype`
+/// (`IHIP_DTYPE_*`), `row_stride` elements apart: queries, outputs and
+/// projections.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct IhipDeviceRows {
+    pub ptr: u64,
+    pub dtype: c_int,
+    pub row_stride: i64,
+}
+
+/// The caller's paged K/V cache of one layer (bf16 or f16): token t of KV
+/// head h of request b is at element
+/// `table[table_rows[b] * table_stride + t / page_size] * page_stride +
+///  h * head_stride + (t % page_size) * head_dim` of `k` and of `v`
+/// (16-byte aligned rows). `table` is int32 `[table_n_rows][table_stride]`
+/// on the device; its page ids are not checked. SGLang's
+/// `k_buffer[layer]` `[slots][kv_heads][head_dim]` with `req_to_token`:
+/// page_size 1, page_stride `k.stride(0)`, head_stride `k.stride(1)`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct IhipKvCache {
+    pub k: u64,
+    pub v: u64,
+    pub dtype: c_int,
+    pub table: u64,
+    pub table_stride: i64,
+    pub table_n_rows: i64,
+    pub page_size: i64,
+    pub page_stride: i64,
+    pub head_stride: i64,
+}
+
+/// The new tokens' pre-RoPE projections for locret layers (other layers
+/// ignore them): `q` `[rows][n_q_heads * head_dim]`, `k` and `v`
+/// `[rows][n_kv_heads * head_dim]` (rows as the queries), one `dtype`, row
+/// strides in elements. `prompt_done`: NULL (all 0) or `batch` bytes 0/1,
+/// whether the call ends each request's prompt (as the engine's append).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct IhipProj {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub dtype: c_int,
+    pub q_stride: i64,
+    pub kv_stride: i64,
+    pub prompt_done: *const u8,
+}
+
+/// Read a descriptor the caller passed by pointer.
+unsafe fn desc<'a, T>(p: *const T, name: &str) -> Result<&'a T, Fail> {
+    if p.is_null() {
+        return Err(arg(format!("{name} is NULL")));
+    }
+    if !p.is_aligned() {
+        return Err(arg(format!("{name} is misaligned")));
+    }
+    // SAFETY: non-NULL and aligned; the caller guarantees it points at a
+    // live descriptor for the duration of the call.
+    Ok(unsafe { &*p })
+}
+
 #[cfg(feature = "cuda")]
-#[allow(clippy::too_many_arguments)]
+fn rows_of(r: &IhipDeviceRows, name: &str) -> Result<(u64, ihip::DType, usize), Fail> {
+    Ok((
+        r.ptr,
+        dtype_of(r.dtype, name)?,
+        nonneg(r.row_stride, &format!("{name} row_stride"))?,
+    ))
+}
+
+/// The device arguments shared by decode and prefill, checked.
+#[cfg(feature = "cuda")]
 fn gpu_args(
-    q: u64,
-    q_dtype: c_int,
-    q_row_stride: i64,
-    k: u64,
-    v: u64,
-    kv_dtype: c_int,
-    table: u64,
-    table_stride: i64,
-    page_size: i64,
-    page_stride: i64,
-    head_stride: i64,
-    out: u64,
-    out_dtype: c_int,
-    out_row_stride: i64,
+    c: &IhipKvCache,
+    q: &IhipDeviceRows,
+    out: &IhipDeviceRows,
     sm_scale: f32,
 ) -> Result<
     (
@@ -166,24 +242,26 @@ fn gpu_args(
         engine_attn::{EngineKv, QArg},
     };
     let kv = EngineKv {
-        k,
-        v,
-        dtype: dtype_of(kv_dtype, "kv")?,
-        table,
-        table_stride: nonneg(table_stride, "table_stride")?,
-        page_size: nonneg(page_size, "page_size")?,
-        page_stride: nonneg(page_stride, "page_stride")?,
-        head_stride: nonneg(head_stride, "head_stride")?,
+        k: c.k,
+        v: c.v,
+        dtype: dtype_of(c.dtype, "kv")?,
+        table: c.table,
+        table_stride: nonneg(c.table_stride, "table_stride")?,
+        page_size: nonneg(c.page_size, "page_size")?,
+        page_stride: nonneg(c.page_stride, "page_stride")?,
+        head_stride: nonneg(c.head_stride, "head_stride")?,
     };
+    let (ptr, dtype, row_stride) = rows_of(q, "q")?;
     let qa = QArg {
-        ptr: q,
-        dtype: dtype_of(q_dtype, "q")?,
-        row_stride: nonneg(q_row_stride, "q_row_stride")?,
+        ptr,
+        dtype,
+        row_stride,
     };
+    let (ptr, dtype, row_stride) = rows_of(out, "out")?;
     let o = AttnOut {
-        ptr: out,
-        dtype: dtype_of(out_dtype, "out")?,
-        row_stride: nonneg(out_row_stride, "out_row_stride")?,
+        ptr,
+        dtype,
+        row_stride,
     };
     let sc = if sm_scale == 0.0 {
         None
@@ -198,74 +276,42 @@ fn gpu_args(
 /// the device's primary context, e.g. torch.cuda.current_stream().cuda_stream;
 /// 0 = legacy default stream) and nothing waits on the host.
 ///
-/// Host arrays (n = batch): req_ids (hip state key), table_rows (request's
-/// row of `table`), lens (tokens in the cache including the one decoded).
-/// Device: q `[batch][n_q_heads*head_dim]` at q_row_stride elements per row;
-/// K/V: token t of KV head h of request b is at
-/// `table[table_rows[b] * table_stride + t / page_size] * page_stride +
-///  h * head_stride + (t % page_size) * head_dim` (elements; 16-byte rows);
-/// table int32; out like q. sm_scale 0: 1/sqrt(head_dim).
+/// `reqs`: host arrays (n_new unused); `kv`: the layer's cache; `q`, `out`:
+/// `[batch][n_q_heads * head_dim]` on the device. sm_scale 0:
+/// 1/sqrt(head_dim). Checked before any launch (IHIP_ERR_ARG):
+/// `0 <= table_rows[b] < table_n_rows`,
+/// `1 <= lens[b] <= table_stride * page_size`, every count within int32.
 ///
 /// # Safety
-/// Host pointers hold `batch` elements; device pointers are valid for the
-/// shapes given until the stream has run the work.
+/// Descriptors and their host arrays are valid; device pointers are valid
+/// for the shapes given until the stream has run the work.
 #[no_mangle]
-#[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn ihip_gpu_decode(
     a: *const IhipGpuAttn,
     stream: u64,
     layer: usize,
-    batch: usize,
-    req_ids: *const u64,
-    table_rows: *const i64,
-    lens: *const i64,
-    q: u64,
-    q_dtype: c_int,
-    q_row_stride: i64,
-    k: u64,
-    v: u64,
-    kv_dtype: c_int,
-    table: u64,
-    table_stride: i64,
-    table_n_rows: i64,
-    page_size: i64,
-    page_stride: i64,
-    head_stride: i64,
-    out: u64,
-    out_dtype: c_int,
-    out_row_stride: i64,
+    reqs: *const IhipGpuRequests,
+    kv: *const IhipKvCache,
+    q: *const IhipDeviceRows,
+    out: *const IhipDeviceRows,
     sm_scale: f32,
 ) -> c_int {
     guard("ihip_gpu_decode", || {
+        let (r, c) = (desc(reqs, "reqs")?, desc(kv, "kv")?);
+        let (q, out) = (desc(q, "q")?, desc(out, "out")?);
         let reqs = check_requests(
-            batch,
-            req_ids,
-            table_rows,
-            lens,
+            r.batch,
+            r.req_ids,
+            r.table_rows,
+            r.lens,
             None,
-            table_n_rows,
-            table_stride,
-            page_size,
+            c.table_n_rows,
+            c.table_stride,
+            c.page_size,
         )?;
         #[cfg(feature = "cuda")]
         {
-            let (kv, qa, o, sc) = gpu_args(
-                q,
-                q_dtype,
-                q_row_stride,
-                k,
-                v,
-                kv_dtype,
-                table,
-                table_stride,
-                page_size,
-                page_stride,
-                head_stride,
-                out,
-                out_dtype,
-                out_row_stride,
-                sm_scale,
-            )?;
+            let (kv, qa, o, sc) = gpu_args(c, q, out, sm_scale)?;
             with_gpu(a, |g| {
                 g.decode(
                     stream, layer, &kv, reqs.ids, &reqs.rows, &reqs.lens, &qa, &o, sc,
@@ -275,31 +321,7 @@ pub unsafe extern "C" fn ihip_gpu_decode(
         }
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = (
-                reqs.ids,
-                table_n_rows,
-                stream,
-                layer,
-                batch,
-                req_ids,
-                table_rows,
-                lens,
-                q,
-                q_dtype,
-                q_row_stride,
-                k,
-                v,
-                kv_dtype,
-                table,
-                table_stride,
-                page_size,
-                page_stride,
-                head_stride,
-                out,
-                out_dtype,
-                out_row_stride,
-                sm_scale,
-            );
+            let _ = (reqs.ids, stream, layer, q, out, sm_scale);
             with_gpu(a, |_| Ok(()))
         }
     })
@@ -310,227 +332,57 @@ pub unsafe extern "C" fn ihip_gpu_decode(
 /// lens[b] - n_new[b] .. lens[b]; their K/V are already in the cache.
 /// Dense layers attend densely, hip layers sparsely (a mask per query block
 /// by the tensor-core estimator, `GpuAttention::prefill_estimator`).
-/// Resets the requests' hip state. Other arguments as `ihip_gpu_decode`.
+/// Resets the requests' hip state. `proj`: NULL, or the projections locret
+/// layers need (a locret layer then reads its scores back once per call, a
+/// host sync on `stream`; eviction is a retained index set per request,
+/// layer and KV head, the caller's pool memory is not freed). Other
+/// arguments as `ihip_gpu_decode`.
 ///
 /// # Safety
-/// As `ihip_gpu_decode`.
+/// As `ihip_gpu_decode`; `proj` is NULL or a valid descriptor.
 #[no_mangle]
-#[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn ihip_gpu_prefill(
     a: *const IhipGpuAttn,
     stream: u64,
     layer: usize,
-    batch: usize,
-    req_ids: *const u64,
-    table_rows: *const i64,
-    lens: *const i64,
-    n_new: *const i64,
-    q: u64,
-    q_dtype: c_int,
-    q_row_stride: i64,
-    k: u64,
-    v: u64,
-    kv_dtype: c_int,
-    table: u64,
-    table_stride: i64,
-    table_n_rows: i64,
-    page_size: i64,
-    page_stride: i64,
-    head_stride: i64,
-    out: u64,
-    out_dtype: c_int,
-    out_row_stride: i64,
+    reqs: *const IhipGpuRequests,
+    kv: *const IhipKvCache,
+    q: *const IhipDeviceRows,
+    out: *const IhipDeviceRows,
     sm_scale: f32,
+    proj: *const IhipProj,
 ) -> c_int {
-    prefill_with(
-        "ihip_gpu_prefill",
-        a,
-        stream,
-        layer,
-        batch,
-        req_ids,
-        table_rows,
-        lens,
-        n_new,
-        q,
-        q_dtype,
-        q_row_stride,
-        k,
-        v,
-        kv_dtype,
-        table,
-        table_stride,
-        table_n_rows,
-        page_size,
-        page_stride,
-        head_stride,
-        out,
-        out_dtype,
-        out_row_stride,
-        sm_scale,
-        None,
-        std::ptr::null(),
-    )
-}
-
-/// `ihip_gpu_prefill` with the new tokens' pre-RoPE projections, for
-/// locret layers (other layers ignore them): device `proj_q`
-/// `[rows][n_q_heads*head_dim]`, `proj_k`, `proj_v` `[rows][n_kv_heads*head_dim]`
-/// (rows as q), all of `proj_dtype`, row strides in elements; `prompt_done`
-/// (host, `batch` bytes, 0/1, or NULL = all 0): whether the call ends each
-/// request's prompt (`Engine::append`). A locret layer reads the scores
-/// back once per call (a host sync on `stream`).
-///
-/// # Safety
-/// As `ihip_gpu_prefill`; `prompt_done` is NULL or holds `batch` bytes.
-#[no_mangle]
-#[allow(clippy::too_many_arguments)]
-pub unsafe extern "C" fn ihip_gpu_prefill_proj(
-    a: *const IhipGpuAttn,
-    stream: u64,
-    layer: usize,
-    batch: usize,
-    req_ids: *const u64,
-    table_rows: *const i64,
-    lens: *const i64,
-    n_new: *const i64,
-    q: u64,
-    q_dtype: c_int,
-    q_row_stride: i64,
-    k: u64,
-    v: u64,
-    kv_dtype: c_int,
-    table: u64,
-    table_stride: i64,
-    table_n_rows: i64,
-    page_size: i64,
-    page_stride: i64,
-    head_stride: i64,
-    out: u64,
-    out_dtype: c_int,
-    out_row_stride: i64,
-    sm_scale: f32,
-    proj_q: u64,
-    proj_k: u64,
-    proj_v: u64,
-    proj_dtype: c_int,
-    proj_q_stride: i64,
-    proj_kv_stride: i64,
-    prompt_done: *const u8,
-) -> c_int {
-    let proj = RawProj {
-        q: proj_q,
-        k: proj_k,
-        v: proj_v,
-        dtype: proj_dtype,
-        q_stride: proj_q_stride,
-        kv_stride: proj_kv_stride,
-    };
-    prefill_with(
-        "ihip_gpu_prefill_proj",
-        a,
-        stream,
-        layer,
-        batch,
-        req_ids,
-        table_rows,
-        lens,
-        n_new,
-        q,
-        q_dtype,
-        q_row_stride,
-        k,
-        v,
-        kv_dtype,
-        table,
-        table_stride,
-        table_n_rows,
-        page_size,
-        page_stride,
-        head_stride,
-        out,
-        out_dtype,
-        out_row_stride,
-        sm_scale,
-        Some(proj),
-        prompt_done,
-    )
-}
-
-/// The projection arguments of `ihip_gpu_prefill_proj`, unchecked.
-#[derive(Clone, Copy)]
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-struct RawProj {
-    q: u64,
-    k: u64,
-    v: u64,
-    dtype: c_int,
-    q_stride: i64,
-    kv_stride: i64,
-}
-
-/// Both prefill entry points; `proj` None = plain `ihip_gpu_prefill`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn prefill_with(
-    what: &str,
-    a: *const IhipGpuAttn,
-    stream: u64,
-    layer: usize,
-    batch: usize,
-    req_ids: *const u64,
-    table_rows: *const i64,
-    lens: *const i64,
-    n_new: *const i64,
-    q: u64,
-    q_dtype: c_int,
-    q_row_stride: i64,
-    k: u64,
-    v: u64,
-    kv_dtype: c_int,
-    table: u64,
-    table_stride: i64,
-    table_n_rows: i64,
-    page_size: i64,
-    page_stride: i64,
-    head_stride: i64,
-    out: u64,
-    out_dtype: c_int,
-    out_row_stride: i64,
-    sm_scale: f32,
-    proj: Option<RawProj>,
-    prompt_done: *const u8,
-) -> c_int {
-    guard(what, || {
+    guard("ihip_gpu_prefill", || {
+        let (r, c) = (desc(reqs, "reqs")?, desc(kv, "kv")?);
+        let (q, out) = (desc(q, "q")?, desc(out, "out")?);
+        let proj = if proj.is_null() {
+            None
+        } else {
+            Some(desc(proj, "proj")?)
+        };
         let reqs = check_requests(
-            batch,
-            req_ids,
-            table_rows,
-            lens,
-            Some(n_new),
-            table_n_rows,
-            table_stride,
-            page_size,
+            r.batch,
+            r.req_ids,
+            r.table_rows,
+            r.lens,
+            Some(r.n_new),
+            c.table_n_rows,
+            c.table_stride,
+            c.page_size,
         )?;
         #[cfg(feature = "cuda")]
         {
             use ihip::backend::cuda::engine_attn::{Insert, ProjArg};
-            let (kv, qa, o, sc) = gpu_args(
-                q,
-                q_dtype,
-                q_row_stride,
-                k,
-                v,
-                kv_dtype,
-                table,
-                table_stride,
-                page_size,
-                page_stride,
-                head_stride,
-                out,
-                out_dtype,
-                out_row_stride,
-                sm_scale,
-            )?;
+            let (kv, qa, o, sc) = gpu_args(c, q, out, sm_scale)?;
+            let pd: Vec<bool> = match proj {
+                Some(p) if !p.prompt_done.is_null() => {
+                    slice(p.prompt_done, r.batch, "prompt_done")?
+                        .iter()
+                        .map(|&x| x != 0)
+                        .collect()
+                }
+                _ => Vec::new(),
+            };
             let proj = match proj {
                 None => None,
                 Some(p) => Some(ProjArg {
@@ -538,17 +390,9 @@ unsafe fn prefill_with(
                     k: p.k,
                     v: p.v,
                     dtype: dtype_of(p.dtype, "proj")?,
-                    q_stride: nonneg(p.q_stride, "proj_q_stride")?,
-                    kv_stride: nonneg(p.kv_stride, "proj_kv_stride")?,
+                    q_stride: nonneg(p.q_stride, "proj q_stride")?,
+                    kv_stride: nonneg(p.kv_stride, "proj kv_stride")?,
                 }),
-            };
-            let pd: Vec<bool> = if prompt_done.is_null() {
-                Vec::new()
-            } else {
-                slice(prompt_done, batch, "prompt_done")?
-                    .iter()
-                    .map(|&x| x != 0)
-                    .collect()
             };
             let ins = proj.map(|proj| Insert {
                 proj: Some(proj),
@@ -573,34 +417,7 @@ unsafe fn prefill_with(
         }
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = (
-                reqs.ids,
-                table_n_rows,
-                stream,
-                layer,
-                batch,
-                req_ids,
-                table_rows,
-                lens,
-                n_new,
-                q,
-                q_dtype,
-                q_row_stride,
-                k,
-                v,
-                kv_dtype,
-                table,
-                table_stride,
-                page_size,
-                page_stride,
-                head_stride,
-                out,
-                out_dtype,
-                out_row_stride,
-                sm_scale,
-                proj,
-                prompt_done,
-            );
+            let _ = (reqs.ids, stream, layer, q, out, sm_scale, proj);
             with_gpu(a, |_| Ok(()))
         }
     })
@@ -712,33 +529,30 @@ mod tests {
         if h.is_null() {
             let ids = [1u64];
             let ls = [5i64];
-            let rc = unsafe {
-                ihip_gpu_decode(
-                    h,
-                    0,
-                    0,
-                    1,
-                    ids.as_ptr(),
-                    ls.as_ptr(),
-                    ls.as_ptr(),
-                    16,
-                    IHIP_DTYPE_BF16,
-                    256,
-                    16,
-                    16,
-                    IHIP_DTYPE_BF16,
-                    16,
-                    8,
-                    8,
-                    1,
-                    128,
-                    64,
-                    16,
-                    IHIP_DTYPE_BF16,
-                    256,
-                    0.0,
-                )
+            let reqs = IhipGpuRequests {
+                batch: 1,
+                req_ids: ids.as_ptr(),
+                table_rows: ls.as_ptr(),
+                lens: ls.as_ptr(),
+                n_new: std::ptr::null(),
             };
+            let kv = IhipKvCache {
+                k: 16,
+                v: 16,
+                dtype: IHIP_DTYPE_BF16,
+                table: 16,
+                table_stride: 8,
+                table_n_rows: 8,
+                page_size: 1,
+                page_stride: 128,
+                head_stride: 64,
+            };
+            let rows = IhipDeviceRows {
+                ptr: 16,
+                dtype: IHIP_DTYPE_BF16,
+                row_stride: 256,
+            };
+            let rc = unsafe { ihip_gpu_decode(h, 0, 0, &reqs, &kv, &rows, &rows, 0.0) };
             assert!(rc == IHIP_ERR_NO_GPU || rc == IHIP_ERR_ARG, "{rc}");
             let msg = unsafe { CStr::from_ptr(ihip_last_error()) }.to_string_lossy();
             assert!(msg.contains("NULL") || msg.contains("CUDA"), "{msg}");

@@ -32,8 +32,11 @@ pub use errors::*;
 /// to run. 1: up to 0.1.0; 2: `table_n_rows` in `ihip_gpu_decode`,
 /// `ihip_gpu_prefill` and `ihip_gpu_prefill_proj`, error codes -5..-7;
 /// 3: `ihip_read` and `ihip_evict` (the SGLang shim needs them to hand a
-/// Locret request's evicted slots back to SGLang).
-pub const IHIP_ABI_VERSION: u32 = 3;
+/// Locret request's evicted slots back to SGLang); 4: the GPU calls take
+/// descriptor structs (`IhipGpuRequests`, `IhipKvCache`, `IhipDeviceRows`,
+/// `IhipProj`) instead of 23-31 positional arguments, and
+/// `ihip_gpu_prefill_proj` is `ihip_gpu_prefill` with a non-NULL `proj`.
+pub const IHIP_ABI_VERSION: u32 = 4;
 
 pub const IHIP_DTYPE_F32: c_int = 0;
 pub const IHIP_DTYPE_F16: c_int = 1;
@@ -689,5 +692,7 @@ pub use gpu::*;
 
 #[cfg(test)]
 mod fuzz;
+#[cfg(test)]
+mod header;
 #[cfg(test)]
 mod tests;

@@ -558,10 +558,14 @@ fn header_matches_exports() {
         text.match_indices(pat)
             .map(|(i, _)| {
                 let rest = &text[i + pat.len() - "ihip_".len()..];
-                rest.chars()
+                let name: String = rest
+                    .chars()
                     .take_while(|c| c.is_alphanumeric() || *c == '_')
-                    .collect()
+                    .collect();
+                // Declarations only (a name followed by its parameters).
+                rest[name.len()..].starts_with('(').then_some(name)
             })
+            .flatten()
             .collect()
     };
     let mut declared = names(header, " ihip_");
@@ -570,15 +574,21 @@ fn header_matches_exports() {
     assert!(!exported.is_empty());
     assert_eq!(declared, exported);
     assert_eq!(ihip_abi_version(), IHIP_ABI_VERSION);
-    // The GPU calls carry table_n_rows since ABI 2.
-    for f in [
-        "int ihip_gpu_decode(",
-        "int ihip_gpu_prefill(",
-        "int ihip_gpu_prefill_proj(",
-    ] {
+    // ABI 4: the GPU calls take descriptor structs, not 23-31 positional
+    // arguments.
+    for f in ["int ihip_gpu_decode(", "int ihip_gpu_prefill("] {
         let decl = &header[header.find(f).unwrap()..];
         let decl = &decl[..decl.find(';').unwrap()];
-        assert!(decl.contains("int64_t table_n_rows"), "{f}");
+        assert!(decl.matches(',').count() < 9, "{decl}");
+        assert!(decl.contains("const struct IhipKvCache *kv"), "{decl}");
+    }
+    for s in [
+        "IhipGpuRequests",
+        "IhipKvCache",
+        "IhipDeviceRows",
+        "IhipProj",
+    ] {
+        assert!(header.contains(&format!("typedef struct {s} {{")), "{s}");
     }
     for (name, value) in [
         ("IHIP_OK", IHIP_OK),
