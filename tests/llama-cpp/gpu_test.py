@@ -143,16 +143,25 @@ def main():
 
     T = (a, gen, run, check, results, close)
     ttft = []
-    if not a.skip_tests:
-        guarded("core tests", tests_core, *T)
-        if a.model128:
-            guarded("d128 tests", tests_d128, *T)
-            guarded("prefill route tests d128", tests_prefill, *T, a.model128, "d128")
-        guarded("prefill route tests d256", tests_prefill, *T, a.model, "d256")
+
+    def timed(name, need_s, f, *args):
+        if a.deadline and time.time() + need_s > a.deadline:
+            print(f"SKIP {name}: not enough time left before the deadline", flush=True)
+            return
+        guarded(name, f, *args)
+
+    # the prefill route and its time to first token first (patch 0008), then the rest
+    if not a.skip_tests and a.model128:
+        timed("prefill route tests d128", 30, tests_prefill, *T, a.model128, "d128")
     if not a.skip_ttft and a.model128:
         guarded("ttft bench", lambda: bench_ttft(a, run, ttft))
         results["ttft"] = ttft
         results["ttft_config"] = BENCH
+    if not a.skip_tests:
+        timed("prefill route tests d256", 30, tests_prefill, *T, a.model, "d256")
+        timed("core tests", 40, tests_core, *T)
+        if a.model128:
+            timed("d128 tests", 40, tests_d128, *T)
     if not a.skip_bench and a.model128:
         bench_model("d128_32q_8kv_4l", a.model128, a.depths128)
     if not a.skip_tests:
