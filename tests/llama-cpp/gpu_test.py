@@ -353,9 +353,6 @@ def bench_depth(a, run, depth, mname, model):
     return row
 
 
-if __name__ == "__main__":
-    main()
-
 
 PF_N, PF_B = 1000, 384  # prefill tokens (ubatches 384 + 384 + 232) for test 8
 
@@ -435,3 +432,7 @@ def print_ttft(rows):
     for r in rows:
         print(f"| {r['model']} | {r['depth']} | {r['ubatch']} | {r['stock_ttft_s']:.3f} | {r['patched_ttft_s']:.3f} | "
               f"{r['speedup']:.2f}x | {r.get('cuda_stats', {}).get('prefill_calls', 0)} |")
+
+
+if __name__ == "__main__":
+    main()
