@@ -50,7 +50,13 @@ Needs the builds of scripts/llama-cpp-build.sh (both). Checks:
    key-narrowing route's (LLAMA_INFINITEHIP_LAZY_ROWS=off: every row
    computed, layer 1 attends to the same kept set) within f16 rounding and
    differ from stock, and decode steps hide the pruned cells in layer 1;
-   in ubatches of 512, each ubatch keeps a quarter of its rows.
+   in ubatches of 512, each ubatch keeps a quarter of its rows. No unset
+   K/V is read (pruned tokens are not revived: their cells stay hidden in
+   the layers after their pruning layer): with every K/V cell poisoned
+   (LLAMA_INFINITEHIP_LAZY_POISON=1, a large finite value) before any is
+   written, keep 1.0 still equals stock and keep 0.25 its unpoisoned run,
+   bit for bit; negative control: with the decode masks off
+   (LLAMA_INFINITEHIP_LAZY_ROWS=nomask) the poison moves the decode logits.
 6. hip's RoPE modes (patch 0006; `--only-rope` runs just this): with a
    covering budget, chunk_indexed scoring + streaming attention equal stock
    within f16 rounding (ranks equal positions); at a small budget on the
@@ -133,6 +139,11 @@ class Runner:
         return lg, tk, tokens, log
 
 
+# LLAMA_INFINITEHIP_LAZY_POISON=1: patch 0007 fills every K/V cache cell with a
+# large finite value once, before any cell is written
+POISON = {"LLAMA_INFINITEHIP_LAZY_POISON": "1"}
+
+
 def lazy_config(keep):
     return {"dense_layers": 0, "default": {"method": "lazy", "points": [{"layer": 0, "keep": keep}]}}
 
@@ -146,19 +157,25 @@ def squeeze_config(quantile, window):
                                            "observation_window": window, "kmeans_iters": 10}}
 
 
-def write_locret_heads(path, layers, n_q, n_kv, d, hidden, seed=0):
-    """Random retaining heads (safetensors, F32) under the tensor names and
-    shapes the core's loader expects: fc1 [hidden, (n_q + 2 n_kv) d], fc2 [n_kv, hidden]."""
+def write_locret_heads(path, layers, n_q, n_kv, d, hidden, seed=0, dtype="F32"):
+    """Random retaining heads (safetensors, F32 or F16 as locret_train writes
+    them) under the tensor names and shapes the core's loader expects:
+    fc1 [hidden, (n_q + 2 n_kv) d], fc2 [n_kv, hidden]."""
+    np_dtype = {"F32": "<f4", "F16": "<f2"}[dtype]
+    # locret_train's files (torch safetensors) carry this metadata block
+    meta = {"format": "pt", "locret_hidden": str(hidden)} if dtype == "F16" else None
     rng = np.random.default_rng(seed)
     inp = (n_q + 2 * n_kv) * d
     header, blobs, off = {}, [], 0
     for l in range(layers):
         for name, shape, fan_in in [("fc1", (hidden, inp), inp), ("fc2", (n_kv, hidden), hidden)]:
-            b = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype("<f4").tobytes()
+            b = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np_dtype).tobytes()
             header[f"model.layers.{l}.self_attn.{name}.weight"] = {
-                "dtype": "F32", "shape": list(shape), "data_offsets": [off, off + len(b)]}
+                "dtype": dtype, "shape": list(shape), "data_offsets": [off, off + len(b)]}
             blobs.append(b)
             off += len(b)
+    if meta:
+        header = {"__metadata__": meta, **header}
     h = json.dumps(header).encode()
     h += b" " * (-len(h) % 8)
     with open(path, "wb") as f:
@@ -539,6 +556,14 @@ def lazy_rows(R, a, results, check, tol_rel):
             chk(f"lazy rows, keep 1.0 == stock bit for bit (flash_attn {fa}, {mode} graph, {tokens} tokens)",
                 c["bit_identical"] and st.get("plans") == 0 and lr.get("rows_per_layer") == [tokens] * n_layers
                 and lr.get("pruned_rows") == 0 and lr.get("tokens") == tokens, c)
+        # every K/V cell poisoned before any is written: still stock bit for
+        # bit (masked cells weigh exactly 0, the poison is finite)
+        lf, _, _, log = R.gen("patched", f"lz_cover_poison_fa{fa}", a.prompt, a.gen, config=lazy_config(1.0),
+                              force=ts_path, fa=fa, env_extra=POISON)
+        c = compare(lf, ls) | {"bit_identical": bool(np.array_equal(lf, ls)), "poisoned": "poisoned" in log}
+        results[f"lazy_rows_cover_poison_fa_{fa}"] = c
+        chk(f"lazy rows, keep 1.0 with every K/V cell poisoned first == stock bit for bit (flash_attn {fa})",
+            c["bit_identical"] and c["poisoned"], c)
     ls, _, ts_long, _ = R.gen("stock", "lz_stock_long", a.small_prompt, a.small_gen)
     lf, _, _, log = R.gen("patched", "lz_cover_long", a.small_prompt, a.small_gen, config=lazy_config(1.0),
                           force=ts_long, env_extra={"LLAMA_INFINITEHIP_LAZY_ROWS": "gather"})
@@ -571,6 +596,32 @@ def lazy_rows(R, a, results, check, tol_rel):
             and vs_stock["max_abs_diff"] > 10 * first["max_abs_diff"],
             {"vs_narrowing": first, "vs_stock_max_abs": vs_stock["max_abs_diff"],
              "rows_per_layer": lr.get("rows_per_layer"), "masked_cells": lr.get("masked_cells")})
+
+        # No unset K/V is read: the pruned tokens' cells in layer 1 are never
+        # written (no revival: they stay hidden). Poison every K/V cell before
+        # any is written: the logits must not move by a bit. Negative control
+        # (=nomask: the decode steps use the stock mask, so they read the
+        # pruned cells): there the poison moves the decode logits.
+        lpp, _, _, logp = R.gen("patched", f"lz_prune_poison_fa{fa}", n, g, config=lazy_config(keep), force=ts1,
+                                fa=fa, batch=n, env_extra=POISON)
+        nomask = {"LLAMA_INFINITEHIP_LAZY_ROWS": "nomask"}
+        lnm, _, _, _ = R.gen("patched", f"lz_nomask_fa{fa}", n, g, config=lazy_config(keep), force=ts1, fa=fa,
+                             batch=n, env_extra=nomask)
+        lnmp, _, _, _ = R.gen("patched", f"lz_nomask_poison_fa{fa}", n, g, config=lazy_config(keep), force=ts1,
+                              fa=fa, batch=n, env_extra=nomask | POISON)
+        ctl = compare(lnmp[1:], lnm[1:])
+        c = {"poisoned_vs_clean_bit_identical": bool(np.array_equal(lpp, lp)), "poisoned": "poisoned" in logp,
+             "control_nomask_poison_vs_nomask_decode": ctl, "control_prompt_step_equal": bool(
+                 np.array_equal(lnmp[:1], lp[:1]))}
+        # moved: non-finite (the flash-attention path overflows on the
+        # poison) or far beyond the routes' rounding difference
+        c["control_moved"] = bool(not np.isfinite(lnmp[1:]).all()
+                                  or ctl["max_abs_diff"] > 100 * max(first["max_abs_diff"], 1e-3))
+        results[f"lazy_rows_poison_fa_{fa}"] = c
+        chk(f"lazy rows, keep {keep} (flash_attn {fa}): K/V poisoned before any write gives the same logits bit "
+            "for bit (no pruned cell read); control with the decode masks off: the poison moves the decode logits",
+            c["poisoned_vs_clean_bit_identical"] and c["poisoned"] and c["control_prompt_step_equal"]
+            and c["control_moved"], c)
 
     # in ubatches of 512: each keeps a quarter of its rows; later ubatches and
     # decode hide the cells pruned before them

@@ -26,13 +26,21 @@ Checks (model d256 unless said):
    small budget its sparse kernel == the dense kernel over the same mask;
 7. decode tokens/s at 32K and 128K per model: stock, the CUDA route, the
    0002 route;
-8. prefill through the CUDA route (patch 0008, prefill_dense_below 0,
+8. Locret (every layer) with heads in the trained heads' file format (F16
+   safetensors, upstream's tensor names, hidden 64, as written by
+   infinitehip.locret_train; random values): covering budget == stock, every
+   token scored by the ggml graph, none evicted; a small budget evicts
+   prompt - budget - keep_last cells and keeps llama.cpp's live cells bounded;
+   the Rust scoring op and check mode (graph scores vs the core's f64
+   reference) evict the same counts; heads of the wrong shape fail context
+   creation naming `fc1`.
+9. prefill through the CUDA route (patch 0008, prefill_dense_below 0,
    covering budget, d128 and d256): every prefill row's logits over
    PF_N tokens in ubatches of PF_B equal stock's within f16 rounding, the
    first 64 rows (short contexts, where one dropped token moves the logits
    far past rounding) on their own too; check mode: sampled rows == the f64
    dense reference, appended cell orders == rebuilt ones;
-9. time to first token (d128), stock vs patched, same GGUF, same run, at
+10. time to first token (d128), stock vs patched, same GGUF, same run, at
    32K and 128K, ubatch 512 (llama.cpp's default) and 4096.
 """
 import argparse
@@ -47,7 +55,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from e2e_test import compare, hip_config  # noqa: E402
+from e2e_test import compare, hip_config, locret_config, plugin_stats, write_locret_heads  # noqa: E402
 
 FULL = hip_config(sink=16, window=64, stages=[(32, 2048, 4), (8, 1024, 2)])
 SMALL = hip_config(sink=16, window=128, stages=[(32, 512, 8), (8, 128, 4)])
@@ -75,6 +83,7 @@ def main():
     ap.add_argument("--ttft-depths", default="32768,131072")
     ap.add_argument("--ttft-ubatch", default="512,4096")
     ap.add_argument("--deadline", type=float, default=0, help="unix time: skip bench contexts that would pass it")
+    ap.add_argument("--only-locret", action="store_true", help="run only section 8 (Locret)")
     a = ap.parse_args()
     tmp = a.tmp
     os.makedirs(tmp, exist_ok=True)
@@ -101,7 +110,8 @@ def main():
             raise SystemExit(f"failed ({r.returncode}): {exe} {' '.join(args)}")
         return json.loads(r.stdout.strip().splitlines()[-1]), log, time.time() - t0
 
-    def gen(exe, tag, prompt, n, config=None, force=None, fa="on", env=None, state=None, ctx=None, model=None):
+    def gen(exe, tag, prompt, n, config=None, force=None, fa="on", env=None, state=None, ctx=None, model=None,
+            batch=None):
         lp, tp = os.path.join(tmp, tag + ".logits"), os.path.join(tmp, tag + ".tokens")
         args = ["gen", model or a.model, "--prompt-len", str(prompt), "--gen", str(n), "--logits", lp, "--tokens", tp, "--fa", fa]
         if force:
@@ -110,6 +120,8 @@ def main():
             args += ["--state", state]
         if ctx:
             args += ["--ctx", str(ctx)]
+        if batch:
+            args += ["--batch", str(batch)]
         info, log, dt = run(exe, args, config, env)
         lg = np.fromfile(lp, dtype=np.float32).reshape(n, info["n_vocab"])
         return lg, np.fromfile(tp, dtype=np.int32), tp, log
@@ -142,6 +154,9 @@ def main():
             guarded(f"bench {mname} {depth}", lambda: bench.append(bench_depth(a, run, depth, mname, mpath)))
 
     T = (a, gen, run, check, results, close)
+    if a.only_locret:
+        a.skip_tests = a.skip_bench = a.skip_ttft = True
+        guarded("locret tests", tests_locret, *T)
     ttft = []
 
     def timed(name, need_s, f, *args):
@@ -165,7 +180,7 @@ def main():
     if not a.skip_bench and a.model128:
         bench_model("d128_32q_8kv_4l", a.model128, a.depths128)
     if not a.skip_tests:
-        parts = [("small budget tests", tests_small), ("state test", tests_state)]
+        parts = [("small budget tests", tests_small), ("state test", tests_state), ("locret tests", tests_locret)]
         if not a.quick:
             parts.append(("0002 route tests", tests_old))
         for name, f in parts:
@@ -301,6 +316,80 @@ def tests_old(a, gen, run, check, results, close):
     check("0002 route, small budget: sparse kernel (n_kv_max) == dense kernel over the same mask", close(c), c)
 
 
+# Locret: budget, keep_last and ubatch (the eviction chunk) of the small-budget checks
+LB, LK, LUB, LP, LG = 256, 32, 256, 2048, 64
+# check mode's bound on |graph score - f64 reference| / max(|ref|, 1): the CPU
+# graph is f32 (<= 1e-5 in e2e_test); ggml-cuda may run the F16 heads' matmuls
+# in f16, so allow f16 rounding over a 64-wide hidden layer
+LOCRET_CHECK_TOL = 1e-2
+
+
+def tests_locret(a, gen, run, check, results, close):
+    """8. Locret on the CUDA build: llama.cpp runs the retaining heads as ggml
+    graph ops on its backend (CUDA here) and removes evicted cells, so its
+    own attention reads only what is kept."""
+    heads = os.path.join(a.tmp, "locret_f16.safetensors")
+    # tiny256: 2 layers, 16 q / 2 KV heads, head_dim 256; F16 like the committed trained heads
+    write_locret_heads(heads, layers=2, n_q=16, n_kv=2, d=256, hidden=64, dtype="F16")
+    ls, _, ts_path, _ = gen(a.stock, "locret_stock", P, G)
+    lf, _, _, log = gen(a.patched, "locret_full", P, G, config=locret_config(heads, budget=8192), force=ts_path)
+    lst = plugin_stats(log).get("locret") or {}
+    c = compare(lf, ls)
+    c.update({"bit_identical": bool(np.array_equal(lf, ls)), "locret": lst})
+    results["locret_full_budget"] = c
+    check(f"locret covering budget == stock ({P}+{G} tokens, teacher-forced, F16 heads, graph scoring)",
+          close(c) and lst.get("scored_tokens") == P and lst.get("evicted_tokens") == 0
+          and lst.get("unscored_ubatches") == 0 and (lst.get("graph_scorings") or 0) > 0,
+          {k: v for k, v in c.items() if k != "locret"}
+          | {k: lst.get(k) for k in ["scored_tokens", "evicted_tokens", "graph_scorings", "rust_op_scorings"]})
+
+    small = locret_config(heads, budget=LB, keep_last=LK)
+    l8, _, t8_path, _ = gen(a.stock, "locret_stock2k", LP, LG)
+    counts = ["max_visible_cells", "last_visible_cells", "evicted_tokens", "evictions", "seq_rm_calls",
+              "scored_tokens", "max_held"]
+    base = None
+    for mode in ["graph", "rust", "check"]:
+        env = {} if mode == "graph" else {"LLAMA_INFINITEHIP_LOCRET_SCORING": mode}
+        lm, _, _, log = gen(a.patched, f"locret_small_{mode}", LP, LG, config=small, force=t8_path, env=env,
+                            batch=LUB)
+        st = plugin_stats(log).get("locret") or {}
+        r = {"finite": bool(np.isfinite(lm).all()), "locret": st, **compare(lm, l8)}
+        results[f"locret_small_budget_{mode}"] = r
+        if mode == "graph":
+            base = st
+            want_last = LB + LK + LG
+            check(f"locret small budget (budget {LB}, keep_last {LK}, {LP}-token prompt in ubatches of {LUB}): "
+                  f"{LP - LB - LK} cells evicted, live cells <= budget + ubatch, {want_last} at the end",
+                  r["finite"] and st.get("evicted_tokens") == LP - LB - LK
+                  and st.get("max_visible_cells", 1 << 30) <= LB + LUB and st.get("last_visible_cells") == want_last
+                  and st.get("budget_short") == 0 and st.get("unscored_ubatches") == 0
+                  and (st.get("graph_scorings") or 0) > 0 and st.get("rust_op_scorings") == 0,
+                  {k: r[k] for k in ["finite", "rel_rms_diff", "top1_agree"]} | {k: st.get(k) for k in counts})
+            continue
+        ok = r["finite"] and all(st.get(k) == base.get(k) for k in counts)
+        if mode == "rust":
+            ok = ok and st.get("graph_scorings") == 0 and (st.get("rust_op_scorings") or 0) > 0
+        else:
+            err = st.get("check_max_rel_err")
+            ok = ok and (st.get("check_scores") or 0) > 0 and err is not None and err <= LOCRET_CHECK_TOL
+        check(f"locret small budget, {mode} scoring: same live-cell and eviction counts as the graph path"
+              + (f", graph scores == f64 reference within {LOCRET_CHECK_TOL}" if mode == "check" else ""), ok,
+              {k: st.get(k) for k in counts + ["check_scores", "check_max_rel_err", "graph_scorings",
+                                               "rust_op_scorings"]})
+
+    # heads of another shape: context creation fails naming the tensor
+    path = os.path.join(a.tmp, "locret_bad.json")
+    with open(path, "w") as f:
+        json.dump(locret_config(heads, 256, hidden=32), f)
+    r = subprocess.run([a.patched, "gen", a.model, "--prompt-len", "8", "--gen", "1", "--logits", os.devnull,
+                        "--tokens", os.devnull], env=dict(os.environ, LLAMA_INFINITEHIP_CONFIG=path),
+                       capture_output=True, text=True)
+    msg = next((l for l in r.stderr.splitlines() if "fc1" in l), "")
+    results["locret_bad_heads"] = {"rc": r.returncode, "message": msg}
+    check("locret heads of another shape fail context creation naming `fc1`", r.returncode != 0 and msg,
+          msg or r.stderr[-500:])
+
+
 def tests_d128(a, gen, run, check, results, close):
     if True:
         m = a.model128
@@ -364,7 +453,7 @@ def ids_file(tmp, n, seed):
 
 
 def tests_prefill(a, gen, run, check, results, close, model, mname):
-    # 8. prefill ubatches through the CUDA route (covering budget, threshold 0)
+    # 9. prefill ubatches through the CUDA route (covering budget, threshold 0)
     ids = ids_file(a.tmp, PF_N + 1, 7)
     cfg = dict(FULL, prefill_dense_below=0)
 
@@ -402,7 +491,7 @@ def tests_prefill(a, gen, run, check, results, close, model, mname):
 
 
 def bench_ttft(a, run, out):
-    # 9. time to first token: prefill D random tokens, logits of the last one
+    # 10. time to first token: prefill D random tokens, logits of the last one
     for depth in [int(x) for x in a.ttft_depths.split(",")]:
         ids = ids_file(a.tmp, depth + 1, 11)
         for ub in [int(x) for x in a.ttft_ubatch.split(",")]:

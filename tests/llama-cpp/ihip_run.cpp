@@ -311,8 +311,10 @@ int main(int argc, char ** argv) {
                               rows.empty() ? "" : ",", d, a.gen - 1, s1 - s0, (a.gen - 1) / (s1 - s0));
                 rows += buf;
             }
-            std::printf("{\"mode\":\"bench\",\"depth\":%d,\"threads\":%d,\"load_or_prefill_s\":%.3f,\"decode\":[%s]}\n",
-                        a.depth, a.threads, t1 - t0, rows.c_str());
+            // graphs_reused: decode steps that reused the previous step's graph (llama.cpp's graph reuse)
+            std::printf("{\"mode\":\"bench\",\"depth\":%d,\"threads\":%d,\"load_or_prefill_s\":%.3f,\"decode\":[%s],"
+                        "\"graphs_reused\":%d}\n",
+                        a.depth, a.threads, t1 - t0, rows.c_str(), llama_perf_context(ctx).n_reused);
             llama_free(ctx);
             llama_model_free(model);
             llama_backend_free();

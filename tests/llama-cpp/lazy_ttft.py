@@ -44,6 +44,12 @@ SCHEDULES = {
     # between default and half
     "mid": [(6, 0.8), (12, 0.6), (18, 0.5), (24, 0.4)],
     "early": [(3, 0.7), (8, 0.6), (14, 0.5), (20, 0.4)],
+    # cuts after the first third, deepening later (the paper's ablations
+    # favour later, gradual pruning)
+    "midlate": [(8, 0.7), (14, 0.5), (20, 0.4), (26, 0.3)],
+    "late": [(10, 0.6), (15, 0.4), (20, 0.3), (25, 0.2)],
+    # milder: a fifth of the (token, layer) rows dropped
+    "tail": [(12, 0.8), (18, 0.6), (24, 0.4)],
     # earlier and deeper cuts
     "half": [(6, 0.7), (12, 0.5), (18, 0.4), (24, 0.3)],
     "quarter": [(4, 0.5), (8, 0.3), (14, 0.2), (20, 0.1)],
@@ -68,6 +74,8 @@ def cpu_name():
 
 def run_score(exe, ids_path, n, cont, tmp, tag, config, threads):
     env = dict(os.environ)
+    # the binary's own libllama first (copied build dirs keep their RUNPATH)
+    env["LD_LIBRARY_PATH"] = os.path.dirname(exe) + os.pathsep + env.get("LD_LIBRARY_PATH", "")
     for k in ["LLAMA_INFINITEHIP_CONFIG", "LLAMA_INFINITEHIP_ROUTE", "LLAMA_INFINITEHIP_LAZY_ROWS"]:
         env.pop(k, None)
     if config is not None:

@@ -23,12 +23,16 @@ The SGLang route of issue 12 is not part of this suite.
 """
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
+
+import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -138,8 +142,29 @@ class Suite:
         """(records, timings, plugin stats) of one config on one sequence."""
         build = "stock" if name == "stock" else "patched"
         cfg = None if name == "stock" else self.policy(name, len(seq))
+        cached = self.stock_cache(model, seq, kv) if name == "stock" else None
+        if cached and os.path.exists(cached + ".json"):
+            log(f"{tag}: stock records reused from {cached}.nll")
+            with open(cached + ".json") as f:
+                return stats.read_records(cached + ".nll", len(seq.ids)), json.load(f), None
         log(f"{tag}: {name} ({len(seq)} tokens, prefill {seq.prefill})")
-        return self.run[build].score(model, seq.ids, seq.prefill, self.tmp, tag, cfg, kv=kv, batch=self.mode["batch"])
+        out = self.run[build].score(model, seq.ids, seq.prefill, self.tmp, tag, cfg, kv=kv, batch=self.mode["batch"])
+        if cached:
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            shutil.copyfile(os.path.join(self.tmp, f"{tag}.nll"), cached + ".nll")
+            with open(cached + ".json", "w") as f:
+                json.dump(out[1], f)
+        return out
+
+    def stock_cache(self, model, seq, kv):
+        """--stock-cache: path stem of the stock run of this exact input
+        (ids, prefill split, model, KV type, ubatch, threads), so several
+        suite runs at one length pay for stock once."""
+        if not self.a.stock_cache:
+            return None
+        h = hashlib.sha256(np.asarray(seq.ids, dtype="<i4").tobytes())
+        h.update(f"|{seq.prefill}|{sources.sha256_file(model)}|{kv}|{self.mode['batch']}|{self.a.threads}".encode())
+        return os.path.join(self.a.stock_cache, h.hexdigest()[:20])
 
     # 1. exactness
     def exactness(self):
@@ -302,6 +327,7 @@ def parse_args(argv=None):
     ap.add_argument("--no-build", action="store_true", help="fail instead of building llama.cpp")
     ap.add_argument("--no-exact", action="store_true", help="skip the exactness check")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--stock-cache", help="reuse stock runs of identical inputs from this folder (off by default)")
     ap.add_argument("--json", default=os.path.join(REPO, "target", "quality", "quality.json"))
     ap.add_argument("--png", default=os.path.join(REPO, "target", "quality", "quality.png"))
     return ap.parse_args(argv)

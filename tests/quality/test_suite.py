@@ -349,5 +349,43 @@ class Report(unittest.TestCase):
         self.assertIn("3/5", t)
 
 
+class StockCache(unittest.TestCase):
+    def test_reused_only_for_the_same_input(self):
+        import argparse
+        import run
+
+        calls = []
+
+        class FakeRun:
+            def score(self, model, ids, prefill, tmp, tag, cfg, kv, batch):
+                calls.append(tag)
+                rec = np.zeros(len(ids), dtype=stats.RECORD)
+                rec["nll"] = np.arange(len(ids)) + prefill
+                rec.tofile(os.path.join(tmp, f"{tag}.nll"))
+                return stats.read_records(os.path.join(tmp, f"{tag}.nll")), {"prefill_s": 1.0}, None
+
+        with tempfile.TemporaryDirectory() as d:
+            model = os.path.join(d, "m.gguf")
+            with open(model, "wb") as f:
+                f.write(b"model")
+            s = run.Suite.__new__(run.Suite)
+            s.a = argparse.Namespace(stock_cache=os.path.join(d, "cache"), threads=2)
+            s.mode, s.tmp, s.run = {"batch": 512}, d, {"stock": FakeRun()}
+            seq = probes.Sequence(ids=[1, 2, 3, 4], prefill=2, prefill_scored=range(1, 2), decode_scored=range(2, 4))
+            a, ta, _ = s.score("stock", model, seq, "t1")
+            b, tb, _ = s.score("stock", model, seq, "t2")
+            self.assertEqual(calls, ["t1"])
+            self.assertTrue((a == b).all())
+            self.assertEqual(ta, tb)
+            # Another prefill split, other ids or no cache: run again.
+            s.score("stock", model, probes.Sequence(ids=[1, 2, 3, 4], prefill=3, prefill_scored=range(1, 3),
+                                                     decode_scored=range(3, 4)), "t3")
+            s.score("stock", model, probes.Sequence(ids=[1, 2, 3, 5], prefill=2, prefill_scored=range(1, 2),
+                                                     decode_scored=range(2, 4)), "t4")
+            s.a.stock_cache = None
+            s.score("stock", model, seq, "t5")
+            self.assertEqual(calls, ["t1", "t3", "t4", "t5"])
+
+
 if __name__ == "__main__":
     unittest.main()

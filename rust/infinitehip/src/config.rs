@@ -9,8 +9,10 @@ use crate::error::{Error, Result};
 
 mod layers;
 mod read;
+mod stages;
 
 pub use layers::LayerSource;
+pub use stages::{small_head_dim_stages, SMALL_HEAD_DIM};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -464,8 +466,11 @@ fn bad(field: impl Into<String>, reason: impl Into<String>) -> Error {
 
 impl PolicyConfig {
     /// Parse and validate. Errors name the field by JSON path.
+    /// A hip policy without `stages` gets shapes for the model's head_dim
+    /// (`small_head_dim_stages` at head_dim <= 64).
     pub fn from_json(s: &str) -> Result<Self> {
-        let c = read::parse(s)?;
+        let mut c = read::parse(s)?;
+        stages::resolve(&mut c, &serde_json::from_str(s)?);
         c.validate()?;
         Ok(c)
     }

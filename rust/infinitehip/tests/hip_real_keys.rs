@@ -106,3 +106,45 @@ fn small_chunks_recover_mass_on_head_dim_64() {
     );
     assert!(exact >= small - 1e-9, "token top-k {exact} below {small}");
 }
+
+/// The stages `PolicyConfig::from_json` gives a head_dim-64 model whose hip
+/// policy names none, with their keeps scaled to ~1/8 of the fixture.
+fn resolved_stages(head_dim: usize, budget: usize) -> Vec<HipStage> {
+    let json = format!(
+        r#"{{"model": {{"n_layers": 4, "n_q_heads": 3, "n_kv_heads": 1, "head_dim": {head_dim}}},
+            "default": {{"method": "hip"}}}}"#
+    );
+    let cfg = infinitehip::config::PolicyConfig::from_json(&json).unwrap();
+    let infinitehip::config::LayerPolicy::Hip(h) = cfg.default else {
+        panic!("not hip")
+    };
+    let last = h.stages.last().unwrap().keep_tokens;
+    h.stages
+        .iter()
+        .map(|s| {
+            stage(
+                s.chunk_size,
+                s.keep_tokens * budget / last,
+                s.refresh_interval,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn default_stages_for_head_dim_64_keep_the_mass() {
+    let d64 = decode_recall(resolved_stages(64, 80));
+    let paper = decode_recall(resolved_stages(128, 80));
+    let exact = decode_recall(vec![stage(1, 80, 1)]);
+    eprintln!(
+        "recall: head_dim-64 default {d64:.4}, paper default {paper:.4}, token top-k {exact:.4}"
+    );
+    assert!(
+        d64 > paper + 0.05,
+        "head_dim-64 default {d64} vs paper {paper}"
+    );
+    assert!(
+        d64 > exact - 0.05,
+        "head_dim-64 default {d64} vs token top-k {exact}"
+    );
+}
