@@ -68,6 +68,7 @@ struct Counters {
 }
 
 /// Raise `cell` (f64 bits) to `e` (NaN counts as infinite).
+#[cfg(feature = "cuda")]
 fn raise_worst(cell: &AtomicU64, e: f64) {
     let e = if e.is_nan() { f64::INFINITY } else { e };
     let mut cur = cell.load(Ordering::Relaxed);
