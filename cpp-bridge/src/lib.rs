@@ -461,6 +461,17 @@ pub mod ffi {
             seqs: &[u64],
             lens: &[u32],
         ) -> Result<()>;
+        /// Causal prefill of one sequence's `n_new` last tokens (query
+        /// rows consecutive in `args.q`) over its `len` cells in table
+        /// row 0: hip layers attend sparsely (the engine's prefill, mask
+        /// estimator included). Resets the sequence's hip state. Nothing waits.
+        fn prefill(
+            self: &LlamaCudaAttn,
+            args: &CudaAttnArgs,
+            seq: u64,
+            len: u32,
+            n_new: u32,
+        ) -> Result<()>;
         /// Forget a sequence's hip state (next decode refreshes fully).
         fn end_request(self: &LlamaCudaAttn, seq: u64);
         #[cxx_name = "stats_json"]

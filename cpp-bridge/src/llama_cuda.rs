@@ -14,12 +14,21 @@
 //! mask refresh state lives on the device, per (layer, sequence), as in the
 //! SGLang backend.
 //!
+//! Prefill ubatches (patch 0008: several tokens of one sequence, context
+//! at or above the config's `prefill_dense_below`) call
+//! [`LlamaCudaAttn::prefill`] with the same table (one row): hip layers run
+//! the engine's sparse prefill (tensor-core mask estimator + block-sparse
+//! causal attention, chunks of `prefill_chunk` queries).
+//!
 //! Check mode (`LLAMA_INFINITEHIP_CUDA_CHECK=N`, tests): for the first `N`
 //! calls, wait for the device, read q, the output, the table, the K/V rows
 //! and the selection back, and compare the output with the f64 reference
 //! over the same selection and the same K/V (`attend_f64`); also check that
 //! every head's selection holds the sink and the window. The worst relative
-//! error and the count of failed checks appear in `stats_json`.
+//! error and the count of failed checks appear in `stats_json`. Prefill
+//! calls in check mode compare their first, middle and last query rows
+//! with the f64 dense causal reference (`prefill_check`: the distance of
+//! the sparse prefill from dense, within rounding for a covering budget).
 //!
 //! Without the crate feature `cuda`, [`llama_cuda_attn_new`] returns an
 //! error and the C++ side keeps the other routes.
@@ -51,6 +60,24 @@ struct Counters {
     check_worst: AtomicU64,
     check_selected: AtomicU64,
     check_visible: AtomicU64,
+    prefill_calls: AtomicU64,
+    prefill_tokens: AtomicU64,
+    prefill_checks: AtomicU64,
+    /// f64 bits of the worst prefill row's relative error vs dense.
+    prefill_check_worst: AtomicU64,
+}
+
+/// Raise `cell` (f64 bits) to `e` (NaN counts as infinite).
+#[cfg(feature = "cuda")]
+fn raise_worst(cell: &AtomicU64, e: f64) {
+    let e = if e.is_nan() { f64::INFINITY } else { e };
+    let mut cur = cell.load(Ordering::Relaxed);
+    while e > f64::from_bits(cur) {
+        match cell.compare_exchange(cur, e.to_bits(), Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => break,
+            Err(x) => cur = x,
+        }
+    }
 }
 
 /// Our CUDA attention for one llama.cpp context (module doc).
@@ -164,6 +191,43 @@ impl LlamaCudaAttn {
         g.attend(a, seqs, lens, &self.counters)
     }
 
+    /// Causal prefill of sequence `seq`'s last `n_new` tokens over its
+    /// `len` cells (table row 0; query rows consecutive). Launches on
+    /// `args.stream`; nothing waits (except in check mode).
+    pub fn prefill(
+        &self,
+        args: &CudaAttnArgs,
+        seq: u64,
+        len: u32,
+        n_new: u32,
+    ) -> std::result::Result<(), String> {
+        let t0 = std::time::Instant::now();
+        let r = self
+            .poison
+            .guard(|| self.prefill_impl(args, seq, len as usize, n_new as usize));
+        let c = &self.counters;
+        c.host_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if r.is_ok() {
+            c.prefill_calls.fetch_add(1, Ordering::Relaxed);
+            c.prefill_tokens.fetch_add(n_new as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn prefill_impl(&self, _a: &CudaAttnArgs, _s: u64, _l: usize, _n: usize) -> Result<()> {
+        Err(infinitehip::Error::Invalid(
+            "CUDA route: built without the `cuda` feature".into(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn prefill_impl(&self, a: &CudaAttnArgs, seq: u64, len: usize, n_new: usize) -> Result<()> {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.prefill(a, seq, len, n_new, &self.counters)
+    }
+
     /// Forget sequence `seq`'s hip state (its next decode refreshes every
     /// stage): after a prefill ubatch, a cleared or shortened sequence.
     pub fn end_request(&self, seq: u64) {
@@ -197,7 +261,15 @@ impl LlamaCudaAttn {
             "context_tokens": l(&c.tokens),
             "hip_resets": l(&c.resets),
             "host_ms": l(&c.host_ns) as f64 * 1e-6,
+            "prefill_calls": l(&c.prefill_calls),
+            "prefill_tokens": l(&c.prefill_tokens),
         });
+        if l(&c.prefill_checks) > 0 {
+            j["prefill_check"] = serde_json::json!({
+                "rows": l(&c.prefill_checks),
+                "worst_rel_err_vs_dense": f64::from_bits(l(&c.prefill_check_worst)),
+            });
+        }
         if checks > 0 {
             let (s, v) = (l(&c.check_selected), l(&c.check_visible));
             j["check"] = serde_json::json!({
@@ -226,7 +298,7 @@ mod imp {
     use infinitehip::kv::KvRead;
     use infinitehip::{Error, Result};
 
-    use super::{Counters, GGML_TYPE_BF16, GGML_TYPE_F16};
+    use super::{raise_worst, Counters, GGML_TYPE_BF16, GGML_TYPE_F16};
     use crate::ffi::CudaAttnArgs;
     use crate::llama::LlamaPlugin;
 
@@ -255,13 +327,8 @@ mod imp {
             })
         }
 
-        pub(super) fn attend(
-            &mut self,
-            a: &CudaAttnArgs,
-            seqs: &[u64],
-            lens: &[u32],
-            c: &Counters,
-        ) -> Result<()> {
+        /// The K/V, q and output views of a call.
+        fn views(&self, a: &CudaAttnArgs) -> Result<(EngineKv, QArg, AttnOut)> {
             let dtype = match a.kv_type {
                 GGML_TYPE_F16 => DType::F16,
                 GGML_TYPE_BF16 => DType::Bf16,
@@ -273,10 +340,6 @@ mod imp {
                     })
                 }
             };
-            let b = seqs.len();
-            if lens.len() != b || b == 0 {
-                return Err(Error::shape("CUDA route lens per request", b, lens.len()));
-            }
             let d = self.attn.shape().head_dim;
             let kv = EngineKv {
                 k: a.k,
@@ -298,6 +361,53 @@ mod imp {
                 dtype: DType::F32,
                 row_stride: a.out_row_stride as usize,
             };
+            Ok((kv, q, out))
+        }
+
+        pub(super) fn prefill(
+            &mut self,
+            a: &CudaAttnArgs,
+            seq: u64,
+            len: usize,
+            n_new: usize,
+            c: &Counters,
+        ) -> Result<()> {
+            let (kv, q, out) = self.views(a)?;
+            // SAFETY: as `attend`; the table row holds `len` cells, q and
+            // the output `n_new` rows (checked by the C++ side).
+            unsafe {
+                self.attn.prefill(
+                    a.stream,
+                    a.layer as usize,
+                    &kv,
+                    &[seq],
+                    &[0],
+                    &[len],
+                    &[n_new],
+                    &q,
+                    &out,
+                    Some(a.scale),
+                )?;
+            }
+            if self.check_left > 0 {
+                self.check_left -= 1;
+                self.check_prefill(a, &kv, len, n_new, c)?;
+            }
+            Ok(())
+        }
+
+        pub(super) fn attend(
+            &mut self,
+            a: &CudaAttnArgs,
+            seqs: &[u64],
+            lens: &[u32],
+            c: &Counters,
+        ) -> Result<()> {
+            let b = seqs.len();
+            if lens.len() != b || b == 0 {
+                return Err(Error::shape("CUDA route lens per request", b, lens.len()));
+            }
+            let (kv, q, out) = self.views(a)?;
             let rows: Vec<usize> = (0..b).collect();
             let lens_us: Vec<usize> = lens.iter().map(|&l| l as usize).collect();
             // SAFETY: the C++ side passes ggml device tensors of this
@@ -347,7 +457,6 @@ mod imp {
                 scale: a.scale,
                 ..AttnShape::new(hq, hkv, d)?
             };
-            let es = 2usize;
             for (b, &len) in lens.iter().enumerate() {
                 let q: Vec<f32> =
                     DevBuf::borrowed(a.q + (b as u64 * a.q_row_stride * 4), hq * d * 4)
@@ -355,29 +464,13 @@ mod imp {
                 let o: Vec<f32> =
                     DevBuf::borrowed(a.out + (b as u64 * a.out_row_stride * 4), hq * d * 4)
                         .read(hq * d)?;
-                let table: Vec<i32> =
-                    DevBuf::borrowed(a.table + (b as u64 * a.table_stride * 4), len * 4)
-                        .read(len)?;
-                let (lo, hi) = table
-                    .iter()
-                    .fold((i32::MAX, i32::MIN), |(l, h), &x| (l.min(x), h.max(x)));
-                if lo < 0 {
-                    return Err(Error::Invalid(format!(
-                        "CUDA route check: negative cell {lo} in the table"
-                    )));
-                }
-                let (lo, hi) = (lo as usize, hi as usize);
-                let row = a.row_stride as usize;
-                let n = (hi - lo + 1) * row;
-                let off = (lo * row * es) as u64;
-                let kh: Vec<u16> = DevBuf::borrowed(kv.k + off, n * es).read(n)?;
-                let vh: Vec<u16> = DevBuf::borrowed(kv.v + off, n * es).read(n)?;
+                let (table, lo, kh, vh) = read_rows(a, kv, b, len)?;
                 let view = TableKv {
                     k: &kh,
                     v: &vh,
                     table: &table,
                     lo,
-                    row,
+                    row: a.row_stride as usize,
                     hkv,
                     d,
                     bf: kv.dtype == DType::Bf16,
@@ -412,22 +505,86 @@ mod imp {
                         "CUDA route check failed"
                     );
                 }
-                let e = if err.is_nan() { f64::INFINITY } else { err };
-                let mut cur = c.check_worst.load(Ordering::Relaxed);
-                while e > f64::from_bits(cur) {
-                    match c.check_worst.compare_exchange(
-                        cur,
-                        e.to_bits(),
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    ) {
-                        Ok(_) => break,
-                        Err(x) => cur = x,
-                    }
-                }
+                raise_worst(&c.check_worst, err);
             }
             Ok(())
         }
+
+        /// Prefill check (module doc): the first, middle and last query
+        /// rows against the f64 dense causal reference over the device K/V.
+        fn check_prefill(
+            &self,
+            a: &CudaAttnArgs,
+            kv: &EngineKv,
+            len: usize,
+            n_new: usize,
+            c: &Counters,
+        ) -> Result<()> {
+            let sh = *self.attn.shape();
+            let (hq, hkv, d) = (sh.n_q_heads, sh.n_kv_heads, sh.head_dim);
+            // SAFETY: as in `check`.
+            let gpu = unsafe { self._gpu.on_stream(a.stream) };
+            gpu.synchronize()?;
+            let shape = AttnShape {
+                scale: a.scale,
+                ..AttnShape::new(hq, hkv, d)?
+            };
+            let (table, lo, kh, vh) = read_rows(a, kv, 0, len)?;
+            let view = TableKv {
+                k: &kh,
+                v: &vh,
+                table: &table,
+                lo,
+                row: a.row_stride as usize,
+                hkv,
+                d,
+                bf: kv.dtype == DType::Bf16,
+            };
+            let mut rows = vec![0, n_new / 2, n_new - 1];
+            rows.dedup();
+            for j in rows {
+                let q: Vec<f32> =
+                    DevBuf::borrowed(a.q + (j as u64 * a.q_row_stride * 4), hq * d * 4)
+                        .read(hq * d)?;
+                let o: Vec<f32> =
+                    DevBuf::borrowed(a.out + (j as u64 * a.out_row_stride * 4), hq * d * 4)
+                        .read(hq * d)?;
+                let want = attend_f64(&shape, &q, &view, None, len - n_new + j + 1);
+                let err = rel_error(&o, &want);
+                c.prefill_checks.fetch_add(1, Ordering::Relaxed);
+                raise_worst(&c.prefill_check_worst, err);
+            }
+            Ok(())
+        }
+    }
+
+    /// Table row `b` (`len` cells) and the K/V rows of the cells it spans
+    /// (from cell `lo`), read back to the host.
+    #[allow(clippy::type_complexity)]
+    fn read_rows(
+        a: &CudaAttnArgs,
+        kv: &EngineKv,
+        b: usize,
+        len: usize,
+    ) -> Result<(Vec<i32>, usize, Vec<u16>, Vec<u16>)> {
+        let es = 2usize;
+        let table: Vec<i32> =
+            DevBuf::borrowed(a.table + (b as u64 * a.table_stride * 4), len * 4).read(len)?;
+        let (lo, hi) = table
+            .iter()
+            .fold((i32::MAX, i32::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+        if lo < 0 {
+            return Err(Error::Invalid(format!(
+                "CUDA route check: negative cell {lo} in the table"
+            )));
+        }
+        let (lo, hi) = (lo as usize, hi as usize);
+        let row = a.row_stride as usize;
+        let n = (hi - lo + 1) * row;
+        let off = (lo * row * es) as u64;
+        let kh: Vec<u16> = DevBuf::borrowed(kv.k + off, n * es).read(n)?;
+        let vh: Vec<u16> = DevBuf::borrowed(kv.v + off, n * es).read(n)?;
+        Ok((table, lo, kh, vh))
     }
 
     /// Host copy of a table's K/V rows (cells `lo..`), read in table order.

@@ -34,6 +34,14 @@ Checks (model d256 unless said):
    the Rust scoring op and check mode (graph scores vs the core's f64
    reference) evict the same counts; heads of the wrong shape fail context
    creation naming `fc1`.
+9. prefill through the CUDA route (patch 0008, prefill_dense_below 0,
+   covering budget, d128 and d256): every prefill row's logits over
+   PF_N tokens in ubatches of PF_B equal stock's within f16 rounding, the
+   first 64 rows (short contexts, where one dropped token moves the logits
+   far past rounding) on their own too; check mode: sampled rows == the f64
+   dense reference, appended cell orders == rebuilt ones;
+10. time to first token (d128), stock vs patched, same GGUF, same run, at
+   32K and 128K, ubatch 512 (llama.cpp's default) and 4096.
 """
 import argparse
 import json
@@ -71,6 +79,9 @@ def main():
     ap.add_argument("--json", required=True)
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-tests", action="store_true", help="only the benchmark")
+    ap.add_argument("--skip-ttft", action="store_true")
+    ap.add_argument("--ttft-depths", default="32768,131072")
+    ap.add_argument("--ttft-ubatch", default="512,4096")
     ap.add_argument("--deadline", type=float, default=0, help="unix time: skip bench contexts that would pass it")
     ap.add_argument("--only-locret", action="store_true", help="run only section 8 (Locret)")
     a = ap.parse_args()
@@ -147,12 +158,29 @@ def main():
 
     T = (a, gen, run, check, results, close)
     if a.only_locret:
-        a.skip_tests = a.skip_bench = True
+        a.skip_tests = a.skip_bench = a.skip_ttft = True
         guarded("locret tests", tests_locret, *T)
+    ttft = []
+
+    def timed(name, need_s, f, *args):
+        if a.deadline and time.time() + need_s > a.deadline:
+            print(f"SKIP {name}: not enough time left before the deadline", flush=True)
+            skipped.append(name)
+            return
+        guarded(name, f, *args)
+
+    # the prefill route and its time to first token first (patch 0008), then the rest
+    if not a.skip_tests and a.model128:
+        timed("prefill route tests d128", 30, tests_prefill, *T, a.model128, "d128")
+    if not a.skip_ttft and a.model128:
+        guarded("ttft bench", lambda: bench_ttft(a, run, ttft))
+        results["ttft"] = ttft
+        results["ttft_config"] = BENCH
     if not a.skip_tests:
-        guarded("core tests", tests_core, *T)
+        timed("prefill route tests d256", 30, tests_prefill, *T, a.model, "d256")
+        timed("core tests", 40, tests_core, *T)
         if a.model128:
-            guarded("d128 tests", tests_d128, *T)
+            timed("d128 tests", 40, tests_d128, *T)
     if not a.skip_bench and a.model128:
         bench_model("d128_32q_8kv_4l", a.model128, a.depths128)
     if not a.skip_tests:
@@ -178,6 +206,7 @@ def main():
         print(f"| {r['model']} | {r['depth']} | {r['stock_tok_s']:.1f} | {r.get('stock_no_cuda_graphs_tok_s', float('nan')):.1f} | "
               f"{r['cuda_tok_s']:.1f} | {r['speedup']:.2f}x | {r.get('old_route_tok_s', float('nan')):.1f} | "
               f"{r.get('cell_tables_ms_per_step', float('nan')):.3f} |")
+    print_ttft(ttft)
     if not ok:
         print("SOME FAILED" + (f" (and skipped: {', '.join(skipped)})" if skipped else ""))
         sys.exit(1)
@@ -422,6 +451,87 @@ def bench_depth(a, run, depth, mname, model):
     print(json.dumps({k: v for k, v in row.items() if k != "cuda_log"}), flush=True)
     os.remove(stf)
     return row
+
+
+
+PF_N, PF_B = 1000, 384  # prefill tokens (ubatches 384 + 384 + 232) for test 8
+
+
+def ids_file(tmp, n, seed):
+    p = os.path.join(tmp, f"ids_{n}_{seed}.bin")
+    np.random.default_rng(seed).integers(3, 256, n, dtype=np.int32).tofile(p)
+    return p
+
+
+def tests_prefill(a, gen, run, check, results, close, model, mname):
+    # 9. prefill ubatches through the CUDA route (covering budget, threshold 0)
+    ids = ids_file(a.tmp, PF_N + 1, 7)
+    cfg = dict(FULL, prefill_dense_below=0)
+
+    def score(exe, tag, config=None, env=None):
+        lp = os.path.join(a.tmp, f"pf_{mname}_{tag}.logits")
+        info, log, _ = run(exe, ["score", model, "--input", ids, "--prefill", str(PF_N), "--n", str(PF_N + 1),
+                                 "--batch", str(PF_B), "--fa", "on", "--logits", lp,
+                                 "--nll", lp + ".nll"], config, env)
+        return np.fromfile(lp, dtype=np.float32).reshape(PF_N, -1), log
+
+    ls, _ = score(a.stock, "stock")
+    lp, log = score(a.patched, "cuda", cfg, CHK)
+    st = stats(log)
+    c = compare(lp, ls)
+    c64 = compare(lp[:64], ls[:64])
+    st["orders_checked"], st["orders_mismatched"] = orders(log)
+    pc = st.get("prefill_check", {})
+    res = {"all_rows": c, "first_64_rows": c64, "cuda_stats": st, "tokens": PF_N, "ubatch": PF_B}
+    results[f"prefill_route_{mname}"] = res
+    check(f"prefill through the CUDA route == stock, every row's logits ({PF_N} tokens, ubatch {PF_B}, "
+          f"covering budget, {mname}), first 64 rows alone too",
+          close(c) and close(c64) and st.get("prefill_calls", 0) >= 3 and st.get("prefill_tokens", 0) >= PF_N,
+          {k: v for k, v in res.items() if k != "cuda_stats"} | {"prefill_calls": st.get("prefill_calls"),
+                                                                 "prefill_tokens": st.get("prefill_tokens")})
+    check(f"prefill check mode ({mname}): sampled rows == f64 dense reference (rel err <= 1e-2), "
+          "appended cell orders == rebuilt ones",
+          pc.get("rows", 0) >= 9 and pc.get("worst_rel_err_vs_dense", 1) <= 1e-2
+          and st["orders_checked"] >= 2 and st["orders_mismatched"] == 0, {"prefill_check": pc,
+          "orders": (st["orders_checked"], st["orders_mismatched"])})
+    # the same prompt under the default threshold (4096): llama.cpp runs the prefill
+    _, log = score(a.patched, "cuda_default_threshold", FULL)
+    n = stats(log).get("prefill_calls", -1)
+    check(f"below prefill_dense_below (default) the prefill stays llama.cpp's ({mname})", n == 0,
+          {"prefill_calls": n})
+
+
+def bench_ttft(a, run, out):
+    # 10. time to first token: prefill D random tokens, logits of the last one
+    for depth in [int(x) for x in a.ttft_depths.split(",")]:
+        ids = ids_file(a.tmp, depth + 1, 11)
+        for ub in [int(x) for x in a.ttft_ubatch.split(",")]:
+            if a.deadline and time.time() + (20 if depth <= 32768 else 60) > a.deadline:
+                print(f"SKIP ttft at {depth} ubatch {ub}: not enough time left before the deadline", flush=True)
+                continue
+            row = {"model": "d128_32q_8kv_4l", "depth": depth, "ubatch": ub}
+            for name, exe, cfg in [("stock", a.stock, None), ("patched", a.patched, BENCH)]:
+                args = ["score", a.model128, "--input", ids, "--prefill", str(depth), "--n", str(depth + 1),
+                        "--batch", str(ub), "--fa", "on", "--prefill-logits", "last",
+                        "--nll", os.path.join(a.tmp, "ttft.nll")]
+                r, log, wall = run(exe, args, cfg)
+                row[name + "_ttft_s"] = r["prefill_s"]
+                row[name + "_wall_s"] = round(wall, 2)
+                if name == "patched":
+                    row["cuda_stats"] = stats(log)
+            row["speedup"] = row["stock_ttft_s"] / row["patched_ttft_s"]
+            print(json.dumps(row), flush=True)
+            out.append(row)
+
+
+def print_ttft(rows):
+    if not rows:
+        return
+    print("\n| model | context | ubatch | stock TTFT s | patched TTFT s | speedup | patched prefill calls |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['depth']} | {r['ubatch']} | {r['stock_ttft_s']:.3f} | {r['patched_ttft_s']:.3f} | "
+              f"{r['speedup']:.2f}x | {r.get('cuda_stats', {}).get('prefill_calls', 0)} |")
 
 
 if __name__ == "__main__":

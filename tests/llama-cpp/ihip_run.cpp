@@ -27,7 +27,8 @@
 //       the last prompt token's logits only (what LazyLLM may prune around;
 //       prefill_s is then the time to first token); --cont batch: the rest
 //       goes in ubatches of --batch with every row's logits instead of one
-//       token per llama_decode.
+//       token per llama_decode. --logits OUT: also write the prefill rows'
+//       full logits (f32 [rows][n_vocab], the rows that have logits).
 //   ihip_run dequant MODEL --out GGUF
 //       write MODEL with every tensor dequantized to f32 (llama.cpp's own
 //       quantizer, "pure" F32): the quality suite's exactness check needs
@@ -338,6 +339,11 @@ int main(int argc, char ** argv) {
         struct Rec { float nll; int32_t argmax; int32_t path; };
         std::vector<Rec> rec(n, Rec{NAN, -1, -1});
         llama_batch b = llama_batch_init(a.batch, 0, 1);
+        std::ofstream plo;
+        if (!a.logits_out.empty()) {
+            plo.open(a.logits_out, std::ios::binary);
+            if (!plo) die("cannot write --logits " + a.logits_out);
+        }
         double t0 = now_s();
         for (int i0 = 0; i0 < p; i0 += a.batch) {
             int m = std::min(a.batch, p - i0);
@@ -356,6 +362,7 @@ int main(int argc, char ** argv) {
                 if (!b.logits[j]) continue;
                 nll_of(llama_get_logits_ith(ctx, j), n_vocab, ids[tgt], rec[tgt].nll, rec[tgt].argmax);
                 rec[tgt].path = 0;
+                if (plo) plo.write((const char *) llama_get_logits_ith(ctx, j), sizeof(float) * n_vocab);
             }
         }
         double t1 = now_s();
