@@ -13,7 +13,12 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The commands whose checks this target runs (benchmarks stay in the CLI).
-const COMMANDS: &[&[&str]] = &[&["gpu-test"], &["gpu-test-offload"]];
+const COMMANDS: &[&[&str]] = &[
+    &["gpu-test"],
+    &["gpu-test", "--step-only"],
+    &["gpu-test", "--hip-prefill-only"],
+    &["gpu-test-offload"],
+];
 
 fn cli() -> PathBuf {
     if let Some(p) = std::env::var_os("INFINITEHIP_BIN") {
