@@ -193,6 +193,9 @@ def stub_sglang():
     for n in names:
         sys.modules.setdefault(n, types.ModuleType(n))
     sys.modules["sglang.srt.layers.attention.base_attn_backend"].AttentionBackend = AttentionBackend
+    # No SGLang here, so none of its attention kernels: dense layers and the
+    # short hip batches run on the plugin's own kernels (what this tests).
+    os.environ["INFINITEHIP_DENSE_BACKEND"] = "infinitehip"
 
 
 class Mode:
