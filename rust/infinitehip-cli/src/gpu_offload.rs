@@ -8,10 +8,10 @@ use std::time::Instant;
 use infinitehip::attention::AttnShape;
 use infinitehip::backend::cuda::dispatch::{self, DecodeWorkspace, HipGpuDecoder};
 use infinitehip::backend::cuda::est_cache::{Admission, HostEstimation};
-use infinitehip::backend::cuda::offload::{HostKv, OffloadKv};
+use infinitehip::backend::cuda::offload::{HostKv, OffloadKv, PagePolicy};
 use infinitehip::backend::cuda::{DevBuf, GpuContext};
 use infinitehip::config::HipConfig;
-use infinitehip::kv::{head_blocks_touched, KvLayout};
+use infinitehip::kv::{head_blocks_touched, KvLayout, PageClock};
 use infinitehip::policy::Selection;
 use infinitehip::rng::Rng;
 use infinitehip::workload::needle_seq;
@@ -42,7 +42,9 @@ fn random_sel(rng: &mut Rng, hkv: usize, len: usize, max_ranges: usize) -> Selec
 
 /// Pages round-trip bit-exactly host -> device slots under random access and
 /// eviction storms; the device slot table agrees with the policy.
-fn roundtrip(gpu: &GpuContext, seed: u64) -> R<(bool, String)> {
+/// With `PagePolicy::Device`, the device's block <-> slot maps also equal
+/// the CPU twin `kv::PageClock`'s after every round.
+fn roundtrip(gpu: &GpuContext, seed: u64, policy: PagePolicy) -> R<(bool, String)> {
     let lay = KvLayout {
         n_kv_heads: 4,
         head_dim: 64,
@@ -61,7 +63,9 @@ fn roundtrip(gpu: &GpuContext, seed: u64) -> R<(bool, String)> {
     let hv = host.v.as_u16().to_vec();
     let tables = host.tables.clone();
     let n_slots = 97;
-    let mut off = OffloadKv::new(gpu, host, n_slots).map_err(e)?;
+    let mut off = OffloadKv::with_policy(gpu, host, n_slots, policy).map_err(e)?;
+    let mut twin = PageClock::new(off.host.n_pages * 4, n_slots);
+    let mut twin_diff = 0usize;
     let be = lay.page_size * lay.head_dim;
     let (mut checked, mut bad, mut rounds, mut evictions, mut misses) = (0usize, 0usize, 0, 0, 0);
     let mut attempts = 0;
@@ -97,6 +101,30 @@ fn roundtrip(gpu: &GpuContext, seed: u64) -> R<(bool, String)> {
         gpu.synchronize().map_err(e)?;
         let (sk, sv) = off.read_slots().map_err(e)?;
         let table = off.read_table().map_err(e)?;
+        let dev_maps = if policy == PagePolicy::Device {
+            // The twin sees the step's blocks in any order (it sorts misses).
+            let mut blocks = Vec::new();
+            for (b, sel) in sels.iter().enumerate() {
+                let all = Selection::from_ranges(
+                    sel.heads
+                        .iter()
+                        .map(|r| r.iter().chain(&pins[b]).cloned().collect())
+                        .collect(),
+                );
+                for (p, h) in head_blocks_touched(&all, lay.page_size) {
+                    blocks.push(tables[b][p] * 4 + h as u32);
+                }
+            }
+            blocks.reverse();
+            if twin.step(&blocks).is_err() {
+                return Err(format!("round {rounds}: the twin could not hold the step"));
+            }
+            let (bs, sb) = off.read_block_maps().map_err(e)?;
+            twin_diff += (bs != twin.block_slot) as usize + (sb != twin.slot_block) as usize;
+            Some(bs)
+        } else {
+            None
+        };
         for (b, sel) in sels.iter().enumerate() {
             // The step's selection and its pinned ranges.
             let all = Selection::from_ranges(
@@ -108,10 +136,13 @@ fn roundtrip(gpu: &GpuContext, seed: u64) -> R<(bool, String)> {
             for (p, h) in head_blocks_touched(&all, lay.page_size) {
                 let slot = table[b * off.stride + p * 4 + h] as usize;
                 let hb = tables[b][p] as usize * 4 + h;
-                let want = off.cache.slot_of(infinitehip::kv::HeadBlock {
-                    page: tables[b][p],
-                    head: h as u32,
-                });
+                let want = match &dev_maps {
+                    Some(bs) => Some(bs[hb] as u32).filter(|&s| s != u32::MAX),
+                    None => off.cache.slot_of(infinitehip::kv::HeadBlock {
+                        page: tables[b][p],
+                        head: h as u32,
+                    }),
+                };
                 checked += 1;
                 if want != Some(slot as u32)
                     || sk[slot * be..(slot + 1) * be] != hk[hb * be..(hb + 1) * be]
@@ -122,10 +153,18 @@ fn roundtrip(gpu: &GpuContext, seed: u64) -> R<(bool, String)> {
             }
         }
     }
-    let ok = rounds == 300 && bad == 0 && checked > 1000 && evictions > 1000;
+    let rest = off.take_stats().map_err(e)?;
+    if policy == PagePolicy::Device {
+        evictions += rest.evictions;
+        misses += rest.misses;
+        let t = twin.stats;
+        twin_diff += (t.misses != misses || t.evictions != evictions) as usize;
+    }
+    let ok = rounds == 300 && bad == 0 && checked > 1000 && evictions > 1000 && twin_diff == 0;
     Ok((
         ok,
-        format!("{rounds} rounds, {checked} blocks checked, {bad} differ; {misses} misses, {evictions} evictions ({n_slots} slots)"),
+        format!("{policy:?} policy: {rounds} rounds, {checked} blocks checked, {bad} differ; {misses} misses, {evictions} evictions ({n_slots} slots); maps differing from the CPU twin (kv::PageClock): {}",
+            if policy == PagePolicy::Device { twin_diff.to_string() } else { "n/a".into() }),
     ))
 }
 
@@ -145,6 +184,7 @@ struct EqRun<'a> {
     /// Stage missed rows in device memory (`HostEstimation::new`).
     stage: bool,
     admission: Admission,
+    pages: PagePolicy,
     /// Override `max_admit_per_step` (Some(0): nothing is ever admitted).
     admit_limit: Option<usize>,
     seed: u64,
@@ -191,7 +231,7 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
     let total_blocks = host.n_pages * 8;
     let total_rows = total_blocks * host.layout.page_size;
     let n_slots = ((total_blocks as f64 * r.frac).ceil() as usize).max(1);
-    let mut off = OffloadKv::new(gpu, host, n_slots).map_err(e)?;
+    let mut off = OffloadKv::with_policy(gpu, host, n_slots, r.pages).map_err(e)?;
     let mut est = match r.est_frac {
         // Staged device admission is what `KvConfig` describes: built from
         // `kv.estimation_cache_rows` (the config path the engine would use).
@@ -271,8 +311,13 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
             }
             None => (&dec.sel, mt, sels),
         };
-        // The offloaded side resolves the pages of its own selection.
-        let st = off.prepare(gpu, &psels, &pins).map_err(e)?;
+        // The offloaded side resolves the pages of its own selection (the
+        // device policy straight from the device selection).
+        let st = if r.pages == PagePolicy::Device {
+            off.prepare_device(gpu, dsel, &pins).map_err(e)?
+        } else {
+            off.prepare(gpu, &psels, &pins).map_err(e)?
+        };
         hits += st.cache.hits;
         misses += st.cache.misses;
         off.decode(gpu, &mut ws2, &shape, qd.ptr, dsel, mt2, None, o2.ptr)
@@ -308,6 +353,19 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
             }
         }
     }
+    // Counters the device had not reported yet.
+    let rest = off.take_stats().map_err(e)?;
+    hits += rest.hits;
+    misses += rest.misses;
+    if let Some(x) = est.as_mut() {
+        let st = x.sync_stats().map_err(e)?;
+        est_hits += st.cache.hits;
+        est_misses += st.cache.misses;
+        est_bytes += st.host_bytes_read;
+        admitted += st.rows_admitted;
+        unlogged += st.misses_unlogged;
+        rebuilds += st.prof.rebuilds;
+    }
     let est_ok = r.est_frac.is_none()
         || if r.admit_limit == Some(0) {
             // Nothing admitted: every read a miss, still the same selections.
@@ -336,7 +394,8 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
     Ok((
         ok,
         format!(
-            "{} hip steps{}, lens {:?}, cache {n_slots}/{total_blocks} head blocks ({:.0}%): hit {:.1}% ({misses} misses), outputs differing in bits {bitdiff}, max |diff| {max_abs:.1e}, NaN {nan}{est_txt}",
+            "{:?} pages, {} hip steps{}, lens {:?}, cache {n_slots}/{total_blocks} head blocks ({:.0}%): hit {:.1}% ({misses} misses), outputs differing in bits {bitdiff}, max |diff| {max_abs:.1e}, NaN {nan}{est_txt}",
+            r.pages,
             r.steps,
             if r.appends { " appending a token each" } else { "" },
             r.lens,
@@ -353,8 +412,13 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
     let mut failed = 0;
     let checks: Vec<(String, R<(bool, String)>)> = vec![
         (
-            "host->slot round trip, random access + eviction storms".into(),
-            roundtrip(&gpu, seed),
+            "host->slot round trip, random access + eviction storms, device policy == CPU twin"
+                .into(),
+            roundtrip(&gpu, seed, PagePolicy::Device),
+        ),
+        (
+            "host->slot round trip, host LRU policy (earlier path)".into(),
+            roundtrip(&gpu, seed, PagePolicy::Host),
         ),
         (
             "decode 5% cache == all on device (batch 2, small hip)".into(),
@@ -369,6 +433,7 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     small: true,
                     stage: false,
                     admission: Admission::Device,
+                    pages: PagePolicy::Device,
                     admit_limit: None,
                     seed,
                 },
@@ -387,6 +452,7 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     small: true,
                     stage: false,
                     admission: Admission::Device,
+                    pages: PagePolicy::Device,
                     admit_limit: None,
                     seed: seed + 1,
                 },
@@ -405,6 +471,7 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     small: true,
                     stage: true,
                     admission: Admission::Device,
+                    pages: PagePolicy::Device,
                     admit_limit: None,
                     seed: seed + 1,
                 },
@@ -423,6 +490,7 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     small: true,
                     stage: true,
                     admission: Admission::Device,
+                    pages: PagePolicy::Device,
                     admit_limit: None,
                     seed: seed + 2,
                 },
@@ -441,8 +509,29 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     small: false,
                     stage: true,
                     admission: Admission::Device,
+                    pages: PagePolicy::Device,
                     admit_limit: None,
                     seed: seed + 3,
+                },
+            ),
+        ),
+        (
+            "run-4 path (host LRU pages, host dedup + CLOCK) 1% rows + appends == all on device"
+                .into(),
+            decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[100_000, 33_000],
+                    frac: 0.05,
+                    steps: 40,
+                    est_frac: Some(0.01),
+                    appends: true,
+                    small: true,
+                    stage: true,
+                    admission: Admission::HostClock,
+                    pages: PagePolicy::Host,
+                    admit_limit: None,
+                    seed: seed + 2,
                 },
             ),
         ),
@@ -459,6 +548,7 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     small: true,
                     stage: true,
                     admission: Admission::Host,
+                    pages: PagePolicy::Host,
                     admit_limit: None,
                     seed: seed + 2,
                 },
@@ -477,6 +567,7 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     small: false,
                     stage: true,
                     admission: Admission::Device,
+                    pages: PagePolicy::Device,
                     admit_limit: Some(0),
                     seed: seed + 4,
                 },
@@ -569,13 +660,16 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
     let direct = a.est_direct;
     // `device` (default), `host` (the earlier host-side admission), or both
     // (`device,host`: each configuration runs once per mode, same host tier).
-    let modes: Vec<Admission> = a
+    let modes: Vec<(Admission, PagePolicy)> = a
         .admission
         .iter()
         .map(|m| match m.as_str() {
-            "device" => Ok(Admission::Device),
-            "host" => Ok(Admission::Host),
-            x => Err(format!("--admission: `{x}` is not device or host")),
+            "device" => Ok((Admission::Device, PagePolicy::Device)),
+            "host-clock" => Ok((Admission::HostClock, PagePolicy::Host)),
+            "host" => Ok((Admission::Host, PagePolicy::Host)),
+            x => Err(format!(
+                "--admission: `{x}` is not device, host-clock or host"
+            )),
         })
         .collect::<R<_>>()?;
     let (tokens, fractions, est_list) = (a.tokens.clone(), a.cache.clone(), a.est_rows.clone());
@@ -611,7 +705,7 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
             DevBuf::alloc(qe * 4).map_err(e)?,
             DevBuf::alloc(qe * 4).map_err(e)?,
         );
-        let mut combos: Vec<(f64, f64, Admission)> = Vec::new();
+        let mut combos: Vec<(f64, f64, (Admission, PagePolicy))> = Vec::new();
         for &f in &fractions {
             for &x in &est_list {
                 for &m in &modes {
@@ -619,15 +713,21 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                 }
             }
         }
-        for (f, est_frac, mode) in combos {
+        for (f, est_frac, (mode, pages)) in combos {
             let n_slots = ((total_blocks as f64 * f).ceil() as usize).max(1);
-            let mut off = OffloadKv::new(&gpu, host, n_slots).map_err(e)?;
+            let mut off = OffloadKv::with_policy(&gpu, host, n_slots, pages).map_err(e)?;
             let est_rows = (total_rows as f64 * est_frac).ceil() as usize;
             let mut est =
                 HostEstimation::with_admission(&gpu, &off.host, est_rows.max(16), !direct, mode)
                     .map_err(e)?;
             let mut dec = HipGpuDecoder::new(cfg.clone(), &shape, 1).map_err(e)?;
             let mut dec2 = HipGpuDecoder::new(cfg.clone(), &shape, 1).map_err(e)?;
+            // The resident step again without the sync between estimation
+            // and attention (its own decoder: same refresh schedule).
+            let mut dec3 = HipGpuDecoder::new(cfg.clone(), &shape, 1).map_err(e)?;
+            let mut ws3 = DecodeWorkspace::new();
+            let mut res_one = vec![];
+            let device = pages == PagePolicy::Device;
             let (mut ws1, mut ws2) = (DecodeWorkspace::new(), DecodeWorkspace::new());
             let mut rng = Rng::new(seed ^ 0xbe);
             let (mut est_r, mut res, mut est_o, mut prep, mut dec_o, mut tot_o) =
@@ -657,18 +757,39 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                 gpu.synchronize().map_err(e)?;
                 let tc = Instant::now();
                 let sel1 = dec.sel.to_host(8).map_err(e)?;
+                let td = Instant::now();
+                dec3.select(&gpu, &kv, qd.ptr, true).map_err(e)?;
+                let mt3 = dec3.max_tokens;
+                dispatch::decode(
+                    &gpu, &mut ws3, &shape, &kv, qd.ptr, &dec3.sel, mt3, None, o1.ptr,
+                )
+                .map_err(e)?;
+                gpu.synchronize().map_err(e)?;
+                let te = Instant::now();
                 // Offloaded: estimation over host keys, page cache, decode.
+                // The device path has no sync until the end: its phase times
+                // are host (launch) times; the host paths sync inside.
                 let t1 = Instant::now();
                 let from = est
                     .select(&gpu, &mut dec2, &off.host, qd.ptr, true)
                     .map_err(e)?;
-                gpu.synchronize().map_err(e)?;
+                if !device {
+                    gpu.synchronize().map_err(e)?;
+                }
                 let t15 = Instant::now();
                 let es = est.finish(&gpu).map_err(e)?;
                 let t2 = Instant::now();
-                let sels = dec2.sel.to_host(8).map_err(e)?;
+                let sels = if device {
+                    Vec::new()
+                } else {
+                    dec2.sel.to_host(8).map_err(e)?
+                };
                 let t25 = Instant::now();
-                let st = off.prepare(&gpu, &sels, &pins).map_err(e)?;
+                let st = if device {
+                    off.prepare_device(&gpu, &dec2.sel, &pins).map_err(e)?
+                } else {
+                    off.prepare(&gpu, &sels, &pins).map_err(e)?
+                };
                 let t3 = Instant::now();
                 off.decode(
                     &gpu,
@@ -683,6 +804,17 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                 .map_err(e)?;
                 gpu.synchronize().map_err(e)?;
                 let t4 = Instant::now();
+                let sels = if device {
+                    dec2.sel.to_host(8).map_err(e)?
+                } else {
+                    sels
+                };
+                // The resident decode again (o1 was overwritten by dec3's).
+                dispatch::decode(
+                    &gpu, &mut ws1, &shape, &kv, qd.ptr, &dec.sel, mt, None, o1.ptr,
+                )
+                .map_err(e)?;
+                gpu.synchronize().map_err(e)?;
                 let x: Vec<f32> = o1.read(qe).map_err(e)?;
                 let y: Vec<f32> = o2.read(qe).map_err(e)?;
                 for (p, q) in x.iter().zip(&y) {
@@ -696,6 +828,7 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                     sel_diff += (sels != sel1) as usize;
                     est_r.push((tb - ta).as_secs_f64() * 1e3);
                     res.push((tc - tb).as_secs_f64() * 1e3);
+                    res_one.push((te - td).as_secs_f64() * 1e3);
                     est_o.push((t2 - t1).as_secs_f64() * 1e3);
                     if from == 0 {
                         est_o_refresh0.push((t2 - t1).as_secs_f64() * 1e3);
@@ -735,7 +868,18 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
             let n = steps as f64;
             let mib = (1u64 << 20) as f64;
             let dev_off = off.device_bytes() + est.device_bytes();
+            // Counters the device had not reported yet.
+            let rest = off.take_stats().map_err(e)?;
+            hits += rest.hits;
+            misses += rest.misses;
+            bytes += rest.bytes_copied;
+            let es = est.sync_stats().map_err(e)?;
+            eh += es.cache.hits;
+            em += es.cache.misses;
+            e_host += es.host_bytes_read;
+            e_adm += es.cache.bytes_copied;
             let res_total = mean(&est_r) + mean(&res);
+            let res_one_ms = mean(&res_one);
             let row = json!({
                 "tokens": t, "cache_fraction": f, "cache_blocks": n_slots, "kv_blocks": total_blocks,
                 "est_rows": est_rows, "est_rows_fraction": est_frac, "est_max_admit_per_step": est.max_admit_per_step, "est_staged_misses": !direct, "key_rows": total_rows,
@@ -746,6 +890,9 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                 "device_resident_kv_mib": resident_bytes as f64 / mib,
                 "resident_estimation_ms": mean(&est_r), "resident_decode_ms": mean(&res),
                 "resident_step_ms": res_total,
+                "resident_step_one_sync_ms": res_one_ms,
+                "offload_over_resident": mean(&tot_o) / res_one_ms,
+                "page_policy": format!("{pages:?}").to_lowercase(),
                 "offload_estimation_ms": mean(&est_o),
                 "offload_estimation_stage0_refresh_ms": mean(&est_o_refresh0),
                 "offload_estimation_kernels_ms": mean(&est_kernel),
@@ -789,6 +936,21 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
         }
     }
     let g = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    println!("\n| tokens | page cache | est rows | path | resident ms/step (one sync) | offload ms/step | offload / resident |");
+    println!("|---:|---:|---:|---|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {:.1}% | {:.1}% | {} pages, {} admission | {:.3} | {:.3} | **{:.2}x** |",
+            r["tokens"],
+            100.0 * g(r, "cache_fraction"),
+            100.0 * g(r, "est_rows_fraction"),
+            r["page_policy"].as_str().unwrap_or("?"),
+            r["admission"].as_str().unwrap_or("?"),
+            g(r, "resident_step_one_sync_ms"),
+            g(r, "offload_step_ms"),
+            g(r, "offload_over_resident"),
+        );
+    }
     println!("\n| tokens | page cache | est rows | admission | resident ms/step (est + attn) | offload ms/step | of it: est (kernels + admission; stage-0 refresh steps) | prepare | attn | page hit % | row hit % | bus MiB/step (pages + est read [+ est admit if direct]) | device MiB offload / resident | sel mismatches | max abs diff |");
     println!("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {

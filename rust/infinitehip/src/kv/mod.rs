@@ -6,11 +6,13 @@ mod pool;
 mod row_cache;
 mod view;
 
-pub use page_cache::{head_blocks_touched, pages_touched, CacheStats, HeadBlock, PageCache};
+pub use page_cache::{
+    head_blocks_touched, pages_touched, CacheStats, HeadBlock, PageCache, PageClock,
+};
 pub use pool::{KvPool, PoolStats};
 pub use row_cache::{
-    dedup_rows, probe_device_map, row_hash, row_key, Admitted, ClockBits, ClockTake, EstRowCache,
-    RowCache, RowSlotMap, EMPTY_ROW,
+    dedup_rows, probe_device_map, row_hash, row_key, Admitted, ClockBits, ClockTake,
+    DeviceAdmissionTwin, EstRowCache, RowCache, RowSlotMap, TwinAdmit, EMPTY_ROW,
 };
 pub use view::{KvRead, SeqView};
 

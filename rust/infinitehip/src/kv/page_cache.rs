@@ -479,6 +479,109 @@ impl<T: Element> PageCache<T> {
     }
 }
 
+/// CPU twin of the device page-cache policy (kernels/offload.cu `pc_walk`
+/// + `pc_clock`, driven by `backend::cuda::offload` with
+/// `PagePolicy::Device`): CLOCK over slots of head blocks. A step marks its
+/// blocks (duplicates counted once); a resident block is a hit (its slot is
+/// "used this step" and referenced); the misses, sorted by block id, take
+/// victims in hand order: a slot not used this step that is empty or
+/// unreferenced is taken, any other slot the hand passes loses its
+/// reference. At most two turns; a step whose blocks do not fit fails (the
+/// victims found are still assigned, as on the device). Not the same
+/// choices as `PageCache`'s exact LRU; the GPU test compares the device's
+/// maps with this twin after every step.
+pub struct PageClock {
+    /// Slot of each head block (`page * n_kv_heads + head`), -1 if none.
+    pub block_slot: Vec<i32>,
+    /// Head block each slot holds, -1 if empty.
+    pub slot_block: Vec<i32>,
+    slot_step: Vec<u32>,
+    slot_ref: Vec<u8>,
+    stamp: Vec<u32>,
+    hand: usize,
+    step: u32,
+    pub stats: CacheStats,
+}
+
+impl PageClock {
+    pub fn new(n_blocks: usize, n_slots: usize) -> Self {
+        PageClock {
+            block_slot: vec![-1; n_blocks],
+            slot_block: vec![-1; n_slots],
+            slot_step: vec![0; n_slots],
+            slot_ref: vec![0; n_slots],
+            stamp: vec![0; n_blocks],
+            hand: 0,
+            step: 0,
+            stats: CacheStats::default(),
+        }
+    }
+
+    pub fn hand(&self) -> usize {
+        self.hand
+    }
+
+    /// One step over `blocks` (head block ids, any order). Returns the
+    /// fills (block, slot) in assignment order; Err(fills) when the cache
+    /// could not hold the step's blocks.
+    pub fn step(
+        &mut self,
+        blocks: &[u32],
+    ) -> std::result::Result<Vec<(u32, u32)>, Vec<(u32, u32)>> {
+        self.step = self.step.wrapping_add(1);
+        let step = self.step;
+        let mut miss: Vec<u32> = Vec::new();
+        for &hb in blocks {
+            let b = hb as usize;
+            if self.stamp[b] == step {
+                continue;
+            }
+            self.stamp[b] = step;
+            match self.block_slot[b] {
+                s if s >= 0 => {
+                    self.slot_step[s as usize] = step;
+                    self.slot_ref[s as usize] = 1;
+                    self.stats.hits += 1;
+                }
+                _ => miss.push(hb),
+            }
+        }
+        miss.sort_unstable();
+        self.stats.misses += miss.len() as u64;
+        let n = self.slot_block.len();
+        let mut victims: Vec<u32> = Vec::with_capacity(miss.len());
+        let mut pos = 0usize;
+        while victims.len() < miss.len() && pos < 2 * n {
+            let s = (self.hand + pos) % n;
+            pos += 1;
+            if self.slot_step[s] != step && (self.slot_block[s] < 0 || self.slot_ref[s] == 0) {
+                self.slot_step[s] = step;
+                victims.push(s as u32);
+            } else {
+                self.slot_ref[s] = 0;
+            }
+        }
+        self.hand = (self.hand + pos) % n;
+        let mut fills = Vec::with_capacity(victims.len());
+        for (&hb, &s) in miss.iter().zip(&victims) {
+            let old = self.slot_block[s as usize];
+            if old >= 0 {
+                self.block_slot[old as usize] = -1;
+                self.stats.evictions += 1;
+            }
+            self.slot_block[s as usize] = hb as i32;
+            self.block_slot[hb as usize] = s as i32;
+            self.slot_ref[s as usize] = 1;
+            fills.push((hb, s));
+        }
+        if victims.len() < miss.len() {
+            Err(fills)
+        } else {
+            Ok(fills)
+        }
+    }
+}
+
 /// (logical page, KV head) pairs the tokens of `sel` touch, ascending.
 pub fn head_blocks_touched(sel: &Selection, page_size: usize) -> Vec<(usize, usize)> {
     let mut out: Vec<(usize, usize)> = Vec::new();
@@ -766,5 +869,74 @@ mod tests {
         );
         // Pinned sink blocks survived every storm.
         assert!((0..8).all(|h| c.slot_of(HeadBlock { page: 0, head: h }).is_some()));
+    }
+
+    /// The device policy's twin: every block of a step is resident after
+    /// it, maps stay inverse, a block used in the step is never evicted,
+    /// hits + misses = distinct blocks, and a step fails exactly when its
+    /// distinct blocks exceed the slots. A hot set that fits keeps hitting.
+    #[test]
+    fn page_clock_keeps_each_steps_blocks_and_fails_only_when_over_full() {
+        for seed in 0..4u64 {
+            let (n_blocks, n_slots) = (500usize, 23 + 17 * seed as usize);
+            let mut c = PageClock::new(n_blocks, n_slots);
+            let mut rng = Rng::new(900 + seed);
+            let (mut fails, mut ok_steps) = (0, 0);
+            for step in 0..3000 {
+                // Every 40th step overfull: 2x the slots, all cold blocks.
+                let storm = step % 40 == 0;
+                let n = if storm {
+                    2 * n_slots
+                } else {
+                    1 + rng.below(n_slots / 2)
+                };
+                let blocks: Vec<u32> = (0..n)
+                    .map(|_| {
+                        if storm || rng.below(3) == 0 {
+                            rng.below(n_blocks) as u32
+                        } else {
+                            rng.below(12) as u32
+                        }
+                    })
+                    .collect();
+                let mut uniq = blocks.clone();
+                uniq.sort_unstable();
+                uniq.dedup();
+                let resident_before: Vec<i32> =
+                    uniq.iter().map(|&b| c.block_slot[b as usize]).collect();
+                let before = c.stats;
+                let r = c.step(&blocks);
+                assert_eq!(r.is_err(), uniq.len() > n_slots, "seed {seed} step {step}");
+                let st = c.stats;
+                assert_eq!(
+                    (st.hits - before.hits + st.misses - before.misses) as usize,
+                    uniq.len()
+                );
+                if r.is_err() {
+                    fails += 1;
+                    continue;
+                }
+                ok_steps += 1;
+                for (&b, &was) in uniq.iter().zip(&resident_before) {
+                    let s = c.block_slot[b as usize];
+                    assert!(s >= 0, "block {b} not resident after its step");
+                    assert_eq!(c.slot_block[s as usize], b as i32);
+                    if was >= 0 {
+                        assert_eq!(s, was, "a hit never moves");
+                    }
+                }
+                for (s, &b) in c.slot_block.iter().enumerate() {
+                    if b >= 0 {
+                        assert_eq!(c.block_slot[b as usize], s as i32);
+                    }
+                }
+            }
+            assert!(fails > 0 && ok_steps > 2500, "{fails} {ok_steps}");
+            assert!(
+                c.stats.evictions > 1000 && c.stats.hits > 1000,
+                "{:?}",
+                c.stats
+            );
+        }
     }
 }

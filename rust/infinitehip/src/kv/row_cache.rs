@@ -575,6 +575,139 @@ pub fn dedup_rows(rows: &[u32]) -> Vec<(u32, u32)> {
     out
 }
 
+/// CPU twin of the estimation cache's device admission (kernels/offload.cu
+/// `ea_mark` .. `ea_take`), written the way the kernels split the work:
+/// the reversed miss list in `pieces` contiguous pieces (first occurrences
+/// counted per piece, then listed at piece prefix + rank), the slots in
+/// chunks of `chunk` from the hand (unreferenced slots counted per chunk,
+/// the hand stops after the n-th). Its choices equal `dedup_rows` over the
+/// reversed list followed by `ClockBits::take` (CPU test
+/// `device_admission_twin_equals_dedup_and_clock_bits`).
+pub struct DeviceAdmissionTwin {
+    /// One reference byte per slot (set by hits, cleared as the hand passes).
+    pub refb: Vec<u8>,
+    /// Whether each slot holds a row (for the eviction count).
+    pub filled: Vec<bool>,
+    pub hand: usize,
+    pub pieces: usize,
+    pub chunk: usize,
+}
+
+/// One admission of `DeviceAdmissionTwin::admit`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TwinAdmit {
+    /// (row, position in the forward list) in admission order.
+    pub rows: Vec<(u32, u32)>,
+    pub slots: Vec<u32>,
+    pub evicted: usize,
+    pub unique: usize,
+}
+
+impl DeviceAdmissionTwin {
+    pub fn new(capacity: usize, pieces: usize, chunk: usize) -> Self {
+        DeviceAdmissionTwin {
+            refb: vec![0; capacity],
+            filled: vec![false; capacity],
+            hand: 0,
+            pieces: pieces.max(1),
+            chunk: chunk.max(1),
+        }
+    }
+
+    /// Admit the logged misses `list` (forward order), at most `max_admit`.
+    pub fn admit(&mut self, list: &[u32], max_admit: usize) -> TwinAdmit {
+        let l = list.len();
+        // ea_mark: last position (+1) of each row.
+        let mut last: HashMap<u32, usize> = HashMap::new();
+        for (p, &r) in list.iter().enumerate() {
+            let e = last.entry(r).or_insert(0);
+            *e = (*e).max(p + 1);
+        }
+        let per = l.div_ceil(self.pieces);
+        let piece = |g: usize| {
+            let q0 = (g * per).min(l);
+            q0..(q0 + per).min(l)
+        };
+        let first = |q: usize| last[&list[l - 1 - q]] == l - q;
+        // ea_count (dedup half) + ea_scatter.
+        let dcnt: Vec<usize> = (0..self.pieces)
+            .map(|g| piece(g).filter(|&q| first(q)).count())
+            .collect();
+        let unique: usize = dcnt.iter().sum();
+        let mut out = TwinAdmit {
+            unique,
+            ..Default::default()
+        };
+        let mut rows = vec![(0u32, 0u32); unique.min(max_admit)];
+        let mut pre = 0;
+        for (g, &c) in dcnt.iter().enumerate() {
+            let mut u = pre;
+            for q in piece(g) {
+                if first(q) {
+                    if u < max_admit {
+                        let p = l - 1 - q;
+                        rows[u] = (list[p], p as u32);
+                    }
+                    u += 1;
+                }
+            }
+            pre += c;
+        }
+        // ea_count (CLOCK half) + the scatter's last CTA + ea_take.
+        let cap = self.refb.len();
+        let n = unique.min(max_admit);
+        if cap == 0 || n == 0 {
+            out.rows = rows;
+            return out;
+        }
+        let nchunks = cap.div_ceil(self.chunk);
+        let at = |j: usize| (self.hand + j) % cap;
+        let ccnt: Vec<usize> = (0..nchunks)
+            .map(|k| {
+                (k * self.chunk..((k + 1) * self.chunk).min(cap))
+                    .filter(|&j| self.refb[at(j)] == 0)
+                    .count()
+            })
+            .collect();
+        let total: usize = ccnt.iter().sum();
+        let take = n.min(total);
+        let full = total < n;
+        let mut slots = vec![0u32; take];
+        let mut new_hand = self.hand;
+        let mut cpre = 0;
+        for (k, &cnt) in ccnt.iter().enumerate() {
+            if full || cpre < take {
+                let mut rank = cpre;
+                for j in k * self.chunk..((k + 1) * self.chunk).min(cap) {
+                    let s = at(j);
+                    if self.refb[s] == 0 {
+                        if rank < take {
+                            slots[rank] = s as u32;
+                            if rank + 1 == take && !full {
+                                new_hand = (self.hand + j + 1) % cap;
+                            }
+                        }
+                        rank += 1;
+                    } else if full || rank < take {
+                        self.refb[s] = 0;
+                    }
+                }
+            }
+            cpre += cnt;
+        }
+        self.hand = new_hand;
+        for &s in &slots {
+            if std::mem::replace(&mut self.filled[s as usize], true) {
+                out.evicted += 1;
+            }
+        }
+        rows.truncate(take);
+        out.rows = rows;
+        out.slots = slots;
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -867,5 +1000,70 @@ mod tests {
             assert_eq!(got, want);
         }
         assert_eq!(dedup_rows(&[EMPTY_ROW, 3, 3]), vec![(3, 1)]);
+    }
+
+    /// The device admission, as the kernels split it (pieces, chunks), makes
+    /// the host-side path's choices: `dedup_rows` over the reversed miss
+    /// list, then `ClockBits::take` over the same reference bits; same rows,
+    /// slots, hand and eviction counts, on random lists with duplicates,
+    /// limits, full turns and capacities that are not multiples of anything.
+    #[test]
+    fn device_admission_twin_equals_dedup_and_clock_bits() {
+        let mut rng = Rng::new(77);
+        for &(cap, pieces, chunk) in &[
+            (1usize, 3usize, 4usize),
+            (65, 7, 16),
+            (1000, 13, 64),
+            (4097, 256, 4096),
+        ] {
+            let mut t = DeviceAdmissionTwin::new(cap, pieces, chunk);
+            let mut c = ClockBits::new(cap);
+            let mut dev = vec![false; cap];
+            for step in 0..200 {
+                let p = [0, 1, 5, 9, 10][step % 5];
+                for s in 0..cap {
+                    if rng.below(10) < p {
+                        dev[s] = true;
+                        t.refb[s] = 1;
+                    }
+                }
+                let len = match step % 6 {
+                    0 => 0,
+                    1 => 3 * cap + 5,
+                    _ => rng.below(cap + 10),
+                };
+                let list: Vec<u32> = (0..len).map(|_| rng.below(2 * cap + 20) as u32).collect();
+                let max_admit = if step % 9 == 4 { 3 } else { (cap / 2).max(1) };
+                let got = t.admit(&list, max_admit);
+                let mut rev = list.clone();
+                rev.reverse();
+                let uniq = dedup_rows(&rev);
+                let n = uniq.len().min(max_admit);
+                let want = c
+                    .take(n, |w0, nw, out: &mut [u64]| -> Result<(), ()> {
+                        for (i, o) in out.iter_mut().enumerate() {
+                            let w = (w0 + i) % c_words(cap);
+                            for bit in 0..64 {
+                                let s = w * 64 + bit;
+                                if s < cap && dev[s] {
+                                    *o |= 1 << bit;
+                                    dev[s] = false;
+                                }
+                            }
+                        }
+                        Ok(())
+                    })
+                    .unwrap();
+                let want_rows: Vec<(u32, u32)> = uniq[..want.slots.len()]
+                    .iter()
+                    .map(|&(r, pos)| (r, (list.len() - 1 - pos as usize) as u32))
+                    .collect();
+                assert_eq!(got.unique, uniq.len(), "cap {cap} step {step}");
+                assert_eq!(got.slots, want.slots, "cap {cap} step {step} n {n}");
+                assert_eq!(got.rows, want_rows, "cap {cap} step {step}");
+                assert_eq!(got.evicted, want.evicted, "cap {cap} step {step}");
+                assert_eq!(t.hand, c.hand(), "cap {cap} step {step}");
+            }
+        }
     }
 }

@@ -8,8 +8,16 @@
 //! the row straight from the mapped pinned host tier (the same bits) and log
 //! the row id. After the step (`finish`) the misses are admitted by CLOCK
 //! with ONE launch on a side stream; the next estimation waits for it,
-//! attention does not. Two ways to admit (`Admission`):
-//! - `Device` (default): the table lives on the device only. The host reads
+//! attention does not. Three ways to admit (`Admission`):
+//! - `Device` (default): all of it on the device, no read-back and no host
+//!   work on the step's path: `ea_*` kernels (kernels/offload.cu) dedup the
+//!   miss list, pick victims by CLOCK over the reference bytes, update the
+//!   table and copy the rows, seven launches on the side stream. Same
+//!   choices as `HostClock` (CPU twin `kv::DeviceAdmissionTwin`, tested
+//!   equal to `dedup_rows` + `ClockBits`). Counters reach the host through
+//!   mapped memory a step late (`sync_stats` waits). Device memory: + 4 B
+//!   per host key row (last miss position, for the dedup) + 12 B per slot.
+//! - `HostClock` (the earlier default): the table lives on the device only. The host reads
 //!   back the miss list, drops duplicates, and picks victim slots with
 //!   `kv::ClockBits`, which reads the reference bits packed (one bit a slot)
 //!   and only for the words the hand is about to pass; `est_admit_dev`
@@ -43,7 +51,28 @@ use crate::kv::{dedup_rows, CacheStats, ClockBits, EstRowCache, EMPTY_ROW};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admission {
     Device,
+    HostClock,
     Host,
+}
+
+/// Device state of `Admission::Device` (kernels/offload.cu `ea_*`).
+struct DevAdmission {
+    /// `[host key rows]` last miss-list position + 1 (0: none; reset each step).
+    last: DevBuf,
+    urow: DevBuf,
+    upos: DevBuf,
+    victim: DevBuf,
+    dcnt: DevBuf,
+    ccnt: DevBuf,
+    cpre: DevBuf,
+    /// See `ea_*`: unique, taken, hand, full turn, evictions, tombstones, new hand, done.
+    adm: DevBuf,
+    /// Cumulative hits, misses, unlogged, admitted, evictions, rebuilds, steps (mapped).
+    stats: PinnedBuf,
+    seen: [u64; 7],
+    pieces: usize,
+    chunk: usize,
+    est_done: CudaEvent,
 }
 
 /// Device twin of `struct EstCache` (kernels/hip_est_host.cuh).
@@ -117,6 +146,8 @@ pub struct HostEstimation {
     holder: Option<DevBuf>,
     /// Packed reference bits of one window (mapped pinned).
     refwin: PinnedBuf,
+    /// `Admission::Device` state.
+    dev_adm: Option<DevAdmission>,
     /// Tombstones in the device table since the last rebuild (upper bound).
     tombs: usize,
     /// Staged rows: the first `stage_cap` misses of a step.
@@ -172,12 +203,16 @@ impl HostEstimation {
                 format!("{rows} rows: must be in 16..=2^30"),
             ));
         }
-        let device = admission == Admission::Device;
+        let device = admission != Admission::Host;
         // The host table only for host admission (same bucket count).
         let cache = EstRowCache::new(if device { 0 } else { rows });
         let map_buckets = crate::kv::RowSlotMap::new(rows).buckets();
         let (map_mask, map_shift) = ((map_buckets - 1) as u32, 32 - map_buckets.trailing_zeros());
-        let clock = ClockBits::new(if device { rows } else { 0 });
+        let clock = ClockBits::new(if admission == Admission::HostClock {
+            rows
+        } else {
+            0
+        });
         let row_bytes = lay.head_dim * 2;
         let arena = DevBuf::alloc(rows * row_bytes)?;
         let map = DevBuf::alloc(map_buckets * 8)?;
@@ -263,7 +298,16 @@ impl HostEstimation {
             } else {
                 None
             },
-            refwin: PinnedBuf::alloc(if device { rows.div_ceil(64) * 8 } else { 16 })?,
+            refwin: PinnedBuf::alloc(if admission == Admission::HostClock {
+                rows.div_ceil(64) * 8
+            } else {
+                16
+            })?,
+            dev_adm: if admission == Admission::Device {
+                Some(DevAdmission::new(gpu, total_rows as usize, rows)?)
+            } else {
+                None
+            },
             tombs: 0,
             stage_cap,
             host_k: host.k.dev,
@@ -293,6 +337,7 @@ impl HostEstimation {
             + self.kv.k.bytes
             + self.kv.table.bytes
             + self.holder.as_ref().map_or(0, |b| b.bytes)
+            + self.dev_adm.as_ref().map_or(0, |d| d.bytes())
     }
 
     /// Rows the cache holds (its capacity).
@@ -330,6 +375,9 @@ impl HostEstimation {
     /// launch on the side stream (overlapping whatever the main stream runs
     /// next, e.g. attention).
     pub fn finish(&mut self, gpu: &GpuContext) -> Result<EstStep> {
+        if self.admission == Admission::Device {
+            return self.finish_device(gpu);
+        }
         let t0 = Instant::now();
         gpu.synchronize()?;
         let c: Vec<u32> = self.counters.read(4)?;
@@ -363,12 +411,203 @@ impl HostEstimation {
         step.prof.readback = ms(t0);
         match self.admission {
             Admission::Host => self.admit_host(gpu, &rows, logged, &mut step)?,
-            Admission::Device => self.admit_device(gpu, &rows, logged, &mut step)?,
+            Admission::HostClock => self.admit_device(gpu, &rows, logged, &mut step)?,
+            Admission::Device => unreachable!("finish_device"),
         }
         Ok(step)
     }
 
-    /// `Admission::Device`: victims by `ClockBits` (packed reference bits,
+    /// `Admission::Device`: the whole admission as seven launches on the
+    /// side stream after the estimation (no wait, no read-back). Returns the
+    /// counters the device finished since the last call (a step late).
+    fn finish_device(&mut self, gpu: &GpuContext) -> Result<EstStep> {
+        let t0 = Instant::now();
+        let mut step = self.collect_dev_stats(false)?;
+        let cap = self.capacity();
+        let max_admit = self.max_admit_per_step.min(cap / 2) as i32;
+        let holder = self.holder.as_ref().map_or(0, |h| h.ptr);
+        let staged = self.miss_rows.as_ref().map_or(0, |b| b.ptr);
+        let stage_cap = if staged != 0 {
+            self.stage_cap as i32
+        } else {
+            0
+        };
+        let (mask, shift) = (self.kv_map_mask(), self.kv_map_shift());
+        let buckets = (self.map.bytes / 8) as i64;
+        let lim = (buckets / 8) as u32;
+        let (miss_cap, cap_i, rv) = (
+            self.miss_cap as i32,
+            cap as i32,
+            (self.row_bytes / 16) as i32,
+        );
+        let (list, counters, refb) = (self.miss_list.ptr, self.counters.ptr, self.refb.ptr);
+        let (arena, map, hk) = (self._arena.ptr, self.map.ptr, self.host_k);
+        let d = self.dev_adm.as_ref().unwrap();
+        d.est_done
+            .record(&gpu.stream)
+            .map_err(|e| gpu_err("record estimation event", e))?;
+        self.side
+            .wait(&d.est_done)
+            .map_err(|e| gpu_err("admission wait for estimation", e))?;
+        let (g, c) = (d.pieces as i32, d.chunk as i32);
+        let nchunks = cap.div_ceil(d.chunk) as i32;
+        let wide = (gpu.sm_count as u32 * 4).clamp(4, 1024);
+        let side = &self.side;
+        // One launch on the side stream: kernel, grid, block, arguments.
+        macro_rules! launch {
+            ($name:expr, $grid:expr, $block:expr, [$($a:expr),* $(,)?]) => {{
+                let f = gpu.func("offload", $name)?;
+                let mut l = side.launch_builder(&f);
+                $(l.arg($a);)*
+                unsafe {
+                    l.launch(LaunchConfig {
+                        grid_dim: (($grid as u32).max(1), 1, 1),
+                        block_dim: ($block, 1, 1),
+                        shared_mem_bytes: 0,
+                    })
+                }
+                .map_err(|e| gpu_err(concat!("launch ", $name), e))?;
+            }};
+        }
+        launch!(
+            "ea_mark",
+            wide,
+            256,
+            [&list, &counters, &miss_cap, &d.last.ptr]
+        );
+        launch!(
+            "ea_count",
+            g + nchunks,
+            512,
+            [
+                &list,
+                &counters,
+                &miss_cap,
+                &d.last.ptr,
+                &g,
+                &d.dcnt.ptr,
+                &refb,
+                &cap_i,
+                &d.adm.ptr,
+                &c,
+                &d.ccnt.ptr
+            ]
+        );
+        launch!(
+            "ea_scatter",
+            g + 1,
+            512,
+            [
+                &list,
+                &counters,
+                &miss_cap,
+                &d.last.ptr,
+                &g,
+                &d.dcnt.ptr,
+                &max_admit,
+                &d.urow.ptr,
+                &d.upos.ptr,
+                &d.ccnt.ptr,
+                &nchunks,
+                &d.cpre.ptr,
+                &d.adm.ptr
+            ]
+        );
+        launch!(
+            "ea_take",
+            nchunks,
+            512,
+            [&refb, &cap_i, &c, &d.cpre.ptr, &d.adm.ptr, &d.victim.ptr]
+        );
+        launch!(
+            "ea_admit",
+            wide * 2,
+            256,
+            [
+                &staged,
+                &hk,
+                &arena,
+                &d.urow.ptr,
+                &d.upos.ptr,
+                &d.victim.ptr,
+                &d.adm.ptr,
+                &stage_cap,
+                &rv,
+                &holder,
+                &map,
+                &mask,
+                &shift,
+                &list,
+                &counters,
+                &miss_cap,
+                &d.last.ptr
+            ]
+        );
+        launch!("ea_clear", wide, 256, [&map, &buckets, &d.adm.ptr, &lim]);
+        launch!(
+            "ea_rebuild",
+            wide,
+            256,
+            [
+                &holder,
+                &cap_i,
+                &map,
+                &mask,
+                &shift,
+                &d.adm.ptr,
+                &lim,
+                &counters,
+                &miss_cap,
+                &d.stats.dev
+            ]
+        );
+        self.admitted
+            .record(&self.side)
+            .map_err(|e| gpu_err("record admission event", e))?;
+        step.prof.launch = ms(t0);
+        Ok(step)
+    }
+
+    /// `Admission::Device`: wait for the pending admission and return the
+    /// counters not returned yet (other admissions: nothing pending).
+    pub fn sync_stats(&mut self) -> Result<EstStep> {
+        if self.dev_adm.is_none() {
+            return Ok(EstStep::default());
+        }
+        self.admitted
+            .synchronize()
+            .map_err(|e| gpu_err("wait for admission", e))?;
+        self.collect_dev_stats(true)
+    }
+
+    fn collect_dev_stats(&mut self, _waited: bool) -> Result<EstStep> {
+        let rb = self.row_bytes as u64;
+        let d = self.dev_adm.as_mut().unwrap();
+        let now: [u64; 7] = std::array::from_fn(|i| d.stats.read_u64(i));
+        let dl: [u64; 7] = std::array::from_fn(|i| now[i].saturating_sub(d.seen[i]));
+        d.seen = now;
+        self.cache.stats.hits += dl[0];
+        self.cache.stats.misses += dl[1];
+        self.cache.stats.bytes_copied += dl[3] * rb;
+        self.cache.stats.evictions += dl[4];
+        Ok(EstStep {
+            cache: CacheStats {
+                hits: dl[0],
+                misses: dl[1],
+                bytes_copied: dl[3] * rb,
+                evictions: dl[4],
+            },
+            host_bytes_read: dl[1] * rb,
+            rows_admitted: dl[3],
+            misses_unlogged: dl[2],
+            prof: EstProfile {
+                rebuilds: dl[5] as u32,
+                ..Default::default()
+            },
+        })
+    }
+
+    /// `Admission::HostClock`: victims by `ClockBits` (packed reference bits,
     /// loaded a window at a time), table + copies by `est_admit_dev`.
     fn admit_device(
         &mut self,
@@ -631,7 +870,7 @@ impl HostEstimation {
                     "estimation arena slot {slot} differs from host row {key}"
                 )));
             }
-            if self.admission == Admission::Device {
+            if self.admission != Admission::Host {
                 // The lookup must find it from its home bucket.
                 if crate::kv::probe_device_map(&map, self.kv_map_shift(), key) != Some(slot as u32)
                 {
@@ -642,6 +881,55 @@ impl HostEstimation {
             }
         }
         Ok(rows_seen.len())
+    }
+}
+
+impl DevAdmission {
+    fn new(gpu: &GpuContext, host_rows: usize, rows: usize) -> Result<Self> {
+        let zeroed = |bytes: usize| -> Result<DevBuf> {
+            let b = DevBuf::alloc(bytes)?;
+            b.fill_bytes(0)?;
+            Ok(b)
+        };
+        let (pieces, chunk) = (256usize, 4096usize);
+        let nchunks = rows.div_ceil(chunk);
+        let half = rows / 2 + 1;
+        let mut stats = PinnedBuf::alloc(64)?;
+        stats.write_at(0, &[0u64; 8]);
+        Ok(DevAdmission {
+            last: zeroed(host_rows * 4)?,
+            urow: DevBuf::alloc(half * 4)?,
+            upos: DevBuf::alloc(half * 4)?,
+            victim: DevBuf::alloc(half * 4)?,
+            dcnt: DevBuf::alloc(pieces * 4)?,
+            ccnt: DevBuf::alloc(nchunks * 4)?,
+            cpre: DevBuf::alloc(nchunks * 4)?,
+            adm: zeroed(64)?,
+            stats,
+            seen: [0; 7],
+            pieces,
+            chunk,
+            est_done: gpu
+                .ctx
+                .new_event(None)
+                .map_err(|e| gpu_err("create event", e))?,
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        [
+            &self.last,
+            &self.urow,
+            &self.upos,
+            &self.victim,
+            &self.dcnt,
+            &self.ccnt,
+            &self.cpre,
+            &self.adm,
+        ]
+        .iter()
+        .map(|b| b.bytes)
+        .sum()
     }
 }
 

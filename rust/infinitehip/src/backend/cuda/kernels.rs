@@ -123,6 +123,16 @@ pub fn entry_points(module: &str) -> Vec<String> {
             "est_map_clear".into(),
             "est_map_rebuild".into(),
             "est_ref_pack".into(),
+            "pc_walk".into(),
+            "pc_clock".into(),
+            "pc_rows".into(),
+            "ea_mark".into(),
+            "ea_count".into(),
+            "ea_scatter".into(),
+            "ea_take".into(),
+            "ea_admit".into(),
+            "ea_clear".into(),
+            "ea_rebuild".into(),
         ];
     }
     if module == "hip_mask_host" {

@@ -14,6 +14,14 @@
 //! makes the main stream wait for it; `decode` then runs the `decode_slot`
 //! variant of the decode kernel, which reads `table[page * hkv + head]`.
 //! No unified/managed memory.
+//!
+//! `PagePolicy::Device` (the default) runs the policy on the device instead,
+//! from the device selection (`prepare_device`; no selection read-back, no
+//! host policy on the step's path): CLOCK over the slots (kernels
+//! `pc_walk`, `pc_clock`; CPU twin `kv::PageClock`, same choices, compared
+//! on the GPU), three launches on the main stream. Counters reach the host
+//! through mapped memory a step late (`take_stats`). `PagePolicy::Host` is
+//! the exact-LRU path above (`PageCache`), kept for comparison.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -64,6 +72,13 @@ impl PinnedBuf {
     }
     pub fn as_u64(&self) -> &[u64] {
         unsafe { std::slice::from_raw_parts(self.ptr as *const u64, self.bytes / 8) }
+    }
+    /// Word `i` as the device last wrote it (the device writes this memory
+    /// while the host reads it).
+    pub fn read_u64(&self, i: usize) -> u64 {
+        assert!((i + 1) * 8 <= self.bytes, "pinned read past the end");
+        // SAFETY: in bounds (checked), 8-byte aligned (cuMemHostAlloc).
+        unsafe { std::ptr::read_volatile((self.ptr as *const u64).add(i)) }
     }
     fn as_i32_mut(&mut self) -> &mut [i32] {
         unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut i32, self.bytes / 4) }
@@ -302,6 +317,36 @@ pub struct OffloadStep {
     pub host_launch_ms: f64,
 }
 
+/// Who runs the page-cache policy (module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PagePolicy {
+    /// CLOCK on the device from the device selection (default).
+    Device,
+    /// The CPU `PageCache`'s exact LRU from host selections (earlier path).
+    Host,
+}
+
+/// Device state of `PagePolicy::Device` (kernels/offload.cu `pc_*`).
+struct DevicePages {
+    /// Host page ids `[batch][pstride]`.
+    ptable: DevBuf,
+    pstride: usize,
+    stamp: DevBuf,
+    block_slot: DevBuf,
+    slot_block: DevBuf,
+    slot_step: DevBuf,
+    slot_ref: DevBuf,
+    miss: DevBuf,
+    scratch: DevBuf,
+    victim: DevBuf,
+    miss_cap: usize,
+    ctr: DevBuf,
+    /// Cumulative hits, misses, evictions, failed steps, steps (mapped).
+    stats: PinnedBuf,
+    seen: [u64; 5],
+    step: u32,
+}
+
 /// A device page cache over a `HostKv`.
 pub struct OffloadKv {
     pub host: HostKv,
@@ -319,10 +364,26 @@ pub struct OffloadKv {
     staging: PinnedBuf,
     /// Tokens appended since the last `prepare`: (sequence, position).
     pending: Vec<(usize, usize)>,
+    pub policy: PagePolicy,
+    dev: Option<DevicePages>,
 }
 
 impl OffloadKv {
+    /// A cache of `n_slots` head blocks, device policy.
     pub fn new(gpu: &GpuContext, host: HostKv, n_slots: usize) -> Result<Self> {
+        Self::with_policy(gpu, host, n_slots, PagePolicy::Device)
+    }
+
+    pub fn with_policy(
+        gpu: &GpuContext,
+        host: HostKv,
+        n_slots: usize,
+        policy: PagePolicy,
+    ) -> Result<Self> {
+        let dev = match policy {
+            PagePolicy::Device => Some(DevicePages::new(&host, n_slots)?),
+            PagePolicy::Host => None,
+        };
         let cache = PageCache::policy_only(host.layout, n_slots)?;
         let be = host.block_elems();
         let hkv = host.layout.n_kv_heads;
@@ -366,6 +427,8 @@ impl OffloadKv {
             attended,
             staging: PinnedBuf::alloc(1 << 16)?,
             pending: Vec::new(),
+            policy,
+            dev,
         })
     }
 
@@ -381,9 +444,13 @@ impl OffloadKv {
         Ok(())
     }
 
-    /// Device bytes of the slot arena and slot table.
+    /// Device bytes of the slot arena and slot table (+ the device policy's
+    /// maps: 8 B per host head block, 13 B per slot, the page table).
     pub fn device_bytes(&self) -> usize {
-        self.slot_k.bytes + self.slot_v.bytes + self.slot_table.bytes
+        self.slot_k.bytes
+            + self.slot_v.bytes
+            + self.slot_table.bytes
+            + self.dev.as_ref().map_or(0, |d| d.bytes())
     }
 
     /// Make every block a step reads resident: `pinned[b]` token ranges of
@@ -403,6 +470,25 @@ impl OffloadKv {
                 nb,
                 format!("{}/{}", sels.len(), pinned.len()),
             ));
+        }
+        if self.policy == PagePolicy::Device {
+            for (b, sel) in sels.iter().enumerate() {
+                let len = self.host.lens[b];
+                if sel.n_kv_heads() != self.host.layout.n_kv_heads {
+                    return Err(Error::shape(
+                        format!("selection {b} heads"),
+                        self.host.layout.n_kv_heads,
+                        sel.n_kv_heads(),
+                    ));
+                }
+                if let Some(r) = sel.heads.iter().flatten().find(|r| r.end > len) {
+                    return Err(Error::OutOfRange(format!(
+                        "selection {b} range {r:?} beyond the sequence's {len} tokens"
+                    )));
+                }
+            }
+            let dsel = DeviceSelection::from_host(sels)?;
+            return self.prepare_device(gpu, &dsel, pinned);
         }
         let hkv = self.host.layout.n_kv_heads;
         let ps = self.host.layout.page_size;
@@ -558,6 +644,231 @@ impl OffloadKv {
         })
     }
 
+    /// `PagePolicy::Device`: make every block of the device selection `sel`
+    /// (rows `[batch][kv_head]`, e.g. `HipGpuDecoder::sel`) and of the
+    /// `pinned[b]` token ranges resident, wholly on the device: three
+    /// launches on the main stream (mark, CLOCK, slot table + copies), plus
+    /// one for appended rows. No read-back and no host policy. The returned
+    /// counters are what the device finished since the last call (a step
+    /// late; `take_stats` waits for the rest); a step the cache could not
+    /// hold (more distinct blocks than slots) is reported as an error by the
+    /// next call or by `take_stats` (its unresolved blocks read slot 0).
+    pub fn prepare_device(
+        &mut self,
+        gpu: &GpuContext,
+        sel: &DeviceSelection,
+        pinned: &[Vec<Range<usize>>],
+    ) -> Result<OffloadStep> {
+        let nb = self.host.tables.len();
+        let hkv = self.host.layout.n_kv_heads;
+        let ps = self.host.layout.page_size;
+        if self.dev.is_none() {
+            return Err(Error::Invalid(
+                "offload prepare_device on a host-policy page cache".into(),
+            ));
+        }
+        if sel.rows != nb * hkv || pinned.len() != nb {
+            return Err(Error::shape(
+                "offload prepare_device selection rows/pinned",
+                format!("{}/{nb}", nb * hkv),
+                format!("{}/{}", sel.rows, pinned.len()),
+            ));
+        }
+        let t0 = std::time::Instant::now();
+        let cache = self.collect_stats(false)?;
+        let mut pins: Vec<i32> = Vec::new();
+        for (b, rs) in pinned.iter().enumerate() {
+            let end = self.host.capacity(b);
+            for r in rs {
+                let e = r.end.min(end);
+                if r.start < e {
+                    pins.extend_from_slice(&[b as i32, r.start as i32, e as i32]);
+                }
+            }
+        }
+        let mut rows: Vec<i32> = Vec::new();
+        for (b, t) in std::mem::take(&mut self.pending) {
+            let page = self.host.tables[b][t / ps] as usize;
+            for h in 0..hkv {
+                rows.extend_from_slice(&[
+                    self.host.row(b, t, h) as i32,
+                    (page * hkv + h) as i32,
+                    (t % ps) as i32,
+                ]);
+            }
+        }
+        let t1 = std::time::Instant::now();
+        // The staging lists of the previous step may still be read.
+        self.copied
+            .synchronize()
+            .map_err(|e| gpu_err("wait for the previous page step", e))?;
+        let t2 = std::time::Instant::now();
+        let need = (pins.len() + rows.len()) * 4;
+        if need > self.staging.bytes {
+            self.staging = PinnedBuf::alloc(need.next_power_of_two())?;
+        }
+        self.staging.write_at(0, &pins);
+        self.staging.write_at(pins.len() * 4, &rows);
+        let pins_ptr = self.staging.dev;
+        let rows_ptr = self.staging.dev + (pins.len() * 4) as u64;
+        let d = self.dev.as_mut().unwrap();
+        d.step = d.step.wrapping_add(1).max(1);
+        let n_pins = (pins.len() / 3) as i32;
+        let walk = (sel.rows + pins.len() / 3 * hkv) as u32;
+        let f = gpu.func("offload", "pc_walk")?;
+        let (cap, nrows, hkv_i, ps_i) = (sel.cap as i32, sel.rows as i32, hkv as i32, ps as i32);
+        let (pstride, miss_cap, tstride) =
+            (d.pstride as i32, d.miss_cap as i32, self.stride as i32);
+        let bv = (self.host.block_elems() * 2 / 16) as i32;
+        let n_copy = (gpu.sm_count as u32).clamp(1, 264);
+        for mode in [0i32, 1] {
+            let mut l = gpu.stream.launch_builder(&f);
+            l.arg(&mode)
+                .arg(&sel.ranges.ptr)
+                .arg(&sel.cnt.ptr)
+                .arg(&cap)
+                .arg(&nrows)
+                .arg(&hkv_i)
+                .arg(&ps_i)
+                .arg(&d.ptable.ptr)
+                .arg(&pstride)
+                .arg(&pins_ptr)
+                .arg(&n_pins)
+                .arg(&d.step)
+                .arg(&d.stamp.ptr)
+                .arg(&d.block_slot.ptr)
+                .arg(&d.slot_step.ptr)
+                .arg(&d.slot_ref.ptr)
+                .arg(&d.miss.ptr)
+                .arg(&miss_cap)
+                .arg(&d.ctr.ptr)
+                .arg(&self.slot_table.ptr)
+                .arg(&tstride)
+                .arg(&self.host.k.dev)
+                .arg(&self.host.v.dev)
+                .arg(&self.slot_k.ptr)
+                .arg(&self.slot_v.ptr)
+                .arg(&d.victim.ptr)
+                .arg(&bv);
+            let grid = if mode == 0 { walk } else { walk + n_copy };
+            unsafe {
+                l.launch(LaunchConfig {
+                    grid_dim: (grid, 1, 1),
+                    block_dim: (if mode == 0 { 128 } else { 256 }, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+            }
+            .map_err(|e| gpu_err("launch pc_walk", e))?;
+            if mode == 0 {
+                let c = gpu.func("offload", "pc_clock")?;
+                let n_slots = self.cache.n_slots() as i32;
+                let mut l = gpu.stream.launch_builder(&c);
+                l.arg(&n_slots)
+                    .arg(&d.step)
+                    .arg(&d.miss.ptr)
+                    .arg(&miss_cap)
+                    .arg(&d.scratch.ptr)
+                    .arg(&d.block_slot.ptr)
+                    .arg(&d.slot_block.ptr)
+                    .arg(&d.slot_step.ptr)
+                    .arg(&d.slot_ref.ptr)
+                    .arg(&d.victim.ptr)
+                    .arg(&d.ctr.ptr)
+                    .arg(&d.stats.dev);
+                unsafe {
+                    l.launch(LaunchConfig {
+                        grid_dim: (1, 1, 1),
+                        block_dim: (1024, 1, 1),
+                        shared_mem_bytes: 0,
+                    })
+                }
+                .map_err(|e| gpu_err("launch pc_clock", e))?;
+            }
+        }
+        if !rows.is_empty() {
+            let f = gpu.func("offload", "pc_rows")?;
+            let n = (rows.len() / 3) as i32;
+            let rv = (self.host.layout.head_dim * 2 / 16) as i32;
+            let mut l = gpu.stream.launch_builder(&f);
+            l.arg(&self.host.k.dev)
+                .arg(&self.host.v.dev)
+                .arg(&self.slot_k.ptr)
+                .arg(&self.slot_v.ptr)
+                .arg(&rows_ptr)
+                .arg(&n)
+                .arg(&rv)
+                .arg(&ps_i)
+                .arg(&d.block_slot.ptr);
+            unsafe {
+                l.launch(LaunchConfig {
+                    grid_dim: ((n as u32 * rv as u32).div_ceil(256).max(1), 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+            }
+            .map_err(|e| gpu_err("launch pc_rows", e))?;
+        }
+        self.copied
+            .record(&gpu.stream)
+            .map_err(|e| gpu_err("record page step event", e))?;
+        Ok(OffloadStep {
+            blocks_needed: (cache.hits + cache.misses) as usize,
+            cache,
+            host_resolve_ms: (t1 - t0).as_secs_f64() * 1e3,
+            host_wait_ms: (t2 - t1).as_secs_f64() * 1e3,
+            host_launch_ms: t2.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Device policy: wait for the pending page step and return the
+    /// counters not returned yet (the host policy: its counters since the
+    /// last call too). Errors if a step could not be held.
+    pub fn take_stats(&mut self) -> Result<CacheStats> {
+        if self.dev.is_none() {
+            return Ok(self.cache.take_stats());
+        }
+        self.collect_stats(true)
+    }
+
+    fn collect_stats(&mut self, wait: bool) -> Result<CacheStats> {
+        if wait {
+            self.copied
+                .synchronize()
+                .map_err(|e| gpu_err("wait for the page step", e))?;
+        }
+        let block_bytes = (self.host.block_elems() * 2 * 2) as u64;
+        let n_slots = self.cache.n_slots();
+        let d = self.dev.as_mut().unwrap();
+        let now: [u64; 5] = std::array::from_fn(|i| d.stats.read_u64(i));
+        let dl: [u64; 5] = std::array::from_fn(|i| now[i].saturating_sub(d.seen[i]));
+        d.seen = now;
+        if now[3] > 0 {
+            return Err(Error::Invalid(format!(
+                "device page cache of {n_slots} slots could not hold a step's pages ({} steps); raise the device cache size",
+                now[3]
+            )));
+        }
+        Ok(CacheStats {
+            hits: dl[0],
+            misses: dl[1],
+            bytes_copied: dl[1] * block_bytes,
+            evictions: dl[2],
+        })
+    }
+
+    /// Device policy: (slot of each host head block or -1, head block of
+    /// each slot or -1), for checks against `kv::PageClock`.
+    pub fn read_block_maps(&self) -> Result<(Vec<i32>, Vec<i32>)> {
+        let d = self
+            .dev
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("host-policy page cache has no device maps".into()))?;
+        Ok((
+            d.block_slot.read(d.block_slot.bytes / 4)?,
+            d.slot_block.read(d.slot_block.bytes / 4)?,
+        ))
+    }
+
     /// Block-sparse decode through the slot table (after `prepare` with the
     /// same selections). Arguments as `dispatch::decode`.
     #[allow(clippy::too_many_arguments)]
@@ -635,6 +946,60 @@ impl OffloadKv {
     /// The device slot table, for checks.
     pub fn read_table(&self) -> Result<Vec<i32>> {
         self.slot_table.read(self.slot_table.bytes / 4)
+    }
+}
+
+impl DevicePages {
+    fn new(host: &HostKv, n_slots: usize) -> Result<Self> {
+        let n_blocks = host.n_pages * host.layout.n_kv_heads;
+        let (table, pstride) = host.device_table();
+        let zeroed = |bytes: usize| -> Result<DevBuf> {
+            let b = DevBuf::alloc(bytes)?;
+            b.fill_bytes(0)?;
+            Ok(b)
+        };
+        let minus1 = |n: usize| -> Result<DevBuf> {
+            let b = DevBuf::alloc(n * 4)?;
+            b.fill_bytes(0xff)?;
+            Ok(b)
+        };
+        let mut stats = PinnedBuf::alloc(64)?;
+        stats.write_at(0, &[0u64; 8]);
+        Ok(DevicePages {
+            ptable: DevBuf::from_slice(&table)?,
+            pstride,
+            stamp: zeroed(n_blocks * 4)?,
+            block_slot: minus1(n_blocks)?,
+            slot_block: minus1(n_slots)?,
+            slot_step: zeroed(n_slots * 4)?,
+            slot_ref: zeroed(n_slots)?,
+            miss: DevBuf::alloc(n_slots * 4)?,
+            scratch: DevBuf::alloc(n_slots.next_power_of_two() * 4)?,
+            victim: DevBuf::alloc(n_slots * 4)?,
+            miss_cap: n_slots,
+            ctr: zeroed(32)?,
+            stats,
+            seen: [0; 5],
+            step: 0,
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        [
+            &self.ptable,
+            &self.stamp,
+            &self.block_slot,
+            &self.slot_block,
+            &self.slot_step,
+            &self.slot_ref,
+            &self.miss,
+            &self.scratch,
+            &self.victim,
+            &self.ctr,
+        ]
+        .iter()
+        .map(|b| b.bytes)
+        .sum()
     }
 }
 
