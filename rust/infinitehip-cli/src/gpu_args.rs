@@ -140,12 +140,12 @@ pub struct BenchGpuOffloadArgs {
     #[arg(long)]
     pub est_direct: bool,
     /// Offload paths, comma-separated; each configuration runs once per
-    /// path: `device` (page-cache policy and estimation admission wholly on
-    /// the device, no read-back on the step's path), `host-clock` (run 4's:
-    /// host LRU page policy from the read-back selection, host dedup +
-    /// CLOCK for the estimation cache), `host` (run 3's host admission).
+    /// path: `full-device` (page-cache policy and estimation admission
+    /// wholly on the device, no read-back on the step's path), `device`
+    /// (run 4's: host LRU page policy from the read-back selection, host
+    /// dedup + CLOCK over a device table), `host` (run 3's host admission).
     #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "device",
-          value_parser = ["device", "host-clock", "host"])]
+          value_parser = ["full-device", "device", "host"])]
     pub admission: Vec<String>,
     /// Decode steps timed (after the warm-up).
     #[arg(long, value_name = "N", value_parser = parse_positive, default_value_t = 48)]

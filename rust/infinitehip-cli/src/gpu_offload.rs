@@ -432,7 +432,7 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     appends: false,
                     small: true,
                     stage: false,
-                    admission: Admission::Device,
+                    admission: Admission::FullDevice,
                     pages: PagePolicy::Device,
                     admit_limit: None,
                     seed,
@@ -451,7 +451,7 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     appends: false,
                     small: true,
                     stage: false,
-                    admission: Admission::Device,
+                    admission: Admission::FullDevice,
                     pages: PagePolicy::Device,
                     admit_limit: None,
                     seed: seed + 1,
@@ -470,7 +470,7 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     appends: false,
                     small: true,
                     stage: true,
-                    admission: Admission::Device,
+                    admission: Admission::FullDevice,
                     pages: PagePolicy::Device,
                     admit_limit: None,
                     seed: seed + 1,
@@ -489,7 +489,7 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     appends: true,
                     small: true,
                     stage: true,
-                    admission: Admission::Device,
+                    admission: Admission::FullDevice,
                     pages: PagePolicy::Device,
                     admit_limit: None,
                     seed: seed + 2,
@@ -508,7 +508,7 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     appends: true,
                     small: false,
                     stage: true,
-                    admission: Admission::Device,
+                    admission: Admission::FullDevice,
                     pages: PagePolicy::Device,
                     admit_limit: None,
                     seed: seed + 3,
@@ -516,7 +516,7 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
             ),
         ),
         (
-            "run-4 path (host LRU pages, host dedup + CLOCK) 1% rows + appends == all on device"
+            "run-4 path (host LRU pages, host dedup + CLOCK, default) 1% rows + appends == all on device"
                 .into(),
             decode_equal(
                 &gpu,
@@ -528,7 +528,7 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     appends: true,
                     small: true,
                     stage: true,
-                    admission: Admission::HostClock,
+                    admission: Admission::Device,
                     pages: PagePolicy::Host,
                     admit_limit: None,
                     seed: seed + 2,
@@ -566,7 +566,7 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     appends: true,
                     small: false,
                     stage: true,
-                    admission: Admission::Device,
+                    admission: Admission::FullDevice,
                     pages: PagePolicy::Device,
                     admit_limit: Some(0),
                     seed: seed + 4,
@@ -664,8 +664,8 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
         .admission
         .iter()
         .map(|m| match m.as_str() {
-            "device" => Ok((Admission::Device, PagePolicy::Device)),
-            "host-clock" => Ok((Admission::HostClock, PagePolicy::Host)),
+            "device" => Ok((Admission::FullDevice, PagePolicy::Device)),
+            "host-clock" => Ok((Admission::Device, PagePolicy::Host)),
             "host" => Ok((Admission::Host, PagePolicy::Host)),
             x => Err(format!(
                 "--admission: `{x}` is not device, host-clock or host"

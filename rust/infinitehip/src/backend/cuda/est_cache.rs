@@ -9,15 +9,15 @@
 //! the row id. After the step (`finish`) the misses are admitted by CLOCK
 //! with ONE launch on a side stream; the next estimation waits for it,
 //! attention does not. Three ways to admit (`Admission`):
-//! - `Device` (default): all of it on the device, no read-back and no host
+//! - `FullDevice` (new, opt-in until measured on a GPU): all of it on the device, no read-back and no host
 //!   work on the step's path: `ea_*` kernels (kernels/offload.cu) dedup the
 //!   miss list, pick victims by CLOCK over the reference bytes, update the
 //!   table and copy the rows, seven launches on the side stream. Same
-//!   choices as `HostClock` (CPU twin `kv::DeviceAdmissionTwin`, tested
+//!   choices as `Device` (CPU twin `kv::DeviceAdmissionTwin`, tested
 //!   equal to `dedup_rows` + `ClockBits`). Counters reach the host through
 //!   mapped memory a step late (`sync_stats` waits). Device memory: + 4 B
 //!   per host key row (last miss position, for the dedup) + 12 B per slot.
-//! - `HostClock` (the earlier default): the table lives on the device only. The host reads
+//! - `Device` (default): the table lives on the device only. The host reads
 //!   back the miss list, drops duplicates, and picks victim slots with
 //!   `kv::ClockBits`, which reads the reference bits packed (one bit a slot)
 //!   and only for the words the hand is about to pass; `est_admit_dev`
@@ -51,11 +51,11 @@ use crate::kv::{dedup_rows, CacheStats, ClockBits, EstRowCache, EMPTY_ROW};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admission {
     Device,
-    HostClock,
+    FullDevice,
     Host,
 }
 
-/// Device state of `Admission::Device` (kernels/offload.cu `ea_*`).
+/// Device state of `Admission::FullDevice` (kernels/offload.cu `ea_*`).
 struct DevAdmission {
     /// `[host key rows]` last miss-list position + 1 (0: none; reset each step).
     last: DevBuf,
@@ -142,11 +142,11 @@ pub struct HostEstimation {
     pub admission: Admission,
     /// Device-admission state: CLOCK hand + merged reference bits.
     pub clock: ClockBits,
-    /// `[rows]` row id each slot holds (`Admission::Device`).
+    /// `[rows]` row id each slot holds (not `Admission::Host`).
     holder: Option<DevBuf>,
     /// Packed reference bits of one window (mapped pinned).
     refwin: PinnedBuf,
-    /// `Admission::Device` state.
+    /// `Admission::FullDevice` state.
     dev_adm: Option<DevAdmission>,
     /// Tombstones in the device table since the last rebuild (upper bound).
     tombs: usize,
@@ -208,7 +208,7 @@ impl HostEstimation {
         let cache = EstRowCache::new(if device { 0 } else { rows });
         let map_buckets = crate::kv::RowSlotMap::new(rows).buckets();
         let (map_mask, map_shift) = ((map_buckets - 1) as u32, 32 - map_buckets.trailing_zeros());
-        let clock = ClockBits::new(if admission == Admission::HostClock {
+        let clock = ClockBits::new(if admission == Admission::Device {
             rows
         } else {
             0
@@ -298,12 +298,12 @@ impl HostEstimation {
             } else {
                 None
             },
-            refwin: PinnedBuf::alloc(if admission == Admission::HostClock {
+            refwin: PinnedBuf::alloc(if admission == Admission::Device {
                 rows.div_ceil(64) * 8
             } else {
                 16
             })?,
-            dev_adm: if admission == Admission::Device {
+            dev_adm: if admission == Admission::FullDevice {
                 Some(DevAdmission::new(gpu, total_rows as usize, rows)?)
             } else {
                 None
@@ -375,7 +375,7 @@ impl HostEstimation {
     /// launch on the side stream (overlapping whatever the main stream runs
     /// next, e.g. attention).
     pub fn finish(&mut self, gpu: &GpuContext) -> Result<EstStep> {
-        if self.admission == Admission::Device {
+        if self.admission == Admission::FullDevice {
             return self.finish_device(gpu);
         }
         let t0 = Instant::now();
@@ -411,13 +411,13 @@ impl HostEstimation {
         step.prof.readback = ms(t0);
         match self.admission {
             Admission::Host => self.admit_host(gpu, &rows, logged, &mut step)?,
-            Admission::HostClock => self.admit_device(gpu, &rows, logged, &mut step)?,
-            Admission::Device => unreachable!("finish_device"),
+            Admission::Device => self.admit_device(gpu, &rows, logged, &mut step)?,
+            Admission::FullDevice => unreachable!("finish_device"),
         }
         Ok(step)
     }
 
-    /// `Admission::Device`: the whole admission as seven launches on the
+    /// `Admission::FullDevice`: the whole admission as seven launches on the
     /// side stream after the estimation (no wait, no read-back). Returns the
     /// counters the device finished since the last call (a step late).
     fn finish_device(&mut self, gpu: &GpuContext) -> Result<EstStep> {
@@ -568,7 +568,7 @@ impl HostEstimation {
         Ok(step)
     }
 
-    /// `Admission::Device`: wait for the pending admission and return the
+    /// `Admission::FullDevice`: wait for the pending admission and return the
     /// counters not returned yet (other admissions: nothing pending).
     pub fn sync_stats(&mut self) -> Result<EstStep> {
         if self.dev_adm.is_none() {
@@ -607,7 +607,7 @@ impl HostEstimation {
         })
     }
 
-    /// `Admission::HostClock`: victims by `ClockBits` (packed reference bits,
+    /// `Admission::Device`: victims by `ClockBits` (packed reference bits,
     /// loaded a window at a time), table + copies by `est_admit_dev`.
     fn admit_device(
         &mut self,

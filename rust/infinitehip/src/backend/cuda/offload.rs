@@ -15,7 +15,7 @@
 //! variant of the decode kernel, which reads `table[page * hkv + head]`.
 //! No unified/managed memory.
 //!
-//! `PagePolicy::Device` (the default) runs the policy on the device instead,
+//! `PagePolicy::Device` (opt-in: `with_policy`) runs the policy on the device instead,
 //! from the device selection (`prepare_device`; no selection read-back, no
 //! host policy on the step's path): CLOCK over the slots (kernels
 //! `pc_walk`, `pc_clock`; CPU twin `kv::PageClock`, same choices, compared
@@ -320,9 +320,9 @@ pub struct OffloadStep {
 /// Who runs the page-cache policy (module doc).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PagePolicy {
-    /// CLOCK on the device from the device selection (default).
+    /// CLOCK on the device from the device selection.
     Device,
-    /// The CPU `PageCache`'s exact LRU from host selections (earlier path).
+    /// The CPU `PageCache`'s exact LRU from host selections (default).
     Host,
 }
 
@@ -369,9 +369,10 @@ pub struct OffloadKv {
 }
 
 impl OffloadKv {
-    /// A cache of `n_slots` head blocks, device policy.
+    /// A cache of `n_slots` head blocks, host LRU policy (`with_policy`
+    /// for the device policy).
     pub fn new(gpu: &GpuContext, host: HostKv, n_slots: usize) -> Result<Self> {
-        Self::with_policy(gpu, host, n_slots, PagePolicy::Device)
+        Self::with_policy(gpu, host, n_slots, PagePolicy::Host)
     }
 
     pub fn with_policy(
