@@ -107,7 +107,7 @@ mod tests {
                    {"chunk_size": 8, "keep_tokens": 1024, "refresh_interval": 4}]}"#;
 
     fn sizes(kv: &str) -> std::result::Result<Option<OffloadSizes>, String> {
-        let p = LlamaPlugin::new(&format!("{{{HIP}{kv}}}"), &mi())?;
+        let p = LlamaPlugin::new(&format!("{{{HIP}{kv}}}"), &mi()).map_err(|e| e.to_string())?;
         offload_sizes(p.config()).map_err(|e| e.to_string())
     }
 
