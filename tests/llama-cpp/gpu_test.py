@@ -550,9 +550,6 @@ def print_ttft(rows):
               f"{r['speedup']:.2f}x | {r.get('cuda_stats', {}).get('prefill_calls', 0)} |")
 
 
-if __name__ == "__main__":
-    main()
-
 
 # 11. host offload (patch 0009)
 OFF_D, OFF_G, OFF_CELLS = 32768, 32, 2048
@@ -635,3 +632,6 @@ def print_offload(rows):
         print(f"| {r['depth']} | {r['cache_cells']} | {r['stock_tok_s']:.1f} | {r['stock_nkvo_tok_s']:.1f} | "
               f"{r['resident_tok_s']:.1f} | {r['offloaded_tok_s']:.1f} | {r['offloaded_over_resident']:.2f}x | "
               f"{r['copied_bytes_per_layer_step'] / 2**20:.2f} | {r['full_kv_bytes_per_step'] / 2**20:.0f} |")
+
+if __name__ == "__main__":
+    main()

@@ -204,7 +204,13 @@ impl GpuAttention {
             t.off.host.tables = tables;
             t.off.host.lens = lens.to_vec();
         } else {
-            *tier = None; // free the old caches first
+            if tier.is_some() {
+                // The old caches may still be read or filled by launches in
+                // flight (this stream, their copy streams): wait, then free.
+                cudarc::driver::result::ctx::synchronize()
+                    .map_err(|e| gpu_err("context synchronize before a tier rebuild", e))?;
+                *tier = None;
+            }
             let lay = KvLayout {
                 n_kv_heads: hkv,
                 head_dim: d,
