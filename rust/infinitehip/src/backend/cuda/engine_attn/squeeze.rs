@@ -12,13 +12,16 @@
 //!   append that ends the prompt and looks up from the first query past it:
 //!   the same point). The prefix is every token the prefills gave (or, for a
 //!   request never prefilled here, all but the decoded token). This is the
-//!   one place the engine path waits for the device: the prefix keys are
+//!   one place the engine path waits for the device: the clustered keys are
 //!   gathered once from the engine's K through the page table
-//!   (`ep_gather_keys_*`) and read back with the ring, then the host runs
-//!   the CPU policy's own code (`SqueezePolicy::build_prefix`: k-means per
-//!   KV head, `kmeans.rs`; calibration over the recorded queries) and the
-//!   index is uploaded (`SqueezeIndexGpu`). Cost per (request, layer): one
-//!   key read-back plus the host k-means (timed, `Sealed::seal_ms`).
+//!   (`ep_gather_keys_*`) and clustered on the GPU (`squeeze_kmeans`, every
+//!   KV head at once, bit-identical to the CPU policy's `kmeans.rs`; the
+//!   coarse level per head), only the sink keys and the clusters are read
+//!   back, the host calibrates over the recorded queries and the index is
+//!   uploaded (`SqueezeIndexGpu`). With `INFINITEHIP_SQUEEZE_KMEANS=host`
+//!   (or a head dim the kernels lack) the whole prefix's keys are read back
+//!   and the host runs the CPU policy's own `build_prefix`. Cost per
+//!   (request, layer): timed, `Sealed::seal_ms` / `kmeans_ms` (README).
 //! - **Decode** past the seal: the centroid lookup and the key ranges on the
 //!   GPU (`SqueezeIndexGpu::launch_select`, one or two levels, the CPU's
 //!   thresholds), no host sync. Within f32 rounding of a threshold a cluster
