@@ -185,6 +185,7 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
     for (i, c) in cases.iter().enumerate() {
         out.push(case(gpu, c, seed + i as u64)?);
     }
+    out.push(two_level_head(gpu, seed)?);
     // A non-finite point is an error, never clusters.
     let mut pts = points(1, 200, 64, 4, 0.5, 0, seed);
     pts[77 * 64 + 5] = f32::NAN;
@@ -207,6 +208,51 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
         },
     });
     Ok(out)
+}
+
+/// A two-level squeeze head index built as the engine seal builds it (fine
+/// and coarse k-means on the GPU, `build_head_from`) == the CPU policy's
+/// `build_head`: labels, sizes, centroids of both levels.
+fn two_level_head(gpu: &GpuContext, seed: u64) -> R<Check> {
+    use infinitehip::backend::cuda::policies::squeeze_kmeans::kmeans_host;
+    use infinitehip::kv::SeqView;
+    use infinitehip::policy::squeeze::{build_head, build_head_from, fine_params};
+    let (n, d) = (5000, 128);
+    let keys = points(1, n, d, 30, 0.7, 0, seed + 40);
+    let cfg = SqueezeConfig {
+        levels: 2,
+        seed: seed ^ 3,
+        ..SqueezeConfig::default()
+    };
+    let view = SeqView::from_contiguous(1, d, n, &keys, &keys);
+    let cpu = build_head(&view, 0, n, &cfg).map_err(e)?;
+    let s = cfg.sink;
+    let km = kmeans_host(gpu, &keys[s * d..], d, &fine_params(&cfg, n - s)).map_err(e)?;
+    let g = build_head_from(&keys[..s * d], d, Some(km), 0, &cfg, &mut |p, d, q| {
+        kmeans_host(gpu, p, d, q)
+    })
+    .map_err(e)?;
+    let (cc, gc) = (cpu.coarse.as_ref(), g.coarse.as_ref());
+    let fine_same = cpu.labels == g.labels
+        && cpu.fine.sizes == g.fine.sizes
+        && cpu.fine.centroids == g.fine.centroids;
+    let coarse_same = match (cc, gc) {
+        (Some(a), Some(b)) => {
+            a.of_fine == b.of_fine
+                && a.level.sizes == b.level.sizes
+                && a.level.centroids == b.level.centroids
+        }
+        _ => false,
+    };
+    Ok(Check {
+        name: format!("squeeze two-level head index, GPU k-means == CPU ({n} keys, d {d})"),
+        ok: fine_same && coarse_same,
+        detail: format!(
+            "fine level identical {fine_same} ({} clusters), coarse level identical {coarse_same} ({} clusters)",
+            g.fine.k(),
+            gc.map_or(0, |c| c.level.k())
+        ),
+    })
 }
 
 /// First decode of one request on one squeeze layer (Llama-3.1-8B heads,
