@@ -419,6 +419,27 @@ impl GpuAttention {
         })
     }
 
+    /// Squeeze layer `layer`'s clustering of request `id`: (k-means ms,
+    /// whether it ran on the GPU). None before the seal.
+    pub fn squeeze_kmeans(&self, layer: usize, id: u64) -> Option<(f64, bool)> {
+        let s = *self.slots.get(&id)?;
+        let Some(Layer::Squeeze(z)) = self.layers.get(layer) else {
+            return None;
+        };
+        z.sealed(s).map(|x| (x.kmeans_ms, x.kmeans_on_gpu))
+    }
+
+    /// Cluster squeeze prefixes sealed from now on with the GPU k-means
+    /// (default) or the host's (`INFINITEHIP_SQUEEZE_KMEANS=host` sets the
+    /// initial choice).
+    pub fn set_squeeze_kmeans_on_gpu(&mut self, on: bool) {
+        for l in &mut self.layers {
+            if let Layer::Squeeze(z) = l {
+                z.kmeans_on_gpu = on;
+            }
+        }
+    }
+
     /// Whether request `id`'s current lazy step met a non-finite importance
     /// (its selections then cover everything, so the NaN reaches the
     /// output). Waits for the device (tests, debugging).
