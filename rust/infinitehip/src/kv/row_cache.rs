@@ -1040,7 +1040,7 @@ mod tests {
                 let uniq = dedup_rows(&rev);
                 let n = uniq.len().min(max_admit);
                 let want = c
-                    .take(n, |w0, nw, out: &mut [u64]| -> Result<(), ()> {
+                    .take(n, |w0, _nw, out: &mut [u64]| -> Result<(), ()> {
                         for (i, o) in out.iter_mut().enumerate() {
                             let w = (w0 + i) % c_words(cap);
                             for bit in 0..64 {
