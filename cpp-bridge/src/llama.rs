@@ -32,7 +32,9 @@ use infinitehip::team::Team;
 use infinitehip::{Error, Result};
 
 use crate::ffi::{ModelInfo, RopeInfo, TensorDesc};
-use crate::llama_attend::{attend_reference, attend_run, use_reference, HeadKv, Rows};
+use crate::llama_attend::{
+    attend_reference, attend_run_moved, use_reference, HeadKv, KeyMove, Rows,
+};
 use crate::llama_lazy::LazyRows;
 use crate::llama_locret::{view, LocretLlama};
 use crate::llama_profile::{Count, Profile, Slot};
@@ -1091,8 +1093,7 @@ impl LlamaPlugin {
             let mut toks: Vec<(u32, f32)> = Vec::new();
             let (mut attended, mut context) = (0u64, 0u64);
             let nkh = g.n_kv_heads;
-            // streaming positions rotate queries per run: the per-item path
-            let reference = use_reference() || streaming.is_some();
+            let reference = use_reference();
             let mut run = RunBufs::default();
             if !reference {
                 // Head-major over this thread's items, so the tokens of one hip
@@ -1131,14 +1132,21 @@ impl LlamaPlugin {
                                     q_pos,
                                     cells,
                                     &sels[sel as usize].heads[h],
+                                    streaming.as_ref().map(|(r, tb)| (*r, &tb[..])),
                                 );
-                                attend_run(
+                                let mv = streaming.as_ref().map(|(rope, table)| KeyMove {
+                                    rope,
+                                    table,
+                                    shift: &run.kshift,
+                                });
+                                attend_run_moved(
                                     &kv,
                                     &run.q,
                                     grp,
                                     &run.cells,
                                     &run.visible,
                                     shape.scale,
+                                    mv.as_ref(),
                                     &mut run.out,
                                 );
                                 for (i, tt) in (t..t_end).enumerate() {
@@ -1512,6 +1520,9 @@ struct RunBufs {
     visible: Vec<usize>,
     out: Vec<f32>,
     qbuf: Vec<f32>,
+    /// Streaming attention: per cell of `cells`, its rank minus its chain
+    /// index (the key's move).
+    kshift: Vec<i64>,
 }
 
 impl RunBufs {
@@ -1529,20 +1540,35 @@ impl RunBufs {
         q_pos: &[usize],
         cells: &[u32],
         ranges: &[Range<usize>],
+        streaming: Option<(&LlamaRope, &[(f32, f32)])>,
     ) {
         let end = q_pos[ts.end - 1] + 1;
         self.q.clear();
         self.cells.clear();
         self.visible.clear();
+        self.kshift.clear();
         for r in ranges {
             let r = r.start.min(end)..r.end.min(end);
+            if streaming.is_some() {
+                // Sorted ranges: a visible key's rank is the same for every
+                // token of the run (the selected tokens before it).
+                let rank0 = self.cells.len() as i64;
+                self.kshift
+                    .extend(std::iter::repeat_n(rank0 - r.start as i64, r.len()));
+            }
             self.cells.extend_from_slice(&cells[r]);
         }
         for t in ts.clone() {
             let e = q_pos[t] + 1;
-            self.visible
-                .push(ranges.iter().map(|r| r.end.min(e) - r.start.min(e)).sum());
+            let vis: usize = ranges.iter().map(|r| r.end.min(e) - r.start.min(e)).sum();
+            self.visible.push(vis);
             inp.query(t, s, h * grp, grp, &mut self.qbuf);
+            if let Some((rope, table)) = streaming {
+                // Streaming: the query sits at rank vis - 1 (the keys at
+                // their ranks, `kshift`); the product depends only on the
+                // difference, as in `streaming_shift`.
+                rope.rotate_heads(table, &mut self.qbuf, vis as i64 - 1 - q_pos[t] as i64);
+            }
             self.q.extend_from_slice(&self.qbuf);
         }
         self.out.resize(self.q.len(), 0.0);

@@ -14,6 +14,8 @@
 
 use half::f16;
 
+use crate::llama_rope::LlamaRope;
+
 /// Cells per tile: the tile's f32 K and V (2 x 32 x d floats) stay in L1.
 const TILE: usize = 32;
 
@@ -144,6 +146,31 @@ pub(crate) fn attend_run(
     scale: f32,
     out: &mut [f32],
 ) {
+    attend_run_moved(kv, q, grp, cells, visible, scale, None, out)
+}
+
+/// Keys moved to other positions as they are loaded: key `i` of the cell
+/// list is rotated by `shift[i]` positions (streaming attention: from its
+/// chain index to its rank among the selected tokens). Each key is rotated
+/// once per tile, for every query row of the run.
+pub(crate) struct KeyMove<'a> {
+    pub rope: &'a LlamaRope,
+    pub table: &'a [(f32, f32)],
+    pub shift: &'a [i64],
+}
+
+/// `attend_run` with the keys optionally moved (`KeyMove`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_run_moved(
+    kv: &HeadKv<'_>,
+    q: &[f32],
+    grp: usize,
+    cells: &[u32],
+    visible: &[usize],
+    scale: f32,
+    mv: Option<&KeyMove<'_>>,
+    out: &mut [f32],
+) {
     let d = kv.d;
     let n_rows = visible.len() * grp;
     debug_assert_eq!(q.len(), n_rows * d);
@@ -161,6 +188,10 @@ pub(crate) fn attend_run(
         let tn = TILE.min(n_max - t0);
         for j in 0..tn {
             kv.key(cells[t0 + j], &mut kt[j * d..(j + 1) * d]);
+            if let Some(m) = mv {
+                m.rope
+                    .rotate_heads(m.table, &mut kt[j * d..(j + 1) * d], m.shift[t0 + j]);
+            }
             kv.value(cells[t0 + j], &mut vt[j * d..(j + 1) * d]);
         }
         for r in 0..n_rows {

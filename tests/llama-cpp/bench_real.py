@@ -82,18 +82,30 @@ def main():
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--builds", default="stock,patched,sparse")
     ap.add_argument("--profile", action="store_true", help="LLAMA_INFINITEHIP_PROFILE=1 for the plugin runs")
+    ap.add_argument("--config", action="append", default=[], metavar="NAME=PATH",
+                    help="another patched-build row: a suite config (tests/quality/configs/*.json, size "
+                         "expressions evaluated at the longest context) or a plain policy JSON; repeatable")
     ap.add_argument("--json", default=os.path.join(REPO, "target", "bench-llama-cpp-real.json"))
     a = ap.parse_args()
+    extra = {}
+    for spec in a.config:
+        name, path = spec.split("=", 1)
+        extra[name] = path
 
     ctxs = sorted(int(x) for x in a.contexts.split(","))
     top = ctxs[-1]
-    builds = a.builds.split(",")
+    builds = [b for b in a.builds.split(",") if b] + list(extra)
     assert "stock" in builds, "stock is the baseline"
     tmp = tempfile.mkdtemp(prefix="ihip-real-")
     exe = {b: os.path.join(a.work, "build-stock" if b == "stock" else "build-patched", "bin", "ihip_run") for b in builds}
     cfg = {"stock": None}
-    for name, c in [("patched", CONFIG), ("sparse", SPARSE)]:
-        cfg[name] = os.path.join(tmp, f"{name}.json")
+    policies = {"patched": CONFIG, "sparse": SPARSE}
+    sys.path.insert(0, os.path.join(REPO, "tests", "quality"))
+    import suite_config  # noqa: E402
+    for name, path in extra.items():
+        policies[name] = suite_config.instantiate(suite_config.load(path)["policy"], top, {})
+    for name, c in policies.items():
+        cfg[name] = os.path.join(tmp, name.replace("/", "_") + ".json")
         with open(cfg[name], "w") as f:
             json.dump(c, f)
 
@@ -152,8 +164,7 @@ def main():
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "model": os.path.basename(a.model),
         "text": os.path.basename(a.text),
-        "config_patched": CONFIG,
-        "config_sparse": SPARSE,
+        "configs": {b: policies[b] for b in builds if b in policies},
         "note": "prefill: one run per build at the longest context, shorter contexts = sums of its ubatches; "
                 "decode: every build from stock's saved KV cut to each depth, best of reps; flash attention on",
         "load_avg_1m_prefill": loads,

@@ -8,7 +8,10 @@
 //! chunk's true maximum (replayed attention mass kept 0.712 at 8x, vs 0.830
 //! with exact chunk maxima); chunks of 4 then a token-level top-k keep 0.904
 //! (exact group top-k: 0.931). A chunk of 4 costs its search 4 key reads,
-//! so stage 1 reads every middle key once per refresh.
+//! so stage 1 reads every middle key once per refresh; a chunk of 2 costs
+//! the same reads and its search is the exact chunk maximum (both keys are
+//! probed), which keeps 0.919 (chunk 4's search picks a half first and can
+//! miss the chunk's best key).
 
 use serde_json::Value;
 
@@ -17,13 +20,17 @@ use super::{HipConfig, HipStage, LayerPolicy, PolicyConfig};
 /// Largest head_dim that gets `small_head_dim_stages` by default.
 pub const SMALL_HEAD_DIM: usize = 64;
 
+/// Stage-1 chunk of the small-head-dim stages: 2, whose search reads both
+/// keys (the exact chunk max) at the per-token cost of chunk 4.
+pub const SMALL_STAGE1_CHUNK: usize = 2;
+
 /// The default stages for head_dim <= `SMALL_HEAD_DIM`, with the same
 /// budgets as `HipConfig::default()`'s first and last stage.
 pub fn small_head_dim_stages() -> Vec<HipStage> {
     let paper = HipConfig::default().stages;
     vec![
         HipStage {
-            chunk_size: 4,
+            chunk_size: SMALL_STAGE1_CHUNK,
             keep_tokens: paper[0].keep_tokens,
             refresh_interval: 8,
         },
