@@ -117,6 +117,11 @@ class Proj(ctypes.Structure):
     ]
 
 
+class DeviceIndex(ctypes.Structure):
+    """IhipDeviceIndex: a device int32 (elem_bytes 4) or int64 (8) array."""
+    _fields_ = [("ptr", ctypes.c_uint64), ("elem_bytes", ctypes.c_int64)]
+
+
 def _declare(lib):
     c = ctypes
     sz, u64, i32 = c.c_size_t, c.c_uint64, c.c_int
@@ -157,6 +162,10 @@ def _declare(lib):
         "ihip_gpu_prefill": (
             i32, [vp, u64, sz, c.POINTER(GpuRequests), c.POINTER(KvCache), c.POINTER(DeviceRows),
                   c.POINTER(DeviceRows), c.c_float, c.POINTER(Proj)]),
+        "ihip_gpu_graph_prepare": (i32, [vp, sz, c.c_int64, c.c_int64, c.c_int64]),
+        "ihip_gpu_decode_graph": (
+            i32, [vp, u64, sz, sz, c.POINTER(DeviceIndex), c.POINTER(DeviceIndex), c.POINTER(KvCache),
+                  c.POINTER(DeviceRows), c.POINTER(DeviceRows), c.c_float]),
         "ihip_gpu_end_request": (i32, [vp, u64]),
         "ihip_gpu_reset": (i32, [vp]),
         "ihip_gpu_info_json": (vp, [vp]),

@@ -228,6 +228,40 @@ class GpuAttention:
                                           float(sm_scale or 0.0)))
         return out
 
+    def prepare_graph(self, max_batch, table, page_size=1):
+        """Allocate what `decode_graph` needs for batches up to `max_batch`
+        over `table` (its rows x row length; page_size 1: SGLang's
+        req_to_token). Synchronous: call before capturing. Refused for a
+        config with layers other than dense and hip."""
+        _ffi.check(_fn("ihip_gpu_graph_prepare")(self._h(), int(max_batch), int(table.shape[0]),
+                                                   int(table.shape[1]), int(page_size)))
+
+    def decode_graph(self, layer, q, k, v, table, rows, lens, out=None, sm_scale=None, out_dtype=None,
+                     stream=None):
+        """Decode that a CUDA graph can capture: `rows` / `lens` are DEVICE
+        int32/int64 tensors `[batch]` (table row and length with the new
+        token of each position), read when the work runs, so a captured call
+        replays with their contents at replay time. Metadata is computed on
+        the device; nothing is allocated, copied or waited for (after
+        `prepare_graph`). Other arguments as `decode`."""
+        import torch
+
+        n = int(q.shape[0])
+        for name, t in (("rows", rows), ("lens", lens)):
+            if not isinstance(t, torch.Tensor) or t.device.type != "cuda" or t.dtype not in (torch.int32,
+                                                                                             torch.int64):
+                raise InfinitehipError(f"{name} must be a CUDA int32/int64 tensor, got "
+                                       f"{getattr(t, 'dtype', type(t))} on {getattr(t, 'device', '?')}")
+            if t.dim() != 1 or int(t.shape[0]) < n or (n > 1 and t.stride(0) != 1):
+                raise InfinitehipError(f"{name} must be a contiguous 1-D tensor of >= {n} entries, "
+                                       f"got shape {list(t.shape)}")
+        out, st, args = self._common(q, k, v, table, out, out_dtype, stream)
+        ri = _ffi.DeviceIndex(rows.data_ptr(), rows.element_size())
+        li = _ffi.DeviceIndex(lens.data_ptr(), lens.element_size())
+        _ffi.check(_fn("ihip_gpu_decode_graph")(self._h(), st, int(layer), n, ctypes.byref(ri), ctypes.byref(li),
+                                                *args, float(sm_scale or 0.0)))
+        return out
+
     def prefill(self, layer, q, k, v, table, table_rows, lens, n_new, req_ids, out=None, sm_scale=None,
                 out_dtype=None, stream=None, proj=None, prompt_done=None):
         """Causal attention of new tokens: request b owns n_new[b]

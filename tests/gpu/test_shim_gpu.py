@@ -17,7 +17,14 @@ its modules are stubbed with the few names the backend imports).
    covering hip; and locret with a covering budget, its pre-RoPE q/k
    recovered by inverting a fake model's rotary embedding, which is checked
    against a forward rotation first).
-4. timing, batch 1, Llama-3.1-8B shape: shim hip decode (bf16 q/out, over a
+4. CUDA graphs: GpuAttention.decode_graph captured in a torch.cuda.CUDAGraph
+   and replayed over steps that cross every hip refresh, replace a request
+   and shrink the batch, vs the same launches eagerly (bit for bit) and vs
+   the host-metadata decode (f32, 1e-5), with a stale-length replay that
+   must fail the bound; and the backend's graph hooks (init_cuda_graph_state,
+   init_forward_metadata_out_graph, forward_decode captured, set_kv_buffer
+   inside the graph) vs an eager backend.
+5. timing, batch 1, Llama-3.1-8B shape: shim hip decode (bf16 q/out, over a
    token-major pool, ctypes call included) vs SDPA flash decode, at 128K and
    1M, same run.
 
@@ -677,6 +684,280 @@ def timing(tokens_list):
     att.close()
 
 
+# --- CUDA graphs: decode_graph captured and replayed vs eager -----------------
+def sparse_hip():
+    """A hip budget far below the contexts used here (selections are sparse)
+    with short refresh intervals (a 12-step run crosses every stage's)."""
+    return {"method": "hip", "sink": 16, "window": 64,
+            "stages": [{"chunk_size": 64, "keep_tokens": 512, "refresh_interval": 4},
+                       {"chunk_size": 16, "keep_tokens": 256, "refresh_interval": 2},
+                       {"chunk_size": 8, "keep_tokens": 128, "refresh_interval": 1}]}
+
+
+def strong_key(q, scale=0.5):
+    """Per KV head: the group's mean query times `scale` (bf16), so the
+    token carrying it takes a clear share of its request's attention and
+    attending without it (stale lengths) moves the output far."""
+    g = HQ // HKV
+    return (q.float().reshape(-1, HKV, g, D).mean(2) * scale).to(torch.bfloat16)
+
+
+GRAPH_BOUND = 1e-5  # f32 q/out: graph vs host metadata differ only in split-K summation order
+
+
+def test_graph_shim(gen):
+    """GpuAttention.decode_graph (dense + sparse hip layer) captured once in
+    a torch.cuda.CUDAGraph with a padded batch of 4, replayed 12 steps: each
+    step appends a strong token per request, a request is replaced by a new
+    one in another row at step 6 and the batch shrinks at step 9 (padding),
+    crossing every stage's refresh. Each replay == the same launches run
+    eagerly on a second object (bit for bit), == the host-metadata decode
+    (GRAPH_BOUND, f32), dense layer == f32 SDPA; then a replay with stale
+    lengths must miss the bound (the comparison is sensitive)."""
+    cfg = {"model": {"n_layers": 2, "n_q_heads": HQ, "n_kv_heads": HKV, "head_dim": D},
+           "dense_layers": 1, "default": sparse_hip()}
+    a = ig.GpuAttention(cfg)
+    b = ig.GpuAttention(cfg)
+    max_ctx, n_slots = 12288, 40000
+    k = torch.randn(n_slots, HKV, D, generator=gen, device=DEV).to(torch.bfloat16)
+    v = torch.randn(n_slots, HKV, D, generator=gen, device=DEV).to(torch.bfloat16)
+    r2t = torch.zeros(8, max_ctx, dtype=torch.int32, device=DEV)
+    free = iter((torch.randperm(n_slots - 1, generator=gen, device=DEV) + 1).tolist())
+
+    def new_request(row, n):
+        r2t[row, :n] = torch.tensor([next(free) for _ in range(n)], dtype=torch.int32, device=DEV)
+
+    rows, lens = [5, 2, 6], [3000, 9000, 5000]
+    for r, n in zip(rows, lens):
+        new_request(r, n)
+    try:
+        a.prepare_graph(4, r2t)
+        b.prepare_graph(4, r2t)
+        a.prepare_graph(4, r2t)  # a second call that fits keeps the buffers
+    except infinitehip.InfinitehipError as e:
+        check("graph decode: prepare_graph", False, str(e))
+        return
+    rows_s = torch.zeros(4, dtype=torch.int64, device=DEV)
+    lens_s = torch.ones(4, dtype=torch.int64, device=DEV)
+    q_s = torch.zeros(4, HQ * D, device=DEV)
+    out_s = [torch.full((4, HQ * D), float("nan"), device=DEV) for _ in range(2)]
+
+    def step_graph(att):
+        for layer in (0, 1):
+            att.decode_graph(layer, q_s, k, v, r2t, rows_s, lens_s, out=out_s[layer])
+
+    step_graph(a)  # warm-up on the padding row only: kernels loaded before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step_graph(a)
+    except Exception as e:  # noqa: BLE001 - report the capture failure as a FAIL
+        check("graph decode: capture into torch.cuda.CUDAGraph", False, repr(e))
+        return
+    worst_bits, worst_host, worst_dense, n_cmp = 0.0, 0.0, 0.0, 0
+    nan_seen = False
+    for t in range(12):
+        if t == 6:  # position 2: a new request (another row, 4000-token prompt)
+            rows[2], lens[2] = 7, 4000
+            new_request(7, 4000)
+        if t == 9:  # the batch shrinks: position 2 is padding again
+            rows, lens = rows[:2], lens[:2]
+        n = len(rows)
+        q = torch.randn(n, HQ * D, generator=gen, device=DEV)
+        kn = strong_key(q)
+        for i, r in enumerate(rows):
+            s = next(free)
+            r2t[r, lens[i]] = s
+            k[s] = kn[i]
+            v[s] = torch.randn(HKV, D, generator=gen, device=DEV).to(torch.bfloat16)
+            lens[i] += 1
+        rows_s.zero_()
+        lens_s.fill_(1)
+        q_s.zero_()
+        rows_s[:n] = torch.tensor(rows, device=DEV)
+        lens_s[:n] = torch.tensor(lens, device=DEV)
+        q_s[:n] = q
+        for o in out_s:
+            o.fill_(float("nan"))
+        graph.replay()
+        got = [o.clone() for o in out_s]
+        step_graph(b)  # the same launches, not captured
+        eager = [o.clone() for o in out_s]
+        host = [a.decode(layer, q, k, v, r2t, rows, lens, rows) for layer in (0, 1)]
+        torch.cuda.synchronize()
+        nan_seen |= not all(bool(torch.isfinite(x[:n]).all()) for x in got)
+        for layer in (0, 1):
+            worst_bits = max(worst_bits, float((got[layer] - eager[layer]).abs().max()))
+            for i in range(n):
+                worst_host = max(worst_host, rel_err(got[layer][i:i + 1], host[layer][i:i + 1]))
+        for i in range(n):
+            ref = sdpa_ref(q[i:i + 1], k, v, r2t, rows[i], lens[i])
+            worst_dense = max(worst_dense, rel_err(got[0][i:i + 1], ref))
+        n_cmp += n
+    ok_bits = worst_bits == 0.0 and not nan_seen
+    check("graph decode: replay == eager launches of the same step (bit for bit), 12 steps",
+          ok_bits, f"max |diff| {worst_bits:.3g} over {n_cmp} request-steps x 2 layers, NaN {nan_seen}")
+    check("graph decode: replay == host-metadata decode (dense + sparse hip), refreshes + new request + padding",
+          worst_host <= GRAPH_BOUND and not nan_seen,
+          f"worst rel_err {worst_host:.2e} (bound {GRAPH_BOUND:.0e}, f32 q/out; hip keep 128/8192 tokens)")
+    check("graph decode: dense layer replay == f32 SDPA", worst_dense <= 1e-4,
+          f"worst rel_err {worst_dense:.2e} (bound 1e-4)")
+    # Sensitivity: append a token but leave the lengths the graph reads stale.
+    n = len(rows)
+    q = torch.randn(n, HQ * D, generator=gen, device=DEV)
+    kn = strong_key(q)
+    for i, r in enumerate(rows):
+        s = next(free)
+        r2t[r, lens[i]] = s
+        k[s] = kn[i]
+        lens[i] += 1
+    q_s[:n] = q
+    graph.replay()
+    stale = [o.clone() for o in out_s]
+    host = [a.decode(layer, q, k, v, r2t, rows, lens, rows) for layer in (0, 1)]
+    torch.cuda.synchronize()
+    e_stale = min(rel_err(stale[layer][i:i + 1], host[layer][i:i + 1]) for layer in (0, 1) for i in range(n))
+    check("graph decode: a replay with stale lengths misses the bound (the check can fail)",
+          e_stale > 100 * GRAPH_BOUND, f"smallest rel_err {e_stale:.2e} (must exceed {100 * GRAPH_BOUND:.0e})")
+    a.close()
+    b.close()
+
+
+def test_backend_graph(gen):
+    """InfiniteHipAttnBackend's graph hooks: init_cuda_graph_state, an extend
+    (eager), then forward_decode of both layers (dense + sparse hip) captured
+    once for a padded batch of 4 after init_forward_metadata_out_graph, and
+    replayed 10 steps (set_kv_buffer of the new token inside the graph, as
+    SGLang) vs a second backend's eager decode on the same inputs."""
+    stub_sglang()
+    from infinitehip.sglang.backend import InfiniteHipAttnBackend
+
+    n_layers = 2
+    path = os.path.join(tempfile.mkdtemp(), "cfg.json")
+    with open(path, "w") as f:
+        json.dump({"dense_layers": 1, "default": sparse_hip()}, f)
+    os.environ["INFINITEHIP_CONFIG"] = path
+    size = 12000
+    kbuf = [torch.zeros(size + 1, HKV, D, dtype=torch.bfloat16, device=DEV) for _ in range(n_layers)]
+    vbuf = [torch.zeros(size + 1, HKV, D, dtype=torch.bfloat16, device=DEV) for _ in range(n_layers)]
+
+    class Pool:
+        layer_num = n_layers
+        dtype = torch.bfloat16
+        start_layer = 0
+
+        def get_key_buffer(self, i):
+            return kbuf[i]
+
+        def get_value_buffer(self, i):
+            return vbuf[i]
+
+        def set_kv_buffer(self, layer, loc, k, v):
+            kbuf[layer.layer_id][loc] = k.to(torch.bfloat16)
+            vbuf[layer.layer_id][loc] = v.to(torch.bfloat16)
+
+    r2t = torch.zeros(8, 6144, dtype=torch.int32, device=DEV)
+
+    class ReqPool:
+        req_to_token = r2t
+        free_slots = [4, 5, 6, 7]
+
+    mc = types.SimpleNamespace(head_dim=D, context_len=131072, hf_config=types.SimpleNamespace(rope_theta=500000.0),
+                               get_num_attention_heads=lambda tp: HQ, get_num_kv_heads=lambda tp: HKV)
+    runner = types.SimpleNamespace(device="cuda:0", req_to_token_pool=ReqPool(), token_to_kv_pool=Pool(),
+                                   model_config=mc, server_args=types.SimpleNamespace(tp_size=1))
+    be = InfiniteHipAttnBackend(runner)
+    ref = InfiniteHipAttnBackend(runner)
+    if be.gpu is None:
+        check("backend graph hooks: GPU path", False, "no GPU object")
+        return
+    try:
+        be.init_cuda_graph_state(4, 4)
+    except Exception as e:  # noqa: BLE001
+        check("backend graph hooks: init_cuda_graph_state", False, repr(e))
+        return
+    layers = [types.SimpleNamespace(layer_id=i, tp_q_head_num=HQ, tp_k_head_num=HKV, qk_head_dim=D, v_head_dim=D,
+                                    scaling=1.0 / math.sqrt(D), logit_cap=0, sliding_window_size=-1,
+                                    is_cross_attention=False, attn_type=None) for i in range(n_layers)]
+    rows, lens = [3, 1], [2000, 4500]
+    slot_iter = iter((torch.randperm(size, generator=gen, device=DEV) + 1).tolist())
+    locs = []
+    for r, n in zip(rows, lens):
+        s = [next(slot_iter) for _ in range(n)]
+        r2t[r, :n] = torch.tensor(s, dtype=torch.int32, device=DEV)
+        locs.extend(s)
+    tot = sum(lens)
+    fb = types.SimpleNamespace(
+        forward_mode=Mode(False), batch_size=2, req_pool_indices=torch.tensor(rows, device=DEV),
+        seq_lens=torch.tensor(lens, device=DEV), seq_lens_cpu=torch.tensor(lens), extend_seq_lens_cpu=list(lens),
+        extend_seq_lens=torch.tensor(lens), out_cache_loc=torch.tensor(locs, device=DEV))
+    be.init_forward_metadata(fb)
+    for layer in layers:
+        q = torch.randn(tot, HQ * D, generator=gen, device=DEV).to(torch.bfloat16)
+        kk = torch.randn(tot, HKV, D, generator=gen, device=DEV).to(torch.bfloat16)
+        vv = torch.randn(tot, HKV, D, generator=gen, device=DEV).to(torch.bfloat16)
+        be.forward_extend(q, kk, vv, layer, fb)
+    torch.cuda.synchronize()
+    # Static decode inputs, as SGLang's graph runner (padding: row 0, length 1, slot 0).
+    rows_s = torch.zeros(4, dtype=torch.int64, device=DEV)
+    lens_s = torch.ones(4, dtype=torch.int64, device=DEV)
+    loc_s = torch.zeros(4, dtype=torch.int64, device=DEV)
+    q_s = [torch.zeros(4, HQ * D, dtype=torch.bfloat16, device=DEV) for _ in layers]
+    k_s = [torch.zeros(4, HKV, D, dtype=torch.bfloat16, device=DEV) for _ in layers]
+    v_s = [torch.zeros(4, HKV, D, dtype=torch.bfloat16, device=DEV) for _ in layers]
+    sfb = types.SimpleNamespace(forward_mode=Mode(True), batch_size=4, req_pool_indices=rows_s, seq_lens=lens_s,
+                                seq_lens_cpu=torch.ones(4, dtype=torch.int64), out_cache_loc=loc_s)
+
+    def run():
+        return [be.forward_decode(q_s[i], k_s[i], v_s[i], layers[i], sfb) for i in range(n_layers)]
+
+    try:
+        be.init_forward_metadata_out_graph(sfb, in_capture=True)
+        for _ in range(2):  # SGLang's two warm-up runs (padding only)
+            run()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = run()
+    except Exception as e:  # noqa: BLE001
+        check("backend graph hooks: capture of forward_decode", False, repr(e))
+        return
+    worst, nan_seen = 0.0, False
+    for t in range(10):
+        n = len(rows)
+        new = [next(slot_iter) for _ in rows]
+        for i, r in enumerate(rows):
+            r2t[r, lens[i]] = new[i]
+            lens[i] += 1
+        rows_s[:n] = torch.tensor(rows, device=DEV)
+        lens_s[:n] = torch.tensor(lens, device=DEV)
+        loc_s[:n] = torch.tensor(new, device=DEV)
+        for i in range(n_layers):
+            q = torch.randn(n, HQ * D, generator=gen, device=DEV).to(torch.bfloat16)
+            q_s[i][:n] = q
+            k_s[i][:n] = strong_key(q)
+            v_s[i][:n] = torch.randn(n, HKV, D, generator=gen, device=DEV).to(torch.bfloat16)
+        be.init_forward_metadata_out_graph(sfb)
+        graph.replay()
+        got = [o[:n].clone() for o in outs]
+        efb = types.SimpleNamespace(forward_mode=Mode(True), batch_size=n,
+                                    req_pool_indices=torch.tensor(rows, device=DEV),
+                                    seq_lens=torch.tensor(lens, device=DEV), seq_lens_cpu=torch.tensor(lens),
+                                    out_cache_loc=torch.tensor(new, device=DEV))
+        ref.init_forward_metadata(efb)
+        exp = [ref.forward_decode(q_s[i][:n], k_s[i][:n], v_s[i][:n], layers[i], efb) for i in range(n_layers)]
+        torch.cuda.synchronize()
+        nan_seen |= not all(bool(torch.isfinite(x).all()) for x in got)
+        for i in range(n_layers):
+            for j in range(n):
+                worst = max(worst, rel_err(got[i][j:j + 1], exp[i][j:j + 1]))
+    check("backend graph hooks: SGLang-style capture/replay of forward_decode == eager backend, 10 steps",
+          worst <= 4e-3 and not nan_seen,
+          f"worst rel_err {worst:.2e} (bound 4e-3: bf16 output rounding of split-K order differences), "
+          f"NaN {nan_seen}, graph {be.gpu.info().get('graph')}")
+
+
 def main():
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, gpu_built {ig.gpu_built()}", flush=True)
     gen = torch.Generator(device=DEV).manual_seed(1234)
@@ -689,6 +970,8 @@ def main():
     test_shim_locret(gen)
     test_backend(gen)
     test_backend_locret(gen)
+    test_graph_shim(gen)
+    test_backend_graph(gen)
     toks = [int(x) for x in os.environ.get("TIMING_TOKENS", "131072,1048576").split(",") if x]
     timing(toks)
     n_fail = RESULTS.count(False)

@@ -63,10 +63,46 @@ def register():
     _registered = True
 
 
+GRAPH_ENV = "INFINITEHIP_CUDA_GRAPH"
+_GRAPH_METHODS = {"dense", "hip"}
+
+
+def graph_capable_config(path=None):
+    """(True, "") when the policy config (`INFINITEHIP_CONFIG`, else the
+    library default: hip) has only dense and hip layers, whose decode the
+    backend can capture in a CUDA graph; else (False, why)."""
+    import json
+    import os
+
+    if os.environ.get(GRAPH_ENV, "1") == "0":
+        return False, f"{GRAPH_ENV}=0"
+    path = path if path is not None else os.environ.get("INFINITEHIP_CONFIG")
+    if not path:
+        return True, ""
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        return False, f"config {path} unreadable ({e})"
+    if not isinstance(cfg, dict):
+        return False, f"config {path} is not a JSON object"
+    methods = {(cfg.get("default") or {}).get("method", "hip")}
+    for o in cfg.get("overrides") or []:
+        if isinstance(o, dict):
+            methods.add((o.get("policy") or {}).get("method", "hip"))
+    other = sorted(m for m in methods if m not in _GRAPH_METHODS)
+    if other:
+        return False, f"config {path} has {', '.join(map(str, other))} layers (graph decode: dense and hip only)"
+    return True, ""
+
+
 def _install_cuda_graph_fallback():
-    """The backend has no CUDA-graph hooks: when it is selected, SGLang's
-    resolution step turns decode and prefill CUDA graphs off, with a log line.
-    (On SGLang versions without resolution hooks, pass --disable-cuda-graph.)"""
+    """Decode CUDA graphs stay on when every layer is dense or hip (the
+    backend's graph hooks capture them, GPU path); otherwise, or with
+    INFINITEHIP_CUDA_GRAPH=0, SGLang's resolution step turns decode graphs
+    off, with a log line. Prefill graphs are always turned off (extend runs
+    eagerly). (On SGLang versions without resolution hooks, pass
+    --disable-cuda-graph for configs that cannot be captured.)"""
     try:
         from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
         from sglang.srt.arg_groups.overrides import (
@@ -90,11 +126,22 @@ def _install_cuda_graph_fallback():
         }
         if BACKEND_NAME not in names:
             return
+        ok, why = graph_capable_config()
+        dev = str(getattr(view, "device", None) or "")
+        if ok and dev and not dev.startswith("cuda"):
+            ok, why = False, f"device {dev} (graph decode is the GPU path's)"
+        phases = (Phase.PREFILL,) if ok else (Phase.DECODE, Phase.PREFILL)
         cfg = resolving_view(server_args).cuda_graph_config
-        for ph in (Phase.DECODE, Phase.PREFILL):
+        for ph in phases:
             cfg = with_phase(cfg, ph, backend=Backend.DISABLED)
         declare_resolution(server_args, "infinitehip", cuda_graph_config=cfg)
-        logger.warning(
-            "infinitehip attention backend: CUDA graphs are not supported yet; "
-            "decode and prefill run eagerly (cuda_graph_config backends set to disabled)"
-        )
+        if ok:
+            logger.warning(
+                "infinitehip attention backend: decode CUDA graphs stay on (dense/hip layers, GPU path); "
+                "prefill runs eagerly (prefill cuda_graph_config backend set to disabled)"
+            )
+        else:
+            logger.warning(
+                "infinitehip attention backend: %s: decode and prefill run eagerly "
+                "(cuda_graph_config backends set to disabled)", why
+            )

@@ -75,11 +75,26 @@ Design (see also the project README):
   can be either one (SGLang's HybridAttnBackend). As the decode backend it
   builds each request's copy from SGLang's pool at its first decode (the
   rebuild path); locret needs it as the prefill backend too.
-* CUDA graphs: not supported (the per-step host metadata is copied at call
-  time). `infinitehip.sglang.register()` installs a
-  server-args resolution hook that turns decode and prefill CUDA graphs off
-  whenever this backend is selected and logs a warning; the graph hooks below
-  raise a clear error if a graph is requested anyway.
+* CUDA graphs (decode, GPU path, configs whose layers are all dense or
+  hip): `init_cuda_graph_state` allocates the library's graph decode
+  buffers once for SGLang's largest captured batch
+  (`GpuAttention.prepare_graph`); from then on every decode batch that fits
+  runs `decode_graph`, which reads SGLang's `req_pool_indices` and
+  `seq_lens` device tensors when the work runs and computes the hip
+  metadata (refresh decisions included) on the device: nothing is
+  allocated, copied or waited for inside the captured region, and
+  `init_forward_metadata_out_graph` (before capture and before every
+  replay) only sets a host flag. hip state is then kept per req_to_token
+  row (reset by our extend of the row, or detected on the device when the
+  row's request changes). In graph mode the per-batch `decode_dense_below`
+  switch is off (a captured graph cannot change route per replay). The
+  dense backend we wrap gets every graph hook (`init_cuda_graph_state`,
+  `init_forward_metadata_out_graph` / `_in_graph`, its seq-len fill
+  value), so its layers are captured in the same graph. Other methods
+  (squeeze, lazy, locret) and the host path cannot be captured:
+  `infinitehip.sglang.register()`'s server-args resolution hook turns
+  decode graphs off for such configs (and prefill graphs always), with a
+  log line; `init_cuda_graph_state` raises if a graph is requested anyway.
 * Policy config: the JSON file named by `INFINITEHIP_CONFIG` (default: the
   library's default config, hip with Llama-3.1-8B budgets). Absent `model`
   fields are filled from SGLang's model config (layers, heads per TP rank,
@@ -317,6 +332,7 @@ class InfiniteHipAttnBackend(AttentionBackend):
             if self._locret_host:
                 self._rope = _find_rope(model_runner, int(cfg["model"]["head_dim"]))
                 locret_free.add_backend(self)
+        self._graph_bs = 0  # largest decode batch of the prepared graph decode (0: no graphs)
         self._compact_pending = set()  # rows whose last forward was an extend
         self._gpu_rows = set()  # req_to_token rows with GPU policy state
         self.rows = {}  # req_to_token row -> _Seq
@@ -447,6 +463,8 @@ class InfiniteHipAttnBackend(AttentionBackend):
             else:
                 self._init_forward_metadata(forward_batch)
             p = self.plan
+            if p is not None and self._graph_decode(p["decode"], len(p["rows"])):
+                p["graph"] = True
             if p is not None:
                 p["dense_hip"] = self._dense_hip(p["decode"], p["seq_lens"])
                 if p["dense_hip"] and self.gpu is not None and not p["decode"]:
@@ -518,8 +536,12 @@ class InfiniteHipAttnBackend(AttentionBackend):
         if q2.stride(-1) != 1:
             q2 = q2.contiguous()
         out = torch.empty((q2.shape[0], h * d), dtype=q2.dtype, device=q2.device)
-        rows = p["rows"]
-        if decode:
+        rows = p.get("rows")
+        if decode and p.get("graph"):
+            # Device metadata from SGLang's own tensors: capturable.
+            self.gpu.decode_graph(li, q2, kb, vb, rt, forward_batch.req_pool_indices, forward_batch.seq_lens,
+                                  out=out, sm_scale=float(layer.scaling))
+        elif decode:
             self.gpu.decode(li, q2, kb, vb, rt, rows, p["seq_lens"], rows, out=out, sm_scale=float(layer.scaling))
         else:
             proj = None
@@ -844,15 +866,63 @@ class InfiniteHipAttnBackend(AttentionBackend):
                 )
         return res
 
-    # --- CUDA graphs: not supported (register() turns them off) ---------------
+    # --- CUDA graphs (decode; GPU path, dense and hip layers) ------------------
+    def _graph_decode(self, decode, bs):
+        """Does this decode batch run the graph decode (device metadata)?"""
+        return decode and self._graph_bs > 0 and 0 < bs <= self._graph_bs
+
     def init_cuda_graph_state(self, max_bs, max_num_tokens):
-        raise NotImplementedError(
-            "infinitehip backend has no CUDA-graph support yet; run with CUDA graphs disabled "
-            "(the plugin does this automatically; else pass --disable-cuda-graph)"
-        )
+        if self.gpu is None:
+            raise NotImplementedError(
+                "infinitehip backend: CUDA graphs need the GPU path (this backend runs the host engine); "
+                "run with CUDA graphs disabled (the plugin does this automatically; else pass "
+                "--disable-cuda-graph)"
+            )
+        try:
+            self.gpu.prepare_graph(int(max_bs), self.req_to_token_pool.req_to_token)
+        except InfinitehipError as e:
+            raise NotImplementedError(
+                f"infinitehip backend: cannot capture CUDA graphs for this config: {e}; run with CUDA graphs "
+                "disabled (--disable-cuda-graph, or INFINITEHIP_CUDA_GRAPH=0 so the plugin turns them off)"
+            ) from e
+        if self.dense is not None:
+            self.dense.init_cuda_graph_state(max_bs, max_num_tokens)
+        if self._decode_below:
+            logger.warning(
+                "infinitehip: decode CUDA graphs on: decode_dense_below (%d) is ignored for decode "
+                "(a captured graph cannot switch route per batch)", self._decode_below
+            )
+            self._decode_below = 0
+        self._graph_bs = int(max_bs)
+        logger.warning("infinitehip: decode CUDA graphs on (batches up to %d): %s", max_bs, self.gpu.info().get("graph"))
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture=False):
+        """Before capture and before every replay: host flags only (the
+        captured launches read SGLang's req_pool_indices / seq_lens)."""
+        if self.dense is not None:
+            self.dense.init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
+        mode = forward_batch.forward_mode
+        if not mode.is_decode():
+            raise NotImplementedError(
+                f"infinitehip backend: CUDA graphs for forward mode {getattr(mode, 'name', mode)}: only decode"
+            )
+        bs = int(forward_batch.batch_size)
+        if not self._graph_decode(True, bs):
+            raise RuntimeError(f"infinitehip backend: graph decode of batch {bs} (prepared up to {self._graph_bs})")
+        self.plan = {"decode": True, "graph": True, "dense_hip": False, "bs": bs}
+
+    def init_forward_metadata_in_graph(self, forward_batch):
+        if self.dense is not None:
+            self.dense.init_forward_metadata_in_graph(forward_batch)
 
     def get_cuda_graph_seq_len_fill_value(self):
+        if self.dense is not None:
+            return self.dense.get_cuda_graph_seq_len_fill_value()
         return 1
+
+    def on_after_cuda_graph_warmup(self):
+        if self.dense is not None and hasattr(self.dense, "on_after_cuda_graph_warmup"):
+            self.dense.on_after_cuda_graph_warmup()
 
     def support_triton(self):
         return False

@@ -183,6 +183,15 @@ typedef struct IhipProj {
   const uint8_t *prompt_done;
 } IhipProj;
 
+/*
+ A device array of `batch` table rows or lengths: int32 (`elem_bytes`
+ 4) or int64 (8), e.g. SGLang's `req_pool_indices` and `seq_lens`.
+ */
+typedef struct IhipDeviceIndex {
+  uint64_t ptr;
+  int64_t elem_bytes;
+} IhipDeviceIndex;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -466,6 +475,50 @@ int ihip_gpu_prefill(const struct IhipGpuAttn *a,
                      const struct IhipProj *proj);
 
 /*
+ Prepare CUDA-graph decode (`ihip_gpu_decode_graph`) of batches up to
+ `max_batch` over a page table of `table_n_rows` rows of `table_stride`
+ pages of `page_size` tokens: allocates every buffer once (synchronous;
+ call before capturing). A second call with sizes that fit is a no-op;
+ one that does not fit is IHIP_ERR_ARG. Only configs whose layers are all
+ dense or hip can be captured (else IHIP_ERR_ARG naming the layer).
+
+ # Safety
+ `a` is NULL or a live handle.
+ */
+int ihip_gpu_graph_prepare(const struct IhipGpuAttn *a,
+                           size_t max_batch,
+                           int64_t table_n_rows,
+                           int64_t table_stride,
+                           int64_t page_size);
+
+/*
+ Decode attention that a CUDA graph can capture (dense and hip layers,
+ after `ihip_gpu_graph_prepare`): position b of the batch is table row
+ `rows[b]` at length `lens[b]` (including its new token), both READ ON THE
+ DEVICE when the work runs, so a captured call replays with whatever the
+ caller wrote into those arrays since. All metadata (hip refresh
+ decisions included) is computed on the device; the call launches only
+ (no allocation, no copy, no host wait). hip state is kept per table row:
+ a row's first decode after `ihip_gpu_prefill` of it, or after its
+ request changed (length not the last + 1, or another first page),
+ refreshes every stage. Rows and lengths are clamped into the prepared
+ table on the device. Other arguments as `ihip_gpu_decode`.
+
+ # Safety
+ As `ihip_gpu_decode`; `rows` / `lens` point at `batch` device elements.
+ */
+int ihip_gpu_decode_graph(const struct IhipGpuAttn *a,
+                          uint64_t stream,
+                          size_t layer,
+                          size_t batch,
+                          const struct IhipDeviceIndex *rows,
+                          const struct IhipDeviceIndex *lens,
+                          const struct IhipKvCache *kv,
+                          const struct IhipDeviceRows *q,
+                          const struct IhipDeviceRows *out,
+                          float sm_scale);
+
+/*
  Forget request `req_id`'s hip state (call when the request ends).
 
  # Safety
@@ -564,6 +617,50 @@ int ihip_gpu_prefill(const struct IhipGpuAttn *a,
                      const struct IhipDeviceRows *out,
                      float sm_scale,
                      const struct IhipProj *proj);
+
+/*
+ Prepare CUDA-graph decode (`ihip_gpu_decode_graph`) of batches up to
+ `max_batch` over a page table of `table_n_rows` rows of `table_stride`
+ pages of `page_size` tokens: allocates every buffer once (synchronous;
+ call before capturing). A second call with sizes that fit is a no-op;
+ one that does not fit is IHIP_ERR_ARG. Only configs whose layers are all
+ dense or hip can be captured (else IHIP_ERR_ARG naming the layer).
+
+ # Safety
+ `a` is NULL or a live handle.
+ */
+int ihip_gpu_graph_prepare(const struct IhipGpuAttn *a,
+                           size_t max_batch,
+                           int64_t table_n_rows,
+                           int64_t table_stride,
+                           int64_t page_size);
+
+/*
+ Decode attention that a CUDA graph can capture (dense and hip layers,
+ after `ihip_gpu_graph_prepare`): position b of the batch is table row
+ `rows[b]` at length `lens[b]` (including its new token), both READ ON THE
+ DEVICE when the work runs, so a captured call replays with whatever the
+ caller wrote into those arrays since. All metadata (hip refresh
+ decisions included) is computed on the device; the call launches only
+ (no allocation, no copy, no host wait). hip state is kept per table row:
+ a row's first decode after `ihip_gpu_prefill` of it, or after its
+ request changed (length not the last + 1, or another first page),
+ refreshes every stage. Rows and lengths are clamped into the prepared
+ table on the device. Other arguments as `ihip_gpu_decode`.
+
+ # Safety
+ As `ihip_gpu_decode`; `rows` / `lens` point at `batch` device elements.
+ */
+int ihip_gpu_decode_graph(const struct IhipGpuAttn *a,
+                          uint64_t stream,
+                          size_t layer,
+                          size_t batch,
+                          const struct IhipDeviceIndex *rows,
+                          const struct IhipDeviceIndex *lens,
+                          const struct IhipKvCache *kv,
+                          const struct IhipDeviceRows *q,
+                          const struct IhipDeviceRows *out,
+                          float sm_scale);
 
 /*
  Forget request `req_id`'s hip state (call when the request ends).

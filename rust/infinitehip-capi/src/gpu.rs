@@ -423,6 +423,116 @@ pub unsafe extern "C" fn ihip_gpu_prefill(
     })
 }
 
+/// Prepare CUDA-graph decode (`ihip_gpu_decode_graph`) of batches up to
+/// `max_batch` over a page table of `table_n_rows` rows of `table_stride`
+/// pages of `page_size` tokens: allocates every buffer once (synchronous;
+/// call before capturing). A second call with sizes that fit is a no-op;
+/// one that does not fit is IHIP_ERR_ARG. Only configs whose layers are all
+/// dense or hip can be captured (else IHIP_ERR_ARG naming the layer).
+///
+/// # Safety
+/// `a` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn ihip_gpu_graph_prepare(
+    a: *const IhipGpuAttn,
+    max_batch: usize,
+    table_n_rows: i64,
+    table_stride: i64,
+    page_size: i64,
+) -> c_int {
+    guard("ihip_gpu_graph_prepare", || {
+        #[cfg(feature = "cuda")]
+        {
+            let (nr, ts, ps) = (
+                nonneg(table_n_rows, "table_n_rows")?,
+                nonneg(table_stride, "table_stride")?,
+                nonneg(page_size, "page_size")?,
+            );
+            with_gpu(a, |g| {
+                g.prepare_graph(max_batch, nr, ts, ps)?;
+                Ok(())
+            })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (max_batch, table_n_rows, table_stride, page_size);
+            with_gpu(a, |_| Ok(()))
+        }
+    })
+}
+
+/// A device array of `batch` table rows or lengths: int32 (`elem_bytes`
+/// 4) or int64 (8), e.g. SGLang's `req_pool_indices` and `seq_lens`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct IhipDeviceIndex {
+    pub ptr: u64,
+    pub elem_bytes: i64,
+}
+
+/// Decode attention that a CUDA graph can capture (dense and hip layers,
+/// after `ihip_gpu_graph_prepare`): position b of the batch is table row
+/// `rows[b]` at length `lens[b]` (including its new token), both READ ON THE
+/// DEVICE when the work runs, so a captured call replays with whatever the
+/// caller wrote into those arrays since. All metadata (hip refresh
+/// decisions included) is computed on the device; the call launches only
+/// (no allocation, no copy, no host wait). hip state is kept per table row:
+/// a row's first decode after `ihip_gpu_prefill` of it, or after its
+/// request changed (length not the last + 1, or another first page),
+/// refreshes every stage. Rows and lengths are clamped into the prepared
+/// table on the device. Other arguments as `ihip_gpu_decode`.
+///
+/// # Safety
+/// As `ihip_gpu_decode`; `rows` / `lens` point at `batch` device elements.
+#[no_mangle]
+pub unsafe extern "C" fn ihip_gpu_decode_graph(
+    a: *const IhipGpuAttn,
+    stream: u64,
+    layer: usize,
+    batch: usize,
+    rows: *const IhipDeviceIndex,
+    lens: *const IhipDeviceIndex,
+    kv: *const IhipKvCache,
+    q: *const IhipDeviceRows,
+    out: *const IhipDeviceRows,
+    sm_scale: f32,
+) -> c_int {
+    guard("ihip_gpu_decode_graph", || {
+        let (r, l, c) = (desc(rows, "rows")?, desc(lens, "lens")?, desc(kv, "kv")?);
+        let (q, out) = (desc(q, "q")?, desc(out, "out")?);
+        if batch == 0 {
+            return Err(arg("batch is 0"));
+        }
+        #[cfg(feature = "cuda")]
+        {
+            use ihip::backend::cuda::engine_attn::DevIndex;
+            let (kv, qa, o, sc) = gpu_args(c, q, out, sm_scale)?;
+            let idx = |x: &IhipDeviceIndex, name: &str| -> Result<DevIndex, Fail> {
+                if x.elem_bytes != 4 && x.elem_bytes != 8 {
+                    return Err(arg(format!(
+                        "{name}.elem_bytes = {} (4: int32, 8: int64)",
+                        x.elem_bytes
+                    )));
+                }
+                Ok(DevIndex {
+                    ptr: x.ptr,
+                    elem_bytes: x.elem_bytes as usize,
+                })
+            };
+            let (ri, li) = (idx(r, "rows")?, idx(l, "lens")?);
+            with_gpu(a, |g| {
+                g.decode_graph(stream, layer, &kv, batch, ri, li, &qa, &o, sc)?;
+                Ok(())
+            })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (r, l, c, q, out, stream, layer, sm_scale);
+            with_gpu(a, |_| Ok(()))
+        }
+    })
+}
+
 /// Forget request `req_id`'s hip state (call when the request ends).
 ///
 /// # Safety
@@ -483,9 +593,13 @@ pub unsafe extern "C" fn ihip_gpu_info_json(a: *const IhipGpuAttn) -> *mut c_cha
                         })
                     })
                     .collect();
+                let graph = g.graph_prepared().map(|(bs, rows, bytes)| {
+                    serde_json::json!({"max_batch": bs, "table_rows": rows, "bytes": bytes})
+                });
                 out = into_c_string(
-                    serde_json::json!({"layers": layers, "requests": g.n_requests(), "locret": locret})
-                        .to_string(),
+                    serde_json::json!({"layers": layers, "requests": g.n_requests(), "locret": locret,
+                        "graph": graph})
+                    .to_string(),
                 );
             }
             #[cfg(not(feature = "cuda"))]

@@ -55,7 +55,7 @@ impl DenseDecodeWs {
             cap_pairs: 0,
         }
     }
-    fn ensure(&mut self, rows: usize, pairs: usize, d: usize) -> Result<()> {
+    pub(crate) fn ensure(&mut self, rows: usize, pairs: usize, d: usize) -> Result<()> {
         if rows > self.cap_rows {
             let rows = rows.next_power_of_two();
             self.pm = DevBuf::alloc(rows * 4)?;

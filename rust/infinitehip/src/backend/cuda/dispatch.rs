@@ -376,7 +376,7 @@ impl DecodeWorkspace {
             cap_rows: 0,
         }
     }
-    fn ensure(&mut self, rows: usize, d: usize) -> Result<()> {
+    pub(crate) fn ensure(&mut self, rows: usize, d: usize) -> Result<()> {
         if rows > self.cap_rows {
             let rows = rows.next_power_of_two();
             self.pm = DevBuf::alloc(rows * 4)?;

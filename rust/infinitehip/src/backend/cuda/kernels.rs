@@ -56,6 +56,11 @@ pub const MODULES: &[(&str, &str)] = &[
         ),
     ),
     ("offload", include_str!("../../../../../kernels/offload.cu")),
+    // Device metadata of the graph-capturable engine decode (engine_attn/graph.rs).
+    (
+        "graph_step",
+        include_str!("../../../../../kernels/graph_step.cu"),
+    ),
     // Tensor-core block-sparse prefill (decode.cu is its CUDA-core twin).
     (
         "prefill_tc",
@@ -233,6 +238,11 @@ pub fn entry_points(module: &str) -> Vec<String> {
                 .for_each(|d| v.push(format!("km_assign_d{d}")));
         }
         "lazy_topk" => v.push("lazy_topk".into()),
+        "graph_step" => {
+            for n in ["gs_meta", "gs_stage_copy", "gs_reset_rows"] {
+                v.push(n.into());
+            }
+        }
         "decode_dense" => v.push("dense_fill_random".into()),
         "engine_policy" => {
             for n in [

@@ -41,15 +41,19 @@
 //!   bit-equal to the CPU policy; `None` attends densely): per request and
 //!   chunk of `prefill_chunk` queries, the mask of every query block, then
 //!   block-sparse causal attention.
-//! - Not here: CUDA-graph capture (the per-step host arrays change every
-//!   step).
+//! - CUDA graphs: `decode` takes host arrays that change every step, so it
+//!   cannot be captured; `decode_graph` (`graph`, dense and hip layers) reads
+//!   the batch's rows and lengths from device tensors and computes its
+//!   metadata on the device, after `prepare_graph` allocated everything.
 
+mod graph;
 mod hip;
 mod host_tier;
 mod lazy;
 mod locret;
 mod squeeze;
 
+pub use graph::{DevIndex, MAX_GRAPH_BATCH};
 pub use host_tier::{HostKvArgs, HostTier, HostTierConfig, HostTierStats};
 pub use locret::LocretStats;
 
@@ -183,6 +187,8 @@ pub struct GpuAttention {
     /// Buffers of the hip sparse prefill, shared by the hip layers (rebuilt
     /// when a layer's hip config differs from the last one's).
     hip_pf: Option<Box<HipGpuPrefill>>,
+    /// Buffers and per-row state of `decode_graph` (after `prepare_graph`).
+    graph: Option<Box<graph::GraphState>>,
 }
 
 fn grow(buf: &mut DevBuf, bytes: usize) -> Result<()> {
@@ -363,6 +369,7 @@ impl GpuAttention {
             ones: DevBuf::from_slice(&vec![1i32; shape.n_kv_heads])?,
             prefill_estimator: Some(MaskEstimator::Auto),
             hip_pf: None,
+            graph: None,
         })
     }
 
@@ -483,6 +490,9 @@ impl GpuAttention {
         }
         if let Some(z) = &mut self.lazy {
             z.plan.slots.clear();
+        }
+        if let Err(e) = self.reset_graph() {
+            tracing::warn!(error = %e, "GPU graph decode state not reset");
         }
     }
 
@@ -1444,6 +1454,8 @@ impl GpuAttention {
         let gpu = self.gpu.on_stream(stream);
         let (shape, mul) = self.scaled_shape(sm_scale)?;
         self.convert_q(&gpu, q, total, mul)?;
+        // The rows' next graph decode starts their hip state afresh.
+        self.reset_graph_rows(&gpu, table_rows)?;
         if matches!(self.layers[layer], Layer::Locret(_)) {
             let reqs = lazy_reqs(&slots, table_rows, lens, n_new);
             return self.locret_prefill(
