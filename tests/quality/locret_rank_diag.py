@@ -3,7 +3,11 @@ heads' scores, and their token-level max over layers and KV heads (what
 llama.cpp's Locret evicts by), track the Locret target better than random
 heads? HF checkpoint of the suite's model (locret_pack), Austen text, 1024
 tokens, last 128 as the queries (as in training). Needs torch, transformers,
-safetensors; prints one JSON line.
+safetensors; prints one JSON line. `aggregate_top8_vs_token_max_target`
+compares token-level aggregates of the per-(layer, KV head) scores (raw,
+rank- or z-normalised per (layer, head); max or mean) with the oracle's
+token-level top 1/8: llama.cpp's `locret.token_score` offers z_max (default),
+rank_max and raw_max. LOCRET_DIAG_DUMP=path caches the model's forward.
 
     python tests/quality/locret_rank_diag.py
 """
