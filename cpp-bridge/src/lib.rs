@@ -20,6 +20,7 @@ pub mod llama_cuda;
 pub mod llama_gpu;
 pub mod llama_lazy;
 pub mod llama_locret;
+pub mod llama_locret_score;
 pub mod llama_offload;
 pub(crate) mod llama_profile;
 pub mod llama_rope;

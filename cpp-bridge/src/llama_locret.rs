@@ -13,10 +13,16 @@
 //!   (`score_op`, any number of ggml threads over disjoint token ranges) is
 //!   the reference twin (`LLAMA_INFINITEHIP_LOCRET_SCORING=rust`); `check_op`
 //!   compares graph scores with the f64 reference (`=check`). llama.cpp's cells are shared by every layer and
-//!   head, so eviction is per token: the token's score is the **max over the
-//!   locret layers and their KV heads** (upstream Locret max-pools its
-//!   training labels over query groups; our core evicts per (layer, KV head)
-//!   instead, which llama.cpp's cell layout cannot express).
+//!   head, so eviction is per token: each held token keeps its raw score per
+//!   (locret layer, KV head) (one row of `n_locret_layers * n_kv_heads`
+//!   floats), and each eviction turns the rows of the held tokens into one
+//!   score per token by `locret.token_score` (`llama_locret_score`): by
+//!   default the token's largest per-(layer, head) z-score among the held
+//!   tokens (`z_max`; `rank_max` uses ranks), or the raw max over layers and
+//!   heads (`raw_max`, the first version: the layer with the largest logit
+//!   scale decides). Our core and upstream
+//!   evict per (layer, KV head) instead, which llama.cpp's cell layout cannot
+//!   express.
 //! - **Attention** of locret layers is llama.cpp's own (the selection is
 //!   dense over what remains), so with a budget that covers the context the
 //!   output is stock llama.cpp's.
@@ -59,12 +65,14 @@ use infinitehip::{Error, Result};
 
 use crate::ffi::TensorDesc;
 use crate::llama::View;
+use crate::llama_locret_score::token_scores;
 
 /// One token held by a sequence.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Unit {
     pub pos: i32,
-    /// Max over the locret layers' KV heads; +inf for decoded tokens.
+    /// The eviction score (`locret.token_score` over the held tokens' rows,
+    /// computed at each eviction); +inf for decoded and unscored tokens.
     pub score: f32,
     pub pinned: bool,
 }
@@ -125,8 +133,27 @@ fn runs(pos: &[i32]) -> Vec<(i32, i32)> {
 struct SeqUnits {
     /// Held units in position order.
     units: Vec<Unit>,
+    /// Per held unit (same order): its raw score per (locret layer, KV
+    /// head), `width` floats; +inf for decoded and unscored units.
+    rows: Vec<f32>,
     /// Prompt units joined since the last eviction.
     pending: bool,
+}
+
+impl SeqUnits {
+    /// Keep the first `n` units.
+    fn truncate(&mut self, n: usize, width: usize) {
+        self.units.truncate(n);
+        self.rows.truncate(n * width);
+    }
+
+    /// Recompute every unit's eviction score from the rows.
+    fn rescore(&mut self, rule: infinitehip::config::TokenScore, width: usize) {
+        let s = token_scores(rule, &self.rows, width);
+        for (u, x) in self.units.iter_mut().zip(s) {
+            u.score = x;
+        }
+    }
 }
 
 /// The ubatch in flight: its tokens and their scores so far.
@@ -138,7 +165,8 @@ struct Ubatch {
     /// Per token: decoded (its sequence's only token in this ubatch, after
     /// the prompt): pinned, not scored.
     decoded: Vec<bool>,
-    /// Per token: max score over the layers scored so far.
+    /// Per token: its row of raw scores per (locret layer, KV head)
+    /// (`n x width`; -inf until that layer scores).
     scores: Vec<f32>,
     /// Per layer: a scoring op ran for this ubatch.
     scored: Vec<bool>,
@@ -178,7 +206,12 @@ pub struct LocretLlama {
     heads: RwLock<Vec<Option<Arc<RetainingHead>>>>,
     /// Per layer: runs locret.
     locret_layers: Vec<bool>,
+    /// Per layer: its locret ordinal (the column block of its KV heads in a
+    /// token's score row).
+    ordinal: Vec<usize>,
     n_scoring: usize,
+    /// Floats per token score row: locret layers x KV heads.
+    width: usize,
     n_q_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -216,11 +249,12 @@ impl LocretLlama {
                             "stabilize_final_chunk",
                             c.stabilize_final_chunk != c0.stabilize_final_chunk,
                         ),
+                        ("token_score", c.token_score != c0.token_score),
                     ];
                     if let Some((f, _)) = fields.iter().find(|x| x.1) {
                         return Err(Error::config(
                             format!("layer {l} locret.{f}"),
-                            format!("differs from layer {l0}'s: llama.cpp evicts whole tokens (cells shared by all layers), so every locret layer must use the same budget, stabilizer, sink, keep_last and stabilize_final_chunk"),
+                            format!("differs from layer {l0}'s: llama.cpp evicts whole tokens (cells shared by all layers), so every locret layer must use the same budget, stabilizer, sink, keep_last, stabilize_final_chunk and token_score"),
                         ));
                     }
                 }
@@ -265,12 +299,21 @@ impl LocretLlama {
             }
         }
         let n_scoring = heads.iter().filter(|h| h.is_some()).count();
-        let locret_layers = heads.iter().map(|h| h.is_some()).collect();
+        let locret_layers: Vec<bool> = heads.iter().map(|h| h.is_some()).collect();
+        let ordinal = locret_layers
+            .iter()
+            .scan(0, |n, &on| {
+                *n += on as usize;
+                Some(*n - on as usize)
+            })
+            .collect();
         Ok(Some(LocretLlama {
             cfg: cfg0,
             heads: RwLock::new(heads),
             locret_layers,
+            ordinal,
             n_scoring,
+            width: n_scoring * m.n_kv_heads,
             n_q_heads: m.n_q_heads,
             n_kv_heads: m.n_kv_heads,
             head_dim: m.head_dim,
@@ -305,18 +348,35 @@ impl LocretLlama {
             .unwrap_or_default()
     }
 
-    /// Held units of `seq` (tests, diagnostics).
+    /// Held units of `seq` with the scores an eviction would use now
+    /// (tests, diagnostics).
     pub fn held_units(&self, seq: i32) -> Vec<Unit> {
         let seqs = self.seqs.lock().unwrap_or_else(|e| e.into_inner());
-        seqs.get(&seq).map(|s| s.units.clone()).unwrap_or_default()
+        let Some(s) = seqs.get(&seq) else {
+            return Vec::new();
+        };
+        let mut units = s.units.clone();
+        let scores = token_scores(self.cfg.token_score, &s.rows, self.width);
+        for (u, x) in units.iter_mut().zip(scores) {
+            u.score = x;
+        }
+        units
     }
 
-    /// Token scores of layer `layer` for tokens `t0..t1` of the ubatch:
-    /// max over KV heads of the retaining head on pre-RoPE q
-    /// `[d, n_q_heads, n_tokens]`, k and v `[d, n_kv_heads, n_tokens]`
-    /// (ggml views, F32 or F16). `out` gets `t1 - t0` scores.
+    /// Held units' raw score rows of `seq`, `width` floats per unit in
+    /// position order: column `o * n_kv_heads + h` is KV head h of the
+    /// `o`-th locret layer (tests, diagnostics).
+    pub fn held_rows(&self, seq: i32) -> Vec<f32> {
+        let seqs = self.seqs.lock().unwrap_or_else(|e| e.into_inner());
+        seqs.get(&seq).map(|s| s.rows.clone()).unwrap_or_default()
+    }
+
+    /// Scores of layer `layer` for tokens `t0..t1` of the ubatch: the
+    /// retaining head on pre-RoPE q `[d, n_q_heads, n_tokens]`, k and v
+    /// `[d, n_kv_heads, n_tokens]` (ggml views, F32 or F16). `out` gets
+    /// `(t1 - t0) x n_kv_heads` scores, token-major.
     #[allow(clippy::too_many_arguments)]
-    pub fn token_scores(
+    pub fn head_scores(
         &self,
         layer: u32,
         q: &View<'_>,
@@ -339,10 +399,10 @@ impl LocretLlama {
                 format!("q {:?}, k {:?}, v {:?}", q.ne, k.ne, v.ne),
             ));
         }
-        if t0 > t1 || t1 > n || out.len() != t1 - t0 {
+        if t0 > t1 || t1 > n || out.len() != (t1 - t0) * nkv {
             return Err(Error::shape(
                 "locret token range/out",
-                format!("tokens within 0..{n}, out = tokens"),
+                format!("tokens within 0..{n}, out = tokens x {nkv} KV heads"),
                 format!("{t0}..{t1}, out {}", out.len()),
             ));
         }
@@ -352,15 +412,14 @@ impl LocretLlama {
         }
         let (qs, ks, vs) = self.gather_hf(q, k, v, t0, t1);
         let s = head.scores_serial(&qs, &ks, &vs)?;
-        for (o, row) in out.iter_mut().zip(s.chunks_exact(nkv)) {
-            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            if m.is_nan() || row.iter().any(|x| x.is_nan()) {
-                return Err(Error::Invalid(format!(
-                    "locret layer {layer}: retaining-head score is NaN (non-finite q/k/v?)"
-                )));
-            }
-            *o = m;
+        if s.len() != out.len() || s.iter().any(|x| x.is_nan()) {
+            return Err(Error::Invalid(format!(
+                "locret layer {layer}: retaining-head score is NaN (non-finite q/k/v?) or {} scores for {} slots",
+                s.len(),
+                out.len()
+            )));
         }
+        out.copy_from_slice(&s);
         Ok(())
     }
 
@@ -475,9 +534,9 @@ impl LocretLlama {
         }
     }
 
-    /// Fold one ubatch's retaining-head scores of layer `layer`, computed in
-    /// the ggml graph (`s` `[n_kv_heads, n_tokens]`), into the ubatch's token
-    /// scores: max over KV heads, as the Rust scoring op does; `mask` counts
+    /// Store one ubatch's retaining-head scores of layer `layer`, computed in
+    /// the ggml graph (`s` `[n_kv_heads, n_tokens]`), in the ubatch's score
+    /// rows, as the Rust scoring op does; `mask` counts
     /// live cells. One call per layer and ubatch (one thread). Without `s`
     /// (decode steps: nothing to score) only the cells are counted.
     pub fn record_op(
@@ -516,11 +575,11 @@ impl LocretLlama {
                 ub.pos.len()
             )));
         }
+        let (w, c0) = (self.width, self.ordinal[layer as usize] * nkv);
         for t in 0..n {
             if ub.decoded[t] {
                 continue;
             }
-            let mut m = f32::NEG_INFINITY;
             for h in 0..nkv {
                 let x = s.get(s.idx(h, t, 0, 0));
                 if x.is_nan() {
@@ -528,9 +587,8 @@ impl LocretLlama {
                         "locret layer {layer}: retaining-head score is NaN (non-finite q/k/v?)"
                     )));
                 }
-                m = m.max(x);
+                ub.scores[t * w + c0 + h] = x;
             }
-            ub.scores[t] = ub.scores[t].max(m);
         }
         if let Some(x) = ub.scored.get_mut(layer as usize) {
             *x = true;
@@ -589,7 +647,7 @@ impl LocretLlama {
     }
 
     /// The scoring op's work for ggml thread `ith` of `nth`: score its share
-    /// of the ubatch's tokens and fold them into the ubatch's scores; thread
+    /// of the ubatch's tokens into the ubatch's score rows; thread
     /// 0 also counts the cells llama.cpp's mask shows the last query of each
     /// stream.
     #[allow(clippy::too_many_arguments)]
@@ -623,7 +681,8 @@ impl LocretLlama {
             (t0..t1).filter(|&t| !ub.decoded[t]).collect()
         };
         // Score the contiguous runs of prompt tokens (decoded ones are pinned).
-        let mut got: Vec<(usize, f32)> = Vec::with_capacity(todo.len());
+        let nkv = self.n_kv_heads;
+        let mut got: Vec<(usize, Vec<f32>)> = Vec::new();
         let mut i = 0;
         while i < todo.len() {
             let mut j = i + 1;
@@ -631,14 +690,18 @@ impl LocretLlama {
                 j += 1;
             }
             let (a, b) = (todo[i], todo[j - 1] + 1);
-            let mut s = vec![0f32; b - a];
-            self.token_scores(layer, q, k, v, a, b, &mut s)?;
-            got.extend((a..b).zip(s));
+            let mut s = vec![0f32; (b - a) * nkv];
+            self.head_scores(layer, q, k, v, a, b, &mut s)?;
+            got.push((a, s));
             i = j;
         }
+        let (w, c0) = (self.width, self.ordinal[layer as usize] * nkv);
         let mut ub = self.ub.lock().unwrap_or_else(|e| e.into_inner());
-        for (t, s) in got {
-            ub.scores[t] = ub.scores[t].max(s);
+        for (a, s) in got {
+            for (dt, row) in s.chunks_exact(nkv).enumerate() {
+                let o = (a + dt) * w + c0;
+                ub.scores[o..o + nkv].copy_from_slice(row);
+            }
         }
         if let Some(x) = ub.scored.get_mut(layer as usize) {
             *x = true;
@@ -688,7 +751,7 @@ impl LocretLlama {
             // Rewound: drop what the new tokens replace.
             let keep = st.units.partition_point(|u| u.pos < pmin);
             if keep < st.units.len() {
-                st.units.truncate(keep);
+                st.truncate(keep, self.width);
                 self.c.rewinds.fetch_add(1, Ordering::Relaxed);
             }
             let decode = count == 1 && !st.units.is_empty();
@@ -710,6 +773,7 @@ impl LocretLlama {
                     u.pinned = true;
                 }
             }
+            st.rescore(self.cfg.token_score, self.width);
             let (ev, short) = choose_evictions(&st.units, &self.cfg, decode);
             if short {
                 self.c.budget_short.fetch_add(1, Ordering::Relaxed);
@@ -732,6 +796,12 @@ impl LocretLlama {
             st.units.retain(|_| {
                 i += 1;
                 !drop[i - 1]
+            });
+            let w = self.width;
+            let mut i = 0;
+            st.rows.retain(|_| {
+                i += 1;
+                !drop[(i - 1) / w]
             });
             for (p0, p1) in runs(&gone) {
                 rm.extend([s, p0, p1]);
@@ -762,7 +832,7 @@ impl LocretLlama {
             pos: pos.to_vec(),
             seqs: tok_seqs,
             decoded,
-            scores: vec![f32::NEG_INFINITY; n],
+            scores: vec![f32::NEG_INFINITY; n * self.width],
             scored: vec![false; self.locret_layers.len()],
         };
         self.c.ubatches.fetch_add(1, Ordering::Relaxed);
@@ -787,12 +857,15 @@ impl LocretLlama {
                 );
             }
         }
+        let w = self.width;
+        let unscored = vec![f32::INFINITY; w];
         for t in 0..ub.pos.len() {
             let pinned = ub.decoded[t];
-            let score = if pinned || !complete {
-                f32::INFINITY
+            let (score, row) = if pinned || !complete {
+                (f32::INFINITY, &unscored[..])
             } else {
-                ub.scores[t]
+                // Rescored from the rows at the next eviction.
+                (f32::NAN, &ub.scores[t * w..(t + 1) * w])
             };
             if !pinned && complete {
                 self.c.scored_tokens.fetch_add(1, Ordering::Relaxed);
@@ -808,8 +881,10 @@ impl LocretLlama {
                 let at = st.units.partition_point(|x| x.pos < u.pos);
                 if st.units.get(at).is_some_and(|x| x.pos == u.pos) {
                     st.units[at] = u;
+                    st.rows[at * w..(at + 1) * w].copy_from_slice(row);
                 } else {
                     st.units.insert(at, u);
+                    st.rows.splice(at * w..at * w, row.iter().copied());
                 }
                 if !pinned {
                     st.pending = true;
@@ -830,6 +905,7 @@ impl LocretLlama {
             "stabilizer": self.cfg.stabilizer,
             "sink": self.cfg.sink,
             "keep_last": self.cfg.keep_last,
+            "token_score": self.cfg.token_score,
             "scoring_layers": self.n_scoring,
             "ubatches": l(&c.ubatches),
             "scored_tokens": l(&c.scored_tokens),

@@ -11,14 +11,20 @@
 //!   held positions equal the core's `LocretPolicy` after every ubatch, over
 //!   chunked prefill, the final eviction at the first decode step and decode;
 //! - with several layers and heads the evicted tokens are exactly the
-//!   lowest max-score ones among those the rule may evict;
+//!   lowest token scores (`token_score`: raw max, or the max of z-scores /
+//!   ranks over the held tokens per (layer, KV head), computed here from the
+//!   f64 reference) among those the rule may evict;
+//! - a hand-built case where one layer's scores are 100x larger: raw max,
+//!   z-score max and rank max evict the three different sets worked out by
+//!   hand; with one layer and one head every `token_score` keeps the core's
+//!   positions;
 //! - bad configs name the field.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use infinitehip::attention::AttnShape;
-use infinitehip::config::{LocretConfig, ModelShape};
+use infinitehip::config::{LocretConfig, ModelShape, TokenScore};
 use infinitehip::kv::KvRead;
 use infinitehip::policy::locret::{write_weights, LocretPolicy, RetainingHead};
 use infinitehip::policy::{InsertInfo, Phase, Policy};
@@ -68,8 +74,15 @@ fn heads(m: &ModelShape, hidden: usize, seed: u64, name: &str) -> (Vec<Retaining
 fn locret_json(c: &LocretConfig, weights: &str) -> String {
     format!(
         r#"{{"dense_layers": 0, "default": {{"method": "locret", "budget": {}, "stabilizer": {}, "sink": {},
-            "keep_last": {}, "stabilize_final_chunk": {}, "hidden": {}, "weights": "{weights}"}}}}"#,
-        c.budget, c.stabilizer, c.sink, c.keep_last, c.stabilize_final_chunk, c.hidden
+            "keep_last": {}, "stabilize_final_chunk": {}, "hidden": {}, "weights": "{weights}",
+            "token_score": {}}}}}"#,
+        c.budget,
+        c.stabilizer,
+        c.sink,
+        c.keep_last,
+        c.stabilize_final_chunk,
+        c.hidden,
+        serde_json::to_string(&c.token_score).unwrap()
     )
 }
 
@@ -176,6 +189,56 @@ fn reference_scores(hs: &[RetainingHead], layer_tokens: &[Tokens], nkv: usize) -
     best
 }
 
+/// The core's f64 reference scores as the plugin's rows: per token, layer
+/// after layer, each layer's KV heads.
+fn reference_rows(hs: &[RetainingHead], layer_tokens: &[Tokens], nkv: usize) -> Vec<f64> {
+    let per_layer: Vec<Vec<f64>> = hs
+        .iter()
+        .zip(layer_tokens)
+        .map(|(h, t)| h.scores_f64_reference(&t.q, &t.k, &t.v).unwrap())
+        .collect();
+    let n = per_layer[0].len() / nkv;
+    let mut out = Vec::with_capacity(n * nkv * hs.len());
+    for t in 0..n {
+        for l in &per_layer {
+            out.extend_from_slice(&l[t * nkv..(t + 1) * nkv]);
+        }
+    }
+    out
+}
+
+/// Token scores by `rule` from f64 rows (`width` per token) of the held
+/// tokens; `None` rows (decoded) score +inf. Written out plainly here as
+/// the reference for the plugin's `llama_locret_score`.
+fn expected_token_scores(rule: TokenScore, rows: &[Option<Vec<f64>>], width: usize) -> Vec<f64> {
+    let scored: Vec<&Vec<f64>> = rows.iter().flatten().collect();
+    let m = scored.len() as f64;
+    let norm = |c: usize, x: f64| -> f64 {
+        let col: Vec<f64> = scored.iter().map(|r| r[c]).collect();
+        match rule {
+            TokenScore::RawMax => x,
+            TokenScore::ZMax => {
+                let mean = col.iter().sum::<f64>() / m;
+                let sd = (col.iter().map(|y| (y - mean).powi(2)).sum::<f64>() / m).sqrt();
+                (x - mean) / sd
+            }
+            TokenScore::RankMax => {
+                let below = col.iter().filter(|&&y| y < x).count() as f64;
+                let equal = col.iter().filter(|&&y| y == x).count() as f64;
+                (below + (equal - 1.0) / 2.0) / (m - 1.0)
+            }
+        }
+    };
+    rows.iter()
+        .map(|r| match r {
+            None => f64::INFINITY,
+            Some(r) => (0..width)
+                .map(|c| norm(c, r[c]))
+                .fold(f64::NEG_INFINITY, f64::max),
+        })
+        .collect()
+}
+
 fn begin_seq0(p: &LlamaPlugin, pos: std::ops::Range<i32>) -> Vec<i32> {
     let pos: Vec<i32> = pos.collect();
     let n_seq = vec![1u32; pos.len()];
@@ -195,6 +258,7 @@ fn scoring_op_equals_core_reference() {
         stabilizer: 4,
         keep_last: 2,
         hidden: 16,
+        token_score: TokenScore::RawMax,
         ..LocretConfig::default()
     };
     let mut rng = Rng::new(5);
@@ -214,6 +278,16 @@ fn scoring_op_equals_core_reference() {
                 "nth {nth} interleaved {interleaved}: pos {} score {} vs reference {w}",
                 u.pos,
                 u.score
+            );
+        }
+        // The held rows: every (layer, KV head)'s own score.
+        let rows = p.locret().unwrap().held_rows(0);
+        let per_head = reference_rows(&hs, &toks, m.n_kv_heads);
+        assert_eq!(rows.len(), per_head.len());
+        for (i, (x, w)) in rows.iter().zip(&per_head).enumerate() {
+            assert!(
+                (*x as f64 - w).abs() <= 1e-5 * w.abs().max(1.0),
+                "row slot {i}: {x} vs {w}"
             );
         }
         let st: serde_json::Value = serde_json::from_str(&p.stats_json()).unwrap();
@@ -327,14 +401,23 @@ fn twin(cfg: LocretConfig, chunks: &[usize], n_decode: usize, seed: u64) {
     assert_eq!(st["locret"]["evicted_tokens"], evicted_total as u64);
 }
 
+/// One layer and one KV head: every `token_score` is monotone in the head's
+/// own score, so each keeps exactly the core's (and the raw max's) positions.
 #[test]
 fn one_head_eviction_equals_core_policy() {
+    for rule in [TokenScore::RawMax, TokenScore::ZMax, TokenScore::RankMax] {
+        one_head_cases(rule);
+    }
+}
+
+fn one_head_cases(token_score: TokenScore) {
     let base = LocretConfig {
         budget: 24,
         stabilizer: 8,
         keep_last: 4,
         sink: 0,
         hidden: 16,
+        token_score,
         ..LocretConfig::default()
     };
     twin(base.clone(), &[16; 7], 5, 1);
@@ -372,10 +455,17 @@ fn one_head_eviction_equals_core_policy() {
 }
 
 /// Several layers and KV heads: each eviction removes exactly the lowest
-/// max-score tokens among those the rule lets go (not pinned, not in the
-/// stabilizer window, not sinks), down to the budget.
+/// token scores (per `token_score`, over the tokens held at that eviction)
+/// among those the rule lets go (not pinned, not in the stabilizer window,
+/// not sinks), down to the budget.
 #[test]
-fn evicts_lowest_max_score_tokens() {
+fn evicts_lowest_token_scores() {
+    for rule in [TokenScore::RawMax, TokenScore::ZMax, TokenScore::RankMax] {
+        evicts_lowest(rule);
+    }
+}
+
+fn evicts_lowest(token_score: TokenScore) {
     let m = shape(3, 4, 2, 8);
     let (hs, w) = heads(&m, 16, 21, "multi.safetensors");
     let cfg = LocretConfig {
@@ -384,11 +474,14 @@ fn evicts_lowest_max_score_tokens() {
         keep_last: 3,
         sink: 2,
         hidden: 16,
+        token_score,
         ..LocretConfig::default()
     };
+    let width = 3 * m.n_kv_heads;
     let p = LlamaPlugin::new(&locret_json(&cfg, &w), &info(&m)).unwrap();
     let mut rng = Rng::new(9);
-    let mut score_of: Vec<f64> = Vec::new();
+    // Per position: its reference row (None: decoded).
+    let mut row_of: Vec<Option<Vec<f64>>> = Vec::new();
     let mut held: Vec<i32> = Vec::new();
     let mut pos = 0i32;
     for (i, n) in [12usize, 12, 12, 12, 1, 1].into_iter().enumerate() {
@@ -404,13 +497,17 @@ fn evicts_lowest_max_score_tokens() {
         } else {
             let free = held.iter().filter(|p| !pinned.contains(p)).count();
             let need = free.saturating_sub(cfg.budget);
+            let held_rows: Vec<Option<Vec<f64>>> =
+                held.iter().map(|&p| row_of[p as usize].clone()).collect();
+            let scores = expected_token_scores(token_score, &held_rows, width);
+            let score_at = |p: i32| scores[held.iter().position(|&h| h == p).unwrap()];
             let from = held.len().saturating_sub(cfg.stabilizer);
             let mut cands: Vec<i32> = held[..from]
                 .iter()
                 .copied()
                 .filter(|p| !pinned.contains(p) && *p >= cfg.sink as i32)
                 .collect();
-            cands.sort_by(|a, b| score_of[*a as usize].total_cmp(&score_of[*b as usize]));
+            cands.sort_by(|a, b| score_at(*a).total_cmp(&score_at(*b)));
             let mut g: Vec<i32> = cands[..need.min(cands.len())].to_vec();
             g.sort_unstable();
             g
@@ -420,14 +517,15 @@ fn evicts_lowest_max_score_tokens() {
             assert_eq!(r[0], 0);
             gone.extend(r[1]..r[2]);
         }
-        assert_eq!(gone, want_gone, "step {i}");
+        assert_eq!(gone, want_gone, "step {i}, {token_score:?}");
         held.retain(|p| !gone.contains(p));
         let toks: Vec<Tokens> = (0..3).map(|_| random_tokens(&m, n, &mut rng)).collect();
         score_all(&p, &m, &toks, 2, false);
         if decode {
-            score_of.push(f64::INFINITY);
+            row_of.push(None);
         } else {
-            score_of.extend(reference_scores(&hs, &toks, m.n_kv_heads));
+            let rows = reference_rows(&hs, &toks, m.n_kv_heads);
+            row_of.extend(rows.chunks_exact(width).map(|r| Some(r.to_vec())));
         }
         held.extend(pos..pos + n as i32);
         pos += n as i32;
@@ -514,6 +612,18 @@ fn bad_configs_name_the_field() {
     assert!(e.contains("layer 1 locret.budget"), "{e}");
     let e = err(&format!(
         r#"{{"dense_layers": 0, "default": {{"method": "locret", "hidden": 16, "weights": "{w}"}},
+            "overrides": [{{"layers": [1], "policy": {{"method": "locret", "hidden": 16, "token_score": "raw_max", "weights": "{w}"}}}}]}}"#
+    ));
+    assert!(e.contains("layer 1 locret.token_score"), "{e}");
+    let e = err(&format!(
+        r#"{{"dense_layers": 0, "default": {{"method": "locret", "hidden": 16, "token_score": "median", "weights": "{w}"}}}}"#
+    ));
+    assert!(
+        e.contains("token_score") && e.contains("median") && e.contains("z_max"),
+        "{e}"
+    );
+    let e = err(&format!(
+        r#"{{"dense_layers": 0, "default": {{"method": "locret", "hidden": 16, "weights": "{w}"}},
             "overrides": [{{"layers": [1], "policy": {{"method": "hip"}}}}]}}"#
     ));
     assert!(e.contains("layer 1 method") && e.contains("hip"), "{e}");
@@ -598,6 +708,7 @@ fn graph_path_weights_record_and_check() {
         stabilizer: 4,
         keep_last: 2,
         hidden: 16,
+        token_score: TokenScore::RawMax,
         ..LocretConfig::default()
     };
     let mut rng = Rng::new(9);
@@ -702,4 +813,66 @@ fn graph_scores_of(m: &ModelShape, n: usize, x: f32) -> (Vec<u8>, TensorDesc) {
         nb3: 4 * (nkv * n) as u64,
     };
     (bytes, desc)
+}
+
+/// A score tensor `[nkv = 1, n]` holding `x`.
+fn graph_scores_vec(x: &[f32]) -> (Vec<u8>, TensorDesc) {
+    let n = x.len();
+    let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let desc = TensorDesc {
+        dtype: 0,
+        ne0: 1,
+        ne1: n as i64,
+        ne2: 1,
+        ne3: 1,
+        nb0: 4,
+        nb1: 4,
+        nb2: 4 * n as u64,
+        nb3: 4 * n as u64,
+    };
+    (bytes, desc)
+}
+
+/// Two layers, one KV head each, layer 0's scores 100x layer 1's: 8 prompt
+/// tokens, then the final eviction (budget 4, keep_last 1 pins position 7,
+/// stabilizer 1) evicts 3 of positions 0..=6. Expected sets by hand:
+/// - raw max = layer 0 alone (100..800): evicts 0, 1, 2;
+/// - z_max: layer 0 z = (a - 450) / 229.13 = -1.528 -1.091 -0.655 -0.218
+///   0.218 0.655 1.091 1.528; layer 1 (mean 0.4875, sd 0.2713) z = 1.521
+///   1.152 0.783 -1.428 -1.060 -0.691 -0.323 0.046; max = 1.521 1.152 0.783
+///   -0.218 0.218 0.655 1.091 (1.528): evicts 3, 4, 5;
+/// - rank_max (ranks / 7): layer 0 ranks 0..7, layer 1 ranks 7 6 5 0 1 2 3 4;
+///   max = 7 6 5 3 4 5 6 (7): evicts 3, 4 and the older of the tie at 5: 2.
+#[test]
+fn large_scale_layer_does_not_decide_alone() {
+    let m = shape(2, 2, 1, 8);
+    let (_, w) = heads(&m, 16, 51, "scale.safetensors");
+    let layer0: Vec<f32> = (1..=8).map(|i| 100.0 * i as f32).collect();
+    let layer1 = [0.9f32, 0.8, 0.7, 0.1, 0.2, 0.3, 0.4, 0.5];
+    for (rule, want) in [
+        (TokenScore::RawMax, vec![0, 1, 2]),
+        (TokenScore::ZMax, vec![3, 4, 5]),
+        (TokenScore::RankMax, vec![2, 3, 4]),
+    ] {
+        let cfg = LocretConfig {
+            budget: 4,
+            stabilizer: 1,
+            keep_last: 1,
+            sink: 0,
+            hidden: 16,
+            token_score: rule,
+            ..LocretConfig::default()
+        };
+        let p = LlamaPlugin::new(&locret_json(&cfg, &w), &info(&m)).unwrap();
+        assert!(begin_seq0(&p, 0..8).is_empty());
+        for (l, x) in [&layer0[..], &layer1[..]].into_iter().enumerate() {
+            let (sb, sd) = graph_scores_vec(x);
+            p.locret_record(l as u32, &sb, &sd, &[], &sd).unwrap();
+        }
+        let rm = begin_seq0(&p, 8..9);
+        let gone: Vec<i32> = rm.chunks_exact(3).flat_map(|r| r[1]..r[2]).collect();
+        assert_eq!(gone, want, "{rule:?}");
+        let held = p.locret().unwrap().held_positions(0);
+        assert_eq!(held.len(), 5, "{rule:?}: {held:?}");
+    }
 }

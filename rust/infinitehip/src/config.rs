@@ -296,6 +296,29 @@ pub struct LocretConfig {
     /// upstream does. Not supported yet (validation rejects true): the pool
     /// stores post-RoPE keys; false keeps original positions.
     pub renumber_positions: bool,
+    /// How whole-token eviction (llama.cpp, whose KV cells are shared by
+    /// every layer and head) turns a token's per-(layer, KV head) scores into
+    /// one score. Per-head eviction (the core, SGLang) does not use it.
+    pub token_score: TokenScore,
+}
+
+/// One score per token from its per-(layer, KV head) retaining-head scores,
+/// for eviction units shared by every layer and head (llama.cpp's cells).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenScore {
+    /// Standardise the held tokens' scores within each (layer, KV head)
+    /// (z-score: minus the mean, over the standard deviation), then take a
+    /// token's largest: scale-free, so every head's ranking counts (the
+    /// heads regress raw logits whose scale differs per layer).
+    #[default]
+    ZMax,
+    /// As `z_max` with ranks (ties share their mean rank, scaled to [0, 1])
+    /// instead of z-scores.
+    RankMax,
+    /// The largest raw score over layers and KV heads: the layer with the
+    /// largest logit scale decides (the first llama.cpp version).
+    RawMax,
 }
 
 impl Default for LocretConfig {
@@ -310,6 +333,7 @@ impl Default for LocretConfig {
             weights: None,
             hidden: 1024,
             renumber_positions: false,
+            token_score: TokenScore::ZMax,
         }
     }
 }
