@@ -510,7 +510,15 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
         return report(&crate::gpu_dense::checks(&gpu, seed)?);
     }
     if a.step_only {
-        return report(&crate::gpu_step::checks(&gpu, seed)?);
+        // The device step, hip_topk, and the host step vs the CPU policy.
+        let mut checks = crate::gpu_step::checks(&gpu, seed)?;
+        checks.push(hip_case(
+            &gpu,
+            &[hip_len, hip_len / 3 + 17, 5000],
+            17,
+            seed,
+        )?);
+        return report(&checks);
     }
     // Policy kernels (locret, squeeze, lazy) first: they are quick.
     let mut checks = crate::gpu_policies::checks(&gpu, seed)?;

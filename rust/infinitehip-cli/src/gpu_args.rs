@@ -252,4 +252,10 @@ pub struct BenchGpuModelArgs {
     /// Write the rows as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<String>,
+    /// Kernel-breakdown tunings to sweep, comma-separated C/A/S: attention
+    /// split about C CTAs per SM in multiples of A tokens, stages of at most
+    /// S sub-chunks scored 4 lanes per sub-chunk (0 for C or A: default; S
+    /// `d`: default, 0: never). The timed steps use the defaults.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub tune: Vec<String>,
 }

@@ -1011,10 +1011,8 @@ pub(crate) fn launch_attention_ex(
     } else {
         "decode_slot"
     };
-    let split = split_tokens.unwrap_or_else(|| {
-        let want = (4 * gpu.sm_count).div_ceil(n_rows * hkv).max(1);
-        max_tokens.div_ceil(want).next_multiple_of(128).max(128)
-    });
+    let split =
+        split_tokens.unwrap_or_else(|| default_split(gpu.sm_count, n_rows * hkv, max_tokens));
     let n_splits = max_tokens.div_ceil(split).max(1);
     let rows = n_rows * shape.n_q_heads * n_splits;
     ws.ensure(rows, d)?;
@@ -1068,6 +1066,7 @@ pub(crate) fn launch_attention_ex(
     // order and C types); every pointer is a device allocation of this context sized for this grid
     // by the code above.
     unsafe { l.launch(cfg) }.map_err(|e| gpu_err("launch attention", e))?;
+    super::prof::mark(gpu, "attn partial")?;
     let fc = gpu.func(module, &format!("{variant}combine_d{d}"))?;
     let (hq, ors, odt) = (shape.n_q_heads as i32, out.row_stride as i64, out.code());
     let mut l = gpu.stream.launch_builder(&fc);
@@ -1090,7 +1089,34 @@ pub(crate) fn launch_attention_ex(
         })
     }
     .map_err(|e| gpu_err("launch combine", e))?;
-    Ok(())
+    super::prof::mark(gpu, "attn combine")
+}
+
+/// CTAs per SM and split alignment of the attention launch's default
+/// split (benchmarks sweep them; 0: the default).
+static SPLIT_CTAS_PER_SM: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static SPLIT_ALIGN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Override the attention launch's default split: about `ctas_per_sm`
+/// CTAs per SM, splits a multiple of `align` tokens (0 keeps a default).
+pub fn set_split_tuning(ctas_per_sm: usize, align: usize) {
+    SPLIT_CTAS_PER_SM.store(ctas_per_sm, std::sync::atomic::Ordering::Relaxed);
+    SPLIT_ALIGN.store(align, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Tokens per split of the attention launch for `pairs` (row, kv head)
+/// pairs of up to `max_tokens` selected tokens: about `ctas_per_sm` CTAs
+/// per SM (4), each a multiple of `align` (128) tokens.
+pub(crate) fn default_split(sm_count: usize, pairs: usize, max_tokens: usize) -> usize {
+    let load = |a: &std::sync::atomic::AtomicUsize, d: usize| match a
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        0 => d,
+        v => v,
+    };
+    let (per_sm, align) = (load(&SPLIT_CTAS_PER_SM, 4), load(&SPLIT_ALIGN, 128));
+    let want = (per_sm * sm_count).div_ceil(pairs.max(1)).max(1);
+    max_tokens.div_ceil(want).next_multiple_of(align).max(align)
 }
 
 /// Sink, middle and window of a decode query at `pos` (as policy::hip).
@@ -1135,7 +1161,6 @@ pub(crate) fn run_stages(
     let tag = kernels::dtype_tag(kv.dtype).unwrap();
     let rows = x.rows as i32;
     let nq_tpl = x.nq_tpl;
-    let score = gpu.func(x.module, &format!("hip_score_{tag}_d{d}_q{nq_tpl}"))?;
     let topk = gpu.func(x.module, "hip_topk")?;
     for s in from..cfg.stages.len() {
         let st = &cfg.stages[s];
@@ -1151,6 +1176,15 @@ pub(crate) fn run_stages(
             )
         };
         let n_sub = cap_in * e;
+        let lanes = score_lanes(nq_tpl, x.rows * n_sub);
+        let score = if lanes == 1 {
+            gpu.func(x.module, &format!("hip_score_{tag}_d{d}_q{nq_tpl}"))?
+        } else {
+            gpu.func(
+                x.module,
+                &format!("hip_score4_{tag}_d{d}_q{}", nq_tpl / lanes),
+            )?
+        };
         let (ts, ps, hk, nqm, ci, ei, c) = (
             kv.table_stride as i32,
             kv.page_size as i32,
@@ -1161,7 +1195,9 @@ pub(crate) fn run_stages(
             st.chunk_size as i32,
         );
         let stage_i = s as i32;
-        let smem = x.nq_max.next_multiple_of(nq_tpl) * d * 4;
+        // Query rows padded by 4 floats with several lanes per sub-chunk.
+        let row = if lanes == 1 { d } else { d + 4 };
+        let smem = x.nq_max.next_multiple_of(nq_tpl) * row * 4;
         if smem > 48 * 1024 {
             score
                 .set_attribute(
@@ -1196,12 +1232,13 @@ pub(crate) fn run_stages(
         // this grid by the code above.
         unsafe {
             l.launch(LaunchConfig {
-                grid_dim: (n_sub.div_ceil(128) as u32, rows as u32, 1),
+                grid_dim: ((n_sub * lanes).div_ceil(128) as u32, rows as u32, 1),
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: smem as u32,
             })
         }
         .map_err(|e| gpu_err("launch hip_score", e))?;
+        super::prof::mark(gpu, super::prof::stage_name(true, s))?;
         let k = st.keep_tokens / st.chunk_size;
         let sub = SubChunks {
             ranges: in_ptr,
@@ -1213,8 +1250,37 @@ pub(crate) fn run_stages(
             stage: s,
         };
         launch_topk(gpu, &topk, x.keys, rows as usize, &sub, k, &stages[s])?;
+        super::prof::mark(gpu, super::prof::stage_name(false, s))?;
     }
     Ok(())
+}
+
+/// Lanes per sub-chunk of the scoring launch: 1 (one thread per sub-chunk,
+/// `nq_tpl` queries per pass), or 4 (hip_score4: each lane a quarter of the
+/// queries) when the stage has at most `SCORE4_MAX` sub-chunks in all, so
+/// that small stages spread over 4x the threads. Needs `nq_tpl` >= 4.
+pub(crate) fn score_lanes(nq_tpl: usize, total_sub: usize) -> usize {
+    let max = match SCORE4_MAX.load(std::sync::atomic::Ordering::Relaxed) {
+        usize::MAX => DEFAULT_SCORE4_MAX,
+        v => v,
+    };
+    if nq_tpl >= 4 && total_sub <= max {
+        4
+    } else {
+        1
+    }
+}
+
+const DEFAULT_SCORE4_MAX: usize = 1 << 16;
+static SCORE4_MAX: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(usize::MAX);
+
+/// Largest stage (rows x sub-chunks) scored with 4 lanes per sub-chunk
+/// (benchmarks sweep it; 0: never; None: the default, 65,536).
+pub fn set_score4_max(max: Option<usize>) {
+    SCORE4_MAX.store(
+        max.unwrap_or(usize::MAX),
+        std::sync::atomic::Ordering::Relaxed,
+    );
 }
 
 /// A stage's candidate slots: sub-chunk `e` (of `c` tokens) of input range
@@ -1267,15 +1333,68 @@ pub(crate) fn launch_topk(
     // SAFETY: the arguments pushed above follow the kernel's parameter list in kernels/*.cu
     // (same order and C types); every pointer is a device allocation of this context sized for
     // this grid by the code above.
+    // One key per thread up to 1024 threads (the kernel loops beyond):
+    // small stages then synchronise fewer warps.
+    let threads = (sub.cap * sub.e).next_multiple_of(32).clamp(64, 1024) as u32;
     unsafe {
         l.launch(LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
-            block_dim: (1024, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         })
     }
     .map_err(|e| gpu_err("launch hip_topk", e))?;
     Ok(())
+}
+
+/// hip_topk on host keys (tests): `keys` holds `rows` rows of `n_sub`
+/// order-preserving keys (0: an invalid slot); returns per row the kept
+/// slot indices in ascending order (the best `k` valid keys, ties: the
+/// earlier slot).
+pub fn topk_slots(
+    gpu: &GpuContext,
+    keys: &[u32],
+    rows: usize,
+    n_sub: usize,
+    k: usize,
+) -> Result<Vec<Vec<usize>>> {
+    if keys.len() != rows * n_sub || k == 0 {
+        return Err(Error::shape("topk_slots keys", rows * n_sub, keys.len()));
+    }
+    // Slot i of a row is input range i of one token: out = (i, i + 1).
+    let ranges: Vec<[i32; 2]> = (0..rows)
+        .flat_map(|_| (0..n_sub as i32).map(|i| [i, i + 1]))
+        .collect();
+    let kd = DevBuf::from_slice(keys)?;
+    let rd = DevBuf::from_slice(&ranges)?;
+    let cd = DevBuf::from_slice(&vec![n_sub as i32; rows])?;
+    let out = StageBuf {
+        out: DevBuf::alloc(rows * k * 8)?,
+        cnt: DevBuf::from_slice(&vec![-1i32; rows])?,
+        cap: k,
+    };
+    let sub = SubChunks {
+        ranges: rd.ptr,
+        cnt: cd.ptr,
+        cap: n_sub,
+        e: 1,
+        c: 1,
+        gate: 0,
+        stage: 0,
+    };
+    let topk = gpu.func("hip_mask", "hip_topk")?;
+    launch_topk(gpu, &topk, kd.ptr, rows, &sub, k, &out)?;
+    gpu.synchronize()?;
+    let cnt: Vec<i32> = out.cnt.read(rows)?;
+    let got: Vec<[i32; 2]> = out.out.read(rows * k)?;
+    Ok((0..rows)
+        .map(|r| {
+            got[r * k..r * k + cnt[r].clamp(0, k as i32) as usize]
+                .iter()
+                .map(|p| p[0] as usize)
+                .collect()
+        })
+        .collect())
 }
 
 /// Build the attention selection (sink, last stage's chunks, slid, window).
@@ -1332,7 +1451,7 @@ pub(crate) fn assemble_rows(
         })
     }
     .map_err(|e| gpu_err("launch hip_assemble", e))?;
-    Ok(())
+    super::prof::mark(gpu, "assemble")
 }
 
 pub(crate) struct StageBuf {

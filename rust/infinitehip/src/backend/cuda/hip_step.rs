@@ -157,6 +157,7 @@ impl HipGpuDecoder {
             })
         }
         .map_err(|e| gpu_err("launch hip_step_meta", e))?;
+        super::prof::mark(gpu, "step meta")?;
         let rows = self.batch * self.hkv;
         let x = StageInputs {
             rows,

@@ -151,6 +151,9 @@ pub fn entry_points(module: &str) -> Vec<String> {
                     for g in GROUPS {
                         v.push(format!("hip_score_{dt}_d{d}_q{g}"));
                     }
+                    for q in [1, 2] {
+                        v.push(format!("hip_score4_{dt}_d{d}_q{q}"));
+                    }
                 }
                 "hip_fast" => {
                     v.push(format!("hipf_score_rep_{dt}_d{d}"));

@@ -40,6 +40,7 @@ pub mod hip_step;
 pub mod kernels;
 pub mod offload;
 pub mod policies;
+pub mod prof;
 
 pub use cudarc;
 
