@@ -47,7 +47,13 @@ pub fn nvrtc_check(a: &NvrtcCheckArgs) -> R<()> {
             std::fs::create_dir_all(&d).map_err(e)?;
             for f in std::fs::read_dir(&d).map_err(e)? {
                 let f = f.map_err(e)?.path();
-                if f.extension().is_some_and(|x| x == "ptx") {
+                let keep = !a.only.is_empty()
+                    && !a.only.iter().any(|m| {
+                        f.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.starts_with(&format!("{m}-")))
+                    });
+                if f.extension().is_some_and(|x| x == "ptx") && !keep {
                     std::fs::remove_file(f).map_err(e)?;
                 }
             }
@@ -57,6 +63,9 @@ pub fn nvrtc_check(a: &NvrtcCheckArgs) -> R<()> {
     };
     std::env::set_var("INFINITEHIP_CACHE", dir);
     for (m, _) in kernels::MODULES {
+        if !a.only.is_empty() && !a.only.iter().any(|o| o == m) {
+            continue;
+        }
         let t = Instant::now();
         let (ptx, _) = cu::compile_module(m, arch).map_err(e)?;
         println!(

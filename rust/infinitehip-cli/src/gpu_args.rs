@@ -17,6 +17,10 @@ pub struct NvrtcCheckArgs {
     /// temporary directory, so a stale cache cannot make the check pass.
     #[arg(long, value_name = "DIR")]
     pub into: Option<String>,
+    /// Only these modules, comma-separated (with --into, the other .ptx
+    /// files there are kept).
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub only: Vec<String>,
 }
 
 /// CUDA kernels vs the CPU reference on fresh random inputs (GPU)

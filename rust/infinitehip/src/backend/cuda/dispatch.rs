@@ -453,6 +453,110 @@ pub fn decode(
     )
 }
 
+/// Most selection ranges per row `decode_fused` takes (kernels/hip_attend.cu
+/// HA_MAXR: they are copied to shared memory).
+pub const FUSED_MAX_RANGES: usize = 1024;
+
+/// `decode` in one launch (kernels/hip_attend.cu: ranges found by binary
+/// search in shared memory, the last CTA of each (sequence, kv head) merges
+/// the splits): f32 q and out `[batch][n_q_heads][head_dim]`, `counters`
+/// i32 `[batch * n_kv_heads]` zero before the first launch (each launch
+/// leaves them zero). Needs `sel.cap <= FUSED_MAX_RANGES`.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_fused(
+    gpu: &GpuContext,
+    ws: &mut DecodeWorkspace,
+    counters: &DevBuf,
+    shape: &AttnShape,
+    kv: &DeviceKv,
+    q: u64,
+    sel: &DeviceSelection,
+    max_tokens: usize,
+    out: u64,
+) -> Result<()> {
+    check_shape(shape, kv)?;
+    let (b, hkv, d, g) = (kv.batch(), shape.n_kv_heads, shape.head_dim, shape.group());
+    if sel.rows != b * hkv || sel.cap > FUSED_MAX_RANGES || counters.bytes < b * hkv * 4 {
+        return Err(Error::Invalid(format!(
+            "fused hip decode: {} selection rows (want {}), cap {} (at most {FUSED_MAX_RANGES}), {} counter bytes",
+            sel.rows,
+            b * hkv,
+            sel.cap,
+            counters.bytes
+        )));
+    }
+    if b > gpu.grid_limits.z as usize {
+        return Err(Error::Invalid(format!(
+            "fused hip decode: batch {b} over the grid's z limit"
+        )));
+    }
+    let split = fused_split(gpu.sm_count, b * hkv, max_tokens.max(1));
+    let n_splits = max_tokens.max(1).div_ceil(split);
+    ws.ensure(b * shape.n_q_heads * n_splits, d)?;
+    let tag = kernels::dtype_tag(kv.dtype).unwrap();
+    let f = gpu.func("hip_attend", &format!("hip_attend_{tag}_d{d}_g{g}"))?;
+    let scale_log2 = shape.scale * std::f32::consts::LOG2_E;
+    let st = kv.strides();
+    let (ts, ps, hk, cap, sp, ns) = (
+        kv.table_stride as i32,
+        kv.page_size as i32,
+        hkv as i32,
+        sel.cap as i32,
+        split as i32,
+        n_splits as i32,
+    );
+    let mut l = gpu.stream.launch_builder(&f);
+    l.arg(&kv.k.ptr)
+        .arg(&kv.v.ptr)
+        .arg(&kv.table.ptr)
+        .arg(&ts)
+        .arg(&ps)
+        .arg(&hk)
+        .arg(&st.page)
+        .arg(&st.head)
+        .arg(&q)
+        .arg(&scale_log2)
+        .arg(&sel.ranges.ptr)
+        .arg(&sel.cum.ptr)
+        .arg(&sel.cnt.ptr)
+        .arg(&sel.tot.ptr)
+        .arg(&cap)
+        .arg(&sp)
+        .arg(&ns)
+        .arg(&ws.pm.ptr)
+        .arg(&ws.pl.ptr)
+        .arg(&ws.pacc.ptr)
+        .arg(&counters.ptr)
+        .arg(&out);
+    // SAFETY: the arguments follow hip_attend's parameter list (kernels/hip_attend.cu, same order
+    // and C types); the workspace holds b * Hq * n_splits partial rows (ensured above), counters
+    // b * hkv zeroed i32 (checked above), the selection b * hkv rows of cap <= HA_MAXR ranges.
+    unsafe {
+        l.launch(LaunchConfig {
+            grid_dim: (n_splits as u32, hkv as u32, b as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(|e| gpu_err("launch hip_attend", e))?;
+    super::prof::mark(gpu, "attn fused")
+}
+
+/// Tokens per split of `decode_fused`: about `ctas_per_sm` (4) CTAs per SM
+/// over `pairs` (sequence, kv head) pairs, a multiple of `align` (32) tokens
+/// (one pass of a CTA's lane groups at head_dim 128).
+fn fused_split(sm_count: usize, pairs: usize, max_tokens: usize) -> usize {
+    let load = |a: &std::sync::atomic::AtomicUsize, d: usize| match a
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        0 => d,
+        v => v,
+    };
+    let (per_sm, align) = (load(&SPLIT_CTAS_PER_SM, 4), load(&SPLIT_ALIGN, 32));
+    let want = (per_sm * sm_count).div_ceil(pairs.max(1)).max(1);
+    max_tokens.div_ceil(want).next_multiple_of(align).max(align)
+}
+
 /// The shared attention launch. Query row i (of `n_rows`) reads selection
 /// row `(i / q_block, head)`, the page table of sequence `q_seq[i]` (0: row
 /// i) and, when `q_pos` is non-null, only tokens at or before `q_pos[i]`.
@@ -1460,6 +1564,14 @@ pub(crate) struct StageBuf {
     pub cap: usize,
 }
 
+static FUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Attend through `decode_fused` (the default) or, with false, through the
+/// two-launch `decode` (benchmarks and tests switch it).
+pub fn force_fused_attention(on: bool) {
+    FUSED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// InfiniteHiP decode on the GPU: the same stages, refresh schedule, sink,
 /// window and slid-token rule as `policy::hip::HipPolicy` in decode, for a
 /// batch of sequences stepping together. Stage chunk sizes must each divide
@@ -1484,6 +1596,8 @@ pub struct HipGpuDecoder {
     /// Largest selected-token count of the last assembly (host bound).
     pub max_tokens: usize,
     pub ws: DecodeWorkspace,
+    /// Arrival counters of the fused attention launch, `[batch * hkv]`.
+    pub(crate) counters: DevBuf,
     /// Module of the scoring kernels: "hip_mask" (keys in a `DeviceKv`) or
     /// "hip_mask_host" (backend::cuda::est_cache: keys in the host tier,
     /// read through a device row cache).
@@ -1552,6 +1666,7 @@ impl HipGpuDecoder {
             sel: DeviceSelection::empty(rows, last_cap + 3)?,
             max_tokens: 0,
             ws: DecodeWorkspace::new(),
+            counters: DevBuf::from_slice(&vec![0i32; rows])?,
             score_module: "hip_mask",
             dev: None,
             stages,
@@ -1674,10 +1789,43 @@ impl HipGpuDecoder {
     ) -> Result<usize> {
         let from = self.select(gpu, kv, q, upload)?;
         let mt = self.max_tokens;
+        self.attend(gpu, shape, kv, q, mt, out)?;
+        Ok(from)
+    }
+
+    /// Attention over `self.sel` (bound `mt` selected tokens per row): one
+    /// fused launch (`decode_fused`), or split-K + combine (`decode`) when
+    /// the fused kernel is switched off or the selection has too many
+    /// ranges for it.
+    pub(crate) fn attend(
+        &mut self,
+        gpu: &GpuContext,
+        shape: &AttnShape,
+        kv: &DeviceKv,
+        q: u64,
+        mt: usize,
+        out: u64,
+    ) -> Result<()> {
         let mut ws = std::mem::take(&mut self.ws);
-        let r = decode(gpu, &mut ws, shape, kv, q, &self.sel, mt, None, out);
+        let fused =
+            FUSED.load(std::sync::atomic::Ordering::Relaxed) && self.sel.cap <= FUSED_MAX_RANGES;
+        let r = if fused {
+            decode_fused(
+                gpu,
+                &mut ws,
+                &self.counters,
+                shape,
+                kv,
+                q,
+                &self.sel,
+                mt,
+                out,
+            )
+        } else {
+            decode(gpu, &mut ws, shape, kv, q, &self.sel, mt, None, out)
+        };
         self.ws = ws;
-        r.map(|_| from)
+        r
     }
 
     pub fn reset(&mut self) {
