@@ -37,30 +37,15 @@ __device__ __forceinline__ float probe(const u16* __restrict__ kp, const int* tr
         for (int j = 0; j < NQ; j++)
 #pragma unroll
             for (int i = 0; i < 8; i++) a[j][i] = 0.f;
-        // The key row in pieces of up to 16 x 16 bytes, every load of a
-        // piece issued before the first use (one memory latency per piece
-        // rather than one per pair of loads).
-        constexpr int CH = D / 8 < 16 ? D / 8 : 16;
+#pragma unroll 2
+        for (int c = 0; c < D / 8; c++) {
+            float k8[8];
+            load8<E>(kr + c * 8, k8);
 #pragma unroll
-        for (int c0 = 0; c0 < D / 8; c0 += CH) {
-            uint4 raw[CH];
+            for (int j = 0; j < NQ; j++) {
+                const float* qj = sq + (j0 + j) * QS + c * 8;
 #pragma unroll
-            for (int c = 0; c < CH; c++) raw[c] = *reinterpret_cast<const uint4*>(kr + (c0 + c) * 8);
-#pragma unroll
-            for (int c = 0; c < CH; c++) {
-                const u32 w[4] = {raw[c].x, raw[c].y, raw[c].z, raw[c].w};
-                float k8[8];
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    k8[2 * i] = E::to_f32((u16)(w[i] & 0xffff));
-                    k8[2 * i + 1] = E::to_f32((u16)(w[i] >> 16));
-                }
-#pragma unroll
-                for (int j = 0; j < NQ; j++) {
-                    const float* qj = sq + (j0 + j) * QS + (c0 + c) * 8;
-#pragma unroll
-                    for (int i = 0; i < 8; i++) a[j][i] = __fadd_rn(a[j][i], __fmul_rn(qj[i], k8[i]));
-                }
+                for (int i = 0; i < 8; i++) a[j][i] = __fadd_rn(a[j][i], __fmul_rn(qj[i], k8[i]));
             }
         }
 #pragma unroll

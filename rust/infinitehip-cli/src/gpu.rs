@@ -514,6 +514,7 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
         return report(&checks);
     }
     infinitehip::backend::cuda::dense_decode::force_v2(!a.dense_v1);
+    infinitehip::backend::cuda::dispatch::force_fused_attention(a.fused_attention);
     if a.dense_only {
         // The dense decode kernel only (kernels/decode_dense.cu).
         return report(&crate::gpu_dense::checks(&gpu, seed)?);

@@ -56,6 +56,10 @@ pub struct GpuTestArgs {
     /// == host metadata, CUDA graph replay == eager).
     #[arg(long)]
     pub step_only: bool,
+    /// Attend through the fused one-launch hip decode kernel
+    /// (kernels/hip_attend.cu) in the hip step checks.
+    #[arg(long)]
+    pub fused_attention: bool,
     /// Run the dense decode checks on the previous kernel
     /// (kernels/decode_dense.cu; default: decode_dense_v2.cu).
     #[arg(long)]
@@ -262,4 +266,8 @@ pub struct BenchGpuModelArgs {
     /// `d`: default, 0: never). The timed steps use the defaults.
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub tune: Vec<String>,
+    /// hip layers attend through the fused one-launch kernel
+    /// (kernels/hip_attend.cu; default: split-K + combine).
+    #[arg(long)]
+    pub fused_attention: bool,
 }

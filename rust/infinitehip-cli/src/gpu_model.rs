@@ -44,6 +44,7 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
     if tunes.is_empty() {
         tunes.push(Tune::default());
     }
+    infinitehip::backend::cuda::dispatch::force_fused_attention(a.fused_attention);
     let gpu0 = GpuContext::new(0).map_err(e)?;
     // An own stream: the legacy default stream cannot be graph-captured.
     let gpu = gpu0.with_new_stream().map_err(e)?;
