@@ -20,6 +20,7 @@ pub mod llama_cuda;
 pub mod llama_gpu;
 pub mod llama_lazy;
 pub mod llama_locret;
+pub mod llama_offload;
 pub(crate) mod llama_profile;
 pub mod llama_rope;
 pub mod logging;
@@ -101,6 +102,13 @@ pub mod ffi {
         out: u64,
         out_row_stride: u64,
         scale: f32,
+        /// K/V in page-locked host memory (`--no-kv-offload` with
+        /// `kv.device_cache_pages`, patch 0009): `k`/`v` are host addresses
+        /// of `n_cells` cells (all streams) and `table_host` is the host
+        /// twin of `table`. False (zero): `k`/`v` are device views.
+        host_kv: bool,
+        table_host: u64,
+        n_cells: u64,
     }
 
     extern "Rust" {
@@ -453,6 +461,9 @@ pub mod ffi {
         type LlamaCudaAttn;
         fn llama_cuda_attn_new(plugin: &LlamaPlugin) -> Result<Box<LlamaCudaAttn>>;
         fn layer_method(self: &LlamaCudaAttn, layer: u32) -> String;
+        /// The config asks for K/V in host memory read through device
+        /// caches (`kv.device_cache_pages`, see `llama_offload`).
+        fn host_tier(self: &LlamaCudaAttn) -> bool;
         /// One query row per request (stream b of the ubatch, sequence
         /// `seqs[b]`, `lens[b]` tokens in table row b). Nothing waits.
         fn attend(

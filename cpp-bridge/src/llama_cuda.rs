@@ -88,6 +88,8 @@ pub struct LlamaCudaAttn {
     _inner: Mutex<()>,
     counters: Counters,
     method: Vec<&'static str>,
+    /// `kv.device_cache_pages` set (`llama_offload`).
+    host_tier: bool,
     /// Set by a caught panic (`guarded`).
     pub poison: Poison,
 }
@@ -101,6 +103,7 @@ pub fn llama_cuda_attn_new(
     guard(|| {
         only_dense_and_hip(plugin.config())?;
         plugin.refuse_rope_modes("CUDA route")?;
+        crate::llama_offload::offload_sizes(plugin.config())?;
         new_impl(plugin).map(Box::new)
     })
 }
@@ -133,6 +136,7 @@ fn new_impl(plugin: &LlamaPlugin) -> Result<LlamaCudaAttn> {
         .map(|l| inner.attn.layer_method(l).unwrap_or("dense"))
         .collect();
     Ok(LlamaCudaAttn {
+        host_tier: inner.offload.is_some(),
         inner: Mutex::new(inner),
         counters: Counters::default(),
         method,
@@ -151,6 +155,11 @@ impl LlamaCudaAttn {
                 .unwrap_or("none")
                 .to_string()
         })
+    }
+
+    /// The config asks for host K/V read through device caches.
+    pub fn host_tier(&self) -> bool {
+        self.host_tier
     }
 
     /// Attention of one query row per request: request `b` is stream `b`
@@ -254,8 +263,16 @@ impl LlamaCudaAttn {
         let c = &self.counters;
         let l = |x: &AtomicU64| x.load(Ordering::Relaxed);
         let checks = l(&c.checks);
+        #[cfg(feature = "cuda")]
+        let tier = {
+            let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            g.tier_json()
+        };
+        #[cfg(not(feature = "cuda"))]
+        let tier = serde_json::Value::Null;
         let mut j = serde_json::json!({
             "route": "cuda (our attention over llama.cpp's device K/V)",
+            "host_tier": tier,
             "calls": l(&c.calls),
             "rows": l(&c.rows),
             "context_tokens": l(&c.tokens),
@@ -291,7 +308,10 @@ mod imp {
     use infinitehip::attention::reference::attend_f64;
     use infinitehip::attention::{rel_error, AttnShape};
     use infinitehip::backend::cuda::dispatch::AttnOut;
-    use infinitehip::backend::cuda::engine_attn::{EngineKv, GpuAttention, QArg};
+    use infinitehip::backend::cuda::engine_attn::{
+        EngineKv, GpuAttention, HostKvArgs, HostTier, HostTierConfig, HostTierStats, QArg,
+    };
+    use infinitehip::backend::cuda::offload::host_device_ptr;
     use infinitehip::backend::cuda::{DevBuf, GpuContext};
     use infinitehip::config::{LayerPolicy, PolicyConfig};
     use infinitehip::dtype::DType;
@@ -308,6 +328,9 @@ mod imp {
         pub(super) attn: GpuAttention,
         cfg: PolicyConfig,
         check_left: u64,
+        /// Host offload (`llama_offload`): cache sizes and per-layer tiers.
+        pub(super) offload: Option<HostTierConfig>,
+        tiers: Vec<Option<HostTier>>,
     }
 
     impl Inner {
@@ -319,11 +342,67 @@ mod imp {
                 .ok()
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(0);
+            let offload = crate::llama_offload::offload_sizes(&cfg)?.map(|s| HostTierConfig {
+                cache_cells: s.cache_cells,
+                estimation_rows: s.estimation_rows,
+            });
+            let tiers = (0..cfg.model.n_layers).map(|_| None).collect();
             Ok(Inner {
                 _gpu: gpu,
                 attn,
                 cfg,
                 check_left,
+                offload,
+                tiers,
+            })
+        }
+
+        /// Summed tier counters (null when offload is off).
+        pub(super) fn tier_json(&self) -> serde_json::Value {
+            let Some(c) = self.offload else {
+                return serde_json::Value::Null;
+            };
+            let mut s = HostTierStats::default();
+            let mut layers = 0;
+            for t in self.tiers.iter().flatten() {
+                s.add(&t.stats);
+                layers += 1;
+            }
+            let blocks = s.cache.hits + s.cache.misses;
+            serde_json::json!({
+                "cache_cells_per_layer": c.cache_cells,
+                "estimation_rows_per_layer": c.estimation_rows,
+                "layers": layers,
+                "layer_steps": s.steps,
+                "rebuilds": s.rebuilds,
+                "block_hits": s.cache.hits,
+                "block_misses": s.cache.misses,
+                "hit_ratio": if blocks == 0 { 0.0 } else { s.cache.hits as f64 / blocks as f64 },
+                "bytes_copied": s.cache.bytes_copied,
+                "evictions": s.cache.evictions,
+                "est_row_hits": s.est_hits,
+                "est_row_misses": s.est_misses,
+                "est_host_bytes": s.est_host_bytes,
+                "device_bytes": s.device_bytes,
+                "host_kv_bytes": s.host_bytes,
+            })
+        }
+
+        /// Device addresses of a host-K/V call's buffers (mapped pinned
+        /// memory): what the kernels of the other paths read directly.
+        fn mapped(&self, a: &CudaAttnArgs) -> Result<CudaAttnArgs> {
+            if !a.host_kv {
+                return Ok(*a);
+            }
+            if self.offload.is_none() {
+                return Err(Error::Invalid(
+                    "CUDA route: K/V in host memory but kv.device_cache_pages is unset".into(),
+                ));
+            }
+            Ok(CudaAttnArgs {
+                k: host_device_ptr(a.k)?,
+                v: host_device_ptr(a.v)?,
+                ..*a
             })
         }
 
@@ -372,6 +451,7 @@ mod imp {
             n_new: usize,
             c: &Counters,
         ) -> Result<()> {
+            let a = &self.mapped(a)?;
             let (kv, q, out) = self.views(a)?;
             // SAFETY: as `attend`; the table row holds `len` cells, q and
             // the output `n_new` rows (checked by the C++ side).
@@ -407,6 +487,9 @@ mod imp {
             if lens.len() != b || b == 0 {
                 return Err(Error::shape("CUDA route lens per request", b, lens.len()));
             }
+            if a.host_kv {
+                return self.attend_host(a, seqs, lens);
+            }
             let (kv, q, out) = self.views(a)?;
             let rows: Vec<usize> = (0..b).collect();
             let lens_us: Vec<usize> = lens.iter().map(|&l| l as usize).collect();
@@ -431,6 +514,56 @@ mod imp {
                 self.check(a, &kv, &lens_us, c)?;
             }
             Ok(())
+        }
+
+        /// Decode over host K/V (`host_tier`): hip layers through the
+        /// layer's device caches. Check mode does not apply here (the
+        /// engine test compares with the resident run instead).
+        fn attend_host(&mut self, a: &CudaAttnArgs, seqs: &[u64], lens: &[u32]) -> Result<()> {
+            let Some(cfg) = self.offload else {
+                return Err(Error::Invalid(
+                    "CUDA route: K/V in host memory but kv.device_cache_pages is unset".into(),
+                ));
+            };
+            let b = seqs.len();
+            let (_, q, out) = self.views(a)?;
+            let n = b * a.table_stride as usize;
+            // SAFETY: the C++ side passes its host input tensor of the
+            // table, [n_rows][table_stride] i32, alive during the call.
+            let table_host = unsafe { std::slice::from_raw_parts(a.table_host as *const i32, n) };
+            let dtype = self.views(a)?.0.dtype;
+            let kv = HostKvArgs {
+                k: a.k,
+                v: a.v,
+                n_cells: a.n_cells as usize,
+                dtype,
+                table: a.table,
+                table_host,
+                table_stride: a.table_stride as usize,
+            };
+            let lens_us: Vec<usize> = lens.iter().map(|&l| l as usize).collect();
+            let layer = a.layer as usize;
+            let tier = self.tiers.get_mut(layer).ok_or_else(|| {
+                Error::OutOfRange(format!(
+                    "CUDA route: layer {layer} beyond the config's layers"
+                ))
+            })?;
+            // SAFETY: as `attend`; the host K/V are llama.cpp's CUDA_Host
+            // buffers of this context (page-locked, alive with it).
+            unsafe {
+                self.attn.decode_host_tier(
+                    a.stream,
+                    layer,
+                    tier,
+                    cfg,
+                    &kv,
+                    seqs,
+                    &lens_us,
+                    &q,
+                    &out,
+                    Some(a.scale),
+                )
+            }
         }
 
         /// Reference twin of the last call (module doc): f64 attention over

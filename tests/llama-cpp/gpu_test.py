@@ -42,6 +42,14 @@ Checks (model d256 unless said):
    dense reference, appended cell orders == rebuilt ones;
 10. time to first token (d128), stock vs patched, same GGUF, same run, at
    32K and 128K, ubatch 512 (llama.cpp's default) and 4096.
+11. host offload (patch 0009, d128: Llama-3.1-8B's heads, --only-offload
+   runs just this): --no-kv-offload (K/V in llama.cpp's pinned CUDA_Host
+   buffer) + kv.device_cache_pages. At OFF_D tokens (the K/V of a layer
+   >= 4x its device caches): teacher-forced logits of OFF_G decode steps
+   equal the resident run's (K/V on the device) bit for bit, the caches
+   missed and copied; covering budget over 64 + 300 tokens == stock within
+   f16 rounding; decode tok/s: stock, stock --no-kv-offload (llama.cpp's
+   attention on the host K/V), ours resident, ours offloaded (table + JSON).
 """
 import argparse
 import json
@@ -84,6 +92,7 @@ def main():
     ap.add_argument("--ttft-ubatch", default="512,4096")
     ap.add_argument("--deadline", type=float, default=0, help="unix time: skip bench contexts that would pass it")
     ap.add_argument("--only-locret", action="store_true", help="run only section 8 (Locret)")
+    ap.add_argument("--only-offload", action="store_true", help="run only section 11 (host offload)")
     a = ap.parse_args()
     tmp = a.tmp
     os.makedirs(tmp, exist_ok=True)
@@ -111,7 +120,7 @@ def main():
         return json.loads(r.stdout.strip().splitlines()[-1]), log, time.time() - t0
 
     def gen(exe, tag, prompt, n, config=None, force=None, fa="on", env=None, state=None, ctx=None, model=None,
-            batch=None):
+            batch=None, extra=()):
         lp, tp = os.path.join(tmp, tag + ".logits"), os.path.join(tmp, tag + ".tokens")
         args = ["gen", model or a.model, "--prompt-len", str(prompt), "--gen", str(n), "--logits", lp, "--tokens", tp, "--fa", fa]
         if force:
@@ -122,6 +131,7 @@ def main():
             args += ["--ctx", str(ctx)]
         if batch:
             args += ["--batch", str(batch)]
+        args += list(extra)
         info, log, dt = run(exe, args, config, env)
         lg = np.fromfile(lp, dtype=np.float32).reshape(n, info["n_vocab"])
         return lg, np.fromfile(tp, dtype=np.int32), tp, log
@@ -160,6 +170,11 @@ def main():
     if a.only_locret:
         a.skip_tests = a.skip_bench = a.skip_ttft = True
         guarded("locret tests", tests_locret, *T)
+    offload = []
+    if a.only_offload:
+        a.skip_tests = a.skip_bench = a.skip_ttft = True
+        guarded("host offload tests", tests_offload, *T, offload)
+        results["offload"] = offload
     ttft = []
 
     def timed(name, need_s, f, *args):
@@ -207,6 +222,7 @@ def main():
               f"{r['cuda_tok_s']:.1f} | {r['speedup']:.2f}x | {r.get('old_route_tok_s', float('nan')):.1f} | "
               f"{r.get('cell_tables_ms_per_step', float('nan')):.3f} |")
     print_ttft(ttft)
+    print_offload(offload)
     if not ok:
         print("SOME FAILED" + (f" (and skipped: {', '.join(skipped)})" if skipped else ""))
         sys.exit(1)
@@ -533,6 +549,89 @@ def print_ttft(rows):
         print(f"| {r['model']} | {r['depth']} | {r['ubatch']} | {r['stock_ttft_s']:.3f} | {r['patched_ttft_s']:.3f} | "
               f"{r['speedup']:.2f}x | {r.get('cuda_stats', {}).get('prefill_calls', 0)} |")
 
+
+
+# 11. host offload (patch 0009)
+OFF_D, OFF_G, OFF_CELLS = 32768, 32, 2048
+OFF_HIP = hip_config(sink=64, window=512, stages=[(64, 4096, 16), (16, 2048, 8), (8, 1024, 4)], block_size_q=64)
+NKVO = ["--nkvo", "1"]
+
+
+def with_kv(cfg, cells, rows=None):
+    c = json.loads(json.dumps(cfg))
+    c["kv"] = {"device_cache_pages": cells}
+    if rows:
+        c["kv"]["estimation_cache_rows"] = rows
+    return c
+
+
+def tests_offload(a, gen, run, check, results, close, rows):
+    m = a.model128
+    ctx = OFF_D + OFF_G + 256
+    stf = os.path.join(a.tmp, f"off{OFF_D}.bin")
+    fill, _, _ = run(a.stock, ["fill", m, "--depth", str(OFF_D), "--state", stf, "--fa", "on", "--ctx", str(ctx),
+                               "--batch", "2048"])
+    off_cfg = with_kv(OFF_HIP, OFF_CELLS, OFF_CELLS * 8)
+    # resident (K/V on the device) vs offloaded, same session state, same tokens
+    lr, _, tr_path, log_r = gen(a.patched, "off_resident", OFF_D, OFF_G, config=OFF_HIP, state=stf, ctx=ctx, model=m)
+    lo, _, _, log_o = gen(a.patched, "off_host", OFF_D, OFF_G, config=off_cfg, state=stf, ctx=ctx, model=m,
+                          force=tr_path, extra=NKVO)
+    st = stats(log_o)
+    ht = st.get("host_tier") or {}
+    layer_kv = OFF_D * 8 * 128 * 2 * 2
+    dev = ht.get("device_bytes", 0) / max(1, ht.get("layers", 1))
+    c = compare(lo, lr)
+    c.update({"context": OFF_D + OFF_G, "bit_equal": bool(np.array_equal(lo, lr)), "host_tier": ht,
+              "layer_kv_bytes": layer_kv, "layer_cache_bytes": dev,
+              "kv_over_page_cache": OFF_D / OFF_CELLS, "kv_over_device_caches": layer_kv / max(1.0, dev)})
+    results["offload_vs_resident"] = c
+    check(f"host offload == resident, bit for bit ({OFF_D}+{OFF_G} tokens, {OFF_CELLS}-cell page cache per layer, "
+          f"K/V {layer_kv / max(1.0, dev):.1f}x the layer's device caches, d128)",
+          c["bit_equal"] and "over host K/V" in log_o and ht.get("layer_steps", 0) >= 4 * OFF_G
+          and ht.get("block_misses", 0) > 0 and ht.get("est_row_misses", 0) > 0 and layer_kv >= 4 * dev
+          and np.isfinite(lo).all() and "CUDA route on" in log_r, c)
+    print(log_o, flush=True)
+
+    # covering budget: == stock within f16 rounding
+    ls, _, ts_path, _ = gen(a.stock, "off_stock_cov", P, G, model=m)
+    lc, _, _, log_c = gen(a.patched, "off_cov", P, G, config=with_kv(FULL, 2048), force=ts_path, model=m, extra=NKVO)
+    cc = compare(lc, ls)
+    cc["host_tier"] = (stats(log_c).get("host_tier") or {})
+    results["offload_covering_vs_stock"] = cc
+    check(f"host offload, covering budget == stock ({P}+{G} tokens, teacher-forced, d128)",
+          close(cc) and "over host K/V" in log_c and cc["host_tier"].get("layer_steps", 0) >= 4 * G, cc)
+
+    # decode tok/s, same state, same run
+    row = {"depth": OFF_D, "gen": a.gen, "cache_cells": OFF_CELLS, "stock_fill_s": fill["prefill_s"]}
+    for name, exe, cfg, extra in [("stock", a.stock, None, []), ("stock_nkvo", a.stock, None, NKVO),
+                                  ("resident", a.patched, OFF_HIP, []), ("offloaded", a.patched, off_cfg, NKVO)]:
+        r, log, _ = run(exe, ["bench", m, "--depth", str(OFF_D), "--gen", str(a.gen), "--state", stf, "--fa", "on",
+                              "--ctx", str(ctx)] + extra, cfg)
+        row[name + "_tok_s"] = r["decode_tok_s"]
+        if name == "offloaded":
+            ht = stats(log).get("host_tier") or {}
+            row["host_tier"] = ht
+            steps = max(1, ht.get("layer_steps", 1))
+            row["copied_bytes_per_layer_step"] = ht.get("bytes_copied", 0) / steps
+            row["est_host_bytes_per_layer_step"] = ht.get("est_host_bytes", 0) / steps
+    # a step that copied every layer's whole K/V to the device would move this much
+    row["full_kv_bytes_per_step"] = 4 * layer_kv
+    row["offloaded_over_resident"] = row["resident_tok_s"] / row["offloaded_tok_s"]
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    os.remove(stf)
+
+
+def print_offload(rows):
+    if not rows:
+        return
+    print("\n| context | page cache cells/layer | stock tok/s | stock -nkvo tok/s | ours resident tok/s "
+          "| ours offloaded tok/s | resident/offloaded | MiB copied/layer-step | whole-KV MiB/step |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['depth']} | {r['cache_cells']} | {r['stock_tok_s']:.1f} | {r['stock_nkvo_tok_s']:.1f} | "
+              f"{r['resident_tok_s']:.1f} | {r['offloaded_tok_s']:.1f} | {r['offloaded_over_resident']:.2f}x | "
+              f"{r['copied_bytes_per_layer_step'] / 2**20:.2f} | {r['full_kv_bytes_per_step'] / 2**20:.0f} |")
 
 if __name__ == "__main__":
     main()

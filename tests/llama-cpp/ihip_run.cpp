@@ -35,7 +35,8 @@
 //       weights without quantization noise.
 //
 // Common: --ctx N (default: enough for the run), --threads T (2), --batch B
-// (512), --fa on|off|auto (off), --seed S (1), --kv f16|f32 (K/V cache type, f16).
+// (512), --fa on|off|auto (off), --seed S (1), --kv f16|f32 (K/V cache type, f16),
+// --nkvo 1 (llama.cpp's --no-kv-offload: K/V in host memory).
 #include "llama.h"
 
 #include <chrono>
@@ -57,6 +58,7 @@ struct Args {
     std::string mode, model, force, logits_out, tokens_out, state, fa = "off", text, out, input, nll_out, kv = "f16", depths;
     std::string prefill_logits = "all", cont = "decode";
     int prompt_len = 64, gen = 16, depth = 0, ctx = 0, threads = 2, batch = 512, seed = 1, prefill = -1, n = -1;
+    int nkvo = 0;
 };
 
 static Args parse(int argc, char ** argv) {
@@ -90,6 +92,7 @@ static Args parse(int argc, char ** argv) {
         else if (k == "--depths") a.depths = v;
         else if (k == "--prefill-logits") a.prefill_logits = v;
         else if (k == "--cont") a.cont = v;
+        else if (k == "--nkvo") a.nkvo = std::stoi(v);
         else die("unknown option " + k);
     }
     if (a.kv != "f16" && a.kv != "f32") die("--kv must be f16 or f32");
@@ -225,6 +228,7 @@ int main(int argc, char ** argv) {
                        : a.fa == "auto" ? LLAMA_FLASH_ATTN_TYPE_AUTO : LLAMA_FLASH_ATTN_TYPE_DISABLED;
     cp.no_perf = false;
     cp.type_k = cp.type_v = a.kv == "f32" ? GGML_TYPE_F32 : GGML_TYPE_F16;
+    cp.offload_kqv = a.nkvo == 0;
     llama_context * ctx = llama_init_from_model(model, cp);
     if (!ctx) die("cannot create context (see the log above)");
 

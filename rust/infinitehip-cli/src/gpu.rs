@@ -530,8 +530,15 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
         )?);
         return report(&checks);
     }
+    if a.kmeans_only {
+        // The squeeze k-means (GPU == CPU), then the first-decode timing.
+        let checks = crate::gpu_kmeans::checks(&gpu, seed)?;
+        crate::gpu_kmeans::bench_first_decode(&gpu, &a.squeeze_first_decode, a.squeeze_cpu_max)?;
+        return report(&checks);
+    }
     // Policy kernels (locret, squeeze, lazy) first: they are quick.
     let mut checks = crate::gpu_policies::checks(&gpu, seed)?;
+    checks.extend(crate::gpu_kmeans::checks(&gpu, seed)?);
     if a.engine_only {
         checks.clear();
     }

@@ -70,6 +70,17 @@ pub struct GpuTestArgs {
     /// Accepted for older scripts; has no effect.
     #[arg(long)]
     pub quick: bool,
+    /// Only the squeeze k-means checks (GPU == CPU reference).
+    #[arg(long)]
+    pub kmeans_only: bool,
+    /// Also time a squeeze layer's first decode (prefix clustering) at
+    /// these prompt lengths, comma-separated (e.g. 8K,32K,128K): k-means on
+    /// the GPU, and on the host up to --squeeze-cpu-max.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_positive)]
+    pub squeeze_first_decode: Vec<usize>,
+    /// Longest prompt whose first decode is also timed with the host k-means.
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value_t = 8192)]
+    pub squeeze_cpu_max: usize,
 }
 
 /// CUDA hip and dense decode and prefill at Llama-3.1-8B shape (GPU)

@@ -349,7 +349,7 @@ fn check_of(name: &str, o: &Outcome) -> Check {
         let mx = o.seal_ms.iter().cloned().fold(0f64, f64::max);
         let mean = o.seal_ms.iter().sum::<f64>() / o.seal_ms.len() as f64;
         format!(
-            "; seal (key read-back + host k-means + calibration + upload) mean {mean:.1} ms, max {mx:.1} ms over {} (request, layer)",
+            "; seal (key gather + k-means (GPU unless INFINITEHIP_SQUEEZE_KMEANS=host) + calibration + upload) mean {mean:.1} ms, max {mx:.1} ms over {} (request, layer)",
             o.seal_ms.len()
         )
     };

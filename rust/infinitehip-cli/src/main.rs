@@ -20,6 +20,8 @@ mod gpu_engine_policies;
 #[cfg(feature = "cuda")]
 mod gpu_hip_fast;
 #[cfg(feature = "cuda")]
+mod gpu_kmeans;
+#[cfg(feature = "cuda")]
 mod gpu_long_prefill;
 #[cfg(feature = "cuda")]
 mod gpu_model;

@@ -1027,3 +1027,79 @@ fn throughput() {
         );
     }
 }
+
+/// `seal_prefix` with heads from `build_head_from` (the GPU engine path's
+/// route, here with the CPU k-means) gives the index and thresholds of
+/// `build_prefix`; malformed heads are rejected.
+#[test]
+fn sealing_prebuilt_heads_equals_build_prefix() {
+    use infinitehip::policy::squeeze::{build_head_from, fine_params};
+    let (d, prefix) = (16, 900);
+    let shape = AttnShape::new(4, 2, d).unwrap();
+    let mut rng = Rng::new(21);
+    let kv = Kv::random(2, d, prefix + 5, &mut rng);
+    let mut cfg = small_cfg(0.6, 2);
+    cfg.sink = 3;
+    let calib = rng.normal_vec(cfg.observation_window * shape.q_elems(), 1.0);
+    let mut a = SqueezePolicy::new(cfg.clone(), &model(d)).unwrap();
+    seal_and_calibrate(&mut a, 1, shape, &kv, prefix, &calib);
+    let pa = a.prefix(1).unwrap();
+
+    let mut b = SqueezePolicy::new(cfg.clone(), &model(d)).unwrap();
+    let ws = b.window_start(prefix);
+    assert_eq!(ws, prefix - cfg.observation_window);
+    let heads: Vec<HeadIndex> = (0..2)
+        .map(|h| {
+            let keys = &kv.k[h * kv.len * d..(h * kv.len + ws) * d];
+            let s = cfg.sink;
+            let km = kmeans(&keys[s * d..], d, &fine_params(&cfg, ws - s)).unwrap();
+            build_head_from(&keys[..s * d], d, Some(km), h, &cfg, &mut |p, d, q| {
+                kmeans(p, d, q)
+            })
+            .unwrap()
+        })
+        .collect();
+    // Wrong head count or clustered-key count: errors.
+    assert!(b
+        .seal_prefix(2, &shape, prefix, heads[..1].to_vec())
+        .is_err());
+    let mut short = heads.clone();
+    short[1].labels.pop();
+    assert!(b.seal_prefix(2, &shape, prefix, short).is_err());
+    b.seal_prefix(1, &shape, prefix, heads).unwrap();
+    let view = kv.view();
+    b.select(&req(
+        1,
+        shape,
+        Phase::Prefill,
+        &calib,
+        prefix - cfg.observation_window,
+        &view,
+    ))
+    .unwrap();
+    let pb = b.prefix(1).unwrap();
+    assert_eq!(pa.thresholds(), pb.thresholds());
+    assert!(pa.thresholds().unwrap().fine.is_finite());
+    for (x, y) in pa.heads.iter().zip(&pb.heads) {
+        assert_eq!(x.labels, y.labels);
+        assert_eq!(x.fine.centroids, y.fine.centroids);
+        assert_eq!(x.fine.sizes, y.fine.sizes);
+        let (cx, cy) = (x.coarse.as_ref().unwrap(), y.coarse.as_ref().unwrap());
+        assert_eq!(cx.of_fine, cy.of_fine);
+        assert_eq!(cx.level.centroids, cy.level.centroids);
+    }
+    // Decode lookups agree.
+    for t in 0..5 {
+        let q = rng.normal_vec(shape.q_elems(), 1.0);
+        let sa = a
+            .select(&req(1, shape, Phase::Decode, &q, prefix + t, &view))
+            .unwrap();
+        let sb = b
+            .select(&req(1, shape, Phase::Decode, &q, prefix + t, &view))
+            .unwrap();
+        assert_eq!(sa.blocks, sb.blocks);
+        // Sparse: the lookup dropped some prefix keys.
+        let kept: usize = sa.blocks[0].heads[0].iter().map(|r| r.len()).sum();
+        assert!(kept < prefix + 5, "kept {kept}");
+    }
+}

@@ -64,7 +64,7 @@ use crate::attention::AttnShape;
 use crate::config::{ModelShape, SqueezeConfig, SqueezePool};
 use crate::dtype::dot_f32;
 use crate::error::{Error, Result};
-use crate::kmeans::{kmeans, KMeansParams};
+use crate::kmeans::{kmeans, KMeans, KMeansParams};
 use crate::kv::KvRead;
 use crate::parallel::par_map;
 
@@ -432,6 +432,21 @@ pub fn calibrate(
     Thresholds { fine, coarse }
 }
 
+/// A k-means implementation: `kmeans::kmeans` on the CPU, or a device twin
+/// (`backend::cuda::policies::squeeze_kmeans`).
+pub type KMeansFn<'a> = dyn FnMut(&[f32], usize, &KMeansParams) -> Result<KMeans> + 'a;
+
+/// k-means parameters of the fine level over `rest` non-sink keys.
+pub fn fine_params(cfg: &SqueezeConfig, rest: usize) -> KMeansParams {
+    let k = ((cfg.percent_clusters as f64 / 100.0 * rest as f64) as usize).clamp(1, rest.max(1));
+    KMeansParams {
+        k,
+        max_iters: cfg.kmeans_iters,
+        seed: cfg.seed,
+        normalize: true,
+    }
+}
+
 /// Clusters keys `0..n` of KV head `h`: keys `0..cfg.sink` get a cluster of
 /// their own (at both levels), the rest go through k-means.
 pub fn build_head(kv: &dyn KvRead, h: usize, n: usize, cfg: &SqueezeConfig) -> Result<HeadIndex> {
@@ -441,32 +456,43 @@ pub fn build_head(kv: &dyn KvRead, h: usize, n: usize, cfg: &SqueezeConfig) -> R
         kv.read_key(h, t, row);
     }
     let s = cfg.sink.min(n);
-    let rest = n - s;
+    let km = if n > s {
+        Some(
+            kmeans(&keys[s * d..], d, &fine_params(cfg, n - s))
+                .map_err(|e| Error::Invalid(format!("squeeze: clustering KV head {h}: {e}")))?,
+        )
+    } else {
+        None
+    };
+    keys.truncate(s * d);
+    build_head_from(&keys, d, km, h, cfg, &mut |p, d, q| kmeans(p, d, q))
+}
+
+/// A head's index from its sink keys (`[s][d]`, each its own cluster) and
+/// the fine k-means of the other keys (None when there are none); the
+/// coarse level (two-level config) clusters the fine centroids with
+/// `coarse_kmeans`.
+pub fn build_head_from(
+    sink_keys: &[f32],
+    d: usize,
+    km: Option<KMeans>,
+    h: usize,
+    cfg: &SqueezeConfig,
+    coarse_kmeans: &mut KMeansFn<'_>,
+) -> Result<HeadIndex> {
+    let s = sink_keys.len() / d;
     // Sink clusters 0..s (centroid = the key itself), then the k-means ones.
-    let mut centroids = keys[..s * d].to_vec();
+    let mut centroids = sink_keys.to_vec();
     let mut sizes = vec![1u32; s];
     let mut labels: Vec<u32> = (0..s as u32).collect();
-    if rest > 0 {
-        let k = ((cfg.percent_clusters as f64 / 100.0 * rest as f64) as usize).clamp(1, rest);
-        let km = kmeans(
-            &keys[s * d..],
-            d,
-            &KMeansParams {
-                k,
-                max_iters: cfg.kmeans_iters,
-                seed: cfg.seed,
-                normalize: true,
-            },
-        )
-        .map_err(|e| Error::Invalid(format!("squeeze: clustering KV head {h}: {e}")))?;
+    if let Some(km) = km {
         centroids.extend_from_slice(&km.centroids);
         sizes.extend_from_slice(&km.sizes);
         labels.extend(km.labels.iter().map(|&l| l + s as u32));
     }
-    drop(keys);
     let fine = Level::new(d, centroids, sizes);
     let coarse = if cfg.levels == 2 {
-        Some(build_coarse(&fine, s, h, cfg)?)
+        Some(build_coarse(&fine, s, h, cfg, coarse_kmeans)?)
     } else {
         None
     };
@@ -479,7 +505,13 @@ pub fn build_head(kv: &dyn KvRead, h: usize, n: usize, cfg: &SqueezeConfig) -> R
 
 /// The coarse level over `fine`: fine clusters `0..sink` stay alone, the
 /// other non-empty ones are clustered again.
-fn build_coarse(fine: &Level, sink: usize, h: usize, cfg: &SqueezeConfig) -> Result<Coarse> {
+fn build_coarse(
+    fine: &Level,
+    sink: usize,
+    h: usize,
+    cfg: &SqueezeConfig,
+    kmeans_fn: &mut KMeansFn<'_>,
+) -> Result<Coarse> {
     let d = fine.dim;
     let ne = &fine.nonempty;
     let rest: Vec<u32> = ne.iter().copied().filter(|&c| c as usize >= sink).collect();
@@ -493,7 +525,7 @@ fn build_coarse(fine: &Level, sink: usize, h: usize, cfg: &SqueezeConfig) -> Res
             .collect();
         let kr = ((cfg.percent_clusters_l1 as f64 / 100.0 * rest.len() as f64) as usize)
             .clamp(1, rest.len());
-        let km1 = kmeans(
+        let km1 = kmeans_fn(
             &pts,
             d,
             &KMeansParams {
@@ -607,7 +639,7 @@ impl SqueezePolicy {
             ));
         }
         let prefix_len = kv.len();
-        let window_start = prefix_len.saturating_sub(self.cfg.observation_window);
+        let window_start = self.window_start(prefix_len);
         let t0 = std::time::Instant::now();
         let heads = if window_start == 0 {
             Vec::new()
@@ -616,6 +648,49 @@ impl SqueezePolicy {
                 .map(|h| build_head(kv, h, window_start, &self.cfg))
                 .collect::<Result<Vec<_>>>()?
         };
+        self.seal_with_heads(seq, shape, prefix_len, heads, t0)
+    }
+
+    /// Keys `0..window_start(prefix_len)` of a prefix are clustered.
+    pub fn window_start(&self, prefix_len: usize) -> usize {
+        prefix_len.saturating_sub(self.cfg.observation_window)
+    }
+
+    /// Seal `seq`'s prefix of `prefix_len` tokens with per-KV-head indexes
+    /// built elsewhere (`build_head_from`, e.g. with the GPU k-means) over
+    /// keys `0..window_start(prefix_len)` (none when that is 0).
+    pub fn seal_prefix(
+        &mut self,
+        seq: u64,
+        shape: &AttnShape,
+        prefix_len: usize,
+        heads: Vec<HeadIndex>,
+    ) -> Result<()> {
+        let ws = self.window_start(prefix_len);
+        let want = if ws == 0 { 0 } else { shape.n_kv_heads };
+        if heads.len() != want || heads.iter().any(|h| h.labels.len() != ws) {
+            return Err(Error::shape(
+                "squeeze seal_prefix heads (count, clustered keys)",
+                format!("({want}, {ws})"),
+                format!(
+                    "({}, {:?})",
+                    heads.len(),
+                    heads.first().map(|h| h.labels.len())
+                ),
+            ));
+        }
+        self.seal_with_heads(seq, shape, prefix_len, heads, std::time::Instant::now())
+    }
+
+    fn seal_with_heads(
+        &mut self,
+        seq: u64,
+        shape: &AttnShape,
+        prefix_len: usize,
+        heads: Vec<HeadIndex>,
+        t0: std::time::Instant,
+    ) -> Result<()> {
+        let window_start = self.window_start(prefix_len);
         self.clusterings += 1;
         tracing::debug!(
             seq,

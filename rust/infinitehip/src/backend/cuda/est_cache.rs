@@ -325,6 +325,14 @@ impl HostEstimation {
         r
     }
 
+    /// Make `gpu.stream` wait for the last admission (what `select` does
+    /// first), for callers that launch the scoring kernels themselves.
+    pub fn wait_admission(&self, gpu: &GpuContext) -> Result<()> {
+        gpu.stream
+            .wait(&self.admitted)
+            .map_err(|e| gpu_err("estimation wait for admission", e))
+    }
+
     /// After `select`: read the step's counters and miss list (waits for
     /// the estimation), admit the misses by CLOCK and copy them in with one
     /// launch on the side stream (overlapping whatever the main stream runs

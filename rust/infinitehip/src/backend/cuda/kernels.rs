@@ -37,6 +37,10 @@ pub const MODULES: &[(&str, &str)] = &[
         include_str!("../../../../../kernels/squeeze_lookup.cu"),
     ),
     (
+        "squeeze_kmeans",
+        include_str!("../../../../../kernels/squeeze_kmeans.cu"),
+    ),
+    (
         "lazy_importance",
         include_str!("../../../../../kernels/lazy_importance.cu"),
     ),
@@ -96,6 +100,22 @@ pub fn dtype_tag(dt: crate::DType) -> Option<&'static str> {
 }
 
 pub const HEAD_DIMS: &[usize] = &[64, 128, 256];
+/// Entry points of kernels/squeeze_kmeans.cu besides `km_assign_d{D}`.
+const KMEANS_ENTRY_POINTS: &[&str] = &[
+    "km_fill_u32",
+    "km_normalize",
+    "km_pp_init",
+    "km_pp_cc",
+    "km_pp_update",
+    "km_pp_pick",
+    "km_gather_rows",
+    "km_cnorm",
+    "km_seg_count",
+    "km_seg_base",
+    "km_offsets",
+    "km_seg_scatter",
+    "km_means",
+];
 pub const GROUPS: &[usize] = &[1, 2, 4, 8];
 /// Head dims of the tensor-core prefill kernel (kernels/prefill_tc.cu).
 pub const TC_HEAD_DIMS: &[usize] = &[64, 128];
@@ -206,6 +226,14 @@ pub fn entry_points(module: &str) -> Vec<String> {
             for n in ["squeeze_lookup", "squeeze_lookup2", "squeeze_ranges"] {
                 v.push(n.into());
             }
+        }
+        "squeeze_kmeans" => {
+            for n in KMEANS_ENTRY_POINTS {
+                v.push((*n).into());
+            }
+            HEAD_DIMS
+                .iter()
+                .for_each(|d| v.push(format!("km_assign_d{d}")));
         }
         "lazy_topk" => v.push("lazy_topk".into()),
         "decode_dense" => v.push("dense_fill_random".into()),

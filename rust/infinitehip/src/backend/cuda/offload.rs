@@ -34,6 +34,8 @@ pub struct PinnedBuf {
     /// Device address of the same memory.
     pub dev: u64,
     pub bytes: usize,
+    /// False for memory someone else allocated (`borrowed`): not freed here.
+    owned: bool,
 }
 
 // SAFETY: plain memory owned by this value.
@@ -54,7 +56,27 @@ impl PinnedBuf {
             }
             return Err(gpu_err("cuMemHostGetDevicePointer", r));
         }
-        Ok(PinnedBuf { ptr, dev, bytes })
+        Ok(PinnedBuf {
+            ptr,
+            dev,
+            bytes,
+            owned: true,
+        })
+    }
+
+    /// Page-locked host memory allocated elsewhere (an engine's pinned K/V
+    /// buffer, e.g. cudaMallocHost), seen through its device address; never
+    /// freed here. Errors when the driver does not know `ptr` as page-locked.
+    ///
+    /// # Safety
+    /// `ptr..ptr + bytes` stays allocated and page-locked while this lives.
+    pub unsafe fn borrowed(ptr: u64, bytes: usize) -> Result<Self> {
+        Ok(PinnedBuf {
+            ptr: ptr as *mut u8,
+            dev: host_device_ptr(ptr)?,
+            bytes,
+            owned: false,
+        })
     }
     pub fn as_u16(&self) -> &[u16] {
         unsafe { std::slice::from_raw_parts(self.ptr as *const u16, self.bytes / 2) }
@@ -79,8 +101,25 @@ impl PinnedBuf {
     }
 }
 
+/// Device address of page-locked host memory at `ptr` (the same address
+/// under unified addressing), or an error naming what is wrong.
+pub fn host_device_ptr(ptr: u64) -> Result<u64> {
+    let mut dev: sys::CUdeviceptr = 0;
+    let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, ptr as *mut _, 0) };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(gpu_err(
+            "cuMemHostGetDevicePointer (host K/V must be page-locked, e.g. llama.cpp's CUDA_Host buffer)",
+            r,
+        ));
+    }
+    Ok(dev)
+}
+
 impl Drop for PinnedBuf {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         unsafe {
             let _ = cu::free_host(self.ptr as *mut _);
         }
@@ -621,6 +660,15 @@ impl OffloadKv {
             0,
             0,
         )?;
+        self.attended
+            .record(&gpu.stream)
+            .map_err(|e| gpu_err("record attention event", e))
+    }
+
+    /// Record that attention launched on `gpu.stream` (what `decode` does
+    /// after its launch) for callers that launch the `slot_` kernels
+    /// themselves: the next `prepare` refills no slot before it ran.
+    pub fn attention_launched(&self, gpu: &GpuContext) -> Result<()> {
         self.attended
             .record(&gpu.stream)
             .map_err(|e| gpu_err("record attention event", e))

@@ -45,6 +45,7 @@ macro_rules! launch {
 
 pub mod lazy_topk;
 pub mod squeeze2;
+pub mod squeeze_kmeans;
 
 use super::dispatch::DeviceKv;
 use super::{gpu_err, kernels, DevBuf, GpuContext};

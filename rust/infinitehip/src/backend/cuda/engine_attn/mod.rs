@@ -45,10 +45,12 @@
 //!   step).
 
 mod hip;
+mod host_tier;
 mod lazy;
 mod locret;
 mod squeeze;
 
+pub use host_tier::{HostKvArgs, HostTier, HostTierConfig, HostTierStats};
 pub use locret::LocretStats;
 
 use std::collections::HashMap;
@@ -417,6 +419,27 @@ impl GpuAttention {
         })
     }
 
+    /// Squeeze layer `layer`'s clustering of request `id`: (k-means ms,
+    /// whether it ran on the GPU). None before the seal.
+    pub fn squeeze_kmeans(&self, layer: usize, id: u64) -> Option<(f64, bool)> {
+        let s = *self.slots.get(&id)?;
+        let Some(Layer::Squeeze(z)) = self.layers.get(layer) else {
+            return None;
+        };
+        z.sealed(s).map(|x| (x.kmeans_ms, x.kmeans_on_gpu))
+    }
+
+    /// Cluster squeeze prefixes sealed from now on with the GPU k-means
+    /// (default) or the host's (`INFINITEHIP_SQUEEZE_KMEANS=host` sets the
+    /// initial choice).
+    pub fn set_squeeze_kmeans_on_gpu(&mut self, on: bool) {
+        for l in &mut self.layers {
+            if let Layer::Squeeze(z) = l {
+                z.kmeans_on_gpu = on;
+            }
+        }
+    }
+
     /// Whether request `id`'s current lazy step met a non-finite importance
     /// (its selections then cover everything, so the NaN reaches the
     /// output). Waits for the device (tests, debugging).
@@ -758,7 +781,7 @@ impl GpuAttention {
             self.dense_ws = ws;
             return r;
         } else {
-            self.hip_select(&gpu, layer, &dkv, req_ids, &rows, lens)?
+            self.hip_select(&gpu, layer, &dkv, req_ids, &rows, lens, "hip_mask")?
         };
         let q_seq = self.up.ptr;
         let mut ws = std::mem::take(&mut self.ws);
@@ -1193,6 +1216,7 @@ impl GpuAttention {
     /// hip mask estimation of every request of the batch into the
     /// selection; returns it and the host bound on selected tokens. Leaves
     /// the table rows at `self.up` (first `b` i32).
+    #[allow(clippy::too_many_arguments)]
     fn hip_select(
         &mut self,
         gpu: &GpuContext,
@@ -1201,6 +1225,9 @@ impl GpuAttention {
         req_ids: &[u64],
         rows: &[i32],
         lens: &[usize],
+        // "hip_mask", or "hip_mask_host" (keys through the estimation row
+        // cache of `dkv`, see `host_tier`)
+        module: &'static str,
     ) -> Result<(DeviceSelection, usize)> {
         let b = req_ids.len();
         let hkv = self.shape.n_kv_heads;
@@ -1304,7 +1331,7 @@ impl GpuAttention {
                     stage0_cnt: self.ones.ptr,
                     e0: e0s[i],
                     keys: self.keys.ptr,
-                    module: "hip_mask",
+                    module,
                     gate: 0,
                 };
                 run_stages(gpu, dkv, &h.cfg, &stages, froms[i], &x)?;

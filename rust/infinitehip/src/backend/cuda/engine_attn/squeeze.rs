@@ -12,13 +12,16 @@
 //!   append that ends the prompt and looks up from the first query past it:
 //!   the same point). The prefix is every token the prefills gave (or, for a
 //!   request never prefilled here, all but the decoded token). This is the
-//!   one place the engine path waits for the device: the prefix keys are
+//!   one place the engine path waits for the device: the clustered keys are
 //!   gathered once from the engine's K through the page table
-//!   (`ep_gather_keys_*`) and read back with the ring, then the host runs
-//!   the CPU policy's own code (`SqueezePolicy::build_prefix`: k-means per
-//!   KV head, `kmeans.rs`; calibration over the recorded queries) and the
-//!   index is uploaded (`SqueezeIndexGpu`). Cost per (request, layer): one
-//!   key read-back plus the host k-means (timed, `Sealed::seal_ms`).
+//!   (`ep_gather_keys_*`) and clustered on the GPU (`squeeze_kmeans`, every
+//!   KV head at once, bit-identical to the CPU policy's `kmeans.rs`; the
+//!   coarse level per head), only the sink keys and the clusters are read
+//!   back, the host calibrates over the recorded queries and the index is
+//!   uploaded (`SqueezeIndexGpu`). With `INFINITEHIP_SQUEEZE_KMEANS=host`
+//!   (or a head dim the kernels lack) the whole prefix's keys are read back
+//!   and the host runs the CPU policy's own `build_prefix`. Cost per
+//!   (request, layer): timed, `Sealed::seal_ms` / `kmeans_ms` (README).
 //! - **Decode** past the seal: the centroid lookup and the key ranges on the
 //!   GPU (`SqueezeIndexGpu::launch_select`, one or two levels, the CPU's
 //!   thresholds), no host sync. Within f32 rounding of a threshold a cluster
@@ -32,12 +35,14 @@ use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
 
 use super::super::dispatch::DeviceSelection;
 use super::super::policies::squeeze2::{SqueezeIndexGpu, SqueezeWorkspace};
+use super::super::policies::squeeze_kmeans;
 use super::super::{gpu_err, kernels, DevBuf, GpuContext};
 use crate::attention::AttnShape;
 use crate::config::{ModelShape, SqueezeConfig};
 use crate::error::{Error, Result};
-use crate::kv::SeqView;
-use crate::policy::squeeze::{SqueezePolicy, Thresholds};
+use crate::kmeans::KMeans;
+use crate::kv::{KvRead, SeqView};
+use crate::policy::squeeze::{build_head_from, fine_params, HeadIndex, SqueezePolicy, Thresholds};
 use crate::policy::{Phase, Policy, SelectRequest};
 
 /// A sealed prefix of one (request, layer).
@@ -46,8 +51,12 @@ pub(crate) struct Sealed {
     /// None: nothing clustered (the prompt fits the observation window):
     /// the request attends densely, as on the CPU.
     pub index: Option<(SqueezeIndexGpu, SqueezeWorkspace, Thresholds)>,
-    /// Host time of the seal (key read-back, k-means, calibration, upload).
+    /// Host time of the seal (key gather, k-means, calibration, upload).
     pub seal_ms: f64,
+    /// Of which the clustering (and, on the host path, the calibration).
+    pub kmeans_ms: f64,
+    /// Whether the k-means ran on the GPU.
+    pub kmeans_on_gpu: bool,
 }
 
 #[derive(Default)]
@@ -65,6 +74,44 @@ pub(crate) struct SqueezeLayer {
     pub cfg: SqueezeConfig,
     host: SqueezePolicy,
     pub slots: Vec<SqSlot>,
+    /// Cluster on the device (default); `INFINITEHIP_SQUEEZE_KMEANS=host`
+    /// keeps the host k-means (the CPU reference).
+    pub kmeans_on_gpu: bool,
+}
+
+/// A KV view that has a length and shape but no keys: calibration reads
+/// only the queries.
+struct ShapeOnlyKv {
+    len: usize,
+    hkv: usize,
+    d: usize,
+}
+
+impl KvRead for ShapeOnlyKv {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn n_kv_heads(&self) -> usize {
+        self.hkv
+    }
+    fn head_dim(&self) -> usize {
+        self.d
+    }
+    fn dot_key(&self, _: usize, _: usize, _: &[f32]) -> f32 {
+        unreachable!("squeeze calibration reads no keys")
+    }
+    fn read_key(&self, _: usize, _: usize, _: &mut [f32]) {
+        unreachable!("squeeze calibration reads no keys")
+    }
+    fn read_value(&self, _: usize, _: usize, _: &mut [f32]) {
+        unreachable!("squeeze calibration reads no values")
+    }
+}
+
+/// `INFINITEHIP_SQUEEZE_KMEANS`: `host` clusters on the CPU, anything else
+/// (or unset) on the GPU.
+pub(crate) fn kmeans_on_gpu_from_env() -> bool {
+    std::env::var("INFINITEHIP_SQUEEZE_KMEANS").map_or(true, |v| v != "host")
 }
 
 impl SqueezeLayer {
@@ -73,6 +120,7 @@ impl SqueezeLayer {
             host: SqueezePolicy::new(cfg.clone(), model)?,
             cfg,
             slots: Vec::new(),
+            kmeans_on_gpu: kmeans_on_gpu_from_env(),
         })
     }
 
@@ -178,11 +226,18 @@ impl SqueezeLayer {
                 "squeeze on the GPU: request {id} decodes at length {len}, not past its prompt of {prefix_len} tokens"
             )));
         }
-        // Keys 0..prefix_len, head-major f32.
-        let keys: Vec<f32> = if prefix_len == 0 {
-            Vec::new()
+        let w = self.cfg.observation_window;
+        let ws0 = prefix_len.saturating_sub(w);
+        // Clustering on the device needs a dimension the kernels are built
+        // for; otherwise (or when INFINITEHIP_SQUEEZE_KMEANS=host) the host.
+        let on_gpu = self.kmeans_on_gpu && kernels::HEAD_DIMS.contains(&d);
+        // Keys 0..n, head-major f32: the clustered ones (device k-means) or
+        // the whole prefix (read back for the host policy).
+        let n = if on_gpu { ws0 } else { prefix_len };
+        let keys_dev = if n == 0 {
+            None
         } else {
-            let out = DevBuf::alloc(hkv * prefix_len * d * 4)?;
+            let out = DevBuf::alloc(hkv * n * d * 4)?;
             let tag = kernels::dtype_tag(kv.1).ok_or_else(|| {
                 Error::Invalid(format!(
                     "squeeze on the GPU: K dtype {} (bf16 or f16)",
@@ -191,7 +246,7 @@ impl SqueezeLayer {
             })?;
             let f = gpu.func("engine_policy", &format!("ep_gather_keys_{tag}"))?;
             let (ps, pst, hst) = (kv.2 as i32, kv.3 as i64, kv.4 as i64);
-            let (di, ni) = (d as i32, super::i32_of("squeeze prefix", prefix_len)?);
+            let (di, ni) = (d as i32, super::i32_of("squeeze prefix", n)?);
             let mut l = gpu.stream.launch_builder(&f);
             l.arg(&kv.0)
                 .arg(&table_row)
@@ -201,7 +256,7 @@ impl SqueezeLayer {
                 .arg(&di)
                 .arg(&ni)
                 .arg(&out.ptr);
-            let blocks = (prefix_len * d).div_ceil(256).min(4096) as u32;
+            let blocks = (n * d).div_ceil(256).min(4096) as u32;
             unsafe {
                 l.launch(LaunchConfig {
                     grid_dim: (blocks, hkv as u32, 1),
@@ -210,14 +265,11 @@ impl SqueezeLayer {
                 })
             }
             .map_err(|e| gpu_err("launch ep_gather_keys", e))?;
-            gpu.synchronize()?;
-            out.read(hkv * prefix_len * d)?
+            Some(out)
         };
         // The ring was written on the caller's stream.
         gpu.synchronize()?;
         // Calibration queries of the window, grouped in runs of positions.
-        let w = self.cfg.observation_window;
-        let ws0 = prefix_len.saturating_sub(w);
         let slot = &self.slots[s];
         let mut have: Vec<(usize, usize)> = slot
             .rec
@@ -231,8 +283,37 @@ impl SqueezeLayer {
             (Some(r), false) => r.read(w * qe)?,
             _ => Vec::new(),
         };
-        let view = SeqView::from_contiguous(hkv, d, prefix_len, &keys, &keys);
-        let built = self.calibrate_and_build(shape, id, &have, &ring, &view);
+        let kmeans_ms;
+        let built = if on_gpu {
+            let shape_only = ShapeOnlyKv {
+                len: prefix_len,
+                hkv,
+                d,
+            };
+            let t1 = std::time::Instant::now();
+            let heads = match &keys_dev {
+                Some(k) => self.heads_on_gpu(gpu, k.ptr, hkv, ws0, d),
+                None => Ok(Vec::new()),
+            };
+            kmeans_ms = t1.elapsed().as_secs_f64() * 1e3;
+            heads.and_then(|heads| {
+                self.calibrate(shape, id, &have, &ring, &shape_only)?;
+                self.host.seal_prefix(id, shape, prefix_len, heads)
+            })
+        } else {
+            let keys: Vec<f32> = match &keys_dev {
+                Some(k) => k.read(hkv * prefix_len * d)?,
+                None => Vec::new(),
+            };
+            let view = SeqView::from_contiguous(hkv, d, prefix_len, &keys, &keys);
+            let t1 = std::time::Instant::now();
+            let r = self
+                .calibrate(shape, id, &have, &ring, &view)
+                .and_then(|_| self.host.build_prefix(id, shape, &view));
+            kmeans_ms = t1.elapsed().as_secs_f64() * 1e3;
+            r
+        };
+        drop(keys_dev);
         let p = self.host.prefix(id);
         // The host policy's state was scratch: the Arc is all we keep.
         self.host.end_sequence(id);
@@ -252,6 +333,8 @@ impl SqueezeLayer {
             prefix_len,
             calibration_queries = have.len(),
             seal_ms,
+            kmeans_ms,
+            kmeans_on_gpu = on_gpu,
             "squeeze (GPU engine path): prefix sealed"
         );
         self.slots[s] = SqSlot {
@@ -259,21 +342,67 @@ impl SqueezeLayer {
                 prefix_len,
                 index,
                 seal_ms,
+                kmeans_ms,
+                kmeans_on_gpu: on_gpu,
             }),
             ..SqSlot::default()
         };
         Ok(())
     }
 
-    /// The CPU policy's calibration (prefill `select` over each run of
-    /// recorded window positions) and clustering (`build_prefix`).
-    fn calibrate_and_build(
+    /// Per-KV-head indexes of keys `0..ws` (device f32 `[hkv][ws][d]` at
+    /// `keys`): the sink keys read back, the rest clustered on the GPU
+    /// (`squeeze_kmeans`, every head at once; the coarse level per head).
+    fn heads_on_gpu(
+        &self,
+        gpu: &GpuContext,
+        keys: u64,
+        hkv: usize,
+        ws: usize,
+        d: usize,
+    ) -> Result<Vec<HeadIndex>> {
+        let cfg = &self.cfg;
+        let s = cfg.sink.min(ws);
+        let kms: Vec<Option<KMeans>> = if ws > s {
+            let p = fine_params(cfg, ws - s);
+            let (v, _) = squeeze_kmeans::kmeans_heads(
+                gpu,
+                keys + (s * d * 4) as u64,
+                ws * d,
+                hkv,
+                ws - s,
+                d,
+                &p,
+            )
+            .map_err(|e| Error::Invalid(format!("squeeze: GPU clustering: {e}")))?;
+            v.into_iter().map(Some).collect()
+        } else {
+            (0..hkv).map(|_| None).collect()
+        };
+        kms.into_iter()
+            .enumerate()
+            .map(|(h, km)| {
+                let sink: Vec<f32> = if s > 0 {
+                    DevBuf::borrowed(keys + (h * ws * d * 4) as u64, s * d * 4).read(s * d)?
+                } else {
+                    Vec::new()
+                };
+                build_head_from(&sink, d, km, h, cfg, &mut |p, d, q| {
+                    squeeze_kmeans::kmeans_host(gpu, p, d, q)
+                })
+            })
+            .collect()
+    }
+
+    /// The CPU policy's calibration: a prefill `select` over each run of
+    /// recorded window positions (only the queries are read).
+    fn calibrate(
         &mut self,
         shape: &AttnShape,
         id: u64,
         have: &[(usize, usize)],
         ring: &[f32],
-        view: &SeqView<'_, f32>,
+        view: &dyn KvRead,
     ) -> Result<()> {
         let qe = shape.q_elems();
         let mut i = 0;
@@ -296,7 +425,7 @@ impl SqueezeLayer {
             })?;
             i = j;
         }
-        self.host.build_prefix(id, shape, view)
+        Ok(())
     }
 
     pub fn sealed(&self, s: usize) -> Option<&Sealed> {
