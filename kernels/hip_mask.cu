@@ -15,16 +15,23 @@ __device__ __forceinline__ u32 score_key(float f) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-template <typename E, int D, int NQ>
+// Score of key t: the max over this lane's queries of q . k, each dot in
+// the CPU's order (8 partial sums, no fused multiply-add). With LPS > 1,
+// LPS consecutive lanes share a sub-chunk: lane jl takes query tiles
+// jl*NQ, jl*NQ + NQ*LPS, ... and the group's max is exchanged among them
+// (max does not depend on the order). Queries sit in shared memory at row
+// stride QS floats.
+template <typename E, int D, int NQ, int LPS, int QS>
 __device__ __forceinline__ float probe(const u16* __restrict__ kp, const int* trow, int t, int h,
-                                       int hkv, int ps, long long pst, long long hst, const float* sq, int nq) {
+                                       int hkv, int ps, long long pst, long long hst, const float* sq, int nq,
+                                       int jl, unsigned gmask) {
 #ifdef HIP_EST_HOST
     const u16* kr = est_key_row(kp, trow, t, h, hkv, ps, D);  // kp: EstCache (hip_est_host.cuh)
 #else
     const u16* kr = kp + kv_row(trow, t, h, ps, D, pst, hst);
 #endif
     float best = NEG_INF;
-    for (int j0 = 0; j0 < nq; j0 += NQ) {
+    for (int j0 = jl * NQ; j0 < nq; j0 += NQ * LPS) {
         float a[NQ][8];
 #pragma unroll
         for (int j = 0; j < NQ; j++)
@@ -36,7 +43,7 @@ __device__ __forceinline__ float probe(const u16* __restrict__ kp, const int* tr
             load8<E>(kr + c * 8, k8);
 #pragma unroll
             for (int j = 0; j < NQ; j++) {
-                const float* qj = sq + (j0 + j) * D + c * 8;
+                const float* qj = sq + (j0 + j) * QS + c * 8;
 #pragma unroll
                 for (int i = 0; i < 8; i++) a[j][i] = __fadd_rn(a[j][i], __fmul_rn(qj[i], k8[i]));
             }
@@ -51,16 +58,21 @@ __device__ __forceinline__ float probe(const u16* __restrict__ kp, const int* tr
             }
         }
     }
+#pragma unroll
+    for (int o = LPS / 2; o > 0; o >>= 1) best = fmaxf(best, __shfl_xor_sync(gmask, best, o, LPS));
     return best;
 }
 
-template <typename E, int D, int NQ>
+template <typename E, int D, int NQ, int LPS>
 __device__ void hip_score(const u16* __restrict__ kp, const int* __restrict__ table, int table_stride,
                           int ps, int hkv, long long pst, long long hst, const int* __restrict__ row_seq,
                           const float* __restrict__ qs, const int* __restrict__ nq_arr, int nq_max,
                           const int2* __restrict__ in_ranges, const int* __restrict__ in_cnt,
                           int cap_in, int E_, int c, u32* __restrict__ keys, const int* __restrict__ gate,
                           int stage) {
+    // Padded query rows (LPS > 1): the group's lanes read distinct rows
+    // in one shared-memory access without bank conflicts.
+    constexpr int QS = LPS > 1 ? D + 4 : D;
     extern __shared__ float sq[];
     // Device refresh decision (hip_step_meta): skip a stage this step does not refresh.
     if (gate && gate[1] > stage) return;
@@ -68,13 +80,16 @@ __device__ void hip_score(const u16* __restrict__ kp, const int* __restrict__ ta
     const int rb = r / hkv, h = r % hkv;
     const int nq = nq_arr[rb];
     const float* qsrc = qs + ((long long)r * nq_max) * D;
-    // Queries padded with zeros to a multiple of NQ (padding is never scored).
-    const int nq_pad = (nq + NQ - 1) / NQ * NQ;
-    for (int i = threadIdx.x; i < nq_pad * D; i += blockDim.x) sq[i] = i < nq * D ? qsrc[i] : 0.f;
+    // Queries padded with zeros to a multiple of NQ * LPS (padding is never scored).
+    const int nq_pad = (nq + NQ * LPS - 1) / (NQ * LPS) * (NQ * LPS);
+    for (int i = threadIdx.x; i < nq_pad * D; i += blockDim.x)
+        sq[(i / D) * QS + i % D] = i < nq * D ? qsrc[i] : 0.f;
     __syncthreads();
     const int n_sub = cap_in * E_;
-    const int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= n_sub) return;
+    const int j = (blockIdx.x * blockDim.x + threadIdx.x) / LPS;
+    const int jl = threadIdx.x % LPS;
+    const unsigned gmask = LPS == 32 ? 0xffffffffu : ((1u << LPS) - 1u) << ((threadIdx.x & 31) & ~(LPS - 1));
+    if (j >= n_sub) return;  // whole groups (blockDim is a multiple of LPS)
     const int ri = j / E_, e = j % E_;
     u32 key = 0;
     if (ri < in_cnt[r]) {
@@ -85,33 +100,39 @@ __device__ void hip_score(const u16* __restrict__ kp, const int* __restrict__ ta
             const int* trow = table + (long long)row_seq[rb] * table_stride;
             float best;
             if (rr - l == 1) {
-                best = probe<E, D, NQ>(kp, trow, l, h, hkv, ps, pst, hst, sq, nq);
+                best = probe<E, D, NQ, LPS, QS>(kp, trow, l, h, hkv, ps, pst, hst, sq, nq, jl, gmask);
             } else {
                 best = NEG_INF;
                 while (rr - l > 1) {
                     int m = (l + rr) / 2;
-                    float sl = probe<E, D, NQ>(kp, trow, (l + m) / 2, h, hkv, ps, pst, hst, sq, nq);
-                    float sr = probe<E, D, NQ>(kp, trow, (m + rr) / 2, h, hkv, ps, pst, hst, sq, nq);
+                    float sl = probe<E, D, NQ, LPS, QS>(kp, trow, (l + m) / 2, h, hkv, ps, pst, hst, sq, nq, jl, gmask);
+                    float sr = probe<E, D, NQ, LPS, QS>(kp, trow, (m + rr) / 2, h, hkv, ps, pst, hst, sq, nq, jl, gmask);
                     if (sl >= sr) { rr = m; best = sl; } else { l = m; best = sr; }
                 }
             }
             key = score_key(best);
         }
     }
-    keys[(long long)r * n_sub + j] = key;
+    if (jl == 0) keys[(long long)r * n_sub + j] = key;
 }
 
-#define SCORE_INST(E, TN, D, NQ)                                                                  \
+// hip_score_<dtype>_d<D>_q<NQ>: one thread per sub-chunk, NQ queries per
+// pass; hip_score4_...: four lanes per sub-chunk, each NQ queries per pass
+// (4x the threads and a quarter of the chain per thread: the small later
+// stages, where a few thousand sub-chunks leave the SMs mostly idle).
+#define SCORE_INST(PFX, LPS, E, TN, D, NQ)                                                        \
     extern "C" __global__ void __launch_bounds__(128)                                             \
-        hip_score_##TN##_d##D##_q##NQ(const u16* kp, const int* table, int table_stride, int ps,  \
+        PFX##_##TN##_d##D##_q##NQ(const u16* kp, const int* table, int table_stride, int ps,      \
                                       int hkv, long long pst, long long hst, const int* row_seq, const float* qs, const int* nq, \
                                       int nq_max, const int2* in_ranges, const int* in_cnt,       \
                                       int cap_in, int E_, int c, u32* keys, const int* gate,      \
                                       int stage) {                                                \
-        hip_score<E, D, NQ>(kp, table, table_stride, ps, hkv, pst, hst, row_seq, qs, nq, nq_max, in_ranges, \
+        hip_score<E, D, NQ, LPS>(kp, table, table_stride, ps, hkv, pst, hst, row_seq, qs, nq, nq_max, in_ranges, \
                             in_cnt, cap_in, E_, c, keys, gate, stage);                            \
     }
-#define SCORE_Q(E, TN, D) SCORE_INST(E, TN, D, 1) SCORE_INST(E, TN, D, 2) SCORE_INST(E, TN, D, 4) SCORE_INST(E, TN, D, 8)
+#define SCORE_Q(E, TN, D) SCORE_INST(hip_score, 1, E, TN, D, 1) SCORE_INST(hip_score, 1, E, TN, D, 2) \
+    SCORE_INST(hip_score, 1, E, TN, D, 4) SCORE_INST(hip_score, 1, E, TN, D, 8)                     \
+    SCORE_INST(hip_score4, 4, E, TN, D, 1) SCORE_INST(hip_score4, 4, E, TN, D, 2)
 SCORE_Q(Bf16, bf16, 64)
 SCORE_Q(Bf16, bf16, 128)
 SCORE_Q(Bf16, bf16, 256)
@@ -148,73 +169,118 @@ __device__ __forceinline__ int block_scan(int v, int* total, int* s_warp) {
     return before + x - v;
 }
 
-// One CTA per row: exact top-k of the sub-chunk keys by a 4-pass radix
-// select, then the kept sub-chunks written in position order.
+// Sum of `v` over the block (every thread gets it).
+__device__ __forceinline__ int block_sum(int v, int* s_warp) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    __syncthreads();
+    if (lane == 0) s_warp[warp] = v;
+    __syncthreads();
+    int t = 0;
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++) t += s_warp[w];
+    return t;
+}
+
+// One CTA per row (blockDim: a multiple of 32, up to TOPK_THREADS; the
+// host sizes it to n_sub): exact top-k of the sub-chunk keys by a radix
+// select over the 4 key bytes, then the kept sub-chunks written in
+// position order. Ties at the threshold keep the earlier slots. Each pass
+// builds a 256-bin histogram with one shared atomic per distinct bin per
+// warp (keys cluster in a few bins, so per-thread atomics serialise); one
+// warp finds the threshold bin by a suffix scan; the passes stop early
+// once every key of the threshold bin is kept.
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
     hip_topk(const u32* __restrict__ keys, int n_sub, int k, const int2* __restrict__ in_ranges,
              const int* __restrict__ in_cnt, int cap_in, int E_, int c, int2* __restrict__ out,
              int* __restrict__ out_cnt, int out_cap, const int* __restrict__ gate, int stage) {
     if (gate && gate[1] > stage) return;  // as hip_score
     const int r = blockIdx.x;
+    const int lane = threadIdx.x & 31;
     const u32* kr = keys + (long long)r * n_sub;
     __shared__ int hist[256];
     __shared__ int s_warp[32];
     __shared__ u32 s_prefix;
     __shared__ int s_krem, s_neq;
-    int nv = 0;
-    for (int i = threadIdx.x; i < n_sub; i += blockDim.x) nv += kr[i] != 0;
-    int n_valid;
-    block_scan(nv, &n_valid, s_warp);
-    const bool all = n_valid <= k;
-    if (!all) {
-        u32 prefix = 0, mask = 0;
-        int krem = k;
-        for (int shift = 24; shift >= 0; shift -= 8) {
-            __syncthreads();
-            for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
-            __syncthreads();
-            for (int i = threadIdx.x; i < n_sub; i += blockDim.x) {
-                u32 key = kr[i];
-                if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1);
-            }
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                int cum = 0;
-                for (int bin = 255; bin >= 0; bin--) {
-                    if (cum + hist[bin] >= krem) {
-                        prefix |= ((u32)bin) << shift;
-                        krem -= cum;
-                        s_neq = hist[bin];
-                        break;
-                    }
-                    cum += hist[bin];
-                }
-                s_prefix = prefix;
-                s_krem = krem;
-            }
-            __syncthreads();
-            prefix = s_prefix;
-            krem = s_krem;
-            mask |= 255u << shift;
+    u32 prefix = 0, mask = 0;
+    int krem = k, neq = 0;
+    bool all = false;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        int zeros = 0;
+        for (int i0 = 0; i0 < n_sub; i0 += blockDim.x) {  // uniform over the warp
+            const int i = i0 + threadIdx.x;
+            const u32 key = i < n_sub ? kr[i] : 0;
+            const bool in = i < n_sub && (key & mask) == prefix;
+            zeros += i < n_sub && key == 0;
+            const u32 bin = (key >> shift) & 255u;
+            const u32 peers = __match_any_sync(0xffffffff, in ? bin : 0xffffffffu);
+            if (in && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
         }
+        if (shift == 24) {
+            // Invalid slots are 0 (never a valid key): keep every valid one
+            // when there are at most k.
+            const int n_valid = n_sub - block_sum(zeros, s_warp);
+            if (n_valid <= k) {
+                all = true;
+                break;
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            // Lane l holds bins 255 - 8l down to 248 - 8l.
+            int cnt[8], sum = 0;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                cnt[j] = hist[255 - 8 * lane - j];
+                sum += cnt[j];
+            }
+            int incl = sum;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                int y = __shfl_up_sync(0xffffffff, incl, o);
+                if (lane >= o) incl += y;
+            }
+            int cum = incl - sum;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                // The first bin (from the top) where the count reaches krem.
+                if (cum < krem && cum + cnt[j] >= krem) {
+                    s_prefix = prefix | ((u32)(255 - 8 * lane - j) << shift);
+                    s_krem = krem - cum;
+                    s_neq = cnt[j];
+                }
+                cum += cnt[j];
+            }
+        }
+        __syncthreads();
+        prefix = s_prefix;
+        krem = s_krem;
+        neq = s_neq;
+        mask |= 255u << shift;
+        if (krem == neq) break;  // every key of the threshold bin is kept
     }
-    __syncthreads();
-    const u32 T = all ? 1u : s_prefix;
-    const int krem = all ? 0 : s_krem;
-    // Every key equal to the threshold is kept (the usual case): one scan.
-    const bool simple = all || krem == s_neq;
+    if (all) {
+        prefix = 1;
+        mask = 0xffffffffu;
+        krem = neq = 0;
+    }
+    // Keep key & mask > prefix, and the first krem keys with key & mask ==
+    // prefix (all of them in the usual case: one scan).
+    const bool simple = krem == neq;
     int base_out = 0, eq_seen = 0;
     for (int t0 = 0; t0 < n_sub; t0 += blockDim.x) {
-        int i = t0 + threadIdx.x;
-        u32 key = i < n_sub ? kr[i] : 0;
+        const int i = t0 + threadIdx.x;
+        const u32 key = i < n_sub ? kr[i] & mask : 0;
         int sel;
         if (simple) {
-            sel = key >= T;
+            sel = i < n_sub && key >= prefix;
         } else {
-            int is_eq = key == T ? 1 : 0;
+            int is_eq = i < n_sub && key == prefix ? 1 : 0;
             int eq_tot;
             int eq_rank = eq_seen + block_scan(is_eq, &eq_tot, s_warp);
-            sel = key > T || (is_eq && eq_rank < krem);
+            sel = (i < n_sub && key > prefix) || (is_eq && eq_rank < krem);
             eq_seen += eq_tot;
         }
         int sel_tot;

@@ -47,7 +47,13 @@ pub fn nvrtc_check(a: &NvrtcCheckArgs) -> R<()> {
             std::fs::create_dir_all(&d).map_err(e)?;
             for f in std::fs::read_dir(&d).map_err(e)? {
                 let f = f.map_err(e)?.path();
-                if f.extension().is_some_and(|x| x == "ptx") {
+                let keep = !a.only.is_empty()
+                    && !a.only.iter().any(|m| {
+                        f.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.starts_with(&format!("{m}-")))
+                    });
+                if f.extension().is_some_and(|x| x == "ptx") && !keep {
                     std::fs::remove_file(f).map_err(e)?;
                 }
             }
@@ -57,6 +63,9 @@ pub fn nvrtc_check(a: &NvrtcCheckArgs) -> R<()> {
     };
     std::env::set_var("INFINITEHIP_CACHE", dir);
     for (m, _) in kernels::MODULES {
+        if !a.only.is_empty() && !a.only.iter().any(|o| o == m) {
+            continue;
+        }
         let t = Instant::now();
         let (ptx, _) = cu::compile_module(m, arch).map_err(e)?;
         println!(
@@ -505,12 +514,21 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
         return report(&checks);
     }
     infinitehip::backend::cuda::dense_decode::force_v2(!a.dense_v1);
+    infinitehip::backend::cuda::dispatch::force_fused_attention(a.fused_attention);
     if a.dense_only {
         // The dense decode kernel only (kernels/decode_dense.cu).
         return report(&crate::gpu_dense::checks(&gpu, seed)?);
     }
     if a.step_only {
-        return report(&crate::gpu_step::checks(&gpu, seed)?);
+        // The device step, hip_topk, and the host step vs the CPU policy.
+        let mut checks = crate::gpu_step::checks(&gpu, seed)?;
+        checks.push(hip_case(
+            &gpu,
+            &[hip_len, hip_len / 3 + 17, 5000],
+            17,
+            seed,
+        )?);
+        return report(&checks);
     }
     if a.kmeans_only {
         // The squeeze k-means (GPU == CPU), then the first-decode timing.

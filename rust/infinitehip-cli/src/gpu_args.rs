@@ -17,6 +17,10 @@ pub struct NvrtcCheckArgs {
     /// temporary directory, so a stale cache cannot make the check pass.
     #[arg(long, value_name = "DIR")]
     pub into: Option<String>,
+    /// Only these modules, comma-separated (with --into, the other .ptx
+    /// files there are kept).
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub only: Vec<String>,
 }
 
 /// CUDA kernels vs the CPU reference on fresh random inputs (GPU)
@@ -52,6 +56,10 @@ pub struct GpuTestArgs {
     /// == host metadata, CUDA graph replay == eager).
     #[arg(long)]
     pub step_only: bool,
+    /// Attend through the fused one-launch hip decode kernel
+    /// (kernels/hip_attend.cu) in the hip step checks.
+    #[arg(long)]
+    pub fused_attention: bool,
     /// Run the dense decode checks on the previous kernel
     /// (kernels/decode_dense.cu; default: decode_dense_v2.cu).
     #[arg(long)]
@@ -266,4 +274,14 @@ pub struct BenchGpuModelArgs {
     /// Write the rows as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<String>,
+    /// Kernel-breakdown tunings to sweep, comma-separated C/A/S: attention
+    /// split about C CTAs per SM in multiples of A tokens, stages of at most
+    /// S sub-chunks scored 4 lanes per sub-chunk (0 for C or A: default; S
+    /// `d`: default, 0: never). The timed steps use the defaults.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub tune: Vec<String>,
+    /// hip layers attend through the fused one-launch kernel
+    /// (kernels/hip_attend.cu; default: split-K + combine).
+    #[arg(long)]
+    pub fused_attention: bool,
 }

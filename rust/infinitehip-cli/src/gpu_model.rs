@@ -40,6 +40,11 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
         }
         None => json!({}),
     };
+    let mut tunes: Vec<Tune> = a.tune.iter().map(|s| Tune::parse(s)).collect::<R<_>>()?;
+    if tunes.is_empty() {
+        tunes.push(Tune::default());
+    }
+    infinitehip::backend::cuda::dispatch::force_fused_attention(a.fused_attention);
     let gpu0 = GpuContext::new(0).map_err(e)?;
     // An own stream: the legacy default stream cannot be graph-captured.
     let gpu = gpu0.with_new_stream().map_err(e)?;
@@ -134,6 +139,26 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
                 }
                 Some(_) => model_step(&mut hips, &mut dws),
             })?;
+            // Per-launch device times over a cycle (host path), per tuning.
+            let one_dense = time_ms(&gpu, 3, || dense_layer(0, &mut dws))?;
+            let cushion_layers = ((15.0 / one_dense.max(1e-3)).ceil() as usize).clamp(1, 400);
+            let mut breakdowns = Vec::new();
+            for tune in &tunes {
+                tune.apply();
+                use crate::gpu_step::Phase;
+                let bd = crate::gpu_step::kernel_breakdown(&gpu, cycle, &mut |p| match p {
+                    Phase::Reset => {
+                        hips.iter_mut().for_each(|h| h.reset());
+                        Ok(())
+                    }
+                    Phase::Cushion => {
+                        (0..cushion_layers).try_for_each(|_| dense_layer(0, &mut dws))
+                    }
+                    Phase::Step => model_step(&mut hips, &mut dws),
+                })?;
+                Tune::default().apply();
+                breakdowns.push(print_breakdown(t, b, tune, &bd, cycle, n_layers - n_dense));
+            }
             // Device-metadata path: the same layers, eager and as one graph
             // of the whole 32-layer step.
             for h in hips.iter_mut() {
@@ -246,7 +271,7 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
                 "floor_step_ms": floor_step, "floor_all_dense_ms": dense_floor * n_layers as f64,
                 "dense_layer_floor_ms": dense_floor, "hip_layer_floor_ms": hip_floor,
                 "hip_selected_tokens_per_head": sel_tokens / (8 * b),
-                "refresh_cycle_steps": cycle,
+                "refresh_cycle_steps": cycle, "kernel_breakdown": breakdowns,
             });
             eprintln!("{row}");
             rows.push(row);
@@ -286,4 +311,89 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
         std::fs::write(p, serde_json::to_string_pretty(&doc).unwrap()).map_err(e)?;
     }
     Ok(())
+}
+
+/// A launch tuning the kernel breakdown sweeps (`--tune C/A/S`): attention
+/// split about C CTAs per SM in multiples of A tokens, stages of at most S
+/// sub-chunks scored with 4 lanes each (0 for C or A: the default; S `d`:
+/// the default, 0: never).
+#[derive(Clone, Debug, Default)]
+struct Tune {
+    ctas_per_sm: usize,
+    align: usize,
+    score4_max: Option<usize>,
+}
+
+impl Tune {
+    fn parse(s: &str) -> R<Self> {
+        let p: Vec<&str> = s.split('/').collect();
+        let num = |x: &str| {
+            x.parse::<usize>()
+                .map_err(|_| format!("--tune {s}: want C/A/S"))
+        };
+        if p.len() != 3 {
+            return Err(format!("--tune {s}: want C/A/S"));
+        }
+        Ok(Tune {
+            ctas_per_sm: num(p[0])?,
+            align: num(p[1])?,
+            score4_max: if p[2] == "d" { None } else { Some(num(p[2])?) },
+        })
+    }
+    fn apply(&self) {
+        use infinitehip::backend::cuda::dispatch;
+        dispatch::set_split_tuning(self.ctas_per_sm, self.align);
+        dispatch::set_score4_max(self.score4_max);
+    }
+    fn label(&self) -> String {
+        format!(
+            "{}/{}/{}",
+            self.ctas_per_sm,
+            self.align,
+            self.score4_max.map_or("d".to_string(), |v| v.to_string())
+        )
+    }
+}
+
+/// Print one kernel breakdown (ms totals over a cycle) as a table of us;
+/// returns it as JSON.
+fn print_breakdown(
+    t: usize,
+    b: usize,
+    tune: &Tune,
+    bd: &[(&'static str, usize, f64, f64)],
+    cycle: usize,
+    n_hip: usize,
+) -> serde_json::Value {
+    println!(
+        "\nkernel breakdown, {t} tokens x batch {b}, tune {} (host-metadata step, device time between launch marks, us)",
+        tune.label()
+    );
+    println!("| launch | per cycle | us per step (all layers) | us per layer amortised | step 0 us (all layers) |");
+    println!("|---|---:|---:|---:|---:|");
+    let (mut hip_total, mut hip0) = (0.0, 0.0);
+    let mut rows = Vec::new();
+    for &(name, n, ms, ms0) in bd {
+        let per_step = ms * 1e3 / cycle as f64;
+        let layers = if name == "dense" {
+            (n / cycle).max(1)
+        } else {
+            hip_total += ms;
+            hip0 += ms0;
+            n_hip
+        };
+        println!(
+            "| {name} | {n} | {per_step:.1} | {:.2} | {:.1} |",
+            per_step / layers as f64,
+            ms0 * 1e3
+        );
+        rows.push(json!({"launch": name, "per_cycle": n, "ms_cycle": ms, "ms_step0": ms0}));
+    }
+    let hip_layer = hip_total * 1e3 / cycle as f64 / n_hip.max(1) as f64;
+    println!(
+        "| hip, all launches | - | {:.1} | {hip_layer:.2} | {:.1} |",
+        hip_total * 1e3 / cycle as f64,
+        hip0 * 1e3
+    );
+    json!({"tune": tune.label(), "launches": rows, "hip_layer_amortised_us": hip_layer, "hip_step0_us": hip0 * 1e3})
 }

@@ -21,9 +21,77 @@ use crate::gpu::{e, ref_f64, Check, R, STORED_KV_BOUND};
 /// The checks `gpu-test` runs.
 pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
     Ok(vec![
+        topk_case(gpu, seed + 3)?,
         step_case(gpu, &[40_000, 13_001, 5_000], 22, seed + 1)?,
         step_case(gpu, &[3_000], 10, seed + 2)?,
     ])
+}
+
+/// The CPU's order-preserving key of a score (kernels/hip_mask.cu score_key).
+fn score_key(f: f32) -> u32 {
+    let f = if f.is_nan() { f32::NEG_INFINITY } else { f };
+    let u = f.to_bits();
+    if u & 0x8000_0000 != 0 {
+        !u
+    } else {
+        u | 0x8000_0000
+    }
+}
+
+/// hip_topk vs a sort on the host: rows of random keys (continuous, or
+/// rounded to a few dozen values so the threshold ties; some invalid
+/// slots), n_sub from 7 to 40,000, k below and above the valid count. The
+/// kept slot sets must be equal (best k, ties: the earlier slot).
+fn topk_case(gpu: &GpuContext, seed: u64) -> R<Check> {
+    let mut rng = Rng::new(seed);
+    let cases: [(usize, usize, usize, bool, f32); 8] = [
+        (8, 16_384, 128, true, 0.0),
+        (8, 16_384, 128, false, 0.0),
+        (8, 512, 256, false, 0.0),
+        (8, 512, 256, true, 0.1),
+        (3, 3_125, 128, true, 0.2),
+        (2, 40_000, 1_000, false, 0.05),
+        (4, 100, 200, false, 0.3),
+        (2, 7, 3, true, 0.0),
+    ];
+    let (mut mismatched, mut total) = (0usize, 0usize);
+    let mut first = String::new();
+    for &(rows, n_sub, k, ties, invalid) in &cases {
+        let keys: Vec<u32> = (0..rows * n_sub)
+            .map(|_| {
+                let x = rng.normal();
+                if rng.uniform() < invalid {
+                    0
+                } else {
+                    score_key(if ties { (x * 4.0).round() } else { x * 100.0 })
+                }
+            })
+            .collect();
+        let got = dispatch::topk_slots(gpu, &keys, rows, n_sub, k).map_err(e)?;
+        for r in 0..rows {
+            let row = &keys[r * n_sub..(r + 1) * n_sub];
+            let mut v: Vec<usize> = (0..n_sub).filter(|&i| row[i] != 0).collect();
+            v.sort_by(|&a, &b| row[b].cmp(&row[a]).then(a.cmp(&b)));
+            v.truncate(k);
+            v.sort();
+            total += 1;
+            if v != got[r] {
+                mismatched += 1;
+                if first.is_empty() {
+                    first = format!(
+                        "(first: n_sub {n_sub} k {k} ties {ties} row {r}: want {} slots, got {})",
+                        v.len(),
+                        got[r].len()
+                    );
+                }
+            }
+        }
+    }
+    Ok(Check {
+        name: "hip_topk == host sort (n_sub 7..40000, ties, invalid slots)".into(),
+        ok: mismatched == 0 && total > 0,
+        detail: format!("rows with a different kept set: {mismatched} of {total} {first}"),
+    })
 }
 
 fn bits_equal(a: &[f32], b: &[f32]) -> bool {
@@ -354,4 +422,58 @@ pub(crate) fn cycle_times(
             v[v.len() / 2]
         })
         .collect())
+}
+
+/// Device time per launch kind over one refresh cycle: `f(Reset)` restarts
+/// the cycle; for each step i, `f(Cushion)` first queues enough device work
+/// (unmarked) that the host stays ahead, then `f(Step(i))` runs with
+/// `backend::cuda::prof` marks after every launch; the time between
+/// consecutive marks is the launch's device time (launch gaps included).
+/// Returns (name, launches, ms over the cycle, ms in step 0), in first-seen
+/// order.
+pub(crate) fn kernel_breakdown(
+    gpu: &GpuContext,
+    cycle: usize,
+    f: &mut dyn FnMut(Phase) -> R<()>,
+) -> R<Vec<(&'static str, usize, f64, f64)>> {
+    use infinitehip::backend::cuda::prof;
+    let mut acc: Vec<(&'static str, usize, f64, f64)> = Vec::new();
+    f(Phase::Reset)?;
+    prof::enable(true);
+    let r = (|| -> R<()> {
+        for i in 0..cycle {
+            f(Phase::Cushion)?;
+            drop(prof::take());
+            prof::mark(gpu, "start").map_err(e)?;
+            f(Phase::Step)?;
+            gpu.synchronize().map_err(e)?;
+            let marks = prof::take();
+            for w in marks.windows(2) {
+                let dt = w[0].1.elapsed_ms(&w[1].1).map_err(e)? as f64;
+                let name = w[1].0;
+                let at = match acc.iter().position(|a| a.0 == name) {
+                    Some(p) => p,
+                    None => {
+                        acc.push((name, 0, 0.0, 0.0));
+                        acc.len() - 1
+                    }
+                };
+                acc[at].1 += 1;
+                acc[at].2 += dt;
+                if i == 0 {
+                    acc[at].3 += dt;
+                }
+            }
+        }
+        Ok(())
+    })();
+    prof::enable(false);
+    r.map(|_| acc)
+}
+
+/// What `kernel_breakdown` asks of its closure.
+pub(crate) enum Phase {
+    Reset,
+    Cushion,
+    Step,
 }

@@ -453,6 +453,110 @@ pub fn decode(
     )
 }
 
+/// Most selection ranges per row `decode_fused` takes (kernels/hip_attend.cu
+/// HA_MAXR: they are copied to shared memory).
+pub const FUSED_MAX_RANGES: usize = 1024;
+
+/// `decode` in one launch (kernels/hip_attend.cu: ranges found by binary
+/// search in shared memory, the last CTA of each (sequence, kv head) merges
+/// the splits): f32 q and out `[batch][n_q_heads][head_dim]`, `counters`
+/// i32 `[batch * n_kv_heads]` zero before the first launch (each launch
+/// leaves them zero). Needs `sel.cap <= FUSED_MAX_RANGES`.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_fused(
+    gpu: &GpuContext,
+    ws: &mut DecodeWorkspace,
+    counters: &DevBuf,
+    shape: &AttnShape,
+    kv: &DeviceKv,
+    q: u64,
+    sel: &DeviceSelection,
+    max_tokens: usize,
+    out: u64,
+) -> Result<()> {
+    check_shape(shape, kv)?;
+    let (b, hkv, d, g) = (kv.batch(), shape.n_kv_heads, shape.head_dim, shape.group());
+    if sel.rows != b * hkv || sel.cap > FUSED_MAX_RANGES || counters.bytes < b * hkv * 4 {
+        return Err(Error::Invalid(format!(
+            "fused hip decode: {} selection rows (want {}), cap {} (at most {FUSED_MAX_RANGES}), {} counter bytes",
+            sel.rows,
+            b * hkv,
+            sel.cap,
+            counters.bytes
+        )));
+    }
+    if b > gpu.grid_limits.z as usize {
+        return Err(Error::Invalid(format!(
+            "fused hip decode: batch {b} over the grid's z limit"
+        )));
+    }
+    let split = fused_split(gpu.sm_count, b * hkv, max_tokens.max(1));
+    let n_splits = max_tokens.max(1).div_ceil(split);
+    ws.ensure(b * shape.n_q_heads * n_splits, d)?;
+    let tag = kernels::dtype_tag(kv.dtype).unwrap();
+    let f = gpu.func("hip_attend", &format!("hip_attend_{tag}_d{d}_g{g}"))?;
+    let scale_log2 = shape.scale * std::f32::consts::LOG2_E;
+    let st = kv.strides();
+    let (ts, ps, hk, cap, sp, ns) = (
+        kv.table_stride as i32,
+        kv.page_size as i32,
+        hkv as i32,
+        sel.cap as i32,
+        split as i32,
+        n_splits as i32,
+    );
+    let mut l = gpu.stream.launch_builder(&f);
+    l.arg(&kv.k.ptr)
+        .arg(&kv.v.ptr)
+        .arg(&kv.table.ptr)
+        .arg(&ts)
+        .arg(&ps)
+        .arg(&hk)
+        .arg(&st.page)
+        .arg(&st.head)
+        .arg(&q)
+        .arg(&scale_log2)
+        .arg(&sel.ranges.ptr)
+        .arg(&sel.cum.ptr)
+        .arg(&sel.cnt.ptr)
+        .arg(&sel.tot.ptr)
+        .arg(&cap)
+        .arg(&sp)
+        .arg(&ns)
+        .arg(&ws.pm.ptr)
+        .arg(&ws.pl.ptr)
+        .arg(&ws.pacc.ptr)
+        .arg(&counters.ptr)
+        .arg(&out);
+    // SAFETY: the arguments follow hip_attend's parameter list (kernels/hip_attend.cu, same order
+    // and C types); the workspace holds b * Hq * n_splits partial rows (ensured above), counters
+    // b * hkv zeroed i32 (checked above), the selection b * hkv rows of cap <= HA_MAXR ranges.
+    unsafe {
+        l.launch(LaunchConfig {
+            grid_dim: (n_splits as u32, hkv as u32, b as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(|e| gpu_err("launch hip_attend", e))?;
+    super::prof::mark(gpu, "attn fused")
+}
+
+/// Tokens per split of `decode_fused`: about `ctas_per_sm` (4) CTAs per SM
+/// over `pairs` (sequence, kv head) pairs, a multiple of `align` (32) tokens
+/// (one pass of a CTA's lane groups at head_dim 128).
+fn fused_split(sm_count: usize, pairs: usize, max_tokens: usize) -> usize {
+    let load = |a: &std::sync::atomic::AtomicUsize, d: usize| match a
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        0 => d,
+        v => v,
+    };
+    let (per_sm, align) = (load(&SPLIT_CTAS_PER_SM, 4), load(&SPLIT_ALIGN, 32));
+    let want = (per_sm * sm_count).div_ceil(pairs.max(1)).max(1);
+    max_tokens.div_ceil(want).next_multiple_of(align).max(align)
+}
+
 /// The shared attention launch. Query row i (of `n_rows`) reads selection
 /// row `(i / q_block, head)`, the page table of sequence `q_seq[i]` (0: row
 /// i) and, when `q_pos` is non-null, only tokens at or before `q_pos[i]`.
@@ -1011,10 +1115,8 @@ pub(crate) fn launch_attention_ex(
     } else {
         "decode_slot"
     };
-    let split = split_tokens.unwrap_or_else(|| {
-        let want = (4 * gpu.sm_count).div_ceil(n_rows * hkv).max(1);
-        max_tokens.div_ceil(want).next_multiple_of(128).max(128)
-    });
+    let split =
+        split_tokens.unwrap_or_else(|| default_split(gpu.sm_count, n_rows * hkv, max_tokens));
     let n_splits = max_tokens.div_ceil(split).max(1);
     let rows = n_rows * shape.n_q_heads * n_splits;
     ws.ensure(rows, d)?;
@@ -1068,6 +1170,7 @@ pub(crate) fn launch_attention_ex(
     // order and C types); every pointer is a device allocation of this context sized for this grid
     // by the code above.
     unsafe { l.launch(cfg) }.map_err(|e| gpu_err("launch attention", e))?;
+    super::prof::mark(gpu, "attn partial")?;
     let fc = gpu.func(module, &format!("{variant}combine_d{d}"))?;
     let (hq, ors, odt) = (shape.n_q_heads as i32, out.row_stride as i64, out.code());
     let mut l = gpu.stream.launch_builder(&fc);
@@ -1090,7 +1193,34 @@ pub(crate) fn launch_attention_ex(
         })
     }
     .map_err(|e| gpu_err("launch combine", e))?;
-    Ok(())
+    super::prof::mark(gpu, "attn combine")
+}
+
+/// CTAs per SM and split alignment of the attention launch's default
+/// split (benchmarks sweep them; 0: the default).
+static SPLIT_CTAS_PER_SM: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static SPLIT_ALIGN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Override the attention launch's default split: about `ctas_per_sm`
+/// CTAs per SM, splits a multiple of `align` tokens (0 keeps a default).
+pub fn set_split_tuning(ctas_per_sm: usize, align: usize) {
+    SPLIT_CTAS_PER_SM.store(ctas_per_sm, std::sync::atomic::Ordering::Relaxed);
+    SPLIT_ALIGN.store(align, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Tokens per split of the attention launch for `pairs` (row, kv head)
+/// pairs of up to `max_tokens` selected tokens: about `ctas_per_sm` CTAs
+/// per SM (4), each a multiple of `align` (128) tokens.
+pub(crate) fn default_split(sm_count: usize, pairs: usize, max_tokens: usize) -> usize {
+    let load = |a: &std::sync::atomic::AtomicUsize, d: usize| match a
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        0 => d,
+        v => v,
+    };
+    let (per_sm, align) = (load(&SPLIT_CTAS_PER_SM, 4), load(&SPLIT_ALIGN, 128));
+    let want = (per_sm * sm_count).div_ceil(pairs.max(1)).max(1);
+    max_tokens.div_ceil(want).next_multiple_of(align).max(align)
 }
 
 /// Sink, middle and window of a decode query at `pos` (as policy::hip).
@@ -1135,7 +1265,6 @@ pub(crate) fn run_stages(
     let tag = kernels::dtype_tag(kv.dtype).unwrap();
     let rows = x.rows as i32;
     let nq_tpl = x.nq_tpl;
-    let score = gpu.func(x.module, &format!("hip_score_{tag}_d{d}_q{nq_tpl}"))?;
     let topk = gpu.func(x.module, "hip_topk")?;
     for s in from..cfg.stages.len() {
         let st = &cfg.stages[s];
@@ -1151,6 +1280,15 @@ pub(crate) fn run_stages(
             )
         };
         let n_sub = cap_in * e;
+        let lanes = score_lanes(nq_tpl, x.rows * n_sub);
+        let score = if lanes == 1 {
+            gpu.func(x.module, &format!("hip_score_{tag}_d{d}_q{nq_tpl}"))?
+        } else {
+            gpu.func(
+                x.module,
+                &format!("hip_score4_{tag}_d{d}_q{}", nq_tpl / lanes),
+            )?
+        };
         let (ts, ps, hk, nqm, ci, ei, c) = (
             kv.table_stride as i32,
             kv.page_size as i32,
@@ -1161,7 +1299,9 @@ pub(crate) fn run_stages(
             st.chunk_size as i32,
         );
         let stage_i = s as i32;
-        let smem = x.nq_max.next_multiple_of(nq_tpl) * d * 4;
+        // Query rows padded by 4 floats with several lanes per sub-chunk.
+        let row = if lanes == 1 { d } else { d + 4 };
+        let smem = x.nq_max.next_multiple_of(nq_tpl) * row * 4;
         if smem > 48 * 1024 {
             score
                 .set_attribute(
@@ -1196,12 +1336,13 @@ pub(crate) fn run_stages(
         // this grid by the code above.
         unsafe {
             l.launch(LaunchConfig {
-                grid_dim: (n_sub.div_ceil(128) as u32, rows as u32, 1),
+                grid_dim: ((n_sub * lanes).div_ceil(128) as u32, rows as u32, 1),
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: smem as u32,
             })
         }
         .map_err(|e| gpu_err("launch hip_score", e))?;
+        super::prof::mark(gpu, super::prof::stage_name(true, s))?;
         let k = st.keep_tokens / st.chunk_size;
         let sub = SubChunks {
             ranges: in_ptr,
@@ -1213,8 +1354,37 @@ pub(crate) fn run_stages(
             stage: s,
         };
         launch_topk(gpu, &topk, x.keys, rows as usize, &sub, k, &stages[s])?;
+        super::prof::mark(gpu, super::prof::stage_name(false, s))?;
     }
     Ok(())
+}
+
+/// Lanes per sub-chunk of the scoring launch: 1 (one thread per sub-chunk,
+/// `nq_tpl` queries per pass), or 4 (hip_score4: each lane a quarter of the
+/// queries) when the stage has at most `SCORE4_MAX` sub-chunks in all, so
+/// that small stages spread over 4x the threads. Needs `nq_tpl` >= 4.
+pub(crate) fn score_lanes(nq_tpl: usize, total_sub: usize) -> usize {
+    let max = match SCORE4_MAX.load(std::sync::atomic::Ordering::Relaxed) {
+        usize::MAX => DEFAULT_SCORE4_MAX,
+        v => v,
+    };
+    if nq_tpl >= 4 && total_sub <= max {
+        4
+    } else {
+        1
+    }
+}
+
+const DEFAULT_SCORE4_MAX: usize = 1 << 16;
+static SCORE4_MAX: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(usize::MAX);
+
+/// Largest stage (rows x sub-chunks) scored with 4 lanes per sub-chunk
+/// (benchmarks sweep it; 0: never; None: the default, 65,536).
+pub fn set_score4_max(max: Option<usize>) {
+    SCORE4_MAX.store(
+        max.unwrap_or(usize::MAX),
+        std::sync::atomic::Ordering::Relaxed,
+    );
 }
 
 /// A stage's candidate slots: sub-chunk `e` (of `c` tokens) of input range
@@ -1267,15 +1437,68 @@ pub(crate) fn launch_topk(
     // SAFETY: the arguments pushed above follow the kernel's parameter list in kernels/*.cu
     // (same order and C types); every pointer is a device allocation of this context sized for
     // this grid by the code above.
+    // One key per thread up to 1024 threads (the kernel loops beyond):
+    // small stages then synchronise fewer warps.
+    let threads = (sub.cap * sub.e).next_multiple_of(32).clamp(64, 1024) as u32;
     unsafe {
         l.launch(LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
-            block_dim: (1024, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         })
     }
     .map_err(|e| gpu_err("launch hip_topk", e))?;
     Ok(())
+}
+
+/// hip_topk on host keys (tests): `keys` holds `rows` rows of `n_sub`
+/// order-preserving keys (0: an invalid slot); returns per row the kept
+/// slot indices in ascending order (the best `k` valid keys, ties: the
+/// earlier slot).
+pub fn topk_slots(
+    gpu: &GpuContext,
+    keys: &[u32],
+    rows: usize,
+    n_sub: usize,
+    k: usize,
+) -> Result<Vec<Vec<usize>>> {
+    if keys.len() != rows * n_sub || k == 0 {
+        return Err(Error::shape("topk_slots keys", rows * n_sub, keys.len()));
+    }
+    // Slot i of a row is input range i of one token: out = (i, i + 1).
+    let ranges: Vec<[i32; 2]> = (0..rows)
+        .flat_map(|_| (0..n_sub as i32).map(|i| [i, i + 1]))
+        .collect();
+    let kd = DevBuf::from_slice(keys)?;
+    let rd = DevBuf::from_slice(&ranges)?;
+    let cd = DevBuf::from_slice(&vec![n_sub as i32; rows])?;
+    let out = StageBuf {
+        out: DevBuf::alloc(rows * k * 8)?,
+        cnt: DevBuf::from_slice(&vec![-1i32; rows])?,
+        cap: k,
+    };
+    let sub = SubChunks {
+        ranges: rd.ptr,
+        cnt: cd.ptr,
+        cap: n_sub,
+        e: 1,
+        c: 1,
+        gate: 0,
+        stage: 0,
+    };
+    let topk = gpu.func("hip_mask", "hip_topk")?;
+    launch_topk(gpu, &topk, kd.ptr, rows, &sub, k, &out)?;
+    gpu.synchronize()?;
+    let cnt: Vec<i32> = out.cnt.read(rows)?;
+    let got: Vec<[i32; 2]> = out.out.read(rows * k)?;
+    Ok((0..rows)
+        .map(|r| {
+            got[r * k..r * k + cnt[r].clamp(0, k as i32) as usize]
+                .iter()
+                .map(|p| p[0] as usize)
+                .collect()
+        })
+        .collect())
 }
 
 /// Build the attention selection (sink, last stage's chunks, slid, window).
@@ -1332,13 +1555,23 @@ pub(crate) fn assemble_rows(
         })
     }
     .map_err(|e| gpu_err("launch hip_assemble", e))?;
-    Ok(())
+    super::prof::mark(gpu, "assemble")
 }
 
 pub(crate) struct StageBuf {
     pub out: DevBuf,
     pub cnt: DevBuf,
     pub cap: usize,
+}
+
+static FUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Attend through `decode_fused` (true) or through the two-launch `decode`
+/// (false, the default: the fused kernel compiles but has not run on a GPU
+/// yet; `gpu-test --step-only --fused-attention` and `bench-gpu-model
+/// --fused-attention` exercise it).
+pub fn force_fused_attention(on: bool) {
+    FUSED.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// InfiniteHiP decode on the GPU: the same stages, refresh schedule, sink,
@@ -1365,6 +1598,8 @@ pub struct HipGpuDecoder {
     /// Largest selected-token count of the last assembly (host bound).
     pub max_tokens: usize,
     pub ws: DecodeWorkspace,
+    /// Arrival counters of the fused attention launch, `[batch * hkv]`.
+    pub(crate) counters: DevBuf,
     /// Module of the scoring kernels: "hip_mask" (keys in a `DeviceKv`) or
     /// "hip_mask_host" (backend::cuda::est_cache: keys in the host tier,
     /// read through a device row cache).
@@ -1433,6 +1668,7 @@ impl HipGpuDecoder {
             sel: DeviceSelection::empty(rows, last_cap + 3)?,
             max_tokens: 0,
             ws: DecodeWorkspace::new(),
+            counters: DevBuf::from_slice(&vec![0i32; rows])?,
             score_module: "hip_mask",
             dev: None,
             stages,
@@ -1555,10 +1791,43 @@ impl HipGpuDecoder {
     ) -> Result<usize> {
         let from = self.select(gpu, kv, q, upload)?;
         let mt = self.max_tokens;
+        self.attend(gpu, shape, kv, q, mt, out)?;
+        Ok(from)
+    }
+
+    /// Attention over `self.sel` (bound `mt` selected tokens per row): one
+    /// fused launch (`decode_fused`), or split-K + combine (`decode`) when
+    /// the fused kernel is switched off or the selection has too many
+    /// ranges for it.
+    pub(crate) fn attend(
+        &mut self,
+        gpu: &GpuContext,
+        shape: &AttnShape,
+        kv: &DeviceKv,
+        q: u64,
+        mt: usize,
+        out: u64,
+    ) -> Result<()> {
         let mut ws = std::mem::take(&mut self.ws);
-        let r = decode(gpu, &mut ws, shape, kv, q, &self.sel, mt, None, out);
+        let fused =
+            FUSED.load(std::sync::atomic::Ordering::Relaxed) && self.sel.cap <= FUSED_MAX_RANGES;
+        let r = if fused {
+            decode_fused(
+                gpu,
+                &mut ws,
+                &self.counters,
+                shape,
+                kv,
+                q,
+                &self.sel,
+                mt,
+                out,
+            )
+        } else {
+            decode(gpu, &mut ws, shape, kv, q, &self.sel, mt, None, out)
+        };
         self.ws = ws;
-        r.map(|_| from)
+        r
     }
 
     pub fn reset(&mut self) {

@@ -12,7 +12,7 @@
 
 use cudarc::driver::{sys, CudaGraph, LaunchConfig, PushKernelArg};
 
-use super::dispatch::{assemble_rows, decode, run_stages, DeviceKv, HipGpuDecoder, StageInputs};
+use super::dispatch::{assemble_rows, run_stages, DeviceKv, HipGpuDecoder, StageInputs};
 use super::{gpu_err, DevBuf, GpuContext};
 use crate::attention::AttnShape;
 use crate::error::{Error, Result};
@@ -157,6 +157,7 @@ impl HipGpuDecoder {
             })
         }
         .map_err(|e| gpu_err("launch hip_step_meta", e))?;
+        super::prof::mark(gpu, "step meta")?;
         let rows = self.batch * self.hkv;
         let x = StageInputs {
             rows,
@@ -176,10 +177,7 @@ impl HipGpuDecoder {
         let last = self.stages.last().unwrap();
         assemble_rows(gpu, last, self.extra.ptr, self.hkv, rows, &self.sel, 0)?;
         let mt = d.max_tokens;
-        let mut ws = std::mem::take(&mut self.ws);
-        let r = decode(gpu, &mut ws, shape, kv, q, &self.sel, mt, None, out);
-        self.ws = ws;
-        r
+        self.attend(gpu, shape, kv, q, mt, out)
     }
 }
 

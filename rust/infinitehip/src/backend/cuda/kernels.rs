@@ -23,6 +23,11 @@ pub const MODULES: &[(&str, &str)] = &[
         "hip_mask",
         include_str!("../../../../../kernels/hip_mask.cu"),
     ),
+    // hip decode attention in one launch (split-K, last CTA merges).
+    (
+        "hip_attend",
+        include_str!("../../../../../kernels/hip_attend.cu"),
+    ),
     (
         "locret_score",
         include_str!("../../../../../kernels/locret_score.cu"),
@@ -182,9 +187,17 @@ pub fn entry_points(module: &str) -> Vec<String> {
                         }
                     }
                 }
+                "hip_attend" => {
+                    for g in GROUPS {
+                        v.push(format!("hip_attend_{dt}_d{d}_g{g}"));
+                    }
+                }
                 "hip_mask" => {
                     for g in GROUPS {
                         v.push(format!("hip_score_{dt}_d{d}_q{g}"));
+                    }
+                    for q in [1, 2] {
+                        v.push(format!("hip_score4_{dt}_d{d}_q{q}"));
                     }
                 }
                 "hip_fast" => {

@@ -40,6 +40,7 @@ pub mod hip_step;
 pub mod kernels;
 pub mod offload;
 pub mod policies;
+pub mod prof;
 
 pub use cudarc;
 
@@ -433,6 +434,9 @@ mod tests {
         assert_eq!(kernels::entry_points("decode").len(), 2 * 3 * 4 + 3 + 1);
         // bf16/f16 x (d64, d128: 1 or 2 chunks; d256: 1) x 4 groups.
         assert_eq!(kernels::entry_points("decode_dense").len(), 2 * 5 * 4 + 1);
+        // bf16/f16 x 3 head dims x (4 one-lane + 2 four-lane scorers) + 4.
+        assert_eq!(kernels::entry_points("hip_mask").len(), 2 * 3 * 6 + 4);
+        assert_eq!(kernels::entry_points("hip_attend").len(), 2 * 3 * 4);
     }
 
     #[test]
