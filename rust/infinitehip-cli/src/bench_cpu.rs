@@ -7,6 +7,7 @@ use std::time::Instant;
 use half::bf16;
 use infinitehip::attention::{self, rel_error, AttnShape};
 use infinitehip::config::{HipConfig, HipStage, ModelShape};
+use infinitehip::parallel::{set_pool, Pool};
 use infinitehip::policy::hip::HipPolicy;
 use infinitehip::policy::lazy::LazySingleLayer;
 use infinitehip::policy::{Phase, Policy, SelectRequest, Selection};
@@ -76,9 +77,16 @@ pub struct BenchCpuArgs {
     /// Workload seed.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub seed: u64,
+    /// Where the CPU work runs, comma-separated; each row runs once per pool
+    /// (interleaved, same inputs). rayon: the persistent worker pool (the
+    /// default); scoped: OS threads spawned per parallel call.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "rayon",
+          value_parser = ["rayon", "scoped"])]
+    pub pool: Vec<String>,
 }
 
 pub struct Row {
+    pub pool: &'static str,
     pub policy: String,
     pub phase: &'static str,
     pub tokens: usize,
@@ -221,6 +229,7 @@ fn bench_decode(
     }
     bar.finish_and_clear();
     Ok(Row {
+        pool: "",
         policy: name.into(),
         phase: "decode",
         tokens,
@@ -277,6 +286,7 @@ fn bench_prefill(
     let dense64: Vec<f64> = dense.iter().map(|&x| x as f64).collect();
     let recall = out.blocks.iter().map(|b| s.recall(b)).sum::<f64>() / out.blocks.len() as f64;
     Ok(Row {
+        pool: "",
         policy: name.into(),
         phase: "prefill",
         tokens: len,
@@ -299,6 +309,7 @@ struct Plan {
     steps: usize,
     prefill: usize,
     seed: u64,
+    pools: Vec<Pool>,
     json: Option<String>,
 }
 
@@ -348,6 +359,17 @@ fn plan(a: &BenchCpuArgs) -> Result<Plan, String> {
         steps: a.steps,
         prefill: a.prefill,
         seed: a.seed,
+        pools: a
+            .pool
+            .iter()
+            .map(|p| {
+                if p == "scoped" {
+                    Pool::Scoped
+                } else {
+                    Pool::Rayon
+                }
+            })
+            .collect(),
         json: a.json.clone(),
     })
 }
@@ -363,6 +385,7 @@ pub fn run(a: &BenchCpuArgs) -> Result<(), String> {
     eprintln!("bench-cpu on {machine}");
     let mut rows = Vec::new();
     let outcome = bench_all(&p, &mut rows);
+    set_pool(Pool::Rayon);
     // Whatever finished is reported, also when a later size failed.
     print_table(&rows);
     if let Some(path) = &p.json {
@@ -391,7 +414,13 @@ fn bench_all(p: &Plan, rows: &mut Vec<Row>) -> Result<(), String> {
             })
             .collect::<Result<_, _>>()
             .map_err(|e| e.to_string())?;
-        for name in &p.policies {
+        for (name, &pool) in p
+            .policies
+            .iter()
+            .flat_map(|n| p.pools.iter().map(move |q| (n, q)))
+        {
+            set_pool(pool);
+            let pool_name = pool.name();
             if ENGINE_POLICIES.contains(&name.as_str()) {
                 eprintln!(
                     "  {name}: prepare (prompt, scoring or clustering), then decode, {steps} steps..."
@@ -413,16 +442,25 @@ fn bench_all(p: &Plan, rows: &mut Vec<Row>) -> Result<(), String> {
                         false,
                     )?,
                 };
-                rows.push(row);
+                rows.push(Row {
+                    pool: pool_name,
+                    ..row
+                });
                 continue;
             }
-            eprintln!("  {name}: decode, {steps} steps...");
-            rows.push(bench_decode(name, &mut seqs, &shape, budget, steps, seed)?);
+            eprintln!("  {name}: decode, {steps} steps ({pool_name} pool)...");
+            let row = bench_decode(name, &mut seqs, &shape, budget, steps, seed)?;
+            rows.push(Row {
+                pool: pool_name,
+                ..row
+            });
             if p.prefill > 0 {
                 eprintln!("  {name}: prefill of {} queries...", p.prefill);
-                rows.push(bench_prefill(
-                    name, &seqs[0], &shape, budget, p.prefill, seed,
-                )?);
+                let row = bench_prefill(name, &seqs[0], &shape, budget, p.prefill, seed)?;
+                rows.push(Row {
+                    pool: pool_name,
+                    ..row
+                });
             }
         }
     }
@@ -431,7 +469,8 @@ fn bench_all(p: &Plan, rows: &mut Vec<Row>) -> Result<(), String> {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<14} {:<8} {:>9} {:>5} {:>11} {:>11} {:>12} {:>8} {:>10} {:>7}",
+        "{:<7} {:<14} {:<8} {:>9} {:>5} {:>11} {:>11} {:>12} {:>8} {:>10} {:>7}",
+        "pool",
         "policy",
         "phase",
         "tokens",
@@ -445,7 +484,8 @@ fn print_table(rows: &[Row]) {
     );
     for r in rows {
         println!(
-            "{:<14} {:<8} {:>9} {:>5} {:>11.2} {:>11.2} {:>12} {:>7.1}x {:>10.2e} {:>7.3}",
+            "{:<7} {:<14} {:<8} {:>9} {:>5} {:>11.2} {:>11.2} {:>12} {:>7.1}x {:>10.2e} {:>7.3}",
+            r.pool,
             r.policy,
             r.phase,
             r.tokens,
@@ -473,7 +513,7 @@ fn write_json(
         .iter()
         .map(|r| {
             json!({
-                "policy": r.policy, "phase": r.phase, "tokens": r.tokens, "batch": r.batch,
+                "pool": r.pool, "policy": r.policy, "phase": r.phase, "tokens": r.tokens, "batch": r.batch,
                 "dense_ms": r.dense_ms, "ours_ms": r.ours_ms, "refresh_ms": r.refresh_ms,
                 "speedup": r.dense_ms / r.ours_ms, "rel_error": r.rel_error, "needle_recall": r.needle_recall,
             })
@@ -559,6 +599,7 @@ mod tests {
         let path = path.to_str().unwrap();
         let p = plan_of(&format!("--tokens 4K,1300 --json {path}")).unwrap();
         let row = Row {
+            pool: "rayon",
             policy: "hip".into(),
             phase: "decode",
             tokens: 4096,

@@ -221,6 +221,7 @@ fn decode_through_engine(
     bar.finish_and_clear();
     dense_t.sort_by(|a, b| a.total_cmp(b));
     Ok(Row {
+        pool: "",
         policy: name.into(),
         phase: "decode",
         tokens,
@@ -336,6 +337,7 @@ pub fn bench_squeeze(w: &mut NeedleSeq<bf16>, steps: usize, seed: u64) -> Result
     );
     dense_t.sort_by(|a, b| a.total_cmp(b));
     Ok(Row {
+        pool: "",
         policy: "squeeze".into(),
         phase: "decode",
         tokens: len,
