@@ -19,6 +19,7 @@ pub(crate) mod llama_attend;
 pub mod llama_cuda;
 pub mod llama_gpu;
 pub mod llama_lazy;
+pub mod llama_lazy_revive;
 pub mod llama_locret;
 pub mod llama_locret_score;
 pub mod llama_offload;
@@ -370,8 +371,8 @@ pub mod ffi {
         /// llama.cpp's attention).
         fn lazy_rows_set_building(self: &LlamaPlugin, on: bool);
         fn lazy_rows_building(self: &LlamaPlugin) -> bool;
-        /// The ubatch in flight writes `cells` (`k_idxs`).
-        fn lazy_rows_begin(self: &LlamaPlugin, cells: &[i64]) -> Result<()>;
+        /// The ubatch in flight writes `cells` (`k_idxs`) at positions `pos`.
+        fn lazy_rows_begin(self: &LlamaPlugin, cells: &[i64], pos: &[i32]) -> Result<()>;
         /// Pruning op: kept rows (indices into the current rows) into `out`.
         #[allow(clippy::too_many_arguments)]
         fn lazy_rows_keep(
@@ -386,6 +387,7 @@ pub mod ffi {
             md: &TensorDesc,
             cells: &[i64],
             col0: i64,
+            cols: &[i64],
             forced: &[u8],
             out: &mut [i32],
         ) -> Result<()>;
@@ -398,6 +400,7 @@ pub mod ffi {
             mask: &[u8],
             md: &TensorDesc,
             rows: &[i32],
+            rev_pos: &[i32],
             col0: i64,
             kv_size: i64,
             ith: u32,
@@ -406,6 +409,41 @@ pub mod ffi {
         ) -> Result<()>;
         /// Layers `first..=last` computed `rows` attention rows each.
         fn lazy_rows_count(self: &LlamaPlugin, first: u32, last: u32, rows: u64);
+        /// Layers `first..=last` attended over compact K/V (patch 0010) with
+        /// `rows` rows each (stats `compact_rows`).
+        fn lazy_rows_compacted(self: &LlamaPlugin, first: u32, last: u32, rows: u64);
+        /// Revival (see `llama_lazy_revive`, patch 0010): hidden rows of
+        /// `cells` pruned at `layer` into the aux cache.
+        fn lazy_aux_store(
+            self: &LlamaPlugin,
+            layer: u32,
+            cells: &[i64],
+            rows: &[f32],
+        ) -> Result<()>;
+        /// Cells the decode graph being built revives at point `point`, flat
+        /// `[cell, position]` pairs.
+        fn lazy_revive_plan(self: &LlamaPlugin, point: u32) -> Vec<i64>;
+        /// The graph reviving `cells` runs: they hold every layer from now on.
+        fn lazy_revive_begin(self: &LlamaPlugin, cells: &[i64]) -> Result<()>;
+        /// Aux rows of `cells` into `out` (taken out of the cache).
+        fn lazy_aux_take(self: &LlamaPlugin, cells: &[i64], out: &mut [f32]) -> Result<()>;
+        /// Decode at point `point`: the new token's attention picks the
+        /// cells the next decode step revives.
+        #[allow(clippy::too_many_arguments)]
+        fn lazy_revive_rank(
+            self: &LlamaPlugin,
+            point: u32,
+            scale: f32,
+            q: &[u8],
+            qd: &TensorDesc,
+            k: &[u8],
+            kd: &TensorDesc,
+            mask: &[u8],
+            md: &TensorDesc,
+            col0: i64,
+        ) -> Result<()>;
+        /// Layers whose K/V each known cell holds (tests).
+        fn lazy_rows_depths(self: &LlamaPlugin) -> Vec<u16>;
 
         /// GPU route of a llama.cpp context (see `llama_gpu`): host key
         /// mirror, policy over it, I32 cell indices for a sparse mask.

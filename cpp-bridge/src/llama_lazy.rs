@@ -25,7 +25,10 @@
 //! the "mark and keep masking" choice; the paper's revival (computing a
 //! pruned token's missing layers from an aux cache when a decode step needs
 //! it) is not done: decode attends, at layer l, to the prompt tokens that
-//! reached l in prefill.
+//! reached l in prefill. Revival (the paper's aux cache) is in
+//! `llama_lazy_revive` (patch 0010): pruned rows' hidden states are kept,
+//! and a decode step that ranks a pruned token high computes its missing
+//! layers in the next decode graph.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -37,14 +40,23 @@ use infinitehip::{Error, Result};
 
 use crate::ffi::TensorDesc;
 use crate::llama::{View, GGML_TYPE_F16, GGML_TYPE_F32};
+use crate::llama_lazy_revive::{Aux, ReviveMode};
 
 /// Row dropping state of one llama.cpp context.
 pub struct LazyRows {
-    n_layers: usize,
-    points: Vec<LazyPoint>,
+    pub(crate) n_layers: usize,
+    pub(crate) points: Vec<LazyPoint>,
     /// Per KV cell (llama.cpp's index over all streams): layers `0..depth`
     /// hold its K/V. Cells past the end hold every layer.
-    depth: Mutex<Vec<u16>>,
+    pub(crate) depth: Mutex<Vec<u16>>,
+    /// Per KV cell: the position of the token that wrote it last.
+    pub(crate) pos: Mutex<Vec<i32>>,
+    /// Revival (`llama_lazy_revive`): aux cache, cells picked to revive.
+    pub(crate) aux: Mutex<Aux>,
+    pub(crate) revive_mode: ReviveMode,
+    pub(crate) revived: AtomicU64,
+    /// Attention rows computed over compact K/V (patch 0010), summed over layers.
+    compact_rows: AtomicU64,
     /// A graph with row dropping is being built (lazy layers then keep
     /// llama.cpp's attention instead of the key-narrowing route).
     building: AtomicBool,
@@ -78,6 +90,11 @@ impl LazyRows {
             n_layers,
             points,
             depth: Mutex::new(Vec::new()),
+            pos: Mutex::new(Vec::new()),
+            aux: Mutex::new(Aux::default()),
+            revive_mode: ReviveMode::from_env(),
+            revived: AtomicU64::new(0),
+            compact_rows: AtomicU64::new(0),
             building: AtomicBool::new(false),
             rows: (0..n_layers).map(|_| AtomicU64::new(0)).collect(),
             ubatches: AtomicU64::new(0),
@@ -119,13 +136,26 @@ impl LazyRows {
         self.building.load(Ordering::Relaxed)
     }
 
-    /// A ubatch writes `cells` (llama.cpp's `k_idxs`): they hold every layer
-    /// until a point prunes them.
-    pub fn begin_ubatch(&self, cells: &[i64]) {
+    /// A ubatch writes `cells` (llama.cpp's `k_idxs`) at positions `pos`:
+    /// they hold every layer until a point prunes them.
+    pub fn begin_ubatch(&self, cells: &[i64], pos: &[i32]) {
+        self.aux
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget(cells);
         let mut d = self.depth.lock().unwrap_or_else(|e| e.into_inner());
         for &c in cells {
             if c >= 0 && (c as usize) < d.len() {
                 d[c as usize] = self.n_layers as u16;
+            }
+        }
+        let mut cp = self.pos.lock().unwrap_or_else(|e| e.into_inner());
+        for (&c, &p) in cells.iter().zip(pos) {
+            if c >= 0 {
+                if c as usize >= cp.len() {
+                    cp.resize(c as usize + 1, i32::MAX);
+                }
+                cp[c as usize] = p;
             }
         }
         self.ubatches.fetch_add(1, Ordering::Relaxed);
@@ -155,6 +185,12 @@ impl LazyRows {
         }
     }
 
+    /// Layers `first..=last` attended over compact K/V with `rows` rows each.
+    pub fn count_compact(&self, first: usize, last: usize, rows: u64) {
+        let n = (last + 1).saturating_sub(first) as u64;
+        self.compact_rows.fetch_add(n * rows, Ordering::Relaxed);
+    }
+
     /// Depth of a cell (layers whose K/V it holds).
     pub fn depth(&self, cell: usize) -> usize {
         let d = self.depth.lock().unwrap_or_else(|e| e.into_inner());
@@ -164,8 +200,11 @@ impl LazyRows {
     /// The mask of layers `first..` (ggml thread `ith` of `nth` writes its
     /// share of the rows): `out[s][i][c] = mask[s][rows[i]][c]`, or -inf
     /// where cell `col0 + s * kv_size + c` holds no K/V at layer `first`.
-    /// `rows` is empty for an identity row map. `out` is contiguous
-    /// `[n_kv, n_rows, 1, n_stream]` of the mask's type.
+    /// `rows` is empty for an identity row map. A row id `-1 - k` is revived
+    /// row `k` (decode, `llama_lazy_revive`) at position `rev_pos[k]`: the
+    /// last mask row (the new token's) with every cell written at a later
+    /// position hidden. `out` is contiguous `[n_kv, n_rows, 1, n_stream]` of
+    /// the mask's type.
     #[allow(clippy::too_many_arguments)]
     pub fn mask(
         &self,
@@ -173,6 +212,7 @@ impl LazyRows {
         mask: &[u8],
         md: &TensorDesc,
         rows: &[i32],
+        rev_pos: &[i32],
         col0: i64,
         kv_size: i64,
         ith: usize,
@@ -197,9 +237,20 @@ impl LazyRows {
                 out.len(),
             ));
         }
-        if let Some(&r) = rows.iter().find(|&&r| r < 0 || r as usize >= n_in) {
-            return Err(Error::OutOfRange(format!("lazy mask row {r} of {n_in}")));
+        if let Some(&r) = rows
+            .iter()
+            .find(|&&r| r >= n_in as i32 || (r < 0 && (-1 - r) as usize >= rev_pos.len()))
+        {
+            return Err(Error::OutOfRange(format!(
+                "lazy mask row {r} of {n_in} ({} revived)",
+                rev_pos.len()
+            )));
         }
+        let cell_pos: Vec<i32> = if rev_pos.is_empty() {
+            Vec::new()
+        } else {
+            self.pos.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        };
         // Which columns lose their K/V at `first`, per stream (same for every row).
         let hidden: Vec<Vec<bool>> = {
             let d = self.depth.lock().unwrap_or_else(|e| e.into_inner());
@@ -228,12 +279,22 @@ impl LazyRows {
         let row_bytes = n_kv * es;
         for item in i0..i1 {
             let (s, i) = (item / n_rows, item % n_rows);
-            let src_row = if rows.is_empty() { i } else { rows[i] as usize };
+            let r = if rows.is_empty() { i as i32 } else { rows[i] };
+            let src_row = if r < 0 { n_in - 1 } else { r as usize };
             let src = m.idx(0, src_row, 0, s) * es;
             let dst = &mut out[item * row_bytes..(item + 1) * row_bytes];
             dst.copy_from_slice(&mask[src..src + row_bytes]);
+            let later = |c: usize| {
+                r < 0 && {
+                    let cell = col0 + s as i64 * kv_size + c as i64;
+                    cell < 0
+                        || cell_pos
+                            .get(cell as usize)
+                            .is_none_or(|&p| p > rev_pos[(-1 - r) as usize])
+                }
+            };
             for (c, &h) in hidden[s].iter().enumerate() {
-                if h {
+                if h || later(c) {
                     if es == 2 {
                         dst[2 * c..2 * c + 2]
                             .copy_from_slice(&f16::NEG_INFINITY.to_bits().to_le_bytes());
@@ -259,6 +320,9 @@ impl LazyRows {
             "ubatches": self.ubatches.load(Ordering::Relaxed),
             "tokens": tokens,
             "pruned_rows": self.pruned.load(Ordering::Relaxed),
+            "revived": self.revived.load(Ordering::Relaxed),
+            "compact_rows": self.compact_rows.load(Ordering::Relaxed),
+            "aux_rows": self.aux.lock().unwrap_or_else(|e| e.into_inner()).len(),
             "masked_cells": self.masked_cells.load(Ordering::Relaxed),
             "rows_per_layer": rows,
             "row_fraction": if tokens == 0 { 1.0 } else {
@@ -315,6 +379,54 @@ pub fn keep_rows(
         return Ok((0..n_rows).collect());
     }
     let last = n_rows - 1;
+    let (prob, _) = last_row_probs(scale, q, k, mask)?;
+    let imp: Vec<f32> = (0..n_rows)
+        .map(|r| {
+            if forced[r] {
+                f32::INFINITY
+            } else {
+                prob[cols[r]] as f32
+            }
+        })
+        .collect();
+    if let Some(r) = imp.iter().position(|x| x.is_nan()) {
+        return Err(Error::Invalid(format!(
+            "lazy keep: importance of row {r} is NaN (non-finite query or keys)"
+        )));
+    }
+    let rows: Vec<u32> = (0..n_rows as u32).collect();
+    let kept = top_k(&rows, &imp, m, Some(last as u32));
+    Ok(kept.into_iter().map(|r| r as usize).collect())
+}
+
+/// The last row's attention over the columns (`q` `[d, n_q_heads, n_rows]`,
+/// `k` `[d, n_kv_heads, n_kv, 1]`, `mask` rows as q's): softmax of `scale *
+/// q.k + mask` over the columns its mask row shows, mean over q heads (q
+/// head h reads KV head h / group). Returns the probability per column and
+/// the visible columns.
+pub(crate) fn last_row_probs(
+    scale: f32,
+    q: &View,
+    k: &View,
+    mask: &View,
+) -> Result<(Vec<f64>, Vec<usize>)> {
+    let (d, n_head, n_rows) = (q.ne[0], q.ne[1], q.ne[2]);
+    let (n_kv_heads, n_kv) = (k.ne[1], k.ne[2]);
+    if n_rows == 0 || k.ne[0] != d || n_kv_heads == 0 || n_head % n_kv_heads != 0 {
+        return Err(Error::shape(
+            "lazy importance q/k",
+            format!("k [{d}, h | {n_head}, ..]"),
+            format!("q {:?}, k {:?}", q.ne, k.ne),
+        ));
+    }
+    if mask.ne[0] < n_kv || mask.ne[1] < n_rows {
+        return Err(Error::shape(
+            "lazy importance mask",
+            format!("[>= {n_kv}, >= {n_rows}]"),
+            format!("{:?}", mask.ne),
+        ));
+    }
+    let last = n_rows - 1;
     let group = n_head / n_kv_heads;
     let visible: Vec<usize> = (0..n_kv)
         .filter(|&c| mask.get(mask.idx(c, last, 0, 0)) != f32::NEG_INFINITY)
@@ -341,23 +453,7 @@ pub fn keep_rows(
             prob[c] += e / z / n_head as f64;
         }
     }
-    let imp: Vec<f32> = (0..n_rows)
-        .map(|r| {
-            if forced[r] {
-                f32::INFINITY
-            } else {
-                prob[cols[r]] as f32
-            }
-        })
-        .collect();
-    if let Some(r) = imp.iter().position(|x| x.is_nan()) {
-        return Err(Error::Invalid(format!(
-            "lazy keep: importance of row {r} is NaN (non-finite query or keys)"
-        )));
-    }
-    let rows: Vec<u32> = (0..n_rows as u32).collect();
-    let kept = top_k(&rows, &imp, m, Some(last as u32));
-    Ok(kept.into_iter().map(|r| r as usize).collect())
+    Ok((prob, visible))
 }
 
 /// Views for [`keep_rows`] from ggml tensors (F32 q; F16/F32 k and mask).
@@ -384,7 +480,7 @@ pub(crate) fn views<'a>(
 }
 
 impl crate::LlamaPlugin {
-    fn lazy_rows_state(&self) -> Result<&LazyRows> {
+    pub(crate) fn lazy_rows_state(&self) -> Result<&LazyRows> {
         self.lazy_rows
             .as_ref()
             .ok_or_else(|| Error::Invalid("no layer runs lazy".into()))
@@ -421,10 +517,10 @@ impl crate::LlamaPlugin {
         })
     }
 
-    /// The ubatch in flight writes `cells` (`k_idxs`, I64).
-    pub fn lazy_rows_begin(&self, cells: &[i64]) -> std::result::Result<(), String> {
+    /// The ubatch in flight writes `cells` (`k_idxs`, I64) at `pos`.
+    pub fn lazy_rows_begin(&self, cells: &[i64], pos: &[i32]) -> std::result::Result<(), String> {
         self.poison.guard(|| {
-            self.lazy_rows_state()?.begin_ubatch(cells);
+            self.lazy_rows_state()?.begin_ubatch(cells, pos);
             Ok(())
         })
     }
@@ -433,6 +529,8 @@ impl crate::LlamaPlugin {
     /// current rows, ascending) into `out` (its length is the count) and
     /// marks the pruned rows' cells. `cells[r]`: row r's cell (llama.cpp's
     /// index), `col0`: the cell of mask column 0; `forced[r] != 0`: keep.
+    /// `cols` (compact K/V, patch 0010): row r's column in `k` and `mask`
+    /// (empty: `cells[r] - col0`).
     #[allow(clippy::too_many_arguments)]
     pub fn lazy_rows_keep(
         &self,
@@ -446,13 +544,22 @@ impl crate::LlamaPlugin {
         md: &TensorDesc,
         cells: &[i64],
         col0: i64,
+        cols: &[i64],
         forced: &[u8],
         out: &mut [i32],
     ) -> std::result::Result<(), String> {
         self.poison.guard(|| {
             let l = self.lazy_rows_state()?;
             let (qv, kv, mv) = views(q, qd, k, kd, mask, md)?;
-            let cols = cells
+            if !cols.is_empty() && cols.len() != cells.len() {
+                return Err(Error::shape("lazy keep cols", cells.len(), cols.len()));
+            }
+            let (src, col0) = if cols.is_empty() {
+                (cells, col0)
+            } else {
+                (cols, 0)
+            };
+            let cols = src
                 .iter()
                 .map(|&c| {
                     usize::try_from(c - col0).map_err(|_| {
@@ -489,6 +596,7 @@ impl crate::LlamaPlugin {
         mask: &[u8],
         md: &TensorDesc,
         rows: &[i32],
+        rev_pos: &[i32],
         col0: i64,
         kv_size: i64,
         ith: u32,
@@ -501,12 +609,22 @@ impl crate::LlamaPlugin {
                 mask,
                 md,
                 rows,
+                rev_pos,
                 col0,
                 kv_size,
                 ith as usize,
                 nth.max(1) as usize,
                 out,
             )
+        })
+    }
+
+    /// Layers `first..=last` attended over compact K/V with `rows` rows each (stats).
+    pub fn lazy_rows_compacted(&self, first: u32, last: u32, rows: u64) {
+        self.poison.guard_or("lazy_rows_compacted", (), || {
+            if let Some(l) = &self.lazy_rows {
+                l.count_compact(first as usize, last as usize, rows)
+            }
         })
     }
 

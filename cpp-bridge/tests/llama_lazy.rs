@@ -290,7 +290,7 @@ fn mask_out(
     let n_out = if rows.is_empty() { n_in } else { rows.len() };
     let mut out = vec![0u8; n_kv * n_out * es];
     for ith in 0..nth {
-        l.mask(first, &mb, &md, rows, 0, 1024, ith, nth, &mut out)
+        l.mask(first, &mb, &md, rows, &[], 0, 1024, ith, nth, &mut out)
             .unwrap();
     }
     out.chunks(es)
@@ -315,7 +315,7 @@ fn later_masks_hide_pruned_cells_and_gather_rows() {
             mask[r * n_kv + c] = 0.0;
         }
     }
-    l.begin_ubatch(&[2, 3, 4, 5, 6, 7]);
+    l.begin_ubatch(&[2, 3, 4, 5, 6, 7], &[0, 1, 2, 3, 4, 5]);
     l.mark_pruned(1, &[3, 5]); // pruned at layer 1: K/V in layers 0, 1 only
     l.mark_pruned(3, &[0]); // an earlier token pruned at layer 3
     assert_eq!(
@@ -354,7 +354,7 @@ fn later_masks_hide_pruned_cells_and_gather_rows() {
         }
     }
     // a new ubatch writing cell 3 gives it every layer again
-    l.begin_ubatch(&[3]);
+    l.begin_ubatch(&[3], &[9]);
     assert_eq!(l.depth(3), 6);
     let out = mask_out(&l, 4, &mask, n_kv, &[5], false, 1);
     assert_eq!(out[3], mask[5 * n_kv + 3]);
@@ -363,13 +363,18 @@ fn later_masks_hide_pruned_cells_and_gather_rows() {
     let mb = f32_bytes(&mask);
     let md = desc(0, [n_kv as i64, 6, 1, 1], 4);
     let mut o = vec![0u8; n_kv * 4];
-    assert!(l.mask(2, &mb, &md, &[6], 0, 1024, 0, 1, &mut o).is_err());
+    assert!(l
+        .mask(2, &mb, &md, &[6], &[], 0, 1024, 0, 1, &mut o)
+        .is_err());
 }
 
 #[test]
 fn stats_count_rows_per_layer() {
     let l = LazyRows::new(6, points()).unwrap();
-    l.begin_ubatch(&(0..100).collect::<Vec<i64>>());
+    l.begin_ubatch(
+        &(0..100).collect::<Vec<i64>>(),
+        &(0..100).collect::<Vec<i32>>(),
+    );
     l.count(0, 1, 100);
     l.count(2, 3, 50);
     l.count(4, 5, 25);

@@ -57,6 +57,20 @@ Needs the builds of scripts/llama-cpp-build.sh (both). Checks:
    written, keep 1.0 still equals stock and keep 0.25 its unpoisoned run,
    bit for bit; negative control: with the decode masks off
    (LLAMA_INFINITEHIP_LAZY_ROWS=nomask) the poison moves the decode logits.
+   The row counts and masked cells are checked with revival off
+   (LLAMA_INFINITEHIP_LAZY_REVIVE=off); the poison check runs with it on.
+8. LazyLLM revival through the aux cache (patch 0010; runs with
+   `--only-lazy`): keep 0.25 after layer 0, the long prompt in one ubatch,
+   every K/V cell poisoned first, then decode steps. The K/V caches are
+   dumped (LLAMA_INFINITEHIP_LAZY_DUMP) and compared with a dense run's
+   (keep 1.0): with LLAMA_INFINITEHIP_LAZY_REVIVE=all (every pruned cell
+   revived at the first decode step) every prompt cell's layer-1 K and V
+   equal the dense run's within f16 rounding; negative control: with
+   revival off the same comparison fails (the pruned cells still hold the
+   poison); default revival (importance of the new token, at most 64
+   cells a step) revives some cells, and every cell that holds layer 1
+   then (kept or revived, by the plugin's depths) equals the dense run's
+   there; poisoned == clean logits bit for bit (no unset K/V is read).
 6. hip's RoPE modes (patch 0006; `--only-rope` runs just this): with a
    covering budget, chunk_indexed scoring + streaming attention equal stock
    within f16 rounding (ranks equal positions); at a small budget on the
@@ -142,6 +156,43 @@ class Runner:
 # LLAMA_INFINITEHIP_LAZY_POISON=1: patch 0007 fills every K/V cache cell with a
 # large finite value once, before any cell is written
 POISON = {"LLAMA_INFINITEHIP_LAZY_POISON": "1"}
+
+
+# LazyLLM revival (patch 0010): off, or every pruned cell at the first decode step
+NOREVIVE = {"LLAMA_INFINITEHIP_LAZY_REVIVE": "off"}
+
+
+def read_kv_dump(path):
+    """LLAMA_INFINITEHIP_LAZY_DUMP's file: per layer (K, V) raw arrays with
+    their ggml ne, then the plugin's depth per cell."""
+    b = open(path, "rb").read()
+    (nl,), off = struct.unpack_from("<i", b, 0), 4
+    layers = []
+    for _ in range(nl):
+        kv = []
+        for _ in range(2):
+            (t,) = struct.unpack_from("<i", b, off)
+            ne = struct.unpack_from("<4q", b, off + 4)
+            (nb,) = struct.unpack_from("<q", b, off + 36)
+            off += 44
+            dt = {0: np.float32, 1: np.float16}[t]
+            kv.append((np.frombuffer(b[off:off + nb], dtype=dt).astype(np.float64), ne))
+            off += nb
+        layers.append(kv)
+    (n,) = struct.unpack_from("<q", b, off)
+    depths = np.frombuffer(b[off + 8:off + 8 + 2 * n], dtype="<u2")
+    # cells past the plugin's list hold every layer
+    kne = layers[0][0][1]
+    depths = np.concatenate([depths, np.full(max(0, kne[1] * kne[2] - n), nl, dtype=depths.dtype)])
+    return layers, depths
+
+
+def kv_rows(dump, layer, cells, v_trans):
+    """K and V rows [cells, n_embd_gqa] of one layer from a dump (one stream)."""
+    (k, kne), (v, vne) = dump[0][layer]
+    K = k.reshape(kne[1] * kne[2], kne[0])[cells]
+    V = (v.reshape(vne[0], vne[1]).T if v_trans else v.reshape(vne[1] * vne[2], vne[0]))[cells]
+    return K, V
 
 
 def lazy_config(keep):
@@ -578,15 +629,29 @@ def lazy_rows(R, a, results, check, tol_rel):
     g = a.small_gen
     for fa in ["off", "on"]:
         ls1, _, ts1, _ = R.gen("stock", f"lz_stock_one_fa{fa}", n, g, fa=fa, batch=n)
-        lp, _, _, log = R.gen("patched", f"lz_prune_fa{fa}", n, g, config=lazy_config(keep), force=ts1, fa=fa, batch=n)
+        lp, _, _, log = R.gen("patched", f"lz_prune_fa{fa}", n, g, config=lazy_config(keep), force=ts1, fa=fa, batch=n,
+                              env_extra=NOREVIVE)
         lr = plugin_stats(log).get("lazy_rows") or {}
         ln, _, _, _ = R.gen("patched", f"lz_narrow_fa{fa}", n, g, config=lazy_config(keep), force=ts1, fa=fa, batch=n,
-                            env_extra=NARROW)
+                            env_extra=NARROW | NOREVIVE)
         first = compare(lp[:1], ln[:1])
         vs_stock = compare(lp[:1], ls1[:1])
         c = {"prompt_step_vs_narrowing_route": first, "prompt_step_vs_stock": vs_stock, "lazy_rows": lr,
              "all_vs_stock": compare(lp, ls1)}
         results[f"lazy_rows_prune_one_ubatch_fa_{fa}"] = c
+        # compact K/V (patch 0010, flash attention: layer 1 attends over the
+        # 512 kept rows' cells only) vs the masked route over the whole view
+        lnc, _, _, lognc = R.gen("patched", f"lz_nocompact_fa{fa}", n, g, config=lazy_config(keep), force=ts1, fa=fa,
+                                 batch=n, env_extra=NOREVIVE | {"LLAMA_INFINITEHIP_LAZY_ROWS": "nocompact"})
+        cc = compare(lp, lnc)
+        want_compact = kept if fa == "on" else 0
+        chk(f"lazy rows, keep {keep} (flash_attn {fa}): compact K/V rows {want_compact} (flash attention only), "
+            "logits == the masked route's (LLAMA_INFINITEHIP_LAZY_ROWS=nocompact) within f16 rounding",
+            lr.get("compact_rows") == want_compact
+            and (plugin_stats(lognc).get("lazy_rows") or {}).get("compact_rows") == 0
+            and cc["rel_rms_diff"] < tol_rel and cc["max_abs_diff"] < tol_rel * 10 * cc["logit_rms"]
+            and cc["top1_agree"] == 1.0,
+            cc | {"compact_rows": lr.get("compact_rows")})
         chk(f"lazy rows, keep {keep} after layer 0, {n}-token prompt in one ubatch (flash_attn {fa}): layer 1 "
             f"computes {kept} + {g} rows, prompt-step logits == key-narrowing route within f16 rounding, != stock, "
             "decode hides pruned cells",
@@ -603,8 +668,8 @@ def lazy_rows(R, a, results, check, tol_rel):
         # (=nomask: the decode steps use the stock mask, so they read the
         # pruned cells): there the poison moves the decode logits.
         lpp, _, _, logp = R.gen("patched", f"lz_prune_poison_fa{fa}", n, g, config=lazy_config(keep), force=ts1,
-                                fa=fa, batch=n, env_extra=POISON)
-        nomask = {"LLAMA_INFINITEHIP_LAZY_ROWS": "nomask"}
+                                fa=fa, batch=n, env_extra=POISON | NOREVIVE)
+        nomask = {"LLAMA_INFINITEHIP_LAZY_ROWS": "nomask"} | NOREVIVE
         lnm, _, _, _ = R.gen("patched", f"lz_nomask_fa{fa}", n, g, config=lazy_config(keep), force=ts1, fa=fa,
                              batch=n, env_extra=nomask)
         lnmp, _, _, _ = R.gen("patched", f"lz_nomask_poison_fa{fa}", n, g, config=lazy_config(keep), force=ts1,
@@ -612,7 +677,7 @@ def lazy_rows(R, a, results, check, tol_rel):
         ctl = compare(lnmp[1:], lnm[1:])
         c = {"poisoned_vs_clean_bit_identical": bool(np.array_equal(lpp, lp)), "poisoned": "poisoned" in logp,
              "control_nomask_poison_vs_nomask_decode": ctl, "control_prompt_step_equal": bool(
-                 np.array_equal(lnmp[:1], lp[:1]))}
+                 np.array_equal(lnmp[:1], lnm[:1]))}
         # moved: non-finite (the flash-attention path overflows on the
         # poison) or far beyond the routes' rounding difference
         c["control_moved"] = bool(not np.isfinite(lnmp[1:]).all()
@@ -626,13 +691,79 @@ def lazy_rows(R, a, results, check, tol_rel):
     # in ubatches of 512: each keeps a quarter of its rows; later ubatches and
     # decode hide the cells pruned before them
     ub = 512
-    lp, _, _, log = R.gen("patched", "lz_prune_ubatches", n, g, config=lazy_config(keep), force=ts_long, batch=ub)
+    lp, _, _, log = R.gen("patched", "lz_prune_ubatches", n, g, config=lazy_config(keep), force=ts_long, batch=ub,
+                          env_extra=NOREVIVE)
     lr = plugin_stats(log).get("lazy_rows") or {}
     n_ub = -(-n // ub)
     want = [n + g, n_ub * (-(-ub // 4)) + g]
     results["lazy_rows_prune_ubatches"] = {"lazy_rows": lr, "vs_stock": compare(lp, ls)}
     chk(f"lazy rows, keep {keep}, {n}-token prompt in ubatches of {ub}: rows per layer {want}, finite",
         np.isfinite(lp).all() and lr.get("rows_per_layer") == want and (lr.get("masked_cells") or 0) > 0, lr)
+
+    # 8. revival through the aux cache (patch 0010)
+    for fa in ["on", "off"]:
+        ok &= lazy_revival(R, a, results, chk, keep, n, g, fa)
+    return ok
+
+
+def lazy_revival(R, a, results, chk, keep, n, g, fa):
+    """Section 8: a pruned token revived in decode gets the dense run's K/V."""
+    ok = True
+    v_trans = fa == "off"
+    cells = np.arange(n)  # one ubatch in a fresh context: prompt token i in cell i
+    kept = -(-n // 4)
+    _, _, ts, _ = R.gen("stock", f"rv_stock_fa{fa}", n, g, fa=fa, batch=n)
+
+    def run(tag, keep_frac, env):
+        dump = os.path.join(R.tmp, f"{tag}.kv")
+        lg, _, _, log = R.gen("patched", tag, n, g, config=lazy_config(keep_frac), force=ts, fa=fa, batch=n,
+                              env_extra=env | {"LLAMA_INFINITEHIP_LAZY_DUMP": dump})
+        return lg, read_kv_dump(dump), plugin_stats(log).get("lazy_rows") or {}
+
+    _, dense, _ = run(f"rv_dense_fa{fa}", 1.0, POISON)
+    Kd, Vd = kv_rows(dense, 1, cells, v_trans)
+
+    def close(K, V, Kref, Vref):
+        """Per cell: K and V within f16 rounding of the reference."""
+        tol = lambda ref: 1e-2 * np.sqrt(np.mean(ref ** 2)) + 2e-3 * np.abs(ref)
+        return (np.abs(K - Kref) <= tol(Kref)).all(1) & (np.abs(V - Vref) <= tol(Vref)).all(1)
+
+    # every pruned cell revived at the first decode step
+    la, da, sa = run(f"rv_all_fa{fa}", keep, POISON | {"LLAMA_INFINITEHIP_LAZY_REVIVE": "all"})
+    Ka, Va = kv_rows(da, 1, cells, v_trans)
+    eq_all = close(Ka, Va, Kd, Vd)
+    c = {"cells_equal": int(eq_all.sum()), "cells": n, "revived": sa.get("revived"), "aux_rows": sa.get("aux_rows"),
+         "max_abs_k": float(np.abs(Ka - Kd).max()), "k_rms": float(np.sqrt(np.mean(Kd ** 2))),
+         "finite": bool(np.isfinite(la).all())}
+    results[f"lazy_revive_all_fa_{fa}"] = c
+    chk(f"lazy revival (flash_attn {fa}): every pruned cell revived at the first decode step ({n - kept}): every "
+        "prompt cell's layer-1 K/V == the dense run's within f16 rounding (K/V poisoned first)",
+        eq_all.all() and sa.get("revived") == n - kept and sa.get("aux_rows") == 0 and c["finite"], c)
+
+    # negative control: revival skipped, the same comparison fails
+    _, do, so = run(f"rv_off_fa{fa}", keep, POISON | NOREVIVE)
+    Ko, Vo = kv_rows(do, 1, cells, v_trans)
+    eq_off = close(Ko, Vo, Kd, Vd)
+    c = {"cells_equal": int(eq_off.sum()), "cells": n, "revived": so.get("revived"),
+         "pruned_cells_depth_1": int((do[1][:n] == 1).sum())}
+    results[f"lazy_revive_off_control_fa_{fa}"] = c
+    chk(f"lazy revival off (flash_attn {fa}, control): the comparison fails (pruned cells hold the poison at "
+        "layer 1)", so.get("revived") == 0 and int(eq_off.sum()) == kept and c["pruned_cells_depth_1"] == n - kept, c)
+
+    # default revival: the new token's attention picks what comes back (the
+    # dump precedes the last step, whose revivals the stats already count)
+    ld, dd, sd = run(f"rv_top_fa{fa}", keep, POISON)
+    lc, _, _ = run(f"rv_top_clean_fa{fa}", keep, {})
+    Kt, Vt = kv_rows(dd, 1, cells, v_trans)
+    full = dd[1][:n] == 2  # cells holding layer 1 (kept or revived)
+    eq_top = close(Kt, Vt, Kd, Vd)
+    c = {"revived": sd.get("revived"), "cells_with_layer_1": int(full.sum()), "equal_among_them": int(eq_top[full].sum()),
+         "poisoned_vs_clean_bit_identical": bool(np.array_equal(ld, lc))}
+    results[f"lazy_revive_top_fa_{fa}"] = c
+    chk(f"lazy revival, default (flash_attn {fa}): some cells revived; every cell holding layer 1 (kept + revived) "
+        "== the dense run's K/V there; poisoned == clean logits bit for bit",
+        0 < int(full.sum()) - kept <= (sd.get("revived") or 0) and eq_top[full].all()
+        and c["poisoned_vs_clean_bit_identical"], c)
     return ok
 
 
