@@ -653,6 +653,20 @@ fn query(rng: &mut Rng, shape: &AttnShape, dirs: &[f32]) -> Vec<f32> {
         .collect()
 }
 
+/// What each `--admission` value runs: `full-device` (the new path, nothing
+/// read back), `device` (run 4's: device table, host dedup + CLOCK, host
+/// page policy), `host` (run 3's host admission).
+fn admission_mode(m: &str) -> R<(Admission, PagePolicy)> {
+    match m {
+        "full-device" => Ok((Admission::FullDevice, PagePolicy::Device)),
+        "device" => Ok((Admission::Device, PagePolicy::Host)),
+        "host" => Ok((Admission::Host, PagePolicy::Host)),
+        x => Err(format!(
+            "--admission: `{x}` is not full-device, device or host"
+        )),
+    }
+}
+
 pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
     a.check()?;
     // Missed estimation rows scored straight from host memory instead of
@@ -663,14 +677,7 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
     let modes: Vec<(Admission, PagePolicy)> = a
         .admission
         .iter()
-        .map(|m| match m.as_str() {
-            "device" => Ok((Admission::FullDevice, PagePolicy::Device)),
-            "host-clock" => Ok((Admission::Device, PagePolicy::Host)),
-            "host" => Ok((Admission::Host, PagePolicy::Host)),
-            x => Err(format!(
-                "--admission: `{x}` is not device, host-clock or host"
-            )),
-        })
+        .map(|m| admission_mode(m))
         .collect::<R<_>>()?;
     let (tokens, fractions, est_list) = (a.tokens.clone(), a.cache.clone(), a.est_rows.clone());
     let (steps, warm, seed) = (a.steps, a.warmup, a.seed);
@@ -990,4 +997,38 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
             .map_err(|x| format!("{p}: {x}"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod admission_tests {
+    use super::*;
+
+    /// Every value the flag accepts runs a path (the parser and the mapping
+    /// once disagreed: `full-device` parsed, then was refused).
+    #[test]
+    fn every_accepted_admission_value_maps_to_a_path() {
+        let cmd = <crate::cli::Cli as clap::CommandFactory>::command();
+        let sub = cmd.find_subcommand("bench-gpu-offload").unwrap();
+        let arg = sub
+            .get_arguments()
+            .find(|a| a.get_id() == "admission")
+            .unwrap();
+        let values: Vec<String> = arg
+            .get_possible_values()
+            .iter()
+            .map(|v| v.get_name().to_string())
+            .collect();
+        assert_eq!(values, ["full-device", "device", "host"]);
+        for v in &values {
+            admission_mode(v).unwrap();
+        }
+        assert!(matches!(
+            admission_mode("full-device").unwrap(),
+            (Admission::FullDevice, PagePolicy::Device)
+        ));
+        assert!(matches!(
+            admission_mode("device").unwrap(),
+            (Admission::Device, PagePolicy::Host)
+        ));
+    }
 }

@@ -127,8 +127,16 @@ pub(crate) fn launch_dense(
     let allowed = kernels::dense_chunks(d);
     // Default: the most chunks per iteration built (2 at head_dim <= 128:
     // v2 at 1M batch 1 0.98 vs 1.32 ms with 1, at 128K 0.147 vs 0.210 ms,
-    // equal at batch 16; tests/gpu/logs/gpustep/bench-gpu-dense.log).
-    let u = chunks.unwrap_or(*allowed.last().unwrap());
+    // equal at batch 16; tests/gpu/logs/gpustep/bench-gpu-dense.log), but
+    // only at page sizes the u2 checks cover (16, 64): over the engine's
+    // token-major pools (page size 1) u2 gave wrong outputs in the merged
+    // GPU run of 2026-12-04 07:31 (tests/gpu/logs/merged-2026-12-04c/), so
+    // those keep u1 until that is found.
+    let u = chunks.unwrap_or(if kv.page_size >= 16 {
+        *allowed.last().unwrap()
+    } else {
+        allowed[0]
+    });
     if !allowed.contains(&u) {
         return Err(Error::Invalid(format!(
             "dense decode: {u} chunks per iteration not built for head_dim {d} (have {allowed:?})"
