@@ -530,6 +530,9 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
         )?);
         return report(&checks);
     }
+    if a.engine_decode_only {
+        return report(&crate::gpu_engine::decode_checks(&gpu, seed)?);
+    }
     if a.kmeans_only {
         // The squeeze k-means (GPU == CPU), then the first-decode timing.
         let checks = crate::gpu_kmeans::checks(&gpu, seed)?;

@@ -73,6 +73,11 @@ pub struct GpuTestArgs {
     /// Only the squeeze k-means checks (GPU == CPU reference).
     #[arg(long)]
     pub kmeans_only: bool,
+    /// Only the engine's decode case (dense, hip and covering layers over a
+    /// token-major pool on a caller stream): a quick check of the route
+    /// SGLang and llama.cpp take.
+    #[arg(long)]
+    pub engine_decode_only: bool,
     /// Also time a squeeze layer's first decode (prefix clustering) at
     /// these prompt lengths, comma-separated (e.g. 8K,32K,128K): k-means on
     /// the GPU, and on the host up to --squeeze-cpu-max.

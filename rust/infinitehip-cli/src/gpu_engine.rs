@@ -527,6 +527,12 @@ fn prefill_case(gpu: &GpuContext, seed: u64) -> R<Check> {
     })
 }
 
+/// The engine decode case alone (`gpu-test --engine-decode-only`), with the
+/// seed `checks` gives it.
+pub(crate) fn decode_checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
+    engine_case(gpu, seed + 600)
+}
+
 pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
     let mut v = Vec::new();
     for (i, &(hq, hkv, d)) in [(32, 8, 128), (16, 2, 256), (8, 8, 64)].iter().enumerate() {
