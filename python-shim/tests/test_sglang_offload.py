@@ -26,7 +26,7 @@ from infinitehip.sglang.backend import InfiniteHipAttnBackend  # noqa: E402
 from sglang_fakes import FakeModelConfig  # noqa: E402
 
 L, H, HK, D, CTX = 2, 4, 2, 16, 1024
-SLOTS = 1400
+SLOTS = 800  # small: request B must take request A's freed slots
 CELLS = 112  # device page cache per layer: 2 x (sink 8 + window 16 + 16 kept + 4 slid) = 88 needed
 LENS = (420, 330)  # each request's KV is 3-4x the device capacity
 DECODE = 10
