@@ -101,6 +101,10 @@ def _pool_class():
         def __init__(self, *args, **kwargs):
             dev = str(kwargs.get("device", args[6] if len(args) > 6 else "cpu"))
             self._ihip_pinned = dev.startswith("cuda")
+            if self._ihip_pinned and kwargs.get("post_capture_active"):
+                # SGLang's CUDA-VMM backing is device memory: not for a host pool.
+                logger.warning("infinitehip host offload: post-capture KV sizing turned off for the host pool")
+                kwargs["post_capture_active"] = False
             super().__init__(*args, **kwargs)
             if self.kv_cache_layout != "nhd" or self.is_quantized_kv_cache:
                 raise NotImplementedError(
