@@ -174,3 +174,58 @@ pub(crate) fn tier_stats_json(a: *const IhipGpuAttn) -> Vec<serde_json::Value> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CStr;
+
+    fn call(rows: &[i64], cache_cells: i64) -> (c_int, String) {
+        let ids = [1u64, 2];
+        let lens = [5i64, 3];
+        let reqs = IhipGpuRequests {
+            batch: rows.len(),
+            req_ids: ids.as_ptr(),
+            table_rows: rows.as_ptr(),
+            lens: lens.as_ptr(),
+            n_new: std::ptr::null(),
+        };
+        let table = [0i32; 16];
+        let kv = IhipHostKv {
+            k: 16,
+            v: 16,
+            n_cells: 8,
+            dtype: IHIP_DTYPE_BF16,
+            table: 16,
+            table_host: table.as_ptr(),
+            table_stride: 8,
+            cache_cells,
+            estimation_rows: 0,
+        };
+        let r = IhipDeviceRows {
+            ptr: 16,
+            dtype: IHIP_DTYPE_BF16,
+            row_stride: 256,
+        };
+        let rc = unsafe { ihip_gpu_decode_host(std::ptr::null(), 0, 0, &reqs, &kv, &r, &r, 0.0) };
+        let msg = unsafe { CStr::from_ptr(ihip_last_error()) }
+            .to_string_lossy()
+            .into_owned();
+        (rc, msg)
+    }
+
+    #[test]
+    fn host_decode_checks_its_arguments_before_the_gpu() {
+        // Rows must be the batch's own, in order.
+        let (rc, msg) = call(&[1, 0], 4);
+        assert_eq!(rc, IHIP_ERR_ARG, "{msg}");
+        assert!(msg.contains("table_rows[0] = 1"), "{msg}");
+        let (rc, msg) = call(&[0, 1], 0);
+        assert_eq!(rc, IHIP_ERR_ARG, "{msg}");
+        assert!(msg.contains("cache_cells 0"), "{msg}");
+        // Valid arguments reach the handle: NULL here, so no GPU.
+        let (rc, msg) = call(&[0, 1], 4);
+        assert!(rc == IHIP_ERR_NO_GPU || rc == IHIP_ERR_ARG, "{rc} {msg}");
+        assert!(msg.contains("NULL"), "{msg}");
+    }
+}
