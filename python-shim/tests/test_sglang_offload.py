@@ -188,3 +188,17 @@ def test_hooks_pick_the_host_pool_and_the_host_budget(tmp_path, monkeypatch):
     path.write_text(json.dumps(config(None)))
     assert offload._resolve_pool(orig_pool, None, kind="mha", default=MHATokenToKVPool) is MHATokenToKVPool
     assert offload._budget(lambda self, pre: 123, None, 0) == 123
+
+
+def test_pinned_sizing_fits_the_budget_after_power_of_two_rounding():
+    def rounded_total(tokens, row, layers, page):
+        per = (tokens + page) * row
+        return 2 * layers * (1 << (per - 1).bit_length())
+
+    for budget, row, layers, page in [(400 << 30, 2048, 32, 1), (3 << 30, 4096, 28, 16), (10 ** 9, 512, 2, 1)]:
+        b = offload.pinned_pool_bytes(budget, row, layers, page)
+        tokens = b // (2 * layers * row)
+        assert tokens > 0 and rounded_total(tokens, row, layers, page) <= budget
+        # Within 2x of the budget: the next power of two would not fit.
+        assert rounded_total(tokens, row, layers, page) * 2 > budget
+    assert offload.pinned_pool_bytes(1000, 2048, 32) == 0

@@ -89,6 +89,37 @@ def host_budget_bytes():
     return 8 << 30
 
 
+def pinned_pool_bytes(budget, row_bytes, n_layers, page_size=1):
+    """Bytes to hand SGLang's sizing so the pinned pool stays within
+    `budget` after torch's pinned allocator rounds each layer's K and V
+    buffer (`(tokens + page_size) * row_bytes`) up to a power of two: the
+    most tokens whose rounded buffers fit, times the pool's bytes per token
+    (SGLang divides by its own per-token size, at least this, so it can only
+    pick fewer)."""
+    share = budget // (2 * n_layers)
+    if share < 2 * row_bytes:
+        return 0
+    p2 = 1 << (share.bit_length() - 1)  # the largest power of two <= share
+    tokens = max(p2 // row_bytes - page_size - 1, 0)
+    return tokens * 2 * n_layers * row_bytes
+
+
+def _mha_row_bytes(kvc):
+    """(bytes of one token's K of one layer, layers, page size) of the pool
+    `kvc` (SGLang's KVCacheConfigurator) will build, or None."""
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        par = get_parallel()
+        heads = kvc.model_config.get_num_kv_heads(par.attn_tp_size, par.attn_dcp_size)
+        dim = max(int(kvc.model_config.head_dim), int(getattr(kvc.model_config, "v_head_dim", 0) or 0))
+        item = kvc.kv_cache_dtype.itemsize
+        return int(heads) * dim * int(item), int(kvc.layer_info.num_effective_layers), int(kvc.pool_page_size)
+    except Exception as e:  # another SGLang layout
+        logger.info("infinitehip host offload: pool shape unknown (%s)", e)
+        return None
+
+
 def _pool_class():
     import torch
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
@@ -169,10 +200,16 @@ def _budget(original, self, *args, **kwargs):
     if off is None:
         return original(self, *args, **kwargs)
     b = host_budget_bytes()
-    _say_once("budget", "infinitehip host offload: KV pool sized from a host budget of %.2f GiB (%s) instead "
-              "of free device memory; device page cache %d cells per layer", b / (1 << 30),
-              HOST_KV_ENV if os.environ.get(HOST_KV_ENV) else "half of MemAvailable", off[0])
-    return b
+    sized = b
+    if str(getattr(self, "device", "")).startswith("cuda"):
+        # Pinned buffers are rounded up to powers of two (torch): size for that.
+        shape = _mha_row_bytes(self)
+        sized = pinned_pool_bytes(b, *shape) if shape else b // 2
+    _say_once("budget", "infinitehip host offload: KV pool sized from a host budget of %.2f GiB (%s; %.2f GiB "
+              "after pinned-allocation rounding) instead of free device memory; device page cache %d cells per "
+              "layer", b / (1 << 30), HOST_KV_ENV if os.environ.get(HOST_KV_ENV) else "half of MemAvailable",
+              sized / (1 << 30), off[0])
+    return sized
 
 
 POOL_HOOK = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._resolve_kv_pool_class"
