@@ -332,6 +332,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-exact", action="store_true", help="skip the exactness check")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--stock-cache", help="reuse stock runs of identical inputs from this folder (off by default)")
+    ap.add_argument("--resume", help="sglang: reuse results of identical (config policy, sequence) runs saved "
+                    "in this folder by earlier runs, and save new ones there (off by default)")
     ap.add_argument("--engine", choices=["llama.cpp", "sglang"], default="llama.cpp",
                     help="llama.cpp CPU builds (default) or sglang.Engine on the CPU (sglang_route.py)")
     ap.add_argument("--json", help="default target/quality/quality.json (sglang: quality-sglang.json)")

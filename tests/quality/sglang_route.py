@@ -187,6 +187,16 @@ class SglangSuite(run.Suite):
             raise RuntimeError(f"{tag}: {name} was not planned (SglangSuite.plan)")
         return self.results[key]
 
+    def row(self, name, ctx, seq, rec, ref, t, st):
+        """run.Suite's row plus greedy agreement with stock: the fraction of
+        decode-path positions (continuation and copy probes, teacher forced)
+        where this config's argmax is stock's."""
+        r = super().row(name, ctx, seq, rec, ref, t, st)
+        idx = [i for i in range(seq.prefill + 1, len(seq)) if rec["path"][i] == 1]
+        r["argmax_agree_decode"] = float((rec["argmax"][idx] == ref["argmax"][idx]).mean()) if idx else None
+        r["n_decode_steps"] = len(idx)
+        return r
+
     # -- the plan: what the base flow will score ----------------------------
     def plan(self):
         """{config: [(tag, sequence)]} in the base flow's order."""
@@ -243,20 +253,69 @@ class SglangSuite(run.Suite):
             else:
                 groups = [(policy, items)]
             for policy, group in groups:
-                max_len = max(len(s) for _, s, _ in group)
+                todo = []
+                for tag, seq, first in group:
+                    key = self._key(name, seq)
+                    if key in self.results:
+                        continue
+                    saved = self.load_saved(name, policy, seq, first)
+                    if saved is not None:
+                        log(f"{tag}: {name} reused from --resume {self.a.resume}")
+                        self.results[key] = saved
+                    else:
+                        todo.append((tag, seq, first))
+                if not todo:
+                    continue
+                max_len = max(len(s) for _, s, _ in todo)
                 log(f"{name}: starting sglang.Engine ({'torch_native' if policy is None else 'infinitehip'}), "
-                    f"{len(group)} sequence(s) up to {max_len} tokens")
+                    f"{len(todo)} sequence(s) up to {max_len} tokens")
                 eng = SglangEngine(self.model, policy, self.tmp, name.replace("/", "_"), max_len)
                 self.engine_info[name] = {"args": eng.args, "startup_s": eng.startup_s}
                 try:
-                    for tag, seq, first in group:
+                    for tag, seq, first in todo:
                         key = self._key(name, seq)
                         if key in self.results:
                             continue
                         log(f"{tag}: {name} ({len(seq)} tokens, prefill {seq.prefill})")
                         self.results[key] = eng.score(seq.ids, seq.prefill, first, tag.replace("/", "_"))
+                        self.save_result(name, policy, seq, first, self.results[key])
                 finally:
                     eng.shutdown()
+
+    # -- --resume DIR: results of identical runs, saved as they finish -------
+    def _saved_path(self, name, policy, seq, first):
+        if not getattr(self.a, "resume", None):
+            return None
+        h = hashlib.sha256(np.asarray(seq.ids, dtype="<i4").tobytes()).hexdigest()
+        key = json_key({"name": name, "policy": policy, "ids": h, "prefill": seq.prefill, "first": first,
+                        "model": os.path.basename(self.model), "engine": "sglang"})
+        return os.path.join(self.a.resume, hashlib.sha256(key.encode()).hexdigest()[:24])
+
+    def save_result(self, name, policy, seq, first, result):
+        path = self._saved_path(name, policy, seq, first)
+        if path is None:
+            return
+        import json
+
+        os.makedirs(self.a.resume, exist_ok=True)
+        rec, timings, st = result
+        rec.tofile(path + ".rec.tmp")
+        with open(path + ".json.tmp", "w") as f:
+            json.dump({"config": name, "timings": timings, "stats": st}, f)
+        os.replace(path + ".rec.tmp", path + ".rec")
+        os.replace(path + ".json.tmp", path + ".json")
+
+    def load_saved(self, name, policy, seq, first):
+        path = self._saved_path(name, policy, seq, first)
+        if path is None or not os.path.exists(path + ".json"):
+            return None
+        import json
+
+        import stats
+
+        with open(path + ".json") as f:
+            meta = json.load(f)
+        return stats.read_records(path + ".rec", len(seq)), meta["timings"], meta["stats"]
 
     def main(self):
         a = self.a

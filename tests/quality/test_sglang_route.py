@@ -83,7 +83,7 @@ class FakeEngine:
 def fake_suite(d):
     s = sglang_route.SglangSuite.__new__(sglang_route.SglangSuite)
     s.a = argparse.Namespace(quick=True, no_exact=False, no_plot=True, lengths=None, passkey_lengths=None,
-                             configs=None, json=os.path.join(d, "q.json"), png=None)
+                             configs=None, json=os.path.join(d, "q.json"), png=None, resume=None)
     s.configs = suite_config.load_dir(os.path.join(HERE, "configs"))
     s.tmp, s.model, s.text = d, d, os.path.join(d, "t.txt")
     with open(s.text, "w") as f:
@@ -115,6 +115,25 @@ class Flow(unittest.TestCase):
             s = fake_suite(d)
             self.assertEqual(s.main(), 1)
             self.assertTrue(any(f.startswith("exactness hip-cover") for f in s.failures), s.failures)
+
+    def test_resume_reuses_saved_results_only(self):
+        with tempfile.TemporaryDirectory() as d:
+            s = fake_suite(d)
+            s.a.resume = os.path.join(d, "runs")
+            self.assertEqual(s.main(), 0)
+            first = open(s.a.json).read()
+            FakeEngine.started = []
+            s2 = fake_suite(d)
+            s2.a.resume = s.a.resume
+            self.assertEqual(s2.main(), 0)
+            self.assertEqual(FakeEngine.started, [])  # everything reused
+            import json
+            rows = lambda t: [(r["config"], r["ppl_decode"]) for r in json.loads(t)["rows"]]
+            self.assertEqual(rows(open(s2.a.json).read()), rows(first))
+            s3 = fake_suite(d)  # another length: only its runs start engines
+            s3.a.resume, s3.a.lengths, s3.a.no_exact = s.a.resume, [1536], True
+            self.assertEqual(s3.main(), 0)
+            self.assertEqual(FakeEngine.started, ["stock", "hip-1_4"])
 
     def test_unplanned_pair_is_an_error(self):
         with tempfile.TemporaryDirectory() as d:
