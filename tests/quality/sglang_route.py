@@ -374,6 +374,10 @@ class SglangSuite(run.Suite):
         import report
 
         print(report.table(res).replace("Quality (Q4_1;", "Quality (SGLang CPU, Q4_1 dequantized to f32;"))
+        if res["rows"]:
+            print("\nGreedy agreement with stock on the decode path (teacher forced: continuation + copy probes):")
+            for r in res["rows"]:
+                print(f"  {r['ctx']} {r['config']}: {r['argmax_agree_decode']:.3f} of {r['n_decode_steps']} steps")
         if not a.no_plot and res["rows"]:
             report.plot(a.json, a.png)
         if self.failures:
