@@ -83,6 +83,14 @@ EXACT_CONFIGS = ["hip-cover", "lazy-cover", "squeeze-cover", "locret-cover"]
 EXACT_NEGATIVE = "hip-1/4"  # must exceed EXACT_BOUND, or the check could not fail
 
 
+def prefill_tail(seq):
+    """Prefill-scored targets in the last eighth of the prefill: the same
+    context size as the decode-scored ones, so the two paths compare without
+    the position confound (early prefill targets see a covering budget)."""
+    n = max(1, seq.prefill // 8)
+    return range(max(seq.prefill_scored.start, seq.prefill_scored.stop - n), seq.prefill_scored.stop)
+
+
 def log(msg):
     print(f"[quality] {msg}", file=sys.stderr, flush=True)
 
@@ -219,6 +227,7 @@ class Suite:
              "n_prefill_scored": len(seq.prefill_scored), "n_decode_scored": len(seq.decode_scored),
              "d_prefill": stats.paired_delta(rec, ref, seq.prefill_scored),
              "d_decode": stats.paired_delta(rec, ref, seq.decode_scored),
+             "d_prefill_tail": stats.paired_delta(rec, ref, prefill_tail(seq)),
              "copy": stats.copy_scores(rec, seq.ids, seq.probes),
              "prefill_s": t["prefill_s"], "prefill_tok_s": t["prefill_tok_s"], "decode_tok_s": t["decode_tok_s"],
              "attended_fraction": (st or {}).get("attended_fraction"),
@@ -276,7 +285,7 @@ class Suite:
     def main(self):
         a = self.a
         self.mode = dict(QUICK if a.quick else FULL)
-        for k in ["lengths", "passkey_lengths", "configs"]:
+        for k in ["lengths", "passkey_lengths", "configs", "decode"]:
             v = getattr(a, k)
             if v is not None:
                 self.mode[k] = v
@@ -325,6 +334,7 @@ def parse_args(argv=None):
     ap.add_argument("--passkey-lengths", type=lambda s: [int(x) for x in s.split(",") if x],
                     help="passkey context lengths ('' for none)")
     ap.add_argument("--configs", type=lambda s: s.split(","), help="config names (tests/quality/configs)")
+    ap.add_argument("--decode", type=int, help="continuation tokens per sequence (decode-scored: this minus 1)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--nice", type=int, default=0, help="run ihip_run under nice -n N")
     ap.add_argument("--work", default=os.path.join(REPO, "target", "llama.cpp"), help="llama.cpp builds")
