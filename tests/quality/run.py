@@ -19,7 +19,11 @@ scripts/llama-cpp-build.sh when target/llama.cpp has no build, then:
 
 Prints a table, writes JSON and a PNG plot. Exits non-zero when a check
 fails (exactness; with --quick also the sparse bound below).
-The SGLang route of issue 12 is not part of this suite.
+
+    python3 tests/quality/run.py --engine sglang [--quick]
+
+runs the same configs, sequences, metrics and checks through sglang.Engine
+on the CPU, torch_native (stock) vs infinitehip (sglang_route.py).
 """
 import argparse
 import datetime
@@ -338,10 +342,23 @@ def parse_args(argv=None):
     ap.add_argument("--no-exact", action="store_true", help="skip the exactness check")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--stock-cache", help="reuse stock runs of identical inputs from this folder (off by default)")
-    ap.add_argument("--json", default=os.path.join(REPO, "target", "quality", "quality.json"))
-    ap.add_argument("--png", default=os.path.join(REPO, "target", "quality", "quality.png"))
-    return ap.parse_args(argv)
+    ap.add_argument("--resume", help="sglang: reuse results of identical (config policy, sequence) runs saved "
+                    "in this folder by earlier runs, and save new ones there (off by default)")
+    ap.add_argument("--engine", choices=["llama.cpp", "sglang"], default="llama.cpp",
+                    help="llama.cpp CPU builds (default) or sglang.Engine on the CPU (sglang_route.py)")
+    ap.add_argument("--json", help="default target/quality/quality.json (sglang: quality-sglang.json)")
+    ap.add_argument("--png", help="default target/quality/quality.png (sglang: quality-sglang.png)")
+    a = ap.parse_args(argv)
+    stem = "quality" if a.engine == "llama.cpp" else "quality-sglang"
+    a.json = a.json or os.path.join(REPO, "target", "quality", f"{stem}.json")
+    a.png = a.png or os.path.join(REPO, "target", "quality", f"{stem}.png")
+    return a
 
 
 if __name__ == "__main__":
-    sys.exit(Suite(parse_args()).main())
+    args = parse_args()
+    if args.engine == "sglang":
+        import sglang_route
+
+        sys.exit(sglang_route.main(args, sys.argv[1:]))
+    sys.exit(Suite(args).main())
