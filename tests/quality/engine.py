@@ -55,9 +55,11 @@ class IhipRun:
     def dequant(self, model, out):
         self._run(["dequant", model, "--out", out, "--threads", str(self.threads)])
 
-    def score(self, model, ids, prefill, tmp, tag, config=None, kv="f16", batch=512):
+    def score(self, model, ids, prefill, tmp, tag, config=None, kv="f16", batch=512, prefill_logits="all"):
         """Teacher-forced scoring of `ids` (first `prefill` through prefill
-        ubatches): (records, timings JSON, plugin stats or None)."""
+        ubatches): (records, timings JSON, plugin stats or None).
+        prefill_logits "last": prefill rows ask for no logits but the last
+        (their records have path -1), as LazyLLM needs to prune rows."""
         ids_path = os.path.join(tmp, f"{tag}.ids")
         np.asarray(ids, dtype="<i4").tofile(ids_path)
         nll = os.path.join(tmp, f"{tag}.nll")
@@ -68,7 +70,7 @@ class IhipRun:
                 json.dump(config, f)
             env["LLAMA_INFINITEHIP_CONFIG"] = cfg
         r = self._run(["score", model, "--input", ids_path, "--prefill", str(prefill), "--nll", nll, "--kv", kv,
-                       "--batch", str(batch), "--threads", str(self.threads)], env)
+                       "--batch", str(batch), "--threads", str(self.threads), "--prefill-logits", prefill_logits], env)
         st = parse_plugin_stats(r.stderr)
         if config is not None and st is None:
             raise RuntimeError(f"{tag}: the plugin printed no stats (is this the patched build?)\n{r.stderr[-2000:]}")

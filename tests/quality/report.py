@@ -26,7 +26,7 @@ def quality_lines(rows):
             str(r["ctx"]), r["config"] + (" (random heads)" if r.get("locret_heads") == "random" else ""),
             "-" if att is None else f"{att:.3f}",
             f"{r['nominal_decode_fraction']:.3f}" if r.get("nominal_decode_fraction") is not None else "-",
-            f"{r['ppl_prefill']:.2f} ({_pct(r['d_prefill']['ppl_ratio'] - 1)})",
+            "- (not scored)" if r["ppl_prefill"] is None else f"{r['ppl_prefill']:.2f} ({_pct(r['d_prefill']['ppl_ratio'] - 1)})",
             f"{r['ppl_decode']:.2f} ({_pct(dd['ppl_ratio'] - 1)}, {dd['mean']:+.3f} +- {2 * dd['se']:.3f})",
             _delta(r.get("d_prefill_tail")),
             f"{r['copy']['accuracy']:.3f}", f"{r['copy']['copied']}/{r['copy']['probes']}",

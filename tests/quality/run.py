@@ -160,13 +160,21 @@ class Suite:
             with open(cached + ".json") as f:
                 return stats.read_records(cached + ".nll", len(seq.ids)), json.load(f), None
         log(f"{tag}: {name} ({len(seq)} tokens, prefill {seq.prefill})")
-        out = self.run[build].score(model, seq.ids, seq.prefill, self.tmp, tag, cfg, kv=kv, batch=self.mode["batch"])
+        out = self.run[build].score(model, seq.ids, seq.prefill, self.tmp, tag, cfg, kv=kv, batch=self.mode["batch"],
+                                    prefill_logits=self.prefill_logits(name, kv))
         if cached:
             os.makedirs(os.path.dirname(cached), exist_ok=True)
             shutil.copyfile(os.path.join(self.tmp, f"{tag}.nll"), cached + ".nll")
             with open(cached + ".json", "w") as f:
                 json.dump(out[1], f)
         return out
+
+    def prefill_logits(self, name, kv):
+        """"last" for configs that say so (lazy: llama.cpp's LazyLLM never
+        prunes a ubatch whose every row asks for logits, so scoring the
+        prefill would measure stock); the exactness check scores all."""
+        c = getattr(self, "configs", {}).get(name, {})
+        return c.get("prefill_logits", "all") if kv != "f32" else "all"
 
     def stock_cache(self, model, seq, kv):
         """--stock-cache: path stem of the stock run of this exact input
@@ -216,23 +224,32 @@ class Suite:
             self.save(res)
 
     def row(self, name, ctx, seq, rec, ref, t, st):
-        stats.check_paths(rec, seq.prefill_scored, 0)
+        # A config run with prefill_logits "last" has no prefill records
+        # (path -1; other engines may still score them).
+        scored_prefill = self.prefill_logits(name, "f16") == "all" or bool(
+            (rec["path"][list(seq.prefill_scored)] == 0).all())
+        if scored_prefill:
+            stats.check_paths(rec, seq.prefill_scored, 0)
         stats.check_paths(rec, seq.decode_scored, 1)
         for p in seq.probes:
             stats.check_paths(rec, p["scored"], 1)
         c = self.configs[name]
         policy = self.policy(name, ctx) if name != "stock" else None
         r = {"config": name, "method": c["method"], "ctx": ctx, "description": c["description"],
-             "ppl_prefill": stats.ppl(rec, seq.prefill_scored), "ppl_decode": stats.ppl(rec, seq.decode_scored),
-             "n_prefill_scored": len(seq.prefill_scored), "n_decode_scored": len(seq.decode_scored),
-             "d_prefill": stats.paired_delta(rec, ref, seq.prefill_scored),
+             "ppl_prefill": stats.ppl(rec, seq.prefill_scored) if scored_prefill else None,
+             "ppl_decode": stats.ppl(rec, seq.decode_scored),
+             "n_prefill_scored": len(seq.prefill_scored) if scored_prefill else 0,
+             "n_decode_scored": len(seq.decode_scored),
+             "d_prefill": stats.paired_delta(rec, ref, seq.prefill_scored) if scored_prefill else None,
              "d_decode": stats.paired_delta(rec, ref, seq.decode_scored),
-             "d_prefill_tail": stats.paired_delta(rec, ref, prefill_tail(seq)),
+             "d_prefill_tail": stats.paired_delta(rec, ref, prefill_tail(seq)) if scored_prefill else None,
              "copy": stats.copy_scores(rec, seq.ids, seq.probes),
              "prefill_s": t["prefill_s"], "prefill_tok_s": t["prefill_tok_s"], "decode_tok_s": t["decode_tok_s"],
              "attended_fraction": (st or {}).get("attended_fraction"),
              "nominal_decode_fraction": suite_config.nominal_decode_fraction(policy, ctx) if policy else 1.0,
              "policy": policy}
+        if st and st.get("lazy_rows"):
+            r["lazy_rows"] = st["lazy_rows"]
         if st and st.get("locret"):
             r["locret"] = {k: st["locret"].get(k) for k in ["evicted_tokens", "last_visible_cells", "max_visible_cells"]}
             w = (policy or {}).get("default", {}).get("weights")

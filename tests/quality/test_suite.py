@@ -360,6 +360,46 @@ class Report(unittest.TestCase):
         self.assertIn("-0.020 +- 0.020 (n 99)", report.table(res))
 
 
+class PrefillLogits(unittest.TestCase):
+    def test_lazy_rows_skip_prefill_scoring(self):
+        import argparse
+        import run
+
+        seen = []
+
+        class FakeRun:
+            def score(self, model, ids, prefill, tmp, tag, cfg, kv, batch, prefill_logits):
+                seen.append((tag, prefill_logits))
+                rec = np.zeros(len(ids), dtype=stats.RECORD)
+                rec["nll"] = 1.0
+                rec["path"][1:prefill + 1] = 0 if prefill_logits == "all" else -1
+                rec["path"][prefill] = 0
+                rec["path"][prefill + 1:] = 1
+                return rec, {"prefill_s": 1.0, "prefill_tok_s": 1.0, "decode_tok_s": 1.0}, {"attended_fraction": 1.0}
+
+        s = run.Suite.__new__(run.Suite)
+        s.a = argparse.Namespace(stock_cache=None, threads=1)
+        s.configs = suite_config.load_dir(os.path.join(HERE, "configs"))
+        s.mode, s.tmp, s.run = {"batch": 512}, "/nonexistent", {"stock": FakeRun(), "patched": FakeRun()}
+        s.subst, s.locret_trained = {}, False
+        ids = list(range(64))
+        seq = probes.Sequence(ids=ids, prefill=40, prefill_scored=range(20, 41), decode_scored=range(41, 50),
+                              probes=[{"depth": 0.5, "scored": range(55, 64)}])
+        ref, _, _ = s.score("stock", "m", seq, "s")
+        for name in ["lazy-default", "squeeze-default"]:
+            rec, t, st = s.score(name, "m", seq, name)
+            r = s.row(name, 1024, seq, rec, ref, t, st)
+            lazy = name == "lazy-default"
+            self.assertEqual(r["ppl_prefill"] is None, lazy)
+            self.assertEqual(r["d_prefill_tail"] is None, lazy)
+            self.assertIsNotNone(r["ppl_decode"])
+        # lazy asks llama.cpp for no prefill logits, others (and stock) for all; exactness (f32) always all
+        self.assertEqual([p for _, p in seen], ["all", "last", "all"])
+        self.assertEqual(s.prefill_logits("lazy-default", "f32"), "all")
+        # the table shows the missing prefill perplexity
+        self.assertIn("not scored", report.table({"rows": [r | {"ppl_prefill": None, "d_prefill": None}]}))
+
+
 class StockCache(unittest.TestCase):
     def test_reused_only_for_the_same_input(self):
         import argparse
@@ -368,7 +408,7 @@ class StockCache(unittest.TestCase):
         calls = []
 
         class FakeRun:
-            def score(self, model, ids, prefill, tmp, tag, cfg, kv, batch):
+            def score(self, model, ids, prefill, tmp, tag, cfg, kv, batch, prefill_logits="all"):
                 calls.append(tag)
                 rec = np.zeros(len(ids), dtype=stats.RECORD)
                 rec["nll"] = np.arange(len(ids)) + prefill
