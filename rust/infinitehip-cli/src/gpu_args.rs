@@ -60,6 +60,14 @@ pub struct GpuTestArgs {
     /// (kernels/hip_attend.cu) in the hip step checks.
     #[arg(long)]
     pub fused_attention: bool,
+    /// Attend through split-K partials + combine (kernels/decode.cu, the
+    /// previous default) in the hip step checks (default: sparse v2).
+    #[arg(long, conflicts_with = "fused_attention")]
+    pub split_combine: bool,
+    /// Default chunks per iteration of every dense v2 launch (0: the
+    /// built-in default, 2 at page sizes >= 16, else 1).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub dense_chunks: usize,
     /// Run the dense decode checks on the previous kernel
     /// (kernels/decode_dense.cu; default: decode_dense_v2.cu).
     #[arg(long)]
@@ -286,7 +294,20 @@ pub struct BenchGpuModelArgs {
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub tune: Vec<String>,
     /// hip layers attend through the fused one-launch kernel
-    /// (kernels/hip_attend.cu; default: split-K + combine).
+    /// (kernels/hip_attend.cu; default: the sparse v2 kernel).
     #[arg(long)]
     pub fused_attention: bool,
+    /// hip layers attend through split-K partials + combine
+    /// (kernels/decode.cu, the previous default).
+    #[arg(long, conflicts_with = "fused_attention")]
+    pub split_combine: bool,
+    /// Per-stage refresh intervals of the hip layers, comma-separated
+    /// (default: the default config's, 16,8,4; InfiniteHiP's SGLang example
+    /// uses 96,24,8).
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub refresh: Vec<usize>,
+    /// hip layers take lean steps (`HipGpuDecoder::set_lean`: no assembly
+    /// when no stage refreshes; sparse v2 attention only).
+    #[arg(long, conflicts_with_all = ["fused_attention", "split_combine"])]
+    pub lean: bool,
 }

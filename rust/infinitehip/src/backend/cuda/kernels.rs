@@ -169,7 +169,17 @@ pub fn entry_points(module: &str) -> Vec<String> {
         return entry_points("hip_mask");
     }
     if module == "decode_dense_v2" {
-        return entry_points("decode_dense");
+        let mut v = entry_points("decode_dense");
+        for dt in ["bf16", "f16"] {
+            for d in HEAD_DIMS {
+                for u in dense_chunks(*d) {
+                    for g in GROUPS {
+                        v.push(format!("hip_sparse_{dt}_d{d}_g{g}_u{u}"));
+                    }
+                }
+            }
+        }
+        return v;
     }
     let mut v = Vec::new();
     for dt in ["bf16", "f16"] {

@@ -246,6 +246,13 @@ impl DevBuf {
         Ok(v)
     }
     /// Fill with a byte pattern (tests poison outputs with 0xff = NaN).
+    /// `fill_bytes` ordered on `stream` (a fill on the legacy stream is not
+    /// ordered with a caller's non-blocking stream).
+    pub fn fill_bytes_async(&self, byte: u8, stream: &CudaStream) -> Result<()> {
+        // SAFETY: sets exactly the `self.bytes` bytes the buffer holds, in stream order.
+        unsafe { cu::memset_d8_async(self.ptr, byte, self.bytes, stream.cu_stream()) }
+            .map_err(|e| gpu_err("memset", e))
+    }
     pub fn fill_bytes(&self, byte: u8) -> Result<()> {
         // SAFETY: sets exactly the `self.bytes` bytes the buffer holds.
         unsafe { cu::memset_d8_sync(self.ptr, byte, self.bytes) }.map_err(|e| gpu_err("memset", e))
