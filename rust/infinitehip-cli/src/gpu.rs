@@ -519,10 +519,10 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
         use infinitehip::backend::cuda::dispatch::{force_attention, HipAttention};
         force_attention(if a.fused_attention {
             HipAttention::Fused
-        } else if a.split_combine {
-            HipAttention::SplitCombine
-        } else {
+        } else if a.sparse_v2 {
             HipAttention::SparseV2
+        } else {
+            HipAttention::SplitCombine
         });
     }
     if a.dense_only {

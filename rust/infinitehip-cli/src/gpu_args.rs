@@ -60,10 +60,11 @@ pub struct GpuTestArgs {
     /// (kernels/hip_attend.cu) in the hip step checks.
     #[arg(long)]
     pub fused_attention: bool,
-    /// Attend through split-K partials + combine (kernels/decode.cu, the
-    /// previous default) in the hip step checks (default: sparse v2).
+    /// Attend through the sparse v2 kernel (kernels/decode_dense_v2.cu
+    /// hip_sparse_*) in every hip check (default: split-K + combine; the
+    /// step checks run sparse v2 decoders beside the default ones anyway).
     #[arg(long, conflicts_with = "fused_attention")]
-    pub split_combine: bool,
+    pub sparse_v2: bool,
     /// Default chunks per iteration of every dense v2 launch (0: the
     /// built-in default, 2 at page sizes >= 16, else 1).
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -294,13 +295,14 @@ pub struct BenchGpuModelArgs {
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub tune: Vec<String>,
     /// hip layers attend through the fused one-launch kernel
-    /// (kernels/hip_attend.cu; default: the sparse v2 kernel).
+    /// (kernels/hip_attend.cu; default: split-K + combine).
     #[arg(long)]
     pub fused_attention: bool,
-    /// hip layers attend through split-K partials + combine
-    /// (kernels/decode.cu, the previous default).
+    /// hip layers attend through the sparse v2 kernel
+    /// (kernels/decode_dense_v2.cu hip_sparse_*; default: split-K +
+    /// combine, kernels/decode.cu).
     #[arg(long, conflicts_with = "fused_attention")]
-    pub split_combine: bool,
+    pub sparse_v2: bool,
     /// Per-stage refresh intervals of the hip layers, comma-separated
     /// (default: the default config's, 16,8,4; InfiniteHiP's SGLang example
     /// uses 96,24,8).
@@ -308,6 +310,6 @@ pub struct BenchGpuModelArgs {
     pub refresh: Vec<usize>,
     /// hip layers take lean steps (`HipGpuDecoder::set_lean`: no assembly
     /// when no stage refreshes; sparse v2 attention only).
-    #[arg(long, conflicts_with_all = ["fused_attention", "split_combine"])]
+    #[arg(long, conflicts_with = "fused_attention")]
     pub lean: bool,
 }

@@ -17,6 +17,7 @@ use infinitehip::rng::Rng;
 use infinitehip::workload::needle_seq;
 
 use crate::gpu::{e, ref_f64, Check, R, STORED_KV_BOUND};
+use crate::gpu_dense::DENSE_BOUND;
 
 /// The checks `gpu-test` runs.
 pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
@@ -139,20 +140,23 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
     let qe = shape.q_elems();
     let qd = DevBuf::alloc(nb * qe * 4).map_err(e)?;
     let lens_dev = DevBuf::alloc(nb * 4).map_err(e)?;
-    let outs: Vec<DevBuf> = (0..5)
+    let outs: Vec<DevBuf> = (0..6)
         .map(|_| DevBuf::alloc(nb * qe * 4))
         .collect::<Result<_, _>>()
         .map_err(e)?;
     let new_dec = || HipGpuDecoder::new(cfg.clone(), &shape, nb).map_err(e);
     let (mut host, mut eager, mut graphed) = (new_dec()?, new_dec()?, new_dec()?);
-    // Lean steps (no assembly when nothing refreshed): host and device eager.
-    let lean_attn = dispatch::attention() == dispatch::HipAttention::SparseV2;
-    let new_lean = || -> R<HipGpuDecoder> {
+    // The sparse v2 attention (kernels/decode_dense_v2.cu hip_sparse_*),
+    // full host steps, and lean steps (no assembly when nothing refreshed)
+    // on the host and the device, whatever the default attention.
+    let new_sparse = |lean: bool| -> R<HipGpuDecoder> {
         let mut d = new_dec()?;
-        d.set_lean(true);
+        d.set_attention(Some(dispatch::HipAttention::SparseV2));
+        d.set_lean(lean);
         Ok(d)
     };
-    let (mut host_lean, mut eager_lean) = (new_lean()?, new_lean()?);
+    let (mut host_sparse, mut host_lean, mut eager_lean) =
+        (new_sparse(false)?, new_sparse(true)?, new_sparse(true)?);
     let set_lens = |kv: &mut DeviceKv, lens: &[usize]| -> R<()> {
         kv.lens = lens.to_vec();
         let l32: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
@@ -178,6 +182,7 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
     let (mut sel_mismatch, mut graph_mismatch, mut worst, mut host_vs_dev) = (0, 0, 0f64, 0f64);
     let (mut over_bound, mut finite, mut drop_err) = (0, true, f64::INFINITY);
     let (mut lean_mismatch, mut lean_steps) = (0, 0);
+    let (mut sparse_worst, mut lean_dev, mut sparse_drop) = (0f64, 0f64, f64::INFINITY);
     let mut first_diff = String::new();
     for step in 0..steps {
         let last = step + 1 == steps;
@@ -194,7 +199,8 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
         // The reference at the jump: a fresh decoder's first (full) step.
         if last {
             host = new_dec()?;
-            host_lean = new_lean()?;
+            host_sparse = new_sparse(false)?;
+            host_lean = new_sparse(true)?;
         }
         host.step(gpu, &shape, &kv, qd.ptr, outs[0].ptr, true)
             .map_err(e)?;
@@ -202,16 +208,17 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
             .step_device(gpu, &shape, &kv, lens_dev.ptr, qd.ptr, outs[1].ptr)
             .map_err(e)?;
         graph.launch().map_err(e)?;
-        if lean_attn {
-            host_lean
-                .step(gpu, &shape, &kv, qd.ptr, outs[3].ptr, true)
-                .map_err(e)?;
-            eager_lean
-                .step_device(gpu, &shape, &kv, lens_dev.ptr, qd.ptr, outs[4].ptr)
-                .map_err(e)?;
-        }
+        host_sparse
+            .step(gpu, &shape, &kv, qd.ptr, outs[3].ptr, true)
+            .map_err(e)?;
+        host_lean
+            .step(gpu, &shape, &kv, qd.ptr, outs[4].ptr, true)
+            .map_err(e)?;
+        eager_lean
+            .step_device(gpu, &shape, &kv, lens_dev.ptr, qd.ptr, outs[5].ptr)
+            .map_err(e)?;
         gpu.synchronize().map_err(e)?;
-        let sels: Vec<Vec<Selection>> = [&host, &eager, &graphed]
+        let sels: Vec<Vec<Selection>> = [&host, &eager, &graphed, &host_sparse]
             .iter()
             .map(|d| d.sel.to_host(8))
             .collect::<Result<_, _>>()
@@ -221,8 +228,7 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
             .map(|o| o.read(nb * qe))
             .collect::<Result<_, _>>()
             .map_err(e)?;
-        let n_out = if lean_attn { 5 } else { 3 };
-        finite &= got[..n_out].iter().all(|o| o.iter().all(|x| x.is_finite()));
+        finite &= got.iter().all(|o| o.iter().all(|x| x.is_finite()));
         if sels[0] != sels[1] {
             sel_mismatch += 1;
             if first_diff.is_empty() {
@@ -232,11 +238,9 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
         if sels[1] != sels[2] || !bits_equal(&got[1], &got[2]) {
             graph_mismatch += 1;
         }
-        if lean_attn {
-            lean_steps += 1;
-            if !bits_equal(&got[0], &got[3]) || !bits_equal(&got[1], &got[4]) {
-                lean_mismatch += 1;
-            }
+        lean_steps += 1;
+        if sels[3] != sels[0] || !bits_equal(&got[3], &got[4]) {
+            lean_mismatch += 1;
         }
         for b in 0..nb {
             let s = &sels[1][b];
@@ -250,6 +254,12 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
                 .map(|&x| x as f64)
                 .collect();
             host_vs_dev = nan_max(host_vs_dev, rel_error(&got[1][b * qe..(b + 1) * qe], &r32));
+            // Sparse v2 (host step) vs f64; the lean device step vs it
+            // (another split count: equal to f32 rounding).
+            let sp = &got[3][b * qe..(b + 1) * qe];
+            sparse_worst = nan_max(sparse_worst, rel_error(sp, &r));
+            let sp64: Vec<f64> = sp.iter().map(|&x| x as f64).collect();
+            lean_dev = nan_max(lean_dev, rel_error(&got[5][b * qe..(b + 1) * qe], &sp64));
             if last && b == 0 {
                 // Dropping head 0's highest-scoring selected token (q head 0)
                 // must move the output past the bound.
@@ -279,6 +289,7 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
                 let sd = Selection::from_ranges(heads);
                 let rd = ref_f64(&shape, qb, &view, Some(&sd));
                 drop_err = rel_error(&got[1][..qe], &rd);
+                sparse_drop = rel_error(&got[3][..qe], &rd);
             }
         }
     }
@@ -289,7 +300,10 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
         && finite
         && worst <= STORED_KV_BOUND
         && host_vs_dev <= STORED_KV_BOUND
-        && drop_err > STORED_KV_BOUND;
+        && drop_err > STORED_KV_BOUND
+        && sparse_worst <= DENSE_BOUND
+        && lean_dev <= DENSE_BOUND
+        && sparse_drop > DENSE_BOUND;
     Ok(Check {
         name: format!(
             "hip device step (graph-capturable): lens {lens0:?}, {steps} steps (refresh cycle, last +{jump} forces a refresh)"
@@ -297,7 +311,8 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
         ok,
         detail: format!(
             "selections != host-metadata step: {sel_mismatch} {first_diff}; graph replay != eager (selection or output bits): {graph_mismatch}; \
-             lean steps != full steps (output bits, host and device; {lean_steps} steps): {lean_mismatch}; \
+             sparse v2: rel_err vs f64 {sparse_worst:.2e}, lean device step vs host {lean_dev:.2e} (bound {DENSE_BOUND:.0e}), one dropped token {sparse_drop:.2e} (must exceed), \
+             lean host step != full host step (selection or output bits; {lean_steps} steps): {lean_mismatch}; \
              rel_err vs f64 {worst:.2e}, vs host step {host_vs_dev:.2e} (bound {STORED_KV_BOUND:.0e}); one dropped token {drop_err:.2e} (must exceed); \
              rows over the {bound}-token bound {over_bound}; all written+finite {finite}"
         ),

@@ -559,4 +559,17 @@ mod tests {
         // Short contexts are not split below 512 tokens.
         assert_eq!(split_tokens(396, 1, 8, 700, 1), 512);
     }
+
+    #[test]
+    fn sparse_splits_are_one_iteration_or_more() {
+        // hip at batch 1: 3,264 selected tokens, 8 kv heads, 264 slots:
+        // one 2-chunk iteration (128 tokens) per CTA, 26 splits.
+        let s = sparse_split(264, 8, 3264, 2);
+        assert_eq!(s, 128);
+        assert_eq!(3264usize.div_ceil(s), 26);
+        // Never below one iteration; multiples of it.
+        assert_eq!(sparse_split(10_000, 8, 100, 1), 64);
+        assert_eq!(sparse_split(396, 128, 3264, 2) % 128, 0);
+        assert!(3264usize.div_ceil(sparse_split(396, 128, 3264, 2)) * 128 <= 396 * 2);
+    }
 }

@@ -1602,16 +1602,20 @@ pub(crate) struct StageBuf {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HipAttention {
     /// kernels/decode_dense_v2.cu `hip_sparse_*`: one launch, tensor
-    /// cores, the selection as a position table + tail (the default).
+    /// cores, the selection as a position table + tail. Not yet the
+    /// default: it has not run on a GPU (the 2026-12-04 09:18 call spent
+    /// its 72 s in the driver's cold PTX JIT); opt in per decoder
+    /// (`set_attention`, `set_lean`) or for all (`force_attention`).
     SparseV2 = 0,
-    /// kernels/decode.cu split-K partials + combine over the ranges.
+    /// kernels/decode.cu split-K partials + combine over the ranges (the
+    /// default).
     SplitCombine = 1,
     /// kernels/hip_attend.cu (one launch, CUDA cores; correct but slower,
     /// 47.5 vs 32 us at 1M on the H200, tests/gpu/logs/merged-2026-12-04c/).
     Fused = 2,
 }
 
-static ATTN: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+static ATTN: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
 
 /// Choose `HipGpuDecoder`'s attention kernel (tests and benchmarks run
 /// each on the same inputs).
@@ -1633,7 +1637,7 @@ pub fn force_fused_attention(on: bool) {
     force_attention(if on {
         HipAttention::Fused
     } else {
-        HipAttention::SparseV2
+        HipAttention::SplitCombine
     });
 }
 
@@ -1673,6 +1677,7 @@ pub struct HipGpuDecoder {
     /// Lean steps (`set_lean`), the sink end per row at the last table
     /// build (device, -1: none yet) and per sequence (host steps).
     pub(crate) lean: bool,
+    pub(crate) attn: Option<HipAttention>,
     pub(crate) tab_sink: DevBuf,
     pub(crate) host_tab_sink: Vec<usize>,
     /// Module of the scoring kernels: "hip_mask" (keys in a `DeviceKv`) or
@@ -1750,6 +1755,7 @@ impl HipGpuDecoder {
             ntab: DevBuf::from_slice(&vec![0i32; rows])?,
             v2_ws: super::dense_decode::DenseDecodeWs::new(),
             lean: false,
+            attn: None,
             tab_sink: DevBuf::from_slice(&vec![-1i32; rows])?,
             host_tab_sink: Vec::new(),
             score_module: "hip_mask",
@@ -1910,11 +1916,25 @@ impl HipGpuDecoder {
         self.lean = on;
     }
 
+    /// This decoder's attention kernel (None: the global `attention()`);
+    /// lean steps always use `SparseV2`.
+    pub fn set_attention(&mut self, a: Option<HipAttention>) {
+        self.attn = a;
+    }
+
+    fn attention_kernel(&self) -> HipAttention {
+        if self.lean {
+            HipAttention::SparseV2
+        } else {
+            self.attn.unwrap_or_else(attention)
+        }
+    }
+
     /// Attention over the step's selection (bound `mt` selected tokens per
-    /// row): by default the sparse v2 kernel (one launch over the sink +
-    /// chunk table and the slid + window tail); else one fused launch
-    /// (`decode_fused`), or split-K + combine (`decode`) over `self.sel`'s
-    /// ranges (`force_attention`).
+    /// row), by `HipAttention` (`set_attention`, `force_attention`): the
+    /// sparse v2 kernel (one launch over the sink + chunk table and the
+    /// slid + window tail), one fused launch (`decode_fused`), or split-K +
+    /// combine (`decode`, the default) over `self.sel`'s ranges.
     pub fn attend(
         &mut self,
         gpu: &GpuContext,
@@ -1924,7 +1944,8 @@ impl HipGpuDecoder {
         mt: usize,
         out: u64,
     ) -> Result<()> {
-        if ATTN.load(std::sync::atomic::Ordering::Relaxed) == HipAttention::SparseV2 as u8 {
+        let kind = self.attention_kernel();
+        if kind == HipAttention::SparseV2 {
             check_shape(shape, kv)?;
             let mut ws = std::mem::take(&mut self.v2_ws);
             let r = super::dense_decode::launch_v2(
@@ -1957,14 +1978,8 @@ impl HipGpuDecoder {
             self.v2_ws = ws;
             return r;
         }
-        if self.lean {
-            return Err(Error::Invalid(
-                "hip decoder: lean steps attend through the sparse v2 kernel only".into(),
-            ));
-        }
         let mut ws = std::mem::take(&mut self.ws);
-        let fused = ATTN.load(std::sync::atomic::Ordering::Relaxed) == HipAttention::Fused as u8
-            && self.sel.cap <= FUSED_MAX_RANGES;
+        let fused = kind == HipAttention::Fused && self.sel.cap <= FUSED_MAX_RANGES;
         let r = if fused {
             decode_fused(
                 gpu,
