@@ -453,17 +453,24 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
                                        counters, out, out_stride, out_dtype);                        \
     }
 
-// Entry points dense_{dtype}_d{D}_g{G}_u{U} and hip_sparse_{dtype}_d{D}_g{G}_u{U}:
-// U 16-token chunks in flight per warp (more bytes in flight, more registers).
+// Entry points dense_{dtype}_d{D}_g{G}_u{U} (module decode_dense_v2) or, with
+// DD_SPARSE_ONLY (module hip_sparse, loaded on first use so that the driver
+// JIT-compiles it only in processes that attend sparsely),
+// hip_sparse_{dtype}_d{D}_g{G}_u{U}: U 16-token chunks in flight per warp
+// (more bytes in flight, more registers).
+#ifdef DD_SPARSE_ONLY
 #define DENSE_G(E, TN, D, U)                                \
-    DENSE_INST(dense_##TN##_d##D##_g1_u##U, E, D, 1, U)       \
-    DENSE_INST(dense_##TN##_d##D##_g2_u##U, E, D, 2, U)       \
-    DENSE_INST(dense_##TN##_d##D##_g4_u##U, E, D, 4, U)       \
-    DENSE_INST(dense_##TN##_d##D##_g8_u##U, E, D, 8, U)       \
     SPARSE_INST(hip_sparse_##TN##_d##D##_g1_u##U, E, D, 1, U) \
     SPARSE_INST(hip_sparse_##TN##_d##D##_g2_u##U, E, D, 2, U) \
     SPARSE_INST(hip_sparse_##TN##_d##D##_g4_u##U, E, D, 4, U) \
     SPARSE_INST(hip_sparse_##TN##_d##D##_g8_u##U, E, D, 8, U)
+#else
+#define DENSE_G(E, TN, D, U)                          \
+    DENSE_INST(dense_##TN##_d##D##_g1_u##U, E, D, 1, U) \
+    DENSE_INST(dense_##TN##_d##D##_g2_u##U, E, D, 2, U) \
+    DENSE_INST(dense_##TN##_d##D##_g4_u##U, E, D, 4, U) \
+    DENSE_INST(dense_##TN##_d##D##_g8_u##U, E, D, 8, U)
+#endif
 
 DENSE_G(Bf16, bf16, 64, 1)
 DENSE_G(Bf16, bf16, 64, 2)
@@ -476,6 +483,7 @@ DENSE_G(F16, f16, 128, 1)
 DENSE_G(F16, f16, 128, 2)
 DENSE_G(F16, f16, 256, 1)
 
+#ifndef DD_SPARSE_ONLY
 // Benchmark inputs on the device (uploading 64 GiB of K/V from the host
 // would cost more than the benchmark): n elements of dtype 1 (f16) or 2
 // (bf16), roughly normal (sum of four hashed uniforms), never all zeros.
@@ -494,3 +502,4 @@ extern "C" __global__ void __launch_bounds__(256)
         p[i] = dtype == 1 ? f32_to_f16(x) : f32_to_bf16(x);
     }
 }
+#endif

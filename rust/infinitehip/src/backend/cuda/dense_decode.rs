@@ -268,7 +268,9 @@ pub(crate) fn launch_v2(
         )));
     }
     let v2 = sparse || V2.load(std::sync::atomic::Ordering::Relaxed);
-    let module = if v2 {
+    let module = if sparse {
+        "hip_sparse"
+    } else if v2 {
         "decode_dense_v2"
     } else {
         "decode_dense"

@@ -281,6 +281,8 @@ pub struct GpuContext {
     pub grid_limits: GridLimits,
     pub name: String,
     modules: Arc<HashMap<&'static str, Arc<CudaModule>>>,
+    /// `kernels::LAZY_MODULES` loaded so far.
+    lazy: Arc<std::sync::Mutex<HashMap<&'static str, Arc<CudaModule>>>>,
     funcs: Arc<std::sync::Mutex<HashMap<String, CudaFunction>>>,
 }
 
@@ -318,6 +320,9 @@ impl GpuContext {
         let stream = ctx.default_stream();
         let mut modules = HashMap::new();
         for (m, _) in kernels::MODULES {
+            if kernels::LAZY_MODULES.contains(m) {
+                continue;
+            }
             let (ptx, cached) = compile_module(m, arch)?;
             tracing::info!(module = m, arch, cached, "kernel module ready");
             let module = ctx
@@ -333,6 +338,7 @@ impl GpuContext {
             grid_limits,
             name,
             modules: Arc::new(modules),
+            lazy: Default::default(),
             funcs: Default::default(),
         })
     }
@@ -360,6 +366,7 @@ impl GpuContext {
             grid_limits: self.grid_limits,
             name: self.name.clone(),
             modules: self.modules.clone(),
+            lazy: self.lazy.clone(),
             funcs: self.funcs.clone(),
         }
     }
@@ -380,6 +387,7 @@ impl GpuContext {
             grid_limits: self.grid_limits,
             name: self.name.clone(),
             modules: self.modules.clone(),
+            lazy: self.lazy.clone(),
             funcs: self.funcs.clone(),
         })
     }
@@ -396,15 +404,40 @@ impl GpuContext {
         if let Some(x) = f.get(&key) {
             return Ok(x.clone());
         }
-        let m = self
-            .modules
-            .get(module)
-            .ok_or_else(|| Error::Invalid(format!("CUDA: module {module} not loaded")))?;
+        let m = match self.modules.get(module) {
+            Some(m) => m.clone(),
+            None => self.lazy_module(module)?,
+        };
         let func = m
             .load_function(name)
             .map_err(|e| gpu_err(&format!("kernel {name} not found"), e))?;
         f.insert(key, func.clone());
         Ok(func)
+    }
+
+    /// A `kernels::LAZY_MODULES` module, compiled (or read from the PTX
+    /// cache) and loaded at its first use.
+    fn lazy_module(&self, module: &str) -> Result<Arc<CudaModule>> {
+        let Some(&name) = kernels::LAZY_MODULES.iter().find(|&&m| m == module) else {
+            return Err(Error::Invalid(format!("CUDA: module {module} not loaded")));
+        };
+        let mut lazy = self.lazy.lock().unwrap();
+        if let Some(m) = lazy.get(name) {
+            return Ok(m.clone());
+        }
+        let (ptx, cached) = compile_module(name, self.arch)?;
+        tracing::info!(
+            module = name,
+            arch = self.arch,
+            cached,
+            "kernel module ready (lazy)"
+        );
+        let m = self
+            .ctx
+            .load_module(Ptx::from_src(ptx))
+            .map_err(|e| gpu_err(&format!("load module {name}"), e))?;
+        lazy.insert(name, m.clone());
+        Ok(m)
     }
 
     pub fn synchronize(&self) -> Result<()> {
