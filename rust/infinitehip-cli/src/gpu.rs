@@ -503,6 +503,9 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
     let (seed, hip_len) = (a.seed, a.hip_len);
     let gpu = GpuContext::new(0).map_err(e)?;
     println!("device {} ({} SMs, {})", gpu.name, gpu.sm_count, gpu.arch);
+    if a.hip_fast_cpu_only {
+        return report(&crate::gpu_hip_fast::cpu_twin_checks(&gpu, seed)?);
+    }
     if a.hip_prefill_only {
         // The hip prefill estimators only: reference == CPU policy, fast
         // vs reference, and the engine path.

@@ -49,6 +49,10 @@ pub struct GpuTestArgs {
     /// fast vs reference, engine path).
     #[arg(long)]
     pub hip_prefill_only: bool,
+    /// Only the check that the GPU fast (tensor-core) mask estimator's
+    /// selections equal the CPU policy's twin (`hip.mask_estimator` fast).
+    #[arg(long)]
+    pub hip_fast_cpu_only: bool,
     /// Only the dense decode kernel checks (kernels/decode_dense.cu).
     #[arg(long)]
     pub dense_only: bool,

@@ -2201,7 +2201,11 @@ impl HipGpuPrefill {
     pub fn select(&mut self, gpu: &GpuContext, kv: &DeviceKv, q: u64) -> Result<()> {
         let rows = self.n_blocks * self.hkv;
         let d = kv.head_dim;
-        if self.estimator.fast_for(d) {
+        if self
+            .estimator
+            .with_config(self.cfg.mask_estimator)
+            .fast_for(d)
+        {
             let x = FastInputs {
                 rows,
                 q,
