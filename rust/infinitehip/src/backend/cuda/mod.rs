@@ -245,7 +245,6 @@ impl DevBuf {
         }
         Ok(v)
     }
-    /// Fill with a byte pattern (tests poison outputs with 0xff = NaN).
     /// `fill_bytes` ordered on `stream` (a fill on the legacy stream is not
     /// ordered with a caller's non-blocking stream).
     pub fn fill_bytes_async(&self, byte: u8, stream: &CudaStream) -> Result<()> {
@@ -253,6 +252,7 @@ impl DevBuf {
         unsafe { cu::memset_d8_async(self.ptr, byte, self.bytes, stream.cu_stream()) }
             .map_err(|e| gpu_err("memset", e))
     }
+    /// Fill with a byte pattern (tests poison outputs with 0xff = NaN).
     pub fn fill_bytes(&self, byte: u8) -> Result<()> {
         // SAFETY: sets exactly the `self.bytes` bytes the buffer holds.
         unsafe { cu::memset_d8_sync(self.ptr, byte, self.bytes) }.map_err(|e| gpu_err("memset", e))
@@ -477,6 +477,17 @@ mod tests {
         // bf16/f16 x 3 head dims x (4 one-lane + 2 four-lane scorers) + 4.
         assert_eq!(kernels::entry_points("hip_mask").len(), 2 * 3 * 6 + 4);
         assert_eq!(kernels::entry_points("hip_attend").len(), 2 * 3 * 4);
+        // The dense v2 kernel's two builds: dense entries (as decode_dense),
+        // hip sparse entries (no fill kernel), the latter loaded lazily.
+        assert_eq!(
+            kernels::entry_points("decode_dense_v2").len(),
+            2 * 5 * 4 + 1
+        );
+        assert_eq!(kernels::entry_points("hip_sparse").len(), 2 * 5 * 4);
+        assert!(kernels::full_source("hip_sparse")
+            .unwrap()
+            .contains("#define DD_SPARSE_ONLY"));
+        assert_eq!(kernels::LAZY_MODULES, &["hip_sparse"]);
     }
 
     #[test]
