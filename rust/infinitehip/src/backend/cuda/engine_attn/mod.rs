@@ -1354,6 +1354,7 @@ impl GpuAttention {
                 hkv,
                 &sel,
                 i * hkv,
+                None,
             )?;
             h.step[s] += 1;
         }
