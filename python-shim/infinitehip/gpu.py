@@ -167,6 +167,22 @@ class GpuAttention:
     def end_request(self, req_id):
         _ffi.check(_fn("ihip_gpu_end_request")(self._h(), int(req_id)))
 
+    def locret_retained(self, layer, req_id):
+        """Locret layer `layer`: run request `req_id`'s owed eviction now (what
+        its first decode would run) and return `(per_head, positions)`:
+        `positions` is a ctypes int32 array of `n_kv_heads * per_head`
+        retained token positions, head-major, sorted per head (wrap it with
+        `torch.frombuffer(positions, dtype=torch.int32)`). A caller that then
+        moves those tokens' K/V into the request's first `per_head` slots
+        and frees the rest must call `end_request(req_id)`. No device work."""
+        f = _fn("ihip_gpu_locret_retained")
+        m = ctypes.c_size_t(0)
+        _ffi.check(f(self._h(), int(layer), int(req_id), None, 0, ctypes.byref(m)))
+        n = self.n_kv_heads * m.value
+        buf = (ctypes.c_int32 * max(n, 1))()
+        _ffi.check(f(self._h(), int(layer), int(req_id), buf, n, ctypes.byref(m)))
+        return m.value, buf
+
     def reset(self):
         _ffi.check(_fn("ihip_gpu_reset")(self._h()))
 

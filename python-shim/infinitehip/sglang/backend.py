@@ -321,6 +321,10 @@ class InfiniteHipAttnBackend(AttentionBackend):
             self._locret_layers = {i for i, m in enumerate(ms) if m == "locret"}
             if self._locret_layers:
                 self._rope = _find_rope(model_runner, int(cfg["model"]["head_dim"]))
+                locret_free.add_backend(self)
+        self._cfg = cfg
+        self._gpu_compact = {}  # GPU path: compacted Locret row -> tokens evicted (locret_free)
+        self._gpu_dense = None  # GPU path: the dense twin for compacted rows
         self.engine = None if self.gpu is not None else infinitehip.Engine(cfg)
         self.n_layers = int(cfg["model"]["n_layers"])
         # Host path locret layers: appends carry the pre-RoPE projections
@@ -507,8 +511,31 @@ class InfiniteHipAttnBackend(AttentionBackend):
                 if free is None or r in free:
                     self.gpu.end_request(r)
                     self._gpu_rows.discard(r)
+                    self._gpu_compact.pop(r, None)
         self._gpu_rows.update(rows)
+        if self._locret_layers:
+            self._gpu_locret_rows(forward_batch, rows, seq_lens, ext, decode)
         self.plan = {"decode": decode, "rows": rows, "seq_lens": seq_lens, "ext": ext}
+
+    def _gpu_locret_rows(self, forward_batch, rows, seq_lens, ext, decode):
+        """Locret on the GPU path: compaction candidates, and the compacted
+        rows' true positions (locret_free)."""
+        comp = self._gpu_compact
+        for r, sl, n in zip(rows, seq_lens, ext):
+            if decode:
+                self._compact_pending.discard(r)
+                continue
+            self._compact_pending.add(r)
+            if r in comp:
+                if sl - n != 0:
+                    raise NotImplementedError(
+                        "infinitehip backend: an extend of a Locret row whose slots were compacted "
+                        "(mixed chunked prefill or a prefix hit): not supported"
+                    )
+                del comp[r]  # a new request in the row
+        if decode and comp and any(r in comp for r in rows):
+            off = torch.tensor([comp.get(r, 0) for r in rows], dtype=forward_batch.positions.dtype)
+            forward_batch.positions = forward_batch.positions + off.to(forward_batch.positions.device)
 
     def _save_kv(self, k, v, layer, forward_batch, save_kv_cache):
         """Write the new K/V into SGLang's pool (as the in-tree backends do) and
@@ -541,6 +568,8 @@ class InfiniteHipAttnBackend(AttentionBackend):
             # Device metadata from SGLang's own tensors: capturable.
             self.gpu.decode_graph(li, q2, kb, vb, rt, forward_batch.req_pool_indices, forward_batch.seq_lens,
                                   out=out, sm_scale=float(layer.scaling))
+        elif decode and self._gpu_compact:
+            locret_free.gpu_decode_split(self, li, q2, kb, vb, rt, rows, p["seq_lens"], out, float(layer.scaling))
         elif decode:
             self.gpu.decode(li, q2, kb, vb, rt, rows, p["seq_lens"], rows, out=out, sm_scale=float(layer.scaling))
         else:
@@ -637,10 +666,9 @@ class InfiniteHipAttnBackend(AttentionBackend):
 
     def locret_free_blocker(self):
         """Why this backend cannot compact Locret rows, or None."""
-        if self.engine is None:
-            return "the GPU path keeps retained index sets (compaction is host-path only)"
-        if len(self._locret_host) != self.n_layers:
-            return f"{self.n_layers - len(self._locret_host)} of {self.n_layers} layers are not locret"
+        locret = self._locret_layers if self.engine is None else self._locret_host
+        if len(locret) != self.n_layers:
+            return f"{self.n_layers - len(locret)} of {self.n_layers} layers are not locret"
         return None
 
     def locret_compact(self, row, seq_len, allocator):
@@ -652,6 +680,8 @@ class InfiniteHipAttnBackend(AttentionBackend):
         if row not in self._compact_pending:
             return 0
         self._compact_pending.discard(row)
+        if self.gpu is not None:
+            return locret_free.gpu_compact(self, row, seq_len, allocator)
         s = self.rows.get(row)
         if s is None or s.compact or s.gen != self._generation(row) or s.length != seq_len:
             return 0

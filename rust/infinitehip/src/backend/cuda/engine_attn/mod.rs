@@ -401,6 +401,25 @@ impl GpuAttention {
         }
     }
 
+    /// Locret layer `layer`: run request `id`'s owed eviction now (the
+    /// one its first decode would run) and return its retained positions
+    /// per KV head. With these the engine can move the retained K/V into
+    /// the request's first slots and free the rest (the SGLang shim does);
+    /// then end the request here, since its state describes slots that no
+    /// longer hold those tokens.
+    pub fn locret_retain_now(&mut self, layer: usize, id: u64) -> Result<Vec<Vec<u32>>> {
+        match self.layers.get_mut(layer) {
+            Some(Layer::Locret(z)) => z.host.retain_now(layer, id),
+            Some(_) => Err(Error::Invalid(format!(
+                "layer {layer} is not a locret layer"
+            ))),
+            None => Err(Error::OutOfRange(format!(
+                "layer {layer} of {}",
+                self.layers.len()
+            ))),
+        }
+    }
+
     /// Locret layer `layer`'s counters (score read-backs and their time).
     pub fn locret_stats(&self, layer: usize) -> Option<LocretStats> {
         match self.layers.get(layer) {
