@@ -22,8 +22,9 @@ lazy/locret state dropped), as SGLang reuses `req_to_token` rows. Locret
 layers need the new tokens' pre-RoPE projections in `prefill(..., proj=(q, k,
 v))`; each locret prefill reads the retaining-head scores back once (one wait
 for the device per (call, layer)); eviction is a retained index set per
-(request, layer, KV head) that attention reads (the caller's pool memory is
-not freed). Host metadata (`table_rows`, `lens`, `req_ids`, `n_new`) are
+(request, layer, KV head) that attention reads; `locret_retained` hands it
+out so the caller can compact its pool and free the rest (the SGLang shim
+does). Host metadata (`table_rows`, `lens`, `req_ids`, `n_new`) are
 Python ints/lists or CPU tensors.
 
 Importing this module needs neither torch nor a GPU; torch is imported when

@@ -38,8 +38,9 @@ Design (see also the project README):
   `cos_sin_cache`, per position) in float32 (the bf16 rounding of the
   post-RoPE values carries over into the scores). One host sync per (extend,
   locret layer) reads the scores back; eviction is a retained index set per
-  (row, layer, KV head) that attention reads: SGLang's pool memory is NOT
-  freed. SGLang's chunked-prefill size is the eviction granularity (set
+  (row, layer, KV head) that attention reads; when every layer is locret
+  the scheduler hook (locret_free.py) compacts a request after its prompt
+  and returns its evicted slots to SGLang's allocator (on the GPU too). SGLang's chunked-prefill size is the eviction granularity (set
   --chunked-prefill-size to locret.chunk to follow upstream); every extend
   is passed with prompt_done false (the backend cannot tell a prompt's last
   chunk), so the first decode runs the final eviction. A radix-cache prefix

@@ -6,8 +6,11 @@
 //! Per (request, locret layer, KV head) it keeps the set of token positions
 //! Locret retains, and attention reads only those positions (through the
 //! selection ranges, over the engine's page table). The attention result is
-//! what the CPU engine computes over its compacted pool; the memory saving
-//! of eviction is not realised on this path.
+//! what the CPU engine computes over its compacted pool. To realise the
+//! memory saving, an engine asks for the retained positions after the
+//! prompt (`GpuAttention::locret_retain_now`, C ABI
+//! `ihip_gpu_locret_retained`), moves those K/V into the request's first
+//! slots itself and frees the rest (the SGLang shim's `locret_free`).
 //!
 //! Per prefill call (one call = one append, as `Engine::append`):
 //! - **Scores on the GPU**: the caller passes the new tokens' pre-RoPE

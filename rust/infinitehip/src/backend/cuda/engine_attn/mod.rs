@@ -34,8 +34,8 @@
 //!   from the pre-RoPE projections the caller passes (`prefill_ex`,
 //!   `ProjArg`); one host sync per (prefill call, layer) reads the scores
 //!   back for the CPU policy's bookkeeping. Eviction is a per-(request,
-//!   layer, KV head) retained index set that attention reads: the engine's
-//!   pool memory is not freed (see `locret`).
+//!   layer, KV head) retained index set that attention reads; the engine
+//!   frees pool memory itself from `locret_retain_now` (see `locret`).
 //! - hip prefill: sparse, as on the CPU (`prefill_estimator`, default the
 //!   tensor-core mask estimator of `hip_fast`; `Reference` is the f32 twin
 //!   bit-equal to the CPU policy; `None` attends densely): per request and
@@ -335,7 +335,7 @@ impl GpuAttention {
         if n_locret > 0 {
             tracing::info!(
                 layers = n_locret,
-                "locret on the GPU engine path: eviction keeps a retained index set per (request, layer, KV head) that attention reads; the engine's KV pool memory is not freed"
+                "locret on the GPU engine path: eviction keeps a retained index set per (request, layer, KV head) that attention reads; the engine frees its evicted slots only if it compacts its pool (locret_retain_now)"
             );
         }
         let lazy = (0..m.n_layers).find_map(|l| match cfg.layer_policy(l) {
