@@ -60,6 +60,9 @@ def register():
     from .locret_free import install_hook
 
     install_hook()  # Locret: evicted slots back to SGLang's allocator
+    from .lazy_rows import install_hook as install_lazy_rows
+
+    install_lazy_rows()  # LazyLLM: rows dropped between layers in prefill
     _registered = True
 
 

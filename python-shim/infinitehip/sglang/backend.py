@@ -126,7 +126,7 @@ except ImportError:  # pragma: no cover - older SGLang
 import infinitehip
 from infinitehip import InfinitehipError
 
-from . import locret_free
+from . import lazy_rows, locret_free
 
 logger = logging.getLogger("infinitehip.sglang")
 
@@ -326,7 +326,12 @@ class InfiniteHipAttnBackend(AttentionBackend):
         self._cfg = cfg
         self._gpu_compact = {}  # GPU path: compacted Locret row -> tokens evicted (locret_free)
         self._gpu_dense = None  # GPU path: the dense twin for compacted rows
+        self._lazy_points, self._lazy_rows_layers = {}, set()
+        if self.gpu is None and lazy_rows.enabled():
+            cfg = self._lazy_rows_config(cfg)
         self.engine = None if self.gpu is not None else infinitehip.Engine(cfg)
+        if self._lazy_points:
+            lazy_rows.add_backend(self)
         self.n_layers = int(cfg["model"]["n_layers"])
         # Host path locret layers: appends carry the pre-RoPE projections
         # (recovered from SGLang's post-RoPE q/k, as on the GPU path).
@@ -365,7 +370,8 @@ class InfiniteHipAttnBackend(AttentionBackend):
 
     def _setup_dense(self, model_runner, cfg, methods):
         """Which layers SGLang's own kernel serves, and that backend."""
-        self._wrapped = {i for i, m in enumerate(methods) if m == "dense"}
+        # Lazy layers of the rows route hold per-layer token sets: our engine's.
+        self._wrapped = {i for i, m in enumerate(methods) if m == "dense"} - self._lazy_rows_layers
         self._hip = {i for i, m in enumerate(methods) if m == "hip"}
         dflt = infinitehip.default_config()
         self._prefill_below = int(cfg.get("prefill_dense_below", dflt.get("prefill_dense_below", 0)))
@@ -658,6 +664,45 @@ class InfiniteHipAttnBackend(AttentionBackend):
             "seq_lens": [int(x) for x in seq_lens],
         }
 
+    # --- LazyLLM rows dropped between layers (lazy_rows) ---------------------
+    def _lazy_rows_config(self, cfg):
+        """Host path: the lazy layers run as dense engine layers over the
+        rows the model hook (lazy_rows) hands them; the pruning points are
+        kept here. Returns the engine's config."""
+        probe = infinitehip.Engine(cfg)
+        try:
+            full = probe.config()
+            methods = [l["method"] for l in probe.stats()["layers"]]
+        finally:
+            probe.close()
+        lazy = [i for i, m in enumerate(methods) if m == "lazy"]
+        if not lazy:
+            return cfg
+        pol = full.get("default", {})
+        if pol.get("method") != "lazy":
+            pol = next(o["policy"] for o in full.get("overrides", []) if o["policy"].get("method") == "lazy")
+        self._lazy_points = {int(p["layer"]): float(p["keep"]) for p in pol["points"]}
+        self._lazy_rows_layers = set(lazy)
+        cfg = dict(cfg)
+        cfg["overrides"] = list(cfg.get("overrides") or []) + [{"layers": lazy, "policy": {"method": "dense"}}]
+        return cfg
+
+    def lazy_points(self):
+        """Pruning points of the rows route {layer: keep} (empty: off)."""
+        return self._lazy_points
+
+    def lazy_rows_blocker(self):
+        return None if self._lazy_points else "no lazy layers on the host path"
+
+    @staticmethod
+    def _rows_plan(p, forward_batch):
+        """The plan of a layer after a pruning point: the one request's
+        kept rows only (lazy_rows passes them as `ihip_rows`)."""
+        n = getattr(forward_batch, "ihip_rows", None)
+        if n is None:
+            return p
+        return dict(p, ext=[n], starts=[0])
+
     # --- Locret: evicted slots back to SGLang (locret_free) -------------------
     def locret_rows_pending(self, clear=False):
         """Rows whose last forward was an extend (compaction candidates)."""
@@ -757,6 +802,7 @@ class InfiniteHipAttnBackend(AttentionBackend):
 
     def _write_and_sync(self, q, k, v, layer, forward_batch, save_kv_cache):
         p, li, kb, vb, rt = self._save_kv(k, v, layer, forward_batch, save_kv_cache)
+        p = self._rows_plan(p, forward_batch)
         out_loc = forward_batch.out_cache_loc
         phase = "decode" if p["decode"] else "prefill"
         locret = li in self._locret_host
@@ -845,8 +891,13 @@ class InfiniteHipAttnBackend(AttentionBackend):
     def _forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache):
         self._check_layer(layer)
         li = self._write_and_sync(q, k, v, layer, forward_batch, save_kv_cache)
-        p = self.plan
+        p = self._rows_plan(self.plan, forward_batch)
         qh = self._host_q(q, layer)
+        lz = getattr(forward_batch, "ihip_lazy", None)
+        if lz is not None:  # a pruning layer of lazy_rows: the last row's attention
+            lz["imp"] = lazy_rows.last_row_importance(
+                qh[-1], k.reshape(qh.shape[0], -1, layer.qk_head_dim).cpu(), 1.0 / math.sqrt(layer.qk_head_dim)
+            )
         out = torch.empty(qh.shape, dtype=torch.float32)
         for sid, n, st in zip(p["seqs"], p["ext"], p["starts"]):
             if n == 0:
