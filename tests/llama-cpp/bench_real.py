@@ -81,6 +81,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--builds", default="stock,patched,sparse")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="prefill only stock (its saved KV feeds every build's decode); no prefill columns")
     ap.add_argument("--profile", action="store_true", help="LLAMA_INFINITEHIP_PROFILE=1 for the plugin runs")
     ap.add_argument("--config", action="append", default=[], metavar="NAME=PATH",
                     help="another patched-build row: a suite config (tests/quality/configs/*.json, size "
@@ -120,6 +122,8 @@ def main():
     state = os.path.join(tmp, "stock.state")
     fills, loads = {}, {}
     for b in builds:
+        if a.decode_only and b != "stock":
+            continue
         load0 = os.getloadavg()[0]
         extra = ["--state", state] if b == "stock" else []
         fills[b] = run(exe[b], ["fill", a.model, "--depth", str(top)] + extra + common, cfg[b], a.threads,
@@ -147,6 +151,10 @@ def main():
     for c in ctxs:
         row = {"context": c, "threads": a.threads, "ubatch": a.batch}
         for b in builds:
+            if b not in fills:
+                row[f"{b}_decode_tok_s"] = decode_tok_s(b, c)
+                row[f"{b}_decode_x"] = row[f"{b}_decode_tok_s"] / row["stock_decode_tok_s"]
+                continue
             row[f"{b}_prefill_tok_s"] = c / prefill_s(b, c)
             row[f"{b}_decode_tok_s"] = decode_tok_s(b, c)
             if b != "stock":
@@ -180,14 +188,15 @@ def main():
     others = [b for b in builds if b != "stock"]
     print(f"\n{out['date_utc']} UTC, {cpu_name()}, threads {a.threads}, ubatch {a.batch}, gen {a.gen}, "
           f"decode best of {a.reps}; load avg (1 min) at prefill start: "
-          + ", ".join(f"{b} {loads[b][0]:.1f}" for b in builds))
+          + ", ".join(f"{b} {loads[b][0]:.1f}" for b in builds if b in loads))
     head = "| context | stock prefill tok/s | " + " | ".join(f"{b} prefill tok/s (x stock)" for b in others) \
         + " | stock decode tok/s | " + " | ".join(f"{b} decode tok/s (x stock)" for b in others) + " |"
     print(head)
     print("|---:" * (2 + 2 * len(others) + 1) + "|")
     for r in rows:
         cells = [str(r["context"]), f"{r['stock_prefill_tok_s']:.0f}"]
-        cells += [f"{r[f'{b}_prefill_tok_s']:.0f} ({r[f'{b}_prefill_x']:.2f}x)" for b in others]
+        cells += [f"{r[f'{b}_prefill_tok_s']:.0f} ({r[f'{b}_prefill_x']:.2f}x)" if f"{b}_prefill_x" in r else "-"
+                  for b in others]
         cells += [f"{r['stock_decode_tok_s']:.1f}"]
         cells += [f"{r[f'{b}_decode_tok_s']:.1f} ({r[f'{b}_decode_x']:.2f}x)" for b in others]
         print("| " + " | ".join(cells) + " |")

@@ -59,6 +59,16 @@ Needs the builds of scripts/llama-cpp-build.sh (both). Checks:
    (LLAMA_INFINITEHIP_LAZY_ROWS=nomask) the poison moves the decode logits.
    The row counts and masked cells are checked with revival off
    (LLAMA_INFINITEHIP_LAZY_REVIVE=off); the poison check runs with it on.
+   On a CUDA build (`--cuda`, auto-detected: libggml-cuda linked; patch
+   0011) the same checks run with the model and K/V on the GPU, poison
+   and dumps through ggml_backend_tensor_set/get; the key-narrowing
+   reference runs with the K/V in host memory (--nkvo 1: the plugin's
+   attention is CPU code; its plans are counted, so a fallback to dense
+   attention fails the check), and row dropping over device K/V must
+   equal the same run over host K/V within f16 rounding. keep 1.0 is
+   stock bit for bit on both builds (compact K/V included).
+   `--deadline` (unix time): blocks that would start later report FAIL
+   "SKIP: not run", never a pass.
 8. LazyLLM revival through the aux cache (patch 0010; runs with
    `--only-lazy`): keep 0.25 after layer 0, the long prompt in one ubatch,
    every K/V cell poisoned first, then decode steps. The K/V caches are
@@ -86,6 +96,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -118,7 +129,7 @@ class Runner:
         self.work, self.model, self.tmp, self.threads = work, model, tmp, threads
 
     def gen(self, build, tag, prompt_len, n_gen, config=None, force=None, fa="off", env_extra=None, model=None,
-            batch=None, ctx=None):
+            batch=None, ctx=None, nkvo=False):
         exe = os.path.join(self.work, f"build-{build}", "bin", "ihip_run")
         logits = os.path.join(self.tmp, f"{tag}.logits")
         tokens = os.path.join(self.tmp, f"{tag}.tokens")
@@ -130,6 +141,8 @@ class Runner:
             cmd += ["--batch", str(batch)]
         if ctx:
             cmd += ["--ctx", str(ctx)]
+        if nkvo:  # K/V in host memory (CUDA build: llama.cpp's --no-kv-offload)
+            cmd += ["--nkvo", "1"]
         env = dict(os.environ)
         env.pop("LLAMA_INFINITEHIP_CONFIG", None)
         env.pop("LLAMA_INFINITEHIP_ROUTE", None)
@@ -193,6 +206,21 @@ def kv_rows(dump, layer, cells, v_trans):
     K = k.reshape(kne[1] * kne[2], kne[0])[cells]
     V = (v.reshape(vne[0], vne[1]).T if v_trans else v.reshape(vne[1] * vne[2], vne[0]))[cells]
     return K, V
+
+
+def cuda_build(work):
+    """Whether the patched ihip_run links ggml's CUDA backend."""
+    exe = os.path.join(work, "build-patched", "bin", "ihip_run")
+    r = subprocess.run(["ldd", exe], capture_output=True, text=True)
+    return "ggml-cuda" in r.stdout
+
+
+def poisoned_values(log):
+    """K/V values the patch poisoned (its log line), 0 if none."""
+    for line in log.splitlines():
+        if "lazy rows: poisoned " in line:
+            return int(line.split("lazy rows: poisoned ", 1)[1].split()[0])
+    return 0
 
 
 def lazy_config(keep):
@@ -271,7 +299,12 @@ def main():
     ap.add_argument("--json", default=os.path.join(REPO, "target", "llama-cpp-e2e.json"))
     ap.add_argument("--only-rope", action="store_true", help="run only section 6 (hip's RoPE modes)")
     ap.add_argument("--only-lazy", action="store_true", help="run only section 7 (LazyLLM row dropping)")
+    ap.add_argument("--cuda", choices=["auto", "on", "off"], default="auto",
+                    help="the builds are CUDA builds (model and K/V on the GPU); auto: libggml-cuda linked")
+    ap.add_argument("--deadline", type=float, default=0,
+                    help="unix time: lazy blocks that would start after it are reported SKIP (not a pass)")
     a = ap.parse_args()
+    a.cuda = cuda_build(a.work) if a.cuda == "auto" else a.cuda == "on"
 
     tmp = tempfile.mkdtemp(prefix="ihip-e2e-")
     model = os.path.join(tmp, "tiny.gguf")
@@ -581,7 +614,7 @@ def rope_modes(R, a, tmp, results, check, tol_rel):
 
 
 def lazy_rows(R, a, results, check, tol_rel):
-    """Section 7: LazyLLM row dropping (patch 0007)."""
+    """Section 7: LazyLLM row dropping (patches 0007, 0010; 0011: the CUDA build)."""
     ok = True
 
     def chk(name, cond, detail):
@@ -589,107 +622,75 @@ def lazy_rows(R, a, results, check, tol_rel):
         check(name, cond, detail)
         ok &= bool(cond)
 
+    def rounding(c):
+        return c["finite"] and c["rel_rms_diff"] < tol_rel and c["max_abs_diff"] < tol_rel * 10 * c["logit_rms"]
+
+    keep, n, g = 0.25, a.small_prompt, a.small_gen
+    blocks = [(f"keep {keep}, flash_attn {fa}", lambda fa=fa: lazy_prune(R, a, results, chk, rounding, keep, n, g, fa))
+              for fa in ["on", "off"]]
+    # 8. revival through the aux cache (patch 0010)
+    blocks += [(f"revival, flash_attn {fa}", lambda fa=fa: lazy_revival(R, a, results, chk, keep, n, g, fa))
+               for fa in ["on", "off"]]
+    blocks += [(f"keep 1.0, flash_attn {fa}", lambda fa=fa: lazy_cover(R, a, results, chk, fa))
+               for fa in ["on", "off"]]
+    blocks += [("keep 1.0 and 0.25 in ubatches", lambda: lazy_ubatches(R, a, results, chk, keep, n, g))]
+    for name, run in blocks:
+        # on the device the build leaves little time: a block not run is reported, never passed
+        if a.deadline and time.time() > a.deadline:
+            chk(f"lazy rows: {name}", False, "SKIP: not run (past --deadline)")
+            continue
+        run()
+    return ok
+
+
+def lazy_cover(R, a, results, chk, fa):
+    """keep 1.0: the row-dropping graph (masks from the cell depths, and with
+    =gather every gather on identity rows) gives stock's logits bit for bit,
+    on the CPU and the CUDA build. With flash attention and =gather the
+    prompt takes the compact K/V route (its 64 cells instead of llama.cpp's
+    256-cell view whose tail is masked): the same keys in the same order,
+    and masked cells weigh exactly 0 in both flash-attention kernels, so no
+    rounding slack is allowed (H200, 2026-12-04: bit-identical; the 2.5e-4
+    seen before patch 0011 was the kept x kept mask read against the whole
+    view, not a kernel choice)."""
     n_layers = 2  # make_tiny_gguf's default
-    # keep 1.0: the row-dropping graph (masks from the cell depths, and with
-    # =gather every gather on identity rows) gives stock's logits bit for bit
-    for fa in ["off", "on"]:
-        ls, _, ts_path, _ = R.gen("stock", f"lz_stock_fa{fa}", a.prompt, a.gen, fa=fa)
-        for mode in ["default", "gather"]:
-            env = {"LLAMA_INFINITEHIP_LAZY_ROWS": mode} if mode == "gather" else None
-            lf, _, _, log = R.gen("patched", f"lz_cover_fa{fa}_{mode}", a.prompt, a.gen, config=lazy_config(1.0),
-                                  force=ts_path, fa=fa, env_extra=env)
-            st = plugin_stats(log)
-            lr = st.get("lazy_rows") or {}
-            tokens = a.prompt + a.gen
-            c = compare(lf, ls) | {"bit_identical": bool(np.array_equal(lf, ls)), "lazy_rows": lr,
-                                   "plans": st.get("plans")}
-            results[f"lazy_rows_cover_fa_{fa}_{mode}"] = c
-            chk(f"lazy rows, keep 1.0 == stock bit for bit (flash_attn {fa}, {mode} graph, {tokens} tokens)",
-                c["bit_identical"] and st.get("plans") == 0 and lr.get("rows_per_layer") == [tokens] * n_layers
-                and lr.get("pruned_rows") == 0 and lr.get("tokens") == tokens, c)
-        # every K/V cell poisoned before any is written: still stock bit for
-        # bit (masked cells weigh exactly 0, the poison is finite)
-        lf, _, _, log = R.gen("patched", f"lz_cover_poison_fa{fa}", a.prompt, a.gen, config=lazy_config(1.0),
-                              force=ts_path, fa=fa, env_extra=POISON)
-        c = compare(lf, ls) | {"bit_identical": bool(np.array_equal(lf, ls)), "poisoned": "poisoned" in log}
-        results[f"lazy_rows_cover_poison_fa_{fa}"] = c
-        chk(f"lazy rows, keep 1.0 with every K/V cell poisoned first == stock bit for bit (flash_attn {fa})",
-            c["bit_identical"] and c["poisoned"], c)
-    ls, _, ts_long, _ = R.gen("stock", "lz_stock_long", a.small_prompt, a.small_gen)
-    lf, _, _, log = R.gen("patched", "lz_cover_long", a.small_prompt, a.small_gen, config=lazy_config(1.0),
+    tokens = a.prompt + a.gen
+    ls, _, ts_path, _ = R.gen("stock", f"lz_stock_fa{fa}", a.prompt, a.gen, fa=fa)
+    for mode in ["default", "gather"]:
+        env = {"LLAMA_INFINITEHIP_LAZY_ROWS": mode} if mode == "gather" else None
+        lf, _, _, log = R.gen("patched", f"lz_cover_fa{fa}_{mode}", a.prompt, a.gen, config=lazy_config(1.0),
+                              force=ts_path, fa=fa, env_extra=env)
+        st = plugin_stats(log)
+        lr = st.get("lazy_rows") or {}
+        c = compare(lf, ls) | {"bit_identical": bool(np.array_equal(lf, ls)), "lazy_rows": lr,
+                               "plans": st.get("plans")}
+        results[f"lazy_rows_cover_fa_{fa}_{mode}"] = c
+        compact = a.prompt if (fa == "on" and mode == "gather") else 0
+        chk(f"lazy rows, keep 1.0 == stock bit for bit (flash_attn {fa}, {mode} graph, {tokens} tokens, "
+            f"compact rows {compact})",
+            c["bit_identical"] and st.get("plans") == 0 and lr.get("rows_per_layer") == [tokens] * n_layers
+            and lr.get("pruned_rows") == 0 and lr.get("tokens") == tokens and lr.get("compact_rows") == compact, c)
+    # every K/V cell poisoned before any is written (device memory too): still
+    # stock bit for bit (masked cells weigh exactly 0, the poison is finite)
+    lf, _, _, log = R.gen("patched", f"lz_cover_poison_fa{fa}", a.prompt, a.gen, config=lazy_config(1.0),
+                          force=ts_path, fa=fa, env_extra=POISON)
+    c = compare(lf, ls) | {"bit_identical": bool(np.array_equal(lf, ls)), "poisoned_values": poisoned_values(log)}
+    results[f"lazy_rows_cover_poison_fa_{fa}"] = c
+    chk(f"lazy rows, keep 1.0 with every K/V cell poisoned first == stock bit for bit (flash_attn {fa})",
+        c["bit_identical"] and c["poisoned_values"] > 0, c)
+
+
+def lazy_ubatches(R, a, results, chk, keep, n, g):
+    """The long prompt in ubatches of 512: keep 1.0 is stock; keep 0.25 keeps
+    a quarter of each ubatch's rows, later ubatches and decode hide the
+    cells pruned before them."""
+    ls, _, ts_long, _ = R.gen("stock", "lz_stock_long", n, g)
+    lf, _, _, log = R.gen("patched", "lz_cover_long", n, g, config=lazy_config(1.0),
                           force=ts_long, env_extra={"LLAMA_INFINITEHIP_LAZY_ROWS": "gather"})
     c = compare(lf, ls) | {"bit_identical": bool(np.array_equal(lf, ls))}
     results["lazy_rows_cover_long"] = c
-    chk(f"lazy rows, keep 1.0 == stock bit for bit ({a.small_prompt}-token prompt in ubatches of 512, gather graph)",
+    chk(f"lazy rows, keep 1.0 == stock bit for bit ({n}-token prompt in ubatches of 512, gather graph)",
         c["bit_identical"], c)
-
-    # keep 0.25 after layer 0, the long prompt in one ubatch
-    keep, n = 0.25, a.small_prompt
-    kept = -(-n // 4)
-    g = a.small_gen
-    for fa in ["off", "on"]:
-        ls1, _, ts1, _ = R.gen("stock", f"lz_stock_one_fa{fa}", n, g, fa=fa, batch=n)
-        lp, _, _, log = R.gen("patched", f"lz_prune_fa{fa}", n, g, config=lazy_config(keep), force=ts1, fa=fa, batch=n,
-                              env_extra=NOREVIVE)
-        lr = plugin_stats(log).get("lazy_rows") or {}
-        ln, _, _, _ = R.gen("patched", f"lz_narrow_fa{fa}", n, g, config=lazy_config(keep), force=ts1, fa=fa, batch=n,
-                            env_extra=NARROW | NOREVIVE)
-        first = compare(lp[:1], ln[:1])
-        vs_stock = compare(lp[:1], ls1[:1])
-        c = {"prompt_step_vs_narrowing_route": first, "prompt_step_vs_stock": vs_stock, "lazy_rows": lr,
-             "all_vs_stock": compare(lp, ls1)}
-        results[f"lazy_rows_prune_one_ubatch_fa_{fa}"] = c
-        # compact K/V (patch 0010, flash attention: layer 1 attends over the
-        # 512 kept rows' cells only) vs the masked route over the whole view
-        lnc, _, _, lognc = R.gen("patched", f"lz_nocompact_fa{fa}", n, g, config=lazy_config(keep), force=ts1, fa=fa,
-                                 batch=n, env_extra=NOREVIVE | {"LLAMA_INFINITEHIP_LAZY_ROWS": "nocompact"})
-        cc = compare(lp, lnc)
-        want_compact = kept if fa == "on" else 0
-        chk(f"lazy rows, keep {keep} (flash_attn {fa}): compact K/V rows {want_compact} (flash attention only), "
-            "logits == the masked route's (LLAMA_INFINITEHIP_LAZY_ROWS=nocompact) within f16 rounding",
-            lr.get("compact_rows") == want_compact
-            and (plugin_stats(lognc).get("lazy_rows") or {}).get("compact_rows") == 0
-            and cc["rel_rms_diff"] < tol_rel and cc["max_abs_diff"] < tol_rel * 10 * cc["logit_rms"]
-            and cc["top1_agree"] == 1.0,
-            cc | {"compact_rows": lr.get("compact_rows")})
-        chk(f"lazy rows, keep {keep} after layer 0, {n}-token prompt in one ubatch (flash_attn {fa}): layer 1 "
-            f"computes {kept} + {g} rows, prompt-step logits == key-narrowing route within f16 rounding, != stock, "
-            "decode hides pruned cells",
-            np.isfinite(lp).all() and lr.get("rows_per_layer") == [n + g, kept + g]
-            and lr.get("pruned_rows") == n - kept and (lr.get("masked_cells") or 0) >= (n - kept) * g
-            and first["rel_rms_diff"] < tol_rel and first["max_abs_diff"] < tol_rel * 10 * first["logit_rms"]
-            and vs_stock["max_abs_diff"] > 10 * first["max_abs_diff"],
-            {"vs_narrowing": first, "vs_stock_max_abs": vs_stock["max_abs_diff"],
-             "rows_per_layer": lr.get("rows_per_layer"), "masked_cells": lr.get("masked_cells")})
-
-        # No unset K/V is read: the pruned tokens' cells in layer 1 are never
-        # written (no revival: they stay hidden). Poison every K/V cell before
-        # any is written: the logits must not move by a bit. Negative control
-        # (=nomask: the decode steps use the stock mask, so they read the
-        # pruned cells): there the poison moves the decode logits.
-        lpp, _, _, logp = R.gen("patched", f"lz_prune_poison_fa{fa}", n, g, config=lazy_config(keep), force=ts1,
-                                fa=fa, batch=n, env_extra=POISON | NOREVIVE)
-        nomask = {"LLAMA_INFINITEHIP_LAZY_ROWS": "nomask"} | NOREVIVE
-        lnm, _, _, _ = R.gen("patched", f"lz_nomask_fa{fa}", n, g, config=lazy_config(keep), force=ts1, fa=fa,
-                             batch=n, env_extra=nomask)
-        lnmp, _, _, _ = R.gen("patched", f"lz_nomask_poison_fa{fa}", n, g, config=lazy_config(keep), force=ts1,
-                              fa=fa, batch=n, env_extra=nomask | POISON)
-        ctl = compare(lnmp[1:], lnm[1:])
-        c = {"poisoned_vs_clean_bit_identical": bool(np.array_equal(lpp, lp)), "poisoned": "poisoned" in logp,
-             "control_nomask_poison_vs_nomask_decode": ctl, "control_prompt_step_equal": bool(
-                 np.array_equal(lnmp[:1], lnm[:1]))}
-        # moved: non-finite (the flash-attention path overflows on the
-        # poison) or far beyond the routes' rounding difference
-        c["control_moved"] = bool(not np.isfinite(lnmp[1:]).all()
-                                  or ctl["max_abs_diff"] > 100 * max(first["max_abs_diff"], 1e-3))
-        results[f"lazy_rows_poison_fa_{fa}"] = c
-        chk(f"lazy rows, keep {keep} (flash_attn {fa}): K/V poisoned before any write gives the same logits bit "
-            "for bit (no pruned cell read); control with the decode masks off: the poison moves the decode logits",
-            c["poisoned_vs_clean_bit_identical"] and c["poisoned"] and c["control_prompt_step_equal"]
-            and c["control_moved"], c)
-
-    # in ubatches of 512: each keeps a quarter of its rows; later ubatches and
-    # decode hide the cells pruned before them
     ub = 512
     lp, _, _, log = R.gen("patched", "lz_prune_ubatches", n, g, config=lazy_config(keep), force=ts_long, batch=ub,
                           env_extra=NOREVIVE)
@@ -700,10 +701,87 @@ def lazy_rows(R, a, results, check, tol_rel):
     chk(f"lazy rows, keep {keep}, {n}-token prompt in ubatches of {ub}: rows per layer {want}, finite",
         np.isfinite(lp).all() and lr.get("rows_per_layer") == want and (lr.get("masked_cells") or 0) > 0, lr)
 
-    # 8. revival through the aux cache (patch 0010)
-    for fa in ["on", "off"]:
-        ok &= lazy_revival(R, a, results, chk, keep, n, g, fa)
-    return ok
+
+def lazy_prune(R, a, results, chk, rounding, keep, n, g, fa):
+    """keep 0.25 after layer 0, the long prompt in one ubatch."""
+    kept = -(-n // 4)
+    ls1, _, ts1, _ = R.gen("stock", f"lz_stock_one_fa{fa}", n, g, fa=fa, batch=n)
+    lp, _, _, log = R.gen("patched", f"lz_prune_fa{fa}", n, g, config=lazy_config(keep), force=ts1, fa=fa, batch=n,
+                          env_extra=NOREVIVE)
+    lr = plugin_stats(log).get("lazy_rows") or {}
+    # the key-narrowing route is the plugin's attention on the CPU: on the
+    # CUDA build it needs the K/V in host memory (--nkvo 1; with device K/V
+    # it falls back to llama.cpp's dense attention, i.e. stock)
+    ln, _, _, logn = R.gen("patched", f"lz_narrow_fa{fa}", n, g, config=lazy_config(keep), force=ts1, fa=fa, batch=n,
+                           env_extra=NARROW | NOREVIVE, nkvo=a.cuda)
+    first = compare(lp[:1], ln[:1])
+    vs_stock = compare(lp[:1], ls1[:1])
+    c = {"prompt_step_vs_narrowing_route": first, "prompt_step_vs_stock": vs_stock, "lazy_rows": lr,
+         "all_vs_stock": compare(lp, ls1)}
+    results[f"lazy_rows_prune_one_ubatch_fa_{fa}"] = c
+    # compact K/V (patch 0010, flash attention: layer 1 attends over the
+    # 512 kept rows' cells only) vs the masked route over the whole view
+    lnc, _, _, lognc = R.gen("patched", f"lz_nocompact_fa{fa}", n, g, config=lazy_config(keep), force=ts1, fa=fa,
+                             batch=n, env_extra=NOREVIVE | {"LLAMA_INFINITEHIP_LAZY_ROWS": "nocompact"})
+    cc = compare(lp, lnc)
+    want_compact = kept if fa == "on" else 0
+    chk(f"lazy rows, keep {keep} (flash_attn {fa}): compact K/V rows {want_compact} (flash attention only), "
+        "logits == the masked route's (LLAMA_INFINITEHIP_LAZY_ROWS=nocompact) within f16 rounding",
+        lr.get("compact_rows") == want_compact
+        and (plugin_stats(lognc).get("lazy_rows") or {}).get("compact_rows") == 0
+        and rounding(cc) and cc["top1_agree"] == 1.0,
+        cc | {"compact_rows": lr.get("compact_rows")})
+    narrow_ran = "plans" in plugin_stats(logn) and (plugin_stats(logn).get("plans") or 0) > 0
+    chk(f"lazy rows, keep {keep} after layer 0, {n}-token prompt in one ubatch (flash_attn {fa}): layer 1 "
+        f"computes {kept} + {g} rows, prompt-step logits == key-narrowing route (its plugin attention ran"
+        f"{', K/V on the host' if a.cuda else ''}) within f16 rounding, != stock, decode hides pruned cells",
+        np.isfinite(lp).all() and lr.get("rows_per_layer") == [n + g, kept + g]
+        and lr.get("pruned_rows") == n - kept and (lr.get("masked_cells") or 0) >= (n - kept) * g
+        and narrow_ran and rounding(first) and vs_stock["max_abs_diff"] > 10 * first["max_abs_diff"],
+        {"vs_narrowing": first, "vs_stock_max_abs": vs_stock["max_abs_diff"],
+         "rows_per_layer": lr.get("rows_per_layer"), "masked_cells": lr.get("masked_cells"),
+         "narrowing_plans": plugin_stats(logn).get("plans")})
+    if a.cuda:
+        # the same row dropping with the K/V in host memory (the CPU build's
+        # lazy-rows route, tested above on the CPU) vs in device memory
+        lh, _, _, logh = R.gen("patched", f"lz_prune_host_fa{fa}", n, g, config=lazy_config(keep), force=ts1, fa=fa,
+                               batch=n, env_extra=NOREVIVE, nkvo=True)
+        lrh = plugin_stats(logh).get("lazy_rows") or {}
+        ch = compare(lp, lh) | {"rows_per_layer_device": lr.get("rows_per_layer"),
+                                "rows_per_layer_host": lrh.get("rows_per_layer"),
+                                "compact_rows_host": lrh.get("compact_rows")}
+        results[f"lazy_rows_device_vs_host_fa_{fa}"] = ch
+        chk(f"lazy rows, keep {keep} (flash_attn {fa}): K/V in device memory == K/V in host memory (--nkvo 1) "
+            "within f16 rounding, same rows per layer, top-1 equal",
+            rounding(ch) and ch["top1_agree"] == 1.0 and lr.get("rows_per_layer") == lrh.get("rows_per_layer")
+            and lrh.get("compact_rows") == want_compact, ch)
+
+    # No unset K/V is read: the pruned tokens' cells in layer 1 are never
+    # written (no revival: they stay hidden). Poison every K/V cell (host or
+    # device memory) before any is written: the logits must not move by a
+    # bit. Negative control (=nomask: the decode steps use the stock mask, so
+    # they read the pruned cells): there the poison moves the decode logits.
+    lpp, _, _, logp = R.gen("patched", f"lz_prune_poison_fa{fa}", n, g, config=lazy_config(keep), force=ts1,
+                            fa=fa, batch=n, env_extra=POISON | NOREVIVE)
+    nomask = {"LLAMA_INFINITEHIP_LAZY_ROWS": "nomask"} | NOREVIVE
+    lnm, _, _, _ = R.gen("patched", f"lz_nomask_fa{fa}", n, g, config=lazy_config(keep), force=ts1, fa=fa,
+                         batch=n, env_extra=nomask)
+    lnmp, _, _, _ = R.gen("patched", f"lz_nomask_poison_fa{fa}", n, g, config=lazy_config(keep), force=ts1,
+                          fa=fa, batch=n, env_extra=nomask | POISON)
+    ctl = compare(lnmp[1:], lnm[1:])
+    c = {"poisoned_vs_clean_bit_identical": bool(np.array_equal(lpp, lp)), "poisoned_values": poisoned_values(logp),
+         "finite": bool(np.isfinite(lp).all()),
+         "control_nomask_poison_vs_nomask_decode": ctl, "control_prompt_step_equal": bool(
+             np.array_equal(lnmp[:1], lnm[:1]))}
+    # moved: non-finite (the flash-attention path overflows on the
+    # poison) or far beyond the routes' rounding difference
+    c["control_moved"] = bool(not np.isfinite(lnmp[1:]).all()
+                              or ctl["max_abs_diff"] > 100 * max(first["max_abs_diff"], 1e-3))
+    results[f"lazy_rows_poison_fa_{fa}"] = c
+    chk(f"lazy rows, keep {keep} (flash_attn {fa}): K/V poisoned before any write gives the same logits bit "
+        "for bit (no pruned cell read); control with the decode masks off: the poison moves the decode logits",
+        c["poisoned_vs_clean_bit_identical"] and c["finite"] and c["poisoned_values"] > 0
+        and c["control_prompt_step_equal"] and c["control_moved"], c)
 
 
 def lazy_revival(R, a, results, chk, keep, n, g, fa):

@@ -393,7 +393,12 @@ def tests_locret(a, gen, run, check, results, close):
                   and (st.get("graph_scorings") or 0) > 0 and st.get("rust_op_scorings") == 0,
                   {k: r[k] for k in ["finite", "rel_rms_diff", "top1_agree"]} | {k: st.get(k) for k in counts})
             continue
-        ok = r["finite"] and all(st.get(k) == base.get(k) for k in counts)
+        # The Rust op scores in f32, the CUDA graph through ggml's f16 matmuls:
+        # near-tied scores may pick other cells (same number evicted, maybe in
+        # a different number of contiguous runs), so seq_rm_calls is compared
+        # only where the scores are the graph's (check mode).
+        same = [k for k in counts if mode == "check" or k != "seq_rm_calls"]
+        ok = r["finite"] and all(st.get(k) == base.get(k) for k in same)
         if mode == "rust":
             ok = ok and st.get("graph_scorings") == 0 and (st.get("rust_op_scorings") or 0) > 0
         else:
