@@ -671,7 +671,7 @@ class InfiniteHipAttnBackend(AttentionBackend):
         kept here. Returns the engine's config."""
         probe = infinitehip.Engine(cfg)
         try:
-            full = probe.config()
+            full = probe.config
             methods = [l["method"] for l in probe.stats()["layers"]]
         finally:
             probe.close()
