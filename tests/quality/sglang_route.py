@@ -324,8 +324,8 @@ class SglangSuite(run.Suite):
         self.mode = dict(run.QUICK if a.quick else run.FULL)
         if not a.quick:
             self.mode["passkey_lengths"] = []  # default off here (the llama.cpp route has it); --passkey-lengths
-        for k in ["lengths", "passkey_lengths", "configs"]:
-            v = getattr(a, k)
+        for k in ["lengths", "passkey_lengths", "configs", "decode"]:
+            v = getattr(a, k, None)
             if v is not None:
                 self.mode[k] = v
         if a.quick:  # exactness at the row's length: one hip-1/4 engine serves the negative control and the bound
