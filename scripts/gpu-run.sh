@@ -35,6 +35,7 @@ if [ "${SKIP_TEST:-0}" != 1 ]; then
   step gpu-tests 440 env INFINITEHIP_BIN="$BIN" gpu-bin/gpu-tests
   step gpu-test 240 "$BIN" gpu-test --engine-timing 128K,1M
   step shim-gpu 200 env INFINITEHIP_LIB="$PWD/gpu-bin/libinfinitehip.so" python3 tests/gpu/test_shim_gpu.py
+  step shim-offload-gpu 120 env INFINITEHIP_LIB="$PWD/gpu-bin/libinfinitehip.so" python3 tests/gpu/test_shim_offload_gpu.py
   step shim-locret-free 90 env INFINITEHIP_LIB="$PWD/gpu-bin/libinfinitehip.so" python3 tests/gpu/test_shim_locret_free.py
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then

@@ -117,6 +117,22 @@ class Proj(ctypes.Structure):
     ]
 
 
+class HostKv(ctypes.Structure):
+    """IhipHostKv: one layer's K/V in page-locked host memory + the step's
+    cell table and device cache sizes (ihip_gpu_decode_host)."""
+    _fields_ = [
+        ("k", ctypes.c_uint64),
+        ("v", ctypes.c_uint64),
+        ("n_cells", ctypes.c_int64),
+        ("dtype", ctypes.c_int),
+        ("table", ctypes.c_uint64),
+        ("table_host", ctypes.POINTER(ctypes.c_int32)),
+        ("table_stride", ctypes.c_int64),
+        ("cache_cells", ctypes.c_int64),
+        ("estimation_rows", ctypes.c_int64),
+    ]
+
+
 class DeviceIndex(ctypes.Structure):
     """IhipDeviceIndex: a device int32 (elem_bytes 4) or int64 (8) array."""
     _fields_ = [("ptr", ctypes.c_uint64), ("elem_bytes", ctypes.c_int64)]
@@ -166,6 +182,9 @@ def _declare(lib):
         "ihip_gpu_decode_graph": (
             i32, [vp, u64, sz, sz, c.POINTER(DeviceIndex), c.POINTER(DeviceIndex), c.POINTER(KvCache),
                   c.POINTER(DeviceRows), c.POINTER(DeviceRows), c.c_float]),
+        "ihip_gpu_decode_host": (
+            i32, [vp, u64, sz, c.POINTER(GpuRequests), c.POINTER(HostKv), c.POINTER(DeviceRows),
+                  c.POINTER(DeviceRows), c.c_float]),
         "ihip_gpu_end_request": (i32, [vp, u64]),
         "ihip_gpu_reset": (i32, [vp]),
         "ihip_gpu_locret_retained": (i32, [vp, sz, u64, vp, sz, c.POINTER(sz)]),

@@ -188,10 +188,16 @@ class GpuAttention:
         _ffi.check(_fn("ihip_gpu_reset")(self._h()))
 
     # ------------------------------------------------------------------
-    def _common(self, q, k, v, table, out, out_dtype, stream):
+    def _common(self, q, k, v, table, out, out_dtype, stream, host_kv=False):
         import torch
 
         for name, t in (("q", q), ("k", k), ("v", v), ("table", table)):
+            if host_kv and name in ("k", "v") and isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                # Page-locked host K/V (host offload): the kernels read it
+                # over the bus through its unified address.
+                if not t.is_pinned():
+                    raise InfinitehipError(f"{name} is a host tensor that is not page-locked (pin_memory)")
+                continue
             if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
                 raise InfinitehipError(f"{name} must be a CUDA tensor, got {getattr(t, 'device', type(t))}")
             if t.device.index != self.device:
@@ -279,6 +285,49 @@ class GpuAttention:
                                                 *args, float(sm_scale or 0.0)))
         return out
 
+    def decode_host(self, layer, q, k, v, table, table_rows, lens, req_ids, cache_cells, estimation_rows=0,
+                    out=None, sm_scale=None, out_dtype=None, stream=None):
+        """Decode over K/V in page-locked HOST memory (host offload): `k`/`v`
+        pinned CPU tensors `[cells, kv_heads, head_dim]` (SGLang's token pool
+        allocated there), `table` the CUDA int32 cell table (`req_to_token`).
+        hip layers read through this layer's device caches (`cache_cells`
+        cells of page cache, `kv.device_cache_pages`; `estimation_rows` key
+        rows for mask estimation, 0: cache_cells x kv_heads), kept in the
+        object between calls and rebuilt cold when a step is not every
+        request's previous step plus one token; other layers read the host
+        rows over the bus. One host sync per hip layer-step (the selection is
+        read back). Equal to `decode` over the same K/V on the device, bit
+        for bit. Other arguments as `decode`."""
+        import torch
+
+        n = int(q.shape[0])
+        rows = [int(r) for r in (table_rows.tolist() if hasattr(table_rows, "tolist") else table_rows)]
+        if len(rows) != n:
+            raise InfinitehipError(f"table_rows has {len(rows)} entries, expected {n}")
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or not t.is_pinned():
+                raise InfinitehipError(f"{name} must be a page-locked host tensor (pin_memory), got "
+                                       f"{getattr(t, 'device', type(t))}")
+            if t.dim() != 3 or not t.is_contiguous():
+                raise InfinitehipError(f"{name}: expected a contiguous [cells, kv_heads, head_dim] tensor, got "
+                                       f"{list(t.shape)} strides {list(t.stride())}")
+        # The batch's rows in order: request b is row b of the step's table.
+        idx = torch.tensor(rows, dtype=torch.long, device=table.device)
+        dev_table = table.index_select(0, idx).contiguous()
+        host_table = dev_table.cpu()
+        out, st, args = self._common(q, k, v, dev_table, out, out_dtype, stream, host_kv=True)
+        hk = _ffi.HostKv(k.data_ptr(), v.data_ptr(), int(k.shape[0]), _dtype(k, "k"), dev_table.data_ptr(),
+                         ctypes.cast(host_table.data_ptr(), ctypes.POINTER(ctypes.c_int32)),
+                         int(dev_table.stride(0)), int(cache_cells), int(estimation_rows))
+        reqs = _ffi.GpuRequests(n, _u64s(req_ids, n, "req_ids"), _i64s(list(range(n)), n, "table_rows"),
+                                _i64s(lens, n, "lens"), None)
+        _ffi.check(_fn("ihip_gpu_decode_host")(self._h(), st, int(layer), ctypes.byref(reqs), ctypes.byref(hk),
+                                               args[1], args[2], float(sm_scale or 0.0)))
+        # The step's table must outlive the queued kernels that read it.
+        self._host_tables = getattr(self, "_host_tables", {})
+        self._host_tables[int(layer)] = dev_table
+        return out
+
     def prefill(self, layer, q, k, v, table, table_rows, lens, n_new, req_ids, out=None, sm_scale=None,
                 out_dtype=None, stream=None, proj=None, prompt_done=None):
         """Causal attention of new tokens: request b owns n_new[b]
@@ -288,7 +337,7 @@ class GpuAttention:
         locret layers; `prompt_done`: per request, whether this call ends its
         prompt (default all False)."""
         b = len(req_ids)
-        out, st, args = self._common(q, k, v, table, out, out_dtype, stream)
+        out, st, args = self._common(q, k, v, table, out, out_dtype, stream, host_kv=True)
         nn = _i64s(n_new, b, "n_new")
         if sum(nn[:b]) != int(q.shape[0]):
             raise InfinitehipError(f"n_new sums to {sum(nn[:b])} but q has {int(q.shape[0])} rows")

@@ -22,6 +22,12 @@ skip_tokenizer_init with token ids).
    torch_native --decode-attention-backend infinitehip` (our backend builds
    each request's copy from SGLang's pool at its first decode), (c) the
    reverse.
+5. Host offload (kv.device_cache_pages = OFFLOAD_CELLS, offload.py): SGLang's
+   pool is the host tier, the engine's page cache (the CPU stand-in for device
+   memory) holds 256 cells per layer; two requests whose KV is ~4x that
+   decode the same greedy tokens as the all-resident run of the same config,
+   and the backend's cache counters (INFINITEHIP_OFFLOAD_STATS) show
+   evictions and misses.
 
 Run: SGLANG_USE_CPU_ENGINE=1 python sglang_e2e.py [--json out.json]
 (spawned scheduler processes re-import this file: keep the __main__ guard).
@@ -121,7 +127,7 @@ def prompts():
     ]
 
 
-def run(model_path, backend, config=None, **engine_args):
+def run(model_path, backend, config=None, prompt_list=None, **engine_args):
     import sglang as sgl
 
     if config is not None:
@@ -141,12 +147,13 @@ def run(model_path, backend, config=None, **engine_args):
     )
     outs = []
     try:
-        for p in prompts():  # one at a time: later requests hit the radix cache
+        ps = prompt_list or prompts()
+        for p in ps:  # one at a time: later requests hit the radix cache
             o = eng.generate(input_ids=p, sampling_params={"max_new_tokens": NEW, "temperature": 0})
             outs.append(list(o["output_ids"]))
         # And a batch of all of them at once (rows reused, mixed lengths).
         batch = eng.generate(
-            input_ids=prompts(), sampling_params={"max_new_tokens": NEW, "temperature": 0}
+            input_ids=ps, sampling_params={"max_new_tokens": NEW, "temperature": 0}
         )
         outs.extend(list(o["output_ids"]) for o in batch)
     finally:
@@ -166,6 +173,7 @@ def main():
         full, t_full = run(d, "infinitehip", FULL_BUDGET)
         small, t_small = run(d, "infinitehip", SMALL_BUDGET)
         locret = run_locret(d)
+        offl = run_offload(d)
         wrapped = {
             "dense_layer_and_thresholds": run(d, "infinitehip", {
                 **{k: v for k, v in FULL_BUDGET.items() if not k.endswith("_dense_below")},
@@ -198,6 +206,7 @@ def main():
         "small_budget_agreement": [sum(a == b for a, b in zip(r, s)) / len(r) for r, s in zip(ref, small)],
     }
     result["locret"] = locret
+    result["offload"] = offl
     for name, outs in wrapped.items():
         same = outs == ref
         ok &= same
@@ -214,7 +223,41 @@ def main():
         print("FAIL: infinitehip with a covering budget (or SGLang's kernel behind it) differs from torch_native")
     if not valid:
         print("FAIL: small-budget outputs are not NEW valid tokens each")
-    return 0 if ok and valid and locret["pass"] else 1
+    return 0 if ok and valid and locret["pass"] and offl["pass"] else 1
+
+
+OFFLOAD_CELLS = 256  # 2 x (sink 8 + window 32 + 64 kept + 4 slid) = 216 cells per batch step
+
+
+def run_offload(d):
+    """Part 5: host offload vs all-resident KV, same small-budget hip config."""
+    base = json.loads(json.dumps(SMALL_BUDGET))
+    base["kv"] = {"page_size": 1}
+    off = json.loads(json.dumps(base))
+    off["kv"]["device_cache_pages"] = OFFLOAD_CELLS
+    ps = prompts()
+    plist = [ps[3], ps[4]]  # 1024 and 800 tokens: KV 3-4x the device cache
+    res, t_res = run(d, "infinitehip", base, prompt_list=plist)
+    stats_path = os.path.join(d, "offload-stats.json")
+    os.environ["INFINITEHIP_OFFLOAD_STATS"] = stats_path
+    try:
+        got, t_off = run(d, "infinitehip", off, prompt_list=plist)
+    finally:
+        os.environ.pop("INFINITEHIP_OFFLOAD_STATS", None)
+    stats = json.load(open(stats_path)) if os.path.exists(stats_path) else {"layers": []}
+    evicted = bool(stats["layers"]) and all(l["evictions"] > 0 and l["misses"] > 0 for l in stats["layers"])
+    same = got == res
+    print(f"offload: resident {t_res:.1f}s, offloaded {t_off:.1f}s ({OFFLOAD_CELLS} cells per layer, prompts "
+          f"{[len(p) for p in plist]}); greedy tokens {'EQUAL' if same else 'DIFFERENT'}; cache {stats['layers']}")
+    if not same:
+        for a, b in zip(res, got):
+            print(f"  resident {a}\n  offload  {b}")
+        print("FAIL: host offload differs from the all-resident run")
+    if not evicted:
+        print("FAIL: the device page cache did not evict (the KV did not exceed it)")
+    return {"pass": bool(same and evicted), "cells": OFFLOAD_CELLS, "prompt_lens": [len(p) for p in plist],
+            "resident": res, "offload": got, "cache": stats["layers"],
+            "seconds": {"resident": t_res, "offload": t_off}}
 
 
 def run_locret(d):

@@ -11,8 +11,12 @@ def _pct(x):
     return f"{100 * x:+.1f}%"
 
 
+def _delta(d):
+    return "-" if d is None else f"{d['mean']:+.3f} +- {2 * d['se']:.3f} (n {d['n']})"
+
+
 def quality_lines(rows):
-    head = ["ctx", "config", "attended", "decode keys", "ppl prefill", "ppl decode (dNLL +- 2se)", "copy acc",
+    head = ["ctx", "config", "attended", "decode keys", "ppl prefill", "ppl decode (dNLL +- 2se)", "prefill tail dNLL +- 2se", "copy acc",
             "copied", "copy nll", "prefill s", "decode tok/s"]
     out = [head]
     for r in rows:
@@ -24,6 +28,7 @@ def quality_lines(rows):
             f"{r['nominal_decode_fraction']:.3f}" if r.get("nominal_decode_fraction") is not None else "-",
             f"{r['ppl_prefill']:.2f} ({_pct(r['d_prefill']['ppl_ratio'] - 1)})",
             f"{r['ppl_decode']:.2f} ({_pct(dd['ppl_ratio'] - 1)}, {dd['mean']:+.3f} +- {2 * dd['se']:.3f})",
+            _delta(r.get("d_prefill_tail")),
             f"{r['copy']['accuracy']:.3f}", f"{r['copy']['copied']}/{r['copy']['probes']}",
             f"{r['copy']['nll']:.3f}", f"{r['prefill_s']:.1f}", f"{r['decode_tok_s']:.1f}"])
     return out

@@ -19,7 +19,11 @@ scripts/llama-cpp-build.sh when target/llama.cpp has no build, then:
 
 Prints a table, writes JSON and a PNG plot. Exits non-zero when a check
 fails (exactness; with --quick also the sparse bound below).
-The SGLang route of issue 12 is not part of this suite.
+
+    python3 tests/quality/run.py --engine sglang [--quick]
+
+runs the same configs, sequences, metrics and checks through sglang.Engine
+on the CPU, torch_native (stock) vs infinitehip (sglang_route.py).
 """
 import argparse
 import datetime
@@ -77,6 +81,14 @@ QUICK = {"exact_ctx": 512, "lengths": [1024], "decode": 64, "depths": [0.1, 0.3,
 EXACT_SEQ = {"decode": 32, "depths": [0.3, 0.7]}
 EXACT_CONFIGS = ["hip-cover", "lazy-cover", "squeeze-cover", "locret-cover"]
 EXACT_NEGATIVE = "hip-1/4"  # must exceed EXACT_BOUND, or the check could not fail
+
+
+def prefill_tail(seq):
+    """Prefill-scored targets in the last eighth of the prefill: the same
+    context size as the decode-scored ones, so the two paths compare without
+    the position confound (early prefill targets see a covering budget)."""
+    n = max(1, seq.prefill // 8)
+    return range(max(seq.prefill_scored.start, seq.prefill_scored.stop - n), seq.prefill_scored.stop)
 
 
 def log(msg):
@@ -215,6 +227,7 @@ class Suite:
              "n_prefill_scored": len(seq.prefill_scored), "n_decode_scored": len(seq.decode_scored),
              "d_prefill": stats.paired_delta(rec, ref, seq.prefill_scored),
              "d_decode": stats.paired_delta(rec, ref, seq.decode_scored),
+             "d_prefill_tail": stats.paired_delta(rec, ref, prefill_tail(seq)),
              "copy": stats.copy_scores(rec, seq.ids, seq.probes),
              "prefill_s": t["prefill_s"], "prefill_tok_s": t["prefill_tok_s"], "decode_tok_s": t["decode_tok_s"],
              "attended_fraction": (st or {}).get("attended_fraction"),
@@ -272,7 +285,7 @@ class Suite:
     def main(self):
         a = self.a
         self.mode = dict(QUICK if a.quick else FULL)
-        for k in ["lengths", "passkey_lengths", "configs"]:
+        for k in ["lengths", "passkey_lengths", "configs", "decode"]:
             v = getattr(a, k)
             if v is not None:
                 self.mode[k] = v
@@ -321,6 +334,7 @@ def parse_args(argv=None):
     ap.add_argument("--passkey-lengths", type=lambda s: [int(x) for x in s.split(",") if x],
                     help="passkey context lengths ('' for none)")
     ap.add_argument("--configs", type=lambda s: s.split(","), help="config names (tests/quality/configs)")
+    ap.add_argument("--decode", type=int, help="continuation tokens per sequence (decode-scored: this minus 1)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--nice", type=int, default=0, help="run ihip_run under nice -n N")
     ap.add_argument("--work", default=os.path.join(REPO, "target", "llama.cpp"), help="llama.cpp builds")
@@ -328,10 +342,23 @@ def parse_args(argv=None):
     ap.add_argument("--no-exact", action="store_true", help="skip the exactness check")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--stock-cache", help="reuse stock runs of identical inputs from this folder (off by default)")
-    ap.add_argument("--json", default=os.path.join(REPO, "target", "quality", "quality.json"))
-    ap.add_argument("--png", default=os.path.join(REPO, "target", "quality", "quality.png"))
-    return ap.parse_args(argv)
+    ap.add_argument("--resume", help="sglang: reuse results of identical (config policy, sequence) runs saved "
+                    "in this folder by earlier runs, and save new ones there (off by default)")
+    ap.add_argument("--engine", choices=["llama.cpp", "sglang"], default="llama.cpp",
+                    help="llama.cpp CPU builds (default) or sglang.Engine on the CPU (sglang_route.py)")
+    ap.add_argument("--json", help="default target/quality/quality.json (sglang: quality-sglang.json)")
+    ap.add_argument("--png", help="default target/quality/quality.png (sglang: quality-sglang.png)")
+    a = ap.parse_args(argv)
+    stem = "quality" if a.engine == "llama.cpp" else "quality-sglang"
+    a.json = a.json or os.path.join(REPO, "target", "quality", f"{stem}.json")
+    a.png = a.png or os.path.join(REPO, "target", "quality", f"{stem}.png")
+    return a
 
 
 if __name__ == "__main__":
-    sys.exit(Suite(parse_args()).main())
+    args = parse_args()
+    if args.engine == "sglang":
+        import sglang_route
+
+        sys.exit(sglang_route.main(args, sys.argv[1:]))
+    sys.exit(Suite(args).main())

@@ -176,6 +176,15 @@ class Probes(unittest.TestCase):
         text = [x for x in body[1:] if x < 50000]
         self.assertEqual(text, list(range(text[0], text[0] + len(text))))
 
+    def test_prefill_tail(self):
+        import run
+
+        s = self.seq()
+        t = run.prefill_tail(s)
+        self.assertEqual(t.stop, s.prefill + 1)  # ends where the decode-scored targets start
+        self.assertEqual(len(t), s.prefill // 8)
+        self.assertGreaterEqual(t.start, s.prefill_scored.start)
+
     def test_rejects_bad_layouts(self):
         with self.assertRaises(ValueError):
             self.seq(length=200)
@@ -347,6 +356,8 @@ class Report(unittest.TestCase):
         self.assertIn("+10.5%", t)
         self.assertIn("FAIL", t)
         self.assertIn("3/5", t)
+        row["d_prefill_tail"] = dict(d, mean=-0.02, n=99)
+        self.assertIn("-0.020 +- 0.020 (n 99)", report.table(res))
 
 
 class StockCache(unittest.TestCase):

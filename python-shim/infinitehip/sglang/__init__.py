@@ -60,6 +60,9 @@ def register():
     from .locret_free import install_hook
 
     install_hook()  # Locret: evicted slots back to SGLang's allocator
+    from .offload import install_hooks
+
+    install_hooks()  # host offload: SGLang's pool in host memory (kv.device_cache_pages)
     from .lazy_rows import install_hook as install_lazy_rows
 
     install_lazy_rows()  # LazyLLM: rows dropped between layers in prefill
@@ -89,6 +92,8 @@ def graph_capable_config(path=None):
         return False, f"config {path} unreadable ({e})"
     if not isinstance(cfg, dict):
         return False, f"config {path} is not a JSON object"
+    if (cfg.get("kv") or {}).get("device_cache_pages") is not None:
+        return False, f"config {path} turns host offload on (kv.device_cache_pages)"
     methods = {(cfg.get("default") or {}).get("method", "hip")}
     for o in cfg.get("overrides") or []:
         if isinstance(o, dict):

@@ -126,7 +126,7 @@ except ImportError:  # pragma: no cover - older SGLang
 import infinitehip
 from infinitehip import InfinitehipError
 
-from . import lazy_rows, locret_free
+from . import lazy_rows, locret_free, offload
 
 logger = logging.getLogger("infinitehip.sglang")
 
@@ -314,6 +314,10 @@ class InfiniteHipAttnBackend(AttentionBackend):
         self.token_to_kv_pool = model_runner.token_to_kv_pool
         self.start_layer = int(getattr(self.token_to_kv_pool, "start_layer", 0) or 0)
         cfg = build_policy_config(model_runner, self.token_to_kv_pool)
+        # Host offload (offload.py): kv.device_cache_pages counts SGLang's pages.
+        self.offload = offload.offload_settings(cfg)
+        if self.offload is not None:
+            cfg["kv"]["page_size"] = int(getattr(self.token_to_kv_pool, "page_size", 1) or 1)
         self.gpu = self._make_gpu(cfg)
         self._locret_layers = set()
         self._rope = None
@@ -356,6 +360,12 @@ class InfiniteHipAttnBackend(AttentionBackend):
         else:
             methods = [l["method"] for l in self.engine.stats()["layers"]]
         self._setup_dense(model_runner, cfg, methods)
+        if self.offload is not None and self.gpu is not None and self.dense is not None:
+            # SGLang's kernels do not read a host pool: ours serve those layers.
+            logger.warning("infinitehip host offload: dense layers run the plugin's kernels over the host pool, "
+                           "not %s", self.dense_name)
+            self.dense, self.dense_name = None, OWN_DENSE
+            self._prefill_below = self._decode_below = 0
         logger.warning(
             "infinitehip attention backend: %d layers (%s), kv dtype %s, config from %s, %s; "
             "dense attention through %s (dense layers; hip below %d prefill / %d decode context)",
@@ -575,6 +585,10 @@ class InfiniteHipAttnBackend(AttentionBackend):
             # Device metadata from SGLang's own tensors: capturable.
             self.gpu.decode_graph(li, q2, kb, vb, rt, forward_batch.req_pool_indices, forward_batch.seq_lens,
                                   out=out, sm_scale=float(layer.scaling))
+        elif decode and self.offload is not None:
+            self.gpu.decode_host(li, q2, kb, vb, rt, rows, p["seq_lens"], rows, self.offload[0], self.offload[1],
+                                 out=out, sm_scale=float(layer.scaling))
+            offload.write_stats(self, li)
         elif decode and self._gpu_compact:
             locret_free.gpu_decode_split(self, li, q2, kb, vb, rt, rows, p["seq_lens"], out, float(layer.scaling))
         elif decode:
@@ -945,6 +959,8 @@ class InfiniteHipAttnBackend(AttentionBackend):
                     slots = rt[p["rows"][i], : p["seq_lens"][i]].long()
                     out[i] = locret_free.dense_decode(qh[i], slots.to(kb.device), kb, vb, scale).cpu()
         res = out.reshape(qh.shape[0], -1).to(device=q.device, dtype=q.dtype)
+        if self.offload is not None:
+            offload.write_stats(self, li)
         pr = self._prof
         pr["sync"] += t1 - t0
         pr["attend"] += time.perf_counter() - t1
@@ -971,6 +987,11 @@ class InfiniteHipAttnBackend(AttentionBackend):
         return decode and self._graph_bs > 0 and 0 < bs <= self._graph_bs
 
     def init_cuda_graph_state(self, max_bs, max_num_tokens):
+        if self.offload is not None:
+            raise NotImplementedError(
+                "infinitehip backend: CUDA graphs with host offload (kv.device_cache_pages): run with CUDA graphs "
+                "disabled (the plugin does this automatically; else pass --disable-cuda-graph)"
+            )
         if self.gpu is None:
             raise NotImplementedError(
                 "infinitehip backend: CUDA graphs need the GPU path (this backend runs the host engine); "

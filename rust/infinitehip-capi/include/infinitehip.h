@@ -192,6 +192,28 @@ typedef struct IhipDeviceIndex {
   int64_t elem_bytes;
 } IhipDeviceIndex;
 
+/*
+ One layer's K/V in page-locked host memory, token-major rows
+ `[cell][kv_head][head_dim]` of `dtype` (page size 1, rows contiguous),
+ and the step's cell table: request b's cells are row b of `table`
+ (device int32 `[batch][table_stride]`) and of its host twin
+ `table_host` (the page cache's bookkeeping reads it). `cache_cells`:
+ cells (all KV heads) of the device page cache (`kv.device_cache_pages`);
+ `estimation_rows`: key rows of the estimation row cache, 0 for
+ `cache_cells * n_kv_heads`.
+ */
+typedef struct IhipHostKv {
+  uint64_t k;
+  uint64_t v;
+  int64_t n_cells;
+  int dtype;
+  uint64_t table;
+  const int32_t *table_host;
+  int64_t table_stride;
+  int64_t cache_cells;
+  int64_t estimation_rows;
+} IhipHostKv;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -568,6 +590,34 @@ int ihip_gpu_reset(const struct IhipGpuAttn *a);
 char *ihip_gpu_info_json(const struct IhipGpuAttn *a);
 
 /*
+ Decode one query per request over host K/V (module doc). hip layers
+ read through the layer's device caches (one host sync per layer-step:
+ the selection is read back for the page cache's bookkeeping; missed
+ blocks are copied on a side stream); other layers read every row of
+ the mapped host memory over the bus. Outputs equal `ihip_gpu_decode`'s
+ over the same K/V in device memory bit for bit. `reqs.table_rows[b]`
+ must be b (the table holds the batch's rows only); `n_new` is unused.
+ Checked (IHIP_ERR_ARG): table rows, lengths within `table_stride`,
+ cells within `n_cells`, `cache_cells >= 1`; a step whose selection
+ does not fit `cache_cells` is IHIP_ERR_CONFIG naming
+ `kv.device_cache_pages`.
+
+ # Safety
+ As `ihip_gpu_decode`; `kv.k`/`kv.v` are page-locked host memory of
+ `n_cells` cells that stay allocated while the handle lives (or until a
+ later call with other buffers rebuilds the caches); `table_host` holds
+ `batch * table_stride` int32.
+ */
+int ihip_gpu_decode_host(const struct IhipGpuAttn *a,
+                         uint64_t stream,
+                         size_t layer,
+                         const struct IhipGpuRequests *reqs,
+                         const struct IhipHostKv *kv,
+                         const struct IhipDeviceRows *q,
+                         const struct IhipDeviceRows *out,
+                         float sm_scale);
+
+/*
  1 when the library was built with CUDA support, else 0 (a driver may
  still be missing: `ihip_gpu_attn_new` says so).
  */
@@ -734,6 +784,34 @@ int ihip_gpu_reset(const struct IhipGpuAttn *a);
  `a` is NULL or a live handle.
  */
 char *ihip_gpu_info_json(const struct IhipGpuAttn *a);
+
+/*
+ Decode one query per request over host K/V (module doc). hip layers
+ read through the layer's device caches (one host sync per layer-step:
+ the selection is read back for the page cache's bookkeeping; missed
+ blocks are copied on a side stream); other layers read every row of
+ the mapped host memory over the bus. Outputs equal `ihip_gpu_decode`'s
+ over the same K/V in device memory bit for bit. `reqs.table_rows[b]`
+ must be b (the table holds the batch's rows only); `n_new` is unused.
+ Checked (IHIP_ERR_ARG): table rows, lengths within `table_stride`,
+ cells within `n_cells`, `cache_cells >= 1`; a step whose selection
+ does not fit `cache_cells` is IHIP_ERR_CONFIG naming
+ `kv.device_cache_pages`.
+
+ # Safety
+ As `ihip_gpu_decode`; `kv.k`/`kv.v` are page-locked host memory of
+ `n_cells` cells that stay allocated while the handle lives (or until a
+ later call with other buffers rebuilds the caches); `table_host` holds
+ `batch * table_stride` int32.
+ */
+int ihip_gpu_decode_host(const struct IhipGpuAttn *a,
+                         uint64_t stream,
+                         size_t layer,
+                         const struct IhipGpuRequests *reqs,
+                         const struct IhipHostKv *kv,
+                         const struct IhipDeviceRows *q,
+                         const struct IhipDeviceRows *out,
+                         float sm_scale);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -15,6 +15,10 @@ use crate::gpu_requests::check_requests;
 
 /// Opaque GPU attention handle.
 pub struct IhipGpuAttn {
+    /// Per-layer device caches of `ihip_gpu_decode_host` (declared first:
+    /// dropped before the attention object and its context).
+    #[cfg(feature = "cuda")]
+    pub(crate) tiers: Mutex<Vec<Option<ihip::backend::cuda::engine_attn::HostTier>>>,
     #[cfg(feature = "cuda")]
     inner: Mutex<ihip::backend::cuda::engine_attn::GpuAttention>,
     #[cfg(not(feature = "cuda"))]
@@ -61,6 +65,7 @@ pub unsafe extern "C" fn ihip_gpu_attn_new(
             let gpu = GpuContext::new(device as usize).map_err(|e| no_gpu(e.to_string()))?;
             let a = GpuAttention::new(&gpu, &cfg)?;
             out = Box::into_raw(Box::new(IhipGpuAttn {
+                tiers: Mutex::new((0..cfg.model.n_layers).map(|_| None).collect()),
                 inner: Mutex::new(a),
             }));
             Ok(())
@@ -87,7 +92,7 @@ pub unsafe extern "C" fn ihip_gpu_attn_free(a: *mut IhipGpuAttn) {
 }
 
 #[cfg(feature = "cuda")]
-fn with_gpu(
+pub(crate) fn with_gpu(
     a: *const IhipGpuAttn,
     f: impl FnOnce(&mut ihip::backend::cuda::engine_attn::GpuAttention) -> Result<(), Fail>,
 ) -> Result<(), Fail> {
@@ -106,7 +111,7 @@ fn with_gpu(
 }
 
 #[cfg(not(feature = "cuda"))]
-fn with_gpu(
+pub(crate) fn with_gpu(
     a: *const IhipGpuAttn,
     _f: impl FnOnce(&mut ()) -> Result<(), Fail>,
 ) -> Result<(), Fail> {
@@ -117,7 +122,7 @@ fn with_gpu(
 }
 
 #[cfg(feature = "cuda")]
-fn dtype_of(code: c_int, name: &str) -> Result<ihip::DType, Fail> {
+pub(crate) fn dtype_of(code: c_int, name: &str) -> Result<ihip::DType, Fail> {
     match code {
         IHIP_DTYPE_F32 => Ok(ihip::DType::F32),
         IHIP_DTYPE_F16 => Ok(ihip::DType::F16),
@@ -200,7 +205,7 @@ pub struct IhipProj {
 }
 
 /// Read a descriptor the caller passed by pointer.
-unsafe fn desc<'a, T>(p: *const T, name: &str) -> Result<&'a T, Fail> {
+pub(crate) unsafe fn desc<'a, T>(p: *const T, name: &str) -> Result<&'a T, Fail> {
     if p.is_null() {
         return Err(arg(format!("{name} is NULL")));
     }
@@ -213,7 +218,7 @@ unsafe fn desc<'a, T>(p: *const T, name: &str) -> Result<&'a T, Fail> {
 }
 
 #[cfg(feature = "cuda")]
-fn rows_of(r: &IhipDeviceRows, name: &str) -> Result<(u64, ihip::DType, usize), Fail> {
+pub(crate) fn rows_of(r: &IhipDeviceRows, name: &str) -> Result<(u64, ihip::DType, usize), Fail> {
     Ok((
         r.ptr,
         dtype_of(r.dtype, name)?,
@@ -667,9 +672,10 @@ pub unsafe extern "C" fn ihip_gpu_info_json(a: *const IhipGpuAttn) -> *mut c_cha
                 let graph = g.graph_prepared().map(|(bs, rows, bytes)| {
                     serde_json::json!({"max_batch": bs, "table_rows": rows, "bytes": bytes})
                 });
+                let host_tier = crate::gpu_host::tier_stats_json(a);
                 out = into_c_string(
                     serde_json::json!({"layers": layers, "requests": g.n_requests(), "locret": locret,
-                        "graph": graph})
+                        "graph": graph, "host_tier": host_tier})
                     .to_string(),
                 );
             }

@@ -8,7 +8,7 @@ fn generate() -> String {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     let config = cbindgen::Config::from_file(dir.join("cbindgen.toml")).unwrap();
     let mut builder = cbindgen::Builder::new().with_config(config);
-    for f in ["lib.rs", "errors.rs", "gpu.rs"] {
+    for f in ["lib.rs", "errors.rs", "gpu.rs", "gpu_host.rs"] {
         builder = builder.with_src(dir.join("src").join(f));
     }
     let mut out = Vec::new();

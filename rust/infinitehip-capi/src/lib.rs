@@ -687,8 +687,10 @@ pub unsafe extern "C" fn ihip_stats_json(e: *const IhipEngine) -> *mut c_char {
 }
 
 mod gpu;
+mod gpu_host;
 mod gpu_requests;
 pub use gpu::*;
+pub use gpu_host::*;
 
 #[cfg(test)]
 mod fuzz;

@@ -136,6 +136,7 @@ mod tests {
             "nvrtc-check --arch compute_90 --into gpu-bin/ptx",
             "gpu-test --engine-timing 128K,1M",
             "gpu-test --hip-prefill-only",
+            "gpu-test --hip-fast-cpu-only",
             "gpu-test --engine-only",
             "gpu-test --dense-only --seed 3",
             "bench-gpu-dense --tokens 128K,1M --batch 1,16 --groups 1,8 --dtypes bf16 --reps 5 --json d.json",

@@ -5,7 +5,9 @@
 //!   offsets; the output error vs dense f64 of the fast selections must be
 //!   no worse than the reference selections' by more than 10%, NaN fails;
 //! - needle: recall 1.0 for every block after the needle;
-//! - covering budget: sparse == dense within rounding, same selection.
+//! - covering budget: sparse == dense within rounding, same selection;
+//! - CPU twin: the fast selections equal the CPU policy's fast estimator's
+//!   (`hip.mask_estimator` fast) up to a measured share of near-ties.
 
 use half::{bf16, f16};
 use infinitehip::attention::{rel_error, AttnShape};
@@ -13,9 +15,11 @@ use infinitehip::backend::cuda::dispatch::{AttnOut, DeviceKv, HipGpuPrefill};
 use infinitehip::backend::cuda::engine_attn::{GpuAttention, QArg};
 use infinitehip::backend::cuda::hip_fast::MaskEstimator;
 use infinitehip::backend::cuda::{DevBuf, GpuContext};
-use infinitehip::config::{HipConfig, LayerPolicy};
+use infinitehip::config::{HipConfig, HipStage, LayerPolicy, MaskEstimatorChoice, ModelShape};
 use infinitehip::kv::{KvLayout, KvPool, SeqView};
+use infinitehip::policy::hip::HipPolicy;
 use infinitehip::policy::Selection;
+use infinitehip::policy::{Phase, Policy, SelectRequest};
 use infinitehip::rng::Rng;
 use infinitehip::workload::needle_seq;
 use infinitehip::{DType, Element};
@@ -421,6 +425,155 @@ fn engine_case(gpu: &GpuContext, seed: u64) -> R<Check> {
             ef / er
         ),
     })
+}
+
+/// Allowed share of selected tokens where the GPU fast estimator and its
+/// CPU twin disagree: both add the same exact bf16 products in f32, in a
+/// different order, so scores may differ by f32 rounding and a near-tie at
+/// a stage's threshold can go either way. Everything else must match.
+const TWIN_TOKEN_DIFF: f64 = 1e-3;
+
+/// Tokens of `a` not in `b` (both sorted, disjoint ranges).
+fn tokens_missing(a: &[std::ops::Range<usize>], b: &[std::ops::Range<usize>]) -> usize {
+    let (mut both, mut j) = (0, 0);
+    for r in a {
+        while j < b.len() && b[j].end <= r.start {
+            j += 1;
+        }
+        let mut k = j;
+        while k < b.len() && b[k].start < r.end {
+            both += r.end.min(b[k].end) - r.start.max(b[k].start);
+            k += 1;
+        }
+    }
+    a.iter().map(|r| r.len()).sum::<usize>() - both
+}
+
+/// GPU fast estimator vs the CPU policy's fast twin on one passages input:
+/// selections (as token sets) per (block, KV head).
+fn cpu_twin_case<T: Element>(
+    gpu: &GpuContext,
+    shape: AttnShape,
+    cfg: &HipConfig,
+    len: usize,
+    n: usize,
+    seed: u64,
+    label: &str,
+) -> R<Check> {
+    let ps = passages::<T>(shape, len, 48, seed)?;
+    let mut rng = Rng::new(seed ^ 0x5a);
+    let q: Vec<f32> = (0..n).flat_map(|_| ps.query(&mut rng)).collect();
+    let q_start = len - n;
+    let (_, gsel) = gpu_prefill(
+        gpu,
+        &shape,
+        &ps.pool,
+        cfg,
+        &q,
+        q_start,
+        n,
+        MaskEstimator::TensorCore,
+    )?;
+    let view = ps.pool.view(0).map_err(e)?;
+    let ccfg = HipConfig {
+        mask_estimator: MaskEstimatorChoice::Fast,
+        ..cfg.clone()
+    };
+    let model = ModelShape {
+        head_dim: shape.head_dim,
+        ..Default::default()
+    };
+    let mut pol = HipPolicy::new(ccfg, &model).map_err(e)?;
+    let cpu = pol
+        .select(&SelectRequest {
+            seq: 0,
+            shape,
+            phase: Phase::Prefill,
+            queries: &q,
+            q_start,
+            kv: &view,
+        })
+        .map_err(e)?;
+    let (mut rows_diff, mut diff, mut total) = (0usize, 0usize, 0usize);
+    let blocks_equal = gsel.len() == cpu.blocks.len();
+    for (g, c) in gsel.iter().zip(&cpu.blocks) {
+        for h in 0..shape.n_kv_heads {
+            let mut gr = g.heads[h].clone();
+            gr.sort_by_key(|r| r.start);
+            let d = tokens_missing(&gr, &c.heads[h]) + tokens_missing(&c.heads[h], &gr);
+            rows_diff += (d > 0) as usize;
+            diff += d;
+            total += c.token_count(h);
+        }
+    }
+    let share = diff as f64 / total.max(1) as f64;
+    Ok(Check {
+        name: format!(
+            "hip fast estimator: GPU == CPU twin, {label}, len {len}, {}/{}/{} {}",
+            shape.n_q_heads,
+            shape.n_kv_heads,
+            shape.head_dim,
+            T::DTYPE
+        ),
+        ok: blocks_equal && total > 0 && share <= TWIN_TOKEN_DIFF,
+        detail: format!(
+            "rows differing {rows_diff}/{}; tokens in one selection only {diff} of {total} ({share:.2e}, bound {TWIN_TOKEN_DIFF:.0e})",
+            cpu.blocks.len() * shape.n_kv_heads
+        ),
+    })
+}
+
+/// `gpu-test --hip-fast-cpu-only`: the GPU fast estimator vs its CPU twin
+/// at the default stages and at the head_dim-64 quality stages.
+pub(crate) fn cpu_twin_checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
+    let s = |a, b, c| AttnShape::new(a, b, c).map_err(e);
+    let d64c2 = |len: usize| HipConfig {
+        sink: 32,
+        window: len / 32,
+        stages: vec![
+            HipStage {
+                chunk_size: 2,
+                keep_tokens: len / 2,
+                refresh_interval: 8,
+            },
+            HipStage {
+                chunk_size: 1,
+                keep_tokens: len / 8 - 32 - len / 32,
+                refresh_interval: 1,
+            },
+        ],
+        ..HipConfig::default()
+    };
+    let def = HipConfig::default();
+    Ok(vec![
+        cpu_twin_case::<bf16>(
+            gpu,
+            s(32, 8, 128)?,
+            &def,
+            16384,
+            512,
+            seed + 11,
+            "default stages",
+        )?,
+        cpu_twin_case::<f16>(
+            gpu,
+            s(9, 3, 64)?,
+            &d64c2(8192),
+            8192,
+            2048,
+            seed + 13,
+            "d64c2 stages",
+        )?,
+        cpu_twin_case::<bf16>(
+            gpu,
+            s(9, 3, 64)?,
+            &d64c2(16384),
+            16384,
+            1000,
+            seed + 14,
+            "d64c2 stages",
+        )?,
+    ])
 }
 
 pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {

@@ -17,6 +17,7 @@ const COMMANDS: &[&[&str]] = &[
     &["gpu-test"],
     &["gpu-test", "--step-only"],
     &["gpu-test", "--hip-prefill-only"],
+    &["gpu-test", "--hip-fast-cpu-only"],
     &["gpu-test-offload"],
 ];
 

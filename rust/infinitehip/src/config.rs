@@ -222,6 +222,26 @@ pub struct HipConfig {
     /// Prefill is processed in chunks of this many queries.
     pub prefill_chunk: usize,
     pub rope: RopeConfig,
+    /// Prefill mask estimator (decode always uses the reference search).
+    pub mask_estimator: MaskEstimatorChoice,
+}
+
+/// Which prefill mask estimator a hip layer runs (`hip.mask_estimator`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskEstimatorChoice {
+    /// Each backend's default: the reference search on the CPU, the
+    /// tensor-core estimator on the GPU (today's behaviour).
+    #[default]
+    Auto,
+    /// Representative-key search with f32 probes (the paper's estimator;
+    /// the GPU's f32 twin is bit-equal to the CPU policy).
+    Reference,
+    /// Stage 0 ranks chunks by their mean key, later stages score every
+    /// token of the kept chunks; bf16 operands, f32 accumulation. On the
+    /// GPU tensor cores (kernels/hip_fast.cu), on the CPU its twin
+    /// (`policy::hip_fast`). Needs `rope.scoring` original.
+    Fast,
 }
 
 impl Default for HipConfig {
@@ -250,6 +270,7 @@ impl Default for HipConfig {
             q_stride: 4,
             prefill_chunk: 8192,
             rope: RopeConfig::default(),
+            mask_estimator: MaskEstimatorChoice::Auto,
         }
     }
 }
@@ -798,6 +819,12 @@ fn validate_hip(h: &HipConfig, at: &str) -> Result<()> {
         return Err(bad(
             format!("{at}.rope.attention"),
             "use original or streaming",
+        ));
+    }
+    if h.mask_estimator == MaskEstimatorChoice::Fast && h.rope.scoring != RopeMode::Original {
+        return Err(bad(
+            format!("{at}.mask_estimator"),
+            "fast scores stored keys as they are: needs rope.scoring original",
         ));
     }
     Ok(())

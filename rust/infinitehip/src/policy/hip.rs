@@ -22,8 +22,8 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
-use super::{Phase, Policy, SelectOutput, SelectRequest, Selection};
-use crate::config::{HipConfig, HipStage, ModelShape, RopeMode};
+use super::{hip_fast, Phase, Policy, SelectOutput, SelectRequest, Selection};
+use crate::config::{HipConfig, HipStage, MaskEstimatorChoice, ModelShape, RopeMode};
 use crate::dtype::max_dot_f32;
 use crate::error::{Error, Result};
 use crate::kv::KvRead;
@@ -145,6 +145,16 @@ impl Scorer<'_> {
 /// Split sorted candidate ranges into chunks of `chunk` tokens (a range's last
 /// chunk may be shorter), score them, keep the top `keep_tokens / chunk`.
 fn run_stage(scorer: &Scorer<'_>, cands: &[Range<usize>], stage: &HipStage) -> Vec<Range<usize>> {
+    run_stage_with(cands, stage, |chunks| scorer.chunk_scores(chunks))
+}
+
+/// `run_stage` with any chunk scorer (`score` gets every chunk, in order,
+/// and returns one score each): the selection rule both estimators share.
+pub(super) fn run_stage_with(
+    cands: &[Range<usize>],
+    stage: &HipStage,
+    score: impl FnOnce(&[Range<usize>]) -> Vec<f32>,
+) -> Vec<Range<usize>> {
     let c = stage.chunk_size;
     let mut chunks: Vec<Range<usize>> = Vec::new();
     for r in cands {
@@ -159,7 +169,8 @@ fn run_stage(scorer: &Scorer<'_>, cands: &[Range<usize>], stage: &HipStage) -> V
     if chunks.len() <= n_keep {
         return cands.to_vec();
     }
-    let mut scored: Vec<(f32, usize)> = scorer.chunk_scores(&chunks).into_iter().zip(0..).collect();
+    let mut scored: Vec<(f32, usize)> = score(&chunks).into_iter().zip(0..).collect();
+    debug_assert_eq!(scored.len(), chunks.len());
     // Higher score first; NaN scores sort last; ties by position.
     let key = |a: &(f32, usize), b: &(f32, usize)| {
         let (sa, sb) = (
@@ -231,6 +242,13 @@ impl HipPolicy {
             return Err(Error::config(
                 "hip.rope.attention",
                 "use original or streaming",
+            ));
+        }
+        if cfg.mask_estimator == MaskEstimatorChoice::Fast && cfg.rope.scoring != RopeMode::Original
+        {
+            return Err(Error::config(
+                "hip.mask_estimator",
+                "fast scores stored keys as they are: needs rope.scoring original",
             ));
         }
         Ok(HipPolicy {
@@ -352,6 +370,18 @@ impl HipPolicy {
         let qb = self.cfg.block_size_q;
         let hkv = req.shape.n_kv_heads;
         let n_blocks = n.div_ceil(qb);
+        let fast = self.cfg.mask_estimator == MaskEstimatorChoice::Fast;
+        // The fast estimator's stage-0 representatives, once per KV head for
+        // every block of the call (the last block's middle reaches furthest).
+        let reps: Vec<Vec<f32>> = if fast {
+            let (_, mid, _) = regions(&self.cfg, req.q_start + n - 1, req.q_start + n - 1);
+            let c0 = self.cfg.stages[0].chunk_size;
+            par_map(hkv, |h| {
+                hip_fast::representatives(req.kv, h, mid.start, c0, mid.len().div_ceil(c0))
+            })
+        } else {
+            Vec::new()
+        };
         let per = par_map(n_blocks * hkv, |item| {
             let (b, h) = (item / hkv, item % hkv);
             let (lo, hi) = (b * qb, ((b + 1) * qb).min(n));
@@ -360,6 +390,8 @@ impl HipPolicy {
             let qs = Self::group_queries(req, h, lo, hi, self.cfg.q_stride);
             let kept = if mid.is_empty() {
                 vec![]
+            } else if fast {
+                hip_fast::select_middle(req.kv, h, &self.cfg.stages, &qs, &reps[h], mid.clone())
             } else {
                 self.stages_from(req, h, &qs, p_last, &mid, 0, vec![mid.clone()], |_, _| {})
             };

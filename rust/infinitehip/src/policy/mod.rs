@@ -4,6 +4,7 @@
 
 mod dense;
 pub mod hip;
+mod hip_fast;
 pub mod lazy;
 pub mod locret;
 mod selection;

@@ -11,7 +11,7 @@ use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
 use super::dispatch::{launch_topk, DeviceKv, StageBuf, SubChunks};
 use super::{gpu_err, kernels, DevBuf, GpuContext};
-use crate::config::HipConfig;
+use crate::config::{HipConfig, MaskEstimatorChoice};
 use crate::error::{Error, Result};
 
 /// Which mask estimator a hip prefill runs.
@@ -41,6 +41,15 @@ impl MaskEstimator {
             Self::Auto => "auto",
             Self::Reference => "reference",
             Self::TensorCore => "tensor_core",
+        }
+    }
+    /// `Auto` defers to the layer config's `hip.mask_estimator` (whose own
+    /// `auto` means the tensor-core estimator here); explicit choices win.
+    pub fn with_config(self, c: MaskEstimatorChoice) -> Self {
+        match (self, c) {
+            (Self::Auto, MaskEstimatorChoice::Reference) => Self::Reference,
+            (Self::Auto, MaskEstimatorChoice::Fast) => Self::TensorCore,
+            (e, _) => e,
         }
     }
     /// Whether this choice runs the tensor-core estimator for `head_dim`.

@@ -1373,6 +1373,7 @@ impl GpuAttention {
                 hkv,
                 &sel,
                 i * hkv,
+                None,
             )?;
             h.step[s] += 1;
         }

@@ -1,0 +1,161 @@
+"""Teacher-forced scoring through `sglang.Engine` on the CPU (the SGLang
+route of the quality suite; runs inside the SGLang venv).
+
+One engine per config (the attention backend and INFINITEHIP_CONFIG are read
+when SGLang spawns its scheduler). A sequence is scored by one request: its
+first `prefill` ids are the prompt (prefill-scored targets come from SGLang's
+input logprobs, argmax from its top-1 input logprobs), the rest are forced
+one sampling step at a time by sglang_force.ForceTargets (step 0 from the
+last prefill row, later steps from single-token decode forwards). The result
+is the same per-token records as ihip_run's (stats.RECORD: nll, argmax,
+path 0 prefill / 1 decode / -1 unscored), so run.py's statistics apply.
+"""
+import json
+import os
+import time
+
+import numpy as np
+
+import stats
+
+STOCK_BACKEND = "torch_native"  # SGLang's CPU attention without AMX kernels
+PATCHED_BACKEND = "infinitehip"
+# Fixed engine options: float32 (the checkpoint is the Q4_1 GGUF dequantized
+# to f32, KV in f32), one request at a time, no radix cache (each sequence is
+# scored from scratch; Locret's slot freeing needs it off), no overlap
+# schedule (the forcing processor reads output_ids of the current step).
+ENGINE_ARGS = {"device": "cpu", "dtype": "float32", "skip_tokenizer_init": True, "disable_cuda_graph": True,
+               "disable_radix_cache": True, "disable_overlap_schedule": True,
+               "enable_custom_logit_processor": True, "max_running_requests": 1, "log_level": "warning"}
+
+
+def _force_str():
+    from sglang_force import ForceTargets  # importable in the scheduler too (PYTHONPATH)
+
+    return ForceTargets.to_str()
+
+
+class SglangEngine:
+    """One sglang.Engine: stock (policy None, torch_native) or patched."""
+
+    def __init__(self, model_dir, policy, tmp, tag, max_len, chunked_prefill=None, threads=None):
+        import sglang as sgl
+
+        self.tmp, self.tag, self.policy = tmp, tag, policy
+        env = {}
+        if threads:  # torch's OpenMP pool and the plugin's workers (2 spinning threads on a loaded 2-core box are slow)
+            env["OMP_NUM_THREADS"] = env["INFINITEHIP_THREADS"] = str(threads)
+        if policy is not None:
+            cfg = os.path.join(tmp, f"{tag}.policy.json")
+            with open(cfg, "w") as f:
+                json.dump(policy, f)
+            env["INFINITEHIP_CONFIG"] = cfg
+            self.locret_stats = os.path.join(tmp, f"{tag}.locret.jsonl")
+            env["INFINITEHIP_LOCRET_STATS"] = self.locret_stats
+        else:
+            self.locret_stats = None
+        saved = {k: os.environ.pop(k, None)
+                 for k in ["INFINITEHIP_CONFIG", "INFINITEHIP_LOCRET_STATS", "OMP_NUM_THREADS", "INFINITEHIP_THREADS"]}
+        os.environ.update(env)
+        args = dict(ENGINE_ARGS, model_path=model_dir, max_total_tokens=max_len + 64,
+                    attention_backend=PATCHED_BACKEND if policy is not None else STOCK_BACKEND)
+        if chunked_prefill:
+            args["chunked_prefill_size"] = chunked_prefill
+        t0 = time.time()
+        try:
+            self.eng = sgl.Engine(**args)
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None)
+                if v is not None:
+                    os.environ[k] = v
+        self.startup_s = time.time() - t0
+        self.args = {k: v for k, v in args.items() if k != "model_path"}
+        self.args["threads"] = threads
+        self.force = _force_str()
+
+    def shutdown(self):
+        self.eng.shutdown()
+
+    def score(self, ids, prefill, first_prefill_scored, tag):
+        """(records, timings, stats) of one teacher-forced sequence.
+
+        first_prefill_scored: the first target position scored from the
+        prefill's input logprobs (None: none)."""
+        ids = [int(x) for x in ids]
+        n = len(ids)
+        if not 0 < prefill < n:
+            raise ValueError(f"prefill {prefill} of {n} tokens")
+        out = os.path.join(self.tmp, f"{tag}.steps.jsonl")
+        if os.path.exists(out):
+            os.remove(out)
+        lp_start = -1 if first_prefill_scored is None else first_prefill_scored - 1
+        if lp_start == -1 or not 0 <= lp_start < prefill:
+            lp_start = -1
+        sp = {"max_new_tokens": n - prefill, "temperature": 0, "ignore_eos": True,
+              "custom_params": {"targets": ids[prefill:], "out": out}}
+        t0 = time.time()
+        o = self.eng.generate(input_ids=ids[:prefill], sampling_params=sp, return_logprob=True,
+                              logprob_start_len=lp_start, top_logprobs_num=1, custom_logit_processor=self.force)
+        t1 = time.time()
+        mi = o["meta_info"]
+        if mi.get("num_retractions", 0):
+            raise RuntimeError(f"{tag}: SGLang retracted the request (its decode tokens would be re-prefilled)")
+        steps = [json.loads(line) for line in open(out)] if os.path.exists(out) else []
+        rec = assemble(ids, prefill, lp_start, mi.get("input_token_logprobs"), mi.get("input_top_logprobs"), steps,
+                       o["output_ids"], tag)
+        ts = sorted(s["t"] for s in steps)
+        prefill_s = ts[0] - t0
+        dec = (len(ts) - 1) / (ts[-1] - ts[0]) if len(ts) > 1 and ts[-1] > ts[0] else float("nan")
+        timings = {"prefill_s": prefill_s, "prefill_tok_s": prefill / prefill_s, "decode_tok_s": dec,
+                   "total_s": t1 - t0, "engine_startup_s": self.startup_s}
+        return rec, timings, self._stats(n, prefill)
+
+    def _stats(self, n, prefill):
+        """The plugin's side of a run: Locret's freed slots (locret_free's
+        INFINITEHIP_LOCRET_STATS lines of this request), else None."""
+        if self.policy is None or (self.policy.get("default") or {}).get("method") != "locret":
+            return None
+        lines = [json.loads(l) for l in open(self.locret_stats)] if os.path.exists(self.locret_stats) else []
+        os.makedirs(self.tmp, exist_ok=True)
+        if os.path.exists(self.locret_stats):
+            os.remove(self.locret_stats)  # the next request's lines only
+        freed = sum(r["freed"] for r in lines)
+        kept = prefill - freed
+        # Visible cells at the last decode step: the kept prompt plus every
+        # decoded token (decoded tokens are never evicted).
+        return {"locret": {"evicted_tokens": freed, "compactions": lines, "max_visible_cells": prefill,
+                           "last_visible_cells": kept + (n - prefill - 1)}}
+
+
+def assemble(ids, prefill, lp_start, itl, itop, steps, output_ids, tag=""):
+    """Per-token records of one forced request, checked: the input logprobs
+    are for ids[lp_start:prefill] (entry 0 has none), every forced step
+    0..n-prefill-1 was recorded once with its target, and SGLang's output
+    tokens are the targets. Step 0 is the last prefill row (path 0), later
+    steps single-token decodes (path 1); unscored positions get path -1."""
+    n = len(ids)
+    rec = np.zeros(n, dtype=stats.RECORD)
+    rec["nll"], rec["argmax"], rec["path"] = np.nan, -1, -1
+    if lp_start >= 0:
+        if itl is None or itop is None or len(itl) != prefill - lp_start or len(itop) != len(itl):
+            raise RuntimeError(f"{tag}: {None if itl is None else len(itl)} input logprobs from {lp_start}, "
+                               f"prompt {prefill}")
+        for j, (lp, tid, _) in enumerate(itl):
+            pos = lp_start + j
+            if tid != ids[pos]:
+                raise RuntimeError(f"{tag}: input logprob {j} is for token {tid}, ids[{pos}] = {ids[pos]}")
+            if lp is None:
+                continue
+            rec[pos] = (-lp, itop[j][0][1], 0)
+    seen = sorted(s["step"] for s in steps)
+    if seen != list(range(n - prefill)):
+        raise RuntimeError(f"{tag}: forced steps {seen[:3]}..{seen[-3:]} ({len(seen)}), expected 0..{n - prefill - 1}")
+    if list(output_ids) != list(ids[prefill:]):
+        raise RuntimeError(f"{tag}: SGLang's output tokens are not the forced targets")
+    for s in steps:
+        pos = prefill + s["step"]
+        if s["target"] != ids[pos]:
+            raise RuntimeError(f"{tag}: step {s['step']} forced {s['target']}, ids[{pos}] = {ids[pos]}")
+        rec[pos] = (s["nll"], s["argmax"], 0 if s["step"] == 0 else 1)
+    return rec

@@ -1,0 +1,404 @@
+"""The quality suite through SGLang on the CPU (`run.py --engine sglang`):
+stock `sglang.Engine(attention_backend="torch_native")` vs the patched one
+(`attention_backend="infinitehip"`, INFINITEHIP_CONFIG = the config's policy),
+same configs, sequences, metrics, checks and output as the llama.cpp route
+(run.Suite; only the scorer differs: sglang_engine.SglangEngine).
+
+Model: the same SmolLM2 Q4_1 GGUF converted to a Hugging Face checkpoint
+(dequantized f32, python-shim/infinitehip/gguf_to_hf.py); SGLang runs it in
+float32 with a float32 KV cache, so the exactness check (covering budgets
+vs stock within EXACT_BOUND nats per token) uses the same model as the rows.
+Tokens: the checkpoint's own tokenizer (transformers).
+
+run.py is started by any python3; this module re-runs it inside the SGLang
+venv (the one .ci/stages/sglang.sh keeps, created here if missing) with
+SGLANG_USE_CPU_ENGINE=1, the repo's python-shim on PYTHONPATH and
+INFINITEHIP_LIB = target/release/libinfinitehip.so (built if missing).
+
+One engine per config, started once and fed every sequence that config
+scores (engine start-up, ~30-60 s on 2 cores, dominates short runs).
+"""
+import hashlib
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+import locret_heads
+import probes
+import run
+import sources
+import suite_config
+
+HERE = run.HERE
+REPO = run.REPO
+INSIDE_ENV = "IHIP_QUALITY_SGLANG_CHILD"  # set in the re-run: never re-run twice
+METHODS = {"stock", "hip", "lazy", "squeeze", "locret"}  # what the backend runs on the CPU host path
+# The CI slice: the covering budget equals stock (and hip-1/4 does not), hip-1/4
+# at 1K within run.py's stated sparse bound. Fewer configs than the llama.cpp
+# slice: each costs an engine start.
+QUICK_EXACT = ["hip-cover"]
+
+
+def log(msg):
+    print(f"[quality/sglang] {msg}", file=sys.stderr, flush=True)
+
+
+def sglang_version():
+    src = open(os.path.join(REPO, "python-shim", "infinitehip", "sglang", "__init__.py")).read()
+    return re.search(r'^SGLANG_VERSION = "(.*)"$', src, re.M).group(1)
+
+
+def venv_dir():
+    cache = os.environ.get("INFINITEHIP_CI_CACHE", os.path.expanduser("~/.cache/infinitehip-ci"))
+    return os.path.join(cache, f"venv-sglang-{sglang_version()}")
+
+
+def ensure_venv():
+    """The SGLang venv's python (created like .ci/stages/sglang.sh does:
+    pinned sglang, the sgl_kernel stub, the python shim's entry point)."""
+    venv = venv_dir()
+    py = os.path.join(venv, "bin", "python")
+    if not os.path.exists(os.path.join(venv, ".complete")):
+        log(f"creating {venv} (pip install sglang=={sglang_version()}: ~4.2 GB of wheels, 11 GB on disk)")
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        subprocess.run([py, "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
+        subprocess.run([py, "-m", "pip", "install", "-q", f"sglang=={sglang_version()}", "pytest"], check=True)
+        open(os.path.join(venv, ".complete"), "w").close()
+    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    stub = os.path.join(REPO, ".ci", "sglang", "ihip_sgl_kernel_stub.py")
+    if not os.path.exists(os.path.join(site, "ihip_sgl_kernel_stub.pth")):
+        subprocess.run(["cp", stub, site], check=True)
+        with open(os.path.join(site, "ihip_sgl_kernel_stub.pth"), "w") as f:
+            f.write("import ihip_sgl_kernel_stub\n")
+    # SGLang finds the backend through the installed distribution's entry
+    # point; the code itself comes from the repo (PYTHONPATH, below).
+    if subprocess.run([py, "-c", "import importlib.metadata as m; m.distribution('infinitehip')"],
+                      capture_output=True).returncode != 0:
+        subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", os.path.join(REPO, "python-shim")],
+                       check=True, env=dict(os.environ, INFINITEHIP_LIB=library()))
+    return py
+
+
+def library():
+    lib = os.environ.get("INFINITEHIP_LIB") or os.path.join(REPO, "target", "release", "libinfinitehip.so")
+    if not os.path.exists(lib):
+        log("building libinfinitehip (cargo build --release -p infinitehip-capi)")
+        subprocess.run(["cargo", "build", "--release", "-p", "infinitehip-capi"], cwd=REPO, check=True)
+    return lib
+
+
+def rerun_in_venv(argv):
+    """Run run.py again inside the SGLang venv; its exit status."""
+    py = ensure_venv()
+    env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1", INFINITEHIP_LIB=library(), **{INSIDE_ENV: "1"})
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(REPO, "python-shim"), HERE] +
+                                        ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return subprocess.run([py, os.path.join(HERE, "run.py")] + argv, env=env).returncode
+
+
+def hf_checkpoint(py=sys.executable):
+    """The SmolLM2 Q4_1 GGUF as a dequantized HF checkpoint (converted once)."""
+    stem = os.path.basename(sources.MODEL_MEMBER).replace(".gguf", "-hf")
+    cands = [os.path.join(sources.CACHE, "models", stem)]
+    if "IHIP_CACHE" not in os.environ:
+        cands.append(os.path.expanduser(os.path.join("~", ".cache", "infinitehip", "models", stem)))
+    for d in cands:
+        if os.path.exists(os.path.join(d, ".complete")):
+            return d
+    gguf = sources.model_gguf()
+    out = cands[0]
+    for pkg in ["gguf", "accelerate"]:  # transformers' GGUF loader needs them
+        if importlib.util.find_spec(pkg) is None:
+            subprocess.run([py, "-m", "pip", "install", "-q", pkg], check=True)
+    log(f"converting {gguf} to a Hugging Face checkpoint (infinitehip.gguf_to_hf)")
+    subprocess.run([py, "-m", "infinitehip.gguf_to_hf", gguf, out], check=True)
+    with open(os.path.join(out, ".complete"), "w") as f:
+        f.write(gguf + "\n")
+    return out
+
+
+class HfTokenizer:
+    """run.Suite's tokenizer interface (tokenize_str) over the checkpoint's
+    transformers tokenizer."""
+
+    def __init__(self, model_dir):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+
+    def ids(self, text):
+        return list(self.tok(text)["input_ids"])
+
+    def tokenize_str(self, model, text, tmp):
+        return self.ids(text)
+
+
+class SglangSuite(run.Suite):
+    """run.Suite with SGLang as the scorer. Every (config, sequence) pair
+    the base flow will ask for is scored first, one engine per config."""
+
+    def __init__(self, a):
+        self.a = a
+        self.configs = suite_config.load_dir(os.path.join(HERE, "configs"))
+        self.tmp = tempfile.mkdtemp(prefix="ihip-quality-sglang-")
+        self.model = hf_checkpoint()
+        self.text = sources.austen_text()
+        self.tok = HfTokenizer(self.model)
+        self.run = {"stock": self.tok, "patched": self.tok}  # passkey() tokenizes through run["stock"]
+        self.corpus = self._corpus()
+        probe = self.tok.ids("Hello")
+        self.bos = probe[0] if len(probe) > 1 and probe[0] == self.corpus[0] else None
+        heads, hidden, trained = locret_heads.find(REPO, sources.CACHE)
+        rnd, rnd_hidden = locret_heads.random_heads(sources.CACHE)
+        self.subst = {"locret_weights": heads, "locret_hidden": hidden,
+                      "locret_random_weights": rnd, "locret_random_hidden": rnd_hidden}
+        self.locret_trained = trained
+        self.failures = []
+        self.results = {}
+        self.engine_info = {}
+
+    def _corpus(self):
+        key = hashlib.sha256(open(os.path.join(self.model, "tokenizer.json"), "rb").read()).hexdigest()[:12]
+        path = os.path.join(sources.CACHE, "text", f"austen-paragraphs.hf-{key}.ids")
+        if not os.path.exists(path):
+            log("tokenizing the novels (transformers)")
+            with open(self.text, encoding="utf-8") as f:
+                np.asarray(self.tok.ids(f.read()), dtype="<i4").tofile(path + ".tmp")
+            os.replace(path + ".tmp", path)
+        return np.fromfile(path, dtype="<i4")
+
+    def f32_model(self):
+        return self.model  # already float32 weights and KV
+
+    @staticmethod
+    def _key(name, seq):
+        h = hashlib.sha256(np.asarray(seq.ids, dtype="<i4").tobytes()).hexdigest()[:16]
+        return (name, h, seq.prefill)
+
+    def score(self, name, model, seq, tag, kv="f16"):
+        key = self._key(name, seq)
+        if key not in self.results:
+            raise RuntimeError(f"{tag}: {name} was not planned (SglangSuite.plan)")
+        return self.results[key]
+
+    def row(self, name, ctx, seq, rec, ref, t, st):
+        """run.Suite's row plus greedy agreement with stock: the fraction of
+        decode-path positions (continuation and copy probes, teacher forced)
+        where this config's argmax is stock's."""
+        r = super().row(name, ctx, seq, rec, ref, t, st)
+        idx = [i for i in range(seq.prefill + 1, len(seq)) if rec["path"][i] == 1]
+        r["argmax_agree_decode"] = float((rec["argmax"][idx] == ref["argmax"][idx]).mean()) if idx else None
+        r["n_decode_steps"] = len(idx)
+        return r
+
+    # -- the plan: what the base flow will score ----------------------------
+    def plan(self):
+        """{config: [(tag, sequence)]} in the base flow's order."""
+        jobs = {}
+
+        def add(name, tag, seq, first=None):
+            # first: the first target scored from the prefill's input logprobs
+            if first is None and len(seq.prefill_scored):
+                first = seq.prefill_scored.start
+            jobs.setdefault(name, []).append((tag, seq, first))
+
+        if not self.a.no_exact:
+            seq = self.sequence(self.mode["exact_ctx"], **run.EXACT_SEQ)
+            for name in ["stock"] + self.exact_configs() + [run.EXACT_NEGATIVE]:
+                add(name, f"exact-{name}", seq, 1)  # exactness compares every target from 1
+        for ctx in self.mode["lengths"]:
+            seq = self.sequence(ctx)
+            for name in ["stock"] + self.mode["configs"]:
+                add(name, f"q{ctx}-{name}", seq)
+        for ctx in self.mode["passkey_lengths"]:
+            for depth, seq in self.passkey_sequences(ctx):
+                for name in ["stock"] + self.mode["configs"]:
+                    add(name, f"pk{ctx}-{depth}-{name}", seq)
+        return jobs
+
+    def exact_configs(self):
+        return QUICK_EXACT if self.a.quick else run.EXACT_CONFIGS
+
+    def passkey_sequences(self, ctx):
+        """The same sequences run.Suite.passkey builds."""
+        start = len(self.text_str) // 3
+        filler = self.text_str[start:start + ctx * 4]
+        out = []
+        for depth in self.mode["passkey_depths"]:
+            prompt, full = probes.passkey_texts(filler, depth, run.PASSKEY)
+            pids, fids = self.tok.ids(prompt), self.tok.ids(full)
+            span = probes.answer_span(pids, fids)
+            out.append((depth, probes.Sequence(ids=fids, prefill=span.start - 1, prefill_scored=range(0),
+                                               decode_scored=span)))
+        return out
+
+    def execute(self, jobs):
+        from sglang_engine import SglangEngine
+
+        for name, items in jobs.items():
+            policy = None
+            if name != "stock":
+                # The policy at each sequence's length: one engine per distinct policy.
+                by_policy = {}
+                for item in items:
+                    p = self.policy(name, len(item[1]))
+                    by_policy.setdefault(json_key(p), (p, []))[1].append(item)
+                groups = list(by_policy.values())
+            else:
+                groups = [(policy, items)]
+            for policy, group in groups:
+                todo = []
+                for tag, seq, first in group:
+                    key = self._key(name, seq)
+                    if key in self.results:
+                        continue
+                    saved = self.load_saved(name, policy, seq, first)
+                    if saved is not None:
+                        log(f"{tag}: {name} reused from --resume {self.a.resume}")
+                        self.results[key] = saved
+                    else:
+                        todo.append((tag, seq, first))
+                if not todo:
+                    continue
+                max_len = max(len(s) for _, s, _ in todo)
+                log(f"{name}: starting sglang.Engine ({'torch_native' if policy is None else 'infinitehip'}), "
+                    f"{len(todo)} sequence(s) up to {max_len} tokens")
+                eng = SglangEngine(self.model, policy, self.tmp, name.replace("/", "_"), max_len,
+                                   threads=getattr(self.a, "threads", None))
+                self.engine_info[name] = {"args": eng.args, "startup_s": eng.startup_s}
+                try:
+                    for tag, seq, first in todo:
+                        key = self._key(name, seq)
+                        if key in self.results:
+                            continue
+                        log(f"{tag}: {name} ({len(seq)} tokens, prefill {seq.prefill})")
+                        self.results[key] = eng.score(seq.ids, seq.prefill, first, tag.replace("/", "_"))
+                        self.save_result(name, policy, seq, first, self.results[key])
+                finally:
+                    eng.shutdown()
+
+    # -- --resume DIR: results of identical runs, saved as they finish -------
+    def _saved_path(self, name, policy, seq, first):
+        if not getattr(self.a, "resume", None):
+            return None
+        h = hashlib.sha256(np.asarray(seq.ids, dtype="<i4").tobytes()).hexdigest()
+        key = json_key({"name": name, "policy": policy, "ids": h, "prefill": seq.prefill, "first": first,
+                        "model": os.path.basename(self.model), "engine": "sglang",
+                        "threads": getattr(self.a, "threads", None)})
+        return os.path.join(self.a.resume, hashlib.sha256(key.encode()).hexdigest()[:24])
+
+    def save_result(self, name, policy, seq, first, result):
+        path = self._saved_path(name, policy, seq, first)
+        if path is None:
+            return
+        import json
+
+        os.makedirs(self.a.resume, exist_ok=True)
+        rec, timings, st = result
+        rec.tofile(path + ".rec.tmp")
+        with open(path + ".json.tmp", "w") as f:
+            json.dump({"config": name, "timings": timings, "stats": st}, f)
+        os.replace(path + ".rec.tmp", path + ".rec")
+        os.replace(path + ".json.tmp", path + ".json")
+
+    def load_saved(self, name, policy, seq, first):
+        path = self._saved_path(name, policy, seq, first)
+        if path is None or not os.path.exists(path + ".json"):
+            return None
+        import json
+
+        import stats
+
+        with open(path + ".json") as f:
+            meta = json.load(f)
+        return stats.read_records(path + ".rec", len(seq)), meta["timings"], meta["stats"]
+
+    def main(self):
+        a = self.a
+        self.mode = dict(run.QUICK if a.quick else run.FULL)
+        if not a.quick:
+            self.mode["passkey_lengths"] = []  # default off here (the llama.cpp route has it); --passkey-lengths
+        for k in ["lengths", "passkey_lengths", "configs"]:
+            v = getattr(a, k)
+            if v is not None:
+                self.mode[k] = v
+        if a.quick:  # exactness at the row's length: one hip-1/4 engine serves the negative control and the bound
+            self.mode["exact_ctx"] = self.mode["lengths"][0]
+        unknown = [c for c in self.mode["configs"] if c not in self.configs]
+        if unknown:
+            raise SystemExit(f"unknown configs {unknown}; known: {sorted(self.configs)}")
+        bad = [c for c in self.mode["configs"] if self.configs[c]["method"] not in METHODS]
+        if bad:
+            raise SystemExit(f"configs {bad}: methods the SGLang backend does not run")
+        with open(self.text, encoding="utf-8") as f:
+            self.text_str = f.read()
+        self.execute(self.plan())
+        saved = run.EXACT_CONFIGS
+        run.EXACT_CONFIGS = self.exact_configs()  # the base exactness() iterates this list
+        try:
+            return self._report()
+        finally:
+            run.EXACT_CONFIGS = saved
+
+    def _report(self):
+        import datetime
+        import platform
+        import json
+
+        a = self.a
+        res = {"meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
+                        "command": " ".join(sys.argv), "engine": "sglang", "threads": a.threads, "sglang": sglang_version(),
+                        "mode": self.mode, "model": os.path.basename(self.model) + " (float32, KV float32)",
+                        "text": "r-cran-janeaustenr 1.0.0-1 (6 novels)", "tokenizer": "transformers (checkpoint)",
+                        "stock_backend": "torch_native", "engines": self.engine_info,
+                        "locret_heads": self.subst["locret_weights"], "locret_heads_trained": self.locret_trained,
+                        "sparse_path_fields": run.SPARSE_PATH_FIELDS,
+                        "timing_note": "prefill_s includes SGLang's input logprobs of the prefill-scored half; "
+                                       "decode tok/s includes the teacher-forcing processor (the same in both)"},
+               "exactness": [], "rows": [], "passkey": [], "checks": []}
+        if not a.no_exact:
+            res["exactness"] = self.exactness()
+        for ctx in self.mode["lengths"]:
+            self.quality(ctx, res)
+        for ctx in self.mode["passkey_lengths"]:
+            res["passkey"] += self.passkey(ctx)
+        if a.quick:
+            res["checks"] = self.sparse_check(res["rows"])
+        res["failures"] = self.failures
+        self.save(res)
+        import report
+
+        print(report.table(res).replace("Quality (Q4_1;", "Quality (SGLang CPU, Q4_1 dequantized to f32;"))
+        if res["rows"]:
+            print("\nGreedy agreement with stock on the decode path (teacher forced: continuation + copy probes):")
+            for r in res["rows"]:
+                print(f"  {r['ctx']} {r['config']}: {r['argmax_agree_decode']:.3f} of {r['n_decode_steps']} steps")
+        if not a.no_plot and res["rows"]:
+            report.plot(a.json, a.png)
+        if self.failures:
+            print("FAILED:\n  " + "\n  ".join(self.failures))
+            return 1
+        print("quality suite (SGLang): all checks passed")
+        return 0
+
+
+def json_key(p):
+    import json
+
+    return json.dumps(p, sort_keys=True)
+
+
+def main(a, argv):
+    """run.py --engine sglang: re-run inside the venv, or run the suite."""
+    if os.environ.get(INSIDE_ENV) != "1" and importlib.util.find_spec("sglang") is None:
+        return rerun_in_venv(argv)
+    if os.environ.get("SGLANG_USE_CPU_ENGINE") != "1":
+        raise SystemExit("set SGLANG_USE_CPU_ENGINE=1 (the SGLang route runs the CPU engine)")
+    return SglangSuite(a).main()
