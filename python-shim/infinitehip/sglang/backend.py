@@ -331,7 +331,7 @@ class InfiniteHipAttnBackend(AttentionBackend):
         self._gpu_compact = {}  # GPU path: compacted Locret row -> tokens evicted (locret_free)
         self._gpu_dense = None  # GPU path: the dense twin for compacted rows
         self._lazy_points, self._lazy_rows_layers = {}, set()
-        if self.gpu is None and lazy_rows.enabled():
+        if self.gpu is None and lazy_rows.enabled() and '"lazy"' in json.dumps(cfg):
             cfg = self._lazy_rows_config(cfg)
         self.engine = None if self.gpu is not None else infinitehip.Engine(cfg)
         if self._lazy_points:
@@ -706,7 +706,13 @@ class InfiniteHipAttnBackend(AttentionBackend):
         return self._lazy_points
 
     def lazy_rows_blocker(self):
-        return None if self._lazy_points else "no lazy layers on the host path"
+        if not self._lazy_points:
+            return "no lazy layers on the host path"
+        first = min(self._lazy_points)
+        other = [i for i in range(first + 1, self.n_layers) if i not in self._lazy_rows_layers]
+        if other:
+            return f"layers {other} after the first pruning point are not lazy"
+        return None
 
     @staticmethod
     def _rows_plan(p, forward_batch):
@@ -906,6 +912,17 @@ class InfiniteHipAttnBackend(AttentionBackend):
         self._check_layer(layer)
         li = self._write_and_sync(q, k, v, layer, forward_batch, save_kv_cache)
         p = self._rows_plan(self.plan, forward_batch)
+        if getattr(forward_batch, "ihip_rows_route", False) and li in self._lazy_rows_layers:
+            # One request from position 0: dense causal attention over the
+            # rows handed here is the extend's own q/k/v (torch's SDPA); the
+            # engine copy got the K/V above for decode.
+            out = lazy_rows.causal_attention(q, k, v, layer)
+            lz = getattr(forward_batch, "ihip_lazy", None)
+            if lz is not None:
+                lz["imp"] = lazy_rows.last_row_importance(
+                    self._host_q(q[-1:], layer)[0], k.reshape(q.shape[0], -1, layer.qk_head_dim).cpu(),
+                    1.0 / math.sqrt(layer.qk_head_dim))
+            return out.to(dtype=q.dtype)
         qh = self._host_q(q, layer)
         lz = getattr(forward_batch, "ihip_lazy", None)
         if lz is not None:  # a pruning layer of lazy_rows: the last row's attention

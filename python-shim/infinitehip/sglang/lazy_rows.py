@@ -16,8 +16,11 @@ prompt's last row's softmax at p, mean over q heads); the top
 `keep_count(keep, N)` rows (the last row always) go on: hidden states,
 residual, positions and SGLang's `out_cache_loc` are gathered, so every
 later layer projects, attends and runs its MLP over fewer rows. Later
-layers attend causally over the kept rows only (the backend's engine copy
-of those layers holds just them). The final hidden state of the kept rows
+layers attend causally over the kept rows only: in this prefill the rows'
+own q/k/v through torch's SDPA (the prompt starts at position 0, so the
+extend holds every key it needs), and the backend's engine copy of those
+layers gets just the kept rows' K/V, which decode reads. Every layer after
+the first pruning point must be lazy. The final hidden state of the kept rows
 is scattered back into a full-size tensor (pruned rows zero) for SGLang's
 logits processor, which reads the last row.
 
@@ -154,6 +157,7 @@ def forward_rows(model, backend, input_ids, positions, forward_batch):
     n = h.shape[0]
     rows = torch.arange(n, device=h.device)
     loc = forward_batch.out_cache_loc
+    forward_batch.ihip_rows_route = True  # the backend's attention: kept rows, causal
     fb, pos, residual = forward_batch, positions, None
     per_layer = []
     for i in range(model.start_layer, model.end_layer):
@@ -208,3 +212,18 @@ def last_row_importance(q_last, k, scale):
     kk = k.float().repeat_interleave(g, dim=1)
     p = torch.softmax(torch.einsum("hd,nhd->hn", q_last.float(), kk) * scale, dim=-1)
     return p.mean(0)
+
+
+def causal_attention(q, k, v, layer):
+    """Dense causal attention of one request's rows over themselves (the
+    rows route's lazy layers: an extend from position 0 holds every key it
+    needs): q `[n, H * d]`, k/v `[n, Hk, d]` -> `[n, H * d]` (float32)."""
+    h, d = layer.tp_q_head_num, layer.qk_head_dim
+    n = q.shape[0]
+    qq = q.reshape(n, h, d).transpose(0, 1).float()
+    kk = k.reshape(n, -1, d).transpose(0, 1).float()
+    vv = v.reshape(n, -1, d).transpose(0, 1).float()
+    o = torch.nn.functional.scaled_dot_product_attention(
+        qq[None], kk[None], vv[None], is_causal=True, scale=float(layer.scaling), enable_gqa=True
+    )
+    return o[0].transpose(0, 1).reshape(n, h * d)
