@@ -105,13 +105,20 @@ __device__ __forceinline__ int dd_vdim(int i, int r, int g) {
 
 // Where the K/V rows live (kv_row of common.cuh; a power-of-two page size,
 // token-major pools included, takes a shift instead of a division).
+// SP (hip sparse attention): token index t of the row is position tab[t]
+// below ntab (sink + selected chunks, rebuilt only when the mask refreshes)
+// and t + tail_off from there (the contiguous slid + window tail).
+template <bool SP>
 struct DdKv {
     const u16* kp;
     const u16* vp;
     const int* trow;
     int ps, ps_log2, h;
     long long page_stride, head_stride;
+    const int* tab;
+    int ntab, tail_off;
     __device__ __forceinline__ long long row(int t, int D) const {
+        if (SP) t = t < ntab ? __ldg(tab + t) : t + tail_off;
         int page, in;
         if (ps_log2 >= 0) {
             page = trow[t >> ps_log2];
@@ -134,8 +141,8 @@ struct DdChunk {
     uint4 v[4][VL];
 };
 
-template <int D, bool MASK>
-__device__ __forceinline__ void dd_load(DdChunk<D>& ch, const DdKv& kv, int base, int t1, int g, int c) {
+template <int D, bool MASK, typename KV>
+__device__ __forceinline__ void dd_load(DdChunk<D>& ch, const KV& kv, int base, int t1, int g, int c) {
     const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
     for (int j = 0; j < 2; j++) {
@@ -228,8 +235,8 @@ __device__ __forceinline__ void dd_compute(const DdChunk<D>& ch, const u32 (*qa)
     }
 }
 
-template <typename E, int D, bool MASK>
-__device__ __forceinline__ void dd_step(DdChunk<D>& ch, const DdKv& kv, const u32 (*qa)[4], int base,
+template <typename E, int D, bool MASK, typename KV>
+__device__ __forceinline__ void dd_step(DdChunk<D>& ch, const KV& kv, const u32 (*qa)[4], int base,
                                         int t1, int g, int c, float& m, float& l, float (*o)[4]) {
     dd_load<D, MASK>(ch, kv, base, t1, g, c);
     dd_compute<E, D, MASK>(ch, qa, base, t1, c, m, l, o);
@@ -237,8 +244,15 @@ __device__ __forceinline__ void dd_step(DdChunk<D>& ch, const DdKv& kv, const u3
 
 // U = 1: one chunk per warp iteration. U = 2: two chunks in flight: the
 // next chunk's loads are issued before the current chunk's math.
-template <typename E, int D, int G, int U>
+// SP: hip sparse attention (hip_sparse_* entry points): row (b, h) attends
+// ntab[b * hkv + h] positions of tab (row stride tab_stride) then the tail
+// from the slid range's start (or the window's, slid empty) to the window's
+// end, extra[3b + 1] and extra[3b + 2] (HipGpuDecoder's sink/slid/window
+// int2 triples); `lens` is unused.
+template <typename E, int D, int G, int U, bool SP>
 __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__ vp,
+                             const int* __restrict__ tab, int tab_stride, const int* __restrict__ ntab,
+                             const int2* __restrict__ extra,
                              const int* __restrict__ table, int table_stride, int ps, int ps_log2,
                              int hkv, long long page_stride, long long head_stride,
                              const float* __restrict__ q, float scale_log2,
@@ -253,10 +267,21 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
     const int hq = hkv * G;
-    const int len = lens[b];
+    int len, nt = 0, tail_off = 0;
+    const int* trow_tab = nullptr;
+    if (SP) {
+        nt = ntab[b * hkv + h];
+        const int2 sl = extra[3 * b + 1], wn = extra[3 * b + 2];
+        const int tail0 = sl.y > sl.x ? sl.x : wn.x;
+        len = nt + max(wn.y - tail0, 0);
+        tail_off = tail0 - nt;
+        trow_tab = tab + (long long)(b * hkv + h) * tab_stride;
+    } else {
+        len = lens[b];
+    }
     const int t0 = split * split_tokens, t1 = min(len, t0 + split_tokens);
-    const DdKv kv{kp, vp, table + (long long)(q_seq ? q_seq[b] : b) * table_stride, ps, ps_log2, h,
-                  page_stride, head_stride};
+    const DdKv<SP> kv{kp, vp, table + (long long)(q_seq ? q_seq[b] : b) * table_stride, ps, ps_log2, h,
+                      page_stride, head_stride, trow_tab, nt, tail_off};
 
     __shared__ float s_m[DD_WARPS][G], s_l[DD_WARPS][G];
     __shared__ float s_o[DD_WARPS][G][D];
@@ -408,19 +433,44 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
              int hkv, long long page_stride, long long head_stride, const float* q, float scale_log2, \
              const int* lens, const int* q_seq, int split_tokens, int n_splits, float* pm,           \
              float* pl, float* pacc, int* counters, void* out, long long out_stride, int out_dtype) { \
-        dense_decode<E, D, G, U>(kp, vp, table, table_stride, ps, ps_log2, hkv, page_stride,         \
-                                 head_stride, q,                                                     \
-                                 scale_log2, lens, q_seq, split_tokens, n_splits, pm, pl, pacc,      \
-                                 counters, out, out_stride, out_dtype);                               \
+        dense_decode<E, D, G, U, false>(kp, vp, nullptr, 0, nullptr, nullptr, table, table_stride,   \
+                                        ps, ps_log2, hkv, page_stride, head_stride, q, scale_log2,   \
+                                        lens, q_seq, split_tokens, n_splits, pm, pl, pacc,           \
+                                        counters, out, out_stride, out_dtype);                       \
+    }
+// hip sparse attention: as DENSE_INST with the selection (tab, tab_stride,
+// ntab, extra) in place of lens.
+#define SPARSE_INST(NAME, E, D, G, U)                                                                \
+    extern "C" __global__ void __launch_bounds__(DD_WARPS * 32)                                      \
+        NAME(const u16* kp, const u16* vp, const int* table, int table_stride, int ps, int ps_log2,  \
+             int hkv, long long page_stride, long long head_stride, const float* q, float scale_log2, \
+             const int* tab, int tab_stride, const int* ntab, const int2* extra, const int* q_seq,   \
+             int split_tokens, int n_splits, float* pm, float* pl, float* pacc, int* counters,       \
+             void* out, long long out_stride, int out_dtype) {                                        \
+        dense_decode<E, D, G, U, true>(kp, vp, tab, tab_stride, ntab, extra, table, table_stride,    \
+                                       ps, ps_log2, hkv, page_stride, head_stride, q, scale_log2,    \
+                                       nullptr, q_seq, split_tokens, n_splits, pm, pl, pacc,         \
+                                       counters, out, out_stride, out_dtype);                        \
     }
 
-// Entry points dense_{dtype}_d{D}_g{G}_u{U}: U 16-token chunks in flight
-// per warp (more bytes in flight, more registers).
+// Entry points dense_{dtype}_d{D}_g{G}_u{U} (module decode_dense_v2) or, with
+// DD_SPARSE_ONLY (module hip_sparse, loaded on first use so that the driver
+// JIT-compiles it only in processes that attend sparsely),
+// hip_sparse_{dtype}_d{D}_g{G}_u{U}: U 16-token chunks in flight per warp
+// (more bytes in flight, more registers).
+#ifdef DD_SPARSE_ONLY
+#define DENSE_G(E, TN, D, U)                                \
+    SPARSE_INST(hip_sparse_##TN##_d##D##_g1_u##U, E, D, 1, U) \
+    SPARSE_INST(hip_sparse_##TN##_d##D##_g2_u##U, E, D, 2, U) \
+    SPARSE_INST(hip_sparse_##TN##_d##D##_g4_u##U, E, D, 4, U) \
+    SPARSE_INST(hip_sparse_##TN##_d##D##_g8_u##U, E, D, 8, U)
+#else
 #define DENSE_G(E, TN, D, U)                          \
     DENSE_INST(dense_##TN##_d##D##_g1_u##U, E, D, 1, U) \
     DENSE_INST(dense_##TN##_d##D##_g2_u##U, E, D, 2, U) \
     DENSE_INST(dense_##TN##_d##D##_g4_u##U, E, D, 4, U) \
     DENSE_INST(dense_##TN##_d##D##_g8_u##U, E, D, 8, U)
+#endif
 
 DENSE_G(Bf16, bf16, 64, 1)
 DENSE_G(Bf16, bf16, 64, 2)
@@ -433,6 +483,7 @@ DENSE_G(F16, f16, 128, 1)
 DENSE_G(F16, f16, 128, 2)
 DENSE_G(F16, f16, 256, 1)
 
+#ifndef DD_SPARSE_ONLY
 // Benchmark inputs on the device (uploading 64 GiB of K/V from the host
 // would cost more than the benchmark): n elements of dtype 1 (f16) or 2
 // (bf16), roughly normal (sum of four hashed uniforms), never all zeros.
@@ -451,3 +502,4 @@ extern "C" __global__ void __launch_bounds__(256)
         p[i] = dtype == 1 ? f32_to_f16(x) : f32_to_bf16(x);
     }
 }
+#endif

@@ -303,10 +303,17 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
 extern "C" __global__ void __launch_bounds__(256)
     hip_assemble(const int2* __restrict__ chunks, const int* __restrict__ ccnt, int ccap,
                  const int2* __restrict__ extra, int hkv, int n_rows, int2* __restrict__ ranges,
-                 int* __restrict__ cum, int* __restrict__ cnt, int* __restrict__ tot, int cap) {
+                 int* __restrict__ cum, int* __restrict__ cnt, int* __restrict__ tot, int cap,
+                 int* __restrict__ tab, int tab_cap, int* __restrict__ ntab,
+                 const int* __restrict__ gate, int n_stages, int* __restrict__ tab_sink) {
     __shared__ int s_warp[32];
     const int r = blockIdx.x;
     const int rb = r / hkv;
+    // Lean device step (gate non-null): no stage refreshed and the sink as
+    // when the table was built, so the table is current; the ranges keep
+    // the last build's slid and window (the sparse attention reads the
+    // tail from `extra`, which hip_step_meta updates every step).
+    if (gate && gate[1] >= n_stages && tab_sink[r] == extra[rb * 3].y) return;
     const int nc = chunks ? ccnt[r] : 0;
     int2* o = ranges + (long long)r * cap;
     int* cm = cum + (long long)r * cap;
@@ -323,8 +330,19 @@ extern "C" __global__ void __launch_bounds__(256)
         int pn = block_scan(ne, &tn, s_warp);
         int pt = block_scan(len, &tt, s_warp);
         if (ne) { o[base_n + pn] = c2; cm[base_n + pn] = base_t + pt; }
+        if (tab && ne)
+            for (int p = c2.x; p < c2.y && base_t + pt + (p - c2.x) < tab_cap; p++)
+                tab[(long long)r * tab_cap + base_t + pt + (p - c2.x)] = p;
         base_n += tn;
         base_t += tt;
+    }
+    if (tab) {
+        for (int i = threadIdx.x; i < s_len && i < tab_cap; i += blockDim.x)
+            tab[(long long)r * tab_cap + i] = sink.x + i;
+        if (threadIdx.x == 0) {
+            ntab[r] = min(base_t, tab_cap);
+            if (tab_sink) tab_sink[r] = sink.y;
+        }
     }
     if (threadIdx.x == 0) {
         int n = base_n, acc = base_t;

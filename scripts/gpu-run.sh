@@ -36,6 +36,7 @@ if [ "${SKIP_TEST:-0}" != 1 ]; then
   step gpu-test 240 "$BIN" gpu-test --engine-timing 128K,1M
   step shim-gpu 200 env INFINITEHIP_LIB="$PWD/gpu-bin/libinfinitehip.so" python3 tests/gpu/test_shim_gpu.py
   step shim-offload-gpu 120 env INFINITEHIP_LIB="$PWD/gpu-bin/libinfinitehip.so" python3 tests/gpu/test_shim_offload_gpu.py
+  step shim-locret-free 90 env INFINITEHIP_LIB="$PWD/gpu-bin/libinfinitehip.so" python3 tests/gpu/test_shim_locret_free.py
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   step sdpa 200 python3 scripts/sdpa_bench.py --model-tokens 131072,1048576 --json "$OUT/sdpa.json" ${SDPA_ARGS:-}
@@ -60,7 +61,7 @@ if [ "${SKIP_OFFLOAD_BENCH:-0}" != 1 ]; then
 fi
 echo "== summary"
 [ -f "$OUT/gpu-tests.log" ] && grep -E '^test result|^  ' "$OUT/gpu-tests.log"
-for f in gpu-test shim-gpu; do
+for f in gpu-test shim-gpu shim-locret-free; do
   [ -f "$OUT/$f.log" ] && echo "$f: $(grep -c '^PASS' "$OUT/$f.log") PASS, $(grep -c '^FAIL' "$OUT/$f.log") FAIL" && grep '^FAIL' "$OUT/$f.log"
 done
 [ -f "$OUT/gpu-test.log" ] && grep -iE 'engine-timing|^timing' "$OUT/gpu-test.log" | head -12

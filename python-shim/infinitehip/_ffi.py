@@ -187,6 +187,7 @@ def _declare(lib):
                   c.POINTER(DeviceRows), c.c_float]),
         "ihip_gpu_end_request": (i32, [vp, u64]),
         "ihip_gpu_reset": (i32, [vp]),
+        "ihip_gpu_locret_retained": (i32, [vp, sz, u64, vp, sz, c.POINTER(sz)]),
         "ihip_gpu_info_json": (vp, [vp]),
     }
     # A library older than the GPU entry points still loads; the GPU shim

@@ -22,8 +22,9 @@ lazy/locret state dropped), as SGLang reuses `req_to_token` rows. Locret
 layers need the new tokens' pre-RoPE projections in `prefill(..., proj=(q, k,
 v))`; each locret prefill reads the retaining-head scores back once (one wait
 for the device per (call, layer)); eviction is a retained index set per
-(request, layer, KV head) that attention reads (the caller's pool memory is
-not freed). Host metadata (`table_rows`, `lens`, `req_ids`, `n_new`) are
+(request, layer, KV head) that attention reads; `locret_retained` hands it
+out so the caller can compact its pool and free the rest (the SGLang shim
+does). Host metadata (`table_rows`, `lens`, `req_ids`, `n_new`) are
 Python ints/lists or CPU tensors.
 
 Importing this module needs neither torch nor a GPU; torch is imported when
@@ -166,6 +167,22 @@ class GpuAttention:
 
     def end_request(self, req_id):
         _ffi.check(_fn("ihip_gpu_end_request")(self._h(), int(req_id)))
+
+    def locret_retained(self, layer, req_id):
+        """Locret layer `layer`: run request `req_id`'s owed eviction now (what
+        its first decode would run) and return `(per_head, positions)`:
+        `positions` is a ctypes int32 array of `n_kv_heads * per_head`
+        retained token positions, head-major, sorted per head (wrap it with
+        `torch.frombuffer(positions, dtype=torch.int32)`). A caller that then
+        moves those tokens' K/V into the request's first `per_head` slots
+        and frees the rest must call `end_request(req_id)`. No device work."""
+        f = _fn("ihip_gpu_locret_retained")
+        m = ctypes.c_size_t(0)
+        _ffi.check(f(self._h(), int(layer), int(req_id), None, 0, ctypes.byref(m)))
+        n = self.n_kv_heads * m.value
+        buf = (ctypes.c_int32 * max(n, 1))()
+        _ffi.check(f(self._h(), int(layer), int(req_id), buf, n, ctypes.byref(m)))
+        return m.value, buf
 
     def reset(self):
         _ffi.check(_fn("ihip_gpu_reset")(self._h()))

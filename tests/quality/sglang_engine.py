@@ -38,11 +38,13 @@ def _force_str():
 class SglangEngine:
     """One sglang.Engine: stock (policy None, torch_native) or patched."""
 
-    def __init__(self, model_dir, policy, tmp, tag, max_len, chunked_prefill=None):
+    def __init__(self, model_dir, policy, tmp, tag, max_len, chunked_prefill=None, threads=None):
         import sglang as sgl
 
         self.tmp, self.tag, self.policy = tmp, tag, policy
         env = {}
+        if threads:  # torch's OpenMP pool and the plugin's workers (2 spinning threads on a loaded 2-core box are slow)
+            env["OMP_NUM_THREADS"] = env["INFINITEHIP_THREADS"] = str(threads)
         if policy is not None:
             cfg = os.path.join(tmp, f"{tag}.policy.json")
             with open(cfg, "w") as f:
@@ -52,7 +54,8 @@ class SglangEngine:
             env["INFINITEHIP_LOCRET_STATS"] = self.locret_stats
         else:
             self.locret_stats = None
-        saved = {k: os.environ.pop(k, None) for k in ["INFINITEHIP_CONFIG", "INFINITEHIP_LOCRET_STATS"]}
+        saved = {k: os.environ.pop(k, None)
+                 for k in ["INFINITEHIP_CONFIG", "INFINITEHIP_LOCRET_STATS", "OMP_NUM_THREADS", "INFINITEHIP_THREADS"]}
         os.environ.update(env)
         args = dict(ENGINE_ARGS, model_path=model_dir, max_total_tokens=max_len + 64,
                     attention_backend=PATCHED_BACKEND if policy is not None else STOCK_BACKEND)
@@ -68,6 +71,7 @@ class SglangEngine:
                     os.environ[k] = v
         self.startup_s = time.time() - t0
         self.args = {k: v for k, v in args.items() if k != "model_path"}
+        self.args["threads"] = threads
         self.force = _force_str()
 
     def shutdown(self):

@@ -269,7 +269,8 @@ class SglangSuite(run.Suite):
                 max_len = max(len(s) for _, s, _ in todo)
                 log(f"{name}: starting sglang.Engine ({'torch_native' if policy is None else 'infinitehip'}), "
                     f"{len(todo)} sequence(s) up to {max_len} tokens")
-                eng = SglangEngine(self.model, policy, self.tmp, name.replace("/", "_"), max_len)
+                eng = SglangEngine(self.model, policy, self.tmp, name.replace("/", "_"), max_len,
+                                   threads=getattr(self.a, "threads", None))
                 self.engine_info[name] = {"args": eng.args, "startup_s": eng.startup_s}
                 try:
                     for tag, seq, first in todo:
@@ -288,7 +289,8 @@ class SglangSuite(run.Suite):
             return None
         h = hashlib.sha256(np.asarray(seq.ids, dtype="<i4").tobytes()).hexdigest()
         key = json_key({"name": name, "policy": policy, "ids": h, "prefill": seq.prefill, "first": first,
-                        "model": os.path.basename(self.model), "engine": "sglang"})
+                        "model": os.path.basename(self.model), "engine": "sglang",
+                        "threads": getattr(self.a, "threads", None)})
         return os.path.join(self.a.resume, hashlib.sha256(key.encode()).hexdigest()[:24])
 
     def save_result(self, name, policy, seq, first, result):
@@ -322,8 +324,8 @@ class SglangSuite(run.Suite):
         self.mode = dict(run.QUICK if a.quick else run.FULL)
         if not a.quick:
             self.mode["passkey_lengths"] = []  # default off here (the llama.cpp route has it); --passkey-lengths
-        for k in ["lengths", "passkey_lengths", "configs"]:
-            v = getattr(a, k)
+        for k in ["lengths", "passkey_lengths", "configs", "decode"]:
+            v = getattr(a, k, None)
             if v is not None:
                 self.mode[k] = v
         if a.quick:  # exactness at the row's length: one hip-1/4 engine serves the negative control and the bound
@@ -352,7 +354,7 @@ class SglangSuite(run.Suite):
         a = self.a
         res = {"meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
-                        "command": " ".join(sys.argv), "engine": "sglang", "sglang": sglang_version(),
+                        "command": " ".join(sys.argv), "engine": "sglang", "threads": a.threads, "sglang": sglang_version(),
                         "mode": self.mode, "model": os.path.basename(self.model) + " (float32, KV float32)",
                         "text": "r-cran-janeaustenr 1.0.0-1 (6 novels)", "tokenizer": "transformers (checkpoint)",
                         "stock_backend": "torch_native", "engines": self.engine_info,

@@ -56,7 +56,7 @@ class FakeEngine:
     started = []
     moved = set()
 
-    def __init__(self, model_dir, policy, tmp, tag, max_len, chunked_prefill=None):
+    def __init__(self, model_dir, policy, tmp, tag, max_len, chunked_prefill=None, threads=None):
         self.policy, self.tag = policy, tag
         self.startup_s, self.args = 0.0, {}
         FakeEngine.started.append(tag)
@@ -83,7 +83,7 @@ class FakeEngine:
 def fake_suite(d):
     s = sglang_route.SglangSuite.__new__(sglang_route.SglangSuite)
     s.a = argparse.Namespace(quick=True, no_exact=False, no_plot=True, lengths=None, passkey_lengths=None,
-                             configs=None, json=os.path.join(d, "q.json"), png=None, resume=None)
+                             configs=None, json=os.path.join(d, "q.json"), png=None, resume=None, threads=2, decode=None)
     s.configs = suite_config.load_dir(os.path.join(HERE, "configs"))
     s.tmp, s.model, s.text = d, d, os.path.join(d, "t.txt")
     with open(s.text, "w") as f:

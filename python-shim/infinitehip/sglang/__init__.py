@@ -63,6 +63,9 @@ def register():
     from .offload import install_hooks
 
     install_hooks()  # host offload: SGLang's pool in host memory (kv.device_cache_pages)
+    from .lazy_rows import install_hook as install_lazy_rows
+
+    install_lazy_rows()  # LazyLLM: rows dropped between layers in prefill
     _registered = True
 
 

@@ -38,8 +38,9 @@ Design (see also the project README):
   `cos_sin_cache`, per position) in float32 (the bf16 rounding of the
   post-RoPE values carries over into the scores). One host sync per (extend,
   locret layer) reads the scores back; eviction is a retained index set per
-  (row, layer, KV head) that attention reads: SGLang's pool memory is NOT
-  freed. SGLang's chunked-prefill size is the eviction granularity (set
+  (row, layer, KV head) that attention reads; when every layer is locret
+  the scheduler hook (locret_free.py) compacts a request after its prompt
+  and returns its evicted slots to SGLang's allocator (on the GPU too). SGLang's chunked-prefill size is the eviction granularity (set
   --chunked-prefill-size to locret.chunk to follow upstream); every extend
   is passed with prompt_done false (the backend cannot tell a prompt's last
   chunk), so the first decode runs the final eviction. A radix-cache prefix
@@ -125,7 +126,7 @@ except ImportError:  # pragma: no cover - older SGLang
 import infinitehip
 from infinitehip import InfinitehipError
 
-from . import locret_free, offload
+from . import lazy_rows, locret_free, offload
 
 logger = logging.getLogger("infinitehip.sglang")
 
@@ -325,7 +326,16 @@ class InfiniteHipAttnBackend(AttentionBackend):
             self._locret_layers = {i for i, m in enumerate(ms) if m == "locret"}
             if self._locret_layers:
                 self._rope = _find_rope(model_runner, int(cfg["model"]["head_dim"]))
+                locret_free.add_backend(self)
+        self._cfg = cfg
+        self._gpu_compact = {}  # GPU path: compacted Locret row -> tokens evicted (locret_free)
+        self._gpu_dense = None  # GPU path: the dense twin for compacted rows
+        self._lazy_points, self._lazy_rows_layers = {}, set()
+        if self.gpu is None and lazy_rows.enabled() and '"lazy"' in json.dumps(cfg):
+            cfg = self._lazy_rows_config(cfg)
         self.engine = None if self.gpu is not None else infinitehip.Engine(cfg)
+        if self._lazy_points:
+            lazy_rows.add_backend(self)
         self.n_layers = int(cfg["model"]["n_layers"])
         # Host path locret layers: appends carry the pre-RoPE projections
         # (recovered from SGLang's post-RoPE q/k, as on the GPU path).
@@ -370,7 +380,8 @@ class InfiniteHipAttnBackend(AttentionBackend):
 
     def _setup_dense(self, model_runner, cfg, methods):
         """Which layers SGLang's own kernel serves, and that backend."""
-        self._wrapped = {i for i, m in enumerate(methods) if m == "dense"}
+        # Lazy layers of the rows route hold per-layer token sets: our engine's.
+        self._wrapped = {i for i, m in enumerate(methods) if m == "dense"} - self._lazy_rows_layers
         self._hip = {i for i, m in enumerate(methods) if m == "hip"}
         dflt = infinitehip.default_config()
         self._prefill_below = int(cfg.get("prefill_dense_below", dflt.get("prefill_dense_below", 0)))
@@ -517,8 +528,31 @@ class InfiniteHipAttnBackend(AttentionBackend):
                 if free is None or r in free:
                     self.gpu.end_request(r)
                     self._gpu_rows.discard(r)
+                    self._gpu_compact.pop(r, None)
         self._gpu_rows.update(rows)
+        if self._locret_layers:
+            self._gpu_locret_rows(forward_batch, rows, seq_lens, ext, decode)
         self.plan = {"decode": decode, "rows": rows, "seq_lens": seq_lens, "ext": ext}
+
+    def _gpu_locret_rows(self, forward_batch, rows, seq_lens, ext, decode):
+        """Locret on the GPU path: compaction candidates, and the compacted
+        rows' true positions (locret_free)."""
+        comp = self._gpu_compact
+        for r, sl, n in zip(rows, seq_lens, ext):
+            if decode:
+                self._compact_pending.discard(r)
+                continue
+            self._compact_pending.add(r)
+            if r in comp:
+                if sl - n != 0:
+                    raise NotImplementedError(
+                        "infinitehip backend: an extend of a Locret row whose slots were compacted "
+                        "(mixed chunked prefill or a prefix hit): not supported"
+                    )
+                del comp[r]  # a new request in the row
+        if decode and comp and any(r in comp for r in rows):
+            off = torch.tensor([comp.get(r, 0) for r in rows], dtype=forward_batch.positions.dtype)
+            forward_batch.positions = forward_batch.positions + off.to(forward_batch.positions.device)
 
     def _save_kv(self, k, v, layer, forward_batch, save_kv_cache):
         """Write the new K/V into SGLang's pool (as the in-tree backends do) and
@@ -555,6 +589,8 @@ class InfiniteHipAttnBackend(AttentionBackend):
             self.gpu.decode_host(li, q2, kb, vb, rt, rows, p["seq_lens"], rows, self.offload[0], self.offload[1],
                                  out=out, sm_scale=float(layer.scaling))
             offload.write_stats(self, li)
+        elif decode and self._gpu_compact:
+            locret_free.gpu_decode_split(self, li, q2, kb, vb, rt, rows, p["seq_lens"], out, float(layer.scaling))
         elif decode:
             self.gpu.decode(li, q2, kb, vb, rt, rows, p["seq_lens"], rows, out=out, sm_scale=float(layer.scaling))
         else:
@@ -642,6 +678,51 @@ class InfiniteHipAttnBackend(AttentionBackend):
             "seq_lens": [int(x) for x in seq_lens],
         }
 
+    # --- LazyLLM rows dropped between layers (lazy_rows) ---------------------
+    def _lazy_rows_config(self, cfg):
+        """Host path: the lazy layers run as dense engine layers over the
+        rows the model hook (lazy_rows) hands them; the pruning points are
+        kept here. Returns the engine's config."""
+        probe = infinitehip.Engine(cfg)
+        try:
+            full = probe.config
+            methods = [l["method"] for l in probe.stats()["layers"]]
+        finally:
+            probe.close()
+        lazy = [i for i, m in enumerate(methods) if m == "lazy"]
+        if not lazy:
+            return cfg
+        pol = full.get("default", {})
+        if pol.get("method") != "lazy":
+            pol = next(o["policy"] for o in full.get("overrides", []) if o["policy"].get("method") == "lazy")
+        self._lazy_points = {int(p["layer"]): float(p["keep"]) for p in pol["points"]}
+        self._lazy_rows_layers = set(lazy)
+        cfg = dict(cfg)
+        cfg["overrides"] = list(cfg.get("overrides") or []) + [{"layers": lazy, "policy": {"method": "dense"}}]
+        return cfg
+
+    def lazy_points(self):
+        """Pruning points of the rows route {layer: keep} (empty: off)."""
+        return self._lazy_points
+
+    def lazy_rows_blocker(self):
+        if not self._lazy_points:
+            return "no lazy layers on the host path"
+        first = min(self._lazy_points)
+        other = [i for i in range(first + 1, self.n_layers) if i not in self._lazy_rows_layers]
+        if other:
+            return f"layers {other} after the first pruning point are not lazy"
+        return None
+
+    @staticmethod
+    def _rows_plan(p, forward_batch):
+        """The plan of a layer after a pruning point: the one request's
+        kept rows only (lazy_rows passes them as `ihip_rows`)."""
+        n = getattr(forward_batch, "ihip_rows", None)
+        if n is None:
+            return p
+        return dict(p, ext=[n], starts=[0])
+
     # --- Locret: evicted slots back to SGLang (locret_free) -------------------
     def locret_rows_pending(self, clear=False):
         """Rows whose last forward was an extend (compaction candidates)."""
@@ -651,10 +732,9 @@ class InfiniteHipAttnBackend(AttentionBackend):
 
     def locret_free_blocker(self):
         """Why this backend cannot compact Locret rows, or None."""
-        if self.engine is None:
-            return "the GPU path keeps retained index sets (compaction is host-path only)"
-        if len(self._locret_host) != self.n_layers:
-            return f"{self.n_layers - len(self._locret_host)} of {self.n_layers} layers are not locret"
+        locret = self._locret_layers if self.engine is None else self._locret_host
+        if len(locret) != self.n_layers:
+            return f"{self.n_layers - len(locret)} of {self.n_layers} layers are not locret"
         return None
 
     def locret_compact(self, row, seq_len, allocator):
@@ -666,6 +746,8 @@ class InfiniteHipAttnBackend(AttentionBackend):
         if row not in self._compact_pending:
             return 0
         self._compact_pending.discard(row)
+        if self.gpu is not None:
+            return locret_free.gpu_compact(self, row, seq_len, allocator)
         s = self.rows.get(row)
         if s is None or s.compact or s.gen != self._generation(row) or s.length != seq_len:
             return 0
@@ -740,6 +822,7 @@ class InfiniteHipAttnBackend(AttentionBackend):
 
     def _write_and_sync(self, q, k, v, layer, forward_batch, save_kv_cache):
         p, li, kb, vb, rt = self._save_kv(k, v, layer, forward_batch, save_kv_cache)
+        p = self._rows_plan(p, forward_batch)
         out_loc = forward_batch.out_cache_loc
         phase = "decode" if p["decode"] else "prefill"
         locret = li in self._locret_host
@@ -828,8 +911,24 @@ class InfiniteHipAttnBackend(AttentionBackend):
     def _forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache):
         self._check_layer(layer)
         li = self._write_and_sync(q, k, v, layer, forward_batch, save_kv_cache)
-        p = self.plan
+        p = self._rows_plan(self.plan, forward_batch)
+        if getattr(forward_batch, "ihip_rows_route", False) and li in self._lazy_rows_layers:
+            # One request from position 0: dense causal attention over the
+            # rows handed here is the extend's own q/k/v (torch's SDPA); the
+            # engine copy got the K/V above for decode.
+            out = lazy_rows.causal_attention(q, k, v, layer)
+            lz = getattr(forward_batch, "ihip_lazy", None)
+            if lz is not None:
+                lz["imp"] = lazy_rows.last_row_importance(
+                    self._host_q(q[-1:], layer)[0], k.reshape(q.shape[0], -1, layer.qk_head_dim).cpu(),
+                    1.0 / math.sqrt(layer.qk_head_dim))
+            return out.to(dtype=q.dtype)
         qh = self._host_q(q, layer)
+        lz = getattr(forward_batch, "ihip_lazy", None)
+        if lz is not None:  # a pruning layer of lazy_rows: the last row's attention
+            lz["imp"] = lazy_rows.last_row_importance(
+                qh[-1], k.reshape(qh.shape[0], -1, layer.qk_head_dim).cpu(), 1.0 / math.sqrt(layer.qk_head_dim)
+            )
         out = torch.empty(qh.shape, dtype=torch.float32)
         for sid, n, st in zip(p["seqs"], p["ext"], p["starts"]):
             if n == 0:

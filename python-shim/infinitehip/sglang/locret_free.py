@@ -22,6 +22,16 @@ backend attends densely over the row's slots (retained units + decoded
 tokens): Locret never evicts decoded tokens, so this is the set the
 retained-set path attends.
 
+On the CUDA path (`GpuAttention`, no engine copy) the same happens on the
+device: the library runs each layer's owed eviction and hands back the
+retained positions per KV head (`GpuAttention.locret_retained`, C ABI
+`ihip_gpu_locret_retained`), `compact_per_head` moves those units' K/V
+inside SGLang's buffers (a gather then a scatter on the GPU, no host
+copy of K/V), the slots past M are freed, the library forgets the
+request's retained sets, and the row's decodes go to a dense twin
+`GpuAttention` (every layer dense) over its slots, with the same position
+offset.
+
 Where: a BEFORE hook on `ScheduleBatch.prepare_for_decode`, registered with
 SGLang's plugin `HookRegistry` (no SGLang file is patched): the prompt's
 forward has run, the decode step has not yet allocated its slot. Only rows
@@ -159,3 +169,81 @@ def dense_decode(q, row_slots, kb, vb, scale):
     v = v.repeat_interleave(g, dim=1)
     p = torch.softmax(torch.einsum("hd,lhd->hl", q, k) * scale, dim=-1)
     return torch.einsum("hl,lhd->hd", p, v)
+
+
+def compact_per_head(kb, vb, slots, pos):
+    """Move retained units into a request's first M slots, in place on the
+    buffers' device: `kb`/`vb` one layer's `[slots, Hk, d]` buffers,
+    `slots` the request's slots `[N]` (long, on that device), `pos`
+    `[Hk, M]` (long) the retained token positions per KV head, sorted. Unit
+    i of head h (token pos[h, i]) lands in slot slots[i], head h. The
+    source rows are gathered into a new tensor before the scatter, so
+    overlapping sources and destinations are safe."""
+    hk, m = pos.shape
+    heads = torch.arange(hk, device=kb.device)[:, None]
+    src = slots[pos]
+    dst = slots[:m][None, :].expand(hk, m)
+    kb[dst, heads] = kb[src, heads]
+    vb[dst, heads] = vb[src, heads]
+
+
+def gpu_compact(backend, row, seq_len, allocator):
+    """The CUDA path's compaction of `row` (a just-prefilled Locret request
+    of `seq_len` tokens; request id = row). Returns the slots freed."""
+    gpu = backend.gpu
+    hk = gpu.n_kv_heads
+    held = [gpu.locret_retained(li, row) for li in range(backend.n_layers)]
+    ms = {m for m, _ in held}
+    if len(ms) != 1:
+        # The owed eviction ran early; the retained-set path continues as
+        # its first decode would have left it.
+        logger.warning("infinitehip locret: row %d holds %s tokens per layer: not compacted", row, sorted(ms))
+        return 0
+    m = ms.pop()
+    if m >= seq_len:
+        return 0
+    rt = backend.req_to_token_pool.req_to_token
+    slots = rt[row, :seq_len].long()
+    pos = [torch.frombuffer(buf, dtype=torch.int32)[: hk * m].view(hk, m) for _, buf in held]
+    if any(int(p.max()) >= seq_len for p in pos):
+        logger.warning("infinitehip locret: row %d retains positions past its %d tokens: not compacted", row, seq_len)
+        return 0
+    for li, p in enumerate(pos):
+        lid = li + backend.start_layer
+        kb = backend.token_to_kv_pool.get_key_buffer(lid)
+        vb = backend.token_to_kv_pool.get_value_buffer(lid)
+        compact_per_head(kb, vb, slots.to(kb.device), p.to(device=kb.device, dtype=torch.long))
+    allocator.free(rt[row, m:seq_len].to(torch.int64).clone())
+    gpu.end_request(row)
+    backend._gpu_compact[row] = seq_len - m
+    return seq_len - m
+
+
+def dense_twin(backend):
+    """A `GpuAttention` with every layer dense (built once): decodes of
+    compacted rows attend over all of the row's slots."""
+    if backend._gpu_dense is None:
+        import infinitehip.gpu as ig
+
+        cfg = {"model": dict(backend._cfg["model"]), "kv": dict(backend._cfg.get("kv", {})),
+               "dense_layers": backend.n_layers, "default": {"method": "dense"}}
+        backend._gpu_dense = ig.GpuAttention(cfg, device=backend.gpu.device)
+    return backend._gpu_dense
+
+
+def gpu_decode_split(backend, li, q2, kb, vb, rt, rows, lens, out, sm_scale):
+    """A decode batch with compacted rows (dense twin) and others (the
+    locret layers' retained sets), each group in one call."""
+    comp = backend._gpu_compact
+    groups = ([i for i, r in enumerate(rows) if r in comp], [i for i, r in enumerate(rows) if r not in comp])
+    for att, idx in ((dense_twin(backend), groups[0]), (backend.gpu, groups[1])):
+        if not idx:
+            continue
+        rs, ls = [rows[i] for i in idx], [lens[i] for i in idx]
+        if len(idx) == len(rows):
+            att.decode(li, q2, kb, vb, rt, rs, ls, rs, out=out, sm_scale=sm_scale)
+        else:
+            sel = torch.tensor(idx, device=q2.device)
+            o = att.decode(li, q2.index_select(0, sel), kb, vb, rt, rs, ls, rs, sm_scale=sm_scale)
+            out.index_copy_(0, sel, o)
+    return out

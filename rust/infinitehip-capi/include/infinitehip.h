@@ -549,6 +549,30 @@ int ihip_gpu_decode_graph(const struct IhipGpuAttn *a,
 int ihip_gpu_end_request(const struct IhipGpuAttn *a, uint64_t req_id);
 
 /*
+ Locret layer `layer`: run request `req_id`'s owed eviction now (the one
+ its first decode would run) and write its retained token positions, per
+ KV head, sorted: `positions[h * per_head + i]` (`n_kv_heads x per_head`
+ int32). `*per_head` receives the count (every head holds the same). With
+ `positions` NULL only the count is written (the eviction still runs);
+ `cap` (entries) smaller than `n_kv_heads x per_head` is `IHIP_ERR_ARG`.
+ An engine that moves these tokens' K/V into the request's first
+ `per_head` slots and frees the rest (the SGLang shim) must then call
+ `ihip_gpu_end_request` for it. Refused (`IHIP_ERR_ARG`) for a layer that
+ is not locret, a request with no prefill here or one that has decoded.
+ No device work.
+
+ # Safety
+ `a` is NULL or a live handle; `positions` is NULL or holds `cap` int32;
+ `per_head` is valid for one write.
+ */
+int ihip_gpu_locret_retained(const struct IhipGpuAttn *a,
+                             size_t layer,
+                             uint64_t req_id,
+                             int32_t *positions,
+                             size_t cap,
+                             size_t *per_head);
+
+/*
  Forget every request's hip state.
 
  # Safety
@@ -719,6 +743,30 @@ int ihip_gpu_decode_graph(const struct IhipGpuAttn *a,
  `a` is NULL or a live handle.
  */
 int ihip_gpu_end_request(const struct IhipGpuAttn *a, uint64_t req_id);
+
+/*
+ Locret layer `layer`: run request `req_id`'s owed eviction now (the one
+ its first decode would run) and write its retained token positions, per
+ KV head, sorted: `positions[h * per_head + i]` (`n_kv_heads x per_head`
+ int32). `*per_head` receives the count (every head holds the same). With
+ `positions` NULL only the count is written (the eviction still runs);
+ `cap` (entries) smaller than `n_kv_heads x per_head` is `IHIP_ERR_ARG`.
+ An engine that moves these tokens' K/V into the request's first
+ `per_head` slots and frees the rest (the SGLang shim) must then call
+ `ihip_gpu_end_request` for it. Refused (`IHIP_ERR_ARG`) for a layer that
+ is not locret, a request with no prefill here or one that has decoded.
+ No device work.
+
+ # Safety
+ `a` is NULL or a live handle; `positions` is NULL or holds `cap` int32;
+ `per_head` is valid for one write.
+ */
+int ihip_gpu_locret_retained(const struct IhipGpuAttn *a,
+                             size_t layer,
+                             uint64_t req_id,
+                             int32_t *positions,
+                             size_t cap,
+                             size_t *per_head);
 
 /*
  Forget every request's hip state.

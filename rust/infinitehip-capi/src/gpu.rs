@@ -555,6 +555,77 @@ pub unsafe extern "C" fn ihip_gpu_end_request(a: *const IhipGpuAttn, req_id: u64
     })
 }
 
+/// Locret layer `layer`: run request `req_id`'s owed eviction now (the one
+/// its first decode would run) and write its retained token positions, per
+/// KV head, sorted: `positions[h * per_head + i]` (`n_kv_heads x per_head`
+/// int32). `*per_head` receives the count (every head holds the same). With
+/// `positions` NULL only the count is written (the eviction still runs);
+/// `cap` (entries) smaller than `n_kv_heads x per_head` is `IHIP_ERR_ARG`.
+/// An engine that moves these tokens' K/V into the request's first
+/// `per_head` slots and frees the rest (the SGLang shim) must then call
+/// `ihip_gpu_end_request` for it. Refused (`IHIP_ERR_ARG`) for a layer that
+/// is not locret, a request with no prefill here or one that has decoded.
+/// No device work.
+///
+/// # Safety
+/// `a` is NULL or a live handle; `positions` is NULL or holds `cap` int32;
+/// `per_head` is valid for one write.
+#[no_mangle]
+pub unsafe extern "C" fn ihip_gpu_locret_retained(
+    a: *const IhipGpuAttn,
+    layer: usize,
+    req_id: u64,
+    positions: *mut i32,
+    cap: usize,
+    per_head: *mut usize,
+) -> c_int {
+    guard("ihip_gpu_locret_retained", || {
+        if per_head.is_null() {
+            return Err(arg("per_head is NULL"));
+        }
+        with_gpu(a, |g| {
+            #[cfg(feature = "cuda")]
+            {
+                let held = g.locret_retain_now(layer, req_id).map_err(|e| match e {
+                    ihip::Error::Invalid(m) | ihip::Error::OutOfRange(m) => arg(m),
+                    e => e.into(),
+                })?;
+                let m = held.first().map_or(0, |h| h.len());
+                if held.iter().any(|h| h.len() != m) {
+                    return Err(Fail(
+                        IHIP_ERR_ENGINE,
+                        format!("locret layer {layer}: request {req_id}'s KV heads hold different counts"),
+                    ));
+                }
+                // SAFETY: checked non-null above; the caller gives one writable usize.
+                unsafe { *per_head = m };
+                if positions.is_null() {
+                    return Ok(());
+                }
+                let need = mul(held.len(), m, "positions")?;
+                if cap < need {
+                    return Err(arg(format!(
+                        "positions holds {cap} entries, need {need} ({} KV heads x {m})",
+                        held.len()
+                    )));
+                }
+                let out = slice_mut(positions, need, "positions")?;
+                for (h, ps) in held.iter().enumerate() {
+                    for (i, &p) in ps.iter().enumerate() {
+                        out[h * m + i] = p as i32;
+                    }
+                }
+                Ok(())
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                let _ = (g, layer, req_id, positions, cap);
+                Ok(())
+            }
+        })
+    })
+}
+
 /// Forget every request's hip state.
 ///
 /// # Safety

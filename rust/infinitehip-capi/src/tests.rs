@@ -553,7 +553,11 @@ fn last_error_is_per_thread() {
 #[test]
 fn header_matches_exports() {
     let header = include_str!("../include/infinitehip.h");
-    let src = concat!(include_str!("lib.rs"), include_str!("gpu.rs"));
+    let src = concat!(
+        include_str!("lib.rs"),
+        include_str!("gpu.rs"),
+        include_str!("gpu_host.rs")
+    );
     let names = |text: &str, pat: &str| -> std::collections::BTreeSet<String> {
         text.match_indices(pat)
             .map(|(i, _)| {

@@ -517,7 +517,17 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
         return report(&checks);
     }
     infinitehip::backend::cuda::dense_decode::force_v2(!a.dense_v1);
-    infinitehip::backend::cuda::dispatch::force_fused_attention(a.fused_attention);
+    infinitehip::backend::cuda::dense_decode::set_dense_chunks(a.dense_chunks);
+    {
+        use infinitehip::backend::cuda::dispatch::{force_attention, HipAttention};
+        force_attention(if a.fused_attention {
+            HipAttention::Fused
+        } else if a.sparse_v2 {
+            HipAttention::SparseV2
+        } else {
+            HipAttention::SplitCombine
+        });
+    }
     if a.dense_only {
         // The dense decode kernel only (kernels/decode_dense.cu).
         return report(&crate::gpu_dense::checks(&gpu, seed)?);
@@ -525,6 +535,7 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
     if a.step_only {
         // The device step, hip_topk, and the host step vs the CPU policy.
         let mut checks = crate::gpu_step::checks(&gpu, seed)?;
+        checks.extend(crate::gpu_sparse::checks(&gpu, seed)?);
         checks.push(hip_case(
             &gpu,
             &[hip_len, hip_len / 3 + 17, 5000],
@@ -590,6 +601,7 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
     }
     if attention {
         checks.extend(crate::gpu_step::checks(&gpu, seed)?);
+        checks.extend(crate::gpu_sparse::checks(&gpu, seed)?);
         checks.push(hip_case(
             &gpu,
             &[hip_len, hip_len / 3 + 17, 5000],

@@ -64,6 +64,15 @@ pub struct GpuTestArgs {
     /// (kernels/hip_attend.cu) in the hip step checks.
     #[arg(long)]
     pub fused_attention: bool,
+    /// Attend through the sparse v2 kernel (kernels/decode_dense_v2.cu
+    /// hip_sparse_*) in every hip check (default: split-K + combine; the
+    /// step checks run sparse v2 decoders beside the default ones anyway).
+    #[arg(long, conflicts_with = "fused_attention")]
+    pub sparse_v2: bool,
+    /// Default chunks per iteration of every dense v2 launch (0: the
+    /// built-in default, 2 at page sizes >= 16, else 1).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub dense_chunks: usize,
     /// Run the dense decode checks on the previous kernel
     /// (kernels/decode_dense.cu; default: decode_dense_v2.cu).
     #[arg(long)]
@@ -293,4 +302,18 @@ pub struct BenchGpuModelArgs {
     /// (kernels/hip_attend.cu; default: split-K + combine).
     #[arg(long)]
     pub fused_attention: bool,
+    /// hip layers attend through the sparse v2 kernel
+    /// (kernels/decode_dense_v2.cu hip_sparse_*; default: split-K +
+    /// combine, kernels/decode.cu).
+    #[arg(long, conflicts_with = "fused_attention")]
+    pub sparse_v2: bool,
+    /// Per-stage refresh intervals of the hip layers, comma-separated
+    /// (default: the default config's, 16,8,4; InfiniteHiP's SGLang example
+    /// uses 96,24,8).
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub refresh: Vec<usize>,
+    /// hip layers take lean steps (`HipGpuDecoder::set_lean`: no assembly
+    /// when no stage refreshes; sparse v2 attention only).
+    #[arg(long, conflicts_with = "fused_attention")]
+    pub lean: bool,
 }

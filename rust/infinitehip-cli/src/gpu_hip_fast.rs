@@ -557,7 +557,7 @@ pub(crate) fn cpu_twin_checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
         )?,
         cpu_twin_case::<f16>(
             gpu,
-            s(9, 3, 64)?,
+            s(12, 3, 64)?,
             &d64c2(8192),
             8192,
             2048,
@@ -566,7 +566,7 @@ pub(crate) fn cpu_twin_checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
         )?,
         cpu_twin_case::<bf16>(
             gpu,
-            s(9, 3, 64)?,
+            s(12, 3, 64)?,
             &d64c2(16384),
             16384,
             1000,

@@ -44,7 +44,16 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
     if tunes.is_empty() {
         tunes.push(Tune::default());
     }
-    infinitehip::backend::cuda::dispatch::force_fused_attention(a.fused_attention);
+    {
+        use infinitehip::backend::cuda::dispatch::{force_attention, HipAttention};
+        force_attention(if a.fused_attention {
+            HipAttention::Fused
+        } else if a.sparse_v2 {
+            HipAttention::SparseV2
+        } else {
+            HipAttention::SplitCombine
+        });
+    }
     let gpu0 = GpuContext::new(0).map_err(e)?;
     // An own stream: the legacy default stream cannot be graph-captured.
     let gpu = gpu0.with_new_stream().map_err(e)?;
@@ -56,7 +65,18 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
         bw / 1e9
     );
     let shape = AttnShape::new(32, 8, 128).map_err(e)?;
-    let cfg = HipConfig::default();
+    let mut cfg = HipConfig::default();
+    if !a.refresh.is_empty() {
+        if a.refresh.len() != cfg.stages.len() || a.refresh.contains(&0) {
+            return Err(format!(
+                "--refresh: {} positive intervals, one per stage",
+                cfg.stages.len()
+            ));
+        }
+        for (s, &r) in cfg.stages.iter_mut().zip(&a.refresh) {
+            s.refresh_interval = r;
+        }
+    }
     let cycle = cfg
         .stages
         .iter()
@@ -92,6 +112,7 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
                 .map(|_| HipGpuDecoder::new(cfg.clone(), &shape, b))
                 .collect::<infinitehip::Result<_>>()
                 .map_err(e)?;
+            hips.iter_mut().for_each(|h| h.set_lean(a.lean));
             // First step of each hip layer uploads its regions.
             for (i, h) in hips.iter_mut().enumerate() {
                 let l = n_dense + i;

@@ -9,7 +9,7 @@ use std::time::Instant;
 use half::bf16;
 use infinitehip::attention::{rel_error, AttnShape};
 use infinitehip::backend::cuda::dispatch::{self, DeviceKv, HipGpuDecoder};
-use infinitehip::backend::cuda::{hip_step, DevBuf, GpuContext};
+use infinitehip::backend::cuda::{dense_decode, hip_step, DevBuf, GpuContext};
 use infinitehip::config::HipConfig;
 use infinitehip::kv::KvPool;
 use infinitehip::policy::Selection;
@@ -17,6 +17,7 @@ use infinitehip::rng::Rng;
 use infinitehip::workload::needle_seq;
 
 use crate::gpu::{e, ref_f64, Check, R, STORED_KV_BOUND};
+use crate::gpu_dense::DENSE_BOUND;
 
 /// The checks `gpu-test` runs.
 pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
@@ -139,12 +140,23 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
     let qe = shape.q_elems();
     let qd = DevBuf::alloc(nb * qe * 4).map_err(e)?;
     let lens_dev = DevBuf::alloc(nb * 4).map_err(e)?;
-    let outs: Vec<DevBuf> = (0..3)
+    let outs: Vec<DevBuf> = (0..6)
         .map(|_| DevBuf::alloc(nb * qe * 4))
         .collect::<Result<_, _>>()
         .map_err(e)?;
     let new_dec = || HipGpuDecoder::new(cfg.clone(), &shape, nb).map_err(e);
     let (mut host, mut eager, mut graphed) = (new_dec()?, new_dec()?, new_dec()?);
+    // The sparse v2 attention (kernels/decode_dense_v2.cu hip_sparse_*),
+    // full host steps, and lean steps (no assembly when nothing refreshed)
+    // on the host and the device, whatever the default attention.
+    let new_sparse = |lean: bool| -> R<HipGpuDecoder> {
+        let mut d = new_dec()?;
+        d.set_attention(Some(dispatch::HipAttention::SparseV2));
+        d.set_lean(lean);
+        Ok(d)
+    };
+    let (mut host_sparse, mut host_lean, mut eager_lean) =
+        (new_sparse(false)?, new_sparse(true)?, new_sparse(true)?);
     let set_lens = |kv: &mut DeviceKv, lens: &[usize]| -> R<()> {
         kv.lens = lens.to_vec();
         let l32: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
@@ -153,6 +165,7 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
     set_lens(&mut kv, lens0)?;
     eager.prepare_device_steps(&kv).map_err(e)?;
     graphed.prepare_device_steps(&kv).map_err(e)?;
+    eager_lean.prepare_device_steps(&kv).map_err(e)?;
     let bound = eager.device_max_tokens().unwrap();
     // Warm step (grows the attention workspace), then a fresh cycle.
     qd.write(&vec![0.5f32; nb * qe]).map_err(e)?;
@@ -168,6 +181,8 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
     let mut rng = Rng::new(seed ^ 0x57e9);
     let (mut sel_mismatch, mut graph_mismatch, mut worst, mut host_vs_dev) = (0, 0, 0f64, 0f64);
     let (mut over_bound, mut finite, mut drop_err) = (0, true, f64::INFINITY);
+    let (mut lean_mismatch, mut lean_steps) = (0, 0);
+    let (mut sparse_worst, mut lean_dev, mut sparse_drop) = (0f64, 0f64, f64::INFINITY);
     let mut first_diff = String::new();
     for step in 0..steps {
         let last = step + 1 == steps;
@@ -184,6 +199,8 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
         // The reference at the jump: a fresh decoder's first (full) step.
         if last {
             host = new_dec()?;
+            host_sparse = new_sparse(false)?;
+            host_lean = new_sparse(true)?;
         }
         host.step(gpu, &shape, &kv, qd.ptr, outs[0].ptr, true)
             .map_err(e)?;
@@ -191,8 +208,17 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
             .step_device(gpu, &shape, &kv, lens_dev.ptr, qd.ptr, outs[1].ptr)
             .map_err(e)?;
         graph.launch().map_err(e)?;
+        host_sparse
+            .step(gpu, &shape, &kv, qd.ptr, outs[3].ptr, true)
+            .map_err(e)?;
+        host_lean
+            .step(gpu, &shape, &kv, qd.ptr, outs[4].ptr, true)
+            .map_err(e)?;
+        eager_lean
+            .step_device(gpu, &shape, &kv, lens_dev.ptr, qd.ptr, outs[5].ptr)
+            .map_err(e)?;
         gpu.synchronize().map_err(e)?;
-        let sels: Vec<Vec<Selection>> = [&host, &eager, &graphed]
+        let sels: Vec<Vec<Selection>> = [&host, &eager, &graphed, &host_sparse]
             .iter()
             .map(|d| d.sel.to_host(8))
             .collect::<Result<_, _>>()
@@ -212,6 +238,10 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
         if sels[1] != sels[2] || !bits_equal(&got[1], &got[2]) {
             graph_mismatch += 1;
         }
+        lean_steps += 1;
+        if sels[3] != sels[0] || !bits_equal(&got[3], &got[4]) {
+            lean_mismatch += 1;
+        }
         for b in 0..nb {
             let s = &sels[1][b];
             over_bound += (0..8).filter(|&h| s.token_count(h) > bound).count();
@@ -224,6 +254,12 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
                 .map(|&x| x as f64)
                 .collect();
             host_vs_dev = nan_max(host_vs_dev, rel_error(&got[1][b * qe..(b + 1) * qe], &r32));
+            // Sparse v2 (host step) vs f64; the lean device step vs it
+            // (another split count: equal to f32 rounding).
+            let sp = &got[3][b * qe..(b + 1) * qe];
+            sparse_worst = nan_max(sparse_worst, rel_error(sp, &r));
+            let sp64: Vec<f64> = sp.iter().map(|&x| x as f64).collect();
+            lean_dev = nan_max(lean_dev, rel_error(&got[5][b * qe..(b + 1) * qe], &sp64));
             if last && b == 0 {
                 // Dropping head 0's highest-scoring selected token (q head 0)
                 // must move the output past the bound.
@@ -253,16 +289,21 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
                 let sd = Selection::from_ranges(heads);
                 let rd = ref_f64(&shape, qb, &view, Some(&sd));
                 drop_err = rel_error(&got[1][..qe], &rd);
+                sparse_drop = rel_error(&got[3][..qe], &rd);
             }
         }
     }
     let ok = sel_mismatch == 0
         && graph_mismatch == 0
+        && lean_mismatch == 0
         && over_bound == 0
         && finite
         && worst <= STORED_KV_BOUND
         && host_vs_dev <= STORED_KV_BOUND
-        && drop_err > STORED_KV_BOUND;
+        && drop_err > STORED_KV_BOUND
+        && sparse_worst <= DENSE_BOUND
+        && lean_dev <= DENSE_BOUND
+        && sparse_drop > DENSE_BOUND;
     Ok(Check {
         name: format!(
             "hip device step (graph-capturable): lens {lens0:?}, {steps} steps (refresh cycle, last +{jump} forces a refresh)"
@@ -270,6 +311,8 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
         ok,
         detail: format!(
             "selections != host-metadata step: {sel_mismatch} {first_diff}; graph replay != eager (selection or output bits): {graph_mismatch}; \
+             sparse v2: rel_err vs f64 {sparse_worst:.2e}, lean device step vs host {lean_dev:.2e} (bound {DENSE_BOUND:.0e}), one dropped token {sparse_drop:.2e} (must exceed), \
+             lean host step != full host step (selection or output bits; {lean_steps} steps): {lean_mismatch}; \
              rel_err vs f64 {worst:.2e}, vs host step {host_vs_dev:.2e} (bound {STORED_KV_BOUND:.0e}); one dropped token {drop_err:.2e} (must exceed); \
              rows over the {bound}-token bound {over_bound}; all written+finite {finite}"
         ),
@@ -338,6 +381,28 @@ pub(crate) fn profile_layer(
     let attn = crate::gpu::time_ms(gpu, reps * 4, || {
         dispatch::decode(gpu, &mut ws, shape, kvr, q, &dref.sel, mt, None, out).map_err(e)
     })?;
+    // The sparse v2 kernel over the same selection (tokens per split, chunks
+    // per iteration; 0/0: the defaults), same bound.
+    let mut v2 = Vec::new();
+    let was = dispatch::attention();
+    dispatch::force_attention(dispatch::HipAttention::SparseV2);
+    for (split, u) in [
+        (0, 0),
+        (128, 2),
+        (256, 2),
+        (512, 2),
+        (64, 1),
+        (128, 1),
+        (256, 1),
+    ] {
+        dense_decode::set_sparse_tuning(split, u);
+        let ms = crate::gpu::time_ms(gpu, reps * 4, || {
+            dref.attend(gpu, shape, kvr, q, mt, out).map_err(e)
+        })?;
+        v2.push(serde_json::json!({"split": split, "chunks": u, "ms": ms}));
+    }
+    dense_decode::set_sparse_tuning(0, 0);
+    dispatch::force_attention(was);
     // Host time to enqueue one eager device step (no sync inside).
     gpu.synchronize().map_err(e)?;
     let n = 200;
@@ -378,10 +443,22 @@ pub(crate) fn profile_layer(
         "attention launch alone (split-K + combine, {mt}-token bound): {:.1} us; host enqueue of one eager device step: {enqueue_us:.1} us",
         attn * 1e3
     );
+    println!(
+        "attention sparse v2 alone (split tokens/chunks: us): {}",
+        v2.iter()
+            .map(|x| format!(
+                "{}/{}: {:.1}",
+                x["split"],
+                x["chunks"],
+                x["ms"].as_f64().unwrap() * 1e3
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     Ok(serde_json::json!({
         "tokens": kvr.lens[0], "batch": b, "cycle": cycle,
         "host_step_ms": t_host, "device_eager_step_ms": t_eager, "device_graph_step_ms": t_graph,
-        "attention_only_ms": attn, "enqueue_eager_us": enqueue_us, "max_tokens_bound": mt,
+        "attention_only_ms": attn, "attention_sparse_v2_ms": v2, "enqueue_eager_us": enqueue_us, "max_tokens_bound": mt,
     }))
 }
 

@@ -1181,3 +1181,56 @@ fn device_page_cache_follows_compaction() {
     let st = &engines[1].stats()[1];
     assert!(st.cache.misses > 0 && st.device_bytes > 0, "{:?}", st.cache);
 }
+
+/// `evict_as_decode` (the SGLang GPU path runs it before freeing a
+/// request's evicted slots) leaves exactly the retained set the first
+/// decode append would: two policies fed the same chunked prefill, one
+/// evicted early then decoded, one decoded directly, hold the same
+/// positions; with `stabilize_final_chunk: false` too (the final-chunk
+/// rule, which `Policy::evict` on a prompt not marked done does not apply).
+#[test]
+fn evict_as_decode_equals_first_decode() {
+    let m = small_shape();
+    for stab_final in [true, false] {
+        let mut cfg = locret_cfg(24, 16, 8, 2, 4);
+        cfg.stabilize_final_chunk = stab_final;
+        let head = RetainingHead::random(&m, cfg.hidden, 9).unwrap();
+        let mut a = LocretPolicy::with_head(cfg.clone(), head.clone(), 0).unwrap();
+        let mut b = LocretPolicy::with_head(cfg, head, 0).unwrap();
+        let mut rng = Rng::new(4);
+        let mut seen = 0;
+        for n in [16usize, 16, 16, 7] {
+            let s = rng.normal_vec(n * 2, 1.0);
+            for p in [&mut a, &mut b] {
+                let start = p.held_len(1).unwrap_or(0);
+                p.apply_scores(1, start, n, Phase::Prefill, false, &s)
+                    .unwrap();
+            }
+            seen += n;
+        }
+        assert!(a.eviction_pending(1));
+        let early = a.evict_as_decode(1).expect("an eviction was owed");
+        assert!(!a.eviction_pending(1));
+        assert!(a.evict_as_decode(1).is_none(), "nothing owed twice");
+        let held = a.held_positions(1).unwrap();
+        assert_eq!(early.len(), 2);
+        for h in &held {
+            assert_eq!(h.len(), 24, "budget per head");
+        }
+        let start = b.held_len(1).unwrap();
+        b.apply_scores(1, start, 1, Phase::Decode, false, &[])
+            .unwrap();
+        let start = a.held_len(1).unwrap();
+        a.apply_scores(1, start, 1, Phase::Decode, false, &[])
+            .unwrap();
+        assert_eq!(a.held_positions(1), b.held_positions(1));
+        let hb = b.held_positions(1).unwrap();
+        assert!(hb
+            .iter()
+            .all(|h| h.len() == 25 && *h.last().unwrap() == seen as u32));
+    }
+    // No state: nothing to do.
+    let head = RetainingHead::random(&m, 32, 1).unwrap();
+    let mut p = LocretPolicy::with_head(locret_cfg(8, 8, 4, 0, 2), head, 0).unwrap();
+    assert!(p.evict_as_decode(7).is_none());
+}

@@ -167,6 +167,22 @@ impl LocretPolicy {
         self.seqs.get(&seq).is_some_and(|s| s.pending)
     }
 
+    /// Run the eviction owed for `seq` now, as its first decode append
+    /// would (the final chunk's rule), so that a caller can act on the
+    /// retained set before decoding (the SGLang GPU path frees the evicted
+    /// slots). Returns the kept cache indices per head when it evicted.
+    pub fn evict_as_decode(&mut self, seq: u64) -> Option<Vec<Vec<u32>>> {
+        let mut st = self.seqs.remove(&seq)?;
+        let keep = if st.pending {
+            st.pending = false;
+            self.evict_units(seq, &mut st, true)
+        } else {
+            None
+        };
+        self.seqs.insert(seq, st);
+        keep
+    }
+
     /// Tokens ever appended to `seq` (the next token's original position).
     pub fn seen(&self, seq: u64) -> Option<usize> {
         self.seqs.get(&seq).map(|s| s.seen)

@@ -55,7 +55,31 @@ impl DenseDecodeWs {
             cap_pairs: 0,
         }
     }
+    /// `ensure` for a launch on `stream`: new counters are zeroed in that
+    /// stream's order. (A fill on the legacy stream is not ordered with a
+    /// caller's non-blocking stream, so a launch there could meet counters
+    /// not yet zeroed, or zeroed mid-launch, and the last-CTA merge would
+    /// misfire: a candidate cause of the engine dense failure of
+    /// merged-2026-12-04c.)
+    pub(crate) fn ensure_on(
+        &mut self,
+        rows: usize,
+        pairs: usize,
+        d: usize,
+        stream: &cudarc::driver::CudaStream,
+    ) -> Result<()> {
+        self.grow(rows, pairs, d, Some(stream))
+    }
     pub(crate) fn ensure(&mut self, rows: usize, pairs: usize, d: usize) -> Result<()> {
+        self.grow(rows, pairs, d, None)
+    }
+    fn grow(
+        &mut self,
+        rows: usize,
+        pairs: usize,
+        d: usize,
+        stream: Option<&cudarc::driver::CudaStream>,
+    ) -> Result<()> {
         if rows > self.cap_rows {
             let rows = rows.next_power_of_two();
             self.pm = DevBuf::alloc(rows * 4)?;
@@ -66,7 +90,10 @@ impl DenseDecodeWs {
         if pairs > self.cap_pairs {
             let pairs = pairs.next_power_of_two();
             self.counters = DevBuf::alloc(pairs * 4)?;
-            self.counters.fill_bytes(0)?;
+            match stream {
+                Some(st) => self.counters.fill_bytes_async(0, st)?,
+                None => self.counters.fill_bytes(0)?,
+            }
             self.cap_pairs = pairs;
         }
         Ok(())
@@ -95,6 +122,52 @@ pub fn split_tokens(
     max_len.div_ceil(want).next_multiple_of(step).max(512)
 }
 
+/// What a v2 launch attends: each row's tokens `0..lens[row]` (dense), or
+/// hip's selection (sparse: per (row, kv head) `ntab` positions of `tab`,
+/// row stride `tab_stride`, then the contiguous slid + window tail read from
+/// `extra`, `[rows][3]` int2 sink/slid/window as `HipGpuDecoder` keeps them).
+#[derive(Clone, Copy)]
+pub(crate) enum V2Src {
+    Dense {
+        lens: u64,
+    },
+    Sparse {
+        tab: u64,
+        tab_stride: usize,
+        ntab: u64,
+        extra: u64,
+    },
+}
+
+static DENSE_CHUNKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Override the dense launch's default chunks per iteration (0: the
+/// default; `gpu-test --dense-chunks` reproduces engine cases with it).
+pub fn set_dense_chunks(chunks: usize) {
+    DENSE_CHUNKS.store(chunks, std::sync::atomic::Ordering::Relaxed);
+}
+
+static SPARSE_SPLIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static SPARSE_CHUNKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Override the sparse launch's tokens per split and chunks per iteration
+/// (0 keeps the default; benchmarks sweep them).
+pub fn set_sparse_tuning(split: usize, chunks: usize) {
+    SPARSE_SPLIT.store(split, std::sync::atomic::Ordering::Relaxed);
+    SPARSE_CHUNKS.store(chunks, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Tokens per split of the sparse launch: about one wave of `slots`
+/// resident CTAs over `pairs` (row, kv head) pairs, a multiple of one CTA
+/// iteration (`64 * chunks` tokens) and no smaller: a hip row is a few
+/// thousand tokens, so latency, not bytes, decides, and the shortest chain
+/// per CTA wins.
+pub fn sparse_split(slots: usize, pairs: usize, max_tokens: usize, chunks: usize) -> usize {
+    let step = 64 * chunks;
+    let want = (slots / pairs.max(1)).max(1);
+    max_tokens.div_ceil(want).next_multiple_of(step).max(step)
+}
+
 /// The dense decode launch. `q` f32 `[n_rows][n_q_heads][head_dim]` (the
 /// shape's scale applies), `lens` device i32 `[n_rows]` (each in
 /// `1..=max_len`, within the table row's capacity: the caller's contract),
@@ -117,14 +190,60 @@ pub(crate) fn launch_dense(
     chunks: Option<usize>,
     out: AttnOut,
 ) -> Result<()> {
+    launch_v2(
+        gpu,
+        ws,
+        shape,
+        kv,
+        st,
+        q,
+        n_rows,
+        V2Src::Dense { lens },
+        q_seq,
+        max_len,
+        split,
+        chunks,
+        out,
+    )
+}
+
+/// The v2 launch, dense or hip sparse (`src`); `max_len` bounds every
+/// row's token count (sparse: the selected tokens).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_v2(
+    gpu: &GpuContext,
+    ws: &mut DenseDecodeWs,
+    shape: &AttnShape,
+    kv: KvPtrs,
+    st: KvStrides,
+    q: u64,
+    n_rows: usize,
+    src: V2Src,
+    q_seq: u64,
+    max_len: usize,
+    split: Option<usize>,
+    chunks: Option<usize>,
+    out: AttnOut,
+) -> Result<()> {
     if n_rows == 0 || max_len == 0 {
         return Ok(());
     }
+    let sparse = matches!(src, V2Src::Sparse { .. });
     let (hkv, d, g) = (shape.n_kv_heads, shape.head_dim, shape.group());
     let tag = kernels::dtype_tag(kv.dtype).ok_or_else(|| {
         Error::Invalid(format!("dense decode reads bf16/f16 K/V, got {}", kv.dtype))
     })?;
     let allowed = kernels::dense_chunks(d);
+    let load =
+        |a: &std::sync::atomic::AtomicUsize| match a.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            v => Some(v),
+        };
+    let chunks = chunks.or(load(if sparse {
+        &SPARSE_CHUNKS
+    } else {
+        &DENSE_CHUNKS
+    }));
     // Default: the most chunks per iteration built (2 at head_dim <= 128:
     // v2 at 1M batch 1 0.98 vs 1.32 ms with 1, at 128K 0.147 vs 0.210 ms,
     // equal at batch 16; tests/gpu/logs/gpustep/bench-gpu-dense.log), but
@@ -148,14 +267,17 @@ pub(crate) fn launch_dense(
             gpu.grid_limits.z
         )));
     }
-    let v2 = V2.load(std::sync::atomic::Ordering::Relaxed);
-    let module = if v2 {
+    let v2 = sparse || V2.load(std::sync::atomic::Ordering::Relaxed);
+    let module = if sparse {
+        "hip_sparse"
+    } else if v2 {
         "decode_dense_v2"
     } else {
         "decode_dense"
     };
-    let f = gpu.func(module, &format!("dense_{tag}_d{d}_g{g}_u{u}"))?;
-    let split = match split {
+    let kind = if sparse { "hip_sparse" } else { "dense" };
+    let f = gpu.func(module, &format!("{kind}_{tag}_d{d}_g{g}_u{u}"))?;
+    let split = match split.or(if sparse { load(&SPARSE_SPLIT) } else { None }) {
         Some(s) => s.next_multiple_of(64 * u),
         None => {
             let per_sm = f
@@ -163,7 +285,12 @@ pub(crate) fn launch_dense(
                 .map_err(|e| gpu_err("dense decode occupancy", e))?
                 .max(1) as usize;
             let waves = WAVES.load(std::sync::atomic::Ordering::Relaxed);
-            split_tokens(gpu.sm_count * per_sm * waves, n_rows, hkv, max_len, u)
+            let slots = gpu.sm_count * per_sm * waves;
+            if sparse {
+                sparse_split(slots, n_rows * hkv, max_len, u)
+            } else {
+                split_tokens(slots, n_rows, hkv, max_len, u)
+            }
         }
     };
     let n_splits = max_len.div_ceil(split).max(1);
@@ -172,7 +299,12 @@ pub(crate) fn launch_dense(
             "dense decode: {n_splits} splits exceed the grid's x limit"
         )));
     }
-    ws.ensure(n_rows * shape.n_q_heads * n_splits, n_rows * hkv, d)?;
+    ws.ensure_on(
+        n_rows * shape.n_q_heads * n_splits,
+        n_rows * hkv,
+        d,
+        &gpu.stream,
+    )?;
     let scale_log2 = shape.scale * std::f32::consts::LOG2_E;
     let (ts, ps, hk, sp, ns) = (
         kv.table_stride as i32,
@@ -197,9 +329,23 @@ pub(crate) fn launch_dense(
         .arg(&st.page)
         .arg(&st.head)
         .arg(&q)
-        .arg(&scale_log2)
-        .arg(&lens)
-        .arg(&q_seq)
+        .arg(&scale_log2);
+    let tab_stride;
+    match &src {
+        V2Src::Dense { lens } => {
+            l.arg(lens);
+        }
+        V2Src::Sparse {
+            tab,
+            tab_stride: t,
+            ntab,
+            extra,
+        } => {
+            tab_stride = *t as i32;
+            l.arg(tab).arg(&tab_stride).arg(ntab).arg(extra);
+        }
+    }
+    l.arg(&q_seq)
         .arg(&sp)
         .arg(&ns)
         .arg(&ws.pm.ptr)
@@ -209,10 +355,12 @@ pub(crate) fn launch_dense(
         .arg(&out.ptr)
         .arg(&ors)
         .arg(&odt);
-    // SAFETY: the arguments pushed above follow dense_decode's parameter list in
-    // kernels/decode_dense.cu (same order and C types); the workspace holds n_rows * Hq *
-    // n_splits partial rows and n_rows * hkv zeroed counters (ensured above); K/V, table, lens,
-    // q_seq, q and out are the caller's device buffers sized for these rows.
+    // SAFETY: the arguments pushed above follow DENSE_INST's (dense) or SPARSE_INST's (sparse)
+    // parameter list in kernels/decode_dense_v2.cu (decode_dense.cu: DENSE_INST without
+    // ps_log2), same order and C types; the workspace holds n_rows * Hq * n_splits partial rows
+    // and n_rows * hkv zeroed counters (ensured above); K/V, table, lens or the selection
+    // (tab rows of tab_stride, ntab, extra: the caller's, sized for n_rows * hkv rows and
+    // n_rows sequences), q_seq, q and out are the caller's device buffers sized for these rows.
     unsafe {
         l.launch(LaunchConfig {
             grid_dim: (n_splits as u32, hkv as u32, n_rows as u32),
@@ -221,7 +369,7 @@ pub(crate) fn launch_dense(
         })
     }
     .map_err(|e| gpu_err("launch dense decode", e))?;
-    super::prof::mark(gpu, "dense")
+    super::prof::mark(gpu, if sparse { "attn sparse v2" } else { "dense" })
 }
 
 /// Dense decode over a `DeviceKv`: query row i (f32 `[rows][Hq][D]` at
@@ -270,6 +418,66 @@ pub fn dense_decode(
         lens_dev.ptr,
         0,
         max_len,
+        split,
+        chunks,
+        AttnOut::f32_rows(out, shape),
+    )
+}
+
+/// hip sparse attention over a `DeviceKv` (the kernel `HipGpuDecoder`
+/// attends with; tests drive it on arbitrary selections): query row b (f32
+/// `[rows][Hq][D]` at `q`) attends, per kv head h, positions
+/// `tab[(b * hkv + h) * tab_stride ..][..ntab[b * hkv + h]]` (i32, device)
+/// then the tail `[tail0, win.1)` with `extra` i32 `[rows][3][2]` (sink,
+/// slid, window; tail0 = slid.0 if the slid range is non-empty, else
+/// win.0); `max_tokens` bounds every row's count. Out f32, same shape.
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_decode(
+    gpu: &GpuContext,
+    ws: &mut DenseDecodeWs,
+    shape: &AttnShape,
+    kv: &DeviceKv,
+    q: u64,
+    tab: &DevBuf,
+    tab_stride: usize,
+    ntab: &DevBuf,
+    extra: &DevBuf,
+    max_tokens: usize,
+    split: Option<usize>,
+    chunks: Option<usize>,
+    out: u64,
+) -> Result<()> {
+    check_shape(shape, kv)?;
+    let (b, hkv) = (kv.batch(), shape.n_kv_heads);
+    if tab.bytes < b * hkv * tab_stride * 4 || ntab.bytes < b * hkv * 4 || extra.bytes < b * 24 {
+        return Err(Error::Invalid(format!(
+            "sparse decode: table {} / counts {} / extra {} bytes for {b} rows x {hkv} heads x {tab_stride}",
+            tab.bytes, ntab.bytes, extra.bytes
+        )));
+    }
+    launch_v2(
+        gpu,
+        ws,
+        shape,
+        KvPtrs {
+            k: kv.k.ptr,
+            v: kv.v.ptr,
+            table: kv.table.ptr,
+            table_stride: kv.table_stride,
+            page_size: kv.page_size,
+            dtype: kv.dtype,
+        },
+        kv.strides(),
+        q,
+        b,
+        V2Src::Sparse {
+            tab: tab.ptr,
+            tab_stride,
+            ntab: ntab.ptr,
+            extra: extra.ptr,
+        },
+        0,
+        max_tokens,
         split,
         chunks,
         AttnOut::f32_rows(out, shape),
@@ -352,5 +560,18 @@ mod tests {
         );
         // Short contexts are not split below 512 tokens.
         assert_eq!(split_tokens(396, 1, 8, 700, 1), 512);
+    }
+
+    #[test]
+    fn sparse_splits_are_one_iteration_or_more() {
+        // hip at batch 1: 3,264 selected tokens, 8 kv heads, 264 slots:
+        // one 2-chunk iteration (128 tokens) per CTA, 26 splits.
+        let s = sparse_split(264, 8, 3264, 2);
+        assert_eq!(s, 128);
+        assert_eq!(3264usize.div_ceil(s), 26);
+        // Never below one iteration; multiples of it.
+        assert_eq!(sparse_split(10_000, 8, 100, 1), 64);
+        assert_eq!(sparse_split(396, 128, 3264, 2) % 128, 0);
+        assert!(3264usize.div_ceil(sparse_split(396, 128, 3264, 2)) * 128 <= 396 * 2);
     }
 }

@@ -1510,10 +1510,28 @@ fn assemble(
     rows: usize,
     sel: &DeviceSelection,
 ) -> Result<()> {
-    assemble_rows(gpu, last, extra, hkv, rows, sel, 0)
+    assemble_rows(gpu, last, extra, hkv, rows, sel, 0, None)
 }
 
-/// `assemble` into selection rows `row0..row0 + rows` of `sel`.
+/// Where `hip_assemble` also writes each row's sink + chunk positions (the
+/// sparse v2 attention's table): `tab` i32 `[rows][cap]`, `ntab` i32
+/// `[rows]` (how many).
+/// With `gate` non-zero (a lean device step, `hip_step_meta`'s state),
+/// rows whose table is current (no stage refreshed, sink as at the build
+/// recorded in `tab_sink` i32 `[rows]`) are skipped.
+#[derive(Clone, Copy)]
+pub(crate) struct TabOut {
+    pub tab: u64,
+    pub cap: usize,
+    pub ntab: u64,
+    pub gate: u64,
+    pub n_stages: usize,
+    pub tab_sink: u64,
+}
+
+/// `assemble` into selection rows `row0..row0 + rows` of `sel` (and, with
+/// `tab`, rows `0..rows` of the position table).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn assemble_rows(
     gpu: &GpuContext,
     last: &StageBuf,
@@ -1522,9 +1540,19 @@ pub(crate) fn assemble_rows(
     rows: usize,
     sel: &DeviceSelection,
     row0: usize,
+    tab: Option<TabOut>,
 ) -> Result<()> {
     let asm = gpu.func("hip_mask", "hip_assemble")?;
     let (lc, hk, nr, cap) = (last.cap as i32, hkv as i32, rows as i32, sel.cap as i32);
+    let t = tab.unwrap_or(TabOut {
+        tab: 0,
+        cap: 0,
+        ntab: 0,
+        gate: 0,
+        n_stages: 0,
+        tab_sink: 0,
+    });
+    let (tcap, tns) = (t.cap as i32, t.n_stages as i32);
     let off = |base: u64, elem: usize| base + (row0 * elem) as u64;
     let (rg, cm, cn, tt) = (
         off(sel.ranges.ptr, sel.cap * 8),
@@ -1543,7 +1571,13 @@ pub(crate) fn assemble_rows(
         .arg(&cm)
         .arg(&cn)
         .arg(&tt)
-        .arg(&cap);
+        .arg(&cap)
+        .arg(&t.tab)
+        .arg(&tcap)
+        .arg(&t.ntab)
+        .arg(&t.gate)
+        .arg(&tns)
+        .arg(&t.tab_sink);
     // SAFETY: the arguments pushed above follow the kernel's parameter list in kernels/*.cu (same
     // order and C types); every pointer is a device allocation of this context sized for this grid
     // by the code above.
@@ -1564,14 +1598,47 @@ pub(crate) struct StageBuf {
     pub cap: usize,
 }
 
-static FUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Which kernel `HipGpuDecoder` attends with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HipAttention {
+    /// kernels/decode_dense_v2.cu `hip_sparse_*`: one launch, tensor
+    /// cores, the selection as a position table + tail. Not yet the
+    /// default: it has not run on a GPU (the 2026-12-04 09:18 call spent
+    /// its 72 s in the driver's cold PTX JIT); opt in per decoder
+    /// (`set_attention`, `set_lean`) or for all (`force_attention`).
+    SparseV2 = 0,
+    /// kernels/decode.cu split-K partials + combine over the ranges (the
+    /// default).
+    SplitCombine = 1,
+    /// kernels/hip_attend.cu (one launch, CUDA cores; correct but slower,
+    /// 47.5 vs 32 us at 1M on the H200, tests/gpu/logs/merged-2026-12-04c/).
+    Fused = 2,
+}
 
-/// Attend through `decode_fused` (true) or through the two-launch `decode`
-/// (false, the default: the fused kernel compiles but has not run on a GPU
-/// yet; `gpu-test --step-only --fused-attention` and `bench-gpu-model
-/// --fused-attention` exercise it).
+static ATTN: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
+
+/// Choose `HipGpuDecoder`'s attention kernel (tests and benchmarks run
+/// each on the same inputs).
+pub fn force_attention(a: HipAttention) {
+    ATTN.store(a as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The attention kernel `HipGpuDecoder` uses now.
+pub fn attention() -> HipAttention {
+    match ATTN.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => HipAttention::SparseV2,
+        1 => HipAttention::SplitCombine,
+        _ => HipAttention::Fused,
+    }
+}
+
+/// `force_attention(Fused)` (true) or back to the default (false).
 pub fn force_fused_attention(on: bool) {
-    FUSED.store(on, std::sync::atomic::Ordering::Relaxed);
+    force_attention(if on {
+        HipAttention::Fused
+    } else {
+        HipAttention::SplitCombine
+    });
 }
 
 /// InfiniteHiP decode on the GPU: the same stages, refresh schedule, sink,
@@ -1600,6 +1667,19 @@ pub struct HipGpuDecoder {
     pub ws: DecodeWorkspace,
     /// Arrival counters of the fused attention launch, `[batch * hkv]`.
     pub(crate) counters: DevBuf,
+    /// Sink + chunk positions per row for the sparse v2 attention
+    /// (`[rows][tab_cap]` i32, written by `hip_assemble`) and their counts.
+    pub(crate) tab: DevBuf,
+    pub(crate) tab_cap: usize,
+    pub(crate) ntab: DevBuf,
+    /// Partials and arrival counters of the sparse v2 attention.
+    pub(crate) v2_ws: super::dense_decode::DenseDecodeWs,
+    /// Lean steps (`set_lean`), the sink end per row at the last table
+    /// build (device, -1: none yet) and per sequence (host steps).
+    pub(crate) lean: bool,
+    pub(crate) attn: Option<HipAttention>,
+    pub(crate) tab_sink: DevBuf,
+    pub(crate) host_tab_sink: Vec<usize>,
     /// Module of the scoring kernels: "hip_mask" (keys in a `DeviceKv`) or
     /// "hip_mask_host" (backend::cuda::est_cache: keys in the host tier,
     /// read through a device row cache).
@@ -1650,6 +1730,7 @@ impl HipGpuDecoder {
             });
         }
         let last_cap = stages.last().unwrap().cap;
+        let tab_cap = cfg.sink + last_cap * cfg.stages.last().unwrap().chunk_size;
         let g = shape.group() as i32;
         Ok(HipGpuDecoder {
             hkv,
@@ -1669,6 +1750,14 @@ impl HipGpuDecoder {
             max_tokens: 0,
             ws: DecodeWorkspace::new(),
             counters: DevBuf::from_slice(&vec![0i32; rows])?,
+            tab: DevBuf::alloc(rows * tab_cap * 4)?,
+            tab_cap,
+            ntab: DevBuf::from_slice(&vec![0i32; rows])?,
+            v2_ws: super::dense_decode::DenseDecodeWs::new(),
+            lean: false,
+            attn: None,
+            tab_sink: DevBuf::from_slice(&vec![-1i32; rows])?,
+            host_tab_sink: Vec::new(),
             score_module: "hip_mask",
             dev: None,
             stages,
@@ -1767,14 +1856,21 @@ impl HipGpuDecoder {
             gate: 0,
         };
         run_stages(gpu, kv, &self.cfg, &self.stages, from, &ctx)?;
-        assemble(
-            gpu,
-            self.stages.last().unwrap(),
-            self.extra.ptr,
-            hkv,
-            rows,
-            &self.sel,
-        )?;
+        let sinks: Vec<usize> = lens.iter().map(|&l| self.cfg.sink.min(l)).collect();
+        let lean_skip = self.lean && from == n && self.host_tab_sink == sinks;
+        if !lean_skip {
+            assemble_rows(
+                gpu,
+                self.stages.last().unwrap(),
+                self.extra.ptr,
+                hkv,
+                rows,
+                &self.sel,
+                0,
+                Some(self.tab_out(0)),
+            )?;
+            self.host_tab_sink = sinks;
+        }
         self.step += 1;
         Ok(from)
     }
@@ -1795,11 +1891,51 @@ impl HipGpuDecoder {
         Ok(from)
     }
 
-    /// Attention over `self.sel` (bound `mt` selected tokens per row): one
-    /// fused launch (`decode_fused`), or split-K + combine (`decode`) when
-    /// the fused kernel is switched off or the selection has too many
-    /// ranges for it.
-    pub(crate) fn attend(
+    /// The table outputs of `hip_assemble`; `gate` non-zero: a lean device
+    /// step (see `TabOut`).
+    pub(crate) fn tab_out(&self, gate: u64) -> TabOut {
+        TabOut {
+            tab: self.tab.ptr,
+            cap: self.tab_cap,
+            ntab: self.ntab.ptr,
+            gate,
+            n_stages: self.cfg.stages.len(),
+            tab_sink: self.tab_sink.ptr,
+        }
+    }
+
+    /// Lean steps (off by default): a step that refreshes no stage skips
+    /// `hip_assemble` when the sink is as at the last build (the host step
+    /// launches nothing for it; the device step's launch returns at once),
+    /// since the sparse attention reads the sink + chunk table (unchanged)
+    /// and the slid + window tail from the per-step regions. `sel` then
+    /// keeps the last build's ranges (its slid and window are stale), and
+    /// the split-K and fused attentions, which read `sel`, must not be
+    /// used. Outputs equal the full steps' bit for bit (gpu-test).
+    pub fn set_lean(&mut self, on: bool) {
+        self.lean = on;
+    }
+
+    /// This decoder's attention kernel (None: the global `attention()`);
+    /// lean steps always use `SparseV2`.
+    pub fn set_attention(&mut self, a: Option<HipAttention>) {
+        self.attn = a;
+    }
+
+    fn attention_kernel(&self) -> HipAttention {
+        if self.lean {
+            HipAttention::SparseV2
+        } else {
+            self.attn.unwrap_or_else(attention)
+        }
+    }
+
+    /// Attention over the step's selection (bound `mt` selected tokens per
+    /// row), by `HipAttention` (`set_attention`, `force_attention`): the
+    /// sparse v2 kernel (one launch over the sink + chunk table and the
+    /// slid + window tail), one fused launch (`decode_fused`), or split-K +
+    /// combine (`decode`, the default) over `self.sel`'s ranges.
+    pub fn attend(
         &mut self,
         gpu: &GpuContext,
         shape: &AttnShape,
@@ -1808,9 +1944,42 @@ impl HipGpuDecoder {
         mt: usize,
         out: u64,
     ) -> Result<()> {
+        let kind = self.attention_kernel();
+        if kind == HipAttention::SparseV2 {
+            check_shape(shape, kv)?;
+            let mut ws = std::mem::take(&mut self.v2_ws);
+            let r = super::dense_decode::launch_v2(
+                gpu,
+                &mut ws,
+                shape,
+                KvPtrs {
+                    k: kv.k.ptr,
+                    v: kv.v.ptr,
+                    table: kv.table.ptr,
+                    table_stride: kv.table_stride,
+                    page_size: kv.page_size,
+                    dtype: kv.dtype,
+                },
+                kv.strides(),
+                q,
+                self.batch,
+                super::dense_decode::V2Src::Sparse {
+                    tab: self.tab.ptr,
+                    tab_stride: self.tab_cap,
+                    ntab: self.ntab.ptr,
+                    extra: self.extra.ptr,
+                },
+                0,
+                mt.max(1),
+                None,
+                None,
+                AttnOut::f32_rows(out, shape),
+            );
+            self.v2_ws = ws;
+            return r;
+        }
         let mut ws = std::mem::take(&mut self.ws);
-        let fused =
-            FUSED.load(std::sync::atomic::Ordering::Relaxed) && self.sel.cap <= FUSED_MAX_RANGES;
+        let fused = kind == HipAttention::Fused && self.sel.cap <= FUSED_MAX_RANGES;
         let r = if fused {
             decode_fused(
                 gpu,
@@ -1832,6 +2001,7 @@ impl HipGpuDecoder {
 
     pub fn reset(&mut self) {
         self.step = 0;
+        self.host_tab_sink.clear();
     }
 }
 

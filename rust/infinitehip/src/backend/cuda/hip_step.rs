@@ -175,7 +175,8 @@ impl HipGpuDecoder {
         };
         run_stages(gpu, kv, cfg, &self.stages, 0, &x)?;
         let last = self.stages.last().unwrap();
-        assemble_rows(gpu, last, self.extra.ptr, self.hkv, rows, &self.sel, 0)?;
+        let tab = Some(self.tab_out(if self.lean { d.state.ptr } else { 0 }));
+        assemble_rows(gpu, last, self.extra.ptr, self.hkv, rows, &self.sel, 0, tab)?;
         let mt = d.max_tokens;
         self.attend(gpu, shape, kv, q, mt, out)
     }

@@ -23,6 +23,15 @@ pub const MODULES: &[(&str, &str)] = &[
         "hip_mask",
         include_str!("../../../../../kernels/hip_mask.cu"),
     ),
+    // hip decode attention through the dense v2 kernel (a position table +
+    // tail per row); loaded on first use (`LAZY_MODULES`).
+    (
+        "hip_sparse",
+        concat!(
+            "#define DD_SPARSE_ONLY 1\n",
+            include_str!("../../../../../kernels/decode_dense_v2.cu")
+        ),
+    ),
     // hip decode attention in one launch (split-K, last CTA merges).
     (
         "hip_attend",
@@ -104,6 +113,12 @@ pub fn dtype_tag(dt: crate::DType) -> Option<&'static str> {
     }
 }
 
+/// Modules `GpuContext` loads on first use, not at creation (the driver
+/// JIT-compiles each loaded module's PTX: on a cold machine that costs
+/// seconds per MB). A lazy module's first use must not be inside a CUDA
+/// graph capture: callers run one eager step first.
+pub const LAZY_MODULES: &[&str] = &["hip_sparse"];
+
 pub const HEAD_DIMS: &[usize] = &[64, 128, 256];
 /// Entry points of kernels/squeeze_kmeans.cu besides `km_assign_d{D}`.
 const KMEANS_ENTRY_POINTS: &[&str] = &[
@@ -170,6 +185,19 @@ pub fn entry_points(module: &str) -> Vec<String> {
     }
     if module == "decode_dense_v2" {
         return entry_points("decode_dense");
+    }
+    if module == "hip_sparse" {
+        let mut v = Vec::new();
+        for dt in ["bf16", "f16"] {
+            for d in HEAD_DIMS {
+                for u in dense_chunks(*d) {
+                    for g in GROUPS {
+                        v.push(format!("hip_sparse_{dt}_d{d}_g{g}_u{u}"));
+                    }
+                }
+            }
+        }
+        return v;
     }
     let mut v = Vec::new();
     for dt in ["bf16", "f16"] {

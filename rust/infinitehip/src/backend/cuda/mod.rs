@@ -245,6 +245,13 @@ impl DevBuf {
         }
         Ok(v)
     }
+    /// `fill_bytes` ordered on `stream` (a fill on the legacy stream is not
+    /// ordered with a caller's non-blocking stream).
+    pub fn fill_bytes_async(&self, byte: u8, stream: &CudaStream) -> Result<()> {
+        // SAFETY: sets exactly the `self.bytes` bytes the buffer holds, in stream order.
+        unsafe { cu::memset_d8_async(self.ptr, byte, self.bytes, stream.cu_stream()) }
+            .map_err(|e| gpu_err("memset", e))
+    }
     /// Fill with a byte pattern (tests poison outputs with 0xff = NaN).
     pub fn fill_bytes(&self, byte: u8) -> Result<()> {
         // SAFETY: sets exactly the `self.bytes` bytes the buffer holds.
@@ -274,6 +281,8 @@ pub struct GpuContext {
     pub grid_limits: GridLimits,
     pub name: String,
     modules: Arc<HashMap<&'static str, Arc<CudaModule>>>,
+    /// `kernels::LAZY_MODULES` loaded so far.
+    lazy: Arc<std::sync::Mutex<HashMap<&'static str, Arc<CudaModule>>>>,
     funcs: Arc<std::sync::Mutex<HashMap<String, CudaFunction>>>,
 }
 
@@ -311,6 +320,9 @@ impl GpuContext {
         let stream = ctx.default_stream();
         let mut modules = HashMap::new();
         for (m, _) in kernels::MODULES {
+            if kernels::LAZY_MODULES.contains(m) {
+                continue;
+            }
             let (ptx, cached) = compile_module(m, arch)?;
             tracing::info!(module = m, arch, cached, "kernel module ready");
             let module = ctx
@@ -326,6 +338,7 @@ impl GpuContext {
             grid_limits,
             name,
             modules: Arc::new(modules),
+            lazy: Default::default(),
             funcs: Default::default(),
         })
     }
@@ -353,6 +366,7 @@ impl GpuContext {
             grid_limits: self.grid_limits,
             name: self.name.clone(),
             modules: self.modules.clone(),
+            lazy: self.lazy.clone(),
             funcs: self.funcs.clone(),
         }
     }
@@ -373,6 +387,7 @@ impl GpuContext {
             grid_limits: self.grid_limits,
             name: self.name.clone(),
             modules: self.modules.clone(),
+            lazy: self.lazy.clone(),
             funcs: self.funcs.clone(),
         })
     }
@@ -389,15 +404,40 @@ impl GpuContext {
         if let Some(x) = f.get(&key) {
             return Ok(x.clone());
         }
-        let m = self
-            .modules
-            .get(module)
-            .ok_or_else(|| Error::Invalid(format!("CUDA: module {module} not loaded")))?;
+        let m = match self.modules.get(module) {
+            Some(m) => m.clone(),
+            None => self.lazy_module(module)?,
+        };
         let func = m
             .load_function(name)
             .map_err(|e| gpu_err(&format!("kernel {name} not found"), e))?;
         f.insert(key, func.clone());
         Ok(func)
+    }
+
+    /// A `kernels::LAZY_MODULES` module, compiled (or read from the PTX
+    /// cache) and loaded at its first use.
+    fn lazy_module(&self, module: &str) -> Result<Arc<CudaModule>> {
+        let Some(&name) = kernels::LAZY_MODULES.iter().find(|&&m| m == module) else {
+            return Err(Error::Invalid(format!("CUDA: module {module} not loaded")));
+        };
+        let mut lazy = self.lazy.lock().unwrap();
+        if let Some(m) = lazy.get(name) {
+            return Ok(m.clone());
+        }
+        let (ptx, cached) = compile_module(name, self.arch)?;
+        tracing::info!(
+            module = name,
+            arch = self.arch,
+            cached,
+            "kernel module ready (lazy)"
+        );
+        let m = self
+            .ctx
+            .load_module(Ptx::from_src(ptx))
+            .map_err(|e| gpu_err(&format!("load module {name}"), e))?;
+        lazy.insert(name, m.clone());
+        Ok(m)
     }
 
     pub fn synchronize(&self) -> Result<()> {
@@ -437,6 +477,17 @@ mod tests {
         // bf16/f16 x 3 head dims x (4 one-lane + 2 four-lane scorers) + 4.
         assert_eq!(kernels::entry_points("hip_mask").len(), 2 * 3 * 6 + 4);
         assert_eq!(kernels::entry_points("hip_attend").len(), 2 * 3 * 4);
+        // The dense v2 kernel's two builds: dense entries (as decode_dense),
+        // hip sparse entries (no fill kernel), the latter loaded lazily.
+        assert_eq!(
+            kernels::entry_points("decode_dense_v2").len(),
+            2 * 5 * 4 + 1
+        );
+        assert_eq!(kernels::entry_points("hip_sparse").len(), 2 * 5 * 4);
+        assert!(kernels::full_source("hip_sparse")
+            .unwrap()
+            .contains("#define DD_SPARSE_ONLY"));
+        assert_eq!(kernels::LAZY_MODULES, &["hip_sparse"]);
     }
 
     #[test]

@@ -491,7 +491,7 @@ impl GpuAttention {
             max_tokens: 0,
         };
         debug_assert!(cap <= g.sel_cap);
-        assemble_rows(&gpu, &pos[n - 1], g.extra.ptr, hkv, rows_n, &sel, 0)?;
+        assemble_rows(&gpu, &pos[n - 1], g.extra.ptr, hkv, rows_n, &sel, 0, None)?;
         let bound = hip_bound(&h.cfg, &h.caps, g.cap_tokens);
         let sp = attn_split(gpu.sm_count, bs, hkv, bound);
         launch_attention_ex(

@@ -6,8 +6,11 @@
 //! Per (request, locret layer, KV head) it keeps the set of token positions
 //! Locret retains, and attention reads only those positions (through the
 //! selection ranges, over the engine's page table). The attention result is
-//! what the CPU engine computes over its compacted pool; the memory saving
-//! of eviction is not realised on this path.
+//! what the CPU engine computes over its compacted pool. To realise the
+//! memory saving, an engine asks for the retained positions after the
+//! prompt (`GpuAttention::locret_retain_now`, C ABI
+//! `ihip_gpu_locret_retained`), moves those K/V into the request's first
+//! slots itself and frees the rest (the SGLang shim's `locret_free`).
 //!
 //! Per prefill call (one call = one append, as `Engine::append`):
 //! - **Scores on the GPU**: the caller passes the new tokens' pre-RoPE
@@ -144,6 +147,23 @@ impl LocretHost {
             self.decoded.insert(id);
         }
         Ok(keep.is_some())
+    }
+
+    /// Run request `id`'s owed eviction now (what its first decode would
+    /// run) and return its retained positions per KV head (sorted, equal
+    /// counts). An error when the request has no state or has decoded.
+    pub fn retain_now(&mut self, layer: usize, id: u64) -> Result<Vec<Vec<u32>>> {
+        if self.decoded.contains(&id) {
+            return Err(Error::Invalid(format!(
+                "locret layer {layer} on the GPU: request {id} has decoded; its retained set is settled (ask before the first decode)"
+            )));
+        }
+        self.policy.evict_as_decode(id);
+        self.policy.held_positions(id).ok_or_else(|| {
+            Error::Invalid(format!(
+                "locret layer {layer} on the GPU: request {id} has no locret state (no prefill here)"
+            ))
+        })
     }
 
     /// Retained positions of request `id` per KV head as merged runs
@@ -361,6 +381,44 @@ mod tests {
         assert_eq!(h.policy.seen(9), Some(4));
         h.clear();
         assert_eq!(h.policy.seen(9), None);
+    }
+
+    /// `retain_now` runs the owed eviction (budget per head), is refused
+    /// after a decode and for unknown requests, and the next decode keeps
+    /// what it returned plus the decoded token.
+    #[test]
+    fn retain_now_evicts_what_the_first_decode_would() {
+        let m = model();
+        let cfg = LocretConfig {
+            budget: 10,
+            chunk: 8,
+            stabilizer: 4,
+            keep_last: 2,
+            hidden: 16,
+            ..LocretConfig::default()
+        };
+        let head = RetainingHead::random(&m, 16, 3).unwrap();
+        let mut h = LocretHost::new(cfg, head, 1).unwrap();
+        let mut rng = crate::rng::Rng::new(8);
+        let mut pos = 0;
+        for n in [8usize, 8, 8] {
+            h.begin_prefill(1, 4, pos).unwrap();
+            let s = rng.normal_vec(n * 2, 1.0);
+            h.insert(1, 4, pos, n, Phase::Prefill, false, &s).unwrap();
+            pos += n;
+        }
+        assert!(h.retain_now(1, 99).is_err());
+        let kept = h.retain_now(1, 4).unwrap();
+        assert_eq!(kept.len(), 2);
+        assert!(kept.iter().all(|k| k.len() == 10));
+        assert_eq!(h.retain_now(1, 4).unwrap(), kept, "idempotent");
+        h.insert(1, 4, pos, 1, Phase::Decode, false, &[]).unwrap();
+        let after = h.policy.held_positions(4).unwrap();
+        for (a, k) in after.iter().zip(&kept) {
+            assert_eq!(&a[..10], &k[..]);
+            assert_eq!(a[10], pos as u32);
+        }
+        assert!(h.retain_now(1, 4).is_err(), "refused after a decode");
     }
 
     /// The books the GPU path keeps (fed with the same scores the CPU

@@ -34,8 +34,8 @@
 //!   from the pre-RoPE projections the caller passes (`prefill_ex`,
 //!   `ProjArg`); one host sync per (prefill call, layer) reads the scores
 //!   back for the CPU policy's bookkeeping. Eviction is a per-(request,
-//!   layer, KV head) retained index set that attention reads: the engine's
-//!   pool memory is not freed (see `locret`).
+//!   layer, KV head) retained index set that attention reads; the engine
+//!   frees pool memory itself from `locret_retain_now` (see `locret`).
 //! - hip prefill: sparse, as on the CPU (`prefill_estimator`, default the
 //!   tensor-core mask estimator of `hip_fast`; `Reference` is the f32 twin
 //!   bit-equal to the CPU policy; `None` attends densely): per request and
@@ -335,7 +335,7 @@ impl GpuAttention {
         if n_locret > 0 {
             tracing::info!(
                 layers = n_locret,
-                "locret on the GPU engine path: eviction keeps a retained index set per (request, layer, KV head) that attention reads; the engine's KV pool memory is not freed"
+                "locret on the GPU engine path: eviction keeps a retained index set per (request, layer, KV head) that attention reads; the engine frees its evicted slots only if it compacts its pool (locret_retain_now)"
             );
         }
         let lazy = (0..m.n_layers).find_map(|l| match cfg.layer_policy(l) {
@@ -398,6 +398,25 @@ impl GpuAttention {
         match self.layers.get(layer) {
             Some(Layer::Locret(z)) => z.host.policy.held_positions(id),
             _ => None,
+        }
+    }
+
+    /// Locret layer `layer`: run request `id`'s owed eviction now (the
+    /// one its first decode would run) and return its retained positions
+    /// per KV head. With these the engine can move the retained K/V into
+    /// the request's first slots and free the rest (the SGLang shim does);
+    /// then end the request here, since its state describes slots that no
+    /// longer hold those tokens.
+    pub fn locret_retain_now(&mut self, layer: usize, id: u64) -> Result<Vec<Vec<u32>>> {
+        match self.layers.get_mut(layer) {
+            Some(Layer::Locret(z)) => z.host.retain_now(layer, id),
+            Some(_) => Err(Error::Invalid(format!(
+                "layer {layer} is not a locret layer"
+            ))),
+            None => Err(Error::OutOfRange(format!(
+                "layer {layer} of {}",
+                self.layers.len()
+            ))),
         }
     }
 
@@ -1354,6 +1373,7 @@ impl GpuAttention {
                 hkv,
                 &sel,
                 i * hkv,
+                None,
             )?;
             h.step[s] += 1;
         }

@@ -1,0 +1,102 @@
+"""CPU benchmark (issue 18): SGLang time to first token, stock
+(`torch_native`) vs `infinitehip` lazy with rows dropped between layers
+(lazy_rows.py), and the same plugin with every keep fraction 1.0 (the rows
+route without pruning: the backend's own cost), in one run.
+
+Model: a Hugging Face Llama-family checkpoint (default: the quality suite's
+SmolLM2-135M-Instruct dequantized, `~/.cache/infinitehip/models/
+SmolLM2-135M-Instruct.Q4_1-hf`), float32; prompt: the first `--tokens`
+tokens of a real text (default Emma). TTFT = wall time of one generate of
+1 token (prefill + first token), radix cache off, one extend for the whole
+prompt (chunked prefill size above the prompt); best of `--reps` after a
+warm-up. Rows computed = sum over layers of the rows the hook ran
+(INFINITEHIP_LAZY_ROWS_STATS) / (prompt x layers).
+
+    SGLANG_USE_CPU_ENGINE=1 python sglang_lazy_ttft.py --tokens 4096 --json out.json
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+HOME = os.path.expanduser("~/.cache/infinitehip")
+SCHEDULE = [{"layer": 8, "keep": 0.9}, {"layer": 16, "keep": 0.8}, {"layer": 24, "keep": 0.7},
+            {"layer": 28, "keep": 0.6}]
+
+
+def prompt_ids(model, text, n):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    ids = tok(open(text, encoding="utf-8", errors="replace").read()[: n * 8])["input_ids"]
+    if len(ids) < n:
+        raise SystemExit(f"{text} gives {len(ids)} tokens, need {n}")
+    return ids[:n]
+
+
+def bench(model, backend, cfg, ids, reps, d, tag):
+    import sglang as sgl
+
+    if cfg is not None:
+        path = os.path.join(d, f"{tag}.json")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        os.environ["INFINITEHIP_CONFIG"] = path
+    stats = os.path.join(d, f"{tag}.jsonl")
+    os.environ["INFINITEHIP_LAZY_ROWS_STATS"] = stats
+    eng = sgl.Engine(model_path=model, device="cpu", dtype="float32", skip_tokenizer_init=True,
+                     attention_backend=backend, disable_cuda_graph=True, disable_radix_cache=True,
+                     disable_overlap_schedule=True, chunked_prefill_size=len(ids) + 64,
+                     max_total_tokens=len(ids) + 1024, max_running_requests=1, mem_fraction_static=0.5,
+                     log_level="warning")
+    times, toks = [], []
+    try:
+        eng.generate(input_ids=ids[:64], sampling_params={"max_new_tokens": 1, "temperature": 0})
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            o = eng.generate(input_ids=ids, sampling_params={"max_new_tokens": 1, "temperature": 0})
+            times.append(time.perf_counter() - t0)
+            toks.append(o["output_ids"][0])
+    finally:
+        eng.shutdown()
+    recs = [json.loads(l) for l in open(stats)] if os.path.exists(stats) else []
+    recs = [r for r in recs if r["prompt"] == len(ids)]
+    frac = sum(recs[-1]["rows"]) / (len(ids) * len(recs[-1]["rows"])) if recs else 1.0
+    return {"ttft_s": min(times), "all_s": times, "first_token": toks, "rows_fraction": frac}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=os.path.join(HOME, "models/SmolLM2-135M-Instruct.Q4_1-hf"))
+    ap.add_argument("--text", default=os.path.join(HOME, "text/rope/emma.txt"))
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    ids = prompt_ids(a.model, a.text, a.tokens)
+    lazy = {"dense_layers": 0, "default": {"method": "lazy", "points": SCHEDULE}}
+    cover = {"dense_layers": 0, "default": {"method": "lazy", "points": [dict(p, keep=1.0) for p in SCHEDULE]}}
+    res = {"tokens": a.tokens, "model": a.model, "schedule": SCHEDULE, "uptime_before": os.popen("uptime").read()}
+    with tempfile.TemporaryDirectory() as d:
+        res["stock"] = bench(a.model, "torch_native", None, ids, a.reps, d, "stock")
+        res["lazy_keep1"] = bench(a.model, "infinitehip", cover, ids, a.reps, d, "keep1")
+        res["lazy"] = bench(a.model, "infinitehip", lazy, ids, a.reps, d, "lazy")
+    res["uptime_after"] = os.popen("uptime").read()
+    s = res["stock"]["ttft_s"]
+    print(f"| config | TTFT s (best of {a.reps}) | vs stock | rows computed | first token |")
+    print("|---|---:|---:|---:|---|")
+    for k in ("stock", "lazy_keep1", "lazy"):
+        r = res[k]
+        print(f"| {k} | {r['ttft_s']:.2f} | {s / r['ttft_s']:.2f}x | {r['rows_fraction']:.3f} | {r['first_token']} |")
+    print(res["uptime_before"].strip(), "/", res["uptime_after"].strip())
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
