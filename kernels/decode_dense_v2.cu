@@ -242,6 +242,176 @@ __device__ __forceinline__ void dd_step(DdChunk<D>& ch, const KV& kv, const u32 
     dd_compute<E, D, MASK>(ch, qa, base, t1, c, m, l, o);
 }
 
+// The merge of a (row, kv head)'s splits by the last CTA to arrive. Partials
+// pm/pl [rows][Hq][n_splits], pacc [..][D] (log2 domain).
+#define DD_LEGACY_MERGE 1  // flags bit: the previous merge (benchmarks compare)
+#define DD_SW 64           // splits whose weights the merge keeps in shared memory
+
+__device__ __forceinline__ void dd_store(void* out, long long at, float v, int out_dtype) {
+    if (out_dtype == 0) ((float*)out)[at] = v;
+    else if (out_dtype == 1) ((u16*)out)[at] = f32_to_f16(v);
+    else ((u16*)out)[at] = f32_to_bf16(v);
+}
+
+// Per head j (warp j, j + WARPS, ..): M = max over splits of pm, L = sum of
+// pl * 2^(pm - M), into s_m[0][j], s_l[0][j]; with `w` the weights 2^(pm -
+// M) of splits below DD_SW into w[j][s]. One round of loads for <= 32 splits.
+template <int G>
+__device__ __forceinline__ void dd_merge_ml(const float* __restrict__ pm, const float* __restrict__ pl,
+                                            long long orow0, int n_splits, float (*s_m)[G],
+                                            float (*s_l)[G], float (*w)[DD_SW]) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int j = warp; j < G; j += DD_WARPS) {
+        const long long rb = (orow0 + j) * n_splits;
+        const float m0 = lane < n_splits ? __ldcg(pm + rb + lane) : NEG_INF;
+        const float l0 = lane < n_splits ? __ldcg(pl + rb + lane) : 0.f;
+        float M = m0;
+        for (int s = lane + 32; s < n_splits; s += 32) M = fmaxf(M, __ldcg(pm + rb + s));
+#pragma unroll
+        for (int o2 = 16; o2 > 0; o2 >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffff, M, o2));
+        float L = 0.f;
+        if (M != NEG_INF) {
+            if (lane < n_splits) {
+                const float wt = exp2f(m0 - M);
+                L += l0 * wt;
+                if (w && lane < DD_SW) w[j][lane] = wt;
+            }
+            for (int s = lane + 32; s < n_splits; s += 32) {
+                const float wt = exp2f(__ldcg(pm + rb + s) - M);
+                L += __ldcg(pl + rb + s) * wt;
+                if (w && s < DD_SW) w[j][s] = wt;
+            }
+        }
+#pragma unroll
+        for (int o2 = 16; o2 > 0; o2 >>= 1) L += __shfl_xor_sync(0xffffffff, L, o2);
+        if (lane == 0) {
+            s_m[0][j] = M;
+            s_l[0][j] = L;
+        }
+    }
+}
+
+// The previous merge (kept for benchmarks: `flags & DD_LEGACY_MERGE`): each
+// thread walks its output elements one at a time and, for each, the splits
+// 4 at a time, so the L2 round trips of a row chain up (~4 x n_splits / 4).
+template <int G, int D>
+__device__ void dd_merge_legacy(const float* __restrict__ pm, const float* __restrict__ pl,
+                                             const float* __restrict__ pacc, long long orow0, int n_splits,
+                                             int b, int h, void* __restrict__ out, long long out_stride,
+                                             int out_dtype, float (*s_m)[G], float (*s_l)[G]) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int j = warp; j < G; j += DD_WARPS) {
+        const long long rb = (orow0 + j) * n_splits;
+        float M = NEG_INF;
+        for (int s = lane; s < n_splits; s += 32) M = fmaxf(M, __ldcg(pm + rb + s));
+#pragma unroll
+        for (int o2 = 16; o2 > 0; o2 >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffff, M, o2));
+        float L = 0.f;
+        if (M != NEG_INF)
+            for (int s = lane; s < n_splits; s += 32) L += __ldcg(pl + rb + s) * exp2f(__ldcg(pm + rb + s) - M);
+#pragma unroll
+        for (int o2 = 16; o2 > 0; o2 >>= 1) L += __shfl_xor_sync(0xffffffff, L, o2);
+        if (lane == 0) {
+            s_m[0][j] = M;
+            s_l[0][j] = L;
+        }
+    }
+    __syncthreads();
+    for (int x = threadIdx.x; x < G * D; x += blockDim.x) {
+        const int j = x / D, d = x % D;
+        const float M = s_m[0][j], L = s_l[0][j];
+        const long long rb = (orow0 + j) * n_splits;
+        float A = 0.f;
+        if (M != NEG_INF) {
+#pragma unroll 4
+            for (int s = 0; s < n_splits; s++) A += __ldcg(pacc + (rb + s) * D + d) * exp2f(__ldcg(pm + rb + s) - M);
+        }
+        const float v = L > 0.f ? A / L : 0.f;
+        dd_store(out, (long long)b * out_stride + (h * G + j) * D + d, v, out_dtype);
+    }
+}
+
+// The merge: the per-split weights once per head (shared memory), then each
+// thread sums 16-byte pacc loads of 4 output dims over its splits, 8 loads in
+// flight; when the G x D outputs take fewer than all threads (G x D / 4 <
+// 128), the splits are divided among P thread groups and their sums added
+// in shared memory in group order (deterministic).
+template <int G, int D>
+__device__ void dd_merge(const float* __restrict__ pm, const float* __restrict__ pl,
+                                      const float* __restrict__ pacc, long long orow0, int n_splits, int b,
+                                      int h, void* __restrict__ out, long long out_stride, int out_dtype,
+                                      float (*s_m)[G], float (*s_l)[G]) {
+    constexpr int NT = DD_WARPS * 32;
+    constexpr int N4 = G * D / 4;
+    constexpr int P = N4 >= NT ? 1 : NT / N4;
+    __shared__ float s_w[G][DD_SW];
+    __shared__ float4 s_red[P > 1 ? P * N4 : 1];
+    const bool sw = n_splits <= DD_SW;
+    dd_merge_ml<G>(pm, pl, orow0, n_splits, s_m, s_l, sw ? s_w : nullptr);
+    __syncthreads();
+    const int part = P == 1 ? 0 : threadIdx.x / N4;
+    for (int x4 = P == 1 ? threadIdx.x : threadIdx.x % N4; x4 < N4; x4 += P == 1 ? NT : N4) {
+        const int j = (4 * x4) / D, d = (4 * x4) % D;
+        const float M = s_m[0][j];
+        const long long rb = (orow0 + j) * n_splits;
+        float4 A = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (M != NEG_INF) {
+            if (sw) {
+#pragma unroll 8
+                for (int s = part; s < n_splits; s += P) {
+                    const float wt = s_w[j][s];
+                    const float4 a = __ldcg(reinterpret_cast<const float4*>(pacc + (rb + s) * D + d));
+                    A.x += a.x * wt;
+                    A.y += a.y * wt;
+                    A.z += a.z * wt;
+                    A.w += a.w * wt;
+                }
+            } else {
+#pragma unroll 8
+                for (int s = part; s < n_splits; s += P) {
+                    const float wt = exp2f(__ldcg(pm + rb + s) - M);
+                    const float4 a = __ldcg(reinterpret_cast<const float4*>(pacc + (rb + s) * D + d));
+                    A.x += a.x * wt;
+                    A.y += a.y * wt;
+                    A.z += a.z * wt;
+                    A.w += a.w * wt;
+                }
+            }
+        }
+        if (P == 1) {
+            const float L = s_l[0][j];
+            const long long at = (long long)b * out_stride + (h * G + j) * D + d;
+            dd_store(out, at, L > 0.f ? A.x / L : 0.f, out_dtype);
+            dd_store(out, at + 1, L > 0.f ? A.y / L : 0.f, out_dtype);
+            dd_store(out, at + 2, L > 0.f ? A.z / L : 0.f, out_dtype);
+            dd_store(out, at + 3, L > 0.f ? A.w / L : 0.f, out_dtype);
+        } else {
+            s_red[part * N4 + x4] = A;
+        }
+    }
+    if (P > 1) {
+        __syncthreads();
+        for (int x4 = threadIdx.x; x4 < N4; x4 += NT) {
+            const int j = (4 * x4) / D, d = (4 * x4) % D;
+            float4 A = s_red[x4];
+#pragma unroll
+            for (int p = 1; p < P; p++) {
+                const float4 a = s_red[p * N4 + x4];
+                A.x += a.x;
+                A.y += a.y;
+                A.z += a.z;
+                A.w += a.w;
+            }
+            const float L = s_l[0][j];
+            const long long at = (long long)b * out_stride + (h * G + j) * D + d;
+            dd_store(out, at, L > 0.f ? A.x / L : 0.f, out_dtype);
+            dd_store(out, at + 1, L > 0.f ? A.y / L : 0.f, out_dtype);
+            dd_store(out, at + 2, L > 0.f ? A.z / L : 0.f, out_dtype);
+            dd_store(out, at + 3, L > 0.f ? A.w / L : 0.f, out_dtype);
+        }
+    }
+}
+
 // U = 1: one chunk per warp iteration. U = 2: two chunks in flight: the
 // next chunk's loads are issued before the current chunk's math.
 // SP: hip sparse attention (hip_sparse_* entry points): row (b, h) attends
@@ -260,7 +430,7 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
                              int split_tokens, int n_splits, float* __restrict__ pm,
                              float* __restrict__ pl, float* __restrict__ pacc,
                              int* __restrict__ counters, void* __restrict__ out,
-                             long long out_stride, int out_dtype) {
+                             long long out_stride, int out_dtype, int flags) {
     constexpr int KS = D / 16;  // q.k k-steps = p.v m-tiles
     constexpr int STEP = 16 * DD_WARPS;
     const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -391,38 +561,10 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
     __syncthreads();
     if (!s_last) return;
     __threadfence();
-    // Per head: max and sum over splits (warp j handles heads j, j + WARPS..).
-    for (int j = warp; j < G; j += DD_WARPS) {
-        const long long rb = (orow0 + j) * n_splits;
-        float M = NEG_INF;
-        for (int s = lane; s < n_splits; s += 32) M = fmaxf(M, __ldcg(pm + rb + s));
-#pragma unroll
-        for (int o2 = 16; o2 > 0; o2 >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffff, M, o2));
-        float L = 0.f;
-        if (M != NEG_INF)
-            for (int s = lane; s < n_splits; s += 32) L += __ldcg(pl + rb + s) * exp2f(__ldcg(pm + rb + s) - M);
-#pragma unroll
-        for (int o2 = 16; o2 > 0; o2 >>= 1) L += __shfl_xor_sync(0xffffffff, L, o2);
-        if (lane == 0) {
-            s_m[0][j] = M;
-            s_l[0][j] = L;
-        }
-    }
-    __syncthreads();
-    for (int x = threadIdx.x; x < G * D; x += blockDim.x) {
-        const int j = x / D, d = x % D;
-        const float M = s_m[0][j], L = s_l[0][j];
-        const long long rb = (orow0 + j) * n_splits;
-        float A = 0.f;
-        if (M != NEG_INF) {
-#pragma unroll 4
-            for (int s = 0; s < n_splits; s++) A += __ldcg(pacc + (rb + s) * D + d) * exp2f(__ldcg(pm + rb + s) - M);
-        }
-        const float v = L > 0.f ? A / L : 0.f;
-        const long long at = (long long)b * out_stride + (h * G + j) * D + d;
-        if (out_dtype == 0) ((float*)out)[at] = v;
-        else if (out_dtype == 1) ((u16*)out)[at] = f32_to_f16(v);
-        else ((u16*)out)[at] = f32_to_bf16(v);
+    if (flags & DD_LEGACY_MERGE) {
+        dd_merge_legacy<G, D>(pm, pl, pacc, orow0, n_splits, b, h, out, out_stride, out_dtype, s_m, s_l);
+    } else {
+        dd_merge<G, D>(pm, pl, pacc, orow0, n_splits, b, h, out, out_stride, out_dtype, s_m, s_l);
     }
     if (threadIdx.x == 0) counters[b * hkv + h] = 0;
 }
@@ -432,11 +574,12 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
         NAME(const u16* kp, const u16* vp, const int* table, int table_stride, int ps, int ps_log2,  \
              int hkv, long long page_stride, long long head_stride, const float* q, float scale_log2, \
              const int* lens, const int* q_seq, int split_tokens, int n_splits, float* pm,           \
-             float* pl, float* pacc, int* counters, void* out, long long out_stride, int out_dtype) { \
+             float* pl, float* pacc, int* counters, void* out, long long out_stride, int out_dtype,  \
+             int flags) {                                                                            \
         dense_decode<E, D, G, U, false>(kp, vp, nullptr, 0, nullptr, nullptr, table, table_stride,   \
                                         ps, ps_log2, hkv, page_stride, head_stride, q, scale_log2,   \
                                         lens, q_seq, split_tokens, n_splits, pm, pl, pacc,           \
-                                        counters, out, out_stride, out_dtype);                       \
+                                        counters, out, out_stride, out_dtype, flags);                \
     }
 // hip sparse attention: as DENSE_INST with the selection (tab, tab_stride,
 // ntab, extra) in place of lens.
@@ -446,11 +589,11 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
              int hkv, long long page_stride, long long head_stride, const float* q, float scale_log2, \
              const int* tab, int tab_stride, const int* ntab, const int2* extra, const int* q_seq,   \
              int split_tokens, int n_splits, float* pm, float* pl, float* pacc, int* counters,       \
-             void* out, long long out_stride, int out_dtype) {                                        \
+             void* out, long long out_stride, int out_dtype, int flags) {                             \
         dense_decode<E, D, G, U, true>(kp, vp, tab, tab_stride, ntab, extra, table, table_stride,    \
                                        ps, ps_log2, hkv, page_stride, head_stride, q, scale_log2,    \
                                        nullptr, q_seq, split_tokens, n_splits, pm, pl, pacc,         \
-                                       counters, out, out_stride, out_dtype);                        \
+                                       counters, out, out_stride, out_dtype, flags);                 \
     }
 
 // Entry points dense_{dtype}_d{D}_g{G}_u{U} (module decode_dense_v2) or, with

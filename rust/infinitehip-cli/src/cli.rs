@@ -9,8 +9,8 @@ use crate::bench_cpu::BenchCpuArgs;
 use crate::bench_offload::BenchOffloadArgs;
 use crate::config_check::ConfigCheckArgs;
 use crate::gpu_args::{
-    BenchGpuArgs, BenchGpuDenseArgs, BenchGpuModelArgs, BenchGpuOffloadArgs, GpuTestArgs,
-    GpuTestOffloadArgs, NvrtcCheckArgs,
+    BenchGpuArgs, BenchGpuDenseArgs, BenchGpuModelArgs, BenchGpuOffloadArgs, BenchGpuSparseArgs,
+    GpuTestArgs, GpuTestOffloadArgs, NvrtcCheckArgs,
 };
 
 /// Sparse attention and KV-cache policies for long contexts: benchmarks
@@ -40,6 +40,7 @@ pub enum Command {
     BenchGpu(BenchGpuArgs),
     BenchGpuDense(BenchGpuDenseArgs),
     BenchGpuModel(BenchGpuModelArgs),
+    BenchGpuSparse(BenchGpuSparseArgs),
     GpuTestOffload(GpuTestOffloadArgs),
     BenchGpuOffload(BenchGpuOffloadArgs),
 }
@@ -57,6 +58,7 @@ impl Command {
             Command::BenchGpu(_) => "bench-gpu",
             Command::BenchGpuDense(_) => "bench-gpu-dense",
             Command::BenchGpuModel(_) => "bench-gpu-model",
+            Command::BenchGpuSparse(_) => "bench-gpu-sparse",
             Command::GpuTestOffload(_) => "gpu-test-offload",
             Command::BenchGpuOffload(_) => "bench-gpu-offload",
         }
@@ -142,6 +144,7 @@ mod tests {
             "bench-gpu-dense --tokens 128K,1M --batch 1,16 --groups 1,8 --dtypes bf16 --reps 5 --json d.json",
             "bench-gpu-model --tokens 128K,1M --batch 1,16 --layers 32 --dense-layers 3 --reps 3 --baseline s.json --json m.json",
             "gpu-test --policies-only --policy-timing --quick --seed 7 --hip-len 5000",
+            "bench-gpu-sparse --tokens 1M --batch 1,16 --splits 0,128,512 --chunks 1,2 --reps 30 --json s.json",
             "gpu-test-offload",
             "gpu-test-offload --seed 4",
             "bench-gpu --baseline out/sdpa.json --json out/bench-gpu.json",

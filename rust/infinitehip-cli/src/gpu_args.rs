@@ -265,6 +265,37 @@ pub struct BenchGpuDenseArgs {
     pub waves: Vec<usize>,
 }
 
+/// The hip sparse attention launch alone (kernels/decode_dense_v2.cu
+/// hip_sparse_*) on a hip-sized selection (sink 128 + 256 random 8-token
+/// chunks + 64 slid + 1,024 window = 3,264 tokens per (row, kv head), Llama-3.1-8B
+/// heads), warm (repeated on L2-resident data) and cold (L2 flushed
+/// before each launch), over split sizes, chunks per iteration and the
+/// split merge (GPU)
+#[derive(Args, Debug)]
+pub struct BenchGpuSparseArgs {
+    /// Context length the selection is drawn from (K = 1024, M = 1024K).
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value = "1M")]
+    pub tokens: usize,
+    /// Batch sizes, comma-separated.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_positive,
+          default_value = "1,16")]
+    pub batch: Vec<usize>,
+    /// Tokens per split, comma-separated (0: the launch's default).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_count,
+          default_value = "0,64,128,256,512,1024,4096")]
+    pub splits: Vec<usize>,
+    /// Chunks per warp iteration, comma-separated.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_positive,
+          default_value = "1,2")]
+    pub chunks: Vec<usize>,
+    /// Timed launches per row (median).
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value_t = 30)]
+    pub reps: usize,
+    /// Write the rows as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<String>,
+}
+
 /// A whole-model decode step (dense + hip layers, each with its own K/V)
 /// vs all layers dense (PyTorch SDPA baseline) (GPU)
 #[derive(Args, Debug)]

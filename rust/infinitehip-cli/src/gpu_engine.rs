@@ -256,6 +256,11 @@ fn engine_case(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
     let qe = shape.q_elems();
     let ekv = tp.engine_kv();
     let (mut hip_same, mut hip_steps, mut bf_same) = (true, 0usize, true);
+    // bf16-out diagnostics: mismatching elements (of how many), the first
+    // few (step, index, f32 value, its relaunch, bf16 got, want), and
+    // whether a second f32 launch is bit-equal to the first.
+    let (mut bf_bad, mut bf_total, mut f32_rerun_diff) = (0usize, 0usize, 0usize);
+    let mut bf_first: Vec<String> = Vec::new();
     let (mut dense_err, mut cover_err, mut hip_diff) = (0f64, 0f64, 0f64);
     let mut all_finite = true;
     for step in 0..steps {
@@ -305,6 +310,34 @@ fn engine_case(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
                 Vec::new()
             };
             if layer == 0 {
+                // The same f32 call again: relaunches must be bit-equal.
+                let out32b = DevBuf::alloc(nb * qe * 4).map_err(e)?;
+                out32b.fill_bytes(0xff).map_err(e)?;
+                unsafe {
+                    ga.decode(
+                        raw,
+                        0,
+                        &ekv,
+                        &ids,
+                        &active,
+                        &lens,
+                        &qa,
+                        &AttnOut {
+                            ptr: out32b.ptr,
+                            dtype: DType::F32,
+                            row_stride: qe,
+                        },
+                        None,
+                    )
+                    .map_err(e)?;
+                }
+                g2.synchronize().map_err(e)?;
+                let got2: Vec<f32> = out32b.read(nb * qe).map_err(e)?;
+                f32_rerun_diff += got
+                    .iter()
+                    .zip(&got2)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
                 // Dense with bf16 out too (stateless: same call again).
                 unsafe {
                     ga.decode(
@@ -326,7 +359,20 @@ fn engine_case(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
                 }
                 g2.synchronize().map_err(e)?;
                 let g16: Vec<u16> = out16.read(nb * qe).map_err(e)?;
-                bf_same &= g16 == bf16_bits(&got);
+                let want16 = bf16_bits(&got);
+                bf_same &= g16 == want16;
+                bf_total += g16.len();
+                for (i, (&g, &w)) in g16.iter().zip(&want16).enumerate() {
+                    if g != w {
+                        bf_bad += 1;
+                        if bf_first.len() < 4 {
+                            bf_first.push(format!(
+                                "step {step} [{i}] f32 {:e} (relaunch {:e}) bf16 got {g:04x} want {w:04x}",
+                                got[i], got2[i]
+                            ));
+                        }
+                    }
+                }
             }
             for (i, &b) in active.iter().enumerate() {
                 let gq = &got[i * qe..(i + 1) * qe];
@@ -435,7 +481,11 @@ fn engine_case(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
         Check {
             name: "engine GpuAttention bf16 out == f32 out rounded (RNE)".into(),
             ok: bf_same,
-            detail: format!("bit-identical {bf_same}"),
+            detail: format!(
+                "bit-identical {bf_same}: {bf_bad} of {bf_total} differ; f32 relaunch bit-equal {} ({f32_rerun_diff} differ); {}",
+                f32_rerun_diff == 0,
+                bf_first.join("; ")
+            ),
         },
         Check {
             name: "engine GpuAttention hip, requests joining at steps 0/3/5 == per-request HipGpuDecoder".into(),

@@ -326,3 +326,183 @@ fn dense_token_major_case(gpu: &GpuContext, chunks: usize, seed: u64) -> R<Check
         detail: format!("rel_err {worst:.2e} (bound {DENSE_BOUND:.0e})"),
     })
 }
+
+/// `bench-gpu-sparse`: the sparse launch alone on a hip-sized selection,
+/// warm (data in L2 after the first launch at batch 1) and cold (a 256 MiB
+/// memset before each launch evicts the L2), per split size x chunks per
+/// iteration x split merge (default / previous), and one launch with no
+/// tokens selected (the launch's fixed cost at the same shape).
+pub fn bench(a: &crate::gpu_args::BenchGpuSparseArgs) -> R<()> {
+    use infinitehip::backend::cuda::dense_decode::{random_device_kv, set_legacy_merge};
+    use infinitehip::DType;
+    use serde_json::json;
+    let gpu = GpuContext::new(0).map_err(e)?;
+    println!("device {} ({} SMs)", gpu.name, gpu.sm_count);
+    let shape = AttnShape::new(32, 8, 128).map_err(e)?;
+    let (hkv, qe, t) = (8usize, shape.q_elems(), a.tokens);
+    let (sink, chunk, n_chunks, slid, window) = (128usize, 8usize, 256usize, 64usize, 1024usize);
+    if t < sink + window + slid + chunk * n_chunks * 2 {
+        return Err(format!("--tokens {t}: too short for the selection"));
+    }
+    let sel_tokens = sink + chunk * n_chunks + slid + window;
+    let flush = DevBuf::alloc(256 << 20).map_err(e)?;
+    let ev = || {
+        gpu.ctx
+            .new_event(Some(
+                infinitehip::backend::cuda::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT,
+            ))
+            .map_err(e)
+    };
+    let mut rows = Vec::new();
+    println!("\nsparse launch, {sel_tokens} tokens per (row, kv head) from {t}, Llama-3.1-8B heads (32 q / 8 kv, d128, bf16), us (median of {} launches)\n", a.reps);
+    println!("| batch | split tokens | chunks | merge | CTAs | warm us | cold us | max rel diff vs first row |");
+    println!("|---:|---:|---:|---|---:|---:|---:|---:|");
+    for &b in &a.batch {
+        let kv =
+            random_device_kv(&gpu, b, t, hkv, 128, DType::Bf16, 64, 17 + b as u32).map_err(e)?;
+        let mut rng = Rng::new(99 + b as u64);
+        let ntab_n = sink + chunk * n_chunks;
+        let mut tab = Vec::with_capacity(b * hkv * ntab_n);
+        let tail0 = t - window - slid;
+        let span = (tail0 - sink) / chunk;
+        for _ in 0..b * hkv {
+            let mut cs: Vec<usize> = Vec::new();
+            while cs.len() < n_chunks {
+                let c = rng.below(span);
+                if !cs.contains(&c) {
+                    cs.push(c);
+                }
+            }
+            cs.sort();
+            tab.extend((0..sink as i32).collect::<Vec<_>>());
+            for c in cs {
+                tab.extend((0..chunk).map(|i| (sink + c * chunk + i) as i32));
+            }
+        }
+        let mut extra = Vec::new();
+        for _ in 0..b {
+            extra.extend([
+                [0i32, sink as i32],
+                [tail0 as i32, (t - window) as i32],
+                [(t - window) as i32, t as i32],
+            ]);
+        }
+        let tab_d = DevBuf::from_slice(&tab).map_err(e)?;
+        let ntab_d = DevBuf::from_slice(&vec![ntab_n as i32; b * hkv]).map_err(e)?;
+        let extra_d = DevBuf::from_slice(&extra).map_err(e)?;
+        // No tokens: empty table, empty slid and window.
+        let zero_ntab = DevBuf::from_slice(&vec![0i32; b * hkv]).map_err(e)?;
+        let zero_extra = DevBuf::from_slice(&vec![[0i32, 0]; 3 * b]).map_err(e)?;
+        let qd = DevBuf::from_slice(&rng.normal_vec(b * qe, 1.0)).map_err(e)?;
+        let out = DevBuf::alloc(b * qe * 4).map_err(e)?;
+        let mut ws = DenseDecodeWs::new();
+        let mut first: Option<Vec<f32>> = None;
+        let mut configs: Vec<(usize, usize, bool, bool)> = Vec::new();
+        for &u in &a.chunks {
+            for &sp in &a.splits {
+                for legacy in [false, true] {
+                    configs.push((sp, u, legacy, false));
+                }
+            }
+        }
+        configs.push((0, 2, false, true));
+        configs.push((0, 2, true, true));
+        for (sp, u, legacy, empty) in configs {
+            set_legacy_merge(legacy);
+            let split = if sp == 0 { None } else { Some(sp) };
+            let (nt, ex) = if empty {
+                (&zero_ntab, &zero_extra)
+            } else {
+                (&ntab_d, &extra_d)
+            };
+            let mut launch = || -> R<()> {
+                sparse_decode(
+                    &gpu,
+                    &mut ws,
+                    &shape,
+                    &kv,
+                    qd.ptr,
+                    &tab_d,
+                    ntab_n,
+                    nt,
+                    ex,
+                    sel_tokens,
+                    split,
+                    Some(u),
+                    out.ptr,
+                )
+                .map_err(e)
+            };
+            out.fill_bytes(0xff).map_err(e)?;
+            launch()?;
+            gpu.synchronize().map_err(e)?;
+            let got: Vec<f32> = out.read(b * qe).map_err(e)?;
+            let finite = got.iter().all(|x| x.is_finite());
+            let diff = if empty {
+                f64::NAN
+            } else {
+                match &first {
+                    None => {
+                        first = Some(got.clone());
+                        0.0
+                    }
+                    Some(f) => {
+                        let f64v: Vec<f64> = f.iter().map(|&x| x as f64).collect();
+                        rel_error(&got, &f64v)
+                    }
+                }
+            };
+            let warm = crate::gpu::time_ms(&gpu, a.reps, &mut launch)? * 1e3;
+            let mut cold = Vec::new();
+            for _ in 0..a.reps {
+                flush
+                    .fill_bytes_async(rng.below(255) as u8, &gpu.stream)
+                    .map_err(e)?;
+                let (x, y) = (ev()?, ev()?);
+                x.record(&gpu.stream).map_err(e)?;
+                launch()?;
+                y.record(&gpu.stream).map_err(e)?;
+                y.synchronize().map_err(e)?;
+                cold.push(x.elapsed_ms(&y).map_err(e)? as f64 * 1e3);
+            }
+            let cold = crate::gpu::median(&mut cold);
+            let uu = u;
+            let split_eff = match split {
+                Some(s) => s.next_multiple_of(64 * uu),
+                None => 0,
+            };
+            let n_ctas = if split_eff == 0 {
+                "-".to_string()
+            } else {
+                (sel_tokens.div_ceil(split_eff) * hkv * b).to_string()
+            };
+            println!(
+                "| {b} | {} | {u} | {} | {n_ctas} | {warm:.1} | {cold:.1} | {} |",
+                if empty {
+                    "default, no tokens".to_string()
+                } else if split_eff == 0 {
+                    "default".to_string()
+                } else {
+                    split_eff.to_string()
+                },
+                if legacy { "previous" } else { "new" },
+                if empty {
+                    format!("finite {finite}")
+                } else {
+                    format!("{diff:.1e}{}", if finite { "" } else { " NOT FINITE" })
+                }
+            );
+            rows.push(
+                json!({"batch": b, "split": split_eff, "chunks": u, "legacy_merge": legacy,
+                "empty": empty, "warm_us": warm, "cold_us": cold, "rel_diff_vs_first": diff,
+                "finite": finite, "sel_tokens": sel_tokens, "tokens": t}),
+            );
+        }
+        set_legacy_merge(false);
+    }
+    if let Some(p) = a.json.as_deref() {
+        let doc = json!({"device": gpu.name, "rows": rows});
+        std::fs::write(p, serde_json::to_string_pretty(&doc).unwrap()).map_err(e)?;
+    }
+    Ok(())
+}

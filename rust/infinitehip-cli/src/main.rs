@@ -105,6 +105,8 @@ fn run(cmd: Command) -> Result<(), String> {
         #[cfg(feature = "cuda")]
         Command::BenchGpuModel(a) => gpu_model::bench(&a),
         #[cfg(feature = "cuda")]
+        Command::BenchGpuSparse(a) => gpu_sparse::bench(&a),
+        #[cfg(feature = "cuda")]
         Command::GpuTestOffload(a) => gpu_offload::test(&a),
         #[cfg(feature = "cuda")]
         Command::BenchGpuOffload(a) => gpu_offload::bench(&a),
@@ -114,6 +116,7 @@ fn run(cmd: Command) -> Result<(), String> {
         | Command::BenchGpu(_)
         | Command::BenchGpuDense(_)
         | Command::BenchGpuModel(_)
+        | Command::BenchGpuSparse(_)
         | Command::GpuTestOffload(_)
         | Command::BenchGpuOffload(_) => Err(format!(
             "`{}` needs a build with the GPU backend: cargo build --release -p infinitehip-cli --features cuda",

@@ -147,6 +147,17 @@ pub fn set_dense_chunks(chunks: usize) {
     DENSE_CHUNKS.store(chunks, std::sync::atomic::Ordering::Relaxed);
 }
 
+static LEGACY_MERGE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// v2 launches merge their splits with the previous merge (each thread one
+/// output element at a time, 4 splits in flight: the L2 round trips chain
+/// up) instead of the default (16-byte loads, 8 splits in flight, splits
+/// spread over idle threads). Benchmarks compare the two
+/// (`bench-gpu-sparse`); outputs equal to rounding.
+pub fn set_legacy_merge(on: bool) {
+    LEGACY_MERGE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 static SPARSE_SPLIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static SPARSE_CHUNKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -320,6 +331,11 @@ pub(crate) fn launch_v2(
         -1
     };
     let (ors, odt) = (out.row_stride as i64, out.code());
+    let flags: i32 = if LEGACY_MERGE.load(std::sync::atomic::Ordering::Relaxed) {
+        1
+    } else {
+        0
+    };
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(&kv.k).arg(&kv.v).arg(&kv.table).arg(&ts).arg(&ps);
     if v2 {
@@ -355,9 +371,12 @@ pub(crate) fn launch_v2(
         .arg(&out.ptr)
         .arg(&ors)
         .arg(&odt);
+    if v2 {
+        l.arg(&flags);
+    }
     // SAFETY: the arguments pushed above follow DENSE_INST's (dense) or SPARSE_INST's (sparse)
     // parameter list in kernels/decode_dense_v2.cu (decode_dense.cu: DENSE_INST without
-    // ps_log2), same order and C types; the workspace holds n_rows * Hq * n_splits partial rows
+    // ps_log2 and flags), same order and C types; the workspace holds n_rows * Hq * n_splits partial rows
     // and n_rows * hkv zeroed counters (ensured above); K/V, table, lens or the selection
     // (tab rows of tab_stride, ntab, extra: the caller's, sized for n_rows * hkv rows and
     // n_rows sequences), q_seq, q and out are the caller's device buffers sized for these rows.
