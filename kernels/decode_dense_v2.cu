@@ -129,7 +129,38 @@ struct DdKv {
         }
         return (long long)page * page_stride + (long long)h * head_stride + (long long)in * D;
     }
+    // row(t) with tab[t] already loaded as tv (any value when t >= ntab).
+    __device__ __forceinline__ long long row_tab(int t, int tv, int D) const {
+        if (SP) t = t < ntab ? tv : t + tail_off;
+        int page, in;
+        if (ps_log2 >= 0) {
+            page = trow[t >> ps_log2];
+            in = t & (ps - 1);
+        } else {
+            page = trow[t / ps];
+            in = t % ps;
+        }
+        return (long long)page * page_stride + (long long)h * head_stride + (long long)in * D;
+    }
 };
+
+// The tokens a thread loads of the 16-token chunk at `base`: K n-tile j
+// (j < 2) and V slot r (2 + r), see DdChunk.
+__device__ __forceinline__ int dd_tok(int base, int i, int g, int c) {
+    return i < 2 ? base + 8 * i + g : base + 2 * c + ((i - 2) & 1) + 8 * ((i - 2) >> 1);
+}
+// Sparse: this thread's table entries of the chunk at `base`, loaded
+// speculatively (before ntab is known; positions past ntab are unused) so
+// that the first chunks' position -> page -> K/V chain starts one load
+// round earlier. Entries at or past the row's table capacity read 0.
+__device__ __forceinline__ void dd_pretab(const int* __restrict__ tr, int cap, int base, int g, int c,
+                                          int (&pre)[6]) {
+#pragma unroll
+    for (int i = 0; i < 6; i++) {
+        const int t = dd_tok(base, i, g, c);
+        pre[i] = t < cap ? __ldg(tr + t) : 0;
+    }
+}
 
 // One warp's 16 tokens: K n-tile j holds token base + 8j + g (dims 32x + 8c..),
 // V slot r holds token base + {2c, 2c+1, 2c+8, 2c+9}[r] (dims 64x + 8g..).
@@ -142,13 +173,14 @@ struct DdChunk {
 };
 
 template <int D, bool MASK, typename KV>
-__device__ __forceinline__ void dd_load(DdChunk<D>& ch, const KV& kv, int base, int t1, int g, int c) {
+__device__ __forceinline__ void dd_load(DdChunk<D>& ch, const KV& kv, int base, int t1, int g, int c,
+                                        const int* pre = nullptr) {
     const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
     for (int j = 0; j < 2; j++) {
         const int t = base + 8 * j + g;
         if (!MASK || t < t1) {
-            const u16* p = kv.kp + kv.row(t, D) + 8 * c;
+            const u16* p = kv.kp + (pre ? kv.row_tab(t, pre[j], D) : kv.row(t, D)) + 8 * c;
 #pragma unroll
             for (int x = 0; x < DdChunk<D>::KL; x++) ch.k[j][x] = *reinterpret_cast<const uint4*>(p + 32 * x);
         } else {
@@ -160,7 +192,7 @@ __device__ __forceinline__ void dd_load(DdChunk<D>& ch, const KV& kv, int base, 
     for (int r = 0; r < 4; r++) {
         const int t = base + 2 * c + (r & 1) + 8 * (r >> 1);
         if (!MASK || t < t1) {
-            const u16* p = kv.vp + kv.row(t, D) + 8 * g;
+            const u16* p = kv.vp + (pre ? kv.row_tab(t, pre[2 + r], D) : kv.row(t, D)) + 8 * g;
 #pragma unroll
             for (int x = 0; x < DdChunk<D>::VL; x++) ch.v[r][x] = *reinterpret_cast<const uint4*>(p + 64 * x);
         } else {
@@ -332,7 +364,7 @@ __device__ void dd_merge_legacy(const float* __restrict__ pm, const float* __res
 }
 
 // The merge: the per-split weights once per head (shared memory), then each
-// thread sums 16-byte pacc loads of 4 output dims over its splits, 8 loads in
+// thread sums 16-byte pacc loads of 4 output dims over its splits, 16 loads in
 // flight; when the G x D outputs take fewer than all threads (G x D / 4 <
 // 128), the splits are divided among P thread groups and their sums added
 // in shared memory in group order (deterministic).
@@ -357,7 +389,7 @@ __device__ void dd_merge(const float* __restrict__ pm, const float* __restrict__
         float4 A = make_float4(0.f, 0.f, 0.f, 0.f);
         if (M != NEG_INF) {
             if (sw) {
-#pragma unroll 8
+#pragma unroll 16
                 for (int s = part; s < n_splits; s += P) {
                     const float wt = s_w[j][s];
                     const float4 a = __ldcg(reinterpret_cast<const float4*>(pacc + (rb + s) * D + d));
@@ -367,7 +399,7 @@ __device__ void dd_merge(const float* __restrict__ pm, const float* __restrict__
                     A.w += a.w * wt;
                 }
             } else {
-#pragma unroll 8
+#pragma unroll 16
                 for (int s = part; s < n_splits; s += P) {
                     const float wt = exp2f(__ldcg(pm + rb + s) - M);
                     const float4 a = __ldcg(reinterpret_cast<const float4*>(pacc + (rb + s) * D + d));
@@ -437,6 +469,16 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
     const int hq = hkv * G;
+    // Sparse: the first two chunks' table entries, before anything else
+    // (not at head_dim 256, where the 12 registers cost spills).
+    constexpr bool PRE = SP && D <= 128;
+    int pre0[6], pre1[6];
+    if (PRE) {
+        const int* tr = tab + (long long)(b * hkv + h) * tab_stride;
+        const int base0 = split * split_tokens + warp * 16;
+        dd_pretab(tr, tab_stride, base0, g, c, pre0);
+        dd_pretab(tr, tab_stride, base0 + STEP, g, c, pre1);
+    }
     int len, nt = 0, tail_off = 0;
     const int* trow_tab = nullptr;
     if (SP) {
@@ -477,9 +519,26 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
 #pragma unroll
     for (int i = 0; i < KS; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
 
+    // The first two chunks of each warp load from pre0/pre1.
+    const int* p0 = PRE ? pre0 : nullptr;
     if (U == 1) {
         DdChunk<D> ch;
-        for (int base = t0 + warp * 16; base < t1; base += STEP) {
+        int base = t0 + warp * 16;
+        if (PRE) {
+            // Unrolled: p is pre0 or pre1 at compile time (registers).
+#pragma unroll
+            for (int k = 0; k < 2; k++) {
+                const int* p = k == 0 ? pre0 : pre1;
+                if (base < t1) {
+                    if (base + 16 <= t1) dd_load<D, false>(ch, kv, base, t1, g, c, p);
+                    else dd_load<D, true>(ch, kv, base, t1, g, c, p);
+                    if (base + 16 <= t1) dd_compute<E, D, false>(ch, qa, base, t1, c, m, l, o);
+                    else dd_compute<E, D, true>(ch, qa, base, t1, c, m, l, o);
+                }
+                base += STEP;
+            }
+        }
+        for (; base < t1; base += STEP) {
             if (base + 16 <= t1) dd_step<E, D, false>(ch, kv, qa, base, t1, g, c, m, l, o);
             else dd_step<E, D, true>(ch, kv, qa, base, t1, g, c, m, l, o);
         }
@@ -488,13 +547,20 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
         DdChunk<D> ca, cb;
         int base = t0 + warp * 16;
         if (base < t1) {
-            if (base + 16 <= t1) dd_load<D, false>(ca, kv, base, t1, g, c);
-            else dd_load<D, true>(ca, kv, base, t1, g, c);
+            if (base + 16 <= t1) dd_load<D, false>(ca, kv, base, t1, g, c, p0);
+            else dd_load<D, true>(ca, kv, base, t1, g, c, p0);
         }
+        bool first = true;
         for (; base < t1; base += 2 * STEP) {
             const int nb = base + STEP;
-            if (nb + 16 <= t1) dd_load<D, false>(cb, kv, nb, t1, g, c);
-            else if (nb < t1) dd_load<D, true>(cb, kv, nb, t1, g, c);
+            if (PRE && first) {
+                if (nb + 16 <= t1) dd_load<D, false>(cb, kv, nb, t1, g, c, pre1);
+                else if (nb < t1) dd_load<D, true>(cb, kv, nb, t1, g, c, pre1);
+                first = false;
+            } else {
+                if (nb + 16 <= t1) dd_load<D, false>(cb, kv, nb, t1, g, c);
+                else if (nb < t1) dd_load<D, true>(cb, kv, nb, t1, g, c);
+            }
             if (base + 16 <= t1) dd_compute<E, D, false>(ca, qa, base, t1, c, m, l, o);
             else dd_compute<E, D, true>(ca, qa, base, t1, c, m, l, o);
             if (nb >= t1) break;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The hip step on the GPU (issue 14): step/top-k/CPU-policy checks, the SDPA baseline and the 32-layer
 # step with its kernel breakdown, from a folder holding infinitehip, ptx/ and sdpa_bench.py (see
-# scripts/gpu-check.sh for building them). FUSED=1 adds --fused-attention (kernels/hip_attend.cu).
+# scripts/gpu-check.sh for building them). SPLIT=1 adds --split-combine (the previous hip attention).
 # Usage: bash gpu-hipstep-run.sh "<model tokens>" "<batches>" "<tunes>" [skip-tests]
 cd "$(dirname "$0")"
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -12,7 +12,7 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
   [ -e "$d/libnvrtc.so.13" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}" && break
 done
 TOK=${1:-131072,1048576}; BAT=${2:-1}; TUNE=${3:-0/0/d}
-F=""; [ "${FUSED:-0}" = 1 ] && F=--fused-attention
+F=""; [ "${SPLIT:-0}" = 1 ] && F=--split-combine
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; date -u; ls /usr/local/cuda/bin 2>&1 | tr '\n' ' '; echo; } > $OUT/device.txt
 t0=$(date +%s)
 if [ -z "${4:-}" ]; then

@@ -520,12 +520,10 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
     infinitehip::backend::cuda::dense_decode::set_dense_chunks(a.dense_chunks);
     {
         use infinitehip::backend::cuda::dispatch::{force_attention, HipAttention};
-        force_attention(if a.fused_attention {
-            HipAttention::Fused
-        } else if a.sparse_v2 {
-            HipAttention::SparseV2
-        } else {
+        force_attention(if a.split_combine {
             HipAttention::SplitCombine
+        } else {
+            HipAttention::SparseV2
         });
     }
     if a.dense_only {

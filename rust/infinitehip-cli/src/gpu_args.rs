@@ -60,14 +60,14 @@ pub struct GpuTestArgs {
     /// == host metadata, CUDA graph replay == eager).
     #[arg(long)]
     pub step_only: bool,
-    /// Attend through the fused one-launch hip decode kernel
-    /// (kernels/hip_attend.cu) in the hip step checks.
+    /// Attend through split-K partials + combine (kernels/decode.cu) in
+    /// every hip check (default: the sparse v2 kernel,
+    /// kernels/decode_dense_v2.cu hip_sparse_*; the step checks run
+    /// sparse v2 decoders beside the chosen ones anyway).
     #[arg(long)]
-    pub fused_attention: bool,
-    /// Attend through the sparse v2 kernel (kernels/decode_dense_v2.cu
-    /// hip_sparse_*) in every hip check (default: split-K + combine; the
-    /// step checks run sparse v2 decoders beside the default ones anyway).
-    #[arg(long, conflicts_with = "fused_attention")]
+    pub split_combine: bool,
+    /// Accepted for older scripts: sparse v2 is the default now.
+    #[arg(long, conflicts_with = "split_combine")]
     pub sparse_v2: bool,
     /// Default chunks per iteration of every dense v2 launch (0: the
     /// built-in default, 2 at page sizes >= 16, else 1).
@@ -329,14 +329,13 @@ pub struct BenchGpuModelArgs {
     /// `d`: default, 0: never). The timed steps use the defaults.
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub tune: Vec<String>,
-    /// hip layers attend through the fused one-launch kernel
-    /// (kernels/hip_attend.cu; default: split-K + combine).
+    /// hip layers attend through split-K partials + combine
+    /// (kernels/decode.cu; default: the sparse v2 kernel,
+    /// kernels/decode_dense_v2.cu hip_sparse_*).
     #[arg(long)]
-    pub fused_attention: bool,
-    /// hip layers attend through the sparse v2 kernel
-    /// (kernels/decode_dense_v2.cu hip_sparse_*; default: split-K +
-    /// combine, kernels/decode.cu).
-    #[arg(long, conflicts_with = "fused_attention")]
+    pub split_combine: bool,
+    /// Accepted for older scripts: sparse v2 is the default now.
+    #[arg(long, conflicts_with = "split_combine")]
     pub sparse_v2: bool,
     /// Per-stage refresh intervals of the hip layers, comma-separated
     /// (default: the default config's, 16,8,4; InfiniteHiP's SGLang example
@@ -345,6 +344,6 @@ pub struct BenchGpuModelArgs {
     pub refresh: Vec<usize>,
     /// hip layers take lean steps (`HipGpuDecoder::set_lean`: no assembly
     /// when no stage refreshes; sparse v2 attention only).
-    #[arg(long, conflicts_with = "fused_attention")]
+    #[arg(long, conflicts_with = "split_combine")]
     pub lean: bool,
 }

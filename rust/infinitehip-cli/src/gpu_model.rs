@@ -46,12 +46,10 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
     }
     {
         use infinitehip::backend::cuda::dispatch::{force_attention, HipAttention};
-        force_attention(if a.fused_attention {
-            HipAttention::Fused
-        } else if a.sparse_v2 {
-            HipAttention::SparseV2
-        } else {
+        force_attention(if a.split_combine {
             HipAttention::SplitCombine
+        } else {
+            HipAttention::SparseV2
         });
     }
     let gpu0 = GpuContext::new(0).map_err(e)?;

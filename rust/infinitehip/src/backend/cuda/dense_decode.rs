@@ -262,7 +262,13 @@ pub(crate) fn launch_v2(
     // token-major pools (page size 1) u2 gave wrong outputs in the merged
     // GPU run of 2026-12-04 07:31 (tests/gpu/logs/merged-2026-12-04c/), so
     // those keep u1 until that is found.
-    let u = chunks.unwrap_or(if kv.page_size >= 16 {
+    // Sparse: 1 chunk (168 registers, 3 CTAs per SM, vs 252 and 2 with 2
+    // chunks): equal at batch 1 (20.1 us for 3,264 tokens x 8 kv heads,
+    // cold L2), 98 vs 128 us at batch 16 (bench-gpu-sparse,
+    // tests/gpu/logs/gpu14-2026-12-04/).
+    let u = chunks.unwrap_or(if sparse {
+        allowed[0]
+    } else if kv.page_size >= 16 {
         *allowed.last().unwrap()
     } else {
         allowed[0]

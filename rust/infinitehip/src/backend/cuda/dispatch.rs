@@ -453,110 +453,6 @@ pub fn decode(
     )
 }
 
-/// Most selection ranges per row `decode_fused` takes (kernels/hip_attend.cu
-/// HA_MAXR: they are copied to shared memory).
-pub const FUSED_MAX_RANGES: usize = 1024;
-
-/// `decode` in one launch (kernels/hip_attend.cu: ranges found by binary
-/// search in shared memory, the last CTA of each (sequence, kv head) merges
-/// the splits): f32 q and out `[batch][n_q_heads][head_dim]`, `counters`
-/// i32 `[batch * n_kv_heads]` zero before the first launch (each launch
-/// leaves them zero). Needs `sel.cap <= FUSED_MAX_RANGES`.
-#[allow(clippy::too_many_arguments)]
-pub fn decode_fused(
-    gpu: &GpuContext,
-    ws: &mut DecodeWorkspace,
-    counters: &DevBuf,
-    shape: &AttnShape,
-    kv: &DeviceKv,
-    q: u64,
-    sel: &DeviceSelection,
-    max_tokens: usize,
-    out: u64,
-) -> Result<()> {
-    check_shape(shape, kv)?;
-    let (b, hkv, d, g) = (kv.batch(), shape.n_kv_heads, shape.head_dim, shape.group());
-    if sel.rows != b * hkv || sel.cap > FUSED_MAX_RANGES || counters.bytes < b * hkv * 4 {
-        return Err(Error::Invalid(format!(
-            "fused hip decode: {} selection rows (want {}), cap {} (at most {FUSED_MAX_RANGES}), {} counter bytes",
-            sel.rows,
-            b * hkv,
-            sel.cap,
-            counters.bytes
-        )));
-    }
-    if b > gpu.grid_limits.z as usize {
-        return Err(Error::Invalid(format!(
-            "fused hip decode: batch {b} over the grid's z limit"
-        )));
-    }
-    let split = fused_split(gpu.sm_count, b * hkv, max_tokens.max(1));
-    let n_splits = max_tokens.max(1).div_ceil(split);
-    ws.ensure(b * shape.n_q_heads * n_splits, d)?;
-    let tag = kernels::dtype_tag(kv.dtype).unwrap();
-    let f = gpu.func("hip_attend", &format!("hip_attend_{tag}_d{d}_g{g}"))?;
-    let scale_log2 = shape.scale * std::f32::consts::LOG2_E;
-    let st = kv.strides();
-    let (ts, ps, hk, cap, sp, ns) = (
-        kv.table_stride as i32,
-        kv.page_size as i32,
-        hkv as i32,
-        sel.cap as i32,
-        split as i32,
-        n_splits as i32,
-    );
-    let mut l = gpu.stream.launch_builder(&f);
-    l.arg(&kv.k.ptr)
-        .arg(&kv.v.ptr)
-        .arg(&kv.table.ptr)
-        .arg(&ts)
-        .arg(&ps)
-        .arg(&hk)
-        .arg(&st.page)
-        .arg(&st.head)
-        .arg(&q)
-        .arg(&scale_log2)
-        .arg(&sel.ranges.ptr)
-        .arg(&sel.cum.ptr)
-        .arg(&sel.cnt.ptr)
-        .arg(&sel.tot.ptr)
-        .arg(&cap)
-        .arg(&sp)
-        .arg(&ns)
-        .arg(&ws.pm.ptr)
-        .arg(&ws.pl.ptr)
-        .arg(&ws.pacc.ptr)
-        .arg(&counters.ptr)
-        .arg(&out);
-    // SAFETY: the arguments follow hip_attend's parameter list (kernels/hip_attend.cu, same order
-    // and C types); the workspace holds b * Hq * n_splits partial rows (ensured above), counters
-    // b * hkv zeroed i32 (checked above), the selection b * hkv rows of cap <= HA_MAXR ranges.
-    unsafe {
-        l.launch(LaunchConfig {
-            grid_dim: (n_splits as u32, hkv as u32, b as u32),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        })
-    }
-    .map_err(|e| gpu_err("launch hip_attend", e))?;
-    super::prof::mark(gpu, "attn fused")
-}
-
-/// Tokens per split of `decode_fused`: about `ctas_per_sm` (4) CTAs per SM
-/// over `pairs` (sequence, kv head) pairs, a multiple of `align` (32) tokens
-/// (one pass of a CTA's lane groups at head_dim 128).
-fn fused_split(sm_count: usize, pairs: usize, max_tokens: usize) -> usize {
-    let load = |a: &std::sync::atomic::AtomicUsize, d: usize| match a
-        .load(std::sync::atomic::Ordering::Relaxed)
-    {
-        0 => d,
-        v => v,
-    };
-    let (per_sm, align) = (load(&SPLIT_CTAS_PER_SM, 4), load(&SPLIT_ALIGN, 32));
-    let want = (per_sm * sm_count).div_ceil(pairs.max(1)).max(1);
-    max_tokens.div_ceil(want).next_multiple_of(align).max(align)
-}
-
 /// The shared attention launch. Query row i (of `n_rows`) reads selection
 /// row `(i / q_block, head)`, the page table of sequence `q_seq[i]` (0: row
 /// i) and, when `q_pos` is non-null, only tokens at or before `q_pos[i]`.
@@ -1601,21 +1497,18 @@ pub(crate) struct StageBuf {
 /// Which kernel `HipGpuDecoder` attends with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HipAttention {
-    /// kernels/decode_dense_v2.cu `hip_sparse_*`: one launch, tensor
-    /// cores, the selection as a position table + tail. Not yet the
-    /// default: it has not run on a GPU (the 2026-12-04 09:18 call spent
-    /// its 72 s in the driver's cold PTX JIT); opt in per decoder
-    /// (`set_attention`, `set_lean`) or for all (`force_attention`).
+    /// kernels/decode_dense_v2.cu `hip_sparse_*` (the default): one
+    /// launch, tensor cores, the selection as a position table + tail, the
+    /// last CTA of each (row, kv head) merges the splits. 18.5-18.8 us per
+    /// layer at 128K/1M batch 1 vs 24.8 + 7.2 us for split-K + combine on
+    /// the H200 (tests/gpu/logs/gpu14-2026-12-04/).
     SparseV2 = 0,
     /// kernels/decode.cu split-K partials + combine over the ranges (the
-    /// default).
+    /// previous default; the engine path's hip layers still attend so).
     SplitCombine = 1,
-    /// kernels/hip_attend.cu (one launch, CUDA cores; correct but slower,
-    /// 47.5 vs 32 us at 1M on the H200, tests/gpu/logs/merged-2026-12-04c/).
-    Fused = 2,
 }
 
-static ATTN: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
+static ATTN: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Choose `HipGpuDecoder`'s attention kernel (tests and benchmarks run
 /// each on the same inputs).
@@ -1627,18 +1520,8 @@ pub fn force_attention(a: HipAttention) {
 pub fn attention() -> HipAttention {
     match ATTN.load(std::sync::atomic::Ordering::Relaxed) {
         0 => HipAttention::SparseV2,
-        1 => HipAttention::SplitCombine,
-        _ => HipAttention::Fused,
+        _ => HipAttention::SplitCombine,
     }
-}
-
-/// `force_attention(Fused)` (true) or back to the default (false).
-pub fn force_fused_attention(on: bool) {
-    force_attention(if on {
-        HipAttention::Fused
-    } else {
-        HipAttention::SplitCombine
-    });
 }
 
 /// InfiniteHiP decode on the GPU: the same stages, refresh schedule, sink,
@@ -1665,8 +1548,6 @@ pub struct HipGpuDecoder {
     /// Largest selected-token count of the last assembly (host bound).
     pub max_tokens: usize,
     pub ws: DecodeWorkspace,
-    /// Arrival counters of the fused attention launch, `[batch * hkv]`.
-    pub(crate) counters: DevBuf,
     /// Sink + chunk positions per row for the sparse v2 attention
     /// (`[rows][tab_cap]` i32, written by `hip_assemble`) and their counts.
     pub(crate) tab: DevBuf,
@@ -1749,7 +1630,6 @@ impl HipGpuDecoder {
             sel: DeviceSelection::empty(rows, last_cap + 3)?,
             max_tokens: 0,
             ws: DecodeWorkspace::new(),
-            counters: DevBuf::from_slice(&vec![0i32; rows])?,
             tab: DevBuf::alloc(rows * tab_cap * 4)?,
             tab_cap,
             ntab: DevBuf::from_slice(&vec![0i32; rows])?,
@@ -1910,7 +1790,7 @@ impl HipGpuDecoder {
     /// since the sparse attention reads the sink + chunk table (unchanged)
     /// and the slid + window tail from the per-step regions. `sel` then
     /// keeps the last build's ranges (its slid and window are stale), and
-    /// the split-K and fused attentions, which read `sel`, must not be
+    /// the split-K attention, which reads `sel`, must not be
     /// used. Outputs equal the full steps' bit for bit (gpu-test).
     pub fn set_lean(&mut self, on: bool) {
         self.lean = on;
@@ -1933,8 +1813,8 @@ impl HipGpuDecoder {
     /// Attention over the step's selection (bound `mt` selected tokens per
     /// row), by `HipAttention` (`set_attention`, `force_attention`): the
     /// sparse v2 kernel (one launch over the sink + chunk table and the
-    /// slid + window tail), one fused launch (`decode_fused`), or split-K +
-    /// combine (`decode`, the default) over `self.sel`'s ranges.
+    /// slid + window tail; the default), or split-K + combine (`decode`)
+    /// over `self.sel`'s ranges.
     pub fn attend(
         &mut self,
         gpu: &GpuContext,
@@ -1979,22 +1859,7 @@ impl HipGpuDecoder {
             return r;
         }
         let mut ws = std::mem::take(&mut self.ws);
-        let fused = kind == HipAttention::Fused && self.sel.cap <= FUSED_MAX_RANGES;
-        let r = if fused {
-            decode_fused(
-                gpu,
-                &mut ws,
-                &self.counters,
-                shape,
-                kv,
-                q,
-                &self.sel,
-                mt,
-                out,
-            )
-        } else {
-            decode(gpu, &mut ws, shape, kv, q, &self.sel, mt, None, out)
-        };
+        let r = decode(gpu, &mut ws, shape, kv, q, &self.sel, mt, None, out);
         self.ws = ws;
         r
     }

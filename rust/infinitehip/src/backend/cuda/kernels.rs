@@ -32,11 +32,6 @@ pub const MODULES: &[(&str, &str)] = &[
             include_str!("../../../../../kernels/decode_dense_v2.cu")
         ),
     ),
-    // hip decode attention in one launch (split-K, last CTA merges).
-    (
-        "hip_attend",
-        include_str!("../../../../../kernels/hip_attend.cu"),
-    ),
     (
         "locret_score",
         include_str!("../../../../../kernels/locret_score.cu"),
@@ -213,11 +208,6 @@ pub fn entry_points(module: &str) -> Vec<String> {
                         for g in GROUPS {
                             v.push(format!("dense_{dt}_d{d}_g{g}_u{u}"));
                         }
-                    }
-                }
-                "hip_attend" => {
-                    for g in GROUPS {
-                        v.push(format!("hip_attend_{dt}_d{d}_g{g}"));
                     }
                 }
                 "hip_mask" => {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # gpu14 device call 1 (run from the repo root, gpu-bin carried):
-#   BUDGET=300 OUT=$OUT bash tests/gpu/logs/gpu14-2026-12-04/run1.sh
+#   (staged as target/gpu14-carry/run1.sh with gpu-bin/ and scripts/sdpa_bench.py)
+#   run(command="cd target/gpu14-carry && BUDGET=285 OUT=$OUT bash run1.sh", carry=["target/gpu14-carry"], timeout_s=300)
 # Checks in parallel first (issue 13 fast estimator vs CPU twin; the engine
 # bf16-vs-f32 case with diagnostics; dense v2 and sparse v2 with the new
 # split merge), then alone on the GPU: the sparse launch sweep, the SDPA
