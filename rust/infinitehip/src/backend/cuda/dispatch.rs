@@ -1499,9 +1499,9 @@ pub(crate) struct StageBuf {
 pub enum HipAttention {
     /// kernels/decode_dense_v2.cu `hip_sparse_*` (the default): one
     /// launch, tensor cores, the selection as a position table + tail, the
-    /// last CTA of each (row, kv head) merges the splits. 18.5-18.8 us per
-    /// layer at 128K/1M batch 1 vs 24.8 + 7.2 us for split-K + combine on
-    /// the H200 (tests/gpu/logs/gpu14-2026-12-04/).
+    /// last CTA of each (row, kv head) merges the splits. 17.1-17.5 us per
+    /// layer at 128K/1M batch 1 vs 24.9-25.8 + 7.1 us for split-K + combine
+    /// on the H200 (tests/gpu/logs/gpu14-2026-12-04/run2/).
     SparseV2 = 0,
     /// kernels/decode.cu split-K partials + combine over the ranges (the
     /// previous default; the engine path's hip layers still attend so).

@@ -220,6 +220,8 @@ impl DevBuf {
         unsafe { cu::memcpy_htod_async(self.ptr, data, stream.cu_stream()) }
             .map_err(|e| gpu_err("async copy to device", e))
     }
+    /// A new buffer holding `data`, on the device when this returns (any
+    /// stream may read it then: `legacy_done`).
     pub fn from_slice<T: Copy>(data: &[T]) -> Result<Self> {
         let b = Self::alloc(std::mem::size_of_val(data))?;
         if !data.is_empty() {
@@ -270,7 +272,8 @@ impl DevBuf {
         unsafe { cu::memset_d8_async(self.ptr, byte, self.bytes, stream.cu_stream()) }
             .map_err(|e| gpu_err("memset", e))
     }
-    /// Fill with a byte pattern (tests poison outputs with 0xff = NaN).
+    /// Fill with a byte pattern (tests poison outputs with 0xff = NaN), on
+    /// the legacy default stream; done when this returns (`legacy_done`).
     pub fn fill_bytes(&self, byte: u8) -> Result<()> {
         // SAFETY: sets exactly the `self.bytes` bytes the buffer holds.
         unsafe { cu::memset_d8_sync(self.ptr, byte, self.bytes) }
