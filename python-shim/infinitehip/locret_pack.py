@@ -174,7 +174,7 @@ def merge(new_path, base_path, out_path):
         with safe_open(p, "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
 
-    new, new_meta = load(new_path)
+    new, _ = load(new_path)
     base, base_meta = load(base_path)
     out, taken = dict(base), []
     for k, v in new.items():
