@@ -150,11 +150,13 @@ mod tests {
         // The default model shape (32 layers) without a `model` section.
         let c = PolicyConfig::from_json(r#"{"default": {"method": "lazy"}}"#).unwrap();
         assert_eq!(points(&c, None), [(9, k[0]), (19, k[1]), (28, k[2])]);
-        assert_eq!(c, {
-            let mut d = PolicyConfig::default();
-            d.default = LayerPolicy::Lazy(LazyConfig::default());
-            d
-        });
+        assert_eq!(
+            c,
+            PolicyConfig {
+                default: LayerPolicy::Lazy(LazyConfig::default()),
+                ..Default::default()
+            }
+        );
         // Named points are kept as they are (backward compatible).
         let c = PolicyConfig::from_json(
             r#"{"model": {"n_layers": 30}, "dense_layers": 0,
