@@ -6,8 +6,8 @@
 //! fractions were picked by measurement on the quality suite's 30-layer
 //! model in llama.cpp's CPU build: the strongest of the fig.-4-shaped
 //! schedules tried that stays within 3% of stock's continuation perplexity
-//! at 4K and 8K (+2.5% / +0.8%), at 1.52x / 1.61x stock's time to first
-//! token; the suite's decode-scored rows lose more (+3.3% / +5.9%), where
+//! at 4K and 8K (+2.5% / +0.8%), at 1.62x / 1.68x stock's time to first
+//! token (2 threads); the suite's decode-scored rows lose more (+3.3% / +5.9%), where
 //! 0.9/0.7/0.5 stays within 3% (BENCHMARKS.md, "LazyLLM's depth-aware default
 //! schedule").
 //!
