@@ -71,7 +71,7 @@ impl Reference {
         let sink_end = self.sink.min(n);
         let win_start = (pos + 1).saturating_sub(self.window).max(sink_end);
         let score = |t: usize| max_dot_f32(qs, &k[t * d..(t + 1) * d]);
-        if self.step % self.refresh1 == 0 {
+        if self.step.is_multiple_of(self.refresh1) {
             self.mid_end = win_start;
             let chunks: Vec<(usize, usize)> = (sink_end..win_start)
                 .step_by(2)
@@ -218,7 +218,7 @@ fn successors_match_reference_and_follow_a_copy_chain() {
 
 /// (planted-passage mass kept / dense planted mass over the copy probes'
 /// queries, most tokens attended in one step) on the real-key fixture.
-fn real_copy_recall(successors: usize) -> (f64, usize) {
+fn real_copy_recall(successors: usize) -> (f64, usize, std::time::Duration) {
     let b = std::fs::read(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/data/smollm2_l20_kv2_copy.bin"
@@ -248,9 +248,11 @@ fn real_copy_recall(successors: usize) -> (f64, usize) {
     let shape = AttnShape::new(g, 1, d).unwrap();
     let mut pol = HipPolicy::new(cfg, &model(g, 1, d)).unwrap();
     let (mut kept, mut dense, mut most) = (0f64, 0f64, 0usize);
+    let mut select_time = std::time::Duration::ZERO;
     for pos in start..n {
         let qt = &q[(pos - start) * g * d..(pos - start + 1) * g * d];
         let kv = SeqView::from_contiguous(1, d, pos + 1, &k[..(pos + 1) * d], &k[..(pos + 1) * d]);
+        let t0 = std::time::Instant::now();
         let out = pol
             .select(&SelectRequest {
                 seq: 0,
@@ -261,6 +263,7 @@ fn real_copy_recall(successors: usize) -> (f64, usize) {
                 kv: &kv,
             })
             .unwrap();
+        select_time += t0.elapsed();
         let sel = out.blocks[0].clipped(pos + 1);
         most = most.max(sel.token_count(0));
         let Some(&(planted, _, _)) = probes.iter().find(|p| p.1 <= pos && pos <= p.2) else {
@@ -282,14 +285,14 @@ fn real_copy_recall(successors: usize) -> (f64, usize) {
             }
         }
     }
-    (kept / dense, most)
+    (kept / dense, most, select_time)
 }
 
 #[test]
 fn successors_keep_the_copy_passage_on_real_keys() {
-    let (off, most_off) = real_copy_recall(0);
-    let (on, most_on) = real_copy_recall(4);
-    eprintln!("planted-passage mass kept on the copy probes: {off:.4} without successors, {on:.4} with 4 (attended <= {most_off} / {most_on} keys)");
+    let (off, most_off, t_off) = real_copy_recall(0);
+    let (on, most_on, t_on) = real_copy_recall(4);
+    eprintln!("planted-passage mass kept on the copy probes: {off:.4} without successors, {on:.4} with 4 (attended <= {most_off} / {most_on} keys; selection time of the replay {t_off:?} / {t_on:?})");
     // Budget: sink 32 + window 256 + 736 selected + at most 7 slid tokens.
     assert!(most_on <= 32 + 256 + 736 + 8 && most_off <= 32 + 256 + 736 + 8);
     assert!(on > off + 0.015, "successors {on} vs none {off}");
