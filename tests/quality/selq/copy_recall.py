@@ -12,6 +12,15 @@ DUMP_DIR: `INFINITEHIP_DUMP_QKV=DIR` (cpp-bridge/src/llama.rs) of
 covering hip config and `dense_layers: 0`, so q/k are the dense model's.
 The probe layout is rebuilt with probes.copy_sequence exactly as run.py
 builds it (FULL mode: decode 128, depths 0.1..0.9, passages of 32, cue 8).
+The dump of BENCHMARKS.md "hip at 8K on SmolLM2: copy gap closed":
+
+    # seq8k.ids: the suite's q8192 sequence; cover.json: configs/hip-cover.json's
+    # policy instantiated at 8192 plus prefill/decode_dense_below 0
+    INFINITEHIP_DUMP_QKV=DIR LLAMA_INFINITEHIP_CONFIG=cover.json \
+      BUILD/build-patched/bin/ihip_run score MODEL --input seq8k.ids --prefill 7904 \
+      --nll cover.nll --kv f16 --batch 512 --threads 1 --prefill-logits all
+
+(30 layers x 8191 tokens x (9 + 3 + 3) heads x 64 f32: 0.94 GB.)
 
 Variants (budget per KV head = sink 32 + window ctx/32 + `sel` middle keys,
 sel = ctx/8 - 32 - ctx/32, as configs/hip-1_8-*.json):
