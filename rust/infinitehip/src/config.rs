@@ -226,6 +226,16 @@ pub struct HipConfig {
     pub rope: RopeConfig,
     /// Prefill mask estimator (decode always uses the reference search).
     pub mask_estimator: MaskEstimatorChoice,
+    /// Decode only, CPU policy only (the GPU decoders refuse it): when the
+    /// last stage runs, its candidates also hold the `successors` tokens
+    /// after each key it kept at its previous run (ranges a..b add
+    /// b..b+successors), inside the middle. A copying (induction) head
+    /// attends next the successor of the key it attended last, which a stale
+    /// earlier stage may have dropped; the attended budget is unchanged (the
+    /// last stage still keeps `keep_tokens`). 0 = off (issue 12: on SmolLM2
+    /// at 8K the copy probe loses planted-passage keys between stage-1
+    /// refreshes).
+    pub successors: usize,
 }
 
 /// Which prefill mask estimator a hip layer runs (`hip.mask_estimator`).
@@ -273,6 +283,7 @@ impl Default for HipConfig {
             prefill_chunk: 8192,
             rope: RopeConfig::default(),
             mask_estimator: MaskEstimatorChoice::Auto,
+            successors: 0,
         }
     }
 }

@@ -1713,6 +1713,12 @@ impl HipGpuDecoder {
                 "the GPU path supports original RoPE positions only",
             ));
         }
+        if cfg.successors > 0 {
+            return Err(Error::config(
+                "hip.successors",
+                "CPU policy only: the GPU decode stages do not add successors (use 0 on the GPU)",
+            ));
+        }
         Ok(())
     }
 
