@@ -899,6 +899,9 @@ impl LlamaPlugin {
                     inp.query(t, s, 0, g.n_head, &mut qbuf);
                     all_q.extend_from_slice(&qbuf);
                 }
+                if s == 0 {
+                    dump_qkv(layer, &all_q, &kv, len - n..len, g.n_kv_heads, g.d);
+                }
                 // Scoring RoPE modes: the policy sees halves-layout vectors.
                 let hkv;
                 let kv: &dyn KvRead = match halves {
@@ -1473,6 +1476,52 @@ impl LlamaPlugin {
         self.poison
             .guard(|| self.locret_state()?.begin(pos, n_seq, seq_ids))
     }
+}
+
+/// Diagnostics only (issue 12 selection replays): with
+/// `INFINITEHIP_DUMP_QKV=DIR`, every planned ubatch of stream 0 appends its
+/// queries to `DIR/L{layer}.q.f32` (`[t][n_q_heads][d]`) and the keys and
+/// values of its new cells to `L{layer}.k.f32` / `L{layer}.v.f32`
+/// (`[t][n_kv_heads][d]`), little-endian f32: the input of
+/// `rust/infinitehip/examples/selq_replay.rs` and `tests/quality/selq/`.
+/// Use a covering config with `dense_layers: 0` so every layer is planned and
+/// the dumped q/k/v are the dense model's. Off (one env lookup) otherwise.
+fn dump_qkv(
+    layer: u32,
+    q: &[f32],
+    kv: &dyn KvRead,
+    new: std::ops::Range<usize>,
+    nkh: usize,
+    d: usize,
+) {
+    use std::io::Write;
+    static DIR: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let Some(dir) = DIR.get_or_init(|| std::env::var("INFINITEHIP_DUMP_QKV").ok()) else {
+        return;
+    };
+    let append = |name: &str, x: &[f32]| {
+        let path = format!("{dir}/L{layer}.{name}.f32");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let b: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        f.write_all(&b).unwrap_or_else(|e| panic!("{path}: {e}"));
+    };
+    append("q", q);
+    let (mut k, mut v) = (Vec::new(), Vec::new());
+    let mut row = vec![0f32; d];
+    for t in new {
+        for h in 0..nkh {
+            kv.read_key(h, t, &mut row);
+            k.extend_from_slice(&row);
+            kv.read_value(h, t, &mut row);
+            v.extend_from_slice(&row);
+        }
+    }
+    append("k", &k);
+    append("v", &v);
 }
 
 fn checked_scale(scale: f32) -> Result<f32> {

@@ -681,3 +681,24 @@ fn squeeze_over_growing_chain_equals_engine() {
     assert!(frac < 1.0, "attended fraction {frac}");
     eprintln!("squeeze: worst rel err vs engine {worst:.2e}, stats {st}");
 }
+
+/// A lazy policy that names no points gets the default points for the host
+/// model's depth (llama.cpp fills `model` before the config is read): 30
+/// layers (the quality suite's SmolLM2-135M) prune after layers 8, 17, 26.
+#[test]
+fn lazy_without_points_takes_the_host_depth_default() {
+    use infinitehip::config::{lazy_default_points, LayerPolicy, LAZY_DEFAULT_KEEP};
+    let m = ModelInfo {
+        n_layers: 30,
+        ..model()
+    };
+    let p = LlamaPlugin::new(r#"{"dense_layers": 0, "default": {"method": "lazy"}}"#, &m).unwrap();
+    let LayerPolicy::Lazy(z) = &p.config().default else {
+        panic!("not lazy")
+    };
+    let got: Vec<(usize, f32)> = z.points.iter().map(|q| (q.layer, q.keep)).collect();
+    let k = LAZY_DEFAULT_KEEP;
+    assert_eq!(got, [(8, k[0]), (17, k[1]), (26, k[2])]);
+    assert_eq!(z.points, lazy_default_points(30));
+    assert_eq!(p.lazy().unwrap().config().points, z.points);
+}

@@ -2,8 +2,9 @@
 few MiB less than the GGUF, so training can run on a machine that has
 neither the model nor internet access (the device machine takes 64 MiB).
 
-    python -m infinitehip.locret_pack pack MODEL.gguf HF_DIR TEXT OUT_DIR [--max-tokens N]
+    python -m infinitehip.locret_pack pack MODEL.gguf HF_DIR TEXT --out OUT_DIR [--max-tokens N] [--layers K]
     python -m infinitehip.locret_pack unpack OUT_DIR MODEL_DIR
+    python -m infinitehip.locret_pack merge NEW.safetensors BASE.safetensors OUT.safetensors
 
 `pack` keeps the GGUF's quantized blocks as they are (Q4_1, Q8_0, F32; the
 block streams xz-compressed apart from their scales), and only:
@@ -13,6 +14,12 @@ block streams xz-compressed apart from their scales), and only:
   projection and MLP (the heads read the last layer's q/k/v only).
 It then checks that unpacking reproduces HF_DIR's tensors exactly
 (HF_DIR is the same GGUF converted by `infinitehip.gguf_to_hf`).
+
+`--layers K` packs the first K layers only (the model seen as K layers:
+layer K-1 is then the last one, its output projection and MLP omitted), so
+heads can be trained for layers 0..K-1 when the whole pack would not fit
+the device machine's 64 MiB; `merge` then completes such heads with another
+heads file's later layers (the layer l of NEW where NEW has it, else BASE's).
 
 `unpack` writes an HF checkpoint directory (config.json, model.safetensors,
 tokens.npy, locret_pack.json): embedding rows never packed are NaN, so a
@@ -82,7 +89,7 @@ def block_bytes(kind):
     return {"Q4_1": Q4_1_BLOCK, "Q8_0": Q8_0_BLOCK, "F32": 4}[kind]
 
 
-def pack(gguf_path, hf_dir, text_paths, out, max_tokens):
+def pack(gguf_path, hf_dir, text_paths, out, max_tokens, layers=None):
     import gguf
     from transformers import AutoTokenizer
 
@@ -91,6 +98,11 @@ def pack(gguf_path, hf_dir, text_paths, out, max_tokens):
     r = gguf.GGUFReader(gguf_path)
     cfg = json.load(open(os.path.join(hf_dir, "config.json")))
     n_layers = cfg["num_hidden_layers"]
+    if layers is not None:
+        if not 0 < layers <= n_layers:
+            raise SystemExit(f"--layers {layers}: the model has {n_layers} layers")
+        n_layers = layers
+        cfg["num_hidden_layers"] = layers
     tok = AutoTokenizer.from_pretrained(hf_dir)
     text = "\n\n".join(read_text(p) for p in text_paths)
     ids = np.array(tok(text, add_special_tokens=False)["input_ids"][:max_tokens], dtype=np.int32)
@@ -101,6 +113,8 @@ def pack(gguf_path, hf_dir, text_paths, out, max_tokens):
     for t in r.tensors:
         kind = t.tensor_type.name
         if t.name.startswith(f"blk.{n_layers - 1}.") and t.name.split(".", 2)[2] in LAST_LAYER_UNUSED:
+            continue
+        if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= n_layers:
             continue
         if t.name == "output.weight":
             continue
@@ -126,7 +140,8 @@ def pack(gguf_path, hf_dir, text_paths, out, max_tokens):
     np.save(os.path.join(out, "embedding_rows.npy"), rows)
     with lzma.open(os.path.join(out, "tokens.npy.xz"), "wb") as f:
         np.save(f, ids.astype(np.uint32 if rows.max() >= 1 << 16 else np.uint16))
-    shutil.copy(os.path.join(hf_dir, "config.json"), os.path.join(out, "config.json"))
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
     manifest = {
         "gguf": os.path.abspath(gguf_path),
         "gguf_sha256": sha256(gguf_path),
@@ -134,13 +149,41 @@ def pack(gguf_path, hf_dir, text_paths, out, max_tokens):
         "tokenizer": os.path.abspath(hf_dir),
         "tokens": int(len(ids)),
         "embedding_rows": int(len(rows)),
-        "omitted": [f"blk.{n_layers - 1}.{s}" for s in LAST_LAYER_UNUSED],
+        "layers": n_layers,
+        "omitted": [f"blk.{n_layers - 1}.{s}" for s in LAST_LAYER_UNUSED]
+        + ([f"blk.{layers}.. (layers {layers} and later)"] if layers is not None and layers < r_layers(r) else []),
         "tensors": tensors,
         "compressed_bytes": sizes,
     }
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest
+
+
+def r_layers(reader):
+    return 1 + max(int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk."))
+
+
+def merge(new_path, base_path, out_path):
+    """Heads file of BASE's layers with NEW's where NEW has them (same
+    widths required); returns which layers came from NEW."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def load(p):
+        with safe_open(p, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+
+    new, _ = load(new_path)
+    base, base_meta = load(base_path)
+    out, taken = dict(base), []
+    for k, v in new.items():
+        if k not in base or base[k].shape != v.shape:
+            raise SystemExit(f"{k}: {tuple(v.shape)} in {new_path}, {tuple(base[k].shape) if k in base else 'absent'} in {base_path}")
+        out[k] = v.to(base[k].dtype)
+        taken.append(int(k.split(".")[2]))
+    save_file(out, out_path, metadata=base_meta)
+    return sorted(set(taken))
 
 
 def load_state(packdir):
@@ -228,12 +271,20 @@ def main(argv=None):
     a.add_argument("text", nargs="+")
     a.add_argument("--out", required=True)
     a.add_argument("--max-tokens", type=int, default=400_000)
+    a.add_argument("--layers", type=int, help="pack the first K layers only (heads for layers 0..K-1)")
     b = sub.add_parser("unpack")
     b.add_argument("packdir")
     b.add_argument("out")
+    m = sub.add_parser("merge")
+    m.add_argument("new")
+    m.add_argument("base")
+    m.add_argument("out")
     args = p.parse_args(argv)
+    if args.cmd == "merge":
+        print(json.dumps({"out": args.out, "layers_from_new": merge(args.new, args.base, args.out)}))
+        return
     if args.cmd == "pack":
-        man = pack(args.gguf, args.hf_dir, args.text, args.out, args.max_tokens)
+        man = pack(args.gguf, args.hf_dir, args.text, args.out, args.max_tokens, args.layers)
         worst = check(args.out, args.hf_dir)
         print(json.dumps({"compressed_bytes": man["compressed_bytes"], "tokens": man["tokens"],
                           "embedding_rows": man["embedding_rows"], "max_abs_diff_vs_hf": worst}))

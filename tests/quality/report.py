@@ -15,6 +15,16 @@ def _delta(d):
     return "-" if d is None else f"{d['mean']:+.3f} +- {2 * d['se']:.3f} (n {d['n']})"
 
 
+def heads_note(label):
+    """The row-name suffix saying which Locret heads a row used (none for
+    the committed trained heads and non-Locret rows)."""
+    if label == "random":
+        return " (random heads)"
+    if label and label.startswith("file:"):
+        return f" (heads {os.path.basename(label[5:])})"
+    return ""
+
+
 def quality_lines(rows):
     head = ["ctx", "config", "attended", "decode keys", "ppl prefill", "ppl decode (dNLL +- 2se)", "prefill tail dNLL +- 2se", "copy acc",
             "copied", "copy nll", "prefill s", "decode tok/s"]
@@ -23,7 +33,7 @@ def quality_lines(rows):
         dd = r["d_decode"]
         att = r.get("attended_fraction")
         out.append([
-            str(r["ctx"]), r["config"] + (" (random heads)" if r.get("locret_heads") == "random" else ""),
+            str(r["ctx"]), r["config"] + heads_note(r.get("locret_heads")),
             "-" if att is None else f"{att:.3f}",
             f"{r['nominal_decode_fraction']:.3f}" if r.get("nominal_decode_fraction") is not None else "-",
             "- (not scored)" if r["ppl_prefill"] is None else f"{r['ppl_prefill']:.2f} ({_pct(r['d_prefill']['ppl_ratio'] - 1)})",

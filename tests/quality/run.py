@@ -83,6 +83,17 @@ EXACT_CONFIGS = ["hip-cover", "lazy-cover", "squeeze-cover", "locret-cover"]
 EXACT_NEGATIVE = "hip-1/4"  # must exceed EXACT_BOUND, or the check could not fail
 
 
+def locret_heads_label(weights, subst, trained):
+    """What a Locret row's heads are: "trained" (the committed heads),
+    "random" (the seeded control, or the stand-in when no trained heads
+    exist), else "file:PATH" (a config naming its own heads file)."""
+    if weights == subst["locret_weights"]:
+        return "trained" if trained else "random"
+    if weights == subst["locret_random_weights"]:
+        return "random"
+    return f"file:{weights}"
+
+
 def prefill_tail(seq):
     """Prefill-scored targets in the last eighth of the prefill: the same
     context size as the decode-scored ones, so the two paths compare without
@@ -253,7 +264,7 @@ class Suite:
         if st and st.get("locret"):
             r["locret"] = {k: st["locret"].get(k) for k in ["evicted_tokens", "last_visible_cells", "max_visible_cells"]}
             w = (policy or {}).get("default", {}).get("weights")
-            r["locret_heads"] = "trained" if self.locret_trained and w == self.subst["locret_weights"] else "random"
+            r["locret_heads"] = locret_heads_label(w, self.subst, self.locret_trained)
             r["attended_fraction"] = st["locret"]["last_visible_cells"] / len(seq)
         return r
 

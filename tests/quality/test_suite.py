@@ -216,6 +216,52 @@ def recs(nll, argmax=None, path=None):
     return r
 
 
+class Paired(unittest.TestCase):
+    def test_ranges_are_the_suites(self):
+        import paired
+        import run
+
+        m = run.FULL
+        for ctx in (2048, 4096, 8192):
+            s = probes.copy_sequence(list(range(100000)), ctx, m["decode"], m["depths"], m["passage_len"], m["cue"],
+                                     1000, 50000)
+            self.assertEqual(paired.ranges(ctx), (s.decode_scored, run.prefill_tail(s), s.prefill_scored))
+
+    def test_paired_difference(self):
+        import paired
+
+        ctx = 2048
+        rng = np.random.default_rng(3)
+        base = np.zeros(ctx, stats.RECORD)
+        base["nll"] = rng.uniform(1, 5, ctx)
+        other = base.copy()
+        dec, tail, _ = paired.ranges(ctx)
+        other["nll"][list(dec)] += 0.5  # only the decode-scored targets differ
+        with tempfile.TemporaryDirectory() as d:
+            bp, op = os.path.join(d, "b.nll"), os.path.join(d, "o.nll")
+            base.tofile(bp)
+            other.tofile(op)
+            r = paired.paired(ctx, bp, op)
+        self.assertAlmostEqual(r["decode"]["mean"], 0.5, places=5)
+        self.assertEqual(r["decode"]["n"], len(dec))
+        self.assertEqual((r["prefill_tail"]["mean"], r["prefill"]["mean"]), (0.0, 0.0))
+        self.assertEqual(r["prefill_tail"]["n"], len(tail))
+
+
+class HeadsLabel(unittest.TestCase):
+    def test_rows_say_which_heads(self):
+        import run
+
+        subst = {"locret_weights": "t.safetensors", "locret_random_weights": "r.safetensors"}
+        self.assertEqual(run.locret_heads_label("t.safetensors", subst, True), "trained")
+        self.assertEqual(run.locret_heads_label("t.safetensors", subst, False), "random")
+        self.assertEqual(run.locret_heads_label("r.safetensors", subst, True), "random")
+        self.assertEqual(run.locret_heads_label("/x/new.safetensors", subst, True), "file:/x/new.safetensors")
+        self.assertEqual(report.heads_note("file:/x/new.safetensors"), " (heads new.safetensors)")
+        self.assertEqual(report.heads_note("random"), " (random heads)")
+        self.assertEqual(report.heads_note("trained") + report.heads_note(None), "")
+
+
 class Stats(unittest.TestCase):
     def test_ppl_and_delta(self):
         a, b = recs([1.0, 2.0, 3.0]), recs([1.0, 1.0, 2.0])

@@ -8,10 +8,12 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 
 mod layers;
+mod lazy_default;
 mod read;
 mod stages;
 
 pub use layers::LayerSource;
+pub use lazy_default::{lazy_default_points, LAZY_DEFAULT_DEPTH_PERCENT, LAZY_DEFAULT_KEEP};
 pub use stages::{small_head_dim_stages, SMALL_HEAD_DIM};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -224,6 +226,16 @@ pub struct HipConfig {
     pub rope: RopeConfig,
     /// Prefill mask estimator (decode always uses the reference search).
     pub mask_estimator: MaskEstimatorChoice,
+    /// Decode only, CPU policy only (the GPU decoders refuse it): when the
+    /// last stage runs, its candidates also hold the `successors` tokens
+    /// after each key it kept at its previous run (ranges a..b add
+    /// b..b+successors), inside the middle. A copying (induction) head
+    /// attends next the successor of the key it attended last, which a stale
+    /// earlier stage may have dropped; the attended budget is unchanged (the
+    /// last stage still keeps `keep_tokens`). 0 = off (issue 12: on SmolLM2
+    /// at 8K the copy probe loses planted-passage keys between stage-1
+    /// refreshes).
+    pub successors: usize,
 }
 
 /// Which prefill mask estimator a hip layer runs (`hip.mask_estimator`).
@@ -271,6 +283,7 @@ impl Default for HipConfig {
             prefill_chunk: 8192,
             rope: RopeConfig::default(),
             mask_estimator: MaskEstimatorChoice::Auto,
+            successors: 0,
         }
     }
 }
@@ -377,18 +390,20 @@ pub struct LazyPoint {
 pub struct LazyConfig {
     /// Pruning points, ascending layers, non-increasing keep fractions. All
     /// layers that run `lazy` in one config share one `LazyConfig` (the keep
-    /// sets cross layers). See `policy::lazy`.
+    /// sets cross layers). See `policy::lazy`. Absent from the JSON: after
+    /// 30%, 60% and 90% of `model.n_layers` keeping 0.8, 0.5, 0.3 of the
+    /// prompt (`lazy_default_points`; points at layers that do not run lazy
+    /// are left out).
     pub points: Vec<LazyPoint>,
 }
 
 impl Default for LazyConfig {
+    /// The default points for the default model shape (32 layers). A lazy
+    /// policy read by `PolicyConfig::from_json` without `points` gets them
+    /// for its `model.n_layers` instead (`lazy_default_points`).
     fn default() -> Self {
-        // Four points across a 32-layer model, keeping more early (paper fig 4).
         LazyConfig {
-            points: [(8, 0.9), (16, 0.8), (24, 0.7), (28, 0.6)]
-                .iter()
-                .map(|&(layer, keep)| LazyPoint { layer, keep })
-                .collect(),
+            points: lazy_default_points(ModelShape::default().n_layers),
         }
     }
 }
@@ -512,10 +527,13 @@ fn bad(field: impl Into<String>, reason: impl Into<String>) -> Error {
 impl PolicyConfig {
     /// Parse and validate. Errors name the field by JSON path.
     /// A hip policy without `stages` gets shapes for the model's head_dim
-    /// (`small_head_dim_stages` at head_dim <= 64).
+    /// (`small_head_dim_stages` at head_dim <= 64); a lazy policy without
+    /// `points` gets points for the model's depth (`lazy_default_points`).
     pub fn from_json(s: &str) -> Result<Self> {
         let mut c = read::parse(s)?;
-        stages::resolve(&mut c, &serde_json::from_str(s)?);
+        let raw = serde_json::from_str(s)?;
+        stages::resolve(&mut c, &raw);
+        lazy_default::resolve(&mut c, &raw);
         c.validate()?;
         Ok(c)
     }

@@ -187,6 +187,25 @@ pub(super) fn run_stage_with(
     out
 }
 
+/// `cands` plus the `n` successors of every token of `prev` (a range a..b
+/// adds a+1..b+n), clipped to `middle`: the last stage's candidates with
+/// `hip.successors` = n (decode).
+pub(crate) fn with_successors(
+    mut cands: Vec<Range<usize>>,
+    prev: &[Range<usize>],
+    n: usize,
+    middle: &Range<usize>,
+) -> Vec<Range<usize>> {
+    for r in prev {
+        let (s, e) = ((r.start + 1).max(middle.start), (r.end + n).min(middle.end));
+        if s < e {
+            cands.push(s..e);
+        }
+    }
+    super::normalize(&mut cands);
+    cands
+}
+
 /// Sink, middle and window of a query block whose first query sits at
 /// `p_first` (the window starts `window` tokens before it).
 fn regions(
@@ -330,7 +349,10 @@ impl HipPolicy {
         }
     }
 
-    /// Run stages `from..` on `cands` for one head.
+    /// Run stages `from..` on `cands` for one head. `prev_last`: the last
+    /// stage's output at its previous run (decode with `successors` > 0),
+    /// whose successors join the last stage's candidates.
+    #[allow(clippy::too_many_arguments)]
     fn stages_from(
         &self,
         req: &SelectRequest<'_>,
@@ -340,11 +362,18 @@ impl HipPolicy {
         middle: &Range<usize>,
         from: usize,
         cands: Vec<Range<usize>>,
+        prev_last: Option<&[Range<usize>]>,
         mut keep: impl FnMut(usize, &[Range<usize>]),
     ) -> Vec<Range<usize>> {
         let d = req.shape.head_dim;
+        let last = self.cfg.stages.len() - 1;
         let mut cur = cands;
         for (i, st) in self.cfg.stages.iter().enumerate().skip(from) {
+            if i == last {
+                if let Some(prev) = prev_last {
+                    cur = with_successors(cur, prev, self.cfg.successors, middle);
+                }
+            }
             let sc = self.scorer(req.kv, head, qs.to_vec(), d, st, middle.end, q_pos);
             cur = run_stage(&sc, &cur, st);
             keep(i, &cur);
@@ -393,7 +422,17 @@ impl HipPolicy {
             } else if fast {
                 hip_fast::select_middle(req.kv, h, &self.cfg.stages, &qs, &reps[h], mid.clone())
             } else {
-                self.stages_from(req, h, &qs, p_last, &mid, 0, vec![mid.clone()], |_, _| {})
+                self.stages_from(
+                    req,
+                    h,
+                    &qs,
+                    p_last,
+                    &mid,
+                    0,
+                    vec![mid.clone()],
+                    None,
+                    |_, _| {},
+                )
             };
             Self::assemble(&sink, kept, &win)
         });
@@ -446,7 +485,9 @@ impl HipPolicy {
                     st.stages[from - 1][h].clone()
                 };
                 let qs = Self::group_queries(req, h, 0, 1, 1);
-                self.stages_from(req, h, &qs, pos, &mid, from, cands, |_, r| {
+                let prev_last = (self.cfg.successors > 0 && !st.stages.is_empty())
+                    .then(|| &st.stages[n_stages - 1][h][..]);
+                self.stages_from(req, h, &qs, pos, &mid, from, cands, prev_last, |_, r| {
                     fresh.push(r.to_vec())
                 })
             };

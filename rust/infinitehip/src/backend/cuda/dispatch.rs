@@ -1594,6 +1594,12 @@ impl HipGpuDecoder {
                 "the GPU path supports original RoPE positions only",
             ));
         }
+        if cfg.successors > 0 {
+            return Err(Error::config(
+                "hip.successors",
+                "CPU policy only: the GPU decode stages do not add successors (use 0 on the GPU)",
+            ));
+        }
         Ok(())
     }
 
