@@ -2,7 +2,8 @@
 //! llama.cpp's cache.
 //!
 //! Two implementations of the same result:
-//! - `attend_run` (default): a run of consecutive query tokens that share a
+//! - `attend_run_moved` (default; `attend_run` without key moves): a run of
+//!   consecutive query tokens that share a
 //!   selection (one hip query block) goes through the selected cells in
 //!   tiles. Each tile's K and V rows are converted to f32 once and used by
 //!   every query row of the run (tokens x the KV head's query group), with an
@@ -137,6 +138,8 @@ pub(crate) fn attend_reference(
 /// Tiled kernel: `q` holds `n_tok` tokens x `grp` rows x `d` (token-major);
 /// token i attends `cells[..visible[i]]` (`visible` non-decreasing is not
 /// required). `out` is laid out as `q`. Tokens with nothing visible get zeros.
+/// The route calls `attend_run_moved`; this form is the tests' entry point.
+#[cfg(test)]
 pub(crate) fn attend_run(
     kv: &HeadKv<'_>,
     q: &[f32],
