@@ -307,6 +307,9 @@ pub struct GpuContext {
     /// `kernels::LAZY_MODULES` loaded so far.
     lazy: Arc<std::sync::Mutex<HashMap<&'static str, Arc<CudaModule>>>>,
     funcs: Arc<std::sync::Mutex<HashMap<String, CudaFunction>>>,
+    /// Dynamic shared-memory limit raised so far per `module/name`
+    /// (`func_smem`).
+    smem: Arc<std::sync::Mutex<HashMap<String, usize>>>,
 }
 
 impl GpuContext {
@@ -363,6 +366,7 @@ impl GpuContext {
             modules: Arc::new(modules),
             lazy: Default::default(),
             funcs: Default::default(),
+            smem: Default::default(),
         })
     }
 
@@ -391,6 +395,7 @@ impl GpuContext {
             modules: self.modules.clone(),
             lazy: self.lazy.clone(),
             funcs: self.funcs.clone(),
+            smem: self.smem.clone(),
         }
     }
 
@@ -412,6 +417,7 @@ impl GpuContext {
             modules: self.modules.clone(),
             lazy: self.lazy.clone(),
             funcs: self.funcs.clone(),
+            smem: self.smem.clone(),
         })
     }
 
@@ -436,6 +442,26 @@ impl GpuContext {
             .map_err(|e| gpu_err(&format!("kernel {name} not found"), e))?;
         f.insert(key, func.clone());
         Ok(func)
+    }
+
+    /// `func`, with its dynamic shared-memory limit raised to at least
+    /// `bytes` (once per function and size, not per launch: the call stays
+    /// out of steady-state steps and graph captures).
+    pub fn func_smem(&self, module: &str, name: &str, bytes: usize) -> Result<CudaFunction> {
+        let f = self.func(module, name)?;
+        if bytes > 48 * 1024 {
+            let key = format!("{module}/{name}");
+            let mut m = self.smem.lock().unwrap();
+            if m.get(&key).is_none_or(|&b| b < bytes) {
+                f.set_attribute(
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+                .map_err(|e| gpu_err(&format!("raise {name} shared memory"), e))?;
+                m.insert(key, bytes);
+            }
+        }
+        Ok(f)
     }
 
     /// A `kernels::LAZY_MODULES` module, compiled (or read from the PTX
