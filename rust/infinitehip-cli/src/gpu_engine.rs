@@ -579,8 +579,154 @@ fn prefill_case(gpu: &GpuContext, seed: u64) -> R<Check> {
 
 /// The engine decode case alone (`gpu-test --engine-decode-only`), with the
 /// seed `checks` gives it.
+/// The engine's hip decode attention, sparse v2 (the default) vs split-K +
+/// combine (the previous path), on the same inputs: two `GpuAttention`s,
+/// one per kernel, three requests (one joining late), steps that refresh
+/// stages and steps that do not; same selections, outputs within the sum of both kernels'
+/// bounds, the sparse output vs the f64 reference over the engine's
+/// selection, and that output further than the bound from the reference
+/// missing one selected token of one head.
+fn engine_sparse_case(gpu: &GpuContext, seed: u64) -> R<Check> {
+    use crate::gpu::STORED_KV_BOUND;
+    use crate::gpu_dense::DENSE_BOUND;
+    use infinitehip::backend::cuda::dispatch::HipAttention;
+    let shape = AttnShape::new(32, 8, 128).map_err(e)?;
+    let hip = small_hip();
+    let cfg = model_cfg(&shape, vec![LayerPolicy::Hip(hip)]);
+    let mut rng = Rng::new(seed);
+    let steps = 10usize;
+    let lens0 = [9000usize, 3001, 20000];
+    let join = [0usize, 2, 0];
+    let full: Vec<usize> = lens0.iter().map(|&l| l + steps).collect();
+    let lay = KvLayout {
+        n_kv_heads: 8,
+        head_dim: 128,
+        page_size: 64,
+    };
+    let pool = random_pool::<bf16>(lay, &full, &mut rng)?;
+    let tp = TokenPool::from_pool(&pool, &full, &mut rng)?;
+    let mut sp = GpuAttention::new(gpu, &cfg).map_err(e)?;
+    sp.set_hip_attention(Some(HipAttention::SparseV2));
+    let mut sk = GpuAttention::new(gpu, &cfg).map_err(e)?;
+    sk.set_hip_attention(Some(HipAttention::SplitCombine));
+    let side = gpu.ctx.new_stream().map_err(e)?;
+    let raw = side.cu_stream() as u64;
+    let g2 = unsafe { gpu.on_stream(raw) };
+    let qe = shape.q_elems();
+    let ekv = tp.engine_kv();
+    let (mut diff, mut worst, mut drop_err) = (0f64, 0f64, f64::INFINITY);
+    let (mut same_sel, mut finite, mut n_cmp) = (true, true, 0usize);
+    let nanmax = |a: f64, b: f64| {
+        if a.is_nan() || b.is_nan() {
+            f64::NAN
+        } else {
+            a.max(b)
+        }
+    };
+    for step in 0..steps {
+        let active: Vec<usize> = (0..full.len()).filter(|&b| step >= join[b]).collect();
+        let lens: Vec<usize> = active.iter().map(|&b| lens0[b] + step - join[b]).collect();
+        let ids: Vec<u64> = active.iter().map(|&b| 700 + b as u64).collect();
+        let nb = active.len();
+        let qb: Vec<bf16> = rng
+            .normal_vec(nb * qe, 1.0)
+            .iter()
+            .map(|&x| bf16::from_f32(x))
+            .collect();
+        let qf: Vec<f32> = qb.iter().map(|x| x.to_f32()).collect();
+        let qd = DevBuf::from_slice(&qb).map_err(e)?;
+        let mut outs = Vec::new();
+        let mut sels = Vec::new();
+        for att in [&mut sp, &mut sk] {
+            let o = DevBuf::alloc(nb * qe * 4).map_err(e)?;
+            o.fill_bytes(0xff).map_err(e)?; // NaN: an unwritten row fails
+            unsafe {
+                att.decode(
+                    raw,
+                    0,
+                    &ekv,
+                    &ids,
+                    &active,
+                    &lens,
+                    &QArg {
+                        ptr: qd.ptr,
+                        dtype: DType::Bf16,
+                        row_stride: qe,
+                    },
+                    &AttnOut {
+                        ptr: o.ptr,
+                        dtype: DType::F32,
+                        row_stride: qe,
+                    },
+                    None,
+                )
+                .map_err(e)?;
+            }
+            g2.synchronize().map_err(e)?;
+            outs.push(o.read::<f32>(nb * qe).map_err(e)?);
+            sels.push(att.last_selection().map_err(e)?);
+        }
+        same_sel &= sels[0] == sels[1];
+        finite &= outs.iter().all(|o| o.iter().all(|x| x.is_finite()));
+        for i in 0..nb {
+            let (a, b) = (
+                &outs[0][i * qe..(i + 1) * qe],
+                &outs[1][i * qe..(i + 1) * qe],
+            );
+            let b64: Vec<f64> = b.iter().map(|&x| x as f64).collect();
+            diff = nanmax(diff, rel_error(a, &b64));
+            n_cmp += 1;
+        }
+        // f64 over the engine's selection, sampled (slow); the dropped
+        // token on the longest request at the last step.
+        if step % 3 == 0 || step == steps - 1 {
+            for (i, &b) in active.iter().enumerate() {
+                let view = pool.view(b as u64).map_err(e)?;
+                let q1 = &qf[i * qe..(i + 1) * qe];
+                let r = ref_f64(&shape, q1, &view, Some(&sels[0][i]));
+                worst = nanmax(worst, rel_error(&outs[0][i * qe..(i + 1) * qe], &r));
+                if step == steps - 1 && lens[i] == *lens.iter().max().unwrap() {
+                    let toks: Vec<usize> =
+                        sels[0][i].heads[0].iter().flat_map(|r| r.clone()).collect();
+                    let t = toks[rng.below(toks.len())];
+                    let mut heads = sels[0][i].heads.clone();
+                    heads[0] = heads[0]
+                        .iter()
+                        .flat_map(|r| {
+                            [
+                                r.start..t.clamp(r.start, r.end),
+                                (t + 1).clamp(r.start, r.end)..r.end,
+                            ]
+                        })
+                        .filter(|r| !r.is_empty())
+                        .collect();
+                    let sel = Selection::from_ranges(heads);
+                    let r = ref_f64(&shape, q1, &view, Some(&sel));
+                    drop_err = rel_error(&outs[0][i * qe..(i + 1) * qe], &r);
+                }
+            }
+        }
+    }
+    let bound = DENSE_BOUND + STORED_KV_BOUND;
+    Ok(Check {
+        name: "engine GpuAttention hip decode: sparse v2 (default) == split-K + combine, same inputs".into(),
+        ok: same_sel
+            && finite
+            && n_cmp > 0
+            && diff <= bound
+            && worst <= DENSE_BOUND
+            && drop_err > DENSE_BOUND,
+        detail: format!(
+            "same selections {same_sel}; sparse vs split-K rel diff {diff:.2e} over {n_cmp} request-steps (bound {bound:.0e}); \
+             sparse vs f64 over the selection {worst:.2e} (bound {DENSE_BOUND:.0e}); one dropped token {drop_err:.2e} (must exceed); finite {finite}"
+        ),
+    })
+}
+
 pub(crate) fn decode_checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
-    engine_case(gpu, seed + 600)
+    let mut v = engine_case(gpu, seed + 600)?;
+    v.push(engine_sparse_case(gpu, seed + 650)?);
+    Ok(v)
 }
 
 pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
@@ -589,7 +735,7 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
         let shape = AttnShape::new(hq, hkv, d).map_err(e)?;
         v.push(borrowed_case(gpu, shape, seed + 500 + i as u64)?);
     }
-    v.extend(engine_case(gpu, seed + 600)?);
+    v.extend(decode_checks(gpu, seed)?);
     v.push(prefill_case(gpu, seed + 700)?);
     Ok(v)
 }

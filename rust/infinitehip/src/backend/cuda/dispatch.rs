@@ -1659,7 +1659,8 @@ pub(crate) struct StageBuf {
     pub cap: usize,
 }
 
-/// Which kernel `HipGpuDecoder` attends with.
+/// Which kernel `HipGpuDecoder` (and `GpuAttention`'s hip layers, see
+/// `set_hip_attention`) attends with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HipAttention {
     /// kernels/decode_dense_v2.cu `hip_sparse_*` (the default): one
@@ -1669,7 +1670,7 @@ pub enum HipAttention {
     /// on the H200 (tests/gpu/logs/gpu14-2026-12-04/run2/).
     SparseV2 = 0,
     /// kernels/decode.cu split-K partials + combine over the ranges (the
-    /// previous default; the engine path's hip layers still attend so).
+    /// previous default, of the engine path's hip layers too).
     SplitCombine = 1,
 }
 

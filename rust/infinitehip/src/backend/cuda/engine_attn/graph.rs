@@ -28,10 +28,12 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::super::dense_decode::{launch_dense, split_tokens, DenseDecodeWs};
+use super::super::dense_decode::{
+    launch_dense, launch_v2, sparse_split, split_tokens, DenseDecodeWs, V2Src,
+};
 use super::super::dispatch::{
     assemble_rows, launch_attention_ex, run_stages, AttnOut, DecodeWorkspace, DeviceSelection,
-    StageBuf, StageInputs,
+    HipAttention, StageBuf, StageInputs, TabOut,
 };
 use super::super::{gpu_err, DevBuf, GpuContext};
 use super::{i32_of, to_f32, EngineKv, GpuAttention, Layer, QArg};
@@ -84,6 +86,13 @@ pub(super) struct GraphState {
     sel_cap: usize,
     ws: DecodeWorkspace,
     dense_ws: DenseDecodeWs,
+    /// Sparse v2 attention of hip layers: position tables i32
+    /// `[max_bs * hkv][tab_cap]` (the largest hip layer's), their counts
+    /// `[max_bs * hkv]`, and the split scratch (sized for every batch).
+    tab: DevBuf,
+    ntab: DevBuf,
+    tab_cap: usize,
+    sparse_ws: DenseDecodeWs,
     /// i32 `[hip layers][n_rows][4]` (see kernels/graph_step.cu).
     row_state: DevBuf,
     n_hip: usize,
@@ -102,7 +111,14 @@ fn slid_cap(cfg: &HipConfig) -> usize {
     4 * cfg.stages[0].refresh_interval.max(1)
 }
 
-/// Split of the hip attention launch (fixed per batch size).
+/// Split of the sparse v2 hip attention launch (fixed per batch size:
+/// about one wave of 3 CTAs per SM, the kernel's occupancy at one chunk per
+/// iteration; `u` chunks per iteration).
+fn sparse_attn_split(sm: usize, bs: usize, hkv: usize, max_tokens: usize, u: usize) -> usize {
+    sparse_split(3 * sm, bs * hkv, max_tokens, u)
+}
+
+/// Split of the split-K hip attention launch (fixed per batch size).
 fn attn_split(sm: usize, bs: usize, hkv: usize, max_tokens: usize) -> usize {
     let want = (4 * sm).div_ceil(bs * hkv).max(1);
     max_tokens.div_ceil(want).next_multiple_of(128).max(128)
@@ -179,6 +195,9 @@ impl GpuAttention {
         let mut keys_slots = 1usize;
         let mut sel_cap = 1usize;
         let mut attn_rows = 1usize;
+        let mut tab_cap = 1usize;
+        let mut sparse_rows = 1usize;
+        let u_sp = super::super::kernels::dense_chunks(d)[0];
         let mut n_hip = 0usize;
         let mut store = Vec::new();
         for layer in &self.layers {
@@ -200,9 +219,12 @@ impl GpuAttention {
             }
             sel_cap = sel_cap.max(h.caps.last().unwrap() + 3);
             let bound = hip_bound(&h.cfg, &h.caps, cap_tokens);
+            tab_cap = tab_cap.max(h.tab_cap());
             for bs in 1..=max_bs {
                 let sp = attn_split(sm, bs, hkv, bound);
                 attn_rows = attn_rows.max(bs * hq * bound.div_ceil(sp).max(1));
+                let sp = sparse_attn_split(sm, bs, hkv, bound, u_sp);
+                sparse_rows = sparse_rows.max(bs * hq * bound.div_ceil(sp).max(1));
             }
             let mut stages = Vec::new();
             for &cap in &h.caps {
@@ -242,7 +264,9 @@ impl GpuAttention {
             dense_rows = dense_rows.max(bs * hq * cap_tokens.div_ceil(sp).max(1));
         }
         dense_ws.ensure(dense_rows, rows_n, d)?;
-        total += (attn_rows + dense_rows) * (d + 2) * 4;
+        let mut sparse_ws = DenseDecodeWs::new();
+        sparse_ws.ensure(sparse_rows, rows_n, d)?;
+        total += (attn_rows + dense_rows + sparse_rows) * (d + 2) * 4;
         let g = GraphState {
             max_bs,
             n_rows,
@@ -266,6 +290,10 @@ impl GpuAttention {
             sel_cap,
             ws,
             dense_ws,
+            tab: alloc(rows_n * tab_cap * 4, &mut total)?,
+            ntab: alloc(rows_n * 4, &mut total)?,
+            tab_cap,
+            sparse_ws,
             row_state,
             n_hip,
             store,
@@ -491,8 +519,51 @@ impl GpuAttention {
             max_tokens: 0,
         };
         debug_assert!(cap <= g.sel_cap);
-        assemble_rows(&gpu, &pos[n - 1], g.extra.ptr, hkv, rows_n, &sel, 0, None)?;
+        // Sparse v2 (the default, `set_hip_attention`): the assembly also
+        // writes each row's sink + chunk position table; the kernel reads
+        // the slid + window tail from `extra` (gs_meta's, every step).
+        let sparse = self
+            .hip_attn
+            .unwrap_or_else(super::super::dispatch::attention)
+            == HipAttention::SparseV2;
+        let tab_cap = h.tab_cap();
+        debug_assert!(tab_cap <= g.tab_cap);
+        let tab = sparse.then_some(TabOut {
+            tab: g.tab.ptr,
+            cap: tab_cap,
+            ntab: g.ntab.ptr,
+            gate: 0,
+            n_stages: n,
+            tab_sink: 0,
+        });
+        assemble_rows(&gpu, &pos[n - 1], g.extra.ptr, hkv, rows_n, &sel, 0, tab)?;
         let bound = hip_bound(&h.cfg, &h.caps, g.cap_tokens);
+        if sparse {
+            // Split fixed per batch size and the scratch sized for it in
+            // prepare_graph: the launch allocates nothing (capturable).
+            let u = super::super::kernels::dense_chunks(self.shape.head_dim)[0];
+            let sp = sparse_attn_split(gpu.sm_count, bs, hkv, bound, u);
+            return launch_v2(
+                &gpu,
+                &mut g.sparse_ws,
+                &shape,
+                kv.ptrs(),
+                dkv.strides(),
+                g.qf.ptr,
+                bs,
+                V2Src::Sparse {
+                    tab: g.tab.ptr,
+                    tab_stride: tab_cap,
+                    ntab: g.ntab.ptr,
+                    extra: g.extra.ptr,
+                },
+                g.rows.ptr,
+                bound,
+                Some(sp),
+                Some(u),
+                *out,
+            );
+        }
         let sp = attn_split(gpu.sm_count, bs, hkv, bound);
         launch_attention_ex(
             &gpu,

@@ -46,6 +46,11 @@ impl HipLayer {
         }
         Ok(())
     }
+    /// Entries of a row's sparse v2 position table: the sink and the last
+    /// stage's chunks (as `HipGpuDecoder`'s).
+    pub fn tab_cap(&self) -> usize {
+        self.cfg.sink + self.caps.last().unwrap() * self.cfg.stages.last().unwrap().chunk_size
+    }
     #[allow(clippy::manual_is_multiple_of)] // MSRV 1.80
     pub fn refresh_from(&self, slot: usize) -> usize {
         let step = self.step[slot];

@@ -266,7 +266,9 @@ impl GpuAttention {
         self.convert_q(&gpu, q, b, mul)?;
         let rows: Vec<i32> = (0..b as i32).collect();
         t.est.wait_admission(&gpu)?;
-        let (sel, max_tokens) = self.hip_select(
+        // The host tier attends over the cache cells of the selection's
+        // ranges (read to the host below), not the sparse v2 tables.
+        let (sel, max_tokens, _) = self.hip_select(
             &gpu,
             layer,
             &t.est.kv,
@@ -274,6 +276,7 @@ impl GpuAttention {
             &rows,
             lens,
             "hip_mask_host",
+            false,
         )?;
         let es = t.est.finish(&gpu)?;
         if b * max_tokens > cfg.cache_cells {

@@ -22,7 +22,15 @@
 //!   `end_request`) refreshes every stage; later steps follow its own
 //!   refresh schedule (as `HipGpuDecoder`, batch 1). Mask estimation is
 //!   launched per request (pointer offsets into the batch); the attention of
-//!   the whole batch (mixed lengths) is one launch.
+//!   the whole batch (mixed lengths) is one launch: by default the sparse v2
+//!   kernel (kernels/decode_dense_v2.cu `hip_sparse_*`, as `HipGpuDecoder`:
+//!   the assembly also writes each row's sink + chunk position table, the
+//!   slid + window tail comes from the step's regions), or split-K partials
+//!   + combine over the selection ranges (`set_hip_attention`, or
+//!   `dispatch::force_attention`; the previous path, same selection). No
+//!   lean steps here (`HipGpuDecoder::set_lean`): the tables live in a
+//!   per-call buffer (host path) or per batch position (graph path), not per
+//!   request, so every step assembles them (one small launch per request).
 //! - squeeze: prefill dense (the prompt's own queries, as on the CPU) while
 //!   the observation window's queries are kept on the device; the first
 //!   decode seals the prefix (the one host sync: keys read back once,
@@ -61,11 +69,11 @@ use std::collections::HashMap;
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::dense_decode::{launch_dense, DenseDecodeWs};
+use super::dense_decode::{launch_dense, launch_v2, DenseDecodeWs, V2Src};
 use super::dispatch::HipGpuPrefill;
 use super::dispatch::{
     assemble_rows, launch_attention_ex, regions, run_stages, AttnOut, DecodeWorkspace, DeviceKv,
-    DeviceSelection, HipGpuDecoder, KvPtrs, StageBuf, StageInputs,
+    DeviceSelection, HipAttention, HipGpuDecoder, KvPtrs, StageBuf, StageInputs, TabOut,
 };
 use super::hip_fast::MaskEstimator;
 use super::{gpu_err, kernels, DevBuf, GpuContext};
@@ -165,6 +173,15 @@ pub struct GpuAttention {
     ws: DecodeWorkspace,
     /// Split-K scratch of the dense decode kernel (dense layers).
     dense_ws: DenseDecodeWs,
+    /// hip layers' decode attention (None: `dispatch::attention()`, the
+    /// sparse v2 kernel unless forced): `set_hip_attention`.
+    hip_attn: Option<HipAttention>,
+    /// Split scratch of the sparse v2 attention (hip layers).
+    sparse_ws: DenseDecodeWs,
+    /// Sparse v2 position tables (sink + last stage's chunks) of the
+    /// host-metadata hip decode: i32 `[b * hkv][tab_cap]`, and counts.
+    tab: DevBuf,
+    ntab: DevBuf,
     qf: DevBuf,
     up: DevBuf,
     sel_ranges: DevBuf,
@@ -357,6 +374,10 @@ impl GpuAttention {
             n_slots: 0,
             ws: DecodeWorkspace::new(),
             dense_ws: DenseDecodeWs::new(),
+            hip_attn: None,
+            sparse_ws: DenseDecodeWs::new(),
+            tab: DevBuf::null(),
+            ntab: DevBuf::null(),
             qf: DevBuf::null(),
             up: DevBuf::null(),
             sel_ranges: DevBuf::null(),
@@ -379,6 +400,24 @@ impl GpuAttention {
 
     pub fn n_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// The decode attention of hip layers (`decode` and `decode_graph`):
+    /// `Some(HipAttention::SparseV2)` the sparse v2 kernel of
+    /// kernels/decode_dense_v2.cu over the sink + chunk position table and
+    /// the slid + window tail (one launch; what `HipGpuDecoder` attends
+    /// with), `Some(HipAttention::SplitCombine)` the previous split-K
+    /// partials + combine over the selection ranges, None (the default)
+    /// whatever `dispatch::attention()` says (`force_attention`; sparse v2
+    /// unless forced). The selection is the same either way. Set it before
+    /// capturing a graph: a captured step keeps the kernel it recorded.
+    pub fn set_hip_attention(&mut self, a: Option<HipAttention>) {
+        self.hip_attn = a;
+    }
+
+    /// The hip layers' decode attention now (`set_hip_attention`).
+    pub fn hip_attention(&self) -> HipAttention {
+        self.hip_attn.unwrap_or_else(super::dispatch::attention)
     }
 
     /// "dense", "hip", "squeeze" or "lazy" for `layer`.
@@ -810,7 +849,42 @@ impl GpuAttention {
             self.dense_ws = ws;
             return r;
         } else {
-            self.hip_select(&gpu, layer, &dkv, req_ids, &rows, lens, "hip_mask")?
+            let sparse = self.hip_attention() == HipAttention::SparseV2;
+            let (sel, bound, ex) =
+                self.hip_select(&gpu, layer, &dkv, req_ids, &rows, lens, "hip_mask", sparse)?;
+            if sparse {
+                // kernels/decode_dense_v2.cu hip_sparse: the position
+                // tables hip_select assembled, the tail from the regions at
+                // `ex` ([b][3] int2), table rows at `self.up`.
+                let Layer::Hip(h) = &self.layers[layer] else {
+                    unreachable!()
+                };
+                let tab_cap = h.tab_cap();
+                let mut ws = std::mem::take(&mut self.sparse_ws);
+                let r = launch_v2(
+                    &gpu,
+                    &mut ws,
+                    &shape,
+                    kv.ptrs(),
+                    dkv.strides(),
+                    self.qf.ptr,
+                    b,
+                    V2Src::Sparse {
+                        tab: self.tab.ptr,
+                        tab_stride: tab_cap,
+                        ntab: self.ntab.ptr,
+                        extra: ex,
+                    },
+                    self.up.ptr,
+                    bound.max(1),
+                    None,
+                    None,
+                    *out,
+                );
+                self.sparse_ws = ws;
+                return r;
+            }
+            (sel, bound)
         };
         let q_seq = self.up.ptr;
         let mut ws = std::mem::take(&mut self.ws);
@@ -1257,7 +1331,10 @@ impl GpuAttention {
         // "hip_mask", or "hip_mask_host" (keys through the estimation row
         // cache of `dkv`, see `host_tier`)
         module: &'static str,
-    ) -> Result<(DeviceSelection, usize)> {
+        // Also assemble the sparse v2 position tables (`self.tab`,
+        // `self.ntab`, rows `b * hkv` of the layer's `tab_cap`).
+        sparse: bool,
+    ) -> Result<(DeviceSelection, usize, u64)> {
         let b = req_ids.len();
         let hkv = self.shape.n_kv_heads;
         let g = self.shape.group();
@@ -1277,11 +1354,13 @@ impl GpuAttention {
         let n = cfg.stages.len();
         let last_cap = *h.caps.last().unwrap();
         let last_keep = last_cap * cfg.stages.last().unwrap().chunk_size;
-        // Host upload: [rows b] then per request [mids hkv x 2][extra 6],
-        // 4-int aligned.
-        let per = (hkv * 2 + 6).next_multiple_of(4);
+        // Host upload: [rows b], per request [mids hkv x 2] (4-int
+        // aligned), then [extra 6] per request, contiguous (the sparse v2
+        // attention reads them as [b][3] int2).
+        let per = (hkv * 2).next_multiple_of(4);
         let head = b.next_multiple_of(4);
-        let mut host = vec![0i32; head + b * per];
+        let ex0 = head + b * per;
+        let mut host = vec![0i32; ex0 + b * 6];
         host[..b].copy_from_slice(rows);
         let mut froms = Vec::with_capacity(b);
         let mut e0s = Vec::with_capacity(b);
@@ -1300,7 +1379,7 @@ impl GpuAttention {
                 host[o + 2 * hh] = mid.start as i32;
                 host[o + 2 * hh + 1] = mid.end as i32;
             }
-            let x = o + 2 * hkv;
+            let x = ex0 + 6 * i;
             for (j, r) in [sink, slid, win].into_iter().enumerate() {
                 host[x + 2 * j] = r.start as i32;
                 host[x + 2 * j + 1] = r.end as i32;
@@ -1323,6 +1402,12 @@ impl GpuAttention {
             self.keys = DevBuf::alloc(slots_need * 4)?;
             self.keys_cap = slots_need;
         }
+        let tab_cap = h.tab_cap();
+        if sparse {
+            grow(&mut self.tab, b * hkv * tab_cap * 4)?;
+            grow(&mut self.ntab, b * hkv * 4)?;
+        }
+        let (tab0, ntab0) = (self.tab.ptr, self.ntab.ptr);
         // sel_view borrows self mutably: compute it before the loop.
         let sel = {
             let rows_n = b * hkv;
@@ -1365,21 +1450,29 @@ impl GpuAttention {
                 };
                 run_stages(gpu, dkv, &h.cfg, &stages, froms[i], &x)?;
             }
+            let tab = sparse.then(|| TabOut {
+                tab: tab0 + (i * hkv * tab_cap * 4) as u64,
+                cap: tab_cap,
+                ntab: ntab0 + (i * hkv * 4) as u64,
+                gate: 0,
+                n_stages: n,
+                tab_sink: 0,
+            });
             assemble_rows(
                 gpu,
                 stages.last().unwrap(),
-                up + o + (2 * hkv * 4) as u64,
+                up + ((ex0 + 6 * i) * 4) as u64,
                 hkv,
                 hkv,
                 &sel,
                 i * hkv,
-                None,
+                tab,
             )?;
             h.step[s] += 1;
         }
         self.sel_rows = b * hkv;
         self.sel_cap = last_cap + 3;
-        Ok((sel, bound))
+        Ok((sel, bound, up + (ex0 * 4) as u64))
     }
 
     /// Dense causal attention of new tokens (chunked prefill / extend):
