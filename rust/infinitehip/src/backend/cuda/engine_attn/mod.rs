@@ -26,7 +26,7 @@
 //!   kernel (kernels/decode_dense_v2.cu `hip_sparse_*`, as `HipGpuDecoder`:
 //!   the assembly also writes each row's sink + chunk position table, the
 //!   slid + window tail comes from the step's regions), or split-K partials
-//!   + combine over the selection ranges (`set_hip_attention`, or
+//!   and combine over the selection ranges (`set_hip_attention`, or
 //!   `dispatch::force_attention`; the previous path, same selection). No
 //!   lean steps here (`HipGpuDecoder::set_lean`): the tables live in a
 //!   per-call buffer (host path) or per batch position (graph path), not per
