@@ -293,7 +293,11 @@ fn covering_budget_equals_dense_and_dropping_a_token_fails() {
     let sel = decode_select(&mut pol, shape, &q, &kv, n - 1);
     assert_eq!(sel.heads.len(), g * hk);
     for hq in 0..g * hk {
-        assert_eq!(sel.q_head_ranges(hq, g * hk), vec![0..n], "q head {hq} covers");
+        assert_eq!(
+            sel.q_head_ranges(hq, g * hk),
+            vec![0..n],
+            "q head {hq} covers"
+        );
     }
     // Dense: the kernel over the covering selection vs f64 dense.
     let mut out = vec![f32::NAN; q.len()];
