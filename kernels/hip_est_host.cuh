@@ -23,7 +23,50 @@ struct EstCache {
     u32 stage_cap;                  // staged rows: the first stage_cap misses
     unsigned char* ref;             // per slot: read since the host's last sweep
     u16* miss_rows;                 // [miss_cap][D] staged copies of missed rows, or null
+    u32 fetch_warp;                 // 1: a full warp stages its missed rows together (coalesced)
+    u32 pad_;
 };
+
+// The warp's staged misses fetched together (fetch_warp, full warps only):
+// NV = D/8 lanes read one row's 16-byte vectors side by side, so each load
+// instruction moves 32 / NV whole rows (512 contiguous bytes per two rows at
+// D = 128) instead of 32 scattered 16-byte pieces, and all of the warp's
+// loads are in flight before the first store. `need`: lanes whose miss is
+// staged at staging index `si` from host row `row`. Bits equal the
+// per-thread copy's (same source row, same destination).
+template <int D>
+__device__ __forceinline__ void est_fetch_warp(const uint4* __restrict__ host, uint4* __restrict__ stage,
+                                               u32 row, u32 si, unsigned need, int lane) {
+    constexpr int NV = D / 8;
+    constexpr int R = NV >= 32 ? 1 : 32 / NV;  // rows per warp-wide load
+    constexpr int K = 32 / R;                  // loads per lane for 32 rows
+    const int nm = __popc(need);
+    // Lane L learns the host row and staging index of the warp's L-th miss.
+    unsigned x = need;
+    for (int t = 0; t < lane && x; t++) x &= x - 1u;
+    const int src = x ? __ffs(x) - 1 : 0;
+    const u32 row_l = __shfl_sync(0xffffffffu, row, src);
+    const u32 si_l = __shfl_sync(0xffffffffu, si, src);
+    const int c = lane % NV, r0 = lane / NV;
+    constexpr int G = K < 16 ? K : 16;  // loads in flight per lane (registers: 4 G)
+#pragma unroll 1
+    for (int k0 = 0; k0 < K && k0 * R < nm; k0 += G) {
+        uint4 b[G];
+#pragma unroll
+        for (int k = 0; k < G; k++) {
+            const int m = r0 + (k0 + k) * R;
+            const u32 rr = __shfl_sync(0xffffffffu, row_l, m & 31);
+            if (m < nm) b[k] = host[(long long)rr * NV + c];
+        }
+#pragma unroll
+        for (int k = 0; k < G; k++) {
+            const int m = r0 + (k0 + k) * R;
+            const u32 ss = __shfl_sync(0xffffffffu, si_l, m & 31);
+            if (m < nm) stage[(long long)ss * NV + c] = b[k];
+        }
+    }
+    __syncwarp();
+}
 
 // Copy one row host -> device staging with all of its 16-byte loads in
 // flight together (chunks of 8 vectors), instead of the scoring loop's few
@@ -41,8 +84,9 @@ __device__ __forceinline__ void est_stage_row(const uint4* __restrict__ src, uin
     }
 }
 
+template <int D>
 __device__ __forceinline__ const u16* est_key_row(const u16* kp, const int* trow, int t, int h,
-                                                  int hkv, int ps, int D) {
+                                                  int hkv, int ps) {
     const EstCache* ec = reinterpret_cast<const EstCache*>(kp);
     const u32 row = ((u32)trow[t / ps] * (u32)hkv + (u32)h) * (u32)ps + (u32)(t % ps);
     u32 b = (row * 2654435761u) >> ec->map_shift;
@@ -71,10 +115,7 @@ __device__ __forceinline__ const u16* est_key_row(const u16* kp, const int* trow
         }
     }
     base = __shfl_sync(mask, base, leader);
-    if (slot >= 0) {
-        ec->ref[slot] = 1;
-        return ec->arena + (long long)slot * D;
-    }
+    if (slot >= 0) ec->ref[slot] = 1;
     const u32 i = base + (u32)__popc(mm & ((1u << lane) - 1u));
     const u16* src = ec->host_k + (long long)row * D;
     // Past the list's end, the part after the staged prefix is a ring: a
@@ -84,13 +125,20 @@ __device__ __forceinline__ const u16* est_key_row(const u16* kp, const int* trow
     u32 p = i;
     if (i >= ec->miss_cap && ec->miss_cap > ec->stage_cap)
         p = ec->stage_cap + (i - ec->stage_cap) % (ec->miss_cap - ec->stage_cap);
-    if (p < ec->miss_cap) {
-        ec->miss_list[p] = row;
-        if (ec->miss_rows && i < ec->stage_cap) {
-            u16* dst = ec->miss_rows + (long long)i * D;
-            est_stage_row(reinterpret_cast<const uint4*>(src), reinterpret_cast<uint4*>(dst), D / 8);
-            return dst;
-        }
+    const bool logged = slot < 0 && p < ec->miss_cap;
+    if (logged) ec->miss_list[p] = row;
+    const bool staged = logged && ec->miss_rows && i < ec->stage_cap;
+    if (ec->fetch_warp && mask == 0xffffffffu) {
+        const unsigned need = __ballot_sync(mask, staged);
+        if (need)
+            est_fetch_warp<D>(reinterpret_cast<const uint4*>(ec->host_k), reinterpret_cast<uint4*>(ec->miss_rows),
+                              row, i, need, lane);
+        if (staged) return ec->miss_rows + (long long)i * D;
+    } else if (staged) {
+        u16* dst = ec->miss_rows + (long long)i * D;
+        est_stage_row(reinterpret_cast<const uint4*>(src), reinterpret_cast<uint4*>(dst), D / 8);
+        return dst;
     }
+    if (slot >= 0) return ec->arena + (long long)slot * D;
     return src;
 }

@@ -26,7 +26,7 @@ __device__ __forceinline__ float probe(const u16* __restrict__ kp, const int* tr
                                        int hkv, int ps, long long pst, long long hst, const float* sq, int nq,
                                        int jl, unsigned gmask) {
 #ifdef HIP_EST_HOST
-    const u16* kr = est_key_row(kp, trow, t, h, hkv, ps, D);  // kp: EstCache (hip_est_host.cuh)
+    const u16* kr = est_key_row<D>(kp, trow, t, h, hkv, ps);  // kp: EstCache (hip_est_host.cuh)
 #else
     const u16* kr = kp + kv_row(trow, t, h, ps, D, pst, hst);
 #endif

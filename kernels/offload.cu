@@ -203,6 +203,42 @@ __device__ __forceinline__ int cta_excl_scan(int v, int* total) {
     return excl;
 }
 
+// Copy one head block (K and V, `bv` 16-byte vectors each) host -> slot.
+// unrolled: four iterations' loads (8 vectors per thread) in flight before
+// the first store, instead of two (the plain loop). Same bits either way.
+__device__ __forceinline__ void copy_block(const uint4* __restrict__ hk, const uint4* __restrict__ hv,
+                                           uint4* __restrict__ sk, uint4* __restrict__ sv, long long src,
+                                           long long dst, int bv, bool unrolled) {
+    if (!unrolled) {
+        for (int e = threadIdx.x; e < bv; e += blockDim.x) {
+            const uint4 a = hk[src + e];
+            const uint4 b = hv[src + e];
+            sk[dst + e] = a;
+            sv[dst + e] = b;
+        }
+        return;
+    }
+    for (int e0 = threadIdx.x; e0 < bv; e0 += 4 * blockDim.x) {
+        uint4 a[4], b[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int e = e0 + u * blockDim.x;
+            if (e < bv) {
+                a[u] = hk[src + e];
+                b[u] = hv[src + e];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int e = e0 + u * blockDim.x;
+            if (e < bv) {
+                sk[dst + e] = a[u];
+                sv[dst + e] = b[u];
+            }
+        }
+    }
+}
+
 // ---- Device page cache (offload.rs, PagePolicy::Device). The policy runs
 // on the device from the device selection (no read-back): pc_walk(mode 0)
 // marks the step's head blocks (dedup by a per-block step stamp), hits set
@@ -229,16 +265,9 @@ extern "C" __global__ void pc_walk(int mode, const int* __restrict__ ranges, con
     if (r >= n_walk) {
         // mode 1, copy CTAs: the step's fills (miss[i] -> victim[i]).
         const int nf = (int)ctr[3];
-        for (int i = r - n_walk; i < nf; i += gridDim.x - n_walk) {
-            const long long src = (long long)miss[i] * block_vec;
-            const long long dst = (long long)victim[i] * block_vec;
-            for (int e = threadIdx.x; e < block_vec; e += blockDim.x) {
-                const uint4 a = hk[src + e];
-                const uint4 b = hv[src + e];
-                sk[dst + e] = a;
-                sv[dst + e] = b;
-            }
-        }
+        for (int i = r - n_walk; i < nf; i += gridDim.x - n_walk)
+            copy_block(hk, hv, sk, sv, (long long)miss[i] * block_vec, (long long)victim[i] * block_vec,
+                       block_vec, true);
         return;
     }
     int b, h, n;
@@ -613,4 +642,58 @@ extern "C" __global__ void ea_rebuild(const unsigned* __restrict__ holder, int c
     counters[0] = 0;
     counters[1] = 0;
     counters[2] = 0;
+}
+
+// ---- Bus probes (bench-gpu-offload --bus): the copy patterns above on
+// their own, timed against a DMA copy (cuMemcpyHtoDAsync) of the same bytes.
+// bus_rows: gather n host rows (row ids `rows`, row_vec 16-byte vectors)
+// into dst[i]. warp 0: one thread per row, 8 vectors in flight
+// (est_stage_row's pattern); warp 1: row_vec lanes per row side by side, 16
+// loads in flight per lane (est_fetch_warp's pattern).
+extern "C" __global__ void bus_rows(const uint4* __restrict__ host, uint4* __restrict__ dst,
+                                    const unsigned* __restrict__ rows, int n, int row_vec, int warp) {
+    if (!warp) {
+        for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+             i += (long long)gridDim.x * blockDim.x) {
+            const uint4* s = host + (long long)rows[i] * row_vec;
+            uint4* d = dst + i * row_vec;
+            for (int c0 = 0; c0 < row_vec; c0 += 8) {
+                uint4 b[8];
+#pragma unroll
+                for (int k = 0; k < 8; k++)
+                    if (c0 + k < row_vec) b[k] = s[c0 + k];
+#pragma unroll
+                for (int k = 0; k < 8; k++)
+                    if (c0 + k < row_vec) d[c0 + k] = b[k];
+            }
+        }
+        return;
+    }
+    const int lane = threadIdx.x & 31;
+    const int R = row_vec >= 32 ? 1 : 32 / row_vec;
+    const int c = lane % row_vec, r0 = lane / row_vec;
+    const long long nw = ((long long)gridDim.x * blockDim.x) >> 5;
+    for (long long w0 = ((blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5) * 32; w0 < n; w0 += nw * 32) {
+        const int nm = (int)min(32LL, n - w0);
+        uint4 b[16];
+#pragma unroll
+        for (int k = 0; k < 16; k++) {
+            const int m = r0 + k * R;
+            if (m < nm && m < 32) b[k] = host[(long long)rows[w0 + m] * row_vec + c];
+        }
+#pragma unroll
+        for (int k = 0; k < 16; k++) {
+            const int m = r0 + k * R;
+            if (m < nm && m < 32) dst[(w0 + m) * row_vec + c] = b[k];
+        }
+    }
+}
+
+// bus_blocks: copy n head blocks (K and V) host -> slots as pc_walk's copy
+// CTAs do: list[i] -> slot i, plain or unrolled loop.
+extern "C" __global__ void bus_blocks(const uint4* __restrict__ hk, const uint4* __restrict__ hv,
+                                      uint4* __restrict__ sk, uint4* __restrict__ sv,
+                                      const int* __restrict__ list, int n, int bv, int unrolled) {
+    for (int i = blockIdx.x; i < n; i += gridDim.x)
+        copy_block(hk, hv, sk, sv, (long long)list[i] * bv, (long long)i * bv, bv, unrolled != 0);
 }

@@ -683,6 +683,26 @@ impl LlamaPlugin {
         &self.cfg
     }
 
+    /// Routes that keep one mask per KV head (the CUDA routes: llama.cpp's
+    /// sparse mask sized per KV head, our GPU decoders) refuse hip's
+    /// `per_q_head` (CPU route only) with this error.
+    pub(crate) fn refuse_per_q_head(&self, route: &str) -> Result<()> {
+        for l in 0..self.cfg.model.n_layers {
+            if let LayerPolicy::Hip(h) = self.cfg.layer_policy(l) {
+                if h.per_q_head {
+                    return Err(Error::config(
+                        format!("layer {l} hip.per_q_head"),
+                        format!(
+                            "{route}: per-q-head decode selection runs on the CPU route only; \
+                             use false on a GPU KV cache"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Routes that hand attention to llama.cpp's kernels (the CUDA routes)
     /// cannot move positions: they refuse hip's RoPE modes with this error.
     pub(crate) fn refuse_rope_modes(&self, route: &str) -> Result<()> {
@@ -977,10 +997,12 @@ impl LlamaPlugin {
                     }
                 }
                 for sel in &sels {
-                    if sel.heads.len() != g.n_kv_heads {
+                    // One range list per KV head, or (hip `per_q_head`)
+                    // one per q head: `attend` handles both.
+                    if sel.heads.len() != g.n_kv_heads && sel.heads.len() != g.n_head {
                         return Err(Error::shape(
-                            "policy selection heads",
-                            g.n_kv_heads,
+                            "policy selection heads (per KV head or per q head)",
+                            format!("{} or {}", g.n_kv_heads, g.n_head),
                             sel.heads.len(),
                         ));
                     }
@@ -1094,6 +1116,8 @@ impl LlamaPlugin {
             let mut qruns: Vec<f32> = Vec::new();
             let mut runs: Vec<usize> = Vec::new();
             let mut toks: Vec<(u32, f32)> = Vec::new();
+            // Counted per (query token, q head), so one list per KV head and
+            // one per q head (hip `per_q_head`) weigh the same.
             let (mut attended, mut context) = (0u64, 0u64);
             let nkh = g.n_kv_heads;
             let reference = use_reference();
@@ -1115,7 +1139,7 @@ impl LlamaPlugin {
                                 q_pos,
                                 sel_of,
                                 sels,
-                            } if !reference => {
+                            } => {
                                 // the run: same stream and selection, at most MAX_RUN tokens
                                 let sel = sel_of[t];
                                 let mut t_end = t + 1;
@@ -1126,68 +1150,58 @@ impl LlamaPlugin {
                                 {
                                     t_end += 1;
                                 }
-                                run.gather(
-                                    &inp,
-                                    s,
-                                    h,
-                                    grp,
-                                    t..t_end,
-                                    q_pos,
-                                    cells,
-                                    &sels[sel as usize].heads[h],
-                                    streaming.as_ref().map(|(r, tb)| (*r, &tb[..])),
-                                );
-                                let mv = streaming.as_ref().map(|(rope, table)| KeyMove {
-                                    rope,
-                                    table,
-                                    shift: &run.kshift,
-                                });
-                                attend_run_moved(
-                                    &kv,
-                                    &run.q,
-                                    grp,
-                                    &run.cells,
-                                    &run.visible,
-                                    shape.scale,
-                                    mv.as_ref(),
-                                    &mut run.out,
-                                );
-                                for (i, tt) in (t..t_end).enumerate() {
-                                    let item = (s * g.n_tokens + tt) * nkh + h;
-                                    out[(item - item0) * per..(item - item0 + 1) * per]
-                                        .copy_from_slice(&run.out[i * per..(i + 1) * per]);
-                                    attended += run.visible[i] as u64;
-                                    context += q_pos[tt] as u64 + 1;
+                                // One list for the group, or one per q head.
+                                let (n_lists, nq) = lists_of(&sels[sel as usize], nkh, grp);
+                                for li in 0..n_lists {
+                                    let ranges = &sels[sel as usize].heads[h * n_lists + li];
+                                    let j0 = li * nq;
+                                    run.gather(
+                                        &inp,
+                                        s,
+                                        h * grp + j0,
+                                        nq,
+                                        t..t_end,
+                                        q_pos,
+                                        cells,
+                                        ranges,
+                                        streaming.as_ref().map(|(r, tb)| (*r, &tb[..])),
+                                    );
+                                    let mv = streaming.as_ref().map(|(rope, table)| KeyMove {
+                                        rope,
+                                        table,
+                                        shift: &run.kshift,
+                                    });
+                                    attend_run_moved(
+                                        &kv,
+                                        &run.q,
+                                        nq,
+                                        &run.cells,
+                                        &run.visible,
+                                        shape.scale,
+                                        mv.as_ref(),
+                                        &mut run.out,
+                                    );
+                                    let w = nq * g.d;
+                                    for (i, tt) in (t..t_end).enumerate() {
+                                        let item = (s * g.n_tokens + tt) * nkh + h;
+                                        let o = (item - item0) * per + j0 * g.d;
+                                        out[o..o + w].copy_from_slice(&run.out[i * w..(i + 1) * w]);
+                                        attended += (run.visible[i] * nq) as u64;
+                                        context += ((q_pos[tt] + 1) * nq) as u64;
+                                    }
                                 }
                                 u += t_end - t;
                             }
-                            sp => {
+                            StreamPlan::Masked => {
                                 toks.clear();
-                                match sp {
-                                    StreamPlan::Sparse {
-                                        cells,
-                                        q_pos,
-                                        sel_of,
-                                        sels,
-                                    } => {
-                                        let end = q_pos[t] + 1;
-                                        for r in &sels[sel_of[t] as usize].heads[h] {
-                                            let r: Range<usize> = r.start.min(end)..r.end.min(end);
-                                            toks.extend(cells[r].iter().map(|&c| (c, 0.0)));
-                                        }
-                                        context += end as u64;
-                                    }
-                                    StreamPlan::Masked => {
-                                        for c in 0..g.n_kv {
-                                            let m = inp.mask_at(c, t, s);
-                                            if m != f32::NEG_INFINITY {
-                                                toks.push((c as u32, m));
-                                            }
-                                        }
-                                        context += toks.len() as u64;
+                                for c in 0..g.n_kv {
+                                    let m = inp.mask_at(c, t, s);
+                                    if m != f32::NEG_INFINITY {
+                                        toks.push((c as u32, m));
                                     }
                                 }
-                                attended += toks.len() as u64;
+                                context += (toks.len() * grp) as u64;
+                                attended += (toks.len() * grp) as u64;
                                 inp.query(t, s, h * grp, grp, &mut qg);
                                 let item = u * nkh + h;
                                 let o = &mut out[(item - item0) * per..(item - item0 + 1) * per];
@@ -1205,10 +1219,6 @@ impl LlamaPlugin {
                 let h = item % g.n_kv_heads;
                 let t = (item / g.n_kv_heads) % g.n_tokens;
                 let s = item / (g.n_kv_heads * g.n_tokens);
-                inp.query(t, s, h * grp, grp, &mut qg);
-                toks.clear();
-                runs.clear();
-                qruns.clear();
                 match &plan.streams[s] {
                     StreamPlan::Sparse {
                         cells,
@@ -1217,46 +1227,61 @@ impl LlamaPlugin {
                         sels,
                     } => {
                         let end = q_pos[t] + 1;
-                        for r in &sels[sel_of[t] as usize].heads[h] {
-                            let r: Range<usize> = r.start.min(end)..r.end.min(end);
-                            toks.extend(cells[r].iter().map(|&c| (c, 0.0)));
-                        }
-                        context += end as u64;
-                        if let Some((rope, table)) = &streaming {
-                            // Streaming positions: the query's visible selected
-                            // tokens take ranks 0..n, the query n - 1; one
-                            // query rotation per run of consecutive tokens.
-                            let n_vis = toks.len();
-                            let mut rank = 0;
-                            for r in &sels[sel_of[t] as usize].heads[h] {
+                        let sel = &sels[sel_of[t] as usize];
+                        let (n_lists, nq) = lists_of(sel, nkh, grp);
+                        for li in 0..n_lists {
+                            let ranges = &sel.heads[h * n_lists + li];
+                            let j0 = li * nq;
+                            inp.query(t, s, h * grp + j0, nq, &mut qg);
+                            toks.clear();
+                            runs.clear();
+                            qruns.clear();
+                            for r in ranges {
                                 let r: Range<usize> = r.start.min(end)..r.end.min(end);
-                                if r.is_empty() {
-                                    continue;
+                                toks.extend(cells[r].iter().map(|&c| (c, 0.0)));
+                            }
+                            context += (end * nq) as u64;
+                            if let Some((rope, table)) = &streaming {
+                                // Streaming positions: the query's visible selected
+                                // tokens take ranks 0..n, the query n - 1; one
+                                // query rotation per run of consecutive tokens.
+                                let n_vis = toks.len();
+                                let mut rank = 0;
+                                for r in ranges {
+                                    let r: Range<usize> = r.start.min(end)..r.end.min(end);
+                                    if r.is_empty() {
+                                        continue;
+                                    }
+                                    let at = qruns.len();
+                                    qruns.extend_from_slice(&qg);
+                                    let shift = streaming_shift(n_vis, q_pos[t], rank, r.start);
+                                    rope.rotate_heads(table, &mut qruns[at..], shift);
+                                    rank += r.len();
+                                    runs.push(rank);
                                 }
-                                let at = qruns.len();
-                                qruns.extend_from_slice(&qg);
-                                let shift = streaming_shift(n_vis, q_pos[t], rank, r.start);
-                                rope.rotate_heads(table, &mut qruns[at..], shift);
-                                rank += r.len();
-                                runs.push(rank);
+                            }
+                            attended += (toks.len() * nq) as u64;
+                            let o = &mut o[j0 * g.d..(j0 + nq) * g.d];
+                            if qruns.is_empty() {
+                                attend_cells(&inp, s, h, &qg, &[toks.len()], &toks, shape.scale, o);
+                            } else {
+                                attend_cells(&inp, s, h, &qruns, &runs, &toks, shape.scale, o);
                             }
                         }
                     }
                     StreamPlan::Masked => {
+                        inp.query(t, s, h * grp, grp, &mut qg);
+                        toks.clear();
                         for c in 0..g.n_kv {
                             let m = inp.mask_at(c, t, s);
                             if m != f32::NEG_INFINITY {
                                 toks.push((c as u32, m));
                             }
                         }
-                        context += toks.len() as u64;
+                        context += (toks.len() * grp) as u64;
+                        attended += (toks.len() * grp) as u64;
+                        attend_cells(&inp, s, h, &qg, &[toks.len()], &toks, shape.scale, o);
                     }
-                }
-                attended += toks.len() as u64;
-                if qruns.is_empty() {
-                    attend_cells(&inp, s, h, &qg, &[toks.len()], &toks, shape.scale, o);
-                } else {
-                    attend_cells(&inp, s, h, &qruns, &runs, &toks, shape.scale, o);
                 }
             }
             self.counters
@@ -1524,6 +1549,18 @@ fn dump_qkv(
     append("v", &v);
 }
 
+/// How a plan's selection splits a KV head's group: (range lists per KV
+/// head, q heads per list). One list shared by the `grp` q heads, or (hip
+/// `per_q_head`, checked in `plan`: `heads.len()` is n_q_heads) one list per
+/// q head, q head `h * grp + li` reading list `h * grp + li`.
+fn lists_of(sel: &Selection, n_kv_heads: usize, grp: usize) -> (usize, usize) {
+    if sel.heads.len() == n_kv_heads {
+        (1, grp)
+    } else {
+        (grp, 1)
+    }
+}
+
 fn checked_scale(scale: f32) -> Result<f32> {
     if scale.is_finite() && scale > 0.0 {
         Ok(scale)
@@ -1575,16 +1612,17 @@ struct RunBufs {
 }
 
 impl RunBufs {
-    /// Queries of tokens `ts` (stream `s`, KV head `h`'s group), the
-    /// selection's cells up to the last token's position, and how many of
-    /// them each token sees (its causal clip: a prefix, ranges being sorted).
+    /// Queries of tokens `ts` (stream `s`, q heads `q0..q0 + nq`: a KV
+    /// head's group, or one q head of it), the selection's cells up to the
+    /// last token's position, and how many of them each token sees (its
+    /// causal clip: a prefix, ranges being sorted).
     #[allow(clippy::too_many_arguments)]
     fn gather(
         &mut self,
         inp: &Inputs<'_>,
         s: usize,
-        h: usize,
-        grp: usize,
+        q0: usize,
+        nq: usize,
         ts: Range<usize>,
         q_pos: &[usize],
         cells: &[u32],
@@ -1611,7 +1649,7 @@ impl RunBufs {
             let e = q_pos[t] + 1;
             let vis: usize = ranges.iter().map(|r| r.end.min(e) - r.start.min(e)).sum();
             self.visible.push(vis);
-            inp.query(t, s, h * grp, grp, &mut self.qbuf);
+            inp.query(t, s, q0, nq, &mut self.qbuf);
             if let Some((rope, table)) = streaming {
                 // Streaming: the query sits at rank vis - 1 (the keys at
                 // their ranks, `kshift`); the product depends only on the

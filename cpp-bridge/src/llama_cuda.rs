@@ -103,6 +103,7 @@ pub fn llama_cuda_attn_new(
     guard(|| {
         only_dense_and_hip(plugin.config())?;
         plugin.refuse_rope_modes("CUDA route")?;
+        plugin.refuse_per_q_head("CUDA route")?;
         crate::llama_offload::offload_sizes(plugin.config())?;
         new_impl(plugin).map(Box::new)
     })
@@ -818,6 +819,33 @@ mod tests {
         }
         // dense + hip only passes the method check (then needs a GPU).
         assert!(only_dense_and_hip(plugin().config()).is_ok());
+    }
+
+    #[test]
+    fn per_q_head_is_refused_before_any_gpu_work() {
+        // hip.per_q_head (one decode mask per q head) runs on the CPU route
+        // only; the CUDA routes keep one mask per KV head.
+        let mi = ModelInfo {
+            n_layers: 4,
+            n_q_heads: 8,
+            n_kv_heads: 2,
+            head_dim: 64,
+            rope_theta: 10000.0,
+            n_ctx_train: 4096,
+        };
+        let p = LlamaPlugin::new(
+            r#"{"dense_layers": 1, "default": {"method": "hip", "per_q_head": true}}"#,
+            &mi,
+        )
+        .unwrap();
+        let e = llama_cuda_attn_new(&p).err().expect("must refuse");
+        assert!(
+            e.contains("layer 1 hip.per_q_head") && e.contains("CPU route only"),
+            "{e}"
+        );
+        let route = crate::llama_gpu::llama_gpu_route_new(&p);
+        let e = route.top_k(&p, 1, 4096).unwrap_err();
+        assert!(e.contains("per_q_head") && e.contains("host mirror"), "{e}");
     }
 
     #[test]

@@ -193,6 +193,7 @@ impl LlamaGpuRoute {
         n_kv: i64,
     ) -> std::result::Result<u32, String> {
         self.poison.guard(|| {
+            plugin.refuse_per_q_head("CUDA route (host mirror)")?;
             let cfg = plugin.config();
             if layer as usize >= cfg.model.n_layers {
                 return Err(Error::OutOfRange(format!(
@@ -455,6 +456,7 @@ impl LlamaGpuRoute {
     ) -> std::result::Result<(), String> {
         self.poison.guard(|| {
             plugin.refuse_rope_modes("CUDA route (host mirror)")?;
+            plugin.refuse_per_q_head("CUDA route (host mirror)")?;
             let top_k = top_k as usize;
             let (n_kv, rows, ns) = (md.ne0 as usize, md.ne1 as usize, md.ne3 as usize);
             let n_tokens = qd.ne2 as usize;

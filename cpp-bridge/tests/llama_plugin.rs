@@ -702,3 +702,23 @@ fn lazy_without_points_takes_the_host_depth_default() {
     assert_eq!(z.points, lazy_default_points(30));
     assert_eq!(p.lazy().unwrap().config().points, z.points);
 }
+
+/// hip with `per_q_head` (one decode range list per q head) over llama.cpp
+/// cells: the plugin's tiled kernel attends each q head over its own list and
+/// its outputs (prefill ubatches per KV-head group, decode per q head) equal
+/// the engine's, which the core tests check against the f64 reference.
+#[test]
+fn hip_per_q_head_over_growing_chain_equals_engine() {
+    let cfg = r#"{"dense_layers": 1, "default": {"method": "hip", "sink": 4, "window": 8,
+        "per_q_head": true, "successors": 2,
+        "stages": [{"chunk_size": 2, "keep_tokens": 64, "refresh_interval": 2},
+                   {"chunk_size": 1, "keep_tokens": 16, "refresh_interval": 1}],
+        "block_size_q": 8, "q_stride": 1, "prefill_chunk": 64}}"#;
+    let (worst, sparse_seen, p) = plugin_vs_engine(cfg, &[1], 12);
+    assert!(sparse_seen, "a 16-token budget never differed from dense");
+    let st: serde_json::Value = serde_json::from_str(&p.stats_json()).unwrap();
+    assert_eq!(st["masked_streams"].as_u64().unwrap(), 0, "{st}");
+    let frac = st["attended_fraction"].as_f64().unwrap();
+    assert!(frac < 0.5, "attended fraction {frac}");
+    eprintln!("hip per_q_head: worst rel err vs engine {worst:.2e}, stats {st}");
+}

@@ -35,9 +35,11 @@ pub struct IhipHostKv {
 }
 
 /// Decode one query per request over host K/V (module doc). hip layers
-/// read through the layer's device caches (one host sync per layer-step:
-/// the selection is read back for the page cache's bookkeeping; missed
-/// blocks are copied on a side stream); other layers read every row of
+/// read through the layer's device caches (page policy and row admission
+/// on the device, missed blocks copied on `stream`, no host sync; with
+/// `INFINITEHIP_OFFLOAD_ROUTE=device` the earlier path: one host sync per
+/// layer-step, the selection read back for the page cache's bookkeeping,
+/// missed blocks copied on a side stream); other layers read every row of
 /// the mapped host memory over the bus. Outputs equal `ihip_gpu_decode`'s
 /// over the same K/V in device memory bit for bit. `reqs.table_rows[b]`
 /// must be b (the table holds the batch's rows only); `n_new` is unused.

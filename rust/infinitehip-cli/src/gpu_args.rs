@@ -188,6 +188,21 @@ pub struct BenchGpuOffloadArgs {
     #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "device",
           value_parser = ["full-device", "device", "host"])]
     pub admission: Vec<String>,
+    /// How the estimation kernels stage missed key rows, comma-separated;
+    /// each configuration runs once per value: `warp` (a warp fetches its
+    /// missed rows together, coalesced) or `thread` (each thread copies its
+    /// own row, the earlier path).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "warp",
+          value_parser = ["warp", "thread"])]
+    pub est_fetch: Vec<String>,
+    /// First measure the bus: DMA (cuMemcpyHtoDAsync) vs the copy kernels'
+    /// patterns (row gathers, head-block copies) over the same host tier.
+    #[arg(long)]
+    pub bus: bool,
+    /// Exact per-step counters for the per-refresh-class table: waits for
+    /// each step's admission before the next (no overlap with it).
+    #[arg(long)]
+    pub profile: bool,
     /// Decode steps timed (after the warm-up).
     #[arg(long, value_name = "N", value_parser = parse_positive, default_value_t = 48)]
     pub steps: usize,

@@ -6,6 +6,8 @@ use std::ops::Range;
 use std::time::Instant;
 
 use infinitehip::attention::AttnShape;
+use infinitehip::backend::cuda::cudarc::driver::sys::CUevent_flags;
+use infinitehip::backend::cuda::cudarc::driver::{CudaEvent, LaunchConfig, PushKernelArg};
 use infinitehip::backend::cuda::dispatch::{self, DecodeWorkspace, HipGpuDecoder};
 use infinitehip::backend::cuda::est_cache::{Admission, HostEstimation};
 use infinitehip::backend::cuda::offload::{HostKv, OffloadKv, PagePolicy};
@@ -187,6 +189,9 @@ struct EqRun<'a> {
     pages: PagePolicy,
     /// Override `max_admit_per_step` (Some(0): nothing is ever admitted).
     admit_limit: Option<usize>,
+    /// Missed rows staged by a whole warp together (default) or by each
+    /// thread alone (`HostEstimation::set_fetch_warp`).
+    fetch_warp: bool,
     seed: u64,
 }
 
@@ -256,6 +261,9 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
         ),
         None => None,
     };
+    if let Some(es) = est.as_mut() {
+        es.set_fetch_warp(r.fetch_warp).map_err(e)?;
+    }
     if let (Some(x), Some(l)) = (est.as_mut(), r.admit_limit) {
         x.max_admit_per_step = l;
     }
@@ -444,6 +452,7 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     admission: Admission::FullDevice,
                     pages: PagePolicy::Device,
                     admit_limit: None,
+                    fetch_warp: true,
                     seed,
                 },
             ),
@@ -463,6 +472,7 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     admission: Admission::FullDevice,
                     pages: PagePolicy::Device,
                     admit_limit: None,
+                    fetch_warp: true,
                     seed: seed + 1,
                 },
             ),
@@ -482,6 +492,7 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     admission: Admission::FullDevice,
                     pages: PagePolicy::Device,
                     admit_limit: None,
+                    fetch_warp: true,
                     seed: seed + 1,
                 },
             ),
@@ -501,6 +512,27 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     admission: Admission::FullDevice,
                     pages: PagePolicy::Device,
                     admit_limit: None,
+                    fetch_warp: true,
+                    seed: seed + 2,
+                },
+            ),
+        ),
+        (
+            "per-thread miss staging (earlier path) 1% rows + appends == all on device".into(),
+            decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[100_000, 33_000],
+                    frac: 0.05,
+                    steps: 70,
+                    est_frac: Some(0.01),
+                    appends: true,
+                    small: true,
+                    stage: true,
+                    admission: Admission::FullDevice,
+                    pages: PagePolicy::Device,
+                    admit_limit: None,
+                    fetch_warp: false,
                     seed: seed + 2,
                 },
             ),
@@ -520,6 +552,7 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     admission: Admission::FullDevice,
                     pages: PagePolicy::Device,
                     admit_limit: None,
+                    fetch_warp: true,
                     seed: seed + 3,
                 },
             ),
@@ -540,6 +573,7 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     admission: Admission::Device,
                     pages: PagePolicy::Host,
                     admit_limit: None,
+                    fetch_warp: true,
                     seed: seed + 2,
                 },
             ),
@@ -559,6 +593,7 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     admission: Admission::Host,
                     pages: PagePolicy::Host,
                     admit_limit: None,
+                    fetch_warp: true,
                     seed: seed + 2,
                 },
             ),
@@ -578,6 +613,7 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     admission: Admission::FullDevice,
                     pages: PagePolicy::Device,
                     admit_limit: Some(0),
+                    fetch_warp: true,
                     seed: seed + 4,
                 },
             ),
@@ -702,6 +738,12 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
     };
     let qe = shape.q_elems();
     let mut rows = Vec::new();
+    let mut rows_bus = serde_json::Value::Null;
+    let tev = |gpu: &GpuContext| -> R<CudaEvent> {
+        gpu.ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(e)
+    };
     for &t in &tokens {
         let t0 = Instant::now();
         let mut host = HostKv::alloc(lay, DType::Bf16, &[t]).map_err(e)?;
@@ -721,21 +763,27 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
             DevBuf::alloc(qe * 4).map_err(e)?,
             DevBuf::alloc(qe * 4).map_err(e)?,
         );
-        let mut combos: Vec<(f64, f64, (Admission, PagePolicy))> = Vec::new();
+        let mut combos: Vec<(f64, f64, (Admission, PagePolicy), bool)> = Vec::new();
         for &f in &fractions {
             for &x in &est_list {
                 for &m in &modes {
-                    combos.push((f, x, m));
+                    for w in &a.est_fetch {
+                        combos.push((f, x, m, w == "warp"));
+                    }
                 }
             }
         }
-        for (f, est_frac, (mode, pages)) in combos {
+        if a.bus && rows.is_empty() {
+            rows_bus = bus_probe(&gpu, &host, seed).map_err(e)?;
+        }
+        for (f, est_frac, (mode, pages), fetch_warp) in combos {
             let n_slots = ((total_blocks as f64 * f).ceil() as usize).max(1);
             let mut off = OffloadKv::with_policy(&gpu, host, n_slots, pages).map_err(e)?;
             let est_rows = (total_rows as f64 * est_frac).ceil() as usize;
             let mut est =
                 HostEstimation::with_admission(&gpu, &off.host, est_rows.max(16), !direct, mode)
                     .map_err(e)?;
+            est.set_fetch_warp(fetch_warp).map_err(e)?;
             let mut dec = HipGpuDecoder::new(cfg.clone(), &shape, 1).map_err(e)?;
             let mut dec2 = HipGpuDecoder::new(cfg.clone(), &shape, 1).map_err(e)?;
             // The resident step again without the sync between estimation
@@ -752,6 +800,8 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
             let (mut p_read, mut p_ref, mut p_clock, mut p_launch, mut sel_read) =
                 (vec![], vec![], vec![], vec![], vec![]);
             let (mut unlogged, mut rebuilds) = (0u64, 0u32);
+            let ev: Vec<CudaEvent> = (0..5).map(|_| tev(&gpu)).collect::<R<_>>()?;
+            let mut classes: [StepClass; 4] = Default::default();
             let (mut pr_res, mut pr_wait, mut pr_launch) = (vec![], vec![], vec![]);
             let (mut hits, mut misses, mut bytes, mut needed, mut max_abs) =
                 (0u64, 0u64, 0u64, 0usize, 0f32);
@@ -802,9 +852,13 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                 // The device path has no sync until the end: its phase times
                 // are host (launch) times; the host paths sync inside.
                 let t1 = Instant::now();
+                ev[0].record(&gpu.stream).map_err(e)?;
+                est.wait_admission(&gpu).map_err(e)?;
+                ev[1].record(&gpu.stream).map_err(e)?;
                 let from = est
                     .select(&gpu, &mut dec2, &off.host, qd.ptr, true)
                     .map_err(e)?;
+                ev[2].record(&gpu.stream).map_err(e)?;
                 if !device {
                     gpu.synchronize().map_err(e)?;
                 }
@@ -825,6 +879,7 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                     off.prepare(&gpu, &sels, &pins).map_err(e)?
                 };
                 let t3 = Instant::now();
+                ev[3].record(&gpu.stream).map_err(e)?;
                 off.decode(
                     &gpu,
                     &mut ws2,
@@ -836,8 +891,37 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                     o2.ptr,
                 )
                 .map_err(e)?;
+                ev[4].record(&gpu.stream).map_err(e)?;
                 gpu.synchronize().map_err(e)?;
                 let t4 = Instant::now();
+                // Device times of the phases (main stream): waiting for the
+                // previous admission, estimation kernels, page step
+                // (+ admission launches), attention.
+                let dev_ms: [f64; 4] = [
+                    ev[0].elapsed_ms(&ev[1]).map_err(e)? as f64,
+                    ev[1].elapsed_ms(&ev[2]).map_err(e)? as f64,
+                    ev[2].elapsed_ms(&ev[3]).map_err(e)? as f64,
+                    ev[3].elapsed_ms(&ev[4]).map_err(e)? as f64,
+                ];
+                // --profile: this step's counters exactly (waits for its
+                // admission), else they arrive a step late.
+                let (mut prof_adm, mut prof_page, mut prof_est) = (f64::NAN, 0u64, 0u64);
+                if a.profile && device {
+                    prof_adm = est.last_admission_ms().map_err(e)?.unwrap_or(f32::NAN) as f64;
+                    let ps = off.take_stats().map_err(e)?;
+                    let es2 = est.sync_stats().map_err(e)?;
+                    prof_page = ps.bytes_copied;
+                    prof_est = es2.host_bytes_read;
+                    if s >= warm {
+                        hits += ps.hits;
+                        misses += ps.misses;
+                        bytes += ps.bytes_copied;
+                        eh += es2.cache.hits;
+                        em += es2.cache.misses;
+                        e_host += es2.host_bytes_read;
+                        e_adm += es2.cache.bytes_copied;
+                    }
+                }
                 let sels = if device {
                     dec2.selection_host(&gpu).map_err(e)?
                 } else {
@@ -867,6 +951,16 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                     });
                 }
                 if s >= warm {
+                    let c = &mut classes[from.min(3)];
+                    c.n += 1;
+                    c.host_ms += (t4 - t1).as_secs_f64() * 1e3;
+                    c.res_ms += (te - td).as_secs_f64() * 1e3;
+                    for (k, v) in dev_ms.iter().enumerate() {
+                        c.dev[k] += v;
+                    }
+                    c.adm_ms += prof_adm;
+                    c.page_b += prof_page;
+                    c.est_b += prof_est;
                     sel_diff += (sels != sel1) as usize;
                     est_r.push((tb - ta).as_secs_f64() * 1e3);
                     res.push((tc - tb).as_secs_f64() * 1e3);
@@ -968,6 +1062,22 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                 "offload_prepare_resolve_ms": mean(&pr_res),
                 "offload_prepare_wait_ms": mean(&pr_wait),
                 "offload_prepare_launch_ms": mean(&pr_launch),
+                "est_fetch": if fetch_warp { "warp" } else { "thread" },
+                "profiled": a.profile && device,
+                "by_refresh_class": classes.iter().enumerate().filter(|(_, c)| c.n > 0).map(|(k, c)| {
+                    let n = c.n as f64;
+                    let mib = (1u64 << 20) as f64;
+                    json!({
+                        "refresh_from_stage": k, "steps": c.n,
+                        "resident_one_sync_ms": c.res_ms / n, "offload_host_ms": c.host_ms / n,
+                        "dev_wait_admission_ms": c.dev[0] / n, "dev_estimation_ms": c.dev[1] / n,
+                        "dev_page_step_ms": c.dev[2] / n, "dev_attention_ms": c.dev[3] / n,
+                        "dev_admission_side_ms": c.adm_ms / n,
+                        "page_mib": c.page_b as f64 / n / mib, "est_host_mib": c.est_b as f64 / n / mib,
+                        "est_host_gbps": c.est_b as f64 / (c.dev[1] * 1e-3) / 1e9,
+                        "page_gbps": c.page_b as f64 / (c.dev[2] * 1e-3) / 1e9,
+                    })
+                }).collect::<Vec<_>>(),
             });
             if let (Some(o), Some(x)) = (row.as_object_mut(), extra.as_object()) {
                 o.extend(x.clone());
@@ -982,12 +1092,13 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
     println!("|---:|---:|---:|---|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {:.1}% | {:.1}% | {} pages, {} admission | {:.3} | {:.3} | **{:.2}x** |",
+            "| {} | {:.1}% | {:.1}% | {} pages, {} admission, {} fetch | {:.3} | {:.3} | **{:.2}x** |",
             r["tokens"],
             100.0 * g(r, "cache_fraction"),
             100.0 * g(r, "est_rows_fraction"),
             r["page_policy"].as_str().unwrap_or("?"),
             r["admission"].as_str().unwrap_or("?"),
+            r["est_fetch"].as_str().unwrap_or("?"),
             g(r, "resident_step_one_sync_ms"),
             g(r, "offload_step_ms"),
             g(r, "offload_over_resident"),
@@ -1026,8 +1137,38 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
             g(r, "offload_prepare_resolve_ms"), g(r, "offload_prepare_wait_ms"), g(r, "offload_prepare_launch_ms"),
         );
     }
+    println!("\nBy refresh class (device times from events on the main stream, ms/step; MiB and GB/s only with --profile):\n");
+    println!("| tokens | est rows | admission | fetch | refresh from stage | steps | resident (one sync) | offload (host clock) | dev: wait admission | estimation | page step | attention | admission (side) | page MiB | est host MiB | est GB/s |");
+    println!("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        for c in r["by_refresh_class"].as_array().into_iter().flatten() {
+            println!(
+                "| {} | {:.1}% | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} | {:.1} |",
+                r["tokens"], 100.0 * g(r, "est_rows_fraction"), r["admission"].as_str().unwrap_or("?"),
+                r["est_fetch"].as_str().unwrap_or("?"), c["refresh_from_stage"], c["steps"],
+                g(c, "resident_one_sync_ms"), g(c, "offload_host_ms"), g(c, "dev_wait_admission_ms"),
+                g(c, "dev_estimation_ms"), g(c, "dev_page_step_ms"), g(c, "dev_attention_ms"),
+                g(c, "dev_admission_side_ms"), g(c, "page_mib"), g(c, "est_host_mib"), g(c, "est_host_gbps"),
+            );
+        }
+    }
+    if !rows_bus.is_null() {
+        println!("\nBus (host -> device over the same pinned host tier; GB/s = bytes / device time, median of 5):\n");
+        println!("| what | bytes | DMA cuMemcpyHtoDAsync GB/s | kernel GB/s (today's pattern) | kernel GB/s (new pattern) |");
+        println!("|---|---:|---:|---:|---:|");
+        for b in rows_bus.as_array().into_iter().flatten() {
+            println!(
+                "| {} | {} | {:.1} | {:.1} | {:.1} |",
+                b["what"].as_str().unwrap_or("?"),
+                b["bytes"],
+                g(b, "dma_gbps"),
+                g(b, "old_gbps"),
+                g(b, "new_gbps")
+            );
+        }
+    }
     if let Some(p) = &a.json {
-        let doc = json!({"machine": machine, "shape": {"q_heads": 32, "kv_heads": 8, "head_dim": 128, "page_size": 64, "dtype": "bf16"}, "policy": "hip default", "steps": steps, "warmup_steps": warm, "results": rows});
+        let doc = json!({"machine": machine, "bus": rows_bus, "shape": {"q_heads": 32, "kv_heads": 8, "head_dim": 128, "page_size": 64, "dtype": "bf16"}, "policy": "hip default", "steps": steps, "warmup_steps": warm, "results": rows});
         std::fs::write(p, serde_json::to_string_pretty(&doc).unwrap())
             .map_err(|x| format!("{p}: {x}"))?;
     }
@@ -1066,4 +1207,159 @@ mod admission_tests {
             (Admission::Device, PagePolicy::Host)
         ));
     }
+}
+
+/// Per refresh class (the first stage a step refreshes; 3: none) sums.
+#[derive(Default)]
+struct StepClass {
+    n: usize,
+    host_ms: f64,
+    res_ms: f64,
+    /// Device ms: wait for admission, estimation, page step, attention.
+    dev: [f64; 4],
+    adm_ms: f64,
+    page_b: u64,
+    est_b: u64,
+}
+
+/// `--bus`: host -> device bandwidth over `host`'s pinned tier. DMA
+/// (cuMemcpyHtoDAsync of contiguous bytes) vs the copy kernels' patterns on
+/// the same byte counts: scattered key rows (estimation misses: one thread
+/// per row vs a warp per 32 rows) and head blocks (page misses: the plain
+/// loop vs the unrolled one). Device time by events, median of 5 after one
+/// warm-up.
+fn bus_probe(gpu: &GpuContext, host: &HostKv, seed: u64) -> infinitehip::Result<serde_json::Value> {
+    use infinitehip::backend::cuda::cudarc::driver::result as cu;
+    let lay = host.layout;
+    let row_bytes = lay.head_dim * 2;
+    let block_bytes = lay.page_size * row_bytes;
+    let total_rows = host.n_pages * lay.n_kv_heads * lay.page_size;
+    let total_blocks = host.n_pages * lay.n_kv_heads;
+    let cap = (host.k.bytes).min(512 << 20);
+    let dst = DevBuf::alloc(cap)?;
+    let dst2 = DevBuf::alloc(cap)?;
+    let ev0 = gpu
+        .ctx
+        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        .map_err(|x| infinitehip::Error::Invalid(x.to_string()))?;
+    let ev1 = gpu
+        .ctx
+        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        .map_err(|x| infinitehip::Error::Invalid(x.to_string()))?;
+    let gerr = |x: infinitehip::backend::cuda::cudarc::driver::DriverError| {
+        infinitehip::Error::Invalid(format!("bus probe: {x}"))
+    };
+    let time = |f: &mut dyn FnMut() -> infinitehip::Result<()>| -> infinitehip::Result<f64> {
+        f()?;
+        let mut v = Vec::new();
+        for _ in 0..5 {
+            ev0.record(&gpu.stream).map_err(gerr)?;
+            f()?;
+            ev1.record(&gpu.stream).map_err(gerr)?;
+            v.push(ev0.elapsed_ms(&ev1).map_err(gerr)? as f64);
+        }
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        Ok(v[2])
+    };
+    let src = host.k.as_u16();
+    let mut out = Vec::new();
+    let mut rng = Rng::new(seed ^ 0xb05);
+    let rows_fn = gpu.func("offload", "bus_rows")?;
+    let blocks_fn = gpu.func("offload", "bus_blocks")?;
+    let sms = gpu.sm_count as u32;
+    let gb = |bytes: usize, ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
+    for &n in &[4096usize, 32768, 262144, 1 << 20] {
+        let bytes = n * row_bytes;
+        if bytes > cap {
+            continue;
+        }
+        let ids: Vec<u32> = (0..n).map(|_| rng.below(total_rows) as u32).collect();
+        let idb = DevBuf::from_slice(&ids)?;
+        let dma = time(&mut || {
+            unsafe { cu::memcpy_htod_async(dst2.ptr, &src[..bytes / 2], gpu.stream.cu_stream()) }
+                .map_err(gerr)
+        })?;
+        let kern = |warp: i32| -> infinitehip::Result<f64> {
+            let (ni, rv) = (n as i32, (row_bytes / 16) as i32);
+            time(&mut || {
+                let mut l = gpu.stream.launch_builder(&rows_fn);
+                l.arg(&host.k.dev)
+                    .arg(&dst.ptr)
+                    .arg(&idb.ptr)
+                    .arg(&ni)
+                    .arg(&rv)
+                    .arg(&warp);
+                let threads = if warp != 0 { n.div_ceil(32) * 32 } else { n };
+                unsafe {
+                    l.launch(LaunchConfig {
+                        grid_dim: (
+                            threads.div_ceil(128).clamp(1, 64 * sms as usize) as u32,
+                            1,
+                            1,
+                        ),
+                        block_dim: (128, 1, 1),
+                        shared_mem_bytes: 0,
+                    })
+                }
+                .map(|_| ())
+                .map_err(gerr)
+            })
+        };
+        let (old, new) = (kern(0)?, kern(1)?);
+        // Same rows either way.
+        gpu.synchronize()?;
+        out.push(
+            json!({"what": format!("{n} key rows of {row_bytes} B, random"), "bytes": bytes,
+            "dma_gbps": gb(bytes, dma), "old_gbps": gb(bytes, old), "new_gbps": gb(bytes, new),
+            "dma_ms": dma, "old_ms": old, "new_ms": new}),
+        );
+    }
+    for &n in &[64usize, 512, 4096] {
+        let bytes = n * block_bytes * 2;
+        if bytes > cap {
+            continue;
+        }
+        let ids: Vec<i32> = (0..n).map(|_| rng.below(total_blocks) as i32).collect();
+        let idb = DevBuf::from_slice(&ids)?;
+        let half = cap / 2;
+        let dma = time(&mut || {
+            unsafe { cu::memcpy_htod_async(dst2.ptr, &src[..bytes / 2], gpu.stream.cu_stream()) }
+                .map_err(gerr)
+        })?;
+        let kern = |unrolled: i32| -> infinitehip::Result<f64> {
+            let (ni, bv) = (n as i32, (block_bytes / 16) as i32);
+            let sv = dst.ptr + half as u64;
+            time(&mut || {
+                let mut l = gpu.stream.launch_builder(&blocks_fn);
+                l.arg(&host.k.dev)
+                    .arg(&host.v.dev)
+                    .arg(&dst.ptr)
+                    .arg(&sv)
+                    .arg(&idb.ptr)
+                    .arg(&ni)
+                    .arg(&bv)
+                    .arg(&unrolled);
+                unsafe {
+                    l.launch(LaunchConfig {
+                        grid_dim: (sms.min(n as u32), 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    })
+                }
+                .map(|_| ())
+                .map_err(gerr)
+            })
+        };
+        let (old, new) = (kern(0)?, kern(1)?);
+        out.push(json!({"what": format!("{n} head blocks (K+V) of {block_bytes} B each, random; {} CTAs", sms.min(n as u32)), "bytes": bytes,
+            "dma_gbps": gb(bytes, dma), "old_gbps": gb(bytes, old), "new_gbps": gb(bytes, new),
+            "dma_ms": dma, "old_ms": old, "new_ms": new}));
+    }
+    // Peak DMA.
+    let dma = time(&mut || {
+        unsafe { cu::memcpy_htod_async(dst2.ptr, &src[..cap / 2], gpu.stream.cu_stream()) }
+            .map_err(gerr)
+    })?;
+    out.push(json!({"what": "contiguous, DMA only", "bytes": cap, "dma_gbps": gb(cap, dma), "old_gbps": f64::NAN, "new_gbps": f64::NAN, "dma_ms": dma}));
+    Ok(serde_json::Value::Array(out))
 }

@@ -236,6 +236,16 @@ pub struct HipConfig {
     /// at 8K the copy probe loses planted-passage keys between stage-1
     /// refreshes).
     pub successors: usize,
+    /// Decode only, CPU policy only (the GPU decoders, the llama.cpp CUDA
+    /// routes and host offload refuse it): every q head of a GQA group runs
+    /// the stages with its own query and keeps its own `keep_tokens`, so a
+    /// decode `Selection` holds one range list per q head instead of one per
+    /// KV head. The per-head budget is the same, so the attended fraction
+    /// is unchanged; mask estimation reads each KV head's keys once per q
+    /// head. Prefill stays per KV-head group. false = off (issue 12: on
+    /// SmolLM2 one shared mask per group keeps 0.974 of the attention mass
+    /// at 1/8, each q head its own 0.982).
+    pub per_q_head: bool,
 }
 
 /// Which prefill mask estimator a hip layer runs (`hip.mask_estimator`).
@@ -284,6 +294,7 @@ impl Default for HipConfig {
             rope: RopeConfig::default(),
             mask_estimator: MaskEstimatorChoice::Auto,
             successors: 0,
+            per_q_head: false,
         }
     }
 }
@@ -622,6 +633,19 @@ impl PolicyConfig {
                 "kv.device_cache_pages",
                 "must be >= 1 (or absent for no offload)",
             ));
+        }
+        if self.kv.device_cache_pages.is_some() {
+            if let Some(l) = (0..m.n_layers)
+                .find(|&l| matches!(self.layer_policy(l), LayerPolicy::Hip(h) if h.per_q_head))
+            {
+                return Err(bad(
+                    format!("{}.per_q_head", self.resolve_layer(l).1.path()),
+                    format!(
+                        "layer {l}: per-q-head decode selection runs on the all-resident CPU path only; \
+                         host offload (kv.device_cache_pages) caches per-KV-head blocks: use false"
+                    ),
+                ));
+            }
         }
         if self.dense_layers > m.n_layers {
             return Err(bad(

@@ -50,6 +50,14 @@ pub fn decode_offloaded<T: Element>(
             format!("{}/{}", sels.len(), pinned.len()),
         ));
     }
+    if let Some(i) = sels.iter().position(|s| s.n_kv_heads() != shape.n_kv_heads) {
+        return Err(Error::Invalid(format!(
+            "offloaded decode: sequence {i}'s selection holds {} range lists, not one per KV head ({}); \
+             the device page cache works per KV head (hip.per_q_head runs on the all-resident path only)",
+            sels[i].n_kv_heads(),
+            shape.n_kv_heads
+        )));
+    }
     let ps = host.layout().page_size;
     let n_heads = host.layout().n_kv_heads;
     let before = cache.stats();

@@ -33,6 +33,8 @@ sel = ctx/8 - 32 - ctx/32, as configs/hip-1_8-*.json):
   c2rR+succN   c2rR, and stage 2's candidates also hold the successors
                (x+1..x+N, N default 1) of the keys stage 2 chose at the previous step
                (induction: the copy head's next key is the last one's successor)
+  pq-V         variant V run by each q head on its own scores with its own
+               state and the same budget (hip.per_q_head), e.g. pq-c2r8+succ4
 """
 import argparse
 import os
@@ -120,6 +122,23 @@ class Sim:
         return np.repeat(m[None], G, 0)
 
 
+class PerQ:
+    """`pq-VARIANT`: VARIANT run by each q head on its own scores, with its
+    own state and the same budget (hip.per_q_head)."""
+
+    def __init__(self, kind, refresh, succ, ctx):
+        self.sims = [Sim(kind, refresh, succ, ctx) for _ in range(G)]
+
+    def select(self, s, pos):
+        return np.stack([sim.select(s[g:g + 1], pos)[0] for g, sim in enumerate(self.sims)])
+
+
+def make_sim(v, ctx):
+    if v.startswith("pq-"):
+        return PerQ(*parse_variant(v[3:]), ctx)
+    return Sim(*parse_variant(v), ctx)
+
+
 def parse_variant(v):
     if v in ("topk", "perhead"):
         return v, 1, False
@@ -156,7 +175,7 @@ def main():
         k = np.fromfile(f"{a.dump}/L{l}.k.f32", dtype="<f4").reshape(-1, HK, D)
         assert len(k) > last_q, (len(k), last_q)
         for h in range(HK):
-            sims = {v: Sim(*parse_variant(v), a.ctx) for v in variants}
+            sims = {v: make_sim(v, a.ctx) for v in variants}
             kh = k[:, h]
             for pos in range(P, last_q + 1):
                 s = q[pos, h * G:(h + 1) * G] @ kh[:pos + 1].T / np.sqrt(D)

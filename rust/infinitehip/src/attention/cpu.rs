@@ -166,11 +166,13 @@ fn split_ranges(ranges: &[Range<usize>], split: usize) -> Vec<Vec<Range<usize>>>
     out
 }
 
+/// A selection holds one range list per KV head or (hip `per_q_head`) one
+/// per q head; anything else is refused.
 fn check_sel(sel: &Selection, shape: &AttnShape, len: usize, what: &str) -> Result<()> {
-    if sel.n_kv_heads() != shape.n_kv_heads {
+    if sel.q_heads_per_list(shape).is_none() {
         return Err(Error::shape(
-            format!("{what} selection heads"),
-            shape.n_kv_heads,
+            format!("{what} selection heads (per KV head or per q head)"),
+            format!("{} or {}", shape.n_kv_heads, shape.n_q_heads),
             sel.n_kv_heads(),
         ));
     }
@@ -255,40 +257,58 @@ pub fn decode_with<T: Element>(
         }
     };
     let qs: Vec<f32> = q.iter().map(|x| x * shape.scale).collect();
-    // Work items: (sequence, kv head, split).
+    let qe = shape.q_elems();
+    // Work items: (sequence, list, split). A list is a KV head (its `nq` = g
+    // q heads share the loads) or, per q head, one q head (`nq` = 1) of KV
+    // head `list * nq / g`. Its q heads are `list * nq..(list + 1) * nq`.
     let mut items = Vec::new();
+    let mut slot0 = Vec::with_capacity(b);
+    let mut n_slots = 0;
     for bi in 0..b {
-        for h in 0..hkv {
-            let total = sel[bi].token_count(h);
+        let lists = sel[bi].heads.len();
+        let nq = shape.n_q_heads / lists;
+        slot0.push(n_slots);
+        n_slots += lists;
+        for u in 0..lists {
+            let total = sel[bi].token_count(u);
             let mut rank = 0;
-            for piece in split_ranges(&sel[bi].heads[h], SPLIT_TOKENS) {
+            for piece in split_ranges(&sel[bi].heads[u], SPLIT_TOKENS) {
                 let shifts =
                     streaming.map(|_| streaming_shifts(&piece, rank, total, kvs[bi].len() - 1));
                 rank += piece.iter().map(|r| r.len()).sum::<usize>();
-                items.push((bi, h, piece, shifts));
+                items.push((bi, u, nq, piece, shifts));
             }
         }
     }
     let partials = par_map(items.len(), |i| {
-        let (bi, h, ref piece, ref shifts) = items[i];
-        let mut p = Partial::new(g, d);
-        let qo = bi * shape.q_elems() + h * g * d;
+        let (bi, u, nq, ref piece, ref shifts) = items[i];
+        let mut p = Partial::new(nq, d);
+        let qo = bi * qe + u * nq * d;
         let rot = streaming.zip(shifts.as_deref());
-        attend(&qs[qo..qo + g * d], g, d, &kvs[bi], h, piece, rot, &mut p);
+        attend(
+            &qs[qo..qo + nq * d],
+            nq,
+            d,
+            &kvs[bi],
+            u * nq / g,
+            piece,
+            rot,
+            &mut p,
+        );
         p
     });
-    let mut merged: Vec<Option<Partial>> = (0..b * hkv).map(|_| None).collect();
-    for ((bi, h, _, _), p) in items.iter().zip(partials) {
-        let slot = &mut merged[bi * hkv + h];
+    let mut merged: Vec<Option<(usize, Partial)>> = (0..n_slots).map(|_| None).collect();
+    for ((bi, u, nq, _, _), p) in items.iter().zip(partials) {
+        let slot = &mut merged[slot0[*bi] + u];
         match slot {
-            Some(m) => m.merge(&p, d),
-            None => *slot = Some(p),
+            Some((_, m)) => m.merge(&p, d),
+            None => *slot = Some((bi * qe + u * nq * d, p)),
         }
     }
-    for (i, p) in merged.into_iter().enumerate() {
-        let o = i * g * d;
-        p.expect("every (seq, head) has a split")
-            .write(d, &mut out[o..o + g * d]);
+    for m in merged {
+        let (o, p) = m.expect("every (seq, list) has a split");
+        let n = p.m.len() * d;
+        p.write(d, &mut out[o..o + n]);
     }
     Ok(())
 }
@@ -356,11 +376,19 @@ pub fn prefill_with<T: Element>(
     let n_blocks = n.div_ceil(qb);
     let qs: Vec<f32> = q.iter().map(|x| x * shape.scale).collect();
     let out_ptr = SyncPtr(out.as_mut_ptr());
-    par_for(n_blocks * hkv, |item| {
-        let (blk, h) = (item / hkv, item % hkv);
+    // Work items (block, list): a list is a KV head, or one q head of a
+    // per-q-head selection (see `decode_with`).
+    let lists_of = |blk: usize| sels.map_or(hkv, |s| s[blk].heads.len());
+    let items: Vec<(usize, usize)> = (0..n_blocks)
+        .flat_map(|blk| (0..lists_of(blk)).map(move |u| (blk, u)))
+        .collect();
+    par_for(items.len(), |item| {
+        let (blk, u) = items[item];
+        let nq = shape.n_q_heads / lists_of(blk);
+        let h = u * nq / g;
         let full;
         let ranges: &[Range<usize>] = match sels {
-            Some(s) => &s[blk].heads[h],
+            Some(s) => &s[blk].heads[u],
             None => {
                 full = [0..kv.len()];
                 &full
@@ -376,16 +404,16 @@ pub fn prefill_with<T: Element>(
                     .filter(|r| r.start <= pos)
                     .map(|r| r.start..r.end.min(pos + 1)),
             );
-            let mut p = Partial::new(g, d);
-            let qo = i * qe + h * g * d;
+            let mut p = Partial::new(nq, d);
+            let qo = i * qe + u * nq * d;
             let shifts = streaming.map(|_| {
                 let n_vis = clipped.iter().map(|r| r.len()).sum();
                 streaming_shifts(&clipped, 0, n_vis, pos)
             });
             let rot = streaming.zip(shifts.as_deref());
-            attend(&qs[qo..qo + g * d], g, d, kv, h, &clipped, rot, &mut p);
-            // SAFETY: each (query, kv head) writes its own disjoint g*d slice.
-            let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(qo), g * d) };
+            attend(&qs[qo..qo + nq * d], nq, d, kv, h, &clipped, rot, &mut p);
+            // SAFETY: each (query, list) writes its own disjoint nq*d slice.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(qo), nq * d) };
             p.write(d, dst);
         }
     });

@@ -5,7 +5,8 @@ use crate::kv::KvRead;
 use crate::policy::Selection;
 
 /// One query vector set (`[n_q_heads][d]`) against the tokens of `sel`
-/// (or all tokens below `limit`), in f64.
+/// (or all tokens below `limit`), in f64. `sel` may hold one list per KV
+/// head or one per q head (`Selection::q_head_ranges`).
 pub fn attend_f64(
     shape: &AttnShape,
     q: &[f32],
@@ -21,7 +22,7 @@ pub fn attend_f64(
         let h = hq / g;
         let qh = &q[hq * d..(hq + 1) * d];
         let toks: Vec<usize> = (0..limit.min(kv.len()))
-            .filter(|&t| sel.is_none_or(|s| s.contains(h, t)))
+            .filter(|&t| sel.is_none_or(|s| s.q_head_contains(hq, shape.n_q_heads, t)))
             .collect();
         let mut scores = Vec::with_capacity(toks.len());
         for &t in &toks {
@@ -91,7 +92,7 @@ pub fn attend_streaming_f64(
     for hq in 0..shape.n_q_heads {
         let h = hq / g;
         let toks: Vec<usize> = (0..limit.min(kv.len()))
-            .filter(|&t| sel.contains(h, t))
+            .filter(|&t| sel.q_head_contains(hq, shape.n_q_heads, t))
             .collect();
         let n = toks.len();
         let mut qh = q[hq * d..(hq + 1) * d].to_vec();

@@ -12,6 +12,10 @@
 //! group, so one mask serves the whole group. Ties go to the left half and,
 //! among chunks, to the earlier chunk, so results are deterministic.
 //!
+//! With `per_q_head` (decode only) every q head runs the stages with its own
+//! query and keeps its own budget: the decode selection then holds one range
+//! list per q head (`Selection::q_head_ranges`). Prefill stays per group.
+//!
 //! Decode caches each stage's output per sequence and refreshes stage i every
 //! `refresh_interval` steps (a refreshed stage also refreshes the later ones);
 //! between refreshes new tokens are covered by the sliding window, and the
@@ -219,11 +223,12 @@ fn regions(
     (0..sink_end, sink_end..win_start, win_start..end)
 }
 
-/// Per-sequence decode cache: each stage's kept ranges per KV head.
+/// Per-sequence decode cache: each stage's kept ranges per range list (KV
+/// head, or q head with `per_q_head`).
 #[derive(Default)]
 struct DecodeState {
     step: usize,
-    /// `stages[i][head]`: output of stage i at its last refresh.
+    /// `stages[i][list]`: output of stage i at its last refresh.
     stages: Vec<Vec<Vec<Range<usize>>>>,
     /// Sequence length at the last step, to detect a restarted sequence.
     last_len: usize,
@@ -449,12 +454,20 @@ impl HipPolicy {
     }
 
     fn select_decode(&mut self, req: &SelectRequest<'_>) -> Result<SelectOutput> {
-        let hkv = req.shape.n_kv_heads;
+        let (hkv, g, d) = (req.shape.n_kv_heads, req.shape.group(), req.shape.head_dim);
+        // Range lists: one per KV head (scored by the max over its group's q
+        // heads), or with `per_q_head` one per q head (scored by that head's
+        // query alone, reading KV head u / g), each keeping the same budget.
+        let per_q = self.cfg.per_q_head && g > 1;
+        let lists = if per_q { req.shape.n_q_heads } else { hkv };
         let pos = req.q_start;
         let len = req.kv.len();
         let n_stages = self.cfg.stages.len();
         let mut st = self.states.remove(&req.seq).unwrap_or_default();
-        if st.stages.len() != n_stages || len <= st.last_len {
+        if st.stages.len() != n_stages
+            || st.stages.first().is_some_and(|s| s.len() != lists)
+            || len <= st.last_len
+        {
             // New or restarted sequence: recompute everything.
             st = DecodeState::default();
         }
@@ -472,21 +485,25 @@ impl HipPolicy {
         }
         // Tokens that left the window since stage 1 last ran.
         let slid = st.mid_end.max(mid.start)..mid.end;
-        let per_head = |h: usize| {
+        let per_head = |u: usize| {
             let mut fresh: Vec<Vec<Range<usize>>> = Vec::new();
             let mut kept = if mid.is_empty() {
                 vec![]
             } else if from == n_stages {
-                st.stages[n_stages - 1][h].clone()
+                st.stages[n_stages - 1][u].clone()
             } else {
                 let cands = if from == 0 {
                     vec![mid.clone()]
                 } else {
-                    st.stages[from - 1][h].clone()
+                    st.stages[from - 1][u].clone()
                 };
-                let qs = Self::group_queries(req, h, 0, 1, 1);
+                let (h, qs) = if per_q {
+                    (u / g, req.queries[u * d..(u + 1) * d].to_vec())
+                } else {
+                    (u, Self::group_queries(req, u, 0, 1, 1))
+                };
                 let prev_last = (self.cfg.successors > 0 && !st.stages.is_empty())
-                    .then(|| &st.stages[n_stages - 1][h][..]);
+                    .then(|| &st.stages[n_stages - 1][u][..]);
                 self.stages_from(req, h, &qs, pos, &mid, from, cands, prev_last, |_, r| {
                     fresh.push(r.to_vec())
                 })
@@ -499,13 +516,13 @@ impl HipPolicy {
         // A step without refresh only copies cached ranges: spawning worker
         // threads for it would cost more than the work.
         let results: Vec<_> = if from == n_stages {
-            (0..hkv).map(per_head).collect()
+            (0..lists).map(per_head).collect()
         } else {
-            par_map(hkv, per_head)
+            par_map(lists, per_head)
         };
         if from < n_stages {
             if st.stages.is_empty() {
-                st.stages = vec![vec![Vec::new(); hkv]; n_stages];
+                st.stages = vec![vec![Vec::new(); lists]; n_stages];
             }
             for (h, (_, fresh)) in results.iter().enumerate() {
                 for (k, r) in fresh.iter().enumerate() {

@@ -2,9 +2,13 @@
 
 use std::ops::Range;
 
-/// Per KV head, sorted disjoint token ranges that the q heads of that KV
-/// head's group attend to. Blocks (hip) and single tokens (locret, squeeze,
-/// lazy) share this form; adjacent tokens merge into one range.
+/// Sorted disjoint token ranges per head. Usually one list per KV head,
+/// which every q head of that KV head's group attends to; hip with
+/// `per_q_head` (decode, CPU paths only) gives one list per q head
+/// (`heads.len() == n_q_heads`), q head `hq` reading KV head `hq / group`.
+/// Blocks (hip) and single tokens (locret, squeeze, lazy) share this form;
+/// adjacent tokens merge into one range. `q_head_ranges` picks a q head's
+/// list in either form.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Selection {
     pub heads: Vec<Vec<Range<usize>>>,
@@ -36,8 +40,38 @@ impl Selection {
         Selection { heads: per_head }
     }
 
+    /// Range lists held: KV heads, or q heads for a per-q-head selection.
     pub fn n_kv_heads(&self) -> usize {
         self.heads.len()
+    }
+
+    /// True when this holds one list per q head of `shape` and the heads
+    /// are grouped (with one q head per KV head both forms are the same).
+    pub fn is_per_q_head(&self, shape: &crate::attention::AttnShape) -> bool {
+        shape.n_q_heads != shape.n_kv_heads && self.heads.len() == shape.n_q_heads
+    }
+
+    /// Q heads that share each list: the group size for a per-KV-head
+    /// selection, 1 for a per-q-head one. None when `heads.len()` is
+    /// neither `n_kv_heads` nor `n_q_heads` of `shape`.
+    pub fn q_heads_per_list(&self, shape: &crate::attention::AttnShape) -> Option<usize> {
+        if self.heads.len() == shape.n_kv_heads {
+            Some(shape.group())
+        } else if self.heads.len() == shape.n_q_heads {
+            Some(1)
+        } else {
+            None
+        }
+    }
+
+    /// The list q head `hq` (of `n_q_heads`) attends, in either form.
+    pub fn q_head_ranges(&self, hq: usize, n_q_heads: usize) -> &[Range<usize>] {
+        &self.heads[hq * self.heads.len() / n_q_heads]
+    }
+
+    /// Whether q head `hq` (of `n_q_heads`) attends token `tok`.
+    pub fn q_head_contains(&self, hq: usize, n_q_heads: usize, tok: usize) -> bool {
+        self.contains(hq * self.heads.len() / n_q_heads, tok)
     }
 
     /// Tokens selected for one head.

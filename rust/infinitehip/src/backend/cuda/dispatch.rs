@@ -1775,6 +1775,12 @@ impl HipGpuDecoder {
                 "CPU policy only: the GPU decode stages do not add successors (use 0 on the GPU)",
             ));
         }
+        if cfg.per_q_head {
+            return Err(Error::config(
+                "hip.per_q_head",
+                "CPU policy only: the GPU stages and kernels keep one mask per KV head (use false on the GPU)",
+            ));
+        }
         Ok(())
     }
 

@@ -173,6 +173,8 @@ pub fn entry_points(module: &str) -> Vec<String> {
             "ea_admit".into(),
             "ea_clear".into(),
             "ea_rebuild".into(),
+            "bus_rows".into(),
+            "bus_blocks".into(),
         ];
     }
     if module == "hip_mask_host" {

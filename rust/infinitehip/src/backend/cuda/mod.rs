@@ -44,6 +44,14 @@ pub mod prof;
 
 pub use cudarc;
 
+/// `INFINITEHIP_LAZY_MODULES=all`: every kernel module is loaded at its
+/// first use instead of at `GpuContext::new` (a cold machine's driver then
+/// JIT-compiles only the PTX a command uses; no first use may then fall
+/// inside a CUDA graph capture).
+fn all_modules_lazy() -> bool {
+    std::env::var("INFINITEHIP_LAZY_MODULES").is_ok_and(|v| v == "all")
+}
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -345,8 +353,9 @@ impl GpuContext {
         let name = ctx.name().unwrap_or_default();
         let stream = ctx.default_stream();
         let mut modules = HashMap::new();
+        let all_lazy = all_modules_lazy();
         for (m, _) in kernels::MODULES {
-            if kernels::LAZY_MODULES.contains(m) {
+            if all_lazy || kernels::LAZY_MODULES.contains(m) {
                 continue;
             }
             let (ptx, cached) = compile_module(m, arch)?;
@@ -467,7 +476,18 @@ impl GpuContext {
     /// A `kernels::LAZY_MODULES` module, compiled (or read from the PTX
     /// cache) and loaded at its first use.
     fn lazy_module(&self, module: &str) -> Result<Arc<CudaModule>> {
-        let Some(&name) = kernels::LAZY_MODULES.iter().find(|&&m| m == module) else {
+        let name = kernels::LAZY_MODULES.iter().copied().find(|&m| m == module);
+        let name = name.or_else(|| {
+            all_modules_lazy()
+                .then(|| {
+                    kernels::MODULES
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .find(|&n| n == module)
+                })
+                .flatten()
+        });
+        let Some(name) = name else {
             return Err(Error::Invalid(format!("CUDA: module {module} not loaded")));
         };
         let mut lazy = self.lazy.lock().unwrap();

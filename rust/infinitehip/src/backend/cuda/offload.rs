@@ -1053,6 +1053,27 @@ impl DevicePages {
 }
 
 impl OffloadKv {
+    /// `PagePolicy::Device`: read page ids from a device i32 table
+    /// `[rows][stride]` owned by the caller (an engine's cell-order table,
+    /// page size 1) instead of the copy made at construction, which cannot
+    /// follow an engine's appends. The caller keeps it allocated and
+    /// current while steps that use it run.
+    pub fn set_device_page_table(&mut self, ptr: u64, stride: usize, rows: usize) -> Result<()> {
+        let d = self.dev.as_mut().ok_or_else(|| {
+            Error::Invalid("offload: device page table on a host-policy page cache".into())
+        })?;
+        if rows != self.host.tables.len() || stride == 0 {
+            return Err(Error::shape(
+                "offload device page table rows",
+                self.host.tables.len(),
+                rows,
+            ));
+        }
+        d.ptable = DevBuf::borrowed(ptr, rows * stride * 4);
+        d.pstride = stride;
+        Ok(())
+    }
+
     /// Give the host tier back (drops the device cache).
     pub fn into_host(self) -> HostKv {
         self.host

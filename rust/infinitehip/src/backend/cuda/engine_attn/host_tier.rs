@@ -10,16 +10,21 @@
 //!   estimation scores keys through it (kernels `hip_mask_host`); misses
 //!   read the pinned rows over the bus. Same key bits in the same order, so
 //!   the selection equals the one over device K/V;
-//! - the device page cache (`offload::OffloadKv`, one page per cell, LRU
-//!   over (cell, kv head) blocks, sink and window pinned): the step's
-//!   selection is read back (one host sync per layer-step), the missed
-//!   blocks are copied on a side stream, and the `slot_` decode kernel
-//!   attends from the slot arena on the engine's stream.
+//! - the device page cache (`offload::OffloadKv`, one page per cell, sink
+//!   and window pinned): by default `PagePolicy::Device` (CLOCK on the
+//!   device from the device selection and the engine's device cell table,
+//!   the missed blocks copied on the engine's stream: no read-back, no host
+//!   sync per layer-step) with `Admission::FullDevice` for the row cache;
+//!   `INFINITEHIP_OFFLOAD_ROUTE=device`: the earlier path (the selection
+//!   read back, one host sync per layer-step, host LRU, copies on a side
+//!   stream, host dedup + CLOCK for the row cache). The `slot_` decode
+//!   kernel attends from the slot arena on the engine's stream.
 //!
 //! The output equals `decode`'s over device K/V bit for bit (same
 //! selection, same K/V bits, same kernel arithmetic). Device memory per
 //! layer: `cache_cells * n_kv_heads` head blocks of K and V, the row
-//! cache, and the slot table (one i32 per (cell, kv head) of the buffer).
+//! cache, and the slot table (one i32 per (cell, kv head) of the buffer);
+//! the device-side policy adds 12 B per (cell, kv head) of the buffer.
 //!
 //! The tier follows its sequences by appends: a step whose every table row
 //! is the last step's plus one cell keeps the caches; anything else (other
@@ -31,7 +36,7 @@ use std::ops::Range;
 
 use super::super::dispatch::{launch_attention_ex, regions, KvPtrs, KvStrides};
 use super::super::est_cache::{Admission, HostEstimation};
-use super::super::offload::{HostKv, OffloadKv, PinnedBuf};
+use super::super::offload::{HostKv, OffloadKv, PagePolicy, PinnedBuf};
 use super::super::{gpu_err, DevBuf};
 use super::{AttnOut, EngineKv, GpuAttention, Layer, QArg};
 use crate::dtype::DType;
@@ -120,6 +125,19 @@ impl HostTier {
                 .zip(tables)
                 .all(|(old, new)| new.len() == old.len() + 1 && new[..old.len()] == old[..])
     }
+}
+
+/// Which offload path the engines' route runs: the full-device one
+/// (default: page policy and estimation admission on the device, no host
+/// sync per layer-step; bench-gpu-offload `--admission full-device`), or
+/// run 4's (`INFINITEHIP_OFFLOAD_ROUTE=device`: the selection read back for
+/// a host LRU page policy, host dedup + CLOCK for the row cache). Read when
+/// a tier is (re)built.
+fn full_device_route() -> bool {
+    !matches!(
+        std::env::var("INFINITEHIP_OFFLOAD_ROUTE").as_deref(),
+        Ok("device")
+    )
 }
 
 impl GpuAttention {
@@ -227,14 +245,24 @@ impl GpuAttention {
                 tables: vec![vec![0; kv.n_cells]; b],
                 lens: vec![0; b],
             };
+            let full = full_device_route();
             let est = HostEstimation::with_admission(
                 &gpu,
                 &host,
                 cfg.estimation_rows,
                 true,
-                Admission::Device,
+                if full {
+                    Admission::FullDevice
+                } else {
+                    Admission::Device
+                },
             )?;
-            let mut off = OffloadKv::new(&gpu, host, cfg.cache_cells * hkv)?;
+            let policy = if full {
+                PagePolicy::Device
+            } else {
+                PagePolicy::Host
+            };
+            let mut off = OffloadKv::with_policy(&gpu, host, cfg.cache_cells * hkv, policy)?;
             off.host.tables = tables;
             off.host.lens = lens.to_vec();
             let stats = HostTierStats {
@@ -291,7 +319,6 @@ impl GpuAttention {
         t.stats.est_hits += es.cache.hits;
         t.stats.est_misses += es.cache.misses;
         t.stats.est_host_bytes += es.host_bytes_read;
-        let sels = sel.to_host(hkv)?;
         let Layer::Hip(h) = &self.layers[layer] else {
             unreachable!()
         };
@@ -302,7 +329,16 @@ impl GpuAttention {
                 vec![sink, win]
             })
             .collect();
-        let st = t.off.prepare(&gpu, &sels, &pins)?;
+        let st = if t.off.policy == PagePolicy::Device {
+            // Page policy on the device from the device selection: no
+            // read-back, no host sync on the layer-step's path. Page ids
+            // are the engine's cells, read from its device table.
+            t.off.set_device_page_table(kv.table, kv.table_stride, b)?;
+            t.off.prepare_device(&gpu, &sel, &pins)?
+        } else {
+            let sels = sel.to_host(hkv)?;
+            t.off.prepare(&gpu, &sels, &pins)?
+        };
         t.stats.cache.hits += st.cache.hits;
         t.stats.cache.misses += st.cache.misses;
         t.stats.cache.bytes_copied += st.cache.bytes_copied;
