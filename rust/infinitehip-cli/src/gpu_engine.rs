@@ -577,13 +577,11 @@ fn prefill_case(gpu: &GpuContext, seed: u64) -> R<Check> {
     })
 }
 
-/// The engine decode case alone (`gpu-test --engine-decode-only`), with the
-/// seed `checks` gives it.
 /// The engine's hip decode attention, sparse v2 (the default) vs split-K +
 /// combine (the previous path), on the same inputs: two `GpuAttention`s,
 /// one per kernel, three requests (one joining late), steps that refresh
-/// stages and steps that do not; same selections, outputs within the sum of both kernels'
-/// bounds, the sparse output vs the f64 reference over the engine's
+/// stages and steps that do not; same selections, outputs within 1e-5 of
+/// each other, the sparse output vs the f64 reference over the engine's
 /// selection, and that output further than the bound from the reference
 /// missing one selected token of one head.
 fn engine_sparse_case(gpu: &GpuContext, seed: u64) -> R<Check> {
@@ -707,7 +705,10 @@ fn engine_sparse_case(gpu: &GpuContext, seed: u64) -> R<Check> {
             }
         }
     }
-    let bound = DENSE_BOUND + STORED_KV_BOUND;
+    // Split-K vs the sparse v2 decoder on this case's shapes: 3.2e-6
+    // (tests/gpu/logs/merged-2026-12-04e/, the check above before the
+    // engine path switched); one dropped token is ~1e-3.
+    let bound = STORED_KV_BOUND;
     Ok(Check {
         name: "engine GpuAttention hip decode: sparse v2 (default) == split-K + combine, same inputs".into(),
         ok: same_sel
@@ -723,6 +724,8 @@ fn engine_sparse_case(gpu: &GpuContext, seed: u64) -> R<Check> {
     })
 }
 
+/// The engine decode case alone (`gpu-test --engine-decode-only`), with the
+/// seed `checks` gives it.
 pub(crate) fn decode_checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
     let mut v = engine_case(gpu, seed + 600)?;
     v.push(engine_sparse_case(gpu, seed + 650)?);
