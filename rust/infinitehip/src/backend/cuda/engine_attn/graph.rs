@@ -264,6 +264,16 @@ impl GpuAttention {
             dense_rows = dense_rows.max(bs * hq * cap_tokens.div_ceil(sp).max(1));
         }
         dense_ws.ensure(dense_rows, rows_n, d)?;
+        if n_hip > 0 {
+            // hip_sparse is a lazily loaded module: load it here, outside
+            // any capture (a step's first use would otherwise load it in
+            // the captured region). An entry point not built for this shape
+            // is reported by the launch, not here.
+            for dt in ["bf16", "f16"] {
+                let name = format!("hip_sparse_{dt}_d{d}_g{}_u{u_sp}", self.shape.group());
+                let _ = self.gpu.func("hip_sparse", &name);
+            }
+        }
         let mut sparse_ws = DenseDecodeWs::new();
         sparse_ws.ensure(sparse_rows, rows_n, d)?;
         total += (attn_rows + dense_rows + sparse_rows) * (d + 2) * 4;
