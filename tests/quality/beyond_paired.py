@@ -24,17 +24,40 @@ def mse(xs):
     return m, se
 
 
+def fill_from_nll(r, nll_path, input_path):
+    """Per-token records of an older run: from its .nll (f32 nll, i32 argmax, i32 path per target) and input."""
+    import array
+    import struct
+
+    data = open(nll_path, "rb").read()
+    rec = [struct.unpack_from("<fii", data, i * 12) for i in range(len(data) // 12)]
+    ids = array.array("i")
+    ids.frombytes(open(input_path, "rb").read())
+    P = r["prefill"]
+    r["continuation_nlls"] = [rec[i][0] for i in range(P + 1, P + r["decode_text_tokens"] + 1)]
+    for pr in r["probes"]:
+        lo, hi = pr["answer"]
+        pr["hits"] = [int(rec[i][1] == ids[i]) for i in range(lo, hi)]
+        pr["nlls"] = [rec[i][0] for i in range(lo, hi)]
+        assert abs(sum(pr["hits"]) / len(pr["hits"]) - pr["acc"]) < 1e-9, "records do not match the run"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("runs")
     ap.add_argument("L", type=int)
     ap.add_argument("configs", nargs="+")
     ap.add_argument("--layout", default="c128-k16x24")
+    ap.add_argument("--input", help="the run's input ids: rebuild per-token records from the .nll beside a "
+                    "JSON that lacks them (runs made before beyond.py stored them)")
     a = ap.parse_args()
     rows = []
     for c in a.configs:
         p = os.path.join(a.runs, f"{c}-{a.L}-{a.layout}.json")
-        rows.append(json.load(open(p)))
+        r = json.load(open(p))
+        if "continuation_nlls" not in r:
+            fill_from_nll(r, p[:-5] + ".nll", a.input)
+        rows.append(r)
     print(f"L={a.L} layout {a.layout}")
     for r in rows:
         accs = [p["acc"] for p in r["probes"]]
