@@ -140,6 +140,206 @@ SCORE_Q(F16, f16, 64)
 SCORE_Q(F16, f16, 128)
 SCORE_Q(F16, f16, 256)
 
+#ifndef HIP_EST_HOST
+// hip_scorew: the same scores as hip_score, bit for bit, with the key rows
+// of a level fetched together. A warp scores SPW = 32 / LPS sub-chunks
+// (LPS lanes each, queries split among them as in hip_score4) level by
+// level: each sub-chunk's (up to) two probe rows of the level are copied
+// into the warp's shared memory by coalesced 16-byte cp.async (D / 8 lanes
+// per row, every row of the level in flight at once), then each lane takes
+// its dot products from shared memory in the CPU's order (probe() above).
+// hip_score instead loads each row 16 bytes per thread, two loads in
+// flight, so a level costs 16 dependent round trips to memory. The right
+// probe of a 2-token range after the first level is the row the previous
+// level chose (centre of the half it kept), so its score is reused, not
+// reloaded. Rows sit in shared memory at a stride of D / 8 + 1 16-byte
+// units (odd: the 8 lanes of a 16-byte shared access hit distinct banks).
+// Dynamic shared memory: the queries (rounded as in hip_score), then per
+// warp 2 * SPW row offsets (8 bytes) and 2 * SPW rows.
+__device__ __forceinline__ u32 hsw_smem_u32(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+template <typename E, int D, int NQ, int LPS, int QS>
+__device__ __forceinline__ float probe_smem(const u16* kr, const float* sq, int nq, int jl) {
+    float best = NEG_INF;
+    for (int j0 = jl * NQ; j0 < nq; j0 += NQ * LPS) {
+        float a[NQ][8];
+#pragma unroll
+        for (int j = 0; j < NQ; j++)
+#pragma unroll
+            for (int i = 0; i < 8; i++) a[j][i] = 0.f;
+#pragma unroll 4
+        for (int c = 0; c < D / 8; c++) {
+            float k8[8];
+            load8<E>(kr + c * 8, k8);
+#pragma unroll
+            for (int j = 0; j < NQ; j++) {
+                const float* qj = sq + (j0 + j) * QS + c * 8;
+#pragma unroll
+                for (int i = 0; i < 8; i++) a[j][i] = __fadd_rn(a[j][i], __fmul_rn(qj[i], k8[i]));
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < NQ; j++) {
+            if (j0 + j < nq) {
+                float s = a[j][0];
+#pragma unroll
+                for (int i = 1; i < 8; i++) s = __fadd_rn(s, a[j][i]);
+                best = fmaxf(best, s);
+            }
+        }
+    }
+    return best;
+}
+
+// Shared-memory bytes per warp of hip_scorew (the host mirrors it).
+#define HSW_WARP_BYTES(D, LPS) (2 * (32 / (LPS)) * (((D) / 8 + 1) * 16 + 8))
+
+template <typename E, int D, int NQ, int LPS>
+__device__ void hip_scorew(const u16* __restrict__ kp, const int* __restrict__ table, int table_stride,
+                           int ps, int hkv, long long pst, long long hst, const int* __restrict__ row_seq,
+                           const float* __restrict__ qs, const int* __restrict__ nq_arr, int nq_max,
+                           const int2* __restrict__ in_ranges, const int* __restrict__ in_cnt,
+                           int cap_in, int E_, int c, u32* __restrict__ keys, const int* __restrict__ gate,
+                           int stage) {
+    constexpr int QS = LPS > 1 ? D + 4 : D;
+    constexpr int SPW = 32 / LPS;                 // sub-chunks per warp
+    constexpr int RU = D / 8 + 1;                 // row stride, 16-byte units
+    constexpr int RL = D / 8 < 32 ? D / 8 : 32;   // lanes per row in one copy
+    constexpr int RPI = 32 / RL;                  // rows per copy instruction
+    constexpr int VPL = D / 8 / RL;               // 16-byte vectors per lane per row
+    constexpr int NR = 2 * SPW;                   // rows per warp per level
+    extern __shared__ float sq[];
+    if (gate && gate[1] > stage) return;  // as hip_score (uniform over the block)
+    const int r = blockIdx.y;
+    const int rb = r / hkv, h = r % hkv;
+    const int nq = nq_arr[rb];
+    const float* qsrc = qs + ((long long)r * nq_max) * D;
+    const int nq_pad = (nq + NQ * LPS - 1) / (NQ * LPS) * (NQ * LPS);
+    for (int i = threadIdx.x; i < nq_pad * D; i += blockDim.x)
+        sq[(i / D) * QS + i % D] = i < nq * D ? qsrc[i] : 0.f;
+    __syncthreads();
+    const int q_floats = (nq_max + NQ * LPS - 1) / (NQ * LPS) * (NQ * LPS) * QS;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    char* wbase = reinterpret_cast<char*>(sq + q_floats) + warp * HSW_WARP_BYTES(D, LPS);
+    long long* saddr = reinterpret_cast<long long*>(wbase);
+    const u16* srow = reinterpret_cast<const u16*>(wbase + NR * 8);
+    const u32 srow_s = hsw_smem_u32(wbase + NR * 8);
+    const int n_sub = cap_in * E_;
+    const int j = (blockIdx.x * blockDim.x + threadIdx.x) / LPS;
+    const int jl = lane % LPS, s = lane / LPS;
+    int l = 0, rr = 0;
+    bool active = false, valid = false;
+    float best = NEG_INF;
+    const int* trow = table + (long long)row_seq[rb] * table_stride;
+    if (j < n_sub) {
+        const int ri = j / E_, e = j % E_;
+        if (ri < in_cnt[r]) {
+            int2 rg = in_ranges[(long long)r * cap_in + ri];
+            l = rg.x + e * c;
+            if (l < rg.y) {
+                rr = min(l + c, rg.y);
+                valid = active = true;
+            }
+        }
+    }
+    int cpi = -1, cpg = 0;  // cached page-table entry (index, page)
+    int level = 0;
+    while (__any_sync(0xffffffffu, active)) {
+        int ta = -1, tb = -1;
+        bool reuse = false;
+        if (active) {
+            if (rr - l == 1) {
+                ta = l;  // one token: one probe
+            } else {
+                const int m = (l + rr) / 2;
+                ta = (l + m) / 2;
+                reuse = rr - l == 2 && level > 0;
+                if (!reuse) tb = (m + rr) / 2;
+            }
+        }
+        if (jl == 0) {
+            long long oa = -1, ob = -1;
+            if (ta >= 0) {
+                const int pi = ta / ps;
+                if (pi != cpi) { cpi = pi; cpg = trow[pi]; }
+                oa = (long long)cpg * pst + (long long)h * hst + (long long)(ta % ps) * D;
+            }
+            if (tb >= 0) {
+                const int pi = tb / ps;
+                if (pi != cpi) { cpi = pi; cpg = trow[pi]; }
+                ob = (long long)cpg * pst + (long long)h * hst + (long long)(tb % ps) * D;
+            }
+            saddr[s] = oa;
+            saddr[SPW + s] = ob;
+        }
+        __syncwarp();
+#pragma unroll 4
+        for (int it = 0; it < NR / RPI; it++) {
+            const int k = it * RPI + lane / RL;
+            const long long a = saddr[k];
+            if (a >= 0) {
+#pragma unroll
+                for (int v = 0; v < VPL; v++) {
+                    const int u = (lane % RL) * VPL + v;
+                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(srow_s + (u32)((k * RU + u) * 16)),
+                                 "l"(kp + a + u * 8));
+                }
+            }
+        }
+        asm volatile("cp.async.wait_all;" ::: "memory");
+        __syncwarp();
+        float sa = NEG_INF, sb = NEG_INF;
+        if (active) {
+            sa = probe_smem<E, D, NQ, LPS, QS>(srow + s * RU * 8, sq, nq, jl);
+            if (tb >= 0) sb = probe_smem<E, D, NQ, LPS, QS>(srow + (SPW + s) * RU * 8, sq, nq, jl);
+        }
+#pragma unroll
+        for (int o = LPS / 2; o > 0; o >>= 1) {
+            sa = fmaxf(sa, __shfl_xor_sync(0xffffffffu, sa, o, LPS));
+            sb = fmaxf(sb, __shfl_xor_sync(0xffffffffu, sb, o, LPS));
+        }
+        if (active) {
+            if (rr - l == 1) {
+                best = sa;
+                active = false;
+            } else {
+                if (reuse) sb = best;
+                const int m = (l + rr) / 2;
+                if (sa >= sb) { rr = m; best = sa; } else { l = m; best = sb; }
+                if (rr - l <= 1) active = false;
+            }
+        }
+        level++;
+        __syncwarp();  // every lane's reads of this level's rows and offsets are done
+    }
+    if (jl == 0 && j < n_sub) keys[(long long)r * n_sub + j] = valid ? score_key(best) : 0u;
+}
+
+#define SCOREW_INST(PFX, LPS, E, TN, D, NQ)                                                       \
+    extern "C" __global__ void __launch_bounds__(128)                                             \
+        PFX##_##TN##_d##D##_q##NQ(const u16* kp, const int* table, int table_stride, int ps,      \
+                                      int hkv, long long pst, long long hst, const int* row_seq, const float* qs, const int* nq, \
+                                      int nq_max, const int2* in_ranges, const int* in_cnt,       \
+                                      int cap_in, int E_, int c, u32* keys, const int* gate,      \
+                                      int stage) {                                                \
+        hip_scorew<E, D, NQ, LPS>(kp, table, table_stride, ps, hkv, pst, hst, row_seq, qs, nq, nq_max, in_ranges, \
+                            in_cnt, cap_in, E_, c, keys, gate, stage);                            \
+    }
+#define SCOREW_Q(E, TN, D) SCOREW_INST(hip_scorew, 1, E, TN, D, 1) SCOREW_INST(hip_scorew, 1, E, TN, D, 2) \
+    SCOREW_INST(hip_scorew, 1, E, TN, D, 4) SCOREW_INST(hip_scorew, 1, E, TN, D, 8)                     \
+    SCOREW_INST(hip_scorew4, 4, E, TN, D, 1) SCOREW_INST(hip_scorew4, 4, E, TN, D, 2)
+SCOREW_Q(Bf16, bf16, 64)
+SCOREW_Q(Bf16, bf16, 128)
+SCOREW_Q(Bf16, bf16, 256)
+SCOREW_Q(F16, f16, 64)
+SCOREW_Q(F16, f16, 128)
+SCOREW_Q(F16, f16, 256)
+#endif  // HIP_EST_HOST
+
 #define TOPK_THREADS 1024
 
 // Exclusive scan of `v` over the block; returns the prefix and sets *total.

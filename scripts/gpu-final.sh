@@ -3,8 +3,9 @@
 # the correctness checks first, in parallel (the GPU test target and the
 # Python shim test, incl. SGLang's CUDA-graph replay), then the benchmarks,
 # each alone on the GPU and only while time is left: the 32-layer step
-# (hip attention through sparse v2, the default; with lean steps; and the
-# previous split+combine, same SDPA baseline). Runs ON the GPU
+# (the default: sparse v2 attention, warp scoring, lean steps; the previous
+# default: per-thread scoring, full steps; and split+combine, same SDPA
+# baseline). Runs ON the GPU
 # machine from the repo root with gpu-bin/ carried (scripts/gpu-check.sh
 # builds it). scripts/gpu-run.sh is the unhurried version of the same.
 set -uo pipefail
@@ -36,13 +37,13 @@ if [ "$(left)" -gt 100 ]; then
     --model-tokens 131072,1048576 --model-batch 1 --json "$OUT/sdpa.json"
   step bench-gpu-model 60 $BIN bench-gpu-model --tokens 131072,1048576 --batch 1 --reps 3 --baseline "$OUT/sdpa.json" --json "$OUT/bench-gpu-model.json"
 fi
-# lean steps (opt-in), then the previous split-K + combine hip attention
-[ "$(left)" -gt 45 ] && step bench-gpu-model-lean $(( $(left) - 5 < 60 ? $(left) - 5 : 60 )) $BIN bench-gpu-model --tokens 131072,1048576 --batch 1 --reps 3 --baseline "$OUT/sdpa.json" --lean --json "$OUT/bench-gpu-model-lean.json"
+# the previous default (per-thread scoring, full steps), then the previous split-K + combine hip attention
+[ "$(left)" -gt 45 ] && step bench-gpu-model-prev $(( $(left) - 5 < 60 ? $(left) - 5 : 60 )) $BIN bench-gpu-model --tokens 131072,1048576 --batch 1 --reps 3 --baseline "$OUT/sdpa.json" --score-v1 --no-lean --json "$OUT/bench-gpu-model-prev.json"
 [ "$(left)" -gt 45 ] && step bench-gpu-model-split $(( $(left) - 5 < 60 ? $(left) - 5 : 60 )) $BIN bench-gpu-model --tokens 131072,1048576 --batch 1 --reps 3 --baseline "$OUT/sdpa.json" --split-combine --json "$OUT/bench-gpu-model-split.json"
 echo "== summary"
 grep -E '^test result|^test .*(FAILED|ok)$' "$OUT/gpu-tests.log" | tail -40
 echo "shim-gpu: $(grep -c '^PASS' "$OUT/shim-gpu.log") PASS, $(grep -c '^FAIL' "$OUT/shim-gpu.log") FAIL"; grep '^FAIL' "$OUT/shim-gpu.log"; tail -3 "$OUT/shim-gpu.log"
 for f in shim-offload-gpu shim-locret-free engine-u2; do echo "-- $f"; grep -E '^(PASS|FAIL)' "$OUT/$f.log" | cut -c1-250; tail -2 "$OUT/$f.log"; done
-for f in bench-gpu-model bench-gpu-model-lean bench-gpu-model-split; do [ -f "$OUT/$f.log" ] && echo "-- $f" && grep -E '^\|' "$OUT/$f.log"; done
+for f in bench-gpu-model bench-gpu-model-prev bench-gpu-model-split; do [ -f "$OUT/$f.log" ] && echo "-- $f" && grep -E '^\|' "$OUT/$f.log"; done
 cat "$OUT/device.txt"
 tar czf "$OUT/logs.tgz" -C "$OUT" $(cd "$OUT" && ls *.log *.json *.txt 2>/dev/null) && rm -f "$OUT"/*.log

@@ -341,7 +341,7 @@ fn hip_case(gpu: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<Che
         dec.step(gpu, &shape, &kv, qd.ptr, out.ptr, true)
             .map_err(e)?;
         gpu.synchronize().map_err(e)?;
-        let gsel = dec.sel.to_host(8).map_err(e)?;
+        let gsel = dec.selection_host(gpu).map_err(e)?;
         let got: Vec<f32> = out.read(q.len()).map_err(e)?;
         for b in 0..lens0.len() {
             let view = cpu[b].view(0).map_err(e)?;
@@ -516,6 +516,7 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
         checks.extend(crate::gpu_hip_fast::checks(&gpu, seed)?);
         return report(&checks);
     }
+    infinitehip::backend::cuda::dispatch::set_score_v1(a.score_v1);
     infinitehip::backend::cuda::dense_decode::force_v2(!a.dense_v1);
     infinitehip::backend::cuda::dense_decode::set_dense_chunks(a.dense_chunks);
     {
@@ -532,7 +533,8 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
     }
     if a.step_only {
         // The device step, hip_topk, and the host step vs the CPU policy.
-        let mut checks = crate::gpu_step::checks(&gpu, seed)?;
+        let mut checks = crate::gpu_score::checks(&gpu, seed)?;
+        checks.extend(crate::gpu_step::checks(&gpu, seed)?);
         checks.extend(crate::gpu_sparse::checks(&gpu, seed)?);
         checks.push(hip_case(
             &gpu,
@@ -598,6 +600,7 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
         }
     }
     if attention {
+        checks.extend(crate::gpu_score::checks(&gpu, seed)?);
         checks.extend(crate::gpu_step::checks(&gpu, seed)?);
         checks.extend(crate::gpu_sparse::checks(&gpu, seed)?);
         checks.push(hip_case(
@@ -791,11 +794,10 @@ pub fn bench_gpu(a: &BenchGpuArgs) -> R<()> {
             })?;
             let mut ws2 = DecodeWorkspace::new();
             let mt = dec.max_tokens;
+            let dsel = dec.selection(&gpu).map_err(e)?;
             let attend_ms = time_ms(&gpu, reps, || {
-                dispatch::decode(
-                    &gpu, &mut ws2, &shape, &kv, qd.ptr, &dec.sel, mt, None, out.ptr,
-                )
-                .map_err(e)
+                dispatch::decode(&gpu, &mut ws2, &shape, &kv, qd.ptr, dsel, mt, None, out.ptr)
+                    .map_err(e)
             })?;
             // Output of a refresh step, its selection, error and recall.
             dec.reset();
@@ -803,7 +805,7 @@ pub fn bench_gpu(a: &BenchGpuArgs) -> R<()> {
                 .map_err(e)?;
             gpu.synchronize().map_err(e)?;
             let got: Vec<f32> = out.read(qe).map_err(e)?;
-            let sel = dec.sel.to_host(8).map_err(e)?;
+            let sel = dec.selection_host(&gpu).map_err(e)?;
             let recall = ns.recall(&sel[0]);
             let view = ns.pool.view(0).map_err(e)?;
             let (rel, dense_rel) = if b == 1 {

@@ -69,6 +69,10 @@ pub struct GpuTestArgs {
     /// Accepted for older scripts: sparse v2 is the default now.
     #[arg(long, conflicts_with = "split_combine")]
     pub sparse_v2: bool,
+    /// Score hip stages with the per-thread kernel (`hip_score*`, the
+    /// reference) instead of the warp kernel (`hip_scorew*`).
+    #[arg(long)]
+    pub score_v1: bool,
     /// Default chunks per iteration of every dense v2 launch (0: the
     /// built-in default, 2 at page sizes >= 16, else 1).
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -342,8 +346,17 @@ pub struct BenchGpuModelArgs {
     /// uses 96,24,8).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub refresh: Vec<usize>,
-    /// hip layers take lean steps (`HipGpuDecoder::set_lean`: no assembly
-    /// when no stage refreshes; sparse v2 attention only).
+    /// Accepted for older scripts: hip layers take lean steps by default
+    /// now (`HipGpuDecoder::set_lean`: no assembly when no stage refreshes;
+    /// sparse v2 attention only).
     #[arg(long, conflicts_with = "split_combine")]
     pub lean: bool,
+    /// Full steps: hip layers assemble their selection every step (lean
+    /// steps off).
+    #[arg(long, conflicts_with = "lean")]
+    pub no_lean: bool,
+    /// Score hip stages with the per-thread kernel (`hip_score*`, the
+    /// reference) instead of the warp kernel (`hip_scorew*`).
+    #[arg(long)]
+    pub score_v1: bool,
 }

@@ -401,7 +401,7 @@ fn engine_case(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
                             .map_err(e)?;
                         gpu.synchronize().map_err(e)?;
                         let want: Vec<f32> = o1.read(qe).map_err(e)?;
-                        let dsel = decs[b].sel.to_host(8).map_err(e)?;
+                        let dsel = decs[b].selection_host(gpu).map_err(e)?;
                         // Same selection; the split-K partition depends on
                         // the batch, so outputs agree to f32 rounding.
                         hip_same &= dsel[0] == esel[i];
@@ -469,7 +469,7 @@ fn engine_case(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
                 .step(gpu, &shape, &owned[b], q1.ptr, o1.ptr, true)
                 .map_err(e)?;
             gpu.synchronize().map_err(e)?;
-            recycled_same &= fresh.sel.to_host(8).map_err(e)?[0] == esel[0];
+            recycled_same &= fresh.selection_host(gpu).map_err(e)?[0] == esel[0];
         }
     }
     Ok(vec![

@@ -44,6 +44,7 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
     if tunes.is_empty() {
         tunes.push(Tune::default());
     }
+    infinitehip::backend::cuda::dispatch::set_score_v1(a.score_v1);
     {
         use infinitehip::backend::cuda::dispatch::{force_attention, HipAttention};
         force_attention(if a.split_combine {
@@ -110,7 +111,7 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
                 .map(|_| HipGpuDecoder::new(cfg.clone(), &shape, b))
                 .collect::<infinitehip::Result<_>>()
                 .map_err(e)?;
-            hips.iter_mut().for_each(|h| h.set_lean(a.lean));
+            hips.iter_mut().for_each(|h| h.set_lean(!a.no_lean));
             // First step of each hip layer uploads its regions.
             for (i, h) in hips.iter_mut().enumerate() {
                 let l = n_dense + i;
@@ -119,7 +120,7 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
             }
             gpu.synchronize().map_err(e)?;
             let sel_tokens: usize = {
-                let s = hips[0].sel.to_host(8).map_err(e)?;
+                let s = hips[0].selection_host(&gpu).map_err(e)?;
                 (0..b)
                     .map(|r| (0..8).map(|h| s[r].token_count(h)).sum::<usize>())
                     .sum()

@@ -288,10 +288,18 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
         dec.select(gpu, &kv, qd.ptr, true).map_err(e)?;
         let mt = dec.max_tokens;
         dispatch::decode(
-            gpu, &mut ws1, &shape, &kv, qd.ptr, &dec.sel, mt, None, o1.ptr,
+            gpu,
+            &mut ws1,
+            &shape,
+            &kv,
+            qd.ptr,
+            dec.selection(gpu).map_err(e)?,
+            mt,
+            None,
+            o1.ptr,
         )
         .map_err(e)?;
-        let sels = dec.sel.to_host(8).map_err(e)?;
+        let sels = dec.selection_host(gpu).map_err(e)?;
         o2.fill_bytes(0xff).map_err(e)?;
         let (dsel, mt2, psels) = match est.as_mut() {
             Some(est) => {
@@ -304,12 +312,13 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
                 admitted += st.rows_admitted;
                 unlogged += st.misses_unlogged;
                 rebuilds += st.prof.rebuilds;
-                let s2 = dec2.sel.to_host(8).map_err(e)?;
+                let mt2 = dec2.max_tokens;
+                let s2 = dec2.selection_host(gpu).map_err(e)?;
                 sel_diff += s2.iter().zip(&sels).filter(|(a, b)| a != b).count();
-                sel_diff += (dec2.max_tokens != mt) as usize;
-                (&dec2.sel, dec2.max_tokens, s2)
+                sel_diff += (mt2 != mt) as usize;
+                (dec2.selection(gpu).map_err(e)?, mt2, s2)
             }
-            None => (&dec.sel, mt, sels),
+            None => (dec.selection(gpu).map_err(e)?, mt, sels),
         };
         // The offloaded side resolves the pages of its own selection (the
         // device policy straight from the device selection).
@@ -758,17 +767,33 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                 let tb = Instant::now();
                 let mt = dec.max_tokens;
                 dispatch::decode(
-                    &gpu, &mut ws1, &shape, &kv, qd.ptr, &dec.sel, mt, None, o1.ptr,
+                    &gpu,
+                    &mut ws1,
+                    &shape,
+                    &kv,
+                    qd.ptr,
+                    dec.selection(&gpu).map_err(e)?,
+                    mt,
+                    None,
+                    o1.ptr,
                 )
                 .map_err(e)?;
                 gpu.synchronize().map_err(e)?;
                 let tc = Instant::now();
-                let sel1 = dec.sel.to_host(8).map_err(e)?;
+                let sel1 = dec.selection_host(&gpu).map_err(e)?;
                 let td = Instant::now();
                 dec3.select(&gpu, &kv, qd.ptr, true).map_err(e)?;
                 let mt3 = dec3.max_tokens;
                 dispatch::decode(
-                    &gpu, &mut ws3, &shape, &kv, qd.ptr, &dec3.sel, mt3, None, o1.ptr,
+                    &gpu,
+                    &mut ws3,
+                    &shape,
+                    &kv,
+                    qd.ptr,
+                    dec3.selection(&gpu).map_err(e)?,
+                    mt3,
+                    None,
+                    o1.ptr,
                 )
                 .map_err(e)?;
                 gpu.synchronize().map_err(e)?;
@@ -785,15 +810,17 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                 }
                 let t15 = Instant::now();
                 let es = est.finish(&gpu).map_err(e)?;
+                let mt2 = dec2.max_tokens;
                 let t2 = Instant::now();
                 let sels = if device {
                     Vec::new()
                 } else {
-                    dec2.sel.to_host(8).map_err(e)?
+                    dec2.selection_host(&gpu).map_err(e)?
                 };
                 let t25 = Instant::now();
                 let st = if device {
-                    off.prepare_device(&gpu, &dec2.sel, &pins).map_err(e)?
+                    off.prepare_device(&gpu, dec2.selection(&gpu).map_err(e)?, &pins)
+                        .map_err(e)?
                 } else {
                     off.prepare(&gpu, &sels, &pins).map_err(e)?
                 };
@@ -803,8 +830,8 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                     &mut ws2,
                     &shape,
                     qd.ptr,
-                    &dec2.sel,
-                    dec2.max_tokens,
+                    dec2.selection(&gpu).map_err(e)?,
+                    mt2,
                     None,
                     o2.ptr,
                 )
@@ -812,13 +839,21 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                 gpu.synchronize().map_err(e)?;
                 let t4 = Instant::now();
                 let sels = if device {
-                    dec2.sel.to_host(8).map_err(e)?
+                    dec2.selection_host(&gpu).map_err(e)?
                 } else {
                     sels
                 };
                 // The resident decode again (o1 was overwritten by dec3's).
                 dispatch::decode(
-                    &gpu, &mut ws1, &shape, &kv, qd.ptr, &dec.sel, mt, None, o1.ptr,
+                    &gpu,
+                    &mut ws1,
+                    &shape,
+                    &kv,
+                    qd.ptr,
+                    dec.selection(&gpu).map_err(e)?,
+                    mt,
+                    None,
+                    o1.ptr,
                 )
                 .map_err(e)?;
                 gpu.synchronize().map_err(e)?;

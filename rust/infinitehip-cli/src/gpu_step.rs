@@ -182,6 +182,10 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
     let (mut sel_mismatch, mut graph_mismatch, mut worst, mut host_vs_dev) = (0, 0, 0f64, 0f64);
     let (mut over_bound, mut finite, mut drop_err) = (0, true, f64::INFINITY);
     let (mut lean_mismatch, mut lean_steps) = (0, 0);
+    let (mut stale_seen, mut lean_sel_mismatch) = (0usize, 0usize);
+    let mut graph_out_mismatch = 0usize;
+    // Lean steps are the default: `host`, `eager` and `graphed` take them.
+    let lean_default = host.lean_active();
     let (mut sparse_worst, mut lean_dev, mut sparse_drop) = (0f64, 0f64, f64::INFINITY);
     let mut first_diff = String::new();
     for step in 0..steps {
@@ -218,11 +222,26 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
             .step_device(gpu, &shape, &kv, lens_dev.ptr, qd.ptr, outs[5].ptr)
             .map_err(e)?;
         gpu.synchronize().map_err(e)?;
-        let sels: Vec<Vec<Selection>> = [&host, &eager, &graphed, &host_sparse]
+        // What a reader of the lean decoder's selection buffer would see
+        // without `selection()`: stale slid/window ranges on lean steps.
+        let left = host_lean.selection_as_left().to_host(8).map_err(e)?;
+        let mut sels: Vec<Vec<Selection>> = Vec::new();
+        for d in [
+            &mut host,
+            &mut eager,
+            &mut graphed,
+            &mut host_sparse,
+            &mut host_lean,
+            &mut eager_lean,
+        ] {
+            sels.push(d.selection_host(gpu).map_err(e)?);
+        }
+        // sels[3] is the full (non-lean) host step: the reference.
+        stale_seen += usize::from(left != sels[3]);
+        lean_sel_mismatch += [0, 1, 2, 4, 5]
             .iter()
-            .map(|d| d.sel.to_host(8))
-            .collect::<Result<_, _>>()
-            .map_err(e)?;
+            .filter(|&&i| sels[i] != sels[3])
+            .count();
         let got: Vec<Vec<f32>> = outs
             .iter()
             .map(|o| o.read(nb * qe))
@@ -237,6 +256,7 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
         }
         if sels[1] != sels[2] || !bits_equal(&got[1], &got[2]) {
             graph_mismatch += 1;
+            graph_out_mismatch += usize::from(!bits_equal(&got[1], &got[2]));
         }
         lean_steps += 1;
         if sels[3] != sels[0] || !bits_equal(&got[3], &got[4]) {
@@ -296,6 +316,8 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
     let ok = sel_mismatch == 0
         && graph_mismatch == 0
         && lean_mismatch == 0
+        && lean_sel_mismatch == 0
+        && stale_seen > 0
         && over_bound == 0
         && finite
         && worst <= STORED_KV_BOUND
@@ -310,9 +332,11 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
         ),
         ok,
         detail: format!(
-            "selections != host-metadata step: {sel_mismatch} {first_diff}; graph replay != eager (selection or output bits): {graph_mismatch}; \
+            "selections != host-metadata step: {sel_mismatch} {first_diff}; graph replay != eager (selection or output bits): {graph_mismatch} (output bits: {graph_out_mismatch}); \
              sparse v2: rel_err vs f64 {sparse_worst:.2e}, lean device step vs host {lean_dev:.2e} (bound {DENSE_BOUND:.0e}), one dropped token {sparse_drop:.2e} (must exceed), \
              lean host step != full host step (selection or output bits; {lean_steps} steps): {lean_mismatch}; \
+             lean steps the default: {lean_default}; selections read through selection() != the full host step's: {lean_sel_mismatch}; \
+             steps where the lean buffer as left was stale (must be > 0, else the check sees nothing): {stale_seen}; \
              rel_err vs f64 {worst:.2e}, vs host step {host_vs_dev:.2e} (bound {STORED_KV_BOUND:.0e}); one dropped token {drop_err:.2e} (must exceed); \
              rows over the {bound}-token bound {over_bound}; all written+finite {finite}"
         ),
@@ -378,8 +402,9 @@ pub(crate) fn profile_layer(
     // Attention launch alone over the last selection, at the device bound.
     let mt = dref.device_max_tokens().unwrap();
     let mut ws = dispatch::DecodeWorkspace::new();
+    let dsel = dref.selection(gpu).map_err(e)?;
     let attn = crate::gpu::time_ms(gpu, reps * 4, || {
-        dispatch::decode(gpu, &mut ws, shape, kvr, q, &dref.sel, mt, None, out).map_err(e)
+        dispatch::decode(gpu, &mut ws, shape, kvr, q, dsel, mt, None, out).map_err(e)
     })?;
     // The sparse v2 kernel over the same selection (tokens per split, chunks
     // per iteration; 0/0: the defaults), same bound.

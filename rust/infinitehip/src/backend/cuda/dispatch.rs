@@ -1156,9 +1156,6 @@ pub(crate) fn run_stages(
     from: usize,
     x: &StageInputs,
 ) -> Result<()> {
-    let hkv = kv.n_kv_heads;
-    let d = kv.head_dim;
-    let tag = kernels::dtype_tag(kv.dtype).unwrap();
     let rows = x.rows as i32;
     let nq_tpl = x.nq_tpl;
     let topk = gpu.func(x.module, "hip_topk")?;
@@ -1177,67 +1174,29 @@ pub(crate) fn run_stages(
         };
         let n_sub = cap_in * e;
         let lanes = score_lanes(nq_tpl, x.rows * n_sub);
-        let score = if lanes == 1 {
-            gpu.func(x.module, &format!("hip_score_{tag}_d{d}_q{nq_tpl}"))?
-        } else {
-            gpu.func(
-                x.module,
-                &format!("hip_score4_{tag}_d{d}_q{}", nq_tpl / lanes),
-            )?
-        };
-        let (ts, ps, hk, nqm, ci, ei, c) = (
-            kv.table_stride as i32,
-            kv.page_size as i32,
-            hkv as i32,
-            x.nq_max as i32,
-            cap_in as i32,
-            e as i32,
-            st.chunk_size as i32,
-        );
-        let stage_i = s as i32;
-        // Query rows padded by 4 floats with several lanes per sub-chunk.
-        let row = if lanes == 1 { d } else { d + 4 };
-        let smem = x.nq_max.next_multiple_of(nq_tpl) * row * 4;
-        if smem > 48 * 1024 {
-            score
-                .set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )
-                .map_err(|e| gpu_err("raise hip_score shared memory", e))?;
-        }
-        let kst = kv.strides();
-        let mut l = gpu.stream.launch_builder(&score);
-        l.arg(&kv.k.ptr)
-            .arg(&kv.table.ptr)
-            .arg(&ts)
-            .arg(&ps)
-            .arg(&hk)
-            .arg(&kst.page)
-            .arg(&kst.head)
-            .arg(&x.row_seq)
-            .arg(&x.q)
-            .arg(&x.nq)
-            .arg(&nqm)
-            .arg(&in_ptr)
-            .arg(&in_cnt)
-            .arg(&ci)
-            .arg(&ei)
-            .arg(&c)
-            .arg(&x.keys)
-            .arg(&x.gate)
-            .arg(&stage_i);
-        // SAFETY: the arguments pushed above follow the kernel's parameter list in kernels/*.cu
-        // (same order and C types); every pointer is a device allocation of this context sized for
-        // this grid by the code above.
-        unsafe {
-            l.launch(LaunchConfig {
-                grid_dim: ((n_sub * lanes).div_ceil(128) as u32, rows as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: smem as u32,
-            })
-        }
-        .map_err(|e| gpu_err("launch hip_score", e))?;
+        launch_score(
+            gpu,
+            kv,
+            &ScoreLaunch {
+                module: x.module,
+                nq_tpl,
+                lanes,
+                rows: x.rows,
+                row_seq: x.row_seq,
+                q: x.q,
+                nq: x.nq,
+                nq_max: x.nq_max,
+                in_ranges: in_ptr,
+                in_cnt,
+                cap_in,
+                e,
+                c: st.chunk_size,
+                keys: x.keys,
+                gate: x.gate,
+                stage: s,
+            },
+            score_kernel(),
+        )?;
         super::prof::mark(gpu, super::prof::stage_name(true, s))?;
         let k = st.keep_tokens / st.chunk_size;
         let sub = SubChunks {
@@ -1253,6 +1212,212 @@ pub(crate) fn run_stages(
         super::prof::mark(gpu, super::prof::stage_name(false, s))?;
     }
     Ok(())
+}
+
+/// Which scoring kernel a stage launches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScoreKernel {
+    /// `hip_score*`: each thread loads its probe rows itself, 16 bytes at
+    /// a time (the reference; the host-tier module always uses it).
+    PerThread,
+    /// `hip_scorew*`: the warp copies every probe row of a level into
+    /// shared memory at once (coalesced cp.async), then scores from there;
+    /// the same keys bit for bit.
+    Warp,
+}
+
+static SCORE_V1: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Score every hip stage with the per-thread kernel (`hip_score*`, the
+/// reference) instead of the default warp kernel (`hip_scorew*`).
+pub fn set_score_v1(on: bool) {
+    SCORE_V1.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn score_kernel() -> ScoreKernel {
+    if SCORE_V1.load(std::sync::atomic::Ordering::Relaxed) {
+        ScoreKernel::PerThread
+    } else {
+        ScoreKernel::Warp
+    }
+}
+
+/// Largest dynamic shared memory of a warp-kernel scoring launch; above it
+/// (many queries, e.g. prefill blocks) the per-thread kernel runs.
+const SCOREW_MAX_SMEM: usize = 160 * 1024;
+/// Threads per CTA of the scoring launches.
+const SCORE_THREADS: usize = 128;
+
+/// One stage's scoring launch (see `run_stages`).
+pub(crate) struct ScoreLaunch {
+    pub module: &'static str,
+    pub nq_tpl: usize,
+    pub lanes: usize,
+    pub rows: usize,
+    pub row_seq: u64,
+    pub q: u64,
+    pub nq: u64,
+    pub nq_max: usize,
+    pub in_ranges: u64,
+    pub in_cnt: u64,
+    pub cap_in: usize,
+    pub e: usize,
+    pub c: usize,
+    pub keys: u64,
+    pub gate: u64,
+    pub stage: usize,
+}
+
+/// Launch `hip_score*` / `hip_scorew*` for one stage: keys of every
+/// sub-chunk slot (`rows` x `cap_in * e`). `want` is the kernel asked for;
+/// the warp kernel runs only in module `hip_mask` and within
+/// `SCOREW_MAX_SMEM`, else the per-thread one. Returns the one launched.
+pub(crate) fn launch_score(
+    gpu: &GpuContext,
+    kv: &DeviceKv,
+    x: &ScoreLaunch,
+    want: ScoreKernel,
+) -> Result<ScoreKernel> {
+    let d = kv.head_dim;
+    let tag = kernels::dtype_tag(kv.dtype).unwrap();
+    let lanes = x.lanes;
+    let n_sub = x.cap_in * x.e;
+    // Query rows padded by 4 floats with several lanes per sub-chunk.
+    let row = if lanes == 1 { d } else { d + 4 };
+    let q_bytes = x.nq_max.next_multiple_of(x.nq_tpl) * row * 4;
+    // kernels/hip_mask.cu HSW_WARP_BYTES, per warp.
+    let warp_bytes = 2 * (32 / lanes) * ((d / 8 + 1) * 16 + 8);
+    let w_smem = q_bytes + SCORE_THREADS / 32 * warp_bytes;
+    let kind = if want == ScoreKernel::Warp && x.module == "hip_mask" && w_smem <= SCOREW_MAX_SMEM {
+        ScoreKernel::Warp
+    } else {
+        ScoreKernel::PerThread
+    };
+    let (pfx, smem) = match kind {
+        ScoreKernel::Warp => ("hip_scorew", w_smem),
+        ScoreKernel::PerThread => ("hip_score", q_bytes),
+    };
+    let name = if lanes == 1 {
+        format!("{pfx}_{tag}_d{d}_q{}", x.nq_tpl)
+    } else {
+        format!("{pfx}4_{tag}_d{d}_q{}", x.nq_tpl / lanes)
+    };
+    let score = gpu.func_smem(x.module, &name, smem)?;
+    let (ts, ps, hk, nqm, ci, ei, c) = (
+        kv.table_stride as i32,
+        kv.page_size as i32,
+        kv.n_kv_heads as i32,
+        x.nq_max as i32,
+        x.cap_in as i32,
+        x.e as i32,
+        x.c as i32,
+    );
+    let stage_i = x.stage as i32;
+    let kst = kv.strides();
+    let mut l = gpu.stream.launch_builder(&score);
+    l.arg(&kv.k.ptr)
+        .arg(&kv.table.ptr)
+        .arg(&ts)
+        .arg(&ps)
+        .arg(&hk)
+        .arg(&kst.page)
+        .arg(&kst.head)
+        .arg(&x.row_seq)
+        .arg(&x.q)
+        .arg(&x.nq)
+        .arg(&nqm)
+        .arg(&x.in_ranges)
+        .arg(&x.in_cnt)
+        .arg(&ci)
+        .arg(&ei)
+        .arg(&c)
+        .arg(&x.keys)
+        .arg(&x.gate)
+        .arg(&stage_i);
+    // SAFETY: the arguments pushed above follow the kernel's parameter list in kernels/hip_mask.cu
+    // (same order and C types, the same for hip_score and hip_scorew); every pointer is a device
+    // allocation of this context sized for this grid by the caller.
+    unsafe {
+        l.launch(LaunchConfig {
+            grid_dim: (
+                (n_sub * lanes).div_ceil(SCORE_THREADS) as u32,
+                x.rows as u32,
+                1,
+            ),
+            block_dim: (SCORE_THREADS as u32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        })
+    }
+    .map_err(|e| gpu_err("launch hip_score", e))?;
+    Ok(kind)
+}
+
+/// Test support: score sub-chunk slots with the chosen kernel and lanes
+/// over `kv` (K only). Rows are `nq.len() * kv.n_kv_heads` (sequence `rb`
+/// = page-table row `rb`); `q` is `[rows][nq_max][head_dim]`, `ranges`
+/// `[rows][cap_in]` (start, end), `cnt` per row. Returns the keys
+/// (`[rows][cap_in * e]`, 0: invalid) and the kernel that ran.
+#[allow(clippy::too_many_arguments)]
+pub fn score_slots(
+    gpu: &GpuContext,
+    kv: &DeviceKv,
+    q: &[f32],
+    nq: &[i32],
+    nq_max: usize,
+    nq_tpl: usize,
+    lanes: usize,
+    ranges: &[[i32; 2]],
+    cnt: &[i32],
+    cap_in: usize,
+    e: usize,
+    c: usize,
+    want: ScoreKernel,
+) -> Result<(Vec<u32>, ScoreKernel)> {
+    let rows = nq.len() * kv.n_kv_heads;
+    let d = kv.head_dim;
+    if q.len() != rows * nq_max * d || ranges.len() != rows * cap_in || cnt.len() != rows {
+        return Err(Error::shape("score_slots inputs", rows, cnt.len()));
+    }
+    if !(lanes == 1 || (lanes == 4 && nq_tpl >= 4))
+        || nq.iter().any(|&n| n < 1 || n as usize > nq_max)
+    {
+        return Err(Error::Invalid(
+            "score_slots: lanes 1, or 4 with nq_tpl >= 4; 1 <= nq <= nq_max".into(),
+        ));
+    }
+    let n_sub = cap_in * e;
+    let qd = DevBuf::from_slice(q)?;
+    let nqd = DevBuf::from_slice(nq)?;
+    let rs: Vec<i32> = (0..nq.len() as i32).collect();
+    let rsd = DevBuf::from_slice(&rs)?;
+    let rd = DevBuf::from_slice(ranges)?;
+    let cd = DevBuf::from_slice(cnt)?;
+    let keys = DevBuf::from_slice(&vec![0xdead_beefu32; rows * n_sub])?;
+    let kind = launch_score(
+        gpu,
+        kv,
+        &ScoreLaunch {
+            module: "hip_mask",
+            nq_tpl,
+            lanes,
+            rows,
+            row_seq: rsd.ptr,
+            q: qd.ptr,
+            nq: nqd.ptr,
+            nq_max,
+            in_ranges: rd.ptr,
+            in_cnt: cd.ptr,
+            cap_in,
+            e,
+            c,
+            keys: keys.ptr,
+            gate: 0,
+            stage: 0,
+        },
+        want,
+    )?;
+    gpu.synchronize()?;
+    Ok((keys.read(rows * n_sub)?, kind))
 }
 
 /// Lanes per sub-chunk of the scoring launch: 1 (one thread per sub-chunk,
@@ -1544,7 +1709,16 @@ pub struct HipGpuDecoder {
     pub(crate) row_seq: DevBuf,
     pub(crate) nq: DevBuf,
     pub(crate) extra: DevBuf,
-    pub sel: DeviceSelection,
+    /// The attention selection of the last step; after a lean step its
+    /// slid and window ranges are the last build's (`sel_stale`): read it
+    /// through `selection()`, which brings it up to date.
+    pub(crate) sel: DeviceSelection,
+    /// `sel` may hold a lean step's stale ranges (see `selection`).
+    pub(crate) sel_stale: bool,
+    /// The last step was a lean device step (`step_device`, possibly
+    /// replayed from a CUDA graph any number of times since, which the host
+    /// does not see): `selection()` rebuilds the ranges on every read.
+    pub(crate) sel_from_device: bool,
     /// Largest selected-token count of the last assembly (host bound).
     pub max_tokens: usize,
     pub ws: DecodeWorkspace,
@@ -1634,13 +1808,15 @@ impl HipGpuDecoder {
             nq: DevBuf::from_slice(&vec![g; batch])?,
             extra: DevBuf::alloc(batch * 3 * 8)?,
             sel: DeviceSelection::empty(rows, last_cap + 3)?,
+            sel_stale: false,
+            sel_from_device: false,
             max_tokens: 0,
             ws: DecodeWorkspace::new(),
             tab: DevBuf::alloc(rows * tab_cap * 4)?,
             tab_cap,
             ntab: DevBuf::from_slice(&vec![0i32; rows])?,
             v2_ws: super::dense_decode::DenseDecodeWs::new(),
-            lean: false,
+            lean: true,
             attn: None,
             tab_sink: DevBuf::from_slice(&vec![-1i32; rows])?,
             host_tab_sink: Vec::new(),
@@ -1743,7 +1919,9 @@ impl HipGpuDecoder {
         };
         run_stages(gpu, kv, &self.cfg, &self.stages, from, &ctx)?;
         let sinks: Vec<usize> = lens.iter().map(|&l| self.cfg.sink.min(l)).collect();
-        let lean_skip = self.lean && from == n && self.host_tab_sink == sinks;
+        let lean_skip = self.lean_active() && from == n && self.host_tab_sink == sinks;
+        self.sel_stale = lean_skip;
+        self.sel_from_device = false;
         if !lean_skip {
             assemble_rows(
                 gpu,
@@ -1790,30 +1968,69 @@ impl HipGpuDecoder {
         }
     }
 
-    /// Lean steps (off by default): a step that refreshes no stage skips
-    /// `hip_assemble` when the sink is as at the last build (the host step
-    /// launches nothing for it; the device step's launch returns at once),
-    /// since the sparse attention reads the sink + chunk table (unchanged)
-    /// and the slid + window tail from the per-step regions. `sel` then
-    /// keeps the last build's ranges (its slid and window are stale), and
-    /// the split-K attention, which reads `sel`, must not be
-    /// used. Outputs equal the full steps' bit for bit (gpu-test).
+    /// Lean steps (on by default): with the sparse v2 attention, a step
+    /// that refreshes no stage skips `hip_assemble` when the sink is as at
+    /// the last build (the host step launches nothing for it; the device
+    /// step's launch returns at once), since the sparse attention reads
+    /// the sink + chunk table (unchanged) and the slid + window tail from
+    /// the per-step regions. `sel` then keeps the last build's ranges (its
+    /// slid and window are stale) until `selection()` rebuilds them; the
+    /// split-K attention, which reads `sel`, turns lean steps off. Outputs
+    /// equal the full steps' bit for bit (gpu-test).
     pub fn set_lean(&mut self, on: bool) {
         self.lean = on;
     }
 
-    /// This decoder's attention kernel (None: the global `attention()`);
-    /// lean steps always use `SparseV2`.
+    /// Whether steps are lean now (`set_lean` and the sparse v2 attention).
+    pub fn lean_active(&self) -> bool {
+        self.lean && self.attention_kernel() == HipAttention::SparseV2
+    }
+
+    /// The last step's attention selection, up to date: after a lean step
+    /// (or a device step that may have been one) the ranges are assembled
+    /// again from the last stage's chunks and the step's regions (one
+    /// launch on `gpu`'s stream; nothing else changes).
+    pub fn selection(&mut self, gpu: &GpuContext) -> Result<&DeviceSelection> {
+        if self.sel_stale || self.sel_from_device {
+            let rows = self.batch * self.hkv;
+            assemble_rows(
+                gpu,
+                self.stages.last().unwrap(),
+                self.extra.ptr,
+                self.hkv,
+                rows,
+                &self.sel,
+                0,
+                None,
+            )?;
+            self.sel_stale = false;
+        }
+        Ok(&self.sel)
+    }
+
+    /// `selection()` read to the host (one `Selection` per sequence),
+    /// after waiting for `gpu`'s stream (the rebuild and the step may run
+    /// on a non-blocking stream, which host reads are not ordered with).
+    pub fn selection_host(&mut self, gpu: &GpuContext) -> Result<Vec<Selection>> {
+        self.selection(gpu)?;
+        gpu.synchronize()?;
+        self.sel.to_host(self.hkv)
+    }
+
+    /// The selection buffer as the last step left it, stale ranges and
+    /// all after a lean step (tests: what a reader that skipped
+    /// `selection()` would see).
+    pub fn selection_as_left(&self) -> &DeviceSelection {
+        &self.sel
+    }
+
+    /// This decoder's attention kernel (None: the global `attention()`).
     pub fn set_attention(&mut self, a: Option<HipAttention>) {
         self.attn = a;
     }
 
     fn attention_kernel(&self) -> HipAttention {
-        if self.lean {
-            HipAttention::SparseV2
-        } else {
-            self.attn.unwrap_or_else(attention)
-        }
+        self.attn.unwrap_or_else(attention)
     }
 
     /// Attention over the step's selection (bound `mt` selected tokens per
@@ -1873,6 +2090,8 @@ impl HipGpuDecoder {
     pub fn reset(&mut self) {
         self.step = 0;
         self.host_tab_sink.clear();
+        self.sel_stale = false;
+        self.sel_from_device = false;
     }
 }
 

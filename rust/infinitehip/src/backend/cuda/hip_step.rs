@@ -175,8 +175,14 @@ impl HipGpuDecoder {
         };
         run_stages(gpu, kv, cfg, &self.stages, 0, &x)?;
         let last = self.stages.last().unwrap();
-        let tab = Some(self.tab_out(if self.lean { d.state.ptr } else { 0 }));
+        // A lean device step's assembly returns at once when nothing was
+        // refreshed (decided on the device): `sel` may then be stale, also
+        // after any later replay of a graph captured from this call.
+        let lean = self.lean_active();
+        let tab = Some(self.tab_out(if lean { d.state.ptr } else { 0 }));
         assemble_rows(gpu, last, self.extra.ptr, self.hkv, rows, &self.sel, 0, tab)?;
+        self.sel_stale = false;
+        self.sel_from_device = lean;
         let mt = d.max_tokens;
         self.attend(gpu, shape, kv, q, mt, out)
     }

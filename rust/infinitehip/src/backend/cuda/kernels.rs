@@ -176,7 +176,11 @@ pub fn entry_points(module: &str) -> Vec<String> {
         ];
     }
     if module == "hip_mask_host" {
-        return entry_points("hip_mask");
+        // The warp scoring kernels are not built over the host tier.
+        return entry_points("hip_mask")
+            .into_iter()
+            .filter(|n| !n.starts_with("hip_scorew"))
+            .collect();
     }
     if module == "decode_dense_v2" {
         return entry_points("decode_dense");
@@ -216,6 +220,10 @@ pub fn entry_points(module: &str) -> Vec<String> {
                     }
                     for q in [1, 2] {
                         v.push(format!("hip_score4_{dt}_d{d}_q{q}"));
+                        v.push(format!("hip_scorew4_{dt}_d{d}_q{q}"));
+                    }
+                    for g in GROUPS {
+                        v.push(format!("hip_scorew_{dt}_d{d}_q{g}"));
                     }
                 }
                 "hip_fast" => {

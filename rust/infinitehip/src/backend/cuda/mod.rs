@@ -307,6 +307,9 @@ pub struct GpuContext {
     /// `kernels::LAZY_MODULES` loaded so far.
     lazy: Arc<std::sync::Mutex<HashMap<&'static str, Arc<CudaModule>>>>,
     funcs: Arc<std::sync::Mutex<HashMap<String, CudaFunction>>>,
+    /// Dynamic shared-memory limit raised so far per `module/name`
+    /// (`func_smem`).
+    smem: Arc<std::sync::Mutex<HashMap<String, usize>>>,
 }
 
 impl GpuContext {
@@ -363,6 +366,7 @@ impl GpuContext {
             modules: Arc::new(modules),
             lazy: Default::default(),
             funcs: Default::default(),
+            smem: Default::default(),
         })
     }
 
@@ -391,6 +395,7 @@ impl GpuContext {
             modules: self.modules.clone(),
             lazy: self.lazy.clone(),
             funcs: self.funcs.clone(),
+            smem: self.smem.clone(),
         }
     }
 
@@ -412,6 +417,7 @@ impl GpuContext {
             modules: self.modules.clone(),
             lazy: self.lazy.clone(),
             funcs: self.funcs.clone(),
+            smem: self.smem.clone(),
         })
     }
 
@@ -436,6 +442,26 @@ impl GpuContext {
             .map_err(|e| gpu_err(&format!("kernel {name} not found"), e))?;
         f.insert(key, func.clone());
         Ok(func)
+    }
+
+    /// `func`, with its dynamic shared-memory limit raised to at least
+    /// `bytes` (once per function and size, not per launch: the call stays
+    /// out of steady-state steps and graph captures).
+    pub fn func_smem(&self, module: &str, name: &str, bytes: usize) -> Result<CudaFunction> {
+        let f = self.func(module, name)?;
+        if bytes > 48 * 1024 {
+            let key = format!("{module}/{name}");
+            let mut m = self.smem.lock().unwrap();
+            if m.get(&key).is_none_or(|&b| b < bytes) {
+                f.set_attribute(
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+                .map_err(|e| gpu_err(&format!("raise {name} shared memory"), e))?;
+                m.insert(key, bytes);
+            }
+        }
+        Ok(f)
     }
 
     /// A `kernels::LAZY_MODULES` module, compiled (or read from the PTX
@@ -497,8 +523,14 @@ mod tests {
         assert_eq!(kernels::entry_points("decode").len(), 2 * 3 * 4 + 3 + 1);
         // bf16/f16 x (d64, d128: 1 or 2 chunks; d256: 1) x 4 groups.
         assert_eq!(kernels::entry_points("decode_dense").len(), 2 * 5 * 4 + 1);
-        // bf16/f16 x 3 head dims x (4 one-lane + 2 four-lane scorers) + 4.
-        assert_eq!(kernels::entry_points("hip_mask").len(), 2 * 3 * 6 + 4);
+        // bf16/f16 x 3 head dims x (4 one-lane + 2 four-lane scorers) x
+        // (per-thread, warp) + 4; the host-tier build has no warp scorers.
+        assert_eq!(kernels::entry_points("hip_mask").len(), 2 * 3 * 6 * 2 + 4);
+        assert_eq!(kernels::entry_points("hip_mask_host").len(), 2 * 3 * 6 + 4);
+        // (hip_scorew* sit inside #ifndef HIP_EST_HOST.)
+        assert!(kernels::full_source("hip_mask_host")
+            .unwrap()
+            .contains("#define HIP_EST_HOST"));
         // The dense v2 kernel's two builds: dense entries (as decode_dense),
         // hip sparse entries (no fill kernel), the latter loaded lazily.
         assert_eq!(
