@@ -99,17 +99,30 @@ def build_input(text, L, args):
     return ids, P, {"continuation": [P + 1, P + C - 1], "probes": probes}
 
 
+def config_path(name):
+    """A config name (tests/quality/configs/NAME.json) or a path to a JSON file."""
+    return os.path.abspath(name) if name.endswith(".json") else os.path.join(CONFIGS, name + ".json")
+
+
+def config_tag(name):
+    return os.path.basename(name)[:-5] if name.endswith(".json") else name
+
+
 def run_one(name, L, text, args):
     os.makedirs(os.path.join(WORK, "runs"), exist_ok=True)
-    tag = f"{name}-{L}-c{args.continuation}-k{args.probes}x{args.probe_len}"
+    tag = f"{config_tag(name)}-{L}-c{args.continuation}-k{args.probes}x{args.probe_len}"
+    if args.cue != 8:
+        tag += f"-cue{args.cue}"
     out_json = os.path.join(WORK, "runs", tag + ".json")
     if os.path.exists(out_json) and not args.force:
         return json.load(open(out_json))
     if args.cached_only:
         return None
     ids, P, regions = build_input(text, L, args)
-    inp = os.path.join(WORK, f"input-{L}.ids")
-    write_ids(inp, ids)
+    # one input file per layout, written atomically (runs of one length may overlap)
+    inp = os.path.join(WORK, f"input-{L}-c{args.continuation}-k{args.probes}x{args.probe_len}-cue{args.cue}.ids")
+    write_ids(inp + f".{os.getpid()}", ids)
+    os.replace(inp + f".{os.getpid()}", inp)
     nll = os.path.join(WORK, "runs", tag + ".nll")
     env = {k: v for k, v in os.environ.items() if k != "LLAMA_INFINITEHIP_CONFIG"}
     if name == "stock":
@@ -117,7 +130,7 @@ def run_one(name, L, text, args):
         cfg = None
     else:
         build = "patched"
-        cfg = os.path.join(CONFIGS, name + ".json")
+        cfg = config_path(name)
         env["LLAMA_INFINITEHIP_CONFIG"] = cfg
     cmd = [ihip_run(build), "score", args.model, "--input", inp, "--prefill", str(P), "--nll", nll,
            "--threads", str(args.threads), "--batch", str(args.batch)]
@@ -138,16 +151,19 @@ def run_one(name, L, text, args):
         h = [rec[i][1] == ids[i] for i in range(lo, hi)]
         n = [rec[i][0] for i in range(lo, hi)]
         pr["acc"], pr["nll"] = sum(h) / len(h), sum(n) / len(n)
+        # per-token records for paired comparisons between configs on the same input
+        pr["hits"], pr["nlls"] = [int(x) for x in h], [round(x, 5) for x in n]
         hits += h
         nlls += n
     vals = cont + nlls
     if any(math.isnan(x) or math.isinf(x) for x in vals):
         sys.exit(f"{name} L={L}: NaN/inf NLL")
     res = {
-        "config": name, "L": L, "build": build, "policy": cfg and os.path.relpath(cfg, REPO),
+        "config": config_tag(name), "L": L, "build": build, "policy": cfg and os.path.relpath(cfg, REPO),
         "prefill": P, "ppl_decode": math.exp(sum(cont) / len(cont)), "decode_text_tokens": len(cont),
         "copy_acc": sum(hits) / len(hits), "copy_nll": sum(nlls) / len(nlls), "copy_tokens": len(hits),
-        "probes": regions["probes"], "timing": timing, "wall_s": time.time() - t0,
+        "probes": regions["probes"], "continuation_nlls": [round(x, 5) for x in cont],
+        "cue": args.cue, "text": os.path.basename(args.text), "timing": timing, "wall_s": time.time() - t0,
         "plugin_stats": json.loads(stats[-1].split("stats ", 1)[1]) if stats else None,
         "threads": args.threads, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
@@ -156,6 +172,7 @@ def run_one(name, L, text, args):
 
 
 def main():
+    global WORK
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="8192,16384,32768")
     ap.add_argument("--configs", default="stock,hip_rope")
@@ -169,8 +186,12 @@ def main():
     ap.add_argument("--text", default=TEXT)
     ap.add_argument("--force", action="store_true", help="rerun cached runs")
     ap.add_argument("--cached-only", action="store_true", help="only tabulate cached runs")
+    ap.add_argument("--work-dir", default=None, help=f"runs cache and token files (default {WORK}); "
+                    "the text's token ids are cached there, so use one directory per text")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.work_dir:
+        WORK = os.path.abspath(args.work_dir)
     os.makedirs(WORK, exist_ok=True)
     text = text_ids(args)
     rows = []
@@ -186,6 +207,14 @@ def main():
         att = f"{st['attended_fraction']:.3f}" if st else "1"
         print(f"{r['config']:<14}{r['L']:>7}{r['ppl_decode']:>12.2f}{100 * r['copy_acc']:>9.1f}%"
               f"{r['copy_nll']:>10.3f}{r['timing']['prefill_tok_s']:>15.1f}{r['timing']['decode_tok_s']:>14.2f}{att:>10}")
+    print("copy accuracy per probe (depth order), mean +- se over probes:")
+    for r in rows:
+        accs = [p["acc"] for p in r["probes"]]
+        k = len(accs)
+        m = sum(accs) / k
+        se = math.sqrt(sum((a - m) ** 2 for a in accs) / (k - 1) / k) if k > 1 else float("nan")
+        print(f"  {r['config']:<22}{r['L']:>7}  {100 * m:5.1f}% +- {100 * se:4.1f}  "
+              + " ".join(f"{a:.2f}" for a in accs))
     if args.json:
         json.dump({"model": os.path.basename(args.model), "text": os.path.basename(args.text), "rows": rows},
                   open(args.json, "w"), indent=1)

@@ -8,6 +8,11 @@
 //!    tokens that slid out of the window since stage 1 ran), step by step, on
 //!    random keys with a planted copy chain; the chain's key is attended at
 //!    every step only with successors on.
+//! 1b. The same with the RoPE modes beyond the trained length (relative
+//!    scoring, streaming attention; issue 12's 32K runs): the reference
+//!    scores in the relative frame (keys moved to t * trained/pos, the query
+//!    to the last trained position), the policy equals it step by step, and
+//!    a copy chain planted in that frame is followed only with successors.
 //! 2. Real keys (`tests/data/smollm2_l20_kv2_copy.bin`: SmolLM2-135M-Instruct
 //!    layer 20, KV head 2, an induction head, on the quality suite's 8K
 //!    sequence): over the copy probes' queries the selection keeps more of the
@@ -16,12 +21,13 @@
 
 use half::f16;
 use infinitehip::attention::AttnShape;
-use infinitehip::config::{HipConfig, HipStage, ModelShape};
+use infinitehip::config::{HipConfig, HipStage, ModelShape, RopeConfig, RopeMode};
 use infinitehip::dtype::max_dot_f32;
 use infinitehip::kv::SeqView;
 use infinitehip::policy::hip::HipPolicy;
 use infinitehip::policy::{Phase, Policy, SelectRequest, Selection};
 use infinitehip::rng::Rng;
+use infinitehip::rope::Rope;
 
 fn stage(chunk_size: usize, keep_tokens: usize, refresh_interval: usize) -> HipStage {
     HipStage {
@@ -214,6 +220,117 @@ fn successors_match_reference_and_follow_a_copy_chain() {
         "without successors a stale stage 1 drops the chain ({hits_off})"
     );
     assert_ne!(sel_on, sel_off);
+}
+
+#[test]
+fn successors_follow_a_copy_chain_with_rope_modes_beyond_the_trained_length() {
+    let (g, hk, d) = (2, 2, 16);
+    let (prefix, steps) = (1500, 60);
+    let len = prefix + steps;
+    let trained = 512; // every query sits beyond it: relative scoring compresses
+    let (sink, window, keep1, keep2, refresh1) = (8, 32, 256, 48, 8);
+    let theta = 1e5f32;
+    let rope = Rope::new(d, theta);
+    let mut rng = Rng::new(21);
+    let k = rng.normal_vec(hk * len * d, 1.0);
+    let v = rng.normal_vec(hk * len * d, 1.0);
+    let c0 = 400;
+    // Head 0, q head 0 copies: in the relative scoring frame of position pos
+    // its query points at key c0 + i.
+    let query = |rng: &mut Rng, i: usize, pos: usize| {
+        let scale = trained as f64 / pos as f64;
+        let target = trained as f64 - 1.0;
+        let mut q = rng.normal_vec(hk * g * d, 0.3);
+        let mut key = k[(c0 + i) * d..(c0 + i + 1) * d].to_vec();
+        rope.rotate(
+            &mut key,
+            (c0 + i) as f64 * (scale - 1.0) - (target - pos as f64),
+        );
+        for j in 0..d {
+            q[j] += 2.0 * key[j];
+        }
+        q
+    };
+    let run = |succ: usize| {
+        let cfg = HipConfig {
+            sink,
+            window,
+            stages: vec![stage(2, keep1, refresh1), stage(1, keep2, 1)],
+            successors: succ,
+            rope: RopeConfig {
+                scoring: RopeMode::Relative,
+                attention: RopeMode::Streaming,
+            },
+            ..HipConfig::default()
+        };
+        let shape = AttnShape::new(g * hk, hk, d).unwrap();
+        let mut m = model(g, hk, d);
+        m.max_position = trained;
+        m.rope_theta = theta;
+        let mut pol = HipPolicy::new(cfg, &m).unwrap();
+        assert!(pol.streaming_rope().is_some());
+        let mut refs: Vec<Reference> = (0..hk)
+            .map(|_| Reference {
+                sink,
+                window,
+                keep1,
+                refresh1,
+                keep2,
+                succ,
+                step: 0,
+                s1: vec![],
+                mid_end: 0,
+                prev: vec![],
+            })
+            .collect();
+        let mut qrng = Rng::new(77);
+        let mut chain_hits = 0;
+        for i in 0..steps {
+            let pos = prefix + i;
+            let q = query(&mut qrng, i, pos);
+            let kk: Vec<f32> = (0..hk)
+                .flat_map(|h| k[h * len * d..(h * len + pos + 1) * d].iter().copied())
+                .collect();
+            let vv: Vec<f32> = (0..hk)
+                .flat_map(|h| v[h * len * d..(h * len + pos + 1) * d].iter().copied())
+                .collect();
+            let kv = SeqView::from_contiguous(hk, d, pos + 1, &kk, &vv);
+            let out = pol
+                .select(&SelectRequest {
+                    seq: 0,
+                    shape,
+                    phase: Phase::Decode,
+                    queries: &q,
+                    q_start: pos,
+                    kv: &kv,
+                })
+                .unwrap();
+            let sel = out.blocks[0].clipped(pos + 1);
+            // The reference scores in the relative frame: keys at t * scale,
+            // the query at the last trained position (the same f32 rotations).
+            let scale = trained as f64 / pos as f64;
+            for (h, r) in refs.iter_mut().enumerate() {
+                let mut kr = kk[h * (pos + 1) * d..(h + 1) * (pos + 1) * d].to_vec();
+                for (t, row) in kr.chunks_exact_mut(d).enumerate() {
+                    rope.rotate(row, t as f64 * (scale - 1.0));
+                }
+                let mut qr = q[h * g * d..(h + 1) * g * d].to_vec();
+                for row in qr.chunks_exact_mut(d) {
+                    rope.rotate(row, trained as f64 - 1.0 - pos as f64);
+                }
+                let want = r.select(&qr, &kr, d, pos);
+                assert_eq!(tokens(&sel, h), want, "succ {succ} step {i} head {h}");
+            }
+            if sel.contains(0, c0 + i) {
+                chain_hits += 1;
+            }
+        }
+        chain_hits
+    };
+    let (on, off) = (run(3), run(0));
+    eprintln!("relative scoring beyond the trained length: chain attended {on}/{steps} with successors, {off}/{steps} without");
+    assert_eq!(on, steps);
+    assert!(off < steps - 10, "without successors ({off})");
 }
 
 /// (planted-passage mass kept / dense planted mass over the copy probes'
