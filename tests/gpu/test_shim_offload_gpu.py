@@ -30,6 +30,12 @@ import types
 
 import torch
 
+# The host-offload tier attends its hip layers with split-K + combine; the
+# resident decode defaults to sparse v2 (another summation order). Part 1
+# compares the two bit for bit, so this process runs resident decode on the
+# same kernel (read by the library at its first hip decode).
+os.environ.setdefault("INFINITEHIP_HIP_ATTENTION", "split-combine")
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.environ.get("SHIM_DIR", os.path.join(HERE, "..", "..", "python-shim")))
 import infinitehip.gpu as ig  # noqa: E402

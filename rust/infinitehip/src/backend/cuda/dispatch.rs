@@ -1674,7 +1674,9 @@ pub enum HipAttention {
     SplitCombine = 1,
 }
 
-static ATTN: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+/// 0 sparse v2, 1 split-K + combine, 2 not chosen yet (read the
+/// environment at first use).
+static ATTN: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
 
 /// Choose `HipGpuDecoder`'s attention kernel (tests and benchmarks run
 /// each on the same inputs).
@@ -1682,9 +1684,21 @@ pub fn force_attention(a: HipAttention) {
     ATTN.store(a as u8, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The attention kernel `HipGpuDecoder` uses now.
+/// The attention kernel `HipGpuDecoder` uses now: `force_attention`'s
+/// choice, else `INFINITEHIP_HIP_ATTENTION` (`split-combine` selects the
+/// previous kernel, e.g. so that a process compares the host-offload tier,
+/// which attends with split-K + combine, bit for bit with resident decode;
+/// anything else, or unset, is sparse v2).
 pub fn attention() -> HipAttention {
-    match ATTN.load(std::sync::atomic::Ordering::Relaxed) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut v = ATTN.load(Relaxed);
+    if v == 2 {
+        let split = std::env::var("INFINITEHIP_HIP_ATTENTION").is_ok_and(|s| s == "split-combine");
+        v = u8::from(split);
+        let _ = ATTN.compare_exchange(2, v, Relaxed, Relaxed);
+        v = ATTN.load(Relaxed);
+    }
+    match v {
         0 => HipAttention::SparseV2,
         _ => HipAttention::SplitCombine,
     }
