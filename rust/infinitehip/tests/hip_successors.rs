@@ -8,6 +8,7 @@
 //!    tokens that slid out of the window since stage 1 ran), step by step, on
 //!    random keys with a planted copy chain; the chain's key is attended at
 //!    every step only with successors on.
+//!
 //! 1b. The same with the RoPE modes beyond the trained length (relative
 //!    scoring, streaming attention; issue 12's 32K runs): the reference
 //!    scores in the relative frame (keys moved to t * trained/pos, the query
@@ -29,6 +30,9 @@ use infinitehip::policy::{Phase, Policy, SelectRequest, Selection};
 use infinitehip::rng::Rng;
 use infinitehip::rope::Rope;
 
+mod hip_reference;
+use hip_reference::Reference;
+
 fn stage(chunk_size: usize, keep_tokens: usize, refresh_interval: usize) -> HipStage {
     HipStage {
         chunk_size,
@@ -45,82 +49,6 @@ fn model(g: usize, hk: usize, d: usize) -> ModelShape {
         head_dim: d,
         rope_theta: 1e5,
         max_position: 1 << 20,
-    }
-}
-
-/// Brute-force decode replay of a two-stage config (chunk 2 -> chunk 1) with
-/// successors, one KV head.
-struct Reference {
-    sink: usize,
-    window: usize,
-    keep1: usize,
-    refresh1: usize,
-    keep2: usize,
-    succ: usize,
-    step: usize,
-    s1: Vec<usize>,
-    mid_end: usize,
-    prev: Vec<usize>,
-}
-
-impl Reference {
-    /// Top `n` of `items` by score (higher first, ties to the earlier item).
-    fn top(mut items: Vec<(f32, usize)>, n: usize) -> Vec<usize> {
-        items.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        items.truncate(n);
-        items.into_iter().map(|x| x.1).collect()
-    }
-
-    /// The attended tokens at position `pos` (keys `k`, `[t][d]` of this head).
-    fn select(&mut self, qs: &[f32], k: &[f32], d: usize, pos: usize) -> Vec<usize> {
-        let n = pos + 1;
-        let sink_end = self.sink.min(n);
-        let win_start = (pos + 1).saturating_sub(self.window).max(sink_end);
-        let score = |t: usize| max_dot_f32(qs, &k[t * d..(t + 1) * d]);
-        if self.step.is_multiple_of(self.refresh1) {
-            self.mid_end = win_start;
-            let chunks: Vec<(usize, usize)> = (sink_end..win_start)
-                .step_by(2)
-                .map(|s| (s, (s + 2).min(win_start)))
-                .collect();
-            let nk = self.keep1 / 2;
-            self.s1 = if chunks.len() <= nk {
-                (sink_end..win_start).collect()
-            } else {
-                let scored = chunks
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &(s, e))| ((s..e).map(score).fold(f32::NEG_INFINITY, f32::max), i))
-                    .collect();
-                let mut keep = Self::top(scored, nk);
-                keep.sort_unstable();
-                keep.iter()
-                    .flat_map(|&i| chunks[i].0..chunks[i].1)
-                    .collect()
-            };
-        }
-        self.step += 1;
-        let mut cand = self.s1.clone();
-        for &x in &self.prev {
-            for j in 1..=self.succ {
-                if x + j >= sink_end && x + j < win_start {
-                    cand.push(x + j);
-                }
-            }
-        }
-        cand.sort_unstable();
-        cand.dedup();
-        let pick = if cand.len() <= self.keep2 {
-            cand
-        } else {
-            Self::top(cand.iter().map(|&t| (score(t), t)).collect(), self.keep2)
-        };
-        self.prev = pick.clone();
-        let mut out: Vec<usize> = (0..sink_end).chain(win_start..n).chain(pick).collect();
-        out.extend(self.mid_end.max(sink_end)..win_start);
-        out.sort_unstable();
-        out.dedup();
-        out
     }
 }
 
@@ -159,16 +87,8 @@ fn successors_match_reference_and_follow_a_copy_chain() {
         let mut pol = HipPolicy::new(cfg, &model(g, hk, d)).unwrap();
         let mut refs: Vec<Reference> = (0..hk)
             .map(|_| Reference {
-                sink,
-                window,
-                keep1,
-                refresh1,
-                keep2,
                 succ,
-                step: 0,
-                s1: vec![],
-                mid_end: 0,
-                prev: vec![],
+                ..Reference::new(sink, window, keep1, refresh1, keep2)
             })
             .collect();
         let mut qrng = Rng::new(99);
@@ -271,16 +191,8 @@ fn successors_follow_a_copy_chain_with_rope_modes_beyond_the_trained_length() {
         assert!(pol.streaming_rope().is_some());
         let mut refs: Vec<Reference> = (0..hk)
             .map(|_| Reference {
-                sink,
-                window,
-                keep1,
-                refresh1,
-                keep2,
                 succ,
-                step: 0,
-                s1: vec![],
-                mid_end: 0,
-                prev: vec![],
+                ..Reference::new(sink, window, keep1, refresh1, keep2)
             })
             .collect();
         let mut qrng = Rng::new(77);
