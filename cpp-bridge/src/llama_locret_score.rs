@@ -48,6 +48,29 @@ pub fn token_scores(rule: TokenScore, rows: &[f32], width: usize) -> Vec<f32> {
                 }
             }
         }
+        TokenScore::SoftMax | TokenScore::SoftSum => {
+            let sum = rule == TokenScore::SoftSum;
+            let mut acc = vec![if sum { 0f64 } else { f64::NEG_INFINITY }; n];
+            let mut e = vec![0f64; scored.len()];
+            for c in 0..width {
+                let at = |t: usize| rows[t * width + c] as f64;
+                let mx = scored
+                    .iter()
+                    .map(|&t| at(t))
+                    .fold(f64::NEG_INFINITY, f64::max);
+                for (ei, &t) in e.iter_mut().zip(&scored) {
+                    *ei = (at(t) - mx).exp();
+                }
+                let z: f64 = e.iter().sum();
+                for (ei, &t) in e.iter().zip(&scored) {
+                    let p = ei / z;
+                    acc[t] = if sum { acc[t] + p } else { acc[t].max(p) };
+                }
+            }
+            for &t in &scored {
+                out[t] = acc[t] as f32;
+            }
+        }
         TokenScore::RankMax => {
             for &t in &scored {
                 out[t] = f32::NEG_INFINITY;
@@ -107,6 +130,43 @@ mod tests {
             assert!((got - want).abs() < 1e-6, "{z:?}");
         }
         assert_eq!(z[3], f32::INFINITY);
+    }
+
+    #[test]
+    fn soft_shares_against_a_plain_reference() {
+        // Three tokens, two columns, one decoded token (+inf row).
+        let rows = [
+            1.0f32,
+            -2.0,
+            3.0,
+            0.5,
+            2.0,
+            4.0,
+            f32::INFINITY,
+            f32::INFINITY,
+        ];
+        let share = |c: usize, t: usize| {
+            let z: f64 = (0..3).map(|u| (rows[u * 2 + c] as f64).exp()).sum();
+            (rows[t * 2 + c] as f64).exp() / z
+        };
+        let sm = token_scores(TokenScore::SoftMax, &rows, 2);
+        let ss = token_scores(TokenScore::SoftSum, &rows, 2);
+        for t in 0..3 {
+            let (a, b) = (share(0, t), share(1, t));
+            assert!((sm[t] as f64 - a.max(b)).abs() < 1e-6, "{sm:?}");
+            assert!((ss[t] as f64 - (a + b)).abs() < 1e-6, "{ss:?}");
+        }
+        assert_eq!(sm[3], f32::INFINITY);
+        assert_eq!(ss[3], f32::INFINITY);
+        // Shares of the scored tokens sum to the number of columns; a shift
+        // of one column changes nothing, and huge logits do not overflow.
+        assert!((ss[..3].iter().sum::<f32>() - 2.0).abs() < 1e-5);
+        let shifted: Vec<f32> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| if i % 2 == 0 { x + 1000.0 } else { x })
+            .collect();
+        assert_eq!(token_scores(TokenScore::SoftSum, &shifted, 2)[..3], ss[..3]);
     }
 
     #[test]

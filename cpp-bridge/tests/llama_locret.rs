@@ -227,11 +227,17 @@ fn expected_token_scores(rule: TokenScore, rows: &[Option<Vec<f64>>], width: usi
                 let equal = col.iter().filter(|&&y| y == x).count() as f64;
                 (below + (equal - 1.0) / 2.0) / (m - 1.0)
             }
+            // The rows are the f32 scores widened: their exp does not
+            // overflow at these magnitudes, so no shift is needed here.
+            TokenScore::SoftMax | TokenScore::SoftSum => {
+                x.exp() / col.iter().map(|y| y.exp()).sum::<f64>()
+            }
         }
     };
     rows.iter()
         .map(|r| match r {
             None => f64::INFINITY,
+            Some(r) if rule == TokenScore::SoftSum => (0..width).map(|c| norm(c, r[c])).sum(),
             Some(r) => (0..width)
                 .map(|c| norm(c, r[c]))
                 .fold(f64::NEG_INFINITY, f64::max),
@@ -405,7 +411,13 @@ fn twin(cfg: LocretConfig, chunks: &[usize], n_decode: usize, seed: u64) {
 /// own score, so each keeps exactly the core's (and the raw max's) positions.
 #[test]
 fn one_head_eviction_equals_core_policy() {
-    for rule in [TokenScore::RawMax, TokenScore::ZMax, TokenScore::RankMax] {
+    for rule in [
+        TokenScore::RawMax,
+        TokenScore::ZMax,
+        TokenScore::RankMax,
+        TokenScore::SoftMax,
+        TokenScore::SoftSum,
+    ] {
         one_head_cases(rule);
     }
 }
@@ -460,7 +472,13 @@ fn one_head_cases(token_score: TokenScore) {
 /// not sinks), down to the budget.
 #[test]
 fn evicts_lowest_token_scores() {
-    for rule in [TokenScore::RawMax, TokenScore::ZMax, TokenScore::RankMax] {
+    for rule in [
+        TokenScore::RawMax,
+        TokenScore::ZMax,
+        TokenScore::RankMax,
+        TokenScore::SoftMax,
+        TokenScore::SoftSum,
+    ] {
         evicts_lowest(rule);
     }
 }
@@ -853,6 +871,10 @@ fn large_scale_layer_does_not_decide_alone() {
         (TokenScore::RawMax, vec![0, 1, 2]),
         (TokenScore::ZMax, vec![3, 4, 5]),
         (TokenScore::RankMax, vec![2, 3, 4]),
+        // Layer 0's softmax gives token 7 (protected) a share of ~1 and the
+        // others < e^-100: layer 1's near-uniform shares decide, as z_max.
+        (TokenScore::SoftMax, vec![3, 4, 5]),
+        (TokenScore::SoftSum, vec![3, 4, 5]),
     ] {
         let cfg = LocretConfig {
             budget: 4,

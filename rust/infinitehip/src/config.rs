@@ -364,6 +364,13 @@ pub enum TokenScore {
     /// The largest raw score over layers and KV heads: the layer with the
     /// largest logit scale decides (the first llama.cpp version).
     RawMax,
+    /// Each (layer, KV head)'s scores as a softmax over the held tokens
+    /// (the heads regress pre-softmax attention logits, so this estimates
+    /// the share of that head's attention the token would get), then the
+    /// token's largest share over layers and heads.
+    SoftMax,
+    /// As `soft_max`, summing the shares over layers and heads.
+    SoftSum,
 }
 
 impl Default for LocretConfig {
