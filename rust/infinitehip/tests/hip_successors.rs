@@ -19,6 +19,9 @@
 //!    sequence): over the copy probes' queries the selection keeps more of the
 //!    planted passage's attention mass with successors than without, at the
 //!    same attended budget.
+//! 3. Successors stay inside the middle of the first stage's last run (a
+//!    chain sliding out of the window proposes no candidate among the tokens
+//!    attended anyway); with the budget covering the middle, every token.
 
 use half::f16;
 use infinitehip::attention::AttnShape;
