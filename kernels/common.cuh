@@ -5,6 +5,22 @@ typedef unsigned int u32;
 
 #define NEG_INF (__int_as_float(0xff800000))
 
+// Programmatic dependent launch (Hopper+; backend/cuda/mod.rs `Launch`):
+// kernels that the host may launch with the programmatic-serialization
+// attribute start with this, before any other statement. The trigger lets
+// the next such kernel in the stream (or the graph) be launched and its
+// CTAs made resident while this one still runs (its launch latency hidden);
+// the wait then blocks every thread until the previous kernel has completed
+// and its memory is visible, so the kernel reads nothing early: the same
+// ordering as a plain launch. Without the attribute both are no-ops.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define IHIP_PDL_ENTRY() asm volatile("griddepcontrol.launch_dependents;\n\tgriddepcontrol.wait;" ::: "memory")
+#else
+#define IHIP_PDL_ENTRY() \
+    do {                 \
+    } while (0)
+#endif
+
 struct Bf16 {
     static __device__ __forceinline__ float to_f32(u16 x) { return __uint_as_float(((u32)x) << 16); }
 };

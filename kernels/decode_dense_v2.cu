@@ -642,6 +642,7 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
              const int* lens, const int* q_seq, int split_tokens, int n_splits, float* pm,           \
              float* pl, float* pacc, int* counters, void* out, long long out_stride, int out_dtype,  \
              int flags) {                                                                            \
+        IHIP_PDL_ENTRY();                                                                            \
         dense_decode<E, D, G, U, false>(kp, vp, nullptr, 0, nullptr, nullptr, table, table_stride,   \
                                         ps, ps_log2, hkv, page_stride, head_stride, q, scale_log2,   \
                                         lens, q_seq, split_tokens, n_splits, pm, pl, pacc,           \
@@ -656,6 +657,7 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
              const int* tab, int tab_stride, const int* ntab, const int2* extra, const int* q_seq,   \
              int split_tokens, int n_splits, float* pm, float* pl, float* pacc, int* counters,       \
              void* out, long long out_stride, int out_dtype, int flags) {                             \
+        IHIP_PDL_ENTRY();                                                                            \
         dense_decode<E, D, G, U, true>(kp, vp, tab, tab_stride, ntab, extra, table, table_stride,    \
                                        ps, ps_log2, hkv, page_stride, head_stride, q, scale_log2,    \
                                        nullptr, q_seq, split_tokens, n_splits, pm, pl, pacc,         \

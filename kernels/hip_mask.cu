@@ -127,6 +127,7 @@ __device__ void hip_score(const u16* __restrict__ kp, const int* __restrict__ ta
                                       int nq_max, const int2* in_ranges, const int* in_cnt,       \
                                       int cap_in, int E_, int c, u32* keys, const int* gate,      \
                                       int stage) {                                                \
+        IHIP_PDL_ENTRY();                                                                         \
         hip_score<E, D, NQ, LPS>(kp, table, table_stride, ps, hkv, pst, hst, row_seq, qs, nq, nq_max, in_ranges, \
                             in_cnt, cap_in, E_, c, keys, gate, stage);                            \
     }
@@ -326,6 +327,7 @@ __device__ void hip_scorew(const u16* __restrict__ kp, const int* __restrict__ t
                                       int nq_max, const int2* in_ranges, const int* in_cnt,       \
                                       int cap_in, int E_, int c, u32* keys, const int* gate,      \
                                       int stage) {                                                \
+        IHIP_PDL_ENTRY();                                                                         \
         hip_scorew<E, D, NQ, LPS>(kp, table, table_stride, ps, hkv, pst, hst, row_seq, qs, nq, nq_max, in_ranges, \
                             in_cnt, cap_in, E_, c, keys, gate, stage);                            \
     }
@@ -394,6 +396,7 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
     hip_topk(const u32* __restrict__ keys, int n_sub, int k, const int2* __restrict__ in_ranges,
              const int* __restrict__ in_cnt, int cap_in, int E_, int c, int2* __restrict__ out,
              int* __restrict__ out_cnt, int out_cap, const int* __restrict__ gate, int stage) {
+    IHIP_PDL_ENTRY();
     if (gate && gate[1] > stage) return;  // as hip_score
     const int r = blockIdx.x;
     const int lane = threadIdx.x & 31;
@@ -506,6 +509,7 @@ extern "C" __global__ void __launch_bounds__(256)
                  int* __restrict__ cum, int* __restrict__ cnt, int* __restrict__ tot, int cap,
                  int* __restrict__ tab, int tab_cap, int* __restrict__ ntab,
                  const int* __restrict__ gate, int n_stages, int* __restrict__ tab_sink) {
+    IHIP_PDL_ENTRY();
     __shared__ int s_warp[32];
     const int r = blockIdx.x;
     const int rb = r / hkv;
@@ -569,6 +573,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     hip_step_meta(const int* __restrict__ lens, int batch, int hkv, int sink, int window,
                   const int* __restrict__ intervals, int n_stages, int slid_cap, int* __restrict__ state,
                   int* __restrict__ mid_end, int2* __restrict__ stage0_in, int2* __restrict__ extra) {
+    IHIP_PDL_ENTRY();
     const int b = threadIdx.x;
     const int step = state[0];
     int from = n_stages;

@@ -40,10 +40,12 @@ fi
 # the previous default (per-thread scoring, full steps), then the previous split-K + combine hip attention
 [ "$(left)" -gt 45 ] && step bench-gpu-model-prev $(( $(left) - 5 < 60 ? $(left) - 5 : 60 )) $BIN bench-gpu-model --tokens 131072,1048576 --batch 1 --reps 3 --baseline "$OUT/sdpa.json" --score-v1 --no-lean --json "$OUT/bench-gpu-model-prev.json"
 [ "$(left)" -gt 45 ] && step bench-gpu-model-split $(( $(left) - 5 < 60 ? $(left) - 5 : 60 )) $BIN bench-gpu-model --tokens 131072,1048576 --batch 1 --reps 3 --baseline "$OUT/sdpa.json" --split-combine --json "$OUT/bench-gpu-model-split.json"
+# the default with plain launches instead of programmatic dependent launch (backend/cuda/pdl.rs), same baseline
+[ "$(left)" -gt 45 ] && step bench-gpu-model-nopdl $(( $(left) - 5 < 60 ? $(left) - 5 : 60 )) $BIN bench-gpu-model --tokens 131072,1048576 --batch 1 --reps 3 --baseline "$OUT/sdpa.json" --no-pdl --json "$OUT/bench-gpu-model-nopdl.json"
 echo "== summary"
 grep -E '^test result|^test .*(FAILED|ok)$' "$OUT/gpu-tests.log" | tail -40
 echo "shim-gpu: $(grep -c '^PASS' "$OUT/shim-gpu.log") PASS, $(grep -c '^FAIL' "$OUT/shim-gpu.log") FAIL"; grep '^FAIL' "$OUT/shim-gpu.log"; tail -3 "$OUT/shim-gpu.log"
 for f in shim-offload-gpu shim-locret-free engine-u2; do echo "-- $f"; grep -E '^(PASS|FAIL)' "$OUT/$f.log" | cut -c1-250; tail -2 "$OUT/$f.log"; done
-for f in bench-gpu-model bench-gpu-model-prev bench-gpu-model-split; do [ -f "$OUT/$f.log" ] && echo "-- $f" && grep -E '^\|' "$OUT/$f.log"; done
+for f in bench-gpu-model bench-gpu-model-prev bench-gpu-model-split bench-gpu-model-nopdl; do [ -f "$OUT/$f.log" ] && echo "-- $f" && grep -E '^\|' "$OUT/$f.log"; done
 cat "$OUT/device.txt"
 tar czf "$OUT/logs.tgz" -C "$OUT" $(cd "$OUT" && ls *.log *.json *.txt 2>/dev/null) && rm -f "$OUT"/*.log

@@ -20,6 +20,10 @@ or a policy JSON run through the patched build (tests/quality/configs/
 hip_rope.json: chunk_indexed scoring + streaming attention; hip_original.json:
 the same budget at llama.cpp's positions).
 
+`--offset O --probe-src S1,S2,..` starts the input at text token O and makes
+the probes copy the passages at text positions S1.. (e.g. another length's
+passages, to compare lengths on the same passages).
+
 Each run is cached (RUNS/<config>-<L>.json) so lengths can be run one at a
 time (`--lengths 32768`) and the table assembled from all cached runs.
 
@@ -84,16 +88,24 @@ def build_input(text, L, args):
     """(ids, prefill, regions): regions name the scored spans (target indices)."""
     C, K, M, cue = args.continuation, args.probes, args.probe_len, args.cue
     P = L - C - K * M
-    if P < 2 * M or P + C > len(text):
+    off = args.offset
+    if P < 2 * M or off + P + C > len(text):
         sys.exit(f"length {L}: the text ({len(text)} tokens) or the layout does not fit")
-    ids = text[:P + C]
+    ids = text[off:off + P + C]
+    srcs = [int(x) for x in args.probe_src.split(",")] if args.probe_src else None
+    if srcs and (len(srcs) != K or not all(off <= x <= off + P - M for x in srcs)):
+        sys.exit(f"--probe-src: {K} text positions inside the prefix [{off}, {off + P - M}] needed")
     probes = []
     for j in range(K):
         depth = 0.1 + 0.8 * j / max(K - 1, 1)
-        src = int(depth * (P - M))
+        # src: position in the input; text_src: position in the text
+        src = srcs[j] - off if srcs else int(depth * (P - M))
+        if srcs:
+            depth = src / (P - M)
         start = len(ids)
-        ids += text[src:src + M]
-        probes.append({"depth": round(depth, 3), "src": src, "answer": [start + cue, start + M]})
+        ids += text[off + src:off + src + M]
+        probes.append({"depth": round(depth, 3), "src": src, "text_src": off + src,
+                       "answer": [start + cue, start + M]})
     assert len(ids) == L
     # targets P+1..P+C-1: continuation tokens scored by decode steps
     return ids, P, {"continuation": [P + 1, P + C - 1], "probes": probes}
@@ -113,6 +125,11 @@ def run_one(name, L, text, args):
     tag = f"{config_tag(name)}-{L}-c{args.continuation}-k{args.probes}x{args.probe_len}"
     if args.cue != 8:
         tag += f"-cue{args.cue}"
+    layout = ""
+    if args.offset or args.probe_src:
+        import hashlib
+        layout = f"-o{args.offset}-ps" + hashlib.sha1(args.probe_src.encode()).hexdigest()[:8]
+        tag += layout
     out_json = os.path.join(WORK, "runs", tag + ".json")
     if os.path.exists(out_json) and not args.force:
         return json.load(open(out_json))
@@ -120,7 +137,7 @@ def run_one(name, L, text, args):
         return None
     ids, P, regions = build_input(text, L, args)
     # one input file per layout, written atomically (runs of one length may overlap)
-    inp = os.path.join(WORK, f"input-{L}-c{args.continuation}-k{args.probes}x{args.probe_len}-cue{args.cue}.ids")
+    inp = os.path.join(WORK, f"input-{L}-c{args.continuation}-k{args.probes}x{args.probe_len}-cue{args.cue}{layout}.ids")
     write_ids(inp + f".{os.getpid()}", ids)
     os.replace(inp + f".{os.getpid()}", inp)
     nll = os.path.join(WORK, "runs", tag + ".nll")
@@ -163,7 +180,7 @@ def run_one(name, L, text, args):
         "prefill": P, "ppl_decode": math.exp(sum(cont) / len(cont)), "decode_text_tokens": len(cont),
         "copy_acc": sum(hits) / len(hits), "copy_nll": sum(nlls) / len(nlls), "copy_tokens": len(hits),
         "probes": regions["probes"], "continuation_nlls": [round(x, 5) for x in cont],
-        "cue": args.cue, "text": os.path.basename(args.text), "timing": timing, "wall_s": time.time() - t0,
+        "cue": args.cue, "offset": args.offset, "text": os.path.basename(args.text), "timing": timing, "wall_s": time.time() - t0,
         "plugin_stats": json.loads(stats[-1].split("stats ", 1)[1]) if stats else None,
         "threads": args.threads, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
@@ -180,6 +197,9 @@ def main():
     ap.add_argument("--probes", type=int, default=4)
     ap.add_argument("--probe-len", type=int, default=48)
     ap.add_argument("--cue", type=int, default=8)
+    ap.add_argument("--offset", type=int, default=0, help="the input starts at this text token")
+    ap.add_argument("--probe-src", default="", help="comma-separated text positions of the probes' passages "
+                    "(instead of depths 10..90%% of the prefix), e.g. another length's passages")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--model", default=MODEL)

@@ -370,6 +370,10 @@ pub struct BenchGpuModelArgs {
     /// steps off).
     #[arg(long, conflicts_with = "lean")]
     pub no_lean: bool,
+    /// Launch every kernel plainly: no programmatic dependent launch
+    /// (backend/cuda/pdl.rs; the default on compute capability 9.0+).
+    #[arg(long)]
+    pub no_pdl: bool,
     /// Score hip stages with the per-thread kernel (`hip_score*`, the
     /// reference) instead of the warp kernel (`hip_scorew*`).
     #[arg(long)]

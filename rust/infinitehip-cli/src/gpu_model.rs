@@ -45,6 +45,9 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
         tunes.push(Tune::default());
     }
     infinitehip::backend::cuda::dispatch::set_score_v1(a.score_v1);
+    if a.no_pdl {
+        infinitehip::backend::cuda::pdl::set_pdl(false);
+    }
     {
         use infinitehip::backend::cuda::dispatch::{force_attention, HipAttention};
         force_attention(if a.split_combine {
@@ -58,10 +61,18 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
     let gpu = gpu0.with_new_stream().map_err(e)?;
     let bw = copy_bandwidth(&gpu)?;
     println!(
-        "device {} ({} SMs), measured copy bandwidth {:.0} GB/s",
+        "device {} ({} SMs), measured copy bandwidth {:.0} GB/s; programmatic dependent launch {}",
         gpu.name,
         gpu.sm_count,
-        bw / 1e9
+        bw / 1e9,
+        if infinitehip::backend::cuda::pdl::pdl_enabled() && gpu.arch_number() >= 90 {
+            format!(
+                "on at {}",
+                infinitehip::backend::cuda::pdl::site_list(infinitehip::backend::cuda::pdl::sites())
+            )
+        } else {
+            "off".to_string()
+        }
     );
     let shape = AttnShape::new(32, 8, 128).map_err(e)?;
     let mut cfg = HipConfig::default();
@@ -292,6 +303,8 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
                 "dense_layer_floor_ms": dense_floor, "hip_layer_floor_ms": hip_floor,
                 "hip_selected_tokens_per_head": sel_tokens / (8 * b),
                 "refresh_cycle_steps": cycle, "kernel_breakdown": breakdowns,
+                "pdl": infinitehip::backend::cuda::pdl::pdl_enabled() && gpu.arch_number() >= 90,
+                "pdl_sites": infinitehip::backend::cuda::pdl::site_list(infinitehip::backend::cuda::pdl::sites()),
             });
             eprintln!("{row}");
             rows.push(row);

@@ -9,7 +9,7 @@ use std::time::Instant;
 use half::bf16;
 use infinitehip::attention::{rel_error, AttnShape};
 use infinitehip::backend::cuda::dispatch::{self, DeviceKv, HipGpuDecoder};
-use infinitehip::backend::cuda::{dense_decode, hip_step, DevBuf, GpuContext};
+use infinitehip::backend::cuda::{dense_decode, hip_step, pdl, DevBuf, GpuContext};
 use infinitehip::config::HipConfig;
 use infinitehip::kv::KvPool;
 use infinitehip::policy::Selection;
@@ -140,7 +140,7 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
     let qe = shape.q_elems();
     let qd = DevBuf::alloc(nb * qe * 4).map_err(e)?;
     let lens_dev = DevBuf::alloc(nb * 4).map_err(e)?;
-    let outs: Vec<DevBuf> = (0..6)
+    let outs: Vec<DevBuf> = (0..9)
         .map(|_| DevBuf::alloc(nb * qe * 4))
         .collect::<Result<_, _>>()
         .map_err(e)?;
@@ -178,6 +178,26 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
         graphed.step_device(gpu, &shape, &kv, lens_dev.ptr, qd.ptr, outs[2].ptr)
     })
     .map_err(e)?;
+    // The reference twins of programmatic dependent launch (pdl.rs): the
+    // host step, the eager device step and the graph, launched plainly
+    // (outs 6, 7, 8), must equal the PDL launches bit for bit.
+    let pdl_on = pdl::pdl_enabled() && gpu.arch_number() >= 90;
+    let pdl_default = pdl::pdl_enabled();
+    let (mut host_plain, mut eager_plain, mut graphed_plain) = (new_dec()?, new_dec()?, new_dec()?);
+    eager_plain.prepare_device_steps(&kv).map_err(e)?;
+    graphed_plain.prepare_device_steps(&kv).map_err(e)?;
+    pdl::set_pdl(false);
+    graphed_plain
+        .step_device(gpu, &shape, &kv, lens_dev.ptr, qd.ptr, outs[8].ptr)
+        .map_err(e)?;
+    graphed_plain.reset_device(gpu).map_err(e)?;
+    gpu.synchronize().map_err(e)?;
+    let graph_plain = hip_step::capture(gpu, || {
+        graphed_plain.step_device(gpu, &shape, &kv, lens_dev.ptr, qd.ptr, outs[8].ptr)
+    });
+    pdl::set_pdl(pdl_default);
+    let graph_plain = graph_plain.map_err(e)?;
+    let mut pdl_mismatch = 0usize;
     let mut rng = Rng::new(seed ^ 0x57e9);
     let (mut sel_mismatch, mut graph_mismatch, mut worst, mut host_vs_dev) = (0, 0, 0f64, 0f64);
     let (mut over_bound, mut finite, mut drop_err) = (0, true, f64::INFINITY);
@@ -205,6 +225,7 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
             host = new_dec()?;
             host_sparse = new_sparse(false)?;
             host_lean = new_sparse(true)?;
+            host_plain = new_dec()?;
         }
         host.step(gpu, &shape, &kv, qd.ptr, outs[0].ptr, true)
             .map_err(e)?;
@@ -221,6 +242,18 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
         eager_lean
             .step_device(gpu, &shape, &kv, lens_dev.ptr, qd.ptr, outs[5].ptr)
             .map_err(e)?;
+        pdl::set_pdl(false);
+        let plain = (|| -> R<()> {
+            host_plain
+                .step(gpu, &shape, &kv, qd.ptr, outs[6].ptr, true)
+                .map_err(e)?;
+            eager_plain
+                .step_device(gpu, &shape, &kv, lens_dev.ptr, qd.ptr, outs[7].ptr)
+                .map_err(e)?;
+            graph_plain.launch().map_err(e)
+        })();
+        pdl::set_pdl(pdl_default);
+        plain?;
         gpu.synchronize().map_err(e)?;
         // What a reader of the lean decoder's selection buffer would see
         // without `selection()`: stale slid/window ranges on lean steps.
@@ -233,6 +266,9 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
             &mut host_sparse,
             &mut host_lean,
             &mut eager_lean,
+            &mut host_plain,
+            &mut eager_plain,
+            &mut graphed_plain,
         ] {
             sels.push(d.selection_host(gpu).map_err(e)?);
         }
@@ -248,6 +284,11 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
             .collect::<Result<_, _>>()
             .map_err(e)?;
         finite &= got.iter().all(|o| o.iter().all(|x| x.is_finite()));
+        // PDL launches (host, eager device, graph) vs the plain ones.
+        pdl_mismatch += [(0, 6), (1, 7), (2, 8)]
+            .iter()
+            .filter(|&&(a, b)| sels[a] != sels[b] || !bits_equal(&got[a], &got[b]))
+            .count();
         if sels[0] != sels[1] {
             sel_mismatch += 1;
             if first_diff.is_empty() {
@@ -314,6 +355,7 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
         }
     }
     let ok = sel_mismatch == 0
+        && pdl_mismatch == 0
         && graph_mismatch == 0
         && lean_mismatch == 0
         && lean_sel_mismatch == 0
@@ -332,7 +374,8 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
         ),
         ok,
         detail: format!(
-            "selections != host-metadata step: {sel_mismatch} {first_diff}; graph replay != eager (selection or output bits): {graph_mismatch} (output bits: {graph_out_mismatch}); \
+            "programmatic dependent launch {pdl_on}: PDL launches != plain launches (host step, eager device step, graph replay; selection or output bits): {pdl_mismatch}; \
+             selections != host-metadata step: {sel_mismatch} {first_diff}; graph replay != eager (selection or output bits): {graph_mismatch} (output bits: {graph_out_mismatch}); \
              sparse v2: rel_err vs f64 {sparse_worst:.2e}, lean device step vs host {lean_dev:.2e} (bound {DENSE_BOUND:.0e}), one dropped token {sparse_drop:.2e} (must exceed), \
              lean host step != full host step (selection or output bits; {lean_steps} steps): {lean_mismatch}; \
              lean steps the default: {lean_default}; selections read through selection() != the full host step's: {lean_sel_mismatch}; \

@@ -229,7 +229,9 @@ pub struct HipConfig {
     /// Decode only, CPU policy only (the GPU decoders refuse it): when the
     /// last stage runs, its candidates also hold the `successors` tokens
     /// after each key it kept at its previous run (ranges a..b add
-    /// b..b+successors), inside the middle. A copying (induction) head
+    /// b..b+successors), inside the middle of the first stage's last run
+    /// (tokens that slid out of the window since then are attended anyway).
+    /// A copying (induction) head
     /// attends next the successor of the key it attended last, which a stale
     /// earlier stage may have dropped; the attended budget is unchanged (the
     /// last stage still keeps `keep_tokens`). 0 = off (issue 12: on SmolLM2

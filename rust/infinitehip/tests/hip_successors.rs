@@ -19,6 +19,9 @@
 //!    sequence): over the copy probes' queries the selection keeps more of the
 //!    planted passage's attention mass with successors than without, at the
 //!    same attended budget.
+//! 3. Successors stay inside the middle of the first stage's last run (a
+//!    chain sliding out of the window proposes no candidate among the tokens
+//!    attended anyway); with the budget covering the middle, every token.
 
 use half::f16;
 use infinitehip::attention::AttnShape;
@@ -339,4 +342,81 @@ fn successors_parse_from_json_and_default_off() {
     };
     assert_eq!(h.successors, 4);
     assert_eq!(HipConfig::default().successors, 0);
+}
+
+/// Successors stay inside the middle of the first stage's last run: the
+/// tokens that slid out of the window since then are attended anyway, so a
+/// copy chain running into them proposes no candidate there and the last
+/// stage's budget goes to other keys. A chain planted two tokens before the
+/// window slides into that region between refreshes; the policy equals the
+/// reference (clipped the same way) step by step, and every step attends
+/// exactly sink + window + budget + slid tokens (a successor picked inside
+/// the slid region would overlap and attend fewer). With the budget covering
+/// the middle, every token is attended at every step.
+#[test]
+fn successors_stay_inside_the_first_stage_middle() {
+    let (g, hk, d) = (2, 1, 16);
+    let (prefix, steps) = (1500, 40);
+    let len = prefix + steps;
+    let (sink, window, refresh1) = (8, 32, 8);
+    let mut rng = Rng::new(31);
+    let k = rng.normal_vec(hk * len * d, 1.0);
+    let v = rng.normal_vec(hk * len * d, 1.0);
+    // The chain's key at step i: two tokens before the window's first one.
+    let chain = |pos: usize| pos + 1 - window - 2;
+    let run = |keep1: usize, keep2: usize| {
+        let cfg = HipConfig {
+            sink,
+            window,
+            stages: vec![stage(2, keep1, refresh1), stage(1, keep2, 1)],
+            successors: 3,
+            ..HipConfig::default()
+        };
+        let shape = AttnShape::new(g * hk, hk, d).unwrap();
+        let mut pol = HipPolicy::new(cfg, &model(g, hk, d)).unwrap();
+        let mut r = Reference {
+            succ: 3,
+            ..Reference::new(sink, window, keep1, refresh1, keep2)
+        };
+        let mut qrng = Rng::new(5);
+        let mut in_slid = 0;
+        for i in 0..steps {
+            let pos = prefix + i;
+            let mut q = qrng.normal_vec(hk * g * d, 0.3);
+            for j in 0..d {
+                q[j] += 2.0 * k[chain(pos) * d + j];
+            }
+            let kv =
+                SeqView::from_contiguous(hk, d, pos + 1, &k[..(pos + 1) * d], &v[..(pos + 1) * d]);
+            let out = pol
+                .select(&SelectRequest {
+                    seq: 0,
+                    shape,
+                    phase: Phase::Decode,
+                    queries: &q,
+                    q_start: pos,
+                    kv: &kv,
+                })
+                .unwrap();
+            let sel = out.blocks[0].clipped(pos + 1);
+            let want = r.select(&q, &k, d, pos);
+            let got = tokens(&sel, 0);
+            assert_eq!(got, want, "keep {keep1}/{keep2} step {i}");
+            let win_start = pos + 1 - window;
+            let slid = win_start - r.mid_end.clamp(sink, win_start);
+            if keep2 >= prefix {
+                assert_eq!(got, (0..=pos).collect::<Vec<_>>(), "dense at step {i}");
+            } else {
+                assert_eq!(got.len(), sink + window + keep2 + slid, "step {i}");
+            }
+            assert!(sel.contains(0, chain(pos)), "chain at step {i}");
+            if chain(pos) >= r.mid_end {
+                in_slid += 1;
+            }
+        }
+        in_slid
+    };
+    // The chain sits in the slid region at most steps between refreshes.
+    assert!(run(256, 48) >= steps / 2);
+    run(4096, 4096);
 }

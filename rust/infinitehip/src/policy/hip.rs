@@ -356,7 +356,9 @@ impl HipPolicy {
 
     /// Run stages `from..` on `cands` for one head. `prev_last`: the last
     /// stage's output at its previous run (decode with `successors` > 0),
-    /// whose successors join the last stage's candidates.
+    /// whose successors join the last stage's candidates, clipped to the
+    /// range given with it (the middle when the first stage last ran: the
+    /// tokens that slid out of the window since then are attended anyway).
     #[allow(clippy::too_many_arguments)]
     fn stages_from(
         &self,
@@ -367,7 +369,7 @@ impl HipPolicy {
         middle: &Range<usize>,
         from: usize,
         cands: Vec<Range<usize>>,
-        prev_last: Option<&[Range<usize>]>,
+        prev_last: Option<(&[Range<usize>], &Range<usize>)>,
         mut keep: impl FnMut(usize, &[Range<usize>]),
     ) -> Vec<Range<usize>> {
         let d = req.shape.head_dim;
@@ -375,8 +377,8 @@ impl HipPolicy {
         let mut cur = cands;
         for (i, st) in self.cfg.stages.iter().enumerate().skip(from) {
             if i == last {
-                if let Some(prev) = prev_last {
-                    cur = with_successors(cur, prev, self.cfg.successors, middle);
+                if let Some((prev, succ_range)) = prev_last {
+                    cur = with_successors(cur, prev, self.cfg.successors, succ_range);
                 }
             }
             let sc = self.scorer(req.kv, head, qs.to_vec(), d, st, middle.end, q_pos);
@@ -485,6 +487,8 @@ impl HipPolicy {
         }
         // Tokens that left the window since stage 1 last ran.
         let slid = st.mid_end.max(mid.start)..mid.end;
+        // Successors stay inside stage 1's middle (`slid` is attended anyway).
+        let succ_range = mid.start..st.mid_end.clamp(mid.start, mid.end);
         let per_head = |u: usize| {
             let mut fresh: Vec<Vec<Range<usize>>> = Vec::new();
             let mut kept = if mid.is_empty() {
@@ -503,7 +507,7 @@ impl HipPolicy {
                     (u, Self::group_queries(req, u, 0, 1, 1))
                 };
                 let prev_last = (self.cfg.successors > 0 && !st.stages.is_empty())
-                    .then(|| &st.stages[n_stages - 1][u][..]);
+                    .then(|| (&st.stages[n_stages - 1][u][..], &succ_range));
                 self.stages_from(req, h, &qs, pos, &mid, from, cands, prev_last, |_, r| {
                     fresh.push(r.to_vec())
                 })

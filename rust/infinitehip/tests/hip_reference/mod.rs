@@ -73,7 +73,7 @@ impl Reference {
         let mut cand = self.s1.clone();
         for &x in &self.prev {
             for j in 1..=self.succ {
-                if x + j >= sink_end && x + j < win_start {
+                if x + j >= sink_end && x + j < self.mid_end.min(win_start) {
                     cand.push(x + j);
                 }
             }

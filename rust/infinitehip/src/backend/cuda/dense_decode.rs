@@ -342,7 +342,13 @@ pub(crate) fn launch_v2(
     } else {
         0
     };
-    let mut l = gpu.stream.launch_builder(&f);
+    // v2 entry points (dense and hip_sparse) begin with IHIP_PDL_ENTRY; decode_dense.cu's do not.
+    let site = match (v2, sparse) {
+        (false, _) => None,
+        (true, true) => Some(super::pdl::Site::Attn),
+        (true, false) => Some(super::pdl::Site::Dense),
+    };
+    let mut l = gpu.launch_pdl(&f, site);
     l.arg(&kv.k).arg(&kv.v).arg(&kv.table).arg(&ts).arg(&ps);
     if v2 {
         l.arg(&ps_log2);

@@ -1314,7 +1314,7 @@ pub(crate) fn launch_score(
     );
     let stage_i = x.stage as i32;
     let kst = kv.strides();
-    let mut l = gpu.stream.launch_builder(&score);
+    let mut l = gpu.launch_pdl(&score, Some(super::pdl::Site::Score(x.stage)));
     l.arg(&kv.k.ptr)
         .arg(&kv.table.ptr)
         .arg(&ts)
@@ -1481,7 +1481,7 @@ pub(crate) fn launch_topk(
         sub.e as i32,
         sub.c as i32,
     );
-    let mut l = gpu.stream.launch_builder(topk);
+    let mut l = gpu.launch_pdl(topk, Some(super::pdl::Site::Topk(sub.stage)));
     l.arg(&keys)
         .arg(&nsub)
         .arg(&k)
@@ -1621,7 +1621,7 @@ pub(crate) fn assemble_rows(
         off(sel.cnt.ptr, 4),
         off(sel.tot.ptr, 4),
     );
-    let mut l = gpu.stream.launch_builder(&asm);
+    let mut l = gpu.launch_pdl(&asm, Some(super::pdl::Site::Assemble));
     l.arg(&last.out.ptr)
         .arg(&last.cnt.ptr)
         .arg(&lc)

@@ -10,7 +10,7 @@
 //! the reference: the device step makes the same selections (gpu-test
 //! checks both, and graph replay against eager launches bit for bit).
 
-use cudarc::driver::{sys, CudaGraph, LaunchConfig, PushKernelArg};
+use cudarc::driver::{sys, CudaGraph, LaunchConfig};
 
 use super::dispatch::{assemble_rows, run_stages, DeviceKv, HipGpuDecoder, StageInputs};
 use super::{gpu_err, DevBuf, GpuContext};
@@ -133,7 +133,7 @@ impl HipGpuDecoder {
             cfg.stages.len() as i32,
             d.slid_cap as i32,
         );
-        let mut l = gpu.stream.launch_builder(&meta);
+        let mut l = gpu.launch_pdl(&meta, Some(super::pdl::Site::Meta));
         l.arg(&lens)
             .arg(&b)
             .arg(&hk)

@@ -39,6 +39,7 @@ pub mod hip_fast;
 pub mod hip_step;
 pub mod kernels;
 pub mod offload;
+pub mod pdl;
 pub mod policies;
 pub mod prof;
 
