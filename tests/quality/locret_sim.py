@@ -23,7 +23,9 @@ What it compares at the same budget (ctx/8 - ctx/32 by score + ctx/32 window):
   by the attention mass the decode-scored queries give each prompt key in the
   dense run (future knowledge: a bound for query-agnostic eviction), per
   (layer, KV head), or per token by its max / sum over the 90 columns, one
-  eviction at the prompt's end.
+  eviction at the prompt's end; `oracle-logit:RULE`: the heads' exact
+  training target (the max pre-softmax logit the decode-scored queries give a
+  key, max over the GQA group) in place of their predictions, pooled by RULE.
 
 Reports decode-scored NLL / perplexity paired with dense on the same tokens
 (+- 2 standard errors), copy-probe accuracy, the dense run's attention mass
@@ -168,7 +170,8 @@ def choose(scores, pinned, budget, stab):
     return cand[order[:need]]
 
 
-def run(m, heads, seq, mode, budget, stab, keep_last, ubatch, once, oracle_mass=None, want_mass=False):
+def run(m, heads, seq, mode, budget, stab, keep_last, ubatch, once, oracle_mass=None, want_mass=False,
+        oracle_logit=None):
     ids = torch.tensor(seq.ids)
     T, P = len(seq.ids), seq.prefill
     L, nq, nkv, d = m.L, m.nq, m.nkv, m.d
@@ -181,6 +184,7 @@ def run(m, heads, seq, mode, budget, stab, keep_last, ubatch, once, oracle_mass=
     h = m.emb[ids]
     logits_at = {}
     mass = torch.zeros(L, nkv, P) if want_mass else None
+    maxlogit = torch.zeros(L, nkv, P) if want_mass else None
     scored_q = torch.tensor([t - 1 - P for t in seq.decode_scored])  # tail rows whose logits score decode targets
     evicting = mode != "dense"
     # prefill ubatches; with `once` (and the oracles) nothing is evicted
@@ -192,9 +196,14 @@ def run(m, heads, seq, mode, budget, stab, keep_last, ubatch, once, oracle_mass=
     def evict(held_upto, final):
         if final:
             pinned[max(P - keep_last, 0):P] = True
-        if mode.startswith("token:") or mode.startswith("oracle-token"):
+        if mode.startswith("token:") or mode.startswith("oracle-token") or mode.startswith("oracle-logit:"):
             held = keep[0, 0, :held_upto].nonzero().flatten()
-            if mode == "oracle-token":
+            if mode.startswith("oracle-logit:"):
+                # the heads' own training target (max pre-softmax logit from
+                # the decode-scored queries, max over the GQA group), exact
+                lg = oracle_logit.permute(2, 0, 1).reshape(-1, L * nkv)
+                sc = token_scores(mode.split(":")[1], lg[held])
+            elif mode == "oracle-token":
                 sc = oracle_mass.amax(dim=(0, 1))[held]
             elif mode == "oracle-token-sum":
                 sc = oracle_mass.sum(dim=(0, 1))[held]
@@ -235,6 +244,8 @@ def run(m, heads, seq, mode, budget, stab, keep_last, ubatch, once, oracle_mass=
             qh = qr.transpose(0, 1).reshape(nkv, g, n, d)
             kk, vv = K[l][:, :b], V[l][:, :b]
             att = torch.einsum("kgnd,ksd->kgns", qh, kk) / math.sqrt(d)
+            if want_mass and b == T:
+                maxlogit[l] = att[:, :, scored_q, :P].amax(dim=(1, 2))
             att = att.masked_fill(~mask[:, None], -math.inf).softmax(-1)
             if want_mass and b == T:
                 mass[l] = att[:, :, scored_q, :P].sum(dim=(1, 2))
@@ -251,7 +262,7 @@ def run(m, heads, seq, mode, budget, stab, keep_last, ubatch, once, oracle_mass=
     tgt = ids[P:T]
     nll = -logp[torch.arange(T - P), tgt]  # nll[i]: target P + i
     am = logp.argmax(-1) == tgt
-    return {"nll": nll, "argmax": am, "keep": keep[:, :, :P].clone(), "mass": mass}
+    return {"nll": nll, "argmax": am, "keep": keep[:, :, :P].clone(), "mass": mass, "maxlogit": maxlogit}
 
 
 def main():
@@ -276,9 +287,8 @@ def main():
     probe_idx = [torch.tensor([t - P for t in p["scored"]]) for p in seq.probes]
     t0 = time.time()
     cache = os.path.join(REPO, "target", "sim", f"dense-{ctx}-{a.ubatch}.pt")
-    if os.path.exists(cache):
-        dense = torch.load(cache)
-    else:
+    dense = torch.load(cache) if os.path.exists(cache) else {}
+    if dense.get("maxlogit") is None:
         dense = run(m, heads, seq, "dense", budget, stab, keep_last, a.ubatch, False, want_mass=True)
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         torch.save(dense, cache)
@@ -319,7 +329,7 @@ def main():
         base = mode.replace("@once", "")
         t1 = time.time()
         r = run(m, heads, seq, base, budget, stab, keep_last, a.ubatch, once or base.startswith("oracle"),
-                oracle_mass=dmass)
+                oracle_mass=dmass, oracle_logit=dense["maxlogit"])
         report(mode, r, time.time() - t1)
     if a.json:
         with open(a.json, "w") as f:
