@@ -405,6 +405,24 @@ pub struct OffloadKv {
     pending: Vec<(usize, usize)>,
     pub policy: PagePolicy,
     dev: Option<DevicePages>,
+    /// `PagePolicy::Device`: what the last walked step (`pc_walk`) covered,
+    /// for `prepare_device_step`'s reuse test; None: nothing to reuse.
+    walked: Option<Walked>,
+    /// Steps `prepare_device_step` served from the last walk (no walk, no
+    /// CLOCK), since construction.
+    pub steps_reused: u64,
+    /// Tests only (`gpu-test-offload`'s mutation check): reuse the last walk
+    /// on every `tail_only` step, even when a sequence's newest token
+    /// entered a new page, which is wrong (that page's blocks were never
+    /// mapped); the checks must see it.
+    pub unsound_reuse_for_tests: bool,
+}
+
+/// The last walked step of the device policy: per sequence its length and
+/// the page spans (first, last page, inclusive) of its pinned ranges.
+struct Walked {
+    lens: Vec<usize>,
+    pin_pages: Vec<Vec<(usize, usize)>>,
 }
 
 impl OffloadKv {
@@ -469,6 +487,9 @@ impl OffloadKv {
             pending: Vec::new(),
             policy,
             dev,
+            walked: None,
+            steps_reused: 0,
+            unsound_reuse_for_tests: false,
         })
     }
 
@@ -699,6 +720,30 @@ impl OffloadKv {
         sel: &DeviceSelection,
         pinned: &[Vec<Range<usize>>],
     ) -> Result<OffloadStep> {
+        self.prepare_device_step(gpu, sel, pinned, false)
+    }
+
+    /// `prepare_device`, reusing the last walked step when that is exact:
+    /// `tail_only` says the caller's selection differs from the previous
+    /// call's at most by ranges growing toward each sequence's newest token
+    /// (a hip decode step that refreshes no stage: the stages' chunks are
+    /// unchanged, the slid + window tail moves with the length). Then, if
+    /// every sequence's newest token (`host.lens[b] - 1`) is still in the
+    /// page it was in at the last walk, its length did not shrink, and each
+    /// pinned range lies in the pages pinned then, the step touches no block
+    /// the last walk did not map, and no walk or CLOCK runs since (nothing
+    /// was evicted since): the slot table's entries for those blocks are
+    /// still right. Only the appended rows are written through (`pc_rows`;
+    /// no launch at all without appends). What is given up: CLOCK reference
+    /// bits and counters are not refreshed on such steps (eviction order
+    /// only; `steps_reused` counts them, their hits are not counted).
+    pub fn prepare_device_step(
+        &mut self,
+        gpu: &GpuContext,
+        sel: &DeviceSelection,
+        pinned: &[Vec<Range<usize>>],
+        tail_only: bool,
+    ) -> Result<OffloadStep> {
         let nb = self.host.tables.len();
         let hkv = self.host.layout.n_kv_heads;
         let ps = self.host.layout.page_size;
@@ -716,6 +761,32 @@ impl OffloadKv {
         }
         let t0 = std::time::Instant::now();
         let cache = self.collect_stats(false)?;
+        let pin_pages: Vec<Vec<(usize, usize)>> = pinned
+            .iter()
+            .enumerate()
+            .map(|(b, rs)| {
+                let end = self.host.capacity(b);
+                rs.iter()
+                    .filter(|r| r.start < r.end.min(end))
+                    .map(|r| (r.start / ps, (r.end.min(end) - 1) / ps))
+                    .collect()
+            })
+            .collect();
+        if tail_only && self.reusable(&pin_pages) {
+            self.steps_reused += 1;
+            self.write_through(gpu)?;
+            return Ok(OffloadStep {
+                blocks_needed: 0,
+                cache,
+                host_resolve_ms: t0.elapsed().as_secs_f64() * 1e3,
+                host_wait_ms: 0.0,
+                host_launch_ms: 0.0,
+            });
+        }
+        self.walked = Some(Walked {
+            lens: self.host.lens.clone(),
+            pin_pages,
+        });
         let mut pins: Vec<i32> = Vec::new();
         for (b, rs) in pinned.iter().enumerate() {
             let end = self.host.capacity(b);
@@ -826,27 +897,7 @@ impl OffloadKv {
             }
         }
         if !rows.is_empty() {
-            let f = gpu.func("offload", "pc_rows")?;
-            let n = (rows.len() / 3) as i32;
-            let rv = (self.host.layout.head_dim * 2 / 16) as i32;
-            let mut l = gpu.stream.launch_builder(&f);
-            l.arg(&self.host.k.dev)
-                .arg(&self.host.v.dev)
-                .arg(&self.slot_k.ptr)
-                .arg(&self.slot_v.ptr)
-                .arg(&rows_ptr)
-                .arg(&n)
-                .arg(&rv)
-                .arg(&ps_i)
-                .arg(&d.block_slot.ptr);
-            unsafe {
-                l.launch(LaunchConfig {
-                    grid_dim: ((n as u32 * rv as u32).div_ceil(256).max(1), 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                })
-            }
-            .map_err(|e| gpu_err("launch pc_rows", e))?;
+            self.launch_rows(gpu, rows_ptr, rows.len() / 3)?;
         }
         self.copied
             .record(&gpu.stream)
@@ -858,6 +909,94 @@ impl OffloadKv {
             host_wait_ms: (t2 - t1).as_secs_f64() * 1e3,
             host_launch_ms: t2.elapsed().as_secs_f64() * 1e3,
         })
+    }
+
+    /// Whether the last walk covers a step whose selection grew only at its
+    /// tail (`prepare_device_step`) and whose pinned page spans are
+    /// `pin_pages`.
+    fn reusable(&self, pin_pages: &[Vec<(usize, usize)>]) -> bool {
+        let Some(w) = &self.walked else {
+            return false;
+        };
+        if self.unsound_reuse_for_tests {
+            return true;
+        }
+        let ps = self.host.layout.page_size;
+        let lens = &self.host.lens;
+        if w.lens.len() != lens.len() || pin_pages.len() != lens.len() {
+            return false;
+        }
+        (0..lens.len()).all(|b| {
+            let (now, then) = (lens[b], w.lens[b]);
+            let same_page = now >= then && then > 0 && (now - 1) / ps == (then - 1) / ps;
+            same_page
+                && pin_pages[b]
+                    .iter()
+                    .all(|&(a, z)| w.pin_pages[b].iter().any(|&(wa, wz)| wa <= a && z <= wz))
+        })
+    }
+
+    /// Appended rows only (a reused step): write them through to their
+    /// resident slots (`pc_rows`); nothing launched without appends.
+    fn write_through(&mut self, gpu: &GpuContext) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let hkv = self.host.layout.n_kv_heads;
+        let ps = self.host.layout.page_size;
+        let mut rows: Vec<i32> = Vec::new();
+        for (b, t) in std::mem::take(&mut self.pending) {
+            let page = self.host.tables[b][t / ps] as usize;
+            for h in 0..hkv {
+                rows.extend_from_slice(&[
+                    self.host.row(b, t, h) as i32,
+                    (page * hkv + h) as i32,
+                    (t % ps) as i32,
+                ]);
+            }
+        }
+        // The staging lists of the previous step may still be read.
+        self.copied
+            .synchronize()
+            .map_err(|e| gpu_err("wait for the previous page step", e))?;
+        let need = rows.len() * 4;
+        if need > self.staging.bytes {
+            self.staging = PinnedBuf::alloc(need.next_power_of_two())?;
+        }
+        self.staging.write_at(0, &rows);
+        let rows_ptr = self.staging.dev;
+        self.launch_rows(gpu, rows_ptr, rows.len() / 3)?;
+        self.copied
+            .record(&gpu.stream)
+            .map_err(|e| gpu_err("record page step event", e))
+    }
+
+    /// `pc_rows` over `n` staged (host row, head block, offset) triples.
+    fn launch_rows(&self, gpu: &GpuContext, rows_ptr: u64, n: usize) -> Result<()> {
+        let d = self.dev.as_ref().unwrap();
+        let f = gpu.func("offload", "pc_rows")?;
+        let n = n as i32;
+        let ps_i = self.host.layout.page_size as i32;
+        let rv = (self.host.layout.head_dim * 2 / 16) as i32;
+        let mut l = gpu.stream.launch_builder(&f);
+        l.arg(&self.host.k.dev)
+            .arg(&self.host.v.dev)
+            .arg(&self.slot_k.ptr)
+            .arg(&self.slot_v.ptr)
+            .arg(&rows_ptr)
+            .arg(&n)
+            .arg(&rv)
+            .arg(&ps_i)
+            .arg(&d.block_slot.ptr);
+        unsafe {
+            l.launch(LaunchConfig {
+                grid_dim: ((n as u32 * rv as u32).div_ceil(256).max(1), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(|e| gpu_err("launch pc_rows", e))?;
+        Ok(())
     }
 
     /// Device policy: wait for the pending page step and return the
@@ -1071,6 +1210,8 @@ impl OffloadKv {
         }
         d.ptable = DevBuf::borrowed(ptr, rows * stride * 4);
         d.pstride = stride;
+        // Page ids may differ now: the next step walks.
+        self.walked = None;
         Ok(())
     }
 
