@@ -425,6 +425,98 @@ struct Walked {
     pin_pages: Vec<Vec<(usize, usize)>>,
 }
 
+/// `prepare_device_step`'s reuse rule (pages of `ps` tokens): a step with
+/// lengths `lens` and pinned page spans `pins`, whose selection grew only
+/// at its tail since the walk that saw `walked_lens` / `walked_pins`,
+/// touches no block that walk did not map when, for every sequence, the
+/// length did not shrink, the newest token is in the page it was in then,
+/// and each pinned span lies inside a span pinned then.
+pub fn walk_covers(
+    ps: usize,
+    walked_lens: &[usize],
+    walked_pins: &[Vec<(usize, usize)>],
+    lens: &[usize],
+    pins: &[Vec<(usize, usize)>],
+) -> bool {
+    if walked_lens.len() != lens.len()
+        || pins.len() != lens.len()
+        || walked_pins.len() != lens.len()
+    {
+        return false;
+    }
+    (0..lens.len()).all(|b| {
+        let (now, then) = (lens[b], walked_lens[b]);
+        let same_page = now >= then && then > 0 && (now - 1) / ps == (then - 1) / ps;
+        same_page
+            && pins[b]
+                .iter()
+                .all(|&(a, z)| walked_pins[b].iter().any(|&(wa, wz)| wa <= a && z <= wz))
+    })
+}
+
+#[cfg(test)]
+mod walk_tests {
+    use super::walk_covers;
+
+    #[test]
+    fn walk_reuse_rule() {
+        let ps = 64;
+        // Walked at length 1000 (newest token 999, page 15), sink + window pinned.
+        let wl = [1000usize];
+        let wp = vec![vec![(0, 1), (0, 15)]];
+        let pins = |len: usize| {
+            vec![vec![
+                (0, 1),
+                ((len - 1024usize.min(len)) / ps, (len - 1) / ps),
+            ]]
+        };
+        // Appends inside page 15 (up to token 1023): reusable.
+        for len in 1000..=1024 {
+            assert!(walk_covers(ps, &wl, &wp, &[len], &pins(len)), "len {len}");
+        }
+        // Token 1024 opens page 16: must walk.
+        assert!(!walk_covers(ps, &wl, &wp, &[1025], &pins(1025)));
+        // Shorter than at the walk: must walk.
+        assert!(!walk_covers(ps, &wl, &wp, &[999], &pins(999)));
+        // A pinned span outside the walked pins: must walk.
+        assert!(!walk_covers(
+            ps,
+            &wl,
+            &wp,
+            &[1000],
+            &[vec![(0, 1), (14, 16)]]
+        ));
+        assert!(walk_covers(ps, &wl, &wp, &[1000], &[vec![(2, 3)]]));
+        // Nothing walked for an empty sequence; batch size changed.
+        assert!(!walk_covers(ps, &[0], &[vec![]], &[0], &[vec![]]));
+        assert!(!walk_covers(ps, &wl, &wp, &[1000, 5], &[vec![], vec![]]));
+        // Batch of two: one sequence crossing a page is enough to walk.
+        let wl2 = [1000usize, 127];
+        let wp2 = vec![vec![(0, 15)], vec![(0, 1)]];
+        assert!(walk_covers(
+            ps,
+            &wl2,
+            &wp2,
+            &[1010, 128],
+            &[vec![(0, 15)], vec![(0, 1)]]
+        ));
+        assert!(!walk_covers(
+            ps,
+            &wl2,
+            &wp2,
+            &[1010, 129],
+            &[vec![(0, 15)], vec![(0, 2)]]
+        ));
+        assert!(!walk_covers(
+            ps,
+            &wl2,
+            &wp2,
+            &[1010, 129],
+            &[vec![(0, 15)], vec![(0, 1)]]
+        ));
+    }
+}
+
 impl OffloadKv {
     /// A cache of `n_slots` head blocks, host LRU policy (`with_policy`
     /// for the device policy).
@@ -921,19 +1013,13 @@ impl OffloadKv {
         if self.unsound_reuse_for_tests {
             return true;
         }
-        let ps = self.host.layout.page_size;
-        let lens = &self.host.lens;
-        if w.lens.len() != lens.len() || pin_pages.len() != lens.len() {
-            return false;
-        }
-        (0..lens.len()).all(|b| {
-            let (now, then) = (lens[b], w.lens[b]);
-            let same_page = now >= then && then > 0 && (now - 1) / ps == (then - 1) / ps;
-            same_page
-                && pin_pages[b]
-                    .iter()
-                    .all(|&(a, z)| w.pin_pages[b].iter().any(|&(wa, wz)| wa <= a && z <= wz))
-        })
+        walk_covers(
+            self.host.layout.page_size,
+            &w.lens,
+            &w.pin_pages,
+            &self.host.lens,
+            pin_pages,
+        )
     }
 
     /// Appended rows only (a reused step): write them through to their
