@@ -20,7 +20,10 @@
 //! host policy on the step's path): CLOCK over the slots (kernels
 //! `pc_walk`, `pc_clock`; CPU twin `kv::PageClock`, same choices, compared
 //! on the GPU), three launches on the main stream. Counters reach the host
-//! through mapped memory a step late (`take_stats`). `PagePolicy::Host` is
+//! through mapped memory a step late (`take_stats`). A hip step that
+//! refreshes no stage may reuse the last walk instead
+//! (`prepare_device_step(.., tail_only = true)`, rule `walk_covers`): no
+//! launch but the appended rows' write-through. `PagePolicy::Host` is
 //! the exact-LRU path above (`PageCache`), kept for comparison.
 
 use std::ops::Range;
