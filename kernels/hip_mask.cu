@@ -37,6 +37,41 @@ __device__ __forceinline__ float probe(const u16* __restrict__ kp, const int* tr
         for (int j = 0; j < NQ; j++)
 #pragma unroll
             for (int i = 0; i < 8; i++) a[j][i] = 0.f;
+#ifdef HIP_EST_PRELOAD
+        // Module hip_mask_host_pl, multi-lane scorers (hip_score4: the small
+        // later stages, latency-bound): the row's 16-byte vectors loaded PL
+        // at a time, all in flight before the first use (a host-tier row
+        // sits in the row cache's arena, the miss staging or mapped host
+        // memory; the loop below waits on a load every other vector), then
+        // scored in exactly that loop's order (same bits). One-lane scorers
+        // (stage 0, bus-bound, where occupancy counts: 158 -> 214 registers
+        // with it) keep the loop.
+        constexpr int NV = D / 8;
+        constexpr int PL = LPS == 1 ? 1 : NV < 16 ? NV : 16;
+        const uint4* kv4 = reinterpret_cast<const uint4*>(kr);
+#pragma unroll(LPS == 1 ? 2 : 1)
+        for (int c0 = 0; c0 < NV; c0 += PL) {
+            uint4 raw[PL];
+#pragma unroll
+            for (int u = 0; u < PL; u++) raw[u] = kv4[c0 + u];
+#pragma unroll
+            for (int u = 0; u < PL; u++) {
+                const u32 w[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
+                float k8[8];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    k8[2 * i] = E::to_f32((u16)(w[i] & 0xffff));
+                    k8[2 * i + 1] = E::to_f32((u16)(w[i] >> 16));
+                }
+#pragma unroll
+                for (int j = 0; j < NQ; j++) {
+                    const float* qj = sq + (j0 + j) * QS + (c0 + u) * 8;
+#pragma unroll
+                    for (int i = 0; i < 8; i++) a[j][i] = __fadd_rn(a[j][i], __fmul_rn(qj[i], k8[i]));
+                }
+            }
+        }
+#else
 #pragma unroll 2
         for (int c = 0; c < D / 8; c++) {
             float k8[8];
@@ -48,6 +83,7 @@ __device__ __forceinline__ float probe(const u16* __restrict__ kp, const int* tr
                 for (int i = 0; i < 8; i++) a[j][i] = __fadd_rn(a[j][i], __fmul_rn(qj[i], k8[i]));
             }
         }
+#endif
 #pragma unroll
         for (int j = 0; j < NQ; j++) {
             if (j0 + j < nq) {

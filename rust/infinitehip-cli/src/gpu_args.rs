@@ -195,6 +195,33 @@ pub struct BenchGpuOffloadArgs {
     #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "warp",
           value_parser = ["warp", "thread"])]
     pub est_fetch: Vec<String>,
+    /// Full-device path: a step that refreshes no hip stage reuses the last
+    /// page walk when every block it touches was mapped then
+    /// (`OffloadKv::prepare_device_step`), comma-separated; each
+    /// configuration runs once per value (`off`: every step walks, run 6).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "on",
+          value_parser = ["on", "off"])]
+    pub page_reuse: Vec<String>,
+    /// Full-device path: launch the estimation's admission after the step's
+    /// attention (its side-stream work starts after it) and let steps that
+    /// refresh no stage skip the wait for it (`on`), or right after the
+    /// estimation with every step waiting (`off`, run 6), comma-separated.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "on",
+          value_parser = ["on", "off"])]
+    pub late_admission: Vec<String>,
+    /// Estimation kernels that load each probed key row's vectors all at
+    /// once before scoring it (`on`: module hip_mask_host_pl, its 4-lane
+    /// scorers of the later stages) or two at a time (`off`: the reference
+    /// loop, run 6), comma-separated; same bits.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "on",
+          value_parser = ["on", "off"])]
+    pub est_preload: Vec<String>,
+    /// Record five timing events inside each timed offloaded step (`on`:
+    /// the per-class device times, run 6's default; `off`: host times only,
+    /// no instrumentation the resident step does not have: ~0.013 ms per
+    /// step on the H200).
+    #[arg(long, value_name = "on|off", default_value = "off", value_parser = ["on", "off"])]
+    pub phase_events: String,
     /// First measure the bus: DMA (cuMemcpyHtoDAsync) vs the copy kernels'
     /// patterns (row gathers, head-block copies) over the same host tier.
     #[arg(long)]

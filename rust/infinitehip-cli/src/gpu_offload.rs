@@ -192,7 +192,42 @@ struct EqRun<'a> {
     /// Missed rows staged by a whole warp together (default) or by each
     /// thread alone (`HostEstimation::set_fetch_warp`).
     fetch_warp: bool,
+    /// Steps that refresh no stage reuse the last page walk when exact
+    /// (`OffloadKv::prepare_device_step`); the check then also requires
+    /// that some step did.
+    reuse: bool,
+    /// The estimation's admission launched after the step's attention,
+    /// steps that score no key not waiting for it.
+    late: bool,
+    /// Estimation kernels preloading each probed row (`set_row_preload`).
+    preload: bool,
+    /// Mutation check: reuse even across a new page
+    /// (`unsound_reuse_for_tests`); passes only if the outputs differ.
+    unsound: bool,
     seed: u64,
+}
+
+impl Default for EqRun<'_> {
+    fn default() -> Self {
+        EqRun {
+            lens: &[],
+            frac: 0.05,
+            steps: 48,
+            est_frac: None,
+            appends: false,
+            small: true,
+            stage: true,
+            admission: Admission::FullDevice,
+            pages: PagePolicy::Device,
+            admit_limit: None,
+            fetch_warp: true,
+            reuse: true,
+            late: true,
+            preload: true,
+            unsound: false,
+            seed: 0,
+        }
+    }
 }
 
 /// Decode with a device cache of `frac` of the head blocks (and, with
@@ -237,6 +272,9 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
     let total_rows = total_blocks * host.layout.page_size;
     let n_slots = ((total_blocks as f64 * r.frac).ceil() as usize).max(1);
     let mut off = OffloadKv::with_policy(gpu, host, n_slots, r.pages).map_err(e)?;
+    off.unsound_reuse_for_tests = r.unsound;
+    let device = r.pages == PagePolicy::Device;
+    let (reuse, late) = (r.reuse && device, r.late && device);
     let mut est = match r.est_frac {
         // Staged device admission is what `KvConfig` describes: built from
         // `kv.estimation_cache_rows` (the config path the engine would use).
@@ -263,6 +301,7 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
     };
     if let Some(es) = est.as_mut() {
         es.set_fetch_warp(r.fetch_warp).map_err(e)?;
+        es.set_row_preload(r.preload);
     }
     if let (Some(x), Some(l)) = (est.as_mut(), r.admit_limit) {
         x.max_admit_per_step = l;
@@ -293,7 +332,7 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
             .collect();
         let q: Vec<f32> = ws_.iter().flat_map(|w| w.query(&mut rng)).collect();
         qd.write(&q).map_err(e)?;
-        dec.select(gpu, &kv, qd.ptr, true).map_err(e)?;
+        let from1 = dec.select(gpu, &kv, qd.ptr, true).map_err(e)?;
         let mt = dec.max_tokens;
         dispatch::decode(
             gpu,
@@ -309,29 +348,36 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
         .map_err(e)?;
         let sels = dec.selection_host(gpu).map_err(e)?;
         o2.fill_bytes(0xff).map_err(e)?;
-        let (dsel, mt2, psels) = match est.as_mut() {
+        let mut add_est = |st: infinitehip::backend::cuda::est_cache::EstStep| {
+            est_hits += st.cache.hits;
+            est_misses += st.cache.misses;
+            est_bytes += st.host_bytes_read;
+            admitted += st.rows_admitted;
+            unlogged += st.misses_unlogged;
+            rebuilds += st.prof.rebuilds;
+        };
+        let (dsel, mt2, psels, from) = match est.as_mut() {
             Some(est) => {
-                est.select(gpu, &mut dec2, &off.host, qd.ptr, true)
+                let from = est
+                    .select(gpu, &mut dec2, &off.host, qd.ptr, true)
                     .map_err(e)?;
-                let st = est.finish(gpu).map_err(e)?;
-                est_hits += st.cache.hits;
-                est_misses += st.cache.misses;
-                est_bytes += st.host_bytes_read;
-                admitted += st.rows_admitted;
-                unlogged += st.misses_unlogged;
-                rebuilds += st.prof.rebuilds;
+                if !late {
+                    add_est(est.finish(gpu).map_err(e)?);
+                }
                 let mt2 = dec2.max_tokens;
                 let s2 = dec2.selection_host(gpu).map_err(e)?;
                 sel_diff += s2.iter().zip(&sels).filter(|(a, b)| a != b).count();
                 sel_diff += (mt2 != mt) as usize;
-                (dec2.selection(gpu).map_err(e)?, mt2, s2)
+                (dec2.selection(gpu).map_err(e)?, mt2, s2, from)
             }
-            None => (dec.selection(gpu).map_err(e)?, mt, sels),
+            None => (dec.selection(gpu).map_err(e)?, mt, sels, from1),
         };
         // The offloaded side resolves the pages of its own selection (the
         // device policy straight from the device selection).
-        let st = if r.pages == PagePolicy::Device {
-            off.prepare_device(gpu, dsel, &pins).map_err(e)?
+        let st = if device {
+            let tail_only = reuse && from >= cfg.stages.len();
+            off.prepare_device_step(gpu, dsel, &pins, tail_only)
+                .map_err(e)?
         } else {
             off.prepare(gpu, &psels, &pins).map_err(e)?
         };
@@ -339,6 +385,11 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
         misses += st.cache.misses;
         off.decode(gpu, &mut ws2, &shape, qd.ptr, dsel, mt2, None, o2.ptr)
             .map_err(e)?;
+        if late {
+            if let Some(est) = est.as_mut() {
+                add_est(est.finish(gpu).map_err(e)?);
+            }
+        }
         gpu.synchronize().map_err(e)?;
         let a: Vec<f32> = o1.read(qe * nb).map_err(e)?;
         let b: Vec<f32> = o2.read(qe * nb).map_err(e)?;
@@ -394,7 +445,15 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
         } else {
             sel_diff == 0 && est_hits > 0 && admitted > 0 && verify_err.is_none() && verified > 0
         };
-    let ok = !nan && max_abs <= 1e-6 && misses > 0 && est_ok;
+    let exact = !nan && max_abs <= 1e-6 && bitdiff == 0;
+    let reused = off.steps_reused;
+    let ok = if r.unsound {
+        // The mutation must be seen: some step reused across a new page
+        // and read a block the walk never mapped.
+        reused > 0 && !exact
+    } else {
+        exact && misses > 0 && est_ok && (!reuse || reused > 0)
+    };
     let est_txt = match (&est, r.est_frac) {
         (Some(x), Some(f)) => format!(
             "; estimation over host keys ({:?} admission), row cache {} rows ({:.2}% of {total_rows}): selections differing {sel_diff}, row hits {:.1}% ({est_misses} misses, {unlogged} past the miss list), {:.2} MiB read from host, {admitted} rows admitted, {rebuilds} table rebuilds, table check: {} ({verified} mapped rows checked bit for bit), {:.1} MiB device",
@@ -411,8 +470,11 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
     Ok((
         ok,
         format!(
-            "{:?} pages, {} hip steps{}, lens {:?}, cache {n_slots}/{total_blocks} head blocks ({:.0}%): hit {:.1}% ({misses} misses), outputs differing in bits {bitdiff}, max |diff| {max_abs:.1e}, NaN {nan}{est_txt}",
+            "{:?} pages{}{}{}, {} hip steps{}, lens {:?}, cache {n_slots}/{total_blocks} head blocks ({:.0}%): {reused} steps reused the last walk, hit {:.1}% ({misses} misses), outputs differing in bits {bitdiff}, max |diff| {max_abs:.1e}, NaN {nan}{est_txt}",
             r.pages,
+            if reuse { if r.unsound { " (UNSOUND reuse across new pages: must differ)" } else { " + walk reuse" } } else { "" },
+            if late { " + late admission" } else { "" },
+            if r.preload && r.est_frac.is_some() { " + row preload" } else { "" },
             r.steps,
             if r.appends { " appending a token each" } else { "" },
             r.lens,
@@ -453,6 +515,10 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     pages: PagePolicy::Device,
                     admit_limit: None,
                     fetch_warp: true,
+                    reuse: true,
+                    late: true,
+                    preload: false,
+                    unsound: false,
                     seed,
                 },
             ),
@@ -473,6 +539,10 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     pages: PagePolicy::Device,
                     admit_limit: None,
                     fetch_warp: true,
+                    reuse: true,
+                    late: true,
+                    preload: false,
+                    unsound: false,
                     seed: seed + 1,
                 },
             ),
@@ -493,6 +563,10 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     pages: PagePolicy::Device,
                     admit_limit: None,
                     fetch_warp: true,
+                    reuse: true,
+                    late: true,
+                    preload: true,
+                    unsound: false,
                     seed: seed + 1,
                 },
             ),
@@ -513,12 +587,16 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     pages: PagePolicy::Device,
                     admit_limit: None,
                     fetch_warp: true,
+                    reuse: true,
+                    late: true,
+                    preload: true,
+                    unsound: false,
                     seed: seed + 2,
                 },
             ),
         ),
         (
-            "per-thread miss staging (earlier path) 1% rows + appends == all on device".into(),
+            "per-thread miss staging, every step walks, admission before the page step (run 6's path) 1% rows + appends == all on device".into(),
             decode_equal(
                 &gpu,
                 &EqRun {
@@ -533,7 +611,26 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     pages: PagePolicy::Device,
                     admit_limit: None,
                     fetch_warp: false,
+                    reuse: false,
+                    late: false,
+                    preload: false,
+                    unsound: false,
                     seed: seed + 2,
+                },
+            ),
+        ),
+        (
+            "mutation: reusing the walk across a new page (dropped block) is detected".into(),
+            decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[100_000, 33_000],
+                    steps: 40,
+                    est_frac: Some(0.01),
+                    appends: true,
+                    unsound: true,
+                    seed: seed + 2,
+                    ..Default::default()
                 },
             ),
         ),
@@ -553,6 +650,10 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     pages: PagePolicy::Device,
                     admit_limit: None,
                     fetch_warp: true,
+                    reuse: true,
+                    late: true,
+                    preload: true,
+                    unsound: false,
                     seed: seed + 3,
                 },
             ),
@@ -574,6 +675,10 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     pages: PagePolicy::Host,
                     admit_limit: None,
                     fetch_warp: true,
+                    reuse: true,
+                    late: true,
+                    preload: true,
+                    unsound: false,
                     seed: seed + 2,
                 },
             ),
@@ -594,6 +699,10 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     pages: PagePolicy::Host,
                     admit_limit: None,
                     fetch_warp: true,
+                    reuse: true,
+                    late: true,
+                    preload: false,
+                    unsound: false,
                     seed: seed + 2,
                 },
             ),
@@ -614,6 +723,10 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     pages: PagePolicy::Device,
                     admit_limit: Some(0),
                     fetch_warp: true,
+                    reuse: true,
+                    late: true,
+                    preload: true,
+                    unsound: false,
                     seed: seed + 4,
                 },
             ),
@@ -763,12 +876,27 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
             DevBuf::alloc(qe * 4).map_err(e)?,
             DevBuf::alloc(qe * 4).map_err(e)?,
         );
-        let mut combos: Vec<(f64, f64, (Admission, PagePolicy), bool)> = Vec::new();
+        let mut combos: Vec<(f64, f64, (Admission, PagePolicy), bool, bool, bool, bool)> =
+            Vec::new();
         for &f in &fractions {
             for &x in &est_list {
                 for &m in &modes {
                     for w in &a.est_fetch {
-                        combos.push((f, x, m, w == "warp"));
+                        for pl in &a.est_preload {
+                            for late in &a.late_admission {
+                                for reuse in &a.page_reuse {
+                                    combos.push((
+                                        f,
+                                        x,
+                                        m,
+                                        w == "warp",
+                                        reuse == "on",
+                                        late == "on",
+                                        pl == "on",
+                                    ));
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -776,7 +904,7 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
         if a.bus && rows.is_empty() {
             rows_bus = bus_probe(&gpu, &host, seed).map_err(e)?;
         }
-        for (f, est_frac, (mode, pages), fetch_warp) in combos {
+        for (f, est_frac, (mode, pages), fetch_warp, reuse, late, preload) in combos {
             let n_slots = ((total_blocks as f64 * f).ceil() as usize).max(1);
             let mut off = OffloadKv::with_policy(&gpu, host, n_slots, pages).map_err(e)?;
             let est_rows = (total_rows as f64 * est_frac).ceil() as usize;
@@ -784,6 +912,7 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                 HostEstimation::with_admission(&gpu, &off.host, est_rows.max(16), !direct, mode)
                     .map_err(e)?;
             est.set_fetch_warp(fetch_warp).map_err(e)?;
+            est.set_row_preload(preload);
             let mut dec = HipGpuDecoder::new(cfg.clone(), &shape, 1).map_err(e)?;
             let mut dec2 = HipGpuDecoder::new(cfg.clone(), &shape, 1).map_err(e)?;
             // The resident step again without the sync between estimation
@@ -792,6 +921,9 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
             let mut ws3 = DecodeWorkspace::new();
             let mut res_one = vec![];
             let device = pages == PagePolicy::Device;
+            // Both are full-device options (the host paths sync inside).
+            let (reuse, late) = (reuse && device, late && device);
+            let n_stages = cfg.stages.len();
             let (mut ws1, mut ws2) = (DecodeWorkspace::new(), DecodeWorkspace::new());
             let mut rng = Rng::new(seed ^ 0xbe);
             let (mut est_r, mut res, mut est_o, mut prep, mut dec_o, mut tot_o) =
@@ -802,6 +934,7 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
             let (mut unlogged, mut rebuilds) = (0u64, 0u32);
             let ev: Vec<CudaEvent> = (0..5).map(|_| tev(&gpu)).collect::<R<_>>()?;
             let mut classes: [StepClass; 4] = Default::default();
+            let mut adm_of: Option<usize> = None;
             let (mut pr_res, mut pr_wait, mut pr_launch) = (vec![], vec![], vec![]);
             let (mut hits, mut misses, mut bytes, mut needed, mut max_abs) =
                 (0u64, 0u64, 0u64, 0usize, 0f32);
@@ -851,19 +984,41 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                 // Offloaded: estimation over host keys, page cache, decode.
                 // The device path has no sync until the end: its phase times
                 // are host (launch) times; the host paths sync inside.
+                // The last step's admission (side stream), when it launched
+                // one: its device time, outside the timed region (--profile
+                // measures it inside its step instead).
+                if let Some(c) = adm_of.take() {
+                    let ms = est.last_admission_ms().map_err(e)?.unwrap_or(f32::NAN) as f64;
+                    let cl: &mut StepClass = &mut classes[c];
+                    cl.adm_ms += ms;
+                }
+                let pev = a.phase_events != "off";
+                let rec = |i: usize| -> R<()> {
+                    if pev {
+                        ev[i].record(&gpu.stream).map_err(e)?;
+                    }
+                    Ok(())
+                };
                 let t1 = Instant::now();
-                ev[0].record(&gpu.stream).map_err(e)?;
-                est.wait_admission(&gpu).map_err(e)?;
-                ev[1].record(&gpu.stream).map_err(e)?;
+                rec(0)?;
+                // Late admission: a step that scores no key need not wait.
+                if !late || HostEstimation::scores(&dec2) {
+                    est.wait_admission(&gpu).map_err(e)?;
+                }
+                rec(1)?;
                 let from = est
                     .select(&gpu, &mut dec2, &off.host, qd.ptr, true)
                     .map_err(e)?;
-                ev[2].record(&gpu.stream).map_err(e)?;
+                rec(2)?;
                 if !device {
                     gpu.synchronize().map_err(e)?;
                 }
                 let t15 = Instant::now();
-                let es = est.finish(&gpu).map_err(e)?;
+                let mut es = if late {
+                    Default::default()
+                } else {
+                    est.finish(&gpu).map_err(e)?
+                };
                 let mt2 = dec2.max_tokens;
                 let t2 = Instant::now();
                 let sels = if device {
@@ -873,13 +1028,19 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                 };
                 let t25 = Instant::now();
                 let st = if device {
-                    off.prepare_device(&gpu, dec2.selection(&gpu).map_err(e)?, &pins)
-                        .map_err(e)?
+                    let tail_only = reuse && from >= n_stages;
+                    off.prepare_device_step(
+                        &gpu,
+                        dec2.selection(&gpu).map_err(e)?,
+                        &pins,
+                        tail_only,
+                    )
+                    .map_err(e)?
                 } else {
                     off.prepare(&gpu, &sels, &pins).map_err(e)?
                 };
                 let t3 = Instant::now();
-                ev[3].record(&gpu.stream).map_err(e)?;
+                rec(3)?;
                 off.decode(
                     &gpu,
                     &mut ws2,
@@ -891,18 +1052,28 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                     o2.ptr,
                 )
                 .map_err(e)?;
-                ev[4].record(&gpu.stream).map_err(e)?;
+                rec(4)?;
+                if late {
+                    // After the attention's launch: the admission's side
+                    // stream starts after it, the host launches it while
+                    // the GPU runs the step.
+                    es = est.finish(&gpu).map_err(e)?;
+                }
                 gpu.synchronize().map_err(e)?;
                 let t4 = Instant::now();
                 // Device times of the phases (main stream): waiting for the
                 // previous admission, estimation kernels, page step
                 // (+ admission launches), attention.
-                let dev_ms: [f64; 4] = [
-                    ev[0].elapsed_ms(&ev[1]).map_err(e)? as f64,
-                    ev[1].elapsed_ms(&ev[2]).map_err(e)? as f64,
-                    ev[2].elapsed_ms(&ev[3]).map_err(e)? as f64,
-                    ev[3].elapsed_ms(&ev[4]).map_err(e)? as f64,
-                ];
+                let dev_ms: [f64; 4] = if pev {
+                    [
+                        ev[0].elapsed_ms(&ev[1]).map_err(e)? as f64,
+                        ev[1].elapsed_ms(&ev[2]).map_err(e)? as f64,
+                        ev[2].elapsed_ms(&ev[3]).map_err(e)? as f64,
+                        ev[3].elapsed_ms(&ev[4]).map_err(e)? as f64,
+                    ]
+                } else {
+                    [f64::NAN; 4]
+                };
                 // --profile: this step's counters exactly (waits for its
                 // admission), else they arrive a step late.
                 let (mut prof_adm, mut prof_page, mut prof_est) = (f64::NAN, 0u64, 0u64);
@@ -958,7 +1129,12 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                     for (k, v) in dev_ms.iter().enumerate() {
                         c.dev[k] += v;
                     }
-                    c.adm_ms += prof_adm;
+                    if a.profile {
+                        c.adm_ms += prof_adm;
+                    } else if device && from < n_stages {
+                        // Measured at the next step's start.
+                        adm_of = Some(from.min(3));
+                    }
                     c.page_b += prof_page;
                     c.est_b += prof_est;
                     sel_diff += (sels != sel1) as usize;
@@ -1063,6 +1239,8 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                 "offload_prepare_wait_ms": mean(&pr_wait),
                 "offload_prepare_launch_ms": mean(&pr_launch),
                 "est_fetch": if fetch_warp { "warp" } else { "thread" },
+                "page_reuse": reuse, "late_admission": late, "est_preload": preload, "phase_events": a.phase_events != "off",
+                "page_steps_reused": off.steps_reused,
                 "profiled": a.profile && device,
                 "by_refresh_class": classes.iter().enumerate().filter(|(_, c)| c.n > 0).map(|(k, c)| {
                     let n = c.n as f64;
@@ -1088,20 +1266,26 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
         }
     }
     let g = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-    println!("\n| tokens | page cache | est rows | path | resident ms/step (one sync) | offload ms/step | offload / resident |");
-    println!("|---:|---:|---:|---|---:|---:|---:|");
+    println!("\n| tokens | page cache | est rows | path | page reuse (steps) | late admission | row preload | resident ms/step (one sync) | offload ms/step | offload / resident | sel mismatches / max abs diff |");
+    println!("|---:|---:|---:|---|---|---|---|---:|---:|---:|---|");
     for r in &rows {
         println!(
-            "| {} | {:.1}% | {:.1}% | {} pages, {} admission, {} fetch | {:.3} | {:.3} | **{:.2}x** |",
+            "| {} | {:.1}% | {:.1}% | {} pages, {} admission, {} fetch | {} ({}) | {} | {} | {:.3} | {:.3} | **{:.2}x** | {} / {:.1e} |",
             r["tokens"],
             100.0 * g(r, "cache_fraction"),
             100.0 * g(r, "est_rows_fraction"),
             r["page_policy"].as_str().unwrap_or("?"),
             r["admission"].as_str().unwrap_or("?"),
             r["est_fetch"].as_str().unwrap_or("?"),
+            if r["page_reuse"].as_bool() == Some(true) { "on" } else { "off" },
+            r["page_steps_reused"],
+            if r["late_admission"].as_bool() == Some(true) { "on" } else { "off" },
+            if r["est_preload"].as_bool() == Some(true) { "on" } else { "off" },
             g(r, "resident_step_one_sync_ms"),
             g(r, "offload_step_ms"),
             g(r, "offload_over_resident"),
+            r["selection_mismatch_steps"],
+            g(r, "max_abs_diff"),
         );
     }
     println!("\n| tokens | page cache | est rows | admission | resident ms/step (est + attn) | offload ms/step | of it: est (kernels + admission; stage-0 refresh steps) | prepare | attn | page hit % | row hit % | bus MiB/step (pages + est read [+ est admit if direct]) | device MiB offload / resident | sel mismatches | max abs diff |");
@@ -1138,14 +1322,15 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
         );
     }
     println!("\nBy refresh class (device times from events on the main stream, ms/step; MiB and GB/s only with --profile):\n");
-    println!("| tokens | est rows | admission | fetch | refresh from stage | steps | resident (one sync) | offload (host clock) | dev: wait admission | estimation | page step | attention | admission (side) | page MiB | est host MiB | est GB/s |");
+    println!("| tokens | est rows | admission | fetch, page reuse, late admission, row preload | refresh from stage | steps | resident (one sync) | offload (host clock) | dev: wait admission | estimation | page step | attention | admission (side) | page MiB | est host MiB | est GB/s |");
     println!("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         for c in r["by_refresh_class"].as_array().into_iter().flatten() {
             println!(
                 "| {} | {:.1}% | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} | {:.1} |",
                 r["tokens"], 100.0 * g(r, "est_rows_fraction"), r["admission"].as_str().unwrap_or("?"),
-                r["est_fetch"].as_str().unwrap_or("?"), c["refresh_from_stage"], c["steps"],
+                format!("{}, {}, {}, {}", r["est_fetch"].as_str().unwrap_or("?"), r["page_reuse"], r["late_admission"], r["est_preload"]),
+                c["refresh_from_stage"], c["steps"],
                 g(c, "resident_one_sync_ms"), g(c, "offload_host_ms"), g(c, "dev_wait_admission_ms"),
                 g(c, "dev_estimation_ms"), g(c, "dev_page_step_ms"), g(c, "dev_attention_ms"),
                 g(c, "dev_admission_side_ms"), g(c, "page_mib"), g(c, "est_host_mib"), g(c, "est_host_gbps"),

@@ -1684,16 +1684,45 @@ pub fn force_attention(a: HipAttention) {
     ATTN.store(a as u8, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Values `INFINITEHIP_HIP_ATTENTION` accepts.
+pub const HIP_ATTENTION_VALUES: &[&str] = &["sparse-v2", "split-combine"];
+
+/// `INFINITEHIP_HIP_ATTENTION`'s value as a kernel choice: None when unset
+/// or empty, an error naming the accepted values otherwise
+/// (`GpuContext::new` checks it, so a misspelt value fails there instead
+/// of silently running the default).
+pub fn parse_hip_attention(v: Option<&str>) -> Result<Option<HipAttention>> {
+    match v.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some("sparse-v2") => Ok(Some(HipAttention::SparseV2)),
+        Some("split-combine") => Ok(Some(HipAttention::SplitCombine)),
+        Some(x) => Err(Error::config(
+            "INFINITEHIP_HIP_ATTENTION",
+            format!(
+                "`{x}` is not one of {} (unset: sparse-v2)",
+                HIP_ATTENTION_VALUES.join(", ")
+            ),
+        )),
+    }
+}
+
+/// `parse_hip_attention` of the environment.
+pub fn hip_attention_env() -> Result<Option<HipAttention>> {
+    let v = std::env::var("INFINITEHIP_HIP_ATTENTION").ok();
+    parse_hip_attention(v.as_deref())
+}
+
 /// The attention kernel `HipGpuDecoder` uses now: `force_attention`'s
 /// choice, else `INFINITEHIP_HIP_ATTENTION` (`split-combine` selects the
 /// previous kernel, e.g. so that a process compares the host-offload tier,
 /// which attends with split-K + combine, bit for bit with resident decode;
-/// anything else, or unset, is sparse v2).
+/// `sparse-v2` or unset: sparse v2; any other value is refused by
+/// `GpuContext::new`).
 pub fn attention() -> HipAttention {
     use std::sync::atomic::Ordering::Relaxed;
     let mut v = ATTN.load(Relaxed);
     if v == 2 {
-        let split = std::env::var("INFINITEHIP_HIP_ATTENTION").is_ok_and(|s| s == "split-combine");
+        let split = matches!(hip_attention_env(), Ok(Some(HipAttention::SplitCombine)));
         v = u8::from(split);
         let _ = ATTN.compare_exchange(2, v, Relaxed, Relaxed);
         v = ATTN.load(Relaxed);

@@ -159,6 +159,9 @@ pub struct HostEstimation {
     stage_cap: usize,
     /// The `EstCache` uploaded in `kv.k` (kept to flip `fetch_warp`).
     desc: EstCacheDev,
+    /// Scoring kernels' module: `hip_mask_host`, or `hip_mask_host_pl`
+    /// (`set_row_preload`).
+    module: &'static str,
     /// The last `select` refreshed no stage (scored no key): its `finish`
     /// has nothing to admit and launches nothing (`FullDevice`).
     idle_step: bool,
@@ -327,6 +330,7 @@ impl HostEstimation {
             tombs: 0,
             stage_cap,
             desc: dev,
+            module: "hip_mask_host",
             idle_step: false,
             host_k: host.k.dev,
             row_bytes,
@@ -372,6 +376,23 @@ impl HostEstimation {
         self.desc.fetch_warp != 0
     }
 
+    /// Scoring kernels that load each probed row's 16-byte vectors all at
+    /// once before using them (module `hip_mask_host_pl`) instead of the
+    /// reference loop's two at a time (`hip_mask_host`). Same bits.
+    pub fn set_row_preload(&mut self, on: bool) {
+        self.module = if on {
+            "hip_mask_host_pl"
+        } else {
+            "hip_mask_host"
+        };
+    }
+
+    /// The module of the scoring kernels (for callers that run the stages
+    /// themselves over `kv`).
+    pub fn score_module(&self) -> &'static str {
+        self.module
+    }
+
     /// Rows the cache holds (its capacity).
     pub fn capacity(&self) -> usize {
         self._arena.bytes / self.row_bytes
@@ -393,10 +414,16 @@ impl HostEstimation {
             ));
         }
         self.kv.lens.clone_from(&host.lens);
-        gpu.stream
-            .wait(&self.admitted)
-            .map_err(|e| gpu_err("estimation wait for admission", e))?;
-        dec.score_module = "hip_mask_host";
+        // A step that refreshes no stage probes no key row (it reads
+        // nothing the admission writes): it need not wait for it, so an
+        // admission launched late (after the previous step's attention)
+        // overlaps such steps.
+        if Self::scores(dec) {
+            gpu.stream
+                .wait(&self.admitted)
+                .map_err(|e| gpu_err("estimation wait for admission", e))?;
+        }
+        dec.score_module = self.module;
         let r = dec.select(gpu, &self.kv, q, upload);
         dec.score_module = "hip_mask";
         // No stage refreshed: no key was probed, no miss logged.
@@ -404,8 +431,15 @@ impl HostEstimation {
         r
     }
 
+    /// Whether `dec`'s next `select` refreshes a stage (probes key rows,
+    /// so must wait for the last admission).
+    pub fn scores(dec: &HipGpuDecoder) -> bool {
+        dec.refresh_from() < dec.cfg.stages.len()
+    }
+
     /// Make `gpu.stream` wait for the last admission (what `select` does
-    /// first), for callers that launch the scoring kernels themselves.
+    /// first when it scores), for callers that launch the scoring kernels
+    /// themselves.
     pub fn wait_admission(&self, gpu: &GpuContext) -> Result<()> {
         gpu.stream
             .wait(&self.admitted)

@@ -90,6 +90,16 @@ pub const MODULES: &[(&str, &str)] = &[
             include_str!("../../../../../kernels/hip_mask.cu")
         ),
     ),
+    // The same with each probed row's loads all in flight before its use
+    // (`HostEstimation::set_row_preload`; same bits).
+    (
+        "hip_mask_host_pl",
+        concat!(
+            "#define HIP_EST_HOST 1\n#define HIP_EST_PRELOAD 1\n",
+            include_str!("../../../../../kernels/hip_est_host.cuh"),
+            include_str!("../../../../../kernels/hip_mask.cu")
+        ),
+    ),
 ];
 
 /// Full source of a module as NVRTC sees it.
@@ -112,7 +122,7 @@ pub fn dtype_tag(dt: crate::DType) -> Option<&'static str> {
 /// JIT-compiles each loaded module's PTX: on a cold machine that costs
 /// seconds per MB). A lazy module's first use must not be inside a CUDA
 /// graph capture: callers run one eager step first.
-pub const LAZY_MODULES: &[&str] = &["hip_sparse"];
+pub const LAZY_MODULES: &[&str] = &["hip_sparse", "hip_mask_host_pl"];
 
 pub const HEAD_DIMS: &[usize] = &[64, 128, 256];
 /// Entry points of kernels/squeeze_kmeans.cu besides `km_assign_d{D}`.
@@ -177,7 +187,7 @@ pub fn entry_points(module: &str) -> Vec<String> {
             "bus_blocks".into(),
         ];
     }
-    if module == "hip_mask_host" {
+    if module == "hip_mask_host" || module == "hip_mask_host_pl" {
         // The warp scoring kernels are not built over the host tier.
         return entry_points("hip_mask")
             .into_iter()

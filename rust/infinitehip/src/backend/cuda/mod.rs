@@ -325,6 +325,8 @@ impl GpuContext {
     /// Open device `ordinal`, compile (or load from cache) every kernel for
     /// its architecture.
     pub fn new(ordinal: usize) -> Result<Self> {
+        // A misspelt kernel choice is an error, not a silent default.
+        dispatch::hip_attention_env()?;
         if !driver_available() {
             return Err(Error::Invalid(
                 "CUDA: libcuda not found: no NVIDIA driver on this machine".into(),
@@ -548,6 +550,13 @@ mod tests {
         // (per-thread, warp) + 4; the host-tier build has no warp scorers.
         assert_eq!(kernels::entry_points("hip_mask").len(), 2 * 3 * 6 * 2 + 4);
         assert_eq!(kernels::entry_points("hip_mask_host").len(), 2 * 3 * 6 + 4);
+        assert_eq!(
+            kernels::entry_points("hip_mask_host_pl"),
+            kernels::entry_points("hip_mask_host")
+        );
+        assert!(kernels::full_source("hip_mask_host_pl")
+            .unwrap()
+            .contains("#define HIP_EST_PRELOAD"));
         // (hip_scorew* sit inside #ifndef HIP_EST_HOST.)
         assert!(kernels::full_source("hip_mask_host")
             .unwrap()
@@ -562,7 +571,32 @@ mod tests {
         assert!(kernels::full_source("hip_sparse")
             .unwrap()
             .contains("#define DD_SPARSE_ONLY"));
-        assert_eq!(kernels::LAZY_MODULES, &["hip_sparse"]);
+        assert_eq!(kernels::LAZY_MODULES, &["hip_sparse", "hip_mask_host_pl"]);
+    }
+
+    #[test]
+    fn hip_attention_env_values() {
+        use dispatch::{parse_hip_attention, HipAttention};
+        assert_eq!(parse_hip_attention(None).unwrap(), None);
+        assert_eq!(parse_hip_attention(Some("")).unwrap(), None);
+        assert_eq!(
+            parse_hip_attention(Some("split-combine")).unwrap(),
+            Some(HipAttention::SplitCombine)
+        );
+        assert_eq!(
+            parse_hip_attention(Some("sparse-v2")).unwrap(),
+            Some(HipAttention::SparseV2)
+        );
+        for bad in ["split_combine", "splitcombine", "1", "sparse"] {
+            let err = parse_hip_attention(Some(bad)).unwrap_err().to_string();
+            assert!(
+                err.contains("INFINITEHIP_HIP_ATTENTION")
+                    && err.contains("sparse-v2")
+                    && err.contains("split-combine")
+                    && err.contains(bad),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -20,7 +20,10 @@
 //! host policy on the step's path): CLOCK over the slots (kernels
 //! `pc_walk`, `pc_clock`; CPU twin `kv::PageClock`, same choices, compared
 //! on the GPU), three launches on the main stream. Counters reach the host
-//! through mapped memory a step late (`take_stats`). `PagePolicy::Host` is
+//! through mapped memory a step late (`take_stats`). A hip step that
+//! refreshes no stage may reuse the last walk instead
+//! (`prepare_device_step(.., tail_only = true)`, rule `walk_covers`): no
+//! launch but the appended rows' write-through. `PagePolicy::Host` is
 //! the exact-LRU path above (`PageCache`), kept for comparison.
 
 use std::ops::Range;
@@ -405,6 +408,116 @@ pub struct OffloadKv {
     pending: Vec<(usize, usize)>,
     pub policy: PagePolicy,
     dev: Option<DevicePages>,
+    /// `PagePolicy::Device`: what the last walked step (`pc_walk`) covered,
+    /// for `prepare_device_step`'s reuse test; None: nothing to reuse.
+    walked: Option<Walked>,
+    /// Steps `prepare_device_step` served from the last walk (no walk, no
+    /// CLOCK), since construction.
+    pub steps_reused: u64,
+    /// Tests only (`gpu-test-offload`'s mutation check): reuse the last walk
+    /// on every `tail_only` step, even when a sequence's newest token
+    /// entered a new page, which is wrong (that page's blocks were never
+    /// mapped); the checks must see it.
+    pub unsound_reuse_for_tests: bool,
+}
+
+/// The last walked step of the device policy: per sequence its length and
+/// the page spans (first, last page, inclusive) of its pinned ranges.
+struct Walked {
+    lens: Vec<usize>,
+    pin_pages: Vec<Vec<(usize, usize)>>,
+}
+
+/// `prepare_device_step`'s reuse rule (pages of `ps` tokens): a step with
+/// lengths `lens` and pinned page spans `pins`, whose selection grew only
+/// at its tail since the walk that saw `walked_lens` / `walked_pins`,
+/// touches no block that walk did not map when, for every sequence, the
+/// length did not shrink, the newest token is in the page it was in then,
+/// and each pinned span lies inside a span pinned then.
+pub fn walk_covers(
+    ps: usize,
+    walked_lens: &[usize],
+    walked_pins: &[Vec<(usize, usize)>],
+    lens: &[usize],
+    pins: &[Vec<(usize, usize)>],
+) -> bool {
+    if walked_lens.len() != lens.len()
+        || pins.len() != lens.len()
+        || walked_pins.len() != lens.len()
+    {
+        return false;
+    }
+    (0..lens.len()).all(|b| {
+        let (now, then) = (lens[b], walked_lens[b]);
+        let same_page = now >= then && then > 0 && (now - 1) / ps == (then - 1) / ps;
+        same_page
+            && pins[b]
+                .iter()
+                .all(|&(a, z)| walked_pins[b].iter().any(|&(wa, wz)| wa <= a && z <= wz))
+    })
+}
+
+#[cfg(test)]
+mod walk_tests {
+    use super::walk_covers;
+
+    #[test]
+    fn walk_reuse_rule() {
+        let ps = 64;
+        // Walked at length 1000 (newest token 999, page 15), sink + window pinned.
+        let wl = [1000usize];
+        let wp = vec![vec![(0, 1), (0, 15)]];
+        let pins = |len: usize| {
+            vec![vec![
+                (0, 1),
+                ((len - 1024usize.min(len)) / ps, (len - 1) / ps),
+            ]]
+        };
+        // Appends inside page 15 (up to token 1023): reusable.
+        for len in 1000..=1024 {
+            assert!(walk_covers(ps, &wl, &wp, &[len], &pins(len)), "len {len}");
+        }
+        // Token 1024 opens page 16: must walk.
+        assert!(!walk_covers(ps, &wl, &wp, &[1025], &pins(1025)));
+        // Shorter than at the walk: must walk.
+        assert!(!walk_covers(ps, &wl, &wp, &[999], &pins(999)));
+        // A pinned span outside the walked pins: must walk.
+        assert!(!walk_covers(
+            ps,
+            &wl,
+            &wp,
+            &[1000],
+            &[vec![(0, 1), (14, 16)]]
+        ));
+        assert!(walk_covers(ps, &wl, &wp, &[1000], &[vec![(2, 3)]]));
+        // Nothing walked for an empty sequence; batch size changed.
+        assert!(!walk_covers(ps, &[0], &[vec![]], &[0], &[vec![]]));
+        assert!(!walk_covers(ps, &wl, &wp, &[1000, 5], &[vec![], vec![]]));
+        // Batch of two: one sequence crossing a page is enough to walk.
+        let wl2 = [1000usize, 127];
+        let wp2 = vec![vec![(0, 15)], vec![(0, 1)]];
+        assert!(walk_covers(
+            ps,
+            &wl2,
+            &wp2,
+            &[1010, 128],
+            &[vec![(0, 15)], vec![(0, 1)]]
+        ));
+        assert!(!walk_covers(
+            ps,
+            &wl2,
+            &wp2,
+            &[1010, 129],
+            &[vec![(0, 15)], vec![(0, 2)]]
+        ));
+        assert!(!walk_covers(
+            ps,
+            &wl2,
+            &wp2,
+            &[1010, 129],
+            &[vec![(0, 15)], vec![(0, 1)]]
+        ));
+    }
 }
 
 impl OffloadKv {
@@ -469,6 +582,9 @@ impl OffloadKv {
             pending: Vec::new(),
             policy,
             dev,
+            walked: None,
+            steps_reused: 0,
+            unsound_reuse_for_tests: false,
         })
     }
 
@@ -699,6 +815,30 @@ impl OffloadKv {
         sel: &DeviceSelection,
         pinned: &[Vec<Range<usize>>],
     ) -> Result<OffloadStep> {
+        self.prepare_device_step(gpu, sel, pinned, false)
+    }
+
+    /// `prepare_device`, reusing the last walked step when that is exact:
+    /// `tail_only` says the caller's selection differs from the previous
+    /// call's at most by ranges growing toward each sequence's newest token
+    /// (a hip decode step that refreshes no stage: the stages' chunks are
+    /// unchanged, the slid + window tail moves with the length). Then, if
+    /// every sequence's newest token (`host.lens[b] - 1`) is still in the
+    /// page it was in at the last walk, its length did not shrink, and each
+    /// pinned range lies in the pages pinned then, the step touches no block
+    /// the last walk did not map, and no walk or CLOCK runs since (nothing
+    /// was evicted since): the slot table's entries for those blocks are
+    /// still right. Only the appended rows are written through (`pc_rows`;
+    /// no launch at all without appends). What is given up: CLOCK reference
+    /// bits and counters are not refreshed on such steps (eviction order
+    /// only; `steps_reused` counts them, their hits are not counted).
+    pub fn prepare_device_step(
+        &mut self,
+        gpu: &GpuContext,
+        sel: &DeviceSelection,
+        pinned: &[Vec<Range<usize>>],
+        tail_only: bool,
+    ) -> Result<OffloadStep> {
         let nb = self.host.tables.len();
         let hkv = self.host.layout.n_kv_heads;
         let ps = self.host.layout.page_size;
@@ -716,6 +856,32 @@ impl OffloadKv {
         }
         let t0 = std::time::Instant::now();
         let cache = self.collect_stats(false)?;
+        let pin_pages: Vec<Vec<(usize, usize)>> = pinned
+            .iter()
+            .enumerate()
+            .map(|(b, rs)| {
+                let end = self.host.capacity(b);
+                rs.iter()
+                    .filter(|r| r.start < r.end.min(end))
+                    .map(|r| (r.start / ps, (r.end.min(end) - 1) / ps))
+                    .collect()
+            })
+            .collect();
+        if tail_only && self.reusable(&pin_pages) {
+            self.steps_reused += 1;
+            self.write_through(gpu)?;
+            return Ok(OffloadStep {
+                blocks_needed: 0,
+                cache,
+                host_resolve_ms: t0.elapsed().as_secs_f64() * 1e3,
+                host_wait_ms: 0.0,
+                host_launch_ms: 0.0,
+            });
+        }
+        self.walked = Some(Walked {
+            lens: self.host.lens.clone(),
+            pin_pages,
+        });
         let mut pins: Vec<i32> = Vec::new();
         for (b, rs) in pinned.iter().enumerate() {
             let end = self.host.capacity(b);
@@ -826,27 +992,7 @@ impl OffloadKv {
             }
         }
         if !rows.is_empty() {
-            let f = gpu.func("offload", "pc_rows")?;
-            let n = (rows.len() / 3) as i32;
-            let rv = (self.host.layout.head_dim * 2 / 16) as i32;
-            let mut l = gpu.stream.launch_builder(&f);
-            l.arg(&self.host.k.dev)
-                .arg(&self.host.v.dev)
-                .arg(&self.slot_k.ptr)
-                .arg(&self.slot_v.ptr)
-                .arg(&rows_ptr)
-                .arg(&n)
-                .arg(&rv)
-                .arg(&ps_i)
-                .arg(&d.block_slot.ptr);
-            unsafe {
-                l.launch(LaunchConfig {
-                    grid_dim: ((n as u32 * rv as u32).div_ceil(256).max(1), 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                })
-            }
-            .map_err(|e| gpu_err("launch pc_rows", e))?;
+            self.launch_rows(gpu, rows_ptr, rows.len() / 3)?;
         }
         self.copied
             .record(&gpu.stream)
@@ -858,6 +1004,88 @@ impl OffloadKv {
             host_wait_ms: (t2 - t1).as_secs_f64() * 1e3,
             host_launch_ms: t2.elapsed().as_secs_f64() * 1e3,
         })
+    }
+
+    /// Whether the last walk covers a step whose selection grew only at its
+    /// tail (`prepare_device_step`) and whose pinned page spans are
+    /// `pin_pages`.
+    fn reusable(&self, pin_pages: &[Vec<(usize, usize)>]) -> bool {
+        let Some(w) = &self.walked else {
+            return false;
+        };
+        if self.unsound_reuse_for_tests {
+            return true;
+        }
+        walk_covers(
+            self.host.layout.page_size,
+            &w.lens,
+            &w.pin_pages,
+            &self.host.lens,
+            pin_pages,
+        )
+    }
+
+    /// Appended rows only (a reused step): write them through to their
+    /// resident slots (`pc_rows`); nothing launched without appends.
+    fn write_through(&mut self, gpu: &GpuContext) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let hkv = self.host.layout.n_kv_heads;
+        let ps = self.host.layout.page_size;
+        let mut rows: Vec<i32> = Vec::new();
+        for (b, t) in std::mem::take(&mut self.pending) {
+            let page = self.host.tables[b][t / ps] as usize;
+            for h in 0..hkv {
+                rows.extend_from_slice(&[
+                    self.host.row(b, t, h) as i32,
+                    (page * hkv + h) as i32,
+                    (t % ps) as i32,
+                ]);
+            }
+        }
+        // The staging lists of the previous step may still be read.
+        self.copied
+            .synchronize()
+            .map_err(|e| gpu_err("wait for the previous page step", e))?;
+        let need = rows.len() * 4;
+        if need > self.staging.bytes {
+            self.staging = PinnedBuf::alloc(need.next_power_of_two())?;
+        }
+        self.staging.write_at(0, &rows);
+        let rows_ptr = self.staging.dev;
+        self.launch_rows(gpu, rows_ptr, rows.len() / 3)?;
+        self.copied
+            .record(&gpu.stream)
+            .map_err(|e| gpu_err("record page step event", e))
+    }
+
+    /// `pc_rows` over `n` staged (host row, head block, offset) triples.
+    fn launch_rows(&self, gpu: &GpuContext, rows_ptr: u64, n: usize) -> Result<()> {
+        let d = self.dev.as_ref().unwrap();
+        let f = gpu.func("offload", "pc_rows")?;
+        let n = n as i32;
+        let ps_i = self.host.layout.page_size as i32;
+        let rv = (self.host.layout.head_dim * 2 / 16) as i32;
+        let mut l = gpu.stream.launch_builder(&f);
+        l.arg(&self.host.k.dev)
+            .arg(&self.host.v.dev)
+            .arg(&self.slot_k.ptr)
+            .arg(&self.slot_v.ptr)
+            .arg(&rows_ptr)
+            .arg(&n)
+            .arg(&rv)
+            .arg(&ps_i)
+            .arg(&d.block_slot.ptr);
+        unsafe {
+            l.launch(LaunchConfig {
+                grid_dim: ((n as u32 * rv as u32).div_ceil(256).max(1), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(|e| gpu_err("launch pc_rows", e))?;
+        Ok(())
     }
 
     /// Device policy: wait for the pending page step and return the
@@ -1071,6 +1299,8 @@ impl OffloadKv {
         }
         d.ptable = DevBuf::borrowed(ptr, rows * stride * 4);
         d.pstride = stride;
+        // Page ids may differ now: the next step walks.
+        self.walked = None;
         Ok(())
     }
 

@@ -303,7 +303,7 @@ impl GpuAttention {
             req_ids,
             &rows,
             lens,
-            "hip_mask_host",
+            t.est.score_module(),
             false,
         )?;
         let es = t.est.finish(&gpu)?;
