@@ -27,6 +27,20 @@ passages, to compare lengths on the same passages).
 Each run is cached (RUNS/<config>-<L>.json) so lengths can be run one at a
 time (`--lengths 32768`) and the table assembled from all cached runs.
 
+`--engine sglang` scores the same input ids through `sglang.Engine` on the
+CPU instead (the quality suite's SGLang route: sglang_engine.SglangEngine,
+the Q4_1 GGUF dequantized to a float32 HF checkpoint, float32 KV; re-run in
+the SGLang venv as `run.py --engine sglang` is): `stock` is SGLang's
+torch_native attention, a policy JSON runs `attention_backend="infinitehip"`
+with INFINITEHIP_CONFIG = that file. Past the checkpoint's
+max_position_embeddings both get `json_model_override_args =
+{"max_position_embeddings": L + 64}` (SGLang's rotary cache and context length;
+the backend keeps the checkpoint's value as the trained context). Runs are
+cached as `sglang-<config>`, so `beyond_paired.py DIR L s4-clip
+sglang-s4-clip` pairs the two engines on the same tokens. `--kv f32` runs
+llama.cpp with an f32 KV cache (with the f32-dequantized GGUF: the model
+SGLang runs).
+
     python3 tests/quality/beyond.py --lengths 8192,16384,32768 \
         --configs stock,hip_rope --json beyond.json
 """
@@ -77,6 +91,14 @@ def read_records(path):
 
 def text_ids(args):
     path = os.path.join(WORK, "text.ids")
+    if not os.path.exists(path) and args.engine == "sglang" and not os.path.exists(ihip_run("stock")) \
+            and not os.path.exists(ihip_run("patched")):
+        # No llama.cpp build: the checkpoint's tokenizer (it gives llama.cpp's ids, see sglang_route)
+        import sglang_route
+
+        tok = sglang_route.HfTokenizer(hf_model(args))
+        write_ids(path + f".{os.getpid()}", tok.ids(open(args.text, encoding="utf-8").read()))
+        os.replace(path + f".{os.getpid()}", path)
     if not os.path.exists(path):
         binary = ihip_run("patched") if os.path.exists(ihip_run("patched")) else ihip_run("stock")
         subprocess.run([binary, "tokenize", args.model, "--text", args.text, "--out", path], check=True,
@@ -116,13 +138,56 @@ def config_path(name):
     return os.path.abspath(name) if name.endswith(".json") else os.path.join(CONFIGS, name + ".json")
 
 
-def config_tag(name):
-    return os.path.basename(name)[:-5] if name.endswith(".json") else name
+def config_tag(name, engine="llama.cpp"):
+    tag = os.path.basename(name)[:-5] if name.endswith(".json") else name
+    return tag if engine == "llama.cpp" else f"{engine}-{tag}"
+
+
+def hf_model(args):
+    """The SGLang route's checkpoint: --hf-model, else the suite's (the GGUF
+    dequantized to a float32 HF checkpoint, converted once)."""
+    if args.hf_model:
+        return args.hf_model
+    import sglang_route
+
+    return sglang_route.hf_checkpoint()
+
+
+def trained_length(model_dir):
+    with open(os.path.join(model_dir, "config.json")) as f:
+        return int(json.load(f)["max_position_embeddings"])
+
+
+def sglang_score(name, L, ids, P, tag, args):
+    """(records, timing, policy path) of one input through sglang.Engine (CPU)."""
+    import tempfile
+
+    from sglang_engine import SglangEngine
+
+    model = hf_model(args)
+    cfg = None if name == "stock" else config_path(name)
+    policy = None if cfg is None else json.load(open(cfg))
+    extra = {}
+    if L + 64 > trained_length(model):  # SGLang stops a request ~2 tokens short of its context length
+        extra["json_model_override_args"] = json.dumps({"max_position_embeddings": L + 64})
+    tmp = tempfile.mkdtemp(prefix="ihip-beyond-sglang-")
+    print(f"== sglang {name} L={L}: {'torch_native' if policy is None else 'infinitehip ' + cfg} {extra}",
+          file=sys.stderr, flush=True)
+    eng = SglangEngine(model, policy, tmp, tag, L, threads=args.threads, extra_args=extra)
+    try:
+        rec, timings, _ = eng.score(ids, P, None, tag)
+    finally:
+        eng.shutdown()
+    rec = [(float(r["nll"]), int(r["argmax"]), int(r["path"])) for r in rec]
+    return rec, timings, cfg, {"engine_args": eng.args}
 
 
 def run_one(name, L, text, args):
     os.makedirs(os.path.join(WORK, "runs"), exist_ok=True)
-    tag = f"{config_tag(name)}-{L}-c{args.continuation}-k{args.probes}x{args.probe_len}"
+    ctag = config_tag(name, args.engine)
+    if args.kv != "f16":
+        ctag += f"-kv{args.kv}"
+    tag = f"{ctag}-{L}-c{args.continuation}-k{args.probes}x{args.probe_len}"
     if args.cue != 8:
         tag += f"-cue{args.cue}"
     layout = ""
@@ -141,24 +206,34 @@ def run_one(name, L, text, args):
     write_ids(inp + f".{os.getpid()}", ids)
     os.replace(inp + f".{os.getpid()}", inp)
     nll = os.path.join(WORK, "runs", tag + ".nll")
-    env = {k: v for k, v in os.environ.items() if k != "LLAMA_INFINITEHIP_CONFIG"}
-    if name == "stock":
-        build = "stock" if os.path.exists(ihip_run("stock")) else "patched"
-        cfg = None
-    else:
-        build = "patched"
-        cfg = config_path(name)
-        env["LLAMA_INFINITEHIP_CONFIG"] = cfg
-    cmd = [ihip_run(build), "score", args.model, "--input", inp, "--prefill", str(P), "--nll", nll,
-           "--threads", str(args.threads), "--batch", str(args.batch)]
-    print(f"== {name} L={L}: {' '.join(cmd)}", file=sys.stderr, flush=True)
     t0 = time.time()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.exit(f"{name} L={L} failed:\n{p.stderr[-3000:]}")
-    timing = json.loads(p.stdout.strip().splitlines()[-1])
-    stats = [l for l in p.stderr.splitlines() if "infinitehip: stats" in l]
-    rec = read_records(nll)
+    extra = {}
+    if args.engine == "sglang":
+        rec, timing, cfg, extra = sglang_score(name, L, ids, P, tag, args)
+        build, stats = "sglang (CPU, float32)", []
+        import struct
+
+        with open(nll, "wb") as f:
+            for r in rec:
+                f.write(struct.pack("<fii", *r))
+    else:
+        env = {k: v for k, v in os.environ.items() if k != "LLAMA_INFINITEHIP_CONFIG"}
+        if name == "stock":
+            build = "stock" if os.path.exists(ihip_run("stock")) else "patched"
+            cfg = None
+        else:
+            build = "patched"
+            cfg = config_path(name)
+            env["LLAMA_INFINITEHIP_CONFIG"] = cfg
+        cmd = [ihip_run(build), "score", args.model, "--input", inp, "--prefill", str(P), "--nll", nll,
+               "--threads", str(args.threads), "--batch", str(args.batch), "--kv", args.kv]
+        print(f"== {name} L={L}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.exit(f"{name} L={L} failed:\n{p.stderr[-3000:]}")
+        timing = json.loads(p.stdout.strip().splitlines()[-1])
+        stats = [l for l in p.stderr.splitlines() if "infinitehip: stats" in l]
+        rec = read_records(nll)
     a, b = regions["continuation"]
     cont = [rec[i][0] for i in range(a, b + 1)]
     assert all(rec[i][2] == 1 for i in range(a, b + 1)), "continuation must be decode-scored"
@@ -176,7 +251,9 @@ def run_one(name, L, text, args):
     if any(math.isnan(x) or math.isinf(x) for x in vals):
         sys.exit(f"{name} L={L}: NaN/inf NLL")
     res = {
-        "config": config_tag(name), "L": L, "build": build, "policy": cfg and os.path.relpath(cfg, REPO),
+        "config": ctag, "L": L, "build": build, "engine": args.engine, "kv": args.kv, **extra,
+        "model": args.model if args.engine == "llama.cpp" else hf_model(args),
+        "policy": cfg and os.path.relpath(cfg, REPO),
         "prefill": P, "ppl_decode": math.exp(sum(cont) / len(cont)), "decode_text_tokens": len(cont),
         "copy_acc": sum(hits) / len(hits), "copy_nll": sum(nlls) / len(nlls), "copy_tokens": len(hits),
         "probes": regions["probes"], "continuation_nlls": [round(x, 5) for x in cont],
@@ -209,7 +286,21 @@ def main():
     ap.add_argument("--work-dir", default=None, help=f"runs cache and token files (default {WORK}); "
                     "the text's token ids are cached there, so use one directory per text")
     ap.add_argument("--json")
+    ap.add_argument("--engine", choices=["llama.cpp", "sglang"], default="llama.cpp",
+                    help="score through llama.cpp's ihip_run (default) or sglang.Engine on the CPU")
+    ap.add_argument("--hf-model", default=None, help="--engine sglang: the HF checkpoint (default: the suite's "
+                    "float32 conversion of the GGUF)")
+    ap.add_argument("--kv", choices=["f16", "f32"], default="f16", help="llama.cpp's KV cache type")
     args = ap.parse_args()
+    if args.engine == "sglang":
+        import importlib.util
+
+        import sglang_route
+
+        if os.environ.get(sglang_route.INSIDE_ENV) != "1" and importlib.util.find_spec("sglang") is None:
+            sys.exit(sglang_route.rerun_in_venv(sys.argv[1:], script="beyond.py"))
+        if os.environ.get("SGLANG_USE_CPU_ENGINE") != "1":
+            sys.exit("set SGLANG_USE_CPU_ENGINE=1 (the SGLang route runs the CPU engine)")
     if args.work_dir:
         WORK = os.path.abspath(args.work_dir)
     os.makedirs(WORK, exist_ok=True)
@@ -224,7 +315,7 @@ def main():
           f"{'prefill tok/s':>15}{'decode tok/s':>14}{'attended':>10}")
     for r in rows:
         st = r["plugin_stats"]
-        att = f"{st['attended_fraction']:.3f}" if st else "1"
+        att = f"{st['attended_fraction']:.3f}" if st else ("1" if r["config"].endswith("stock") else "-")
         print(f"{r['config']:<14}{r['L']:>7}{r['ppl_decode']:>12.2f}{100 * r['copy_acc']:>9.1f}%"
               f"{r['copy_nll']:>10.3f}{r['timing']['prefill_tok_s']:>15.1f}{r['timing']['decode_tok_s']:>14.2f}{att:>10}")
     print("copy accuracy per probe (depth order), mean +- se over probes:")

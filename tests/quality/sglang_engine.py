@@ -38,7 +38,7 @@ def _force_str():
 class SglangEngine:
     """One sglang.Engine: stock (policy None, torch_native) or patched."""
 
-    def __init__(self, model_dir, policy, tmp, tag, max_len, chunked_prefill=None, threads=None):
+    def __init__(self, model_dir, policy, tmp, tag, max_len, chunked_prefill=None, threads=None, extra_args=None):
         import sglang as sgl
 
         self.tmp, self.tag, self.policy = tmp, tag, policy
@@ -61,6 +61,7 @@ class SglangEngine:
                     attention_backend=PATCHED_BACKEND if policy is not None else STOCK_BACKEND)
         if chunked_prefill:
             args["chunked_prefill_size"] = chunked_prefill
+        args.update(extra_args or {})  # e.g. json_model_override_args beyond the trained length
         t0 = time.time()
         try:
             self.eng = sgl.Engine(**args)

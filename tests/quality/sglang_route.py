@@ -93,13 +93,13 @@ def library():
     return lib
 
 
-def rerun_in_venv(argv):
-    """Run run.py again inside the SGLang venv; its exit status."""
+def rerun_in_venv(argv, script="run.py"):
+    """Run `script` (tests/quality/) again inside the SGLang venv; its exit status."""
     py = ensure_venv()
     env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1", INFINITEHIP_LIB=library(), **{INSIDE_ENV: "1"})
     env["PYTHONPATH"] = os.pathsep.join([os.path.join(REPO, "python-shim"), HERE] +
                                         ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    return subprocess.run([py, os.path.join(HERE, "run.py")] + argv, env=env).returncode
+    return subprocess.run([py, os.path.join(HERE, script)] + argv, env=env).returncode
 
 
 def hf_checkpoint(py=sys.executable):

@@ -181,9 +181,9 @@ def build_policy_config(model_runner, pool, path=None):
         rp = _hf_attr(mc, "rope_parameters") or {}
         rope_theta = rp.get("rope_theta") if isinstance(rp, dict) else None
     extra = {"rope_theta": float(rope_theta or 10000.0)}
-    ctx = getattr(mc, "context_len", None)
-    if ctx:
-        extra["max_position"] = int(ctx)
+    trained = trained_context(mc)
+    if trained:
+        extra["max_position"] = int(trained)
 
     model = cfg.setdefault("model", {})
     for k, v in sgl.items():
@@ -200,6 +200,126 @@ def build_policy_config(model_runner, pool, path=None):
     kv.setdefault("dtype", _KV_DTYPES.get(getattr(pool, "dtype", None), "bf16"))
     cfg.setdefault("dense_layers", min(3, sgl["n_layers"]))
     return cfg
+
+
+def trained_context(mc):
+    """The model's trained context (`model.max_position`, which `relative`
+    scoring moves long queries back inside): the checkpoint's own
+    `max_position_embeddings`. Running beyond it in SGLang takes
+    `--json-model-override-args '{"max_position_embeddings": N}'` (SGLang
+    sizes its rotary cache and derives its context length from that field),
+    so an overridden value is read back from the checkpoint's config. Falls
+    back to SGLang's context length (a model config without the field)."""
+    over = getattr(mc, "model_override_args", None) or {}
+    overridden = isinstance(over, dict) and (
+        "max_position_embeddings" in over
+        or any(isinstance(v, dict) and "max_position_embeddings" in v for v in over.values())
+    )
+    if overridden:
+        path = getattr(mc, "model_path", None)
+        try:
+            from transformers import AutoConfig
+
+            hf = AutoConfig.from_pretrained(
+                path, trust_remote_code=bool(getattr(mc, "trust_remote_code", False)),
+                revision=getattr(mc, "revision", None),
+            )
+            hf = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+            v = getattr(hf, "max_position_embeddings", None)
+            if v:
+                return int(v)
+        except Exception as e:  # a config transformers cannot read
+            logger.warning(
+                "infinitehip: max_position_embeddings is overridden and the checkpoint's own value at %s could "
+                "not be read (%s); model.max_position = SGLang's context length (set model.max_position in "
+                "%s to the trained context for `relative` scoring)", path, e, CONFIG_ENV,
+            )
+        return getattr(mc, "context_len", None)
+    v = _hf_attr(mc, "max_position_embeddings")
+    return int(v) if v else getattr(mc, "context_len", None)
+
+
+def rope_modes_in(cfg):
+    """The non-`original` RoPE modes a config's hip policies ask for
+    ({"scoring": ..., "attention": ...} values other than original)."""
+    pols = [cfg.get("default") or {}] + [o.get("policy") or {} for o in cfg.get("overrides") or []]
+    out = set()
+    for p in pols:
+        if p.get("method") != "hip":
+            continue
+        r = p.get("rope") or {}
+        for k in ("scoring", "attention"):
+            if r.get(k, "original") != "original":
+                out.add(f"rope.{k} {r[k]}")
+    return sorted(out)
+
+
+def check_rope_modes(model_runner, cfg):
+    """hip's RoPE modes re-rotate SGLang's stored (post-RoPE) keys and
+    queries by position differences with the core's rotary embedding: plain
+    RoPE over the whole head in the halves (neox) layout, base
+    `model.rope_theta`. Refuse, with an error, a model whose rotary embedding
+    is anything else (YaRN, llama3/linear/dynamic scaling, partial rotary,
+    the interleaved GPT-J layout, multimodal RoPE), and a context longer than
+    SGLang's rotary cache (positions past it cannot be embedded). Returns the
+    rotary module."""
+    modes = rope_modes_in(cfg)
+    m = cfg["model"]
+    d = int(m["head_dim"])
+    what = f"{CONFIG_ENV} asks for {', '.join(modes)}"
+    model = getattr(model_runner, "model", None)
+    found = {}
+    if model is not None and hasattr(model, "modules"):
+        for mod in model.modules():
+            c = getattr(mod, "cos_sin_cache", None)
+            if isinstance(c, torch.Tensor) and c.dim() == 2 and hasattr(mod, "is_neox_style"):
+                found[id(mod)] = mod
+    if len(found) != 1:
+        raise InfinitehipError(
+            f"infinitehip backend: {what}, which needs the model's one rotary embedding; found {len(found)} "
+            "rotary modules (cos_sin_cache/is_neox_style)"
+        )
+    rope = next(iter(found.values()))
+    name = type(rope).__name__
+    scaling = _hf_attr(model_runner.model_config, "rope_scaling")
+    hint = f" ({name}, rope_scaling {scaling})" if scaling else f" ({name})"
+    rot = int(rope.cos_sin_cache.shape[-1])
+    if "mrope" in name.lower() or getattr(rope, "mrope_section", None):
+        raise InfinitehipError(f"infinitehip backend: {what}: multimodal RoPE is not supported{hint}")
+    if rot != d:
+        raise InfinitehipError(
+            f"infinitehip backend: {what}: partial rotary embeddings are not supported (rotary dim {rot}, "
+            f"head_dim {d}){hint}; use rope original"
+        )
+    if not rope.is_neox_style:
+        raise InfinitehipError(
+            f"infinitehip backend: {what}: the interleaved (GPT-J) RoPE layout is not supported, only the "
+            f"halves (neox) layout{hint}; use rope original"
+        )
+    cache = rope.cos_sin_cache.detach().to("cpu")
+    rows = int(cache.shape[0])
+    theta = float(m["rope_theta"])
+    # The plain RoPE cache as SGLang's RotaryEmbedding computes it (float32).
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    t = torch.arange(rows, dtype=torch.float32)
+    f = torch.einsum("i,j->ij", t, inv)
+    ref = torch.cat((f.cos(), f.sin()), -1).to(cache.dtype).float()
+    tol = 4 * torch.finfo(cache.dtype).eps + 1e-6
+    err = float((cache.float() - ref).abs().max()) if rows else 0.0
+    if not err <= tol:
+        raise InfinitehipError(
+            f"infinitehip backend: {what}, but the model's rotary embedding is not plain RoPE with base "
+            f"{theta:g} over {d} dims (its cos/sin cache differs by {err:.3g}){hint}: YaRN and the "
+            "llama3/linear/dynamic scalings are not supported with the RoPE modes; use rope original"
+        )
+    ctx = int(getattr(model_runner.model_config, "context_len", 0) or 0)
+    if ctx > rows:
+        raise InfinitehipError(
+            f"infinitehip backend: {what} for a context of {ctx} tokens, but SGLang's rotary cache holds "
+            f"{rows} positions (max_position_embeddings): pass --json-model-override-args "
+            f"'{{\"max_position_embeddings\": {ctx}}}' so SGLang embeds positions up to the context"
+        )
+    return rope
 
 
 def _find_rope(model_runner, head_dim):
@@ -314,6 +434,11 @@ class InfiniteHipAttnBackend(AttentionBackend):
         self.token_to_kv_pool = model_runner.token_to_kv_pool
         self.start_layer = int(getattr(self.token_to_kv_pool, "start_layer", 0) or 0)
         cfg = build_policy_config(model_runner, self.token_to_kv_pool)
+        # hip's RoPE modes (beyond the trained length): the model's RoPE
+        # must be what the core re-rotates with.
+        self.rope_modes = rope_modes_in(cfg)
+        if self.rope_modes:
+            check_rope_modes(model_runner, cfg)
         # Host offload (offload.py): kv.device_cache_pages counts SGLang's pages.
         self.offload = offload.offload_settings(cfg)
         if self.offload is not None:
@@ -377,6 +502,12 @@ class InfiniteHipAttnBackend(AttentionBackend):
             self.dense_name if self.dense is not None else "the plugin's own kernels",
             self._prefill_below, self._decode_below,
         )
+        if self.rope_modes:
+            logger.warning(
+                "infinitehip: %s; model.max_position (trained context) %d, rope_theta %g, SGLang context %s",
+                ", ".join(self.rope_modes), int(cfg["model"].get("max_position", 0)), float(cfg["model"]["rope_theta"]),
+                getattr(model_runner.model_config, "context_len", None),
+            )
 
     def _setup_dense(self, model_runner, cfg, methods):
         """Which layers SGLang's own kernel serves, and that backend."""

@@ -1,0 +1,120 @@
+"""hip's RoPE modes in the SGLang backend (issue 12: context beyond the
+trained length), without an engine:
+
+- `check_rope_modes` accepts SGLang's own plain `RotaryEmbedding` (halves
+  layout, whole head, the config's base) and refuses, naming why, every
+  rotary embedding the core cannot re-rotate with: YaRN, llama3 / linear /
+  dynamic-NTK scaling, partial rotary, the interleaved GPT-J layout, another
+  base; and a context longer than SGLang's rotary cache (naming the flag).
+- `trained_context` (the config's `model.max_position`, which `relative`
+  scoring moves long queries back inside) is the checkpoint's own
+  max_position_embeddings even when `--json-model-override-args` raised it
+  for SGLang (the value SGLang's context length then follows).
+
+The end-to-end check (sglang.Engine vs the core engine driven by a torch
+reference on the same tokens) is `sglang_rope_e2e.py`, run below when
+SGLANG_USE_CPU_ENGINE=1."""
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sglang")
+
+from sglang.srt.layers.rotary_embedding import get_rope  # noqa: E402
+
+from infinitehip import InfinitehipError  # noqa: E402
+from infinitehip.sglang.backend import check_rope_modes, rope_modes_in, trained_context  # noqa: E402
+
+D, CTX, THETA = 16, 512, 10000.0
+MODES = {"scoring": "relative", "attention": "streaming"}
+
+
+def cfg(theta=THETA, modes=MODES, method="hip"):
+    return {"model": {"head_dim": D, "rope_theta": theta, "max_position": 128},
+            "default": {"method": method, "rope": dict(modes)}}
+
+
+def runner(rope, context_len=CTX, rope_scaling=None):
+    model = torch.nn.Module()
+    model.rotary = rope
+    mc = SimpleNamespace(context_len=context_len, hf_config=SimpleNamespace(rope_scaling=rope_scaling))
+    return SimpleNamespace(model=model, model_config=mc)
+
+
+def plain(rot=D, neox=True, base=THETA, max_pos=CTX, scaling=None):
+    return get_rope(D, rot, max_pos, base, neox, rope_scaling=scaling, dtype=torch.float32)
+
+
+def test_modes_in_config():
+    assert rope_modes_in(cfg()) == ["rope.attention streaming", "rope.scoring relative"]
+    assert rope_modes_in(cfg(modes={"scoring": "original", "attention": "original"})) == []
+    assert rope_modes_in(cfg(method="dense")) == []
+    c = cfg(modes={})
+    c["overrides"] = [{"layers": [1], "policy": {"method": "hip", "rope": {"scoring": "chunk_indexed"}}}]
+    assert rope_modes_in(c) == ["rope.scoring chunk_indexed"]
+
+
+def test_plain_rope_accepted():
+    r = plain()
+    assert check_rope_modes(runner(r), cfg()) is r
+
+
+@pytest.mark.parametrize(
+    "name,rope,theta,scaling,expect",
+    [
+        ("yarn", lambda: plain(scaling={"rope_type": "yarn", "factor": 4.0,
+                                        "original_max_position_embeddings": 128}), THETA, "yarn", "YaRNScalingRotaryEmbedding"),
+        ("llama3", lambda: plain(scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 128}),
+         THETA, "llama3", "Llama3RotaryEmbedding"),
+        ("linear", lambda: plain(max_pos=CTX // 2, scaling={"rope_type": "linear", "factor": 2.0}),
+         THETA, "linear", "not plain RoPE"),
+        ("dynamic", lambda: plain(max_pos=CTX // 2, scaling={"rope_type": "dynamic", "factor": 2.0}),
+         THETA, "dynamic", "not plain RoPE"),
+        ("partial", lambda: plain(rot=D // 2), THETA, None, "partial rotary"),
+        ("gptj", lambda: plain(neox=False), THETA, None, "interleaved"),
+        ("theta", lambda: plain(base=100000.0), THETA, None, "base 10000"),
+    ],
+)
+def test_refused(name, rope, theta, scaling, expect):
+    with pytest.raises(InfinitehipError) as e:
+        check_rope_modes(runner(rope(), rope_scaling=scaling and {"rope_type": scaling}), cfg(theta))
+    msg = str(e.value)
+    assert expect in msg, msg
+    assert "rope.scoring relative" in msg and "rope.attention streaming" in msg, msg
+
+
+def test_context_past_the_rotary_cache_refused_with_the_flag():
+    with pytest.raises(InfinitehipError) as e:
+        check_rope_modes(runner(plain(), context_len=4 * CTX), cfg())
+    assert "--json-model-override-args" in str(e.value) and f'"max_position_embeddings": {4 * CTX}' in str(e.value)
+
+
+def test_trained_context_survives_the_override(tmp_path):
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "max_position_embeddings": 128,
+                   "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 512}, f)
+    hf = SimpleNamespace(max_position_embeddings=640)
+    over = SimpleNamespace(context_len=640, hf_config=hf, model_path=str(tmp_path),
+                           model_override_args={"max_position_embeddings": 640})
+    assert trained_context(over) == 128
+    plain_mc = SimpleNamespace(context_len=640, hf_config=hf, model_path=str(tmp_path), model_override_args={})
+    assert trained_context(plain_mc) == 640  # not overridden: the model's own field
+    bare = SimpleNamespace(context_len=300, hf_config=SimpleNamespace())
+    assert trained_context(bare) == 300
+
+
+@pytest.mark.skipif(os.environ.get("SGLANG_USE_CPU_ENGINE") != "1", reason="needs SGLANG_USE_CPU_ENGINE=1")
+def test_engine_rope_modes_equal_the_core_reference():
+    """sglang_rope_e2e.py in its own process (SGLang spawns its scheduler)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sglang_rope_e2e.py")
+    p = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=900)
+    tail = "\n".join(l for l in (p.stdout + p.stderr).splitlines() if "Ignore import" not in l)[-4000:]
+    assert p.returncode == 0, tail
