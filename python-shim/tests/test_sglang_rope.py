@@ -118,3 +118,15 @@ def test_engine_rope_modes_equal_the_core_reference():
     p = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=900)
     tail = "\n".join(l for l in (p.stdout + p.stderr).splitlines() if "Ignore import" not in l)[-4000:]
     assert p.returncode == 0, tail
+
+
+def test_dense_thresholds_capped_at_the_trained_context():
+    """A hip layer served by SGLang's dense kernel attends at raw positions:
+    with the RoPE modes the thresholds stop at the trained context."""
+    from infinitehip.sglang.backend import InfiniteHipAttnBackend
+
+    ns = SimpleNamespace(_prefill_below=4096, _decode_below=16384)
+    c = cfg()
+    c["model"]["max_position"] = 8192
+    InfiniteHipAttnBackend._rope_mode_limits(ns, c, ["hip"] * 4)
+    assert (ns._prefill_below, ns._decode_below) == (4096, 8192)

@@ -103,6 +103,7 @@ class SglangEngine:
         if mi.get("num_retractions", 0):
             raise RuntimeError(f"{tag}: SGLang retracted the request (its decode tokens would be re-prefilled)")
         steps = [json.loads(line) for line in open(out)] if os.path.exists(out) else []
+        steps = last_chunk_steps(steps)
         rec = assemble(ids, prefill, lp_start, mi.get("input_token_logprobs"), mi.get("input_top_logprobs"), steps,
                        o["output_ids"], tag)
         ts = sorted(s["t"] for s in steps)
@@ -127,6 +128,19 @@ class SglangEngine:
         # decoded token (decoded tokens are never evicted).
         return {"locret": {"evicted_tokens": freed, "compactions": lines, "max_visible_cells": prefill,
                            "last_visible_cells": kept + (n - prefill - 1)}}
+
+
+def last_chunk_steps(steps):
+    """A chunked prefill (a prompt longer than SGLang's chunked_prefill_size)
+    runs the sampler, hence the forcing processor, after every chunk while
+    the request has no output yet: each chunk logs a step 0, and SGLang keeps
+    only the last chunk's token. Step 0 is that last record (the prompt's
+    true last row); the others are dropped."""
+    zeros = [s for s in steps if s["step"] == 0]
+    if len(zeros) <= 1:
+        return steps
+    last = max(zeros, key=lambda s: s["t"])
+    return [s for s in steps if s["step"] != 0 or s is last]
 
 
 def assemble(ids, prefill, lp_start, itl, itop, steps, output_ids, tag=""):

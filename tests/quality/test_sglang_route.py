@@ -37,6 +37,20 @@ class Assemble(unittest.TestCase):
         self.assertEqual(int(r["argmax"][3]), 99)
         self.assertTrue(np.isnan(r["nll"][:3]).all())
 
+    def test_chunked_prefill_step_zero_is_the_last_chunk(self):
+        # The processor also runs after each earlier prefill chunk (SGLang
+        # discards those tokens): the last step-0 record is the prompt's.
+        st = steps_for(self.ids, 4)
+        early = [dict(st[0], nll=9.0, argmax=1, t=-2.0), dict(st[0], nll=8.0, argmax=2, t=-1.0)]
+        kept = sglang_engine.last_chunk_steps(early + st)
+        r = sglang_engine.assemble(self.ids, 4, -1, None, None, kept, self.ids[4:])
+        self.assertAlmostEqual(float(r["nll"][4]), 0.5)
+        self.assertEqual(int(r["argmax"][4]), self.ids[4])
+        # duplicates of a later step (a re-run decode) still fail
+        with self.assertRaises(RuntimeError):
+            sglang_engine.assemble(self.ids, 4, -1, None, None, sglang_engine.last_chunk_steps(st + [st[1]]),
+                                   self.ids[4:])
+
     def test_inconsistent_runs_fail(self):
         good = steps_for(self.ids, 4)
         with self.assertRaises(RuntimeError):  # a step missing

@@ -485,6 +485,8 @@ class InfiniteHipAttnBackend(AttentionBackend):
         else:
             methods = [l["method"] for l in self.engine.stats()["layers"]]
         self._setup_dense(model_runner, cfg, methods)
+        if self.rope_modes:
+            self._rope_mode_limits(cfg, methods)
         if self.offload is not None and self.gpu is not None and self.dense is not None:
             # SGLang's kernels do not read a host pool: ours serve those layers.
             logger.warning("infinitehip host offload: dense layers run the plugin's kernels over the host pool, "
@@ -529,6 +531,27 @@ class InfiniteHipAttnBackend(AttentionBackend):
         if self.dense is None:
             self.dense_name = OWN_DENSE
         self._dense_calls = 0
+
+    def _rope_mode_limits(self, cfg, methods):
+        """With hip's RoPE modes, hip layers served by a dense kernel would
+        attend at SGLang's raw positions: keep the dense thresholds within the
+        trained context, and say which layers are not hip."""
+        trained = int(cfg["model"].get("max_position", 0) or 0)
+        for attr, name in (("_prefill_below", "prefill_dense_below"), ("_decode_below", "decode_dense_below")):
+            v = getattr(self, attr)
+            if trained and v > trained:
+                logger.warning(
+                    "infinitehip: %s %d is past the trained context %d: capped to %d, so hip layers past it keep "
+                    "the RoPE modes (a dense kernel attends at the raw positions)", name, v, trained, trained,
+                )
+                setattr(self, attr, trained)
+        other = [i for i, m in enumerate(methods) if m != "hip"]
+        if other:
+            logger.warning(
+                "infinitehip: RoPE modes are hip's: layers %s (%s) attend at SGLang's raw positions; beyond the "
+                "trained context make every layer hip (\"dense_layers\": 0)", other,
+                ", ".join(sorted({methods[i] for i in other})),
+            )
 
     def _dense_hip(self, decode, seq_lens):
         """One decision per batch (as llama.cpp takes one per graph): is the
