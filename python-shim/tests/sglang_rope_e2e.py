@@ -7,8 +7,8 @@ context TRAINED = 128 (its max_position_embeddings). SGLang runs it at
 LEN = 5x that, as a user would (README "SGLang beyond the trained length"):
 `json_model_override_args={"max_position_embeddings": CTX}` (SGLang's
 rotary cache and context length), `attention_backend="infinitehip"` with a
-hip config using `relative` scoring and `streaming` attention (sink + window
-+ budget = 72 < TRAINED). The prompt is prefilled in chunks of CHUNK tokens
+hip config using `streaming` attention and `chunk_indexed` (layer 0) /
+`relative` (layer 1) scoring (sink + window + budget = 72 < TRAINED). The prompt is prefilled in chunks of CHUNK tokens
 (chunked prefill), then NEW tokens are decoded greedily.
 
 Reference: the same checkpoint through transformers' own modules (embedding,
@@ -24,8 +24,9 @@ decode step at a time. Checked:
    argmax at every step;
 2. negative controls, each must miss BOUND on some token: the reference
    with `model.max_position` = SGLang's context length (what the backend
-   handed the core before it read the checkpoint's trained length), and the
-   reference with `original` RoPE attention.
+   handed the core before it read the checkpoint's trained length: it moves
+   layer 1's `relative` scoring), the reference with `original` RoPE
+   attention, and the reference with `relative` scoring on layer 0 too.
    A control that came out equal would mean the check cannot see what it
    checks.
 
@@ -48,18 +49,21 @@ CTX = LEN + 64  # SGLang's rotary cache / context length (it stops ~2 tokens sho
 CHUNK = 192  # chunked prefill
 BOUND = 2e-4  # nats per token (the quality suite's exactness bound)
 
+HIP = {
+    "method": "hip", "sink": 8, "window": 32,
+    "stages": [{"chunk_size": 4, "keep_tokens": 128, "refresh_interval": 4},
+               {"chunk_size": 1, "keep_tokens": 32, "refresh_interval": 1}],
+    "successors": 4, "block_size_q": 16, "q_stride": 2, "prefill_chunk": 256,
+    "rope": {"scoring": "relative", "attention": "streaming"},
+}
+# Layer 1 scores with `relative` positions, layer 0 with `chunk_indexed`; both stream.
 POLICY = {
     "dense_layers": 0,
     "prefill_dense_below": 0,
     "decode_dense_below": 0,
     "kv": {"page_size": 16},
-    "default": {
-        "method": "hip", "sink": 8, "window": 32,
-        "stages": [{"chunk_size": 4, "keep_tokens": 128, "refresh_interval": 4},
-                   {"chunk_size": 1, "keep_tokens": 32, "refresh_interval": 1}],
-        "successors": 4, "block_size_q": 16, "q_stride": 2, "prefill_chunk": 256,
-        "rope": {"scoring": "relative", "attention": "streaming"},
-    },
+    "default": HIP,
+    "overrides": [{"layers": [0], "policy": dict(HIP, rope={"scoring": "chunk_indexed", "attention": "streaming"})}],
 }
 
 
@@ -114,7 +118,7 @@ def run_sglang(model_path, cfg_path, prompt):
     return list(o["output_ids"]), inp, out
 
 
-def reference(model_path, prompt, outputs, max_position, attention="streaming"):
+def reference(model_path, prompt, outputs, max_position, attention="streaming", overrides=True):
     """Per-token logprobs of prompt[1:] and outputs, and the argmax at each
     output step, from transformers' modules + the core engine."""
     import torch
@@ -125,7 +129,10 @@ def reference(model_path, prompt, outputs, max_position, attention="streaming"):
 
     model = LlamaForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).eval()
     pol = json.loads(json.dumps(POLICY))
-    pol["default"]["rope"]["attention"] = attention
+    if not overrides:
+        del pol["overrides"]
+    for p in [pol["default"]] + [o["policy"] for o in pol.get("overrides", [])]:
+        p["rope"]["attention"] = attention
     pol["model"] = {"n_layers": N_LAYERS, "n_q_heads": N_HEADS, "n_kv_heads": N_KV, "head_dim": HEAD_DIM,
                     "rope_theta": 10000.0, "max_position": max_position}
     pol["kv"]["dtype"] = "f32"
@@ -196,6 +203,7 @@ def main():
         ref = reference(d, prompt, got, TRAINED)
         wrong_maxpos = reference(d, prompt, got, CTX)
         original = reference(d, prompt, got, TRAINED, attention="original")
+        relative0 = reference(d, prompt, got, TRAINED, overrides=False)
 
     res = {"len": LEN, "trained": TRAINED, "ctx": CTX, "chunk": CHUNK, "bound": BOUND, "sglang_s": t_sg}
     ok = True
@@ -207,7 +215,8 @@ def main():
         print(f"FAIL: SGLang with the RoPE modes differs from the core reference (bound {BOUND})")
         ok = False
     for name, r in [("negative control: max_position = SGLang's context", wrong_maxpos),
-                    ("negative control: rope.attention original", original)]:
+                    ("negative control: rope.attention original", original),
+                    ("negative control: layer 0 relative, not chunk_indexed", relative0)]:
         dn = compare(name, sg_inp, sg_out, r)
         res[name] = {"max_dlogprob_prompt": dn[0], "max_dlogprob_decode": dn[1]}
         if not max(dn) > BOUND:
