@@ -26,7 +26,10 @@ PATCHED_BACKEND = "infinitehip"
 # schedule (the forcing processor reads output_ids of the current step).
 ENGINE_ARGS = {"device": "cpu", "dtype": "float32", "skip_tokenizer_init": True, "disable_cuda_graph": True,
                "disable_radix_cache": True, "disable_overlap_schedule": True,
-               "enable_custom_logit_processor": True, "max_running_requests": 1, "log_level": "warning"}
+               "enable_custom_logit_processor": True, "max_running_requests": 1, "log_level": "warning",
+               # One forward (a 4096-token prefill chunk of a sparse config at 8K+) takes minutes on a loaded
+               # 2-core machine; SGLang's scheduler watchdog (300 s) would kill the engine.
+               "watchdog_timeout": 7200}
 
 
 def _force_str():
