@@ -23,7 +23,12 @@
 //! through mapped memory a step late (`take_stats`). A hip step that
 //! refreshes no stage may reuse the last walk instead
 //! (`prepare_device_step(.., tail_only = true)`, rule `walk_covers`): no
-//! launch but the appended rows' write-through. `PagePolicy::Host` is
+//! launch but the appended rows' write-through. With `set_superset` every
+//! walk also covers stage 0's kept chunks (which contain every selection
+//! until stage 0 refreshes again), so steps that refresh only later stages
+//! reuse it too, and `prefetch_superset` walks them on the copy stream
+//! while the later stages score (page prefetch at mask refresh; bench
+//! `--page-prefetch`, BENCHMARKS run 8). `PagePolicy::Host` is
 //! the exact-LRU path above (`PageCache`), kept for comparison.
 
 use std::ops::Range;
