@@ -27,8 +27,8 @@ PATCHED_BACKEND = "infinitehip"
 ENGINE_ARGS = {"device": "cpu", "dtype": "float32", "skip_tokenizer_init": True, "disable_cuda_graph": True,
                "disable_radix_cache": True, "disable_overlap_schedule": True,
                "enable_custom_logit_processor": True, "max_running_requests": 1, "log_level": "warning",
-               # One forward (a 4096-token prefill chunk of a sparse config at 8K+) takes minutes on a loaded
-               # 2-core machine; SGLang's scheduler watchdog (300 s) would kill the engine.
+               # One forward (a sparse config's prefill past 8K) takes many minutes on a loaded 2-core
+               # machine; SGLang's scheduler watchdog (300 s) killed a 16K run (a 4096-token chunk).
                "watchdog_timeout": 7200}
 
 
@@ -58,12 +58,19 @@ class SglangEngine:
         else:
             self.locret_stats = None
         saved = {k: os.environ.pop(k, None)
-                 for k in ["INFINITEHIP_CONFIG", "INFINITEHIP_LOCRET_STATS", "OMP_NUM_THREADS", "INFINITEHIP_THREADS"]}
+                 for k in ["INFINITEHIP_CONFIG", "INFINITEHIP_LOCRET_STATS", "OMP_NUM_THREADS", "INFINITEHIP_THREADS",
+                           "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"]}
         os.environ.update(env)
-        args = dict(ENGINE_ARGS, model_path=model_dir, max_total_tokens=max_len + 64,
+        # context_length above the sequence: SGLang caps max_new_tokens at
+        # context_len - 2 - prompt, which at the model's trained length (8192
+        # for SmolLM2) would drop the last forced steps. Positions stay below
+        # the sequence length, so the model's rotary table still covers them.
+        # One prefill chunk per prompt: SGLang samples (and so calls the
+        # forcing processor) after every chunk, which would record step 0 twice.
+        os.environ["SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"] = "1"  # restored below
+        args = dict(ENGINE_ARGS, model_path=model_dir, max_total_tokens=max_len + 64, context_length=max_len + 64,
+                    chunked_prefill_size=chunked_prefill or max_len + 64,
                     attention_backend=PATCHED_BACKEND if policy is not None else STOCK_BACKEND)
-        if chunked_prefill:
-            args["chunked_prefill_size"] = chunked_prefill
         args.update(extra_args or {})  # e.g. json_model_override_args beyond the trained length
         t0 = time.time()
         try:
@@ -134,7 +141,8 @@ class SglangEngine:
 
 
 def last_chunk_steps(steps):
-    """A chunked prefill (a prompt longer than SGLang's chunked_prefill_size)
+    """A chunked prefill (a prompt longer than SGLang's chunked_prefill_size:
+    SglangEngine passes one chunk per prompt unless told `chunked_prefill`)
     runs the sampler, hence the forcing processor, after every chunk while
     the request has no output yet: each chunk logs a step 0, and SGLang keeps
     only the last chunk's token. Step 0 is that last record (the prompt's
