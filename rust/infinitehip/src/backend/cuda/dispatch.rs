@@ -1221,9 +1221,9 @@ pub fn set_topk_mc_min_segs(n: Option<usize>) {
 /// 0: not decided (read INFINITEHIP_TOPK_MC), 1: on, 2: off.
 static TOPK_MC: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// Select top-k of rows longer than one segment with `hip_topk_mc` (several
-/// CTAs per row; the default) or `hip_topk` (one CTA per row, `false`).
-/// Overrides `INFINITEHIP_TOPK_MC`.
+/// Select the top-k of rows of `TOPK_MC_MIN_SEGS` segments or more with
+/// `hip_topk_mc` (several CTAs per row; the default) or always with
+/// `hip_topk` (one CTA per row, `false`). Overrides `INFINITEHIP_TOPK_MC`.
 pub fn set_topk_mc(on: bool) {
     TOPK_MC.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
 }
