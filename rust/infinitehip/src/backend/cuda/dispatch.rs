@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaEvent, LaunchConfig, PushKernelArg};
 
 use super::hip_fast::{FastEstimator, FastInputs, MaskEstimator};
 use super::{gpu_err, kernels, DevBuf, GpuContext};
@@ -1251,6 +1251,19 @@ pub(crate) fn run_stages(
     from: usize,
     x: &StageInputs,
 ) -> Result<()> {
+    run_stages_to(gpu, kv, cfg, stages, from, cfg.stages.len(), x)
+}
+
+/// Run hip stages `from..to` (score + top-k each) for all rows.
+pub(crate) fn run_stages_to(
+    gpu: &GpuContext,
+    kv: &DeviceKv,
+    cfg: &HipConfig,
+    stages: &[StageBuf],
+    from: usize,
+    to: usize,
+    x: &StageInputs,
+) -> Result<()> {
     let rows = x.rows as i32;
     let nq_tpl = x.nq_tpl;
     let topk = gpu.func(x.module, "hip_topk")?;
@@ -1262,7 +1275,7 @@ pub(crate) fn run_stages(
         )),
         _ => None,
     };
-    for s in from..cfg.stages.len() {
+    for s in from..to.min(cfg.stages.len()) {
         let st = &cfg.stages[s];
         let (in_ptr, in_cnt, cap_in, e) = if s == 0 {
             (x.stage0_in, x.stage0_cnt, 1usize, x.e0)
@@ -2016,6 +2029,10 @@ pub struct HipGpuDecoder {
     pub(crate) dev: Option<super::hip_step::DeviceStepState>,
     /// Scratch of the multi-CTA top-k, sized with `keys`.
     pub(crate) topk_mc: Option<TopkMc>,
+    /// Recorded on the stream right after stage 0's top-k of a step that
+    /// refreshes stage 0 (`set_stage0_event`): a copy stream can start on
+    /// stage 0's kept chunks (`stage0_chunks`) while stages 1.. score.
+    pub(crate) stage0_done: Option<CudaEvent>,
 }
 
 impl HipGpuDecoder {
@@ -2104,6 +2121,7 @@ impl HipGpuDecoder {
             score_module: "hip_mask",
             dev: None,
             topk_mc: None,
+            stage0_done: None,
             stages,
             cfg,
         })
@@ -2114,6 +2132,27 @@ impl HipGpuDecoder {
         let k_max = self.stages.iter().map(|s| s.cap).max().unwrap_or(1);
         self.topk_mc = Some(TopkMc::new(self.batch * self.hkv, slots, k_max)?);
         Ok(())
+    }
+
+    /// Record `ev` on the stream right after stage 0's top-k whenever a
+    /// `select` refreshes stage 0 (None: record nothing, the default).
+    pub fn set_stage0_event(&mut self, ev: Option<CudaEvent>) {
+        self.stage0_done = ev;
+    }
+
+    /// The event `set_stage0_event` gave, if any.
+    pub fn stage0_event(&self) -> Option<&CudaEvent> {
+        self.stage0_done.as_ref()
+    }
+
+    /// Stage 0's kept chunks as the device holds them: ranges `[rows][cap]`
+    /// of (start, end) i32 pairs, counts `[rows]` i32, and `cap`; rows are
+    /// `sequence * n_kv_heads + kv_head`. Every later stage keeps sub-chunks
+    /// of these, so until stage 0 refreshes again every selection is inside
+    /// them plus the sink, slid and window ranges.
+    pub fn stage0_chunks(&self) -> (u64, u64, usize) {
+        let s = &self.stages[0];
+        (s.out.ptr, s.cnt.ptr, s.cap)
     }
 
     /// Which stage a step starts from (n_stages: none refreshed).
@@ -2208,7 +2247,15 @@ impl HipGpuDecoder {
             gate: 0,
             topk_mc: self.topk_mc.as_ref().map(|m| m.ptrs),
         };
-        run_stages(gpu, kv, &self.cfg, &self.stages, from, &ctx)?;
+        match (&self.stage0_done, from) {
+            (Some(ev), 0) => {
+                run_stages_to(gpu, kv, &self.cfg, &self.stages, 0, 1, &ctx)?;
+                ev.record(&gpu.stream)
+                    .map_err(|e| gpu_err("record stage-0 event", e))?;
+                run_stages(gpu, kv, &self.cfg, &self.stages, 1, &ctx)?;
+            }
+            _ => run_stages(gpu, kv, &self.cfg, &self.stages, from, &ctx)?,
+        }
         let sinks: Vec<usize> = lens.iter().map(|&l| self.cfg.sink.min(l)).collect();
         let lean_skip = self.lean_active() && from == n && self.host_tab_sink == sinks;
         self.sel_stale = lean_skip;
