@@ -73,9 +73,7 @@ pub fn score_query_shift(
     use crate::config::RopeMode;
     match mode {
         // The query moves to just after the last chunk index.
-        RopeMode::ChunkIndexed => {
-            Some(middle_end.div_ceil(chunk_size) as f64 - q_pos as f64)
-        }
+        RopeMode::ChunkIndexed => Some(middle_end.div_ceil(chunk_size) as f64 - q_pos as f64),
         // Beyond the trained length the query sits at the last trained
         // position (and key positions shrink: `relative_key_factor`).
         RopeMode::Relative if q_pos >= max_position => {
@@ -148,7 +146,10 @@ mod tests {
             Some(8.0 - 100.0)
         );
         // relative: only at or beyond the trained length.
-        assert_eq!(score_query_shift(RopeMode::Relative, 4095, 3000, 64, 4096), None);
+        assert_eq!(
+            score_query_shift(RopeMode::Relative, 4095, 3000, 64, 4096),
+            None
+        );
         assert_eq!(
             score_query_shift(RopeMode::Relative, 4096, 3000, 64, 4096),
             Some(-1.0)
@@ -157,7 +158,10 @@ mod tests {
             score_query_shift(RopeMode::Relative, 20000, 3000, 64, 4096),
             Some(4095.0 - 20000.0)
         );
-        assert_eq!(score_query_shift(RopeMode::Original, 20000, 3000, 64, 4096), None);
+        assert_eq!(
+            score_query_shift(RopeMode::Original, 20000, 3000, 64, 4096),
+            None
+        );
         assert_eq!(relative_key_factor(4095, 4096), None);
         assert_eq!(relative_key_factor(8192, 4096), Some(-0.5));
         // Key t = q_pos lands at max_position (the query's own slot + 1).

@@ -2035,7 +2035,16 @@ impl HipGpuDecoder {
         match self.rope_ready(upload)? {
             Some(r) if r.scores_rotated() => {
                 r.upload_step(gpu, &self.cfg, lens)?;
-                r.run_stages(gpu, kv, &self.cfg, &self.stages, from, &ctx, self.batch, self.n_q)?;
+                r.run_stages(
+                    gpu,
+                    kv,
+                    &self.cfg,
+                    &self.stages,
+                    from,
+                    &ctx,
+                    self.batch,
+                    self.n_q,
+                )?;
             }
             _ => run_stages(gpu, kv, &self.cfg, &self.stages, from, &ctx)?,
         }

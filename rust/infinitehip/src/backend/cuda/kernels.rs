@@ -84,7 +84,10 @@ pub const MODULES: &[(&str, &str)] = &[
     // hip_mask.cu scoring keys in the host tier through a device row cache.
     // RoPE modes of the hip decode (rope.scoring chunk_indexed/relative,
     // rope.attention streaming); loaded on first use.
-    ("hip_rope", include_str!("../../../../../kernels/hip_rope.cu")),
+    (
+        "hip_rope",
+        include_str!("../../../../../kernels/hip_rope.cu"),
+    ),
     (
         "hip_mask_host",
         concat!(

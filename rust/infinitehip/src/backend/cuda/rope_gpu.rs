@@ -105,10 +105,17 @@ impl RopeGpu {
 
     fn check_kv(&self, kv: &DeviceKv) -> Result<&'static str> {
         if kv.head_dim != self.head_dim {
-            return Err(Error::shape("hip RoPE head_dim (set_rope_model)", self.head_dim, kv.head_dim));
+            return Err(Error::shape(
+                "hip RoPE head_dim (set_rope_model)",
+                self.head_dim,
+                kv.head_dim,
+            ));
         }
         kernels::dtype_tag(kv.dtype).ok_or_else(|| {
-            Error::Invalid(format!("hip RoPE modes read bf16/f16 keys, got {}", kv.dtype))
+            Error::Invalid(format!(
+                "hip RoPE modes read bf16/f16 keys, got {}",
+                kv.dtype
+            ))
         })
     }
 
@@ -118,7 +125,12 @@ impl RopeGpu {
 
     /// Upload this step's query shifts and key factors (`lens`: every
     /// sequence's length; its query sits at len - 1).
-    pub(crate) fn upload_step(&self, gpu: &GpuContext, cfg: &HipConfig, lens: &[usize]) -> Result<()> {
+    pub(crate) fn upload_step(
+        &self,
+        gpu: &GpuContext,
+        cfg: &HipConfig,
+        lens: &[usize],
+    ) -> Result<()> {
         if !self.scores_rotated() {
             return Ok(());
         }
@@ -237,7 +249,15 @@ impl RopeGpu {
                 gate: 0,
                 stage: s,
             };
-            launch_topk(gpu, &topk, x.keys, x.rows, &sub, st.keep_tokens / st.chunk_size, &stages[s])?;
+            launch_topk(
+                gpu,
+                &topk,
+                x.keys,
+                x.rows,
+                &sub,
+                st.keep_tokens / st.chunk_size,
+                &stages[s],
+            )?;
         }
         Ok(())
     }
@@ -340,6 +360,27 @@ pub(crate) struct StreamSrc {
     pub extra: u64,
 }
 
+/// The compact slots of one row as `hip_stream_gather_*` writes them (its
+/// host twin, for tests): `tab` holds the row's sink + chunk positions
+/// (ascending), then the tail `slid` .. `win` (HipGpuDecoder's regions);
+/// slot i holds (position, key rotation).
+pub fn compact_plan(tab: &[i32], slid: (i32, i32), win: (i32, i32)) -> Vec<(usize, f64)> {
+    let nt = tab.len();
+    let tail0 = if slid.1 > slid.0 { slid.0 } else { win.0 };
+    let n = nt + (win.1 - tail0).max(0) as usize;
+    let q_pos = (win.1 - 1) as usize;
+    (0..n)
+        .map(|i| {
+            let p = if i < nt {
+                tab[i] as usize
+            } else {
+                tail0 as usize + (i - nt)
+            };
+            (p, crate::rope::streaming_key_shift(q_pos, n, p, i))
+        })
+        .collect()
+}
+
 /// Per stage and sequence the scoring query shift (`[n_stages][batch]`) and
 /// per sequence the relative key factor, NaN where the query / keys score
 /// as stored: `rope::score_query_shift` / `relative_key_factor` at each
@@ -371,4 +412,173 @@ pub fn step_shifts(
         })
         .collect();
     (shifts, rel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{HipStage, RopeConfig};
+
+    fn cfg(scoring: RopeMode) -> HipConfig {
+        HipConfig {
+            sink: 32,
+            window: 256,
+            stages: vec![
+                HipStage {
+                    chunk_size: 64,
+                    keep_tokens: 1024,
+                    refresh_interval: 16,
+                },
+                HipStage {
+                    chunk_size: 8,
+                    keep_tokens: 256,
+                    refresh_interval: 4,
+                },
+            ],
+            rope: RopeConfig {
+                scoring,
+                attention: RopeMode::Streaming,
+            },
+            ..HipConfig::default()
+        }
+    }
+
+    #[test]
+    fn step_shifts_follow_the_policy_per_stage_and_sequence() {
+        let lens = [20000usize, 5000, 8193];
+        // chunk_indexed: query to ceil(middle_end / c) per stage; the
+        // middle ends where the window starts (len - window).
+        let c = cfg(RopeMode::ChunkIndexed);
+        let (s, rel) = step_shifts(&c, RopeMode::ChunkIndexed, 8192, &lens);
+        assert_eq!(s.len(), 2 * 3);
+        for (i, st) in c.stages.iter().enumerate() {
+            for (b, &len) in lens.iter().enumerate() {
+                let mid_end = len - 256;
+                let want = mid_end.div_ceil(st.chunk_size) as f64 - (len - 1) as f64;
+                assert_eq!(s[i * 3 + b], want, "stage {i} seq {b}");
+            }
+        }
+        assert!(rel.iter().all(|x| x.is_nan()));
+        // relative: only the sequences at or beyond the trained length.
+        let (s, rel) = step_shifts(&cfg(RopeMode::Relative), RopeMode::Relative, 8192, &lens);
+        for i in 0..2 {
+            assert_eq!(s[i * 3], 8191.0 - 19999.0);
+            assert!(s[i * 3 + 1].is_nan());
+            assert_eq!(s[i * 3 + 2], -1.0);
+        }
+        assert_eq!(rel[0], 8192.0 / 19999.0 - 1.0);
+        assert!(rel[1].is_nan());
+        assert_eq!(rel[2], 0.0);
+        // original scoring: nothing moves.
+        let (s, rel) = step_shifts(&cfg(RopeMode::Original), RopeMode::Original, 8192, &lens);
+        assert!(s.iter().chain(&rel).all(|x| x.is_nan()));
+    }
+
+    #[test]
+    fn compact_plan_attends_as_the_cpu_streaming_kernel() {
+        // A decode selection in the GPU's form (sink + chunks in the table,
+        // slid + window as the tail), compacted as the gather does, then
+        // plain attention with the query as stored: equals the CPU kernel's
+        // streaming attention over the same ranges.
+        use crate::attention::{decode_with, AttnShape};
+        use crate::kv::SeqView;
+        use crate::policy::Selection;
+        use crate::rng::Rng;
+        let (d, len) = (64usize, 3000usize);
+        let shape = AttnShape::new(4, 1, d).unwrap();
+        let rope = Rope::new(d, 10000.0);
+        let mut rng = Rng::new(9);
+        let k = rng.normal_vec(len * d, 1.0);
+        let v = rng.normal_vec(len * d, 1.0);
+        let view = SeqView::from_contiguous(1, d, len, &k, &v);
+        let q = rng.normal_vec(shape.q_elems(), 1.0);
+        let (sink, chunks, slid, win) = (
+            0..16,
+            [400..408, 1000..1064, 2001..2009],
+            2600..2744,
+            2744..3000,
+        );
+        let mut tab: Vec<i32> = sink.clone().map(|t| t as i32).collect();
+        for c in &chunks {
+            tab.extend(c.clone().map(|t| t as i32));
+        }
+        let plan = compact_plan(
+            &tab,
+            (slid.start as i32, slid.end as i32),
+            (win.start as i32, win.end as i32),
+        );
+        let mut ranges = vec![sink];
+        ranges.extend(chunks.iter().cloned());
+        ranges.push(slid.start..win.end);
+        let sel = Selection {
+            heads: vec![ranges],
+        };
+        assert_eq!(plan.len(), sel.token_count(0));
+        let mut cpu = vec![0f32; shape.q_elems()];
+        decode_with(
+            &shape,
+            &q,
+            std::slice::from_ref(&view),
+            Some(std::slice::from_ref(&sel)),
+            Some(&rope),
+            &mut cpu,
+        )
+        .unwrap();
+        // f64 attention of every q head over the compact rotated keys.
+        let attend = |plan: &[(usize, f64)]| -> f64 {
+            let mut kr = vec![0f32; d];
+            let (mut num, mut den) = (0f64, 0f64);
+            for j in 0..4 {
+                let qj = &q[j * d..(j + 1) * d];
+                let scores: Vec<f64> = plan
+                    .iter()
+                    .map(|&(p, sh)| {
+                        kr.copy_from_slice(&k[p * d..(p + 1) * d]);
+                        rope.rotate(&mut kr, sh);
+                        let s: f64 = qj.iter().zip(&kr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        s * shape.scale as f64
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let mut o = vec![0f64; d];
+                let mut l = 0f64;
+                for (&(p, _), &s) in plan.iter().zip(&scores) {
+                    let w = (s - m).exp();
+                    l += w;
+                    for i in 0..d {
+                        o[i] += w * v[p * d + i] as f64;
+                    }
+                }
+                for i in 0..d {
+                    let r = o[i] / l;
+                    num += (cpu[j * d + i] as f64 - r).powi(2);
+                    den += r * r;
+                }
+            }
+            (num / den).sqrt()
+        };
+        let err = attend(&plan);
+        assert!(err < 1e-5, "{err:e}");
+        // One slot left out (ranks shift behind it) must miss the bound.
+        let mut dropped = plan.clone();
+        dropped.remove(20);
+        let n = dropped.len();
+        for (i, x) in dropped.iter_mut().enumerate() {
+            x.1 = crate::rope::streaming_key_shift(len - 1, n, x.0, i);
+        }
+        let derr = attend(&dropped);
+        assert!(derr > 1e-4, "{derr:e}");
+    }
+
+    #[test]
+    fn validation_splits_decoder_and_engine_paths() {
+        use super::super::dispatch::HipGpuDecoder;
+        let c = cfg(RopeMode::ChunkIndexed);
+        assert!(HipGpuDecoder::validate_decoder(&c).is_ok());
+        let e = HipGpuDecoder::validate(&c).unwrap_err().to_string();
+        assert!(e.contains("hip.rope") && e.contains("GpuAttention"), "{e}");
+        let mut o = c.clone();
+        o.rope = RopeConfig::default();
+        assert!(HipGpuDecoder::validate(&o).is_ok());
+    }
 }
