@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaEvent, LaunchConfig, PushKernelArg};
 
 use super::hip_fast::{FastEstimator, FastInputs, MaskEstimator};
 use super::{gpu_err, kernels, DevBuf, GpuContext};
@@ -1156,10 +1156,23 @@ pub(crate) fn run_stages(
     from: usize,
     x: &StageInputs,
 ) -> Result<()> {
+    run_stages_to(gpu, kv, cfg, stages, from, cfg.stages.len(), x)
+}
+
+/// Run hip stages `from..to` (score + top-k each) for all rows.
+pub(crate) fn run_stages_to(
+    gpu: &GpuContext,
+    kv: &DeviceKv,
+    cfg: &HipConfig,
+    stages: &[StageBuf],
+    from: usize,
+    to: usize,
+    x: &StageInputs,
+) -> Result<()> {
     let rows = x.rows as i32;
     let nq_tpl = x.nq_tpl;
     let topk = gpu.func(x.module, "hip_topk")?;
-    for s in from..cfg.stages.len() {
+    for s in from..to.min(cfg.stages.len()) {
         let st = &cfg.stages[s];
         let (in_ptr, in_cnt, cap_in, e) = if s == 0 {
             (x.stage0_in, x.stage0_cnt, 1usize, x.e0)
@@ -1789,6 +1802,10 @@ pub struct HipGpuDecoder {
     /// set up by `set_rope_model` (backend/cuda/rope_gpu.rs).
     pub(crate) rope: Option<Box<super::rope_gpu::RopeGpu>>,
     pub(crate) n_q: usize,
+    /// Recorded on the stream right after stage 0's top-k of a step that
+    /// refreshes stage 0 (`set_stage0_event`): a copy stream can start on
+    /// stage 0's kept chunks (`stage0_chunks`) while stages 1.. score.
+    pub(crate) stage0_done: Option<CudaEvent>,
 }
 
 impl HipGpuDecoder {
@@ -1888,6 +1905,7 @@ impl HipGpuDecoder {
             dev: None,
             rope: None,
             n_q: shape.n_q_heads,
+            stage0_done: None,
             stages,
             cfg,
         })
@@ -1940,6 +1958,27 @@ impl HipGpuDecoder {
             ));
         }
         Ok(Some(r))
+    }
+
+    /// Record `ev` on the stream right after stage 0's top-k whenever a
+    /// `select` refreshes stage 0 (None: record nothing, the default).
+    pub fn set_stage0_event(&mut self, ev: Option<CudaEvent>) {
+        self.stage0_done = ev;
+    }
+
+    /// The event `set_stage0_event` gave, if any.
+    pub fn stage0_event(&self) -> Option<&CudaEvent> {
+        self.stage0_done.as_ref()
+    }
+
+    /// Stage 0's kept chunks as the device holds them: ranges `[rows][cap]`
+    /// of (start, end) i32 pairs, counts `[rows]` i32, and `cap`; rows are
+    /// `sequence * n_kv_heads + kv_head`. Every later stage keeps sub-chunks
+    /// of these, so until stage 0 refreshes again every selection is inside
+    /// them plus the sink, slid and window ranges.
+    pub fn stage0_chunks(&self) -> (u64, u64, usize) {
+        let s = &self.stages[0];
+        (s.out.ptr, s.cnt.ptr, s.cap)
     }
 
     /// Which stage a step starts from (n_stages: none refreshed).
@@ -2035,18 +2074,45 @@ impl HipGpuDecoder {
         match self.rope_ready(upload)? {
             Some(r) if r.scores_rotated() => {
                 r.upload_step(gpu, &self.cfg, lens)?;
+                // As below: stage 0 alone first when its event is wanted.
+                let mut start = from;
+                if let (Some(ev), 0) = (&self.stage0_done, from) {
+                    r.run_stages(
+                        gpu,
+                        kv,
+                        &self.cfg,
+                        &self.stages,
+                        0,
+                        1,
+                        &ctx,
+                        self.batch,
+                        self.n_q,
+                    )?;
+                    ev.record(&gpu.stream)
+                        .map_err(|e| gpu_err("record stage-0 event", e))?;
+                    start = 1;
+                }
                 r.run_stages(
                     gpu,
                     kv,
                     &self.cfg,
                     &self.stages,
-                    from,
+                    start,
+                    n,
                     &ctx,
                     self.batch,
                     self.n_q,
                 )?;
             }
-            _ => run_stages(gpu, kv, &self.cfg, &self.stages, from, &ctx)?,
+            _ => match (&self.stage0_done, from) {
+                (Some(ev), 0) => {
+                    run_stages_to(gpu, kv, &self.cfg, &self.stages, 0, 1, &ctx)?;
+                    ev.record(&gpu.stream)
+                        .map_err(|e| gpu_err("record stage-0 event", e))?;
+                    run_stages(gpu, kv, &self.cfg, &self.stages, 1, &ctx)?;
+                }
+                _ => run_stages(gpu, kv, &self.cfg, &self.stages, from, &ctx)?,
+            },
         }
         let sinks: Vec<usize> = lens.iter().map(|&l| self.cfg.sink.min(l)).collect();
         let lean_skip = self.lean_active() && from == n && self.host_tab_sink == sinks;

@@ -139,8 +139,8 @@ impl RopeGpu {
         self.rel.write_async(&gpu.stream, &rel)
     }
 
-    /// Stages `from..` with rotated scoring (`dispatch::run_stages` with
-    /// `hip_rope_q` + `hip_score_rope_*` in place of `hip_score*`).
+    /// Stages `from..to` with rotated scoring (`dispatch::run_stages_to`
+    /// with `hip_rope_q` + `hip_score_rope_*` in place of `hip_score*`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn run_stages(
         &self,
@@ -149,6 +149,7 @@ impl RopeGpu {
         cfg: &HipConfig,
         stages: &[StageBuf],
         from: usize,
+        to: usize,
         x: &super::dispatch::StageInputs,
         batch: usize,
         n_q: usize,
@@ -165,7 +166,7 @@ impl RopeGpu {
             _ => 0,
         };
         let kst = kv.strides();
-        for s in from..cfg.stages.len() {
+        for s in from..to.min(cfg.stages.len()) {
             let st = &cfg.stages[s];
             let (in_ptr, in_cnt, cap_in, e) = if s == 0 {
                 (x.stage0_in, x.stage0_cnt, 1usize, x.e0)
