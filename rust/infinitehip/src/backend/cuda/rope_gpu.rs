@@ -250,6 +250,7 @@ impl RopeGpu {
                 gate: 0,
                 stage: s,
             };
+            // The single-CTA top-k (the reference; its multi-CTA twin keeps the same set).
             launch_topk(
                 gpu,
                 &topk,
@@ -258,6 +259,7 @@ impl RopeGpu {
                 &sub,
                 st.keep_tokens / st.chunk_size,
                 &stages[s],
+                None,
             )?;
         }
         Ok(())
