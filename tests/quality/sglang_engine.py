@@ -55,12 +55,19 @@ class SglangEngine:
         else:
             self.locret_stats = None
         saved = {k: os.environ.pop(k, None)
-                 for k in ["INFINITEHIP_CONFIG", "INFINITEHIP_LOCRET_STATS", "OMP_NUM_THREADS", "INFINITEHIP_THREADS"]}
+                 for k in ["INFINITEHIP_CONFIG", "INFINITEHIP_LOCRET_STATS", "OMP_NUM_THREADS", "INFINITEHIP_THREADS",
+                           "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"]}
         os.environ.update(env)
-        args = dict(ENGINE_ARGS, model_path=model_dir, max_total_tokens=max_len + 64,
+        # context_length above the sequence: SGLang caps max_new_tokens at
+        # context_len - 2 - prompt, which at the model's trained length (8192
+        # for SmolLM2) would drop the last forced steps. Positions stay below
+        # the sequence length, so the model's rotary table still covers them.
+        # One prefill chunk per prompt: SGLang samples (and so calls the
+        # forcing processor) after every chunk, which would record step 0 twice.
+        os.environ["SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"] = "1"  # restored below
+        args = dict(ENGINE_ARGS, model_path=model_dir, max_total_tokens=max_len + 64, context_length=max_len + 64,
+                    chunked_prefill_size=chunked_prefill or max_len + 64,
                     attention_backend=PATCHED_BACKEND if policy is not None else STOCK_BACKEND)
-        if chunked_prefill:
-            args["chunked_prefill_size"] = chunked_prefill
         t0 = time.time()
         try:
             self.eng = sgl.Engine(**args)
