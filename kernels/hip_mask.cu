@@ -376,6 +376,171 @@ SCOREW_Q(Bf16, bf16, 256)
 SCOREW_Q(F16, f16, 64)
 SCOREW_Q(F16, f16, 128)
 SCOREW_Q(F16, f16, 256)
+
+// hip_scorewp: hip_scorew's keys, bit for bit (one lane per sub-chunk
+// case, LPS = 1), with the memory of one level overlapped with the
+// arithmetic of another. hip_scorew's warps all load a level, wait, then
+// score it: the copy of a level and the dot products (~60 us and ~90 us of
+// stage 0 at 1M tokens) run one after the other. Here a warp scores 32
+// sub-chunks as two groups of 16, two lanes per sub-chunk (lane 2s + p:
+// probe p of sub-chunk s, p = 0 the left probe, 1 the right one; each
+// lane the whole probe over all queries, probe_smem with LPS 1, so the
+// same bits), each group its own 32 shared-memory rows (one per lane, the
+// shared memory of hip_scorew's warp): while a group's level is scored,
+// the other group's level is in flight (cp.async groups, wait_group 1).
+// Same shared memory per warp (HSW_WARP_BYTES(D, 1)), same grid (128
+// sub-chunks per 128-thread CTA).
+template <typename E, int D, int NQ>
+__device__ void hip_scorewp(const u16* __restrict__ kp, const int* __restrict__ table, int table_stride,
+                            int ps, int hkv, long long pst, long long hst, const int* __restrict__ row_seq,
+                            const float* __restrict__ qs, const int* __restrict__ nq_arr, int nq_max,
+                            const int2* __restrict__ in_ranges, const int* __restrict__ in_cnt,
+                            int cap_in, int E_, int c, u32* __restrict__ keys, const int* __restrict__ gate,
+                            int stage) {
+    constexpr int QS = D;
+    constexpr int RU = D / 8 + 1;                // row stride, 16-byte units
+    constexpr int RL = D / 8 < 32 ? D / 8 : 32;  // lanes per row in one copy
+    constexpr int RPI = 32 / RL;                 // rows per copy instruction
+    constexpr int VPL = D / 8 / RL;              // 16-byte vectors per lane per row
+    constexpr int NR = 32;                       // rows per group per level (one per lane)
+    extern __shared__ float sq[];
+    if (gate && gate[1] > stage) return;  // as hip_score (uniform over the block)
+    const int r = blockIdx.y;
+    const int rb = r / hkv, h = r % hkv;
+    const int nq = nq_arr[rb];
+    const float* qsrc = qs + ((long long)r * nq_max) * D;
+    const int nq_pad = (nq + NQ - 1) / NQ * NQ;
+    for (int i = threadIdx.x; i < nq_pad * D; i += blockDim.x)
+        sq[(i / D) * QS + i % D] = i < nq * D ? qsrc[i] : 0.f;
+    __syncthreads();
+    const int q_floats = (nq_max + NQ - 1) / NQ * NQ * QS;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    char* wbase = reinterpret_cast<char*>(sq + q_floats) + warp * HSW_WARP_BYTES(D, 1);
+    // Per group g: NR row offsets at wbase + g * NR * 8, NR rows after all offsets.
+    long long* saddr = reinterpret_cast<long long*>(wbase);
+    const u16* srow = reinterpret_cast<const u16*>(wbase + 2 * NR * 8);
+    const u32 srow_s = hsw_smem_u32(wbase + 2 * NR * 8);
+    const int n_sub = cap_in * E_;
+    const int p = lane & 1, s = lane >> 1;
+    const int wj = blockIdx.x * blockDim.x + (threadIdx.x & ~31);  // the warp's first sub-chunk
+    const int* trow = table + (long long)row_seq[rb] * table_stride;
+    int l[2] = {0, 0}, rr[2] = {0, 0};
+    bool active[2] = {false, false}, valid[2] = {false, false};
+    float best[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+    for (int g = 0; g < 2; g++) {
+        const int j = wj + g * 16 + s;
+        if (j < n_sub) {
+            const int ri = j / E_, e = j % E_;
+            if (ri < in_cnt[r]) {
+                int2 rg = in_ranges[(long long)r * cap_in + ri];
+                l[g] = rg.x + e * c;
+                if (l[g] < rg.y) {
+                    rr[g] = min(l[g] + c, rg.y);
+                    valid[g] = active[g] = true;
+                }
+            }
+        }
+    }
+    int cpi = -1, cpg = 0;  // cached page-table entry (index, page)
+    // This lane's probe of group g at `level`: the token (-1: none).
+    auto my_token = [&](int g, int level) -> int {
+        if (!active[g]) return -1;
+        if (rr[g] - l[g] == 1) return p == 0 ? l[g] : -1;
+        const int m = (l[g] + rr[g]) / 2;
+        if (p == 0) return (l[g] + m) / 2;
+        const bool reuse = rr[g] - l[g] == 2 && level > 0;
+        return reuse ? -1 : (m + rr[g]) / 2;
+    };
+    // Copy group g's rows of `level` (offset -1: no row) and commit them as one cp.async group.
+    auto issue = [&](int g, int level) {
+        const int t = my_token(g, level);
+        long long o = -1;
+        if (t >= 0) {
+            const int pi = t / ps;
+            if (pi != cpi) { cpi = pi; cpg = trow[pi]; }
+            o = (long long)cpg * pst + (long long)h * hst + (long long)(t % ps) * D;
+        }
+        saddr[g * NR + lane] = o;
+        __syncwarp();
+#pragma unroll 4
+        for (int it = 0; it < NR / RPI; it++) {
+            const int k = it * RPI + lane / RL;
+            const long long a = saddr[g * NR + k];
+            if (a >= 0) {
+#pragma unroll
+                for (int v = 0; v < VPL; v++) {
+                    const int u = (lane % RL) * VPL + v;
+                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
+                                     srow_s + (u32)(((g * NR + k) * RU + u) * 16)),
+                                 "l"(kp + a + u * 8));
+                }
+            }
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+    // Score group g's level (its rows landed) and advance its search.
+    auto score = [&](int g, int level) {
+        const int t = my_token(g, level);
+        float sc = NEG_INF;
+        if (t >= 0) sc = probe_smem<E, D, NQ, 1, QS>(srow + (g * NR + lane) * RU * 8, sq, nq, 0);
+        float sa = __shfl_sync(0xffffffffu, sc, lane & ~1);
+        float sb = __shfl_sync(0xffffffffu, sc, lane | 1);
+        if (active[g]) {
+            if (rr[g] - l[g] == 1) {
+                best[g] = sa;
+                active[g] = false;
+            } else {
+                if (rr[g] - l[g] == 2 && level > 0) sb = best[g];
+                const int m = (l[g] + rr[g]) / 2;
+                if (sa >= sb) { rr[g] = m; best[g] = sa; } else { l[g] = m; best[g] = sb; }
+                if (rr[g] - l[g] <= 1) active[g] = false;
+            }
+        }
+    };
+    issue(0, 0);
+    issue(1, 0);
+    int level = 0;
+    while (__any_sync(0xffffffffu, active[0] || active[1])) {
+        asm volatile("cp.async.wait_group 1;" ::: "memory");
+        __syncwarp();
+        score(0, level);
+        __syncwarp();  // group 0's rows and offsets read by every lane
+        issue(0, level + 1);
+        asm volatile("cp.async.wait_group 1;" ::: "memory");
+        __syncwarp();
+        score(1, level);
+        __syncwarp();
+        issue(1, level + 1);
+        level++;
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#pragma unroll
+    for (int g = 0; g < 2; g++) {
+        const int j = wj + g * 16 + s;
+        if (p == 0 && j < n_sub) keys[(long long)r * n_sub + j] = valid[g] ? score_key(best[g]) : 0u;
+    }
+}
+
+#define SCOREWP_INST(E, TN, D, NQ)                                                                \
+    extern "C" __global__ void __launch_bounds__(128)                                             \
+        hip_scorewp_##TN##_d##D##_q##NQ(const u16* kp, const int* table, int table_stride, int ps, \
+                                      int hkv, long long pst, long long hst, const int* row_seq, const float* qs, const int* nq, \
+                                      int nq_max, const int2* in_ranges, const int* in_cnt,       \
+                                      int cap_in, int E_, int c, u32* keys, const int* gate,      \
+                                      int stage) {                                                \
+        IHIP_PDL_ENTRY();                                                                         \
+        hip_scorewp<E, D, NQ>(kp, table, table_stride, ps, hkv, pst, hst, row_seq, qs, nq, nq_max, in_ranges, \
+                            in_cnt, cap_in, E_, c, keys, gate, stage);                            \
+    }
+#define SCOREWP_Q(E, TN, D) SCOREWP_INST(E, TN, D, 1) SCOREWP_INST(E, TN, D, 2) \
+    SCOREWP_INST(E, TN, D, 4) SCOREWP_INST(E, TN, D, 8)
+SCOREWP_Q(Bf16, bf16, 64)
+SCOREWP_Q(Bf16, bf16, 128)
+SCOREWP_Q(Bf16, bf16, 256)
+SCOREWP_Q(F16, f16, 64)
+SCOREWP_Q(F16, f16, 128)
+SCOREWP_Q(F16, f16, 256)
 #endif  // HIP_EST_HOST
 
 #define TOPK_THREADS 1024
@@ -533,6 +698,174 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
         base_out += sel_tot;
     }
     if (threadIdx.x == 0) out_cnt[r] = min(base_out, out_cap);
+}
+
+// Radix-select threshold of the best k of n keys key_at(0..n) (hip_topk's
+// loop, with the keys behind an accessor): keep key & mask > prefix and
+// the first krem keys with key & mask == prefix (krem == neq: all of
+// them). Every valid key kept when at most k are valid (prefix 1, full
+// mask, krem = neq = 0). Uniform over the block; shared scratch passed in.
+struct TopkThr {
+    u32 prefix, mask;
+    int krem, neq;
+};
+template <typename KeyAt>
+__device__ __forceinline__ TopkThr topk_threshold(KeyAt key_at, int n, int k, int* hist, int* s_warp,
+                                                  u32* s_prefix, int* s_krem, int* s_neq) {
+    const int lane = threadIdx.x & 31;
+    u32 prefix = 0, mask = 0;
+    int krem = k, neq = 0;
+    bool all = false;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        int zeros = 0;
+        for (int i0 = 0; i0 < n; i0 += blockDim.x) {  // uniform over the warp
+            const int i = i0 + threadIdx.x;
+            const u32 key = i < n ? key_at(i) : 0;
+            const bool in = i < n && (key & mask) == prefix;
+            zeros += i < n && key == 0;
+            const u32 bin = (key >> shift) & 255u;
+            const u32 peers = __match_any_sync(0xffffffff, in ? bin : 0xffffffffu);
+            if (in && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+        }
+        if (shift == 24) {
+            const int n_valid = n - block_sum(zeros, s_warp);
+            if (n_valid <= k) {
+                all = true;
+                break;
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            int cnt[8], sum = 0;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                cnt[j] = hist[255 - 8 * lane - j];
+                sum += cnt[j];
+            }
+            int incl = sum;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                int y = __shfl_up_sync(0xffffffff, incl, o);
+                if (lane >= o) incl += y;
+            }
+            int cum = incl - sum;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                if (cum < krem && cum + cnt[j] >= krem) {
+                    *s_prefix = prefix | ((u32)(255 - 8 * lane - j) << shift);
+                    *s_krem = krem - cum;
+                    *s_neq = cnt[j];
+                }
+                cum += cnt[j];
+            }
+        }
+        __syncthreads();
+        prefix = *s_prefix;
+        krem = *s_krem;
+        neq = *s_neq;
+        mask |= 255u << shift;
+        if (krem == neq) break;
+    }
+    __syncthreads();  // every thread read the shared threshold before a later reuse
+    if (all) return TopkThr{1u, 0xffffffffu, 0, 0};
+    return TopkThr{prefix, mask, krem, neq};
+}
+
+// Visit the kept keys of `t` in index order: emit(i, pos), pos the rank
+// among the kept (block-uniform loop). Returns how many were kept.
+template <typename KeyAt, typename Emit>
+__device__ __forceinline__ int topk_emit(KeyAt key_at, int n, TopkThr t, int* s_warp, Emit emit) {
+    const bool simple = t.krem == t.neq;
+    int base_out = 0, eq_seen = 0;
+    for (int t0 = 0; t0 < n; t0 += blockDim.x) {
+        const int i = t0 + threadIdx.x;
+        const u32 key = i < n ? key_at(i) & t.mask : 0;
+        int sel;
+        if (simple) {
+            sel = i < n && key >= t.prefix;
+        } else {
+            int is_eq = i < n && key == t.prefix ? 1 : 0;
+            int eq_tot;
+            int eq_rank = eq_seen + block_scan(is_eq, &eq_tot, s_warp);
+            sel = (i < n && key > t.prefix) || (is_eq && eq_rank < t.krem);
+            eq_seen += eq_tot;
+        }
+        int sel_tot;
+        int pos = base_out + block_scan(sel, &sel_tot, s_warp);
+        if (sel) emit(i, pos);
+        base_out += sel_tot;
+    }
+    return base_out;
+}
+
+// hip_topk_mc: hip_topk's result (the same kept slots, in the same order)
+// from gridDim.x CTAs per row instead of one. CTA x keeps the best k of
+// its segment [x * seg, (x + 1) * seg) of the row's keys (ties: earlier
+// slot) as candidates (key, slot) in scratch; the row's best k (key
+// descending, then slot ascending: a strict order) are all among those
+// candidates, since a key that fewer than k keys of the row beat has fewer
+// than k beating it in its segment. The last CTA of the row to finish
+// (arrival counter, reset by it for the next launch) selects the best k
+// of the candidates, laid out segment after segment in slot order (unused
+// candidate places read as invalid keys, 0), with the same select, and
+// writes the output ranges as hip_topk. Scratch: `cnt` i32 [rows]
+// counters (zero before the first launch), `seg_cnt` i32 [rows][gridDim.x],
+// `cand` int2 [rows][gridDim.x * k] (key bits, slot).
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+    hip_topk_mc(const u32* __restrict__ keys, int n_sub, int k, int seg, const int2* __restrict__ in_ranges,
+                const int* __restrict__ in_cnt, int cap_in, int E_, int c, int2* __restrict__ out,
+                int* __restrict__ out_cnt, int out_cap, const int* __restrict__ gate, int stage,
+                int* __restrict__ arrive, int* __restrict__ seg_cnt, int2* __restrict__ cand) {
+    IHIP_PDL_ENTRY();
+    if (gate && gate[1] > stage) return;  // as hip_score
+    const int r = blockIdx.y, x = blockIdx.x, S = gridDim.x;
+    __shared__ int hist[256];
+    __shared__ int s_warp[32];
+    __shared__ u32 s_prefix;
+    __shared__ int s_krem, s_neq;
+    __shared__ int s_last;
+    const int base = x * seg;
+    const int n = min(seg, n_sub - base);
+    const u32* kr = keys + (long long)r * n_sub + base;
+    int2* cr = cand + (long long)r * S * k;
+    {
+        auto key_at = [&](int i) { return kr[i]; };
+        const TopkThr t = topk_threshold(key_at, n, k, hist, s_warp, &s_prefix, &s_krem, &s_neq);
+        int2* co = cr + (long long)x * k;
+        const int kept = topk_emit(key_at, n, t, s_warp, [&](int i, int pos) {
+            if (pos < k) co[pos] = make_int2((int)kr[i], base + i);
+        });
+        if (threadIdx.x == 0) seg_cnt[r * S + x] = min(kept, k);
+    }
+    // Publish this CTA's candidates, then count it in.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) s_last = atomicAdd(&arrive[r], 1) == S - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();  // every other CTA's candidates, published before its arrival, are visible
+    const int* sc = seg_cnt + r * S;
+    auto cand_at = [&](int i) -> u32 {
+        const int sg = i / k;
+        return i - sg * k < __ldcg(sc + sg) ? (u32)__ldcg(&cr[i].x) : 0u;
+    };
+    const int nc = S * k;
+    const TopkThr t = topk_threshold(cand_at, nc, k, hist, s_warp, &s_prefix, &s_krem, &s_neq);
+    const int kept = topk_emit(cand_at, nc, t, s_warp, [&](int i, int pos) {
+        if (pos < out_cap) {
+            const int slot = __ldcg(&cr[i].y);
+            const int ri = slot / E_, e = slot % E_;
+            int2 rg = in_ranges[(long long)r * cap_in + ri];
+            int l = rg.x + e * c;
+            out[(long long)r * out_cap + pos] = make_int2(l, min(l + c, rg.y));
+        }
+    });
+    if (threadIdx.x == 0) {
+        out_cnt[r] = min(kept, out_cap);
+        arrive[r] = 0;  // ready for the next launch (ordered by the kernel boundary)
+    }
 }
 
 // Attention selection per row: sink, the last stage's chunks, the tokens

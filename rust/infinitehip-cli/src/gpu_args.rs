@@ -216,6 +216,15 @@ pub struct BenchGpuOffloadArgs {
     #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "on",
           value_parser = ["on", "off"])]
     pub est_preload: Vec<String>,
+    /// Full-device path with page reuse: every page walk also covers stage
+    /// 0's kept chunks, a step that refreshes stage 0 walks them (and
+    /// copies their missing blocks) on the copy stream while stages 1..
+    /// score, and steps that refresh only later stages reuse the walk
+    /// (`on`); `off`: walks cover the selection only (run 7),
+    /// comma-separated.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "on",
+          value_parser = ["on", "off"])]
+    pub page_prefetch: Vec<String>,
     /// Record five timing events inside each timed offloaded step (`on`:
     /// the per-class device times, run 6's default; `off`: host times only,
     /// no instrumentation the resident step does not have: ~0.013 ms per

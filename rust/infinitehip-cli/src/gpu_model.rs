@@ -74,6 +74,19 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
             "off".to_string()
         }
     );
+    println!(
+        "one-lane stage scoring: {}; long-row top-k: {}",
+        if infinitehip::backend::cuda::dispatch::score_pipe() {
+            "hip_scorewp (pipelined)"
+        } else {
+            "hip_scorew (INFINITEHIP_SCORE_PIPE=0)"
+        },
+        if infinitehip::backend::cuda::dispatch::topk_mc() {
+            "hip_topk_mc (multi-CTA)"
+        } else {
+            "hip_topk (one CTA per row, INFINITEHIP_TOPK_MC=0)"
+        }
+    );
     let shape = AttnShape::new(32, 8, 128).map_err(e)?;
     let mut cfg = HipConfig::default();
     if !a.refresh.is_empty() {

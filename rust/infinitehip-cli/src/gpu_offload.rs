@@ -204,6 +204,14 @@ struct EqRun<'a> {
     /// Mutation check: reuse even across a new page
     /// (`unsound_reuse_for_tests`); passes only if the outputs differ.
     unsound: bool,
+    /// Page prefetch: every walk also covers stage 0's kept chunks
+    /// (`OffloadKv::set_superset`), a stage-0 refresh walks them on the copy
+    /// stream while the later stages score (`prefetch_superset`), and steps
+    /// that refresh only later stages reuse the walk. Needs `est_frac`.
+    prefetch: bool,
+    /// Mutation check: the prefetch walks the PREVIOUS refresh's stage-0
+    /// chunks (stale) and the step uses it; passes only if outputs differ.
+    stale_prefetch: bool,
     seed: u64,
 }
 
@@ -225,6 +233,8 @@ impl Default for EqRun<'_> {
             late: true,
             preload: true,
             unsound: false,
+            prefetch: true,
+            stale_prefetch: false,
             seed: 0,
         }
     }
@@ -309,6 +319,17 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
     let nb = r.lens.len();
     let mut dec = HipGpuDecoder::new(cfg.clone(), &shape, nb).map_err(e)?;
     let mut dec2 = HipGpuDecoder::new(cfg.clone(), &shape, nb).map_err(e)?;
+    let prefetch = (r.prefetch || r.stale_prefetch) && device;
+    if prefetch {
+        if est.is_none() {
+            return Err("page prefetch checks need the host-tier estimation".into());
+        }
+        dec2.set_stage0_event(Some(gpu.ctx.new_event(None).map_err(e)?));
+        let (rg, cn, cap) = dec2.stage0_chunks();
+        off.set_superset(rg, cn, cap, cfg.stages[0].chunk_size)
+            .map_err(e)?;
+    }
+    let pre_ev = gpu.ctx.new_event(None).map_err(e)?;
     let mut rng = Rng::new(r.seed ^ 0x5107);
     let qe = shape.q_elems();
     let qd = DevBuf::alloc(qe * nb * 4).map_err(e)?;
@@ -358,9 +379,21 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
         };
         let (dsel, mt2, psels, from) = match est.as_mut() {
             Some(est) => {
+                // Mutation: prefetch before stage 0 refreshes (its chunks
+                // are the previous refresh's), stage 0 waiting for it.
+                let stale = r.stale_prefetch && step > 0 && dec2.refresh_from() == 0;
+                if stale {
+                    pre_ev.record(&gpu.stream).map_err(e)?;
+                    off.prefetch_superset(gpu, &pins, &pre_ev).map_err(e)?;
+                    off.wait_prefetch(gpu).map_err(e)?;
+                }
                 let from = est
                     .select(gpu, &mut dec2, &off.host, qd.ptr, true)
                     .map_err(e)?;
+                if prefetch && from == 0 && !stale {
+                    off.prefetch_superset(gpu, &pins, dec2.stage0_event().unwrap())
+                        .map_err(e)?;
+                }
                 if !late {
                     add_est(est.finish(gpu).map_err(e)?);
                 }
@@ -375,7 +408,7 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
         // The offloaded side resolves the pages of its own selection (the
         // device policy straight from the device selection).
         let st = if device {
-            let tail_only = reuse && from >= cfg.stages.len();
+            let tail_only = reuse && (from >= cfg.stages.len() || (prefetch && from >= 1));
             off.prepare_device_step(gpu, dsel, &pins, tail_only)
                 .map_err(e)?
         } else {
@@ -447,12 +480,16 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
         };
     let exact = !nan && max_abs <= 1e-6 && bitdiff == 0;
     let reused = off.steps_reused;
+    let prefetched = off.steps_prefetched;
     let ok = if r.unsound {
         // The mutation must be seen: some step reused across a new page
         // and read a block the walk never mapped.
         reused > 0 && !exact
+    } else if r.stale_prefetch {
+        // Some step used a stale prefetch and read blocks it never mapped.
+        prefetched > 0 && !exact
     } else {
-        exact && misses > 0 && est_ok && (!reuse || reused > 0)
+        exact && misses > 0 && est_ok && (!reuse || reused > 0) && (!prefetch || prefetched > 0)
     };
     let est_txt = match (&est, r.est_frac) {
         (Some(x), Some(f)) => format!(
@@ -470,11 +507,12 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
     Ok((
         ok,
         format!(
-            "{:?} pages{}{}{}, {} hip steps{}, lens {:?}, cache {n_slots}/{total_blocks} head blocks ({:.0}%): {reused} steps reused the last walk, hit {:.1}% ({misses} misses), outputs differing in bits {bitdiff}, max |diff| {max_abs:.1e}, NaN {nan}{est_txt}",
+            "{:?} pages{}{}{}{}, {} hip steps{}, lens {:?}, cache {n_slots}/{total_blocks} head blocks ({:.0}%): {reused} steps reused the last walk, {prefetched} stage-0 refreshes served by the copy stream's prefetch, hit {:.1}% ({misses} misses), outputs differing in bits {bitdiff}, max |diff| {max_abs:.1e}, NaN {nan}{est_txt}",
             r.pages,
             if reuse { if r.unsound { " (UNSOUND reuse across new pages: must differ)" } else { " + walk reuse" } } else { "" },
             if late { " + late admission" } else { "" },
             if r.preload && r.est_frac.is_some() { " + row preload" } else { "" },
+            if r.stale_prefetch { " + STALE page prefetch (must differ)" } else if prefetch { " + page prefetch" } else { "" },
             r.steps,
             if r.appends { " appending a token each" } else { "" },
             r.lens,
@@ -489,19 +527,18 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
     let gpu = GpuContext::new(0).map_err(e)?;
     println!("device {} ({} SMs, {})", gpu.name, gpu.sm_count, gpu.arch);
     let mut failed = 0;
-    let checks: Vec<(String, R<(bool, String)>)> = vec![
+    // Each check runs when its turn comes and prints at once (a run cut
+    // short by a time limit still shows the checks that finished).
+    type Check<'a> = Box<dyn Fn() -> R<(bool, String)> + 'a>;
+    let checks: Vec<(String, Check)> = vec![
         (
             "host->slot round trip, random access + eviction storms, device policy == CPU twin"
                 .into(),
-            roundtrip(&gpu, seed, PagePolicy::Device),
-        ),
-        (
-            "host->slot round trip, host LRU policy (earlier path)".into(),
-            roundtrip(&gpu, seed, PagePolicy::Host),
+            Box::new(|| roundtrip(&gpu, seed, PagePolicy::Device)),
         ),
         (
             "decode 5% cache == all on device (batch 2, small hip)".into(),
-            decode_equal(
+            Box::new(|| decode_equal(
                 &gpu,
                 &EqRun {
                     lens: &[150_000, 61_000],
@@ -519,13 +556,15 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     late: true,
                     preload: false,
                     unsound: false,
+                    prefetch: false,
+                    stale_prefetch: false,
                     seed,
                 },
-            ),
+            )),
         ),
         (
             "estimation over host keys (5% rows, direct reads) + 5% cache == all on device".into(),
-            decode_equal(
+            Box::new(|| decode_equal(
                 &gpu,
                 &EqRun {
                     lens: &[150_000, 61_000],
@@ -543,13 +582,15 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     late: true,
                     preload: false,
                     unsound: false,
+                    prefetch: true,
+                    stale_prefetch: false,
                     seed: seed + 1,
                 },
-            ),
+            )),
         ),
         (
             "estimation over host keys (5% rows, staged misses) + 5% cache == all on device".into(),
-            decode_equal(
+            Box::new(|| decode_equal(
                 &gpu,
                 &EqRun {
                     lens: &[150_000, 61_000],
@@ -567,13 +608,15 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     late: true,
                     preload: true,
                     unsound: false,
+                    prefetch: true,
+                    stale_prefetch: false,
                     seed: seed + 1,
                 },
-            ),
+            )),
         ),
         (
             "appends + host estimation (1% rows) + 5% cache == all on device".into(),
-            decode_equal(
+            Box::new(|| decode_equal(
                 &gpu,
                 &EqRun {
                     lens: &[100_000, 33_000],
@@ -591,13 +634,61 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     late: true,
                     preload: true,
                     unsound: false,
+                    prefetch: true,
+                    stale_prefetch: false,
                     seed: seed + 2,
                 },
-            ),
+            )),
+        ),
+        (
+            "mutation: a page prefetch of the previous refresh's stage-0 chunks (stale) is detected".into(),
+            Box::new(|| decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[100_000, 33_000],
+                    steps: 48,
+                    est_frac: Some(0.01),
+                    appends: true,
+                    stale_prefetch: true,
+                    seed: seed + 5,
+                    ..Default::default()
+                },
+            )),
+        ),
+        (
+            "walk reuse on idle steps only, no page prefetch (run 7's path) 1% rows + appends == all on device".into(),
+            Box::new(|| decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[100_000, 33_000],
+                    steps: 70,
+                    est_frac: Some(0.01),
+                    appends: true,
+                    prefetch: false,
+                    seed: seed + 2,
+                    ..Default::default()
+                },
+            )),
+        ),
+        (
+            "mutation: reusing the walk across a new page (dropped block) is detected".into(),
+            Box::new(|| decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[100_000, 33_000],
+                    steps: 40,
+                    est_frac: Some(0.01),
+                    appends: true,
+                    unsound: true,
+                    prefetch: false,
+                    seed: seed + 2,
+                    ..Default::default()
+                },
+            )),
         ),
         (
             "per-thread miss staging, every step walks, admission before the page step (run 6's path) 1% rows + appends == all on device".into(),
-            decode_equal(
+            Box::new(|| decode_equal(
                 &gpu,
                 &EqRun {
                     lens: &[100_000, 33_000],
@@ -615,28 +706,15 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     late: false,
                     preload: false,
                     unsound: false,
+                    prefetch: false,
+                    stale_prefetch: false,
                     seed: seed + 2,
                 },
-            ),
-        ),
-        (
-            "mutation: reusing the walk across a new page (dropped block) is detected".into(),
-            decode_equal(
-                &gpu,
-                &EqRun {
-                    lens: &[100_000, 33_000],
-                    steps: 40,
-                    est_frac: Some(0.01),
-                    appends: true,
-                    unsound: true,
-                    seed: seed + 2,
-                    ..Default::default()
-                },
-            ),
+            )),
         ),
         (
             "appends + host estimation (0.3% rows, storms), default hip, 30% cache".into(),
-            decode_equal(
+            Box::new(|| decode_equal(
                 &gpu,
                 &EqRun {
                     lens: &[40_000],
@@ -654,62 +732,15 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     late: true,
                     preload: true,
                     unsound: false,
+                    prefetch: false,
+                    stale_prefetch: false,
                     seed: seed + 3,
                 },
-            ),
-        ),
-        (
-            "run-4 path (host LRU pages, host dedup + CLOCK, default) 1% rows + appends == all on device"
-                .into(),
-            decode_equal(
-                &gpu,
-                &EqRun {
-                    lens: &[100_000, 33_000],
-                    frac: 0.05,
-                    steps: 40,
-                    est_frac: Some(0.01),
-                    appends: true,
-                    small: true,
-                    stage: true,
-                    admission: Admission::Device,
-                    pages: PagePolicy::Host,
-                    admit_limit: None,
-                    fetch_warp: true,
-                    reuse: true,
-                    late: true,
-                    preload: true,
-                    unsound: false,
-                    seed: seed + 2,
-                },
-            ),
-        ),
-        (
-            "host-side admission (earlier path) 1% rows + appends == all on device".into(),
-            decode_equal(
-                &gpu,
-                &EqRun {
-                    lens: &[100_000, 33_000],
-                    frac: 0.05,
-                    steps: 40,
-                    est_frac: Some(0.01),
-                    appends: true,
-                    small: true,
-                    stage: true,
-                    admission: Admission::Host,
-                    pages: PagePolicy::Host,
-                    admit_limit: None,
-                    fetch_warp: true,
-                    reuse: true,
-                    late: true,
-                    preload: false,
-                    unsound: false,
-                    seed: seed + 2,
-                },
-            ),
+            )),
         ),
         (
             "nothing admitted (limit 0): every estimation read a miss, == all on device".into(),
-            decode_equal(
+            Box::new(|| decode_equal(
                 &gpu,
                 &EqRun {
                     lens: &[40_000],
@@ -727,18 +758,79 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     late: true,
                     preload: true,
                     unsound: false,
+                    prefetch: false,
+                    stale_prefetch: false,
                     seed: seed + 4,
                 },
-            ),
+            )),
+        ),
+        (
+            "host->slot round trip, host LRU policy (earlier path)".into(),
+            Box::new(|| roundtrip(&gpu, seed, PagePolicy::Host)),
+        ),
+        (
+            "run-4 path (host LRU pages, host dedup + CLOCK, default) 1% rows + appends == all on device"
+                .into(),
+            Box::new(|| decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[100_000, 33_000],
+                    frac: 0.05,
+                    steps: 40,
+                    est_frac: Some(0.01),
+                    appends: true,
+                    small: true,
+                    stage: true,
+                    admission: Admission::Device,
+                    pages: PagePolicy::Host,
+                    admit_limit: None,
+                    fetch_warp: true,
+                    reuse: true,
+                    late: true,
+                    preload: true,
+                    unsound: false,
+                    prefetch: false,
+                    stale_prefetch: false,
+                    seed: seed + 2,
+                },
+            )),
+        ),
+        (
+            "host-side admission (earlier path) 1% rows + appends == all on device".into(),
+            Box::new(|| decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[100_000, 33_000],
+                    frac: 0.05,
+                    steps: 40,
+                    est_frac: Some(0.01),
+                    appends: true,
+                    small: true,
+                    stage: true,
+                    admission: Admission::Host,
+                    pages: PagePolicy::Host,
+                    admit_limit: None,
+                    fetch_warp: true,
+                    reuse: true,
+                    late: true,
+                    preload: false,
+                    unsound: false,
+                    prefetch: false,
+                    stale_prefetch: false,
+                    seed: seed + 2,
+                },
+            )),
         ),
     ];
-    for (name, r) in checks {
-        let (ok, detail) = r.unwrap_or_else(|x| (false, format!("error: {x}")));
+    for (name, run) in checks {
+        let t = Instant::now();
+        let (ok, detail) = run().unwrap_or_else(|x| (false, format!("error: {x}")));
         println!(
-            "{} {:<60} {}",
+            "{} {:<60} {} [{:.1} s]",
             if ok { "PASS" } else { "FAIL" },
             name,
-            detail
+            detail,
+            t.elapsed().as_secs_f64()
         );
         failed += (!ok) as usize;
     }
@@ -876,8 +968,17 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
             DevBuf::alloc(qe * 4).map_err(e)?,
             DevBuf::alloc(qe * 4).map_err(e)?,
         );
-        let mut combos: Vec<(f64, f64, (Admission, PagePolicy), bool, bool, bool, bool)> =
-            Vec::new();
+        #[allow(clippy::type_complexity)]
+        let mut combos: Vec<(
+            f64,
+            f64,
+            (Admission, PagePolicy),
+            bool,
+            bool,
+            bool,
+            bool,
+            bool,
+        )> = Vec::new();
         for &f in &fractions {
             for &x in &est_list {
                 for &m in &modes {
@@ -885,15 +986,18 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                         for pl in &a.est_preload {
                             for late in &a.late_admission {
                                 for reuse in &a.page_reuse {
-                                    combos.push((
-                                        f,
-                                        x,
-                                        m,
-                                        w == "warp",
-                                        reuse == "on",
-                                        late == "on",
-                                        pl == "on",
-                                    ));
+                                    for pf in &a.page_prefetch {
+                                        combos.push((
+                                            f,
+                                            x,
+                                            m,
+                                            w == "warp",
+                                            reuse == "on",
+                                            late == "on",
+                                            pl == "on",
+                                            pf == "on",
+                                        ));
+                                    }
                                 }
                             }
                         }
@@ -904,7 +1008,7 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
         if a.bus && rows.is_empty() {
             rows_bus = bus_probe(&gpu, &host, seed).map_err(e)?;
         }
-        for (f, est_frac, (mode, pages), fetch_warp, reuse, late, preload) in combos {
+        for (f, est_frac, (mode, pages), fetch_warp, reuse, late, preload, prefetch) in combos {
             let n_slots = ((total_blocks as f64 * f).ceil() as usize).max(1);
             let mut off = OffloadKv::with_policy(&gpu, host, n_slots, pages).map_err(e)?;
             let est_rows = (total_rows as f64 * est_frac).ceil() as usize;
@@ -921,8 +1025,17 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
             let mut ws3 = DecodeWorkspace::new();
             let mut res_one = vec![];
             let device = pages == PagePolicy::Device;
-            // Both are full-device options (the host paths sync inside).
+            // Full-device options (the host paths sync inside).
             let (reuse, late) = (reuse && device, late && device);
+            // Page prefetch: walks cover stage 0's kept chunks, a stage-0
+            // refresh walks them on the copy stream while stages 1.. score.
+            let prefetch = prefetch && device && reuse;
+            if prefetch {
+                dec2.set_stage0_event(Some(gpu.ctx.new_event(None).map_err(e)?));
+                let (rg, cn, cap) = dec2.stage0_chunks();
+                off.set_superset(rg, cn, cap, cfg.stages[0].chunk_size)
+                    .map_err(e)?;
+            }
             let n_stages = cfg.stages.len();
             let (mut ws1, mut ws2) = (DecodeWorkspace::new(), DecodeWorkspace::new());
             let mut rng = Rng::new(seed ^ 0xbe);
@@ -1009,6 +1122,10 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                 let from = est
                     .select(&gpu, &mut dec2, &off.host, qd.ptr, true)
                     .map_err(e)?;
+                if prefetch && from == 0 {
+                    off.prefetch_superset(&gpu, &pins, dec2.stage0_event().unwrap())
+                        .map_err(e)?;
+                }
                 rec(2)?;
                 if !device {
                     gpu.synchronize().map_err(e)?;
@@ -1028,7 +1145,7 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                 };
                 let t25 = Instant::now();
                 let st = if device {
-                    let tail_only = reuse && from >= n_stages;
+                    let tail_only = reuse && (from >= n_stages || (prefetch && from >= 1));
                     off.prepare_device_step(
                         &gpu,
                         dec2.selection(&gpu).map_err(e)?,
@@ -1241,6 +1358,8 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                 "est_fetch": if fetch_warp { "warp" } else { "thread" },
                 "page_reuse": reuse, "late_admission": late, "est_preload": preload, "phase_events": a.phase_events != "off",
                 "page_steps_reused": off.steps_reused,
+                "page_prefetch": prefetch,
+                "page_steps_prefetched": off.steps_prefetched,
                 "profiled": a.profile && device,
                 "by_refresh_class": classes.iter().enumerate().filter(|(_, c)| c.n > 0).map(|(k, c)| {
                     let n = c.n as f64;
@@ -1266,11 +1385,11 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
         }
     }
     let g = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-    println!("\n| tokens | page cache | est rows | path | page reuse (steps) | late admission | row preload | resident ms/step (one sync) | offload ms/step | offload / resident | sel mismatches / max abs diff |");
-    println!("|---:|---:|---:|---|---|---|---|---:|---:|---:|---|");
+    println!("\n| tokens | page cache | est rows | path | page reuse (steps) | page prefetch (steps) | late admission | row preload | resident ms/step (one sync) | offload ms/step | offload / resident | sel mismatches / max abs diff |");
+    println!("|---:|---:|---:|---|---|---|---|---|---:|---:|---:|---|");
     for r in &rows {
         println!(
-            "| {} | {:.1}% | {:.1}% | {} pages, {} admission, {} fetch | {} ({}) | {} | {} | {:.3} | {:.3} | **{:.2}x** | {} / {:.1e} |",
+            "| {} | {:.1}% | {:.1}% | {} pages, {} admission, {} fetch | {} ({}) | {} ({}) | {} | {} | {:.3} | {:.3} | **{:.2}x** | {} / {:.1e} |",
             r["tokens"],
             100.0 * g(r, "cache_fraction"),
             100.0 * g(r, "est_rows_fraction"),
@@ -1279,6 +1398,8 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
             r["est_fetch"].as_str().unwrap_or("?"),
             if r["page_reuse"].as_bool() == Some(true) { "on" } else { "off" },
             r["page_steps_reused"],
+            if r["page_prefetch"].as_bool() == Some(true) { "on" } else { "off" },
+            r["page_steps_prefetched"],
             if r["late_admission"].as_bool() == Some(true) { "on" } else { "off" },
             if r["est_preload"].as_bool() == Some(true) { "on" } else { "off" },
             g(r, "resident_step_one_sync_ms"),
@@ -1322,14 +1443,14 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
         );
     }
     println!("\nBy refresh class (device times from events on the main stream, ms/step; MiB and GB/s only with --profile):\n");
-    println!("| tokens | est rows | admission | fetch, page reuse, late admission, row preload | refresh from stage | steps | resident (one sync) | offload (host clock) | dev: wait admission | estimation | page step | attention | admission (side) | page MiB | est host MiB | est GB/s |");
+    println!("| tokens | est rows | admission | fetch, page reuse, late admission, row preload, page prefetch | refresh from stage | steps | resident (one sync) | offload (host clock) | dev: wait admission | estimation | page step | attention | admission (side) | page MiB | est host MiB | est GB/s |");
     println!("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         for c in r["by_refresh_class"].as_array().into_iter().flatten() {
             println!(
                 "| {} | {:.1}% | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} | {:.1} |",
                 r["tokens"], 100.0 * g(r, "est_rows_fraction"), r["admission"].as_str().unwrap_or("?"),
-                format!("{}, {}, {}, {}", r["est_fetch"].as_str().unwrap_or("?"), r["page_reuse"], r["late_admission"], r["est_preload"]),
+                format!("{}, {}, {}, {}, {}", r["est_fetch"].as_str().unwrap_or("?"), r["page_reuse"], r["late_admission"], r["est_preload"], r["page_prefetch"]),
                 c["refresh_from_stage"], c["steps"],
                 g(c, "resident_one_sync_ms"), g(c, "offload_host_ms"), g(c, "dev_wait_admission_ms"),
                 g(c, "dev_estimation_ms"), g(c, "dev_page_step_ms"), g(c, "dev_attention_ms"),

@@ -237,13 +237,23 @@ fn run(gpu: &GpuContext, c: &Case, seed: u64) -> R<(usize, usize, usize, usize, 
     };
     let (warp, kw) = go(&p.kv, ScoreKernel::Warp)?;
     let (thread, kt) = go(&p.kv, ScoreKernel::PerThread)?;
-    if kw != ScoreKernel::Warp || kt != ScoreKernel::PerThread {
-        return Err(format!("score_slots ran {kw:?} / {kt:?}"));
+    // The pipelined warp kernel where it applies (one lane), else the warp kernel.
+    let (pipe, kp) = go(&p.kv, ScoreKernel::WarpPipe)?;
+    let want_p = if c.lanes == 1 {
+        ScoreKernel::WarpPipe
+    } else {
+        ScoreKernel::Warp
+    };
+    if kw != ScoreKernel::Warp || kt != ScoreKernel::PerThread || kp != want_p {
+        return Err(format!("score_slots ran {kw:?} / {kt:?} / {kp:?}"));
     }
     let host = reference(c, &p, &q, &rg, &cnt);
     let diff = |a: &[u32], b: &[u32]| a.iter().zip(b).filter(|(x, y)| x != y).count();
     let valid = host.iter().filter(|&&k| k != 0).count();
-    let (d_wt, d_wh) = (diff(&warp, &thread), diff(&warp, &host));
+    let (d_wt, d_wh) = (
+        diff(&warp, &thread) + diff(&pipe, &thread),
+        diff(&warp, &host) + diff(&pipe, &host),
+    );
     // Sensitivity: raise the row that gave the first valid slot's score
     // (the last level's winner) to a copy of the row's first query x 8: the
     // search path is unchanged and that score grows, so the warp kernel's
@@ -264,15 +274,16 @@ fn run(gpu: &GpuContext, c: &Case, seed: u64) -> R<(usize, usize, usize, usize, 
     }
     p.kv.k.write(&p.host).map_err(e)?;
     let (warp2, _) = go(&p.kv, ScoreKernel::Warp)?;
+    let (pipe2, _) = go(&p.kv, ScoreKernel::WarpPipe)?;
     let host2 = reference(c, &p, &q, &rg, &cnt);
-    let moved = usize::from(warp2[j0] != warp[j0]);
-    let d_after = diff(&warp2, &host2);
+    let moved = usize::from(warp2[j0] != warp[j0] && pipe2[j0] != pipe[j0]);
+    let d_after = diff(&warp2, &host2) + diff(&pipe2, &host2);
     let first = (0..warp.len())
-        .find(|&i| warp[i] != thread[i] || warp[i] != host[i])
+        .find(|&i| warp[i] != thread[i] || warp[i] != host[i] || pipe[i] != host[i])
         .map(|i| {
             format!(
-                " first diff slot {i}: warp {:08x} thread {:08x} host {:08x}",
-                warp[i], thread[i], host[i]
+                " first diff slot {i}: warp {:08x} pipelined {:08x} thread {:08x} host {:08x}",
+                warp[i], pipe[i], thread[i], host[i]
             )
         })
         .unwrap_or_default();
@@ -355,10 +366,10 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
         moved += m;
     }
     Ok(vec![Check {
-        name: "hip_scorew keys == hip_score keys == host reference (9 cases)".into(),
+        name: "hip_scorew keys == hip_scorewp (pipelined, 1-lane cases) == hip_score keys == host reference (9 cases)".into(),
         ok: d_wt == 0 && d_wh == 0 && valid > 0 && moved == cases.len(),
         detail: format!(
-            "slots differing warp vs per-thread {d_wt}, vs host reference {d_wh} ({valid} valid slots); \
+            "slots differing warp / pipelined vs per-thread {d_wt}, vs host reference {d_wh} ({valid} valid slots); \
              a changed probe row moved the key in {moved} of {} cases{first}",
             cases.len()
         ),

@@ -23,9 +23,27 @@ use crate::gpu_dense::DENSE_BOUND;
 pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
     Ok(vec![
         topk_case(gpu, seed + 3)?,
-        step_case(gpu, &[40_000, 13_001, 5_000], 22, seed + 1)?,
-        step_case(gpu, &[3_000], 10, seed + 2)?,
+        step_case(gpu, &[40_000, 13_001, 5_000], 22, seed + 1, false)?,
+        step_case(gpu, &[3_000], 10, seed + 2, false)?,
+        step_case(gpu, &[70_000, 66_000], 10, seed + 4, true)?,
     ])
+}
+
+/// The reference launch mode of the step checks' plain twins: plain
+/// launches (no PDL), the plain warp scorer and one-CTA top-k (`on`), or
+/// back to the defaults.
+fn reference_mode(on: bool, pdl_default: bool) {
+    pdl::set_pdl(if on { false } else { pdl_default });
+    dispatch::set_score_pipe(!on && dispatch_default_pipe());
+    dispatch::set_topk_mc(!on && dispatch_default_mc());
+}
+
+fn dispatch_default_pipe() -> bool {
+    std::env::var("INFINITEHIP_SCORE_PIPE").map_or(true, |v| v != "0")
+}
+
+fn dispatch_default_mc() -> bool {
+    std::env::var("INFINITEHIP_TOPK_MC").map_or(true, |v| v != "0")
 }
 
 /// The CPU's order-preserving key of a score (kernels/hip_mask.cu score_key).
@@ -45,8 +63,12 @@ fn score_key(f: f32) -> u32 {
 /// kept slot sets must be equal (best k, ties: the earlier slot).
 fn topk_case(gpu: &GpuContext, seed: u64) -> R<Check> {
     let mut rng = Rng::new(seed);
-    let cases: [(usize, usize, usize, bool, f32); 8] = [
+    let cases: [(usize, usize, usize, bool, f32); 12] = [
         (8, 16_384, 128, true, 0.0),
+        (8, 16_384, 128, true, 0.5),
+        (8, 2_048, 128, false, 0.0),
+        (1, 1_025, 128, false, 0.95),
+        (2, 5_000, 128, true, 0.97),
         (8, 16_384, 128, false, 0.0),
         (8, 512, 256, false, 0.0),
         (8, 512, 256, true, 0.1),
@@ -55,7 +77,7 @@ fn topk_case(gpu: &GpuContext, seed: u64) -> R<Check> {
         (4, 100, 200, false, 0.3),
         (2, 7, 3, true, 0.0),
     ];
-    let (mut mismatched, mut total) = (0usize, 0usize);
+    let (mut mismatched, mut total, mut mc_runs, mut mc_wrong) = (0usize, 0usize, 0usize, 0usize);
     let mut first = String::new();
     for &(rows, n_sub, k, ties, invalid) in &cases {
         let keys: Vec<u32> = (0..rows * n_sub)
@@ -68,30 +90,43 @@ fn topk_case(gpu: &GpuContext, seed: u64) -> R<Check> {
                 }
             })
             .collect();
-        let got = dispatch::topk_slots(gpu, &keys, rows, n_sub, k).map_err(e)?;
-        for r in 0..rows {
-            let row = &keys[r * n_sub..(r + 1) * n_sub];
-            let mut v: Vec<usize> = (0..n_sub).filter(|&i| row[i] != 0).collect();
-            v.sort_by(|&a, &b| row[b].cmp(&row[a]).then(a.cmp(&b)));
-            v.truncate(k);
-            v.sort();
-            total += 1;
-            if v != got[r] {
-                mismatched += 1;
-                if first.is_empty() {
-                    first = format!(
-                        "(first: n_sub {n_sub} k {k} ties {ties} row {r}: want {} slots, got {})",
-                        v.len(),
-                        got[r].len()
-                    );
+        for multi in [false, true] {
+            let (got, ran_mc) =
+                dispatch::topk_slots(gpu, &keys, rows, n_sub, k, multi).map_err(e)?;
+            mc_runs += usize::from(ran_mc);
+            // hip_topk_mc runs exactly where a row spans two segments or more.
+            if ran_mc != (multi && n_sub > 1024.max(8 * k).next_multiple_of(1024)) {
+                mc_wrong += 1;
+            }
+            for r in 0..rows {
+                let row = &keys[r * n_sub..(r + 1) * n_sub];
+                let mut v: Vec<usize> = (0..n_sub).filter(|&i| row[i] != 0).collect();
+                v.sort_by(|&a, &b| row[b].cmp(&row[a]).then(a.cmp(&b)));
+                v.truncate(k);
+                v.sort();
+                total += 1;
+                if v != got[r] {
+                    mismatched += 1;
+                    if first.is_empty() {
+                        first = format!(
+                            "(first: n_sub {n_sub} k {k} ties {ties} multi-CTA {ran_mc} row {r}: want {} slots, got {})",
+                            v.len(),
+                            got[r].len()
+                        );
+                    }
                 }
             }
         }
     }
     Ok(Check {
-        name: "hip_topk == host sort (n_sub 7..40000, ties, invalid slots)".into(),
-        ok: mismatched == 0 && total > 0,
-        detail: format!("rows with a different kept set: {mismatched} of {total} {first}"),
+        name:
+            "hip_topk == hip_topk_mc (multi-CTA) == host sort (n_sub 7..40000, ties, invalid slots)"
+                .into(),
+        ok: mismatched == 0 && total > 0 && mc_runs == 8 && mc_wrong == 0,
+        detail: format!(
+            "rows with a different kept set: {mismatched} of {total} (both kernels); \
+             launches through hip_topk_mc {mc_runs}, path not the expected one {mc_wrong} {first}"
+        ),
     })
 }
 
@@ -112,8 +147,37 @@ fn nan_max(a: f64, b: f64) -> f64 {
 /// refresh there, compared with a fresh decoder's first step). Three
 /// decoders on one stream: host metadata (`step`, the reference), device
 /// metadata eager (`step_device`) and the same captured once in a CUDA
-/// graph and replayed every step.
-fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<Check> {
+/// graph and replayed every step. `force_new`: stage 0 through the
+/// pipelined one-lane scorer and the multi-CTA top-k even at these lengths
+/// (4-lane scoring off, `hip_topk_mc` from 2 segments), so that the plain
+/// twins (reference kernels) compare them inside whole steps.
+fn step_case(
+    gpu0: &GpuContext,
+    lens0: &[usize],
+    steps: usize,
+    seed: u64,
+    force_new: bool,
+) -> R<Check> {
+    if force_new {
+        dispatch::set_score4_max(Some(0));
+        dispatch::set_topk_mc_min_segs(Some(2));
+    }
+    let r = step_case_in(gpu0, lens0, steps, seed);
+    if force_new {
+        dispatch::set_score4_max(None);
+        dispatch::set_topk_mc_min_segs(None);
+    }
+    let mut c = r?;
+    if force_new {
+        c.name = format!(
+            "{} [stage 0: hip_scorewp one lane, hip_topk_mc from 2 segments]",
+            c.name
+        );
+    }
+    Ok(c)
+}
+
+fn step_case_in(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<Check> {
     let gpu = &gpu0.with_new_stream().map_err(e)?;
     let shape = AttnShape::new(32, 8, 128).map_err(e)?;
     let cfg = HipConfig::default();
@@ -186,7 +250,7 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
     let (mut host_plain, mut eager_plain, mut graphed_plain) = (new_dec()?, new_dec()?, new_dec()?);
     eager_plain.prepare_device_steps(&kv).map_err(e)?;
     graphed_plain.prepare_device_steps(&kv).map_err(e)?;
-    pdl::set_pdl(false);
+    reference_mode(true, pdl_default);
     graphed_plain
         .step_device(gpu, &shape, &kv, lens_dev.ptr, qd.ptr, outs[8].ptr)
         .map_err(e)?;
@@ -195,7 +259,7 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
     let graph_plain = hip_step::capture(gpu, || {
         graphed_plain.step_device(gpu, &shape, &kv, lens_dev.ptr, qd.ptr, outs[8].ptr)
     });
-    pdl::set_pdl(pdl_default);
+    reference_mode(false, pdl_default);
     let graph_plain = graph_plain.map_err(e)?;
     let mut pdl_mismatch = 0usize;
     let mut rng = Rng::new(seed ^ 0x57e9);
@@ -242,7 +306,7 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
         eager_lean
             .step_device(gpu, &shape, &kv, lens_dev.ptr, qd.ptr, outs[5].ptr)
             .map_err(e)?;
-        pdl::set_pdl(false);
+        reference_mode(true, pdl_default);
         let plain = (|| -> R<()> {
             host_plain
                 .step(gpu, &shape, &kv, qd.ptr, outs[6].ptr, true)
@@ -252,7 +316,7 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
                 .map_err(e)?;
             graph_plain.launch().map_err(e)
         })();
-        pdl::set_pdl(pdl_default);
+        reference_mode(false, pdl_default);
         plain?;
         gpu.synchronize().map_err(e)?;
         // What a reader of the lean decoder's selection buffer would see
@@ -374,7 +438,7 @@ fn step_case(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<C
         ),
         ok,
         detail: format!(
-            "programmatic dependent launch {pdl_on}: PDL launches != plain launches (host step, eager device step, graph replay; selection or output bits): {pdl_mismatch}; \
+            "programmatic dependent launch {pdl_on}: PDL launches (default stage kernels) != plain launches with hip_scorew + hip_topk (host step, eager device step, graph replay; selection or output bits): {pdl_mismatch}; \
              selections != host-metadata step: {sel_mismatch} {first_diff}; graph replay != eager (selection or output bits): {graph_mismatch} (output bits: {graph_out_mismatch}); \
              sparse v2: rel_err vs f64 {sparse_worst:.2e}, lean device step vs host {lean_dev:.2e} (bound {DENSE_BOUND:.0e}), one dropped token {sparse_drop:.2e} (must exceed), \
              lean host step != full host step (selection or output bits; {lean_steps} steps): {lean_mismatch}; \

@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaEvent, LaunchConfig, PushKernelArg};
 
 use super::hip_fast::{FastEstimator, FastInputs, MaskEstimator};
 use super::{gpu_err, kernels, DevBuf, GpuContext};
@@ -1145,6 +1145,101 @@ pub(crate) struct StageInputs {
     /// Device refresh gate (`hip_step_meta`'s state, 0: none): stage s
     /// runs only when the step refreshes from s or earlier.
     pub gate: u64,
+    /// Scratch of the multi-CTA top-k (`hip_topk_mc`); None: `hip_topk`.
+    pub topk_mc: Option<TopkMcPtrs>,
+}
+
+/// Scratch of `hip_topk_mc` (kernels/hip_mask.cu), device pointers: i32
+/// arrival counters `[rows]` (zero between launches), i32 segment counts
+/// `[rows][segs]`, int2 candidates `[rows][segs * k]`.
+#[derive(Clone, Copy, Debug)]
+pub struct TopkMcPtrs {
+    pub arrive: u64,
+    pub seg_cnt: u64,
+    pub cand: u64,
+    pub rows: usize,
+    pub segs_cap: usize,
+    pub pairs_per_row: usize,
+}
+
+/// Owner of a `TopkMcPtrs` scratch.
+pub struct TopkMc {
+    _buf: DevBuf,
+    pub ptrs: TopkMcPtrs,
+}
+
+impl TopkMc {
+    /// Scratch for `rows` rows of up to `n_sub` slots, keeping up to `k_max`.
+    pub fn new(rows: usize, n_sub: usize, k_max: usize) -> Result<Self> {
+        let k_max = k_max.max(1);
+        let segs_cap = n_sub.div_ceil(TOPK_MC_MIN_SEG).max(1);
+        let pairs_per_row = segs_cap * k_max;
+        let cnt_i32 = (rows + rows * segs_cap).next_multiple_of(2);
+        let buf = DevBuf::from_slice(&vec![0i32; cnt_i32 + rows * pairs_per_row * 2])?;
+        let ptrs = TopkMcPtrs {
+            arrive: buf.ptr,
+            seg_cnt: buf.ptr + rows as u64 * 4,
+            cand: buf.ptr + cnt_i32 as u64 * 4,
+            rows,
+            segs_cap,
+            pairs_per_row,
+        };
+        Ok(TopkMc { _buf: buf, ptrs })
+    }
+}
+
+/// Smallest segment of `hip_topk_mc` (one key per thread of a CTA).
+const TOPK_MC_MIN_SEG: usize = 1024;
+
+/// Keys per CTA of `hip_topk_mc` for a top-`k`: at least 8 k, so the last
+/// CTA's candidates (k per segment) are at most an eighth of the row, and
+/// a multiple of 1024 (the CTA's threads).
+pub(crate) fn topk_mc_seg(k: usize) -> usize {
+    (8 * k)
+        .max(TOPK_MC_MIN_SEG)
+        .next_multiple_of(TOPK_MC_MIN_SEG)
+}
+
+/// Fewest segments per row for which `launch_topk` takes `hip_topk_mc` in
+/// the decode stages. Measured on the H200 (2026-12-04, bench-gpu-model,
+/// stage 0 of 8 rows, k 128): 2 segments (128K tokens) 15.5-16.7 us vs
+/// 10.9-11.3 with one CTA per row, 16 segments (1M) 20.4-20.6 vs 31.0-31.2;
+/// a line through them breaks even near 6.
+const TOPK_MC_MIN_SEGS: usize = 6;
+static TOPK_MC_SEGS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(TOPK_MC_MIN_SEGS);
+
+/// Override the fewest segments per row that take `hip_topk_mc` (tests:
+/// 2 exercises it at short lengths; None: the default, 6).
+pub fn set_topk_mc_min_segs(n: Option<usize>) {
+    TOPK_MC_SEGS.store(
+        n.unwrap_or(TOPK_MC_MIN_SEGS).max(2),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// 0: not decided (read INFINITEHIP_TOPK_MC), 1: on, 2: off.
+static TOPK_MC: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Select the top-k of rows of `TOPK_MC_MIN_SEGS` segments or more with
+/// `hip_topk_mc` (several CTAs per row; the default) or always with
+/// `hip_topk` (one CTA per row, `false`). Overrides `INFINITEHIP_TOPK_MC`.
+pub fn set_topk_mc(on: bool) {
+    TOPK_MC.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether long rows use `hip_topk_mc` (see `set_topk_mc`).
+pub fn topk_mc() -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    match TOPK_MC.load(Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = std::env::var("INFINITEHIP_TOPK_MC").map_or(true, |v| v != "0");
+            TOPK_MC.store(if on { 1 } else { 2 }, Relaxed);
+            on
+        }
+    }
 }
 
 /// Run hip stages `from..` (score + top-k each) for all rows.
@@ -1156,10 +1251,31 @@ pub(crate) fn run_stages(
     from: usize,
     x: &StageInputs,
 ) -> Result<()> {
+    run_stages_to(gpu, kv, cfg, stages, from, cfg.stages.len(), x)
+}
+
+/// Run hip stages `from..to` (score + top-k each) for all rows.
+pub(crate) fn run_stages_to(
+    gpu: &GpuContext,
+    kv: &DeviceKv,
+    cfg: &HipConfig,
+    stages: &[StageBuf],
+    from: usize,
+    to: usize,
+    x: &StageInputs,
+) -> Result<()> {
     let rows = x.rows as i32;
     let nq_tpl = x.nq_tpl;
     let topk = gpu.func(x.module, "hip_topk")?;
-    for s in from..cfg.stages.len() {
+    let mc = match x.topk_mc {
+        Some(p) if topk_mc() => Some((
+            gpu.func(x.module, "hip_topk_mc")?,
+            p,
+            TOPK_MC_SEGS.load(std::sync::atomic::Ordering::Relaxed),
+        )),
+        _ => None,
+    };
+    for s in from..to.min(cfg.stages.len()) {
         let st = &cfg.stages[s];
         let (in_ptr, in_cnt, cap_in, e) = if s == 0 {
             (x.stage0_in, x.stage0_cnt, 1usize, x.e0)
@@ -1208,7 +1324,16 @@ pub(crate) fn run_stages(
             gate: x.gate,
             stage: s,
         };
-        launch_topk(gpu, &topk, x.keys, rows as usize, &sub, k, &stages[s])?;
+        launch_topk(
+            gpu,
+            &topk,
+            x.keys,
+            rows as usize,
+            &sub,
+            k,
+            &stages[s],
+            mc.as_ref().map(|(f, p, m)| (f, *p, *m)),
+        )?;
         super::prof::mark(gpu, super::prof::stage_name(false, s))?;
     }
     Ok(())
@@ -1224,6 +1349,12 @@ pub enum ScoreKernel {
     /// shared memory at once (coalesced cp.async), then scores from there;
     /// the same keys bit for bit.
     Warp,
+    /// `hip_scorewp*`: the warp kernel with two groups of sub-chunks per
+    /// warp, one group's level copied while the other's is scored (one
+    /// lane per sub-chunk launches only, else `Warp`); the same keys bit
+    /// for bit. The default where it applies (`INFINITEHIP_SCORE_PIPE=0`:
+    /// `Warp`).
+    WarpPipe,
 }
 
 static SCORE_V1: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -1234,9 +1365,35 @@ pub fn set_score_v1(on: bool) {
     SCORE_V1.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// 0: not decided (read INFINITEHIP_SCORE_PIPE), 1: on, 2: off.
+static SCORE_PIPE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Score one-lane stages (stage 0 at long contexts) with the pipelined
+/// warp kernel (`hip_scorewp*`, the default) or the plain warp kernel
+/// (`hip_scorew*`, `false`). Overrides `INFINITEHIP_SCORE_PIPE`.
+pub fn set_score_pipe(on: bool) {
+    SCORE_PIPE.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether one-lane stages use `hip_scorewp*` (see `set_score_pipe`).
+pub fn score_pipe() -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    match SCORE_PIPE.load(Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = std::env::var("INFINITEHIP_SCORE_PIPE").map_or(true, |v| v != "0");
+            SCORE_PIPE.store(if on { 1 } else { 2 }, Relaxed);
+            on
+        }
+    }
+}
+
 fn score_kernel() -> ScoreKernel {
     if SCORE_V1.load(std::sync::atomic::Ordering::Relaxed) {
         ScoreKernel::PerThread
+    } else if score_pipe() {
+        ScoreKernel::WarpPipe
     } else {
         ScoreKernel::Warp
     }
@@ -1288,12 +1445,19 @@ pub(crate) fn launch_score(
     // kernels/hip_mask.cu HSW_WARP_BYTES, per warp.
     let warp_bytes = 2 * (32 / lanes) * ((d / 8 + 1) * 16 + 8);
     let w_smem = q_bytes + SCORE_THREADS / 32 * warp_bytes;
-    let kind = if want == ScoreKernel::Warp && x.module == "hip_mask" && w_smem <= SCOREW_MAX_SMEM {
-        ScoreKernel::Warp
-    } else {
-        ScoreKernel::PerThread
-    };
+    // hip_scorewp: the same shared memory as hip_scorew with one lane.
+    let kind =
+        if want != ScoreKernel::PerThread && x.module == "hip_mask" && w_smem <= SCOREW_MAX_SMEM {
+            if want == ScoreKernel::WarpPipe && lanes == 1 {
+                ScoreKernel::WarpPipe
+            } else {
+                ScoreKernel::Warp
+            }
+        } else {
+            ScoreKernel::PerThread
+        };
     let (pfx, smem) = match kind {
+        ScoreKernel::WarpPipe => ("hip_scorewp", w_smem),
         ScoreKernel::Warp => ("hip_scorew", w_smem),
         ScoreKernel::PerThread => ("hip_score", q_bytes),
     };
@@ -1463,6 +1627,11 @@ pub(crate) struct SubChunks {
 }
 
 /// hip_topk: keep the best `k` slots of each row's `keys` into `out`.
+/// With `mc` (`hip_topk_mc`, its scratch and the fewest segments, >= 2)
+/// rows of that many segments (`topk_mc_seg`) or more are selected by
+/// several CTAs each (the same result), when the scratch is large enough;
+/// else one CTA per row. Returns whether `hip_topk_mc` ran.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn launch_topk(
     gpu: &GpuContext,
     topk: &cudarc::driver::CudaFunction,
@@ -1471,8 +1640,60 @@ pub(crate) fn launch_topk(
     sub: &SubChunks,
     k: usize,
     out: &StageBuf,
-) -> Result<()> {
+    mc: Option<(&cudarc::driver::CudaFunction, TopkMcPtrs, usize)>,
+) -> Result<bool> {
     let stage = sub.stage as i32;
+    let n_sub = sub.cap * sub.e;
+    let seg = topk_mc_seg(k);
+    let segs = n_sub.div_ceil(seg);
+    if let Some((f, p, min_segs)) = mc {
+        if segs >= min_segs.max(2)
+            && segs <= p.segs_cap
+            && segs * k <= p.pairs_per_row
+            && rows <= p.rows
+        {
+            let (nsub, ki, segi, oc, ci, ei, c) = (
+                n_sub as i32,
+                k as i32,
+                seg as i32,
+                out.cap as i32,
+                sub.cap as i32,
+                sub.e as i32,
+                sub.c as i32,
+            );
+            let mut l = gpu.launch_pdl(f, Some(super::pdl::Site::Topk(sub.stage)));
+            l.arg(&keys)
+                .arg(&nsub)
+                .arg(&ki)
+                .arg(&segi)
+                .arg(&sub.ranges)
+                .arg(&sub.cnt)
+                .arg(&ci)
+                .arg(&ei)
+                .arg(&c)
+                .arg(&out.out.ptr)
+                .arg(&out.cnt.ptr)
+                .arg(&oc)
+                .arg(&sub.gate)
+                .arg(&stage)
+                .arg(&p.arrive)
+                .arg(&p.seg_cnt)
+                .arg(&p.cand);
+            // SAFETY: the arguments follow hip_topk_mc's parameter list (kernels/hip_mask.cu,
+            // same order and C types); the scratch holds rows x segs counts and rows x segs * k
+            // candidates (checked above), its counters zero between launches (the kernel resets
+            // them); the other pointers are as for hip_topk below.
+            unsafe {
+                l.launch(LaunchConfig {
+                    grid_dim: (segs as u32, rows as u32, 1),
+                    block_dim: (TOPK_MC_MIN_SEG as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+            }
+            .map_err(|e| gpu_err("launch hip_topk_mc", e))?;
+            return Ok(true);
+        }
+    }
     let (nsub, k, oc, ci, ei, c) = (
         (sub.cap * sub.e) as i32,
         k as i32,
@@ -1509,20 +1730,23 @@ pub(crate) fn launch_topk(
         })
     }
     .map_err(|e| gpu_err("launch hip_topk", e))?;
-    Ok(())
+    Ok(false)
 }
 
 /// hip_topk on host keys (tests): `keys` holds `rows` rows of `n_sub`
 /// order-preserving keys (0: an invalid slot); returns per row the kept
 /// slot indices in ascending order (the best `k` valid keys, ties: the
-/// earlier slot).
+/// earlier slot). `multi`: through `hip_topk_mc` where the row spans two
+/// segments or more (the decode stages take it from 6); the bool says
+/// whether it ran.
 pub fn topk_slots(
     gpu: &GpuContext,
     keys: &[u32],
     rows: usize,
     n_sub: usize,
     k: usize,
-) -> Result<Vec<Vec<usize>>> {
+    multi: bool,
+) -> Result<(Vec<Vec<usize>>, bool)> {
     if keys.len() != rows * n_sub || k == 0 {
         return Err(Error::shape("topk_slots keys", rows * n_sub, keys.len()));
     }
@@ -1548,18 +1772,36 @@ pub fn topk_slots(
         stage: 0,
     };
     let topk = gpu.func("hip_mask", "hip_topk")?;
-    launch_topk(gpu, &topk, kd.ptr, rows, &sub, k, &out)?;
+    let scratch = if multi {
+        Some(TopkMc::new(rows, n_sub, k)?)
+    } else {
+        None
+    };
+    let f_mc = gpu.func("hip_mask", "hip_topk_mc")?;
+    let ran_mc = launch_topk(
+        gpu,
+        &topk,
+        kd.ptr,
+        rows,
+        &sub,
+        k,
+        &out,
+        scratch.as_ref().map(|m| (&f_mc, m.ptrs, 2)),
+    )?;
     gpu.synchronize()?;
     let cnt: Vec<i32> = out.cnt.read(rows)?;
     let got: Vec<[i32; 2]> = out.out.read(rows * k)?;
-    Ok((0..rows)
-        .map(|r| {
-            got[r * k..r * k + cnt[r].clamp(0, k as i32) as usize]
-                .iter()
-                .map(|p| p[0] as usize)
-                .collect()
-        })
-        .collect())
+    Ok((
+        (0..rows)
+            .map(|r| {
+                got[r * k..r * k + cnt[r].clamp(0, k as i32) as usize]
+                    .iter()
+                    .map(|p| p[0] as usize)
+                    .collect()
+            })
+            .collect(),
+        ran_mc,
+    ))
 }
 
 /// Build the attention selection (sink, last stage's chunks, slid, window).
@@ -1785,6 +2027,12 @@ pub struct HipGpuDecoder {
     pub score_module: &'static str,
     /// Device-side stepping state (`hip_step`), once prepared.
     pub(crate) dev: Option<super::hip_step::DeviceStepState>,
+    /// Scratch of the multi-CTA top-k, sized with `keys`.
+    pub(crate) topk_mc: Option<TopkMc>,
+    /// Recorded on the stream right after stage 0's top-k of a step that
+    /// refreshes stage 0 (`set_stage0_event`): a copy stream can start on
+    /// stage 0's kept chunks (`stage0_chunks`) while stages 1.. score.
+    pub(crate) stage0_done: Option<CudaEvent>,
 }
 
 impl HipGpuDecoder {
@@ -1872,9 +2120,39 @@ impl HipGpuDecoder {
             host_tab_sink: Vec::new(),
             score_module: "hip_mask",
             dev: None,
+            topk_mc: None,
+            stage0_done: None,
             stages,
             cfg,
         })
+    }
+
+    /// Size the multi-CTA top-k scratch for rows of up to `slots` keys.
+    pub(crate) fn grow_topk_mc(&mut self, slots: usize) -> Result<()> {
+        let k_max = self.stages.iter().map(|s| s.cap).max().unwrap_or(1);
+        self.topk_mc = Some(TopkMc::new(self.batch * self.hkv, slots, k_max)?);
+        Ok(())
+    }
+
+    /// Record `ev` on the stream right after stage 0's top-k whenever a
+    /// `select` refreshes stage 0 (None: record nothing, the default).
+    pub fn set_stage0_event(&mut self, ev: Option<CudaEvent>) {
+        self.stage0_done = ev;
+    }
+
+    /// The event `set_stage0_event` gave, if any.
+    pub fn stage0_event(&self) -> Option<&CudaEvent> {
+        self.stage0_done.as_ref()
+    }
+
+    /// Stage 0's kept chunks as the device holds them: ranges `[rows][cap]`
+    /// of (start, end) i32 pairs, counts `[rows]` i32, and `cap`; rows are
+    /// `sequence * n_kv_heads + kv_head`. Every later stage keeps sub-chunks
+    /// of these, so until stage 0 refreshes again every selection is inside
+    /// them plus the sink, slid and window ranges.
+    pub fn stage0_chunks(&self) -> (u64, u64, usize) {
+        let s = &self.stages[0];
+        (s.out.ptr, s.cnt.ptr, s.cap)
     }
 
     /// Which stage a step starts from (n_stages: none refreshed).
@@ -1949,6 +2227,7 @@ impl HipGpuDecoder {
             if need > self.keys_cap {
                 self.keys = DevBuf::alloc(need * 4)?;
                 self.keys_cap = need;
+                self.grow_topk_mc(slots)?;
             }
             self.e0 = e0;
         }
@@ -1966,8 +2245,17 @@ impl HipGpuDecoder {
             keys: self.keys.ptr,
             module: self.score_module,
             gate: 0,
+            topk_mc: self.topk_mc.as_ref().map(|m| m.ptrs),
         };
-        run_stages(gpu, kv, &self.cfg, &self.stages, from, &ctx)?;
+        match (&self.stage0_done, from) {
+            (Some(ev), 0) => {
+                run_stages_to(gpu, kv, &self.cfg, &self.stages, 0, 1, &ctx)?;
+                ev.record(&gpu.stream)
+                    .map_err(|e| gpu_err("record stage-0 event", e))?;
+                run_stages(gpu, kv, &self.cfg, &self.stages, 1, &ctx)?;
+            }
+            _ => run_stages(gpu, kv, &self.cfg, &self.stages, from, &ctx)?,
+        }
         let sinks: Vec<usize> = lens.iter().map(|&l| self.cfg.sink.min(l)).collect();
         let lean_skip = self.lean_active() && from == n && self.host_tab_sink == sinks;
         self.sel_stale = lean_skip;
@@ -2417,6 +2705,7 @@ impl HipGpuPrefill {
             keys: self.keys.ptr,
             module: "hip_mask",
             gate: 0,
+            topk_mc: None,
         };
         run_stages(gpu, kv, &self.cfg, &self.stages, 0, &x)?;
         self.sel.rows = rows;

@@ -322,6 +322,7 @@ impl FastEstimator {
             &sub0,
             st0.keep_tokens / st0.chunk_size,
             &stages[0],
+            None,
         )?;
         if cfg.stages.len() == 1 {
             return Ok(());
@@ -413,6 +414,7 @@ impl FastEstimator {
                 &sub,
                 st.keep_tokens / st.chunk_size,
                 &stages[s],
+                None,
             )?;
         }
         Ok(())

@@ -53,7 +53,7 @@ impl HipGpuDecoder {
             )));
         }
         let cap_max = kv.capacity.iter().copied().max().unwrap_or(0).max(1);
-        let st = &self.cfg.stages;
+        let st = self.cfg.stages.clone();
         let e0 = cap_max.div_ceil(st[0].chunk_size).max(1);
         let mut slots = e0;
         for s in 1..st.len() {
@@ -64,6 +64,7 @@ impl HipGpuDecoder {
         if need > self.keys_cap {
             self.keys = DevBuf::alloc(need * 4)?;
             self.keys_cap = need;
+            self.grow_topk_mc(slots)?;
         }
         self.e0 = e0;
         // One token per step slides at most one token per step out of the
@@ -172,6 +173,7 @@ impl HipGpuDecoder {
             keys: self.keys.ptr,
             module: self.score_module,
             gate: d.state.ptr,
+            topk_mc: self.topk_mc.as_ref().map(|m| m.ptrs),
         };
         run_stages(gpu, kv, cfg, &self.stages, 0, &x)?;
         let last = self.stages.last().unwrap();

@@ -236,6 +236,7 @@ pub fn entry_points(module: &str) -> Vec<String> {
                     }
                     for g in GROUPS {
                         v.push(format!("hip_scorew_{dt}_d{d}_q{g}"));
+                        v.push(format!("hip_scorewp_{dt}_d{d}_q{g}"));
                     }
                 }
                 "hip_fast" => {
@@ -262,6 +263,7 @@ pub fn entry_points(module: &str) -> Vec<String> {
         }
         "hip_mask" => {
             v.push("hip_topk".into());
+            v.push("hip_topk_mc".into());
             v.push("hip_assemble".into());
             v.push("hip_gather_q".into());
             v.push("hip_step_meta".into());

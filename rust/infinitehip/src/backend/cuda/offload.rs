@@ -23,7 +23,12 @@
 //! through mapped memory a step late (`take_stats`). A hip step that
 //! refreshes no stage may reuse the last walk instead
 //! (`prepare_device_step(.., tail_only = true)`, rule `walk_covers`): no
-//! launch but the appended rows' write-through. `PagePolicy::Host` is
+//! launch but the appended rows' write-through. With `set_superset` every
+//! walk also covers stage 0's kept chunks (which contain every selection
+//! until stage 0 refreshes again), so steps that refresh only later stages
+//! reuse it too, and `prefetch_superset` walks them on the copy stream
+//! while the later stages score (page prefetch at mask refresh; bench
+//! `--page-prefetch`, BENCHMARKS run 8). `PagePolicy::Host` is
 //! the exact-LRU path above (`PageCache`), kept for comparison.
 
 use std::ops::Range;
@@ -419,6 +424,35 @@ pub struct OffloadKv {
     /// entered a new page, which is wrong (that page's blocks were never
     /// mapped); the checks must see it.
     pub unsound_reuse_for_tests: bool,
+    /// Stage 0's kept chunks (`set_superset`): walked with every selection,
+    /// so steps that refresh only later stages may reuse the walk.
+    superset: Option<Superset>,
+    /// The copy stream's superset walk (`prefetch_superset`) and its pins
+    /// list; the next `prepare_device_step` waits for it.
+    prefetched: CudaEvent,
+    prefetch_pending: bool,
+    prefetch_staging: PinnedBuf,
+    /// Steps whose page step was the copy stream's superset walk (no walk
+    /// on the main stream), since construction.
+    pub steps_prefetched: u64,
+}
+
+/// Stage 0's kept chunks on the device (`HipGpuDecoder::stage0_chunks`).
+#[derive(Clone, Copy)]
+struct Superset {
+    ranges: u64,
+    cnt: u64,
+    cap: usize,
+}
+
+/// One selection a page walk covers: ranges `[rows][cap]` (i32 pairs) and
+/// counts `[rows]` on the device.
+#[derive(Clone, Copy)]
+struct WalkPart {
+    ranges: u64,
+    cnt: u64,
+    cap: i32,
+    rows: i32,
 }
 
 /// The last walked step of the device policy: per sequence its length and
@@ -562,7 +596,14 @@ impl OffloadKv {
             .ctx
             .new_event(None)
             .map_err(|e| gpu_err("create event", e))?;
+        let prefetched = gpu
+            .ctx
+            .new_event(None)
+            .map_err(|e| gpu_err("create event", e))?;
         copied
+            .record(&side)
+            .map_err(|e| gpu_err("record event", e))?;
+        prefetched
             .record(&side)
             .map_err(|e| gpu_err("record event", e))?;
         attended
@@ -585,6 +626,11 @@ impl OffloadKv {
             walked: None,
             steps_reused: 0,
             unsound_reuse_for_tests: false,
+            superset: None,
+            prefetched,
+            prefetch_pending: false,
+            prefetch_staging: PinnedBuf::alloc(1 << 12)?,
+            steps_prefetched: 0,
         })
     }
 
@@ -867,6 +913,28 @@ impl OffloadKv {
                     .collect()
             })
             .collect();
+        if std::mem::take(&mut self.prefetch_pending) {
+            // The copy stream walked this step's superset and pins
+            // (`prefetch_superset`): the selection lies inside them.
+            gpu.stream
+                .wait(&self.prefetched)
+                .map_err(|e| gpu_err("main stream wait for the prefetch", e))?;
+            if self.reusable(&pin_pages) {
+                self.steps_prefetched += 1;
+                self.write_through(gpu)?;
+                // Waits on the page step (`take_stats`) cover the prefetch.
+                self.copied
+                    .record(&gpu.stream)
+                    .map_err(|e| gpu_err("record page step event", e))?;
+                return Ok(OffloadStep {
+                    blocks_needed: 0,
+                    cache,
+                    host_resolve_ms: t0.elapsed().as_secs_f64() * 1e3,
+                    host_wait_ms: 0.0,
+                    host_launch_ms: 0.0,
+                });
+            }
+        }
         if tail_only && self.reusable(&pin_pages) {
             self.steps_reused += 1;
             self.write_through(gpu)?;
@@ -917,58 +985,110 @@ impl OffloadKv {
         self.staging.write_at(pins.len() * 4, &rows);
         let pins_ptr = self.staging.dev;
         let rows_ptr = self.staging.dev + (pins.len() * 4) as u64;
+        let mut parts = vec![WalkPart {
+            ranges: sel.ranges.ptr,
+            cnt: sel.cnt.ptr,
+            cap: sel.cap as i32,
+            rows: sel.rows as i32,
+        }];
+        parts.extend(self.superset_part());
+        self.launch_walk(gpu, &gpu.stream, &parts, pins_ptr, pins.len() / 3)?;
+        if !rows.is_empty() {
+            self.launch_rows(gpu, rows_ptr, rows.len() / 3)?;
+        }
+        self.copied
+            .record(&gpu.stream)
+            .map_err(|e| gpu_err("record page step event", e))?;
+        Ok(OffloadStep {
+            blocks_needed: (cache.hits + cache.misses) as usize,
+            cache,
+            host_resolve_ms: (t1 - t0).as_secs_f64() * 1e3,
+            host_wait_ms: (t2 - t1).as_secs_f64() * 1e3,
+            host_launch_ms: t2.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// The superset as a walk part (None: not set).
+    fn superset_part(&self) -> Option<WalkPart> {
+        let nb = self.host.tables.len();
+        self.superset.map(|u| WalkPart {
+            ranges: u.ranges,
+            cnt: u.cnt,
+            cap: u.cap as i32,
+            rows: (nb * self.host.layout.n_kv_heads) as i32,
+        })
+    }
+
+    /// One page walk on `stream` over `parts` (the pins, `n_pins` staged
+    /// (sequence, start, end) triples at `pins_ptr`, with the first part):
+    /// `pc_walk` mode 0 per part (blocks marked once per step by their
+    /// stamp), `pc_clock`, `pc_walk` mode 1 per part, the last with the
+    /// copy CTAs.
+    fn launch_walk(
+        &mut self,
+        gpu: &GpuContext,
+        stream: &Arc<CudaStream>,
+        parts: &[WalkPart],
+        pins_ptr: u64,
+        n_pins: usize,
+    ) -> Result<()> {
+        let hkv = self.host.layout.n_kv_heads;
+        let ps = self.host.layout.page_size;
+        let n_slots = self.cache.n_slots() as i32;
         let d = self.dev.as_mut().unwrap();
         d.step = d.step.wrapping_add(1).max(1);
-        let n_pins = (pins.len() / 3) as i32;
-        let walk = (sel.rows + pins.len() / 3 * hkv) as u32;
         let f = gpu.func("offload", "pc_walk")?;
-        let (cap, nrows, hkv_i, ps_i) = (sel.cap as i32, sel.rows as i32, hkv as i32, ps as i32);
+        let (hkv_i, ps_i) = (hkv as i32, ps as i32);
         let (pstride, miss_cap, tstride) =
             (d.pstride as i32, d.miss_cap as i32, self.stride as i32);
         let bv = (self.host.block_elems() * 2 / 16) as i32;
         let n_copy = (gpu.sm_count as u32).clamp(1, 264);
         for mode in [0i32, 1] {
-            let mut l = gpu.stream.launch_builder(&f);
-            l.arg(&mode)
-                .arg(&sel.ranges.ptr)
-                .arg(&sel.cnt.ptr)
-                .arg(&cap)
-                .arg(&nrows)
-                .arg(&hkv_i)
-                .arg(&ps_i)
-                .arg(&d.ptable.ptr)
-                .arg(&pstride)
-                .arg(&pins_ptr)
-                .arg(&n_pins)
-                .arg(&d.step)
-                .arg(&d.stamp.ptr)
-                .arg(&d.block_slot.ptr)
-                .arg(&d.slot_step.ptr)
-                .arg(&d.slot_ref.ptr)
-                .arg(&d.miss.ptr)
-                .arg(&miss_cap)
-                .arg(&d.ctr.ptr)
-                .arg(&self.slot_table.ptr)
-                .arg(&tstride)
-                .arg(&self.host.k.dev)
-                .arg(&self.host.v.dev)
-                .arg(&self.slot_k.ptr)
-                .arg(&self.slot_v.ptr)
-                .arg(&d.victim.ptr)
-                .arg(&bv);
-            let grid = if mode == 0 { walk } else { walk + n_copy };
-            unsafe {
-                l.launch(LaunchConfig {
-                    grid_dim: (grid, 1, 1),
-                    block_dim: (if mode == 0 { 128 } else { 256 }, 1, 1),
-                    shared_mem_bytes: 0,
-                })
+            for (i, p) in parts.iter().enumerate() {
+                let np = if i == 0 { n_pins as i32 } else { 0 };
+                let walk = (p.rows as usize + np as usize * hkv) as u32;
+                let copy = mode == 1 && i + 1 == parts.len();
+                let mut l = stream.launch_builder(&f);
+                l.arg(&mode)
+                    .arg(&p.ranges)
+                    .arg(&p.cnt)
+                    .arg(&p.cap)
+                    .arg(&p.rows)
+                    .arg(&hkv_i)
+                    .arg(&ps_i)
+                    .arg(&d.ptable.ptr)
+                    .arg(&pstride)
+                    .arg(&pins_ptr)
+                    .arg(&np)
+                    .arg(&d.step)
+                    .arg(&d.stamp.ptr)
+                    .arg(&d.block_slot.ptr)
+                    .arg(&d.slot_step.ptr)
+                    .arg(&d.slot_ref.ptr)
+                    .arg(&d.miss.ptr)
+                    .arg(&miss_cap)
+                    .arg(&d.ctr.ptr)
+                    .arg(&self.slot_table.ptr)
+                    .arg(&tstride)
+                    .arg(&self.host.k.dev)
+                    .arg(&self.host.v.dev)
+                    .arg(&self.slot_k.ptr)
+                    .arg(&self.slot_v.ptr)
+                    .arg(&d.victim.ptr)
+                    .arg(&bv);
+                let grid = if copy { walk + n_copy } else { walk };
+                unsafe {
+                    l.launch(LaunchConfig {
+                        grid_dim: (grid.max(1), 1, 1),
+                        block_dim: (if mode == 0 { 128 } else { 256 }, 1, 1),
+                        shared_mem_bytes: 0,
+                    })
+                }
+                .map_err(|e| gpu_err("launch pc_walk", e))?;
             }
-            .map_err(|e| gpu_err("launch pc_walk", e))?;
             if mode == 0 {
                 let c = gpu.func("offload", "pc_clock")?;
-                let n_slots = self.cache.n_slots() as i32;
-                let mut l = gpu.stream.launch_builder(&c);
+                let mut l = stream.launch_builder(&c);
                 l.arg(&n_slots)
                     .arg(&d.step)
                     .arg(&d.miss.ptr)
@@ -991,19 +1111,113 @@ impl OffloadKv {
                 .map_err(|e| gpu_err("launch pc_clock", e))?;
             }
         }
-        if !rows.is_empty() {
-            self.launch_rows(gpu, rows_ptr, rows.len() / 3)?;
+        Ok(())
+    }
+
+    /// `PagePolicy::Device`: walk stage 0's kept chunks (`ranges`, `cnt`:
+    /// `HipGpuDecoder::stage0_chunks`, rows `[batch][n_kv_heads]`, `cap`
+    /// per row, chunks of `chunk` tokens) along with every selection from
+    /// now on (the buffers must stay allocated). Every hip selection until
+    /// stage 0 refreshes again is inside them plus the sink, slid and
+    /// window ranges, so a step that refreshes only later stages may then
+    /// pass `tail_only` to `prepare_device_step` and reuse the walk, and a
+    /// stage-0 refresh can walk them on the copy stream while the later
+    /// stages score (`prefetch_superset`). Errors when stage 0's chunks
+    /// could need more than 3/4 of the cache's slots (leave it off then).
+    pub fn set_superset(&mut self, ranges: u64, cnt: u64, cap: usize, chunk: usize) -> Result<()> {
+        if self.dev.is_none() {
+            return Err(Error::Invalid(
+                "offload superset walks need the device page policy".into(),
+            ));
         }
-        self.copied
-            .record(&gpu.stream)
-            .map_err(|e| gpu_err("record page step event", e))?;
-        Ok(OffloadStep {
-            blocks_needed: (cache.hits + cache.misses) as usize,
-            cache,
-            host_resolve_ms: (t1 - t0).as_secs_f64() * 1e3,
-            host_wait_ms: (t2 - t1).as_secs_f64() * 1e3,
-            host_launch_ms: t2.elapsed().as_secs_f64() * 1e3,
-        })
+        let rows = self.host.tables.len() * self.host.layout.n_kv_heads;
+        let bound = rows * cap * (chunk.div_ceil(self.host.layout.page_size) + 1);
+        let n = self.cache.n_slots();
+        if bound > n / 4 * 3 {
+            return Err(Error::config(
+                "kv.device_cache_pages",
+                format!("{n} slots: stage 0's kept chunks may touch {bound} head blocks, more than 3/4 of the cache; page prefetch needs a larger cache"),
+            ));
+        }
+        self.superset = Some(Superset { ranges, cnt, cap });
+        // Walks so far did not cover it.
+        self.walked = None;
+        Ok(())
+    }
+
+    /// Stop walking stage 0's chunks with every selection.
+    pub fn clear_superset(&mut self) {
+        self.superset = None;
+        self.walked = None;
+    }
+
+    /// Superset walk on the copy stream, for a step that refreshed stage 0
+    /// (`set_superset` first): after `after` (recorded on `gpu.stream` once
+    /// stage 0's kept chunks are written, `HipGpuDecoder::set_stage0_event`),
+    /// walk stage 0's chunks and the `pinned` ranges, evict by CLOCK and
+    /// copy the missing blocks, overlapping whatever `gpu.stream` runs
+    /// meanwhile (the later stages' scoring). The next
+    /// `prepare_device_step` makes `gpu.stream` wait for it and, the
+    /// selection being inside what it walked, walks nothing itself.
+    /// `gpu.stream` must not run a page step or attention between `after`
+    /// and that call.
+    pub fn prefetch_superset(
+        &mut self,
+        gpu: &GpuContext,
+        pinned: &[Vec<Range<usize>>],
+        after: &CudaEvent,
+    ) -> Result<()> {
+        let nb = self.host.tables.len();
+        let ps = self.host.layout.page_size;
+        let part = self.superset_part().ok_or_else(|| {
+            Error::Invalid("offload prefetch_superset before set_superset".into())
+        })?;
+        if pinned.len() != nb {
+            return Err(Error::shape("offload prefetch pinned", nb, pinned.len()));
+        }
+        let mut pins: Vec<i32> = Vec::new();
+        let mut pin_pages = Vec::new();
+        for (b, rs) in pinned.iter().enumerate() {
+            let end = self.host.capacity(b);
+            let mut pp = Vec::new();
+            for r in rs {
+                let e = r.end.min(end);
+                if r.start < e {
+                    pins.extend_from_slice(&[b as i32, r.start as i32, e as i32]);
+                    pp.push((r.start / ps, (e - 1) / ps));
+                }
+            }
+            pin_pages.push(pp);
+        }
+        // The last prefetch may still read its pins list.
+        self.prefetched
+            .synchronize()
+            .map_err(|e| gpu_err("wait for the previous prefetch", e))?;
+        if pins.len() * 4 > self.prefetch_staging.bytes {
+            self.prefetch_staging = PinnedBuf::alloc((pins.len() * 4).next_power_of_two())?;
+        }
+        self.prefetch_staging.write_at(0, &pins);
+        let side = self.side.clone();
+        side.wait(after)
+            .map_err(|e| gpu_err("copy stream wait for stage 0", e))?;
+        let pins_ptr = self.prefetch_staging.dev;
+        self.launch_walk(gpu, &side, &[part], pins_ptr, pins.len() / 3)?;
+        self.prefetched
+            .record(&side)
+            .map_err(|e| gpu_err("record prefetch event", e))?;
+        self.prefetch_pending = true;
+        self.walked = Some(Walked {
+            lens: self.host.lens.clone(),
+            pin_pages,
+        });
+        Ok(())
+    }
+
+    /// Make `gpu.stream` wait for the last `prefetch_superset` (tests).
+    pub fn wait_prefetch(&self, gpu: &GpuContext) -> Result<()> {
+        gpu.stream
+            .wait(&self.prefetched)
+            .map_err(|e| gpu_err("main stream wait for the prefetch", e))
     }
 
     /// Whether the last walk covers a step whose selection grew only at its

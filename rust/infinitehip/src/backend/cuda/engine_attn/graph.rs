@@ -499,6 +499,7 @@ impl GpuAttention {
             keys: g.keys.ptr,
             module: "hip_mask",
             gate: g.gate.ptr,
+            topk_mc: None,
         };
         let pos: Vec<StageBuf> = (0..n)
             .map(|s| StageBuf {

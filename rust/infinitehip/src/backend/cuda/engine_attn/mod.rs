@@ -1447,6 +1447,7 @@ impl GpuAttention {
                     keys: self.keys.ptr,
                     module,
                     gate: 0,
+                    topk_mc: None,
                 };
                 run_stages(gpu, dkv, &h.cfg, &stages, froms[i], &x)?;
             }
