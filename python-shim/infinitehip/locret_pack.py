@@ -19,7 +19,9 @@ It then checks that unpacking reproduces HF_DIR's tensors exactly
 layer K-1 is then the last one, its output projection and MLP omitted), so
 heads can be trained for layers 0..K-1 when the whole pack would not fit
 the device machine's 64 MiB; `merge` then completes such heads with another
-heads file's later layers (the layer l of NEW where NEW has it, else BASE's).
+heads file's later layers (the layer l of NEW where NEW has it, else BASE's;
+a BASE of a narrower hidden width is padded with zeros, which scores the
+same).
 
 `unpack` writes an HF checkpoint directory (config.json, model.safetensors,
 tokens.npy, locret_pack.json): embedding rows never packed are NaN, so a
@@ -167,6 +169,7 @@ def r_layers(reader):
 def merge(new_path, base_path, out_path):
     """Heads file of BASE's layers with NEW's where NEW has them (same
     widths required); returns which layers came from NEW."""
+    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -176,6 +179,21 @@ def merge(new_path, base_path, out_path):
 
     new, _ = load(new_path)
     base, base_meta = load(base_path)
+    hid = lambda w: {k: v.shape[0] for k, v in w.items() if k.endswith("fc1.weight")}  # noqa: E731
+    h_new, h_base = set(hid(new).values()), set(hid(base).values())
+    if len(h_new) != 1 or len(h_base) != 1:
+        raise SystemExit(f"mixed hidden widths: {h_new} in {new_path}, {h_base} in {base_path}")
+    (h_new,), (h_base,) = h_new, h_base
+    if h_new < h_base:
+        raise SystemExit(f"{new_path} is narrower ({h_new}) than {base_path} ({h_base})")
+    if h_new > h_base:
+        # A narrower head padded with zero rows of fc1 and zero columns of
+        # fc2 scores exactly as before (silu(0) = 0, and fc2 ignores them).
+        for k, v in base.items():
+            pad = torch.zeros((h_new - h_base, v.shape[1]), dtype=v.dtype) if k.endswith("fc1.weight") \
+                else torch.zeros((v.shape[0], h_new - h_base), dtype=v.dtype)
+            base[k] = torch.cat([v, pad], 0 if k.endswith("fc1.weight") else 1)
+        base_meta = {**base_meta, "locret_hidden": str(h_new)}
     out, taken = dict(base), []
     for k, v in new.items():
         if k not in base or base[k].shape != v.shape:

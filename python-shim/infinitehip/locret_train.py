@@ -232,6 +232,52 @@ def loss_fn(pred, target):
     return fit + SMOOTH_WEIGHT * smooth, fit
 
 
+def zscore(a, dim=-1):
+    """(a - mean) / std along dim (std 0 -> 1)."""
+    mu = a.mean(dim, keepdim=True)
+    sd = a.std(dim, keepdim=True, unbiased=False)
+    return (a - mu) / sd.clamp_min(1e-6)
+
+
+def rank_term(kind, pred, target, beta):
+    """A listwise ranking loss that weights the top of the ranking (what an
+    eviction to 1/8 keeps), KL(softmax(beta z(target)) || softmax(beta .)):
+
+    - `col`: per (layer, KV head) column over the prefix tokens, the
+      prediction divided by the target column's std (a constant), so the
+      term ranks without changing the scale SmoothL1 fits;
+    - `tok`: per token, the way llama.cpp pools a token's scores by default
+      (`z_max`: z-score each column over the tokens, then the token's max)
+      against the target's raw max over columns (the pooling with which the
+      exact targets did best, tests/quality/locret_sim.py oracle-logit);
+    - `tokraw`: the same with the predictions pooled raw (`raw_max`), so
+      the heads learn one scale across layers."""
+    import torch
+
+    if kind == "col":
+        sd = target.std(-1, keepdim=True, unbiased=False).clamp_min(1e-6)
+        p = torch.softmax(beta * zscore(target), -1)
+        logq = torch.log_softmax(beta * pred / sd, -1)
+    elif kind in ("tok", "tokraw"):
+        L, H, P = target.shape
+        s_t = target.reshape(L * H, P).amax(0)
+        s_p = pred.reshape(L * H, P)
+        s_p = (s_p if kind == "tokraw" else zscore(s_p)).amax(0)
+        p = torch.softmax(beta * zscore(s_t), -1)
+        logq = torch.log_softmax(beta * zscore(s_p), -1)
+    else:
+        raise ValueError(kind)
+    return (p * (torch.log(p.clamp_min(1e-30)) - logq)).sum(-1).mean()
+
+
+def variant_loss(v, pred, target):
+    """loss, SmoothL1 fit for a variant dict (keys loss, rank_weight, beta)."""
+    loss, fit = loss_fn(pred, target)
+    if v["loss"] != "fit":
+        loss = loss + v["rank_weight"] * rank_term(v["loss"], pred, target, v["beta"])
+    return loss, fit
+
+
 def rank_quality(pred, target, frac=8):
     """Mean over (layer, KV head) of the Spearman correlation between
     predicted and target scores, and of the overlap of their top 1/frac."""
@@ -259,12 +305,17 @@ def evaluate(heads, data):
     with torch.no_grad():
         for x, t in data:
             pred = heads(x)
-            rows.append((*rank_quality(pred, t), loss_fn(pred, t)[1].item()))
+            L, H, P = t.shape
+            # token level: llama.cpp's default pooling (z_max) of the
+            # predictions against the targets' raw max over columns
+            tok = rank_quality(zscore(pred.reshape(L * H, P)).amax(0)[None], t.reshape(L * H, P).amax(0)[None])
+            rows.append((*rank_quality(pred, t), loss_fn(pred, t)[1].item(), tok[1]))
     n = max(1, len(rows))
     return {
         "spearman": sum(r[0] for r in rows) / n,
         "top_eighth_overlap": sum(r[1] for r in rows) / n,
         "smooth_l1": sum(r[2] for r in rows) / n,
+        "token_top_eighth_overlap_zmax": sum(r[3] for r in rows) / n,
     }
 
 
@@ -303,6 +354,21 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--log-every", type=int, default=8)
     p.add_argument("--compare", help="also evaluate this heads file (same widths) on the held-out sequences")
+    p.add_argument("--loss", default="fit", choices=["fit", "col", "tok", "tokraw"],
+                   help="fit: upstream's SmoothL1 + smoothness; col / tok: plus a listwise ranking term "
+                        "per (layer, KV head) column / per token (see rank_term)")
+    p.add_argument("--rank-weight", type=float, default=1.0, help="weight of the ranking term")
+    p.add_argument("--beta", type=float, default=1.0, help="sharpness of the ranking term's softmax")
+    p.add_argument("--variant", action="append", default=[],
+                   help="NAME:key=value,..: train several heads on the same model forwards (keys: hidden, "
+                        "loss, rank_weight, beta, epochs, lr, seed); each writes OUT-NAME.{safetensors,json}. "
+                        "Implies --cache-features")
+    p.add_argument("--init", help="start from this heads file (same hidden width) instead of a seeded init")
+    p.add_argument("--cache-features", action="store_true",
+                   help="run the model once per training sequence and keep its projections and targets "
+                        "on the device for every epoch and variant (~L x seq_len x input x 4 bytes a sequence)")
+    p.add_argument("--deadline", type=float, default=0,
+                   help="seconds after start after which no further variant is started (0: none)")
     return p.parse_args(argv)
 
 
@@ -344,33 +410,87 @@ def main(argv=None):
     collect = Collector(model, shape)
     t_setup = time.time() - t0
 
-    heads = Heads(shape, args.hidden, args.seed, dev)
     held_data = [collect(s, args.response) for s in held]
-    untrained = evaluate(heads, held_data)
+    t_model = 0.0
+    if args.cache_features or args.variant:
+        tm = time.time()
+        cached = [collect(s, args.response) for s in train]
+        t_model = time.time() - tm
+        print(json.dumps({"cached_sequences": len(cached), "seconds": round(t_model, 1)}), flush=True)
+    else:
+        cached = None
 
-    steps = args.sequences * args.epochs * args.inner_steps
-    opt = torch.optim.AdamW(heads.params(), lr=args.lr, betas=(0.9, 0.95))
+    base = {"hidden": args.hidden, "loss": args.loss, "rank_weight": args.rank_weight, "beta": args.beta,
+            "epochs": args.epochs, "lr": args.lr, "seed": args.seed}
+    variants = [(None, dict(base))] if not args.variant else [parse_variant(v, base) for v in args.variant]
+    infos = []
+    for name, v in variants:
+        if args.deadline and time.time() - t0 > args.deadline:
+            print(json.dumps({"variant": name, "skipped": "deadline"}), flush=True)
+            continue
+        out = args.out if name is None else f"{args.out}-{name}"
+        infos.append(train_variant(args, argv, v, name, out, shape, dev, mdt, ids, train, held_data, cached,
+                                   collect, t0, t_setup, t_model))
+    collect.close()
+    return infos[0] if len(infos) == 1 else infos
+
+
+def parse_variant(spec, base):
+    """NAME:key=value,.. -> (NAME, settings)."""
+    name, _, rest = spec.partition(":")
+    v = dict(base)
+    for kv in filter(None, rest.split(",")):
+        k, _, val = kv.partition("=")
+        if k not in v:
+            raise SystemExit(f"--variant {spec}: unknown key {k}")
+        v[k] = type(base[k])(val)
+    return name, v
+
+
+def train_variant(args, argv, v, name, out, shape, dev, mdt, ids, train, held_data, cached, collect, t0,
+                  t_setup, t_model):
+    import torch
+    from safetensors.torch import save_file
+
+    tv = time.time()
+    torch.manual_seed(v["seed"])
+    heads = Heads(shape, v["hidden"], v["seed"], dev)
+    untrained = evaluate(heads, held_data)
+    init = None
+    if args.init:
+        init = FileHeads(args.init, shape.n_layers, dev)
+        if init.w1.shape != heads.w1.shape:
+            raise SystemExit(f"--init {args.init}: {tuple(init.w1.shape)}, not {tuple(heads.w1.shape)}")
+        with torch.no_grad():
+            heads.w1.copy_(init.w1)
+            heads.w2.copy_(init.w2)
+        init = {"path": os.path.abspath(args.init), "sha256": sha256(args.init), **evaluate(heads, held_data)}
+    steps = len(train) * v["epochs"] * args.inner_steps
+    opt = torch.optim.AdamW(heads.params(), lr=v["lr"], betas=(0.9, 0.95))
     warm = max(1, int(args.warmup * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
     )
-    step, t_model, log = 0, 0.0, []
+    step, log = 0, []
     t_train = time.time()
-    for epoch in range(args.epochs):
+    for epoch in range(v["epochs"]):
         for i, seq in enumerate(train):
-            tm = time.time()
-            x, target = collect(seq, args.response)
-            t_model += time.time() - tm
+            if cached is not None:
+                x, target = cached[i]
+            else:
+                tm = time.time()
+                x, target = collect(seq, args.response)
+                t_model += time.time() - tm
             for _ in range(args.inner_steps):
                 opt.zero_grad(set_to_none=True)
-                loss, fit = loss_fn(heads(x), target)
+                loss, fit = variant_loss(v, heads(x), target)
                 loss.backward()
                 torch.nn.utils.clip_grad_value_(heads.params(), 0.5)
                 opt.step()
                 sched.step()
                 step += 1
             if (i + 1) % args.log_every == 0 or i + 1 == len(train):
-                row = {"epoch": epoch, "sequence": i + 1, "step": step,
+                row = {"variant": name, "epoch": epoch, "sequence": i + 1, "step": step,
                        "loss": loss.item(), "smooth_l1": fit.item(),
                        "seconds": round(time.time() - t0, 1)}
                 log.append(row)
@@ -378,20 +498,22 @@ def main(argv=None):
     t_train = time.time() - t_train
     trained = evaluate(heads, held_data)
     compare = evaluate(FileHeads(args.compare, shape.n_layers, dev), held_data) if args.compare else None
-    collect.close()
 
-    out_st, out_js = args.out + ".safetensors", args.out + ".json"
+    out_st, out_js = out + ".safetensors", out + ".json"
     os.makedirs(os.path.dirname(os.path.abspath(out_st)), exist_ok=True)
     save_file(heads.state_dict(getattr(torch, args.save_dtype)), out_st,
-              metadata={"format": "pt", "locret_hidden": str(args.hidden)})
+              metadata={"format": "pt", "locret_hidden": str(v["hidden"])})
     info = {
         "what": "Locret retaining heads (infinitehip.locret_train)",
         "argv": list(argv) if argv is not None else sys.argv[1:],
+        "variant": name,
         "model": os.path.abspath(args.model),
         "model_config": shape.as_dict(),
-        "hidden": args.hidden,
+        "hidden": v["hidden"],
         "activation": "silu",
         "tensor_dtype": args.save_dtype,
+        "loss": {"kind": v["loss"], "rank_weight": v["rank_weight"], "beta": v["beta"],
+                 "smooth_weight": SMOOTH_WEIGHT},
         "text": [{"path": os.path.abspath(p), "sha256": sha256(p)} for p in args.text or []],
         "tokens": {"path": os.path.abspath(args.tokens), "sha256": sha256(args.tokens)}
         if args.tokens else None,
@@ -399,28 +521,31 @@ def main(argv=None):
         "text_tokens": len(ids),
         "seq_len": args.seq_len,
         "response": args.response,
-        "train_sequences": args.sequences,
-        "holdout_sequences": args.holdout,
-        "epochs": args.epochs,
+        "train_sequences": len(train),
+        "holdout_sequences": len(held_data),
+        "epochs": v["epochs"],
         "inner_steps": args.inner_steps,
         "optimizer_steps": step,
-        "lr": args.lr,
+        "lr": v["lr"],
         "warmup_steps": warm,
-        "seed": args.seed,
+        "seed": v["seed"],
+        "features_cached": cached is not None,
         "device": dev if dev == "cpu" else torch.cuda.get_device_name(dev),
         "model_dtype": mdt,
         "threads": torch.get_num_threads(),
         "host": platform.node(),
         "torch": torch.__version__,
         "seconds": {"setup": round(t_setup, 1), "train": round(t_train, 1),
-                    "model_forward": round(t_model, 1), "total": round(time.time() - t0, 1)},
+                    "model_forward": round(t_model, 1), "variant": round(time.time() - tv, 1),
+                    "total": round(time.time() - t0, 1)},
+        "init": init,
         "heldout": {"trained": trained, "untrained_random": untrained,
                     **({"compare": {"path": os.path.abspath(args.compare), **compare}} if compare else {})},
         "log": log,
     }
     with open(out_js, "w") as f:
         json.dump(info, f, indent=1)
-    print(json.dumps({"out": out_st, "heldout": info["heldout"], "seconds": info["seconds"]}))
+    print(json.dumps({"out": out_st, "heldout": info["heldout"], "seconds": info["seconds"]}), flush=True)
     return info
 
 

@@ -228,7 +228,124 @@ def test_pack_merge_takes_new_layers_and_keeps_the_rest(tmp_path):
         want = 1.0 + l if l < 2 else 100.0 + l
         assert got[locret_train.fc1_name(l)].dtype == torch.float16
         assert (got[locret_train.fc1_name(l)] == want).all() and (got[locret_train.fc2_name(l)] == -want).all()
-    wide = str(tmp_path / "wide.safetensors")
-    save_file(heads(1, 16, 1.0), wide)
+    bad = str(tmp_path / "bad_input.safetensors")
+    save_file({locret_train.fc1_name(0): torch.ones(8, 13), locret_train.fc2_name(0): torch.ones(2, 8)}, bad)
     with pytest.raises(SystemExit, match="fc1"):
-        locret_pack.merge(wide, base, str(tmp_path / "bad.safetensors"))
+        locret_pack.merge(bad, base, str(tmp_path / "bad.safetensors"))
+
+
+def _np_kl_rows(p_logits, q_logits):
+    """mean over rows of KL(softmax(p) || softmax(q)), f64 numpy."""
+    p = np.exp(p_logits - p_logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    lq = q_logits - q_logits.max(-1, keepdims=True)
+    lq = lq - np.log(np.exp(lq).sum(-1, keepdims=True))
+    return float((p * (np.log(p) - lq)).sum(-1).mean())
+
+
+def _np_z(a):
+    return (a - a.mean(-1, keepdims=True)) / a.std(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("kind", ["col", "tok", "tokraw"])
+def test_rank_term_matches_numpy_reference(kind):
+    rng = np.random.default_rng(7)
+    L, H, P, beta = 3, 2, 50, 1.7
+    pred = rng.normal(size=(L, H, P)) * 3
+    target = rng.normal(size=(L, H, P)) * 2 + 1
+    got = locret_train.rank_term(kind, torch.tensor(pred), torch.tensor(target), beta).item()
+    if kind == "col":
+        want = _np_kl_rows(beta * _np_z(target), beta * pred / target.std(-1, keepdims=True))
+    else:
+        s_t = target.reshape(L * H, P).max(0)
+        s_p = pred.reshape(L * H, P)
+        s_p = (s_p if kind == "tokraw" else _np_z(s_p)).max(0)
+        want = _np_kl_rows(beta * _np_z(s_t)[None], beta * _np_z(s_p)[None])
+    assert math.isfinite(got) and abs(got - want) < 1e-9 * max(1.0, abs(want)), (got, want)
+    # zero exactly when the prediction is the target (col, tokraw; tok pools
+    # the prediction by z_max and the target raw, so it is zero only where
+    # the two poolings rank alike)
+    if kind != "tok":
+        assert locret_train.rank_term(kind, torch.tensor(target), torch.tensor(target), beta).item() < 1e-9
+    # and not when one token's prediction moves to the bottom
+    moved = target.copy()
+    top = np.unravel_index(target.argmax(), target.shape)
+    moved[top] = target.min() - 5
+    assert locret_train.rank_term(kind, torch.tensor(moved), torch.tensor(target), beta).item() > 1e-3
+
+
+def _variants_run(tiny, out, extra):
+    return locret_train.main([
+        "--model", str(tiny / "model"), "--tokens", str(tiny / "tokens.npy"),
+        "--out", str(out), "--hidden", "8", "--seq-len", "96", "--response", "32",
+        "--sequences", "6", "--holdout", "2", "--inner-steps", "4", "--epochs", "2",
+        "--lr", "1e-2", "--device", "cpu", "--threads", "1", "--save-dtype", "float32", *extra,
+    ])
+
+
+def test_variants_share_features_and_match_single_runs(tiny, tmp_path):
+    """Variants trained on cached features equal the same settings trained
+    alone (one model forward per sequence and epoch); a ranking-loss variant
+    trains, and a variant past --deadline is skipped."""
+    infos = _variants_run(tiny, tmp_path / "v", ["--variant", "a:hidden=8", "--variant", "w:hidden=12,loss=col,beta=2",
+                                                 "--variant", "t:hidden=8,loss=tok"])
+    assert [i["variant"] for i in infos] == ["a", "w", "t"]
+    alone = _variants_run(tiny, tmp_path / "alone", [])
+    wa, wv = load_file(str(tmp_path / "alone.safetensors")), load_file(str(tmp_path / "v-a.safetensors"))
+    assert wa.keys() == wv.keys() and all(torch.equal(wa[k], wv[k]) for k in wa)
+    w = load_file(str(tmp_path / "v-w.safetensors"))
+    assert w["model.layers.0.self_attn.fc1.weight"].shape[0] == 12
+    js = json.load(open(tmp_path / "v-w.json"))
+    assert js["loss"]["kind"] == "col" and js["loss"]["beta"] == 2.0 and js["features_cached"]
+    for i in infos:
+        tr, rnd = i["heldout"]["trained"], i["heldout"]["untrained_random"]
+        assert all(math.isfinite(v) for v in tr.values()), tr
+        assert tr["spearman"] > rnd["spearman"], (i["variant"], tr, rnd)
+    late = _variants_run(tiny, tmp_path / "late", ["--deadline", "1e-9", "--variant", "a:hidden=8"])
+    assert late == [] and not (tmp_path / "late-a.safetensors").exists()
+
+
+def test_merge_pads_narrower_heads_exactly(trained, tmp_path):
+    """merge of wider new heads over narrower base heads: the base layers,
+    zero-padded, score as before (to f32 rounding); the new layers are the
+    new ones; a narrower NEW over a wider BASE is refused."""
+    from safetensors.torch import save_file
+
+    from infinitehip import locret_pack
+
+    out, _ = trained
+    base = load_file(str(out) + ".safetensors")
+    g = torch.Generator().manual_seed(3)
+    new = {"model.layers.0.self_attn.fc1.weight": torch.randn(20, (NQ + 2 * NKV) * D, generator=g),
+           "model.layers.0.self_attn.fc2.weight": torch.randn(NKV, 20, generator=g)}
+    save_file(new, str(tmp_path / "new.safetensors"))
+    taken = locret_pack.merge(str(tmp_path / "new.safetensors"), str(out) + ".safetensors",
+                              str(tmp_path / "m.safetensors"))
+    assert taken == [0]
+    m = load_file(str(tmp_path / "m.safetensors"))
+    x = torch.randn(33, (NQ + 2 * NKV) * D, generator=g)
+
+    def score(w, l):
+        f1, f2 = w[f"model.layers.{l}.self_attn.fc1.weight"], w[f"model.layers.{l}.self_attn.fc2.weight"]
+        return torch.nn.functional.silu(x @ f1.T) @ f2.T
+
+    assert torch.equal(score(m, 0), score(new, 0))
+    assert m["model.layers.1.self_attn.fc1.weight"].shape[0] == 20
+    # equal up to f32 summation order (the padded terms are exact zeros)
+    torch.testing.assert_close(score(m, 1), score(base, 1), rtol=1e-6, atol=1e-6)
+    assert m["model.layers.1.self_attn.fc1.weight"][8:].abs().max() == 0
+    with pytest.raises(SystemExit, match="narrower"):
+        locret_pack.merge(str(out) + ".safetensors", str(tmp_path / "m.safetensors"), str(tmp_path / "x.safetensors"))
+
+
+def test_init_starts_from_a_heads_file(tiny, trained, tmp_path):
+    """--init loads a heads file as the starting point: with no epochs the
+    written heads are that file; a width mismatch is refused."""
+    out, _ = trained
+    _variants_run(tiny, tmp_path / "i", ["--init", str(out) + ".safetensors", "--epochs", "0"])
+    a, b = load_file(str(out) + ".safetensors"), load_file(str(tmp_path / "i.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    js = json.load(open(tmp_path / "i.json"))
+    assert js["init"]["path"].endswith(".safetensors") and js["optimizer_steps"] == 0
+    with pytest.raises(SystemExit, match="--init"):
+        _variants_run(tiny, tmp_path / "j", ["--init", str(out) + ".safetensors", "--hidden", "12"])

@@ -226,6 +226,11 @@ class Paired(unittest.TestCase):
             s = probes.copy_sequence(list(range(100000)), ctx, m["decode"], m["depths"], m["passage_len"], m["cue"],
                                      1000, 50000)
             self.assertEqual(paired.ranges(ctx), (s.decode_scored, run.prefill_tail(s), s.prefill_scored))
+            # run.py --decode N: the same layout with N continuation tokens
+            s = probes.copy_sequence(list(range(100000)), ctx, 512, m["depths"], m["passage_len"], m["cue"],
+                                     1000, 50000)
+            self.assertEqual(paired.ranges(ctx, {**m, "decode": 512}),
+                             (s.decode_scored, run.prefill_tail(s), s.prefill_scored))
 
     def test_paired_difference(self):
         import paired
@@ -246,6 +251,16 @@ class Paired(unittest.TestCase):
         self.assertEqual(r["decode"]["n"], len(dec))
         self.assertEqual((r["prefill_tail"]["mean"], r["prefill"]["mean"]), (0.0, 0.0))
         self.assertEqual(r["prefill_tail"]["n"], len(tail))
+        # with --decode 512 the decode-scored range is longer and starts earlier
+        dec512, _, _ = paired.ranges(ctx, {**paired.FULL, "decode": 512})
+        other["nll"][list(dec512)] = base["nll"][list(dec512)] + 0.25
+        with tempfile.TemporaryDirectory() as d:
+            bp, op = os.path.join(d, "b.nll"), os.path.join(d, "o.nll")
+            base.tofile(bp)
+            other.tofile(op)
+            r = paired.paired(ctx, bp, op, decode=512)
+        self.assertAlmostEqual(r["decode"]["mean"], 0.25, places=5)
+        self.assertEqual(r["decode"]["n"], 511)
 
 
 class HeadsLabel(unittest.TestCase):

@@ -544,6 +544,18 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
         )?);
         return report(&checks);
     }
+    if a.rope_only {
+        // RoPE modes of the GPU hip decode vs the CPU policy, then timing.
+        let checks = crate::gpu_rope::checks(&gpu, seed)?;
+        // The verdicts first (a timing cut short keeps them).
+        let r = report(&checks);
+        crate::gpu_rope::timing(&gpu, &a.rope_timing)?;
+        return r;
+    }
+    if !a.rope_timing.is_empty() {
+        // The RoPE-mode timing alone (no checks).
+        return crate::gpu_rope::timing(&gpu, &a.rope_timing);
+    }
     if a.engine_decode_only {
         return report(&crate::gpu_engine::decode_checks(&gpu, seed)?);
     }

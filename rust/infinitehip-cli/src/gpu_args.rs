@@ -56,6 +56,16 @@ pub struct GpuTestArgs {
     /// Only the dense decode kernel checks (kernels/decode_dense.cu).
     #[arg(long)]
     pub dense_only: bool,
+    /// Only the checks of InfiniteHiP's RoPE modes on the GPU hip decode
+    /// (rope.scoring chunk_indexed/relative, rope.attention streaming) vs
+    /// the CPU HipPolicy.
+    #[arg(long)]
+    pub rope_only: bool,
+    /// Time the RoPE modes vs original positions (hip decode steps) at
+    /// these context lengths, comma-separated (e.g. 128K,1M): after the
+    /// --rope-only checks, or alone (no other check runs).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_positive)]
+    pub rope_timing: Vec<usize>,
     /// Only the graph-capturable hip decode step checks (device metadata
     /// == host metadata, CUDA graph replay == eager).
     #[arg(long)]

@@ -32,6 +32,8 @@ mod gpu_policies;
 #[cfg(feature = "cuda")]
 mod gpu_prefill_tc;
 #[cfg(feature = "cuda")]
+mod gpu_rope;
+#[cfg(feature = "cuda")]
 mod gpu_score;
 #[cfg(feature = "cuda")]
 mod gpu_sparse;

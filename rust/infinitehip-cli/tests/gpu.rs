@@ -16,6 +16,7 @@ use std::process::Command;
 const COMMANDS: &[&[&str]] = &[
     &["gpu-test"],
     &["gpu-test", "--step-only"],
+    &["gpu-test", "--rope-only"],
     &["gpu-test", "--hip-prefill-only"],
     &["gpu-test", "--hip-fast-cpu-only"],
     &["gpu-test-offload"],

@@ -134,7 +134,12 @@ fn attend<T: Element>(
 /// query stored rotated at `q_pos`, the rotation to apply to it against each
 /// range: (n - 1 - q_pos) - (rank(start) - start). `rank0`: selected tokens
 /// before `ranges[0]`; `n`: selected tokens visible to the query.
-fn streaming_shifts(ranges: &[Range<usize>], rank0: usize, n: usize, q_pos: usize) -> Vec<f64> {
+pub(crate) fn streaming_shifts(
+    ranges: &[Range<usize>],
+    rank0: usize,
+    n: usize,
+    q_pos: usize,
+) -> Vec<f64> {
     let mut rank = rank0;
     ranges
         .iter()

@@ -1,7 +1,7 @@
 //! Attention on the CPU: a multithreaded block-sparse kernel (dense attention
 //! is the same kernel over every token) and an f64 reference for tests.
 
-mod cpu;
+pub(crate) mod cpu;
 pub mod reference;
 
 pub use cpu::{decode, decode_with, prefill, prefill_with};

@@ -51,7 +51,9 @@ enum ScoreRope<'a> {
     Original,
     /// Key t scores at its chunk index t / chunk.
     ChunkIndexed(&'a Rope, usize),
-    /// Key t scores at t * scale (positions compressed into the trained length).
+    /// Key t scores at t * scale (positions compressed into the trained
+    /// length): rotated by t * factor, factor = scale - 1
+    /// (`rope::relative_key_factor`).
     Relative(&'a Rope, f64),
 }
 
@@ -65,7 +67,7 @@ impl Scorer<'_> {
         match self.rope {
             ScoreRope::Original => {}
             ScoreRope::ChunkIndexed(rope, chunk) => rope.rotate(k, (t / chunk) as f64 - t as f64),
-            ScoreRope::Relative(rope, scale) => rope.rotate(k, t as f64 * (scale - 1.0)),
+            ScoreRope::Relative(rope, factor) => rope.rotate(k, t as f64 * factor),
         }
         max_dot_f32(&self.qs, k)
     }
@@ -326,22 +328,30 @@ impl HipPolicy {
         middle_end: usize,
         q_pos: usize,
     ) -> Scorer<'a> {
-        let rope = match (&self.rope, self.cfg.rope.scoring) {
-            (Some(r), RopeMode::ChunkIndexed) => {
-                // The query moves to just after the last chunk index.
-                let target = middle_end.div_ceil(stage.chunk_size) as f64;
-                qs.chunks_exact_mut(d)
-                    .for_each(|q| r.rotate(q, target - q_pos as f64));
-                ScoreRope::ChunkIndexed(r, stage.chunk_size)
-            }
-            (Some(r), RopeMode::Relative) if q_pos >= self.max_position => {
-                // As the authors' scan kernel does beyond the trained length:
-                // the query sits at the last trained position and key
-                // positions shrink proportionally.
-                let target = self.max_position as f64 - 1.0;
-                qs.chunks_exact_mut(d)
-                    .for_each(|q| r.rotate(q, target - q_pos as f64));
-                ScoreRope::Relative(r, self.max_position as f64 / q_pos as f64)
+        // The query's shift and the keys' rule: `rope::score_query_shift`
+        // (shared with the GPU decoder, backend/cuda/rope_gpu.rs).
+        let mode = self.cfg.rope.scoring;
+        let shift = crate::rope::score_query_shift(
+            mode,
+            q_pos,
+            middle_end,
+            stage.chunk_size,
+            self.max_position,
+        );
+        let rope = match (&self.rope, shift) {
+            (Some(r), Some(shift)) => {
+                qs.chunks_exact_mut(d).for_each(|q| r.rotate(q, shift));
+                match mode {
+                    RopeMode::ChunkIndexed => ScoreRope::ChunkIndexed(r, stage.chunk_size),
+                    // As the authors' scan kernel does beyond the trained
+                    // length: the query sits at the last trained position
+                    // and key positions shrink proportionally.
+                    _ => ScoreRope::Relative(
+                        r,
+                        crate::rope::relative_key_factor(q_pos, self.max_position)
+                            .expect("relative shift implies the factor"),
+                    ),
+                }
             }
             _ => ScoreRope::Original,
         };

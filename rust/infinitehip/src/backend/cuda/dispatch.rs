@@ -2027,6 +2027,10 @@ pub struct HipGpuDecoder {
     pub score_module: &'static str,
     /// Device-side stepping state (`hip_step`), once prepared.
     pub(crate) dev: Option<super::hip_step::DeviceStepState>,
+    /// RoPE modes (`rope.scoring` / `rope.attention` other than original),
+    /// set up by `set_rope_model` (backend/cuda/rope_gpu.rs).
+    pub(crate) rope: Option<Box<super::rope_gpu::RopeGpu>>,
+    pub(crate) n_q: usize,
     /// Scratch of the multi-CTA top-k, sized with `keys`.
     pub(crate) topk_mc: Option<TopkMc>,
     /// Recorded on the stream right after stage 0's top-k of a step that
@@ -2036,8 +2040,26 @@ pub struct HipGpuDecoder {
 }
 
 impl HipGpuDecoder {
-    /// Configurations the GPU stages reproduce exactly.
+    /// Configurations the GPU stages reproduce exactly, at original RoPE
+    /// positions: what the GPU prefill and the engine path (`GpuAttention`)
+    /// accept. `HipGpuDecoder` itself also runs the RoPE modes
+    /// (`validate_decoder`).
     pub fn validate(cfg: &HipConfig) -> Result<()> {
+        Self::validate_decoder(cfg)?;
+        if cfg.rope.scoring != crate::config::RopeMode::Original
+            || cfg.rope.attention != crate::config::RopeMode::Original
+        {
+            return Err(Error::config(
+                "hip.rope",
+                "the GPU prefill and the GPU engine path (GpuAttention: SGLang on CUDA, llama.cpp's CUDA routes) support original RoPE positions only; the GPU hip decoder (HipGpuDecoder) runs the modes",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `validate` without the RoPE restriction: the decoder's (the modes
+    /// need `set_rope_model`).
+    pub fn validate_decoder(cfg: &HipConfig) -> Result<()> {
         if cfg.stages.is_empty() {
             return Err(Error::config(
                 "hip.stages",
@@ -2051,14 +2073,6 @@ impl HipGpuDecoder {
                     "on the GPU each stage's chunk size must divide the previous stage's",
                 ));
             }
-        }
-        if cfg.rope.scoring != crate::config::RopeMode::Original
-            || cfg.rope.attention != crate::config::RopeMode::Original
-        {
-            return Err(Error::config(
-                "hip.rope",
-                "the GPU path supports original RoPE positions only",
-            ));
         }
         if cfg.successors > 0 {
             return Err(Error::config(
@@ -2076,7 +2090,7 @@ impl HipGpuDecoder {
     }
 
     pub fn new(cfg: HipConfig, shape: &AttnShape, batch: usize) -> Result<Self> {
-        Self::validate(&cfg)?;
+        Self::validate_decoder(&cfg)?;
         let hkv = shape.n_kv_heads;
         let rows = batch * hkv;
         let mut stages = Vec::new();
@@ -2120,11 +2134,62 @@ impl HipGpuDecoder {
             host_tab_sink: Vec::new(),
             score_module: "hip_mask",
             dev: None,
+            rope: None,
+            n_q: shape.n_q_heads,
             topk_mc: None,
             stage0_done: None,
             stages,
             cfg,
         })
+    }
+
+    /// Whether the config asks for a RoPE mode (scoring or attention).
+    pub fn rope_modes(&self) -> bool {
+        self.cfg.rope.scoring != crate::config::RopeMode::Original
+            || self.cfg.rope.attention != crate::config::RopeMode::Original
+    }
+
+    /// The model's RoPE (theta, trained length `max_position`), which the
+    /// RoPE modes need (as `HipPolicy::new` takes the `ModelShape`). A no-op
+    /// at original positions. Keys and queries must be stored rotated at
+    /// their positions in the halves (NEOX) layout of `rope::Rope`.
+    pub fn set_rope_model(&mut self, model: &crate::config::ModelShape) -> Result<()> {
+        self.rope = super::rope_gpu::RopeGpu::new(
+            &self.cfg,
+            model.head_dim,
+            model.rope_theta,
+            model.max_position,
+            self.batch,
+            self.n_q,
+        )?
+        .map(Box::new);
+        Ok(())
+    }
+
+    /// The RoPE state, or an error naming what is missing or refused.
+    fn rope_ready(&self, upload: bool) -> Result<Option<&super::rope_gpu::RopeGpu>> {
+        if !self.rope_modes() {
+            return Ok(None);
+        }
+        let r = self.rope.as_deref().ok_or_else(|| {
+            Error::config(
+                "hip.rope",
+                "the GPU decoder's RoPE modes need the model's RoPE: call set_rope_model",
+            )
+        })?;
+        if !upload {
+            return Err(Error::config(
+                "hip.rope",
+                "the GPU decoder's RoPE modes run host steps only (select/step with upload)",
+            ));
+        }
+        if r.scores_rotated() && self.score_module != "hip_mask" {
+            return Err(Error::config(
+                "hip.rope.scoring",
+                "host-tier (offloaded) key scoring supports original positions only",
+            ));
+        }
+        Ok(Some(r))
     }
 
     /// Size the multi-CTA top-k scratch for rows of up to `slots` keys.
@@ -2247,14 +2312,48 @@ impl HipGpuDecoder {
             gate: 0,
             topk_mc: self.topk_mc.as_ref().map(|m| m.ptrs),
         };
-        match (&self.stage0_done, from) {
-            (Some(ev), 0) => {
-                run_stages_to(gpu, kv, &self.cfg, &self.stages, 0, 1, &ctx)?;
-                ev.record(&gpu.stream)
-                    .map_err(|e| gpu_err("record stage-0 event", e))?;
-                run_stages(gpu, kv, &self.cfg, &self.stages, 1, &ctx)?;
+        match self.rope_ready(upload)? {
+            Some(r) if r.scores_rotated() => {
+                r.upload_step(gpu, &self.cfg, lens)?;
+                // As below: stage 0 alone first when its event is wanted.
+                let mut start = from;
+                if let (Some(ev), 0) = (&self.stage0_done, from) {
+                    r.run_stages(
+                        gpu,
+                        kv,
+                        &self.cfg,
+                        &self.stages,
+                        0,
+                        1,
+                        &ctx,
+                        self.batch,
+                        self.n_q,
+                    )?;
+                    ev.record(&gpu.stream)
+                        .map_err(|e| gpu_err("record stage-0 event", e))?;
+                    start = 1;
+                }
+                r.run_stages(
+                    gpu,
+                    kv,
+                    &self.cfg,
+                    &self.stages,
+                    start,
+                    n,
+                    &ctx,
+                    self.batch,
+                    self.n_q,
+                )?;
             }
-            _ => run_stages(gpu, kv, &self.cfg, &self.stages, from, &ctx)?,
+            _ => match (&self.stage0_done, from) {
+                (Some(ev), 0) => {
+                    run_stages_to(gpu, kv, &self.cfg, &self.stages, 0, 1, &ctx)?;
+                    ev.record(&gpu.stream)
+                        .map_err(|e| gpu_err("record stage-0 event", e))?;
+                    run_stages(gpu, kv, &self.cfg, &self.stages, 1, &ctx)?;
+                }
+                _ => run_stages(gpu, kv, &self.cfg, &self.stages, from, &ctx)?,
+            },
         }
         let sinks: Vec<usize> = lens.iter().map(|&l| self.cfg.sink.min(l)).collect();
         let lean_skip = self.lean_active() && from == n && self.host_tab_sink == sinks;
@@ -2386,6 +2485,70 @@ impl HipGpuDecoder {
         out: u64,
     ) -> Result<()> {
         let kind = self.attention_kernel();
+        if self.rope_modes() && self.rope.is_none() {
+            return Err(Error::config(
+                "hip.rope",
+                "the GPU decoder's RoPE modes need the model's RoPE: call set_rope_model",
+            ));
+        }
+        if self.rope.as_ref().is_some_and(|r| r.streaming) {
+            if kind != HipAttention::SparseV2 {
+                return Err(Error::config(
+                    "hip.rope.attention",
+                    "streaming attention on the GPU runs on the sparse v2 kernel only (not split-combine)",
+                ));
+            }
+            check_shape(shape, kv)?;
+            let rows = self.batch * self.hkv;
+            let mut rope = self.rope.take().unwrap();
+            let src = rope.gather(
+                gpu,
+                kv,
+                rows,
+                self.tab.ptr,
+                self.tab_cap,
+                self.ntab.ptr,
+                self.extra.ptr,
+                mt,
+            );
+            let r = src.and_then(|src| {
+                let mut ws = std::mem::take(&mut self.v2_ws);
+                let r = super::dense_decode::launch_v2(
+                    gpu,
+                    &mut ws,
+                    shape,
+                    KvPtrs {
+                        k: src.k,
+                        v: src.v,
+                        table: src.table,
+                        table_stride: 1,
+                        page_size: src.page_size,
+                        dtype: kv.dtype,
+                    },
+                    KvStrides {
+                        page: src.page_stride,
+                        head: src.head_stride,
+                    },
+                    q,
+                    self.batch,
+                    super::dense_decode::V2Src::Sparse {
+                        tab: src.tab,
+                        tab_stride: src.page_size,
+                        ntab: src.ntab,
+                        extra: src.extra,
+                    },
+                    0,
+                    mt.max(1),
+                    None,
+                    None,
+                    AttnOut::f32_rows(out, shape),
+                );
+                self.v2_ws = ws;
+                r
+            });
+            self.rope = Some(rope);
+            return r;
+        }
         if kind == HipAttention::SparseV2 {
             check_shape(shape, kv)?;
             let mut ws = std::mem::take(&mut self.v2_ws);

@@ -123,6 +123,12 @@ impl HipGpuDecoder {
                 kv.batch(),
             ));
         }
+        if self.rope_modes() {
+            return Err(Error::config(
+                "hip.rope",
+                "the GPU decoder's RoPE modes run host steps only (step with upload), not the device step",
+            ));
+        }
         let d = self.dev.as_ref().ok_or_else(not_prepared)?;
         let cfg = &self.cfg;
         let meta = gpu.func(self.score_module, "hip_step_meta")?;

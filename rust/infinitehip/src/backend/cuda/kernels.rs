@@ -82,6 +82,12 @@ pub const MODULES: &[(&str, &str)] = &[
         include_str!("../../../../../kernels/hip_fast.cu"),
     ),
     // hip_mask.cu scoring keys in the host tier through a device row cache.
+    // RoPE modes of the hip decode (rope.scoring chunk_indexed/relative,
+    // rope.attention streaming); loaded on first use.
+    (
+        "hip_rope",
+        include_str!("../../../../../kernels/hip_rope.cu"),
+    ),
     (
         "hip_mask_host",
         concat!(
@@ -122,7 +128,7 @@ pub fn dtype_tag(dt: crate::DType) -> Option<&'static str> {
 /// JIT-compiles each loaded module's PTX: on a cold machine that costs
 /// seconds per MB). A lazy module's first use must not be inside a CUDA
 /// graph capture: callers run one eager step first.
-pub const LAZY_MODULES: &[&str] = &["hip_sparse", "hip_mask_host_pl"];
+pub const LAZY_MODULES: &[&str] = &["hip_sparse", "hip_mask_host_pl", "hip_rope"];
 
 pub const HEAD_DIMS: &[usize] = &[64, 128, 256];
 /// Entry points of kernels/squeeze_kmeans.cu besides `km_assign_d{D}`.
@@ -196,6 +202,16 @@ pub fn entry_points(module: &str) -> Vec<String> {
     }
     if module == "decode_dense_v2" {
         return entry_points("decode_dense");
+    }
+    if module == "hip_rope" {
+        let mut v = vec!["hip_rope_q".to_string()];
+        for dt in ["bf16", "f16"] {
+            for d in HEAD_DIMS {
+                v.push(format!("hip_score_rope_{dt}_d{d}"));
+                v.push(format!("hip_stream_gather_{dt}_d{d}"));
+            }
+        }
+        return v;
     }
     if module == "hip_sparse" {
         let mut v = Vec::new();

@@ -42,6 +42,7 @@ pub mod offload;
 pub mod pdl;
 pub mod policies;
 pub mod prof;
+pub mod rope_gpu;
 
 pub use cudarc;
 
@@ -575,7 +576,12 @@ mod tests {
         assert!(kernels::full_source("hip_sparse")
             .unwrap()
             .contains("#define DD_SPARSE_ONLY"));
-        assert_eq!(kernels::LAZY_MODULES, &["hip_sparse", "hip_mask_host_pl"]);
+        assert_eq!(
+            kernels::LAZY_MODULES,
+            &["hip_sparse", "hip_mask_host_pl", "hip_rope"]
+        );
+        // hip_rope_q + bf16/f16 x 3 head dims x (scorer, gather).
+        assert_eq!(kernels::entry_points("hip_rope").len(), 1 + 2 * 3 * 2);
     }
 
     #[test]

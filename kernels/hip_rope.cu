@@ -1,0 +1,215 @@
+// InfiniteHiP's RoPE modes on the GPU hip decode (HipGpuDecoder; DESIGN 3.1):
+// stored keys are rotated at their original positions and are re-rotated on
+// the fly, as the CPU policy does (policy/hip.rs ScoreRope,
+// attention/cpu.rs streaming).
+//
+// Rotation: rope.rs's Rope::rotate, halves (NEOX) layout: element i pairs
+// with i + D/2; angle = pos * inv_freq[i] in f64, sin and cos in f64
+// rounded to f32, then x0*c - x1*s and x1*c + x0*s in f32 without fused
+// multiply-adds. The f64 sin/cos here (CUDA libdevice, within 2 ulp) and the
+// host's (libm) round to the same f32 except when a value lies within a few
+// f64 ulp of an f32 rounding boundary, so the rotated vectors are
+// bit-identical to the CPU's in all but very rare elements.
+//
+// Module hip_rope (loaded on first use: kernels::LAZY_MODULES):
+// - hip_rope_q: the scoring queries moved by a per-sequence shift.
+// - hip_score_rope_<dt>_d<D>: hip_score (hip_mask.cu) with every probed key
+//   rotated before its dot products (chunk_indexed: key t to t / c;
+//   relative: t to t * scale), scores in the CPU's order.
+// - hip_stream_gather_<dt>_d<D>: streaming attention's compact buffer: the
+//   selected tokens of every (sequence, KV head) row, each key re-rotated by
+//   its position delta, V copied, for the unchanged hip sparse attention.
+
+__device__ __noinline__ void rope_rot(float& x0, float& x1, double pos, float inv_freq) {
+    const double a = pos * (double)inv_freq;
+    double sd, cd;
+    sincos(a, &sd, &cd);
+    const float s = (float)sd, c = (float)cd;
+    const float y0 = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+    const float y1 = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s));
+    x0 = y0;
+    x1 = y1;
+}
+
+// out[b][j][D] = q[b][j][D] rotated by shift[b] (NaN: copied unchanged).
+// Grid: batch * n_q rows; block: any.
+extern "C" __global__ void hip_rope_q(const float* __restrict__ q, float* __restrict__ out, int n_q, int D,
+                                      const double* __restrict__ shift, const float* __restrict__ inv_freq) {
+    const int row = blockIdx.x;
+    const double s = shift[row / n_q];
+    const float* x = q + (long long)row * D;
+    float* y = out + (long long)row * D;
+    const int half = D / 2;
+#pragma unroll 1
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float x0 = x[i], x1 = x[i + half];
+        if (s == s) rope_rot(x0, x1, s, inv_freq[i]);
+        y[i] = x0;
+        y[i + half] = x1;
+    }
+}
+
+// Score of key t against the block's queries (shared memory, [nq][D]):
+// the key rotated to its scoring position first. mode 1 (chunk_indexed):
+// by (t / c) - t; mode 2 (relative): by t * m1 (m1 = scale - 1); mode 0 or
+// NaN m1: as stored.
+template <typename E, int D>
+__device__ __forceinline__ float probe_rope(const u16* __restrict__ kp, const int* trow, int t, int h, int ps,
+                                            long long pst, long long hst, const float* sq, int nq, int mode, int c,
+                                            double m1, const float* __restrict__ inv_freq) {
+    const u16* kr = kp + kv_row(trow, t, h, ps, D, pst, hst);
+    float k[D];
+#pragma unroll
+    for (int cc = 0; cc < D / 8; cc++) load8<E>(kr + cc * 8, k + cc * 8);
+    if (mode == 1 || (mode == 2 && m1 == m1)) {
+        const double pos = mode == 1 ? (double)(t / c) - (double)t : (double)t * m1;
+#pragma unroll 1
+        for (int i = 0; i < D / 2; i++) rope_rot(k[i], k[i + D / 2], pos, __ldg(inv_freq + i));
+    }
+    float best = NEG_INF;
+    for (int j = 0; j < nq; j++) {
+        float a[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) a[i] = 0.f;
+#pragma unroll
+        for (int cc = 0; cc < D / 8; cc++) {
+            const float* qj = sq + j * D + cc * 8;
+#pragma unroll
+            for (int i = 0; i < 8; i++) a[i] = __fadd_rn(a[i], __fmul_rn(qj[i], k[cc * 8 + i]));
+        }
+        float s = a[0];
+#pragma unroll
+        for (int i = 1; i < 8; i++) s = __fadd_rn(s, a[i]);
+        best = fmaxf(best, s);
+    }
+    return best;
+}
+
+// hip_score (hip_mask.cu) with rotated probes: one thread per sub-chunk,
+// the same slots, search and keys; the queries (already moved by
+// hip_rope_q) in shared memory.
+template <typename E, int D>
+__device__ void hip_score_rope(const u16* __restrict__ kp, const int* __restrict__ table, int table_stride, int ps,
+                               int hkv, long long pst, long long hst, const int* __restrict__ row_seq,
+                               const float* __restrict__ qs, const int* __restrict__ nq_arr, int nq_max,
+                               const int2* __restrict__ in_ranges, const int* __restrict__ in_cnt, int cap_in,
+                               int E_, int c, u32* __restrict__ keys, int mode, const float* __restrict__ inv_freq,
+                               const double* __restrict__ rel_m1) {
+    extern __shared__ float sq[];
+    const int r = blockIdx.y;
+    const int rb = r / hkv, h = r % hkv;
+    const int nq = nq_arr[rb];
+    const float* qsrc = qs + ((long long)r * nq_max) * D;
+    for (int i = threadIdx.x; i < nq * D; i += blockDim.x) sq[i] = qsrc[i];
+    __syncthreads();
+    const int n_sub = cap_in * E_;
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= n_sub) return;
+    const double m1 = mode == 2 ? rel_m1[rb] : 0.0;
+    const int ri = j / E_, e = j % E_;
+    u32 key = 0;
+    if (ri < in_cnt[r]) {
+        int2 rg = in_ranges[(long long)r * cap_in + ri];
+        int l = rg.x + e * c;
+        if (l < rg.y) {
+            int rr = min(l + c, rg.y);
+            const int* trow = table + (long long)row_seq[rb] * table_stride;
+            float best;
+            if (rr - l == 1) {
+                best = probe_rope<E, D>(kp, trow, l, h, ps, pst, hst, sq, nq, mode, c, m1, inv_freq);
+            } else {
+                best = NEG_INF;
+                while (rr - l > 1) {
+                    int m = (l + rr) / 2;
+                    float sl = probe_rope<E, D>(kp, trow, (l + m) / 2, h, ps, pst, hst, sq, nq, mode, c, m1, inv_freq);
+                    float sr = probe_rope<E, D>(kp, trow, (m + rr) / 2, h, ps, pst, hst, sq, nq, mode, c, m1, inv_freq);
+                    if (sl >= sr) { rr = m; best = sl; } else { l = m; best = sr; }
+                }
+            }
+            // score_key (hip_mask.cu): NaN as -inf, order-preserving.
+            float f = best;
+            if (f != f) f = NEG_INF;
+            u32 u = __float_as_uint(f);
+            key = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+        }
+    }
+    keys[(long long)r * n_sub + j] = key;
+}
+
+#define SCORE_ROPE_INST(E, TN, D)                                                                          \
+    extern "C" __global__ void __launch_bounds__(128) hip_score_rope_##TN##_d##D(                         \
+        const u16* kp, const int* table, int table_stride, int ps, int hkv, long long pst, long long hst,  \
+        const int* row_seq, const float* qs, const int* nq, int nq_max, const int2* in_ranges,             \
+        const int* in_cnt, int cap_in, int E_, int c, u32* keys, int mode, const float* inv_freq,          \
+        const double* rel_m1) {                                                                            \
+        hip_score_rope<E, D>(kp, table, table_stride, ps, hkv, pst, hst, row_seq, qs, nq, nq_max, in_ranges, \
+                             in_cnt, cap_in, E_, c, keys, mode, inv_freq, rel_m1);                         \
+    }
+SCORE_ROPE_INST(Bf16, bf16, 64)
+SCORE_ROPE_INST(Bf16, bf16, 128)
+SCORE_ROPE_INST(Bf16, bf16, 256)
+SCORE_ROPE_INST(F16, f16, 64)
+SCORE_ROPE_INST(F16, f16, 128)
+SCORE_ROPE_INST(F16, f16, 256)
+
+// Streaming attention's compact buffer. Row r = b * hkv + h selects
+// n = ntab[r] tokens of tab (sink + chunks, ascending) then the tail
+// extra[3b+1] (slid) .. extra[3b+2] (window) as the hip sparse attention
+// reads them; token i of the row (its rank) at original position p is
+// written at compact slot i of the row, its key rotated by
+// (p_q - (n - 1)) - (p - i) (p_q = the window's end - 1, the query's
+// position): with the query as stored (at p_q) the score is the one at
+// streaming positions (key at i, query at n - 1). V is copied. The rotated
+// key is rounded to the cache's dtype (bf16/f16). Compact layout: row r at
+// (r * P + i) * D; ntab2[r] = n. Grid: (ceil(P * D / 2 / 128), rows),
+// block 128: one thread per (slot, rotation pair).
+template <int F16OUT>
+__device__ __forceinline__ u16 to_elem(float f) {
+    return F16OUT ? f32_to_f16(f) : f32_to_bf16(f);
+}
+
+template <typename E, int IS_F16, int D>
+__device__ void stream_gather(const u16* __restrict__ kp, const u16* __restrict__ vp, const int* __restrict__ table,
+                              int table_stride, int ps, int hkv, long long pst, long long hst,
+                              const int* __restrict__ tab, int tab_stride, const int* __restrict__ ntab,
+                              const int2* __restrict__ extra, const float* __restrict__ inv_freq, int P,
+                              u16* __restrict__ k2, u16* __restrict__ v2, int* __restrict__ ntab2) {
+    const int r = blockIdx.y;
+    const int b = r / hkv, h = r % hkv;
+    const int nt = ntab[r];
+    const int2 sl = extra[3 * b + 1], wn = extra[3 * b + 2];
+    const int tail0 = sl.y > sl.x ? sl.x : wn.x;
+    const int n = nt + max(wn.y - tail0, 0);
+    if (blockIdx.x == 0 && threadIdx.x == 0) ntab2[r] = min(n, P);
+    constexpr int HALF = D / 2;
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int i = (int)(idx / HALF), e = (int)(idx % HALF);
+    if (i >= n || i >= P) return;
+    const int p = i < nt ? tab[(long long)r * tab_stride + i] : tail0 + (i - nt);
+    const int p_q = wn.y - 1;
+    const double pos = (double)((long long)(p_q - (n - 1)) - (long long)(p - i));
+    const int* trow = table + (long long)b * table_stride;
+    const long long src = kv_row(trow, p, h, ps, D, pst, hst);
+    float x0 = E::to_f32(kp[src + e]), x1 = E::to_f32(kp[src + e + HALF]);
+    rope_rot(x0, x1, pos, inv_freq[e]);
+    const long long dst = ((long long)r * P + i) * D;
+    k2[dst + e] = to_elem<IS_F16>(x0);
+    k2[dst + e + HALF] = to_elem<IS_F16>(x1);
+    v2[dst + e] = vp[src + e];
+    v2[dst + e + HALF] = vp[src + e + HALF];
+}
+
+#define GATHER_INST(E, IS_F16, TN, D)                                                                        \
+    extern "C" __global__ void __launch_bounds__(128) hip_stream_gather_##TN##_d##D(                        \
+        const u16* kp, const u16* vp, const int* table, int table_stride, int ps, int hkv, long long pst,    \
+        long long hst, const int* tab, int tab_stride, const int* ntab, const int2* extra,                   \
+        const float* inv_freq, int P, u16* k2, u16* v2, int* ntab2) {                                        \
+        stream_gather<E, IS_F16, D>(kp, vp, table, table_stride, ps, hkv, pst, hst, tab, tab_stride, ntab,   \
+                                    extra, inv_freq, P, k2, v2, ntab2);                                      \
+    }
+GATHER_INST(Bf16, 0, bf16, 64)
+GATHER_INST(Bf16, 0, bf16, 128)
+GATHER_INST(Bf16, 0, bf16, 256)
+GATHER_INST(F16, 1, f16, 64)
+GATHER_INST(F16, 1, f16, 128)
+GATHER_INST(F16, 1, f16, 256)

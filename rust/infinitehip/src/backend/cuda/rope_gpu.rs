@@ -1,0 +1,587 @@
+//! InfiniteHiP's RoPE modes on the GPU hip decode (`HipGpuDecoder`), as the
+//! CPU policy runs them (DESIGN 3.1): keys stay stored rotated at their
+//! original positions and are re-rotated on the fly (kernels/hip_rope.cu).
+//!
+//! - `rope.scoring` `chunk_indexed` / `relative`: per stage, the scoring
+//!   queries are moved by `rope::score_query_shift` (one small launch), and
+//!   the stage's scorer (`hip_score_rope_*`: one thread per sub-chunk, the
+//!   same search and keys as `hip_score`) rotates every probed key to its
+//!   scoring position before the dot products. Selections equal the CPU
+//!   policy's (gpu-test --rope-only).
+//! - `rope.attention` `streaming`: after the selection, a gather pass
+//!   (`hip_stream_gather_*`) writes every row's selected keys re-rotated by
+//!   `rope::streaming_key_shift` (query kept as stored) and their values into
+//!   a compact buffer, which the unchanged hip sparse attention reads as a
+//!   one-page sequence per row. The rotated keys are rounded to the cache's
+//!   dtype (bf16/f16) there: the one numerical difference from the CPU
+//!   kernel, which rotates the query in f32 instead.
+//!
+//! Host steps only (`step`/`select` with `upload`): the graph-capturable
+//! device step, split-K attention, the host-tier scorers and the GPU prefill
+//! refuse the modes.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::dispatch::{launch_topk, regions, DeviceKv, StageBuf, SubChunks};
+use super::{gpu_err, kernels, DevBuf, GpuContext};
+use crate::config::{HipConfig, RopeMode};
+use crate::error::{Error, Result};
+use crate::rope::Rope;
+
+/// Threads per CTA of the scorer and gather launches.
+const THREADS: usize = 128;
+
+/// Device state of the RoPE modes of one `HipGpuDecoder`.
+pub struct RopeGpu {
+    pub(crate) scoring: RopeMode,
+    pub(crate) streaming: bool,
+    max_position: usize,
+    head_dim: usize,
+    inv_freq: DevBuf,
+    /// `[batch][n_q][d]` f32: the stage's moved scoring queries.
+    qrot: DevBuf,
+    /// `[n_stages][batch]` f64 query shifts (NaN: as stored).
+    shifts: DevBuf,
+    /// `[batch]` f64 relative key factors (NaN: as stored).
+    rel: DevBuf,
+    /// Streaming: compact K/V (`[rows][p][d]`), per-row identity position
+    /// tables and counts, zero tails, the one-page table.
+    k2: DevBuf,
+    v2: DevBuf,
+    p: usize,
+    tab2: DevBuf,
+    ntab2: DevBuf,
+    extra2: DevBuf,
+    table2: DevBuf,
+}
+
+impl RopeGpu {
+    /// None when both modes are original (the decoder then runs exactly as
+    /// before).
+    pub fn new(
+        cfg: &HipConfig,
+        head_dim: usize,
+        theta: f32,
+        max_position: usize,
+        batch: usize,
+        n_q_heads: usize,
+    ) -> Result<Option<Self>> {
+        let (scoring, attention) = (cfg.rope.scoring, cfg.rope.attention);
+        if scoring == RopeMode::Original && attention == RopeMode::Original {
+            return Ok(None);
+        }
+        if scoring == RopeMode::Streaming {
+            return Err(Error::config(
+                "hip.rope.scoring",
+                "streaming applies to attention only",
+            ));
+        }
+        if matches!(attention, RopeMode::ChunkIndexed | RopeMode::Relative) {
+            return Err(Error::config(
+                "hip.rope.attention",
+                "use original or streaming",
+            ));
+        }
+        let rope = Rope::new(head_dim, theta);
+        let n_stages = cfg.stages.len();
+        Ok(Some(RopeGpu {
+            scoring,
+            streaming: attention == RopeMode::Streaming,
+            max_position,
+            head_dim,
+            inv_freq: DevBuf::from_slice(rope.inv_freq())?,
+            qrot: DevBuf::alloc(batch * n_q_heads * head_dim * 4)?,
+            shifts: DevBuf::alloc(n_stages * batch * 8)?,
+            rel: DevBuf::alloc(batch * 8)?,
+            k2: DevBuf::alloc(16)?,
+            v2: DevBuf::alloc(16)?,
+            p: 0,
+            tab2: DevBuf::alloc(16)?,
+            ntab2: DevBuf::alloc(16)?,
+            extra2: DevBuf::from_slice(&vec![0i32; batch * 6])?,
+            table2: DevBuf::from_slice(&(0..batch as i32).collect::<Vec<_>>())?,
+        }))
+    }
+
+    fn check_kv(&self, kv: &DeviceKv) -> Result<&'static str> {
+        if kv.head_dim != self.head_dim {
+            return Err(Error::shape(
+                "hip RoPE head_dim (set_rope_model)",
+                self.head_dim,
+                kv.head_dim,
+            ));
+        }
+        kernels::dtype_tag(kv.dtype).ok_or_else(|| {
+            Error::Invalid(format!(
+                "hip RoPE modes read bf16/f16 keys, got {}",
+                kv.dtype
+            ))
+        })
+    }
+
+    pub fn scores_rotated(&self) -> bool {
+        self.scoring != RopeMode::Original
+    }
+
+    /// Upload this step's query shifts and key factors (`lens`: every
+    /// sequence's length; its query sits at len - 1).
+    pub(crate) fn upload_step(
+        &self,
+        gpu: &GpuContext,
+        cfg: &HipConfig,
+        lens: &[usize],
+    ) -> Result<()> {
+        if !self.scores_rotated() {
+            return Ok(());
+        }
+        let (shifts, rel) = step_shifts(cfg, self.scoring, self.max_position, lens);
+        self.shifts.write_async(&gpu.stream, &shifts)?;
+        self.rel.write_async(&gpu.stream, &rel)
+    }
+
+    /// Stages `from..to` with rotated scoring (`dispatch::run_stages_to`
+    /// with `hip_rope_q` + `hip_score_rope_*` in place of `hip_score*`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run_stages(
+        &self,
+        gpu: &GpuContext,
+        kv: &DeviceKv,
+        cfg: &HipConfig,
+        stages: &[StageBuf],
+        from: usize,
+        to: usize,
+        x: &super::dispatch::StageInputs,
+        batch: usize,
+        n_q: usize,
+    ) -> Result<()> {
+        let tag = self.check_kv(kv)?;
+        let d = kv.head_dim;
+        let rotq = gpu.func("hip_rope", "hip_rope_q")?;
+        let smem = x.nq_max * d * 4;
+        let score = gpu.func_smem("hip_rope", &format!("hip_score_rope_{tag}_d{d}"), smem)?;
+        let topk = gpu.func(x.module, "hip_topk")?;
+        let mode: i32 = match self.scoring {
+            RopeMode::ChunkIndexed => 1,
+            RopeMode::Relative => 2,
+            _ => 0,
+        };
+        let kst = kv.strides();
+        for s in from..to.min(cfg.stages.len()) {
+            let st = &cfg.stages[s];
+            let (in_ptr, in_cnt, cap_in, e) = if s == 0 {
+                (x.stage0_in, x.stage0_cnt, 1usize, x.e0)
+            } else {
+                let prev = &stages[s - 1];
+                (
+                    prev.out.ptr,
+                    prev.cnt.ptr,
+                    prev.cap,
+                    cfg.stages[s - 1].chunk_size.div_ceil(st.chunk_size),
+                )
+            };
+            // The scoring queries of this stage, moved.
+            let (nqh, di) = (n_q as i32, d as i32);
+            let sh = self.shifts.ptr + (s * batch * 8) as u64;
+            let mut l = gpu.stream.launch_builder(&rotq);
+            l.arg(&x.q)
+                .arg(&self.qrot.ptr)
+                .arg(&nqh)
+                .arg(&di)
+                .arg(&sh)
+                .arg(&self.inv_freq.ptr);
+            // SAFETY: arguments in the order and C types of kernels/hip_rope.cu hip_rope_q; q and
+            // qrot hold batch * n_q * d f32, shifts n_stages * batch f64, inv_freq d / 2 f32.
+            unsafe {
+                l.launch(LaunchConfig {
+                    grid_dim: ((batch * n_q) as u32, 1, 1),
+                    block_dim: ((d / 2).min(THREADS) as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+            }
+            .map_err(|e| gpu_err("launch hip_rope_q", e))?;
+            let n_sub = cap_in * e;
+            let (ts, ps, hk, nqm, ci, ei, c) = (
+                kv.table_stride as i32,
+                kv.page_size as i32,
+                kv.n_kv_heads as i32,
+                x.nq_max as i32,
+                cap_in as i32,
+                e as i32,
+                st.chunk_size as i32,
+            );
+            let mut l = gpu.stream.launch_builder(&score);
+            l.arg(&kv.k.ptr)
+                .arg(&kv.table.ptr)
+                .arg(&ts)
+                .arg(&ps)
+                .arg(&hk)
+                .arg(&kst.page)
+                .arg(&kst.head)
+                .arg(&x.row_seq)
+                .arg(&self.qrot.ptr)
+                .arg(&x.nq)
+                .arg(&nqm)
+                .arg(&in_ptr)
+                .arg(&in_cnt)
+                .arg(&ci)
+                .arg(&ei)
+                .arg(&c)
+                .arg(&x.keys)
+                .arg(&mode)
+                .arg(&self.inv_freq.ptr)
+                .arg(&self.rel.ptr);
+            // SAFETY: arguments in the order and C types of hip_score_rope_* (kernels/hip_rope.cu);
+            // the pointers are the decoder's stage buffers (sized by HipGpuDecoder::select) and
+            // the DeviceKv's allocations.
+            unsafe {
+                l.launch(LaunchConfig {
+                    grid_dim: (n_sub.div_ceil(THREADS) as u32, x.rows as u32, 1),
+                    block_dim: (THREADS as u32, 1, 1),
+                    shared_mem_bytes: smem as u32,
+                })
+            }
+            .map_err(|e| gpu_err("launch hip_score_rope", e))?;
+            let sub = SubChunks {
+                ranges: in_ptr,
+                cnt: in_cnt,
+                cap: cap_in,
+                e,
+                c: st.chunk_size,
+                gate: 0,
+                stage: s,
+            };
+            // The single-CTA top-k (the reference; its multi-CTA twin keeps the same set).
+            launch_topk(
+                gpu,
+                &topk,
+                x.keys,
+                x.rows,
+                &sub,
+                st.keep_tokens / st.chunk_size,
+                &stages[s],
+                None,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Streaming attention's compact buffer of this step: every row's
+    /// selected tokens (the sparse attention's table + tail), keys
+    /// re-rotated, values copied, at most `p` per row. Returns what the
+    /// hip sparse attention reads instead of the cache.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gather(
+        &mut self,
+        gpu: &GpuContext,
+        kv: &DeviceKv,
+        rows: usize,
+        tab: u64,
+        tab_stride: usize,
+        ntab: u64,
+        extra: u64,
+        p: usize,
+    ) -> Result<StreamSrc> {
+        let tag = self.check_kv(kv)?;
+        let d = kv.head_dim;
+        let p = p.max(1);
+        if p > self.p || self.k2.bytes < rows * p * d * 2 {
+            // Grow in 256-token steps; the stride stays until it must grow.
+            let cap = p.next_multiple_of(256);
+            self.k2 = DevBuf::alloc(rows * cap * d * 2)?;
+            self.v2 = DevBuf::alloc(rows * cap * d * 2)?;
+            let iota: Vec<i32> = (0..rows * cap).map(|i| (i % cap) as i32).collect();
+            self.tab2 = DevBuf::from_slice(&iota)?;
+            self.ntab2 = DevBuf::alloc(rows * 4)?;
+            self.p = cap;
+        }
+        let p = self.p;
+        let f = gpu.func("hip_rope", &format!("hip_stream_gather_{tag}_d{d}"))?;
+        let kst = kv.strides();
+        let (ts, ps, hk, tst, pi) = (
+            kv.table_stride as i32,
+            kv.page_size as i32,
+            kv.n_kv_heads as i32,
+            tab_stride as i32,
+            p as i32,
+        );
+        let mut l = gpu.stream.launch_builder(&f);
+        l.arg(&kv.k.ptr)
+            .arg(&kv.v.ptr)
+            .arg(&kv.table.ptr)
+            .arg(&ts)
+            .arg(&ps)
+            .arg(&hk)
+            .arg(&kst.page)
+            .arg(&kst.head)
+            .arg(&tab)
+            .arg(&tst)
+            .arg(&ntab)
+            .arg(&extra)
+            .arg(&self.inv_freq.ptr)
+            .arg(&pi)
+            .arg(&self.k2.ptr)
+            .arg(&self.v2.ptr)
+            .arg(&self.ntab2.ptr);
+        let blocks = (p * d / 2).div_ceil(THREADS);
+        // SAFETY: arguments in the order and C types of hip_stream_gather_* (kernels/hip_rope.cu);
+        // k2/v2 hold rows * p * d elements, ntab2 rows ints; tab/ntab/extra are the decoder's
+        // selection buffers for `rows` rows.
+        unsafe {
+            l.launch(LaunchConfig {
+                grid_dim: (blocks as u32, rows as u32, 1),
+                block_dim: (THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(|e| gpu_err("launch hip_stream_gather", e))?;
+        let hkv = kv.n_kv_heads;
+        Ok(StreamSrc {
+            k: self.k2.ptr,
+            v: self.v2.ptr,
+            table: self.table2.ptr,
+            page_size: p,
+            page_stride: (hkv * p * d) as i64,
+            head_stride: (p * d) as i64,
+            tab: self.tab2.ptr,
+            ntab: self.ntab2.ptr,
+            extra: self.extra2.ptr,
+        })
+    }
+}
+
+/// Where the streaming attention reads (the compact buffer as a paged KV
+/// of one page per sequence, and its selection: identity tables, no tail).
+pub(crate) struct StreamSrc {
+    pub k: u64,
+    pub v: u64,
+    pub table: u64,
+    pub page_size: usize,
+    pub page_stride: i64,
+    pub head_stride: i64,
+    pub tab: u64,
+    pub ntab: u64,
+    pub extra: u64,
+}
+
+/// The compact slots of one row as `hip_stream_gather_*` writes them (its
+/// host twin, for tests): `tab` holds the row's sink + chunk positions
+/// (ascending), then the tail `slid` .. `win` (HipGpuDecoder's regions);
+/// slot i holds (position, key rotation).
+pub fn compact_plan(tab: &[i32], slid: (i32, i32), win: (i32, i32)) -> Vec<(usize, f64)> {
+    let nt = tab.len();
+    let tail0 = if slid.1 > slid.0 { slid.0 } else { win.0 };
+    let n = nt + (win.1 - tail0).max(0) as usize;
+    let q_pos = (win.1 - 1) as usize;
+    (0..n)
+        .map(|i| {
+            let p = if i < nt {
+                tab[i] as usize
+            } else {
+                tail0 as usize + (i - nt)
+            };
+            (p, crate::rope::streaming_key_shift(q_pos, n, p, i))
+        })
+        .collect()
+}
+
+/// Per stage and sequence the scoring query shift (`[n_stages][batch]`) and
+/// per sequence the relative key factor, NaN where the query / keys score
+/// as stored: `rope::score_query_shift` / `relative_key_factor` at each
+/// sequence's decode position and middle, as `HipPolicy` computes them.
+pub fn step_shifts(
+    cfg: &HipConfig,
+    mode: RopeMode,
+    max_position: usize,
+    lens: &[usize],
+) -> (Vec<f64>, Vec<f64>) {
+    let mut shifts = Vec::with_capacity(cfg.stages.len() * lens.len());
+    for st in &cfg.stages {
+        for &len in lens {
+            let q_pos = len - 1;
+            let (_, mid, _) = regions(cfg, q_pos);
+            shifts.push(
+                crate::rope::score_query_shift(mode, q_pos, mid.end, st.chunk_size, max_position)
+                    .unwrap_or(f64::NAN),
+            );
+        }
+    }
+    let rel = lens
+        .iter()
+        .map(|&len| match mode {
+            RopeMode::Relative => {
+                crate::rope::relative_key_factor(len - 1, max_position).unwrap_or(f64::NAN)
+            }
+            _ => f64::NAN,
+        })
+        .collect();
+    (shifts, rel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{HipStage, RopeConfig};
+
+    fn cfg(scoring: RopeMode) -> HipConfig {
+        HipConfig {
+            sink: 32,
+            window: 256,
+            stages: vec![
+                HipStage {
+                    chunk_size: 64,
+                    keep_tokens: 1024,
+                    refresh_interval: 16,
+                },
+                HipStage {
+                    chunk_size: 8,
+                    keep_tokens: 256,
+                    refresh_interval: 4,
+                },
+            ],
+            rope: RopeConfig {
+                scoring,
+                attention: RopeMode::Streaming,
+            },
+            ..HipConfig::default()
+        }
+    }
+
+    #[test]
+    fn step_shifts_follow_the_policy_per_stage_and_sequence() {
+        let lens = [20000usize, 5000, 8193];
+        // chunk_indexed: query to ceil(middle_end / c) per stage; the
+        // middle ends where the window starts (len - window).
+        let c = cfg(RopeMode::ChunkIndexed);
+        let (s, rel) = step_shifts(&c, RopeMode::ChunkIndexed, 8192, &lens);
+        assert_eq!(s.len(), 2 * 3);
+        for (i, st) in c.stages.iter().enumerate() {
+            for (b, &len) in lens.iter().enumerate() {
+                let mid_end = len - 256;
+                let want = mid_end.div_ceil(st.chunk_size) as f64 - (len - 1) as f64;
+                assert_eq!(s[i * 3 + b], want, "stage {i} seq {b}");
+            }
+        }
+        assert!(rel.iter().all(|x| x.is_nan()));
+        // relative: only the sequences at or beyond the trained length.
+        let (s, rel) = step_shifts(&cfg(RopeMode::Relative), RopeMode::Relative, 8192, &lens);
+        for i in 0..2 {
+            assert_eq!(s[i * 3], 8191.0 - 19999.0);
+            assert!(s[i * 3 + 1].is_nan());
+            assert_eq!(s[i * 3 + 2], -1.0);
+        }
+        assert_eq!(rel[0], 8192.0 / 19999.0 - 1.0);
+        assert!(rel[1].is_nan());
+        assert_eq!(rel[2], 0.0);
+        // original scoring: nothing moves.
+        let (s, rel) = step_shifts(&cfg(RopeMode::Original), RopeMode::Original, 8192, &lens);
+        assert!(s.iter().chain(&rel).all(|x| x.is_nan()));
+    }
+
+    #[test]
+    fn compact_plan_attends_as_the_cpu_streaming_kernel() {
+        // A decode selection in the GPU's form (sink + chunks in the table,
+        // slid + window as the tail), compacted as the gather does, then
+        // plain attention with the query as stored: equals the CPU kernel's
+        // streaming attention over the same ranges.
+        use crate::attention::{decode_with, AttnShape};
+        use crate::kv::SeqView;
+        use crate::policy::Selection;
+        use crate::rng::Rng;
+        let (d, len) = (64usize, 3000usize);
+        let shape = AttnShape::new(4, 1, d).unwrap();
+        let rope = Rope::new(d, 10000.0);
+        let mut rng = Rng::new(9);
+        let k = rng.normal_vec(len * d, 1.0);
+        let v = rng.normal_vec(len * d, 1.0);
+        let view = SeqView::from_contiguous(1, d, len, &k, &v);
+        let q = rng.normal_vec(shape.q_elems(), 1.0);
+        let (sink, chunks, slid, win) = (
+            0..16,
+            [400..408, 1000..1064, 2001..2009],
+            2600..2744,
+            2744..3000,
+        );
+        let mut tab: Vec<i32> = sink.clone().map(|t| t as i32).collect();
+        for c in &chunks {
+            tab.extend(c.clone().map(|t| t as i32));
+        }
+        let plan = compact_plan(
+            &tab,
+            (slid.start as i32, slid.end as i32),
+            (win.start as i32, win.end as i32),
+        );
+        let mut ranges = vec![sink];
+        ranges.extend(chunks.iter().cloned());
+        ranges.push(slid.start..win.end);
+        let sel = Selection {
+            heads: vec![ranges],
+        };
+        assert_eq!(plan.len(), sel.token_count(0));
+        let mut cpu = vec![0f32; shape.q_elems()];
+        decode_with(
+            &shape,
+            &q,
+            std::slice::from_ref(&view),
+            Some(std::slice::from_ref(&sel)),
+            Some(&rope),
+            &mut cpu,
+        )
+        .unwrap();
+        // f64 attention of every q head over the compact rotated keys.
+        let attend = |plan: &[(usize, f64)]| -> f64 {
+            let mut kr = vec![0f32; d];
+            let (mut num, mut den) = (0f64, 0f64);
+            for j in 0..4 {
+                let qj = &q[j * d..(j + 1) * d];
+                let scores: Vec<f64> = plan
+                    .iter()
+                    .map(|&(p, sh)| {
+                        kr.copy_from_slice(&k[p * d..(p + 1) * d]);
+                        rope.rotate(&mut kr, sh);
+                        let s: f64 = qj.iter().zip(&kr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        s * shape.scale as f64
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let mut o = vec![0f64; d];
+                let mut l = 0f64;
+                for (&(p, _), &s) in plan.iter().zip(&scores) {
+                    let w = (s - m).exp();
+                    l += w;
+                    for i in 0..d {
+                        o[i] += w * v[p * d + i] as f64;
+                    }
+                }
+                for i in 0..d {
+                    let r = o[i] / l;
+                    num += (cpu[j * d + i] as f64 - r).powi(2);
+                    den += r * r;
+                }
+            }
+            (num / den).sqrt()
+        };
+        let err = attend(&plan);
+        assert!(err < 1e-5, "{err:e}");
+        // One slot left out (ranks shift behind it) must miss the bound.
+        let mut dropped = plan.clone();
+        dropped.remove(20);
+        let n = dropped.len();
+        for (i, x) in dropped.iter_mut().enumerate() {
+            x.1 = crate::rope::streaming_key_shift(len - 1, n, x.0, i);
+        }
+        let derr = attend(&dropped);
+        assert!(derr > 1e-4, "{derr:e}");
+    }
+
+    #[test]
+    fn validation_splits_decoder_and_engine_paths() {
+        use super::super::dispatch::HipGpuDecoder;
+        let c = cfg(RopeMode::ChunkIndexed);
+        assert!(HipGpuDecoder::validate_decoder(&c).is_ok());
+        let e = HipGpuDecoder::validate(&c).unwrap_err().to_string();
+        assert!(e.contains("hip.rope") && e.contains("GpuAttention"), "{e}");
+        let mut o = c.clone();
+        o.rope = RopeConfig::default();
+        assert!(HipGpuDecoder::validate(&o).is_ok());
+    }
+}
