@@ -2153,6 +2153,8 @@ impl HipGpuDecoder {
     /// RoPE modes need (as `HipPolicy::new` takes the `ModelShape`). A no-op
     /// at original positions. Keys and queries must be stored rotated at
     /// their positions in the halves (NEOX) layout of `rope::Rope`.
+    /// Status: compiled, not yet run on a GPU (`gpu-test --rope-only` is the
+    /// check); no engine route reaches it (`GpuAttention` still refuses).
     pub fn set_rope_model(&mut self, model: &crate::config::ModelShape) -> Result<()> {
         self.rope = super::rope_gpu::RopeGpu::new(
             &self.cfg,
