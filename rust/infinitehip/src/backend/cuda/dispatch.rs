@@ -1218,28 +1218,18 @@ pub fn set_topk_mc_min_segs(n: Option<usize>) {
     );
 }
 
-/// 0: not decided (read INFINITEHIP_TOPK_MC), 1: on, 2: off.
-static TOPK_MC: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+static TOPK_MC: super::switch::EnvSwitch = super::switch::EnvSwitch::new("INFINITEHIP_TOPK_MC");
 
 /// Select the top-k of rows of `TOPK_MC_MIN_SEGS` segments or more with
 /// `hip_topk_mc` (several CTAs per row; the default) or always with
 /// `hip_topk` (one CTA per row, `false`). Overrides `INFINITEHIP_TOPK_MC`.
 pub fn set_topk_mc(on: bool) {
-    TOPK_MC.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+    TOPK_MC.set(on);
 }
 
 /// Whether long rows use `hip_topk_mc` (see `set_topk_mc`).
 pub fn topk_mc() -> bool {
-    use std::sync::atomic::Ordering::Relaxed;
-    match TOPK_MC.load(Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = std::env::var("INFINITEHIP_TOPK_MC").map_or(true, |v| v != "0");
-            TOPK_MC.store(if on { 1 } else { 2 }, Relaxed);
-            on
-        }
-    }
+    TOPK_MC.get()
 }
 
 /// Run hip stages `from..` (score + top-k each) for all rows.
@@ -1365,28 +1355,19 @@ pub fn set_score_v1(on: bool) {
     SCORE_V1.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// 0: not decided (read INFINITEHIP_SCORE_PIPE), 1: on, 2: off.
-static SCORE_PIPE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+static SCORE_PIPE: super::switch::EnvSwitch =
+    super::switch::EnvSwitch::new("INFINITEHIP_SCORE_PIPE");
 
 /// Score one-lane stages (stage 0 at long contexts) with the pipelined
 /// warp kernel (`hip_scorewp*`, the default) or the plain warp kernel
 /// (`hip_scorew*`, `false`). Overrides `INFINITEHIP_SCORE_PIPE`.
 pub fn set_score_pipe(on: bool) {
-    SCORE_PIPE.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+    SCORE_PIPE.set(on);
 }
 
 /// Whether one-lane stages use `hip_scorewp*` (see `set_score_pipe`).
 pub fn score_pipe() -> bool {
-    use std::sync::atomic::Ordering::Relaxed;
-    match SCORE_PIPE.load(Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = std::env::var("INFINITEHIP_SCORE_PIPE").map_or(true, |v| v != "0");
-            SCORE_PIPE.store(if on { 1 } else { 2 }, Relaxed);
-            on
-        }
-    }
+    SCORE_PIPE.get()
 }
 
 fn score_kernel() -> ScoreKernel {

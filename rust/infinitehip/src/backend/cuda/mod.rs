@@ -43,6 +43,7 @@ pub mod pdl;
 pub mod policies;
 pub mod prof;
 pub mod rope_gpu;
+pub mod switch;
 
 pub use cudarc;
 
