@@ -475,9 +475,10 @@ class SglangSuite(run.Suite):
                           f"rows per layer {lr.get('rows_per_layer')}; skipped: {lr.get('skipped')}) "
                           f"{'ok' if r['lazy_rows_ok'] else 'FAIL'}")
         for c in res.get("stock_logprob_check", []):
-            print(f"\nStock at {c['ctx']} with vs without prompt logprobs, {c['positions']} decode-path positions: "
-                  f"max |dNLL| {c['max_abs_dnll']:.3g} (step 0 {c['step0_abs_dnll']:.3g}), argmax equal "
-                  f"{c['argmax_equal']:.4f}: {'bit-equal, PASS' if c['pass'] else 'FAIL'}")
+            print(f"\nStock at {c['ctx']} with vs without prompt logprobs: {c['decode_steps']} forced decode steps "
+                  f"{'bit-equal' if c['decode_bit_equal'] else 'DIFFER'} (max |dNLL| {c['max_abs_dnll_decode']:.3g}); "
+                  f"step 0 (last prompt row) |dNLL| {c['step0_abs_dnll']:.3g} (bound {c['step0_bound']:.0e}); "
+                  f"argmax equal {c['argmax_equal']:.4f}: {'PASS' if c['pass'] else 'FAIL'}")
         if not a.no_plot and res["rows"]:
             report.plot(a.json, a.png)
         if self.failures:
@@ -524,20 +525,27 @@ def lazy_rows_problem(lr, prompt):
     return None
 
 
-def stock_logprob_check(with_lp, without_lp, seq):
-    """Stock's records with and without prompt logprobs on the decode path
-    (every position after the prompt: step 0 from the last prompt row, then
-    the forced single-token decodes): equal bit for bit, or a row paired with
-    the other stock run would mix two scorings. NaN never passes."""
+def stock_logprob_check(with_lp, without_lp, seq, step0_bound=run.EXACT_BOUND):
+    """Stock's records with and without prompt logprobs after the prompt.
+    Every forced single-token decode (the decode-scored tokens and the copy
+    probes) must be equal bit for bit, or a row paired with the other stock
+    run would mix two scorings. Step 0 (the prompt's last row, scored by the
+    extend; not a decode-scored token) may differ by f32 rounding: SGLang
+    computes its logits in one matmul with the prompt rows when logprobs are
+    asked (measured 3.7e-6 nats at 2K), so it is held to `step0_bound`.
+    Argmax equal everywhere; NaN never passes."""
     idx = np.arange(seq.prefill, len(seq))
     a, b = with_lp["nll"][idx], without_lp["nll"][idx]
     finite = bool(np.isfinite(a).all() and np.isfinite(b).all())
     diff = np.abs(a - b)
     same_arg = with_lp["argmax"][idx] == without_lp["argmax"][idx]
-    bit_equal = finite and bool((a == b).all()) and bool(same_arg.all())
-    return {"positions": int(len(idx)), "max_abs_dnll": float(np.nanmax(diff)) if len(idx) else 0.0,
-            "step0_abs_dnll": float(diff[0]) if len(idx) else 0.0, "argmax_equal": float(same_arg.mean()),
-            "finite": finite, "bit_equal": bit_equal, "pass": bit_equal}
+    decode_equal = finite and bool((a[1:] == b[1:]).all())
+    step0 = float(diff[0]) if len(idx) else 0.0
+    ok = decode_equal and bool(same_arg.all()) and finite and step0 <= step0_bound
+    return {"positions": int(len(idx)), "decode_steps": int(max(len(idx) - 1, 0)),
+            "max_abs_dnll_decode": float(np.nanmax(diff[1:])) if len(idx) > 1 else 0.0,
+            "decode_bit_equal": decode_equal, "step0_abs_dnll": step0, "step0_bound": step0_bound,
+            "argmax_equal": float(same_arg.mean()) if len(idx) else 1.0, "finite": finite, "pass": bool(ok)}
 
 
 def json_key(p):

@@ -94,8 +94,10 @@ class FakeEngine:
                   "nll": float(nll[prefill + s] + (0.01 if sparse and s > 0 else 0.0))} for s in range(n - prefill)]
         if self.tag in FakeEngine.moved:
             steps[3]["nll"] += 1e-3  # one token off: as if one key were dropped
-        if self.policy is None and FakeEngine.stock_lp_moves and first is not None:
-            steps[5]["nll"] += 1e-6
+        if self.policy is None and first is not None:
+            steps[0]["nll"] += 1e-6  # step 0's logits come from the prompt-logprob matmul: rounding differs
+            if FakeEngine.stock_lp_moves:
+                steps[5]["nll"] += 1e-6
         FakeEngine.scored.append((self.tag, first))
         if first is None:
             lp, itl, itop = -1, None, None
@@ -280,8 +282,12 @@ class StockLogprobCheck(unittest.TestCase):
         seq = run.probes.Sequence(ids=list(range(8)), prefill=5, prefill_scored=range(2, 5), decode_scored=range(6, 8))
         a, b = self.recs(), self.recs()
         b["nll"][2] += 0.5  # a prompt position: not compared (only one of the two runs scores it)
-        self.assertTrue(sglang_route.stock_logprob_check(a, b, seq)["pass"])
-        for pos, field, val in [(7, "nll", 1e-5), (5, "nll", 1e-5), (6, "argmax", 1), (6, "nll", np.nan)]:
+        b["nll"][5] += 1e-5  # step 0 (the last prompt row): f32 rounding allowed
+        chk = sglang_route.stock_logprob_check(a, b, seq)
+        self.assertTrue(chk["pass"], chk)
+        self.assertTrue(chk["decode_bit_equal"])
+        for pos, field, val in [(7, "nll", 1e-5), (6, "nll", 1e-5), (5, "nll", 1e-3), (5, "argmax", 1),
+                                (6, "argmax", 1), (6, "nll", np.nan), (5, "nll", np.nan)]:
             c = self.recs()
             c[field][pos] = c[field][pos] + val
             chk = sglang_route.stock_logprob_check(a, c, seq)
