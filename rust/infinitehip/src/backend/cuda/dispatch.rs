@@ -2022,9 +2022,9 @@ pub struct HipGpuDecoder {
 
 impl HipGpuDecoder {
     /// Configurations the GPU stages reproduce exactly, at original RoPE
-    /// positions: what the GPU prefill and the engine path (`GpuAttention`)
-    /// accept. `HipGpuDecoder` itself also runs the RoPE modes
-    /// (`validate_decoder`).
+    /// positions: what the GPU sparse prefill (`HipGpuPrefill`) accepts.
+    /// `HipGpuDecoder` and `GpuAttention`'s decode also run the RoPE modes
+    /// (`validate_decoder`; engine_attn/rope.rs).
     pub fn validate(cfg: &HipConfig) -> Result<()> {
         Self::validate_decoder(cfg)?;
         if cfg.rope.scoring != crate::config::RopeMode::Original
@@ -2032,7 +2032,7 @@ impl HipGpuDecoder {
         {
             return Err(Error::config(
                 "hip.rope",
-                "the GPU prefill and the GPU engine path (GpuAttention: SGLang on CUDA, llama.cpp's CUDA routes) support original RoPE positions only; the GPU hip decoder (HipGpuDecoder) runs the modes",
+                "the GPU sparse prefill (HipGpuPrefill) supports original RoPE positions only: rotated per-block scoring and per-query streaming attention are not built for it; the GPU hip decode (HipGpuDecoder, GpuAttention::decode) runs the modes",
             ));
         }
         Ok(())
@@ -2135,7 +2135,8 @@ impl HipGpuDecoder {
     /// at original positions. Keys and queries must be stored rotated at
     /// their positions in the halves (NEOX) layout of `rope::Rope`.
     /// Status: compiled, not yet run on a GPU (`gpu-test --rope-only` is the
-    /// check); no engine route reaches it (`GpuAttention` still refuses).
+    /// check). `GpuAttention` builds the same state per hip layer from its
+    /// config's `model` (engine_attn/rope.rs).
     pub fn set_rope_model(&mut self, model: &crate::config::ModelShape) -> Result<()> {
         self.rope = super::rope_gpu::RopeGpu::new(
             &self.cfg,
@@ -2298,35 +2299,20 @@ impl HipGpuDecoder {
         match self.rope_ready(upload)? {
             Some(r) if r.scores_rotated() => {
                 r.upload_step(gpu, &self.cfg, lens)?;
+                let all = super::rope_gpu::Seqs {
+                    batch: self.batch,
+                    first: 0,
+                    count: self.batch,
+                };
                 // As below: stage 0 alone first when its event is wanted.
                 let mut start = from;
                 if let (Some(ev), 0) = (&self.stage0_done, from) {
-                    r.run_stages(
-                        gpu,
-                        kv,
-                        &self.cfg,
-                        &self.stages,
-                        0,
-                        1,
-                        &ctx,
-                        self.batch,
-                        self.n_q,
-                    )?;
+                    r.run_stages(gpu, kv, &self.cfg, &self.stages, 0, 1, &ctx, all)?;
                     ev.record(&gpu.stream)
                         .map_err(|e| gpu_err("record stage-0 event", e))?;
                     start = 1;
                 }
-                r.run_stages(
-                    gpu,
-                    kv,
-                    &self.cfg,
-                    &self.stages,
-                    start,
-                    n,
-                    &ctx,
-                    self.batch,
-                    self.n_q,
-                )?;
+                r.run_stages(gpu, kv, &self.cfg, &self.stages, start, n, &ctx, all)?;
             }
             _ => match (&self.stage0_done, from) {
                 (Some(ev), 0) => {
@@ -2493,6 +2479,7 @@ impl HipGpuDecoder {
                 self.ntab.ptr,
                 self.extra.ptr,
                 mt,
+                0,
             );
             let r = src.and_then(|src| {
                 let mut ws = std::mem::take(&mut self.v2_ws);

@@ -1,5 +1,6 @@
-//! InfiniteHiP's RoPE modes on the GPU hip decode (`HipGpuDecoder`), as the
-//! CPU policy runs them (DESIGN 3.1): keys stay stored rotated at their
+//! InfiniteHiP's RoPE modes on the GPU hip decode (`HipGpuDecoder`, and
+//! `GpuAttention::decode` per hip layer: engine_attn/rope.rs), as the CPU
+//! policy runs them (DESIGN 3.1): keys stay stored rotated at their
 //! original positions and are re-rotated on the fly (kernels/hip_rope.cu).
 //!
 //! - `rope.scoring` `chunk_indexed` / `relative`: per stage, the scoring
@@ -17,8 +18,9 @@
 //!   kernel, which rotates the query in f32 instead.
 //!
 //! Host steps only (`step`/`select` with `upload`): the graph-capturable
-//! device step, split-K attention, the host-tier scorers and the GPU prefill
-//! refuse the modes.
+//! device step (and `GpuAttention`'s CUDA-graph decode), split-K attention,
+//! the host-tier scorers and the GPU sparse prefill refuse the modes.
+//! Status: compiled, NOT yet run on a GPU.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -31,12 +33,17 @@ use crate::rope::Rope;
 /// Threads per CTA of the scorer and gather launches.
 const THREADS: usize = 128;
 
-/// Device state of the RoPE modes of one `HipGpuDecoder`.
+/// Device state of the RoPE modes of one `HipGpuDecoder`, or of one hip
+/// layer of `GpuAttention` (engine_attn/rope.rs).
 pub struct RopeGpu {
     pub(crate) scoring: RopeMode,
     pub(crate) streaming: bool,
     max_position: usize,
     head_dim: usize,
+    n_q_heads: usize,
+    n_stages: usize,
+    /// Sequences the per-sequence buffers below hold (`reserve`).
+    batch: usize,
     inv_freq: DevBuf,
     /// `[batch][n_q][d]` f32: the stage's moved scoring queries.
     qrot: DevBuf,
@@ -55,6 +62,39 @@ pub struct RopeGpu {
     table2: DevBuf,
 }
 
+/// The RoPE modes `cfg` asks for, validated as `HipPolicy::new` validates
+/// them: None when both are original, else (scoring mode, streaming
+/// attention). Host-only (CPU tests).
+pub fn modes(cfg: &HipConfig) -> Result<Option<(RopeMode, bool)>> {
+    let (scoring, attention) = (cfg.rope.scoring, cfg.rope.attention);
+    if scoring == RopeMode::Original && attention == RopeMode::Original {
+        return Ok(None);
+    }
+    if scoring == RopeMode::Streaming {
+        return Err(Error::config(
+            "hip.rope.scoring",
+            "streaming applies to attention only",
+        ));
+    }
+    if matches!(attention, RopeMode::ChunkIndexed | RopeMode::Relative) {
+        return Err(Error::config(
+            "hip.rope.attention",
+            "use original or streaming",
+        ));
+    }
+    Ok(Some((scoring, attention == RopeMode::Streaming)))
+}
+
+/// Which sequences of the last `upload_step` a `run_stages` call scores:
+/// `count` from `first`, of the `batch` uploaded (the decoder: all of
+/// them; `GpuAttention`: one request per call, as its stages launch).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Seqs {
+    pub batch: usize,
+    pub first: usize,
+    pub count: usize,
+}
+
 impl RopeGpu {
     /// None when both modes are original (the decoder then runs exactly as
     /// before).
@@ -66,41 +106,48 @@ impl RopeGpu {
         batch: usize,
         n_q_heads: usize,
     ) -> Result<Option<Self>> {
-        let (scoring, attention) = (cfg.rope.scoring, cfg.rope.attention);
-        if scoring == RopeMode::Original && attention == RopeMode::Original {
+        let Some((scoring, streaming)) = modes(cfg)? else {
             return Ok(None);
-        }
-        if scoring == RopeMode::Streaming {
-            return Err(Error::config(
-                "hip.rope.scoring",
-                "streaming applies to attention only",
-            ));
-        }
-        if matches!(attention, RopeMode::ChunkIndexed | RopeMode::Relative) {
-            return Err(Error::config(
-                "hip.rope.attention",
-                "use original or streaming",
-            ));
-        }
+        };
         let rope = Rope::new(head_dim, theta);
-        let n_stages = cfg.stages.len();
-        Ok(Some(RopeGpu {
+        let mut r = RopeGpu {
             scoring,
-            streaming: attention == RopeMode::Streaming,
+            streaming,
             max_position,
             head_dim,
+            n_q_heads,
+            n_stages: cfg.stages.len(),
+            batch: 0,
             inv_freq: DevBuf::from_slice(rope.inv_freq())?,
-            qrot: DevBuf::alloc(batch * n_q_heads * head_dim * 4)?,
-            shifts: DevBuf::alloc(n_stages * batch * 8)?,
-            rel: DevBuf::alloc(batch * 8)?,
+            qrot: DevBuf::alloc(16)?,
+            shifts: DevBuf::alloc(16)?,
+            rel: DevBuf::alloc(16)?,
             k2: DevBuf::alloc(16)?,
             v2: DevBuf::alloc(16)?,
             p: 0,
             tab2: DevBuf::alloc(16)?,
             ntab2: DevBuf::alloc(16)?,
-            extra2: DevBuf::from_slice(&vec![0i32; batch * 6])?,
-            table2: DevBuf::from_slice(&(0..batch as i32).collect::<Vec<_>>())?,
-        }))
+            extra2: DevBuf::alloc(16)?,
+            table2: DevBuf::alloc(16)?,
+        };
+        r.reserve(batch)?;
+        Ok(Some(r))
+    }
+
+    /// Size the per-sequence buffers for `batch` sequences (grow only;
+    /// synchronous allocations and uploads).
+    pub(crate) fn reserve(&mut self, batch: usize) -> Result<()> {
+        if batch <= self.batch {
+            return Ok(());
+        }
+        let (d, nq) = (self.head_dim, self.n_q_heads);
+        self.qrot = DevBuf::alloc(batch * nq * d * 4)?;
+        self.shifts = DevBuf::alloc(self.n_stages.max(1) * batch * 8)?;
+        self.rel = DevBuf::alloc(batch * 8)?;
+        self.extra2 = DevBuf::from_slice(&vec![0i32; batch * 6])?;
+        self.table2 = DevBuf::from_slice(&(0..batch as i32).collect::<Vec<_>>())?;
+        self.batch = batch;
+        Ok(())
     }
 
     fn check_kv(&self, kv: &DeviceKv) -> Result<&'static str> {
@@ -119,6 +166,11 @@ impl RopeGpu {
         })
     }
 
+    /// The trained length the modes were built with (`model.max_position`).
+    pub fn max_position(&self) -> usize {
+        self.max_position
+    }
+
     pub fn scores_rotated(&self) -> bool {
         self.scoring != RopeMode::Original
     }
@@ -134,13 +186,22 @@ impl RopeGpu {
         if !self.scores_rotated() {
             return Ok(());
         }
+        if lens.len() > self.batch {
+            return Err(Error::shape(
+                "hip RoPE batch (reserve)",
+                self.batch,
+                lens.len(),
+            ));
+        }
         let (shifts, rel) = step_shifts(cfg, self.scoring, self.max_position, lens);
         self.shifts.write_async(&gpu.stream, &shifts)?;
         self.rel.write_async(&gpu.stream, &rel)
     }
 
     /// Stages `from..to` with rotated scoring (`dispatch::run_stages_to`
-    /// with `hip_rope_q` + `hip_score_rope_*` in place of `hip_score*`).
+    /// with `hip_rope_q` + `hip_score_rope_*` in place of `hip_score*`) of
+    /// the sequences `seqs` of the last `upload_step`; `x` holds their rows
+    /// (`x.q`, `x.row_seq`, ... start at sequence `seqs.first`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn run_stages(
         &self,
@@ -151,10 +212,19 @@ impl RopeGpu {
         from: usize,
         to: usize,
         x: &super::dispatch::StageInputs,
-        batch: usize,
-        n_q: usize,
+        seqs: Seqs,
     ) -> Result<()> {
         let tag = self.check_kv(kv)?;
+        let n_q = self.n_q_heads;
+        if seqs.first + seqs.count > seqs.batch || seqs.batch > self.batch {
+            return Err(Error::OutOfRange(format!(
+                "hip RoPE stages: sequences {}..{} of {} (reserved {})",
+                seqs.first,
+                seqs.first + seqs.count,
+                seqs.batch,
+                self.batch
+            )));
+        }
         let d = kv.head_dim;
         let rotq = gpu.func("hip_rope", "hip_rope_q")?;
         let smem = x.nq_max * d * 4;
@@ -181,7 +251,8 @@ impl RopeGpu {
             };
             // The scoring queries of this stage, moved.
             let (nqh, di) = (n_q as i32, d as i32);
-            let sh = self.shifts.ptr + (s * batch * 8) as u64;
+            let sh = self.shifts.ptr + ((s * seqs.batch + seqs.first) * 8) as u64;
+            let rel = self.rel.ptr + (seqs.first * 8) as u64;
             let mut l = gpu.stream.launch_builder(&rotq);
             l.arg(&x.q)
                 .arg(&self.qrot.ptr)
@@ -189,11 +260,12 @@ impl RopeGpu {
                 .arg(&di)
                 .arg(&sh)
                 .arg(&self.inv_freq.ptr);
-            // SAFETY: arguments in the order and C types of kernels/hip_rope.cu hip_rope_q; q and
-            // qrot hold batch * n_q * d f32, shifts n_stages * batch f64, inv_freq d / 2 f32.
+            // SAFETY: arguments in the order and C types of kernels/hip_rope.cu hip_rope_q; q holds
+            // seqs.count * n_q * d f32 from x.q, qrot batch * n_q * d (reserve), sh points at the
+            // stage's shifts of sequence seqs.first (n_stages * batch f64), inv_freq d / 2 f32.
             unsafe {
                 l.launch(LaunchConfig {
-                    grid_dim: ((batch * n_q) as u32, 1, 1),
+                    grid_dim: ((seqs.count * n_q) as u32, 1, 1),
                     block_dim: ((d / 2).min(THREADS) as u32, 1, 1),
                     shared_mem_bytes: 0,
                 })
@@ -229,7 +301,7 @@ impl RopeGpu {
                 .arg(&x.keys)
                 .arg(&mode)
                 .arg(&self.inv_freq.ptr)
-                .arg(&self.rel.ptr);
+                .arg(&rel);
             // SAFETY: arguments in the order and C types of hip_score_rope_* (kernels/hip_rope.cu);
             // the pointers are the decoder's stage buffers (sized by HipGpuDecoder::select) and
             // the DeviceKv's allocations.
@@ -268,7 +340,8 @@ impl RopeGpu {
     /// Streaming attention's compact buffer of this step: every row's
     /// selected tokens (the sparse attention's table + tail), keys
     /// re-rotated, values copied, at most `p` per row. Returns what the
-    /// hip sparse attention reads instead of the cache.
+    /// hip sparse attention reads instead of the cache. `seq_row`: device
+    /// i32 per sequence, its row of `kv.table` (0: sequence b is row b).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gather(
         &mut self,
@@ -280,8 +353,16 @@ impl RopeGpu {
         ntab: u64,
         extra: u64,
         p: usize,
+        seq_row: u64,
     ) -> Result<StreamSrc> {
         let tag = self.check_kv(kv)?;
+        if rows > self.batch * kv.n_kv_heads {
+            return Err(Error::shape(
+                "hip RoPE gather rows (reserve)",
+                self.batch * kv.n_kv_heads,
+                rows,
+            ));
+        }
         let d = kv.head_dim;
         let p = p.max(1);
         if p > self.p || self.k2.bytes < rows * p * d * 2 {
@@ -321,11 +402,12 @@ impl RopeGpu {
             .arg(&pi)
             .arg(&self.k2.ptr)
             .arg(&self.v2.ptr)
-            .arg(&self.ntab2.ptr);
+            .arg(&self.ntab2.ptr)
+            .arg(&seq_row);
         let blocks = (p * d / 2).div_ceil(THREADS);
         // SAFETY: arguments in the order and C types of hip_stream_gather_* (kernels/hip_rope.cu);
-        // k2/v2 hold rows * p * d elements, ntab2 rows ints; tab/ntab/extra are the decoder's
-        // selection buffers for `rows` rows.
+        // k2/v2 hold rows * p * d elements, ntab2 rows ints; tab/ntab/extra are the caller's
+        // selection buffers for `rows` rows; seq_row is 0 or rows / n_kv_heads i32.
         unsafe {
             l.launch(LaunchConfig {
                 grid_dim: (blocks as u32, rows as u32, 1),
@@ -579,7 +661,7 @@ mod tests {
         let c = cfg(RopeMode::ChunkIndexed);
         assert!(HipGpuDecoder::validate_decoder(&c).is_ok());
         let e = HipGpuDecoder::validate(&c).unwrap_err().to_string();
-        assert!(e.contains("hip.rope") && e.contains("GpuAttention"), "{e}");
+        assert!(e.contains("hip.rope") && e.contains("HipGpuPrefill"), "{e}");
         let mut o = c.clone();
         o.rope = RopeConfig::default();
         assert!(HipGpuDecoder::validate(&o).is_ok());
