@@ -544,16 +544,16 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
         seed + 6,
     )?);
     // The engine path (GpuAttention over a token-major pool).
-    c.extend(crate::gpu_rope_engine::checks(gpu, seed + 100)?);
+    crate::gpu_rope_engine::checks(gpu, seed + 100, &mut c)?;
     Ok(c.0)
 }
 
 /// Checks collected with a progress line on stderr each (a run cut short
 /// still shows how far it got).
-struct Progress(Vec<Check>, Instant);
+pub(crate) struct Progress(Vec<Check>, Instant);
 
 impl Progress {
-    fn push(&mut self, c: Check) {
+    pub(crate) fn push(&mut self, c: Check) {
         eprintln!(
             "[{:.1} s] {} {}",
             self.1.elapsed().as_secs_f64(),
@@ -562,7 +562,7 @@ impl Progress {
         );
         self.0.push(c);
     }
-    fn extend(&mut self, cs: Vec<Check>) {
+    pub(crate) fn extend(&mut self, cs: Vec<Check>) {
         cs.into_iter().for_each(|c| self.push(c));
     }
 }

@@ -25,7 +25,7 @@ use infinitehip::DType;
 
 use crate::gpu::{e, Check, R};
 use crate::gpu_engine::TokenPool;
-use crate::gpu_rope::{cfg, rope_case, RopeRoute};
+use crate::gpu_rope::{cfg, rope_case, Progress, RopeRoute};
 
 /// One hip layer with `hip`, every layer hip (`dense_layers` 0), the
 /// model's RoPE in `model`.
@@ -234,9 +234,10 @@ fn refusals(gpu: &GpuContext) -> R<Vec<Check>> {
     Ok(out)
 }
 
-pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
+/// The engine-path checks, each reported as it finishes (`c`).
+pub(crate) fn checks(gpu: &GpuContext, seed: u64, c: &mut Progress) -> R<()> {
     use RopeMode::*;
-    let mut c = refusals(gpu)?;
+    c.extend(refusals(gpu)?);
     let llama = AttnShape::new(32, 8, 128).map_err(e)?;
     let small = AttnShape::new(8, 2, 64).map_err(e)?;
     let keep = [1024, 512, 256];
@@ -285,5 +286,5 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
         true,
         seed + 6,
     )?);
-    Ok(c)
+    Ok(())
 }
