@@ -95,6 +95,14 @@ pub(crate) struct Seqs {
     pub count: usize,
 }
 
+impl Seqs {
+    /// Index of sequence `first`'s query shift of stage `s` in
+    /// `step_shifts`' `[n_stages][batch]` output (what `shifts` holds).
+    pub(crate) fn shift_index(&self, s: usize) -> usize {
+        s * self.batch + self.first
+    }
+}
+
 impl RopeGpu {
     /// None when both modes are original (the decoder then runs exactly as
     /// before).
@@ -251,7 +259,7 @@ impl RopeGpu {
             };
             // The scoring queries of this stage, moved.
             let (nqh, di) = (n_q as i32, d as i32);
-            let sh = self.shifts.ptr + ((s * seqs.batch + seqs.first) * 8) as u64;
+            let sh = self.shifts.ptr + (seqs.shift_index(s) * 8) as u64;
             let rel = self.rel.ptr + (seqs.first * 8) as u64;
             let mut l = gpu.stream.launch_builder(&rotq);
             l.arg(&x.q)
@@ -557,6 +565,35 @@ mod tests {
         // original scoring: nothing moves.
         let (s, rel) = step_shifts(&cfg(RopeMode::Original), RopeMode::Original, 8192, &lens);
         assert!(s.iter().chain(&rel).all(|x| x.is_nan()));
+    }
+
+    #[test]
+    fn one_request_slice_of_the_batch_shifts_is_its_own() {
+        // GpuAttention uploads the batch's shifts once and scores request
+        // i alone (Seqs { first: i, count: 1 }): its slice must be what
+        // the request's own shifts are.
+        let lens = [20000usize, 5000, 8193, 300];
+        for mode in [RopeMode::ChunkIndexed, RopeMode::Relative] {
+            let c = cfg(mode);
+            let (all, rel) = step_shifts(&c, mode, 8192, &lens);
+            for (i, &len) in lens.iter().enumerate() {
+                let (own, own_rel) = step_shifts(&c, mode, 8192, &[len]);
+                let one = Seqs {
+                    batch: lens.len(),
+                    first: i,
+                    count: 1,
+                };
+                for s in 0..c.stages.len() {
+                    let (a, b) = (all[one.shift_index(s)], own[s]);
+                    assert!(
+                        a == b || (a.is_nan() && b.is_nan()),
+                        "{mode:?} seq {i} stage {s}"
+                    );
+                }
+                let (a, b) = (rel[i], own_rel[0]);
+                assert!(a == b || (a.is_nan() && b.is_nan()), "{mode:?} seq {i}");
+            }
+        }
     }
 
     #[test]
