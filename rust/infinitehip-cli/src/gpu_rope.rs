@@ -22,7 +22,7 @@
 use std::time::Instant;
 
 use half::{bf16, f16};
-use infinitehip::attention::reference::attend_streaming_f64;
+use infinitehip::attention::reference::{attend_streaming_f64, softmax_values_f64};
 use infinitehip::attention::{decode_with, rel_error, AttnShape};
 use infinitehip::backend::cuda::dispatch::{DeviceKv, HipGpuDecoder};
 use infinitehip::backend::cuda::{DevBuf, GpuContext};
@@ -83,7 +83,7 @@ fn stream_ref_stored<T: Element>(
 ) -> Vec<f64> {
     let (g, d) = (shape.group(), shape.head_dim);
     let mut out = vec![0f64; shape.q_elems()];
-    let (mut k, mut v) = (vec![0f32; d], vec![0f32; d]);
+    let mut k = vec![0f32; d];
     for hq in 0..shape.n_q_heads {
         let h = hq / g;
         let toks: Vec<usize> = sel.heads[h]
@@ -104,20 +104,7 @@ fn stream_ref_stored<T: Element>(
                 .sum();
             scores.push(s * shape.scale as f64);
         }
-        let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let mut l = 0f64;
-        let o = &mut out[hq * d..(hq + 1) * d];
-        for (&t, &s) in toks.iter().zip(&scores) {
-            let w = (s - m).exp();
-            l += w;
-            kv.read_value(h, t, &mut v);
-            for i in 0..d {
-                o[i] += w * v[i] as f64;
-            }
-        }
-        if l > 0.0 {
-            o.iter_mut().for_each(|x| *x /= l);
-        }
+        softmax_values_f64(kv, h, &toks, &scores, &mut out[hq * d..(hq + 1) * d]);
     }
     out
 }
