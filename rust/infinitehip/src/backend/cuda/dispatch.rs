@@ -2011,6 +2011,8 @@ pub struct HipGpuDecoder {
     /// RoPE modes (`rope.scoring` / `rope.attention` other than original),
     /// set up by `set_rope_model` (backend/cuda/rope_gpu.rs).
     pub(crate) rope: Option<Box<super::rope_gpu::RopeGpu>>,
+    /// Streaming attention's compact K/V (first use).
+    pub(crate) rope_kv: Option<super::rope_gpu::CompactKv>,
     pub(crate) n_q: usize,
     /// Scratch of the multi-CTA top-k, sized with `keys`.
     pub(crate) topk_mc: Option<TopkMc>,
@@ -2116,6 +2118,7 @@ impl HipGpuDecoder {
             score_module: "hip_mask",
             dev: None,
             rope: None,
+            rope_kv: None,
             n_q: shape.n_q_heads,
             topk_mc: None,
             stage0_done: None,
@@ -2469,9 +2472,14 @@ impl HipGpuDecoder {
             }
             check_shape(shape, kv)?;
             let rows = self.batch * self.hkv;
-            let mut rope = self.rope.take().unwrap();
+            if self.rope_kv.is_none() {
+                self.rope_kv = Some(super::rope_gpu::CompactKv::new()?);
+            }
+            let compact = self.rope_kv.as_mut().unwrap();
+            let rope = self.rope.as_deref().unwrap();
             let src = rope.gather(
                 gpu,
+                compact,
                 kv,
                 rows,
                 self.tab.ptr,
@@ -2480,44 +2488,18 @@ impl HipGpuDecoder {
                 self.extra.ptr,
                 mt,
                 0,
+            )?;
+            let out = AttnOut::f32_rows(out, shape);
+            return src.attend(
+                gpu,
+                &mut self.v2_ws,
+                shape,
+                kv.dtype,
+                q,
+                self.batch,
+                mt,
+                out,
             );
-            let r = src.and_then(|src| {
-                let mut ws = std::mem::take(&mut self.v2_ws);
-                let r = super::dense_decode::launch_v2(
-                    gpu,
-                    &mut ws,
-                    shape,
-                    KvPtrs {
-                        k: src.k,
-                        v: src.v,
-                        table: src.table,
-                        table_stride: 1,
-                        page_size: src.page_size,
-                        dtype: kv.dtype,
-                    },
-                    KvStrides {
-                        page: src.page_stride,
-                        head: src.head_stride,
-                    },
-                    q,
-                    self.batch,
-                    super::dense_decode::V2Src::Sparse {
-                        tab: src.tab,
-                        tab_stride: src.page_size,
-                        ntab: src.ntab,
-                        extra: src.extra,
-                    },
-                    0,
-                    mt.max(1),
-                    None,
-                    None,
-                    AttnOut::f32_rows(out, shape),
-                );
-                self.v2_ws = ws;
-                r
-            });
-            self.rope = Some(rope);
-            return r;
         }
         if kind == HipAttention::SparseV2 {
             check_shape(shape, kv)?;

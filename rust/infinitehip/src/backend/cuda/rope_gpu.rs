@@ -24,9 +24,14 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::dispatch::{launch_topk, regions, DeviceKv, StageBuf, SubChunks};
+use super::dense_decode::{launch_v2, DenseDecodeWs, V2Src};
+use super::dispatch::{
+    launch_topk, regions, AttnOut, DeviceKv, KvPtrs, KvStrides, StageBuf, SubChunks,
+};
 use super::{gpu_err, kernels, DevBuf, GpuContext};
+use crate::attention::AttnShape;
 use crate::config::{HipConfig, RopeMode};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::rope::Rope;
 
@@ -51,15 +56,51 @@ pub struct RopeGpu {
     shifts: DevBuf,
     /// `[batch]` f64 relative key factors (NaN: as stored).
     rel: DevBuf,
-    /// Streaming: compact K/V (`[rows][p][d]`), per-row identity position
-    /// tables and counts, zero tails, the one-page table.
+    /// Streaming: zero tails and the one-page table of the compact buffer
+    /// (`CompactKv`), per sequence.
+    extra2: DevBuf,
+    table2: DevBuf,
+}
+
+/// Streaming attention's compact K/V (`[rows][p][d]`, the cache dtype)
+/// with its per-row identity position tables and counts. The decoder owns
+/// one; `GpuAttention` shares one across its layers (they run one after
+/// another on one stream), not one per layer.
+pub(crate) struct CompactKv {
     k2: DevBuf,
     v2: DevBuf,
     p: usize,
     tab2: DevBuf,
     ntab2: DevBuf,
-    extra2: DevBuf,
-    table2: DevBuf,
+}
+
+impl CompactKv {
+    pub(crate) fn new() -> Result<Self> {
+        Ok(CompactKv {
+            k2: DevBuf::alloc(16)?,
+            v2: DevBuf::alloc(16)?,
+            p: 0,
+            tab2: DevBuf::alloc(16)?,
+            ntab2: DevBuf::alloc(16)?,
+        })
+    }
+
+    /// Room for `rows` rows of at least `p` tokens of `d` 2-byte elements
+    /// (grown in 256-token steps; the stride stays until it must grow).
+    /// Returns the row stride in tokens.
+    fn ensure(&mut self, rows: usize, p: usize, d: usize) -> Result<usize> {
+        let p = p.max(1);
+        if p > self.p || self.k2.bytes < rows * self.p * d * 2 {
+            let cap = p.max(self.p).next_multiple_of(256);
+            self.k2 = DevBuf::alloc(rows * cap * d * 2)?;
+            self.v2 = DevBuf::alloc(rows * cap * d * 2)?;
+            let iota: Vec<i32> = (0..rows * cap).map(|i| (i % cap) as i32).collect();
+            self.tab2 = DevBuf::from_slice(&iota)?;
+            self.ntab2 = DevBuf::alloc(rows * 4)?;
+            self.p = cap;
+        }
+        Ok(self.p)
+    }
 }
 
 /// The RoPE modes `cfg` asks for, validated as `HipPolicy::new` validates
@@ -130,11 +171,6 @@ impl RopeGpu {
             qrot: DevBuf::alloc(16)?,
             shifts: DevBuf::alloc(16)?,
             rel: DevBuf::alloc(16)?,
-            k2: DevBuf::alloc(16)?,
-            v2: DevBuf::alloc(16)?,
-            p: 0,
-            tab2: DevBuf::alloc(16)?,
-            ntab2: DevBuf::alloc(16)?,
             extra2: DevBuf::alloc(16)?,
             table2: DevBuf::alloc(16)?,
         };
@@ -352,8 +388,9 @@ impl RopeGpu {
     /// i32 per sequence, its row of `kv.table` (0: sequence b is row b).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gather(
-        &mut self,
+        &self,
         gpu: &GpuContext,
+        out: &mut CompactKv,
         kv: &DeviceKv,
         rows: usize,
         tab: u64,
@@ -372,18 +409,7 @@ impl RopeGpu {
             ));
         }
         let d = kv.head_dim;
-        let p = p.max(1);
-        if p > self.p || self.k2.bytes < rows * p * d * 2 {
-            // Grow in 256-token steps; the stride stays until it must grow.
-            let cap = p.next_multiple_of(256);
-            self.k2 = DevBuf::alloc(rows * cap * d * 2)?;
-            self.v2 = DevBuf::alloc(rows * cap * d * 2)?;
-            let iota: Vec<i32> = (0..rows * cap).map(|i| (i % cap) as i32).collect();
-            self.tab2 = DevBuf::from_slice(&iota)?;
-            self.ntab2 = DevBuf::alloc(rows * 4)?;
-            self.p = cap;
-        }
-        let p = self.p;
+        let p = out.ensure(rows, p, d)?;
         let f = gpu.func("hip_rope", &format!("hip_stream_gather_{tag}_d{d}"))?;
         let kst = kv.strides();
         let (ts, ps, hk, tst, pi) = (
@@ -408,9 +434,9 @@ impl RopeGpu {
             .arg(&extra)
             .arg(&self.inv_freq.ptr)
             .arg(&pi)
-            .arg(&self.k2.ptr)
-            .arg(&self.v2.ptr)
-            .arg(&self.ntab2.ptr)
+            .arg(&out.k2.ptr)
+            .arg(&out.v2.ptr)
+            .arg(&out.ntab2.ptr)
             .arg(&seq_row);
         let blocks = (p * d / 2).div_ceil(THREADS);
         // SAFETY: arguments in the order and C types of hip_stream_gather_* (kernels/hip_rope.cu);
@@ -426,14 +452,14 @@ impl RopeGpu {
         .map_err(|e| gpu_err("launch hip_stream_gather", e))?;
         let hkv = kv.n_kv_heads;
         Ok(StreamSrc {
-            k: self.k2.ptr,
-            v: self.v2.ptr,
+            k: out.k2.ptr,
+            v: out.v2.ptr,
             table: self.table2.ptr,
             page_size: p,
             page_stride: (hkv * p * d) as i64,
             head_stride: (p * d) as i64,
-            tab: self.tab2.ptr,
-            ntab: self.ntab2.ptr,
+            tab: out.tab2.ptr,
+            ntab: out.ntab2.ptr,
             extra: self.extra2.ptr,
         })
     }
@@ -451,6 +477,55 @@ pub(crate) struct StreamSrc {
     pub tab: u64,
     pub ntab: u64,
     pub extra: u64,
+}
+
+impl StreamSrc {
+    /// The unchanged hip sparse v2 attention over the compact buffer: the
+    /// queries `q` (`[batch][n_q][d]` f32, as stored) of `batch` sequences,
+    /// at most `mt` tokens per row, into `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attend(
+        &self,
+        gpu: &GpuContext,
+        ws: &mut DenseDecodeWs,
+        shape: &AttnShape,
+        dtype: DType,
+        q: u64,
+        batch: usize,
+        mt: usize,
+        out: AttnOut,
+    ) -> Result<()> {
+        launch_v2(
+            gpu,
+            ws,
+            shape,
+            KvPtrs {
+                k: self.k,
+                v: self.v,
+                table: self.table,
+                table_stride: 1,
+                page_size: self.page_size,
+                dtype,
+            },
+            KvStrides {
+                page: self.page_stride,
+                head: self.head_stride,
+            },
+            q,
+            batch,
+            V2Src::Sparse {
+                tab: self.tab,
+                tab_stride: self.page_size,
+                ntab: self.ntab,
+                extra: self.extra,
+            },
+            0,
+            mt.max(1),
+            None,
+            None,
+            out,
+        )
+    }
 }
 
 /// The compact slots of one row as `hip_stream_gather_*` writes them (its

@@ -74,10 +74,10 @@ use super::dense_decode::{launch_dense, launch_v2, DenseDecodeWs, V2Src};
 use super::dispatch::HipGpuPrefill;
 use super::dispatch::{
     assemble_rows, launch_attention_ex, regions, run_stages, AttnOut, DecodeWorkspace, DeviceKv,
-    DeviceSelection, HipAttention, KvPtrs, KvStrides, StageBuf, StageInputs, TabOut,
+    DeviceSelection, HipAttention, KvPtrs, StageBuf, StageInputs, TabOut,
 };
 use super::hip_fast::MaskEstimator;
-use super::rope_gpu::{RopeGpu, Seqs};
+use super::rope_gpu::{CompactKv, RopeGpu, Seqs};
 use super::{gpu_err, kernels, DevBuf, GpuContext};
 use crate::attention::AttnShape;
 use crate::config::{LayerPolicy, PolicyConfig};
@@ -208,6 +208,9 @@ pub struct GpuAttention {
     hip_pf: Option<Box<HipGpuPrefill>>,
     /// Buffers and per-row state of `decode_graph` (after `prepare_graph`).
     graph: Option<Box<graph::GraphState>>,
+    /// Streaming attention's compact K/V, shared by the RoPE-mode hip
+    /// layers (first use; `rope_gpu::CompactKv`).
+    rope_kv: Option<CompactKv>,
 }
 
 fn grow(buf: &mut DevBuf, bytes: usize) -> Result<()> {
@@ -417,6 +420,7 @@ impl GpuAttention {
             prefill_estimator: Some(MaskEstimator::Auto),
             hip_pf: None,
             graph: None,
+            rope_kv: None,
         })
     }
 
@@ -1301,48 +1305,37 @@ impl GpuAttention {
     ) -> Result<()> {
         let hkv = self.shape.n_kv_heads;
         let (tab, ntab, rows) = (self.tab.ptr, self.ntab.ptr, self.up.ptr);
-        let Layer::Hip(h) = &mut self.layers[layer] else {
+        let Layer::Hip(h) = &self.layers[layer] else {
             unreachable!()
         };
         let tab_cap = h.tab_cap();
-        let r = h
-            .rope
-            .as_deref_mut()
-            .expect("streaming layer has RoPE state");
-        let src = r.gather(gpu, dkv, b * hkv, tab, tab_cap, ntab, ex, bound, rows)?;
-        let mut ws = std::mem::take(&mut self.sparse_ws);
-        let res = launch_v2(
+        let r = h.rope.as_deref().expect("streaming layer has RoPE state");
+        let compact = match &mut self.rope_kv {
+            Some(c) => c,
+            None => self.rope_kv.insert(CompactKv::new()?),
+        };
+        let src = r.gather(
             gpu,
-            &mut ws,
+            compact,
+            dkv,
+            b * hkv,
+            tab,
+            tab_cap,
+            ntab,
+            ex,
+            bound,
+            rows,
+        )?;
+        src.attend(
+            gpu,
+            &mut self.sparse_ws,
             shape,
-            KvPtrs {
-                k: src.k,
-                v: src.v,
-                table: src.table,
-                table_stride: 1,
-                page_size: src.page_size,
-                dtype: dkv.dtype,
-            },
-            KvStrides {
-                page: src.page_stride,
-                head: src.head_stride,
-            },
+            dkv.dtype,
             self.qf.ptr,
             b,
-            V2Src::Sparse {
-                tab: src.tab,
-                tab_stride: src.page_size,
-                ntab: src.ntab,
-                extra: src.extra,
-            },
-            0,
-            bound.max(1),
-            None,
-            None,
+            bound,
             *out,
-        );
-        self.sparse_ws = ws;
-        res
+        )
     }
 
     /// hip sparse prefill of a hip layer: per request, per chunk of at most
