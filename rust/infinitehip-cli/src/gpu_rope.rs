@@ -639,5 +639,5 @@ pub(crate) fn timing(gpu: &GpuContext, lens: &[usize]) -> R<()> {
             );
         }
     }
-    Ok(())
+    crate::gpu_rope_engine::timing(gpu, lens)
 }

@@ -9,7 +9,8 @@
 //! table rows are in reverse batch order, so a gather or scorer that reads
 //! table row b instead of the request's row fails. Then the refusals: a
 //! prefill past `model.max_position`, CUDA-graph preparation, streaming with
-//! split-combine attention.
+//! split-combine attention. `timing`: the mean `GpuAttention::decode` step
+//! of original positions vs each mode (with `--rope-timing`).
 
 use half::bf16;
 use infinitehip::attention::AttnShape;
@@ -286,5 +287,122 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64, c: &mut Progress) -> R<()> {
         true,
         seed + 6,
     )?);
+    Ok(())
+}
+
+/// Mean `GpuAttention::decode` call (one hip layer, batch 1, 64 calls after
+/// 16 warm-up: every refresh phase) of original positions vs the RoPE
+/// modes, Llama-3.1-8B heads, paper stages, device-random paged K/V; the
+/// engine-path twin of `gpu_rope::timing`.
+pub(crate) fn timing(gpu: &GpuContext, lens: &[usize]) -> R<()> {
+    use RopeMode::*;
+    let shape = AttnShape::new(32, 8, 128).map_err(e)?;
+    let qe = shape.q_elems();
+    println!("rope engine timing: mean GpuAttention::decode call (64 after 16 warm-up), batch 1, 32 q / 8 kv heads, d128, bf16, paper stages; max_position 32768");
+    println!(
+        "{:>9} {:>26} {:>12} {:>10}",
+        "tokens", "modes", "us/call", "vs orig"
+    );
+    let model = ModelShape {
+        n_layers: 1,
+        n_q_heads: 32,
+        n_kv_heads: 8,
+        head_dim: 128,
+        rope_theta: 500000.0,
+        max_position: 32768,
+    };
+    for &len in lens {
+        let kv = infinitehip::backend::cuda::dense_decode::random_device_kv(
+            gpu,
+            1,
+            len + 80,
+            8,
+            128,
+            DType::Bf16,
+            64,
+            7,
+        )
+        .map_err(e)?;
+        let ekv = infinitehip::backend::cuda::engine_attn::EngineKv {
+            k: kv.k.ptr,
+            v: kv.v.ptr,
+            dtype: kv.dtype,
+            table: kv.table.ptr,
+            table_stride: kv.table_stride,
+            page_size: kv.page_size,
+            page_stride: kv.page_stride,
+            head_stride: kv.head_stride,
+        };
+        let mut rng = Rng::new(11);
+        let qd = DevBuf::from_slice(&rng.normal_vec(qe, 1.0)).map_err(e)?;
+        let out = DevBuf::alloc(qe * 4).map_err(e)?;
+        let mut base = 0f64;
+        for (sc, at) in [
+            (Original, Original),
+            (ChunkIndexed, Original),
+            (Relative, Original),
+            (Original, Streaming),
+            (ChunkIndexed, Streaming),
+            (Relative, Streaming),
+        ] {
+            let hip = HipConfig {
+                rope: infinitehip::config::RopeConfig {
+                    scoring: sc,
+                    attention: at,
+                },
+                ..HipConfig::default()
+            };
+            let mut ga = GpuAttention::new(gpu, &engine_cfg(&model, &hip)).map_err(e)?;
+            let mut t = 0f64;
+            for i in 0..80 {
+                if i == 16 {
+                    gpu.synchronize().map_err(e)?;
+                }
+                let t0 = std::time::Instant::now();
+                // SAFETY: q/out hold one row; the K/V one sequence of len + 80 tokens.
+                unsafe {
+                    ga.decode(
+                        gpu.raw_stream(),
+                        0,
+                        &ekv,
+                        &[1],
+                        &[0],
+                        &[len + i],
+                        &QArg {
+                            ptr: qd.ptr,
+                            dtype: DType::F32,
+                            row_stride: qe,
+                        },
+                        &AttnOut {
+                            ptr: out.ptr,
+                            dtype: DType::F32,
+                            row_stride: qe,
+                        },
+                        None,
+                    )
+                }
+                .map_err(e)?;
+                if i >= 16 {
+                    gpu.synchronize().map_err(e)?;
+                    t += t0.elapsed().as_secs_f64();
+                }
+            }
+            let got: Vec<f32> = out.read(qe).map_err(e)?;
+            if !got.iter().all(|x| x.is_finite()) {
+                return Err(format!(
+                    "rope engine timing {len} {sc:?}/{at:?}: non-finite output"
+                ));
+            }
+            let us = t / 64.0 * 1e6;
+            if sc == Original && at == Original {
+                base = us;
+            }
+            println!(
+                "{len:>9} {:>26} {us:>12.1} {:>9.2}x",
+                format!("{sc:?}/{at:?}"),
+                us / base
+            );
+        }
+    }
     Ok(())
 }
