@@ -29,7 +29,11 @@ ENGINE_ARGS = {"device": "cpu", "dtype": "float32", "skip_tokenizer_init": True,
                "enable_custom_logit_processor": True, "max_running_requests": 1, "log_level": "warning",
                # One forward (a sparse config's prefill past 8K) takes many minutes on a loaded 2-core
                # machine; SGLang's scheduler watchdog (300 s) killed a 16K run (a 4096-token chunk).
-               "watchdog_timeout": 7200}
+               "watchdog_timeout": 7200,
+               # SGLang's automatic value reserves 1.5 MB of "GPU" memory per prefill-chunk token, which on the
+               # CPU engine with one 16K chunk exceeds this 24 GB machine (mem_fraction_static = -0.05: the engine
+               # refuses to start). The KV pool is capped by max_total_tokens anyway, so fix the fraction.
+               "mem_fraction_static": 0.8}
 
 
 def _force_str():

@@ -4,6 +4,32 @@ use super::AttnShape;
 use crate::kv::KvRead;
 use crate::policy::Selection;
 
+/// `out = softmax(scores) . V[toks]` for KV head `h`, in f64 (`out` is
+/// added to; all zero when `toks` is empty). The tail every f64 reference
+/// shares once it has its tokens and scaled scores.
+pub fn softmax_values_f64(
+    kv: &dyn KvRead,
+    h: usize,
+    toks: &[usize],
+    scores: &[f64],
+    out: &mut [f64],
+) {
+    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let mut v = vec![0f32; out.len()];
+    let mut l = 0f64;
+    for (&t, &s) in toks.iter().zip(scores) {
+        let w = (s - m).exp();
+        l += w;
+        kv.read_value(h, t, &mut v);
+        for (o, &x) in out.iter_mut().zip(&v) {
+            *o += w * x as f64;
+        }
+    }
+    if l > 0.0 {
+        out.iter_mut().for_each(|x| *x /= l);
+    }
+}
+
 /// One query vector set (`[n_q_heads][d]`) against the tokens of `sel`
 /// (or all tokens below `limit`), in f64. `sel` may hold one list per KV
 /// head or one per q head (`Selection::q_head_ranges`).
@@ -17,7 +43,6 @@ pub fn attend_f64(
     let (g, d) = (shape.group(), shape.head_dim);
     let mut out = vec![0f64; shape.q_elems()];
     let mut k = vec![0f32; d];
-    let mut v = vec![0f32; d];
     for hq in 0..shape.n_q_heads {
         let h = hq / g;
         let qh = &q[hq * d..(hq + 1) * d];
@@ -30,20 +55,7 @@ pub fn attend_f64(
             let s: f64 = qh.iter().zip(&k).map(|(&a, &b)| a as f64 * b as f64).sum();
             scores.push(s * shape.scale as f64);
         }
-        let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let mut l = 0f64;
-        let o = &mut out[hq * d..(hq + 1) * d];
-        for (&t, &s) in toks.iter().zip(&scores) {
-            let w = (s - m).exp();
-            l += w;
-            kv.read_value(h, t, &mut v);
-            for i in 0..d {
-                o[i] += w * v[i] as f64;
-            }
-        }
-        if l > 0.0 {
-            o.iter_mut().for_each(|x| *x /= l);
-        }
+        softmax_values_f64(kv, h, &toks, &scores, &mut out[hq * d..(hq + 1) * d]);
     }
     out
 }
@@ -88,7 +100,6 @@ pub fn attend_streaming_f64(
     let (g, d) = (shape.group(), shape.head_dim);
     let mut out = vec![0f64; shape.q_elems()];
     let mut k = vec![0f32; d];
-    let mut v = vec![0f32; d];
     for hq in 0..shape.n_q_heads {
         let h = hq / g;
         let toks: Vec<usize> = (0..limit.min(kv.len()))
@@ -104,20 +115,7 @@ pub fn attend_streaming_f64(
             let s: f64 = qh.iter().zip(&k).map(|(&a, &b)| a as f64 * b as f64).sum();
             scores.push(s * shape.scale as f64);
         }
-        let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let mut l = 0f64;
-        let o = &mut out[hq * d..(hq + 1) * d];
-        for (&t, &s) in toks.iter().zip(&scores) {
-            let w = (s - m).exp();
-            l += w;
-            kv.read_value(h, t, &mut v);
-            for i in 0..d {
-                o[i] += w * v[i] as f64;
-            }
-        }
-        if l > 0.0 {
-            o.iter_mut().for_each(|x| *x /= l);
-        }
+        softmax_values_f64(kv, h, &toks, &scores, &mut out[hq * d..(hq + 1) * d]);
     }
     out
 }

@@ -25,14 +25,14 @@
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
 
 use cudarc::driver::{sys, CudaFunction, DriverError, LaunchConfig};
 
+use super::switch::EnvSwitch;
 use super::GpuContext;
 
-/// 0: not decided yet (read INFINITEHIP_PDL), 1: on, 2: off.
-static PDL: AtomicU8 = AtomicU8::new(0);
+static PDL: EnvSwitch = EnvSwitch::new("INFINITEHIP_PDL");
 
 /// A launch site whose kernel begins with `IHIP_PDL_ENTRY()`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,21 +144,13 @@ pub fn set_sites(mask: u32) {
 /// Launch PDL-ready kernels with the programmatic attribute (the default)
 /// or plainly.
 pub fn set_pdl(on: bool) {
-    PDL.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    PDL.set(on);
 }
 
 /// Whether PDL launches are enabled (the process-wide switch; the device
 /// and stream conditions are checked per launch).
 pub fn pdl_enabled() -> bool {
-    match PDL.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = std::env::var("INFINITEHIP_PDL").map_or(true, |v| v != "0");
-            set_pdl(on);
-            on
-        }
-    }
+    PDL.get()
 }
 
 /// Scalar kernel arguments (passed by pointer to `cuLaunchKernelEx`).
