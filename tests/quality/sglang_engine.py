@@ -178,9 +178,12 @@ def lazy_rows_summary(rows, skips, prompt):
         return {"tokens": prompt, "rows_per_layer": None, "dropped_rows": 0, "row_fraction": 1.0, "points": None,
                 "prefills": 0, "skipped": why}
     last = mine[-1]["rows"]
-    return {"tokens": prompt, "rows_per_layer": last, "dropped_rows": sum(prompt - r for r in last),
-            "row_fraction": sum(last) / (prompt * len(last)), "points": mine[-1].get("points"),
-            "prefills": len(mine), "skipped": why}
+    out = {"tokens": prompt, "rows_per_layer": last, "dropped_rows": sum(prompt - r for r in last),
+           "row_fraction": sum(last) / (prompt * len(last)), "points": mine[-1].get("points"),
+           "prefills": len(mine), "skipped": why}
+    if "kept" in mine[-1]:  # INFINITEHIP_LAZY_ROWS_STATS_KEPT=1: positions kept after each point
+        out["kept"] = mine[-1]["kept"]
+    return out
 
 
 def last_chunk_steps(steps):

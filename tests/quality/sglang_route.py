@@ -261,7 +261,10 @@ class SglangSuite(run.Suite):
         r["n_decode_steps"] = len(idx)
         c = self.configs[name]
         if c["method"] == "lazy" and not c.get("cover"):
-            r["lazy_rows"] = (st or {}).get("lazy_rows")
+            r["lazy_rows"] = dict((st or {}).get("lazy_rows") or {}) or None
+            if r["lazy_rows"] and "kept" in r["lazy_rows"]:
+                r["lazy_rows"]["probe_passage_kept"] = probe_passage_kept(
+                    r["lazy_rows"].pop("kept"), seq.probes, self.mode["passage_len"], r["copy"].get("per_probe"))
             problem = lazy_rows_problem(r["lazy_rows"], seq.prefill)
             r["lazy_rows_ok"] = problem is None
             if problem is not None:
@@ -506,6 +509,21 @@ def expected_rows(points, n, n_layers):
         out.append(cur)
         if layer in pts:
             cur = min(cur, keep_count(pts[layer], n))
+    return out
+
+
+def probe_passage_kept(kept, probes, passage_len, per_probe=None):
+    """Per copy probe: the fraction of its planted passage's prompt tokens
+    still among the rows after each pruning point ({layer: fraction}),
+    beside the probe's copy accuracy (per_probe, same order) when given."""
+    out = []
+    for i, p in enumerate(probes):
+        span = set(range(p["planted_at"], p["planted_at"] + passage_len))
+        row = {"depth": p["depth"],
+               "kept_after": {k: len(span.intersection(v)) / passage_len for k, v in sorted(kept.items(), key=lambda kv: int(kv[0]))}}
+        if per_probe:
+            row["copy_accuracy"] = per_probe[i]["accuracy"]
+        out.append(row)
     return out
 
 

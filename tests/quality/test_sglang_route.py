@@ -271,6 +271,17 @@ class LazyRows(unittest.TestCase):
         self.assertIn("dropped 0", sglang_route.lazy_rows_problem(lr, 10))
 
 
+class ProbePassageKept(unittest.TestCase):
+    def test_fractions(self):
+        probes = [{"depth": 0.1, "planted_at": 2}, {"depth": 0.5, "planted_at": 10}]
+        kept = {"17": [0, 2, 3, 11, 19], "8": [0, 1, 2, 3, 4, 10, 11, 12, 13, 19]}
+        out = sglang_route.probe_passage_kept(kept, probes, 4, [{"accuracy": 0.5}, {"accuracy": 1.0}])
+        self.assertEqual(list(out[0]["kept_after"]), ["8", "17"])  # by layer, not by string
+        self.assertEqual(out[0]["kept_after"], {"8": 0.75, "17": 0.5})
+        self.assertEqual(out[1]["kept_after"], {"8": 1.0, "17": 0.25})
+        self.assertEqual(out[1]["copy_accuracy"], 1.0)
+
+
 class StockLogprobCheck(unittest.TestCase):
     def recs(self):
         import stats
