@@ -887,12 +887,11 @@ mod tests {
             e.contains("layer 1 hip.rope") && e.contains("NORM") && e.contains("prefill"),
             "{e}"
         );
+        // The host-mirror route refuses in plan_indices (a hard error; e2e
+        // section 6 checks the run stops), not in top_k (whose error means
+        // "fall back to llama.cpp's attention").
         let route = crate::llama_gpu::llama_gpu_route_new(&p);
-        let e = route.top_k(&p, 1, 4096).unwrap_err();
-        assert!(
-            e.contains("host mirror") && e.contains("flash attention"),
-            "{e}"
-        );
+        assert!(route.top_k(&p, 1, 4096).is_ok());
     }
 
     #[test]

@@ -197,8 +197,11 @@ impl LlamaGpuRoute {
         layer: u32,
         n_kv: i64,
     ) -> std::result::Result<u32, String> {
+        // No RoPE-mode refusal here: an error from top_k makes the patch fall
+        // back to llama.cpp's attention with a warning, which would run the
+        // model at its own positions (garbage past the trained length);
+        // plan_indices refuses instead, and that error stops the run.
         self.poison.guard(|| {
-            plugin.refuse_rope_modes("CUDA route (host mirror)", HOST_MIRROR_ROPE)?;
             plugin.refuse_per_q_head("CUDA route (host mirror)")?;
             let cfg = plugin.config();
             if layer as usize >= cfg.model.n_layers {
