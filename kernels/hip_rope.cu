@@ -161,8 +161,10 @@ SCORE_ROPE_INST(F16, f16, 256)
 // position): with the query as stored (at p_q) the score is the one at
 // streaming positions (key at i, query at n - 1). V is copied. The rotated
 // key is rounded to the cache's dtype (bf16/f16). Compact layout: row r at
-// (r * P + i) * D; ntab2[r] = n. Grid: (ceil(P * D / 2 / 128), rows),
-// block 128: one thread per (slot, rotation pair).
+// (r * P + i) * D; ntab2[r] = n. Sequence b's K/V is row seq_row[b] of the
+// table (GpuAttention: the request's table row), or row b when seq_row is
+// NULL (HipGpuDecoder). Grid: (ceil(P * D / 2 / 128), rows), block 128: one
+// thread per (slot, rotation pair).
 template <int F16OUT>
 __device__ __forceinline__ u16 to_elem(float f) {
     return F16OUT ? f32_to_f16(f) : f32_to_bf16(f);
@@ -173,7 +175,8 @@ __device__ void stream_gather(const u16* __restrict__ kp, const u16* __restrict_
                               int table_stride, int ps, int hkv, long long pst, long long hst,
                               const int* __restrict__ tab, int tab_stride, const int* __restrict__ ntab,
                               const int2* __restrict__ extra, const float* __restrict__ inv_freq, int P,
-                              u16* __restrict__ k2, u16* __restrict__ v2, int* __restrict__ ntab2) {
+                              u16* __restrict__ k2, u16* __restrict__ v2, int* __restrict__ ntab2,
+                              const int* __restrict__ seq_row) {
     const int r = blockIdx.y;
     const int b = r / hkv, h = r % hkv;
     const int nt = ntab[r];
@@ -188,7 +191,8 @@ __device__ void stream_gather(const u16* __restrict__ kp, const u16* __restrict_
     const int p = i < nt ? tab[(long long)r * tab_stride + i] : tail0 + (i - nt);
     const int p_q = wn.y - 1;
     const double pos = (double)((long long)(p_q - (n - 1)) - (long long)(p - i));
-    const int* trow = table + (long long)b * table_stride;
+    const int seq = seq_row != nullptr ? seq_row[b] : b;
+    const int* trow = table + (long long)seq * table_stride;
     const long long src = kv_row(trow, p, h, ps, D, pst, hst);
     float x0 = E::to_f32(kp[src + e]), x1 = E::to_f32(kp[src + e + HALF]);
     rope_rot(x0, x1, pos, inv_freq[e]);
@@ -203,9 +207,9 @@ __device__ void stream_gather(const u16* __restrict__ kp, const u16* __restrict_
     extern "C" __global__ void __launch_bounds__(128) hip_stream_gather_##TN##_d##D(                        \
         const u16* kp, const u16* vp, const int* table, int table_stride, int ps, int hkv, long long pst,    \
         long long hst, const int* tab, int tab_stride, const int* ntab, const int2* extra,                   \
-        const float* inv_freq, int P, u16* k2, u16* v2, int* ntab2) {                                        \
+        const float* inv_freq, int P, u16* k2, u16* v2, int* ntab2, const int* seq_row) {                    \
         stream_gather<E, IS_F16, D>(kp, vp, table, table_stride, ps, hkv, pst, hst, tab, tab_stride, ntab,   \
-                                    extra, inv_freq, P, k2, v2, ntab2);                                      \
+                                    extra, inv_freq, P, k2, v2, ntab2, seq_row);                             \
     }
 GATHER_INST(Bf16, 0, bf16, 64)
 GATHER_INST(Bf16, 0, bf16, 128)

@@ -731,9 +731,9 @@ impl LlamaPlugin {
         Ok(())
     }
 
-    /// Routes that hand attention to llama.cpp's kernels (the CUDA routes)
-    /// cannot move positions: they refuse hip's RoPE modes with this error.
-    pub(crate) fn refuse_rope_modes(&self, route: &str) -> Result<()> {
+    /// The CUDA routes do not run hip's RoPE modes: they refuse them with
+    /// this error, `why` naming what the route lacks.
+    pub(crate) fn refuse_rope_modes(&self, route: &str, why: &str) -> Result<()> {
         for l in 0..self.cfg.model.n_layers {
             if let LayerPolicy::Hip(h) = self.cfg.layer_policy(l) {
                 if h.rope.scoring != RopeMode::Original || h.rope.attention != RopeMode::Original {
@@ -741,7 +741,7 @@ impl LlamaPlugin {
                         format!("layer {l} hip.rope"),
                         format!(
                             "{route}: RoPE modes (chunk_indexed/relative scoring, streaming attention) \
-                             run on the CPU route only; use \"original\" on a GPU KV cache"
+                             run on the CPU route only ({why}); use \"original\" on a GPU KV cache"
                         ),
                     ));
                 }

@@ -102,12 +102,20 @@ pub fn llama_cuda_attn_new(
 ) -> std::result::Result<Box<LlamaCudaAttn>, String> {
     guard(|| {
         only_dense_and_hip(plugin.config())?;
-        plugin.refuse_rope_modes("CUDA route")?;
+        plugin.refuse_rope_modes("CUDA route", ROPE_MISSING)?;
         plugin.refuse_per_q_head("CUDA route")?;
         crate::llama_offload::offload_sizes(plugin.config())?;
         new_impl(plugin).map(Box::new)
     })
 }
+
+/// What this route lacks for hip's RoPE modes (`GpuAttention::decode` runs
+/// them: compiled, not yet run on a GPU).
+pub(crate) const ROPE_MISSING: &str = "GpuAttention's decode re-rotates keys in the halves \
+    (NEOX) layout only, llama.cpp's Llama models store them in the NORM (interleaved) layout, \
+    this route does not pass llama.cpp's rope parameters (patch 0006) to it, and its prefill \
+    (llama.cpp's attention below prefill_dense_below, GpuAttention's dense prefill above) has no \
+    RoPE modes past the trained length";
 
 /// GpuAttention also runs lazy/squeeze/locret, but those need its prefill
 /// (prompt queries, projections), which this route leaves to llama.cpp.
@@ -846,6 +854,45 @@ mod tests {
         let route = crate::llama_gpu::llama_gpu_route_new(&p);
         let e = route.top_k(&p, 1, 4096).unwrap_err();
         assert!(e.contains("per_q_head") && e.contains("host mirror"), "{e}");
+    }
+
+    #[test]
+    fn rope_modes_are_refused_naming_what_the_cuda_routes_lack() {
+        let mi = ModelInfo {
+            n_layers: 4,
+            n_q_heads: 8,
+            n_kv_heads: 2,
+            head_dim: 64,
+            rope_theta: 10000.0,
+            n_ctx_train: 4096,
+        };
+        // llama.cpp's rope parameters (patch 0006), NEOX layout: the layout
+        // GpuAttention could rotate, still refused by this route.
+        let rope = crate::ffi::RopeInfo {
+            rope_type: crate::llama_rope::LLAMA_ROPE_TYPE_NEOX,
+            n_rot: 64,
+            freq_base: 10000.0,
+            freq_scale: 1.0,
+            yarn: false,
+        };
+        let p = LlamaPlugin::new_with_rope(
+            r#"{"dense_layers": 1, "default": {"method": "hip",
+                "rope": {"scoring": "chunk_indexed", "attention": "streaming"}}}"#,
+            &mi,
+            Some(&rope),
+        )
+        .unwrap();
+        let e = llama_cuda_attn_new(&p).err().expect("must refuse");
+        assert!(
+            e.contains("layer 1 hip.rope") && e.contains("NORM") && e.contains("prefill"),
+            "{e}"
+        );
+        let route = crate::llama_gpu::llama_gpu_route_new(&p);
+        let e = route.top_k(&p, 1, 4096).unwrap_err();
+        assert!(
+            e.contains("host mirror") && e.contains("flash attention"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -80,6 +80,11 @@ fn since(t: std::time::Instant, c: &AtomicU64) {
     c.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
 }
 
+/// What this route lacks for hip's RoPE modes: attention is llama.cpp's.
+pub(crate) const HOST_MIRROR_ROPE: &str = "attention is llama.cpp's flash attention over the \
+    selected cells at llama.cpp's own positions, so streaming attention cannot run there, and \
+    rotated scoring over the host key mirror is not wired";
+
 /// Host side of the GPU route for one llama.cpp context.
 pub struct LlamaGpuRoute {
     layers: Vec<Mutex<Mirror>>,
@@ -193,6 +198,7 @@ impl LlamaGpuRoute {
         n_kv: i64,
     ) -> std::result::Result<u32, String> {
         self.poison.guard(|| {
+            plugin.refuse_rope_modes("CUDA route (host mirror)", HOST_MIRROR_ROPE)?;
             plugin.refuse_per_q_head("CUDA route (host mirror)")?;
             let cfg = plugin.config();
             if layer as usize >= cfg.model.n_layers {
@@ -455,7 +461,7 @@ impl LlamaGpuRoute {
         out: &mut [i32],
     ) -> std::result::Result<(), String> {
         self.poison.guard(|| {
-            plugin.refuse_rope_modes("CUDA route (host mirror)")?;
+            plugin.refuse_rope_modes("CUDA route (host mirror)", HOST_MIRROR_ROPE)?;
             plugin.refuse_per_q_head("CUDA route (host mirror)")?;
             let top_k = top_k as usize;
             let (n_kv, rows, ns) = (md.ne0 as usize, md.ne1 as usize, md.ne3 as usize);

@@ -51,6 +51,26 @@ def plain(rot=D, neox=True, base=THETA, max_pos=CTX, scaling=None):
     return get_rope(D, rot, max_pos, base, neox, rope_scaling=scaling, dtype=torch.float32)
 
 
+def test_cuda_device_keeps_the_host_engine_with_rope_modes(monkeypatch):
+    """GpuAttention decodes the RoPE modes but has no RoPE-mode prefill past
+    the trained length (nor CUDA graphs with them): on a CUDA device the
+    backend must not build it (it would fail at the first long prefill)."""
+    import infinitehip
+    import infinitehip.sglang.backend as b
+
+    made = []
+    gpu = SimpleNamespace(GpuAttention=lambda c, device: made.append(device) or "gpu")
+    monkeypatch.setitem(sys.modules, "infinitehip.gpu", gpu)
+    monkeypatch.setattr(infinitehip, "gpu", gpu, raising=False)
+    monkeypatch.setenv("INFINITEHIP_GPU", "1")
+    make = b.InfiniteHipAttnBackend._make_gpu
+    assert make(SimpleNamespace(device="cuda:0", rope_modes=rope_modes_in(cfg())), cfg()) is None
+    assert made == []
+    # Control: without the modes the same backend builds the GPU object.
+    assert make(SimpleNamespace(device="cuda:0", rope_modes=[]), cfg(modes={})) == "gpu"
+    assert made == [0]
+
+
 def test_modes_in_config():
     assert rope_modes_in(cfg()) == ["rope.attention streaming", "rope.scoring relative"]
     assert rope_modes_in(cfg(modes={"scoring": "original", "attention": "original"})) == []

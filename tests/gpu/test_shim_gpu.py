@@ -9,7 +9,8 @@ its modules are stubbed with the few names the backend imports).
    (rel err <= 1e-2, DESIGN.md 4); the same call on a side stream gives the
    same bits; a small-budget hip layer runs and its error is reported.
 2. shim prefill (dense causal, two requests) vs SDPA with a causal mask;
-   squeeze and lazy layers (extend + decode) vs the host engine; locret
+   squeeze and lazy layers (extend + decode) vs the host engine; hip's RoPE
+   modes (decode past model.max_position) vs the host engine; locret
    (chunked extends with pre-RoPE projections, then decode) vs the host
    engine, small and covering budgets.
 3. InfiniteHipAttnBackend on "cuda": extend then decode steps through
@@ -533,6 +534,90 @@ def test_shim_policies(gen):
         eng.close()
 
 
+def rope_cfg(attention="streaming", max_position=1024):
+    """Two hip layers with hip's RoPE modes (layer 0 chunk_indexed, layer 1
+    relative scoring), small stages so the decode selection is sparse."""
+    def hip(scoring):
+        return {"method": "hip", "sink": 16, "window": 64,
+                "stages": [{"chunk_size": 16, "keep_tokens": 256, "refresh_interval": 4},
+                           {"chunk_size": 4, "keep_tokens": 128, "refresh_interval": 1}],
+                "rope": {"scoring": scoring, "attention": attention}}
+    return {"model": {"n_layers": 2, "n_q_heads": HQ, "n_kv_heads": HKV, "head_dim": D,
+                      "rope_theta": 10000.0, "max_position": max_position},
+            "dense_layers": 0, "kv": {"dtype": "bf16"}, "default": hip("chunk_indexed"),
+            "overrides": [{"layers": [1], "policy": hip("relative")}]}
+
+
+def test_shim_rope(gen):
+    """hip's RoPE modes (issue 12) through infinitehip.gpu: GpuAttention's
+    decode (rotated scoring per request, streaming gather + sparse v2) over
+    a fake SGLang pool vs the host engine (infinitehip.Engine: HipPolicy +
+    the CPU streaming kernel; same config, same bf16 K/V and q). Prompts
+    within model.max_position (1024) are extended (dense at the model's
+    positions on the GPU: finite only, the host engine prefills sparse),
+    then 48 decode steps take request 0 past max_position; two requests,
+    rows out of order. Decode outputs within 1e-2 (bf16 q; the GPU rounds
+    the re-rotated keys to bf16). Negative control: the host engine with
+    original attention positions must miss the bound. Refused: a prefill
+    past max_position."""
+    cfg = rope_cfg()
+    prompt, n_new, steps, rows = [1000, 700], [150, 120], 48, [3, 0]
+    n_layers = 2
+    att = ig.GpuAttention(cfg)
+    eng = infinitehip.Engine(cfg)
+    ctl = infinitehip.Engine(rope_cfg(attention="original"))
+    full = [p + steps for p in prompt]
+    pools = [make_pool(full, rows, max(full) + 8, gen) for _ in range(n_layers)]
+    ids = [int(r) + 10 for r in rows]
+    finite = True
+    for i, row in enumerate(rows):
+        for e in (eng, ctl):
+            e.add_sequence(ids[i])
+        q = torch.randn(n_new[i], HQ * D, generator=gen, device=DEV).to(torch.bfloat16)
+        for layer in range(n_layers):
+            k, v, r2t = pools[layer]
+            idx = r2t[row, :prompt[i]].long()
+            for e in (eng, ctl):
+                e.append(layer, ids[i], k[idx].float().cpu(), v[idx].float().cpu(), phase="prefill", prompt_done=True)
+            got = att.prefill(layer, q, k, v, r2t, [row], [prompt[i]], [n_new[i]], [ids[i]])
+            torch.cuda.synchronize()
+            finite &= bool(torch.isfinite(got).all())
+    worst, worst_ctl = 0.0, float("inf")
+    for st in range(steps):
+        lens = [p + st + 1 for p in prompt]
+        q = torch.randn(len(rows), HQ * D, generator=gen, device=DEV).to(torch.bfloat16)
+        for layer in range(n_layers):
+            k, v, r2t = pools[layer]
+            for i, row in enumerate(rows):
+                t = int(r2t[row, lens[i] - 1])
+                for e in (eng, ctl):
+                    e.append(layer, ids[i], k[t:t + 1].float().cpu(), v[t:t + 1].float().cpu(), phase="decode")
+            qh = q.float().cpu().reshape(len(rows), HQ, D)
+            want = torch.as_tensor(eng.attend_decode(layer, ids, qh)).reshape(len(rows), HQ * D)
+            wctl = torch.as_tensor(ctl.attend_decode(layer, ids, qh)).reshape(len(rows), HQ * D)
+            got = att.decode(layer, q, k, v, r2t, rows, lens, ids).float().cpu()
+            torch.cuda.synchronize()
+            finite &= bool(torch.isfinite(got).all())
+            worst = max(worst, rel_err(got, want))
+            worst_ctl = min(worst_ctl, rel_err(got, wctl))
+    check("shim hip RoPE modes (GPU decode, SGLang-shaped pool) vs host engine, 48 steps past max_position",
+          finite and worst <= 1e-2 and worst_ctl > 1e-2,
+          f"rel_err {worst:.2e} (bound 1e-2); vs original-position host engine (must exceed) {worst_ctl:.2e}; "
+          f"finite {finite}")
+    try:
+        k, v, r2t = pools[0]
+        att.prefill(0, torch.zeros(4, HQ * D, device=DEV, dtype=torch.bfloat16), k, v, r2t, [rows[0]],
+                    [full[0]], [4], [ids[0] + 100])
+        msg = ""
+    except infinitehip.InfinitehipError as e:
+        msg = str(e)
+    check("shim hip RoPE modes: a GPU prefill past model.max_position is refused",
+          "max_position" in msg and "not built" in msg, msg[:300])
+    att.close()
+    eng.close()
+    ctl.close()
+
+
 def write_heads(path, n_layers, hidden, gen):
     """Random retaining heads (fc1 [hidden, (HQ + 2 HKV) D], fc2 [HKV, hidden],
     f32) for every layer, as a safetensors file (written by hand: 8-byte
@@ -967,6 +1052,7 @@ def main():
     test_shim_prefill(att, gen)
     att.close()
     test_shim_policies(gen)
+    test_shim_rope(gen)
     test_shim_locret(gen)
     test_backend(gen)
     test_backend_locret(gen)

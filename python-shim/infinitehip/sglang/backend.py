@@ -565,6 +565,17 @@ class InfiniteHipAttnBackend(AttentionBackend):
         dev = torch.device(self.device) if not isinstance(self.device, torch.device) else self.device
         if dev.type != "cuda" or os.environ.get("INFINITEHIP_GPU", "1") == "0":
             return None
+        if self.rope_modes:
+            # GpuAttention decodes hip layers with the RoPE modes (compiled,
+            # not yet run on a GPU) but has no sparse prefill with them: it
+            # refuses prefills past the trained length and CUDA graphs. The
+            # host engine runs every mode.
+            logger.warning(
+                "infinitehip: %s: the GPU path has no RoPE-mode prefill past the trained length "
+                "(and no CUDA graphs with them); attention runs on the host engine with "
+                "device<->host copies", ", ".join(self.rope_modes)
+            )
+            return None
         try:
             import infinitehip.gpu as ig
 

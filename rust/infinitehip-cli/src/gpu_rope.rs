@@ -33,7 +33,7 @@ use infinitehip::policy::hip::HipPolicy;
 use infinitehip::policy::{Phase, Policy, SelectRequest, Selection};
 use infinitehip::rng::Rng;
 use infinitehip::rope::{streaming_key_shift, Rope};
-use infinitehip::workload::needle_seq;
+use infinitehip::workload::{needle_seq, NeedleSeq};
 use infinitehip::Element;
 
 use crate::gpu::{e, ref_f64, Check, R, STORED_KV_BOUND};
@@ -58,7 +58,7 @@ fn stages(keep: [usize; 3]) -> Vec<HipStage> {
     ]
 }
 
-fn cfg(scoring: RopeMode, attention: RopeMode, keep: [usize; 3]) -> HipConfig {
+pub(crate) fn cfg(scoring: RopeMode, attention: RopeMode, keep: [usize; 3]) -> HipConfig {
     HipConfig {
         sink: 32,
         window: 256,
@@ -117,11 +117,74 @@ fn nan_max(a: f64, b: f64) -> f64 {
     }
 }
 
-/// One case: `lens0` sequences stepping `steps` tokens through the GPU
-/// decoder and `HipPolicy` (same config and model).
+/// The GPU side a case steps: the hip decoder over plugin-owned paged K/V
+/// (`DecoderRoute`) or the engine path (`GpuAttention`, gpu_rope_engine.rs).
+pub(crate) trait RopeRoute {
+    /// Shown in the check's name.
+    fn label(&self) -> &'static str;
+    /// One decode step of every sequence (lengths `lens`, f32 queries
+    /// `[b][q_elems]` at `qd`) into `out` (f32, same layout), waited for;
+    /// returns each sequence's selection.
+    fn step(
+        &mut self,
+        gpu: &GpuContext,
+        shape: &AttnShape,
+        lens: &[usize],
+        qd: &DevBuf,
+        out: &DevBuf,
+    ) -> R<Vec<Selection>>;
+}
+
+/// Builds a case's route from its sequences (full length: `lens0 + steps`).
+pub(crate) type MakeRoute<T> =
+    fn(&GpuContext, &[NeedleSeq<T>], &AttnShape, &HipConfig, &ModelShape) -> R<Box<dyn RopeRoute>>;
+
+struct DecoderRoute {
+    dec: HipGpuDecoder,
+    kv: DeviceKv,
+}
+
+impl RopeRoute for DecoderRoute {
+    fn label(&self) -> &'static str {
+        "HipGpuDecoder"
+    }
+    fn step(
+        &mut self,
+        gpu: &GpuContext,
+        shape: &AttnShape,
+        lens: &[usize],
+        qd: &DevBuf,
+        out: &DevBuf,
+    ) -> R<Vec<Selection>> {
+        self.kv.lens = lens.to_vec();
+        self.dec
+            .step(gpu, shape, &self.kv, qd.ptr, out.ptr, true)
+            .map_err(e)?;
+        gpu.synchronize().map_err(e)?;
+        self.dec.selection_host(gpu).map_err(e)
+    }
+}
+
+fn decoder_route<T: Element>(
+    _gpu: &GpuContext,
+    full: &[NeedleSeq<T>],
+    shape: &AttnShape,
+    hip: &HipConfig,
+    model: &ModelShape,
+) -> R<Box<dyn RopeRoute>> {
+    let seqs: Vec<(&KvPool<T>, u64)> = full.iter().map(|s| (&s.pool, 0)).collect();
+    let kv = DeviceKv::upload(&seqs).map_err(e)?;
+    let mut dec = HipGpuDecoder::new(hip.clone(), shape, full.len()).map_err(e)?;
+    dec.set_rope_model(model).map_err(e)?;
+    Ok(Box::new(DecoderRoute { dec, kv }))
+}
+
+/// One case: `lens0` sequences stepping `steps` tokens through a GPU route
+/// (`make`) and `HipPolicy` (same config and model).
 #[allow(clippy::too_many_arguments)]
-fn rope_case<T: Element>(
+pub(crate) fn rope_case<T: Element>(
     gpu: &GpuContext,
+    make: MakeRoute<T>,
     shape: AttnShape,
     hip: HipConfig,
     max_position: usize,
@@ -164,14 +227,11 @@ fn rope_case<T: Element>(
         p.append(0, &k, &v).map_err(e)?;
         cpu.push(p);
     }
-    let seqs: Vec<(&KvPool<T>, u64)> = full.iter().map(|s| (&s.pool, 0)).collect();
-    let mut kv = DeviceKv::upload(&seqs).map_err(e)?;
+    let mut route = make(gpu, &full, &shape, &hip, &model)?;
     let mut pols: Vec<HipPolicy> = (0..lens0.len())
         .map(|_| HipPolicy::new(hip.clone(), &model))
         .collect::<Result<_, _>>()
         .map_err(e)?;
-    let mut dec = HipGpuDecoder::new(hip.clone(), &shape, lens0.len()).map_err(e)?;
-    dec.set_rope_model(&model).map_err(e)?;
     let mut rng = Rng::new(seed ^ 0x9e37);
     let qe = shape.q_elems();
     let qd = DevBuf::alloc(lens0.len() * qe * 4).map_err(e)?;
@@ -190,14 +250,11 @@ fn rope_case<T: Element>(
                 p.append(0, &k, &v).map_err(e)?;
             }
         }
-        kv.lens = lens0.iter().map(|&l| l + step).collect();
+        let lens: Vec<usize> = lens0.iter().map(|&l| l + step).collect();
         let q: Vec<f32> = full.iter().flat_map(|s| s.query(&mut rng)).collect();
         qd.write(&q).map_err(e)?;
         out.fill_bytes(0xff).map_err(e)?; // NaN: every element must be written
-        dec.step(gpu, &shape, &kv, qd.ptr, out.ptr, true)
-            .map_err(e)?;
-        gpu.synchronize().map_err(e)?;
-        let gsel = dec.selection_host(gpu).map_err(e)?;
+        let gsel = route.step(gpu, &shape, &lens, &qd, &out)?;
         let got: Vec<f32> = out.read(q.len()).map_err(e)?;
         finite &= got.iter().all(|x| x.is_finite());
         // Selections (the CPU policies step in order), then the references
@@ -318,7 +375,8 @@ fn rope_case<T: Element>(
         hip.rope.scoring, hip.rope.attention
     );
     let name = format!(
-        "hip decode RoPE modes ({modes}) == CPU HipPolicy, {}, lens {lens0:?}, max_position {max_position}, {steps} steps{}",
+        "{} hip decode RoPE modes ({modes}) == CPU HipPolicy, {}, lens {lens0:?}, max_position {max_position}, {steps} steps{}",
+        route.label(),
         std::any::type_name::<T>().rsplit("::").next().unwrap_or("?"),
         if covering { ", covering budget" } else { "" }
     );
@@ -406,6 +464,7 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
     let keep = [1024, 512, 256];
     c.push(rope_case::<bf16>(
         gpu,
+        decoder_route::<bf16>,
         llama,
         cfg(ChunkIndexed, Streaming, keep),
         8192,
@@ -416,6 +475,7 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
     )?);
     c.push(rope_case::<f16>(
         gpu,
+        decoder_route::<f16>,
         small,
         cfg(Relative, Streaming, keep),
         8192,
@@ -426,6 +486,7 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
     )?);
     c.push(rope_case::<bf16>(
         gpu,
+        decoder_route::<bf16>,
         small,
         cfg(Relative, Original, keep),
         4096,
@@ -436,6 +497,7 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
     )?);
     c.push(rope_case::<bf16>(
         gpu,
+        decoder_route::<bf16>,
         small,
         cfg(ChunkIndexed, Original, keep),
         4096,
@@ -446,6 +508,7 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
     )?);
     c.push(rope_case::<bf16>(
         gpu,
+        decoder_route::<bf16>,
         llama,
         cfg(Original, Streaming, keep),
         8192,
@@ -458,6 +521,7 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
     let cover = [8192, 8192, 8192];
     c.push(rope_case::<bf16>(
         gpu,
+        decoder_route::<bf16>,
         llama,
         cfg(ChunkIndexed, Streaming, cover),
         1024,
@@ -466,15 +530,17 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
         true,
         seed + 6,
     )?);
+    // The engine path (GpuAttention over a token-major pool).
+    crate::gpu_rope_engine::checks(gpu, seed + 100, &mut c)?;
     Ok(c.0)
 }
 
 /// Checks collected with a progress line on stderr each (a run cut short
 /// still shows how far it got).
-struct Progress(Vec<Check>, Instant);
+pub(crate) struct Progress(Vec<Check>, Instant);
 
 impl Progress {
-    fn push(&mut self, c: Check) {
+    pub(crate) fn push(&mut self, c: Check) {
         eprintln!(
             "[{:.1} s] {} {}",
             self.1.elapsed().as_secs_f64(),
@@ -483,7 +549,7 @@ impl Progress {
         );
         self.0.push(c);
     }
-    fn extend(&mut self, cs: Vec<Check>) {
+    pub(crate) fn extend(&mut self, cs: Vec<Check>) {
         cs.into_iter().for_each(|c| self.push(c));
     }
 }
@@ -573,5 +639,5 @@ pub(crate) fn timing(gpu: &GpuContext, lens: &[usize]) -> R<()> {
             );
         }
     }
-    Ok(())
+    crate::gpu_rope_engine::timing(gpu, lens)
 }

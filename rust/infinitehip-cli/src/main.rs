@@ -34,6 +34,8 @@ mod gpu_prefill_tc;
 #[cfg(feature = "cuda")]
 mod gpu_rope;
 #[cfg(feature = "cuda")]
+mod gpu_rope_engine;
+#[cfg(feature = "cuda")]
 mod gpu_score;
 #[cfg(feature = "cuda")]
 mod gpu_sparse;

@@ -2011,6 +2011,8 @@ pub struct HipGpuDecoder {
     /// RoPE modes (`rope.scoring` / `rope.attention` other than original),
     /// set up by `set_rope_model` (backend/cuda/rope_gpu.rs).
     pub(crate) rope: Option<Box<super::rope_gpu::RopeGpu>>,
+    /// Streaming attention's compact K/V (first use).
+    pub(crate) rope_kv: Option<super::rope_gpu::CompactKv>,
     pub(crate) n_q: usize,
     /// Scratch of the multi-CTA top-k, sized with `keys`.
     pub(crate) topk_mc: Option<TopkMc>,
@@ -2022,9 +2024,9 @@ pub struct HipGpuDecoder {
 
 impl HipGpuDecoder {
     /// Configurations the GPU stages reproduce exactly, at original RoPE
-    /// positions: what the GPU prefill and the engine path (`GpuAttention`)
-    /// accept. `HipGpuDecoder` itself also runs the RoPE modes
-    /// (`validate_decoder`).
+    /// positions: what the GPU sparse prefill (`HipGpuPrefill`) accepts.
+    /// `HipGpuDecoder` and `GpuAttention`'s decode also run the RoPE modes
+    /// (`validate_decoder`; engine_attn/rope.rs).
     pub fn validate(cfg: &HipConfig) -> Result<()> {
         Self::validate_decoder(cfg)?;
         if cfg.rope.scoring != crate::config::RopeMode::Original
@@ -2032,7 +2034,7 @@ impl HipGpuDecoder {
         {
             return Err(Error::config(
                 "hip.rope",
-                "the GPU prefill and the GPU engine path (GpuAttention: SGLang on CUDA, llama.cpp's CUDA routes) support original RoPE positions only; the GPU hip decoder (HipGpuDecoder) runs the modes",
+                "the GPU sparse prefill (HipGpuPrefill) supports original RoPE positions only: rotated per-block scoring and per-query streaming attention are not built for it; the GPU hip decode (HipGpuDecoder, GpuAttention::decode) runs the modes",
             ));
         }
         Ok(())
@@ -2116,6 +2118,7 @@ impl HipGpuDecoder {
             score_module: "hip_mask",
             dev: None,
             rope: None,
+            rope_kv: None,
             n_q: shape.n_q_heads,
             topk_mc: None,
             stage0_done: None,
@@ -2135,7 +2138,8 @@ impl HipGpuDecoder {
     /// at original positions. Keys and queries must be stored rotated at
     /// their positions in the halves (NEOX) layout of `rope::Rope`.
     /// Status: compiled, not yet run on a GPU (`gpu-test --rope-only` is the
-    /// check); no engine route reaches it (`GpuAttention` still refuses).
+    /// check). `GpuAttention` builds the same state per hip layer from its
+    /// config's `model` (engine_attn/rope.rs).
     pub fn set_rope_model(&mut self, model: &crate::config::ModelShape) -> Result<()> {
         self.rope = super::rope_gpu::RopeGpu::new(
             &self.cfg,
@@ -2298,35 +2302,20 @@ impl HipGpuDecoder {
         match self.rope_ready(upload)? {
             Some(r) if r.scores_rotated() => {
                 r.upload_step(gpu, &self.cfg, lens)?;
+                let all = super::rope_gpu::Seqs {
+                    batch: self.batch,
+                    first: 0,
+                    count: self.batch,
+                };
                 // As below: stage 0 alone first when its event is wanted.
                 let mut start = from;
                 if let (Some(ev), 0) = (&self.stage0_done, from) {
-                    r.run_stages(
-                        gpu,
-                        kv,
-                        &self.cfg,
-                        &self.stages,
-                        0,
-                        1,
-                        &ctx,
-                        self.batch,
-                        self.n_q,
-                    )?;
+                    r.run_stages(gpu, kv, &self.cfg, &self.stages, 0, 1, &ctx, all)?;
                     ev.record(&gpu.stream)
                         .map_err(|e| gpu_err("record stage-0 event", e))?;
                     start = 1;
                 }
-                r.run_stages(
-                    gpu,
-                    kv,
-                    &self.cfg,
-                    &self.stages,
-                    start,
-                    n,
-                    &ctx,
-                    self.batch,
-                    self.n_q,
-                )?;
+                r.run_stages(gpu, kv, &self.cfg, &self.stages, start, n, &ctx, all)?;
             }
             _ => match (&self.stage0_done, from) {
                 (Some(ev), 0) => {
@@ -2483,9 +2472,14 @@ impl HipGpuDecoder {
             }
             check_shape(shape, kv)?;
             let rows = self.batch * self.hkv;
-            let mut rope = self.rope.take().unwrap();
+            if self.rope_kv.is_none() {
+                self.rope_kv = Some(super::rope_gpu::CompactKv::new()?);
+            }
+            let compact = self.rope_kv.as_mut().unwrap();
+            let rope = self.rope.as_deref().unwrap();
             let src = rope.gather(
                 gpu,
+                compact,
                 kv,
                 rows,
                 self.tab.ptr,
@@ -2493,44 +2487,19 @@ impl HipGpuDecoder {
                 self.ntab.ptr,
                 self.extra.ptr,
                 mt,
+                0,
+            )?;
+            let out = AttnOut::f32_rows(out, shape);
+            return src.attend(
+                gpu,
+                &mut self.v2_ws,
+                shape,
+                kv.dtype,
+                q,
+                self.batch,
+                mt,
+                out,
             );
-            let r = src.and_then(|src| {
-                let mut ws = std::mem::take(&mut self.v2_ws);
-                let r = super::dense_decode::launch_v2(
-                    gpu,
-                    &mut ws,
-                    shape,
-                    KvPtrs {
-                        k: src.k,
-                        v: src.v,
-                        table: src.table,
-                        table_stride: 1,
-                        page_size: src.page_size,
-                        dtype: kv.dtype,
-                    },
-                    KvStrides {
-                        page: src.page_stride,
-                        head: src.head_stride,
-                    },
-                    q,
-                    self.batch,
-                    super::dense_decode::V2Src::Sparse {
-                        tab: src.tab,
-                        tab_stride: src.page_size,
-                        ntab: src.ntab,
-                        extra: src.extra,
-                    },
-                    0,
-                    mt.max(1),
-                    None,
-                    None,
-                    AttnOut::f32_rows(out, shape),
-                );
-                self.v2_ws = ws;
-                r
-            });
-            self.rope = Some(rope);
-            return r;
         }
         if kind == HipAttention::SparseV2 {
             check_shape(shape, kv)?;

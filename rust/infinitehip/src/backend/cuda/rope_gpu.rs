@@ -1,5 +1,6 @@
-//! InfiniteHiP's RoPE modes on the GPU hip decode (`HipGpuDecoder`), as the
-//! CPU policy runs them (DESIGN 3.1): keys stay stored rotated at their
+//! InfiniteHiP's RoPE modes on the GPU hip decode (`HipGpuDecoder`, and
+//! `GpuAttention::decode` per hip layer: engine_attn/rope.rs), as the CPU
+//! policy runs them (DESIGN 3.1): keys stay stored rotated at their
 //! original positions and are re-rotated on the fly (kernels/hip_rope.cu).
 //!
 //! - `rope.scoring` `chunk_indexed` / `relative`: per stage, the scoring
@@ -17,26 +18,37 @@
 //!   kernel, which rotates the query in f32 instead.
 //!
 //! Host steps only (`step`/`select` with `upload`): the graph-capturable
-//! device step, split-K attention, the host-tier scorers and the GPU prefill
-//! refuse the modes.
+//! device step (and `GpuAttention`'s CUDA-graph decode), split-K attention,
+//! the host-tier scorers and the GPU sparse prefill refuse the modes.
+//! Status: compiled, NOT yet run on a GPU.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::dispatch::{launch_topk, regions, DeviceKv, StageBuf, SubChunks};
+use super::dense_decode::{launch_v2, DenseDecodeWs, V2Src};
+use super::dispatch::{
+    launch_topk, regions, AttnOut, DeviceKv, KvPtrs, KvStrides, StageBuf, SubChunks,
+};
 use super::{gpu_err, kernels, DevBuf, GpuContext};
+use crate::attention::AttnShape;
 use crate::config::{HipConfig, RopeMode};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::rope::Rope;
 
 /// Threads per CTA of the scorer and gather launches.
 const THREADS: usize = 128;
 
-/// Device state of the RoPE modes of one `HipGpuDecoder`.
+/// Device state of the RoPE modes of one `HipGpuDecoder`, or of one hip
+/// layer of `GpuAttention` (engine_attn/rope.rs).
 pub struct RopeGpu {
     pub(crate) scoring: RopeMode,
     pub(crate) streaming: bool,
     max_position: usize,
     head_dim: usize,
+    n_q_heads: usize,
+    n_stages: usize,
+    /// Sequences the per-sequence buffers below hold (`reserve`).
+    batch: usize,
     inv_freq: DevBuf,
     /// `[batch][n_q][d]` f32: the stage's moved scoring queries.
     qrot: DevBuf,
@@ -44,15 +56,92 @@ pub struct RopeGpu {
     shifts: DevBuf,
     /// `[batch]` f64 relative key factors (NaN: as stored).
     rel: DevBuf,
-    /// Streaming: compact K/V (`[rows][p][d]`), per-row identity position
-    /// tables and counts, zero tails, the one-page table.
+    /// Streaming: zero tails and the one-page table of the compact buffer
+    /// (`CompactKv`), per sequence.
+    extra2: DevBuf,
+    table2: DevBuf,
+}
+
+/// Streaming attention's compact K/V (`[rows][p][d]`, the cache dtype)
+/// with its per-row identity position tables and counts. The decoder owns
+/// one; `GpuAttention` shares one across its layers (they run one after
+/// another on one stream), not one per layer.
+pub(crate) struct CompactKv {
     k2: DevBuf,
     v2: DevBuf,
     p: usize,
     tab2: DevBuf,
     ntab2: DevBuf,
-    extra2: DevBuf,
-    table2: DevBuf,
+}
+
+impl CompactKv {
+    pub(crate) fn new() -> Result<Self> {
+        Ok(CompactKv {
+            k2: DevBuf::alloc(16)?,
+            v2: DevBuf::alloc(16)?,
+            p: 0,
+            tab2: DevBuf::alloc(16)?,
+            ntab2: DevBuf::alloc(16)?,
+        })
+    }
+
+    /// Room for `rows` rows of at least `p` tokens of `d` 2-byte elements
+    /// (grown in 256-token steps; the stride stays until it must grow).
+    /// Returns the row stride in tokens.
+    fn ensure(&mut self, rows: usize, p: usize, d: usize) -> Result<usize> {
+        let p = p.max(1);
+        if p > self.p || self.k2.bytes < rows * self.p * d * 2 {
+            let cap = p.max(self.p).next_multiple_of(256);
+            self.k2 = DevBuf::alloc(rows * cap * d * 2)?;
+            self.v2 = DevBuf::alloc(rows * cap * d * 2)?;
+            let iota: Vec<i32> = (0..rows * cap).map(|i| (i % cap) as i32).collect();
+            self.tab2 = DevBuf::from_slice(&iota)?;
+            self.ntab2 = DevBuf::alloc(rows * 4)?;
+            self.p = cap;
+        }
+        Ok(self.p)
+    }
+}
+
+/// The RoPE modes `cfg` asks for, validated as `HipPolicy::new` validates
+/// them: None when both are original, else (scoring mode, streaming
+/// attention). Host-only (CPU tests).
+pub fn modes(cfg: &HipConfig) -> Result<Option<(RopeMode, bool)>> {
+    let (scoring, attention) = (cfg.rope.scoring, cfg.rope.attention);
+    if scoring == RopeMode::Original && attention == RopeMode::Original {
+        return Ok(None);
+    }
+    if scoring == RopeMode::Streaming {
+        return Err(Error::config(
+            "hip.rope.scoring",
+            "streaming applies to attention only",
+        ));
+    }
+    if matches!(attention, RopeMode::ChunkIndexed | RopeMode::Relative) {
+        return Err(Error::config(
+            "hip.rope.attention",
+            "use original or streaming",
+        ));
+    }
+    Ok(Some((scoring, attention == RopeMode::Streaming)))
+}
+
+/// Which sequences of the last `upload_step` a `run_stages` call scores:
+/// `count` from `first`, of the `batch` uploaded (the decoder: all of
+/// them; `GpuAttention`: one request per call, as its stages launch).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Seqs {
+    pub batch: usize,
+    pub first: usize,
+    pub count: usize,
+}
+
+impl Seqs {
+    /// Index of sequence `first`'s query shift of stage `s` in
+    /// `step_shifts`' `[n_stages][batch]` output (what `shifts` holds).
+    pub(crate) fn shift_index(&self, s: usize) -> usize {
+        s * self.batch + self.first
+    }
 }
 
 impl RopeGpu {
@@ -66,41 +155,43 @@ impl RopeGpu {
         batch: usize,
         n_q_heads: usize,
     ) -> Result<Option<Self>> {
-        let (scoring, attention) = (cfg.rope.scoring, cfg.rope.attention);
-        if scoring == RopeMode::Original && attention == RopeMode::Original {
+        let Some((scoring, streaming)) = modes(cfg)? else {
             return Ok(None);
-        }
-        if scoring == RopeMode::Streaming {
-            return Err(Error::config(
-                "hip.rope.scoring",
-                "streaming applies to attention only",
-            ));
-        }
-        if matches!(attention, RopeMode::ChunkIndexed | RopeMode::Relative) {
-            return Err(Error::config(
-                "hip.rope.attention",
-                "use original or streaming",
-            ));
-        }
+        };
         let rope = Rope::new(head_dim, theta);
-        let n_stages = cfg.stages.len();
-        Ok(Some(RopeGpu {
+        let mut r = RopeGpu {
             scoring,
-            streaming: attention == RopeMode::Streaming,
+            streaming,
             max_position,
             head_dim,
+            n_q_heads,
+            n_stages: cfg.stages.len(),
+            batch: 0,
             inv_freq: DevBuf::from_slice(rope.inv_freq())?,
-            qrot: DevBuf::alloc(batch * n_q_heads * head_dim * 4)?,
-            shifts: DevBuf::alloc(n_stages * batch * 8)?,
-            rel: DevBuf::alloc(batch * 8)?,
-            k2: DevBuf::alloc(16)?,
-            v2: DevBuf::alloc(16)?,
-            p: 0,
-            tab2: DevBuf::alloc(16)?,
-            ntab2: DevBuf::alloc(16)?,
-            extra2: DevBuf::from_slice(&vec![0i32; batch * 6])?,
-            table2: DevBuf::from_slice(&(0..batch as i32).collect::<Vec<_>>())?,
-        }))
+            qrot: DevBuf::alloc(16)?,
+            shifts: DevBuf::alloc(16)?,
+            rel: DevBuf::alloc(16)?,
+            extra2: DevBuf::alloc(16)?,
+            table2: DevBuf::alloc(16)?,
+        };
+        r.reserve(batch)?;
+        Ok(Some(r))
+    }
+
+    /// Size the per-sequence buffers for `batch` sequences (grow only;
+    /// synchronous allocations and uploads).
+    pub(crate) fn reserve(&mut self, batch: usize) -> Result<()> {
+        if batch <= self.batch {
+            return Ok(());
+        }
+        let (d, nq) = (self.head_dim, self.n_q_heads);
+        self.qrot = DevBuf::alloc(batch * nq * d * 4)?;
+        self.shifts = DevBuf::alloc(self.n_stages.max(1) * batch * 8)?;
+        self.rel = DevBuf::alloc(batch * 8)?;
+        self.extra2 = DevBuf::from_slice(&vec![0i32; batch * 6])?;
+        self.table2 = DevBuf::from_slice(&(0..batch as i32).collect::<Vec<_>>())?;
+        self.batch = batch;
+        Ok(())
     }
 
     fn check_kv(&self, kv: &DeviceKv) -> Result<&'static str> {
@@ -119,6 +210,11 @@ impl RopeGpu {
         })
     }
 
+    /// The trained length the modes were built with (`model.max_position`).
+    pub fn max_position(&self) -> usize {
+        self.max_position
+    }
+
     pub fn scores_rotated(&self) -> bool {
         self.scoring != RopeMode::Original
     }
@@ -134,13 +230,22 @@ impl RopeGpu {
         if !self.scores_rotated() {
             return Ok(());
         }
+        if lens.len() > self.batch {
+            return Err(Error::shape(
+                "hip RoPE batch (reserve)",
+                self.batch,
+                lens.len(),
+            ));
+        }
         let (shifts, rel) = step_shifts(cfg, self.scoring, self.max_position, lens);
         self.shifts.write_async(&gpu.stream, &shifts)?;
         self.rel.write_async(&gpu.stream, &rel)
     }
 
     /// Stages `from..to` with rotated scoring (`dispatch::run_stages_to`
-    /// with `hip_rope_q` + `hip_score_rope_*` in place of `hip_score*`).
+    /// with `hip_rope_q` + `hip_score_rope_*` in place of `hip_score*`) of
+    /// the sequences `seqs` of the last `upload_step`; `x` holds their rows
+    /// (`x.q`, `x.row_seq`, ... start at sequence `seqs.first`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn run_stages(
         &self,
@@ -151,10 +256,19 @@ impl RopeGpu {
         from: usize,
         to: usize,
         x: &super::dispatch::StageInputs,
-        batch: usize,
-        n_q: usize,
+        seqs: Seqs,
     ) -> Result<()> {
         let tag = self.check_kv(kv)?;
+        let n_q = self.n_q_heads;
+        if seqs.first + seqs.count > seqs.batch || seqs.batch > self.batch {
+            return Err(Error::OutOfRange(format!(
+                "hip RoPE stages: sequences {}..{} of {} (reserved {})",
+                seqs.first,
+                seqs.first + seqs.count,
+                seqs.batch,
+                self.batch
+            )));
+        }
         let d = kv.head_dim;
         let rotq = gpu.func("hip_rope", "hip_rope_q")?;
         let smem = x.nq_max * d * 4;
@@ -181,7 +295,8 @@ impl RopeGpu {
             };
             // The scoring queries of this stage, moved.
             let (nqh, di) = (n_q as i32, d as i32);
-            let sh = self.shifts.ptr + (s * batch * 8) as u64;
+            let sh = self.shifts.ptr + (seqs.shift_index(s) * 8) as u64;
+            let rel = self.rel.ptr + (seqs.first * 8) as u64;
             let mut l = gpu.stream.launch_builder(&rotq);
             l.arg(&x.q)
                 .arg(&self.qrot.ptr)
@@ -189,11 +304,12 @@ impl RopeGpu {
                 .arg(&di)
                 .arg(&sh)
                 .arg(&self.inv_freq.ptr);
-            // SAFETY: arguments in the order and C types of kernels/hip_rope.cu hip_rope_q; q and
-            // qrot hold batch * n_q * d f32, shifts n_stages * batch f64, inv_freq d / 2 f32.
+            // SAFETY: arguments in the order and C types of kernels/hip_rope.cu hip_rope_q; q holds
+            // seqs.count * n_q * d f32 from x.q, qrot batch * n_q * d (reserve), sh points at the
+            // stage's shifts of sequence seqs.first (n_stages * batch f64), inv_freq d / 2 f32.
             unsafe {
                 l.launch(LaunchConfig {
-                    grid_dim: ((batch * n_q) as u32, 1, 1),
+                    grid_dim: ((seqs.count * n_q) as u32, 1, 1),
                     block_dim: ((d / 2).min(THREADS) as u32, 1, 1),
                     shared_mem_bytes: 0,
                 })
@@ -229,7 +345,7 @@ impl RopeGpu {
                 .arg(&x.keys)
                 .arg(&mode)
                 .arg(&self.inv_freq.ptr)
-                .arg(&self.rel.ptr);
+                .arg(&rel);
             // SAFETY: arguments in the order and C types of hip_score_rope_* (kernels/hip_rope.cu);
             // the pointers are the decoder's stage buffers (sized by HipGpuDecoder::select) and
             // the DeviceKv's allocations.
@@ -268,11 +384,13 @@ impl RopeGpu {
     /// Streaming attention's compact buffer of this step: every row's
     /// selected tokens (the sparse attention's table + tail), keys
     /// re-rotated, values copied, at most `p` per row. Returns what the
-    /// hip sparse attention reads instead of the cache.
+    /// hip sparse attention reads instead of the cache. `seq_row`: device
+    /// i32 per sequence, its row of `kv.table` (0: sequence b is row b).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gather(
-        &mut self,
+        &self,
         gpu: &GpuContext,
+        out: &mut CompactKv,
         kv: &DeviceKv,
         rows: usize,
         tab: u64,
@@ -280,21 +398,18 @@ impl RopeGpu {
         ntab: u64,
         extra: u64,
         p: usize,
+        seq_row: u64,
     ) -> Result<StreamSrc> {
         let tag = self.check_kv(kv)?;
-        let d = kv.head_dim;
-        let p = p.max(1);
-        if p > self.p || self.k2.bytes < rows * p * d * 2 {
-            // Grow in 256-token steps; the stride stays until it must grow.
-            let cap = p.next_multiple_of(256);
-            self.k2 = DevBuf::alloc(rows * cap * d * 2)?;
-            self.v2 = DevBuf::alloc(rows * cap * d * 2)?;
-            let iota: Vec<i32> = (0..rows * cap).map(|i| (i % cap) as i32).collect();
-            self.tab2 = DevBuf::from_slice(&iota)?;
-            self.ntab2 = DevBuf::alloc(rows * 4)?;
-            self.p = cap;
+        if rows > self.batch * kv.n_kv_heads {
+            return Err(Error::shape(
+                "hip RoPE gather rows (reserve)",
+                self.batch * kv.n_kv_heads,
+                rows,
+            ));
         }
-        let p = self.p;
+        let d = kv.head_dim;
+        let p = out.ensure(rows, p, d)?;
         let f = gpu.func("hip_rope", &format!("hip_stream_gather_{tag}_d{d}"))?;
         let kst = kv.strides();
         let (ts, ps, hk, tst, pi) = (
@@ -319,13 +434,14 @@ impl RopeGpu {
             .arg(&extra)
             .arg(&self.inv_freq.ptr)
             .arg(&pi)
-            .arg(&self.k2.ptr)
-            .arg(&self.v2.ptr)
-            .arg(&self.ntab2.ptr);
+            .arg(&out.k2.ptr)
+            .arg(&out.v2.ptr)
+            .arg(&out.ntab2.ptr)
+            .arg(&seq_row);
         let blocks = (p * d / 2).div_ceil(THREADS);
         // SAFETY: arguments in the order and C types of hip_stream_gather_* (kernels/hip_rope.cu);
-        // k2/v2 hold rows * p * d elements, ntab2 rows ints; tab/ntab/extra are the decoder's
-        // selection buffers for `rows` rows.
+        // k2/v2 hold rows * p * d elements, ntab2 rows ints; tab/ntab/extra are the caller's
+        // selection buffers for `rows` rows; seq_row is 0 or rows / n_kv_heads i32.
         unsafe {
             l.launch(LaunchConfig {
                 grid_dim: (blocks as u32, rows as u32, 1),
@@ -336,14 +452,14 @@ impl RopeGpu {
         .map_err(|e| gpu_err("launch hip_stream_gather", e))?;
         let hkv = kv.n_kv_heads;
         Ok(StreamSrc {
-            k: self.k2.ptr,
-            v: self.v2.ptr,
+            k: out.k2.ptr,
+            v: out.v2.ptr,
             table: self.table2.ptr,
             page_size: p,
             page_stride: (hkv * p * d) as i64,
             head_stride: (p * d) as i64,
-            tab: self.tab2.ptr,
-            ntab: self.ntab2.ptr,
+            tab: out.tab2.ptr,
+            ntab: out.ntab2.ptr,
             extra: self.extra2.ptr,
         })
     }
@@ -361,6 +477,55 @@ pub(crate) struct StreamSrc {
     pub tab: u64,
     pub ntab: u64,
     pub extra: u64,
+}
+
+impl StreamSrc {
+    /// The unchanged hip sparse v2 attention over the compact buffer: the
+    /// queries `q` (`[batch][n_q][d]` f32, as stored) of `batch` sequences,
+    /// at most `mt` tokens per row, into `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attend(
+        &self,
+        gpu: &GpuContext,
+        ws: &mut DenseDecodeWs,
+        shape: &AttnShape,
+        dtype: DType,
+        q: u64,
+        batch: usize,
+        mt: usize,
+        out: AttnOut,
+    ) -> Result<()> {
+        launch_v2(
+            gpu,
+            ws,
+            shape,
+            KvPtrs {
+                k: self.k,
+                v: self.v,
+                table: self.table,
+                table_stride: 1,
+                page_size: self.page_size,
+                dtype,
+            },
+            KvStrides {
+                page: self.page_stride,
+                head: self.head_stride,
+            },
+            q,
+            batch,
+            V2Src::Sparse {
+                tab: self.tab,
+                tab_stride: self.page_size,
+                ntab: self.ntab,
+                extra: self.extra,
+            },
+            0,
+            mt.max(1),
+            None,
+            None,
+            out,
+        )
+    }
 }
 
 /// The compact slots of one row as `hip_stream_gather_*` writes them (its
@@ -478,6 +643,35 @@ mod tests {
     }
 
     #[test]
+    fn one_request_slice_of_the_batch_shifts_is_its_own() {
+        // GpuAttention uploads the batch's shifts once and scores request
+        // i alone (Seqs { first: i, count: 1 }): its slice must be what
+        // the request's own shifts are.
+        let lens = [20000usize, 5000, 8193, 300];
+        for mode in [RopeMode::ChunkIndexed, RopeMode::Relative] {
+            let c = cfg(mode);
+            let (all, rel) = step_shifts(&c, mode, 8192, &lens);
+            for (i, &len) in lens.iter().enumerate() {
+                let (own, own_rel) = step_shifts(&c, mode, 8192, &[len]);
+                let one = Seqs {
+                    batch: lens.len(),
+                    first: i,
+                    count: 1,
+                };
+                for s in 0..c.stages.len() {
+                    let (a, b) = (all[one.shift_index(s)], own[s]);
+                    assert!(
+                        a == b || (a.is_nan() && b.is_nan()),
+                        "{mode:?} seq {i} stage {s}"
+                    );
+                }
+                let (a, b) = (rel[i], own_rel[0]);
+                assert!(a == b || (a.is_nan() && b.is_nan()), "{mode:?} seq {i}");
+            }
+        }
+    }
+
+    #[test]
     fn compact_plan_attends_as_the_cpu_streaming_kernel() {
         // A decode selection in the GPU's form (sink + chunks in the table,
         // slid + window as the tail), compacted as the gather does, then
@@ -579,7 +773,7 @@ mod tests {
         let c = cfg(RopeMode::ChunkIndexed);
         assert!(HipGpuDecoder::validate_decoder(&c).is_ok());
         let e = HipGpuDecoder::validate(&c).unwrap_err().to_string();
-        assert!(e.contains("hip.rope") && e.contains("GpuAttention"), "{e}");
+        assert!(e.contains("hip.rope") && e.contains("HipGpuPrefill"), "{e}");
         let mut o = c.clone();
         o.rope = RopeConfig::default();
         assert!(HipGpuDecoder::validate(&o).is_ok());

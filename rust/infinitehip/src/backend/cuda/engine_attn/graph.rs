@@ -168,6 +168,10 @@ impl GpuAttention {
                 "GPU graph decode: table of {n_rows} rows x {table_stride} pages of {page_size}"
             )));
         }
+        let rope_layers: Vec<usize> = (0..self.layers.len())
+            .filter(|&l| matches!(&self.layers[l], Layer::Hip(h) if h.rope.is_some()))
+            .collect();
+        super::rope::check_graph(&rope_layers)?;
         for (l, layer) in self.layers.iter().enumerate() {
             if !matches!(layer, Layer::Dense | Layer::Hip(_)) {
                 return Err(Error::Invalid(format!(

@@ -1,6 +1,7 @@
 //! hip layers of `GpuAttention`: the per-slot mask-refresh state.
 
 use super::super::dispatch::StageBuf;
+use super::super::rope_gpu::RopeGpu;
 use super::super::DevBuf;
 use crate::config::HipConfig;
 use crate::error::Result;
@@ -17,6 +18,8 @@ pub(super) struct HipLayer {
     /// the last full refresh.
     pub step: Vec<usize>,
     pub mid_end: Vec<usize>,
+    /// RoPE modes of this layer (None: original positions), see `rope`.
+    pub rope: Option<Box<RopeGpu>>,
 }
 
 impl HipLayer {
@@ -76,6 +79,7 @@ mod tests {
             chunks: Vec::new(),
             step: vec![0, 5],
             mid_end: vec![0, 0],
+            rope: None,
         };
         assert_eq!(h.refresh_from(0), 0);
         // Default intervals 16 / 8 / 4: step 5 refreshes nothing, 8 from

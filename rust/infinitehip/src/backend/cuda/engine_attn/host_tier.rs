@@ -189,6 +189,9 @@ impl GpuAttention {
                 ),
             ));
         }
+        if matches!(&self.layers[layer], Layer::Hip(h) if h.rope.is_some()) {
+            return Err(super::rope::host_tier_refused(layer));
+        }
         if !matches!(self.layers[layer], Layer::Hip(_)) {
             let rows: Vec<usize> = (0..b).collect();
             return self.decode(stream, layer, &dkv, req_ids, &rows, lens, q, out, sm_scale);

@@ -59,6 +59,7 @@ mod hip;
 mod host_tier;
 mod lazy;
 mod locret;
+mod rope;
 mod squeeze;
 
 pub use graph::{DevIndex, MAX_GRAPH_BATCH};
@@ -73,9 +74,10 @@ use super::dense_decode::{launch_dense, launch_v2, DenseDecodeWs, V2Src};
 use super::dispatch::HipGpuPrefill;
 use super::dispatch::{
     assemble_rows, launch_attention_ex, regions, run_stages, AttnOut, DecodeWorkspace, DeviceKv,
-    DeviceSelection, HipAttention, HipGpuDecoder, KvPtrs, StageBuf, StageInputs, TabOut,
+    DeviceSelection, HipAttention, KvPtrs, StageBuf, StageInputs, TabOut,
 };
 use super::hip_fast::MaskEstimator;
+use super::rope_gpu::{CompactKv, RopeGpu, Seqs};
 use super::{gpu_err, kernels, DevBuf, GpuContext};
 use crate::attention::AttnShape;
 use crate::config::{LayerPolicy, PolicyConfig};
@@ -206,6 +208,9 @@ pub struct GpuAttention {
     hip_pf: Option<Box<HipGpuPrefill>>,
     /// Buffers and per-row state of `decode_graph` (after `prepare_graph`).
     graph: Option<Box<graph::GraphState>>,
+    /// Streaming attention's compact K/V, shared by the RoPE-mode hip
+    /// layers (first use; `rope_gpu::CompactKv`).
+    rope_kv: Option<CompactKv>,
 }
 
 fn grow(buf: &mut DevBuf, bytes: usize) -> Result<()> {
@@ -318,12 +323,27 @@ impl GpuAttention {
             )));
         }
         let mut layers = Vec::new();
+        let mut rope_layers = Vec::new();
         for l in 0..m.n_layers {
             // The one layer rule (`resolve_layer`), as on the CPU.
             layers.push(match cfg.layer_policy(l) {
                 LayerPolicy::Dense => Layer::Dense,
                 LayerPolicy::Hip(h) => {
-                    HipGpuDecoder::validate(h)?;
+                    let rope = match rope::layer_modes(l, h)? {
+                        None => None,
+                        Some(_) => {
+                            rope_layers.push(l);
+                            RopeGpu::new(
+                                h,
+                                m.head_dim,
+                                m.rope_theta,
+                                m.max_position,
+                                1,
+                                m.n_q_heads,
+                            )?
+                            .map(Box::new)
+                        }
+                    };
                     Layer::Hip(Box::new(HipLayer {
                         caps: h
                             .stages
@@ -334,6 +354,7 @@ impl GpuAttention {
                         chunks: Vec::new(),
                         step: Vec::new(),
                         mid_end: Vec::new(),
+                        rope,
                     }))
                 }
                 LayerPolicy::Squeeze(z) => {
@@ -353,6 +374,14 @@ impl GpuAttention {
             tracing::info!(
                 layers = n_locret,
                 "locret on the GPU engine path: eviction keeps a retained index set per (request, layer, KV head) that attention reads; the engine frees its evicted slots only if it compacts its pool (locret_retain_now)"
+            );
+        }
+        if !rope_layers.is_empty() {
+            tracing::info!(
+                layers = ?rope_layers,
+                rope_theta = m.rope_theta,
+                max_position = m.max_position,
+                "hip RoPE modes on the GPU engine path (compiled, not yet run on a GPU): decode re-rotates keys on the fly; prefill of these layers is dense at the model's positions and refused past model.max_position; no CUDA graphs"
             );
         }
         let lazy = (0..m.n_layers).find_map(|l| match cfg.layer_policy(l) {
@@ -391,6 +420,7 @@ impl GpuAttention {
             prefill_estimator: Some(MaskEstimator::Auto),
             hip_pf: None,
             graph: None,
+            rope_kv: None,
         })
     }
 
@@ -849,9 +879,18 @@ impl GpuAttention {
             self.dense_ws = ws;
             return r;
         } else {
-            let sparse = self.hip_attention() == HipAttention::SparseV2;
+            let attn = self.hip_attention();
+            let sparse = attn == HipAttention::SparseV2;
+            let streaming = match &self.layers[layer] {
+                Layer::Hip(h) => h.rope.as_ref().is_some_and(|r| r.streaming),
+                _ => false,
+            };
+            rope::check_decode(layer, streaming, attn)?;
             let (sel, bound, ex) =
                 self.hip_select(&gpu, layer, &dkv, req_ids, &rows, lens, "hip_mask", sparse)?;
+            if streaming {
+                return self.streaming_attend(&gpu, &shape, layer, &dkv, b, ex, bound, out);
+            }
             if sparse {
                 // kernels/decode_dense_v2.cu hip_sparse: the position
                 // tables hip_select assembled, the tail from the regions at
@@ -1246,6 +1285,59 @@ impl GpuAttention {
         res
     }
 
+    /// Streaming attention of a RoPE-mode hip layer's decode batch (after
+    /// `hip_select` with the sparse tables): the gather writes each row's
+    /// selected keys re-rotated to streaming positions and their values
+    /// into the layer's compact buffer (`RopeGpu::gather`, table rows at
+    /// `self.up`), then the sparse v2 kernel attends it as a one-page
+    /// sequence per request (identity tables, no tail).
+    #[allow(clippy::too_many_arguments)]
+    fn streaming_attend(
+        &mut self,
+        gpu: &GpuContext,
+        shape: &AttnShape,
+        layer: usize,
+        dkv: &DeviceKv,
+        b: usize,
+        ex: u64,
+        bound: usize,
+        out: &AttnOut,
+    ) -> Result<()> {
+        let hkv = self.shape.n_kv_heads;
+        let (tab, ntab, rows) = (self.tab.ptr, self.ntab.ptr, self.up.ptr);
+        let Layer::Hip(h) = &self.layers[layer] else {
+            unreachable!()
+        };
+        let tab_cap = h.tab_cap();
+        let r = h.rope.as_deref().expect("streaming layer has RoPE state");
+        let compact = match &mut self.rope_kv {
+            Some(c) => c,
+            None => self.rope_kv.insert(CompactKv::new()?),
+        };
+        let src = r.gather(
+            gpu,
+            compact,
+            dkv,
+            b * hkv,
+            tab,
+            tab_cap,
+            ntab,
+            ex,
+            bound,
+            rows,
+        )?;
+        src.attend(
+            gpu,
+            &mut self.sparse_ws,
+            shape,
+            dkv.dtype,
+            self.qf.ptr,
+            b,
+            bound,
+            *out,
+        )
+    }
+
     /// hip sparse prefill of a hip layer: per request, per chunk of at most
     /// `prefill_chunk` queries, the mask of every query block (`est`) and
     /// block-sparse causal attention into the request's output rows.
@@ -1428,6 +1520,19 @@ impl GpuAttention {
         let Layer::Hip(h) = &mut self.layers[layer] else {
             unreachable!()
         };
+        // RoPE modes: this call's query shifts and key factors, once for
+        // the batch (`rope`).
+        let rotated = match h.rope.as_deref_mut() {
+            Some(r) => {
+                r.reserve(b)?;
+                if r.scores_rotated() && module != "hip_mask" {
+                    return Err(rope::host_tier_refused(layer));
+                }
+                r.upload_step(gpu, &h.cfg, lens)?;
+                r.scores_rotated()
+            }
+            None => false,
+        };
         let up = self.up.ptr;
         let qf = self.qf.ptr;
         for (i, &(s, _)) in slots.iter().enumerate() {
@@ -1449,7 +1554,17 @@ impl GpuAttention {
                     gate: 0,
                     topk_mc: None,
                 };
-                run_stages(gpu, dkv, &h.cfg, &stages, froms[i], &x)?;
+                match h.rope.as_deref() {
+                    Some(r) if rotated => {
+                        let one = Seqs {
+                            batch: b,
+                            first: i,
+                            count: 1,
+                        };
+                        r.run_stages(gpu, dkv, &h.cfg, &stages, froms[i], n, &x, one)?
+                    }
+                    _ => run_stages(gpu, dkv, &h.cfg, &stages, froms[i], &x)?,
+                }
             }
             let tab = sparse.then(|| TabOut {
                 tab: tab0 + (i * hkv * tab_cap * 4) as u64,
@@ -1549,6 +1664,18 @@ impl GpuAttention {
                 )));
             }
         }
+        // RoPE-mode hip layers prefill densely within the trained length
+        // (`rope`); checked before anything is launched.
+        let rope_dense = match &self.layers[layer] {
+            Layer::Hip(h) => match h.rope.as_deref() {
+                Some(r) => {
+                    rope::check_prefill(layer, lens, n_new, r.max_position())?;
+                    true
+                }
+                None => false,
+            },
+            _ => false,
+        };
         let slots: Vec<usize> = req_ids
             .iter()
             .map(|&id| {
@@ -1589,7 +1716,9 @@ impl GpuAttention {
                 row += n_new[i];
             }
         }
-        if let (Layer::Hip(h), Some(est)) = (&self.layers[layer], self.prefill_estimator) {
+        if let (Layer::Hip(h), Some(est), false) =
+            (&self.layers[layer], self.prefill_estimator, rope_dense)
+        {
             let cfg = h.cfg.clone();
             return self.hip_prefill(&gpu, &shape, &cfg, est, &dkv, table_rows, lens, n_new, out);
         }

@@ -1,0 +1,199 @@
+//! InfiniteHiP's RoPE modes on `GpuAttention`'s hip layers (issue 12): the
+//! host-side rules of which call runs them and which refuses them, with an
+//! error naming what is missing. The device work is the GPU decoder's
+//! (`rope_gpu::RopeGpu`, one per RoPE-mode hip layer, built from the
+//! config's `model`: `rope_theta`, `max_position`, as `HipPolicy::new`
+//! takes them on the CPU).
+//!
+//! - decode (`GpuAttention::decode`, host metadata): `chunk_indexed` /
+//!   `relative` scoring (per request, the stage queries moved and every
+//!   probed key rotated: `hip_score_rope_*`) and `streaming` attention (the
+//!   gather of each row's selected keys re-rotated into a compact buffer,
+//!   then the sparse v2 kernel over it). Needs the sparse v2 attention
+//!   (not split-combine) for streaming.
+//! - prefill: the sparse GPU prefill has no RoPE modes (`HipGpuPrefill`
+//!   would need rotated scoring per query block and streaming positions
+//!   per query). A RoPE-mode hip layer prefills densely (causal, at the
+//!   model's own positions) while every query position is below
+//!   `model.max_position`, as SGLang's host path caps `prefill_dense_below`
+//!   at the trained length; a prefill reaching past it is refused.
+//! - refused: CUDA-graph decode (`prepare_graph`: the modes upload per-step
+//!   shifts from the host) and host-tier decode (`kv.device_cache_pages`:
+//!   the rotated scorers and the gather read device keys).
+//!
+//! Status: compiled, NOT yet run on a GPU (`gpu-test --rope-only` checks it
+//! against the CPU `HipPolicy`).
+
+use super::super::dispatch::{HipAttention, HipGpuDecoder};
+use super::super::rope_gpu;
+use crate::config::{HipConfig, RopeMode};
+use crate::error::{Error, Result};
+
+/// What a hip layer's RoPE modes are, after the decoder's validation:
+/// None at original positions, else (scoring mode, streaming attention).
+pub(super) fn layer_modes(layer: usize, cfg: &HipConfig) -> Result<Option<(RopeMode, bool)>> {
+    HipGpuDecoder::validate_decoder(cfg)?;
+    rope_gpu::modes(cfg).map_err(|e| Error::Invalid(format!("layer {layer}: {e}")))
+}
+
+/// A decode of a RoPE-mode layer with the hip attention `attn`.
+pub(super) fn check_decode(layer: usize, streaming: bool, attn: HipAttention) -> Result<()> {
+    if streaming && attn != HipAttention::SparseV2 {
+        return Err(Error::config(
+            format!("layer {layer} hip.rope.attention"),
+            "streaming attention on the GPU runs on the sparse v2 kernel only (set_hip_attention / INFINITEHIP_HIP_ATTENTION split-combine is refused)",
+        ));
+    }
+    Ok(())
+}
+
+/// A prefill of a RoPE-mode layer: requests of `lens[i]` tokens, the last
+/// `n_new[i]` of them new. Ok: dense causal prefill at the model's
+/// positions (all below `max_position`).
+pub(super) fn check_prefill(
+    layer: usize,
+    lens: &[usize],
+    n_new: &[usize],
+    max_position: usize,
+) -> Result<()> {
+    for (i, (&len, &n)) in lens.iter().zip(n_new).enumerate() {
+        if n > 0 && len > max_position {
+            return Err(Error::config(
+                format!("layer {layer} hip.rope"),
+                format!(
+                    "GPU prefill of request {i} reaches position {} past the trained length \
+                     model.max_position {max_position}: the GPU sparse prefill has no RoPE modes \
+                     (rotated per-block scoring, per-query streaming attention: not built), and a \
+                     dense prefill there would attend at untrained positions; prefill on the host \
+                     engine / llama.cpp's CPU route, or keep prompts within {max_position} tokens",
+                    len - 1
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// CUDA-graph decode with RoPE-mode layers (`layers`: their indices).
+pub(super) fn check_graph(layers: &[usize]) -> Result<()> {
+    match layers.first() {
+        None => Ok(()),
+        Some(&l) => Err(Error::config(
+            format!("layer {l} hip.rope"),
+            format!(
+                "CUDA-graph decode (prepare_graph / decode_graph) has no RoPE modes: they upload \
+                 per-step query shifts and run the streaming gather from host metadata; RoPE-mode \
+                 hip layers {layers:?} decode through GpuAttention::decode (run without CUDA graphs)"
+            ),
+        )),
+    }
+}
+
+/// Host-tier (offloaded) decode of a RoPE-mode layer.
+pub(super) fn host_tier_refused(layer: usize) -> Error {
+    Error::config(
+        format!("layer {layer} hip.rope"),
+        "host-tier decode (kv.device_cache_pages) has no RoPE modes: the rotated scorers and the \
+         streaming gather read keys in device memory; use original positions with host offload",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RopeConfig;
+
+    fn hip(scoring: RopeMode, attention: RopeMode) -> HipConfig {
+        HipConfig {
+            rope: RopeConfig { scoring, attention },
+            ..HipConfig::default()
+        }
+    }
+
+    #[test]
+    fn rope_layer_modes_validate_as_the_cpu_policy() {
+        use RopeMode::*;
+        assert_eq!(layer_modes(0, &hip(Original, Original)).unwrap(), None);
+        assert_eq!(
+            layer_modes(0, &hip(ChunkIndexed, Streaming)).unwrap(),
+            Some((ChunkIndexed, true))
+        );
+        assert_eq!(
+            layer_modes(0, &hip(Relative, Original)).unwrap(),
+            Some((Relative, false))
+        );
+        assert_eq!(
+            layer_modes(0, &hip(Original, Streaming)).unwrap(),
+            Some((Original, true))
+        );
+        let e = layer_modes(3, &hip(Streaming, Original))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("layer 3") && e.contains("attention only"), "{e}");
+        let e = layer_modes(1, &hip(Original, Relative))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("original or streaming"), "{e}");
+        // The decoder's own rules still apply (CPU-only fields).
+        let mut c = hip(ChunkIndexed, Streaming);
+        c.successors = 4;
+        assert!(layer_modes(0, &c)
+            .unwrap_err()
+            .to_string()
+            .contains("successors"));
+        // The CPU policy refuses the same combinations.
+        let model = crate::config::ModelShape::default();
+        for (s, a) in [
+            (Streaming, Original),
+            (Original, Relative),
+            (Relative, ChunkIndexed),
+        ] {
+            assert!(crate::policy::hip::HipPolicy::new(hip(s, a), &model).is_err());
+            assert!(layer_modes(0, &hip(s, a)).is_err());
+        }
+    }
+
+    #[test]
+    fn rope_decode_needs_sparse_v2_for_streaming() {
+        assert!(check_decode(0, true, HipAttention::SparseV2).is_ok());
+        assert!(check_decode(0, false, HipAttention::SplitCombine).is_ok());
+        let e = check_decode(2, true, HipAttention::SplitCombine)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("layer 2") && e.contains("sparse v2"), "{e}");
+    }
+
+    #[test]
+    fn rope_prefill_dense_within_the_trained_length_only() {
+        // Positions up to max_position - 1: dense at the model's positions.
+        assert!(check_prefill(0, &[8192, 100], &[8192, 100], 8192).is_ok());
+        // A request with nothing new is not prefilled.
+        assert!(check_prefill(0, &[20000, 100], &[0, 100], 8192).is_ok());
+        // One query at position 8192 (the 8193rd token) is past it.
+        let e = check_prefill(5, &[100, 8193], &[100, 1], 8192)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("layer 5")
+                && e.contains("request 1")
+                && e.contains("position 8192")
+                && e.contains("not built"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn rope_graph_and_host_tier_refuse_with_the_layer() {
+        assert!(check_graph(&[]).is_ok());
+        let e = check_graph(&[4, 7]).unwrap_err().to_string();
+        assert!(
+            e.contains("layer 4") && e.contains("[4, 7]") && e.contains("without CUDA graphs"),
+            "{e}"
+        );
+        let e = host_tier_refused(9).to_string();
+        assert!(
+            e.contains("layer 9") && e.contains("device_cache_pages"),
+            "{e}"
+        );
+    }
+}
