@@ -134,6 +134,40 @@ impl LlamaRope {
         let a = shift.unsigned_abs() as usize;
         let cs = &table[a * half..(a + 1) * half];
         let sign = if shift < 0 { -1.0 } else { 1.0 };
+        // The layout chosen once, outside the loops, so they vectorise; the
+        // same operations per element as `rotate_heads_reference`.
+        match self.layout {
+            Layout::Interleaved => {
+                for h in x.chunks_exact_mut(self.head_dim) {
+                    for (p, &(c, s)) in h[..2 * half].chunks_exact_mut(2).zip(cs) {
+                        let s = s * sign;
+                        let (x0, x1) = (p[0], p[1]);
+                        p[0] = x0 * c - x1 * s;
+                        p[1] = x0 * s + x1 * c;
+                    }
+                }
+            }
+            Layout::Halves => {
+                for h in x.chunks_exact_mut(self.head_dim) {
+                    let (lo, hi) = h.split_at_mut(half);
+                    for ((x0, x1), &(c, s)) in lo.iter_mut().zip(&mut hi[..half]).zip(cs) {
+                        let s = s * sign;
+                        let (a0, a1) = (*x0, *x1);
+                        *x0 = a0 * c - a1 * s;
+                        *x1 = a0 * s + a1 * c;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `rotate_heads` pair by pair with the layout chosen per pair: the
+    /// reference it must equal bit for bit.
+    pub fn rotate_heads_reference(&self, table: &[(f32, f32)], x: &mut [f32], shift: i64) {
+        let half = self.step.len();
+        let a = shift.unsigned_abs() as usize;
+        let cs = &table[a * half..(a + 1) * half];
+        let sign = if shift < 0 { -1.0 } else { 1.0 };
         for h in x.chunks_exact_mut(self.head_dim) {
             for (i, &(c, s)) in cs.iter().enumerate() {
                 let s = s * sign;
@@ -397,6 +431,42 @@ mod tests {
                     let plain: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
                     assert_ne!(bits(&a), bits(&plain));
                     assert_eq!(a[d / 2], x[1].to_f32());
+                }
+            }
+        }
+    }
+
+    /// `rotate_heads` (layout chosen outside the loops) equals the per-pair
+    /// reference bit for bit on fresh random heads and shifts of both signs,
+    /// NORM and NEOX, n_rot below head_dim included.
+    #[test]
+    fn rotate_heads_equals_reference() {
+        let mut rng = Rng::new(6);
+        for (rt, d, n_rot) in [
+            (LLAMA_ROPE_TYPE_NORM, 64, 64),
+            (LLAMA_ROPE_TYPE_NEOX, 64, 64),
+            (LLAMA_ROPE_TYPE_NORM, 128, 96),
+            (LLAMA_ROPE_TYPE_NEOX, 64, 32),
+        ] {
+            let r = LlamaRope::new(rt, d, n_rot, 100000.0, 1.0).unwrap();
+            r.reserve(20000);
+            let table = r.table();
+            for _ in 0..200 {
+                let shift = rng.below(39999) as i64 - 19999;
+                let x = rng.normal_vec(3 * d, 1.0);
+                let (mut a, mut b) = (x.clone(), x.clone());
+                r.rotate_heads(&table, &mut a, shift);
+                r.rotate_heads_reference(&table, &mut b, shift);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&a),
+                    bits(&b),
+                    "type {rt} d {d} n_rot {n_rot} shift {shift}"
+                );
+                if shift != 0 {
+                    let mut c = x.clone();
+                    r.rotate_heads_reference(&table, &mut c, -shift);
+                    assert_ne!(bits(&a), bits(&c), "sign of the shift not detected");
                 }
             }
         }

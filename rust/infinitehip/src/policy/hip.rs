@@ -225,6 +225,10 @@ fn stage_chunks(cands: &[Range<usize>], c: usize) -> Vec<Range<usize>> {
     chunks
 }
 
+/// Per list, the last stage's previous output, and the successors' range
+/// (`stages_flat`).
+type PrevLists<'a> = Option<(&'a [Vec<Range<usize>>], &'a Range<usize>)>;
+
 /// Chunks per work item of `stages_flat`'s scoring.
 const FLAT_BLOCK: usize = 512;
 
@@ -497,7 +501,7 @@ impl HipPolicy {
         middle: &Range<usize>,
         from: usize,
         mut cur: Vec<Vec<Range<usize>>>,
-        prev_last: Option<(&[Vec<Range<usize>>], &Range<usize>)>,
+        prev_last: PrevLists<'_>,
         table: Option<&RelativeTable>,
     ) -> Vec<Vec<Vec<Range<usize>>>> {
         let d = req.shape.head_dim;
