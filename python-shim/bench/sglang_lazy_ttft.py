@@ -17,6 +17,7 @@ warm-up. Rows computed = sum over layers of the rows the hook ran
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -63,7 +64,7 @@ def bench(model, backend, cfg, ids, reps, d, tag):
     finally:
         eng.shutdown()
     recs = [json.loads(l) for l in open(stats)] if os.path.exists(stats) else []
-    recs = [r for r in recs if r["prompt"] == len(ids)]
+    recs = [r for r in recs if r.get("prompt") == len(ids) and r.get("rows")]
     frac = sum(recs[-1]["rows"]) / (len(ids) * len(recs[-1]["rows"])) if recs else 1.0
     return {"ttft_s": min(times), "all_s": times, "first_token": toks, "rows_fraction": frac}
 
@@ -74,21 +75,36 @@ def main():
     ap.add_argument("--text", default=os.path.join(HOME, "text/rope/emma.txt"))
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--schedule", choices=["old", "default"], default="old",
+                    help="old: the fixed 8/16/24/28 schedule above; default: a lazy policy naming no points "
+                    "(the plugin's depth-aware default: 30 layers -> keep 0.8/0.5/0.3 after layers 8/17/26)")
+    ap.add_argument("--no-keep1", action="store_true", help="skip the keep-1.0 rows-route run (nothing pruned)")
     ap.add_argument("--json")
     a = ap.parse_args()
     ids = prompt_ids(a.model, a.text, a.tokens)
-    lazy = {"dense_layers": 0, "default": {"method": "lazy", "points": SCHEDULE}}
-    cover = {"dense_layers": 0, "default": {"method": "lazy", "points": [dict(p, keep=1.0) for p in SCHEDULE]}}
-    res = {"tokens": a.tokens, "model": a.model, "schedule": SCHEDULE, "uptime_before": os.popen("uptime").read()}
+    if a.schedule == "old":
+        lazy = {"dense_layers": 0, "default": {"method": "lazy", "points": SCHEDULE}}
+        cover = {"dense_layers": 0, "default": {"method": "lazy", "points": [dict(p, keep=1.0) for p in SCHEDULE]}}
+    else:
+        # keep-1.0 control at the default's layers (config.rs: after ceil(f * n_layers) - 1 for f = 0.3/0.6/0.9)
+        n = json.load(open(os.path.join(a.model, "config.json")))["num_hidden_layers"]
+        pts = [{"layer": math.ceil(f * n - 1e-9) - 1, "keep": 1.0} for f in (0.3, 0.6, 0.9)]
+        lazy = {"dense_layers": 0, "default": {"method": "lazy"}}
+        cover = {"dense_layers": 0, "default": {"method": "lazy", "points": pts}}
+    res = {"tokens": a.tokens, "model": a.model, "schedule": SCHEDULE if a.schedule == "old" else "default",
+           "uptime_before": os.popen("uptime").read()}
     with tempfile.TemporaryDirectory() as d:
         res["stock"] = bench(a.model, "torch_native", None, ids, a.reps, d, "stock")
-        res["lazy_keep1"] = bench(a.model, "infinitehip", cover, ids, a.reps, d, "keep1")
+        if cover is not None and not a.no_keep1:
+            res["lazy_keep1"] = bench(a.model, "infinitehip", cover, ids, a.reps, d, "keep1")
         res["lazy"] = bench(a.model, "infinitehip", lazy, ids, a.reps, d, "lazy")
     res["uptime_after"] = os.popen("uptime").read()
     s = res["stock"]["ttft_s"]
     print(f"| config | TTFT s (best of {a.reps}) | vs stock | rows computed | first token |")
     print("|---|---:|---:|---:|---|")
     for k in ("stock", "lazy_keep1", "lazy"):
+        if k not in res:
+            continue
         r = res[k]
         print(f"| {k} | {r['ttft_s']:.2f} | {s / r['ttft_s']:.2f}x | {r['rows_fraction']:.3f} | {r['first_token']} |")
     print(res["uptime_before"].strip(), "/", res["uptime_after"].strip())

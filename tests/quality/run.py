@@ -372,11 +372,19 @@ def parse_args(argv=None):
     ap.add_argument("--stock-cache", help="reuse stock runs of identical inputs from this folder (off by default)")
     ap.add_argument("--resume", help="sglang: reuse results of identical (config policy, sequence) runs saved "
                     "in this folder by earlier runs, and save new ones there (off by default)")
+    ap.add_argument("--prefill-scored", choices=["config", "all", "none"], default=None,
+                    help="sglang: which runs ask SGLang for prompt logprobs (prefill-scored perplexity). config "
+                    "(default): all but configs saying \"prefill_logits\": \"last\" (lazy: SGLang's LazyLLM prunes "
+                    "no prefill that returns logprobs), paired with a stock run that asks for none either; all: "
+                    "every config (a lazy row then prunes nothing and fails); none: no config, stock included "
+                    "(decode-scored tokens and copy probes only)")
     ap.add_argument("--engine", choices=["llama.cpp", "sglang"], default="llama.cpp",
                     help="llama.cpp CPU builds (default) or sglang.Engine on the CPU (sglang_route.py)")
     ap.add_argument("--json", help="default target/quality/quality.json (sglang: quality-sglang.json)")
     ap.add_argument("--png", help="default target/quality/quality.png (sglang: quality-sglang.png)")
     a = ap.parse_args(argv)
+    if a.prefill_scored is not None and a.engine != "sglang":
+        ap.error("--prefill-scored is for --engine sglang (the llama.cpp route reads each config's prefill_logits)")
     stem = "quality" if a.engine == "llama.cpp" else "quality-sglang"
     a.json = a.json or os.path.join(REPO, "target", "quality", f"{stem}.json")
     a.png = a.png or os.path.join(REPO, "target", "quality", f"{stem}.png")

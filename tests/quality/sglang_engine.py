@@ -61,9 +61,16 @@ class SglangEngine:
             env["INFINITEHIP_LOCRET_STATS"] = self.locret_stats
         else:
             self.locret_stats = None
+        # LazyLLM's rows route (python-shim/infinitehip/sglang/lazy_rows.py):
+        # one line per pruned prefill, one per prefill that computed every row.
+        self.lazy_files = None
+        if policy is not None and '"lazy"' in json.dumps(policy):
+            self.lazy_files = (os.path.join(tmp, f"{tag}.lazy-rows.jsonl"), os.path.join(tmp, f"{tag}.lazy-skips.jsonl"))
+            env["INFINITEHIP_LAZY_ROWS_STATS"], env["INFINITEHIP_LAZY_ROWS_SKIPS"] = self.lazy_files
         saved = {k: os.environ.pop(k, None)
                  for k in ["INFINITEHIP_CONFIG", "INFINITEHIP_LOCRET_STATS", "OMP_NUM_THREADS", "INFINITEHIP_THREADS",
-                           "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"]}
+                           "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", "INFINITEHIP_LAZY_ROWS_STATS",
+                           "INFINITEHIP_LAZY_ROWS_SKIPS"]}
         os.environ.update(env)
         # context_length above the sequence: SGLang caps max_new_tokens at
         # context_len - 2 - prompt, which at the model's trained length (8192
@@ -96,7 +103,9 @@ class SglangEngine:
         """(records, timings, stats) of one teacher-forced sequence.
 
         first_prefill_scored: the first target position scored from the
-        prefill's input logprobs (None: none)."""
+        prefill's input logprobs. None: the request asks SGLang for no
+        logprobs at all (return_logprob off), so only the forced steps are
+        scored; LazyLLM's rows route prunes only such a prefill."""
         ids = [int(x) for x in ids]
         n = len(ids)
         if not 0 < prefill < n:
@@ -109,9 +118,11 @@ class SglangEngine:
             lp_start = -1
         sp = {"max_new_tokens": n - prefill, "temperature": 0, "ignore_eos": True,
               "custom_params": {"targets": ids[prefill:], "out": out}}
+        lp = {} if first_prefill_scored is None else {"return_logprob": True, "logprob_start_len": lp_start,
+                                                      "top_logprobs_num": 1}
+        self._clear_lazy()
         t0 = time.time()
-        o = self.eng.generate(input_ids=ids[:prefill], sampling_params=sp, return_logprob=True,
-                              logprob_start_len=lp_start, top_logprobs_num=1, custom_logit_processor=self.force)
+        o = self.eng.generate(input_ids=ids[:prefill], sampling_params=sp, custom_logit_processor=self.force, **lp)
         t1 = time.time()
         mi = o["meta_info"]
         if mi.get("num_retractions", 0):
@@ -127,9 +138,19 @@ class SglangEngine:
                    "total_s": t1 - t0, "engine_startup_s": self.startup_s}
         return rec, timings, self._stats(n, prefill)
 
+    def _clear_lazy(self):
+        for f in self.lazy_files or ():
+            if os.path.exists(f):
+                os.remove(f)
+
     def _stats(self, n, prefill):
         """The plugin's side of a run: Locret's freed slots (locret_free's
-        INFINITEHIP_LOCRET_STATS lines of this request), else None."""
+        INFINITEHIP_LOCRET_STATS lines of this request), LazyLLM's rows
+        (lazy_rows_summary), else None."""
+        if self.lazy_files is not None:
+            rows, skips = ([json.loads(l) for l in open(f)] if os.path.exists(f) else [] for f in self.lazy_files)
+            self._clear_lazy()
+            return {"lazy_rows": lazy_rows_summary(rows, skips, prefill)}
         if self.policy is None or (self.policy.get("default") or {}).get("method") != "locret":
             return None
         lines = [json.loads(l) for l in open(self.locret_stats)] if os.path.exists(self.locret_stats) else []
@@ -142,6 +163,27 @@ class SglangEngine:
         # decoded token (decoded tokens are never evicted).
         return {"locret": {"evicted_tokens": freed, "compactions": lines, "max_visible_cells": prefill,
                            "last_visible_cells": kept + (n - prefill - 1)}}
+
+
+def lazy_rows_summary(rows, skips, prompt):
+    """What LazyLLM's rows route did with one request's `prompt`-token
+    prefill, from the plugin's INFINITEHIP_LAZY_ROWS_STATS lines (`rows`:
+    {"prompt", "rows" per layer, "points"}) and INFINITEHIP_LAZY_ROWS_SKIPS
+    lines (`skips`: {"tokens", "why"}): rows per layer, rows dropped (sum over
+    layers of prompt - rows), the fraction of (token, layer) rows computed,
+    and why a prefill computed every row. No pruned line: dropped 0."""
+    mine = [r for r in rows if r.get("prompt") == prompt]
+    why = sorted({r.get("why") for r in skips if r.get("why")})
+    if not mine:
+        return {"tokens": prompt, "rows_per_layer": None, "dropped_rows": 0, "row_fraction": 1.0, "points": None,
+                "prefills": 0, "skipped": why}
+    last = mine[-1]["rows"]
+    out = {"tokens": prompt, "rows_per_layer": last, "dropped_rows": sum(prompt - r for r in last),
+           "row_fraction": sum(last) / (prompt * len(last)), "points": mine[-1].get("points"),
+           "prefills": len(mine), "skipped": why}
+    if "kept" in mine[-1]:  # INFINITEHIP_LAZY_ROWS_STATS_KEPT=1: positions kept after each point
+        out["kept"] = mine[-1]["kept"]
+    return out
 
 
 def last_chunk_steps(steps):

@@ -20,6 +20,7 @@ scores (engine start-up, ~30-60 s on 2 cores, dominates short runs).
 """
 import hashlib
 import importlib.util
+import math
 import os
 import re
 import subprocess
@@ -177,15 +178,78 @@ class SglangSuite(run.Suite):
         return self.model  # already float32 weights and KV
 
     @staticmethod
-    def _key(name, seq):
+    def _key(name, seq, first):
         h = hashlib.sha256(np.asarray(seq.ids, dtype="<i4").tobytes()).hexdigest()[:16]
-        return (name, h, seq.prefill)
+        return (name, h, seq.prefill, first)
 
-    def score(self, name, model, seq, tag, kv="f16"):
-        key = self._key(name, seq)
+    # -- prompt logprobs: which runs ask SGLang for them ---------------------
+    def prompt_logprobs(self, name):
+        """Whether `name`'s quality rows ask SGLang for prompt logprobs
+        (prefill-scored perplexity). --prefill-scored config (default): all
+        but configs saying "prefill_logits": "last" (lazy: SGLang's LazyLLM
+        rows route prunes no prefill that returns logprobs, so a lazy row that
+        asked would measure stock); all: every config (lazy then prunes
+        nothing, and its row fails); none: no config, stock included."""
+        mode = getattr(self.a, "prefill_scored", None) or "config"
+        if mode == "all":
+            return True
+        if mode == "none":
+            return False
+        return self.configs[name].get("prefill_logits", "all") == "all"
+
+    def first_scored(self, name, seq, exact=False):
+        """The first target scored from the prompt's logprobs, or None (the
+        request asks for no logprobs). Exactness compares every target from 1."""
+        if exact:
+            return 1
+        if not len(seq.prefill_scored) or not self.prompt_logprobs(name):
+            return None
+        return seq.prefill_scored.start
+
+    def prefill_logits(self, name, kv):
+        if kv == "f32":
+            return "all"
+        return "all" if self.prompt_logprobs(name) else "last"
+
+    def lookup(self, name, seq, first, tag):
+        key = self._key(name, seq, first)
         if key not in self.results:
             raise RuntimeError(f"{tag}: {name} was not planned (SglangSuite.plan)")
         return self.results[key]
+
+    def score(self, name, model, seq, tag, kv="f16"):
+        return self.lookup(name, seq, self.first_scored(name, seq, exact=kv == "f32"), tag)
+
+    def quality(self, ctx, res):
+        """run.Suite.quality with each row paired with the stock run that
+        asked SGLang for the same prompt logprobs (a lazy row: stock without
+        them; its prefill time then excludes the logprob pass too). When
+        both stock runs exist, their decode-path records must be equal
+        (stock_logprob_check)."""
+        seq = self.sequence(ctx)
+        f0 = self.first_scored("stock", seq)
+        ref, ref_t, _ = self.lookup("stock", seq, f0, f"q{ctx}-stock")
+        res["rows"].append(self.row("stock", ctx, seq, ref, ref, ref_t, None))
+        refs = {f0: (ref, ref_t)}
+        for name in self.mode["configs"]:
+            f = self.first_scored(name, seq)
+            if f not in refs:
+                refs[f] = self.lookup("stock", seq, f, f"q{ctx}-stock")[:2]
+            rec, t, st = self.lookup(name, seq, f, f"q{ctx}-{name}")
+            r = self.row(name, ctx, seq, rec, refs[f][0], t, st)
+            r["prompt_logprobs"] = f is not None
+            r["stock_prefill_s"] = refs[f][1]["prefill_s"]
+            r["prefill_speedup"] = refs[f][1]["prefill_s"] / t["prefill_s"]
+            res["rows"].append(r)
+            self.save(res)
+        if len(refs) > 1:
+            (fa, (ra, _)), (fb, (rb, _)) = sorted(refs.items(), key=lambda kv: kv[0] is None)
+            chk = stock_logprob_check(ra, rb, seq)
+            chk["ctx"] = ctx
+            res.setdefault("stock_logprob_check", []).append(chk)
+            if not chk["pass"]:
+                self.failures.append(f"stock with vs without prompt logprobs at {ctx}: {chk}")
+        self.save(res)
 
     def row(self, name, ctx, seq, rec, ref, t, st):
         """run.Suite's row plus greedy agreement with stock: the fraction of
@@ -195,6 +259,16 @@ class SglangSuite(run.Suite):
         idx = [i for i in range(seq.prefill + 1, len(seq)) if rec["path"][i] == 1]
         r["argmax_agree_decode"] = float((rec["argmax"][idx] == ref["argmax"][idx]).mean()) if idx else None
         r["n_decode_steps"] = len(idx)
+        c = self.configs[name]
+        if c["method"] == "lazy" and not c.get("cover"):
+            r["lazy_rows"] = dict((st or {}).get("lazy_rows") or {}) or None
+            if r["lazy_rows"] and "kept" in r["lazy_rows"]:
+                r["lazy_rows"]["probe_passage_kept"] = probe_passage_kept(
+                    r["lazy_rows"].pop("kept"), seq.probes, self.mode["passage_len"], r["copy"].get("per_probe"))
+            problem = lazy_rows_problem(r["lazy_rows"], seq.prefill)
+            r["lazy_rows_ok"] = problem is None
+            if problem is not None:
+                self.failures.append(f"{name} at {ctx}: {problem}")
         return r
 
     # -- the plan: what the base flow will score ----------------------------
@@ -202,24 +276,30 @@ class SglangSuite(run.Suite):
         """{config: [(tag, sequence)]} in the base flow's order."""
         jobs = {}
 
-        def add(name, tag, seq, first=None):
-            # first: the first target scored from the prefill's input logprobs
-            if first is None and len(seq.prefill_scored):
-                first = seq.prefill_scored.start
+        def add(name, tag, seq, first):
+            # first: the first target scored from the prefill's input logprobs (None: no logprobs asked)
             jobs.setdefault(name, []).append((tag, seq, first))
 
         if not self.a.no_exact:
             seq = self.sequence(self.mode["exact_ctx"], **run.EXACT_SEQ)
             for name in ["stock"] + self.exact_configs() + [run.EXACT_NEGATIVE]:
-                add(name, f"exact-{name}", seq, 1)  # exactness compares every target from 1
+                add(name, f"exact-{name}", seq, self.first_scored(name, seq, exact=True))
         for ctx in self.mode["lengths"]:
             seq = self.sequence(ctx)
-            for name in ["stock"] + self.mode["configs"]:
-                add(name, f"q{ctx}-{name}", seq)
+            # stock once per prompt-logprob mode its rows need (its own first)
+            firsts = [self.first_scored("stock", seq)]
+            for name in self.mode["configs"]:
+                f = self.first_scored(name, seq)
+                if f not in firsts:
+                    firsts.append(f)
+            for f in firsts:
+                add("stock", f"q{ctx}-stock" + ("" if f is not None else "-nolp"), seq, f)
+            for name in self.mode["configs"]:
+                add(name, f"q{ctx}-{name}", seq, self.first_scored(name, seq))
         for ctx in self.mode["passkey_lengths"]:
             for depth, seq in self.passkey_sequences(ctx):
                 for name in ["stock"] + self.mode["configs"]:
-                    add(name, f"pk{ctx}-{depth}-{name}", seq)
+                    add(name, f"pk{ctx}-{depth}-{name}", seq, self.first_scored(name, seq))
         return jobs
 
     def exact_configs(self):
@@ -255,7 +335,7 @@ class SglangSuite(run.Suite):
             for policy, group in groups:
                 todo = []
                 for tag, seq, first in group:
-                    key = self._key(name, seq)
+                    key = self._key(name, seq, first)
                     if key in self.results:
                         continue
                     saved = self.load_saved(name, policy, seq, first)
@@ -274,7 +354,7 @@ class SglangSuite(run.Suite):
                 self.engine_info[name] = {"args": eng.args, "startup_s": eng.startup_s}
                 try:
                     for tag, seq, first in todo:
-                        key = self._key(name, seq)
+                        key = self._key(name, seq, first)
                         if key in self.results:
                             continue
                         log(f"{tag}: {name} ({len(seq)} tokens, prefill {seq.prefill})")
@@ -288,9 +368,11 @@ class SglangSuite(run.Suite):
         if not getattr(self.a, "resume", None):
             return None
         h = hashlib.sha256(np.asarray(seq.ids, dtype="<i4").tobytes()).hexdigest()
-        key = json_key({"name": name, "policy": policy, "ids": h, "prefill": seq.prefill, "first": first,
-                        "model": os.path.basename(self.model), "engine": "sglang",
-                        "threads": getattr(self.a, "threads", None)})
+        k = {"name": name, "policy": policy, "ids": h, "prefill": seq.prefill, "first": first,
+             "model": os.path.basename(self.model), "engine": "sglang", "threads": getattr(self.a, "threads", None)}
+        if first is None:
+            k["logprobs"] = "none"  # before this key, first None still asked for logprobs (return_logprob on)
+        key = json_key(k)
         return os.path.join(self.a.resume, hashlib.sha256(key.encode()).hexdigest()[:24])
 
     def save_result(self, name, policy, seq, first, result):
@@ -360,8 +442,11 @@ class SglangSuite(run.Suite):
                         "stock_backend": "torch_native", "engines": self.engine_info,
                         "locret_heads": self.subst["locret_weights"], "locret_heads_trained": self.locret_trained,
                         "sparse_path_fields": run.SPARSE_PATH_FIELDS,
-                        "timing_note": "prefill_s includes SGLang's input logprobs of the prefill-scored half; "
-                                       "decode tok/s includes the teacher-forcing processor (the same in both)"},
+                        "prefill_scored": getattr(a, "prefill_scored", None) or "config",
+                        "timing_note": "prefill_s includes SGLang's input logprobs of the prefill-scored half when "
+                                       "the run asked for them (row prompt_logprobs; each row is paired with the "
+                                       "stock run of the same kind: stock_prefill_s); decode tok/s includes the "
+                                       "teacher-forcing processor (the same in both)"},
                "exactness": [], "rows": [], "passkey": [], "checks": []}
         if not a.no_exact:
             res["exactness"] = self.exactness()
@@ -380,6 +465,23 @@ class SglangSuite(run.Suite):
             print("\nGreedy agreement with stock on the decode path (teacher forced: continuation + copy probes):")
             for r in res["rows"]:
                 print(f"  {r['ctx']} {r['config']}: {r['argmax_agree_decode']:.3f} of {r['n_decode_steps']} steps")
+            print("\nPrefill seconds vs the stock run of the same kind (untimed unless run under the timing lock):")
+            for r in res["rows"]:
+                if "stock_prefill_s" in r:
+                    print(f"  {r['ctx']} {r['config']}: {r['prefill_s']:.1f} s vs stock {r['stock_prefill_s']:.1f} s "
+                          f"({r['prefill_speedup']:.2f}x; prompt logprobs {'on' if r['prompt_logprobs'] else 'off'})")
+            for r in res["rows"]:
+                if "lazy_rows" in r:
+                    lr = r["lazy_rows"] or {}
+                    print(f"  {r['ctx']} {r['config']}: LazyLLM rows dropped {lr.get('dropped_rows')} "
+                          f"(computed {lr.get('row_fraction', float('nan')):.3f} of prompt x layers; "
+                          f"rows per layer {lr.get('rows_per_layer')}; skipped: {lr.get('skipped')}) "
+                          f"{'ok' if r['lazy_rows_ok'] else 'FAIL'}")
+        for c in res.get("stock_logprob_check", []):
+            print(f"\nStock at {c['ctx']} with vs without prompt logprobs: {c['decode_steps']} forced decode steps "
+                  f"{'bit-equal' if c['decode_bit_equal'] else 'DIFFER'} (max |dNLL| {c['max_abs_dnll_decode']:.3g}); "
+                  f"step 0 (last prompt row) |dNLL| {c['step0_abs_dnll']:.3g} (bound {c['step0_bound']:.0e}); "
+                  f"argmax equal {c['argmax_equal']:.4f}: {'PASS' if c['pass'] else 'FAIL'}")
         if not a.no_plot and res["rows"]:
             report.plot(a.json, a.png)
         if self.failures:
@@ -387,6 +489,81 @@ class SglangSuite(run.Suite):
             return 1
         print("quality suite (SGLang): all checks passed")
         return 0
+
+
+def keep_count(keep, n):
+    """Rows kept of an n-token prompt at keep fraction `keep` (lazy_rows.keep_count,
+    the core's lazy::keep_count; copied so the suite's unit tests need no torch)."""
+    if n == 0:
+        return 0
+    return min(max(math.ceil(keep * n - 1e-6), 1), n)
+
+
+def expected_rows(points, n, n_layers):
+    """Rows each layer computes in the rows route for an n-token prompt:
+    after pruning layer p (points {layer: keep}), later layers run the top
+    keep_count(keep, n) rows (never more than an earlier point left)."""
+    pts = {int(k): float(v) for k, v in points.items()}
+    out, cur = [], n
+    for layer in range(n_layers):
+        out.append(cur)
+        if layer in pts:
+            cur = min(cur, keep_count(pts[layer], n))
+    return out
+
+
+def probe_passage_kept(kept, probes, passage_len, per_probe=None):
+    """Per copy probe: the fraction of its planted passage's prompt tokens
+    still among the rows after each pruning point ({layer: fraction}),
+    beside the probe's copy accuracy (per_probe, same order) when given."""
+    out = []
+    for i, p in enumerate(probes):
+        span = set(range(p["planted_at"], p["planted_at"] + passage_len))
+        row = {"depth": p["depth"],
+               "kept_after": {k: len(span.intersection(v)) / passage_len for k, v in sorted(kept.items(), key=lambda kv: int(kv[0]))}}
+        if per_probe:
+            row["copy_accuracy"] = per_probe[i]["accuracy"]
+        out.append(row)
+    return out
+
+
+def lazy_rows_problem(lr, prompt):
+    """Why a lazy row must not pass (None: it pruned as its schedule says).
+    lr: sglang_engine.lazy_rows_summary of the row's request."""
+    if lr is None:
+        return "no LazyLLM rows stats (INFINITEHIP_LAZY_ROWS_STATS): the rows route did not report"
+    if not lr.get("rows_per_layer") or lr.get("dropped_rows", 0) <= 0:
+        why = "; ".join(lr.get("skipped") or []) or "no prefill reached the rows route"
+        return f"LazyLLM dropped 0 prefill rows ({why}): this row measures stock, not LazyLLM"
+    rows = lr["rows_per_layer"]
+    if lr.get("points") is not None:
+        want = expected_rows(lr["points"], prompt, len(rows))
+        if rows != want:
+            return f"LazyLLM rows per layer {rows} are not its schedule's {want} (points {lr['points']})"
+    return None
+
+
+def stock_logprob_check(with_lp, without_lp, seq, step0_bound=run.EXACT_BOUND):
+    """Stock's records with and without prompt logprobs after the prompt.
+    Every forced single-token decode (the decode-scored tokens and the copy
+    probes) must be equal bit for bit, or a row paired with the other stock
+    run would mix two scorings. Step 0 (the prompt's last row, scored by the
+    extend; not a decode-scored token) may differ by f32 rounding: SGLang
+    computes its logits in one matmul with the prompt rows when logprobs are
+    asked (measured 3.7e-6 nats at 2K), so it is held to `step0_bound`.
+    Argmax equal everywhere; NaN never passes."""
+    idx = np.arange(seq.prefill, len(seq))
+    a, b = with_lp["nll"][idx], without_lp["nll"][idx]
+    finite = bool(np.isfinite(a).all() and np.isfinite(b).all())
+    diff = np.abs(a - b)
+    same_arg = with_lp["argmax"][idx] == without_lp["argmax"][idx]
+    decode_equal = finite and bool((a[1:] == b[1:]).all())
+    step0 = float(diff[0]) if len(idx) else 0.0
+    ok = decode_equal and bool(same_arg.all()) and finite and step0 <= step0_bound
+    return {"positions": int(len(idx)), "decode_steps": int(max(len(idx) - 1, 0)),
+            "max_abs_dnll_decode": float(np.nanmax(diff[1:])) if len(idx) > 1 else 0.0,
+            "decode_bit_equal": decode_equal, "step0_abs_dnll": step0, "step0_bound": step0_bound,
+            "argmax_equal": float(same_arg.mean()) if len(idx) else 1.0, "finite": finite, "pass": bool(ok)}
 
 
 def json_key(p):

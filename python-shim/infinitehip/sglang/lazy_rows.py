@@ -39,7 +39,12 @@ prompt), logprobs requested, pipeline/tensor parallelism, input
 embeddings, captured aux hidden states. `INFINITEHIP_LAZY_ROWS=0` keeps the
 older route (every row computed, lazy layers' key sets narrowed).
 `INFINITEHIP_LAZY_ROWS_STATS=<path>` appends one JSON line per pruned
-prefill (prompt tokens, rows per layer).
+prefill (prompt tokens, rows per layer, the pruning points);
+`INFINITEHIP_LAZY_ROWS_SKIPS=<path>` one per prefill extend that computed
+every row instead (its tokens and why), so a caller can tell "pruned
+nothing" from "never ran" (the quality suite fails a lazy row on either).
+With `INFINITEHIP_LAZY_ROWS_STATS_KEPT=1` a stats line also carries the
+prompt positions kept after each pruning point ("kept": {layer: [rows]}).
 """
 
 import copy
@@ -55,6 +60,8 @@ logger = logging.getLogger("infinitehip.sglang")
 
 ROWS_ENV = "INFINITEHIP_LAZY_ROWS"
 STATS_ENV = "INFINITEHIP_LAZY_ROWS_STATS"
+SKIPS_ENV = "INFINITEHIP_LAZY_ROWS_SKIPS"
+KEPT_ENV = "INFINITEHIP_LAZY_ROWS_STATS_KEPT"
 HOOK_TARGET = "sglang.srt.models.llama.LlamaModel.forward"
 
 _backends = weakref.WeakSet()
@@ -145,6 +152,7 @@ def around_forward(original, model, input_ids, positions, forward_batch, input_e
     if why is not None:
         if backend is not None and forward_batch.forward_mode.is_extend() and not forward_batch.forward_mode.is_decode():
             _say_once(why, "infinitehip lazy: this prefill computes every row (%s)", why)
+            _stats({"tokens": None if input_ids is None else int(input_ids.shape[0]), "why": why}, SKIPS_ENV)
         return original(model, input_ids, positions, forward_batch, input_embeds,
                         pp_proxy_tensors=pp_proxy_tensors, **kwargs)
     return forward_rows(model, backend, input_ids, positions, forward_batch)
@@ -159,7 +167,7 @@ def forward_rows(model, backend, input_ids, positions, forward_batch):
     loc = forward_batch.out_cache_loc
     forward_batch.ihip_rows_route = True  # the backend's attention: kept rows, causal
     fb, pos, residual = forward_batch, positions, None
-    per_layer = []
+    per_layer, kept_after = [], {}
     for i in range(model.start_layer, model.end_layer):
         layer = model.layers[i]
         if residual is None:
@@ -187,18 +195,23 @@ def forward_rows(model, backend, input_ids, positions, forward_batch):
                 fb = copy.copy(forward_batch)
                 fb.out_cache_loc = loc[rows.to(loc.device)]
                 fb.ihip_rows = int(rows.shape[0])
+            kept_after[str(li)] = rows
     out, _ = model.norm(h, residual)
     if rows.shape[0] == n:
         full = out
     else:
         full = torch.zeros((n, out.shape[-1]), dtype=out.dtype, device=out.device)
         full[rows] = out
-    _stats({"prompt": n, "rows": per_layer, "kept_last": int(rows.shape[0])})
+    rec = {"prompt": n, "rows": per_layer, "kept_last": int(rows.shape[0]),
+           "points": {str(k): v for k, v in sorted(points.items())}}
+    if os.environ.get(KEPT_ENV) == "1":
+        rec["kept"] = {k: [int(x) for x in r.tolist()] for k, r in kept_after.items()}
+    _stats(rec)
     return full
 
 
-def _stats(rec):
-    path = os.environ.get(STATS_ENV)
+def _stats(rec, env=STATS_ENV):
+    path = os.environ.get(env)
     if path:
         with open(path, "a") as f:
             f.write(json.dumps(rec) + "\n")
