@@ -372,6 +372,27 @@ impl KvRead for LlamaKv<'_> {
             }
         }
     }
+    fn prefetch_key(&self, head: usize, tok: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let o = self.inp.k.idx(0, head, self.cells[tok] as usize, self.s);
+            let d = self.inp.g.d;
+            let (base, bytes) = match self.inp.k.data {
+                Data::F32(k) => (k[o..o + d].as_ptr() as *const i8, 4 * d),
+                Data::F16(k) => (k[o..o + d].as_ptr() as *const i8, 2 * d),
+            };
+            for off in (0..bytes).step_by(64) {
+                // SAFETY: prefetch is a hint; the address lies inside the row.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                        base.add(off),
+                    )
+                };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (head, tok);
+    }
     fn read_value(&self, head: usize, tok: usize, out: &mut [f32]) {
         let c = self.cells[tok] as usize;
         for (j, x) in out.iter_mut().enumerate() {
@@ -408,11 +429,18 @@ impl KvRead for HalvesKv<'_> {
         self.read_key(head, tok, k);
         dot_f32(q, k)
     }
+    fn prefetch_key(&self, head: usize, tok: usize) {
+        self.kv.prefetch_key(head, tok)
+    }
     fn read_key(&self, head: usize, tok: usize, out: &mut [f32]) {
-        let mut raw = [0f32; 512];
-        let raw = &mut raw[..out.len()];
-        self.kv.read_key(head, tok, raw);
-        self.rope.to_halves(raw, out);
+        let inp = self.kv.inp;
+        let o = inp.k.idx(0, head, self.kv.cells[tok] as usize, self.kv.s);
+        match inp.k.data {
+            // f16 (llama.cpp's default K type): convert and permute in one
+            // pass (bit-identical to convert, then `to_halves`).
+            Data::F16(k) => self.rope.to_halves_f16(&k[o..o + out.len()], out),
+            Data::F32(k) => self.rope.to_halves(&k[o..o + out.len()], out),
+        }
     }
     fn read_value(&self, head: usize, tok: usize, out: &mut [f32]) {
         self.kv.read_value(head, tok, out)

@@ -50,6 +50,31 @@ impl HeadKv<'_> {
         }
     }
 
+    /// Prefetch the K and V rows of cell `c` (a hint: no effect on results).
+    #[inline]
+    fn prefetch(&self, c: u32) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let row = |rows: Rows<'_>, o: usize, n: usize| match rows {
+                Rows::F32(x) => x.get(o..o + n).map(|r| (r.as_ptr() as *const i8, 4 * n)),
+                Rows::F16(x) => x.get(o..o + n).map(|r| (r.as_ptr() as *const i8, 2 * n)),
+            };
+            let k = row(self.k, self.k0 + c as usize * self.k_cell, self.d);
+            // V transposed: elements are strided, prefetch only its first line.
+            let vn = if self.v_dim == 1 { self.d } else { 1 };
+            let v = row(self.v, self.v0 + c as usize * self.v_cell, vn);
+            for (base, bytes) in [k, v].into_iter().flatten() {
+                for off in (0..bytes).step_by(64) {
+                    // SAFETY: prefetch is a hint; the address lies inside the row.
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>(base.add(off)) };
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = c;
+    }
+
     fn value(&self, c: u32, out: &mut [f32]) {
         let o = self.v0 + c as usize * self.v_cell;
         if self.v_dim == 1 {
@@ -189,6 +214,10 @@ pub(crate) fn attend_run_moved(
     let simd = simd_ok();
     for t0 in (0..n_max).step_by(TILE) {
         let tn = TILE.min(n_max - t0);
+        // The next tile's rows load while this one is computed.
+        for &c in &cells[(t0 + TILE).min(n_max)..(t0 + 2 * TILE).min(n_max)] {
+            kv.prefetch(c);
+        }
         for j in 0..tn {
             kv.key(cells[t0 + j], &mut kt[j * d..(j + 1) * d]);
             if let Some(m) = mv {

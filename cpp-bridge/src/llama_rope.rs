@@ -134,6 +134,40 @@ impl LlamaRope {
         let a = shift.unsigned_abs() as usize;
         let cs = &table[a * half..(a + 1) * half];
         let sign = if shift < 0 { -1.0 } else { 1.0 };
+        // The layout chosen once, outside the loops, so they vectorise; the
+        // same operations per element as `rotate_heads_reference`.
+        match self.layout {
+            Layout::Interleaved => {
+                for h in x.chunks_exact_mut(self.head_dim) {
+                    for (p, &(c, s)) in h[..2 * half].chunks_exact_mut(2).zip(cs) {
+                        let s = s * sign;
+                        let (x0, x1) = (p[0], p[1]);
+                        p[0] = x0 * c - x1 * s;
+                        p[1] = x0 * s + x1 * c;
+                    }
+                }
+            }
+            Layout::Halves => {
+                for h in x.chunks_exact_mut(self.head_dim) {
+                    let (lo, hi) = h.split_at_mut(half);
+                    for ((x0, x1), &(c, s)) in lo.iter_mut().zip(&mut hi[..half]).zip(cs) {
+                        let s = s * sign;
+                        let (a0, a1) = (*x0, *x1);
+                        *x0 = a0 * c - a1 * s;
+                        *x1 = a0 * s + a1 * c;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `rotate_heads` pair by pair with the layout chosen per pair: the
+    /// reference it must equal bit for bit.
+    pub fn rotate_heads_reference(&self, table: &[(f32, f32)], x: &mut [f32], shift: i64) {
+        let half = self.step.len();
+        let a = shift.unsigned_abs() as usize;
+        let cs = &table[a * half..(a + 1) * half];
+        let sign = if shift < 0 { -1.0 } else { 1.0 };
         for h in x.chunks_exact_mut(self.head_dim) {
             for (i, &(c, s)) in cs.iter().enumerate() {
                 let s = s * sign;
@@ -183,6 +217,72 @@ impl LlamaRope {
                 }
             }
         }
+    }
+}
+
+impl LlamaRope {
+    /// `to_halves` of an f16 row (converted to f32 first): what the scoring
+    /// modes read per key. On x86-64 with AVX2 + F16C, 16 dims per step
+    /// (convert, then split even/odd lanes); elsewhere, and for other
+    /// shapes, convert then `to_halves`. Both exact (f16 -> f32 is exact, the
+    /// permutation moves values), so the results are bit-identical.
+    pub fn to_halves_f16(&self, x: &[half::f16], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if self.layout == Layout::Interleaved
+                && self.head_dim.is_multiple_of(16)
+                && x.len() == self.head_dim
+                && out.len() == self.head_dim
+                && f16c_avx2()
+            {
+                // SAFETY: the CPU has AVX2 and F16C; lengths checked above.
+                unsafe { deinterleave_f16_avx2(x, out) };
+                return;
+            }
+        }
+        self.to_halves_f16_reference(x, out);
+    }
+
+    /// Convert, then permute: the reference for `to_halves_f16`.
+    pub fn to_halves_f16_reference(&self, x: &[half::f16], out: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        let mut raw = [0f32; 512];
+        let raw = &mut raw[..out.len()];
+        x.convert_to_f32_slice(raw);
+        self.to_halves(raw, out);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn f16c_avx2() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c"))
+}
+
+/// out[i] = x[2i], out[half + i] = x[2i + 1] over an f16 row whose length is
+/// a multiple of 16 (8 outputs per half and step).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn deinterleave_f16_avx2(x: &[half::f16], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    let half = n / 2;
+    let src = x.as_ptr() as *const u16;
+    let dst = out.as_mut_ptr();
+    let mut j = 0;
+    while j < n {
+        // x[j..j+16] -> a = x[j..j+8], b = x[j+8..j+16] as f32
+        let a = _mm256_cvtph_ps(_mm_loadu_si128(src.add(j) as *const __m128i));
+        let b = _mm256_cvtph_ps(_mm_loadu_si128(src.add(j + 8) as *const __m128i));
+        // per 128-bit lane: evens (a0 a2 b0 b2 | a4 a6 b4 b6), odds likewise
+        let ev = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+        let od = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+        // lanes 64-bit order 0, 2, 1, 3: (a0 a2 a4 a6 b0 b2 b4 b6)
+        let ev = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(ev)));
+        let od = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(od)));
+        _mm256_storeu_ps(dst.add(j / 2), ev);
+        _mm256_storeu_ps(dst.add(half + j / 2), od);
+        j += 16;
     }
 }
 
@@ -292,6 +392,84 @@ mod tests {
         // The core keeps f32 frequencies: ~1e-4 at position 1234.
         assert!(max_diff(&ah, &b) < 1e-3, "{}", max_diff(&ah, &b));
         assert!(r.core_compatible(1.0) && !r.core_compatible(0.5));
+    }
+
+    /// The AVX2/F16C read of an f16 key row in the halves layout equals
+    /// convert-then-permute bit for bit on fresh random rows (NaN, infinities
+    /// and subnormals included), for NORM and NEOX and several head sizes.
+    #[test]
+    fn to_halves_f16_equals_reference() {
+        use half::f16;
+        let mut rng = Rng::new(5);
+        for (rt, d) in [
+            (LLAMA_ROPE_TYPE_NORM, 64),
+            (LLAMA_ROPE_TYPE_NORM, 128),
+            (LLAMA_ROPE_TYPE_NORM, 32),
+            (LLAMA_ROPE_TYPE_NORM, 48),
+            (LLAMA_ROPE_TYPE_NORM, 40),
+            (LLAMA_ROPE_TYPE_NEOX, 64),
+        ] {
+            let r = LlamaRope::new(rt, d, d, 10000.0, 1.0).unwrap();
+            for trial in 0..200 {
+                let mut x: Vec<f16> = rng
+                    .normal_vec(d, 3.0)
+                    .iter()
+                    .map(|&v| f16::from_f32(v))
+                    .collect();
+                if trial == 0 {
+                    x[1] = f16::NAN;
+                    x[2] = f16::INFINITY;
+                    x[3] = f16::from_bits(1); // subnormal
+                }
+                let (mut a, mut b) = (vec![0f32; d], vec![0f32; d]);
+                r.to_halves_f16(&x, &mut a);
+                r.to_halves_f16_reference(&x, &mut b);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "type {rt} d {d}");
+                // The permutation is not the identity (NORM): a copy fails.
+                if rt == LLAMA_ROPE_TYPE_NORM && trial > 0 {
+                    let plain: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+                    assert_ne!(bits(&a), bits(&plain));
+                    assert_eq!(a[d / 2], x[1].to_f32());
+                }
+            }
+        }
+    }
+
+    /// `rotate_heads` (layout chosen outside the loops) equals the per-pair
+    /// reference bit for bit on fresh random heads and shifts of both signs,
+    /// NORM and NEOX, n_rot below head_dim included.
+    #[test]
+    fn rotate_heads_equals_reference() {
+        let mut rng = Rng::new(6);
+        for (rt, d, n_rot) in [
+            (LLAMA_ROPE_TYPE_NORM, 64, 64),
+            (LLAMA_ROPE_TYPE_NEOX, 64, 64),
+            (LLAMA_ROPE_TYPE_NORM, 128, 96),
+            (LLAMA_ROPE_TYPE_NEOX, 64, 32),
+        ] {
+            let r = LlamaRope::new(rt, d, n_rot, 100000.0, 1.0).unwrap();
+            r.reserve(20000);
+            let table = r.table();
+            for _ in 0..200 {
+                let shift = rng.below(39999) as i64 - 19999;
+                let x = rng.normal_vec(3 * d, 1.0);
+                let (mut a, mut b) = (x.clone(), x.clone());
+                r.rotate_heads(&table, &mut a, shift);
+                r.rotate_heads_reference(&table, &mut b, shift);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&a),
+                    bits(&b),
+                    "type {rt} d {d} n_rot {n_rot} shift {shift}"
+                );
+                if shift != 0 {
+                    let mut c = x.clone();
+                    r.rotate_heads_reference(&table, &mut c, -shift);
+                    assert_ne!(bits(&a), bits(&c), "sign of the shift not detected");
+                }
+            }
+        }
     }
 
     #[test]

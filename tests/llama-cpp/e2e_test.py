@@ -85,7 +85,9 @@ Needs the builds of scripts/llama-cpp-build.sh (both). Checks:
    covering budget, chunk_indexed scoring + streaming attention equal stock
    within f16 rounding (ranks equal positions); at a small budget on the
    longer prompt they run, logits finite, and differ from the same budget at
-   llama.cpp's positions (keys and queries were moved); the GPU route
+   llama.cpp's positions (keys and queries were moved); relative scoring
+   beyond the trained length (`model.max_position` = prompt / 4): the decode
+   fast paths equal the reference paths bit for bit; the GPU route
    (forced on the CPU) refuses them with an error naming the RoPE modes.
 Writes a JSON summary (--json) and exits non-zero on a failed check.
 """
@@ -597,6 +599,22 @@ def rope_modes(R, a, tmp, results, check, tol_rel):
     chk("rope modes, small budget: runs, finite, positions moved (differs from original positions)",
         c["finite"] and c["rel_rms_diff"] > 1e-3 and c["stats"].get("masked_streams", 1) == 0,
         {k: v for k, v in c.items() if k != "stats"})
+    # Relative scoring beyond the trained length (model.max_position below the prompt), s4-clip's stage shape:
+    # the decode fast paths (the step's shared rotation table, block-parallel stage scoring) give the logits of
+    # the reference paths (INFINITEHIP_RELATIVE_TABLE=off, INFINITEHIP_HIP_FLAT=off) bit for bit.
+    rel = hip_config(16, 128, [(4, 512, 8), (1, 128, 1)], rope=("relative", "streaming"))
+    rel["default"]["successors"] = 4
+    rel["model"] = {"max_position": a.small_prompt // 4}
+    lfast, _, _, log = R.gen("patched", "rope_rel_fast", a.small_prompt, a.small_gen, config=rel, force=ts_path)
+    lref, _, _, _ = R.gen("patched", "rope_rel_ref", a.small_prompt, a.small_gen, config=rel, force=ts_path,
+                          env_extra={"INFINITEHIP_RELATIVE_TABLE": "off", "INFINITEHIP_HIP_FLAT": "off"})
+    c = compare(lfast, lref)
+    c["bit_equal"] = bool(np.array_equal(lfast.view(np.uint32), lref.view(np.uint32)))
+    c["vs_original_positions"] = compare(lfast, lo)
+    results["rope_relative_fast_vs_reference"] = c
+    chk("relative scoring beyond the trained length: decode fast paths == reference paths, bit for bit",
+        c["finite"] and c["bit_equal"] and c["vs_original_positions"]["rel_rms_diff"] > 1e-3
+        and "plugin on" in log, c)
     # The GPU route hands attention to llama.cpp's kernels: it must refuse.
     cfg_path = os.path.join(tmp, "rope_gpu.json")
     with open(cfg_path, "w") as f:

@@ -98,7 +98,9 @@ impl Element for bf16 {
 
 /// Dot product of an f32 query with a stored row, accumulated in f32 with
 /// several independent partial sums so the compiler can vectorise it.
-#[inline]
+/// Always inlined, so `max_dot_f32`'s AVX2 copy vectorises it too (the
+/// same lanes and sum order at any vector width: the same bits).
+#[inline(always)]
 pub fn dot_f32<T: Element>(q: &[f32], k: &[T]) -> f32 {
     debug_assert_eq!(q.len(), k.len());
     let mut acc = [0f32; 8];

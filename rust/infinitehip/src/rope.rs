@@ -52,6 +52,151 @@ impl Rope {
     }
 }
 
+/// Relative scoring's key rotations for one decode step, as a table: row t
+/// holds, per pair i, the f32 (cos, sin) of `(t as f64 * factor) *
+/// inv_freq[i] as f64`, computed exactly as `Rope::rotate(k, t as f64 *
+/// factor)` computes them, so `rotate` gives bit-identical keys. The factor
+/// depends only on the query position (`relative_key_factor`), so one table
+/// serves every layer and KV head of a step: built once instead of
+/// `head_dim / 2` sin/cos pairs per scored key (`Rope::relative_table`).
+pub struct RelativeTable {
+    inv_freq: Vec<f32>,
+    factor: f64,
+    len: usize,
+    /// `[t][i]` cos, then sin, in separate planes.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// Tables larger than this (entries: tokens x head_dim / 2) are not built;
+/// scoring then rotates key by key (`Rope::rotate`), as before.
+pub const RELATIVE_TABLE_MAX_ENTRIES: usize = 1 << 23;
+
+/// The last few tables (one per step in flight: sequences at different
+/// positions each have theirs).
+static RELATIVE_TABLES: std::sync::Mutex<Vec<std::sync::Arc<RelativeTable>>> =
+    std::sync::Mutex::new(Vec::new());
+const RELATIVE_TABLES_KEPT: usize = 4;
+
+impl RelativeTable {
+    /// Tokens covered (rows `0..len`).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn factor(&self) -> f64 {
+        self.factor
+    }
+
+    /// `Rope::rotate(x, t as f64 * factor)`, bit for bit, for `t < len`.
+    #[inline]
+    pub fn rotate(&self, x: &mut [f32], t: usize) {
+        let half = self.inv_freq.len();
+        debug_assert_eq!(x.len(), 2 * half);
+        let (c, s) = (
+            &self.cos[t * half..(t + 1) * half],
+            &self.sin[t * half..(t + 1) * half],
+        );
+        let (lo, hi) = x.split_at_mut(half);
+        for i in 0..half {
+            let (x0, x1) = (lo[i], hi[i]);
+            lo[i] = x0 * c[i] - x1 * s[i];
+            hi[i] = x1 * c[i] + x0 * s[i];
+        }
+    }
+
+    /// `recycle`: an old table's planes to fill (saves the page faults of
+    /// fresh 2 x len x head_dim / 2 floats every step).
+    fn build(inv_freq: &[f32], factor: f64, len: usize, recycle: Option<Self>) -> Self {
+        let half = inv_freq.len();
+        const ROWS: usize = 1024;
+        let (mut cos, mut sin) = match recycle {
+            Some(t) => (t.cos, t.sin),
+            None => (Vec::new(), Vec::new()),
+        };
+        cos.resize(len * half, 0.0);
+        sin.resize(len * half, 0.0);
+        // Blocks of rows filled in parallel, each into its own slices.
+        let blocks: Vec<std::sync::Mutex<(&mut [f32], &mut [f32])>> = cos
+            .chunks_mut(ROWS * half)
+            .zip(sin.chunks_mut(ROWS * half))
+            .map(std::sync::Mutex::new)
+            .collect();
+        crate::parallel::par_for(blocks.len(), |b| {
+            let mut g = blocks[b].lock().unwrap_or_else(|e| e.into_inner());
+            let (c, s) = &mut *g;
+            for (r, (cr, sr)) in c
+                .chunks_exact_mut(half)
+                .zip(s.chunks_exact_mut(half))
+                .enumerate()
+            {
+                // The same expressions as `Rope::rotate(k, t as f64 * factor)`.
+                let pos = (b * ROWS + r) as f64 * factor;
+                for ((cv, sv), &w) in cr.iter_mut().zip(sr.iter_mut()).zip(inv_freq) {
+                    let a = pos * w as f64;
+                    *sv = a.sin() as f32;
+                    *cv = a.cos() as f32;
+                }
+            }
+        });
+        drop(blocks);
+        RelativeTable {
+            inv_freq: inv_freq.to_vec(),
+            factor,
+            len,
+            cos,
+            sin,
+        }
+    }
+}
+
+impl Rope {
+    /// The relative-scoring table for `factor` covering tokens `0..len`,
+    /// shared (process-wide) by every `Rope` with the same frequencies: the
+    /// first caller of a step builds it, the other layers reuse it. None
+    /// when it would exceed `RELATIVE_TABLE_MAX_ENTRIES`.
+    pub fn relative_table(&self, factor: f64, len: usize) -> Option<std::sync::Arc<RelativeTable>> {
+        if len.saturating_mul(self.inv_freq.len()) > RELATIVE_TABLE_MAX_ENTRIES {
+            return None;
+        }
+        let hit = |cache: &mut Vec<std::sync::Arc<RelativeTable>>| {
+            let i = cache.iter().position(|t| {
+                t.factor.to_bits() == factor.to_bits()
+                    && t.len >= len
+                    && t.inv_freq == self.inv_freq
+            })?;
+            let t = cache.remove(i);
+            cache.push(t.clone());
+            Some(t)
+        };
+        let lock = || RELATIVE_TABLES.lock().unwrap_or_else(|e| e.into_inner());
+        // Built outside the lock (the build runs on the worker threads).
+        let recycle = {
+            let mut cache = lock();
+            if let Some(t) = hit(&mut cache) {
+                return Some(t);
+            }
+            (cache.len() >= RELATIVE_TABLES_KEPT)
+                .then(|| std::sync::Arc::try_unwrap(cache.remove(0)).ok())
+                .flatten()
+        };
+        let t = std::sync::Arc::new(RelativeTable::build(&self.inv_freq, factor, len, recycle));
+        let mut cache = lock();
+        if let Some(other) = hit(&mut cache) {
+            return Some(other);
+        }
+        if cache.len() >= RELATIVE_TABLES_KEPT {
+            cache.remove(0);
+        }
+        cache.push(t.clone());
+        Some(t)
+    }
+}
+
 /// Position a key at original position `t` takes in chunk-indexed scoring:
 /// its chunk's index, so a whole chunk shares one position.
 pub fn chunk_indexed_position(t: usize, chunk_size: usize) -> usize {
@@ -131,6 +276,52 @@ mod tests {
         assert!(err < 1e-3, "{err}");
         // Norm preserved.
         assert!((dot(&a, &a) - dot(&k0, &k0)).abs() < 1e-2);
+    }
+
+    /// The table path of relative scoring equals `Rope::rotate` bit for bit
+    /// on fresh random keys, for factors of both signs and every row; a
+    /// table of another step (factor) or a row off by one differs.
+    #[test]
+    fn relative_table_is_rotate_bit_for_bit() {
+        let mut rng = Rng::new(11);
+        for (d, theta) in [(64usize, 100000.0f32), (128, 10000.0), (32, 500000.0)] {
+            let rope = Rope::new(d, theta);
+            for &(q_pos, max_pos) in &[(16384usize, 8192usize), (8193, 8192), (70001, 4096)] {
+                let factor = relative_key_factor(q_pos, max_pos).unwrap();
+                let len = q_pos - 1000;
+                let tab = rope.relative_table(factor, len).unwrap();
+                assert!(tab.len() >= len);
+                // Cached: the same Arc for the same step (every layer).
+                assert!(std::sync::Arc::ptr_eq(
+                    &tab,
+                    &rope.relative_table(factor, len - 7).unwrap()
+                ));
+                let mut ts: Vec<usize> = (0..300).map(|_| rng.below(len)).collect();
+                ts.extend([0, 1, len - 1]);
+                for t in ts {
+                    let k = rng.normal_vec(d, 1.0);
+                    let (mut a, mut b) = (k.clone(), k.clone());
+                    rope.rotate(&mut a, t as f64 * factor);
+                    tab.rotate(&mut b, t);
+                    assert!(a.iter().all(|x| x.is_finite()));
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&a), bits(&b), "d {d} q_pos {q_pos} t {t}");
+                    if t > 100 {
+                        let mut off = k.clone();
+                        tab.rotate(&mut off, t - 1);
+                        assert_ne!(bits(&a), bits(&off), "row off by one not detected");
+                    }
+                }
+                // Another step's factor: a different table.
+                let other = relative_key_factor(q_pos + 1, max_pos).unwrap();
+                let tab2 = rope.relative_table(other, len).unwrap();
+                assert!(!std::sync::Arc::ptr_eq(&tab, &tab2));
+                assert_eq!(tab2.factor().to_bits(), other.to_bits());
+            }
+        }
+        assert!(Rope::new(64, 1e4)
+            .relative_table(-0.5, RELATIVE_TABLE_MAX_ENTRIES)
+            .is_none());
     }
 
     #[test]

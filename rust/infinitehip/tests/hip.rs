@@ -368,3 +368,109 @@ fn token_level_stage_is_exact_group_max_top_k() {
         }
     }
 }
+
+/// Relative scoring in decode through the step's shared rotation table
+/// (`rope::RelativeTable`) and the flat block-parallel stage scoring
+/// (`stages_flat`), the defaults, select exactly what the reference path
+/// (per-key rotation, one parallel item per list) selects, step by step
+/// beyond the trained length, on fresh random keys and queries: s4-clip's
+/// shape (chunks of 4 refreshed every 8 steps, then single tokens every
+/// step, successors), head_dim 64 and 32, several layers sharing one table
+/// per step; each fast path alone too.
+#[test]
+fn relative_table_decode_equals_per_key_rotation() {
+    use infinitehip::config::RopeMode;
+    for (d, hkv, hq, seed) in [(64usize, 3usize, 9usize, 31u64), (32, 2, 4, 32)] {
+        let shape = AttnShape::new(hq, hkv, d).unwrap();
+        let max_position = 512;
+        // Over 512 chunks per stage and list: several `stages_flat` blocks.
+        let (len0, steps) = (3000, 20);
+        let cfg = HipConfig {
+            sink: 16,
+            window: 64,
+            stages: vec![
+                HipStage {
+                    chunk_size: 4,
+                    keep_tokens: 1024,
+                    refresh_interval: 8,
+                },
+                HipStage {
+                    chunk_size: 1,
+                    keep_tokens: 256,
+                    refresh_interval: 1,
+                },
+            ],
+            successors: 4,
+            block_size_q: 16,
+            q_stride: 2,
+            ..HipConfig::default()
+        };
+        let mut cfg = cfg;
+        cfg.rope.scoring = RopeMode::Relative;
+        cfg.rope.attention = RopeMode::Streaming;
+        let m = infinitehip::config::ModelShape {
+            head_dim: d,
+            rope_theta: 100000.0,
+            max_position,
+            ..Default::default()
+        };
+        let layers = 3;
+        let mut fast: Vec<HipPolicy> = (0..layers)
+            .map(|_| HipPolicy::new(cfg.clone(), &m).unwrap())
+            .collect();
+        // The reference: key-by-key rotation, one parallel item per list.
+        let mut slow: Vec<HipPolicy> = (0..layers)
+            .map(|_| {
+                let mut p = HipPolicy::new(cfg.clone(), &m).unwrap();
+                p.set_relative_table(false);
+                p.set_flat_decode(false);
+                p
+            })
+            .collect();
+        // Each fast path alone.
+        let mut table_only: Vec<HipPolicy> = (0..layers)
+            .map(|_| {
+                let mut p = HipPolicy::new(cfg.clone(), &m).unwrap();
+                p.set_flat_decode(false);
+                p
+            })
+            .collect();
+        let mut flat_only: Vec<HipPolicy> = (0..layers)
+            .map(|_| {
+                let mut p = HipPolicy::new(cfg.clone(), &m).unwrap();
+                p.set_relative_table(false);
+                p
+            })
+            .collect();
+        let mut rng = Rng::new(seed);
+        let kmax = (len0 + steps) * hkv * d;
+        let keys: Vec<Vec<f32>> = (0..layers).map(|_| rng.normal_vec(kmax, 1.0)).collect();
+        let mut differ_from_original = 0;
+        for step in 0..steps {
+            let len = len0 + step;
+            for l in 0..layers {
+                let k = &keys[l][..len * hkv * d];
+                let view = infinitehip::kv::SeqView::from_contiguous(hkv, d, len, k, k);
+                let q = rng.normal_vec(hq * d, 1.0);
+                let r = req(shape, Phase::Decode, &q, len - 1, &view);
+                let a = fast[l].select(&r).unwrap();
+                let b = slow[l].select(&r).unwrap();
+                assert_eq!(a, b, "d {d} step {step} layer {l}");
+                assert_eq!(table_only[l].select(&r).unwrap(), b, "table, step {step}");
+                assert_eq!(flat_only[l].select(&r).unwrap(), b, "flat, step {step}");
+                for h in 0..hkv {
+                    assert!(a.blocks[0].token_count(h) >= 16 + 64 + 256, "step {step}");
+                }
+                // The rotation matters here: original scoring selects otherwise.
+                let mut o = cfg.clone();
+                o.rope.scoring = RopeMode::Original;
+                let orig = HipPolicy::new(o, &m).unwrap().select(&r).unwrap();
+                differ_from_original += usize::from(orig != a);
+            }
+        }
+        assert!(
+            differ_from_original > steps,
+            "relative scoring had no effect: {differ_from_original}"
+        );
+    }
+}

@@ -32,7 +32,7 @@ use crate::dtype::max_dot_f32;
 use crate::error::{Error, Result};
 use crate::kv::KvRead;
 use crate::parallel::par_map;
-use crate::rope::Rope;
+use crate::rope::{RelativeTable, Rope};
 
 /// Scores keys against one query group (the queries of one KV head's group,
 /// possibly several positions), optionally re-rotated for chunk-indexed RoPE.
@@ -55,19 +55,32 @@ enum ScoreRope<'a> {
     /// length): rotated by t * factor, factor = scale - 1
     /// (`rope::relative_key_factor`).
     Relative(&'a Rope, f64),
+    /// `Relative` through the step's shared table (decode): the same
+    /// rotations bit for bit (`rope::RelativeTable`), no sin/cos per key.
+    RelativeTable(&'a RelativeTable),
 }
 
 impl Scorer<'_> {
     #[inline]
     fn score(&self, t: usize) -> f32 {
-        let mut k = [0f32; 512];
-        let k = &mut k[..self.d];
+        // A buffer just large enough: zeroing 2 KB per scored key showed in
+        // the profile of token-level stages.
+        if self.d <= 128 {
+            self.score_in(t, &mut [0f32; 128][..self.d])
+        } else {
+            self.score_in(t, &mut [0f32; 512][..self.d])
+        }
+    }
+
+    #[inline(always)]
+    fn score_in(&self, t: usize, k: &mut [f32]) -> f32 {
         self.kv.read_key(self.head, t, k);
         // Stored keys are rotated at t; move them to their scoring position.
         match self.rope {
             ScoreRope::Original => {}
             ScoreRope::ChunkIndexed(rope, chunk) => rope.rotate(k, (t / chunk) as f64 - t as f64),
             ScoreRope::Relative(rope, factor) => rope.rotate(k, t as f64 * factor),
+            ScoreRope::RelativeTable(table) => table.rotate(k, t),
         }
         max_dot_f32(&self.qs, k)
     }
@@ -109,6 +122,18 @@ impl Scorer<'_> {
         for (g0, group) in chunks.chunks(SEARCH_GROUP).enumerate() {
             let mut lr: Vec<(usize, usize)> = group.iter().map(|c| (c.start, c.end)).collect();
             let best = &mut out[g0 * SEARCH_GROUP..g0 * SEARCH_GROUP + group.len()];
+            // Single-token chunks (token-level stages) are scored straight
+            // away: their key rows are prefetched one group ahead.
+            if g0 == 0 {
+                for c in group.iter().filter(|c| c.len() == 1) {
+                    self.kv.prefetch_key(self.head, c.start);
+                }
+            }
+            let next = &chunks[((g0 + 1) * SEARCH_GROUP).min(chunks.len())
+                ..((g0 + 2) * SEARCH_GROUP).min(chunks.len())];
+            for c in next.iter().filter(|c| c.len() == 1) {
+                self.kv.prefetch_key(self.head, c.start);
+            }
             for (i, &(l, r)) in lr.iter().enumerate() {
                 if r - l == 1 {
                     best[i] = self.score(l);
@@ -162,15 +187,7 @@ pub(super) fn run_stage_with(
     score: impl FnOnce(&[Range<usize>]) -> Vec<f32>,
 ) -> Vec<Range<usize>> {
     let c = stage.chunk_size;
-    let mut chunks: Vec<Range<usize>> = Vec::new();
-    for r in cands {
-        let mut s = r.start;
-        while s < r.end {
-            let e = r.end.min(s + c);
-            chunks.push(s..e);
-            s = e;
-        }
-    }
+    let chunks = stage_chunks(cands, c);
     let n_keep = stage.keep_tokens / c;
     if chunks.len() <= n_keep {
         return cands.to_vec();
@@ -192,6 +209,28 @@ pub(super) fn run_stage_with(
     super::normalize(&mut out);
     out
 }
+
+/// Sorted candidate ranges cut into chunks of `c` tokens (a range's last
+/// chunk may be shorter): what a stage scores.
+fn stage_chunks(cands: &[Range<usize>], c: usize) -> Vec<Range<usize>> {
+    let mut chunks: Vec<Range<usize>> = Vec::new();
+    for r in cands {
+        let mut s = r.start;
+        while s < r.end {
+            let e = r.end.min(s + c);
+            chunks.push(s..e);
+            s = e;
+        }
+    }
+    chunks
+}
+
+/// Per list, the last stage's previous output, and the successors' range
+/// (`stages_flat`).
+type PrevLists<'a> = Option<(&'a [Vec<Range<usize>>], &'a Range<usize>)>;
+
+/// Chunks per work item of `stages_flat`'s scoring.
+const FLAT_BLOCK: usize = 512;
 
 /// `cands` plus the `n` successors of every token of `prev` (a range a..b
 /// adds a+1..b+n), clipped to `middle`: the last stage's candidates with
@@ -245,6 +284,14 @@ pub struct HipPolicy {
     states: HashMap<u64, DecodeState>,
     /// The last decode step ran a stage (profiling: `last_decode_refreshed`).
     last_refreshed: bool,
+    /// Relative scoring in decode through the step's shared rotation table
+    /// (default); off: `Rope::rotate` per scored key, the reference path
+    /// (`INFINITEHIP_RELATIVE_TABLE=off`, or `set_relative_table`).
+    relative_table: bool,
+    /// Decode refreshes score every list's chunks as one parallel loop of
+    /// blocks (`stages_flat`, default); off: one parallel item per list
+    /// (`stages_from`, the reference path; `INFINITEHIP_HIP_FLAT=off`).
+    flat_decode: bool,
 }
 
 impl HipPolicy {
@@ -283,6 +330,9 @@ impl HipPolicy {
             max_position: model.max_position,
             states: HashMap::new(),
             last_refreshed: false,
+            relative_table: std::env::var("INFINITEHIP_RELATIVE_TABLE")
+                .map_or(true, |v| v != "off"),
+            flat_decode: std::env::var("INFINITEHIP_HIP_FLAT").map_or(true, |v| v != "off"),
         })
     }
 
@@ -295,6 +345,30 @@ impl HipPolicy {
 
     pub fn config(&self) -> &HipConfig {
         &self.cfg
+    }
+
+    /// Relative scoring in decode through the shared rotation table (on by
+    /// default) or key by key (the reference path): the same selections.
+    #[doc(hidden)]
+    pub fn set_relative_table(&mut self, on: bool) {
+        self.relative_table = on;
+    }
+
+    /// Decode refreshes through `stages_flat` (on by default) or one
+    /// parallel item per list (the reference path): the same selections.
+    #[doc(hidden)]
+    pub fn set_flat_decode(&mut self, on: bool) {
+        self.flat_decode = on;
+    }
+
+    /// The step's relative-scoring table (decode at `q_pos` beyond the
+    /// trained length, keys below `len`), when that path is on.
+    fn decode_table(&self, q_pos: usize, len: usize) -> Option<std::sync::Arc<RelativeTable>> {
+        if !self.relative_table || self.cfg.rope.scoring != RopeMode::Relative {
+            return None;
+        }
+        let factor = crate::rope::relative_key_factor(q_pos, self.max_position)?;
+        self.rope.as_ref()?.relative_table(factor, len)
     }
 
     /// Gather the scoring queries of KV head `h` from queries `q_lo..q_hi`
@@ -318,6 +392,7 @@ impl HipPolicy {
         out
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn scorer<'a>(
         &'a self,
         kv: &'a dyn KvRead,
@@ -327,6 +402,7 @@ impl HipPolicy {
         stage: &HipStage,
         middle_end: usize,
         q_pos: usize,
+        table: Option<&'a RelativeTable>,
     ) -> Scorer<'a> {
         // The query's shift and the keys' rule: `rope::score_query_shift`
         // (shared with the GPU decoder, backend/cuda/rope_gpu.rs).
@@ -346,11 +422,19 @@ impl HipPolicy {
                     // As the authors' scan kernel does beyond the trained
                     // length: the query sits at the last trained position
                     // and key positions shrink proportionally.
-                    _ => ScoreRope::Relative(
-                        r,
-                        crate::rope::relative_key_factor(q_pos, self.max_position)
-                            .expect("relative shift implies the factor"),
-                    ),
+                    _ => {
+                        let factor = crate::rope::relative_key_factor(q_pos, self.max_position)
+                            .expect("relative shift implies the factor");
+                        match table {
+                            Some(t)
+                                if t.factor().to_bits() == factor.to_bits()
+                                    && t.len() >= middle_end =>
+                            {
+                                ScoreRope::RelativeTable(t)
+                            }
+                            _ => ScoreRope::Relative(r, factor),
+                        }
+                    }
                 }
             }
             _ => ScoreRope::Original,
@@ -380,6 +464,7 @@ impl HipPolicy {
         from: usize,
         cands: Vec<Range<usize>>,
         prev_last: Option<(&[Range<usize>], &Range<usize>)>,
+        table: Option<&RelativeTable>,
         mut keep: impl FnMut(usize, &[Range<usize>]),
     ) -> Vec<Range<usize>> {
         let d = req.shape.head_dim;
@@ -391,11 +476,77 @@ impl HipPolicy {
                     cur = with_successors(cur, prev, self.cfg.successors, succ_range);
                 }
             }
-            let sc = self.scorer(req.kv, head, qs.to_vec(), d, st, middle.end, q_pos);
+            let sc = self.scorer(req.kv, head, qs.to_vec(), d, st, middle.end, q_pos, table);
             cur = run_stage(&sc, &cur, st);
             keep(i, &cur);
         }
         cur
+    }
+
+    /// `stages_from` for every list at once: per stage, the chunks of all
+    /// lists are scored as one parallel loop over blocks of `FLAT_BLOCK`
+    /// chunks (a decode step has only a few lists, e.g. 3 KV heads on 2
+    /// threads), then each list keeps its best as `run_stage` does. A
+    /// chunk's score does not depend on the blocking, so the selections are
+    /// those of `stages_from`, bit for bit. `lists[u]`: (KV head, scoring
+    /// queries); `cur[u]`: its candidates; `prev_last[u]`: its last stage's
+    /// previous output (successors). Returns per list the output of every
+    /// stage that ran.
+    #[allow(clippy::too_many_arguments)]
+    fn stages_flat(
+        &self,
+        req: &SelectRequest<'_>,
+        lists: &[(usize, Vec<f32>)],
+        q_pos: usize,
+        middle: &Range<usize>,
+        from: usize,
+        mut cur: Vec<Vec<Range<usize>>>,
+        prev_last: PrevLists<'_>,
+        table: Option<&RelativeTable>,
+    ) -> Vec<Vec<Vec<Range<usize>>>> {
+        let d = req.shape.head_dim;
+        let last = self.cfg.stages.len() - 1;
+        let mut fresh: Vec<Vec<Vec<Range<usize>>>> = vec![Vec::new(); lists.len()];
+        for (i, st) in self.cfg.stages.iter().enumerate().skip(from) {
+            if i == last {
+                if let Some((prev, succ_range)) = prev_last {
+                    for (c, p) in cur.iter_mut().zip(prev) {
+                        *c = with_successors(std::mem::take(c), p, self.cfg.successors, succ_range);
+                    }
+                }
+            }
+            let scorers: Vec<Scorer<'_>> = lists
+                .iter()
+                .map(|(h, qs)| self.scorer(req.kv, *h, qs.clone(), d, st, middle.end, q_pos, table))
+                .collect();
+            let chunks: Vec<Vec<Range<usize>>> =
+                cur.iter().map(|c| stage_chunks(c, st.chunk_size)).collect();
+            let n_keep = st.keep_tokens / st.chunk_size;
+            let items: Vec<(usize, usize)> = chunks
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.len() > n_keep)
+                .flat_map(|(u, c)| (0..c.len().div_ceil(FLAT_BLOCK)).map(move |b| (u, b)))
+                .collect();
+            let scored = par_map(items.len(), |j| {
+                let (u, b) = items[j];
+                let c = &chunks[u];
+                scorers[u].chunk_scores(&c[b * FLAT_BLOCK..((b + 1) * FLAT_BLOCK).min(c.len())])
+            });
+            let mut scores: Vec<Vec<f32>> = vec![Vec::new(); lists.len()];
+            for (&(u, _), sc) in items.iter().zip(scored) {
+                scores[u].extend(sc);
+            }
+            for (u, c) in cur.iter_mut().enumerate() {
+                let su = std::mem::take(&mut scores[u]);
+                *c = run_stage_with(c, st, |ch| {
+                    debug_assert_eq!(ch.len(), su.len());
+                    su
+                });
+                fresh[u].push(c.clone());
+            }
+        }
+        fresh
     }
 
     fn assemble(
@@ -448,6 +599,7 @@ impl HipPolicy {
                     0,
                     vec![mid.clone()],
                     None,
+                    None,
                     |_, _| {},
                 )
             };
@@ -499,6 +651,13 @@ impl HipPolicy {
         let slid = st.mid_end.max(mid.start)..mid.end;
         // Successors stay inside stage 1's middle (`slid` is attended anyway).
         let succ_range = mid.start..st.mid_end.clamp(mid.start, mid.end);
+        // Relative scoring's key rotations for this step, shared by every
+        // layer (built by the first one to ask).
+        let table = if from < n_stages && !mid.is_empty() {
+            self.decode_table(pos, mid.end)
+        } else {
+            None
+        };
         let per_head = |u: usize| {
             let mut fresh: Vec<Vec<Range<usize>>> = Vec::new();
             let mut kept = if mid.is_empty() {
@@ -518,9 +677,18 @@ impl HipPolicy {
                 };
                 let prev_last = (self.cfg.successors > 0 && !st.stages.is_empty())
                     .then(|| (&st.stages[n_stages - 1][u][..], &succ_range));
-                self.stages_from(req, h, &qs, pos, &mid, from, cands, prev_last, |_, r| {
-                    fresh.push(r.to_vec())
-                })
+                self.stages_from(
+                    req,
+                    h,
+                    &qs,
+                    pos,
+                    &mid,
+                    from,
+                    cands,
+                    prev_last,
+                    table.as_deref(),
+                    |_, r| fresh.push(r.to_vec()),
+                )
             };
             if !slid.is_empty() {
                 kept.push(slid.clone());
@@ -531,6 +699,48 @@ impl HipPolicy {
         // threads for it would cost more than the work.
         let results: Vec<_> = if from == n_stages {
             (0..lists).map(per_head).collect()
+        } else if self.flat_decode && !mid.is_empty() {
+            let heads: Vec<(usize, Vec<f32>)> = (0..lists)
+                .map(|u| {
+                    if per_q {
+                        (u / g, req.queries[u * d..(u + 1) * d].to_vec())
+                    } else {
+                        (u, Self::group_queries(req, u, 0, 1, 1))
+                    }
+                })
+                .collect();
+            let cands: Vec<Vec<Range<usize>>> = (0..lists)
+                .map(|u| {
+                    if from == 0 {
+                        vec![mid.clone()]
+                    } else {
+                        st.stages[from - 1][u].clone()
+                    }
+                })
+                .collect();
+            let prev: Option<&[Vec<Range<usize>>]> = (self.cfg.successors > 0
+                && !st.stages.is_empty())
+            .then(|| &st.stages[n_stages - 1][..]);
+            let fresh = self.stages_flat(
+                req,
+                &heads,
+                pos,
+                &mid,
+                from,
+                cands,
+                prev.map(|p| (p, &succ_range)),
+                table.as_deref(),
+            );
+            fresh
+                .into_iter()
+                .map(|f| {
+                    let mut kept = f.last().cloned().unwrap_or_default();
+                    if !slid.is_empty() {
+                        kept.push(slid.clone());
+                    }
+                    (Self::assemble(&sink, kept, &win), f)
+                })
+                .collect()
         } else {
             par_map(lists, per_head)
         };
