@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
 BIN=${BIN:-gpu-bin/infinitehip}
 export PYTHONUNBUFFERED=1 INFINITEHIP_CACHE=/tmp/ihip-cache
-mkdir -p "$INFINITEHIP_CACHE"; cp gpu-bin/ptx/*.ptx "$INFINITEHIP_CACHE/" 2>/dev/null
+mkdir -p "$INFINITEHIP_CACHE"; [ -f gpu-bin/ptx.tar.xz ] && tar xJf gpu-bin/ptx.tar.xz -C "$INFINITEHIP_CACHE" --strip-components=1
+cp gpu-bin/ptx/*.ptx "$INFINITEHIP_CACHE/" 2>/dev/null
 # libnvrtc: the CUDA toolkit's, else the pip wheel's.
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
          $(python3 -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))' 2>/dev/null); do

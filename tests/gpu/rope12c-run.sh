@@ -16,7 +16,8 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 cd "$(dirname "$0")/../.."
 BIN=gpu-bin/infinitehip
 export PYTHONUNBUFFERED=1 INFINITEHIP_CACHE=/tmp/ihip-cache INFINITEHIP_LAZY_MODULES=all
-mkdir -p "$INFINITEHIP_CACHE"; cp gpu-bin/ptx/*.ptx "$INFINITEHIP_CACHE/" 2>/dev/null
+mkdir -p "$INFINITEHIP_CACHE"; [ -f gpu-bin/ptx.tar.xz ] && tar xJf gpu-bin/ptx.tar.xz -C "$INFINITEHIP_CACHE" --strip-components=1
+cp gpu-bin/ptx/*.ptx "$INFINITEHIP_CACHE/" 2>/dev/null
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
          $(python3 -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))' 2>/dev/null); do
   [ -e "$d/libnvrtc.so.13" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}" && break
