@@ -385,11 +385,16 @@ pub(crate) fn rope_case<T: Element>(
         // A dropped token must miss the bound; with a covering budget the
         // output must equal the CPU's dense streaming attention too.
         ok &= drop_err > STORED_KV_BOUND;
+        // Against the CPU kernel the bound is ours plus that kernel's own
+        // measured error vs the exact reference (it rotates in f32 and is
+        // tested to 1e-4 vs f64): 1.7e-5 apart at max_position 1024 on the
+        // H200 while 2.6e-6 from exact. The tight check is `exact`.
+        let dense_bound = STORED_KV_BOUND + cpu_exact;
         if covering {
-            ok &= dense_diff <= STORED_KV_BOUND && exact <= STORED_KV_BOUND;
+            ok &= dense_diff <= dense_bound && exact <= STORED_KV_BOUND;
         }
         let dense = if covering {
-            format!("; vs CPU dense streaming {dense_diff:.2e}")
+            format!("; vs CPU dense streaming {dense_diff:.2e} (bound {dense_bound:.2e})")
         } else {
             String::new()
         };
