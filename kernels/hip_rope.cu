@@ -217,3 +217,111 @@ GATHER_INST(Bf16, 0, bf16, 256)
 GATHER_INST(F16, 1, f16, 64)
 GATHER_INST(F16, 1, f16, 128)
 GATHER_INST(F16, 1, f16, 256)
+
+// ---------------------------------------------------------------------------
+// Streaming attention of the hip sparse PREFILL (HipGpuPrefill, issue 12),
+// as attention/cpu.rs prefill_with runs it: query j of a query block, KV
+// head h, sees the tokens of its block's selection row r = block * hkv + h
+// at positions <= p_j, renumbered 0..n_j - 1 in order, and sits at n_j - 1.
+// The selection rows are ascending and disjoint (hip_assemble: sink, chunks,
+// slid, window; cum = tokens before each range), so the tokens a query sees
+// are a prefix of its row: a key's streaming position is its rank in the
+// row whatever the query. Hence two passes and the unchanged attention:
+// - hip_pf_stream_gather_<dt>_d<D>: row r's token of rank i (position p)
+//   written at compact slot (r * P + i), its key rotated by i - p (to its
+//   rank; rounded to the cache dtype), V copied;
+// - hip_pf_stream_q: query j's q head rotated by (n_j - 1) - p_j into
+//   qout[h][j][g][D] (f32), with qpos2[h][j] = n_j - 1 (the causal clip in
+//   compact slots) and qseq2[h][j] = r (its compact page);
+// then per KV head the prefill attention over the compact buffer (one page
+// of P slots per row), rows [h][j], the selection of every block [0, P)
+// clipped at qpos2 (rust: HipGpuPrefill::attend_streaming).
+
+// Grid: (ceil(P * D / 2 / 128), rows); block 128: one thread per (slot,
+// rotation pair). The prefill's K/V is page-table row `table_row`.
+template <typename E, int IS_F16, int D>
+__device__ void pf_stream_gather(const u16* __restrict__ kp, const u16* __restrict__ vp,
+                                 const int* __restrict__ table, int table_stride, int table_row, int ps, int hkv,
+                                 long long pst, long long hst, const int2* __restrict__ ranges,
+                                 const int* __restrict__ cum, const int* __restrict__ cnt,
+                                 const int* __restrict__ tot, int cap, const float* __restrict__ inv_freq, int P,
+                                 u16* __restrict__ k2, u16* __restrict__ v2) {
+    const int r = blockIdx.y;
+    const int h = r % hkv;
+    const int n = min(tot[r], P);
+    constexpr int HALF = D / 2;
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int i = (int)(idx / HALF), e = (int)(idx % HALF);
+    if (i >= n) return;
+    // The range holding rank i: the last k with cum[k] <= i.
+    const int* cm = cum + (long long)r * cap;
+    int lo = 0, hi = cnt[r] - 1;
+    while (lo < hi) {
+        const int m = (lo + hi + 1) / 2;
+        if (cm[m] <= i) lo = m; else hi = m - 1;
+    }
+    const int p = ranges[(long long)r * cap + lo].x + (i - cm[lo]);
+    const double pos = (double)(i - p);
+    const int* trow = table + (long long)table_row * table_stride;
+    const long long src = kv_row(trow, p, h, ps, D, pst, hst);
+    float x0 = E::to_f32(kp[src + e]), x1 = E::to_f32(kp[src + e + HALF]);
+    rope_rot(x0, x1, pos, inv_freq[e]);
+    const long long dst = ((long long)r * P + i) * D;
+    k2[dst + e] = to_elem<IS_F16>(x0);
+    k2[dst + e + HALF] = to_elem<IS_F16>(x1);
+    v2[dst + e] = vp[src + e];
+    v2[dst + e + HALF] = vp[src + e + HALF];
+}
+
+#define PF_GATHER_INST(E, IS_F16, TN, D)                                                                       \
+    extern "C" __global__ void __launch_bounds__(128) hip_pf_stream_gather_##TN##_d##D(                       \
+        const u16* kp, const u16* vp, const int* table, int table_stride, int table_row, int ps, int hkv,       \
+        long long pst, long long hst, const int2* ranges, const int* cum, const int* cnt, const int* tot,      \
+        int cap, const float* inv_freq, int P, u16* k2, u16* v2) {                                             \
+        pf_stream_gather<E, IS_F16, D>(kp, vp, table, table_stride, table_row, ps, hkv, pst, hst, ranges, cum, \
+                                       cnt, tot, cap, inv_freq, P, k2, v2);                                     \
+    }
+PF_GATHER_INST(Bf16, 0, bf16, 64)
+PF_GATHER_INST(Bf16, 0, bf16, 128)
+PF_GATHER_INST(Bf16, 0, bf16, 256)
+PF_GATHER_INST(F16, 1, f16, 64)
+PF_GATHER_INST(F16, 1, f16, 128)
+PF_GATHER_INST(F16, 1, f16, 256)
+
+// Grid: n * hkv * G rows (query j, q head hq = h * G + g); block: any. q is
+// the chunk's [n][hkv * G][D] f32 queries (as stored, at q_start + j).
+extern "C" __global__ void hip_pf_stream_q(const float* __restrict__ q, int n, int q_start, int q_block, int hkv,
+                                           int G, int D, const int2* __restrict__ ranges,
+                                           const int* __restrict__ cnt, int cap,
+                                           const float* __restrict__ inv_freq, float* __restrict__ qout,
+                                           int* __restrict__ qpos2, int* __restrict__ qseq2) {
+    const int row = blockIdx.x;
+    const int nqh = hkv * G;
+    const int j = row / nqh, hq = row % nqh;
+    const int h = hq / G, gi = hq % G;
+    const int r = (j / q_block) * hkv + h;
+    const int pos = q_start + j;
+    // Tokens of row r at positions <= pos (every thread counts them).
+    int nv = 0;
+    const int nc = cnt[r];
+    for (int k = 0; k < nc; k++) {
+        const int2 rg = ranges[(long long)r * cap + k];
+        const int e = min(rg.y, pos + 1);
+        if (e > rg.x) nv += e - rg.x;
+    }
+    const double s = (double)((long long)(nv - 1) - (long long)pos);
+    const float* x = q + (long long)row * D;
+    float* y = qout + (((long long)h * n + j) * G + gi) * D;
+    const int half = D / 2;
+#pragma unroll 1
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float x0 = x[i], x1 = x[i + half];
+        rope_rot(x0, x1, s, inv_freq[i]);
+        y[i] = x0;
+        y[i + half] = x1;
+    }
+    if (threadIdx.x == 0 && gi == 0) {
+        qpos2[(long long)h * n + j] = nv - 1;
+        qseq2[(long long)h * n + j] = r;
+    }
+}

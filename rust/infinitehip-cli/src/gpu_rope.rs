@@ -420,13 +420,13 @@ fn refusals(gpu: &GpuContext) -> R<Vec<Check>> {
         [1024, 512, 256],
     );
     let mut out = Vec::new();
-    // The engine path and the GPU prefill keep refusing the modes.
+    // Paths without the modes (original positions only) refuse them.
     let v = HipGpuDecoder::validate(&hip)
         .err()
         .map(|x| x.to_string())
         .unwrap_or_default();
     out.push(Check {
-        name: "RoPE modes: the GPU prefill / engine path validation refuses them".into(),
+        name: "RoPE modes: the original-positions validation refuses them".into(),
         ok: v.contains("hip.rope"),
         detail: v,
     });
@@ -537,6 +537,8 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
     )?);
     // The engine path (GpuAttention over a token-major pool).
     crate::gpu_rope_engine::checks(gpu, seed + 100, &mut c)?;
+    // The sparse prefill (HipGpuPrefill, and GpuAttention past max_position).
+    crate::gpu_rope_prefill::checks(gpu, seed + 200, &mut c)?;
     Ok(c.0)
 }
 

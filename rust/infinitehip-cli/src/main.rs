@@ -36,6 +36,8 @@ mod gpu_rope;
 #[cfg(feature = "cuda")]
 mod gpu_rope_engine;
 #[cfg(feature = "cuda")]
+mod gpu_rope_prefill;
+#[cfg(feature = "cuda")]
 mod gpu_score;
 #[cfg(feature = "cuda")]
 mod gpu_sparse;

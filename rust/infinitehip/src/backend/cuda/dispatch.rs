@@ -2024,8 +2024,8 @@ pub struct HipGpuDecoder {
 
 impl HipGpuDecoder {
     /// Configurations the GPU stages reproduce exactly, at original RoPE
-    /// positions: what the GPU sparse prefill (`HipGpuPrefill`) accepts.
-    /// `HipGpuDecoder` and `GpuAttention`'s decode also run the RoPE modes
+    /// positions. `HipGpuDecoder`, `GpuAttention`'s decode and
+    /// `HipGpuPrefill` (with `set_rope_model`) also run the RoPE modes
     /// (`validate_decoder`; engine_attn/rope.rs).
     pub fn validate(cfg: &HipConfig) -> Result<()> {
         Self::validate_decoder(cfg)?;
@@ -2034,7 +2034,7 @@ impl HipGpuDecoder {
         {
             return Err(Error::config(
                 "hip.rope",
-                "the GPU sparse prefill (HipGpuPrefill) supports original RoPE positions only: rotated per-block scoring and per-query streaming attention are not built for it; the GPU hip decode (HipGpuDecoder, GpuAttention::decode) runs the modes",
+                "this GPU hip path supports original RoPE positions only; the GPU hip decode (HipGpuDecoder host steps, GpuAttention::decode) and the GPU sparse prefill (HipGpuPrefill with set_rope_model) run the modes",
             ));
         }
         Ok(())
@@ -2584,13 +2584,42 @@ pub struct HipGpuPrefill {
     /// row (`set_sequence`; default 0 and 0).
     seq: usize,
     table_row: usize,
+    /// First query position of the prepared chunk.
+    q_start: usize,
+    n_q: usize,
+    /// RoPE modes (`rope.scoring` / `rope.attention` other than original),
+    /// set up by `set_rope_model`: rotated per-block scoring
+    /// (`RopeGpu::run_stages` with one query shift per (stage, block)) and
+    /// streaming attention (`attend_streaming`).
+    rope: Option<Box<super::rope_gpu::RopeGpu>>,
+    /// Streaming attention's buffers (first use).
+    stream: Option<PfStream>,
+}
+
+/// Buffers of the streaming prefill (`HipGpuPrefill::attend_streaming`):
+/// the compact K/V (`[rows][p][d]`, cache dtype; zeroed at allocation so
+/// that slots past a row's count hold finite values), its identity page
+/// table, the rotated queries `[hkv][n][g][d]` f32 with their clips and
+/// rows `[hkv][n]` i32, and the attention's selection (one range `0..p`
+/// per block: each query is clipped at its own n_j - 1).
+struct PfStream {
+    k2: DevBuf,
+    v2: DevBuf,
+    p: usize,
+    rows: usize,
+    table: DevBuf,
+    qout: DevBuf,
+    qpos2: DevBuf,
+    qseq2: DevBuf,
+    sel: DeviceSelection,
 }
 
 impl HipGpuPrefill {
     /// Buffers for chunks of up to `max_queries` queries.
     pub fn new(cfg: HipConfig, shape: &AttnShape, max_queries: usize) -> Result<Self> {
-        // Reuse the decoder's validation of stages and RoPE.
-        HipGpuDecoder::validate(&cfg)?;
+        // Reuse the decoder's validation of stages; RoPE modes need
+        // `set_rope_model` before `prepare`.
+        HipGpuDecoder::validate_decoder(&cfg)?;
         let hkv = shape.n_kv_heads;
         let g = shape.group();
         let qb = cfg.block_size_q;
@@ -2633,6 +2662,10 @@ impl HipGpuPrefill {
             fast: FastEstimator::new(),
             seq: 0,
             table_row: 0,
+            q_start: 0,
+            n_q: shape.n_q_heads,
+            rope: None,
+            stream: None,
             stages,
             cfg,
         })
@@ -2641,6 +2674,56 @@ impl HipGpuPrefill {
     /// The configuration this object was built for.
     pub fn config(&self) -> &HipConfig {
         &self.cfg
+    }
+
+    /// Whether the config asks for a RoPE mode (scoring or attention).
+    pub fn rope_modes(&self) -> bool {
+        self.cfg.rope.scoring != crate::config::RopeMode::Original
+            || self.cfg.rope.attention != crate::config::RopeMode::Original
+    }
+
+    /// The model's RoPE (theta, trained length `max_position`), which the
+    /// RoPE modes need, as `HipPolicy::new` takes the `ModelShape`; a no-op
+    /// at original positions. Keys and queries must be stored rotated at
+    /// their positions (halves / NEOX layout of `rope::Rope`).
+    /// Status: compiled, not run on a GPU (`gpu-test --rope-only` checks it
+    /// against the CPU `HipPolicy`'s prefill).
+    pub fn set_rope_model(&mut self, model: &crate::config::ModelShape) -> Result<()> {
+        self.set_rope(model.head_dim, model.rope_theta, model.max_position)
+    }
+
+    /// `set_rope_model` from its parts (`GpuAttention`: a layer's RoPE).
+    pub fn set_rope(&mut self, head_dim: usize, theta: f32, max_position: usize) -> Result<()> {
+        // hip_rope_q moves `[blocks][hkv * nq_max][d]` scoring queries by
+        // one shift per block: a "sequence" of hkv * nq_max query rows.
+        self.rope = super::rope_gpu::RopeGpu::new(
+            &self.cfg,
+            head_dim,
+            theta,
+            max_position,
+            self.max_blocks,
+            self.hkv * self.nq_max,
+        )?
+        .map(Box::new);
+        Ok(())
+    }
+
+    /// The (theta, max_position) `set_rope` was given, if any.
+    pub fn rope_model(&self) -> Option<(f32, usize)> {
+        self.rope.as_deref().map(|r| (r.theta(), r.max_position()))
+    }
+
+    /// The RoPE state, or an error naming what is missing.
+    fn rope_ready(&self) -> Result<Option<&super::rope_gpu::RopeGpu>> {
+        if !self.rope_modes() {
+            return Ok(None);
+        }
+        self.rope.as_deref().map(Some).ok_or_else(|| {
+            Error::config(
+                "hip.rope",
+                "the GPU sparse prefill's RoPE modes need the model's RoPE: call HipGpuPrefill::set_rope_model",
+            )
+        })
     }
 
     /// Largest chunk of queries one `prepare` takes.
@@ -2728,8 +2811,12 @@ impl HipGpuPrefill {
             self.keys = DevBuf::alloc(need * 4)?;
             self.keys_cap = need;
         }
+        if let Some(r) = self.rope_ready()? {
+            r.upload_prefill(gpu, &self.cfg, q_start, n)?;
+        }
         self.n_blocks = nb;
         self.n = n;
+        self.q_start = q_start;
         self.max_tokens = bound;
         if q_start == 0 {
             // A new sequence: the fast estimator's representatives restart.
@@ -2744,10 +2831,21 @@ impl HipGpuPrefill {
     pub fn select(&mut self, gpu: &GpuContext, kv: &DeviceKv, q: u64) -> Result<()> {
         let rows = self.n_blocks * self.hkv;
         let d = kv.head_dim;
-        if self
-            .estimator
-            .with_config(self.cfg.mask_estimator)
-            .fast_for(d)
+        // Rotated scoring (chunk_indexed / relative) runs the reference
+        // search with rotated probes, as the CPU policy (which refuses the
+        // fast estimator with these modes).
+        let rotated = self.rope_ready()?.is_some_and(|r| r.scores_rotated());
+        if rotated && self.estimator == MaskEstimator::TensorCore {
+            return Err(Error::config(
+                "hip.rope.scoring",
+                "the tensor-core mask estimator scores stored keys as they are: with chunk_indexed / relative scoring the GPU prefill runs the reference estimator (use MaskEstimator::Auto or Reference)",
+            ));
+        }
+        if !rotated
+            && self
+                .estimator
+                .with_config(self.cfg.mask_estimator)
+                .fast_for(d)
         {
             let x = FastInputs {
                 rows,
@@ -2822,7 +2920,34 @@ impl HipGpuPrefill {
             gate: 0,
             topk_mc: None,
         };
-        run_stages(gpu, kv, &self.cfg, &self.stages, 0, &x)?;
+        match self.rope.as_deref() {
+            Some(r) if rotated => {
+                let smem = self.nq_max * d * 4;
+                if smem > 227 * 1024 {
+                    return Err(Error::config(
+                        "hip.q_stride",
+                        format!("rotated prefill scoring keeps a block's {} scoring queries x head_dim {d} in shared memory ({smem} bytes > 227 KiB): raise q_stride", self.nq_max),
+                    ));
+                }
+                let nb = self.n_blocks;
+                let seqs = super::rope_gpu::Seqs {
+                    batch: nb,
+                    first: 0,
+                    count: nb,
+                };
+                r.run_stages(
+                    gpu,
+                    kv,
+                    &self.cfg,
+                    &self.stages,
+                    0,
+                    self.cfg.stages.len(),
+                    &x,
+                    seqs,
+                )?;
+            }
+            _ => run_stages(gpu, kv, &self.cfg, &self.stages, 0, &x)?,
+        }
         self.sel.rows = rows;
         assemble(
             gpu,
@@ -2856,6 +2981,9 @@ impl HipGpuPrefill {
         out: AttnOut,
     ) -> Result<()> {
         check_shape(shape, kv)?;
+        if self.streaming() {
+            return self.attend_streaming(gpu, shape, kv, q, out, AttnKernel::Auto);
+        }
         let mut ws = std::mem::take(&mut self.ws);
         let ptrs = KvPtrs {
             k: kv.k.ptr,
@@ -2897,6 +3025,10 @@ impl HipGpuPrefill {
         out: u64,
         kernel: AttnKernel,
     ) -> Result<()> {
+        if self.streaming() {
+            check_shape(shape, kv)?;
+            return self.attend_streaming(gpu, shape, kv, q, AttnOut::f32_rows(out, shape), kernel);
+        }
         let mut ws = std::mem::take(&mut self.ws);
         let r = attend_with(
             gpu,
@@ -2916,6 +3048,166 @@ impl HipGpuPrefill {
         );
         self.ws = ws;
         r
+    }
+}
+
+impl HipGpuPrefill {
+    /// Streaming attention (`rope.attention` streaming) of the prepared
+    /// chunk over `sel`, as the CPU kernel (attention/cpu.rs
+    /// `prefill_with`): query j of block b, KV head h, sees row (b, h)'s
+    /// tokens at positions <= p_j renumbered 0..n_j in order, and sits at
+    /// n_j - 1. Rows are ascending, so a key's streaming position is its
+    /// rank in the row: `hip_pf_stream_gather_*` writes each row's keys
+    /// rotated to their ranks (rounded to the cache dtype) into a compact
+    /// buffer, `hip_pf_stream_q` rotates each (query, q head) to n_j - 1
+    /// and records the clip n_j - 1, then one launch per KV head of the
+    /// unchanged prefill attention (`kernel`) reads the compact rows as one
+    /// page per (block, head), every block's selection `0..p` clipped at
+    /// each query's n_j - 1. Host-side twin: `rope_gpu::pf_stream_plan`.
+    fn attend_streaming(
+        &mut self,
+        gpu: &GpuContext,
+        shape: &AttnShape,
+        kv: &DeviceKv,
+        q: u64,
+        out: AttnOut,
+        kernel: AttnKernel,
+    ) -> Result<()> {
+        self.rope_ready()?;
+        let (hkv, g, d, n, nb) = (self.hkv, self.group, kv.head_dim, self.n, self.n_blocks);
+        let qb = self.cfg.block_size_q;
+        let rows = nb * hkv;
+        // Every row holds at most max_tokens tokens (prepare's bound).
+        let p = self.max_tokens.max(1);
+        let max_rows = self.max_blocks * hkv;
+        let max_q = self.max_blocks * qb;
+        let grow = match &self.stream {
+            Some(st) => st.p < p,
+            None => true,
+        };
+        if grow {
+            let pc = p.next_multiple_of(256);
+            let bytes = max_rows * pc * d * 2;
+            let k2 = DevBuf::alloc(bytes)?;
+            let v2 = DevBuf::alloc(bytes)?;
+            k2.fill_bytes(0)?;
+            v2.fill_bytes(0)?;
+            let sel = DeviceSelection::empty(self.max_blocks, 1)?;
+            self.stream = Some(PfStream {
+                k2,
+                v2,
+                p: pc,
+                rows: max_rows,
+                table: DevBuf::from_slice(&(0..max_rows as i32).collect::<Vec<_>>())?,
+                qout: DevBuf::alloc(max_q * self.n_q * d * 4)?,
+                qpos2: DevBuf::alloc(hkv * max_q * 4)?,
+                qseq2: DevBuf::alloc(hkv * max_q * 4)?,
+                sel,
+            });
+        }
+        let r = self.rope.as_deref().expect("streaming implies RoPE modes");
+        let st = self.stream.as_ref().unwrap();
+        debug_assert!(rows <= st.rows);
+        let pc = st.p;
+        r.pf_gather(
+            gpu,
+            kv,
+            self.table_row,
+            &self.sel,
+            rows,
+            pc,
+            st.k2.ptr,
+            st.v2.ptr,
+        )?;
+        r.pf_queries(
+            gpu,
+            q,
+            n,
+            self.q_start,
+            qb,
+            hkv,
+            g,
+            &self.sel,
+            st.qout.ptr,
+            st.qpos2.ptr,
+            st.qseq2.ptr,
+        )?;
+        // Every block: the one range 0..pc (each query clipped at n_j - 1).
+        st.sel
+            .ranges
+            .write_async(&gpu.stream, &vec![[0i32, pc as i32]; nb])?;
+        st.sel.cum.write_async(&gpu.stream, &vec![0i32; nb])?;
+        st.sel.cnt.write_async(&gpu.stream, &vec![1i32; nb])?;
+        st.sel.tot.write_async(&gpu.stream, &vec![pc as i32; nb])?;
+        let sel = DeviceSelection {
+            ranges: DevBuf::borrowed(st.sel.ranges.ptr, nb * 8),
+            cum: DevBuf::borrowed(st.sel.cum.ptr, nb * 4),
+            cnt: DevBuf::borrowed(st.sel.cnt.ptr, nb * 4),
+            tot: DevBuf::borrowed(st.sel.tot.ptr, nb * 4),
+            cap: 1,
+            rows: nb,
+            max_tokens: pc,
+        };
+        let shape_h = AttnShape {
+            n_q_heads: g,
+            n_kv_heads: 1,
+            head_dim: d,
+            scale: shape.scale,
+        };
+        let esz = if out.dtype == DType::F32 { 4 } else { 2 };
+        let (k2, v2, table, qout, qpos2, qseq2) = (
+            st.k2.ptr,
+            st.v2.ptr,
+            st.table.ptr,
+            st.qout.ptr,
+            st.qpos2.ptr,
+            st.qseq2.ptr,
+        );
+        let mut ws = std::mem::take(&mut self.ws);
+        let mut res = Ok(());
+        for h in 0..hkv {
+            res = launch_attention_kernel(
+                gpu,
+                &mut ws,
+                &shape_h,
+                KvPtrs {
+                    k: k2,
+                    v: v2,
+                    table,
+                    table_stride: 1,
+                    page_size: pc,
+                    dtype: kv.dtype,
+                },
+                KvStrides {
+                    page: (pc * d) as i64,
+                    head: (pc * d) as i64,
+                },
+                qout + (h * n * g * d * 4) as u64,
+                n,
+                &sel,
+                pc,
+                None,
+                AttnOut {
+                    ptr: out.ptr + (h * g * d * esz) as u64,
+                    ..out
+                },
+                qb,
+                qseq2 + (h * n * 4) as u64,
+                qpos2 + (h * n * 4) as u64,
+                kernel,
+                false,
+            );
+            if res.is_err() {
+                break;
+            }
+        }
+        self.ws = ws;
+        res
+    }
+
+    /// Whether `attend` runs streaming positions.
+    fn streaming(&self) -> bool {
+        self.cfg.rope.attention == crate::config::RopeMode::Streaming
     }
 }
 

@@ -204,11 +204,12 @@ pub fn entry_points(module: &str) -> Vec<String> {
         return entry_points("decode_dense");
     }
     if module == "hip_rope" {
-        let mut v = vec!["hip_rope_q".to_string()];
+        let mut v = vec!["hip_rope_q".to_string(), "hip_pf_stream_q".to_string()];
         for dt in ["bf16", "f16"] {
             for d in HEAD_DIMS {
                 v.push(format!("hip_score_rope_{dt}_d{d}"));
                 v.push(format!("hip_stream_gather_{dt}_d{d}"));
+                v.push(format!("hip_pf_stream_gather_{dt}_d{d}"));
             }
         }
         return v;

@@ -581,8 +581,9 @@ mod tests {
             kernels::LAZY_MODULES,
             &["hip_sparse", "hip_mask_host_pl", "hip_rope"]
         );
-        // hip_rope_q + bf16/f16 x 3 head dims x (scorer, gather).
-        assert_eq!(kernels::entry_points("hip_rope").len(), 1 + 2 * 3 * 2);
+        // hip_rope_q, hip_pf_stream_q + bf16/f16 x 3 head dims x (scorer,
+        // decode gather, prefill gather).
+        assert_eq!(kernels::entry_points("hip_rope").len(), 2 + 2 * 3 * 3);
     }
 
     #[test]

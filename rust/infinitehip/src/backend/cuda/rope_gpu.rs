@@ -44,6 +44,7 @@ pub struct RopeGpu {
     pub(crate) scoring: RopeMode,
     pub(crate) streaming: bool,
     max_position: usize,
+    theta: f32,
     head_dim: usize,
     n_q_heads: usize,
     n_stages: usize,
@@ -163,6 +164,7 @@ impl RopeGpu {
             scoring,
             streaming,
             max_position,
+            theta,
             head_dim,
             n_q_heads,
             n_stages: cfg.stages.len(),
@@ -215,6 +217,11 @@ impl RopeGpu {
         self.max_position
     }
 
+    /// The RoPE theta the modes were built with (`model.rope_theta`).
+    pub fn theta(&self) -> f32 {
+        self.theta
+    }
+
     pub fn scores_rotated(&self) -> bool {
         self.scoring != RopeMode::Original
     }
@@ -240,6 +247,155 @@ impl RopeGpu {
         let (shifts, rel) = step_shifts(cfg, self.scoring, self.max_position, lens);
         self.shifts.write_async(&gpu.stream, &shifts)?;
         self.rel.write_async(&gpu.stream, &rel)
+    }
+
+    /// Upload a prefill chunk's per-block query shifts and key factors
+    /// (`prefill_shifts`: `n` queries at `q_start..`, blocks of
+    /// `cfg.block_size_q`); `run_stages` then scores its blocks with
+    /// `Seqs { batch: blocks, first: 0, count: blocks }`.
+    pub(crate) fn upload_prefill(
+        &self,
+        gpu: &GpuContext,
+        cfg: &HipConfig,
+        q_start: usize,
+        n: usize,
+    ) -> Result<()> {
+        if !self.scores_rotated() {
+            return Ok(());
+        }
+        let nb = n.div_ceil(cfg.block_size_q);
+        if nb > self.batch {
+            return Err(Error::shape(
+                "hip RoPE prefill blocks (reserve)",
+                self.batch,
+                nb,
+            ));
+        }
+        let (shifts, rel) = prefill_shifts(cfg, self.scoring, self.max_position, q_start, n);
+        self.shifts.write_async(&gpu.stream, &shifts)?;
+        self.rel.write_async(&gpu.stream, &rel)
+    }
+
+    /// Streaming prefill, pass 1 (`hip_pf_stream_gather_*`): every
+    /// selection row's tokens (`sel`, rows `[block][kv head]`, ascending)
+    /// written at compact slots `row * p + rank`, keys rotated to their
+    /// rank, values copied (at most `p` per row). K/V: page-table row
+    /// `table_row` of `kv`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn pf_gather(
+        &self,
+        gpu: &GpuContext,
+        kv: &DeviceKv,
+        table_row: usize,
+        sel: &super::dispatch::DeviceSelection,
+        rows: usize,
+        p: usize,
+        k2: u64,
+        v2: u64,
+    ) -> Result<()> {
+        let tag = self.check_kv(kv)?;
+        let d = kv.head_dim;
+        let f = gpu.func("hip_rope", &format!("hip_pf_stream_gather_{tag}_d{d}"))?;
+        let kst = kv.strides();
+        let (ts, tr, ps, hk, cap, pi) = (
+            kv.table_stride as i32,
+            table_row as i32,
+            kv.page_size as i32,
+            kv.n_kv_heads as i32,
+            sel.cap as i32,
+            p as i32,
+        );
+        let mut l = gpu.stream.launch_builder(&f);
+        l.arg(&kv.k.ptr)
+            .arg(&kv.v.ptr)
+            .arg(&kv.table.ptr)
+            .arg(&ts)
+            .arg(&tr)
+            .arg(&ps)
+            .arg(&hk)
+            .arg(&kst.page)
+            .arg(&kst.head)
+            .arg(&sel.ranges.ptr)
+            .arg(&sel.cum.ptr)
+            .arg(&sel.cnt.ptr)
+            .arg(&sel.tot.ptr)
+            .arg(&cap)
+            .arg(&self.inv_freq.ptr)
+            .arg(&pi)
+            .arg(&k2)
+            .arg(&v2);
+        let blocks = (p * d / 2).div_ceil(THREADS).max(1);
+        // SAFETY: arguments in the order and C types of hip_pf_stream_gather_* (kernels/hip_rope.cu);
+        // k2/v2 hold rows * p * d elements of the cache dtype (HipGpuPrefill's stream buffers), the
+        // selection `rows` rows of `cap` ranges; table_row is a row of kv's page table.
+        unsafe {
+            l.launch(LaunchConfig {
+                grid_dim: (blocks as u32, rows as u32, 1),
+                block_dim: (THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map(|_| ())
+        .map_err(|e| gpu_err("launch hip_pf_stream_gather", e))
+    }
+
+    /// Streaming prefill, pass 2 (`hip_pf_stream_q`): the chunk's queries
+    /// `q` (`[n][n_q][d]` f32 at `q_start..`) rotated per (query, KV head)
+    /// to streaming position n_j - 1 into `qout` (`[hkv][n][g][d]` f32),
+    /// with `qpos2` / `qseq2` (`[hkv][n]` i32: n_j - 1 and the row).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn pf_queries(
+        &self,
+        gpu: &GpuContext,
+        q: u64,
+        n: usize,
+        q_start: usize,
+        q_block: usize,
+        hkv: usize,
+        g: usize,
+        sel: &super::dispatch::DeviceSelection,
+        qout: u64,
+        qpos2: u64,
+        qseq2: u64,
+    ) -> Result<()> {
+        let f = gpu.func("hip_rope", "hip_pf_stream_q")?;
+        let d = self.head_dim;
+        let (ni, qs, qb, hk, gi, di, cap) = (
+            n as i32,
+            q_start as i32,
+            q_block as i32,
+            hkv as i32,
+            g as i32,
+            d as i32,
+            sel.cap as i32,
+        );
+        let mut l = gpu.stream.launch_builder(&f);
+        l.arg(&q)
+            .arg(&ni)
+            .arg(&qs)
+            .arg(&qb)
+            .arg(&hk)
+            .arg(&gi)
+            .arg(&di)
+            .arg(&sel.ranges.ptr)
+            .arg(&sel.cnt.ptr)
+            .arg(&cap)
+            .arg(&self.inv_freq.ptr)
+            .arg(&qout)
+            .arg(&qpos2)
+            .arg(&qseq2);
+        // SAFETY: arguments in the order and C types of hip_pf_stream_q (kernels/hip_rope.cu); q holds
+        // n * hkv * g * d f32, qout the same, qpos2/qseq2 hkv * n i32; the selection has a row per
+        // (block of q_block queries, kv head).
+        unsafe {
+            l.launch(LaunchConfig {
+                grid_dim: ((n * hkv * g) as u32, 1, 1),
+                block_dim: ((d / 2).min(THREADS) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map(|_| ())
+        .map_err(|e| gpu_err("launch hip_pf_stream_q", e))
     }
 
     /// Stages `from..to` with rotated scoring (`dispatch::run_stages_to`
@@ -549,6 +705,91 @@ pub fn compact_plan(tab: &[i32], slid: (i32, i32), win: (i32, i32)) -> Vec<(usiz
         .collect()
 }
 
+/// Sink, middle and window of a prefill query block whose queries sit at
+/// `p_first..=p_last` (`HipPolicy`'s prefill regions; `HipGpuPrefill::prepare`
+/// uploads the same).
+pub fn prefill_regions(
+    cfg: &HipConfig,
+    p_first: usize,
+    p_last: usize,
+) -> (
+    std::ops::Range<usize>,
+    std::ops::Range<usize>,
+    std::ops::Range<usize>,
+) {
+    let end = p_last + 1;
+    let sink_end = cfg.sink.min(end);
+    let win_start = (p_first + 1).saturating_sub(cfg.window).max(sink_end);
+    (0..sink_end, sink_end..win_start, win_start..end)
+}
+
+/// A prefill chunk's rotated-scoring inputs, as `HipPolicy::select_prefill`
+/// scores each query block (`n` queries at `q_start..`, blocks of
+/// `cfg.block_size_q`): per stage and block (`[n_stages][blocks]`) the
+/// query shift `rope::score_query_shift` at the block's last query and its
+/// middle's end, per block the relative key factor at the block's last
+/// query; NaN where the queries / keys score as stored.
+pub fn prefill_shifts(
+    cfg: &HipConfig,
+    mode: RopeMode,
+    max_position: usize,
+    q_start: usize,
+    n: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let qb = cfg.block_size_q;
+    let nb = n.div_ceil(qb);
+    let blocks: Vec<(usize, usize)> = (0..nb)
+        .map(|b| {
+            let (p_first, p_last) = (q_start + b * qb, q_start + ((b + 1) * qb).min(n) - 1);
+            let (_, mid, _) = prefill_regions(cfg, p_first, p_last);
+            (p_last, mid.end)
+        })
+        .collect();
+    let mut shifts = Vec::with_capacity(cfg.stages.len() * nb);
+    for st in &cfg.stages {
+        for &(p_last, mid_end) in &blocks {
+            shifts.push(
+                crate::rope::score_query_shift(mode, p_last, mid_end, st.chunk_size, max_position)
+                    .unwrap_or(f64::NAN),
+            );
+        }
+    }
+    let rel = blocks
+        .iter()
+        .map(|&(p_last, _)| match mode {
+            RopeMode::Relative => {
+                crate::rope::relative_key_factor(p_last, max_position).unwrap_or(f64::NAN)
+            }
+            _ => f64::NAN,
+        })
+        .collect();
+    (shifts, rel)
+}
+
+/// Host twin of the streaming prefill's two passes for one selection row
+/// (`ranges`: ascending, disjoint, as `hip_assemble` writes them) and a
+/// query at `pos`: the compact slots (position, key rotation
+/// `rank - position`) as `hip_pf_stream_gather_*` writes them, and the
+/// query's rotation and clip as `hip_pf_stream_q` computes them: the query
+/// sees slots `0..n_vis` and moves by `(n_vis - 1) - pos`. Returns (slots,
+/// n_vis, query shift).
+pub fn pf_stream_plan(
+    ranges: &[std::ops::Range<usize>],
+    pos: usize,
+) -> (Vec<(usize, f64)>, usize, f64) {
+    let slots: Vec<(usize, f64)> = ranges
+        .iter()
+        .flat_map(|r| r.clone())
+        .enumerate()
+        .map(|(rank, p)| (p, rank as f64 - p as f64))
+        .collect();
+    let n_vis: usize = ranges
+        .iter()
+        .map(|r| r.end.min(pos + 1).saturating_sub(r.start))
+        .sum();
+    (slots, n_vis, (n_vis as f64 - 1.0) - pos as f64)
+}
+
 /// Per stage and sequence the scoring query shift (`[n_stages][batch]`) and
 /// per sequence the relative key factor, NaN where the query / keys score
 /// as stored: `rope::score_query_shift` / `relative_key_factor` at each
@@ -765,6 +1006,158 @@ mod tests {
         }
         let derr = attend(&dropped);
         assert!(derr > 1e-4, "{derr:e}");
+    }
+
+    #[test]
+    fn prefill_shifts_follow_the_policy_per_stage_and_block() {
+        // 200 queries at 9000.. in blocks of 64: blocks 9000..9063,
+        // ..9127, ..9191, 9192..9199 (a short last block).
+        let (q_start, n) = (9000usize, 200usize);
+        for mode in [RopeMode::ChunkIndexed, RopeMode::Relative] {
+            let c = cfg(mode);
+            let (s, rel) = prefill_shifts(&c, mode, 9100, q_start, n);
+            assert_eq!((s.len(), rel.len()), (2 * 4, 4));
+            for (i, st) in c.stages.iter().enumerate() {
+                for b in 0..4 {
+                    let p_first = q_start + b * 64;
+                    let p_last = (p_first + 63).min(q_start + n - 1);
+                    // The middle ends where the window starts: window
+                    // tokens before the block's first query + 1.
+                    let mid_end = p_first + 1 - 256;
+                    let want = match mode {
+                        RopeMode::ChunkIndexed => {
+                            Some(mid_end.div_ceil(st.chunk_size) as f64 - p_last as f64)
+                        }
+                        _ => (p_last >= 9100).then(|| 9099.0 - p_last as f64),
+                    };
+                    let got = s[i * 4 + b];
+                    match want {
+                        Some(w) => assert_eq!(got, w, "{mode:?} stage {i} block {b}"),
+                        None => assert!(got.is_nan(), "{mode:?} stage {i} block {b}"),
+                    }
+                }
+            }
+            for (b, &r) in rel.iter().enumerate() {
+                let p_last = (q_start + b * 64 + 63).min(q_start + n - 1);
+                if mode == RopeMode::Relative && p_last >= 9100 {
+                    assert_eq!(r, 9100.0 / p_last as f64 - 1.0);
+                } else {
+                    assert!(r.is_nan(), "{mode:?} block {b}");
+                }
+            }
+        }
+        // Regions as the CPU policy's (window from the block's first query).
+        let c = cfg(RopeMode::ChunkIndexed);
+        assert_eq!(prefill_regions(&c, 40, 47), (0..32, 32..32, 32..48));
+        assert_eq!(prefill_regions(&c, 1000, 1063), (0..32, 32..745, 745..1064));
+    }
+
+    #[test]
+    fn pf_stream_plan_attends_as_the_cpu_streaming_prefill() {
+        // One query block's selection row (sink, chunks, window), every
+        // query of the block through the two passes' host twin (keys to
+        // their rank, query to n_vis - 1, slots 0..n_vis), in f64: equals
+        // the CPU kernel's streaming prefill (attention/cpu.rs
+        // prefill_with) over the same selection, within f32 rounding.
+        use crate::attention::{prefill_with, AttnShape};
+        use crate::kv::SeqView;
+        use crate::policy::Selection;
+        use crate::rng::Rng;
+        let (d, len, qb) = (32usize, 2000usize, 16usize);
+        let shape = AttnShape::new(4, 2, d).unwrap();
+        let rope = Rope::new(d, 10000.0);
+        let mut rng = Rng::new(21);
+        let k = rng.normal_vec(len * 2 * d, 1.0);
+        let v = rng.normal_vec(len * 2 * d, 1.0);
+        let view = SeqView::from_contiguous(2, d, len, &k, &v);
+        let q_start = len - qb;
+        let q = rng.normal_vec(qb * shape.q_elems(), 1.0);
+        // Per KV head its own chunks (different counts), the window
+        // reaching the block's last query.
+        let rows = [
+            vec![0..8, 300..316, 900..904, 1700..2000],
+            vec![0..8, 500..508, 1200..1232, 1700..2000],
+        ];
+        let sel = Selection {
+            heads: rows.to_vec(),
+        };
+        let mut cpu = vec![0f32; q.len()];
+        prefill_with(
+            &shape,
+            &q,
+            q_start,
+            &view,
+            Some((std::slice::from_ref(&sel), qb)),
+            Some(&rope),
+            &mut cpu,
+        )
+        .unwrap();
+        let attend = |hq: usize, j: usize, drop: Option<usize>| -> Vec<f64> {
+            let h = hq / 2;
+            let pos = q_start + j;
+            let mut rs = rows[h].clone();
+            if let Some(t) = drop {
+                // A wrong selection: token t left out (ranks behind it move).
+                rs = rs
+                    .into_iter()
+                    .flat_map(|r| {
+                        if r.contains(&t) {
+                            vec![r.start..t, t + 1..r.end]
+                        } else {
+                            vec![r]
+                        }
+                    })
+                    .filter(|r| !r.is_empty())
+                    .collect();
+            }
+            let (slots, n_vis, qshift) = pf_stream_plan(&rs, pos);
+            let mut qh = q[(j * 4 + hq) * d..(j * 4 + hq + 1) * d].to_vec();
+            rope.rotate(&mut qh, qshift);
+            let mut kr = vec![0f32; d];
+            let scores: Vec<f64> = slots[..n_vis]
+                .iter()
+                .map(|&(p, sh)| {
+                    kr.copy_from_slice(&k[(h * len + p) * d..(h * len + p + 1) * d]);
+                    rope.rotate(&mut kr, sh);
+                    let s: f64 = qh.iter().zip(&kr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    s * shape.scale as f64
+                })
+                .collect();
+            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let (mut o, mut l) = (vec![0f64; d], 0f64);
+            for (&(p, _), &s) in slots[..n_vis].iter().zip(&scores) {
+                let w = (s - m).exp();
+                l += w;
+                for i in 0..d {
+                    o[i] += w * v[(h * len + p) * d + i] as f64;
+                }
+            }
+            o.iter().map(|x| x / l).collect()
+        };
+        let err = |drop: Option<usize>| -> f64 {
+            let (mut num, mut den) = (0f64, 0f64);
+            for j in 0..qb {
+                for hq in 0..4 {
+                    let r = attend(hq, j, drop);
+                    for i in 0..d {
+                        let c = cpu[(j * 4 + hq) * d + i] as f64;
+                        num += (c - r[i]).powi(2);
+                        den += r[i] * r[i];
+                    }
+                }
+            }
+            (num / den).sqrt()
+        };
+        let e = err(None);
+        assert!(e < 1e-4, "{e:e}");
+        // The clip: a query early in the block sees fewer window tokens.
+        let (_, n0, _) = pf_stream_plan(&rows[0], q_start);
+        let (_, n1, _) = pf_stream_plan(&rows[0], q_start + qb - 1);
+        assert_eq!(n1 - n0, qb - 1);
+        assert_eq!(n1, 8 + 16 + 4 + 300);
+        // One selected token dropped must miss the bound.
+        let de = err(Some(310));
+        assert!(de > 1e-3, "{de:e}");
     }
 
     #[test]

@@ -381,7 +381,7 @@ impl GpuAttention {
                 layers = ?rope_layers,
                 rope_theta = m.rope_theta,
                 max_position = m.max_position,
-                "hip RoPE modes on the GPU engine path (compiled, not yet run on a GPU): decode re-rotates keys on the fly; prefill of these layers is dense at the model's positions and refused past model.max_position; no CUDA graphs"
+                "hip RoPE modes on the GPU engine path: decode re-rotates keys on the fly; prefill of these layers is dense at the model's positions within model.max_position and the RoPE-mode hip sparse prefill past it (compiled, not run on a GPU); no CUDA graphs"
             );
         }
         let lazy = (0..m.n_layers).find_map(|l| match cfg.layer_policy(l) {
@@ -1350,6 +1350,8 @@ impl GpuAttention {
         shape: &AttnShape,
         cfg: &crate::config::HipConfig,
         est: MaskEstimator,
+        // The layer's RoPE (theta, max_position) when it has RoPE modes.
+        rope_model: Option<(f32, usize)>,
         dkv: &DeviceKv,
         table_rows: &[usize],
         lens: &[usize],
@@ -1379,6 +1381,11 @@ impl GpuAttention {
             )?));
         }
         let pf = self.hip_pf.as_mut().unwrap();
+        if let Some((theta, max_position)) = rope_model {
+            if pf.rope_model() != Some((theta, max_position)) {
+                pf.set_rope(self.shape.head_dim, theta, max_position)?;
+            }
+        }
         pf.estimator = est;
         let qe = self.shape.q_elems();
         let esz = if out.dtype == DType::F32 { 4 } else { 2 };
@@ -1665,16 +1672,26 @@ impl GpuAttention {
             }
         }
         // RoPE-mode hip layers prefill densely within the trained length
-        // (`rope`); checked before anything is launched.
-        let rope_dense = match &self.layers[layer] {
+        // and sparsely with their modes past it (`rope::prefill_mode`);
+        // decided before anything is launched.
+        let (rope_dense, rope_model) = match &self.layers[layer] {
             Layer::Hip(h) => match h.rope.as_deref() {
                 Some(r) => {
-                    rope::check_prefill(layer, lens, n_new, r.max_position())?;
-                    true
+                    let m = rope::prefill_mode(
+                        layer,
+                        lens,
+                        n_new,
+                        r.max_position(),
+                        self.prefill_estimator.is_some(),
+                    )?;
+                    (
+                        m == rope::RopePrefill::Dense,
+                        Some((r.theta(), r.max_position())),
+                    )
                 }
-                None => false,
+                None => (false, None),
             },
-            _ => false,
+            _ => (false, None),
         };
         let slots: Vec<usize> = req_ids
             .iter()
@@ -1720,7 +1737,9 @@ impl GpuAttention {
             (&self.layers[layer], self.prefill_estimator, rope_dense)
         {
             let cfg = h.cfg.clone();
-            return self.hip_prefill(&gpu, &shape, &cfg, est, &dkv, table_rows, lens, n_new, out);
+            return self.hip_prefill(
+                &gpu, &shape, &cfg, est, rope_model, &dkv, table_rows, lens, n_new, out,
+            );
         }
         let hkv = self.shape.n_kv_heads;
         let nr = total * hkv;

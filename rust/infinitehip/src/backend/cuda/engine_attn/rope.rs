@@ -11,12 +11,14 @@
 //!   gather of each row's selected keys re-rotated into a compact buffer,
 //!   then the sparse v2 kernel over it). Needs the sparse v2 attention
 //!   (not split-combine) for streaming.
-//! - prefill: the sparse GPU prefill has no RoPE modes (`HipGpuPrefill`
-//!   would need rotated scoring per query block and streaming positions
-//!   per query). A RoPE-mode hip layer prefills densely (causal, at the
-//!   model's own positions) while every query position is below
-//!   `model.max_position`, as SGLang's host path caps `prefill_dense_below`
-//!   at the trained length; a prefill reaching past it is refused.
+//! - prefill (`prefill_mode`): a RoPE-mode hip layer prefills densely
+//!   (causal, at the model's own positions) while every query position is
+//!   below `model.max_position`, as SGLang's host path caps
+//!   `prefill_dense_below` at the trained length; a call reaching past it
+//!   runs the hip sparse prefill with the layer's modes (`HipGpuPrefill`
+//!   with `set_rope`: rotated per-block scoring, streaming attention per
+//!   query; compiled, not run on a GPU), or is refused when the sparse
+//!   prefill is off (`prefill_estimator` None).
 //! - refused: CUDA-graph decode (`prepare_graph`: the modes upload per-step
 //!   shifts from the host) and host-tier decode (`kv.device_cache_pages`:
 //!   the rotated scorers and the gather read device keys).
@@ -47,31 +49,49 @@ pub(super) fn check_decode(layer: usize, streaming: bool, attn: HipAttention) ->
     Ok(())
 }
 
+/// How `GpuAttention::prefill` runs a RoPE-mode hip layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum RopePrefill {
+    /// Every query below `model.max_position`: dense causal attention at
+    /// the model's own positions (as SGLang's host path caps
+    /// `prefill_dense_below` at the trained length).
+    Dense,
+    /// Some request reaches past `max_position`: the whole call runs the
+    /// hip sparse prefill with the layer's RoPE modes (`HipGpuPrefill` +
+    /// `set_rope`: rotated per-block scoring, streaming attention), as the
+    /// CPU `HipPolicy` prefills (per request, chunks of `prefill_chunk`).
+    Sparse,
+}
+
 /// A prefill of a RoPE-mode layer: requests of `lens[i]` tokens, the last
-/// `n_new[i]` of them new. Ok: dense causal prefill at the model's
-/// positions (all below `max_position`).
-pub(super) fn check_prefill(
+/// `n_new[i]` of them new; `sparse_on`: the hip sparse prefill is enabled
+/// (`GpuAttention::prefill_estimator` is Some).
+pub(super) fn prefill_mode(
     layer: usize,
     lens: &[usize],
     n_new: &[usize],
     max_position: usize,
-) -> Result<()> {
-    for (i, (&len, &n)) in lens.iter().zip(n_new).enumerate() {
-        if n > 0 && len > max_position {
-            return Err(Error::config(
-                format!("layer {layer} hip.rope"),
-                format!(
-                    "GPU prefill of request {i} reaches position {} past the trained length \
-                     model.max_position {max_position}: the GPU sparse prefill has no RoPE modes \
-                     (rotated per-block scoring, per-query streaming attention: not built), and a \
-                     dense prefill there would attend at untrained positions; prefill on the host \
-                     engine / llama.cpp's CPU route, or keep prompts within {max_position} tokens",
-                    len - 1
-                ),
-            ));
-        }
+    sparse_on: bool,
+) -> Result<RopePrefill> {
+    let past = lens
+        .iter()
+        .zip(n_new)
+        .position(|(&len, &n)| n > 0 && len > max_position);
+    match past {
+        None => Ok(RopePrefill::Dense),
+        Some(_) if sparse_on => Ok(RopePrefill::Sparse),
+        Some(i) => Err(Error::config(
+            format!("layer {layer} hip.rope"),
+            format!(
+                "GPU prefill of request {i} reaches position {} past the trained length \
+                 model.max_position {max_position} with the hip sparse prefill off \
+                 (GpuAttention::prefill_estimator None): a dense prefill there would attend at \
+                 untrained positions; enable the sparse prefill (it runs the RoPE modes) or keep \
+                 prompts within {max_position} tokens",
+                lens[i] - 1
+            ),
+        )),
     }
-    Ok(())
 }
 
 /// CUDA-graph decode with RoPE-mode layers (`layers`: their indices).
@@ -164,20 +184,33 @@ mod tests {
     }
 
     #[test]
-    fn rope_prefill_dense_within_the_trained_length_only() {
+    fn rope_prefill_dense_within_the_trained_length_sparse_past_it() {
+        use RopePrefill::*;
         // Positions up to max_position - 1: dense at the model's positions.
-        assert!(check_prefill(0, &[8192, 100], &[8192, 100], 8192).is_ok());
+        assert_eq!(
+            prefill_mode(0, &[8192, 100], &[8192, 100], 8192, true).unwrap(),
+            Dense
+        );
         // A request with nothing new is not prefilled.
-        assert!(check_prefill(0, &[20000, 100], &[0, 100], 8192).is_ok());
-        // One query at position 8192 (the 8193rd token) is past it.
-        let e = check_prefill(5, &[100, 8193], &[100, 1], 8192)
+        assert_eq!(
+            prefill_mode(0, &[20000, 100], &[0, 100], 8192, false).unwrap(),
+            Dense
+        );
+        // One query at position 8192 (the 8193rd token) is past it: the
+        // RoPE-mode sparse prefill, for the whole call.
+        assert_eq!(
+            prefill_mode(5, &[100, 8193], &[100, 1], 8192, true).unwrap(),
+            Sparse
+        );
+        // ... refused when the sparse prefill is off.
+        let e = prefill_mode(5, &[100, 8193], &[100, 1], 8192, false)
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("layer 5")
                 && e.contains("request 1")
                 && e.contains("position 8192")
-                && e.contains("not built"),
+                && e.contains("prefill_estimator"),
             "{e}"
         );
     }
