@@ -114,8 +114,9 @@ pub fn llama_cuda_attn_new(
 pub(crate) const ROPE_MISSING: &str = "GpuAttention's decode re-rotates keys in the halves \
     (NEOX) layout only, llama.cpp's Llama models store them in the NORM (interleaved) layout, \
     this route does not pass llama.cpp's rope parameters (patch 0006) to it, and its prefill \
-    (llama.cpp's attention below prefill_dense_below, GpuAttention's dense prefill above) has no \
-    RoPE modes past the trained length";
+    (llama.cpp's attention below prefill_dense_below, GpuAttention's dense prefill above) does not \
+    use GpuAttention's RoPE-mode sparse prefill past the trained length (compiled, not yet run on \
+    a GPU)";
 
 /// GpuAttention also runs lazy/squeeze/locret, but those need its prefill
 /// (prompt queries, projections), which this route leaves to llama.cpp.

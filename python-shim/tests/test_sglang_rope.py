@@ -52,9 +52,9 @@ def plain(rot=D, neox=True, base=THETA, max_pos=CTX, scaling=None):
 
 
 def test_cuda_device_keeps_the_host_engine_with_rope_modes(monkeypatch):
-    """GpuAttention decodes the RoPE modes but has no RoPE-mode prefill past
-    the trained length (nor CUDA graphs with them): on a CUDA device the
-    backend must not build it (it would fail at the first long prefill)."""
+    """GpuAttention decodes the RoPE modes, but its RoPE-mode prefill past
+    the trained length has not run on a GPU yet (and it has no CUDA graphs
+    with them): on a CUDA device the backend keeps the host engine."""
     import infinitehip
     import infinitehip.sglang.backend as b
 

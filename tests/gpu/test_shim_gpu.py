@@ -558,8 +558,9 @@ def test_shim_rope(gen):
     then 48 decode steps take request 0 past max_position; two requests,
     rows out of order. Decode outputs within 1e-2 (bf16 q; the GPU rounds
     the re-rotated keys to bf16). Negative control: the host engine with
-    original attention positions must miss the bound. Refused: a prefill
-    past max_position."""
+    original attention positions must miss the bound. Then a prefill past
+    max_position (the RoPE-mode hip sparse prefill, compiled, not run on a
+    GPU) vs the host engine's prefill, with the same control."""
     cfg = rope_cfg()
     prompt, n_new, steps, rows = [1000, 700], [150, 120], 48, [3, 0]
     n_layers = 2
@@ -604,15 +605,32 @@ def test_shim_rope(gen):
           finite and worst <= 1e-2 and worst_ctl > 1e-2,
           f"rel_err {worst:.2e} (bound 1e-2); vs original-position host engine (must exceed) {worst_ctl:.2e}; "
           f"finite {finite}")
-    try:
-        k, v, r2t = pools[0]
-        att.prefill(0, torch.zeros(4, HQ * D, device=DEV, dtype=torch.bfloat16), k, v, r2t, [rows[0]],
-                    [full[0]], [4], [ids[0] + 100])
-        msg = ""
-    except infinitehip.InfinitehipError as e:
-        msg = str(e)
-    check("shim hip RoPE modes: a GPU prefill past model.max_position is refused",
-          "max_position" in msg and "not built" in msg, msg[:300])
+    # A GPU prefill past max_position: the RoPE-mode hip sparse prefill
+    # (rotated per-block scoring, streaming attention) vs the host engine's
+    # prefill of the same tokens (HipPolicy::select_prefill + the CPU
+    # streaming kernel), both layers; control: original attention positions.
+    n_pf, sid = 96, ids[0] + 100
+    worst_pf, worst_pf_ctl, finite_pf = 0.0, float("inf"), True
+    for e in (eng, ctl):
+        e.add_sequence(sid)
+    q = torch.randn(n_pf, HQ * D, generator=gen, device=DEV).to(torch.bfloat16)
+    qh = q.float().cpu().reshape(n_pf, HQ, D)
+    for layer in range(n_layers):
+        k, v, r2t = pools[layer]
+        idx = r2t[rows[0], :full[0]].long()
+        for e in (eng, ctl):
+            e.append(layer, sid, k[idx].float().cpu(), v[idx].float().cpu(), phase="prefill", prompt_done=True)
+        got = att.prefill(layer, q, k, v, r2t, [rows[0]], [full[0]], [n_pf], [sid]).float().cpu()
+        torch.cuda.synchronize()
+        finite_pf &= bool(torch.isfinite(got).all())
+        want = torch.as_tensor(eng.attend_prefill(layer, sid, qh)).reshape(n_pf, HQ * D)
+        wctl = torch.as_tensor(ctl.attend_prefill(layer, sid, qh)).reshape(n_pf, HQ * D)
+        worst_pf = max(worst_pf, rel_err(got, want))
+        worst_pf_ctl = min(worst_pf_ctl, rel_err(got, wctl))
+    check(f"shim hip RoPE modes: GPU prefill past model.max_position (queries {full[0] - n_pf}..{full[0]}) vs host engine",
+          finite_pf and worst_pf <= 1e-2 and worst_pf_ctl > 1e-2,
+          f"rel_err {worst_pf:.2e} (bound 1e-2: bf16 q, keys re-rotated to bf16, tensor-core P); "
+          f"vs original-position host engine (must exceed) {worst_pf_ctl:.2e}; finite {finite_pf}")
     att.close()
     eng.close()
     ctl.close()
@@ -1046,6 +1064,12 @@ def test_backend_graph(gen):
 def main():
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, gpu_built {ig.gpu_built()}", flush=True)
     gen = torch.Generator(device=DEV).manual_seed(1234)
+    if os.environ.get("SHIM_ONLY") == "rope":
+        # Only the RoPE-mode checks (tests/gpu/ropepf-run.sh).
+        test_shim_rope(gen)
+        n_fail = RESULTS.count(False)
+        print(f"test_shim_gpu: {len(RESULTS)} checks, {n_fail} failed", flush=True)
+        sys.exit(1 if n_fail else 0)
     att = ig.GpuAttention(config())
     print("info", att.info())
     test_shim_decode(att, gen)

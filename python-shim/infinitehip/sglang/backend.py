@@ -566,14 +566,15 @@ class InfiniteHipAttnBackend(AttentionBackend):
         if dev.type != "cuda" or os.environ.get("INFINITEHIP_GPU", "1") == "0":
             return None
         if self.rope_modes:
-            # GpuAttention decodes hip layers with the RoPE modes (compiled,
-            # not yet run on a GPU) but has no sparse prefill with them: it
-            # refuses prefills past the trained length and CUDA graphs. The
-            # host engine runs every mode.
+            # GpuAttention decodes hip layers with the RoPE modes (run on an
+            # H200) and prefills past the trained length with them (the
+            # RoPE-mode sparse prefill: compiled, not yet run on a GPU), and
+            # refuses CUDA graphs with them. Until its prefill has been
+            # checked on a GPU, the host engine runs every mode.
             logger.warning(
-                "infinitehip: %s: the GPU path has no RoPE-mode prefill past the trained length "
-                "(and no CUDA graphs with them); attention runs on the host engine with "
-                "device<->host copies", ", ".join(self.rope_modes)
+                "infinitehip: %s: the GPU path's RoPE-mode prefill has not run on a GPU yet "
+                "(and there are no CUDA graphs with the modes); attention runs on the host engine "
+                "with device<->host copies", ", ".join(self.rope_modes)
             )
             return None
         try:

@@ -21,6 +21,7 @@
 //! - the output is poisoned with NaN first: NaN never passes;
 //! - a covering budget equals the CPU's dense streaming prefill
 //!   (`prefill_with` without a selection) and `attend_streaming_f64`.
+//!
 //! Then the engine route: `GpuAttention::prefill` past `max_position`
 //! (token-major pool, table rows reversed) equals `HipGpuPrefill` on the
 //! same inputs and the CPU reference.
@@ -496,6 +497,16 @@ fn engine_case(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
     Ok(checks)
 }
 
+/// A case's error (a launch or shape error) as a failed check, so the
+/// checks after it still run and report.
+fn or_fail(name: &str, r: R<Check>) -> Check {
+    r.unwrap_or_else(|x| Check {
+        name: name.into(),
+        ok: false,
+        detail: format!("error: {x}"),
+    })
+}
+
 /// The prefill checks, each reported as it finishes (`c`).
 pub(crate) fn checks(gpu: &GpuContext, seed: u64, c: &mut Progress) -> R<()> {
     use RopeMode::*;
@@ -521,78 +532,102 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64, c: &mut Progress) -> R<()> {
     }
     // Llama heads, chunk_indexed + streaming, both attention kernels.
     for kernel in [AttnKernel::CudaCore, AttnKernel::Auto] {
-        c.push(prefill_case::<bf16>(
-            gpu,
-            llama,
-            cfg(ChunkIndexed, Streaming, keep),
-            8192,
-            20000,
-            512,
-            kernel,
-            false,
-            seed + 11,
-        )?);
+        c.push(or_fail(
+            "HipGpuPrefill RoPE modes: llama chunk_indexed + streaming",
+            prefill_case::<bf16>(
+                gpu,
+                llama,
+                cfg(ChunkIndexed, Streaming, keep),
+                8192,
+                20000,
+                512,
+                kernel,
+                false,
+                seed + 11,
+            ),
+        ));
     }
     // relative + streaming, f16, a chunk straddling max_position (blocks
     // below it score as stored) with a short last block.
-    c.push(prefill_case::<f16>(
-        gpu,
-        small,
-        cfg(Relative, Streaming, keep),
-        11900,
-        12000,
-        300,
-        AttnKernel::CudaCore,
-        false,
-        seed + 12,
-    )?);
+    c.push(or_fail(
+        "HipGpuPrefill RoPE modes: relative + streaming f16",
+        prefill_case::<f16>(
+            gpu,
+            small,
+            cfg(Relative, Streaming, keep),
+            11900,
+            12000,
+            300,
+            AttnKernel::CudaCore,
+            false,
+            seed + 12,
+        ),
+    ));
     // Scoring only (attention at original positions).
-    c.push(prefill_case::<bf16>(
-        gpu,
-        small,
-        cfg(Relative, Original, keep),
-        4096,
-        9000,
-        256,
-        AttnKernel::CudaCore,
-        false,
-        seed + 13,
-    )?);
-    c.push(prefill_case::<bf16>(
-        gpu,
-        small,
-        cfg(ChunkIndexed, Original, keep),
-        4096,
-        6000,
-        200,
-        AttnKernel::CudaCore,
-        false,
-        seed + 14,
-    )?);
+    c.push(or_fail(
+        "HipGpuPrefill RoPE modes: relative scoring only",
+        prefill_case::<bf16>(
+            gpu,
+            small,
+            cfg(Relative, Original, keep),
+            4096,
+            9000,
+            256,
+            AttnKernel::CudaCore,
+            false,
+            seed + 13,
+        ),
+    ));
+    c.push(or_fail(
+        "HipGpuPrefill RoPE modes: chunk_indexed scoring only",
+        prefill_case::<bf16>(
+            gpu,
+            small,
+            cfg(ChunkIndexed, Original, keep),
+            4096,
+            6000,
+            200,
+            AttnKernel::CudaCore,
+            false,
+            seed + 14,
+        ),
+    ));
     // Streaming attention with original scoring.
-    c.push(prefill_case::<bf16>(
-        gpu,
-        llama,
-        cfg(Original, Streaming, keep),
-        8192,
-        10000,
-        256,
-        AttnKernel::CudaCore,
-        false,
-        seed + 15,
-    )?);
+    c.push(or_fail(
+        "HipGpuPrefill RoPE modes: original scoring + streaming",
+        prefill_case::<bf16>(
+            gpu,
+            llama,
+            cfg(Original, Streaming, keep),
+            8192,
+            10000,
+            256,
+            AttnKernel::CudaCore,
+            false,
+            seed + 15,
+        ),
+    ));
     // Covering budget: every token selected, equals dense streaming.
-    c.push(prefill_case::<bf16>(
-        gpu,
-        llama,
-        cfg(ChunkIndexed, Streaming, [8192, 8192, 8192]),
-        1024,
-        3000,
-        512,
-        AttnKernel::CudaCore,
-        true,
-        seed + 16,
-    )?);
-    c.extend(engine_case(gpu, seed + 17)?);
+    c.push(or_fail(
+        "HipGpuPrefill RoPE modes: covering budget",
+        prefill_case::<bf16>(
+            gpu,
+            llama,
+            cfg(ChunkIndexed, Streaming, [8192, 8192, 8192]),
+            1024,
+            3000,
+            512,
+            AttnKernel::CudaCore,
+            true,
+            seed + 16,
+        ),
+    ));
+    match engine_case(gpu, seed + 17) {
+        Ok(cs) => c.extend(cs),
+        Err(x) => c.push(or_fail(
+            "GpuAttention::prefill past model.max_position",
+            Err(x),
+        )),
+    }
     Ok(())
 }
