@@ -38,8 +38,12 @@ step hip-prefill $(cap 150) $BIN gpu-test --hip-prefill-only &
 step shim-rope $(cap 200) env INFINITEHIP_LIB="$PWD/gpu-bin/libinfinitehip.so" SHIM_ONLY=rope TIMING_TOKENS= \
   python3 tests/gpu/test_shim_gpu.py &
 wait
+# Alone on the GPU: one RoPE-mode prefill chunk (8192 queries at 64K) vs
+# original positions (gpu_rope_prefill::timing; a timing, not a check).
+step rope-pf-timing $(cap 60) env INFINITEHIP_ROPE_PF_TIMING=65536,8192 $BIN gpu-test
 echo "== summary"
 for f in rope-only hip-prefill shim-rope; do echo "-- $f: PASS $(grep -c '^PASS' "$OUT/$f.log") FAIL $(grep -c '^FAIL' "$OUT/$f.log")"; grep -E '^FAIL' "$OUT/$f.log" | cut -c1-900; tail -2 "$OUT/$f.log" | cut -c1-400; done
 grep -E '^(PASS|FAIL)' "$OUT/rope-only.log" | grep -i prefill | cut -c1-1400
 grep '^\[' "$OUT/rope-only.log"
+grep -A 9 '^rope prefill timing' "$OUT/rope-pf-timing.log"; tail -3 "$OUT/rope-pf-timing.log"
 cat "$OUT/device.txt"

@@ -544,6 +544,17 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
         )?);
         return report(&checks);
     }
+    if let Ok(v) = std::env::var("INFINITEHIP_ROPE_PF_TIMING") {
+        // "len,n": the RoPE-mode prefill chunk timing alone
+        // (gpu_rope_prefill::timing; no checks).
+        let x: Vec<usize> = v.split(',').filter_map(|s| s.trim().parse().ok()).collect();
+        return match x[..] {
+            [len, n] if n > 0 && n < len => crate::gpu_rope_prefill::timing(&gpu, len, n),
+            _ => Err(format!(
+                "INFINITEHIP_ROPE_PF_TIMING={v:?}: want \"len,n\" with 0 < n < len"
+            )),
+        };
+    }
     if a.rope_only {
         // RoPE modes of the GPU hip decode vs the CPU policy, then timing.
         let checks = crate::gpu_rope::checks(&gpu, seed)?;

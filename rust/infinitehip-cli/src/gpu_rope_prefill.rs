@@ -227,7 +227,10 @@ pub(crate) fn prefill_case<T: Element>(
             .flat_map(|r| r.clone())
             .filter(|&t| t <= pos)
             .collect();
-        toks[rng.below(toks.len())]
+        // The middle visible token: the keys before it move one streaming
+        // position relative to the query (a random early token would move
+        // only a few, which the tensor-core bound of 1e-2 could hide).
+        toks[toks.len() / 2]
     });
     let bound = match kernel {
         AttnKernel::CudaCore => STORED_KV_BOUND,
@@ -495,6 +498,101 @@ fn engine_case(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
         detail: off,
     });
     Ok(checks)
+}
+
+/// One prefill chunk (`prepare` + `select` + `attend`, auto kernels) of
+/// `n` queries at the end of a `len`-token context, original positions vs
+/// each RoPE mode: Llama-3.1-8B heads, bf16, paper stages
+/// (`HipConfig::default`), device-random K/V, `max_position` len / 2 (so
+/// `relative` moves every block). Mean of 3 after one warm-up.
+pub(crate) fn timing(gpu: &GpuContext, len: usize, n: usize) -> R<()> {
+    use RopeMode::*;
+    let shape = AttnShape::new(32, 8, 128).map_err(e)?;
+    let kv = infinitehip::backend::cuda::dense_decode::random_device_kv(
+        gpu,
+        1,
+        len,
+        8,
+        128,
+        DType::Bf16,
+        64,
+        9,
+    )
+    .map_err(e)?;
+    let model = ModelShape {
+        n_layers: 1,
+        n_q_heads: 32,
+        n_kv_heads: 8,
+        head_dim: 128,
+        rope_theta: 500000.0,
+        max_position: len / 2,
+    };
+    let mut rng = Rng::new(21);
+    let q: Vec<f32> = rng.normal_vec(n * shape.q_elems(), 1.0);
+    let qd = DevBuf::from_slice(&q).map_err(e)?;
+    let out = DevBuf::alloc(q.len() * 4).map_err(e)?;
+    println!(
+        "rope prefill timing: one chunk of {n} queries at {}..{len}, 32 q / 8 kv heads, d128, bf16, paper stages, max_position {}",
+        len - n,
+        len / 2
+    );
+    println!(
+        "{:>34} {:>12} {:>10}",
+        "modes (mask estimator)", "ms/chunk", "vs orig"
+    );
+    let mut base = 0f64;
+    // The first row is the engine's default at original positions (the
+    // tensor-core mask estimator), for scale; ratios are against the
+    // second (the reference estimator, as rotated scoring runs).
+    for (sc, at, est) in [
+        (Original, Original, MaskEstimator::Auto),
+        (Original, Original, MaskEstimator::Reference),
+        (ChunkIndexed, Original, MaskEstimator::Reference),
+        (Relative, Original, MaskEstimator::Reference),
+        (Original, Streaming, MaskEstimator::Reference),
+        (ChunkIndexed, Streaming, MaskEstimator::Reference),
+        (Relative, Streaming, MaskEstimator::Reference),
+    ] {
+        let hip = HipConfig {
+            rope: infinitehip::config::RopeConfig {
+                scoring: sc,
+                attention: at,
+            },
+            ..HipConfig::default()
+        };
+        let mut pf = HipGpuPrefill::new(hip, &shape, n).map_err(e)?;
+        pf.set_rope_model(&model).map_err(e)?;
+        pf.estimator = est;
+        let mut t = 0f64;
+        for i in 0..4 {
+            gpu.synchronize().map_err(e)?;
+            let t0 = std::time::Instant::now();
+            pf.prepare(gpu, &kv, len - n, n).map_err(e)?;
+            pf.select(gpu, &kv, qd.ptr).map_err(e)?;
+            pf.attend(gpu, &shape, &kv, qd.ptr, out.ptr).map_err(e)?;
+            gpu.synchronize().map_err(e)?;
+            if i > 0 {
+                t += t0.elapsed().as_secs_f64();
+            }
+        }
+        let got: Vec<f32> = out.read(q.len()).map_err(e)?;
+        if !got.iter().all(|x| x.is_finite()) {
+            return Err(format!(
+                "rope prefill timing {sc:?}/{at:?}: non-finite output"
+            ));
+        }
+        let ms = t / 3.0 * 1e3;
+        if sc == Original && at == Original && est == MaskEstimator::Reference {
+            base = ms;
+        }
+        let label = format!("{sc:?}/{at:?} ({})", est.name());
+        if base > 0.0 {
+            println!("{label:>34} {ms:>12.2} {:>9.2}x", ms / base);
+        } else {
+            println!("{label:>34} {ms:>12.2} {:>10}", "-");
+        }
+    }
+    Ok(())
 }
 
 /// A case's error (a launch or shape error) as a failed check, so the
