@@ -16,6 +16,9 @@
 //! - a covering budget equals the CPU's dense streaming attention
 //!   (`decode_with` without a selection) and `attend_streaming_f64`.
 //!
+//! Then the engine path's decode (gpu_rope_engine.rs) and the sparse
+//! prefill with the modes (gpu_rope_prefill.rs: `HipGpuPrefill` and
+//! `GpuAttention::prefill` past `max_position`, compiled, not run on a GPU).
 //! Then the step time of the modes vs original positions at 128K and 1M
 //! (Llama-3.1-8B heads, batch 1, device-random K/V).
 
