@@ -253,7 +253,7 @@ pub(crate) fn with_successors(
 
 /// Sink, middle and window of a query block whose first query sits at
 /// `p_first` (the window starts `window` tokens before it).
-fn regions(
+pub(crate) fn regions(
     cfg: &HipConfig,
     p_first: usize,
     p_last: usize,

@@ -2782,9 +2782,9 @@ impl HipGpuPrefill {
             let p_first = q_start + b * qb;
             let p_last = q_start + ((b + 1) * qb).min(n) - 1;
             let end = p_last + 1;
-            let sink_end = self.cfg.sink.min(end);
-            let win_start = (p_first + 1).saturating_sub(self.cfg.window).max(sink_end);
-            let mid = sink_end..win_start;
+            // The CPU policy's prefill regions (rope_gpu::prefill_regions).
+            let (sink, mid, win) = super::rope_gpu::prefill_regions(&self.cfg, p_first, p_last);
+            let (sink_end, win_start) = (sink.end, win.start);
             max_mid = max_mid.max(mid.len());
             bound = bound.max(sink_end + (end - win_start) + last_keep.min(mid.len()));
             for _ in 0..self.hkv {

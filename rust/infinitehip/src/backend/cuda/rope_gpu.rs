@@ -1053,6 +1053,30 @@ mod tests {
     }
 
     #[test]
+    fn prefill_regions_are_the_cpu_policys() {
+        // HipGpuPrefill::prepare uploads these regions; HipPolicy's prefill
+        // cuts its blocks with policy::hip::regions: the same, over random
+        // sinks, windows and blocks (short ones, at the start, past both).
+        let mut rng = crate::rng::Rng::new(5);
+        for _ in 0..5000 {
+            let c = HipConfig {
+                sink: rng.below(300),
+                window: 1 + rng.below(3000),
+                ..HipConfig::default()
+            };
+            let p_first = rng.below(20000);
+            let p_last = p_first + rng.below(130);
+            assert_eq!(
+                prefill_regions(&c, p_first, p_last),
+                crate::policy::hip::regions(&c, p_first, p_last),
+                "sink {} window {} block {p_first}..={p_last}",
+                c.sink,
+                c.window
+            );
+        }
+    }
+
+    #[test]
     fn pf_stream_plan_attends_as_the_cpu_streaming_prefill() {
         // One query block's selection row (sink, chunks, window), every
         // query of the block through the two passes' host twin (keys to
