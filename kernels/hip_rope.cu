@@ -228,26 +228,30 @@ GATHER_INST(F16, 1, f16, 256)
 // are a prefix of its row: a key's streaming position is its rank in the
 // row whatever the query. Hence two passes and the unchanged attention:
 // - hip_pf_stream_gather_<dt>_d<D>: row r's token of rank i (position p)
-//   written at compact slot (r * P + i), its key rotated by i - p (to its
-//   rank; rounded to the cache dtype), V copied;
+//   written at compact slot (block * P + i), its key rotated by i - p (to its
+//   rank; rounded to the cache dtype), V copied; one KV head per launch
+//   (the compact buffer holds that head's rows: [block][P][D]);
 // - hip_pf_stream_q: query j's q head rotated by (n_j - 1) - p_j into
 //   qout[h][j][g][D] (f32), with qpos2[h][j] = n_j - 1 (the causal clip in
-//   compact slots) and qseq2[h][j] = r (its compact page);
-// then per KV head the prefill attention over the compact buffer (one page
-// of P slots per row), rows [h][j], the selection of every block [0, P)
-// clipped at qpos2 (rust: HipGpuPrefill::attend_streaming).
+//   compact slots) and qseq2[h][j] = j / q_block (its compact page);
+// then per KV head (gather, attention) the prefill attention over the
+// compact buffer (one page of P slots per block), rows [h][j], the
+// selection of every block [0, P) clipped at qpos2 (rust:
+// HipGpuPrefill::attend_streaming).
 
-// Grid: (ceil(P * D / 2 / 128), rows); block 128: one thread per (slot,
-// rotation pair). The prefill's K/V is page-table row `table_row`.
+// Grid: (ceil(P * D / 2 / 128), blocks); block 128: one thread per (slot,
+// rotation pair). KV head `head` only: row r = blockIdx.y * hkv + head is
+// written at compact row blockIdx.y (the buffer holds one head's rows at a
+// time). The prefill's K/V is page-table row `table_row`.
 template <typename E, int IS_F16, int D>
 __device__ void pf_stream_gather(const u16* __restrict__ kp, const u16* __restrict__ vp,
                                  const int* __restrict__ table, int table_stride, int table_row, int ps, int hkv,
-                                 long long pst, long long hst, const int2* __restrict__ ranges,
+                                 int head, long long pst, long long hst, const int2* __restrict__ ranges,
                                  const int* __restrict__ cum, const int* __restrict__ cnt,
                                  const int* __restrict__ tot, int cap, const float* __restrict__ inv_freq, int P,
                                  u16* __restrict__ k2, u16* __restrict__ v2) {
-    const int r = blockIdx.y;
-    const int h = r % hkv;
+    const int r = blockIdx.y * hkv + head;
+    const int h = head;
     const int n = min(tot[r], P);
     constexpr int HALF = D / 2;
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -266,7 +270,7 @@ __device__ void pf_stream_gather(const u16* __restrict__ kp, const u16* __restri
     const long long src = kv_row(trow, p, h, ps, D, pst, hst);
     float x0 = E::to_f32(kp[src + e]), x1 = E::to_f32(kp[src + e + HALF]);
     rope_rot(x0, x1, pos, inv_freq[e]);
-    const long long dst = ((long long)r * P + i) * D;
+    const long long dst = ((long long)blockIdx.y * P + i) * D;
     k2[dst + e] = to_elem<IS_F16>(x0);
     k2[dst + e + HALF] = to_elem<IS_F16>(x1);
     v2[dst + e] = vp[src + e];
@@ -276,10 +280,10 @@ __device__ void pf_stream_gather(const u16* __restrict__ kp, const u16* __restri
 #define PF_GATHER_INST(E, IS_F16, TN, D)                                                                       \
     extern "C" __global__ void __launch_bounds__(128) hip_pf_stream_gather_##TN##_d##D(                       \
         const u16* kp, const u16* vp, const int* table, int table_stride, int table_row, int ps, int hkv,       \
-        long long pst, long long hst, const int2* ranges, const int* cum, const int* cnt, const int* tot,      \
-        int cap, const float* inv_freq, int P, u16* k2, u16* v2) {                                             \
-        pf_stream_gather<E, IS_F16, D>(kp, vp, table, table_stride, table_row, ps, hkv, pst, hst, ranges, cum, \
-                                       cnt, tot, cap, inv_freq, P, k2, v2);                                     \
+        int head, long long pst, long long hst, const int2* ranges, const int* cum, const int* cnt,           \
+        const int* tot, int cap, const float* inv_freq, int P, u16* k2, u16* v2) {                             \
+        pf_stream_gather<E, IS_F16, D>(kp, vp, table, table_stride, table_row, ps, hkv, head, pst, hst, ranges, \
+                                       cum, cnt, tot, cap, inv_freq, P, k2, v2);                                \
     }
 PF_GATHER_INST(Bf16, 0, bf16, 64)
 PF_GATHER_INST(Bf16, 0, bf16, 128)
@@ -322,6 +326,6 @@ extern "C" __global__ void hip_pf_stream_q(const float* __restrict__ q, int n, i
     }
     if (threadIdx.x == 0 && gi == 0) {
         qpos2[(long long)h * n + j] = nv - 1;
-        qseq2[(long long)h * n + j] = r;
+        qseq2[(long long)h * n + j] = j / q_block;
     }
 }

@@ -2597,11 +2597,12 @@ pub struct HipGpuPrefill {
 }
 
 /// Buffers of the streaming prefill (`HipGpuPrefill::attend_streaming`):
-/// the compact K/V (`[rows][p][d]`, cache dtype; zeroed at allocation so
-/// that slots past a row's count hold finite values), its identity page
-/// table, the rotated queries `[hkv][n][g][d]` f32 with their clips and
-/// rows `[hkv][n]` i32, and the attention's selection (one range `0..p`
-/// per block: each query is clipped at its own n_j - 1).
+/// the compact K/V of one KV head at a time (`[block][p][d]`, cache dtype;
+/// zeroed at allocation so that slots past a row's count hold finite
+/// values), its identity page table, the rotated queries `[hkv][n][g][d]`
+/// f32 with their clips and blocks `[hkv][n]` i32, and the attention's
+/// selection (one range `0..p` per block: each query is clipped at its own
+/// n_j - 1).
 struct PfStream {
     k2: DevBuf,
     v2: DevBuf,
@@ -3057,13 +3058,13 @@ impl HipGpuPrefill {
     /// `prefill_with`): query j of block b, KV head h, sees row (b, h)'s
     /// tokens at positions <= p_j renumbered 0..n_j in order, and sits at
     /// n_j - 1. Rows are ascending, so a key's streaming position is its
-    /// rank in the row: `hip_pf_stream_gather_*` writes each row's keys
-    /// rotated to their ranks (rounded to the cache dtype) into a compact
-    /// buffer, `hip_pf_stream_q` rotates each (query, q head) to n_j - 1
-    /// and records the clip n_j - 1, then one launch per KV head of the
-    /// unchanged prefill attention (`kernel`) reads the compact rows as one
-    /// page per (block, head), every block's selection `0..p` clipped at
-    /// each query's n_j - 1. Host-side twin: `rope_gpu::pf_stream_plan`.
+    /// rank in the row: `hip_pf_stream_q` rotates each (query, q head) to
+    /// n_j - 1 and records the clip n_j - 1, then per KV head
+    /// `hip_pf_stream_gather_*` writes that head's rows' keys rotated to
+    /// their ranks (rounded to the cache dtype) into a compact buffer and
+    /// the unchanged prefill attention (`kernel`) reads it as one page per
+    /// block, every block's selection `0..p` clipped at each query's
+    /// n_j - 1. Host-side twin: `rope_gpu::pf_stream_plan`.
     fn attend_streaming(
         &mut self,
         gpu: &GpuContext,
@@ -3076,10 +3077,10 @@ impl HipGpuPrefill {
         self.rope_ready()?;
         let (hkv, g, d, n, nb) = (self.hkv, self.group, kv.head_dim, self.n, self.n_blocks);
         let qb = self.cfg.block_size_q;
-        let rows = nb * hkv;
         // Every row holds at most max_tokens tokens (prepare's bound).
         let p = self.max_tokens.max(1);
-        let max_rows = self.max_blocks * hkv;
+        // One KV head's rows at a time (gather, then its attention).
+        let max_rows = self.max_blocks;
         let max_q = self.max_blocks * qb;
         let grow = match &self.stream {
             Some(st) => st.p < p,
@@ -3107,18 +3108,8 @@ impl HipGpuPrefill {
         }
         let r = self.rope.as_deref().expect("streaming implies RoPE modes");
         let st = self.stream.as_ref().unwrap();
-        debug_assert!(rows <= st.rows);
+        debug_assert!(nb <= st.rows);
         let pc = st.p;
-        r.pf_gather(
-            gpu,
-            kv,
-            self.table_row,
-            &self.sel,
-            rows,
-            pc,
-            st.k2.ptr,
-            st.v2.ptr,
-        )?;
         r.pf_queries(
             gpu,
             q,
@@ -3166,6 +3157,10 @@ impl HipGpuPrefill {
         let mut ws = std::mem::take(&mut self.ws);
         let mut res = Ok(());
         for h in 0..hkv {
+            res = r.pf_gather(gpu, kv, self.table_row, &self.sel, h, nb, pc, k2, v2);
+            if res.is_err() {
+                break;
+            }
             res = launch_attention_kernel(
                 gpu,
                 &mut ws,

@@ -276,11 +276,11 @@ impl RopeGpu {
         self.rel.write_async(&gpu.stream, &rel)
     }
 
-    /// Streaming prefill, pass 1 (`hip_pf_stream_gather_*`): every
-    /// selection row's tokens (`sel`, rows `[block][kv head]`, ascending)
-    /// written at compact slots `row * p + rank`, keys rotated to their
-    /// rank, values copied (at most `p` per row). K/V: page-table row
-    /// `table_row` of `kv`.
+    /// Streaming prefill, pass 1 (`hip_pf_stream_gather_*`): KV head
+    /// `head`'s selection rows (`sel`, rows `[block][kv head]`, ascending)
+    /// of `blocks` query blocks written at compact slots `block * p +
+    /// rank`, keys rotated to their rank, values copied (at most `p` per
+    /// row). K/V: page-table row `table_row` of `kv`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn pf_gather(
         &self,
@@ -288,7 +288,8 @@ impl RopeGpu {
         kv: &DeviceKv,
         table_row: usize,
         sel: &super::dispatch::DeviceSelection,
-        rows: usize,
+        head: usize,
+        blocks: usize,
         p: usize,
         k2: u64,
         v2: u64,
@@ -297,11 +298,12 @@ impl RopeGpu {
         let d = kv.head_dim;
         let f = gpu.func("hip_rope", &format!("hip_pf_stream_gather_{tag}_d{d}"))?;
         let kst = kv.strides();
-        let (ts, tr, ps, hk, cap, pi) = (
+        let (ts, tr, ps, hk, hd, cap, pi) = (
             kv.table_stride as i32,
             table_row as i32,
             kv.page_size as i32,
             kv.n_kv_heads as i32,
+            head as i32,
             sel.cap as i32,
             p as i32,
         );
@@ -313,6 +315,7 @@ impl RopeGpu {
             .arg(&tr)
             .arg(&ps)
             .arg(&hk)
+            .arg(&hd)
             .arg(&kst.page)
             .arg(&kst.head)
             .arg(&sel.ranges.ptr)
@@ -324,13 +327,20 @@ impl RopeGpu {
             .arg(&pi)
             .arg(&k2)
             .arg(&v2);
-        let blocks = (p * d / 2).div_ceil(THREADS).max(1);
+        if head >= kv.n_kv_heads {
+            return Err(Error::OutOfRange(format!(
+                "hip RoPE prefill gather: KV head {head} of {}",
+                kv.n_kv_heads
+            )));
+        }
+        let grid_x = (p * d / 2).div_ceil(THREADS).max(1);
         // SAFETY: arguments in the order and C types of hip_pf_stream_gather_* (kernels/hip_rope.cu);
-        // k2/v2 hold rows * p * d elements of the cache dtype (HipGpuPrefill's stream buffers), the
-        // selection `rows` rows of `cap` ranges; table_row is a row of kv's page table.
+        // k2/v2 hold blocks * p * d elements of the cache dtype (HipGpuPrefill's stream buffers), the
+        // selection blocks * n_kv_heads rows of `cap` ranges, head < n_kv_heads; table_row is a row
+        // of kv's page table.
         unsafe {
             l.launch(LaunchConfig {
-                grid_dim: (blocks as u32, rows as u32, 1),
+                grid_dim: (grid_x as u32, blocks as u32, 1),
                 block_dim: (THREADS as u32, 1, 1),
                 shared_mem_bytes: 0,
             })
@@ -342,7 +352,8 @@ impl RopeGpu {
     /// Streaming prefill, pass 2 (`hip_pf_stream_q`): the chunk's queries
     /// `q` (`[n][n_q][d]` f32 at `q_start..`) rotated per (query, KV head)
     /// to streaming position n_j - 1 into `qout` (`[hkv][n][g][d]` f32),
-    /// with `qpos2` / `qseq2` (`[hkv][n]` i32: n_j - 1 and the row).
+    /// with `qpos2` / `qseq2` (`[hkv][n]` i32: n_j - 1 and the query's
+    /// block, its page of the compact buffer).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn pf_queries(
         &self,
