@@ -189,8 +189,15 @@ def around_forward(original, model, input_ids, positions, forward_batch, input_e
         return original(model, input_ids, positions, forward_batch, input_embeds,
                         pp_proxy_tensors=pp_proxy_tensors, **kwargs)
     if _aux and mode.is_extend() and forward_batch.req_pool_indices is not None:
-        for row in forward_batch.req_pool_indices.tolist():  # a new prompt on this row
-            _aux.pop(int(row), None)
+        # A new prompt (or more than one new token) on a row ends its aux
+        # entry; a mixed batch's decode rows (one token after a prefix) keep
+        # theirs (no revival in that step: the decode token attends to the
+        # tokens with K/V, as without revival).
+        pre = getattr(forward_batch, "extend_prefix_lens_cpu", None)
+        ext = getattr(forward_batch, "extend_seq_lens_cpu", None)
+        for j, row in enumerate(forward_batch.req_pool_indices.tolist()):
+            if pre is None or ext is None or int(pre[j]) == 0 or int(ext[j]) != 1:
+                _aux.pop(int(row), None)
     why = _why_not(model, forward_batch, input_embeds, pp_proxy_tensors, backend)
     if why is not None:
         if backend is not None and forward_batch.forward_mode.is_extend() and not forward_batch.forward_mode.is_decode():
