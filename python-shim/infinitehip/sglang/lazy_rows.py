@@ -339,8 +339,11 @@ def forward_revive(model, backend, input_ids, positions, forward_batch, st):
             x = layer.input_layernorm(h)
         else:
             x, residual = layer.input_layernorm(h, residual)
-        if li < first:
-            afb = fb  # SGLang's own decode (every token has K/V here)
+        if li < first or (tok.shape[0] == 1 and li not in points):
+            # The decode token alone, no selection here: the backend's own
+            # decode (its engine copy of this layer holds exactly the tokens
+            # with K/V here: kept rows, revived rows, decoded tokens).
+            afb = fb
         else:
             is_row = torch.zeros(seq_len, dtype=torch.bool)
             is_row[tok] = True
@@ -351,7 +354,7 @@ def forward_revive(model, backend, input_ids, positions, forward_batch, st):
             afb.ihip_revive = {"key_loc": locs_all[key_tok.to(locs_all.device)], "key_pos": key_tok,
                                "q_pos": tok, "imp": None}
             pos = tok.to(device=positions.device, dtype=positions.dtype)
-        x = layer.self_attn(positions=positions if li < first else pos, hidden_states=x, forward_batch=afb)
+        x = layer.self_attn(positions=positions if afb is fb else pos, hidden_states=x, forward_batch=afb)
         done[tok] = li
         computed += int(tok.shape[0]) - 1
         if li == last:
@@ -359,9 +362,11 @@ def forward_revive(model, backend, input_ids, positions, forward_batch, st):
         x, residual = layer.post_attention_layernorm(x, residual)
         h = layer.mlp(x, forward_batch=fb)
         if li in points and li < last:
-            imp = afb.ihip_revive["imp"] if li >= first else None
+            imp = afb.ihip_revive["imp"]
             if imp is None or imp.shape[0] != key_tok.shape[0]:
                 raise RuntimeError(f"infinitehip lazy: layer {li} reported no decode importance")
+            is_row = torch.zeros(seq_len, dtype=torch.bool)
+            is_row[tok] = True
             sel = torch.zeros(seq_len, dtype=torch.bool)
             sel[_select(imp, key_tok, points[li], seq_len, mode)] = True
             stay = sel[tok]
