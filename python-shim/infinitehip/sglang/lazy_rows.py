@@ -28,8 +28,10 @@ Revival (the paper's aux cache, `INFINITEHIP_LAZY_REVIVE`, default "1"):
 a row dropped after pruning point p leaves its hidden state and residual
 after layer p in a per-request aux cache (`done[token] = p`: its K/V exist
 in layers 0..p). Each decode step of that request (one request per batch)
-runs the layer loop here too: layers up to the first pruning point are
-SGLang's own decode; at pruning point p the decode token's attention
+runs the layer loop here too: layers up to the first pruning point, and
+later layers where the decode token is the only row and no selection
+happens, are the backend's own decode (the engine copy of a layer holds
+exactly the tokens with K/V there); at pruning point p the decode token's attention
 (softmax of its q over every token with K/V at p, mean over q heads)
 selects the top `keep_count(keep_p, seq_len)` tokens (the decode token
 always), the paper's progressive selection with the new token as the last
