@@ -59,6 +59,6 @@ echo "== shim + SGLang attention kit tests"
 echo "== sglang.Engine end to end (infinitehip vs torch_native)"
 "$VENV/bin/python" "$ROOT/python-shim/tests/sglang_e2e.py" --json "$CACHE/sglang_e2e.json" 2>&1 \
   | grep -v -e "Ignore import error" -e "Warning" -e "warnings.warn" -e "^\s*$"
-echo "== LazyLLM rows dropped in SGLang's prefill (keep 1.0 == torch_native; keep 0.5 first token == key-set route)"
+echo "== LazyLLM rows dropped in SGLang's prefill (keep 1.0 == torch_native; keep 0.5 first token == key-set route; revival: all == torch_native, progressive revives)"
 "$VENV/bin/python" "$ROOT/python-shim/tests/sglang_lazy_e2e.py" --json "$CACHE/sglang_lazy_e2e.json" 2>&1 \
   | grep -v -e "Ignore import error" -e "Warning" -e "warnings.warn" -e "^\s*$"

@@ -38,8 +38,13 @@ def prompt_ids(model, text, n):
     return ids[:n]
 
 
-def bench(model, backend, cfg, ids, reps, d, tag):
+def bench(model, backend, cfg, ids, reps, d, tag, decode=0, revive=None):
     import sglang as sgl
+
+    if revive is not None:  # lazy_rows' INFINITEHIP_LAZY_REVIVE for this engine (its scheduler inherits it)
+        os.environ["INFINITEHIP_LAZY_REVIVE"] = revive
+    else:
+        os.environ.pop("INFINITEHIP_LAZY_REVIVE", None)
 
     if cfg is not None:
         path = os.path.join(d, f"{tag}.json")
@@ -61,12 +66,24 @@ def bench(model, backend, cfg, ids, reps, d, tag):
             o = eng.generate(input_ids=ids, sampling_params={"max_new_tokens": 1, "temperature": 0})
             times.append(time.perf_counter() - t0)
             toks.append(o["output_ids"][0])
+        dec = None
+        if decode:
+            # Decode cost: one streamed request of 1 + decode tokens; per step =
+            # (last chunk's time - first chunk's) / decode steps after the
+            # first token (revival runs in these steps; the prefill is out).
+            stamps = []
+            for _ in eng.generate(input_ids=ids, sampling_params={"max_new_tokens": 1 + decode, "temperature": 0,
+                                                                  "ignore_eos": True}, stream=True):
+                stamps.append(time.perf_counter())
+            dec = (stamps[-1] - stamps[0]) / decode if len(stamps) == decode + 1 else None
+            if dec is None:
+                print(f"{tag}: {len(stamps)} stream chunks for {decode + 1} tokens: decode time not measured")
     finally:
         eng.shutdown()
     recs = [json.loads(l) for l in open(stats)] if os.path.exists(stats) else []
     recs = [r for r in recs if r.get("prompt") == len(ids) and r.get("rows")]
     frac = sum(recs[-1]["rows"]) / (len(ids) * len(recs[-1]["rows"])) if recs else 1.0
-    return {"ttft_s": min(times), "all_s": times, "first_token": toks, "rows_fraction": frac}
+    return {"ttft_s": min(times), "all_s": times, "first_token": toks, "rows_fraction": frac, "decode_step_s": dec}
 
 
 def main():
@@ -79,6 +96,10 @@ def main():
                     help="old: the fixed 8/16/24/28 schedule above; default: a lazy policy naming no points "
                     "(the plugin's depth-aware default: 30 layers -> keep 0.8/0.5/0.3 after layers 8/17/26)")
     ap.add_argument("--no-keep1", action="store_true", help="skip the keep-1.0 rows-route run (nothing pruned)")
+    ap.add_argument("--revive-off", action="store_true",
+                    help="also run lazy with INFINITEHIP_LAZY_REVIVE=0 (no aux cache; the lazy run uses the default)")
+    ap.add_argument("--decode", type=int, default=0,
+                    help="also time N decode steps per config (after the TTFT reps): seconds per step")
     ap.add_argument("--json")
     a = ap.parse_args()
     ids = prompt_ids(a.model, a.text, a.tokens)
@@ -94,19 +115,26 @@ def main():
     res = {"tokens": a.tokens, "model": a.model, "schedule": SCHEDULE if a.schedule == "old" else "default",
            "uptime_before": os.popen("uptime").read()}
     with tempfile.TemporaryDirectory() as d:
-        res["stock"] = bench(a.model, "torch_native", None, ids, a.reps, d, "stock")
+        revive = os.environ.get("INFINITEHIP_LAZY_REVIVE")
+        res["stock"] = bench(a.model, "torch_native", None, ids, a.reps, d, "stock", a.decode)
         if cover is not None and not a.no_keep1:
             res["lazy_keep1"] = bench(a.model, "infinitehip", cover, ids, a.reps, d, "keep1")
-        res["lazy"] = bench(a.model, "infinitehip", lazy, ids, a.reps, d, "lazy")
+        if a.revive_off:
+            res["lazy_revive_off"] = bench(a.model, "infinitehip", lazy, ids, a.reps, d, "lazy0", a.decode, "0")
+        res["lazy"] = bench(a.model, "infinitehip", lazy, ids, a.reps, d, "lazy", a.decode, revive)
+        res["lazy_revive"] = revive or "1"
     res["uptime_after"] = os.popen("uptime").read()
     s = res["stock"]["ttft_s"]
-    print(f"| config | TTFT s (best of {a.reps}) | vs stock | rows computed | first token |")
-    print("|---|---:|---:|---:|---|")
-    for k in ("stock", "lazy_keep1", "lazy"):
+    print(f"| config | TTFT s (best of {a.reps}) | vs stock | rows computed | first token | decode s/step |")
+    print("|---|---:|---:|---:|---|---:|")
+    for k in ("stock", "lazy_keep1", "lazy_revive_off", "lazy"):
         if k not in res:
             continue
         r = res[k]
-        print(f"| {k} | {r['ttft_s']:.2f} | {s / r['ttft_s']:.2f}x | {r['rows_fraction']:.3f} | {r['first_token']} |")
+        ds = "-" if r.get("decode_step_s") is None else f"{r['decode_step_s']:.3f}"
+        name = f"lazy (revive {res['lazy_revive']})" if k == "lazy" else k
+        print(f"| {name} | {r['ttft_s']:.2f} | {s / r['ttft_s']:.2f}x | {r['rows_fraction']:.3f} | {r['first_token']} "
+              f"| {ds} |")
     print(res["uptime_before"].strip(), "/", res["uptime_after"].strip())
     if a.json:
         with open(a.json, "w") as f:

@@ -13,8 +13,19 @@ the end falls back to SGLang's forward: several requests):
    to the same keep set): the last row's math is the same, so a wrong
    gather (rows, positions or slots) shows here. Later tokens differ by
    design (the key-set route re-ranks the prompt every decode step; the
-   rows route never revives pruned tokens: layer 1 attends to the kept
-   ones), so they are reported, not compared.
+   rows route's decode revives by the decode token's attention), so they
+   are reported, not compared;
+3. revival (the aux cache), keep 0.5, INFINITEHIP_LAZY_REVIVE=all (every
+   pruned token resumes at layer 1 from its hidden state after layer 0 at
+   the first decode step): layer 0 is computed for every row, so a revived
+   token's layer-1 K/V is the full forward's, and each single prompt's
+   greedy tokens must equal stock's (its first token comes from the pruned
+   prefill: checked equal first); the revival stats must show N - ceil(N/2)
+   rows revived, once. The same run with INFINITEHIP_LAZY_REVIVE=0 must
+   differ from stock on some prompt (so skipping revival fails this test);
+4. the paper's progressive revival (default, INFINITEHIP_LAZY_REVIVE=1):
+   some rows revived, never more than were pruned (each (token, layer)
+   computed at most once); tokens reported against stock.
 
 Run: SGLANG_USE_CPU_ENGINE=1 python sglang_lazy_e2e.py [--json out.json]
 (spawned scheduler processes re-import this file: keep the __main__ guard).
@@ -36,12 +47,17 @@ def lazy_config(keep):
             "default": {"method": "lazy", "points": [{"layer": 0, "keep": keep}]}}
 
 
-def run(d, backend, cfg=None, rows="1", tag="x"):
+def run(d, backend, cfg=None, rows="1", tag="x", revive="1", revive_stats=None):
     os.environ["INFINITEHIP_LAZY_ROWS"] = rows
+    os.environ["INFINITEHIP_LAZY_REVIVE"] = revive
     path = os.path.join(d, f"lazy-stats-{tag}.jsonl")
     os.environ["INFINITEHIP_LAZY_ROWS_STATS"] = path
+    rpath = os.path.join(d, f"lazy-revive-{tag}.jsonl")
+    os.environ["INFINITEHIP_LAZY_REVIVE_STATS"] = rpath
     outs, secs = e2e.run(d, backend, cfg, disable_radix_cache=True, disable_overlap_schedule=True)
     stats = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+    if revive_stats is not None:
+        revive_stats.extend(json.loads(l) for l in open(rpath)) if os.path.exists(rpath) else None
     return outs, secs, stats
 
 
@@ -89,9 +105,53 @@ def main():
         if st3:
             print("FAIL: INFINITEHIP_LAZY_ROWS=0 still pruned rows")
         ok &= good2 and all(first_same) and not st3
-        res = {"pass": bool(ok), "prompt_lens": lens, "stock": stock, "keep_1": full, "keep_0.5_rows": half,
+        # 3. revival of every pruned token at the first decode step vs stock.
+        rv_all, rv_prog = [], []
+        r_all, t4, _ = run(d, "infinitehip", lazy_config(0.5), tag="revive-all", revive="all", revive_stats=rv_all)
+        r_off, t5, _ = run(d, "infinitehip", lazy_config(0.5), tag="revive-off", revive="0")
+        first_stock = [a[0] == b[0] for a, b in zip(half[:n1], stock[:n1])]
+        same_all = [a == b for a, b in zip(r_all[:n1], stock[:n1])]
+        off_differs = [a != b for a, b in zip(r_off[:n1], stock[:n1])]
+        # One revival step per single prompt (its first decode, decode position N), rows N - ceil(N/2).
+        want_rv = [(n, n, n - math.ceil(n / 2)) for n in lens if n - math.ceil(n / 2) > 0]
+        got_rv = [(r["prompt"], r["pos"], r["computed"]) for r in rv_all][: len(want_rv)]
+        print(f"revive all: single prompts equal to stock {same_all} (first tokens equal to stock "
+              f"{first_stock}); revived rows per step {got_rv} (want {want_rv} first); "
+              f"revival off differs from stock {off_differs}")
+        good3 = all(first_stock) and all(same_all) and got_rv == want_rv and any(off_differs)
+        if not good3:
+            for a, b in zip(r_all[:n1], stock[:n1]):
+                print(f"  revive-all {a}\n  stock      {b}")
+            print("FAIL: revival of every pruned token does not give stock's tokens (or revived the wrong rows, "
+                  "or revival off equals stock: the check would not see a skipped revival)")
+        ok &= good3
+        # 4. the paper's progressive revival (the default).
+        r_prog, t6, _ = run(d, "infinitehip", lazy_config(0.5), tag="revive-1", revive="1", revive_stats=rv_prog)
+        per_req = {}
+        for r in rv_prog:
+            per_req.setdefault(r["req"], []).append(r)
+        tot = sum(r["computed"] for r in rv_prog)
+        # 2 layers, one point: a revived token computes layer 1 once, so a
+        # request revives at most the rows its prefill pruned.
+        once = all(sum(r["computed"] for r in v) <= v[0]["prompt"] - math.ceil(v[0]["prompt"] / 2)
+                   for v in per_req.values())
+        agree_p = sum(x == y for a, b in zip(r_prog[:n1], stock[:n1]) for x, y in zip(a, b)) / sum(
+            len(a) for a in stock[:n1])
+        agree_o = sum(x == y for a, b in zip(r_off[:n1], stock[:n1]) for x, y in zip(a, b)) / sum(
+            len(a) for a in stock[:n1])
+        print(f"revive progressive: {len(rv_prog)} decode steps revived {tot} rows (at most once per token: {once}); single prompts' token "
+              f"agreement with stock {agree_p:.2f} (revival off {agree_o:.2f}); first tokens "
+              f"{[a[0] == b[0] for a, b in zip(r_prog[:n1], half[:n1])]} equal to keep 0.5 without it")
+        # Each single prompt's aux tokens are revived at most once (2 layers, one point).
+        good4 = tot > 0 and once and all(a[0] == b[0] for a, b in zip(r_prog[:n1], half[:n1]))
+        if not good4:
+            print("FAIL: progressive revival revived nothing, too much, or changed the prefill's token")
+        ok &= good4
+        res.update({"revive_all": r_all, "revive_off": r_off, "revive_1": r_prog, "revive_all_steps": rv_all,
+                    "revive_1_steps": rv_prog, "revive_seconds": {"all": t4, "off": t5, "1": t6}})
+        res.update({"pass": bool(ok), "prompt_lens": lens, "stock": stock, "keep_1": full, "keep_0.5_rows": half,
                "keep_0.5_keyset": keyset, "rows_keep_1": st1, "rows_keep_0.5": st2,
-               "seconds": {"stock": t0, "keep_1": t1, "keep_0.5_rows": t2, "keep_0.5_keyset": t3}}
+               "seconds": {"stock": t0, "keep_1": t1, "keep_0.5_rows": t2, "keep_0.5_keyset": t3}})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

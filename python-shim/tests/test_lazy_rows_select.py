@@ -46,3 +46,51 @@ def test_last_row_importance_is_the_mean_softmax():
         want += torch.softmax(k[:, i // (h // hk)] @ q[i] * 0.3, 0)
     assert torch.allclose(got, want / h, atol=1e-6)
     assert math.isclose(float(got.sum()), 1.0, rel_tol=1e-5)
+
+
+class _Layer:
+    tp_q_head_num, qk_head_dim = 6, 8
+    scaling = 0.3
+
+
+def test_revive_attention_against_a_direct_causal_softmax():
+    """A revival decode step's attention (rows at scattered positions over
+    pool slots, causal by position, GQA, in blocks of 256 rows) against a
+    per-row, per-head softmax; the importance is the last row's."""
+    from infinitehip.sglang.lazy_rows import revive_attention
+
+    g = torch.Generator().manual_seed(2)
+    h, hk, d, slots = 6, 2, 8, 700
+    kb = torch.randn(slots, hk, d, generator=g)
+    vb = torch.randn(slots, hk, d, generator=g)
+    for m, r in ((40, 5), (600, 300)):  # 300 rows: two blocks
+        key_pos = torch.sort(torch.randperm(2 * m, generator=g)[:m]).values
+        key_loc = torch.randperm(slots, generator=g)[:m]
+        rows = torch.sort(torch.randperm(m - 1, generator=g)[: r - 1]).values
+        rows = torch.cat([rows, torch.tensor([m - 1])])  # the decode token: the last key
+        q = torch.randn(r, h * d, generator=g)
+        rv = {"key_loc": key_loc, "key_pos": key_pos, "q_pos": key_pos[rows], "imp": None}
+        got = revive_attention(q, _Layer, kb, vb, rv)
+        assert torch.isfinite(got).all()
+        want = torch.zeros(r, h * d)
+        for i in range(r):
+            vis = key_pos <= key_pos[rows[i]]
+            for j in range(h):
+                k = kb[key_loc[vis], j // (h // hk)]
+                p = torch.softmax(k @ q[i, j * d:(j + 1) * d] * 0.3, 0)
+                want[i, j * d:(j + 1) * d] = p @ vb[key_loc[vis], j // (h // hk)]
+        assert (got - want).abs().max() < 1e-5
+        imp = last_row_importance(q[-1].reshape(h, d), kb[key_loc], 0.3)
+        assert (rv["imp"] - imp).abs().max() < 1e-6
+        # Dropping one visible key of the first row changes its output.
+        rv2 = dict(rv, key_loc=key_loc[1:], key_pos=key_pos[1:])
+        assert (revive_attention(q[-1:], _Layer, kb, vb, dict(rv2, q_pos=rv["q_pos"][-1:])) - got[-1:]).abs().max() > 1e-5
+
+
+def test_select_keeps_the_top_and_the_decode_token():
+    from infinitehip.sglang.lazy_rows import _select
+
+    imp = torch.tensor([0.3, 0.05, 0.4, 0.05, 0.2, 0.0])
+    key_tok = torch.tensor([0, 2, 3, 7, 8, 9])
+    assert _select(imp, key_tok, 0.3, 10, "1").tolist() == [0, 3, 9]  # keep_count(0.3, 10) = 3
+    assert _select(imp, key_tok, 0.3, 10, "all").tolist() == key_tok.tolist()

@@ -65,12 +65,14 @@ class SglangEngine:
         # one line per pruned prefill, one per prefill that computed every row.
         self.lazy_files = None
         if policy is not None and '"lazy"' in json.dumps(policy):
-            self.lazy_files = (os.path.join(tmp, f"{tag}.lazy-rows.jsonl"), os.path.join(tmp, f"{tag}.lazy-skips.jsonl"))
-            env["INFINITEHIP_LAZY_ROWS_STATS"], env["INFINITEHIP_LAZY_ROWS_SKIPS"] = self.lazy_files
+            self.lazy_files = (os.path.join(tmp, f"{tag}.lazy-rows.jsonl"), os.path.join(tmp, f"{tag}.lazy-skips.jsonl"),
+                               os.path.join(tmp, f"{tag}.lazy-revive.jsonl"))
+            (env["INFINITEHIP_LAZY_ROWS_STATS"], env["INFINITEHIP_LAZY_ROWS_SKIPS"],
+             env["INFINITEHIP_LAZY_REVIVE_STATS"]) = self.lazy_files
         saved = {k: os.environ.pop(k, None)
                  for k in ["INFINITEHIP_CONFIG", "INFINITEHIP_LOCRET_STATS", "OMP_NUM_THREADS", "INFINITEHIP_THREADS",
                            "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", "INFINITEHIP_LAZY_ROWS_STATS",
-                           "INFINITEHIP_LAZY_ROWS_SKIPS"]}
+                           "INFINITEHIP_LAZY_ROWS_SKIPS", "INFINITEHIP_LAZY_REVIVE_STATS"]}
         os.environ.update(env)
         # context_length above the sequence: SGLang caps max_new_tokens at
         # context_len - 2 - prompt, which at the model's trained length (8192
@@ -148,9 +150,10 @@ class SglangEngine:
         INFINITEHIP_LOCRET_STATS lines of this request), LazyLLM's rows
         (lazy_rows_summary), else None."""
         if self.lazy_files is not None:
-            rows, skips = ([json.loads(l) for l in open(f)] if os.path.exists(f) else [] for f in self.lazy_files)
+            rows, skips, revive = ([json.loads(l) for l in open(f)] if os.path.exists(f) else []
+                                   for f in self.lazy_files)
             self._clear_lazy()
-            return {"lazy_rows": lazy_rows_summary(rows, skips, prefill)}
+            return {"lazy_rows": lazy_rows_summary(rows, skips, prefill, revive)}
         if self.policy is None or (self.policy.get("default") or {}).get("method") != "locret":
             return None
         lines = [json.loads(l) for l in open(self.locret_stats)] if os.path.exists(self.locret_stats) else []
@@ -165,7 +168,7 @@ class SglangEngine:
                            "last_visible_cells": kept + (n - prefill - 1)}}
 
 
-def lazy_rows_summary(rows, skips, prompt):
+def lazy_rows_summary(rows, skips, prompt, revive=()):
     """What LazyLLM's rows route did with one request's `prompt`-token
     prefill, from the plugin's INFINITEHIP_LAZY_ROWS_STATS lines (`rows`:
     {"prompt", "rows" per layer, "points"}) and INFINITEHIP_LAZY_ROWS_SKIPS
@@ -181,6 +184,13 @@ def lazy_rows_summary(rows, skips, prompt):
     out = {"tokens": prompt, "rows_per_layer": last, "dropped_rows": sum(prompt - r for r in last),
            "row_fraction": sum(last) / (prompt * len(last)), "points": mine[-1].get("points"),
            "prefills": len(mine), "skipped": why}
+    # Revival (INFINITEHIP_LAZY_REVIVE_STATS lines of this request's decode
+    # steps): prompt rows computed later from the aux cache.
+    rv = [r for r in revive if r.get("prompt") == prompt]
+    out["revive"] = os.environ.get("INFINITEHIP_LAZY_REVIVE", "1")
+    out["revived_rows"] = sum(r["computed"] for r in rv)
+    out["revive_steps"] = len(rv)
+    out["row_fraction_with_revival"] = (sum(last) + out["revived_rows"]) / (prompt * len(last))
     if "kept" in mine[-1]:  # INFINITEHIP_LAZY_ROWS_STATS_KEPT=1: positions kept after each point
         out["kept"] = mine[-1]["kept"]
     return out

@@ -372,6 +372,9 @@ class SglangSuite(run.Suite):
              "model": os.path.basename(self.model), "engine": "sglang", "threads": getattr(self.a, "threads", None)}
         if first is None:
             k["logprobs"] = "none"  # before this key, first None still asked for logprobs (return_logprob on)
+        rv = os.environ.get("INFINITEHIP_LAZY_REVIVE", "1")
+        if policy is not None and '"lazy"' in json_key(policy) and rv != "0":
+            k["lazy_revive"] = rv  # revival runs differ; "0" (none) keeps the key of the runs before it
         key = json_key(k)
         return os.path.join(self.a.resume, hashlib.sha256(key.encode()).hexdigest()[:24])
 
@@ -475,7 +478,9 @@ class SglangSuite(run.Suite):
                     lr = r["lazy_rows"] or {}
                     print(f"  {r['ctx']} {r['config']}: LazyLLM rows dropped {lr.get('dropped_rows')} "
                           f"(computed {lr.get('row_fraction', float('nan')):.3f} of prompt x layers; "
-                          f"rows per layer {lr.get('rows_per_layer')}; skipped: {lr.get('skipped')}) "
+                          f"rows per layer {lr.get('rows_per_layer')}; skipped: {lr.get('skipped')}; "
+                          f"revival {lr.get('revive')}: {lr.get('revived_rows')} rows in {lr.get('revive_steps')} "
+                          f"decode steps, {lr.get('row_fraction_with_revival', float('nan')):.3f} with them) "
                           f"{'ok' if r['lazy_rows_ok'] else 'FAIL'}")
         for c in res.get("stock_logprob_check", []):
             print(f"\nStock at {c['ctx']} with vs without prompt logprobs: {c['decode_steps']} forced decode steps "

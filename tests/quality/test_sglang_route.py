@@ -270,6 +270,14 @@ class LazyRows(unittest.TestCase):
         lr = sglang_engine.lazy_rows_summary([{"prompt": 10, "rows": [10, 10], "points": {"0": 1.0}}], [], 10)
         self.assertIn("dropped 0", sglang_route.lazy_rows_problem(lr, 10))
 
+    def test_revived_rows_counted(self):
+        rows = [{"prompt": 10, "rows": [10, 5, 5], "points": {"0": 0.5}}]
+        revive = [{"prompt": 10, "computed": 3}, {"prompt": 10, "computed": 2}, {"prompt": 7, "computed": 9}]
+        lr = sglang_engine.lazy_rows_summary(rows, [], 10, revive)
+        self.assertEqual((lr["revived_rows"], lr["revive_steps"]), (5, 2))
+        self.assertAlmostEqual(lr["row_fraction"], 20 / 30)
+        self.assertAlmostEqual(lr["row_fraction_with_revival"], 25 / 30)
+
 
 class ProbePassageKept(unittest.TestCase):
     def test_fractions(self):

@@ -1107,6 +1107,14 @@ class InfiniteHipAttnBackend(AttentionBackend):
         t0 = time.perf_counter()
         li = self._write_and_sync(q, k, v, layer, forward_batch, save_kv_cache)
         t1 = time.perf_counter()
+        rv = getattr(forward_batch, "ihip_revive", None)
+        if rv is not None:
+            # A LazyLLM revival step (lazy_rows.forward_revive): the decode
+            # token plus revived rows, causal over this layer's tokens with K/V
+            # (SGLang's pool, just written; the engine copy got them above).
+            kb = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+            vb = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+            return lazy_rows.revive_attention(q, layer, kb, vb, rv).to(device=q.device, dtype=q.dtype)
         p = self.plan
         qh = self._host_q(q, layer)
         out = torch.empty(qh.shape, dtype=torch.float32)
