@@ -52,9 +52,9 @@ def plain(rot=D, neox=True, base=THETA, max_pos=CTX, scaling=None):
 
 
 def test_cuda_device_keeps_the_host_engine_with_rope_modes(monkeypatch):
-    """GpuAttention decodes the RoPE modes, but its RoPE-mode prefill past
-    the trained length has not run on a GPU yet (and it has no CUDA graphs
-    with them): on a CUDA device the backend keeps the host engine."""
+    """GpuAttention decodes and prefills with the RoPE modes, but this
+    backend's GPU route with them has not run in SGLang on a GPU (and there
+    are no CUDA graphs with them): on a CUDA device it keeps the host engine."""
     import infinitehip
     import infinitehip.sglang.backend as b
 

@@ -566,13 +566,14 @@ class InfiniteHipAttnBackend(AttentionBackend):
         if dev.type != "cuda" or os.environ.get("INFINITEHIP_GPU", "1") == "0":
             return None
         if self.rope_modes:
-            # GpuAttention decodes hip layers with the RoPE modes (run on an
-            # H200) and prefills past the trained length with them (the
-            # RoPE-mode sparse prefill: compiled, not yet run on a GPU), and
-            # refuses CUDA graphs with them. Until its prefill has been
-            # checked on a GPU, the host engine runs every mode.
+            # GpuAttention decodes hip layers with the RoPE modes and
+            # prefills past the trained length with them (both checked on an
+            # H200 through the C ABI, 2026-12-05), but refuses CUDA graphs
+            # with them, and this backend's GPU route with the modes (the
+            # keys it un-ropes, its graph hooks) has not run in SGLang on a
+            # GPU: until it has, the host engine runs every mode.
             logger.warning(
-                "infinitehip: %s: the GPU path's RoPE-mode prefill has not run on a GPU yet "
+                "infinitehip: %s: the GPU route with RoPE modes has not run in SGLang on a GPU yet "
                 "(and there are no CUDA graphs with the modes); attention runs on the host engine "
                 "with device<->host copies", ", ".join(self.rope_modes)
             )
