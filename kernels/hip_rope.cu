@@ -4,7 +4,10 @@
 // attention/cpu.rs streaming).
 //
 // Rotation: rope.rs's Rope::rotate, halves (NEOX) layout: element i pairs
-// with i + D/2; angle = pos * inv_freq[i] in f64, sin and cos in f64
+// with i + D/2 (`inter` 0); or llama.cpp's NORM (interleaved) layout:
+// element 2i pairs with 2i + 1 (`inter` 1, llama.cpp's CUDA route: pair i
+// has the same frequency inv_freq[i] in both layouts, so a key permuted
+// between them rotates to the same values, permuted); angle = pos * inv_freq[i] in f64, sin and cos in f64
 // rounded to f32, then x0*c - x1*s and x1*c + x0*s in f32 without fused
 // multiply-adds. The f64 sin/cos here (CUDA libdevice, within 2 ulp) and the
 // host's (libm) round to the same f32 except when a value lies within a few
@@ -31,10 +34,15 @@ __device__ __noinline__ void rope_rot(float& x0, float& x1, double pos, float in
     x1 = y1;
 }
 
+// The two elements of rotation pair i of a D-wide head (rope_rot's x0, x1).
+__device__ __forceinline__ int pair_lo(int i, int half, int inter) { return inter ? 2 * i : i; }
+__device__ __forceinline__ int pair_hi(int i, int half, int inter) { return inter ? 2 * i + 1 : i + half; }
+
 // out[b][j][D] = q[b][j][D] rotated by shift[b] (NaN: copied unchanged).
 // Grid: batch * n_q rows; block: any.
 extern "C" __global__ void hip_rope_q(const float* __restrict__ q, float* __restrict__ out, int n_q, int D,
-                                      const double* __restrict__ shift, const float* __restrict__ inv_freq) {
+                                      const double* __restrict__ shift, const float* __restrict__ inv_freq,
+                                      int inter) {
     const int row = blockIdx.x;
     const double s = shift[row / n_q];
     const float* x = q + (long long)row * D;
@@ -42,10 +50,11 @@ extern "C" __global__ void hip_rope_q(const float* __restrict__ q, float* __rest
     const int half = D / 2;
 #pragma unroll 1
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        float x0 = x[i], x1 = x[i + half];
+        const int i0 = pair_lo(i, half, inter), i1 = pair_hi(i, half, inter);
+        float x0 = x[i0], x1 = x[i1];
         if (s == s) rope_rot(x0, x1, s, inv_freq[i]);
-        y[i] = x0;
-        y[i + half] = x1;
+        y[i0] = x0;
+        y[i1] = x1;
     }
 }
 
@@ -56,15 +65,20 @@ extern "C" __global__ void hip_rope_q(const float* __restrict__ q, float* __rest
 template <typename E, int D>
 __device__ __forceinline__ float probe_rope(const u16* __restrict__ kp, const int* trow, int t, int h, int ps,
                                             long long pst, long long hst, const float* sq, int nq, int mode, int c,
-                                            double m1, const float* __restrict__ inv_freq) {
+                                            double m1, const float* __restrict__ inv_freq, int inter) {
     const u16* kr = kp + kv_row(trow, t, h, ps, D, pst, hst);
     float k[D];
 #pragma unroll
     for (int cc = 0; cc < D / 8; cc++) load8<E>(kr + cc * 8, k + cc * 8);
     if (mode == 1 || (mode == 2 && m1 == m1)) {
         const double pos = mode == 1 ? (double)(t / c) - (double)t : (double)t * m1;
+        if (inter) {
 #pragma unroll 1
-        for (int i = 0; i < D / 2; i++) rope_rot(k[i], k[i + D / 2], pos, __ldg(inv_freq + i));
+            for (int i = 0; i < D / 2; i++) rope_rot(k[2 * i], k[2 * i + 1], pos, __ldg(inv_freq + i));
+        } else {
+#pragma unroll 1
+            for (int i = 0; i < D / 2; i++) rope_rot(k[i], k[i + D / 2], pos, __ldg(inv_freq + i));
+        }
     }
     float best = NEG_INF;
     for (int j = 0; j < nq; j++) {
@@ -94,7 +108,7 @@ __device__ void hip_score_rope(const u16* __restrict__ kp, const int* __restrict
                                const float* __restrict__ qs, const int* __restrict__ nq_arr, int nq_max,
                                const int2* __restrict__ in_ranges, const int* __restrict__ in_cnt, int cap_in,
                                int E_, int c, u32* __restrict__ keys, int mode, const float* __restrict__ inv_freq,
-                               const double* __restrict__ rel_m1) {
+                               const double* __restrict__ rel_m1, int inter) {
     extern __shared__ float sq[];
     const int r = blockIdx.y;
     const int rb = r / hkv, h = r % hkv;
@@ -116,13 +130,13 @@ __device__ void hip_score_rope(const u16* __restrict__ kp, const int* __restrict
             const int* trow = table + (long long)row_seq[rb] * table_stride;
             float best;
             if (rr - l == 1) {
-                best = probe_rope<E, D>(kp, trow, l, h, ps, pst, hst, sq, nq, mode, c, m1, inv_freq);
+                best = probe_rope<E, D>(kp, trow, l, h, ps, pst, hst, sq, nq, mode, c, m1, inv_freq, inter);
             } else {
                 best = NEG_INF;
                 while (rr - l > 1) {
                     int m = (l + rr) / 2;
-                    float sl = probe_rope<E, D>(kp, trow, (l + m) / 2, h, ps, pst, hst, sq, nq, mode, c, m1, inv_freq);
-                    float sr = probe_rope<E, D>(kp, trow, (m + rr) / 2, h, ps, pst, hst, sq, nq, mode, c, m1, inv_freq);
+                    float sl = probe_rope<E, D>(kp, trow, (l + m) / 2, h, ps, pst, hst, sq, nq, mode, c, m1, inv_freq, inter);
+                    float sr = probe_rope<E, D>(kp, trow, (m + rr) / 2, h, ps, pst, hst, sq, nq, mode, c, m1, inv_freq, inter);
                     if (sl >= sr) { rr = m; best = sl; } else { l = m; best = sr; }
                 }
             }
@@ -141,9 +155,9 @@ __device__ void hip_score_rope(const u16* __restrict__ kp, const int* __restrict
         const u16* kp, const int* table, int table_stride, int ps, int hkv, long long pst, long long hst,  \
         const int* row_seq, const float* qs, const int* nq, int nq_max, const int2* in_ranges,             \
         const int* in_cnt, int cap_in, int E_, int c, u32* keys, int mode, const float* inv_freq,          \
-        const double* rel_m1) {                                                                            \
+        const double* rel_m1, int inter) {                                                                 \
         hip_score_rope<E, D>(kp, table, table_stride, ps, hkv, pst, hst, row_seq, qs, nq, nq_max, in_ranges, \
-                             in_cnt, cap_in, E_, c, keys, mode, inv_freq, rel_m1);                         \
+                             in_cnt, cap_in, E_, c, keys, mode, inv_freq, rel_m1, inter);                  \
     }
 SCORE_ROPE_INST(Bf16, bf16, 64)
 SCORE_ROPE_INST(Bf16, bf16, 128)
@@ -176,7 +190,7 @@ __device__ void stream_gather(const u16* __restrict__ kp, const u16* __restrict_
                               const int* __restrict__ tab, int tab_stride, const int* __restrict__ ntab,
                               const int2* __restrict__ extra, const float* __restrict__ inv_freq, int P,
                               u16* __restrict__ k2, u16* __restrict__ v2, int* __restrict__ ntab2,
-                              const int* __restrict__ seq_row) {
+                              const int* __restrict__ seq_row, int inter) {
     const int r = blockIdx.y;
     const int b = r / hkv, h = r % hkv;
     const int nt = ntab[r];
@@ -194,22 +208,23 @@ __device__ void stream_gather(const u16* __restrict__ kp, const u16* __restrict_
     const int seq = seq_row != nullptr ? seq_row[b] : b;
     const int* trow = table + (long long)seq * table_stride;
     const long long src = kv_row(trow, p, h, ps, D, pst, hst);
-    float x0 = E::to_f32(kp[src + e]), x1 = E::to_f32(kp[src + e + HALF]);
+    const int e0 = pair_lo(e, HALF, inter), e1 = pair_hi(e, HALF, inter);
+    float x0 = E::to_f32(kp[src + e0]), x1 = E::to_f32(kp[src + e1]);
     rope_rot(x0, x1, pos, inv_freq[e]);
     const long long dst = ((long long)r * P + i) * D;
-    k2[dst + e] = to_elem<IS_F16>(x0);
-    k2[dst + e + HALF] = to_elem<IS_F16>(x1);
-    v2[dst + e] = vp[src + e];
-    v2[dst + e + HALF] = vp[src + e + HALF];
+    k2[dst + e0] = to_elem<IS_F16>(x0);
+    k2[dst + e1] = to_elem<IS_F16>(x1);
+    v2[dst + e0] = vp[src + e0];
+    v2[dst + e1] = vp[src + e1];
 }
 
 #define GATHER_INST(E, IS_F16, TN, D)                                                                        \
     extern "C" __global__ void __launch_bounds__(128) hip_stream_gather_##TN##_d##D(                        \
         const u16* kp, const u16* vp, const int* table, int table_stride, int ps, int hkv, long long pst,    \
         long long hst, const int* tab, int tab_stride, const int* ntab, const int2* extra,                   \
-        const float* inv_freq, int P, u16* k2, u16* v2, int* ntab2, const int* seq_row) {                    \
+        const float* inv_freq, int P, u16* k2, u16* v2, int* ntab2, const int* seq_row, int inter) {         \
         stream_gather<E, IS_F16, D>(kp, vp, table, table_stride, ps, hkv, pst, hst, tab, tab_stride, ntab,   \
-                                    extra, inv_freq, P, k2, v2, ntab2, seq_row);                             \
+                                    extra, inv_freq, P, k2, v2, ntab2, seq_row, inter);                      \
     }
 GATHER_INST(Bf16, 0, bf16, 64)
 GATHER_INST(Bf16, 0, bf16, 128)
@@ -249,7 +264,7 @@ __device__ void pf_stream_gather(const u16* __restrict__ kp, const u16* __restri
                                  int head, long long pst, long long hst, const int2* __restrict__ ranges,
                                  const int* __restrict__ cum, const int* __restrict__ cnt,
                                  const int* __restrict__ tot, int cap, const float* __restrict__ inv_freq, int P,
-                                 u16* __restrict__ k2, u16* __restrict__ v2) {
+                                 u16* __restrict__ k2, u16* __restrict__ v2, int inter) {
     const int r = blockIdx.y * hkv + head;
     const int h = head;
     const int n = min(tot[r], P);
@@ -268,22 +283,23 @@ __device__ void pf_stream_gather(const u16* __restrict__ kp, const u16* __restri
     const double pos = (double)(i - p);
     const int* trow = table + (long long)table_row * table_stride;
     const long long src = kv_row(trow, p, h, ps, D, pst, hst);
-    float x0 = E::to_f32(kp[src + e]), x1 = E::to_f32(kp[src + e + HALF]);
+    const int e0 = pair_lo(e, HALF, inter), e1 = pair_hi(e, HALF, inter);
+    float x0 = E::to_f32(kp[src + e0]), x1 = E::to_f32(kp[src + e1]);
     rope_rot(x0, x1, pos, inv_freq[e]);
     const long long dst = ((long long)blockIdx.y * P + i) * D;
-    k2[dst + e] = to_elem<IS_F16>(x0);
-    k2[dst + e + HALF] = to_elem<IS_F16>(x1);
-    v2[dst + e] = vp[src + e];
-    v2[dst + e + HALF] = vp[src + e + HALF];
+    k2[dst + e0] = to_elem<IS_F16>(x0);
+    k2[dst + e1] = to_elem<IS_F16>(x1);
+    v2[dst + e0] = vp[src + e0];
+    v2[dst + e1] = vp[src + e1];
 }
 
 #define PF_GATHER_INST(E, IS_F16, TN, D)                                                                       \
     extern "C" __global__ void __launch_bounds__(128) hip_pf_stream_gather_##TN##_d##D(                       \
         const u16* kp, const u16* vp, const int* table, int table_stride, int table_row, int ps, int hkv,       \
         int head, long long pst, long long hst, const int2* ranges, const int* cum, const int* cnt,           \
-        const int* tot, int cap, const float* inv_freq, int P, u16* k2, u16* v2) {                             \
+        const int* tot, int cap, const float* inv_freq, int P, u16* k2, u16* v2, int inter) {                  \
         pf_stream_gather<E, IS_F16, D>(kp, vp, table, table_stride, table_row, ps, hkv, head, pst, hst, ranges, \
-                                       cum, cnt, tot, cap, inv_freq, P, k2, v2);                                \
+                                       cum, cnt, tot, cap, inv_freq, P, k2, v2, inter);                         \
     }
 PF_GATHER_INST(Bf16, 0, bf16, 64)
 PF_GATHER_INST(Bf16, 0, bf16, 128)
@@ -298,7 +314,7 @@ extern "C" __global__ void hip_pf_stream_q(const float* __restrict__ q, int n, i
                                            int G, int D, const int2* __restrict__ ranges,
                                            const int* __restrict__ cnt, int cap,
                                            const float* __restrict__ inv_freq, float* __restrict__ qout,
-                                           int* __restrict__ qpos2, int* __restrict__ qseq2) {
+                                           int* __restrict__ qpos2, int* __restrict__ qseq2, int inter) {
     const int row = blockIdx.x;
     const int nqh = hkv * G;
     const int j = row / nqh, hq = row % nqh;
@@ -319,10 +335,11 @@ extern "C" __global__ void hip_pf_stream_q(const float* __restrict__ q, int n, i
     const int half = D / 2;
 #pragma unroll 1
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        float x0 = x[i], x1 = x[i + half];
+        const int i0 = pair_lo(i, half, inter), i1 = pair_hi(i, half, inter);
+        float x0 = x[i0], x1 = x[i1];
         rope_rot(x0, x1, s, inv_freq[i]);
-        y[i] = x0;
-        y[i + half] = x1;
+        y[i0] = x0;
+        y[i1] = x1;
     }
     if (threadIdx.x == 0 && gi == 0) {
         qpos2[(long long)h * n + j] = nv - 1;

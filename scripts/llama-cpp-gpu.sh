@@ -96,6 +96,9 @@ PYTHONPATH="$W/gguf-py" python3 "$DIR/make_tiny_gguf.py" "$W/tiny256.gguf" --hea
 # Llama-3.1-8B's attention heads (head_dim 128, 32 q / 8 KV), 4 layers, small embd/ffn
 PYTHONPATH="$W/gguf-py" python3 "$DIR/make_tiny_gguf.py" "$W/tiny128.gguf" --layers 4 --embd 1024 --heads 32 \
   --kv-heads 8 --head-dim 128 --ctx 1048576
+# hip's RoPE modes beyond the trained length (section 12): a trained context of 256 tokens, d64, 8 q / 2 KV heads
+PYTHONPATH="$W/gguf-py" python3 "$DIR/make_tiny_gguf.py" "$W/tinyrope.gguf" --layers 2 --embd 512 --heads 8 \
+  --kv-heads 2 --head-dim 64 --ff 1024 --ctx 256
 [ "$CUDA" = ON ] && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 # the CUDA route's kernels: PTX precompiled by `stage` (else NVRTC compiles them here)
 export INFINITEHIP_CACHE=$W/ptx-cache
@@ -104,5 +107,6 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
   [ -e "$d/libnvrtc.so.13" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}" && break
 done
 PYTHONUNBUFFERED=1 python3 "$DIR/gpu_test.py" --stock "$W/ihip_run-stock" --patched "$W/ihip_run-patched" \
-  --model "$W/tiny256.gguf" --model128 "$W/tiny128.gguf" --tmp "$W/tmp" --json "$OUT/gpu_test.json" \
+  --model "$W/tiny256.gguf" --model128 "$W/tiny128.gguf" --model-rope "$W/tinyrope.gguf" --tmp "$W/tmp" \
+  --json "$OUT/gpu_test.json" \
   --deadline $((T_START + ${IHIP_BUDGET_S:-570})) ${GPU_TEST_ARGS:-}

@@ -517,6 +517,8 @@ pub struct LlamaPlugin {
     locret: Option<LocretLlama>,
     /// llama.cpp's RoPE, when some hip layer uses a RoPE mode.
     rope: Option<LlamaRope>,
+    /// What llama.cpp told us about its RoPE (patch 0006), if anything.
+    rope_info: Option<RopeInfo>,
     /// LazyLLM row dropping (patch 0007), when some layer runs `lazy`.
     pub(crate) lazy_rows: Option<LazyRows>,
     /// Set by a caught panic (`guarded`).
@@ -700,6 +702,7 @@ impl LlamaPlugin {
             lazy_steps: Mutex::new(HashMap::new()),
             locret,
             rope: llama_rope,
+            rope_info: rope.copied(),
             lazy_rows,
             poison: Poison::default(),
             profile: Profile::from_env(),
@@ -731,8 +734,19 @@ impl LlamaPlugin {
         Ok(())
     }
 
-    /// The CUDA routes do not run hip's RoPE modes: they refuse them with
-    /// this error, `why` naming what the route lacks.
+    /// llama.cpp's RoPE parameters (patch 0006), if it passed them.
+    pub(crate) fn rope_info(&self) -> Option<&RopeInfo> {
+        self.rope_info.as_ref()
+    }
+
+    /// Whether some hip layer runs a RoPE mode (scoring or attention).
+    /// (`rope` is built exactly then: `layer_rope`.)
+    pub(crate) fn has_rope_modes(&self) -> bool {
+        self.rope.is_some()
+    }
+
+    /// The routes that do not run hip's RoPE modes refuse them with this
+    /// error, `why` naming what the route lacks.
     pub(crate) fn refuse_rope_modes(&self, route: &str, why: &str) -> Result<()> {
         for l in 0..self.cfg.model.n_layers {
             if let LayerPolicy::Hip(h) = self.cfg.layer_policy(l) {
@@ -791,8 +805,21 @@ impl LlamaPlugin {
     /// A ubatch of `n_tokens` tokens per stream over `n_kv` cells (llama.cpp's
     /// visible span: the context, padded to 256 cells) attends densely
     /// through llama.cpp below the config's thresholds.
+    /// With hip's RoPE modes, llama.cpp's own attention attends at its
+    /// positions, wrong past the trained length: there (`n_kv` above
+    /// `model.max_position`) nothing is dense-below, as the SGLang backend
+    /// caps its thresholds at the trained context; below it, unchanged.
     pub fn dense_below(&self, n_tokens: u32, n_kv: u64) -> bool {
+        if self.rope_modes_past_trained(n_kv as usize) {
+            return false;
+        }
         self.cfg.dense_below(n_tokens as usize, n_kv as usize)
+    }
+
+    /// Some hip layer runs a RoPE mode and a context of `n_kv` cells
+    /// reaches past the trained length (`model.max_position`).
+    pub(crate) fn rope_modes_past_trained(&self, n_kv: usize) -> bool {
+        n_kv > self.cfg.model.max_position && self.has_rope_modes()
     }
 
     pub fn summary(&self) -> String {

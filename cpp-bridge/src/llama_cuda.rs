@@ -102,21 +102,87 @@ pub fn llama_cuda_attn_new(
 ) -> std::result::Result<Box<LlamaCudaAttn>, String> {
     guard(|| {
         only_dense_and_hip(plugin.config())?;
-        plugin.refuse_rope_modes("CUDA route", ROPE_MISSING)?;
         plugin.refuse_per_q_head("CUDA route")?;
-        crate::llama_offload::offload_sizes(plugin.config())?;
+        let host_tier = crate::llama_offload::offload_sizes(plugin.config())?.is_some();
+        cuda_rope_layout(plugin, host_tier)?;
         new_impl(plugin).map(Box::new)
     })
 }
 
-/// What this route lacks for hip's RoPE modes (`GpuAttention::decode` runs
-/// them: compiled, not yet run on a GPU).
-pub(crate) const ROPE_MISSING: &str = "GpuAttention's decode re-rotates keys in the halves \
-    (NEOX) layout only, llama.cpp's Llama models store them in the NORM (interleaved) layout, \
-    this route does not pass llama.cpp's rope parameters (patch 0006) to it, and its prefill \
-    (llama.cpp's attention below prefill_dense_below, GpuAttention's dense prefill above) does not \
-    use GpuAttention's RoPE-mode sparse prefill past the trained length (compiled, not yet run on \
-    a GPU)";
+/// hip's RoPE modes on this route (issue 12): the layout and frequencies
+/// `GpuAttention` re-rotates llama.cpp's stored keys and queries with
+/// (`GpuAttention::set_rope_layout`): NORM (pairs 2i, 2i+1: its Llama
+/// models) or NEOX, llama.cpp's freq_base and linear freq_scale (patch
+/// 0006). None when no hip layer runs a mode. Prefill: ubatches whose
+/// context reaches past the trained length (`model.max_position` =
+/// llama.cpp's n_ctx_train) are never dense-below
+/// (`LlamaPlugin::dense_below`), so they run `GpuAttention::prefill`, which
+/// prefills RoPE-mode layers densely at llama.cpp's positions while every
+/// query is within the trained length and with the modes' sparse prefill
+/// past it; below it, unchanged. Refused, naming the layer: partial rotary
+/// (n_rot below head_dim: the kernels rotate whole heads), K/V in host
+/// memory (`kv.device_cache_pages`: the host-tier decode has no modes).
+/// YaRN and other rope types are refused when the plugin is built
+/// (`layer_rope`). Status: compiled, not yet run on a GPU.
+pub(crate) fn cuda_rope_layout(
+    plugin: &LlamaPlugin,
+    host_tier: bool,
+) -> Result<Option<infinitehip::rope::RopeLayout>> {
+    use infinitehip::config::{LayerPolicy, RopeMode};
+    let cfg = plugin.config();
+    let Some(l) = (0..cfg.model.n_layers).find(|&l| {
+        matches!(cfg.layer_policy(l), LayerPolicy::Hip(h)
+            if h.rope.scoring != RopeMode::Original || h.rope.attention != RopeMode::Original)
+    }) else {
+        return Ok(None);
+    };
+    let at = format!("layer {l} hip.rope");
+    if host_tier {
+        return Err(infinitehip::Error::config(
+            at,
+            "CUDA route over host K/V (kv.device_cache_pages, --no-kv-offload) has no RoPE modes: \
+             the rotated scorers and the streaming gather read keys in device memory; keep the K/V \
+             on the GPU or use \"original\"",
+        ));
+    }
+    let r = plugin.rope_info().ok_or_else(|| {
+        infinitehip::Error::config(
+            &at,
+            "CUDA route: the RoPE modes need llama.cpp's rope parameters (patch 0006)",
+        )
+    })?;
+    if r.n_rot as usize != cfg.model.head_dim {
+        return Err(infinitehip::Error::config(
+            at,
+            format!(
+                "CUDA route: partial rotary (llama.cpp rotates {} of {} dims per head): the GPU \
+                 kernels rotate whole heads; run this model's RoPE modes on the CPU route",
+                r.n_rot, cfg.model.head_dim
+            ),
+        ));
+    }
+    let interleaved = match r.rope_type {
+        crate::llama_rope::LLAMA_ROPE_TYPE_NORM => true,
+        crate::llama_rope::LLAMA_ROPE_TYPE_NEOX => false,
+        t => {
+            return Err(infinitehip::Error::config(
+                at,
+                format!("CUDA route: llama.cpp rope type {t} (the RoPE modes move NORM and NEOX)"),
+            ))
+        }
+    };
+    if r.yarn {
+        return Err(infinitehip::Error::config(
+            at,
+            "the model uses YaRN RoPE scaling; the RoPE modes support plain and linear RoPE",
+        ));
+    }
+    Ok(Some(infinitehip::rope::RopeLayout {
+        interleaved,
+        freq_base: r.freq_base,
+        freq_scale: r.freq_scale,
+    }))
+}
 
 /// GpuAttention also runs lazy/squeeze/locret, but those need its prefill
 /// (prompt queries, projections), which this route leaves to llama.cpp.
@@ -280,9 +346,24 @@ impl LlamaCudaAttn {
         };
         #[cfg(not(feature = "cuda"))]
         let tier = serde_json::Value::Null;
+        #[cfg(feature = "cuda")]
+        let rope_layout = {
+            let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            match g.rope_layout {
+                Some(l) => serde_json::json!({
+                    "interleaved": l.interleaved,
+                    "freq_base": l.freq_base,
+                    "freq_scale": l.freq_scale,
+                }),
+                None => serde_json::Value::Null,
+            }
+        };
+        #[cfg(not(feature = "cuda"))]
+        let rope_layout = serde_json::Value::Null;
         let mut j = serde_json::json!({
             "route": "cuda (our attention over llama.cpp's device K/V)",
             "host_tier": tier,
+            "rope_layout": rope_layout,
             "calls": l(&c.calls),
             "rows": l(&c.rows),
             "context_tokens": l(&c.tokens),
@@ -315,7 +396,7 @@ mod imp {
     use std::sync::atomic::Ordering;
 
     use half::{bf16, f16};
-    use infinitehip::attention::reference::attend_f64;
+    use infinitehip::attention::reference::{attend_f64, attend_streaming_f64};
     use infinitehip::attention::{rel_error, AttnShape};
     use infinitehip::backend::cuda::dispatch::AttnOut;
     use infinitehip::backend::cuda::engine_attn::{
@@ -323,9 +404,11 @@ mod imp {
     };
     use infinitehip::backend::cuda::offload::host_device_ptr;
     use infinitehip::backend::cuda::{DevBuf, GpuContext};
+    use infinitehip::config::RopeMode;
     use infinitehip::config::{LayerPolicy, PolicyConfig};
     use infinitehip::dtype::DType;
     use infinitehip::kv::KvRead;
+    use infinitehip::rope::Rope;
     use infinitehip::{Error, Result};
 
     use super::{raise_worst, Counters, GGML_TYPE_BF16, GGML_TYPE_F16};
@@ -341,13 +424,28 @@ mod imp {
         /// Host offload (`llama_offload`): cache sizes and per-layer tiers.
         pub(super) offload: Option<HostTierConfig>,
         tiers: Vec<Option<HostTier>>,
+        /// hip's RoPE modes: llama.cpp's layout (check mode's streaming
+        /// reference reads keys through it).
+        pub(super) rope_layout: Option<infinitehip::rope::RopeLayout>,
     }
 
     impl Inner {
         pub(super) fn new(plugin: &LlamaPlugin) -> Result<Self> {
             let cfg = plugin.config().clone();
             let gpu = GpuContext::new(0)?;
-            let attn = GpuAttention::new(&gpu, &cfg)?;
+            let mut attn = GpuAttention::new(&gpu, &cfg)?;
+            let host_tier = crate::llama_offload::offload_sizes(&cfg)?.is_some();
+            let rope_layout = super::cuda_rope_layout(plugin, host_tier)?;
+            if let Some(layout) = rope_layout {
+                attn.set_rope_layout(layout)?;
+                tracing::info!(
+                    interleaved = layout.interleaved,
+                    freq_base = layout.freq_base,
+                    freq_scale = layout.freq_scale,
+                    max_position = cfg.model.max_position,
+                    "CUDA route: hip RoPE modes over llama.cpp's K/V (compiled, not yet run on a GPU)"
+                );
+            }
             let check_left = std::env::var("LLAMA_INFINITEHIP_CUDA_CHECK")
                 .ok()
                 .and_then(|s| s.parse().ok())
@@ -364,6 +462,7 @@ mod imp {
                 check_left,
                 offload,
                 tiers,
+                rope_layout,
             })
         }
 
@@ -596,6 +695,21 @@ mod imp {
                 LayerPolicy::Hip(h) => (h.sink, h.window),
                 _ => (usize::MAX, usize::MAX),
             };
+            // Streaming attention: the f64 streaming reference over keys and
+            // queries permuted to the halves layout (dot products are
+            // unchanged), rotated at llama.cpp's base (unscaled only).
+            let streaming = match (self.cfg.layer_policy(a.layer as usize), self.rope_layout) {
+                (LayerPolicy::Hip(h), Some(l)) if h.rope.attention == RopeMode::Streaming => {
+                    if l.freq_scale != 1.0 {
+                        return Err(Error::Invalid(
+                            "CUDA route check mode: the streaming reference rotates unscaled (freq_scale 1)"
+                                .into(),
+                        ));
+                    }
+                    Some((Rope::new(d, l.freq_base), l.interleaved))
+                }
+                _ => None,
+            };
             let shape = AttnShape {
                 scale: a.scale,
                 ..AttnShape::new(hq, hkv, d)?
@@ -621,7 +735,17 @@ mod imp {
                 let sel = sels.get(b).ok_or_else(|| {
                     Error::Invalid(format!("CUDA route check: no selection for row {b}"))
                 })?;
-                let want = attend_f64(&shape, &q, &view, Some(sel), len);
+                let want = match &streaming {
+                    None => attend_f64(&shape, &q, &view, Some(sel), len),
+                    Some((rope, inter)) => {
+                        let hq: Vec<f32> = q.chunks(d).flat_map(|x| to_halves(x, *inter)).collect();
+                        let hv = HalvesKv {
+                            kv: &view,
+                            inter: *inter,
+                        };
+                        attend_streaming_f64(&shape, rope, &hq, &hv, sel, len, len - 1)
+                    }
+                };
                 let err = rel_error(&o, &want);
                 let mut ok = err.is_finite() && err <= 1e-2;
                 for h in 0..hkv {
@@ -755,6 +879,55 @@ mod imp {
         }
     }
 
+    /// One head from llama.cpp's layout to the halves layout (`inter`:
+    /// pairs (2i, 2i+1); else already halves).
+    fn to_halves(x: &[f32], inter: bool) -> Vec<f32> {
+        if !inter {
+            return x.to_vec();
+        }
+        let half = x.len() / 2;
+        (0..x.len())
+            .map(|j| {
+                if j < half {
+                    x[2 * j]
+                } else {
+                    x[2 * (j - half) + 1]
+                }
+            })
+            .collect()
+    }
+
+    /// A K/V view whose keys read in the halves layout.
+    struct HalvesKv<'a> {
+        kv: &'a dyn KvRead,
+        inter: bool,
+    }
+
+    impl KvRead for HalvesKv<'_> {
+        fn len(&self) -> usize {
+            self.kv.len()
+        }
+        fn n_kv_heads(&self) -> usize {
+            self.kv.n_kv_heads()
+        }
+        fn head_dim(&self) -> usize {
+            self.kv.head_dim()
+        }
+        fn dot_key(&self, head: usize, tok: usize, q: &[f32]) -> f32 {
+            let mut k = vec![0f32; self.head_dim()];
+            self.read_key(head, tok, &mut k);
+            k.iter().zip(q).map(|(a, b)| a * b).sum()
+        }
+        fn read_key(&self, head: usize, tok: usize, out: &mut [f32]) {
+            let mut k = vec![0f32; out.len()];
+            self.kv.read_key(head, tok, &mut k);
+            out.copy_from_slice(&to_halves(&k, self.inter));
+        }
+        fn read_value(&self, head: usize, tok: usize, out: &mut [f32]) {
+            self.kv.read_value(head, tok, out)
+        }
+    }
+
     impl KvRead for TableKv<'_> {
         fn len(&self) -> usize {
             self.table.len()
@@ -857,8 +1030,13 @@ mod tests {
         assert!(e.contains("per_q_head") && e.contains("host mirror"), "{e}");
     }
 
-    #[test]
-    fn rope_modes_are_refused_naming_what_the_cuda_routes_lack() {
+    fn rope_plugin(
+        rope_type: i32,
+        n_rot: u32,
+        scale: f32,
+        modes: (&str, &str),
+        kv: &str,
+    ) -> std::result::Result<LlamaPlugin, String> {
         let mi = ModelInfo {
             n_layers: 4,
             n_q_heads: 8,
@@ -867,32 +1045,152 @@ mod tests {
             rope_theta: 10000.0,
             n_ctx_train: 4096,
         };
-        // llama.cpp's rope parameters (patch 0006), NEOX layout: the layout
-        // GpuAttention could rotate, still refused by this route.
         let rope = crate::ffi::RopeInfo {
-            rope_type: crate::llama_rope::LLAMA_ROPE_TYPE_NEOX,
-            n_rot: 64,
+            rope_type,
+            n_rot,
             freq_base: 10000.0,
-            freq_scale: 1.0,
+            freq_scale: scale,
             yarn: false,
         };
-        let p = LlamaPlugin::new_with_rope(
-            r#"{"dense_layers": 1, "default": {"method": "hip",
-                "rope": {"scoring": "chunk_indexed", "attention": "streaming"}}}"#,
+        LlamaPlugin::new_with_rope(
+            &format!(
+                r#"{{"dense_layers": 1, "default": {{"method": "hip", "sink": 64, "window": 512,
+                    "stages": [{{"chunk_size": 64, "keep_tokens": 4096, "refresh_interval": 16}},
+                               {{"chunk_size": 8, "keep_tokens": 1024, "refresh_interval": 4}}],
+                    "rope": {{"scoring": "{}", "attention": "{}"}}}}{kv}}}"#,
+                modes.0, modes.1
+            ),
             &mi,
             Some(&rope),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    /// llama.cpp's RoPE (patch 0006) maps to GpuAttention's layout: NORM to
+    /// interleaved pairs, NEOX to halves, its base and linear scale; the
+    /// mapped rotation (the kernels' host twin, `RopeLayout::rotate`) equals
+    /// llama.cpp's (`LlamaRope::rotate_exact`, f64 frequencies) on fresh
+    /// random heads within f32 rounding of the frequencies, and a wrong
+    /// layout or a shift off by one is far off. Partial rotary, host K/V and
+    /// (on the CPU plugin) YaRN are refused naming the layer.
+    #[test]
+    fn rope_modes_map_llama_rope_to_the_gpu_layout() {
+        use crate::llama_rope::{LlamaRope, LLAMA_ROPE_TYPE_NEOX, LLAMA_ROPE_TYPE_NORM};
+        use infinitehip::rng::Rng;
+        let mut rng = Rng::new(12);
+        for (rt, scale, modes) in [
+            (LLAMA_ROPE_TYPE_NORM, 1.0, ("chunk_indexed", "streaming")),
+            (LLAMA_ROPE_TYPE_NEOX, 1.0, ("relative", "streaming")),
+            (LLAMA_ROPE_TYPE_NORM, 0.25, ("original", "streaming")),
+        ] {
+            let p = rope_plugin(rt, 64, scale, modes, "").unwrap();
+            let lay = cuda_rope_layout(&p, false).unwrap().expect("modes on");
+            assert_eq!(lay.interleaved, rt == LLAMA_ROPE_TYPE_NORM);
+            assert_eq!((lay.freq_base, lay.freq_scale), (10000.0, scale));
+            let lr = LlamaRope::new(rt, 64, 64, 10000.0, scale).unwrap();
+            let w = lay.inv_freq(64);
+            for _ in 0..100 {
+                let x = rng.normal_vec(64, 1.0);
+                let pos = rng.below(40000) as f64 - 20000.0;
+                let (mut a, mut b) = (x.clone(), x.clone());
+                lay.rotate(&w, &mut a, pos);
+                lr.rotate_exact(&mut b, pos);
+                // f32 frequencies (the core's) vs llama_rope's f64 ones:
+                // ~1e-3 absolute at 20K positions.
+                let e = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0f32, f32::max);
+                assert!(e < 5e-3, "type {rt} scale {scale} pos {pos}: {e}");
+                let mut off = x.clone();
+                lr.rotate_exact(&mut off, pos + 1.0);
+                assert!(a.iter().zip(&off).any(|(p, q)| (p - q).abs() > 1e-2));
+                let wrong = infinitehip::rope::RopeLayout {
+                    interleaved: !lay.interleaved,
+                    ..lay
+                };
+                let mut c = x.clone();
+                wrong.rotate(&w, &mut c, pos);
+                if pos.abs() > 10.0 {
+                    assert!(c.iter().zip(&b).any(|(p, q)| (p - q).abs() > 1e-2));
+                }
+            }
+        }
+        // Original positions: no layout, nothing to refuse.
+        let p = rope_plugin(LLAMA_ROPE_TYPE_NORM, 32, 1.0, ("original", "original"), "").unwrap();
+        assert_eq!(cuda_rope_layout(&p, false).unwrap(), None);
+        // Partial rotary: the CPU plugin takes streaming with n_rot 32, the
+        // CUDA route refuses it naming the layer.
+        let p = rope_plugin(LLAMA_ROPE_TYPE_NORM, 32, 1.0, ("original", "streaming"), "").unwrap();
+        let e = llama_cuda_attn_new(&p).err().expect("must refuse");
+        assert!(
+            e.contains("layer 1 hip.rope")
+                && e.contains("partial rotary")
+                && e.contains("32 of 64"),
+            "{e}"
+        );
+        // Host K/V (kv.device_cache_pages) with the modes.
+        let p = rope_plugin(
+            LLAMA_ROPE_TYPE_NORM,
+            64,
+            1.0,
+            ("chunk_indexed", "streaming"),
+            r#", "kv": {"device_cache_pages": 5000}"#,
         )
         .unwrap();
         let e = llama_cuda_attn_new(&p).err().expect("must refuse");
         assert!(
-            e.contains("layer 1 hip.rope") && e.contains("NORM") && e.contains("prefill"),
+            e.contains("layer 1 hip.rope") && e.contains("device_cache_pages"),
             "{e}"
         );
-        // The host-mirror route refuses in plan_indices (a hard error; e2e
-        // section 6 checks the run stops), not in top_k (whose error means
-        // "fall back to llama.cpp's attention").
+        // The host-mirror route keeps its refusal (plan_indices), not top_k.
+        let p = rope_plugin(
+            LLAMA_ROPE_TYPE_NORM,
+            64,
+            1.0,
+            ("chunk_indexed", "streaming"),
+            "",
+        )
+        .unwrap();
         let route = crate::llama_gpu::llama_gpu_route_new(&p);
         assert!(route.top_k(&p, 1, 4096).is_ok());
+        // A supported config passes the rope checks: without a GPU the
+        // error is the missing device/feature, not the RoPE modes.
+        #[cfg(feature = "cuda")]
+        if infinitehip::backend::cuda::driver_available() {
+            return;
+        }
+        let e = llama_cuda_attn_new(&p).err().expect("no GPU here");
+        assert!(
+            !e.contains("hip.rope") && (e.contains("cuda") || e.contains("CUDA")),
+            "{e}"
+        );
+    }
+
+    /// With RoPE modes, a ubatch whose context reaches past the trained
+    /// length (n_kv > model.max_position = n_ctx_train) is never
+    /// dense-below (llama.cpp's attention would attend at untrained
+    /// positions): the CUDA route routes its prefill to GpuAttention (and
+    /// the CPU route plans it); below it, the thresholds are unchanged; at
+    /// original positions nothing changes.
+    #[test]
+    fn rope_modes_are_never_dense_below_past_the_trained_length() {
+        use crate::llama_rope::LLAMA_ROPE_TYPE_NORM;
+        let th = r#", "prefill_dense_below": 100000, "decode_dense_below": 100000"#;
+        let p = rope_plugin(
+            LLAMA_ROPE_TYPE_NORM,
+            64,
+            1.0,
+            ("chunk_indexed", "streaming"),
+            th,
+        )
+        .unwrap();
+        assert!(p.dense_below(512, 4096) && p.dense_below(1, 4096));
+        assert!(!p.dense_below(512, 4097) && !p.dense_below(1, 4352));
+        let o = rope_plugin(LLAMA_ROPE_TYPE_NORM, 64, 1.0, ("original", "original"), th).unwrap();
+        assert!(o.dense_below(512, 4097) && o.dense_below(1, 16384));
+        assert!(!o.dense_below(512, 100000));
     }
 
     #[test]

@@ -50,6 +50,24 @@ Checks (model d256 unless said):
    missed and copied; covering budget over 64 + 300 tokens == stock within
    f16 rounding; decode tok/s: stock, stock --no-kv-offload (llama.cpp's
    attention on the host K/V), ours resident, ours offloaded (table + JSON).
+12. hip's RoPE modes on the CUDA route beyond the trained length (issue 12,
+   --only-rope runs just this; --model-rope: a Llama GGUF with a small
+   trained context, ROPE_TRAIN tokens, NORM rope layout, head_dim 64, 8 q /
+   2 KV heads): ROPE_P prompt tokens (8x the trained length, ubatches of
+   ROPE_B) + ROPE_G teacher-forced decode steps, per mode pair
+   (chunk_indexed + streaming, relative + streaming) at a small budget: the
+   CUDA route (GpuAttention over llama.cpp's device K/V: interleaved keys,
+   the RoPE-mode sparse prefill past the trained length, check mode: every
+   decode call == the f64 streaming reference over its selection, sink +
+   window held) vs the plugin's CPU route on the same model and config
+   (--nkvo 1: K/V in host memory, LLAMA_INFINITEHIP_CUDA_OFF=1: the
+   plugin's CPU attention, its plans counted): logits within `close` (rel
+   RMS < 1e-2: the same selections, the GPU rounds re-rotated keys to f16,
+   ~1e-3 at the attention output). Negative controls, each must differ from
+   the CPU route by >= 10x the route's own difference and > 1e-2: the CUDA
+   route at original positions, and with the modes but its prefill left to
+   llama.cpp's flash attention at llama.cpp's positions
+   (LLAMA_INFINITEHIP_CUDA_PREFILL_OFF=1).
 """
 import argparse
 import json
@@ -93,6 +111,8 @@ def main():
     ap.add_argument("--deadline", type=float, default=0, help="unix time: skip bench contexts that would pass it")
     ap.add_argument("--only-locret", action="store_true", help="run only section 8 (Locret)")
     ap.add_argument("--only-offload", action="store_true", help="run only section 11 (host offload)")
+    ap.add_argument("--only-rope", action="store_true", help="run only section 12 (RoPE modes, CUDA route)")
+    ap.add_argument("--model-rope", default="", help="small-trained-context Llama GGUF for section 12")
     a = ap.parse_args()
     tmp = a.tmp
     os.makedirs(tmp, exist_ok=True)
@@ -175,6 +195,12 @@ def main():
         a.skip_tests = a.skip_bench = a.skip_ttft = True
         guarded("host offload tests", tests_offload, *T, offload)
         results["offload"] = offload
+    if a.only_rope:
+        a.skip_tests = a.skip_bench = a.skip_ttft = True
+        if not a.model_rope:
+            check("RoPE modes section: --model-rope given", False, "no model")
+        else:
+            guarded("rope modes tests", tests_rope, *T)
     ttft = []
 
     def timed(name, need_s, f, *args):
@@ -625,6 +651,68 @@ def tests_offload(a, gen, run, check, results, close, rows):
     rows.append(row)
     print(json.dumps(row), flush=True)
     os.remove(stf)
+
+
+ROPE_TRAIN, ROPE_P, ROPE_B, ROPE_G = 256, 2048, 512, 48
+
+
+def rope_cfg(scoring, attention):
+    c = hip_config(sink=16, window=128, stages=[(32, 512, 8), (8, 128, 4)],
+                   rope=(scoring, attention))
+    # the CPU policy's prefill estimator (the GPU runs it for rotated scoring);
+    # dense thresholds as the defaults: past the trained length nothing is
+    # dense-below with the modes (LlamaPlugin::dense_below)
+    c["default"]["mask_estimator"] = "reference"
+    return c
+
+
+def tests_rope(a, gen, run, check, results, close):
+    m = a.model_rope
+    ctx = ROPE_P + ROPE_G + 256
+    cpu_env = {"LLAMA_INFINITEHIP_CUDA_OFF": "1"}
+    res = {}
+    base = None
+    for scoring in ("chunk_indexed", "relative"):
+        cfg = rope_cfg(scoring, "streaming")
+        tag = f"rope_{scoring}"
+        lc, tc, tc_path, log_c = gen(a.patched, tag + "_cpu", ROPE_P, ROPE_G, config=cfg, ctx=ctx, model=m,
+                                     batch=ROPE_B, env=cpu_env, extra=NKVO)
+        pst = plugin_stats(log_c)
+        lg, _, _, log_g = gen(a.patched, tag + "_cuda", ROPE_P, ROPE_G, config=cfg, force=tc_path, ctx=ctx, model=m,
+                              batch=ROPE_B, env=CHK)
+        st = stats(log_g)
+        ck = st.get("check", {})
+        c = compare(lg, lc)
+        c.update({"cpu_route_plans": pst.get("plans"), "cpu_masked_streams": pst.get("masked_streams"),
+                  "cuda_calls": st.get("calls"), "cuda_prefill_calls": st.get("prefill_calls"),
+                  "cuda_prefill_tokens": st.get("prefill_tokens"), "check": ck,
+                  "prefill_check_vs_dense": st.get("prefill_check")})
+        res[scoring] = c
+        check(f"RoPE modes ({scoring} + streaming) on the CUDA route == the CPU route, teacher-forced "
+              f"({ROPE_P} + {ROPE_G} tokens, {ROPE_P // ROPE_TRAIN}x the trained {ROPE_TRAIN}, ubatch {ROPE_B}, d64 "
+              f"NORM layout); check mode: every decode call == f64 streaming reference, sink + window held",
+              close(c) and (pst.get("plans") or 0) > 0 and pst.get("masked_streams", 1) == 0
+              and "CUDA route on" in log_g and (st.get("rope_layout") or {}).get("interleaved") is True
+              and st.get("prefill_tokens", 0) >= ROPE_P and st.get("calls", 0) >= 2 * (ROPE_G - 1)
+              and ck.get("rows", 0) >= 2 * (ROPE_G - 1) and ck.get("failed", 1) == 0
+              and ck.get("worst_rel_err", 1) <= 1e-2 and np.isfinite(lg).all(), c)
+        if base is None:
+            base = (lc, tc_path, cfg, c["rel_rms_diff"])
+        print(log_g, flush=True)
+    lc, tc_path, cfg, own = base
+    # negative controls (the chunk_indexed CPU-route run as the reference)
+    lo, _, _, _ = gen(a.patched, "rope_ctl_original", ROPE_P, ROPE_G, config=rope_cfg("original", "original"),
+                      force=tc_path, ctx=ctx, model=m, batch=ROPE_B)
+    lp, _, _, log_p = gen(a.patched, "rope_ctl_pf_off", ROPE_P, ROPE_G, config=cfg, force=tc_path, ctx=ctx, model=m,
+                          batch=ROPE_B, env={"LLAMA_INFINITEHIP_CUDA_PREFILL_OFF": "1"})
+    for name, l, extra in [("original positions", lo, True), ("prefill left to llama.cpp", lp,
+                                                                stats(log_p).get("prefill_calls", -1) == 0)]:
+        c = compare(l, lc)
+        c["vs_route_diff"] = c["rel_rms_diff"] / max(own, 1e-12)
+        res["control: " + name] = c
+        check(f"RoPE modes negative control ({name}) differs from the CPU route by >= 10x the CUDA route's "
+              f"difference and > 1e-2", extra and c["rel_rms_diff"] > max(10 * own, 1e-2) and c["finite"], c)
+    results["rope_modes_cuda_route"] = res
 
 
 def print_offload(rows):

@@ -21,6 +21,7 @@ use infinitehip::config::{HipConfig, LayerPolicy, ModelShape, PolicyConfig, Rope
 use infinitehip::kv::{KvLayout, KvPool};
 use infinitehip::policy::Selection;
 use infinitehip::rng::Rng;
+use infinitehip::rope::RopeLayout;
 use infinitehip::workload::NeedleSeq;
 use infinitehip::DType;
 
@@ -49,11 +50,36 @@ struct EngineRoute {
     rows: Vec<usize>,
     ids: Vec<u64>,
     stream: u64,
+    /// llama.cpp's NORM layout: the pool's keys are stored interleaved, and
+    /// each step's queries are permuted the same way into `qi` first.
+    interleaved: Option<DevBuf>,
+}
+
+/// One head from the halves layout (the CPU policy's, i with i + d/2) to
+/// the interleaved one (llama.cpp's NORM, 2i with 2i + 1). Dot products
+/// are unchanged, so selections must equal the CPU policy's exactly.
+pub(crate) fn halves_to_interleaved<T: Copy>(x: &[T], d: usize) -> Vec<T> {
+    let half = d / 2;
+    x.chunks(d)
+        .flat_map(|h| {
+            (0..d).map(move |j| {
+                if j % 2 == 0 {
+                    h[j / 2]
+                } else {
+                    h[half + j / 2]
+                }
+            })
+        })
+        .collect()
 }
 
 impl RopeRoute for EngineRoute {
     fn label(&self) -> &'static str {
-        "GpuAttention"
+        if self.interleaved.is_some() {
+            "GpuAttention (llama.cpp NORM layout: keys and queries interleaved)"
+        } else {
+            "GpuAttention"
+        }
     }
     fn step(
         &mut self,
@@ -64,6 +90,15 @@ impl RopeRoute for EngineRoute {
         out: &DevBuf,
     ) -> R<Vec<Selection>> {
         let qe = shape.q_elems();
+        let qptr = match &self.interleaved {
+            None => qd.ptr,
+            Some(qi) => {
+                let q: Vec<f32> = qd.read(lens.len() * qe).map_err(e)?;
+                qi.write(&halves_to_interleaved(&q, shape.head_dim))
+                    .map_err(e)?;
+                qi.ptr
+            }
+        };
         // SAFETY: q, out and the pool are device buffers of this context,
         // sized for `lens.len()` rows and the pool's sequences.
         unsafe {
@@ -75,7 +110,7 @@ impl RopeRoute for EngineRoute {
                 &self.rows,
                 lens,
                 &QArg {
-                    ptr: qd.ptr,
+                    ptr: qptr,
                     dtype: DType::F32,
                     row_stride: qe,
                 },
@@ -101,6 +136,29 @@ fn engine_route(
     hip: &HipConfig,
     model: &ModelShape,
 ) -> R<Box<dyn RopeRoute>> {
+    engine_route_with(gpu, full, shape, hip, model, false)
+}
+
+/// `engine_route` with the keys and queries in llama.cpp's NORM layout
+/// (`GpuAttention::set_rope_layout`, as its CUDA route sets it).
+fn engine_route_interleaved(
+    gpu: &GpuContext,
+    full: &[NeedleSeq<bf16>],
+    shape: &AttnShape,
+    hip: &HipConfig,
+    model: &ModelShape,
+) -> R<Box<dyn RopeRoute>> {
+    engine_route_with(gpu, full, shape, hip, model, true)
+}
+
+fn engine_route_with(
+    gpu: &GpuContext,
+    full: &[NeedleSeq<bf16>],
+    shape: &AttnShape,
+    hip: &HipConfig,
+    model: &ModelShape,
+    interleaved: bool,
+) -> R<Box<dyn RopeRoute>> {
     let n = full.len();
     let lay = KvLayout {
         n_kv_heads: shape.n_kv_heads,
@@ -113,19 +171,36 @@ fn engine_route(
         let src = &full[n - 1 - j];
         let len = src.pool.seq_len(src.seq).map_err(e)?;
         let (k, v) = src.pool.read(src.seq, 0, len).map_err(e)?;
+        let k = if interleaved {
+            halves_to_interleaved(&k, shape.head_dim)
+        } else {
+            k
+        };
         pool.add_sequence(j as u64).map_err(e)?;
         pool.append(j as u64, &k, &v).map_err(e)?;
         lens.push(len);
     }
     let mut rng = Rng::new(0x5eed ^ n as u64);
     let tp = TokenPool::from_pool(&pool, &lens, &mut rng)?;
-    let ga = GpuAttention::new(gpu, &engine_cfg(model, hip)).map_err(e)?;
+    let mut ga = GpuAttention::new(gpu, &engine_cfg(model, hip)).map_err(e)?;
+    let qi = if interleaved {
+        ga.set_rope_layout(RopeLayout {
+            interleaved: true,
+            freq_base: model.rope_theta,
+            freq_scale: 1.0,
+        })
+        .map_err(e)?;
+        Some(DevBuf::alloc(n * shape.q_elems() * 4).map_err(e)?)
+    } else {
+        None
+    };
     Ok(Box::new(EngineRoute {
         ga,
         tp,
         rows: (0..n).map(|b| n - 1 - b).collect(),
         ids: (0..n).map(|b| 700 + b as u64).collect(),
         stream: gpu.raw_stream(),
+        interleaved: qi,
     }))
 }
 
@@ -275,6 +350,53 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64, c: &mut Progress) -> R<()> {
         9,
         false,
         seed + 3,
+    )?);
+    // llama.cpp's NORM layout (its CUDA route): keys and queries
+    // interleaved, GpuAttention::set_rope_layout; the CPU policy reads the
+    // same keys in halves, so selections must match exactly.
+    c.push(rope_case::<bf16>(
+        gpu,
+        engine_route_interleaved,
+        llama,
+        cfg(ChunkIndexed, Streaming, keep),
+        8192,
+        &[20000, 7001, 3000],
+        17,
+        false,
+        seed + 21,
+    )?);
+    c.push(rope_case::<bf16>(
+        gpu,
+        engine_route_interleaved,
+        small,
+        cfg(Relative, Streaming, keep),
+        4096,
+        &[16000, 5000],
+        17,
+        false,
+        seed + 22,
+    )?);
+    c.push(rope_case::<bf16>(
+        gpu,
+        engine_route_interleaved,
+        small,
+        cfg(ChunkIndexed, Original, keep),
+        4096,
+        &[9000, 3000],
+        9,
+        false,
+        seed + 23,
+    )?);
+    c.push(rope_case::<bf16>(
+        gpu,
+        engine_route_interleaved,
+        llama,
+        cfg(ChunkIndexed, Streaming, [8192, 8192, 8192]),
+        1024,
+        &[3000, 1500],
+        5,
+        true,
+        seed + 24,
     )?);
     // Covering budget: every token selected; equals dense streaming.
     c.push(rope_case::<bf16>(

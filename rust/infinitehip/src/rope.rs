@@ -52,6 +52,70 @@ impl Rope {
     }
 }
 
+/// How a model stores its rotated keys and queries, for the GPU RoPE
+/// modes' re-rotations (`backend::cuda::rope_gpu`): the pair layout and the
+/// frequencies (llama.cpp's RoPE parameters on its CUDA route). `RopeGpu`
+/// starts from the halves layout at `model.rope_theta`, unscaled
+/// (`RopeLayout::halves`). Defined here, outside the `cuda` feature, so
+/// hosts test their mapping to it on the CPU.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeLayout {
+    /// Pairs (2i, 2i + 1): llama.cpp's NORM (its Llama models). False:
+    /// pairs (i, i + d/2), NEOX / the core's `Rope`.
+    pub interleaved: bool,
+    /// Frequency base (llama.cpp's `freq_base`).
+    pub freq_base: f32,
+    /// Linear position scale (llama.cpp's `freq_scale`; 1 = none).
+    pub freq_scale: f32,
+}
+
+impl RopeLayout {
+    /// The core's own RoPE: halves layout at `theta`, unscaled.
+    pub fn halves(theta: f32) -> Self {
+        RopeLayout {
+            interleaved: false,
+            freq_base: theta,
+            freq_scale: 1.0,
+        }
+    }
+
+    /// The f32 inverse frequencies the kernels rotate with: pair i (dims
+    /// (i, i + d/2) or (2i, 2i + 1)) turns by `pos * inv_freq[i]`: the core's
+    /// `Rope::new(head_dim, freq_base)` times `freq_scale` (in f32; exactly
+    /// the core's when the scale is 1, as the CPU policy rotates).
+    pub fn inv_freq(&self, head_dim: usize) -> Vec<f32> {
+        Rope::new(head_dim, self.freq_base)
+            .inv_freq()
+            .iter()
+            .map(|&w| w * self.freq_scale)
+            .collect()
+    }
+
+    /// The two dims of rotation pair `i` of a `head_dim`-wide head (the
+    /// kernels' `pair_lo` / `pair_hi`). Host twin, for tests.
+    pub fn pair(&self, i: usize, head_dim: usize) -> (usize, usize) {
+        if self.interleaved {
+            (2 * i, 2 * i + 1)
+        } else {
+            (i, i + head_dim / 2)
+        }
+    }
+
+    /// Rotate one head `x` by `pos` as the kernels' `rope_rot` does (f64
+    /// angle from the f32 frequency, f32 sin/cos, unfused f32 products).
+    /// Host twin, for tests.
+    pub fn rotate(&self, inv_freq: &[f32], x: &mut [f32], pos: f64) {
+        for (i, &w) in inv_freq.iter().enumerate() {
+            let (i0, i1) = self.pair(i, x.len());
+            let a = pos * w as f64;
+            let (s, c) = (a.sin() as f32, a.cos() as f32);
+            let (x0, x1) = (x[i0], x[i1]);
+            x[i0] = x0 * c - x1 * s;
+            x[i1] = x1 * c + x0 * s;
+        }
+    }
+}
+
 /// Relative scoring's key rotations for one decode step, as a table: row t
 /// holds, per pair i, the f32 (cos, sin) of `(t as f64 * factor) *
 /// inv_freq[i] as f64`, computed exactly as `Rope::rotate(k, t as f64 *
@@ -248,6 +312,72 @@ pub fn streaming_key_shift(q_pos: usize, n: usize, pos: usize, rank: usize) -> f
 mod tests {
     use super::*;
     use crate::rng::Rng;
+
+    /// The interleaved layout's rotation (the GPU kernels' `inter` path,
+    /// host twin) of a head equals the core's halves rotation of the same
+    /// head permuted to halves, bit for bit (pair i has frequency i in
+    /// both), on fresh random heads and positions; the halves layout is the
+    /// core's `Rope::rotate` itself; a scaled layout is the core's at
+    /// position * scale within f32 rounding of the frequency.
+    #[test]
+    fn layout_rotation_is_the_core_rotation_permuted() {
+        let mut rng = Rng::new(41);
+        for d in [64usize, 128, 256] {
+            let half = d / 2;
+            let lay = RopeLayout {
+                interleaved: true,
+                freq_base: 100000.0,
+                freq_scale: 1.0,
+            };
+            let w = lay.inv_freq(d);
+            let core = Rope::new(d, 100000.0);
+            assert_eq!(w, core.inv_freq(), "scale 1 must be the core's frequencies");
+            for _ in 0..50 {
+                let x = rng.normal_vec(d, 1.0);
+                let pos = rng.below(200000) as f64 - 100000.0;
+                let mut a = x.clone();
+                lay.rotate(&w, &mut a, pos);
+                let mut h: Vec<f32> = (0..d)
+                    .map(|j| {
+                        if j < half {
+                            x[2 * j]
+                        } else {
+                            x[2 * (j - half) + 1]
+                        }
+                    })
+                    .collect();
+                core.rotate(&mut h, pos);
+                for i in 0..half {
+                    assert_eq!(a[2 * i].to_bits(), h[i].to_bits(), "d {d} pair {i}");
+                    assert_eq!(a[2 * i + 1].to_bits(), h[i + half].to_bits());
+                }
+                // The halves layout is the core's rotation.
+                let mut b = x.clone();
+                RopeLayout::halves(100000.0).rotate(&w, &mut b, pos);
+                let mut c = x.clone();
+                core.rotate(&mut c, pos);
+                assert_eq!(b, c);
+                // The wrong layout is far off (the check can fail).
+                assert!(b.iter().zip(&a).any(|(p, q)| (p - q).abs() > 1e-2));
+            }
+        }
+        let scaled = RopeLayout {
+            interleaved: false,
+            freq_base: 10000.0,
+            freq_scale: 0.25,
+        };
+        let ws = scaled.inv_freq(64);
+        let x = rng.normal_vec(64, 1.0);
+        let (mut a, mut b) = (x.clone(), x.clone());
+        scaled.rotate(&ws, &mut a, 4000.0);
+        Rope::new(64, 10000.0).rotate(&mut b, 1000.0);
+        let e = a
+            .iter()
+            .zip(&b)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(e < 1e-3, "{e}");
+    }
 
     fn dot(a: &[f32], b: &[f32]) -> f32 {
         a.iter().zip(b).map(|(x, y)| x * y).sum()

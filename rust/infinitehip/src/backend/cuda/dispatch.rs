@@ -2592,6 +2592,9 @@ pub struct HipGpuPrefill {
     /// (`RopeGpu::run_stages` with one query shift per (stage, block)) and
     /// streaming attention (`attend_streaming`).
     rope: Option<Box<super::rope_gpu::RopeGpu>>,
+    /// The stored keys' pair layout and frequencies (`set_rope_layout`;
+    /// None: halves at the model's theta).
+    rope_layout: Option<super::rope_gpu::RopeLayout>,
     /// Streaming attention's buffers (first use).
     stream: Option<PfStream>,
 }
@@ -2666,6 +2669,7 @@ impl HipGpuPrefill {
             q_start: 0,
             n_q: shape.n_q_heads,
             rope: None,
+            rope_layout: None,
             stream: None,
             stages,
             cfg,
@@ -2706,7 +2710,26 @@ impl HipGpuPrefill {
             self.hkv * self.nq_max,
         )?
         .map(Box::new);
+        if let (Some(r), Some(l)) = (self.rope.as_deref_mut(), self.rope_layout) {
+            r.set_layout(l)?;
+        }
         Ok(())
+    }
+
+    /// The stored keys' pair layout and frequencies (llama.cpp's NORM
+    /// layout on its CUDA route), applied now and by later `set_rope`
+    /// calls; None: halves at the model's theta (`RopeGpu::set_layout`).
+    pub fn set_rope_layout(&mut self, layout: Option<super::rope_gpu::RopeLayout>) -> Result<()> {
+        if let Some(r) = self.rope.as_deref_mut() {
+            r.set_layout(layout.unwrap_or(super::rope_gpu::RopeLayout::halves(r.theta())))?;
+        }
+        self.rope_layout = layout;
+        Ok(())
+    }
+
+    /// What `set_rope_layout` was given.
+    pub fn rope_layout(&self) -> Option<super::rope_gpu::RopeLayout> {
+        self.rope_layout
     }
 
     /// The (theta, max_position) `set_rope` was given, if any.
@@ -2836,7 +2859,9 @@ impl HipGpuPrefill {
         // search with rotated probes, as the CPU policy (which refuses the
         // fast estimator with these modes).
         let rotated = self.rope_ready()?.is_some_and(|r| r.scores_rotated());
-        if rotated && self.estimator == MaskEstimator::TensorCore {
+        if rotated
+            && self.estimator.with_config(self.cfg.mask_estimator) == MaskEstimator::TensorCore
+        {
             return Err(Error::config(
                 "hip.rope.scoring",
                 "the tensor-core mask estimator scores stored keys as they are: with chunk_indexed / relative scoring the GPU prefill runs the reference estimator (use MaskEstimator::Auto or Reference)",

@@ -17,6 +17,11 @@
 //!   dtype (bf16/f16) there: the one numerical difference from the CPU
 //!   kernel, which rotates the query in f32 instead.
 //!
+//! Pair layout: halves (the core's `Rope`) unless `set_layout` gives
+//! llama.cpp's NORM layout (pairs (2i, 2i+1)) and frequencies: every kernel
+//! takes an `inter` flag, the halves path unchanged (compiled, not yet run
+//! on a GPU; `gpu-test --rope-only` has interleaved cases).
+//!
 //! Host steps only (`step`/`select` with `upload`): the graph-capturable
 //! device step (and `GpuAttention`'s CUDA-graph decode), split-K attention,
 //! the host-tier scorers and the GPU sparse prefill refuse the modes.
@@ -38,6 +43,8 @@ use crate::rope::Rope;
 /// Threads per CTA of the scorer and gather launches.
 const THREADS: usize = 128;
 
+pub use crate::rope::RopeLayout;
+
 /// Device state of the RoPE modes of one `HipGpuDecoder`, or of one hip
 /// layer of `GpuAttention` (engine_attn/rope.rs).
 pub struct RopeGpu {
@@ -45,6 +52,8 @@ pub struct RopeGpu {
     pub(crate) streaming: bool,
     max_position: usize,
     theta: f32,
+    /// Pair layout and frequencies of the stored keys (`set_layout`).
+    layout: RopeLayout,
     head_dim: usize,
     n_q_heads: usize,
     n_stages: usize,
@@ -124,6 +133,17 @@ pub fn modes(cfg: &HipConfig) -> Result<Option<(RopeMode, bool)>> {
             "use original or streaming",
         ));
     }
+    // As HipPolicy::new (and config validation): the fast estimator scores
+    // stored keys as they are, so rotated scoring cannot use it; refused
+    // here rather than silently replaced by the reference estimator.
+    if cfg.mask_estimator == crate::config::MaskEstimatorChoice::Fast
+        && scoring != RopeMode::Original
+    {
+        return Err(Error::config(
+            "hip.mask_estimator",
+            "fast scores stored keys as they are: needs rope.scoring original",
+        ));
+    }
     Ok(Some((scoring, attention == RopeMode::Streaming)))
 }
 
@@ -165,6 +185,7 @@ impl RopeGpu {
             streaming,
             max_position,
             theta,
+            layout: RopeLayout::halves(theta),
             head_dim,
             n_q_heads,
             n_stages: cfg.stages.len(),
@@ -178,6 +199,53 @@ impl RopeGpu {
         };
         r.reserve(batch)?;
         Ok(Some(r))
+    }
+
+    /// The stored keys' pair layout and frequencies (llama.cpp's CUDA route:
+    /// NORM layout, its freq_base / freq_scale). Rotated scoring scores at
+    /// the CPU policy's positions, which rotates at `model.rope_theta`
+    /// unscaled: a layout with other frequencies is refused there (as the
+    /// llama.cpp plugin's CPU route refuses it); streaming attention takes
+    /// any base and linear scale.
+    pub fn set_layout(&mut self, layout: RopeLayout) -> Result<()> {
+        if !(layout.freq_base.is_finite()
+            && layout.freq_base > 1.0
+            && layout.freq_scale.is_finite()
+            && layout.freq_scale > 0.0)
+        {
+            return Err(Error::config(
+                "hip.rope",
+                format!(
+                    "RoPE layout: freq_base {} / freq_scale {} (must be finite, > 1 / > 0)",
+                    layout.freq_base, layout.freq_scale
+                ),
+            ));
+        }
+        if self.scores_rotated() && (layout.freq_base != self.theta || layout.freq_scale != 1.0) {
+            return Err(Error::config(
+                "hip.rope.scoring",
+                format!(
+                    "chunk_indexed/relative scoring rotates at model.rope_theta {} unscaled (as the CPU \
+                     policy); the keys are rotated at base {} scale {}: use \"original\" scoring",
+                    self.theta, layout.freq_base, layout.freq_scale
+                ),
+            ));
+        }
+        if layout != self.layout {
+            self.inv_freq = DevBuf::from_slice(&layout.inv_freq(self.head_dim))?;
+            self.layout = layout;
+        }
+        Ok(())
+    }
+
+    /// The layout `set_layout` was given (`RopeLayout::halves(theta)`
+    /// before).
+    pub fn layout(&self) -> RopeLayout {
+        self.layout
+    }
+
+    fn inter(&self) -> i32 {
+        self.layout.interleaved as i32
     }
 
     /// Size the per-sequence buffers for `batch` sequences (grow only;
@@ -298,6 +366,7 @@ impl RopeGpu {
         let d = kv.head_dim;
         let f = gpu.func("hip_rope", &format!("hip_pf_stream_gather_{tag}_d{d}"))?;
         let kst = kv.strides();
+        let inter = self.inter();
         let (ts, tr, ps, hk, hd, cap, pi) = (
             kv.table_stride as i32,
             table_row as i32,
@@ -326,7 +395,8 @@ impl RopeGpu {
             .arg(&self.inv_freq.ptr)
             .arg(&pi)
             .arg(&k2)
-            .arg(&v2);
+            .arg(&v2)
+            .arg(&inter);
         if head >= kv.n_kv_heads {
             return Err(Error::OutOfRange(format!(
                 "hip RoPE prefill gather: KV head {head} of {}",
@@ -371,6 +441,7 @@ impl RopeGpu {
     ) -> Result<()> {
         let f = gpu.func("hip_rope", "hip_pf_stream_q")?;
         let d = self.head_dim;
+        let inter = self.inter();
         let (ni, qs, qb, hk, gi, di, cap) = (
             n as i32,
             q_start as i32,
@@ -394,7 +465,8 @@ impl RopeGpu {
             .arg(&self.inv_freq.ptr)
             .arg(&qout)
             .arg(&qpos2)
-            .arg(&qseq2);
+            .arg(&qseq2)
+            .arg(&inter);
         // SAFETY: arguments in the order and C types of hip_pf_stream_q (kernels/hip_rope.cu); q holds
         // n * hkv * g * d f32, qout the same, qpos2/qseq2 hkv * n i32; the selection has a row per
         // (block of q_block queries, kv head).
@@ -447,6 +519,7 @@ impl RopeGpu {
             _ => 0,
         };
         let kst = kv.strides();
+        let inter = self.inter();
         for s in from..to.min(cfg.stages.len()) {
             let st = &cfg.stages[s];
             let (in_ptr, in_cnt, cap_in, e) = if s == 0 {
@@ -470,7 +543,8 @@ impl RopeGpu {
                 .arg(&nqh)
                 .arg(&di)
                 .arg(&sh)
-                .arg(&self.inv_freq.ptr);
+                .arg(&self.inv_freq.ptr)
+                .arg(&inter);
             // SAFETY: arguments in the order and C types of kernels/hip_rope.cu hip_rope_q; q holds
             // seqs.count * n_q * d f32 from x.q, qrot batch * n_q * d (reserve), sh points at the
             // stage's shifts of sequence seqs.first (n_stages * batch f64), inv_freq d / 2 f32.
@@ -512,7 +586,8 @@ impl RopeGpu {
                 .arg(&x.keys)
                 .arg(&mode)
                 .arg(&self.inv_freq.ptr)
-                .arg(&rel);
+                .arg(&rel)
+                .arg(&inter);
             // SAFETY: arguments in the order and C types of hip_score_rope_* (kernels/hip_rope.cu);
             // the pointers are the decoder's stage buffers (sized by HipGpuDecoder::select) and
             // the DeviceKv's allocations.
@@ -579,6 +654,7 @@ impl RopeGpu {
         let p = out.ensure(rows, p, d)?;
         let f = gpu.func("hip_rope", &format!("hip_stream_gather_{tag}_d{d}"))?;
         let kst = kv.strides();
+        let inter = self.inter();
         let (ts, ps, hk, tst, pi) = (
             kv.table_stride as i32,
             kv.page_size as i32,
@@ -604,7 +680,8 @@ impl RopeGpu {
             .arg(&out.k2.ptr)
             .arg(&out.v2.ptr)
             .arg(&out.ntab2.ptr)
-            .arg(&seq_row);
+            .arg(&seq_row)
+            .arg(&inter);
         let blocks = (p * d / 2).div_ceil(THREADS);
         // SAFETY: arguments in the order and C types of hip_stream_gather_* (kernels/hip_rope.cu);
         // k2/v2 hold rows * p * d elements, ntab2 rows ints; tab/ntab/extra are the caller's
@@ -861,6 +938,27 @@ mod tests {
             },
             ..HipConfig::default()
         }
+    }
+
+    /// The fast mask estimator with rotated scoring is refused, as the CPU
+    /// policy refuses it (not silently replaced by the reference search);
+    /// with original scoring (streaming attention only) it is allowed.
+    #[test]
+    fn fast_estimator_with_rotated_scoring_is_refused_as_the_cpu_policy() {
+        use crate::config::{MaskEstimatorChoice, ModelShape};
+        for scoring in [RopeMode::ChunkIndexed, RopeMode::Relative] {
+            let mut c = cfg(scoring);
+            c.mask_estimator = MaskEstimatorChoice::Fast;
+            let e = modes(&c).unwrap_err().to_string();
+            assert!(e.contains("mask_estimator") && e.contains("fast"), "{e}");
+            assert!(crate::policy::hip::HipPolicy::new(c.clone(), &ModelShape::default()).is_err());
+            c.mask_estimator = MaskEstimatorChoice::Reference;
+            assert!(modes(&c).unwrap().is_some());
+        }
+        let mut c = cfg(RopeMode::Original);
+        c.mask_estimator = MaskEstimatorChoice::Fast;
+        assert_eq!(modes(&c).unwrap(), Some((RopeMode::Original, true)));
+        assert!(crate::policy::hip::HipPolicy::new(c, &ModelShape::default()).is_ok());
     }
 
     #[test]

@@ -77,7 +77,7 @@ use super::dispatch::{
     DeviceSelection, HipAttention, KvPtrs, StageBuf, StageInputs, TabOut,
 };
 use super::hip_fast::MaskEstimator;
-use super::rope_gpu::{CompactKv, RopeGpu, Seqs};
+use super::rope_gpu::{CompactKv, RopeGpu, RopeLayout, Seqs};
 use super::{gpu_err, kernels, DevBuf, GpuContext};
 use crate::attention::AttnShape;
 use crate::config::{LayerPolicy, PolicyConfig};
@@ -211,6 +211,9 @@ pub struct GpuAttention {
     /// Streaming attention's compact K/V, shared by the RoPE-mode hip
     /// layers (first use; `rope_gpu::CompactKv`).
     rope_kv: Option<CompactKv>,
+    /// The stored keys' pair layout and frequencies for the RoPE modes
+    /// (`set_rope_layout`; None: halves at `model.rope_theta`).
+    rope_layout: Option<RopeLayout>,
 }
 
 fn grow(buf: &mut DevBuf, bytes: usize) -> Result<()> {
@@ -421,6 +424,7 @@ impl GpuAttention {
             hip_pf: None,
             graph: None,
             rope_kv: None,
+            rope_layout: None,
         })
     }
 
@@ -443,6 +447,33 @@ impl GpuAttention {
     /// capturing a graph: a captured step keeps the kernel it recorded.
     pub fn set_hip_attention(&mut self, a: Option<HipAttention>) {
         self.hip_attn = a;
+    }
+
+    /// How the engine stores rotated keys and queries, for the RoPE-mode
+    /// hip layers' re-rotations (decode scorer and gather, sparse prefill):
+    /// llama.cpp's CUDA route passes its NORM (interleaved) layout and its
+    /// freq_base / freq_scale here. Without a call: halves (NEOX) at
+    /// `model.rope_theta`, unscaled. Refused per layer (naming it) where
+    /// rotated scoring would rotate at other frequencies than the CPU
+    /// policy (`RopeGpu::set_layout`). No-op for layers without the modes.
+    /// Status: compiled, not run on a GPU (gpu-test --rope-only has
+    /// interleaved cases).
+    pub fn set_rope_layout(&mut self, layout: RopeLayout) -> Result<()> {
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            if let Layer::Hip(h) = layer {
+                if let Some(r) = h.rope.as_deref_mut() {
+                    r.set_layout(layout)
+                        .map_err(|e| Error::Invalid(format!("layer {l}: {e}")))?;
+                }
+            }
+        }
+        self.rope_layout = Some(layout);
+        Ok(())
+    }
+
+    /// What `set_rope_layout` was given.
+    pub fn rope_layout(&self) -> Option<RopeLayout> {
+        self.rope_layout
     }
 
     /// The hip layers' decode attention now (`set_hip_attention`).
@@ -1384,6 +1415,10 @@ impl GpuAttention {
         if let Some((theta, max_position)) = rope_model {
             if pf.rope_model() != Some((theta, max_position)) {
                 pf.set_rope(self.shape.head_dim, theta, max_position)?;
+            }
+            // The stored keys' layout (llama.cpp's NORM on its CUDA route).
+            if pf.rope_layout() != self.rope_layout {
+                pf.set_rope_layout(self.rope_layout)?;
             }
         }
         pf.estimator = est;

@@ -19,6 +19,14 @@
 //!   with `set_rope`: rotated per-block scoring, streaming attention per
 //!   query; compiled, not run on a GPU), or is refused when the sparse
 //!   prefill is off (`prefill_estimator` None).
+//! - layout: halves (NEOX) at `model.rope_theta` unless the host calls
+//!   `GpuAttention::set_rope_layout` (llama.cpp's CUDA route: its NORM
+//!   layout, pairs (2i, 2i+1), its freq_base and linear freq_scale), which
+//!   every RoPE kernel of the layer (scorer, query shift, streaming gather,
+//!   prefill gather and queries) then rotates with (compiled, not yet run
+//!   on a GPU); rotated scoring must keep the CPU policy's frequencies
+//!   (`RopeGpu::set_layout`). The fast mask estimator with rotated scoring
+//!   is refused as the CPU policy refuses it (`rope_gpu::modes`).
 //! - refused: CUDA-graph decode (`prepare_graph`: the modes upload per-step
 //!   shifts from the host) and host-tier decode (`kv.device_cache_pages`:
 //!   the rotated scorers and the gather read device keys).
