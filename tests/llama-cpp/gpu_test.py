@@ -61,13 +61,18 @@ Checks (model d256 unless said):
    decode call == the f64 streaming reference over its selection, sink +
    window held) vs the plugin's CPU route on the same model and config
    (--nkvo 1: K/V in host memory, LLAMA_INFINITEHIP_CUDA_OFF=1: the
-   plugin's CPU attention, its plans counted): logits within `close` (rel
-   RMS < 1e-2: the same selections, the GPU rounds re-rotated keys to f16,
-   ~1e-3 at the attention output). Negative controls, each must differ from
-   the CPU route by >= 10x the route's own difference and > 1e-2: the CUDA
-   route at original positions, and with the modes but its prefill left to
-   llama.cpp's flash attention at llama.cpp's positions
-   (LLAMA_INFINITEHIP_CUDA_PREFILL_OFF=1).
+   plugin's CPU attention, its plans counted). Bound: the median decode
+   row's logits within 1e-2 relative RMS (rounding: the same selections, the
+   GPU rounds re-rotated keys to f16, ~1e-3 at the attention output) and all
+   rows within 0.1: layer 0's output differs by that rounding, so layer 1's
+   selection may flip at a near-tie for a few steps (until the stage's next
+   refresh), which moves streaming ranks. Negative controls, each must
+   differ from the CPU route by >= 10x the route's own difference and > 0.3
+   (measured on the CPU route with this model: 0.84 at original positions,
+   0.55 with the prefill at llama.cpp's positions): the CUDA route at
+   original positions (dense thresholds 0: hip at the same budget), and with
+   the modes but its prefill left to llama.cpp's flash attention at
+   llama.cpp's positions (LLAMA_INFINITEHIP_CUDA_PREFILL_OFF=1).
 """
 import argparse
 import json
@@ -683,15 +688,20 @@ def tests_rope(a, gen, run, check, results, close):
         st = stats(log_g)
         ck = st.get("check", {})
         c = compare(lg, lc)
-        c.update({"cpu_route_plans": pst.get("plans"), "cpu_masked_streams": pst.get("masked_streams"),
+        d = lg.astype(np.float64) - lc.astype(np.float64)
+        row = np.sqrt((d ** 2).mean(1)) / np.sqrt((lc.astype(np.float64) ** 2).mean())
+        c.update({"row_rel_rms_median": float(np.median(row)), "row_rel_rms_max": float(row.max()),
+                  "rows_within_1e-2": float((row < 1e-2).mean()), "cpu_route_plans": pst.get("plans"), "cpu_masked_streams": pst.get("masked_streams"),
                   "cuda_calls": st.get("calls"), "cuda_prefill_calls": st.get("prefill_calls"),
                   "cuda_prefill_tokens": st.get("prefill_tokens"), "check": ck,
                   "prefill_check_vs_dense": st.get("prefill_check")})
         res[scoring] = c
         check(f"RoPE modes ({scoring} + streaming) on the CUDA route == the CPU route, teacher-forced "
               f"({ROPE_P} + {ROPE_G} tokens, {ROPE_P // ROPE_TRAIN}x the trained {ROPE_TRAIN}, ubatch {ROPE_B}, d64 "
-              f"NORM layout); check mode: every decode call == f64 streaming reference, sink + window held",
-              close(c) and (pst.get("plans") or 0) > 0 and pst.get("masked_streams", 1) == 0
+              f"NORM layout): median row within 1e-2, all within 0.1; check mode: every decode call == f64 "
+              f"streaming reference, sink + window held",
+              c["finite"] and c["row_rel_rms_median"] < 1e-2 and c["rel_rms_diff"] < 0.1
+              and (pst.get("plans") or 0) > 0 and pst.get("masked_streams", 1) == 0
               and "CUDA route on" in log_g and (st.get("rope_layout") or {}).get("interleaved") is True
               and st.get("prefill_tokens", 0) >= ROPE_P and st.get("calls", 0) >= 2 * (ROPE_G - 1)
               and ck.get("rows", 0) >= 2 * (ROPE_G - 1) and ck.get("failed", 1) == 0
@@ -701,8 +711,9 @@ def tests_rope(a, gen, run, check, results, close):
         print(log_g, flush=True)
     lc, tc_path, cfg, own = base
     # negative controls (the chunk_indexed CPU-route run as the reference)
-    lo, _, _, _ = gen(a.patched, "rope_ctl_original", ROPE_P, ROPE_G, config=rope_cfg("original", "original"),
-                      force=tc_path, ctx=ctx, model=m, batch=ROPE_B)
+    orig = dict(rope_cfg("original", "original"), prefill_dense_below=0, decode_dense_below=0)
+    lo, _, _, _ = gen(a.patched, "rope_ctl_original", ROPE_P, ROPE_G, config=orig, force=tc_path, ctx=ctx, model=m,
+                      batch=ROPE_B)
     lp, _, _, log_p = gen(a.patched, "rope_ctl_pf_off", ROPE_P, ROPE_G, config=cfg, force=tc_path, ctx=ctx, model=m,
                           batch=ROPE_B, env={"LLAMA_INFINITEHIP_CUDA_PREFILL_OFF": "1"})
     for name, l, extra in [("original positions", lo, True), ("prefill left to llama.cpp", lp,
@@ -711,7 +722,7 @@ def tests_rope(a, gen, run, check, results, close):
         c["vs_route_diff"] = c["rel_rms_diff"] / max(own, 1e-12)
         res["control: " + name] = c
         check(f"RoPE modes negative control ({name}) differs from the CPU route by >= 10x the CUDA route's "
-              f"difference and > 1e-2", extra and c["rel_rms_diff"] > max(10 * own, 1e-2) and c["finite"], c)
+              f"difference and > 0.3", extra and c["rel_rms_diff"] > max(10 * own, 0.3) and c["finite"], c)
     results["rope_modes_cuda_route"] = res
 
 
