@@ -56,7 +56,7 @@ T_START=$(date +%s)
 OUT=${3:?OUT}
 ARCH=${4:-90}
 CUDA=${IHIP_GGML_CUDA:-ON}   # OFF: a CPU dry run of this script (with LLAMA_INFINITEHIP_ROUTE=gpu)
-W=/tmp/ihip-gpu
+W=${IHIP_WORK:-/tmp/ihip-gpu}  # the builds and the test files
 JOBS=$(nproc)
 mkdir -p "$W" "$OUT"
 if [ "${IHIP_REUSE:-0}" = 1 ] && [ -x "$W/ihip_run-patched" ] && [ -x "$W/ihip_run-stock" ]; then

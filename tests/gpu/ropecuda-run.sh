@@ -15,11 +15,11 @@
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 cd "$(dirname "$0")/../.."
-S=$PWD/target/ropecuda-stage
+S=${STAGE:-$PWD/target/ropecuda-stage}  # STAGE: elsewhere (a dry run on a copy)
 export PYTHONUNBUFFERED=1 INFINITEHIP_CACHE=/tmp/ihip-cache INFINITEHIP_LAZY_MODULES=all
 mkdir -p "$INFINITEHIP_CACHE" "$S/llama/ptx"
 [ -f "$S/ptx.tar.xz" ] && tar xJf "$S/ptx.tar.xz" -C "$S/llama" && cp "$S"/llama/ptx/*.ptx "$INFINITEHIP_CACHE/"
-[ -f "$S/llama/libinfinitehip_bridge.a.xz" ] && xz -d -T0 "$S/llama/libinfinitehip_bridge.a.xz"
+[ -f "$S/llama/libinfinitehip_bridge.a.xz" ] && [ ! -f "$S/llama/libinfinitehip_bridge.a" ] && xz -dk -T0 "$S/llama/libinfinitehip_bridge.a.xz"
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
          $(python3 -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))' 2>/dev/null); do
   [ -e "$d/libnvrtc.so.13" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}" && break
