@@ -94,3 +94,29 @@ def test_select_keeps_the_top_and_the_decode_token():
     key_tok = torch.tensor([0, 2, 3, 7, 8, 9])
     assert _select(imp, key_tok, 0.3, 10, "1").tolist() == [0, 3, 9]  # keep_count(0.3, 10) = 3
     assert _select(imp, key_tok, 0.3, 10, "all").tolist() == key_tok.tolist()
+
+
+def test_a_revival_step_that_fails_ends_the_requests_revival(monkeypatch):
+    """A decode step that raises inside forward_revive must drop the row's
+    aux entry (its engine copies may hold rows the entry does not record),
+    and re-raise; other rows' entries stay."""
+    from types import SimpleNamespace
+
+    from infinitehip.sglang import lazy_rows as lr
+
+    backend = SimpleNamespace(lazy_points=lambda: {2: 0.5}, _generation=lambda r: 0)
+    monkeypatch.setattr(lr, "_backend", lambda: backend)
+    monkeypatch.setenv(lr.REVIVE_ENV, "1")
+    monkeypatch.setenv(lr.ROWS_ENV, "1")
+    monkeypatch.setattr(lr, "_aux", {3: {"n": 4, "gen": 0, "done": torch.zeros(4, dtype=torch.long)},
+                                     5: {"n": 4, "gen": 0}})
+    fb = SimpleNamespace(forward_mode=SimpleNamespace(is_decode=lambda: True, is_extend=lambda: False),
+                         req_pool_indices=torch.tensor([3]), seq_lens_cpu=torch.tensor([9]), seq_lens=None)
+
+    def boom(*a, **k):
+        raise RuntimeError("layer 7 failed")
+
+    monkeypatch.setattr(lr, "forward_revive", boom)
+    with pytest.raises(RuntimeError, match="layer 7"):
+        lr.around_forward(None, None, None, None, fb)
+    assert 3 not in lr._aux and 5 in lr._aux

@@ -187,7 +187,15 @@ def around_forward(original, model, input_ids, positions, forward_batch, input_e
     if _aux and backend is not None and mode.is_decode():
         st = _revive_state(backend, forward_batch, input_embeds, pp_proxy_tensors)
         if st is not None:
-            return forward_revive(model, backend, input_ids, positions, forward_batch, st)
+            try:
+                return forward_revive(model, backend, input_ids, positions, forward_batch, st)
+            except BaseException:
+                # A step that failed partway may have written revived rows into
+                # the backend's engine copies that st["done"] does not record; a
+                # later step would revive them again (duplicate keys). End the
+                # request's revival instead: its copies keep valid K/V only.
+                _aux.pop(st["row"], None)
+                raise
         return original(model, input_ids, positions, forward_batch, input_embeds,
                         pp_proxy_tensors=pp_proxy_tensors, **kwargs)
     if _aux and mode.is_extend() and forward_batch.req_pool_indices is not None:
