@@ -214,6 +214,10 @@ pub mod ffi {
         /// cells stays on llama.cpp's attention in every layer (below the
         /// config's `prefill_dense_below` / `decode_dense_below`).
         fn dense_below(self: &LlamaPlugin, n_tokens: u32, n_kv: u64) -> bool;
+        /// Some hip layer runs a RoPE mode and a context of `n_kv` cells
+        /// reaches past the trained length (`model.max_position`): llama.cpp's
+        /// own attention would attend at untrained positions (patch 0012).
+        fn rope_modes_past_trained(self: &LlamaPlugin, n_kv: u64) -> bool;
         /// Select the tokens every query attends to (one thread). `q`
         /// `[d, n_q_heads, n_tokens, n_stream]` f32; `k`
         /// `[d, n_kv_heads, n_kv, n_stream]`; `v` as k, or

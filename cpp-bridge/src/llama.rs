@@ -810,7 +810,7 @@ impl LlamaPlugin {
     /// `model.max_position`) nothing is dense-below, as the SGLang backend
     /// caps its thresholds at the trained context; below it, unchanged.
     pub fn dense_below(&self, n_tokens: u32, n_kv: u64) -> bool {
-        if self.rope_modes_past_trained(n_kv as usize) {
+        if self.rope_modes_past_trained(n_kv) {
             return false;
         }
         self.cfg.dense_below(n_tokens as usize, n_kv as usize)
@@ -818,8 +818,8 @@ impl LlamaPlugin {
 
     /// Some hip layer runs a RoPE mode and a context of `n_kv` cells
     /// reaches past the trained length (`model.max_position`).
-    pub(crate) fn rope_modes_past_trained(&self, n_kv: usize) -> bool {
-        n_kv > self.cfg.model.max_position && self.has_rope_modes()
+    pub fn rope_modes_past_trained(&self, n_kv: u64) -> bool {
+        n_kv > self.cfg.model.max_position as u64 && self.has_rope_modes()
     }
 
     pub fn summary(&self) -> String {

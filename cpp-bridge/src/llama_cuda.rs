@@ -119,7 +119,9 @@ pub fn llama_cuda_attn_new(
 /// (`LlamaPlugin::dense_below`), so they run `GpuAttention::prefill`, which
 /// prefills RoPE-mode layers densely at llama.cpp's positions while every
 /// query is within the trained length and with the modes' sparse prefill
-/// past it; below it, unchanged. Refused, naming the layer: partial rotary
+/// past it; below it, unchanged. A prefill ubatch the route cannot take
+/// there (several sequences, gaps, one token) keeps llama.cpp's attention
+/// at its positions, logged once (patch 0012). Refused, naming the layer: partial rotary
 /// (n_rot below head_dim: the kernels rotate whole heads), K/V in host
 /// memory (`kv.device_cache_pages`: the host-tier decode has no modes).
 /// YaRN and other rope types are refused when the plugin is built
@@ -1191,6 +1193,9 @@ mod tests {
         let o = rope_plugin(LLAMA_ROPE_TYPE_NORM, 64, 1.0, ("original", "original"), th).unwrap();
         assert!(o.dense_below(512, 4097) && o.dense_below(1, 16384));
         assert!(!o.dense_below(512, 100000));
+        // What patch 0012 asks before keeping llama.cpp's attention.
+        assert!(p.rope_modes_past_trained(4097) && !p.rope_modes_past_trained(4096));
+        assert!(!o.rope_modes_past_trained(1 << 20));
     }
 
     #[test]
