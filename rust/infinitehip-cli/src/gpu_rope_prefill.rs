@@ -468,6 +468,9 @@ fn engine_case(gpu: &GpuContext, seed: u64, interleaved: bool) -> R<Vec<Check>> 
     let run = call(&mut ga).map_err(|x| x.to_string());
     gpu.synchronize().map_err(e)?;
     let got: Vec<f32> = out.read(q.len()).map_err(e)?;
+    // The engine's own block selections of its last chunk (request 1's).
+    let ga_sel = ga.last_prefill_selection().map_err(e)?.unwrap_or_default();
+    let mut ga_mism = usize::MAX;
     let finite = got.iter().all(|x| x.is_finite());
     // HipGpuPrefill per request, and the CPU.
     let (mut twin, mut vs_cpu, mut mism) = (0f64, 0f64, 0usize);
@@ -495,6 +498,10 @@ fn engine_case(gpu: &GpuContext, seed: u64, interleaved: bool) -> R<Vec<Check>> 
         let view = s.pool.view(0).map_err(e)?;
         let (csel, _) = cpu_prefill(&shape, &hip, &model, &view, qs, q_start)?;
         mism += csel.iter().zip(&gsel).filter(|(a, b)| a != b).count();
+        if i == seqs.len() - 1 {
+            ga_mism = csel.iter().zip(&ga_sel).filter(|(a, b)| a != b).count()
+                + csel.len().abs_diff(ga_sel.len());
+        }
         for j in (0..m).step_by(17).chain([m - 1]) {
             let pos = q_start + j;
             let rf = stream_ref_stored::<bf16>(
@@ -538,18 +545,23 @@ fn engine_case(gpu: &GpuContext, seed: u64, interleaved: bool) -> R<Vec<Check>> 
     } else {
         ""
     };
+    // Interleaved: the tensor-core attention accumulates q.k over permuted
+    // dims, so the bf16 probabilities can round one ulp apart from the
+    // halves twin's (equal otherwise); the selections are compared directly.
+    let twin_bound = if interleaved { 1e-3 } else { 1e-6 };
     let mut checks = vec![Check {
         name: format!(
             "GpuAttention::prefill past model.max_position (RoPE-mode hip sparse prefill, chunk_indexed + streaming), lens {lens:?} new {n_new:?}, max_position {max_position}, rows reversed, token-major pool{layout}"
         ),
         ok: run.is_ok()
             && finite
-            && twin <= 1e-6
+            && twin <= twin_bound
             && mism == 0
+            && ga_mism == 0
             && vs_cpu <= ROUNDING_KERNEL_BOUND
             && drop_err > ROUNDING_KERNEL_BOUND,
         detail: format!(
-            "call {run:?}; vs HipGpuPrefill on the same K/V {twin:.2e} (bound 1e-6); HipGpuPrefill block selections vs CPU mismatches {mism}; vs CPU stored-rotation f64 ref {vs_cpu:.2e} (bound 1e-2, tensor-core kernel where it applies); one dropped visible token {drop_err:.2e} (must exceed 1e-2); all written+finite {finite}"
+            "call {run:?}; vs HipGpuPrefill on the same K/V {twin:.2e} (bound {twin_bound:.0e}); HipGpuPrefill block selections vs CPU mismatches {mism}; GpuAttention's last chunk (request 1) vs CPU mismatches {ga_mism}; vs CPU stored-rotation f64 ref {vs_cpu:.2e} (bound 1e-2, tensor-core kernel where it applies); one dropped visible token {drop_err:.2e} (must exceed 1e-2); all written+finite {finite}"
         ),
     }];
     if interleaved {

@@ -770,9 +770,22 @@ impl GpuAttention {
         })
     }
 
+    /// The block selections of the last hip sparse prefill chunk (one per
+    /// query block of `block_size_q`; None before any), read back
+    /// synchronously (tests: the RoPE-mode prefill vs the CPU policy).
+    pub fn last_prefill_selection(&self) -> Result<Option<Vec<crate::policy::Selection>>> {
+        let Some(pf) = self.hip_pf.as_deref() else {
+            return Ok(None);
+        };
+        // The last call ran on the caller's stream: wait for the device.
+        cudarc::driver::result::ctx::synchronize()
+            .map_err(|e| gpu_err("context synchronize", e))?;
+        pf.sel.to_host(self.shape.n_kv_heads).map(Some)
+    }
+
     /// The selection of the last call (rows `[query row][kv head]`), read
     /// back synchronously (tests, debugging). Not that of a hip layer's
-    /// sparse prefill (its selections live in the prefill's own buffers).
+    /// sparse prefill (`last_prefill_selection`).
     pub fn last_selection(&self) -> Result<Vec<crate::policy::Selection>> {
         // The last call ran on the caller's stream: wait for the device.
         cudarc::driver::result::ctx::synchronize()
