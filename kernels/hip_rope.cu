@@ -7,9 +7,9 @@
 // with i + D/2 (`inter` 0); or llama.cpp's NORM (interleaved) layout:
 // element 2i pairs with 2i + 1 (`inter` 1, llama.cpp's CUDA route: pair i
 // has the same frequency inv_freq[i] in both layouts, so a key permuted
-// between them rotates to the same values, permuted); angle = pos * inv_freq[i] in f64, sin and cos in f64
-// rounded to f32, then x0*c - x1*s and x1*c + x0*s in f32 without fused
-// multiply-adds. The f64 sin/cos here (CUDA libdevice, within 2 ulp) and the
+// between them rotates to the same values, permuted). Angle =
+// pos * inv_freq[i] in f64, sin and cos in f64 rounded to f32, then
+// x0*c - x1*s and x1*c + x0*s in f32 without fused multiply-adds. The f64 sin/cos here (CUDA libdevice, within 2 ulp) and the
 // host's (libm) round to the same f32 except when a value lies within a few
 // f64 ulp of an f32 rounding boundary, so the rotated vectors are
 // bit-identical to the CPU's in all but very rare elements.
