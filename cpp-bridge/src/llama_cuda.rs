@@ -116,10 +116,10 @@ pub fn llama_cuda_attn_new(
 /// 0006). None when no hip layer runs a mode. Prefill: ubatches whose
 /// context reaches past the trained length (`model.max_position` =
 /// llama.cpp's n_ctx_train) are never dense-below
-/// (`LlamaPlugin::dense_below`), so they run `GpuAttention::prefill`, which
-/// prefills RoPE-mode layers densely at llama.cpp's positions while every
-/// query is within the trained length and with the modes' sparse prefill
-/// past it; below it, unchanged. A prefill ubatch the route cannot take
+/// (`LlamaPlugin::dense_below`), so they run `GpuAttention::prefill` with
+/// the modes' sparse prefill (`rope_prefill_sparse`: also for a ubatch
+/// within the trained length routed at or above `prefill_dense_below`, as
+/// the CPU route plans it); below the thresholds, llama.cpp's attention. A prefill ubatch the route cannot take
 /// there (several sequences, gaps, one token) keeps llama.cpp's attention
 /// at its positions, logged once (patch 0012). Refused, naming the layer: partial rotary
 /// (n_rot below head_dim: the kernels rotate whole heads), K/V in host
@@ -440,6 +440,10 @@ mod imp {
             let rope_layout = super::cuda_rope_layout(plugin, host_tier)?;
             if let Some(layout) = rope_layout {
                 attn.set_rope_layout(layout)?;
+                // The C++ side routes a prefill ubatch here at or above
+                // prefill_dense_below (or past the trained length): run the
+                // RoPE-mode sparse prefill on it, as the CPU route plans it.
+                attn.rope_prefill_sparse = true;
                 tracing::info!(
                     interleaved = layout.interleaved,
                     freq_base = layout.freq_base,

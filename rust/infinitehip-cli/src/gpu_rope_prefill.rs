@@ -368,10 +368,13 @@ pub(crate) fn prefill_case<T: Element>(
 /// layout (`GpuAttention::set_rope_layout`, as its CUDA route sets it)
 /// while the twin and the CPU read them in halves: the outputs must still
 /// agree (dot products are layout-invariant), and one dropped visible
-/// token must miss the CPU bound.
-fn engine_case(gpu: &GpuContext, seed: u64, interleaved: bool) -> R<Vec<Check>> {
+/// token must miss the CPU bound. `within`: `max_position` above both
+/// requests and `GpuAttention::rope_prefill_sparse` on (llama.cpp's CUDA
+/// route): the RoPE-mode sparse prefill must run within the trained length
+/// too, equal to the CPU policy's prefill there.
+fn engine_case(gpu: &GpuContext, seed: u64, interleaved: bool, within: bool) -> R<Vec<Check>> {
     let shape = AttnShape::new(8, 2, 64).map_err(e)?;
-    let max_position = 4096;
+    let max_position = if within { 8192 } else { 4096 };
     let model = model_of(&shape, max_position);
     let rope = Rope::new(64, model.rope_theta);
     let hip = cfg(
@@ -423,6 +426,7 @@ fn engine_case(gpu: &GpuContext, seed: u64, interleaved: bool) -> R<Vec<Check>> 
         ..PolicyConfig::default()
     };
     let mut ga = GpuAttention::new(gpu, &pcfg).map_err(e)?;
+    ga.rope_prefill_sparse = within;
     if interleaved {
         ga.set_rope_layout(infinitehip::rope::RopeLayout {
             interleaved: true,
@@ -540,10 +544,10 @@ fn engine_case(gpu: &GpuContext, seed: u64, interleaved: bool) -> R<Vec<Check>> 
         }
         r0 += m;
     }
-    let layout = if interleaved {
-        ", keys/queries interleaved (llama.cpp NORM layout) vs a halves twin"
-    } else {
-        ""
+    let layout = match (interleaved, within) {
+        (true, true) => ", keys/queries interleaved (llama.cpp NORM layout) vs a halves twin, within max_position with rope_prefill_sparse (llama.cpp's CUDA route)",
+        (true, false) => ", keys/queries interleaved (llama.cpp NORM layout) vs a halves twin",
+        _ => "",
     };
     // Interleaved: the tensor-core attention accumulates q.k over permuted
     // dims, so the bf16 probabilities can round one ulp apart from the
@@ -551,7 +555,8 @@ fn engine_case(gpu: &GpuContext, seed: u64, interleaved: bool) -> R<Vec<Check>> 
     let twin_bound = if interleaved { 1e-3 } else { 1e-6 };
     let mut checks = vec![Check {
         name: format!(
-            "GpuAttention::prefill past model.max_position (RoPE-mode hip sparse prefill, chunk_indexed + streaming), lens {lens:?} new {n_new:?}, max_position {max_position}, rows reversed, token-major pool{layout}"
+            "GpuAttention::prefill {} model.max_position (RoPE-mode hip sparse prefill, chunk_indexed + streaming), lens {lens:?} new {n_new:?}, max_position {max_position}, rows reversed, token-major pool{layout}",
+            if within { "within" } else { "past" }
         ),
         ok: run.is_ok()
             && finite
@@ -801,8 +806,8 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64, c: &mut Progress) -> R<()> {
             seed + 16,
         ),
     ));
-    for (interleaved, s) in [(false, 17), (true, 18)] {
-        match engine_case(gpu, seed + s, interleaved) {
+    for (interleaved, within, s) in [(false, false, 17), (true, false, 18), (true, true, 19)] {
+        match engine_case(gpu, seed + s, interleaved, within) {
             Ok(cs) => c.extend(cs),
             Err(x) => c.push(or_fail(
                 &format!(

@@ -203,6 +203,12 @@ pub struct GpuAttention {
     /// that estimator; `None` attends densely (causal). Default
     /// `Some(MaskEstimator::Auto)` (the tensor-core estimator).
     pub prefill_estimator: Option<MaskEstimator>,
+    /// RoPE-mode hip layers' prefill while every query is within the
+    /// trained length: false (default; SGLang's host path) dense causal at
+    /// the model's positions; true (llama.cpp's CUDA route, whose host runs
+    /// a ubatch here only at or above `prefill_dense_below`, as its CPU
+    /// route plans it) the RoPE-mode sparse prefill, as past it.
+    pub rope_prefill_sparse: bool,
     /// Buffers of the hip sparse prefill, shared by the hip layers (rebuilt
     /// when a layer's hip config differs from the last one's).
     hip_pf: Option<Box<HipGpuPrefill>>,
@@ -421,6 +427,7 @@ impl GpuAttention {
             nq: DevBuf::from_slice(&[g])?,
             ones: DevBuf::from_slice(&vec![1i32; shape.n_kv_heads])?,
             prefill_estimator: Some(MaskEstimator::Auto),
+            rope_prefill_sparse: false,
             hip_pf: None,
             graph: None,
             rope_kv: None,
@@ -1731,6 +1738,7 @@ impl GpuAttention {
                         n_new,
                         r.max_position(),
                         self.prefill_estimator.is_some(),
+                        self.rope_prefill_sparse,
                     )?;
                     (
                         m == rope::RopePrefill::Dense,

@@ -14,7 +14,10 @@
 //! - prefill (`prefill_mode`): a RoPE-mode hip layer prefills densely
 //!   (causal, at the model's own positions) while every query position is
 //!   below `model.max_position`, as SGLang's host path caps
-//!   `prefill_dense_below` at the trained length; a call reaching past it
+//!   `prefill_dense_below` at the trained length (unless
+//!   `GpuAttention::rope_prefill_sparse`: llama.cpp's CUDA route, whose host
+//!   already chose the sparse prefill for this ubatch, runs the RoPE-mode
+//!   sparse prefill there too, as the plugin's CPU route); a call reaching past it
 //!   runs the hip sparse prefill with the layer's modes (`HipGpuPrefill`
 //!   with `set_rope`: rotated per-block scoring, streaming attention per
 //!   query; compiled, not run on a GPU), or is refused when the sparse
@@ -73,19 +76,26 @@ pub(super) enum RopePrefill {
 
 /// A prefill of a RoPE-mode layer: requests of `lens[i]` tokens, the last
 /// `n_new[i]` of them new; `sparse_on`: the hip sparse prefill is enabled
-/// (`GpuAttention::prefill_estimator` is Some).
+/// (`GpuAttention::prefill_estimator` is Some); `sparse_within`: the host
+/// wants the RoPE-mode sparse prefill within the trained length too
+/// (`GpuAttention::rope_prefill_sparse`: llama.cpp's CUDA route, whose
+/// `prefill_dense_below` decides per ubatch as its CPU route does).
 pub(super) fn prefill_mode(
     layer: usize,
     lens: &[usize],
     n_new: &[usize],
     max_position: usize,
     sparse_on: bool,
+    sparse_within: bool,
 ) -> Result<RopePrefill> {
     let past = lens
         .iter()
         .zip(n_new)
         .position(|(&len, &n)| n > 0 && len > max_position);
     match past {
+        None if sparse_within && sparse_on && n_new.iter().any(|&n| n > 0) => {
+            Ok(RopePrefill::Sparse)
+        }
         None => Ok(RopePrefill::Dense),
         Some(_) if sparse_on => Ok(RopePrefill::Sparse),
         Some(i) => Err(Error::config(
@@ -196,22 +206,22 @@ mod tests {
         use RopePrefill::*;
         // Positions up to max_position - 1: dense at the model's positions.
         assert_eq!(
-            prefill_mode(0, &[8192, 100], &[8192, 100], 8192, true).unwrap(),
+            prefill_mode(0, &[8192, 100], &[8192, 100], 8192, true, false).unwrap(),
             Dense
         );
         // A request with nothing new is not prefilled.
         assert_eq!(
-            prefill_mode(0, &[20000, 100], &[0, 100], 8192, false).unwrap(),
+            prefill_mode(0, &[20000, 100], &[0, 100], 8192, false, false).unwrap(),
             Dense
         );
         // One query at position 8192 (the 8193rd token) is past it: the
         // RoPE-mode sparse prefill, for the whole call.
         assert_eq!(
-            prefill_mode(5, &[100, 8193], &[100, 1], 8192, true).unwrap(),
+            prefill_mode(5, &[100, 8193], &[100, 1], 8192, true, false).unwrap(),
             Sparse
         );
         // ... refused when the sparse prefill is off.
-        let e = prefill_mode(5, &[100, 8193], &[100, 1], 8192, false)
+        let e = prefill_mode(5, &[100, 8193], &[100, 1], 8192, false, true)
             .unwrap_err()
             .to_string();
         assert!(
@@ -220,6 +230,35 @@ mod tests {
                 && e.contains("position 8192")
                 && e.contains("prefill_estimator"),
             "{e}"
+        );
+    }
+
+    /// llama.cpp's CUDA route (`rope_prefill_sparse`): within the trained
+    /// length the RoPE-mode sparse prefill runs too (as the plugin's CPU
+    /// route plans every ubatch at or above prefill_dense_below), dense when
+    /// the sparse prefill is off; past it, as before.
+    #[test]
+    fn rope_prefill_sparse_within_the_trained_length_when_asked() {
+        use RopePrefill::*;
+        assert_eq!(
+            prefill_mode(0, &[4096], &[512], 8192, true, true).unwrap(),
+            Sparse
+        );
+        assert_eq!(
+            prefill_mode(0, &[4096], &[512], 8192, true, false).unwrap(),
+            Dense
+        );
+        assert_eq!(
+            prefill_mode(0, &[4096], &[512], 8192, false, true).unwrap(),
+            Dense
+        );
+        assert_eq!(
+            prefill_mode(0, &[4096], &[0], 8192, true, true).unwrap(),
+            Dense
+        );
+        assert_eq!(
+            prefill_mode(0, &[9000], &[512], 8192, true, true).unwrap(),
+            Sparse
         );
     }
 
