@@ -24,8 +24,15 @@ struct EstCache {
     unsigned char* ref;             // per slot: read since the host's last sweep
     u16* miss_rows;                 // [miss_cap][D] staged copies of missed rows, or null
     u32 fetch_warp;                 // 1: a full warp stages its missed rows together (coalesced)
-    u32 pad_;
+    // Bit 0: the search's 2-token ranges after the first level take their
+    // right probe's score from the previous level (its chosen probe is that
+    // row), as hip_scorew does: one row fewer read per search, same bits.
+    // Bit 1 (mutation checks only): reuse the previous level's score at
+    // EVERY later level, which is wrong and must change selections.
+    u32 flags;
 };
+#define EST_REUSE_RIGHT 1u
+#define EST_REUSE_UNSOUND 2u
 
 // The warp's staged misses fetched together (fetch_warp, full warps only):
 // NV = D/8 lanes read one row's 16-byte vectors side by side, so each load

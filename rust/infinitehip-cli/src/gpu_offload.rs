@@ -212,6 +212,15 @@ struct EqRun<'a> {
     /// Mutation check: the prefetch walks the PREVIOUS refresh's stage-0
     /// chunks (stale) and the step uses it; passes only if outputs differ.
     stale_prefetch: bool,
+    /// Row cache admitting up to the whole cache a step
+    /// (`HostEstimation::with_admit_all`).
+    admit_all: bool,
+    /// The search's last-level right probe scored from the previous level
+    /// (`HostEstimation::set_reuse_right`).
+    reuse_right: bool,
+    /// Mutation check: the previous level's score reused at every level
+    /// (`set_reuse_unsound_for_tests`); passes only if selections differ.
+    reuse_unsound: bool,
     seed: u64,
 }
 
@@ -235,6 +244,9 @@ impl Default for EqRun<'_> {
             unsound: false,
             prefetch: true,
             stale_prefetch: false,
+            admit_all: false,
+            reuse_right: false,
+            reuse_unsound: false,
             seed: 0,
         }
     }
@@ -297,21 +309,24 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
             kc.page_size = off.host.layout.page_size;
             Some(HostEstimation::from_config(gpu, &off.host, &kc).map_err(e)?)
         }
-        Some(f) => Some(
-            HostEstimation::with_admission(
-                gpu,
-                &off.host,
-                ((total_rows as f64 * f).ceil() as usize).max(16),
-                r.stage,
-                r.admission,
+        Some(f) => {
+            let rows = ((total_rows as f64 * f).ceil() as usize).max(16);
+            Some(
+                if r.admit_all {
+                    HostEstimation::with_admit_all(gpu, &off.host, rows, r.stage, r.admission)
+                } else {
+                    HostEstimation::with_admission(gpu, &off.host, rows, r.stage, r.admission)
+                }
+                .map_err(e)?,
             )
-            .map_err(e)?,
-        ),
+        }
         None => None,
     };
     if let Some(es) = est.as_mut() {
         es.set_fetch_warp(r.fetch_warp).map_err(e)?;
         es.set_row_preload(r.preload);
+        es.set_reuse_right(r.reuse_right).map_err(e)?;
+        es.set_reuse_unsound_for_tests(r.reuse_unsound).map_err(e)?;
     }
     if let (Some(x), Some(l)) = (est.as_mut(), r.admit_limit) {
         x.max_admit_per_step = l;
@@ -481,7 +496,10 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
     let exact = !nan && max_abs <= 1e-6 && bitdiff == 0;
     let reused = off.steps_reused;
     let prefetched = off.steps_prefetched;
-    let ok = if r.unsound {
+    let ok = if r.reuse_unsound {
+        // Wrong scores must be seen in the selections.
+        sel_diff > 0
+    } else if r.unsound {
         // The mutation must be seen: some step reused across a new page
         // and read a block the walk never mapped.
         reused > 0 && !exact
@@ -507,12 +525,18 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
     Ok((
         ok,
         format!(
-            "{:?} pages{}{}{}{}, {} hip steps{}, lens {:?}, cache {n_slots}/{total_blocks} head blocks ({:.0}%): {reused} steps reused the last walk, {prefetched} stage-0 refreshes served by the copy stream's prefetch, hit {:.1}% ({misses} misses), outputs differing in bits {bitdiff}, max |diff| {max_abs:.1e}, NaN {nan}{est_txt}",
+            "{:?} pages{}{}{}{}{}, {} hip steps{}, lens {:?}, cache {n_slots}/{total_blocks} head blocks ({:.0}%): {reused} steps reused the last walk, {prefetched} stage-0 refreshes served by the copy stream's prefetch, hit {:.1}% ({misses} misses), outputs differing in bits {bitdiff}, max |diff| {max_abs:.1e}, NaN {nan}{est_txt}",
             r.pages,
             if reuse { if r.unsound { " (UNSOUND reuse across new pages: must differ)" } else { " + walk reuse" } } else { "" },
             if late { " + late admission" } else { "" },
             if r.preload && r.est_frac.is_some() { " + row preload" } else { "" },
             if r.stale_prefetch { " + STALE page prefetch (must differ)" } else if prefetch { " + page prefetch" } else { "" },
+            format!(
+                "{}{}{}",
+                if r.admit_all { " + admit-all rows" } else { "" },
+                if r.reuse_right { " + right-probe reuse" } else { "" },
+                if r.reuse_unsound { " + UNSOUND reuse at every level (selections must differ)" } else { "" }
+            ),
             r.steps,
             if r.appends { " appending a token each" } else { "" },
             r.lens,
@@ -686,6 +710,70 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     admit_limit: Some(0),
                     prefetch: false,
                     seed: seed + 4,
+                    ..Default::default()
+                },
+            )),
+        ),
+        (
+            "right-probe reuse + admit-all rows (5% rows, staged) + 5% cache == all on device".into(),
+            Box::new(|| decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[150_000, 61_000],
+                    est_frac: Some(0.05),
+                    admit_all: true,
+                    reuse_right: true,
+                    seed: seed + 1,
+                    ..Default::default()
+                },
+            )),
+        ),
+        (
+            "right-probe reuse + admit-all rows, appends + 1% rows + 5% cache == all on device".into(),
+            Box::new(|| decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[100_000, 33_000],
+                    steps: 70,
+                    est_frac: Some(0.01),
+                    appends: true,
+                    admit_all: true,
+                    reuse_right: true,
+                    seed: seed + 2,
+                    ..Default::default()
+                },
+            )),
+        ),
+        (
+            "admit-all rows, appends + host estimation (0.3% rows, storms), default hip, 30% cache".into(),
+            Box::new(|| decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[40_000],
+                    frac: 0.3,
+                    steps: 40,
+                    est_frac: Some(0.003),
+                    appends: true,
+                    small: false,
+                    prefetch: false,
+                    admit_all: true,
+                    reuse_right: true,
+                    seed: seed + 3,
+                    ..Default::default()
+                },
+            )),
+        ),
+        (
+            "mutation: reusing the previous level's score at every level is detected".into(),
+            Box::new(|| decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[150_000, 61_000],
+                    steps: 16,
+                    est_frac: Some(0.05),
+                    reuse_right: true,
+                    reuse_unsound: true,
+                    seed: seed + 1,
                     ..Default::default()
                 },
             )),
@@ -887,6 +975,7 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
             bool,
             bool,
             bool,
+            (bool, bool),
         )> = Vec::new();
         for &f in &fractions {
             for &x in &est_list {
@@ -896,16 +985,21 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                             for late in &a.late_admission {
                                 for reuse in &a.page_reuse {
                                     for pf in &a.page_prefetch {
-                                        combos.push((
-                                            f,
-                                            x,
-                                            m,
-                                            w == "warp",
-                                            reuse == "on",
-                                            late == "on",
-                                            pl == "on",
-                                            pf == "on",
-                                        ));
+                                        for ad in &a.est_admit {
+                                            for rr in &a.est_reuse {
+                                                combos.push((
+                                                    f,
+                                                    x,
+                                                    m,
+                                                    w == "warp",
+                                                    reuse == "on",
+                                                    late == "on",
+                                                    pl == "on",
+                                                    pf == "on",
+                                                    (ad == "all", rr == "on"),
+                                                ));
+                                            }
+                                        }
                                     }
                                 }
                             }
@@ -917,14 +1011,29 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
         if a.bus && rows.is_empty() {
             rows_bus = bus_probe(&gpu, &host, seed).map_err(e)?;
         }
-        for (f, est_frac, (mode, pages), fetch_warp, reuse, late, preload, prefetch) in combos {
+        for (
+            f,
+            est_frac,
+            (mode, pages),
+            fetch_warp,
+            reuse,
+            late,
+            preload,
+            prefetch,
+            (admit_all, reuse_right),
+        ) in combos
+        {
             let n_slots = ((total_blocks as f64 * f).ceil() as usize).max(1);
             let mut off = OffloadKv::with_policy(&gpu, host, n_slots, pages).map_err(e)?;
             let est_rows = (total_rows as f64 * est_frac).ceil() as usize;
-            let mut est =
+            let mut est = if admit_all {
+                HostEstimation::with_admit_all(&gpu, &off.host, est_rows.max(16), !direct, mode)
+            } else {
                 HostEstimation::with_admission(&gpu, &off.host, est_rows.max(16), !direct, mode)
-                    .map_err(e)?;
+            }
+            .map_err(e)?;
             est.set_fetch_warp(fetch_warp).map_err(e)?;
+            est.set_reuse_right(reuse_right).map_err(e)?;
             est.set_row_preload(preload);
             let mut dec = HipGpuDecoder::new(cfg.clone(), &shape, 1).map_err(e)?;
             let mut dec2 = HipGpuDecoder::new(cfg.clone(), &shape, 1).map_err(e)?;
@@ -1265,6 +1374,7 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                 "offload_prepare_wait_ms": mean(&pr_wait),
                 "offload_prepare_launch_ms": mean(&pr_launch),
                 "est_fetch": if fetch_warp { "warp" } else { "thread" },
+                "est_admit_all": admit_all, "est_reuse_right": reuse_right,
                 "page_reuse": reuse, "late_admission": late, "est_preload": preload, "phase_events": a.phase_events != "off",
                 "page_steps_reused": off.steps_reused,
                 "page_prefetch": prefetch,
@@ -1294,11 +1404,11 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
         }
     }
     let g = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-    println!("\n| tokens | page cache | est rows | path | page reuse (steps) | page prefetch (steps) | late admission | row preload | resident ms/step (one sync) | offload ms/step | offload / resident | sel mismatches / max abs diff |");
-    println!("|---:|---:|---:|---|---|---|---|---|---:|---:|---:|---|");
+    println!("\n| tokens | page cache | est rows | path | page reuse (steps) | page prefetch (steps) | late admission | row preload | est admit / step | right-probe reuse | row hit % | est MiB/step | resident ms/step (one sync) | offload ms/step | offload / resident | sel mismatches / max abs diff |");
+    println!("|---:|---:|---:|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|---|");
     for r in &rows {
         println!(
-            "| {} | {:.1}% | {:.1}% | {} pages, {} admission, {} fetch | {} ({}) | {} ({}) | {} | {} | {:.3} | {:.3} | **{:.2}x** | {} / {:.1e} |",
+            "| {} | {:.1}% | {:.1}% | {} pages, {} admission, {} fetch | {} ({}) | {} ({}) | {} | {} | {} | {} | {:.1} | {:.2} | {:.3} | {:.3} | **{:.2}x** | {} / {:.1e} |",
             r["tokens"],
             100.0 * g(r, "cache_fraction"),
             100.0 * g(r, "est_rows_fraction"),
@@ -1311,6 +1421,10 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
             r["page_steps_prefetched"],
             if r["late_admission"].as_bool() == Some(true) { "on" } else { "off" },
             if r["est_preload"].as_bool() == Some(true) { "on" } else { "off" },
+            if r["est_admit_all"].as_bool() == Some(true) { "all" } else { "half" },
+            if r["est_reuse_right"].as_bool() == Some(true) { "on" } else { "off" },
+            100.0 * g(r, "est_row_hit_ratio"),
+            g(r, "est_host_read_mib_per_step"),
             g(r, "resident_step_one_sync_ms"),
             g(r, "offload_step_ms"),
             g(r, "offload_over_resident"),

@@ -94,7 +94,8 @@ struct EstCacheDev {
     refb: u64,
     miss_rows: u64,
     fetch_warp: u32,
-    pad: u32,
+    /// `EST_REUSE_RIGHT` (1) / `EST_REUSE_UNSOUND` (2), kernels/hip_est_host.cuh.
+    flags: u32,
 }
 
 /// Counters of one estimation step.
@@ -155,6 +156,8 @@ pub struct HostEstimation {
     dev_adm: Option<DevAdmission>,
     /// Tombstones in the device table since the last rebuild (upper bound).
     tombs: usize,
+    /// A step may admit up to the whole cache (`with_admit_all`).
+    admit_all: bool,
     /// Staged rows: the first `stage_cap` misses of a step.
     stage_cap: usize,
     /// The `EstCache` uploaded in `kv.k` (kept to flip `fetch_warp`).
@@ -202,6 +205,42 @@ impl HostEstimation {
         stage_misses: bool,
         admission: Admission,
     ) -> Result<Self> {
+        Self::build(gpu, host, rows, stage_misses, admission, false)
+    }
+
+    /// `with_admission` whose admission may fill the whole cache in one
+    /// step (`max_admit_per_step` = the capacity) instead of half of it,
+    /// with a row -> slot table of twice the buckets so that the table's
+    /// fill stays below 5/8 (live <= 1/4, tombstones <= 1/8 before the
+    /// step's rebuild check + 1/4 of the step's evictions). Device
+    /// admissions only. Why: with half the cache a step, a cold cache
+    /// needs several stage-0 refreshes to take in one refresh's probed
+    /// rows (`sim-est-rows`: at 1M tokens with a 25% row cache the first
+    /// refresh after a cold one misses 511K rows instead of 196K).
+    /// Device memory: + 8 B x 2 x the table's buckets.
+    pub fn with_admit_all(
+        gpu: &GpuContext,
+        host: &HostKv,
+        rows: usize,
+        stage_misses: bool,
+        admission: Admission,
+    ) -> Result<Self> {
+        if admission == Admission::Host {
+            return Err(Error::Invalid(
+                "estimation row cache: admit-all needs a device admission (the host table keeps 2x buckets)".into(),
+            ));
+        }
+        Self::build(gpu, host, rows, stage_misses, admission, true)
+    }
+
+    fn build(
+        gpu: &GpuContext,
+        host: &HostKv,
+        rows: usize,
+        stage_misses: bool,
+        admission: Admission,
+        admit_all: bool,
+    ) -> Result<Self> {
         let lay = host.layout;
         let total_rows = host.n_pages as u64 * (lay.n_kv_heads * lay.page_size) as u64;
         // Row ids 0xffffffff (empty) and 0xfffffffe (tombstone) are reserved.
@@ -219,7 +258,8 @@ impl HostEstimation {
         let device = admission != Admission::Host;
         // The host table only for host admission (same bucket count).
         let cache = EstRowCache::new(if device { 0 } else { rows });
-        let map_buckets = crate::kv::RowSlotMap::new(rows).buckets();
+        let map_buckets =
+            crate::kv::RowSlotMap::new(if admit_all { 2 * rows } else { rows }).buckets();
         let (map_mask, map_shift) = ((map_buckets - 1) as u32, 32 - map_buckets.trailing_zeros());
         let clock = ClockBits::new(if admission == Admission::Device {
             rows
@@ -263,7 +303,7 @@ impl HostEstimation {
             refb: refb.ptr,
             miss_rows: miss_rows.as_ref().map_or(0, |b| b.ptr),
             fetch_warp: 1,
-            pad: 0,
+            flags: 0,
         };
         let (table, stride) = host.device_table();
         let capacity: Vec<usize> = host
@@ -328,6 +368,7 @@ impl HostEstimation {
                 None
             },
             tombs: 0,
+            admit_all,
             stage_cap,
             desc: dev,
             module: "hip_mask_host",
@@ -339,7 +380,9 @@ impl HostEstimation {
             admitted,
             // Device admission: at most half the cache per step, which also
             // bounds the table's fill (live + tombstones) below 7/8.
-            max_admit_per_step: if device {
+            max_admit_per_step: if admit_all {
+                rows
+            } else if device {
                 rows / 2
             } else {
                 (rows / 2).max(1024).min(rows)
@@ -374,6 +417,33 @@ impl HostEstimation {
 
     pub fn fetch_warp(&self) -> bool {
         self.desc.fetch_warp != 0
+    }
+
+    /// Whether a step may admit up to the whole cache (`with_admit_all`).
+    pub fn admit_all(&self) -> bool {
+        self.admit_all
+    }
+
+    /// The search's last-level right probe scored from the previous level's
+    /// choice instead of read again (`true`), as `hip_scorew` does: one key
+    /// row fewer per searched sub-chunk of 2^k tokens, the same scores and
+    /// selections (kernels/hip_mask.cu `hip_score` under HIP_EST_HOST; CPU
+    /// reference `est_sim::search_probes_reuse`). `false`: every probe
+    /// read (the earlier path).
+    pub fn set_reuse_right(&mut self, on: bool) -> Result<()> {
+        self.desc.flags = (self.desc.flags & !1) | on as u32;
+        self.kv.k.write(&[self.desc])
+    }
+
+    pub fn reuse_right(&self) -> bool {
+        self.desc.flags & 1 != 0
+    }
+
+    /// Mutation checks only: reuse the previous level's score at every
+    /// level after the first (wrong scores: selections must differ).
+    pub fn set_reuse_unsound_for_tests(&mut self, on: bool) -> Result<()> {
+        self.desc.flags = (self.desc.flags & !2) | ((on as u32) << 1);
+        self.kv.k.write(&[self.desc])
     }
 
     /// Scoring kernels that load each probed row's 16-byte vectors all at
@@ -509,7 +579,9 @@ impl HostEstimation {
             return Ok(step);
         }
         let cap = self.capacity();
-        let max_admit = self.max_admit_per_step.min(cap / 2) as i32;
+        let max_admit = self
+            .max_admit_per_step
+            .min(if self.admit_all { cap } else { cap / 2 }) as i32;
         let holder = self.holder.as_ref().map_or(0, |h| h.ptr);
         let staged = self.miss_rows.as_ref().map_or(0, |b| b.ptr);
         let stage_cap = if staged != 0 {
