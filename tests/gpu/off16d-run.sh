@@ -2,10 +2,12 @@
 # off16d device call (one H200, <= 300 s), staged by tests/gpu/off16d-stage.sh:
 #   run(command="cd target/off16d-bin && OUT=$OUT BUDGET=285 bash off16d-run.sh",
 #       carry=["target/off16d-bin"], timeout_s=300)
-# 1) gpu-test-offload: every check (+ 4 new: right-probe reuse + admit-all rows, with
-#    appends, storms, and the mutation "reuse at every level" that must change selections)
+# 1) gpu-test-offload: every check (+ 6 new: right-probe reuse + admit-all rows, with
+#    appends, storms, pinned search levels 1-2, and two mutations that must change
+#    selections: reuse at every level, pinned rows from the wrong offset)
 # 2) the command of record with the old estimation row cache (--est-admit half
-#    --est-reuse off, run 8's path) and the new ones in the same process
+#    --est-reuse off --est-pin 0, run 8's path) and the new ones in the same process
+#    (8 variants per size and row fraction; the pinned rows come out of the same budget)
 # 3) if time is left: 1M by refresh class (phase events on), old and new
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -27,11 +29,11 @@ step() {  # step NAME TIMEOUT CMD...
   return $rc
 }
 cap() { local a=$1 l; l=$(( $(left) - ${2:-0} )); echo $(( a < l ? a : l )); }
-step gpu-test-offload $(cap 130 75) $BIN gpu-test-offload
+step gpu-test-offload $(cap 125 100) $BIN gpu-test-offload
 BENCH="bench-gpu-offload --tokens 1048576,4194304 --cache 0.05 --est-rows 0.25,0.5 --admission full-device --est-fetch warp --steps 48 --warmup 16"
-step bench $(cap 110 5) $BIN $BENCH --est-admit half,all --est-reuse off,on --json "$OUT/bench.json"
-step bench-events $(cap 40) $BIN bench-gpu-offload --tokens 1048576 --cache 0.05 --est-rows 0.25 --admission full-device --est-fetch warp --steps 48 --warmup 16 --est-admit half,all --est-reuse off,on --phase-events on --json "$OUT/bench-events.json"
+step bench $(cap 130 5) $BIN $BENCH --est-admit half,all --est-reuse off,on --est-pin 0,2 --json "$OUT/bench.json"
+step bench-events $(cap 40) $BIN bench-gpu-offload --tokens 1048576 --cache 0.05 --est-rows 0.25 --admission full-device --est-fetch warp --steps 48 --warmup 16 --est-admit half,all --est-reuse off,on --est-pin 0,2 --phase-events on --json "$OUT/bench-events.json"
 echo "== tests"; grep -E '^(PASS|FAIL)|failed|error' "$OUT/gpu-test-offload.log" | cut -c1-400
-for f in bench bench-events; do echo "== $f"; grep -E '^\| [0-9]' "$OUT/$f.log" | head -16 | cut -c1-330; done
+for f in bench bench-events; do echo "== $f"; grep -E '^\| [0-9]' "$OUT/$f.log" | head -34 | cut -c1-330; done
 echo "== classes"; grep -A40 'By refresh class' "$OUT/bench-events.log" | grep -E '^\| 1048576' | cut -c1-300
 cat "$OUT/device.txt"

@@ -157,7 +157,7 @@ mod tests {
             "bench-gpu --tokens 32K --batch 1,16 --reps 3 --seed 1 --prefill-dense-max 65536 --estimators auto,fast",
             "bench-gpu-offload --tokens 1048576,4194304 --cache 0.05 --est-rows 0.25 --steps 48 --warmup 16 --json o.json",
             "bench-gpu-offload --tokens 1048576 --cache 0.05 --est-rows 0.05 --est-direct --admission device,host --seed 2",
-            "bench-gpu-offload --tokens 1048576,4194304 --cache 0.05 --est-rows 0.25,0.5 --admission full-device --est-fetch warp --steps 48 --warmup 16 --est-admit half,all --est-reuse off,on --json o.json",
+            "bench-gpu-offload --tokens 1048576,4194304 --cache 0.05 --est-rows 0.25,0.5 --admission full-device --est-fetch warp --steps 48 --warmup 16 --est-admit half,all --est-reuse off,on --est-pin 0,2 --json o.json",
             "sim-est-rows --tokens 1M,4M --est-rows 0.25,0.5 --pin 0,1,2 --reuse off,on --admit 0.5,1.0 --unbounded --heads 4 --warmup 16 --steps 48 --json s.json",
         ] {
             let argv = std::iter::once("infinitehip").chain(line.split_whitespace());

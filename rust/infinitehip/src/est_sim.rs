@@ -90,6 +90,26 @@ pub fn search_probes(
     best
 }
 
+/// Page offsets (bit o: offset o of a page of `page_size` tokens) of the
+/// rows levels `1..=levels` of stage 0's search can probe, for chunks of
+/// `chunk` tokens starting at `sink` (chunk offsets `search_offsets`):
+/// the pinned region's mask (`HostEstimation::set_pinned`). None when a
+/// chunk is not a page (offsets would not repeat per page) or pages exceed
+/// 64 tokens; 0 for no levels.
+pub fn pin_page_mask(levels: usize, chunk: usize, sink: usize, page_size: usize) -> Option<u64> {
+    if levels == 0 {
+        return Some(0);
+    }
+    if chunk != page_size || page_size > 64 || page_size == 0 {
+        return None;
+    }
+    Some(
+        search_offsets(chunk, levels)
+            .into_iter()
+            .fold(0u64, |m, o| m | 1u64 << ((sink + o) % page_size)),
+    )
+}
+
 /// `search_probes` with the last level's right probe reused (as
 /// `hip_scorew` does, kernels/hip_mask.cu): a 2-token range after the first
 /// level has the previous level's chosen probe as its right probe, so that
@@ -314,6 +334,8 @@ impl KvRead for LoggedKeys<'_> {
     fn len(&self) -> usize {
         self.len
     }
+    // The policy scores the kept heads (the first `keep` of the bench's).
+    #[allow(clippy::misnamed_getters)]
     fn n_kv_heads(&self) -> usize {
         self.keys.keep
     }
@@ -894,6 +916,33 @@ mod tests {
         want.sort_unstable();
         assert_eq!(g, want);
         assert!(got.len() < plain && got.len() >= (n0 - 1) * 11);
+    }
+
+    /// The device region's page mask pins exactly the rows the simulated
+    /// policy pins (tokens past the sink), for sinks that are not multiples
+    /// of the page.
+    #[test]
+    fn pin_page_mask_equals_the_simulated_pins() {
+        for sink in [0usize, 32, 128, 100] {
+            for levels in 0..=4 {
+                let m = pin_page_mask(levels, 64, sink, 64).unwrap();
+                assert_eq!(m.count_ones() as usize, search_offsets(64, levels).len());
+                let pol = SimPolicy::Pinned {
+                    base: sink,
+                    chunk: 64,
+                    offsets: search_offsets(64, levels),
+                };
+                for t in sink..sink + 1000 {
+                    assert_eq!(
+                        pol.pinned(t),
+                        m >> (t % 64) & 1 == 1,
+                        "sink {sink} levels {levels} t {t}"
+                    );
+                }
+            }
+        }
+        assert_eq!(pin_page_mask(2, 16, 0, 64), None);
+        assert_eq!(pin_page_mask(0, 16, 0, 64), Some(0));
     }
 
     /// Bench keys: row ids round trip; kept heads equal the full fill's.
