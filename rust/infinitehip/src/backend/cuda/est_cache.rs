@@ -225,8 +225,9 @@ impl HostEstimation {
     /// step (`max_admit_per_step` = the capacity) instead of half of it,
     /// with a row -> slot table of twice the buckets so that the table's
     /// fill stays below 5/8 (live <= 1/4, tombstones <= 1/8 before the
-    /// step's rebuild check + 1/4 of the step's evictions). Device
-    /// admissions only. Why: with half the cache a step, a cold cache
+    /// step's rebuild check + 1/4 of the step's evictions), and the
+    /// admission's row / victim lists sized for the whole cache.
+    /// `Admission::FullDevice` only. Why: with half the cache a step, a cold cache
     /// needs several stage-0 refreshes to take in one refresh's probed
     /// rows (`sim-est-rows`: at 1M tokens with a 25% row cache the first
     /// refresh after a cold one misses 511K rows instead of 196K).
@@ -238,9 +239,10 @@ impl HostEstimation {
         stage_misses: bool,
         admission: Admission,
     ) -> Result<Self> {
-        if admission == Admission::Host {
+        if admission != Admission::FullDevice {
             return Err(Error::Invalid(
-                "estimation row cache: admit-all needs a device admission (the host table keeps 2x buckets)".into(),
+                "estimation row cache: admit-all is built for the full-device admission only"
+                    .into(),
             ));
         }
         Self::build(gpu, host, rows, stage_misses, admission, true)
@@ -381,7 +383,12 @@ impl HostEstimation {
                 16
             })?,
             dev_adm: if admission == Admission::FullDevice {
-                Some(DevAdmission::new(gpu, total_rows as usize, rows)?)
+                Some(DevAdmission::new(
+                    gpu,
+                    total_rows as usize,
+                    rows,
+                    if admit_all { rows } else { rows / 2 },
+                )?)
             } else {
                 None
             },
@@ -1218,7 +1225,8 @@ impl HostEstimation {
 }
 
 impl DevAdmission {
-    fn new(gpu: &GpuContext, host_rows: usize, rows: usize) -> Result<Self> {
+    /// `max_admit`: the most rows one admission takes (its list sizes).
+    fn new(gpu: &GpuContext, host_rows: usize, rows: usize, max_admit: usize) -> Result<Self> {
         let zeroed = |bytes: usize| -> Result<DevBuf> {
             let b = DevBuf::alloc(bytes)?;
             b.fill_bytes(0)?;
@@ -1226,7 +1234,7 @@ impl DevAdmission {
         };
         let (pieces, chunk) = (256usize, 4096usize);
         let nchunks = rows.div_ceil(chunk);
-        let half = rows / 2 + 1;
+        let half = max_admit + 1;
         let mut stats = PinnedBuf::alloc(64)?;
         stats.write_at(0, &[0u64; 8]);
         Ok(DevAdmission {
