@@ -24,8 +24,25 @@ struct EstCache {
     unsigned char* ref;             // per slot: read since the host's last sweep
     u16* miss_rows;                 // [miss_cap][D] staged copies of missed rows, or null
     u32 fetch_warp;                 // 1: a full warp stages its missed rows together (coalesced)
-    u32 pad_;
+    // Bit 0: the search's 2-token ranges after the first level take their
+    // right probe's score from the previous level (its chosen probe is that
+    // row), as hip_scorew does: one row fewer read per search, same bits.
+    // Bit 1 (mutation checks only): reuse the previous level's score at
+    // EVERY later level, which is wrong and must change selections.
+    u32 flags;
+    // Pinned region (HostEstimation::set_pinned): the rows at page offsets
+    // `pin_mask` (stage 0's upper search levels) of every host page whose
+    // pin_valid byte is set, copied when the page was complete; they are
+    // hits without a table lookup and never evicted (CLOCK runs over the
+    // arena's slots only). pin_mask 0: no pinned region.
+    const u16* pin_arena;           // [host page][hkv][pin_n][D]
+    const unsigned char* pin_valid; // [host page]
+    unsigned long long pin_mask;
+    u32 pin_n;                      // popcount(pin_mask)
+    u32 pad2_;
 };
+#define EST_REUSE_RIGHT 1u
+#define EST_REUSE_UNSOUND 2u
 
 // The warp's staged misses fetched together (fetch_warp, full warps only):
 // NV = D/8 lanes read one row's 16-byte vectors side by side, so each load
@@ -88,10 +105,18 @@ template <int D>
 __device__ __forceinline__ const u16* est_key_row(const u16* kp, const int* trow, int t, int h,
                                                   int hkv, int ps) {
     const EstCache* ec = reinterpret_cast<const EstCache*>(kp);
-    const u32 row = ((u32)trow[t / ps] * (u32)hkv + (u32)h) * (u32)ps + (u32)(t % ps);
+    const u32 pg = (u32)trow[t / ps];
+    const u32 row = (pg * (u32)hkv + (u32)h) * (u32)ps + (u32)(t % ps);
+    const u16* pinned = nullptr;
+    if (ec->pin_mask) {
+        const int o = t % ps;
+        if (((ec->pin_mask >> o) & 1ull) && ec->pin_valid[pg])
+            pinned = ec->pin_arena +
+                     ((long long)(pg * (u32)hkv + (u32)h) * ec->pin_n + __popcll(ec->pin_mask & ((1ull << o) - 1ull))) * D;
+    }
     u32 b = (row * 2654435761u) >> ec->map_shift;
     int slot = -1;
-    for (;;) {
+    for (; !pinned;) {
         const unsigned long long e = ec->map[b];
         const u32 key = (u32)(e >> 32);
         if (key == row) {
@@ -104,7 +129,7 @@ __device__ __forceinline__ const u16* est_key_row(const u16* kp, const int* trow
     const unsigned mask = __activemask();
     const int lane = threadIdx.x & 31;
     const int leader = __ffs(mask) - 1;
-    const unsigned hm = __ballot_sync(mask, slot >= 0);
+    const unsigned hm = __ballot_sync(mask, slot >= 0 || pinned != nullptr);
     const unsigned mm = mask & ~hm;
     u32 base = 0;
     if (lane == leader) {
@@ -125,7 +150,7 @@ __device__ __forceinline__ const u16* est_key_row(const u16* kp, const int* trow
     u32 p = i;
     if (i >= ec->miss_cap && ec->miss_cap > ec->stage_cap)
         p = ec->stage_cap + (i - ec->stage_cap) % (ec->miss_cap - ec->stage_cap);
-    const bool logged = slot < 0 && p < ec->miss_cap;
+    const bool logged = slot < 0 && !pinned && p < ec->miss_cap;
     if (logged) ec->miss_list[p] = row;
     const bool staged = logged && ec->miss_rows && i < ec->stage_cap;
     if (ec->fetch_warp && mask == 0xffffffffu) {
@@ -139,6 +164,7 @@ __device__ __forceinline__ const u16* est_key_row(const u16* kp, const int* trow
         est_stage_row(reinterpret_cast<const uint4*>(src), reinterpret_cast<uint4*>(dst), D / 8);
         return dst;
     }
+    if (pinned) return pinned;
     if (slot >= 0) return ec->arena + (long long)slot * D;
     return src;
 }

@@ -139,11 +139,30 @@ __device__ void hip_score(const u16* __restrict__ kp, const int* __restrict__ ta
                 best = probe<E, D, NQ, LPS, QS>(kp, trow, l, h, hkv, ps, pst, hst, sq, nq, jl, gmask);
             } else {
                 best = NEG_INF;
+#ifdef HIP_EST_HOST
+                // Host-tier module: the right probe of a 2-token range after
+                // the first level is the row the previous level chose (the
+                // centre of the half it kept), so with EST_REUSE_RIGHT its
+                // score is reused instead of reading the row again (over the
+                // bus when it missed). The lanes of a group share l, rr and
+                // the level, so they branch together.
+                const u32 fl = reinterpret_cast<const EstCache*>(kp)->flags;
+                int level = 0;
+#endif
                 while (rr - l > 1) {
                     int m = (l + rr) / 2;
                     float sl = probe<E, D, NQ, LPS, QS>(kp, trow, (l + m) / 2, h, hkv, ps, pst, hst, sq, nq, jl, gmask);
-                    float sr = probe<E, D, NQ, LPS, QS>(kp, trow, (m + rr) / 2, h, hkv, ps, pst, hst, sq, nq, jl, gmask);
+                    float sr;
+#ifdef HIP_EST_HOST
+                    if (level > 0 && ((fl & EST_REUSE_UNSOUND) || ((fl & EST_REUSE_RIGHT) && rr - l == 2)))
+                        sr = best;
+                    else
+#endif
+                    sr = probe<E, D, NQ, LPS, QS>(kp, trow, (m + rr) / 2, h, hkv, ps, pst, hst, sq, nq, jl, gmask);
                     if (sl >= sr) { rr = m; best = sl; } else { l = m; best = sr; }
+#ifdef HIP_EST_HOST
+                    level++;
+#endif
                 }
             }
             key = score_key(best);

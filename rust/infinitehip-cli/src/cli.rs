@@ -12,6 +12,7 @@ use crate::gpu_args::{
     BenchGpuArgs, BenchGpuDenseArgs, BenchGpuModelArgs, BenchGpuOffloadArgs, BenchGpuSparseArgs,
     GpuTestArgs, GpuTestOffloadArgs, NvrtcCheckArgs,
 };
+use crate::sim_est::SimEstRowsArgs;
 
 /// Sparse attention and KV-cache policies for long contexts: benchmarks
 /// and config tools
@@ -43,6 +44,7 @@ pub enum Command {
     BenchGpuSparse(BenchGpuSparseArgs),
     GpuTestOffload(GpuTestOffloadArgs),
     BenchGpuOffload(BenchGpuOffloadArgs),
+    SimEstRows(SimEstRowsArgs),
 }
 
 impl Command {
@@ -61,6 +63,7 @@ impl Command {
             Command::BenchGpuSparse(_) => "bench-gpu-sparse",
             Command::GpuTestOffload(_) => "gpu-test-offload",
             Command::BenchGpuOffload(_) => "bench-gpu-offload",
+            Command::SimEstRows(_) => "sim-est-rows",
         }
     }
 }
@@ -115,6 +118,7 @@ mod tests {
             ("bench-gpu", "bench-gpu"),
             ("gpu-test-offload", "gpu-test-offload"),
             ("bench-gpu-offload", "bench-gpu-offload"),
+            ("sim-est-rows", "sim-est-rows"),
         ] {
             let cli =
                 Cli::try_parse_from(std::iter::once("infinitehip").chain(argv.split_whitespace()))
@@ -153,6 +157,8 @@ mod tests {
             "bench-gpu --tokens 32K --batch 1,16 --reps 3 --seed 1 --prefill-dense-max 65536 --estimators auto,fast",
             "bench-gpu-offload --tokens 1048576,4194304 --cache 0.05 --est-rows 0.25 --steps 48 --warmup 16 --json o.json",
             "bench-gpu-offload --tokens 1048576 --cache 0.05 --est-rows 0.05 --est-direct --admission device,host --seed 2",
+            "bench-gpu-offload --tokens 1048576,4194304 --cache 0.05 --est-rows 0.25,0.5 --admission full-device --est-fetch warp --steps 48 --warmup 16 --est-admit half,all --est-reuse off,on --est-pin 0,2 --json o.json",
+            "sim-est-rows --tokens 1M,4M --est-rows 0.25,0.5 --pin 0,1,2 --reuse off,on --admit 0.5,1.0 --unbounded --heads 4 --warmup 16 --steps 48 --json s.json",
         ] {
             let argv = std::iter::once("infinitehip").chain(line.split_whitespace());
             if let Err(e) = Cli::try_parse_from(argv) {

@@ -235,6 +235,26 @@ pub struct BenchGpuOffloadArgs {
     #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "on",
           value_parser = ["on", "off"])]
     pub page_prefetch: Vec<String>,
+    /// Estimation row cache admission per step: at most `half` the cache
+    /// (default, the earlier path) or `all` of it (`HostEstimation::
+    /// with_admit_all`: a table of twice the buckets), comma-separated.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "half",
+          value_parser = ["half", "all"])]
+    pub est_admit: Vec<String>,
+    /// The host-tier search's last-level right probe scored from the
+    /// previous level's choice instead of read again (`on`,
+    /// `HostEstimation::set_reuse_right`; same bits) or read (`off`,
+    /// default), comma-separated.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "off",
+          value_parser = ["on", "off"])]
+    pub est_reuse: Vec<String>,
+    /// Pinned search levels of the estimation row cache, comma-separated:
+    /// 0 (none, default) or N (the rows levels 1..=N of stage 0's search
+    /// can probe, `HostEstimation::set_pinned`), taken from the same
+    /// --est-rows budget (CLOCK gets the rest).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "0",
+          value_parser = clap::value_parser!(usize))]
+    pub est_pin: Vec<usize>,
     /// Record five timing events inside each timed offloaded step (`on`:
     /// the per-class device times, run 6's default; `off`: host times only,
     /// no instrumentation the resident step does not have: ~0.013 ms per

@@ -212,6 +212,21 @@ struct EqRun<'a> {
     /// Mutation check: the prefetch walks the PREVIOUS refresh's stage-0
     /// chunks (stale) and the step uses it; passes only if outputs differ.
     stale_prefetch: bool,
+    /// Row cache admitting up to the whole cache a step
+    /// (`HostEstimation::with_admit_all`).
+    admit_all: bool,
+    /// The search's last-level right probe scored from the previous level
+    /// (`HostEstimation::set_reuse_right`).
+    reuse_right: bool,
+    /// Mutation check: the previous level's score reused at every level
+    /// (`set_reuse_unsound_for_tests`); passes only if selections differ.
+    reuse_unsound: bool,
+    /// Pinned region of stage 0's search levels 1..=N
+    /// (`HostEstimation::set_pinned`, on top of the row cache's rows).
+    pin_levels: usize,
+    /// Mutation check: pinned rows copied from the next page offset
+    /// (`pin_unsound_for_tests`); passes only if selections differ.
+    pin_unsound: bool,
     seed: u64,
 }
 
@@ -235,6 +250,11 @@ impl Default for EqRun<'_> {
             unsound: false,
             prefetch: true,
             stale_prefetch: false,
+            admit_all: false,
+            reuse_right: false,
+            reuse_unsound: false,
+            pin_levels: 0,
+            pin_unsound: false,
             seed: 0,
         }
     }
@@ -297,21 +317,35 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
             kc.page_size = off.host.layout.page_size;
             Some(HostEstimation::from_config(gpu, &off.host, &kc).map_err(e)?)
         }
-        Some(f) => Some(
-            HostEstimation::with_admission(
-                gpu,
-                &off.host,
-                ((total_rows as f64 * f).ceil() as usize).max(16),
-                r.stage,
-                r.admission,
+        Some(f) => {
+            let rows = ((total_rows as f64 * f).ceil() as usize).max(16);
+            Some(
+                if r.admit_all {
+                    HostEstimation::with_admit_all(gpu, &off.host, rows, r.stage, r.admission)
+                } else {
+                    HostEstimation::with_admission(gpu, &off.host, rows, r.stage, r.admission)
+                }
+                .map_err(e)?,
             )
-            .map_err(e)?,
-        ),
+        }
         None => None,
     };
     if let Some(es) = est.as_mut() {
         es.set_fetch_warp(r.fetch_warp).map_err(e)?;
         es.set_row_preload(r.preload);
+        es.set_reuse_right(r.reuse_right).map_err(e)?;
+        es.set_reuse_unsound_for_tests(r.reuse_unsound).map_err(e)?;
+        if r.pin_levels > 0 {
+            let mask = infinitehip::est_sim::pin_page_mask(
+                r.pin_levels,
+                cfg.stages[0].chunk_size,
+                cfg.sink,
+                off.host.layout.page_size,
+            )
+            .ok_or("pinned levels need stage-0 chunks of one page")?;
+            es.pin_unsound_for_tests = r.pin_unsound;
+            es.set_pinned(&off.host, mask).map_err(e)?;
+        }
     }
     if let (Some(x), Some(l)) = (est.as_mut(), r.admit_limit) {
         x.max_admit_per_step = l;
@@ -452,6 +486,10 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
                 off.append(b, &kr, &vr).map_err(e)?;
                 kv.lens[b] = t + 1;
             }
+            // Pages the appends completed join the pinned region.
+            if let Some(x) = est.as_mut() {
+                x.pin_sync(&off.host).map_err(e)?;
+            }
         }
     }
     // Counters the device had not reported yet.
@@ -481,7 +519,11 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
     let exact = !nan && max_abs <= 1e-6 && bitdiff == 0;
     let reused = off.steps_reused;
     let prefetched = off.steps_prefetched;
-    let ok = if r.unsound {
+    let pinned_pages = est.as_ref().map_or(0, |x| x.pinned_pages());
+    let ok = if r.reuse_unsound || r.pin_unsound {
+        // Wrong scores must be seen in the selections.
+        sel_diff > 0
+    } else if r.unsound {
         // The mutation must be seen: some step reused across a new page
         // and read a block the walk never mapped.
         reused > 0 && !exact
@@ -489,7 +531,12 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
         // Some step used a stale prefetch and read blocks it never mapped.
         prefetched > 0 && !exact
     } else {
-        exact && misses > 0 && est_ok && (!reuse || reused > 0) && (!prefetch || prefetched > 0)
+        exact
+            && misses > 0
+            && est_ok
+            && (!reuse || reused > 0)
+            && (!prefetch || prefetched > 0)
+            && (r.pin_levels == 0 || pinned_pages > 0)
     };
     let est_txt = match (&est, r.est_frac) {
         (Some(x), Some(f)) => format!(
@@ -507,12 +554,26 @@ fn decode_equal(gpu: &GpuContext, r: &EqRun) -> R<(bool, String)> {
     Ok((
         ok,
         format!(
-            "{:?} pages{}{}{}{}, {} hip steps{}, lens {:?}, cache {n_slots}/{total_blocks} head blocks ({:.0}%): {reused} steps reused the last walk, {prefetched} stage-0 refreshes served by the copy stream's prefetch, hit {:.1}% ({misses} misses), outputs differing in bits {bitdiff}, max |diff| {max_abs:.1e}, NaN {nan}{est_txt}",
+            "{:?} pages{}{}{}{}{}, {} hip steps{}, lens {:?}, cache {n_slots}/{total_blocks} head blocks ({:.0}%): {reused} steps reused the last walk, {prefetched} stage-0 refreshes served by the copy stream's prefetch, hit {:.1}% ({misses} misses), outputs differing in bits {bitdiff}, max |diff| {max_abs:.1e}, NaN {nan}{est_txt}",
             r.pages,
             if reuse { if r.unsound { " (UNSOUND reuse across new pages: must differ)" } else { " + walk reuse" } } else { "" },
             if late { " + late admission" } else { "" },
             if r.preload && r.est_frac.is_some() { " + row preload" } else { "" },
             if r.stale_prefetch { " + STALE page prefetch (must differ)" } else if prefetch { " + page prefetch" } else { "" },
+            format!(
+                "{}{}{}",
+                if r.admit_all { " + admit-all rows" } else { "" },
+                if r.reuse_right { " + right-probe reuse" } else { "" },
+                if r.reuse_unsound { " + UNSOUND reuse at every level (selections must differ)" } else { "" }
+            ) + &if r.pin_levels > 0 {
+                format!(
+                    " + pinned search levels 1-{} ({pinned_pages} host pages){}",
+                    r.pin_levels,
+                    if r.pin_unsound { ", UNSOUND rows from the next offset (selections must differ)" } else { "" }
+                )
+            } else {
+                String::new()
+            },
             r.steps,
             if r.appends { " appending a token each" } else { "" },
             r.lens,
@@ -686,6 +747,102 @@ pub fn test(a: &GpuTestOffloadArgs) -> R<()> {
                     admit_limit: Some(0),
                     prefetch: false,
                     seed: seed + 4,
+                    ..Default::default()
+                },
+            )),
+        ),
+        (
+            "right-probe reuse + admit-all rows (5% rows, staged) + 5% cache == all on device".into(),
+            Box::new(|| decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[150_000, 61_000],
+                    est_frac: Some(0.05),
+                    admit_all: true,
+                    reuse_right: true,
+                    seed: seed + 1,
+                    ..Default::default()
+                },
+            )),
+        ),
+        (
+            "right-probe reuse + admit-all rows, appends + 1% rows + 5% cache == all on device".into(),
+            Box::new(|| decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[100_000, 33_000],
+                    steps: 70,
+                    est_frac: Some(0.01),
+                    appends: true,
+                    admit_all: true,
+                    reuse_right: true,
+                    seed: seed + 2,
+                    ..Default::default()
+                },
+            )),
+        ),
+        (
+            "admit-all rows, appends + host estimation (0.3% rows, storms), default hip, 30% cache".into(),
+            Box::new(|| decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[40_000],
+                    frac: 0.3,
+                    steps: 40,
+                    est_frac: Some(0.003),
+                    appends: true,
+                    small: false,
+                    prefetch: false,
+                    admit_all: true,
+                    reuse_right: true,
+                    seed: seed + 3,
+                    ..Default::default()
+                },
+            )),
+        ),
+        (
+            "pinned search levels 1-2 + reuse + admit-all, appends + 1% rows + 5% cache == all on device".into(),
+            Box::new(|| decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[100_000, 33_000],
+                    steps: 70,
+                    est_frac: Some(0.01),
+                    appends: true,
+                    admit_all: true,
+                    reuse_right: true,
+                    pin_levels: 2,
+                    seed: seed + 2,
+                    ..Default::default()
+                },
+            )),
+        ),
+        (
+            "mutation: pinned rows copied from the wrong page offset are detected".into(),
+            Box::new(|| decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[150_000, 61_000],
+                    steps: 16,
+                    est_frac: Some(0.05),
+                    pin_levels: 2,
+                    pin_unsound: true,
+                    seed: seed + 1,
+                    ..Default::default()
+                },
+            )),
+        ),
+        (
+            "mutation: reusing the previous level's score at every level is detected".into(),
+            Box::new(|| decode_equal(
+                &gpu,
+                &EqRun {
+                    lens: &[150_000, 61_000],
+                    steps: 16,
+                    est_frac: Some(0.05),
+                    reuse_right: true,
+                    reuse_unsound: true,
+                    seed: seed + 1,
                     ..Default::default()
                 },
             )),
@@ -887,6 +1044,7 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
             bool,
             bool,
             bool,
+            (bool, bool, usize),
         )> = Vec::new();
         for &f in &fractions {
             for &x in &est_list {
@@ -896,16 +1054,23 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                             for late in &a.late_admission {
                                 for reuse in &a.page_reuse {
                                     for pf in &a.page_prefetch {
-                                        combos.push((
-                                            f,
-                                            x,
-                                            m,
-                                            w == "warp",
-                                            reuse == "on",
-                                            late == "on",
-                                            pl == "on",
-                                            pf == "on",
-                                        ));
+                                        for ad in &a.est_admit {
+                                            for rr in &a.est_reuse {
+                                                for &pin in &a.est_pin {
+                                                    combos.push((
+                                                        f,
+                                                        x,
+                                                        m,
+                                                        w == "warp",
+                                                        reuse == "on",
+                                                        late == "on",
+                                                        pl == "on",
+                                                        pf == "on",
+                                                        (ad == "all", rr == "on", pin),
+                                                    ));
+                                                }
+                                            }
+                                        }
                                     }
                                 }
                             }
@@ -917,14 +1082,46 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
         if a.bus && rows.is_empty() {
             rows_bus = bus_probe(&gpu, &host, seed).map_err(e)?;
         }
-        for (f, est_frac, (mode, pages), fetch_warp, reuse, late, preload, prefetch) in combos {
+        for (
+            f,
+            est_frac,
+            (mode, pages),
+            fetch_warp,
+            reuse,
+            late,
+            preload,
+            prefetch,
+            (admit_all, reuse_right, pin),
+        ) in combos
+        {
             let n_slots = ((total_blocks as f64 * f).ceil() as usize).max(1);
             let mut off = OffloadKv::with_policy(&gpu, host, n_slots, pages).map_err(e)?;
             let est_rows = (total_rows as f64 * est_frac).ceil() as usize;
-            let mut est =
-                HostEstimation::with_admission(&gpu, &off.host, est_rows.max(16), !direct, mode)
-                    .map_err(e)?;
+            // A pinned region takes its rows from the same budget: the
+            // CLOCK arena gets the rest.
+            let pin_mask = infinitehip::est_sim::pin_page_mask(
+                pin,
+                cfg.stages[0].chunk_size,
+                cfg.sink,
+                lay.page_size,
+            )
+            .ok_or("--est-pin needs stage-0 chunks of one page")?;
+            let pinned_rows = HostEstimation::pinned_rows(&off.host, pin_mask);
+            if pinned_rows + 16 > est_rows {
+                eprintln!("{t} tokens, {est_frac} rows: the pinned levels 1-{pin} ({pinned_rows} rows) do not fit; skipped");
+                host = off.into_host();
+                continue;
+            }
+            let clock_rows = est_rows - pinned_rows;
+            let mut est = if admit_all {
+                HostEstimation::with_admit_all(&gpu, &off.host, clock_rows.max(16), !direct, mode)
+            } else {
+                HostEstimation::with_admission(&gpu, &off.host, clock_rows.max(16), !direct, mode)
+            }
+            .map_err(e)?;
+            est.set_pinned(&off.host, pin_mask).map_err(e)?;
             est.set_fetch_warp(fetch_warp).map_err(e)?;
+            est.set_reuse_right(reuse_right).map_err(e)?;
             est.set_row_preload(preload);
             let mut dec = HipGpuDecoder::new(cfg.clone(), &shape, 1).map_err(e)?;
             let mut dec2 = HipGpuDecoder::new(cfg.clone(), &shape, 1).map_err(e)?;
@@ -1265,6 +1462,8 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
                 "offload_prepare_wait_ms": mean(&pr_wait),
                 "offload_prepare_launch_ms": mean(&pr_launch),
                 "est_fetch": if fetch_warp { "warp" } else { "thread" },
+                "est_admit_all": admit_all, "est_reuse_right": reuse_right,
+                "est_pin_levels": pin, "est_pinned_rows": pinned_rows, "est_clock_rows": clock_rows,
                 "page_reuse": reuse, "late_admission": late, "est_preload": preload, "phase_events": a.phase_events != "off",
                 "page_steps_reused": off.steps_reused,
                 "page_prefetch": prefetch,
@@ -1294,11 +1493,11 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
         }
     }
     let g = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-    println!("\n| tokens | page cache | est rows | path | page reuse (steps) | page prefetch (steps) | late admission | row preload | resident ms/step (one sync) | offload ms/step | offload / resident | sel mismatches / max abs diff |");
-    println!("|---:|---:|---:|---|---|---|---|---|---:|---:|---:|---|");
+    println!("\n| tokens | page cache | est rows | path | page reuse (steps) | page prefetch (steps) | late admission | row preload | est admit / step | right-probe reuse | pinned levels | row hit % | est MiB/step | resident ms/step (one sync) | offload ms/step | offload / resident | sel mismatches / max abs diff |");
+    println!("|---:|---:|---:|---|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|---|");
     for r in &rows {
         println!(
-            "| {} | {:.1}% | {:.1}% | {} pages, {} admission, {} fetch | {} ({}) | {} ({}) | {} | {} | {:.3} | {:.3} | **{:.2}x** | {} / {:.1e} |",
+            "| {} | {:.1}% | {:.1}% | {} pages, {} admission, {} fetch | {} ({}) | {} ({}) | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.3} | {:.3} | **{:.2}x** | {} / {:.1e} |",
             r["tokens"],
             100.0 * g(r, "cache_fraction"),
             100.0 * g(r, "est_rows_fraction"),
@@ -1311,6 +1510,14 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
             r["page_steps_prefetched"],
             if r["late_admission"].as_bool() == Some(true) { "on" } else { "off" },
             if r["est_preload"].as_bool() == Some(true) { "on" } else { "off" },
+            if r["est_admit_all"].as_bool() == Some(true) { "all" } else { "half" },
+            if r["est_reuse_right"].as_bool() == Some(true) { "on" } else { "off" },
+            match r["est_pin_levels"].as_u64() {
+                Some(0) | None => "none".to_string(),
+                Some(p) => format!("1-{p} ({} rows)", r["est_pinned_rows"]),
+            },
+            100.0 * g(r, "est_row_hit_ratio"),
+            g(r, "est_host_read_mib_per_step"),
             g(r, "resident_step_one_sync_ms"),
             g(r, "offload_step_ms"),
             g(r, "offload_over_resident"),
@@ -1352,14 +1559,14 @@ pub fn bench(a: &BenchGpuOffloadArgs) -> R<()> {
         );
     }
     println!("\nBy refresh class (device times from events on the main stream, ms/step; MiB and GB/s only with --profile):\n");
-    println!("| tokens | est rows | admission | fetch, page reuse, late admission, row preload, page prefetch | refresh from stage | steps | resident (one sync) | offload (host clock) | dev: wait admission | estimation | page step | attention | admission (side) | page MiB | est host MiB | est GB/s |");
+    println!("| tokens | est rows | admission | fetch, page reuse, late admission, row preload, page prefetch, est admit all, right-probe reuse, pinned levels | refresh from stage | steps | resident (one sync) | offload (host clock) | dev: wait admission | estimation | page step | attention | admission (side) | page MiB | est host MiB | est GB/s |");
     println!("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         for c in r["by_refresh_class"].as_array().into_iter().flatten() {
             println!(
                 "| {} | {:.1}% | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} | {:.1} |",
                 r["tokens"], 100.0 * g(r, "est_rows_fraction"), r["admission"].as_str().unwrap_or("?"),
-                format!("{}, {}, {}, {}, {}", r["est_fetch"].as_str().unwrap_or("?"), r["page_reuse"], r["late_admission"], r["est_preload"], r["page_prefetch"]),
+                format!("{}, {}, {}, {}, {}, {}, {}, {}", r["est_fetch"].as_str().unwrap_or("?"), r["page_reuse"], r["late_admission"], r["est_preload"], r["page_prefetch"], r["est_admit_all"], r["est_reuse_right"], r["est_pin_levels"]),
                 c["refresh_from_stage"], c["steps"],
                 g(c, "resident_one_sync_ms"), g(c, "offload_host_ms"), g(c, "dev_wait_admission_ms"),
                 g(c, "dev_estimation_ms"), g(c, "dev_page_step_ms"), g(c, "dev_attention_ms"),

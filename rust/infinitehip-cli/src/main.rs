@@ -45,6 +45,7 @@ mod gpu_sparse;
 mod gpu_step;
 mod machine;
 mod progress;
+mod sim_est;
 
 use clap::{CommandFactory, Parser};
 use cli::{Cli, Command};
@@ -86,6 +87,7 @@ fn checks(cmd: &Command) -> Result<(), String> {
     match cmd {
         Command::BenchCpu(a) => bench_cpu::check(a),
         Command::BenchOffload(a) => bench_offload::check(a).map(drop),
+        Command::SimEstRows(a) => sim_est::check(a),
         // Without the GPU backend `run` says what to build instead.
         Command::BenchGpu(a) if cfg!(feature = "cuda") => a.check().map(drop),
         Command::BenchGpuOffload(a) if cfg!(feature = "cuda") => a.check(),
@@ -102,6 +104,7 @@ fn run(cmd: Command) -> Result<(), String> {
             Ok(())
         }
         Command::ConfigCheck(a) => config_check::run(&a),
+        Command::SimEstRows(a) => sim_est::run(&a),
         #[cfg(feature = "cuda")]
         Command::NvrtcCheck(a) => gpu::nvrtc_check(&a),
         #[cfg(feature = "cuda")]

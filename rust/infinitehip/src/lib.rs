@@ -12,6 +12,7 @@ pub mod config;
 pub mod dtype;
 pub mod engine;
 pub mod error;
+pub mod est_sim;
 pub mod kmeans;
 pub mod kv;
 pub mod offload;

@@ -1033,7 +1033,13 @@ mod tests {
                     _ => rng.below(cap + 10),
                 };
                 let list: Vec<u32> = (0..len).map(|_| rng.below(2 * cap + 20) as u32).collect();
-                let max_admit = if step % 9 == 4 { 3 } else { (cap / 2).max(1) };
+                // Half the cache (the default), a few rows, or the whole
+                // cache (`HostEstimation::with_admit_all`).
+                let max_admit = match step % 9 {
+                    4 => 3,
+                    7 => cap,
+                    _ => (cap / 2).max(1),
+                };
                 let got = t.admit(&list, max_admit);
                 let mut rev = list.clone();
                 rev.reverse();

@@ -94,7 +94,15 @@ struct EstCacheDev {
     refb: u64,
     miss_rows: u64,
     fetch_warp: u32,
-    pad: u32,
+    /// `EST_REUSE_RIGHT` (1) / `EST_REUSE_UNSOUND` (2), kernels/hip_est_host.cuh.
+    flags: u32,
+    /// Pinned region (`set_pinned`): arena, per-page valid bytes, page
+    /// offsets pinned, their count.
+    pin_arena: u64,
+    pin_valid: u64,
+    pin_mask: u64,
+    pin_n: u32,
+    pad2: u32,
 }
 
 /// Counters of one estimation step.
@@ -155,6 +163,14 @@ pub struct HostEstimation {
     dev_adm: Option<DevAdmission>,
     /// Tombstones in the device table since the last rebuild (upper bound).
     tombs: usize,
+    /// A step may admit up to the whole cache (`with_admit_all`).
+    admit_all: bool,
+    /// Pinned region (`set_pinned`): `[host page][hkv][pin_n][D]` rows and
+    /// one valid byte per host page; which pages hold their rows (host copy).
+    pin: Option<(DevBuf, DevBuf)>,
+    pin_pages: Vec<bool>,
+    /// Mutation checks only: pinned rows copied from the next page offset.
+    pub pin_unsound_for_tests: bool,
     /// Staged rows: the first `stage_cap` misses of a step.
     stage_cap: usize,
     /// The `EstCache` uploaded in `kv.k` (kept to flip `fetch_warp`).
@@ -202,6 +218,44 @@ impl HostEstimation {
         stage_misses: bool,
         admission: Admission,
     ) -> Result<Self> {
+        Self::build(gpu, host, rows, stage_misses, admission, false)
+    }
+
+    /// `with_admission` whose admission may fill the whole cache in one
+    /// step (`max_admit_per_step` = the capacity) instead of half of it,
+    /// with a row -> slot table of twice the buckets so that the table's
+    /// fill stays below 5/8 (live <= 1/4, tombstones <= 1/8 before the
+    /// step's rebuild check + 1/4 of the step's evictions), and the
+    /// admission's row / victim lists sized for the whole cache.
+    /// `Admission::FullDevice` only. Why: with half the cache a step, a cold cache
+    /// needs several stage-0 refreshes to take in one refresh's probed
+    /// rows (`sim-est-rows`: at 1M tokens with a 25% row cache the first
+    /// refresh after a cold one misses 511K rows instead of 196K).
+    /// Device memory: + 8 B x 2 x the table's buckets.
+    pub fn with_admit_all(
+        gpu: &GpuContext,
+        host: &HostKv,
+        rows: usize,
+        stage_misses: bool,
+        admission: Admission,
+    ) -> Result<Self> {
+        if admission != Admission::FullDevice {
+            return Err(Error::Invalid(
+                "estimation row cache: admit-all is built for the full-device admission only"
+                    .into(),
+            ));
+        }
+        Self::build(gpu, host, rows, stage_misses, admission, true)
+    }
+
+    fn build(
+        gpu: &GpuContext,
+        host: &HostKv,
+        rows: usize,
+        stage_misses: bool,
+        admission: Admission,
+        admit_all: bool,
+    ) -> Result<Self> {
         let lay = host.layout;
         let total_rows = host.n_pages as u64 * (lay.n_kv_heads * lay.page_size) as u64;
         // Row ids 0xffffffff (empty) and 0xfffffffe (tombstone) are reserved.
@@ -219,7 +273,8 @@ impl HostEstimation {
         let device = admission != Admission::Host;
         // The host table only for host admission (same bucket count).
         let cache = EstRowCache::new(if device { 0 } else { rows });
-        let map_buckets = crate::kv::RowSlotMap::new(rows).buckets();
+        let map_buckets =
+            crate::kv::RowSlotMap::new(if admit_all { 2 * rows } else { rows }).buckets();
         let (map_mask, map_shift) = ((map_buckets - 1) as u32, 32 - map_buckets.trailing_zeros());
         let clock = ClockBits::new(if admission == Admission::Device {
             rows
@@ -263,7 +318,12 @@ impl HostEstimation {
             refb: refb.ptr,
             miss_rows: miss_rows.as_ref().map_or(0, |b| b.ptr),
             fetch_warp: 1,
-            pad: 0,
+            flags: 0,
+            pin_arena: 0,
+            pin_valid: 0,
+            pin_mask: 0,
+            pin_n: 0,
+            pad2: 0,
         };
         let (table, stride) = host.device_table();
         let capacity: Vec<usize> = host
@@ -323,11 +383,20 @@ impl HostEstimation {
                 16
             })?,
             dev_adm: if admission == Admission::FullDevice {
-                Some(DevAdmission::new(gpu, total_rows as usize, rows)?)
+                Some(DevAdmission::new(
+                    gpu,
+                    total_rows as usize,
+                    rows,
+                    if admit_all { rows } else { rows / 2 },
+                )?)
             } else {
                 None
             },
             tombs: 0,
+            admit_all,
+            pin: None,
+            pin_pages: Vec::new(),
+            pin_unsound_for_tests: false,
             stage_cap,
             desc: dev,
             module: "hip_mask_host",
@@ -339,7 +408,9 @@ impl HostEstimation {
             admitted,
             // Device admission: at most half the cache per step, which also
             // bounds the table's fill (live + tombstones) below 7/8.
-            max_admit_per_step: if device {
+            max_admit_per_step: if admit_all {
+                rows
+            } else if device {
                 rows / 2
             } else {
                 (rows / 2).max(1024).min(rows)
@@ -360,6 +431,7 @@ impl HostEstimation {
             + self.kv.table.bytes
             + self.holder.as_ref().map_or(0, |b| b.bytes)
             + self.dev_adm.as_ref().map_or(0, |d| d.bytes())
+            + self.pin.as_ref().map_or(0, |(a, v)| a.bytes + v.bytes)
     }
 
     /// How the scoring kernels stage missed rows: `true` (default): a full
@@ -374,6 +446,145 @@ impl HostEstimation {
 
     pub fn fetch_warp(&self) -> bool {
         self.desc.fetch_warp != 0
+    }
+
+    /// Whether a step may admit up to the whole cache (`with_admit_all`).
+    pub fn admit_all(&self) -> bool {
+        self.admit_all
+    }
+
+    /// The search's last-level right probe scored from the previous level's
+    /// choice instead of read again (`true`), as `hip_scorew` does: one key
+    /// row fewer per searched sub-chunk of 2^k tokens, the same scores and
+    /// selections (kernels/hip_mask.cu `hip_score` under HIP_EST_HOST; CPU
+    /// reference `est_sim::search_probes_reuse`). `false`: every probe
+    /// read (the earlier path).
+    pub fn set_reuse_right(&mut self, on: bool) -> Result<()> {
+        self.desc.flags = (self.desc.flags & !1) | on as u32;
+        self.kv.k.write(&[self.desc])
+    }
+
+    pub fn reuse_right(&self) -> bool {
+        self.desc.flags & 1 != 0
+    }
+
+    /// Rows a pinned region of page offsets `mask` holds over `host`.
+    pub fn pinned_rows(host: &HostKv, mask: u64) -> usize {
+        host.n_pages * host.layout.n_kv_heads * mask.count_ones() as usize
+    }
+
+    /// Pin the rows at page offsets `mask` (bit o: offset o of every host
+    /// page; `est_sim::pin_page_mask` gives stage 0's upper search levels):
+    /// a region beside the arena holds them for every complete page
+    /// (`pin_sync` adds pages as they fill), the scoring kernels read them
+    /// without a table lookup, and they are never evicted: admission and
+    /// CLOCK run over the arena's slots only, so a caller keeping a row
+    /// budget builds the cache with `budget - pinned_rows` rows. 0 removes
+    /// the region. The rows are copied from the host tier (the same bits),
+    /// so scores and selections do not change. The KV must be append-only
+    /// while pinned (a page's rows are copied once, when it is complete).
+    pub fn set_pinned(&mut self, host: &HostKv, mask: u64) -> Result<()> {
+        let lay = host.layout;
+        if host.k.dev != self.host_k {
+            return Err(Error::Invalid(
+                "estimation row cache pinned over another host tier".into(),
+            ));
+        }
+        if mask != 0 && (lay.page_size > 64 || (lay.page_size < 64 && mask >> lay.page_size != 0)) {
+            return Err(Error::Invalid(format!(
+                "pinned page offsets {mask:#x} outside pages of {} tokens",
+                lay.page_size
+            )));
+        }
+        self.pin = None;
+        self.pin_pages.clear();
+        let n = mask.count_ones() as usize;
+        if mask == 0 {
+            self.desc.pin_arena = 0;
+            self.desc.pin_valid = 0;
+            self.desc.pin_mask = 0;
+            self.desc.pin_n = 0;
+            return self.kv.k.write(&[self.desc]);
+        }
+        let arena = DevBuf::alloc(Self::pinned_rows(host, mask) * self.row_bytes)?;
+        let valid = DevBuf::alloc(host.n_pages.max(1))?;
+        valid.fill_bytes(0)?;
+        self.desc.pin_arena = arena.ptr;
+        self.desc.pin_valid = valid.ptr;
+        self.desc.pin_mask = mask;
+        self.desc.pin_n = n as u32;
+        self.pin = Some((arena, valid));
+        self.pin_pages = vec![false; host.n_pages];
+        self.kv.k.write(&[self.desc])?;
+        self.pin_sync(host).map(drop)
+    }
+
+    /// Copy the pinned rows of host pages that became complete since the
+    /// last call (every sequence's pages below its length), then mark them
+    /// valid. Returns how many pages were added. No-op without a region.
+    pub fn pin_sync(&mut self, host: &HostKv) -> Result<usize> {
+        let Some((arena, valid)) = self.pin.as_ref() else {
+            return Ok(0);
+        };
+        let lay = host.layout;
+        let (hkv, ps, d) = (lay.n_kv_heads, lay.page_size, self.row_bytes / 2);
+        let mask = self.desc.pin_mask;
+        let offs: Vec<usize> = (0..ps).filter(|&o| mask >> o & 1 == 1).collect();
+        let mut pages: Vec<usize> = Vec::new();
+        for (b, table) in host.tables.iter().enumerate() {
+            let full = host.lens.get(b).copied().unwrap_or(0) / ps;
+            for &pg in &table[..full.min(table.len())] {
+                let pg = pg as usize;
+                if pg < self.pin_pages.len() && !self.pin_pages[pg] {
+                    pages.push(pg);
+                }
+            }
+        }
+        pages.sort_unstable();
+        pages.dedup();
+        let hk = host.k.as_u16();
+        let per_page = hkv * offs.len() * d;
+        let mut i = 0;
+        while i < pages.len() {
+            // A run of consecutive page ids: one copy.
+            let mut j = i + 1;
+            while j < pages.len() && pages[j] == pages[j - 1] + 1 {
+                j += 1;
+            }
+            let mut buf: Vec<u16> = Vec::with_capacity((j - i) * per_page);
+            for &pg in &pages[i..j] {
+                for h in 0..hkv {
+                    for &o in &offs {
+                        let o = if self.pin_unsound_for_tests {
+                            (o + 1) % ps
+                        } else {
+                            o
+                        };
+                        let r = ((pg * hkv + h) * ps + o) * d;
+                        buf.extend_from_slice(&hk[r..r + d]);
+                    }
+                }
+            }
+            arena.write_at(pages[i] * per_page * 2, &buf)?;
+            valid.write_at(pages[i], &vec![1u8; j - i])?;
+            for &pg in &pages[i..j] {
+                self.pin_pages[pg] = true;
+            }
+            i = j;
+        }
+        Ok(pages.len())
+    }
+
+    /// Host pages whose pinned rows are in the region.
+    pub fn pinned_pages(&self) -> usize {
+        self.pin_pages.iter().filter(|&&x| x).count()
+    }
+
+    /// Mutation checks only: reuse the previous level's score at every
+    /// level after the first (wrong scores: selections must differ).
+    pub fn set_reuse_unsound_for_tests(&mut self, on: bool) -> Result<()> {
+        self.desc.flags = (self.desc.flags & !2) | ((on as u32) << 1);
+        self.kv.k.write(&[self.desc])
     }
 
     /// Scoring kernels that load each probed row's 16-byte vectors all at
@@ -509,7 +720,9 @@ impl HostEstimation {
             return Ok(step);
         }
         let cap = self.capacity();
-        let max_admit = self.max_admit_per_step.min(cap / 2) as i32;
+        let max_admit = self
+            .max_admit_per_step
+            .min(if self.admit_all { cap } else { cap / 2 }) as i32;
         let holder = self.holder.as_ref().map_or(0, |h| h.ptr);
         let staged = self.miss_rows.as_ref().map_or(0, |b| b.ptr);
         let stage_cap = if staged != 0 {
@@ -984,12 +1197,36 @@ impl HostEstimation {
                 }
             }
         }
-        Ok(rows_seen.len())
+        // The pinned region: every valid page's rows equal the host tier's.
+        let mut pinned = 0;
+        if let Some((pa, _)) = self.pin.as_ref() {
+            let lay = host.layout;
+            let (hkv, ps) = (lay.n_kv_heads, lay.page_size);
+            let mask = self.desc.pin_mask;
+            let offs: Vec<usize> = (0..ps).filter(|&o| mask >> o & 1 == 1).collect();
+            let pin: Vec<u16> = pa.read(pa.bytes / 2)?;
+            for (pg, _) in self.pin_pages.iter().enumerate().filter(|(_, &v)| v) {
+                for h in 0..hkv {
+                    for (k, &o) in offs.iter().enumerate() {
+                        let at = ((pg * hkv + h) * offs.len() + k) * d;
+                        let r = ((pg * hkv + h) * ps + o) * d;
+                        if pin[at..at + d] != hk[r..r + d] {
+                            return Err(Error::Invalid(format!(
+                                "pinned row (page {pg}, head {h}, offset {o}) differs from the host tier"
+                            )));
+                        }
+                        pinned += 1;
+                    }
+                }
+            }
+        }
+        Ok(rows_seen.len() + pinned)
     }
 }
 
 impl DevAdmission {
-    fn new(gpu: &GpuContext, host_rows: usize, rows: usize) -> Result<Self> {
+    /// `max_admit`: the most rows one admission takes (its list sizes).
+    fn new(gpu: &GpuContext, host_rows: usize, rows: usize, max_admit: usize) -> Result<Self> {
         let zeroed = |bytes: usize| -> Result<DevBuf> {
             let b = DevBuf::alloc(bytes)?;
             b.fill_bytes(0)?;
@@ -997,7 +1234,7 @@ impl DevAdmission {
         };
         let (pieces, chunk) = (256usize, 4096usize);
         let nchunks = rows.div_ceil(chunk);
-        let half = rows / 2 + 1;
+        let half = max_admit + 1;
         let mut stats = PinnedBuf::alloc(64)?;
         stats.write_at(0, &[0u64; 8]);
         Ok(DevAdmission {

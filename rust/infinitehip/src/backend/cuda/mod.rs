@@ -243,6 +243,27 @@ impl DevBuf {
         }
         Ok(b)
     }
+    /// `write` at `byte_offset` into the buffer.
+    pub fn write_at<T: Copy>(&self, byte_offset: usize, data: &[T]) -> Result<()> {
+        let n = std::mem::size_of_val(data);
+        if byte_offset
+            .checked_add(n)
+            .is_none_or(|end| end > self.bytes)
+        {
+            return Err(Error::Invalid(format!(
+                "CUDA: write of {n} bytes at {byte_offset} into a {}-byte buffer",
+                self.bytes
+            )));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: byte_offset + n <= self.bytes (checked above); `self.ptr` holds `self.bytes`
+        // bytes (see `write_async`).
+        unsafe { cu::memcpy_htod_sync(self.ptr + byte_offset as u64, data) }
+            .map_err(|e| gpu_err("copy to device", e))?;
+        legacy_done("copy to device")
+    }
     pub fn write<T: Copy>(&self, data: &[T]) -> Result<()> {
         if std::mem::size_of_val(data) > self.bytes {
             return Err(Error::Invalid(format!(
