@@ -51,24 +51,123 @@ def plain(rot=D, neox=True, base=THETA, max_pos=CTX, scaling=None):
     return get_rope(D, rot, max_pos, base, neox, rope_scaling=scaling, dtype=torch.float32)
 
 
-def test_cuda_device_keeps_the_host_engine_with_rope_modes(monkeypatch):
-    """GpuAttention decodes and prefills with the RoPE modes, but this
-    backend's GPU route with them has not run in SGLang on a GPU (and there
-    are no CUDA graphs with them): on a CUDA device it keeps the host engine."""
+def _fake_gpu(monkeypatch, fail=None):
+    """infinitehip.gpu replaced by a stand-in whose GpuAttention records the
+    device (or raises `fail`)."""
     import infinitehip
-    import infinitehip.sglang.backend as b
 
     made = []
-    gpu = SimpleNamespace(GpuAttention=lambda c, device: made.append(device) or "gpu")
+
+    def make(c, device):
+        if fail is not None:
+            raise fail
+        made.append(device)
+        return "gpu"
+
+    gpu = SimpleNamespace(GpuAttention=make)
     monkeypatch.setitem(sys.modules, "infinitehip.gpu", gpu)
     monkeypatch.setattr(infinitehip, "gpu", gpu, raising=False)
     monkeypatch.setenv("INFINITEHIP_GPU", "1")
+    return made
+
+
+def test_cuda_device_keeps_the_host_engine_with_rope_modes_by_default(monkeypatch, caplog):
+    """The GPU route with the RoPE modes has not run on a GPU: without
+    INFINITEHIP_SGLANG_ROPE_GPU=1 a CUDA device keeps the host engine, and
+    the log line names the switch."""
+    import infinitehip.sglang.backend as b
+
+    made = _fake_gpu(monkeypatch)
     make = b.InfiniteHipAttnBackend._make_gpu
-    assert make(SimpleNamespace(device="cuda:0", rope_modes=rope_modes_in(cfg())), cfg()) is None
+    for env in (None, "0", "yes"):
+        if env is None:
+            monkeypatch.delenv(b.ROPE_GPU_ENV, raising=False)
+        else:
+            monkeypatch.setenv(b.ROPE_GPU_ENV, env)
+        with caplog.at_level("WARNING", logger="infinitehip.sglang"):
+            assert make(SimpleNamespace(device="cuda:0", rope_modes=rope_modes_in(cfg())), cfg()) is None
+        assert "INFINITEHIP_SGLANG_ROPE_GPU=1" in caplog.text and "host engine" in caplog.text
     assert made == []
     # Control: without the modes the same backend builds the GPU object.
     assert make(SimpleNamespace(device="cuda:0", rope_modes=[]), cfg(modes={})) == "gpu"
     assert made == [0]
+
+
+def test_rope_gpu_switch_builds_the_gpu_object(monkeypatch, caplog):
+    import infinitehip.sglang.backend as b
+
+    made = _fake_gpu(monkeypatch)
+    monkeypatch.setenv(b.ROPE_GPU_ENV, "1")
+    be = SimpleNamespace(device="cuda:1", rope_modes=rope_modes_in(cfg()), offload=None)
+    be._make_rope_gpu = lambda c, d: b.InfiniteHipAttnBackend._make_rope_gpu(be, c, d)
+    with caplog.at_level("WARNING", logger="infinitehip.sglang"):
+        assert b.InfiniteHipAttnBackend._make_gpu(be, cfg()) == "gpu"
+    assert made == [1]
+    assert "not run on a GPU yet" in caplog.text and "CUDA graphs" in caplog.text
+    # INFINITEHIP_GPU=0 still wins, and a CPU device never builds it.
+    monkeypatch.setenv("INFINITEHIP_GPU", "0")
+    assert b.InfiniteHipAttnBackend._make_gpu(be, cfg()) is None
+    monkeypatch.setenv("INFINITEHIP_GPU", "1")
+    assert b.InfiniteHipAttnBackend._make_gpu(SimpleNamespace(device="cpu", rope_modes=be.rope_modes), cfg()) is None
+    assert made == [1]
+
+
+def test_rope_gpu_switch_refuses_host_offload(monkeypatch):
+    """The core's host-tier decode has no RoPE modes: refused at start-up,
+    naming the switch and the offload field, before any GPU object."""
+    import infinitehip.sglang.backend as b
+
+    made = _fake_gpu(monkeypatch)
+    monkeypatch.setenv(b.ROPE_GPU_ENV, "1")
+    be = SimpleNamespace(device="cuda:0", rope_modes=rope_modes_in(cfg()), offload=(4096, 0))
+    be._make_rope_gpu = lambda c, d: b.InfiniteHipAttnBackend._make_rope_gpu(be, c, d)
+    with pytest.raises(InfinitehipError) as e:
+        b.InfiniteHipAttnBackend._make_gpu(be, cfg())
+    msg = str(e.value)
+    assert "INFINITEHIP_SGLANG_ROPE_GPU=1" in msg and "kv.device_cache_pages" in msg, msg
+    assert "rope.attention streaming" in msg, msg
+    assert made == []
+
+
+def test_rope_gpu_switch_reports_what_the_gpu_object_refuses(monkeypatch):
+    """With the switch on, a config GpuAttention refuses (say hip.successors,
+    CPU-only) is an error naming the switch, not a silent host fall back."""
+    import infinitehip.sglang.backend as b
+
+    _fake_gpu(monkeypatch, fail=InfinitehipError("layer 0: hip.successors: the GPU decoders refuse it", -1))
+    monkeypatch.setenv(b.ROPE_GPU_ENV, "1")
+    be = SimpleNamespace(device="cuda:0", rope_modes=rope_modes_in(cfg()), offload=None)
+    be._make_rope_gpu = lambda c, d: b.InfiniteHipAttnBackend._make_rope_gpu(be, c, d)
+    with pytest.raises(InfinitehipError) as e:
+        b.InfiniteHipAttnBackend._make_gpu(be, cfg())
+    msg = str(e.value)
+    assert "hip.successors" in msg and "unset INFINITEHIP_SGLANG_ROPE_GPU" in msg, msg
+    assert e.value.code == -1
+    # Control: without the modes a refusal keeps the old behaviour (the
+    # host engine, with a log line).
+    assert b.InfiniteHipAttnBackend._make_gpu(SimpleNamespace(device="cuda:0", rope_modes=[]), cfg(modes={})) is None
+
+
+def test_cuda_graphs_refused_with_rope_modes():
+    """init_cuda_graph_state with the modes (GPU or host route) raises,
+    telling the user to pass --disable-cuda-graph, before any graph state."""
+    import infinitehip.sglang.backend as b
+
+    prepared = []
+    gpu = SimpleNamespace(prepare_graph=lambda *a: prepared.append(a), info=lambda: {})
+    for g in (gpu, None):
+        be = SimpleNamespace(offload=None, rope_modes=rope_modes_in(cfg()), gpu=g, dense=None, _decode_below=0,
+                             _graph_bs=0, req_to_token_pool=SimpleNamespace(req_to_token=None))
+        with pytest.raises(NotImplementedError) as e:
+            b.InfiniteHipAttnBackend.init_cuda_graph_state(be, 8, 8)
+        assert "--disable-cuda-graph" in str(e.value) and "RoPE modes" in str(e.value), str(e.value)
+        assert be._graph_bs == 0
+    assert prepared == []
+    # Control: without the modes the GPU route prepares the graph decode.
+    be = SimpleNamespace(offload=None, rope_modes=[], gpu=gpu, dense=None, _decode_below=0, _graph_bs=0,
+                         req_to_token_pool=SimpleNamespace(req_to_token=None))
+    b.InfiniteHipAttnBackend.init_cuda_graph_state(be, 8, 8)
+    assert be._graph_bs == 8 and len(prepared) == 1
 
 
 def test_modes_in_config():

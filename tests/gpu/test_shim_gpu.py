@@ -17,7 +17,11 @@ its modules are stubbed with the few names the backend imports).
    forward_extend / forward_decode over the fake pools, vs SDPA (dense +
    covering hip; and locret with a covering budget, its pre-RoPE q/k
    recovered by inverting a fake model's rotary embedding, which is checked
-   against a forward rotation first).
+   against a forward rotation first); and hip's RoPE modes on the opt-in
+   GPU route (INFINITEHIP_SGLANG_ROPE_GPU=1) vs the host engine, driven by
+   a random 2-layer model past its trained length (`test_backend_rope`,
+   alone: SHIM_ONLY=rope_backend, tests/gpu/sglrope-run.sh; NOT yet run on
+   a GPU when written).
 4. CUDA graphs: GpuAttention.decode_graph captured in a torch.cuda.CUDAGraph
    and replayed over steps that cross every hip refresh, replace a request
    and shrink the batch, vs the same launches eagerly (bit for bit) and vs
@@ -456,6 +460,290 @@ def test_backend_locret(gen):
             check("SGLang backend CUDA branch: locret budget 300 runs and evicts (retained sets, pool not freed)",
                   ok, f"finite {fin}, evicting calls {ev}, score read-backs {syncs}; rel_err vs dense SDPA "
                       f"(not a bound: tokens are evicted) decode {e_dec:.2e}")
+
+
+# --- the SGLang backend's opt-in GPU route for hip's RoPE modes -------------------
+# (issue 12; INFINITEHIP_SGLANG_ROPE_GPU=1; NOT yet run on a GPU when written)
+RB_HQ, RB_HKV, RB_D, RB_HID, RB_VOCAB, RB_L = 8, 2, 64, 256, 512, 2
+RB_TRAINED, RB_CTX, RB_THETA = 256, 2048, 10000.0
+RB_PROMPTS, RB_ROWS, RB_CHUNK, RB_STEPS = [1300, 1030, 200], [2, 0, 5], 512, 8
+RB_SLOTS = 4096
+RB_FACTOR = 4  # bound = RB_FACTOR x the covering-budget GPU-vs-host difference (see test_backend_rope)
+
+
+class RBRope(torch.nn.Module):
+    """SGLang's plain RotaryEmbedding (neox, whole head): its cos_sin_cache is
+    built on the CPU exactly as `check_rope_modes` rebuilds it (so the
+    backend accepts it bit for bit), then moved to the GPU."""
+
+    def __init__(self):
+        super().__init__()
+        inv = 1.0 / (RB_THETA ** (torch.arange(0, RB_D, 2, dtype=torch.float32) / RB_D))
+        f = torch.einsum("i,j->ij", torch.arange(RB_CTX, dtype=torch.float32), inv)
+        self.register_buffer("cos_sin_cache", torch.cat((f.cos(), f.sin()), -1).to(DEV))
+        self.is_neox_style = True
+
+    def rotate(self, x, pos):
+        cs = self.cos_sin_cache[pos.long()]
+        h = RB_D // 2
+        cos, sin = cs[:, None, :h], cs[:, None, h:]
+        x1, x2 = x[..., :h], x[..., h:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+class RBTiny:
+    """A random Llama-like decoder (f32 activations; bf16 KV pool) whose
+    attention is the backend's; q/k rotated at SGLang's positions."""
+
+    def __init__(self, gen):
+        r = lambda *s: torch.randn(*s, generator=gen, device=DEV)  # noqa: E731
+        hq, hk = RB_HQ * RB_D, RB_HKV * RB_D
+        self.emb = r(RB_VOCAB, RB_HID)
+        self.w = [dict(q=r(RB_HID, hq) * 2 / math.sqrt(RB_HID), k=r(RB_HID, hk) * 2 / math.sqrt(RB_HID),
+                       v=r(RB_HID, hk) / math.sqrt(RB_HID), o=r(hq, RB_HID) / math.sqrt(hq),
+                       up=r(RB_HID, 2 * RB_HID) / math.sqrt(RB_HID), down=r(2 * RB_HID, RB_HID) / math.sqrt(2 * RB_HID))
+                  for _ in range(RB_L)]
+        self.lm = r(RB_HID, RB_VOCAB) / math.sqrt(RB_HID)
+        self.rope = RBRope()
+
+    @staticmethod
+    def norm(x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    def forward(self, be, layers, ids, fb, decode):
+        x = self.emb[ids]
+        n = x.shape[0]
+        for w, layer in zip(self.w, layers):
+            h = self.norm(x)
+            q = self.rope.rotate((h @ w["q"]).view(n, RB_HQ, RB_D), fb.positions)
+            k = self.rope.rotate((h @ w["k"]).view(n, RB_HKV, RB_D), fb.positions)
+            v = (h @ w["v"]).view(n, RB_HKV, RB_D)
+            f = be.forward_decode if decode else be.forward_extend
+            o = f(q.reshape(n, RB_HQ * RB_D).contiguous(), k.contiguous(), v.contiguous(), layer, fb)
+            x = x + o.float() @ w["o"]
+            x = x + F.silu(self.norm(x) @ w["up"]) @ w["down"]
+        return self.norm(x) @ self.lm
+
+
+def rb_config(attention, cover):
+    """Every layer hip (dense_layers 0): layer 0 chunk_indexed scoring, layer
+    1 relative; `cover`: every token selected (sparse: sink 16 + window 64 +
+    64 kept tokens, below the trained 256). model.* comes from the runner
+    (max_position = its max_position_embeddings, 256)."""
+    keep = (1 << 16, 1 << 15) if cover else (128, 64)
+
+    def hip(scoring):
+        return {"method": "hip", "sink": 16, "window": 64,
+                "stages": [{"chunk_size": 16, "keep_tokens": keep[0], "refresh_interval": 4},
+                           {"chunk_size": 4, "keep_tokens": keep[1], "refresh_interval": 1}],
+                "rope": {"scoring": scoring, "attention": attention}}
+    return {"dense_layers": 0, "kv": {"dtype": "bf16"}, "default": hip("chunk_indexed"),
+            "overrides": [{"layers": [1], "policy": hip("relative")}]}
+
+
+class RBWorld:
+    """One SGLang-like process: bf16 pools, req_to_token, a backend built
+    with `INFINITEHIP_SGLANG_ROPE_GPU` = `gpu_route` ("1" or unset)."""
+
+    def __init__(self, model, cfg, gpu_route):
+        from infinitehip.sglang import backend as bk
+
+        self.k = [torch.zeros(RB_SLOTS + 1, RB_HKV, RB_D, dtype=torch.bfloat16, device=DEV) for _ in range(RB_L)]
+        self.v = [torch.zeros(RB_SLOTS + 1, RB_HKV, RB_D, dtype=torch.bfloat16, device=DEV) for _ in range(RB_L)]
+        self.r2t = torch.zeros(8, RB_CTX, dtype=torch.int32, device=DEV)
+        w = self
+
+        class Pool:
+            layer_num = RB_L
+            dtype = torch.bfloat16
+            start_layer = 0
+
+            def get_key_buffer(self, i):
+                return w.k[i]
+
+            def get_value_buffer(self, i):
+                return w.v[i]
+
+            def set_kv_buffer(self, layer, loc, k, v):
+                w.k[layer.layer_id][loc.long()] = k.to(torch.bfloat16)
+                w.v[layer.layer_id][loc.long()] = v.to(torch.bfloat16)
+
+        class ReqPool:
+            req_to_token = self.r2t
+            free_slots = [r for r in range(8) if r not in RB_ROWS]
+
+        path = os.path.join(tempfile.mkdtemp(), "cfg.json")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        os.environ["INFINITEHIP_CONFIG"] = path
+        if gpu_route:
+            os.environ[bk.ROPE_GPU_ENV] = "1"
+        else:
+            os.environ.pop(bk.ROPE_GPU_ENV, None)
+        mdl = torch.nn.Module()
+        mdl.rope = model.rope
+        mc = types.SimpleNamespace(
+            head_dim=RB_D, context_len=RB_CTX,
+            hf_config=types.SimpleNamespace(rope_theta=RB_THETA, max_position_embeddings=RB_TRAINED),
+            get_num_attention_heads=lambda tp: RB_HQ, get_num_kv_heads=lambda tp: RB_HKV)
+        runner = types.SimpleNamespace(device="cuda:0", req_to_token_pool=ReqPool(), token_to_kv_pool=Pool(),
+                                       model_config=mc, server_args=types.SimpleNamespace(tp_size=1), model=mdl)
+        try:
+            self.be = bk.InfiniteHipAttnBackend(runner)
+        finally:
+            os.environ.pop(bk.ROPE_GPU_ENV, None)
+        self.layers = [types.SimpleNamespace(layer_id=i, tp_q_head_num=RB_HQ, tp_k_head_num=RB_HKV, qk_head_dim=RB_D,
+                                             v_head_dim=RB_D, scaling=1.0 / math.sqrt(RB_D), logit_cap=0,
+                                             sliding_window_size=-1, is_cross_attention=False, attn_type=None)
+                       for i in range(RB_L)]
+        self.model = model
+        # The same slots in every world (a fixed CPU permutation).
+        self.free = (torch.randperm(RB_SLOTS, generator=torch.Generator().manual_seed(12)) + 1).tolist()
+        self.lens = [0] * len(RB_ROWS)
+
+    def forward(self, which, ids, decode):
+        """One batch of requests `which` with new tokens `ids[i]`: every
+        row's logits (f32)."""
+        rows, locs, pos, n_new = [], [], [], []
+        for i, t in zip(which, ids):
+            n = len(t)
+            s, self.free = self.free[:n], self.free[n:]
+            row = RB_ROWS[i]
+            self.r2t[row, self.lens[i]:self.lens[i] + n] = torch.tensor(s, dtype=torch.int32, device=DEV)
+            pos.extend(range(self.lens[i], self.lens[i] + n))  # SGLang's positions: the token's index
+            self.lens[i] += n
+            rows.append(row)
+            locs.extend(s)
+            n_new.append(n)
+        lens = [self.lens[i] for i in which]
+        fb = types.SimpleNamespace(
+            forward_mode=Mode(decode), batch_size=len(rows), req_pool_indices=torch.tensor(rows, device=DEV),
+            seq_lens=torch.tensor(lens, device=DEV), seq_lens_cpu=torch.tensor(lens), extend_seq_lens_cpu=n_new,
+            extend_seq_lens=torch.tensor(n_new), out_cache_loc=torch.tensor(locs, device=DEV),
+            positions=torch.tensor(pos, device=DEV))
+        self.be.init_forward_metadata(fb)
+        flat = torch.tensor([x for t in ids for x in t], device=DEV)
+        out = self.model.forward(self.be, self.layers, flat, fb, decode)
+        torch.cuda.synchronize()
+        return out
+
+    def run(self, prompts, steps):
+        """Chunked prefill (RB_CHUNK tokens per request per batch, every
+        unfinished request in each batch), then decode steps of every
+        request fed `steps[t]`: (extend logits of every row, [decode logits
+        per step])."""
+        done = [0] * len(prompts)
+        ext = []
+        while any(d < len(p) for d, p in zip(done, prompts)):
+            which = [i for i, p in enumerate(prompts) if done[i] < len(p)]
+            ids = [prompts[i][done[i]:done[i] + RB_CHUNK] for i in which]
+            ext.append(self.forward(which, ids, False))
+            for j, i in enumerate(which):
+                done[i] += len(ids[j])
+        every = list(range(len(prompts)))
+        dec = [self.forward(every, [[x] for x in toks], True) for toks in steps]
+        return torch.cat(ext), dec
+
+
+def test_backend_rope(gen):
+    """The SGLang backend's opt-in GPU route for hip's RoPE modes
+    (`INFINITEHIP_SGLANG_ROPE_GPU=1`: GpuAttention over SGLang's own pool,
+    SGLang's post-RoPE keys re-rotated by position differences in the
+    halves layout) vs the same backend on the host engine (the switch
+    unset), both driven by a random 2-layer Llama-like model (8 q / 2 kv
+    heads, d64, bf16 pools, f32 activations), every layer hip (layer 0
+    chunk_indexed, layer 1 relative scoring, streaming attention), trained
+    context (model.max_position) 256, prompts of 1300 / 1030 / 200 tokens
+    in chunks of 512 (every extend batch reaches past 256: the RoPE-mode
+    sparse prefill on the GPU, for the 200-token request too), then 8
+    decode steps of every request with the same tokens in every world.
+
+    The bound is measured, not assumed: the same pair of worlds with a
+    covering budget (every token selected; streaming positions are then
+    the original ones) gives the two routes' arithmetic difference on this
+    model (bf16 q and P in the GPU's tensor-core prefill, propagated
+    through both layers). The sparse run must stay within RB_FACTOR x
+    that: its only extra rounding is the GPU's streaming gather storing
+    each re-rotated key in bf16 (one more bf16 rounding of an attention
+    operand, the size class the covering run carries). Negative control:
+    the host engine with `original` attention positions (same scoring,
+    same budget) must differ from the GPU route by more than 10x the
+    bound. Also: the GPU world really runs GpuAttention (no host engine),
+    and CUDA graphs are refused there (by the backend, and by the core's
+    prepare_graph). Status when written: NOT yet run on a GPU."""
+    stub_sglang()
+    tg = torch.Generator(device=DEV).manual_seed(1212)
+    model = RBTiny(tg)
+    prompts = [torch.randint(0, RB_VOCAB, (n,), generator=tg, device=DEV).tolist() for n in RB_PROMPTS]
+    steps = [torch.randint(0, RB_VOCAB, (len(RB_PROMPTS),), generator=tg, device=DEV).tolist()
+             for _ in range(RB_STEPS)]
+    res = {}
+    t0 = time.perf_counter()
+    for name, att, cover, gpu_route in (("gpu cover", "streaming", True, True),
+                                        ("host cover", "streaming", True, False),
+                                        ("gpu", "streaming", False, True),
+                                        ("host", "streaming", False, False),
+                                        ("host original", "original", False, False)):
+        try:
+            w = RBWorld(model, rb_config(att, cover), gpu_route)
+        except Exception as e:  # noqa: BLE001 - reported as a failed check
+            check(f"SGLang backend RoPE modes: world {name!r} builds", False, f"{type(e).__name__}: {e}")
+            return
+        be = w.be
+        if gpu_route:
+            on_gpu = be.gpu is not None and be.engine is None and be.gpu.info()["layers"] == ["hip"] * RB_L
+            check(f"SGLang backend RoPE modes ({name}): the switch builds GpuAttention (no host engine)", on_gpu,
+                  f"gpu {be.gpu is not None}, engine {be.engine is not None}, "
+                  f"layers {be.gpu.info()['layers'] if be.gpu is not None else None}, modes {be.rope_modes}")
+            if not on_gpu:
+                return
+        else:
+            check(f"SGLang backend RoPE modes ({name}): without the switch the host engine runs", be.gpu is None,
+                  f"gpu {be.gpu is not None}")
+        s = time.perf_counter()
+        res[name] = w.run(prompts, steps)
+        print(f"  world {name}: {time.perf_counter() - s:.1f} s", flush=True)
+        if name == "gpu":
+            try:
+                be.init_cuda_graph_state(8, 8)
+                refused, why = False, "init_cuda_graph_state returned"
+            except NotImplementedError as e:
+                refused, why = "--disable-cuda-graph" in str(e), str(e)[:160]
+            try:
+                be.gpu.prepare_graph(8, w.r2t)
+                core, cwhy = False, "prepare_graph returned"
+            except infinitehip.InfinitehipError as e:
+                core, cwhy = "RoPE" in str(e) or "rope" in str(e), str(e)[:160]
+            check("SGLang backend RoPE modes on the GPU: CUDA graphs refused (backend and core)",
+                  refused and core and be._graph_bs == 0, f"backend: {why} | core: {cwhy}")
+    print(f"  5 worlds in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    def diff(a, b):
+        ea, da = res[a]
+        eb, db = res[b]
+        fin = bool(torch.isfinite(ea).all()) and all(bool(torch.isfinite(x).all()) for x in da)
+        e_ext = rel_err(ea, eb)
+        e_dec = max(rel_err(x, y) for x, y in zip(da, db))
+        return (e_ext if fin else float("nan")), (e_dec if fin else float("nan"))
+
+    cov = diff("gpu cover", "host cover")
+    e_cov = max(cov)
+    bound = RB_FACTOR * e_cov
+    sp = diff("gpu", "host")
+    ctl = diff("gpu", "host original")
+    ok_cov = math.isfinite(e_cov) and 0.0 < e_cov <= 1e-2
+    check("SGLang backend RoPE modes, covering budget: GPU route vs host engine (calibration)", ok_cov,
+          f"logits rel_err extend {cov[0]:.2e}, decode {cov[1]:.2e} (finite, > 0 and <= 1e-2: bf16 rounding "
+          f"only); bound for the sparse run {RB_FACTOR} x {e_cov:.2e} = {bound:.2e}")
+    ok_sp = ok_cov and max(sp) <= bound
+    check(f"SGLang backend RoPE modes: GPU route vs host engine past the trained length ({RB_PROMPTS} tokens, "
+          f"{RB_STEPS} decodes)", ok_sp,
+          f"logits rel_err extend {sp[0]:.2e}, decode {sp[1]:.2e} (bound {bound:.2e} = {RB_FACTOR} x covering; "
+          f"ratio to covering {max(sp) / e_cov if e_cov > 0 else float('nan'):.2f})")
+    ok_ctl = ok_cov and min(ctl) > 10 * bound
+    check("SGLang backend RoPE modes, negative control: host engine with original attention positions differs",
+          ok_ctl, f"logits rel_err extend {ctl[0]:.2e}, decode {ctl[1]:.2e} (each must exceed 10 x bound = "
+          f"{10 * bound:.2e})")
 
 
 # --- timing ------------------------------------------------------------------------
@@ -1064,9 +1352,11 @@ def test_backend_graph(gen):
 def main():
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, gpu_built {ig.gpu_built()}", flush=True)
     gen = torch.Generator(device=DEV).manual_seed(1234)
-    if os.environ.get("SHIM_ONLY") == "rope":
-        # Only the RoPE-mode checks (tests/gpu/ropepf-run.sh).
-        test_shim_rope(gen)
+    only = os.environ.get("SHIM_ONLY")
+    if only in ("rope", "rope_backend"):
+        # Only the RoPE-mode checks: GpuAttention's (tests/gpu/ropepf-run.sh)
+        # or the SGLang backend's GPU route (tests/gpu/sglrope-run.sh).
+        (test_shim_rope if only == "rope" else test_backend_rope)(gen)
         n_fail = RESULTS.count(False)
         print(f"test_shim_gpu: {len(RESULTS)} checks, {n_fail} failed", flush=True)
         sys.exit(1 if n_fail else 0)
@@ -1080,6 +1370,7 @@ def main():
     test_shim_locret(gen)
     test_backend(gen)
     test_backend_locret(gen)
+    test_backend_rope(gen)
     test_graph_shim(gen)
     test_backend_graph(gen)
     toks = [int(x) for x in os.environ.get("TIMING_TOKENS", "131072,1048576").split(",") if x]

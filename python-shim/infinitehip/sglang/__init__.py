@@ -69,14 +69,34 @@ def register():
     _registered = True
 
 
+def rope_modes_in(cfg):
+    """The non-`original` RoPE modes a config's hip policies ask for
+    ({"scoring": ..., "attention": ...} values other than original)."""
+    pols = [cfg.get("default") or {}] + [
+        o.get("policy") or {} for o in cfg.get("overrides") or [] if isinstance(o, dict)
+    ]
+    out = set()
+    for p in pols:
+        if not isinstance(p, dict) or p.get("method") != "hip":
+            continue
+        r = p.get("rope") or {}
+        if not isinstance(r, dict):
+            continue
+        for k in ("scoring", "attention"):
+            if r.get(k, "original") != "original":
+                out.add(f"rope.{k} {r[k]}")
+    return sorted(out)
+
+
 GRAPH_ENV = "INFINITEHIP_CUDA_GRAPH"
 _GRAPH_METHODS = {"dense", "hip"}
 
 
 def graph_capable_config(path=None):
     """(True, "") when the policy config (`INFINITEHIP_CONFIG`, else the
-    library default: hip) has only dense and hip layers, whose decode the
-    backend can capture in a CUDA graph; else (False, why)."""
+    library default: hip) has only dense and hip layers, hip at original
+    positions (no RoPE modes), whose decode the backend can capture in a
+    CUDA graph; else (False, why)."""
     import json
     import os
 
@@ -94,6 +114,11 @@ def graph_capable_config(path=None):
         return False, f"config {path} is not a JSON object"
     if (cfg.get("kv") or {}).get("device_cache_pages") is not None:
         return False, f"config {path} turns host offload on (kv.device_cache_pages)"
+    modes = rope_modes_in(cfg)
+    if modes:
+        # No route captures them: the host engine cannot, and GpuAttention's
+        # RoPE-mode decode uploads per-step query shifts from the host.
+        return False, f"config {path} asks for hip's RoPE modes ({', '.join(modes)}; graph decode: none)"
     methods = {(cfg.get("default") or {}).get("method", "hip")}
     for o in cfg.get("overrides") or []:
         if isinstance(o, dict):
@@ -105,8 +130,8 @@ def graph_capable_config(path=None):
 
 
 def _install_cuda_graph_fallback():
-    """Decode CUDA graphs stay on when every layer is dense or hip (the
-    backend's graph hooks capture them, GPU path); otherwise, or with
+    """Decode CUDA graphs stay on when every layer is dense or hip without
+    RoPE modes (the backend's graph hooks capture them, GPU path); otherwise, or with
     INFINITEHIP_CUDA_GRAPH=0, SGLang's resolution step turns decode graphs
     off, with a log line. Prefill graphs are always turned off (extend runs
     eagerly). (On SGLang versions without resolution hooks, pass

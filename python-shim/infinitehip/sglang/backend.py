@@ -94,8 +94,13 @@ Design (see also the project README):
   value), so its layers are captured in the same graph. Other methods
   (squeeze, lazy, locret) and the host path cannot be captured:
   `infinitehip.sglang.register()`'s server-args resolution hook turns
-  decode graphs off for such configs (and prefill graphs always), with a
-  log line; `init_cuda_graph_state` raises if a graph is requested anyway.
+  decode graphs off for such configs, and for configs with hip's RoPE
+  modes (and prefill graphs always), with a log line;
+  `init_cuda_graph_state` raises if a graph is requested anyway.
+* hip's RoPE modes (beyond the trained length) on CUDA: the host engine
+  by default; `INFINITEHIP_SGLANG_ROPE_GPU=1` runs them through
+  GpuAttention over SGLang's pool (no CUDA graphs, no host offload; NOT
+  yet run on a GPU: `_make_rope_gpu` says what it relies on).
 * Policy config: the JSON file named by `INFINITEHIP_CONFIG` (default: the
   library's default config, hip with Llama-3.1-8B budgets). Absent `model`
   fields are filled from SGLang's model config (layers, heads per TP rank,
@@ -126,11 +131,14 @@ except ImportError:  # pragma: no cover - older SGLang
 import infinitehip
 from infinitehip import InfinitehipError
 
-from . import lazy_rows, locret_free, offload
+from . import lazy_rows, locret_free, offload, rope_modes_in
 
 logger = logging.getLogger("infinitehip.sglang")
 
 CONFIG_ENV = "INFINITEHIP_CONFIG"
+# hip's RoPE modes on CUDA: "1" runs them on the GPU (GpuAttention), else the
+# host engine (the default until that route has run on a GPU).
+ROPE_GPU_ENV = "INFINITEHIP_SGLANG_ROPE_GPU"
 
 _KV_DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
@@ -237,21 +245,6 @@ def trained_context(mc):
         return getattr(mc, "context_len", None)
     v = _hf_attr(mc, "max_position_embeddings")
     return int(v) if v else getattr(mc, "context_len", None)
-
-
-def rope_modes_in(cfg):
-    """The non-`original` RoPE modes a config's hip policies ask for
-    ({"scoring": ..., "attention": ...} values other than original)."""
-    pols = [cfg.get("default") or {}] + [o.get("policy") or {} for o in cfg.get("overrides") or []]
-    out = set()
-    for p in pols:
-        if p.get("method") != "hip":
-            continue
-        r = p.get("rope") or {}
-        for k in ("scoring", "attention"):
-            if r.get(k, "original") != "original":
-                out.add(f"rope.{k} {r[k]}")
-    return sorted(out)
 
 
 def check_rope_modes(model_runner, cfg):
@@ -566,18 +559,17 @@ class InfiniteHipAttnBackend(AttentionBackend):
         if dev.type != "cuda" or os.environ.get("INFINITEHIP_GPU", "1") == "0":
             return None
         if self.rope_modes:
-            # GpuAttention decodes hip layers with the RoPE modes and
-            # prefills past the trained length with them (both checked on an
-            # H200 through the C ABI, 2026-12-05), but refuses CUDA graphs
-            # with them, and this backend's GPU route with the modes (the
-            # keys it un-ropes, its graph hooks) has not run in SGLang on a
-            # GPU: until it has, the host engine runs every mode.
-            logger.warning(
-                "infinitehip: %s: the GPU route with RoPE modes has not run in SGLang on a GPU yet "
-                "(and there are no CUDA graphs with the modes); attention runs on the host engine "
-                "with device<->host copies", ", ".join(self.rope_modes)
-            )
-            return None
+            if os.environ.get(ROPE_GPU_ENV, "0") != "1":
+                # Default until the GPU route below has run on a GPU: the
+                # host engine (checked against the core in
+                # sglang_rope_e2e.py) runs every mode.
+                logger.warning(
+                    "infinitehip: %s: attention runs on the host engine with device<->host copies; %s=1 runs "
+                    "the modes on the GPU over SGLang's pool instead (no CUDA graphs; not yet run on a GPU)",
+                    ", ".join(self.rope_modes), ROPE_GPU_ENV,
+                )
+                return None
+            return self._make_rope_gpu(cfg, dev)
         try:
             import infinitehip.gpu as ig
 
@@ -589,6 +581,64 @@ class InfiniteHipAttnBackend(AttentionBackend):
                 "with device<->host copies", e
             )
             return None
+
+    def _make_rope_gpu(self, cfg, dev):
+        """The opt-in GPU route for hip's RoPE modes (`INFINITEHIP_SGLANG_ROPE_GPU=1`).
+        NOT YET RUN ON A GPU (tests/gpu/test_shim_gpu.py `test_backend_rope`
+        is prepared for it), hence opt-in. What it relies on:
+
+        * keys: SGLang's pool holds post-RoPE keys (queries too), rotated at
+          their positions by the model's rotary embedding; GpuAttention's
+          RoPE-mode layers re-rotate them by position differences with the
+          halves (NEOX) layout at `model.rope_theta`, unscaled (its default:
+          no `set_rope_layout`, which llama.cpp's CUDA route needs for its
+          interleaved layout and the C ABI does not expose).
+          `check_rope_modes` has already refused any other rotary
+          embedding (scaled, partial, interleaved, another base).
+        * positions: the core takes token t of a request's `req_to_token`
+          row to be at position t (queries at lens - n_new .. lens - 1),
+          which is SGLang's `positions` on every batch this route serves
+          (the Locret compaction offset needs every layer locret, so no hip
+          layer; LazyLLM's rows route is the host path's).
+        * prefill: a RoPE-mode hip layer's call is dense at the model's
+          positions while every query is below `model.max_position` (the
+          trained context) and the RoPE-mode sparse prefill for the whole
+          call past it (the host engine runs the sparse prefill with the
+          modes whenever SGLang's dense kernel does not serve the batch,
+          within the trained context too: a difference there only).
+          `_rope_mode_limits` caps the dense-kernel thresholds at the
+          trained context on both routes.
+        * refused: CUDA graphs (`init_cuda_graph_state`; the plugin turns
+          decode graphs off for RoPE-mode configs), host offload (the
+          core's host-tier decode has no RoPE modes), and whatever
+          GpuAttention refuses for the config (e.g. `hip.successors`):
+          errors, not a silent fall back to the host engine."""
+        modes = ", ".join(self.rope_modes)
+        if getattr(self, "offload", None) is not None:
+            raise InfinitehipError(
+                f"infinitehip backend: {ROPE_GPU_ENV}=1 with {modes} and host offload (kv.device_cache_pages): "
+                "the GPU's host-tier decode has no RoPE modes (the rotated scorers and the streaming gather read "
+                f"device keys); unset {ROPE_GPU_ENV} (the host engine runs the modes with offload) or use rope "
+                "original"
+            )
+        try:
+            import infinitehip.gpu as ig
+
+            idx = dev.index if dev.index is not None else torch.cuda.current_device()
+            att = ig.GpuAttention(cfg, device=idx)
+        except InfinitehipError as e:
+            raise InfinitehipError(
+                f"infinitehip backend: {ROPE_GPU_ENV}=1 with {modes}, but the GPU attention object could not be "
+                f"built for this config: {e}; unset {ROPE_GPU_ENV} to run the modes on the host engine",
+                e.code,
+            ) from e
+        logger.warning(
+            "infinitehip: %s on the GPU over SGLang's pool (%s=1; this route has not run on a GPU yet): "
+            "prefill within model.max_position %s is dense, the RoPE-mode sparse prefill past it; no CUDA graphs "
+            "(pass --disable-cuda-graph where the plugin cannot turn them off)",
+            modes, ROPE_GPU_ENV, cfg["model"].get("max_position"),
+        )
+        return att
 
     # --- sequence bookkeeping ---------------------------------------------
     def _generation(self, row):
@@ -1166,6 +1216,13 @@ class InfiniteHipAttnBackend(AttentionBackend):
             raise NotImplementedError(
                 "infinitehip backend: CUDA graphs with host offload (kv.device_cache_pages): run with CUDA graphs "
                 "disabled (the plugin does this automatically; else pass --disable-cuda-graph)"
+            )
+        if self.rope_modes:
+            raise NotImplementedError(
+                f"infinitehip backend: CUDA graphs with hip's RoPE modes ({', '.join(self.rope_modes)}): no route "
+                "captures them (the GPU decode uploads per-step query shifts from the host); pass "
+                "--disable-cuda-graph (the plugin turns decode graphs off itself for RoPE-mode configs where "
+                "SGLang has resolution hooks)"
             )
         if self.gpu is None:
             raise NotImplementedError(
