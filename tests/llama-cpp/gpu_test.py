@@ -195,17 +195,18 @@ def main():
     if a.only_locret:
         a.skip_tests = a.skip_bench = a.skip_ttft = True
         guarded("locret tests", tests_locret, *T)
-    offload = []
-    if a.only_offload:
-        a.skip_tests = a.skip_bench = a.skip_ttft = True
-        guarded("host offload tests", tests_offload, *T, offload)
-        results["offload"] = offload
+    # with both --only-rope and --only-offload: section 12 first (the shorter one)
     if a.only_rope:
         a.skip_tests = a.skip_bench = a.skip_ttft = True
         if not a.model_rope:
             check("RoPE modes section: --model-rope given", False, "no model")
         else:
             guarded("rope modes tests", tests_rope, *T)
+    offload = []
+    if a.only_offload:
+        a.skip_tests = a.skip_bench = a.skip_ttft = True
+        guarded("host offload tests", tests_offload, *T, offload)
+        results["offload"] = offload
     ttft = []
 
     def timed(name, need_s, f, *args):
