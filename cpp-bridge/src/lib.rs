@@ -258,6 +258,29 @@ pub mod ffi {
             mask: &[u8],
             md: &TensorDesc,
         ) -> Result<()>;
+        /// `attend` run by all `nth` threads of a ggml op: thread 0's `out`
+        /// holds every item's output; the others (`ith` > 0) work on its
+        /// parts and return when it is done (their arguments are not read).
+        /// At decode with few items per thread, one KV head's selected cells
+        /// are split across threads and merged.
+        #[allow(clippy::too_many_arguments)]
+        fn attend_team(
+            self: &LlamaPlugin,
+            layer: u32,
+            ith: i32,
+            nth: i32,
+            scale: f32,
+            q: &[u8],
+            qd: &TensorDesc,
+            k: &[u8],
+            kd: &TensorDesc,
+            v: &[u8],
+            vd: &TensorDesc,
+            v_trans: bool,
+            mask: &[u8],
+            md: &TensorDesc,
+            out: &mut [f32],
+        ) -> Result<()>;
         /// Attention for work items `item0..item1` of the last plan (item =
         /// (stream, token, kv head), in that order); `out` holds exactly
         /// those items' outputs (`group * d` floats each), a contiguous part

@@ -33,7 +33,8 @@ use infinitehip::{Error, Result};
 
 use crate::ffi::{ModelInfo, RopeInfo, TensorDesc};
 use crate::llama_attend::{
-    attend_reference, attend_run_moved, use_reference, HeadKv, KeyMove, Rows,
+    attend_reference, attend_run_moved, attend_run_partial, merge_partials, use_reference, HeadKv,
+    KeyMove, Partial, Rows,
 };
 use crate::llama_lazy::LazyRows;
 use crate::llama_locret::{view, LocretLlama};
@@ -498,6 +499,8 @@ struct Counters {
     /// Streams whose prompt end was detected (`after_append` with
     /// `prompt_done`), summed over sparse layers.
     prompts_done: AtomicU64,
+    /// Attend ops whose items' cells were split across threads (`attend_team`).
+    split_attends: AtomicU64,
 }
 
 /// The plugin of one llama.cpp context: per layer, the method and (for
@@ -527,6 +530,8 @@ pub struct LlamaPlugin {
     profile: Profile,
     /// ggml's threads during a plan op (`plan_team`).
     team: Team,
+    /// ggml's threads during an attend op (`attend_team`).
+    attend_team: Team,
 }
 
 /// Fill `model` from the host's geometry when absent; check it when present.
@@ -707,6 +712,7 @@ impl LlamaPlugin {
             poison: Poison::default(),
             profile: Profile::from_env(),
             team: Team::new(),
+            attend_team: Team::new(),
         })
     }
 
@@ -1110,6 +1116,250 @@ impl LlamaPlugin {
         })
     }
 
+    /// `attend` run by all `nth` threads of a ggml op: thread 0 leads and
+    /// `out` (its own) holds every item's output; the others (`ith` > 0)
+    /// work on its parts and return when it is done (their arguments are not
+    /// read). At decode (one token per stream) with fewer than two items
+    /// (KV heads x streams) per thread, each item's selected cells are split
+    /// into parts across threads and merged (`merge_partials`): with 3 KV
+    /// heads on 2 threads, or 8 on 16, whole items leave threads idle.
+    /// Otherwise the threads take item ranges as `attend` does.
+    /// `LLAMA_INFINITEHIP_ATTEND_SPLIT=0` turns the split off.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_team(
+        &self,
+        layer: u32,
+        ith: i32,
+        nth: i32,
+        scale: f32,
+        q: &[u8],
+        qd: &TensorDesc,
+        k: &[u8],
+        kd: &TensorDesc,
+        v: &[u8],
+        vd: &TensorDesc,
+        v_trans: bool,
+        mask: &[u8],
+        md: &TensorDesc,
+        out: &mut [f32],
+    ) -> std::result::Result<(), String> {
+        if ith > 0 {
+            self.attend_team.serve(ith as usize - 1);
+            return Ok(());
+        }
+        let threads = nth.max(1) as usize;
+        self.attend_team.lead(threads - 1, || {
+            let a = OpTensors {
+                layer,
+                scale,
+                q,
+                qd,
+                k,
+                kd,
+                v,
+                vd,
+                v_trans,
+                mask,
+                md,
+            };
+            match self.split_parts(&a, threads) {
+                Ok(Some(parts)) => self.attend_split(&a, parts, out),
+                Ok(None) => self.attend_ranges(&a, threads, out),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    /// Parts per item when the split applies to this call, else None.
+    fn split_parts(
+        &self,
+        a: &OpTensors<'_>,
+        threads: usize,
+    ) -> std::result::Result<Option<usize>, String> {
+        if threads < 2 || use_reference() || !split_on() {
+            return Ok(None);
+        }
+        self.poison.guard(|| {
+            let inp = Inputs::new(a.q, a.qd, a.k, a.kd, a.v, a.vd, a.v_trans, a.mask, a.md)?;
+            let g = inp.g;
+            let n_items = g.n_stream * g.n_tokens * g.n_kv_heads;
+            if g.n_tokens != 1 || n_items == 0 || n_items >= 2 * threads {
+                return Ok(None);
+            }
+            let plan = self.last_plan(a.layer)?;
+            if plan
+                .streams
+                .iter()
+                .any(|s| !matches!(s, StreamPlan::Sparse { .. }))
+            {
+                return Ok(None);
+            }
+            Ok(Some((2 * threads).div_ceil(n_items)))
+        })
+    }
+
+    /// The threads of the installed team take contiguous item ranges.
+    fn attend_ranges(
+        &self,
+        a: &OpTensors<'_>,
+        threads: usize,
+        out: &mut [f32],
+    ) -> std::result::Result<(), String> {
+        let n = out.len();
+        // item ranges in floats: the split points of `attend`'s item ranges
+        let per = self.poison.guard(|| {
+            let inp = Inputs::new(a.q, a.qd, a.k, a.kd, a.v, a.vd, a.v_trans, a.mask, a.md)?;
+            let g = inp.g;
+            let n_items = g.n_stream * g.n_tokens * g.n_kv_heads;
+            Ok((n_items, if n_items == 0 { 0 } else { n / n_items }))
+        })?;
+        let (n_items, per) = per;
+        let mut chunks: Vec<Mutex<(usize, usize, &mut [f32])>> = Vec::new();
+        let mut rest = out;
+        for t in 0..threads {
+            let (i0, i1) = (n_items * t / threads, n_items * (t + 1) / threads);
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut((i1 - i0) * per);
+            rest = tail;
+            if i1 > i0 {
+                chunks.push(Mutex::new((i0, i1, head)));
+            }
+        }
+        let err: Mutex<Option<String>> = Mutex::new(None);
+        infinitehip::parallel::par_for(chunks.len(), |c| {
+            let mut ch = chunks[c].lock().unwrap_or_else(|e| e.into_inner());
+            let (i0, i1) = (ch.0, ch.1);
+            let r = self.attend(
+                a.layer, i0, i1, a.scale, a.q, a.qd, a.k, a.kd, a.v, a.vd, a.v_trans, a.mask, a.md,
+                ch.2,
+            );
+            if let Err(e) = r {
+                err.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(e);
+            }
+        });
+        match err.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Decode with each item's cells in `parts` parts (`attend_team`).
+    fn attend_split(
+        &self,
+        a: &OpTensors<'_>,
+        parts: usize,
+        out: &mut [f32],
+    ) -> std::result::Result<(), String> {
+        let t_att = self.profile.start();
+        self.profile.count(Count::AttendCalls);
+        let r = self.poison.guard(|| {
+            let inp = Inputs::new(a.q, a.qd, a.k, a.kd, a.v, a.vd, a.v_trans, a.mask, a.md)?;
+            let mut shape = self.check_geom(&inp.g)?;
+            shape.scale = checked_scale(a.scale)?;
+            let g = inp.g;
+            let plan = self.last_plan(a.layer)?;
+            check_plan_geom(&plan, &g)?;
+            let (nkh, grp, d) = (g.n_kv_heads, shape.group(), g.d);
+            let n_items = g.n_stream * nkh;
+            let per = grp * d;
+            if out.len() != n_items * per {
+                return Err(Error::shape(
+                    "attend out",
+                    format!("all {n_items} items x {per}"),
+                    format!("{}", out.len()),
+                ));
+            }
+            let streaming = self
+                .layer(a.layer)?
+                .streaming
+                .then(|| self.rope.as_ref().map(|r| (r, r.table())))
+                .flatten();
+            // per (item, part): max, sum and unnormalised output of its grp rows
+            let slots: Vec<Mutex<(Vec<f32>, Vec<f32>, Vec<f32>)>> = (0..n_items * parts)
+                .map(|_| Mutex::new((vec![0f32; grp], vec![0f32; grp], vec![0f32; per])))
+                .collect();
+            let (attended, context) = (AtomicU64::new(0), AtomicU64::new(0));
+            infinitehip::parallel::par_for(n_items * parts, |u| {
+                let (item, p) = (u / parts, u % parts);
+                let (s, h) = (item / nkh, item % nkh);
+                let StreamPlan::Sparse {
+                    cells,
+                    q_pos,
+                    sel_of,
+                    sels,
+                } = &plan.streams[s]
+                else {
+                    unreachable!("split_parts admits sparse streams only")
+                };
+                let sel = &sels[sel_of[0] as usize];
+                let (n_lists, nq) = lists_of(sel, nkh, grp);
+                let kv = head_kv(&inp, s, h);
+                let mut run = RunBufs::default();
+                let mut slot = slots[u].lock().unwrap_or_else(|e| e.into_inner());
+                let (m, l, o) = &mut *slot;
+                for li in 0..n_lists {
+                    let j0 = li * nq;
+                    run.gather(
+                        &inp,
+                        s,
+                        h * grp + j0,
+                        nq,
+                        0..1,
+                        q_pos,
+                        cells,
+                        &sel.heads[h * n_lists + li],
+                        streaming.as_ref().map(|(r, tb)| (*r, &tb[..])),
+                    );
+                    let n = run.visible[0];
+                    let (c0, c1) = (n * p / parts, n * (p + 1) / parts);
+                    let mv = streaming.as_ref().map(|(rope, table)| KeyMove {
+                        rope,
+                        table,
+                        shift: &run.kshift[c0..c1],
+                    });
+                    attend_run_partial(
+                        &kv,
+                        &run.q,
+                        nq,
+                        &run.cells[c0..c1],
+                        &[c1 - c0],
+                        shape.scale,
+                        mv.as_ref(),
+                        &mut o[j0 * d..(j0 + nq) * d],
+                        &mut m[j0..j0 + nq],
+                        &mut l[j0..j0 + nq],
+                    );
+                    if p == 0 {
+                        attended.fetch_add((n * nq) as u64, Ordering::Relaxed);
+                        context.fetch_add(((q_pos[0] + 1) * nq) as u64, Ordering::Relaxed);
+                    }
+                }
+            });
+            let st: Vec<_> = slots
+                .into_iter()
+                .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+                .collect();
+            for (item, o) in out.chunks_exact_mut(per).enumerate() {
+                let ps: Vec<Partial<'_>> = st[item * parts..(item + 1) * parts]
+                    .iter()
+                    .map(|(m, l, o)| Partial { m, l, o })
+                    .collect();
+                merge_partials(d, &ps, o);
+            }
+            self.counters.split_attends.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .attended_tokens
+                .fetch_add(attended.into_inner(), Ordering::Relaxed);
+            self.counters
+                .context_tokens
+                .fetch_add(context.into_inner(), Ordering::Relaxed);
+            Ok(())
+        });
+        self.profile.stop(Slot::Attend, t_att);
+        r
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn attend(
         &self,
@@ -1142,16 +1392,7 @@ impl LlamaPlugin {
                 .plan
                 .clone()
                 .ok_or_else(|| Error::Invalid(format!("layer {layer}: attend before plan")))?;
-            if plan.geom != (g.d, g.n_head, g.n_kv_heads, g.n_tokens, g.n_stream) {
-                return Err(Error::shape(
-                    "attend inputs vs the last plan (d, heads, kv heads, tokens, streams)",
-                    format!("{:?}", plan.geom),
-                    format!(
-                        "{:?}",
-                        (g.d, g.n_head, g.n_kv_heads, g.n_tokens, g.n_stream)
-                    ),
-                ));
-            }
+            check_plan_geom(&plan, &g)?;
             let n_items = g.n_stream * g.n_tokens * g.n_kv_heads;
             let grp = shape.group();
             let per = grp * g.d;
@@ -1381,6 +1622,7 @@ impl LlamaPlugin {
             "attended_tokens": a,
             "context_tokens": t,
             "prompts_done": c.prompts_done.load(Ordering::Relaxed),
+            "split_attends": c.split_attends.load(Ordering::Relaxed),
             "attended_fraction": if t == 0 { 1.0 } else { a as f64 / t as f64 },
             "layers": self.layers.iter().map(|l| l.method).collect::<Vec<_>>(),
             "locret": self.locret.as_ref().map(|l| l.stats()),
@@ -1608,6 +1850,42 @@ fn dump_qkv(
 /// head, q heads per list). One list shared by the `grp` q heads, or (hip
 /// `per_q_head`, checked in `plan`: `heads.len()` is n_q_heads) one list per
 /// q head, q head `h * grp + li` reading list `h * grp + li`.
+/// The tensors of one attend op, as `attend_team` received them.
+struct OpTensors<'a> {
+    layer: u32,
+    scale: f32,
+    q: &'a [u8],
+    qd: &'a TensorDesc,
+    k: &'a [u8],
+    kd: &'a TensorDesc,
+    v: &'a [u8],
+    vd: &'a TensorDesc,
+    v_trans: bool,
+    mask: &'a [u8],
+    md: &'a TensorDesc,
+}
+
+/// Whether `attend_team` may split items' cells across threads
+/// (`LLAMA_INFINITEHIP_ATTEND_SPLIT=0`: no).
+fn split_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LLAMA_INFINITEHIP_ATTEND_SPLIT").map_or(true, |v| v != "0"))
+}
+
+fn check_plan_geom(plan: &Plan, g: &Geom) -> Result<()> {
+    if plan.geom != (g.d, g.n_head, g.n_kv_heads, g.n_tokens, g.n_stream) {
+        return Err(Error::shape(
+            "attend inputs vs the last plan (d, heads, kv heads, tokens, streams)",
+            format!("{:?}", plan.geom),
+            format!(
+                "{:?}",
+                (g.d, g.n_head, g.n_kv_heads, g.n_tokens, g.n_stream)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn lists_of(sel: &Selection, n_kv_heads: usize, grp: usize) -> (usize, usize) {
     if sel.heads.len() == n_kv_heads {
         (1, grp)

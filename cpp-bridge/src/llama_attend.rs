@@ -199,14 +199,41 @@ pub(crate) fn attend_run_moved(
     mv: Option<&KeyMove<'_>>,
     out: &mut [f32],
 ) {
+    let n_rows = visible.len() * grp;
+    let mut m = vec![f32::NEG_INFINITY; n_rows];
+    let mut l = vec![0f32; n_rows];
+    attend_run_partial(kv, q, grp, cells, visible, scale, mv, out, &mut m, &mut l);
+    normalise_rows(kv.d, &l, out);
+}
+
+/// `attend_run_moved` without the last division: per query row the running
+/// max `m` and sum `l` of its softmax and the unnormalised output (rows that
+/// see nothing: `m` -inf, `l` 0, output 0). Parts of one cell list computed
+/// this way (each with its own `visible`, the token's clip within the part)
+/// are merged by `merge_partials`: one head's cells split across threads.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_run_partial(
+    kv: &HeadKv<'_>,
+    q: &[f32],
+    grp: usize,
+    cells: &[u32],
+    visible: &[usize],
+    scale: f32,
+    mv: Option<&KeyMove<'_>>,
+    out: &mut [f32],
+    m: &mut [f32],
+    l: &mut [f32],
+) {
     let d = kv.d;
     let n_rows = visible.len() * grp;
     debug_assert_eq!(q.len(), n_rows * d);
     debug_assert_eq!(out.len(), n_rows * d);
+    debug_assert!(m.len() == n_rows && l.len() == n_rows);
     debug_assert!(visible.iter().all(|&v| v <= cells.len()));
+    debug_assert!(mv.is_none_or(|m| m.shift.len() >= cells.len()));
     out.fill(0.0);
-    let mut m = vec![f32::NEG_INFINITY; n_rows];
-    let mut l = vec![0f32; n_rows];
+    m.fill(f32::NEG_INFINITY);
+    l.fill(0.0);
     let mut kt = vec![0f32; TILE * d];
     let mut vt = vec![0f32; TILE * d];
     let mut s = [0f32; TILE];
@@ -250,17 +277,63 @@ pub(crate) fn attend_run_moved(
             };
         }
     }
-    for r in 0..n_rows {
-        let or = &mut out[r * d..(r + 1) * d];
-        if l[r].is_nan() {
+}
+
+/// Divide each row of `out` (`[rows][d]`) by its softmax sum `l`; rows with
+/// nothing visible get zeros, NaN rows NaN.
+fn normalise_rows(d: usize, l: &[f32], out: &mut [f32]) {
+    for (or, &lr) in out.chunks_exact_mut(d).zip(l) {
+        if lr.is_nan() {
             or.fill(f32::NAN);
-        } else if l[r] > 0.0 {
-            let inv = 1.0 / l[r];
+        } else if lr > 0.0 {
+            let inv = 1.0 / lr;
             or.iter_mut().for_each(|x| *x *= inv);
         } else {
             or.fill(0.0);
         }
     }
+}
+
+/// One part's state for `merge_partials`: per row max, sum, unnormalised output.
+pub(crate) struct Partial<'a> {
+    pub m: &'a [f32],
+    pub l: &'a [f32],
+    pub o: &'a [f32],
+}
+
+/// The attention of rows split over cell parts (`attend_run_partial` of
+/// each part): each part rescaled to the common max, then normalised; the
+/// result equals one pass over all the cells up to f32 rounding. A NaN in
+/// any part makes the row NaN; a row no part sees gets zeros.
+pub(crate) fn merge_partials(d: usize, parts: &[Partial<'_>], out: &mut [f32]) {
+    let n_rows = out.len() / d;
+    let mut l = vec![0f32; n_rows];
+    out.fill(0.0);
+    for r in 0..n_rows {
+        let or = &mut out[r * d..(r + 1) * d];
+        if parts.iter().any(|p| p.m[r].is_nan() || p.l[r].is_nan()) {
+            l[r] = f32::NAN;
+            continue;
+        }
+        let mx = parts
+            .iter()
+            .map(|p| p.m[r])
+            .fold(f32::NEG_INFINITY, f32::max);
+        if mx == f32::NEG_INFINITY {
+            continue;
+        }
+        for p in parts {
+            if p.m[r] == f32::NEG_INFINITY {
+                continue;
+            }
+            let a = (p.m[r] - mx).exp();
+            l[r] += a * p.l[r];
+            for (x, &y) in or.iter_mut().zip(&p.o[r * d..(r + 1) * d]) {
+                *x += a * y;
+            }
+        }
+    }
+    normalise_rows(d, &l, out);
 }
 
 fn simd_ok() -> bool {
@@ -545,6 +618,126 @@ mod tests {
         assert!(
             got.iter().any(|x| x.is_nan()),
             "a NaN key gave a finite output"
+        );
+    }
+
+    /// Attention of `visible` split into `n_parts` cell ranges
+    /// (`attend_run_partial` each, visible clipped per part), merged.
+    #[allow(clippy::too_many_arguments)]
+    fn split_merged(
+        kv: &HeadKv<'_>,
+        q: &[f32],
+        grp: usize,
+        cells: &[u32],
+        visible: &[usize],
+        scale: f32,
+        n_parts: usize,
+        skip_first_of_part: Option<usize>,
+    ) -> Vec<f32> {
+        let (d, rows) = (kv.d, visible.len() * grp);
+        let n = visible.iter().copied().max().unwrap_or(0);
+        let mut st = Vec::new();
+        for p in 0..n_parts {
+            let (mut c0, c1) = (n * p / n_parts, n * (p + 1) / n_parts);
+            if skip_first_of_part == Some(p) && c0 < c1 {
+                c0 += 1;
+            }
+            let vis: Vec<usize> = visible.iter().map(|&v| v.clamp(c0, c1) - c0).collect();
+            let (mut o, mut m, mut l) = (vec![0f32; rows * d], vec![0f32; rows], vec![0f32; rows]);
+            attend_run_partial(
+                kv,
+                q,
+                grp,
+                &cells[c0..c1],
+                &vis,
+                scale,
+                None,
+                &mut o,
+                &mut m,
+                &mut l,
+            );
+            st.push((m, l, o));
+        }
+        let parts: Vec<Partial<'_>> = st.iter().map(|(m, l, o)| Partial { m, l, o }).collect();
+        let mut out = vec![0f32; rows * d];
+        merge_partials(d, &parts, &mut out);
+        out
+    }
+
+    /// One head's cells split into parts (the attend op's cross-thread
+    /// split) and merged == one pass, on random selections, clips (tokens
+    /// that see nothing, parts a token does not reach) and part counts.
+    #[test]
+    fn split_parts_merged_equal_one_pass() {
+        let mut rng = Rng::new(14);
+        for trial in 0..24 {
+            let d = [32, 64, 40][trial % 3];
+            let n_cells = 20 + rng.below(900);
+            let c = case(&mut rng, n_cells, d);
+            let cells: Vec<u32> = (0..n_cells as u32).filter(|_| rng.below(3) != 0).collect();
+            let grp = 1 + rng.below(4);
+            let n_tok = 1 + rng.below(4);
+            let visible: Vec<usize> = (0..n_tok)
+                .map(|i| {
+                    if i == 0 && trial % 5 == 0 {
+                        0
+                    } else {
+                        rng.below(cells.len() + 1)
+                    }
+                })
+                .collect();
+            let q = rng.normal_vec(n_tok * grp * d, 1.0);
+            let scale = 1.0 / (d as f32).sqrt();
+            for kv in views(&c) {
+                let mut want = vec![0f32; q.len()];
+                attend_run(&kv, &q, grp, &cells, &visible, scale, &mut want);
+                for n_parts in [1, 2, 3, 7] {
+                    let got = split_merged(&kv, &q, grp, &cells, &visible, scale, n_parts, None);
+                    let worst = got.iter().zip(&want).fold(0f32, |w, (a, b)| {
+                        assert!(a.is_finite(), "trial {trial}: non-finite output");
+                        w.max((a - b).abs())
+                    });
+                    assert!(
+                        worst < 2e-6,
+                        "trial {trial}, {n_parts} parts: max abs diff {worst}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The merge comparison can fail: a part that loses its first cell (one
+    /// token of the head's selection) is seen; a NaN in one part is NaN.
+    #[test]
+    fn split_dropping_a_cell_or_nan_is_seen() {
+        let mut rng = Rng::new(15);
+        let (n_cells, d) = (400, 64);
+        let mut c = case(&mut rng, n_cells, d);
+        let cells: Vec<u32> = (0..n_cells as u32).collect();
+        // scores ~ N(0, 1): no cell's weight is negligible
+        let q: Vec<f32> = rng.normal_vec(d, 1.0);
+        let kv = views(&c)[0];
+        let mut want = vec![0f32; d];
+        attend_run(&kv, &q, 1, &cells, &[n_cells], 0.125, &mut want);
+        let mut worst_drop = f32::INFINITY;
+        for part in 0..4 {
+            let got = split_merged(&kv, &q, 1, &cells, &[n_cells], 0.125, 4, Some(part));
+            let diff = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |w, (a, b)| w.max((a - b).abs()));
+            worst_drop = worst_drop.min(diff);
+        }
+        assert!(
+            worst_drop > 2e-6,
+            "dropping a cell moved the output by only {worst_drop}"
+        );
+        c.k[310 * d + 5] = f16::NAN;
+        let kv = views(&c)[0];
+        let got = split_merged(&kv, &q, 1, &cells, &[n_cells], 0.125, 4, None);
+        assert!(
+            got.iter().any(|x| x.is_nan()),
+            "a NaN key in one part gave a finite output"
         );
     }
 }

@@ -722,3 +722,119 @@ fn hip_per_q_head_over_growing_chain_equals_engine() {
     assert!(frac < 0.5, "attended fraction {frac}");
     eprintln!("hip per_q_head: worst rel err vs engine {worst:.2e}, stats {st}");
 }
+
+/// plan + `attend_team` on `threads` threads (thread 0 leads with the whole
+/// output, as patch 0013's op does).
+fn run_team(
+    p: &LlamaPlugin,
+    layer: u32,
+    cache: &Cache,
+    call: &Call,
+    threads: usize,
+) -> Result<Vec<f32>, String> {
+    let scale = 1.0 / (D as f32).sqrt();
+    let (qb, kb, vb) = (call.q_bytes(), cache.k_bytes(), cache.v_bytes());
+    let (qd, kd, vd) = (
+        call.q_desc(),
+        cache.k_desc(call.n_kv),
+        cache.v_desc(call.n_kv),
+    );
+    let (mb, md) = call.mask_bytes(false);
+    let vt = cache.v_trans;
+    p.plan(layer, scale, &qb, &qd, &kb, &kd, &vb, &vd, vt, &mb, &md)?;
+    let mut out = vec![f32::NAN; call.n_tokens * HQ * D];
+    std::thread::scope(|sc| {
+        let (qb, kb, vb, mb) = (&qb, &kb, &vb, &mb);
+        let helpers: Vec<_> = (1..threads)
+            .map(|ith| {
+                sc.spawn(move || {
+                    p.attend_team(
+                        layer,
+                        ith as i32,
+                        threads as i32,
+                        scale,
+                        qb,
+                        &qd,
+                        kb,
+                        &kd,
+                        vb,
+                        &vd,
+                        vt,
+                        mb,
+                        &md,
+                        &mut [],
+                    )
+                })
+            })
+            .collect();
+        let r = p.attend_team(
+            layer,
+            0,
+            threads as i32,
+            scale,
+            qb,
+            &qd,
+            kb,
+            &kd,
+            vb,
+            &vd,
+            vt,
+            mb,
+            &md,
+            &mut out,
+        );
+        helpers.into_iter().try_for_each(|h| h.join().unwrap())?;
+        r
+    })?;
+    Ok(out)
+}
+
+fn split_attends(p: &LlamaPlugin) -> u64 {
+    let st: serde_json::Value = serde_json::from_str(&p.stats_json()).unwrap();
+    st["split_attends"].as_u64().unwrap()
+}
+
+/// The attend op on all ggml threads: at decode (2 KV heads on 2-5
+/// threads) each head's selected cells are split across threads and
+/// merged; that equals one thread's item-range attention up to f32
+/// rounding at a small budget, and dense f64 at a covering one. Prefill
+/// (many items) takes item ranges (no split).
+#[test]
+fn attend_team_split_equals_item_ranges() {
+    let mut rng = Rng::new(21);
+    for (keep, window) in [(16, 8), (512, 8)] {
+        for threads in [2, 3, 5] {
+            let p = LlamaPlugin::new(&config(keep, window), &model()).unwrap();
+            let q = LlamaPlugin::new(&config(keep, window), &model()).unwrap();
+            let cache = Cache::new(512, true, threads % 2 == 1, &mut rng);
+            let cells: Vec<usize> = (0..420).collect();
+            let pre = chain_call(&cells[..300], 512, 64, &mut rng);
+            let a = run_team(&p, 1, &cache, &pre, threads).unwrap();
+            let b = run(&q, 1, &cache, &pre, false, 1).unwrap();
+            assert_eq!(a, b, "prefill through the team (item ranges) == one thread");
+            assert_eq!(split_attends(&p), 0, "prefill was split");
+            let mut worst = 0f64;
+            for len in 301..=cells.len() {
+                let dec = chain_call(&cells[..len], 512, 1, &mut rng);
+                let a = run_team(&p, 1, &cache, &dec, threads).unwrap();
+                let b = run(&q, 1, &cache, &dec, false, 1).unwrap();
+                assert!(a.iter().all(|x| x.is_finite()), "non-finite output");
+                let b64: Vec<f64> = b.iter().map(|&x| x as f64).collect();
+                worst = worst.max(rel(&a, &b64));
+                if keep == 512 {
+                    let e = rel(&a, &reference(&cache, &dec, 0.25));
+                    assert!(
+                        e < 1e-5,
+                        "covering budget, len {len}: split vs dense f64 rel err {e}"
+                    );
+                }
+            }
+            // f32 rounding of a different summation order
+            assert!(
+                worst < 2e-6,
+                "keep {keep}, {threads} threads: split vs item ranges rel err {worst}"
+            );
+            assert_eq!(split_attends(&p), 120, "every decode step split");
+        }
+    }
+}

@@ -5,7 +5,8 @@
 #       NAME=TREE:CONFIG ...
 #
 # TREE: a llama.cpp work tree (scripts/llama-cpp-build.sh's LLAMA_CPP_WORK); CONFIG: a policy JSON, or
-# `stock` (TREE/build-stock, no plugin). Make the state once with stock:
+# `stock` (TREE/build-stock, no plugin), optionally followed by `:VAR=VALUE` (one environment variable
+# for that run, e.g. `:LLAMA_INFINITEHIP_ATTEND_SPLIT=0`). Make the state once with stock:
 #   TREE/build-stock/bin/ihip_run tokenize MODEL --text TEXT --out IDS
 #   TREE/build-stock/bin/ihip_run fill MODEL --depth DEPTH --state STATE --input IDS --ctx CTX --fa on
 # Each run: `ihip_run bench --state STATE --depths DEPTH --gen GEN` (one untimed step, then GEN-1 timed
@@ -22,6 +23,7 @@ for r in $(seq 1 "$reps"); do
   for spec in "$@"; do
     name=${spec%%=*}; rest=${spec#*=}; tree=${rest%%:*}; cfg=${rest#*:}
     env=(INFINITEHIP_THREADS=2)
+    case $cfg in *:*=*) env+=("${cfg#*:}"); cfg=${cfg%%:*};; esac
     if [ "$cfg" = stock ]; then exe=$tree/build-stock/bin/ihip_run
     else exe=$tree/build-patched/bin/ihip_run; env+=(LLAMA_INFINITEHIP_PROFILE=1 LLAMA_INFINITEHIP_CONFIG="$cfg"); fi
     [ -n "${QPID:-}" ] && kill -STOP "$QPID" 2>/dev/null && sleep 1
