@@ -14,7 +14,7 @@
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 cd "$(dirname "$0")/../.."
-export PYTHONUNBUFFERED=1 INFINITEHIP_CACHE=/tmp/ihip-cache INFINITEHIP_LAZY_MODULES=all
+export PYTHONUNBUFFERED=1 INFINITEHIP_CACHE=${INFINITEHIP_CACHE:-/tmp/ihip-cache} INFINITEHIP_LAZY_MODULES=all
 mkdir -p "$INFINITEHIP_CACHE"; [ -f gpu-bin/ptx.tar.xz ] && tar xJf gpu-bin/ptx.tar.xz -C "$INFINITEHIP_CACHE" --strip-components=1
 cp gpu-bin/ptx/*.ptx "$INFINITEHIP_CACHE/" 2>/dev/null
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
