@@ -2192,7 +2192,11 @@ mod tests {
             let mut row = Vec::with_capacity(n);
             while row.len() < n {
                 let run = 1 + (rng.next_u64() % 70) as usize;
-                let v = if rng.next_u64() % 2 == 0 { 0.0 } else { f32::NEG_INFINITY };
+                let v = if rng.next_u64() % 2 == 0 {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                };
                 row.extend(std::iter::repeat_n(v, run.min(n - row.len())));
             }
             if case % 3 == 0 {
@@ -2202,10 +2206,22 @@ mod tests {
             let want = reference(&row);
             n_none += want.is_none() as usize;
             let bits32: Vec<u32> = row.iter().map(|x| x.to_bits()).collect();
-            assert_eq!(visible_cells(&bits32, f32::NEG_INFINITY.to_bits()), want, "f32 case {case}");
+            assert_eq!(
+                visible_cells(&bits32, f32::NEG_INFINITY.to_bits()),
+                want,
+                "f32 case {case}"
+            );
             let bits16: Vec<u16> = row.iter().map(|&x| f16::from_f32(x).to_bits()).collect();
-            let want16 = reference(&row.iter().map(|&x| f16::from_f32(x).to_f32()).collect::<Vec<_>>());
-            assert_eq!(visible_cells(&bits16, f16::NEG_INFINITY.to_bits()), want16, "f16 case {case}");
+            let want16 = reference(
+                &row.iter()
+                    .map(|&x| f16::from_f32(x).to_f32())
+                    .collect::<Vec<_>>(),
+            );
+            assert_eq!(
+                visible_cells(&bits16, f16::NEG_INFINITY.to_bits()),
+                want16,
+                "f16 case {case}"
+            );
         }
         // The odd entries that are not -0.0 must have been refused.
         assert!(n_none > 50, "only {n_none} rows refused");
