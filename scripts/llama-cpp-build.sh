@@ -42,6 +42,40 @@ extract() {
 CMAKE_COMMON=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF
   -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF)
 
+# GGML_NATIVE compiles ggml's AMX kernels where the CPU advertises AMX, but
+# some VMs advertise it and grant the tile permission while tile loads still
+# fault (SIGILL in tinygemm_kernel_amx on 2026-12-05's Xeon VM): probe one
+# tile load, and build without AMX when it fails (GCC's explicit -mno-amx-*
+# wins over -march=native). Stock and patched get the same flags.
+amx_works() {
+  local d; d=$(mktemp -d)
+  cat >"$d/p.c" <<'C'
+#include <immintrin.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(void) {
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */)) return 2;
+    struct { unsigned char palette, start, res[14]; unsigned short colsb[16]; unsigned char rows[16]; }
+        __attribute__((packed)) cfg;
+    static char buf[1024] __attribute__((aligned(64)));
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1; cfg.colsb[0] = 64; cfg.rows[0] = 16;
+    _tile_loadconfig(&cfg); _tile_loadd(0, buf, 64); _tile_release();
+    return 0;
+}
+C
+  local ok=1
+  if gcc -O1 -mamx-tile "$d/p.c" -o "$d/p" 2>/dev/null; then ("$d/p") 2>/dev/null && ok=0; fi
+  rm -rf "$d"
+  return $ok
+}
+if grep -qw amx_tile /proc/cpuinfo 2>/dev/null && ! amx_works; then
+  echo "== this CPU advertises AMX but a tile load faults: building ggml without AMX"
+  NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  CMAKE_COMMON+=("-DCMAKE_C_FLAGS=$NO_AMX" "-DCMAKE_CXX_FLAGS=$NO_AMX")
+fi
+
 # tool <src> <build>: ihip_run against that libllama
 tool() {
   g++ -O2 -std=c++17 "$REPO/tests/llama-cpp/ihip_run.cpp" -I "$1/include" -I "$1/ggml/include" \
