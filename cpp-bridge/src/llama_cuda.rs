@@ -125,7 +125,7 @@ pub fn llama_cuda_attn_new(
 /// (n_rot below head_dim: the kernels rotate whole heads), K/V in host
 /// memory (`kv.device_cache_pages`: the host-tier decode has no modes).
 /// YaRN and other rope types are refused when the plugin is built
-/// (`layer_rope`). Status: compiled, not yet run on a GPU.
+/// (`layer_rope`). Status: off unless opted in (`rope_cuda_opt_in`).
 pub(crate) fn cuda_rope_layout(
     plugin: &LlamaPlugin,
     host_tier: bool,
@@ -184,6 +184,29 @@ pub(crate) fn cuda_rope_layout(
         freq_base: r.freq_base,
         freq_scale: r.freq_scale,
     }))
+}
+
+/// Opt-in for hip's RoPE modes on this route. Their first GPU run
+/// (2026-12-05, H100, `tests/llama-cpp/gpu_test.py --only-rope`, logs in
+/// tests/gpu/logs/combo-2026-12-05/) disagreed with the CPU route as much
+/// as the negative controls do (relative RMS 0.96-0.98 of the logits),
+/// while every decode call matched its f64 streaming reference: the cause
+/// is not found yet, so the route stays off for the modes unless asked.
+/// Off, the context logs why and the host-mirror route refuses the modes
+/// (the run stops with that message); `--no-kv-offload` runs them on the
+/// CPU route, which CI checks.
+pub(crate) const ROPE_CUDA_ENV: &str = "LLAMA_INFINITEHIP_ROPE_CUDA";
+
+pub(crate) fn rope_cuda_opt_in(env: Option<&str>) -> Result<()> {
+    if env == Some("1") {
+        return Ok(());
+    }
+    Err(infinitehip::Error::Invalid(format!(
+        "CUDA route: hip's RoPE modes failed their GPU check (2026-12-05: the route's logits \
+         disagree with the CPU route's; tests/gpu/PENDING.md) and are off on this route; run \
+         them on the CPU route (--no-kv-offload), or set {ROPE_CUDA_ENV}=1 to run this route \
+         anyway (for debugging)"
+    )))
 }
 
 /// GpuAttention also runs lazy/squeeze/locret, but those need its prefill
@@ -438,6 +461,9 @@ mod imp {
             let mut attn = GpuAttention::new(&gpu, &cfg)?;
             let host_tier = crate::llama_offload::offload_sizes(&cfg)?.is_some();
             let rope_layout = super::cuda_rope_layout(plugin, host_tier)?;
+            if rope_layout.is_some() {
+                super::rope_cuda_opt_in(std::env::var(super::ROPE_CUDA_ENV).ok().as_deref())?;
+            }
             if let Some(layout) = rope_layout {
                 attn.set_rope_layout(layout)?;
                 // The C++ side routes a prefill ubatch here at or above
@@ -449,7 +475,7 @@ mod imp {
                     freq_base = layout.freq_base,
                     freq_scale = layout.freq_scale,
                     max_position = cfg.model.max_position,
-                    "CUDA route: hip RoPE modes over llama.cpp's K/V (compiled, not yet run on a GPU)"
+                    "CUDA route: hip RoPE modes over llama.cpp's K/V (opt-in: failed its GPU check on 2026-12-05)"
                 );
             }
             let check_left = std::env::var("LLAMA_INFINITEHIP_CUDA_CHECK")
@@ -1172,6 +1198,20 @@ mod tests {
             !e.contains("hip.rope") && (e.contains("cuda") || e.contains("CUDA")),
             "{e}"
         );
+    }
+
+    /// The RoPE modes run on this route only when asked for with exactly
+    /// "1"; otherwise the error names the variable and the CPU route.
+    #[test]
+    fn rope_modes_on_this_route_need_the_opt_in() {
+        assert!(rope_cuda_opt_in(Some("1")).is_ok());
+        for v in [None, Some("0"), Some(""), Some("true"), Some("11")] {
+            let e = rope_cuda_opt_in(v).err().expect("must refuse").to_string();
+            assert!(
+                e.contains(ROPE_CUDA_ENV) && e.contains("--no-kv-offload"),
+                "{e}"
+            );
+        }
     }
 
     /// With RoPE modes, a ubatch whose context reaches past the trained

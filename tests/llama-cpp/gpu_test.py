@@ -660,6 +660,8 @@ def tests_offload(a, gen, run, check, results, close, rows):
 
 
 ROPE_TRAIN, ROPE_P, ROPE_B, ROPE_G = 256, 2048, 512, 48
+# the CUDA route runs the modes only when asked (cpp-bridge llama_cuda.rs rope_cuda_opt_in)
+ROPE_CUDA = {"LLAMA_INFINITEHIP_ROPE_CUDA": "1"}
 
 
 def rope_cfg(scoring, attention):
@@ -685,7 +687,7 @@ def tests_rope(a, gen, run, check, results, close):
                                      batch=ROPE_B, env=cpu_env, extra=NKVO)
         pst = plugin_stats(log_c)
         lg, _, _, log_g = gen(a.patched, tag + "_cuda", ROPE_P, ROPE_G, config=cfg, force=tc_path, ctx=ctx, model=m,
-                              batch=ROPE_B, env=CHK)
+                              batch=ROPE_B, env={**CHK, **ROPE_CUDA})
         st = stats(log_g)
         ck = st.get("check", {})
         c = compare(lg, lc)
@@ -708,15 +710,19 @@ def tests_rope(a, gen, run, check, results, close):
               and ck.get("rows", 0) >= 2 * (ROPE_G - 1) and ck.get("failed", 1) == 0
               and ck.get("worst_rel_err", 1) <= 1e-2 and np.isfinite(lg).all(), c)
         if base is None:
-            base = (lc, tc_path, cfg, c["rel_rms_diff"])
+            base = (lc, tc_path, cfg, c["rel_rms_diff"], lg)
         print(log_g, flush=True)
-    lc, tc_path, cfg, own = base
+    lc, tc_path, cfg, own, lg0 = base
     # negative controls (the chunk_indexed CPU-route run as the reference)
     orig = dict(rope_cfg("original", "original"), prefill_dense_below=0, decode_dense_below=0)
     lo, _, _, _ = gen(a.patched, "rope_ctl_original", ROPE_P, ROPE_G, config=orig, force=tc_path, ctx=ctx, model=m,
                       batch=ROPE_B)
     lp, _, _, log_p = gen(a.patched, "rope_ctl_pf_off", ROPE_P, ROPE_G, config=cfg, force=tc_path, ctx=ctx, model=m,
-                          batch=ROPE_B, env={"LLAMA_INFINITEHIP_CUDA_PREFILL_OFF": "1"})
+                          batch=ROPE_B, env={"LLAMA_INFINITEHIP_CUDA_PREFILL_OFF": "1", **ROPE_CUDA})
+    # diagnostics (not checks): is the CUDA route nearer a control than the CPU route is?
+    res["diag: cuda route vs original positions"] = compare(lg0, lo)
+    res["diag: cuda route vs prefill left to llama.cpp"] = compare(lg0, lp)
+    print("rope diagnostics:", json.dumps({k: v for k, v in res.items() if k.startswith("diag")}), flush=True)
     for name, l, extra in [("original positions", lo, True), ("prefill left to llama.cpp", lp,
                                                                 stats(log_p).get("prefill_calls", -1) == 0)]:
         c = compare(l, lc)
