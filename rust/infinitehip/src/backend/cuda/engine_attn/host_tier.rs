@@ -249,17 +249,31 @@ impl GpuAttention {
                 lens: vec![0; b],
             };
             let full = full_device_route();
-            let est = HostEstimation::with_admission(
-                &gpu,
-                &host,
-                cfg.estimation_rows,
-                true,
-                if full {
-                    Admission::FullDevice
-                } else {
-                    Admission::Device
-                },
-            )?;
+            // The full-device route admits up to the whole row cache a step
+            // and scores the search's last right probe from the previous
+            // level: the same selections and bits (gpu-test-offload), and
+            // what brought bench-gpu-offload to 1.86x resident at 1M and
+            // 2.6x at 4M (H100, 2026-12-05; 2.5x / 5.3x without).
+            let mut est = if full {
+                HostEstimation::with_admit_all(
+                    &gpu,
+                    &host,
+                    cfg.estimation_rows,
+                    true,
+                    Admission::FullDevice,
+                )?
+            } else {
+                HostEstimation::with_admission(
+                    &gpu,
+                    &host,
+                    cfg.estimation_rows,
+                    true,
+                    Admission::Device,
+                )?
+            };
+            if full {
+                est.set_reuse_right(true)?;
+            }
             let policy = if full {
                 PagePolicy::Device
             } else {
