@@ -28,7 +28,11 @@
 //! error and the count of failed checks appear in `stats_json`. Prefill
 //! calls in check mode compare their first, middle and last query rows
 //! with the f64 dense causal reference (`prefill_check`: the distance of
-//! the sparse prefill from dense, within rounding for a covering budget).
+//! the sparse prefill from dense, within rounding for a covering budget);
+//! with hip's RoPE modes they also compare the route's block selections
+//! with the CPU `HipPolicy`'s over the same K/V and those rows with the
+//! f64 streaming reference over the route's own selection
+//! (`prefill_check_rope`).
 //!
 //! Without the crate feature `cuda`, [`llama_cuda_attn_new`] returns an
 //! error and the C++ side keeps the other routes.
@@ -65,6 +69,14 @@ struct Counters {
     prefill_checks: AtomicU64,
     /// f64 bits of the worst prefill row's relative error vs dense.
     prefill_check_worst: AtomicU64,
+    /// RoPE-mode prefill (check mode): query blocks compared with the CPU
+    /// policy's selection over the same K/V, and those that differ.
+    rope_pf_blocks: AtomicU64,
+    rope_pf_block_mismatch: AtomicU64,
+    /// ... and rows vs the f64 streaming reference over the route's own
+    /// selection (f64 bits of the worst relative error).
+    rope_pf_rows: AtomicU64,
+    rope_pf_worst: AtomicU64,
 }
 
 /// Raise `cell` (f64 bits) to `e` (NaN counts as infinite).
@@ -403,6 +415,14 @@ impl LlamaCudaAttn {
                 "worst_rel_err_vs_dense": f64::from_bits(l(&c.prefill_check_worst)),
             });
         }
+        if l(&c.rope_pf_blocks) > 0 {
+            j["prefill_check_rope"] = serde_json::json!({
+                "blocks": l(&c.rope_pf_blocks),
+                "blocks_differing_from_cpu_policy": l(&c.rope_pf_block_mismatch),
+                "rows": l(&c.rope_pf_rows),
+                "worst_rel_err_vs_streaming_ref": f64::from_bits(l(&c.rope_pf_worst)),
+            });
+        }
         if checks > 0 {
             let (s, v) = (l(&c.check_selected), l(&c.check_visible));
             j["check"] = serde_json::json!({
@@ -433,6 +453,8 @@ mod imp {
     use infinitehip::config::{LayerPolicy, PolicyConfig};
     use infinitehip::dtype::DType;
     use infinitehip::kv::KvRead;
+    use infinitehip::policy::hip::HipPolicy;
+    use infinitehip::policy::{Phase, Policy, SelectRequest};
     use infinitehip::rope::Rope;
     use infinitehip::{Error, Result};
 
@@ -852,6 +874,98 @@ mod imp {
                 let err = rel_error(&o, &want);
                 c.prefill_checks.fetch_add(1, Ordering::Relaxed);
                 raise_worst(&c.prefill_check_worst, err);
+            }
+            self.check_prefill_rope(a, &shape, &view, len, n_new, c)
+        }
+
+        /// RoPE-mode prefill (issue 12 diagnosis): the CPU `HipPolicy`'s
+        /// prefill selection over the same K/V and queries (both in the
+        /// halves layout) vs the route's, block by block, and the first,
+        /// middle and last rows vs the f64 streaming reference over the
+        /// route's own selection. A route that selects as the CPU route
+        /// and attends as its selection says cannot differ from the CPU
+        /// route beyond rounding.
+        fn check_prefill_rope(
+            &self,
+            a: &CudaAttnArgs,
+            shape: &AttnShape,
+            view: &TableKv,
+            len: usize,
+            n_new: usize,
+            c: &Counters,
+        ) -> Result<()> {
+            let (LayerPolicy::Hip(h), Some(l)) =
+                (self.cfg.layer_policy(a.layer as usize), self.rope_layout)
+            else {
+                return Ok(());
+            };
+            if h.rope.scoring == RopeMode::Original && h.rope.attention == RopeMode::Original {
+                return Ok(());
+            }
+            if l.freq_scale != 1.0 {
+                return Ok(()); // the references rotate unscaled
+            }
+            let Some(gpu_sel) = self.attn.last_prefill_selection()? else {
+                return Ok(()); // this call prefilled densely
+            };
+            let (hq, d) = (shape.n_q_heads, shape.head_dim);
+            let mut q = Vec::with_capacity(n_new * hq * d);
+            for j in 0..n_new {
+                let row: Vec<f32> =
+                    DevBuf::borrowed(a.q + (j as u64 * a.q_row_stride * 4), hq * d * 4)
+                        .read(hq * d)?;
+                q.extend(row.chunks(d).flat_map(|x| to_halves(x, l.interleaved)));
+            }
+            let hv = HalvesKv {
+                kv: view,
+                inter: l.interleaved,
+            };
+            let mut pol = HipPolicy::new(h.clone(), &self.cfg.model)?;
+            let cpu = pol.select(&SelectRequest {
+                seq: 0,
+                shape: *shape,
+                phase: Phase::Prefill,
+                queries: &q,
+                q_start: len - n_new,
+                kv: &hv,
+            })?;
+            let differ = cpu
+                .blocks
+                .iter()
+                .zip(&gpu_sel)
+                .filter(|(x, y)| x != y)
+                .count()
+                + cpu.blocks.len().abs_diff(gpu_sel.len());
+            c.rope_pf_blocks
+                .fetch_add(cpu.blocks.len() as u64, Ordering::Relaxed);
+            c.rope_pf_block_mismatch
+                .fetch_add(differ as u64, Ordering::Relaxed);
+            if h.rope.attention != RopeMode::Streaming {
+                return Ok(());
+            }
+            let rope = Rope::new(d, l.freq_base);
+            let mut rows = vec![0, n_new / 2, n_new - 1];
+            rows.dedup();
+            for j in rows {
+                let Some(sel) = gpu_sel.get(j / cpu.q_block.max(1)) else {
+                    raise_worst(&c.rope_pf_worst, f64::INFINITY);
+                    continue;
+                };
+                let o: Vec<f32> =
+                    DevBuf::borrowed(a.out + (j as u64 * a.out_row_stride * 4), hq * d * 4)
+                        .read(hq * d)?;
+                let pos = len - n_new + j;
+                let want = attend_streaming_f64(
+                    shape,
+                    &rope,
+                    &q[j * hq * d..(j + 1) * hq * d],
+                    &hv,
+                    sel,
+                    pos + 1,
+                    pos,
+                );
+                c.rope_pf_rows.fetch_add(1, Ordering::Relaxed);
+                raise_worst(&c.rope_pf_worst, rel_error(&o, &want));
             }
             Ok(())
         }

@@ -697,7 +697,8 @@ def tests_rope(a, gen, run, check, results, close):
                   "rows_within_1e-2": float((row < 1e-2).mean()), "cpu_route_plans": pst.get("plans"), "cpu_masked_streams": pst.get("masked_streams"),
                   "cuda_calls": st.get("calls"), "cuda_prefill_calls": st.get("prefill_calls"),
                   "cuda_prefill_tokens": st.get("prefill_tokens"), "check": ck,
-                  "prefill_check_vs_dense": st.get("prefill_check")})
+                  "prefill_check_vs_dense": st.get("prefill_check"),
+                  "prefill_check_rope": st.get("prefill_check_rope")})
         res[scoring] = c
         check(f"RoPE modes ({scoring} + streaming) on the CUDA route == the CPU route, teacher-forced "
               f"({ROPE_P} + {ROPE_G} tokens, {ROPE_P // ROPE_TRAIN}x the trained {ROPE_TRAIN}, ubatch {ROPE_B}, d64 "
