@@ -52,7 +52,8 @@ sys.path.insert(0, os.environ.get("SHIM_DIR", os.path.join(HERE, "..", "..", "py
 import infinitehip  # noqa: E402
 import infinitehip.gpu as ig  # noqa: E402
 
-DEV = torch.device("cuda:0")
+# SHIM_DEVICE=cpu runs only the RoPE noise-floor diagnostic (SHIM_ONLY=rope_floor) without a GPU
+DEV = torch.device(os.environ.get("SHIM_DEVICE", "cuda:0"))
 HQ, HKV, D = 32, 8, 128
 RESULTS = []
 
@@ -468,7 +469,9 @@ RB_HQ, RB_HKV, RB_D, RB_HID, RB_VOCAB, RB_L = 8, 2, 64, 256, 512, 2
 RB_TRAINED, RB_CTX, RB_THETA = 256, 2048, 10000.0
 RB_PROMPTS, RB_ROWS, RB_CHUNK, RB_STEPS = [1300, 1030, 200], [2, 0, 5], 512, 8
 RB_SLOTS = 4096
-RB_FACTOR = 4  # bound = RB_FACTOR x the covering-budget GPU-vs-host difference (see test_backend_rope)
+# sparse budget: GPU vs host within RB_FLOOR_FACTOR x the host engine's own response to q noise of
+# RB_Q_NOISE (relative, rounding-sized), the larger of two noise seeds (see test_backend_rope)
+RB_Q_NOISE, RB_FLOOR_FACTOR = 1e-4, 2
 
 
 class RBRope(torch.nn.Module):
@@ -545,7 +548,7 @@ class RBWorld:
     """One SGLang-like process: bf16 pools, req_to_token, a backend built
     with `INFINITEHIP_SGLANG_ROPE_GPU` = `gpu_route` ("1" or unset)."""
 
-    def __init__(self, model, cfg, gpu_route):
+    def __init__(self, model, cfg, gpu_route, q_noise=0.0, noise_seed=0):
         from infinitehip.sglang import backend as bk
 
         self.k = [torch.zeros(RB_SLOTS + 1, RB_HKV, RB_D, dtype=torch.bfloat16, device=DEV) for _ in range(RB_L)]
@@ -586,7 +589,7 @@ class RBWorld:
             head_dim=RB_D, context_len=RB_CTX,
             hf_config=types.SimpleNamespace(rope_theta=RB_THETA, max_position_embeddings=RB_TRAINED),
             get_num_attention_heads=lambda tp: RB_HQ, get_num_kv_heads=lambda tp: RB_HKV)
-        runner = types.SimpleNamespace(device="cuda:0", req_to_token_pool=ReqPool(), token_to_kv_pool=Pool(),
+        runner = types.SimpleNamespace(device=str(DEV), req_to_token_pool=ReqPool(), token_to_kv_pool=Pool(),
                                        model_config=mc, server_args=types.SimpleNamespace(tp_size=1), model=mdl)
         try:
             self.be = bk.InfiniteHipAttnBackend(runner)
@@ -597,6 +600,15 @@ class RBWorld:
                                              sliding_window_size=-1, is_cross_attention=False, attn_type=None)
                        for i in range(RB_L)]
         self.model = model
+        if q_noise > 0:
+            # Rounding-sized noise on q (noise floor of the comparison, test_backend_rope).
+            g = torch.Generator(device=DEV).manual_seed(noise_seed)
+
+            def noisy(f):
+                return lambda q, k, v, layer, fb: f(
+                    q * (1 + q_noise * torch.randn(q.shape, generator=g, device=DEV)), k, v, layer, fb)
+            self.be.forward_extend = noisy(self.be.forward_extend)
+            self.be.forward_decode = noisy(self.be.forward_decode)
         # The same slots in every world (a fixed CPU permutation).
         self.free = (torch.randperm(RB_SLOTS, generator=torch.Generator().manual_seed(12)) + 1).tolist()
         self.lens = [0] * len(RB_ROWS)
@@ -624,7 +636,8 @@ class RBWorld:
         self.be.init_forward_metadata(fb)
         flat = torch.tensor([x for t in ids for x in t], device=DEV)
         out = self.model.forward(self.be, self.layers, flat, fb, decode)
-        torch.cuda.synchronize()
+        if DEV.type == "cuda":
+            torch.cuda.synchronize()
         return out
 
     def run(self, prompts, steps):
@@ -658,19 +671,28 @@ def test_backend_rope(gen):
     sparse prefill on the GPU, for the 200-token request too), then 8
     decode steps of every request with the same tokens in every world.
 
-    The bound is measured, not assumed: the same pair of worlds with a
-    covering budget (every token selected; streaming positions are then
-    the original ones) gives the two routes' arithmetic difference on this
-    model (bf16 q and P in the GPU's tensor-core prefill, propagated
-    through both layers). The sparse run must stay within RB_FACTOR x
-    that: its only extra rounding is the GPU's streaming gather storing
-    each re-rotated key in bf16 (one more bf16 rounding of an attention
-    operand, the size class the covering run carries). Negative control:
-    the host engine with `original` attention positions (same scoring,
-    same budget) must differ from the GPU route by more than 10x the
-    bound. Also: the GPU world really runs GpuAttention (no host engine),
-    and CUDA graphs are refused there (by the backend, and by the core's
-    prepare_graph). Status when written: NOT yet run on a GPU."""
+    Two bounds, both measured in the same run. Covering budget (every
+    token selected; streaming positions are then the original ones): the
+    two routes differ by arithmetic only (bf16 q and P in the GPU's
+    tensor-core prefill), <= 1e-2. Sparse budget (sink 16 + window 64 +
+    64 kept tokens): here a rounding-sized difference flips near-tied
+    block choices, and on this random model one flip moves the logits a
+    lot. The first GPU run (2026-12-05, H100) failed the earlier bound of
+    4x the covering difference (7.5e-2 extend / 1.6e-1 decode vs 1.4e-2),
+    and the host engine against itself with q noise of 1e-4 (relative)
+    moved as far (CPU, `SHIM_DEVICE=cpu SHIM_ONLY=rope_floor`: 8.7e-2 /
+    1.8e-1; 65-150x its covering difference at every noise level from
+    1e-4 to 2e-3). So the sparse bound is the host engine's own noise
+    floor: RB_FLOOR_FACTOR x the larger of two seeds' host-vs-noisy-host
+    difference, per extend / decode. Negative control: the host engine
+    with `original` attention positions (same scoring, same budget) must
+    differ from the GPU route by more than that bound. This catches a
+    route that ignores or misplaces the modes (control-sized error), not
+    a small one; the kernel-level checks (`gpu-test --rope-only`, equal
+    selections on separated workloads, 1e-5 of f64) hold the tight bar.
+    Also: the GPU world really runs GpuAttention (no host engine), and
+    CUDA graphs are refused there (by the backend, and by the core's
+    prepare_graph)."""
     stub_sglang()
     tg = torch.Generator(device=DEV).manual_seed(1212)
     model = RBTiny(tg)
@@ -679,13 +701,16 @@ def test_backend_rope(gen):
              for _ in range(RB_STEPS)]
     res = {}
     t0 = time.perf_counter()
-    for name, att, cover, gpu_route in (("gpu cover", "streaming", True, True),
-                                        ("host cover", "streaming", True, False),
-                                        ("gpu", "streaming", False, True),
-                                        ("host", "streaming", False, False),
-                                        ("host original", "original", False, False)):
+    worlds = (("gpu cover", "streaming", True, True, 0),
+              ("host cover", "streaming", True, False, 0),
+              ("gpu", "streaming", False, True, 0),
+              ("host", "streaming", False, False, 0),
+              ("host noisy 1", "streaming", False, False, 1),
+              ("host noisy 2", "streaming", False, False, 2),
+              ("host original", "original", False, False, 0))
+    for name, att, cover, gpu_route, seed in worlds:
         try:
-            w = RBWorld(model, rb_config(att, cover), gpu_route)
+            w = RBWorld(model, rb_config(att, cover), gpu_route, RB_Q_NOISE if seed else 0.0, seed)
         except Exception as e:  # noqa: BLE001 - reported as a failed check
             check(f"SGLang backend RoPE modes: world {name!r} builds", False, f"{type(e).__name__}: {e}")
             return
@@ -716,7 +741,7 @@ def test_backend_rope(gen):
                 core, cwhy = "RoPE" in str(e) or "rope" in str(e), str(e)[:160]
             check("SGLang backend RoPE modes on the GPU: CUDA graphs refused (backend and core)",
                   refused and core and be._graph_bs == 0, f"backend: {why} | core: {cwhy}")
-    print(f"  5 worlds in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"  {len(worlds)} worlds in {time.perf_counter() - t0:.1f} s", flush=True)
 
     def diff(a, b):
         ea, da = res[a]
@@ -728,22 +753,54 @@ def test_backend_rope(gen):
 
     cov = diff("gpu cover", "host cover")
     e_cov = max(cov)
-    bound = RB_FACTOR * e_cov
+    f1, f2 = diff("host", "host noisy 1"), diff("host", "host noisy 2")
+    bound = [RB_FLOOR_FACTOR * max(a, b) for a, b in zip(f1, f2)]
     sp = diff("gpu", "host")
     ctl = diff("gpu", "host original")
     ok_cov = math.isfinite(e_cov) and 0.0 < e_cov <= 1e-2
-    check("SGLang backend RoPE modes, covering budget: GPU route vs host engine (calibration)", ok_cov,
-          f"logits rel_err extend {cov[0]:.2e}, decode {cov[1]:.2e} (finite, > 0 and <= 1e-2: bf16 rounding "
-          f"only); bound for the sparse run {RB_FACTOR} x {e_cov:.2e} = {bound:.2e}")
-    ok_sp = ok_cov and max(sp) <= bound
+    check("SGLang backend RoPE modes, covering budget: GPU route vs host engine", ok_cov,
+          f"logits rel_err extend {cov[0]:.2e}, decode {cov[1]:.2e} (finite, > 0 and <= 1e-2: bf16 rounding only)")
+    ok_floor = all(math.isfinite(x) and x > 0 for x in f1 + f2)
+    ok_sp = ok_floor and all(x <= b for x, b in zip(sp, bound))
     check(f"SGLang backend RoPE modes: GPU route vs host engine past the trained length ({RB_PROMPTS} tokens, "
-          f"{RB_STEPS} decodes)", ok_sp,
-          f"logits rel_err extend {sp[0]:.2e}, decode {sp[1]:.2e} (bound {bound:.2e} = {RB_FACTOR} x covering; "
-          f"ratio to covering {max(sp) / e_cov if e_cov > 0 else float('nan'):.2f})")
-    ok_ctl = ok_cov and min(ctl) > 10 * bound
-    check("SGLang backend RoPE modes, negative control: host engine with original attention positions differs",
-          ok_ctl, f"logits rel_err extend {ctl[0]:.2e}, decode {ctl[1]:.2e} (each must exceed 10 x bound = "
-          f"{10 * bound:.2e})")
+          f"{RB_STEPS} decodes) within {RB_FLOOR_FACTOR}x the host engine's q-noise floor", ok_sp,
+          f"logits rel_err extend {sp[0]:.2e}, decode {sp[1]:.2e}; host vs host with q noise {RB_Q_NOISE:g}: "
+          f"{f1[0]:.2e} / {f1[1]:.2e} (seed 1), {f2[0]:.2e} / {f2[1]:.2e} (seed 2); bound {bound[0]:.2e} / "
+          f"{bound[1]:.2e}; covering {e_cov:.2e}")
+    ok_ctl = ok_floor and all(c > b for c, b in zip(ctl, bound))
+    check("SGLang backend RoPE modes, negative control: host engine with original attention positions differs "
+          "from the GPU route by more than the bound", ok_ctl,
+          f"logits rel_err extend {ctl[0]:.2e}, decode {ctl[1]:.2e} (bound {bound[0]:.2e} / {bound[1]:.2e})")
+
+
+def rope_noise_floor(gen):
+    """Diagnostic, no checks (runs on the CPU: SHIM_DEVICE=cpu
+    SHIM_ONLY=rope_floor): test_backend_rope's model and prompts through
+    the host engine only, covering and sparse budgets, each against
+    itself with relative q noise of 2e-3 ... 1e-4 (two seeds), and the
+    original-positions control. Prints the distances."""
+    stub_sglang()
+    tg = torch.Generator(device=DEV).manual_seed(1212)
+    model = RBTiny(tg)
+    prompts = [torch.randint(0, RB_VOCAB, (n,), generator=tg, device=DEV).tolist() for n in RB_PROMPTS]
+    steps = [torch.randint(0, RB_VOCAB, (len(RB_PROMPTS),), generator=tg, device=DEV).tolist()
+             for _ in range(RB_STEPS)]
+
+    def run(cover, att="streaming", noise=0.0, seed=0):
+        return RBWorld(model, rb_config(att, cover), False, noise, seed).run(prompts, steps)
+
+    def diff(a, b):
+        return rel_err(a[0], b[0]), max(rel_err(x, y) for x, y in zip(a[1], b[1]))
+
+    c0, s0 = run(True), run(False)
+    ctl = diff(s0, run(False, "original"))
+    print(f"control (original attention positions vs streaming, host): {ctl[0]:.2e} / {ctl[1]:.2e}", flush=True)
+    for noise in (2e-3, 1e-3, 3e-4, 1e-4):
+        cov = diff(c0, run(True, noise=noise, seed=1))
+        sp = [diff(s0, run(False, noise=noise, seed=sd)) for sd in (1, 2)]
+        print(f"q noise {noise:g}: covering {cov[0]:.2e} / {cov[1]:.2e}; sparse {sp[0][0]:.2e} / {sp[0][1]:.2e} "
+              f"(seed 1), {sp[1][0]:.2e} / {sp[1][1]:.2e} (seed 2); sparse / covering "
+              f"{max(sp[0]) / max(cov):.0f}x, {max(sp[1]) / max(cov):.0f}x", flush=True)
 
 
 # --- timing ------------------------------------------------------------------------
@@ -1350,9 +1407,12 @@ def test_backend_graph(gen):
 
 
 def main():
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, gpu_built {ig.gpu_built()}", flush=True)
     gen = torch.Generator(device=DEV).manual_seed(1234)
     only = os.environ.get("SHIM_ONLY")
+    if only == "rope_floor":
+        rope_noise_floor(gen)
+        return
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, gpu_built {ig.gpu_built()}", flush=True)
     if only in ("rope", "rope_backend"):
         # Only the RoPE-mode checks: GpuAttention's (tests/gpu/ropepf-run.sh)
         # or the SGLang backend's GPU route (tests/gpu/sglrope-run.sh).
