@@ -658,6 +658,17 @@ class RBWorld:
         return torch.cat(ext), dec
 
 
+def rb_setup():
+    """test_backend_rope's stubbed SGLang, model, prompts and decode tokens (fixed seeds)."""
+    stub_sglang()
+    tg = torch.Generator(device=DEV).manual_seed(1212)
+    model = RBTiny(tg)
+    prompts = [torch.randint(0, RB_VOCAB, (n,), generator=tg, device=DEV).tolist() for n in RB_PROMPTS]
+    steps = [torch.randint(0, RB_VOCAB, (len(RB_PROMPTS),), generator=tg, device=DEV).tolist()
+             for _ in range(RB_STEPS)]
+    return model, prompts, steps
+
+
 def test_backend_rope(gen):
     """The SGLang backend's opt-in GPU route for hip's RoPE modes
     (`INFINITEHIP_SGLANG_ROPE_GPU=1`: GpuAttention over SGLang's own pool,
@@ -693,12 +704,7 @@ def test_backend_rope(gen):
     Also: the GPU world really runs GpuAttention (no host engine), and
     CUDA graphs are refused there (by the backend, and by the core's
     prepare_graph)."""
-    stub_sglang()
-    tg = torch.Generator(device=DEV).manual_seed(1212)
-    model = RBTiny(tg)
-    prompts = [torch.randint(0, RB_VOCAB, (n,), generator=tg, device=DEV).tolist() for n in RB_PROMPTS]
-    steps = [torch.randint(0, RB_VOCAB, (len(RB_PROMPTS),), generator=tg, device=DEV).tolist()
-             for _ in range(RB_STEPS)]
+    model, prompts, steps = rb_setup()
     res = {}
     t0 = time.perf_counter()
     worlds = (("gpu cover", "streaming", True, True, 0),
@@ -779,12 +785,7 @@ def rope_noise_floor(gen):
     the host engine only, covering and sparse budgets, each against
     itself with relative q noise of 2e-3 ... 1e-4 (two seeds), and the
     original-positions control. Prints the distances."""
-    stub_sglang()
-    tg = torch.Generator(device=DEV).manual_seed(1212)
-    model = RBTiny(tg)
-    prompts = [torch.randint(0, RB_VOCAB, (n,), generator=tg, device=DEV).tolist() for n in RB_PROMPTS]
-    steps = [torch.randint(0, RB_VOCAB, (len(RB_PROMPTS),), generator=tg, device=DEV).tolist()
-             for _ in range(RB_STEPS)]
+    model, prompts, steps = rb_setup()
 
     def run(cover, att="streaming", noise=0.0, seed=0):
         return RBWorld(model, rb_config(att, cover), False, noise, seed).run(prompts, steps)
