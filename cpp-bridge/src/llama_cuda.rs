@@ -905,8 +905,10 @@ mod imp {
             if l.freq_scale != 1.0 {
                 return Ok(()); // the references rotate unscaled
             }
+            // A routed prefill of a RoPE-mode layer always runs the sparse
+            // prefill (`rope_prefill_sparse`), so this is this call's.
             let Some(gpu_sel) = self.attn.last_prefill_selection()? else {
-                return Ok(()); // this call prefilled densely
+                return Ok(());
             };
             let (hq, d) = (shape.n_q_heads, shape.head_dim);
             let mut q = Vec::with_capacity(n_new * hq * d);
