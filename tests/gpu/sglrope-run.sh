@@ -27,6 +27,15 @@ timeout "${LIMIT:-280}" env INFINITEHIP_LIB="$PWD/gpu-bin/libinfinitehip.so" SHI
   python3 tests/gpu/test_shim_gpu.py > "$OUT/sglrope.log" 2>&1
 rc=$?
 echo "sglrope: rc=$rc $(( $(date +%s) - s )) s" >> "$OUT/device.txt"
+# Second pass: the GPU route's attention on the CUDA-core kernel (f32 q and P;
+# INFINITEHIP_ATTN_KERNEL=cuda_core), to separate tensor-core rounding from a route bug.
+if [ "${CUDA_CORE_PASS:-1}" = 1 ]; then
+  s=$(date +%s)
+  timeout "${LIMIT:-280}" env INFINITEHIP_LIB="$PWD/gpu-bin/libinfinitehip.so" SHIM_ONLY=rope_backend \
+    INFINITEHIP_ATTN_KERNEL=cuda_core python3 tests/gpu/test_shim_gpu.py > "$OUT/sglrope-cudacore.log" 2>&1
+  echo "sglrope (cuda_core): rc=$? $(( $(date +%s) - s )) s" >> "$OUT/device.txt"
+  grep -E '^(PASS|FAIL)' "$OUT/sglrope-cudacore.log" | grep "CUDA-core" | cut -c1-700
+fi
 echo "== summary: PASS $(grep -c '^PASS' "$OUT/sglrope.log") FAIL $(grep -c '^FAIL' "$OUT/sglrope.log")"
 grep -E '^(PASS|FAIL)|^  world|^test_shim_gpu' "$OUT/sglrope.log" | cut -c1-700
 tail -5 "$OUT/sglrope.log" | cut -c1-1500

@@ -731,6 +731,16 @@ def tests_rope(a, gen, run, check, results, close):
                       batch=ROPE_B)
     lp, _, _, log_p = gen(a.patched, "rope_ctl_pf_off", ROPE_P, ROPE_G, config=cfg, force=tc_path, ctx=ctx, model=m,
                           batch=ROPE_B, env={"LLAMA_INFINITEHIP_CUDA_PREFILL_OFF": "1", **ROPE_CUDA})
+    # the CUDA route with its attention on the CUDA-core kernel (f32 q and P, no tensor-core
+    # rounding): separates that rounding, amplified through near-tied block choices, from a route bug
+    lk, _, _, log_k = gen(a.patched, "rope_cuda_core", ROPE_P, ROPE_G, config=cfg, force=tc_path, ctx=ctx,
+                          model=m, batch=ROPE_B, env={**CHK, **ROPE_CUDA, "INFINITEHIP_ATTN_KERNEL": "cuda_core"})
+    ck = compare(lk, lc)
+    d = lk.astype(np.float64) - lc.astype(np.float64)
+    row = np.sqrt((d ** 2).mean(1)) / np.sqrt((lc.astype(np.float64) ** 2).mean())
+    ck.update({"row_rel_rms_median": float(np.median(row)), "row_rel_rms_max": float(row.max()),
+               "vs_tensor_core_route": compare(lk, lg0)["rel_rms_diff"], "stats": stats(log_k)})
+    res["diag: cuda route, CUDA-core attention kernel, vs cpu route"] = ck
     # diagnostics (not checks): is the CUDA route nearer a control than the CPU route is?
     res["diag: cuda route vs original positions"] = compare(lg0, lo)
     res["diag: cuda route vs prefill left to llama.cpp"] = compare(lg0, lp)

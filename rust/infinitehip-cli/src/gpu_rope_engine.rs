@@ -17,7 +17,9 @@ use infinitehip::attention::AttnShape;
 use infinitehip::backend::cuda::dispatch::{AttnOut, HipAttention};
 use infinitehip::backend::cuda::engine_attn::{GpuAttention, QArg};
 use infinitehip::backend::cuda::{DevBuf, GpuContext};
-use infinitehip::config::{HipConfig, LayerPolicy, ModelShape, PolicyConfig, RopeMode};
+use infinitehip::config::{
+    HipConfig, HipStage, LayerOverride, LayerPolicy, ModelShape, PolicyConfig, RopeConfig, RopeMode,
+};
 use infinitehip::kv::{KvLayout, KvPool};
 use infinitehip::policy::Selection;
 use infinitehip::rng::Rng;
@@ -27,7 +29,7 @@ use infinitehip::DType;
 
 use crate::gpu::{e, Check, R};
 use crate::gpu_engine::TokenPool;
-use crate::gpu_rope::{cfg, rope_case, Progress, RopeRoute};
+use crate::gpu_rope::{cfg, rope_case, MakeRoute, Progress, RopeRoute};
 
 /// One hip layer with `hip`, every layer hip (`dense_layers` 0), the
 /// model's RoPE in `model`.
@@ -53,6 +55,16 @@ struct EngineRoute {
     /// llama.cpp's NORM layout: the pool's keys are stored interleaved, and
     /// each step's queries are permuted the same way into `qi` first.
     interleaved: Option<DevBuf>,
+    /// The engines' flow (`engine_flow_route`): before the first decode a
+    /// chunked prefill of every request's last tokens on every layer, and
+    /// each step decodes layer 0 (the other scoring mode, output dropped)
+    /// before the checked layer 1.
+    flow: Option<Flow>,
+}
+
+struct Flow {
+    prefill_pending: bool,
+    scratch: DevBuf,
 }
 
 /// One head from the halves layout (the CPU policy's, i with i + d/2) to
@@ -75,10 +87,11 @@ pub(crate) fn halves_to_interleaved<T: Copy>(x: &[T], d: usize) -> Vec<T> {
 
 impl RopeRoute for EngineRoute {
     fn label(&self) -> &'static str {
-        if self.interleaved.is_some() {
-            "GpuAttention (llama.cpp NORM layout: keys and queries interleaved)"
-        } else {
-            "GpuAttention"
+        match (self.interleaved.is_some(), self.flow.is_some()) {
+            (true, false) => "GpuAttention (llama.cpp NORM layout: keys and queries interleaved)",
+            (true, true) => "GpuAttention (llama.cpp NORM layout; engine flow: prefill first, layer 1 after layer 0 of the other scoring)",
+            (false, false) => "GpuAttention",
+            (false, true) => "GpuAttention (engine flow: prefill first, layer 1 after layer 0 of the other scoring)",
         }
     }
     fn step(
@@ -99,12 +112,53 @@ impl RopeRoute for EngineRoute {
                 qi.ptr
             }
         };
+        let layer = match &mut self.flow {
+            None => 0,
+            Some(f) => {
+                if f.prefill_pending {
+                    f.prefill_pending = false;
+                    engine_prefill(
+                        gpu,
+                        &mut self.ga,
+                        &self.tp,
+                        &self.ids,
+                        &self.rows,
+                        lens,
+                        shape,
+                    )?;
+                }
+                // SAFETY: as below; the scratch holds `lens.len()` rows.
+                unsafe {
+                    self.ga.decode(
+                        self.stream,
+                        0,
+                        &self.tp.engine_kv(),
+                        &self.ids,
+                        &self.rows,
+                        lens,
+                        &QArg {
+                            ptr: qptr,
+                            dtype: DType::F32,
+                            row_stride: qe,
+                        },
+                        &AttnOut {
+                            ptr: f.scratch.ptr,
+                            dtype: DType::F32,
+                            row_stride: qe,
+                        },
+                        None,
+                    )
+                }
+                .map_err(e)?;
+                1
+            }
+        };
         // SAFETY: q, out and the pool are device buffers of this context,
         // sized for `lens.len()` rows and the pool's sequences.
         unsafe {
             self.ga.decode(
                 self.stream,
-                0,
+                layer,
                 &self.tp.engine_kv(),
                 &self.ids,
                 &self.rows,
@@ -128,6 +182,57 @@ impl RopeRoute for EngineRoute {
     }
 }
 
+/// The engines' prefill before their first decode: per request the last
+/// min(512, len - 1) tokens before the first decode position, as one
+/// chunk, on both layers (random queries; outputs dropped). Past
+/// `model.max_position` this runs the RoPE-mode sparse prefill and resets
+/// the requests' hip state, as SGLang's extend and llama.cpp's ubatches do.
+fn engine_prefill(
+    gpu: &GpuContext,
+    ga: &mut GpuAttention,
+    tp: &TokenPool,
+    ids: &[u64],
+    rows: &[usize],
+    lens: &[usize],
+    shape: &AttnShape,
+) -> R<()> {
+    let qe = shape.q_elems();
+    let plens: Vec<usize> = lens.iter().map(|&l| l - 1).collect();
+    let n_new: Vec<usize> = plens.iter().map(|&l| l.min(512)).collect();
+    let rows_n: usize = n_new.iter().sum();
+    let mut rng = Rng::new(0xf10e);
+    let q = DevBuf::from_slice(&rng.normal_vec(rows_n * qe, 1.0)).map_err(e)?;
+    let o = DevBuf::alloc(rows_n * qe * 4).map_err(e)?;
+    for layer in 0..2 {
+        // SAFETY: q/o hold the rows of every request's chunk; the pool
+        // holds each request's `lens` tokens.
+        unsafe {
+            ga.prefill(
+                gpu.raw_stream(),
+                layer,
+                &tp.engine_kv(),
+                ids,
+                rows,
+                &plens,
+                &n_new,
+                &QArg {
+                    ptr: q.ptr,
+                    dtype: DType::F32,
+                    row_stride: qe,
+                },
+                &AttnOut {
+                    ptr: o.ptr,
+                    dtype: DType::F32,
+                    row_stride: qe,
+                },
+                None,
+            )
+        }
+        .map_err(e)?;
+    }
+    gpu.synchronize().map_err(e)
+}
+
 /// The sequences in a token-major pool, sequence b at table row n - 1 - b.
 fn engine_route(
     gpu: &GpuContext,
@@ -136,7 +241,32 @@ fn engine_route(
     hip: &HipConfig,
     model: &ModelShape,
 ) -> R<Box<dyn RopeRoute>> {
-    engine_route_with(gpu, full, shape, hip, model, false)
+    engine_route_with(gpu, full, shape, hip, model, false, false)
+}
+
+/// `engine_route` in the engines' flow (`Flow`): two layers, a prefill
+/// first. The gpu-test cases above start decode cold on one layer; SGLang's
+/// and llama.cpp's RoPE-mode GPU routes disagreed with their CPU routes in
+/// decode (2026-12-05) while those passed.
+fn engine_flow_route(
+    gpu: &GpuContext,
+    full: &[NeedleSeq<bf16>],
+    shape: &AttnShape,
+    hip: &HipConfig,
+    model: &ModelShape,
+) -> R<Box<dyn RopeRoute>> {
+    engine_route_with(gpu, full, shape, hip, model, false, true)
+}
+
+/// `engine_flow_route` in llama.cpp's NORM layout.
+fn engine_flow_route_interleaved(
+    gpu: &GpuContext,
+    full: &[NeedleSeq<bf16>],
+    shape: &AttnShape,
+    hip: &HipConfig,
+    model: &ModelShape,
+) -> R<Box<dyn RopeRoute>> {
+    engine_route_with(gpu, full, shape, hip, model, true, true)
 }
 
 /// `engine_route` with the keys and queries in llama.cpp's NORM layout
@@ -148,7 +278,7 @@ fn engine_route_interleaved(
     hip: &HipConfig,
     model: &ModelShape,
 ) -> R<Box<dyn RopeRoute>> {
-    engine_route_with(gpu, full, shape, hip, model, true)
+    engine_route_with(gpu, full, shape, hip, model, true, false)
 }
 
 fn engine_route_with(
@@ -158,6 +288,7 @@ fn engine_route_with(
     hip: &HipConfig,
     model: &ModelShape,
     interleaved: bool,
+    flow: bool,
 ) -> R<Box<dyn RopeRoute>> {
     let n = full.len();
     let lay = KvLayout {
@@ -182,7 +313,12 @@ fn engine_route_with(
     }
     let mut rng = Rng::new(0x5eed ^ n as u64);
     let tp = TokenPool::from_pool(&pool, &lens, &mut rng)?;
-    let mut ga = GpuAttention::new(gpu, &engine_cfg(model, hip)).map_err(e)?;
+    let pc = if flow {
+        two_layer_cfg(model, hip)
+    } else {
+        engine_cfg(model, hip)
+    };
+    let mut ga = GpuAttention::new(gpu, &pc).map_err(e)?;
     let qi = if interleaved {
         ga.set_rope_layout(RopeLayout {
             interleaved: true,
@@ -201,7 +337,63 @@ fn engine_route_with(
         ids: (0..n).map(|b| 700 + b as u64).collect(),
         stream: gpu.raw_stream(),
         interleaved: qi,
+        flow: if flow {
+            Some(Flow {
+                prefill_pending: true,
+                scratch: DevBuf::alloc(n * shape.q_elems() * 4).map_err(e)?,
+            })
+        } else {
+            None
+        },
     }))
+}
+
+/// Layer 1 `hip`, layer 0 the same with the other scoring mode (SGLang's
+/// RoPE test model: chunk_indexed then relative).
+fn two_layer_cfg(model: &ModelShape, hip: &HipConfig) -> PolicyConfig {
+    use RopeMode::*;
+    let mut other = hip.clone();
+    other.rope.scoring = match hip.rope.scoring {
+        ChunkIndexed => Relative,
+        _ => ChunkIndexed,
+    };
+    PolicyConfig {
+        model: ModelShape {
+            n_layers: 2,
+            ..*model
+        },
+        overrides: vec![LayerOverride {
+            layers: vec![0],
+            policy: LayerPolicy::Hip(other),
+        }],
+        ..engine_cfg(model, hip)
+    }
+}
+
+/// A hip config of the engines' tests: `stages` as (chunk, keep, refresh).
+fn engine_test_hip(
+    sink: usize,
+    window: usize,
+    stages: &[(usize, usize, usize)],
+    scoring: RopeMode,
+) -> HipConfig {
+    HipConfig {
+        sink,
+        window,
+        stages: stages
+            .iter()
+            .map(|&(chunk_size, keep_tokens, refresh_interval)| HipStage {
+                chunk_size,
+                keep_tokens,
+                refresh_interval,
+            })
+            .collect(),
+        rope: RopeConfig {
+            scoring,
+            attention: RopeMode::Streaming,
+        },
+        ..HipConfig::default()
+    }
 }
 
 /// The engine path's refusals, each must name what is missing.
@@ -398,6 +590,48 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64, c: &mut Progress) -> R<()> {
         true,
         seed + 24,
     )?);
+    // The engines' RoPE tests' configs (d64, 8 q / 2 kv heads, trained
+    // length 256), cold one-layer decode and the engines' flow (two
+    // layers, prefill first): llama.cpp's gpu_test.py section 12 (NORM
+    // layout) and SGLang's test_backend_rope (halves). Issue 12's
+    // 2026-12-05 run: both engines' GPU routes left their CPU routes in
+    // decode; these bisect config from flow.
+    let llama_stages = [(32, 512, 8), (8, 128, 4)];
+    let sgl_stages = [(16, 128, 4), (4, 64, 1)];
+    for (make, s0) in [
+        (engine_route_interleaved as MakeRoute<bf16>, 40u64),
+        (engine_flow_route_interleaved, 50),
+    ] {
+        for (j, sc) in [ChunkIndexed, Relative].into_iter().enumerate() {
+            c.push(rope_case::<bf16>(
+                gpu,
+                make,
+                small,
+                engine_test_hip(16, 128, &llama_stages, sc),
+                256,
+                &[2048, 1200],
+                48,
+                false,
+                seed + s0 + j as u64,
+            )?);
+        }
+    }
+    for (make, s) in [
+        (engine_route as MakeRoute<bf16>, 60u64),
+        (engine_flow_route, 61),
+    ] {
+        c.push(rope_case::<bf16>(
+            gpu,
+            make,
+            small,
+            engine_test_hip(16, 64, &sgl_stages, ChunkIndexed),
+            256,
+            &[1300, 1030, 200],
+            16,
+            false,
+            seed + s,
+        )?);
+    }
     // Covering budget: every token selected; equals dense streaming.
     c.push(rope_case::<bf16>(
         gpu,

@@ -590,6 +590,7 @@ pub fn attend_rows(
         dtype: kv.dtype,
     };
     let tc = match kernel {
+        _ if cuda_core_forced() => false,
         AttnKernel::CudaCore => false,
         AttnKernel::TensorCore => true,
         AttnKernel::Auto => tc_applies(shape, kv.dtype, &out),
@@ -648,6 +649,25 @@ pub fn force_tc_tiles_per_warp(mt: Option<usize>) {
     TC_MT.store(mt.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
 }
 
+/// `INFINITEHIP_ATTN_KERNEL=cuda_core` (diagnostic, read once per
+/// process): every attention launch that would run the tensor-core kernel
+/// (bf16/f16 q and P) runs the CUDA-core kernel (f32) instead, so an
+/// engine's GPU route can be compared with its CPU route without the
+/// tensor cores' rounding (issue 12: on small random models that rounding
+/// flips near-tied hip block choices, and the flips compound over layers).
+pub fn cuda_core_forced() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        let on = std::env::var("INFINITEHIP_ATTN_KERNEL").is_ok_and(|v| v == "cuda_core");
+        if on {
+            tracing::warn!(
+                "INFINITEHIP_ATTN_KERNEL=cuda_core: attention runs the CUDA-core kernel only"
+            );
+        }
+        on
+    })
+}
+
 /// Whether the tensor-core kernel can run this launch: head_dim 64 or 128,
 /// bf16/f16 K/V, GQA group 1/2/4/8, an f32/f16/bf16 output whose rows allow
 /// 8-byte (f32) or 4-byte (f16/bf16) pair stores.
@@ -685,7 +705,11 @@ pub(crate) fn launch_prefill_rows(
     q_seq: u64,
     q_pos: u64,
 ) -> Result<()> {
-    if variant.is_empty() && q_block == 1 && tc_applies(shape, kv.dtype, &out) {
+    if variant.is_empty()
+        && q_block == 1
+        && tc_applies(shape, kv.dtype, &out)
+        && !cuda_core_forced()
+    {
         return launch_attention_kernel(
             gpu,
             ws,
@@ -748,6 +772,11 @@ pub(crate) fn launch_attention_kernel(
     prefix: bool,
 ) -> Result<()> {
     let fits = tc_applies(shape, kv.dtype, &out);
+    let kernel = if cuda_core_forced() {
+        AttnKernel::CudaCore
+    } else {
+        kernel
+    };
     let tc = match kernel {
         AttnKernel::CudaCore => false,
         AttnKernel::Auto => fits && q_block >= tc_rows_per_tile(shape, 1),
