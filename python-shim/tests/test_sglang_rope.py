@@ -71,26 +71,54 @@ def _fake_gpu(monkeypatch, fail=None):
     return made
 
 
-def test_cuda_device_keeps_the_host_engine_with_rope_modes_by_default(monkeypatch, caplog):
-    """The GPU route with the RoPE modes has not run on a GPU: without
-    INFINITEHIP_SGLANG_ROPE_GPU=1 a CUDA device keeps the host engine, and
-    the log line names the switch."""
+def _rope_be(b, device, offload=None):
+    be = SimpleNamespace(device=device, rope_modes=rope_modes_in(cfg()), offload=offload)
+    be._make_rope_gpu = lambda c, d: b.InfiniteHipAttnBackend._make_rope_gpu(be, c, d)
+    be._rope_route = lambda c, d: b.InfiniteHipAttnBackend._rope_route(be, c, d)
+    return be
+
+
+def test_cuda_device_runs_rope_modes_on_the_gpu_by_default(monkeypatch, caplog):
+    """Since its GPU check (2026-12-05) the GPU route is the default for hip's
+    RoPE modes on CUDA (unset or any value but 0/1); INFINITEHIP_SGLANG_ROPE_GPU=0
+    keeps the host engine, with a log line naming the switch."""
     import infinitehip.sglang.backend as b
 
     made = _fake_gpu(monkeypatch)
     make = b.InfiniteHipAttnBackend._make_gpu
-    for env in (None, "0", "yes"):
+    for env in (None, "auto"):
         if env is None:
             monkeypatch.delenv(b.ROPE_GPU_ENV, raising=False)
         else:
             monkeypatch.setenv(b.ROPE_GPU_ENV, env)
-        with caplog.at_level("WARNING", logger="infinitehip.sglang"):
-            assert make(SimpleNamespace(device="cuda:0", rope_modes=rope_modes_in(cfg())), cfg()) is None
-        assert "INFINITEHIP_SGLANG_ROPE_GPU=1" in caplog.text and "host engine" in caplog.text
-    assert made == []
-    # Control: without the modes the same backend builds the GPU object.
+        assert make(_rope_be(b, "cuda:0"), cfg()) == "gpu"
+    assert made == [0, 0]
+    monkeypatch.setenv(b.ROPE_GPU_ENV, "0")
+    with caplog.at_level("WARNING", logger="infinitehip.sglang"):
+        assert make(_rope_be(b, "cuda:0"), cfg()) is None
+    assert "INFINITEHIP_SGLANG_ROPE_GPU=0" in caplog.text and "host engine" in caplog.text
+    assert made == [0, 0]
+    # Without the modes the switch plays no part.
     assert make(SimpleNamespace(device="cuda:0", rope_modes=[]), cfg(modes={})) == "gpu"
-    assert made == [0]
+    assert made == [0, 0, 0]
+
+
+def test_rope_modes_fall_back_to_the_host_engine_unless_forced(monkeypatch, caplog):
+    """Unset switch: host offload, or a config the GPU object refuses, runs
+    the modes on the host engine with a log line saying why (=1 raises,
+    the tests below)."""
+    import infinitehip.sglang.backend as b
+
+    made = _fake_gpu(monkeypatch)
+    monkeypatch.delenv(b.ROPE_GPU_ENV, raising=False)
+    with caplog.at_level("WARNING", logger="infinitehip.sglang"):
+        assert b.InfiniteHipAttnBackend._make_gpu(_rope_be(b, "cuda:0", offload=(4096, 0)), cfg()) is None
+    assert "host offload" in caplog.text and made == []
+    _fake_gpu(monkeypatch, fail=InfinitehipError("layer 0: hip.successors: the GPU decoders refuse it", -1))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="infinitehip.sglang"):
+        assert b.InfiniteHipAttnBackend._make_gpu(_rope_be(b, "cuda:0"), cfg()) is None
+    assert "hip.successors" in caplog.text and "INFINITEHIP_SGLANG_ROPE_GPU=1" in caplog.text, caplog.text
 
 
 def test_rope_gpu_switch_builds_the_gpu_object(monkeypatch, caplog):
@@ -98,17 +126,16 @@ def test_rope_gpu_switch_builds_the_gpu_object(monkeypatch, caplog):
 
     made = _fake_gpu(monkeypatch)
     monkeypatch.setenv(b.ROPE_GPU_ENV, "1")
-    be = SimpleNamespace(device="cuda:1", rope_modes=rope_modes_in(cfg()), offload=None)
-    be._make_rope_gpu = lambda c, d: b.InfiniteHipAttnBackend._make_rope_gpu(be, c, d)
+    be = _rope_be(b, "cuda:1")
     with caplog.at_level("WARNING", logger="infinitehip.sglang"):
         assert b.InfiniteHipAttnBackend._make_gpu(be, cfg()) == "gpu"
     assert made == [1]
-    assert "not run on a GPU yet" in caplog.text and "CUDA graphs" in caplog.text
+    assert "on the GPU over SGLang's pool" in caplog.text and "CUDA graphs" in caplog.text
     # INFINITEHIP_GPU=0 still wins, and a CPU device never builds it.
     monkeypatch.setenv("INFINITEHIP_GPU", "0")
     assert b.InfiniteHipAttnBackend._make_gpu(be, cfg()) is None
     monkeypatch.setenv("INFINITEHIP_GPU", "1")
-    assert b.InfiniteHipAttnBackend._make_gpu(SimpleNamespace(device="cpu", rope_modes=be.rope_modes), cfg()) is None
+    assert b.InfiniteHipAttnBackend._make_gpu(_rope_be(b, "cpu"), cfg()) is None
     assert made == [1]
 
 
@@ -119,8 +146,7 @@ def test_rope_gpu_switch_refuses_host_offload(monkeypatch):
 
     made = _fake_gpu(monkeypatch)
     monkeypatch.setenv(b.ROPE_GPU_ENV, "1")
-    be = SimpleNamespace(device="cuda:0", rope_modes=rope_modes_in(cfg()), offload=(4096, 0))
-    be._make_rope_gpu = lambda c, d: b.InfiniteHipAttnBackend._make_rope_gpu(be, c, d)
+    be = _rope_be(b, "cuda:0", offload=(4096, 0))
     with pytest.raises(InfinitehipError) as e:
         b.InfiniteHipAttnBackend._make_gpu(be, cfg())
     msg = str(e.value)
@@ -136,8 +162,7 @@ def test_rope_gpu_switch_reports_what_the_gpu_object_refuses(monkeypatch):
 
     _fake_gpu(monkeypatch, fail=InfinitehipError("layer 0: hip.successors: the GPU decoders refuse it", -1))
     monkeypatch.setenv(b.ROPE_GPU_ENV, "1")
-    be = SimpleNamespace(device="cuda:0", rope_modes=rope_modes_in(cfg()), offload=None)
-    be._make_rope_gpu = lambda c, d: b.InfiniteHipAttnBackend._make_rope_gpu(be, c, d)
+    be = _rope_be(b, "cuda:0")
     with pytest.raises(InfinitehipError) as e:
         b.InfiniteHipAttnBackend._make_gpu(be, cfg())
     msg = str(e.value)

@@ -97,10 +97,11 @@ Design (see also the project README):
   decode graphs off for such configs, and for configs with hip's RoPE
   modes (and prefill graphs always), with a log line;
   `init_cuda_graph_state` raises if a graph is requested anyway.
-* hip's RoPE modes (beyond the trained length) on CUDA: the host engine
-  by default; `INFINITEHIP_SGLANG_ROPE_GPU=1` runs them through
-  GpuAttention over SGLang's pool (no CUDA graphs, no host offload; NOT
-  yet run on a GPU: `_make_rope_gpu` says what it relies on).
+* hip's RoPE modes (beyond the trained length) on CUDA: GpuAttention over
+  SGLang's pool where it serves the config (no CUDA graphs, no host
+  offload: there the host engine runs them, with a log line);
+  `INFINITEHIP_SGLANG_ROPE_GPU=0` keeps the host engine, `=1` makes a
+  config the GPU route refuses an error (`_rope_route`).
 * Policy config: the JSON file named by `INFINITEHIP_CONFIG` (default: the
   library's default config, hip with Llama-3.1-8B budgets). Absent `model`
   fields are filled from SGLang's model config (layers, heads per TP rank,
@@ -136,8 +137,8 @@ from . import lazy_rows, locret_free, offload, rope_modes_in
 logger = logging.getLogger("infinitehip.sglang")
 
 CONFIG_ENV = "INFINITEHIP_CONFIG"
-# hip's RoPE modes on CUDA: "1" runs them on the GPU (GpuAttention), else the
-# host engine (the default until that route has run on a GPU).
+# hip's RoPE modes on CUDA: unset, the GPU route (GpuAttention) where it serves
+# the config, else the host engine; "1" the GPU route or an error; "0" the host engine.
 ROPE_GPU_ENV = "INFINITEHIP_SGLANG_ROPE_GPU"
 
 _KV_DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -559,17 +560,7 @@ class InfiniteHipAttnBackend(AttentionBackend):
         if dev.type != "cuda" or os.environ.get("INFINITEHIP_GPU", "1") == "0":
             return None
         if self.rope_modes:
-            if os.environ.get(ROPE_GPU_ENV, "0") != "1":
-                # Default until the GPU route below has run on a GPU: the
-                # host engine (checked against the core in
-                # sglang_rope_e2e.py) runs every mode.
-                logger.warning(
-                    "infinitehip: %s: attention runs on the host engine with device<->host copies; %s=1 runs "
-                    "the modes on the GPU over SGLang's pool instead (no CUDA graphs; not yet run on a GPU)",
-                    ", ".join(self.rope_modes), ROPE_GPU_ENV,
-                )
-                return None
-            return self._make_rope_gpu(cfg, dev)
+            return self._rope_route(cfg, dev)
         try:
             import infinitehip.gpu as ig
 
@@ -582,10 +573,39 @@ class InfiniteHipAttnBackend(AttentionBackend):
             )
             return None
 
+    def _rope_route(self, cfg, dev):
+        """hip's RoPE modes on CUDA (`INFINITEHIP_SGLANG_ROPE_GPU`): "0" the
+        host engine; "1" the GPU route or an error saying why not; unset (or
+        anything else) the GPU route where it can serve the config, else the
+        host engine with a log line saying why."""
+        sw = os.environ.get(ROPE_GPU_ENV, "auto")
+        modes = ", ".join(self.rope_modes)
+        if sw == "0":
+            logger.warning("infinitehip: %s on the host engine with device<->host copies (%s=0)", modes, ROPE_GPU_ENV)
+            return None
+        if sw == "1":
+            return self._make_rope_gpu(cfg, dev)
+        if getattr(self, "offload", None) is not None:
+            logger.warning(
+                "infinitehip: %s with host offload (kv.device_cache_pages): the host engine runs them (the GPU's "
+                "host-tier decode has no RoPE modes)", modes,
+            )
+            return None
+        try:
+            return self._make_rope_gpu(cfg, dev)
+        except InfinitehipError as e:
+            logger.warning(
+                "infinitehip: %s: the GPU route cannot serve this config (%s); the host engine runs them with "
+                "device<->host copies (%s=1 makes this an error)", modes, e, ROPE_GPU_ENV,
+            )
+            return None
+
     def _make_rope_gpu(self, cfg, dev):
-        """The opt-in GPU route for hip's RoPE modes (`INFINITEHIP_SGLANG_ROPE_GPU=1`).
-        NOT YET RUN ON A GPU (tests/gpu/test_shim_gpu.py `test_backend_rope`
-        is prepared for it), hence opt-in. What it relies on:
+        """The GPU route for hip's RoPE modes (the default on CUDA since its
+        GPU check, 2026-12-05 on an H100: tests/gpu/test_shim_gpu.py
+        `test_backend_rope`; layer by layer it equals the host engine up to
+        the bf16 rounding of the re-rotated keys its streaming gather
+        stores, <= 1.2e-2 per row). What it relies on:
 
         * keys: SGLang's pool holds post-RoPE keys (queries too), rotated at
           their positions by the model's rotary embedding; GpuAttention's
@@ -612,7 +632,8 @@ class InfiniteHipAttnBackend(AttentionBackend):
           decode graphs off for RoPE-mode configs), host offload (the
           core's host-tier decode has no RoPE modes), and whatever
           GpuAttention refuses for the config (e.g. `hip.successors`):
-          errors, not a silent fall back to the host engine."""
+          errors here; `_rope_route` falls back to the host engine unless
+          the switch is "1"."""
         modes = ", ".join(self.rope_modes)
         if getattr(self, "offload", None) is not None:
             raise InfinitehipError(
@@ -633,7 +654,7 @@ class InfiniteHipAttnBackend(AttentionBackend):
                 e.code,
             ) from e
         logger.warning(
-            "infinitehip: %s on the GPU over SGLang's pool (%s=1; this route has not run on a GPU yet): "
+            "infinitehip: %s on the GPU over SGLang's pool (%s=0 runs them on the host engine): "
             "prefill within model.max_position %s is dense, the RoPE-mode sparse prefill past it; no CUDA graphs "
             "(pass --disable-cuda-graph where the plugin cannot turn them off)",
             modes, ROPE_GPU_ENV, cfg["model"].get("max_position"),
