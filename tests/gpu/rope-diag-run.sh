@@ -28,7 +28,7 @@ s=$(date +%s)
 echo "bench: rc=$? $(( $(date +%s) - s )) s (at $(( $(date +%s) - T0 )) s)" >> "$OUT/off/steps.txt"
 echo "== sglrope"; cut -c1-700 "$OUT/sgl/summary.txt"
 echo "== ropecuda"; grep -E '^(PASS|FAIL)|^--|gpu-test:' "$OUT/rope/summary.txt" | cut -c1-1200
-grep -h "rope diagnostics" "$OUT"/rope/llama-rope.log | cut -c1-2500
+grep -h "rope diagnostics\|rope layer 0" "$OUT"/rope/llama-rope.log | cut -c1-2500
 cat "$OUT/rope/device.txt"
 echo "== off16d bench"; grep -E '^\| [0-9]' "$OUT/off/bench.log" | head -16 | cut -c1-330; head -1 "$OUT/off/bench.log"
 cat "$OUT/off/steps.txt"

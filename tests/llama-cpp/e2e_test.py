@@ -277,6 +277,58 @@ def plugin_stats(log):
     return {}
 
 
+DUMP_L0 = "kqv_out-0,Kcur-0,Qcur-0"  # layer 0's attention output, rotated keys and queries
+
+
+def dump_env(path):
+    """ihip_run's tensor dump (IHIP_DUMP_TENSOR): layer 0, every call."""
+    return {"IHIP_DUMP_TENSOR": DUMP_L0, "IHIP_DUMP_PATH": path}
+
+
+def read_dump(path, names=DUMP_L0):
+    """ihip_run's dump file: {name: [f32 array [rows][row_elems] per call]}."""
+    names = names.split(",")
+    out = {n: [] for n in names}
+    b = open(path, "rb").read()
+    o = 0
+    while o < len(b):
+        i, e, n = (int(x) for x in np.frombuffer(b[o:o + 12], dtype=np.int32))
+        o += 12
+        out[names[i]].append(np.frombuffer(b[o:o + 4 * e * n], dtype=np.float32).reshape(n, e))
+        o += 4 * e * n
+    return out
+
+
+def layer0_compare(x, y):
+    """Two routes' layer-0 dumps (read_dump) call by call: per tensor the
+    calls, the calls with any differing element and the worst abs diff; for
+    the attention output the worst row relative L2 over prefill calls (more
+    than one row) and decode calls, and the first prefill call and row past
+    1e-2."""
+    r = {}
+    for name in ("Kcur-0", "Qcur-0"):
+        a, b = x.get(name, []), y.get(name, [])
+        diff = [float(np.abs(u - v).max()) for u, v in zip(a, b) if u.shape == v.shape]
+        r[name] = {"calls": [len(a), len(b)], "calls_differing": sum(d > 0 for d in diff),
+                   "max_abs_diff": max(diff, default=float("nan"))}
+    w = {"prefill": 0.0, "decode": 0.0}
+    first = None
+    a, b = x.get("kqv_out-0", []), y.get("kqv_out-0", [])
+    for c, (u, v) in enumerate(zip(a, b)):
+        if u.shape != v.shape:
+            w["prefill"] = w["decode"] = float("nan")
+            break
+        rel = np.linalg.norm(u - v, axis=1) / np.maximum(np.linalg.norm(v, axis=1), 1e-12)
+        k = "prefill" if u.shape[0] > 1 else "decode"
+        w[k] = float("nan") if not np.isfinite(rel).all() else max(w[k], float(rel.max()))
+        if first is None and k == "prefill" and (rel > 1e-2).any():
+            first = {"call": c, "row": int(np.argmax(rel > 1e-2)), "rows_past_1e-2": int((rel > 1e-2).sum()),
+                     "rows": int(u.shape[0])}
+    r["kqv_out-0"] = {"calls": [len(a), len(b)], "worst_row_rel_prefill": w["prefill"],
+                      "worst_row_rel_decode": w["decode"], "first_prefill_past_1e-2": first}
+    return r
+
+
 def compare(a, b):
     """a vs reference b: max abs diff, RMS-relative error, top-1 agreement."""
     diff = np.abs(a.astype(np.float64) - b.astype(np.float64))

@@ -37,6 +37,14 @@
 // Common: --ctx N (default: enough for the run), --threads T (2), --batch B
 // (512), --fa on|off|auto (off), --seed S (1), --kv f16|f32 (K/V cache type, f16),
 // --nkvo 1 (llama.cpp's --no-kv-offload: K/V in host memory).
+//
+// IHIP_DUMP_TENSOR=NAME[,NAME..] IHIP_DUMP_PATH=FILE (environment): every
+// time the graph computes a tensor so named (e.g. "kqv_out-0", layer 0's
+// attention output on either route, "Kcur-0" its rotated keys: llama.cpp's
+// eval callback), append {i32 index of the name in the list, i32 row_elems,
+// i32 rows} and its f32 data to FILE. gpu_test.py compares two routes call
+// by call with it.
+#include "ggml-backend.h"
 #include "llama.h"
 
 #include <chrono>
@@ -48,6 +56,35 @@
 #include <random>
 #include <string>
 #include <vector>
+
+struct TensorDump {
+    std::vector<std::string> names;
+    FILE * f = nullptr;
+    std::vector<float> buf;
+};
+
+// llama.cpp's eval callback: `ask` selects the tensors to observe, then each
+// is observed after it is computed (on its own backend: copied back first).
+static bool dump_tensor_cb(ggml_tensor * t, bool ask, void * user) {
+    auto * d = (TensorDump *) user;
+    int32_t idx = -1;
+    for (size_t i = 0; i < d->names.size(); ++i) {
+        if (d->names[i] == t->name) idx = (int32_t) i;
+    }
+    if (idx < 0) return !ask;
+    if (ask) return true;
+    if (t->type != GGML_TYPE_F32 || !ggml_is_contiguous(t)) {
+        std::fprintf(stderr, "ihip_run: IHIP_DUMP_TENSOR %s is not contiguous f32: not dumped\n", t->name);
+        return true;
+    }
+    const int64_t n = ggml_nelements(t);
+    d->buf.resize(n);
+    ggml_backend_tensor_get(t, d->buf.data(), 0, n * sizeof(float));
+    const int32_t hdr[3] = {idx, (int32_t) t->ne[0], (int32_t) (n / t->ne[0])};
+    std::fwrite(hdr, sizeof(int32_t), 3, d->f);
+    std::fwrite(d->buf.data(), sizeof(float), n, d->f);
+    return true;
+}
 
 static void die(const std::string & msg) {
     std::fprintf(stderr, "ihip_run: %s\n", msg.c_str());
@@ -229,6 +266,20 @@ int main(int argc, char ** argv) {
     cp.no_perf = false;
     cp.type_k = cp.type_v = a.kv == "f32" ? GGML_TYPE_F32 : GGML_TYPE_F16;
     cp.offload_kqv = a.nkvo == 0;
+    static TensorDump dump;
+    if (const char * dn = std::getenv("IHIP_DUMP_TENSOR")) {
+        const char * dp = std::getenv("IHIP_DUMP_PATH");
+        if (!dp) die("IHIP_DUMP_TENSOR needs IHIP_DUMP_PATH");
+        for (const char * p = dn; *p;) {
+            const char * e = std::strchr(p, ',');
+            dump.names.emplace_back(p, e ? e - p : std::strlen(p));
+            p = e ? e + 1 : p + std::strlen(p);
+        }
+        dump.f = std::fopen(dp, "wb");
+        if (!dump.f) die(std::string("cannot write IHIP_DUMP_PATH ") + dp);
+        cp.cb_eval = dump_tensor_cb;
+        cp.cb_eval_user_data = &dump;
+    }
     llama_context * ctx = llama_init_from_model(model, cp);
     if (!ctx) die("cannot create context (see the log above)");
 
