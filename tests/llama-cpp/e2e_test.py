@@ -651,6 +651,23 @@ def rope_modes(R, a, tmp, results, check, tol_rel):
     chk("rope modes, small budget: runs, finite, positions moved (differs from original positions)",
         c["finite"] and c["rel_rms_diff"] > 1e-3 and c["stats"].get("masked_streams", 1) == 0,
         {k: v for k, v in c.items() if k != "stats"})
+    # ihip_run's layer-0 dump (IHIP_DUMP_TENSOR, llama.cpp's eval callback; gpu_test.py section 12 compares two
+    # routes with it): observing does not change the logits, every call is dumped, the rotated keys depend on
+    # the tokens only, and the streaming positions move layer 0's prefill rows.
+    dumps = {k: os.path.join(tmp, f"rope_l0_{k}.dump") for k in ("modes", "orig")}
+    ld, _, _, _ = R.gen("patched", "rope_small_dump", a.small_prompt, a.small_gen,
+                        config=hip_config(16, 128, stages, rope=modes), force=ts_path, env_extra=dump_env(dumps["modes"]))
+    R.gen("patched", "rope_small_orig_dump", a.small_prompt, a.small_gen, config=hip_config(16, 128, stages),
+          force=ts_path, env_extra=dump_env(dumps["orig"]))
+    dm, do = read_dump(dumps["modes"]), read_dump(dumps["orig"])
+    l0 = layer0_compare(dm, do)
+    calls = -(-a.small_prompt // 512) + a.small_gen
+    results["rope_layer0_dump"] = l0
+    chk("ihip_run's layer-0 dump: logits unchanged by it (bit for bit), every attention call dumped, rotated keys "
+        "equal across configs, streaming positions move layer 0's prefill rows",
+        np.array_equal(ld.view(np.uint32), lr.view(np.uint32)) and l0["kqv_out-0"]["calls"] == [calls, calls]
+        and len(dm["Kcur-0"]) >= calls and l0["Kcur-0"]["calls_differing"] == 0
+        and l0["kqv_out-0"]["worst_row_rel_prefill"] > 1e-3, l0)
     # Relative scoring beyond the trained length (model.max_position below the prompt), s4-clip's stage shape:
     # the decode fast paths (the step's shared rotation table, block-parallel stage scoring) give the logits of
     # the reference paths (INFINITEHIP_RELATIVE_TABLE=off, INFINITEHIP_HIP_FLAT=off) bit for bit.
