@@ -24,6 +24,9 @@ python3 -c "import gguf, numpy" 2>/dev/null || {
 }
 
 JOBS=${JOBS:-2} scripts/llama-cpp-build.sh both
+# The C ABI library: section 6 checks the CPU route's layer 0 against the core engine (the Python shim
+# from the tree, no install; the SGLang stage builds the same debug library).
+cargo build -p infinitehip-capi
 echo "== llama.cpp e2e (stock vs patched)"
-python3 tests/llama-cpp/e2e_test.py
+PYTHONPATH="$PWD/python-shim" INFINITEHIP_LIB="$PWD/target/debug/libinfinitehip.so" python3 tests/llama-cpp/e2e_test.py
 echo "== llama.cpp stage done in $(( $(date +%s) - t0 )) s"

@@ -11,6 +11,8 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out}; mkdir -p "$OUT/rope" "$OUT/sgl" "$OUT/off"
 T0=$(date +%s)
+# section 12 runs the core engine over each route's layer-0 q/k/v through the Python shim (gpu-bin's library)
+PYTHONPATH="$PWD/python-shim" INFINITEHIP_LIB="$PWD/gpu-bin/libinfinitehip.so" \
 OUT="$OUT/rope" BUDGET=${ROPE_BUDGET:-420} ROPECUDA_LLAMA_ARGS="--only-rope --gen 65" \
   bash tests/gpu/ropecuda-run.sh > "$OUT/rope/summary.txt" 2>&1 &
 OUT="$OUT/sgl" INFINITEHIP_CACHE=/tmp/ihip-cache2 LIMIT=150 bash tests/gpu/sglrope-run.sh > "$OUT/sgl/summary.txt" 2>&1 &

@@ -299,6 +299,60 @@ def read_dump(path, names=DUMP_L0):
     return out
 
 
+DUMP_QKV = DUMP_L0 + ",Vcur-0"
+# make_tiny_gguf.py's defaults as the plugin reads them (model.* of its config)
+TINY_MODEL = {"n_q_heads": 4, "n_kv_heads": 2, "head_dim": 32, "rope_theta": 10000.0, "max_position": 131072}
+
+
+def _per_call(xs, n_calls, name):
+    """The last tensor of each call's group (llama.cpp names the matmul, the
+    reshape and the rope output alike: the last is what attention reads)."""
+    if n_calls == 0 or len(xs) % n_calls:
+        raise SystemExit(f"dump: {len(xs)} {name} tensors for {n_calls} attention calls")
+    g = len(xs) // n_calls
+    return [xs[i * g + g - 1] for i in range(n_calls)]
+
+
+def core_layer0(dump, hip_default, model, kv="f16"):
+    """The core engine (`infinitehip.Engine`: the CPU reference the GPU routes
+    are tested against) over layer 0's own q/k/v as llama.cpp computed them
+    (a DUMP_QKV dump; NORM layout permuted to the core's halves, K/V rounded
+    to the cache type): per call, (its output, the route's dumped output)."""
+    import infinitehip
+
+    out = dump["kqv_out-0"]
+    n_calls = len(out)
+    qs, ks, vs = (_per_call(dump[n], n_calls, n) for n in ("Qcur-0", "Kcur-0", "Vcur-0"))
+    hq, hk, d = model["n_q_heads"], model["n_kv_heads"], model["head_dim"]
+    cfg = {"model": dict(model, n_layers=1), "kv": {"dtype": kv}, "dense_layers": 0, "default": hip_default,
+           "prefill_dense_below": 0, "decode_dense_below": 0}
+    e = infinitehip.Engine(cfg)
+    e.add_sequence(1)
+    halves = lambda x: np.ascontiguousarray(np.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1))
+    rnd = (lambda x: x.astype(np.float16).astype(np.float32)) if kv == "f16" else (lambda x: x)
+    n_pre = next((i for i, o in enumerate(out) if o.shape[0] == 1), n_calls)
+    pairs = []
+    for c in range(n_calls):
+        q = qs[c].reshape(-1, hq, d)
+        n = q.shape[0]
+        e.append(0, 1, rnd(halves(ks[c].reshape(n, hk, d))), np.ascontiguousarray(rnd(vs[c].reshape(n, hk, d))),
+                 phase="prefill" if c < n_pre else "decode", prompt_done=c == n_pre - 1)
+        o = e.attend_prefill(0, 1, halves(q)) if c < n_pre else e.attend_decode(0, [1], halves(q))
+        pairs.append((np.asarray(o).reshape(n, hq * d), out[c].reshape(n, hq * d)))
+    e.close()
+    return pairs
+
+
+def core_layer0_worst(pairs):
+    """(prefill, decode) worst row relative L2 of a route's layer 0 vs the core engine (core_layer0)."""
+    w = [0.0, 0.0]
+    for o, r in pairs:
+        rel = np.linalg.norm(r - o, axis=1) / np.maximum(np.linalg.norm(o, axis=1), 1e-12)
+        k = int(o.shape[0] == 1)
+        w[k] = float("nan") if not np.isfinite(rel).all() else max(w[k], float(rel.max()))
+    return w
+
+
 def layer0_compare(x, y):
     """Two routes' layer-0 dumps (read_dump) call by call: per tensor the
     calls, the calls with any differing element and the worst abs diff; for
@@ -655,11 +709,12 @@ def rope_modes(R, a, tmp, results, check, tol_rel):
     # routes with it): observing does not change the logits, every call is dumped, the rotated keys depend on
     # the tokens only, and the streaming positions move layer 0's prefill rows.
     dumps = {k: os.path.join(tmp, f"rope_l0_{k}.dump") for k in ("modes", "orig")}
-    ld, _, _, _ = R.gen("patched", "rope_small_dump", a.small_prompt, a.small_gen,
-                        config=hip_config(16, 128, stages, rope=modes), force=ts_path, env_extra=dump_env(dumps["modes"]))
+    rope_small = hip_config(16, 128, stages, rope=modes)
+    ld, _, _, _ = R.gen("patched", "rope_small_dump", a.small_prompt, a.small_gen, config=rope_small, force=ts_path,
+                        env_extra={**dump_env(dumps["modes"]), "IHIP_DUMP_TENSOR": DUMP_QKV})
     R.gen("patched", "rope_small_orig_dump", a.small_prompt, a.small_gen, config=hip_config(16, 128, stages),
           force=ts_path, env_extra=dump_env(dumps["orig"]))
-    dm, do = read_dump(dumps["modes"]), read_dump(dumps["orig"])
+    dm, do = read_dump(dumps["modes"], DUMP_QKV), read_dump(dumps["orig"])
     l0 = layer0_compare(dm, do)
     calls = -(-a.small_prompt // 512) + a.small_gen
     results["rope_layer0_dump"] = l0
@@ -668,6 +723,15 @@ def rope_modes(R, a, tmp, results, check, tol_rel):
         np.array_equal(ld.view(np.uint32), lr.view(np.uint32)) and l0["kqv_out-0"]["calls"] == [calls, calls]
         and len(dm["Kcur-0"]) >= calls and l0["Kcur-0"]["calls_differing"] == 0
         and l0["kqv_out-0"]["worst_row_rel_prefill"] > 1e-3, l0)
+    # The CPU route's layer 0 == the core engine (the CPU reference of every GPU route) over the same
+    # q/k/v: the plugin's streaming attention, its scoring modes and its plan equal the core's.
+    pairs = core_layer0(dm, rope_small["default"], TINY_MODEL)
+    wc = core_layer0_worst(pairs)
+    ctl = core_layer0_worst(list(zip([o for o, _ in pairs], [x.reshape(x.shape[0], -1) for x in do["kqv_out-0"]])))
+    results["rope_layer0_vs_core"] = {"route": wc, "original_positions_control": ctl}
+    chk("rope modes, layer 0: the CPU route == the core engine over llama.cpp's own q/k/v (every row within 1e-4; "
+        "the original-positions run differs by > 1e-2)", all(np.isfinite(wc)) and max(wc) <= 1e-4 and max(ctl) > 1e-2,
+        {"route": wc, "original_positions_control": ctl})
     # Relative scoring beyond the trained length (model.max_position below the prompt), s4-clip's stage shape:
     # the decode fast paths (the step's shared rotation table, block-parallel stage scoring) give the logits of
     # the reference paths (INFINITEHIP_RELATIVE_TABLE=off, INFINITEHIP_HIP_FLAT=off) bit for bit.

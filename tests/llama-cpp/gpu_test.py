@@ -86,8 +86,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from e2e_test import (compare, dump_env, hip_config, layer0_compare, locret_config, plugin_stats,  # noqa: E402
-                      read_dump, write_locret_heads)
+from e2e_test import (DUMP_QKV, compare, core_layer0, core_layer0_worst, dump_env, hip_config,  # noqa: E402
+                      layer0_compare, locret_config, plugin_stats, read_dump, write_locret_heads)
 
 FULL = hip_config(sink=16, window=64, stages=[(32, 2048, 4), (8, 1024, 2)])
 SMALL = hip_config(sink=16, window=128, stages=[(32, 512, 8), (8, 128, 4)])
@@ -672,6 +672,8 @@ def tests_offload(a, gen, run, check, results, close, rows):
 
 SPLIT_K = {"INFINITEHIP_HIP_ATTENTION": "split-combine"}
 ROPE_TRAIN, ROPE_P, ROPE_B, ROPE_G = 256, 2048, 512, 48
+# the section-12 model (scripts/llama-cpp-gpu.sh: tinyrope.gguf) as the plugin reads it
+ROPE_MODEL = {"n_q_heads": 8, "n_kv_heads": 2, "head_dim": 64, "rope_theta": 10000.0, "max_position": ROPE_TRAIN}
 # the CUDA route runs the modes only when asked (cpp-bridge llama_cuda.rs rope_cuda_opt_in)
 ROPE_CUDA = {"LLAMA_INFINITEHIP_ROPE_CUDA": "1"}
 
@@ -696,11 +698,12 @@ def tests_rope(a, gen, run, check, results, close):
         cfg = rope_cfg(scoring, "streaming")
         tag = f"rope_{scoring}"
         dumps = {k: os.path.join(a.tmp, f"{tag}_{k}.dump") for k in ("cpu", "cuda")}
+        qkv = {"IHIP_DUMP_TENSOR": DUMP_QKV}
         lc, tc, tc_path, log_c = gen(a.patched, tag + "_cpu", ROPE_P, ROPE_G, config=cfg, ctx=ctx, model=m,
-                                     batch=ROPE_B, env={**cpu_env, **dump_env(dumps["cpu"])}, extra=NKVO)
+                                     batch=ROPE_B, env={**cpu_env, **dump_env(dumps["cpu"]), **qkv}, extra=NKVO)
         pst = plugin_stats(log_c)
         lg, _, _, log_g = gen(a.patched, tag + "_cuda", ROPE_P, ROPE_G, config=cfg, force=tc_path, ctx=ctx, model=m,
-                              batch=ROPE_B, env={**CHK, **ROPE_CUDA, **dump_env(dumps["cuda"])})
+                              batch=ROPE_B, env={**CHK, **ROPE_CUDA, **dump_env(dumps["cuda"]), **qkv})
         st = stats(log_g)
         ck = st.get("check", {})
         c = compare(lg, lc)
@@ -718,7 +721,16 @@ def tests_rope(a, gen, run, check, results, close):
         # attention outputs. Decode rows must agree within rounding; prefill rows are reported (on
         # this model a rounding-level change of K flips near-tied prefill blocks: the CPU route's
         # layer 0 moves up to 1.0 per prefill row for f32 vs f16 K/V, 5e-4 per decode row).
-        l0 = layer0_compare(read_dump(dumps["cuda"]), read_dump(dumps["cpu"]))
+        d_cuda, d_cpu = read_dump(dumps["cuda"], DUMP_QKV), read_dump(dumps["cpu"], DUMP_QKV)
+        l0 = layer0_compare(d_cuda, d_cpu)
+        # Each route against the core engine (infinitehip.Engine, the CPU reference) over the q/k/v that
+        # route's llama.cpp graph computed: needs the Python shim (PYTHONPATH=python-shim, INFINITEHIP_LIB).
+        try:
+            import infinitehip  # noqa: F401
+            for route, dd in (("cpu", d_cpu), ("cuda", d_cuda)):
+                l0["core_engine_vs_" + route] = core_layer0_worst(core_layer0(dd, cfg["default"], ROPE_MODEL))
+        except ImportError as e:
+            l0["core_engine"] = f"not run: {e}"
         res[scoring + " layer 0"] = l0
         print(f"rope layer 0 ({scoring}):", json.dumps(l0), flush=True)
         wd = l0["kqv_out-0"]["worst_row_rel_decode"]
