@@ -308,7 +308,7 @@ def _per_call(xs, n_calls, name):
     """The last tensor of each call's group (llama.cpp names the matmul, the
     reshape and the rope output alike: the last is what attention reads)."""
     if n_calls == 0 or len(xs) % n_calls:
-        raise SystemExit(f"dump: {len(xs)} {name} tensors for {n_calls} attention calls")
+        raise ValueError(f"dump: {len(xs)} {name} tensors for {n_calls} attention calls")
     g = len(xs) // n_calls
     return [xs[i * g + g - 1] for i in range(n_calls)]
 
