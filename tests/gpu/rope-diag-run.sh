@@ -17,11 +17,7 @@ OUT="$OUT/rope" BUDGET=${ROPE_BUDGET:-420} ROPECUDA_LLAMA_ARGS="--only-rope --ge
   bash tests/gpu/ropecuda-run.sh > "$OUT/rope/summary.txt" 2>&1 &
 OUT="$OUT/sgl" INFINITEHIP_CACHE=/tmp/ihip-cache2 LIMIT=150 bash tests/gpu/sglrope-run.sh > "$OUT/sgl/summary.txt" 2>&1 &
 wait
-export INFINITEHIP_CACHE=/tmp/ihip-cache2 INFINITEHIP_LAZY_MODULES=all
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
-         $(python3 -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))' 2>/dev/null); do
-  [ -e "$d/libnvrtc.so.13" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}" && break
-done
+export INFINITEHIP_CACHE=/tmp/ihip-cache2; . tests/gpu/device-env.sh
 left=$(( ${BUDGET:-550} - ($(date +%s) - T0) - 10 ))
 s=$(date +%s)
 [ "$left" -gt 60 ] && timeout $(( left < 120 ? left : 120 )) gpu-bin/infinitehip bench-gpu-offload --tokens 1048576,4194304 --cache 0.05 \

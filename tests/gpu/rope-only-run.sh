@@ -6,13 +6,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
-export INFINITEHIP_CACHE=/tmp/ihip-cache INFINITEHIP_LAZY_MODULES=all
-mkdir -p "$INFINITEHIP_CACHE" /tmp/ihip-ptx
-[ -f gpu-bin/ptx.tar.xz ] && tar xJf gpu-bin/ptx.tar.xz -C /tmp/ihip-ptx && cp /tmp/ihip-ptx/ptx/*.ptx "$INFINITEHIP_CACHE/"
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
-         $(python3 -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))' 2>/dev/null); do
-  [ -e "$d/libnvrtc.so.13" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}" && break
-done
+. tests/gpu/device-env.sh
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; date -u
 s=$(date +%s)
 timeout ${T:-180} gpu-bin/infinitehip gpu-test --rope-only > "$OUT/rope-only.log" 2>&1
