@@ -33,7 +33,7 @@ step() {  # step NAME TIMEOUT CMD...
   echo "$name: rc=$rc $(( $(date +%s) - s )) s (at $(( $(date +%s) - T0 )) s)" >> "$OUT/device.txt"
 }
 cap() { local a=$1 l; l=$(( $(left) - 5 )); echo $(( a < l ? a : l )); }
-step rope-only $(cap 330) "$S/gpu/infinitehip" gpu-test --rope-only &
+[ "${ROPE_ONLY:-1}" = 1 ] && step rope-only $(cap 330) "$S/gpu/infinitehip" gpu-test --rope-only &
 step llama-rope $(cap 520) env IHIP_BUDGET_S=$(( $(left) - 15 )) GPU_TEST_ARGS="${ROPECUDA_LLAMA_ARGS:---only-rope}" \
   bash "$S/llama/llama-cpp-gpu.sh" run "$S/llama" "$OUT/llama" &
 wait

@@ -300,6 +300,7 @@ def read_dump(path, names=DUMP_L0):
 
 
 DUMP_QKV = DUMP_L0 + ",Vcur-0"
+
 # make_tiny_gguf.py's defaults as the plugin reads them (model.* of its config)
 TINY_MODEL = {"n_q_heads": 4, "n_kv_heads": 2, "head_dim": 32, "rope_theta": 10000.0, "max_position": 131072}
 
@@ -313,16 +314,16 @@ def _per_call(xs, n_calls, name):
     return [xs[i * g + g - 1] for i in range(n_calls)]
 
 
-def core_layer0(dump, hip_default, model, kv="f16"):
+def core_layer(dump, hip_default, model, layer=0, kv="f16"):
     """The core engine (`infinitehip.Engine`: the CPU reference the GPU routes
-    are tested against) over layer 0's own q/k/v as llama.cpp computed them
-    (a DUMP_QKV dump; NORM layout permuted to the core's halves, K/V rounded
+    are tested against) over one layer's own q/k/v as llama.cpp computed them
+    (a dump with that layer's Qcur/Kcur/Vcur/kqv_out, e.g. dump_graph's; NORM layout permuted to the core's halves, K/V rounded
     to the cache type): per call, (its output, the route's dumped output)."""
     import infinitehip
 
-    out = dump["kqv_out-0"]
+    out = dump[f"kqv_out-{layer}"]
     n_calls = len(out)
-    qs, ks, vs = (_per_call(dump[n], n_calls, n) for n in ("Qcur-0", "Kcur-0", "Vcur-0"))
+    qs, ks, vs = (_per_call(dump[n], n_calls, n) for n in (f"Qcur-{layer}", f"Kcur-{layer}", f"Vcur-{layer}"))
     hq, hk, d = model["n_q_heads"], model["n_kv_heads"], model["head_dim"]
     cfg = {"model": dict(model, n_layers=1), "kv": {"dtype": kv}, "dense_layers": 0, "default": hip_default,
            "prefill_dense_below": 0, "decode_dense_below": 0}
@@ -343,8 +344,8 @@ def core_layer0(dump, hip_default, model, kv="f16"):
     return pairs
 
 
-def core_layer0_worst(pairs):
-    """(prefill, decode) worst row relative L2 of a route's layer 0 vs the core engine (core_layer0)."""
+def core_layer_worst(pairs):
+    """(prefill, decode) worst row relative L2 of a route's layer vs the core engine (core_layer)."""
     w = [0.0, 0.0]
     for o, r in pairs:
         rel = np.linalg.norm(r - o, axis=1) / np.maximum(np.linalg.norm(o, axis=1), 1e-12)
@@ -353,21 +354,75 @@ def core_layer0_worst(pairs):
     return w
 
 
-def layer0_compare(x, y):
-    """Two routes' layer-0 dumps (read_dump) call by call: per tensor the
+# llama.cpp's Llama graph in order (src/models/llama.cpp's cb names), per layer, then the head
+GRAPH_NAMES = ("attn_norm", "Qcur", "Kcur", "Vcur", "kqv_out", "attn_out", "ffn_inp", "ffn_out", "l_out")
+
+
+def dump_graph(layers):
+    """IHIP_DUMP_TENSOR names of every GRAPH_NAMES tensor of `layers`, then the output norm and logits."""
+    return ",".join([f"{n}-{l}" for l in layers for n in GRAPH_NAMES] + ["result_norm", "result_output"])
+
+
+def divergence(x, y, names, tol=1e-2):
+    """Two runs' dumps of the same tensors (read_dump with `names`, a
+    dump_graph list), call by call in graph order: per tensor the worst row
+    relative L2 of x vs y over prefill and decode calls, and the first
+    (call, tensor) past `tol`. Tensors not computed once per call (the head
+    when a ubatch has no outputs) are compared from the last call back."""
+    names = names.split(",")
+    calls = x["kqv_out-0"]
+    n = len(calls)
+    decode = [c.shape[0] == 1 for c in calls]
+    worst, first = {}, None
+    seq = []  # (call, name, x, y)
+    for name in names:
+        a, b = x.get(name, []), y.get(name, [])
+        if n and len(a) % n == 0 and len(b) % n == 0 and a and b:
+            a, b = _per_call(a, n, name), _per_call(b, n, name)
+            seq += [(c, name, a[c], b[c]) for c in range(n)]
+        else:
+            k = min(len(a), len(b))
+            seq += [(n - k + i, name, a[len(a) - k + i], b[len(b) - k + i]) for i in range(k)]
+    order = {m: i for i, m in enumerate(names)}
+    for c, name, u, v in sorted(seq, key=lambda t: (t[0], order[t[1]])):
+        if u.shape != v.shape:
+            rel = float("inf")
+        else:
+            r = np.linalg.norm(u - v, axis=1) / np.maximum(np.linalg.norm(v, axis=1), 1e-12)
+            rel = float(r.max()) if np.isfinite(r).all() else float("inf")
+        w = worst.setdefault(name, {"prefill": 0.0, "decode": 0.0})
+        ph = "decode" if decode[c] else "prefill"
+        w[ph] = max(w[ph], rel)
+        if first is None and not rel <= tol:
+            first = {"call": c, "phase": ph, "tensor": name, "worst_row_rel": rel}
+    return {"worst_row_rel": worst, "first_past": first}
+
+
+def core_layer_first_past(pairs, tol):
+    """The first call of core_layer's pairs with a row past `tol` (relative L2), or None."""
+    for c, (o, r) in enumerate(pairs):
+        rel = np.linalg.norm(r - o, axis=1) / np.maximum(np.linalg.norm(o, axis=1), 1e-12)
+        if not (rel <= tol).all():
+            return {"call": c, "rows": int(o.shape[0]), "row": int(np.argmax(~(rel <= tol))),
+                    "rows_past": int((~(rel <= tol)).sum()), "worst": float(np.nanmax(rel))}
+    return None
+
+
+def layer_compare(x, y, layer=0):
+    """Two routes' dumps of one layer (read_dump) call by call: per tensor the
     calls, the calls with any differing element and the worst abs diff; for
     the attention output the worst row relative L2 over prefill calls (more
     than one row) and decode calls, and the first prefill call and row past
     1e-2."""
     r = {}
-    for name in ("Kcur-0", "Qcur-0"):
+    for name in (f"Kcur-{layer}", f"Qcur-{layer}"):
         a, b = x.get(name, []), y.get(name, [])
         diff = [float(np.abs(u - v).max()) for u, v in zip(a, b) if u.shape == v.shape]
         r[name] = {"calls": [len(a), len(b)], "calls_differing": sum(d > 0 for d in diff),
                    "max_abs_diff": max(diff, default=float("nan"))}
     w = {"prefill": 0.0, "decode": 0.0}
     first = None
-    a, b = x.get("kqv_out-0", []), y.get("kqv_out-0", [])
+    a, b = x.get(f"kqv_out-{layer}", []), y.get(f"kqv_out-{layer}", [])
     for c, (u, v) in enumerate(zip(a, b)):
         if u.shape != v.shape:
             w["prefill"] = w["decode"] = float("nan")
@@ -378,7 +433,7 @@ def layer0_compare(x, y):
         if first is None and k == "prefill" and (rel > 1e-2).any():
             first = {"call": c, "row": int(np.argmax(rel > 1e-2)), "rows_past_1e-2": int((rel > 1e-2).sum()),
                      "rows": int(u.shape[0])}
-    r["kqv_out-0"] = {"calls": [len(a), len(b)], "worst_row_rel_prefill": w["prefill"],
+    r[f"kqv_out-{layer}"] = {"calls": [len(a), len(b)], "worst_row_rel_prefill": w["prefill"],
                       "worst_row_rel_decode": w["decode"], "first_prefill_past_1e-2": first}
     return r
 
@@ -715,7 +770,7 @@ def rope_modes(R, a, tmp, results, check, tol_rel):
     R.gen("patched", "rope_small_orig_dump", a.small_prompt, a.small_gen, config=hip_config(16, 128, stages),
           force=ts_path, env_extra=dump_env(dumps["orig"]))
     dm, do = read_dump(dumps["modes"], DUMP_QKV), read_dump(dumps["orig"])
-    l0 = layer0_compare(dm, do)
+    l0 = layer_compare(dm, do)
     calls = -(-a.small_prompt // 512) + a.small_gen
     results["rope_layer0_dump"] = l0
     chk("ihip_run's layer-0 dump: logits unchanged by it (bit for bit), every attention call dumped, rotated keys "
@@ -725,9 +780,9 @@ def rope_modes(R, a, tmp, results, check, tol_rel):
         and l0["kqv_out-0"]["worst_row_rel_prefill"] > 1e-3, l0)
     # The CPU route's layer 0 == the core engine (the CPU reference of every GPU route) over the same
     # q/k/v: the plugin's streaming attention, its scoring modes and its plan equal the core's.
-    pairs = core_layer0(dm, rope_small["default"], TINY_MODEL)
-    wc = core_layer0_worst(pairs)
-    ctl = core_layer0_worst(list(zip([o for o, _ in pairs], [x.reshape(x.shape[0], -1) for x in do["kqv_out-0"]])))
+    pairs = core_layer(dm, rope_small["default"], TINY_MODEL)
+    wc = core_layer_worst(pairs)
+    ctl = core_layer_worst(list(zip([o for o, _ in pairs], [x.reshape(x.shape[0], -1) for x in do["kqv_out-0"]])))
     results["rope_layer0_vs_core"] = {"route": wc, "original_positions_control": ctl}
     chk("rope modes, layer 0: the CPU route == the core engine over llama.cpp's own q/k/v (every row within 1e-4; "
         "the original-positions run differs by > 1e-2)", all(np.isfinite(wc)) and max(wc) <= 1e-4 and max(ctl) > 1e-2,
