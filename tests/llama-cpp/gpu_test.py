@@ -816,7 +816,13 @@ def tests_rope(a, gen, run, check, results, close):
     d_s = read_dump(ds, ROPE_DUMP)
     lsn, _, _, _ = gen(a.stock, "rope_cover_stock_nkvo", ROPE_P, ROPE_G, force=tc_path, ctx=ctx, model=m,
                        batch=ROPE_B, extra=NKVO)
+    # the same runs without the eval callback (it splits the graph at every dumped tensor)
+    lgn, _, _, _ = gen(a.patched, "rope_cover_cuda_nodump", ROPE_P, ROPE_G, config=cov, force=tc_path, ctx=ctx,
+                       model=m, batch=ROPE_B, env=ROPE_CUDA)
+    lcn, _, _, _ = gen(a.patched, "rope_cover_cpu_nodump", ROPE_P, ROPE_G, config=cov, force=tc_path, ctx=ctx,
+                       model=m, batch=ROPE_B, env=cpu_env, extra=NKVO)
     cc = {"cuda route vs stock": compare(lgc, ls), "cpu route vs stock": compare(lcc, ls),
+          "cuda route undumped vs stock": compare(lgn, ls), "cpu route undumped vs stock": compare(lcn, ls),
           "cuda vs cpu route": compare(lgc, lcc), "stock --nkvo vs stock": compare(lsn, ls),
           "core_engine_vs_cuda_route": vs_core(d_gc, cov),
           "graph: cuda route vs stock": divergence(d_gc, d_s, ROPE_DUMP),
