@@ -746,6 +746,43 @@ def tests_rope(a, gen, run, check, results, close):
         w = [x for k, v in r.items() if not k.endswith("1e-2") for x in v]
         return float("nan") if len(w) != 2 * len(ROPE_LAYERS) or not all(np.isfinite(w)) else max(w)
 
+    # First, the whole model with a covering budget: nothing to flip, and streaming positions are the original ones
+    # (every key selected), so both routes must equal stock (llama.cpp alone) within rounding. Every tensor of
+    # the graph is dumped in the three runs: the first one past 1e-2 names where a route parts from stock.
+    cov = rope_cfg("chunk_indexed", "streaming", ROPE_COVER)
+    (lcc, _, d_cc), (lgc, log_gc, d_gc) = routes("rope_cover", cov)
+    ds = os.path.join(a.tmp, "rope_cover_stock.dump")
+    ls, _, _, _ = gen(a.stock, "rope_cover_stock", ROPE_P, ROPE_G, force=tc_path, ctx=ctx, model=m, batch=ROPE_B,
+                      env={**dump_env(ds), "IHIP_DUMP_TENSOR": ROPE_DUMP})
+    d_s = read_dump(ds, ROPE_DUMP)
+    lsn, _, _, _ = gen(a.stock, "rope_cover_stock_nkvo", ROPE_P, ROPE_G, force=tc_path, ctx=ctx, model=m,
+                       batch=ROPE_B, extra=NKVO)
+    # the same runs without the eval callback (it splits the graph at every dumped tensor)
+    lgn, _, _, _ = gen(a.patched, "rope_cover_cuda_nodump", ROPE_P, ROPE_G, config=cov, force=tc_path, ctx=ctx,
+                       model=m, batch=ROPE_B, env=ROPE_CUDA)
+    lcn, _, _, _ = gen(a.patched, "rope_cover_cpu_nodump", ROPE_P, ROPE_G, config=cov, force=tc_path, ctx=ctx,
+                       model=m, batch=ROPE_B, env=cpu_env, extra=NKVO)
+    cc = {"cuda route vs stock": compare(lgc, ls), "cpu route vs stock": compare(lcc, ls),
+          "cuda route undumped vs stock": compare(lgn, ls), "cpu route undumped vs stock": compare(lcn, ls),
+          "cuda vs cpu route": compare(lgc, lcc), "stock --nkvo vs stock": compare(lsn, ls),
+          "core_engine_vs_cuda_route": vs_core(d_gc, cov),
+          "graph: cuda route vs stock": divergence(d_gc, d_s, ROPE_DUMP),
+          "graph: cpu route vs stock": divergence(d_cc, d_s, ROPE_DUMP),
+          "graph: cuda vs cpu route": divergence(d_gc, d_cc, ROPE_DUMP)}
+    res["covering budget"] = cc
+    print("rope covering:", json.dumps(cc), flush=True)
+    print("rope covering summary:", json.dumps({k: (v["rel_rms_diff"] if "rel_rms_diff" in v else v["first_past"])
+                                                for k, v in cc.items() if not k.startswith("core")}), flush=True)
+    for route, l in (("CUDA", lgc), ("CPU", lcc)):
+        c = compare(l, ls)
+        check(f"RoPE modes, covering budget ({ROPE_P} + {ROPE_G} tokens): the {route} route's logits == stock's within "
+              f"rounding (rel RMS <= 1e-2, top-1 >= 0.95)", c["finite"] and c["rel_rms_diff"] <= 1e-2
+              and c["top1_agree"] >= 0.95 and (route == "CPU" or "CUDA route on" in log_gc), c)
+
+    if os.environ.get("GPU_TEST_ROPE_COVER_ONLY") == "1":  # a short device call: this part alone
+        results["rope_modes_cuda_route"] = res
+        return
+
     n_calls = ROPE_P // ROPE_B + ROPE_G
     first = None
     for scoring in ("chunk_indexed", "relative"):
@@ -804,39 +841,6 @@ def tests_rope(a, gen, run, check, results, close):
     check("RoPE modes negative control: a prefill left to llama.cpp differs from the core engine in layer 0 "
           "(some prefill row > 0.1)", stats(log_p).get("prefill_calls", -1) == 0 and np.isfinite(ctl_p[0])
           and ctl_p[0] > 0.1, ctl_p)
-
-    # the whole model with a covering budget: nothing to flip, and streaming positions are the original ones
-    # (every key selected), so both routes must equal stock (llama.cpp alone) within rounding. Every tensor of
-    # the graph is dumped in the three runs: the first one past 1e-2 names where a route parts from stock.
-    cov = rope_cfg("chunk_indexed", "streaming", ROPE_COVER)
-    (lcc, _, d_cc), (lgc, log_gc, d_gc) = routes("rope_cover", cov)
-    ds = os.path.join(a.tmp, "rope_cover_stock.dump")
-    ls, _, _, _ = gen(a.stock, "rope_cover_stock", ROPE_P, ROPE_G, force=tc_path, ctx=ctx, model=m, batch=ROPE_B,
-                      env={**dump_env(ds), "IHIP_DUMP_TENSOR": ROPE_DUMP})
-    d_s = read_dump(ds, ROPE_DUMP)
-    lsn, _, _, _ = gen(a.stock, "rope_cover_stock_nkvo", ROPE_P, ROPE_G, force=tc_path, ctx=ctx, model=m,
-                       batch=ROPE_B, extra=NKVO)
-    # the same runs without the eval callback (it splits the graph at every dumped tensor)
-    lgn, _, _, _ = gen(a.patched, "rope_cover_cuda_nodump", ROPE_P, ROPE_G, config=cov, force=tc_path, ctx=ctx,
-                       model=m, batch=ROPE_B, env=ROPE_CUDA)
-    lcn, _, _, _ = gen(a.patched, "rope_cover_cpu_nodump", ROPE_P, ROPE_G, config=cov, force=tc_path, ctx=ctx,
-                       model=m, batch=ROPE_B, env=cpu_env, extra=NKVO)
-    cc = {"cuda route vs stock": compare(lgc, ls), "cpu route vs stock": compare(lcc, ls),
-          "cuda route undumped vs stock": compare(lgn, ls), "cpu route undumped vs stock": compare(lcn, ls),
-          "cuda vs cpu route": compare(lgc, lcc), "stock --nkvo vs stock": compare(lsn, ls),
-          "core_engine_vs_cuda_route": vs_core(d_gc, cov),
-          "graph: cuda route vs stock": divergence(d_gc, d_s, ROPE_DUMP),
-          "graph: cpu route vs stock": divergence(d_cc, d_s, ROPE_DUMP),
-          "graph: cuda vs cpu route": divergence(d_gc, d_cc, ROPE_DUMP)}
-    res["covering budget"] = cc
-    print("rope covering:", json.dumps(cc), flush=True)
-    print("rope covering summary:", json.dumps({k: (v["rel_rms_diff"] if "rel_rms_diff" in v else v["first_past"])
-                                                for k, v in cc.items() if not k.startswith("core")}), flush=True)
-    for route, l in (("CUDA", lgc), ("CPU", lcc)):
-        c = compare(l, ls)
-        check(f"RoPE modes, covering budget ({ROPE_P} + {ROPE_G} tokens): the {route} route's logits == stock's within "
-              f"rounding (rel RMS <= 1e-2, top-1 >= 0.95)", c["finite"] and c["rel_rms_diff"] <= 1e-2
-              and c["top1_agree"] >= 0.95 and (route == "CPU" or "CUDA route on" in log_gc), c)
 
     # diagnostics: the CUDA-core kernel (no tensor-core rounding) and the sparse whole-model distances
     lk, _, _, log_k = gen(a.patched, "rope_cuda_core", ROPE_P, ROPE_G, config=cfg, force=tc_path, ctx=ctx,
