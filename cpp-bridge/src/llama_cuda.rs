@@ -207,8 +207,10 @@ pub(crate) fn cuda_rope_layout(
 /// the attention calls, not found yet (tests/gpu/PENDING.md). Off, the
 /// host-mirror route refuses the modes (the run stops with that message);
 /// `--no-kv-offload` runs them on the CPU route, which CI checks.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) const ROPE_CUDA_ENV: &str = "LLAMA_INFINITEHIP_ROPE_CUDA";
 
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) fn rope_cuda_opt_in(env: Option<&str>) -> Result<()> {
     if env == Some("1") {
         return Ok(());
