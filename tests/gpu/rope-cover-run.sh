@@ -10,6 +10,7 @@ S=$PWD/target/rope-cover-stage
 OUT=${OUT:-out}; mkdir -p "$OUT"
 xz -dc "$S/libinfinitehip.so.xz" > /tmp/libinfinitehip.so
 [ -f "$S/llama/libinfinitehip_bridge.a" ] || xz -dk -T0 "$S/llama/libinfinitehip_bridge.a.xz"
+[ -f "$S/ptx.tar.xz" ] && tar xJf "$S/ptx.tar.xz" -C "$S/llama"   # llama-cpp-gpu.sh copies llama/ptx/*.ptx
 export PYTHONUNBUFFERED=1 INFINITEHIP_CACHE=/tmp/ihip-cache INFINITEHIP_LAZY_MODULES=all
 export PYTHONPATH=$PWD/python-shim INFINITEHIP_LIB=/tmp/libinfinitehip.so
 export GPU_TEST_ROPE_COVER_ONLY=${GPU_TEST_ROPE_COVER_ONLY:-1}
