@@ -57,6 +57,10 @@ OUT=${3:?OUT}
 ARCH=${4:-90}
 CUDA=${IHIP_GGML_CUDA:-ON}   # OFF: a CPU dry run of this script (with LLAMA_INFINITEHIP_ROUTE=gpu)
 W=${IHIP_WORK:-/tmp/ihip-gpu}  # the builds and the test files
+# tests/gpu/ggml-prebuild.sh's ggml-inst.tar.xz (ggml + ggml-cuda of the patched tree, built elsewhere):
+# both libllamas are built against it, when its ggml tree hash matches src.tar.xz's patched ggml/
+PRE=${IHIP_GGML_PREBUILT:-}
+ggml_tree_hash() { (cd "$1" && find ggml -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum) | sha256sum | cut -d' ' -f1; }
 JOBS=$(nproc)
 mkdir -p "$W" "$OUT"
 if [ "${IHIP_REUSE:-0}" = 1 ] && [ -x "$W/ihip_run-patched" ] && [ -x "$W/ihip_run-stock" ]; then
@@ -71,14 +75,33 @@ else
     -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF)
   [ "$CUDA" = ON ] && echo "== nvcc: $(nvcc --version | tail -1); $JOBS cores"
   t0=$(date +%s)
-  cmake -S "$W/patched" -B "$W/build-patched" "${COMMON[@]}" -DGGML_CUDA="$CUDA" -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
+  PGGML=(-DGGML_CUDA="$CUDA" -DCMAKE_CUDA_ARCHITECTURES="$ARCH")
+  if [ -n "$PRE" ]; then
+    mkdir -p "$W/inst" && tar xJf "$PRE" -C "$W/inst"
+    if [ "$(sed -n 's/^ggml_tree_sha256: //p' "$W/inst/ggml-prebuilt.txt")" = "$(ggml_tree_hash "$W/patched")" ]; then
+      echo "== prebuilt ggml: $PRE"
+      PGGML=(-DLLAMA_USE_SYSTEM_GGML=ON -Dggml_DIR="$W/inst/lib/cmake/ggml")
+      if ldd "$W/inst/lib/libggml-cuda.so" | grep "not found"; then  # else PyTorch's CUDA 13 wheels
+        d=$(python3 -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))' 2>/dev/null) \
+          && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+      fi
+    else
+      echo "== prebuilt ggml $PRE is stale (ggml tree hash differs): building ggml here"
+      PRE= && rm -rf "$W/inst"
+    fi
+  fi
+  cmake -S "$W/patched" -B "$W/build-patched" "${COMMON[@]}" "${PGGML[@]}" \
     -DLLAMA_INFINITEHIP=ON -DLLAMA_INFINITEHIP_LIB="$DIR/libinfinitehip_bridge.a" \
     -DLLAMA_INFINITEHIP_INCLUDE_DIR="$DIR/cxxbridge" -DCMAKE_INSTALL_PREFIX="$W/inst" >"$OUT/cmake-patched.log" 2>&1 \
     || { tail -40 "$OUT/cmake-patched.log"; exit 1; }
   cmake --build "$W/build-patched" -j"$JOBS" --target llama >"$OUT/build-patched.log" 2>&1 || { tail -60 "$OUT/build-patched.log"; exit 1; }
   t1=$(date +%s)
-  echo "== patched CUDA build (ggml + ggml-cuda + libllama): $((t1 - t0)) s"
-  cmake --install "$W/build-patched" >"$OUT/install.log" 2>&1 || { tail -20 "$OUT/install.log"; exit 1; }
+  if [ -n "$PRE" ]; then
+    echo "== patched libllama against the prebuilt ggml: $((t1 - t0)) s"
+  else
+    echo "== patched CUDA build (ggml + ggml-cuda + libllama): $((t1 - t0)) s"
+    cmake --install "$W/build-patched" >"$OUT/install.log" 2>&1 || { tail -20 "$OUT/install.log"; exit 1; }
+  fi
   cmake -S "$W/stock" -B "$W/build-stock" "${COMMON[@]}" -DLLAMA_USE_SYSTEM_GGML=ON -Dggml_DIR="$W/inst/lib/cmake/ggml" \
     >"$OUT/cmake-stock.log" 2>&1 || { tail -40 "$OUT/cmake-stock.log"; exit 1; }
   cmake --build "$W/build-stock" -j"$JOBS" --target llama >"$OUT/build-stock.log" 2>&1 || { tail -60 "$OUT/build-stock.log"; exit 1; }
@@ -87,7 +110,8 @@ else
   for v in patched stock; do
     # DT_RPATH (not RUNPATH) so libllama's own ggml dependencies resolve there too
     g++ -O2 -std=c++17 "$DIR/ihip_run.cpp" -I "$W/$v/include" -I "$W/$v/ggml/include" -L "$W/build-$v/bin" \
-      -L "$W/build-patched/bin" -lllama -lggml -lggml-base -Wl,--disable-new-dtags,-rpath,"$W/build-$v/bin:$W/build-patched/bin" \
+      -L "$W/build-patched/bin" ${PRE:+-L "$W/inst/lib"} -lllama -lggml -lggml-base \
+      -Wl,--disable-new-dtags,-rpath,"$W/build-$v/bin:$W/build-patched/bin${PRE:+:$W/inst/lib}" \
       -o "$W/ihip_run-$v"
   done
   ldd "$W/ihip_run-stock" | grep -E "llama|ggml"

@@ -35,6 +35,7 @@ step() {  # step NAME TIMEOUT CMD...
 cap() { local a=$1 l; l=$(( $(left) - 5 )); echo $(( a < l ? a : l )); }
 [ "${ROPE_ONLY:-1}" = 1 ] && step rope-only $(cap 330) "$S/gpu/infinitehip" gpu-test --rope-only &
 step llama-rope $(cap 520) env IHIP_BUDGET_S=$(( $(left) - 15 )) GPU_TEST_ARGS="${ROPECUDA_LLAMA_ARGS:---only-rope}" \
+  IHIP_GGML_PREBUILT=$([ -f "$S/llama/ggml-inst.tar.xz" ] && echo "$S/llama/ggml-inst.tar.xz") \
   bash "$S/llama/llama-cpp-gpu.sh" run "$S/llama" "$OUT/llama" &
 wait
 cp "$OUT"/llama/gpu_test.json "$OUT/" 2>/dev/null
