@@ -15,8 +15,30 @@
 # installs it, builds the stock libllama against that same ggml
 # (-DLLAMA_USE_SYSTEM_GGML=ON: ggml is not patched), compiles ihip_run for
 # both, writes the tiny GGUF and runs the tests + decode benchmark.
+#   here:   scripts/llama-cpp-gpu.sh patched-tree DIR  (the patched source tree `stage` packs, into DIR;
+#           tests/gpu/ggml-prebuild.sh builds its ggml), scripts/llama-cpp-gpu.sh ggml-hash DIR (its
+#           ggml/ files' hash: the key of a prebuilt ggml, IHIP_GGML_PREBUILT)
 set -euo pipefail
-MODE=${1:?stage|run}
+MODE=${1:?stage|run|patched-tree|ggml-hash}
+
+# the sources llama.cpp's CUDA build needs (no other GPU backends), patched: SRC DEST REPO
+patched_tree() {
+  (cd "$1" && tar cf - --exclude='ggml/src/ggml-vulkan' --exclude='ggml/src/ggml-opencl' --exclude='ggml/src/ggml-sycl' \
+      --exclude='ggml/src/ggml-hexagon' --exclude='ggml/src/ggml-et' --exclude='ggml/src/ggml-metal' \
+      --exclude='ggml/src/ggml-openvino' --exclude='ggml/src/ggml-cann' --exclude='ggml/src/ggml-webgpu' \
+      --exclude='ggml/src/ggml-virtgpu' --exclude='ggml/src/ggml-musa' --exclude='ggml/src/ggml-zdnn' \
+      CMakeLists.txt cmake ggml src include licenses LICENSE vendor) | tar xf - -C "$2"
+  for p in "$3"/patches/llama.cpp/*.patch; do patch -p1 --batch --forward -d "$2" <"$p" >/dev/null; done
+}
+ggml_tree_hash() { (cd "$1" && find ggml -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum) | sha256sum | cut -d' ' -f1; }
+if [ "$MODE" = patched-tree ]; then
+  REPO=$(cd "$(dirname "$0")/.." && pwd)
+  mkdir -p "${2:?DIR}" && patched_tree "${LLAMA_SRC:-$REPO/target/llama.cpp/src-stock}" "$2" "$REPO"
+  exit 0
+elif [ "$MODE" = ggml-hash ]; then
+  ggml_tree_hash "${2:?DIR}"
+  exit 0
+fi
 DIR=$(cd "${2:?DIR}" && pwd)
 
 if [ "$MODE" = stage ]; then
@@ -24,12 +46,7 @@ if [ "$MODE" = stage ]; then
   S=$REPO/target/llama.cpp/src-stock
   T=$(mktemp -d)
   mkdir -p "$T/patched" "$T/stock-overlay"
-  (cd "$S" && tar cf - --exclude='ggml/src/ggml-vulkan' --exclude='ggml/src/ggml-opencl' --exclude='ggml/src/ggml-sycl' \
-      --exclude='ggml/src/ggml-hexagon' --exclude='ggml/src/ggml-et' --exclude='ggml/src/ggml-metal' \
-      --exclude='ggml/src/ggml-openvino' --exclude='ggml/src/ggml-cann' --exclude='ggml/src/ggml-webgpu' \
-      --exclude='ggml/src/ggml-virtgpu' --exclude='ggml/src/ggml-musa' --exclude='ggml/src/ggml-zdnn' \
-      CMakeLists.txt cmake ggml src include licenses LICENSE vendor) | tar xf - -C "$T/patched"
-  for p in "$REPO"/patches/llama.cpp/*.patch; do patch -p1 --batch --forward -d "$T/patched" <"$p" >/dev/null; done
+  patched_tree "$S" "$T/patched" "$REPO"
   cp "$S/CMakeLists.txt" "$T/stock-overlay/" && cp -r "$S/src" "$T/stock-overlay/src" && cp -r "$S/gguf-py" "$T/gguf-py"
   (cd "$REPO" && cargo build --release -p infinitehip-cpp-bridge --lib --features cuda --quiet \
      && cargo build --release -p infinitehip-cli --features cuda --quiet)
@@ -60,7 +77,6 @@ W=${IHIP_WORK:-/tmp/ihip-gpu}  # the builds and the test files
 # tests/gpu/ggml-prebuild.sh's ggml-inst.tar.xz (ggml + ggml-cuda of the patched tree, built elsewhere):
 # both libllamas are built against it, when its ggml tree hash matches src.tar.xz's patched ggml/
 PRE=${IHIP_GGML_PREBUILT:-}
-ggml_tree_hash() { (cd "$1" && find ggml -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum) | sha256sum | cut -d' ' -f1; }
 JOBS=$(nproc)
 mkdir -p "$W" "$OUT"
 if [ "${IHIP_REUSE:-0}" = 1 ] && [ -x "$W/ihip_run-patched" ] && [ -x "$W/ihip_run-stock" ]; then

@@ -38,15 +38,8 @@ PINS=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 nv
 # -- 1. the patched tree, exactly as `stage` stages it (the device hashes the same files)
 T=$(mktemp -d); trap 'rm -rf "$T"' EXIT
 mkdir -p "$T/patched"
-(cd "$S" && tar cf - --exclude='ggml/src/ggml-vulkan' --exclude='ggml/src/ggml-opencl' --exclude='ggml/src/ggml-sycl' \
-    --exclude='ggml/src/ggml-hexagon' --exclude='ggml/src/ggml-et' --exclude='ggml/src/ggml-metal' \
-    --exclude='ggml/src/ggml-openvino' --exclude='ggml/src/ggml-cann' --exclude='ggml/src/ggml-webgpu' \
-    --exclude='ggml/src/ggml-virtgpu' --exclude='ggml/src/ggml-musa' --exclude='ggml/src/ggml-zdnn' \
-    CMakeLists.txt cmake ggml src include licenses LICENSE vendor) | tar xf - -C "$T/patched"
-for p in "$REPO"/patches/llama.cpp/*.patch; do patch -p1 --batch --forward -d "$T/patched" <"$p" >/dev/null; done
-# the same function lives in scripts/llama-cpp-gpu.sh (run): keep them identical
-ggml_tree_hash() { (cd "$1" && find ggml -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum) | sha256sum | cut -d' ' -f1; }
-TREE_HASH=$(ggml_tree_hash "$T/patched")
+LLAMA_SRC=$S bash scripts/llama-cpp-gpu.sh patched-tree "$T/patched"
+TREE_HASH=$(bash scripts/llama-cpp-gpu.sh ggml-hash "$T/patched")
 PATCH_HASH=$(cat "$REPO"/patches/llama.cpp/*.patch | sha256sum | cut -d' ' -f1)
 
 OPTS=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DCMAKE_INSTALL_LIBDIR=lib
