@@ -305,6 +305,11 @@ DUMP_QKV = DUMP_L0 + ",Vcur-0"
 TINY_MODEL = {"n_q_heads": 4, "n_kv_heads": 2, "head_dim": 32, "rope_theta": 10000.0, "max_position": 131072}
 
 
+def row_rel(x, ref):
+    """Per-row relative L2 distance of x from ref (rows of a dumped tensor)."""
+    return np.linalg.norm(x - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)
+
+
 def _per_call(xs, n_calls, name):
     """The last tensor of each call's group (llama.cpp names the matmul, the
     reshape and the rope output alike: the last is what attention reads)."""
@@ -348,7 +353,7 @@ def core_layer_worst(pairs):
     """(prefill, decode) worst row relative L2 of a route's layer vs the core engine (core_layer)."""
     w = [0.0, 0.0]
     for o, r in pairs:
-        rel = np.linalg.norm(r - o, axis=1) / np.maximum(np.linalg.norm(o, axis=1), 1e-12)
+        rel = row_rel(r, o)
         k = int(o.shape[0] == 1)
         w[k] = float("nan") if not np.isfinite(rel).all() else max(w[k], float(rel.max()))
     return w
@@ -388,7 +393,7 @@ def divergence(x, y, names, tol=1e-2):
         if u.shape != v.shape:
             rel = float("inf")
         else:
-            r = np.linalg.norm(u - v, axis=1) / np.maximum(np.linalg.norm(v, axis=1), 1e-12)
+            r = row_rel(u, v)
             rel = float(r.max()) if np.isfinite(r).all() else float("inf")
         w = worst.setdefault(name, {"prefill": 0.0, "decode": 0.0})
         ph = "decode" if decode[c] else "prefill"
@@ -401,7 +406,7 @@ def divergence(x, y, names, tol=1e-2):
 def core_layer_first_past(pairs, tol):
     """The first call of core_layer's pairs with a row past `tol` (relative L2), or None."""
     for c, (o, r) in enumerate(pairs):
-        rel = np.linalg.norm(r - o, axis=1) / np.maximum(np.linalg.norm(o, axis=1), 1e-12)
+        rel = row_rel(r, o)
         if not (rel <= tol).all():
             return {"call": c, "rows": int(o.shape[0]), "row": int(np.argmax(~(rel <= tol))),
                     "rows_past": int((~(rel <= tol)).sum()), "worst": float(np.nanmax(rel))}
@@ -427,7 +432,7 @@ def layer_compare(x, y, layer=0):
         if u.shape != v.shape:
             w["prefill"] = w["decode"] = float("nan")
             break
-        rel = np.linalg.norm(u - v, axis=1) / np.maximum(np.linalg.norm(v, axis=1), 1e-12)
+        rel = row_rel(u, v)
         k = "prefill" if u.shape[0] > 1 else "decode"
         w[k] = float("nan") if not np.isfinite(rel).all() else max(w[k], float(rel.max()))
         if first is None and k == "prefill" and (rel > 1e-2).any():

@@ -59,7 +59,7 @@ Checks (model d256 unless said):
    CUDA route (GpuAttention over llama.cpp's device K/V: interleaved keys,
    the RoPE-mode sparse prefill past the trained length, check mode: every
    decode call == the f64 streaming reference over its selection, sink +
-   window held; opt-in: LLAMA_INFINITEHIP_ROPE_CUDA=1)
+   window held)
    vs the plugin's CPU route on the same model and config (--nkvo 1: K/V in
    host memory, LLAMA_INFINITEHIP_CUDA_OFF=1: the plugin's CPU attention).
    Every layer of both routes is dumped call by call (ihip_run's
@@ -67,11 +67,15 @@ Checks (model d256 unless said):
    own q/k/v (CUDA route: every row within 1e-2, its f16 rounding of
    re-rotated keys; CPU route within 1e-4); layer 0 (same inputs) between
    the routes: K and Q equal, decode rows within 1e-2. The sparse
-   whole-model logits are reported, not bounded (rounding-level changes
-   flip near-tied blocks on this random model). With a covering budget
+   whole-model logits of the routes agree on most rows (median row within
+   1e-2, top-1 >= 0.9: rounding-level changes flip near-tied blocks on a
+   few rows of this random model). With a covering budget
    (streaming positions = the original ones) each route's logits must equal
-   stock's within 1e-2 relative RMS; every tensor of the graph is dumped
-   there and the first one past 1e-2 vs stock is reported. Negative controls: the core
+   stock's within 1e-2 relative RMS, without the eval callback (the CPU
+   route with CUDA graphs off, patch 0014, which it logs; with them kept the
+   distance is reported); every tensor of the graph is dumped in separate
+   runs and the first one past 1e-2 vs stock is reported
+   (GPU_TEST_ROPE_MATRIX=1: which runs agree, one setting toggled at a time). Negative controls: the core
    engine at original positions over the CUDA route's calls, and a prefill
    left to llama.cpp's flash attention (LLAMA_INFINITEHIP_CUDA_PREFILL_OFF=1),
    must differ from the core engine (> 0.1).
@@ -677,8 +681,7 @@ SPLIT_K = {"INFINITEHIP_HIP_ATTENTION": "split-combine"}
 ROPE_TRAIN, ROPE_P, ROPE_B, ROPE_G = 256, 2048, 512, 48
 # the section-12 model (scripts/llama-cpp-gpu.sh: tinyrope.gguf) as the plugin reads it
 ROPE_MODEL = {"n_q_heads": 8, "n_kv_heads": 2, "head_dim": 64, "rope_theta": 10000.0, "max_position": ROPE_TRAIN}
-# the CUDA route runs the modes only when asked (cpp-bridge llama_cuda.rs rope_cuda_opt_in)
-ROPE_CUDA = {"LLAMA_INFINITEHIP_ROPE_CUDA": "1"}
+NO_CUDA_GRAPHS = {"GGML_CUDA_DISABLE_GRAPHS": "1"}
 ROPE_LAYERS = (0, 1)  # tinyrope.gguf's layers
 ROPE_DUMP = dump_graph(ROPE_LAYERS)  # every tensor of the graph, per call
 ROPE_COVER = [(32, 4096, 8), (8, 4096, 4)]  # every block of the 2048 + 48 + 256 context
@@ -699,8 +702,69 @@ def rel_rows(x, ref):
     return np.sqrt((d ** 2).mean(1)) / np.sqrt((ref.astype(np.float64) ** 2).mean())
 
 
+def rope_run_matrix(a, gen, m, ctx, cov, tc_path, cpu_env, res, logits, dumps):
+    """Which runs of the covering case agree (how patch 0014 was found, on an
+    H100 on 2026-12-05: stock under a full-graph dump and the CPU route
+    parted from stock and from each other; CUDA graphs off mended both):
+    the same forced tokens through stock and both routes with graph reuse,
+    CUDA fusion and the dump callback toggled one at a time; prints the
+    pairwise logit distance (relative RMS) and saves the logits and the raw
+    Qcur-0/Kcur-0 dumps (every group member) of the first decode calls
+    beside the JSON (rope_matrix.npz)."""
+    runs = [("stock", a.stock, None, {}, []),
+            ("stock, no graph reuse", a.stock, None, {"LLAMA_GRAPH_REUSE_DISABLE": "1"}, []),
+            ("stock, no CUDA fusion", a.stock, None, {"GGML_CUDA_DISABLE_FUSION": "1"}, []),
+            ("stock --nkvo, no graph reuse", a.stock, None, {"LLAMA_GRAPH_REUSE_DISABLE": "1"}, NKVO),
+            ("stock --nkvo (dumped)", a.stock, None, {}, NKVO),
+            ("patched, no config", a.patched, None, {}, []),
+            ("cuda route, no graph reuse", a.patched, cov, {"LLAMA_GRAPH_REUSE_DISABLE": "1"}, []),
+            ("cpu route, no graph reuse", a.patched, cov, {**cpu_env, "LLAMA_GRAPH_REUSE_DISABLE": "1"}, NKVO),
+            ("stock (full dump), no CUDA graphs", a.stock, None, {"GGML_CUDA_DISABLE_GRAPHS": "1"}, []),
+            ("cpu route, no CUDA graphs", a.patched, cov, {**cpu_env, "GGML_CUDA_DISABLE_GRAPHS": "1"}, NKVO),
+            ("cpu route (dumped), no CUDA graphs", a.patched, cov, {**cpu_env, "GGML_CUDA_DISABLE_GRAPHS": "1"}, NKVO),
+            ("cpu route, original positions", a.patched, rope_cfg("original", "original", ROPE_COVER), cpu_env, NKVO),
+            ("cpu route, KV on the GPU", a.patched, cov, cpu_env, [])]
+    names = "Qcur-0,Kcur-0,kqv_out-0"
+    save = {}
+
+    def keep(tag, d):  # the last row of every group member of the last prefill call and the first decode calls
+        n = len(d["kqv_out-0"])
+        for k in ("Qcur-0", "Kcur-0"):
+            g = len(d[k]) // max(n, 1)
+            for c in range(ROPE_P // ROPE_B - 1, min(n, ROPE_P // ROPE_B + 4)):
+                for j in range(g):
+                    save[f"{tag}|{k}|call{c}|{j}"] = d[k][c * g + j][-1:]
+
+    for tag, d in dumps.items():
+        keep(tag, d)
+    for tag, exe, cfg, env, extra in runs:
+        env = dict(env)
+        path = os.path.join(a.tmp, "rope_matrix.dump")
+        dumped = "(dumped)" in tag or "(full dump)" in tag
+        if dumped:
+            env.update({"IHIP_DUMP_TENSOR": names if "(dumped)" in tag else ROPE_DUMP, "IHIP_DUMP_PATH": path})
+        try:
+            lg, _, _, _ = gen(exe, "rope_matrix", ROPE_P, ROPE_G, config=cfg, force=tc_path, ctx=ctx, model=m,
+                              batch=ROPE_B, env=env, extra=extra)
+        except (SystemExit, Exception) as e:  # noqa: BLE001 - a diagnostic: report and go on
+            print(f"rope matrix: {tag} failed: {e}", flush=True)
+            continue
+        logits[tag] = lg
+        if dumped:
+            keep(tag, read_dump(path, names if "(dumped)" in tag else ROPE_DUMP))
+    keys = list(logits)
+    mat = {x: {y: round(compare(logits[x], logits[y])["rel_rms_diff"], 5) for y in keys} for x in keys}
+    res["run matrix"] = mat
+    print("rope run matrix (logit rel RMS, row vs column):", flush=True)
+    for i, x in enumerate(keys):
+        print(f"  [{i}] {x}: " + " ".join(f"{mat[x][y]:.3g}" for y in keys), flush=True)
+    out = os.path.join(os.path.dirname(os.path.abspath(a.json)), "rope_matrix.npz")
+    np.savez_compressed(out, **save, **{f"logits|{k}": v for k, v in logits.items()})
+    print(f"rope matrix: saved {out}", flush=True)
+
+
 def tests_rope(a, gen, run, check, results, close):
-    """hip's RoPE modes on the CUDA route (opt-in) vs the CPU route and stock.
+    """hip's RoPE modes on the CUDA route vs the CPU route and stock.
 
     The model is random and the budgets small, so near-tied block scores are
     everywhere and a rounding-level change moves the sparse logits a lot.
@@ -709,10 +773,10 @@ def tests_rope(a, gen, run, check, results, close):
     that route's graph computed; layer 0 (same inputs on both routes)
     between the routes; controls that those checks fail when positions or
     prefill are wrong. The whole model is checked with a covering budget
-    (no selection to flip) against stock, every graph tensor compared. The
-    sparse whole-model distance is reported (0.96 relative RMS on an H200,
-    2026-12-05, with every call right: why is what the covering run
-    answers)."""
+    (no selection to flip) against stock, and at the sparse budget the two
+    routes' logits must agree on most rows (before patch 0014 they differed
+    by 0.96 relative RMS on an H200 with every call right: the CPU route's
+    GPU splits were wrong under CUDA graphs)."""
     import infinitehip  # noqa: F401 - the core engine (PYTHONPATH=python-shim, INFINITEHIP_LIB)
 
     m = a.model_rope
@@ -730,7 +794,7 @@ def tests_rope(a, gen, run, check, results, close):
                                batch=ROPE_B, env={**cpu_env, **dump_env(dumps["cpu"]), **qkv}, extra=NKVO)
         tc_path = tc_path or tp
         lg, _, _, log_g = gen(a.patched, tag + "_cuda", ROPE_P, ROPE_G, config=cfg, force=tc_path, ctx=ctx, model=m,
-                              batch=ROPE_B, env={**CHK, **ROPE_CUDA, **(cuda_env or {}), **dump_env(dumps["cuda"]), **qkv})
+                              batch=ROPE_B, env={**CHK, **(cuda_env or {}), **dump_env(dumps["cuda"]), **qkv})
         return (lc, log_c, read_dump(dumps["cpu"], ROPE_DUMP)), (lg, log_g, read_dump(dumps["cuda"], ROPE_DUMP))
 
     def vs_core(dump, cfg):
@@ -747,24 +811,32 @@ def tests_rope(a, gen, run, check, results, close):
         return float("nan") if len(w) != 2 * len(ROPE_LAYERS) or not all(np.isfinite(w)) else max(w)
 
     # First, the whole model with a covering budget: nothing to flip, and streaming positions are the original ones
-    # (every key selected), so both routes must equal stock (llama.cpp alone) within rounding. Every tensor of
-    # the graph is dumped in the three runs: the first one past 1e-2 names where a route parts from stock.
+    # (every key selected), so both routes must equal stock (llama.cpp alone) within rounding. The checks compare
+    # runs without the eval callback; dumped runs (every graph tensor) name where a route parts from stock.
     cov = rope_cfg("chunk_indexed", "streaming", ROPE_COVER)
     (lcc, _, d_cc), (lgc, log_gc, d_gc) = routes("rope_cover", cov)
+    # ggml-cuda's CUDA graphs over the eval callback's one-tensor views computed wrong Q projections from the
+    # second decode step on in stock itself (H100, 2026-12-05): the dumped stock run has them off
     ds = os.path.join(a.tmp, "rope_cover_stock.dump")
-    ls, _, _, _ = gen(a.stock, "rope_cover_stock", ROPE_P, ROPE_G, force=tc_path, ctx=ctx, model=m, batch=ROPE_B,
-                      env={**dump_env(ds), "IHIP_DUMP_TENSOR": ROPE_DUMP})
+    lsd, _, _, _ = gen(a.stock, "rope_cover_stock_dump", ROPE_P, ROPE_G, force=tc_path, ctx=ctx, model=m,
+                       batch=ROPE_B, env={**dump_env(ds), "IHIP_DUMP_TENSOR": ROPE_DUMP, **NO_CUDA_GRAPHS})
     d_s = read_dump(ds, ROPE_DUMP)
+    ls, _, _, _ = gen(a.stock, "rope_cover_stock", ROPE_P, ROPE_G, force=tc_path, ctx=ctx, model=m, batch=ROPE_B)
     lsn, _, _, _ = gen(a.stock, "rope_cover_stock_nkvo", ROPE_P, ROPE_G, force=tc_path, ctx=ctx, model=m,
                        batch=ROPE_B, extra=NKVO)
-    # the same runs without the eval callback (it splits the graph at every dumped tensor)
-    lgn, _, _, _ = gen(a.patched, "rope_cover_cuda_nodump", ROPE_P, ROPE_G, config=cov, force=tc_path, ctx=ctx,
-                       model=m, batch=ROPE_B, env=ROPE_CUDA)
-    lcn, _, _, _ = gen(a.patched, "rope_cover_cpu_nodump", ROPE_P, ROPE_G, config=cov, force=tc_path, ctx=ctx,
-                       model=m, batch=ROPE_B, env=cpu_env, extra=NKVO)
-    cc = {"cuda route vs stock": compare(lgc, ls), "cpu route vs stock": compare(lcc, ls),
-          "cuda route undumped vs stock": compare(lgn, ls), "cpu route undumped vs stock": compare(lcn, ls),
-          "cuda vs cpu route": compare(lgc, lcc), "stock --nkvo vs stock": compare(lsn, ls),
+    lgn, _, _, log_gn = gen(a.patched, "rope_cover_cuda_nodump", ROPE_P, ROPE_G, config=cov, force=tc_path, ctx=ctx,
+                            model=m, batch=ROPE_B)
+    lcn, _, _, log_cn = gen(a.patched, "rope_cover_cpu_nodump", ROPE_P, ROPE_G, config=cov, force=tc_path, ctx=ctx,
+                            model=m, batch=ROPE_B, env=cpu_env, extra=NKVO)
+    # the CPU route with CUDA graphs kept (patch 0014's control): what the patch prevents
+    lck, _, _, log_ck = gen(a.patched, "rope_cover_cpu_graphs", ROPE_P, ROPE_G, config=cov, force=tc_path, ctx=ctx,
+                            model=m, batch=ROPE_B, env={**cpu_env, "LLAMA_INFINITEHIP_KEEP_CUDA_GRAPHS": "1"},
+                            extra=NKVO)
+    cc = {"cuda route vs stock": compare(lgn, ls), "cpu route vs stock": compare(lcn, ls),
+          "stock --nkvo vs stock": compare(lsn, ls), "cuda vs cpu route": compare(lgn, lcn),
+          "stock dumped (no CUDA graphs) vs stock": compare(lsd, ls),
+          "cuda route dumped vs stock": compare(lgc, ls), "cpu route dumped vs stock": compare(lcc, ls),
+          "diag: cpu route with CUDA graphs kept vs stock": compare(lck, ls),
           "core_engine_vs_cuda_route": vs_core(d_gc, cov),
           "graph: cuda route vs stock": divergence(d_gc, d_s, ROPE_DUMP),
           "graph: cpu route vs stock": divergence(d_cc, d_s, ROPE_DUMP),
@@ -773,11 +845,20 @@ def tests_rope(a, gen, run, check, results, close):
     print("rope covering:", json.dumps(cc), flush=True)
     print("rope covering summary:", json.dumps({k: (v["rel_rms_diff"] if "rel_rms_diff" in v else v["first_past"])
                                                 for k, v in cc.items() if not k.startswith("core")}), flush=True)
-    for route, l in (("CUDA", lgc), ("CPU", lcc)):
+    for route, l, ok_log in (("CUDA", lgn, "CUDA route on" in log_gn and "CUDA route on" in log_gc),
+                             ("CPU", lcn, "CUDA graphs off" in log_cn and "CUDA graphs kept" in log_ck)):
         c = compare(l, ls)
         check(f"RoPE modes, covering budget ({ROPE_P} + {ROPE_G} tokens): the {route} route's logits == stock's within "
               f"rounding (rel RMS <= 1e-2, top-1 >= 0.95)", c["finite"] and c["rel_rms_diff"] <= 1e-2
-              and c["top1_agree"] >= 0.95 and (route == "CPU" or "CUDA route on" in log_gc), c)
+              and c["top1_agree"] >= 0.95 and ok_log, c)
+
+    if os.environ.get("GPU_TEST_ROPE_MATRIX") == "1":  # which runs agree, toggling one setting at a time
+        rope_run_matrix(a, gen, m, ctx, cov, tc_path, cpu_env, res,
+                        {"stock": ls, "stock --nkvo": lsn, "cuda route": lgn, "cpu route": lcn,
+                         "cpu route, CUDA graphs kept": lck, "stock (dumped, no CUDA graphs)": lsd,
+                         "cuda route (dumped)": lgc, "cpu route (dumped)": lcc},
+                        {"stock (dumped, no CUDA graphs)": d_s, "cuda route (dumped)": d_gc,
+                         "cpu route (dumped)": d_cc})
 
     if os.environ.get("GPU_TEST_ROPE_COVER_ONLY") == "1":  # a short device call: this part alone
         results["rope_modes_cuda_route"] = res
@@ -820,6 +901,12 @@ def tests_rope(a, gen, run, check, results, close):
               and (st.get("prefill_check_rope") or {}).get("blocks", 0) > 0
               and st["prefill_check_rope"].get("blocks_differing_from_cpu_policy", 1) == 0
               and np.isfinite(lg).all(), st)
+        # whole model, sparse: the routes round differently (f16 re-rotated keys), so a near-tied block can flip
+        # on a row; most rows must agree (2026-12-05, H200: median row 6.6e-4 / 6.4e-4, top-1 0.98 / 1.0; before
+        # patch 0014 the CPU route's GPU splits were wrong under CUDA graphs: 0.96 relative RMS, top-1 ~0.1)
+        check(f"RoPE modes ({scoring} + streaming), whole model at the sparse budget: the CUDA route's logits "
+              f"== the CPU route's on most rows (median row rel RMS <= 1e-2, top-1 >= 0.9)",
+              diag["finite"] and diag["row_rel_rms_median"] <= 1e-2 and diag["top1_agree"] >= 0.9, diag)
         if first is None:
             first = (cfg, lc, lg, d_cpu, d_cuda)
         print(log_g, flush=True)
@@ -844,7 +931,7 @@ def tests_rope(a, gen, run, check, results, close):
 
     # diagnostics: the CUDA-core kernel (no tensor-core rounding) and the sparse whole-model distances
     lk, _, _, log_k = gen(a.patched, "rope_cuda_core", ROPE_P, ROPE_G, config=cfg, force=tc_path, ctx=ctx,
-                          model=m, batch=ROPE_B, env={**CHK, **ROPE_CUDA, "INFINITEHIP_ATTN_KERNEL": "cuda_core"})
+                          model=m, batch=ROPE_B, env={**CHK, "INFINITEHIP_ATTN_KERNEL": "cuda_core"})
     dk = compare(lk, lc)
     dk.update({"vs_tensor_core_route": compare(lk, lg0)["rel_rms_diff"], "stats": stats(log_k)})
     res["diag: cuda route, CUDA-core attention kernel, vs cpu route"] = dk
