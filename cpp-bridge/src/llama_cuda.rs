@@ -471,7 +471,7 @@ mod imp {
                     freq_base = layout.freq_base,
                     freq_scale = layout.freq_scale,
                     max_position = cfg.model.max_position,
-                    "CUDA route: hip RoPE modes over llama.cpp's K/V (opt-in: its whole-model check fails)"
+                    "CUDA route: hip RoPE modes over llama.cpp's K/V"
                 );
             }
             let check_left = std::env::var("LLAMA_INFINITEHIP_CUDA_CHECK")
