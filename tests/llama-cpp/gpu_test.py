@@ -707,23 +707,23 @@ def rope_run_matrix(a, gen, m, ctx, cov, tc_path, cpu_env, res, logits, dumps):
     H100 on 2026-12-05: stock under a full-graph dump and the CPU route
     parted from stock and from each other; CUDA graphs off mended both):
     the same forced tokens through stock and both routes with graph reuse,
-    CUDA fusion and the dump callback toggled one at a time; prints the
+    CUDA fusion, CUDA graphs (the CPU route's with LLAMA_INFINITEHIP_KEEP_CUDA_GRAPHS=1)
+    and the dump callback toggled one at a time; prints the
     pairwise logit distance (relative RMS) and saves the logits and the raw
     Qcur-0/Kcur-0 dumps (every group member) of the first decode calls
     beside the JSON (rope_matrix.npz)."""
-    runs = [("stock", a.stock, None, {}, []),
-            ("stock, no graph reuse", a.stock, None, {"LLAMA_GRAPH_REUSE_DISABLE": "1"}, []),
+    keep_graphs = {**cpu_env, "LLAMA_INFINITEHIP_KEEP_CUDA_GRAPHS": "1"}  # the CPU route as before patch 0014
+    runs = [("stock, no graph reuse", a.stock, None, {"LLAMA_GRAPH_REUSE_DISABLE": "1"}, []),
             ("stock, no CUDA fusion", a.stock, None, {"GGML_CUDA_DISABLE_FUSION": "1"}, []),
             ("stock --nkvo, no graph reuse", a.stock, None, {"LLAMA_GRAPH_REUSE_DISABLE": "1"}, NKVO),
             ("stock --nkvo (dumped)", a.stock, None, {}, NKVO),
+            ("stock (full dump), CUDA graphs on", a.stock, None, {}, []),
             ("patched, no config", a.patched, None, {}, []),
             ("cuda route, no graph reuse", a.patched, cov, {"LLAMA_GRAPH_REUSE_DISABLE": "1"}, []),
-            ("cpu route, no graph reuse", a.patched, cov, {**cpu_env, "LLAMA_GRAPH_REUSE_DISABLE": "1"}, NKVO),
-            ("stock (full dump), no CUDA graphs", a.stock, None, {"GGML_CUDA_DISABLE_GRAPHS": "1"}, []),
-            ("cpu route, no CUDA graphs", a.patched, cov, {**cpu_env, "GGML_CUDA_DISABLE_GRAPHS": "1"}, NKVO),
-            ("cpu route (dumped), no CUDA graphs", a.patched, cov, {**cpu_env, "GGML_CUDA_DISABLE_GRAPHS": "1"}, NKVO),
-            ("cpu route, original positions", a.patched, rope_cfg("original", "original", ROPE_COVER), cpu_env, NKVO),
-            ("cpu route, KV on the GPU", a.patched, cov, cpu_env, [])]
+            ("cpu route, CUDA graphs kept, no graph reuse", a.patched, cov,
+             {**keep_graphs, "LLAMA_GRAPH_REUSE_DISABLE": "1"}, NKVO),
+            ("cpu route (dumped), CUDA graphs kept", a.patched, cov, keep_graphs, NKVO),
+            ("cpu route, original positions", a.patched, rope_cfg("original", "original", ROPE_COVER), cpu_env, NKVO)]
     names = "Qcur-0,Kcur-0,kqv_out-0"
     save = {}
 
