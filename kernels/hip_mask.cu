@@ -993,6 +993,123 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
 }
 
+#ifndef HIP_EST_HOST
+// hip_score_mean: stage 0 of a decode refresh by cached chunk means
+// (hip.decode_stage0 = mean_key; CPU twin HipPolicy::stage0_mean_key).
+// One thread per sub-chunk e of row r's one range [x, y) (cap_in 1): chunk
+// tokens x + e*c .. + c, all stored (validation asks window >= c). Its
+// mean key (f32 sums in token order over c, rounded once to bf16, as
+// hip_fast's representatives) is computed on the first refresh that needs
+// it and kept in means[r][e][D] with tags[r][e] = *gen (the decoder bumps
+// gen when its rows change sequence); later refreshes read one row per
+// chunk where the search reads ~2 log2(c). Score: the max over the row's
+// queries of q . mean in dot_f32's order (8 partial sums, no fused
+// multiply-add), so the keys equal the CPU twin's bit for bit.
+template <typename E, int D, int NQ>
+__device__ void hip_score_mean(const u16* __restrict__ kp, const int* __restrict__ table, int table_stride,
+                               int ps, int hkv, long long pst, long long hst, const int* __restrict__ row_seq,
+                               const float* __restrict__ qs, const int* __restrict__ nq_arr, int nq_max,
+                               const int2* __restrict__ in_ranges, const int* __restrict__ in_cnt, int E_,
+                               int c, u32* __restrict__ keys, const int* __restrict__ gate, int stage,
+                               u16* __restrict__ means, int* __restrict__ tags, const int* __restrict__ gen,
+                               int mcap) {
+    extern __shared__ float sq[];
+    if (gate && gate[1] > stage) return;
+    const int r = blockIdx.y;
+    const int rb = r / hkv, h = r % hkv;
+    const int nq = nq_arr[rb];
+    const float* qsrc = qs + ((long long)r * nq_max) * D;
+    const int nq_pad = (nq + NQ - 1) / NQ * NQ;
+    for (int i = threadIdx.x; i < nq_pad * D; i += blockDim.x) sq[i] = i < nq * D ? qsrc[i] : 0.f;
+    __syncthreads();
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= E_) return;
+    u32 key = 0;
+    if (in_cnt[r] > 0 && e < mcap) {
+        const int2 rg = in_ranges[r];
+        const int l = rg.x + e * c;
+        if (l < rg.y) {
+            u16* mrow = means + ((long long)r * mcap + e) * D;
+            int* tag = tags + (long long)r * mcap + e;
+            const int g = *gen;
+            if (*tag != g) {
+                const int* trow = table + (long long)row_seq[rb] * table_stride;
+                const float cnt = (float)c;
+                for (int c8 = 0; c8 < D / 8; c8++) {
+                    float s[8];
+#pragma unroll
+                    for (int i = 0; i < 8; i++) s[i] = 0.f;
+#pragma unroll 4
+                    for (int t = l; t < l + c; t++) {
+                        float k8[8];
+                        load8<E>(kp + kv_row(trow, t, h, ps, D, pst, hst) + c8 * 8, k8);
+#pragma unroll
+                        for (int i = 0; i < 8; i++) s[i] = __fadd_rn(s[i], k8[i]);
+                    }
+                    u32 w[4];
+#pragma unroll
+                    for (int i = 0; i < 4; i++)
+                        w[i] = (u32)f32_to_bf16(__fdiv_rn(s[2 * i], cnt)) |
+                               ((u32)f32_to_bf16(__fdiv_rn(s[2 * i + 1], cnt)) << 16);
+                    *reinterpret_cast<uint4*>(mrow + c8 * 8) = make_uint4(w[0], w[1], w[2], w[3]);
+                }
+                *tag = g;
+            }
+            float best = NEG_INF;
+            for (int j0 = 0; j0 < nq; j0 += NQ) {
+                float a[NQ][8];
+#pragma unroll
+                for (int j = 0; j < NQ; j++)
+#pragma unroll
+                    for (int i = 0; i < 8; i++) a[j][i] = 0.f;
+#pragma unroll 2
+                for (int c8 = 0; c8 < D / 8; c8++) {
+                    float k8[8];
+                    load8<Bf16>(mrow + c8 * 8, k8);
+#pragma unroll
+                    for (int j = 0; j < NQ; j++) {
+                        const float* qj = sq + (j0 + j) * D + c8 * 8;
+#pragma unroll
+                        for (int i = 0; i < 8; i++) a[j][i] = __fadd_rn(a[j][i], __fmul_rn(qj[i], k8[i]));
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < NQ; j++) {
+                    if (j0 + j < nq) {
+                        float sc = a[j][0];
+#pragma unroll
+                        for (int i = 1; i < 8; i++) sc = __fadd_rn(sc, a[j][i]);
+                        best = fmaxf(best, sc);
+                    }
+                }
+            }
+            key = score_key(best);
+        }
+    }
+    keys[(long long)r * E_ + e] = key;
+}
+
+#define SCORE_MEAN_INST(E, TN, D, NQ)                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) hip_score_mean_##TN##_d##D##_q##NQ(             \
+        const u16* kp, const int* table, int table_stride, int ps, int hkv, long long pst,             \
+        long long hst, const int* row_seq, const float* qs, const int* nq, int nq_max,                 \
+        const int2* in_ranges, const int* in_cnt, int E_, int c, u32* keys, const int* gate,           \
+        int stage, u16* means, int* tags, const int* gen, int mcap) {                                  \
+        IHIP_PDL_ENTRY();                                                                              \
+        hip_score_mean<E, D, NQ>(kp, table, table_stride, ps, hkv, pst, hst, row_seq, qs, nq, nq_max, \
+                                 in_ranges, in_cnt, E_, c, keys, gate, stage, means, tags, gen, mcap); \
+    }
+#define SCORE_MEAN_Q(E, TN, D)                                                          \
+    SCORE_MEAN_INST(E, TN, D, 1) SCORE_MEAN_INST(E, TN, D, 2) SCORE_MEAN_INST(E, TN, D, 4) \
+    SCORE_MEAN_INST(E, TN, D, 8)
+SCORE_MEAN_Q(Bf16, bf16, 64)
+SCORE_MEAN_Q(Bf16, bf16, 128)
+SCORE_MEAN_Q(Bf16, bf16, 256)
+SCORE_MEAN_Q(F16, f16, 64)
+SCORE_MEAN_Q(F16, f16, 128)
+SCORE_MEAN_Q(F16, f16, 256)
+#endif
+
 // Prefill scoring queries: for row (block b, kv head h) gather every
 // `stride`-th query of the block plus its last, all G heads of the group,
 // into qs[r][j][D] (as HipPolicy::group_queries), and nq[b] = count * G.

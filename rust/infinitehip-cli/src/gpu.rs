@@ -281,6 +281,68 @@ fn decode_case<T: Element>(
 fn hip_case(gpu: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<Check> {
     let shape = AttnShape::new(32, 8, 128).map_err(e)?;
     let cfg = HipConfig::default();
+    let mut dec = HipGpuDecoder::new(cfg.clone(), &shape, lens0.len()).map_err(e)?;
+    let r = hip_case_on(gpu, &mut dec, &cfg, lens0, steps, seed)?;
+    Ok(Check {
+        name: format!("hip decode == CPU HipPolicy, lens {lens0:?}, {steps} steps"),
+        ok: r.ok(),
+        detail: r.detail(),
+    })
+}
+
+/// `decode_stage0 = mean_key`: the GPU decoder (cached chunk means,
+/// `hip_score_mean`) vs the CPU HipPolicy's twin on one sequence batch,
+/// then `reset` and another batch of different K/V on the same decoder
+/// (the means of the first must not be reused).
+fn hip_mean_key_case(gpu: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<Check> {
+    let shape = AttnShape::new(32, 8, 128).map_err(e)?;
+    let cfg = HipConfig {
+        decode_stage0: infinitehip::config::DecodeStage0::MeanKey,
+        ..HipConfig::default()
+    };
+    let mut dec = HipGpuDecoder::new(cfg.clone(), &shape, lens0.len()).map_err(e)?;
+    let a = hip_case_on(gpu, &mut dec, &cfg, lens0, steps, seed)?;
+    dec.reset();
+    let b = hip_case_on(gpu, &mut dec, &cfg, lens0, steps, seed + 1000)?;
+    Ok(Check {
+        name: format!(
+            "hip decode, decode_stage0 mean_key == CPU HipPolicy, lens {lens0:?}, {steps} steps, then reset and new K/V"
+        ),
+        ok: a.ok() && b.ok(),
+        detail: format!("first: {}; after reset: {}", a.detail(), b.detail()),
+    })
+}
+
+/// What `hip_case_on` measured.
+struct HipCaseResult {
+    mismatches: usize,
+    first_diff: String,
+    worst: f64,
+    recall_min: f64,
+}
+
+impl HipCaseResult {
+    fn ok(&self) -> bool {
+        self.mismatches == 0 && self.worst <= STORED_KV_BOUND && self.recall_min >= 0.99
+    }
+    fn detail(&self) -> String {
+        format!(
+            "selection mismatches {} {}; attention rel_err {:.2e} (bound {STORED_KV_BOUND:.0e}); min needle recall {:.3}",
+            self.mismatches, self.first_diff, self.worst, self.recall_min
+        )
+    }
+}
+
+/// `hip_case`'s steps on a given decoder (fresh CPU policies).
+fn hip_case_on(
+    gpu: &GpuContext,
+    dec: &mut HipGpuDecoder,
+    cfg: &HipConfig,
+    lens0: &[usize],
+    steps: usize,
+    seed: u64,
+) -> R<HipCaseResult> {
+    let shape = AttnShape::new(32, 8, 128).map_err(e)?;
     let model = ModelShape {
         n_layers: 1,
         n_q_heads: 32,
@@ -319,7 +381,6 @@ fn hip_case(gpu: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<Che
         .map(|_| HipPolicy::new(cfg.clone(), &model))
         .collect::<Result<_, _>>()
         .map_err(e)?;
-    let mut dec = HipGpuDecoder::new(cfg.clone(), &shape, lens0.len()).map_err(e)?;
     let mut rng = Rng::new(seed ^ 77);
     let qe = shape.q_elems();
     let qd = DevBuf::alloc(lens0.len() * qe * 4).map_err(e)?;
@@ -379,11 +440,11 @@ fn hip_case(gpu: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<Che
             recall_min = recall_min.min(full[b].recall(&gsel[b]));
         }
     }
-    let ok = mismatches == 0 && worst <= STORED_KV_BOUND && recall_min >= 0.99;
-    Ok(Check {
-        name: format!("hip decode == CPU HipPolicy, lens {lens0:?}, {steps} steps"),
-        ok,
-        detail: format!("selection mismatches {mismatches} {first_diff}; attention rel_err {worst:.2e} (bound {STORED_KV_BOUND:.0e}); min needle recall {recall_min:.3}"),
+    Ok(HipCaseResult {
+        mismatches,
+        first_diff,
+        worst,
+        recall_min,
     })
 }
 
@@ -541,6 +602,12 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
             &[hip_len, hip_len / 3 + 17, 5000],
             17,
             seed,
+        )?);
+        checks.push(hip_mean_key_case(
+            &gpu,
+            &[hip_len, hip_len / 3 + 17, 5000],
+            17,
+            seed + 9,
         )?);
         return report(&checks);
     }

@@ -427,6 +427,12 @@ pub struct BenchGpuModelArgs {
     /// uses 96,24,8).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub refresh: Vec<usize>,
+    /// How the hip layers score stage 0 in a decode refresh: `search`
+    /// (default, the representative search) or `mean_key` (cached chunk
+    /// means, `hip.decode_stage0`); the first step's time, which builds
+    /// the means, is printed apart.
+    #[arg(long, value_name = "MODE", default_value = "search", value_parser = ["search", "mean_key"])]
+    pub decode_stage0: String,
     /// Accepted for older scripts: hip layers take lean steps by default
     /// now (`HipGpuDecoder::set_lean`: no assembly when no stage refreshes;
     /// sparse v2 attention only).

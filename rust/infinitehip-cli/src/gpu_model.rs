@@ -100,6 +100,11 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
             s.refresh_interval = r;
         }
     }
+    if a.decode_stage0 == "mean_key" {
+        cfg.decode_stage0 = infinitehip::config::DecodeStage0::MeanKey;
+    }
+    let mean_key = a.decode_stage0 == "mean_key";
+    println!("hip decode stage 0: {}", a.decode_stage0);
     let cycle = cfg
         .stages
         .iter()
@@ -111,7 +116,14 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
         for &b in &batches {
             let layer_bytes = (t * 8 * 128 * 2 * 2 * b) as f64;
             let (free, _) = gpu.mem_info().map_err(e)?;
-            let fit = ((free as f64 * 0.85) / layer_bytes).floor() as usize;
+            // mean_key: each hip layer also keeps one bf16 mean key and one
+            // tag per 64-token chunk and KV head (~1/60 of its K/V).
+            let reserve = if mean_key {
+                (n_layers * b * (t / 64 + 1) * 8 * (128 * 2 + 4)) as f64
+            } else {
+                0.0
+            };
+            let fit = (((free as f64 - reserve) * 0.85) / layer_bytes).floor() as usize;
             if fit == 0 {
                 println!("skip T={t} B={b}: one layer's K/V does not fit");
                 continue;
@@ -136,13 +148,26 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
                 .collect::<infinitehip::Result<_>>()
                 .map_err(e)?;
             hips.iter_mut().for_each(|h| h.set_lean(!a.no_lean));
-            // First step of each hip layer uploads its regions.
+            // First step of each hip layer uploads its regions (and with
+            // mean_key averages every stage-0 chunk once).
+            gpu.synchronize().map_err(e)?;
+            let t0 = std::time::Instant::now();
             for (i, h) in hips.iter_mut().enumerate() {
                 let l = n_dense + i;
                 h.step(&gpu, &shape, &kvs[l % distinct], qs[l].ptr, out.ptr, true)
                     .map_err(e)?;
             }
             gpu.synchronize().map_err(e)?;
+            let first_ms = t0.elapsed().as_secs_f64() * 1e3;
+            println!(
+                "T={t} B={b}: first step of the {} hip layers (host wall{}): {first_ms:.2} ms",
+                hips.len(),
+                if mean_key {
+                    ", builds the chunk means"
+                } else {
+                    ""
+                }
+            );
             let sel_tokens: usize = {
                 let s = hips[0].selection_host(&gpu).map_err(e)?;
                 (0..b)
@@ -178,7 +203,7 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
             // Host-metadata path (the previous one): per step of a cycle.
             let t_host = cycle_times(&gpu, cycle, reps, &mut |i| match i {
                 None => {
-                    hips.iter_mut().for_each(|h| h.reset());
+                    hips.iter_mut().for_each(|h| h.restart_cycle());
                     Ok(())
                 }
                 Some(_) => model_step(&mut hips, &mut dws),
@@ -192,7 +217,7 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
                 use crate::gpu_step::Phase;
                 let bd = crate::gpu_step::kernel_breakdown(&gpu, cycle, &mut |p| match p {
                     Phase::Reset => {
-                        hips.iter_mut().for_each(|h| h.reset());
+                        hips.iter_mut().for_each(|h| h.restart_cycle());
                         Ok(())
                     }
                     Phase::Cushion => {
@@ -231,7 +256,7 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
             gpu.synchronize().map_err(e)?;
             let reset_all = |hips: &[HipGpuDecoder]| -> R<()> {
                 hips.iter()
-                    .try_for_each(|h| h.reset_device(&gpu).map_err(e))
+                    .try_for_each(|h| h.restart_device_cycle(&gpu).map_err(e))
             };
             let t_eager = cycle_times(&gpu, cycle, reps, &mut |i| match i {
                 None => reset_all(&hips),
@@ -252,6 +277,7 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
                 (amort(&t_eager), amort(&t_graph), t_graph[0]);
             let profile = crate::gpu_step::profile_layer(
                 &gpu,
+                &cfg,
                 &shape,
                 &kvs[n_dense % distinct],
                 &lens_dev,

@@ -26,7 +26,22 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
         step_case(gpu, &[40_000, 13_001, 5_000], 22, seed + 1, false)?,
         step_case(gpu, &[3_000], 10, seed + 2, false)?,
         step_case(gpu, &[70_000, 66_000], 10, seed + 4, true)?,
+        mean_key_step_case(gpu, &[40_000, 13_001, 5_000], 22, seed + 5)?,
     ])
+}
+
+/// `step_case` with `hip.decode_stage0 = mean_key` (stage 0 by cached
+/// chunk means): host steps, eager device steps and graph replays agree,
+/// including the jump (a fresh host decoder vs decoders whose means were
+/// cached over the earlier steps).
+fn mean_key_step_case(gpu: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<Check> {
+    let cfg = HipConfig {
+        decode_stage0: infinitehip::config::DecodeStage0::MeanKey,
+        ..HipConfig::default()
+    };
+    let mut c = step_case_in(gpu, lens0, steps, seed, &cfg)?;
+    c.name = format!("{} [decode_stage0 mean_key]", c.name);
+    Ok(c)
 }
 
 /// The reference launch mode of the step checks' plain twins: plain
@@ -162,7 +177,7 @@ fn step_case(
         dispatch::set_score4_max(Some(0));
         dispatch::set_topk_mc_min_segs(Some(2));
     }
-    let r = step_case_in(gpu0, lens0, steps, seed);
+    let r = step_case_in(gpu0, lens0, steps, seed, &HipConfig::default());
     if force_new {
         dispatch::set_score4_max(None);
         dispatch::set_topk_mc_min_segs(None);
@@ -177,10 +192,16 @@ fn step_case(
     Ok(c)
 }
 
-fn step_case_in(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<Check> {
+fn step_case_in(
+    gpu0: &GpuContext,
+    lens0: &[usize],
+    steps: usize,
+    seed: u64,
+    cfg: &HipConfig,
+) -> R<Check> {
     let gpu = &gpu0.with_new_stream().map_err(e)?;
     let shape = AttnShape::new(32, 8, 128).map_err(e)?;
-    let cfg = HipConfig::default();
+    let cfg = cfg.clone();
     let jump = 300;
     let nb = lens0.len();
     let full: Vec<_> = lens0
@@ -457,6 +478,7 @@ fn step_case_in(gpu0: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> 
 /// enqueue one step. Printed as a table; returned as JSON.
 pub(crate) fn profile_layer(
     gpu: &GpuContext,
+    cfg: &HipConfig,
     shape: &AttnShape,
     kv: &DeviceKv,
     lens_dev: &DevBuf,
@@ -464,7 +486,6 @@ pub(crate) fn profile_layer(
     out: u64,
     reps: usize,
 ) -> R<serde_json::Value> {
-    let cfg = HipConfig::default();
     let b = kv.batch();
     let cycle = cfg
         .stages
@@ -487,7 +508,7 @@ pub(crate) fn profile_layer(
     let kvr: &DeviceKv = kv;
     let t_host = per_step(&mut |i| match i {
         None => {
-            host.reset();
+            host.restart_cycle();
             Ok(())
         }
         Some(_) => host
@@ -496,13 +517,13 @@ pub(crate) fn profile_layer(
             .map_err(e),
     })?;
     let t_eager = per_step(&mut |i| match i {
-        None => dev.reset_device(gpu).map_err(e),
+        None => dev.restart_device_cycle(gpu).map_err(e),
         Some(_) => dev
             .step_device(gpu, shape, kvr, lens_dev.ptr, q, out)
             .map_err(e),
     })?;
     let t_graph = per_step(&mut |i| match i {
-        None => dev.reset_device(gpu).map_err(e),
+        None => dev.restart_device_cycle(gpu).map_err(e),
         Some(_) => graph.launch().map_err(e),
     })?;
     let dref = &mut dev;

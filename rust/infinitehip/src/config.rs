@@ -248,6 +248,35 @@ pub struct HipConfig {
     /// SmolLM2 one shared mask per group keeps 0.974 of the attention mass
     /// at 1/8, each q head its own 0.982).
     pub per_q_head: bool,
+    /// How a decode refresh of stage 0 scores its chunks (`search`: the
+    /// paper's representative-key search, the default; `mean_key`: each
+    /// chunk's mean key, computed once per chunk and cached per sequence).
+    pub decode_stage0: DecodeStage0,
+}
+
+/// How decode scores stage 0's chunks (`hip.decode_stage0`).
+///
+/// Stage 0 of a decode refresh at 1M tokens reads ~11 key rows per 64-token
+/// chunk (369 MB per layer, 157 us on an H200: half of hip's decode time
+/// amortised over a refresh cycle). A chunk's tokens never change once
+/// written, so its mean key can be computed once and kept: a refresh then
+/// reads one row per chunk (1/11 of the bytes). Prefill is unchanged (its
+/// estimator is `mask_estimator`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecodeStage0 {
+    /// Representative-key binary search over each chunk (the paper's).
+    #[default]
+    Search,
+    /// The chunk's mean key: f32 sum of its `chunk_size` stored keys in
+    /// token order, divided by the count, rounded once to bf16 (the fast
+    /// prefill estimator's representative), scored as q . mean in f32.
+    /// The whole chunk is averaged even where the middle ends inside it,
+    /// so needs `window >= stages[0].chunk_size` (every averaged token is
+    /// stored), original scoring positions, and a second stage when
+    /// `successors` is on. CPU policy and the GPU decoder
+    /// (`HipGpuDecoder`); the engines' GPU routes refuse it for now.
+    MeanKey,
 }
 
 /// Which prefill mask estimator a hip layer runs (`hip.mask_estimator`).
@@ -297,6 +326,7 @@ impl Default for HipConfig {
             mask_estimator: MaskEstimatorChoice::Auto,
             successors: 0,
             per_q_head: false,
+            decode_stage0: DecodeStage0::Search,
         }
     }
 }
@@ -877,6 +907,30 @@ fn validate_hip(h: &HipConfig, at: &str) -> Result<()> {
             format!("{at}.mask_estimator"),
             "fast scores stored keys as they are: needs rope.scoring original",
         ));
+    }
+    if h.decode_stage0 == DecodeStage0::MeanKey {
+        let c0 = h.stages[0].chunk_size;
+        if h.rope.scoring != RopeMode::Original {
+            return Err(bad(
+                format!("{at}.decode_stage0"),
+                "mean_key scores stored keys as they are: needs rope.scoring original",
+            ));
+        }
+        if h.window < c0 {
+            return Err(bad(
+                format!("{at}.decode_stage0"),
+                format!(
+                    "mean_key averages whole stage-0 chunks: needs window ({}) >= stages[0].chunk_size ({c0})",
+                    h.window
+                ),
+            ));
+        }
+        if h.successors > 0 && h.stages.len() < 2 {
+            return Err(bad(
+                format!("{at}.decode_stage0"),
+                "mean_key with successors needs a second stage (successors join the last stage's candidates)",
+            ));
+        }
     }
     Ok(())
 }

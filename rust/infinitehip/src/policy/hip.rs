@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use super::{hip_fast, Phase, Policy, SelectOutput, SelectRequest, Selection};
-use crate::config::{HipConfig, HipStage, MaskEstimatorChoice, ModelShape, RopeMode};
+use crate::config::{DecodeStage0, HipConfig, HipStage, MaskEstimatorChoice, ModelShape, RopeMode};
 use crate::dtype::max_dot_f32;
 use crate::error::{Error, Result};
 use crate::kv::KvRead;
@@ -275,6 +275,11 @@ struct DecodeState {
     last_len: usize,
     /// End of the middle region when stage 1 last ran.
     mid_end: usize,
+    /// `decode_stage0 = mean_key`: per KV head, the mean keys (`[n][d]`,
+    /// bf16-rounded) of stage 0's chunks from `means_base`, computed once
+    /// per chunk (a chunk's stored keys never change).
+    means: Vec<Vec<f32>>,
+    means_base: usize,
 }
 
 pub struct HipPolicy {
@@ -617,6 +622,61 @@ impl HipPolicy {
         })
     }
 
+    /// Stage 0 of a decode refresh by cached chunk means
+    /// (`decode_stage0 = mean_key`): per list, the chunks of `mid` kept by
+    /// score max over the list's queries of q . mean (f32, `dot_f32`'s
+    /// order, as the GPU decoder's `hip_score_mean`). Extends `st.means` by
+    /// the chunks not yet averaged (every chunk of the middle is whole:
+    /// validation asks window >= chunk_size).
+    fn stage0_mean_key(
+        &self,
+        req: &SelectRequest<'_>,
+        st: &mut DecodeState,
+        lists: &[(usize, Vec<f32>)],
+        mid: &Range<usize>,
+    ) -> Vec<Vec<Range<usize>>> {
+        let (hkv, d, len) = (req.shape.n_kv_heads, req.shape.head_dim, req.kv.len());
+        let st0 = &self.cfg.stages[0];
+        let c = st0.chunk_size;
+        let n = mid.len().div_ceil(c);
+        if st.means.len() != hkv || st.means_base != mid.start {
+            st.means = vec![Vec::new(); hkv];
+            st.means_base = mid.start;
+        }
+        // Only whole chunks are kept (a chunk cut by the cache's end would
+        // change as tokens arrive; validation rules it out in decode).
+        let whole = ((len.saturating_sub(mid.start)) / c).min(n);
+        let have = st.means[0].len() / d;
+        let fresh = par_map(hkv, |h| {
+            let from = have.min(whole);
+            hip_fast::representatives(req.kv, h, mid.start + from * c, c, n - from)
+        });
+        let fresh_from = have.min(whole);
+        for (h, f) in fresh.into_iter().enumerate() {
+            let m = &mut st.means[h];
+            m.truncate(fresh_from * d);
+            m.extend_from_slice(&f);
+        }
+        let out = par_map(lists.len(), |u| {
+            let (h, qs) = (&lists[u].0, &lists[u].1);
+            let means = &st.means[*h];
+            run_stage_with(std::slice::from_ref(mid), st0, |chunks| {
+                chunks
+                    .iter()
+                    .map(|ch| {
+                        let a = (ch.start - mid.start) / c;
+                        max_dot_f32(qs, &means[a * d..(a + 1) * d])
+                    })
+                    .collect()
+            })
+        });
+        // Drop the partial chunks again: only whole ones stay cached.
+        for m in st.means.iter_mut() {
+            m.truncate(whole * d);
+        }
+        out
+    }
+
     fn select_decode(&mut self, req: &SelectRequest<'_>) -> Result<SelectOutput> {
         let (hkv, g, d) = (req.shape.n_kv_heads, req.shape.group(), req.shape.head_dim);
         // Range lists: one per KV head (scored by the max over its group's q
@@ -658,6 +718,29 @@ impl HipPolicy {
         } else {
             None
         };
+        let list_queries = |u: usize| -> (usize, Vec<f32>) {
+            if per_q {
+                (u / g, req.queries[u * d..(u + 1) * d].to_vec())
+            } else {
+                (u, Self::group_queries(req, u, 0, 1, 1))
+            }
+        };
+        // Stage 0 by cached chunk means: run here, the search stages from 1.
+        let stage0: Option<Vec<Vec<Range<usize>>>> = (from == 0
+            && self.cfg.decode_stage0 == DecodeStage0::MeanKey
+            && !mid.is_empty())
+        .then(|| {
+            let heads: Vec<(usize, Vec<f32>)> = (0..lists).map(list_queries).collect();
+            self.stage0_mean_key(req, &mut st, &heads, &mid)
+        });
+        let run_from = if stage0.is_some() { 1 } else { from };
+        let first_cands = |u: usize| -> Vec<Range<usize>> {
+            match (&stage0, run_from) {
+                (Some(s0), _) => s0[u].clone(),
+                (None, 0) => vec![mid.clone()],
+                (None, f) => st.stages[f - 1][u].clone(),
+            }
+        };
         let per_head = |u: usize| {
             let mut fresh: Vec<Vec<Range<usize>>> = Vec::new();
             let mut kept = if mid.is_empty() {
@@ -665,16 +748,11 @@ impl HipPolicy {
             } else if from == n_stages {
                 st.stages[n_stages - 1][u].clone()
             } else {
-                let cands = if from == 0 {
-                    vec![mid.clone()]
-                } else {
-                    st.stages[from - 1][u].clone()
-                };
-                let (h, qs) = if per_q {
-                    (u / g, req.queries[u * d..(u + 1) * d].to_vec())
-                } else {
-                    (u, Self::group_queries(req, u, 0, 1, 1))
-                };
+                let cands = first_cands(u);
+                if let Some(s0) = &stage0 {
+                    fresh.push(s0[u].clone());
+                }
+                let (h, qs) = list_queries(u);
                 let prev_last = (self.cfg.successors > 0 && !st.stages.is_empty())
                     .then(|| (&st.stages[n_stages - 1][u][..], &succ_range));
                 self.stages_from(
@@ -683,7 +761,7 @@ impl HipPolicy {
                     &qs,
                     pos,
                     &mid,
-                    from,
+                    run_from,
                     cands,
                     prev_last,
                     table.as_deref(),
@@ -700,37 +778,26 @@ impl HipPolicy {
         let results: Vec<_> = if from == n_stages {
             (0..lists).map(per_head).collect()
         } else if self.flat_decode && !mid.is_empty() {
-            let heads: Vec<(usize, Vec<f32>)> = (0..lists)
-                .map(|u| {
-                    if per_q {
-                        (u / g, req.queries[u * d..(u + 1) * d].to_vec())
-                    } else {
-                        (u, Self::group_queries(req, u, 0, 1, 1))
-                    }
-                })
-                .collect();
-            let cands: Vec<Vec<Range<usize>>> = (0..lists)
-                .map(|u| {
-                    if from == 0 {
-                        vec![mid.clone()]
-                    } else {
-                        st.stages[from - 1][u].clone()
-                    }
-                })
-                .collect();
+            let heads: Vec<(usize, Vec<f32>)> = (0..lists).map(list_queries).collect();
+            let cands: Vec<Vec<Range<usize>>> = (0..lists).map(first_cands).collect();
             let prev: Option<&[Vec<Range<usize>>]> = (self.cfg.successors > 0
                 && !st.stages.is_empty())
             .then(|| &st.stages[n_stages - 1][..]);
-            let fresh = self.stages_flat(
+            let mut fresh = self.stages_flat(
                 req,
                 &heads,
                 pos,
                 &mid,
-                from,
+                run_from,
                 cands,
                 prev.map(|p| (p, &succ_range)),
                 table.as_deref(),
             );
+            if let Some(s0) = &stage0 {
+                for (f, s) in fresh.iter_mut().zip(s0) {
+                    f.insert(0, s.clone());
+                }
+            }
             fresh
                 .into_iter()
                 .map(|f| {

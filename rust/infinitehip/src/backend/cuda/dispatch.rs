@@ -1176,6 +1176,9 @@ pub(crate) struct StageInputs {
     pub gate: u64,
     /// Scratch of the multi-CTA top-k (`hip_topk_mc`); None: `hip_topk`.
     pub topk_mc: Option<TopkMcPtrs>,
+    /// Stage 0 by cached chunk means (`hip.decode_stage0 = mean_key`,
+    /// backend/cuda/mean_key.rs); None: the search.
+    pub mean0: Option<super::mean_key::MeanPtrs>,
 }
 
 /// Scratch of `hip_topk_mc` (kernels/hip_mask.cu), device pointers: i32
@@ -1309,29 +1312,30 @@ pub(crate) fn run_stages_to(
         };
         let n_sub = cap_in * e;
         let lanes = score_lanes(nq_tpl, x.rows * n_sub);
-        launch_score(
-            gpu,
-            kv,
-            &ScoreLaunch {
-                module: x.module,
-                nq_tpl,
-                lanes,
-                rows: x.rows,
-                row_seq: x.row_seq,
-                q: x.q,
-                nq: x.nq,
-                nq_max: x.nq_max,
-                in_ranges: in_ptr,
-                in_cnt,
-                cap_in,
-                e,
-                c: st.chunk_size,
-                keys: x.keys,
-                gate: x.gate,
-                stage: s,
-            },
-            score_kernel(),
-        )?;
+        let launch = ScoreLaunch {
+            module: x.module,
+            nq_tpl,
+            lanes,
+            rows: x.rows,
+            row_seq: x.row_seq,
+            q: x.q,
+            nq: x.nq,
+            nq_max: x.nq_max,
+            in_ranges: in_ptr,
+            in_cnt,
+            cap_in,
+            e,
+            c: st.chunk_size,
+            keys: x.keys,
+            gate: x.gate,
+            stage: s,
+        };
+        match (s, &x.mean0) {
+            (0, Some(m)) => super::mean_key::launch_score_mean(gpu, kv, &launch, m)?,
+            _ => {
+                launch_score(gpu, kv, &launch, score_kernel())?;
+            }
+        }
         super::prof::mark(gpu, super::prof::stage_name(true, s))?;
         let k = st.keep_tokens / st.chunk_size;
         let sub = SubChunks {
@@ -1413,7 +1417,7 @@ fn score_kernel() -> ScoreKernel {
 /// (many queries, e.g. prefill blocks) the per-thread kernel runs.
 const SCOREW_MAX_SMEM: usize = 160 * 1024;
 /// Threads per CTA of the scoring launches.
-const SCORE_THREADS: usize = 128;
+pub(crate) const SCORE_THREADS: usize = 128;
 
 /// One stage's scoring launch (see `run_stages`).
 pub(crate) struct ScoreLaunch {
@@ -2049,6 +2053,8 @@ pub struct HipGpuDecoder {
     /// refreshes stage 0 (`set_stage0_event`): a copy stream can start on
     /// stage 0's kept chunks (`stage0_chunks`) while stages 1.. score.
     pub(crate) stage0_done: Option<CudaEvent>,
+    /// Stage 0's cached chunk means (`hip.decode_stage0 = mean_key`).
+    pub(crate) mean0: Option<super::mean_key::MeanKeyCache>,
 }
 
 impl HipGpuDecoder {
@@ -2097,6 +2103,15 @@ impl HipGpuDecoder {
                 "hip.per_q_head",
                 "CPU policy only: the GPU stages and kernels keep one mask per KV head (use false on the GPU)",
             ));
+        }
+        if cfg.decode_stage0 == crate::config::DecodeStage0::MeanKey {
+            let c0 = cfg.stages[0].chunk_size;
+            if cfg.rope.scoring != crate::config::RopeMode::Original || cfg.window < c0 {
+                return Err(Error::config(
+                    "hip.decode_stage0",
+                    format!("mean_key needs rope.scoring original and window >= stages[0].chunk_size ({c0})"),
+                ));
+            }
         }
         Ok(())
     }
@@ -2151,6 +2166,11 @@ impl HipGpuDecoder {
             n_q: shape.n_q_heads,
             topk_mc: None,
             stage0_done: None,
+            mean0: if cfg.decode_stage0 == crate::config::DecodeStage0::MeanKey {
+                Some(super::mean_key::MeanKeyCache::new()?)
+            } else {
+                None
+            },
             stages,
             cfg,
         })
@@ -2313,6 +2333,7 @@ impl HipGpuDecoder {
             self.e0 = e0;
         }
         let rows = self.batch * hkv;
+        let mean0 = self.mean0_ready(gpu, self.e0, kv.head_dim)?;
         let ctx = StageInputs {
             rows,
             row_seq: self.row_seq.ptr,
@@ -2327,6 +2348,7 @@ impl HipGpuDecoder {
             module: self.score_module,
             gate: 0,
             topk_mc: self.topk_mc.as_ref().map(|m| m.ptrs),
+            mean0,
         };
         match self.rope_ready(upload)? {
             Some(r) if r.scores_rotated() => {
@@ -2404,6 +2426,32 @@ impl HipGpuDecoder {
             n_stages: self.cfg.stages.len(),
             tab_sink: self.tab_sink.ptr,
         }
+    }
+
+    /// The stage-0 mean cache sized for `chunks` chunks per row, with a
+    /// pending invalidation applied (`reset`); None without `mean_key`.
+    pub(crate) fn mean0_ready(
+        &mut self,
+        gpu: &GpuContext,
+        chunks: usize,
+        d: usize,
+    ) -> Result<Option<super::mean_key::MeanPtrs>> {
+        let rows = self.batch * self.hkv;
+        let module = self.score_module;
+        let Some(m) = self.mean0.as_mut() else {
+            return Ok(None);
+        };
+        if module != "hip_mask" {
+            return Err(Error::config(
+                "hip.decode_stage0",
+                "mean_key reads keys on the device: not with host-tier (offloaded) key scoring",
+            ));
+        }
+        m.ensure(rows, chunks, d)?;
+        if m.bump_pending {
+            m.bump(gpu)?;
+        }
+        Ok(Some(m.ptrs()))
     }
 
     /// Lean steps (on by default): with the sparse v2 attention, a step
@@ -2569,7 +2617,18 @@ impl HipGpuDecoder {
         r
     }
 
+    /// The rows start new sequences: the next step refreshes every stage
+    /// (and, with `decode_stage0 = mean_key`, forgets the cached means).
     pub fn reset(&mut self) {
+        if let Some(m) = &mut self.mean0 {
+            m.bump_pending = true;
+        }
+        self.restart_cycle();
+    }
+
+    /// Restart the refresh cycle on the same sequences (benchmarks): the
+    /// next step refreshes every stage; cached means stay.
+    pub fn restart_cycle(&mut self) {
         self.step = 0;
         self.host_tab_sink.clear();
         self.sel_stale = false;
@@ -2974,6 +3033,7 @@ impl HipGpuPrefill {
             module: "hip_mask",
             gate: 0,
             topk_mc: None,
+            mean0: None,
         };
         match self.rope.as_deref() {
             Some(r) if rotated => {

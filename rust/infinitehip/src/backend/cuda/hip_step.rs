@@ -67,6 +67,7 @@ impl HipGpuDecoder {
             self.grow_topk_mc(slots)?;
         }
         self.e0 = e0;
+        self.mean0_ready_for_device(e0, kv.head_dim)?;
         // One token per step slides at most one token per step out of the
         // window; four stage-0 intervals of headroom before forcing.
         let slid_cap = 4 * st[0].refresh_interval.max(1);
@@ -97,9 +98,36 @@ impl HipGpuDecoder {
     /// Restart the device refresh cycle (the next step refreshes every
     /// stage), ordered on `gpu`'s stream. Not part of a step: a captured
     /// step replays on whatever counter it finds.
-    pub fn reset_device(&self, gpu: &GpuContext) -> Result<()> {
+    /// The rows start new sequences: also forgets the cached stage-0 means
+    /// (`decode_stage0 = mean_key`; their generation lives on the device,
+    /// so a graph captured before replays correctly after this).
+    pub fn reset_device(&mut self, gpu: &GpuContext) -> Result<()> {
+        if let Some(m) = &mut self.mean0 {
+            m.bump(gpu)?;
+        }
+        self.restart_device_cycle(gpu)
+    }
+
+    /// `reset_device` on the same sequences (benchmarks): cached means stay.
+    pub fn restart_device_cycle(&self, gpu: &GpuContext) -> Result<()> {
         let d = self.dev.as_ref().ok_or_else(not_prepared)?;
         d.state.write_async(&gpu.stream, &[0i32, 0])
+    }
+
+    /// The stage-0 mean cache sized for the device step's `e0` (allocates:
+    /// in `prepare_device_steps`, never inside a capture).
+    fn mean0_ready_for_device(&mut self, e0: usize, d: usize) -> Result<()> {
+        let rows = self.batch * self.hkv;
+        if let Some(m) = self.mean0.as_mut() {
+            if self.score_module != "hip_mask" {
+                return Err(Error::config(
+                    "hip.decode_stage0",
+                    "mean_key reads keys on the device: not with host-tier (offloaded) key scoring",
+                ));
+            }
+            m.ensure(rows, e0, d)?;
+        }
+        Ok(())
     }
 
     /// One decode step with device metadata: `lens` device i32 `[batch]`
@@ -129,6 +157,17 @@ impl HipGpuDecoder {
                 "the GPU decoder's RoPE modes run host steps only (step with upload), not the device step",
             ));
         }
+        // A pending invalidation (`reset`) is applied here, outside any
+        // capture when the caller reset before capturing.
+        let mean0 = match self.mean0.as_mut() {
+            Some(m) => {
+                if m.bump_pending {
+                    m.bump(gpu)?;
+                }
+                Some(m.ptrs())
+            }
+            None => None,
+        };
         let d = self.dev.as_ref().ok_or_else(not_prepared)?;
         let cfg = &self.cfg;
         let meta = gpu.func(self.score_module, "hip_step_meta")?;
@@ -180,6 +219,7 @@ impl HipGpuDecoder {
             module: self.score_module,
             gate: d.state.ptr,
             topk_mc: self.topk_mc.as_ref().map(|m| m.ptrs),
+            mean0,
         };
         run_stages(gpu, kv, cfg, &self.stages, 0, &x)?;
         let last = self.stages.last().unwrap();

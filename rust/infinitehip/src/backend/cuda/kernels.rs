@@ -197,7 +197,7 @@ pub fn entry_points(module: &str) -> Vec<String> {
         // The warp scoring kernels are not built over the host tier.
         return entry_points("hip_mask")
             .into_iter()
-            .filter(|n| !n.starts_with("hip_scorew"))
+            .filter(|n| !n.starts_with("hip_scorew") && !n.starts_with("hip_score_mean"))
             .collect();
     }
     if module == "decode_dense_v2" {
@@ -254,6 +254,7 @@ pub fn entry_points(module: &str) -> Vec<String> {
                     for g in GROUPS {
                         v.push(format!("hip_scorew_{dt}_d{d}_q{g}"));
                         v.push(format!("hip_scorewp_{dt}_d{d}_q{g}"));
+                        v.push(format!("hip_score_mean_{dt}_d{d}_q{g}"));
                     }
                 }
                 "hip_fast" => {

@@ -38,6 +38,7 @@ pub mod est_cache;
 pub mod hip_fast;
 pub mod hip_step;
 pub mod kernels;
+pub(crate) mod mean_key;
 pub mod offload;
 pub mod pdl;
 pub mod policies;

@@ -504,6 +504,7 @@ impl GpuAttention {
             module: "hip_mask",
             gate: g.gate.ptr,
             topk_mc: None,
+            mean0: None,
         };
         let pos: Vec<StageBuf> = (0..n)
             .map(|s| StageBuf {

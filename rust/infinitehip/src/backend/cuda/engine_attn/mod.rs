@@ -1615,6 +1615,7 @@ impl GpuAttention {
                     module,
                     gate: 0,
                     topk_mc: None,
+                    mean0: None,
                 };
                 match h.rope.as_deref() {
                     Some(r) if rotated => {

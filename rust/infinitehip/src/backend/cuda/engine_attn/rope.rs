@@ -46,6 +46,12 @@ use crate::error::{Error, Result};
 /// None at original positions, else (scoring mode, streaming attention).
 pub(super) fn layer_modes(layer: usize, cfg: &HipConfig) -> Result<Option<(RopeMode, bool)>> {
     HipGpuDecoder::validate_decoder(cfg)?;
+    if cfg.decode_stage0 == crate::config::DecodeStage0::MeanKey {
+        return Err(Error::config(
+            format!("layer {layer} hip.decode_stage0"),
+            "mean_key runs in the CPU policy and the GPU decoder (HipGpuDecoder) only; the engines' GPU route (GpuAttention) does not run it yet: use search",
+        ));
+    }
     rope_gpu::modes(cfg).map_err(|e| Error::Invalid(format!("layer {layer}: {e}")))
 }
 
