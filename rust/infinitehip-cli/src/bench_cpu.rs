@@ -179,6 +179,34 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// One decode selection per sequence (`q`: `[batch][q_elems]`).
+fn select_all<V: infinitehip::kv::KvRead>(
+    pols: &mut [Box<dyn Policy>],
+    views: &[V],
+    shape: &AttnShape,
+    q: &[f32],
+) -> Result<Vec<Selection>, String> {
+    let qe = shape.q_elems();
+    pols.iter_mut()
+        .zip(views)
+        .enumerate()
+        .map(|(i, (p, v))| {
+            let req = SelectRequest {
+                seq: 0,
+                shape: *shape,
+                phase: Phase::Decode,
+                queries: &q[i * qe..(i + 1) * qe],
+                q_start: v.len() - 1,
+                kv: v,
+            };
+            Ok(p.select(&req)
+                .map_err(|e| e.to_string())?
+                .blocks
+                .swap_remove(0))
+        })
+        .collect()
+}
+
 fn bench_decode(
     name: &str,
     seqs: &mut [NeedleSeq<bf16>],
@@ -204,18 +232,7 @@ fn bench_decode(
             let q: Vec<f32> = seqs.iter().flat_map(|s| s.query(&mut rng)).collect();
             let views: Vec<_> = seqs.iter().map(|s| s.pool.view(0).unwrap()).collect();
             let t = Instant::now();
-            for (j, (p, v)) in pols.iter_mut().zip(&views).enumerate() {
-                let qe = shape.q_elems();
-                p.select(&SelectRequest {
-                    seq: 0,
-                    shape: *shape,
-                    phase: Phase::Decode,
-                    queries: &q[j * qe..(j + 1) * qe],
-                    q_start: v.len() - 1,
-                    kv: v,
-                })
-                .map_err(|e| e.to_string())?;
-            }
+            select_all(&mut pols, &views, shape, &q)?;
             if i == 0 {
                 eprintln!(
                     "  {name}: first selection (averages every stage-0 chunk) {:.1} ms",
@@ -242,24 +259,7 @@ fn bench_decode(
         dense_t.push(ms(t));
         let mut ours = vec![f32::NAN; q.len()];
         let t = Instant::now();
-        let mut sels: Vec<Selection> = Vec::with_capacity(b);
-        for (i, (p, v)) in pols.iter_mut().zip(&views).enumerate() {
-            let qe = shape.q_elems();
-            let req = SelectRequest {
-                seq: 0,
-                shape: *shape,
-                phase: Phase::Decode,
-                queries: &q[i * qe..(i + 1) * qe],
-                q_start: v.len() - 1,
-                kv: v,
-            };
-            sels.push(
-                p.select(&req)
-                    .map_err(|e| e.to_string())?
-                    .blocks
-                    .swap_remove(0),
-            );
-        }
+        let sels = select_all(&mut pols, &views, shape, &q)?;
         attention::decode(shape, &q, &views, Some(&sels), &mut ours).map_err(|e| e.to_string())?;
         ours_t.push(ms(t));
         let dense64: Vec<f64> = dense.iter().map(|&x| x as f64).collect();
