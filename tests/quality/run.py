@@ -79,7 +79,7 @@ QUICK = {"exact_ctx": 512, "lengths": [1024], "decode": 64, "depths": [0.1, 0.3,
          "configs": [SPARSE_CHECK], "batch": 256}
 # The exactness sequence: short, few decode steps (every token is compared).
 EXACT_SEQ = {"decode": 32, "depths": [0.3, 0.7]}
-EXACT_CONFIGS = ["hip-cover", "lazy-cover", "squeeze-cover", "locret-cover"]
+EXACT_CONFIGS = ["hip-cover", "hip-cover-mk", "lazy-cover", "squeeze-cover", "locret-cover"]
 EXACT_NEGATIVE = "hip-1/4"  # must exceed EXACT_BOUND, or the check could not fail
 
 
