@@ -4,21 +4,22 @@
 #    eager device steps, graph replays, PDL vs plain twins, the jump past cached means) and "hip decode,
 #    decode_stage0 mean_key == CPU HipPolicy ... then reset and new K/V" (the GPU keys equal the CPU twin's).
 # 2. bench-gpu-model at 128K and 1M, batch 1: search vs mean_key at the default intervals (16,8,4), one
-#    SDPA baseline, same call; then mean_key at 32,16,8 while time is left.
+#    SDPA baseline, same call; then, while time is left, upstream hip-attention's intervals (32,16,8 and
+#    96,24,8) with both (this subsumes tests/gpu/refresh-run.sh).
 #   here:  bash scripts/gpu-check.sh      (gpu-bin/)
-#   there: run(command="BUDGET=420 bash tests/gpu/meankey-run.sh", carry=["gpu-bin"], timeout_s=450)
+#   there: run(command="BUDGET=560 bash tests/gpu/meankey-run.sh", carry=["gpu-bin"], timeout_s=590)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
 source tests/gpu/device-env.sh
-T0=$(date +%s); left() { echo $(( ${BUDGET:-420} - ($(date +%s) - T0) )); }
+T0=$(date +%s); left() { echo $(( ${BUDGET:-560} - ($(date +%s) - T0) )); }
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; date -u; uptime; } > "$OUT/device.txt"
 timeout 200 gpu-bin/infinitehip gpu-test --step-only > "$OUT/step-check.log" 2>&1
 echo "step-check: rc=$? at $(( $(date +%s) - T0 )) s" >> "$OUT/device.txt"
 timeout 70 python3 scripts/sdpa_bench.py --tokens 1048576 --batch 1 --reps 3 --prefill-tokens '' \
   --model-tokens 131072,1048576 --model-batch 1 --json "$OUT/sdpa.json" > "$OUT/sdpa.log" 2>&1
 echo "sdpa: rc=$? at $(( $(date +%s) - T0 )) s" >> "$OUT/device.txt"
-for run in search:16,8,4 mean_key:16,8,4 mean_key:32,16,8; do
+for run in search:16,8,4 mean_key:16,8,4 mean_key:32,16,8 search:32,16,8 search:96,24,8 mean_key:96,24,8; do
   [ "$(left)" -gt 40 ] || break
   m=${run%%:*} r=${run#*:}
   t=$(( $(left) - 5 < 75 ? $(left) - 5 : 75 ))
