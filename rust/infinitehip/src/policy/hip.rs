@@ -646,15 +646,12 @@ impl HipPolicy {
         // Only whole chunks are kept (a chunk cut by the cache's end would
         // change as tokens arrive; validation rules it out in decode).
         let whole = ((len.saturating_sub(mid.start)) / c).min(n);
-        let have = st.means[0].len() / d;
+        let from = (st.means[0].len() / d).min(whole);
         let fresh = par_map(hkv, |h| {
-            let from = have.min(whole);
             hip_fast::representatives(req.kv, h, mid.start + from * c, c, n - from)
         });
-        let fresh_from = have.min(whole);
-        for (h, f) in fresh.into_iter().enumerate() {
-            let m = &mut st.means[h];
-            m.truncate(fresh_from * d);
+        for (m, f) in st.means.iter_mut().zip(fresh) {
+            m.truncate(from * d);
             m.extend_from_slice(&f);
         }
         let out = par_map(lists.len(), |u| {
