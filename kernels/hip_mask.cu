@@ -197,33 +197,6 @@ SCORE_Q(F16, f16, 128)
 SCORE_Q(F16, f16, 256)
 
 #ifndef HIP_EST_HOST
-// A warp scoring launch's fused tail (host decode steps, stages of at most
-// STAGE_FUSE_MAX sub-chunks a row; arrive null: none): the last CTA of each
-// row to finish (arrival counter, zero between launches, reset by it) keeps
-// the row's best k sub-chunks as hip_topk does (the same slots in the same
-// order: topk_threshold / topk_emit below), and with asm_on builds the
-// row's attention selection as hip_assemble does. Saves the stage's top-k
-// launch (and the last stage's assemble launch): at 1M tokens on the H200
-// each was 6-8 us of a refresh step, mostly the launch's own chain.
-struct StageFuse {
-    int* arrive;
-    int2* out;
-    int* out_cnt;
-    const int2* extra;
-    int2* ranges;
-    int* cum;
-    int* cnt;
-    int* tot;
-    int* tab;
-    int* ntab;
-    int* tab_sink;
-    int k, out_cap, asm_on, hkv, cap, tab_cap;
-};
-__device__ void stage_fuse_tail(const StageFuse& f, int r, const u32* keys, int n_sub,
-                                const int2* in_ranges, int cap_in, int E_, int c);
-#endif
-
-#ifndef HIP_EST_HOST
 // hip_scorew: the same scores as hip_score, bit for bit, with the key rows
 // of a level fetched together. A warp scores SPW = 32 / LPS sub-chunks
 // (LPS lanes each, queries split among them as in hip_score4) level by
@@ -287,7 +260,7 @@ __device__ void hip_scorew(const u16* __restrict__ kp, const int* __restrict__ t
                            const float* __restrict__ qs, const int* __restrict__ nq_arr, int nq_max,
                            const int2* __restrict__ in_ranges, const int* __restrict__ in_cnt,
                            int cap_in, int E_, int c, u32* __restrict__ keys, const int* __restrict__ gate,
-                           int stage, const StageFuse& fz) {
+                           int stage) {
     constexpr int QS = LPS > 1 ? D + 4 : D;
     constexpr int SPW = 32 / LPS;                 // sub-chunks per warp
     constexpr int RU = D / 8 + 1;                 // row stride, 16-byte units
@@ -400,7 +373,6 @@ __device__ void hip_scorew(const u16* __restrict__ kp, const int* __restrict__ t
         __syncwarp();  // every lane's reads of this level's rows and offsets are done
     }
     if (jl == 0 && j < n_sub) keys[(long long)r * n_sub + j] = valid ? score_key(best) : 0u;
-    if (fz.arrive) stage_fuse_tail(fz, r, keys, n_sub, in_ranges, cap_in, E_, c);
 }
 
 #define SCOREW_INST(PFX, LPS, E, TN, D, NQ)                                                       \
@@ -409,10 +381,10 @@ __device__ void hip_scorew(const u16* __restrict__ kp, const int* __restrict__ t
                                       int hkv, long long pst, long long hst, const int* row_seq, const float* qs, const int* nq, \
                                       int nq_max, const int2* in_ranges, const int* in_cnt,       \
                                       int cap_in, int E_, int c, u32* keys, const int* gate,      \
-                                      int stage, StageFuse fz) {                                  \
+                                      int stage) {                                                \
         IHIP_PDL_ENTRY();                                                                         \
         hip_scorew<E, D, NQ, LPS>(kp, table, table_stride, ps, hkv, pst, hst, row_seq, qs, nq, nq_max, in_ranges, \
-                            in_cnt, cap_in, E_, c, keys, gate, stage, fz);                        \
+                            in_cnt, cap_in, E_, c, keys, gate, stage);                            \
     }
 #define SCOREW_Q(E, TN, D) SCOREW_INST(hip_scorew, 1, E, TN, D, 1) SCOREW_INST(hip_scorew, 1, E, TN, D, 2) \
     SCOREW_INST(hip_scorew, 1, E, TN, D, 4) SCOREW_INST(hip_scorew, 1, E, TN, D, 8)                     \
@@ -443,7 +415,7 @@ __device__ void hip_scorewp(const u16* __restrict__ kp, const int* __restrict__ 
                             const float* __restrict__ qs, const int* __restrict__ nq_arr, int nq_max,
                             const int2* __restrict__ in_ranges, const int* __restrict__ in_cnt,
                             int cap_in, int E_, int c, u32* __restrict__ keys, const int* __restrict__ gate,
-                            int stage, const StageFuse& fz) {
+                            int stage) {
     constexpr int QS = D;
     constexpr int RU = D / 8 + 1;                // row stride, 16-byte units
     constexpr int RL = D / 8 < 32 ? D / 8 : 32;  // lanes per row in one copy
@@ -567,7 +539,6 @@ __device__ void hip_scorewp(const u16* __restrict__ kp, const int* __restrict__ 
         const int j = wj + g * 16 + s;
         if (p == 0 && j < n_sub) keys[(long long)r * n_sub + j] = valid[g] ? score_key(best[g]) : 0u;
     }
-    if (fz.arrive) stage_fuse_tail(fz, r, keys, n_sub, in_ranges, cap_in, E_, c);
 }
 
 #define SCOREWP_INST(E, TN, D, NQ)                                                                \
@@ -576,10 +547,10 @@ __device__ void hip_scorewp(const u16* __restrict__ kp, const int* __restrict__ 
                                       int hkv, long long pst, long long hst, const int* row_seq, const float* qs, const int* nq, \
                                       int nq_max, const int2* in_ranges, const int* in_cnt,       \
                                       int cap_in, int E_, int c, u32* keys, const int* gate,      \
-                                      int stage, StageFuse fz) {                                  \
+                                      int stage) {                                                \
         IHIP_PDL_ENTRY();                                                                         \
         hip_scorewp<E, D, NQ>(kp, table, table_stride, ps, hkv, pst, hst, row_seq, qs, nq, nq_max, in_ranges, \
-                            in_cnt, cap_in, E_, c, keys, gate, stage, fz);                        \
+                            in_cnt, cap_in, E_, c, keys, gate, stage);                            \
     }
 #define SCOREWP_Q(E, TN, D) SCOREWP_INST(E, TN, D, 1) SCOREWP_INST(E, TN, D, 2) \
     SCOREWP_INST(E, TN, D, 4) SCOREWP_INST(E, TN, D, 8)
@@ -920,12 +891,15 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
 // that slid out of the window since stage 1 ran, and the window (disjoint
 // and ascending). extra[rb] = {sink, slid, window} as (start, end).
 // One CTA per row; item i < nc is chunk i, then sink/slid/window.
-// Row r's selection by the whole CTA (hip_assemble; stage_fuse_tail, which
-// has just written the chunks in this CTA: plain loads, not read-only ones).
-__device__ void assemble_row(int r, const int2* chunks, const int* ccnt, int ccap, const int2* extra, int hkv,
-                             int2* ranges, int* cum, int* cnt, int* tot, int cap, int* tab, int tab_cap,
-                             int* ntab, const int* gate, int n_stages, int* tab_sink) {
+extern "C" __global__ void __launch_bounds__(256)
+    hip_assemble(const int2* __restrict__ chunks, const int* __restrict__ ccnt, int ccap,
+                 const int2* __restrict__ extra, int hkv, int n_rows, int2* __restrict__ ranges,
+                 int* __restrict__ cum, int* __restrict__ cnt, int* __restrict__ tot, int cap,
+                 int* __restrict__ tab, int tab_cap, int* __restrict__ ntab,
+                 const int* __restrict__ gate, int n_stages, int* __restrict__ tab_sink) {
+    IHIP_PDL_ENTRY();
     __shared__ int s_warp[32];
+    const int r = blockIdx.x;
     const int rb = r / hkv;
     // Lean device step (gate non-null): no stage refreshed and the sink as
     // when the table was built, so the table is current; the ranges keep
@@ -971,54 +945,6 @@ __device__ void assemble_row(int r, const int2* chunks, const int* ccnt, int cca
         tot[r] = acc;
     }
 }
-
-extern "C" __global__ void __launch_bounds__(256)
-    hip_assemble(const int2* __restrict__ chunks, const int* __restrict__ ccnt, int ccap,
-                 const int2* __restrict__ extra, int hkv, int n_rows, int2* __restrict__ ranges,
-                 int* __restrict__ cum, int* __restrict__ cnt, int* __restrict__ tot, int cap,
-                 int* __restrict__ tab, int tab_cap, int* __restrict__ ntab,
-                 const int* __restrict__ gate, int n_stages, int* __restrict__ tab_sink) {
-    IHIP_PDL_ENTRY();
-    assemble_row(blockIdx.x, chunks, ccnt, ccap, extra, hkv, ranges, cum, cnt, tot, cap, tab, tab_cap, ntab, gate,
-                 n_stages, tab_sink);
-}
-
-#ifndef HIP_EST_HOST
-__device__ void stage_fuse_tail(const StageFuse& f, int r, const u32* keys, int n_sub,
-                                const int2* in_ranges, int cap_in, int E_, int c) {
-    __shared__ int hist[256];
-    __shared__ int s_warp[32];
-    __shared__ u32 s_prefix;
-    __shared__ int s_krem, s_neq, s_last;
-    // This CTA's keys, published before its arrival (as hip_topk_mc).
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) s_last = atomicAdd(&f.arrive[r], 1) == (int)gridDim.x - 1;
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();  // every other CTA's keys of the row are visible
-    const u32* kr = keys + (long long)r * n_sub;
-    auto key_at = [&](int i) { return __ldcg(kr + i); };
-    const TopkThr t = topk_threshold(key_at, n_sub, f.k, hist, s_warp, &s_prefix, &s_krem, &s_neq);
-    const int kept = topk_emit(key_at, n_sub, t, s_warp, [&](int i, int pos) {
-        if (pos < f.out_cap) {
-            const int ri = i / E_, e = i % E_;
-            const int2 rg = in_ranges[(long long)r * cap_in + ri];
-            const int l = rg.x + e * c;
-            f.out[(long long)r * f.out_cap + pos] = make_int2(l, min(l + c, rg.y));
-        }
-    });
-    if (threadIdx.x == 0) {
-        f.out_cnt[r] = min(kept, f.out_cap);
-        f.arrive[r] = 0;  // ready for the next launch (ordered by the kernel boundary)
-    }
-    if (f.asm_on) {
-        __syncthreads();  // the row's chunks and count, written above, visible to the CTA
-        assemble_row(r, f.out, f.out_cnt, f.out_cap, f.extra, f.hkv, f.ranges, f.cum, f.cnt, f.tot, f.cap, f.tab,
-                     f.tab_cap, f.ntab, nullptr, 0, f.tab_sink);
-    }
-}
-#endif
 
 // Per-step metadata of a graph-capturable hip decode step (HipGpuDecoder::
 // step_device), computed on the device from the device lengths so that no
@@ -1136,30 +1062,15 @@ __device__ void hip_score_mean(const u16* __restrict__ kp, const int* __restrict
                 for (int j = 0; j < NQ; j++)
 #pragma unroll
                     for (int i = 0; i < 8; i++) a[j][i] = 0.f;
-                // The row's 16-byte vectors PL at a time, all in flight
-                // before the first use (one memory round per PL vectors, not
-                // one per two), scored in the same order (same bits).
-                constexpr int NV = D / 8, PL = NV < 16 ? NV : 16;
-                const uint4* m4 = reinterpret_cast<const uint4*>(mrow);
-                for (int c0 = 0; c0 < NV; c0 += PL) {
-                    uint4 raw[PL];
+#pragma unroll 2
+                for (int c8 = 0; c8 < D / 8; c8++) {
+                    float k8[8];
+                    load8<Bf16>(mrow + c8 * 8, k8);
 #pragma unroll
-                    for (int u = 0; u < PL; u++) raw[u] = m4[c0 + u];
+                    for (int j = 0; j < NQ; j++) {
+                        const float* qj = sq + (j0 + j) * D + c8 * 8;
 #pragma unroll
-                    for (int u = 0; u < PL; u++) {
-                        const u32 w[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
-                        float k8[8];
-#pragma unroll
-                        for (int i = 0; i < 4; i++) {
-                            k8[2 * i] = Bf16::to_f32((u16)(w[i] & 0xffff));
-                            k8[2 * i + 1] = Bf16::to_f32((u16)(w[i] >> 16));
-                        }
-#pragma unroll
-                        for (int j = 0; j < NQ; j++) {
-                            const float* qj = sq + (j0 + j) * D + (c0 + u) * 8;
-#pragma unroll
-                            for (int i = 0; i < 8; i++) a[j][i] = __fadd_rn(a[j][i], __fmul_rn(qj[i], k8[i]));
-                        }
+                        for (int i = 0; i < 8; i++) a[j][i] = __fadd_rn(a[j][i], __fmul_rn(qj[i], k8[i]));
                     }
                 }
 #pragma unroll

@@ -290,43 +290,6 @@ fn hip_case(gpu: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<Che
     })
 }
 
-/// `hip_case` with the stage top-k fused into the warp scoring launch
-/// (`fuse`, the default; the last stage's launch also assembles the
-/// selection) or in separate launches, and `score4_max` (Some(0): every
-/// stage one lane per sub-chunk, `hip_scorewp`; None: the default, the
-/// small stages `hip_scorew4`). Both must equal the CPU policy.
-fn hip_fuse_case(
-    gpu: &GpuContext,
-    lens0: &[usize],
-    steps: usize,
-    seed: u64,
-    fuse: bool,
-    score4_max: Option<usize>,
-) -> R<Check> {
-    let shape = AttnShape::new(32, 8, 128).map_err(e)?;
-    let cfg = HipConfig::default();
-    let mut dec = HipGpuDecoder::new(cfg.clone(), &shape, lens0.len()).map_err(e)?;
-    let was = cu::dispatch::fuse_topk();
-    cu::dispatch::set_fuse_topk(fuse);
-    cu::dispatch::set_score4_max(score4_max);
-    let r = hip_case_on(gpu, &mut dec, &cfg, lens0, steps, seed);
-    cu::dispatch::set_fuse_topk(was);
-    cu::dispatch::set_score4_max(None);
-    let r = r?;
-    Ok(Check {
-        name: format!(
-            "hip decode, top-k {} scoring (score4_max {score4_max:?}) == CPU HipPolicy, lens {lens0:?}, {steps} steps",
-            if fuse {
-                "fused into"
-            } else {
-                "launched apart from"
-            }
-        ),
-        ok: r.ok(),
-        detail: r.detail(),
-    })
-}
-
 /// `decode_stage0 = mean_key`: the GPU decoder (cached chunk means,
 /// `hip_score_mean`) vs the CPU HipPolicy's twin on one sequence batch,
 /// then `reset` and another batch of different K/V on the same decoder
@@ -645,20 +608,6 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
             &[hip_len, hip_len / 3 + 17, 5000],
             17,
             seed + 9,
-        )?);
-        // Stage 0 of at most 1,024 chunks a row is fused too (40K tokens:
-        // 625), through hip_scorew4 and, all stages, hip_scorewp.
-        let short = [40_000, 13_001, 5_000];
-        checks.push(hip_fuse_case(&gpu, &short, 17, seed + 11, true, None)?);
-        checks.push(hip_fuse_case(&gpu, &short, 17, seed + 12, true, Some(0))?);
-        checks.push(hip_fuse_case(&gpu, &short, 17, seed + 13, false, None)?);
-        checks.push(hip_fuse_case(
-            &gpu,
-            &[hip_len, hip_len / 3 + 17, 5000],
-            17,
-            seed + 14,
-            false,
-            None,
         )?);
         return report(&checks);
     }

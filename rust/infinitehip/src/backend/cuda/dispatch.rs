@@ -1179,82 +1179,6 @@ pub(crate) struct StageInputs {
     /// Stage 0 by cached chunk means (`hip.decode_stage0 = mean_key`,
     /// backend/cuda/mean_key.rs); None: the search.
     pub mean0: Option<super::mean_key::MeanPtrs>,
-    /// Top-k (and the last stage's assemble) fused into the warp scoring
-    /// launch where it applies (`FuseCtx`); None: separate launches.
-    pub fuse: Option<FuseCtx>,
-}
-
-/// What a stage's fused tail needs (kernels/hip_mask.cu `StageFuse`):
-/// `arrive` i32 `[rows]` zero between launches; with `asm`, the last stage
-/// also assembles the attention selection (`assemble_rows` with row0 0).
-#[derive(Clone, Copy)]
-pub(crate) struct FuseCtx {
-    pub arrive: u64,
-    pub asm: Option<AsmFuse>,
-}
-
-/// The assemble outputs of a fused last stage (as `assemble_rows`' with
-/// row0 0 and `tab`: the host step's).
-#[derive(Clone, Copy)]
-pub(crate) struct AsmFuse {
-    pub extra: u64,
-    pub hkv: usize,
-    pub ranges: u64,
-    pub cum: u64,
-    pub cnt: u64,
-    pub tot: u64,
-    pub cap: usize,
-    pub tab: TabOut,
-}
-
-/// kernels/hip_mask.cu `StageFuse`, passed by value to the warp scoring
-/// kernels (`arrive` 0: no fused tail). Same field order and C types.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-pub(crate) struct StageFuse {
-    arrive: u64,
-    out: u64,
-    out_cnt: u64,
-    extra: u64,
-    ranges: u64,
-    cum: u64,
-    cnt: u64,
-    tot: u64,
-    tab: u64,
-    ntab: u64,
-    tab_sink: u64,
-    k: i32,
-    out_cap: i32,
-    asm_on: i32,
-    hkv: i32,
-    cap: i32,
-    tab_cap: i32,
-}
-
-// Passed by pointer to its bytes like a scalar (#[repr(C)], the C struct's
-// field order and types: 11 pointers, then 6 ints; 112 bytes either way).
-impl super::pdl::KernelScalar for StageFuse {}
-const _: () = assert!(std::mem::size_of::<StageFuse>() == 112);
-
-/// Most sub-chunks per row whose top-k a scoring launch's tail takes (one
-/// 128-thread CTA per row; the later stages at the default config: 512).
-const STAGE_FUSE_MAX: usize = 1024;
-
-// Off until a GPU run checks and measures it (tests/gpu/PENDING.md).
-static FUSE_TOPK: super::switch::EnvSwitch =
-    super::switch::EnvSwitch::new_off("INFINITEHIP_FUSE_TOPK");
-
-/// Fuse the top-k of small stages into the warp scoring launch (and, on
-/// host steps, the last stage's assemble) or keep separate launches (the
-/// default for now, `INFINITEHIP_FUSE_TOPK=1` turns fusion on). Overrides
-/// `INFINITEHIP_FUSE_TOPK`.
-pub fn set_fuse_topk(on: bool) {
-    FUSE_TOPK.set(on);
-}
-
-/// Whether decode steps fuse top-k into scoring (see `set_fuse_topk`).
-pub fn fuse_topk() -> bool {
-    FUSE_TOPK.get()
 }
 
 /// Scratch of `hip_topk_mc` (kernels/hip_mask.cu), device pointers: i32
@@ -1349,12 +1273,10 @@ pub(crate) fn run_stages(
     from: usize,
     x: &StageInputs,
 ) -> Result<()> {
-    run_stages_to(gpu, kv, cfg, stages, from, cfg.stages.len(), x).map(|_| ())
+    run_stages_to(gpu, kv, cfg, stages, from, cfg.stages.len(), x)
 }
 
-/// Run hip stages `from..to` (score + top-k each) for all rows. Returns
-/// whether the last stage's launch also assembled the selection
-/// (`x.fuse` with `asm`).
+/// Run hip stages `from..to` (score + top-k each) for all rows.
 pub(crate) fn run_stages_to(
     gpu: &GpuContext,
     kv: &DeviceKv,
@@ -1363,8 +1285,7 @@ pub(crate) fn run_stages_to(
     from: usize,
     to: usize,
     x: &StageInputs,
-) -> Result<bool> {
-    let mut assembled = false;
+) -> Result<()> {
     let rows = x.rows as i32;
     let nq_tpl = x.nq_tpl;
     let topk = gpu.func(x.module, "hip_topk")?;
@@ -1409,53 +1330,14 @@ pub(crate) fn run_stages_to(
             gate: x.gate,
             stage: s,
         };
-        let k = st.keep_tokens / st.chunk_size;
-        let last = s + 1 == cfg.stages.len();
-        // The fused tail: small stages, searched (not by means), and the
-        // last stage's assemble only when it is the step's last stage.
-        let fuse = match x.fuse {
-            Some(f) if fuse_topk() && n_sub <= STAGE_FUSE_MAX && !(s == 0 && x.mean0.is_some()) => {
-                let out = &stages[s];
-                let mut z = StageFuse {
-                    arrive: f.arrive,
-                    out: out.out.ptr,
-                    out_cnt: out.cnt.ptr,
-                    k: k as i32,
-                    out_cap: out.cap as i32,
-                    ..StageFuse::default()
-                };
-                if let (true, Some(a)) = (last, f.asm) {
-                    z.asm_on = 1;
-                    z.extra = a.extra;
-                    z.hkv = a.hkv as i32;
-                    z.ranges = a.ranges;
-                    z.cum = a.cum;
-                    z.cnt = a.cnt;
-                    z.tot = a.tot;
-                    z.cap = a.cap as i32;
-                    z.tab = a.tab.tab;
-                    z.tab_cap = a.tab.cap as i32;
-                    z.ntab = a.tab.ntab;
-                    z.tab_sink = a.tab.tab_sink;
-                }
-                Some(z)
+        match (s, &x.mean0) {
+            (0, Some(m)) => super::mean_key::launch_score_mean(gpu, kv, &launch, m)?,
+            _ => {
+                launch_score(gpu, kv, &launch, score_kernel())?;
             }
-            _ => None,
-        };
-        let fused = match (s, &x.mean0) {
-            (0, Some(m)) => {
-                super::mean_key::launch_score_mean(gpu, kv, &launch, m)?;
-                false
-            }
-            _ => launch_score(gpu, kv, &launch, score_kernel(), fuse)?.1,
-        };
-        if fused {
-            let asm = fuse.is_some_and(|z| z.asm_on != 0);
-            assembled |= asm;
-            super::prof::mark(gpu, super::prof::fused_name(s, asm))?;
-            continue;
         }
         super::prof::mark(gpu, super::prof::stage_name(true, s))?;
+        let k = st.keep_tokens / st.chunk_size;
         let sub = SubChunks {
             ranges: in_ptr,
             cnt: in_cnt,
@@ -1477,7 +1359,7 @@ pub(crate) fn run_stages_to(
         )?;
         super::prof::mark(gpu, super::prof::stage_name(false, s))?;
     }
-    Ok(assembled)
+    Ok(())
 }
 
 /// Which scoring kernel a stage launches.
@@ -1566,8 +1448,7 @@ pub(crate) fn launch_score(
     kv: &DeviceKv,
     x: &ScoreLaunch,
     want: ScoreKernel,
-    fuse: Option<StageFuse>,
-) -> Result<(ScoreKernel, bool)> {
+) -> Result<ScoreKernel> {
     let d = kv.head_dim;
     let tag = kernels::dtype_tag(kv.dtype).unwrap();
     let lanes = x.lanes;
@@ -1631,19 +1512,9 @@ pub(crate) fn launch_score(
         .arg(&x.keys)
         .arg(&x.gate)
         .arg(&stage_i);
-    // The warp kernels take the fused tail's struct (zero: none); the
-    // per-thread one has no tail.
-    let fz = match kind {
-        ScoreKernel::PerThread => None,
-        _ => Some(fuse.unwrap_or_default()),
-    };
-    if let Some(z) = &fz {
-        l.arg(z);
-    }
     // SAFETY: the arguments pushed above follow the kernel's parameter list in kernels/hip_mask.cu
-    // (same order and C types, the same for hip_score and hip_scorew but the warp kernels' last
-    // StageFuse); every pointer is a device allocation of this context sized for this grid by the
-    // caller, the fused tail's outputs by `run_stages_to`'s caller (`FuseCtx`).
+    // (same order and C types, the same for hip_score and hip_scorew); every pointer is a device
+    // allocation of this context sized for this grid by the caller.
     unsafe {
         l.launch(LaunchConfig {
             grid_dim: (
@@ -1656,7 +1527,7 @@ pub(crate) fn launch_score(
         })
     }
     .map_err(|e| gpu_err("launch hip_score", e))?;
-    Ok((kind, fz.is_some_and(|z| z.arrive != 0)))
+    Ok(kind)
 }
 
 /// Test support: score sub-chunk slots with the chosen kernel and lanes
@@ -1722,9 +1593,7 @@ pub fn score_slots(
             stage: 0,
         },
         want,
-        None,
-    )?
-    .0;
+    )?;
     gpu.synchronize()?;
     Ok((keys.read(rows * n_sub)?, kind))
 }
@@ -2186,8 +2055,6 @@ pub struct HipGpuDecoder {
     pub(crate) stage0_done: Option<CudaEvent>,
     /// Stage 0's cached chunk means (`hip.decode_stage0 = mean_key`).
     pub(crate) mean0: Option<super::mean_key::MeanKeyCache>,
-    /// Arrival counters of the fused stage tails (`FuseCtx`), i32 per row.
-    pub(crate) fuse_arrive: DevBuf,
 }
 
 impl HipGpuDecoder {
@@ -2292,7 +2159,6 @@ impl HipGpuDecoder {
             attn: None,
             tab_sink: DevBuf::from_slice(&vec![-1i32; rows])?,
             host_tab_sink: Vec::new(),
-            fuse_arrive: DevBuf::from_slice(&vec![0i32; rows])?,
             score_module: "hip_mask",
             dev: None,
             rope: None,
@@ -2483,21 +2349,7 @@ impl HipGpuDecoder {
             gate: 0,
             topk_mc: self.topk_mc.as_ref().map(|m| m.ptrs),
             mean0,
-            fuse: (self.score_module == "hip_mask").then_some(FuseCtx {
-                arrive: self.fuse_arrive.ptr,
-                asm: Some(AsmFuse {
-                    extra: self.extra.ptr,
-                    hkv,
-                    ranges: self.sel.ranges.ptr,
-                    cum: self.sel.cum.ptr,
-                    cnt: self.sel.cnt.ptr,
-                    tot: self.sel.tot.ptr,
-                    cap: self.sel.cap,
-                    tab: self.tab_out(0),
-                }),
-            }),
         };
-        let mut assembled = false;
         match self.rope_ready(upload)? {
             Some(r) if r.scores_rotated() => {
                 r.upload_step(gpu, &self.cfg, lens)?;
@@ -2516,25 +2368,21 @@ impl HipGpuDecoder {
                 }
                 r.run_stages(gpu, kv, &self.cfg, &self.stages, start, n, &ctx, all)?;
             }
-            _ => {
-                assembled = match (&self.stage0_done, from) {
-                    (Some(ev), 0) => {
-                        run_stages_to(gpu, kv, &self.cfg, &self.stages, 0, 1, &ctx)?;
-                        ev.record(&gpu.stream)
-                            .map_err(|e| gpu_err("record stage-0 event", e))?;
-                        run_stages_to(gpu, kv, &self.cfg, &self.stages, 1, n, &ctx)?
-                    }
-                    _ => run_stages_to(gpu, kv, &self.cfg, &self.stages, from, n, &ctx)?,
+            _ => match (&self.stage0_done, from) {
+                (Some(ev), 0) => {
+                    run_stages_to(gpu, kv, &self.cfg, &self.stages, 0, 1, &ctx)?;
+                    ev.record(&gpu.stream)
+                        .map_err(|e| gpu_err("record stage-0 event", e))?;
+                    run_stages(gpu, kv, &self.cfg, &self.stages, 1, &ctx)?;
                 }
-            }
+                _ => run_stages(gpu, kv, &self.cfg, &self.stages, from, &ctx)?,
+            },
         }
         let sinks: Vec<usize> = lens.iter().map(|&l| self.cfg.sink.min(l)).collect();
         let lean_skip = self.lean_active() && from == n && self.host_tab_sink == sinks;
         self.sel_stale = lean_skip;
         self.sel_from_device = false;
-        if assembled {
-            self.host_tab_sink = sinks;
-        } else if !lean_skip {
+        if !lean_skip {
             assemble_rows(
                 gpu,
                 self.stages.last().unwrap(),
@@ -3186,7 +3034,6 @@ impl HipGpuPrefill {
             gate: 0,
             topk_mc: None,
             mean0: None,
-            fuse: None,
         };
         match self.rope.as_deref() {
             Some(r) if rotated => {

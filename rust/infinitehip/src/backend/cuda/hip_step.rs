@@ -220,14 +220,6 @@ impl HipGpuDecoder {
             gate: d.state.ptr,
             topk_mc: self.topk_mc.as_ref().map(|m| m.ptrs),
             mean0,
-            // Top-k fused into scoring where it applies (a gated scoring
-            // launch returns before its tail, as the top-k it replaces);
-            // the assemble stays apart: it runs on steps that refresh
-            // nothing too.
-            fuse: (self.score_module == "hip_mask").then_some(super::dispatch::FuseCtx {
-                arrive: self.fuse_arrive.ptr,
-                asm: None,
-            }),
         };
         run_stages(gpu, kv, cfg, &self.stages, 0, &x)?;
         let last = self.stages.last().unwrap();

@@ -61,25 +61,3 @@ pub(crate) fn stage_name(score: bool, s: usize) -> &'static str {
         TOPK[i]
     }
 }
-
-/// Name of stage `s`'s scoring launch with its top-k fused (and, `asm`,
-/// the selection's assemble).
-pub(crate) fn fused_name(s: usize, asm: bool) -> &'static str {
-    const F: [&str; 4] = [
-        "score+topk s0",
-        "score+topk s1",
-        "score+topk s2",
-        "score+topk s3+",
-    ];
-    const A: [&str; 4] = [
-        "score+topk+asm s0",
-        "score+topk+asm s1",
-        "score+topk+asm s2",
-        "score+topk+asm s3+",
-    ];
-    if asm {
-        A[s.min(3)]
-    } else {
-        F[s.min(3)]
-    }
-}

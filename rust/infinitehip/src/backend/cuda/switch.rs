@@ -1,13 +1,11 @@
 //! A kernel-choice switch: on by default, `VAR=0` in the environment turns
-//! it off (`new_off`: off by default, `VAR=1` turns it on), and a setter
-//! (the benches' `--old-path` flags) overrides both. The environment is
-//! read once, at the first query.
+//! it off, and a setter (the benches' `--old-path` flags) overrides both.
+//! The environment is read once, at the first query.
 
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 
 pub struct EnvSwitch {
     var: &'static str,
-    default_on: bool,
     /// 0: not decided yet (read `var`), 1: on, 2: off.
     state: AtomicU8,
 }
@@ -16,16 +14,6 @@ impl EnvSwitch {
     pub const fn new(var: &'static str) -> Self {
         EnvSwitch {
             var,
-            default_on: true,
-            state: AtomicU8::new(0),
-        }
-    }
-
-    /// Off unless `VAR=1` (or the setter): paths not yet measured on a GPU.
-    pub const fn new_off(var: &'static str) -> Self {
-        EnvSwitch {
-            var,
-            default_on: false,
             state: AtomicU8::new(0),
         }
     }
@@ -39,11 +27,7 @@ impl EnvSwitch {
             1 => true,
             2 => false,
             _ => {
-                let on = match std::env::var(self.var) {
-                    Ok(v) if self.default_on => v != "0",
-                    Ok(v) => v == "1",
-                    Err(_) => self.default_on,
-                };
+                let on = std::env::var(self.var).map_or(true, |v| v != "0");
                 self.set(on);
                 on
             }
@@ -66,16 +50,5 @@ mod tests {
         ON.set(false);
         assert!(OFF.get());
         assert!(!ON.get());
-    }
-
-    #[test]
-    fn off_by_default_until_asked() {
-        static UNSET: EnvSwitch = EnvSwitch::new_off("INFINITEHIP_TEST_SWITCH_NEW_OFF_UNSET");
-        static ASKED: EnvSwitch = EnvSwitch::new_off("INFINITEHIP_TEST_SWITCH_NEW_OFF_ONE");
-        std::env::set_var("INFINITEHIP_TEST_SWITCH_NEW_OFF_ONE", "1");
-        assert!(!UNSET.get());
-        assert!(ASKED.get());
-        UNSET.set(true);
-        assert!(UNSET.get());
     }
 }

@@ -33,7 +33,7 @@ use super::super::dense_decode::{
 };
 use super::super::dispatch::{
     assemble_rows, launch_attention_ex, run_stages, AttnOut, DecodeWorkspace, DeviceSelection,
-    FuseCtx, HipAttention, StageBuf, StageInputs, TabOut,
+    HipAttention, StageBuf, StageInputs, TabOut,
 };
 use super::super::{gpu_err, DevBuf, GpuContext};
 use super::{i32_of, to_f32, EngineKv, GpuAttention, Layer, QArg};
@@ -74,9 +74,6 @@ pub(super) struct GraphState {
     gate: DevBuf,
     stage0_in: DevBuf,
     ones: DevBuf,
-    /// Arrival counters of the fused stage tails (dispatch::FuseCtx), one
-    /// per row (zero between launches).
-    fuse_arrive: DevBuf,
     /// i32 `[max_bs]`: scoring queries per position (the GQA group).
     nq: DevBuf,
     extra: DevBuf,
@@ -297,7 +294,6 @@ impl GpuAttention {
             gate: alloc(8, &mut total)?,
             stage0_in: alloc(rows_n * 8, &mut total)?,
             ones: DevBuf::from_slice(&vec![1i32; rows_n])?,
-            fuse_arrive: DevBuf::from_slice(&vec![0i32; rows_n])?,
             nq: DevBuf::from_slice(&vec![self.shape.group() as i32; max_bs])?,
             extra: alloc(max_bs * 3 * 8, &mut total)?,
             qf: alloc(max_bs * hq * d * 4, &mut total)?,
@@ -509,13 +505,6 @@ impl GpuAttention {
             gate: g.gate.ptr,
             topk_mc: None,
             mean0: None,
-            // Top-k fused into the warp scoring launches where it applies
-            // (a gated launch returns before its tail); the assemble below
-            // runs every step, so it stays apart.
-            fuse: Some(FuseCtx {
-                arrive: g.fuse_arrive.ptr,
-                asm: None,
-            }),
         };
         let pos: Vec<StageBuf> = (0..n)
             .map(|s| StageBuf {

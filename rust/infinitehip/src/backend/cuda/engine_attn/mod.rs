@@ -73,8 +73,8 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use super::dense_decode::{launch_dense, launch_v2, DenseDecodeWs, V2Src};
 use super::dispatch::HipGpuPrefill;
 use super::dispatch::{
-    assemble_rows, launch_attention_ex, regions, run_stages_to, AsmFuse, AttnOut, DecodeWorkspace,
-    DeviceKv, DeviceSelection, FuseCtx, HipAttention, KvPtrs, StageBuf, StageInputs, TabOut,
+    assemble_rows, launch_attention_ex, regions, run_stages, AttnOut, DecodeWorkspace, DeviceKv,
+    DeviceSelection, HipAttention, KvPtrs, StageBuf, StageInputs, TabOut,
 };
 use super::hip_fast::MaskEstimator;
 use super::rope_gpu::{CompactKv, RopeGpu, RopeLayout, Seqs};
@@ -194,9 +194,6 @@ pub struct GpuAttention {
     keys_cap: usize,
     nq: DevBuf,
     ones: DevBuf,
-    /// Arrival counters of the fused stage tails (dispatch::FuseCtx), one
-    /// per KV head (a request's rows; requests run one after another).
-    fuse_arrive: DevBuf,
     /// Small per-call uploads of the squeeze layers.
     pol_up: DevBuf,
     /// State of the lazy layers (None when no layer is lazy).
@@ -429,7 +426,6 @@ impl GpuAttention {
             keys_cap: 0,
             nq: DevBuf::from_slice(&[g])?,
             ones: DevBuf::from_slice(&vec![1i32; shape.n_kv_heads])?,
-            fuse_arrive: DevBuf::from_slice(&vec![0i32; shape.n_kv_heads])?,
             prefill_estimator: Some(MaskEstimator::Auto),
             rope_prefill_sparse: false,
             hip_pf: None,
@@ -1601,28 +1597,9 @@ impl GpuAttention {
         };
         let up = self.up.ptr;
         let qf = self.qf.ptr;
-        let fuse_arrive = self.fuse_arrive.ptr;
-        // Request i's position table rows (none: the split-K attention).
-        let tab_at = |i: usize| TabOut {
-            tab: if sparse {
-                tab0 + (i * hkv * tab_cap * 4) as u64
-            } else {
-                0
-            },
-            cap: tab_cap,
-            ntab: if sparse {
-                ntab0 + (i * hkv * 4) as u64
-            } else {
-                0
-            },
-            gate: 0,
-            n_stages: n,
-            tab_sink: 0,
-        };
         for (i, &(s, _)) in slots.iter().enumerate() {
             let stages: Vec<StageBuf> = (0..n).map(|st| h.stage_view(s, st, hkv)).collect();
             let o = (head + i * per) as u64 * 4;
-            let mut assembled = false;
             if froms[i] < n {
                 let x = StageInputs {
                     rows: hkv,
@@ -1639,40 +1616,27 @@ impl GpuAttention {
                     gate: 0,
                     topk_mc: None,
                     mean0: None,
-                    // Top-k and this request's assemble fused into the
-                    // warp scoring launches where they apply.
-                    fuse: (module == "hip_mask").then_some(FuseCtx {
-                        arrive: fuse_arrive,
-                        asm: Some(AsmFuse {
-                            extra: up + ((ex0 + 6 * i) * 4) as u64,
-                            hkv,
-                            ranges: sel.ranges.ptr + (i * hkv * sel.cap * 8) as u64,
-                            cum: sel.cum.ptr + (i * hkv * sel.cap * 4) as u64,
-                            cnt: sel.cnt.ptr + (i * hkv * 4) as u64,
-                            tot: sel.tot.ptr + (i * hkv * 4) as u64,
-                            cap: sel.cap,
-                            tab: tab_at(i),
-                        }),
-                    }),
                 };
-                assembled = match h.rope.as_deref() {
+                match h.rope.as_deref() {
                     Some(r) if rotated => {
                         let one = Seqs {
                             batch: b,
                             first: i,
                             count: 1,
                         };
-                        r.run_stages(gpu, dkv, &h.cfg, &stages, froms[i], n, &x, one)?;
-                        false
+                        r.run_stages(gpu, dkv, &h.cfg, &stages, froms[i], n, &x, one)?
                     }
-                    _ => run_stages_to(gpu, dkv, &h.cfg, &stages, froms[i], n, &x)?,
-                };
+                    _ => run_stages(gpu, dkv, &h.cfg, &stages, froms[i], &x)?,
+                }
             }
-            if assembled {
-                h.step[s] += 1;
-                continue;
-            }
-            let tab = sparse.then(|| tab_at(i));
+            let tab = sparse.then(|| TabOut {
+                tab: tab0 + (i * hkv * tab_cap * 4) as u64,
+                cap: tab_cap,
+                ntab: ntab0 + (i * hkv * 4) as u64,
+                gate: 0,
+                n_stages: n,
+                tab_sink: 0,
+            });
             assemble_rows(
                 gpu,
                 stages.last().unwrap(),
