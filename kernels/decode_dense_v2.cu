@@ -34,6 +34,49 @@
 
 #define DD_WARPS 4
 
+#ifdef DD_TRACE
+// Diagnostics only (module hip_sparse_trace, `dense_decode::set_sparse_trace`):
+// thread 0 of each CTA stamps points of the launch into dd_trace[cta][0..24):
+// global timer (ns, comparable across SMs, coarse): 0 entry, 1 query +
+// counts loaded, 2 warp 0's first chunk done, 3 warp 0's loop done, 4
+// partials stored + arrival counted, 5 merge done (last CTA only); 6 SM id,
+// 7 1 if the CTA merged; SM clock (cycles, fine, one SM): 8 + k for the
+// points k of DD_CLK below. A stamp after a value first stores the value to
+// shared memory (the store waits for it), then fences, so the clock read
+// cannot run ahead of the loads.
+#define DD_TRACE_CTAS 4096
+#define DD_TS 24
+__device__ unsigned long long dd_trace[DD_TRACE_CTAS * DD_TS];
+__device__ __forceinline__ long long dd_cta() {
+    return ((long long)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+}
+__device__ __forceinline__ void dd_stamp(int i, u32 after) {
+    __shared__ volatile u32 s_sink;
+    const long long cta = dd_cta();
+    if (threadIdx.x == 0 && cta < DD_TRACE_CTAS) {
+        s_sink = after;
+        __threadfence_block();
+        unsigned long long t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");
+        const unsigned long long c = clock64();
+        if (i < 6) dd_trace[cta * DD_TS + i] = t;
+        dd_trace[cta * DD_TS + 8 + i] = c;
+    }
+}
+__device__ __forceinline__ void dd_stamp_val(int i, unsigned long long v) {
+    const long long cta = dd_cta();
+    if (threadIdx.x == 0 && cta < DD_TRACE_CTAS) dd_trace[cta * DD_TS + i] = v;
+}
+// Clock-only points (k >= 6): 6 partials stored (before the fence), 7
+// fence done, 8 merge: fence done, 9 weights ready, 10 outputs summed.
+#define DD_STAMP(i, x) dd_stamp(i, x)
+#else
+#define DD_STAMP(i, x) \
+    do {               \
+    } while (0)
+#endif
+
+
 template <typename E>
 struct DdMma;
 template <>
@@ -277,6 +320,8 @@ __device__ __forceinline__ void dd_step(DdChunk<D>& ch, const KV& kv, const u32 
 // The merge of a (row, kv head)'s splits by the last CTA to arrive. Partials
 // pm/pl [rows][Hq][n_splits], pacc [..][D] (log2 domain).
 #define DD_LEGACY_MERGE 1  // flags bit: the previous merge (benchmarks compare)
+#define DD_FENCED_ARRIVAL 2  // flags bit: fences by every thread around the arrival, unbatched sums
+#define DD_NO_PREFETCH 4     // flags bit: the merge loads its first partials after the weights
 #define DD_SW 64           // splits whose weights the merge keeps in shared memory
 
 __device__ __forceinline__ void dd_store(void* out, long long at, float v, int out_dtype) {
@@ -372,15 +417,72 @@ template <int G, int D>
 __device__ void dd_merge(const float* __restrict__ pm, const float* __restrict__ pl,
                                       const float* __restrict__ pacc, long long orow0, int n_splits, int b,
                                       int h, void* __restrict__ out, long long out_stride, int out_dtype,
-                                      float (*s_m)[G], float (*s_l)[G]) {
+                                      float (*s_m)[G], float (*s_l)[G], int flags) {
     constexpr int NT = DD_WARPS * 32;
     constexpr int N4 = G * D / 4;
     constexpr int P = N4 >= NT ? 1 : NT / N4;
     __shared__ float s_w[G][DD_SW];
     __shared__ float4 s_red[P > 1 ? P * N4 : 1];
     const bool sw = n_splits <= DD_SW;
+    if (N4 == NT && sw && !(flags & (DD_FENCED_ARRIVAL | DD_NO_PREFETCH))) {
+        // One output group per thread: its first 16 splits' partials are
+        // loaded before the weights, so that round trip overlaps the
+        // weights' (same sum order as below, so the same bits).
+        const int x4 = threadIdx.x;
+        const int j = (4 * x4) / D, d = (4 * x4) % D;
+        const long long rb = (orow0 + j) * n_splits;
+        float4 a[16];
+#pragma unroll
+        for (int k = 0; k < 16; k++)
+            a[k] = k < n_splits ? __ldcg(reinterpret_cast<const float4*>(pacc + (rb + k) * D + d))
+                                : make_float4(0.f, 0.f, 0.f, 0.f);
+        dd_merge_ml<G>(pm, pl, orow0, n_splits, s_m, s_l, s_w);
+        __syncthreads();
+        DD_STAMP(9, __float_as_uint(s_m[0][0]));
+        float4 A = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (s_m[0][j] != NEG_INF) {
+#pragma unroll
+            for (int k = 0; k < 16; k++) {
+                if (k < n_splits) {
+                    const float wt = s_w[j][k];
+                    A.x += a[k].x * wt;
+                    A.y += a[k].y * wt;
+                    A.z += a[k].z * wt;
+                    A.w += a[k].w * wt;
+                }
+            }
+            for (int s0 = 16; s0 < n_splits; s0 += 16) {
+#pragma unroll
+                for (int k = 0; k < 16; k++) {
+                    const int s = s0 + k;
+                    a[k] = s < n_splits ? __ldcg(reinterpret_cast<const float4*>(pacc + (rb + s) * D + d))
+                                        : make_float4(0.f, 0.f, 0.f, 0.f);
+                }
+#pragma unroll
+                for (int k = 0; k < 16; k++) {
+                    const int s = s0 + k;
+                    if (s < n_splits) {
+                        const float wt = s_w[j][s];
+                        A.x += a[k].x * wt;
+                        A.y += a[k].y * wt;
+                        A.z += a[k].z * wt;
+                        A.w += a[k].w * wt;
+                    }
+                }
+            }
+        }
+        DD_STAMP(10, 0u);
+        const float L = s_l[0][j];
+        const long long at = (long long)b * out_stride + (h * G + j) * D + d;
+        dd_store(out, at, L > 0.f ? A.x / L : 0.f, out_dtype);
+        dd_store(out, at + 1, L > 0.f ? A.y / L : 0.f, out_dtype);
+        dd_store(out, at + 2, L > 0.f ? A.z / L : 0.f, out_dtype);
+        dd_store(out, at + 3, L > 0.f ? A.w / L : 0.f, out_dtype);
+        return;
+    }
     dd_merge_ml<G>(pm, pl, orow0, n_splits, s_m, s_l, sw ? s_w : nullptr);
     __syncthreads();
+    DD_STAMP(9, __float_as_uint(s_m[0][0]));
     const int part = P == 1 ? 0 : threadIdx.x / N4;
     for (int x4 = P == 1 ? threadIdx.x : threadIdx.x % N4; x4 < N4; x4 += P == 1 ? NT : N4) {
         const int j = (4 * x4) / D, d = (4 * x4) % D;
@@ -388,7 +490,31 @@ __device__ void dd_merge(const float* __restrict__ pm, const float* __restrict__
         const long long rb = (orow0 + j) * n_splits;
         float4 A = make_float4(0.f, 0.f, 0.f, 0.f);
         if (M != NEG_INF) {
-            if (sw) {
+            if (sw && !(flags & DD_FENCED_ARRIVAL)) {
+                // 16 loads in flight per round, predicated: a runtime trip
+                // count under `#pragma unroll` left the remainder one load
+                // per L2 round trip (26 splits: 3.0 us of the merge).
+                for (int s0 = part; s0 < n_splits; s0 += 16 * P) {
+                    float4 a[16];
+#pragma unroll
+                    for (int k = 0; k < 16; k++) {
+                        const int s = s0 + k * P;
+                        a[k] = s < n_splits ? __ldcg(reinterpret_cast<const float4*>(pacc + (rb + s) * D + d))
+                                            : make_float4(0.f, 0.f, 0.f, 0.f);
+                    }
+#pragma unroll
+                    for (int k = 0; k < 16; k++) {
+                        const int s = s0 + k * P;
+                        if (s < n_splits) {
+                            const float wt = s_w[j][s];
+                            A.x += a[k].x * wt;
+                            A.y += a[k].y * wt;
+                            A.z += a[k].z * wt;
+                            A.w += a[k].w * wt;
+                        }
+                    }
+                }
+            } else if (sw) {
 #pragma unroll 16
                 for (int s = part; s < n_splits; s += P) {
                     const float wt = s_w[j][s];
@@ -421,6 +547,7 @@ __device__ void dd_merge(const float* __restrict__ pm, const float* __restrict__
             s_red[part * N4 + x4] = A;
         }
     }
+    DD_STAMP(10, 0u);
     if (P > 1) {
         __syncthreads();
         for (int x4 = threadIdx.x; x4 < N4; x4 += NT) {
@@ -469,6 +596,17 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
     const int hq = hkv * G;
+    DD_STAMP(0, 0u);
+#ifdef DD_TRACE
+    {
+        u32 smid;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+        dd_stamp_val(6, smid);
+        dd_stamp_val(7, 0);
+        dd_stamp_val(5, 0);
+        for (int k = 13; k < 19; k++) dd_stamp_val(k, 0);
+    }
+#endif
     // Sparse: the first two chunks' table entries, before anything else
     // (not at head_dim 256, where the 12 registers cost spills).
     constexpr bool PRE = SP && D <= 128;
@@ -514,6 +652,7 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
             dd_split2<E>(x[2], x[3], qa[s][2], qa[s][3]);
         }
     }
+    DD_STAMP(1, qa[0][0] ^ (u32)nt ^ (u32)tail_off);
     float m = NEG_INF, l = 0.f;  // head g: running max, this thread's share of the sum
     float o[KS][4];              // O^T m-tile i: dims (i,row g), (i,row g+8) x heads 2c, 2c+1
 #pragma unroll
@@ -535,6 +674,7 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
                     if (base + 16 <= t1) dd_compute<E, D, false>(ch, qa, base, t1, c, m, l, o);
                     else dd_compute<E, D, true>(ch, qa, base, t1, c, m, l, o);
                 }
+                if (k == 0) DD_STAMP(2, __float_as_uint(m) ^ __float_as_uint(o[0][0]));
                 base += STEP;
             }
         }
@@ -573,6 +713,7 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
     }
     l += __shfl_xor_sync(0xffffffff, l, 1);
     l += __shfl_xor_sync(0xffffffff, l, 2);
+    DD_STAMP(3, __float_as_uint(l) ^ __float_as_uint(o[KS - 1][3]));
 
     // Merge the warps of this CTA.
     if (c == 0 && g < G) {
@@ -620,19 +761,48 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
         }
     }
     if (n_splits == 1) return;
-    // The last CTA of (row, kv head) merges the splits.
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) s_last = atomicAdd(&counters[b * hkv + h], 1) == n_splits - 1;
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();
+    DD_STAMP(6, 0u);
+    // The last CTA of (row, kv head) merges the splits. Thread 0's
+    // acquire-release add, between two barriers, orders this CTA's partials
+    // before the arrival and the merging CTA's loads after every arrival
+    // (the pattern of CUTLASS's split-K semaphore), without a fence in
+    // every thread (~0.5 us each, measured).
+    if (flags & DD_FENCED_ARRIVAL) {
+        __threadfence();
+        DD_STAMP(7, 0u);
+        __syncthreads();
+        if (threadIdx.x == 0) s_last = atomicAdd(&counters[b * hkv + h], 1) == n_splits - 1;
+        __syncthreads();
+        DD_STAMP(4, (u32)s_last);
+        if (!s_last) return;
+        __threadfence();
+    } else {
+        __syncthreads();
+        DD_STAMP(7, 0u);
+        if (threadIdx.x == 0) {
+            int old;
+            asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;"
+                         : "=r"(old)
+                         : "l"(counters + b * hkv + h)
+                         : "memory");
+            s_last = old == n_splits - 1;
+        }
+        __syncthreads();
+        DD_STAMP(4, (u32)s_last);
+        if (!s_last) return;
+    }
+    DD_STAMP(8, 0u);
     if (flags & DD_LEGACY_MERGE) {
         dd_merge_legacy<G, D>(pm, pl, pacc, orow0, n_splits, b, h, out, out_stride, out_dtype, s_m, s_l);
     } else {
-        dd_merge<G, D>(pm, pl, pacc, orow0, n_splits, b, h, out, out_stride, out_dtype, s_m, s_l);
+        dd_merge<G, D>(pm, pl, pacc, orow0, n_splits, b, h, out, out_stride, out_dtype, s_m, s_l, flags);
     }
     if (threadIdx.x == 0) counters[b * hkv + h] = 0;
+#ifdef DD_TRACE
+    __syncthreads();
+    DD_STAMP(5, 0u);
+    dd_stamp_val(7, 1);
+#endif
 }
 
 #define DENSE_INST(NAME, E, D, G, U)                                                                 \
@@ -683,6 +853,12 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
     DENSE_INST(dense_##TN##_d##D##_g8_u##U, E, D, 8, U)
 #endif
 
+#ifdef DD_TRACE
+// The traced build (diagnostics): the benchmark's shape only, so that the
+// driver's JIT of the module takes seconds, not a minute.
+DENSE_G(Bf16, bf16, 128, 1)
+DENSE_G(Bf16, bf16, 128, 2)
+#else
 DENSE_G(Bf16, bf16, 64, 1)
 DENSE_G(Bf16, bf16, 64, 2)
 DENSE_G(Bf16, bf16, 128, 1)
@@ -693,8 +869,19 @@ DENSE_G(F16, f16, 64, 2)
 DENSE_G(F16, f16, 128, 1)
 DENSE_G(F16, f16, 128, 2)
 DENSE_G(F16, f16, 256, 1)
+#endif
 
 #ifndef DD_SPARSE_ONLY
+// Benchmark only: one thread waits `ns` nanoseconds of the global timer,
+// so that launches queued behind it start back to back on the device.
+extern "C" __global__ void dense_spin(long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    } while ((long long)(t - t0) < ns);
+}
+
 // Benchmark inputs on the device (uploading 64 GiB of K/V from the host
 // would cost more than the benchmark): n elements of dtype 1 (f16) or 2
 // (bf16), roughly normal (sum of four hashed uniforms), never all zeros.

@@ -376,6 +376,12 @@ pub struct BenchGpuSparseArgs {
     /// Timed launches per row (median).
     #[arg(long, value_name = "N", value_parser = parse_positive, default_value_t = 30)]
     pub reps: usize,
+    /// Instead of the sweep: where the default batch-1 launch spends its
+    /// time. Random vs contiguous chunk positions, L2 and address
+    /// translations warm or evicted, and per-CTA timestamps of each phase
+    /// (the `hip_sparse_trace` build).
+    #[arg(long)]
+    pub probe: bool,
     /// Write the rows as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<String>,

@@ -338,6 +338,9 @@ pub fn bench(a: &crate::gpu_args::BenchGpuSparseArgs) -> R<()> {
     use serde_json::json;
     let gpu = GpuContext::new(0).map_err(e)?;
     println!("device {} ({} SMs)", gpu.name, gpu.sm_count);
+    if a.probe {
+        return crate::gpu_sparse_probe::probe(&gpu, a);
+    }
     let shape = AttnShape::new(32, 8, 128).map_err(e)?;
     let (hkv, qe, t) = (8usize, shape.q_elems(), a.tokens);
     let (sink, chunk, n_chunks, slid, window) = (128usize, 8usize, 256usize, 64usize, 1024usize);

@@ -42,6 +42,8 @@ mod gpu_score;
 #[cfg(feature = "cuda")]
 mod gpu_sparse;
 #[cfg(feature = "cuda")]
+mod gpu_sparse_probe;
+#[cfg(feature = "cuda")]
 mod gpu_step;
 mod machine;
 mod progress;

@@ -158,6 +158,50 @@ pub fn set_legacy_merge(on: bool) {
     LEGACY_MERGE.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The split arrival and merge sum loop of v2 launches: on (default), one
+/// acquire-release add by thread 0 between barriers and the merge's loads
+/// 16 in flight; `INFINITEHIP_ACQREL_ARRIVAL=0` or
+/// `set_fenced_arrival(true)` restores the previous (a fence in every
+/// thread before and after the arrival counter, the sum loop's remainder
+/// one load per round trip), which benchmarks compare. Outputs bit-equal.
+static ACQREL_ARRIVAL: super::switch::EnvSwitch =
+    super::switch::EnvSwitch::new("INFINITEHIP_ACQREL_ARRIVAL");
+
+pub fn set_fenced_arrival(on: bool) {
+    ACQREL_ARRIVAL.set(!on);
+}
+
+/// The merging CTA loads its first 16 partials before the split weights
+/// (one L2 round trip fewer); `INFINITEHIP_MERGE_PREFETCH=0` or
+/// `set_merge_prefetch(false)`: after them, as before. Outputs bit-equal.
+static MERGE_PREFETCH: super::switch::EnvSwitch =
+    super::switch::EnvSwitch::new("INFINITEHIP_MERGE_PREFETCH");
+
+pub fn set_merge_prefetch(on: bool) {
+    MERGE_PREFETCH.set(on);
+}
+
+static SPARSE_TRACE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Diagnostics: sparse launches run the `hip_sparse_trace` build, whose
+/// CTAs stamp the global timer at points of the launch (`sparse_trace`).
+pub fn set_sparse_trace(on: bool) {
+    SPARSE_TRACE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Stamps per CTA of the traced build (`DD_TS`).
+pub const SPARSE_TRACE_SLOTS: usize = 24;
+
+/// The last traced sparse launch's stamps, `SPARSE_TRACE_SLOTS` per CTA in
+/// launch-grid order (kernels/decode_dense_v2.cu, `DD_TRACE`), for its
+/// first `n_ctas` CTAs.
+pub fn sparse_trace(gpu: &GpuContext, n_ctas: usize) -> Result<Vec<u64>> {
+    let (p, bytes) = gpu.module_global("hip_sparse_trace", "dd_trace")?;
+    let n = (n_ctas * SPARSE_TRACE_SLOTS).min(bytes / 8);
+    gpu.synchronize()?;
+    DevBuf::borrowed(p, bytes).read(n)
+}
+
 static SPARSE_SPLIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static SPARSE_CHUNKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -286,7 +330,11 @@ pub(crate) fn launch_v2(
     }
     let v2 = sparse || V2.load(std::sync::atomic::Ordering::Relaxed);
     let module = if sparse {
-        "hip_sparse"
+        if SPARSE_TRACE.load(std::sync::atomic::Ordering::Relaxed) {
+            "hip_sparse_trace"
+        } else {
+            "hip_sparse"
+        }
     } else if v2 {
         "decode_dense_v2"
     } else {
@@ -337,11 +385,10 @@ pub(crate) fn launch_v2(
         -1
     };
     let (ors, odt) = (out.row_stride as i64, out.code());
-    let flags: i32 = if LEGACY_MERGE.load(std::sync::atomic::Ordering::Relaxed) {
-        1
-    } else {
-        0
-    };
+    // kernels/decode_dense_v2.cu: DD_LEGACY_MERGE 1, DD_FENCED_ARRIVAL 2, DD_NO_PREFETCH 4.
+    let flags: i32 = i32::from(LEGACY_MERGE.load(std::sync::atomic::Ordering::Relaxed))
+        | (i32::from(!ACQREL_ARRIVAL.get()) << 1)
+        | (i32::from(!MERGE_PREFETCH.get()) << 2);
     // v2 entry points (dense and hip_sparse) begin with IHIP_PDL_ENTRY; decode_dense.cu's do not.
     let site = match (v2, sparse) {
         (false, _) => None,

@@ -32,6 +32,15 @@ pub const MODULES: &[(&str, &str)] = &[
             include_str!("../../../../../kernels/decode_dense_v2.cu")
         ),
     ),
+    // The same with per-CTA timestamps (diagnostics:
+    // `dense_decode::set_sparse_trace`, `bench-gpu-sparse --probe`).
+    (
+        "hip_sparse_trace",
+        concat!(
+            "#define DD_SPARSE_ONLY 1\n#define DD_TRACE 1\n",
+            include_str!("../../../../../kernels/decode_dense_v2.cu")
+        ),
+    ),
     (
         "locret_score",
         include_str!("../../../../../kernels/locret_score.cu"),
@@ -128,7 +137,12 @@ pub fn dtype_tag(dt: crate::DType) -> Option<&'static str> {
 /// JIT-compiles each loaded module's PTX: on a cold machine that costs
 /// seconds per MB). A lazy module's first use must not be inside a CUDA
 /// graph capture: callers run one eager step first.
-pub const LAZY_MODULES: &[&str] = &["hip_sparse", "hip_mask_host_pl", "hip_rope"];
+pub const LAZY_MODULES: &[&str] = &[
+    "hip_sparse",
+    "hip_sparse_trace",
+    "hip_mask_host_pl",
+    "hip_rope",
+];
 
 pub const HEAD_DIMS: &[usize] = &[64, 128, 256];
 /// Entry points of kernels/squeeze_kmeans.cu besides `km_assign_d{D}`.
@@ -213,6 +227,16 @@ pub fn entry_points(module: &str) -> Vec<String> {
             }
         }
         return v;
+    }
+    if module == "hip_sparse_trace" {
+        return [1, 2]
+            .iter()
+            .flat_map(|u| {
+                GROUPS
+                    .iter()
+                    .map(move |g| format!("hip_sparse_bf16_d128_g{g}_u{u}"))
+            })
+            .collect();
     }
     if module == "hip_sparse" {
         let mut v = Vec::new();

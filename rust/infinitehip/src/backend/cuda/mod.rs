@@ -536,6 +536,21 @@ impl GpuContext {
         Ok(m)
     }
 
+    /// Device address and size of the `__device__` variable `name` of
+    /// `module` (loading a lazy module if needed).
+    pub fn module_global(&self, module: &str, name: &str) -> Result<(u64, usize)> {
+        use cudarc::driver::DevicePtr;
+        let m = match self.modules.get(module) {
+            Some(m) => m.clone(),
+            None => self.lazy_module(module)?,
+        };
+        let v = m
+            .get_global(name, &self.stream)
+            .map_err(|e| gpu_err(&format!("global {name} of module {module}"), e))?;
+        let (p, _sync) = v.device_ptr(&self.stream);
+        Ok((p as u64, v.len()))
+    }
+
     pub fn synchronize(&self) -> Result<()> {
         self.stream
             .synchronize()
@@ -600,9 +615,15 @@ mod tests {
         assert!(kernels::full_source("hip_sparse")
             .unwrap()
             .contains("#define DD_SPARSE_ONLY"));
+        assert_eq!(kernels::entry_points("hip_sparse_trace").len(), 8);
         assert_eq!(
             kernels::LAZY_MODULES,
-            &["hip_sparse", "hip_mask_host_pl", "hip_rope"]
+            &[
+                "hip_sparse",
+                "hip_sparse_trace",
+                "hip_mask_host_pl",
+                "hip_rope"
+            ]
         );
         // hip_rope_q, hip_pf_stream_q + bf16/f16 x 3 head dims x (scorer,
         // decode gather, prefill gather).
