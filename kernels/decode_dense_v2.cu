@@ -41,9 +41,9 @@
 // counts loaded, 2 warp 0's first chunk done, 3 warp 0's loop done, 4
 // partials stored + arrival counted, 5 merge done (last CTA only); 6 SM id,
 // 7 1 if the CTA merged; SM clock (cycles, fine, one SM): 8 + k for the
-// points k of DD_CLK below. A stamp after a value first stores the value to
-// shared memory (the store waits for it), then fences, so the clock read
-// cannot run ahead of the loads.
+// points k above and the clock-only points below. A stamp after a value
+// first stores the value to shared memory (the store waits for it), then
+// fences, so the clock read cannot run ahead of the loads.
 #define DD_TRACE_CTAS 4096
 #define DD_TS 24
 __device__ unsigned long long dd_trace[DD_TRACE_CTAS * DD_TS];
