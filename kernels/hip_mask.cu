@@ -1017,24 +1017,38 @@ __device__ void hip_score_mean(const u16* __restrict__ kp, const int* __restrict
     if (gate && gate[1] > stage) return;
     const int r = blockIdx.y;
     const int rb = r / hkv, h = r % hkv;
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    // Every load that does not depend on another is issued here, in one
+    // round: the row's counts and range, the cache tag and generation, and
+    // the cached mean row itself (speculatively: reloaded below when this
+    // refresh builds it). Before, these were ~5 dependent round trips plus
+    // 8 more for the row, 2 loads at a time (H100: 33 us a launch at 1M).
+    constexpr int PRE = D <= 128 ? D / 8 : 16;  // 16-byte loads of the row held at once
+    const bool live = e < E_ && e < mcap;
     const int nq = nq_arr[rb];
+    const int cnt = in_cnt[r];
+    const int2 rg = in_ranges[r];
+    u16* mrow = means + ((long long)r * mcap + (live ? e : 0)) * D;
+    int* tag = tags + (long long)r * mcap + (live ? e : 0);
+    const int tg = live ? *tag : 0;
+    const int g = *gen;
+    uint4 mv[PRE];
+    if (live) {
+#pragma unroll
+        for (int k = 0; k < PRE; k++) mv[k] = *reinterpret_cast<const uint4*>(mrow + 8 * k);
+    }
     const float* qsrc = qs + ((long long)r * nq_max) * D;
     const int nq_pad = (nq + NQ - 1) / NQ * NQ;
     for (int i = threadIdx.x; i < nq_pad * D; i += blockDim.x) sq[i] = i < nq * D ? qsrc[i] : 0.f;
     __syncthreads();
-    const int e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= E_) return;
     u32 key = 0;
-    if (in_cnt[r] > 0 && e < mcap) {
-        const int2 rg = in_ranges[r];
+    if (cnt > 0 && e < mcap) {
         const int l = rg.x + e * c;
         if (l < rg.y) {
-            u16* mrow = means + ((long long)r * mcap + e) * D;
-            int* tag = tags + (long long)r * mcap + e;
-            const int g = *gen;
-            if (*tag != g) {
+            if (tg != g) {
                 const int* trow = table + (long long)row_seq[rb] * table_stride;
-                const float cnt = (float)c;
+                const float cntf = (float)c;
                 for (int c8 = 0; c8 < D / 8; c8++) {
                     float s[8];
 #pragma unroll
@@ -1049,11 +1063,13 @@ __device__ void hip_score_mean(const u16* __restrict__ kp, const int* __restrict
                     u32 w[4];
 #pragma unroll
                     for (int i = 0; i < 4; i++)
-                        w[i] = (u32)f32_to_bf16(__fdiv_rn(s[2 * i], cnt)) |
-                               ((u32)f32_to_bf16(__fdiv_rn(s[2 * i + 1], cnt)) << 16);
+                        w[i] = (u32)f32_to_bf16(__fdiv_rn(s[2 * i], cntf)) |
+                               ((u32)f32_to_bf16(__fdiv_rn(s[2 * i + 1], cntf)) << 16);
                     *reinterpret_cast<uint4*>(mrow + c8 * 8) = make_uint4(w[0], w[1], w[2], w[3]);
                 }
                 *tag = g;
+#pragma unroll
+                for (int k = 0; k < PRE; k++) mv[k] = *reinterpret_cast<const uint4*>(mrow + 8 * k);
             }
             float best = NEG_INF;
             for (int j0 = 0; j0 < nq; j0 += NQ) {
@@ -1062,15 +1078,29 @@ __device__ void hip_score_mean(const u16* __restrict__ kp, const int* __restrict
                 for (int j = 0; j < NQ; j++)
 #pragma unroll
                     for (int i = 0; i < 8; i++) a[j][i] = 0.f;
-#pragma unroll 2
-                for (int c8 = 0; c8 < D / 8; c8++) {
-                    float k8[8];
-                    load8<Bf16>(mrow + c8 * 8, k8);
+                // The row in groups of PRE loads (one group at head_dim <= 128);
+                // later groups and passes reread it from cache. Same sum order.
+                for (int c0 = 0; c0 < D / 8; c0 += PRE) {
+                    if (c0 > 0 || j0 > 0) {
 #pragma unroll
-                    for (int j = 0; j < NQ; j++) {
-                        const float* qj = sq + (j0 + j) * D + c8 * 8;
+                        for (int k = 0; k < PRE; k++)
+                            mv[k] = *reinterpret_cast<const uint4*>(mrow + 8 * (c0 + k));
+                    }
 #pragma unroll
-                        for (int i = 0; i < 8; i++) a[j][i] = __fadd_rn(a[j][i], __fmul_rn(qj[i], k8[i]));
+                    for (int k = 0; k < PRE; k++) {
+                        const u32 w4[4] = {mv[k].x, mv[k].y, mv[k].z, mv[k].w};
+                        float k8[8];
+#pragma unroll
+                        for (int i = 0; i < 4; i++) {
+                            k8[2 * i] = Bf16::to_f32((u16)(w4[i] & 0xffff));
+                            k8[2 * i + 1] = Bf16::to_f32((u16)(w4[i] >> 16));
+                        }
+#pragma unroll
+                        for (int j = 0; j < NQ; j++) {
+                            const float* qj = sq + (j0 + j) * D + (c0 + k) * 8;
+#pragma unroll
+                            for (int i = 0; i < 8; i++) a[j][i] = __fadd_rn(a[j][i], __fmul_rn(qj[i], k8[i]));
+                        }
                     }
                 }
 #pragma unroll
