@@ -604,6 +604,18 @@ __device__ __forceinline__ int block_sum(int v, int* s_warp) {
     return t;
 }
 
+// Keys a top-k CTA first copies into shared memory (16 KB): the radix
+// select reads every key once per pass (up to 4) and once more to emit, and
+// from L2 each read is a round trip of its own between barriers.
+#define TOPK_STAGE 4096
+template <typename Src>
+__device__ __forceinline__ bool topk_stage(Src src, int n, u32* s_keys) {
+    if (n > TOPK_STAGE) return false;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s_keys[i] = src(i);
+    __syncthreads();
+    return true;
+}
+
 // One CTA per row (blockDim: a multiple of 32, up to TOPK_THREADS; the
 // host sizes it to n_sub): exact top-k of the sub-chunk keys by a radix
 // select over the 4 key bytes, then the kept sub-chunks written in
@@ -625,6 +637,8 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
     __shared__ int s_warp[32];
     __shared__ u32 s_prefix;
     __shared__ int s_krem, s_neq;
+    __shared__ u32 s_keys[TOPK_STAGE];
+    const bool staged = topk_stage([&](int i) { return kr[i]; }, n_sub, s_keys);
     u32 prefix = 0, mask = 0;
     int krem = k, neq = 0;
     bool all = false;
@@ -634,7 +648,7 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
         int zeros = 0;
         for (int i0 = 0; i0 < n_sub; i0 += blockDim.x) {  // uniform over the warp
             const int i = i0 + threadIdx.x;
-            const u32 key = i < n_sub ? kr[i] : 0;
+            const u32 key = i < n_sub ? (staged ? s_keys[i] : kr[i]) : 0;
             const bool in = i < n_sub && (key & mask) == prefix;
             zeros += i < n_sub && key == 0;
             const u32 bin = (key >> shift) & 255u;
@@ -695,7 +709,7 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
     int base_out = 0, eq_seen = 0;
     for (int t0 = 0; t0 < n_sub; t0 += blockDim.x) {
         const int i = t0 + threadIdx.x;
-        const u32 key = i < n_sub ? kr[i] & mask : 0;
+        const u32 key = i < n_sub ? (staged ? s_keys[i] : kr[i]) & mask : 0;
         int sel;
         if (simple) {
             sel = i < n_sub && key >= prefix;
@@ -845,12 +859,14 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
     __shared__ u32 s_prefix;
     __shared__ int s_krem, s_neq;
     __shared__ int s_last;
+    __shared__ u32 s_keys[TOPK_STAGE];
     const int base = x * seg;
     const int n = min(seg, n_sub - base);
     const u32* kr = keys + (long long)r * n_sub + base;
     int2* cr = cand + (long long)r * S * k;
     {
-        auto key_at = [&](int i) { return kr[i]; };
+        const bool staged = topk_stage([&](int i) { return kr[i]; }, n, s_keys);
+        auto key_at = [&](int i) { return staged ? s_keys[i] : kr[i]; };
         const TopkThr t = topk_threshold(key_at, n, k, hist, s_warp, &s_prefix, &s_krem, &s_neq);
         int2* co = cr + (long long)x * k;
         const int kept = topk_emit(key_at, n, t, s_warp, [&](int i, int pos) {
@@ -866,11 +882,14 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
     if (!s_last) return;
     __threadfence();  // every other CTA's candidates, published before its arrival, are visible
     const int* sc = seg_cnt + r * S;
-    auto cand_at = [&](int i) -> u32 {
+    auto cand_src = [&](int i) -> u32 {
         const int sg = i / k;
         return i - sg * k < __ldcg(sc + sg) ? (u32)__ldcg(&cr[i].x) : 0u;
     };
     const int nc = S * k;
+    __syncthreads();  // this CTA's segment phase is done with s_keys
+    const bool staged = topk_stage(cand_src, nc, s_keys);
+    auto cand_at = [&](int i) -> u32 { return staged ? s_keys[i] : cand_src(i); };
     const TopkThr t = topk_threshold(cand_at, nc, k, hist, s_warp, &s_prefix, &s_krem, &s_neq);
     const int kept = topk_emit(cand_at, nc, t, s_warp, [&](int i, int pos) {
         if (pos < out_cap) {
