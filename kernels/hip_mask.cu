@@ -616,125 +616,8 @@ __device__ __forceinline__ bool topk_stage(Src src, int n, u32* s_keys) {
     return true;
 }
 
-// One CTA per row (blockDim: a multiple of 32, up to TOPK_THREADS; the
-// host sizes it to n_sub): exact top-k of the sub-chunk keys by a radix
-// select over the 4 key bytes, then the kept sub-chunks written in
-// position order. Ties at the threshold keep the earlier slots. Each pass
-// builds a 256-bin histogram with one shared atomic per distinct bin per
-// warp (keys cluster in a few bins, so per-thread atomics serialise); one
-// warp finds the threshold bin by a suffix scan; the passes stop early
-// once every key of the threshold bin is kept.
-extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
-    hip_topk(const u32* __restrict__ keys, int n_sub, int k, const int2* __restrict__ in_ranges,
-             const int* __restrict__ in_cnt, int cap_in, int E_, int c, int2* __restrict__ out,
-             int* __restrict__ out_cnt, int out_cap, const int* __restrict__ gate, int stage) {
-    IHIP_PDL_ENTRY();
-    if (gate && gate[1] > stage) return;  // as hip_score
-    const int r = blockIdx.x;
-    const int lane = threadIdx.x & 31;
-    const u32* kr = keys + (long long)r * n_sub;
-    __shared__ int hist[256];
-    __shared__ int s_warp[32];
-    __shared__ u32 s_prefix;
-    __shared__ int s_krem, s_neq;
-    __shared__ u32 s_keys[TOPK_STAGE];
-    const bool staged = topk_stage([&](int i) { return kr[i]; }, n_sub, s_keys);
-    u32 prefix = 0, mask = 0;
-    int krem = k, neq = 0;
-    bool all = false;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
-        __syncthreads();
-        int zeros = 0;
-        for (int i0 = 0; i0 < n_sub; i0 += blockDim.x) {  // uniform over the warp
-            const int i = i0 + threadIdx.x;
-            const u32 key = i < n_sub ? (staged ? s_keys[i] : kr[i]) : 0;
-            const bool in = i < n_sub && (key & mask) == prefix;
-            zeros += i < n_sub && key == 0;
-            const u32 bin = (key >> shift) & 255u;
-            const u32 peers = __match_any_sync(0xffffffff, in ? bin : 0xffffffffu);
-            if (in && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
-        }
-        if (shift == 24) {
-            // Invalid slots are 0 (never a valid key): keep every valid one
-            // when there are at most k.
-            const int n_valid = n_sub - block_sum(zeros, s_warp);
-            if (n_valid <= k) {
-                all = true;
-                break;
-            }
-        }
-        __syncthreads();
-        if (threadIdx.x < 32) {
-            // Lane l holds bins 255 - 8l down to 248 - 8l.
-            int cnt[8], sum = 0;
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                cnt[j] = hist[255 - 8 * lane - j];
-                sum += cnt[j];
-            }
-            int incl = sum;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                int y = __shfl_up_sync(0xffffffff, incl, o);
-                if (lane >= o) incl += y;
-            }
-            int cum = incl - sum;
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                // The first bin (from the top) where the count reaches krem.
-                if (cum < krem && cum + cnt[j] >= krem) {
-                    s_prefix = prefix | ((u32)(255 - 8 * lane - j) << shift);
-                    s_krem = krem - cum;
-                    s_neq = cnt[j];
-                }
-                cum += cnt[j];
-            }
-        }
-        __syncthreads();
-        prefix = s_prefix;
-        krem = s_krem;
-        neq = s_neq;
-        mask |= 255u << shift;
-        if (krem == neq) break;  // every key of the threshold bin is kept
-    }
-    if (all) {
-        prefix = 1;
-        mask = 0xffffffffu;
-        krem = neq = 0;
-    }
-    // Keep key & mask > prefix, and the first krem keys with key & mask ==
-    // prefix (all of them in the usual case: one scan).
-    const bool simple = krem == neq;
-    int base_out = 0, eq_seen = 0;
-    for (int t0 = 0; t0 < n_sub; t0 += blockDim.x) {
-        const int i = t0 + threadIdx.x;
-        const u32 key = i < n_sub ? (staged ? s_keys[i] : kr[i]) & mask : 0;
-        int sel;
-        if (simple) {
-            sel = i < n_sub && key >= prefix;
-        } else {
-            int is_eq = i < n_sub && key == prefix ? 1 : 0;
-            int eq_tot;
-            int eq_rank = eq_seen + block_scan(is_eq, &eq_tot, s_warp);
-            sel = (i < n_sub && key > prefix) || (is_eq && eq_rank < krem);
-            eq_seen += eq_tot;
-        }
-        int sel_tot;
-        int pos = base_out + block_scan(sel, &sel_tot, s_warp);
-        if (sel && pos < out_cap) {
-            int ri = i / E_, e = i % E_;
-            int2 rg = in_ranges[(long long)r * cap_in + ri];
-            int l = rg.x + e * c;
-            out[(long long)r * out_cap + pos] = make_int2(l, min(l + c, rg.y));
-        }
-        base_out += sel_tot;
-    }
-    if (threadIdx.x == 0) out_cnt[r] = min(base_out, out_cap);
-}
-
-// Radix-select threshold of the best k of n keys key_at(0..n) (hip_topk's
-// loop, with the keys behind an accessor): keep key & mask > prefix and
+// Radix-select threshold of the best k of n keys key_at(0..n) (passes of
+// 8 bits from the top): keep key & mask > prefix and
 // the first krem keys with key & mask == prefix (krem == neq: all of
 // them). Every valid key kept when at most k are valid (prefix 1, full
 // mask, krem = neq = 0). Uniform over the block; shared scratch passed in.
@@ -831,6 +714,41 @@ __device__ __forceinline__ int topk_emit(KeyAt key_at, int n, TopkThr t, int* s_
         base_out += sel_tot;
     }
     return base_out;
+}
+
+// One CTA per row (blockDim: a multiple of 32, up to TOPK_THREADS; the
+// host sizes it to n_sub): exact top-k of the sub-chunk keys by a radix
+// select over the 4 key bytes, then the kept sub-chunks written in
+// position order. Ties at the threshold keep the earlier slots. Each pass
+// builds a 256-bin histogram with one shared atomic per distinct bin per
+// warp (keys cluster in a few bins, so per-thread atomics serialise); one
+// warp finds the threshold bin by a suffix scan; the passes stop early
+// once every key of the threshold bin is kept.
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+    hip_topk(const u32* __restrict__ keys, int n_sub, int k, const int2* __restrict__ in_ranges,
+             const int* __restrict__ in_cnt, int cap_in, int E_, int c, int2* __restrict__ out,
+             int* __restrict__ out_cnt, int out_cap, const int* __restrict__ gate, int stage) {
+    IHIP_PDL_ENTRY();
+    if (gate && gate[1] > stage) return;  // as hip_score
+    const int r = blockIdx.x;
+    const u32* kr = keys + (long long)r * n_sub;
+    __shared__ int hist[256];
+    __shared__ int s_warp[32];
+    __shared__ u32 s_prefix;
+    __shared__ int s_krem, s_neq;
+    __shared__ u32 s_keys[TOPK_STAGE];
+    const bool staged = topk_stage([&](int i) { return kr[i]; }, n_sub, s_keys);
+    auto key_at = [&](int i) { return staged ? s_keys[i] : kr[i]; };
+    const TopkThr t = topk_threshold(key_at, n_sub, k, hist, s_warp, &s_prefix, &s_krem, &s_neq);
+    const int kept = topk_emit(key_at, n_sub, t, s_warp, [&](int i, int pos) {
+        if (pos < out_cap) {
+            const int ri = i / E_, e = i % E_;
+            const int2 rg = in_ranges[(long long)r * cap_in + ri];
+            const int l = rg.x + e * c;
+            out[(long long)r * out_cap + pos] = make_int2(l, min(l + c, rg.y));
+        }
+    });
+    if (threadIdx.x == 0) out_cnt[r] = min(kept, out_cap);
 }
 
 // hip_topk_mc: hip_topk's result (the same kept slots, in the same order)
