@@ -1329,6 +1329,7 @@ pub(crate) fn run_stages_to(
             keys: x.keys,
             gate: x.gate,
             stage: s,
+            opens_step: s == from && x.gate == 0,
         };
         match (s, &x.mean0) {
             (0, Some(m)) => super::mean_key::launch_score_mean(gpu, kv, &launch, m)?,
@@ -1437,6 +1438,9 @@ pub(crate) struct ScoreLaunch {
     pub keys: u64,
     pub gate: u64,
     pub stage: usize,
+    /// The first launch of a host-metadata step that refreshes from this
+    /// stage (it follows the previous step's attention; `pdl::Site::ScoreOpen`).
+    pub opens_step: bool,
 }
 
 /// Launch `hip_score*` / `hip_scorew*` for one stage: keys of every
@@ -1492,7 +1496,12 @@ pub(crate) fn launch_score(
     );
     let stage_i = x.stage as i32;
     let kst = kv.strides();
-    let mut l = gpu.launch_pdl(&score, Some(super::pdl::Site::Score(x.stage)));
+    let site = if x.opens_step && x.stage > 0 {
+        super::pdl::Site::ScoreOpen
+    } else {
+        super::pdl::Site::Score(x.stage)
+    };
+    let mut l = gpu.launch_pdl(&score, Some(site));
     l.arg(&kv.k.ptr)
         .arg(&kv.table.ptr)
         .arg(&ts)
@@ -1591,6 +1600,7 @@ pub fn score_slots(
             keys: keys.ptr,
             gate: 0,
             stage: 0,
+            opens_step: false,
         },
         want,
     )?;

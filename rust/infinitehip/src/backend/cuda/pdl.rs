@@ -49,10 +49,24 @@ pub enum Site {
     Attn,
     /// The dense v2 decode kernel (`dense_*`, module decode_dense_v2).
     Dense,
+    /// A stage-1+ scoring that opens a host-metadata refresh step (it
+    /// follows the previous layer's attention, not a top-k): steps 4 / 12
+    /// of the default cycle start at stage 2.
+    ScoreOpen,
 }
 
-const SITE_NAMES: [&str; 10] = [
-    "meta", "score0", "score1", "score2", "topk0", "topk1", "topk2", "assemble", "attn", "dense",
+const SITE_NAMES: [&str; 11] = [
+    "meta",
+    "score0",
+    "score1",
+    "score2",
+    "topk0",
+    "topk1",
+    "topk2",
+    "assemble",
+    "attn",
+    "dense",
+    "score_open",
 ];
 
 impl Site {
@@ -64,23 +78,29 @@ impl Site {
             Site::Assemble => 7,
             Site::Attn => 8,
             Site::Dense => 9,
+            Site::ScoreOpen => 10,
         }
     }
 }
 
 /// Every site.
-pub const ALL_SITES: u32 = (1 << 10) - 1;
+pub const ALL_SITES: u32 = (1 << 11) - 1;
 
 /// Sites launched with the attribute unless `INFINITEHIP_PDL_SITES` says
-/// otherwise: every site but stage 0's top-k and stage 1's scoring. Measured
-/// on an H200 (32-layer step at 1M and 128K tokens, batch 1, BENCHMARKS.md
-/// "programmatic dependent launch"): with every site the stage-0 refresh
-/// step is ~40 us per hip layer slower (stage 1's scoring CTAs, launched
-/// early, sit resident for the whole 31 us one-CTA-per-row top-k of stage
-/// 0), which costs more than the launch latency saved; without those two
-/// sites the refresh step is as fast as plain launches and a step that
-/// refreshes nothing still saves ~2.4 us per layer as one CUDA graph.
-pub const DEFAULT_SITES: u32 = ALL_SITES & !(1 << 4) & !(1 << 2);
+/// otherwise: every site but stage 0's top-k, stage 1's scoring and a
+/// scoring that opens a refresh step. Measured on an H200 (32-layer step at
+/// 1M and 128K tokens, batch 1, BENCHMARKS.md "programmatic dependent
+/// launch"): with every site the stage-0 refresh step is ~40 us per hip
+/// layer slower (stage 1's scoring CTAs, launched early, sit resident for
+/// the whole 31 us one-CTA-per-row top-k of stage 0), which costs more than
+/// the launch latency saved; without those two sites the refresh step is as
+/// fast as plain launches and a step that refreshes nothing still saves
+/// ~2.4 us per layer as one CUDA graph. And on an H100 (BENCHMARKS.md "the
+/// whole step by step of the cycle"): stage 2's scoring launched early
+/// behind the previous layer's attention made the stage-2-only refresh
+/// steps 46 us per hip layer instead of 33.5 at 1M (the same kernel behind
+/// stage 1's top-k gains from it), so `score_open` is off.
+pub const DEFAULT_SITES: u32 = ALL_SITES & !(1 << 4) & !(1 << 2) & !(1 << 10);
 
 /// Parse a site list (`all`, `none`, or names of `SITE_NAMES`).
 pub fn parse_sites(list: &str) -> Result<u32, String> {
@@ -268,6 +288,8 @@ mod tests {
         );
         assert_eq!(site_list(m), "meta,score1,attn");
         assert_eq!(Site::Score(5).bit(), Site::Score(2).bit());
+        assert_eq!(parse_sites("score_open").unwrap(), Site::ScoreOpen.bit());
+        assert_eq!(DEFAULT_SITES & Site::ScoreOpen.bit(), 0);
         assert!(parse_sites("topk9").is_err());
         assert_eq!(site_list(0), "none");
         assert_eq!(
