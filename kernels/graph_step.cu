@@ -36,6 +36,7 @@ extern "C" __global__ void __launch_bounds__(1024)
             int window, const int* __restrict__ intervals, int n_stages, int slid_cap, int* __restrict__ row_state,
             int* __restrict__ pos_from, int* __restrict__ owner, int* __restrict__ gate, int2* __restrict__ stage0_in,
             int2* __restrict__ extra) {
+    IHIP_PDL_ENTRY();
     __shared__ int s_min;
     const int b = threadIdx.x;
     if (b == 0) s_min = n_stages;
@@ -101,6 +102,7 @@ extern "C" __global__ void __launch_bounds__(128)
     gs_stage_copy(int mode, int stage, const int* __restrict__ rows, const int* __restrict__ pos_from,
                   const int* __restrict__ owner, int hkv, int cap, int2* __restrict__ row_out,
                   int* __restrict__ row_cnt, int2* __restrict__ pos_out, int* __restrict__ pos_cnt) {
+    IHIP_PDL_ENTRY();
     const int r = blockIdx.x;
     const int b = r / hkv, h = r % hkv;
     const bool refreshed = pos_from[b] <= stage;

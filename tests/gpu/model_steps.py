@@ -18,7 +18,7 @@ def per_layer(steps, dense_ms, n_hip):
 
 
 def main(paths):
-    print("| run | tokens | path | step 0 | step 8 | steps 4 / 12 | no-refresh (median) | amortised us/layer | single-layer profile | vs SDPA |")
+    print("| run | tokens x batch | path | step 0 | step 8 | steps 4 / 12 | no-refresh (median) | amortised us/layer | single-layer profile | vs SDPA |")
     print("|---|---:|---|---:|---:|---|---:|---:|---:|---:|")
     for p in paths:
         try:
@@ -38,8 +38,16 @@ def main(paths):
                 single = statistics.mean(prof[pkey]) * 1e3
                 s4 = f"{us[4]:.1f} / {us[12]:.1f}" if c >= 16 else "-"
                 s8 = f"{us[8]:.1f}" if c >= 16 else "-"
-                print(f"| {name} | {r['tokens']} | {path} | {us[0]:.1f} | {s8} | {s4} | {statistics.median(plain):.1f} | "
+                print(f"| {name} | {r['tokens']}x{r['batch']} | {path} | {us[0]:.1f} | {s8} | {s4} | {statistics.median(plain):.1f} | "
                       f"**{statistics.mean(us):.1f}** | {single:.1f} | {r[sp]:.2f}x |")
+            eg = r.get("engine_graph")
+            if eg:
+                us = eg["hip_layer_us_by_cycle"]
+                plain = [u for i, u in enumerate(us) if i % 4 != 0]
+                s4 = f"{us[4]:.1f} / {us[12]:.1f}" if len(us) >= 16 else "-"
+                s8 = f"{us[8]:.1f}" if len(us) >= 16 else "-"
+                print(f"| {name} | {r['tokens']}x{r['batch']} | engine graph (SGLang route) | {us[0]:.1f} | {s8} | {s4} | "
+                      f"{statistics.median(plain):.1f} | **{statistics.mean(us):.1f}** | - | - |")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,11 @@ import types
 import torch
 import torch.nn.functional as F
 
+# Rows of 2+ top-k segments take the multi-CTA top-k (default: 6+, rows of
+# 6K+ stage-0 chunks, far over these tests' contexts), so that the engine
+# route's hip_topk_mc (host metadata and graph decode) runs here; read by the
+# library at its first top-k.
+os.environ.setdefault("INFINITEHIP_TOPK_MC_MIN_SEGS", "2")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.environ.get("SHIM_DIR", os.path.join(HERE, "..", "..", "python-shim")))
 import infinitehip  # noqa: E402
@@ -1231,7 +1236,17 @@ def strong_key(q, scale=0.5):
 GRAPH_BOUND = 1e-5  # f32 q/out: graph vs host metadata differ only in split-K summation order
 
 
-def test_graph_shim(gen):
+def fine_hip():
+    """sparse_hip with 4-token stage-0 chunks: rows of 3,000+ stage-0 slots
+    span 3+ top-k segments, so stage 0 takes the multi-CTA top-k
+    (INFINITEHIP_TOPK_MC_MIN_SEGS=2 above)."""
+    return {"method": "hip", "sink": 16, "window": 64,
+            "stages": [{"chunk_size": 4, "keep_tokens": 512, "refresh_interval": 4},
+                       {"chunk_size": 2, "keep_tokens": 256, "refresh_interval": 2},
+                       {"chunk_size": 1, "keep_tokens": 128, "refresh_interval": 1}]}
+
+
+def test_graph_shim(gen, hip=None, label="graph decode"):
     """GpuAttention.decode_graph (dense + sparse hip layer) captured once in
     a torch.cuda.CUDAGraph with a padded batch of 4, replayed 12 steps: each
     step appends a strong token per request, a request is replaced by a new
@@ -1241,7 +1256,7 @@ def test_graph_shim(gen):
     (GRAPH_BOUND, f32), dense layer == f32 SDPA; then a replay with stale
     lengths must miss the bound (the comparison is sensitive)."""
     cfg = {"model": {"n_layers": 2, "n_q_heads": HQ, "n_kv_heads": HKV, "head_dim": D},
-           "dense_layers": 1, "default": sparse_hip()}
+           "dense_layers": 1, "default": hip or sparse_hip()}
     a = ig.GpuAttention(cfg)
     b = ig.GpuAttention(cfg)
     max_ctx, n_slots = 12288, 40000
@@ -1261,7 +1276,7 @@ def test_graph_shim(gen):
         b.prepare_graph(4, r2t)
         a.prepare_graph(4, r2t)  # a second call that fits keeps the buffers
     except infinitehip.InfinitehipError as e:
-        check("graph decode: prepare_graph", False, str(e))
+        check(f"{label}: prepare_graph", False, str(e))
         return
     rows_s = torch.zeros(4, dtype=torch.int64, device=DEV)
     lens_s = torch.ones(4, dtype=torch.int64, device=DEV)
@@ -1279,7 +1294,7 @@ def test_graph_shim(gen):
         with torch.cuda.graph(graph):
             step_graph(a)
     except Exception as e:  # noqa: BLE001 - report the capture failure as a FAIL
-        check("graph decode: capture into torch.cuda.CUDAGraph", False, repr(e))
+        check(f"{label}: capture into torch.cuda.CUDAGraph", False, repr(e))
         return
     worst_bits, worst_host, worst_dense, n_cmp = 0.0, 0.0, 0.0, 0
     nan_seen = False
@@ -1322,12 +1337,12 @@ def test_graph_shim(gen):
             worst_dense = max(worst_dense, rel_err(got[0][i:i + 1], ref))
         n_cmp += n
     ok_bits = worst_bits == 0.0 and not nan_seen
-    check("graph decode: replay == eager launches of the same step (bit for bit), 12 steps",
+    check(f"{label}: replay == eager launches of the same step (bit for bit), 12 steps",
           ok_bits, f"max |diff| {worst_bits:.3g} over {n_cmp} request-steps x 2 layers, NaN {nan_seen}")
-    check("graph decode: replay == host-metadata decode (dense + sparse hip), refreshes + new request + padding",
+    check(f"{label}: replay == host-metadata decode (dense + sparse hip), refreshes + new request + padding",
           worst_host <= GRAPH_BOUND and not nan_seen,
           f"worst rel_err {worst_host:.2e} (bound {GRAPH_BOUND:.0e}, f32 q/out; hip keep 128/8192 tokens)")
-    check("graph decode: dense layer replay == f32 SDPA", worst_dense <= 1e-4,
+    check(f"{label}: dense layer replay == f32 SDPA", worst_dense <= 1e-4,
           f"worst rel_err {worst_dense:.2e} (bound 1e-4)")
     # Sensitivity: append a token but leave the lengths the graph reads stale.
     n = len(rows)
@@ -1344,7 +1359,7 @@ def test_graph_shim(gen):
     host = [a.decode(layer, q, k, v, r2t, rows, lens, rows) for layer in (0, 1)]
     torch.cuda.synchronize()
     e_stale = min(rel_err(stale[layer][i:i + 1], host[layer][i:i + 1]) for layer in (0, 1) for i in range(n))
-    check("graph decode: a replay with stale lengths misses the bound (the check can fail)",
+    check(f"{label}: a replay with stale lengths misses the bound (the check can fail)",
           e_stale > 100 * GRAPH_BOUND, f"smallest rel_err {e_stale:.2e} (must exceed {100 * GRAPH_BOUND:.0e})")
     a.close()
     b.close()
@@ -1510,6 +1525,7 @@ def main():
     test_backend_locret(gen)
     test_backend_rope(gen)
     test_graph_shim(gen)
+    test_graph_shim(gen, fine_hip(), "graph decode, 4-token stage-0 chunks (multi-CTA top-k)")
     test_backend_graph(gen)
     toks = [int(x) for x in os.environ.get("TIMING_TOKENS", "131072,1048576").split(",") if x]
     timing(toks)

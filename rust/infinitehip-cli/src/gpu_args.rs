@@ -456,4 +456,10 @@ pub struct BenchGpuModelArgs {
     /// reference) instead of the warp kernel (`hip_scorew*`).
     #[arg(long)]
     pub score_v1: bool,
+    /// Also time the hip layers through the engines' capturable decode
+    /// (`GpuAttention::decode_graph`, what SGLang's decode CUDA graph
+    /// replays), one CUDA graph per step of the cycle (search stage 0
+    /// only: the engine route does not run mean_key).
+    #[arg(long)]
+    pub engine_graph: bool,
 }

@@ -305,6 +305,31 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
             let all_dense_ms = time_ms(&gpu, reps, || {
                 (0..n_layers).try_for_each(|l| dense_layer(l, &mut dws))
             })?;
+            let engine = if a.engine_graph {
+                let eg = crate::gpu_model_engine::engine_graph(
+                    &gpu, &cfg, &shape, &kvs, &qs, b, n_layers, n_dense, cycle, reps,
+                )?;
+                let us: Vec<f64> = eg["hip_layer_us_by_cycle"]
+                    .as_array()
+                    .map(|v| v.iter().filter_map(|x| x.as_f64()).collect())
+                    .unwrap_or_default();
+                if us.len() == cycle {
+                    let mut plain: Vec<f64> = (0..cycle)
+                        .filter(|i| cfg.stages.iter().all(|s| i % s.refresh_interval != 0))
+                        .map(|i| us[i])
+                        .collect();
+                    plain.sort_by(|x, y| x.partial_cmp(y).unwrap());
+                    println!(
+                        "T={t} B={b}: hip layers through GpuAttention::decode_graph (SGLang's graph route, search stage 0), us per hip layer: step 0 {:.1}, no-refresh median {:.1}, amortised {:.1}",
+                        us[0],
+                        plain.get(plain.len() / 2).copied().unwrap_or(f64::NAN),
+                        eg["hip_layer_amortised_us"].as_f64().unwrap_or(f64::NAN)
+                    );
+                }
+                eg
+            } else {
+                serde_json::Value::Null
+            };
             let n_hip = n_layers - n_dense;
             let hip_layer_ms = (step_ms - dense_part_ms) / n_hip.max(1) as f64;
             let hip_layer_graph_ms = (graph_ms - dense_part_ms) / n_hip.max(1) as f64;
@@ -342,6 +367,7 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
                 "dense_layer_floor_ms": dense_floor, "hip_layer_floor_ms": hip_floor,
                 "hip_selected_tokens_per_head": sel_tokens / (8 * b),
                 "refresh_cycle_steps": cycle, "kernel_breakdown": breakdowns,
+                "engine_graph": engine,
                 "pdl": infinitehip::backend::cuda::pdl::pdl_enabled() && gpu.arch_number() >= 90,
                 "pdl_sites": infinitehip::backend::cuda::pdl::site_list(infinitehip::backend::cuda::pdl::sites()),
             });

@@ -26,6 +26,8 @@ mod gpu_long_prefill;
 #[cfg(feature = "cuda")]
 mod gpu_model;
 #[cfg(feature = "cuda")]
+mod gpu_model_engine;
+#[cfg(feature = "cuda")]
 mod gpu_offload;
 #[cfg(feature = "cuda")]
 mod gpu_policies;

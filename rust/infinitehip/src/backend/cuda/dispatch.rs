@@ -1238,16 +1238,33 @@ pub(crate) fn topk_mc_seg(k: usize) -> usize {
 /// 10.9-11.3 with one CTA per row, 16 segments (1M) 20.4-20.6 vs 31.0-31.2;
 /// a line through them breaks even near 6.
 const TOPK_MC_MIN_SEGS: usize = 6;
-static TOPK_MC_SEGS: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(TOPK_MC_MIN_SEGS);
+/// 0: not decided yet (`INFINITEHIP_TOPK_MC_MIN_SEGS`, else the default).
+static TOPK_MC_SEGS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Override the fewest segments per row that take `hip_topk_mc` (tests:
-/// 2 exercises it at short lengths; None: the default, 6).
+/// 2 exercises it at short lengths; None: the default, 6). Without a call:
+/// `INFINITEHIP_TOPK_MC_MIN_SEGS` if set (the shim GPU tests' engine
+/// route), else the default.
 pub fn set_topk_mc_min_segs(n: Option<usize>) {
     TOPK_MC_SEGS.store(
         n.unwrap_or(TOPK_MC_MIN_SEGS).max(2),
         std::sync::atomic::Ordering::Relaxed,
     );
+}
+
+fn topk_mc_min_segs() -> usize {
+    match TOPK_MC_SEGS.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => {
+            let n = std::env::var("INFINITEHIP_TOPK_MC_MIN_SEGS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(TOPK_MC_MIN_SEGS)
+                .max(2);
+            TOPK_MC_SEGS.store(n, std::sync::atomic::Ordering::Relaxed);
+            n
+        }
+        n => n,
+    }
 }
 
 static TOPK_MC: super::switch::EnvSwitch = super::switch::EnvSwitch::new("INFINITEHIP_TOPK_MC");
@@ -1290,11 +1307,7 @@ pub(crate) fn run_stages_to(
     let nq_tpl = x.nq_tpl;
     let topk = gpu.func(x.module, "hip_topk")?;
     let mc = match x.topk_mc {
-        Some(p) if topk_mc() => Some((
-            gpu.func(x.module, "hip_topk_mc")?,
-            p,
-            TOPK_MC_SEGS.load(std::sync::atomic::Ordering::Relaxed),
-        )),
+        Some(p) if topk_mc() => Some((gpu.func(x.module, "hip_topk_mc")?, p, topk_mc_min_segs())),
         _ => None,
     };
     for s in from..to.min(cfg.stages.len()) {

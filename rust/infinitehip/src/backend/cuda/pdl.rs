@@ -53,9 +53,12 @@ pub enum Site {
     /// follows the previous layer's attention, not a top-k): steps 4 / 12
     /// of the default cycle start at stage 2.
     ScoreOpen,
+    /// The engines' query conversion (`q_to_f32`) and the graph decode's
+    /// own kernels (`gs_meta`, `gs_stage_copy`, engine_attn/graph.rs).
+    Engine,
 }
 
-const SITE_NAMES: [&str; 11] = [
+const SITE_NAMES: [&str; 12] = [
     "meta",
     "score0",
     "score1",
@@ -67,6 +70,7 @@ const SITE_NAMES: [&str; 11] = [
     "attn",
     "dense",
     "score_open",
+    "engine",
 ];
 
 impl Site {
@@ -79,12 +83,13 @@ impl Site {
             Site::Attn => 8,
             Site::Dense => 9,
             Site::ScoreOpen => 10,
+            Site::Engine => 11,
         }
     }
 }
 
 /// Every site.
-pub const ALL_SITES: u32 = (1 << 11) - 1;
+pub const ALL_SITES: u32 = (1 << 12) - 1;
 
 /// Sites launched with the attribute unless `INFINITEHIP_PDL_SITES` says
 /// otherwise: every site but stage 0's top-k, stage 1's scoring and a
@@ -294,7 +299,7 @@ mod tests {
         assert_eq!(site_list(0), "none");
         assert_eq!(
             site_list(DEFAULT_SITES),
-            "meta,score0,score2,topk1,topk2,assemble,attn,dense"
+            "meta,score0,score2,topk1,topk2,assemble,attn,dense,engine"
         );
     }
 }

@@ -33,7 +33,7 @@ use super::super::dense_decode::{
 };
 use super::super::dispatch::{
     assemble_rows, launch_attention_ex, run_stages, AttnOut, DecodeWorkspace, DeviceSelection,
-    HipAttention, StageBuf, StageInputs, TabOut,
+    HipAttention, StageBuf, StageInputs, TabOut, TopkMc,
 };
 use super::super::{gpu_err, DevBuf, GpuContext};
 use super::{i32_of, to_f32, EngineKv, GpuAttention, Layer, QArg};
@@ -97,6 +97,9 @@ pub(super) struct GraphState {
     row_state: DevBuf,
     n_hip: usize,
     store: Vec<Option<RowStore>>,
+    /// Scratch of the multi-CTA top-k (long stage-0 rows, as the host
+    /// path's `HipGpuDecoder`), shared by the hip layers like `keys`.
+    topk_mc: Option<TopkMc>,
     reset_up: DevBuf,
     bytes: usize,
 }
@@ -197,6 +200,7 @@ impl GpuAttention {
         let mut total = 0usize;
         let mut scratch_caps: Vec<usize> = Vec::new();
         let mut keys_slots = 1usize;
+        let mut k_max = 1usize;
         let mut sel_cap = 1usize;
         let mut attn_rows = 1usize;
         let mut tab_cap = 1usize;
@@ -215,6 +219,7 @@ impl GpuAttention {
                 need = need.max(h.caps[s - 1] * st[s - 1].chunk_size.div_ceil(st[s].chunk_size));
             }
             keys_slots = keys_slots.max(need);
+            k_max = k_max.max(h.caps.iter().copied().max().unwrap_or(1));
             for (s, &cap) in h.caps.iter().enumerate() {
                 if scratch_caps.len() <= s {
                     scratch_caps.push(0);
@@ -280,6 +285,13 @@ impl GpuAttention {
         }
         let mut sparse_ws = DenseDecodeWs::new();
         sparse_ws.ensure(sparse_rows, rows_n, d)?;
+        let topk_mc = if n_hip > 0 {
+            let m = TopkMc::new(rows_n, keys_slots, k_max)?;
+            total += (rows_n * (1 + m.ptrs.segs_cap) + rows_n * m.ptrs.pairs_per_row * 2) * 4;
+            Some(m)
+        } else {
+            None
+        };
         total += (attn_rows + dense_rows + sparse_rows) * (d + 2) * 4;
         let g = GraphState {
             max_bs,
@@ -311,6 +323,7 @@ impl GpuAttention {
             row_state,
             n_hip,
             store,
+            topk_mc,
             reset_up: DevBuf::null(),
             bytes: 0,
         };
@@ -333,12 +346,9 @@ impl GpuAttention {
 
     /// After a prefill of `table_rows`: their next graph decode refreshes
     /// every stage (one small upload and launch on `gpu`'s stream; not
-    /// part of a captured step).
-    pub(super) fn reset_graph_rows(
-        &mut self,
-        gpu: &GpuContext,
-        table_rows: &[usize],
-    ) -> Result<()> {
+    /// part of a captured step). Public for benchmarks that replay decode
+    /// steps without a prefill.
+    pub fn reset_graph_rows(&mut self, gpu: &GpuContext, table_rows: &[usize]) -> Result<()> {
         let Some(g) = self.graph.as_mut() else {
             return Ok(());
         };
@@ -503,7 +513,7 @@ impl GpuAttention {
             keys: g.keys.ptr,
             module: "hip_mask",
             gate: g.gate.ptr,
-            topk_mc: None,
+            topk_mc: g.topk_mc.as_ref().map(|m| m.ptrs),
             mean0: None,
         };
         let pos: Vec<StageBuf> = (0..n)
@@ -642,7 +652,7 @@ fn launch_meta(
         ),
         _ => (g.row_state.ptr, 0u64),
     };
-    let mut l = gpu.stream.launch_builder(&f);
+    let mut l = gpu.launch_pdl(&f, Some(super::super::pdl::Site::Engine));
     l.arg(&rows.ptr)
         .arg(&r64)
         .arg(&lens.ptr)
@@ -692,7 +702,7 @@ fn stage_copy(
 ) -> Result<()> {
     let f = gpu.func("graph_step", "gs_stage_copy")?;
     let (st, hk, cp) = (stage as i32, hkv as i32, cap as i32);
-    let mut l = gpu.stream.launch_builder(&f);
+    let mut l = gpu.launch_pdl(&f, Some(super::super::pdl::Site::Engine));
     l.arg(&mode)
         .arg(&st)
         .arg(&g.rows.ptr)

@@ -68,7 +68,7 @@ pub use locret::LocretStats;
 
 use std::collections::HashMap;
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::dense_decode::{launch_dense, launch_v2, DenseDecodeWs, V2Src};
 use super::dispatch::HipGpuPrefill;
@@ -253,7 +253,7 @@ fn to_f32(
         i32_of("rows", rows)?,
         i32_of("row width", width)?,
     );
-    let mut l = gpu.stream.launch_builder(&f);
+    let mut l = gpu.launch_pdl(&f, Some(super::pdl::Site::Engine));
     l.arg(&src)
         .arg(&dt)
         .arg(&st)
