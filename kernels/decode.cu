@@ -279,7 +279,6 @@ COMBINE_INST(256)
 extern "C" __global__ void __launch_bounds__(256)
     q_to_f32(const void* __restrict__ src, int src_dtype, long long src_stride, int n_rows, int hqd,
              float mul, float* __restrict__ dst) {
-    IHIP_PDL_ENTRY();
     const long long n = (long long)n_rows * hqd;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {

@@ -28,15 +28,32 @@ __device__ __forceinline__ int gs_load(const void* p, int is64, int b) {
 // of the batch (hip_score / hip_topk skip later-only stages); positions
 // whose own stage is later get their old stage output back (gs_stage_copy).
 // Only the first position of a row ("owner") writes the row's state
-// (padding positions repeat a row).
+// (padding positions repeat a row). CTAs 1.. (if any) meanwhile convert the
+// engine's queries to the kernels' f32 (as decode.cu q_to_f32: row r of bs
+// reads hqd elements at q_src + r * q_stride of dtype q_dtype (0 f32, 1 f16,
+// 2 bf16) times q_mul), one launch fewer per layer and step.
 extern "C" __global__ void __launch_bounds__(1024)
     gs_meta(const void* rows_in, int rows64, const void* lens_in, int lens64, int bs, int n_rows, int cap_tokens,
             const int* __restrict__ table,
             long long table_stride, int* __restrict__ rows_out, int* __restrict__ lens_out, int hkv, int sink,
             int window, const int* __restrict__ intervals, int n_stages, int slid_cap, int* __restrict__ row_state,
             int* __restrict__ pos_from, int* __restrict__ owner, int* __restrict__ gate, int2* __restrict__ stage0_in,
-            int2* __restrict__ extra) {
+            int2* __restrict__ extra, const void* __restrict__ q_src, int q_dtype, long long q_stride, int hqd,
+            float q_mul, float* __restrict__ q_dst) {
     IHIP_PDL_ENTRY();
+    if (blockIdx.x > 0) {
+        const long long n = (long long)bs * hqd;
+        for (long long i = (long long)(blockIdx.x - 1) * blockDim.x + threadIdx.x; i < n;
+             i += (long long)(gridDim.x - 1) * blockDim.x) {
+            const long long r = i / hqd, c = i % hqd, at = r * q_stride + c;
+            float x;
+            if (q_dtype == 0) x = ((const float*)q_src)[at];
+            else if (q_dtype == 1) x = F16::to_f32(((const u16*)q_src)[at]);
+            else x = Bf16::to_f32(((const u16*)q_src)[at]);
+            q_dst[i] = x * q_mul;
+        }
+        return;
+    }
     __shared__ int s_min;
     const int b = threadIdx.x;
     if (b == 0) s_min = n_stages;
@@ -97,13 +114,11 @@ extern "C" __global__ void __launch_bounds__(1024)
 // Stage `stage`'s output of position b: mode 0 (restore) copies the row's
 // stored output into the scratch for positions that do not refresh this
 // stage this step; mode 1 (store) copies the scratch into the row's store
-// for owner positions that did. One CTA per (position, kv head).
-extern "C" __global__ void __launch_bounds__(128)
-    gs_stage_copy(int mode, int stage, const int* __restrict__ rows, const int* __restrict__ pos_from,
-                  const int* __restrict__ owner, int hkv, int cap, int2* __restrict__ row_out,
-                  int* __restrict__ row_cnt, int2* __restrict__ pos_out, int* __restrict__ pos_cnt) {
-    IHIP_PDL_ENTRY();
-    const int r = blockIdx.x;
+// for owner positions that did. Row r = (position, kv head) of the CTA.
+__device__ __forceinline__ void gs_copy(int mode, int stage, int r, const int* __restrict__ rows,
+                                        const int* __restrict__ pos_from, const int* __restrict__ owner, int hkv,
+                                        int cap, int2* __restrict__ row_out, int* __restrict__ row_cnt,
+                                        int2* __restrict__ pos_out, int* __restrict__ pos_cnt) {
     const int b = r / hkv, h = r % hkv;
     const bool refreshed = pos_from[b] <= stage;
     const long long rr = (long long)rows[b] * hkv + h;
@@ -118,6 +133,27 @@ extern "C" __global__ void __launch_bounds__(128)
         for (int i = threadIdx.x; i < n; i += blockDim.x) row_out[rr * cap + i] = pos_out[(long long)r * cap + i];
         if (threadIdx.x == 0) row_cnt[rr] = n;
     }
+}
+
+// One CTA per (position, kv head).
+extern "C" __global__ void __launch_bounds__(128)
+    gs_stage_copy(int mode, int stage, const int* __restrict__ rows, const int* __restrict__ pos_from,
+                  const int* __restrict__ owner, int hkv, int cap, int2* __restrict__ row_out,
+                  int* __restrict__ row_cnt, int2* __restrict__ pos_out, int* __restrict__ pos_cnt) {
+    IHIP_PDL_ENTRY();
+    gs_copy(mode, stage, blockIdx.x, rows, pos_from, owner, hkv, cap, row_out, row_cnt, pos_out, pos_cnt);
+}
+
+// Mode 1 (store) of every stage in one launch: stage blockIdx.y, its
+// buffers in desc[stage] = {row_out, row_cnt, pos_out, pos_cnt, cap} (i64,
+// engine_attn/graph.rs RowStore::desc). The stages' buffers are disjoint.
+extern "C" __global__ void __launch_bounds__(128)
+    gs_store_stages(const int* __restrict__ rows, const int* __restrict__ pos_from, const int* __restrict__ owner,
+                    int hkv, const long long* __restrict__ desc) {
+    IHIP_PDL_ENTRY();
+    const long long* d = desc + 5 * blockIdx.y;
+    gs_copy(1, blockIdx.y, blockIdx.x, rows, pos_from, owner, hkv, (int)d[4], (int2*)d[0], (int*)d[1],
+            (int2*)d[2], (int*)d[3]);
 }
 
 // A prefill resets rows: their next decode refreshes every stage (every hip

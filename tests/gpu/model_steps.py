@@ -13,6 +13,10 @@ import statistics
 import sys
 
 
+def ratio(x):
+    return "-" if x is None else f"{x:.2f}x"
+
+
 def per_layer(steps, dense_ms, n_hip):
     return [(s - dense_ms) * 1e3 / n_hip for s in steps]
 
@@ -39,7 +43,7 @@ def main(paths):
                 s4 = f"{us[4]:.1f} / {us[12]:.1f}" if c >= 16 else "-"
                 s8 = f"{us[8]:.1f}" if c >= 16 else "-"
                 print(f"| {name} | {r['tokens']}x{r['batch']} | {path} | {us[0]:.1f} | {s8} | {s4} | {statistics.median(plain):.1f} | "
-                      f"**{statistics.mean(us):.1f}** | {single:.1f} | {r[sp]:.2f}x |")
+                      f"**{statistics.mean(us):.1f}** | {single:.1f} | {ratio(r[sp])} |")
             eg = r.get("engine_graph")
             if eg:
                 us = eg["hip_layer_us_by_cycle"]

@@ -334,7 +334,12 @@ pub fn entry_points(module: &str) -> Vec<String> {
         }
         "lazy_topk" => v.push("lazy_topk".into()),
         "graph_step" => {
-            for n in ["gs_meta", "gs_stage_copy", "gs_reset_rows"] {
+            for n in [
+                "gs_meta",
+                "gs_stage_copy",
+                "gs_store_stages",
+                "gs_reset_rows",
+            ] {
                 v.push(n.into());
             }
         }

@@ -53,8 +53,9 @@ pub enum Site {
     /// follows the previous layer's attention, not a top-k): steps 4 / 12
     /// of the default cycle start at stage 2.
     ScoreOpen,
-    /// The engines' query conversion (`q_to_f32`) and the graph decode's
-    /// own kernels (`gs_meta`, `gs_stage_copy`, engine_attn/graph.rs).
+    /// The engines' graph decode's own kernels (`gs_meta`, which also
+    /// converts the queries, `gs_stage_copy`, `gs_store_stages`;
+    /// engine_attn/graph.rs).
     Engine,
 }
 

@@ -36,7 +36,7 @@ use super::super::dispatch::{
     HipAttention, StageBuf, StageInputs, TabOut, TopkMc,
 };
 use super::super::{gpu_err, DevBuf, GpuContext};
-use super::{i32_of, to_f32, EngineKv, GpuAttention, Layer, QArg};
+use super::{dtype_code, i32_of, EngineKv, GpuAttention, Layer, QArg};
 use crate::config::HipConfig;
 use crate::error::{Error, Result};
 
@@ -55,6 +55,9 @@ pub const MAX_GRAPH_BATCH: usize = 1024;
 /// `[n_rows][hkv]` counts per stage).
 struct RowStore {
     stages: Vec<(DevBuf, DevBuf)>,
+    /// i64 `[stage][5]`: {row out, row count, scratch out, scratch count,
+    /// cap} per stage, for the one-launch store (`gs_store_stages`).
+    desc: DevBuf,
     /// i32 refresh interval per stage.
     intervals: DevBuf,
     /// Index of this layer's block in `GraphState::row_state`.
@@ -248,6 +251,7 @@ impl GpuAttention {
                 .collect();
             store.push(Some(RowStore {
                 stages,
+                desc: DevBuf::null(), // filled once the scratch exists
                 intervals: DevBuf::from_slice(&iv)?,
                 block: n_hip,
             }));
@@ -259,6 +263,23 @@ impl GpuAttention {
             let cnt = alloc(max_bs * hkv * 4, &mut total)?;
             cnt.fill_bytes(0)?;
             scratch.push((out, cnt));
+        }
+        for (layer, st) in self.layers.iter().zip(store.iter_mut()) {
+            let (Layer::Hip(h), Some(st)) = (layer, st.as_mut()) else {
+                continue;
+            };
+            let desc: Vec<i64> = (0..h.caps.len())
+                .flat_map(|s| {
+                    [
+                        st.stages[s].0.ptr as i64,
+                        st.stages[s].1.ptr as i64,
+                        scratch[s].0.ptr as i64,
+                        scratch[s].1.ptr as i64,
+                        h.caps[s] as i64,
+                    ]
+                })
+                .collect();
+            st.desc = DevBuf::from_slice(&desc)?;
         }
         let row_state = alloc(n_hip.max(1) * n_rows * 16, &mut total)?;
         row_state.fill_bytes(0xff)?; // last length -1: every row starts fresh
@@ -454,7 +475,6 @@ impl GpuAttention {
         let (shape, mul) = self.scaled_shape(sm_scale)?;
         let dkv = self.borrowed_kv(kv, vec![g.cap_tokens; bs])?;
         let hqd = self.shape.n_q_heads * self.shape.head_dim;
-        to_f32(&gpu, q.ptr, q.dtype, q.row_stride, bs, hqd, mul, g.qf.ptr)?;
         let hip = match &self.layers[layer] {
             Layer::Dense => None,
             Layer::Hip(h) => Some(h),
@@ -476,6 +496,7 @@ impl GpuAttention {
             lens,
             hip.map(|h| (&h.cfg, hkv)),
             layer,
+            QConvert { q: *q, hqd, mul },
         )?;
         let Some(h) = hip else {
             let u = super::super::kernels::dense_chunks(self.shape.head_dim)[0];
@@ -530,9 +551,7 @@ impl GpuAttention {
             run_stages(&gpu, &dkv, &one, &pos[..=s], s, &x)?;
             stage_copy(&gpu, g, 0, s, bs, hkv, h.caps[s], &store.stages[s])?;
         }
-        for s in 0..n {
-            stage_copy(&gpu, g, 1, s, bs, hkv, h.caps[s], &store.stages[s])?;
-        }
+        store_stages(&gpu, g, n, bs, hkv, store)?;
         let cap = h.caps[n - 1] + 3;
         let cum = g.sel_cum.ptr;
         let sel = DeviceSelection {
@@ -616,6 +635,14 @@ fn dense_split(sm: usize, bs: usize, hkv: usize, cap_tokens: usize, u: usize) ->
     split_tokens(sm * 4, bs, hkv, cap_tokens, u)
 }
 
+/// The engine's queries `gs_meta` converts into `GraphState::qf` (f32,
+/// times `mul`; `hqd` = n_q_heads x head_dim per row).
+struct QConvert {
+    q: QArg,
+    hqd: usize,
+    mul: f32,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn launch_meta(
     gpu: &GpuContext,
@@ -626,6 +653,7 @@ fn launch_meta(
     lens: DevIndex,
     hip: Option<(&HipConfig, usize)>,
     layer: usize,
+    qc: QConvert,
 ) -> Result<()> {
     let f = gpu.func("graph_step", "gs_meta")?;
     let (r64, l64, b) = (
@@ -652,6 +680,11 @@ fn launch_meta(
         ),
         _ => (g.row_state.ptr, 0u64),
     };
+    let (q_dt, q_st, hqd) = (
+        dtype_code(qc.q.dtype),
+        qc.q.row_stride as i64,
+        i32_of("row width", qc.hqd)?,
+    );
     let mut l = gpu.launch_pdl(&f, Some(super::super::pdl::Site::Engine));
     l.arg(&rows.ptr)
         .arg(&r64)
@@ -675,18 +708,59 @@ fn launch_meta(
         .arg(&g.owner.ptr)
         .arg(&g.gate.ptr)
         .arg(&g.stage0_in.ptr)
-        .arg(&g.extra.ptr);
-    // SAFETY: gs_meta's parameter list (kernels/graph_step.cu); rows/lens hold bs elements (the
-    // caller's contract), every other buffer was sized for max_bs >= bs rows in prepare_graph.
+        .arg(&g.extra.ptr)
+        .arg(&qc.q.ptr)
+        .arg(&q_dt)
+        .arg(&q_st)
+        .arg(&hqd)
+        .arg(&qc.mul)
+        .arg(&g.qf.ptr);
+    // CTA 0: the metadata (one thread per position); the rest convert the
+    // queries, a few elements per thread.
+    let threads = bs.next_multiple_of(32);
+    let q_ctas = (bs * qc.hqd).div_ceil(threads * 4).clamp(1, 256);
+    // SAFETY: gs_meta's parameter list (kernels/graph_step.cu); rows/lens hold bs elements and q
+    // bs rows of q.row_stride elements of q.dtype (the caller's contract), every other buffer
+    // (qf: max_bs rows of hqd f32) was sized for max_bs >= bs rows in prepare_graph.
     unsafe {
         l.launch(LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (bs.next_multiple_of(32) as u32, 1, 1),
+            grid_dim: (1 + q_ctas as u32, 1, 1),
+            block_dim: (threads as u32, 1, 1),
             shared_mem_bytes: 0,
         })
     }
     .map_err(|e| gpu_err("launch gs_meta", e))?;
     Ok(())
+}
+
+/// `gs_stage_copy` mode 1 (store) of every stage, one launch.
+fn store_stages(
+    gpu: &GpuContext,
+    g: &GraphState,
+    n_stages: usize,
+    bs: usize,
+    hkv: usize,
+    store: &RowStore,
+) -> Result<()> {
+    let f = gpu.func("graph_step", "gs_store_stages")?;
+    let hk = hkv as i32;
+    let mut l = gpu.launch_pdl(&f, Some(super::super::pdl::Site::Engine));
+    l.arg(&g.rows.ptr)
+        .arg(&g.pos_from.ptr)
+        .arg(&g.owner.ptr)
+        .arg(&hk)
+        .arg(&store.desc.ptr);
+    // SAFETY: gs_store_stages' parameter list (kernels/graph_step.cu); desc holds n_stages
+    // descriptors of this layer's store and the scratch (prepare_graph), sized as for
+    // gs_stage_copy; rows were clamped into the table by gs_meta.
+    unsafe {
+        l.launch(LaunchConfig {
+            grid_dim: ((bs * hkv) as u32, n_stages as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(|e| gpu_err("launch gs_store_stages", e))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -68,7 +68,7 @@ pub use locret::LocretStats;
 
 use std::collections::HashMap;
 
-use cudarc::driver::LaunchConfig;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::dense_decode::{launch_dense, launch_v2, DenseDecodeWs, V2Src};
 use super::dispatch::HipGpuPrefill;
@@ -143,7 +143,7 @@ pub struct Insert<'a> {
     pub prompt_done: &'a [bool],
 }
 
-fn dtype_code(d: DType) -> i32 {
+pub(super) fn dtype_code(d: DType) -> i32 {
     match d {
         DType::F32 => 0,
         DType::F16 => 1,
@@ -253,7 +253,7 @@ fn to_f32(
         i32_of("rows", rows)?,
         i32_of("row width", width)?,
     );
-    let mut l = gpu.launch_pdl(&f, Some(super::pdl::Site::Engine));
+    let mut l = gpu.stream.launch_builder(&f);
     l.arg(&src)
         .arg(&dt)
         .arg(&st)
