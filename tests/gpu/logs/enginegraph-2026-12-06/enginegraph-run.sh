@@ -5,7 +5,7 @@
 # one graph), 128K and 1M batch 1, then 128K batch 16; and the mean_key rows for reference. One SDPA
 # baseline. Per-step table by tests/gpu/model_steps.py. Logs in $OUT/all.tgz, the summary on stdout.
 #   here:  bash scripts/gpu-check.sh      (gpu-bin/)
-#   there: run(command="BUDGET=300 bash tests/gpu/enginegraph-run.sh", carry=["gpu-bin"], kind="nvidia-h200", timeout_s=330)
+#   there: run(command="BUDGET=300 bash tests/gpu/logs/enginegraph-2026-12-06/enginegraph-run.sh" (at commit 2705d3c + the bench), carry=["gpu-bin"], kind="nvidia-h200", timeout_s=330)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out}; mkdir -p "$OUT/logs"; L="$OUT/logs"

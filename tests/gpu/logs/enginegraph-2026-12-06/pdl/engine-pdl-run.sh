@@ -7,7 +7,7 @@
 # engine launches plain (INFINITEHIP_PDL_SITES without engine) and PDL (default), then 128K batch 16.
 # Per-step table by tests/gpu/model_steps.py. Logs in $OUT/all.tgz, the summary on stdout.
 #   here:  bash scripts/gpu-check.sh      (gpu-bin/)
-#   there: run(command="BUDGET=480 bash tests/gpu/engine-pdl-run.sh", carry=["gpu-bin"], kind="nvidia-h200", timeout_s=510)
+#   there: run(command="BUDGET=480 bash tests/gpu/logs/enginegraph-2026-12-06/pdl/engine-pdl-run.sh" (at commit 8983ff4), carry=["gpu-bin"], kind="nvidia-h200", timeout_s=510)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out}; mkdir -p "$OUT/logs"; L="$OUT/logs"
