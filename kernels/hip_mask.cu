@@ -560,6 +560,121 @@ SCOREWP_Q(Bf16, bf16, 256)
 SCOREWP_Q(F16, f16, 64)
 SCOREWP_Q(F16, f16, 128)
 SCOREWP_Q(F16, f16, 256)
+
+// hip_scorea: hip_score's keys, bit for bit, for sub-chunks of at most 32
+// tokens (the later stages: 16 and 8 tokens at the defaults). The
+// centre-of-half search of a c-token sub-chunk is log2(c) dependent levels,
+// each a round trip to memory (hip_scorew's warp waits on every level's
+// rows). Here each token of a sub-chunk has a lane (CP lanes per sub-chunk,
+// CP = c rounded up to a power of two): the warp copies its 32 lanes' key
+// rows into shared memory at once (hip_scorew's coalesced cp.async), each
+// lane scores its row against all the queries (probe_smem: the same
+// bits), and the group's lanes replay the search over those scores by
+// shuffles (a probe of a token is its lane's score). c rows read per
+// sub-chunk instead of about 2 log2(c), in one round trip instead of
+// log2(c). The loads that need no query (counts, ranges, the sequence's
+// table row) are issued before the queries' barrier. Shared memory: the
+// queries (padded to NQ), then per warp HSW_WARP_BYTES(D, 2) (32 row
+// offsets and 32 rows).
+template <typename E, int D, int NQ>
+__device__ void hip_scorea(const u16* __restrict__ kp, const int* __restrict__ table, int table_stride,
+                           int ps, int hkv, long long pst, long long hst, const int* __restrict__ row_seq,
+                           const float* __restrict__ qs, const int* __restrict__ nq_arr, int nq_max,
+                           const int2* __restrict__ in_ranges, const int* __restrict__ in_cnt,
+                           int cap_in, int E_, int c, u32* __restrict__ keys, const int* __restrict__ gate,
+                           int stage) {
+    constexpr int QS = D;
+    constexpr int RU = D / 8 + 1;                // row stride, 16-byte units
+    constexpr int RL = D / 8 < 32 ? D / 8 : 32;  // lanes per row in one copy
+    constexpr int RPI = 32 / RL;                 // rows per copy instruction
+    constexpr int VPL = D / 8 / RL;              // 16-byte vectors per lane per row
+    extern __shared__ float sq[];
+    if (gate && gate[1] > stage) return;  // as hip_score (uniform over the block)
+    const int r = blockIdx.y;
+    const int rb = r / hkv, h = r % hkv;
+    int cp = 1;
+    while (cp < c) cp <<= 1;
+    const int n_sub = cap_in * E_;
+    const int gt = blockIdx.x * blockDim.x + threadIdx.x;
+    const int j = gt / cp, t = gt % cp;  // sub-chunk slot, token of it
+    const int ri = j / E_, e = j % E_;
+    // Independent loads first: the range (read speculatively: ri < cap_in
+    // for every slot of the grid), the count, the query count, the row.
+    const bool in_grid = j < n_sub;
+    const int2 rg = in_grid ? in_ranges[(long long)r * cap_in + ri] : make_int2(0, 0);
+    const int cnt = in_cnt[r];
+    const int seq = row_seq[rb];
+    const int nq = nq_arr[rb];
+    const float* qsrc = qs + ((long long)r * nq_max) * D;
+    const int nq_pad = (nq + NQ - 1) / NQ * NQ;
+    for (int i = threadIdx.x; i < nq_pad * D; i += blockDim.x)
+        sq[(i / D) * QS + i % D] = i < nq * D ? qsrc[i] : 0.f;
+    const int l = rg.x + e * c;
+    const bool valid = in_grid && ri < cnt && l < rg.y;
+    const int rr = valid ? min(l + c, rg.y) : l;
+    const int tok = l + t;
+    long long off = -1;
+    if (tok < rr) off = kv_row(table + (long long)seq * table_stride, tok, h, ps, D, pst, hst);
+    const int q_floats = (nq_max + NQ - 1) / NQ * NQ * QS;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    char* wbase = reinterpret_cast<char*>(sq + q_floats) + warp * HSW_WARP_BYTES(D, 2);
+    long long* saddr = reinterpret_cast<long long*>(wbase);
+    const u16* srow = reinterpret_cast<const u16*>(wbase + 32 * 8);
+    const u32 srow_s = hsw_smem_u32(wbase + 32 * 8);
+    saddr[lane] = off;
+    __syncwarp();
+#pragma unroll 4
+    for (int it = 0; it < 32 / RPI; it++) {
+        const int k = it * RPI + lane / RL;
+        const long long a = saddr[k];
+        if (a >= 0) {
+#pragma unroll
+            for (int v = 0; v < VPL; v++) {
+                const int u = (lane % RL) * VPL + v;
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(srow_s + (u32)((k * RU + u) * 16)),
+                             "l"(kp + a + u * 8));
+            }
+        }
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    __syncthreads();  // the queries and every lane's row
+    const float sc = off >= 0 ? probe_smem<E, D, NQ, 1, QS>(srow + lane * RU * 8, sq, nq, 0) : NEG_INF;
+    // The search (hip_score's loop), every lane of the group in step: a
+    // range of n <= CP tokens ends within log2(CP) halvings.
+    const int base = lane & ~(cp - 1);
+    float best = __shfl_sync(0xffffffffu, sc, base);  // a one-token sub-chunk: its token
+    int a0 = l, b0 = rr;
+    for (int w = cp; w > 1; w >>= 1) {
+        const bool go = b0 - a0 > 1;
+        const int m = (a0 + b0) / 2;
+        const float sa = __shfl_sync(0xffffffffu, sc, base + (go ? (a0 + m) / 2 - l : 0));
+        const float sb = __shfl_sync(0xffffffffu, sc, base + (go ? (m + b0) / 2 - l : 0));
+        if (go) {
+            if (sa >= sb) { b0 = m; best = sa; } else { a0 = m; best = sb; }
+        }
+    }
+    if (t == 0 && in_grid) keys[(long long)r * n_sub + j] = valid ? score_key(best) : 0u;
+}
+
+#define SCOREA_INST(E, TN, D, NQ)                                                                 \
+    extern "C" __global__ void __launch_bounds__(128)                                             \
+        hip_scorea_##TN##_d##D##_q##NQ(const u16* kp, const int* table, int table_stride, int ps,  \
+                                      int hkv, long long pst, long long hst, const int* row_seq, const float* qs, const int* nq, \
+                                      int nq_max, const int2* in_ranges, const int* in_cnt,       \
+                                      int cap_in, int E_, int c, u32* keys, const int* gate,      \
+                                      int stage) {                                                \
+        IHIP_PDL_ENTRY();                                                                         \
+        hip_scorea<E, D, NQ>(kp, table, table_stride, ps, hkv, pst, hst, row_seq, qs, nq, nq_max, in_ranges, \
+                            in_cnt, cap_in, E_, c, keys, gate, stage);                            \
+    }
+#define SCOREA_Q(E, TN, D) SCOREA_INST(E, TN, D, 1) SCOREA_INST(E, TN, D, 2) \
+    SCOREA_INST(E, TN, D, 4) SCOREA_INST(E, TN, D, 8)
+SCOREA_Q(Bf16, bf16, 64)
+SCOREA_Q(Bf16, bf16, 128)
+SCOREA_Q(Bf16, bf16, 256)
+SCOREA_Q(F16, f16, 64)
+SCOREA_Q(F16, f16, 128)
+SCOREA_Q(F16, f16, 256)
 #endif  // HIP_EST_HOST
 
 #define TOPK_THREADS 1024
@@ -724,13 +839,13 @@ __device__ __forceinline__ int topk_emit(KeyAt key_at, int n, TopkThr t, int* s_
 // warp (keys cluster in a few bins, so per-thread atomics serialise); one
 // warp finds the threshold bin by a suffix scan; the passes stop early
 // once every key of the threshold bin is kept.
-extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
-    hip_topk(const u32* __restrict__ keys, int n_sub, int k, const int2* __restrict__ in_ranges,
-             const int* __restrict__ in_cnt, int cap_in, int E_, int c, int2* __restrict__ out,
-             int* __restrict__ out_cnt, int out_cap, const int* __restrict__ gate, int stage) {
-    IHIP_PDL_ENTRY();
-    if (gate && gate[1] > stage) return;  // as hip_score
-    const int r = blockIdx.x;
+// hip_topk's work for row r (every thread of the block); each kept
+// sub-chunk's range also goes to also(pos, range) for pos < out_cap.
+// Returns the count written, min(kept, out_cap).
+template <typename Also>
+__device__ __forceinline__ int topk_row(int r, const u32* __restrict__ keys, int n_sub, int k,
+                                        const int2* __restrict__ in_ranges, int cap_in, int E_, int c,
+                                        int2* __restrict__ out, int* __restrict__ out_cnt, int out_cap, Also also) {
     const u32* kr = keys + (long long)r * n_sub;
     __shared__ int hist[256];
     __shared__ int s_warp[32];
@@ -745,10 +860,23 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
             const int ri = i / E_, e = i % E_;
             const int2 rg = in_ranges[(long long)r * cap_in + ri];
             const int l = rg.x + e * c;
-            out[(long long)r * out_cap + pos] = make_int2(l, min(l + c, rg.y));
+            const int2 v = make_int2(l, min(l + c, rg.y));
+            out[(long long)r * out_cap + pos] = v;
+            also(pos, v);
         }
     });
-    if (threadIdx.x == 0) out_cnt[r] = min(kept, out_cap);
+    const int n = min(kept, out_cap);
+    if (threadIdx.x == 0) out_cnt[r] = n;
+    return n;
+}
+
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+    hip_topk(const u32* __restrict__ keys, int n_sub, int k, const int2* __restrict__ in_ranges,
+             const int* __restrict__ in_cnt, int cap_in, int E_, int c, int2* __restrict__ out,
+             int* __restrict__ out_cnt, int out_cap, const int* __restrict__ gate, int stage) {
+    IHIP_PDL_ENTRY();
+    if (gate && gate[1] > stage) return;  // as hip_score
+    topk_row(blockIdx.x, keys, n_sub, k, in_ranges, cap_in, E_, c, out, out_cnt, out_cap, [](int, int2) {});
 }
 
 // hip_topk_mc: hip_topk's result (the same kept slots, in the same order)
@@ -827,23 +955,16 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
 // Attention selection per row: sink, the last stage's chunks, the tokens
 // that slid out of the window since stage 1 ran, and the window (disjoint
 // and ascending). extra[rb] = {sink, slid, window} as (start, end).
-// One CTA per row; item i < nc is chunk i, then sink/slid/window.
-extern "C" __global__ void __launch_bounds__(256)
-    hip_assemble(const int2* __restrict__ chunks, const int* __restrict__ ccnt, int ccap,
-                 const int2* __restrict__ extra, int hkv, int n_rows, int2* __restrict__ ranges,
-                 int* __restrict__ cum, int* __restrict__ cnt, int* __restrict__ tot, int cap,
-                 int* __restrict__ tab, int tab_cap, int* __restrict__ ntab,
-                 const int* __restrict__ gate, int n_stages, int* __restrict__ tab_sink) {
-    IHIP_PDL_ENTRY();
+// One CTA per row; item i < nc is chunk i (chunk_at(i)), then
+// sink/slid/window.
+template <typename ChunkAt>
+__device__ __forceinline__ void assemble_row(int r, ChunkAt chunk_at, int nc, const int2* __restrict__ extra,
+                                             int hkv, int2* __restrict__ ranges, int* __restrict__ cum,
+                                             int* __restrict__ cnt, int* __restrict__ tot, int cap,
+                                             int* __restrict__ tab, int tab_cap, int* __restrict__ ntab,
+                                             int* __restrict__ tab_sink) {
     __shared__ int s_warp[32];
-    const int r = blockIdx.x;
     const int rb = r / hkv;
-    // Lean device step (gate non-null): no stage refreshed and the sink as
-    // when the table was built, so the table is current; the ranges keep
-    // the last build's slid and window (the sparse attention reads the
-    // tail from `extra`, which hip_step_meta updates every step).
-    if (gate && gate[1] >= n_stages && tab_sink[r] == extra[rb * 3].y) return;
-    const int nc = chunks ? ccnt[r] : 0;
     int2* o = ranges + (long long)r * cap;
     int* cm = cum + (long long)r * cap;
     const int2 sink = extra[rb * 3], slid = extra[rb * 3 + 1], win = extra[rb * 3 + 2];
@@ -853,7 +974,7 @@ extern "C" __global__ void __launch_bounds__(256)
     int base_n = s_n, base_t = s_n ? s_len : 0;
     for (int t0 = 0; t0 < nc; t0 += blockDim.x) {
         int i = t0 + threadIdx.x;
-        int2 c2 = i < nc ? chunks[(long long)r * ccap + i] : make_int2(0, 0);
+        int2 c2 = i < nc ? chunk_at(i) : make_int2(0, 0);
         int len = c2.y > c2.x ? c2.y - c2.x : 0;
         int ne = len > 0, tn, tt;
         int pn = block_scan(ne, &tn, s_warp);
@@ -881,6 +1002,60 @@ extern "C" __global__ void __launch_bounds__(256)
         cnt[r] = n;
         tot[r] = acc;
     }
+}
+
+// Lean device step (gate non-null): no stage refreshed and the sink as
+// when the table was built, so the table is current; the ranges keep the
+// last build's slid and window (the sparse attention reads the tail from
+// `extra`, which hip_step_meta updates every step).
+__device__ __forceinline__ bool assemble_current(int r, const int2* extra, int hkv, const int* gate,
+                                                 int n_stages, const int* tab_sink) {
+    return gate && gate[1] >= n_stages && tab_sink[r] == extra[(r / hkv) * 3].y;
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    hip_assemble(const int2* __restrict__ chunks, const int* __restrict__ ccnt, int ccap,
+                 const int2* __restrict__ extra, int hkv, int n_rows, int2* __restrict__ ranges,
+                 int* __restrict__ cum, int* __restrict__ cnt, int* __restrict__ tot, int cap,
+                 int* __restrict__ tab, int tab_cap, int* __restrict__ ntab,
+                 const int* __restrict__ gate, int n_stages, int* __restrict__ tab_sink) {
+    IHIP_PDL_ENTRY();
+    const int r = blockIdx.x;
+    if (assemble_current(r, extra, hkv, gate, n_stages, tab_sink)) return;
+    const int nc = chunks ? ccnt[r] : 0;
+    assemble_row(r, [&](int i) { return chunks[(long long)r * ccap + i]; }, nc, extra, hkv, ranges, cum, cnt, tot,
+                 cap, tab, tab_cap, ntab, tab_sink);
+}
+
+// hip_topk_asm: the last stage's hip_topk and then hip_assemble of its
+// output in one launch (one CTA per row; the kept ranges handed over in
+// shared memory): the same writes as the two launches, one launch and one
+// round trip fewer on every refresh step. `gate` gates the top-k as
+// hip_topk's, `asm_gate` the assembly as hip_assemble's `gate`; a row whose
+// top-k is gated off assembles the stored chunks. out_cap <= TOPK_ASM_CAP.
+#define TOPK_ASM_CAP 2048
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+    hip_topk_asm(const u32* __restrict__ keys, int n_sub, int k, const int2* __restrict__ in_ranges,
+                 const int* __restrict__ in_cnt, int cap_in, int E_, int c, int2* __restrict__ out,
+                 int* __restrict__ out_cnt, int out_cap, const int* __restrict__ gate, int stage,
+                 const int2* __restrict__ extra, int hkv, int2* __restrict__ ranges, int* __restrict__ cum,
+                 int* __restrict__ cnt, int* __restrict__ tot, int cap, int* __restrict__ tab, int tab_cap,
+                 int* __restrict__ ntab, const int* __restrict__ asm_gate, int n_stages,
+                 int* __restrict__ tab_sink) {
+    IHIP_PDL_ENTRY();
+    __shared__ int2 s_out[TOPK_ASM_CAP];
+    const int r = blockIdx.x;
+    const bool fresh = !(gate && gate[1] > stage);
+    int nc = 0;
+    if (fresh) {
+        nc = topk_row(r, keys, n_sub, k, in_ranges, cap_in, E_, c, out, out_cnt, out_cap,
+                      [&](int pos, int2 v) { s_out[pos] = v; });
+        __syncthreads();
+    }
+    if (assemble_current(r, extra, hkv, asm_gate, n_stages, tab_sink)) return;
+    if (!fresh) nc = out_cnt[r];
+    assemble_row(r, [&](int i) { return fresh ? s_out[i] : out[(long long)r * out_cap + i]; }, nc, extra, hkv,
+                 ranges, cum, cnt, tot, cap, tab, tab_cap, ntab, tab_sink);
 }
 
 // Per-step metadata of a graph-capturable hip decode step (HipGpuDecoder::

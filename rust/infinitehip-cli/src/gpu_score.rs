@@ -244,15 +244,22 @@ fn run(gpu: &GpuContext, c: &Case, seed: u64) -> R<(usize, usize, usize, usize, 
     } else {
         ScoreKernel::Warp
     };
-    if kw != ScoreKernel::Warp || kt != ScoreKernel::PerThread || kp != want_p {
-        return Err(format!("score_slots ran {kw:?} / {kt:?} / {kp:?}"));
+    // The all-rows kernel where it applies (sub-chunks <= 32, <= 8 queries), else as pipelined.
+    let (allr, ka) = go(&p.kv, ScoreKernel::AllRows)?;
+    let want_a = if c.c <= 32 && c.nq_max <= 8 {
+        ScoreKernel::AllRows
+    } else {
+        want_p
+    };
+    if kw != ScoreKernel::Warp || kt != ScoreKernel::PerThread || kp != want_p || ka != want_a {
+        return Err(format!("score_slots ran {kw:?} / {kt:?} / {kp:?} / {ka:?}"));
     }
     let host = reference(c, &p, &q, &rg, &cnt);
     let diff = |a: &[u32], b: &[u32]| a.iter().zip(b).filter(|(x, y)| x != y).count();
     let valid = host.iter().filter(|&&k| k != 0).count();
     let (d_wt, d_wh) = (
-        diff(&warp, &thread) + diff(&pipe, &thread),
-        diff(&warp, &host) + diff(&pipe, &host),
+        diff(&warp, &thread) + diff(&pipe, &thread) + diff(&allr, &thread),
+        diff(&warp, &host) + diff(&pipe, &host) + diff(&allr, &host),
     );
     // Sensitivity: raise the row that gave the first valid slot's score
     // (the last level's winner) to a copy of the row's first query x 8: the
@@ -275,15 +282,19 @@ fn run(gpu: &GpuContext, c: &Case, seed: u64) -> R<(usize, usize, usize, usize, 
     p.kv.k.write(&p.host).map_err(e)?;
     let (warp2, _) = go(&p.kv, ScoreKernel::Warp)?;
     let (pipe2, _) = go(&p.kv, ScoreKernel::WarpPipe)?;
+    let (allr2, _) = go(&p.kv, ScoreKernel::AllRows)?;
     let host2 = reference(c, &p, &q, &rg, &cnt);
-    let moved = usize::from(warp2[j0] != warp[j0] && pipe2[j0] != pipe[j0]);
-    let d_after = diff(&warp2, &host2) + diff(&pipe2, &host2);
+    let moved =
+        usize::from(warp2[j0] != warp[j0] && pipe2[j0] != pipe[j0] && allr2[j0] != allr[j0]);
+    let d_after = diff(&warp2, &host2) + diff(&pipe2, &host2) + diff(&allr2, &host2);
     let first = (0..warp.len())
-        .find(|&i| warp[i] != thread[i] || warp[i] != host[i] || pipe[i] != host[i])
+        .find(|&i| {
+            warp[i] != thread[i] || warp[i] != host[i] || pipe[i] != host[i] || allr[i] != host[i]
+        })
         .map(|i| {
             format!(
-                " first diff slot {i}: warp {:08x} pipelined {:08x} thread {:08x} host {:08x}",
-                warp[i], pipe[i], thread[i], host[i]
+                " first diff slot {i}: warp {:08x} pipelined {:08x} all-rows {:08x} thread {:08x} host {:08x}",
+                warp[i], pipe[i], allr[i], thread[i], host[i]
             )
         })
         .unwrap_or_default();
@@ -352,6 +363,14 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
             "f16 d128 g8 c16, 1 lane q8, nq 6",
             later(DType::F16, 128, 4, vec![6], 8, 8, 1, 64, 16, 64, 4, 64),
         ),
+        (
+            "bf16 d128 c12 (all-rows CP 16), nq 3, batch 2",
+            later(DType::Bf16, 128, 8, vec![3, 2], 3, 4, 1, 16, 12, 100, 3, 40),
+        ),
+        (
+            "bf16 d256 ps16 c32, nq 2",
+            later(DType::Bf16, 256, 2, vec![2], 2, 2, 1, 16, 32, 60, 2, 64),
+        ),
     ];
     let (mut d_wt, mut d_wh, mut valid, mut moved) = (0, 0, 0, 0);
     let mut first = String::new();
@@ -366,7 +385,11 @@ pub(crate) fn checks(gpu: &GpuContext, seed: u64) -> R<Vec<Check>> {
         moved += m;
     }
     Ok(vec![Check {
-        name: "hip_scorew keys == hip_scorewp (pipelined, 1-lane cases) == hip_score keys == host reference (9 cases)".into(),
+        name: format!(
+            "hip_scorew keys == hip_scorewp (pipelined, 1-lane cases) == hip_scorea (all rows, c <= 32) \
+             == hip_score keys == host reference ({} cases)",
+            cases.len()
+        ),
         ok: d_wt == 0 && d_wh == 0 && valid > 0 && moved == cases.len(),
         detail: format!(
             "slots differing warp / pipelined vs per-thread {d_wt}, vs host reference {d_wh} ({valid} valid slots); \

@@ -1179,7 +1179,57 @@ pub(crate) struct StageInputs {
     /// Stage 0 by cached chunk means (`hip.decode_stage0 = mean_key`,
     /// backend/cuda/mean_key.rs); None: the search.
     pub mean0: Option<super::mean_key::MeanPtrs>,
+    /// The attention selection to build in the last stage's top-k launch
+    /// (`hip_topk_asm`) where it runs one CTA per row; None: the caller
+    /// assembles (`run_stages_to` says whether it was built).
+    pub assemble: Option<FusedAsm>,
 }
+
+/// `assemble_rows`' outputs (rows from 0) for `hip_topk_asm`.
+#[derive(Clone, Copy)]
+pub(crate) struct FusedAsm {
+    pub extra: u64,
+    pub hkv: usize,
+    pub ranges: u64,
+    pub cum: u64,
+    pub cnt: u64,
+    pub tot: u64,
+    pub cap: usize,
+    pub tab: TabOut,
+}
+
+impl FusedAsm {
+    pub(crate) fn new(sel: &DeviceSelection, extra: u64, hkv: usize, tab: Option<TabOut>) -> Self {
+        FusedAsm {
+            extra,
+            hkv,
+            ranges: sel.ranges.ptr,
+            cum: sel.cum.ptr,
+            cnt: sel.cnt.ptr,
+            tot: sel.tot.ptr,
+            cap: sel.cap,
+            tab: tab.unwrap_or(TabOut::NONE),
+        }
+    }
+}
+
+static TOPK_ASM: super::switch::EnvSwitch = super::switch::EnvSwitch::new("INFINITEHIP_TOPK_ASM");
+
+/// Build the attention selection inside the last stage's top-k launch
+/// (`hip_topk_asm`, the default) or in its own `hip_assemble` launch
+/// (`false`). Overrides `INFINITEHIP_TOPK_ASM`.
+pub fn set_topk_asm(on: bool) {
+    TOPK_ASM.set(on);
+}
+
+/// Whether callers should ask for the fused assembly (see `set_topk_asm`).
+pub(crate) fn topk_asm() -> bool {
+    TOPK_ASM.get()
+}
+
+/// Largest last-stage output (chunks per row) `hip_topk_asm` takes
+/// (kernels/hip_mask.cu TOPK_ASM_CAP).
+const TOPK_ASM_CAP: usize = 2048;
 
 /// Scratch of `hip_topk_mc` (kernels/hip_mask.cu), device pointers: i32
 /// arrival counters `[rows]` (zero between launches), i32 segment counts
@@ -1289,11 +1339,12 @@ pub(crate) fn run_stages(
     stages: &[StageBuf],
     from: usize,
     x: &StageInputs,
-) -> Result<()> {
+) -> Result<bool> {
     run_stages_to(gpu, kv, cfg, stages, from, cfg.stages.len(), x)
 }
 
-/// Run hip stages `from..to` (score + top-k each) for all rows.
+/// Run hip stages `from..to` (score + top-k each) for all rows. Returns
+/// whether the last stage's top-k also built `x.assemble`'s selection.
 pub(crate) fn run_stages_to(
     gpu: &GpuContext,
     kv: &DeviceKv,
@@ -1302,8 +1353,8 @@ pub(crate) fn run_stages_to(
     from: usize,
     to: usize,
     x: &StageInputs,
-) -> Result<()> {
-    let rows = x.rows as i32;
+) -> Result<bool> {
+    let mut assembled = false;
     let nq_tpl = x.nq_tpl;
     let topk = gpu.func(x.module, "hip_topk")?;
     let mc = match x.topk_mc {
@@ -1361,19 +1412,24 @@ pub(crate) fn run_stages_to(
             gate: x.gate,
             stage: s,
         };
-        launch_topk(
-            gpu,
-            &topk,
-            x.keys,
-            rows as usize,
-            &sub,
-            k,
-            &stages[s],
-            mc.as_ref().map(|(f, p, m)| (f, *p, *m)),
-        )?;
+        let mc = mc.as_ref().map(|(f, p, m)| (f, *p, *m));
+        let fuse = x.assemble.filter(|_| {
+            s + 1 == cfg.stages.len()
+                && stages[s].cap <= TOPK_ASM_CAP
+                && !mc.is_some_and(|(_, p, m)| mc_applies(&p, m, sub.cap * sub.e, k, x.rows))
+        });
+        match fuse {
+            Some(a) => {
+                launch_topk_asm(gpu, x.module, x.keys, x.rows, &sub, k, &stages[s], &a)?;
+                assembled = true;
+            }
+            None => {
+                launch_topk(gpu, &topk, x.keys, x.rows, &sub, k, &stages[s], mc)?;
+            }
+        }
         super::prof::mark(gpu, super::prof::stage_name(false, s))?;
     }
-    Ok(())
+    Ok(assembled)
 }
 
 /// Which scoring kernel a stage launches.
@@ -1392,6 +1448,13 @@ pub enum ScoreKernel {
     /// for bit. The default where it applies (`INFINITEHIP_SCORE_PIPE=0`:
     /// `Warp`).
     WarpPipe,
+    /// `hip_scorea*`: sub-chunks of up to 32 tokens (the later stages)
+    /// with every token's row copied and scored at once and the search
+    /// replayed over those scores (one round trip instead of one a level);
+    /// the same keys bit for bit. The default where it applies (up to 8
+    /// queries a row; `INFINITEHIP_SCORE_ALLROWS=0`: off); elsewhere as
+    /// `WarpPipe`.
+    AllRows,
 }
 
 static SCORE_V1: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -1417,9 +1480,24 @@ pub fn score_pipe() -> bool {
     SCORE_PIPE.get()
 }
 
+static SCORE_ALLROWS: super::switch::EnvSwitch =
+    super::switch::EnvSwitch::new("INFINITEHIP_SCORE_ALLROWS");
+
+/// Score stages of up to 32-token sub-chunks with `hip_scorea*` (the
+/// default) or as before (`false`). Overrides `INFINITEHIP_SCORE_ALLROWS`.
+pub fn set_score_allrows(on: bool) {
+    SCORE_ALLROWS.set(on);
+}
+
+/// Largest sub-chunk (tokens) and query count per row `hip_scorea` takes.
+const SCOREA_MAX_C: usize = 32;
+const SCOREA_MAX_NQ: usize = 8;
+
 fn score_kernel() -> ScoreKernel {
     if SCORE_V1.load(std::sync::atomic::Ordering::Relaxed) {
         ScoreKernel::PerThread
+    } else if SCORE_ALLROWS.get() {
+        ScoreKernel::AllRows
     } else if score_pipe() {
         ScoreKernel::WarpPipe
     } else {
@@ -1476,26 +1554,45 @@ pub(crate) fn launch_score(
     // kernels/hip_mask.cu HSW_WARP_BYTES, per warp.
     let warp_bytes = 2 * (32 / lanes) * ((d / 8 + 1) * 16 + 8);
     let w_smem = q_bytes + SCORE_THREADS / 32 * warp_bytes;
+    // hip_scorea: queries padded to its NQ (one tile), then 32 rows per warp.
+    let a_nq = x.nq_max.next_power_of_two();
+    let a_smem = a_nq * d * 4 + SCORE_THREADS / 32 * (32 * ((d / 8 + 1) * 16 + 8));
+    let all_rows = want == ScoreKernel::AllRows
+        && x.module == "hip_mask"
+        && x.c <= SCOREA_MAX_C
+        && x.nq_max <= SCOREA_MAX_NQ;
     // hip_scorewp: the same shared memory as hip_scorew with one lane.
-    let kind =
-        if want != ScoreKernel::PerThread && x.module == "hip_mask" && w_smem <= SCOREW_MAX_SMEM {
-            if want == ScoreKernel::WarpPipe && lanes == 1 {
-                ScoreKernel::WarpPipe
-            } else {
-                ScoreKernel::Warp
-            }
+    let kind = if all_rows {
+        ScoreKernel::AllRows
+    } else if want != ScoreKernel::PerThread && x.module == "hip_mask" && w_smem <= SCOREW_MAX_SMEM
+    {
+        if (want == ScoreKernel::WarpPipe || want == ScoreKernel::AllRows) && lanes == 1 {
+            ScoreKernel::WarpPipe
         } else {
-            ScoreKernel::PerThread
-        };
+            ScoreKernel::Warp
+        }
+    } else {
+        ScoreKernel::PerThread
+    };
     let (pfx, smem) = match kind {
+        ScoreKernel::AllRows => ("hip_scorea", a_smem),
         ScoreKernel::WarpPipe => ("hip_scorewp", w_smem),
         ScoreKernel::Warp => ("hip_scorew", w_smem),
         ScoreKernel::PerThread => ("hip_score", q_bytes),
     };
-    let name = if lanes == 1 {
+    let name = if kind == ScoreKernel::AllRows {
+        format!("{pfx}_{tag}_d{d}_q{a_nq}")
+    } else if lanes == 1 {
         format!("{pfx}_{tag}_d{d}_q{}", x.nq_tpl)
     } else {
         format!("{pfx}4_{tag}_d{d}_q{}", x.nq_tpl / lanes)
+    };
+    // Threads per sub-chunk: hip_scorea one per token (c rounded up to a
+    // power of two), else `lanes`.
+    let per_sub = if kind == ScoreKernel::AllRows {
+        x.c.next_power_of_two()
+    } else {
+        lanes
     };
     let score = gpu.func_smem(x.module, &name, smem)?;
     let (ts, ps, hk, nqm, ci, ei, c) = (
@@ -1540,7 +1637,7 @@ pub(crate) fn launch_score(
     unsafe {
         l.launch(LaunchConfig {
             grid_dim: (
-                (n_sub * lanes).div_ceil(SCORE_THREADS) as u32,
+                (n_sub * per_sub).div_ceil(SCORE_THREADS) as u32,
                 x.rows as u32,
                 1,
             ),
@@ -1663,6 +1760,91 @@ pub(crate) struct SubChunks {
     pub stage: usize,
 }
 
+/// Whether `launch_topk` takes `hip_topk_mc` for rows of `n_sub` slots.
+fn mc_applies(p: &TopkMcPtrs, min_segs: usize, n_sub: usize, k: usize, rows: usize) -> bool {
+    let segs = n_sub.div_ceil(topk_mc_seg(k));
+    segs >= min_segs.max(2) && segs <= p.segs_cap && segs * k <= p.pairs_per_row && rows <= p.rows
+}
+
+/// Threads of a one-CTA-per-row top-k: one key per thread up to 1024 (the
+/// kernel loops beyond), so small stages synchronise fewer warps.
+fn topk_threads(n_sub: usize) -> u32 {
+    n_sub.next_multiple_of(32).clamp(64, 1024) as u32
+}
+
+/// `hip_topk_asm`: `launch_topk`'s one-CTA-per-row top-k of the last
+/// stage, then `assemble_rows` of its output (rows from 0) into `a`, in one
+/// launch. Needs `out.cap <= TOPK_ASM_CAP`.
+#[allow(clippy::too_many_arguments)]
+fn launch_topk_asm(
+    gpu: &GpuContext,
+    module: &'static str,
+    keys: u64,
+    rows: usize,
+    sub: &SubChunks,
+    k: usize,
+    out: &StageBuf,
+    a: &FusedAsm,
+) -> Result<()> {
+    debug_assert!(out.cap <= TOPK_ASM_CAP);
+    let f = gpu.func(module, "hip_topk_asm")?;
+    let n_sub = sub.cap * sub.e;
+    let (nsub, ki, ci, ei, c, oc, st) = (
+        n_sub as i32,
+        k as i32,
+        sub.cap as i32,
+        sub.e as i32,
+        sub.c as i32,
+        out.cap as i32,
+        sub.stage as i32,
+    );
+    let (hk, cap, tcap, tns) = (
+        a.hkv as i32,
+        a.cap as i32,
+        a.tab.cap as i32,
+        a.tab.n_stages as i32,
+    );
+    let mut l = gpu.launch_pdl(&f, Some(super::pdl::Site::Topk(sub.stage)));
+    l.arg(&keys)
+        .arg(&nsub)
+        .arg(&ki)
+        .arg(&sub.ranges)
+        .arg(&sub.cnt)
+        .arg(&ci)
+        .arg(&ei)
+        .arg(&c)
+        .arg(&out.out.ptr)
+        .arg(&out.cnt.ptr)
+        .arg(&oc)
+        .arg(&sub.gate)
+        .arg(&st)
+        .arg(&a.extra)
+        .arg(&hk)
+        .arg(&a.ranges)
+        .arg(&a.cum)
+        .arg(&a.cnt)
+        .arg(&a.tot)
+        .arg(&cap)
+        .arg(&a.tab.tab)
+        .arg(&tcap)
+        .arg(&a.tab.ntab)
+        .arg(&a.tab.gate)
+        .arg(&tns)
+        .arg(&a.tab.tab_sink);
+    // SAFETY: the arguments follow hip_topk_asm's parameter list in kernels/hip_mask.cu (same order
+    // and C types): hip_topk's, then hip_assemble's outputs; the pointers are device allocations of
+    // this context sized for `rows` rows by the caller (as for launch_topk and assemble_rows).
+    unsafe {
+        l.launch(LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (topk_threads(n_sub), 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(|e| gpu_err("launch hip_topk_asm", e))?;
+    Ok(())
+}
+
 /// hip_topk: keep the best `k` slots of each row's `keys` into `out`.
 /// With `mc` (`hip_topk_mc`, its scratch and the fewest segments, >= 2)
 /// rows of that many segments (`topk_mc_seg`) or more are selected by
@@ -1684,11 +1866,7 @@ pub(crate) fn launch_topk(
     let seg = topk_mc_seg(k);
     let segs = n_sub.div_ceil(seg);
     if let Some((f, p, min_segs)) = mc {
-        if segs >= min_segs.max(2)
-            && segs <= p.segs_cap
-            && segs * k <= p.pairs_per_row
-            && rows <= p.rows
-        {
+        if mc_applies(&p, min_segs, n_sub, k, rows) {
             let (nsub, ki, segi, oc, ci, ei, c) = (
                 n_sub as i32,
                 k as i32,
@@ -1756,9 +1934,7 @@ pub(crate) fn launch_topk(
     // SAFETY: the arguments pushed above follow the kernel's parameter list in kernels/*.cu
     // (same order and C types); every pointer is a device allocation of this context sized for
     // this grid by the code above.
-    // One key per thread up to 1024 threads (the kernel loops beyond):
-    // small stages then synchronise fewer warps.
-    let threads = (sub.cap * sub.e).next_multiple_of(32).clamp(64, 1024) as u32;
+    let threads = topk_threads(sub.cap * sub.e);
     unsafe {
         l.launch(LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
@@ -1869,6 +2045,18 @@ pub(crate) struct TabOut {
     pub tab_sink: u64,
 }
 
+impl TabOut {
+    /// No table (selection ranges only).
+    pub(crate) const NONE: TabOut = TabOut {
+        tab: 0,
+        cap: 0,
+        ntab: 0,
+        gate: 0,
+        n_stages: 0,
+        tab_sink: 0,
+    };
+}
+
 /// `assemble` into selection rows `row0..row0 + rows` of `sel` (and, with
 /// `tab`, rows `0..rows` of the position table).
 #[allow(clippy::too_many_arguments)]
@@ -1884,14 +2072,7 @@ pub(crate) fn assemble_rows(
 ) -> Result<()> {
     let asm = gpu.func("hip_mask", "hip_assemble")?;
     let (lc, hk, nr, cap) = (last.cap as i32, hkv as i32, rows as i32, sel.cap as i32);
-    let t = tab.unwrap_or(TabOut {
-        tab: 0,
-        cap: 0,
-        ntab: 0,
-        gate: 0,
-        n_stages: 0,
-        tab_sink: 0,
-    });
+    let t = tab.unwrap_or(TabOut::NONE);
     let (tcap, tns) = (t.cap as i32, t.n_stages as i32);
     let off = |base: u64, elem: usize| base + (row0 * elem) as u64;
     let (rg, cm, cn, tt) = (
@@ -2372,7 +2553,11 @@ impl HipGpuDecoder {
             gate: 0,
             topk_mc: self.topk_mc.as_ref().map(|m| m.ptrs),
             mean0,
+            // Only where a stage refreshes (else nothing reaches the last top-k).
+            assemble: (topk_asm() && from < n)
+                .then(|| FusedAsm::new(&self.sel, self.extra.ptr, hkv, Some(self.tab_out(0)))),
         };
+        let mut assembled = false;
         match self.rope_ready(upload)? {
             Some(r) if r.scores_rotated() => {
                 r.upload_step(gpu, &self.cfg, lens)?;
@@ -2393,19 +2578,21 @@ impl HipGpuDecoder {
             }
             _ => match (&self.stage0_done, from) {
                 (Some(ev), 0) => {
-                    run_stages_to(gpu, kv, &self.cfg, &self.stages, 0, 1, &ctx)?;
+                    assembled = run_stages_to(gpu, kv, &self.cfg, &self.stages, 0, 1, &ctx)?;
                     ev.record(&gpu.stream)
                         .map_err(|e| gpu_err("record stage-0 event", e))?;
-                    run_stages(gpu, kv, &self.cfg, &self.stages, 1, &ctx)?;
+                    assembled |= run_stages(gpu, kv, &self.cfg, &self.stages, 1, &ctx)?;
                 }
-                _ => run_stages(gpu, kv, &self.cfg, &self.stages, from, &ctx)?,
+                _ => assembled = run_stages(gpu, kv, &self.cfg, &self.stages, from, &ctx)?,
             },
         }
         let sinks: Vec<usize> = lens.iter().map(|&l| self.cfg.sink.min(l)).collect();
         let lean_skip = self.lean_active() && from == n && self.host_tab_sink == sinks;
         self.sel_stale = lean_skip;
         self.sel_from_device = false;
-        if !lean_skip {
+        if assembled {
+            self.host_tab_sink = sinks;
+        } else if !lean_skip {
             assemble_rows(
                 gpu,
                 self.stages.last().unwrap(),
@@ -3057,6 +3244,7 @@ impl HipGpuPrefill {
             gate: 0,
             topk_mc: None,
             mean0: None,
+            assemble: None,
         };
         match self.rope.as_deref() {
             Some(r) if rotated => {
@@ -3084,7 +3272,9 @@ impl HipGpuPrefill {
                     seqs,
                 )?;
             }
-            _ => run_stages(gpu, kv, &self.cfg, &self.stages, 0, &x)?,
+            _ => {
+                run_stages(gpu, kv, &self.cfg, &self.stages, 0, &x)?;
+            }
         }
         self.sel.rows = rows;
         assemble(

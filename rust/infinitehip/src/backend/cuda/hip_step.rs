@@ -12,7 +12,9 @@
 
 use cudarc::driver::{sys, CudaGraph, LaunchConfig};
 
-use super::dispatch::{assemble_rows, run_stages, DeviceKv, HipGpuDecoder, StageInputs};
+use super::dispatch::{
+    assemble_rows, run_stages, topk_asm, DeviceKv, FusedAsm, HipGpuDecoder, StageInputs,
+};
 use super::{gpu_err, DevBuf, GpuContext};
 use crate::attention::AttnShape;
 use crate::error::{Error, Result};
@@ -220,15 +222,21 @@ impl HipGpuDecoder {
             gate: d.state.ptr,
             topk_mc: self.topk_mc.as_ref().map(|m| m.ptrs),
             mean0,
+            assemble: None,
         };
-        run_stages(gpu, kv, cfg, &self.stages, 0, &x)?;
-        let last = self.stages.last().unwrap();
         // A lean device step's assembly returns at once when nothing was
         // refreshed (decided on the device): `sel` may then be stale, also
         // after any later replay of a graph captured from this call.
         let lean = self.lean_active();
         let tab = Some(self.tab_out(if lean { d.state.ptr } else { 0 }));
-        assemble_rows(gpu, last, self.extra.ptr, self.hkv, rows, &self.sel, 0, tab)?;
+        let x = StageInputs {
+            assemble: topk_asm().then(|| FusedAsm::new(&self.sel, self.extra.ptr, self.hkv, tab)),
+            ..x
+        };
+        if !run_stages(gpu, kv, cfg, &self.stages, 0, &x)? {
+            let last = self.stages.last().unwrap();
+            assemble_rows(gpu, last, self.extra.ptr, self.hkv, rows, &self.sel, 0, tab)?;
+        }
         self.sel_stale = false;
         self.sel_from_device = lean;
         let mt = d.max_tokens;

@@ -211,7 +211,11 @@ pub fn entry_points(module: &str) -> Vec<String> {
         // The warp scoring kernels are not built over the host tier.
         return entry_points("hip_mask")
             .into_iter()
-            .filter(|n| !n.starts_with("hip_scorew") && !n.starts_with("hip_score_mean"))
+            .filter(|n| {
+                !n.starts_with("hip_scorew")
+                    && !n.starts_with("hip_score_mean")
+                    && !n.starts_with("hip_scorea")
+            })
             .collect();
     }
     if module == "decode_dense_v2" {
@@ -278,6 +282,7 @@ pub fn entry_points(module: &str) -> Vec<String> {
                     for g in GROUPS {
                         v.push(format!("hip_scorew_{dt}_d{d}_q{g}"));
                         v.push(format!("hip_scorewp_{dt}_d{d}_q{g}"));
+                        v.push(format!("hip_scorea_{dt}_d{d}_q{g}"));
                         v.push(format!("hip_score_mean_{dt}_d{d}_q{g}"));
                     }
                 }
@@ -307,6 +312,7 @@ pub fn entry_points(module: &str) -> Vec<String> {
             v.push("hip_topk".into());
             v.push("hip_topk_mc".into());
             v.push("hip_assemble".into());
+            v.push("hip_topk_asm".into());
             v.push("hip_gather_q".into());
             v.push("hip_step_meta".into());
         }

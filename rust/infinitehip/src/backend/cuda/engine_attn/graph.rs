@@ -536,6 +536,7 @@ impl GpuAttention {
             gate: g.gate.ptr,
             topk_mc: g.topk_mc.as_ref().map(|m| m.ptrs),
             mean0: None,
+            assemble: None,
         };
         let pos: Vec<StageBuf> = (0..n)
             .map(|s| StageBuf {

@@ -1616,6 +1616,7 @@ impl GpuAttention {
                     gate: 0,
                     topk_mc: None,
                     mean0: None,
+                    assemble: None,
                 };
                 match h.rope.as_deref() {
                     Some(r) if rotated => {
@@ -1626,7 +1627,9 @@ impl GpuAttention {
                         };
                         r.run_stages(gpu, dkv, &h.cfg, &stages, froms[i], n, &x, one)?
                     }
-                    _ => run_stages(gpu, dkv, &h.cfg, &stages, froms[i], &x)?,
+                    _ => {
+                        run_stages(gpu, dkv, &h.cfg, &stages, froms[i], &x)?;
+                    }
                 }
             }
             let tab = sparse.then(|| TabOut {
