@@ -1250,6 +1250,116 @@ SCORE_MEAN_Q(Bf16, bf16, 256)
 SCORE_MEAN_Q(F16, f16, 64)
 SCORE_MEAN_Q(F16, f16, 128)
 SCORE_MEAN_Q(F16, f16, 256)
+
+// hip_score_meanw: hip_score_mean's keys and cache writes, bit for bit,
+// with the warp's 32 mean rows (consecutive chunks of one row: 32 x D
+// contiguous bf16) copied into shared memory by coalesced cp.async, issued
+// with the other independent loads; each lane then scores its row from
+// there (probe_smem over the means, the same products and order). In
+// hip_score_mean every thread loads its own 256-byte row, so each 16-byte
+// load of a warp touches 32 rows. A lane whose chunk's mean is not cached
+// builds it (as hip_score_mean) and writes it to its shared row too.
+// Shared memory: the queries, then per warp 32 rows at a stride of
+// D / 8 + 1 16-byte units.
+template <typename E, int D, int NQ>
+__device__ void hip_score_meanw(const u16* __restrict__ kp, const int* __restrict__ table, int table_stride,
+                                int ps, int hkv, long long pst, long long hst, const int* __restrict__ row_seq,
+                                const float* __restrict__ qs, const int* __restrict__ nq_arr, int nq_max,
+                                const int2* __restrict__ in_ranges, const int* __restrict__ in_cnt, int E_,
+                                int c, u32* __restrict__ keys, const int* __restrict__ gate, int stage,
+                                u16* __restrict__ means, int* __restrict__ tags, const int* __restrict__ gen,
+                                int mcap) {
+    constexpr int RU = D / 8 + 1;  // row stride, 16-byte units
+    extern __shared__ float sq[];
+    if (gate && gate[1] > stage) return;
+    const int r = blockIdx.y;
+    const int rb = r / hkv, h = r % hkv;
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int e0 = e - lane;  // the warp's first chunk
+    const bool live = e < E_ && e < mcap;
+    const int nq = nq_arr[rb];
+    const int cnt = in_cnt[r];
+    const int2 rg = in_ranges[r];
+    u16* mrow = means + ((long long)r * mcap + (live ? e : 0)) * D;
+    int* tag = tags + (long long)r * mcap + (live ? e : 0);
+    const int tg = live ? *tag : 0;
+    const int g = *gen;
+    const int q_floats = (nq_max + NQ - 1) / NQ * NQ * D;
+    u16* srow = reinterpret_cast<u16*>(sq + q_floats) + warp * 32 * RU * 8;
+    const u32 srow_s = hsw_smem_u32(srow);
+    // The warp's cached rows, speculatively (rows past E_ / mcap skipped):
+    // 16-byte unit u of row k is element (e0 + k) * D + u * 8.
+    const int nrows = max(0, min(32, min(E_, mcap) - e0));
+    const u16* mbase = means + ((long long)r * mcap + e0) * D;
+#pragma unroll 4
+    for (int i = lane; i < 32 * (D / 8); i += 32) {
+        const int k = i / (D / 8), u = i % (D / 8);
+        if (k < nrows)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(srow_s + (u32)((k * RU + u) * 16)),
+                         "l"(mbase + (long long)k * D + u * 8));
+    }
+    const float* qsrc = qs + ((long long)r * nq_max) * D;
+    const int nq_pad = (nq + NQ - 1) / NQ * NQ;
+    for (int i = threadIdx.x; i < nq_pad * D; i += blockDim.x) sq[i] = i < nq * D ? qsrc[i] : 0.f;
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    __syncthreads();  // the queries and the warp's rows
+    if (e >= E_) return;
+    u32 key = 0;
+    if (cnt > 0 && e < mcap) {
+        const int l = rg.x + e * c;
+        if (l < rg.y) {
+            u16* my = srow + lane * RU * 8;
+            if (tg != g) {
+                const int* trow = table + (long long)row_seq[rb] * table_stride;
+                const float cntf = (float)c;
+                for (int c8 = 0; c8 < D / 8; c8++) {
+                    float s[8];
+#pragma unroll
+                    for (int i = 0; i < 8; i++) s[i] = 0.f;
+#pragma unroll 4
+                    for (int t = l; t < l + c; t++) {
+                        float k8[8];
+                        load8<E>(kp + kv_row(trow, t, h, ps, D, pst, hst) + c8 * 8, k8);
+#pragma unroll
+                        for (int i = 0; i < 8; i++) s[i] = __fadd_rn(s[i], k8[i]);
+                    }
+                    u32 w[4];
+#pragma unroll
+                    for (int i = 0; i < 4; i++)
+                        w[i] = (u32)f32_to_bf16(__fdiv_rn(s[2 * i], cntf)) |
+                               ((u32)f32_to_bf16(__fdiv_rn(s[2 * i + 1], cntf)) << 16);
+                    const uint4 v = make_uint4(w[0], w[1], w[2], w[3]);
+                    *reinterpret_cast<uint4*>(mrow + c8 * 8) = v;
+                    *reinterpret_cast<uint4*>(my + c8 * 8) = v;
+                }
+                *tag = g;
+            }
+            key = score_key(probe_smem<Bf16, D, NQ, 1, D>(my, sq, nq, 0));
+        }
+    }
+    keys[(long long)r * E_ + e] = key;
+}
+
+#define SCORE_MEANW_INST(E, TN, D, NQ)                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) hip_score_meanw_##TN##_d##D##_q##NQ(             \
+        const u16* kp, const int* table, int table_stride, int ps, int hkv, long long pst,              \
+        long long hst, const int* row_seq, const float* qs, const int* nq, int nq_max,                  \
+        const int2* in_ranges, const int* in_cnt, int E_, int c, u32* keys, const int* gate,            \
+        int stage, u16* means, int* tags, const int* gen, int mcap) {                                   \
+        IHIP_PDL_ENTRY();                                                                               \
+        hip_score_meanw<E, D, NQ>(kp, table, table_stride, ps, hkv, pst, hst, row_seq, qs, nq, nq_max, \
+                                  in_ranges, in_cnt, E_, c, keys, gate, stage, means, tags, gen, mcap); \
+    }
+#define SCORE_MEANW_Q(E, TN, D)                                                               \
+    SCORE_MEANW_INST(E, TN, D, 1) SCORE_MEANW_INST(E, TN, D, 2) SCORE_MEANW_INST(E, TN, D, 4) \
+    SCORE_MEANW_INST(E, TN, D, 8)
+SCORE_MEANW_Q(Bf16, bf16, 64)
+SCORE_MEANW_Q(Bf16, bf16, 128)
+SCORE_MEANW_Q(Bf16, bf16, 256)
+SCORE_MEANW_Q(F16, f16, 64)
+SCORE_MEANW_Q(F16, f16, 128)
+SCORE_MEANW_Q(F16, f16, 256)
 #endif
 
 // Prefill scoring queries: for row (block b, kv head h) gather every

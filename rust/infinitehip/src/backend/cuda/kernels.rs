@@ -284,6 +284,7 @@ pub fn entry_points(module: &str) -> Vec<String> {
                         v.push(format!("hip_scorewp_{dt}_d{d}_q{g}"));
                         v.push(format!("hip_scorea_{dt}_d{d}_q{g}"));
                         v.push(format!("hip_score_mean_{dt}_d{d}_q{g}"));
+                        v.push(format!("hip_score_meanw_{dt}_d{d}_q{g}"));
                     }
                 }
                 "hip_fast" => {

@@ -85,8 +85,14 @@ impl MeanKeyCache {
     }
 }
 
-/// Launch `hip_score_mean_*` for stage 0 (`x.cap_in` must be 1): keys of
-/// every sub-chunk slot `[rows][x.e]`, as `launch_score` writes them.
+/// Score stage-0 means with `hip_score_meanw` (the warp copies its rows
+/// coalesced; the default) or `hip_score_mean` (each thread its own row;
+/// `INFINITEHIP_MEAN_WARP=0`).
+static MEAN_WARP: super::switch::EnvSwitch = super::switch::EnvSwitch::new("INFINITEHIP_MEAN_WARP");
+
+/// Launch `hip_score_mean_*` (or `hip_score_meanw_*`) for stage 0
+/// (`x.cap_in` must be 1): keys of every sub-chunk slot `[rows][x.e]`, as
+/// `launch_score` writes them.
 pub(crate) fn launch_score_mean(
     gpu: &GpuContext,
     kv: &super::dispatch::DeviceKv,
@@ -101,8 +107,17 @@ pub(crate) fn launch_score_mean(
     }
     let d = kv.head_dim;
     let tag = super::kernels::dtype_tag(kv.dtype).unwrap();
-    let smem = x.nq_max.next_multiple_of(x.nq_tpl) * d * 4;
-    let name = format!("hip_score_mean_{tag}_d{d}_q{}", x.nq_tpl);
+    let q_bytes = x.nq_max.next_multiple_of(x.nq_tpl) * d * 4;
+    // hip_score_meanw: then per warp 32 rows of d / 8 + 1 16-byte units.
+    let (pfx, smem) = if MEAN_WARP.get() {
+        (
+            "hip_score_meanw",
+            q_bytes + SCORE_THREADS * (d / 8 + 1) * 16,
+        )
+    } else {
+        ("hip_score_mean", q_bytes)
+    };
+    let name = format!("{pfx}_{tag}_d{d}_q{}", x.nq_tpl);
     let f = gpu.func_smem(x.module, &name, smem)?;
     let (ts, ps, hk, nqm, ei, c, stage, mcap) = (
         kv.table_stride as i32,
