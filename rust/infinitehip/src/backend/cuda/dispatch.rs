@@ -1398,7 +1398,7 @@ pub(crate) fn run_stages_to(
         match (s, &x.mean0) {
             (0, Some(m)) => super::mean_key::launch_score_mean(gpu, kv, &launch, m)?,
             _ => {
-                launch_score(gpu, kv, &launch, score_kernel())?;
+                launch_score(gpu, kv, &launch, score_kernel_for(st.chunk_size))?;
             }
         }
         super::prof::mark(gpu, super::prof::stage_name(true, s))?;
@@ -1451,9 +1451,9 @@ pub enum ScoreKernel {
     /// `hip_scorea*`: sub-chunks of up to 32 tokens (the later stages)
     /// with every token's row copied and scored at once and the search
     /// replayed over those scores (one round trip instead of one a level);
-    /// the same keys bit for bit. The default where it applies (up to 8
-    /// queries a row; `INFINITEHIP_SCORE_ALLROWS=0`: off); elsewhere as
-    /// `WarpPipe`.
+    /// the same keys bit for bit. The stages' default for sub-chunks of up
+    /// to 8 tokens and 8 queries a row (`INFINITEHIP_SCORE_ALLROWS=0`:
+    /// off); elsewhere as `WarpPipe`.
     AllRows,
 }
 
@@ -1492,6 +1492,41 @@ pub fn set_score_allrows(on: bool) {
 /// Largest sub-chunk (tokens) and query count per row `hip_scorea` takes.
 const SCOREA_MAX_C: usize = 32;
 const SCOREA_MAX_NQ: usize = 8;
+/// Largest sub-chunk the stages score with `hip_scorea` by default. H100,
+/// 1M tokens, batch 1 (BENCHMARKS.md, 2026-12-06 fourth session): stage 2
+/// (8 tokens) 13.1 -> 10.0 us a launch, stage 1 (16 tokens, 16.8 MB of
+/// rows where the search reads ~6 of 16 per sub-chunk) 15.8 -> 16.5: there
+/// the bytes cost what the saved round trips gave.
+const SCOREA_DEFAULT_MAX_C: usize = 8;
+
+/// 0: not read yet; else 1 + the largest default `hip_scorea` sub-chunk.
+static SCOREA_MAX: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Largest sub-chunk the stages score with `hip_scorea`:
+/// `INFINITEHIP_SCOREA_MAX_C` if set (benchmarks, up to 32), else 8.
+fn scorea_max_c() -> usize {
+    use std::sync::atomic::Ordering::Relaxed;
+    match SCOREA_MAX.load(Relaxed) {
+        0 => {
+            let c = std::env::var("INFINITEHIP_SCOREA_MAX_C")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(SCOREA_DEFAULT_MAX_C)
+                .min(SCOREA_MAX_C);
+            SCOREA_MAX.store(c + 1, Relaxed);
+            c
+        }
+        n => n - 1,
+    }
+}
+
+/// The scoring kernel a stage of `c`-token sub-chunks asks for.
+fn score_kernel_for(c: usize) -> ScoreKernel {
+    match score_kernel() {
+        ScoreKernel::AllRows if c > scorea_max_c() => ScoreKernel::WarpPipe,
+        k => k,
+    }
+}
 
 fn score_kernel() -> ScoreKernel {
     if SCORE_V1.load(std::sync::atomic::Ordering::Relaxed) {
