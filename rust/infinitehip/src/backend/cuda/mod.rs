@@ -586,14 +586,14 @@ mod tests {
         // bf16/f16 x (d64, d128: 1 or 2 chunks; d256: 1) x 4 groups.
         assert_eq!(kernels::entry_points("decode_dense").len(), 2 * 5 * 4 + 1);
         // bf16/f16 x 3 head dims x ((4 one-lane + 2 four-lane scorers) x
-        // (per-thread, warp) + 4 pipelined one-lane warp scorers + 4 mean-key
-        // scorers) + 5; the host-tier build has neither warp nor mean-key
-        // scorers.
+        // (per-thread, warp) + 4 pipelined one-lane warp scorers + 4 all-rows
+        // scorers + 4 x 2 mean-key scorers) + 6; the host-tier build has no
+        // warp, all-rows or mean-key scorers.
         assert_eq!(
             kernels::entry_points("hip_mask").len(),
-            2 * 3 * (6 * 2 + 4 + 4) + 5
+            2 * 3 * (6 * 2 + 4 + 4 + 4 * 2) + 6
         );
-        assert_eq!(kernels::entry_points("hip_mask_host").len(), 2 * 3 * 6 + 5);
+        assert_eq!(kernels::entry_points("hip_mask_host").len(), 2 * 3 * 6 + 6);
         assert_eq!(
             kernels::entry_points("hip_mask_host_pl"),
             kernels::entry_points("hip_mask_host")
