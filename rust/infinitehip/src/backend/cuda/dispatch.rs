@@ -1452,8 +1452,9 @@ pub enum ScoreKernel {
     /// with every token's row copied and scored at once and the search
     /// replayed over those scores (one round trip instead of one a level);
     /// the same keys bit for bit. The stages' default for sub-chunks of up
-    /// to 8 tokens and 8 queries a row (`INFINITEHIP_SCORE_ALLROWS=0`:
-    /// off); elsewhere as `WarpPipe`.
+    /// to 32 tokens and 8 queries a row (`INFINITEHIP_SCORE_ALLROWS=0`:
+    /// off; `INFINITEHIP_SCOREA_MAX_C`: a smaller limit); elsewhere as
+    /// `WarpPipe`.
     AllRows,
 }
 
@@ -1492,18 +1493,19 @@ pub fn set_score_allrows(on: bool) {
 /// Largest sub-chunk (tokens) and query count per row `hip_scorea` takes.
 const SCOREA_MAX_C: usize = 32;
 const SCOREA_MAX_NQ: usize = 8;
-/// Largest sub-chunk the stages score with `hip_scorea` by default. H100,
-/// 1M tokens, batch 1 (BENCHMARKS.md, 2026-12-06 fourth session): stage 2
-/// (8 tokens) 13.1 -> 10.0 us a launch, stage 1 (16 tokens, 16.8 MB of
-/// rows where the search reads ~6 of 16 per sub-chunk) 15.8 -> 16.5: there
-/// the bytes cost what the saved round trips gave.
-const SCOREA_DEFAULT_MAX_C: usize = 8;
+/// Largest sub-chunk the stages score with `hip_scorea` by default: all it
+/// takes. H100, 1M tokens, batch 1, one call (BENCHMARKS.md, 2026-12-06
+/// fourth session): the stage-1 launch (16 tokens, 16.8 MB of rows) reads
+/// 0.5-0.7 us slower between launch marks than `hip_scorew4`, yet the hip
+/// layer with it is 21.5 us (profile) / 22.1 (whole step) vs 22.5 / 22.7
+/// with stage 2 (8 tokens) alone.
+const SCOREA_DEFAULT_MAX_C: usize = SCOREA_MAX_C;
 
 /// 0: not read yet; else 1 + the largest default `hip_scorea` sub-chunk.
 static SCOREA_MAX: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Largest sub-chunk the stages score with `hip_scorea`:
-/// `INFINITEHIP_SCOREA_MAX_C` if set (benchmarks, up to 32), else 8.
+/// `INFINITEHIP_SCOREA_MAX_C` if set (benchmarks), else 32.
 fn scorea_max_c() -> usize {
     use std::sync::atomic::Ordering::Relaxed;
     match SCOREA_MAX.load(Relaxed) {
