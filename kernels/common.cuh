@@ -15,9 +15,20 @@ typedef unsigned int u32;
 // ordering as a plain launch. Without the attribute both are no-ops.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define IHIP_PDL_ENTRY() asm volatile("griddepcontrol.launch_dependents;\n\tgriddepcontrol.wait;" ::: "memory")
+// The two halves, for a kernel that loads what no earlier kernel can still
+// be writing before it waits (decode_dense_v2.cu's early loads), and lets
+// the next kernel launch only after its own wait.
+#define IHIP_PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define IHIP_PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
 #else
 #define IHIP_PDL_ENTRY() \
     do {                 \
+    } while (0)
+#define IHIP_PDL_WAIT() \
+    do {                \
+    } while (0)
+#define IHIP_PDL_TRIGGER() \
+    do {                   \
     } while (0)
 #endif
 

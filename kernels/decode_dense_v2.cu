@@ -245,6 +245,20 @@ __device__ __forceinline__ void dd_load(DdChunk<D>& ch, const KV& kv, int base, 
     }
 }
 
+// An L2 prefetch of the K/V lines this thread would load for the chunk at
+// `base` (dd_load's tokens; its 128-byte lines spread over the lanes that
+// share a token), table entries in `pre`. No registers stay live.
+template <int D, typename KV>
+__device__ __forceinline__ void dd_prefetch(const KV& kv, int base, int g, int c, const int* pre) {
+    constexpr int LINES = D * 2 / 128 > 0 ? D * 2 / 128 : 1;
+#pragma unroll
+    for (int i = 0; i < 6; i++) {
+        const int t = dd_tok(base, i, g, c);
+        const u16* p = (i < 2 ? kv.kp : kv.vp) + kv.row_tab(t, pre[i], D) + 64 * ((i < 2 ? c : g) % LINES);
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+    }
+}
+
 // Online softmax over one chunk: q.k (scores of head g, tokens base + 8j +
 // 2c + e), max, rescale (only when some head's max grew), p.v.
 template <typename E, int D, bool MASK>
@@ -322,6 +336,7 @@ __device__ __forceinline__ void dd_step(DdChunk<D>& ch, const KV& kv, const u32 
 #define DD_LEGACY_MERGE 1  // flags bit: the previous merge (benchmarks compare)
 #define DD_FENCED_ARRIVAL 2  // flags bit: fences by every thread around the arrival, unbatched sums
 #define DD_NO_PREFETCH 4     // flags bit: the merge loads its first partials after the weights
+#define DD_EARLY_LOADS 8     // flags bit (sparse): the first chunk's K/V loaded before the PDL wait
 #define DD_SW 64           // splits whose weights the merge keeps in shared memory
 
 __device__ __forceinline__ void dd_store(void* out, long long at, float v, int out_dtype) {
@@ -610,6 +625,21 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
     // Sparse: the first two chunks' table entries, before anything else
     // (not at head_dim 256, where the 12 registers cost spills).
     constexpr bool PRE = SP && D <= 128;
+    // Sparse launches wait for the previous kernel and only then let the
+    // next one launch (IHIP_PDL_ENTRY does the reverse), so a later
+    // launch's early loads never overlap the kernel before this one, which
+    // may be the refresh that wrote this table. DD_EARLY_LOADS (the host
+    // sets it on steps that rebuilt no table, and q_seq is not read): what
+    // no kernel of this step writes is read before the wait: the table, the
+    // counts, the regions (uploaded by a copy, not a kernel), and the first
+    // chunk's K/V of tokens older than the newest (the one a decode step
+    // appends); the second chunk is prefetched into L2. The previous
+    // kernel's tail then hides those load round trips.
+    const bool early = PRE && U == 1 && (flags & DD_EARLY_LOADS) && q_seq == nullptr;
+    if (SP && !early) {
+        IHIP_PDL_WAIT();
+        IHIP_PDL_TRIGGER();
+    }
     int pre0[6], pre1[6];
     if (PRE) {
         const int* tr = tab + (long long)(b * hkv + h) * tab_stride;
@@ -632,6 +662,19 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
     const int t0 = split * split_tokens, t1 = min(len, t0 + split_tokens);
     const DdKv<SP> kv{kp, vp, table + (long long)(q_seq ? q_seq[b] : b) * table_stride, ps, ps_log2, h,
                       page_stride, head_stride, trow_tab, nt, tail_off};
+    DdChunk<D> ch;  // U = 1's chunk buffer; the first chunk when `have0`
+    bool have0 = false;
+    if (early) {
+        const int base0 = t0 + warp * 16, base1 = base0 + STEP;
+        // Whole chunks below t1 and the row's last (newest) token only.
+        if (base0 + 16 <= t1 && base0 + 16 < len) {
+            dd_load<D, false>(ch, kv, base0, t1, g, c, pre0);
+            have0 = true;
+        }
+        if (base1 + 16 <= t1 && base1 + 16 < len) dd_prefetch<D>(kv, base1, g, c, pre1);
+        IHIP_PDL_WAIT();
+        IHIP_PDL_TRIGGER();
+    }
 
     __shared__ float s_m[DD_WARPS][G], s_l[DD_WARPS][G];
     __shared__ float s_o[DD_WARPS][G][D];
@@ -661,7 +704,6 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
     // The first two chunks of each warp load from pre0/pre1.
     const int* p0 = PRE ? pre0 : nullptr;
     if (U == 1) {
-        DdChunk<D> ch;
         int base = t0 + warp * 16;
         if (PRE) {
             // Unrolled: p is pre0 or pre1 at compile time (registers).
@@ -669,7 +711,8 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
             for (int k = 0; k < 2; k++) {
                 const int* p = k == 0 ? pre0 : pre1;
                 if (base < t1) {
-                    if (base + 16 <= t1) dd_load<D, false>(ch, kv, base, t1, g, c, p);
+                    if (k == 0 && have0) {
+                    } else if (base + 16 <= t1) dd_load<D, false>(ch, kv, base, t1, g, c, p);
                     else dd_load<D, true>(ch, kv, base, t1, g, c, p);
                     if (base + 16 <= t1) dd_compute<E, D, false>(ch, qa, base, t1, c, m, l, o);
                     else dd_compute<E, D, true>(ch, qa, base, t1, c, m, l, o);
@@ -827,7 +870,6 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
              const int* tab, int tab_stride, const int* ntab, const int2* extra, const int* q_seq,   \
              int split_tokens, int n_splits, float* pm, float* pl, float* pacc, int* counters,       \
              void* out, long long out_stride, int out_dtype, int flags) {                             \
-        IHIP_PDL_ENTRY();                                                                            \
         dense_decode<E, D, G, U, true>(kp, vp, tab, tab_stride, ntab, extra, table, table_stride,    \
                                        ps, ps_log2, hkv, page_stride, head_stride, q, scale_log2,    \
                                        nullptr, q_seq, split_tokens, n_splits, pm, pl, pacc,         \

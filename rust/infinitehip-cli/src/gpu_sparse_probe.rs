@@ -288,6 +288,7 @@ pub(crate) fn probe(gpu: &GpuContext, a: &crate::gpu_args::BenchGpuSparseArgs) -
                             sel_tokens,
                             None,
                             Some(u),
+                            false,
                             out.ptr,
                         )
                         .map_err(e)

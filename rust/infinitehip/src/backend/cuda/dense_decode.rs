@@ -126,6 +126,11 @@ pub fn split_tokens(
 /// hip's selection (sparse: per (row, kv head) `ntab` positions of `tab`,
 /// row stride `tab_stride`, then the contiguous slid + window tail read from
 /// `extra`, `[rows][3]` int2 sink/slid/window as `HipGpuDecoder` keeps them).
+/// `early`: no kernel of this step wrote `tab`, `ntab` or `extra` (a host
+/// step that rebuilt no table; `extra` uploaded by a copy), and the K/V of
+/// every token but each row's newest were written before the previous
+/// step's attention: the launch loads its first chunk before its PDL wait
+/// (`DD_EARLY_LOADS`, when `early_loads()` is on).
 #[derive(Clone, Copy)]
 pub(crate) enum V2Src {
     Dense {
@@ -136,6 +141,7 @@ pub(crate) enum V2Src {
         tab_stride: usize,
         ntab: u64,
         extra: u64,
+        early: bool,
     },
 }
 
@@ -179,6 +185,21 @@ static MERGE_PREFETCH: super::switch::EnvSwitch =
 
 pub fn set_merge_prefetch(on: bool) {
     MERGE_PREFETCH.set(on);
+}
+
+/// Sparse launches marked `early` load their first chunk's table entries
+/// and K/V before waiting for the previous kernel (PDL), overlapping that
+/// kernel's tail; `INFINITEHIP_EARLY_LOADS=0` or `set_early_loads(false)`:
+/// after the wait, as before. Outputs bit-equal.
+static EARLY_LOADS: super::switch::EnvSwitch =
+    super::switch::EnvSwitch::new("INFINITEHIP_EARLY_LOADS");
+
+pub fn set_early_loads(on: bool) {
+    EARLY_LOADS.set(on);
+}
+
+pub fn early_loads() -> bool {
+    EARLY_LOADS.get()
 }
 
 static SPARSE_TRACE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -385,10 +406,13 @@ pub(crate) fn launch_v2(
         -1
     };
     let (ors, odt) = (out.row_stride as i64, out.code());
-    // kernels/decode_dense_v2.cu: DD_LEGACY_MERGE 1, DD_FENCED_ARRIVAL 2, DD_NO_PREFETCH 4.
+    // kernels/decode_dense_v2.cu: DD_LEGACY_MERGE 1, DD_FENCED_ARRIVAL 2, DD_NO_PREFETCH 4,
+    // DD_EARLY_LOADS 8.
+    let early = matches!(src, V2Src::Sparse { early: true, .. }) && EARLY_LOADS.get();
     let flags: i32 = i32::from(LEGACY_MERGE.load(std::sync::atomic::Ordering::Relaxed))
         | (i32::from(!ACQREL_ARRIVAL.get()) << 1)
-        | (i32::from(!MERGE_PREFETCH.get()) << 2);
+        | (i32::from(!MERGE_PREFETCH.get()) << 2)
+        | (i32::from(early) << 3);
     // v2 entry points (dense and hip_sparse) begin with IHIP_PDL_ENTRY; decode_dense.cu's do not.
     let site = match (v2, sparse) {
         (false, _) => None,
@@ -415,6 +439,7 @@ pub(crate) fn launch_v2(
             tab_stride: t,
             ntab,
             extra,
+            ..
         } => {
             tab_stride = *t as i32;
             l.arg(tab).arg(&tab_stride).arg(ntab).arg(extra);
@@ -509,6 +534,8 @@ pub fn dense_decode(
 /// then the tail `[tail0, win.1)` with `extra` i32 `[rows][3][2]` (sink,
 /// slid, window; tail0 = slid.0 if the slid range is non-empty, else
 /// win.0); `max_tokens` bounds every row's count. Out f32, same shape.
+/// `early`: as `V2Src::Sparse`'s (the caller vouches that no kernel still
+/// in flight writes the selection or the K/V it reads).
 #[allow(clippy::too_many_arguments)]
 pub fn sparse_decode(
     gpu: &GpuContext,
@@ -523,6 +550,7 @@ pub fn sparse_decode(
     max_tokens: usize,
     split: Option<usize>,
     chunks: Option<usize>,
+    early: bool,
     out: u64,
 ) -> Result<()> {
     check_shape(shape, kv)?;
@@ -553,6 +581,7 @@ pub fn sparse_decode(
             tab_stride,
             ntab: ntab.ptr,
             extra: extra.ptr,
+            early,
         },
         0,
         max_tokens,

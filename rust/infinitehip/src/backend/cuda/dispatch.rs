@@ -2260,6 +2260,9 @@ pub struct HipGpuDecoder {
     /// replayed from a CUDA graph any number of times since, which the host
     /// does not see): `selection()` rebuilds the ranges on every read.
     pub(crate) sel_from_device: bool,
+    /// The last host step rebuilt no table (`lean_skip`): its attention may
+    /// load its first chunk before the PDL wait (`V2Src::Sparse::early`).
+    pub(crate) early_ok: bool,
     /// Largest selected-token count of the last assembly (host bound).
     pub max_tokens: usize,
     pub ws: DecodeWorkspace,
@@ -2390,6 +2393,7 @@ impl HipGpuDecoder {
             sel: DeviceSelection::empty(rows, last_cap + 3)?,
             sel_stale: false,
             sel_from_device: false,
+            early_ok: false,
             max_tokens: 0,
             ws: DecodeWorkspace::new(),
             tab: DevBuf::alloc(rows * tab_cap * 4)?,
@@ -2627,6 +2631,9 @@ impl HipGpuDecoder {
         let lean_skip = self.lean_active() && from == n && self.host_tab_sink == sinks;
         self.sel_stale = lean_skip;
         self.sel_from_device = false;
+        // Nothing in this step wrote the table, the counts or (with a
+        // copy, not a kernel) the regions.
+        self.early_ok = lean_skip;
         if assembled {
             self.host_tab_sink = sinks;
         } else if !lean_skip {
@@ -2848,6 +2855,7 @@ impl HipGpuDecoder {
                     tab_stride: self.tab_cap,
                     ntab: self.ntab.ptr,
                     extra: self.extra.ptr,
+                    early: self.early_ok,
                 },
                 0,
                 mt.max(1),
@@ -2880,6 +2888,7 @@ impl HipGpuDecoder {
         self.host_tab_sink.clear();
         self.sel_stale = false;
         self.sel_from_device = false;
+        self.early_ok = false;
     }
 }
 

@@ -239,6 +239,8 @@ impl HipGpuDecoder {
         }
         self.sel_stale = false;
         self.sel_from_device = lean;
+        // The refresh and the regions are decided on the device this step.
+        self.early_ok = false;
         let mt = d.max_tokens;
         self.attend(gpu, shape, kv, q, mt, out)
     }

@@ -762,6 +762,7 @@ impl StreamSrc {
                 tab_stride: self.page_size,
                 ntab: self.ntab,
                 extra: self.extra,
+                early: false,
             },
             0,
             mt.max(1),

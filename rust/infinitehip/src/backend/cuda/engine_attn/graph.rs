@@ -602,6 +602,7 @@ impl GpuAttention {
                     tab_stride: tab_cap,
                     ntab: g.ntab.ptr,
                     extra: g.extra.ptr,
+                    early: false,
                 },
                 g.rows.ptr,
                 bound,

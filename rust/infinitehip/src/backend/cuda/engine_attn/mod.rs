@@ -964,6 +964,7 @@ impl GpuAttention {
                         tab_stride: tab_cap,
                         ntab: self.ntab.ptr,
                         extra: ex,
+                        early: false,
                     },
                     self.up.ptr,
                     bound.max(1),
