@@ -337,6 +337,7 @@ __device__ __forceinline__ void dd_step(DdChunk<D>& ch, const KV& kv, const u32 
 #define DD_FENCED_ARRIVAL 2  // flags bit: fences by every thread around the arrival, unbatched sums
 #define DD_NO_PREFETCH 4     // flags bit: the merge loads its first partials after the weights
 #define DD_EARLY_LOADS 8     // flags bit (sparse): the first chunk's K/V loaded before the PDL wait
+#define DD_EARLY_L2 16       // flags bit (with DD_EARLY_LOADS): the second chunk prefetched into L2 too
 #define DD_SW 64           // splits whose weights the merge keeps in shared memory
 
 __device__ __forceinline__ void dd_store(void* out, long long at, float v, int out_dtype) {
@@ -633,7 +634,8 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
     // no kernel of this step writes is read before the wait: the table, the
     // counts, the regions (uploaded by a copy, not a kernel), and the first
     // chunk's K/V of tokens older than the newest (the one a decode step
-    // appends); the second chunk is prefetched into L2. The previous
+    // appends); with DD_EARLY_L2 the second chunk is prefetched into L2
+    // (its page lookups one more round trip before the wait). The previous
     // kernel's tail then hides those load round trips.
     const bool early = PRE && U == 1 && (flags & DD_EARLY_LOADS) && q_seq == nullptr;
     if (SP && !early) {
@@ -671,7 +673,7 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
             dd_load<D, false>(ch, kv, base0, t1, g, c, pre0);
             have0 = true;
         }
-        if (base1 + 16 <= t1 && base1 + 16 < len) dd_prefetch<D>(kv, base1, g, c, pre1);
+        if ((flags & DD_EARLY_L2) && base1 + 16 <= t1 && base1 + 16 < len) dd_prefetch<D>(kv, base1, g, c, pre1);
         IHIP_PDL_WAIT();
         IHIP_PDL_TRIGGER();
     }

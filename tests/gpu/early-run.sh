@@ -7,7 +7,10 @@
 # 1. `gpu-test --step-only` (sparse kernel cases: early == not, bit for bit; the lean host step == the
 # full host step; PDL == plain; device step, graph, CPU policy twins). 2. the 32-layer step at 128K and
 # 1M, batch 1, mean_key, default intervals: early / not / early / not. 3. `--engine-only` and the shim
-# graph test if time is left. Logs in $OUT/all.tgz, the summary on stdout.
+# graph test if time is left (STEP=0 skips the step check, ENGINE=0 the engine and shim checks).
+# Second call: the second chunk's L2 prefetch made optional (`INFINITEHIP_EARLY_L2=1`; its page lookups
+# put one more round trip before the wait, which the first call's single-layer profile paid). Logs in
+# $OUT/all.tgz, the summary on stdout.
 #   here:  bash scripts/gpu-check.sh      (gpu-bin/)
 #   there: run(command="BUDGET=420 bash tests/gpu/early-run.sh", carry=["gpu-bin"], kind="nvidia-h200", timeout_s=450)
 set -uo pipefail
@@ -22,22 +25,23 @@ f=$(ls "$INFINITEHIP_CACHE"/*hip_sparse*.ptx 2>/dev/null | grep -v trace | head 
 PTXAS=$(command -v ptxas || echo /usr/local/cuda/bin/ptxas)
 [ -n "$f" ] && [ -x "$PTXAS" ] && timeout 60 "$PTXAS" -arch=sm_90 -v --entry hip_sparse_bf16_d128_g8_u1 \
   "$f" -o /tmp/hs.cubin > "$L/ptxas.log" 2>&1; at ptxas $?
-timeout 150 gpu-bin/infinitehip gpu-test --step-only > "$L/step-check.log" 2>&1; at step-check $?
+[ "${STEP:-1}" = 1 ] && { timeout 150 gpu-bin/infinitehip gpu-test --step-only > "$L/step-check.log" 2>&1; at step-check $?; }
 timeout 40 python3 scripts/sdpa_bench.py --tokens 1048576 --batch 1 --reps 3 --prefill-tokens '' \
   --model-tokens 131072,1048576 --model-batch 1 --json "$L/sdpa.json" > "$L/sdpa.log" 2>&1; at sdpa $?
-for v in "early|" "prev|INFINITEHIP_EARLY_LOADS=0" "early2|" "prev2|INFINITEHIP_EARLY_LOADS=0"; do
+for v in "early|" "prev|INFINITEHIP_EARLY_LOADS=0" "earlyl2|INFINITEHIP_EARLY_L2=1" \
+         "early2|" "prev2|INFINITEHIP_EARLY_LOADS=0" "earlyl2b|INFINITEHIP_EARLY_L2=1"; do
   IFS='|' read -r n envs <<< "$v"
   env $envs timeout 60 gpu-bin/infinitehip bench-gpu-model --tokens 131072,1048576 --batch 1 --reps 3 \
     --baseline "$L/sdpa.json" --decode-stage0 mean_key --json "$L/model-$n.json" > "$L/model-$n.log" 2>&1
   at "model $n" $?
 done
 t=$(( $(left) - 40 )); [ $t -gt 150 ] && t=150
-[ $t -gt 30 ] && { timeout $t gpu-bin/infinitehip gpu-test --engine-only > "$L/engine-check.log" 2>&1; at engine-check $?; }
+[ "${ENGINE:-1}" = 1 ] && [ $t -gt 30 ] && { timeout $t gpu-bin/infinitehip gpu-test --engine-only > "$L/engine-check.log" 2>&1; at engine-check $?; }
 t=$(( $(left) - 5 ))
-[ $t -gt 20 ] && { INFINITEHIP_LIB="$PWD/gpu-bin/libinfinitehip.so" timeout $t python3 tests/gpu/test_shim_gpu.py \
+[ "${ENGINE:-1}" = 1 ] && [ $t -gt 20 ] && { INFINITEHIP_LIB="$PWD/gpu-bin/libinfinitehip.so" timeout $t python3 tests/gpu/test_shim_gpu.py \
   > "$L/shim-gpu.log" 2>&1; at shim-gpu $?; }
 python3 tests/gpu/model_steps.py "$L"/model-*.json
-for n in early prev; do echo "== $n"; grep -E "^\| (attn|hip)|^\| host metadata|^attention" "$L/model-$n.log"; done
+for n in early prev earlyl2; do echo "== $n"; grep -E "^\| (attn|hip)|^\| host metadata|^attention" "$L/model-$n.log"; done
 for f in step-check engine-check; do
   [ -f "$L/$f.log" ] && { echo "-- $f: $(grep -c '^PASS' "$L/$f.log") PASS, $(grep -c '^FAIL' "$L/$f.log") FAIL"; \
     grep '^FAIL' "$L/$f.log" | cut -c1-600; tail -1 "$L/$f.log"; }

@@ -198,6 +198,24 @@ pub fn set_early_loads(on: bool) {
     EARLY_LOADS.set(on);
 }
 
+/// With early loads, the second chunk's K/V prefetched into L2 before the
+/// wait as well (`INFINITEHIP_EARLY_L2=1`; off by default).
+static EARLY_L2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn set_early_l2(on: bool) {
+    EARLY_L2.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn early_l2() -> bool {
+    static ENV: std::sync::Once = std::sync::Once::new();
+    ENV.call_once(|| {
+        if std::env::var("INFINITEHIP_EARLY_L2").is_ok_and(|v| v == "1") {
+            set_early_l2(true);
+        }
+    });
+    EARLY_L2.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 pub fn early_loads() -> bool {
     EARLY_LOADS.get()
 }
@@ -407,12 +425,13 @@ pub(crate) fn launch_v2(
     };
     let (ors, odt) = (out.row_stride as i64, out.code());
     // kernels/decode_dense_v2.cu: DD_LEGACY_MERGE 1, DD_FENCED_ARRIVAL 2, DD_NO_PREFETCH 4,
-    // DD_EARLY_LOADS 8.
+    // DD_EARLY_LOADS 8, DD_EARLY_L2 16.
     let early = matches!(src, V2Src::Sparse { early: true, .. }) && EARLY_LOADS.get();
     let flags: i32 = i32::from(LEGACY_MERGE.load(std::sync::atomic::Ordering::Relaxed))
         | (i32::from(!ACQREL_ARRIVAL.get()) << 1)
         | (i32::from(!MERGE_PREFETCH.get()) << 2)
-        | (i32::from(early) << 3);
+        | (i32::from(early) << 3)
+        | (i32::from(early && early_l2()) << 4);
     // v2 entry points (dense and hip_sparse) begin with IHIP_PDL_ENTRY; decode_dense.cu's do not.
     let site = match (v2, sparse) {
         (false, _) => None,
