@@ -576,18 +576,13 @@ SCOREWP_Q(F16, f16, 256)
 // table row) are issued before the queries' barrier. Shared memory: the
 // queries (padded to NQ), then per warp HSW_WARP_BYTES(D, 2) (32 row
 // offsets and 32 rows).
-// `early` (a host step's first launch, a stage after the first: its input
-// ranges were written by an earlier step's top-k, and an earlier step's
-// attention, which lets its dependents launch only after its own wait, lies
-// between): everything but the queries is read, and the key rows' copies
-// issued, before the PDL wait, overlapping the previous kernel's tail.
 template <typename E, int D, int NQ>
 __device__ void hip_scorea(const u16* __restrict__ kp, const int* __restrict__ table, int table_stride,
                            int ps, int hkv, long long pst, long long hst, const int* __restrict__ row_seq,
                            const float* __restrict__ qs, const int* __restrict__ nq_arr, int nq_max,
                            const int2* __restrict__ in_ranges, const int* __restrict__ in_cnt,
                            int cap_in, int E_, int c, u32* __restrict__ keys, const int* __restrict__ gate,
-                           int stage, bool early) {
+                           int stage) {
     constexpr int QS = D;
     constexpr int RU = D / 8 + 1;                // row stride, 16-byte units
     constexpr int RL = D / 8 < 32 ? D / 8 : 32;  // lanes per row in one copy
@@ -612,11 +607,8 @@ __device__ void hip_scorea(const u16* __restrict__ kp, const int* __restrict__ t
     const int nq = nq_arr[rb];
     const float* qsrc = qs + ((long long)r * nq_max) * D;
     const int nq_pad = (nq + NQ - 1) / NQ * NQ;
-    auto copy_q = [&]() {
-        for (int i = threadIdx.x; i < nq_pad * D; i += blockDim.x)
-            sq[(i / D) * QS + i % D] = i < nq * D ? qsrc[i] : 0.f;
-    };
-    if (!early) copy_q();
+    for (int i = threadIdx.x; i < nq_pad * D; i += blockDim.x)
+        sq[(i / D) * QS + i % D] = i < nq * D ? qsrc[i] : 0.f;
     const int l = rg.x + e * c;
     const bool valid = in_grid && ri < cnt && l < rg.y;
     const int rr = valid ? min(l + c, rg.y) : l;
@@ -644,10 +636,6 @@ __device__ void hip_scorea(const u16* __restrict__ kp, const int* __restrict__ t
             }
         }
     }
-    if (early) {
-        IHIP_PDL_WAIT();
-        copy_q();
-    }
     asm volatile("cp.async.wait_all;" ::: "memory");
     __syncthreads();  // the queries and every lane's row
     const float sc = off >= 0 ? probe_smem<E, D, NQ, 1, QS>(srow + lane * RU * 8, sq, nq, 0) : NEG_INF;
@@ -674,13 +662,10 @@ __device__ void hip_scorea(const u16* __restrict__ kp, const int* __restrict__ t
                                       int hkv, long long pst, long long hst, const int* row_seq, const float* qs, const int* nq, \
                                       int nq_max, const int2* in_ranges, const int* in_cnt,       \
                                       int cap_in, int E_, int c, u32* keys, const int* gate,      \
-                                      int stage, int early) {                                     \
-        /* early: only the trigger here (hip_scorea waits after its copies) */                    \
-        const bool ea = early != 0 && gate == nullptr;                                            \
-        if (ea) IHIP_PDL_TRIGGER();                                                               \
-        else IHIP_PDL_ENTRY();                                                                    \
+                                      int stage) {                                                \
+        IHIP_PDL_ENTRY();                                                                         \
         hip_scorea<E, D, NQ>(kp, table, table_stride, ps, hkv, pst, hst, row_seq, qs, nq, nq_max, in_ranges, \
-                            in_cnt, cap_in, E_, c, keys, gate, stage, ea);                        \
+                            in_cnt, cap_in, E_, c, keys, gate, stage);                            \
     }
 #define SCOREA_Q(E, TN, D) SCOREA_INST(E, TN, D, 1) SCOREA_INST(E, TN, D, 2) \
     SCOREA_INST(E, TN, D, 4) SCOREA_INST(E, TN, D, 8)

@@ -229,16 +229,12 @@ fn run(gpu: &GpuContext, c: &Case, seed: u64) -> R<(usize, usize, usize, usize, 
     let (rg, cnt) = ranges(c, &mut rng);
     let rows = c.nq.len() * c.hkv;
     let q = rng.normal_vec(rows * c.nq_max * c.d, 1.0);
-    // `early`: hip_scorea reads everything but the queries before its PDL
-    // wait (a host step's opening launch; no effect on the other kernels).
-    let go_e = |kv: &DeviceKv, want: ScoreKernel, early: bool| {
+    let go = |kv: &DeviceKv, want: ScoreKernel| {
         dispatch::score_slots(
             gpu, kv, &q, &c.nq, c.nq_max, c.nq_tpl, c.lanes, &rg, &cnt, c.cap_in, c.e, c.c, want,
-            early,
         )
         .map_err(e)
     };
-    let go = |kv: &DeviceKv, want: ScoreKernel| go_e(kv, want, false);
     let (warp, kw) = go(&p.kv, ScoreKernel::Warp)?;
     let (thread, kt) = go(&p.kv, ScoreKernel::PerThread)?;
     // The pipelined warp kernel where it applies (one lane), else the warp kernel.
@@ -250,7 +246,6 @@ fn run(gpu: &GpuContext, c: &Case, seed: u64) -> R<(usize, usize, usize, usize, 
     };
     // The all-rows kernel where it applies (sub-chunks <= 32, <= 8 queries), else as pipelined.
     let (allr, ka) = go(&p.kv, ScoreKernel::AllRows)?;
-    let (allr_e, _) = go_e(&p.kv, ScoreKernel::AllRows, true)?;
     let want_a = if c.c <= 32 && c.nq_max <= 8 {
         ScoreKernel::AllRows
     } else {
@@ -263,7 +258,7 @@ fn run(gpu: &GpuContext, c: &Case, seed: u64) -> R<(usize, usize, usize, usize, 
     let diff = |a: &[u32], b: &[u32]| a.iter().zip(b).filter(|(x, y)| x != y).count();
     let valid = host.iter().filter(|&&k| k != 0).count();
     let (d_wt, d_wh) = (
-        diff(&warp, &thread) + diff(&pipe, &thread) + diff(&allr, &thread) + diff(&allr_e, &allr),
+        diff(&warp, &thread) + diff(&pipe, &thread) + diff(&allr, &thread),
         diff(&warp, &host) + diff(&pipe, &host) + diff(&allr, &host),
     );
     // Sensitivity: raise the row that gave the first valid slot's score

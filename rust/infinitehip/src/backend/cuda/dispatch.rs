@@ -1183,10 +1183,6 @@ pub(crate) struct StageInputs {
     /// (`hip_topk_asm`) where it runs one CTA per row; None: the caller
     /// assembles (`run_stages_to` says whether it was built).
     pub assemble: Option<FusedAsm>,
-    /// A host step (`HipGpuDecoder::select`): its opening launch, when it
-    /// scores a stage after the first with `hip_scorea`, reads everything
-    /// but the queries before its PDL wait (`ScoreLaunch::early`).
-    pub early_open: bool,
 }
 
 /// `assemble_rows`' outputs (rows from 0) for `hip_topk_asm`.
@@ -1335,12 +1331,6 @@ pub fn topk_mc() -> bool {
     TOPK_MC.get()
 }
 
-/// A host step's opening `hip_scorea` launch reads its inputs before the
-/// PDL wait (`ScoreLaunch::early`; with `dense_decode::early_loads()`);
-/// `INFINITEHIP_EARLY_SCORE=0`: after it. Same keys.
-static EARLY_SCORE: super::switch::EnvSwitch =
-    super::switch::EnvSwitch::new("INFINITEHIP_EARLY_SCORE");
-
 /// Run hip stages `from..` (score + top-k each) for all rows.
 pub(crate) fn run_stages(
     gpu: &GpuContext,
@@ -1404,12 +1394,6 @@ pub(crate) fn run_stages_to(
             gate: x.gate,
             stage: s,
             opens_step: s == from && x.gate == 0,
-            early: x.early_open
-                && s == from
-                && s > 0
-                && x.gate == 0
-                && super::dense_decode::early_loads()
-                && EARLY_SCORE.get(),
         };
         match (s, &x.mean0) {
             (0, Some(m)) => super::mean_key::launch_score_mean(gpu, kv, &launch, m)?,
@@ -1585,12 +1569,6 @@ pub(crate) struct ScoreLaunch {
     /// The first launch of a host-metadata step that refreshes from this
     /// stage (it follows the previous step's attention; `pdl::Site::ScoreOpen`).
     pub opens_step: bool,
-    /// `hip_scorea` only: load the ranges, counts and key rows before the
-    /// PDL wait (kernels/hip_mask.cu). Only for a launch whose inputs no
-    /// kernel of this step wrote: an opening stage after the first, where
-    /// an earlier step's attention lies between this launch and the top-k
-    /// that wrote its ranges.
-    pub early: bool,
 }
 
 /// Launch `hip_score*` / `hip_scorew*` for one stage: keys of every
@@ -1690,13 +1668,9 @@ pub(crate) fn launch_score(
         .arg(&x.keys)
         .arg(&x.gate)
         .arg(&stage_i);
-    let early_i = i32::from(x.early);
-    if kind == ScoreKernel::AllRows {
-        l.arg(&early_i);
-    }
     // SAFETY: the arguments pushed above follow the kernel's parameter list in kernels/hip_mask.cu
-    // (same order and C types, the same for hip_score and hip_scorew; hip_scorea one int more);
-    // every pointer is a device allocation of this context sized for this grid by the caller.
+    // (same order and C types, the same for hip_score and hip_scorew); every pointer is a device
+    // allocation of this context sized for this grid by the caller.
     unsafe {
         l.launch(LaunchConfig {
             grid_dim: (
@@ -1716,9 +1690,7 @@ pub(crate) fn launch_score(
 /// over `kv` (K only). Rows are `nq.len() * kv.n_kv_heads` (sequence `rb`
 /// = page-table row `rb`); `q` is `[rows][nq_max][head_dim]`, `ranges`
 /// `[rows][cap_in]` (start, end), `cnt` per row. Returns the keys
-/// (`[rows][cap_in * e]`, 0: invalid) and the kernel that ran. `early`:
-/// `hip_scorea` loads all but the queries before its PDL wait (the inputs
-/// were copied in before, so no kernel in flight writes them).
+/// (`[rows][cap_in * e]`, 0: invalid) and the kernel that ran.
 #[allow(clippy::too_many_arguments)]
 pub fn score_slots(
     gpu: &GpuContext,
@@ -1734,7 +1706,6 @@ pub fn score_slots(
     e: usize,
     c: usize,
     want: ScoreKernel,
-    early: bool,
 ) -> Result<(Vec<u32>, ScoreKernel)> {
     let rows = nq.len() * kv.n_kv_heads;
     let d = kv.head_dim;
@@ -1777,7 +1748,6 @@ pub fn score_slots(
             gate: 0,
             stage: 0,
             opens_step: false,
-            early,
         },
         want,
     )?;
@@ -2627,7 +2597,6 @@ impl HipGpuDecoder {
             // Only where a stage refreshes (else nothing reaches the last top-k).
             assemble: (topk_asm() && from < n)
                 .then(|| FusedAsm::new(&self.sel, self.extra.ptr, hkv, Some(self.tab_out(0)))),
-            early_open: true,
         };
         let mut assembled = false;
         match self.rope_ready(upload)? {
@@ -3322,7 +3291,6 @@ impl HipGpuPrefill {
             topk_mc: None,
             mean0: None,
             assemble: None,
-            early_open: false,
         };
         match self.rope.as_deref() {
             Some(r) if rotated => {

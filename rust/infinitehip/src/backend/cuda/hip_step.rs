@@ -223,7 +223,6 @@ impl HipGpuDecoder {
             topk_mc: self.topk_mc.as_ref().map(|m| m.ptrs),
             mean0,
             assemble: None,
-            early_open: false,
         };
         // A lean device step's assembly returns at once when nothing was
         // refreshed (decided on the device): `sel` may then be stale, also

@@ -537,7 +537,6 @@ impl GpuAttention {
             topk_mc: g.topk_mc.as_ref().map(|m| m.ptrs),
             mean0: None,
             assemble: None,
-            early_open: false,
         };
         let pos: Vec<StageBuf> = (0..n)
             .map(|s| StageBuf {

@@ -1618,7 +1618,6 @@ impl GpuAttention {
                     topk_mc: None,
                     mean0: None,
                     assemble: None,
-                    early_open: false,
                 };
                 match h.rope.as_deref() {
                     Some(r) if rotated => {
