@@ -8,9 +8,9 @@
 # full host step; PDL == plain; device step, graph, CPU policy twins). 2. the 32-layer step at 128K and
 # 1M, batch 1, mean_key, default intervals: early / not / early / not. 3. `--engine-only` and the shim
 # graph test if time is left (STEP=0 skips the step check, ENGINE=0 the engine and shim checks).
-# Second call: the second chunk's L2 prefetch made optional (`INFINITEHIP_EARLY_L2=1`; its page lookups
-# put one more round trip before the wait, which the first call's single-layer profile paid). Logs in
-# $OUT/all.tgz, the summary on stdout.
+# The second chunk's L2 prefetch is where the gain is (second call: without it, `INFINITEHIP_EARLY_L2=0`,
+# the whole step was level with no early loads), so it is on by default. Logs in $OUT/all.tgz, the
+# summary on stdout. The calls that ran: tests/gpu/logs/early-2026-12-06/run{1,2}/ (with their scripts).
 #   here:  bash scripts/gpu-check.sh      (gpu-bin/)
 #   there: run(command="BUDGET=420 bash tests/gpu/early-run.sh", carry=["gpu-bin"], kind="nvidia-h200", timeout_s=450)
 set -uo pipefail
@@ -28,8 +28,8 @@ PTXAS=$(command -v ptxas || echo /usr/local/cuda/bin/ptxas)
 [ "${STEP:-1}" = 1 ] && { timeout 150 gpu-bin/infinitehip gpu-test --step-only > "$L/step-check.log" 2>&1; at step-check $?; }
 timeout 40 python3 scripts/sdpa_bench.py --tokens 1048576 --batch 1 --reps 3 --prefill-tokens '' \
   --model-tokens 131072,1048576 --model-batch 1 --json "$L/sdpa.json" > "$L/sdpa.log" 2>&1; at sdpa $?
-for v in "early|" "prev|INFINITEHIP_EARLY_LOADS=0" "earlyl2|INFINITEHIP_EARLY_L2=1" \
-         "early2|" "prev2|INFINITEHIP_EARLY_LOADS=0" "earlyl2b|INFINITEHIP_EARLY_L2=1"; do
+for v in "early|" "prev|INFINITEHIP_EARLY_LOADS=0" "nol2|INFINITEHIP_EARLY_L2=0" \
+         "early2|" "prev2|INFINITEHIP_EARLY_LOADS=0" "nol2b|INFINITEHIP_EARLY_L2=0"; do
   IFS='|' read -r n envs <<< "$v"
   env $envs timeout 60 gpu-bin/infinitehip bench-gpu-model --tokens 131072,1048576 --batch 1 --reps 3 \
     --baseline "$L/sdpa.json" --decode-stage0 mean_key --json "$L/model-$n.json" > "$L/model-$n.log" 2>&1
@@ -41,7 +41,7 @@ t=$(( $(left) - 5 ))
 [ "${ENGINE:-1}" = 1 ] && [ $t -gt 20 ] && { INFINITEHIP_LIB="$PWD/gpu-bin/libinfinitehip.so" timeout $t python3 tests/gpu/test_shim_gpu.py \
   > "$L/shim-gpu.log" 2>&1; at shim-gpu $?; }
 python3 tests/gpu/model_steps.py "$L"/model-*.json
-for n in early prev earlyl2; do echo "== $n"; grep -E "^\| (attn|hip)|^\| host metadata|^attention" "$L/model-$n.log"; done
+for n in early prev nol2; do echo "== $n"; grep -E "^\| (attn|hip)|^\| host metadata|^attention" "$L/model-$n.log"; done
 for f in step-check engine-check; do
   [ -f "$L/$f.log" ] && { echo "-- $f: $(grep -c '^PASS' "$L/$f.log") PASS, $(grep -c '^FAIL' "$L/$f.log") FAIL"; \
     grep '^FAIL' "$L/$f.log" | cut -c1-600; tail -1 "$L/$f.log"; }

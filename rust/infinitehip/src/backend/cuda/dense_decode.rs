@@ -199,21 +199,19 @@ pub fn set_early_loads(on: bool) {
 }
 
 /// With early loads, the second chunk's K/V prefetched into L2 before the
-/// wait as well (`INFINITEHIP_EARLY_L2=1`; off by default).
-static EARLY_L2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// wait as well (its page lookups put one more round trip before the wait):
+/// on by default, `INFINITEHIP_EARLY_L2=0` or `set_early_l2(false)` off.
+/// The gain of early loads is this prefetch: on an H100 the 32-layer
+/// step's hip layer at 1M was 21.4-21.6 us with it, 22.5 with the first
+/// chunk's loads alone, 22.7 with neither (BENCHMARKS.md, "early loads").
+static EARLY_L2: super::switch::EnvSwitch = super::switch::EnvSwitch::new("INFINITEHIP_EARLY_L2");
 
 pub fn set_early_l2(on: bool) {
-    EARLY_L2.store(on, std::sync::atomic::Ordering::Relaxed);
+    EARLY_L2.set(on);
 }
 
 fn early_l2() -> bool {
-    static ENV: std::sync::Once = std::sync::Once::new();
-    ENV.call_once(|| {
-        if std::env::var("INFINITEHIP_EARLY_L2").is_ok_and(|v| v == "1") {
-            set_early_l2(true);
-        }
-    });
-    EARLY_L2.load(std::sync::atomic::Ordering::Relaxed)
+    EARLY_L2.get()
 }
 
 pub fn early_loads() -> bool {
