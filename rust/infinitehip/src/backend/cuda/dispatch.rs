@@ -2260,9 +2260,12 @@ pub struct HipGpuDecoder {
     /// replayed from a CUDA graph any number of times since, which the host
     /// does not see): `selection()` rebuilds the ranges on every read.
     pub(crate) sel_from_device: bool,
-    /// The last host step rebuilt no table (`lean_skip`): its attention may
-    /// load its first chunk before the PDL wait (`V2Src::Sparse::early`).
+    /// The last host step rebuilt no table (`lean_skip`) and no sequence
+    /// grew by more than one token: its attention may load its first chunk
+    /// before the PDL wait (`V2Src::Sparse::early`).
     pub(crate) early_ok: bool,
+    /// Sequence lengths of the last host step (`early_ok`).
+    pub(crate) last_lens: Vec<usize>,
     /// Largest selected-token count of the last assembly (host bound).
     pub max_tokens: usize,
     pub ws: DecodeWorkspace,
@@ -2394,6 +2397,7 @@ impl HipGpuDecoder {
             sel_stale: false,
             sel_from_device: false,
             early_ok: false,
+            last_lens: Vec::new(),
             max_tokens: 0,
             ws: DecodeWorkspace::new(),
             tab: DevBuf::alloc(rows * tab_cap * 4)?,
@@ -2514,7 +2518,12 @@ impl HipGpuDecoder {
 
     /// One decode step's selection for sequences of lengths `lens` (the
     /// query sits at len - 1); `q` is the decode query `[batch][n_q][d]` f32
-    /// on the device. Leaves the selection in `self.sel`.
+    /// on the device. Leaves the selection in `self.sel`. On a step that
+    /// rebuilds no table, where every sequence grew by at most one token
+    /// since the last host step, the attention loads K/V rows of tokens
+    /// older than each sequence's newest before waiting for the previous
+    /// kernel on the stream (`dense_decode::early_loads`): those rows must
+    /// not be written by work queued since the previous step.
     pub fn select(
         &mut self,
         gpu: &GpuContext,
@@ -2632,8 +2641,15 @@ impl HipGpuDecoder {
         self.sel_stale = lean_skip;
         self.sel_from_device = false;
         // Nothing in this step wrote the table, the counts or (with a
-        // copy, not a kernel) the regions.
-        self.early_ok = lean_skip;
+        // copy, not a kernel) the regions; only each sequence's newest
+        // token can be new since the last step.
+        let by_one = self.last_lens.len() == lens.len()
+            && lens
+                .iter()
+                .zip(&self.last_lens)
+                .all(|(&l, &p)| l == p || l == p + 1);
+        self.early_ok = lean_skip && by_one;
+        self.last_lens.clone_from(lens);
         if assembled {
             self.host_tab_sink = sinks;
         } else if !lean_skip {
