@@ -668,7 +668,8 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
     bool have0 = false;
     if (early) {
         const int base0 = t0 + warp * 16, base1 = base0 + STEP;
-        // Whole chunks below t1 and the row's last (newest) token only.
+        // Whole chunks only, every token below t1 and before the row's
+        // newest (index len - 1).
         if (base0 + 16 <= t1 && base0 + 16 < len) {
             dd_load<D, false>(ch, kv, base0, t1, g, c, pre0);
             have0 = true;
@@ -714,8 +715,12 @@ __device__ void dense_decode(const u16* __restrict__ kp, const u16* __restrict__
                 const int* p = k == 0 ? pre0 : pre1;
                 if (base < t1) {
                     if (k == 0 && have0) {
-                    } else if (base + 16 <= t1) dd_load<D, false>(ch, kv, base, t1, g, c, p);
-                    else dd_load<D, true>(ch, kv, base, t1, g, c, p);
+                        // loaded before the wait
+                    } else if (base + 16 <= t1) {
+                        dd_load<D, false>(ch, kv, base, t1, g, c, p);
+                    } else {
+                        dd_load<D, true>(ch, kv, base, t1, g, c, p);
+                    }
                     if (base + 16 <= t1) dd_compute<E, D, false>(ch, qa, base, t1, c, m, l, o);
                     else dd_compute<E, D, true>(ch, qa, base, t1, c, m, l, o);
                 }

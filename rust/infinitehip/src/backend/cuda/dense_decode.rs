@@ -210,10 +210,6 @@ pub fn set_early_l2(on: bool) {
     EARLY_L2.set(on);
 }
 
-fn early_l2() -> bool {
-    EARLY_L2.get()
-}
-
 pub fn early_loads() -> bool {
     EARLY_LOADS.get()
 }
@@ -429,7 +425,7 @@ pub(crate) fn launch_v2(
         | (i32::from(!ACQREL_ARRIVAL.get()) << 1)
         | (i32::from(!MERGE_PREFETCH.get()) << 2)
         | (i32::from(early) << 3)
-        | (i32::from(early && early_l2()) << 4);
+        | (i32::from(early && EARLY_L2.get()) << 4);
     // v2 entry points (dense and hip_sparse) begin with IHIP_PDL_ENTRY; decode_dense.cu's do not.
     let site = match (v2, sparse) {
         (false, _) => None,
