@@ -2643,12 +2643,7 @@ impl HipGpuDecoder {
         // Nothing in this step wrote the table, the counts or (with a
         // copy, not a kernel) the regions; only each sequence's newest
         // token can be new since the last step.
-        let by_one = self.last_lens.len() == lens.len()
-            && lens
-                .iter()
-                .zip(&self.last_lens)
-                .all(|(&l, &p)| l == p || l == p + 1);
-        self.early_ok = lean_skip && by_one;
+        self.early_ok = lean_skip && grew_by_at_most_one(&self.last_lens, lens);
         self.last_lens.clone_from(lens);
         if assembled {
             self.host_tab_sink = sinks;
@@ -3595,9 +3590,25 @@ impl HipGpuPrefill {
     }
 }
 
+/// Every sequence's length is the same as at the last host step or one
+/// more (same batch): only each sequence's newest token can be new.
+fn grew_by_at_most_one(last: &[usize], now: &[usize]) -> bool {
+    last.len() == now.len() && now.iter().zip(last).all(|(&l, &p)| l == p || l == p + 1)
+}
+
 #[cfg(test)]
 mod tc_tests {
     use super::*;
+
+    #[test]
+    fn early_loads_need_at_most_one_new_token() {
+        assert!(grew_by_at_most_one(&[10, 20], &[11, 20]));
+        assert!(grew_by_at_most_one(&[10, 20], &[10, 20]));
+        assert!(!grew_by_at_most_one(&[10, 20], &[12, 20]));
+        assert!(!grew_by_at_most_one(&[10, 20], &[9, 20]));
+        assert!(!grew_by_at_most_one(&[], &[1]));
+        assert!(!grew_by_at_most_one(&[10], &[11, 1]));
+    }
 
     #[test]
     fn tensor_core_applicability() {
