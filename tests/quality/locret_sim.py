@@ -123,7 +123,14 @@ class Heads:
 
 
 def token_scores(rule, rows):
-    """llama_locret_score.rs over the held tokens' rows [n, width]."""
+    """llama_locret_score.rs over the held tokens' rows [n, width].
+    `RULE+poolW` (offline only): RULE's scores max-pooled over W neighbouring
+    held tokens (SnapKV's pooling: a kept token keeps its neighbours)."""
+    if "+pool" in rule:
+        base, w = rule.split("+pool")
+        w = int(w)
+        sc = token_scores(base, rows)
+        return torch.nn.functional.max_pool1d(sc[None, None].float(), w, 1, w // 2)[0, 0][: sc.shape[0]]
     if rule == "raw_max":
         return rows.max(1).values
     if rule == "z_max":
