@@ -313,6 +313,44 @@ fn hip_mean_key_case(gpu: &GpuContext, lens0: &[usize], steps: usize, seed: u64)
     })
 }
 
+/// `async_refresh`: the GPU decoder (refresh work on its side stream) vs
+/// the CPU HipPolicy twin with the same setting: `all` with stage 0 by
+/// search and by mean_key, `stage0` (mean_key); each then `reset` and new
+/// K/V on the same decoder (its first step refreshes in line again).
+fn hip_async_case(gpu: &GpuContext, lens0: &[usize], steps: usize, seed: u64) -> R<Check> {
+    use infinitehip::config::{AsyncRefresh, DecodeStage0};
+    let shape = AttnShape::new(32, 8, 128).map_err(e)?;
+    let (mut ok, mut details) = (true, Vec::new());
+    for (mode, stage0) in [
+        (AsyncRefresh::All, DecodeStage0::Search),
+        (AsyncRefresh::All, DecodeStage0::MeanKey),
+        (AsyncRefresh::Stage0, DecodeStage0::MeanKey),
+    ] {
+        let cfg = HipConfig {
+            decode_stage0: stage0,
+            async_refresh: mode,
+            ..HipConfig::default()
+        };
+        let mut dec = HipGpuDecoder::new(cfg.clone(), &shape, lens0.len()).map_err(e)?;
+        let a = hip_case_on(gpu, &mut dec, &cfg, lens0, steps, seed)?;
+        dec.reset();
+        let b = hip_case_on(gpu, &mut dec, &cfg, lens0, steps, seed + 1000)?;
+        ok &= a.ok() && b.ok();
+        details.push(format!(
+            "{mode:?}/{stage0:?}: {}; after reset: {}",
+            a.detail(),
+            b.detail()
+        ));
+    }
+    Ok(Check {
+        name: format!(
+            "hip decode, async_refresh all and stage0 (side stream) == CPU HipPolicy, lens {lens0:?}, {steps} steps, then reset"
+        ),
+        ok,
+        detail: details.join(" | "),
+    })
+}
+
 /// What `hip_case_on` measured.
 struct HipCaseResult {
     mismatches: usize,
@@ -608,6 +646,12 @@ pub fn gpu_test(a: &GpuTestArgs) -> R<()> {
             &[hip_len, hip_len / 3 + 17, 5000],
             17,
             seed + 9,
+        )?);
+        checks.push(hip_async_case(
+            &gpu,
+            &[hip_len, hip_len / 3 + 17, 5000],
+            35,
+            seed + 21,
         )?);
         return report(&checks);
     }

@@ -462,4 +462,11 @@ pub struct BenchGpuModelArgs {
     /// only: the engine route does not run mean_key).
     #[arg(long)]
     pub engine_graph: bool,
+    /// Also time the host-metadata step with these `hip.async_refresh`
+    /// modes, comma-separated (`stage0`: stage 0 scored at the step before
+    /// its refresh on a side stream, mean_key only; `all`: each hip layer's
+    /// refresh on its side stream, attended from the next step), same K/V
+    /// and queries, in steady state (the selection kept across cycles).
+    #[arg(long, value_name = "MODES", value_delimiter = ',', value_parser = ["stage0", "all"])]
+    pub async_refresh: Vec<String>,
 }

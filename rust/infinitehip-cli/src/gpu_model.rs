@@ -208,6 +208,40 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
                 }
                 Some(_) => model_step(&mut hips, &mut dws),
             })?;
+            // The same steps with `async_refresh` (host metadata only).
+            let mut t_async: Vec<(String, Vec<f64>)> = Vec::new();
+            for mode in &a.async_refresh {
+                let acfg = infinitehip::config::HipConfig {
+                    async_refresh: match mode.as_str() {
+                        "stage0" => infinitehip::config::AsyncRefresh::Stage0,
+                        _ => infinitehip::config::AsyncRefresh::All,
+                    },
+                    ..cfg.clone()
+                };
+                if let Err(err) = acfg.validate("hip") {
+                    println!("T={t} B={b}: async_refresh {mode}: {err}");
+                    continue;
+                }
+                let mut ahips: Vec<HipGpuDecoder> = (n_dense..n_layers)
+                    .map(|_| HipGpuDecoder::new(acfg.clone(), &shape, b))
+                    .collect::<infinitehip::Result<_>>()
+                    .map_err(e)?;
+                ahips.iter_mut().for_each(|h| h.set_lean(!a.no_lean));
+                for (i, h) in ahips.iter_mut().enumerate() {
+                    let l = n_dense + i;
+                    h.step(&gpu, &shape, &kvs[l % distinct], qs[l].ptr, out.ptr, true)
+                        .map_err(e)?;
+                }
+                let tm = cycle_times(&gpu, cycle, reps, &mut |i| match i {
+                    None => {
+                        ahips.iter_mut().for_each(|h| h.restart_cycle());
+                        Ok(())
+                    }
+                    Some(_) => model_step(&mut ahips, &mut dws),
+                })?;
+                gpu.ctx.synchronize().map_err(e)?;
+                t_async.push((mode.clone(), tm));
+            }
             // Per-launch device times over a cycle (host path), per tuning.
             let one_dense = time_ms(&gpu, 3, || dense_layer(0, &mut dws))?;
             let cushion_layers = ((15.0 / one_dense.max(1e-3)).ceil() as usize).clamp(1, 400);
@@ -334,6 +368,26 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
             let hip_layer_ms = (step_ms - dense_part_ms) / n_hip.max(1) as f64;
             let hip_layer_graph_ms = (graph_ms - dense_part_ms) / n_hip.max(1) as f64;
             let hip_layer_eager_ms = (eager_ms - dense_part_ms) / n_hip.max(1) as f64;
+            let mut async_rows = serde_json::Map::new();
+            for (mode, tm) in &t_async {
+                let s = amort(tm);
+                let h = (s - dense_part_ms) / n_hip.max(1) as f64;
+                println!(
+                    "T={t} B={b}: async_refresh {mode} (host metadata): step {s:.3} ms amortised (in line: {step_ms:.3}), hip {:.1} us/layer (in line: {:.1}), step 0 {:.3} ms, vs SDPA {}",
+                    h * 1e3,
+                    (step_ms - dense_part_ms) / n_hip.max(1) as f64 * 1e3,
+                    tm[0],
+                    baseline
+                        .get("results")
+                        .and_then(|r| r.get(format!("model_{t}x{b}")))
+                        .and_then(|x| x.as_f64())
+                        .map_or("-".to_string(), |x| format!("{:.2}x", x / s))
+                );
+                async_rows.insert(
+                    mode.clone(),
+                    json!({"step_ms": s, "hip_layer_amortised_ms": h, "step_ms_by_cycle_host": tm}),
+                );
+            }
             let dense_floor = layer_bytes / bw * 1e3;
             let hip_floor = (sel_tokens * 128 * 2 * 2) as f64 / bw * 1e3;
             let floor_step = n_dense as f64 * dense_floor + n_hip as f64 * hip_floor;
@@ -368,6 +422,7 @@ pub fn bench(a: &crate::gpu_args::BenchGpuModelArgs) -> R<()> {
                 "hip_selected_tokens_per_head": sel_tokens / (8 * b),
                 "refresh_cycle_steps": cycle, "kernel_breakdown": breakdowns,
                 "engine_graph": engine,
+                "async_refresh": async_rows,
                 "pdl": infinitehip::backend::cuda::pdl::pdl_enabled() && gpu.arch_number() >= 90,
                 "pdl_sites": infinitehip::backend::cuda::pdl::site_list(infinitehip::backend::cuda::pdl::sites()),
             });

@@ -252,6 +252,33 @@ pub struct HipConfig {
     /// paper's representative-key search, the default; `mean_key`: each
     /// chunk's mean key, computed once per chunk and cached per sequence).
     pub decode_stage0: DecodeStage0,
+    /// Decode only: which refresh work moves off the step that attends it
+    /// (`off`, the default; `stage0`; `all`: see `AsyncRefresh`). On the
+    /// GPU decoder (`HipGpuDecoder` host steps) that work runs on a stream
+    /// of its own beside the attention; the CPU policy computes the same
+    /// selections in line. The engines' GPU routes (`GpuAttention`), the
+    /// decoder's device steps (CUDA graphs) and its GPU host-offload tier
+    /// refuse anything but `off`.
+    pub async_refresh: AsyncRefresh,
+}
+
+/// Refresh work a decode step leaves to a side stream (`hip.async_refresh`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AsyncRefresh {
+    /// Every refresh is computed and attended at its step.
+    #[default]
+    Off,
+    /// Stage 0 of a refresh due at step s is scored at step s - 1 with
+    /// that step's query over that step's middle (the later stages still
+    /// run at step s, in line, on its output); the sequence's first step
+    /// scores it in line. Needs `decode_stage0 = mean_key` and a second
+    /// stage.
+    Stage0,
+    /// A refresh due at step s (after the sequence's first) scores with
+    /// step s's query but is attended from step s + 1 on; step s attends
+    /// the previous selection (with its own sink, slid and window ranges).
+    All,
 }
 
 /// How decode scores stage 0's chunks (`hip.decode_stage0`).
@@ -327,6 +354,7 @@ impl Default for HipConfig {
             successors: 0,
             per_q_head: false,
             decode_stage0: DecodeStage0::Search,
+            async_refresh: AsyncRefresh::Off,
         }
     }
 }
@@ -834,6 +862,13 @@ fn validate_policy(p: &LayerPolicy, at: &str, m: &ModelShape) -> Result<()> {
     }
 }
 
+impl HipConfig {
+    /// Check every field; errors name `{at}.field`.
+    pub fn validate(&self, at: &str) -> Result<()> {
+        validate_hip(self, at)
+    }
+}
+
 fn validate_hip(h: &HipConfig, at: &str) -> Result<()> {
     if h.stages.is_empty() {
         return Err(bad(format!("{at}.stages"), "needs at least one stage"));
@@ -931,6 +966,14 @@ fn validate_hip(h: &HipConfig, at: &str) -> Result<()> {
                 "mean_key with successors needs a second stage (successors join the last stage's candidates)",
             ));
         }
+    }
+    if h.async_refresh == AsyncRefresh::Stage0
+        && (h.decode_stage0 != DecodeStage0::MeanKey || h.stages.len() < 2)
+    {
+        return Err(bad(
+            format!("{at}.async_refresh"),
+            "stage0 moves the cached-mean stage 0 to the step before: needs decode_stage0 mean_key and a second stage",
+        ));
     }
     Ok(())
 }

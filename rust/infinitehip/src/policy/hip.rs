@@ -27,7 +27,9 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use super::{hip_fast, Phase, Policy, SelectOutput, SelectRequest, Selection};
-use crate::config::{DecodeStage0, HipConfig, HipStage, MaskEstimatorChoice, ModelShape, RopeMode};
+use crate::config::{
+    AsyncRefresh, DecodeStage0, HipConfig, HipStage, MaskEstimatorChoice, ModelShape, RopeMode,
+};
 use crate::dtype::max_dot_f32;
 use crate::error::{Error, Result};
 use crate::kv::KvRead;
@@ -280,6 +282,9 @@ struct DecodeState {
     /// per chunk (a chunk's stored keys never change).
     means: Vec<Vec<f32>>,
     means_base: usize,
+    /// `async_refresh = stage0`: stage 0's kept ranges per list, scored at
+    /// the step before its refresh, and the end of the middle they cover.
+    early0: Option<(Vec<Vec<Range<usize>>>, usize)>,
 }
 
 pub struct HipPolicy {
@@ -701,8 +706,19 @@ impl HipPolicy {
                 .unwrap_or(n_stages)
         };
         let (sink, mid, win) = regions(&self.cfg, pos, pos);
+        // `async_refresh`: this step attends the previous selection (the
+        // last stage's ranges and the slid tokens since the stage 0 run
+        // they came from); the refresh computed here is attended from the
+        // next step on.
+        let lagged = (self.cfg.async_refresh == AsyncRefresh::All
+            && !st.stages.is_empty()
+            && from < n_stages)
+            .then(|| (st.stages[n_stages - 1].clone(), st.mid_end));
+        // `async_refresh = stage0`: stage 0 as scored at the previous step
+        // (over that step's middle), if it was.
+        let early0 = if from == 0 { st.early0.take() } else { None };
         if from == 0 {
-            st.mid_end = mid.end;
+            st.mid_end = early0.as_ref().map_or(mid.end, |e| e.1);
         }
         // Tokens that left the window since stage 1 last ran.
         let slid = st.mid_end.max(mid.start)..mid.end;
@@ -723,13 +739,16 @@ impl HipPolicy {
             }
         };
         // Stage 0 by cached chunk means: run here, the search stages from 1.
-        let stage0: Option<Vec<Vec<Range<usize>>>> = (from == 0
-            && self.cfg.decode_stage0 == DecodeStage0::MeanKey
-            && !mid.is_empty())
-        .then(|| {
-            let heads: Vec<(usize, Vec<f32>)> = (0..lists).map(list_queries).collect();
-            self.stage0_mean_key(req, &mut st, &heads, &mid)
-        });
+        let stage0: Option<Vec<Vec<Range<usize>>>> = match early0 {
+            Some((s0, _)) => Some(s0),
+            None => {
+                (from == 0 && self.cfg.decode_stage0 == DecodeStage0::MeanKey && !mid.is_empty())
+                    .then(|| {
+                        let heads: Vec<(usize, Vec<f32>)> = (0..lists).map(list_queries).collect();
+                        self.stage0_mean_key(req, &mut st, &heads, &mid)
+                    })
+            }
+        };
         let run_from = if stage0.is_some() { 1 } else { from };
         let first_cands = |u: usize| -> Vec<Range<usize>> {
             match (&stage0, run_from) {
@@ -821,12 +840,37 @@ impl HipPolicy {
         self.last_refreshed = from < n_stages;
         st.step += 1;
         st.last_len = len;
+        // `async_refresh = stage0`: the next step refreshes stage 0, so
+        // score it now, with this step's query over this step's middle.
+        if self.cfg.async_refresh == AsyncRefresh::Stage0
+            && self.cfg.decode_stage0 == DecodeStage0::MeanKey
+            && st.step % self.cfg.stages[0].refresh_interval == 0
+        {
+            let heads: Vec<(usize, Vec<f32>)> = (0..lists).map(list_queries).collect();
+            let s0 = self.stage0_mean_key(req, &mut st, &heads, &mid);
+            st.early0 = Some((s0, mid.end));
+        }
         self.states.insert(req.seq, st);
+        let heads = match lagged {
+            None => results.into_iter().map(|(r, _)| r).collect(),
+            Some((last, mid_end)) => {
+                let slid = mid_end.max(mid.start)..mid.end;
+                last.into_iter()
+                    .map(|mut kept| {
+                        if mid.is_empty() {
+                            kept.clear();
+                        }
+                        if !slid.is_empty() {
+                            kept.push(slid.clone());
+                        }
+                        Self::assemble(&sink, kept, &win)
+                    })
+                    .collect()
+            }
+        };
         Ok(SelectOutput {
             q_block: 1,
-            blocks: vec![Selection {
-                heads: results.into_iter().map(|(r, _)| r).collect(),
-            }],
+            blocks: vec![Selection { heads }],
         })
     }
 }

@@ -11,7 +11,7 @@ use super::hip_fast::{FastEstimator, FastInputs, MaskEstimator};
 use super::{gpu_err, kernels, DevBuf, GpuContext};
 use crate::attention::AttnShape;
 use crate::backend::launch_grid::{grid, row_split_grid};
-use crate::config::HipConfig;
+use crate::config::{AsyncRefresh as AsyncMode, HipConfig};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::kv::KvPool;
@@ -2302,6 +2302,16 @@ pub struct HipGpuDecoder {
     pub(crate) stage0_done: Option<CudaEvent>,
     /// Stage 0's cached chunk means (`hip.decode_stage0 = mean_key`).
     pub(crate) mean0: Option<super::mean_key::MeanKeyCache>,
+    /// `hip.async_refresh`: the side stream and second set of outputs
+    /// (first step).
+    pub(crate) async_rf: Option<Box<super::async_refresh::AsyncRefresh>>,
+    /// End of each sequence's middle at the last upload (`stage0`).
+    pub(crate) mid_now: Vec<usize>,
+    /// Score slots and top-k slots the last upload needs (`grow_scratch`).
+    pub(crate) scratch_need: (usize, usize),
+    /// The rows hold a selection of their sequences (a step ran since
+    /// `reset`): `async_refresh` lags refreshes only then.
+    pub(crate) has_selection: bool,
 }
 
 impl HipGpuDecoder {
@@ -2349,6 +2359,14 @@ impl HipGpuDecoder {
             return Err(Error::config(
                 "hip.per_q_head",
                 "CPU policy only: the GPU stages and kernels keep one mask per KV head (use false on the GPU)",
+            ));
+        }
+        if cfg.async_refresh == AsyncMode::Stage0
+            && (cfg.decode_stage0 != crate::config::DecodeStage0::MeanKey || cfg.stages.len() < 2)
+        {
+            return Err(Error::config(
+                "hip.async_refresh",
+                "stage0 needs decode_stage0 mean_key and a second stage",
             ));
         }
         if cfg.decode_stage0 == crate::config::DecodeStage0::MeanKey {
@@ -2420,6 +2438,10 @@ impl HipGpuDecoder {
             } else {
                 None
             },
+            async_rf: None,
+            mid_now: vec![0; batch],
+            scratch_need: (0, 1),
+            has_selection: false,
             stages,
             cfg,
         })
@@ -2544,30 +2566,59 @@ impl HipGpuDecoder {
         let from = self.refresh_from();
         let n = self.cfg.stages.len();
         let hkv = self.hkv;
+        let mode = self.cfg.async_refresh;
+        // `stage0`: this refresh's stage 0 was scored on the side stream at
+        // the previous step (its output now swapped in).
+        let early0 = mode != AsyncMode::Off && self.async_begin(gpu, upload, from)?;
+        // `all`: this step's refresh runs on the side stream and this step
+        // attends the previous selection.
+        let lag = mode == AsyncMode::All && self.has_selection && from < n;
         if upload {
             let mut mids = Vec::with_capacity(self.batch * hkv);
             let mut extra = Vec::with_capacity(self.batch * 3);
+            let mut extra_new = Vec::with_capacity(self.batch * 3);
             let mut max_mid = 0;
             let mut bound = 1;
             let last_keep = self.stages.last().map_or(0, |s| s.cap)
                 * self.cfg.stages.last().map_or(0, |s| s.chunk_size);
             for (b, &len) in lens.iter().enumerate() {
                 let (sink, mid, win) = regions(&self.cfg, len - 1);
+                let old_end = self.mid_end[b];
                 if from == 0 {
-                    self.mid_end[b] = mid.end;
+                    self.mid_end[b] = match (early0, &self.async_rf) {
+                        (true, Some(a)) => a.stage0.as_ref().map_or(mid.end, |s| s.mid_end[b]),
+                        _ => mid.end,
+                    };
                 }
+                self.mid_now[b] = mid.end;
                 let slid = self.mid_end[b].max(mid.start)..mid.end;
+                // A lagged step attends the slid range of the selection it
+                // reads (since the stage-0 run before this one).
+                let slid_att = if lag {
+                    old_end.max(mid.start)..mid.end
+                } else {
+                    slid.clone()
+                };
                 max_mid = max_mid.max(mid.len());
-                bound = bound.max(sink.len() + slid.len() + win.len() + last_keep.min(mid.len()));
+                let slid_max = slid.len().max(slid_att.len());
+                bound = bound.max(sink.len() + slid_max + win.len() + last_keep.min(mid.len()));
                 for _ in 0..hkv {
                     mids.push([mid.start as i32, mid.end as i32]);
                 }
-                for r in [sink, slid, win] {
+                for r in [sink.clone(), slid_att, win.clone()] {
                     extra.push([r.start as i32, r.end as i32]);
+                }
+                for r in [sink, slid, win] {
+                    extra_new.push([r.start as i32, r.end as i32]);
                 }
             }
             self.stage0_in.write_async(&gpu.stream, &mids)?;
             self.extra.write_async(&gpu.stream, &extra)?;
+            if let Some(o) = self.async_rf.as_mut().and_then(|a| a.all.as_mut()) {
+                o.extra.write_async(&gpu.stream, &extra_new)?;
+                o.extra_differs = extra_new != extra;
+                o.extra_host = extra_new;
+            }
             self.max_tokens = bound;
             // Sub-chunk slots of stage 0 for the longest middle.
             let e0 = max_mid.div_ceil(self.cfg.stages[0].chunk_size).max(1);
@@ -2578,17 +2629,93 @@ impl HipGpuDecoder {
                     .div_ceil(self.cfg.stages[s].chunk_size);
                 slots = slots.max(self.stages[s - 1].cap * e);
             }
-            let need = self.batch * hkv * slots;
-            if need > self.keys_cap {
-                self.keys = DevBuf::alloc(need * 4)?;
-                self.keys_cap = need;
-                self.grow_topk_mc(slots)?;
-            }
+            self.scratch_need = (self.batch * hkv * slots, slots);
+            self.grow_scratch()?;
             self.e0 = e0;
         }
         let rows = self.batch * hkv;
         let mean0 = self.mean0_ready(gpu, self.e0, kv.head_dim)?;
-        let ctx = StageInputs {
+        let sinks: Vec<usize> = lens.iter().map(|&l| self.cfg.sink.min(l)).collect();
+        let mut assembled = false;
+        if lag {
+            // The refresh into the second set of outputs, on the side stream
+            // (after everything queued so far on this one).
+            let mut a = self.async_rf.take().expect("async state");
+            let r = a.fork(gpu).and_then(|()| {
+                self.swap_async_outputs(&mut a, true);
+                let r = self
+                    .refresh_stages(&a.side, kv, q, from, upload, mean0, rows)
+                    .and_then(|done| {
+                        if !done {
+                            assemble_rows(
+                                &a.side,
+                                self.stages.last().unwrap(),
+                                self.extra.ptr,
+                                hkv,
+                                rows,
+                                &self.sel,
+                                0,
+                                Some(self.tab_out(0)),
+                            )?;
+                        }
+                        self.host_tab_sink.clone_from(&sinks);
+                        Ok(())
+                    });
+                self.swap_async_outputs(&mut a, true);
+                r
+            });
+            let r = r.and_then(|()| a.join());
+            self.async_rf = Some(a);
+            r?;
+        } else {
+            let run_from = if early0 { 1 } else { from };
+            assembled = self.refresh_stages(gpu, kv, q, run_from, upload, mean0, rows)?;
+        }
+        // What this stream refreshed (a lagged step: nothing).
+        let main_from = if lag { n } else { from };
+        let lean_skip = self.lean_active() && main_from == n && self.host_tab_sink == sinks;
+        self.sel_stale = lean_skip;
+        self.sel_from_device = false;
+        // Nothing in this step wrote the table, the counts or (with a
+        // copy, not a kernel) the regions; only each sequence's newest
+        // token can be new since the last step.
+        self.early_ok = lean_skip && grew_by_at_most_one(&self.last_lens, lens);
+        self.last_lens.clone_from(lens);
+        if assembled {
+            self.host_tab_sink = sinks;
+        } else if !lean_skip {
+            assemble_rows(
+                gpu,
+                self.stages.last().unwrap(),
+                self.extra.ptr,
+                hkv,
+                rows,
+                &self.sel,
+                0,
+                Some(self.tab_out(0)),
+            )?;
+            self.host_tab_sink = sinks;
+        }
+        self.step += 1;
+        self.has_selection = true;
+        // `stage0`: the next step refreshes stage 0: score it now, beside
+        // this step's attention.
+        if mode == AsyncMode::Stage0 && self.step % self.cfg.stages[0].refresh_interval == 0 {
+            self.early_stage0(gpu, kv, q, mean0, rows)?;
+        }
+        Ok(from)
+    }
+
+    /// The inputs of a step's stage launches (`from`: the first stage run).
+    fn stage_inputs(
+        &self,
+        q: u64,
+        from: usize,
+        mean0: Option<super::mean_key::MeanPtrs>,
+        rows: usize,
+    ) -> StageInputs {
+        let n = self.cfg.stages.len();
+        StageInputs {
             rows,
             row_seq: self.row_seq.ptr,
             q,
@@ -2605,12 +2732,40 @@ impl HipGpuDecoder {
             mean0,
             // Only where a stage refreshes (else nothing reaches the last top-k).
             assemble: (topk_asm() && from < n)
-                .then(|| FusedAsm::new(&self.sel, self.extra.ptr, hkv, Some(self.tab_out(0)))),
-        };
+                .then(|| FusedAsm::new(&self.sel, self.extra.ptr, self.hkv, Some(self.tab_out(0)))),
+        }
+    }
+
+    /// Score and top-k scratch for the sizes of the last upload.
+    fn grow_scratch(&mut self) -> Result<()> {
+        let (need, slots) = self.scratch_need;
+        if need > self.keys_cap {
+            self.keys = DevBuf::alloc(need * 4)?;
+            self.keys_cap = need;
+            self.grow_topk_mc(slots)?;
+        }
+        Ok(())
+    }
+
+    /// Stages `from..` of a step on `gpu`'s stream, into this decoder's
+    /// outputs; true if the last top-k also assembled the selection.
+    #[allow(clippy::too_many_arguments)]
+    fn refresh_stages(
+        &mut self,
+        gpu: &GpuContext,
+        kv: &DeviceKv,
+        q: u64,
+        from: usize,
+        upload: bool,
+        mean0: Option<super::mean_key::MeanPtrs>,
+        rows: usize,
+    ) -> Result<bool> {
+        let n = self.cfg.stages.len();
+        let ctx = self.stage_inputs(q, from, mean0, rows);
         let mut assembled = false;
         match self.rope_ready(upload)? {
             Some(r) if r.scores_rotated() => {
-                r.upload_step(gpu, &self.cfg, lens)?;
+                r.upload_step(gpu, &self.cfg, &kv.lens)?;
                 let all = super::rope_gpu::Seqs {
                     batch: self.batch,
                     first: 0,
@@ -2636,32 +2791,145 @@ impl HipGpuDecoder {
                 _ => assembled = run_stages(gpu, kv, &self.cfg, &self.stages, from, &ctx)?,
             },
         }
-        let sinks: Vec<usize> = lens.iter().map(|&l| self.cfg.sink.min(l)).collect();
-        let lean_skip = self.lean_active() && from == n && self.host_tab_sink == sinks;
-        self.sel_stale = lean_skip;
-        self.sel_from_device = false;
-        // Nothing in this step wrote the table, the counts or (with a
-        // copy, not a kernel) the regions; only each sequence's newest
-        // token can be new since the last step.
-        self.early_ok = lean_skip && grew_by_at_most_one(&self.last_lens, lens);
-        self.last_lens.clone_from(lens);
-        if assembled {
-            self.host_tab_sink = sinks;
-        } else if !lean_skip {
-            assemble_rows(
-                gpu,
-                self.stages.last().unwrap(),
-                self.extra.ptr,
-                hkv,
-                rows,
-                &self.sel,
-                0,
-                Some(self.tab_out(0)),
-            )?;
-            self.host_tab_sink = sinks;
+        Ok(assembled)
+    }
+
+    /// `stage0`: stage 0 by cached means over this step's middle with this
+    /// step's query, on the side stream, into the second stage-0 buffer
+    /// with the side's own scratch (the next step swaps it in).
+    fn early_stage0(
+        &mut self,
+        gpu: &GpuContext,
+        kv: &DeviceKv,
+        q: u64,
+        mean0: Option<super::mean_key::MeanPtrs>,
+        rows: usize,
+    ) -> Result<()> {
+        let mut a = self.async_rf.take().expect("async state");
+        let r = a.fork(gpu).and_then(|()| {
+            self.swap_early_stage0(&mut a);
+            let r = self.grow_scratch().and_then(|()| {
+                let ctx = self.stage_inputs(q, 0, mean0, rows);
+                run_stages_to(&a.side, kv, &self.cfg, &self.stages, 0, 1, &ctx).map(drop)
+            });
+            self.swap_early_stage0(&mut a);
+            r
+        });
+        let r = r.and_then(|()| {
+            let s0 = a.stage0.as_mut().expect("stage0 state");
+            s0.mid_end.clone_from(&self.mid_now);
+            s0.discard = false;
+            a.join()
+        });
+        self.async_rf = Some(a);
+        r
+    }
+
+    /// Swap stage 0's output and the score / top-k scratch with the early
+    /// stage 0's.
+    fn swap_early_stage0(&mut self, a: &mut super::async_refresh::AsyncRefresh) {
+        use std::mem::swap;
+        let s0 = a.stage0.as_mut().expect("stage0 state");
+        swap(&mut self.stages[0], &mut s0.out);
+        swap(&mut self.keys, &mut s0.keys);
+        swap(&mut self.keys_cap, &mut s0.keys_cap);
+        swap(&mut self.topk_mc, &mut s0.topk_mc);
+    }
+
+    /// `async_refresh`, at the start of a step: the stream waits for the
+    /// previous step's side work. `all`: its outputs become the ones the
+    /// attention reads. `stage0`: on a step that refreshes stage 0
+    /// (`from` 0), the early stage 0 is swapped in; returns whether it was.
+    /// Refused where the work cannot move to a side stream (RoPE modes,
+    /// host-tier scoring, the stage-0 event).
+    fn async_begin(&mut self, gpu: &GpuContext, upload: bool, from: usize) -> Result<bool> {
+        if self.rope_modes() {
+            return Err(Error::config(
+                "hip.async_refresh",
+                "the GPU decoder runs it at original RoPE positions only",
+            ));
         }
-        self.step += 1;
-        Ok(from)
+        if self.score_module != "hip_mask" || self.stage0_done.is_some() {
+            return Err(Error::config(
+                "hip.async_refresh",
+                "not with host-tier (offloaded) key scoring or a stage-0 event",
+            ));
+        }
+        let rows = self.batch * self.hkv;
+        let mut a = match self.async_rf.take() {
+            Some(a) => a,
+            None => {
+                let stage0 = (self.cfg.async_refresh == AsyncMode::Stage0)
+                    .then(|| -> Result<_> {
+                        Ok(super::async_refresh::EarlyStage0 {
+                            out: self.stages[0].twin(rows)?,
+                            keys: DevBuf::alloc(16)?,
+                            keys_cap: 0,
+                            topk_mc: None,
+                            mid_end: vec![0; self.batch],
+                            discard: false,
+                        })
+                    })
+                    .transpose()?;
+                let all = (self.cfg.async_refresh == AsyncMode::All)
+                    .then(|| -> Result<_> {
+                        Ok(super::async_refresh::RefreshOutputs {
+                            last: self.stages.last().unwrap().twin(rows)?,
+                            sel: DeviceSelection::empty(rows, self.sel.cap)?,
+                            tab: DevBuf::alloc(self.tab.bytes)?,
+                            ntab: DevBuf::from_slice(&vec![0i32; rows])?,
+                            tab_sink: DevBuf::from_slice(&vec![-1i32; rows])?,
+                            host_tab_sink: Vec::new(),
+                            extra: DevBuf::alloc(self.batch * 3 * 8)?,
+                            extra_host: Vec::new(),
+                            extra_differs: false,
+                        })
+                    })
+                    .transpose()?;
+                Box::new(super::async_refresh::AsyncRefresh::new(gpu, stage0, all)?)
+            }
+        };
+        let r = a.wait_pending(gpu).and_then(|waited| {
+            if !waited {
+                return Ok(false);
+            }
+            if a.all.is_some() {
+                self.swap_async_outputs(&mut a, false);
+                // A step that uploads nothing keeps the last upload's
+                // regions: the refresh's, which this step now attends.
+                let o = a.all.as_mut().unwrap();
+                if !upload && o.extra_differs {
+                    self.extra.write_async(&gpu.stream, &o.extra_host)?;
+                    o.extra_differs = false;
+                }
+                return Ok(false);
+            }
+            let keep = a.stage0.as_ref().is_some_and(|s| !s.discard && from == 0);
+            if keep {
+                let s0 = a.stage0.as_mut().unwrap();
+                std::mem::swap(&mut self.stages[0], &mut s0.out);
+            }
+            Ok(keep)
+        });
+        self.async_rf = Some(a);
+        r
+    }
+
+    /// `all`: swap the attention's outputs (last stage, selection, table,
+    /// counts, sink ends) with the side refresh's; `extra` too: the
+    /// regions, for the side refresh itself.
+    fn swap_async_outputs(&mut self, a: &mut super::async_refresh::AsyncRefresh, extra: bool) {
+        use std::mem::swap;
+        let o = a.all.as_mut().expect("all state");
+        swap(self.stages.last_mut().unwrap(), &mut o.last);
+        swap(&mut self.sel, &mut o.sel);
+        swap(&mut self.tab, &mut o.tab);
+        swap(&mut self.ntab, &mut o.ntab);
+        swap(&mut self.tab_sink, &mut o.tab_sink);
+        swap(&mut self.host_tab_sink, &mut o.host_tab_sink);
+        if extra {
+            swap(&mut self.extra, &mut o.extra);
+        }
     }
 
     /// One full decode step: selection then attention into `out`.
@@ -2890,13 +3158,23 @@ impl HipGpuDecoder {
             m.bump_pending = true;
         }
         self.restart_cycle();
+        self.has_selection = false;
+        self.host_tab_sink.clear();
+        // A pending early stage 0 scored the previous sequences.
+        if let Some(s0) = self.async_rf.as_mut().and_then(|a| a.stage0.as_mut()) {
+            s0.discard = true;
+        }
     }
 
     /// Restart the refresh cycle on the same sequences (benchmarks): the
-    /// next step refreshes every stage; cached means stay.
+    /// next step refreshes every stage; cached means stay. With
+    /// `async_refresh` the current selection stays too (the next step
+    /// attends it while its refresh runs beside), as in a long decode.
     pub fn restart_cycle(&mut self) {
         self.step = 0;
-        self.host_tab_sink.clear();
+        if self.cfg.async_refresh != AsyncMode::All {
+            self.host_tab_sink.clear();
+        }
         self.sel_stale = false;
         self.sel_from_device = false;
         self.early_ok = false;

@@ -37,10 +37,21 @@ pub struct DeviceStepState {
 pub const MAX_DEVICE_BATCH: usize = 1024;
 
 impl HipGpuDecoder {
+    fn refuse_async(&self) -> Result<()> {
+        if self.cfg.async_refresh != crate::config::AsyncRefresh::Off {
+            return Err(Error::config(
+                "hip.async_refresh",
+                "runs on the GPU decoder's host steps (step / select) only, not the device step",
+            ));
+        }
+        Ok(())
+    }
+
     /// Size every launch for sequences up to `kv`'s uploaded capacity and
     /// reset the device step counter. Allocates (synchronous): call before
     /// capturing, never inside a capture.
     pub fn prepare_device_steps(&mut self, kv: &DeviceKv) -> Result<()> {
+        self.refuse_async()?;
         if kv.batch() != self.batch {
             return Err(Error::shape(
                 "hip device step batch",
@@ -153,6 +164,7 @@ impl HipGpuDecoder {
                 kv.batch(),
             ));
         }
+        self.refuse_async()?;
         if self.rope_modes() {
             return Err(Error::config(
                 "hip.rope",

@@ -31,6 +31,7 @@
 //!   table) are never freed here and must stay valid until the stream has
 //!   run the launches that read them.
 
+pub(crate) mod async_refresh;
 pub mod dense_decode;
 pub mod dispatch;
 pub mod engine_attn;

@@ -52,6 +52,12 @@ pub(super) fn layer_modes(layer: usize, cfg: &HipConfig) -> Result<Option<(RopeM
             "mean_key runs in the CPU policy and the GPU decoder (HipGpuDecoder) only; the engines' GPU route (GpuAttention) does not run it yet: use search",
         ));
     }
+    if cfg.async_refresh != crate::config::AsyncRefresh::Off {
+        return Err(Error::config(
+            format!("layer {layer} hip.async_refresh"),
+            "runs in the CPU policy and the GPU decoder's host steps (HipGpuDecoder) only; the engines' GPU route (GpuAttention) does not run it yet: use off",
+        ));
+    }
     rope_gpu::modes(cfg).map_err(|e| Error::Invalid(format!("layer {layer}: {e}")))
 }
 
