@@ -6,9 +6,10 @@
 # 1. `gpu-test --step-only` (its new case: GPU decoder with async_refresh == CPU HipPolicy twin, search and
 # mean_key, 35 steps, then reset; every earlier step check too). 2. the 32-layer step at 128K and 1M,
 # batch 1, default intervals, in line vs async in the same bench (`--async-refresh`), mean_key and search.
-# 3. dense decode at 1M (issue 14's dense row, same call). Logs in $OUT/all.tgz, the summary on stdout.
+# 3. dense decode at 1M (issue 14's dense row, same call); `--engine-only` if time is left. Logs in $OUT/all.tgz, the summary on stdout.
 #   here:  bash scripts/gpu-check.sh      (gpu-bin/)
-#   there: run(command="BUDGET=400 bash tests/gpu/async-run.sh", carry=["gpu-bin"], kind="nvidia-h200", timeout_s=430)
+#   there: run(command="BUDGET=330 bash tests/gpu/async-run.sh", carry=["gpu-bin"], kind="nvidia-h200", timeout_s=360)
+# Ran on an H200 on 2026-12-06 22:01 UTC: tests/gpu/logs/async-2026-12-06/ (BENCHMARKS.md "hip async refresh").
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out}; mkdir -p "$OUT/logs"; L="$OUT/logs"
@@ -29,11 +30,16 @@ done
 t=$(( $(left) - 5 )); [ $t -gt 40 ] && t=40
 [ $t -gt 15 ] && { timeout $t gpu-bin/infinitehip bench-gpu-dense --tokens 1M --groups 4 --dtypes bf16 --variants v2 \
   --waves 1 --json "$L/dense.json" > "$L/dense.log" 2>&1; at dense $?; }
+t=$(( $(left) - 10 )); [ $t -gt 120 ] && t=120
+[ "${ENGINE:-1}" = 1 ] && [ $t -gt 60 ] && { timeout $t gpu-bin/infinitehip gpu-test --engine-only > "$L/engine-check.log" 2>&1; at engine-check $?; }
 python3 tests/gpu/model_steps.py "$L"/model-*.json
 grep -h "async_refresh (host" "$L"/model-*.log
 for f in "$L"/model-*.log; do echo "== $f"; grep -E "^\| (131072|1048576) \| 1 " "$f" | cut -c1-200; done
-[ -f "$L/step-check.log" ] && { echo "-- step-check: $(grep -c '^PASS' "$L/step-check.log") PASS, $(grep -c '^FAIL' "$L/step-check.log") FAIL"; \
-  grep '^FAIL' "$L/step-check.log" | cut -c1-800; grep -h "async_refresh" "$L/step-check.log" | cut -c1-900; tail -1 "$L/step-check.log"; }
+for f in step-check engine-check; do
+  [ -f "$L/$f.log" ] && { echo "-- $f: $(grep -c '^PASS' "$L/$f.log") PASS, $(grep -c '^FAIL' "$L/$f.log") FAIL"; \
+    grep '^FAIL' "$L/$f.log" | cut -c1-800; tail -1 "$L/$f.log"; }
+done
+grep -h "async_refresh" "$L/step-check.log" | cut -c1-1500
 [ -f "$L/dense.log" ] && grep -E "^\|" "$L/dense.log" | tail -4
 cat "$L/device.txt"
 tar czf "$OUT/all.tgz" -C "$OUT" logs && rm -rf "$L"
