@@ -25,7 +25,12 @@ What it compares at the same budget (ctx/8 - ctx/32 by score + ctx/32 window):
   (layer, KV head), or per token by its max / sum over the 90 columns, one
   eviction at the prompt's end; `oracle-logit:RULE`: the heads' exact
   training target (the max pre-softmax logit the decode-scored queries give a
-  key, max over the GQA group) in place of their predictions, pooled by RULE.
+  key, max over the GQA group) in place of their predictions, pooled by RULE;
+- `token:cal_RULE` / `token:aff_RULE` / `head-cal` (with `--calib`, from
+  locret_calib.py fit): the heads' scores calibrated per column (a x score
+  + a bias by log2 distance to the ubatch evicted for; aff_: a x score + c).
+
+`--decode 512` matches the suite's `--decode 512` rows (511 decode-scored).
 
 Reports decode-scored NLL / perplexity paired with dense on the same tokens
 (+- 2 standard errors), copy-probe accuracy, the dense run's attention mass
@@ -178,7 +183,7 @@ def choose(scores, pinned, budget, stab):
 
 
 def run(m, heads, seq, mode, budget, stab, keep_last, ubatch, once, oracle_mass=None, want_mass=False,
-        oracle_logit=None):
+        oracle_logit=None, calib=None):
     ids = torch.tensor(seq.ids)
     T, P = len(seq.ids), seq.prefill
     L, nq, nkv, d = m.L, m.nq, m.nkv, m.d
@@ -215,7 +220,21 @@ def run(m, heads, seq, mode, budget, stab, keep_last, ubatch, once, oracle_mass=
             elif mode == "oracle-token-sum":
                 sc = oracle_mass.sum(dim=(0, 1))[held]
             else:
-                sc = token_scores(mode.split(":")[1], rows[held])
+                rule = mode.split(":")[1]
+                r = rows[held]
+                if rule.startswith("cal_") or rule.startswith("aff_"):
+                    # per-column calibration fitted offline (--calib): a x pred
+                    # + a bias by log2 distance to the next query (cal_), or
+                    # a x pred + c (aff_), then the rule
+                    if rule.startswith("aff_"):
+                        r = r * calib["aff"][..., 0].reshape(1, -1) + calib["aff"][..., 1].reshape(1, -1)
+                    else:
+                        nb = calib["NB"]
+                        bk = (held_upto - held).float().log2().floor().clamp(0, nb - 1).long()
+                        beta = calib["beta"].reshape(L * nkv, nb)
+                        r = r * calib["a"].reshape(1, -1) + beta[:, bk].T
+                    rule = rule[4:]
+                sc = token_scores(rule, r)
             ev = held[choose(sc, pinned[held], budget, stab)]
             keep[:, :, ev] = False
         else:
@@ -224,6 +243,10 @@ def run(m, heads, seq, mode, budget, stab, keep_last, ubatch, once, oracle_mass=
                     held = keep[l, hh, :held_upto].nonzero().flatten()
                     if mode == "oracle-head":
                         sc = oracle_mass[l, hh, held]
+                    elif mode == "head-cal":
+                        nb = calib["NB"]
+                        bk = (held_upto - held).float().log2().floor().clamp(0, nb - 1).long()
+                        sc = rows[held, l * nkv + hh] * calib["a"][l, hh] + calib["beta"][l, hh, bk]
                     else:
                         sc = rows[held, l * nkv + hh]
                     ev = held[choose(sc, pinned[held], budget, stab)]
@@ -269,7 +292,8 @@ def run(m, heads, seq, mode, budget, stab, keep_last, ubatch, once, oracle_mass=
     tgt = ids[P:T]
     nll = -logp[torch.arange(T - P), tgt]  # nll[i]: target P + i
     am = logp.argmax(-1) == tgt
-    return {"nll": nll, "argmax": am, "keep": keep[:, :, :P].clone(), "mass": mass, "maxlogit": maxlogit}
+    return {"nll": nll, "argmax": am, "keep": keep[:, :, :P].clone(), "mass": mass, "maxlogit": maxlogit,
+            "rows": rows[:P].clone()}
 
 
 def main():
@@ -277,15 +301,17 @@ def main():
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--modes", default="dense,token:z_max,head")
     ap.add_argument("--ubatch", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=DECODE, help="decode tokens (the suite's --decode)")
     ap.add_argument("--heads", default=HEADS)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--calib", default=None, help="calibration for cal_/aff_ rules (offline experiment)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.set_grad_enabled(False)
     m = Model(GGUF)
     corpus = np.fromfile(os.path.join(CACHE, "text", "austen-paragraphs.b179c9523d0e.ids"), dtype="<i4")
-    seq = probes.copy_sequence(corpus, a.ctx, DECODE, DEPTHS, PASSAGE, CUE, BODY_START, PASSAGE_START, None)
+    seq = probes.copy_sequence(corpus, a.ctx, a.decode, DEPTHS, PASSAGE, CUE, BODY_START, PASSAGE_START, None)
     heads = Heads(a.heads, m.L)
     ctx = a.ctx
     budget, stab, keep_last = ctx // 8 - ctx // 32, ctx // 32, ctx // 32
@@ -293,7 +319,8 @@ def main():
     dec = torch.tensor([t - P for t in seq.decode_scored])
     probe_idx = [torch.tensor([t - P for t in p["scored"]]) for p in seq.probes]
     t0 = time.time()
-    cache = os.path.join(REPO, "target", "sim", f"dense-{ctx}-{a.ubatch}.pt")
+    dtag = "" if a.decode == DECODE else f"-d{a.decode}"
+    cache = os.path.join(REPO, "target", "sim", f"dense-{ctx}-{a.ubatch}{dtag}.pt")
     dense = torch.load(cache) if os.path.exists(cache) else {}
     if dense.get("maxlogit") is None:
         dense = run(m, heads, seq, "dense", budget, stab, keep_last, a.ubatch, False, want_mass=True)
@@ -336,7 +363,8 @@ def main():
         base = mode.replace("@once", "")
         t1 = time.time()
         r = run(m, heads, seq, base, budget, stab, keep_last, a.ubatch, once or base.startswith("oracle"),
-                oracle_mass=dmass, oracle_logit=dense["maxlogit"])
+                oracle_mass=dmass, oracle_logit=dense["maxlogit"],
+                calib=torch.load(a.calib) if a.calib else None)
         report(mode, r, time.time() - t1)
     if a.json:
         with open(a.json, "w") as f:

@@ -159,7 +159,7 @@ class Suite:
     def sequence(self, ctx, **over):
         m = dict(self.mode, **over)
         return probes.copy_sequence(self.corpus, ctx, m["decode"], m["depths"], m["passage_len"], m["cue"],
-                                    CORPUS_BODY_START, CORPUS_PASSAGE_START, self.bos)
+                                    m.get("body_start", CORPUS_BODY_START), CORPUS_PASSAGE_START, self.bos)
 
     def score(self, name, model, seq, tag, kv="f16"):
         """(records, timings, plugin stats) of one config on one sequence."""
@@ -313,7 +313,7 @@ class Suite:
     def main(self):
         a = self.a
         self.mode = dict(QUICK if a.quick else FULL)
-        for k in ["lengths", "passkey_lengths", "configs", "decode"]:
+        for k in ["lengths", "passkey_lengths", "configs", "decode", "body_start"]:
             v = getattr(a, k)
             if v is not None:
                 self.mode[k] = v
@@ -363,6 +363,9 @@ def parse_args(argv=None):
                     help="passkey context lengths ('' for none)")
     ap.add_argument("--configs", type=lambda s: s.split(","), help="config names (tests/quality/configs)")
     ap.add_argument("--decode", type=int, help="continuation tokens per sequence (decode-scored: this minus 1)")
+    ap.add_argument("--body-start", type=int,
+                    help=f"corpus token offset of the scored sequences' body (default {CORPUS_BODY_START}, Pride and "
+                         "Prejudice; another offset scores another sequence of the same shape)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--nice", type=int, default=0, help="run ihip_run under nice -n N")
     ap.add_argument("--work", default=os.path.join(REPO, "target", "llama.cpp"), help="llama.cpp builds")

@@ -263,6 +263,56 @@ class Paired(unittest.TestCase):
         self.assertEqual(r["decode"]["n"], 511)
 
 
+class MultiSeq(unittest.TestCase):
+    def write_runs(self, d, specs):
+        paths = []
+        for i, (start, rows) in enumerate(specs):
+            p = os.path.join(d, f"r{i}.json")
+            with open(p, "w") as f:
+                json.dump({"meta": {"mode": {"body_start": start}},
+                           "rows": [{"config": c, "ctx": 8192, "d_decode": {"mean": m, "se": se, "n": 511}}
+                                    for c, m, se in rows]}, f)
+            paths.append(p)
+        return paths
+
+    def test_pools_sequences_and_pairs_with_a_base(self):
+        import multiseq
+
+        with tempfile.TemporaryDirectory() as d:
+            paths = self.write_runs(d, [
+                (20000, [("stock", 0.0, 0.0), ("a", 0.02, 0.01), ("b", 0.05, 0.02)]),
+                (50000, [("stock", 0.0, 0.0), ("a", 0.06, 0.03), ("b", 0.07, 0.02)]),
+            ])
+            out = os.path.join(d, "o.json")
+            with contextlib_redirect():
+                multiseq.main(paths + ["--base", "a", "--json", out])
+            rows = {r["config"]: r for r in json.load(open(out))["rows"]}
+        a, b = rows["a"], rows["b"]
+        self.assertAlmostEqual(a["dnll"], 0.04)
+        self.assertAlmostEqual(a["two_se_tokens"], 2 * math.sqrt(0.01 ** 2 + 0.03 ** 2) / 2)
+        # two sequence means 0.02, 0.06: sample std 0.02*sqrt(2), over sqrt(2)
+        self.assertAlmostEqual(a["two_se_sequences"], 2 * 0.02 * math.sqrt(2) / math.sqrt(2))
+        self.assertAlmostEqual(a["ppl_change_pct"], 100 * (math.exp(0.04) - 1))
+        self.assertEqual([s["body_start"] for s in a["per_sequence"]], [20000, 50000])
+        self.assertAlmostEqual(b["minus_base"]["mean"], 0.02)
+        self.assertEqual([round(x, 6) for x in b["minus_base"]["per_sequence"]], [0.03, 0.01])
+        self.assertNotIn("stock", rows)
+
+    def test_refuses_two_runs_of_one_sequence(self):
+        import multiseq
+
+        with tempfile.TemporaryDirectory() as d:
+            paths = self.write_runs(d, [(20000, [("a", 0.1, 0.01)]), (20000, [("a", 0.1, 0.01)])])
+            with self.assertRaises(SystemExit):
+                multiseq.main(paths)
+
+
+def contextlib_redirect():
+    import contextlib
+
+    return contextlib.redirect_stdout(io.StringIO())
+
+
 class HeadsLabel(unittest.TestCase):
     def test_rows_say_which_heads(self):
         import run
