@@ -302,6 +302,7 @@ def main():
     ap.add_argument("--modes", default="dense,token:z_max,head")
     ap.add_argument("--ubatch", type=int, default=512)
     ap.add_argument("--decode", type=int, default=DECODE, help="decode tokens (the suite's --decode)")
+    ap.add_argument("--body-start", type=int, default=BODY_START, help="corpus offset of the body (run.py's --body-start)")
     ap.add_argument("--heads", default=HEADS)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
@@ -311,7 +312,7 @@ def main():
     torch.set_grad_enabled(False)
     m = Model(GGUF)
     corpus = np.fromfile(os.path.join(CACHE, "text", "austen-paragraphs.b179c9523d0e.ids"), dtype="<i4")
-    seq = probes.copy_sequence(corpus, a.ctx, a.decode, DEPTHS, PASSAGE, CUE, BODY_START, PASSAGE_START, None)
+    seq = probes.copy_sequence(corpus, a.ctx, a.decode, DEPTHS, PASSAGE, CUE, a.body_start, PASSAGE_START, None)
     heads = Heads(a.heads, m.L)
     ctx = a.ctx
     budget, stab, keep_last = ctx // 8 - ctx // 32, ctx // 32, ctx // 32
@@ -319,7 +320,7 @@ def main():
     dec = torch.tensor([t - P for t in seq.decode_scored])
     probe_idx = [torch.tensor([t - P for t in p["scored"]]) for p in seq.probes]
     t0 = time.time()
-    dtag = "" if a.decode == DECODE else f"-d{a.decode}"
+    dtag = ("" if a.decode == DECODE else f"-d{a.decode}") + ("" if a.body_start == BODY_START else f"-b{a.body_start}")
     cache = os.path.join(REPO, "target", "sim", f"dense-{ctx}-{a.ubatch}{dtag}.pt")
     dense = torch.load(cache) if os.path.exists(cache) else {}
     if dense.get("maxlogit") is None:
@@ -332,7 +333,7 @@ def main():
     def report(name, r, secs):
         dn = r["nll"][dec] - dense["nll"][dec]
         n = dn.numel()
-        rec = {"ctx": ctx, "mode": name, "budget": budget, "stabilizer": stab, "keep_last": keep_last,
+        rec = {"ctx": ctx, "body_start": a.body_start, "mode": name, "budget": budget, "stabilizer": stab, "keep_last": keep_last,
                "ubatch": a.ubatch, "heads": os.path.basename(a.heads), "prompt": P,
                "ppl_decode": math.exp(r["nll"][dec].mean().item()),
                "ppl_decode_dense": math.exp(dense["nll"][dec].mean().item()),
