@@ -386,6 +386,8 @@ def parse_args(argv=None):
     ap.add_argument("--json", help="default target/quality/quality.json (sglang: quality-sglang.json)")
     ap.add_argument("--png", help="default target/quality/quality.png (sglang: quality-sglang.png)")
     a = ap.parse_args(argv)
+    if a.body_start is not None and a.body_start < 0:
+        ap.error(f"--body-start must be a corpus offset >= 0, got {a.body_start}")
     if a.prefill_scored is not None and a.engine != "sglang":
         ap.error("--prefill-scored is for --engine sglang (the llama.cpp route reads each config's prefill_logits)")
     stem = "quality" if a.engine == "llama.cpp" else "quality-sglang"
