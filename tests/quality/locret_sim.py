@@ -26,6 +26,10 @@ What it compares at the same budget (ctx/8 - ctx/32 by score + ctx/32 window):
   eviction at the prompt's end; `oracle-logit:RULE`: the heads' exact
   training target (the max pre-softmax logit the decode-scored queries give a
   key, max over the GQA group) in place of their predictions, pooled by RULE;
+- `obs:RULE` / `obsp:RULE` (one eviction at the prompt's end): SnapKV's
+  signal instead of the heads, the max pre-softmax logit (obs) or the summed
+  attention weight (obsp) the last keep_last prompt queries give each key (no
+  future knowledge), pooled by RULE (`raw_sum`: offline only);
 - `token:cal_RULE` / `token:aff_RULE` / `head-cal` (with `--calib`, from
   locret_calib.py fit): the heads' scores calibrated per column (a x score
   + a bias by log2 distance to the ubatch evicted for; aff_: a x score + c).
@@ -138,6 +142,8 @@ def token_scores(rule, rows):
         return torch.nn.functional.max_pool1d(sc[None, None].float(), w, 1, w // 2)[0, 0][: sc.shape[0]]
     if rule == "raw_max":
         return rows.max(1).values
+    if rule == "raw_sum":  # offline only (obsp: attention weights summed over columns)
+        return rows.sum(1)
     if rule == "z_max":
         r = rows.double()
         mu = r.mean(0, keepdim=True)
@@ -197,6 +203,7 @@ def run(m, heads, seq, mode, budget, stab, keep_last, ubatch, once, oracle_mass=
     logits_at = {}
     mass = torch.zeros(L, nkv, P) if want_mass else None
     maxlogit = torch.zeros(L, nkv, P) if want_mass else None
+    obslogit = torch.zeros(L, nkv, P)
     scored_q = torch.tensor([t - 1 - P for t in seq.decode_scored])  # tail rows whose logits score decode targets
     evicting = mode != "dense"
     # prefill ubatches; with `once` (and the oracles) nothing is evicted
@@ -208,9 +215,15 @@ def run(m, heads, seq, mode, budget, stab, keep_last, ubatch, once, oracle_mass=
     def evict(held_upto, final):
         if final:
             pinned[max(P - keep_last, 0):P] = True
-        if mode.startswith("token:") or mode.startswith("oracle-token") or mode.startswith("oracle-logit:"):
+        if mode.startswith(("token:", "oracle-token", "oracle-logit:", "obs:", "obsp:")):
             held = keep[0, 0, :held_upto].nonzero().flatten()
-            if mode.startswith("oracle-logit:"):
+            if mode.startswith(("obs:", "obsp:")):
+                # SnapKV-style: the max pre-softmax logit (obs) or the summed
+                # attention weight (obsp, SnapKV's own) the last keep_last
+                # prompt queries give each key (seen at the prompt's end)
+                lg = obslogit.permute(2, 0, 1).reshape(-1, L * nkv)
+                sc = token_scores(mode.split(":")[1], lg[held])
+            elif mode.startswith("oracle-logit:"):
                 # the heads' own training target (max pre-softmax logit from
                 # the decode-scored queries, max over the GQA group), exact
                 lg = oracle_logit.permute(2, 0, 1).reshape(-1, L * nkv)
@@ -276,7 +289,13 @@ def run(m, heads, seq, mode, budget, stab, keep_last, ubatch, once, oracle_mass=
             att = torch.einsum("kgnd,ksd->kgns", qh, kk) / math.sqrt(d)
             if want_mass and b == T:
                 maxlogit[l] = att[:, :, scored_q, :P].amax(dim=(1, 2))
-            att = att.masked_fill(~mask[:, None], -math.inf).softmax(-1)
+            att = att.masked_fill(~mask[:, None], -math.inf)
+            w = min(keep_last, n)
+            if mode.startswith("obs:") and b == P:
+                obslogit[l] = att[:, :, n - w:, :P].amax(dim=(1, 2))
+            att = att.softmax(-1)
+            if mode.startswith("obsp:") and b == P:
+                obslogit[l] = att[:, :, n - w:, :P].sum(dim=(1, 2))
             if want_mass and b == T:
                 mass[l] = att[:, :, scored_q, :P].sum(dim=(1, 2))
             o = torch.einsum("kgns,ksd->kgnd", att, vv).reshape(nq, n, d).transpose(0, 1).reshape(n, nq * d)
@@ -363,7 +382,7 @@ def main():
         once = mode.endswith("@once")
         base = mode.replace("@once", "")
         t1 = time.time()
-        r = run(m, heads, seq, base, budget, stab, keep_last, a.ubatch, once or base.startswith("oracle"),
+        r = run(m, heads, seq, base, budget, stab, keep_last, a.ubatch, once or base.startswith(("oracle", "obs:", "obsp:")),
                 oracle_mass=dmass, oracle_logit=dense["maxlogit"],
                 calib=torch.load(a.calib) if a.calib else None)
         report(mode, r, time.time() - t1)

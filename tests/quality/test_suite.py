@@ -307,6 +307,42 @@ class MultiSeq(unittest.TestCase):
                 multiseq.main(paths)
 
 
+class SimPool(unittest.TestCase):
+    def recs(self, start, dense, modes):
+        out = [{"ctx": 8192, "body_start": start, "mode": "dense", "nll_decode": dense}]
+        out += [{"ctx": 8192, "body_start": start, "mode": m, "nll_decode": v} for m, v in modes.items()]
+        return out
+
+    def test_pools_against_each_sequences_dense_and_pairs(self):
+        import sim_pool
+
+        recs = self.recs(20000, [1.0, 2.0], {"a": [1.1, 2.3], "b": [1.0, 2.1]})
+        recs += self.recs(50000, [3.0, 1.0], {"a": [3.5, 1.1], "b": [3.0, 1.0]})
+        rows = {r["mode"]: r for r in sim_pool.pool(recs, base="b")}
+        a = rows["a"]
+        diffs = [0.1, 0.3, 0.5, 0.1]
+        m = sum(diffs) / 4
+        sd = math.sqrt(sum((x - m) ** 2 for x in diffs) / 3)
+        self.assertAlmostEqual(a["dnll"], m)
+        self.assertAlmostEqual(a["two_se"], 2 * sd / 2)
+        self.assertEqual(a["sequences"], [20000, 50000])
+        self.assertAlmostEqual(a["per_sequence_pct"][0], 100 * (math.exp(0.2) - 1))
+        # paired a - b per token: 0.1, 0.2, 0.5, 0.1
+        self.assertAlmostEqual(a["paired_vs_base"]["dnll"], 0.9 / 4)
+        self.assertNotIn("paired_vs_base", rows["b"])
+
+    def test_refuses_a_missing_dense_run_or_a_duplicate(self):
+        import sim_pool
+
+        recs = self.recs(20000, [1.0, 2.0], {"a": [1.1, 2.3]})
+        with self.assertRaises(ValueError):
+            sim_pool.pool(recs + [{"ctx": 8192, "body_start": 50000, "mode": "a", "nll_decode": [1.0, 1.0]}])
+        with self.assertRaises(ValueError):
+            sim_pool.pool(recs + recs[1:])
+        with self.assertRaises(ValueError):  # token counts differ from dense
+            sim_pool.pool(self.recs(20000, [1.0, 2.0], {"a": [1.1]}))
+
+
 def contextlib_redirect():
     import contextlib
 
