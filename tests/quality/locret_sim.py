@@ -290,7 +290,9 @@ def run(m, heads, seq, mode, budget, stab, keep_last, ubatch, once, oracle_mass=
             if want_mass and b == T:
                 maxlogit[l] = att[:, :, scored_q, :P].amax(dim=(1, 2))
             att = att.masked_fill(~mask[:, None], -math.inf)
-            w = min(keep_last, n)
+            w = keep_last
+            if mode.startswith(("obs:", "obsp:")) and b == P and n < w:
+                raise SystemExit(f"{mode}: the last prompt ubatch ({n}) is shorter than the observation window ({w})")
             if mode.startswith("obs:") and b == P:
                 obslogit[l] = att[:, :, n - w:, :P].amax(dim=(1, 2))
             att = att.softmax(-1)
