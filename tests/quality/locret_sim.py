@@ -29,7 +29,8 @@ What it compares at the same budget (ctx/8 - ctx/32 by score + ctx/32 window):
 - `obs:RULE` / `obsp:RULE` (one eviction at the prompt's end): SnapKV's
   signal instead of the heads, the max pre-softmax logit (obs) or the summed
   attention weight (obsp) the last keep_last prompt queries give each key (no
-  future knowledge), pooled by RULE (`raw_sum`: offline only);
+  future knowledge), pooled by RULE (`raw_sum`: offline only); `hybp:RULE`:
+  the heads' 90 columns and obsp's 90 side by side, pooled by RULE;
 - `token:cal_RULE` / `token:aff_RULE` / `head-cal` (with `--calib`, from
   locret_calib.py fit): the heads' scores calibrated per column (a x score
   + a bias by log2 distance to the ubatch evicted for; aff_: a x score + c).
@@ -215,7 +216,7 @@ def run(m, heads, seq, mode, budget, stab, keep_last, ubatch, once, oracle_mass=
     def evict(held_upto, final):
         if final:
             pinned[max(P - keep_last, 0):P] = True
-        if mode.startswith(("token:", "oracle-token", "oracle-logit:", "obs:", "obsp:")):
+        if mode.startswith(("token:", "oracle-token", "oracle-logit:", "obs:", "obsp:", "hybp:")):
             held = keep[0, 0, :held_upto].nonzero().flatten()
             if mode.startswith(("obs:", "obsp:")):
                 # SnapKV-style: the max pre-softmax logit (obs) or the summed
@@ -223,6 +224,10 @@ def run(m, heads, seq, mode, budget, stab, keep_last, ubatch, once, oracle_mass=
                 # prompt queries give each key (seen at the prompt's end)
                 lg = obslogit.permute(2, 0, 1).reshape(-1, L * nkv)
                 sc = token_scores(mode.split(":")[1], lg[held])
+            elif mode.startswith("hybp:"):
+                # both signals: the heads' 90 columns beside SnapKV's 90
+                lg = obslogit.permute(2, 0, 1).reshape(-1, L * nkv)
+                sc = token_scores(mode.split(":")[1], torch.cat([rows[held], lg[held]], 1))
             elif mode.startswith("oracle-logit:"):
                 # the heads' own training target (max pre-softmax logit from
                 # the decode-scored queries, max over the GQA group), exact
@@ -291,12 +296,12 @@ def run(m, heads, seq, mode, budget, stab, keep_last, ubatch, once, oracle_mass=
                 maxlogit[l] = att[:, :, scored_q, :P].amax(dim=(1, 2))
             att = att.masked_fill(~mask[:, None], -math.inf)
             w = keep_last
-            if mode.startswith(("obs:", "obsp:")) and b == P and n < w:
+            if mode.startswith(("obs:", "obsp:", "hybp:")) and b == P and n < w:
                 raise SystemExit(f"{mode}: the last prompt ubatch ({n}) is shorter than the observation window ({w})")
             if mode.startswith("obs:") and b == P:
                 obslogit[l] = att[:, :, n - w:, :P].amax(dim=(1, 2))
             att = att.softmax(-1)
-            if mode.startswith("obsp:") and b == P:
+            if mode.startswith(("obsp:", "hybp:")) and b == P:
                 obslogit[l] = att[:, :, n - w:, :P].sum(dim=(1, 2))
             if want_mass and b == T:
                 mass[l] = att[:, :, scored_q, :P].sum(dim=(1, 2))
@@ -384,7 +389,7 @@ def main():
         once = mode.endswith("@once")
         base = mode.replace("@once", "")
         t1 = time.time()
-        r = run(m, heads, seq, base, budget, stab, keep_last, a.ubatch, once or base.startswith(("oracle", "obs:", "obsp:")),
+        r = run(m, heads, seq, base, budget, stab, keep_last, a.ubatch, once or base.startswith(("oracle", "obs:", "obsp:", "hybp:")),
                 oracle_mass=dmass, oracle_logit=dense["maxlogit"],
                 calib=torch.load(a.calib) if a.calib else None)
         report(mode, r, time.time() - t1)
