@@ -56,6 +56,10 @@ cd "$CACHE"
 echo "== shim + SGLang attention kit tests"
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
   "$ROOT/python-shim/tests"
+echo "== quality suite's SGLang-route tests with the shim importable (none may skip)"
+INFINITEHIP_SHIM_REQUIRED=1 "$VENV/bin/python" -m unittest discover -s "$ROOT/tests/quality" -p test_sglang_route.py 2>&1 \
+  | tee "$CACHE/test_sglang_route.log"
+! grep -q "skipped=" "$CACHE/test_sglang_route.log" || { echo "a test_sglang_route check skipped" >&2; exit 1; }
 echo "== sglang.Engine end to end (infinitehip vs torch_native)"
 "$VENV/bin/python" "$ROOT/python-shim/tests/sglang_e2e.py" --json "$CACHE/sglang_e2e.json" 2>&1 \
   | grep -v -e "Ignore import error" -e "Warning" -e "warnings.warn" -e "^\s*$"

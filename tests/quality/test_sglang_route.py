@@ -245,6 +245,10 @@ class LazyRows(unittest.TestCase):
         try:
             from infinitehip.sglang import lazy_rows
         except Exception as e:  # no torch / shim on this interpreter
+            # the SGLang CI stage runs this test in its venv with the shim
+            # and sets INFINITEHIP_SHIM_REQUIRED=1: there it must not skip
+            if os.environ.get("INFINITEHIP_SHIM_REQUIRED") == "1":
+                raise
             self.skipTest(f"infinitehip.sglang.lazy_rows not importable: {e}")
         for n in [1, 2, 7, 100, 7520, 8191]:
             for k in [0.0, 0.1, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1 / 3]:
