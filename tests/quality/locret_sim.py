@@ -132,6 +132,10 @@ class Heads:
         return (torch.nn.functional.silu(x @ self.w1[l].T) @ self.w2[l].T).T
 
 
+# modes scored at the prompt's end from the last keep_last prompt queries
+OBS_MODES = ("obs:", "obsp:", "hybp:")
+
+
 def token_scores(rule, rows):
     """llama_locret_score.rs over the held tokens' rows [n, width].
     `RULE+poolW` (offline only): RULE's scores max-pooled over W neighbouring
@@ -216,7 +220,7 @@ def run(m, heads, seq, mode, budget, stab, keep_last, ubatch, once, oracle_mass=
     def evict(held_upto, final):
         if final:
             pinned[max(P - keep_last, 0):P] = True
-        if mode.startswith(("token:", "oracle-token", "oracle-logit:", "obs:", "obsp:", "hybp:")):
+        if mode.startswith(("token:", "oracle-token", "oracle-logit:") + OBS_MODES):
             held = keep[0, 0, :held_upto].nonzero().flatten()
             if mode.startswith(("obs:", "obsp:")):
                 # SnapKV-style: the max pre-softmax logit (obs) or the summed
@@ -296,7 +300,7 @@ def run(m, heads, seq, mode, budget, stab, keep_last, ubatch, once, oracle_mass=
                 maxlogit[l] = att[:, :, scored_q, :P].amax(dim=(1, 2))
             att = att.masked_fill(~mask[:, None], -math.inf)
             w = keep_last
-            if mode.startswith(("obs:", "obsp:", "hybp:")) and b == P and n < w:
+            if mode.startswith(OBS_MODES) and b == P and n < w:
                 raise SystemExit(f"{mode}: the last prompt ubatch ({n}) is shorter than the observation window ({w})")
             if mode.startswith("obs:") and b == P:
                 obslogit[l] = att[:, :, n - w:, :P].amax(dim=(1, 2))
@@ -389,7 +393,7 @@ def main():
         once = mode.endswith("@once")
         base = mode.replace("@once", "")
         t1 = time.time()
-        r = run(m, heads, seq, base, budget, stab, keep_last, a.ubatch, once or base.startswith(("oracle", "obs:", "obsp:", "hybp:")),
+        r = run(m, heads, seq, base, budget, stab, keep_last, a.ubatch, once or base.startswith(("oracle",) + OBS_MODES),
                 oracle_mass=dmass, oracle_logit=dense["maxlogit"],
                 calib=torch.load(a.calib) if a.calib else None)
         report(mode, r, time.time() - t1)
